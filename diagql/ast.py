@@ -1,0 +1,169 @@
+"""The typed syntax tree of DiagQL: frozen dataclasses built by the parser, read by the binder."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where a node sits in the original text (1-based line/column, end column exclusive)."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+    start_pos: int
+    end_pos: int
+
+
+def _span() -> Span | None:
+    return field(default=None, compare=False, repr=False)
+
+
+# --- predicates ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compare:
+    """``class = 3``, ``confidence < 0.6``: a profile field compared with a number."""
+
+    field: str  # "class" | "predicted" | "confidence"
+    op: str  # "=", "!=", "<", "<=", ">", ">="
+    value: float
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Member:
+    """``class IN (3, 5)`` and ``class NOT IN (3, 5)``."""
+
+    field: str
+    values: tuple[float, ...]
+    negated: bool = False
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Flag:
+    """``correct`` or ``incorrect``: the model's prediction against the true label."""
+
+    name: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class And:
+    left: "Predicate"
+    right: "Predicate"
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Or:
+    left: "Predicate"
+    right: "Predicate"
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "Predicate"
+    span: Span | None = _span()
+
+
+Predicate = Union[Compare, Member, Flag, And, Or, Not]
+
+
+# --- query parts --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRef:
+    """A layer named by its qualified module name (``layer3.1.conv2``, ``features.0``, ``3``)."""
+
+    name: str
+    quoted: bool = False
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument of a sampler call; ``name`` is None for a positional argument."""
+
+    name: str | None
+    value: object
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class SamplerCall:
+    """``USING SAMPLE name(size, key=value, ...)``."""
+
+    name: str
+    args: tuple[Arg, ...] = ()
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Full:
+    """``USING FULL``: every matching item, exactly."""
+
+    span: Span | None = _span()
+
+
+# --- statements ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    """An aggregate over one layer's neurons (or channels) across the matching items."""
+
+    aggregate: str  # "topk" | "avg" | "argmax"
+    unit: str  # "neurons" | "channels"
+    layer: LayerRef
+    k: int | None = None
+    order: str = "mean"  # TOPK ranks by "mean" or "max"
+    where: Predicate | None = None
+    group_by: str | None = None  # "class" | "predicted" | "correct"
+    source: Full | SamplerCall = Full()
+    baseline: bool = False
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+    @property
+    def approximate(self) -> bool:
+        return isinstance(self.source, SamplerCall)
+
+
+@dataclass(frozen=True)
+class Explain:
+    query: Query
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Show:
+    what: str  # "layers" | "samplers" | "profile" | "settings"
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Describe:
+    layer: LayerRef
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class SetStatement:
+    name: str
+    value: object
+    span: Span | None = _span()
+    value_span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+
+Statement = Union[Query, Explain, Show, Describe, SetStatement]

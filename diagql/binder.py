@@ -1,0 +1,110 @@
+"""AST to bound query: names resolved against the model, the label set and the sampler registry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ast, samplers
+from .errors import BindError
+from .layers import LayerCatalog, LayerInfo
+from .suggest import did_you_mean, name_list
+
+
+@dataclass(frozen=True)
+class BoundQuery:
+    """A query whose names all exist: the layer, its neuron count and the sampler instance."""
+
+    query: ast.Query
+    layer: LayerInfo
+    n_neurons: int  # neurons, or channels for CHANNELS
+    sampler: samplers.Sampler | None
+
+
+def _error(message: str, span: ast.Span | None, hint: str | None = None) -> BindError:
+    if span is None:
+        return BindError(message, hint=hint)
+    end = span.end_column if span.end_line == span.line else None
+    return BindError(message, line=span.line, column=span.column, end_column=end, hint=hint)
+
+
+def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
+    if ref.name not in catalog:
+        names = catalog.leaf_first_names()
+        raise _error(f"unknown layer {ref.name!r}{did_you_mean(ref.name, names)}",
+                     ref.span, hint=f"layers are {name_list(names)}")
+    layer = catalog[ref.name]
+    if layer.calls == 0:
+        raise _error(f"layer {ref.name!r} does not run in the model's forward pass", ref.span)
+    if layer.calls > 1:
+        raise _error(f"layer {ref.name!r} runs {layer.calls} times per forward pass (a shared "
+                     f"module), so it has no single activation; query a module that runs once",
+                     ref.span)
+    if layer.shape is None:
+        raise _error(f"layer {ref.name!r} returns no tensor, so it has no activations", ref.span)
+    return layer
+
+
+def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
+               seed: int | None) -> BoundQuery:
+    layer = bind_layer(query.layer, catalog)
+    if query.unit == "channels":
+        if layer.channels is None:
+            raise _error(f"layer {layer.name!r} has output shape {layer.shape_text()}: CHANNELS "
+                         f"needs a layer with channels (a conv map); use NEURONS", query.layer.span)
+        n_neurons = layer.channels
+    else:
+        n_neurons = layer.neurons
+    if query.aggregate == "topk" and not 1 <= query.k <= n_neurons:
+        raise _error(f"TOPK {query.k} asks for more {query.unit} than layer {layer.name!r} has "
+                     f"({n_neurons})" if query.k > n_neurons else "TOPK needs k of at least 1",
+                     query.span)
+    if query.where is not None:
+        _check_predicate(query.where, n_classes)
+    sampler = None
+    if isinstance(query.source, ast.SamplerCall):
+        sampler = bind_sampler(query.source, seed)
+    return BoundQuery(query, layer, n_neurons, sampler)
+
+
+def bind_sampler(call: ast.SamplerCall, seed: int | None) -> samplers.Sampler:
+    positional = [a for a in call.args if a.name is None]
+    keywords = {}
+    for arg in call.args:
+        if arg.name is not None:
+            if arg.name in keywords:
+                raise _error(f"parameter {arg.name!r} is given twice", arg.span)
+            keywords[arg.name] = arg.value
+    if len(positional) > 1:
+        raise _error(f"sampler {call.name!r} takes one positional argument (the size); name the "
+                     f"others, e.g. j=0.7", positional[1].span)
+    if positional:
+        if "size" in keywords:
+            raise _error("size is given twice", positional[0].span)
+        keywords["size"] = positional[0].value
+    try:
+        return samplers.build(call.name, keywords, seed=seed)
+    except BindError as exc:
+        if exc.line is None and call.span is not None:
+            raise _error(exc.message, call.span, exc.hint) from None
+        raise
+
+
+def _check_predicate(pred: ast.Predicate, n_classes: int) -> None:
+    if isinstance(pred, (ast.And, ast.Or)):
+        _check_predicate(pred.left, n_classes)
+        _check_predicate(pred.right, n_classes)
+    elif isinstance(pred, ast.Not):
+        _check_predicate(pred.operand, n_classes)
+    elif isinstance(pred, ast.Compare) and pred.field in ("class", "predicted") and pred.op in ("=", "!="):
+        _check_class(pred.field, pred.value, n_classes, pred.span)
+    elif isinstance(pred, ast.Member):
+        if pred.field == "confidence":
+            raise _error("IN compares exact values, which suits class and predicted, not "
+                         "confidence; use < or >", pred.span)
+        for value in pred.values:
+            _check_class(pred.field, value, n_classes, pred.span)
+
+
+def _check_class(field: str, value, n_classes: int, span) -> None:
+    if value != int(value) or not 0 <= value < n_classes:
+        raise _error(f"{field} {value} is outside the label set 0..{n_classes - 1} "
+                     f"(the model has {n_classes} classes)", span)

@@ -1,0 +1,277 @@
+"""A connection: one model and one labelled data set, with the profile and samples they share."""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ast, samplers
+from .binder import bind_layer, bind_query, bind_sampler
+from .data import ItemSource
+from .errors import BindError, DiagQLError
+from .executor import Runner
+from .layers import LayerCatalog, default_latent, probe
+from .parser import iter_statements, parse, parse_sampler
+from .planner import plan_query
+from .profile import Profile, compute_profile
+from .progress import Progress
+from .result import Result
+from .settings import Settings
+
+
+def connect(model: nn.Module, data, *, batch_size: int = 256, device=None, latent: str | None = None,
+            cache_dir=None, progress: bool | None = None) -> "Connection":
+    """Connect a PyTorch model to a labelled data set.
+
+    ``data`` is a torch Dataset of (x, y) items, a DataLoader (its dataset and collate_fn are
+    used, in index order), or a pair (X, y) of tensors or arrays. ``device`` defaults to the
+    device of the model's parameters; naming another moves the model there. ``latent`` names
+    the layer whose output is the latent space (default: the input of the final linear layer).
+    ``progress`` forces progress bars on or off (default: on when stderr is a terminal).
+    """
+    return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
+                      cache_dir=cache_dir, progress=progress)
+
+
+class Connection:
+    """Answers DiagQL statements about one model over one data set."""
+
+    def __init__(self, model: nn.Module | None, data=None, *, batch_size: int = 256, device=None,
+                 latent: str | None = None, cache_dir=None, progress: bool | None = None):
+        self.settings = Settings()
+        self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
+        self.settings.latent = latent
+        self.cache_dir = cache_dir
+        self.progress = Progress(progress)
+        self.model = model
+        self._catalog: LayerCatalog | None = None
+        self._profile: Profile | None = None
+        self._samples: dict[str, tuple[np.ndarray, float]] = {}
+        if model is None:
+            self.source = None
+            return
+        if not isinstance(model, nn.Module):
+            raise DiagQLError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        self.source = ItemSource(data)
+        self.device = _resolve_device(device, model)
+        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
+                          torch.float32)
+
+    @classmethod
+    def detached(cls) -> "Connection":
+        """A connection without a model: SHOW SAMPLERS and SET work, queries explain why not."""
+        return cls(None)
+
+    # --- what can be queried ------------------------------------------------------------------
+
+    @property
+    def catalog(self) -> LayerCatalog:
+        self._require_model()
+        if self._catalog is None:
+            _, x, _ = next(self.source.batches(np.array([0]), 1))
+            from .data import call_model, to_device
+
+            self._catalog = probe(self.model, to_device(x, self.device, self.dtype), call_model)
+        return self._catalog
+
+    @property
+    def layers(self) -> list[str]:
+        """Qualified names of the modules a query can name, in registration order."""
+        return [layer.name for layer in self.catalog.layers if layer.shape is not None]
+
+    @property
+    def n_classes(self) -> int:
+        shape = self.catalog.output_shape
+        if len(shape) != 1:
+            raise DiagQLError(f"the model's output has per-item shape {shape}; DiagQL needs one "
+                              f"score per class")
+        return shape[0]
+
+    @property
+    def profile(self) -> Profile:
+        """Labels, predictions, confidence and latents of every item: one pass, then reused."""
+        self._require_model()
+        if self._profile is None:
+            latent = self.settings.latent
+            if latent is None:
+                name, is_input = default_latent(self.model), True
+            else:
+                name = bind_layer(ast.LayerRef(latent), self.catalog).name
+                is_input = False
+            self._profile = compute_profile(
+                self.model, self.source, latent=name, latent_is_input=is_input,
+                device=self.device, dtype=self.dtype, batch_size=self.settings.batch_size,
+                progress=self.progress)
+        return self._profile
+
+    # --- running statements ---------------------------------------------------------------------
+
+    def query(self, text: str) -> Result:
+        """Run one statement and return its Result."""
+        started = time.perf_counter()
+        try:
+            statement = parse(text)
+        except DiagQLError as exc:
+            raise exc.with_source(text) from None
+        parsed = time.perf_counter()
+        result = self._run(statement, text)
+        result.timings["parse"] = parsed - started
+        result.timings["total"] = time.perf_counter() - started
+        return result
+
+    def execute(self, script: str) -> list[Result]:
+        """Run every statement of a script; on an error the results so far are on ``exc.results``."""
+        results: list[Result] = []
+        try:
+            for result in self.iter_execute(script):
+                results.append(result)
+        except DiagQLError as exc:
+            exc.results = results
+            raise
+        return results
+
+    def iter_execute(self, script: str) -> Iterator[Result]:
+        """Run a script statement by statement, yielding each Result as soon as it exists."""
+        statements = iter_statements(script)
+        while True:
+            started = time.perf_counter()
+            try:
+                statement = next(statements)
+            except StopIteration:
+                return
+            except DiagQLError as exc:
+                raise exc.with_source(script) from None
+            parsed = time.perf_counter()
+            result = self._run(statement, script)
+            result.timings["parse"] = parsed - started
+            result.timings["total"] = time.perf_counter() - started
+            yield result
+
+    def sample(self, spec: str) -> np.ndarray:
+        """The sorted item indices a sampler call selects, e.g. ``db.sample("stratified(0.05)")``."""
+        try:
+            call = parse_sampler(spec)
+            sampler = bind_sampler(call, self.settings.seed)
+            return self._sample(sampler)[0].copy()
+        except DiagQLError as exc:
+            raise exc.with_source(spec) from None
+
+    def _run(self, statement: ast.Statement, source: str) -> Result:
+        try:
+            return self._dispatch(statement)
+        except DiagQLError as exc:
+            raise exc.with_source(source) from None
+
+    def _dispatch(self, statement: ast.Statement) -> Result:
+        if isinstance(statement, ast.Query):
+            return self._query(statement)
+        if isinstance(statement, ast.Explain):
+            return self._explain(statement)
+        if isinstance(statement, ast.SetStatement):
+            return self._set(statement)
+        if isinstance(statement, ast.Describe):
+            from .info import describe
+
+            return describe(self, statement)
+        from .info import show
+
+        return show(self, statement)
+
+    def _plan(self, query: ast.Query):
+        started = time.perf_counter()
+        bound = bind_query(query, self.catalog, n_classes=self.n_classes, seed=self.settings.seed)
+        bound_at = time.perf_counter()
+        profile = self.profile
+        profiled_at = time.perf_counter()
+        sample, sample_seconds = (None, 0.0)
+        if bound.sampler is not None:
+            sample, sample_seconds = self._sample(bound.sampler)
+        planned_at = time.perf_counter()
+        plan = plan_query(bound, profile, sample, bound.sampler.spec() if bound.sampler else None)
+        timings = {"bind": bound_at - started, "profile": profiled_at - bound_at,
+                   "sample": sample_seconds,
+                   "plan": time.perf_counter() - planned_at}
+        return plan, timings
+
+    def _query(self, query: ast.Query) -> Result:
+        plan, timings = self._plan(query)
+        runner = Runner(self.model, self.source, device=self.device, dtype=self.dtype,
+                        batch_size=self.settings.batch_size, progress=self.progress)
+        result = runner.answer(plan)
+        result.timings.update(timings)
+        return result
+
+    def _explain(self, statement: ast.Explain) -> Result:
+        plan, _ = self._plan(statement.query)
+        return Result(kind="explain", statement=statement.text, title=f"plan: {statement.query.text}",
+                      columns=["step", "detail"], rows=plan.explain(), plan=plan)
+
+    def _set(self, statement: ast.SetStatement) -> Result:
+        name = statement.name
+        if name not in Settings.names():
+            from .suggest import did_you_mean
+
+            raise BindError(f"unknown setting {name!r}{did_you_mean(name, Settings.names())}; "
+                            f"settings are {', '.join(Settings.names())}",
+                            line=statement.span.line, column=statement.span.column)
+        try:
+            value = self.settings.coerce(name, statement.value)
+            if name == "latent" and value is not None and self.model is not None:
+                bind_layer(ast.LayerRef(value, span=statement.value_span), self.catalog)
+        except BindError as exc:
+            span = statement.value_span
+            if exc.line is None and span is not None:
+                exc.line, exc.column, exc.end_column = span.line, span.column, span.end_column
+            raise
+        if name == "latent" and value != self.settings.latent:
+            self._profile = None  # the samplers' space changed: profile and samples are stale
+            self._samples.clear()
+        setattr(self.settings, name, value)
+        return Result(kind="set", statement=statement.text, columns=["setting", "value"],
+                      rows=[(name, "default" if value is None else value)])
+
+    def _sample(self, sampler: samplers.Sampler) -> tuple[np.ndarray, float]:
+        """The sample's indices and the seconds it took to draw (0 when it was cached)."""
+        spec = sampler.spec()
+        if spec in self._samples:
+            return self._samples[spec][0], 0.0
+        profile = self.profile
+        data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
+                                   profile.n_classes)
+        started = time.perf_counter()
+        indices = sampler.fit(data).indices_
+        seconds = time.perf_counter() - started
+        self._samples[spec] = (indices, seconds)
+        return indices, seconds
+
+    def _require_model(self) -> None:
+        if self.model is None:
+            raise BindError("no model is connected: start diagql with --demo, or with --model "
+                            "MODULE:CALLABLE --data MODULE:CALLABLE")
+
+    def __repr__(self) -> str:
+        if self.model is None:
+            return "<diagql.Connection (no model)>"
+        return (f"<diagql.Connection {type(self.model).__name__} over {len(self.source):,} items "
+                f"on {self.device}>")
+
+
+def _resolve_device(device, model: nn.Module) -> torch.device:
+    current = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device is None:
+        return current
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DiagQLError(f"unknown device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiagQLError(f"device {str(device)!r} was requested but this machine has no CUDA "
+                          f"GPU; use device='cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DiagQLError("device 'mps' was requested but MPS is not available here")
+    if device != current:
+        model.to(device)
+    return device

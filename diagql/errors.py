@@ -1,0 +1,89 @@
+"""The error hierarchy: every mistake a user can make surfaces as a DiagQLError subclass."""
+from __future__ import annotations
+
+
+class DiagQLError(Exception):
+    """Base class of every error DiagQL raises for a user mistake or an unanswerable query.
+
+    When the error belongs to a place in the query text, ``line`` and ``column`` (1-based) say
+    where, ``source`` holds the whole text and ``end_column`` (exclusive) closes the span that
+    the caret underlines.
+    """
+
+    def __init__(self, message: str, *, line: int | None = None, column: int | None = None,
+                 end_column: int | None = None, source: str | None = None,
+                 hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.line = line
+        self.column = column
+        self.end_column = end_column
+        self.source = source
+        self.hint = hint
+
+    def with_source(self, source: str) -> "DiagQLError":
+        """Attach the query text if the raiser did not know it (the binder sees only the AST)."""
+        if self.source is None:
+            self.source = source
+        return self
+
+    def source_line(self) -> str | None:
+        if self.source is None or self.line is None:
+            return None
+        lines = self.source.splitlines() or [""]
+        return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+
+    def caret(self) -> str | None:
+        """The offending source line with ``^`` markers under the span, or None."""
+        text = self.source_line()
+        if text is None or self.column is None:
+            return None
+        start = max(self.column - 1, 0)
+        width = max((self.end_column or self.column + 1) - self.column, 1)
+        width = min(width, max(len(text) - start, 1))
+        # Tabs keep their width on the marker line so the caret lands under the right character.
+        pad = "".join("\t" if ch == "\t" else " " for ch in text[:start])
+        return f"{text}\n{pad}{'^' * width}"
+
+    def format(self, filename: str | None = None) -> str:
+        """``file:line:col: message``, the source line, a caret, and a hint when there is one."""
+        where = []
+        if filename:
+            where.append(filename)
+        if self.line is not None:
+            where.append(str(self.line))
+            if self.column is not None:
+                where.append(str(self.column))
+        head = ":".join(where)
+        out = f"{head}: {self.kind}: {self.message}" if head else f"{self.kind}: {self.message}"
+        caret = self.caret()
+        if caret:
+            out += "\n" + "\n".join("    " + part for part in caret.split("\n"))
+        if self.hint:
+            out += f"\n{self.hint}"
+        return out
+
+    kind = "error"
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return self.message
+        return f"{self.message} (line {self.line}, column {self.column})"
+
+
+class ParseError(DiagQLError):
+    """The text is not a valid DiagQL statement."""
+
+    kind = "syntax error"
+
+
+class BindError(DiagQLError):
+    """The statement is well formed but names something the model, data or registry lacks."""
+
+    kind = "error"
+
+
+class ExecutionError(DiagQLError):
+    """The statement is valid but could not be answered (model raised, no items match, ...)."""
+
+    kind = "error"

@@ -1,0 +1,84 @@
+"""SHOW and DESCRIBE: what the model, the data, the samplers and the session hold."""
+from __future__ import annotations
+
+from . import ast, samplers
+from .binder import bind_layer
+from .result import Result
+
+
+def show(conn, statement: ast.Show) -> Result:
+    return {"layers": _layers, "samplers": _samplers, "profile": _profile,
+            "settings": _settings}[statement.what](conn, statement)
+
+
+def _layers(conn, statement) -> Result:
+    rows = []
+    for layer in conn.catalog.layers:
+        note = {0: "never runs", 1: ""}.get(layer.calls, f"runs {layer.calls}× per pass")
+        rows.append((layer.name, layer.type_name, layer.shape_text(),
+                     layer.neurons if layer.shape is not None else "", note))
+    return Result(kind="table", statement=statement.text, columns=["layer", "type", "output",
+                                                                   "neurons", "note"],
+                  rows=rows, title=f"{len(rows)} layers of {type(conn.model).__name__}")
+
+
+def _samplers(conn, statement) -> Result:
+    rows = []
+    for name, cls in samplers.REGISTRY.items():
+        params = ", ".join(f"{p.name}={p.default!r}" for p in cls.params())
+        domains = "; ".join(f"{p.name}: {p.domain}" for p in cls.params() if p.domain)
+        rows.append((name, params, domains, cls.description))
+    return Result(kind="table", statement=statement.text,
+                  columns=["sampler", "parameters", "ranges", "description"], rows=rows,
+                  title="samplers (USING SAMPLE name(size, key=value, ...))")
+
+
+def _profile(conn, statement) -> Result:
+    profile = conn.profile
+    matrix = profile.confusion_matrix()
+    classes = range(matrix.shape[0])
+    rows = []
+    for c in classes:
+        total = int(matrix[c].sum())
+        accuracy = f"{matrix[c, c] / total:.1%}" if total else ""
+        rows.append((c, total, accuracy, *(int(v) for v in matrix[c])))
+    accuracy = float(profile.correct.mean())
+    title = (f"profile: {len(profile):,} items, accuracy {accuracy:.1%} "
+             f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
+             f"({profile.latents.shape[1]} dims), computed in {profile.seconds:.2f} s; "
+             f"rows: true class, columns: predicted")
+    return Result(kind="table", statement=statement.text,
+                  columns=["class", "items", "accuracy", *(str(c) for c in classes)], rows=rows,
+                  title=title)
+
+
+def _settings(conn, statement) -> Result:
+    meaning = conn.settings.describe()
+    rows = [(name, "default" if getattr(conn.settings, name) is None else getattr(conn.settings, name),
+             meaning[name]) for name in conn.settings.names()]
+    return Result(kind="table", statement=statement.text, columns=["setting", "value", "meaning"],
+                  rows=rows, title="settings (SET name = value)")
+
+
+def describe(conn, statement: ast.Describe) -> Result:
+    layer = bind_layer(statement.layer, conn.catalog)
+    module = dict(conn.model.named_modules())[layer.name]
+    n_params = sum(p.numel() for p in module.parameters())
+    children = [name for name in conn.layers if name.startswith(layer.name + ".")]
+    rows = [("name", layer.name), ("type", layer.type_name), ("output", layer.shape_text()),
+            ("neurons", f"{layer.neurons:,}"),
+            ("channels", "" if layer.channels is None else layer.channels),
+            ("parameters", f"{n_params:,}"),
+            ("labels", _label_example(layer)),
+            ("sublayers", ", ".join(children) if children else "none"),
+            ("module", repr(module).splitlines()[0] if children else repr(module))]
+    return Result(kind="table", statement=statement.text, columns=["property", "value"],
+                  rows=rows, title=f"layer {layer.name}")
+
+
+def _label_example(layer) -> str:
+    from .layers import neuron_labels
+
+    first = neuron_labels(layer.name, layer.shape, [0])[0]
+    last = neuron_labels(layer.name, layer.shape, [layer.neurons - 1])[0]
+    return f"{first} … {last}"

@@ -1,0 +1,1 @@
+"""The built-in demo: LeNet-5 with batch norm on 5,000 real MNIST digits."""

@@ -1,0 +1,423 @@
+"""Text to AST: the Lark LALR parser (built once), statement splitting, and friendly errors."""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import ast
+from .errors import ParseError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def grammar_path() -> Path:
+    """The grammar file: inside the installed package, or top-level grammar/ in a checkout."""
+    for candidate in (_PACKAGE_DIR / "diagql.lark", _PACKAGE_DIR.parent / "grammar" / "diagql.lark"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("diagql.lark not found: the package is installed incompletely")
+
+
+@functools.lru_cache(maxsize=1)
+def get_parser():
+    """The one LALR parser of the process (building it costs far more than a parse)."""
+    from lark import Lark
+
+    return Lark(grammar_path().read_text(encoding="utf-8"), parser="lalr",
+                start=["start", "sampler"], propagate_positions=True, maybe_placeholders=False)
+
+
+# --- splitting a script into statements ----------------------------------------------------
+
+_SCAN = re.compile(r"""'(?:[^'\\\n]|\\.)*'?|"(?:[^"\\\n]|\\.)*"?|--[^\n]*|;""")
+_COMMENT = re.compile(r"--[^\n]*")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One statement's text and where it starts in the script."""
+
+    text: str
+    start_pos: int
+    line: int
+    column: int
+    terminated: bool  # ended by ';' (the REPL runs a statement once it is terminated)
+
+
+def split_statements(text: str) -> list[Piece]:
+    """Cut a script at the ``;`` that are outside strings and comments; drop empty statements."""
+    pieces: list[Piece] = []
+    start, line, line_start = 0, 1, 0
+
+    def add(end: int, terminated: bool) -> None:
+        chunk = text[start:end]
+        if _COMMENT.sub("", chunk).strip():
+            before = text[line_start:start]
+            pieces.append(Piece(chunk, start, line, len(before) + 1, terminated))
+
+    for match in _SCAN.finditer(text):
+        if match.group() != ";":
+            continue
+        add(match.start(), True)
+        # Advance the line counter to the new start so each piece knows its position.
+        newlines = text.count("\n", start, match.end())
+        if newlines:
+            line += newlines
+            line_start = text.rfind("\n", 0, match.end()) + 1
+        start = match.end()
+    add(len(text), False)
+    return pieces
+
+
+def is_complete(text: str) -> bool:
+    """True when the text ends with a terminated statement (what the REPL waits for)."""
+    pieces = split_statements(text)
+    return bool(pieces) and pieces[-1].terminated
+
+
+# --- parsing --------------------------------------------------------------------------------
+
+
+def parse(text: str) -> ast.Statement:
+    """Parse exactly one statement (a trailing ``;`` is allowed)."""
+    statements = list(iter_statements(text))
+    if not statements:
+        raise ParseError("empty statement: nothing to run", line=1, column=1, source=text)
+    if len(statements) > 1:
+        second = statements[1].span
+        raise ParseError("expected one statement, found several; use execute() for scripts",
+                         line=second.line, column=second.column, source=text)
+    return statements[0]
+
+
+def parse_script(text: str) -> list[ast.Statement]:
+    """Parse every statement of a script, raising at the first one that is not valid."""
+    return list(iter_statements(text))
+
+
+def iter_statements(text: str) -> Iterator[ast.Statement]:
+    """Parse statement by statement, so callers can run the valid prefix of a script."""
+    for piece in split_statements(text):
+        yield parse_piece(piece, text)
+
+
+def parse_sampler(text: str) -> ast.SamplerCall:
+    """Parse a bare sampler call such as ``stratified(0.05)`` (for ``Connection.sample``)."""
+    return parse_piece(Piece(text, 0, 1, 1, False), text, start="sampler")
+
+
+def parse_piece(piece: Piece, source: str, start: str = "start") -> ast.Statement:
+    from lark.exceptions import UnexpectedInput, VisitError
+
+    offset = _Offset(piece)
+    try:
+        tree = get_parser().parse(piece.text, start=start)
+    except UnexpectedInput as exc:
+        raise _friendly(exc, piece, offset, source, start) from None
+    try:
+        return _ToAst(offset, source).transform(tree)
+    except VisitError as exc:  # errors raised inside the transformer arrive wrapped
+        if isinstance(exc.orig_exc, ParseError):
+            raise exc.orig_exc from None
+        raise
+
+
+class _Offset:
+    """Maps positions within a piece to positions within the whole script."""
+
+    def __init__(self, piece: Piece):
+        self.piece = piece
+
+    def line_col(self, line: int, column: int) -> tuple[int, int]:
+        if line == 1:
+            return self.piece.line, self.piece.column + column - 1
+        return self.piece.line + line - 1, column
+
+    def span(self, item) -> ast.Span | None:
+        if getattr(item, "empty", False) or getattr(item, "line", None) is None:
+            return None
+        line, column = self.line_col(item.line, item.column)
+        end_line, end_column = self.line_col(item.end_line, item.end_column)
+        return ast.Span(line, column, end_line, end_column,
+                        self.piece.start_pos + item.start_pos, self.piece.start_pos + item.end_pos)
+
+
+# --- friendly error messages -----------------------------------------------------------------
+
+_DESCRIBE_TERMINAL = {
+    "$END": "end of statement",
+    "INT": "a whole number",
+    "NUMBER": "a number",
+    "LAYER_NAME": "a layer name",
+    "NAME": "a name",
+    "STRING": "a quoted string",
+    "CMP": "a comparison (<, <=, >, >=, !=)",
+    "EQ": "'='",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "COMMA": "','",
+}
+
+_STATEMENT_STARTS = "TOPK, AVG, ARGMAX, SHOW, DESCRIBE, SET or EXPLAIN"
+
+
+@functools.lru_cache(maxsize=None)
+def _terminal_names() -> dict[str, str]:
+    """Display names for terminals, read from the grammar: keywords print as themselves."""
+    names = {}
+    for term in get_parser().terminals:
+        if term.pattern.type == "str" and term.name.isupper() and term.name.isalpha():
+            names[term.name] = term.pattern.value.upper()
+    names.update(_DESCRIBE_TERMINAL)
+    return names
+
+
+def describe_expected(expected) -> str:
+    names = _terminal_names()
+    if "NUMBER" in expected:  # a whole number is a number: say it once
+        expected = set(expected) - {"INT"}
+    shown = sorted({names.get(t, t) for t in expected if not t.startswith("__")},
+                   key=lambda s: (not s.isupper(), s))
+    if not shown:
+        return ""
+    if len(shown) == 1:
+        return shown[0]
+    return ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> ParseError:
+    from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
+
+    expected = _acceptable(exc, piece, start)
+    token = getattr(exc, "token", None)
+    at_end = isinstance(exc, UnexpectedEOF) or (token is not None and token.type == "$END")
+    if at_end:
+        line, column = _end_of(piece)
+        what, width = "unexpected end of statement", 1
+    elif isinstance(exc, UnexpectedCharacters):
+        line, column = offset.line_col(exc.line, exc.column)
+        char = piece.text[exc.pos_in_stream] if exc.pos_in_stream < len(piece.text) else ""
+        what, width = f"unexpected character {char!r}", 1
+    else:
+        assert isinstance(exc, UnexpectedToken)
+        line, column = offset.line_col(token.line, token.column)
+        what, width = f"unexpected {str(token)!r}", max(len(str(token)), 1)
+    wanted = describe_expected(expected)
+    message = f"{what}; expected {wanted}" if wanted else what
+    hint = None
+    if start == "start" and (line, column) == _first_token_position(piece) and not at_end:
+        hint = f"hint: a statement starts with {_STATEMENT_STARTS}"
+    return ParseError(message, line=line, column=column, end_column=column + width,
+                      source=source, hint=hint)
+
+
+def _acceptable(exc, piece: Piece, start: str) -> set[str]:
+    """Terminals the parser would take at the error (with end of statement where it fits)."""
+    from lark.exceptions import UnexpectedCharacters
+
+    if isinstance(exc, UnexpectedCharacters):
+        # The lexer failed, so ask the parser what it would accept just before that character.
+        try:
+            interactive = get_parser().parse_interactive(piece.text[:exc.pos_in_stream], start=start)
+            interactive.exhaust_lexer()
+            return set(interactive.accepts())
+        except Exception:  # noqa: BLE001 - a failing re-parse only costs the expected list
+            return set(exc.allowed or ())
+    return set(getattr(exc, "accepts", None) or getattr(exc, "expected", None) or ())
+
+
+def _end_of(piece: Piece) -> tuple[int, int]:
+    """Just past the last character of the statement (LALR reports the last token instead)."""
+    body = _COMMENT.sub(lambda m: " " * len(m.group()), piece.text).rstrip()
+    before = body.rsplit("\n", 1)
+    line = piece.line + body.count("\n")
+    column = len(before[-1]) + (piece.column if line == piece.line else 0) + (1 if line != piece.line else 0)
+    return line, column
+
+
+def _first_token_position(piece: Piece) -> tuple[int, int]:
+    body = _COMMENT.sub(lambda m: " " * len(m.group()), piece.text)
+    stripped = len(body) - len(body.lstrip())
+    lead = body[:stripped]
+    line = piece.line + lead.count("\n")
+    if "\n" in lead:
+        return line, len(lead) - lead.rfind("\n")
+    return line, piece.column + stripped
+
+
+# --- parse tree to AST ------------------------------------------------------------------------
+
+
+def _unquote(token: str) -> str:
+    return re.sub(r"\\(.)", r"\1", token[1:-1])
+
+
+def _number(token) -> int | float:
+    text = str(token)
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    return float(text)
+
+
+def _build_transformer():
+    from lark import Token, Transformer, v_args
+
+    @v_args(meta=True)
+    class ToAst(Transformer):
+        def __init__(self, offset: _Offset, source: str):
+            super().__init__()
+            self.offset = offset
+            self.source = source
+
+        def _span(self, meta):
+            return self.offset.span(meta)
+
+        def _text(self, meta) -> str:
+            span = self._span(meta)
+            return self.source[span.start_pos:span.end_pos] if span else ""
+
+        # statements
+        def query(self, meta, children):
+            agg, _in, layer, *clauses = children
+            fields = dict(agg)
+            for clause in clauses:
+                fields.update(clause)
+            if "order" in fields:
+                order, span = fields["order"]
+                if fields["aggregate"] != "topk":
+                    raise ParseError(f"BY {order.upper()} applies to TOPK only", line=span.line,
+                                     column=span.column, end_column=span.end_column,
+                                     source=self.source)
+                fields["order"] = order
+            return ast.Query(layer=layer, span=self._span(meta), text=self._text(meta), **fields)
+
+        def explain(self, meta, children):
+            return ast.Explain(children[1], span=self._span(meta), text=self._text(meta))
+
+        def show(self, meta, children):
+            return ast.Show(str(children[1]).lower(), span=self._span(meta), text=self._text(meta))
+
+        def describe(self, meta, children):
+            return ast.Describe(children[1], span=self._span(meta), text=self._text(meta))
+
+        def set_stmt(self, meta, children):
+            _, name, _, value = children
+            value_span = getattr(value, "_span", None)
+            return ast.SetStatement(str(name).lower(), _plain(value), span=self._span(meta),
+                                    value_span=value_span, text=self._text(meta))
+
+        # aggregates: each returns the Query fields it decides
+        def topk(self, meta, children):
+            return {"aggregate": "topk", "k": int(children[1]), "unit": children[2]}
+
+        def avg(self, meta, children):
+            return {"aggregate": "avg", "unit": children[1]}
+
+        def argmax(self, meta, children):
+            return {"aggregate": "argmax", "unit": children[1]}
+
+        def unit(self, meta, children):
+            return str(children[0]).lower()
+
+        def order(self, meta, children):
+            return {"order": (str(children[1]).lower(), self._span(meta))}
+
+        def layer(self, meta, children):
+            token = children[0]
+            quoted = token.type == "STRING"
+            name = _unquote(str(token)) if quoted else str(token)
+            return ast.LayerRef(name, quoted, span=self._span(meta))
+
+        # clauses
+        def where(self, meta, children):
+            return {"where": children[1]}
+
+        def group_by(self, meta, children):
+            return {"group_by": str(children[2]).lower()}
+
+        def full(self, meta, children):
+            return {"source": ast.Full(span=self._span(meta))}
+
+        def sample(self, meta, children):
+            return {"source": children[2]}
+
+        def baseline(self, meta, children):
+            return {"baseline": True}
+
+        def sampler(self, meta, children):
+            name, *args = children
+            return ast.SamplerCall(str(name).lower(), tuple(args), span=self._span(meta))
+
+        def positional(self, meta, children):
+            return ast.Arg(None, _plain(children[0]), span=self._span(meta))
+
+        def keyword(self, meta, children):
+            return ast.Arg(str(children[0]).lower(), _plain(children[2]), span=self._span(meta))
+
+        # predicates
+        def compare(self, meta, children):
+            field, op, value = children
+            op = {"<>": "!="}.get(str(op), str(op))
+            return ast.Compare(field, op, _plain(value), span=self._span(meta))
+
+        def member(self, meta, children):
+            field, _in, *values = children
+            return ast.Member(field, tuple(_plain(v) for v in values), span=self._span(meta))
+
+        def not_member(self, meta, children):
+            field, _not, _in, *values = children
+            return ast.Member(field, tuple(_plain(v) for v in values), negated=True,
+                              span=self._span(meta))
+
+        def flag(self, meta, children):
+            return ast.Flag(str(children[0]).lower(), span=self._span(meta))
+
+        def field(self, meta, children):
+            return str(children[0]).lower()
+
+        def and_(self, meta, children):
+            return ast.And(children[0], children[2], span=self._span(meta))
+
+        def or_(self, meta, children):
+            return ast.Or(children[0], children[2], span=self._span(meta))
+
+        def not_(self, meta, children):
+            return ast.Not(children[1], span=self._span(meta))
+
+        # values keep their span so SET and sampler errors can point at them
+        def number(self, meta, children):
+            return _Located(_number(children[0]), self._span(meta))
+
+        def string(self, meta, children):
+            return _Located(_unquote(str(children[0])), self._span(meta))
+
+        def word(self, meta, children):
+            return _Located(str(children[0]), self._span(meta))
+
+    return ToAst, Token
+
+
+class _Located:
+    """A literal value with its span, unwrapped by ``_plain`` once it reaches the AST."""
+
+    __slots__ = ("value", "_span")
+
+    def __init__(self, value, span):
+        self.value = value
+        self._span = span
+
+
+def _plain(value):
+    return value.value if isinstance(value, _Located) else value
+
+
+@functools.lru_cache(maxsize=1)
+def _to_ast_class():
+    return _build_transformer()[0]
+
+
+def _ToAst(offset: _Offset, source: str):
+    return _to_ast_class()(offset, source)

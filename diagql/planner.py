@@ -1,0 +1,136 @@
+"""Bound query to plan: which items go through the model, in which groups, with which hooks.
+
+Predicates are evaluated on the profile here, so only matching items ever reach the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ast
+from .binder import BoundQuery
+from .profile import Profile
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The work one query needs; EXPLAIN prints it."""
+
+    bound: BoundQuery
+    items: np.ndarray  # sorted item indices to evaluate
+    group_keys: np.ndarray | None  # the group value of each item, for GROUP BY
+    n_data: int
+    n_sample: int | None  # the sample's size; None when the query runs USING FULL
+    sampler_spec: str | None
+    seconds_per_item: float
+    baseline: "Plan | None" = None
+
+    @property
+    def query(self) -> ast.Query:
+        return self.bound.query
+
+    @property
+    def hooked(self) -> tuple[str, ...]:
+        return (self.bound.layer.name,)
+
+    def estimated_seconds(self) -> float:
+        return len(self.items) * self.seconds_per_item
+
+    def explain(self) -> list[tuple[str, str]]:
+        """(step, detail) rows, top to bottom in the order they run."""
+        q = self.query
+        rows = []
+        if self.n_sample is None:
+            rows.append(("scan", f"all {self.n_data:,} items (USING FULL)"))
+        else:
+            rows.append(("sample", f"{self.sampler_spec}: {self.n_sample:,} of {self.n_data:,} "
+                                   f"items, drawn in the latent space"))
+        where = "WHERE " + predicate_text(q.where) if q.where is not None else "no predicate"
+        rows.append(("filter", f"{where} on the profile → {len(self.items):,} items"))
+        unit = "channel means" if q.unit == "channels" else "neurons"
+        rows.append(("forward", f"{len(self.items):,} items in batches, hook on "
+                                f"{self.bound.layer.name} ({self.bound.layer.shape_text()}, "
+                                f"{self.bound.n_neurons:,} {unit})"))
+        agg = {"topk": f"top-{q.k} by {q.order}", "avg": "mean per neuron",
+               "argmax": "histogram of each item's maximal neuron"}[q.aggregate]
+        rows.append(("aggregate", agg + (f", per {q.group_by}" if q.group_by else "")))
+        rows.append(("cost", f"≈ {self.estimated_seconds():.3g} s (from the profile pass)"))
+        if self.baseline is not None:
+            rows.append(("baseline", f"exact answer over {len(self.baseline.items):,} items, ≈ "
+                                     f"{self.baseline.estimated_seconds():.3g} s"))
+        return rows
+
+
+def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
+               sampler_spec: str | None) -> Plan:
+    query = bound.query
+    mask = predicate_mask(query.where, profile)
+    full = _plan(bound, profile, np.flatnonzero(mask), None, None)
+    if sample is None:
+        return full
+    items = sample[mask[sample]]
+    return _plan(bound, profile, items, len(sample), sampler_spec,
+                 baseline=full if query.baseline else None)
+
+
+def _plan(bound, profile, items, n_sample, spec, baseline=None) -> Plan:
+    keys = group_values(bound.query.group_by, profile)
+    return Plan(bound, items, None if keys is None else keys[items], len(profile), n_sample, spec,
+                profile.seconds_per_item(), baseline)
+
+
+def group_values(group_by: str | None, profile: Profile) -> np.ndarray | None:
+    if group_by is None:
+        return None
+    return {"class": profile.labels, "predicted": profile.predictions,
+            "correct": profile.correct}[group_by]
+
+
+_OPS = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,
+        ">": np.greater, ">=": np.greater_equal}
+
+
+def predicate_mask(pred: ast.Predicate | None, profile: Profile) -> np.ndarray:
+    """Which items satisfy the predicate, computed on the profile alone."""
+    if pred is None:
+        return np.ones(len(profile), dtype=bool)
+    if isinstance(pred, ast.And):
+        return predicate_mask(pred.left, profile) & predicate_mask(pred.right, profile)
+    if isinstance(pred, ast.Or):
+        return predicate_mask(pred.left, profile) | predicate_mask(pred.right, profile)
+    if isinstance(pred, ast.Not):
+        return ~predicate_mask(pred.operand, profile)
+    if isinstance(pred, ast.Flag):
+        return profile.correct if pred.name == "correct" else ~profile.correct
+    column = {"class": profile.labels, "predicted": profile.predictions,
+              "confidence": profile.confidence}[pred.field]
+    if isinstance(pred, ast.Member):
+        inside = np.isin(column, np.asarray(pred.values))
+        return ~inside if pred.negated else inside
+    return _OPS[pred.op](column, pred.value)
+
+
+def predicate_text(pred: ast.Predicate) -> str:
+    """The predicate as canonical DiagQL text (used in plans and messages)."""
+    if isinstance(pred, ast.And):
+        return f"{_wrap(pred.left, ast.Or)} AND {_wrap(pred.right, ast.Or)}"
+    if isinstance(pred, ast.Or):
+        return f"{predicate_text(pred.left)} OR {predicate_text(pred.right)}"
+    if isinstance(pred, ast.Not):
+        return f"NOT {_wrap(pred.operand, (ast.And, ast.Or))}"
+    if isinstance(pred, ast.Flag):
+        return pred.name
+    if isinstance(pred, ast.Member):
+        values = ", ".join(_num(v) for v in pred.values)
+        return f"{pred.field} {'NOT IN' if pred.negated else 'IN'} ({values})"
+    return f"{pred.field} {pred.op} {_num(pred.value)}"
+
+
+def _wrap(pred, kinds) -> str:
+    text = predicate_text(pred)
+    return f"({text})" if isinstance(pred, kinds) else text
+
+
+def _num(value) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -1,0 +1,60 @@
+"""Progress bars for long work: rich bars on a terminal, silence when piped or disabled."""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Callable, Iterator
+
+# Work shorter than this never shows a bar, so quick queries do not flicker.
+_SHOW_AFTER_SECONDS = 0.5
+
+
+class Progress:
+    """Hands out ``advance(n)`` callbacks; draws only when enabled and on a terminal."""
+
+    def __init__(self, enabled: bool | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled if enabled is not None else _isatty(self.stream)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        if not self.enabled:
+            yield lambda n: None
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
+                                   TaskProgressColumn, TextColumn, TimeRemainingColumn)
+
+        started = time.perf_counter()
+        bar: RichProgress | None = None
+        task_id = None
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal bar, task_id, done
+            done += n
+            if bar is None:
+                if time.perf_counter() - started < _SHOW_AFTER_SECONDS:
+                    return
+                bar = RichProgress(TextColumn("{task.description}"), BarColumn(),
+                                   MofNCompleteColumn(), TaskProgressColumn(),
+                                   TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                                   console=Console(file=self.stream), transient=True)
+                bar.start()
+                task_id = bar.add_task(description, total=total, rate="")
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(task_id, completed=done, rate=f"{done / elapsed:,.0f} items/s")
+
+        try:
+            yield advance
+        finally:
+            if bar is not None:
+                bar.stop()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,183 @@
+"""Results for people (rich tables) and for programs (JSON lines, CSV)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .result import Result
+
+MAX_ROWS = 20
+_BAR_WIDTH = 12
+
+_METRIC_NAMES = {"precision": "precision", "cosine_distance": "cosine distance",
+                 "js_distance": "JS distance"}
+
+
+def renderable(result: Result, max_rows: int = MAX_ROWS):
+    if not result.is_query:
+        return _info_table(result, max_rows)
+    parts = [_query_table(result, max_rows)]
+    summary = _summary(result)
+    if summary:
+        parts.append(summary)
+    for note in result.notes:
+        parts.append(Text(note, style="yellow"))
+    return Group(*parts)
+
+
+def _info_table(result: Result, max_rows: int) -> Table:
+    table = Table(title=result.title or None, title_justify="left", title_style="bold")
+    for column in result.columns:
+        table.add_column(column, overflow="fold")
+    limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
+    for row in result.rows[:limit]:
+        table.add_row(*(_cell(v) for v in row))
+    if len(result.rows) > limit:
+        table.caption = f"… {len(result.rows) - limit:,} more rows (--format csv shows all)"
+    return table
+
+
+def _query_table(result: Result, max_rows: int) -> Table:
+    table = Table(title=result.statement or None, title_justify="left", title_style="bold",
+                  caption=_caption(result), caption_justify="left")
+    groups = result.groups
+    group_by = result.plan.query.group_by if result.plan is not None else None
+    if groups is not None:
+        table.add_column(group_by or "group", style="magenta")
+    if result.kind == "topk":
+        table.add_column("rank", justify="right")
+    table.add_column("neuron", style="cyan")
+    value_name = {"topk": f"{getattr(result.plan.query, 'order', 'mean')}" if result.plan else "value",
+                  "avg": "mean", "argmax": "share"}[result.kind]
+    table.add_column(value_name, justify="right")
+    table.add_column("", no_wrap=True)
+    with_exact = result.baseline is not None or (
+        groups is not None and any(g.baseline is not None for g in groups.values()))
+    if with_exact:
+        table.add_column("exact", justify="right")
+        if result.kind == "topk":
+            table.add_column("in exact top-k", justify="center")
+    sections = list(groups.items()) if groups is not None else [(None, result)]
+    for i, (key, part) in enumerate(sections):
+        if i:
+            table.add_section()
+        _add_rows(table, part, key, groups is not None, with_exact, max_rows)
+    return table
+
+
+def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_rows: int) -> None:
+    if part.n_items == 0:
+        cells = ([_cell(key)] if grouped else []) + ["", "no matching items in the sample"]
+        table.add_row(*cells)
+        return
+    values = part.values
+    top = float(np.max(np.abs(values))) if len(values) else 0.0
+    exact_values = exact_set = None
+    if with_exact and part.baseline is not None:
+        exact_values = dict(zip(part.baseline.neurons.tolist(), part.baseline.values.tolist()))
+        exact_set = set(part.baseline.neurons.tolist())
+    shown = min(len(values), max_rows)
+    for j in range(shown):
+        neuron = int(part.neurons[j])
+        cells = [_cell(key) if j == 0 else ""] if grouped else []
+        if part.kind == "topk":
+            cells.append(str(j + 1))
+        cells += [part.labels[j], _number(values[j]), _bar(values[j], top)]
+        if with_exact:
+            exact = exact_values.get(neuron) if exact_values is not None else None
+            cells.append(_number(exact) if exact is not None else "")
+            if part.kind == "topk":
+                cells.append(("✓" if neuron in exact_set else "✗") if exact_set is not None else "")
+        table.add_row(*cells)
+    if len(values) > shown:
+        cells = [""] if grouped else []
+        if part.kind == "topk":
+            cells.append("")
+        cells.append(Text(f"… {len(values) - shown:,} more", style="dim"))
+        table.add_row(*cells)
+
+
+def _caption(result: Result) -> str:
+    plan = result.plan
+    parts = [f"{result.n_items:,} matching items"]
+    if plan is not None and plan.n_sample is not None:
+        parts.append(f"sample {result.source}: {plan.n_sample:,} of {plan.n_data:,} items")
+    elif plan is not None:
+        parts.append(f"exact over all {plan.n_data:,} items")
+    if "query" in result.timings:
+        parts.append(f"{result.timings['query']:.3f} s")
+    return " · ".join(parts)
+
+
+def _summary(result: Result) -> Text | None:
+    if not result.metrics:
+        return None
+    text = Text("vs exact: ", style="bold")
+    pieces = [f"{_METRIC_NAMES[k]} {v:.3f}" for k, v in result.metrics.items() if k in _METRIC_NAMES]
+    if result.groups is not None and pieces:
+        pieces[0] = "mean " + pieces[0] + " over groups"
+    full_s = result.timings.get("baseline")
+    if full_s is not None:
+        pieces.append(f"sample {result.timings['query']:.3f} s vs full {full_s:.3f} s")
+    if "speedup" in result.metrics:
+        pieces.append(f"{result.metrics['speedup']:.1f}× faster")
+    text.append(" · ".join(pieces))
+    return text
+
+
+def _bar(value: float, top: float) -> Text:
+    if top <= 0 or not np.isfinite(value):
+        return Text("")
+    filled = int(round(_BAR_WIDTH * max(float(value), 0.0) / top))
+    return Text("█" * filled, style="green")
+
+
+def _number(value) -> str:
+    value = float(value)
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return _number(value)
+    return "" if value is None else str(value)
+
+
+# --- text, HTML, JSON, CSV --------------------------------------------------------------------
+
+
+def to_text(result: Result, width: int = 100, max_rows: int = MAX_ROWS) -> str:
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console.print(renderable(result, max_rows))
+    return console.file.getvalue().rstrip("\n")
+
+
+def to_html(result: Result) -> str:
+    console = Console(record=True, file=io.StringIO(), width=110)
+    console.print(renderable(result))
+    return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")
+
+
+def to_json(result: Result) -> str:
+    """One compact JSON object: scripts print one line per statement (JSON Lines)."""
+    return json.dumps(result.to_dict(), allow_nan=True, ensure_ascii=False)
+
+
+def to_csv(result: Result) -> str:
+    records = result.records()
+    if not records:
+        return ""
+    out = io.StringIO()
+    names = list(dict.fromkeys(key for rec in records for key in rec))
+    writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return out.getvalue().rstrip("\n")

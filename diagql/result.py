@@ -1,0 +1,133 @@
+"""The answer to a statement: arrays for programs, a table for people, dicts and frames for both."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(eq=False)
+class Result:
+    """One statement's answer.
+
+    Query results (``kind`` ``topk``, ``avg``, ``argmax``) fill ``neurons`` (flat C-order
+    indices: rank order for TOPK, every neuron in index order otherwise), ``labels`` and
+    ``values`` (the ranking aggregate, the means, or the fraction of items whose maximal
+    neuron it is). Other statements (``kind`` ``table``, ``set``, ``explain``) fill
+    ``columns`` and ``rows``.
+    """
+
+    kind: str
+    statement: str = ""
+    layer: str | None = None
+    unit: str | None = None
+    neurons: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    labels: list[str] = field(default_factory=list)
+    values: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
+    n_items: int = 0
+    groups: dict[Any, "Result"] | None = None
+    estimate: dict | None = None
+    baseline: "Result | None" = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    source: str = "full"  # "full" or the sampler call, e.g. "stratified(0.05, random_state=0)"
+    plan: Any = None
+    title: str = ""
+    columns: list[str] = field(default_factory=list)
+    rows: list[tuple] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_query(self) -> bool:
+        return self.kind in ("topk", "avg", "argmax")
+
+    @property
+    def approximate(self) -> bool:
+        return self.source != "full"
+
+    def __len__(self) -> int:
+        return len(self.neurons) if self.is_query else len(self.rows)
+
+    # --- conversions -------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data (lists, floats, strings)."""
+        if not self.is_query:
+            return {"kind": self.kind, "statement": self.statement, "title": self.title,
+                    "columns": list(self.columns), "rows": [list(map(_plain, r)) for r in self.rows],
+                    "notes": list(self.notes)}
+        out = {
+            "kind": self.kind, "statement": self.statement, "layer": self.layer,
+            "unit": self.unit, "source": self.source, "n_items": self.n_items,
+            "neurons": self.neurons.tolist(), "labels": list(self.labels),
+            "values": [float(v) for v in self.values],
+            "metrics": {k: float(v) for k, v in self.metrics.items()},
+            "timings": {k: float(v) for k, v in self.timings.items()},
+            "estimate": self.estimate, "notes": list(self.notes),
+        }
+        if self.groups is not None:
+            out["groups"] = [{"group": _plain(key), **group.to_dict()}
+                             for key, group in self.groups.items()]
+        if self.baseline is not None:
+            out["baseline"] = self.baseline.to_dict()
+        return out
+
+    def records(self) -> list[dict]:
+        """One flat row per (group, neuron): what CSV and pandas show."""
+        if not self.is_query:
+            return [dict(zip(self.columns, map(_plain, row))) for row in self.rows]
+        if self.groups is not None:
+            group_by = self.plan.query.group_by if self.plan is not None else "group"
+            return [{group_by: _plain(key), **rec}
+                    for key, group in self.groups.items() for rec in group.records()]
+        exact = None
+        if self.baseline is not None:
+            exact = dict(zip(self.baseline.neurons.tolist(), self.baseline.values.tolist()))
+        rows = []
+        for position, (neuron, label, value) in enumerate(
+                zip(self.neurons.tolist(), self.labels, self.values.tolist())):
+            row = {"neuron": neuron, "label": label, "value": value}
+            if self.kind == "topk":
+                row = {"rank": position + 1, **row}
+            if exact is not None:
+                row["exact_value"] = exact.get(neuron)
+            rows.append(row)
+        return rows
+
+    def to_pandas(self):
+        """A DataFrame with one row per neuron (and group); needs pandas installed."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise ImportError("to_pandas() needs pandas: pip install pandas") from exc
+        return pd.DataFrame.from_records(self.records())
+
+    # --- display -------------------------------------------------------------------------
+
+    def __rich__(self):
+        from .render import renderable
+
+        return renderable(self)
+
+    def __str__(self) -> str:
+        from .render import to_text
+
+        return to_text(self)
+
+    def __repr__(self) -> str:
+        if not self.is_query:
+            return f"<Result {self.kind}: {len(self.rows)} rows>"
+        return (f"<Result {self.kind} {self.unit} in {self.layer}: {len(self.neurons)} values "
+                f"over {self.n_items} items, {self.source}>")
+
+    def _repr_html_(self) -> str:
+        from .render import to_html
+
+        return to_html(self)
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

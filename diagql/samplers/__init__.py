@@ -1,0 +1,38 @@
+"""The sampler registry: USING SAMPLE, SHOW SAMPLERS and Connection.sample all read it."""
+from __future__ import annotations
+
+from ..errors import BindError
+from .base import Param, SampleData, Sampler, resolve_size
+from .random import RandomSampler
+from .stratified import StratifiedSampler
+
+REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (RandomSampler, StratifiedSampler)}
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    try:
+        return REGISTRY[name.lower()]
+    except KeyError:
+        from ..suggest import did_you_mean
+
+        raise BindError(f"unknown sampler {name!r}{did_you_mean(name, REGISTRY)}; samplers are "
+                        f"{', '.join(REGISTRY)}") from None
+
+
+def build(name: str, args: dict[str, object], *, seed: int | None) -> Sampler:
+    """Instantiate a sampler from a call's arguments (``size`` may be positional)."""
+    cls = sampler_class(name)
+    known = {p.name for p in cls.params()}
+    for key in args:
+        if key not in known:
+            from ..suggest import did_you_mean
+
+            raise BindError(f"sampler {cls.name!r} has no parameter {key!r}"
+                            f"{did_you_mean(key, known)}; its parameters are "
+                            f"{', '.join(p.name for p in cls.params())}")
+    args = dict(args)
+    args.setdefault("random_state", seed)
+    return cls(**args)
+
+
+__all__ = ["REGISTRY", "Param", "SampleData", "Sampler", "build", "resolve_size", "sampler_class"]

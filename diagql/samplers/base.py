@@ -1,0 +1,104 @@
+"""What every sampler shares: parameters kept as given, validation in fit, the size rule."""
+from __future__ import annotations
+
+import inspect
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import BindError
+
+
+@dataclass(frozen=True)
+class SampleData:
+    """What a sampler may look at: the profile's latents, true labels and predictions."""
+
+    latents: np.ndarray
+    labels: np.ndarray
+    predictions: np.ndarray
+    n_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Param:
+    """A sampler parameter as SHOW SAMPLERS lists it."""
+
+    name: str
+    default: object
+    domain: str  # human-readable range, e.g. "(0, 1] or 1..N items"
+
+
+class Sampler:
+    """Base class. Subclasses store their ``__init__`` arguments unchanged (sklearn style),
+    declare ``_domains`` for SHOW SAMPLERS, validate in ``_check`` and select in ``_select``.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    _domains: ClassVar[dict[str, str]] = {
+        "size": "a fraction in (0, 1] or a whole number of items",
+        "random_state": "a whole number (defaults to SET seed)",
+    }
+
+    def __init__(self, size=0.05, random_state=None):
+        self.size = size
+        self.random_state = random_state
+
+    @classmethod
+    def params(cls) -> list[Param]:
+        signature = inspect.signature(cls.__init__)
+        return [Param(p.name, p.default, cls._domains.get(p.name, ""))
+                for p in list(signature.parameters.values())[1:]]
+
+    def get_params(self) -> dict[str, object]:
+        return {p.name: getattr(self, p.name) for p in self.params()}
+
+    def spec(self) -> str:
+        """The canonical text of this sampler call, e.g. ``stratified(0.05, random_state=0)``."""
+        params = self.get_params()
+        size = params.pop("size")
+        rest = "".join(f", {k}={v!r}" if isinstance(v, str) else f", {k}={v}"
+                       for k, v in params.items())
+        return f"{self.name}({size}{rest})"
+
+    def fit(self, data: SampleData) -> "Sampler":
+        """Draw the sample; the sorted item indices land in ``indices_``."""
+        n = resolve_size(self.size, len(data))
+        self._check(data)
+        rng = np.random.default_rng(_seed(self.random_state))
+        indices = np.unique(np.asarray(self._select(data, n, rng), dtype=np.int64))
+        self.indices_ = indices
+        return self
+
+    def _check(self, data: SampleData) -> None:
+        """Validate parameters beyond size; raise BindError naming the parameter."""
+
+    def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+
+def resolve_size(size, n_items: int) -> int:
+    """A fraction in (0, 1] of the data, or a whole number of items, as an item count."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Real):
+        raise BindError(f"size must be a number, not {size!r}")
+    if isinstance(size, numbers.Integral):
+        if not 1 <= size <= n_items:
+            raise BindError(f"size {size} is not between 1 and the {n_items} items of the data set")
+        return int(size)
+    if not 0 < size <= 1:
+        raise BindError(f"size {size} is not a fraction in (0, 1] (write a whole number for "
+                        f"a count of items)")
+    return max(1, int(round(size * n_items)))
+
+
+def _seed(random_state) -> int | None:
+    if random_state is None:
+        return None
+    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
+        raise BindError(f"random_state must be a whole number, not {random_state!r}")
+    return int(random_state)

@@ -1,0 +1,14 @@
+"""Uniform random sampling without replacement: the baseline every other sampler must beat."""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import SampleData, Sampler
+
+
+class RandomSampler(Sampler):
+    name = "random"
+    description = "uniform without replacement"
+
+    def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
+        return rng.choice(len(data), size=n, replace=False)

@@ -1,0 +1,47 @@
+"""Session settings that SET changes: each with its type, check and meaning in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import BindError
+
+FORMATS = ("table", "json", "csv")
+
+
+@dataclass
+class Settings:
+    batch_size: int = 256
+    seed: int = 0
+    latent: str | None = None  # None: the input of the final linear layer
+    format: str = "table"
+    max_rows: int = 20
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "batch_size": "items per forward pass",
+            "seed": "random_state of samplers that do not set one",
+            "latent": "layer whose output is the latent space (default: input of the final linear layer)",
+            "format": "output format of the CLI and REPL: " + ", ".join(FORMATS),
+            "max_rows": "rows shown per table before the rest is counted",
+        }
+
+    def coerce(self, name: str, value):
+        """The value SET would store, or a BindError naming what is wrong with it."""
+        if name in ("batch_size", "seed", "max_rows"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise BindError(f"{name} must be a whole number, not {value!r}")
+            if name != "seed" and value < 1:
+                raise BindError(f"{name} must be at least 1, not {value}")
+            return value
+        if name == "format":
+            value = str(value).lower()
+            if value not in FORMATS:
+                raise BindError(f"format must be one of {', '.join(FORMATS)}, not {value!r}")
+            return value
+        if name == "latent":
+            return None if str(value).lower() in ("default", "none") else str(value)
+        raise AssertionError(name)
