@@ -14,7 +14,7 @@ from .data import ItemSource
 from .errors import BindError, DiagQLError
 from .executor import Runner
 from .layers import LayerCatalog, default_latent, probe
-from .parser import iter_statements, parse, parse_sampler
+from .parser import parse, parse_piece, parse_sampler, split_statements
 from .planner import plan_query
 from .profile import Profile, compute_profile
 from .progress import Progress
@@ -135,17 +135,23 @@ class Connection:
 
     def iter_execute(self, script: str) -> Iterator[Result]:
         """Run a script statement by statement, yielding each Result as soon as it exists."""
-        statements = iter_statements(script)
-        while True:
+        for outcome in self.run_script(script):
+            if isinstance(outcome, DiagQLError):
+                raise outcome
+            yield outcome
+
+    def run_script(self, script: str) -> Iterator[Result | DiagQLError]:
+        """Run every statement, yielding its Result or its DiagQLError and going on: the CLI's
+        ``--keep-going`` and the REPL stop or continue as they choose."""
+        for piece in split_statements(script):
             started = time.perf_counter()
             try:
-                statement = next(statements)
-            except StopIteration:
-                return
+                statement = parse_piece(piece, script)
+                parsed = time.perf_counter()
+                result = self._run(statement, script)
             except DiagQLError as exc:
-                raise exc.with_source(script) from None
-            parsed = time.perf_counter()
-            result = self._run(statement, script)
+                yield exc.with_source(script)
+                continue
             result.timings["parse"] = parsed - started
             result.timings["total"] = time.perf_counter() - started
             yield result

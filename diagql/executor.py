@@ -112,6 +112,7 @@ def _single(plan: Plan, state) -> Result:
         return result
     values = state.finalize()
     if query.aggregate == "topk":
+        result.dense = values
         neurons = rank(values, query.k)
         values = values[neurons]
     else:

@@ -71,7 +71,8 @@ def describe(conn, statement: ast.Describe) -> Result:
             ("parameters", f"{n_params:,}"),
             ("labels", _label_example(layer)),
             ("sublayers", ", ".join(children) if children else "none"),
-            ("module", repr(module).splitlines()[0] if children else repr(module))]
+            ("module", f"{layer.type_name} of {len(list(module.children()))} modules"
+                       if children else repr(module))]
     return Result(kind="table", statement=statement.text, columns=["property", "value"],
                   rows=rows, title=f"layer {layer.name}")
 

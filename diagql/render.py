@@ -22,7 +22,8 @@ _METRIC_NAMES = {"precision": "precision", "cosine_distance": "cosine distance",
 def renderable(result: Result, max_rows: int = MAX_ROWS):
     if not result.is_query:
         return _info_table(result, max_rows)
-    parts = [_query_table(result, max_rows)]
+    parts = [Text(result.statement, style="bold"), _query_table(result, max_rows)] \
+        if result.statement else [_query_table(result, max_rows)]
     summary = _summary(result)
     if summary:
         parts.append(summary)
@@ -44,8 +45,7 @@ def _info_table(result: Result, max_rows: int) -> Table:
 
 
 def _query_table(result: Result, max_rows: int) -> Table:
-    table = Table(title=result.statement or None, title_justify="left", title_style="bold",
-                  caption=_caption(result), caption_justify="left")
+    table = Table(caption=_caption(result), caption_justify="left")
     groups = result.groups
     group_by = result.plan.query.group_by if result.plan is not None else None
     if groups is not None:
@@ -78,10 +78,8 @@ def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_row
         return
     values = part.values
     top = float(np.max(np.abs(values))) if len(values) else 0.0
-    exact_values = exact_set = None
-    if with_exact and part.baseline is not None:
-        exact_values = dict(zip(part.baseline.neurons.tolist(), part.baseline.values.tolist()))
-        exact_set = set(part.baseline.neurons.tolist())
+    exact = part.baseline if with_exact else None
+    exact_set = set(exact.neurons.tolist()) if exact is not None else None
     shown = min(len(values), max_rows)
     for j in range(shown):
         neuron = int(part.neurons[j])
@@ -90,8 +88,8 @@ def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_row
             cells.append(str(j + 1))
         cells += [part.labels[j], _number(values[j]), _bar(values[j], top)]
         if with_exact:
-            exact = exact_values.get(neuron) if exact_values is not None else None
-            cells.append(_number(exact) if exact is not None else "")
+            value = exact.value_of(neuron) if exact is not None and exact.n_items else None
+            cells.append(_number(value) if value is not None else "")
             if part.kind == "topk":
                 cells.append(("✓" if neuron in exact_set else "✗") if exact_set is not None else "")
         table.add_row(*cells)

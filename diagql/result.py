@@ -37,6 +37,8 @@ class Result:
     columns: list[str] = field(default_factory=list)
     rows: list[tuple] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # TOPK keeps its aggregate for every neuron, so the exact value of any neuron can be shown.
+    dense: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def is_query(self) -> bool:
@@ -48,6 +50,13 @@ class Result:
 
     def __len__(self) -> int:
         return len(self.neurons) if self.is_query else len(self.rows)
+
+    def value_of(self, neuron: int) -> float | None:
+        """This result's aggregate for one neuron (TOPK knows it for neurons outside its top-k)."""
+        if self.dense is not None:
+            return float(self.dense[neuron])
+        hits = np.flatnonzero(self.neurons == neuron)
+        return float(self.values[hits[0]]) if len(hits) else None
 
     # --- conversions -------------------------------------------------------------------
 
@@ -81,9 +90,7 @@ class Result:
             group_by = self.plan.query.group_by if self.plan is not None else "group"
             return [{group_by: _plain(key), **rec}
                     for key, group in self.groups.items() for rec in group.records()]
-        exact = None
-        if self.baseline is not None:
-            exact = dict(zip(self.baseline.neurons.tolist(), self.baseline.values.tolist()))
+        exact = self.baseline.value_of if self.baseline is not None else None
         rows = []
         for position, (neuron, label, value) in enumerate(
                 zip(self.neurons.tolist(), self.labels, self.values.tolist())):
@@ -91,7 +98,7 @@ class Result:
             if self.kind == "topk":
                 row = {"rank": position + 1, **row}
             if exact is not None:
-                row["exact_value"] = exact.get(neuron)
+                row["exact_value"] = exact(neuron)
             rows.append(row)
         return rows
 

@@ -1,0 +1,183 @@
+"""The ``diagql`` command: scripts, -e queries and stdin, or the REPL on a terminal.
+
+Only argparse loads before the arguments are read, so ``--help`` and ``--version`` never
+import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ._version import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diagql",
+        description="Query a PyTorch model's activations: TOPK, AVG and ARGMAX over neurons of "
+                    "any layer, filtered by class and correctness, exactly or on samples.",
+        epilog="examples:\n"
+               "  diagql --demo -e 'SHOW LAYERS'\n"
+               "  diagql --demo -e 'TOPK 10 NEURONS IN conv2 WHERE class = 3 AND incorrect "
+               "USING SAMPLE stratified(0.05) WITH BASELINE'\n"
+               "  diagql --model mypkg.models:build --weights ckpt.pt --data mypkg.data:test_set "
+               "report.dql\n"
+               "  echo 'SHOW PROFILE;' | diagql --demo --format csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scripts", nargs="*", metavar="SCRIPT.dql",
+                        help="script files to run in order ('-' reads standard input)")
+    parser.add_argument("-e", "--execute", action="append", default=[], metavar="QUERY",
+                        help="run this statement (repeatable; runs after the scripts)")
+    source = parser.add_argument_group("model and data")
+    source.add_argument("--demo", action="store_true",
+                        help="the built-in LeNet-5 over 2,500 held-out MNIST digits "
+                             "(needs: pip install 'diagql[demo]')")
+    source.add_argument("--model", metavar="MODULE:CALLABLE",
+                        help="a callable returning an nn.Module (or the module itself)")
+    source.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save")
+    source.add_argument("--data", metavar="MODULE:CALLABLE",
+                        help="a callable returning a Dataset of (x, y), a DataLoader or (X, y)")
+    source.add_argument("--batch-size", type=int, default=256, metavar="N",
+                        help="items per forward pass (default 256)")
+    source.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the model's)")
+    source.add_argument("--latent", metavar="LAYER",
+                        help="layer whose output is the latent space for samplers "
+                             "(default: the input of the final linear layer)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="table (default), json (one object per statement) or csv")
+    output.add_argument("--keep-going", action="store_true",
+                        help="run the remaining statements after one fails (exit status is still 1)")
+    output.add_argument("--no-progress", action="store_true", help="never draw progress bars")
+    output.add_argument("--debug", action="store_true",
+                        help="show Python tracebacks for internal errors")
+    parser.add_argument("--version", action="version", version=f"diagql {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo and (args.model or args.data):
+        parser.error("--demo cannot be combined with --model/--data")
+    if bool(args.model) != bool(args.data):
+        parser.error("--model and --data go together")
+    if args.weights and not args.model:
+        parser.error("--weights needs --model")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+
+    from rich.console import Console
+
+    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+    try:
+        return _run(args, out, err)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug must not look like a user error
+        from .errors import DiagQLError
+
+        if isinstance(exc, DiagQLError):
+            _print_error(err, exc, None)
+            return EXIT_FAILED
+        if args.debug:
+            err.print_exception()
+        else:
+            err.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
+                      f"traceback)", style="red", markup=False)
+        return EXIT_FAILED
+
+
+def _run(args, out, err) -> int:
+    sources = _sources(args)
+    interactive = not sources and sys.stdin.isatty()
+    conn = _connect(args)
+    conn.settings.format = args.format
+    if interactive:
+        from .repl import run_repl
+
+        return run_repl(conn, out, err)
+    failed = False
+    for name, text in sources:
+        for outcome in conn.run_script(text):
+            from .errors import DiagQLError
+
+            if isinstance(outcome, DiagQLError):
+                _print_error(err, outcome, name)
+                failed = True
+                if not args.keep_going:
+                    return EXIT_FAILED
+                continue
+            print_result(out, outcome, conn.settings)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _sources(args) -> list[tuple[str, str]]:
+    sources = []
+    scripts = args.scripts or ([] if args.execute or sys.stdin.isatty() else ["-"])
+    for path in scripts:
+        if path == "-":
+            sources.append(("<stdin>", sys.stdin.read()))
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                sources.append((path, handle.read()))
+        except OSError as exc:
+            from .errors import DiagQLError
+
+            raise DiagQLError(f"cannot read script {path}: {exc.strerror}") from None
+    sources.extend(("<-e>", text) for text in args.execute)
+    return sources
+
+
+def _connect(args):
+    from .connection import Connection, connect
+
+    progress = False if args.no_progress else None
+    options = dict(batch_size=args.batch_size, device=args.device, latent=args.latent,
+                   progress=progress)
+    if args.demo:
+        from .builtin_demo import demo
+
+        try:
+            return demo(**options)
+        except ImportError as exc:
+            from .errors import DiagQLError
+
+            raise DiagQLError(str(exc)) from None
+    if args.model:
+        from .loading import load_data, load_model
+
+        return connect(load_model(args.model, args.weights), load_data(args.data), **options)
+    conn = Connection.detached()
+    conn.settings.batch_size = args.batch_size
+    return conn
+
+
+def print_result(out, result, settings) -> None:
+    from .render import renderable, to_csv, to_json
+
+    if settings.format == "json":
+        out.print(to_json(result), markup=False, highlight=False, soft_wrap=True)
+    elif settings.format == "csv":
+        text = to_csv(result)
+        if text:
+            out.print(text, markup=False, highlight=False, soft_wrap=True)
+            out.print()
+    else:
+        out.print(renderable(result, settings.max_rows))
+        out.print()
+
+
+def _print_error(err, exc, name: str | None) -> None:
+    err.print(exc.format(name), style="red" if err.is_terminal else None, markup=False,
+              highlight=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
