@@ -176,7 +176,7 @@ def print_result(out, result, settings) -> None:
 
 def _print_error(err, exc, name: str | None) -> None:
     err.print(exc.format(name), style="red" if err.is_terminal else None, markup=False,
-              highlight=False)
+              highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -55,7 +55,8 @@ def run_repl(conn, out, err) -> int:
         try:
             for outcome in conn.run_script(text):
                 if isinstance(outcome, DiagQLError):
-                    err.print(outcome.format(), style="red", markup=False, highlight=False)
+                    err.print(outcome.format(), style="red", markup=False, highlight=False,
+                              soft_wrap=True)
                     failed = True
                 else:
                     print_result(out, outcome, conn.settings)

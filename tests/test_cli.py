@@ -1,0 +1,146 @@
+"""The diagql command, driven through subprocess as a user would run it."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--model", "tests.models:trained_mlp", "--data", "tests.models:digits"]
+
+
+def diagql(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "diagql", *args], input=stdin, text=True,
+                          capture_output=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys\nfrom diagql.cli import main\n"
+            "for argv in (['--help'], ['--version']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "assert 'numpy' not in sys.modules, 'numpy was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert "usage: diagql" in done.stdout
+    assert "diagql 0.1.0" in done.stdout
+
+
+def test_query_on_a_user_model_prints_a_table():
+    done = diagql(*MODEL, "-e", "TOPK 3 NEURONS IN encoder.1 WHERE incorrect")
+    assert done.returncode == 0, done.stderr
+    assert "encoder.1[" in done.stdout
+    assert "rank" in done.stdout
+
+
+def test_json_output_is_one_object_per_statement():
+    done = diagql(*MODEL, "--format", "json", "-e", "SHOW LAYERS; TOPK 2 NEURONS IN head")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2
+    layers, top = map(json.loads, lines)
+    assert ["encoder.1"] == [row[0] for row in layers["rows"] if row[0] == "encoder.1"]
+    assert top["kind"] == "topk" and len(top["neurons"]) == 2
+    assert top["labels"][0].startswith("head[")
+
+
+def test_csv_output_has_a_header_and_a_row_per_neuron():
+    done = diagql(*MODEL, "--format", "csv", "-e", "AVG NEURONS IN encoder.3 WHERE class = 3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "neuron,label,value"
+    assert len(lines) == 1 + 16
+    assert lines[1].startswith("0,encoder.3[0],")
+
+
+def test_script_from_stdin_and_set_format():
+    done = diagql(*MODEL, stdin="SET format = csv;\nTOPK 2 NEURONS IN head WHERE correct;\n")
+    assert done.returncode == 0, done.stderr
+    assert "rank,neuron,label,value" in done.stdout
+
+
+def test_error_in_a_script_reports_file_line_column_with_a_caret(tmp_path):
+    script = tmp_path / "report.dql"
+    script.write_text("SHOW LAYERS;\n-- the next one is wrong\nTOPK 3 NEURONS IN encoder.7;\n"
+                      "TOPK 2 NEURONS IN head;\n")
+    done = diagql(*MODEL, str(script))
+    assert done.returncode == 1
+    first, source, caret = done.stderr.splitlines()[:3]
+    assert first.startswith(f"{script}:3:19: error: unknown layer 'encoder.7'")
+    assert source.strip() == "TOPK 3 NEURONS IN encoder.7;"
+    assert caret.index("^") == source.index("encoder.7")
+    assert "Traceback" not in done.stderr
+    # The statement before the error printed its result; the one after did not run.
+    assert "encoder.1" in done.stdout
+    assert "head[" not in done.stdout
+
+
+def test_keep_going_runs_the_rest_but_still_fails(tmp_path):
+    script = tmp_path / "report.dql"
+    script.write_text("TOPK 2 NEURONS IN head WHERE;\nTOPK 2 NEURONS IN head;\n")
+    done = diagql(*MODEL, "--keep-going", str(script))
+    assert done.returncode == 1
+    assert "report.dql:1:29: syntax error: unexpected end of statement" in done.stderr
+    assert "head[" in done.stdout
+
+
+def test_syntax_error_names_what_was_expected():
+    done = diagql(*MODEL, "-e", "TOPK 3 NEURONS IN head WHERE klass = 3")
+    assert done.returncode == 1
+    assert "<-e>:1:30: syntax error: unexpected 'klass'" in done.stderr
+    assert "CLASS" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tests.models:nothing_here", "--data", "tests.models:digits"],
+     "has no attribute 'nothing_here'"),
+    (["--model", "no_such_module:build", "--data", "tests.models:digits"],
+     "cannot import 'no_such_module'"),
+    (["--model", "tests.models:digits", "--data", "tests.models:digits"], "not a torch.nn.Module"),
+    (["--model", "tests.models", "--data", "tests.models:digits"], "is not MODULE:CALLABLE"),
+    (["--model", "tests.models:trained_mlp", "--weights", "missing.pt", "--data",
+      "tests.models:digits"], "no such file"),
+])
+def test_bad_model_specs_get_one_clear_line(args, message):
+    done = diagql(*args, "-e", "SHOW LAYERS")
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_weights_that_do_not_fit_are_reported(tmp_path):
+    import torch
+
+    path = tmp_path / "wrong.pt"
+    torch.save({"encoder.1.weight": torch.zeros(3, 3)}, path)
+    done = diagql("--model", "tests.models:trained_mlp", "--weights", str(path), "--data",
+                  "tests.models:digits", "-e", "SHOW LAYERS")
+    assert done.returncode == 1
+    assert "do not fit the model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_statements_that_need_no_model_run_without_one():
+    done = diagql("-e", "SHOW SAMPLERS")
+    assert done.returncode == 0, done.stderr
+    assert "stratified" in done.stdout
+    done = diagql("-e", "SHOW LAYERS")
+    assert done.returncode == 1
+    assert "no model is connected" in done.stderr
+
+
+def test_usage_errors_exit_2():
+    done = diagql("--model", "tests.models:trained_mlp", "-e", "SHOW LAYERS")
+    assert done.returncode == 2
+    assert "--model and --data go together" in done.stderr
+
+
+def test_missing_script_file():
+    done = diagql(*MODEL, "does-not-exist.dql")
+    assert done.returncode == 1
+    assert "cannot read script does-not-exist.dql" in done.stderr
