@@ -123,6 +123,7 @@ class Query:
     unit: str  # "neurons" | "channels"
     layer: LayerRef
     k: int | None = None
+    k_span: Span | None = _span()
     order: str = "mean"  # TOPK ranks by "mean" or "max"
     where: Predicate | None = None
     group_by: str | None = None  # "class" | "predicted" | "correct"
@@ -163,6 +164,7 @@ class SetStatement:
     value: object
     span: Span | None = _span()
     value_span: Span | None = _span()
+    name_span: Span | None = _span()
     text: str = field(default="", compare=False)
 
 

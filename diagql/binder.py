@@ -44,7 +44,7 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
 
 
 def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
-               seed: int | None) -> BoundQuery:
+               seed: int | None, n_items: int) -> BoundQuery:
     layer = bind_layer(query.layer, catalog)
     if query.unit == "channels":
         if layer.channels is None:
@@ -56,16 +56,16 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
     if query.aggregate == "topk" and not 1 <= query.k <= n_neurons:
         raise _error(f"TOPK {query.k} asks for more {query.unit} than layer {layer.name!r} has "
                      f"({n_neurons})" if query.k > n_neurons else "TOPK needs k of at least 1",
-                     query.span)
+                     query.k_span or query.span)
     if query.where is not None:
         _check_predicate(query.where, n_classes)
     sampler = None
     if isinstance(query.source, ast.SamplerCall):
-        sampler = bind_sampler(query.source, seed)
+        sampler = bind_sampler(query.source, seed, n_items)
     return BoundQuery(query, layer, n_neurons, sampler)
 
 
-def bind_sampler(call: ast.SamplerCall, seed: int | None) -> samplers.Sampler:
+def bind_sampler(call: ast.SamplerCall, seed: int | None, n_items: int) -> samplers.Sampler:
     positional = [a for a in call.args if a.name is None]
     keywords = {}
     for arg in call.args:
@@ -81,11 +81,15 @@ def bind_sampler(call: ast.SamplerCall, seed: int | None) -> samplers.Sampler:
             raise _error("size is given twice", positional[0].span)
         keywords["size"] = positional[0].value
     try:
-        return samplers.build(call.name, keywords, seed=seed)
+        sampler = samplers.build(call.name, keywords, seed=seed)
+        sampler.validate(n_items)
     except BindError as exc:
-        if exc.line is None and call.span is not None:
-            raise _error(exc.message, call.span, exc.hint) from None
-        raise
+        if exc.line is not None:
+            raise
+        # Underline the argument at fault (a positional size is keyed as "size").
+        spans = {arg.name or "size": arg.span for arg in call.args}
+        raise _error(exc.message, spans.get(exc.param) or call.span, exc.hint) from None
+    return sampler
 
 
 def _check_predicate(pred: ast.Predicate, n_classes: int) -> None:

@@ -160,7 +160,7 @@ class Connection:
         """The sorted item indices a sampler call selects, e.g. ``db.sample("stratified(0.05)")``."""
         try:
             call = parse_sampler(spec)
-            sampler = bind_sampler(call, self.settings.seed)
+            sampler = bind_sampler(call, self.settings.seed, len(self.source))
             return self._sample(sampler)[0].copy()
         except DiagQLError as exc:
             raise exc.with_source(spec) from None
@@ -188,7 +188,8 @@ class Connection:
 
     def _plan(self, query: ast.Query):
         started = time.perf_counter()
-        bound = bind_query(query, self.catalog, n_classes=self.n_classes, seed=self.settings.seed)
+        bound = bind_query(query, self.catalog, n_classes=self.n_classes, seed=self.settings.seed,
+                           n_items=len(self.source))
         bound_at = time.perf_counter()
         profile = self.profile
         profiled_at = time.perf_counter()
@@ -220,9 +221,10 @@ class Connection:
         if name not in Settings.names():
             from .suggest import did_you_mean
 
+            where = statement.name_span or statement.span
             raise BindError(f"unknown setting {name!r}{did_you_mean(name, Settings.names())}; "
                             f"settings are {', '.join(Settings.names())}",
-                            line=statement.span.line, column=statement.span.column)
+                            line=where.line, column=where.column, end_column=where.end_column)
         try:
             value = self.settings.coerce(name, statement.value)
             if name == "latent" and value is not None and self.model is not None:

@@ -30,8 +30,8 @@ class DiagQLError(Exception):
     def source_line(self) -> str | None:
         if self.source is None or self.line is None:
             return None
-        lines = self.source.splitlines() or [""]
-        return lines[self.line - 1] if 0 < self.line <= len(lines) else ""
+        lines = self.source.split("\n")
+        return lines[self.line - 1].rstrip("\r") if 0 < self.line <= len(lines) else ""
 
     def caret(self) -> str | None:
         """The offending source line with ``^`` markers under the span, or None."""
@@ -78,9 +78,16 @@ class ParseError(DiagQLError):
 
 
 class BindError(DiagQLError):
-    """The statement is well formed but names something the model, data or registry lacks."""
+    """The statement is well formed but names something the model, data or registry lacks.
+
+    ``param`` names the sampler parameter at fault, so the binder can underline its argument.
+    """
 
     kind = "error"
+
+    def __init__(self, message: str, *, param: str | None = None, **where):
+        super().__init__(message, **where)
+        self.param = param
 
 
 class ExecutionError(DiagQLError):

@@ -27,13 +27,26 @@ def get_parser():
     from lark import Lark
 
     return Lark(grammar_path().read_text(encoding="utf-8"), parser="lalr",
-                start=["start", "sampler"], propagate_positions=True, maybe_placeholders=False)
+                start=["start", "sampler"], propagate_positions=True, maybe_placeholders=False,
+                edit_terminals=_whole_word_keywords)
+
+
+def _whole_word_keywords(term) -> None:
+    from lark.lexer import PatternRE
+
+    if term.pattern.type == "str" and term.pattern.value.isalpha():
+        term.pattern = PatternRE(re.escape(term.pattern.value) + r"(?!\w)", term.pattern.flags)
 
 
 # --- splitting a script into statements ----------------------------------------------------
 
 _SCAN = re.compile(r"""'(?:[^'\\\n]|\\.)*'?|"(?:[^"\\\n]|\\.)*"?|--[^\n]*|;""")
 _COMMENT = re.compile(r"--[^\n]*")
+
+
+def _blank_comments(text: str) -> str:
+    """The text with each comment (not a '--' inside a string) replaced by spaces."""
+    return _SCAN.sub(lambda m: " " * len(m.group()) if m.group().startswith("--") else m.group(), text)
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,7 @@ def split_statements(text: str) -> list[Piece]:
 
     def add(end: int, terminated: bool) -> None:
         chunk = text[start:end]
-        if _COMMENT.sub("", chunk).strip():
+        if _blank_comments(chunk).strip():
             before = text[line_start:start]
             pieces.append(Piece(chunk, start, line, len(before) + 1, terminated))
 
@@ -169,8 +182,8 @@ def _terminal_names() -> dict[str, str]:
     """Display names for terminals, read from the grammar: keywords print as themselves."""
     names = {}
     for term in get_parser().terminals:
-        if term.pattern.type == "str" and term.name.isupper() and term.name.isalpha():
-            names[term.name] = term.pattern.value.upper()
+        if term.name.isupper() and term.name.isalpha():
+            names[term.name] = term.name
     names.update(_DESCRIBE_TERMINAL)
     return names
 
@@ -231,7 +244,7 @@ def _acceptable(exc, piece: Piece, start: str) -> set[str]:
 
 def _end_of(piece: Piece) -> tuple[int, int]:
     """Just past the last character of the statement (LALR reports the last token instead)."""
-    body = _COMMENT.sub(lambda m: " " * len(m.group()), piece.text).rstrip()
+    body = _blank_comments(piece.text).rstrip()
     before = body.rsplit("\n", 1)
     line = piece.line + body.count("\n")
     column = len(before[-1]) + (piece.column if line == piece.line else 0) + (1 if line != piece.line else 0)
@@ -239,7 +252,7 @@ def _end_of(piece: Piece) -> tuple[int, int]:
 
 
 def _first_token_position(piece: Piece) -> tuple[int, int]:
-    body = _COMMENT.sub(lambda m: " " * len(m.group()), piece.text)
+    body = _blank_comments(piece.text)
     stripped = len(body) - len(body.lstrip())
     lead = body[:stripped]
     line = piece.line + lead.count("\n")
@@ -307,11 +320,13 @@ def _build_transformer():
             _, name, _, value = children
             value_span = getattr(value, "_span", None)
             return ast.SetStatement(str(name).lower(), _plain(value), span=self._span(meta),
-                                    value_span=value_span, text=self._text(meta))
+                                    value_span=value_span, name_span=self.offset.span(name),
+                                    text=self._text(meta))
 
         # aggregates: each returns the Query fields it decides
         def topk(self, meta, children):
-            return {"aggregate": "topk", "k": int(children[1]), "unit": children[2]}
+            return {"aggregate": "topk", "k": int(children[1]), "unit": children[2],
+                    "k_span": self.offset.span(children[1])}
 
         def avg(self, meta, children):
             return {"aggregate": "avg", "unit": children[1]}

@@ -32,6 +32,8 @@ class Settings:
     def coerce(self, name: str, value):
         """The value SET would store, or a BindError naming what is wrong with it."""
         if name in ("batch_size", "seed", "max_rows"):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)  # SET seed = 1e3
             if isinstance(value, bool) or not isinstance(value, int):
                 raise BindError(f"{name} must be a whole number, not {value!r}")
             if name != "seed" and value < 1:

@@ -29,7 +29,7 @@ def build(name: str, args: dict[str, object], *, seed: int | None) -> Sampler:
 
             raise BindError(f"sampler {cls.name!r} has no parameter {key!r}"
                             f"{did_you_mean(key, known)}; its parameters are "
-                            f"{', '.join(p.name for p in cls.params())}")
+                            f"{', '.join(p.name for p in cls.params())}", param=key)
     args = dict(args)
     args.setdefault("random_state", seed)
     return cls(**args)

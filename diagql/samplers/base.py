@@ -66,17 +66,26 @@ class Sampler:
                        for k, v in params.items())
         return f"{self.name}({size}{rest})"
 
+    def validate(self, n_items: int) -> int:
+        """Check every parameter against a data set of ``n_items``; return the sample size.
+
+        Runs at bind time, before any forward pass, so a bad call costs nothing.
+        """
+        n = resolve_size(self.size, n_items)
+        _seed(self.random_state)
+        self._check()
+        return n
+
     def fit(self, data: SampleData) -> "Sampler":
         """Draw the sample; the sorted item indices land in ``indices_``."""
-        n = resolve_size(self.size, len(data))
-        self._check(data)
+        n = self.validate(len(data))
         rng = np.random.default_rng(_seed(self.random_state))
         indices = np.unique(np.asarray(self._select(data, n, rng), dtype=np.int64))
         self.indices_ = indices
         return self
 
-    def _check(self, data: SampleData) -> None:
-        """Validate parameters beyond size; raise BindError naming the parameter."""
+    def _check(self) -> None:
+        """Validate parameters beyond size; raise BindError(param=name) naming the parameter."""
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -85,14 +94,15 @@ class Sampler:
 def resolve_size(size, n_items: int) -> int:
     """A fraction in (0, 1] of the data, or a whole number of items, as an item count."""
     if isinstance(size, bool) or not isinstance(size, numbers.Real):
-        raise BindError(f"size must be a number, not {size!r}")
+        raise BindError(f"size must be a number, not {size!r}", param="size")
     if isinstance(size, numbers.Integral):
         if not 1 <= size <= n_items:
-            raise BindError(f"size {size} is not between 1 and the {n_items} items of the data set")
+            raise BindError(f"size {size} is not between 1 and the {n_items} items of the data set",
+                            param="size")
         return int(size)
     if not 0 < size <= 1:
         raise BindError(f"size {size} is not a fraction in (0, 1] (write a whole number for "
-                        f"a count of items)")
+                        f"a count of items)", param="size")
     return max(1, int(round(size * n_items)))
 
 
@@ -100,5 +110,6 @@ def _seed(random_state) -> int | None:
     if random_state is None:
         return None
     if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
-        raise BindError(f"random_state must be a whole number, not {random_state!r}")
+        raise BindError(f"random_state must be a whole number, not {random_state!r}",
+                        param="random_state")
     return int(random_state)

@@ -1,0 +1,347 @@
+"""The binder: names checked against the model, the label set, the sampler registry and SET."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import diagql
+from diagql import BindError, DiagQLError
+
+N_ITEMS, N_CLASSES = 60, 10
+
+
+def _data():
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(N_ITEMS, 1, 6, 6, generator=generator)
+    y = torch.arange(N_ITEMS) % N_CLASSES
+    return X, y
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(1, 4, 3, padding=1)),
+        ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(4, 6, 3, padding=1)),
+        ("relu2", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(2)),
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(24, 16)),
+        ("relu3", nn.ReLU()),
+        ("fc2", nn.Linear(16, N_CLASSES)),
+    ]))
+
+
+class SharedAndUnused(nn.Module):
+    """``act`` runs twice per forward; ``spare`` never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(8, 8)
+        self.spare = nn.Linear(8, 8)
+        self.head = nn.Linear(8, N_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+@pytest.fixture(scope="module")
+def db():
+    return diagql.connect(_model(), _data(), progress=False)
+
+
+@pytest.fixture(scope="module")
+def shared_db():
+    torch.manual_seed(0)
+    X = torch.randn(N_ITEMS, 8)
+    return diagql.connect(SharedAndUnused(), (X, torch.arange(N_ITEMS) % N_CLASSES), progress=False)
+
+
+def bind_error(db, text: str) -> BindError:
+    with pytest.raises(BindError) as info:
+        db.query(text)
+    err = info.value
+    assert isinstance(err, DiagQLError)
+    assert err.source == text
+    return err
+
+
+def caret(err: DiagQLError) -> tuple[int, int]:
+    """1-based column of the first '^' in format() and the number of carets."""
+    lines = err.format("q.dql").split("\n")
+    marks = next(line for line in lines if line.strip() and set(line.strip()) == {"^"})
+    body = marks[4:]
+    return body.index("^") + 1, body.count("^")
+
+
+def assert_caret_under(err: DiagQLError, text: str, token: str, *, exact: bool = True) -> None:
+    """format() puts the caret under ``token`` (the first occurrence after the statement start)."""
+    column = text.index(token) + 1
+    assert err.line == 1
+    start, width = caret(err)
+    head = err.format("q.dql").split("\n")[0]
+    assert head.startswith(f"q.dql:1:{err.column}: error: ")
+    if exact:
+        assert (start, width) == (column, len(token)), err.format()
+    else:  # the underline covers the token
+        assert start <= column and column + len(token) <= start + width, err.format()
+
+
+# --- layers ---------------------------------------------------------------------------------
+
+
+def test_unknown_layer_names_it_and_suggests(db):
+    text = "TOPK 3 NEURONS IN conv3 WHERE class = 1"
+    err = bind_error(db, text)
+    assert "unknown layer 'conv3'" in err.message
+    assert "did you mean" in err.message and "'conv2'" in err.message
+    assert err.hint is not None and "conv1" in err.hint and "fc2" in err.hint
+    assert (err.line, err.column, err.end_column) == (1, 19, 24)
+    assert_caret_under(err, text, "conv3")
+    assert err.format().endswith(err.hint)
+
+
+def test_unknown_layer_position_in_a_script(db):
+    script = "SHOW LAYERS;\n\n  AVG NEURONS\n    IN fc9;"
+    with pytest.raises(BindError) as info:
+        db.execute(script)
+    err = info.value
+    assert (err.line, err.column) == (4, 8)
+    assert "'fc9'" in err.message and "'fc1'" in err.message
+    assert len(err.results) == 1  # SHOW LAYERS ran
+    assert err.format("s.dql").startswith("s.dql:4:8: error: unknown layer 'fc9'")
+
+
+def test_unknown_quoted_layer(db):
+    err = bind_error(db, "AVG NEURONS IN 'conv 2'")
+    assert "'conv 2'" in err.message and err.column == 16
+
+
+def test_describe_unknown_layer(db):
+    with pytest.raises(BindError, match="unknown layer 'fc3'"):
+        db.query("DESCRIBE fc3")
+
+
+def test_channels_on_a_1d_layer(db):
+    text = "TOPK 2 CHANNELS IN fc1"
+    err = bind_error(db, text)
+    assert "CHANNELS" in err.message and "'fc1'" in err.message and "NEURONS" in err.message
+    assert_caret_under(err, text, "fc1")
+
+
+def test_k_larger_than_the_neuron_count(db):
+    text = "TOPK 17 NEURONS IN fc1"
+    err = bind_error(db, text)
+    assert "17" in err.message and "(16)" in err.message and "'fc1'" in err.message
+    assert_caret_under(err, text, "17", exact=False)
+    err = bind_error(db, "TOPK 7 CHANNELS IN conv2")  # conv2 has 6 channels
+    assert "channels" in err.message and "(6)" in err.message
+
+
+def test_k_zero(db):
+    text = "TOPK 0 NEURONS IN fc1"
+    err = bind_error(db, text)
+    assert "at least 1" in err.message
+    assert_caret_under(err, text, "0", exact=False)
+
+
+def test_k_at_the_limits_binds(db):
+    assert len(db.query("TOPK 16 NEURONS IN fc1").neurons) == 16
+    assert len(db.query("TOPK 1 CHANNELS IN conv2").neurons) == 1
+
+
+def test_shared_module_runs_twice(shared_db):
+    err = bind_error(shared_db, "AVG NEURONS IN act")
+    assert "'act'" in err.message and "2 times" in err.message
+    assert "once" in err.message
+    assert err.column == 16
+
+
+def test_module_that_never_runs(shared_db):
+    err = bind_error(shared_db, "TOPK 1 NEURONS IN spare")
+    assert "'spare'" in err.message and "does not run" in err.message
+    assert err.column == 19
+    # the modules that do run still answer
+    assert len(shared_db.query("TOPK 2 NEURONS IN fc2").neurons) == 2
+
+
+# --- WHERE: the label set -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("predicate,bad,field", [
+    ("class = 12", "12", "class"),
+    ("predicted = -1", "-1", "predicted"),
+    ("class IN (1, 99)", "99", "class"),
+    ("correct AND predicted != 10", "10", "predicted"),
+    ("NOT class NOT IN (3, 10)", "10", "class"),
+    ("class = 2.5", "2.5", "class"),
+])
+def test_class_outside_the_label_set(db, predicate, bad, field):
+    text = f"AVG NEURONS IN fc1 WHERE {predicate}"
+    err = bind_error(db, text)
+    assert f"{field} {bad}" in err.message and "0..9" in err.message
+    assert_caret_under(err, text, bad, exact=False)
+
+
+def test_labels_inside_the_set_bind(db):
+    result = db.query("AVG NEURONS IN fc1 WHERE class IN (0, 9) OR predicted = 9")
+    assert result.n_items > 0
+
+
+def test_in_on_confidence(db):
+    err = bind_error(db, "AVG NEURONS IN fc1 WHERE confidence IN (1)")
+    assert "confidence" in err.message
+
+
+# --- samplers -------------------------------------------------------------------------------
+
+
+def test_unknown_sampler_suggests(db):
+    text = "AVG NEURONS IN fc1 USING SAMPLE stratifed(0.5)"
+    err = bind_error(db, text)
+    assert "unknown sampler 'stratifed'" in err.message
+    assert "did you mean 'stratified'" in err.message
+    assert_caret_under(err, text, "stratifed", exact=False)
+
+
+def test_unknown_sampler_parameter(db):
+    text = "AVG NEURONS IN fc1 USING SAMPLE stratified(0.5, jj=3)"
+    err = bind_error(db, text)
+    assert "no parameter 'jj'" in err.message and "random_state" in err.message
+    assert_caret_under(err, text, "jj=3", exact=False)
+
+
+def test_two_positional_arguments(db):
+    text = "AVG NEURONS IN fc1 USING SAMPLE random(5, 6)"
+    err = bind_error(db, text)
+    assert "one positional argument" in err.message
+    assert_caret_under(err, text, "6")
+
+
+def test_size_given_twice(db):
+    err = bind_error(db, "AVG NEURONS IN fc1 USING SAMPLE random(5, size=6)")
+    assert "size" in err.message and "twice" in err.message
+    err = bind_error(db, "AVG NEURONS IN fc1 USING SAMPLE random(random_state=1, random_state=2)")
+    assert "'random_state'" in err.message and "twice" in err.message
+
+
+SIZE_ERRORS = [
+    ("0", "size 0"),
+    ("1.5", "size 1.5"),
+    ("61", "size 61"),
+    ("-5", "size -5"),
+    ("0.0", "size 0.0"),
+    ("size='a'", "size must be a number"),
+]
+
+
+@pytest.mark.parametrize("size,words", SIZE_ERRORS)
+def test_bad_sample_size_is_a_bind_error(db, size, words):
+    err = bind_error(db, f"AVG NEURONS IN fc1 USING SAMPLE random({size})")
+    assert words in err.message
+
+
+@pytest.mark.parametrize("size", ["0", "1.5", "61", "-5", "size=0", "1, random_state=1.5"])
+def test_bad_sample_size_points_at_the_argument(size):
+    fresh = diagql.connect(_model(), _data(), progress=False)
+    text = f"AVG NEURONS IN fc1 USING SAMPLE random({size})"
+    with pytest.raises(BindError) as info:
+        fresh.query(text)
+    err = info.value
+    assert err.line == 1 and err.column is not None
+    bad = size.split(", ")[-1]
+    assert_caret_under(err, text, bad, exact=False)
+    assert fresh._profile is None, "a bad sampler argument should fail before the profile pass"
+
+
+def test_samples_at_the_limits_bind(db):
+    assert db.query("AVG NEURONS IN fc1 USING SAMPLE random(60)").n_items == 60
+    assert db.query("AVG NEURONS IN fc1 USING SAMPLE stratified(1)").n_items == 1
+    assert db.query("AVG NEURONS IN fc1 USING SAMPLE stratified(1.0)").n_items == 60
+
+
+def test_connection_sample_errors(db):
+    with pytest.raises(BindError, match="unknown sampler"):
+        db.sample("stratifed(0.5)")
+    with pytest.raises(BindError, match="size 0"):
+        db.sample("random(0)")
+
+
+# --- SET --------------------------------------------------------------------------------------
+
+
+def test_unknown_setting_suggests():
+    fresh = diagql.Connection.detached()
+    err = bind_error(fresh, "SET batchsize = 3")
+    assert "unknown setting 'batchsize'" in err.message
+    assert "did you mean 'batch_size'" in err.message
+    assert err.line == 1
+
+
+def test_unknown_setting_caret_under_the_name():
+    text = "SET batchsize = 3"
+    err = bind_error(diagql.Connection.detached(), text)
+    assert_caret_under(err, text, "batchsize")
+
+
+@pytest.mark.parametrize("text,words,bad", [
+    ("SET batch_size = 0", "at least 1", "0"),
+    ("SET max_rows = -2", "at least 1", "-2"),
+    ("SET format = xml", "format must be one of table, json, csv", "xml"),
+    ("SET seed = 1.5", "whole number", "1.5"),
+    ("SET batch_size = 'big'", "whole number", "'big'"),
+    ("SET batch_size = many", "whole number", "many"),
+])
+def test_bad_setting_values(db, text, words, bad):
+    err = bind_error(db, text)
+    assert words in err.message
+    assert_caret_under(err, text, bad)
+
+
+def test_set_latent_unknown_layer(db):
+    text = "SET latent = conv3"
+    err = bind_error(db, text)
+    assert "unknown layer 'conv3'" in err.message and "did you mean" in err.message
+    assert_caret_under(err, text, "conv3")
+    assert db.settings.latent is None
+
+
+def test_good_settings_still_apply():
+    fresh = diagql.connect(_model(), _data(), progress=False)
+    fresh.query("SET batch_size = 7")
+    fresh.query("SET format = JSON")
+    assert fresh.settings.batch_size == 7 and fresh.settings.format == "json"
+
+
+# --- nothing is lost after an error ---------------------------------------------------------
+
+
+def test_nothing_is_lost_after_errors():
+    fresh = diagql.connect(_model(), _data(), progress=False)
+    first = fresh.query("TOPK 3 NEURONS IN fc1 WHERE class = 3")
+    profile = fresh.profile
+    settings = dict(vars(fresh.settings))
+    for bad in ["TOPK 3 NEURONS IN conv3", "AVG NEURONS IN fc1 WHERE class = 12",
+                "TOPK 99 NEURONS IN fc1", "AVG NEURONS IN fc1 USING SAMPLE stratifed(5)",
+                "AVG NEURONS IN fc1 USING SAMPLE random(0)", "SET latent = nope",
+                "SET format = xml", "SET batch_size = 0", "TOPK 2 CHANNELS IN fc1",
+                "TOPK 3 NEURONS IN fc1 WHERE"]:
+        with pytest.raises(DiagQLError):
+            fresh.query(bad)
+    assert fresh.profile is profile
+    assert dict(vars(fresh.settings)) == settings
+    again = fresh.query("TOPK 3 NEURONS IN fc1 WHERE class = 3")
+    assert again.labels == first.labels
+    assert fresh.profile is profile
+
+
+def test_script_stops_at_the_bad_statement_and_keeps_results(db):
+    with pytest.raises(BindError) as info:
+        db.execute("AVG NEURONS IN fc1; AVG NEURONS IN fc9; SHOW LAYERS")
+    assert len(info.value.results) == 1
+    assert db.query("SHOW LAYERS").rows
