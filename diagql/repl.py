@@ -38,26 +38,25 @@ def run_repl(conn, out, err) -> int:
 
     session = PromptSession(history=InMemoryHistory())
     err.print(f"DiagQL — {conn!r}. Type .help for help, .quit to leave.", markup=False)
-    failed = False
     while True:
         try:
             text = _read_statement(session)
         except KeyboardInterrupt:
             continue
         except EOFError:
-            return 1 if failed else 0
+            return 0
         command = text.strip()
         if command in (".quit", ".exit", "\\q"):
-            return 1 if failed else 0
+            return 0
         if command in (".help", "help", "\\?"):
             out.print(HELP, markup=False, highlight=False)
             continue
         try:
             for outcome in conn.run_script(text):
                 if isinstance(outcome, DiagQLError):
+                    # A mistake at the prompt is shown, not fatal: the session goes on.
                     err.print(outcome.format(), style="red", markup=False, highlight=False,
                               soft_wrap=True)
-                    failed = True
                 else:
                     print_result(out, outcome, conn.settings)
         except KeyboardInterrupt:
