@@ -1,0 +1,55 @@
+"""Shared fixtures: scikit-learn's digits and small models trained on them (see tests/models.py).
+
+Every fixture is session-scoped: the data loads once and each model trains once (in well under
+a second, with a fixed seed), however many test files use them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests import models
+
+
+@pytest.fixture(scope="session")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """X float32 (1797, 1, 8, 8) in [0, 1]; y int64 (1797,)."""
+    X, y = models.digits()
+    assert X.dtype == torch.float32 and tuple(X.shape) == (1797, 1, 8, 8)
+    assert y.dtype == torch.int64 and float(X.max()) <= 1.0
+    return X, y
+
+
+def _check_decent_not_perfect(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
+    """Queries about `correct` and `incorrect` need both, in several classes."""
+    with torch.no_grad():
+        correct = (model(X).argmax(dim=1) == y).numpy()
+    labels = y.numpy()
+    assert 0.8 < correct.mean() < 1.0
+    assert len(np.unique(labels[correct])) == 10
+    assert len(np.unique(labels[~correct])) >= 5
+
+
+@pytest.fixture(scope="session")
+def cnn(digits) -> torch.nn.Sequential:
+    """A plain nn.Sequential (layers "0".."8") with ReLU(inplace=True) after its conv and linear layers."""
+    model = models.trained_cnn()
+    _check_decent_not_perfect(model, *digits)
+    return model
+
+
+@pytest.fixture(scope="session")
+def mlp(digits) -> torch.nn.Module:
+    """Nested names: encoder, encoder.0 (Flatten), encoder.1, encoder.3 (Linear), encoder.2/4 (ReLU), head."""
+    model = models.trained_mlp()
+    _check_decent_not_perfect(model, *digits)
+    return model
+
+
+@pytest.fixture(scope="session")
+def bn_cnn(digits) -> torch.nn.Sequential:
+    """BatchNorm and Dropout: wrong answers and changed statistics if run in training mode."""
+    model = models.trained_bn_cnn()
+    _check_decent_not_perfect(model, *digits)
+    return model
