@@ -60,18 +60,19 @@ class Sampler:
 
     def spec(self) -> str:
         """The canonical text of this sampler call, e.g. ``stratified(0.05, random_state=0)``."""
-        params = self.get_params()
-        size = params.pop("size")
-        rest = "".join(f", {k}={v!r}" if isinstance(v, str) else f", {k}={v}"
-                       for k, v in params.items())
-        return f"{self.name}({size}{rest})"
+        parts = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
+                 for k, v in self.get_params().items()]
+        if parts and parts[0].startswith("size="):
+            parts[0] = parts[0].removeprefix("size=")
+        return f"{self.name}({', '.join(parts)})"
 
-    def validate(self, n_items: int) -> int:
-        """Check every parameter against a data set of ``n_items``; return the sample size.
+    def validate(self, n_items: int) -> int | None:
+        """Check every parameter against a data set of ``n_items``; return the sample size
+        (None for samplers without a ``size``, such as ``ebtree``, whose size is their own).
 
         Runs at bind time, before any forward pass, so a bad call costs nothing.
         """
-        n = resolve_size(self.size, n_items)
+        n = resolve_size(self.size, n_items) if hasattr(self, "size") else None
         _seed(self.random_state)
         self._check()
         return n
@@ -87,7 +88,8 @@ class Sampler:
     def _check(self) -> None:
         """Validate parameters beyond size; raise BindError(param=name) naming the parameter."""
 
-    def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
+    def _select(self, data: SampleData, n: int | None, rng: np.random.Generator) -> np.ndarray:
+        """The chosen item indices (any order); ``n`` is the exact count unless it is None."""
         raise NotImplementedError
 
 
