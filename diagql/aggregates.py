@@ -10,18 +10,21 @@ import torch
 
 
 class MeanState:
-    """Per-neuron mean: (sum, count)."""
+    """Per-neuron mean: (sum, sum of squares, count); the squares give the standard error."""
 
     def __init__(self, n_neurons: int):
         self.sum = torch.zeros(n_neurons, dtype=torch.float64)
+        self.sumsq = torch.zeros(n_neurons, dtype=torch.float64)
         self.count = 0
 
     def update(self, values: torch.Tensor) -> None:
         self.sum += values.sum(dim=0).cpu()
+        self.sumsq += values.square().sum(dim=0).cpu()
         self.count += values.shape[0]
 
     def merge(self, other: "MeanState") -> "MeanState":
         self.sum += other.sum
+        self.sumsq += other.sumsq
         self.count += other.count
         return self
 

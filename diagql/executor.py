@@ -6,7 +6,7 @@ import time
 import numpy as np
 import torch
 
-from . import metrics
+from . import estimate, metrics
 from .aggregates import rank, state_for
 from .data import call_model, to_device
 from .errors import ExecutionError
@@ -96,15 +96,15 @@ def no_match_message(plan: Plan) -> str:
 def build_result(plan: Plan, states: dict) -> Result:
     query = plan.query
     if query.group_by is None:
-        return _single(plan, states.get(None))
-    result = _single(plan, None)
+        return _single(plan, states.get(None), plan.population[None])
+    result = _single(plan, None, 0)
     keys = sorted(states, key=lambda k: (isinstance(k, bool), k))
-    result.groups = {key: _single(plan, states[key]) for key in keys}
+    result.groups = {key: _single(plan, states[key], plan.population[key]) for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
     return result
 
 
-def _single(plan: Plan, state) -> Result:
+def _single(plan: Plan, state, population: int) -> Result:
     query, layer = plan.query, plan.bound.layer
     result = Result(kind=query.aggregate, statement=query.text, layer=layer.name, unit=query.unit,
                     source=plan.sampler_spec or "full", plan=plan)
@@ -117,11 +117,25 @@ def _single(plan: Plan, state) -> Result:
         values = values[neurons]
     else:
         neurons = np.arange(len(values))
+    if plan.n_sample is not None:
+        result.estimate = _estimate(plan, state, population, neurons)
     result.neurons = neurons
     result.values = values
     result.labels = neuron_labels(layer.name, layer.shape, neurons, query.unit == "channels")
     result.n_items = state.count
     return result
+
+
+def _estimate(plan: Plan, state, population: int, neurons: np.ndarray) -> dict:
+    query, sampler = plan.query, plan.bound.sampler
+    reliable = getattr(sampler, "uniform", False)
+    if query.aggregate == "argmax":
+        return estimate.for_argmax(state, population, reliable)
+    if query.aggregate == "topk" and query.order == "max":
+        return estimate.unavailable("a sample's maximum is biased low and has no sampling "
+                                    "distribution to estimate from; use BY MEAN or a baseline")
+    return estimate.for_mean(state, population, neurons,
+                             query.k if query.aggregate == "topk" else None, reliable)
 
 
 def compare(approx: Result, exact: Result) -> None:

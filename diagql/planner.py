@@ -24,6 +24,7 @@ class Plan:
     n_sample: int | None  # the sample's size; None when the query runs USING FULL
     sampler_spec: str | None
     seconds_per_item: float
+    population: dict  # matching items of the whole data set, per group key (None: no GROUP BY)
     baseline: "Plan | None" = None
 
     @property
@@ -66,18 +67,24 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                sampler_spec: str | None) -> Plan:
     query = bound.query
     mask = predicate_mask(query.where, profile)
-    full = _plan(bound, profile, np.flatnonzero(mask), None, None)
+    matching = np.flatnonzero(mask)
+    keys = group_values(query.group_by, profile)
+    if keys is None:
+        population = {None: len(matching)}
+    else:
+        values, counts = np.unique(keys[matching], return_counts=True)
+        population = dict(zip(values.tolist(), counts.tolist()))
+    full = _plan(bound, profile, matching, keys, population, None, None)
     if sample is None:
         return full
     items = sample[mask[sample]]
-    return _plan(bound, profile, items, len(sample), sampler_spec,
+    return _plan(bound, profile, items, keys, population, len(sample), sampler_spec,
                  baseline=full if query.baseline else None)
 
 
-def _plan(bound, profile, items, n_sample, spec, baseline=None) -> Plan:
-    keys = group_values(bound.query.group_by, profile)
+def _plan(bound, profile, items, keys, population, n_sample, spec, baseline=None) -> Plan:
     return Plan(bound, items, None if keys is None else keys[items], len(profile), n_sample, spec,
-                profile.seconds_per_item(), baseline)
+                profile.seconds_per_item(), population, baseline)
 
 
 def group_values(group_by: str | None, profile: Profile) -> np.ndarray | None:

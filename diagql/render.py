@@ -10,6 +10,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from .estimate import LEVEL
 from .result import Result
 
 MAX_ROWS = 20
@@ -24,6 +25,9 @@ def renderable(result: Result, max_rows: int = MAX_ROWS):
         return _info_table(result, max_rows)
     parts = [Text(result.statement, style="bold"), _query_table(result, max_rows)] \
         if result.statement else [_query_table(result, max_rows)]
+    line = _estimate_line(result)
+    if line is not None:
+        parts.append(line)
     summary = _summary(result)
     if summary:
         parts.append(summary)
@@ -56,6 +60,9 @@ def _query_table(result: Result, max_rows: int) -> Table:
     value_name = {"topk": f"{getattr(result.plan.query, 'order', 'mean')}" if result.plan else "value",
                   "avg": "mean", "argmax": "share"}[result.kind]
     table.add_column(value_name, justify="right")
+    shown_estimate = _reliable_estimate(result)
+    if shown_estimate:
+        table.add_column("P(top-k)" if result.kind == "topk" else f"±{LEVEL:.0%}", justify="right")
     table.add_column("", no_wrap=True)
     with_exact = result.baseline is not None or (
         groups is not None and any(g.baseline is not None for g in groups.values()))
@@ -67,11 +74,12 @@ def _query_table(result: Result, max_rows: int) -> Table:
     for i, (key, part) in enumerate(sections):
         if i:
             table.add_section()
-        _add_rows(table, part, key, groups is not None, with_exact, max_rows)
+        _add_rows(table, part, key, groups is not None, with_exact, max_rows, shown_estimate)
     return table
 
 
-def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_rows: int) -> None:
+def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_rows: int,
+              shown_estimate: bool) -> None:
     if part.n_items == 0:
         cells = ([_cell(key)] if grouped else []) + ["", "no matching items in the sample"]
         table.add_row(*cells)
@@ -86,7 +94,10 @@ def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_row
         cells = [_cell(key) if j == 0 else ""] if grouped else []
         if part.kind == "topk":
             cells.append(str(j + 1))
-        cells += [part.labels[j], _number(values[j]), _bar(values[j], top)]
+        cells += [part.labels[j], _number(values[j])]
+        if shown_estimate:
+            cells.append(_estimate_cell(part.estimate, j))
+        cells.append(_bar(values[j], top))
         if with_exact:
             value = exact.value_of(neuron) if exact is not None and exact.n_items else None
             cells.append(_number(value) if value is not None else "")
@@ -99,6 +110,42 @@ def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_row
             cells.append("")
         cells.append(Text(f"… {len(values) - shown:,} more", style="dim"))
         table.add_row(*cells)
+
+
+def _reliable_estimate(result: Result) -> bool:
+    parts = result.groups.values() if result.groups is not None else [result]
+    return any(p.estimate and p.estimate.get("reliable") for p in parts)
+
+
+def _estimate_cell(estimate: dict | None, j: int) -> str:
+    if not estimate or not estimate.get("reliable"):
+        return ""
+    if "p_in_topk" in estimate:
+        return f"{estimate['p_in_topk'][j]:.2f}"
+    return "±" + _number((estimate["ci_high"][j] - estimate["ci_low"][j]) / 2)
+
+
+_EXPECTED = {"expected_precision": "precision", "expected_cosine_distance": "cosine distance",
+             "expected_js_distance": "JS distance"}
+
+
+def _estimate_line(result: Result) -> Text | None:
+    """One line on what the sample alone says about its own accuracy, or why it says nothing."""
+    parts = list(result.groups.values()) if result.groups is not None else [result]
+    estimates = [p.estimate for p in parts if p.estimate]
+    if not estimates:
+        return None
+    reliable = [e for e in estimates if e.get("reliable")]
+    if not reliable:
+        reason = estimates[0].get("reason") or (
+            f"{result.source.split('(')[0]} does not draw uniformly, so the sample cannot "
+            f"measure its own bias; add WITH BASELINE for the real error")
+        return Text(f"no accuracy estimate: {reason}", style="yellow")
+    key = next(k for k in _EXPECTED if k in reliable[0])
+    value = float(np.mean([e[key] for e in reliable]))
+    scope = " (mean over groups)" if result.groups is not None else ""
+    return Text(f"estimated from the sample: expected {_EXPECTED[key]} {value:.3f}{scope}; "
+                f"covers sampling variance, not a sampler's bias", style="dim")
 
 
 def _caption(result: Result) -> str:

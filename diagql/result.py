@@ -73,7 +73,7 @@ class Result:
             "values": [float(v) for v in self.values],
             "metrics": {k: float(v) for k, v in self.metrics.items()},
             "timings": {k: float(v) for k, v in self.timings.items()},
-            "estimate": self.estimate, "notes": list(self.notes),
+            "estimate": _jsonable(self.estimate), "notes": list(self.notes),
         }
         if self.groups is not None:
             out["groups"] = [{"group": _plain(key), **group.to_dict()}
@@ -132,6 +132,15 @@ class Result:
         from .render import to_html
 
         return to_html(self)
+
+
+def _jsonable(value):
+    """Arrays and numpy scalars inside nested dicts, as lists and Python numbers."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return _plain(value)
 
 
 def _plain(value):

@@ -9,6 +9,7 @@ from .base import SampleData, Sampler
 class RandomSampler(Sampler):
     name = "random"
     description = "uniform without replacement"
+    uniform = True
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
         return rng.choice(len(data), size=n, replace=False)

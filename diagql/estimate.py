@@ -1,0 +1,90 @@
+"""Accuracy estimates from the sample alone (DESIGN section 7).
+
+Each approximate answer carries how far it is likely to be from the exact answer over all
+matching items, computed from the sampled items only. The model: the matching sampled items
+are a uniform sample without replacement from the matching items of the whole data set, so a
+neuron's sample mean is approximately normal with the sample's standard error (finite
+population corrected), and an argmax histogram is multinomial. Monte Carlo draws from that
+model give the probability that each reported neuron is in the true top-k, the expected
+precision, and the expected cosine and Jensen-Shannon distances.
+
+What it covers: sampling variance. What it does not: the bias of a sampler that selects items
+non-uniformly (maxmargin, gmm, weighted, vas, ebtree over-represent boundaries on purpose);
+for those the estimate is marked unreliable and the rendering says so instead of printing it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import metrics
+
+DRAWS = 256
+LEVEL = 0.95
+COVERS = ("sampling variance of a uniform sample of the matching items "
+          "(normal approximation, finite-population corrected); not a sampler's bias")
+
+
+def _rng() -> np.random.Generator:
+    # Fixed: the same answer always carries the same estimate.
+    return np.random.default_rng(20200101)
+
+
+def _standard_error(state, population: int) -> np.ndarray:
+    n = state.count
+    mean = state.sum.numpy() / n
+    variance = np.maximum(state.sumsq.numpy() / n - mean ** 2, 0.0) * n / (n - 1)
+    fpc = max(population - n, 0) / max(population - 1, 1)
+    return np.sqrt(variance / n * fpc)
+
+
+def _t_quantile(n: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + LEVEL / 2, df=n - 1))
+
+
+def for_mean(state, population: int, reported: np.ndarray, k: int | None,
+             reliable: bool) -> dict:
+    """AVG (k None): a confidence interval per neuron and the expected cosine distance.
+    TOPK BY MEAN: intervals of the reported neurons, P(in true top-k) and expected precision."""
+    n = state.count
+    base = {"covers": COVERS, "reliable": reliable, "level": LEVEL, "n": n,
+            "population": population}
+    if n < 2:
+        return {**base, "reliable": False, "reason": f"{n} matching sampled item: too few for an estimate"}
+    mean = state.sum.numpy() / n
+    se = _standard_error(state, population)
+    half = _t_quantile(n) * se
+    draws = mean + _rng().standard_normal((DRAWS, len(mean))) * se
+    if k is None:
+        distances = [metrics.cosine_distance(mean, d) for d in draws]
+        return {**base, "ci_low": mean - half, "ci_high": mean + half,
+                "expected_cosine_distance": float(np.mean(distances))}
+    top = np.argpartition(-draws, k - 1, axis=1)[:, :k]
+    in_top = np.zeros((DRAWS, len(mean)), dtype=bool)
+    np.put_along_axis(in_top, top, True, axis=1)
+    p_in = in_top[:, reported].mean(axis=0)
+    return {**base, "ci_low": mean[reported] - half[reported],
+            "ci_high": mean[reported] + half[reported], "p_in_topk": p_in,
+            "expected_precision": float(p_in.sum() / k)}
+
+
+def for_argmax(state, population: int, reliable: bool) -> dict:
+    """ARGMAX: intervals of each share and the expected Jensen-Shannon distance."""
+    n = state.count
+    base = {"covers": COVERS, "reliable": reliable, "level": LEVEL, "n": n,
+            "population": population}
+    if n < 2:
+        return {**base, "reliable": False, "reason": f"{n} matching sampled item: too few for an estimate"}
+    counts = state.counts.numpy().astype(np.float64)
+    share = counts / n
+    fpc = max(population - n, 0) / max(population - 1, 1)
+    half = 1.959964 * np.sqrt(share * (1 - share) / n * fpc)
+    draws = _rng().multinomial(n, share, size=DRAWS) / n
+    distances = [metrics.js_distance(d, share) for d in draws]
+    return {**base, "ci_low": np.clip(share - half, 0, 1), "ci_high": np.clip(share + half, 0, 1),
+            "expected_js_distance": float(np.mean(distances) * np.sqrt(fpc))}
+
+
+def unavailable(reason: str) -> dict:
+    return {"covers": COVERS, "reliable": False, "reason": reason}

@@ -1,0 +1,107 @@
+"""Accuracy estimates from the sample alone, checked against their definitions and in use."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import diagql
+
+
+def _activations(model, X, upto: str) -> np.ndarray:
+    """Layer output of the MLP, computed by calling its submodules (no hooks, no diagql)."""
+    with torch.no_grad():
+        h = model.encoder[0](X)
+        h = model.encoder[1](h)
+        if upto == "encoder.1":
+            return h.double().numpy()
+        raise AssertionError(upto)
+
+
+@pytest.fixture(scope="module")
+def db(mlp, digits):
+    return diagql.connect(mlp, digits, batch_size=128)
+
+
+def test_avg_interval_is_the_t_interval_with_finite_population_correction(db, mlp, digits):
+    X, y = digits
+    result = db.query("AVG NEURONS IN encoder.1 WHERE class = 3 USING SAMPLE random(0.2)")
+    sample = db.sample("random(0.2)")
+    labels = y.numpy()
+    chosen = sample[labels[sample] == 3]
+    population = int((labels == 3).sum())
+    A = _activations(mlp, X, "encoder.1")[chosen]
+    n = len(chosen)
+    mean, sd = A.mean(axis=0), A.std(axis=0, ddof=1)
+    half = stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n) * np.sqrt((population - n) / (population - 1))
+    est = result.estimate
+    assert est["reliable"] and est["n"] == n and est["population"] == population
+    np.testing.assert_allclose(est["ci_low"], mean - half, atol=1e-9)
+    np.testing.assert_allclose(est["ci_high"], mean + half, atol=1e-9)
+    assert 0 <= est["expected_cosine_distance"] < 0.1
+
+
+def test_topk_estimate_gives_a_probability_per_reported_neuron(db):
+    result = db.query("TOPK 5 NEURONS IN encoder.1 WHERE incorrect USING SAMPLE random(0.3)")
+    est = result.estimate
+    assert est["reliable"]
+    assert est["p_in_topk"].shape == (5,)
+    assert np.all((0 <= est["p_in_topk"]) & (est["p_in_topk"] <= 1))
+    assert est["expected_precision"] == pytest.approx(est["p_in_topk"].sum() / 5)
+    # The neurons ranked first are the ones the sample is surest of.
+    assert est["p_in_topk"][0] >= est["p_in_topk"][-1]
+
+
+def test_argmax_estimate_shares_sum_and_bound(db):
+    result = db.query("ARGMAX NEURONS IN encoder.1 WHERE class = 7 USING SAMPLE stratified(0.2)")
+    est = result.estimate
+    assert est["reliable"]
+    assert np.all(est["ci_low"] <= result.values + 1e-12)
+    assert np.all(result.values <= est["ci_high"] + 1e-12)
+    assert 0 <= est["expected_js_distance"] <= 1
+
+
+def test_exact_answers_and_max_rankings_carry_no_misleading_estimate(db):
+    assert db.query("AVG NEURONS IN encoder.1 WHERE class = 3").estimate is None
+    est = db.query("TOPK 3 NEURONS IN encoder.1 BY MAX USING SAMPLE random(0.2)").estimate
+    assert est["reliable"] is False and "maximum" in est["reason"]
+    assert "no accuracy estimate" in str(db.query(
+        "TOPK 3 NEURONS IN encoder.1 BY MAX USING SAMPLE random(0.2)"))
+
+
+def test_a_single_matching_item_is_too_few():
+    from diagql import estimate
+    from diagql.aggregates import ArgmaxState, MeanState
+
+    mean, hist = MeanState(4), ArgmaxState(4)
+    one = torch.tensor([[0.5, 1.0, 0.0, 2.0]], dtype=torch.float64)
+    mean.update(one)
+    hist.update(one)
+    for est in (estimate.for_mean(mean, 50, np.arange(4), None, True),
+                estimate.for_argmax(hist, 50, True)):
+        assert est["reliable"] is False and "too few" in est["reason"]
+
+
+def test_random_sample_intervals_cover_the_exact_means(db):
+    """Calibration in miniature: 95% intervals over many seeds and classes cover ≈ 95%."""
+    covered = total = 0
+    for seed in range(6):
+        db.execute(f"SET seed = {seed}")
+        for label in range(10):
+            r = db.query(f"AVG NEURONS IN encoder.1 WHERE class = {label} "
+                         f"USING SAMPLE random(0.2) WITH BASELINE")
+            est, exact = r.estimate, r.baseline.values
+            inside = (est["ci_low"] - 1e-12 <= exact) & (exact <= est["ci_high"] + 1e-12)
+            covered += int(inside.sum())
+            total += len(inside)
+    db.execute("SET seed = 0")
+    assert 0.88 <= covered / total <= 0.995, covered / total
+
+
+def test_estimate_survives_to_dict(db):
+    d = db.query("TOPK 2 NEURONS IN head USING SAMPLE random(0.1)").to_dict()
+    assert isinstance(d["estimate"]["p_in_topk"], list)
+    import json
+
+    json.dumps(d)
