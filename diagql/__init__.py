@@ -9,9 +9,9 @@ Importing this package is cheap: torch loads on first use of ``connect`` or ``de
 from __future__ import annotations
 
 from ._version import __version__
-from .errors import BindError, DiagQLError, ExecutionError, ParseError
+from .errors import BindError, DiagQLError, DiagQLWarning, ExecutionError, ParseError
 
-__all__ = ["BindError", "Connection", "DiagQLError", "ExecutionError", "ParseError", "Result",
+__all__ = ["BindError", "Connection", "DiagQLError", "DiagQLWarning", "ExecutionError", "ParseError", "Result",
            "__version__", "connect", "demo", "parse"]
 
 _LAZY = {"connect": "connection", "Connection": "connection", "Result": "result",

@@ -1,6 +1,7 @@
 """A connection: one model and one labelled data set, with the profile and samples they share."""
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Iterator
 
@@ -9,7 +10,9 @@ import torch
 from torch import nn
 
 from . import ast, samplers
+from . import profile as profile_module
 from .binder import bind_layer, bind_query, bind_sampler
+from .cache import Cache, cache_key, data_fingerprint, model_fingerprint, source_digest
 from .data import ItemSource
 from .errors import BindError, DiagQLError
 from .executor import Runner
@@ -31,6 +34,17 @@ def connect(model: nn.Module, data, *, batch_size: int = 256, device=None, laten
     device of the model's parameters; naming another moves the model there. ``latent`` names
     the layer whose output is the latent space (default: the input of the final linear layer).
     ``progress`` forces progress bars on or off (default: on when stderr is a terminal).
+
+    ``cache_dir`` keeps the profile and samples on disk, so that a new connection to the same
+    model and data starts without a pass over the data: ``None`` (default) uses
+    ``$DIAGQL_CACHE_DIR`` or the platform's cache dir, ``False`` turns the disk cache off.
+    Entries are keyed by fingerprints of the model (class, source, weights, buffers, module
+    attributes) and of the data; only a pair (X, y), a TensorDataset, or a DataLoader over one
+    can be fingerprinted exactly, so other data sets are cached in memory only. Pass
+    ``cache_dir=False`` if forward() reads state that these do not cover (globals, files).
+
+    A connection assumes the model and data do not change while it is open: it profiles them
+    once. After changing weights or data, connect again.
     """
     return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, progress=progress)
@@ -45,11 +59,14 @@ class Connection:
         self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
         self.settings.latent = latent
         self.cache_dir = cache_dir
+        self.cache = Cache.resolve(cache_dir)
         self.progress = Progress(progress)
         self.model = model
         self._catalog: LayerCatalog | None = None
         self._profile: Profile | None = None
         self._samples: dict[str, tuple[np.ndarray, float]] = {}
+        self._data = data  # only to fingerprint it for the disk cache
+        self._fingerprints: tuple[str | None, str | None] | None = None
         if model is None:
             self.source = None
             return
@@ -92,20 +109,86 @@ class Connection:
 
     @property
     def profile(self) -> Profile:
-        """Labels, predictions, confidence and latents of every item: one pass, then reused."""
+        """Labels, predictions, confidence and latents of every item: one pass, then reused
+        (from memory, else from the disk cache, else computed and stored there)."""
         self._require_model()
         if self._profile is None:
-            latent = self.settings.latent
-            if latent is None:
-                name, is_input = default_latent(self.model), True
-            else:
-                name = bind_layer(ast.LayerRef(latent), self.catalog).name
-                is_input = False
-            self._profile = compute_profile(
-                self.model, self.source, latent=name, latent_is_input=is_input,
-                device=self.device, dtype=self.dtype, batch_size=self.settings.batch_size,
-                progress=self.progress)
+            key = self._profile_key()
+            if key is not None:
+                self._profile = self.cache.load("profile", key, self._decode_profile)
+            if self._profile is None:
+                self._profile = self._compute_profile()
+                if key is not None:
+                    self._store_profile(key, self._profile)
         return self._profile
+
+    def _compute_profile(self) -> Profile:
+        latent = self.settings.latent
+        if latent is None:
+            name, is_input = default_latent(self.model), True
+        else:
+            name = bind_layer(ast.LayerRef(latent), self.catalog).name
+            is_input = False
+        return compute_profile(
+            self.model, self.source, latent=name, latent_is_input=is_input,
+            device=self.device, dtype=self.dtype, batch_size=self.settings.batch_size,
+            progress=self.progress)
+
+    # --- the disk cache ---------------------------------------------------------------------
+
+    def _profile_key(self) -> str | None:
+        """The profile's cache key; None when the model or the data cannot be fingerprinted
+        exactly (or the cache is off), and then the profile lives in memory only."""
+        if not self.cache.enabled:
+            return None
+        if self._fingerprints is None:  # hashed once: the connection assumes they do not change
+            self._fingerprints = (model_fingerprint(self.model), data_fingerprint(self._data))
+        model_fp, data_fp = self._fingerprints
+        if model_fp is None or data_fp is None:
+            return None
+        # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
+        # tie. The batch size is not: on one device it changes outputs by rounding at most.
+        return cache_key("profile", model_fp, data_fp, self.settings.latent, str(self.dtype),
+                         self.device.type, source_digest(profile_module))
+
+    def _decode_profile(self, arrays: dict[str, np.ndarray]) -> Profile:
+        profile = Profile(
+            labels=arrays["labels"], predictions=arrays["predictions"],
+            confidence=arrays["confidence"], latents=arrays["latents"],
+            n_classes=int(arrays["n_classes"]), latent_layer=str(arrays["latent_layer"]),
+            seconds=float(arrays["seconds"]))
+        n = len(self.source)
+        # The types compute_profile makes, one row per item: the rest of DiagQL relies on them.
+        if not (profile.labels.shape == profile.predictions.shape == profile.confidence.shape
+                == (n,) and profile.latents.ndim == 2 and len(profile.latents) == n
+                and profile.labels.dtype == profile.predictions.dtype == np.int64
+                and profile.confidence.dtype == np.float64
+                and profile.latents.dtype == np.float32):
+            raise ValueError(f"it does not describe {n:,} items")
+        return profile
+
+    def _store_profile(self, key: str, profile: Profile) -> None:
+        arrays = {"labels": profile.labels, "predictions": profile.predictions,
+                  "confidence": profile.confidence, "latents": profile.latents,
+                  "n_classes": np.int64(profile.n_classes),
+                  "latent_layer": np.str_(profile.latent_layer),
+                  "seconds": np.float64(profile.seconds)}
+        self.cache.store("profile", key, arrays, meta={
+            "model": type(self.model).__qualname__, "items": len(profile),
+            "latent": profile.latent_layer, "dtype": str(self.dtype),
+            "device": str(self.device)})
+
+    def _sample_key(self, sampler: samplers.Sampler) -> str | None:
+        """None for a sampler without a seed: its draws differ each time, so it is not kept."""
+        profile_key = self._profile_key()
+        if profile_key is None or getattr(sampler, "random_state", None) is None:
+            return None
+        # The sampler's code (its modules, helpers included) is part of the key, so that a
+        # changed sampler draws afresh.
+        modules = dict.fromkeys(inspect.getmodule(cls) for cls in type(sampler).__mro__
+                                if issubclass(cls, samplers.Sampler))
+        code = [source_digest(module) for module in modules]
+        return cache_key("sample", profile_key, sampler.spec(), code)
 
     # --- running statements ---------------------------------------------------------------------
 
@@ -247,12 +330,30 @@ class Connection:
         if spec in self._samples:
             return self._samples[spec][0], 0.0
         profile = self.profile
+        key = self._sample_key(sampler)
+        if key is not None:
+            cached = self.cache.load("sample", key, self._decode_sample)
+            if cached is not None:
+                self._samples[spec] = cached
+                return cached[0], 0.0
         data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
                                    profile.n_classes)
         started = time.perf_counter()
         indices = sampler.fit(data).indices_
         seconds = time.perf_counter() - started
         self._samples[spec] = (indices, seconds)
+        if key is not None:
+            self.cache.store("sample", key, {"indices": indices, "seconds": np.float64(seconds)},
+                             meta={"sampler": spec, "items": len(indices)})
+        return indices, seconds
+
+    def _decode_sample(self, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, float]:
+        indices, n = arrays["indices"], len(self.source)
+        seconds = float(arrays["seconds"])
+        # Sorted, distinct and in range: what fit() returns, and what the executor relies on.
+        if (indices.dtype != np.int64 or indices.ndim != 1 or len(indices) == 0
+                or indices[0] < 0 or indices[-1] >= n or np.any(np.diff(indices) <= 0)):
+            raise ValueError(f"it is not a sample of {n:,} items")
         return indices, seconds
 
     def _require_model(self) -> None:

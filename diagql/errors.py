@@ -94,3 +94,7 @@ class ExecutionError(DiagQLError):
     """The statement is valid but could not be answered (model raised, no items match, ...)."""
 
     kind = "error"
+
+
+class DiagQLWarning(UserWarning):
+    """Something went wrong that DiagQL works around (a damaged or unwritable cache)."""

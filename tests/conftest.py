@@ -5,11 +5,26 @@ a second, with a fixed seed), however many test files use them.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from tests import models
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache_dir(tmp_path_factory):
+    """Connections and the CLI subprocesses (which inherit the environment) cache in a fresh
+    directory, never in the user's own cache."""
+    before = os.environ.get("DIAGQL_CACHE_DIR")
+    os.environ["DIAGQL_CACHE_DIR"] = str(tmp_path_factory.mktemp("diagql-cache"))
+    yield os.environ["DIAGQL_CACHE_DIR"]
+    if before is None:
+        del os.environ["DIAGQL_CACHE_DIR"]
+    else:
+        os.environ["DIAGQL_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

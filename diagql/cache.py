@@ -1,0 +1,333 @@
+"""The persistent cache: results that cost a pass over the data, kept on disk between sessions.
+
+An entry is one ``.npz`` file, ``<root>/<kind>/<key>.npz``, holding the caller's arrays and a
+JSON header (format version, kind, key, caller's metadata). Only what numpy can load without
+pickle is stored, so a planted file cannot run code. Entries are written to a unique temporary
+file and renamed into place, so concurrent sessions never see half an entry; a file that does
+not load, or whose header does not match, is reported, removed and recomputed, never trusted.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import numpy as np
+
+from ._version import __version__
+from .errors import DiagQLError, DiagQLWarning
+
+T = TypeVar("T")
+FORMAT_VERSION = 1
+_HEADER = "__diagql__"
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class Cache:
+    """Entries by (kind, key) under one directory; ``root=None`` is a cache that holds nothing."""
+
+    def __init__(self, root: str | os.PathLike | None):
+        self.root = None if root is None else Path(root)
+        self.hits = 0
+        self.misses = 0
+        self.writes = 0
+        self._writable = self.root is not None
+
+    @classmethod
+    def resolve(cls, cache_dir=None) -> "Cache":
+        """``None``: ``$DIAGQL_CACHE_DIR``, else the platform's cache dir; ``False``: no cache;
+        a path: that directory (created on the first write)."""
+        if cache_dir is False:
+            return cls(None)
+        if cache_dir is None:
+            cache_dir = os.environ.get("DIAGQL_CACHE_DIR") or default_cache_dir()
+        if not isinstance(cache_dir, (str, os.PathLike)):
+            raise DiagQLError(f"cache_dir must be a path, None (the default place) or False (no "
+                              f"cache), not {cache_dir!r}")
+        return cls(Path(os.path.expanduser(os.fspath(cache_dir))))
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def path(self, kind: str, key: str) -> Path:
+        if not (_NAME.match(kind) and _NAME.match(key)):
+            raise ValueError(f"cache kind and key must be file-name safe: {kind!r}, {key!r}")
+        return self.root / kind / f"{key}.npz"
+
+    def load(self, kind: str, key: str, decode: Callable[[dict], T] | None = None
+             ) -> dict[str, np.ndarray] | T | None:
+        """The arrays stored under (kind, key), or None: absent, disabled, or not trustworthy.
+
+        ``decode`` turns the arrays into the caller's object, raising KeyError, TypeError or
+        ValueError when they do not fit (a field missing, wrong lengths): that entry is
+        damaged too, and reported, removed and counted as a miss like one that does not load.
+        """
+        if self.root is None:
+            return None
+        path = self.path(kind, key)
+        try:
+            with open(path, "rb") as file:
+                arrays = _read(file, kind, key)
+        except (FileNotFoundError, NotADirectoryError):
+            self.misses += 1
+            return None
+        except OSError as exc:  # unreadable (permissions): skip it, but leave it alone
+            warnings.warn(f"cannot read the cache entry {path}: {exc}; recomputing it",
+                          DiagQLWarning, stacklevel=2)
+            self.misses += 1
+            return None
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises, it is a miss
+            self._reject(path, f"{type(exc).__name__}: {exc}")
+            return None
+        if decode is not None:
+            try:
+                arrays = decode(arrays)
+            except (KeyError, TypeError, ValueError) as exc:
+                self._reject(path, str(exc) if isinstance(exc, ValueError) else
+                             f"{type(exc).__name__}: {exc}")
+                return None
+        self.hits += 1
+        return arrays
+
+    def _reject(self, path: Path, reason: str) -> None:
+        """Report a damaged or foreign entry and remove it, so that the next store replaces it."""
+        self.misses += 1
+        warnings.warn(f"ignoring the damaged cache entry {path} ({reason}); recomputing it",
+                      DiagQLWarning, stacklevel=3)
+        try:
+            path.unlink()
+        except OSError:
+            pass  # read-only or already gone: it will be detected again, never used
+
+    def store(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Write an entry atomically. On a failure (read-only, disk full) warn once and stop
+        writing: the caller already has its result, and DiagQL works without a cache."""
+        if not self._writable:
+            return
+        path = self.path(kind, key)
+        header = {"format": FORMAT_VERSION, "kind": kind, "key": key, "diagql": __version__,
+                  "created": time.time(), "meta": meta}
+        payload = {name: np.asarray(value) for name, value in arrays.items()}
+        payload[_HEADER] = np.array(json.dumps(header, default=str))
+        temp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A unique name per writer: two sessions storing the same key never share a file.
+            fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+            with os.fdopen(fd, "wb") as file:
+                np.savez(file, **payload)
+            try:
+                os.replace(temp, path)
+            except PermissionError:
+                if not path.exists():
+                    raise
+                # Windows: a reader holds the existing entry open; that entry is as good.
+                os.unlink(temp)
+            temp = None
+        except OSError as exc:
+            self._writable = False
+            warnings.warn(f"cache disabled: cannot write to {self.root} ({exc}); DiagQL works "
+                          f"without it", DiagQLWarning, stacklevel=3)
+            return
+        finally:
+            if temp is not None:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
+        self.writes += 1
+
+    def __repr__(self) -> str:
+        where = "disabled" if self.root is None else str(self.root)
+        return (f"<diagql.Cache {where}: {self.hits} hits, {self.misses} misses, "
+                f"{self.writes} writes>")
+
+
+def _read(file, kind: str, key: str) -> dict[str, np.ndarray]:
+    """Every array of an entry, read in full so that zip CRCs are checked; raises if foreign."""
+    npz = np.load(file, allow_pickle=False)
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError("not an .npz archive")
+    with npz:
+        arrays = {name: npz[name] for name in npz.files}
+    header = json.loads(str(arrays.pop(_HEADER)))  # KeyError: no header, not ours
+    if header.get("format") != FORMAT_VERSION:
+        raise ValueError(f"format version {header.get('format')!r}, expected {FORMAT_VERSION}")
+    if header.get("kind") != kind or header.get("key") != key:
+        raise ValueError(f"it holds {header.get('kind')!r} {header.get('key')!r}")
+    return arrays
+
+
+def default_cache_dir() -> Path:
+    """The platform's per-user cache directory, with a ``diagql`` folder in it."""
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches" / "diagql"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local") / "diagql"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says to ignore a relative path: it would depend on the working directory.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else home / ".cache"
+    return base / "diagql"
+
+
+def cache_key(*parts) -> str:
+    """A file-name-safe key for JSON-able parts (fingerprints, settings, sampler specs)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# --- fingerprints -------------------------------------------------------------------------------
+
+class _Unhashable(Exception):
+    """Something whose content we cannot hash exactly: then it is not cached on disk."""
+
+
+def model_fingerprint(model) -> str | None:
+    """A digest of what decides the model's outputs, or None if some of it cannot be hashed.
+
+    Covered: the class and the source of every non-torch module class (a changed forward()
+    must not reuse a stale profile), every parameter and buffer, extra state, and each
+    module's plain attributes (``LeakyReLU.negative_slope``, ``Conv2d.stride``, a custom
+    ``temperature``), which change outputs without being in the state_dict. Torch's own
+    classes are covered by torch's version. Not covered: global state that forward() reads.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    try:
+        _feed(digest, "torch", torch.__version__)
+        classes = {}
+        for name, module in model.named_modules():
+            classes.setdefault(type(module), None)
+            _feed(digest, "module", name, _qualname(type(module)))
+            for attr, value in sorted(vars(module).items()):
+                if not attr.startswith("_") and attr != "training":
+                    _feed_value(digest, f"{name}.{attr}", value)
+        for cls in classes:
+            _feed(digest, "source", _qualname(cls), source_digest(cls))
+        state = model.state_dict(keep_vars=True)
+        # Non-persistent buffers are left out of state_dict but still shape the outputs.
+        state.update((name, buf) for name, buf in model.named_buffers() if name not in state)
+        for name, value in state.items():
+            _feed_value(digest, name, value)
+    except (_Unhashable, RecursionError):
+        return None
+    return digest.hexdigest()
+
+
+def data_fingerprint(data) -> str | None:
+    """A digest of the items, where it can be exact; None (not cached on disk) otherwise.
+
+    Exact: a pair (X, y) of tensors or arrays, a TensorDataset, and a DataLoader over a
+    TensorDataset with the default collate (items are read by index, so the loader's order
+    does not matter). Any other Dataset can change, or read files, without us knowing.
+    """
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+    if isinstance(data, DataLoader):
+        if data.collate_fn is not default_collate:
+            return None
+        data = data.dataset
+    if type(data) is TensorDataset:
+        parts = list(data.tensors)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        parts = list(data)
+    else:
+        return None
+    digest = hashlib.sha256()
+    try:
+        for i, part in enumerate(parts):
+            if not isinstance(part, (torch.Tensor, np.ndarray)):
+                part = np.asarray(part)
+            _feed_value(digest, f"part {i}", part)
+    except (_Unhashable, ValueError, TypeError):
+        return None
+    return digest.hexdigest()
+
+
+def source_digest(obj) -> str:
+    """The digest of a class's or function's source, or "" when it has none (defined at the
+    prompt). Torch's own code is covered by torch's version instead (and is slow to parse)."""
+    if (getattr(obj, "__module__", None) or "").split(".")[0] == "torch":
+        return ""
+    try:
+        return _source_digest(obj)
+    except TypeError:  # unhashable callable
+        return _source_digest.__wrapped__(obj)
+
+
+@functools.lru_cache(maxsize=512)
+def _source_digest(obj) -> str:
+    # Memoized per object: getsource parses the whole file, and an object's code is fixed.
+    try:
+        source = inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _feed(digest, *parts: str) -> None:
+    # Length-prefixed, so that no two different sequences of parts hash alike.
+    for part in parts:
+        data = part.encode()
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+
+def _feed_value(digest, name: str, value) -> None:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.is_sparse:
+            value = value.to_dense()
+        try:
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            raw = flat.view(torch.uint8).numpy()  # bytes of any dtype, bfloat16 included
+        except (RuntimeError, TypeError) as exc:  # quantized, meta, ...
+            raise _Unhashable(str(exc)) from None
+        _feed(digest, name, "tensor", str(value.dtype), str(tuple(value.shape)))
+        _feed_bytes(digest, raw)
+    elif isinstance(value, np.ndarray):
+        if value.dtype.hasobject:
+            raise _Unhashable(f"{name} holds Python objects")
+        _feed(digest, name, "array", value.dtype.str, str(value.shape))
+        _feed_bytes(digest, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+    elif value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.generic)):
+        _feed(digest, name, repr(value))
+    elif isinstance(value, (tuple, list)):
+        _feed(digest, name, type(value).__name__, str(len(value)))
+        for i, item in enumerate(value):
+            _feed_value(digest, f"{name}[{i}]", item)
+    elif isinstance(value, dict):
+        _feed(digest, name, "dict", str(len(value)))
+        for key in sorted(value, key=repr):
+            _feed_value(digest, f"{name}[{key!r}]", value[key])
+    elif isinstance(value, (torch.dtype, torch.device, torch.Size)):
+        _feed(digest, name, repr(value))
+    elif callable(value) and hasattr(value, "__qualname__"):
+        _feed(digest, name, _qualname(value), source_digest(value))
+    else:
+        # An object whose content we cannot see: its type only. A child module is hashed
+        # on its own, through named_modules().
+        _feed(digest, name, _qualname(type(value)))
+
+
+def _feed_bytes(digest, raw: np.ndarray) -> None:
+    _feed(digest, str(raw.nbytes))
+    digest.update(memoryview(raw))

@@ -1,0 +1,441 @@
+"""The disk cache of profiles and samples: reuse across connections, keys that miss when they
+must, damaged entries detected and recomputed, and a cache that can fail without DiagQL failing.
+"""
+from __future__ import annotations
+
+import errno
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import diagql
+from diagql import cache as cache_module
+from diagql.cache import Cache, data_fingerprint, model_fingerprint
+from diagql.errors import DiagQLError, DiagQLWarning
+from diagql.samplers.stratified import StratifiedSampler
+
+QUERY = "TOPK 3 NEURONS IN fc1 WHERE incorrect"
+SAMPLED = "TOPK 3 NEURONS IN fc1 WHERE incorrect USING SAMPLE stratified(0.3)"
+
+
+class Tiny(nn.Module):
+    def __init__(self, slope: float = 0.01):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.act = nn.LeakyReLU(slope)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def tiny(seed: int = 0, **kwargs) -> Tiny:
+    """A fresh instance each time: equal weights for equal seeds, as after loading a checkpoint."""
+    torch.manual_seed(seed)
+    return Tiny(**kwargs)
+
+
+def pair(seed: int = 0, n: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+def count_calls(model: nn.Module) -> list[int]:
+    """Forward calls, counted by a hook (state outside the fingerprint, unlike an attribute)."""
+    calls = [0]
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def connect(model, data, cache_dir, **options) -> diagql.Connection:
+    return diagql.connect(model, data, cache_dir=cache_dir, progress=False, **options)
+
+
+def entries(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def assert_same_profile(a, b) -> None:
+    for field in ("labels", "predictions", "confidence", "latents"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+    assert (a.n_classes, a.latent_layer, a.seconds) == (b.n_classes, b.latent_layer, b.seconds)
+
+
+def diagql_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, DiagQLWarning)]
+
+
+# --- reuse -------------------------------------------------------------------------------------
+
+def test_a_second_connection_loads_the_profile_without_a_forward_pass(tmp_path):
+    first = connect(tiny(), pair(), tmp_path)
+    profile = first.profile
+    assert (first.cache.hits, first.cache.misses, first.cache.writes) == (0, 1, 1)
+    assert [p.parent.name for p in entries(tmp_path)] == ["profile"]
+
+    model = tiny()
+    calls = count_calls(model)
+    second = connect(model, pair(), tmp_path)
+    assert_same_profile(second.profile, profile)
+    assert calls[0] == 0
+    assert (second.cache.hits, second.cache.misses, second.cache.writes) == (1, 0, 0)
+    assert second.query(QUERY).rows == first.query(QUERY).rows
+    assert second.query("SHOW PROFILE").rows == first.query("SHOW PROFILE").rows
+
+
+def test_a_sample_is_reused_from_disk(tmp_path, monkeypatch):
+    first = connect(tiny(), pair(), tmp_path)
+    indices = first.sample("stratified(0.3)")
+    rows = first.query(SAMPLED).rows
+    assert first.cache.writes == 2  # the profile and the sample
+
+    monkeypatch.setattr(StratifiedSampler, "fit", lambda *args: pytest.fail("sample redrawn"))
+    second = connect(tiny(), pair(), tmp_path)
+    np.testing.assert_array_equal(second.sample("stratified(0.3)"), indices)
+    assert second.cache.hits == 2
+    assert second.query(SAMPLED).rows == rows
+    assert second.cache.hits == 2  # the query found the sample in memory
+
+
+def test_other_sampler_arguments_are_other_entries(tmp_path):
+    db = connect(tiny(), pair(), tmp_path)
+    a = db.sample("random(0.3, random_state=1)")
+    b = db.sample("random(0.3, random_state=2)")
+    assert not np.array_equal(a, b)
+    other = connect(tiny(), pair(), tmp_path)
+    np.testing.assert_array_equal(other.sample("random(0.3, random_state=2)"), b)
+    np.testing.assert_array_equal(other.sample("random(0.3, random_state=1)"), a)
+
+
+def test_a_dataloader_over_the_same_tensors_shares_the_entry(tmp_path):
+    X, y = pair()
+    profile = connect(tiny(), (X, y), tmp_path).profile
+    loader = DataLoader(TensorDataset(X, y), batch_size=7, shuffle=True)  # read by index
+    db = connect(tiny(), loader, tmp_path)
+    assert_same_profile(db.profile, profile)
+    assert db.cache.hits == 1
+
+
+# --- what must miss ----------------------------------------------------------------------------
+
+def test_a_changed_weight_misses(tmp_path):
+    connect(tiny(), pair(), tmp_path).profile
+    model = tiny()
+    with torch.no_grad():
+        model.fc2.bias[0] += 1e-4
+    calls = count_calls(model)
+    db = connect(model, pair(), tmp_path)
+    db.profile
+    assert calls[0] > 0 and (db.cache.hits, db.cache.misses) == (0, 1)
+
+
+def test_a_changed_module_attribute_misses(tmp_path):
+    """LeakyReLU's slope is in no state_dict, yet it changes every output."""
+    connect(tiny(slope=0.01), pair(), tmp_path).profile
+    db = connect(tiny(slope=0.5), pair(), tmp_path)
+    db.profile
+    assert db.cache.hits == 0
+
+
+@pytest.mark.parametrize("change", ["X", "y", "fewer items"])
+def test_changed_data_misses(tmp_path, change):
+    X, y = pair()
+    connect(tiny(), (X, y), tmp_path).profile
+    X, y = X.clone(), y.clone()
+    if change == "X":
+        X[17, 2] += 1e-3
+    elif change == "y":
+        y[17] = (y[17] + 1) % 3
+    else:
+        X, y = X[:-1], y[:-1]
+    db = connect(tiny(), (X, y), tmp_path)
+    np.testing.assert_array_equal(db.profile.labels, y.numpy())
+    assert (db.cache.hits, db.cache.misses) == (0, 1)
+
+
+def test_a_changed_latent_setting_misses(tmp_path):
+    default = connect(tiny(), pair(), tmp_path)
+    assert default.profile.latent_layer == "input of fc2"
+    other = connect(tiny(), pair(), tmp_path, latent="fc1")
+    assert other.profile.latent_layer == "fc1" and other.cache.hits == 0
+    other.query("SET latent = default")
+    assert_same_profile(other.profile, default.profile)
+    assert other.cache.hits == 1
+
+
+def test_a_changed_forward_misses(tmp_path, monkeypatch):
+    """Same class name, module and weights; only forward() changed (edited and reloaded)."""
+    source = textwrap.dedent("""
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1 = nn.Linear(6, 8)
+                self.fc2 = nn.Linear(8, 3)
+
+            def forward(self, x):
+                return self.fc2(self.fc1(x))
+    """)
+    path = tmp_path / "cache_test_net.py"
+    path.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    try:
+        module = importlib.import_module("cache_test_net")
+        torch.manual_seed(0)
+        before = model_fingerprint(module.Net())
+        path.write_text(source.replace("self.fc2(self.fc1(x))", "self.fc2(self.fc1(x).relu())"))
+        module = importlib.reload(module)
+        torch.manual_seed(0)
+        assert model_fingerprint(module.Net()) != before
+    finally:
+        sys.modules.pop("cache_test_net", None)
+
+
+# --- damaged entries ---------------------------------------------------------------------------
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {name: npz[name] for name in npz.files if name != "__diagql__"}
+
+
+def _damage(path: Path, how: str, monkeypatch) -> None:
+    raw = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "garbage":
+        path.write_bytes(b"not an npz file\n" * 50)
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "flipped byte":
+        middle = len(raw) // 2
+        path.write_bytes(raw[:middle] + bytes([raw[middle] ^ 0xFF]) + raw[middle + 1:])
+    elif how == "plain npy":
+        np.save(path.with_suffix(".tmp.npy"), np.arange(3))
+        os.replace(path.with_suffix(".tmp.npy"), path)
+    elif how == "foreign key":
+        Cache(path.parent.parent).store("profile", "0" * 64, _arrays(path), {})
+        os.replace(path.parent / f"{'0' * 64}.npz", path)
+    elif how == "old version":
+        with monkeypatch.context() as patch:
+            patch.setattr(cache_module, "FORMAT_VERSION", 0)
+            Cache(path.parent.parent).store("profile", path.stem, _arrays(path), {})
+    elif how == "wrong length":
+        arrays = {k: (v[:-1] if v.ndim else v) for k, v in _arrays(path).items()}
+        Cache(path.parent.parent).store("profile", path.stem, arrays, {})
+    elif how == "missing field":
+        arrays = {k: v for k, v in _arrays(path).items() if k != "latents"}
+        Cache(path.parent.parent).store("profile", path.stem, arrays, {})
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "empty", "flipped byte", "plain npy",
+                                 "foreign key", "old version", "wrong length", "missing field"])
+def test_a_damaged_profile_is_reported_and_recomputed(tmp_path, monkeypatch, how):
+    first = connect(tiny(), pair(), tmp_path)
+    profile, rows = first.profile, first.query(QUERY).rows
+    [path] = entries(tmp_path)
+    _damage(path, how, monkeypatch)
+
+    model = tiny()
+    calls = count_calls(model)
+    second = connect(model, pair(), tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert_same_profile_values(second.profile, profile)
+    assert len(diagql_warnings(record)) == 1, diagql_warnings(record)
+    assert "damaged cache entry" in diagql_warnings(record)[0]
+    assert calls[0] > 0 and second.cache.hits == 0 and second.cache.writes == 1
+    assert second.query(QUERY).rows == rows
+
+    third = connect(tiny(), pair(), tmp_path)  # the entry was rewritten whole
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        third.profile
+    assert third.cache.hits == 1
+
+
+def assert_same_profile_values(a, b) -> None:
+    """A recomputed profile: the same answers, though its pass took other seconds."""
+    for field in ("labels", "predictions", "confidence", "latents", "n_classes", "latent_layer"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_a_damaged_sample_is_reported_and_redrawn(tmp_path):
+    indices = connect(tiny(), pair(), tmp_path).sample("stratified(0.3)")
+    [path] = [p for p in entries(tmp_path) if p.parent.name == "sample"]
+    path.write_bytes(path.read_bytes()[:100])
+    db = connect(tiny(), pair(), tmp_path)
+    with pytest.warns(DiagQLWarning, match="damaged cache entry"):
+        np.testing.assert_array_equal(db.sample("stratified(0.3)"), indices)
+    assert db.cache.hits == 1 and db.cache.writes == 1  # profile hit, sample rewritten
+
+
+# --- a cache that cannot be used ---------------------------------------------------------------
+
+def _works_with_one_warning(cache_dir) -> diagql.Connection:
+    db = connect(tiny(), pair(), cache_dir)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        rows = db.query(SAMPLED).rows
+        db.query(QUERY)
+    messages = diagql_warnings(record)
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("cache disabled:") and "works without it" in messages[0]
+    assert rows == connect(tiny(), pair(), False).query(SAMPLED).rows
+    return db
+
+
+def test_a_read_only_directory_warns_once(tmp_path):
+    root = tmp_path / "read-only"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        if os.access(root, os.W_OK):
+            pytest.skip("running as root: chmod does not stop writes")
+        _works_with_one_warning(root)
+        assert entries(root) == []
+    finally:
+        root.chmod(0o700)
+
+
+def test_a_path_that_is_a_file_warns_once(tmp_path):
+    path = tmp_path / "not-a-directory"
+    path.write_text("mine")
+    _works_with_one_warning(path)
+    assert path.read_text() == "mine"
+
+
+def test_a_full_disk_warns_once_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", no_space)
+    db = _works_with_one_warning(tmp_path)
+    assert db.cache.writes == 0
+    assert entries(tmp_path) == []
+
+
+def test_cache_dir_false_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIAGQL_CACHE_DIR", str(tmp_path / "env"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    db = connect(tiny(), pair(), False)
+    db.query(SAMPLED)
+    assert not db.cache.enabled and (db.cache.hits, db.cache.misses, db.cache.writes) == (0, 0, 0)
+    assert entries(tmp_path) == []
+
+
+def test_a_generic_dataset_is_not_cached_on_disk(tmp_path):
+    X, y = pair()
+
+    class Items(Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return X[i], y[i]
+
+    rows = connect(tiny(), (X, y), False).query(SAMPLED).rows
+    for data in (Items(), DataLoader(TensorDataset(X, y), collate_fn=lambda b: tuple(zip(*b)))):
+        assert data_fingerprint(data) is None
+    model = tiny()
+    calls = count_calls(model)
+    for _ in range(2):
+        db = connect(model, Items(), tmp_path)
+        before = calls[0]
+        db.profile
+        assert calls[0] > before  # profiled by each connection
+        assert db.query(SAMPLED).rows == rows
+        assert db.cache.hits == db.cache.misses == db.cache.writes == 0
+    assert entries(tmp_path) == []
+
+
+# --- two sessions, one directory ---------------------------------------------------------------
+
+WRITER = """
+import sys
+import numpy as np
+from diagql.cache import Cache
+
+cache, me = Cache(sys.argv[1]), int(sys.argv[2])
+for i in range(40):
+    cache.store("profile", "k" * 64, {"a": np.full(250_000, me * 1000 + i, dtype=np.int64)}, {})
+assert cache.writes == 40
+"""
+
+
+def test_concurrent_writers_of_one_key_leave_a_whole_entry(tmp_path):
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(me)])
+               for me in (1, 2)]
+    reader, seen = Cache(tmp_path), set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)  # a half-written entry would warn
+        while any(w.poll() is None for w in writers):
+            arrays = reader.load("profile", "k" * 64)
+            if arrays is not None:
+                assert len(np.unique(arrays["a"])) == 1  # one writer's, whole
+                seen.add(int(arrays["a"][0]))
+        assert [w.wait() for w in writers] == [0, 0]
+        final = reader.load("profile", "k" * 64)
+    assert int(final["a"][0]) in (1039, 2039) and len(np.unique(final["a"])) == 1
+    assert [p.name for p in entries(tmp_path)] == ["k" * 64 + ".npz"]  # no temporary files
+
+
+# --- where the cache lives, and fingerprints ----------------------------------------------------
+
+def test_the_cache_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIAGQL_CACHE_DIR", str(tmp_path / "env"))
+    assert Cache.resolve(None).root == tmp_path / "env"
+    assert Cache.resolve(tmp_path / "given").root == tmp_path / "given"
+    assert Cache.resolve(False).root is None and not Cache.resolve(False).enabled
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Cache.resolve("~/c").root == tmp_path / "c"
+    with pytest.raises(DiagQLError, match="cache_dir must be a path"):
+        Cache.resolve(3)
+
+    monkeypatch.delenv("DIAGQL_CACHE_DIR")
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert Cache.resolve(None).root == tmp_path / "xdg" / "diagql"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # ignored, as the XDG spec says
+    assert Cache.resolve(None).root == tmp_path / ".cache" / "diagql"
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert Cache.resolve(None).root == tmp_path / "Library" / "Caches" / "diagql"
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
+    assert Cache.resolve(None).root == tmp_path / "local" / "diagql"
+
+
+def test_fingerprints():
+    X, y = pair()
+    assert model_fingerprint(tiny()) == model_fingerprint(tiny())
+    assert model_fingerprint(tiny(0)) != model_fingerprint(tiny(1))
+    bn = nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3))
+    before = model_fingerprint(bn)
+    bn[1].running_mean += 1  # a buffer, not a parameter
+    assert model_fingerprint(bn) != before
+
+    assert data_fingerprint((X, y)) == data_fingerprint((X.clone(), y.clone()))
+    assert data_fingerprint((X, y)) == data_fingerprint(TensorDataset(X, y))
+    assert data_fingerprint((X.t().contiguous().t(), y)) == data_fingerprint((X, y))
+    assert data_fingerprint((X, y)) != data_fingerprint((X.double(), y))
+    assert data_fingerprint((X.reshape(300, 2, 3), y)) != data_fingerprint((X, y))
+    arrays = (X.numpy(), y.numpy())
+    assert data_fingerprint(arrays) == data_fingerprint((arrays[0].copy(), arrays[1]))
+    assert data_fingerprint((X.bfloat16(), y)) is not None
+    assert data_fingerprint((np.array([object()] * 3), [0, 1, 2])) is None
