@@ -11,8 +11,8 @@ from __future__ import annotations
 from ._version import __version__
 from .errors import BindError, DiagQLError, DiagQLWarning, ExecutionError, ParseError
 
-__all__ = ["BindError", "Connection", "DiagQLError", "DiagQLWarning", "ExecutionError", "ParseError", "Result",
-           "__version__", "connect", "demo", "parse"]
+__all__ = ["BindError", "Connection", "DiagQLError", "DiagQLWarning", "ExecutionError",
+           "ParseError", "Result", "__version__", "connect", "demo", "parse"]
 
 _LAZY = {"connect": "connection", "Connection": "connection", "Result": "result",
          "demo": "builtin_demo", "parse": "parser"}

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--batch-size", type=int, default=256, metavar="N",
                         help="items per forward pass (default 256)")
     source.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the model's)")
+    source.add_argument("--cache-dir", metavar="DIR",
+                        help="where profiles and samples are kept between runs (default: "
+                             "$DIAGQL_CACHE_DIR or the platform's cache directory)")
+    source.add_argument("--no-cache", action="store_true", help="keep nothing on disk")
     source.add_argument("--latent", metavar="LAYER",
                         help="layer whose output is the latent space for samplers "
                              "(default: the input of the final linear layer)")
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --data go together")
     if args.weights and not args.model:
         parser.error("--weights needs --model")
+    if args.no_cache and args.cache_dir:
+        parser.error("--cache-dir and --no-cache contradict each other")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
 
@@ -140,7 +146,7 @@ def _connect(args):
 
     progress = False if args.no_progress else None
     options = dict(batch_size=args.batch_size, device=args.device, latent=args.latent,
-                   progress=progress)
+                   progress=progress, cache_dir=False if args.no_cache else args.cache_dir)
     if args.demo:
         from .builtin_demo import demo
 
