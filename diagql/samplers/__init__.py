@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from ..errors import BindError
 from .base import Param, SampleData, Sampler, resolve_size
+from .ebtree import EBTreeSampler
 from .random import RandomSampler
 from .stratified import StratifiedSampler
+from .vas import VASSampler
 
-REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (RandomSampler, StratifiedSampler)}
+REGISTRY: dict[str, type[Sampler]] = {
+    cls.name: cls for cls in (RandomSampler, StratifiedSampler, VASSampler, EBTreeSampler)}
 
 
 def sampler_class(name: str) -> type[Sampler]:
