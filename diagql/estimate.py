@@ -37,6 +37,16 @@ def _standard_error(state, population: int) -> np.ndarray:
     return np.sqrt(variance / n * fpc)
 
 
+def _constant_floor(se: np.ndarray, n: int) -> np.ndarray:
+    """A neuron that is constant over the sample (a ReLU silent for every sampled item) has a
+    zero standard error, yet the items not drawn may fire. By the rule of three, up to 3/n of
+    them may do so unseen (95%); they are given the layer's typical spread."""
+    varying = se[se > 0]
+    if len(varying) == 0:
+        return se
+    return np.where(se > 0, se, min(3.0 / n, 1.0) * float(np.median(varying)) * np.sqrt(n))
+
+
 def _t_quantile(n: int) -> float:
     from scipy.stats import t
 
@@ -53,7 +63,7 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
     if n < 2:
         return {**base, "reliable": False, "reason": f"{n} matching sampled item: too few for an estimate"}
     mean = state.sum.numpy() / n
-    se = _standard_error(state, population)
+    se = _constant_floor(_standard_error(state, population), n)
     half = _t_quantile(n) * se
     draws = mean + _rng().standard_normal((DRAWS, len(mean))) * se
     if k is None:
@@ -80,10 +90,14 @@ def for_argmax(state, population: int, reliable: bool) -> dict:
     share = counts / n
     fpc = max(population - n, 0) / max(population - 1, 1)
     half = 1.959964 * np.sqrt(share * (1 - share) / n * fpc)
-    draws = _rng().multinomial(n, share, size=DRAWS) / n
-    distances = [metrics.js_distance(d, share) for d in draws]
+    # Two stages: a plausible true distribution (Dirichlet with a Perks prior, which gives
+    # neurons the sample never saw win some mass), then a sample of n items from it. Drawing
+    # only from the sample's own shares ignores unseen winners and underestimates the distance.
+    rng = _rng()
+    truths = rng.dirichlet(counts + 1.0 / len(counts), size=DRAWS)
+    distances = [metrics.js_distance(rng.multinomial(n, truth) / n, truth) for truth in truths]
     return {**base, "ci_low": np.clip(share - half, 0, 1), "ci_high": np.clip(share + half, 0, 1),
-            "expected_js_distance": float(np.mean(distances) * np.sqrt(fpc))}
+            "expected_js_distance": float(np.mean(distances))}
 
 
 def unavailable(reason: str) -> dict:

@@ -37,7 +37,7 @@ def js_distance(approx: np.ndarray | None, exact: np.ndarray) -> float:
     m = (p + q) / 2
 
     def kl(x):
-        mask = x > 0
+        mask = (x > 0) & (m > 0)  # m underflows to 0 only beside a denormal x
         return float(np.sum(x[mask] * np.log2(x[mask] / m[mask])))
 
     return float(np.sqrt(max((kl(p) + kl(q)) / 2, 0.0)))
