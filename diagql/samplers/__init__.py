@@ -4,12 +4,18 @@ from __future__ import annotations
 from ..errors import BindError
 from .base import Param, SampleData, Sampler, resolve_size
 from .ebtree import EBTreeSampler
+from .gmm import GMMSampler
+from .latentgrid import LatentGridSampler
+from .maxmargin import MaxMarginSampler
 from .random import RandomSampler
 from .stratified import StratifiedSampler
 from .vas import VASSampler
+from .weighted import WeightedSampler
 
-REGISTRY: dict[str, type[Sampler]] = {
-    cls.name: cls for cls in (RandomSampler, StratifiedSampler, VASSampler, EBTreeSampler)}
+# In the order SHOW SAMPLERS lists them: baselines first, the paper's own last.
+REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (
+    RandomSampler, StratifiedSampler, LatentGridSampler, VASSampler, EBTreeSampler,
+    WeightedSampler, GMMSampler, MaxMarginSampler)}
 
 
 def sampler_class(name: str) -> type[Sampler]:

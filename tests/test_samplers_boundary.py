@@ -1,0 +1,293 @@
+"""The latent-space samplers against their definitions (paper IV, DESIGN.md section 6), on
+Gaussian blobs where the answer is known: well-separated classes plus a few planted items halfway
+between two class centres, which any boundary-seeking sampler must find first."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diagql.errors import BindError, ExecutionError
+from diagql.samplers.base import SampleData
+from diagql.samplers.boundary import likelihood_ratio, log_likelihood_ratio, two_ended
+from diagql.samplers.gmm import GMMSampler
+from diagql.samplers.latentgrid import LatentGridSampler
+from diagql.samplers.maxmargin import MaxMarginSampler, svm_log_proba
+from diagql.samplers.weighted import WeightedSampler
+
+SAMPLERS = (MaxMarginSampler, GMMSampler, LatentGridSampler, WeightedSampler)
+N_CLASSES, PER_CLASS, DIMS = 4, 250, 6
+PLANTED_PAIRS = ((0, 1), (1, 2), (2, 3), (3, 0), (0, 2), (1, 3))
+
+
+def blobs(seed=0):
+    """SampleData of 4 blobs in 6 dims, then 6 planted items at midpoints between two centres
+    (labelled with the first), and the planted indices. Predictions: the labels, with the
+    planted items and 2% of the rest flipped."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(N_CLASSES, DIMS)) * 4
+    labels = np.repeat(np.arange(N_CLASSES), PER_CLASS)
+    latents = centres[labels] + rng.normal(size=(len(labels), DIMS))
+    planted = np.array([(centres[a] + centres[b]) / 2 + rng.normal(size=DIMS) * 0.05
+                        for a, b in PLANTED_PAIRS])
+    latents = np.vstack([latents, planted]).astype(np.float32)
+    labels = np.concatenate([labels, [a for a, _ in PLANTED_PAIRS]])
+    predictions = labels.copy()
+    flip = rng.random(len(labels)) < 0.02
+    flip[-len(PLANTED_PAIRS):] = True
+    predictions[flip] = (labels[flip] + 1) % N_CLASSES
+    planted_at = np.arange(len(labels) - len(PLANTED_PAIRS), len(labels))
+    return SampleData(latents, labels, predictions, N_CLASSES), planted_at
+
+
+@pytest.fixture(scope="module")
+def data():
+    return blobs()[0]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return blobs()[1]
+
+
+def assert_two_ended(indices, groups, ratio, j):
+    """In every group holding k chosen items: the round(j·k) lowest ratios (ties by index) and
+    the k - round(j·k) highest, and nothing else."""
+    chosen = set(indices.tolist())
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        ranked = members[np.lexsort((members, ratio[members]))]
+        k = sum(int(i) in chosen for i in members)
+        low = round(j * k)
+        expected = set(ranked[:low].tolist()) | set(ranked[len(ranked) - (k - low):].tolist())
+        assert {int(i) for i in members if int(i) in chosen} == expected, (g, k, low)
+
+
+# --- the shared two-ended selection -----------------------------------------------------------
+
+def test_likelihood_ratio_is_own_over_best_rival():
+    proba = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.0, 1.0, 0.0]])
+    ratio = likelihood_ratio(proba, np.array([0, 0, 1]))
+    assert ratio[:2] == pytest.approx([2.0, 1 / 3])
+    assert np.isfinite(ratio[2]) and ratio[2] > 1e100  # rivals at 0: clipped, not a division by 0
+    logs = log_likelihood_ratio(np.log(proba[:2]), np.array([0, 0]))
+    assert logs == pytest.approx(np.log([2.0, 1 / 3]))
+
+
+@pytest.mark.parametrize("j", [0, 0.25, 0.5, 0.7, 1])
+def test_two_ended_takes_round_jk_from_the_low_end_and_sums_to_n(j):
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 5, size=400)
+    ratio = rng.integers(0, 30, size=400).astype(float)  # many ties: broken by index
+    chosen = two_ended(groups, ratio, 57, j, np.random.default_rng(0))
+    assert len(chosen) == len(set(chosen.tolist())) == 57
+    assert_two_ended(chosen, groups, ratio, j)
+    sizes = np.bincount(groups)
+    taken = np.bincount(groups[chosen], minlength=5)
+    assert np.all(np.abs(taken - 57 * sizes / 400) < 2)  # proportional to group size
+
+
+def test_two_ended_never_asks_a_group_for_more_than_it_has():
+    groups = np.array([0] * 3 + [1] * 97)
+    chosen = two_ended(groups, np.arange(100.0), 100, 0.7, np.random.default_rng(0))
+    assert sorted(chosen.tolist()) == list(range(100))
+
+
+# --- maxmargin ----------------------------------------------------------------------------------
+
+def two_class(data):
+    keep = data.labels < 2
+    return SampleData(data.latents[keep], data.labels[keep], data.predictions[keep] % 2, 2)
+
+
+@pytest.mark.parametrize("classes", [N_CLASSES, 2])
+def test_maxmargin_probabilities_are_calibrated_linear_svc(data, classes):
+    """The fast solver gives sklearn's CalibratedClassifierCV(LinearSVC(), cv=3) answer."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.svm import LinearSVC
+
+    data = data if classes == N_CLASSES else two_class(data)
+    reference = CalibratedClassifierCV(LinearSVC(), cv=3).fit(data.latents, data.labels)
+    expected = reference.predict_proba(data.latents)
+    got = np.exp(svm_log_proba(data.latents, data.labels, data.n_classes))
+    assert got.shape == expected.shape
+    assert got.sum(axis=1) == pytest.approx(1)
+    assert np.abs(got - expected).max() < 0.01
+    assert np.array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+
+
+@pytest.mark.parametrize("j", [0, 0.7, 1])
+def test_maxmargin_is_two_ended_per_predicted_class(data, j):
+    sampler = MaxMarginSampler(0.1, j=j, random_state=0).fit(data)
+    assert len(sampler.indices_) == round(0.1 * len(data))
+    assert np.mean(sampler.groups_ == data.labels) > 0.98  # trained on the true labels
+    assert_two_ended(sampler.indices_, sampler.groups_, sampler.log_ratio_, j)
+
+
+def test_maxmargin_with_j_1_picks_the_planted_boundary_items(data, planted):
+    sampler = MaxMarginSampler(40, j=1, random_state=0).fit(data)
+    assert set(planted.tolist()) <= set(sampler.indices_.tolist())
+    # ... and j = 0 keeps well away from them.
+    exemplars = MaxMarginSampler(40, j=0, random_state=0).fit(data)
+    assert not set(planted.tolist()) & set(exemplars.indices_.tolist())
+
+
+def test_maxmargin_handles_two_classes(data):
+    data = two_class(data)
+    sampler = MaxMarginSampler(20, j=0.5, random_state=0).fit(data)
+    assert len(sampler.indices_) == 20
+    assert_two_ended(sampler.indices_, sampler.groups_, sampler.log_ratio_, 0.5)
+    assert np.mean(sampler.groups_ == data.labels) > 0.98
+
+
+def test_maxmargin_absent_classes_get_no_probability(data):
+    three = data.labels < 3  # n_classes stays 4: class 3 has no items
+    data = SampleData(data.latents[three], data.labels[three], data.predictions[three], 4)
+    log_proba = svm_log_proba(data.latents, data.labels, data.n_classes)
+    assert np.all(log_proba[:, 3] == -np.inf)
+    assert np.exp(log_proba).sum(axis=1) == pytest.approx(1)
+
+
+def test_maxmargin_copes_with_a_class_too_rare_for_three_folds(data, planted):
+    labels = data.labels.copy()
+    labels[planted[:2]] = 4  # two items of a fifth class: sklearn's cv=3 would refuse
+    rare = SampleData(data.latents, labels, data.predictions, 5)
+    sampler = MaxMarginSampler(50, j=1, random_state=0).fit(rare)
+    assert len(sampler.indices_) == 50
+    assert_two_ended(sampler.indices_, sampler.groups_, sampler.log_ratio_, 1)
+
+
+def test_maxmargin_needs_two_classes(data):
+    one = SampleData(data.latents, np.zeros_like(data.labels), data.predictions, N_CLASSES)
+    with pytest.raises(ExecutionError, match="two true classes"):
+        MaxMarginSampler(10).fit(one)
+
+
+# --- gmm ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("covariance", ["full", "spherical"])
+@pytest.mark.parametrize("j", [0, 0.7, 1])
+def test_gmm_is_two_ended_per_component(data, covariance, j):
+    sampler = GMMSampler(0.1, j=j, covariance=covariance, random_state=0).fit(data)
+    assert len(sampler.indices_) == round(0.1 * len(data))
+    assert sampler.mixture_.n_components == N_CLASSES
+    assert_two_ended(sampler.indices_, sampler.groups_, sampler.log_ratio_, j)
+
+
+def test_gmm_components_are_the_blobs(data):
+    from sklearn.metrics import adjusted_rand_score
+
+    sampler = GMMSampler(0.1, random_state=0).fit(data)
+    assert adjusted_rand_score(data.labels, sampler.groups_) > 0.95
+
+
+class SubsampledGMM(GMMSampler):
+    max_fit_items = 300  # forces the subsampled fit the sampler uses on large data sets
+
+
+def test_gmm_subsample_is_stratified_by_prediction_and_seeded(data):
+    a = SubsampledGMM(0.1, random_state=0).fit(data)
+    b = SubsampledGMM(0.1, random_state=0).fit(data)
+    c = SubsampledGMM(0.1, random_state=1).fit(data)
+    assert np.array_equal(a.indices_, b.indices_)
+    assert not np.array_equal(a.indices_, c.indices_)
+    assert_two_ended(c.indices_, c.groups_, c.log_ratio_, 0.7)
+
+
+# --- latentgrid ---------------------------------------------------------------------------------
+
+def cells_by_hand(latents, dims, bins):
+    """PCA by SVD (axes signed so the largest loading is positive), quantile bins, cell ids."""
+    X = latents.astype(np.float64) - latents.mean(axis=0)
+    _, _, vt = np.linalg.svd(X, full_matrices=False)
+    vt = vt[:dims] * np.sign(vt[np.arange(dims), np.abs(vt[:dims]).argmax(axis=1)])[:, None]
+    Z = X @ vt.T
+    ids = [np.digitize(z, np.quantile(z, np.linspace(0, 1, bins + 1)[1:-1])) for z in Z.T]
+    return np.ravel_multi_index(ids, (bins,) * dims)
+
+
+@pytest.mark.parametrize("dims, bins, size", [(5, 2, 0.05), (3, 3, 0.2), (2, 4, 100), (4, 2, 0.9)])
+def test_latentgrid_takes_equally_from_every_nonempty_cell(data, dims, bins, size):
+    sampler = LatentGridSampler(size, dims=dims, bins=bins, random_state=0).fit(data)
+    n = size if isinstance(size, int) else round(size * len(data))
+    assert len(sampler.indices_) == n
+    cells = cells_by_hand(data.latents, dims, bins)
+    keys, sizes = np.unique(cells, return_counts=True)
+    taken = np.array([np.isin(np.flatnonzero(cells == key), sampler.indices_).sum()
+                      for key in keys])
+    # Equal shares: a level L with every cell at min(size, L) or L + 1.
+    level = taken.max() - 1 if np.any(taken < np.minimum(sizes, taken.max())) else taken.max()
+    assert np.all((taken == np.minimum(sizes, level)) | (taken == level + 1)), (taken, sizes)
+    if n >= len(keys):
+        assert np.all(taken > 0)
+
+
+def test_latentgrid_randomness_is_seeded(data):
+    a, b, c = (LatentGridSampler(0.1, random_state=s).fit(data) for s in (0, 0, 1))
+    assert np.array_equal(a.indices_, b.indices_)
+    assert not np.array_equal(a.indices_, c.indices_)
+
+
+# --- weighted -------------------------------------------------------------------------------------
+
+def test_weighted_weights_are_the_clipped_inverse_ratio(data, planted):
+    sampler = WeightedSampler(0.1, random_state=0).fit(data)
+    log_proba = svm_log_proba(data.latents, data.labels, data.n_classes)
+    ratio = np.exp(log_likelihood_ratio(log_proba, log_proba.argmax(axis=1)))
+    assert sampler.weights_ == pytest.approx(1 / np.clip(ratio, 1e-6, 1e3))
+    assert sampler.weights_[planted].min() > np.median(sampler.weights_)
+
+
+def test_weighted_prefers_boundary_items_and_is_seeded(data, planted):
+    runs = [WeightedSampler(0.05, random_state=s).fit(data).indices_ for s in range(5)]
+    assert all(len(r) == round(0.05 * len(data)) for r in runs)
+    assert np.array_equal(runs[0], WeightedSampler(0.05, random_state=0).fit(data).indices_)
+    assert not np.array_equal(runs[0], runs[1])
+    planted_rate = np.mean([np.isin(planted, r).mean() for r in runs])
+    assert planted_rate > 0.5  # against 5% for a uniform draw
+
+
+# --- what every sampler here shares ---------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", SAMPLERS)
+@pytest.mark.parametrize("size", [0.05, 0.5, 1.0, 1, 17])
+def test_sizes_are_exact(data, cls, size):
+    sampler = cls(size, random_state=3).fit(data)
+    expected = size if isinstance(size, int) else max(1, round(size * len(data)))
+    assert len(sampler.indices_) == len(np.unique(sampler.indices_)) == expected
+    assert sampler.indices_.min() >= 0 and sampler.indices_.max() < len(data)
+
+
+@pytest.mark.parametrize("cls", SAMPLERS)
+def test_same_seed_same_sample(data, cls):
+    assert np.array_equal(cls(0.1, random_state=7).fit(data).indices_,
+                          cls(0.1, random_state=7).fit(data).indices_)
+
+
+@pytest.mark.parametrize("cls, params, param", [
+    (MaxMarginSampler, {"j": 1.5}, "j"),
+    (MaxMarginSampler, {"j": -0.1}, "j"),
+    (MaxMarginSampler, {"j": "high"}, "j"),
+    (GMMSampler, {"j": 1.5}, "j"),
+    (GMMSampler, {"j": -0.1}, "j"),
+    (GMMSampler, {"covariance": "diag2"}, "covariance"),
+    (LatentGridSampler, {"dims": 0}, "dims"),
+    (LatentGridSampler, {"dims": 2.5}, "dims"),
+    (LatentGridSampler, {"bins": 1}, "bins"),
+    (WeightedSampler, {"size": 0}, "size"),
+])
+def test_bad_parameters_name_the_parameter(data, cls, params, param):
+    with pytest.raises(BindError) as exc:
+        cls(**params).validate(len(data))
+    assert exc.value.param == param
+    assert param in str(exc.value)
+    with pytest.raises(BindError):
+        cls(**params).fit(data)
+
+
+@pytest.mark.parametrize("cls", SAMPLERS)
+def test_parameters_are_stored_unchanged(cls):
+    params = {p.name: p.default for p in cls.params()}
+    sampler = cls(**params)
+    assert sampler.get_params() == params
+    assert cls.description and "\n" not in cls.description
+    assert all(p.domain for p in cls.params())
