@@ -116,24 +116,67 @@ def test_maxmargin_probabilities_are_calibrated_linear_svc(data, classes):
 
 
 @pytest.mark.parametrize("j", [0, 0.7, 1])
-def test_maxmargin_is_two_ended_per_predicted_class(data, j):
-    sampler = MaxMarginSampler(0.1, j=j, random_state=0).fit(data)
+def test_maxmargin_paper_method_is_two_ended_per_predicted_class(data, j):
+    sampler = MaxMarginSampler(0.1, j=j, method="paper", random_state=0).fit(data)
     assert len(sampler.indices_) == round(0.1 * len(data))
     assert np.mean(sampler.groups_ == data.labels) > 0.98  # trained on the true labels
     assert_two_ended(sampler.indices_, sampler.groups_, sampler.log_ratio_, j)
 
 
-def test_maxmargin_with_j_1_picks_the_planted_boundary_items(data, planted):
-    sampler = MaxMarginSampler(40, j=1, random_state=0).fit(data)
+@pytest.mark.parametrize("method", ["diagql", "paper"])
+def test_maxmargin_with_j_1_picks_the_planted_boundary_items(data, planted, method):
+    sampler = MaxMarginSampler(40, j=1, method=method, random_state=0).fit(data)
     assert set(planted.tolist()) <= set(sampler.indices_.tolist())
-    # ... and j = 0 keeps well away from them.
-    exemplars = MaxMarginSampler(40, j=0, random_state=0).fit(data)
-    assert not set(planted.tolist()) & set(exemplars.indices_.tolist())
+    if method == "paper":  # j = 0 keeps well away from them (diagql seeds every cell first)
+        exemplars = MaxMarginSampler(40, j=0, method=method, random_state=0).fit(data)
+        assert not set(planted.tolist()) & set(exemplars.indices_.tolist())
+
+
+@pytest.mark.parametrize("j", [0, 0.3, 0.7, 1])
+def test_maxmargin_default_method_seeds_cells_then_lowest_ratios_then_medoids(data, j):
+    n = 40
+    sampler = MaxMarginSampler(n, j=j, random_state=0).fit(data)
+    chosen = sampler.indices_
+    assert len(chosen) == n == len(np.unique(chosen))
+    # The ratio is the SVM's view of the model's own prediction, grouped by that prediction.
+    assert np.array_equal(sampler.groups_, data.predictions)
+    log_proba = svm_log_proba(data.latents, data.labels, data.n_classes)
+    rows = np.arange(len(data))
+    rival = log_proba.copy()
+    rival[rows, data.predictions] = -np.inf
+    ratio = log_proba[rows, data.predictions] - rival.max(axis=1)
+    np.testing.assert_allclose(sampler.log_ratio_, ratio)
+    # 1. the lowest-ratio item of every non-empty (true, predicted) cell
+    order = np.lexsort((rows, ratio))
+    cells = data.labels * 100 + data.predictions
+    seeds = {int(order[np.flatnonzero(cells[order] == c)[0]]) for c in np.unique(cells)}
+    assert seeds <= set(chosen.tolist())
+    # 2. then the lowest ratios overall, up to round(j·n) boundary items
+    boundary = [int(i) for i in order if int(i) not in seeds][:max(round(j * n) - len(seeds), 0)]
+    assert set(boundary) <= set(chosen.tolist())
+    # 3. the rest: exemplars in proportion to the groups, near their groups' centres
+    rest = np.setdiff1d(chosen, list(seeds | set(boundary)))
+    assert len(rest) == n - len(seeds) - len(boundary)
+    for g in np.unique(data.predictions[rest]):
+        mine = rest[data.predictions[rest] == g]
+        group = np.flatnonzero(data.predictions == g)
+        centre = data.latents[group].mean(axis=0)
+        spread = np.linalg.norm(data.latents[group] - centre, axis=1).mean()
+        assert np.linalg.norm(data.latents[mine].mean(axis=0) - centre) < spread
+
+
+def test_maxmargin_default_method_is_deterministic_and_needs_its_name(data):
+    a = MaxMarginSampler(30, random_state=1).fit(data).indices_
+    b = MaxMarginSampler(30, random_state=1).fit(data).indices_
+    assert np.array_equal(a, b)
+    with pytest.raises(BindError) as err:
+        MaxMarginSampler(30, method="fast").fit(data)
+    assert err.value.param == "method"
 
 
 def test_maxmargin_handles_two_classes(data):
     data = two_class(data)
-    sampler = MaxMarginSampler(20, j=0.5, random_state=0).fit(data)
+    sampler = MaxMarginSampler(20, j=0.5, method="paper", random_state=0).fit(data)
     assert len(sampler.indices_) == 20
     assert_two_ended(sampler.indices_, sampler.groups_, sampler.log_ratio_, 0.5)
     assert np.mean(sampler.groups_ == data.labels) > 0.98
@@ -151,7 +194,7 @@ def test_maxmargin_copes_with_a_class_too_rare_for_three_folds(data, planted):
     labels = data.labels.copy()
     labels[planted[:2]] = 4  # two items of a fifth class: sklearn's cv=3 would refuse
     rare = SampleData(data.latents, labels, data.predictions, 5)
-    sampler = MaxMarginSampler(50, j=1, random_state=0).fit(rare)
+    sampler = MaxMarginSampler(50, j=1, method="paper", random_state=0).fit(rare)
     assert len(sampler.indices_) == 50
     assert_two_ended(sampler.indices_, sampler.groups_, sampler.log_ratio_, 1)
 

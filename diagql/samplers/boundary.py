@@ -71,3 +71,73 @@ def check_fraction(value, name: str) -> None:
     """A tuning factor such as j: a real number in [0, 1]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
         raise BindError(f"{name} must be a number in [0, 1], not {value!r}", param=name)
+
+
+def boundary_and_medoids(latents: np.ndarray, groups: np.ndarray, cells: np.ndarray,
+                         ratio: np.ndarray, n: int, j: float, rng: np.random.Generator) -> np.ndarray:
+    """Exactly n distinct indices: the lowest-ratio item of every cell, then the lowest ratios
+    overall up to round(j·n), then per group (quota proportional to its size) the medoids of a
+    k-means of its remaining items' latents. With n at most the number of cells: the n
+    lowest-ratio cell representatives."""
+    ratio = np.asarray(ratio, dtype=np.float64)
+    by_ratio = np.lexsort((np.arange(len(ratio)), ratio))
+    # The first item of each cell in ratio order is that cell's most boundary item.
+    _, first = np.unique(np.asarray(cells)[by_ratio], return_index=True)
+    seeds = by_ratio[np.sort(first)]
+    if n <= len(seeds):
+        return seeds[:n].astype(np.int64)
+    taken = np.zeros(len(ratio), dtype=bool)
+    taken[seeds] = True
+    extra = by_ratio[~taken[by_ratio]][:max(round(j * n) - len(seeds), 0)]
+    taken[extra] = True
+    chosen = [seeds, extra]
+    keys, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
+    free = np.bincount(inverse[~taken], minlength=len(keys))
+    quota = _allocate_capped(sizes, free, n - int(taken.sum()), rng)
+    for group, k in enumerate(quota):
+        if k:
+            members = np.flatnonzero((inverse == group) & ~taken)
+            chosen.append(medoids(latents, members, int(k), rng))
+    return np.concatenate(chosen).astype(np.int64)
+
+
+def _allocate_capped(sizes: np.ndarray, free: np.ndarray, n: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Quotas proportional to ``sizes`` summing to n, none above what a group has ``free``."""
+    quota = np.zeros(len(sizes), dtype=np.int64)
+    while n > 0 and (quota < free).any():
+        open_ = quota < free
+        share = allocate(sizes[open_], min(n, int((free - quota)[open_].sum())), rng)
+        share = np.minimum(share, (free - quota)[open_])
+        quota[open_] += share
+        n -= int(share.sum())
+    return quota
+
+
+_KMEANS_FIT_ITEMS = 1_000  # k-means runs on at most this many items of a group, then all are assigned
+
+
+def medoids(latents: np.ndarray, members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct members: for each k-means centroid of their latents, the nearest unclaimed one."""
+    if k >= len(members):
+        return members
+    from sklearn.cluster import KMeans
+
+    Z = np.asarray(latents[members], dtype=np.float32)
+    fit_on = Z if len(Z) <= _KMEANS_FIT_ITEMS else Z[rng.choice(len(Z), _KMEANS_FIT_ITEMS,
+                                                                replace=False)]
+    # Random initial centroids: k-means++ seeding cost more than the fit itself here.
+    kmeans = KMeans(n_clusters=k, init="random", n_init=1, max_iter=25,
+                    random_state=int(rng.integers(2**31 - 1))).fit(fit_on)
+    centers = kmeans.cluster_centers_.astype(np.float32)
+    d = (Z ** 2).sum(1)[:, None] - 2 * Z @ centers.T + (centers ** 2).sum(1)[None, :]
+    claimed = np.zeros(len(members), dtype=bool)
+    picked = []
+    for c in np.argsort(d.min(axis=0), kind="stable"):  # the best-served centroid claims first
+        column = d[:, c]
+        best = int(column.argmin())
+        if claimed[best]:
+            best = int(np.where(claimed, np.inf, column).argmin())
+        claimed[best] = True
+        picked.append(best)
+    return members[np.array(picked)]
