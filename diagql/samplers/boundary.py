@@ -127,7 +127,7 @@ def medoids(latents: np.ndarray, members: np.ndarray, k: int, rng: np.random.Gen
     fit_on = Z if len(Z) <= _KMEANS_FIT_ITEMS else Z[rng.choice(len(Z), _KMEANS_FIT_ITEMS,
                                                                 replace=False)]
     # Random initial centroids: k-means++ seeding cost more than the fit itself here.
-    kmeans = KMeans(n_clusters=k, init="random", n_init=1, max_iter=25,
+    kmeans = KMeans(n_clusters=k, init="random", n_init=1, max_iter=10,
                     random_state=int(rng.integers(2**31 - 1))).fit(fit_on)
     centers = kmeans.cluster_centers_.astype(np.float32)
     d = (Z ** 2).sum(1)[:, None] - 2 * Z @ centers.T + (centers ** 2).sum(1)[None, :]
