@@ -6,7 +6,6 @@ import torch.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from ._version import __version__
