@@ -154,7 +154,7 @@ def test_maxmargin_default_method_seeds_cells_then_lowest_ratios_then_medoids(da
     # 2. then the lowest ratios overall, up to round(j·n) boundary items
     boundary = [int(i) for i in order if int(i) not in seeds][:max(round(j * n) - len(seeds), 0)]
     assert set(boundary) <= set(chosen.tolist())
-    # 3. the rest: exemplars in proportion to the groups, near their groups' centres
+    # 3. the rest: herded exemplars, whose mean tracks their group's
     rest = np.setdiff1d(chosen, list(seeds | set(boundary)))
     assert len(rest) == n - len(seeds) - len(boundary)
     for g in np.unique(data.predictions[rest]):

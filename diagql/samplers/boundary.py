@@ -73,12 +73,13 @@ def check_fraction(value, name: str) -> None:
         raise BindError(f"{name} must be a number in [0, 1], not {value!r}", param=name)
 
 
-def boundary_and_medoids(latents: np.ndarray, groups: np.ndarray, cells: np.ndarray,
-                         ratio: np.ndarray, n: int, j: float, rng: np.random.Generator) -> np.ndarray:
+def boundary_and_exemplars(latents: np.ndarray, groups: np.ndarray, cells: np.ndarray,
+                           ratio: np.ndarray, n: int, j: float,
+                           rng: np.random.Generator) -> np.ndarray:
     """Exactly n distinct indices: the lowest-ratio item of every cell, then the lowest ratios
-    overall up to round(j·n), then per group (quota proportional to its size) the medoids of a
-    k-means of its remaining items' latents. With n at most the number of cells: the n
-    lowest-ratio cell representatives."""
+    overall up to round(j·n), then per group (quota proportional to its size) exemplars herded
+    from its remaining items so that their mean latent matches the group's (``herd``). With n
+    at most the number of cells: the n lowest-ratio cell representatives."""
     ratio = np.asarray(ratio, dtype=np.float64)
     by_ratio = np.lexsort((np.arange(len(ratio)), ratio))
     # The first item of each cell in ratio order is that cell's most boundary item.
@@ -97,7 +98,7 @@ def boundary_and_medoids(latents: np.ndarray, groups: np.ndarray, cells: np.ndar
     for group, k in enumerate(quota):
         if k:
             members = np.flatnonzero((inverse == group) & ~taken)
-            chosen.append(medoids(latents, members, int(k), rng))
+            chosen.append(herd(latents, members, int(k), rng))
     return np.concatenate(chosen).astype(np.int64)
 
 
@@ -114,30 +115,28 @@ def _allocate_capped(sizes: np.ndarray, free: np.ndarray, n: int,
     return quota
 
 
-_KMEANS_FIT_ITEMS = 1_000  # k-means runs on at most this many items of a group, then all are assigned
+_HERD_CANDIDATES = 2_000  # herding picks among at most this many members of a group
 
 
-def medoids(latents: np.ndarray, members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct members: for each k-means centroid of their latents, the nearest unclaimed one."""
+def herd(latents: np.ndarray, members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct members whose mean latent tracks the group's: kernel herding with a linear
+    kernel, which at each step adds the member that brings the running mean closest to the
+    group mean. A per-neuron mean over such a set stays close to the group's. Large groups
+    offer a random subset of candidates (the target stays the mean of all members)."""
     if k >= len(members):
         return members
-    from sklearn.cluster import KMeans
-
-    Z = np.asarray(latents[members], dtype=np.float32)
-    fit_on = Z if len(Z) <= _KMEANS_FIT_ITEMS else Z[rng.choice(len(Z), _KMEANS_FIT_ITEMS,
-                                                                replace=False)]
-    # Random initial centroids: k-means++ seeding cost more than the fit itself here.
-    kmeans = KMeans(n_clusters=k, init="random", n_init=1, max_iter=10,
-                    random_state=int(rng.integers(2**31 - 1))).fit(fit_on)
-    centers = kmeans.cluster_centers_.astype(np.float32)
-    d = (Z ** 2).sum(1)[:, None] - 2 * Z @ centers.T + (centers ** 2).sum(1)[None, :]
-    claimed = np.zeros(len(members), dtype=bool)
-    picked = []
-    for c in np.argsort(d.min(axis=0), kind="stable"):  # the best-served centroid claims first
-        column = d[:, c]
-        best = int(column.argmin())
-        if claimed[best]:
-            best = int(np.where(claimed, np.inf, column).argmin())
-        claimed[best] = True
-        picked.append(best)
-    return members[np.array(picked)]
+    target = np.asarray(latents[members], dtype=np.float64).mean(axis=0)
+    if len(members) > max(_HERD_CANDIDATES, k):
+        members = np.sort(rng.choice(members, max(_HERD_CANDIDATES, k), replace=False))
+    Z = np.asarray(latents[members], dtype=np.float64)
+    # |(total + z)/t - target|² = (|z|² + 2 z·(total - t·target))/t² + terms free of z; a
+    # member once picked gets an infinite |z|² so it cannot be picked again.
+    penalty = (Z * Z).sum(axis=1)
+    total = np.zeros_like(target)
+    picked = np.empty(k, dtype=np.int64)
+    for t in range(1, k + 1):
+        best = int(np.argmin(penalty + Z @ (2 * (total - t * target))))
+        penalty[best] = np.inf
+        picked[t - 1] = best
+        total += Z[best]
+    return members[picked]

@@ -10,7 +10,7 @@ from threadpoolctl import threadpool_limits
 
 from ..errors import BindError, ExecutionError
 from .base import SampleData, Sampler
-from .boundary import boundary_and_medoids, check_fraction, log_likelihood_ratio, two_ended
+from .boundary import boundary_and_exemplars, check_fraction, log_likelihood_ratio, two_ended
 
 
 class MaxMarginSampler(Sampler):
@@ -31,9 +31,10 @@ class MaxMarginSampler(Sampler):
        lowest-ratio one) from every non-empty confusion-matrix cell: mistakes cluster in a few
        classes, so a per-group quota leaves some out, and every (class, correctness) subset a
        query can name stays represented.
-    3. Exemplars are medoids: the items nearest the centroids of a k-means of each group's
-       latents, so that they represent the group (a per-neuron mean over them is close to the
-       group's) rather than being its most extreme, most confident items.
+    3. Exemplars are herded: per group, items chosen one at a time so that their mean latent
+       tracks the group's (kernel herding, linear kernel), so that they represent the group
+       (a per-neuron mean over them is close to the group's) rather than being its most
+       extreme, most confident items.
 
     The classifier is ``CalibratedClassifierCV(LinearSVC(), cv=3)``'s answer, about 12x faster
     at 100k items.
@@ -74,7 +75,7 @@ class MaxMarginSampler(Sampler):
         self.groups_ = np.asarray(data.predictions)
         self.log_ratio_ = log_likelihood_ratio(log_proba, self.groups_)
         cells = np.asarray(data.labels, dtype=np.int64) * (data.n_classes + 1) + self.groups_
-        return boundary_and_medoids(data.latents, self.groups_, cells, self.log_ratio_, n,
+        return boundary_and_exemplars(data.latents, self.groups_, cells, self.log_ratio_, n,
                                     self.j, rng)
 
 
