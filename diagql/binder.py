@@ -28,7 +28,7 @@ def _error(message: str, span: ast.Span | None, hint: str | None = None) -> Bind
 
 def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
     if ref.name not in catalog:
-        names = catalog.leaf_first_names()
+        names = catalog.running_names()
         raise _error(f"unknown layer {ref.name!r}{did_you_mean(ref.name, names)}",
                      ref.span, hint=f"layers are {name_list(names)}")
     layer = catalog[ref.name]

@@ -121,7 +121,7 @@ def _as_labels(y) -> np.ndarray:
 def to_device(x, device: torch.device, dtype: torch.dtype):
     """Move model inputs to the model's device; floating inputs take the model's dtype."""
     if isinstance(x, torch.Tensor):
-        if x.is_floating_point() or x.dtype in (torch.float64,):
+        if x.is_floating_point():
             return x.to(device=device, dtype=dtype)
         return x.to(device=device)
     if isinstance(x, (tuple, list)):

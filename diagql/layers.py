@@ -51,8 +51,8 @@ class LayerCatalog:
     def __getitem__(self, name: str) -> LayerInfo:
         return self.by_name[name]
 
-    def leaf_first_names(self) -> list[str]:
-        """Names to list in messages: those that run, in order."""
+    def running_names(self) -> list[str]:
+        """Names of the layers that run in forward, in order (what messages list)."""
         return [layer.name for layer in self.layers if layer.shape is not None]
 
 
