@@ -1,25 +1,27 @@
-"""The interactive prompt: statements run when they end with ';' or parse completely."""
+"""The interactive prompt: statements run when they end with ';' or parse completely.
+
+A prompt_toolkit session with grammar-driven completion and highlighting (completion.py,
+highlight.py), dot commands (meta.py), a history file, and Ctrl-C that cancels the running
+statement.
+"""
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from .errors import DiagQLError, ParseError
+from .meta import is_meta, run_meta
 from .parser import is_complete, parse
 
 PROMPT = "diagql> "
 CONTINUATION = "   ...> "
-
-HELP = """\
-Statements end with ';' (a single complete statement also runs on Enter).
-  SHOW LAYERS; SHOW PROFILE; SHOW SAMPLERS; SHOW SETTINGS; DESCRIBE conv2;
-  TOPK 10 NEURONS IN conv2 WHERE class = 3 AND incorrect USING SAMPLE stratified(0.05) WITH BASELINE;
-  AVG NEURONS IN fc1 WHERE incorrect GROUP BY class;
-  ARGMAX CHANNELS IN conv2 WHERE predicted = 8;
-  SET seed = 1;  EXPLAIN <query>;
-Commands: .help  .quit (or Ctrl-D).  Ctrl-C clears the input or cancels a running statement."""
+GOODBYE = "Goodbye!"
 
 
 def wants_more(text: str) -> bool:
     """True while the input is an unfinished statement (no ';' yet and cut off mid-way)."""
-    if not text.strip() or is_complete(text):
+    if not text.strip() or is_meta(text) or is_complete(text):
         return False
     try:
         parse(text)
@@ -30,41 +32,130 @@ def wants_more(text: str) -> bool:
     return False
 
 
-def run_repl(conn, out, err) -> int:
+def history_path() -> Path:
+    """$DIAGQL_HISTORY_FILE, else $XDG_STATE_HOME/diagql/history (~/.local/state by default)."""
+    explicit = os.environ.get("DIAGQL_HISTORY_FILE")
+    if explicit:
+        return Path(explicit).expanduser()
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join("~", ".local", "state")
+    return Path(state).expanduser() / "diagql" / "history"
+
+
+def _history():
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+    path = history_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+    except OSError:
+        return InMemoryHistory()  # a read-only home must not stop the REPL
+    return FileHistory(str(path))
+
+
+def key_bindings():
+    """Enter runs a finished statement and starts a new line otherwise."""
+    from prompt_toolkit.filters import has_completions
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("enter", filter=~has_completions)
+    def _enter(event):
+        """Run the input when it ends with ';', is a dot command or a complete statement;
+        otherwise continue on a new line."""
+        buffer = event.current_buffer
+        if buffer.document.is_cursor_at_the_end and wants_more(buffer.text):
+            buffer.insert_text("\n")
+        else:
+            buffer.validate_and_handle()
+
+    @bindings.add("enter", filter=has_completions)
+    def _pick(event):
+        """Take the highlighted completion (Enter does not run the statement then)."""
+        buffer = event.current_buffer
+        if buffer.complete_state and buffer.complete_state.current_completion:
+            buffer.apply_completion(buffer.complete_state.current_completion)
+        else:
+            buffer.cancel_completion()
+            _enter(event)
+
+    return bindings
+
+
+def make_session(conn, *, input=None, output=None):
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import InMemoryHistory
+    from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+    from prompt_toolkit.completion import ThreadedCompleter
 
-    from .cli import print_result
+    from .completion import DiagQLCompleter, connection_layers
+    from .highlight import STYLE, DiagQLLexer
+    from .meta import completions
 
-    session = PromptSession(history=InMemoryHistory())
+    commands, arguments = completions()
+    completer = DiagQLCompleter(connection_layers(conn), commands, arguments)
+    return PromptSession(
+        history=_history(), auto_suggest=AutoSuggestFromHistory(), multiline=True,
+        key_bindings=key_bindings(), prompt_continuation=lambda width, line, wrap: CONTINUATION,
+        lexer=DiagQLLexer(), style=STYLE, include_default_pygments_style=False,
+        completer=ThreadedCompleter(completer) if input is None else completer,
+        complete_while_typing=False, enable_history_search=False, input=input, output=output)
+
+
+class Shell:
+    """One REPL session: the connection, where output goes, and the dot-command state."""
+
+    def __init__(self, conn, out, err):
+        self.conn, self.out, self.err = conn, out, err
+        self.timer = False
+
+    def say(self, text: str) -> None:
+        self.out.print(text, markup=False, highlight=False)
+
+    def error(self, text: str) -> None:
+        self.err.print(text, style="red", markup=False, highlight=False, soft_wrap=True)
+
+    def execute(self, text: str) -> None:
+        from .cli import print_result
+
+        started = time.perf_counter()
+        try:
+            for outcome in self.conn.run_script(text):
+                if isinstance(outcome, DiagQLError):
+                    # A mistake at the prompt is shown, not fatal: the session goes on.
+                    self.error(outcome.format())
+                else:
+                    print_result(self.out, outcome, self.conn.settings)
+                    if self.timer:
+                        self.say(f"Time: {time.perf_counter() - started:.3f}s")
+                started = time.perf_counter()
+        except KeyboardInterrupt:
+            self.err.print("cancelled", style="yellow")
+
+    def handle(self, text: str) -> bool:
+        """Run one input; True when the session should end."""
+        if is_meta(text):
+            return run_meta(self, text)
+        if text.strip():
+            self.execute(text)
+        return False
+
+
+def run_repl(conn, out, err, session=None) -> int:
+    shell = Shell(conn, out, err)
+    session = session or make_session(conn)
     err.print(f"DiagQL — {conn!r}. Type .help for help, .quit to leave.", markup=False)
     while True:
         try:
-            text = _read_statement(session)
+            text = session.prompt(PROMPT)
         except KeyboardInterrupt:
-            continue
+            continue  # Ctrl-C at the prompt clears the input
         except EOFError:
+            err.print(GOODBYE)
             return 0
-        command = text.strip()
-        if command in (".quit", ".exit", "\\q"):
-            return 0
-        if command in (".help", "help", "\\?"):
-            out.print(HELP, markup=False, highlight=False)
-            continue
         try:
-            for outcome in conn.run_script(text):
-                if isinstance(outcome, DiagQLError):
-                    # A mistake at the prompt is shown, not fatal: the session goes on.
-                    err.print(outcome.format(), style="red", markup=False, highlight=False,
-                              soft_wrap=True)
-                else:
-                    print_result(out, outcome, conn.settings)
+            if shell.handle(text):
+                err.print(GOODBYE)
+                return 0
         except KeyboardInterrupt:
             err.print("cancelled", style="yellow")
-
-
-def _read_statement(session) -> str:
-    text = session.prompt(PROMPT)
-    while wants_more(text):
-        text += "\n" + session.prompt(CONTINUATION)
-    return text

@@ -13,14 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]")
 
 
-@pytest.fixture
-def repl():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
-    child = pexpect.spawn(sys.executable, ["-m", "diagql", "--model", "tests.models:trained_mlp",
-                                           "--data", "tests.models:digits"],
-                          cwd=str(ROOT), env=env, encoding="utf-8", timeout=120,
-                          dimensions=(50, 160))
+MLP = ["--model", "tests.models:trained_mlp", "--data", "tests.models:digits"]
+
+
+def spawn(history: Path, args=MLP):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1",
+           "DIAGQL_HISTORY_FILE": str(history)}
+    child = pexpect.spawn(sys.executable, ["-m", "diagql", *args], cwd=str(ROOT), env=env,
+                          encoding="utf-8", timeout=60, dimensions=(50, 160))
     child.expect("diagql>")
+    return child
+
+
+@pytest.fixture
+def repl(tmp_path):
+    child = spawn(tmp_path / "history")
     yield child
     child.close(force=True)
 
@@ -56,3 +63,81 @@ def test_ctrl_d_leaves(repl):
     repl.expect(pexpect.EOF)
     repl.close()
     assert repl.exitstatus == 0
+
+
+def test_tab_completes_a_layer_name(repl):
+    repl.send("TOPK 2 NEURONS IN he\t")
+    repl.expect("ad", timeout=30)  # the screen is redrawn incrementally: only the new letters
+    repl.send(";\r")
+    repl.expect("matching items")
+    assert "head[" in _output(repl)
+    repl.expect("diagql>")
+
+
+def test_history_survives_a_restart(tmp_path):
+    history = tmp_path / "state" / "history"
+    first = spawn(history)
+    first.sendline("SHOW SETTINGS;")
+    first.expect("max_rows")
+    first.expect("diagql>")
+    first.sendline(".quit")
+    first.expect(pexpect.EOF)
+    first.close()
+    assert "SHOW SETTINGS;" in history.read_text()
+    second = spawn(history)
+    try:
+        second.send("\x1b[A")  # up: .quit, then the previous session's statement
+        second.expect("quit", timeout=30)
+        second.send("\x1b[A")
+        second.expect("SETTINGS", timeout=30)  # highlighted: SHOW and SETTINGS styled apart
+        second.send("\r")
+        second.expect("max_rows")
+        second.expect("diagql>")
+    finally:
+        second.close(force=True)
+
+
+def test_dot_commands(repl):
+    repl.sendline(".mode csv")
+    repl.expect("diagql>")
+    repl.sendline(".timer on")
+    repl.expect("diagql>")
+    repl.sendline("TOPK 1 NEURONS IN head WHERE class = 3;")
+    repl.expect(r"Time: \d+\.\d{3}s")
+    assert "neuron,label,value" in _output(repl)
+    repl.expect("diagql>")
+    repl.sendline(".nope")
+    repl.expect("unknown command")
+    repl.expect("diagql>")
+    repl.sendline(".help")
+    repl.expect("Samplers:")
+    repl.expect("diagql>")
+
+
+def test_ctrl_c_cancels_a_long_query_and_the_next_answer_is_right(tmp_path):
+    import diagql
+    from diagql.render import to_csv
+    from tests.models import digits, trained_mlp
+
+    query = "AVG NEURONS IN head WHERE class = 3 USING FULL;"
+    expected = to_csv(diagql.connect(trained_mlp(), digits(), cache_dir=False).query(query))
+    child = spawn(tmp_path / "history", ["--model", "tests.slow_model:slow_mlp", "--data",
+                                         "tests.models:digits", "--batch-size", "8", "--no-cache"])
+    try:
+        child.sendline(".mode csv")
+        child.expect("diagql>")
+        child.sendline(query)
+        child.expect("items/s", timeout=60)  # the progress bar of a long pass
+        child.sendcontrol("c")
+        child.expect("cancelled", timeout=30)
+        child.expect("diagql>")
+        child.sendline("SET batch_size = 2000;")
+        child.expect("diagql>")
+        child.sendline(query)
+        child.expect("neuron,label,value", timeout=60)
+        child.expect("diagql>", timeout=60)
+        lines = ["neuron,label,value"] + [line.strip() for line in _output(child).splitlines()]
+        for row in expected.strip().splitlines():
+            assert row in lines
+    finally:
+        child.close(force=True)

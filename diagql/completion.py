@@ -1,0 +1,161 @@
+"""Context-aware completion for the REPL, read from the grammar itself.
+
+The keywords valid at the cursor are the keyword terminals the LALR parser accepts after the
+text before the current word (``parse_interactive(...).accepts()``); names come from the
+connection (layers), the sampler registry (samplers and their parameters) and ``Settings``.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from typing import Callable, Iterable, Iterator
+
+from prompt_toolkit.completion import Completer, Completion
+
+from .parser import get_parser, split_statements
+
+_WORD = re.compile(r"[A-Za-z0-9_.]*$")
+_KEYWORD_PATTERN = re.compile(r"([A-Za-z]+)(?:\(\?!\\w\))?$")
+_LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*$")
+_SAMPLER_NAME = re.compile(r"USING\s+SAMPLE\s*$", re.IGNORECASE)
+_SAMPLER_ARGS = re.compile(r"SAMPLE\s+([A-Za-z_][A-Za-z0-9_.]*)\s*\(([^()]*)$", re.IGNORECASE)
+_SET_NAME = re.compile(r"^\s*SET\s*$", re.IGNORECASE)
+_SET_VALUE = re.compile(r"^\s*SET\s+([A-Za-z_]\w*)\s*=\s*$", re.IGNORECASE)
+
+
+@functools.lru_cache(maxsize=1)
+def keywords() -> dict[str, str]:
+    """Keyword terminal name -> its text, e.g. ``{"TOPK": "topk"}``: the grammar's named
+    all-letter terminals (one source of truth for completion, highlighting and help)."""
+    found = {}
+    for term in get_parser().terminals:
+        match = _KEYWORD_PATTERN.fullmatch(term.pattern.value)
+        if term.name.isalpha() and term.name.isupper() and match:
+            found[term.name] = match.group(1).lower()
+    return found
+
+
+def accepts(text: str) -> set[str] | None:
+    """The terminals the parser accepts after ``text`` (one statement), or None when the text
+    is already not valid (a lexing or parsing error before the cursor)."""
+    from lark.exceptions import LarkError
+
+    try:
+        interactive = get_parser().parse_interactive(text, start="start")
+        interactive.exhaust_lexer()
+        return set(interactive.accepts())
+    except LarkError:
+        return None
+
+
+def current_statement(text: str) -> str:
+    """The statement the cursor is in: the text after the last ';' outside strings/comments."""
+    pieces = split_statements(text)
+    if not pieces or pieces[-1].terminated:
+        return ""
+    return pieces[-1].text
+
+
+class DiagQLCompleter(Completer):
+    """Completes keywords, layers, samplers, sampler parameters, SET names and dot commands.
+
+    ``layers`` is called lazily (it may probe the model once) and returns (name, meta) pairs;
+    ``meta_commands`` maps each dot command to its one-line help.
+    """
+
+    def __init__(self, layers: Callable[[], Iterable[tuple[str, str]]] = lambda: (),
+                 meta_commands: dict[str, str] | None = None,
+                 meta_arguments: dict[str, Iterable[str]] | None = None):
+        self.layers = layers
+        self.meta_commands = meta_commands or {}
+        self.meta_arguments = meta_arguments or {}
+
+    def get_completions(self, document, complete_event) -> Iterator[Completion]:
+        before = document.text_before_cursor
+        if before.lstrip().startswith("."):
+            yield from self._meta(before.lstrip())
+            return
+        statement = current_statement(before)
+        word = _WORD.search(statement).group()
+        prefix = statement[:len(statement) - len(word)]
+        if word[:1].isdigit():
+            return  # a number: nothing to offer
+        terminals = accepts(prefix)
+        if terminals is None:
+            return
+        yield from self._names(prefix, word, terminals)
+        lower = bool(word) and word.islower()
+        kws = keywords()
+        for name in sorted(t for t in terminals if t in kws):
+            text = kws[name] if lower else kws[name].upper()
+            if text.lower().startswith(word.lower()):
+                yield Completion(text, -len(word), display_meta="keyword")
+
+    def _names(self, prefix: str, word: str, terminals: set[str]) -> Iterator[Completion]:
+        from . import samplers
+        from .settings import FORMATS, Settings
+
+        def offer(options, meta=lambda o: ""):
+            for option in options:
+                if option.lower().startswith(word.lower()):
+                    yield Completion(option, -len(word), display_meta=meta(option))
+
+        if "LAYER_NAME" in terminals:
+            for name, meta in self._layer_list():
+                shown = name if _LAYER_NAME.fullmatch(name) else '"' + name.replace('"', '\\"') + '"'
+                if name.lower().startswith(word.lower()):
+                    yield Completion(shown, -len(word), display_meta=meta)
+        if "NAME" not in terminals:
+            return
+        if _SAMPLER_NAME.search(prefix):
+            yield from offer(samplers.REGISTRY,
+                             lambda n: (samplers.REGISTRY[n].__doc__ or "").strip().split("\n")[0])
+            return
+        if _SET_NAME.search(prefix):
+            yield from offer(Settings.names(), lambda n: Settings().describe().get(n, ""))
+            return
+        set_value = _SET_VALUE.search(prefix)
+        if set_value and set_value.group(1).lower() == "format":
+            yield from offer(FORMATS)
+            return
+        call = _SAMPLER_ARGS.search(prefix)
+        if call and re.search(r"(\(|,)\s*$", prefix):
+            cls = samplers.REGISTRY.get(call.group(1).lower())
+            if cls is None:
+                return
+            used = set(re.findall(r"([A-Za-z_]\w*)\s*=", call.group(2)))
+            positional = sum(1 for arg in call.group(2).split(",") if arg.strip() and "=" not in arg)
+            params = [p for i, p in enumerate(cls.params())
+                      if p.name not in used and i >= positional]
+            for param in params:
+                if param.name.startswith(word.lower()):
+                    yield Completion(param.name + "=", -len(word),
+                                     display_meta=f"default {param.default!r}")
+
+    def _layer_list(self) -> list[tuple[str, str]]:
+        try:
+            return list(self.layers())
+        except Exception:  # noqa: BLE001 - no model, or it failed: completion just offers less
+            return []
+
+    def _meta(self, text: str) -> Iterator[Completion]:
+        command, space, argument = text.partition(" ")
+        if not space:
+            for name, help_text in self.meta_commands.items():
+                if name.startswith(command):
+                    yield Completion(name, -len(command), display_meta=help_text)
+            return
+        word = argument.split(" ")[-1]
+        for option in self.meta_arguments.get(command, ()):
+            if option.startswith(word):
+                yield Completion(option, -len(word))
+
+
+def connection_layers(conn) -> Callable[[], list[tuple[str, str]]]:
+    """Layer names with their type and shape, for the completer (probes the model once)."""
+
+    def layers() -> list[tuple[str, str]]:
+        return [(layer.name, f"{layer.type_name} {layer.shape_text()}")
+                for layer in conn.catalog.layers if layer.shape is not None]
+
+    return layers

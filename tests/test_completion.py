@@ -1,0 +1,159 @@
+"""The REPL's completer and highlighter, driven with Documents as pgcli's tests do."""
+from __future__ import annotations
+
+import pytest
+import torch
+from prompt_toolkit.document import Document
+from torch import nn
+
+import diagql
+from diagql.completion import DiagQLCompleter, accepts, connection_layers, keywords
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3)
+        self.conv2 = nn.Conv2d(2, 3, 3)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+
+
+@pytest.fixture(scope="module")
+def completer():
+    torch.manual_seed(0)
+    conn = diagql.connect(Net().eval(), (torch.rand(20, 1, 8, 8), torch.arange(20) % 10),
+                          cache_dir=False, progress=False)
+    return DiagQLCompleter(connection_layers(conn), {".help": "help", ".mode": "format"},
+                           {".mode": ("table", "json", "csv")})
+
+
+def complete(completer, text, cursor=None):
+    document = Document(text, len(text) if cursor is None else cursor)
+    return [c.text for c in completer.get_completions(document, None)]
+
+
+def test_keywords_come_from_the_grammar():
+    assert keywords()["TOPK"] == "topk" and keywords()["GROUP"] == "group"
+    assert "LAYER_NAME" not in keywords() and "INT" not in keywords()
+    assert accepts("TOPK 3 NEURONS IN ") == {"LAYER_NAME", "STRING"}
+    assert accepts("TOPK 3 ) ") is None
+
+
+def test_statement_keywords_at_the_start(completer):
+    assert set(complete(completer, "")) == {"ARGMAX", "AVG", "DESCRIBE", "EXPLAIN", "SET", "SHOW",
+                                            "TOPK"}
+    assert complete(completer, "to") == ["topk"]
+    assert complete(completer, "SHOW LAYERS; DESC") == ["DESCRIBE"]
+
+
+def test_layer_after_in(completer):
+    assert complete(completer, "TOPK 3 NEURONS IN c") == ["conv1", "conv2"]
+    assert "head.1" in complete(completer, "TOPK 3 NEURONS IN ")
+    assert complete(completer, "DESCRIBE head.") == ["head.0", "head.1"]
+
+
+def test_clauses_after_a_complete_query(completer):
+    offered = complete(completer, "TOPK 3 NEURONS IN conv2 ")
+    assert {"WHERE", "USING", "GROUP", "WITH", "BY"} <= set(offered)
+    assert "TOPK" not in offered and "conv2" not in offered
+    assert complete(completer, "TOPK 3 NEURONS IN conv2 wh") == ["where"]
+
+
+def test_where_fields_and_group_by_keys(completer):
+    assert set(complete(completer, "AVG NEURONS IN conv2 WHERE ")) >= {"CLASS", "CORRECT", "NOT"}
+    assert set(complete(completer, "AVG NEURONS IN conv2 GROUP BY ")) == {"CLASS", "CORRECT",
+                                                                         "PREDICTED"}
+
+
+def test_samplers_and_their_parameters(completer):
+    assert complete(completer, "TOPK 3 NEURONS IN conv2 USING SAMPLE s") == ["stratified"]
+    assert "maxmargin" in complete(completer, "TOPK 3 NEURONS IN conv2 USING SAMPLE ")
+    offered = complete(completer, "TOPK 3 NEURONS IN conv2 USING SAMPLE maxmargin(0.05, ")
+    assert "j=" in offered and "size=" not in offered
+    assert complete(completer, "AVG NEURONS IN conv2 USING SAMPLE maxmargin(j=0.5, me") == ["method="]
+
+
+def test_set_names_and_values(completer):
+    assert {"seed", "format", "max_rows"} <= set(complete(completer, "SET "))
+    assert complete(completer, "SET format = j") == ["json"]
+
+
+def test_completion_in_the_middle_of_the_text(completer):
+    text = "TOPK 3 NEURONS IN c WHERE correct"
+    assert complete(completer, text, cursor=len("TOPK 3 NEURONS IN c")) == ["conv1", "conv2"]
+
+
+def test_dot_commands(completer):
+    assert complete(completer, ".h") == [".help"]
+    assert complete(completer, ".mode j") == ["json"]
+
+
+def test_nothing_after_a_syntax_error(completer):
+    assert complete(completer, "TOPK TOPK ") == []
+
+
+def test_highlighting_classes_come_from_the_grammar():
+    from diagql.highlight import tokens
+
+    text = "topk 3 NEURONS IN conv2 WHERE class = 3 -- note\nUSING SAMPLE maxmargin(j='x'); 'oops"
+    pieces = list(tokens(text))
+    assert "".join(t for _, t in pieces) == text
+    classes = {t: c for c, t in pieces}
+    assert classes["topk"] == classes["WHERE"] == classes["SAMPLE"] == "keyword"
+    assert classes["3"] == "number" and classes["conv2"] == "name"
+    assert classes["-- note"] == "comment" and classes["'x'"] == "string"
+    assert classes["="] == "operator" and classes[";"] == "" and classes["'"] == "error"
+    assert classes["oops"] == "name"  # lexing goes on after the bad character
+
+
+def test_lexer_splits_lines():
+    from diagql.highlight import DiagQLLexer
+
+    get_line = DiagQLLexer().lex_document(Document("SHOW\n  LAYERS;"))
+    assert get_line(0) == [("class:keyword", "SHOW")]
+    assert get_line(1) == [("", "  "), ("class:keyword", "LAYERS"), ("", ";")]
+
+
+def test_a_session_through_pipe_input(tmp_path, monkeypatch):
+    """The whole REPL in-process: multi-line input, dot commands, an error, then Ctrl-D."""
+    import io
+
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+    from rich.console import Console
+
+    from diagql.repl import make_session, run_repl
+    from tests.models import digits, trained_mlp
+
+    monkeypatch.setenv("DIAGQL_HISTORY_FILE", str(tmp_path / "history"))
+    conn = diagql.connect(trained_mlp(), digits(), cache_dir=False, progress=False)
+    out, err = io.StringIO(), io.StringIO()
+    with create_pipe_input() as pipe:
+        pipe.send_text("TOPK 2 NEURONS IN head WHERE\r  class = 3;\r"
+                       "TOPK 2 NEURONS IN haed\r.mode csv\r.timer on\r"
+                       "TOPK 1 NEURONS IN head\r.layers\r\x04")
+        session = make_session(conn, input=pipe, output=DummyOutput())
+        status = run_repl(conn, Console(file=out, width=120), Console(file=err, width=120),
+                          session)
+    assert status == 0
+    printed = out.getvalue()
+    assert "head[" in printed and "matching items" in printed
+    assert "did you mean 'head'" in err.getvalue() and "Goodbye!" in err.getvalue()
+    assert "neuron,label,value" in printed and "Time: " in printed
+    assert "encoder.1" in printed
+    # one history entry for the whole multi-line statement
+    assert "+TOPK 2 NEURONS IN head WHERE\n+  class = 3;" in (tmp_path / "history").read_text()
+
+
+def test_help_examples_parse():
+    from diagql.meta import language_help
+    from diagql.parser import parse
+
+    text = language_help()
+    assert "SHOW LAYERS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text
+    for line in text.splitlines():
+        if line.startswith("  ") and line.rstrip().endswith(";"):
+            parse(line.strip())
