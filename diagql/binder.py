@@ -1,6 +1,7 @@
 """AST to bound query: names resolved against the model, the label set and the sampler registry."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from . import ast, samplers
@@ -100,6 +101,8 @@ def _check_predicate(pred: ast.Predicate, n_classes: int) -> None:
         _check_predicate(pred.operand, n_classes)
     elif isinstance(pred, ast.Compare) and pred.field in ("class", "predicted") and pred.op in ("=", "!="):
         _check_class(pred.field, pred.value, n_classes, pred.span)
+    elif isinstance(pred, ast.Compare) and not _finite(pred.value):
+        raise _error(f"{pred.field} is compared with a number beyond the range of floats", pred.span)
     elif isinstance(pred, ast.Member):
         if pred.field == "confidence":
             raise _error("IN compares exact values, which suits class and predicted, not "
@@ -108,7 +111,14 @@ def _check_predicate(pred: ast.Predicate, n_classes: int) -> None:
             _check_class(pred.field, value, n_classes, pred.span)
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 def _check_class(field: str, value, n_classes: int, span) -> None:
-    if value != int(value) or not 0 <= value < n_classes:
+    if not _finite(value) or value != int(value) or not 0 <= value < n_classes:
         raise _error(f"{field} {value} is outside the label set 0..{n_classes - 1} "
                      f"(the model has {n_classes} classes)", span)

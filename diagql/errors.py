@@ -1,6 +1,14 @@
 """The error hierarchy: every mistake a user can make surfaces as a DiagQLError subclass."""
 from __future__ import annotations
 
+import functools
+
+
+@functools.lru_cache(maxsize=4)
+def _lines(source: str) -> list[str]:
+    """A script's lines, split once: every error of a long script points into the same text."""
+    return source.split("\n")
+
 
 class DiagQLError(Exception):
     """Base class of every error DiagQL raises for a user mistake or an unanswerable query.
@@ -30,7 +38,7 @@ class DiagQLError(Exception):
     def source_line(self) -> str | None:
         if self.source is None or self.line is None:
             return None
-        lines = self.source.split("\n")
+        lines = _lines(self.source)
         return lines[self.line - 1].rstrip("\r") if 0 < self.line <= len(lines) else ""
 
     def caret(self) -> str | None:

@@ -130,12 +130,34 @@ def parse_piece(piece: Piece, source: str, start: str = "start") -> ast.Statemen
         tree = get_parser().parse(piece.text, start=start)
     except UnexpectedInput as exc:
         raise _friendly(exc, piece, offset, source, start) from None
+    _check_depth(tree, offset, source)
     try:
         return _ToAst(offset, source).transform(tree)
     except VisitError as exc:  # errors raised inside the transformer arrive wrapped
         if isinstance(exc.orig_exc, ParseError):
             raise exc.orig_exc from None
         raise
+
+
+# Deeper predicates (NOT NOT ..., or hundreds of ANDs in a row) would exhaust Python's stack in
+# the recursive passes that follow; parentheses alone do not count (the grammar inlines them).
+MAX_DEPTH = 200
+
+
+def _check_depth(tree, offset: "_Offset", source: str) -> None:
+    """Refuse a tree deeper than MAX_DEPTH, measured without recursion."""
+    from lark import Tree
+
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            span = offset.span(node.meta)
+            raise ParseError(f"the statement is nested too deeply (over {MAX_DEPTH} levels of "
+                             f"AND, OR and NOT); split the predicate",
+                             line=span.line if span else None,
+                             column=span.column if span else None, source=source)
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
 
 
 class _Offset:
@@ -325,7 +347,7 @@ def _build_transformer():
 
         # aggregates: each returns the Query fields it decides
         def topk(self, meta, children):
-            return {"aggregate": "topk", "k": int(children[1]), "unit": children[2],
+            return {"aggregate": "topk", "k": self._int(children[1]), "unit": children[2],
                     "k_span": self.offset.span(children[1])}
 
         def avg(self, meta, children):
@@ -404,7 +426,22 @@ def _build_transformer():
 
         # values keep their span so SET and sampler errors can point at them
         def number(self, meta, children):
-            return _Located(_number(children[0]), self._span(meta))
+            try:
+                value = _number(children[0])
+            except ValueError:  # Python refuses to convert integers of over 4,300 digits
+                raise self._too_long(children[0]) from None
+            return _Located(value, self._span(meta))
+
+        def _int(self, token) -> int:
+            try:
+                return int(token)
+            except ValueError:
+                raise self._too_long(token) from None
+
+        def _too_long(self, token) -> ParseError:
+            span = self.offset.span(token)
+            return ParseError(f"number with {len(str(token)):,} digits is too long", line=span.line,
+                              column=span.column, end_column=span.end_column, source=self.source)
 
         def string(self, meta, children):
             return _Located(_unquote(str(children[0])), self._span(meta))

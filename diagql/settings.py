@@ -36,8 +36,8 @@ class Settings:
                 value = int(value)  # SET seed = 1e3
             if isinstance(value, bool) or not isinstance(value, int):
                 raise BindError(f"{name} must be a whole number, not {value!r}")
-            if name != "seed" and value < 1:
-                raise BindError(f"{name} must be at least 1, not {value}")
+            if value < (0 if name == "seed" else 1):
+                raise BindError(f"{name} must be at least {0 if name == 'seed' else 1}, not {value}")
             return value
         if name == "format":
             value = str(value).lower()

@@ -114,7 +114,8 @@ def resolve_size(size, n_items: int) -> int:
 def _seed(random_state) -> int | None:
     if random_state is None:
         return None
-    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
-        raise BindError(f"random_state must be a whole number, not {random_state!r}",
+    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral) \
+            or random_state < 0:
+        raise BindError(f"random_state must be a whole number of at least 0, not {random_state!r}",
                         param="random_state")
     return int(random_state)
