@@ -101,12 +101,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, out, err) -> int:
     sources = _sources(args)
     interactive = not sources and sys.stdin.isatty()
-    conn = _connect(args)
-    conn.settings.format = args.format
     if interactive:
+        from .pending import PendingConnection
         from .repl import run_repl
 
-        return run_repl(conn, out, err)
+        # The prompt comes first; torch, the model and the data load behind it.
+        what = "the demo" if args.demo else (args.model or "no model")
+        return run_repl(PendingConnection(lambda: _connect(args), what), out, err)
+    conn = _connect(args)
     failed = False
     for name, text in sources:
         for outcome in conn.run_script(text):
@@ -141,6 +143,12 @@ def _sources(args) -> list[tuple[str, str]]:
 
 
 def _connect(args):
+    conn = _open(args)
+    conn.settings.format = args.format
+    return conn
+
+
+def _open(args):
     from .connection import Connection, connect
 
     progress = False if args.no_progress else None
