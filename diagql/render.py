@@ -25,6 +25,8 @@ def renderable(result: Result, max_rows: int = MAX_ROWS):
         return _info_table(result, max_rows)
     parts = [Text(result.statement, style="bold"), _query_table(result, max_rows)] \
         if result.statement else [_query_table(result, max_rows)]
+    # Below the table rather than as its caption, which rich would wrap to the table's width.
+    parts.append(Text(_caption(result), style="dim"))
     line = _estimate_line(result)
     if line is not None:
         parts.append(line)
@@ -49,7 +51,7 @@ def _info_table(result: Result, max_rows: int) -> Table:
 
 
 def _query_table(result: Result, max_rows: int) -> Table:
-    table = Table(caption=_caption(result), caption_justify="left")
+    table = Table()
     groups = result.groups
     group_by = result.plan.query.group_by if result.plan is not None else None
     if groups is not None:
