@@ -31,8 +31,9 @@ class ItemSource:
         elif isinstance(data, Dataset):
             self._dataset = data
         elif isinstance(data, (tuple, list)) and len(data) == 2:
-            self._pair = (_as_tensor(data[0], "X"), _as_labels(data[1]))
-            if len(self._pair[0]) != len(self._pair[1]):
+            # (X, None) is data without labels: queries that need none still work.
+            self._pair = (_as_tensor(data[0], "X"), None if data[1] is None else _as_labels(data[1]))
+            if self._pair[1] is not None and len(self._pair[0]) != len(self._pair[1]):
                 raise DiagQLError(f"X has {len(self._pair[0])} items but y has "
                                   f"{len(self._pair[1])} labels")
         else:
@@ -53,7 +54,7 @@ class ItemSource:
             X, y = self._pair
             for start in range(0, len(indices), batch_size):
                 idx = indices[start:start + batch_size]
-                yield idx, X[torch.from_numpy(idx)], y[idx]
+                yield idx, X[torch.from_numpy(idx)], None if y is None else y[idx]
             return
         loader = DataLoader(Subset(self._dataset, indices.tolist()), batch_size=batch_size,
                             shuffle=False, num_workers=self._workers,

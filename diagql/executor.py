@@ -34,6 +34,10 @@ class Runner:
         keys_of_items = plan.group_keys
         states: dict = {}
         batch_keys: list = [None]
+        # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
+        # ranking is meaningless, so they are counted over the whole pass and reported.
+        bad_items: list[int] = [0, -1]  # count, first item index
+        batch_items: list = [None]
 
         def state(key):
             if key not in states:
@@ -44,6 +48,12 @@ class Runner:
             # Reduce here, inside the hook: a later in-place op may overwrite `output`.
             values = output.detach().to(torch.float64)
             values = values.flatten(2).mean(dim=2) if query.unit == "channels" else values.flatten(1)
+            bad = ~torch.isfinite(values).all(dim=1)
+            if bool(bad.any()):
+                if bad_items[0] == 0:
+                    bad_items[1] = int(batch_items[0][int(bad.nonzero()[0, 0])])
+                bad_items[0] += int(bad.sum())
+                return
             keys = batch_keys[0]
             if keys is None:
                 state(None).update(values)
@@ -57,12 +67,18 @@ class Runner:
                 self.progress.task(description, len(plan.items)) as advance:
             for idx, x, _ in self.source.batches(plan.items, self.batch_size):
                 hooks.reset()
+                batch_items[0] = idx
                 if keys_of_items is not None:
                     batch_keys[0] = keys_of_items[position:position + len(idx)]
                 call_model(self.model, to_device(x, self.device, self.dtype))
                 hooks.check_ran()
                 position += len(idx)
                 advance(len(idx))
+        if bad_items[0]:
+            raise ExecutionError(
+                f"layer {plan.bound.layer.name!r} has NaN or infinite activations for "
+                f"{bad_items[0]:,} of {len(plan.items):,} items (the first is item "
+                f"{bad_items[1]}); DiagQL does not average over them")
         return states
 
     def answer(self, plan: Plan) -> Result:

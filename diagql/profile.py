@@ -17,13 +17,16 @@ from .progress import Progress
 class Profile:
     """What predicates and samplers read, so that only the items they select need activations."""
 
-    labels: np.ndarray  # int64, the true class of each item
+    labels: np.ndarray  # int64, the true class of each item; -1 for all when has_labels is False
     predictions: np.ndarray  # int64, argmax of the model's output
     confidence: np.ndarray  # float64, softmax probability of the prediction
     latents: np.ndarray  # float32 (N, d): the latent vector of each item
     n_classes: int
     latent_layer: str  # "input of fc3", "fc2", or "output"
     seconds: float  # wall time of the pass, the basis of EXPLAIN's cost estimate
+    # Data without labels (bare x items, or a pair (X, None)) still answers the queries that
+    # read only predictions; the connection refuses the others when it binds them.
+    has_labels: bool = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -33,6 +36,9 @@ class Profile:
         return self.labels == self.predictions
 
     def confusion_matrix(self) -> np.ndarray:
+        if not self.has_labels:  # -1 labels would index the last row
+            raise DiagQLError("the data has no labels, so there is no confusion matrix: "
+                              "connect data of (x, y) items to see it")
         n = max(self.n_classes, int(self.labels.max(initial=-1)) + 1)
         matrix = np.zeros((n, n), dtype=np.int64)
         np.add.at(matrix, (self.labels, self.predictions), 1)
@@ -62,11 +68,10 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     pre = {latent: keep} if latent is not None and latent_is_input else {}
     started = time.perf_counter()
     position = 0
+    has_labels = True
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
             progress.task("profiling the data", n) as advance:
         for idx, x, y in source.batches(np.arange(n), batch_size):
-            if y is None:
-                raise DiagQLError("the data has no labels: DiagQL needs (x, y) items")
             hooks.reset()
             captured.clear()
             logits = _logits(call_model(model, to_device(x, device, dtype)))
@@ -75,7 +80,11 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
             probs = torch.softmax(logits.to(torch.float64), dim=1)
             conf, pred = probs.max(dim=1)
             batch = slice(position, position + len(idx))
-            labels[batch], predictions[batch] = y, pred.cpu().numpy()
+            if y is None:
+                has_labels = False
+            else:
+                labels[batch] = y
+            predictions[batch] = pred.cpu().numpy()
             confidence[batch] = conf.cpu().numpy()
             z = captured[0] if captured else logits.detach().to("cpu", torch.float32)
             if latents is None:
@@ -84,12 +93,27 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
             position += len(idx)
             advance(len(idx))
     n_classes = int(logits.shape[1])
+    if has_labels:
+        _check_labels(labels, n_classes)
+    else:
+        labels[:] = -1  # some items came without labels: treat the data as unlabelled
     if latent is None:
         layer = "output"
     else:
         layer = f"input of {latent}" if latent_is_input else latent
     return Profile(labels, predictions, confidence, latents, n_classes, layer,
-                   time.perf_counter() - started)
+                   time.perf_counter() - started, has_labels)
+
+
+def _check_labels(labels: np.ndarray, n_classes: int) -> None:
+    """Every label must be one of the model's classes, or class predicates and samplers would
+    silently count items that the model can never get right."""
+    outside = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if len(outside):
+        first = int(outside[0])
+        raise DiagQLError(f"label {int(labels[first])} of item {first} is outside the model's "
+                          f"classes 0..{n_classes - 1} (the model has {n_classes} outputs); "
+                          f"{len(outside):,} of {len(labels):,} items have such labels")
 
 
 def _logits(output) -> torch.Tensor:

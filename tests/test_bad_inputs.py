@@ -1,0 +1,263 @@
+"""Bad models and data: each gets one clear DiagQLError, and the model is handed back as it came."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql.errors import BindError, DiagQLError, ExecutionError
+from tests import bad_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def connect(model, data, **kwargs):
+    return diagql.connect(model, data, batch_size=kwargs.pop("batch_size", 16), cache_dir=False,
+                          **kwargs)
+
+
+# --- the model's state -------------------------------------------------------------------------
+
+def state_of(model: torch.nn.Module) -> dict:
+    """Everything a statement must leave as it was: tensors, training flags and hooks."""
+    return {"tensors": {name: t.clone() for name, t in model.state_dict().items()},
+            "training": [m.training for m in model.modules()],
+            "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]}
+
+
+def assert_same_state(model: torch.nn.Module, before: dict) -> None:
+    after = state_of(model)
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, tensor in before["tensors"].items():
+        assert torch.equal(after["tensors"][name], tensor), f"{name} changed"
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+
+
+def trained_net(**kwargs) -> bad_models.Net:
+    """In training mode, with non-trivial BatchNorm statistics and a hook of the user's own."""
+    model = bad_models.Net(**kwargs)
+    model.train()
+    X, _ = bad_models.data()
+    with torch.no_grad():
+        model(X)  # BatchNorm's running statistics move away from their defaults
+    model.calls = 0
+    model.fc2.eval()  # one submodule in another mode
+    model.fc1.register_forward_hook(lambda module, inputs, output: None)
+    model.bn.register_forward_pre_hook(lambda module, inputs: None)
+    return model
+
+
+def test_state_is_kept_after_a_successful_statement():
+    model = trained_net()
+    before = state_of(model)
+    db = connect(model, bad_models.data())
+    for text in ("SHOW LAYERS", "AVG NEURONS IN bn WHERE class = 1",
+                 "TOPK 2 NEURONS IN fc1 USING SAMPLE stratified(0.5) WITH BASELINE"):
+        db.query(text)
+        assert_same_state(model, before)
+
+
+def test_state_is_kept_when_forward_raises_midway():
+    model = trained_net()
+    before = state_of(model)
+    db = connect(model, bad_models.data())
+    db.profile  # noqa: B018 - 1 probe call + 3 batches of 16
+    model.fail_on = model.calls + 2  # the query's 2nd batch
+    with pytest.raises(ExecutionError, match="the model's forward raised ValueError: forward "
+                                             "failed on purpose"):
+        db.query("AVG NEURONS IN bn")
+    assert_same_state(model, before)
+
+
+def test_state_is_kept_after_keyboard_interrupt_on_the_second_batch():
+    model = trained_net()
+    before = state_of(model)
+    db = connect(model, bad_models.data())
+    db.profile  # noqa: B018
+    model.fail_on, model.fail_with = model.calls + 2, KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        db.query("AVG NEURONS IN fc1 GROUP BY class")
+    assert_same_state(model, before)
+    # ...and in the profile pass, on a fresh connection.
+    model.calls, model.fail_on = 0, 3  # probe, 1st batch, then the 2nd batch raises
+    with pytest.raises(KeyboardInterrupt):
+        connect(model, bad_models.data()).query("AVG NEURONS IN fc1")
+    assert_same_state(model, before)
+    model.fail_on = 0
+    db.query("AVG NEURONS IN fc1")  # the connection still works
+    assert_same_state(model, before)
+
+
+# --- bad models ----------------------------------------------------------------------------------
+
+def test_forward_that_raises_is_named():
+    db = connect(bad_models.raising(), bad_models.data())
+    with pytest.raises(ExecutionError) as info:
+        db.query("AVG NEURONS IN fc1")
+    assert info.value.message == "the model's forward raised ValueError: forward failed on purpose"
+
+
+def test_layer_that_never_runs():
+    db = connect(bad_models.net(), bad_models.data())
+    with pytest.raises(BindError, match="layer 'unused' does not run in the model's forward pass"):
+        db.query("AVG NEURONS IN unused")
+
+
+def test_module_that_runs_twice():
+    db = connect(bad_models.net(), bad_models.data())
+    with pytest.raises(BindError, match=r"layer 'shared' runs 2 times per forward pass \(a shared "
+                                        r"module\), so it has no single activation"):
+        db.query("AVG NEURONS IN shared")
+
+
+def test_nan_activations_are_reported_not_averaged():
+    db = connect(bad_models.nan_net(), bad_models.nan_data())
+    with pytest.raises(ExecutionError) as info:
+        db.query("AVG NEURONS IN bn")
+    assert info.value.message == ("layer 'bn' has NaN or infinite activations for 3 of 40 items "
+                                  "(the first is item 3); DiagQL does not average over them")
+    with pytest.raises(ExecutionError, match="for 2 of 14 items"):  # class = 0: items 3 and 30
+        db.query("TOPK 2 NEURONS IN bn WHERE class = 0")
+    for text in ("AVG NEURONS IN bn WHERE class = 2",  # items 3k+2: none marked
+                 "AVG NEURONS IN fc1"):  # the NaN comes after fc1
+        assert np.all(np.isfinite(db.query(text).values)), text
+
+
+def test_infinite_activations_are_reported():
+    X, y = bad_models.data()
+    X[10] = float("inf")
+    db = connect(bad_models.net(), (X, y))
+    with pytest.raises(ExecutionError, match=r"layer 'fc1' has NaN or infinite activations for 1 "
+                                             r"of 40 items \(the first is item 10\)"):
+        db.query("ARGMAX NEURONS IN fc1")
+
+
+# --- bad data ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data", [bad_models.unlabelled, bad_models.BareX],
+                         ids=["pair-with-None", "bare-x-dataset"])
+def test_data_without_labels_answers_what_needs_none(data):
+    db = connect(bad_models.net(), data())
+    labelled = connect(bad_models.net(), bad_models.data())
+    for text in ("AVG NEURONS IN fc1", "TOPK 3 NEURONS IN bn", "ARGMAX NEURONS IN fc1",
+                 "AVG NEURONS IN fc1 WHERE predicted = 1 AND confidence > 0.2",
+                 "AVG NEURONS IN fc1 GROUP BY predicted",
+                 "AVG NEURONS IN fc1 USING SAMPLE random(0.5)"):
+        result, truth = db.query(text), labelled.query(text)
+        assert result.n_items == truth.n_items, text
+        if result.groups is None:
+            assert np.allclose(result.values, truth.values), text
+    assert not db.profile.has_labels and np.all(db.profile.labels == -1)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("AVG NEURONS IN fc1 WHERE class = 1",
+     "WHERE class = 1 needs the true labels, but the data has none (its items are bare x, or y "
+     "is None); filter on predicted or confidence instead"),
+    ("AVG NEURONS IN fc1 WHERE predicted = 0 AND NOT incorrect",
+     "WHERE incorrect needs the true labels"),
+    ("TOPK 2 NEURONS IN fc1 WHERE correct", "WHERE correct needs the true labels"),
+    ("AVG NEURONS IN fc1 GROUP BY class",
+     "GROUP BY class needs the true labels, but the data has none (its items are bare x, or y "
+     "is None); GROUP BY predicted works"),
+    ("AVG NEURONS IN fc1 GROUP BY correct", "GROUP BY correct needs the true labels"),
+    ("AVG NEURONS IN fc1 USING SAMPLE stratified(0.5)",
+     "sampler 'stratified' draws by the true labels, but the data has none (its items are bare "
+     "x, or y is None); use one that does not, such as random"),
+    ("AVG NEURONS IN fc1 USING SAMPLE maxmargin(0.5)", "sampler 'maxmargin' draws by the true"),
+])
+def test_data_without_labels_refuses_what_needs_them(text, message):
+    db = connect(bad_models.net(), bad_models.unlabelled())
+    with pytest.raises(BindError) as info:
+        db.query(text)
+    assert info.value.message.startswith(message)
+    if "WHERE" in message or "sampler" in message:
+        assert info.value.column is not None  # underlined in the query
+
+
+def test_data_without_labels_in_sample_and_show_profile():
+    db = connect(bad_models.net(), bad_models.unlabelled())
+    with pytest.raises(BindError, match="sampler 'stratified' draws by the true labels"):
+        db.sample("stratified(0.5)")
+    assert len(db.sample("random(0.5)")) == 20
+    with pytest.raises(DiagQLError, match="the data has no labels, so there is no confusion matrix"):
+        db.query("SHOW PROFILE")
+
+
+def test_data_without_labels_through_the_disk_cache(tmp_path):
+    """The flag survives the cache, or is not cached at all; either way it stays right."""
+    for _ in range(2):
+        db = diagql.connect(bad_models.net(), bad_models.unlabelled(), cache_dir=tmp_path)
+        assert not db.profile.has_labels
+        with pytest.raises(BindError, match="needs the true labels"):
+            db.query("AVG NEURONS IN fc1 WHERE incorrect")
+    for _ in range(2):
+        db = diagql.connect(bad_models.net(), bad_models.data(), cache_dir=tmp_path)
+        assert db.profile.has_labels
+        db.query("AVG NEURONS IN fc1 WHERE incorrect")
+
+
+def test_labels_outside_the_models_classes():
+    db = connect(bad_models.net(), bad_models.bad_labels())
+    with pytest.raises(DiagQLError) as info:
+        db.query("AVG NEURONS IN fc1")
+    assert info.value.message == ("label 12 of item 5 is outside the model's classes 0..2 (the "
+                                  "model has 3 outputs); 1 of 40 items have such labels")
+    X, y = bad_models.data()
+    with pytest.raises(DiagQLError, match="label -1 of item 0 is outside the model's classes 0..2"):
+        connect(bad_models.net(), (X, y - 1)).query("AVG NEURONS IN fc1")
+
+
+def test_empty_predicate_result():
+    db = connect(bad_models.net(), bad_models.data())
+    with pytest.raises(ExecutionError) as info:
+        db.query("AVG NEURONS IN fc1 WHERE confidence > 1")
+    assert info.value.message == "no items match WHERE confidence > 1 (0 of 40 items)"
+
+
+def test_sample_larger_than_the_data():
+    db = connect(bad_models.net(), bad_models.data())
+    with pytest.raises(BindError) as info:
+        db.query("AVG NEURONS IN fc1 USING SAMPLE random(41)")
+    assert info.value.message == "size 41 is not between 1 and the 40 items of the data set"
+    assert info.value.column == 40  # the size is underlined
+
+
+# --- the CLI: one clear line, exit status 1, no traceback -------------------------------------------
+
+def diagql_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "diagql", *args], text=True,
+                          capture_output=True, cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("model, data, statement, message", [
+    ("raising", "data", "AVG NEURONS IN fc1",
+     "error: the model's forward raised ValueError: forward failed on purpose"),
+    ("net", "unlabelled", "AVG NEURONS IN fc1 WHERE class = 1",
+     "WHERE class = 1 needs the true labels"),
+    ("net", "bad_labels", "AVG NEURONS IN fc1",
+     "error: label 12 of item 5 is outside the model's classes 0..2"),
+    ("nan_net", "nan_data", "AVG NEURONS IN bn",
+     "error: layer 'bn' has NaN or infinite activations for 3 of 40 items"),
+])
+def test_cli_reports_bad_models_and_data_in_one_line(model, data, statement, message):
+    done = diagql_cli("--model", f"tests.bad_models:{model}", "--data", f"tests.bad_models:{data}",
+                      "-e", statement)
+    assert done.returncode == 1, done.stdout
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_answers_a_query_on_data_without_labels():
+    done = diagql_cli("--model", "tests.bad_models:net", "--data", "tests.bad_models:unlabelled",
+                      "-e", "TOPK 2 NEURONS IN fc1")
+    assert done.returncode == 0, done.stderr
+    assert "fc1[" in done.stdout
