@@ -261,3 +261,25 @@ def test_cli_answers_a_query_on_data_without_labels():
                       "-e", "TOPK 2 NEURONS IN fc1")
     assert done.returncode == 0, done.stderr
     assert "fc1[" in done.stdout
+
+
+def test_cli_reports_corrupt_weights(tmp_path):
+    path = tmp_path / "corrupt.pt"
+    path.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    done = diagql_cli("--model", "tests.bad_models:net", "--weights", str(path), "--data",
+                      "tests.bad_models:data", "-e", "SHOW LAYERS")
+    assert done.returncode == 1
+    assert "is not a readable torch checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_requested_where_none_exists():
+    from tests import bad_models
+
+    with pytest.raises(diagql.DiagQLError, match="no CUDA GPU"):
+        diagql.connect(bad_models.net(), bad_models.data(), device="cuda")
+    done = diagql_cli("--model", "tests.bad_models:net", "--data", "tests.bad_models:data",
+                      "--device", "cuda", "-e", "SHOW LAYERS")
+    assert done.returncode == 1
+    assert "no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
