@@ -439,3 +439,23 @@ def test_fingerprints():
     assert data_fingerprint(arrays) == data_fingerprint((arrays[0].copy(), arrays[1]))
     assert data_fingerprint((X.bfloat16(), y)) is not None
     assert data_fingerprint((np.array([object()] * 3), [0, 1, 2])) is None
+
+
+def test_a_writer_killed_mid_write_leaves_no_half_entry(tmp_path):
+    """SIGKILL a process while it writes large entries: whenever it dies, a reader finds either
+    a whole entry or none (it recomputes), never half a file."""
+    import signal
+    import time
+
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "3"])
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.rglob("*")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until it has started writing
+    time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)  # a half-written entry would warn
+        arrays = Cache(tmp_path).load("profile", "k" * 64)
+    if arrays is not None:
+        assert len(np.unique(arrays["a"])) == 1 and len(arrays["a"]) == 250_000
