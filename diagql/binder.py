@@ -122,3 +122,37 @@ def _check_class(field: str, value, n_classes: int, span) -> None:
     if not _finite(value) or value != int(value) or not 0 <= value < n_classes:
         raise _error(f"{field} {value} is outside the label set 0..{n_classes - 1} "
                      f"(the model has {n_classes} classes)", span)
+
+
+NO_LABELS = "the data has none (its items are bare x, or y is None)"
+
+
+def sampler_needs_labels(name: str) -> str:
+    return (f"sampler {name!r} draws by the true labels, but {NO_LABELS}; use one that does "
+            f"not, such as random")
+
+
+def require_labels(query: ast.Query) -> None:
+    """For data without labels: refuse a query that reads the true labels (the others, over
+    predictions and confidence, are answered)."""
+    def first_use(pred):
+        if isinstance(pred, (ast.And, ast.Or)):
+            return first_use(pred.left) or first_use(pred.right)
+        if isinstance(pred, ast.Not):
+            return first_use(pred.operand)
+        if isinstance(pred, ast.Flag) or getattr(pred, "field", None) == "class":
+            return pred
+        return None
+
+    use = first_use(query.where) if query.where is not None else None
+    if use is not None:
+        from .planner import predicate_text
+
+        raise _error(f"WHERE {predicate_text(use)} needs the true labels, but {NO_LABELS}; "
+                     f"filter on predicted or confidence instead", use.span)
+    if query.group_by in ("class", "correct"):
+        raise _error(f"GROUP BY {query.group_by} needs the true labels, but {NO_LABELS}; "
+                     f"GROUP BY predicted works", None)
+    if isinstance(query.source, ast.SamplerCall) and \
+            samplers.sampler_class(query.source.name).needs_labels:
+        raise _error(sampler_needs_labels(query.source.name), query.source.span)

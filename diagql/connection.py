@@ -11,7 +11,8 @@ from torch import nn
 
 from . import ast, samplers
 from . import profile as profile_module
-from .binder import _error, bind_layer, bind_query, bind_sampler
+from .binder import (bind_layer, bind_query, bind_sampler, require_labels,
+                     sampler_needs_labels)
 from .cache import Cache, cache_key, data_fingerprint, model_fingerprint, source_digest
 from .data import ItemSource
 from .errors import BindError, DiagQLError
@@ -279,7 +280,7 @@ class Connection:
         profile = self.profile
         profiled_at = time.perf_counter()
         if not profile.has_labels:
-            _require_labels(query)
+            require_labels(query)
         sample, sample_seconds = (None, 0.0)
         if bound.sampler is not None:
             sample, sample_seconds = self._sample(bound.sampler)
@@ -334,8 +335,8 @@ class Connection:
         if spec in self._samples:
             return self._samples[spec][0], 0.0
         profile = self.profile
-        if not profile.has_labels and sampler.name in LABELLED_SAMPLERS:
-            raise BindError(_sampler_needs_labels(sampler.name))
+        if not profile.has_labels and sampler.needs_labels:
+            raise BindError(sampler_needs_labels(sampler.name))
         key = self._sample_key(sampler)
         if key is not None:
             cached = self.cache.load("sample", key, self._decode_sample)
@@ -372,42 +373,6 @@ class Connection:
             return "<diagql.Connection (no model)>"
         return (f"<diagql.Connection {type(self.model).__name__} over {len(self.source):,} items "
                 f"on {self.device}>")
-
-
-# Samplers that read SampleData.labels (stratified cells, the SVM trained on the true labels).
-LABELLED_SAMPLERS = frozenset({"stratified", "maxmargin", "weighted"})
-
-
-def _require_labels(query: ast.Query) -> None:
-    """Data without labels answers queries over predictions; refuse those that read the truth."""
-    def first_use(pred):
-        if isinstance(pred, (ast.And, ast.Or)):
-            return first_use(pred.left) or first_use(pred.right)
-        if isinstance(pred, ast.Not):
-            return first_use(pred.operand)
-        if isinstance(pred, ast.Flag) or getattr(pred, "field", None) == "class":
-            return pred
-        return None
-
-    use = first_use(query.where) if query.where is not None else None
-    if use is not None:
-        from .planner import predicate_text
-
-        raise _error(f"WHERE {predicate_text(use)} needs the true labels, but {NO_LABELS}; "
-                     f"filter on predicted or confidence instead", use.span)
-    if query.group_by in ("class", "correct"):
-        raise _error(f"GROUP BY {query.group_by} needs the true labels, but {NO_LABELS}; "
-                     f"GROUP BY predicted works", None)
-    if isinstance(query.source, ast.SamplerCall) and query.source.name in LABELLED_SAMPLERS:
-        raise _error(_sampler_needs_labels(query.source.name), query.source.span)
-
-
-NO_LABELS = "the data has none (its items are bare x, or y is None)"
-
-
-def _sampler_needs_labels(name: str) -> str:
-    return (f"sampler {name!r} draws by the true labels, but {NO_LABELS}; use one that does "
-            f"not, such as random")
 
 
 def _resolve_device(device, model: nn.Module) -> torch.device:

@@ -43,6 +43,8 @@ class Sampler:
     # True when every item within a stratum the predicates can name (true class, predicted
     # class) is equally likely to be drawn; accuracy estimates assume this.
     uniform: ClassVar[bool] = False
+    # True when the sampler reads the true labels: data without labels cannot use it.
+    needs_labels: ClassVar[bool] = False
     _domains: ClassVar[dict[str, str]] = {
         "size": "a fraction in (0, 1] or a whole number of items",
         "random_state": "a whole number (defaults to SET seed)",

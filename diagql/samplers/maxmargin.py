@@ -48,6 +48,7 @@ class MaxMarginSampler(Sampler):
     """
 
     name = "maxmargin"
+    needs_labels = True  # the SVM is trained on the true labels
     description = ("linear SVM on the latents (true labels), Platt-scaled: a share j of items on "
                    "the model's decision boundaries, the rest exemplars")
     _domains = {**Sampler._domains,

@@ -11,6 +11,7 @@ class StratifiedSampler(Sampler):
     description = ("strata = confusion-matrix cells; proportional allocation with at least one "
                    "item from every non-empty cell")
     uniform = True
+    needs_labels = True
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
         cells = data.labels.astype(np.int64) * (data.n_classes + 1) + data.predictions

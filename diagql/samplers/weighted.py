@@ -21,6 +21,7 @@ class WeightedSampler(Sampler):
     ``Generator.choice(replace=False, p=weights / weights.sum())``."""
 
     name = "weighted"
+    needs_labels = True  # the SVM is trained on the true labels
     description = ("weighted sampling without replacement, weight = 1 / likelihood ratio "
                    "(clipped) under the max-margin classifier")
 
