@@ -109,11 +109,11 @@ def _run(args, out, err) -> int:
         what = "the demo" if args.demo else (args.model or "no model")
         return run_repl(PendingConnection(lambda: _connect(args), what), out, err)
     conn = _connect(args)
+    from .errors import DiagQLError
+
     failed = False
     for name, text in sources:
         for outcome in conn.run_script(text):
-            from .errors import DiagQLError
-
             if isinstance(outcome, DiagQLError):
                 _print_error(err, outcome, name)
                 failed = True
