@@ -160,7 +160,8 @@ def compare(approx: Result, exact: Result) -> None:
     if exact.groups is not None:
         approx.groups = approx.groups or {}
         for key, exact_group in exact.groups.items():
-            group = approx.groups.setdefault(key, _empty_like(approx))
+            # A group the sample missed: the empty answer _single gives a group without items.
+            group = approx.groups.setdefault(key, _single(approx.plan, None, 0))
             group.baseline = exact_group
             group.metrics[name] = _metric(name, group, exact_group)
         approx.groups = dict(sorted(approx.groups.items(), key=lambda kv: (isinstance(kv[0], bool), kv[0])))
@@ -171,11 +172,6 @@ def compare(approx: Result, exact: Result) -> None:
     query_s, full_s = approx.timings.get("query"), approx.timings.get("baseline")
     if query_s and full_s:
         approx.metrics["speedup"] = full_s / query_s
-
-
-def _empty_like(result: Result) -> Result:
-    return Result(kind=result.kind, statement=result.statement, layer=result.layer,
-                  unit=result.unit, source=result.source, plan=result.plan)
 
 
 def _metric(name: str, approx: Result, exact: Result) -> float:
