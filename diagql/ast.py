@@ -146,7 +146,7 @@ class Explain:
 
 @dataclass(frozen=True)
 class Show:
-    what: str  # "layers" | "samplers" | "profile" | "settings"
+    what: str  # "layers" | "samplers" | "profile" | "settings" | "cache"
     span: Span | None = _span()
     text: str = field(default="", compare=False)
 
@@ -168,4 +168,47 @@ class SetStatement:
     text: str = field(default="", compare=False)
 
 
-Statement = Union[Query, Explain, Show, Describe, SetStatement]
+@dataclass(frozen=True)
+class ClearCache:
+    """``CLEAR CACHE``: remove this model and data's entries from the disk cache."""
+
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Literal:
+    """A number or string written in a statement, with where it is (for errors that point)."""
+
+    value: object
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """``SWEEP j IN (0.1, 0.5, 0.9)``: one evaluation per value of a sampler parameter."""
+
+    param: str
+    values: tuple[Literal, ...]
+    span: Span | None = _span()  # the parameter's name
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """``EVALUATE SAMPLERS s1, s2 AT 0.05, 0.1 [K 10] [LAYERS l1, l2] [SEEDS 5] [SWEEP j IN (...)]
+    [PLOT 'file.png']`` (clauses in any order): the paper's S1/S2/S3 workload benchmark. Empty
+    tuples and None are clauses left out (every sampler, the default sizes, K 10, the default
+    layers, 5 seeds)."""
+
+    samplers: tuple[SamplerCall, ...] = ()
+    sizes: tuple[Literal, ...] = ()
+    ks: tuple[Literal, ...] = ()
+    layers: tuple[LayerRef, ...] = ()
+    seeds: Literal | None = None
+    sweep: Sweep | None = None
+    plot: Literal | None = None
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+
+Statement = Union[Query, Explain, Show, Describe, SetStatement, ClearCache, Evaluate]

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -32,28 +33,60 @@ _HEADER = "__diagql__"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class Cache:
-    """Entries by (kind, key) under one directory; ``root=None`` is a cache that holds nothing."""
+DEFAULT_LIMIT = 2 * 1024 ** 3  # bytes on disk, all entries together
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
+          "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3,
+          "t": 1024 ** 4, "tb": 1024 ** 4, "tib": 1024 ** 4}
 
-    def __init__(self, root: str | os.PathLike | None):
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of the cache, as SHOW CACHE lists it."""
+
+    kind: str
+    key: str
+    path: Path
+    bytes: int
+    used: float  # last read or write (the file's modification time), for LRU eviction
+
+
+class Cache:
+    """Entries by (kind, key) under one directory; ``root=None`` is a cache that holds nothing.
+
+    ``limit`` bounds the bytes of all entries together: after a write, the least recently
+    used entries (by the time they were last read or written) are removed until the rest fit.
+    """
+
+    def __init__(self, root: str | os.PathLike | None, limit: int = DEFAULT_LIMIT):
         self.root = None if root is None else Path(root)
+        self.limit = limit
         self.hits = 0
         self.misses = 0
         self.writes = 0
+        self.evictions = 0
+        self.by_kind: dict[str, dict[str, int]] = {}  # kind -> {"hits": n, "misses": n}
         self._writable = self.root is not None
 
     @classmethod
-    def resolve(cls, cache_dir=None) -> "Cache":
+    def resolve(cls, cache_dir=None, limit=None) -> "Cache":
         """``None``: ``$DIAGQL_CACHE_DIR``, else the platform's cache dir; ``False``: no cache;
-        a path: that directory (created on the first write)."""
+        a path: that directory (created on the first write). ``limit``: bytes or a size such
+        as ``"500MB"``; default ``$DIAGQL_CACHE_LIMIT``, else 2 GiB."""
+        limit = parse_size(limit if limit is not None else
+                           os.environ.get("DIAGQL_CACHE_LIMIT") or DEFAULT_LIMIT)
         if cache_dir is False:
-            return cls(None)
+            return cls(None, limit)
         if cache_dir is None:
             cache_dir = os.environ.get("DIAGQL_CACHE_DIR") or default_cache_dir()
         if not isinstance(cache_dir, (str, os.PathLike)):
             raise DiagQLError(f"cache_dir must be a path, None (the default place) or False (no "
                               f"cache), not {cache_dir!r}")
-        return cls(Path(os.path.expanduser(os.fspath(cache_dir))))
+        return cls(Path(os.path.expanduser(os.fspath(cache_dir))), limit)
+
+    def _count(self, kind: str, outcome: str) -> None:
+        setattr(self, outcome, getattr(self, outcome) + 1)
+        counts = self.by_kind.setdefault(kind, {"hits": 0, "misses": 0})
+        counts[outcome] += 1
 
     @property
     def enabled(self) -> bool:
@@ -79,29 +112,33 @@ class Cache:
             with open(path, "rb") as file:
                 arrays = _read(file, kind, key)
         except (FileNotFoundError, NotADirectoryError):
-            self.misses += 1
+            self._count(kind, "misses")
             return None
         except OSError as exc:  # unreadable (permissions): skip it, but leave it alone
             warnings.warn(f"cannot read the cache entry {path}: {exc}; recomputing it",
                           DiagQLWarning, stacklevel=2)
-            self.misses += 1
+            self._count(kind, "misses")
             return None
         except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises, it is a miss
-            self._reject(path, f"{type(exc).__name__}: {exc}")
+            self._reject(path, kind, f"{type(exc).__name__}: {exc}")
             return None
         if decode is not None:
             try:
                 arrays = decode(arrays)
             except (KeyError, TypeError, ValueError) as exc:
-                self._reject(path, str(exc) if isinstance(exc, ValueError) else
+                self._reject(path, kind, str(exc) if isinstance(exc, ValueError) else
                              f"{type(exc).__name__}: {exc}")
                 return None
-        self.hits += 1
+        self._count(kind, "hits")
+        try:
+            os.utime(path)  # recently used: the last to be evicted
+        except OSError:
+            pass
         return arrays
 
-    def _reject(self, path: Path, reason: str) -> None:
+    def _reject(self, path: Path, kind: str, reason: str) -> None:
         """Report a damaged or foreign entry and remove it, so that the next store replaces it."""
-        self.misses += 1
+        self._count(kind, "misses")
         warnings.warn(f"ignoring the damaged cache entry {path} ({reason}); recomputing it",
                       DiagQLWarning, stacklevel=3)
         try:
@@ -115,6 +152,9 @@ class Cache:
         if not self._writable:
             return
         path = self.path(kind, key)
+        size = sum(np.asarray(value).nbytes for value in arrays.values())
+        if size > self.limit:
+            return  # it could only be kept by evicting everything else, and would not fit
         header = {"format": FORMAT_VERSION, "kind": kind, "key": key, "diagql": __version__,
                   "created": time.time(), "meta": meta}
         payload = {name: np.asarray(value) for name, value in arrays.items()}
@@ -146,11 +186,91 @@ class Cache:
                 except OSError:
                     pass
         self.writes += 1
+        self.evict(keep=path)
+
+    # --- what is there, and making room -------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        """Every entry on disk (oldest use first); temporary files of writers are left out."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        found = []
+        for kind_dir in self.root.iterdir():
+            if not (kind_dir.is_dir() and _NAME.match(kind_dir.name)):
+                continue
+            for path in kind_dir.glob("*.npz"):
+                if not _NAME.match(path.stem):
+                    continue  # .tmp-* files of a write in progress
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue  # removed meanwhile
+                found.append(Entry(kind_dir.name, path.stem, path, stat.st_size, stat.st_mtime))
+        return sorted(found, key=lambda e: (e.used, str(e.path)))
+
+    def usage(self) -> int:
+        return sum(entry.bytes for entry in self.entries())
+
+    def evict(self, keep: Path | None = None) -> list[Entry]:
+        """Remove the least recently used entries until the rest fit within the limit."""
+        entries = self.entries()
+        total = sum(entry.bytes for entry in entries)
+        removed = []
+        for entry in entries:
+            if total <= self.limit:
+                break
+            if entry.path == keep:
+                continue
+            try:
+                entry.path.unlink()
+            except OSError:
+                continue
+            total -= entry.bytes
+            removed.append(entry)
+        self.evictions += len(removed)
+        return removed
+
+    def clear(self) -> list[Entry]:
+        """Remove every entry (a session that has one loaded keeps its copy in memory)."""
+        removed = []
+        for entry in self.entries():
+            try:
+                entry.path.unlink()
+            except OSError:
+                continue
+            removed.append(entry)
+        return removed
 
     def __repr__(self) -> str:
         where = "disabled" if self.root is None else str(self.root)
         return (f"<diagql.Cache {where}: {self.hits} hits, {self.misses} misses, "
                 f"{self.writes} writes>")
+
+
+def parse_size(value) -> int:
+    """Bytes from an int or a text such as ``"500MB"``, ``"2 GiB"``, ``"1.5g"`` (powers of 1024)."""
+    if isinstance(value, bool):
+        raise DiagQLError(f"a cache size must be a number of bytes or a text like '500MB', "
+                          f"not {value!r}")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if match is None or match.group(2).lower() not in _UNITS:
+            raise DiagQLError(f"cannot read the cache size {value!r}: give bytes or a number "
+                              f"with a unit, such as 500MB or 2GB")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = number * _UNITS[unit]
+    if not (size >= 0 and size < 2 ** 63):
+        raise DiagQLError(f"the cache size {value!r} is out of range")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("kB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 def _read(file, kind: str, key: str) -> dict[str, np.ndarray]:

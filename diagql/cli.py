@@ -46,12 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where profiles and samples are kept between runs (default: "
                              "$DIAGQL_CACHE_DIR or the platform's cache directory)")
     source.add_argument("--no-cache", action="store_true", help="keep nothing on disk")
+    source.add_argument("--cache-limit", metavar="SIZE",
+                        help="bound the disk cache, e.g. 500MB (default $DIAGQL_CACHE_LIMIT or "
+                             "2GB); least recently used entries go first. SHOW CACHE lists it, "
+                             "CLEAR CACHE empties it")
     source.add_argument("--latent", metavar="LAYER",
                         help="layer whose output is the latent space for samplers "
                              "(default: the input of the final linear layer)")
     output = parser.add_argument_group("output")
     output.add_argument("--format", choices=("table", "json", "csv"), default="table",
                         help="table (default), json (one object per statement) or csv")
+    output.add_argument("--plot", metavar="FILE",
+                        help="draw each EVALUATE SAMPLERS result to FILE (.png, .pdf, .svg; "
+                             "the second to FILE-2.png, ...); needs matplotlib")
     output.add_argument("--keep-going", action="store_true",
                         help="run the remaining statements after one fails (exit status is still 1)")
     output.add_argument("--no-progress", action="store_true", help="never draw progress bars")
@@ -74,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cache-dir and --no-cache contradict each other")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.plot:
+        from .errors import DiagQLError
+        from .plots import check_target
+
+        try:
+            check_target(args.plot)
+        except DiagQLError as exc:
+            parser.error(f"--plot: {exc.message}")
 
     from rich.console import Console
 
@@ -101,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, out, err) -> int:
     sources = _sources(args)
     interactive = not sources and sys.stdin.isatty()
+    if interactive and args.plot:
+        err.print("--plot applies to scripts and -e; in the REPL, end the statement with "
+                  "PLOT 'file.png'", markup=False)
+        return EXIT_USAGE
     if interactive:
         from .pending import PendingConnection
         from .repl import run_repl
@@ -112,6 +131,7 @@ def _run(args, out, err) -> int:
     from .errors import DiagQLError
 
     failed = False
+    plots = 0
     for name, text in sources:
         for outcome in conn.run_script(text):
             if isinstance(outcome, DiagQLError):
@@ -120,8 +140,28 @@ def _run(args, out, err) -> int:
                 if not args.keep_going:
                     return EXIT_FAILED
                 continue
+            if args.plot and outcome.kind == "evaluation":
+                plots += 1
+                try:
+                    _plot(outcome, args.plot, plots)
+                except DiagQLError as exc:
+                    _print_error(err, exc, None)
+                    failed = True
             print_result(out, outcome, conn.settings)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _plot(result, path: str, number: int) -> None:
+    """--plot: the first EVALUATE result to PATH, the n-th to PATH's stem + "-n" + suffix."""
+    from pathlib import Path
+
+    from .plots import write_plot
+
+    if number > 1:
+        target = Path(path)
+        path = str(target.with_name(f"{target.stem}-{number}{target.suffix}"))
+    write_plot(result, path)
+    result.notes.append(f"plot written to {path}")
 
 
 def _sources(args) -> list[tuple[str, str]]:
@@ -152,8 +192,9 @@ def _open(args):
     from .connection import Connection, connect
 
     progress = False if args.no_progress else None
+    cache_dir = False if args.no_cache else args.cache_dir
     options = dict(batch_size=args.batch_size, device=args.device, latent=args.latent,
-                   progress=progress, cache_dir=False if args.no_cache else args.cache_dir)
+                   progress=progress, cache_dir=cache_dir, cache_limit=args.cache_limit)
     if args.demo:
         from .builtin_demo import demo
 
@@ -167,7 +208,7 @@ def _open(args):
         from .loading import load_data, load_model
 
         return connect(load_model(args.model, args.weights), load_data(args.data), **options)
-    conn = Connection.detached()
+    conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size
     return conn
 

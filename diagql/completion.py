@@ -18,7 +18,11 @@ _WORD = re.compile(r"[A-Za-z0-9_.]*$")
 _KEYWORD_PATTERN = re.compile(r"([A-Za-z]+)(?:\(\?!\\w\))?$")
 _LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*$")
 _SAMPLER_NAME = re.compile(r"USING\s+SAMPLE\s*$", re.IGNORECASE)
-_SAMPLER_ARGS = re.compile(r"SAMPLE\s+([A-Za-z_][A-Za-z0-9_.]*)\s*\(([^()]*)$", re.IGNORECASE)
+# EVALUATE SAMPLERS's list so far, while no call in it is open: a name may come next.
+_EVALUATE_LIST = re.compile(r"EVALUATE\s+SAMPLERS\b((?:[^()]|\([^()]*\))*)$", re.IGNORECASE)
+# The open sampler call at the cursor (the only calls whose arguments may be names).
+_SAMPLER_ARGS = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(([^()]*)$")
+_SWEEP = re.compile(r"\bSWEEP\s*$", re.IGNORECASE)
 _SET_NAME = re.compile(r"^\s*SET\s*$", re.IGNORECASE)
 _SET_VALUE = re.compile(r"^\s*SET\s+([A-Za-z_]\w*)\s*=\s*$", re.IGNORECASE)
 
@@ -107,9 +111,14 @@ class DiagQLCompleter(Completer):
                     yield Completion(shown, -len(word), display_meta=meta)
         if "NAME" not in terminals:
             return
-        if _SAMPLER_NAME.search(prefix):
+        listed = _EVALUATE_LIST.search(prefix)
+        if _SAMPLER_NAME.search(prefix) or (listed and re.fullmatch(r"\s*|.*,\s*", listed.group(1),
+                                                                    re.DOTALL)):
             yield from offer(samplers.REGISTRY,
                              lambda n: (samplers.REGISTRY[n].__doc__ or "").strip().split("\n")[0])
+            return
+        if _SWEEP.search(prefix):
+            yield from offer(["j"], lambda n: "the boundary share of gmm and maxmargin")
             return
         if _SET_NAME.search(prefix):
             yield from offer(Settings.names(), lambda n: Settings().describe().get(n, ""))
@@ -124,6 +133,8 @@ class DiagQLCompleter(Completer):
             if cls is None:
                 return
             used = set(re.findall(r"([A-Za-z_]\w*)\s*=", call.group(2)))
+            if re.match(r"\s*EVALUATE\b", prefix, re.IGNORECASE):  # SEEDS chooses the seeds
+                used.add("random_state")
             positional = sum(1 for arg in call.group(2).split(",") if arg.strip() and "=" not in arg)
             params = [p for i, p in enumerate(cls.params())
                       if p.name not in used and i >= positional]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import time
 from typing import Iterator
 
@@ -16,8 +17,9 @@ from .binder import (bind_layer, bind_query, bind_sampler, require_labels,
 from .cache import Cache, cache_key, data_fingerprint, model_fingerprint, source_digest
 from .data import ItemSource
 from .errors import BindError, DiagQLError
-from .executor import Runner
-from .layers import LayerCatalog, default_latent, probe
+from .activations import ActivationStore
+from .executor import Runner, row_dtype
+from .layers import LayerCatalog, LayerInfo, default_latent, probe
 from .parser import parse, parse_piece, parse_sampler, split_statements
 from .planner import plan_query
 from .profile import Profile, compute_profile
@@ -27,7 +29,7 @@ from .settings import Settings
 
 
 def connect(model: nn.Module, data, *, batch_size: int = 256, device=None, latent: str | None = None,
-            cache_dir=None, progress: bool | None = None) -> "Connection":
+            cache_dir=None, cache_limit=None, progress: bool | None = None) -> "Connection":
     """Connect a PyTorch model to a labelled data set.
 
     ``data`` is a torch Dataset of (x, y) items, a DataLoader (its dataset and collate_fn are
@@ -36,9 +38,11 @@ def connect(model: nn.Module, data, *, batch_size: int = 256, device=None, laten
     the layer whose output is the latent space (default: the input of the final linear layer).
     ``progress`` forces progress bars on or off (default: on when stderr is a terminal).
 
-    ``cache_dir`` keeps the profile and samples on disk, so that a new connection to the same
-    model and data starts without a pass over the data: ``None`` (default) uses
-    ``$DIAGQL_CACHE_DIR`` or the platform's cache dir, ``False`` turns the disk cache off.
+    ``cache_dir`` keeps the profile, samples and the sampled items' activations on disk, so
+    that a new connection to the same model and data starts without a pass over the data:
+    ``None`` (default) uses ``$DIAGQL_CACHE_DIR`` or the platform's cache dir, ``False`` turns
+    the disk cache off. ``cache_limit`` bounds its size (bytes, or a text such as ``"500MB"``;
+    default ``$DIAGQL_CACHE_LIMIT``, else 2 GiB): the least recently used entries go first.
     Entries are keyed by fingerprints of the model (class, source, weights, buffers, module
     attributes) and of the data; only a pair (X, y), a TensorDataset, or a DataLoader over one
     can be fingerprinted exactly, so other data sets are cached in memory only. Pass
@@ -48,19 +52,22 @@ def connect(model: nn.Module, data, *, batch_size: int = 256, device=None, laten
     once. After changing weights or data, connect again.
     """
     return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
-                      cache_dir=cache_dir, progress=progress)
+                      cache_dir=cache_dir, cache_limit=cache_limit, progress=progress)
 
 
 class Connection:
     """Answers DiagQL statements about one model over one data set."""
 
     def __init__(self, model: nn.Module | None, data=None, *, batch_size: int = 256, device=None,
-                 latent: str | None = None, cache_dir=None, progress: bool | None = None):
+                 latent: str | None = None, cache_dir=None, cache_limit=None,
+                 progress: bool | None = None):
         self.settings = Settings()
         self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
         self.settings.latent = latent
         self.cache_dir = cache_dir
-        self.cache = Cache.resolve(cache_dir)
+        self.cache = Cache.resolve(cache_dir, cache_limit)
+        # Forward passes run and items sent through the model by queries (not the profile).
+        self.counters: dict[str, int] = {"passes": 0, "items": 0}
         self.progress = Progress(progress)
         self.model = model
         self._catalog: LayerCatalog | None = None
@@ -68,6 +75,7 @@ class Connection:
         self._samples: dict[str, tuple[np.ndarray, float]] = {}
         self._data = data  # only to fingerprint it for the disk cache
         self._fingerprints: tuple[str | None, str | None] | None = None
+        self.activations: ActivationStore | None = None
         if model is None:
             self.source = None
             return
@@ -77,11 +85,15 @@ class Connection:
         self.device = _resolve_device(device, model)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                           torch.float32)
+        self.activations = ActivationStore(self.cache, self._activation_key,
+                                           lambda layer: self.catalog[layer].neurons,
+                                           len(self.source), row_dtype(self.dtype))
 
     @classmethod
-    def detached(cls) -> "Connection":
-        """A connection without a model: SHOW SAMPLERS and SET work, queries explain why not."""
-        return cls(None)
+    def detached(cls, cache_dir=None, cache_limit=None) -> "Connection":
+        """A connection without a model: SHOW SAMPLERS, SHOW CACHE, CLEAR CACHE and SET work,
+        queries explain why not."""
+        return cls(None, cache_dir=cache_dir, cache_limit=cache_limit)
 
     # --- what can be queried ------------------------------------------------------------------
 
@@ -89,10 +101,18 @@ class Connection:
     def catalog(self) -> LayerCatalog:
         self._require_model()
         if self._catalog is None:
-            _, x, _ = next(self.source.batches(np.array([0]), 1))
-            from .data import call_model, to_device
+            key = self._catalog_key()
+            if key is not None:
+                self._catalog = self.cache.load("catalog", key, _decode_catalog)
+            if self._catalog is None:
+                _, x, _ = next(self.source.batches(np.array([0]), 1))
+                from .data import call_model, to_device
 
-            self._catalog = probe(self.model, to_device(x, self.device, self.dtype), call_model)
+                self._catalog = probe(self.model, to_device(x, self.device, self.dtype),
+                                      call_model)
+                if key is not None:
+                    self.cache.store("catalog", key, _encode_catalog(self._catalog),
+                                     meta={"model": type(self.model).__qualname__})
         return self._catalog
 
     @property
@@ -181,6 +201,26 @@ class Connection:
             "latent": profile.latent_layer, "dtype": str(self.dtype),
             "device": str(self.device)})
 
+    def _catalog_key(self) -> str | None:
+        """The layer catalog depends on the model and the items' shape, so on both fingerprints."""
+        profile_key = self._profile_key()  # None when either cannot be fingerprinted
+        if profile_key is None:
+            return None
+        from . import layers
+
+        return cache_key("catalog", *self._fingerprints, str(self.dtype), self.device.type,
+                         source_digest(layers))
+
+    def _activation_key(self, layer: str) -> str | None:
+        profile_key = self._profile_key()
+        if profile_key is None:
+            return None
+        from . import executor, hooks
+
+        # The code that produces rows is part of the key: a change to it never reuses them.
+        return cache_key("activations", profile_key, layer,
+                         [source_digest(module) for module in (executor, hooks)])
+
     def _sample_key(self, sampler: samplers.Sampler) -> str | None:
         """None for a sampler without a seed: its draws differ each time, so it is not kept."""
         profile_key = self._profile_key()
@@ -220,7 +260,8 @@ class Connection:
         return results
 
     def iter_execute(self, script: str) -> Iterator[Result]:
-        """Run a script statement by statement, yielding each Result as soon as it exists."""
+        """Run a script statement by statement, yielding each Result as soon as it exists
+        (consecutive queries share one forward pass, so their Results come together)."""
         for outcome in self.run_script(script):
             if isinstance(outcome, DiagQLError):
                 raise outcome
@@ -228,19 +269,71 @@ class Connection:
 
     def run_script(self, script: str) -> Iterator[Result | DiagQLError]:
         """Run every statement, yielding its Result or its DiagQLError and going on: the CLI's
-        ``--keep-going`` and the REPL stop or continue as they choose."""
+        ``--keep-going`` and the REPL stop or continue as they choose.
+
+        Consecutive queries share one forward pass over the union of their items (each still
+        gets its own answer, or its own error); any other statement runs on its own."""
+        queries: list = []  # (statement, seconds to parse) of the queries waiting to run
         for piece in split_statements(script):
             started = time.perf_counter()
             try:
                 statement = parse_piece(piece, script)
-                parsed = time.perf_counter()
-                result = self._run(statement, script)
             except DiagQLError as exc:
+                yield from self._run_queries(queries, script)
                 yield exc.with_source(script)
                 continue
-            result.timings["parse"] = parsed - started
-            result.timings["total"] = time.perf_counter() - started
-            yield result
+            parsed = time.perf_counter() - started
+            if isinstance(statement, ast.Query):
+                queries.append((statement, parsed))
+                continue
+            yield from self._run_queries(queries, script)
+            yield self._run_timed(statement, script, parsed)
+        yield from self._run_queries(queries, script)
+
+    def _run_timed(self, statement: ast.Statement, script: str, parsed: float
+                   ) -> Result | DiagQLError:
+        started = time.perf_counter()
+        try:
+            result = self._run(statement, script)
+        except DiagQLError as exc:
+            return exc
+        result.timings["parse"] = parsed
+        result.timings["total"] = parsed + time.perf_counter() - started
+        return result
+
+    def _run_queries(self, queries: list, script: str) -> Iterator[Result | DiagQLError]:
+        """Answer the waiting queries (emptying the list): one alone as usual, several
+        together in one forward pass."""
+        waiting, queries[:] = list(queries), []
+        if len(waiting) == 1:
+            statement, parsed = waiting[0]
+            yield self._run_timed(statement, script, parsed)
+            return
+        outcomes: list = []
+        planned: list = []  # (position, plan, timings) of the queries that planned
+        for statement, _ in waiting:
+            try:
+                plan, timings = self._plan(statement)
+            except DiagQLError as exc:
+                outcomes.append(exc.with_source(script))
+                continue
+            planned.append((len(outcomes), plan, timings))
+            outcomes.append(None)
+        if planned:
+            started = time.perf_counter()
+            try:
+                answers = self._runner().answer_many([plan for _, plan, _ in planned])
+            except DiagQLError as exc:  # the pass itself failed (the model's forward raised)
+                answers = [exc] * len(planned)
+            seconds = time.perf_counter() - started
+            for (position, _, timings), answer in zip(planned, answers):
+                if isinstance(answer, Result):
+                    answer.timings.update(timings)
+                    answer.timings["parse"] = waiting[position][1]
+                    answer.timings["total"] = seconds
+                outcomes[position] = answer if isinstance(answer, Result) else \
+                    answer.with_source(script)
+        yield from outcomes
 
     def sample(self, spec: str) -> np.ndarray:
         """The sorted item indices a sampler call selects, e.g. ``db.sample("stratified(0.05)")``."""
@@ -264,6 +357,14 @@ class Connection:
             return self._explain(statement)
         if isinstance(statement, ast.SetStatement):
             return self._set(statement)
+        if isinstance(statement, ast.ClearCache):
+            from .info import clear_cache
+
+            return clear_cache(self, statement)
+        if isinstance(statement, ast.Evaluate):
+            from .evaluation import evaluate_statement
+
+            return evaluate_statement(self, statement)
         if isinstance(statement, ast.Describe):
             from .info import describe
 
@@ -293,16 +394,34 @@ class Connection:
 
     def _query(self, query: ast.Query) -> Result:
         plan, timings = self._plan(query)
-        runner = Runner(self.model, self.source, device=self.device, dtype=self.dtype,
-                        batch_size=self.settings.batch_size, progress=self.progress)
-        result = runner.answer(plan)
+        result = self._runner().answer(plan)
         result.timings.update(timings)
         return result
 
+    def _runner(self) -> Runner:
+        return Runner(self.model, self.source, device=self.device, dtype=self.dtype,
+                      batch_size=self.settings.batch_size, progress=self.progress,
+                      counters=self.counters, activations=self.activations)
+
     def _explain(self, statement: ast.Explain) -> Result:
         plan, _ = self._plan(statement.query)
+        rows = plan.explain()
+        if plan.n_sample is not None:
+            layer = plan.bound.layer
+            held = self.activations.held(layer.name, plan.items)
+            if held == len(plan.items):
+                detail = (f"all {held:,} items' activations of {layer.name} are cached: no "
+                          f"forward pass")
+            elif self.activations.fits(layer, plan.items):
+                detail = (f"{held:,} of {len(plan.items):,} items' activations of {layer.name} "
+                          f"are cached; the other {len(plan.items) - held:,} go through the "
+                          f"model and are kept")
+            else:
+                detail = (f"{len(plan.items):,} items' activations of {layer.name} exceed the "
+                          f"activation cache's memory budget: streamed, not kept")
+            rows.insert([step for step, _ in rows].index("forward"), ("cache", detail))
         return Result(kind="explain", statement=statement.text, title=f"plan: {statement.query.text}",
-                      columns=["step", "detail"], rows=plan.explain(), plan=plan)
+                      columns=["step", "detail"], rows=rows, plan=plan)
 
     def _set(self, statement: ast.SetStatement) -> Result:
         name = statement.name
@@ -325,6 +444,8 @@ class Connection:
         if name == "latent" and value != self.settings.latent:
             self._profile = None  # the samplers' space changed: profile and samples are stale
             self._samples.clear()
+            if self.activations is not None:
+                self.activations.clear()
         setattr(self.settings, name, value)
         return Result(kind="set", statement=statement.text, columns=["setting", "value"],
                       rows=[(name, "default" if value is None else value)])
@@ -373,6 +494,23 @@ class Connection:
             return "<diagql.Connection (no model)>"
         return (f"<diagql.Connection {type(self.model).__name__} over {len(self.source):,} items "
                 f"on {self.device}>")
+
+
+def _encode_catalog(catalog: LayerCatalog) -> dict[str, np.ndarray]:
+    layers = [[layer.name, layer.type_name, None if layer.shape is None else list(layer.shape),
+               layer.calls] for layer in catalog.layers]
+    return {"layers": np.str_(json.dumps(layers)),
+            "output_shape": np.array(catalog.output_shape, dtype=np.int64)}
+
+
+def _decode_catalog(arrays: dict[str, np.ndarray]) -> LayerCatalog:
+    layers = []
+    for name, type_name, shape, calls in json.loads(str(arrays["layers"])):
+        if not (isinstance(name, str) and isinstance(type_name, str) and isinstance(calls, int)
+                and (shape is None or all(isinstance(d, int) for d in shape))):
+            raise ValueError("it does not list layers")
+        layers.append(LayerInfo(name, type_name, None if shape is None else tuple(shape), calls))
+    return LayerCatalog(layers, tuple(int(d) for d in arrays["output_shape"]))
 
 
 def _resolve_device(device, model: nn.Module) -> torch.device:

@@ -54,7 +54,11 @@ class ItemSource:
             X, y = self._pair
             for start in range(0, len(indices), batch_size):
                 idx = indices[start:start + batch_size]
-                yield idx, X[torch.from_numpy(idx)], None if y is None else y[idx]
+                if bool(np.all(np.diff(idx) == 1)):  # a run of items (a full pass): a view
+                    x = X[int(idx[0]):int(idx[-1]) + 1]
+                else:
+                    x = X[torch.from_numpy(idx)]
+                yield idx, x, None if y is None else y[idx]
             return
         loader = DataLoader(Subset(self._dataset, indices.tolist()), batch_size=batch_size,
                             shuffle=False, num_workers=self._workers,

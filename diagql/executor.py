@@ -1,6 +1,7 @@
 """Plan to Result: batched forward passes with hooks, aggregate states reduced batch by batch."""
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -10,76 +11,224 @@ from . import estimate, metrics
 from .aggregates import rank, state_for
 from .data import call_model, to_device
 from .errors import ExecutionError
-from .hooks import Hooks, evaluation
+from .hooks import Hooks, StopForward, evaluation
 from .layers import neuron_labels
 from .planner import Plan, predicate_text
 from .result import Result
 
 
+class Reducer:
+    """A plan's aggregate states (one per group), fed with the activations of its items."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.layer = plan.bound.layer.name
+        self.items = plan.items
+        self.states: dict = {}
+        self.bad = 0  # items with NaN or inf activations, and the first of them
+        self.first_bad = -1
+
+    def take(self, output: torch.Tensor, idx: np.ndarray) -> None:
+        """Reduce the module outputs of items ``idx`` (sorted, all among the plan's items)."""
+        values = output.detach()
+        if self.plan.query.unit == "channels":
+            values = values.flatten(2).mean(dim=2, dtype=torch.float64)
+        else:
+            values = values.flatten(1)
+        if self.plan.group_keys is None:
+            self._update(None, values, idx)
+            return
+        keys = self.plan.group_keys[np.searchsorted(self.items, idx)]
+        for key in np.unique(keys).tolist():
+            mask = keys == key
+            self._update(key, values[torch.from_numpy(mask).to(values.device)], idx[mask])
+
+    def _update(self, key, values: torch.Tensor, idx: np.ndarray) -> None:
+        if self._state(key).update(values):
+            return
+        # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
+        # ranking is meaningless, so they are counted over the whole pass and reported.
+        bad = ~torch.isfinite(values).all(dim=1).cpu().numpy()
+        if self.bad == 0:
+            self.first_bad = int(idx[np.flatnonzero(bad)[0]])
+        self.bad += int(bad.sum())
+
+    def take_rows(self, rows: np.ndarray, batch_size: int) -> None:
+        """Reduce cached activations (one flattened row per plan item), batch by batch."""
+        shape = self.plan.bound.layer.shape
+        for start in range(0, len(self.items), batch_size):
+            block = torch.from_numpy(rows[start:start + batch_size])
+            self.take(block.reshape(len(block), *shape), self.items[start:start + batch_size])
+
+    def _state(self, key):
+        if key not in self.states:
+            query = self.plan.query
+            # An exact answer has no standard error to compute.
+            self.states[key] = state_for(query.aggregate, query.order, self.plan.bound.n_neurons,
+                                         spread=self.plan.n_sample is not None)
+        return self.states[key]
+
+    def check(self) -> None:
+        if self.bad:
+            raise ExecutionError(
+                f"layer {self.layer!r} has NaN or infinite activations for {self.bad:,} of "
+                f"{len(self.items):,} items (the first is item {self.first_bad}); DiagQL does "
+                f"not average over them")
+
+
+class Collector:
+    """Keeps the flattened module outputs of some items (for the activation cache)."""
+
+    def __init__(self, layer: str, items: np.ndarray, width: int, dtype: np.dtype):
+        self.layer = layer
+        self.items = items
+        self.rows = np.empty((len(items), width), dtype=dtype)
+
+    def take(self, output: torch.Tensor, idx: np.ndarray) -> None:
+        # Copied here, inside the hook: a later in-place op may overwrite `output`.
+        values = output.detach().flatten(1).to("cpu", _torch_dtype(self.rows.dtype))
+        self.rows[np.searchsorted(self.items, idx)] = values.numpy()
+
+
+def row_dtype(torch_dtype: torch.dtype) -> np.dtype:
+    """What cached rows are stored in: float64 for float64 models, else float32 (exact for
+    float32, float16 and bfloat16 outputs)."""
+    return np.dtype(np.float64) if torch_dtype == torch.float64 else np.dtype(np.float32)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.float64 if dtype == np.float64 else torch.float32
+
+
 class Runner:
     """Everything a forward pass needs from the connection."""
 
-    def __init__(self, model, source, *, device, dtype, batch_size, progress):
+    def __init__(self, model, source, *, device, dtype, batch_size, progress, counters=None,
+                 activations=None):
         self.model = model
         self.source = source
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
         self.progress = progress
+        self.counters = counters if counters is not None else {}
+        self.activations = activations  # an ActivationStore, or None: every query streams
+
+    def run(self, consumers: list, description: str) -> None:
+        """One forward pass over the union of the consumers' items, each consumer fed the
+        outputs of its own items. Only the consumers' layers are hooked, and the pass stops
+        as soon as all of them have run (the rest of the model is skipped)."""
+        consumers = [c for c in consumers if len(c.items)]
+        if not consumers:
+            return
+        items = functools.reduce(np.union1d, [c.items for c in consumers])
+        layers: dict[str, list] = {}
+        for consumer in consumers:
+            layers.setdefault(consumer.layer, []).append(consumer)
+        current: list = [None]  # the batch's item indices
+
+        def callback(members: list):
+            def on_output(output: torch.Tensor) -> None:
+                idx = current[0]
+                for consumer in members:
+                    if consumer.items is items or len(consumer.items) == len(items):
+                        consumer.take(output, idx)
+                        continue
+                    pos = np.minimum(np.searchsorted(consumer.items, idx), len(consumer.items) - 1)
+                    mask = consumer.items[pos] == idx
+                    if mask.all():
+                        consumer.take(output, idx)
+                    elif mask.any():
+                        consumer.take(output[torch.from_numpy(mask).to(output.device)], idx[mask])
+                if len(hooks.calls) == len(layers):
+                    raise StopForward
+            return on_output
+
+        with evaluation(self.model), \
+                Hooks(self.model, {name: callback(members) for name, members in layers.items()}) \
+                as hooks, self.progress.task(description, len(items)) as advance:
+            for idx, x, _ in self.source.batches(items, self.batch_size):
+                hooks.reset()
+                current[0] = idx
+                try:
+                    call_model(self.model, to_device(x, self.device, self.dtype))
+                except StopForward:
+                    pass
+                hooks.check_ran()
+                advance(len(idx))
+        self.counters["passes"] = self.counters.get("passes", 0) + 1
+        self.counters["items"] = self.counters.get("items", 0) + len(items)
 
     def states(self, plan: Plan, description: str) -> dict:
-        """One state per group (the key None without GROUP BY), over the plan's items."""
-        query = plan.query
-        n_neurons = plan.bound.n_neurons
-        keys_of_items = plan.group_keys
-        states: dict = {}
-        batch_keys: list = [None]
-        # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
-        # ranking is meaningless, so they are counted over the whole pass and reported.
-        bad_items: list[int] = [0, -1]  # count, first item index
-        batch_items: list = [None]
+        """One state per group (the key None without GROUP BY), over the plan's items.
 
-        def state(key):
-            if key not in states:
-                states[key] = state_for(query.aggregate, query.order, n_neurons)
-            return states[key]
+        A sample's items are answered from the activation cache where it can hold them:
+        only the items it lacks go through the model, and a repeated query none at all."""
+        reducer = Reducer(plan)
+        rows = None
+        if plan.n_sample is not None and self.activations is not None:
+            rows = self.activations.rows(plan.bound.layer, plan.items, self, description)
+        if rows is None:
+            self.run([reducer], description)
+        else:
+            reducer.take_rows(rows, self.batch_size)
+        reducer.check()
+        return reducer.states
 
-        def on_activation(output: torch.Tensor) -> None:
-            # Reduce here, inside the hook: a later in-place op may overwrite `output`.
-            values = output.detach().to(torch.float64)
-            values = values.flatten(2).mean(dim=2) if query.unit == "channels" else values.flatten(1)
-            bad = ~torch.isfinite(values).all(dim=1)
-            if bool(bad.any()):
-                if bad_items[0] == 0:
-                    bad_items[1] = int(batch_items[0][int(bad.nonzero()[0, 0])])
-                bad_items[0] += int(bad.sum())
-                return
-            keys = batch_keys[0]
-            if keys is None:
-                state(None).update(values)
-                return
-            for key in np.unique(keys).tolist():
-                mask = torch.from_numpy(keys == key).to(values.device)
-                state(key).update(values[mask])
-
-        position = 0
-        with evaluation(self.model), Hooks(self.model, {plan.bound.layer.name: on_activation}) as hooks, \
-                self.progress.task(description, len(plan.items)) as advance:
-            for idx, x, _ in self.source.batches(plan.items, self.batch_size):
-                hooks.reset()
-                batch_items[0] = idx
-                if keys_of_items is not None:
-                    batch_keys[0] = keys_of_items[position:position + len(idx)]
-                call_model(self.model, to_device(x, self.device, self.dtype))
-                hooks.check_ran()
-                position += len(idx)
-                advance(len(idx))
-        if bad_items[0]:
-            raise ExecutionError(
-                f"layer {plan.bound.layer.name!r} has NaN or infinite activations for "
-                f"{bad_items[0]:,} of {len(plan.items):,} items (the first is item "
-                f"{bad_items[1]}); DiagQL does not average over them")
-        return states
+    def answer_many(self, plans: list[Plan]) -> list:
+        """Answer several plans (a script's consecutive queries) with one forward pass over the
+        union of their items: a Result, or the ExecutionError of its own, for each plan."""
+        outcomes: list = [None] * len(plans)
+        reducers: dict = {}  # (plan position, "main" | "baseline") -> Reducer
+        wanted: dict[str, tuple] = {}  # layer -> (LayerInfo, items whose rows are kept)
+        for i, plan in enumerate(plans):
+            empty = plan if plan.n_sample is None else plan.baseline
+            if empty is not None and len(empty.items) == 0:
+                outcomes[i] = ExecutionError(no_match_message(empty))
+                continue
+            if plan.n_sample is not None and self.activations is not None:
+                layer, held = plan.bound.layer, wanted.get(plan.bound.layer.name)
+                items = plan.items if held is None else np.union1d(held[1], plan.items)
+                if self.activations.fits(layer, items):
+                    wanted[layer.name] = (layer, items)
+            if plan.baseline is not None:
+                reducers[i, "baseline"] = Reducer(plan.baseline)
+        for i, plan in enumerate(plans):
+            if outcomes[i] is None and not (plan.n_sample is not None
+                                            and plan.bound.layer.name in wanted):
+                reducers[i, "main"] = Reducer(plan)
+        collectors = []
+        for name, (layer, items) in wanted.items():
+            missing = self.activations.missing(name, items)
+            if len(missing):
+                collectors.append(Collector(name, missing, layer.neurons, self.activations.dtype))
+        started = time.perf_counter()
+        self.run(list(reducers.values()) + collectors, f"{len(plans)} statements in one pass")
+        for collector in collectors:
+            self.activations.add(collector.layer, collector.items, collector.rows)
+        seconds = time.perf_counter() - started
+        for i, plan in enumerate(plans):
+            if outcomes[i] is not None:
+                continue
+            try:
+                main = reducers.get((i, "main"))
+                if main is None:
+                    main = Reducer(plan)
+                    main.take_rows(self.activations.lookup(plan.bound.layer.name, plan.items),
+                                   self.batch_size)
+                main.check()
+                result = build_result(plan, main.states)
+                if plan.baseline is not None:
+                    base = reducers[i, "baseline"]
+                    base.check()
+                    result.baseline = build_result(plan.baseline, base.states)
+                    compare(result, result.baseline)
+            except ExecutionError as exc:
+                outcomes[i] = exc
+                continue
+            result.timings["shared_pass"] = seconds
+            outcomes[i] = result
+        return outcomes
 
     def answer(self, plan: Plan) -> Result:
         """Run the plan (and its baseline) and assemble the Result with metrics and timings."""

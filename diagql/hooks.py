@@ -31,6 +31,12 @@ def first_tensor(output, name: str = "") -> torch.Tensor:
                          f"which holds no tensor")
 
 
+class StopForward(BaseException):
+    """Raised by a hook once every module a pass needs has run: the rest of forward() is
+    skipped (early exit). A BaseException, so that a model's own ``except Exception`` does
+    not swallow it."""
+
+
 @contextlib.contextmanager
 def evaluation(model: nn.Module) -> Iterator[None]:
     """Eval mode and inference mode for the duration; every module's training flag restored."""

@@ -8,7 +8,54 @@ from .result import Result
 
 def show(conn, statement: ast.Show) -> Result:
     return {"layers": _layers, "samplers": _samplers, "profile": _profile,
-            "settings": _settings}[statement.what](conn, statement)
+            "settings": _settings, "cache": _cache}[statement.what](conn, statement)
+
+
+KINDS = {"profile": "labels, predictions, confidence and latents of every item",
+         "sample": "the items a sampler drew",
+         "activations": "sampled items' outputs of one layer",
+         "catalog": "the model's layers and their output shapes"}
+
+
+COLUMNS = ["kind", "entries", "size", "session hits", "session misses"]
+
+
+def _cache(conn, statement) -> Result:
+    """What the disk cache holds, per kind, and how this session used it."""
+    from .cache import format_size
+
+    cache = conn.cache
+    if not cache.enabled:
+        return Result(kind="table", statement=statement.text, title="the disk cache is off",
+                      columns=COLUMNS, rows=[])
+    entries = cache.entries()
+    kinds = list(KINDS) + sorted({e.kind for e in entries} - set(KINDS))
+    rows = []
+    for kind in kinds:
+        mine = [e for e in entries if e.kind == kind]
+        used = cache.by_kind.get(kind, {"hits": 0, "misses": 0})
+        rows.append((kind, len(mine), format_size(sum(e.bytes for e in mine)), used["hits"],
+                     used["misses"]))
+    total = sum(e.bytes for e in entries)
+    rows.append(("total", len(entries), format_size(total), cache.hits, cache.misses))
+    return Result(kind="table", statement=statement.text,
+                  title=f"{cache.root}: {format_size(total)} of {format_size(cache.limit)}",
+                  columns=COLUMNS, rows=rows)
+
+
+def clear_cache(conn, statement) -> Result:
+    """Remove every entry of the disk cache; this session keeps what it holds in memory."""
+    from .cache import format_size
+
+    removed = conn.cache.clear()
+    rows = [(kind, sum(1 for e in removed if e.kind == kind),
+             format_size(sum(e.bytes for e in removed if e.kind == kind)))
+            for kind in sorted({e.kind for e in removed})]
+    where = conn.cache.root if conn.cache.enabled else "nowhere (the disk cache is off)"
+    return Result(kind="table", statement=statement.text,
+                  title=f"removed {len(removed)} entries ({format_size(sum(e.bytes for e in removed))})"
+                        f" from {where}",
+                  columns=["kind", "entries", "size"], rows=rows)
 
 
 def _layers(conn, statement) -> Result:

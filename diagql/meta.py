@@ -92,12 +92,17 @@ def language_help() -> str:
         f"      [USING {choices(query + 'USING ')} | USING SAMPLE sampler(size, param=value, ...)]",
         "      [WITH BASELINE]",
         f"  SHOW {choices('SHOW ')}    DESCRIBE layer    SET name = value    EXPLAIN query",
+        "  EVALUATE SAMPLERS [sampler, ...] [AT size, ...] [K k, ...] [LAYERS layer, ...] "
+        "[SEEDS n]",
+        "      [SWEEP j IN (value, ...)] [PLOT 'file.png']   (the paper's S1/S2/S3 benchmark)",
+        "  CLEAR CACHE  (empties the disk cache of profiles, samples and activations)",
         "",
         "Examples:",
         "  TOPK 10 NEURONS IN conv2 WHERE class = 3 AND incorrect "
         "USING SAMPLE stratified(0.05) WITH BASELINE;",
         "  AVG NEURONS IN fc1 WHERE incorrect GROUP BY class;",
         "  ARGMAX CHANNELS IN conv2 WHERE predicted = 8;",
+        "  EVALUATE SAMPLERS random, stratified, maxmargin AT 0.05, 0.1 SEEDS 3 PLOT 'fig4.png';",
         "",
         "Samplers:",
     ]

@@ -196,7 +196,7 @@ _DESCRIBE_TERMINAL = {
     "COMMA": "','",
 }
 
-_STATEMENT_STARTS = "TOPK, AVG, ARGMAX, SHOW, DESCRIBE, SET or EXPLAIN"
+_STATEMENT_STARTS = "TOPK, AVG, ARGMAX, SHOW, DESCRIBE, SET, EXPLAIN or EVALUATE"
 
 
 @functools.lru_cache(maxsize=None)
@@ -335,8 +335,52 @@ def _build_transformer():
         def show(self, meta, children):
             return ast.Show(str(children[1]).lower(), span=self._span(meta), text=self._text(meta))
 
+        def clear_cache(self, meta, children):
+            return ast.ClearCache(span=self._span(meta), text=self._text(meta))
+
         def describe(self, meta, children):
             return ast.Describe(children[1], span=self._span(meta), text=self._text(meta))
+
+        def evaluate(self, meta, children):
+            fields = {}
+            for keyword, name, value in children[2:]:
+                if name in fields:
+                    span = self.offset.span(keyword)
+                    raise ParseError(f"{str(keyword).upper()} is given twice", line=span.line,
+                                     column=span.column, end_column=span.end_column,
+                                     source=self.source)
+                fields[name] = value
+            return ast.Evaluate(span=self._span(meta), text=self._text(meta), **fields)
+
+        # EVALUATE's clauses: each gives (its keyword token, the Evaluate field, the value)
+        def sampler_list(self, meta, children):
+            return None, "samplers", tuple(children)
+
+        def at(self, meta, children):
+            return children[0], "sizes", tuple(self._literal(v) for v in children[1:])
+
+        def top_k(self, meta, children):
+            return children[0], "ks", tuple(self._literal(v) for v in children[1:])
+
+        def eval_layers(self, meta, children):
+            return children[0], "layers", tuple(children[1:])
+
+        def seeds(self, meta, children):
+            return children[0], "seeds", self._literal(children[1])
+
+        def sweep(self, meta, children):
+            keyword, name, _in, *values = children
+            return keyword, "sweep", ast.Sweep(str(name).lower(),
+                                               tuple(self._literal(v) for v in values),
+                                               span=self.offset.span(name))
+
+        def plot(self, meta, children):
+            token = children[1]
+            return children[0], "plot", ast.Literal(_unquote(str(token)),
+                                                    span=self.offset.span(token))
+
+        def _literal(self, value) -> ast.Literal:
+            return ast.Literal(_plain(value), span=getattr(value, "_span", None))
 
         def set_stmt(self, meta, children):
             _, name, _, value = children

@@ -52,7 +52,8 @@ class Plan:
         unit = "channel means" if q.unit == "channels" else "neurons"
         rows.append(("forward", f"{len(self.items):,} items in batches, hook on "
                                 f"{self.bound.layer.name} ({self.bound.layer.shape_text()}, "
-                                f"{self.bound.n_neurons:,} {unit})"))
+                                f"{self.bound.n_neurons:,} {unit}); the pass stops once "
+                                f"it has run"))
         agg = {"topk": f"top-{q.k} by {q.order}", "avg": "mean per neuron",
                "argmax": "histogram of each item's maximal neuron"}[q.aggregate]
         rows.append(("aggregate", agg + (f", per {q.group_by}" if q.group_by else "")))

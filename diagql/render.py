@@ -21,6 +21,8 @@ _METRIC_NAMES = {"precision": "precision", "cosine_distance": "cosine distance",
 
 
 def renderable(result: Result, max_rows: int = MAX_ROWS):
+    if result.kind == "evaluation":
+        return _evaluation(result)
     if not result.is_query:
         return _info_table(result, max_rows)
     parts = [Text(result.statement, style="bold"), _query_table(result, max_rows)] \
@@ -48,6 +50,60 @@ def _info_table(result: Result, max_rows: int) -> Table:
     if len(result.rows) > limit:
         table.caption = f"… {len(result.rows) - limit:,} more rows (--format csv shows all)"
     return table
+
+
+def _evaluation(result: Result) -> Group:
+    """EVALUATE SAMPLERS: one row per sampler, size, k (and j), spreads beside the means."""
+    rows = result.records()
+    show_k = len({r["k"] for r in rows}) > 1
+    show_j = any(r["j"] is not None for r in rows)
+    sections = len({r["sampler"] for r in rows}) < len(rows)
+    spread = any(r[f"{m} sd"] for r in rows for m in ("S1", "S2", "S3"))  # none with one seed
+    table = Table()
+    table.add_column("sampler", style="cyan", overflow="fold")
+    table.add_column("size", justify="right")
+    for name, shown in (("k", show_k), ("j", show_j)):
+        if shown:
+            table.add_column(name, justify="right")
+    for metric, arrow in (("S1", "↑"), ("S2", "↓"), ("S3", "↓")):
+        table.add_column(f"{metric} {arrow}", justify="right")
+        if spread:
+            table.add_column("±", justify="right", style="dim")
+    for name in ("items", "correct", "incorrect", "draw s"):
+        table.add_column(name, justify="right")
+    previous = None
+    for r in rows:
+        if sections and previous is not None and r["sampler"] != previous:
+            table.add_section()
+        previous = r["sampler"]
+        cells = [r["sampler"], _size_text(r["size"])]
+        cells += [str(r["k"])] if show_k else []
+        cells += ["" if r["j"] is None else f"{r['j']:g}"] if show_j else []
+        for metric in ("S1", "S2", "S3"):
+            sd = r[f"{metric} sd"]
+            cells += [f"{r[metric]:.3f}"] + ([f"{sd:.3f}" if sd else ""] if spread else [])
+        cells += [f"{r[n]:.0f}" if float(r[n]).is_integer() else f"{r[n]:.1f}"
+                  for n in ("items", "correct", "incorrect")]
+        cells.append(f"{r['seconds']:.3f}")
+        table.add_row(*cells)
+    parts = [Text(result.statement, style="bold")] if result.statement else []
+    parts += [table, Text(result.title, style="dim")]
+    timings = result.timings
+    if "evaluate" in timings:
+        parts.append(Text(f"{timings['evaluate']:.1f} s in all: drawing the samples "
+                          f"{timings['samples']:.1f} s (draw s: the median per sample), one "
+                          f"forward pass {timings['forward']:.1f} s, scoring "
+                          f"{timings['score']:.1f} s", style="dim"))
+    parts += [Text(note, style="yellow") for note in result.notes]
+    return Group(*parts)
+
+
+def _size_text(size) -> str:
+    if size is None:
+        return "own"  # a sampler whose size is its own (ebtree)
+    if isinstance(size, float):
+        return f"{size * 100:.4g}%"
+    return f"{size:,}"
 
 
 def _query_table(result: Result, max_rows: int) -> Table:
@@ -159,6 +215,9 @@ def _caption(result: Result) -> str:
         parts.append(f"exact over all {plan.n_data:,} items")
     if "query" in result.timings:
         parts.append(f"{result.timings['query']:.3f} s")
+    elif "shared_pass" in result.timings:
+        parts.append(f"one forward pass shared with the statements beside it, "
+                     f"{result.timings['shared_pass']:.3f} s")
     return " · ".join(parts)
 
 

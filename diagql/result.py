@@ -63,9 +63,13 @@ class Result:
     def to_dict(self) -> dict:
         """Plain JSON-ready data (lists, floats, strings)."""
         if not self.is_query:
-            return {"kind": self.kind, "statement": self.statement, "title": self.title,
-                    "columns": list(self.columns), "rows": [list(map(_plain, r)) for r in self.rows],
-                    "notes": list(self.notes)}
+            out = {"kind": self.kind, "statement": self.statement, "title": self.title,
+                   "columns": list(self.columns), "rows": [list(map(_plain, r)) for r in self.rows],
+                   "notes": list(self.notes)}
+            if self.kind == "evaluation":  # a benchmark: how long it took is part of the answer
+                out.update(n_items=self.n_items,
+                           timings={k: float(v) for k, v in self.timings.items()})
+            return out
         out = {
             "kind": self.kind, "statement": self.statement, "layer": self.layer,
             "unit": self.unit, "source": self.source, "n_items": self.n_items,

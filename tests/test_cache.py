@@ -99,14 +99,20 @@ def test_a_sample_is_reused_from_disk(tmp_path, monkeypatch):
     first = connect(tiny(), pair(), tmp_path)
     indices = first.sample("stratified(0.3)")
     rows = first.query(SAMPLED).rows
-    assert first.cache.writes == 2  # the profile and the sample
+    # The profile, the sample, the layer catalog, the sampled items' activations.
+    assert first.cache.writes == 4
 
     monkeypatch.setattr(StratifiedSampler, "fit", lambda *args: pytest.fail("sample redrawn"))
-    second = connect(tiny(), pair(), tmp_path)
+    model = tiny()
+    calls = count_calls(model)
+    second = connect(model, pair(), tmp_path)
     np.testing.assert_array_equal(second.sample("stratified(0.3)"), indices)
     assert second.cache.hits == 2
     assert second.query(SAMPLED).rows == rows
-    assert second.cache.hits == 2  # the query found the sample in memory
+    # The sample was in memory; the catalog and the activations came from disk: no forward
+    # pass at all, not even the one-item probe that finds the layers.
+    assert second.cache.hits == 4
+    assert calls[0] == 0
 
 
 def test_other_sampler_arguments_are_other_entries(tmp_path):
@@ -248,7 +254,7 @@ def _damage(path: Path, how: str, monkeypatch) -> None:
 def test_a_damaged_profile_is_reported_and_recomputed(tmp_path, monkeypatch, how):
     first = connect(tiny(), pair(), tmp_path)
     profile, rows = first.profile, first.query(QUERY).rows
-    [path] = entries(tmp_path)
+    [path] = [p for p in entries(tmp_path) if p.parent.name == "profile"]
     _damage(path, how, monkeypatch)
 
     model = tiny()

@@ -1,0 +1,281 @@
+"""Only the work a query needs: the activation cache, early exit, one pass shared by a script's
+queries, a bounded disk cache that can be listed and cleared. Answers are checked against
+plain torch over materialised activations (tests/models.py), never against DiagQL itself.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql.cache import Cache, parse_size
+from diagql.errors import BindError, DiagQLError, DiagQLWarning, ExecutionError
+
+SAMPLE = "random(0.2, random_state=3)"
+
+
+def activations(model, X, layer: str) -> np.ndarray:
+    """The output of ``model[:layer + 1]`` per item, flattened, in float64: no hooks involved."""
+    with torch.no_grad():
+        return model[: int(layer) + 1](X).flatten(1).to(torch.float64).numpy()
+
+
+def top(values: np.ndarray, k: int) -> list[int]:
+    return np.argsort(-values, kind="stable")[:k].tolist()
+
+
+def count_calls(module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda m, args: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.fixture
+def world(cnn, digits, tmp_path):
+    """A fresh copy of the trained CNN (so hooks added by a test stay in it), its data, a
+    connection with its own cache directory."""
+    model = copy.deepcopy(cnn)
+    X, y = digits
+    conn = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
+    return model, X, y, conn
+
+
+# --- the activation cache ----------------------------------------------------------------------
+
+def test_a_second_query_on_the_same_layer_and_sample_runs_no_forward_pass(world):
+    model, X, y, conn = world
+    sample = conn.sample(SAMPLE)
+    acts = activations(model, X, "2")
+    first = conn.query(f"TOPK 5 NEURONS IN 2 USING SAMPLE {SAMPLE}")
+    assert conn.counters == {"passes": 1, "items": len(sample)}
+    assert first.neurons.tolist() == top(acts[sample].mean(axis=0), 5)
+
+    explain = conn.query(f"EXPLAIN AVG CHANNELS IN 2 WHERE incorrect USING SAMPLE {SAMPLE}")
+    assert "are cached: no forward pass" in dict(explain.rows)["cache"]
+    wrong = sample[conn.profile.predictions[sample] != y.numpy()[sample]]
+    assert len(wrong) > 0
+    second = conn.query(f"AVG CHANNELS IN 2 WHERE incorrect USING SAMPLE {SAMPLE}")
+    assert conn.counters == {"passes": 1, "items": len(sample)}  # no forward pass
+    channels = acts[wrong].reshape(len(wrong), 8, 36).mean(axis=(0, 2))
+    np.testing.assert_allclose(second.values, channels, rtol=1e-6, atol=1e-9)
+
+
+def test_only_the_items_a_query_lacks_go_through_the_model(world):
+    model, X, y, conn = world
+    sample = conn.sample(SAMPLE)
+    labels = y.numpy()
+    conn.query(f"AVG NEURONS IN 6 WHERE class = 1 USING SAMPLE {SAMPLE}")
+    ones = int((labels[sample] == 1).sum())
+    assert conn.counters["items"] == ones
+    explain = dict(conn.query(f"EXPLAIN AVG NEURONS IN 6 USING SAMPLE {SAMPLE}").rows)
+    assert f"{ones:,} of {len(sample):,} items' activations of 6 are cached" in explain["cache"]
+    every = conn.query(f"AVG NEURONS IN 6 USING SAMPLE {SAMPLE}")
+    assert conn.counters == {"passes": 2, "items": len(sample)}
+    np.testing.assert_allclose(every.values, activations(model, X, "6")[sample].mean(axis=0),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_a_new_session_starts_warm(world, tmp_path):
+    model, X, y, conn = world
+    query = f"ARGMAX NEURONS IN 6 WHERE correct USING SAMPLE {SAMPLE}"
+    answer = conn.query(query)
+
+    again = copy.deepcopy(model)
+    calls = count_calls(again)
+    fresh = diagql.connect(again, (X, y), cache_dir=tmp_path, progress=False)
+    assert fresh.query(query).values.tolist() == answer.values.tolist()
+    assert calls[0] == 0  # no profile pass, no probe, no query pass
+    assert fresh.counters["passes"] == 0
+    assert {kind: counts["hits"] for kind, counts in fresh.cache.by_kind.items()} == \
+        {"profile": 1, "sample": 1, "catalog": 1, "activations": 1}
+
+
+def test_a_changed_weight_never_reuses_activations(world, tmp_path):
+    model, X, y, conn = world
+    query = f"AVG NEURONS IN 6 USING SAMPLE {SAMPLE}"
+    conn.query(query)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[6].bias += 0.5
+    fresh = diagql.connect(changed, (X, y), cache_dir=tmp_path, progress=False)
+    answer = fresh.query(query)
+    assert fresh.cache.by_kind["activations"] == {"hits": 0, "misses": 1}
+    sample = fresh.sample(SAMPLE)
+    np.testing.assert_allclose(answer.values, activations(changed, X, "6")[sample].mean(axis=0),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_a_truncated_activation_entry_is_recomputed_with_a_warning(world, tmp_path):
+    model, X, y, conn = world
+    query = f"TOPK 4 NEURONS IN 0 USING SAMPLE {SAMPLE}"
+    conn.query(query)
+    [path] = (tmp_path / "activations").glob("*.npz")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    fresh = diagql.connect(copy.deepcopy(model), (X, y), cache_dir=tmp_path, progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        answer = fresh.query(query)
+    messages = [str(w.message) for w in record if issubclass(w.category, DiagQLWarning)]
+    assert len(messages) == 1 and "damaged cache entry" in messages[0]
+    assert fresh.counters["passes"] == 1
+    sample = fresh.sample(SAMPLE)
+    assert answer.neurons.tolist() == top(activations(model, X, "0")[sample].mean(axis=0), 4)
+
+
+def test_a_sample_over_the_memory_budget_streams_instead(world):
+    model, X, y, conn = world
+    conn.activations.budget = 1000  # bytes: no layer fits
+    query = f"AVG NEURONS IN 2 USING SAMPLE {SAMPLE}"
+    assert "streamed, not kept" in dict(conn.query("EXPLAIN " + query).rows)["cache"]
+    first, second = conn.query(query), conn.query(query)
+    assert conn.counters["passes"] == 2
+    sample = conn.sample(SAMPLE)
+    expected = activations(model, X, "2")[sample].mean(axis=0)
+    np.testing.assert_allclose(first.values, expected, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(first.values, second.values)
+
+
+# --- early exit --------------------------------------------------------------------------------
+
+def test_the_pass_stops_after_the_queried_layer(world):
+    model, X, y, conn = world
+    conn.profile, conn.catalog  # their passes run the whole model, once
+    later = count_calls(model[8])
+    answer = conn.query("AVG NEURONS IN 2 WHERE class IN (3, 5)")
+    assert later[0] == 0
+    mask = np.isin(y.numpy(), [3, 5])
+    np.testing.assert_allclose(answer.values, activations(model, X, "2")[mask].mean(axis=0),
+                               rtol=1e-6, atol=1e-9)
+    conn.query("AVG NEURONS IN 8")  # the last layer: the whole model runs
+    assert later[0] > 0
+
+
+# --- one pass for a script's queries -----------------------------------------------------------
+
+SCRIPT = f"""
+TOPK 5 NEURONS IN 0 WHERE class = 3;
+AVG CHANNELS IN 2 GROUP BY correct;
+ARGMAX NEURONS IN 6 WHERE incorrect USING SAMPLE {SAMPLE} WITH BASELINE;
+AVG NEURONS IN 6 USING SAMPLE {SAMPLE};
+"""
+
+
+def test_a_script_s_queries_share_one_forward_pass(world):
+    model, X, y, conn = world
+    results = list(conn.run_script(SCRIPT))
+    assert conn.counters == {"passes": 1, "items": len(X)}
+    labels, predictions = y.numpy(), conn.profile.predictions
+    sample = conn.sample(SAMPLE)
+
+    conv0 = activations(model, X, "0")
+    assert results[0].neurons.tolist() == top(conv0[labels == 3].mean(axis=0), 5)
+    conv2 = activations(model, X, "2").reshape(len(X), 8, 36).mean(axis=2)
+    correct = predictions == labels
+    for key, mask in ((True, correct), (False, ~correct)):
+        np.testing.assert_allclose(results[1].groups[key].values, conv2[mask].mean(axis=0),
+                                   rtol=1e-6, atol=1e-9)
+    fc = activations(model, X, "6")
+    wrong = sample[predictions[sample] != labels[sample]]
+    histogram = np.bincount(fc[wrong].argmax(axis=1), minlength=32) / len(wrong)
+    np.testing.assert_allclose(results[2].values, histogram)
+    exact = np.bincount(fc[~correct].argmax(axis=1), minlength=32) / (~correct).sum()
+    np.testing.assert_allclose(results[2].baseline.values, exact)
+    np.testing.assert_allclose(results[3].values, fc[sample].mean(axis=0), rtol=1e-6, atol=1e-9)
+
+    alone = diagql.connect(copy.deepcopy(model), (X, y), cache_dir=False, progress=False)
+    for shared, statement in zip(results, [s for s in SCRIPT.split(";") if s.strip()]):
+        single = alone.query(statement)
+        np.testing.assert_allclose(shared.values, single.values, rtol=1e-9, atol=1e-12)
+        assert shared.neurons.tolist() == single.neurons.tolist()
+    assert alone.counters["passes"] == 5  # four statements, one with a baseline
+
+
+def test_each_statement_of_a_shared_pass_keeps_its_own_error(world):
+    model, X, y, conn = world
+    script = ("AVG NEURONS IN 6; TOPK 3 NEURONS IN 9; AVG NEURONS IN 0 WHERE confidence > 2; "
+              "TOPK 2 NEURONS IN 2")
+    outcomes = list(conn.run_script(script))
+    assert [type(o).__name__ for o in outcomes] == ["Result", "BindError", "ExecutionError",
+                                                    "Result"]
+    assert isinstance(outcomes[1], BindError) and "unknown layer '9'" in str(outcomes[1])
+    assert outcomes[1].column == script.index("9") + 1
+    assert isinstance(outcomes[2], ExecutionError) and "no items match" in str(outcomes[2])
+    assert conn.counters["passes"] == 1
+    assert outcomes[3].neurons.tolist() == top(activations(model, X, "2").mean(axis=0), 2)
+
+
+# --- the disk cache: bounded, listed, cleared --------------------------------------------------
+
+def _store(cache: Cache, key: str, nbytes: int) -> None:
+    cache.store("sample", key, {"indices": np.zeros(nbytes // 8, dtype=np.int64)}, meta={})
+
+
+def test_the_least_recently_used_entries_leave_first(tmp_path):
+    cache = Cache(tmp_path, limit=30_000)
+    for key, when in (("a", 1), ("b", 2), ("c", 3)):
+        _store(cache, key, 8_000)
+        path = cache.path("sample", key)
+        import os
+
+        os.utime(path, (when, when))
+    assert cache.load("sample", "a") is not None  # a read makes "a" the most recently used
+    _store(cache, "d", 8_000)
+    assert sorted(e.key for e in cache.entries()) == ["a", "c", "d"]
+    assert cache.evictions == 1 and cache.usage() <= 30_000
+    _store(cache, "huge", 40_000)  # larger than the whole limit: not kept, nothing evicted
+    assert sorted(e.key for e in cache.entries()) == ["a", "c", "d"]
+
+
+def test_show_cache_and_clear_cache(world, tmp_path):
+    model, X, y, conn = world
+    conn.query(f"TOPK 3 NEURONS IN 2 USING SAMPLE {SAMPLE}")
+    shown = {row[0]: row for row in conn.query("SHOW CACHE").rows}
+    assert {kind: shown[kind][1] for kind in ("profile", "sample", "activations", "catalog")} == \
+        {"profile": 1, "sample": 1, "activations": 1, "catalog": 1}
+    assert shown["total"][1] == 4 and shown["activations"][4] == 1  # one miss, this session
+    cleared = conn.query("CLEAR CACHE")
+    assert cleared.title.startswith("removed 4 entries")
+    assert list(tmp_path.rglob("*.npz")) == []
+    # This session keeps what it holds in memory; the next session recomputes.
+    conn.query(f"TOPK 3 NEURONS IN 2 USING SAMPLE {SAMPLE}")
+    assert conn.counters["passes"] == 1
+    fresh = diagql.connect(copy.deepcopy(model), (X, y), cache_dir=tmp_path, progress=False)
+    fresh.query(f"TOPK 3 NEURONS IN 2 USING SAMPLE {SAMPLE}")
+    assert fresh.counters["passes"] == 1 and fresh.cache.hits == 0
+
+
+@pytest.mark.parametrize("text, size", [("500MB", 500 * 1024 ** 2), ("2 GiB", 2 * 1024 ** 3),
+                                        ("1.5k", 1536), (4096, 4096), ("0", 0)])
+def test_cache_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["5XB", "-1GB", "", "lots", True])
+def test_bad_cache_sizes_are_named(text):
+    with pytest.raises(DiagQLError, match="cache size"):
+        parse_size(text)
+
+
+def test_the_cli_lists_and_clears_the_cache_without_a_model(tmp_path):
+    cache = Cache(tmp_path)
+    _store(cache, "a", 800)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "diagql", "--cache-dir", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    shown = run("--format", "csv", "-e", "SHOW CACHE")
+    assert shown.returncode == 0, shown.stderr
+    assert "sample,1," in shown.stdout
+    cleared = run("-e", "CLEAR CACHE")
+    assert cleared.returncode == 0 and "removed 1 entries" in cleared.stdout
+    assert list(tmp_path.rglob("*.npz")) == []
+    bad = run("--cache-limit", "5XB", "-e", "SHOW CACHE")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "cannot read the cache size '5XB'" in bad.stderr
