@@ -1,50 +1,49 @@
 """The paper's headline on the demo: S1/S2/S3 of every sampler at 5%, 10% and 20%.
 
-    python benchmarks/paper_workload.py [--sizes 0.05 0.1 0.2] [--seeds 5] [--k 10]
+    python benchmarks/paper_workload.py [--sizes 0.05 0.1 0.2] [--seeds 5] [--k 10] [--plot FILE]
 
-S1 = mean top-k precision, S2 = mean cosine distance, S3 = mean Jensen-Shannon distance over
-every layer (conv1, conv2, fc1, fc2, fc3) × class × {correct, incorrect} combination with a
-matching item (DESIGN section 6). Each sampler is averaged over the seeds (spread in
-brackets). Also prints Table IV's counts: correctly / incorrectly classified items in the
-sample, and the time to draw it.
+One EVALUATE SAMPLERS statement does the work (this script only builds it and prints the
+table): S1 = mean top-k precision, S2 = mean cosine distance, S3 = mean Jensen-Shannon distance
+over every layer (conv1, conv2, fc1, fc2, fc3) × class × {correct, incorrect} combination with a
+matching item (DESIGN section 6), each sampler averaged over the seeds (spread beside it), with
+Table IV's counts (correctly / incorrectly classified items in the sample) and the time to draw
+a sample. The statement it runs is printed first, to paste into ``diagql --demo -e``.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import diagql
-from diagql.evaluation import evaluate
+from diagql.render import to_text
 
 # Each sampler with the parameters the paper evaluates (j = 0.7 for the two-ended ones).
-CALLS = [("random", {}), ("stratified", {}), ("latentgrid", {}), ("vas", {}),
-         ("ebtree", {}), ("weighted", {}), ("gmm", {"j": 0.7, "covariance": "spherical"}),
-         ("gmm", {"j": 0.7, "covariance": "full"}), ("maxmargin", {"j": 0.7, "method": "paper"}),
-         ("maxmargin", {"j": 0.7})]
+CALLS = ["random", "stratified", "latentgrid", "vas", "ebtree", "weighted",
+         "gmm(covariance='spherical')", "gmm(covariance='full')", "maxmargin(method='paper')",
+         "maxmargin"]
+
+
+def statement(calls: list[str], sizes: list[float], k: list[int], seeds: int,
+              plot: str | None = None) -> str:
+    text = (f"EVALUATE SAMPLERS {', '.join(calls)} AT {', '.join(f'{s:g}' for s in sizes)} "
+            f"K {', '.join(map(str, k))} SEEDS {seeds}")
+    return text + (f" PLOT '{plot}'" if plot else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=int, nargs="+", default=[10])
     parser.add_argument("--only", nargs="*", help="sampler names to run (default: all)")
+    parser.add_argument("--plot", metavar="FILE", help="also draw the figure to FILE")
     args = parser.parse_args()
-    from diagql.samplers import REGISTRY
-
-    calls = [(n, p) for n, p in CALLS if n in REGISTRY and (not args.only or n in args.only)]
+    calls = [c for c in CALLS if not args.only or c.split("(")[0] in args.only]
+    text = statement(calls, args.sizes, args.k, args.seeds, args.plot)
+    print(text)
     db = diagql.demo(progress=False)
-    started = time.perf_counter()
-    scores = evaluate(db, calls, args.sizes, k=args.k, seeds=args.seeds)
-    print(f"demo: {len(db.source):,} items, accuracy {db.profile.correct.mean():.1%}; "
-          f"k = {args.k}; {args.seeds} seeds; {time.perf_counter() - started:.1f} s in all\n")
-    print(f"{'sampler':<34} {'size':>5} {'S1 (prec)':>15} {'S2 (cos)':>15} {'S3 (JS)':>15} "
-          f"{'items':>6} {'correct':>8} {'incorrect':>9} {'draw s':>8}")
-    for s in scores:
-        size = "tree" if s.size is None else f"{s.size:g}"
-        print(f"{s.sampler:<34} {size:>5} {s.S1:>7.3f} ({s.S1_sd:.3f}) {s.S2:>7.3f} ({s.S2_sd:.3f}) "
-              f"{s.S3:>7.3f} ({s.S3_sd:.3f}) {s.items:>6.0f} {s.correct:>8.1f} {s.incorrect:>9.1f} "
-              f"{s.seconds:>8.3f}")
+    result = db.query(text)
+    print(to_text(result, width=160))
+    print(f"\nthe whole evaluation took {result.timings['evaluate']:.1f} s")
 
 
 if __name__ == "__main__":

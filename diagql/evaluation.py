@@ -1,24 +1,550 @@
-"""The paper's workload benchmark: how well a sampler answers every query of the S1, S2 and S3
-query sets (DESIGN section 6), measured against the exact answers.
+"""EVALUATE SAMPLERS: the paper's workload benchmark (DESIGN section 6) as one statement.
 
 For every layer × true class × {correct, incorrect} combination with at least one matching
 item, the top-k neurons (S1, precision), the mean activation vector (S2, cosine distance) and
-the distribution of maximally activated neurons (S3, Jensen-Shannon distance) are computed on
-the sample and on all items; a query set's score is the mean over the combinations. A sample
-with no matching item for a combination scores precision 0 and distances 1.
+the distribution of maximally activated neurons (S3, Jensen-Shannon distance, base 2) are
+computed on the sample and on all items; a query set's score is the mean over the combinations.
+A sample with no matching item for a combination scores precision 0 and distances 1.
+
+Execution: every sample is drawn first (samplers read only the profile); then one forward pass
+over all items, with hooks on every evaluated layer, reduces the exact answers per (class,
+correctness) group (a float64 sum vector and an argmax histogram; the full data's activations
+are never held) and keeps the float32 activations of the items that some sample holds. Every
+sample is then scored from those rows.
 """
 from __future__ import annotations
 
+import contextlib
+import numbers
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from . import metrics, samplers
+from . import ast, samplers
 from .aggregates import rank
+from .binder import NO_LABELS, _error, bind_layer, bind_sampler
 from .data import call_model, to_device
+from .errors import BindError, ExecutionError
 from .hooks import Hooks, evaluation
+from .layers import LayerInfo
+from .result import Result
+
+DEFAULT_SIZES = (0.05, 0.1, 0.2)
+DEFAULT_K = 10
+DEFAULT_SEEDS = 5
+SWEEPABLE = "j"  # the boundary share of gmm and maxmargin (the paper's Figure 6)
+
+COLUMNS = ["sampler", "size", "k", "j", "S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd",
+           "items", "correct", "incorrect", "seconds"]
+
+
+# --- binding ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One sampler configuration: a call at one size (and one j of a sweep), drawn per seed."""
+
+    label: str  # the call as written, less its size: "gmm(covariance='spherical')"
+    cls: type
+    params: dict  # every parameter but random_state (size included, when the sampler has one)
+    size: float | int | None  # as written; None for a sampler whose size is its own (ebtree)
+    j: float | None  # the j it runs with; None when the sampler has no j
+
+    def sampler(self, seed: int) -> samplers.Sampler:
+        return self.cls(**self.params, random_state=seed)
+
+
+@dataclass(frozen=True)
+class BoundEvaluation:
+    statement: ast.Evaluate
+    candidates: list[Candidate]
+    layers: list[LayerInfo]
+    ks: list[int]
+    seeds: list[int]  # the random_state of each repetition
+    plot: str | None
+
+
+def bind_evaluate(statement: ast.Evaluate, conn) -> BoundEvaluation:
+    """Check every name and value of the statement before any sample or forward pass."""
+    n_items = len(conn.source)
+    layers = _bind_layers(statement.layers, conn)
+    ks = _bind_ks(statement, layers)
+    seeds = _whole(statement.seeds, "SEEDS", 1) if statement.seeds is not None else DEFAULT_SEEDS
+    calls = statement.samplers or tuple(ast.SamplerCall(name) for name in samplers.REGISTRY)
+    classes = [_sampler_class(call) for call in calls]
+    sizes = _bind_sizes(statement.sizes, n_items)
+    js = _bind_sweep(statement.sweep, classes)
+    candidates: list[Candidate] = []
+    seen: set[tuple] = set()
+    for call, cls in zip(calls, classes):
+        for candidate in _bind_call(call, cls, sizes, js, n_items, conn.settings.seed):
+            key = (cls.name, tuple(sorted(candidate.params.items())))
+            if key in seen:
+                raise _error(f"{_describe(candidate)} is listed twice", call.span)
+            seen.add(key)
+            candidates.append(candidate)
+    plot = None
+    if statement.plot is not None:
+        from .plots import check_target
+
+        try:
+            check_target(statement.plot.value)
+        except BindError as exc:
+            raise _error(exc.message, statement.plot.span, exc.hint) from None
+        plot = statement.plot.value
+    first = conn.settings.seed
+    return BoundEvaluation(statement, candidates, layers, ks,
+                           list(range(first, first + seeds)), plot)
+
+
+def default_layers(conn) -> list[str]:
+    """The model's top-level blocks that hold parameters (conv1, conv2, fc1, fc2, fc3 in the demo)."""
+    names = []
+    for name, module in conn.model.named_children():
+        if any(True for _ in module.parameters()) and name in conn.catalog and \
+                conn.catalog[name].calls == 1:
+            names.append(name)
+    return names or conn.layers
+
+
+def _bind_layers(refs: tuple[ast.LayerRef, ...], conn) -> list[LayerInfo]:
+    if not refs:
+        return [bind_layer(ast.LayerRef(name), conn.catalog) for name in default_layers(conn)]
+    layers: list[LayerInfo] = []
+    for ref in refs:
+        layer = bind_layer(ref, conn.catalog)
+        if layer in layers:
+            raise _error(f"layer {layer.name!r} is listed twice", ref.span)
+        layers.append(layer)
+    return layers
+
+
+def _bind_ks(statement: ast.Evaluate, layers: list[LayerInfo]) -> list[int]:
+    if not statement.ks:
+        return [min(DEFAULT_K, max(layer.neurons for layer in layers))]
+    widest = max(layers, key=lambda layer: layer.neurons)
+    ks: list[int] = []
+    for literal in statement.ks:
+        k = _whole(literal, "K", 1)
+        if k > widest.neurons:
+            raise _error(f"K {k} is more neurons than any evaluated layer has (the widest, "
+                         f"{widest.name!r}, has {widest.neurons:,})", literal.span)
+        if k in ks:
+            raise _error(f"K {k} is listed twice", literal.span)
+        ks.append(k)
+    return ks
+
+
+def _whole(literal: ast.Literal, what: str, least: int) -> int:
+    value = literal.value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _error(f"{what} takes whole numbers, not {value!r}", literal.span)
+    if value < least:
+        raise _error(f"{what} must be at least {least}, not {value}", literal.span)
+    return int(value)
+
+
+def _bind_sizes(literals: tuple[ast.Literal, ...], n_items: int) -> list[ast.Literal] | None:
+    """The AT sizes (each checked as a sample size), or None when there is no AT clause."""
+    if not literals:
+        return None
+    counts: dict[int, ast.Literal] = {}
+    for literal in literals:
+        try:
+            count = samplers.resolve_size(literal.value, n_items)
+        except BindError as exc:
+            raise _error(exc.message, literal.span) from None
+        if count in counts:
+            raise _error(f"size {literal.value} repeats {counts[count].value} (both are "
+                         f"{count:,} of the {n_items:,} items)", literal.span)
+        counts[count] = literal
+    return list(literals)
+
+
+def _bind_sweep(sweep: ast.Sweep | None, classes: list) -> list[ast.Literal] | None:
+    if sweep is None:
+        return None
+    if sweep.param != SWEEPABLE:
+        raise _error(f"SWEEP can vary j (the boundary share of gmm and maxmargin), not "
+                     f"{sweep.param!r}; the size is swept by AT, k by K and seeds by SEEDS",
+                     sweep.span)
+    if not any(_has_param(cls, SWEEPABLE) for cls in classes):
+        with_j = [n for n, cls in samplers.REGISTRY.items() if _has_param(cls, SWEEPABLE)]
+        raise _error(f"none of the samplers has a parameter j to sweep (those that do: "
+                     f"{', '.join(with_j)})", sweep.span)
+    seen: list = []
+    for literal in sweep.values:
+        if literal.value in seen:
+            raise _error(f"j = {literal.value} is listed twice", literal.span)
+        seen.append(literal.value)
+    return list(sweep.values)
+
+
+def _has_param(cls, param: str) -> bool:
+    return param in {p.name for p in cls.params()}
+
+
+def _sampler_class(call: ast.SamplerCall):
+    try:
+        return samplers.sampler_class(call.name)
+    except BindError as exc:
+        raise _error(exc.message, call.span, exc.hint) from None
+
+
+def _bind_call(call: ast.SamplerCall, cls, sizes, js, n_items: int,
+               seed: int) -> list[Candidate]:
+    """The call's configurations (one per size and swept j), each checked by the binder."""
+    names = {p.name for p in cls.params()}
+    own_size = None
+    rest = []
+    first_positional = next((arg for arg in call.args if arg.name is None), None)
+    for arg in call.args:
+        if arg.name == "random_state":
+            raise _error("random_state is chosen by SEEDS (seeds n, n+1, ... from SET seed = n); "
+                         "leave it out here", arg.span)
+        if "size" in names and (arg.name == "size" or arg is first_positional):
+            if sizes is not None:
+                raise _error(f"the sizes come from AT; leave the size out of {call.name}(...) "
+                             f"(or drop AT to evaluate this call at its own size)", arg.span)
+            own_size = ast.Literal(arg.value, span=arg.span)
+            continue
+        if arg.name == SWEEPABLE and js is not None:
+            raise _error("j is varied by SWEEP j IN (...); leave it out here", arg.span)
+        rest.append(arg)
+    if "size" not in names:
+        size_list = [None]
+    elif own_size is not None:
+        size_list = [own_size]
+    else:
+        size_list = sizes or [ast.Literal(s) for s in DEFAULT_SIZES]
+    j_list = js if js is not None and SWEEPABLE in names else [None]
+    found = []
+    for size in size_list:
+        for j in j_list:
+            args = list(rest)
+            if size is not None:
+                args.insert(0, ast.Arg("size", size.value, span=size.span or call.span))
+            if j is not None:
+                args.append(ast.Arg(SWEEPABLE, j.value, span=j.span))
+            sampler = bind_sampler(ast.SamplerCall(call.name, tuple(args), span=call.span),
+                                   seed, n_items)
+            params = {k: v for k, v in sampler.get_params().items() if k != "random_state"}
+            found.append(Candidate(_label(cls, params, {arg.name for arg in rest}), cls, params,
+                                   params.get("size"), params.get(SWEEPABLE)))
+    return found
+
+
+def _label(cls, params: dict, written: set) -> str:
+    """The sampler's name with the parameters the call names (size has its own column, and so
+    has a swept j), in the sampler's order: ``gmm(covariance='full')`` stays as written."""
+    shown = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in params.items()
+             if k in written]
+    return f"{cls.name}({', '.join(shown)})" if shown else cls.name
+
+
+def _describe(candidate: Candidate) -> str:
+    parts = [candidate.label]
+    if candidate.size is not None:
+        parts.append(f"at size {candidate.size}")
+    if candidate.j is not None:
+        parts.append(f"with j = {candidate.j}")
+    return " ".join(parts)
+
+
+# --- execution -------------------------------------------------------------------------------
+
+
+@dataclass
+class Draw:
+    """One sample: which candidate and seed drew it, its items and the seconds it took."""
+
+    candidate: int
+    seed: int
+    indices: np.ndarray
+    seconds: float
+
+
+@dataclass
+class LayerAnswers:
+    """A layer's exact answers per group and the kept rows of the sampled items."""
+
+    sums: np.ndarray  # (groups, neurons) float64: the sum of the activations of each group
+    hist: np.ndarray  # (groups, neurons) int64: how often each neuron is an item's maximal one
+    kept: np.ndarray  # (kept items, neurons) float32
+    winners: np.ndarray  # (kept items,) the maximal neuron of each kept row
+
+
+def evaluate_statement(conn, statement: ast.Evaluate) -> Result:
+    """Bind, draw every sample, run one forward pass, score: the statement's Result."""
+    started = time.perf_counter()
+    bound = bind_evaluate(statement, conn)
+    bound_at = time.perf_counter()
+    profile = conn.profile
+    if not profile.has_labels:
+        raise _error(f"EVALUATE SAMPLERS scores the samples per true class and correctness, but "
+                     f"{NO_LABELS}", statement.span)
+    profiled_at = time.perf_counter()
+    draws = draw_samples(conn, bound)
+    drawn_at = time.perf_counter()
+    groups = group_of_items(profile)
+    n_groups = 2 * max(profile.n_classes, int(profile.labels.max()) + 1)
+    kept_items = np.unique(np.concatenate([d.indices for d in draws]))
+    position = np.full(len(profile), -1, dtype=np.int64)  # each item's kept row, -1: none
+    position[kept_items] = np.arange(len(kept_items))
+    answers = forward_pass(conn, bound.layers, groups, n_groups, position, len(kept_items))
+    passed_at = time.perf_counter()
+    counts = np.bincount(groups, minlength=n_groups)
+    scores = score_draws(conn, bound, draws, answers, counts, groups, position)
+    result = build_result(bound, draws, scores, profile, counts)
+    result.timings.update({"bind": bound_at - started, "profile": profiled_at - bound_at,
+                           "samples": drawn_at - profiled_at, "forward": passed_at - drawn_at,
+                           "score": time.perf_counter() - passed_at})
+    if bound.plot is not None:
+        from .plots import write_plot
+
+        plotted = time.perf_counter()
+        write_plot(result, bound.plot)
+        result.timings["plot"] = time.perf_counter() - plotted
+        result.notes.append(f"plot written to {bound.plot}")
+    result.timings["evaluate"] = time.perf_counter() - started
+    return result
+
+
+def draw_samples(conn, bound: BoundEvaluation) -> list[Draw]:
+    profile = conn.profile
+    data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
+                               profile.n_classes)
+    _warm_up(bound.candidates, data)
+    draws = []
+    total = len(bound.candidates) * len(bound.seeds)
+    with conn.progress.task("EVALUATE: drawing samples", total) as advance:
+        for number, candidate in enumerate(bound.candidates):
+            for seed in bound.seeds:
+                sampler = candidate.sampler(seed)
+                started = time.perf_counter()
+                indices = sampler.fit(data).indices_
+                draws.append(Draw(number, seed, indices, time.perf_counter() - started))
+                advance(1)
+    return draws
+
+
+def _warm_up(candidates: list[Candidate], data: samplers.SampleData) -> None:
+    """One untimed draw per sampler class on a few hundred items, so that a sampler's one-off
+    costs (its lazy imports of sklearn and scipy: about a second) are not in its timings."""
+    subset = np.linspace(0, len(data) - 1, min(len(data), 300)).astype(np.int64)
+    small = samplers.SampleData(data.latents[subset], data.labels[subset],
+                                data.predictions[subset], data.n_classes)
+    for cls in dict.fromkeys(c.cls for c in candidates):
+        params = next(c.params for c in candidates if c.cls is cls)
+        with contextlib.suppress(Exception):  # the real draw reports any failure
+            cls(**{**params, **({"size": 0.5} if "size" in params else {})},
+                random_state=0).fit(small)
+
+
+def group_of_items(profile) -> np.ndarray:
+    """Each item's (true class, correctness) group: 2·class for correct, 2·class + 1 if not."""
+    return profile.labels * 2 + (~profile.correct).astype(np.int64)
+
+
+def forward_pass(conn, layers: list[LayerInfo], groups: np.ndarray, n_groups: int,
+                 position: np.ndarray, n_kept: int) -> dict[str, LayerAnswers]:
+    """One pass over every item: per layer and group the float64 sum and the argmax histogram,
+    plus the float32 rows of the items that ``position`` gives a row (its value)."""
+    n = len(conn.source)
+    # MPS has no float64; the sums are made there on the CPU instead.
+    device = conn.device if conn.device.type != "mps" else torch.device("cpu")
+    sums = {layer.name: torch.zeros(n_groups, layer.neurons, dtype=torch.float64, device=device)
+            for layer in layers}
+    hist = {layer.name: torch.zeros(n_groups * layer.neurons, dtype=torch.int64, device=device)
+            for layer in layers}
+    kept = {layer.name: np.empty((n_kept, layer.neurons), dtype=np.float32) for layer in layers}
+    batch: dict = {}  # what the hooks need to know about the batch in flight
+
+    def reducer(layer: LayerInfo):
+        def reduce(output: torch.Tensor) -> None:
+            # Reduced or copied here, inside the hook: a later in-place op may overwrite it.
+            values = output.detach().flatten(1)
+            wide = values.to(device=device, dtype=torch.float64)
+            # One product sums every group of the batch (index_add_ is far slower on CPU).
+            sums[layer.name] += batch["one_hot"] @ wide
+            winners = values.argmax(dim=1).to(device)  # the same in any float type
+            hist[layer.name] += torch.bincount(batch["groups"] * layer.neurons + winners,
+                                               minlength=hist[layer.name].shape[0])
+            rows = batch["rows"]
+            if len(rows):
+                chosen = torch.from_numpy(batch["chosen"]).to(values.device)
+                kept[layer.name][rows] = values[chosen].to("cpu", torch.float32).numpy()
+        return reduce
+
+    callbacks = {layer.name: reducer(layer) for layer in layers}
+    with evaluation(conn.model), Hooks(conn.model, callbacks) as hooks, \
+            conn.progress.task("EVALUATE: forward pass", n) as advance:
+        for idx, x, _ in conn.source.batches(np.arange(n), conn.settings.batch_size):
+            hooks.reset()
+            where = position[idx]
+            gid = torch.from_numpy(groups[idx]).to(device)
+            batch.update(groups=gid, chosen=np.flatnonzero(where >= 0), rows=where[where >= 0],
+                         one_hot=torch.nn.functional.one_hot(gid, n_groups).T.to(torch.float64))
+            call_model(conn.model, to_device(x, conn.device, conn.dtype))
+            hooks.check_ran()
+            advance(len(idx))
+    answers = {}
+    for layer in layers:
+        rows = kept[layer.name]
+        if not bool(torch.isfinite(sums[layer.name]).all()):
+            raise ExecutionError(f"layer {layer.name!r} has NaN or infinite activations; "
+                                 f"EVALUATE does not average over them")
+        answers[layer.name] = LayerAnswers(
+            sums[layer.name].cpu().numpy(),
+            hist[layer.name].cpu().numpy().reshape(n_groups, layer.neurons), rows,
+            rows.argmax(axis=1) if len(rows) else np.empty(0, dtype=np.int64))
+    return answers
+
+
+@dataclass
+class SampleScore:
+    S1: dict[int, float]  # k -> mean precision
+    S2: float
+    S3: float
+
+
+def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts: np.ndarray,
+                groups: np.ndarray, position: np.ndarray) -> list[SampleScore]:
+    valid = np.flatnonzero(counts > 0)  # the (class, correctness) groups with a matching item
+    exact = {}
+    for layer in bound.layers:
+        a = answers[layer.name]
+        mean = a.sums[valid] / counts[valid, None]
+        order = np.argsort(-mean, axis=1, kind="stable")  # ties: the lower neuron index
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(layer.neurons)[None, :].repeat(len(valid), 0),
+                          axis=1)
+        exact[layer.name] = (mean, rank, a.hist[valid])
+    scores: list[SampleScore] = []
+    memo: dict[bytes, SampleScore] = {}  # a sampler that ignores its seed draws the same sample
+    with conn.progress.task("EVALUATE: scoring samples", len(draws)) as advance:
+        for draw in draws:
+            key = draw.indices.tobytes()
+            if key not in memo:
+                memo[key] = _score(bound, draw.indices, answers, exact, valid, groups, position)
+            scores.append(memo[key])
+            advance(1)
+    return scores
+
+
+def _score(bound, indices, answers, exact, valid, groups, position) -> SampleScore:
+    """The mean metric over every (layer, group) combination; a group the sample misses scores
+    precision 0 and distances 1."""
+    gid = groups[indices]
+    order = np.argsort(gid, kind="stable")
+    rows_at = position[indices][order]  # the sample's kept rows, grouped
+    gid = gid[order]
+    starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+    sizes = np.diff(np.r_[starts, len(gid)])
+    slot = np.full(int(max(valid.max(), gid.max())) + 1, -1)
+    slot[gid[starts]] = np.arange(len(starts))
+    where = slot[valid]  # each valid group's slot among the sample's groups, -1: missed
+    hit = where >= 0
+    member = np.repeat(np.arange(len(starts)), sizes)
+    s1: dict[int, list] = {k: [] for k in bound.ks}
+    s2, s3 = [], []
+    for layer in bound.layers:
+        a = answers[layer.name]
+        full_mean, full_rank, full_hist = exact[layer.name]
+        sums = np.add.reduceat(a.kept[rows_at], starts, axis=0, dtype=np.float64)[where[hit]]
+        mean = sums / sizes[where[hit], None]
+        hist = np.bincount(member * layer.neurons + a.winners[rows_at],
+                           minlength=len(starts) * layer.neurons)
+        hist = hist.reshape(len(starts), layer.neurons)[where[hit]]
+        cos, js = np.ones(len(valid)), np.ones(len(valid))
+        cos[hit] = cosine_distances(mean, full_mean[hit])
+        js[hit] = js_distances(hist, full_hist[hit])
+        s2.append(cos)
+        s3.append(js)
+        top = np.argsort(-mean, axis=1, kind="stable")  # ties: the lower neuron index
+        for k in bound.ks:
+            if k > layer.neurons:
+                continue  # a layer of fewer than k neurons has no top-k to get right
+            precision = np.zeros(len(valid))
+            ranks = np.take_along_axis(full_rank[hit], top[:, :k], axis=1)
+            precision[hit] = (ranks < k).sum(axis=1) / k
+            s1[k].append(precision)
+    return SampleScore({k: float(np.mean(np.concatenate(v))) for k, v in s1.items()},
+                       float(np.mean(np.concatenate(s2))), float(np.mean(np.concatenate(s3))))
+
+
+def cosine_distances(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Row-wise 1 − cos; two zero vectors agree (0), a zero against a non-zero is 1."""
+    na, nb = np.linalg.norm(approx, axis=1), np.linalg.norm(exact, axis=1)
+    dot = np.einsum("ij,ij->i", approx, exact)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.clip(1.0 - dot / (na * nb), 0.0, 2.0)
+    zero = (na == 0) | (nb == 0)
+    out[zero] = np.where(na[zero] == nb[zero], 0.0, 1.0)
+    return out
+
+
+def js_distances(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Row-wise Jensen-Shannon distance, base 2, of two count histograms."""
+    p = approx / approx.sum(axis=1, keepdims=True)
+    q = exact / exact.sum(axis=1, keepdims=True)
+    m = (p + q) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=1)
+        kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
+    return np.sqrt(np.maximum((kl_p + kl_q) / 2, 0.0))
+
+
+def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleScore], profile,
+                 counts: np.ndarray) -> Result:
+    rows = []
+    by_candidate: dict[int, list[int]] = {}
+    for i, draw in enumerate(draws):
+        by_candidate.setdefault(draw.candidate, []).append(i)
+    correct = profile.correct
+    for number, candidate in enumerate(bound.candidates):
+        mine = by_candidate[number]
+        items = np.array([len(draws[i].indices) for i in mine], dtype=np.float64)
+        right = np.array([int(correct[draws[i].indices].sum()) for i in mine], dtype=np.float64)
+        seconds = float(np.median([draws[i].seconds for i in mine]))
+        s2 = np.array([scores[i].S2 for i in mine])
+        s3 = np.array([scores[i].S3 for i in mine])
+        for k in bound.ks:
+            s1 = np.array([scores[i].S1[k] for i in mine])
+            rows.append((candidate.label, candidate.size, k, candidate.j,
+                         *_mean_sd(s1), *_mean_sd(s2), *_mean_sd(s3), float(items.mean()),
+                         float(right.mean()), float((items - right).mean()), seconds))
+    n_groups = int((counts > 0).sum())
+    layers = [layer.name for layer in bound.layers]
+    result = Result(kind="evaluation", statement=bound.statement.text, columns=list(COLUMNS),
+                    rows=rows, n_items=len(profile))
+    top = f"top-{bound.ks[0]}" if len(bound.ks) == 1 else "top-k"
+    first, last = bound.seeds[0], bound.seeds[-1]
+    seeds = (f"{len(bound.seeds)} seeds ({first}..{last}), sd over the seeds" if last > first
+             else f"1 seed ({first})")
+    result.title = (f"S1 = {top} precision ↑, S2 = cosine distance ↓, S3 = JS distance ↓: the mean "
+                    f"over {len(layers) * n_groups} combinations of {len(layers)} layers "
+                    f"({', '.join(layers)}) × {n_groups} (class, correct/incorrect) groups; "
+                    f"{seeds}; {len(profile):,} items, {int((~correct).sum()):,} misclassified")
+    for k in bound.ks:
+        left_out = [layer.name for layer in bound.layers if layer.neurons < k]
+        if left_out:
+            result.notes.append(f"S1 at k = {k} leaves out {', '.join(left_out)} (fewer than "
+                                f"{k} neurons)")
+    result.plan = bound
+    return result
+
+
+def _mean_sd(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation over the seeds (exactly 0 when every seed agrees)."""
+    return float(values.mean()), float(values.std()) if np.ptp(values) > 0 else 0.0
+
+
+# --- materialising helpers (benchmarks/calibration.py) ----------------------------------------
+# These hold a layer's activations for every item: fine for the demo, not for big layers.
 
 
 @dataclass(frozen=True)
@@ -35,16 +561,6 @@ class LayerTruth:
 
     activations: np.ndarray
     winners: np.ndarray
-
-
-def default_layers(conn) -> list[str]:
-    """The model's top-level blocks that hold parameters (conv1, conv2, fc1, fc2, fc3 in the demo)."""
-    names = []
-    for name, module in conn.model.named_children():
-        if any(True for _ in module.parameters()) and name in conn.catalog and \
-                conn.catalog[name].calls == 1:
-            names.append(name)
-    return names or conn.layers
 
 
 def layer_truth(conn, layer: str) -> LayerTruth:
@@ -78,27 +594,6 @@ def combinations(conn, layers: list[str]) -> list[Combination]:
     return combos
 
 
-def score_sample(sample: np.ndarray, combos: list[Combination], truths: dict[str, LayerTruth],
-                 exact: dict, k: int) -> dict[str, float]:
-    """S1, S2, S3 of one sample: the mean metric over the combinations."""
-    in_sample = np.zeros(len(next(iter(truths.values())).activations), dtype=bool)
-    in_sample[sample] = True
-    s1, s2, s3 = [], [], []
-    for combo in combos:
-        truth = truths[combo.layer]
-        chosen = combo.items[in_sample[combo.items]]
-        full_top, full_mean, full_hist = exact[id(combo)]
-        if len(chosen) == 0:
-            s1.append(0.0), s2.append(1.0), s3.append(1.0)
-            continue
-        mean = truth.activations[chosen].astype(np.float64).mean(axis=0)
-        hist = np.bincount(truth.winners[chosen], minlength=len(mean)).astype(np.float64)
-        s1.append(metrics.precision(rank(mean, k), full_top))
-        s2.append(metrics.cosine_distance(mean, full_mean))
-        s3.append(metrics.js_distance(hist / hist.sum(), full_hist))
-    return {"S1": float(np.mean(s1)), "S2": float(np.mean(s2)), "S3": float(np.mean(s3))}
-
-
 def exact_answers(combos, truths, k: int) -> dict:
     answers = {}
     for combo in combos:
@@ -108,54 +603,3 @@ def exact_answers(combos, truths, k: int) -> dict:
         answers[id(combo)] = (rank(mean, k), mean, hist / hist.sum())
     return answers
 
-
-@dataclass
-class Score:
-    sampler: str
-    size: float | int | None
-    S1: float
-    S2: float
-    S3: float
-    S1_sd: float
-    S2_sd: float
-    S3_sd: float
-    items: float  # mean sample size
-    correct: float  # mean number of correctly classified items in the sample
-    incorrect: float
-    seconds: float  # mean time to draw the sample
-
-
-def evaluate(conn, calls: list[tuple[str, dict]], sizes: list, *, layers: list[str] | None = None,
-             k: int = 10, seeds: int = 5) -> list[Score]:
-    """Score each sampler call (name, params) at each size, averaged over ``seeds`` seeds."""
-    layers = layers or default_layers(conn)
-    truths = {layer: layer_truth(conn, layer) for layer in layers}
-    combos = combinations(conn, layers)
-    exact = exact_answers(combos, truths, k)
-    profile = conn.profile
-    data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
-                               profile.n_classes)
-    scores = []
-    for name, params in calls:
-        cls = samplers.sampler_class(name)
-        has_size = "size" in {p.name for p in cls.params()}
-        for size in (sizes if has_size else [None]):
-            runs, draws = [], []
-            for seed in range(seeds):
-                args = {**params, "random_state": seed, **({"size": size} if has_size else {})}
-                started = time.perf_counter()
-                sample = cls(**args).fit(data).indices_
-                seconds = time.perf_counter() - started
-                runs.append(score_sample(sample, combos, truths, exact, k))
-                draws.append((len(sample), int(profile.correct[sample].sum()), seconds))
-            table = {key: np.array([r[key] for r in runs]) for key in ("S1", "S2", "S3")}
-            items, correct, seconds = np.mean(draws, axis=0)
-            scores.append(Score(name + _params_text(params), size,
-                                *(float(table[key].mean()) for key in ("S1", "S2", "S3")),
-                                *(float(table[key].std()) for key in ("S1", "S2", "S3")),
-                                items, correct, items - correct, seconds))
-    return scores
-
-
-def _params_text(params: dict) -> str:
-    return "(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")" if params else ""

@@ -1,0 +1,216 @@
+"""Figures like the paper's from an EVALUATE SAMPLERS result (its Figures 4 to 7), to a file.
+
+matplotlib is optional (``pip install "diagql[plot]"``) and imported here on first use. The
+figure is drawn on its own Agg canvas, without pyplot, so no global backend is changed.
+
+What is drawn follows what the statement varied: S1/S2/S3 against j (SWEEP j: Figure 6, other
+samplers as dashed lines), else S1 against k (several K: Figure 5), else S1/S2/S3 against the
+sample size (several sizes: Figure 4), else bars per sampler; and beside them the time to draw
+a sample (Figure 7).
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+from .errors import BindError, DiagQLError, ExecutionError
+
+INSTALL = 'pip install "diagql[plot]"'
+_METRICS = {"S1": "S1: top-{k} precision ↑", "S2": "S2: cosine distance ↓",
+            "S3": "S3: Jensen-Shannon distance ↓"}
+_MARKERS = "os^Dv<>pP*Xh"
+# Lines of one sampler at several sizes differ by style ("--" is kept for Figure 6's samplers
+# without j).
+_SIZE_STYLES = ["-", ":", "-.", (0, (6, 2, 1, 2, 1, 2))]
+
+
+def _figure_class():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise DiagQLError(f"plots need matplotlib, which is not installed: {INSTALL}") from None
+    return Figure, FigureCanvasAgg
+
+
+def check_target(path: str) -> None:
+    """Refuse a file that cannot be written before any work is done (BindError)."""
+    Figure, FigureCanvasAgg = _figure_class()
+    target = Path(path)
+    suffix = target.suffix.lower().lstrip(".")
+    types = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if suffix not in types:
+        raise BindError(f"cannot plot to {path!r}: name a file ending in .png, .pdf or .svg "
+                        f"(matplotlib writes {', '.join('.' + t for t in sorted(types))})")
+    if not target.parent.is_dir():
+        raise BindError(f"cannot plot to {path!r}: the directory {str(target.parent)!r} does "
+                        f"not exist")
+
+
+def write_plot(result, path: str) -> None:
+    """Draw the evaluation ``result`` and save it to ``path`` (the format from its suffix)."""
+    figure = draw(result)
+    try:
+        figure.savefig(path, dpi=85)  # small files: a docs figure stays under 200 KB
+    except OSError as exc:
+        raise ExecutionError(f"cannot write the plot to {path!r}: {exc.strerror or exc}") from None
+
+
+def draw(result):
+    """The matplotlib Figure for an evaluation result."""
+    Figure, FigureCanvasAgg = _figure_class()
+    if result.kind != "evaluation":
+        raise DiagQLError(f"only EVALUATE SAMPLERS results can be plotted, not {result.kind!r}")
+    rows = result.records()
+    n = max(result.n_items, 1)
+    ks = sorted({r["k"] for r in rows})
+    k_ref = 10 if 10 in ks else ks[0]
+    colors = _colors([r["sampler"] for r in rows])
+    j_swept = any(len({r["j"] for r in rows if r["sampler"] == s}) > 1 for s in colors)
+    sizes = {_x_size(r, n) for r in rows if r["size"] is not None}
+    panels = []
+    if j_swept:
+        panels += [(_against_j, m) for m in ("S1", "S2", "S3")]
+    elif len(ks) > 1:
+        panels.append((_against_k, "S1"))
+    elif len(sizes) > 1:
+        panels += [(_against_size, m) for m in ("S1", "S2", "S3")]
+    else:
+        panels += [(_bars, m) for m in ("S1", "S2", "S3")]
+    panels.append((_draw_times, None))
+    grid = (2, 2) if len(panels) == 4 else (1, len(panels))  # four panels read better square
+    figure = Figure(figsize=(5.6 * grid[1], 4.2 * grid[0] + 0.8))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(*grid, squeeze=False).ravel()
+    handles = {}
+    for ax, (panel, metric) in zip(axes, panels):
+        panel(ax, rows, metric, k_ref=k_ref, n=n, colors=colors, handles=handles)
+        ax.grid(True, alpha=0.3)
+    width = int(5.6 * grid[1] * 11)  # characters of the title that fit on a line
+    title = textwrap.fill(textwrap.shorten(result.statement, 3 * width), width)
+    figure.suptitle(f"{title}\n({result.n_items:,} items)", fontsize=10)
+    columns = min(len(handles), max(2, int(5.6 * grid[1] / 2.8)))
+    figure.legend(list(handles.values()), list(handles), loc="lower center", frameon=False,
+                  ncol=columns, fontsize=9)
+    rows_of_legend = -(-len(handles) // columns)
+    # tight_layout keeps clear of the suptitle by itself; the legend needs the bottom strip.
+    legend_height = (0.25 + 0.22 * rows_of_legend) / figure.get_figheight()
+    figure.tight_layout(rect=(0, legend_height, 1, 1))
+    return figure
+
+
+def _colors(labels: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+
+    names = list(dict.fromkeys(labels))
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: (cmap(i % cmap.N), _MARKERS[i % len(_MARKERS)]) for i, name in enumerate(names)}
+
+
+def _x_size(row, n: int) -> float:
+    """A row's sample size as a fraction of the data (ebtree's own size: its items / N)."""
+    size = row["size"]
+    if size is None:
+        return row["items"] / n
+    return float(size) if isinstance(size, float) else size / n
+
+
+def _size_label(row, n: int) -> str:
+    return "own size" if row["size"] is None else f"{_x_size(row, n):.0%}"
+
+
+def _line(ax, rows, x_key, metric, label, color, marker, handles, style="-"):
+    rows = sorted(rows, key=x_key)
+    xs = [x_key(r) for r in rows]
+    ys = [r[metric] for r in rows]
+    sds = [r[f"{metric} sd"] for r in rows]
+    (line,) = ax.plot(xs, ys, color=color, marker=marker, markersize=5, linewidth=1.5,
+                      linestyle=style)
+    if any(sds) and len(xs) > 1:
+        ax.fill_between(xs, [y - s for y, s in zip(ys, sds)], [y + s for y, s in zip(ys, sds)],
+                        color=color, alpha=0.15, linewidth=0)
+    handles.setdefault(label, line)
+
+
+def _metric_axes(ax, metric: str, k_ref: int, xlabel: str) -> None:
+    ax.set_title(_METRICS[metric].format(k=k_ref), fontsize=10)
+    ax.set_xlabel(xlabel)
+    if metric == "S1":
+        ax.set_ylim(-0.02, 1.02)
+    else:
+        ax.set_ylim(bottom=0)
+
+
+def _against_size(ax, rows, metric, *, k_ref, n, colors, handles):
+    """Figure 4: each metric against the sample size; ebtree (own size) is one marker."""
+    for sampler, (color, marker) in colors.items():
+        mine = [r for r in rows if r["sampler"] == sampler and r["k"] == k_ref]
+        _line(ax, mine, lambda r: _x_size(r, n), metric, sampler, color, marker, handles)
+    _metric_axes(ax, metric, k_ref, "sample size (fraction of the data)")
+
+
+def _against_k(ax, rows, metric, *, k_ref, n, colors, handles):
+    """Figure 5: S1 against k, one line per sampler (and size)."""
+    several = len({_x_size(r, n) for r in rows if r["size"] is not None}) > 1
+    for sampler, (color, marker) in colors.items():
+        for i, size in enumerate(sorted({_x_size(r, n) for r in rows if r["sampler"] == sampler})):
+            mine = [r for r in rows if r["sampler"] == sampler and _x_size(r, n) == size]
+            label = f"{sampler} @ {_size_label(mine[0], n)}" if several else sampler
+            _line(ax, mine, lambda r: r["k"], metric, label, color, marker, handles,
+                  _SIZE_STYLES[i % len(_SIZE_STYLES)])
+    ax.set_title("S1: top-k precision ↑", fontsize=10)
+    ax.set_xlabel("k (top-k neurons)")
+    ax.set_ylim(-0.02, 1.02)
+
+
+def _against_j(ax, rows, metric, *, k_ref, n, colors, handles):
+    """Figure 6: each metric against j; samplers without j are dashed horizontal lines."""
+    rows = [r for r in rows if r["k"] == k_ref]
+    js = sorted({r["j"] for r in rows if r["j"] is not None})
+    several = len({_x_size(r, n) for r in rows if r["size"] is not None}) > 1
+    for sampler, (color, marker) in colors.items():
+        for i, size in enumerate(sorted({_x_size(r, n) for r in rows if r["sampler"] == sampler})):
+            mine = [r for r in rows if r["sampler"] == sampler and _x_size(r, n) == size]
+            label = f"{sampler} @ {_size_label(mine[0], n)}" if several else sampler
+            if len({r["j"] for r in mine}) > 1:
+                _line(ax, mine, lambda r: r["j"], metric, label, color, marker, handles,
+                      _SIZE_STYLES[i % len(_SIZE_STYLES)])
+            else:
+                flat = [{**mine[0], "j": j} for j in (js[0], js[-1])]
+                _line(ax, flat, lambda r: r["j"], metric, label, color, None, handles, "--")
+    _metric_axes(ax, metric, k_ref, "j (share of boundary items)")
+
+
+def _bars(ax, rows, metric, *, k_ref, n, colors, handles):
+    """One sample size: a bar per sampler."""
+    mine = [r for r in rows if r["k"] == k_ref]
+    for i, r in enumerate(mine):
+        color, _ = colors[r["sampler"]]
+        bar = ax.bar(i, r[metric], yerr=r[f"{metric} sd"] or None, color=color, capsize=3)
+        handles.setdefault(r["sampler"], bar)
+    ax.set_xticks([])
+    size = next((_size_label(r, n) for r in mine if r["size"] is not None), "")
+    _metric_axes(ax, metric, k_ref, f"sample size {size}" if size else "")
+
+
+def _draw_times(ax, rows, metric, *, k_ref, n, colors, handles):
+    """Figure 7: the median time to draw one sample, at the smallest size, log scale."""
+    smallest = min((_x_size(r, n) for r in rows if r["size"] is not None), default=None)
+    shown = []
+    for sampler, (color, _) in colors.items():
+        mine = [r for r in rows if r["sampler"] == sampler]
+        at = [r for r in mine if r["size"] is None or _x_size(r, n) == smallest] or mine
+        shown.append((sampler, max(at[0]["seconds"], 1e-6), color))
+    first = not handles  # else the other panels' lines already name every colour
+    for i, (sampler, seconds, color) in enumerate(shown):
+        bar = ax.bar(i, seconds, color=color)
+        if first:
+            handles.setdefault(sampler, bar)
+    ax.set_yscale("log")
+    # Whole decades, so that the bars' heights compare (a log axis has no zero to start from).
+    low, high = min(s for _, s, _ in shown), max(s for _, s, _ in shown)
+    ax.set_ylim(10 ** math.floor(math.log10(low)), 10 ** math.ceil(math.log10(high) + 1e-9))
+    ax.set_xticks([])
+    where = f" at {smallest:.0%}" if smallest is not None else ""
+    ax.set_title(f"time to draw a sample{where} (s, log)", fontsize=10)
