@@ -12,6 +12,7 @@ is not kept either (the query then streams too).
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections import OrderedDict
 from typing import Callable
 
@@ -20,6 +21,18 @@ import numpy as np
 from .cache import Cache
 
 MEMORY_BUDGET = 512 * 1024 ** 2  # bytes of rows held in memory, all layers together
+REDUCED_KEPT = 64  # aggregate states of recent sample queries, kept for reuse
+
+
+def _reduction_key(plan) -> tuple:
+    """What decides a sample query's aggregate states: the layer, the unit, the kind of state,
+    the grouping and the exact items (their digest)."""
+    query = plan.query
+    kind = query.aggregate if query.aggregate != "topk" else (query.aggregate, query.order)
+    if kind == ("topk", "mean"):
+        kind = "avg"  # the same mean state
+    digest = hashlib.sha1(np.ascontiguousarray(plan.items).tobytes()).hexdigest()
+    return plan.bound.layer.name, query.unit, kind, query.group_by, digest
 
 
 class ActivationStore:
@@ -33,6 +46,7 @@ class ActivationStore:
         self.dtype = np.dtype(dtype)
         self.budget = budget
         self._layers: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._reduced: OrderedDict[tuple, dict] = OrderedDict()  # see reduced()
 
     def held(self, layer: str, items: np.ndarray) -> int:
         """How many of ``items`` have their rows here (in memory, or loaded from disk)."""
@@ -49,31 +63,39 @@ class ActivationStore:
         indices, _ = self._entry(layer)
         return np.setdiff1d(items, indices, assume_unique=True)
 
-    def rows(self, layer, items: np.ndarray, runner, description: str) -> np.ndarray | None:
-        """The rows of ``items`` (sorted), computing those not held in one forward pass;
-        None when they would not fit the budget (the caller streams instead)."""
-        missing = self.missing(layer.name, items)
-        if len(missing):
-            if not self.fits(layer, items):
-                return None
-            from .executor import Collector
+    def held_rows(self, layer: str, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(table, positions, held): ``table[positions]`` are the rows of ``held``, the items
+        of ``items`` (sorted) whose rows are here."""
+        indices, table = self._entry(layer)
+        if len(indices) == 0:
+            return table, np.empty(0, dtype=np.int64), items[:0]
+        positions = np.minimum(np.searchsorted(indices, items), len(indices) - 1)
+        mask = indices[positions] == items
+        return table, positions[mask], items[mask]
 
-            collector = Collector(layer.name, missing, layer.neurons, self.dtype)
-            runner.run([collector], description)
-            self.add(layer.name, missing, collector.rows)
-        return self.lookup(layer.name, items)
+    def reduced(self, plan) -> dict | None:
+        """Aggregate states an earlier query reduced over exactly these items, or None."""
+        key = _reduction_key(plan)
+        if key in self._reduced:
+            self._reduced.move_to_end(key)
+            return self._reduced[key]
+        return None
 
-    def lookup(self, layer: str, items: np.ndarray) -> np.ndarray:
-        indices, rows = self._entry(layer)
-        return rows[np.searchsorted(indices, items)]
+    def remember(self, plan, states: dict) -> None:
+        self._reduced[_reduction_key(plan)] = states
+        while len(self._reduced) > REDUCED_KEPT:
+            self._reduced.popitem(last=False)
 
     def add(self, layer: str, items: np.ndarray, rows: np.ndarray) -> None:
         """Merge new rows into the layer's entry, in memory and on disk."""
         indices, held = self._entry(layer)
-        merged = np.union1d(indices, items)
-        table = np.empty((len(merged), rows.shape[1]), dtype=self.dtype)
-        table[np.searchsorted(merged, indices)] = held
-        table[np.searchsorted(merged, items)] = rows
+        if len(indices) == 0:
+            merged, table = items, rows
+        else:
+            merged = np.union1d(indices, items)
+            table = np.empty((len(merged), rows.shape[1]), dtype=self.dtype)
+            table[np.searchsorted(merged, indices)] = held
+            table[np.searchsorted(merged, items)] = rows
         self._put(layer, merged, table)
         key = self.key_of(layer)
         if key is not None:
@@ -82,6 +104,7 @@ class ActivationStore:
 
     def clear(self) -> None:
         self._layers.clear()
+        self._reduced.clear()
 
     def _entry(self, layer: str) -> tuple[np.ndarray, np.ndarray]:
         if layer in self._layers:

@@ -170,7 +170,7 @@ class SetStatement:
 
 @dataclass(frozen=True)
 class ClearCache:
-    """``CLEAR CACHE``: remove this model and data's entries from the disk cache."""
+    """``CLEAR CACHE``: remove every entry of the disk cache (this session keeps its memory)."""
 
     span: Span | None = _span()
     text: str = field(default="", compare=False)

@@ -23,7 +23,8 @@ class Reducer:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.layer = plan.bound.layer.name
-        self.items = plan.items
+        self.items = plan.items  # what the states cover (and where group keys are looked up)
+        self.wanted = plan.items  # what a forward pass must feed it (less what came from a cache)
         self.states: dict = {}
         self.bad = 0  # items with NaN or inf activations, and the first of them
         self.first_bad = -1
@@ -53,12 +54,18 @@ class Reducer:
             self.first_bad = int(idx[np.flatnonzero(bad)[0]])
         self.bad += int(bad.sum())
 
-    def take_rows(self, rows: np.ndarray, batch_size: int) -> None:
-        """Reduce cached activations (one flattened row per plan item), batch by batch."""
+    def take_rows(self, table: np.ndarray, positions: np.ndarray, items: np.ndarray,
+                  batch_size: int) -> None:
+        """Reduce cached activations: ``table[positions]`` are the flattened rows of ``items``.
+        Gathered batch by batch (a run of rows is a view), so no copy of the whole is made."""
         shape = self.plan.bound.layer.shape
-        for start in range(0, len(self.items), batch_size):
-            block = torch.from_numpy(rows[start:start + batch_size])
-            self.take(block.reshape(len(block), *shape), self.items[start:start + batch_size])
+        run = len(positions) > 0 and bool(np.all(np.diff(positions) == 1))
+        for start in range(0, len(items), batch_size):
+            stop = min(start + batch_size, len(items))
+            rows = table[positions[start]:positions[start] + stop - start] if run else \
+                table[positions[start:stop]]
+            block = torch.from_numpy(rows)
+            self.take(block.reshape(len(block), *shape), items[start:stop])
 
     def _state(self, key):
         if key not in self.states:
@@ -81,7 +88,7 @@ class Collector:
 
     def __init__(self, layer: str, items: np.ndarray, width: int, dtype: np.dtype):
         self.layer = layer
-        self.items = items
+        self.items = self.wanted = items
         self.rows = np.empty((len(items), width), dtype=dtype)
 
     def take(self, output: torch.Tensor, idx: np.ndarray) -> None:
@@ -118,10 +125,10 @@ class Runner:
         """One forward pass over the union of the consumers' items, each consumer fed the
         outputs of its own items. Only the consumers' layers are hooked, and the pass stops
         as soon as all of them have run (the rest of the model is skipped)."""
-        consumers = [c for c in consumers if len(c.items)]
+        consumers = [c for c in consumers if len(c.wanted)]
         if not consumers:
             return
-        items = functools.reduce(np.union1d, [c.items for c in consumers])
+        items = functools.reduce(np.union1d, [c.wanted for c in consumers])
         layers: dict[str, list] = {}
         for consumer in consumers:
             layers.setdefault(consumer.layer, []).append(consumer)
@@ -131,11 +138,12 @@ class Runner:
             def on_output(output: torch.Tensor) -> None:
                 idx = current[0]
                 for consumer in members:
-                    if consumer.items is items or len(consumer.items) == len(items):
+                    wanted = consumer.wanted
+                    if len(wanted) == len(items):  # a subset as large as the union is it
                         consumer.take(output, idx)
                         continue
-                    pos = np.minimum(np.searchsorted(consumer.items, idx), len(consumer.items) - 1)
-                    mask = consumer.items[pos] == idx
+                    pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
+                    mask = wanted[pos] == idx
                     if mask.all():
                         consumer.take(output, idx)
                     elif mask.any():
@@ -163,16 +171,31 @@ class Runner:
         """One state per group (the key None without GROUP BY), over the plan's items.
 
         A sample's items are answered from the activation cache where it can hold them:
-        only the items it lacks go through the model, and a repeated query none at all."""
+        only the items it lacks go through the model (their rows kept as they pass), and a
+        query whose states were reduced before (TOPK then AVG, same layer, sample and WHERE)
+        reuses them."""
         reducer = Reducer(plan)
-        rows = None
-        if plan.n_sample is not None and self.activations is not None:
-            rows = self.activations.rows(plan.bound.layer, plan.items, self, description)
-        if rows is None:
+        store = self.activations if plan.n_sample is not None else None
+        if store is None:
             self.run([reducer], description)
-        else:
-            reducer.take_rows(rows, self.batch_size)
+            reducer.check()
+            return reducer.states
+        known = store.reduced(plan)
+        if known is not None:
+            return known
+        layer = plan.bound.layer
+        table, positions, held = store.held_rows(layer.name, plan.items)
+        reducer.take_rows(table, positions, held, self.batch_size)
+        if len(held) < len(plan.items):
+            reducer.wanted = np.setdiff1d(plan.items, held, assume_unique=True)
+            if store.fits(layer, plan.items):
+                collector = Collector(layer.name, reducer.wanted, layer.neurons, store.dtype)
+                self.run([reducer, collector], description)
+                store.add(layer.name, collector.items, collector.rows)
+            else:
+                self.run([reducer], description)
         reducer.check()
+        store.remember(plan, reducer.states)
         return reducer.states
 
     def answer_many(self, plans: list[Plan]) -> list:
@@ -214,7 +237,7 @@ class Runner:
                 main = reducers.get((i, "main"))
                 if main is None:
                     main = Reducer(plan)
-                    main.take_rows(self.activations.lookup(plan.bound.layer.name, plan.items),
+                    main.take_rows(*self.activations.held_rows(plan.bound.layer.name, plan.items),
                                    self.batch_size)
                 main.check()
                 result = build_result(plan, main.states)

@@ -134,11 +134,30 @@ def test_a_sample_over_the_memory_budget_streams_instead(world):
     query = f"AVG NEURONS IN 2 USING SAMPLE {SAMPLE}"
     assert "streamed, not kept" in dict(conn.query("EXPLAIN " + query).rows)["cache"]
     first, second = conn.query(query), conn.query(query)
-    assert conn.counters["passes"] == 2
+    # The rows were not kept, but the second query reused the first one's reduced means.
+    assert conn.counters["passes"] == 1
     sample = conn.sample(SAMPLE)
-    expected = activations(model, X, "2")[sample].mean(axis=0)
-    np.testing.assert_allclose(first.values, expected, rtol=1e-6, atol=1e-9)
+    acts = activations(model, X, "2")
+    np.testing.assert_allclose(first.values, acts[sample].mean(axis=0), rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(first.values, second.values)
+    wrong = conn.query(f"TOPK 3 NEURONS IN 2 WHERE incorrect USING SAMPLE {SAMPLE}")
+    assert conn.counters["passes"] == 2  # other items: streamed again
+    chosen = sample[conn.profile.predictions[sample] != y.numpy()[sample]]
+    assert wrong.neurons.tolist() == top(acts[chosen].mean(axis=0), 3)
+
+
+def test_topk_then_avg_on_the_same_items_reuse_the_reduced_means(world):
+    model, X, y, conn = world
+    topk = conn.query(f"TOPK 3 NEURONS IN 6 WHERE class = 4 USING SAMPLE {SAMPLE}")
+    items = conn.counters["items"]
+    avg = conn.query(f"AVG NEURONS IN 6 WHERE class = 4 USING SAMPLE {SAMPLE}")
+    assert conn.counters["items"] == items
+    sample = conn.sample(SAMPLE)
+    fours = sample[y.numpy()[sample] == 4]
+    np.testing.assert_allclose(avg.values, activations(model, X, "6")[fours].mean(axis=0),
+                               rtol=1e-6, atol=1e-9)
+    assert topk.neurons.tolist() == top(avg.values, 3)
+    assert avg.estimate is not None and avg.estimate["reliable"]
 
 
 # --- early exit --------------------------------------------------------------------------------
