@@ -1,0 +1,194 @@
+"""A larger data set for the engine benchmarks: the demo's 2,500 held-out MNIST digits, shifted.
+
+    python benchmarks/bigdata.py [--n 100000] [--profile] [--threads 1]
+
+Item ``i`` is digit ``i % 2500`` of the demo's held-out half in variant ``i // 2500``. Variant
+``v`` shifts the digit by ``SHIFTS[v % 25]`` (every (dx, dy) with |dx|, |dy| <= 2 pixels, the
+unshifted digit first, zero-filled, not wrapped); from the 26th variant on, Gaussian pixel
+noise (sigma 0.1, seeded by the variant, clipped to [0, 1]) is added too. So 100,000 items are
+40 variants: 25 clean shifts and 15 noisy ones. The result is deterministic and in the demo's
+input format: X float32 (n, 1, 28, 28) in [0, 1], y int64 (n,).
+
+Other benchmarks import it: ``big_data(n)`` gives (X, y), ``big_connection(n, cache_dir=...)``
+gives ``diagql.connect(demo model, (X, y), cache_dir=...)``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+
+N_DEFAULT = 100_000
+DIGITS = 2_500
+RADIUS = 2
+# The unshifted digit first, then by distance: the first 2,500 items are the demo's data.
+SHIFTS = sorted(((dx, dy) for dx in range(-RADIUS, RADIUS + 1)
+                 for dy in range(-RADIUS, RADIUS + 1)),
+                key=lambda s: (abs(s[0]) + abs(s[1]), s))
+NOISE_SIGMA = 0.1
+
+_demo_cache: tuple | None = None
+
+
+def demo_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The demo's 2,500 held-out digits (X, y), loaded once per process."""
+    global _demo_cache
+    if _demo_cache is None:
+        from diagql.mnist_demo.data import demo_dataset
+
+        _demo_cache = demo_dataset()
+    return _demo_cache
+
+
+def shift(X: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Images moved dx pixels right and dy down; the uncovered border is zero (background)."""
+    out = torch.zeros_like(X)
+    h, w = X.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        X[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+def big_data(n: int = N_DEFAULT) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X, y): n items, float32 (n, 1, 28, 28) in [0, 1] and int64 (n,), the same every call."""
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    X0, y0 = demo_data()
+    n_variants = -(-n // len(X0))
+    X = torch.empty((n_variants * len(X0),) + tuple(X0.shape[1:]), dtype=torch.float32)
+    for v in range(n_variants):
+        block = X[v * len(X0):(v + 1) * len(X0)]
+        block.copy_(shift(X0, *SHIFTS[v % len(SHIFTS)]))
+        if v >= len(SHIFTS):
+            generator = torch.Generator().manual_seed(v)
+            block.add_(torch.randn(block.shape, generator=generator) * NOISE_SIGMA).clamp_(0, 1)
+    y = y0.repeat(n_variants)
+    return X[:n].clone() if len(X) != n else X, y[:n].clone()
+
+
+def demo_model():
+    from diagql.mnist_demo.model import load_model
+
+    return load_model()
+
+
+def big_connection(n: int = N_DEFAULT, cache_dir=False, **options):
+    """``diagql.connect(demo model, big_data(n), cache_dir=cache_dir, **options)``.
+
+    ``cache_dir`` defaults to False (no disk cache), so that a benchmark never reads or writes
+    the user's cache by accident; pass a (temporary) directory to measure the disk cache.
+    """
+    import diagql
+
+    return diagql.connect(demo_model(), big_data(n), cache_dir=cache_dir, **options)
+
+
+# --- shared by the benchmark scripts --------------------------------------------------------
+
+def machine() -> dict:
+    """CPU model, cores, memory, torch version and threads: printed beside every table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    memory = ""
+    try:
+        with open("/proc/meminfo") as file:
+            kb = int(file.readline().split()[1])
+            memory = f"{kb / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    import diagql
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": memory,
+            "diagql": f"{diagql.__version__} from "
+                      f"{os.path.dirname(os.path.abspath(diagql.__file__))}",
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "load average": load}
+
+
+def machine_line() -> str:
+    m = machine()
+    return (f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; torch {m['torch']}, "
+            f"{m['threads']} threads; python {m['python']}; diagql {m['diagql']}; "
+            f"load average {m['load average']}")
+
+
+def print_table(title: str, columns: list[str], rows: list[list], notes: list[str] = ()) -> None:
+    """A plain-text table (also valid Markdown), then notes and the machine line."""
+    cells = [[str(c) for c in columns]]
+    cells += [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+
+    def line(row):
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |"
+
+    print(f"\n{title}\n")
+    print(line(cells[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        print(line(row))
+    print()
+    for note in notes:
+        print(note)
+    print(machine_line())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=N_DEFAULT, help="items (default 100,000)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also connect and compute the profile (one forward pass): accuracy")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1, as in the other benchmarks; 0 keeps "
+                             "torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    demo_data()
+    loaded = time.perf_counter()
+    X, y = big_data(args.n)
+    built = time.perf_counter()
+    counts = torch.bincount(y, minlength=10).tolist()
+    rows = [["items", f"{len(X):,}"], ["X", f"{X.dtype} {tuple(X.shape)}, "
+                                           f"{X.numel() * 4 / 2**20:.0f} MiB"],
+            ["variants", f"{-(-len(X) // DIGITS)} (shifts of up to {RADIUS} px in x and y; "
+                         f"noise sigma {NOISE_SIGMA} after the first {len(SHIFTS)})"],
+            ["items per class", ", ".join(map(str, counts))],
+            ["pixel range", f"{float(X.min()):.3f} .. {float(X.max()):.3f}"],
+            ["load demo digits (s)", f"{loaded - started:.2f}"],
+            ["build (s)", f"{built - loaded:.2f}"]]
+    again = big_data(args.n)
+    rows.append(["deterministic (rebuilt equal)", str(bool(torch.equal(again[0], X)
+                                                          and torch.equal(again[1], y)))])
+    if args.profile:
+        conn = big_connection(args.n, progress=False)
+        started = time.perf_counter()
+        profile = conn.profile
+        rows.append(["profile pass (s)", f"{time.perf_counter() - started:.2f}"])
+        rows.append(["model accuracy", f"{profile.correct.mean():.4f} "
+                                       f"({int((~profile.correct).sum()):,} misclassified)"])
+        clean = profile.correct[:DIGITS * len(SHIFTS)]
+        noisy = profile.correct[DIGITS * len(SHIFTS):]
+        rows.append(["accuracy: unshifted digits", f"{profile.correct[:DIGITS].mean():.4f}"])
+        rows.append([f"accuracy: the {len(SHIFTS)} clean variants", f"{clean.mean():.4f}"])
+        if len(noisy):
+            rows.append(["accuracy: the noisy variants", f"{noisy.mean():.4f}"])
+    print_table(f"benchmarks/bigdata.py --n {args.n}", ["what", "value"], rows)
+
+
+if __name__ == "__main__":
+    main()

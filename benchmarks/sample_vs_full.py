@@ -1,0 +1,146 @@
+"""A query on a 5% sample against the same query USING FULL: cold, warm and hot.
+
+    python benchmarks/sample_vs_full.py [--n 100000] [--layer conv1] [--repeat 2]
+                                        [--sampler 'stratified(0.05)' ...] [--threads 1]
+
+On benchmarks/bigdata.py's data set (default 100,000 items), for each sampler, the sample
+query ``TOPK 10 NEURONS IN <layer> USING SAMPLE <sampler>`` and the same query ``USING FULL``
+are timed (wall time of ``conn.query``, everything included) in three states, each side with
+its own temporary cache directory:
+
+- cold: a new connection over an empty cache directory: the profile pass, fingerprinting
+  the model and data, drawing the sample and the query's own pass;
+- warm: a new connection (a new session) over the directory the cold run filled. Two rows:
+  "profile + sample on disk" removes the cached activations first (the directory holds what
+  a session that only drew the sample would leave), "+ activations on disk" keeps them;
+- hot: the warm connection's second query on the same layer and sample
+  (``AVG NEURONS IN <layer>``), against the second FULL query on the warm FULL connection.
+
+The ratio is FULL seconds / sample seconds (medians over ``--repeat`` runs). Targets: at
+least 15x warm; 20x is the limit a pass over 5% of the items could reach. "items through
+the model" counts what the connection's queries sent through the model (profile excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import bigdata
+
+SAMPLERS = ["stratified(0.05)", "maxmargin(0.05)"]
+TARGET_WARM = 15.0
+
+
+def timed_query(conn, text):
+    items = dict(getattr(conn, "counters", {})).get("items")
+    started = time.perf_counter()
+    result = conn.query(text)
+    seconds = time.perf_counter() - started
+    through = None if items is None else conn.counters["items"] - items
+    return seconds, result, through
+
+
+def one_run(X, y, model, sampler, layer, root: Path):
+    """Seconds and details of every state for one sampler, in fresh cache directories."""
+    sample_q = f"TOPK 10 NEURONS IN {layer} USING SAMPLE {sampler}"
+    full_q = f"TOPK 10 NEURONS IN {layer} USING FULL"
+    hot_sample_q = f"AVG NEURONS IN {layer} USING SAMPLE {sampler}"
+    hot_full_q = f"AVG NEURONS IN {layer} USING FULL"
+    import diagql
+
+    def connect(directory):
+        return diagql.connect(model, (X, y), cache_dir=directory, progress=False)
+
+    out = {}
+    sides = (("sample", sample_q, hot_sample_q), ("full", full_q, hot_full_q))
+    for side, query, hot_query in sides:
+        directory = root / side
+        shutil.rmtree(directory, ignore_errors=True)
+        out["cold", side] = timed_query(connect(directory), query)
+        if side == "sample":
+            # What a session that drew the sample but kept no activations would leave behind.
+            kept = root / "kept-activations"
+            shutil.rmtree(kept, ignore_errors=True)
+            if (directory / "activations").exists():
+                shutil.move(str(directory / "activations"), kept)
+            out["warm", side] = timed_query(connect(directory), query)
+            shutil.rmtree(directory / "activations", ignore_errors=True)
+            if kept.exists():
+                shutil.move(str(kept), directory / "activations")
+        warm = connect(directory)
+        out["warm+", side] = timed_query(warm, query)
+        if side == "full":
+            out["warm", side] = out["warm+", side]
+        out["hot", side] = timed_query(warm, hot_query)
+    return out
+
+
+def describe(seconds, result, through):
+    t = result.timings
+    parts = [f"{name} {t.get(name, 0):.2f}" for name in ("bind", "profile", "sample", "query")]
+    if through is not None:
+        parts.append(f"{through:,} items through the model")
+    return ", ".join(parts)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
+    parser.add_argument("--n", type=int, default=bigdata.N_DEFAULT, help="items (default 100,000)")
+    parser.add_argument("--layer", default="conv1", help="the queried layer (default conv1)")
+    parser.add_argument("--sampler", action="append", default=None,
+                        help="a sampler call (repeatable; default stratified(0.05) and "
+                             "maxmargin(0.05))")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per sampler (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1, as in overhead.py; 0 keeps torch's "
+                             "default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    X, y = bigdata.big_data(args.n)
+    model = bigdata.demo_model()
+    rows, notes = [], []
+    states = [("cold", "cold: new connection, empty cache dir"),
+              ("warm", "warm: new connection, profile + sample on disk"),
+              ("warm+", "warm: new connection, + activations on disk"),
+              ("hot", "hot: same connection, 2nd query, same layer + sample")]
+    for sampler in args.sampler or SAMPLERS:
+        runs = []
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory(prefix="diagql-bench-") as tmp:
+                runs.append(one_run(X, y, model, sampler, args.layer, Path(tmp)))
+        for state, label in states:
+            sample_s = statistics.median(r[state, "sample"][0] for r in runs)
+            full_s = statistics.median(r[state, "full"][0] for r in runs)
+            ratio = statistics.median(r[state, "full"][0] / r[state, "sample"][0] for r in runs)
+            target = f">= {TARGET_WARM:.0f}x (limit 20x)" if state == "warm" else ""
+            met = ("yes" if ratio >= TARGET_WARM else "no") if state == "warm" else ""
+            rows.append([sampler, label, f"{sample_s:.3f}", f"{full_s:.3f}", f"{ratio:.1f}x",
+                         target, met])
+        last = runs[-1]
+        for state, label in states:
+            notes.append(f"{sampler}, {state}: sample side {describe(*last[state, 'sample'])}; "
+                         f"FULL side {describe(*last[state, 'full'])}")
+    bigdata.print_table(
+        f"TOPK 10 NEURONS IN {args.layer} on a 5% sample vs USING FULL, {args.n:,} items "
+        f"(seconds: wall time of conn.query, medians of {args.repeat})",
+        ["sampler", "state", "sample s", "FULL s", "FULL / sample", "target", "met"], rows,
+        ["hot queries are AVG NEURONS IN the same layer (and sample).",
+         "Seconds of the last run, from result.timings (bind includes fingerprinting model "
+         "and data for the cache keys; profile = loading or computing it; sample = drawing "
+         "it; query = the query's pass or cache reads, activations cache writes included):"]
+        + ["  " + n for n in notes])
+    print(f"\nbenchmarks/sample_vs_full.py took {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
