@@ -221,6 +221,9 @@ def _caption(result: Result) -> str:
     return " · ".join(parts)
 
 
+_SPEEDUP_SHOWN_FROM = 0.05  # seconds of the full query
+
+
 def _summary(result: Result) -> Text | None:
     if not result.metrics:
         return None
@@ -231,7 +234,8 @@ def _summary(result: Result) -> Text | None:
     full_s = result.timings.get("baseline")
     if full_s is not None:
         pieces.append(f"sample {result.timings['query']:.3f} s vs full {full_s:.3f} s")
-    if "speedup" in result.metrics:
+    # Below ~50 ms both sides are per-call overhead (and cache writes), and their ratio noise.
+    if "speedup" in result.metrics and full_s is not None and full_s >= _SPEEDUP_SHOWN_FROM:
         pieces.append(f"{result.metrics['speedup']:.1f}× faster")
     text.append(" · ".join(pieces))
     return text
