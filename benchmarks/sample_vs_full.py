@@ -13,6 +13,8 @@ its own temporary cache directory:
 - warm: a new connection (a new session) over the directory the cold run filled. Two rows:
   "profile + sample on disk" removes the cached activations first (the directory holds what
   a session that only drew the sample would leave), "+ activations on disk" keeps them;
+- warm session: a connection that already holds the profile and the sample in memory (a
+  running session), its first query on the layer (no activations cached);
 - hot: the warm connection's second query on the same layer and sample
   (``AVG NEURONS IN <layer>``), against the second FULL query on the warm FULL connection.
 
@@ -71,12 +73,21 @@ def one_run(X, y, model, sampler, layer, root: Path):
                 shutil.move(str(directory / "activations"), kept)
             out["warm", side] = timed_query(connect(directory), query)
             shutil.rmtree(directory / "activations", ignore_errors=True)
+            # A running session: profile and sample already in memory, this layer not yet
+            # queried (its activations are not on disk either).
+            session = connect(directory)
+            session.profile, session.catalog, session.sample(sampler)
+            out["session", side] = timed_query(session, query)
+            shutil.rmtree(directory / "activations", ignore_errors=True)
             if kept.exists():
                 shutil.move(str(kept), directory / "activations")
         warm = connect(directory)
         out["warm+", side] = timed_query(warm, query)
         if side == "full":
             out["warm", side] = out["warm+", side]
+            session = connect(directory)
+            session.profile, session.catalog
+            out["session", side] = timed_query(session, query)
         out["hot", side] = timed_query(warm, hot_query)
     return out
 
@@ -112,6 +123,7 @@ def main(argv=None) -> None:
     states = [("cold", "cold: new connection, empty cache dir"),
               ("warm", "warm: new connection, profile + sample on disk"),
               ("warm+", "warm: new connection, + activations on disk"),
+              ("session", "warm session: profile + sample in memory, layer not yet queried"),
               ("hot", "hot: same connection, 2nd query, same layer + sample")]
     for sampler in args.sampler or SAMPLERS:
         runs = []

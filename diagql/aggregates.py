@@ -22,13 +22,15 @@ class MeanState:
         self.count = 0
 
     def update(self, values: torch.Tensor) -> bool:
-        total = values.sum(dim=0, dtype=torch.float64)
+        # With squares to sum, one float64 copy serves both sums; without, sum() upcasts alone.
+        wide = values.to(torch.float64) if self.sumsq is not None else values
+        total = wide.sum(dim=0, dtype=torch.float64)
         # NaN or inf anywhere in the batch makes its sum NaN or inf: one check per neuron.
         if not bool(torch.isfinite(total).all()):
             return False
         self.sum += total.cpu()
         if self.sumsq is not None:
-            self.sumsq += values.to(torch.float64).square().sum(dim=0).cpu()
+            self.sumsq += (wide * wide).sum(dim=0).cpu()
         self.count += values.shape[0]
         return True
 

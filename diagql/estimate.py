@@ -48,9 +48,11 @@ def _constant_floor(se: np.ndarray, n: int) -> np.ndarray:
 
 
 def _t_quantile(n: int) -> float:
-    from scipy.stats import t
+    # scipy.special, not scipy.stats: the same quantile, and 0.2 s to import instead of 0.6-1.2 s
+    # on the first sample query of a session.
+    from scipy.special import stdtrit
 
-    return float(t.ppf(0.5 + LEVEL / 2, df=n - 1))
+    return float(stdtrit(n - 1, 0.5 + LEVEL / 2))
 
 
 def for_mean(state, population: int, reported: np.ndarray, k: int | None,
