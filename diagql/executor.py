@@ -205,21 +205,23 @@ class Runner:
         reducers: dict = {}  # (plan position, "main" | "baseline") -> Reducer
         wanted: dict[str, tuple] = {}  # layer -> (LayerInfo, items whose rows are kept)
         for i, plan in enumerate(plans):
-            empty = plan if plan.n_sample is None else plan.baseline
-            if empty is not None and len(empty.items) == 0:
-                outcomes[i] = ExecutionError(no_match_message(empty))
+            try:
+                require_matches(plan)
+            except ExecutionError as exc:
+                outcomes[i] = exc
                 continue
             if plan.n_sample is not None and self.activations is not None:
-                layer, held = plan.bound.layer, wanted.get(plan.bound.layer.name)
-                items = plan.items if held is None else np.union1d(held[1], plan.items)
+                layer = plan.bound.layer
+                kept = wanted.get(layer.name, (layer, plan.items[:0]))[1]
+                items = np.union1d(kept, plan.items)
                 if self.activations.fits(layer, items):
-                    wanted[layer.name] = (layer, items)
+                    wanted[layer.name] = (layer, items)  # answered from the kept rows
+                else:
+                    reducers[i, "main"] = Reducer(plan)
+            else:
+                reducers[i, "main"] = Reducer(plan)
             if plan.baseline is not None:
                 reducers[i, "baseline"] = Reducer(plan.baseline)
-        for i, plan in enumerate(plans):
-            if outcomes[i] is None and not (plan.n_sample is not None
-                                            and plan.bound.layer.name in wanted):
-                reducers[i, "main"] = Reducer(plan)
         collectors = []
         for name, (layer, items) in wanted.items():
             missing = self.activations.missing(name, items)
@@ -233,47 +235,57 @@ class Runner:
         for i, plan in enumerate(plans):
             if outcomes[i] is not None:
                 continue
+            main = reducers.get((i, "main"))
+            if main is None:
+                main = Reducer(plan)
+                main.take_rows(*self.activations.held_rows(plan.bound.layer.name, plan.items),
+                               self.batch_size)
+            base = reducers.get((i, "baseline"))
             try:
-                main = reducers.get((i, "main"))
-                if main is None:
-                    main = Reducer(plan)
-                    main.take_rows(*self.activations.held_rows(plan.bound.layer.name, plan.items),
-                                   self.batch_size)
                 main.check()
-                result = build_result(plan, main.states)
-                if plan.baseline is not None:
-                    base = reducers[i, "baseline"]
+                if base is not None:
                     base.check()
-                    result.baseline = build_result(plan.baseline, base.states)
-                    compare(result, result.baseline)
             except ExecutionError as exc:
                 outcomes[i] = exc
                 continue
-            result.timings["shared_pass"] = seconds
-            outcomes[i] = result
+            outcomes[i] = assemble(plan, main.states, None if base is None else base.states,
+                                   {"shared_pass": seconds})
         return outcomes
 
     def answer(self, plan: Plan) -> Result:
         """Run the plan (and its baseline) and assemble the Result with metrics and timings."""
+        require_matches(plan)
         query = plan.query
-        if plan.baseline is None and plan.n_sample is None and len(plan.items) == 0:
-            raise ExecutionError(no_match_message(plan))
         started = time.perf_counter()
         label = "sampled items" if plan.n_sample is not None else "items"
         states = self.states(plan, f"{query.aggregate.upper()} {plan.bound.layer.name} ({label})")
-        seconds = time.perf_counter() - started
-        result = build_result(plan, states)
-        result.timings["query"] = seconds
+        timings = {"query": time.perf_counter() - started}
+        full_states = None
         if plan.baseline is not None:
-            if len(plan.baseline.items) == 0:
-                raise ExecutionError(no_match_message(plan.baseline))
             started = time.perf_counter()
             full_states = self.states(plan.baseline, f"{query.aggregate.upper()} "
                                                      f"{plan.bound.layer.name} (baseline)")
-            result.timings["baseline"] = time.perf_counter() - started
-            result.baseline = build_result(plan.baseline, full_states)
-            compare(result, result.baseline)
-        return result
+            timings["baseline"] = time.perf_counter() - started
+        return assemble(plan, states, full_states, timings)
+
+
+def require_matches(plan: Plan) -> None:
+    """An exact answer over no items is an error; a sample with none is an empty answer (and
+    its baseline, if any, must match something)."""
+    exact = plan if plan.n_sample is None else plan.baseline
+    if exact is not None and len(exact.items) == 0:
+        raise ExecutionError(no_match_message(exact))
+
+
+def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: dict) -> Result:
+    """The Result of reduced states, with its timings, compared with its baseline's when there
+    is one (the comparison reads the timings for the speed-up)."""
+    result = build_result(plan, states)
+    result.timings.update(timings)
+    if baseline_states is not None:
+        result.baseline = build_result(plan.baseline, baseline_states)
+        compare(result, result.baseline)
+    return result
 
 
 def no_match_message(plan: Plan) -> str:

@@ -229,6 +229,21 @@ def test_each_statement_of_a_shared_pass_keeps_its_own_error(world):
     assert outcomes[3].neurons.tolist() == top(activations(model, X, "2").mean(axis=0), 2)
 
 
+def test_a_shared_pass_whose_samples_outgrow_the_budget_still_answers_every_item(world):
+    model, X, y, conn = world
+    sample = conn.sample(SAMPLE)
+    ones = sample[y.numpy()[sample] == 1]
+    # Room for the rows of the first query's items, not for the whole sample's.
+    conn.activations.budget = (len(ones) + 1) * 32 * 4
+    first, every = conn.run_script(f"AVG NEURONS IN 6 WHERE class = 1 USING SAMPLE {SAMPLE}; "
+                                   f"AVG NEURONS IN 6 USING SAMPLE {SAMPLE}")
+    assert conn.counters["passes"] == 1
+    acts = activations(model, X, "6")
+    np.testing.assert_allclose(first.values, acts[ones].mean(axis=0), rtol=1e-6, atol=1e-9)
+    assert every.n_items == len(sample)
+    np.testing.assert_allclose(every.values, acts[sample].mean(axis=0), rtol=1e-6, atol=1e-9)
+
+
 # --- the disk cache: bounded, listed, cleared --------------------------------------------------
 
 def _store(cache: Cache, key: str, nbytes: int) -> None:
