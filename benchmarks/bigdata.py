@@ -88,6 +88,19 @@ def big_connection(n: int = N_DEFAULT, cache_dir=False, **options):
 
 # --- shared by the benchmark scripts --------------------------------------------------------
 
+def add_threads_option(parser, what: str = "torch threads") -> None:
+    """--threads, as every benchmark here takes it."""
+    parser.add_argument("--threads", type=int, default=1,
+                        help=f"{what} (default 1: on a shared machine two threads wait on the "
+                             f"slower core and ratios scatter; 0 keeps torch's default)")
+
+
+def use_threads(threads: int) -> None:
+    """Torch's intra-op threads for this process; 0 keeps torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def machine() -> dict:
     """CPU model, cores, memory, torch version and threads: printed beside every table."""
     cpu = platform.processor() or platform.machine()
@@ -151,12 +164,9 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=N_DEFAULT, help="items (default 100,000)")
     parser.add_argument("--profile", action="store_true",
                         help="also connect and compute the profile (one forward pass): accuracy")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1, as in the other benchmarks; 0 keeps "
-                             "torch's default)")
+    add_threads_option(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     started = time.perf_counter()
     demo_data()
     loaded = time.perf_counter()

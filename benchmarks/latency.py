@@ -101,13 +101,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=200, help="calls per query (default 200)")
     parser.add_argument("--cli-repeat", type=int, default=10,
                         help="runs per command line (default 10)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for the profile pass (default 1; 0: torch's default)")
+    bigdata.add_threads_option(parser, "torch threads for the profile pass")
     args = parser.parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bigdata.use_threads(args.threads)
     import diagql
 
     started = time.perf_counter()

@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+import bigdata
+
 CASES = ["baseline", "diagql", "diagql, cache dir", "torch, materialised"]
 TARGET_MB = 1024
 
@@ -45,9 +47,7 @@ def run_case(case: str, n: int, layer: str, batch_size: int, threads: int) -> di
     """In the child process: load, note the baseline, run the case, report."""
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    import bigdata
+    bigdata.use_threads(threads)
     import diagql
 
     X, y = bigdata.big_data(n)
@@ -95,19 +95,14 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=100_000, help="items (default 100,000)")
     parser.add_argument("--layer", default="conv1", help="queried layer (default conv1)")
     parser.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1; 0 keeps torch's default)")
+    bigdata.add_threads_option(parser)
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # the child's work
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case, args.n, args.layer, args.batch_size, args.threads)))
         return
 
-    import bigdata
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bigdata.use_threads(args.threads)
     started = time.perf_counter()
     results = {}
     for case in CASES:

@@ -215,10 +215,7 @@ def main(argv=None) -> None:
                         help="repetitions at 100,000 items; smaller sets get proportionally "
                              "more, up to 15 (default 2)")
     parser.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: on a shared machine, two threads wait "
-                             "on the slower core and the ratios scatter; 0 keeps torch's own "
-                             "default)")
+    bigdata.add_threads_option(parser)
     parser.add_argument("--query", action="append", default=None,
                         help="a query to measure (repeatable; default: six representative ones)")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false",
@@ -226,8 +223,7 @@ def main(argv=None) -> None:
     parser.add_argument("--breakdown-size", type=int, default=20_000,
                         help="items for the breakdown (default 20000)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bigdata.use_threads(args.threads)
     queries = args.query or QUERIES
 
     import diagql

@@ -31,8 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import bigdata
 
 SAMPLERS = ["stratified(0.05)", "maxmargin(0.05)"]
@@ -110,12 +108,9 @@ def main(argv=None) -> None:
                         help="a sampler call (repeatable; default stratified(0.05) and "
                              "maxmargin(0.05))")
     parser.add_argument("--repeat", type=int, default=2, help="runs per sampler (default 2)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1, as in overhead.py; 0 keeps torch's "
-                             "default)")
+    bigdata.add_threads_option(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    bigdata.use_threads(args.threads)
     started = time.perf_counter()
     X, y = bigdata.big_data(args.n)
     model = bigdata.demo_model()
