@@ -50,8 +50,7 @@ class ActivationStore:
 
     def held(self, layer: str, items: np.ndarray) -> int:
         """How many of ``items`` have their rows here (in memory, or loaded from disk)."""
-        indices, _ = self._entry(layer)
-        return int(np.isin(items, indices, assume_unique=True).sum())
+        return len(self.held_rows(layer, items)[2])
 
     def fits(self, layer, items: np.ndarray) -> bool:
         """Whether the rows of ``items``, with what is held for the layer, stay in budget."""
@@ -60,8 +59,8 @@ class ActivationStore:
         return total * layer.neurons * self.dtype.itemsize <= self.budget
 
     def missing(self, layer: str, items: np.ndarray) -> np.ndarray:
-        indices, _ = self._entry(layer)
-        return np.setdiff1d(items, indices, assume_unique=True)
+        """The items of ``items`` (sorted) whose rows are not here."""
+        return np.setdiff1d(items, self.held_rows(layer, items)[2], assume_unique=True)
 
     def held_rows(self, layer: str, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(table, positions, held): ``table[positions]`` are the rows of ``held``, the items

@@ -60,8 +60,6 @@ class Cache:
     def __init__(self, root: str | os.PathLike | None, limit: int = DEFAULT_LIMIT):
         self.root = None if root is None else Path(root)
         self.limit = limit
-        self.hits = 0
-        self.misses = 0
         self.writes = 0
         self.evictions = 0
         self.by_kind: dict[str, dict[str, int]] = {}  # kind -> {"hits": n, "misses": n}
@@ -83,10 +81,16 @@ class Cache:
                               f"cache), not {cache_dir!r}")
         return cls(Path(os.path.expanduser(os.fspath(cache_dir))), limit)
 
+    @property
+    def hits(self) -> int:
+        return sum(counts["hits"] for counts in self.by_kind.values())
+
+    @property
+    def misses(self) -> int:
+        return sum(counts["misses"] for counts in self.by_kind.values())
+
     def _count(self, kind: str, outcome: str) -> None:
-        setattr(self, outcome, getattr(self, outcome) + 1)
-        counts = self.by_kind.setdefault(kind, {"hits": 0, "misses": 0})
-        counts[outcome] += 1
+        self.by_kind.setdefault(kind, {"hits": 0, "misses": 0})[outcome] += 1
 
     @property
     def enabled(self) -> bool:
