@@ -349,59 +349,58 @@ def group_of_items(profile) -> np.ndarray:
     return profile.labels * 2 + (~profile.correct).astype(np.int64)
 
 
+class _GroupReducer:
+    """A consumer of the executor's forward pass (see ``Runner.run``) for one layer: the float64
+    sum and the argmax histogram per (class, correctness) group, and the float32 rows of the
+    items that ``position`` gives a row (its value)."""
+
+    def __init__(self, layer: LayerInfo, items: np.ndarray, groups: np.ndarray, n_groups: int,
+                 position: np.ndarray, n_kept: int, device: torch.device):
+        self.layer = layer.name
+        self.items = self.wanted = items
+        self.groups, self.n_groups, self.position, self.device = groups, n_groups, position, device
+        self.neurons = layer.neurons
+        self.sums = torch.zeros(n_groups, layer.neurons, dtype=torch.float64, device=device)
+        self.hist = torch.zeros(n_groups * layer.neurons, dtype=torch.int64, device=device)
+        self.kept = np.empty((n_kept, layer.neurons), dtype=np.float32)
+
+    def take(self, output: torch.Tensor, idx: np.ndarray) -> None:
+        # Reduced or copied here, inside the hook: a later in-place op may overwrite it.
+        values = output.detach().flatten(1)
+        gid = torch.from_numpy(self.groups[idx]).to(self.device)
+        one_hot = torch.nn.functional.one_hot(gid, self.n_groups).T.to(torch.float64)
+        # One product sums every group of the batch (index_add_ is far slower on CPU).
+        self.sums += one_hot @ values.to(device=self.device, dtype=torch.float64)
+        winners = values.argmax(dim=1).to(self.device)  # the same in any float type
+        self.hist += torch.bincount(gid * self.neurons + winners, minlength=self.hist.shape[0])
+        where = self.position[idx]
+        chosen = np.flatnonzero(where >= 0)
+        if len(chosen):
+            rows = values[torch.from_numpy(chosen).to(values.device)]
+            self.kept[where[chosen]] = rows.to("cpu", torch.float32).numpy()
+
+    def answers(self) -> "LayerAnswers":
+        if not bool(torch.isfinite(self.sums).all()):
+            raise ExecutionError(f"layer {self.layer!r} has NaN or infinite activations; "
+                                 f"EVALUATE does not average over them")
+        rows = self.kept
+        return LayerAnswers(self.sums.cpu().numpy(),
+                            self.hist.cpu().numpy().reshape(self.n_groups, self.neurons), rows,
+                            rows.argmax(axis=1) if len(rows) else np.empty(0, dtype=np.int64))
+
+
 def forward_pass(conn, layers: list[LayerInfo], groups: np.ndarray, n_groups: int,
                  position: np.ndarray, n_kept: int) -> dict[str, LayerAnswers]:
-    """One pass over every item: per layer and group the float64 sum and the argmax histogram,
-    plus the float32 rows of the items that ``position`` gives a row (its value)."""
-    n = len(conn.source)
+    """One pass over every item through the executor (hooks on the evaluated layers only,
+    stopped once the deepest has run): per layer and group the float64 sum and the argmax
+    histogram, plus the float32 rows of the items that ``position`` gives a row."""
+    items = np.arange(len(conn.source))
     # MPS has no float64; the sums are made there on the CPU instead.
     device = conn.device if conn.device.type != "mps" else torch.device("cpu")
-    sums = {layer.name: torch.zeros(n_groups, layer.neurons, dtype=torch.float64, device=device)
-            for layer in layers}
-    hist = {layer.name: torch.zeros(n_groups * layer.neurons, dtype=torch.int64, device=device)
-            for layer in layers}
-    kept = {layer.name: np.empty((n_kept, layer.neurons), dtype=np.float32) for layer in layers}
-    batch: dict = {}  # what the hooks need to know about the batch in flight
-
-    def reducer(layer: LayerInfo):
-        def reduce(output: torch.Tensor) -> None:
-            # Reduced or copied here, inside the hook: a later in-place op may overwrite it.
-            values = output.detach().flatten(1)
-            wide = values.to(device=device, dtype=torch.float64)
-            # One product sums every group of the batch (index_add_ is far slower on CPU).
-            sums[layer.name] += batch["one_hot"] @ wide
-            winners = values.argmax(dim=1).to(device)  # the same in any float type
-            hist[layer.name] += torch.bincount(batch["groups"] * layer.neurons + winners,
-                                               minlength=hist[layer.name].shape[0])
-            rows = batch["rows"]
-            if len(rows):
-                chosen = torch.from_numpy(batch["chosen"]).to(values.device)
-                kept[layer.name][rows] = values[chosen].to("cpu", torch.float32).numpy()
-        return reduce
-
-    callbacks = {layer.name: reducer(layer) for layer in layers}
-    with evaluation(conn.model), Hooks(conn.model, callbacks) as hooks, \
-            conn.progress.task("EVALUATE: forward pass", n) as advance:
-        for idx, x, _ in conn.source.batches(np.arange(n), conn.settings.batch_size):
-            hooks.reset()
-            where = position[idx]
-            gid = torch.from_numpy(groups[idx]).to(device)
-            batch.update(groups=gid, chosen=np.flatnonzero(where >= 0), rows=where[where >= 0],
-                         one_hot=torch.nn.functional.one_hot(gid, n_groups).T.to(torch.float64))
-            call_model(conn.model, to_device(x, conn.device, conn.dtype))
-            hooks.check_ran()
-            advance(len(idx))
-    answers = {}
-    for layer in layers:
-        rows = kept[layer.name]
-        if not bool(torch.isfinite(sums[layer.name]).all()):
-            raise ExecutionError(f"layer {layer.name!r} has NaN or infinite activations; "
-                                 f"EVALUATE does not average over them")
-        answers[layer.name] = LayerAnswers(
-            sums[layer.name].cpu().numpy(),
-            hist[layer.name].cpu().numpy().reshape(n_groups, layer.neurons), rows,
-            rows.argmax(axis=1) if len(rows) else np.empty(0, dtype=np.int64))
-    return answers
+    reducers = [_GroupReducer(layer, items, groups, n_groups, position, n_kept, device)
+                for layer in layers]
+    conn._runner().run(reducers, "EVALUATE: forward pass")
+    return {reducer.layer: reducer.answers() for reducer in reducers}
 
 
 @dataclass
