@@ -25,9 +25,7 @@ import torch
 from . import ast, samplers
 from .aggregates import rank
 from .binder import NO_LABELS, _error, bind_layer, bind_sampler
-from .data import call_model, to_device
 from .errors import BindError, ExecutionError
-from .hooks import Hooks, evaluation
 from .layers import LayerInfo
 from .result import Result
 
@@ -564,21 +562,12 @@ class LayerTruth:
 
 def layer_truth(conn, layer: str) -> LayerTruth:
     """One pass over every item, keeping the layer's flattened output (float32)."""
-    n = len(conn.source)
-    shape = conn.catalog[layer].shape
-    out = np.empty((n, int(np.prod(shape))), dtype=np.float32)
-    position = [0]
+    from .executor import Collector
 
-    def keep(tensor: torch.Tensor) -> None:
-        values = tensor.detach().flatten(1).to("cpu", torch.float32)
-        out[position[0]:position[0] + len(values)] = values.numpy()
-
-    with evaluation(conn.model), Hooks(conn.model, {layer: keep}) as hooks:
-        for idx, x, _ in conn.source.batches(np.arange(n), conn.settings.batch_size):
-            hooks.reset()
-            call_model(conn.model, to_device(x, conn.device, conn.dtype))
-            position[0] += len(idx)
-    return LayerTruth(out, out.argmax(axis=1))
+    collector = Collector(layer, np.arange(len(conn.source)), conn.catalog[layer].neurons,
+                          np.dtype(np.float32))
+    conn._runner().run([collector], f"every item's {layer}")
+    return LayerTruth(collector.rows, collector.rows.argmax(axis=1))
 
 
 def combinations(conn, layers: list[str]) -> list[Combination]:
