@@ -6,7 +6,7 @@ For every layer × class × {correct, incorrect} combination with at least 2 mat
 items, each sampler and size: the AVG query's 95% intervals (coverage = share of neurons whose
 exact mean lies inside), the TOPK-10 query's expected precision against its actual precision
 (mean of each, and their correlation over queries), and the expected against the actual cosine
-and JS distances. The estimates are computed by diagql.estimate from the same aggregate states
+and JS distances. The estimates are computed by diagql.engine.estimate from the same aggregate states
 the engine builds; the exact answers come from all matching items.
 """
 from __future__ import annotations
@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 import diagql
-from diagql import estimate, metrics, samplers
-from diagql.aggregates import ArgmaxState, MeanState, rank
-from diagql.evaluation import combinations, default_layers, exact_answers, layer_truth
+from diagql.engine import estimate
+from diagql.engine import metrics
+from diagql import samplers
+from diagql.engine.aggregates import ArgmaxState, MeanState, rank
+from diagql.evaluate.evaluation import combinations, default_layers, exact_answers, layer_truth
 
 K = 10
 

@@ -3,7 +3,7 @@
 Takes a corpus of valid statements (README.md's sql blocks, examples/tour.dql and a handwritten
 list covering every grammar form), mutates them (token drops, swaps and duplicates, character
 insertions and replacements including awkward unicode, splices, very long input, deep nesting,
-huge numbers, junk) and sends each input through both ``diagql.parser.parse_script`` and
+huge numbers, junk) and sends each input through both ``diagql.language.parser.parse_script`` and
 ``Connection.run_script`` (consumed fully) on a tiny MLP over 50 random items.
 
 The invariant: only ``DiagQLError`` subclasses come out; every error's line and column lie inside
@@ -94,7 +94,7 @@ def corpus() -> list[str]:
                           (ROOT / "examples" / "tour.dql", lambda t: [t])):
         if path.is_file():
             for block in extract(path.read_text(encoding="utf-8")):
-                from diagql.parser import split_statements
+                from diagql.language.parser import split_statements
 
                 for piece in split_statements(block):
                     scripts.append(piece.text.strip())
@@ -363,8 +363,8 @@ def check_error(err, text: str, stage: str) -> list[Failure]:
 def check_input(conn, text: str, *, hang_s: float = 20.0) -> tuple[list[Failure], float]:
     """Run one input through parse_script and run_script; the failures and the seconds taken."""
     from diagql.errors import DiagQLError, ParseError
-    from diagql.parser import parse_script
-    from diagql.result import Result
+    from diagql.language.parser import parse_script
+    from diagql.results.result import Result
 
     failures: list[Failure] = []
     first_parse_error = None
@@ -424,7 +424,7 @@ def check_input(conn, text: str, *, hang_s: float = 20.0) -> tuple[list[Failure]
 
 def reset_if_changed(conn):
     """SET changes the session (seed, latent, batch size): start each input from the defaults."""
-    from diagql.settings import Settings
+    from diagql.session.settings import Settings
 
     if conn.settings != Settings():
         return make_connection()

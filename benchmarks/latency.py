@@ -2,7 +2,7 @@
 
     python benchmarks/latency.py [--sizes 2500 100000] [--repeat 200] [--cli-repeat 10]
 
-Part 1, per query: ``diagql.parser.parse(text)``, then the connection's ``_plan(statement)``
+Part 1, per query: ``diagql.language.parser.parse(text)``, then the connection's ``_plan(statement)``
 (binding layer and sampler to the model, evaluating the predicate on the profile, picking the
 sample's matching items, grouping), after the profile is computed and each sample drawn once
 (a warm-up call): the work a query does before its forward pass. ``--repeat`` calls per query,
@@ -11,7 +11,7 @@ interleaved across queries; median and 95th percentile in milliseconds. Target: 
 Part 2: ``diagql --version`` and ``diagql --help`` as subprocesses (the console script, and
 ``python -m diagql``), median wall time of ``--cli-repeat`` runs, beside a bare interpreter
 (``python -c pass``, the anchor) and ``python -c "import torch"``. Then, in a fresh
-interpreter, ``diagql.cli.main(["--help"])`` and ``["--version"]`` run with their SystemExit
+interpreter, ``diagql.shell.cli.main(["--help"])`` and ``["--version"]`` run with their SystemExit
 caught, and the heavy modules in ``sys.modules`` are listed: torch must not be among them.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ HEAVY = ["torch", "numpy", "scipy", "sklearn", "rich", "lark", "prompt_toolkit",
 
 
 def plan_latency(conn, queries, repeat):
-    from diagql.parser import parse
+    from diagql.language.parser import parse
 
     for text in queries:  # warm-up: profile, catalog, samples
         conn._plan(parse(text))
@@ -82,7 +82,7 @@ def wall(command, repeat):
 
 PROBE = """
 import json, sys
-from diagql import cli
+from diagql.shell import cli
 for argv in (["--help"], ["--version"]):
     try:
         cli.main(argv)

@@ -156,10 +156,10 @@ def quiet_stderr():
 
 @contextlib.contextmanager
 def labelled_hooks(label: str):
-    """Run every callback that diagql.hooks.Hooks installs inside ``record_function(label)``
+    """Run every callback that diagql.model.hooks.Hooks installs inside ``record_function(label)``
     (a monkeypatch of Hooks.__init__, undone after): the profiler then attributes the
     operators of the forward hooks, the reduction of activations included, to ``label``."""
-    from diagql.hooks import Hooks
+    from diagql.model.hooks import Hooks
 
     original = Hooks.__init__
 
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
             ["query", "query ms", "in the hooks ms", "share", "operators in the hooks (ms, "
                                                               "children included)"],
             breakdown(conn, queries, top=6),
-            ["in the hooks = inside the callbacks of diagql.hooks.Hooks (reducing each batch's "
+            ["in the hooks = inside the callbacks of diagql.model.hooks.Hooks (reducing each batch's "
              "activations, and bookkeeping); the rest is the forward pass (up to the queried "
              "layer) and batching"])
     print(f"\nbenchmarks/overhead.py took {time.perf_counter() - started:.0f} s")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import diagql
-from diagql.render import to_text
+from diagql.results.render import to_text
 
 # Each sampler with the parameters the paper evaluates (j = 0.7 for the two-ended ones).
 CALLS = ["random", "stratified", "latentgrid", "vas", "ebtree", "weighted",

@@ -8,21 +8,22 @@ Importing this package is cheap: torch loads on first use of ``connect`` or ``de
 """
 from __future__ import annotations
 
-from ._version import __version__
-from .errors import BindError, DiagQLError, DiagQLWarning, ExecutionError, ParseError
+from diagql._version import __version__
+from diagql.errors import BindError, DiagQLError, DiagQLWarning, ExecutionError, ParseError
 
 __all__ = ["BindError", "Connection", "DiagQLError", "DiagQLWarning", "ExecutionError",
            "ParseError", "Result", "__version__", "connect", "demo", "parse"]
 
-_LAZY = {"connect": "connection", "Connection": "connection", "Result": "result",
-         "demo": "builtin_demo", "parse": "parser"}
+_LAZY = {"connect": "diagql.session.connection", "Connection": "diagql.session.connection",
+         "Result": "diagql.results.result", "demo": "diagql.mnist_demo",
+         "parse": "diagql.language.parser"}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'diagql' has no attribute {name!r}")

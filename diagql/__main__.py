@@ -1,6 +1,6 @@
 """``python -m diagql``: the same as the ``diagql`` command."""
 import sys
 
-from .cli import main
+from diagql.shell.cli import main
 
 sys.exit(main())

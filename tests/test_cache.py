@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import diagql
-from diagql import cache as cache_module
-from diagql.cache import Cache, data_fingerprint, model_fingerprint
+from diagql.storage import store as cache_module
+from diagql.storage.store import Cache, data_fingerprint, model_fingerprint
 from diagql.errors import DiagQLError, DiagQLWarning
 from diagql.samplers.stratified import StratifiedSampler
 
@@ -376,7 +376,7 @@ def test_a_generic_dataset_is_not_cached_on_disk(tmp_path):
 WRITER = """
 import sys
 import numpy as np
-from diagql.cache import Cache
+from diagql.storage.store import Cache
 
 cache, me = Cache(sys.argv[1]), int(sys.argv[2])
 for i in range(40):

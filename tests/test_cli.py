@@ -20,7 +20,7 @@ def diagql(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess
 
 
 def test_help_and_version_do_not_import_torch():
-    code = ("import sys\nfrom diagql.cli import main\n"
+    code = ("import sys\nfrom diagql.shell.cli import main\n"
             "for argv in (['--help'], ['--version']):\n"
             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -7,7 +7,7 @@ from prompt_toolkit.document import Document
 from torch import nn
 
 import diagql
-from diagql.completion import DiagQLCompleter, accepts, connection_layers, keywords
+from diagql.shell.completion import DiagQLCompleter, accepts, connection_layers, keywords
 
 
 class Net(nn.Module):
@@ -96,7 +96,7 @@ def test_nothing_after_a_syntax_error(completer):
 
 
 def test_highlighting_classes_come_from_the_grammar():
-    from diagql.highlight import tokens
+    from diagql.shell.highlight import tokens
 
     text = "topk 3 NEURONS IN conv2 WHERE class = 3 -- note\nUSING SAMPLE maxmargin(j='x'); 'oops"
     pieces = list(tokens(text))
@@ -110,7 +110,7 @@ def test_highlighting_classes_come_from_the_grammar():
 
 
 def test_lexer_splits_lines():
-    from diagql.highlight import DiagQLLexer
+    from diagql.shell.highlight import DiagQLLexer
 
     get_line = DiagQLLexer().lex_document(Document("SHOW\n  LAYERS;"))
     assert get_line(0) == [("class:keyword", "SHOW")]
@@ -125,7 +125,7 @@ def test_a_session_through_pipe_input(tmp_path, monkeypatch):
     from prompt_toolkit.output import DummyOutput
     from rich.console import Console
 
-    from diagql.repl import make_session, run_repl
+    from diagql.shell.repl import make_session, run_repl
     from tests.models import digits, trained_mlp
 
     monkeypatch.setenv("DIAGQL_HISTORY_FILE", str(tmp_path / "history"))
@@ -149,8 +149,8 @@ def test_a_session_through_pipe_input(tmp_path, monkeypatch):
 
 
 def test_help_examples_parse():
-    from diagql.meta import language_help
-    from diagql.parser import parse
+    from diagql.shell.dot_commands import language_help
+    from diagql.language.parser import parse
 
     text = language_help()
     assert "SHOW CACHE | LAYERS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text

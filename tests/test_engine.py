@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import diagql
-from diagql.cache import Cache, parse_size
+from diagql.storage.store import Cache, parse_size
 from diagql.errors import BindError, DiagQLError, DiagQLWarning, ExecutionError
 
 SAMPLE = "random(0.2, random_state=3)"

@@ -71,8 +71,8 @@ def test_exact_answers_and_max_rankings_carry_no_misleading_estimate(db):
 
 
 def test_a_single_matching_item_is_too_few():
-    from diagql import estimate
-    from diagql.aggregates import ArgmaxState, MeanState
+    from diagql.engine import estimate
+    from diagql.engine.aggregates import ArgmaxState, MeanState
 
     mean, hist = MeanState(4), ArgmaxState(4)
     one = torch.tensor([[0.5, 1.0, 0.0, 2.0]], dtype=torch.float64)

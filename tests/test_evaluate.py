@@ -17,9 +17,9 @@ import torch
 from scipy.spatial.distance import cosine, jensenshannon
 
 import diagql
-from diagql import ast
-from diagql.parser import parse
-from diagql.render import to_csv, to_json, to_text
+from diagql.language import ast
+from diagql.language.parser import parse
+from diagql.results.render import to_csv, to_json, to_text
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["sampler", "size", "k", "j", "S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd", "items",
@@ -321,7 +321,7 @@ def test_parse_builds_the_ast():
 def test_completion_offers_samplers_parameters_and_clauses():
     from prompt_toolkit.document import Document
 
-    from diagql.completion import DiagQLCompleter
+    from diagql.shell.completion import DiagQLCompleter
 
     completer = DiagQLCompleter(lambda: [("conv1", ""), ("conv2", "")])
 
@@ -338,7 +338,7 @@ def test_completion_offers_samplers_parameters_and_clauses():
 
 def test_the_reproduction_script_parses():
     """docs/reproduce.dql regenerates docs/REPRODUCTION.md's numbers and figures."""
-    from diagql.parser import parse_script
+    from diagql.language.parser import parse_script
 
     statements = parse_script((ROOT / "docs" / "reproduce.dql").read_text(encoding="utf-8"))
     assert [s.plot.value for s in statements] == [f"docs/fig{n}.png" for n in (4, 5, 6, 7)]

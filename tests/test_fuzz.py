@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from diagql.errors import BindError, DiagQLError, ParseError
-from diagql.parser import parse_script
+from diagql.language.parser import parse_script
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz_campaign.py"
 _spec = importlib.util.spec_from_file_location("fuzz_campaign", _PATH)

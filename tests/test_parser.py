@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from diagql import ast
+from diagql.language import ast
 from diagql.errors import DiagQLError, ParseError
-from diagql.parser import describe_expected, is_complete, parse, parse_sampler, parse_script, split_statements
+from diagql.language.parser import describe_expected, is_complete, parse, parse_sampler, parse_script, split_statements
 
 L = ast.LayerRef
 

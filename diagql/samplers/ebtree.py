@@ -14,7 +14,7 @@ import numbers
 
 import numpy as np
 
-from ..errors import BindError
+from diagql.errors import BindError
 from .base import SampleData, Sampler
 
 

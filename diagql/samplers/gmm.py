@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..errors import BindError
+from diagql.errors import BindError
 from .base import SampleData, Sampler
 from .boundary import check_fraction, log_likelihood_ratio, two_ended
 from .latentgrid import principal_components

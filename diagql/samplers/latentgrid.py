@@ -7,7 +7,7 @@ import numbers
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..errors import BindError
+from diagql.errors import BindError
 from .base import SampleData, Sampler
 
 

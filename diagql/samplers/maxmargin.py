@@ -8,7 +8,7 @@ import numpy as np
 from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
-from ..errors import BindError, ExecutionError
+from diagql.errors import BindError, ExecutionError
 from .base import SampleData, Sampler
 from .boundary import boundary_and_exemplars, check_fraction, log_likelihood_ratio, two_ended
 

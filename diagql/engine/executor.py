@@ -7,14 +7,15 @@ import time
 import numpy as np
 import torch
 
-from . import estimate, metrics
-from .aggregates import rank, state_for
-from .data import call_model, to_device
-from .errors import ExecutionError
-from .hooks import Hooks, StopForward, evaluation
-from .layers import neuron_labels
-from .planner import Plan, predicate_text
-from .result import Result
+from diagql.engine import estimate
+from diagql.engine import metrics
+from diagql.engine.aggregates import rank, state_for
+from diagql.model.data import call_model, to_device
+from diagql.errors import ExecutionError
+from diagql.model.hooks import Hooks, StopForward, evaluation
+from diagql.model.layers import neuron_labels
+from diagql.engine.planner import Plan, predicate_text
+from diagql.results.result import Result
 
 
 class Reducer:

@@ -1,9 +1,10 @@
 """SHOW and DESCRIBE: what the model, the data, the samplers and the session hold."""
 from __future__ import annotations
 
-from . import ast, samplers
-from .binder import bind_layer
-from .result import Result
+from diagql.language import ast
+from diagql import samplers
+from diagql.language.binder import bind_layer
+from diagql.results.result import Result
 
 
 def show(conn, statement: ast.Show) -> Result:
@@ -22,7 +23,7 @@ COLUMNS = ["kind", "entries", "size", "session hits", "session misses"]
 
 def _cache(conn, statement) -> Result:
     """What the disk cache holds, per kind, and how this session used it."""
-    from .cache import format_size
+    from diagql.storage.store import format_size
 
     cache = conn.cache
     if not cache.enabled:
@@ -45,7 +46,7 @@ def _cache(conn, statement) -> Result:
 
 def clear_cache(conn, statement) -> Result:
     """Remove every entry of the disk cache; this session keeps what it holds in memory."""
-    from .cache import format_size
+    from diagql.storage.store import format_size
 
     removed = conn.cache.clear()
     rows = [(kind, sum(1 for e in removed if e.kind == kind),
@@ -125,7 +126,7 @@ def describe(conn, statement: ast.Describe) -> Result:
 
 
 def _label_example(layer) -> str:
-    from .layers import neuron_labels
+    from diagql.model.layers import neuron_labels
 
     first = neuron_labels(layer.name, layer.shape, [0])[0]
     last = neuron_labels(layer.name, layer.shape, [layer.neurons - 1])[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._version import __version__
+from diagql._version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.plot:
-        from .errors import DiagQLError
-        from .plots import check_target
+        from diagql.errors import DiagQLError
+        from diagql.results.plots import check_target
 
         try:
             check_target(args.plot)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug must not look like a user error
-        from .errors import DiagQLError
+        from diagql.errors import DiagQLError
 
         if isinstance(exc, DiagQLError):
             _print_error(err, exc, None)
@@ -121,14 +121,14 @@ def _run(args, out, err) -> int:
                   "PLOT 'file.png'", markup=False)
         return EXIT_USAGE
     if interactive:
-        from .pending import PendingConnection
-        from .repl import run_repl
+        from diagql.shell.pending import PendingConnection
+        from diagql.shell.repl import run_repl
 
         # The prompt comes first; torch, the model and the data load behind it.
         what = "the demo" if args.demo else (args.model or "no model")
         return run_repl(PendingConnection(lambda: _connect(args), what), out, err)
     conn = _connect(args)
-    from .errors import DiagQLError
+    from diagql.errors import DiagQLError
 
     failed = False
     plots = 0
@@ -155,7 +155,7 @@ def _plot(result, path: str, number: int) -> None:
     """--plot: the first EVALUATE result to PATH, the n-th to PATH's stem + "-n" + suffix."""
     from pathlib import Path
 
-    from .plots import write_plot
+    from diagql.results.plots import write_plot
 
     if number > 1:
         target = Path(path)
@@ -175,7 +175,7 @@ def _sources(args) -> list[tuple[str, str]]:
             with open(path, encoding="utf-8") as handle:
                 sources.append((path, handle.read()))
         except OSError as exc:
-            from .errors import DiagQLError
+            from diagql.errors import DiagQLError
 
             raise DiagQLError(f"cannot read script {path}: {exc.strerror}") from None
     sources.extend(("<-e>", text) for text in args.execute)
@@ -189,23 +189,23 @@ def _connect(args):
 
 
 def _open(args):
-    from .connection import Connection, connect
+    from diagql.session.connection import Connection, connect
 
     progress = False if args.no_progress else None
     cache_dir = False if args.no_cache else args.cache_dir
     options = dict(batch_size=args.batch_size, device=args.device, latent=args.latent,
                    progress=progress, cache_dir=cache_dir, cache_limit=args.cache_limit)
     if args.demo:
-        from .builtin_demo import demo
+        from diagql.mnist_demo import demo
 
         try:
             return demo(**options)
         except ImportError as exc:
-            from .errors import DiagQLError
+            from diagql.errors import DiagQLError
 
             raise DiagQLError(str(exc)) from None
     if args.model:
-        from .loading import load_data, load_model
+        from diagql.shell.loading import load_data, load_model
 
         return connect(load_model(args.model, args.weights), load_data(args.data), **options)
     conn = Connection.detached(cache_dir, args.cache_limit)
@@ -214,7 +214,7 @@ def _open(args):
 
 
 def print_result(out, result, settings) -> None:
-    from .render import renderable, to_csv, to_json
+    from diagql.results.render import renderable, to_csv, to_json
 
     if settings.format == "json":
         out.print(to_json(result), markup=False, highlight=False, soft_wrap=True)

@@ -10,9 +10,9 @@ import os
 import time
 from pathlib import Path
 
-from .errors import DiagQLError, ParseError
-from .meta import is_meta, run_meta
-from .parser import is_complete, parse
+from diagql.errors import DiagQLError, ParseError
+from diagql.shell.dot_commands import is_meta, run_meta
+from diagql.language.parser import is_complete, parse
 
 PROMPT = "diagql> "
 CONTINUATION = "   ...> "
@@ -88,9 +88,9 @@ def make_session(conn, *, input=None, output=None):
     from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
     from prompt_toolkit.completion import ThreadedCompleter
 
-    from .completion import DiagQLCompleter, connection_layers
-    from .highlight import STYLE, DiagQLLexer
-    from .meta import completions
+    from diagql.shell.completion import DiagQLCompleter, connection_layers
+    from diagql.shell.highlight import STYLE, DiagQLLexer
+    from diagql.shell.dot_commands import completions
 
     commands, arguments = completions()
     completer = DiagQLCompleter(connection_layers(conn), commands, arguments)
@@ -116,7 +116,7 @@ class Shell:
         self.err.print(text, style="red", markup=False, highlight=False, soft_wrap=True)
 
     def execute(self, text: str) -> None:
-        from .cli import print_result
+        from diagql.shell.cli import print_result
 
         started = time.perf_counter()
         try:

@@ -117,12 +117,12 @@ class Result:
     # --- display -------------------------------------------------------------------------
 
     def __rich__(self):
-        from .render import renderable
+        from diagql.results.render import renderable
 
         return renderable(self)
 
     def __str__(self) -> str:
-        from .render import to_text
+        from diagql.results.render import to_text
 
         return to_text(self)
 
@@ -133,7 +133,7 @@ class Result:
                 f"over {self.n_items} items, {self.source}>")
 
     def _repr_html_(self) -> str:
-        from .render import to_html
+        from diagql.results.render import to_html
 
         return to_html(self)
 

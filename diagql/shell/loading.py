@@ -5,7 +5,7 @@ import importlib
 import os
 import sys
 
-from .errors import DiagQLError
+from diagql.errors import DiagQLError
 
 
 def resolve(spec: str, what: str):

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 
 from prompt_toolkit.completion import Completer, Completion
 
-from .parser import get_parser, split_statements
+from diagql.language.parser import get_parser, split_statements
 
 _WORD = re.compile(r"[A-Za-z0-9_.]*$")
 _KEYWORD_PATTERN = re.compile(r"([A-Za-z]+)(?:\(\?!\\w\))?$")
@@ -96,8 +96,8 @@ class DiagQLCompleter(Completer):
                 yield Completion(text, -len(word), display_meta="keyword")
 
     def _names(self, prefix: str, word: str, terminals: set[str]) -> Iterator[Completion]:
-        from . import samplers
-        from .settings import FORMATS, Settings
+        from diagql import samplers
+        from diagql.session.settings import FORMATS, Settings
 
         def offer(options, meta=lambda o: ""):
             for option in options:

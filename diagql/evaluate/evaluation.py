@@ -22,12 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import ast, samplers
-from .aggregates import rank
-from .binder import NO_LABELS, _error, bind_layer, bind_sampler
-from .errors import BindError, ExecutionError
-from .layers import LayerInfo
-from .result import Result
+from diagql.language import ast
+from diagql import samplers
+from diagql.engine.aggregates import rank
+from diagql.language.binder import NO_LABELS, _error, bind_layer, bind_sampler
+from diagql.errors import BindError, ExecutionError
+from diagql.model.layers import LayerInfo
+from diagql.results.result import Result
 
 DEFAULT_SIZES = (0.05, 0.1, 0.2)
 DEFAULT_K = 10
@@ -86,7 +87,7 @@ def bind_evaluate(statement: ast.Evaluate, conn) -> BoundEvaluation:
             candidates.append(candidate)
     plot = None
     if statement.plot is not None:
-        from .plots import check_target
+        from diagql.results.plots import check_target
 
         try:
             check_target(statement.plot.value)
@@ -301,7 +302,7 @@ def evaluate_statement(conn, statement: ast.Evaluate) -> Result:
                            "samples": drawn_at - profiled_at, "forward": passed_at - drawn_at,
                            "score": time.perf_counter() - passed_at})
     if bound.plot is not None:
-        from .plots import write_plot
+        from diagql.results.plots import write_plot
 
         plotted = time.perf_counter()
         write_plot(result, bound.plot)
@@ -562,7 +563,7 @@ class LayerTruth:
 
 def layer_truth(conn, layer: str) -> LayerTruth:
     """One pass over every item, keeping the layer's flattened output (float32)."""
-    from .executor import Collector
+    from diagql.engine.executor import Collector
 
     collector = Collector(layer, np.arange(len(conn.source)), conn.catalog[layer].neurons,
                           np.dtype(np.float32))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .errors import BindError
+from diagql.errors import BindError
 
 FORMATS = ("table", "json", "csv")
 

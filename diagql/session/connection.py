@@ -10,22 +10,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ast, samplers
-from . import profile as profile_module
-from .binder import (bind_layer, bind_query, bind_sampler, require_labels,
+from diagql.language import ast
+from diagql import samplers
+from diagql.model import profile as profile_module
+from diagql.language.binder import (bind_layer, bind_query, bind_sampler, require_labels,
                      sampler_needs_labels)
-from .cache import Cache, cache_key, data_fingerprint, model_fingerprint, source_digest
-from .data import ItemSource
-from .errors import BindError, DiagQLError
-from .activations import ActivationStore
-from .executor import Runner, row_dtype
-from .layers import LayerCatalog, LayerInfo, default_latent, probe
-from .parser import parse, parse_piece, parse_sampler, split_statements
-from .planner import plan_query
-from .profile import Profile, compute_profile
-from .progress import Progress
-from .result import Result
-from .settings import Settings
+from diagql.storage.store import Cache, cache_key, data_fingerprint, model_fingerprint, source_digest
+from diagql.model.data import ItemSource
+from diagql.errors import BindError, DiagQLError
+from diagql.storage.activations import ActivationStore
+from diagql.engine.executor import Runner, row_dtype
+from diagql.model.layers import LayerCatalog, LayerInfo, default_latent, probe
+from diagql.language.parser import parse, parse_piece, parse_sampler, split_statements
+from diagql.engine.planner import plan_query
+from diagql.model.profile import Profile, compute_profile
+from diagql.progress import Progress
+from diagql.results.result import Result
+from diagql.session.settings import Settings
 
 
 def connect(model: nn.Module, data, *, batch_size: int = 256, device=None, latent: str | None = None,
@@ -106,7 +107,7 @@ class Connection:
                 self._catalog = self.cache.load("catalog", key, _decode_catalog)
             if self._catalog is None:
                 _, x, _ = next(self.source.batches(np.array([0]), 1))
-                from .data import call_model, to_device
+                from diagql.model.data import call_model, to_device
 
                 self._catalog = probe(self.model, to_device(x, self.device, self.dtype),
                                       call_model)
@@ -206,7 +207,7 @@ class Connection:
         profile_key = self._profile_key()  # None when either cannot be fingerprinted
         if profile_key is None:
             return None
-        from . import layers
+        from diagql.model import layers
 
         return cache_key("catalog", *self._fingerprints, str(self.dtype), self.device.type,
                          source_digest(layers))
@@ -215,7 +216,8 @@ class Connection:
         profile_key = self._profile_key()
         if profile_key is None:
             return None
-        from . import executor, hooks
+        from diagql.engine import executor
+        from diagql.model import hooks
 
         # The code that produces rows is part of the key: a change to it never reuses them.
         return cache_key("activations", profile_key, layer,
@@ -358,18 +360,18 @@ class Connection:
         if isinstance(statement, ast.SetStatement):
             return self._set(statement)
         if isinstance(statement, ast.ClearCache):
-            from .info import clear_cache
+            from diagql.session.show import clear_cache
 
             return clear_cache(self, statement)
         if isinstance(statement, ast.Evaluate):
-            from .evaluation import evaluate_statement
+            from diagql.evaluate.evaluation import evaluate_statement
 
             return evaluate_statement(self, statement)
         if isinstance(statement, ast.Describe):
-            from .info import describe
+            from diagql.session.show import describe
 
             return describe(self, statement)
-        from .info import show
+        from diagql.session.show import show
 
         return show(self, statement)
 
@@ -426,7 +428,7 @@ class Connection:
     def _set(self, statement: ast.SetStatement) -> Result:
         name = statement.name
         if name not in Settings.names():
-            from .suggest import did_you_mean
+            from diagql.suggest import did_you_mean
 
             where = statement.name_span or statement.span
             raise BindError(f"unknown setting {name!r}{did_you_mean(name, Settings.names())}; "

@@ -10,8 +10,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .estimate import LEVEL
-from .result import Result
+from diagql.engine.estimate import LEVEL
+from diagql.results.result import Result
 
 MAX_ROWS = 20
 _BAR_WIDTH = 12

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from .hooks import evaluation, first_tensor
+from diagql.model.hooks import evaluation, first_tensor
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import metrics
+from diagql.engine import metrics
 
 DRAWS = 256
 LEVEL = 0.95

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import ast
-from .binder import BoundQuery
-from .profile import Profile
+from diagql.language import ast
+from diagql.language.binder import BoundQuery
+from diagql.model.profile import Profile
 
 
 @dataclass(frozen=True)

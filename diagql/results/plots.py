@@ -14,7 +14,7 @@ import math
 import textwrap
 from pathlib import Path
 
-from .errors import BindError, DiagQLError, ExecutionError
+from diagql.errors import BindError, DiagQLError, ExecutionError
 
 INSTALL = 'pip install "diagql[plot]"'
 _METRICS = {"S1": "S1: top-{k} precision ↑", "S2": "S2: cosine distance ↓",

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import ItemSource, call_model, to_device
-from .errors import DiagQLError, ExecutionError
-from .hooks import Hooks, evaluation, first_tensor
-from .progress import Progress
+from diagql.model.data import ItemSource, call_model, to_device
+from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.hooks import Hooks, evaluation, first_tensor
+from diagql.progress import Progress
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import Cache
+from diagql.storage.store import Cache
 
 MEMORY_BUDGET = 512 * 1024 ** 2  # bytes of rows held in memory, all layers together
 REDUCED_KEPT = 64  # aggregate states of recent sample queries, kept for reuse

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .settings import FORMATS
+from diagql.session.settings import FORMATS
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def run_meta(shell, text: str) -> bool:
     name, _, argument = text.strip().partition(" ")
     meta = COMMANDS.get(name.lower())
     if meta is None:
-        from .suggest import did_you_mean
+        from diagql.suggest import did_you_mean
 
         shell.error(f"unknown command {name!r}{did_you_mean(name, COMMANDS)}; try .help")
         return False
@@ -71,9 +71,9 @@ def commands_help() -> str:
 def language_help() -> str:
     """The language at a glance: each statement's shape with the choices the grammar accepts
     at each point, and the samplers and settings from their registries."""
-    from . import samplers
-    from .completion import accepts, keywords
-    from .settings import Settings
+    from diagql import samplers
+    from diagql.shell.completion import accepts, keywords
+    from diagql.session.settings import Settings
 
     def choices(prefix: str) -> str:
         kws = keywords()

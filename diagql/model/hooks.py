@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import ExecutionError
+from diagql.errors import ExecutionError
 
 
 def first_tensor(output, name: str = "") -> torch.Tensor:

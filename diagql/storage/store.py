@@ -24,8 +24,8 @@ from typing import Callable, TypeVar
 
 import numpy as np
 
-from ._version import __version__
-from .errors import DiagQLError, DiagQLWarning
+from diagql._version import __version__
+from diagql.errors import DiagQLError, DiagQLWarning
 
 T = TypeVar("T")
 FORMAT_VERSION = 1

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import ast
-from .errors import ParseError
+from diagql.language import ast
+from diagql.errors import ParseError
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent  # diagql/
 
 
 def grammar_path() -> Path:

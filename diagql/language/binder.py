@@ -4,10 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from . import ast, samplers
-from .errors import BindError
-from .layers import LayerCatalog, LayerInfo
-from .suggest import did_you_mean, name_list
+from diagql.language import ast
+from diagql import samplers
+from diagql.errors import BindError
+from diagql.model.layers import LayerCatalog, LayerInfo
+from diagql.suggest import did_you_mean, name_list
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def require_labels(query: ast.Query) -> None:
 
     use = first_use(query.where) if query.where is not None else None
     if use is not None:
-        from .planner import predicate_text
+        from diagql.engine.planner import predicate_text
 
         raise _error(f"WHERE {predicate_text(use)} needs the true labels, but {NO_LABELS}; "
                      f"filter on predicted or confidence instead", use.span)
