@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 import diagql
-from diagql.engine import estimate
-from diagql.engine import metrics
 from diagql import samplers
+from diagql.engine import estimate, metrics
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
 from diagql.evaluate.evaluation import combinations, default_layers, exact_answers, layer_truth
 

@@ -25,9 +25,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 import bigdata
+import numpy as np
 
 QUERIES = [
     "TOPK 10 NEURONS IN conv2 WHERE class = 3 AND incorrect USING SAMPLE stratified(0.05) "

@@ -36,9 +36,8 @@ import sys
 import time
 from collections import defaultdict
 
-import torch
-
 import bigdata
+import torch
 
 QUERIES = [
     "AVG NEURONS IN fc3 USING FULL",

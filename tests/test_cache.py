@@ -19,10 +19,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import diagql
-from diagql.storage import store as cache_module
-from diagql.storage.store import Cache, data_fingerprint, model_fingerprint
 from diagql.errors import DiagQLError, DiagQLWarning
 from diagql.samplers.stratified import StratifiedSampler
+from diagql.storage import store as cache_module
+from diagql.storage.store import Cache, data_fingerprint, model_fingerprint
 
 QUERY = "TOPK 3 NEURONS IN fc1 WHERE incorrect"
 SAMPLED = "TOPK 3 NEURONS IN fc1 WHERE incorrect USING SAMPLE stratified(0.3)"

@@ -149,8 +149,8 @@ def test_a_session_through_pipe_input(tmp_path, monkeypatch):
 
 
 def test_help_examples_parse():
-    from diagql.shell.dot_commands import language_help
     from diagql.language.parser import parse
+    from diagql.shell.dot_commands import language_help
 
     text = language_help()
     assert "SHOW CACHE | LAYERS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import diagql
-from diagql.storage.store import Cache, parse_size
 from diagql.errors import BindError, DiagQLError, DiagQLWarning, ExecutionError
+from diagql.storage.store import Cache, parse_size
 
 SAMPLE = "random(0.2, random_state=3)"
 

@@ -3,9 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from diagql.language import ast
 from diagql.errors import DiagQLError, ParseError
-from diagql.language.parser import describe_expected, is_complete, parse, parse_sampler, parse_script, split_statements
+from diagql.language import ast
+from diagql.language.parser import (
+    describe_expected,
+    is_complete,
+    parse,
+    parse_sampler,
+    parse_script,
+    split_statements,
+)
 
 L = ast.LayerRef
 

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.language import ast
 from diagql import samplers
 from diagql.engine.aggregates import rank
-from diagql.language.binder import NO_LABELS, _error, bind_layer, bind_sampler
 from diagql.errors import BindError, ExecutionError
+from diagql.language import ast
+from diagql.language.binder import NO_LABELS, _error, bind_layer, bind_sampler
 from diagql.model.layers import LayerInfo
 from diagql.results.result import Result
 

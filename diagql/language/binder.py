@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from diagql.language import ast
 from diagql import samplers
 from diagql.errors import BindError
+from diagql.language import ast
 from diagql.model.layers import LayerCatalog, LayerInfo
 from diagql.suggest import did_you_mean, name_list
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from diagql.language import ast
 from diagql.errors import ParseError
+from diagql.language import ast
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent  # diagql/
 

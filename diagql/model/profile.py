@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.model.data import ItemSource, call_model, to_device
 from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation, first_tensor
 from diagql.progress import Progress
 

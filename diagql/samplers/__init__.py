@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from diagql.errors import BindError
+
 from .base import Param, SampleData, Sampler, resolve_size
 from .ebtree import EBTreeSampler
 from .gmm import GMMSampler

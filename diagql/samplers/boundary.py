@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 
 from diagql.errors import BindError
+
 from .stratified import allocate
 
 # Floor for the denominator of the ratio: a rival probability of exactly 0 (underflow) would

@@ -15,6 +15,7 @@ import numbers
 import numpy as np
 
 from diagql.errors import BindError
+
 from .base import SampleData, Sampler
 
 

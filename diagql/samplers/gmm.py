@@ -9,6 +9,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from diagql.errors import BindError
+
 from .base import SampleData, Sampler
 from .boundary import check_fraction, log_likelihood_ratio, two_ended
 from .latentgrid import principal_components

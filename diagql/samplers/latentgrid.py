@@ -8,6 +8,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from diagql.errors import BindError
+
 from .base import SampleData, Sampler
 
 

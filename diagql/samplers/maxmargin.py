@@ -9,6 +9,7 @@ from scipy.special import expit
 from threadpoolctl import threadpool_limits
 
 from diagql.errors import BindError, ExecutionError
+
 from .base import SampleData, Sampler
 from .boundary import boundary_and_exemplars, check_fraction, log_likelihood_ratio, two_ended
 

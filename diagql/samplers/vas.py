@@ -15,6 +15,7 @@ import numpy as np
 from scipy.spatial.distance import pdist
 
 from diagql.errors import BindError
+
 from .base import SampleData, Sampler
 
 # The default ε is half the median pairwise distance of up to 1000 random items. The median

@@ -10,23 +10,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from diagql.language import ast
 from diagql import samplers
-from diagql.model import profile as profile_module
-from diagql.language.binder import (bind_layer, bind_query, bind_sampler, require_labels,
-                     sampler_needs_labels)
-from diagql.storage.store import Cache, cache_key, data_fingerprint, model_fingerprint, source_digest
-from diagql.model.data import ItemSource
-from diagql.errors import BindError, DiagQLError
-from diagql.storage.activations import ActivationStore
 from diagql.engine.executor import Runner, row_dtype
-from diagql.model.layers import LayerCatalog, LayerInfo, default_latent, probe
-from diagql.language.parser import parse, parse_piece, parse_sampler, split_statements
 from diagql.engine.planner import plan_query
+from diagql.errors import BindError, DiagQLError
+from diagql.language import ast
+from diagql.language.binder import (
+    bind_layer,
+    bind_query,
+    bind_sampler,
+    require_labels,
+    sampler_needs_labels,
+)
+from diagql.language.parser import parse, parse_piece, parse_sampler, split_statements
+from diagql.model import profile as profile_module
+from diagql.model.data import ItemSource
+from diagql.model.layers import LayerCatalog, LayerInfo, default_latent, probe
 from diagql.model.profile import Profile, compute_profile
 from diagql.progress import Progress
 from diagql.results.result import Result
 from diagql.session.settings import Settings
+from diagql.storage.activations import ActivationStore
+from diagql.storage.store import (
+    Cache,
+    cache_key,
+    data_fingerprint,
+    model_fingerprint,
+    source_digest,
+)
 
 
 def connect(model: nn.Module, data, *, batch_size: int = 256, device=None, latent: str | None = None,

@@ -1,8 +1,8 @@
 """SHOW and DESCRIBE: what the model, the data, the samplers and the session hold."""
 from __future__ import annotations
 
-from diagql.language import ast
 from diagql import samplers
+from diagql.language import ast
 from diagql.language.binder import bind_layer
 from diagql.results.result import Result
 

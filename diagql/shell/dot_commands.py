@@ -72,8 +72,8 @@ def language_help() -> str:
     """The language at a glance: each statement's shape with the choices the grammar accepts
     at each point, and the samplers and settings from their registries."""
     from diagql import samplers
-    from diagql.shell.completion import accepts, keywords
     from diagql.session.settings import Settings
+    from diagql.shell.completion import accepts, keywords
 
     def choices(prefix: str) -> str:
         kws = keywords()

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from diagql.errors import DiagQLError, ParseError
-from diagql.shell.dot_commands import is_meta, run_meta
 from diagql.language.parser import is_complete, parse
+from diagql.shell.dot_commands import is_meta, run_meta
 
 PROMPT = "diagql> "
 CONTINUATION = "   ...> "
@@ -89,8 +89,8 @@ def make_session(conn, *, input=None, output=None):
     from prompt_toolkit.completion import ThreadedCompleter
 
     from diagql.shell.completion import DiagQLCompleter, connection_layers
-    from diagql.shell.highlight import STYLE, DiagQLLexer
     from diagql.shell.dot_commands import completions
+    from diagql.shell.highlight import STYLE, DiagQLLexer
 
     commands, arguments = completions()
     completer = DiagQLCompleter(connection_layers(conn), commands, arguments)

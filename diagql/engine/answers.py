@@ -1,0 +1,111 @@
+"""Reduced aggregate states to a Result: values, neuron labels, estimates and the comparison
+with an exact baseline."""
+from __future__ import annotations
+
+import numpy as np
+
+from diagql.engine import estimate, metrics
+from diagql.engine.aggregates import rank
+from diagql.engine.planner import Plan, predicate_text
+from diagql.errors import ExecutionError
+from diagql.model.layers import neuron_labels
+from diagql.results.result import Result
+
+
+def require_matches(plan: Plan) -> None:
+    """An exact answer over no items is an error; a sample with none is an empty answer (and
+    its baseline, if any, must match something)."""
+    exact = plan if plan.n_sample is None else plan.baseline
+    if exact is not None and len(exact.items) == 0:
+        raise ExecutionError(no_match_message(exact))
+
+
+def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: dict) -> Result:
+    """The Result of reduced states, with its timings, compared with its baseline's when there
+    is one (the comparison reads the timings for the speed-up)."""
+    result = build_result(plan, states)
+    result.timings.update(timings)
+    if baseline_states is not None:
+        result.baseline = build_result(plan.baseline, baseline_states)
+        compare(result, result.baseline)
+    return result
+
+
+def no_match_message(plan: Plan) -> str:
+    where = predicate_text(plan.query.where) if plan.query.where is not None else "the query"
+    return f"no items match WHERE {where} (0 of {plan.n_data:,} items)"
+
+
+def build_result(plan: Plan, states: dict) -> Result:
+    query = plan.query
+    if query.group_by is None:
+        return _single(plan, states.get(None), plan.population[None])
+    result = _single(plan, None, 0)
+    keys = sorted(states, key=lambda k: (isinstance(k, bool), k))
+    result.groups = {key: _single(plan, states[key], plan.population[key]) for key in keys}
+    result.n_items = sum(g.n_items for g in result.groups.values())
+    return result
+
+
+def _single(plan: Plan, state, population: int) -> Result:
+    query, layer = plan.query, plan.bound.layer
+    result = Result(kind=query.aggregate, statement=query.text, layer=layer.name, unit=query.unit,
+                    source=plan.sampler_spec or "full", plan=plan)
+    if state is None or state.count == 0:
+        return result
+    values = state.finalize()
+    if query.aggregate == "topk":
+        result.dense = values
+        neurons = rank(values, query.k)
+        values = values[neurons]
+    else:
+        neurons = np.arange(len(values))
+    if plan.n_sample is not None:
+        result.estimate = _estimate(plan, state, population, neurons)
+    result.neurons = neurons
+    result.values = values
+    result.labels = neuron_labels(layer.name, layer.shape, neurons, query.unit == "channels")
+    result.n_items = state.count
+    return result
+
+
+def _estimate(plan: Plan, state, population: int, neurons: np.ndarray) -> dict:
+    query, sampler = plan.query, plan.bound.sampler
+    reliable = getattr(sampler, "uniform", False)
+    if query.aggregate == "argmax":
+        return estimate.for_argmax(state, population, reliable)
+    if query.aggregate == "topk" and query.order == "max":
+        return estimate.unavailable("a sample's maximum is biased low and has no sampling "
+                                    "distribution to estimate from; use BY MEAN or a baseline")
+    return estimate.for_mean(state, population, neurons,
+                             query.k if query.aggregate == "topk" else None, reliable)
+
+
+def compare(approx: Result, exact: Result) -> None:
+    """Attach the paper's metric for this aggregate, per group and overall."""
+    name = metrics.METRIC_OF[approx.kind]
+    if exact.groups is not None:
+        approx.groups = approx.groups or {}
+        for key, exact_group in exact.groups.items():
+            # A group the sample missed: the empty answer _single gives a group without items.
+            group = approx.groups.setdefault(key, _single(approx.plan, None, 0))
+            group.baseline = exact_group
+            group.metrics[name] = _metric(name, group, exact_group)
+        approx.groups = dict(sorted(approx.groups.items(), key=lambda kv: (isinstance(kv[0], bool), kv[0])))
+        approx.metrics[name] = float(np.mean([g.metrics[name] for g in approx.groups.values()
+                                              if g.baseline is not None]))
+    else:
+        approx.metrics[name] = _metric(name, approx, exact)
+    query_s, full_s = approx.timings.get("query"), approx.timings.get("baseline")
+    if query_s and full_s:
+        approx.metrics["speedup"] = full_s / query_s
+
+
+def _metric(name: str, approx: Result, exact: Result) -> float:
+    if approx.n_items == 0:
+        return 0.0 if name == "precision" else 1.0
+    if name == "precision":
+        return metrics.precision(approx.neurons, exact.neurons)
+    if name == "cosine_distance":
+        return metrics.cosine_distance(approx.values, exact.values)
+    return metrics.js_distance(approx.values, exact.values)
