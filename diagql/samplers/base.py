@@ -25,6 +25,29 @@ class SampleData:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """The items one sampler call drew: sorted, distinct indices, and the seconds the draw took."""
+
+    spec: str  # the sampler call, e.g. "stratified(0.05, random_state=0)"
+    indices: np.ndarray  # int64, sorted, distinct
+    seconds: float
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The disk cache's encoding (storage/store.py stores dicts of arrays)."""
+        return {"indices": self.indices, "seconds": np.float64(self.seconds)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], spec: str, n_items: int) -> "Sample":
+        """Decode a cached sample, raising ValueError unless it is one of ``n_items`` items."""
+        indices = arrays["indices"]
+        # Sorted, distinct and in range: what fit() returns, and what the executor relies on.
+        if (indices.dtype != np.int64 or indices.ndim != 1 or len(indices) == 0
+                or indices[0] < 0 or indices[-1] >= n_items or np.any(np.diff(indices) <= 0)):
+            raise ValueError(f"it is not a sample of {n_items:,} items")
+        return cls(spec, indices, float(arrays["seconds"]))
+
+
+@dataclass(frozen=True)
 class Param:
     """A sampler parameter as SHOW SAMPLERS lists it."""
 
@@ -96,6 +119,17 @@ class Sampler:
     def _select(self, data: SampleData, n: int | None, rng: np.random.Generator) -> np.ndarray:
         """The chosen item indices (any order); ``n`` is the exact count unless it is None."""
         raise NotImplementedError
+
+
+def standardize(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X, mean, scale): the latents flattened to float64 with zero mean and unit variance per
+    dimension (a constant dimension is only centred), so that no single wide dimension decides
+    every distance; ``(x - mean) / scale`` applies the same to new rows."""
+    X = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
+    mean = X.mean(axis=0)
+    scale = X.std(axis=0)
+    scale[scale == 0] = 1.0
+    return (X - mean) / scale, mean, scale
 
 
 def resolve_size(size, n_items: int) -> int:

@@ -14,23 +14,10 @@ from diagql.errors import BindError
 
 from .stratified import allocate
 
-# Floor for the denominator of the ratio: a rival probability of exactly 0 (underflow) would
-# otherwise divide by zero; every item so confident compares equal, and the index breaks the tie.
-_TINY = 1e-300
-
-
-def likelihood_ratio(proba: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """p(own) / max over other columns of p, per row; 1 on the boundary, large for exemplars."""
-    proba = np.asarray(proba, dtype=np.float64)
-    rows = np.arange(len(proba))
-    rival = proba.copy()
-    rival[rows, own] = -np.inf
-    rival = rival.max(axis=1) if proba.shape[1] > 1 else np.zeros(len(proba))
-    return proba[rows, own] / np.maximum(rival, _TINY)
-
 
 def log_likelihood_ratio(log_proba: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """log p(own) - max over others of log p: the log of ``likelihood_ratio``, without underflow.
+    """log p(own) − max over other columns of log p, per row: the log of the likelihood ratio
+    (0 on the boundary, large for exemplars), computed without underflow.
 
     ``log_proba`` may be unnormalised (a mixture's weighted log densities): the normaliser
     cancels. Far from every boundary the probabilities underflow to 0 while these stay ordered.

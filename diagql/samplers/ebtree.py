@@ -16,7 +16,7 @@ import numpy as np
 
 from diagql.errors import BindError
 
-from .base import SampleData, Sampler
+from .base import SampleData, Sampler, standardize
 
 
 class EBTreeSampler(Sampler):
@@ -46,11 +46,7 @@ class EBTreeSampler(Sampler):
                             "runs to the end of; use 2 or more", param="max_children")
 
     def _select(self, data: SampleData, n: None, rng: np.random.Generator) -> np.ndarray:
-        X = np.asarray(data.latents, dtype=np.float64).reshape(len(data), -1)
-        self.mean_ = X.mean(axis=0)
-        self.scale_ = X.std(axis=0)
-        self.scale_[self.scale_ == 0] = 1.0  # a constant dimension is only centred
-        X = (X - self.mean_) / self.scale_
+        X, self.mean_, self.scale_ = standardize(data.latents)
         predictions = np.asarray(data.predictions)
         tree = BoundaryTree(self.max_children)
         items = []

@@ -16,7 +16,7 @@ from scipy.spatial.distance import pdist
 
 from diagql.errors import BindError
 
-from .base import SampleData, Sampler
+from .base import SampleData, Sampler, standardize
 
 # The default ε is half the median pairwise distance of up to 1000 random items. The median
 # alone (the usual RBF heuristic) lets clusters far apart still repel each other, which skews how
@@ -51,7 +51,7 @@ class VASSampler(Sampler):
                             param="bandwidth")
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
-        X = standardize(data.latents)
+        X, _, _ = standardize(data.latents)
         order = rng.permutation(len(X))
         eps = (float(self.bandwidth) if self.bandwidth is not None
                else _BANDWIDTH_FACTOR * median_distance(X, rng, _BANDWIDTH_SUBSET))
@@ -98,15 +98,6 @@ def interchange(X: np.ndarray, order: np.ndarray, n: int, eps: float
         s_norms[r] = norms[t]
         sample[r] = t
     return sample, kernel
-
-
-def standardize(latents: np.ndarray) -> np.ndarray:
-    """Zero mean and unit variance per dimension (constant dimensions are only centred), in
-    float64, so that no single wide latent dimension decides every distance."""
-    X = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
-    scale = X.std(axis=0)
-    scale[scale == 0] = 1.0
-    return (X - X.mean(axis=0)) / scale
 
 
 def median_distance(X: np.ndarray, rng: np.random.Generator, subset: int) -> float:
