@@ -244,6 +244,28 @@ def test_a_shared_pass_whose_samples_outgrow_the_budget_still_answers_every_item
     np.testing.assert_allclose(every.values, acts[sample].mean(axis=0), rtol=1e-6, atol=1e-9)
 
 
+
+def test_a_shared_pass_keeping_two_layers_answers_each_from_its_own_rows(cnn, digits):
+    """Either layer's rows fit the memory budget alone, both together do not: the second
+    layer's rows must not push out the first's before its query has read them (with the disk
+    cache off, nothing could bring them back)."""
+    model, (X, y) = copy.deepcopy(cnn), digits
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    spec = "random(0.5, random_state=1)"
+    sample = conn.sample(spec)
+    sizes = [len(sample) * conn.catalog[layer].neurons * 4 for layer in ("0", "2")]
+    conn.activations.budget = max(sizes)
+    assert sum(sizes) > conn.activations.budget
+    first, second = conn.execute(f"AVG NEURONS IN 0 USING SAMPLE {spec}; "
+                                 f"TOPK 4 NEURONS IN 2 BY MEAN USING SAMPLE {spec}")
+    assert conn.counters["passes"] == 1
+    assert first.n_items == second.n_items == len(sample)
+    np.testing.assert_allclose(first.values, activations(model, X, "0")[sample].mean(axis=0),
+                               rtol=1e-6, atol=1e-9)
+    means = activations(model, X, "2")[sample].mean(axis=0)
+    assert second.neurons.tolist() == top(means, 4)
+    np.testing.assert_allclose(second.values, means[top(means, 4)], rtol=1e-6, atol=1e-9)
+
 # --- the disk cache: bounded, listed, cleared --------------------------------------------------
 
 def _store(cache: Cache, key: str, nbytes: int) -> None:
