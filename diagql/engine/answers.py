@@ -6,8 +6,9 @@ import numpy as np
 
 from diagql.engine import estimate, metrics
 from diagql.engine.aggregates import rank
-from diagql.engine.planner import Plan, predicate_text
+from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
+from diagql.language.ast import predicate_text
 from diagql.model.layers import neuron_labels
 from diagql.results.result import Result
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diagql.language import ast
+from diagql.language.ast import predicate_text
 from diagql.language.binder import BoundQuery
 from diagql.model.profile import Profile
 
@@ -118,27 +119,3 @@ def predicate_mask(pred: ast.Predicate | None, profile: Profile) -> np.ndarray:
         return ~inside if pred.negated else inside
     return _OPS[pred.op](column, pred.value)
 
-
-def predicate_text(pred: ast.Predicate) -> str:
-    """The predicate as canonical DiagQL text (used in plans and messages)."""
-    if isinstance(pred, ast.And):
-        return f"{_wrap(pred.left, ast.Or)} AND {_wrap(pred.right, ast.Or)}"
-    if isinstance(pred, ast.Or):
-        return f"{predicate_text(pred.left)} OR {predicate_text(pred.right)}"
-    if isinstance(pred, ast.Not):
-        return f"NOT {_wrap(pred.operand, (ast.And, ast.Or))}"
-    if isinstance(pred, ast.Flag):
-        return pred.name
-    if isinstance(pred, ast.Member):
-        values = ", ".join(_num(v) for v in pred.values)
-        return f"{pred.field} {'NOT IN' if pred.negated else 'IN'} ({values})"
-    return f"{pred.field} {pred.op} {_num(pred.value)}"
-
-
-def _wrap(pred, kinds) -> str:
-    text = predicate_text(pred)
-    return f"({text})" if isinstance(pred, kinds) else text
-
-
-def _num(value) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))

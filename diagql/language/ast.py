@@ -1,8 +1,8 @@
 """The typed syntax tree of DiagQL: frozen dataclasses built by the parser, read by the binder."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Iterator, Union
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,34 @@ class Not:
 
 
 Predicate = Union[Compare, Member, Flag, And, Or, Not]
+
+
+def predicate_text(pred: Predicate) -> str:
+    """The predicate as canonical DiagQL text (for plans and messages): keywords upper case,
+    parentheses only where precedence needs them."""
+    if isinstance(pred, And):
+        return f"{_wrap(pred.left, Or)} AND {_wrap(pred.right, Or)}"
+    if isinstance(pred, Or):
+        return f"{predicate_text(pred.left)} OR {predicate_text(pred.right)}"
+    if isinstance(pred, Not):
+        return f"NOT {_wrap(pred.operand, (And, Or))}"
+    if isinstance(pred, Flag):
+        return pred.name
+    if isinstance(pred, Member):
+        values = ", ".join(_num(v) for v in pred.values)
+        return f"{pred.field} {'NOT IN' if pred.negated else 'IN'} ({values})"
+    return f"{pred.field} {pred.op} {_num(pred.value)}"
+
+
+def _wrap(pred: Predicate, kinds) -> str:
+    text = predicate_text(pred)
+    return f"({text})" if isinstance(pred, kinds) else text
+
+
+def _num(value) -> str:
+    if isinstance(value, int):  # exact, and an int beyond the range of floats cannot overflow
+        return str(value)
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 # --- query parts --------------------------------------------------------------------------
@@ -212,3 +240,22 @@ class Evaluate:
 
 
 Statement = Union[Query, Explain, Show, Describe, SetStatement, ClearCache, Evaluate]
+
+
+def children(node) -> Iterator[object]:
+    """The nodes directly under ``node``, in source order (spans and plain values are not nodes)."""
+    for item in fields(node):
+        value = getattr(node, item.name)
+        for child in value if isinstance(value, tuple) else (value,):
+            if is_dataclass(child) and not isinstance(child, (Span, type)):
+                yield child
+
+
+def walk(node) -> Iterator[object]:
+    """``node`` and every node under it, depth first in source order; without recursion, so a
+    predicate nested as deep as the parser allows is walked in constant stack."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(reversed(list(children(current))))

@@ -95,21 +95,19 @@ def bind_sampler(call: ast.SamplerCall, seed: int | None, n_items: int) -> sampl
 
 
 def _check_predicate(pred: ast.Predicate, n_classes: int) -> None:
-    if isinstance(pred, (ast.And, ast.Or)):
-        _check_predicate(pred.left, n_classes)
-        _check_predicate(pred.right, n_classes)
-    elif isinstance(pred, ast.Not):
-        _check_predicate(pred.operand, n_classes)
-    elif isinstance(pred, ast.Compare) and pred.field in ("class", "predicted") and pred.op in ("=", "!="):
-        _check_class(pred.field, pred.value, n_classes, pred.span)
-    elif isinstance(pred, ast.Compare) and not _finite(pred.value):
-        raise _error(f"{pred.field} is compared with a number beyond the range of floats", pred.span)
-    elif isinstance(pred, ast.Member):
-        if pred.field == "confidence":
-            raise _error("IN compares exact values, which suits class and predicted, not "
-                         "confidence; use < or >", pred.span)
-        for value in pred.values:
-            _check_class(pred.field, value, n_classes, pred.span)
+    for node in ast.walk(pred):
+        if isinstance(node, ast.Compare) and node.field in ("class", "predicted") \
+                and node.op in ("=", "!="):
+            _check_class(node.field, node.value, n_classes, node.span)
+        elif isinstance(node, ast.Compare) and not _finite(node.value):
+            raise _error(f"{node.field} is compared with a number beyond the range of floats",
+                         node.span)
+        elif isinstance(node, ast.Member):
+            if node.field == "confidence":
+                raise _error("IN compares exact values, which suits class and predicted, not "
+                             "confidence; use < or >", node.span)
+            for value in node.values:
+                _check_class(node.field, value, n_classes, node.span)
 
 
 def _finite(value) -> bool:
@@ -136,20 +134,12 @@ def sampler_needs_labels(name: str) -> str:
 def require_labels(query: ast.Query) -> None:
     """For data without labels: refuse a query that reads the true labels (the others, over
     predictions and confidence, are answered)."""
-    def first_use(pred):
-        if isinstance(pred, (ast.And, ast.Or)):
-            return first_use(pred.left) or first_use(pred.right)
-        if isinstance(pred, ast.Not):
-            return first_use(pred.operand)
-        if isinstance(pred, ast.Flag) or getattr(pred, "field", None) == "class":
-            return pred
-        return None
+    def reads_labels(node) -> bool:
+        return isinstance(node, ast.Flag) or getattr(node, "field", None) == "class"
 
-    use = first_use(query.where) if query.where is not None else None
+    use = None if query.where is None else next(filter(reads_labels, ast.walk(query.where)), None)
     if use is not None:
-        from diagql.engine.planner import predicate_text
-
-        raise _error(f"WHERE {predicate_text(use)} needs the true labels, but {NO_LABELS}; "
+        raise _error(f"WHERE {ast.predicate_text(use)} needs the true labels, but {NO_LABELS}; "
                      f"filter on predicted or confidence instead", use.span)
     if query.group_by in ("class", "correct"):
         raise _error(f"GROUP BY {query.group_by} needs the true labels, but {NO_LABELS}; "
