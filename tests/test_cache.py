@@ -22,7 +22,8 @@ import diagql
 from diagql.errors import DiagQLError, DiagQLWarning
 from diagql.samplers.stratified import StratifiedSampler
 from diagql.storage import store as cache_module
-from diagql.storage.store import Cache, data_fingerprint, model_fingerprint
+from diagql.storage.fingerprint import data_fingerprint, model_fingerprint
+from diagql.storage.store import Cache
 
 QUERY = "TOPK 3 NEURONS IN fc1 WHERE incorrect"
 SAMPLED = "TOPK 3 NEURONS IN fc1 WHERE incorrect USING SAMPLE stratified(0.3)"
