@@ -85,6 +85,11 @@ class ParseError(DiagQLError):
     kind = "syntax error"
 
 
+class IncompleteStatement(ParseError):
+    """The text ends where the statement needs more: more text could still make it valid (the
+    REPL then waits for the next line instead of reporting the error)."""
+
+
 class BindError(DiagQLError):
     """The statement is well formed but names something the model, data or registry lacks.
 

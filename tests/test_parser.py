@@ -1,17 +1,24 @@
 """The parser: text to AST, statement splitting, and error positions. Pure parsing, no torch."""
 from __future__ import annotations
 
-import pytest
+import re
+from pathlib import Path
 
-from diagql.errors import DiagQLError, ParseError
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from diagql.errors import DiagQLError, IncompleteStatement, ParseError
 from diagql.language import ast
 from diagql.language.parser import (
     describe_expected,
     is_complete,
+    keywords,
     parse,
     parse_sampler,
     parse_script,
     split_statements,
+    statement_keywords,
 )
 
 L = ast.LayerRef
@@ -367,8 +374,61 @@ def test_misspelt_statement_keyword_has_hint():
     err = error_of("SELECT 5 NEURONS FROM fc1")
     assert (err.line, err.column) == (1, 1)
     assert "TOPK" in err.message and "SHOW" in err.message
-    assert err.hint and "TOPK" in err.hint
+    assert err.hint == ("hint: a statement starts with TOPK, AVG, ARGMAX, EXPLAIN, SHOW, "
+                        "DESCRIBE, SET, CLEAR or EVALUATE")
     assert err.format("f.dql").endswith(err.hint)
+
+
+def test_keyword_lists_come_from_the_grammar():
+    grammar = (Path(__file__).resolve().parents[1] / "grammar" / "diagql.lark").read_text()
+    declared = dict(re.findall(r'^([A-Z]+)(?:\.\d+)?: "([a-z]+)"i$', grammar, flags=re.M))
+    assert keywords() == declared and len(declared) >= 40
+    assert set(statement_keywords()) == {"TOPK", "AVG", "ARGMAX", "EXPLAIN", "SHOW", "DESCRIBE",
+                                         "SET", "CLEAR", "EVALUATE"}
+    for word in statement_keywords():  # each may start a statement, and no other keyword may
+        err = _error_or_none(word)
+        assert err is None or isinstance(err, IncompleteStatement), word
+    for word in {k.upper() for k in keywords().values()} - set(statement_keywords()):
+        err = _error_or_none(word + " x")
+        assert type(err) is ParseError and err.column == 1, word
+
+
+def _error_or_none(text: str) -> ParseError | None:
+    try:
+        parse(text)
+    except ParseError as err:
+        return err
+    return None
+
+
+@pytest.mark.parametrize("text", [
+    "TOPK",
+    "TOPK 5 NEURONS IN",
+    "TOPK 5 NEURONS IN fc1 WHERE class =",
+    "TOPK 5 NEURONS IN fc1 WHERE class = 1 AND\n  -- more to come\n",
+    "AVG NEURONS IN fc1 WHERE class IN (1, 2",
+    "SHOW",
+    "EVALUATE SAMPLERS random AT",
+    "SET seed =",
+])
+def test_unexpected_end_is_an_incomplete_statement(text):
+    err = error_of(text)
+    assert isinstance(err, IncompleteStatement)
+    assert "unexpected end of statement" in err.message
+    assert err.format().startswith(f"{err.line}:{err.column}: syntax error:")
+
+
+@pytest.mark.parametrize("text", [
+    "TOPK 5 NEURONS IN fc1 WHER",
+    "TOPK 5 NEURONS IN fc1 @",
+    "SELECT",
+    "AVG NEURONS IN fc1 BY MAX",
+    "TOPK 5 NEURONS IN fc1 WHERE class = 1 AND )",
+    "DESCRIBE 'unterminated",
+    "",
+])
+def test_other_syntax_errors_are_not_incomplete(text):
+    assert not isinstance(error_of(text), IncompleteStatement)
 
 
 def test_expected_list_names_keywords_and_end_of_statement():
@@ -463,219 +523,256 @@ def test_caret_line_with_form_feed_whitespace():
     assert err.source_line() == "TOPK 5 NEURONS IN fc1\x0cWHERE class = @"
 
 
+# --- walking the tree and printing a predicate ----------------------------------------------
+
+
+def test_walk_visits_every_node_depth_first_in_source_order():
+    query = parse("TOPK 5 NEURONS IN fc1 WHERE NOT (class = 1 OR correct) AND predicted IN (2) "
+                  "USING SAMPLE gmm(0.1, j=0.5)")
+    where = query.where
+    assert list(ast.walk(query)) == [
+        query, query.layer, where, where.left, where.left.operand, where.left.operand.left,
+        where.left.operand.right, where.right, query.source, *query.source.args]
+    assert [type(n).__name__ for n in ast.walk(query)] == [
+        "Query", "LayerRef", "And", "Not", "Or", "Compare", "Flag", "Member", "SamplerCall",
+        "Arg", "Arg"]
+    evaluate = parse("EVALUATE SAMPLERS random, vas(5) AT 0.1 LAYERS fc1, fc2 SWEEP j IN (1, 2)")
+    kinds = [type(n).__name__ for n in ast.walk(evaluate)]
+    assert kinds == ["Evaluate", "SamplerCall", "SamplerCall", "Arg", "Literal", "LayerRef",
+                     "LayerRef", "Sweep", "Literal", "Literal"]
+
+
+def test_walk_needs_no_recursion():
+    tree = ast.Flag("correct")
+    for _ in range(10_000):  # far past Python's recursion limit
+        tree = ast.Not(tree)
+    nodes = list(ast.walk(tree))
+    assert len(nodes) == 10_001 and nodes[-1] == ast.Flag("correct")
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("class = 3", "class = 3"),
+    ("CLASS <> 3.0", "class != 3"),
+    ("confidence < .25", "confidence < 0.25"),
+    ("confidence >= 1e-3", "confidence >= 0.001"),
+    ("predicted NOT IN (1,2)", "predicted NOT IN (1, 2)"),
+    ("not (correct or class = 1) and incorrect", "NOT (correct OR class = 1) AND incorrect"),
+    ("correct and (incorrect or class = 1)", "correct AND (incorrect OR class = 1)"),
+    ("(correct or incorrect) or class = 1", "correct OR incorrect OR class = 1"),
+    ("correct or (incorrect or class = 1)", "correct OR (incorrect OR class = 1)"),
+    ("correct and (incorrect and class = 1)", "correct AND (incorrect AND class = 1)"),
+    ("class < 1" + "0" * 400, "class < 1" + "0" * 400),  # beyond floats: printed exactly
+    ("confidence < 1e999", "confidence < inf"),
+])
+def test_predicate_text(text, shown):
+    assert ast.predicate_text(parse(f"AVG NEURONS IN fc1 WHERE {text}").where) == shown
+
+
 # --- property tests -----------------------------------------------------------------------
 
-try:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is an optional test dependency
-    st = None
+PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+KEYWORDS = [text.upper() for text in keywords().values()]
+SEPARATORS = st.sampled_from([" ", "  ", "\n", "\t", " -- note\n", "\n\n  "])
 
-if st is None:
+@st.composite
+def keyword(draw, word):
+    mask = draw(st.integers(0, 2 ** len(word) - 1))  # one draw: bit i lowers letter i
+    return "".join(ch.lower() if mask >> i & 1 else ch.upper() for i, ch in enumerate(word))
 
-    def test_properties_need_hypothesis():
-        pytest.skip("hypothesis is not installed")
+@st.composite
+def layer(draw):
+    if draw(st.booleans()):
+        name = draw(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,5}(\.[0-9]{1,2}|\.[a-z]{1,4}){0,2}"
+                                  r"|[0-9]{1,3}", fullmatch=True))
+        return name, ast.LayerRef(name)
+    name = draw(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=8))
+    quote = draw(st.sampled_from(["'", '"']))
+    escaped = name.replace("\\", "\\\\").replace(quote, "\\" + quote)
+    return f"{quote}{escaped}{quote}", ast.LayerRef(name, quoted=True)
 
-else:
-    PROPERTY = settings(max_examples=200, deadline=None, derandomize=True, database=None,
-                        suppress_health_check=[HealthCheck.too_slow])
-    KEYWORDS = ["TOPK", "AVG", "ARGMAX", "NEURONS", "CHANNELS", "IN", "BY", "MEAN", "MAX", "WHERE",
-                "AND", "OR", "NOT", "CLASS", "PREDICTED", "CONFIDENCE", "CORRECT", "INCORRECT",
-                "GROUP", "USING", "FULL", "SAMPLE", "WITH", "BASELINE", "EXPLAIN", "SHOW", "LAYERS",
-                "SAMPLERS", "PROFILE", "SETTINGS", "DESCRIBE", "SET"]
-    SEPARATORS = st.sampled_from([" ", "  ", "\n", "\t", " -- note\n", "\n\n  "])
+numbers = st.one_of(st.integers(-20, 1000),
+                    st.floats(-10, 10, allow_nan=False, allow_infinity=False))
 
-    @st.composite
-    def keyword(draw, word):
-        mask = draw(st.integers(0, 2 ** len(word) - 1))  # one draw: bit i lowers letter i
-        return "".join(ch.lower() if mask >> i & 1 else ch.upper() for i, ch in enumerate(word))
+@st.composite
+def atom(draw):
+    kind = draw(st.sampled_from(["compare", "member", "flag"]))
+    if kind == "flag":
+        name = draw(st.sampled_from(["correct", "incorrect"]))
+        return draw(keyword(name)), ast.Flag(name)
+    field = draw(st.sampled_from(["class", "predicted", "confidence"]))
+    if kind == "compare":
+        op = draw(st.sampled_from(["=", "<", "<=", ">", ">=", "!=", "<>"]))
+        value = draw(numbers)
+        return (f"{draw(keyword(field))} {op} {value!r}",
+                ast.Compare(field, "!=" if op == "<>" else op, value))
+    values = draw(st.lists(st.integers(0, 99), min_size=1, max_size=4))
+    negated = draw(st.booleans())
+    words = f"{draw(keyword('not'))} {draw(keyword('in'))}" if negated else draw(keyword("in"))
+    return (f"{draw(keyword(field))} {words} ({', '.join(map(str, values))})",
+            ast.Member(field, tuple(values), negated=negated))
 
-    @st.composite
-    def layer(draw):
-        if draw(st.booleans()):
-            name = draw(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,5}(\.[0-9]{1,2}|\.[a-z]{1,4}){0,2}"
-                                      r"|[0-9]{1,3}", fullmatch=True))
-            return name, ast.LayerRef(name)
-        name = draw(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=8))
-        quote = draw(st.sampled_from(["'", '"']))
-        escaped = name.replace("\\", "\\\\").replace(quote, "\\" + quote)
-        return f"{quote}{escaped}{quote}", ast.LayerRef(name, quoted=True)
+PREC = {ast.Or: 1, ast.And: 2, ast.Not: 3}
 
-    numbers = st.one_of(st.integers(-20, 1000),
-                        st.floats(-10, 10, allow_nan=False, allow_infinity=False))
+def show_predicate(node, draw) -> str:
+    """Print with the fewest parentheses the precedence needs (plus some redundant ones)."""
+    def sub(child, needed):
+        text = show_predicate(child, draw)
+        if PREC.get(type(child), 4) < needed or draw(st.integers(0, 9)) == 0:
+            return f"({text})"
+        return text
 
-    @st.composite
-    def atom(draw):
-        kind = draw(st.sampled_from(["compare", "member", "flag"]))
-        if kind == "flag":
-            name = draw(st.sampled_from(["correct", "incorrect"]))
-            return draw(keyword(name)), ast.Flag(name)
-        field = draw(st.sampled_from(["class", "predicted", "confidence"]))
-        if kind == "compare":
-            op = draw(st.sampled_from(["=", "<", "<=", ">", ">=", "!=", "<>"]))
-            value = draw(numbers)
-            return (f"{draw(keyword(field))} {op} {value!r}",
-                    ast.Compare(field, "!=" if op == "<>" else op, value))
-        values = draw(st.lists(st.integers(0, 99), min_size=1, max_size=4))
-        negated = draw(st.booleans())
-        words = f"{draw(keyword('not'))} {draw(keyword('in'))}" if negated else draw(keyword("in"))
-        return (f"{draw(keyword(field))} {words} ({', '.join(map(str, values))})",
-                ast.Member(field, tuple(values), negated=negated))
+    if isinstance(node, ast.Not):
+        return f"{draw(keyword('not'))} {sub(node.operand, 3)}"
+    if isinstance(node, (ast.And, ast.Or)):
+        prec = PREC[type(node)]
+        word = draw(keyword("and" if isinstance(node, ast.And) else "or"))
+        return f"{sub(node.left, prec)} {word} {sub(node.right, prec + 1)}"
+    return node._text
 
-    PREC = {ast.Or: 1, ast.And: 2, ast.Not: 3}
+@st.composite
+def predicate(draw):
+    def build(depth):
+        choice = draw(st.integers(0, 3 if depth < 3 else 0))
+        if choice == 0:
+            text, node = draw(atom())
+            object.__setattr__(node, "_text", text)
+            return node
+        if choice == 1:
+            return ast.Not(build(depth + 1))
+        cls = ast.And if choice == 2 else ast.Or
+        return cls(build(depth + 1), build(depth + 1))
 
-    def show_predicate(node, draw) -> str:
-        """Print with the fewest parentheses the precedence needs (plus some redundant ones)."""
-        def sub(child, needed):
-            text = show_predicate(child, draw)
-            if PREC.get(type(child), 4) < needed or draw(st.integers(0, 9)) == 0:
-                return f"({text})"
-            return text
+    node = build(0)
+    return show_predicate(node, draw), node
 
-        if isinstance(node, ast.Not):
-            return f"{draw(keyword('not'))} {sub(node.operand, 3)}"
-        if isinstance(node, (ast.And, ast.Or)):
-            prec = PREC[type(node)]
-            word = draw(keyword("and" if isinstance(node, ast.And) else "or"))
-            return f"{sub(node.left, prec)} {word} {sub(node.right, prec + 1)}"
-        return node._text
+@st.composite
+def value(draw):
+    kind = draw(st.sampled_from(["number", "word", "string"]))
+    if kind == "number":
+        v = draw(numbers)
+        return repr(v), v
+    if kind == "word":
+        v = draw(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.]{0,6}", fullmatch=True))
+        return v, v
+    v = draw(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=6))
+    return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"', v
 
-    @st.composite
-    def predicate(draw):
-        def build(depth):
-            choice = draw(st.integers(0, 3 if depth < 3 else 0))
-            if choice == 0:
-                text, node = draw(atom())
-                object.__setattr__(node, "_text", text)
-                return node
-            if choice == 1:
-                return ast.Not(build(depth + 1))
-            cls = ast.And if choice == 2 else ast.Or
-            return cls(build(depth + 1), build(depth + 1))
+@st.composite
+def sampler(draw):
+    name = draw(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True))
+    parts, args = [], []
+    if draw(st.booleans()):
+        size = draw(st.one_of(st.integers(0, 10**6), st.floats(0, 1)))
+        parts.append(repr(size))
+        args.append(ast.Arg(None, size))
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True))
+        text, v = draw(value())
+        parts.append(f"{key}={text}")
+        args.append(ast.Arg(key, v))
+    call = f"{name}({', '.join(parts)})" if parts or draw(st.booleans()) else name
+    return call, ast.SamplerCall(name, tuple(args))
 
-        node = build(0)
-        return show_predicate(node, draw), node
+@st.composite
+def query(draw):
+    kw = lambda w: draw(keyword(w))  # noqa: E731
+    aggregate = draw(st.sampled_from(["topk", "avg", "argmax"]))
+    unit = draw(st.sampled_from(["neurons", "channels"]))
+    layer_text, layer_ref = draw(layer())
+    fields = {}
+    words = []
+    if aggregate == "topk":
+        fields["k"] = draw(st.integers(0, 10**6))
+        words += [kw("topk"), str(fields["k"])]
+    else:
+        words.append(kw(aggregate))
+    words += [kw(unit), kw("in"), layer_text]
+    if aggregate == "topk" and draw(st.booleans()):
+        fields["order"] = draw(st.sampled_from(["mean", "max"]))
+        words += [kw("by"), kw(fields["order"])]
+    if draw(st.booleans()):
+        text, fields["where"] = draw(predicate())
+        words += [kw("where"), text]
+    if draw(st.booleans()):
+        fields["group_by"] = draw(st.sampled_from(["class", "predicted", "correct"]))
+        words += [kw("group"), kw("by"), kw(fields["group_by"])]
+    source = draw(st.sampled_from([None, "full", "sample"]))
+    if source == "full":
+        fields["source"] = ast.Full()
+        words += [kw("using"), kw("full")]
+    elif source == "sample":
+        text, fields["source"] = draw(sampler())
+        words += [kw("using"), kw("sample"), text]
+    if draw(st.booleans()):
+        fields["baseline"] = True
+        words += [kw("with"), kw("baseline")]
+    text = words[0]
+    for word in words[1:]:
+        text += draw(SEPARATORS) + word
+    expected = ast.Query(aggregate, unit, layer_ref, **fields)
+    if draw(st.booleans()):
+        text, expected = f"{kw('explain')} {text}", ast.Explain(expected)
+    return text, expected
 
-    @st.composite
-    def value(draw):
-        kind = draw(st.sampled_from(["number", "word", "string"]))
-        if kind == "number":
-            v = draw(numbers)
-            return repr(v), v
-        if kind == "word":
-            v = draw(st.from_regex(r"[A-Za-z_][A-Za-z0-9_.]{0,6}", fullmatch=True))
-            return v, v
-        v = draw(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=6))
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"', v
+@PROPERTY
+@given(query())
+def test_random_valid_queries_round_trip(case):
+    text, expected = case
+    statement = parse(text)
+    assert statement == expected
+    assert statement.text == text
+    assert parse(text + " ;") == expected
+    assert parse_script(f"SHOW LAYERS;\n{text};\n") == [ast.Show("layers"), expected]
 
-    @st.composite
-    def sampler(draw):
-        name = draw(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True))
-        parts, args = [], []
-        if draw(st.booleans()):
-            size = draw(st.one_of(st.integers(0, 10**6), st.floats(0, 1)))
-            parts.append(repr(size))
-            args.append(ast.Arg(None, size))
-        for _ in range(draw(st.integers(0, 3))):
-            key = draw(st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True))
-            text, v = draw(value())
-            parts.append(f"{key}={text}")
-            args.append(ast.Arg(key, v))
-        call = f"{name}({', '.join(parts)})" if parts or draw(st.booleans()) else name
-        return call, ast.SamplerCall(name, tuple(args))
+@PROPERTY
+@given(predicate())
+def test_predicate_text_parses_back_to_the_same_tree(case):
+    _, tree = case
+    assert parse(f"AVG NEURONS IN fc1 WHERE {ast.predicate_text(tree)}").where == tree
 
-    @st.composite
-    def query(draw):
-        kw = lambda w: draw(keyword(w))  # noqa: E731
-        aggregate = draw(st.sampled_from(["topk", "avg", "argmax"]))
-        unit = draw(st.sampled_from(["neurons", "channels"]))
-        layer_text, layer_ref = draw(layer())
-        fields = {}
-        words = []
-        if aggregate == "topk":
-            fields["k"] = draw(st.integers(0, 10**6))
-            words += [kw("topk"), str(fields["k"])]
-        else:
-            words.append(kw(aggregate))
-        words += [kw(unit), kw("in"), layer_text]
-        if aggregate == "topk" and draw(st.booleans()):
-            fields["order"] = draw(st.sampled_from(["mean", "max"]))
-            words += [kw("by"), kw(fields["order"])]
-        if draw(st.booleans()):
-            text, fields["where"] = draw(predicate())
-            words += [kw("where"), text]
-        if draw(st.booleans()):
-            fields["group_by"] = draw(st.sampled_from(["class", "predicted", "correct"]))
-            words += [kw("group"), kw("by"), kw(fields["group_by"])]
-        source = draw(st.sampled_from([None, "full", "sample"]))
-        if source == "full":
-            fields["source"] = ast.Full()
-            words += [kw("using"), kw("full")]
-        elif source == "sample":
-            text, fields["source"] = draw(sampler())
-            words += [kw("using"), kw("sample"), text]
-        if draw(st.booleans()):
-            fields["baseline"] = True
-            words += [kw("with"), kw("baseline")]
-        text = words[0]
-        for word in words[1:]:
-            text += draw(SEPARATORS) + word
-        expected = ast.Query(aggregate, unit, layer_ref, **fields)
-        if draw(st.booleans()):
-            text, expected = f"{kw('explain')} {text}", ast.Explain(expected)
-        return text, expected
 
-    @PROPERTY
-    @given(query())
-    def test_random_valid_queries_round_trip(case):
-        text, expected = case
-        statement = parse(text)
-        assert statement == expected
-        assert statement.text == text
-        assert parse(text + " ;") == expected
-        assert parse_script(f"SHOW LAYERS;\n{text};\n") == [ast.Show("layers"), expected]
+def assert_well_placed(err: ParseError, text: str) -> None:
+    lines = text.split("\n")
+    assert 1 <= err.line <= len(lines), (err.line, text)
+    assert 1 <= err.column <= len(lines[err.line - 1]) + 1, (err.column, text)
+    assert err.format("x.dql").startswith(f"x.dql:{err.line}:{err.column}: syntax error: ")
 
-    def assert_well_placed(err: ParseError, text: str) -> None:
-        lines = text.split("\n")
-        assert 1 <= err.line <= len(lines), (err.line, text)
-        assert 1 <= err.column <= len(lines[err.line - 1]) + 1, (err.column, text)
-        assert err.format("x.dql").startswith(f"x.dql:{err.line}:{err.column}: syntax error: ")
+@PROPERTY
+@given(st.text(max_size=60))
+def test_junk_only_raises_parse_error(text):
+    for parse_fn in (parse, parse_script):
+        try:
+            parse_fn(text)
+        except ParseError as err:
+            assert_well_placed(err, text)
 
-    @PROPERTY
-    @given(st.text(max_size=60))
-    def test_junk_only_raises_parse_error(text):
-        for parse_fn in (parse, parse_script):
-            try:
-                parse_fn(text)
-            except ParseError as err:
-                assert_well_placed(err, text)
+JUNK_TOKENS = KEYWORDS + ["(", ")", ",", ";", "=", "<", "<>", ">=", "!=", "@", "'", '"', "--",
+                          "0", "-1", "1.5", ".5", "1e3", "fc1", "a.b", "'q'", "\n", "#", "\\"]
 
-    JUNK_TOKENS = KEYWORDS + ["(", ")", ",", ";", "=", "<", "<>", ">=", "!=", "@", "'", '"', "--",
-                              "0", "-1", "1.5", ".5", "1e3", "fc1", "a.b", "'q'", "\n", "#", "\\"]
-
-    @PROPERTY
-    @given(query(), st.lists(st.tuples(st.sampled_from(["delete", "insert", "swap", "dup", "char"]),
-                                       st.integers(0, 10**6), st.sampled_from(JUNK_TOKENS)),
-                             min_size=1, max_size=3))
-    def test_mutated_queries_only_raise_parse_error(case, mutations):
-        tokens = case[0].split(" ")
-        for kind, where, junk in mutations:
-            i = where % len(tokens)
-            if kind == "delete" and len(tokens) > 1:
-                del tokens[i]
-            elif kind == "insert":
-                tokens.insert(i, junk)
-            elif kind == "swap":
-                j = (where // 7) % len(tokens)
-                tokens[i], tokens[j] = tokens[j], tokens[i]
-            elif kind == "dup":
-                tokens.insert(i, tokens[i])
-            elif kind == "char" and tokens[i]:
-                k = where % len(tokens[i])
-                tokens[i] = tokens[i][:k] + junk[:1] + tokens[i][k + 1:]
-        text = " ".join(tokens)
-        for parse_fn in (parse, parse_script):
-            try:
-                parse_fn(text)
-            except ParseError as err:
-                assert_well_placed(err, text)
+@PROPERTY
+@given(query(), st.lists(st.tuples(st.sampled_from(["delete", "insert", "swap", "dup", "char"]),
+                                   st.integers(0, 10**6), st.sampled_from(JUNK_TOKENS)),
+                         min_size=1, max_size=3))
+def test_mutated_queries_only_raise_parse_error(case, mutations):
+    tokens = case[0].split(" ")
+    for kind, where, junk in mutations:
+        i = where % len(tokens)
+        if kind == "delete" and len(tokens) > 1:
+            del tokens[i]
+        elif kind == "insert":
+            tokens.insert(i, junk)
+        elif kind == "swap":
+            j = (where // 7) % len(tokens)
+            tokens[i], tokens[j] = tokens[j], tokens[i]
+        elif kind == "dup":
+            tokens.insert(i, tokens[i])
+        elif kind == "char" and tokens[i]:
+            k = where % len(tokens[i])
+            tokens[i] = tokens[i][:k] + junk[:1] + tokens[i][k + 1:]
+    text = " ".join(tokens)
+    for parse_fn in (parse, parse_script):
+        try:
+            parse_fn(text)
+        except ParseError as err:
+            assert_well_placed(err, text)

@@ -76,12 +76,12 @@ Predicate = Union[Compare, Member, Flag, And, Or, Not]
 
 
 def predicate_text(pred: Predicate) -> str:
-    """The predicate as canonical DiagQL text (for plans and messages): keywords upper case,
-    parentheses only where precedence needs them."""
-    if isinstance(pred, And):
-        return f"{_wrap(pred.left, Or)} AND {_wrap(pred.right, Or)}"
+    """The predicate as canonical DiagQL text (for plans and messages), with parentheses only
+    where the tree needs them: parsing the text gives the same tree back."""
+    if isinstance(pred, And):  # AND and OR group to the left: a right operand like them is wrapped
+        return f"{_wrap(pred.left, Or)} AND {_wrap(pred.right, (And, Or))}"
     if isinstance(pred, Or):
-        return f"{predicate_text(pred.left)} OR {predicate_text(pred.right)}"
+        return f"{predicate_text(pred.left)} OR {_wrap(pred.right, Or)}"
     if isinstance(pred, Not):
         return f"NOT {_wrap(pred.operand, (And, Or))}"
     if isinstance(pred, Flag):

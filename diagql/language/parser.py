@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from diagql.errors import ParseError
+from diagql.errors import IncompleteStatement, ParseError
 from diagql.language import ast
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent  # diagql/
@@ -38,10 +38,46 @@ def _whole_word_keywords(term) -> None:
         term.pattern = PatternRE(re.escape(term.pattern.value) + r"(?!\w)", term.pattern.flags)
 
 
+# A keyword's pattern once _whole_word_keywords has made it match whole words only.
+_KEYWORD_PATTERN = re.compile(r"([A-Za-z]+)(?:\(\?!\\w\))?")
+
+
+@functools.lru_cache(maxsize=1)
+def keywords() -> dict[str, str]:
+    """Keyword terminal name -> its text, e.g. ``{"TOPK": "topk"}``, in the grammar's order: the
+    named all-letter terminals, the one keyword list behind error messages, completion,
+    highlighting and help."""
+    found = {}
+    for term in get_parser().terminals:
+        match = _KEYWORD_PATTERN.fullmatch(term.pattern.value)
+        if term.name.isalpha() and term.name.isupper() and match:
+            found[term.name] = match.group(1).lower()
+    return found
+
+
+def accepts(text: str, start: str = "start") -> set[str] | None:
+    """The terminals the parser accepts after ``text`` (the start of one statement), or None
+    when the text is already not valid (a lexing or parsing error before its end)."""
+    from lark.exceptions import LarkError
+
+    try:
+        interactive = get_parser().parse_interactive(text, start=start)
+        interactive.exhaust_lexer()
+        return set(interactive.accepts())
+    except LarkError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def statement_keywords() -> tuple[str, ...]:
+    """The keywords a statement may start with (``TOPK``, ``SHOW``, ...), in the grammar's order."""
+    first = accepts("")
+    return tuple(text.upper() for name, text in keywords().items() if name in first)
+
+
 # --- splitting a script into statements ----------------------------------------------------
 
 _SCAN = re.compile(r"""'(?:[^'\\\n]|\\.)*'?|"(?:[^"\\\n]|\\.)*"?|--[^\n]*|;""")
-_COMMENT = re.compile(r"--[^\n]*")
 
 
 def _blank_comments(text: str) -> str:
@@ -196,18 +232,12 @@ _DESCRIBE_TERMINAL = {
     "COMMA": "','",
 }
 
-_STATEMENT_STARTS = "TOPK, AVG, ARGMAX, SHOW, DESCRIBE, SET, EXPLAIN or EVALUATE"
 
 
 @functools.lru_cache(maxsize=None)
 def _terminal_names() -> dict[str, str]:
-    """Display names for terminals, read from the grammar: keywords print as themselves."""
-    names = {}
-    for term in get_parser().terminals:
-        if term.name.isupper() and term.name.isalpha():
-            names[term.name] = term.name
-    names.update(_DESCRIBE_TERMINAL)
-    return names
+    """Display names for terminals: keywords print as themselves."""
+    return {**{name: name for name in keywords()}, **_DESCRIBE_TERMINAL}
 
 
 def describe_expected(expected) -> str:
@@ -244,9 +274,11 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
     message = f"{what}; expected {wanted}" if wanted else what
     hint = None
     if start == "start" and (line, column) == _first_token_position(piece) and not at_end:
-        hint = f"hint: a statement starts with {_STATEMENT_STARTS}"
-    return ParseError(message, line=line, column=column, end_column=column + width,
-                      source=source, hint=hint)
+        *most, last = statement_keywords()
+        hint = f"hint: a statement starts with {', '.join(most)} or {last}"
+    error = IncompleteStatement if at_end else ParseError
+    return error(message, line=line, column=column, end_column=column + width, source=source,
+                 hint=hint)
 
 
 def _acceptable(exc, piece: Piece, start: str) -> set[str]:

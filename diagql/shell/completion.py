@@ -6,16 +6,14 @@ connection (layers), the sampler registry (samplers and their parameters) and ``
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Callable, Iterable, Iterator
 
 from prompt_toolkit.completion import Completer, Completion
 
-from diagql.language.parser import get_parser, split_statements
+from diagql.language.parser import accepts, keywords, split_statements
 
 _WORD = re.compile(r"[A-Za-z0-9_.]*$")
-_KEYWORD_PATTERN = re.compile(r"([A-Za-z]+)(?:\(\?!\\w\))?$")
 _LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*$")
 _SAMPLER_NAME = re.compile(r"USING\s+SAMPLE\s*$", re.IGNORECASE)
 # EVALUATE SAMPLERS's list so far, while no call in it is open: a name may come next.
@@ -25,31 +23,6 @@ _SAMPLER_ARGS = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(([^()]*)$")
 _SWEEP = re.compile(r"\bSWEEP\s*$", re.IGNORECASE)
 _SET_NAME = re.compile(r"^\s*SET\s*$", re.IGNORECASE)
 _SET_VALUE = re.compile(r"^\s*SET\s+([A-Za-z_]\w*)\s*=\s*$", re.IGNORECASE)
-
-
-@functools.lru_cache(maxsize=1)
-def keywords() -> dict[str, str]:
-    """Keyword terminal name -> its text, e.g. ``{"TOPK": "topk"}``: the grammar's named
-    all-letter terminals (one source of truth for completion, highlighting and help)."""
-    found = {}
-    for term in get_parser().terminals:
-        match = _KEYWORD_PATTERN.fullmatch(term.pattern.value)
-        if term.name.isalpha() and term.name.isupper() and match:
-            found[term.name] = match.group(1).lower()
-    return found
-
-
-def accepts(text: str) -> set[str] | None:
-    """The terminals the parser accepts after ``text`` (one statement), or None when the text
-    is already not valid (a lexing or parsing error before the cursor)."""
-    from lark.exceptions import LarkError
-
-    try:
-        interactive = get_parser().parse_interactive(text, start="start")
-        interactive.exhaust_lexer()
-        return set(interactive.accepts())
-    except LarkError:
-        return None
 
 
 def current_statement(text: str) -> str:
