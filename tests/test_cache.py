@@ -22,7 +22,11 @@ import diagql
 from diagql.errors import DiagQLError, DiagQLWarning
 from diagql.samplers.stratified import StratifiedSampler
 from diagql.storage import store as cache_module
-from diagql.storage.fingerprint import data_fingerprint, model_fingerprint
+from diagql.storage.fingerprint import (
+    Unfingerprintable,
+    data_fingerprint,
+    model_fingerprint,
+)
 from diagql.storage.store import Cache
 
 QUERY = "TOPK 3 NEURONS IN fc1 WHERE incorrect"
@@ -359,7 +363,8 @@ def test_a_generic_dataset_is_not_cached_on_disk(tmp_path):
 
     rows = connect(tiny(), (X, y), False).query(SAMPLED).rows
     for data in (Items(), DataLoader(TensorDataset(X, y), collate_fn=lambda b: tuple(zip(*b)))):
-        assert data_fingerprint(data) is None
+        with pytest.raises(Unfingerprintable):
+            data_fingerprint(data)
     model = tiny()
     calls = count_calls(model)
     for _ in range(2):
@@ -444,8 +449,9 @@ def test_fingerprints():
     assert data_fingerprint((X.reshape(300, 2, 3), y)) != data_fingerprint((X, y))
     arrays = (X.numpy(), y.numpy())
     assert data_fingerprint(arrays) == data_fingerprint((arrays[0].copy(), arrays[1]))
-    assert data_fingerprint((X.bfloat16(), y)) is not None
-    assert data_fingerprint((np.array([object()] * 3), [0, 1, 2])) is None
+    assert data_fingerprint((X.bfloat16(), y)) != data_fingerprint((X.half(), y))
+    with pytest.raises(Unfingerprintable, match="Python objects"):
+        data_fingerprint((np.array([object()] * 3), [0, 1, 2]))
 
 
 def test_a_writer_killed_mid_write_leaves_no_half_entry(tmp_path):

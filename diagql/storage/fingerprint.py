@@ -2,13 +2,23 @@
 set's items, so that a changed model or data set never reuses a stale entry."""
 from __future__ import annotations
 
+import contextlib
+import enum
 import functools
 import hashlib
 import inspect
 import json
 import os
+import struct
+import types
+from collections import defaultdict
 
 import numpy as np
+
+
+class Unfingerprintable(Exception):
+    """Some of what decides a model's outputs or a data set's items cannot be seen whole, so no
+    digest can stand for it and it must not be cached on disk. The message says what."""
 
 
 def cache_key(*parts) -> str:
@@ -17,47 +27,31 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# --- fingerprints -------------------------------------------------------------------------------
+def model_fingerprint(model) -> str:
+    """A digest of what decides the model's outputs; raises Unfingerprintable when some of it
+    cannot be seen whole (two models that differ there would share the digest).
 
-class _Unhashable(Exception):
-    """Something whose content we cannot hash exactly: then it is not cached on disk."""
-
-
-def model_fingerprint(model) -> str | None:
-    """A digest of what decides the model's outputs, or None if some of it cannot be hashed.
-
-    Covered: the class and the source of every non-torch module class (a changed forward()
-    must not reuse a stale profile), every parameter and buffer, extra state, and each
-    module's plain attributes (``LeakyReLU.negative_slope``, ``Conv2d.stride``, a custom
-    ``temperature``), which change outputs without being in the state_dict. Torch's own
-    classes are covered by torch's version. Not covered: global state that forward() reads.
+    Covered: every parameter and buffer and the extra state; the class of every module with
+    the source of every non-torch class in its MRO (a changed forward() must not reuse a
+    stale profile), or its code where it has no source (defined at a prompt); and each
+    module's attributes (``LeakyReLU.negative_slope``, a custom ``self._scale``, a config
+    object, a ``functools.partial``, a function with its defaults and closure), followed
+    through containers and plain objects. Torch's own classes, and their private attributes,
+    are covered by torch's version. Not covered: global state that forward() reads, hooks.
     """
     import torch
 
     digest = hashlib.sha256()
+    _feed(digest, "torch", torch.__version__)
     try:
-        _feed(digest, "torch", torch.__version__)
-        classes = {}
-        for name, module in model.named_modules():
-            classes.setdefault(type(module), None)
-            _feed(digest, "module", name, _qualname(type(module)))
-            for attr, value in sorted(vars(module).items()):
-                if not attr.startswith("_") and attr != "training":
-                    _feed_value(digest, f"{name}.{attr}", value)
-        for cls in classes:
-            _feed(digest, "source", _qualname(cls), source_digest(cls))
-        state = model.state_dict(keep_vars=True)
-        # Non-persistent buffers are left out of state_dict but still shape the outputs.
-        state.update((name, buf) for name, buf in model.named_buffers() if name not in state)
-        for name, value in state.items():
-            _feed_value(digest, name, value)
-    except (_Unhashable, RecursionError):
-        return None
+        _Walk().modules(digest, model, "")
+    except RecursionError:
+        raise Unfingerprintable("the model's attributes are nested too deeply to hash") from None
     return digest.hexdigest()
 
 
-def data_fingerprint(data) -> str | None:
-    """A digest of the items, where it can be exact; None (not cached on disk) otherwise.
+def data_fingerprint(data) -> str:
+    """A digest of the items; raises Unfingerprintable where it cannot be exact.
 
     Exact: a pair (X, y) of tensors or arrays, a TensorDataset, and a DataLoader over a
     TensorDataset with the default collate (items are read by index, so the loader's order
@@ -68,29 +62,34 @@ def data_fingerprint(data) -> str | None:
 
     if isinstance(data, DataLoader):
         if data.collate_fn is not default_collate:
-            return None
+            raise Unfingerprintable("a DataLoader with its own collate_fn cannot be hashed "
+                                    "exactly: its batches are whatever that function makes")
         data = data.dataset
     if type(data) is TensorDataset:
         parts = list(data.tensors)
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         parts = list(data)
     else:
-        return None
+        raise Unfingerprintable(f"data of type {type(data).__name__} cannot be hashed exactly "
+                                f"(only a pair (X, y), a TensorDataset or a DataLoader over one)")
     digest = hashlib.sha256()
-    try:
-        for i, part in enumerate(parts):
-            if not isinstance(part, (torch.Tensor, np.ndarray)):
-                part = np.asarray(part)
-            _feed_value(digest, f"part {i}", part)
-    except (_Unhashable, ValueError, TypeError):
-        return None
+    for i, part in enumerate(parts):
+        try:
+            if isinstance(part, torch.Tensor):
+                _feed_tensor(digest, f"part {i}", part)
+            else:
+                _feed_array(digest, f"part {i}", np.asarray(part))
+        except (ValueError, TypeError) as exc:
+            raise Unfingerprintable(f"part {i} of the data is not an array: {exc}") from None
+        except _Opaque as exc:
+            raise Unfingerprintable(f"part {i} of the data holds {exc.what}") from None
     return digest.hexdigest()
 
 
 def source_digest(obj) -> str:
     """The digest of a class's or function's source, or "" when it has none (defined at the
     prompt). Torch's own code is covered by torch's version instead (and is slow to parse)."""
-    if (getattr(obj, "__module__", None) or "").split(".")[0] == "torch":
+    if _from_torch(obj):
         return ""
     try:
         return _source_digest(obj)
@@ -108,54 +107,374 @@ def _source_digest(obj) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
+# --- walking a model's values -------------------------------------------------------------------
+
+_MAX_DEPTH = 100  # containers and objects nested in one attribute; deeper cannot be hashed
+_MAX_VALUES = 1_000_000  # values hashed for one model, so that a huge object graph fails fast
+_PLAIN = (types.NoneType, bool, int, float, complex, str, bytes, range, slice,
+          types.EllipsisType, types.NotImplementedType)
+_DESCRIPTORS = (types.MethodDescriptorType, types.WrapperDescriptorType,
+                types.ClassMethodDescriptorType, types.GetSetDescriptorType,
+                types.MemberDescriptorType)
+# Kept by Python for a class, not behaviour: left out when a class's body is hashed.
+_CLASS_BOOKKEEPING = frozenset({
+    "__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "__annotations__",
+    "__slots__", "__firstlineno__", "__static_attributes__", "__orig_bases__", "__parameters__",
+    "__abstractmethods__", "_abc_impl", "__dataclass_fields__", "__dataclass_params__",
+    "__match_args__"})
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement, not built into C
+_POINTER = struct.calcsize("P")
+
+
+class _Opaque(Exception):
+    """A value whose content cannot be seen; the module walk adds whose attribute it was."""
+
+    def __init__(self, path: str, what: str):
+        super().__init__(path, what)
+        self.path, self.what = path, what
+
+
+class _Walk:
+    """One model's modules and the values they hold, hashed in a fixed order.
+
+    Modules and state tensors met again inside attributes are hashed as references to their
+    names, and a value met again inside itself as a back reference, so a graph with cycles
+    hashes alike each time and finishes.
+    """
+
+    def __init__(self):
+        self.module_names: dict[int, str] = {}
+        self.tensor_names: dict[int, str] = {}
+        self.stack: list[int] = []  # ids of the values being hashed, outermost first
+        self.values = 0
+
+    def modules(self, digest, root, prefix: str) -> None:
+        import torch
+
+        named = list(root.named_modules(prefix=prefix))
+        state = root.state_dict(keep_vars=True, prefix=f"{prefix}." if prefix else "")
+        # Non-persistent buffers are left out of state_dict but still shape the outputs.
+        state.update((name, buf) for name, buf in root.named_buffers(prefix=prefix)
+                     if name not in state)
+        for name, module in named:
+            self.module_names.setdefault(id(module), name)
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                self.tensor_names.setdefault(id(value), name)
+
+        classes = {}
+        for name, module in named:
+            classes.setdefault(type(module), name)
+            for base in type(module).__mro__[1:]:
+                if not _from_torch(base) and base is not object:
+                    classes.setdefault(base, name)
+            _feed(digest, "module", name, _qualname(type(module)))
+            for attr, value in _attributes(module):
+                path = f"{name}.{attr}"
+                with _blame(f"attribute {attr!r} of {_module_label(name, root)}", path):
+                    self.value(digest, path, value)
+        for cls, name in classes.items():
+            with _blame(f"the class {cls.__qualname__} of {_module_label(name, root)}", ""):
+                self.cls(digest, None, "source", cls)
+        for name, value in state.items():
+            with _blame(f"the parameter, buffer or extra state {name!r}", name):
+                if isinstance(value, torch.Tensor):
+                    _feed_tensor(digest, name, value)
+                else:
+                    self.value(digest, name, value)
+
+    def value(self, digest, name: str, value) -> None:
+        import torch
+        from torch import nn
+
+        self.values += 1
+        if self.values > _MAX_VALUES:
+            raise _Opaque(name, f"more than {_MAX_VALUES} values")
+        if isinstance(value, torch.Tensor):
+            if id(value) in self.tensor_names:
+                _feed(digest, name, "state", self.tensor_names[id(value)])
+            else:
+                _feed_tensor(digest, name, value)
+        elif isinstance(value, np.ndarray):
+            _feed_array(digest, name, value)
+        elif isinstance(value, enum.Enum):
+            cls = type(value)
+            _feed(digest, name, "enum", _qualname(cls), source_digest(cls), value.name)
+            self.value(digest, f"{name}.value", value.value)
+        elif isinstance(value, (*_PLAIN, np.generic, np.dtype)):
+            _feed(digest, name, repr(value))
+            if type(value) not in _PLAIN and not isinstance(value, (np.generic, np.dtype)):
+                _feed(digest, name, _qualname(type(value)))  # a subclass: its class, attributes
+                self.value(digest, f"{name}.__dict__", dict(getattr(value, "__dict__", {})))
+        elif isinstance(value, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+            _feed(digest, name, repr(value))
+        elif isinstance(value, types.ModuleType):
+            _feed(digest, name, "python module", value.__name__)  # its globals: not covered
+        elif isinstance(value, nn.Module) and id(value) in self.module_names:
+            _feed(digest, name, "module", self.module_names[id(value)])
+        elif id(value) in self.stack:
+            _feed(digest, name, "cycle", str(len(self.stack) - self.stack.index(id(value))))
+        else:
+            if len(self.stack) >= _MAX_DEPTH:
+                raise _Opaque(name, f"values nested more than {_MAX_DEPTH} deep")
+            self.stack.append(id(value))
+            try:
+                self.composite(digest, name, value)
+            finally:
+                self.stack.pop()
+
+    def composite(self, digest, name: str, value) -> None:
+        """A value that holds other values (and so may hold itself)."""
+        from torch import nn
+
+        if isinstance(value, nn.Module):  # in no state_dict: not registered as a submodule
+            _feed(digest, name, "unregistered module")
+            self.modules(digest, value, name)
+        elif isinstance(value, (tuple, list)):
+            _feed(digest, name, type(value).__name__, str(len(value)))
+            for i, item in enumerate(value):
+                self.value(digest, f"{name}[{i}]", item)
+            self.subclass_attributes(digest, name, value)
+        elif isinstance(value, dict):
+            # In insertion order: code that iterates over a dict sees that order.
+            _feed(digest, name, "dict", str(len(value)))
+            if type(value) is not dict:
+                _feed(digest, name, _qualname(type(value)))
+            if isinstance(value, defaultdict):
+                self.value(digest, f"{name}.default_factory", value.default_factory)
+            for i, (key, item) in enumerate(value.items()):
+                shown = repr(key) if isinstance(key, (str, int)) else f"<key {i}>"
+                self.value(digest, f"{name}<key {i}>", key)
+                self.value(digest, f"{name}[{shown}]", item)
+            self.subclass_attributes(digest, name, value)
+        elif isinstance(value, (set, frozenset)):
+            # Iteration order follows hashes, which vary between processes: sort by content.
+            _feed(digest, name, type(value).__name__, str(len(value)))
+            for item_digest in sorted(self.digest_of(f"{name}{{item}}", item) for item in value):
+                _feed(digest, item_digest)
+        elif isinstance(value, functools.partial):
+            _feed(digest, name, "partial")
+            self.value(digest, f"{name}.func", value.func)
+            self.value(digest, f"{name}.args", value.args)
+            self.value(digest, f"{name}.keywords", value.keywords)
+            self.value(digest, f"{name}.__dict__", dict(vars(value)))
+        elif isinstance(value, types.FunctionType):
+            self.function(digest, name, value)
+        elif isinstance(value, (types.MethodType, types.MethodWrapperType)):
+            _feed(digest, name, "method", value.__name__)
+            self.value(digest, f"{name}.__func__", getattr(value, "__func__", None))
+            self.value(digest, f"{name}.__self__", value.__self__)
+        elif isinstance(value, types.BuiltinFunctionType):
+            _feed(digest, name, "builtin", _qualname(value))
+            owner = value.__self__
+            if not (owner is None or isinstance(owner, (types.ModuleType, type))):
+                self.value(digest, f"{name}.__self__", owner)  # a bound method: its object
+        elif isinstance(value, np.ufunc):
+            _feed(digest, name, "ufunc", value.__name__)
+        elif isinstance(value, _DESCRIPTORS):
+            _feed(digest, name, "descriptor", _qualname(value.__objclass__), value.__name__)
+        elif isinstance(value, (staticmethod, classmethod)):
+            _feed(digest, name, type(value).__name__)
+            self.value(digest, f"{name}.__func__", value.__func__)
+        elif isinstance(value, property):
+            _feed(digest, name, "property")
+            for part in ("fget", "fset", "fdel"):
+                self.value(digest, f"{name}.{part}", getattr(value, part))
+        elif isinstance(value, type):
+            self.cls(digest, name, "type", value, guarded=True)
+        elif isinstance(value, (types.GenericAlias, types.UnionType)):  # list[int], int | None
+            _feed(digest, name, type(value).__name__)
+            self.value(digest, f"{name}.__origin__", getattr(value, "__origin__", None))
+            self.value(digest, f"{name}.__args__", value.__args__)
+        else:
+            self.instance(digest, name, value)
+
+    def function(self, digest, name: str, fn: types.FunctionType) -> None:
+        """Its code, and what the code reads besides its arguments: defaults and closure."""
+        _feed(digest, name, "function", _qualname(fn), source_digest(fn))
+        if not _from_torch(fn):  # torch's own code: covered by torch's version
+            # Code as well as source: two lambdas on one line share their source text.
+            self.code(digest, name, fn.__code__)
+        self.value(digest, f"{name}.__defaults__", fn.__defaults__)
+        self.value(digest, f"{name}.__kwdefaults__", fn.__kwdefaults__)
+        for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+            try:
+                contents = cell.cell_contents
+            except ValueError:  # not yet assigned
+                _feed(digest, name, "empty cell", var)
+                continue
+            self.value(digest, f"{name}.<closure {var}>", contents)
+        self.value(digest, f"{name}.__dict__", dict(vars(fn)))
+
+    def code(self, digest, name: str, code: types.CodeType) -> None:
+        # What runs, without the file name and line numbers, which move without changing it.
+        _feed(digest, name, "code", json.dumps([
+            code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags,
+            code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars]))
+        _feed(digest, code.co_code)
+        for i, const in enumerate(code.co_consts):
+            if isinstance(const, types.CodeType):
+                self.code(digest, f"{name}<const {i}>", const)
+            else:
+                self.value(digest, f"{name}<const {i}>", const)
+
+    def cls(self, digest, name: str | None, tag: str, cls: type, guarded: bool = False) -> None:
+        """A class by its name and source; one with no source (defined at a prompt) by its
+        body: its bases and what it defines, methods hashed by their code. ``guarded``: the
+        caller has it on the stack already."""
+        source = source_digest(cls)
+        _feed(digest, *([] if name is None else [name]), tag, _qualname(cls), source)
+        if source or not _is_python_class(cls):
+            return
+        name = name or _qualname(cls)
+        if guarded:
+            self.body(digest, name, cls)
+        elif id(cls) in self.stack:  # a method's __class__ cell (super()) leads back here
+            _feed(digest, name, "cycle", str(len(self.stack) - self.stack.index(id(cls))))
+        else:
+            self.stack.append(id(cls))
+            try:
+                self.body(digest, name, cls)
+            finally:
+                self.stack.pop()
+
+    def body(self, digest, name: str, cls: type) -> None:
+        for base in cls.__bases__:
+            self.cls(digest, f"{name}.__bases__", "base", base)
+        for key, item in cls.__dict__.items():
+            if key not in _CLASS_BOOKKEEPING:
+                self.value(digest, f"{name}.{key}", item)
+
+    def instance(self, digest, name: str, value) -> None:
+        """An object by its class and its attributes, when they are all of its state."""
+        cls = type(value)
+        if not _state_is_attributes(cls):
+            raise _Opaque(name, f"a {_qualname(cls)} whose content cannot be seen")
+        _feed(digest, name, "object")
+        self.cls(digest, f"{name}.__class__", "type", cls)
+        attributes = getattr(value, "__dict__", None)
+        if attributes is not None:
+            for attr in sorted(attributes, key=str):
+                self.value(digest, f"{name}.{attr}", attributes[attr])
+        for slot in _slot_names(cls):
+            try:
+                item = object.__getattribute__(value, slot)
+            except AttributeError:
+                _feed(digest, name, "unset slot", slot)
+                continue
+            self.value(digest, f"{name}.{slot}", item)
+
+    def subclass_attributes(self, digest, name: str, value) -> None:
+        """What a subclass of a container keeps besides its items (a namedtuple keeps none)."""
+        attributes = getattr(value, "__dict__", None)
+        if attributes and attributes is not value:
+            self.value(digest, f"{name}.__dict__", dict(attributes))
+
+    def digest_of(self, name: str, value) -> str:
+        digest = hashlib.sha256()
+        self.value(digest, name, value)
+        return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _blame(owner: str, path: str):
+    """Turns an _Opaque from inside the value at ``path`` into Unfingerprintable, saying whose
+    value it was and, when it lies deeper, where in it."""
+    try:
+        yield
+    except _Opaque as exc:
+        where = "" if exc.path == path else f" (at {exc.path})"
+        raise Unfingerprintable(f"{owner} holds {exc.what}{where}") from None
+
+
+def _module_label(name: str, root) -> str:
+    return f"module {name!r}" if name else f"the model ({type(root).__name__})"
+
+
+def _attributes(module):
+    """A module's own attributes, without nn.Module's bookkeeping (parameters, hooks, ...)."""
+    from_torch = _from_torch(type(module))
+    for attr, value in sorted(vars(module).items()):
+        # Torch's own classes derive their private attributes from their public ones.
+        if attr not in _module_bookkeeping() and not (from_torch and attr.startswith("_")):
+            yield attr, value
+
+
+@functools.cache
+def _module_bookkeeping() -> frozenset[str]:
+    from torch import nn
+
+    # Hooks are left out too: DiagQL and its users add them without changing the model.
+    return frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+
+
+def _state_is_attributes(cls: type) -> bool:
+    """Whether an instance keeps all its state in its __dict__ and __slots__: no fields in C
+    that attributes do not show (random.Random's generator state, a lock, a torch.Generator)."""
+    if cls.__itemsize__:
+        return False
+    slots = len(_slot_names(cls))
+    dict_and_weakref = (cls.__dictoffset__ > 0) + (cls.__weakrefoffset__ > 0)
+    return cls.__basicsize__ == object.__basicsize__ + _POINTER * (slots + dict_and_weakref)
+
+
+def _slot_names(cls: type) -> list[str]:
+    names = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot in ("__dict__", "__weakref__"):
+                continue
+            if slot.startswith("__") and not slot.endswith("__"):
+                slot = f"_{klass.__name__.lstrip('_')}{slot}"  # name-mangled
+            if slot not in names:
+                names.append(slot)
+    return names
+
+
+def _is_python_class(cls: type) -> bool:
+    return bool(cls.__flags__ & _HEAPTYPE) and not _from_torch(cls) and cls.__module__ != "builtins"
+
+
+def _from_torch(obj) -> bool:
+    return (getattr(obj, "__module__", None) or "").split(".")[0] == "torch"
+
+
 def _qualname(obj) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
 
 
-def _feed(digest, *parts: str) -> None:
+# --- feeding the digest -------------------------------------------------------------------------
+
+def _feed(digest, *parts: str | bytes) -> None:
     # Length-prefixed, so that no two different sequences of parts hash alike.
     for part in parts:
-        data = part.encode()
+        data = part.encode() if isinstance(part, str) else part
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
 
 
-def _feed_value(digest, name: str, value) -> None:
+def _feed_tensor(digest, name: str, value) -> None:
     import torch
 
-    if isinstance(value, torch.Tensor):
-        if value.is_sparse:
-            value = value.to_dense()
-        try:
-            flat = value.detach().cpu().contiguous().reshape(-1)
-            raw = flat.view(torch.uint8).numpy()  # bytes of any dtype, bfloat16 included
-        except (RuntimeError, TypeError) as exc:  # quantized, meta, ...
-            raise _Unhashable(str(exc)) from None
-        _feed(digest, name, "tensor", str(value.dtype), str(tuple(value.shape)))
-        _feed_bytes(digest, raw)
-    elif isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise _Unhashable(f"{name} holds Python objects")
-        _feed(digest, name, "array", value.dtype.str, str(value.shape))
-        _feed_bytes(digest, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
-    elif value is None or isinstance(value, (bool, int, float, complex, str, bytes, np.generic)):
-        _feed(digest, name, repr(value))
-    elif isinstance(value, (tuple, list)):
-        _feed(digest, name, type(value).__name__, str(len(value)))
-        for i, item in enumerate(value):
-            _feed_value(digest, f"{name}[{i}]", item)
-    elif isinstance(value, dict):
-        _feed(digest, name, "dict", str(len(value)))
-        for key in sorted(value, key=repr):
-            _feed_value(digest, f"{name}[{key!r}]", value[key])
-    elif isinstance(value, (torch.dtype, torch.device, torch.Size)):
-        _feed(digest, name, repr(value))
-    elif callable(value) and hasattr(value, "__qualname__"):
-        _feed(digest, name, _qualname(value), source_digest(value))
-    else:
-        # An object whose content we cannot see: its type only. A child module is hashed
-        # on its own, through named_modules().
-        _feed(digest, name, _qualname(type(value)))
+    if value.is_sparse:
+        value = value.to_dense()
+    try:
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        raw = flat.view(torch.uint8).numpy()  # bytes of any dtype, bfloat16 included
+    except (RuntimeError, TypeError) as exc:  # quantized, meta, ...
+        raise _Opaque(name, f"a tensor that cannot be read ({exc})") from None
+    _feed(digest, name, "tensor", str(value.dtype), str(tuple(value.shape)))
+    _feed_bytes(digest, raw)
+
+
+def _feed_array(digest, name: str, value: np.ndarray) -> None:
+    if value.dtype.hasobject:
+        raise _Opaque(name, "an array of Python objects")
+    if isinstance(value, np.ma.MaskedArray):
+        raise _Opaque(name, "a masked array")  # its mask and fill value are more than its bytes
+    _feed(digest, name, "array", value.dtype.str, str(value.shape))
+    _feed_bytes(digest, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
 
 
 _CHUNK = 32 * 1024 ** 2  # bytes per separately hashed piece of a large array

@@ -1,0 +1,368 @@
+"""Fingerprints of models and data: two models that compute different outputs never share one,
+equal models share theirs, and what cannot be seen whole raises Unfingerprintable (so that it is
+cached in memory only) instead of being hashed by its type alone.
+
+Each "differs" case first checks with plain torch that the two models really give different
+outputs on the same input, so a fingerprint that stays equal would serve a stale profile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import random
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import diagql
+from diagql.storage.fingerprint import (
+    Unfingerprintable,
+    data_fingerprint,
+    model_fingerprint,
+)
+from tests import models
+
+X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
+IMAGES = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # tests.models' input
+
+
+class Block(nn.Module):
+    """Linear then an activation held as a plain attribute (not a submodule)."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+class Net(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.block = Block(act)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+class Config:
+    def __init__(self, scale, shift=0.0):
+        self.scale = scale
+        self.shift = shift
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenConfig:
+    scale: float
+    names: tuple = ("a", "b")
+
+
+class Slotted:
+    __slots__ = ("__hidden", "scale")
+
+    def __init__(self, scale):
+        self.scale = scale
+        self.__hidden = scale
+
+
+class Mode(enum.Enum):
+    DOUBLE = 2
+    TRIPLE = 3
+
+
+class Scaled(nn.Module):
+    """Multiplies by whatever ``scale_of(self.cfg)`` reads from a config held as an attribute."""
+
+    def __init__(self, cfg, scale_of):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 3)
+        self.cfg = cfg
+        self.scale_of = scale_of
+
+    def forward(self, x):
+        return self.fc(x) * self.scale_of(self.cfg)
+
+
+def net(act, seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net(act)
+
+
+def outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(IMAGES if isinstance(model, nn.Sequential) else X)
+
+
+def assert_fingerprints_differ(a: nn.Module, b: nn.Module) -> None:
+    assert not torch.equal(outputs(a), outputs(b)), "the test's two models must differ"
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def make_scaler(factor):
+    def scale(x):
+        return x * factor
+    return scale
+
+
+def with_default(x, slope=0.1):
+    return F.leaky_relu(x, slope)
+
+
+# --- two models with different outputs, different fingerprints --------------------------------
+
+def test_a_partial_with_another_keyword_differs():
+    assert_fingerprints_differ(net(functools.partial(F.leaky_relu, negative_slope=0.1)),
+                               net(functools.partial(F.leaky_relu, negative_slope=0.3)))
+
+
+def test_a_partial_with_another_positional_argument_differs():
+    assert_fingerprints_differ(net(functools.partial(F.leaky_relu, negative_slope=0.1)),
+                               net(functools.partial(with_default, slope=0.3)))
+    assert_fingerprints_differ(net(functools.partial(torch.clamp, min=-0.1)),
+                               net(functools.partial(torch.clamp, min=-0.2)))
+
+
+@pytest.mark.parametrize("cfg_a, cfg_b, scale_of", [
+    (Config(2.0), Config(3.0), lambda c: c.scale),
+    (Config(2.0, shift=1.0), Config(2.0, shift=2.0), lambda c: c.scale + c.shift),
+    (FrozenConfig(2.0), FrozenConfig(3.0), lambda c: c.scale),
+    (Slotted(2.0), Slotted(3.0), lambda c: c._Slotted__hidden),
+    (types.SimpleNamespace(scale=2.0), types.SimpleNamespace(scale=3.0), lambda c: c.scale),
+    (Mode.DOUBLE, Mode.TRIPLE, lambda c: c.value),
+    ({"scale": 2.0}, {"scale": 3.0}, lambda c: c["scale"]),
+    ({Config(2.0)}, {Config(3.0)}, lambda c: next(iter(c)).scale),
+    (frozenset({2.0}), frozenset({3.0}), lambda c: next(iter(c))),
+    ([Config(2.0)], [Config(3.0)], lambda c: c[0].scale),
+], ids=["object", "second attribute", "dataclass", "slots", "namespace", "enum", "dict",
+        "set of objects", "frozenset", "list of objects"])
+def test_a_value_inside_a_config_object_differs(cfg_a, cfg_b, scale_of):
+    assert_fingerprints_differ(Scaled(cfg_a, scale_of), Scaled(cfg_b, scale_of))
+
+
+def test_a_closure_differs():
+    assert_fingerprints_differ(net(make_scaler(2.0)), net(make_scaler(3.0)))
+
+
+def test_a_function_default_differs():
+    def leaky(x, slope=0.1):
+        return F.leaky_relu(x, slope)
+
+    other = types.FunctionType(leaky.__code__, leaky.__globals__, leaky.__name__, (0.3,))
+    assert_fingerprints_differ(net(leaky), net(other))
+
+    def keyword_only(x, *, slope=0.1):
+        return F.leaky_relu(x, slope)
+
+    other = types.FunctionType(keyword_only.__code__, keyword_only.__globals__)
+    other.__kwdefaults__ = {"slope": 0.3}
+    assert_fingerprints_differ(net(keyword_only), net(other))
+
+
+def test_lambdas_on_one_line_differ():
+    """Same qualname (<lambda>) and the same source line: only their code tells them apart."""
+    double, triple = (lambda x: x * 2), (lambda x: x * 3)
+    assert_fingerprints_differ(net(double), net(triple))
+
+
+class Multiplier:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def apply(self, x):
+        return x * self.factor
+
+
+def test_a_bound_method_of_another_object_differs():
+    assert_fingerprints_differ(net(Multiplier(2).apply), net(Multiplier(3).apply))
+
+
+def test_a_private_attribute_of_a_custom_module_differs():
+    class Private(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(6, 3)
+            self._scale = scale
+
+        def forward(self, x):
+            return self.fc(x) * self._scale
+
+    assert_fingerprints_differ(Private(2.0), Private(3.0))
+
+
+def test_an_unregistered_module_in_a_list_differs():
+    """A module in a plain list is in no state_dict and not among named_modules()."""
+    class Helpers(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(6, 6)
+            torch.manual_seed(seed)
+            self.helpers = [nn.Linear(6, 3)]
+
+        def forward(self, x):
+            return self.helpers[0](self.fc(x))
+
+    assert_fingerprints_differ(Helpers(1), Helpers(2))
+
+
+def test_a_class_without_source_differs():
+    """Classes defined at a prompt (exec'd, no file) have no source to hash: their code must be."""
+    def define(body: str) -> type:
+        namespace = {"nn": nn, "__name__": "prompt"}
+        source = ("class Net(nn.Module):\n"
+                  "    def __init__(self):\n"
+                  "        super().__init__()\n"
+                  "        self.fc = nn.Linear(6, 3)\n"
+                  "    def forward(self, x):\n"
+                  f"        return {body}\n")
+        exec(compile(source, "<prompt>", "exec"), namespace)  # noqa: S102 - our own text
+        return namespace["Net"]
+
+    first, second = define("self.fc(x)"), define("self.fc(x).relu()")
+    torch.manual_seed(0)
+    a = first()
+    torch.manual_seed(0)
+    b = second()
+    assert_fingerprints_differ(a, b)
+
+
+# --- equal models, equal fingerprints ---------------------------------------------------------
+
+@pytest.mark.parametrize("build", [
+    lambda: net(functools.partial(F.leaky_relu, negative_slope=0.1)),
+    lambda: net(make_scaler(2.0)),
+    lambda: net(Multiplier(2).apply),
+    lambda: Scaled(Config(2.0), lambda c: c.scale),
+    lambda: Scaled({Config(2.0), Config(3.0)}, lambda c: len(c)),
+    lambda: Scaled(FrozenConfig(2.0), lambda c: c.scale),
+    lambda: Scaled(Mode.DOUBLE, lambda c: c.value),
+    lambda: models.build_cnn(),
+    lambda: models.build_bn_cnn(),
+], ids=["partial", "closure", "method", "config", "set", "dataclass", "enum", "cnn", "bn cnn"])
+def test_equal_models_hash_equal(build):
+    a, b = build(), build()
+    assert torch.equal(outputs(a), outputs(b))
+    assert model_fingerprint(a) == model_fingerprint(b)
+
+
+def test_an_object_graph_with_cycles_hashes_equal():
+    def build():
+        model = Scaled(Config(2.0), lambda c: c.scale)
+        model.cfg.owner = model  # back to the model
+        model.cfg.self_ref = model.cfg
+        model.cfg.items = [model.fc, model.fc.weight]  # a registered module and parameter
+        return model
+
+    assert model_fingerprint(build()) == model_fingerprint(build())
+
+
+@pytest.mark.parametrize("layer", [
+    lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), lambda: nn.BatchNorm2d(4),
+    lambda: nn.LSTM(4, 8, 2), lambda: nn.GRU(4, 8, batch_first=True),
+    lambda: nn.MultiheadAttention(8, 2), lambda: nn.TransformerEncoderLayer(8, 2, 16),
+    lambda: nn.Upsample(scale_factor=2), lambda: nn.Embedding(5, 4),
+    lambda: nn.GELU(approximate="tanh"), lambda: nn.Unflatten(1, (2, 2)),
+    lambda: models.MLP(), lambda: models.build_cnn(),
+])
+def test_torch_layers_can_be_fingerprinted(layer):
+    """Raising costs the disk cache: what torch's own layers hold must all be seen."""
+    assert len(model_fingerprint(layer())) == 64
+
+
+# --- what cannot be seen raises ---------------------------------------------------------------
+
+@pytest.mark.parametrize("opaque, shown", [
+    (torch.Generator().manual_seed(1), "Generator"),
+    (random.Random(1), "Random"),
+    (threading.Lock(), "lock"),
+    (functools.partial(F.dropout, generator=torch.Generator()), "Generator"),
+    (Config([threading.Lock()]), "lock"),
+], ids=["generator", "random", "lock", "inside a partial", "inside an object"])
+def test_what_cannot_be_seen_raises_and_names_the_attribute(opaque, shown):
+    with pytest.raises(Unfingerprintable) as info:
+        model_fingerprint(net(opaque))
+    message = str(info.value)
+    assert "'act'" in message and "'block'" in message and shown in message, message
+
+
+def test_a_random_state_with_the_same_attributes_is_not_seen_whole():
+    """random.Random keeps its state in C: its __dict__ alone would make two states equal."""
+    a, b = random.Random(1), random.Random(2)
+    assert vars(a) == vars(b) and a.random() != b.random()
+    for state in (a, b):
+        with pytest.raises(Unfingerprintable):
+            model_fingerprint(net(state))
+
+
+def test_a_too_deep_object_raises_instead_of_overflowing():
+    chain = Config(1.0)
+    for _ in range(5000):
+        chain = Config(chain)
+    with pytest.raises(Unfingerprintable, match="'cfg'"):
+        model_fingerprint(Scaled(chain, lambda c: 1.0))
+
+
+def test_unfingerprintable_is_a_plain_exception():
+    assert issubclass(Unfingerprintable, Exception)
+    assert not issubclass(Unfingerprintable, diagql.DiagQLError)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+class Items(Dataset):
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i]
+
+
+def test_data_that_cannot_be_hashed_exactly_raises_with_a_reason():
+    y = torch.arange(32) % 3
+    with pytest.raises(Unfingerprintable, match="data of type Items cannot be hashed exactly"):
+        data_fingerprint(Items(X, y))
+    with pytest.raises(Unfingerprintable, match="collate"):
+        data_fingerprint(DataLoader(TensorDataset(X, y), collate_fn=lambda b: b))
+    with pytest.raises(Unfingerprintable, match="Python objects"):
+        data_fingerprint((np.array([object()] * 3), [0, 1, 2]))
+    with pytest.raises(Unfingerprintable):
+        data_fingerprint((X, y, y))  # not a pair
+
+
+def test_exact_data_hashes_by_content():
+    y = torch.arange(32) % 3
+    fingerprint = data_fingerprint((X, y))
+    assert fingerprint == data_fingerprint(TensorDataset(X.clone(), y.clone()))
+    assert fingerprint == data_fingerprint(DataLoader(TensorDataset(X, y), batch_size=5,
+                                                      shuffle=True))
+    assert data_fingerprint((X.numpy(), y.numpy())) == data_fingerprint((X.numpy().copy(), y.numpy()))
+    changed = X.clone()
+    changed[3, 1] = torch.nextafter(changed[3, 1], torch.tensor(np.inf))
+    assert data_fingerprint((changed, y)) != fingerprint
+
+
+# --- end to end: the disk cache does not serve another model's profile ------------------------
+
+def test_a_second_connection_to_another_partial_is_not_served_the_first_profile(tmp_path):
+    y = torch.arange(len(X)) % 3
+    nets = [net(functools.partial(F.leaky_relu, negative_slope=s)) for s in (0.1, -3.0)]
+    truths = [outputs(model).argmax(1).numpy() for model in nets]
+    assert not np.array_equal(*truths), "the test's two models must predict differently"
+    for model, truth in zip(nets, truths):
+        db = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
+        np.testing.assert_array_equal(db.profile.predictions, truth)
