@@ -8,6 +8,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -311,17 +312,35 @@ def _works_with_one_warning(cache_dir) -> diagql.Connection:
     return db
 
 
-def test_a_read_only_directory_warns_once(tmp_path):
+@pytest.mark.parametrize("refused", ["mkdir", "mkstemp", "replace"])
+def test_a_read_only_directory_warns_once(tmp_path, monkeypatch, refused):
+    """Each step of a write that a read-only directory refuses, refused with EACCES the way
+    the OS does (chmod itself stops no one when the tests run as root): making the entry's
+    folder, creating the temporary file, renaming it into place."""
     root = tmp_path / "read-only"
     root.mkdir()
-    root.chmod(0o500)
-    try:
-        if os.access(root, os.W_OK):
-            pytest.skip("running as root: chmod does not stop writes")
-        _works_with_one_warning(root)
-        assert entries(root) == []
-    finally:
-        root.chmod(0o700)
+    refusals = []
+
+    def refusing(original, path_of):
+        def call(*args, **kwargs):
+            path = Path(path_of(*args, **kwargs))
+            if path.is_relative_to(root):
+                refusals.append(path)
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return original(*args, **kwargs)
+        return call
+
+    if refused == "mkdir":
+        monkeypatch.setattr(Path, "mkdir", refusing(Path.mkdir, lambda self, *a, **k: self))
+    elif refused == "mkstemp":
+        monkeypatch.setattr(tempfile, "mkstemp",
+                            refusing(tempfile.mkstemp, lambda *a, dir=None, **k: dir or "/"))
+    else:
+        monkeypatch.setattr(os, "replace", refusing(os.replace, lambda src, dst, **k: dst))
+    db = _works_with_one_warning(root)
+    assert len(refusals) == 1  # then the cache stopped trying
+    assert db.cache.writes == 0
+    assert [p for p in root.rglob("*") if p.is_file()] == []  # no temporary file left behind
 
 
 def test_a_path_that_is_a_file_warns_once(tmp_path):
