@@ -160,6 +160,38 @@ def test_topk_then_avg_on_the_same_items_reuse_the_reduced_means(world):
     assert avg.estimate is not None and avg.estimate["reliable"]
 
 
+def test_groups_from_cached_rows_merge_with_groups_from_the_pass(world):
+    """The ones' rows are cached by the first query; the grouped query reduces them and passes
+    only the other items, its states merged: group 1 comes from the cache alone."""
+    model, X, y, conn = world
+    sample = conn.sample(SAMPLE)
+    labels = y.numpy()
+    conn.query(f"TOPK 2 NEURONS IN 6 WHERE class = 1 USING SAMPLE {SAMPLE}")
+    grouped = conn.query(f"AVG NEURONS IN 6 WHERE class <= 3 GROUP BY class USING SAMPLE {SAMPLE}")
+    chosen = sample[labels[sample] <= 3]
+    assert conn.counters == {"passes": 2, "items": len(chosen)}
+    acts = activations(model, X, "6")
+    assert list(grouped.groups) == [0, 1, 2, 3]
+    for key, group in grouped.groups.items():
+        members = chosen[labels[chosen] == key]
+        assert group.n_items == len(members) > 0
+        np.testing.assert_allclose(group.values, acts[members].mean(axis=0), rtol=1e-6, atol=1e-9)
+
+
+def test_nan_rows_from_the_cache_and_the_pass_are_counted_together():
+    """Item 7 (class 1) is cached with its NaN; items 3 and 30 (class 0) come through the pass:
+    the merged count and the first bad item cover both."""
+    from tests import bad_models
+
+    db = diagql.connect(bad_models.nan_net(), bad_models.nan_data(), cache_dir=False,
+                        progress=False)
+    with pytest.raises(ExecutionError, match=r"for 1 of 13 items \(the first is item 7\)"):
+        db.query("AVG NEURONS IN bn WHERE class = 1 USING SAMPLE random(40)")
+    with pytest.raises(ExecutionError, match=r"for 3 of 40 items \(the first is item 3\)"):
+        db.query("AVG NEURONS IN bn USING SAMPLE random(40)")
+    assert db.counters["items"] == 40  # the second query passed only the 27 it lacked
+
+
 # --- early exit --------------------------------------------------------------------------------
 
 def test_the_pass_stops_after_the_queried_layer(world):
@@ -242,7 +274,6 @@ def test_a_shared_pass_whose_samples_outgrow_the_budget_still_answers_every_item
     np.testing.assert_allclose(first.values, acts[ones].mean(axis=0), rtol=1e-6, atol=1e-9)
     assert every.n_items == len(sample)
     np.testing.assert_allclose(every.values, acts[sample].mean(axis=0), rtol=1e-6, atol=1e-9)
-
 
 
 def test_a_shared_pass_keeping_two_layers_answers_each_from_its_own_rows(cnn, digits):

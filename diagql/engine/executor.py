@@ -67,6 +67,20 @@ class Reducer:
             block = torch.from_numpy(rows)
             self.take(block.reshape(len(block), *shape), items[start:stop])
 
+    def merge(self, other: Reducer) -> Reducer:
+        """Take in the states of another Reducer of the same plan, fed with other items (the
+        cache's rows and a pass's, or the shards of a pass): as if this one had seen them all."""
+        for key, state in other.states.items():
+            if key in self.states:
+                self.states[key].merge(state)
+            else:
+                self.states[key] = state
+        if other.bad:
+            self.first_bad = other.first_bad if self.bad == 0 else min(self.first_bad,
+                                                                         other.first_bad)
+            self.bad += other.bad
+        return self
+
     def _state(self, key):
         if key not in self.states:
             query = self.plan.query
@@ -174,81 +188,100 @@ class Runner:
         only the items it lacks go through the model (their rows kept as they pass), and a
         query whose states were reduced before (TOPK then AVG, same layer, sample and WHERE)
         reuses them."""
-        reducer = Reducer(plan)
         store = self.activations if plan.n_sample is not None else None
         if store is None:
+            reducer = Reducer(plan)
             self.run([reducer], description)
             reducer.check()
             return reducer.states
         known = store.reduced(plan)
         if known is not None:
             return known
+        cached, fresh = self._split(plan)
         layer = plan.bound.layer
-        table, positions, held = store.held_rows(layer.name, plan.items)
-        reducer.take_rows(table, positions, held, self.batch_size)
-        if len(held) < len(plan.items):
-            reducer.wanted = np.setdiff1d(plan.items, held, assume_unique=True)
-            if store.fits(layer, plan.items):
-                collector = Collector(layer.name, reducer.wanted, layer.neurons, store.dtype)
-                self.run([reducer, collector], description)
-                store.add(layer.name, collector.items, collector.rows)
-            else:
-                self.run([reducer], description)
+        collectors = []
+        if len(fresh.wanted) and store.fits(layer, plan.items):
+            collectors.append(Collector(layer.name, fresh.wanted, layer.neurons, store.dtype))
+        self.run([fresh, *collectors], description)
+        for collector in collectors:
+            store.add(collector.layer, collector.items, collector.rows)
+        reducer = cached.merge(fresh)
         reducer.check()
         store.remember(plan, reducer.states)
         return reducer.states
 
+    def _split(self, plan: Plan) -> tuple[Reducer, Reducer]:
+        """A sample's states over the rows the activation cache holds, reduced now (before
+        rows that a pass keeps can push them out of memory), and a Reducer for a forward pass
+        to feed with the items whose rows it lacks; merged, they cover the plan's items."""
+        cached = Reducer(plan)
+        table, positions, held = self.activations.held_rows(plan.bound.layer.name, plan.items)
+        cached.take_rows(table, positions, held, self.batch_size)
+        fresh = Reducer(plan)
+        fresh.wanted = np.setdiff1d(plan.items, held, assume_unique=True)
+        return cached, fresh
+
     def answer_many(self, plans: list[Plan]) -> list:
         """Answer several plans (a script's consecutive queries) with one forward pass over the
-        union of their items: a Result, or the ExecutionError of its own, for each plan."""
+        union of their items: a Result, or the ExecutionError of its own, for each plan.
+
+        Every answer is reduced from what this pass and the rows held before it gave, never
+        read back from the activation cache afterwards: the rows the pass keeps may push
+        others out of memory. The rows kept are those that fit the budget all together."""
         outcomes: list = [None] * len(plans)
-        reducers: dict = {}  # (plan position, "main" | "baseline") -> Reducer
-        wanted: dict[str, tuple] = {}  # layer -> (LayerInfo, items whose rows are kept)
+        store = self.activations
+        # plan position -> (Reducer over the rows held before the pass or None, Reducer fed by
+        # the pass, baseline Reducer or None)
+        work: dict[int, tuple] = {}
+        reused: dict[int, dict] = {}  # plan position -> states an earlier query reduced
+        kept: dict[str, tuple] = {}  # layer name -> (LayerInfo, items whose rows are kept)
         for i, plan in enumerate(plans):
             try:
                 require_matches(plan)
             except ExecutionError as exc:
                 outcomes[i] = exc
                 continue
-            if plan.n_sample is not None and self.activations is not None:
-                layer = plan.bound.layer
-                kept = wanted.get(layer.name, (layer, plan.items[:0]))[1]
-                items = np.union1d(kept, plan.items)
-                if self.activations.fits(layer, items):
-                    wanted[layer.name] = (layer, items)  # answered from the kept rows
-                else:
-                    reducers[i, "main"] = Reducer(plan)
-            else:
-                reducers[i, "main"] = Reducer(plan)
-            if plan.baseline is not None:
-                reducers[i, "baseline"] = Reducer(plan.baseline)
-        collectors = []
-        for name, (layer, items) in wanted.items():
-            missing = self.activations.missing(name, items)
-            if len(missing):
-                collectors.append(Collector(name, missing, layer.neurons, self.activations.dtype))
-        started = time.perf_counter()
-        self.run(list(reducers.values()) + collectors, f"{len(plans)} statements in one pass")
-        for collector in collectors:
-            self.activations.add(collector.layer, collector.items, collector.rows)
-        seconds = time.perf_counter() - started
-        for i, plan in enumerate(plans):
-            if outcomes[i] is not None:
+            base = Reducer(plan.baseline) if plan.baseline is not None else None
+            if plan.n_sample is None or store is None:
+                work[i] = (None, Reducer(plan), base)
                 continue
-            main = reducers.get((i, "main"))
-            if main is None:
-                main = Reducer(plan)
-                main.take_rows(*self.activations.held_rows(plan.bound.layer.name, plan.items),
-                               self.batch_size)
-            base = reducers.get((i, "baseline"))
+            known = store.reduced(plan)
+            if known is not None:
+                reused[i] = known
+                work[i] = (None, None, base)
+                continue
+            cached, fresh = self._split(plan)
+            work[i] = (cached, fresh, base)
+            layer = plan.bound.layer
+            items = np.union1d(kept.get(layer.name, (layer, plan.items[:0]))[1], fresh.wanted)
+            if len(fresh.wanted) and store.fits_together({**kept, layer.name: (layer, items)}):
+                kept[layer.name] = (layer, items)
+        collectors = [Collector(name, items, layer.neurons, store.dtype)
+                      for name, (layer, items) in kept.items()]
+        consumers = [r for _, main, base in work.values() for r in (main, base) if r is not None]
+        started = time.perf_counter()
+        self.run(consumers + collectors, f"{len(plans)} statements in one pass")
+        for collector in collectors:
+            store.add(collector.layer, collector.items, collector.rows)
+        seconds = time.perf_counter() - started
+        for i, (cached, main, base) in work.items():
+            plan = plans[i]
+            if cached is not None:
+                main = cached.merge(main)
             try:
-                main.check()
-                if base is not None:
-                    base.check()
+                for reducer in (main, base):
+                    if reducer is not None:
+                        reducer.check()
             except ExecutionError as exc:
                 outcomes[i] = exc
                 continue
-            outcomes[i] = assemble(plan, main.states, None if base is None else base.states,
+            if i in reused:
+                states = reused[i]
+            else:
+                states = main.states
+                if cached is not None:  # a sample's, answered through the activation cache
+                    store.remember(plan, states)
+            outcomes[i] = assemble(plan, states, None if base is None else base.states,
                                    {"shared_pass": seconds})
         return outcomes
 

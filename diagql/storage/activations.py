@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -54,13 +54,17 @@ class ActivationStore:
 
     def fits(self, layer, items: np.ndarray) -> bool:
         """Whether the rows of ``items``, with what is held for the layer, stay in budget."""
-        indices, _ = self._entry(layer.name)
-        total = len(np.union1d(indices, items))
-        return total * layer.neurons * self.dtype.itemsize <= self.budget
+        return self.fits_together({layer.name: (layer, items)})
 
-    def missing(self, layer: str, items: np.ndarray) -> np.ndarray:
-        """The items of ``items`` (sorted) whose rows are not here."""
-        return np.setdiff1d(items, self.held_rows(layer, items)[2], assume_unique=True)
+    def fits_together(self, kept: dict) -> bool:
+        """Whether one pass may keep rows for several layers (name -> (LayerInfo, items)):
+        their entries, each with its new rows added, must stay in budget together, or adding
+        the last would push an earlier one out of memory."""
+        total = 0
+        for name, (layer, items) in kept.items():
+            indices, _ = self._entry(name)
+            total += len(np.union1d(indices, items)) * layer.neurons * self.dtype.itemsize
+        return total <= self.budget
 
     def held_rows(self, layer: str, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(table, positions, held): ``table[positions]`` are the rows of ``held``, the items
