@@ -6,6 +6,7 @@ import numpy as np
 
 from diagql.engine import estimate, metrics
 from diagql.engine.aggregates import rank
+from diagql.engine.groups import key_order, sorted_keys
 from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
 from diagql.language.ast import predicate_text
@@ -42,7 +43,7 @@ def build_result(plan: Plan, states: dict) -> Result:
     if query.group_by is None:
         return _single(plan, states.get(None), plan.population[None])
     result = _single(plan, None, 0)
-    keys = sorted(states, key=lambda k: (isinstance(k, bool), k))
+    keys = sorted_keys(states)
     result.groups = {key: _single(plan, states[key], plan.population[key]) for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
     return result
@@ -92,7 +93,7 @@ def compare(approx: Result, exact: Result) -> None:
             group = approx.groups.setdefault(key, _single(approx.plan, None, 0))
             group.baseline = exact_group
             group.metrics[name] = _metric(name, group, exact_group)
-        approx.groups = dict(sorted(approx.groups.items(), key=lambda kv: (isinstance(kv[0], bool), kv[0])))
+        approx.groups = dict(sorted(approx.groups.items(), key=lambda kv: key_order(kv[0])))
         approx.metrics[name] = float(np.mean([g.metrics[name] for g in approx.groups.values()
                                               if g.baseline is not None]))
     else:

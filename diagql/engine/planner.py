@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diagql.engine.groups import group_values
 from diagql.language import ast
 from diagql.language.ast import predicate_text
 from diagql.language.binder import BoundQuery
@@ -31,10 +32,6 @@ class Plan:
     @property
     def query(self) -> ast.Query:
         return self.bound.query
-
-    @property
-    def hooked(self) -> tuple[str, ...]:
-        return (self.bound.layer.name,)
 
     def estimated_seconds(self) -> float:
         return len(self.items) * self.seconds_per_item
@@ -87,13 +84,6 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
 def _plan(bound, profile, items, keys, population, n_sample, spec, baseline=None) -> Plan:
     return Plan(bound, items, None if keys is None else keys[items], len(profile), n_sample, spec,
                 profile.seconds_per_item(), population, baseline)
-
-
-def group_values(group_by: str | None, profile: Profile) -> np.ndarray | None:
-    if group_by is None:
-        return None
-    return {"class": profile.labels, "predicted": profile.predictions,
-            "correct": profile.correct}[group_by]
 
 
 _OPS = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,

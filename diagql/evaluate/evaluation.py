@@ -24,6 +24,7 @@ import torch
 
 from diagql import samplers
 from diagql.engine.aggregates import rank
+from diagql.engine.groups import cell_codes, n_cells
 from diagql.errors import BindError, ExecutionError
 from diagql.language import ast
 from diagql.language.binder import NO_LABELS, _error, bind_layer, bind_sampler
@@ -288,8 +289,8 @@ def evaluate_statement(conn, statement: ast.Evaluate) -> Result:
     profiled_at = time.perf_counter()
     draws = draw_samples(conn, bound)
     drawn_at = time.perf_counter()
-    groups = group_of_items(profile)
-    n_groups = 2 * max(profile.n_classes, int(profile.labels.max()) + 1)
+    groups = cell_codes(profile.labels, profile.correct)
+    n_groups = n_cells(max(profile.n_classes, int(profile.labels.max()) + 1))
     kept_items = np.unique(np.concatenate([d.indices for d in draws]))
     position = np.full(len(profile), -1, dtype=np.int64)  # each item's kept row, -1: none
     position[kept_items] = np.arange(len(kept_items))
@@ -341,11 +342,6 @@ def _warm_up(candidates: list[Candidate], data: samplers.SampleData) -> None:
         with contextlib.suppress(Exception):  # the real draw reports any failure
             cls(**{**params, **({"size": 0.5} if "size" in params else {})},
                 random_state=0).fit(small)
-
-
-def group_of_items(profile) -> np.ndarray:
-    """Each item's (true class, correctness) group: 2·class for correct, 2·class + 1 if not."""
-    return profile.labels * 2 + (~profile.correct).astype(np.int64)
 
 
 class _GroupReducer:
