@@ -118,7 +118,8 @@ def test_lexer_splits_lines():
 
 
 def test_a_session_through_pipe_input(tmp_path, monkeypatch):
-    """The whole REPL in-process: multi-line input, dot commands, an error, then Ctrl-D."""
+    """The whole REPL in-process: a statement over three lines (run at its ';'), dot commands,
+    an error, then Ctrl-D."""
     import io
 
     from prompt_toolkit.input import create_pipe_input
@@ -132,20 +133,21 @@ def test_a_session_through_pipe_input(tmp_path, monkeypatch):
     conn = diagql.connect(trained_mlp(), digits(), cache_dir=False, progress=False)
     out, err = io.StringIO(), io.StringIO()
     with create_pipe_input() as pipe:
-        pipe.send_text("TOPK 2 NEURONS IN head WHERE\r  class = 3;\r"
-                       "TOPK 2 NEURONS IN haed\r.mode csv\r.timer on\r"
-                       "TOPK 1 NEURONS IN head\r.layers\r\x04")
+        pipe.send_text("TOPK 2 NEURONS IN head WHERE\r  class = 3\r;\r"
+                       "TOPK 2 NEURONS IN haed;\r.mode csv\r.timer on\r"
+                       "TOPK 1 NEURONS IN head;\r.layers\r\x04")
         session = make_session(conn, input=pipe, output=DummyOutput())
         status = run_repl(conn, Console(file=out, width=120), Console(file=err, width=120),
                           session)
     assert status == 0
     printed = out.getvalue()
     assert "head[" in printed and "matching items" in printed
+    assert "TOPK" not in printed  # the prompt showed the statement: its result does not repeat it
     assert "did you mean 'head'" in err.getvalue() and "Goodbye!" in err.getvalue()
     assert "neuron,label,value" in printed and "Time: " in printed
     assert "encoder.1" in printed
     # one history entry for the whole multi-line statement
-    assert "+TOPK 2 NEURONS IN head WHERE\n+  class = 3;" in (tmp_path / "history").read_text()
+    assert "+TOPK 2 NEURONS IN head WHERE\n+  class = 3\n+;" in (tmp_path / "history").read_text()
 
 
 def test_help_examples_parse():

@@ -46,7 +46,7 @@ def test_multi_line_statement_runs_at_the_semicolon(repl):
 
 
 def test_an_error_is_shown_and_the_session_goes_on(repl):
-    repl.sendline("TOPK 2 NEURONS IN haed")
+    repl.sendline("TOPK 2 NEURONS IN haed;")
     repl.expect("did you mean 'head'")
     repl.expect("diagql>")
     repl.sendline("TOPK 2 NEURONS IN head;")
@@ -56,6 +56,51 @@ def test_an_error_is_shown_and_the_session_goes_on(repl):
     repl.expect(pexpect.EOF)
     repl.close()
     assert repl.exitstatus == 0
+
+
+def test_the_readme_example_runs_as_typed_there(tmp_path):
+    pytest.importorskip("mlxtend", reason="the README's example runs on the demo")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"^```text\n(diagql> .*?)^```", readme, flags=re.S | re.M).group(1)
+    lines = [re.sub(r"^(diagql|   \.\.\.)> ", "", line) for line in block.splitlines()]
+    assert len(lines) == 2 and not lines[0].endswith(";")  # a complete query, then its WHERE
+    child = spawn(tmp_path / "history", ["--demo"])
+    try:
+        child.sendline(lines[0])
+        child.expect(r"\.\.\.>")  # complete, but it waits for its ';'
+        child.sendline(lines[1])
+        child.expect("matching items", timeout=120)
+        shown = _output(child)
+        assert "conv2[" in shown and "syntax error" not in shown
+        child.expect("diagql>")
+    finally:
+        child.close(force=True)
+
+
+@pytest.mark.parametrize("text, more", [
+    ("TOPK 3 NEURONS IN conv2", True),  # complete, but a WHERE may follow
+    ("TOPK 3 NEURONS IN conv2\n  WHERE class = 9 AND incorrect", True),
+    ("TOPK 3 NEURONS IN conv2\n  WHERE class = 9 AND incorrect;", False),
+    ("TOPK 3 NEURONS IN conv2 WHERE class =", True),  # cut off
+    ("TOPK 3 NEURONS IN conv2 -- a comment", True),
+    ("SHOW LAYERS; TOPK 3 NEURONS IN conv2", True),  # the last statement decides
+    ("TOPK 3 NEURONS IN conv2; SHOW LAYERS", False),
+    ("SHOW", True),
+    ("EVALUATE SAMPLERS", True),
+    ("SHOW LAYERS", False),  # nothing may follow these
+    ("DESCRIBE conv2", False),
+    ("SET seed = 1", False),
+    ("clear cache -- now", False),
+    ("TOPK 3 NEURONS IN conv2 WHER", False),  # no later line can mend these: shown at once
+    ("TOPK 3 NEURONS IN conv2 @", False),
+    ("DESCRIBE 'unterminated", False),
+    (".mode csv", False),
+    ("   ", False),
+])
+def test_enter_runs_at_the_semicolon(text, more):
+    from diagql.shell.repl import wants_more
+
+    assert wants_more(text) is more
 
 
 def test_ctrl_d_leaves(repl):

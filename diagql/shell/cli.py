@@ -9,11 +9,13 @@ import argparse
 import sys
 
 from diagql._version import __version__
+from diagql.session.settings import FORMATS, Settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="diagql",
         description="Query a PyTorch model's activations: TOPK, AVG and ARGMAX over neurons of "
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save")
     source.add_argument("--data", metavar="MODULE:CALLABLE",
                         help="a callable returning a Dataset of (x, y), a DataLoader or (X, y)")
-    source.add_argument("--batch-size", type=int, default=256, metavar="N",
-                        help="items per forward pass (default 256)")
+    source.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
+                        help=f"items per forward pass (default {defaults.batch_size})")
     source.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the model's)")
     source.add_argument("--cache-dir", metavar="DIR",
                         help="where profiles and samples are kept between runs (default: "
@@ -54,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="layer whose output is the latent space for samplers "
                              "(default: the input of the final linear layer)")
     output = parser.add_argument_group("output")
-    output.add_argument("--format", choices=("table", "json", "csv"), default="table",
-                        help="table (default), json (one object per statement) or csv")
+    output.add_argument("--format", choices=FORMATS, default=defaults.format,
+                        help=f"the output format (default {defaults.format}); json prints one "
+                             f"object per statement")
     output.add_argument("--plot", metavar="FILE",
                         help="draw each EVALUATE SAMPLERS result to FILE (.png, .pdf, .svg; "
                              "the second to FILE-2.png, ...); needs matplotlib")
@@ -213,7 +216,11 @@ def _open(args):
     return conn
 
 
-def print_result(out, result, settings) -> None:
+def print_result(out, result, settings, *, echo: bool = True) -> None:
+    """One result in the session's format. A table starts with its statement, which labels
+    each result of a script; the REPL passes ``echo=False``, its prompt shows the statement."""
+    from dataclasses import replace
+
     from diagql.results.render import renderable, to_csv, to_json
 
     if settings.format == "json":
@@ -224,6 +231,8 @@ def print_result(out, result, settings) -> None:
             out.print(text, markup=False, highlight=False, soft_wrap=True)
             out.print()
     else:
+        if not echo and result.statement:
+            result = replace(result, statement="")
         out.print(renderable(result, settings.max_rows))
         out.print()
 

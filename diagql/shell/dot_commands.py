@@ -72,8 +72,8 @@ def language_help() -> str:
     """The language at a glance: each statement's shape with the choices the grammar accepts
     at each point, and the samplers and settings from their registries."""
     from diagql import samplers
+    from diagql.language.parser import accepts, keywords
     from diagql.session.settings import Settings
-    from diagql.shell.completion import accepts, keywords
 
     def choices(prefix: str) -> str:
         kws = keywords()
@@ -81,7 +81,10 @@ def language_help() -> str:
 
     query = "TOPK 10 NEURONS IN conv2 "
     lines = [
-        "Statements end with ';' (a lone complete statement also runs on Enter).",
+        "A statement runs at its ';' (Enter without one starts a new line), a dot command at "
+        "once.",
+        "A statement nothing can follow (SHOW LAYERS, DESCRIBE conv2, SET seed = 1, CLEAR CACHE) "
+        "also runs on Enter.",
         "",
         f"Statements start with {choices('')}.",
         f"  TOPK n | AVG | ARGMAX  {choices('AVG ')}  IN layer",
@@ -89,7 +92,8 @@ def language_help() -> str:
         f"      [WHERE <{choices(query + 'WHERE ')}> ...]   "
         f"(fields compare with = < <= > >= != and IN (...); AND | OR | NOT)",
         f"      [GROUP BY {choices(query + 'GROUP BY ')}]",
-        f"      [USING {choices(query + 'USING ')} | USING SAMPLE sampler(size, param=value, ...)]",
+        "      [USING " + choices(query + "USING ").replace(
+            "SAMPLE", "SAMPLE sampler(size, param=value, ...)") + "]",
         "      [WITH BASELINE]",
         f"  SHOW {choices('SHOW ')}    DESCRIBE layer    SET name = value    EXPLAIN query",
         "  EVALUATE SAMPLERS [sampler, ...] [AT size, ...] [K k, ...] [LAYERS layer, ...] "
@@ -163,4 +167,4 @@ def _read(shell, argument):
     except OSError as exc:
         shell.error(f"cannot read {argument}: {exc.strerror}")
         return
-    shell.execute(text)
+    shell.execute(text, echo=True)

@@ -1,8 +1,9 @@
-"""The interactive prompt: statements run when they end with ';' or parse completely.
+"""The interactive prompt: a statement runs at its ';', a dot command at once (as in psql,
+sqlite3 and DuckDB).
 
 A prompt_toolkit session with grammar-driven completion and highlighting (completion.py,
-highlight.py), dot commands (meta.py), a history file, and Ctrl-C that cancels the running
-statement.
+highlight.py), dot commands (dot_commands.py), a history file, and Ctrl-C that cancels the
+running statement.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import os
 import time
 from pathlib import Path
 
-from diagql.errors import DiagQLError, ParseError
-from diagql.language.parser import is_complete, parse
+from diagql.errors import DiagQLError, IncompleteStatement
+from diagql.language.parser import accepts, parse_piece, split_statements
 from diagql.shell.dot_commands import is_meta, run_meta
 
 PROMPT = "diagql> "
@@ -20,16 +21,26 @@ GOODBYE = "Goodbye!"
 
 
 def wants_more(text: str) -> bool:
-    """True while the input is an unfinished statement (no ';' yet and cut off mid-way)."""
-    if not text.strip() or is_meta(text) or is_complete(text):
+    """True when Enter should start a new line instead of running the input.
+
+    A statement without its ';' waits, even when complete (a WHERE may follow on the next
+    line), unless no further line could change it: nothing may follow it in the grammar (SHOW
+    LAYERS, DESCRIBE conv2, SET seed = 1), or it has a mistake that no later line can repair,
+    which is better shown now than after more typing.
+    """
+    if not text.strip() or is_meta(text):
         return False
+    pieces = split_statements(text)
+    if not pieces or pieces[-1].terminated:
+        return False
+    last = pieces[-1]
     try:
-        parse(text)
-    except ParseError as exc:
-        return exc.message.startswith("unexpected end of statement")
+        parse_piece(last, text)
+    except IncompleteStatement:
+        return True
     except DiagQLError:
         return False
-    return False
+    return accepts(last.text) != {"$END"}
 
 
 def history_path() -> Path:
@@ -62,8 +73,8 @@ def key_bindings():
 
     @bindings.add("enter", filter=~has_completions)
     def _enter(event):
-        """Run the input when it ends with ';', is a dot command or a complete statement;
-        otherwise continue on a new line."""
+        """Run the input when it ends with ';' or is a dot command (see wants_more for the
+        rest); otherwise continue on a new line."""
         buffer = event.current_buffer
         if buffer.document.is_cursor_at_the_end and wants_more(buffer.text):
             buffer.insert_text("\n")
@@ -115,7 +126,9 @@ class Shell:
     def error(self, text: str) -> None:
         self.err.print(text, style="red", markup=False, highlight=False, soft_wrap=True)
 
-    def execute(self, text: str) -> None:
+    def execute(self, text: str, *, echo: bool = False) -> None:
+        """Run statements; ``echo`` labels each result with its statement (for .read, whose
+        statements the prompt has not shown)."""
         from diagql.shell.cli import print_result
 
         started = time.perf_counter()
@@ -125,7 +138,7 @@ class Shell:
                     # A mistake at the prompt is shown, not fatal: the session goes on.
                     self.error(outcome.format())
                 else:
-                    print_result(self.out, outcome, self.conn.settings)
+                    print_result(self.out, outcome, self.conn.settings, echo=echo)
                     if self.timer:
                         self.say(f"Time: {time.perf_counter() - started:.3f}s")
                 started = time.perf_counter()
