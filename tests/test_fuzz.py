@@ -1,4 +1,5 @@
-"""Hostile input: the fast version of benchmarks/fuzz_campaign.py plus its specific edge cases.
+"""Hostile input: a short campaign of tests/fuzzing.py (benchmarks/fuzz_campaign.py runs long
+ones) plus its specific edge cases.
 
 Whatever the text, ``parse_script`` and ``Connection.run_script`` give only ``DiagQLError``
 subclasses, each with a line and column inside the text and a ``format()`` that works. The
@@ -7,21 +8,13 @@ class values, huge confidence bounds, negative seeds) have a test each below.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from diagql.errors import BindError, DiagQLError, ParseError
 from diagql.language.parser import parse_script
-
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz_campaign.py"
-_spec = importlib.util.spec_from_file_location("fuzz_campaign", _PATH)
-fuzz = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("fuzz_campaign", fuzz)
-_spec.loader.exec_module(fuzz)
+from tests import fuzzing as fuzz
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +68,9 @@ def test_corpus_is_valid_and_covers_the_grammar():
         except ParseError:
             pass
     assert valid >= len(seeds) - 1  # one handwritten entry is invalid on purpose
-    words = " ".join(seeds).upper()
-    for keyword in fuzz.VOCAB[:32]:
-        assert keyword in words, keyword
+    words = {token.upper() for text in seeds for token in fuzz.tokens(text)}
+    assert set(fuzz.KEYWORDS) <= words, set(fuzz.KEYWORDS) - words
+    assert len(fuzz.KEYWORDS) >= 39 and "PLOT" not in fuzz.KEYWORDS
 
 
 # --- deep nesting ---------------------------------------------------------------------------------------
@@ -171,11 +164,16 @@ def test_huge_numbers_elsewhere(conn, text):
     assert_clean(conn, text)
 
 
-@pytest.mark.parametrize("text", ["AVG NEURONS IN fc1 WHERE class = 1e999",
-                                  "AVG NEURONS IN fc1 WHERE predicted != -1e999",
-                                  "AVG NEURONS IN fc1 WHERE class IN (1, 1e999)"])
-def test_infinite_class_is_a_bind_error(conn, text):
+@pytest.mark.parametrize("text, shown", [
+    ("AVG NEURONS IN fc1 WHERE class = 1e999", "class inf"),
+    ("AVG NEURONS IN fc1 WHERE predicted != -1e999", "predicted -inf"),
+    ("AVG NEURONS IN fc1 WHERE class IN (1, 1e999)", "class inf"),
+])
+def test_infinite_class_is_a_bind_error(conn, text, shown):
     assert_clean(conn, text)
+    err = only_error(conn, text, BindError)
+    assert err.message == f"{shown} is outside the label set 0..9 (the model has 10 classes)"
+    assert (err.line, err.column, err.end_column) == (1, 26, len(text) + 1)
 
 
 def test_huge_int_compared_with_a_label(conn):
