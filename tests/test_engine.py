@@ -157,7 +157,7 @@ def test_topk_then_avg_on_the_same_items_reuse_the_reduced_means(world):
     np.testing.assert_allclose(avg.values, activations(model, X, "6")[fours].mean(axis=0),
                                rtol=1e-6, atol=1e-9)
     assert topk.neurons.tolist() == top(avg.values, 3)
-    assert avg.estimate is not None and avg.estimate["reliable"]
+    assert avg.estimate is not None and avg.estimate.reliable
 
 
 def test_groups_from_cached_rows_merge_with_groups_from_the_pass(world):

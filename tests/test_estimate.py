@@ -7,6 +7,7 @@ import torch
 from scipy import stats
 
 import diagql
+from diagql.results import metrics
 
 
 def _activations(model, X, upto: str) -> np.ndarray:
@@ -36,36 +37,37 @@ def test_avg_interval_is_the_t_interval_with_finite_population_correction(db, ml
     mean, sd = A.mean(axis=0), A.std(axis=0, ddof=1)
     half = stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n) * np.sqrt((population - n) / (population - 1))
     est = result.estimate
-    assert est["reliable"] and est["n"] == n and est["population"] == population
-    np.testing.assert_allclose(est["ci_low"], mean - half, atol=1e-9)
-    np.testing.assert_allclose(est["ci_high"], mean + half, atol=1e-9)
-    assert 0 <= est["expected_cosine_distance"] < 0.1
+    assert est.reliable and est.n == n and est.population == population and est.level == 0.95
+    np.testing.assert_allclose(est.ci_low, mean - half, atol=1e-9)
+    np.testing.assert_allclose(est.ci_high, mean + half, atol=1e-9)
+    assert est.metric is metrics.COSINE and 0 <= est.expected < 0.1
 
 
 def test_topk_estimate_gives_a_probability_per_reported_neuron(db):
     result = db.query("TOPK 5 NEURONS IN encoder.1 WHERE incorrect USING SAMPLE random(0.3)")
     est = result.estimate
-    assert est["reliable"]
-    assert est["p_in_topk"].shape == (5,)
-    assert np.all((0 <= est["p_in_topk"]) & (est["p_in_topk"] <= 1))
-    assert est["expected_precision"] == pytest.approx(est["p_in_topk"].sum() / 5)
+    assert est.reliable
+    assert est.p_in_topk.shape == (5,)
+    assert np.all((0 <= est.p_in_topk) & (est.p_in_topk <= 1))
+    assert est.metric is metrics.PRECISION
+    assert est.expected == pytest.approx(est.p_in_topk.sum() / 5)
     # The neurons ranked first are the ones the sample is surest of.
-    assert est["p_in_topk"][0] >= est["p_in_topk"][-1]
+    assert est.p_in_topk[0] >= est.p_in_topk[-1]
 
 
 def test_argmax_estimate_shares_sum_and_bound(db):
     result = db.query("ARGMAX NEURONS IN encoder.1 WHERE class = 7 USING SAMPLE stratified(0.2)")
     est = result.estimate
-    assert est["reliable"]
-    assert np.all(est["ci_low"] <= result.values + 1e-12)
-    assert np.all(result.values <= est["ci_high"] + 1e-12)
-    assert 0 <= est["expected_js_distance"] <= 1
+    assert est.reliable and est.metric is metrics.JS
+    assert np.all(est.ci_low <= result.values + 1e-12)
+    assert np.all(result.values <= est.ci_high + 1e-12)
+    assert 0 <= est.expected <= 1
 
 
 def test_exact_answers_and_max_rankings_carry_no_misleading_estimate(db):
     assert db.query("AVG NEURONS IN encoder.1 WHERE class = 3").estimate is None
     est = db.query("TOPK 3 NEURONS IN encoder.1 BY MAX USING SAMPLE random(0.2)").estimate
-    assert est["reliable"] is False and "maximum" in est["reason"]
+    assert est.reliable is False and "maximum" in est.reason
     assert "no accuracy estimate" in str(db.query(
         "TOPK 3 NEURONS IN encoder.1 BY MAX USING SAMPLE random(0.2)"))
 
@@ -80,7 +82,7 @@ def test_a_single_matching_item_is_too_few():
     hist.update(one)
     for est in (estimate.for_mean(mean, 50, np.arange(4), None, True),
                 estimate.for_argmax(hist, 50, True)):
-        assert est["reliable"] is False and "too few" in est["reason"]
+        assert est.reliable is False and "too few" in est.reason
 
 
 def test_random_sample_intervals_cover_the_exact_means(db):
@@ -92,7 +94,7 @@ def test_random_sample_intervals_cover_the_exact_means(db):
             r = db.query(f"AVG NEURONS IN encoder.1 WHERE class = {label} "
                          f"USING SAMPLE random(0.2) WITH BASELINE")
             est, exact = r.estimate, r.baseline.values
-            inside = (est["ci_low"] - 1e-12 <= exact) & (exact <= est["ci_high"] + 1e-12)
+            inside = (est.ci_low - 1e-12 <= exact) & (exact <= est.ci_high + 1e-12)
             covered += int(inside.sum())
             total += len(inside)
     db.execute("SET seed = 0")
@@ -100,8 +102,18 @@ def test_random_sample_intervals_cover_the_exact_means(db):
 
 
 def test_estimate_survives_to_dict(db):
-    d = db.query("TOPK 2 NEURONS IN head USING SAMPLE random(0.1)").to_dict()
-    assert isinstance(d["estimate"]["p_in_topk"], list)
+    """The JSON keeps the keys programs read: the expected value under its metric's key."""
     import json
 
+    result = db.query("TOPK 2 NEURONS IN head USING SAMPLE random(0.1)")
+    d = result.to_dict()
+    est = d["estimate"]
+    assert list(est) == ["covers", "reliable", "level", "n", "population", "ci_low", "ci_high",
+                         "p_in_topk", "expected_precision"]
+    assert isinstance(est["p_in_topk"], list) and len(est["p_in_topk"]) == 2
+    assert est["expected_precision"] == result.estimate.expected
     json.dumps(d)
+    avg = db.query("AVG NEURONS IN head USING SAMPLE random(0.1)").to_dict()["estimate"]
+    assert "expected_cosine_distance" in avg and "p_in_topk" not in avg
+    too_max = db.query("TOPK 2 NEURONS IN head BY MAX USING SAMPLE random(0.1)").to_dict()
+    assert list(too_max["estimate"]) == ["covers", "reliable", "reason"]

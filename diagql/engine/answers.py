@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from diagql.engine import estimate, metrics
+from diagql.engine import estimate
 from diagql.engine.aggregates import rank
 from diagql.engine.groups import key_order, sorted_keys
 from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
 from diagql.language.ast import predicate_text
 from diagql.model.layers import neuron_labels
-from diagql.results.result import Result
+from diagql.results import metrics
+from diagql.results.result import Estimate, Provenance, Result
 
 
 def require_matches(plan: Plan) -> None:
@@ -29,7 +30,7 @@ def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: di
     result.timings.update(timings)
     if baseline_states is not None:
         result.baseline = build_result(plan.baseline, baseline_states)
-        compare(result, result.baseline)
+        compare(plan, result, result.baseline)
     return result
 
 
@@ -51,8 +52,10 @@ def build_result(plan: Plan, states: dict) -> Result:
 
 def _single(plan: Plan, state, population: int) -> Result:
     query, layer = plan.query, plan.bound.layer
+    provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by,
+                            query.order)
     result = Result(kind=query.aggregate, statement=query.text, layer=layer.name, unit=query.unit,
-                    source=plan.sampler_spec or "full", plan=plan)
+                    provenance=provenance, plan=plan)
     if state is None or state.count == 0:
         return result
     values = state.finalize()
@@ -62,7 +65,7 @@ def _single(plan: Plan, state, population: int) -> Result:
         values = values[neurons]
     else:
         neurons = np.arange(len(values))
-    if plan.n_sample is not None:
+    if result.approximate:
         result.estimate = _estimate(plan, state, population, neurons)
     result.neurons = neurons
     result.values = values
@@ -71,7 +74,7 @@ def _single(plan: Plan, state, population: int) -> Result:
     return result
 
 
-def _estimate(plan: Plan, state, population: int, neurons: np.ndarray) -> dict:
+def _estimate(plan: Plan, state, population: int, neurons: np.ndarray) -> Estimate:
     query, sampler = plan.query, plan.bound.sampler
     reliable = getattr(sampler, "uniform", False)
     if query.aggregate == "argmax":
@@ -83,31 +86,29 @@ def _estimate(plan: Plan, state, population: int, neurons: np.ndarray) -> dict:
                              query.k if query.aggregate == "topk" else None, reliable)
 
 
-def compare(approx: Result, exact: Result) -> None:
-    """Attach the paper's metric for this aggregate, per group and overall."""
-    name = metrics.METRIC_OF[approx.kind]
+def compare(plan: Plan, approx: Result, exact: Result) -> None:
+    """Attach the paper's metric for this aggregate, per group and overall (``plan`` is the
+    approximate answer's, for the groups the sample missed)."""
+    metric = metrics.OF_AGGREGATE[approx.kind]
+    name = metric.key
     if exact.groups is not None:
         approx.groups = approx.groups or {}
         for key, exact_group in exact.groups.items():
             # A group the sample missed: the empty answer _single gives a group without items.
-            group = approx.groups.setdefault(key, _single(approx.plan, None, 0))
+            group = approx.groups.setdefault(key, _single(plan, None, 0))
             group.baseline = exact_group
-            group.metrics[name] = _metric(name, group, exact_group)
+            group.metrics[name] = _metric(metric, group, exact_group)
         approx.groups = dict(sorted(approx.groups.items(), key=lambda kv: key_order(kv[0])))
         approx.metrics[name] = float(np.mean([g.metrics[name] for g in approx.groups.values()
                                               if g.baseline is not None]))
     else:
-        approx.metrics[name] = _metric(name, approx, exact)
+        approx.metrics[name] = _metric(metric, approx, exact)
     query_s, full_s = approx.timings.get("query"), approx.timings.get("baseline")
     if query_s and full_s:
         approx.metrics["speedup"] = full_s / query_s
 
 
-def _metric(name: str, approx: Result, exact: Result) -> float:
+def _metric(metric: metrics.Metric, approx: Result, exact: Result) -> float:
     if approx.n_items == 0:
-        return 0.0 if name == "precision" else 1.0
-    if name == "precision":
-        return metrics.precision(approx.neurons, exact.neurons)
-    if name == "cosine_distance":
-        return metrics.cosine_distance(approx.values, exact.values)
-    return metrics.js_distance(approx.values, exact.values)
+        return metric.worst
+    return metric.score(getattr(approx, metric.compares), getattr(exact, metric.compares))

@@ -1,4 +1,4 @@
-"""Accuracy estimates from the sample alone (DESIGN section 7).
+"""Accuracy estimates from the sample alone (docs/ARCHITECTURE.md).
 
 Each approximate answer carries how far it is likely to be from the exact answer over all
 matching items, computed from the sampled items only. The model: the matching sampled items
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from diagql.engine import metrics
+from diagql.results.metrics import COSINE, JS, PRECISION
+from diagql.results.result import Estimate
 
 DRAWS = 256
 LEVEL = 0.95
@@ -55,39 +56,40 @@ def _t_quantile(n: int) -> float:
     return float(stdtrit(n - 1, 0.5 + LEVEL / 2))
 
 
+def _too_few(n: int, population: int) -> Estimate:
+    return Estimate(COVERS, False, LEVEL, n, population,
+                    reason=f"{n} matching sampled item: too few for an estimate")
+
+
 def for_mean(state, population: int, reported: np.ndarray, k: int | None,
-             reliable: bool) -> dict:
+             reliable: bool) -> Estimate:
     """AVG (k None): a confidence interval per neuron and the expected cosine distance.
     TOPK BY MEAN: intervals of the reported neurons, P(in true top-k) and expected precision."""
     n = state.count
-    base = {"covers": COVERS, "reliable": reliable, "level": LEVEL, "n": n,
-            "population": population}
     if n < 2:
-        return {**base, "reliable": False, "reason": f"{n} matching sampled item: too few for an estimate"}
+        return _too_few(n, population)
     mean = state.sum.numpy() / n
     se = _constant_floor(_standard_error(state, population), n)
     half = _t_quantile(n) * se
     draws = mean + _rng().standard_normal((DRAWS, len(mean))) * se
     if k is None:
-        distances = [metrics.cosine_distance(mean, d) for d in draws]
-        return {**base, "ci_low": mean - half, "ci_high": mean + half,
-                "expected_cosine_distance": float(np.mean(distances))}
+        distances = COSINE.rows(np.broadcast_to(mean, draws.shape), draws)
+        return Estimate(COVERS, reliable, LEVEL, n, population, ci_low=mean - half,
+                        ci_high=mean + half, metric=COSINE, expected=float(np.mean(distances)))
     top = np.argpartition(-draws, k - 1, axis=1)[:, :k]
     in_top = np.zeros((DRAWS, len(mean)), dtype=bool)
     np.put_along_axis(in_top, top, True, axis=1)
     p_in = in_top[:, reported].mean(axis=0)
-    return {**base, "ci_low": mean[reported] - half[reported],
-            "ci_high": mean[reported] + half[reported], "p_in_topk": p_in,
-            "expected_precision": float(p_in.sum() / k)}
+    return Estimate(COVERS, reliable, LEVEL, n, population, ci_low=mean[reported] - half[reported],
+                    ci_high=mean[reported] + half[reported], p_in_topk=p_in, metric=PRECISION,
+                    expected=float(p_in.sum() / k))
 
 
-def for_argmax(state, population: int, reliable: bool) -> dict:
+def for_argmax(state, population: int, reliable: bool) -> Estimate:
     """ARGMAX: intervals of each share and the expected Jensen-Shannon distance."""
     n = state.count
-    base = {"covers": COVERS, "reliable": reliable, "level": LEVEL, "n": n,
-            "population": population}
     if n < 2:
-        return {**base, "reliable": False, "reason": f"{n} matching sampled item: too few for an estimate"}
+        return _too_few(n, population)
     counts = state.counts.numpy().astype(np.float64)
     share = counts / n
     fpc = max(population - n, 0) / max(population - 1, 1)
@@ -97,10 +99,11 @@ def for_argmax(state, population: int, reliable: bool) -> dict:
     # only from the sample's own shares ignores unseen winners and underestimates the distance.
     rng = _rng()
     truths = rng.dirichlet(counts + 1.0 / len(counts), size=DRAWS)
-    distances = [metrics.js_distance(rng.multinomial(n, truth) / n, truth) for truth in truths]
-    return {**base, "ci_low": np.clip(share - half, 0, 1), "ci_high": np.clip(share + half, 0, 1),
-            "expected_js_distance": float(np.mean(distances))}
+    distances = JS.rows(rng.multinomial(n, truths), truths)
+    return Estimate(COVERS, reliable, LEVEL, n, population, ci_low=np.clip(share - half, 0, 1),
+                    ci_high=np.clip(share + half, 0, 1), metric=JS,
+                    expected=float(np.mean(distances)))
 
 
-def unavailable(reason: str) -> dict:
-    return {"covers": COVERS, "reliable": False, "reason": reason}
+def unavailable(reason: str) -> Estimate:
+    return Estimate(COVERS, False, reason=reason)

@@ -29,6 +29,7 @@ from diagql.errors import BindError, ExecutionError
 from diagql.language import ast
 from diagql.language.binder import NO_LABELS, _error, bind_layer, bind_sampler
 from diagql.model.layers import LayerInfo
+from diagql.results.metrics import COSINE, JS
 from diagql.results.result import Result
 
 DEFAULT_SIZES = (0.05, 0.1, 0.2)
@@ -453,9 +454,9 @@ def _score(bound, indices, answers, exact, valid, groups, position) -> SampleSco
         hist = np.bincount(member * layer.neurons + a.winners[rows_at],
                            minlength=len(starts) * layer.neurons)
         hist = hist.reshape(len(starts), layer.neurons)[where[hit]]
-        cos, js = np.ones(len(valid)), np.ones(len(valid))
-        cos[hit] = cosine_distances(mean, full_mean[hit])
-        js[hit] = js_distances(hist, full_hist[hit])
+        cos, js = np.full(len(valid), COSINE.worst), np.full(len(valid), JS.worst)
+        cos[hit] = COSINE.rows(mean, full_mean[hit])
+        js[hit] = JS.rows(hist, full_hist[hit])
         s2.append(cos)
         s3.append(js)
         top = np.argsort(-mean, axis=1, kind="stable")  # ties: the lower neuron index
@@ -468,28 +469,6 @@ def _score(bound, indices, answers, exact, valid, groups, position) -> SampleSco
             s1[k].append(precision)
     return SampleScore({k: float(np.mean(np.concatenate(v))) for k, v in s1.items()},
                        float(np.mean(np.concatenate(s2))), float(np.mean(np.concatenate(s3))))
-
-
-def cosine_distances(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """Row-wise 1 − cos; two zero vectors agree (0), a zero against a non-zero is 1."""
-    na, nb = np.linalg.norm(approx, axis=1), np.linalg.norm(exact, axis=1)
-    dot = np.einsum("ij,ij->i", approx, exact)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.clip(1.0 - dot / (na * nb), 0.0, 2.0)
-    zero = (na == 0) | (nb == 0)
-    out[zero] = np.where(na[zero] == nb[zero], 0.0, 1.0)
-    return out
-
-
-def js_distances(approx: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    """Row-wise Jensen-Shannon distance, base 2, of two count histograms."""
-    p = approx / approx.sum(axis=1, keepdims=True)
-    q = exact / exact.sum(axis=1, keepdims=True)
-    m = (p + q) / 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        kl_p = np.where(p > 0, p * np.log2(p / m), 0.0).sum(axis=1)
-        kl_q = np.where(q > 0, q * np.log2(q / m), 0.0).sum(axis=1)
-    return np.sqrt(np.maximum((kl_p + kl_q) / 2, 0.0))
 
 
 def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleScore], profile,

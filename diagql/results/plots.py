@@ -15,10 +15,10 @@ import textwrap
 from pathlib import Path
 
 from diagql.errors import BindError, DiagQLError, ExecutionError
+from diagql.results.metrics import METRICS, PRECISION
 
 INSTALL = 'pip install "diagql[plot]"'
-_METRICS = {"S1": "S1: top-{k} precision ↑", "S2": "S2: cosine distance ↓",
-            "S3": "S3: Jensen-Shannon distance ↓"}
+_METRICS = {m.paper: m for m in METRICS}  # by EVALUATE's column name: S1, S2, S3
 _MARKERS = "os^Dv<>pP*Xh"
 # Lines of one sampler at several sizes differ by style ("--" is kept for Figure 6's samplers
 # without j).
@@ -71,13 +71,13 @@ def draw(result):
     sizes = {_x_size(r, n) for r in rows if r["size"] is not None}
     panels = []
     if j_swept:
-        panels += [(_against_j, m) for m in ("S1", "S2", "S3")]
+        panels += [(_against_j, m) for m in _METRICS]
     elif len(ks) > 1:
-        panels.append((_against_k, "S1"))
+        panels.append((_against_k, PRECISION.paper))
     elif len(sizes) > 1:
-        panels += [(_against_size, m) for m in ("S1", "S2", "S3")]
+        panels += [(_against_size, m) for m in _METRICS]
     else:
-        panels += [(_bars, m) for m in ("S1", "S2", "S3")]
+        panels += [(_bars, m) for m in _METRICS]
     panels.append((_draw_times, None))
     grid = (2, 2) if len(panels) == 4 else (1, len(panels))  # four panels read better square
     figure = Figure(figsize=(5.6 * grid[1], 4.2 * grid[0] + 0.8))
@@ -133,10 +133,17 @@ def _line(ax, rows, x_key, metric, label, color, marker, handles, style="-"):
     handles.setdefault(label, line)
 
 
+def _title(metric: str, k: int | None = None) -> str:
+    """A panel's title, e.g. S1: top-10 precision ↑ (without k: top-k precision)."""
+    m = _METRICS[metric]
+    name = m.name.replace("top-k", f"top-{k}") if k is not None else m.name
+    return f"{m.paper}: {name} {m.arrow}"
+
+
 def _metric_axes(ax, metric: str, k_ref: int, xlabel: str) -> None:
-    ax.set_title(_METRICS[metric].format(k=k_ref), fontsize=10)
+    ax.set_title(_title(metric, k_ref), fontsize=10)
     ax.set_xlabel(xlabel)
-    if metric == "S1":
+    if metric == PRECISION.paper:  # a share, in [0, 1]
         ax.set_ylim(-0.02, 1.02)
     else:
         ax.set_ylim(bottom=0)
@@ -159,7 +166,7 @@ def _against_k(ax, rows, metric, *, k_ref, n, colors, handles):
             label = f"{sampler} @ {_size_label(mine[0], n)}" if several else sampler
             _line(ax, mine, lambda r: r["k"], metric, label, color, marker, handles,
                   _SIZE_STYLES[i % len(_SIZE_STYLES)])
-    ax.set_title("S1: top-k precision ↑", fontsize=10)
+    ax.set_title(_title(metric), fontsize=10)
     ax.set_xlabel("k (top-k neurons)")
     ax.set_ylim(-0.02, 1.02)
 

@@ -1,32 +1,38 @@
-"""Results for people (rich tables) and for programs (JSON lines, CSV)."""
+"""Results for people (rich tables) and for programs (JSON lines, CSV).
+
+Every ``result`` here is a Result (results/result.py) and every ``estimate`` its Estimate; they
+go unannotated because result.py imports this module to display itself, and the import graph
+has no cycles (docs/ARCHITECTURE.md).
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 
-import numpy as np
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from diagql.engine.estimate import LEVEL
-from diagql.results.result import Result
-
+# The forms render produces and the rows a table shows before it counts the rest: the session
+# settings take their choices and default from here. Importing this module loads neither numpy
+# nor the metrics (they load with the first result), because the settings, and so the REPL's
+# first prompt, import it before torch and numpy load behind that prompt.
+FORMATS = ("table", "json", "csv")
 MAX_ROWS = 20
 _BAR_WIDTH = 12
 
-_METRIC_NAMES = {"precision": "precision", "cosine_distance": "cosine distance",
-                 "js_distance": "JS distance"}
 
-
-def renderable(result: Result, max_rows: int = MAX_ROWS):
+def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
+    """The result for a rich console; ``echo=False`` leaves out the statement above it (the
+    REPL, where it was just typed)."""
     if result.kind == "evaluation":
-        return _evaluation(result)
+        return _evaluation(result, echo)
     if not result.is_query:
         return _info_table(result, max_rows)
-    parts = [Text(result.statement, style="bold"), _query_table(result, max_rows)] \
-        if result.statement else [_query_table(result, max_rows)]
+    parts = [Text(result.statement, style="bold")] if echo and result.statement else []
+    parts.append(_query_table(result, max_rows))
     # Below the table rather than as its caption, which rich would wrap to the table's width.
     parts.append(Text(_caption(result), style="dim"))
     line = _estimate_line(result)
@@ -40,7 +46,7 @@ def renderable(result: Result, max_rows: int = MAX_ROWS):
     return Group(*parts)
 
 
-def _info_table(result: Result, max_rows: int) -> Table:
+def _info_table(result, max_rows: int) -> Table:
     table = Table(title=result.title or None, title_justify="left", title_style="bold")
     for column in result.columns:
         table.add_column(column, overflow="fold")
@@ -52,21 +58,24 @@ def _info_table(result: Result, max_rows: int) -> Table:
     return table
 
 
-def _evaluation(result: Result) -> Group:
+def _evaluation(result, echo: bool) -> Group:
     """EVALUATE SAMPLERS: one row per sampler, size, k (and j), spreads beside the means."""
+    from diagql.results.metrics import METRICS
+
     rows = result.records()
     show_k = len({r["k"] for r in rows}) > 1
     show_j = any(r["j"] is not None for r in rows)
     sections = len({r["sampler"] for r in rows}) < len(rows)
-    spread = any(r[f"{m} sd"] for r in rows for m in ("S1", "S2", "S3"))  # none with one seed
+    names = [m.paper for m in METRICS]  # EVALUATE's columns: S1, S1 sd, S2, ...
+    spread = any(r[f"{name} sd"] for r in rows for name in names)  # none with one seed
     table = Table()
     table.add_column("sampler", style="cyan", overflow="fold")
     table.add_column("size", justify="right")
     for name, shown in (("k", show_k), ("j", show_j)):
         if shown:
             table.add_column(name, justify="right")
-    for metric, arrow in (("S1", "↑"), ("S2", "↓"), ("S3", "↓")):
-        table.add_column(f"{metric} {arrow}", justify="right")
+    for metric in METRICS:
+        table.add_column(f"{metric.paper} {metric.arrow}", justify="right")
         if spread:
             table.add_column("±", justify="right", style="dim")
     for name in ("items", "correct", "incorrect", "draw s"):
@@ -79,14 +88,14 @@ def _evaluation(result: Result) -> Group:
         cells = [r["sampler"], _size_text(r["size"])]
         cells += [str(r["k"])] if show_k else []
         cells += ["" if r["j"] is None else f"{r['j']:g}"] if show_j else []
-        for metric in ("S1", "S2", "S3"):
-            sd = r[f"{metric} sd"]
-            cells += [f"{r[metric]:.3f}"] + ([f"{sd:.3f}" if sd else ""] if spread else [])
+        for name in names:
+            sd = r[f"{name} sd"]
+            cells += [f"{r[name]:.3f}"] + ([f"{sd:.3f}" if sd else ""] if spread else [])
         cells += [f"{r[n]:.0f}" if float(r[n]).is_integer() else f"{r[n]:.1f}"
                   for n in ("items", "correct", "incorrect")]
         cells.append(f"{r['seconds']:.3f}")
         table.add_row(*cells)
-    parts = [Text(result.statement, style="bold")] if result.statement else []
+    parts = [Text(result.statement, style="bold")] if echo and result.statement else []
     parts += [table, Text(result.title, style="dim")]
     timings = result.timings
     if "evaluate" in timings:
@@ -106,21 +115,23 @@ def _size_text(size) -> str:
     return f"{size:,}"
 
 
-def _query_table(result: Result, max_rows: int) -> Table:
+def _query_table(result, max_rows: int) -> Table:
     table = Table()
     groups = result.groups
-    group_by = result.plan.query.group_by if result.plan is not None else None
+    provenance = result.provenance
+    group_by = provenance.group_by if provenance is not None else None
     if groups is not None:
         table.add_column(group_by or "group", style="magenta")
     if result.kind == "topk":
         table.add_column("rank", justify="right")
     table.add_column("neuron", style="cyan")
-    value_name = {"topk": f"{getattr(result.plan.query, 'order', 'mean')}" if result.plan else "value",
+    value_name = {"topk": provenance.order if provenance is not None else "value",
                   "avg": "mean", "argmax": "share"}[result.kind]
     table.add_column(value_name, justify="right")
-    shown_estimate = _reliable_estimate(result)
-    if shown_estimate:
-        table.add_column("P(top-k)" if result.kind == "topk" else f"±{LEVEL:.0%}", justify="right")
+    estimate = _reliable_estimate(result)
+    if estimate is not None:
+        table.add_column("P(top-k)" if estimate.p_in_topk is not None else f"±{estimate.level:.0%}",
+                         justify="right")
     table.add_column("", no_wrap=True)
     with_exact = result.baseline is not None or (
         groups is not None and any(g.baseline is not None for g in groups.values()))
@@ -132,18 +143,19 @@ def _query_table(result: Result, max_rows: int) -> Table:
     for i, (key, part) in enumerate(sections):
         if i:
             table.add_section()
-        _add_rows(table, part, key, groups is not None, with_exact, max_rows, shown_estimate)
+        _add_rows(table, part, key, groups is not None, with_exact, max_rows,
+                  estimate is not None)
     return table
 
 
-def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_rows: int,
+def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
               shown_estimate: bool) -> None:
     if part.n_items == 0:
         cells = ([_cell(key)] if grouped else []) + ["", "no matching items in the sample"]
         table.add_row(*cells)
         return
     values = part.values
-    top = float(np.max(np.abs(values))) if len(values) else 0.0
+    top = float(abs(values).max()) if len(values) else 0.0
     exact = part.baseline if with_exact else None
     exact_set = set(exact.neurons.tolist()) if exact is not None else None
     shown = min(len(values), max_rows)
@@ -170,49 +182,47 @@ def _add_rows(table, part: Result, key, grouped: bool, with_exact: bool, max_row
         table.add_row(*cells)
 
 
-def _reliable_estimate(result: Result) -> bool:
+def _reliable_estimate(result):
+    """The first estimate shown (of the groups', the first reliable one), None if none is."""
     parts = result.groups.values() if result.groups is not None else [result]
-    return any(p.estimate and p.estimate.get("reliable") for p in parts)
+    return next((p.estimate for p in parts if p.estimate is not None and p.estimate.reliable),
+                None)
 
 
-def _estimate_cell(estimate: dict | None, j: int) -> str:
-    if not estimate or not estimate.get("reliable"):
+def _estimate_cell(estimate, j: int) -> str:
+    if estimate is None or not estimate.reliable:
         return ""
-    if "p_in_topk" in estimate:
-        return f"{estimate['p_in_topk'][j]:.2f}"
-    return "±" + _number((estimate["ci_high"][j] - estimate["ci_low"][j]) / 2)
+    if estimate.p_in_topk is not None:
+        return f"{estimate.p_in_topk[j]:.2f}"
+    return "±" + _number((estimate.ci_high[j] - estimate.ci_low[j]) / 2)
 
 
-_EXPECTED = {"expected_precision": "precision", "expected_cosine_distance": "cosine distance",
-             "expected_js_distance": "JS distance"}
-
-
-def _estimate_line(result: Result) -> Text | None:
+def _estimate_line(result) -> Text | None:
     """One line on what the sample alone says about its own accuracy, or why it says nothing."""
     parts = list(result.groups.values()) if result.groups is not None else [result]
-    estimates = [p.estimate for p in parts if p.estimate]
+    estimates = [p.estimate for p in parts if p.estimate is not None]
     if not estimates:
         return None
-    reliable = [e for e in estimates if e.get("reliable")]
+    reliable = [e for e in estimates if e.reliable]
     if not reliable:
-        reason = estimates[0].get("reason") or (
+        reason = estimates[0].reason or (
             f"{result.source.split('(')[0]} does not draw uniformly, so the sample cannot "
             f"measure its own bias; add WITH BASELINE for the real error")
         return Text(f"no accuracy estimate: {reason}", style="yellow")
-    key = next(k for k in _EXPECTED if k in reliable[0])
-    value = float(np.mean([e[key] for e in reliable]))
+    value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
-    return Text(f"estimated from the sample: expected {_EXPECTED[key]} {value:.3f}{scope}; "
+    return Text(f"estimated from the sample: expected {reliable[0].metric.label} {value:.3f}{scope}; "
                 f"covers sampling variance, not a sampler's bias", style="dim")
 
 
-def _caption(result: Result) -> str:
-    plan = result.plan
+def _caption(result) -> str:
+    provenance = result.provenance
     parts = [f"{result.n_items:,} matching items"]
-    if plan is not None and plan.n_sample is not None:
-        parts.append(f"sample {result.source}: {plan.n_sample:,} of {plan.n_data:,} items")
-    elif plan is not None:
-        parts.append(f"exact over all {plan.n_data:,} items")
+    if provenance is not None and provenance.approximate:
+        parts.append(f"sample {provenance.sampler}: {provenance.n_sample:,} of "
+                     f"{provenance.n_data:,} items")
+    elif provenance is not None:
+        parts.append(f"exact over all {provenance.n_data:,} items")
     if "query" in result.timings:
         parts.append(f"{result.timings['query']:.3f} s")
     elif "shared_pass" in result.timings:
@@ -224,11 +234,13 @@ def _caption(result: Result) -> str:
 _SPEEDUP_SHOWN_FROM = 0.05  # seconds of the full query
 
 
-def _summary(result: Result) -> Text | None:
+def _summary(result) -> Text | None:
     if not result.metrics:
         return None
+    from diagql.results.metrics import BY_KEY
+
     text = Text("vs exact: ", style="bold")
-    pieces = [f"{_METRIC_NAMES[k]} {v:.3f}" for k, v in result.metrics.items() if k in _METRIC_NAMES]
+    pieces = [f"{BY_KEY[k].label} {v:.3f}" for k, v in result.metrics.items() if k in BY_KEY]
     if result.groups is not None and pieces:
         pieces[0] = "mean " + pieces[0] + " over groups"
     full_s = result.timings.get("baseline")
@@ -242,9 +254,9 @@ def _summary(result: Result) -> Text | None:
 
 
 def _bar(value: float, top: float) -> Text:
-    if top <= 0 or not np.isfinite(value):
+    if top <= 0 or not math.isfinite(value):
         return Text("")
-    filled = int(round(_BAR_WIDTH * max(float(value), 0.0) / top))
+    filled = round(_BAR_WIDTH * max(float(value), 0.0) / top)
     return Text("█" * filled, style="green")
 
 
@@ -264,24 +276,24 @@ def _cell(value) -> str:
 # --- text, HTML, JSON, CSV --------------------------------------------------------------------
 
 
-def to_text(result: Result, width: int = 100, max_rows: int = MAX_ROWS) -> str:
+def to_text(result, width: int = 100, max_rows: int = MAX_ROWS) -> str:
     console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
     console.print(renderable(result, max_rows))
     return console.file.getvalue().rstrip("\n")
 
 
-def to_html(result: Result) -> str:
+def to_html(result) -> str:
     console = Console(record=True, file=io.StringIO(), width=110)
     console.print(renderable(result))
     return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")
 
 
-def to_json(result: Result) -> str:
+def to_json(result) -> str:
     """One compact JSON object: scripts print one line per statement (JSON Lines)."""
     return json.dumps(result.to_dict(), allow_nan=True, ensure_ascii=False)
 
 
-def to_csv(result: Result) -> str:
+def to_csv(result) -> str:
     records = result.records()
     if not records:
         return ""

@@ -1,4 +1,8 @@
-"""The answer to a statement: arrays for programs, a table for people, dicts and frames for both."""
+"""The answer to a statement: arrays for programs, a table for people, dicts and frames for both.
+
+A query's answer carries what render and programs need to know about it in its own types
+(``Provenance``, ``Estimate``), so nothing here reads the engine's plan.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,16 +10,77 @@ from typing import Any
 
 import numpy as np
 
+from diagql.results.metrics import Metric
+
+# The aggregates, which are also the kinds of a query's Result.
+AGGREGATES = ("topk", "avg", "argmax")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a query's answer comes from: all items or a sample of them, and how it was asked."""
+
+    n_data: int  # items in the data set
+    sampler: str | None = None  # the sampler call, e.g. "stratified(0.05, random_state=0)"
+    n_sample: int | None = None  # the sample's size; None with the sampler: every item
+    group_by: str | None = None  # "class" | "predicted" | "correct"
+    order: str = "mean"  # what TOPK ranks by: "mean" or "max"
+
+    def __post_init__(self):
+        if (self.sampler is None) != (self.n_sample is None):
+            raise ValueError("a sample has both a sampler and a size, an exact answer neither")
+
+    @property
+    def approximate(self) -> bool:
+        """Whether the answer comes from a sample: the one test of it for results."""
+        return self.sampler is not None
+
+    @property
+    def source(self) -> str:
+        return self.sampler if self.sampler is not None else "full"
+
+
+@dataclass(frozen=True, eq=False)
+class Estimate:
+    """What a sample alone says about its answer's accuracy (engine/estimate.py computes it).
+
+    An unreliable estimate is not shown: ``reason`` says why when there is one beyond the
+    sampler's (a non-uniform sampler's estimate is computed but cannot see its bias).
+    """
+
+    covers: str  # what the estimate accounts for, and what not
+    reliable: bool
+    level: float | None = None  # of the confidence intervals, e.g. 0.95
+    n: int | None = None  # matching sampled items
+    population: int | None = None  # matching items of the whole data set
+    reason: str | None = None
+    ci_low: np.ndarray | None = None  # per reported neuron
+    ci_high: np.ndarray | None = None
+    p_in_topk: np.ndarray | None = None  # TOPK: P(the neuron is in the true top-k)
+    metric: Metric | None = None  # the metric whose expected value ``expected`` is
+    expected: float | None = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready, the fields that are set, the expected value as "expected_<metric>"."""
+        out = {"covers": self.covers, "reliable": self.reliable}
+        for name in ("level", "n", "population", "reason", "ci_low", "ci_high", "p_in_topk"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = _jsonable(value)
+        if self.metric is not None:
+            out[self.metric.estimate_key] = _jsonable(self.expected)
+        return out
+
 
 @dataclass(eq=False)
 class Result:
     """One statement's answer.
 
-    Query results (``kind`` ``topk``, ``avg``, ``argmax``) fill ``neurons`` (flat C-order
-    indices: rank order for TOPK, every neuron in index order otherwise), ``labels`` and
-    ``values`` (the ranking aggregate, the means, or the fraction of items whose maximal
-    neuron it is). Other statements (``kind`` ``table``, ``set``, ``explain``) fill
-    ``columns`` and ``rows``.
+    Query results (``kind`` one of ``AGGREGATES``) fill ``neurons`` (flat C-order indices:
+    rank order for TOPK, every neuron in index order otherwise), ``labels``, ``values`` (the
+    ranking aggregate, the means, or the fraction of items whose maximal neuron it is) and
+    ``provenance``. Other statements (``kind`` ``table``, ``set``, ``explain``,
+    ``evaluation``) fill ``columns`` and ``rows``.
     """
 
     kind: str
@@ -26,13 +91,15 @@ class Result:
     labels: list[str] = field(default_factory=list)
     values: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float64))
     n_items: int = 0
-    groups: dict[Any, "Result"] | None = None
-    estimate: dict | None = None
-    baseline: "Result | None" = None
+    groups: dict[Any, Result] | None = None
+    estimate: Estimate | None = None  # a sample's answer only
+    baseline: Result | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    source: str = "full"  # "full" or the sampler call, e.g. "stratified(0.05, random_state=0)"
-    plan: Any = None
+    provenance: Provenance | None = None  # a query's answer only
+    # The engine's plan (EVALUATE: its bound statement), for programs; nothing in results/
+    # reads it, so that results stay below the engine.
+    plan: Any = field(default=None, repr=False)
     title: str = ""
     columns: list[str] = field(default_factory=list)
     rows: list[tuple] = field(default_factory=list)
@@ -42,11 +109,16 @@ class Result:
 
     @property
     def is_query(self) -> bool:
-        return self.kind in ("topk", "avg", "argmax")
+        return self.kind in AGGREGATES
 
     @property
     def approximate(self) -> bool:
-        return self.source != "full"
+        return self.provenance is not None and self.provenance.approximate
+
+    @property
+    def source(self) -> str:
+        """What the answer is over: "full", or the sampler call ("stratified(0.05, ...)")."""
+        return self.provenance.source if self.provenance is not None else "full"
 
     def __len__(self) -> int:
         return len(self.neurons) if self.is_query else len(self.rows)
@@ -77,7 +149,8 @@ class Result:
             "values": [float(v) for v in self.values],
             "metrics": {k: float(v) for k, v in self.metrics.items()},
             "timings": {k: float(v) for k, v in self.timings.items()},
-            "estimate": _jsonable(self.estimate), "notes": list(self.notes),
+            "estimate": self.estimate.to_dict() if self.estimate is not None else None,
+            "notes": list(self.notes),
         }
         if self.groups is not None:
             out["groups"] = [{"group": _plain(key), **group.to_dict()}
@@ -91,7 +164,8 @@ class Result:
         if not self.is_query:
             return [dict(zip(self.columns, map(_plain, row))) for row in self.rows]
         if self.groups is not None:
-            group_by = self.plan.query.group_by if self.plan is not None else "group"
+            group_by = (self.provenance.group_by if self.provenance is not None else None) \
+                or "group"
             return [{group_by: _plain(key), **rec}
                     for key, group in self.groups.items() for rec in group.records()]
         exact = self.baseline.value_of if self.baseline is not None else None
@@ -139,9 +213,7 @@ class Result:
 
 
 def _jsonable(value):
-    """Arrays and numpy scalars inside nested dicts, as lists and Python numbers."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+    """An array or numpy scalar as a list or Python number."""
     if isinstance(value, np.ndarray):
         return value.tolist()
     return _plain(value)

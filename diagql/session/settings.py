@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from diagql.errors import BindError
-
-FORMATS = ("table", "json", "csv")
+from diagql.results.render import FORMATS, MAX_ROWS
 
 
 @dataclass
@@ -14,7 +13,7 @@ class Settings:
     seed: int = 0
     latent: str | None = None  # None: the input of the final linear layer
     format: str = "table"
-    max_rows: int = 20
+    max_rows: int = MAX_ROWS
 
     @classmethod
     def names(cls) -> list[str]:
