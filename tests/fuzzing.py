@@ -24,7 +24,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diagql.language.parser import keywords, split_statements
+from diagql.language.grammar import keywords
+from diagql.language.parser import split_statements
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,6 +37,19 @@ def test_query_on_a_user_model_prints_a_table():
     assert done.returncode == 0, done.stderr
     assert "encoder.1[" in done.stdout
     assert "rank" in done.stdout
+    assert "TOPK 3 NEURONS IN encoder.1 WHERE incorrect" in done.stdout  # labels the result
+
+
+def test_format_choices_and_batch_size_default_are_the_sessions():
+    from diagql.session.settings import FORMATS, Settings
+    from diagql.shell.cli import build_parser
+
+    args = build_parser().parse_args([])
+    defaults = Settings()
+    assert (args.batch_size, args.format) == (defaults.batch_size, defaults.format) == (256, "table")
+    assert [build_parser().parse_args(["--format", f]).format for f in FORMATS] == list(FORMATS)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--format", "xml"])
 
 
 def test_json_output_is_one_object_per_statement():

@@ -10,15 +10,14 @@ from hypothesis import strategies as st
 
 from diagql.errors import DiagQLError, IncompleteStatement, ParseError
 from diagql.language import ast
+from diagql.language.grammar import keywords, statement_keywords
 from diagql.language.parser import (
     describe_expected,
     is_complete,
-    keywords,
     parse,
     parse_sampler,
     parse_script,
     split_statements,
-    statement_keywords,
 )
 
 L = ast.LayerRef

@@ -132,6 +132,7 @@ def _run(args, out, err) -> int:
         return run_repl(PendingConnection(lambda: _connect(args), what), out, err)
     conn = _connect(args)
     from diagql.errors import DiagQLError
+    from diagql.shell.output import print_result
 
     failed = False
     plots = 0
@@ -214,27 +215,6 @@ def _open(args):
     conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size
     return conn
-
-
-def print_result(out, result, settings, *, echo: bool = True) -> None:
-    """One result in the session's format. A table starts with its statement, which labels
-    each result of a script; the REPL passes ``echo=False``, its prompt shows the statement."""
-    from dataclasses import replace
-
-    from diagql.results.render import renderable, to_csv, to_json
-
-    if settings.format == "json":
-        out.print(to_json(result), markup=False, highlight=False, soft_wrap=True)
-    elif settings.format == "csv":
-        text = to_csv(result)
-        if text:
-            out.print(text, markup=False, highlight=False, soft_wrap=True)
-            out.print()
-    else:
-        if not echo and result.statement:
-            result = replace(result, statement="")
-        out.print(renderable(result, settings.max_rows))
-        out.print()
 
 
 def _print_error(err, exc, name: str | None) -> None:

@@ -11,7 +11,8 @@ from typing import Callable, Iterable, Iterator
 
 from prompt_toolkit.completion import Completer, Completion
 
-from diagql.language.parser import accepts, keywords, split_statements
+from diagql.language.grammar import accepts, keywords
+from diagql.language.parser import split_statements
 
 _WORD = re.compile(r"[A-Za-z0-9_.]*$")
 _LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*$")

@@ -72,7 +72,7 @@ def language_help() -> str:
     """The language at a glance: each statement's shape with the choices the grammar accepts
     at each point, and the samplers and settings from their registries."""
     from diagql import samplers
-    from diagql.language.parser import accepts, keywords
+    from diagql.language.grammar import accepts, keywords
     from diagql.session.settings import Settings
 
     def choices(prefix: str) -> str:

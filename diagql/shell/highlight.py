@@ -6,7 +6,7 @@ from typing import Iterator
 from prompt_toolkit.lexers import Lexer
 from prompt_toolkit.styles import Style
 
-from diagql.language.parser import get_parser, keywords
+from diagql.language.grammar import get_parser, keywords
 
 STYLE = Style.from_dict({
     "keyword": "ansibrightblue bold",

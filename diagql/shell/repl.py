@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from diagql.errors import DiagQLError, IncompleteStatement
-from diagql.language.parser import accepts, parse_piece, split_statements
+from diagql.language.grammar import accepts
+from diagql.language.parser import parse_piece, split_statements
 from diagql.shell.dot_commands import is_meta, run_meta
 
 PROMPT = "diagql> "
@@ -129,7 +130,7 @@ class Shell:
     def execute(self, text: str, *, echo: bool = False) -> None:
         """Run statements; ``echo`` labels each result with its statement (for .read, whose
         statements the prompt has not shown)."""
-        from diagql.shell.cli import print_result
+        from diagql.shell.output import print_result
 
         started = time.perf_counter()
         try:
