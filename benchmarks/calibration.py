@@ -18,9 +18,11 @@ import torch
 
 import diagql
 from diagql import samplers
-from diagql.engine import estimate, metrics
+from diagql.engine import estimate
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
-from diagql.evaluate.evaluation import combinations, default_layers, exact_answers, layer_truth
+from diagql.evaluate.evaluation import default_layers
+from diagql.results import metrics
+from truth import combinations, exact_answers, layer_truth
 
 K = 10
 
@@ -55,15 +57,16 @@ def run(db, name: str, params: dict, sizes, seeds: int) -> list[dict]:
                 top = rank(mean_state.finalize(), K)
                 topk = estimate.for_mean(mean_state, population, top, K, True)
                 arg = estimate.for_argmax(hist_state, population, True)
+                inside = (avg.ci_low <= exact_mean) & (exact_mean <= avg.ci_high)
                 rows.append({
                     "size": size, "n": len(chosen), "population": population,
-                    "coverage": float(np.mean((avg["ci_low"] <= exact_mean) & (exact_mean <= avg["ci_high"]))),
-                    "est_precision": topk["expected_precision"],
-                    "precision": metrics.precision(top, exact_top),
-                    "est_cosine": avg["expected_cosine_distance"],
-                    "cosine": metrics.cosine_distance(mean_state.finalize(), exact_mean),
-                    "est_js": arg["expected_js_distance"],
-                    "js": metrics.js_distance(hist_state.finalize(), exact_hist)})
+                    "coverage": float(np.mean(inside)),
+                    "est_precision": topk.expected,
+                    "precision": metrics.PRECISION.score(top, exact_top),
+                    "est_cosine": avg.expected,
+                    "cosine": metrics.COSINE.score(mean_state.finalize(), exact_mean),
+                    "est_js": arg.expected,
+                    "js": metrics.JS.score(hist_state.finalize(), exact_hist)})
     return rows
 
 

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from diagql import samplers
-from diagql.engine.aggregates import rank
 from diagql.engine.groups import cell_codes, n_cells
 from diagql.errors import BindError, ExecutionError
 from diagql.language import ast
@@ -514,56 +513,4 @@ def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleS
 def _mean_sd(values: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation over the seeds (exactly 0 when every seed agrees)."""
     return float(values.mean()), float(values.std()) if np.ptp(values) > 0 else 0.0
-
-
-# --- materialising helpers (benchmarks/calibration.py) ----------------------------------------
-# These hold a layer's activations for every item: fine for the demo, not for big layers.
-
-
-@dataclass(frozen=True)
-class Combination:
-    layer: str
-    label: int
-    correct: bool
-    items: np.ndarray  # all matching items of the data set
-
-
-@dataclass
-class LayerTruth:
-    """A layer's activations for every item (float32) and their per-item argmax."""
-
-    activations: np.ndarray
-    winners: np.ndarray
-
-
-def layer_truth(conn, layer: str) -> LayerTruth:
-    """One pass over every item, keeping the layer's flattened output (float32)."""
-    from diagql.engine.executor import Collector
-
-    collector = Collector(layer, np.arange(len(conn.source)), conn.catalog[layer].neurons,
-                          np.dtype(np.float32))
-    conn._runner().run([collector], f"every item's {layer}")
-    return LayerTruth(collector.rows, collector.rows.argmax(axis=1))
-
-
-def combinations(conn, layers: list[str]) -> list[Combination]:
-    profile = conn.profile
-    combos = []
-    for layer in layers:
-        for label in range(profile.n_classes):
-            for correct in (True, False):
-                mask = (profile.labels == label) & (profile.correct == correct)
-                if mask.any():
-                    combos.append(Combination(layer, label, correct, np.flatnonzero(mask)))
-    return combos
-
-
-def exact_answers(combos, truths, k: int) -> dict:
-    answers = {}
-    for combo in combos:
-        truth = truths[combo.layer]
-        mean = truth.activations[combo.items].astype(np.float64).mean(axis=0)
-        hist = np.bincount(truth.winners[combo.items], minlength=len(mean)).astype(np.float64)
-        answers[id(combo)] = (rank(mean, k), mean, hist / hist.sum())
-    return answers
 
