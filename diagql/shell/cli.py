@@ -1,7 +1,7 @@
 """The ``diagql`` command: scripts, -e queries and stdin, or the REPL on a terminal.
 
-Only argparse loads before the arguments are read, so ``--help`` and ``--version`` never
-import torch.
+Only argparse and the session's settings (for the formats and defaults) load before the
+arguments are read, so ``--help`` and ``--version`` never import torch or numpy.
 """
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
 """A statement's result printed in the session's format, for the command line and the REPL."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 
 def print_result(out, result, settings, *, echo: bool = True) -> None:
     """One result in the session's format. A table starts with its statement, which labels
@@ -17,7 +15,5 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
             out.print(text, markup=False, highlight=False, soft_wrap=True)
             out.print()
     else:
-        if not echo and result.statement:
-            result = replace(result, statement="")
-        out.print(renderable(result, settings.max_rows))
+        out.print(renderable(result, settings.max_rows, echo=echo))
         out.print()
