@@ -13,7 +13,6 @@ from diagql.language import ast
 from diagql.language.grammar import keywords, statement_keywords
 from diagql.language.parser import (
     describe_expected,
-    is_complete,
     parse,
     parse_sampler,
     parse_script,
@@ -307,7 +306,7 @@ def test_split_statements_drops_empty_statements():
     assert [p.text for p in split_statements(";SHOW LAYERS;;")] == ["SHOW LAYERS"]
 
 
-@pytest.mark.parametrize("text,complete", [
+@pytest.mark.parametrize("text,terminated", [
     ("SHOW LAYERS", False),
     ("SHOW LAYERS;", True),
     ("SHOW LAYERS;  -- done", True),
@@ -320,8 +319,9 @@ def test_split_statements_drops_empty_statements():
     ("", False),
     (";", False),
 ])
-def test_is_complete(text, complete):
-    assert is_complete(text) is complete
+def test_only_a_real_semicolon_terminates_the_last_statement(text, terminated):
+    pieces = split_statements(text)
+    assert (bool(pieces) and pieces[-1].terminated) is terminated
 
 
 # --- error positions and messages -----------------------------------------------------------

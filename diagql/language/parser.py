@@ -56,12 +56,6 @@ def split_statements(text: str) -> list[Piece]:
     return pieces
 
 
-def is_complete(text: str) -> bool:
-    """True when the text ends with a terminated statement (what the REPL waits for)."""
-    pieces = split_statements(text)
-    return bool(pieces) and pieces[-1].terminated
-
-
 # --- parsing --------------------------------------------------------------------------------
 
 
