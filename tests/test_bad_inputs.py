@@ -283,3 +283,37 @@ def test_a_gpu_requested_where_none_exists():
                       "--device", "cuda", "-e", "SHOW LAYERS")
     assert done.returncode == 1
     assert "no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- no model connected -------------------------------------------------------------------------
+
+NEEDS_A_MODEL = ["EVALUATE SAMPLERS random", "EVALUATE SAMPLERS random AT 0.1 SEEDS 1",
+                 "AVG NEURONS IN fc1", "TOPK 2 NEURONS IN fc1 USING SAMPLE random(0.1)",
+                 "EXPLAIN AVG NEURONS IN fc1", "DESCRIBE fc1", "SHOW LAYERS", "SHOW PROFILE"]
+
+
+@pytest.mark.parametrize("statement", NEEDS_A_MODEL)
+def test_a_statement_that_needs_a_model_says_so_without_one(statement):
+    conn = diagql.Connection.detached(cache_dir=False)
+    with pytest.raises(BindError, match="^no model is connected"):
+        conn.query(statement)
+    with pytest.raises(BindError, match="^no model is connected"):
+        conn.sample("random(0.1)")
+    with pytest.raises(BindError, match="^no model is connected"):
+        conn.plan("AVG NEURONS IN fc1")
+
+
+def test_statements_that_need_no_model_run_without_one():
+    conn = diagql.Connection.detached(cache_dir=False)
+    for statement in ("SHOW SAMPLERS", "SHOW SETTINGS", "SHOW CACHE", "SET seed = 4",
+                      "CLEAR CACHE"):
+        assert conn.query(statement).rows is not None
+
+
+def test_cli_without_a_model_refuses_evaluate_in_one_line():
+    done = diagql_cli("--no-cache", "-e", "EVALUATE SAMPLERS random")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "<-e>: error: no model is connected: start diagql with --demo, or with --model "
+        "MODULE:CALLABLE --data MODULE:CALLABLE"]
+    assert "internal error" not in done.stderr and "Traceback" not in done.stderr

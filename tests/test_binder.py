@@ -256,7 +256,7 @@ def test_bad_sample_size_points_at_the_argument(size):
     assert err.line == 1 and err.column is not None
     bad = size.split(", ")[-1]
     assert_caret_under(err, text, bad, exact=False)
-    assert fresh._profile is None, "a bad sampler argument should fail before the profile pass"
+    assert fresh.artifacts.profile is None, "a bad sampler argument should fail before the profile pass"
 
 
 def test_samples_at_the_limits_bind(db):

@@ -394,7 +394,7 @@ def forward_pass(conn, layers: list[LayerInfo], groups: np.ndarray, n_groups: in
     device = conn.device if conn.device.type != "mps" else torch.device("cpu")
     reducers = [_GroupReducer(layer, items, groups, n_groups, position, n_kept, device)
                 for layer in layers]
-    conn._runner().run(reducers, "EVALUATE: forward pass")
+    conn.runner().run(reducers, "EVALUATE: forward pass")
     return {reducer.layer: reducer.answers() for reducer in reducers}
 
 

@@ -43,11 +43,6 @@ class ItemSource:
     def __len__(self) -> int:
         return len(self._pair[0]) if self._pair is not None else len(self._dataset)
 
-    @property
-    def labels(self) -> np.ndarray | None:
-        """Labels known without a pass over the data (a pair (X, y)), else None."""
-        return self._pair[1] if self._pair is not None else None
-
     def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
         indices = np.asarray(indices, dtype=np.int64)
         if self._pair is not None:

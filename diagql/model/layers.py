@@ -1,6 +1,7 @@
 """The layers a query can name: every submodule, with its output shape found by one probe pass."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +42,6 @@ class LayerCatalog:
         self.by_name = {layer.name: layer for layer in layers}
         self.output_shape = output_shape
 
-    @property
-    def names(self) -> list[str]:
-        return [layer.name for layer in self.layers]
-
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
 
@@ -54,6 +51,25 @@ class LayerCatalog:
     def running_names(self) -> list[str]:
         """Names of the layers that run in forward, in order (what messages list)."""
         return [layer.name for layer in self.layers if layer.shape is not None]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The disk cache's encoding (storage/store.py stores dicts of arrays, no pickle)."""
+        layers = [[layer.name, layer.type_name, None if layer.shape is None else list(layer.shape),
+                   layer.calls] for layer in self.layers]
+        return {"layers": np.str_(json.dumps(layers)),
+                "output_shape": np.array(self.output_shape, dtype=np.int64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "LayerCatalog":
+        """Decode ``to_arrays``'s output, raising ValueError when it does not list layers."""
+        layers = []
+        for name, type_name, shape, calls in json.loads(str(arrays["layers"])):
+            if not (isinstance(name, str) and isinstance(type_name, str) and isinstance(calls, int)
+                    and (shape is None or all(isinstance(d, int) for d in shape))):
+                raise ValueError("it does not list layers")
+            layers.append(LayerInfo(name, type_name, None if shape is None else tuple(shape),
+                                    calls))
+        return cls(layers, tuple(int(d) for d in arrays["output_shape"]))
 
 
 def probe(model: nn.Module, x, call) -> LayerCatalog:

@@ -47,6 +47,32 @@ class Profile:
     def seconds_per_item(self) -> float:
         return self.seconds / max(len(self), 1)
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The disk cache's encoding (storage/store.py stores dicts of arrays, no pickle)."""
+        return {"labels": self.labels, "predictions": self.predictions,
+                "confidence": self.confidence, "latents": self.latents,
+                "n_classes": np.int64(self.n_classes), "latent_layer": np.str_(self.latent_layer),
+                "seconds": np.float64(self.seconds)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int) -> "Profile":
+        """Decode ``to_arrays``'s output, raising ValueError unless it describes ``n_items``
+        items with the types compute_profile makes (the rest of DiagQL relies on them)."""
+        profile = cls(
+            labels=arrays["labels"], predictions=arrays["predictions"],
+            confidence=arrays["confidence"], latents=arrays["latents"],
+            n_classes=int(arrays["n_classes"]), latent_layer=str(arrays["latent_layer"]),
+            seconds=float(arrays["seconds"]),
+            # compute_profile stores -1 for every label of data without labels.
+            has_labels=bool(np.all(arrays["labels"] >= 0)))
+        if not (profile.labels.shape == profile.predictions.shape == profile.confidence.shape
+                == (n_items,) and profile.latents.ndim == 2 and len(profile.latents) == n_items
+                and profile.labels.dtype == profile.predictions.dtype == np.int64
+                and profile.confidence.dtype == np.float64
+                and profile.latents.dtype == np.float32):
+            raise ValueError(f"it does not describe {n_items:,} items")
+        return profile
+
 
 def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_input: bool,
                     device: torch.device, dtype: torch.dtype, batch_size: int,

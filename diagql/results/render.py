@@ -30,7 +30,9 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     if result.kind == "evaluation":
         return _evaluation(result, echo)
     if not result.is_query:
-        return _info_table(result, max_rows)
+        table = _info_table(result, max_rows)
+        notes = [Text(note, style="yellow") for note in result.notes]
+        return Group(table, *notes) if notes else table
     parts = [Text(result.statement, style="bold")] if echo and result.statement else []
     parts.append(_query_table(result, max_rows))
     # Below the table rather than as its caption, which rich would wrap to the table's width.

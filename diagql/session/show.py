@@ -39,9 +39,14 @@ def _cache(conn, statement) -> Result:
                      used["misses"]))
     total = sum(e.bytes for e in entries)
     rows.append(("total", len(entries), format_size(total), cache.hits, cache.misses))
-    return Result(kind="table", statement=statement.text,
-                  title=f"{cache.root}: {format_size(total)} of {format_size(cache.limit)}",
-                  columns=COLUMNS, rows=rows)
+    result = Result(kind="table", statement=statement.text,
+                    title=f"{cache.root}: {format_size(total)} of {format_size(cache.limit)}",
+                    columns=COLUMNS, rows=rows)
+    if conn.model is not None:
+        conn.artifacts.fingerprints()  # finds out, once, what cannot be fingerprinted
+        for what, reason in conn.artifacts.memory_only.items():
+            result.notes.append(f"this connection's {what} is cached in memory only: {reason}")
+    return result
 
 
 def clear_cache(conn, statement) -> Result:

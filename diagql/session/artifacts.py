@@ -1,0 +1,190 @@
+"""What a connection derives once from its model and data and then reuses: the layer catalog,
+the profile and the samples, each from memory, else the disk cache, else computed and stored.
+
+The cache keys live here too: each key names everything its value depends on — the model's
+and the data's fingerprints, the settings that shape it, and the digest of the code that
+computes it — so that no change ever reuses a stale entry (docs/ARCHITECTURE.md, "storage").
+"""
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from typing import Callable, TypeVar
+
+import numpy as np
+
+from diagql import samplers
+from diagql.engine import executor
+from diagql.errors import BindError, DiagQLWarning
+from diagql.language import ast
+from diagql.language.binder import bind_layer, sampler_needs_labels
+from diagql.model import hooks, layers, profile as profile_module
+from diagql.model.data import call_model, to_device
+from diagql.model.layers import LayerCatalog, default_latent, probe
+from diagql.model.profile import Profile, compute_profile
+from diagql.storage.fingerprint import (Unfingerprintable, cache_key, data_fingerprint,
+                                        model_fingerprint, source_digest)
+
+T = TypeVar("T")
+
+
+def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
+                    encode: Callable[[T], dict], decode: Callable[[dict], T],
+                    meta: Callable[[T], dict]) -> T:
+    """The one way a cached artifact is had: read it under ``key`` (None: memory only), else
+    compute it and store it there. A damaged entry is a miss (storage/store.py reports it)."""
+    if key is not None:
+        value = cache.load(kind, key, decode)
+        if value is not None:
+            return value
+    value = compute()
+    if key is not None:
+        cache.store(kind, key, encode(value), meta=meta(value))
+    return value
+
+
+class Artifacts:
+    """The catalog, profile and samples of one connection, and the cache keys they are kept
+    under. The connection assumes the model and data do not change while it is open."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.catalog: LayerCatalog | None = None
+        self.profile: Profile | None = None
+        self.samples: dict[str, samplers.Sample] = {}  # by sampler spec
+        self._fingerprints: tuple[str, str] | None = None
+        # "model" / "data" -> why it cannot be fingerprinted, so its artifacts stay in memory.
+        self.memory_only: dict[str, str] = {}
+        self._fingerprinted = False
+
+    # --- the artifacts ----------------------------------------------------------------------
+
+    def get_catalog(self) -> LayerCatalog:
+        if self.catalog is None:
+            conn = self.conn
+
+            def compute() -> LayerCatalog:
+                _, x, _ = next(conn.source.batches(np.array([0]), 1))
+                return probe(conn.model, to_device(x, conn.device, conn.dtype), call_model)
+
+            self.catalog = load_or_compute(
+                conn.cache, "catalog", self.catalog_key(), compute, LayerCatalog.to_arrays,
+                LayerCatalog.from_arrays, lambda _: {"model": type(conn.model).__qualname__})
+        return self.catalog
+
+    def get_profile(self) -> Profile:
+        if self.profile is None:
+            conn = self.conn
+            n_items = len(conn.source)
+            self.profile = load_or_compute(
+                conn.cache, "profile", self.profile_key(), self._compute_profile,
+                Profile.to_arrays, lambda arrays: Profile.from_arrays(arrays, n_items),
+                lambda p: {"model": type(conn.model).__qualname__, "items": len(p),
+                           "latent": p.latent_layer, "dtype": str(conn.dtype),
+                           "device": str(conn.device)})
+        return self.profile
+
+    def _compute_profile(self) -> Profile:
+        conn = self.conn
+        latent = conn.settings.latent
+        if latent is None:
+            name, is_input = default_latent(conn.model), True
+        else:
+            name, is_input = bind_layer(ast.LayerRef(latent), self.get_catalog()).name, False
+        return compute_profile(
+            conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
+            dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress)
+
+    def get_sample(self, sampler: samplers.Sampler) -> tuple[samplers.Sample, bool]:
+        """The sampler's sample and whether it was drawn just now (False: from a cache)."""
+        spec = sampler.spec()
+        if spec in self.samples:
+            return self.samples[spec], False
+        profile = self.get_profile()
+        if not profile.has_labels and sampler.needs_labels:
+            raise BindError(sampler_needs_labels(sampler.name))
+        drawn = []
+
+        def draw() -> samplers.Sample:
+            data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
+                                       profile.n_classes)
+            started = time.perf_counter()
+            indices = sampler.fit(data).indices_
+            drawn.append(True)
+            return samplers.Sample(spec, indices, time.perf_counter() - started)
+
+        n_items = len(self.conn.source)
+        sample = load_or_compute(
+            self.conn.cache, "sample", self.sample_key(sampler), draw, samplers.Sample.to_arrays,
+            lambda arrays: samplers.Sample.from_arrays(arrays, spec, n_items),
+            lambda s: {"sampler": spec, "items": len(s.indices)})
+        self.samples[spec] = sample
+        return sample, bool(drawn)
+
+    def forget_latent_space(self) -> None:
+        """SET latent changed the samplers' space: the profile and samples are stale."""
+        self.profile = None
+        self.samples.clear()
+
+    # --- cache keys ---------------------------------------------------------------------------
+
+    def fingerprints(self) -> tuple[str, str] | None:
+        """(model, data) digests, hashed once; None when either cannot be hashed completely
+        (``memory_only`` says why) or the cache is off."""
+        if not self.conn.cache.enabled:
+            return None
+        if not self._fingerprinted:
+            self._fingerprinted = True
+            parts = {}
+            for what, fingerprint, value in (("model", model_fingerprint, self.conn.model),
+                                             ("data", data_fingerprint, self.conn.data)):
+                try:
+                    parts[what] = fingerprint(value)
+                except Unfingerprintable as exc:
+                    self.memory_only[what] = str(exc)
+            if self.memory_only.get("model"):
+                # Other models would share its key if it pretended to see what it cannot.
+                warnings.warn(f"the model is cached in memory only: {self.memory_only['model']}",
+                              DiagQLWarning, stacklevel=4)
+            if not self.memory_only:
+                self._fingerprints = (parts["model"], parts["data"])
+        return self._fingerprints
+
+    def profile_key(self) -> str | None:
+        fingerprints = self.fingerprints()
+        if fingerprints is None:
+            return None
+        conn = self.conn
+        # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
+        # tie. The batch size is not: on one device it changes outputs by rounding at most.
+        return cache_key("profile", *fingerprints, conn.settings.latent, str(conn.dtype),
+                         conn.device.type, source_digest(profile_module))
+
+    def catalog_key(self) -> str | None:
+        """The catalog depends on the model and the items' shape, so on both fingerprints."""
+        fingerprints = self.fingerprints()
+        if fingerprints is None:
+            return None
+        return cache_key("catalog", *fingerprints, str(self.conn.dtype), self.conn.device.type,
+                         source_digest(layers))
+
+    def activation_key(self, layer: str) -> str | None:
+        profile_key = self.profile_key()
+        if profile_key is None:
+            return None
+        # The code that produces rows is part of the key: a change to it never reuses them.
+        return cache_key("activations", profile_key, layer,
+                         [source_digest(module) for module in (executor, hooks)])
+
+    def sample_key(self, sampler: samplers.Sampler) -> str | None:
+        """None for a sampler without a seed: its draws differ each time, so it is not kept."""
+        profile_key = self.profile_key()
+        if profile_key is None or getattr(sampler, "random_state", None) is None:
+            return None
+        # The sampler's code (its modules, helpers included) is part of the key, so that a
+        # changed sampler draws afresh.
+        modules = dict.fromkeys(inspect.getmodule(cls) for cls in type(sampler).__mro__
+                                if issubclass(cls, samplers.Sampler))
+        return cache_key("sample", profile_key, sampler.spec(),
+                         [source_digest(module) for module in modules])

@@ -1,0 +1,90 @@
+"""Running a script: statement by statement, consecutive queries sharing one forward pass.
+
+Each statement gets its own Result or its own DiagQLError, and the run goes on: the CLI's
+``--keep-going`` and the REPL decide whether to stop (docs/ARCHITECTURE.md, "scripts").
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from diagql.errors import DiagQLError
+from diagql.language import ast
+from diagql.language.parser import parse_piece, split_statements
+from diagql.results.result import Result
+from diagql.session.statements import planned, run_statement
+
+
+def run_timed(conn, statement: ast.Statement, source: str, parsed: float) -> Result:
+    """Run one parsed statement; its Result carries the parse and total seconds. A DiagQLError
+    is raised with the source text attached, so that it can point into it."""
+    started = time.perf_counter()
+    try:
+        result = run_statement(conn, statement)
+    except DiagQLError as exc:
+        raise exc.with_source(source) from None
+    result.timings["parse"] = parsed
+    result.timings["total"] = parsed + time.perf_counter() - started
+    return result
+
+
+def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
+    """Every statement's Result or DiagQLError, in order."""
+    queries: list[tuple[ast.Query, float]] = []  # waiting to share a pass, with parse seconds
+    for piece in split_statements(script):
+        started = time.perf_counter()
+        try:
+            statement = parse_piece(piece, script)
+        except DiagQLError as exc:
+            yield from _run_queries(conn, queries, script)
+            yield exc.with_source(script)
+            continue
+        parsed = time.perf_counter() - started
+        if isinstance(statement, ast.Query):
+            queries.append((statement, parsed))
+            continue
+        yield from _run_queries(conn, queries, script)
+        yield _outcome(conn, statement, script, parsed)
+    yield from _run_queries(conn, queries, script)
+
+
+def _outcome(conn, statement, script: str, parsed: float) -> Result | DiagQLError:
+    try:
+        return run_timed(conn, statement, script, parsed)
+    except DiagQLError as exc:
+        return exc
+
+
+def _run_queries(conn, queries: list, script: str) -> Iterator[Result | DiagQLError]:
+    """Answer the waiting queries (emptying the list): one alone as usual, several together
+    in one forward pass over the union of their items."""
+    waiting, queries[:] = list(queries), []
+    if len(waiting) == 1:
+        yield _outcome(conn, waiting[0][0], script, waiting[0][1])
+        return
+    outcomes: list[Result | DiagQLError | None] = []
+    plans: list = []  # (position, plan, timings) of the queries that planned
+    for statement, _ in waiting:
+        try:
+            plan, timings = planned(conn, statement)
+        except DiagQLError as exc:
+            outcomes.append(exc.with_source(script))
+            continue
+        plans.append((len(outcomes), plan, timings))
+        outcomes.append(None)
+    if plans:
+        started = time.perf_counter()
+        try:
+            answers = conn.runner().answer_many([plan for _, plan, _ in plans])
+        except DiagQLError as exc:  # the pass itself failed (the model's forward raised)
+            answers = [exc] * len(plans)
+        seconds = time.perf_counter() - started
+        for (position, _, timings), answer in zip(plans, answers):
+            if isinstance(answer, Result):
+                answer.timings.update(timings)
+                answer.timings["parse"] = waiting[position][1]
+                answer.timings["total"] = seconds
+                outcomes[position] = answer
+            else:
+                outcomes[position] = answer.with_source(script)
+    yield from outcomes
