@@ -366,3 +366,29 @@ def test_a_second_connection_to_another_partial_is_not_served_the_first_profile(
     for model, truth in zip(nets, truths):
         db = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
         np.testing.assert_array_equal(db.profile.predictions, truth)
+
+
+def test_a_model_that_cannot_be_seen_whole_is_cached_in_memory_only(tmp_path):
+    """The connection's side: one warning naming the attribute, nothing written to disk, the
+    reason in SHOW CACHE, and answers equal to plain torch all the same."""
+    import warnings
+
+    from diagql.errors import DiagQLWarning
+
+    model = net(F.relu)
+    model.rng = random.Random(0)  # its generator state is invisible to any fingerprint
+    y = torch.arange(len(X)) % 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        db = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
+        np.testing.assert_array_equal(db.profile.predictions, outputs(model).argmax(1).numpy())
+        db.query("AVG NEURONS IN block USING SAMPLE random(0.5)")
+        shown = db.query("SHOW CACHE")
+    memory_only = [w for w in caught if issubclass(w.category, DiagQLWarning)]
+    assert len(memory_only) == 1, [str(w.message) for w in memory_only]
+    assert "cached in memory only" in str(memory_only[0].message)
+    assert "'rng'" in str(memory_only[0].message)
+    assert db.cache.writes == 0 and not list(tmp_path.rglob("*.npz"))
+    assert any("model is cached in memory only" in note and "'rng'" in note
+               for note in shown.notes), shown.notes
+    assert "memory only" in str(shown)
