@@ -5,7 +5,7 @@
 One EVALUATE SAMPLERS statement does the work (this script only builds it and prints the
 table): S1 = mean top-k precision, S2 = mean cosine distance, S3 = mean Jensen-Shannon distance
 over every layer (conv1, conv2, fc1, fc2, fc3) × class × {correct, incorrect} combination with a
-matching item (DESIGN section 6), each sampler averaged over the seeds (spread beside it), with
+matching item (docs/ARCHITECTURE.md, "Evaluate"), each sampler averaged over the seeds (spread beside it), with
 Table IV's counts (correctly / incorrectly classified items in the sample) and the time to draw
 a sample. The statement it runs is printed first, to paste into ``diagql --demo -e``.
 """

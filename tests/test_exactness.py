@@ -4,7 +4,7 @@ The truth uses plain torch and numpy only: no diagql code and no forward hooks. 
 activation of layer i of an ``nn.Sequential`` is ``model[:i + 1](X)`` (with
 ``ReLU(inplace=True)`` at i + 1 that is the pre-ReLU value, which is what layer i must report);
 the MLP's activations come from calling its submodules one after the other. Each aggregate is
-then its definition (DESIGN.md sections 3-6) written in numpy:
+then its definition (docs/ARCHITECTURE.md, "Data model" and "Plan and execute") written in numpy:
 
 - a neuron is one element of a layer's per-item output, flattened in C order; CHANNELS first
   averages each channel over its spatial positions;

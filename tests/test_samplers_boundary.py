@@ -1,4 +1,4 @@
-"""The latent-space samplers against their definitions (paper IV, DESIGN.md section 6), on
+"""The latent-space samplers against their definitions (paper IV; docs/ARCHITECTURE.md, "Samplers and metrics"), on
 Gaussian blobs where the answer is known: well-separated classes plus a few planted items halfway
 between two class centres, which any boundary-seeking sampler must find first."""
 from __future__ import annotations
