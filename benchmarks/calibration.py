@@ -20,7 +20,7 @@ import diagql
 from diagql import samplers
 from diagql.engine import estimate
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
-from diagql.evaluate.evaluation import default_layers
+from diagql.evaluate.bind import default_layers
 from diagql.results import metrics
 from truth import combinations, exact_answers, layer_truth
 
