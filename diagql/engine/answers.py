@@ -18,7 +18,7 @@ from diagql.results.result import Estimate, Provenance, Result
 def require_matches(plan: Plan) -> None:
     """An exact answer over no items is an error; a sample with none is an empty answer (and
     its baseline, if any, must match something)."""
-    exact = plan if plan.n_sample is None else plan.baseline
+    exact = plan.baseline if plan.approximate else plan
     if exact is not None and len(exact.items) == 0:
         raise ExecutionError(no_match_message(exact))
 

@@ -86,7 +86,7 @@ class Reducer:
             query = self.plan.query
             # An exact answer has no standard error to compute.
             self.states[key] = state_for(query.aggregate, query.order, self.plan.bound.n_neurons,
-                                         spread=self.plan.n_sample is not None)
+                                         spread=self.plan.approximate)
         return self.states[key]
 
     def check(self) -> None:
@@ -188,7 +188,7 @@ class Runner:
         only the items it lacks go through the model (their rows kept as they pass), and a
         query whose states were reduced before (TOPK then AVG, same layer, sample and WHERE)
         reuses them."""
-        store = self.activations if plan.n_sample is not None else None
+        store = self.activations if plan.approximate else None
         if store is None:
             reducer = Reducer(plan)
             self.run([reducer], description)
@@ -242,7 +242,7 @@ class Runner:
                 outcomes[i] = exc
                 continue
             base = Reducer(plan.baseline) if plan.baseline is not None else None
-            if plan.n_sample is None or store is None:
+            if not plan.approximate or store is None:
                 work[i] = (None, Reducer(plan), base)
                 continue
             known = store.reduced(plan)
@@ -290,7 +290,7 @@ class Runner:
         require_matches(plan)
         query = plan.query
         started = time.perf_counter()
-        label = "sampled items" if plan.n_sample is not None else "items"
+        label = "sampled items" if plan.approximate else "items"
         states = self.states(plan, f"{query.aggregate.upper()} {plan.bound.layer.name} ({label})")
         timings = {"query": time.perf_counter() - started}
         full_states = None

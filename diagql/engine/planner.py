@@ -33,6 +33,11 @@ class Plan:
     def query(self) -> ast.Query:
         return self.bound.query
 
+    @property
+    def approximate(self) -> bool:
+        """Whether the plan answers from a sample (the one test of it for plans)."""
+        return self.n_sample is not None
+
     def estimated_seconds(self) -> float:
         return len(self.items) * self.seconds_per_item
 
@@ -40,7 +45,7 @@ class Plan:
         """(step, detail) rows, top to bottom in the order they run."""
         q = self.query
         rows = []
-        if self.n_sample is None:
+        if not self.approximate:
             rows.append(("scan", f"all {self.n_data:,} items (USING FULL)"))
         else:
             rows.append(("sample", f"{self.sampler_spec}: {self.n_sample:,} of {self.n_data:,} "
