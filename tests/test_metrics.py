@@ -133,12 +133,16 @@ def test_grouped_records_name_the_group_from_the_provenance():
     assert [r["class"] for r in records] == [1, 1, 1, 2, 2, 2]
 
 
-def test_settings_take_formats_and_max_rows_from_render_without_numpy():
-    """The REPL's prompt comes before numpy loads: the settings it imports must not load it."""
-    code = ("import sys\nfrom diagql.session import settings\nfrom diagql.results import render\n"
-            "assert settings.FORMATS is render.FORMATS\n"
-            "assert settings.Settings().max_rows == render.MAX_ROWS\n"
-            "assert 'numpy' not in sys.modules, 'numpy was imported'\n")
+def test_settings_take_formats_and_max_rows_from_results_without_numpy_or_rich():
+    """The REPL's prompt and `diagql --help` come before numpy loads: the settings they import
+    must load neither numpy nor rich."""
+    code = ("import sys\nfrom diagql.session import settings\nfrom diagql.results import formats\n"
+            "assert settings.FORMATS is formats.FORMATS\n"
+            "assert settings.Settings().max_rows == formats.MAX_ROWS\n"
+            "assert 'numpy' not in sys.modules, 'numpy was imported'\n"
+            "assert 'rich' not in sys.modules, 'rich was imported'\n"
+            "from diagql.results import render\n"
+            "assert render.FORMATS is formats.FORMATS and render.MAX_ROWS == formats.MAX_ROWS\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           check=False)
     assert done.returncode == 0, done.stderr

@@ -143,11 +143,14 @@ class Full:
 # --- statements ---------------------------------------------------------------------------
 
 
+AGGREGATES = ("topk", "avg", "argmax")  # what a Query computes; its Result has the same kind
+
+
 @dataclass(frozen=True)
 class Query:
     """An aggregate over one layer's neurons (or channels) across the matching items."""
 
-    aggregate: str  # "topk" | "avg" | "argmax"
+    aggregate: str  # one of AGGREGATES
     unit: str  # "neurons" | "channels"
     layer: LayerRef
     k: int | None = None
@@ -159,10 +162,6 @@ class Query:
     baseline: bool = False
     span: Span | None = _span()
     text: str = field(default="", compare=False)
-
-    @property
-    def approximate(self) -> bool:
-        return isinstance(self.source, SamplerCall)
 
 
 @dataclass(frozen=True)

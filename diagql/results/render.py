@@ -15,12 +15,10 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-# The forms render produces and the rows a table shows before it counts the rest: the session
-# settings take their choices and default from here. Importing this module loads neither numpy
-# nor the metrics (they load with the first result), because the settings, and so the REPL's
-# first prompt, import it before torch and numpy load behind that prompt.
-FORMATS = ("table", "json", "csv")
-MAX_ROWS = 20
+from diagql.results.formats import FORMATS, MAX_ROWS  # noqa: F401 - FORMATS: what to_* write
+
+# Importing this module loads neither numpy nor the metrics (they load with the first result),
+# so that rendering the REPL's first lines waits for nothing.
 _BAR_WIDTH = 12
 
 

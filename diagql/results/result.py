@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from diagql.language.ast import AGGREGATES
 from diagql.results.metrics import Metric
 
 # The aggregates, which are also the kinds of a query's Result.
-AGGREGATES = ("topk", "avg", "argmax")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from diagql.errors import BindError
-from diagql.results.render import FORMATS, MAX_ROWS
+from diagql.results.formats import FORMATS, MAX_ROWS
 
 
 @dataclass
