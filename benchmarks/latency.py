@@ -51,14 +51,14 @@ def plan_latency(conn, queries, repeat):
     from diagql.language.parser import parse
 
     for text in queries:  # warm-up: profile, catalog, samples
-        conn._plan(parse(text))
+        conn.plan(parse(text))
     times = {text: {"parse": [], "plan": [], "total": []} for text in queries}
     for _ in range(repeat):
         for text in queries:
             started = time.perf_counter()
             statement = parse(text)
             parsed = time.perf_counter()
-            conn._plan(statement)
+            conn.plan(statement)
             done = time.perf_counter()
             times[text]["parse"].append((parsed - started) * 1e3)
             times[text]["plan"].append((done - parsed) * 1e3)

@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from diagql.results.formats import FORMATS, MAX_ROWS  # noqa: F401 - FORMATS: what to_* write
+from diagql.results.formats import MAX_ROWS
 
 # Importing this module loads neither numpy nor the metrics (they load with the first result),
 # so that rendering the REPL's first lines waits for nothing.

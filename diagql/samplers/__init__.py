@@ -46,6 +46,3 @@ def build(name: str, args: dict[str, object], *, seed: int | None) -> Sampler:
     args = dict(args)
     args.setdefault("random_state", seed)
     return cls(**args)
-
-
-__all__ = ["REGISTRY", "Param", "SampleData", "Sampler", "build", "resolve_size", "sampler_class"]
