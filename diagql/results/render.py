@@ -243,12 +243,19 @@ def _summary(result) -> Text | None:
     pieces = [f"{BY_KEY[k].label} {v:.3f}" for k, v in result.metrics.items() if k in BY_KEY]
     if result.groups is not None and pieces:
         pieces[0] = "mean " + pieces[0] + " over groups"
-    full_s = result.timings.get("baseline")
+    timings = result.timings
+    full_s = timings.get("baseline")
     if full_s is not None:
-        pieces.append(f"sample {result.timings['query']:.3f} s vs full {full_s:.3f} s")
+        drawn = timings.get("sample", 0.0)
+        draw = f" (drawing it {drawn:.3f} s)" if drawn else ""
+        pieces.append(f"sample {timings.get('sample_side', timings['query']):.3f} s{draw} vs "
+                      f"full {full_s:.3f} s")
     # Below ~50 ms both sides are per-call overhead (and cache writes), and their ratio noise.
     if "speedup" in result.metrics and full_s is not None and full_s >= _SPEEDUP_SHOWN_FROM:
-        pieces.append(f"{result.metrics['speedup']:.1f}× faster")
+        speedup = result.metrics["speedup"]
+        pieces.append(f"{speedup:.1f}× faster" if speedup >= 1 else f"{1 / speedup:.1f}× slower")
+    if timings.get("profile", 0.0) >= _SPEEDUP_SHOWN_FROM:
+        pieces.append(f"profile (once per model and data) {timings['profile']:.2f} s")
     text.append(" · ".join(pieces))
     return text
 
