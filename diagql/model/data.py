@@ -1,22 +1,44 @@
-"""Uniform access to the user's labelled data: a Dataset, a DataLoader or a pair (X, y)."""
+"""Uniform access to the user's data in the forms each ecosystem hands it: a Dataset, a
+DataLoader, a pair (X, y), and mappings of named inputs (tokenizer and collator outputs)."""
 from __future__ import annotations
 
-from typing import Iterator
+import inspect
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset,
+                              default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
 
 Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model input, labels)
 
+# Where a mapping keeps its labels when no label_key names them (Hugging Face uses "labels"
+# and "label"; plain PyTorch code "y" and "target(s)").
+LABEL_KEYS = ("labels", "label", "y", "target", "targets")
+FORMS = ("a torch Dataset of (x, y) or of dicts, a DataLoader, a pair (X, y) of tensors or "
+         "arrays, or a mapping of named inputs (with its labels under a key, or as (mapping, y))")
+_NAME_IT = "name the key with label_key=... (CLI: --label-key)"
+
 
 class ItemSource:
-    """Items addressed by their index in the data set, served in batches in index order."""
+    """Items addressed by their index in the data set, served in batches in index order.
 
-    def __init__(self, data):
+    A batch's model input is a tensor, a tuple (spread over forward's positional arguments)
+    or a dict (passed as keyword arguments, its label key removed); see connect().
+    """
+
+    def __init__(self, data, label_key: str | None = None):
+        if label_key is not None and not (isinstance(label_key, str) and label_key):
+            raise DiagQLError(f"label_key must be the name of a key, not {label_key!r}")
+        self.label_key = label_key
+        # Why mapping data has no labels, once a mapping without a label key has been seen:
+        # a refusal of a query that needs labels can say what to name.
+        self.missing_labels: str | None = None
         self._pair = None
+        self._columns: dict[str, torch.Tensor] | None = None
+        self._column_labels: np.ndarray | None = None
         self._dataset = None
         self._collate = None
         self._workers = 0
@@ -24,71 +46,180 @@ class ItemSource:
             if isinstance(data.dataset, IterableDataset):
                 raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
                                   "Dataset or a pair (X, y)")
-            self._dataset, self._collate, self._workers = data.dataset, data.collate_fn, data.num_workers
+            self._dataset, self._workers = data.dataset, data.num_workers
+            # A loader built with batch_size=None converts items one by one; ours batches them.
+            self._collate = None if data.collate_fn is default_convert else data.collate_fn
         elif isinstance(data, IterableDataset):
             raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
                               "Dataset or a pair (X, y)")
         elif isinstance(data, Dataset):
             self._dataset = data
+        elif isinstance(data, Mapping):
+            self._set_columns(data, None)
+        elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Mapping):
+            self._set_columns(data[0], data[1])
         elif isinstance(data, (tuple, list)) and len(data) == 2:
+            self._refuse_label_key(f"X of type {type(data[0]).__name__}")
             # (X, None) is data without labels: queries that need none still work.
             self._pair = (_as_tensor(data[0], "X"), None if data[1] is None else _as_labels(data[1]))
             if self._pair[1] is not None and len(self._pair[0]) != len(self._pair[1]):
                 raise DiagQLError(f"X has {len(self._pair[0])} items but y has "
                                   f"{len(self._pair[1])} labels")
         else:
-            raise DiagQLError(f"data must be a torch Dataset of (x, y), a DataLoader, or a pair "
-                              f"(X, y) of tensors or arrays, not {type(data).__name__}")
+            raise DiagQLError(f"data must be {FORMS}, not {_describe(data)}")
 
     def __len__(self) -> int:
-        return len(self._pair[0]) if self._pair is not None else len(self._dataset)
+        if self._pair is not None:
+            return len(self._pair[0])
+        if self._columns is not None:
+            return len(next(iter(self._columns.values())))
+        return len(self._dataset)
 
     def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
         indices = np.asarray(indices, dtype=np.int64)
-        if self._pair is not None:
-            X, y = self._pair
+        if self._pair is not None or self._columns is not None:
             for start in range(0, len(indices), batch_size):
                 idx = indices[start:start + batch_size]
-                if bool(np.all(np.diff(idx) == 1)):  # a run of items (a full pass): a view
-                    x = X[int(idx[0]):int(idx[-1]) + 1]
+                if self._pair is not None:
+                    X, y = self._pair
+                    yield idx, _take(X, idx), None if y is None else y[idx]
                 else:
-                    x = X[torch.from_numpy(idx)]
-                yield idx, x, None if y is None else y[idx]
+                    y = self._column_labels
+                    yield (idx, {k: _take(v, idx) for k, v in self._columns.items()},
+                           None if y is None else y[idx])
             return
+        # The loader's collate_fn makes each of our batches from its items, in index order:
+        # a padding collate pads to the longest item of our batch, not of the user's.
         loader = DataLoader(Subset(self._dataset, indices.tolist()), batch_size=batch_size,
                             shuffle=False, num_workers=self._workers,
                             **({"collate_fn": self._collate} if self._collate else {}))
         start = 0
         for batch in loader:
-            x, y = _split_item(batch)
+            x, y = self._split(batch)
+            idx = indices[start:start + batch_size]
+            start += len(idx)
             n = _batch_len(x)
-            idx = indices[start:start + n]
-            start += n
-            yield idx, x, (None if y is None else _as_labels(y))
+            if n != len(idx) or (y is not None and len(y) != n):
+                got = f"{n} inputs" + ("" if y is None else f" and {len(y)} labels")
+                raise DiagQLError(f"a batch of {len(idx)} items came back from the collate_fn "
+                                  f"with {got}; DiagQL needs one input and label per item")
+            yield idx, x, y
+
+    # --- the forms of a batch ------------------------------------------------------------------
+
+    def _set_columns(self, mapping: Mapping, y) -> None:
+        """A mapping of arrays, one row per item: its label key (if any) holds the labels
+        unless ``y`` gives them; the other keys are the model's keyword inputs."""
+        columns = {}
+        for key, value in mapping.items():
+            columns[key] = _as_tensor(value, f"the inputs under {key!r}")
+            if columns[key].ndim == 0:
+                raise DiagQLError(f"the inputs under {key!r} are a single value, not one row "
+                                  f"per item")
+        key = self._label_key_of(columns, "the data's keys")
+        labels = columns.pop(key) if key is not None else None
+        if y is not None:
+            labels = y  # given explicitly: a label column in the mapping is left out of the inputs
+        elif labels is None:
+            self.missing_labels = f"cannot find the labels among the data's keys " \
+                                  f"{_keys(mapping)}: {_NAME_IT}"
+        if not columns:
+            raise DiagQLError(f"the data's keys {_keys(mapping)} hold only the labels; the "
+                              f"model's inputs must be under other keys")
+        sizes = {k: len(v) for k, v in columns.items()}
+        first = next(iter(sizes))
+        for k, size in sizes.items():
+            if size != sizes[first]:
+                raise DiagQLError(f"the inputs under {k!r} have {size} items but those under "
+                                  f"{first!r} have {sizes[first]}")
+        if labels is not None:
+            labels = _as_labels(labels)
+            if len(labels) != sizes[first]:
+                raise DiagQLError(f"the inputs have {sizes[first]} items but there are "
+                                  f"{len(labels)} labels")
+        self._columns, self._column_labels = columns, labels
+
+    def _split(self, batch):
+        """A collated batch is (x, y), [x, y], a mapping (its label key holds y) or a bare x."""
+        if isinstance(batch, Mapping):
+            inputs = dict(batch)
+            key = self._label_key_of(inputs, "the batch keys")
+            y = None if key is None else _as_labels(inputs.pop(key))
+            if key is None:
+                self.missing_labels = f"cannot find the labels among the batch keys " \
+                                      f"{_keys(batch)}: {_NAME_IT}"
+            if not inputs:
+                raise DiagQLError(f"the batch keys {_keys(batch)} hold only the labels; the "
+                                  f"model's inputs must be under other keys")
+            return inputs, y
+        if isinstance(batch, (tuple, list)):
+            if len(batch) > 2:
+                raise DiagQLError(f"the data's items have {len(batch)} parts; DiagQL needs "
+                                  f"(x, y): put several inputs in a tuple, ((x1, x2), y)")
+            x, y = batch[0], (batch[1] if len(batch) == 2 else None)
+            if isinstance(x, Mapping):
+                inputs = dict(x)
+                key = self._label_key_of(inputs, "the input keys", required=y is None)
+                if key is not None:
+                    labels = inputs.pop(key)
+                    y = labels if y is None else y  # y given beside the mapping wins
+                elif y is None:
+                    self.missing_labels = f"cannot find the labels among the input keys " \
+                                          f"{_keys(x)}: {_NAME_IT}"
+                return inputs, None if y is None else _as_labels(y)
+            self._refuse_label_key(f"(x, y) pairs with x of type {type(x).__name__}")
+            return x, None if y is None else _as_labels(y)
+        self._refuse_label_key(f"bare inputs of type {type(batch).__name__}")
+        return batch, None
+
+    def _label_key_of(self, mapping: Mapping, what: str, required: bool = True) -> str | None:
+        """The named label key (which must be there when the labels come from the mapping),
+        else the first conventional one present, else None: data without labels."""
+        if self.label_key is not None:
+            if self.label_key in mapping:
+                return self.label_key
+            if required:
+                raise DiagQLError(f"label_key {self.label_key!r} is not among {what} "
+                                  f"{_keys(mapping)}")
+            return None
+        return next((k for k in LABEL_KEYS if k in mapping), None)
+
+    def _refuse_label_key(self, items: str) -> None:
+        if self.label_key is not None:
+            raise DiagQLError(f"label_key {self.label_key!r} names a key of mapping items, but "
+                              f"the data's items are {items}; leave label_key out")
 
 
-def _split_item(batch):
-    """A collated batch is (x, y), [x, y], {"x"/"input", "y"/"label"} or a bare x."""
-    if isinstance(batch, (tuple, list)):
-        if len(batch) >= 2:
-            return batch[0], batch[1]
-        return batch[0], None
-    if isinstance(batch, dict):
-        x = next((batch[k] for k in ("x", "input", "inputs", "image", "pixel_values") if k in batch), None)
-        y = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
-        if x is None:
-            raise DiagQLError(f"cannot find the input among the batch keys {sorted(batch)}")
-        return x, y
-    return batch, None
+def _take(X: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    if len(idx) and bool(np.all(np.diff(idx) == 1)):  # a run of items (a full pass): a view
+        return X[int(idx[0]):int(idx[-1]) + 1]
+    return X[torch.from_numpy(idx)]
+
+
+def _keys(mapping: Mapping) -> list:
+    return sorted(mapping, key=str)
+
+
+def _describe(data) -> str:
+    if isinstance(data, (tuple, list)):
+        return f"a {type(data).__name__} of {len(data)}"
+    return type(data).__name__
 
 
 def _batch_len(x) -> int:
     if isinstance(x, torch.Tensor):
+        if x.ndim == 0:
+            raise DiagQLError("a batch's input is a single value, not one row per item")
         return x.shape[0]
-    if isinstance(x, (tuple, list)):
+    if isinstance(x, (tuple, list)) and x:
         return _batch_len(x[0])
-    if isinstance(x, dict):
-        return _batch_len(next(iter(x.values())))
+    if isinstance(x, Mapping):
+        # The first tensor gives the size: a collate may also pass lists of strings through.
+        tensors = [v for v in x.values() if isinstance(v, torch.Tensor)]
+        if tensors:
+            return _batch_len(tensors[0])
+        raise DiagQLError(f"none of the batch's inputs {_keys(x)} is a tensor; a collate_fn "
+                          f"must turn them into tensors")
     raise DiagQLError(f"cannot batch model inputs of type {type(x).__name__}")
 
 
@@ -97,14 +228,18 @@ def _as_tensor(X, name: str) -> torch.Tensor:
         return X
     try:
         return torch.as_tensor(np.asarray(X))
-    except (TypeError, ValueError) as exc:
-        raise DiagQLError(f"{name} cannot be turned into a tensor: {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DiagQLError(f"{name} cannot be turned into a tensor ({exc}); sequences of "
+                          f"different lengths must be padded, or passed as a Dataset with a "
+                          f"padding collate_fn") from None
 
 
 def _as_labels(y) -> np.ndarray:
     if isinstance(y, torch.Tensor):
         y = y.detach().cpu().numpy()
     y = np.asarray(y)
+    if y.ndim == 0:
+        raise DiagQLError("the labels are a single value, not one class index per item")
     if y.ndim != 1:
         y = y.reshape(len(y), -1)
         if y.shape[1] != 1:
@@ -119,29 +254,62 @@ def _as_labels(y) -> np.ndarray:
 
 
 def to_device(x, device: torch.device, dtype: torch.dtype):
-    """Move model inputs to the model's device; floating inputs take the model's dtype."""
+    """Move model inputs, nested in mappings, tuples and lists, to the model's device; floating
+    tensors take the model's dtype, integer ones (token ids, masks) keep theirs."""
     if isinstance(x, torch.Tensor):
         if x.is_floating_point():
             return x.to(device=device, dtype=dtype)
         return x.to(device=device)
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device, dtype) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple takes its fields apart
+        return type(x)(*(to_device(v, device, dtype) for v in x))
     if isinstance(x, (tuple, list)):
         return type(x)(to_device(v, device, dtype) for v in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device, dtype) for k, v in x.items()}
     return x
 
 
 def call_model(model, x):
-    """Models take one input; a tuple or list of inputs is spread over the arguments.
+    """Models take one input; a tuple or list of inputs is spread over the positional
+    arguments, a mapping is passed as keyword arguments (a mapping of one entry whose key is
+    no argument of forward, such as {"image": ...}, is that one input).
 
     An exception from the user's forward becomes an ExecutionError that names it (the
     original stays chained for --debug); our own errors raised in hooks pass through.
     """
+    if isinstance(x, Mapping):
+        args, kwargs = _arguments(model, x)
+    elif isinstance(x, (tuple, list)):
+        args, kwargs = tuple(x), {}
+    else:
+        args, kwargs = (x,), {}
     try:
-        if isinstance(x, (tuple, list)):
-            return model(*x)
-        return model(x)
+        return model(*args, **kwargs)
     except DiagQLError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of user code is reported, not crashed on
         raise ExecutionError(f"the model's forward raised {type(exc).__name__}: {exc}") from exc
+
+
+def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
+    """The arguments a mapping makes; refused when forward takes no argument of such a name
+    (the model's own TypeError would blame the model)."""
+    inputs = dict(inputs)
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        return (), inputs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return (), inputs
+    names = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [k for k in inputs if k not in names]
+    if not unknown:
+        return (), inputs
+    if len(inputs) == 1:
+        return (next(iter(inputs.values())),), {}
+    raise DiagQLError(
+        f"the model's forward({', '.join(p.name for p in params)}) has no argument named "
+        f"{', '.join(map(repr, unknown))}; the entries of a mapping batch (all but the labels) "
+        f"are passed as keyword arguments: rename or drop those keys (a collate_fn can), "
+        f"{_NAME_IT} if they are the labels, or hand the mapping whole as ((mapping,), y)")

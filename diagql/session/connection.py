@@ -36,15 +36,37 @@ NO_MODEL = ("no model is connected: start diagql with --demo, or with --model MO
 
 def connect(model: nn.Module, data, *, batch_size: int | None = None, device=None,
             latent: str | None = None, cache_dir=None, cache_limit=None,
-            progress: bool | None = None) -> "Connection":
-    """Connect a PyTorch model to a labelled data set.
+            progress: bool | None = None, label_key: str | None = None) -> "Connection":
+    """Connect a PyTorch model to a data set, labelled or not.
 
-    ``data`` is a torch Dataset of (x, y) items, a DataLoader (its dataset and collate_fn are
-    used, in index order), or a pair (X, y) of tensors or arrays. ``batch_size`` is the items
-    per forward pass (default: ``Settings.batch_size``). ``device`` defaults to the device of
-    the model's parameters; naming another moves the model there. ``latent`` names the layer
-    whose output is the latent space (default: the input of the final linear layer).
-    ``progress`` forces progress bars on or off (default: on when stderr is a terminal).
+    ``data`` takes any of these forms; its items are addressed by index, in index order:
+
+    - a pair ``(X, y)`` of tensors or arrays; ``(X, None)`` is data without labels;
+    - a map-style torch ``Dataset`` whose items are ``(x, y)``, a bare ``x``, a dict such as
+      ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, or ``({...}, y)``;
+    - a ``DataLoader`` over such a Dataset: its dataset and ``collate_fn`` are used (not its
+      order or batch size), the collate_fn called on the items of each of DiagQL's own
+      batches, so a padding collate (like ``DataCollatorWithPadding``) pads each batch to its
+      longest item;
+    - a mapping of arrays or tensors with one row per item (a dict of columns, a tokenizer's
+      ``BatchEncoding`` of padded sequences), its labels under a label key or given beside
+      it as ``(mapping, y)``.
+
+    A batch reaches ``forward`` thus: a tensor is its one argument; a tuple ``x`` (items
+    ``((x1, x2), y)``) is spread over its positional arguments, ``model(*x)``; a mapping is
+    passed as keyword arguments, ``model(**inputs)``, without its label key. A mapping of one
+    entry whose key forward does not take (``{"image": ...}``) is its one argument; to hand
+    a whole mapping to a ``forward(batch)``, wrap it in a tuple: ``((mapping,), y)``. The
+    label key is ``label_key`` when given (CLI: ``--label-key``), else the first of
+    ``labels``, ``label``, ``y``, ``target``, ``targets`` that the mapping has; a mapping with
+    none is data without labels (queries that read only predictions still run). Floating
+    inputs take the model's dtype; integer ones (token ids, masks) keep theirs.
+
+    ``batch_size`` is the items per forward pass (default: ``Settings.batch_size``).
+    ``device`` defaults to the device of the model's parameters; naming another moves the
+    model there. ``latent`` names the layer whose output is the latent space (default: the
+    input of the final linear layer). ``progress`` forces progress bars on or off (default: on
+    when stderr is a terminal).
 
     ``cache_dir`` keeps the profile, samples and the sampled items' activations on disk, so
     that a new connection to the same model and data starts without a pass over the data:
@@ -61,7 +83,8 @@ def connect(model: nn.Module, data, *, batch_size: int | None = None, device=Non
     once. After changing weights or data, connect again.
     """
     return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
-                      cache_dir=cache_dir, cache_limit=cache_limit, progress=progress)
+                      cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
+                      label_key=label_key)
 
 
 class Connection:
@@ -69,7 +92,7 @@ class Connection:
 
     def __init__(self, model: nn.Module | None, data=None, *, batch_size: int | None = None,
                  device=None, latent: str | None = None, cache_dir=None, cache_limit=None,
-                 progress: bool | None = None):
+                 progress: bool | None = None, label_key: str | None = None):
         self.settings = Settings()
         if batch_size is not None:
             self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
@@ -87,7 +110,7 @@ class Connection:
             return
         if not isinstance(model, nn.Module):
             raise DiagQLError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-        self.source = ItemSource(data)
+        self.source = ItemSource(data, label_key=label_key)
         self.device = _resolve_device(device, model)
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                           torch.float32)

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save")
     source.add_argument("--data", metavar="MODULE:CALLABLE",
                         help="a callable returning a Dataset of (x, y), a DataLoader or (X, y)")
+    source.add_argument("--label-key", metavar="KEY",
+                        help="the key under which the data's mapping items hold their labels "
+                             "(default: labels, label, y, target or targets)")
     source.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
                         help=f"items per forward pass (default {defaults.batch_size})")
     source.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the model's)")
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --data go together")
     if args.weights and not args.model:
         parser.error("--weights needs --model")
+    if args.label_key and not args.data:
+        parser.error("--label-key needs --data")
     if args.no_cache and args.cache_dir:
         parser.error("--cache-dir and --no-cache contradict each other")
     if args.batch_size < 1:
@@ -211,7 +216,8 @@ def _open(args):
     if args.model:
         from diagql.shell.loading import load_data, load_model
 
-        return connect(load_model(args.model, args.weights), load_data(args.data), **options)
+        return connect(load_model(args.model, args.weights), load_data(args.data),
+                       label_key=args.label_key, **options)
     conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size
     return conn
