@@ -12,6 +12,7 @@ import numpy as np
 from diagql.engine.aggregates import rank
 from diagql.engine.executor import Collector
 from diagql.engine.groups import cell_codes, cell_of
+from diagql.model.views import View
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class LayerTruth:
 
 def layer_truth(conn, layer: str) -> LayerTruth:
     """One pass over every item, keeping the layer's flattened output (float32)."""
-    collector = Collector(layer, np.arange(len(conn.source)), conn.catalog[layer].neurons,
+    collector = Collector(View(conn.catalog[layer]), np.arange(len(conn.source)),
                           np.dtype(np.float32))
     conn.runner().run([collector], f"every item's {layer}")
     return LayerTruth(collector.rows, collector.rows.argmax(axis=1))

@@ -84,6 +84,10 @@ HANDWRITTEN = [
     "EVALUATE SAMPLERS random, stratified AT 0.5 K 3 LAYERS fc1 SEEDS 1",
     "EVALUATE SAMPLERS random(0.4) LAYERS out K 2, 3 SEEDS 2",
     "EVALUATE SAMPLERS maxmargin AT 0.4, 0.5 LAYERS fc1 SEEDS 1 SWEEP j IN (0.3, 0.7)",
+    "TOPK 3 NEURONS IN fc1 TOKENS MAX BY MEAN WHERE class = 1",
+    "AVG NEURONS IN fc2 TOKEN -1 USING SAMPLE random(0.5)",
+    "ARGMAX NEURONS IN act TOKENS ALL GROUP BY class",
+    "EXPLAIN AVG NEURONS IN fc1 TOKENS MEAN",
     "TOPK 2 NEURONS IN fc1 WHERE .5 > confidence",  # invalid on purpose: the field comes first
 ]
 

@@ -10,7 +10,6 @@ from diagql.engine.groups import key_order, sorted_keys
 from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
 from diagql.language.ast import predicate_text
-from diagql.model.layers import neuron_labels
 from diagql.results import metrics
 from diagql.results.result import Estimate, Provenance, Result
 
@@ -69,7 +68,7 @@ def _single(plan: Plan, state, population: int) -> Result:
         result.estimate = _estimate(plan, state, population, neurons)
     result.neurons = neurons
     result.values = values
-    result.labels = neuron_labels(layer.name, layer.shape, neurons, query.unit == "channels")
+    result.labels = plan.bound.view.labels(neurons)
     result.n_items = state.count
     return result
 

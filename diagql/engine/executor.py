@@ -1,5 +1,6 @@
 """Plan to Result: batched forward passes with hooks, aggregate states reduced batch by batch
-(engine/answers.py turns the states into the Result)."""
+(engine/answers.py turns the states into the Result). Every consumer of a pass is fed rows,
+one per item, that its view (model/views.py) made from the module's output inside the hook."""
 from __future__ import annotations
 
 import functools
@@ -14,6 +15,7 @@ from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
 from diagql.model.data import call_model, to_device
 from diagql.model.hooks import Hooks, StopForward, evaluation
+from diagql.model.views import ModuleCall, View
 from diagql.results.result import Result
 
 
@@ -22,20 +24,16 @@ class Reducer:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.layer = plan.bound.layer.name
+        self.view = plan.bound.view
         self.items = plan.items  # what the states cover (and where group keys are looked up)
         self.wanted = plan.items  # what a forward pass must feed it (less what came from a cache)
         self.states: dict = {}
         self.bad = 0  # items with NaN or inf activations, and the first of them
         self.first_bad = -1
 
-    def take(self, output: torch.Tensor, idx: np.ndarray) -> None:
-        """Reduce the module outputs of items ``idx`` (sorted, all among the plan's items)."""
-        values = output.detach()
-        if self.plan.query.unit == "channels":
-            values = values.flatten(2).mean(dim=2, dtype=torch.float64)
-        else:
-            values = values.flatten(1)
+    def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
+        """Reduce the view's rows of items ``idx`` (sorted, all among the plan's items)."""
+        values = self.view.finish(rows.detach())
         if self.plan.group_keys is None:
             self._update(None, values, idx)
             return
@@ -56,16 +54,14 @@ class Reducer:
 
     def take_rows(self, table: np.ndarray, positions: np.ndarray, items: np.ndarray,
                   batch_size: int) -> None:
-        """Reduce cached activations: ``table[positions]`` are the flattened rows of ``items``.
+        """Reduce cached activations: ``table[positions]`` are the view's rows of ``items``.
         Gathered batch by batch (a run of rows is a view), so no copy of the whole is made."""
-        shape = self.plan.bound.layer.shape
         run = len(positions) > 0 and bool(np.all(np.diff(positions) == 1))
         for start in range(0, len(items), batch_size):
             stop = min(start + batch_size, len(items))
             rows = table[positions[start]:positions[start] + stop - start] if run else \
                 table[positions[start:stop]]
-            block = torch.from_numpy(rows)
-            self.take(block.reshape(len(block), *shape), items[start:stop])
+            self.take(torch.from_numpy(rows), items[start:stop])
 
     def merge(self, other: Reducer) -> Reducer:
         """Take in the states of another Reducer of the same plan, fed with other items (the
@@ -92,22 +88,22 @@ class Reducer:
     def check(self) -> None:
         if self.bad:
             raise ExecutionError(
-                f"layer {self.layer!r} has NaN or infinite activations for {self.bad:,} of "
-                f"{len(self.items):,} items (the first is item {self.first_bad}); DiagQL does "
-                f"not average over them")
+                f"layer {self.view.layer.name!r} has NaN or infinite activations for "
+                f"{self.bad:,} of {len(self.items):,} items (the first is item "
+                f"{self.first_bad}); DiagQL does not average over them")
 
 
 class Collector:
-    """Keeps the flattened module outputs of some items (for the activation cache)."""
+    """Keeps the rows of some items under one view (for the activation cache)."""
 
-    def __init__(self, layer: str, items: np.ndarray, width: int, dtype: np.dtype):
-        self.layer = layer
+    def __init__(self, view: View, items: np.ndarray, dtype: np.dtype):
+        self.view = view
         self.items = self.wanted = items
-        self.rows = np.empty((len(items), width), dtype=dtype)
+        self.rows = np.empty((len(items), view.width), dtype=dtype)
 
-    def take(self, output: torch.Tensor, idx: np.ndarray) -> None:
-        # Copied here, inside the hook: a later in-place op may overwrite `output`.
-        values = output.detach().flatten(1).to("cpu", _torch_dtype(self.rows.dtype))
+    def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
+        # Copied here, inside the hook: a later in-place op may overwrite the output.
+        values = rows.detach().to("cpu", _torch_dtype(self.rows.dtype))
         self.rows[np.searchsorted(self.items, idx)] = values.numpy()
 
 
@@ -136,44 +132,49 @@ class Runner:
         self.activations = activations  # an ActivationStore, or None: every query streams
 
     def run(self, consumers: list, description: str) -> None:
-        """One forward pass over the union of the consumers' items, each consumer fed the
-        outputs of its own items. Only the consumers' layers are hooked, and the pass stops
-        as soon as all of them have run (the rest of the model is skipped)."""
+        """One forward pass over the union of the consumers' items, each consumer fed its
+        view's rows of its own items (each view's rows made once per batch). Only the
+        consumers' layers are hooked, and the pass stops as soon as all of them have run (the
+        rest of the model is skipped)."""
         consumers = [c for c in consumers if len(c.wanted)]
         if not consumers:
             return
         items = functools.reduce(np.union1d, [c.wanted for c in consumers])
-        layers: dict[str, list] = {}
+        layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
         for consumer in consumers:
-            layers.setdefault(consumer.layer, []).append(consumer)
+            views = layers.setdefault(consumer.view.layer.name, {})
+            views.setdefault(consumer.view.key, (consumer.view, []))[1].append(consumer)
         current: list = [None]  # the batch's item indices
 
-        def callback(members: list):
-            def on_output(output: torch.Tensor) -> None:
+        def callback(views: dict[str, tuple[View, list]]):
+            def on_output(call: ModuleCall) -> None:
                 idx = current[0]
-                for consumer in members:
-                    wanted = consumer.wanted
-                    if len(wanted) == len(items):  # a subset as large as the union is it
-                        consumer.take(output, idx)
-                        continue
-                    pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
-                    mask = wanted[pos] == idx
-                    if mask.all():
-                        consumer.take(output, idx)
-                    elif mask.any():
-                        consumer.take(output[torch.from_numpy(mask).to(output.device)], idx[mask])
+                for view, members in views.values():
+                    rows = view.rows(call)
+                    for consumer in members:
+                        wanted = consumer.wanted
+                        if len(wanted) == len(items):  # a subset as large as the union is it
+                            consumer.take(rows, idx)
+                            continue
+                        pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
+                        mask = wanted[pos] == idx
+                        if mask.all():
+                            consumer.take(rows, idx)
+                        elif mask.any():
+                            consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
                 if len(hooks.calls) == len(layers):
                     raise StopForward
             return on_output
 
         with evaluation(self.model), \
-                Hooks(self.model, {name: callback(members) for name, members in layers.items()}) \
+                Hooks(self.model, {name: callback(views) for name, views in layers.items()}) \
                 as hooks, self.progress.task(description, len(items)) as advance:
             for idx, x, _ in self.source.batches(items, self.batch_size):
-                hooks.reset()
+                x = to_device(x, self.device, self.dtype)
+                hooks.start(x, len(idx))
                 current[0] = idx
                 try:
-                    call_model(self.model, to_device(x, self.device, self.dtype))
+                    call_model(self.model, x)
                 except StopForward:
                     pass
                 hooks.check_ran()
@@ -198,13 +199,13 @@ class Runner:
         if known is not None:
             return known
         cached, fresh = self._split(plan)
-        layer = plan.bound.layer
+        view = plan.bound.view
         collectors = []
-        if len(fresh.wanted) and store.fits(layer, plan.items):
-            collectors.append(Collector(layer.name, fresh.wanted, layer.neurons, store.dtype))
+        if len(fresh.wanted) and store.fits(view, plan.items):
+            collectors.append(Collector(view, fresh.wanted, store.dtype))
         self.run([fresh, *collectors], description)
         for collector in collectors:
-            store.add(collector.layer, collector.items, collector.rows)
+            store.add(collector.view, collector.items, collector.rows)
         reducer = cached.merge(fresh)
         reducer.check()
         store.remember(plan, reducer.states)
@@ -215,7 +216,7 @@ class Runner:
         rows that a pass keeps can push them out of memory), and a Reducer for a forward pass
         to feed with the items whose rows it lacks; merged, they cover the plan's items."""
         cached = Reducer(plan)
-        table, positions, held = self.activations.held_rows(plan.bound.layer.name, plan.items)
+        table, positions, held = self.activations.held_rows(plan.bound.view, plan.items)
         cached.take_rows(table, positions, held, self.batch_size)
         fresh = Reducer(plan)
         fresh.wanted = np.setdiff1d(plan.items, held, assume_unique=True)
@@ -234,7 +235,7 @@ class Runner:
         # the pass, baseline Reducer or None)
         work: dict[int, tuple] = {}
         reused: dict[int, dict] = {}  # plan position -> states an earlier query reduced
-        kept: dict[str, tuple] = {}  # layer name -> (LayerInfo, items whose rows are kept)
+        kept: dict[str, tuple] = {}  # view key -> (View, items whose rows are kept)
         for i, plan in enumerate(plans):
             try:
                 require_matches(plan)
@@ -252,17 +253,16 @@ class Runner:
                 continue
             cached, fresh = self._split(plan)
             work[i] = (cached, fresh, base)
-            layer = plan.bound.layer
-            items = np.union1d(kept.get(layer.name, (layer, plan.items[:0]))[1], fresh.wanted)
-            if len(fresh.wanted) and store.fits_together({**kept, layer.name: (layer, items)}):
-                kept[layer.name] = (layer, items)
-        collectors = [Collector(name, items, layer.neurons, store.dtype)
-                      for name, (layer, items) in kept.items()]
+            view = plan.bound.view
+            items = np.union1d(kept.get(view.key, (view, plan.items[:0]))[1], fresh.wanted)
+            if len(fresh.wanted) and store.fits_together({**kept, view.key: (view, items)}):
+                kept[view.key] = (view, items)
+        collectors = [Collector(view, items, store.dtype) for view, items in kept.values()]
         consumers = [r for _, main, base in work.values() for r in (main, base) if r is not None]
         started = time.perf_counter()
         self.run(consumers + collectors, f"{len(plans)} statements in one pass")
         for collector in collectors:
-            store.add(collector.layer, collector.items, collector.rows)
+            store.add(collector.view, collector.items, collector.rows)
         seconds = time.perf_counter() - started
         for i, (cached, main, base) in work.items():
             plan = plans[i]

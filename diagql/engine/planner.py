@@ -52,11 +52,13 @@ class Plan:
                                    f"items, drawn in the latent space"))
         where = "WHERE " + predicate_text(q.where) if q.where is not None else "no predicate"
         rows.append(("filter", f"{where} on the profile → {len(self.items):,} items"))
+        layer, view = self.bound.layer, self.bound.view
         unit = "channel means" if q.unit == "channels" else "neurons"
-        rows.append(("forward", f"{len(self.items):,} items in batches, hook on "
-                                f"{self.bound.layer.name} ({self.bound.layer.shape_text()}, "
-                                f"{self.bound.n_neurons:,} {unit}); the pass stops once "
-                                f"it has run"))
+        axis = f", batch axis {layer.batch_axis}" if layer.batch_axis else ""
+        rows.append(("forward", f"{len(self.items):,} items in batches, hook on {layer.name} "
+                                f"({layer.shape_text()}{axis}); the pass stops once it has run"))
+        rows.append(("per item", f"{view.text() + ': ' if view.text() else ''}"
+                                 f"{view.describe()} → {self.bound.n_neurons:,} {unit}"))
         agg = {"topk": f"top-{q.k} by {q.order}", "avg": "mean per neuron",
                "argmax": "histogram of each item's maximal neuron"}[q.aggregate]
         rows.append(("aggregate", agg + (f", per {q.group_by}" if q.group_by else "")))

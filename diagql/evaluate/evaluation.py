@@ -29,6 +29,7 @@ from diagql.evaluate.bind import BoundEvaluation, Candidate, bind_evaluate
 from diagql.language import ast
 from diagql.language.binder import NO_LABELS, _error
 from diagql.model.layers import LayerInfo
+from diagql.model.views import View
 from diagql.results.metrics import COSINE, JS, METRICS, PRECISION
 from diagql.results.result import Result
 
@@ -123,13 +124,15 @@ def _warm_up(candidates: list[Candidate], data: samplers.SampleData) -> None:
 
 
 class _GroupReducer:
-    """A consumer of the executor's forward pass (see ``Runner.run``) for one layer: the float64
-    sum and the argmax histogram per (class, correctness) group, and the float32 rows of the
-    items that ``position`` gives a row (its value)."""
+    """A consumer of the executor's forward pass (see ``Runner.run``) for one layer's default
+    view (a sequence layer's mean over real tokens): the float64 sum and the argmax histogram
+    per (class, correctness) group, and the float32 rows of the items that ``position`` gives a
+    row (its value)."""
 
     def __init__(self, layer: LayerInfo, items: np.ndarray, groups: np.ndarray, n_groups: int,
                  position: np.ndarray, n_kept: int, device: torch.device):
         self.layer = layer.name
+        self.view = View(layer)
         self.items = self.wanted = items
         self.groups, self.n_groups, self.position, self.device = groups, n_groups, position, device
         self.neurons = layer.neurons
@@ -137,9 +140,9 @@ class _GroupReducer:
         self.hist = torch.zeros(n_groups * layer.neurons, dtype=torch.int64, device=device)
         self.kept = np.empty((n_kept, layer.neurons), dtype=np.float32)
 
-    def take(self, output: torch.Tensor, idx: np.ndarray) -> None:
+    def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         # Reduced or copied here, inside the hook: a later in-place op may overwrite it.
-        values = output.detach().flatten(1)
+        values = rows.detach()
         gid = torch.from_numpy(self.groups[idx]).to(self.device)
         one_hot = torch.nn.functional.one_hot(gid, self.n_groups).T.to(torch.float64)
         # One product sums every group of the batch (index_add_ is far slower on CPU).

@@ -140,6 +140,20 @@ class Full:
     span: Span | None = _span()
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """``TOKENS MEAN | TOKENS MAX | TOKENS ALL | TOKEN n`` after a sequence layer: how an
+    item's tokens become one vector (the mean or max over its real tokens, its n-th real
+    token with -1 the last, or every (position, unit) for ALL)."""
+
+    mode: str  # "mean" | "max" | "all" | "token"
+    position: int | None = None  # TOKEN n
+    span: Span | None = _span()
+
+    def text(self) -> str:
+        return f"TOKEN {self.position}" if self.mode == "token" else f"TOKENS {self.mode.upper()}"
+
+
 # --- statements ---------------------------------------------------------------------------
 
 
@@ -160,6 +174,7 @@ class Query:
     group_by: str | None = None  # "class" | "predicted" | "correct"
     source: Full | SamplerCall = Full()
     baseline: bool = False
+    tokens: Tokens | None = None  # a sequence layer's reduction; None: its default (MEAN)
     span: Span | None = _span()
     text: str = field(default="", compare=False)
 

@@ -8,6 +8,7 @@ from diagql import samplers
 from diagql.errors import BindError
 from diagql.language import ast
 from diagql.model.layers import LayerCatalog, LayerInfo
+from diagql.model.views import SEQUENCE, View
 from diagql.suggest import did_you_mean, name_list
 
 
@@ -19,6 +20,7 @@ class BoundQuery:
     layer: LayerInfo
     n_neurons: int  # neurons, or channels for CHANNELS
     sampler: samplers.Sampler | None
+    view: View  # how the hook turns the layer's output into one row per item
 
 
 def _error(message: str, span: ast.Span | None, hint: str | None = None) -> BindError:
@@ -41,20 +43,16 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
                      f"module), so it has no single activation; query a module that runs once",
                      ref.span)
     if layer.shape is None:
-        raise _error(f"layer {ref.name!r} returns no tensor, so it has no activations", ref.span)
+        raise _error(f"layer {ref.name!r} cannot be queried: "
+                     f"{layer.refused or 'it returns no tensor'}", ref.span)
     return layer
 
 
 def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
                seed: int | None, n_items: int) -> BoundQuery:
     layer = bind_layer(query.layer, catalog)
-    if query.unit == "channels":
-        if layer.channels is None:
-            raise _error(f"layer {layer.name!r} has output shape {layer.shape_text()}: CHANNELS "
-                         f"needs a layer with channels (a conv map); use NEURONS", query.layer.span)
-        n_neurons = layer.channels
-    else:
-        n_neurons = layer.neurons
+    view = bind_view(query, layer)
+    n_neurons = view.neurons
     if query.aggregate == "topk" and not 1 <= query.k <= n_neurons:
         raise _error(f"TOPK {query.k} asks for more {query.unit} than layer {layer.name!r} has "
                      f"({n_neurons})" if query.k > n_neurons else "TOPK needs k of at least 1",
@@ -64,7 +62,45 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
     sampler = None
     if isinstance(query.source, ast.SamplerCall):
         sampler = bind_sampler(query.source, seed, n_items)
-    return BoundQuery(query, layer, n_neurons, sampler)
+    return BoundQuery(query, layer, n_neurons, sampler, view)
+
+
+def bind_view(query: ast.Query, layer: LayerInfo) -> View:
+    """How the query sees the layer: a sequence's tokens reduced as its TOKENS clause says
+    (the mean over real tokens by default), a flat layer's neurons or channels."""
+    tokens, name = query.tokens, layer.name
+    if layer.layout == SEQUENCE:
+        if query.unit == "channels":
+            raise _error(f"layer {name!r} is a sequence ({layer.shape_text()}), whose neurons "
+                         f"are its {layer.shape[1]} hidden units; CHANNELS applies to conv maps, "
+                         f"so use NEURONS (with TOKENS MEAN, TOKENS MAX, TOKEN n or TOKENS ALL)",
+                         query.layer.span)
+        if tokens is None:
+            return View(layer)
+        length = layer.shape[0]
+        if tokens.mode == "all" and (layer.varies or layer.form != "tensor"):
+            why = "the data is padded per batch" if layer.form == "tensor" else \
+                f"its sequences come {'packed' if layer.form == 'packed' else 'nested'}"
+            raise _error(f"TOKENS ALL needs one sequence length, but the length of layer "
+                         f"{name!r} changes with the batch ({why}); use TOKENS MEAN, TOKENS MAX "
+                         f"or TOKEN n", tokens.span)
+        if tokens.mode == "token" and not layer.varies and not -length <= tokens.position < length:
+            raise _error(f"{tokens.text()} is past the {length} positions of layer {name!r}",
+                         tokens.span)
+        return View(layer, tokens.mode, tokens.position)
+    if tokens is not None:
+        raise _error(f"{tokens.text()} applies to sequence layers (batch, sequence, hidden), but "
+                     f"layer {name!r} is not one: each item's output is {layer.shape_text()}",
+                     tokens.span)
+    if query.unit == "channels":
+        if layer.channels is None:
+            raise _error(f"layer {name!r} has output shape {layer.shape_text()}: CHANNELS "
+                         f"needs a layer with channels (a conv map); use NEURONS", query.layer.span)
+    elif layer.varies:
+        raise _error(f"layer {name!r}'s output shape changes with the batch, so its neurons are "
+                     f"not fixed" + ("; CHANNELS averages each channel" if layer.channels
+                                     else ""), query.layer.span)
+    return View(layer, channels=query.unit == "channels")
 
 
 def bind_sampler(call: ast.SamplerCall, seed: int | None, n_items: int) -> samplers.Sampler:

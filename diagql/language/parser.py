@@ -367,6 +367,17 @@ def _build_transformer():
         def order(self, meta, children):
             return {"order": (str(children[1]).lower(), self._span(meta))}
 
+        def tokens(self, meta, children):
+            keyword, value = children
+            if str(keyword).lower() == "tokens":
+                return {"tokens": ast.Tokens(str(value).lower(), span=self._span(meta))}
+            position, span = _plain(value), value._span
+            if not isinstance(position, int):
+                raise ParseError("TOKEN takes a whole number: 0 for the first token, -1 for "
+                                 "the last", line=span.line, column=span.column,
+                                 end_column=span.end_column, source=self.source)
+            return {"tokens": ast.Tokens("token", position, span=self._span(meta))}
+
         def layer(self, meta, children):
             token = children[0]
             quoted = token.type == "STRING"

@@ -1,4 +1,5 @@
-"""Forward hooks that are always removed, and a model that always gets its modes back."""
+"""Forward hooks that are always removed, a model that always gets its modes back, and errors
+raised inside a hook told apart from the model's own."""
 from __future__ import annotations
 
 import contextlib
@@ -7,34 +8,55 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from diagql.errors import ExecutionError
+from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.views import ModuleCall, describe_output, first_output, padding_argument, \
+    padding_mask
 
 
 def first_tensor(output, name: str = "") -> torch.Tensor:
-    """The activation of a module that returns more than a tensor: the first tensor in it.
-
-    Tuples and lists are searched in order, dicts in insertion order, and objects with a
-    ``logits`` or ``last_hidden_state`` attribute (Hugging Face outputs) use that.
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    for attr in ("logits", "last_hidden_state"):
-        value = getattr(output, attr, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    values = output.values() if isinstance(output, dict) else output
-    if isinstance(values, (tuple, list)) or isinstance(output, dict):
-        for value in values:
-            with contextlib.suppress(ExecutionError):
-                return first_tensor(value, name)
-    raise ExecutionError(f"module {name or 'output'!r} returned {type(output).__name__}, "
-                         f"which holds no tensor")
+    """The tensor a module returns (the first of a tuple, list or dict; ``logits`` or
+    ``last_hidden_state`` of a Hugging Face output), for outputs read whole (the logits)."""
+    found = first_output(output)
+    if not isinstance(found, torch.Tensor):
+        raise ExecutionError(f"module {name or 'output'!r} returned {describe_output(output)}, "
+                             f"where DiagQL expected a tensor")
+    return found
 
 
 class StopForward(BaseException):
     """Raised by a hook once every module a pass needs has run: the rest of forward() is
     skipped (early exit). A BaseException, so that a model's own ``except Exception`` does
     not swallow it."""
+
+
+class HookFailure(BaseException):
+    """An exception raised by DiagQL's own code inside a hook. A BaseException, so that neither
+    the model's ``except Exception`` nor call_model (which reports what it catches as the
+    model's error) catches it; ``raise_error`` turns it back into a DiagQLError that names
+    the layer (``Hooks`` does so as it exits, ``hook_errors`` around other calls)."""
+
+    def __init__(self, layer: str, output, error: Exception):
+        super().__init__(layer)
+        self.layer = layer
+        self.output = describe_output(output)
+        self.error = error
+
+    def raise_error(self):
+        if isinstance(self.error, DiagQLError):
+            raise self.error from None
+        raise ExecutionError(
+            f"DiagQL failed on the output of layer {self.layer!r} ({self.output}): "
+            f"{type(self.error).__name__}: {self.error}; the error is DiagQL's, not the "
+            f"model's") from self.error
+
+
+@contextlib.contextmanager
+def hook_errors() -> Iterator[None]:
+    """Turn a HookFailure that leaves the block into the DiagQLError it stands for."""
+    try:
+        yield
+    except HookFailure as failure:
+        failure.raise_error()
 
 
 @contextlib.contextmanager
@@ -50,26 +72,45 @@ def evaluation(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+def scope(name: str) -> list[str]:
+    """A module's name and its ancestors' names, innermost first ("" is the model)."""
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
 class Hooks:
-    """Forward hooks on named modules, each called with the module's output tensor.
+    """Forward hooks on named modules, each called with a ``ModuleCall``: the module's output,
+    the key padding mask given to it or to a module around it (nn.TransformerEncoder and the
+    like), and the batch that ``start`` announced.
 
     The hooks count their calls: a module that runs more than once in one forward pass (a
-    shared block) has no single activation, so it is an error (see ``check_calls``).
+    shared block) has no single activation, so it is an error. Exceptions raised in the
+    callbacks leave the model's forward as HookFailure and this context as DiagQLErrors.
     """
 
-    def __init__(self, model: nn.Module, callbacks: dict[str, Callable[[torch.Tensor], None]],
-                 pre: dict[str, Callable[[torch.Tensor], None]] | None = None):
+    def __init__(self, model: nn.Module, callbacks: dict[str, Callable[[ModuleCall], None]],
+                 pre: dict[str, Callable[[ModuleCall], None]] | None = None):
         self.model = model
         self.callbacks = callbacks
         self.pre = pre or {}
         self.calls: dict[str, int] = {}
+        self.inputs = None  # the batch's model input (its attention_mask, if any)
+        self.size = 0  # items in the batch
+        self._padding: dict[str, torch.Tensor | None] = {}
         self._handles = []
 
     def __enter__(self) -> "Hooks":
         modules = dict(self.model.named_modules())
+        owners: dict[str, list[str]] = {}  # hooked name -> modules whose padding mask covers it
+        for name in self.callbacks:
+            owners[name] = [o for o in scope(name) if padding_argument(modules[o]) is not None]
         try:
+            for owner in dict.fromkeys(o for names in owners.values() for o in names):
+                self._handles.append(modules[owner].register_forward_pre_hook(
+                    self._padding_hook(owner), with_kwargs=True))
             for name, callback in self.callbacks.items():
-                self._handles.append(modules[name].register_forward_hook(self._hook(name, callback)))
+                self._handles.append(modules[name].register_forward_hook(
+                    self._hook(name, callback, owners[name])))
             for name, callback in self.pre.items():
                 self._handles.append(
                     modules[name].register_forward_pre_hook(self._pre_hook(name, callback)))
@@ -78,28 +119,46 @@ class Hooks:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.remove()
+        if isinstance(exc, HookFailure):
+            exc.raise_error()
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def reset(self) -> None:
+    def start(self, inputs, size: int) -> None:
+        """A new batch of ``size`` items, fed to the model as ``inputs``."""
         self.calls.clear()
+        self._padding.clear()
+        self.inputs, self.size = inputs, size
 
-    def _hook(self, name, callback):
+    def _padding_hook(self, owner: str):
+        def hook(module, args, kwargs):
+            self._padding[owner] = padding_mask(module, args, kwargs)
+        return hook
+
+    def _hook(self, name, callback, owners: list[str]):
         def hook(module, inputs, output):
-            self._count(name)
-            # Runs before any later in-place op (ReLU(inplace=True)) can overwrite the output.
-            callback(first_tensor(output, name))
+            try:
+                self._count(name)
+                padding = next((self._padding[o] for o in owners
+                                if self._padding.get(o) is not None), None)
+                # Runs before any later in-place op (ReLU(inplace=True)) can overwrite the output.
+                callback(ModuleCall(output, padding, self.inputs, self.size))
+            except Exception as exc:  # noqa: BLE001 - told apart from the model's own errors
+                raise HookFailure(name, output, exc) from exc
         return hook
 
     def _pre_hook(self, name, callback):
         def hook(module, inputs):
-            self._count("<input of>" + name)
-            callback(first_tensor(inputs, name))
+            try:
+                self._count("<input of>" + name)
+                callback(ModuleCall(inputs, None, self.inputs, self.size))
+            except Exception as exc:  # noqa: BLE001 - told apart from the model's own errors
+                raise HookFailure(name, inputs, exc) from exc
         return hook
 
     def _count(self, key: str) -> None:

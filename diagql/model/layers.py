@@ -1,41 +1,80 @@
-"""The layers a query can name: every submodule, with its output shape found by one probe pass."""
+"""The layers a query can name: every submodule, with what its output is per item, found by
+probing the model with batches of 1, 2 and 3 items (docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from diagql.model.hooks import evaluation, first_tensor
+from diagql.model.hooks import HookFailure, evaluation, first_tensor, hook_errors, scope
+from diagql.model.views import FLAT, SEQUENCE, describe_output, first_output, \
+    input_attention_mask, padding_argument, padding_mask
+
+PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is the batch axis
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A queryable module: its qualified name, type, per-item output shape and calls per pass."""
+    """A queryable module: its qualified name, type, per-item output shape (batch axis
+    removed) and calls per pass, and how its output is read (model/views.py)."""
 
     name: str
     type_name: str
-    shape: tuple[int, ...] | None  # None: the module does not run in forward
+    shape: tuple[int, ...] | None  # None: the module does not run, or cannot be queried
     calls: int
+    batch_axis: int = 0  # the axis of the module's output that indexes items
+    form: str = "tensor"  # "tensor" | "packed" (PackedSequence) | "nested" (nested tensor)
+    layout: str = FLAT  # FLAT, or SEQUENCE: shape is (sequence, hidden)
+    found: str = ""  # how the batch axis (and the layout) were found, for DESCRIBE
+    varies: bool = False  # a per-item size other than the batch changed between probes
+    mask: str = ""  # a sequence's real tokens: where they come from, for DESCRIBE and EXPLAIN
+    refused: str = ""  # why a module that runs cannot be queried ("" when it can)
 
     @property
     def neurons(self) -> int:
-        return int(np.prod(self.shape)) if self.shape is not None else 0
+        """Neurons of the default view: a sequence's hidden units, else every element."""
+        if self.shape is None:
+            return 0
+        return self.shape[-1] if self.layout == SEQUENCE else int(np.prod(self.shape))
 
     @property
     def channels(self) -> int | None:
-        """Channel count for outputs of rank >= 2 (conv maps, sequences), else None."""
-        return self.shape[0] if self.shape is not None and len(self.shape) >= 2 else None
+        """Channel count for a flat output of rank >= 2 (conv maps), else None."""
+        if self.shape is None or self.layout == SEQUENCE or len(self.shape) < 2:
+            return None
+        return self.shape[0]
 
     def shape_text(self) -> str:
         if self.shape is None:
-            return "(never runs)"
+            return "(never runs)" if self.calls == 0 else "(not queryable)"
+        if self.layout == SEQUENCE:
+            length = "L" if self.varies else str(self.shape[0])
+            return f"{length} tokens × {self.shape[1]}"
         return "×".join(str(d) for d in self.shape) if self.shape else "scalar"
+
+    def axes_text(self) -> str:
+        """Which axes of the module's output are batch, sequence and hidden, for DESCRIBE."""
+        if self.shape is None:
+            return self.refused or "(never runs)"
+        if self.form != "tensor":
+            return f"batch, sequence, hidden after unpacking: {self.found}"
+        rank = len(self.shape) + 1
+        rest = [axis for axis in range(rank) if axis != self.batch_axis]
+        text = f"batch: axis {self.batch_axis} of {rank} ({self.found})"
+        if self.layout == SEQUENCE:
+            length = (f"{self.shape[0]} in the probe, changing with the batch" if self.varies
+                      else f"{self.shape[0]}")
+            return (f"{text}; sequence: axis {rest[0]} (length {length}); hidden: axis "
+                    f"{rest[1]} ({self.shape[1]} units)")
+        return text + ("; the per-item shape changes with the batch" if self.varies else "")
 
 
 class LayerCatalog:
-    """Layers in module-registration order, found by running one item through the model."""
+    """Layers in module-registration order, found by probing the model."""
 
     def __init__(self, layers: list[LayerInfo], output_shape: tuple[int, ...]):
         self.layers = layers
@@ -49,13 +88,14 @@ class LayerCatalog:
         return self.by_name[name]
 
     def running_names(self) -> list[str]:
-        """Names of the layers that run in forward, in order (what messages list)."""
+        """Names of the layers that can be queried, in order (what messages list)."""
         return [layer.name for layer in self.layers if layer.shape is not None]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The disk cache's encoding (storage/store.py stores dicts of arrays, no pickle)."""
         layers = [[layer.name, layer.type_name, None if layer.shape is None else list(layer.shape),
-                   layer.calls] for layer in self.layers]
+                   layer.calls, layer.batch_axis, layer.form, layer.layout, layer.found,
+                   layer.varies, layer.mask, layer.refused] for layer in self.layers]
         return {"layers": np.str_(json.dumps(layers)),
                 "output_shape": np.array(self.output_shape, dtype=np.int64)}
 
@@ -63,44 +103,254 @@ class LayerCatalog:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "LayerCatalog":
         """Decode ``to_arrays``'s output, raising ValueError when it does not list layers."""
         layers = []
-        for name, type_name, shape, calls in json.loads(str(arrays["layers"])):
-            if not (isinstance(name, str) and isinstance(type_name, str) and isinstance(calls, int)
+        for entry in json.loads(str(arrays["layers"])):
+            if not (isinstance(entry, list) and len(entry) == 11):
+                raise ValueError("it does not list layers")
+            name, type_name, shape, calls, axis, form, layout, found, varies, mask, refused = entry
+            if not (all(isinstance(v, str) for v in (name, type_name, found, mask, refused))
+                    and isinstance(calls, int) and isinstance(axis, int)
+                    and isinstance(varies, bool) and form in ("tensor", "packed", "nested")
+                    and layout in (FLAT, SEQUENCE)
                     and (shape is None or all(isinstance(d, int) for d in shape))):
                 raise ValueError("it does not list layers")
             layers.append(LayerInfo(name, type_name, None if shape is None else tuple(shape),
-                                    calls))
+                                    calls, axis, form, layout, found, varies, mask, refused))
         return cls(layers, tuple(int(d) for d in arrays["output_shape"]))
 
 
-def probe(model: nn.Module, x, call) -> LayerCatalog:
-    """Run a batch of one item with a hook on every submodule and record what each returns."""
-    shapes: dict[str, tuple[int, ...]] = {}
+# --- the probe --------------------------------------------------------------------------------
+
+# Outputs of rank 3 (batch, a, b) are sequences (batch, sequence, hidden) unless they come from
+# a module that keeps channels first (batch, channels, length), or inherit its output.
+_CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d,
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.MaxUnpool1d, nn.BatchNorm1d,
+                   nn.LazyBatchNorm1d, nn.InstanceNorm1d, nn.LazyInstanceNorm1d, nn.GroupNorm,
+                   nn.SyncBatchNorm, nn.Dropout1d, nn.Upsample, nn.ConstantPad1d,
+                   nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ZeroPad1d, nn.CircularPad1d)
+_SEQUENCES = (nn.RNNBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerEncoderLayer,
+              nn.TransformerDecoder, nn.TransformerDecoderLayer, nn.MultiheadAttention,
+              nn.Embedding, nn.Linear)
+
+
+@dataclass
+class _Seen:
+    """What one module returned in one probe pass."""
+
+    form: str | None  # "tensor" | "packed" | "nested"; None: no tensor
+    shape: tuple[int, ...] | None  # raw; packed and nested: padded (batch, sequence, hidden)
+    what: str  # describe_output, for messages
+    # The modules whose layout a rank-3 tensor output may take, most telling first: the one
+    # that made this very tensor (a container returning its child's output), its last
+    # submodule with an output of this shape, the maker of its input of this shape.
+    like: list[str] = field(default_factory=list)
+    masks: list[tuple[str, str, tuple]] = field(default_factory=list)  # (owner, arg, shape)
+    input_mask: tuple | None = None  # the shape of the batch input's attention_mask
+
+
+def probe(model: nn.Module, source, prepare, call) -> LayerCatalog:
+    """Run batches of 1, 2 and 3 items (fewer when the data has fewer) with a hook on every
+    submodule. An output's batch axis is the axis whose size follows the batch's in every
+    probe (the module's ``batch_first`` breaks a tie); a sequence output's real tokens come
+    from where model/views.py finds them in a query."""
+    n = len(source)
+    sizes = sorted({min(size, n) for size in PROBE_SIZES})
+    passes, calls = [], {}
+    for size in sizes:
+        idx, x, _ = next(source.batches(np.arange(size), size))
+        seen, counted, output_shape = _probe_pass(model, prepare(x), call)
+        passes.append((len(idx), seen))
+        calls = counted
+    modules = dict(model.named_modules())
+    order = list(passes[-1][1])  # the order the modules returned in the last pass
+    layouts: dict[str, str] = {}
+    infos: dict[str, LayerInfo] = {}
+    for name in order:
+        infos[name] = _layer(name, modules[name], [(s, seen[name]) for s, seen in passes
+                                                   if name in seen], calls[name], layouts)
+    layers = [infos.get(name) or LayerInfo(name, type(module).__name__, None, 0)
+              for name, module in modules.items() if name]
+    return LayerCatalog(layers, output_shape)
+
+
+def _probe_pass(model, x, call):
+    """One forward pass with every submodule hooked: what each returned (the first time),
+    how often each ran, and the shape of the model's output per item."""
+    seen: dict[str, _Seen] = {}
     calls: dict[str, int] = {}
-    types: dict[str, str] = {}
+    made: dict[int, tuple[torch.Tensor, str]] = {}  # id(tensor) -> (tensor, the module)
+    padding: dict[str, tuple[str, torch.Tensor]] = {}
+    modules = [(name, module) for name, module in model.named_modules()]
+    padded = {name for name, module in modules if padding_argument(module) is not None}
     handles = []
 
-    def make_hook(name):
-        def hook(module, inputs, output):
-            calls[name] = calls.get(name, 0) + 1
-            if name not in shapes:
-                try:
-                    shapes[name] = tuple(first_tensor(output, name).shape[1:])
-                except Exception:  # noqa: BLE001 - a module returning no tensor is not queryable
-                    shapes[name] = None
+    def before(name):
+        def hook(module, args, kwargs):
+            mask = padding_mask(module, args, kwargs)
+            if mask is not None:
+                padding[name] = (padding_argument(module), mask)
         return hook
 
-    for name, module in model.named_modules():
+    def after(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            if name in seen:
+                return
+            try:
+                seen[name] = _look(name, args, output, seen, made, padding, padded, x)
+            except Exception as exc:  # noqa: BLE001 - DiagQL's own, not the model's
+                raise HookFailure(name, output, exc) from exc
+        return hook
+
+    for name, module in modules:
+        if name in padded:
+            handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
         if name:
-            types[name] = type(module).__name__
-            handles.append(module.register_forward_hook(make_hook(name)))
+            handles.append(module.register_forward_hook(after(name)))
     try:
-        with evaluation(model):
+        with evaluation(model), hook_errors():
             out = first_tensor(call(model, x))
     finally:
         for handle in handles:
             handle.remove()
-    layers = [LayerInfo(name, types[name], shapes.get(name), calls.get(name, 0)) for name in types]
-    return LayerCatalog(layers, tuple(out.shape[1:]))
+    return seen, calls, tuple(out.shape[1:])
+
+
+def _look(name, args, output, seen, made, padding, padded, x) -> _Seen:
+    out = first_output(output)
+    what = describe_output(output)
+    if out is None:
+        return _Seen(None, None, what)
+    if isinstance(out, PackedSequence):
+        result = _Seen("packed", tuple(pad_packed_sequence(out, batch_first=True)[0].shape), what)
+    elif out.is_nested:
+        parts = out.unbind()
+        shape = None
+        if parts and all(p.ndim == 2 and p.shape[1] == parts[0].shape[1] for p in parts):
+            shape = (len(parts), max(p.shape[0] for p in parts), parts[0].shape[1])
+        result = _Seen("nested", shape, what)
+    else:
+        result = _Seen("tensor", tuple(out.shape), what)
+        if id(out) in made:
+            result.like.append(made[id(out)][1])
+        prefix = name + "."
+        for earlier in reversed(list(seen)):  # submodules return just before their parent
+            if not earlier.startswith(prefix):
+                break
+            if seen[earlier].shape == result.shape:
+                result.like.append(earlier)
+                break
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is not None and id(first) in made and tuple(first.shape) == result.shape:
+            result.like.append(made[id(first)][1])
+        made.setdefault(id(out), (out, name))
+    result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
+                    if owner in padded and owner in padding]
+    mask = input_attention_mask(x)
+    result.input_mask = None if mask is None else tuple(mask.shape)
+    return result
+
+
+def _shape(entry: tuple[str, torch.Tensor]) -> tuple[str, tuple]:
+    return entry[0], tuple(entry[1].shape)
+
+
+def _layer(name: str, module: nn.Module, records: list[tuple[int, _Seen]], calls: int,
+           layouts: dict[str, str]) -> LayerInfo:
+    """The LayerInfo of a module that ran, from what it returned in each probe."""
+    type_name = type(module).__name__
+
+    def refuse(reason: str) -> LayerInfo:
+        return LayerInfo(name, type_name, None, calls, refused=reason)
+
+    last = records[-1][1]
+    shapes = ", ".join(str(seen.shape) for _, seen in records)
+    sizes = ", ".join(str(size) for size, _ in records)
+    if any(seen.form is None for _, seen in records):
+        return refuse(f"it returns {last.what}, so it has no activations")
+    if len({seen.form for _, seen in records}) > 1 or any(s.shape is None for _, s in records):
+        return refuse(f"it returns {last.what}, which DiagQL cannot read per item")
+    if len({len(seen.shape) for _, seen in records}) > 1:
+        return refuse(f"its output's rank changes with the batch (shapes {shapes} for batches "
+                      f"of {sizes} items)")
+    if last.form != "tensor":
+        kind = "a PackedSequence" if last.form == "packed" else "a nested tensor"
+        found = (f"{kind} unpacked into (batch, sequence, hidden) with each item's length"
+                 + (" by pad_packed_sequence, in the batch's order" if last.form == "packed"
+                    else ""))
+        axis = 0
+        if any(seen.shape[0] != size for size, seen in records):
+            return refuse(f"it returns {last.what}, which does not hold one sequence per item")
+    else:
+        axis, found = _batch_axis(module, records)
+        if axis is None:
+            return refuse(f"no axis of its output follows the batch (shapes {shapes} for "
+                          f"batches of {sizes} items), so its values are not per item")
+    per_item = [tuple(d for i, d in enumerate(seen.shape) if i != axis) for _, seen in records]
+    shape = per_item[-1]
+    varies = len(set(per_item)) > 1
+    layout = FLAT
+    if len(shape) == 2:
+        layout = _layout(module, last, layouts)
+        layouts[name] = layout
+    if layout == SEQUENCE and len({s[1] for s in per_item}) > 1:
+        return refuse(f"its hidden size changes with the batch (shapes {shapes} for batches of "
+                      f"{sizes} items)")
+    mask = _mask_source(last, (records[-1][0], shape[0])) if layout == SEQUENCE else ""
+    return LayerInfo(name, type_name, shape, calls, axis, last.form, layout, found, varies,
+                     mask)
+
+
+def _batch_axis(module: nn.Module, records) -> tuple[int | None, str]:
+    """The axis whose size is the batch's in every probe, and how it was found."""
+    rank = len(records[0][1].shape)
+    sizes = [size for size, _ in records]
+    axes = [a for a in range(rank) if all(seen.shape[a] == size for size, seen in records)]
+    told = f"probes of {', '.join(map(str, sizes))} items"
+    declared = _declared_axis(module)
+    if len(axes) == 1:
+        agree = "; the module's batch_first agrees" if declared == axes[0] else ""
+        return axes[0], f"the only axis that follows the batch in {told}{agree}"
+    if not axes:
+        return None, ""
+    if declared in axes:
+        return declared, (f"the module's batch_first = {declared == 0}; {told} could not tell "
+                          f"axes {axes} apart")
+    return axes[0], f"the first of axes {axes}, which {told} could not tell apart"
+
+
+def _declared_axis(module: nn.Module) -> int | None:
+    """The batch axis a module's ``batch_first`` declares (RNNs, attention, transformers)."""
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        module = module.layers[0]
+    for candidate in (module, getattr(module, "self_attn", None)):
+        value = getattr(candidate, "batch_first", None)
+        if isinstance(value, bool):
+            return 0 if value else 1
+    return None
+
+
+def _layout(module: nn.Module, seen: _Seen, layouts: dict[str, str]) -> str:
+    """FLAT for channel-first maps (batch, channels, length), else SEQUENCE."""
+    if seen.form != "tensor" or isinstance(module, _SEQUENCES):
+        return SEQUENCE
+    if isinstance(module, _CHANNELS_FIRST):
+        return FLAT
+    return next((layouts[like] for like in seen.like if like in layouts), SEQUENCE)
+
+
+def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
+    """Where a sequence layer's real tokens came from in the probe (views.sequence_of looks in
+    the same places, in the same order, in every batch of a query)."""
+    if seen.form == "packed":
+        return "the PackedSequence's lengths"
+    if seen.form == "nested":
+        return "the nested tensor's lengths"
+    for owner, arg, shape in seen.masks:
+        if shape == batch:
+            return f"the {arg} given to {owner or 'the model'}"
+    if seen.input_mask == batch:
+        return "the attention_mask of the batch input"
+    return "every position: no padding mask reached it in the probe"
 
 
 def default_latent(model: nn.Module) -> str | None:
@@ -110,14 +360,3 @@ def default_latent(model: nn.Module) -> str | None:
         if isinstance(module, nn.Linear):
             last = name
     return last
-
-
-def neuron_labels(layer: str, shape: tuple[int, ...], neurons: np.ndarray,
-                  channels: bool = False) -> list[str]:
-    """``fc1[5]``, ``conv2[3,1,4]`` (C-order coordinates) or ``conv2[3]`` for channels."""
-    neurons = np.asarray(neurons, dtype=np.int64)
-    if channels or len(shape) <= 1:
-        return [f"{layer}[{i}]" for i in neurons.tolist()]
-    coords = np.unravel_index(neurons, shape)
-    return [f"{layer}[{','.join(map(str, c))}]" for c in zip(*(a.tolist() for a in coords))]
-

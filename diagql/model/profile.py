@@ -10,6 +10,7 @@ import torch
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation, first_tensor
+from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
 
@@ -76,8 +77,12 @@ class Profile:
 
 def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_input: bool,
                     device: torch.device, dtype: torch.dtype, batch_size: int,
-                    progress: Progress) -> Profile:
-    """One forward pass over every item, hooking the latent layer (its input or its output)."""
+                    progress: Progress, view: View | None = None) -> Profile:
+    """One forward pass over every item, hooking the latent layer: its input, or its output
+    read through ``view`` (a query's view of it, so a sequence layer's latent vector is each
+    item's mean over its real tokens)."""
+    if latent is not None and not latent_is_input and view is None:
+        raise ValueError("the output of a latent layer is read through its view")
     n = len(source)
     if n == 0:
         raise DiagQLError("the data set is empty")
@@ -87,8 +92,9 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     latents: np.ndarray | None = None
     captured: list[torch.Tensor] = []
 
-    def keep(tensor: torch.Tensor) -> None:
-        captured.append(tensor.detach().flatten(1).to("cpu", torch.float32, copy=True))
+    def keep(call: ModuleCall) -> None:
+        rows = input_rows(call) if latent_is_input else view.finish(view.rows(call))
+        captured.append(rows.detach().to("cpu", torch.float32, copy=True))
 
     callbacks = {} if latent is None or latent_is_input else {latent: keep}
     pre = {latent: keep} if latent is not None and latent_is_input else {}
@@ -98,9 +104,10 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
             progress.task("profiling the data", n) as advance:
         for idx, x, y in source.batches(np.arange(n), batch_size):
-            hooks.reset()
+            x = to_device(x, device, dtype)
+            hooks.start(x, len(idx))
             captured.clear()
-            logits = _logits(call_model(model, to_device(x, device, dtype)))
+            logits = _logits(call_model(model, x))
             if latent is not None:
                 hooks.check_ran()
             probs = torch.softmax(logits.to(torch.float64), dim=1)

@@ -12,14 +12,12 @@ import time
 import warnings
 from typing import Callable, TypeVar
 
-import numpy as np
-
 from diagql import samplers
 from diagql.engine import executor
 from diagql.errors import BindError, DiagQLWarning
 from diagql.language import ast
-from diagql.language.binder import bind_layer, sampler_needs_labels
-from diagql.model import hooks, layers, profile as profile_module
+from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
+from diagql.model import hooks, layers, profile as profile_module, views
 from diagql.model.data import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, probe
 from diagql.model.profile import Profile, compute_profile
@@ -65,8 +63,8 @@ class Artifacts:
             conn = self.conn
 
             def compute() -> LayerCatalog:
-                _, x, _ = next(conn.source.batches(np.array([0]), 1))
-                return probe(conn.model, to_device(x, conn.device, conn.dtype), call_model)
+                return probe(conn.model, conn.source,
+                             lambda x: to_device(x, conn.device, conn.dtype), call_model)
 
             self.catalog = load_or_compute(
                 conn.cache, "catalog", self.catalog_key(), compute, LayerCatalog.to_arrays,
@@ -88,13 +86,17 @@ class Artifacts:
     def _compute_profile(self) -> Profile:
         conn = self.conn
         latent = conn.settings.latent
+        view = None
         if latent is None:
             name, is_input = default_latent(conn.model), True
         else:
-            name, is_input = bind_layer(ast.LayerRef(latent), self.get_catalog()).name, False
+            view = bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)),
+                             bind_layer(ast.LayerRef(latent), self.get_catalog()))
+            name, is_input = view.layer.name, False
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
-            dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress)
+            dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
+            view=view)
 
     def get_sample(self, sampler: samplers.Sampler) -> tuple[samplers.Sample, bool]:
         """The sampler's sample and whether it was drawn just now (False: from a cache)."""
@@ -159,7 +161,7 @@ class Artifacts:
         # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
         # tie. The batch size is not: on one device it changes outputs by rounding at most.
         return cache_key("profile", *fingerprints, conn.settings.latent, str(conn.dtype),
-                         conn.device.type, source_digest(profile_module))
+                         conn.device.type, source_digest(profile_module), source_digest(views))
 
     def catalog_key(self) -> str | None:
         """The catalog depends on the model and the items' shape, so on both fingerprints."""
@@ -167,15 +169,16 @@ class Artifacts:
         if fingerprints is None:
             return None
         return cache_key("catalog", *fingerprints, str(self.conn.dtype), self.conn.device.type,
-                         source_digest(layers))
+                         source_digest(layers), source_digest(views))
 
-    def activation_key(self, layer: str) -> str | None:
+    def activation_key(self, view_key: str) -> str | None:
+        """The key of a view's rows (``View.key``: the layer and how its tokens reduce)."""
         profile_key = self.profile_key()
         if profile_key is None:
             return None
         # The code that produces rows is part of the key: a change to it never reuses them.
-        return cache_key("activations", profile_key, layer,
-                         [source_digest(module) for module in (executor, hooks)])
+        return cache_key("activations", profile_key, view_key,
+                         [source_digest(module) for module in (executor, hooks, views)])
 
     def sample_key(self, sampler: samplers.Sampler) -> str | None:
         """None for a sampler without a seed: its draws differ each time, so it is not kept."""

@@ -115,7 +115,6 @@ class Connection:
         self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
                           torch.float32)
         self.activations = ActivationStore(self.cache, self.artifacts.activation_key,
-                                           lambda layer: self.catalog[layer].neurons,
                                            len(self.source), row_dtype(self.dtype))
 
     @classmethod

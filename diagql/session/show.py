@@ -4,6 +4,7 @@ from __future__ import annotations
 from diagql import samplers
 from diagql.language import ast
 from diagql.language.binder import bind_layer
+from diagql.model.views import SEQUENCE, View
 from diagql.results.result import Result
 
 
@@ -119,20 +120,29 @@ def describe(conn, statement: ast.Describe) -> Result:
     n_params = sum(p.numel() for p in module.parameters())
     children = [name for name in conn.layers if name.startswith(layer.name + ".")]
     rows = [("name", layer.name), ("type", layer.type_name), ("output", layer.shape_text()),
-            ("neurons", f"{layer.neurons:,}"),
-            ("channels", "" if layer.channels is None else layer.channels),
-            ("parameters", f"{n_params:,}"),
-            ("labels", _label_example(layer)),
-            ("sublayers", ", ".join(children) if children else "none"),
-            ("module", f"{layer.type_name} of {len(list(module.children()))} modules"
-                       if children else repr(module))]
+            ("axes", layer.axes_text())]
+    if layer.layout == SEQUENCE:
+        rows += [("neurons", f"{layer.neurons:,} hidden units; an item's activation of one is "
+                             f"its mean over the item's real tokens (TOKENS MEAN)"),
+                 ("real tokens", layer.mask),
+                 ("tokens", "TOKENS MEAN (the default) | TOKENS MAX | TOKEN n (the n-th real "
+                            "token, 0 the first, -1 the last) | TOKENS ALL (every (position, "
+                            "unit), padding included"
+                            + ("; refused here: the length changes with the batch)"
+                               if layer.varies or layer.form != "tensor" else ")"))]
+    else:
+        rows += [("neurons", f"{layer.neurons:,}"),
+                 ("channels", "" if layer.channels is None else layer.channels)]
+    rows += [("parameters", f"{n_params:,}"),
+             ("labels", _label_example(layer)),
+             ("sublayers", ", ".join(children) if children else "none"),
+             ("module", f"{layer.type_name} of {len(list(module.children()))} modules"
+                        if children else repr(module))]
     return Result(kind="table", statement=statement.text, columns=["property", "value"],
                   rows=rows, title=f"layer {layer.name}")
 
 
 def _label_example(layer) -> str:
-    from diagql.model.layers import neuron_labels
-
-    first = neuron_labels(layer.name, layer.shape, [0])[0]
-    last = neuron_labels(layer.name, layer.shape, [layer.neurons - 1])[0]
+    view = View(layer)
+    first, last = view.labels([0, view.neurons - 1])
     return f"{first} … {last}"

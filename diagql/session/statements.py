@@ -76,11 +76,11 @@ def _explain(conn, statement: ast.Explain) -> Result:
 
 
 def _cache_detail(store, plan: Plan) -> str:
-    layer, items = plan.bound.layer, plan.items
-    held = store.held(layer.name, items)
+    layer, view, items = plan.bound.layer, plan.bound.view, plan.items
+    held = store.held(view, items)
     if held == len(items):
         return f"all {held:,} items' activations of {layer.name} are cached: no forward pass"
-    if store.fits(layer, items):
+    if store.fits(view, items):
         return (f"{held:,} of {len(items):,} items' activations of {layer.name} are cached; the "
                 f"other {len(items) - held:,} go through the model and are kept")
     return (f"{len(items):,} items' activations of {layer.name} exceed the activation cache's "

@@ -88,6 +88,8 @@ def language_help() -> str:
         "",
         f"Statements start with {choices('')}.",
         f"  TOPK n | AVG | ARGMAX  {choices('AVG ')}  IN layer",
+        f"      [TOKENS <{choices('AVG NEURONS IN x TOKENS ')}> | TOKEN n]   (a sequence layer's "
+        f"tokens: mean by default; n-th real token, -1 the last)",
         f"      [BY {choices('TOPK 1 NEURONS IN x BY ')}]",
         f"      [WHERE <{choices(query + 'WHERE ')}> ...]   "
         f"(fields compare with = < <= > >= != and IN (...); AND | OR | NOT)",

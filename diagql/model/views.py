@@ -1,0 +1,360 @@
+"""What a layer's output means per item: the module's activation found in what it returns, its
+batch axis moved first, sequences unpacked with their real tokens, and ``View.rows``, the one
+function that turns a module's output into one row per item (docs/ARCHITECTURE.md, "Data
+model"). The executor's consumers, EVALUATE and the profile all read outputs through it.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from diagql.errors import ExecutionError
+
+FLAT = "flat"  # neurons are the per-item output's elements in C order; CHANNELS: axis 0's means
+SEQUENCE = "sequence"  # (sequence, hidden) per item: neurons are the hidden units
+REDUCTIONS = ("mean", "max", "token", "all")  # how a sequence's tokens become one row
+
+
+def first_output(output):
+    """The activation in what a module returns: a tensor (nested ones included) or a
+    PackedSequence, itself or the first one in a tuple, list or dict (in order), or the
+    ``logits``/``last_hidden_state`` of a Hugging Face output; None when there is none.
+    A PackedSequence is one activation, never searched for its ``data``."""
+    if isinstance(output, (torch.Tensor, PackedSequence)):
+        return output
+    for attr in ("logits", "last_hidden_state"):
+        value = getattr(output, attr, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(output, Mapping):
+        values = output.values()
+    elif isinstance(output, (tuple, list)):
+        values = output
+    else:
+        return None
+    for value in values:
+        found = first_output(value)
+        if found is not None:
+            return found
+    return None
+
+
+def describe_output(output) -> str:
+    """What a module returned, for messages: 'a tuple holding a tensor of shape (5, 3, 16)'."""
+    first = first_output(output)
+    if first is None:
+        return f"a {type(output).__name__} holding no tensor"
+    if isinstance(first, PackedSequence):
+        what = (f"a PackedSequence of {int(first.batch_sizes[0])} sequences (data "
+                f"{tuple(first.data.shape)})")
+    elif first.is_nested:
+        what = f"a nested tensor of {first.size(0)} components"
+    else:
+        what = f"a tensor of shape {tuple(first.shape)}"
+    return what if first is output else f"a {type(output).__name__} holding {what}"
+
+
+# --- padding masks --------------------------------------------------------------------------
+
+# Modules that take a key padding mask (True or -inf: padding), and the argument holding it.
+_PADDING_ARGS = ((nn.Transformer, "tgt_key_padding_mask"),
+                 (nn.TransformerEncoder, "src_key_padding_mask"),
+                 (nn.TransformerEncoderLayer, "src_key_padding_mask"),
+                 (nn.TransformerDecoder, "tgt_key_padding_mask"),
+                 (nn.TransformerDecoderLayer, "tgt_key_padding_mask"),
+                 (nn.MultiheadAttention, "key_padding_mask"))
+
+
+def padding_argument(module: nn.Module) -> str | None:
+    """The name of the key padding mask argument ``module`` takes, or None."""
+    return next((arg for cls, arg in _PADDING_ARGS if isinstance(module, cls)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _position(cls: type, arg: str) -> int | None:
+    params = list(inspect.signature(cls.forward).parameters)[1:]  # less self
+    return params.index(arg) if arg in params else None
+
+
+def padding_mask(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The key padding mask (batch, sequence) a module was called with, or None."""
+    arg = padding_argument(module)
+    if arg is None:
+        return None
+    value = kwargs.get(arg)
+    if value is None:
+        index = _position(type(module), arg)
+        value = args[index] if index is not None and index < len(args) else None
+    return value if isinstance(value, torch.Tensor) and value.ndim == 2 else None
+
+
+def input_attention_mask(inputs) -> torch.Tensor | None:
+    """The ``attention_mask`` (batch, sequence) of a mapping model input (1: a real token)."""
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+            return mask
+    return None
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of a hooked module, as a hook sees it: what it returned, the innermost key
+    padding mask given to it or to a module around it, and the batch (input, item count)."""
+
+    output: object
+    padding: torch.Tensor | None
+    inputs: object
+    size: int
+
+
+def sequence_of(layer, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A sequence layer's output as (batch, sequence, hidden) values and the real tokens
+    (batch, sequence) bool, or None when every position counts. Real tokens come from the
+    output itself (PackedSequence or nested tensor lengths), else from a key padding mask given
+    to the module or a module around it, else from the ``attention_mask`` of a mapping batch
+    input, each used only when its length is the output's sequence length."""
+    out = first_output(call.output)
+    lengths = None
+    if isinstance(out, PackedSequence):
+        # pad_packed_sequence puts the sequences back in the order the batch had.
+        values, lengths = pad_packed_sequence(out, batch_first=True)
+    elif isinstance(out, torch.Tensor) and out.is_nested:
+        parts = out.unbind()
+        if any(p.ndim != 2 for p in parts):
+            raise _unexpected(layer, call, "a nested tensor of (sequence, hidden) items")
+        lengths = torch.tensor([p.shape[0] for p in parts])
+        values = torch.nested.to_padded_tensor(out, 0.0)
+    else:
+        values = batch_first(layer, call)
+        if values.ndim != 3:
+            raise _unexpected(layer, call, "(batch, sequence, hidden) values")
+    if values.shape[0] != call.size:
+        raise _unexpected(layer, call, f"{call.size} sequences, one per item of the batch")
+    if values.shape[2] != layer.shape[-1]:
+        raise _unexpected(layer, call, f"a hidden size of {layer.shape[-1]}")
+    length = values.shape[1]
+    if lengths is not None:
+        real = torch.arange(length, device=values.device)[None, :] < \
+            lengths.to(values.device)[:, None]
+        return values, real
+    padding = call.padding
+    if padding is not None and tuple(padding.shape) == tuple(values.shape[:2]):
+        real = ~padding if padding.dtype == torch.bool else padding == 0
+        return values, real.to(values.device)
+    mask = input_attention_mask(call.inputs)
+    if mask is not None and tuple(mask.shape) == tuple(values.shape[:2]):
+        return values, (mask != 0).to(values.device)
+    return values, None
+
+
+def batch_first(layer, call: ModuleCall) -> torch.Tensor:
+    """A tensor output with the catalog's batch axis first, checked against the batch."""
+    out = first_output(call.output)
+    if not isinstance(out, torch.Tensor) or out.is_nested:
+        raise _unexpected(layer, call, "a tensor, as in the catalog probe")
+    if out.ndim != len(layer.shape) + 1:
+        raise _unexpected(layer, call, f"{len(layer.shape) + 1} dimensions, as in the catalog "
+                                       f"probe")
+    if out.shape[layer.batch_axis] != call.size:
+        raise _unexpected(layer, call, f"{call.size} items along axis {layer.batch_axis}, its "
+                                       f"batch axis")
+    return out.movedim(layer.batch_axis, 0) if layer.batch_axis else out
+
+
+def _unexpected(layer, call: ModuleCall, wanted: str) -> ExecutionError:
+    return ExecutionError(f"layer {layer.name!r} returned {describe_output(call.output)} for a "
+                          f"batch of {call.size} items, where DiagQL expected {wanted}")
+
+
+def input_rows(call: ModuleCall) -> torch.Tensor:
+    """The input of the final linear layer as one row per item (the profile's latent): a
+    (batch, sequence, features) input is averaged over its real tokens, as a sequence layer's
+    output is (the layer maps its last axis)."""
+    x = first_output(call.output)
+    if not isinstance(x, torch.Tensor) or x.is_nested or x.ndim < 1 or x.shape[0] != call.size:
+        raise ExecutionError(f"the input of the latent layer is {describe_output(call.output)}, "
+                             f"not a tensor of one row per item of the batch of {call.size}")
+    if x.ndim != 3:
+        return x.flatten(1)
+    mask = input_attention_mask(call.inputs)
+    real = (mask != 0).to(x.device) if mask is not None and mask.shape == x.shape[:2] else None
+    return _mean(x, real, "the input of the latent layer")
+
+
+# --- views ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class View:
+    """How a query sees a layer: which row per item the hook makes (``rows``) and which
+    neurons a query ranks (``finish``). ``layer`` is a LayerInfo (model/layers.py).
+
+    A flat layer's rows are its outputs flattened; a sequence layer's rows are one hidden
+    vector per item by ``reduction`` (``mean`` or ``max`` over its real tokens, ``token`` the
+    ``position``-th real token, -1 the last), or every (position, unit) for ``all``."""
+
+    layer: object
+    reduction: str | None = None  # sequence layers only; None: "mean"
+    position: int | None = None  # TOKEN n
+    channels: bool = False
+
+    def __post_init__(self):
+        if self.sequence and self.reduction is None:
+            object.__setattr__(self, "reduction", "mean")
+
+    @property
+    def sequence(self) -> bool:
+        return self.layer.layout == SEQUENCE
+
+    @property
+    def _early_channels(self) -> bool:
+        # A flat layer whose shape changes with the batch has no fixed rows to keep: its
+        # channel means are taken inside the hook instead.
+        return self.channels and self.layer.varies
+
+    @property
+    def key(self) -> str:
+        """The activation cache's row key: the layer, and for sequences how tokens reduce."""
+        parts = [self.layer.name]
+        if self.sequence:
+            parts.append(self.text())
+        elif self._early_channels:
+            parts.append("CHANNELS")
+        return json.dumps(parts)
+
+    @property
+    def width(self) -> int:
+        """Values per item in ``rows``."""
+        shape = self.layer.shape
+        if self.sequence:
+            return int(np.prod(shape)) if self.reduction == "all" else shape[-1]
+        return shape[0] if self._early_channels else int(np.prod(shape))
+
+    @property
+    def neurons(self) -> int:
+        """Values per item after ``finish``: what a query ranks and averages."""
+        return self.layer.shape[0] if self.channels else self.width
+
+    def text(self) -> str:
+        """The clause that asks for this view (empty for a flat layer)."""
+        if not self.sequence:
+            return ""
+        if self.reduction == "token":
+            return f"TOKEN {self.position}"
+        return f"TOKENS {self.reduction.upper()}"
+
+    def describe(self) -> str:
+        """What one item's row is, for EXPLAIN."""
+        if not self.sequence:
+            if self.channels:
+                return "each channel's mean over the rest of the item's output"
+            return "the item's output, flattened in C order"
+        real = f"real tokens ({self.layer.mask})"
+        if self.reduction == "all":
+            return "every (position, unit) of the item's output, padding included"
+        if self.reduction == "token":
+            n = self.position
+            which = {0: "first", -1: "last"}.get(n, f"number {n} (from 0)" if n >= 0 else
+                                                 f"number {-n} from the end")
+            return f"each hidden unit at the item's {which} real token; {real}"
+        return f"each hidden unit's {self.reduction} over the item's {real}"
+
+    def labels(self, neurons) -> list[str]:
+        """``fc1[5]``, ``conv2[3,1,4]`` (C-order), ``conv2[3]`` (channels), ``enc[u]``
+        (a sequence's hidden unit) or ``enc[pos,u]`` (TOKENS ALL)."""
+        shape = self.layer.shape
+        flat = self.channels or (self.sequence and self.reduction != "all")
+        return neuron_labels(self.layer.name, shape, neurons, flat)
+
+    def rows(self, call: ModuleCall) -> torch.Tensor:
+        """One row of ``width`` values per item of the batch, reduced or copied here, inside
+        the hook, before a later in-place op can overwrite the output."""
+        layer = self.layer
+        if self.sequence:
+            values, real = sequence_of(layer, call)
+            return self._reduce(values, real)
+        values = batch_first(layer, call)
+        if self._early_channels:
+            if values.shape[1] != layer.shape[0]:
+                raise _unexpected(layer, call, f"{layer.shape[0]} channels")
+            return values.flatten(2).mean(dim=2, dtype=torch.float64)
+        if tuple(values.shape[1:]) != layer.shape:
+            raise _unexpected(layer, call, "each item's output of shape "
+                                           f"{tuple(layer.shape)}, as in the catalog probe")
+        return values.flatten(1)
+
+    def finish(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows to the neurons a query aggregates (the channel means of a fixed shape)."""
+        if not self.channels or self._early_channels:
+            return rows
+        return rows.reshape(len(rows), self.layer.shape[0], -1).mean(dim=2, dtype=torch.float64)
+
+    def _reduce(self, values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        name = self.layer.name
+        if self.reduction == "all":
+            if values.shape[1] != self.layer.shape[0]:
+                raise ExecutionError(
+                    f"TOKENS ALL needs one sequence length, but layer {name!r} has "
+                    f"{values.shape[1]} positions in this batch and {self.layer.shape[0]} in the "
+                    f"catalog probe (the data is padded per batch); use TOKENS MEAN, TOKENS MAX "
+                    f"or TOKEN n")
+            return values.flatten(1)
+        if real is not None and not bool(real.any(dim=1).all()):
+            raise ExecutionError(f"an item of this batch has no real token at layer {name!r} "
+                                 f"(its padding mask covers every position)")
+        if self.reduction == "mean":
+            return _mean(values, real, f"layer {name!r}")
+        if self.reduction == "max":
+            if real is not None:
+                values = torch.where(real[:, :, None], values, float("-inf"))
+            return values.amax(dim=1)
+        return values[torch.arange(len(values), device=values.device),
+                      self._positions(values, real)]
+
+    def _positions(self, values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+        """Each item's position of TOKEN n: its n-th real token (from 0; -1 the last)."""
+        n, length = self.position, values.shape[1]
+        if real is None:
+            real = torch.ones(values.shape[:2], dtype=torch.bool, device=values.device)
+        counts = real.sum(dim=1)
+        wanted = counts + n + 1 if n < 0 else torch.full_like(counts, n + 1)
+        if not bool(((wanted >= 1) & (wanted <= counts)).all()):
+            fewest = int(counts.min())
+            raise ExecutionError(f"TOKEN {n} is past the end of an item with {fewest} real "
+                                 f"token{'s' if fewest != 1 else ''} of {length} at layer "
+                                 f"{self.layer.name!r}")
+        hit = (real.cumsum(dim=1) == wanted[:, None]) & real
+        return hit.to(torch.int8).argmax(dim=1)
+
+
+def _mean(values: torch.Tensor, real: torch.Tensor | None, where: str) -> torch.Tensor:
+    """The mean over axis 1 (the real tokens only), summed in float64; float32 rows at least,
+    so that a mean of float16 values keeps its digits."""
+    wide = torch.float64 if values.dtype == torch.float64 else torch.float32
+    if real is None:
+        return values.mean(dim=1, dtype=torch.float64).to(wide)
+    counts = real.sum(dim=1, keepdim=True)
+    if not bool((counts > 0).all()):
+        raise ExecutionError(f"an item of this batch has no real token at {where}")
+    # where(), not a product: a padding position may hold NaN (a fully masked attention row).
+    total = torch.where(real[:, :, None], values, 0).sum(dim=1, dtype=torch.float64)
+    return (total / counts).to(wide)
+
+
+def neuron_labels(layer: str, shape: tuple[int, ...], neurons, flat: bool = False) -> list[str]:
+    """``fc1[5]``, ``conv2[3,1,4]`` (C-order coordinates in ``shape``), or ``conv2[3]`` when
+    ``flat`` (channels, a sequence's hidden units)."""
+    neurons = np.asarray(neurons, dtype=np.int64)
+    if flat or len(shape) <= 1:
+        return [f"{layer}[{i}]" for i in neurons.tolist()]
+    coords = np.unravel_index(neurons, shape)
+    return [f"{layer}[{','.join(map(str, c))}]" for c in zip(*(a.tolist() for a in coords))]
