@@ -1,0 +1,539 @@
+"""Sequence layers: RNNs, nn.TransformerEncoder and a tiny BERT (docs/ARCHITECTURE.md, "Data
+model"). A neuron of a (batch, sequence, hidden) output is a hidden unit; an item's activation
+of it is its mean over the item's real tokens (TOKENS MEAN), or its max, or one token, or every
+(position, unit) with TOKENS ALL. The batch axis is found, never assumed (time-first outputs);
+PackedSequence and nested outputs are unpacked with their lengths.
+
+The truth is plain torch, computed here: each module's output is captured with a forward hook
+(or the module is called directly) and reduced item by item, over the item's real tokens only.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.utils.data import DataLoader, Dataset
+
+import diagql
+from diagql.engine.groups import cell_codes, n_cells
+from diagql.errors import BindError, ExecutionError, ParseError
+from diagql.evaluate.evaluation import forward_pass
+from diagql.model.layers import LayerCatalog
+from diagql.model.views import SEQUENCE, View
+from tests import text_models as tm
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+# --- the truth ------------------------------------------------------------------------------
+
+
+def item_rows(values: torch.Tensor, lengths, mode: str = "mean", position: int = 0) -> np.ndarray:
+    """(items, hidden) float64: each item's reduction over its first ``lengths[i]`` positions of
+    ``values`` (items, sequence, hidden), one item at a time; lengths None: every position."""
+    rows = []
+    for i in range(len(values)):
+        tokens = values[i, :values.shape[1] if lengths is None else int(lengths[i])].double()
+        if mode == "mean":
+            rows.append(tokens.mean(dim=0))
+        elif mode == "max":
+            rows.append(tokens.max(dim=0).values)
+        else:
+            rows.append(tokens[position])
+    return torch.stack(rows).numpy()
+
+
+def top(values: np.ndarray, k: int) -> list[int]:
+    return np.argsort(-values, kind="stable")[:k].tolist()
+
+
+def capture(model: nn.Module, names: list[str], *args, **kwargs) -> dict[str, torch.Tensor]:
+    """The outputs of the named modules in one forward pass: the first tensor of a tuple, the
+    last_hidden_state of a Hugging Face output, nested tensors padded with zeros."""
+    outputs = {}
+    modules = dict(model.named_modules())
+
+    def keep(name):
+        def hook(module, inputs, output):
+            if isinstance(output, tuple):
+                output = output[0]
+            output = getattr(output, "last_hidden_state", output)
+            if output.is_nested:
+                output = torch.nested.to_padded_tensor(output, 0.0)
+            outputs[name] = output.detach().clone()
+        return hook
+
+    handles = [modules[name].register_forward_hook(keep(name)) for name in names]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+# --- RNNs -----------------------------------------------------------------------------------
+
+N, T, F, H, C = 45, 9, 5, 6, 3
+
+
+class RNNClassifier(nn.Module):
+    """An LSTM or GRU over (x, lengths); time-first when batch_first is False; ``packed``
+    packs the padded batch with pack_padded_sequence (so ``rnn`` returns a PackedSequence)."""
+
+    def __init__(self, cell=nn.LSTM, batch_first=True, packed=False, swallow=False):
+        super().__init__()
+        self.batch_first, self.packed, self.swallow = batch_first, packed, swallow
+        self.rnn = cell(F, H, batch_first=batch_first)
+        self.head = nn.Linear(H, C)
+
+    def forward(self, x, lengths):
+        try:
+            return self._forward(x, lengths)
+        except Exception:  # noqa: BLE001 - a model that hides its errors (swallow=True)
+            if not self.swallow:
+                raise
+            return torch.zeros(len(x), C)
+
+    def _forward(self, x, lengths):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        if self.packed:
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=self.batch_first,
+                                          enforce_sorted=False)
+            out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=self.batch_first)
+        else:
+            out, _ = self.rnn(x)
+        return self.head(out.sum(dim=1 if self.batch_first else 0))
+
+
+class Pairs(Dataset):
+    """Items ((x, length), y): collated, the input is a list that call_model spreads."""
+
+    def __init__(self, *columns):
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.columns[-1])
+
+    def __getitem__(self, i):
+        return tuple(c[i] for c in self.columns[:-1]), self.columns[-1][i]
+
+
+@pytest.fixture(scope="module")
+def rnn_data():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(N, T, F, generator=g)
+    lengths = torch.randint(2, T + 1, (N,), generator=g)
+    lengths[0] = T  # the probe's first item is full length, so later batches are shorter
+    y = torch.randint(0, C, (N,), generator=g)
+    return X, lengths, y
+
+
+def rnn_world(data, cell, batch_first, packed, **kwargs):
+    X, lengths, y = data
+    torch.manual_seed(0)
+    model = RNNClassifier(cell, batch_first, packed, **kwargs).eval()
+    conn = diagql.connect(model, Pairs(X, lengths, y), batch_size=7, cache_dir=False,
+                          progress=False)
+    with torch.no_grad():
+        x = X if batch_first else X.transpose(0, 1)
+        if packed:
+            out, found = pad_packed_sequence(model.rnn(pack_padded_sequence(
+                x, lengths, batch_first=batch_first, enforce_sorted=False))[0], batch_first=True)
+            assert found.tolist() == lengths.tolist()
+        else:
+            out = model.rnn(x)[0]
+            out = out if batch_first else out.transpose(0, 1)
+    # Without packing the RNN sees every position, and no mask reaches it: all of them count.
+    return model, conn, out, (lengths if packed else None), y.numpy()
+
+
+RNN_CASES = [(cell, first, packed) for cell in (nn.LSTM, nn.GRU) for first in (True, False)
+             for packed in (False, True)]
+
+
+@pytest.mark.parametrize("cell,batch_first,packed", RNN_CASES,
+                         ids=[f"{c.__name__}-{'bf' if b else 'tf'}-{'packed' if p else 'plain'}"
+                              for c, b, p in RNN_CASES])
+def test_rnn_neurons_are_hidden_units_averaged_over_each_items_tokens(rnn_data, cell,
+                                                                        batch_first, packed):
+    model, conn, out, lengths, y = rnn_world(rnn_data, cell, batch_first, packed)
+    layer = conn.catalog["rnn"]
+    assert layer.layout == SEQUENCE and layer.shape[-1] == H and layer.neurons == H
+    assert layer.form == ("packed" if packed else "tensor")
+    assert layer.batch_axis == (0 if batch_first or packed else 1)
+    rows = item_rows(out, lengths)
+    ones = np.flatnonzero(y == 1)
+    avg = conn.query("AVG NEURONS IN rnn WHERE class = 1")
+    assert avg.n_items == len(ones)  # not the sum of the lengths, nor time steps
+    np.testing.assert_allclose(avg.values, rows[ones].mean(axis=0), **TOL)
+    assert avg.labels == [f"rnn[{u}]" for u in range(H)]
+    grouped = conn.query("TOPK 3 NEURONS IN rnn BY MAX GROUP BY class")
+    for label, group in grouped.groups.items():
+        mine = rows[y == label]
+        assert group.n_items == len(mine)
+        assert group.neurons.tolist() == top(mine.max(axis=0), 3)
+        np.testing.assert_allclose(group.values, np.sort(mine.max(axis=0))[::-1][:3], **TOL)
+
+
+def test_a_time_first_where_matching_one_item_counts_one_item(rnn_data):
+    model, conn, out, lengths, y = rnn_world(rnn_data, nn.LSTM, False, False)
+    best = int(np.argmax(conn.profile.confidence))
+    highest = float(conn.profile.confidence[best])
+    one = conn.query(f"AVG NEURONS IN rnn WHERE confidence >= {highest!r}")
+    assert one.n_items == 1
+    np.testing.assert_allclose(one.values, item_rows(out, None)[best], **TOL)
+    rows = conn.query("DESCRIBE rnn").rows
+    axes = dict(rows)["axes"]
+    assert axes.startswith("batch: axis 1 of 3") and "batch_first agrees" in axes
+    assert "sequence: axis 0 (length 9)" in axes and "hidden: axis 2 (6 units)" in axes
+
+
+def test_packed_rnn_reductions_sample_and_baseline(rnn_data):
+    model, conn, out, lengths, y = rnn_world(rnn_data, nn.LSTM, False, True)
+    for clause, mode, position in (("TOKENS MAX", "max", 0), ("TOKEN 0", "token", 0)):
+        result = conn.query(f"AVG NEURONS IN rnn {clause} WHERE class = 2")
+        twos = np.flatnonzero(y == 2)
+        np.testing.assert_allclose(result.values,
+                                   item_rows(out, lengths, mode, position)[twos].mean(axis=0),
+                                   **TOL)
+    # TOKEN -1 is each item's last real token: its own length's, not the batch's longest.
+    last = np.stack([out[i, int(lengths[i]) - 1].double().numpy() for i in range(N)])
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN rnn TOKEN -1").values,
+                               last.mean(axis=0), **TOL)
+    rows = item_rows(out, lengths)
+    argmax = conn.query("ARGMAX NEURONS IN rnn")
+    np.testing.assert_allclose(argmax.values, np.bincount(rows.argmax(axis=1), minlength=H) / N,
+                               **TOL)
+    sample = conn.sample("random(0.5, random_state=4)")
+    answer = conn.query("TOPK 4 NEURONS IN rnn USING SAMPLE random(0.5, random_state=4) "
+                        "WITH BASELINE")
+    assert answer.n_items == len(sample)
+    assert answer.neurons.tolist() == top(rows[sample].mean(axis=0), 4)
+    assert answer.baseline.neurons.tolist() == top(rows.mean(axis=0), 4)
+    np.testing.assert_allclose(answer.baseline.values, np.sort(rows.mean(axis=0))[::-1][:4],
+                               **TOL)
+
+
+def test_tokens_all_keeps_positions_of_one_length_and_is_refused_for_packed(rnn_data):
+    model, conn, out, lengths, y = rnn_world(rnn_data, nn.GRU, False, False)
+    every = conn.query("AVG NEURONS IN rnn TOKENS ALL")
+    np.testing.assert_allclose(every.values, out.reshape(N, T * H).double().mean(dim=0).numpy(),
+                               **TOL)
+    assert every.labels[:2] == ["rnn[0,0]", "rnn[0,1]"] and every.labels[-1] == f"rnn[{T-1},{H-1}]"
+    model, conn, out, lengths, y = rnn_world(rnn_data, nn.GRU, True, True)
+    with pytest.raises(BindError, match="TOKENS ALL needs one sequence length.*packed"):
+        conn.query("AVG NEURONS IN rnn TOKENS ALL")
+    with pytest.raises(ExecutionError, match=r"TOKEN 5 is past the end of an item with 2 real "
+                                             r"tokens .*'rnn'"):
+        conn.query("AVG NEURONS IN rnn TOKEN 5")
+
+
+def test_an_error_in_diagqls_hook_code_is_never_the_models(rnn_data):
+    # The model swallows every Exception of its forward: the hook's error still surfaces.
+    model, conn, out, lengths, y = rnn_world(rnn_data, nn.LSTM, True, True, swallow=True)
+    with pytest.raises(ExecutionError, match="TOKEN 5 is past the end"):
+        conn.query("AVG NEURONS IN rnn TOKEN 5")
+
+    class Broken:
+        view = View(conn.catalog["rnn"])
+        items = wanted = np.arange(5)
+
+        def take(self, rows, idx):
+            raise RuntimeError("The size of tensor a (640) must match (832)")
+
+    with pytest.raises(ExecutionError) as caught:
+        conn.runner().run([Broken()], "broken")
+    message = str(caught.value)
+    assert "model's forward raised" not in message
+    assert "layer 'rnn'" in message and "DiagQL's, not the model's" in message
+    assert "RuntimeError" in message and "PackedSequence" in message
+
+
+def test_clauses_that_do_not_fit_the_layer_are_refused(rnn_data):
+    model, conn, out, lengths, y = rnn_world(rnn_data, nn.LSTM, True, False)
+    with pytest.raises(BindError, match="TOKEN 0 applies to sequence layers.*'head'"):
+        conn.query("AVG NEURONS IN head TOKEN 0")
+    with pytest.raises(BindError, match="'rnn' is a sequence.*CHANNELS applies to conv maps"):
+        conn.query("AVG CHANNELS IN rnn")
+    with pytest.raises(BindError, match=r"TOKEN 9 is past the 9 positions of layer 'rnn'"):
+        conn.query("AVG NEURONS IN rnn TOKEN 9")
+    with pytest.raises(ParseError, match="TOKEN takes a whole number"):
+        conn.query("AVG NEURONS IN rnn TOKEN 1.5")
+
+
+# --- nn.TransformerEncoder --------------------------------------------------------------------
+
+D, S = 8, 7
+
+
+class Encoder(nn.Module):
+    """proj -> nn.TransformerEncoder (2 layers) -> head on the first token."""
+
+    def __init__(self, batch_first: bool, use_mask: bool):
+        super().__init__()
+        self.batch_first, self.use_mask = batch_first, use_mask
+        self.proj = nn.Linear(4, D)
+        layer = nn.TransformerEncoderLayer(D, 2, 16, batch_first=batch_first, dropout=0.1)
+        # Nested tensors (the fast path of padded batches) need batch_first.
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=batch_first)
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x, padding):
+        h = self.proj(x)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        h = self.enc(h, src_key_padding_mask=padding if self.use_mask else None)
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h[:, 0])
+
+
+ENCODER_CASES = [(first, mask) for first in (True, False) for mask in (True, False)]
+
+
+@pytest.mark.parametrize("batch_first,use_mask", ENCODER_CASES,
+                         ids=[f"{'bf' if b else 'tf'}-{'mask' if m else 'nomask'}"
+                              for b, m in ENCODER_CASES])
+def test_transformer_encoder_layers_leave_padding_out(batch_first, use_mask):
+    g = torch.Generator().manual_seed(5)
+    n = 40
+    X = torch.randn(n, S, 4, generator=g)
+    lengths = torch.randint(2, S + 1, (n,), generator=g)
+    padding = torch.arange(S)[None, :] >= lengths[:, None]
+    y = torch.randint(0, C, (n,), generator=g)
+    torch.manual_seed(1)
+    model = Encoder(batch_first, use_mask).eval()
+    names = ["enc", "enc.layers.0", "enc.layers.1.linear1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's nested tensors are a "prototype"
+        conn = diagql.connect(model, Pairs(X, padding, y), batch_size=6, cache_dir=False,
+                              progress=False)
+        outputs = capture(model, names, X, padding)
+        truth = {}
+        for name in names:
+            out = outputs[name]
+            if out.shape[0] != n:  # time-first
+                out = out.transpose(0, 1)
+            truth[name] = item_rows(out, lengths if use_mask else None)
+        for name in names:
+            layer = conn.catalog[name]
+            assert layer.layout == SEQUENCE
+            np.testing.assert_allclose(conn.query(f"AVG NEURONS IN {name}").values,
+                                       truth[name].mean(axis=0), **TOL)
+        out = outputs["enc"] if batch_first else outputs["enc"].transpose(0, 1)
+        top_max = conn.query("TOPK 3 NEURONS IN enc TOKENS MAX WHERE class = 0")
+    zeros = np.flatnonzero(y.numpy() == 0)
+    maxima = item_rows(out, lengths if use_mask else None, "max")[zeros].mean(axis=0)
+    assert top_max.neurons.tolist() == top(maxima, 3)
+    assert conn.catalog["enc"].batch_axis == (0 if batch_first else 1)
+    if use_mask:
+        assert conn.catalog["enc"].mask == "the src_key_padding_mask given to enc"
+
+
+# --- a channel-first map is not a sequence -------------------------------------------------------
+
+
+class Proj(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin(x.transpose(1, 2))  # (batch, length, 5): a sequence
+
+
+class ConvText(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.block = nn.Sequential(nn.Conv1d(6, 6, 3, padding=1), nn.BatchNorm1d(6))
+        self.gelu = nn.GELU()
+        self.proj = Proj()
+        self.head = nn.Linear(5, C)
+
+    def forward(self, x):
+        return self.head(self.proj(self.gelu(self.block(self.act(self.conv(x))))).mean(dim=1))
+
+
+def test_channel_first_maps_keep_flat_neurons_and_channels():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 4, 10, generator=g)
+    y = torch.randint(0, C, (30,), generator=g)
+    torch.manual_seed(0)
+    model = ConvText().eval()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    layouts = {name: conn.catalog[name].layout for name in ("conv", "act", "block", "gelu",
+                                                             "proj", "proj.lin")}
+    assert layouts == {"conv": "flat", "act": "flat", "block": "flat", "gelu": "flat",
+                       "proj": "sequence", "proj.lin": "sequence"}
+    with torch.no_grad():
+        conv = model.conv(X)
+    np.testing.assert_allclose(conn.query("AVG CHANNELS IN conv").values,
+                               conv.double().mean(dim=(0, 2)).numpy(), **TOL)
+    neurons = conn.query("TOPK 3 NEURONS IN conv")
+    flat = conv.reshape(30, -1).double().mean(dim=0).numpy()
+    assert neurons.neurons.tolist() == top(flat, 3)
+    assert neurons.labels[0] == "conv[{},{}]".format(*np.unravel_index(top(flat, 1)[0], (6, 8)))
+    with pytest.raises(BindError, match="TOKENS MAX applies to sequence layers"):
+        conn.query("AVG NEURONS IN block TOKENS MAX")
+
+
+# --- a tiny BERT over mapping inputs, padded per batch -------------------------------------------
+
+BERT_LAYERS = ["bert", "bert.encoder.layer.0", "bert.encoder.layer.1",
+               "bert.encoder.layer.1.intermediate"]
+
+
+@pytest.fixture(scope="module")
+def bert_world(tmp_path_factory):
+    model = tm.tiny_bert()
+    sequences, labels = tm.token_data()
+    data = DataLoader(tm.DictDataset(sequences, labels), batch_size=8, collate_fn=tm.pad_collate)
+    conn = diagql.connect(model, data, batch_size=5, progress=False,
+                          cache_dir=tmp_path_factory.mktemp("bert-cache"))
+    # Each item alone, unpadded: its real tokens' outputs, which padding must not change.
+    per_item = {name: [] for name in BERT_LAYERS}
+    for sequence in sequences:
+        outputs = capture(model, BERT_LAYERS, input_ids=sequence[None],
+                          attention_mask=torch.ones(1, len(sequence), dtype=torch.int64))
+        for name in BERT_LAYERS:
+            per_item[name].append(outputs[name][0])
+    return model, conn, sequences, per_item, labels.numpy()
+
+
+def bert_rows(per_item, name, mode="mean", position=0) -> np.ndarray:
+    rows = []
+    for tokens in per_item[name]:
+        tokens = tokens.double()
+        rows.append({"mean": lambda: tokens.mean(dim=0), "max": lambda: tokens.max(dim=0).values,
+                     "token": lambda: tokens[position]}[mode]())
+    return torch.stack(rows).numpy()
+
+
+def test_bert_sequence_layers_over_dynamic_padding(bert_world):
+    model, conn, sequences, per_item, y = bert_world
+    lengths = [len(s) for s in sequences]
+    # The premise: the batches of 5 are padded to different lengths.
+    assert len({max(lengths[i:i + 5]) for i in range(0, len(lengths), 5)}) > 1
+    layer1 = bert_rows(per_item, "bert.encoder.layer.1")
+    ones = np.flatnonzero(y == 1)
+    avg = conn.query("AVG NEURONS IN bert.encoder.layer.1 WHERE class = 1")
+    assert avg.n_items == len(ones) and avg.labels[0] == "bert.encoder.layer.1[0]"
+    np.testing.assert_allclose(avg.values, layer1[ones].mean(axis=0), **TOL)
+    layer0 = bert_rows(per_item, "bert.encoder.layer.0")
+    grouped = conn.query("TOPK 4 NEURONS IN bert.encoder.layer.0 BY MAX GROUP BY class")
+    for label, group in grouped.groups.items():
+        assert group.neurons.tolist() == top(layer0[y == label].max(axis=0), 4)
+    inner = bert_rows(per_item, "bert.encoder.layer.1.intermediate")
+    argmax = conn.query("ARGMAX NEURONS IN bert.encoder.layer.1.intermediate")
+    np.testing.assert_allclose(argmax.values,
+                               np.bincount(inner.argmax(axis=1), minlength=32) / len(y), **TOL)
+    last = bert_rows(per_item, "bert")
+    sample = conn.sample("random(0.5, random_state=2)")
+    answer = conn.query("TOPK 5 NEURONS IN bert USING SAMPLE random(0.5, random_state=2) "
+                        "WITH BASELINE")
+    assert answer.neurons.tolist() == top(last[sample].mean(axis=0), 5)
+    np.testing.assert_allclose(answer.values, np.sort(last[sample].mean(axis=0))[::-1][:5], **TOL)
+    assert answer.baseline.neurons.tolist() == top(last.mean(axis=0), 5)
+
+
+def test_bert_token_reductions_and_their_own_cached_rows(bert_world):
+    model, conn, sequences, per_item, y = bert_world
+    name = "bert.encoder.layer.1"
+    spec = "random(0.6, random_state=9)"
+    sample = conn.sample(spec)
+    # Rows are cached per layer AND reduction: TOKEN 0 after TOKENS MEAN on the same sample
+    # must not be answered from the mean rows.
+    for clause, mode, position in (("", "mean", 0), ("TOKEN 0", "token", 0),
+                                   ("TOKENS MAX", "max", 0), ("TOKEN -1", "token", -1),
+                                   ("TOKEN 0", "token", 0)):
+        result = conn.query(f"AVG NEURONS IN {name} {clause} USING SAMPLE {spec}")
+        np.testing.assert_allclose(result.values,
+                                   bert_rows(per_item, name, mode, position)[sample].mean(axis=0),
+                                   **TOL, err_msg=clause)
+    explain = dict(conn.query(f"EXPLAIN AVG NEURONS IN {name} TOKEN 0 WHERE class = 2").rows)
+    assert explain["per item"].startswith("TOKEN 0: each hidden unit at the item's first real "
+                                          "token; real tokens (the attention_mask of the batch")
+    with pytest.raises(ExecutionError, match="TOKENS ALL needs one sequence length"):
+        conn.query(f"AVG NEURONS IN {name} TOKENS ALL")
+
+
+def test_bert_describe_catalog_and_refusals(bert_world):
+    model, conn, sequences, per_item, y = bert_world
+    rows = dict(conn.query("DESCRIBE bert.encoder.layer.0").rows)
+    assert rows["axes"].startswith("batch: axis 0 of 3 (the only axis that follows the batch")
+    assert "sequence: axis 1" in rows["axes"] and "hidden: axis 2 (16 units)" in rows["axes"]
+    assert rows["real tokens"] == "the attention_mask of the batch input"
+    assert rows["neurons"].startswith("16 hidden units")
+    assert "TOKEN n" in rows["tokens"]
+    with pytest.raises(BindError, match="'bert.embeddings.position_embeddings' cannot be queried: "
+                                        "no axis of its output follows the batch"):
+        conn.query("AVG NEURONS IN bert.embeddings.position_embeddings")
+    catalog = conn.catalog
+    assert LayerCatalog.from_arrays(catalog.to_arrays()).layers == catalog.layers
+
+
+def test_bert_latent_and_evaluate_use_the_same_per_item_vectors(bert_world):
+    model, conn, sequences, per_item, y = bert_world
+    name = "bert.encoder.layer.1"
+    rows = bert_rows(per_item, name)
+    groups = cell_codes(conn.profile.labels, conn.profile.correct)
+    count = n_cells(conn.profile.n_classes)
+    position = np.full(len(y), -1)
+    answers = forward_pass(conn, [conn.catalog[name]], groups, count, position, 0)[name]
+    for code in np.unique(groups).tolist():
+        np.testing.assert_allclose(answers.sums[code], rows[groups == code].sum(axis=0), **TOL)
+    conn.query(f"SET latent = {name}")
+    try:
+        np.testing.assert_allclose(conn.profile.latents, rows, **TOL)
+    finally:
+        conn.query("SET latent = default")
+
+
+def test_bert_fixed_length_tokens_all_counts_every_position(bert_world):
+    model, _, sequences, _, y = bert_world
+    conn = diagql.connect(model, tm.DictDataset(sequences, torch.from_numpy(y), length=12),
+                          cache_dir=False, progress=False)
+    padded = tm.pad(sequences, 12)
+    out = capture(model, ["bert.encoder.layer.1"], **padded)["bert.encoder.layer.1"]
+    every = conn.query("AVG NEURONS IN bert.encoder.layer.1 TOKENS ALL")
+    np.testing.assert_allclose(every.values, out.reshape(len(y), -1).double().mean(dim=0).numpy(),
+                               **TOL)
+    assert every.labels[17] == "bert.encoder.layer.1[1,1]"
+    real = padded["attention_mask"].sum(dim=1)
+    mean = conn.query("AVG NEURONS IN bert.encoder.layer.1")  # the mask leaves padding out
+    np.testing.assert_allclose(mean.values, item_rows(out, real).mean(axis=0), **TOL)
+
+
+@pytest.mark.parametrize("sampler", ["random(0.5)", "stratified(0.5)", "latentgrid(0.5)",
+                                     "vas(0.5)", "ebtree", "weighted(0.5)", "gmm(0.5)",
+                                     "maxmargin(0.5)"])
+def test_bert_every_sampler_answers_from_the_sampled_items_vectors(bert_world, sampler):
+    model, conn, sequences, per_item, y = bert_world
+    rows = bert_rows(per_item, "bert.encoder.layer.0")
+    result = conn.query(f"AVG NEURONS IN bert.encoder.layer.0 USING SAMPLE {sampler}")
+    sample = conn.sample(sampler)
+    assert result.n_items == len(sample) > 0
+    np.testing.assert_allclose(result.values, rows[sample].mean(axis=0), **TOL)
+
+
+def test_a_shared_pass_feeds_each_reduction_of_one_layer_its_own_rows(bert_world):
+    model, conn, sequences, per_item, y = bert_world
+    name, spec = "bert.encoder.layer.1", "random(0.4, random_state=11)"
+    results = conn.execute(f"AVG NEURONS IN {name} TOKENS MAX USING SAMPLE {spec}; "
+                           f"AVG NEURONS IN {name} TOKEN -1 USING SAMPLE {spec}; "
+                           f"TOPK 3 NEURONS IN {name} TOKEN 0 WHERE class = 0;")
+    sample = conn.sample(spec)
+    np.testing.assert_allclose(results[0].values,
+                               bert_rows(per_item, name, "max")[sample].mean(axis=0), **TOL)
+    np.testing.assert_allclose(results[1].values,
+                               bert_rows(per_item, name, "token", -1)[sample].mean(axis=0), **TOL)
+    first = bert_rows(per_item, name, "token", 0)[y == 0].mean(axis=0)
+    assert results[2].neurons.tolist() == top(first, 3)
