@@ -59,7 +59,7 @@ class ItemSource:
         elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Mapping):
             self._set_columns(data[0], data[1])
         elif isinstance(data, (tuple, list)) and len(data) == 2:
-            self._refuse_label_key(f"X of type {type(data[0]).__name__}")
+            self._refuse_label_key(f"a pair (X, y) with X a {type(data[0]).__name__}")
             # (X, None) is data without labels: queries that need none still work.
             self._pair = (_as_tensor(data[0], "X"), None if data[1] is None else _as_labels(data[1]))
             if self._pair[1] is not None and len(self._pair[0]) != len(self._pair[1]):
@@ -94,7 +94,7 @@ class ItemSource:
                             shuffle=False, num_workers=self._workers,
                             **({"collate_fn": self._collate} if self._collate else {}))
         start = 0
-        for batch in loader:
+        for batch in _reading(loader):
             x, y = self._split(batch)
             idx = indices[start:start + batch_size]
             start += len(idx)
@@ -167,9 +167,9 @@ class ItemSource:
                     self.missing_labels = f"cannot find the labels among the input keys " \
                                           f"{_keys(x)}: {_NAME_IT}"
                 return inputs, None if y is None else _as_labels(y)
-            self._refuse_label_key(f"(x, y) pairs with x of type {type(x).__name__}")
+            self._refuse_label_key(f"(x, y) items with x a {type(x).__name__}")
             return x, None if y is None else _as_labels(y)
-        self._refuse_label_key(f"bare inputs of type {type(batch).__name__}")
+        self._refuse_label_key(f"items of bare inputs, a {type(batch).__name__} each")
         return batch, None
 
     def _label_key_of(self, mapping: Mapping, what: str, required: bool = True) -> str | None:
@@ -180,14 +180,31 @@ class ItemSource:
                 return self.label_key
             if required:
                 raise DiagQLError(f"label_key {self.label_key!r} is not among {what} "
-                                  f"{_keys(mapping)}")
+                                  f"{_keys(mapping)}; name the one that holds the labels")
             return None
         return next((k for k in LABEL_KEYS if k in mapping), None)
 
-    def _refuse_label_key(self, items: str) -> None:
+    def _refuse_label_key(self, data: str) -> None:
         if self.label_key is not None:
-            raise DiagQLError(f"label_key {self.label_key!r} names a key of mapping items, but "
-                              f"the data's items are {items}; leave label_key out")
+            raise DiagQLError(f"label_key {self.label_key!r} names a key of mapping data, but "
+                              f"the data is {data}; leave label_key out")
+
+
+def _reading(loader: DataLoader) -> Iterator:
+    """The loader's batches; a failure of the user's Dataset or collate_fn becomes an
+    ExecutionError that names it (the original stays chained for --debug)."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DiagQLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
+            raise ExecutionError(f"reading the data raised {type(exc).__name__}: {exc} (in the "
+                                 f"Dataset's __getitem__ or the DataLoader's collate_fn)") from exc
+        yield batch
 
 
 def _take(X: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
@@ -241,9 +258,11 @@ def _as_labels(y) -> np.ndarray:
     if y.ndim == 0:
         raise DiagQLError("the labels are a single value, not one class index per item")
     if y.ndim != 1:
+        shape = y.shape
         y = y.reshape(len(y), -1)
         if y.shape[1] != 1:
-            raise DiagQLError(f"labels must be one class index per item, got shape {y.shape}")
+            raise DiagQLError(f"labels must be one class index per item, got {y.shape[1]} per "
+                              f"item (labels of shape {shape})")
         y = y[:, 0]
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
