@@ -278,7 +278,7 @@ def test_an_object_graph_with_cycles_hashes_equal():
 ])
 def test_torch_layers_can_be_fingerprinted(layer):
     """Raising costs the disk cache: what torch's own layers hold must all be seen."""
-    assert len(model_fingerprint(layer())) == 64
+    assert len(model_fingerprint(layer())) == 32  # XXH3-128, in hex
 
 
 # --- what cannot be seen raises ---------------------------------------------------------------
@@ -354,6 +354,58 @@ def test_exact_data_hashes_by_content():
     changed = X.clone()
     changed[3, 1] = torch.nextafter(changed[3, 1], torch.tensor(np.inf))
     assert data_fingerprint((changed, y)) != fingerprint
+
+
+def _flip(array: np.ndarray, bit: int) -> np.ndarray:
+    flipped = array.copy()
+    flipped.reshape(-1).view(np.uint8)[bit // 8] ^= np.uint8(1 << (bit % 8))
+    return flipped
+
+
+@pytest.mark.parametrize("chunk", [None, 4096], ids=["32 MB pieces", "4 kB pieces"])
+def test_large_data_hashes_the_same_on_any_number_of_threads_and_sees_every_bit(chunk,
+                                                                                monkeypatch):
+    """Inputs larger than a piece are hashed piece by piece, on threads where there are cores:
+    the digest must not depend on the threads, and one flipped bit anywhere (first byte, either
+    side of a piece boundary, last byte) must change it."""
+    from diagql.storage import fingerprint
+
+    if chunk is not None:
+        monkeypatch.setattr(fingerprint, "_CHUNK", chunk)
+    piece = fingerprint._CHUNK
+    n_bytes = 2 * piece + 1000  # two whole pieces and a partial one
+    X = np.random.default_rng(0).integers(0, 256, n_bytes, dtype=np.uint8).view(np.float32)
+    y = np.arange(len(X)) % 3
+
+    digests = set()
+    for threads in (1, 2, 3, 8):
+        monkeypatch.setattr(fingerprint, "_hash_threads", lambda pieces, t=threads: t)
+        digests.add(data_fingerprint((X, y)))
+    assert len(digests) == 1
+    [digest] = digests
+    assert data_fingerprint((X.copy(), y.copy())) == digest
+    seen = {digest}
+    for bit in (0, 7, 8 * piece - 1, 8 * piece, 8 * 2 * piece + 5, 8 * n_bytes - 1):
+        flipped = data_fingerprint((_flip(X, bit), y))
+        assert flipped not in seen, f"bit {bit} flipped, same digest"
+        seen.add(flipped)
+
+
+def test_threads_are_used_only_where_there_are_more_than_two_cores(monkeypatch):
+    from diagql.storage import fingerprint
+
+    monkeypatch.setattr(fingerprint.os, "cpu_count", lambda: 2)
+    assert fingerprint._hash_threads(10) == 1
+    monkeypatch.setattr(fingerprint.os, "cpu_count", lambda: 16)
+    assert fingerprint._hash_threads(10) == 10 and fingerprint._hash_threads(40) == 16
+
+
+def test_small_data_sees_every_bit():
+    y = (torch.arange(32) % 3).numpy()
+    digest = data_fingerprint((X.numpy(), y))
+    for bit in range(0, X.numel() * 32, 97):
+        assert data_fingerprint((_flip(X.numpy(), bit), y)) != digest
+    assert data_fingerprint((X.numpy(), _flip(y, 3))) != digest
 
 
 # --- end to end: the disk cache does not serve another model's profile ------------------------
