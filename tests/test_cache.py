@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import errno
 import importlib
+import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -88,6 +92,7 @@ def diagql_warnings(record) -> list[str]:
 def test_a_second_connection_loads_the_profile_without_a_forward_pass(tmp_path):
     first = connect(tiny(), pair(), tmp_path)
     profile = first.profile
+    first.cache.flush()  # writes land in the background
     assert (first.cache.hits, first.cache.misses, first.cache.writes) == (0, 1, 1)
     assert [p.parent.name for p in entries(tmp_path)] == ["profile"]
 
@@ -105,6 +110,7 @@ def test_a_sample_is_reused_from_disk(tmp_path, monkeypatch):
     first = connect(tiny(), pair(), tmp_path)
     indices = first.sample("stratified(0.3)")
     rows = first.query(SAMPLED).rows
+    first.cache.flush()
     # The profile, the sample, the layer catalog, the sampled items' activations.
     assert first.cache.writes == 4
 
@@ -224,6 +230,12 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
         return {name: npz[name] for name in npz.files if name != "__diagql__"}
 
 
+def _store_now(root: Path, kind: str, key: str, arrays: dict) -> None:
+    cache = Cache(root)
+    cache.store(kind, key, arrays, {})
+    cache.flush()
+
+
 def _damage(path: Path, how: str, monkeypatch) -> None:
     raw = path.read_bytes()
     if how == "truncated":
@@ -239,18 +251,18 @@ def _damage(path: Path, how: str, monkeypatch) -> None:
         np.save(path.with_suffix(".tmp.npy"), np.arange(3))
         os.replace(path.with_suffix(".tmp.npy"), path)
     elif how == "foreign key":
-        Cache(path.parent.parent).store("profile", "0" * 64, _arrays(path), {})
+        _store_now(path.parent.parent, "profile", "0" * 64, _arrays(path))
         os.replace(path.parent / f"{'0' * 64}.npz", path)
     elif how == "old version":
         with monkeypatch.context() as patch:
             patch.setattr(cache_module, "FORMAT_VERSION", 0)
-            Cache(path.parent.parent).store("profile", path.stem, _arrays(path), {})
+            _store_now(path.parent.parent, "profile", path.stem, _arrays(path))
     elif how == "wrong length":
         arrays = {k: (v[:-1] if v.ndim else v) for k, v in _arrays(path).items()}
-        Cache(path.parent.parent).store("profile", path.stem, arrays, {})
+        _store_now(path.parent.parent, "profile", path.stem, arrays)
     elif how == "missing field":
         arrays = {k: v for k, v in _arrays(path).items() if k != "latents"}
-        Cache(path.parent.parent).store("profile", path.stem, arrays, {})
+        _store_now(path.parent.parent, "profile", path.stem, arrays)
     else:
         raise AssertionError(how)
 
@@ -260,6 +272,7 @@ def _damage(path: Path, how: str, monkeypatch) -> None:
 def test_a_damaged_profile_is_reported_and_recomputed(tmp_path, monkeypatch, how):
     first = connect(tiny(), pair(), tmp_path)
     profile, rows = first.profile, first.query(QUERY).rows
+    first.cache.flush()
     [path] = [p for p in entries(tmp_path) if p.parent.name == "profile"]
     _damage(path, how, monkeypatch)
 
@@ -269,6 +282,7 @@ def test_a_damaged_profile_is_reported_and_recomputed(tmp_path, monkeypatch, how
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         assert_same_profile_values(second.profile, profile)
+        second.cache.flush()
     assert len(diagql_warnings(record)) == 1, diagql_warnings(record)
     assert "damaged cache entry" in diagql_warnings(record)[0]
     assert calls[0] > 0 and second.cache.hits == 0 and second.cache.writes == 1
@@ -288,12 +302,15 @@ def assert_same_profile_values(a, b) -> None:
 
 
 def test_a_damaged_sample_is_reported_and_redrawn(tmp_path):
-    indices = connect(tiny(), pair(), tmp_path).sample("stratified(0.3)")
+    first = connect(tiny(), pair(), tmp_path)
+    indices = first.sample("stratified(0.3)")
+    first.cache.flush()
     [path] = [p for p in entries(tmp_path) if p.parent.name == "sample"]
     path.write_bytes(path.read_bytes()[:100])
     db = connect(tiny(), pair(), tmp_path)
     with pytest.warns(DiagQLWarning, match="damaged cache entry"):
         np.testing.assert_array_equal(db.sample("stratified(0.3)"), indices)
+    db.cache.flush()
     assert db.cache.hits == 1 and db.cache.writes == 1  # profile hit, sample rewritten
 
 
@@ -305,6 +322,7 @@ def _works_with_one_warning(cache_dir) -> diagql.Connection:
         warnings.simplefilter("always")
         rows = db.query(SAMPLED).rows
         db.query(QUERY)
+        db.cache.flush()  # a write fails in the writer thread; the caller's thread warns
     messages = diagql_warnings(record)
     assert len(messages) == 1, messages
     assert messages[0].startswith("cache disabled:") and "works without it" in messages[0]
@@ -406,6 +424,7 @@ from diagql.storage.store import Cache
 cache, me = Cache(sys.argv[1]), int(sys.argv[2])
 for i in range(40):
     cache.store("profile", "k" * 64, {"a": np.full(250_000, me * 1000 + i, dtype=np.int64)}, {})
+    cache.flush()  # each one written: a later store would supersede a pending one
 assert cache.writes == 40
 """
 
@@ -425,6 +444,242 @@ def test_concurrent_writers_of_one_key_leave_a_whole_entry(tmp_path):
         final = reader.load("profile", "k" * 64)
     assert int(final["a"][0]) in (1039, 2039) and len(np.unique(final["a"])) == 1
     assert [p.name for p in entries(tmp_path)] == ["k" * 64 + ".npz"]  # no temporary files
+
+
+# --- writes in the background ------------------------------------------------------------------
+
+KEY = "k" * 64
+
+
+def _values(value: int, n: int = 250_000) -> dict[str, np.ndarray]:
+    return {"a": np.full(n, value, dtype=np.int64)}
+
+
+def _on_disk(root: Path) -> np.ndarray | None:
+    """The entry as a reader in another process finds it: from the file, never from memory."""
+    path = root / "profile" / f"{KEY}.npz"
+    if not path.exists():
+        return None
+    with open(path, "rb") as file:
+        return cache_module._read(file, "profile", KEY)["a"]
+
+
+class HalfWrite:
+    """np.savez that writes the first half of an entry, then waits for ``release`` before
+    writing the rest: a write caught in flight."""
+
+    def __init__(self, monkeypatch):
+        self.half, self.release = threading.Event(), threading.Event()
+        real = np.savez
+
+        def savez(file, **arrays):
+            buffer = io.BytesIO()
+            real(buffer, **arrays)
+            raw = buffer.getvalue()
+            file.write(raw[: len(raw) // 2])
+            file.flush()
+            self.half.set()
+            assert self.release.wait(60)
+            file.write(raw[len(raw) // 2:])
+
+        monkeypatch.setattr(np, "savez", savez)
+
+
+def test_a_write_in_flight_is_never_seen_half_written_and_its_entry_is_served(tmp_path,
+                                                                            monkeypatch):
+    cache = Cache(tmp_path)
+    cache.store("profile", KEY, _values(1), {})
+    cache.flush()
+    gate = HalfWrite(monkeypatch)
+    started = time.perf_counter()
+    cache.store("profile", KEY, _values(2), {})
+    assert time.perf_counter() - started < 1  # store returned while the write waits
+    assert gate.half.wait(60)
+    # On disk: the old entry, whole; half of the new one sits in a temporary file only.
+    assert set(_on_disk(tmp_path)) == {1}
+    assert [p.name.startswith(".tmp-") for p in (tmp_path / "profile").iterdir()].count(True) == 1
+    # In this process, any Cache over the directory loads the new entry from memory.
+    other = Cache(tmp_path)
+    decoded = other.load("profile", KEY, lambda arrays: arrays["a"])
+    assert set(decoded) == {2} and other.hits == 1
+    decoded[:] = 7  # the load's own copy: the entry being written is unchanged
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        read = subprocess.run([sys.executable, "-c", READER, str(tmp_path)], capture_output=True,
+                              text=True, timeout=120)
+    assert read.returncode == 0 and read.stdout.split() == ["1"], read.stderr
+    gate.release.set()
+    assert cache.flush(timeout=60)
+    assert set(_on_disk(tmp_path)) == {2} and cache.writes == 2
+    assert [p.name for p in entries(tmp_path)] == [f"{KEY}.npz"]
+
+
+READER = f"""
+import sys, warnings
+import numpy as np
+from diagql.errors import DiagQLWarning
+from diagql.storage.store import Cache
+
+warnings.simplefilter("error", DiagQLWarning)
+arrays = Cache(sys.argv[1]).load("profile", "{KEY}")
+print(" ".join(str(v) for v in np.unique(arrays["a"])) if arrays is not None else "none")
+"""
+
+
+def test_a_later_store_of_the_same_key_supersedes_a_pending_one(tmp_path, monkeypatch):
+    cache = Cache(tmp_path)
+    gate = HalfWrite(monkeypatch)
+    cache.store("profile", "first", _values(0, 10), {})
+    assert gate.half.wait(60)  # the writer is busy: what follows waits in its queue
+    for value in (1, 2, 3):
+        cache.store("profile", KEY, _values(value), {})
+    assert set(Cache(tmp_path).load("profile", KEY)["a"]) == {3}
+    gate.release.set()
+    assert cache.flush(timeout=60)
+    assert set(_on_disk(tmp_path)) == {3}
+    assert cache.writes == 2  # "first" and the last of the three
+
+
+def test_listing_and_clearing_see_pending_writes(tmp_path, monkeypatch):
+    cache = Cache(tmp_path)
+    gate = HalfWrite(monkeypatch)
+    cache.store("profile", "a", _values(1, 10), {})
+    cache.store("sample", "b", _values(2, 10), {})
+    assert gate.half.wait(60)
+    threading.Timer(0.2, gate.release.set).start()
+    assert sorted(e.key for e in cache.entries()) == ["a", "b"]  # waited for both to land
+
+    gate.release.clear()
+    gate.half.clear()
+    cache.store("profile", "c", _values(3, 10), {})
+    cache.store("sample", "d", _values(4, 10), {})  # queued behind c: dropped by the clear
+    assert gate.half.wait(60)
+    threading.Timer(0.2, gate.release.set).start()
+    removed = Cache(tmp_path).clear()  # another Cache of the process: it waits for c too
+    assert sorted(e.key for e in removed) == ["a", "b", "c"]
+    assert cache.flush(timeout=60)
+    assert entries(tmp_path) == [] and cache.load("sample", "d") is None
+
+
+def test_an_entry_cheaper_to_recompute_than_to_read_is_not_written(tmp_path):
+    cache = Cache(tmp_path)
+    size = 8 * 1_000_000
+    assert cache.read_seconds(size) == pytest.approx(
+        cache_module.READ_FIXED + size / cache_module.READ_RATE)
+    cache.store("profile", "cheap", _values(1, 1_000_000), {}, seconds=cache.read_seconds(size) / 2)
+    cache.store("profile", "dear", _values(2, 1_000_000), {}, seconds=cache.read_seconds(size) * 2)
+    cache.store("profile", "unknown", _values(3, 1_000_000), {})  # no cost given: written
+    cache.flush()
+    assert sorted(e.key for e in cache.entries()) == ["dear", "unknown"]
+    assert (cache.writes, cache.skipped) == (2, 1)
+    # Loads of large entries measure the disk: the estimate follows what reads really cost.
+    started = time.perf_counter()
+    cache.load("profile", "dear")
+    seconds = time.perf_counter() - started
+    assert cache.read_seconds(size) == pytest.approx(seconds, rel=0.5)
+
+
+EXITING_WRITER = """
+import sys, time
+import numpy as np
+from diagql.storage import store
+from diagql.storage.store import Cache
+
+root, mode = sys.argv[1], sys.argv[2]
+cache = Cache(root)
+cache.store("profile", "%s", {"a": np.full(250_000, 1, dtype=np.int64)}, {})
+cache.flush()
+real = np.savez
+def slow(file, **arrays):
+    import io
+    buffer = io.BytesIO()
+    real(buffer, **arrays)
+    raw = buffer.getvalue()
+    file.write(raw[: len(raw) // 2])
+    print("half", flush=True)
+    time.sleep(float(sys.argv[3]))
+    file.write(raw[len(raw) // 2:])
+np.savez = slow
+if mode == "give up":
+    store.EXIT_WAIT = 0.5
+cache.store("profile", "%s", {"a": np.full(250_000, 2, dtype=np.int64)}, {})
+if mode == "interrupted":
+    import atexit
+    atexit.register(lambda: print("at exit", flush=True))  # runs before the cache's flush
+    time.sleep(120)
+""" % (KEY, KEY)
+
+
+def _exiting_writer(root: Path, mode: str, sleep: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", EXITING_WRITER, str(root), mode, str(sleep)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_at_exit_pending_writes_land(tmp_path):
+    writer = _exiting_writer(tmp_path, "exit", 1.0)
+    out, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err
+    assert out.split() == ["half"]  # the process reached its end with the write in flight
+    assert set(_on_disk(tmp_path)) == {2}
+    assert [p.name for p in entries(tmp_path)] == [f"{KEY}.npz"]
+
+
+def test_at_exit_the_wait_is_bounded_and_leaves_the_old_entry_whole(tmp_path):
+    writer = _exiting_writer(tmp_path, "give up", 60.0)
+    started = time.monotonic()
+    out, err = writer.communicate(timeout=120)
+    assert time.monotonic() - started < 30
+    assert writer.returncode == 0 and "gave up waiting for cache writes" in err, err
+    assert set(_on_disk(tmp_path)) == {1}
+
+
+def test_ctrl_c_during_a_write_leaves_whole_entries(tmp_path):
+    """Ctrl-C while a write is in flight: the process still lets it land at exit; a second
+    Ctrl-C while it waits ends the wait, and the entry on disk is the old one, whole."""
+    import signal
+
+    writer = _exiting_writer(tmp_path, "interrupted", 2.0)
+    assert writer.stdout.readline().strip() == "half"
+    writer.send_signal(signal.SIGINT)
+    out, err = writer.communicate(timeout=120)
+    assert "KeyboardInterrupt" in err and out.strip() == "at exit"
+    assert set(_on_disk(tmp_path)) == {2}
+
+    shutil.rmtree(tmp_path / "profile")
+    writer = _exiting_writer(tmp_path, "interrupted", 60.0)
+    assert writer.stdout.readline().strip() == "half"
+    writer.send_signal(signal.SIGINT)
+    assert writer.stdout.readline().strip() == "at exit"
+    time.sleep(0.3)  # into the cache's wait
+    writer.send_signal(signal.SIGINT)
+    writer.communicate(timeout=30)
+    assert set(_on_disk(tmp_path)) == {1}
+    assert Cache(tmp_path).entries()[0].key == KEY  # the abandoned temporary file is not listed
+
+
+def test_a_process_killed_while_its_writer_thread_writes_leaves_no_half_entry(tmp_path):
+    import signal
+
+    writer = _exiting_writer(tmp_path, "interrupted", 60.0)
+    assert writer.stdout.readline().strip() == "half"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        assert set(Cache(tmp_path).load("profile", KEY)["a"]) == {1}
+
+
+def test_abandoned_temporary_files_are_removed_after_an_hour(tmp_path):
+    cache = Cache(tmp_path)
+    cache.store("profile", "a", _values(1, 10), {})
+    cache.flush()
+    old, recent = tmp_path / "profile" / ".tmp-old.npz", tmp_path / "profile" / ".tmp-new.npz"
+    for temp in (old, recent):
+        temp.write_bytes(b"half")
+    os.utime(old, (time.time() - 2 * cache_module.STALE_TEMP,) * 2)
+    cache.store("profile", "b", _values(2, 10), {})
+    cache.flush()
+    assert not old.exists() and recent.exists()
 
 
 # --- where the cache lives, and fingerprints ----------------------------------------------------

@@ -115,6 +115,7 @@ def test_a_truncated_activation_entry_is_recomputed_with_a_warning(world, tmp_pa
     model, X, y, conn = world
     query = f"TOPK 4 NEURONS IN 0 USING SAMPLE {SAMPLE}"
     conn.query(query)
+    conn.cache.flush()  # entries land in the background
     [path] = (tmp_path / "activations").glob("*.npz")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     fresh = diagql.connect(copy.deepcopy(model), (X, y), cache_dir=tmp_path, progress=False)
@@ -301,6 +302,7 @@ def test_a_shared_pass_keeping_two_layers_answers_each_from_its_own_rows(cnn, di
 
 def _store(cache: Cache, key: str, nbytes: int) -> None:
     cache.store("sample", key, {"indices": np.zeros(nbytes // 8, dtype=np.int64)}, meta={})
+    cache.flush()  # on disk now: the tests set its time and read the directory
 
 
 def test_the_least_recently_used_entries_leave_first(tmp_path):

@@ -5,17 +5,25 @@ JSON header (format version, kind, key, caller's metadata). Only what numpy can 
 pickle is stored, so a planted file cannot run code. Entries are written to a unique temporary
 file and renamed into place, so concurrent sessions never see half an entry; a file that does
 not load, or whose header does not match, is reported, removed and recomputed, never trusted.
+
+Writes leave the query's critical path: ``store`` hands the entry to a writer thread, and until
+it lands the entry is served from memory to every Cache of the process (docs/ARCHITECTURE.md,
+"Storage").
 """
 from __future__ import annotations
 
+import atexit
+import collections
 import json
 import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -34,6 +42,14 @@ DEFAULT_LIMIT = 2 * 1024 ** 3  # bytes on disk, all entries together
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
           "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3,
           "t": 1024 ** 4, "tb": 1024 ** 4, "tib": 1024 ** 4}
+EXIT_WAIT = 30.0  # seconds a process waits at exit for its pending writes, then drops them
+STALE_TEMP = 3600.0  # seconds after which a writer's temporary file is an abandoned one
+# What reading an entry back costs (Cache.load from the page cache), measured on the development
+# machine (benchmarks/README.md, "Fast first answers"): 0.25 ms, then 1.0 GB/s for 16-94 MB
+# entries (the zip CRC check is most of it); a Cache updates the rate from its own large loads.
+READ_FIXED = 0.0003
+READ_RATE = 1.0e9  # bytes per second
+_RATE_MIN_BYTES = 1024 ** 2  # loads smaller than this measure the fixed cost, not the rate
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,47 @@ class Entry:
     used: float  # last read or write (the file's modification time), for LRU eviction
 
 
+@dataclass(eq=False)
+class _Job:
+    """One entry handed to a writer thread: its arrays (the header among them) until it lands."""
+
+    path: Path
+    payload: dict[str, np.ndarray]
+    done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # CLEAR CACHE, or a rejected entry: skip it if not yet started
+
+
+class _Pending:
+    """The entries of every Cache of this process that are handed over but not yet on disk,
+    by path: a second connection over the same directory loads them from here."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.jobs: dict[Path, _Job] = {}
+
+    def add(self, job: _Job) -> None:
+        with self.lock:
+            self.jobs[job.path] = job  # the latest store of a path is what a load must see
+
+    def get(self, path: Path) -> _Job | None:
+        with self.lock:
+            return self.jobs.get(path)
+
+    def finish(self, job: _Job) -> None:
+        with self.lock:
+            if self.jobs.get(job.path) is job:
+                del self.jobs[job.path]
+        job.done.set()
+
+    def under(self, root: Path) -> list[_Job]:
+        with self.lock:
+            return [job for path, job in self.jobs.items() if path.parent.parent == root]
+
+
+_PENDING = _Pending()
+_WRITING: weakref.WeakSet = weakref.WeakSet()  # Caches that have handed over entries
+
+
 class Cache:
     """Entries by (kind, key) under one directory; ``root=None`` is a cache that holds nothing.
 
@@ -57,10 +114,19 @@ class Cache:
     def __init__(self, root: str | os.PathLike | None, limit: int = DEFAULT_LIMIT):
         self.root = None if root is None else Path(root)
         self.limit = limit
-        self.writes = 0
+        self.writes = 0  # entries that landed on disk
+        self.skipped = 0  # entries not written: cheaper to recompute than to read back
         self.evictions = 0
         self.by_kind: dict[str, dict[str, int]] = {}  # kind -> {"hits": n, "misses": n}
+        self.read_rate = READ_RATE
         self._writable = self.root is not None
+        self._failure: str | None = None  # a writer's error, warned about once by the caller
+        self._reset_writer()
+
+    def _reset_writer(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()  # the first is in flight
+        self._thread: threading.Thread | None = None
 
     @classmethod
     def resolve(cls, cache_dir=None, limit=None) -> "Cache":
@@ -102,16 +168,24 @@ class Cache:
              ) -> dict[str, np.ndarray] | T | None:
         """The arrays stored under (kind, key), or None: absent, disabled, or not trustworthy.
 
+        An entry still on its way to disk is served from memory (copies, as a read gives).
         ``decode`` turns the arrays into the caller's object, raising KeyError, TypeError or
         ValueError when they do not fit (a field missing, wrong lengths): that entry is
         damaged too, and reported, removed and counted as a miss like one that does not load.
         """
         if self.root is None:
             return None
+        self._report()
         path = self.path(kind, key)
+        job = _PENDING.get(_absolute(path))
+        started = time.perf_counter()
         try:
-            with open(path, "rb") as file:
-                arrays = _read(file, kind, key)
+            if job is not None:
+                arrays = {name: value.copy() for name, value in job.payload.items()
+                          if name != _HEADER}
+            else:
+                with open(path, "rb") as file:
+                    arrays = _read(file, kind, key)
         except (FileNotFoundError, NotADirectoryError):
             self._count(kind, "misses")
             return None
@@ -123,6 +197,8 @@ class Cache:
         except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises, it is a miss
             self._reject(path, kind, f"{type(exc).__name__}: {exc}")
             return None
+        if job is None:
+            self._measure_read(arrays, time.perf_counter() - started)
         if decode is not None:
             try:
                 arrays = decode(arrays)
@@ -134,51 +210,114 @@ class Cache:
         try:
             os.utime(path)  # recently used: the last to be evicted
         except OSError:
-            pass
+            pass  # still pending (it lands with a fresh time), or evicted meanwhile
         return arrays
+
+    def _measure_read(self, arrays: dict[str, np.ndarray], seconds: float) -> None:
+        size = sum(value.nbytes for value in arrays.values())
+        if size >= _RATE_MIN_BYTES and seconds > READ_FIXED:
+            self.read_rate = size / (seconds - READ_FIXED)
+
+    def read_seconds(self, size: int) -> float:
+        """What loading an entry of ``size`` bytes is expected to cost."""
+        return READ_FIXED + size / self.read_rate
 
     def _reject(self, path: Path, kind: str, reason: str) -> None:
         """Report a damaged or foreign entry and remove it, so that the next store replaces it."""
         self._count(kind, "misses")
         warnings.warn(f"ignoring the damaged cache entry {path} ({reason}); recomputing it",
                       DiagQLWarning, stacklevel=3)
+        job = _PENDING.get(_absolute(path))
+        if job is not None:
+            job.cancelled = True
         try:
             path.unlink()
         except OSError:
             pass  # read-only or already gone: it will be detected again, never used
 
-    def store(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        """Write an entry atomically. On a failure (read-only, disk full) warn once and stop
-        writing: the caller already has its result, and DiagQL works without a cache."""
+    def store(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict,
+              seconds: float | None = None) -> None:
+        """Hand an entry to this Cache's writer thread, which writes it atomically; return at
+        once. The caller must not change the arrays afterwards (they are written as they are
+        then). ``seconds``: what computing the entry cost; when reading it back would cost
+        more, it is not written. On a failure (read-only, disk full) the cache warns once and
+        stops writing: the caller already has its result, and DiagQL works without a cache."""
         if not self._writable:
+            self._report()
             return
         path = self.path(kind, key)
-        size = sum(np.asarray(value).nbytes for value in arrays.values())
+        payload = {name: np.asarray(value) for name, value in arrays.items()}
+        size = sum(value.nbytes for value in payload.values())
         if size > self.limit:
             return  # it could only be kept by evicting everything else, and would not fit
+        if seconds is not None and seconds < self.read_seconds(size):
+            self.skipped += 1
+            return
         header = {"format": FORMAT_VERSION, "kind": kind, "key": key, "diagql": __version__,
                   "created": time.time(), "meta": meta}
-        payload = {name: np.asarray(value) for name, value in arrays.items()}
         payload[_HEADER] = np.array(json.dumps(header, default=str))
-        temp = None
+        job = _Job(_absolute(path), payload)  # one key for every spelling of the root
+        _PENDING.add(job)
+        with self._cond:
+            self._queue.append(job)
+            if self._thread is None:
+                self._start_writer()
+
+    def _start_writer(self) -> None:
+        # Called holding self._cond. The thread ends when the queue is empty (no idle thread
+        # per connection); a daemon, so a process never hangs on it: atexit waits instead.
+        _WRITING.add(self)
+        thread = threading.Thread(target=self._drain, name="diagql-cache-writer", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down: no new threads, write here
+            self._thread = None
+            while self._queue:
+                self._run(self._queue[0])
+            return
+        self._thread = thread
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                if not self._queue:
+                    self._thread = None
+                    return
+                job = self._queue[0]  # left in the queue until it lands: flush waits for it
+            self._run(job)
+
+    def _run(self, job: _Job) -> None:
+        try:
+            # A job that a later store of the same path superseded is not written: only the
+            # latest would stay (an activation entry grows with each query of a script).
+            if self._writable and not job.cancelled and _PENDING.get(job.path) is job:
+                self._write(job)
+        finally:
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
+            _PENDING.finish(job)
+
+    def _write(self, job: _Job) -> None:
+        path, temp = job.path, None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # A unique name per writer: two sessions storing the same key never share a file.
             fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
             with os.fdopen(fd, "wb") as file:
-                np.savez(file, **payload)
+                np.savez(file, **job.payload)
             try:
-                os.replace(temp, path)
+                os.replace(temp, path)  # only a whole file is ever renamed into place
             except PermissionError:
                 if not path.exists():
                     raise
                 # Windows: a reader holds the existing entry open; that entry is as good.
                 os.unlink(temp)
             temp = None
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - OSError, or a bug: either way, stop writing
             self._writable = False
-            warnings.warn(f"cache disabled: cannot write to {self.root} ({exc}); DiagQL works "
-                          f"without it", DiagQLWarning, stacklevel=3)
+            self._failure = (f"cache disabled: cannot write to {self.root} ({exc}); DiagQL "
+                             f"works without it")
             return
         finally:
             if temp is not None:
@@ -187,13 +326,44 @@ class Cache:
                 except OSError:
                     pass
         self.writes += 1
-        self.evict(keep=path)
+        self._evict(keep=path)
+
+    def _report(self) -> None:
+        """Warn, in the caller's thread, about a write that failed in the writer thread."""
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            warnings.warn(failure, DiagQLWarning, stacklevel=3)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until this Cache's handed-over entries are on disk (or dropped after a failure,
+        which this then warns about); False if ``timeout`` seconds passed first."""
+        with self._cond:
+            done = self._cond.wait_for(lambda: not self._queue, timeout)
+        self._report()
+        return done
+
+    def _settle(self, cancel: bool = False) -> None:
+        """Wait for every Cache of this process to land (or, ``cancel``, drop those not yet
+        started) the entries it was handed for this directory."""
+        jobs = _PENDING.under(_absolute(self.root))
+        for job in jobs:
+            job.cancelled = job.cancelled or cancel
+        for job in jobs:
+            job.done.wait()
+        self._report()
 
     # --- what is there, and making room -------------------------------------------------------
 
     def entries(self) -> list[Entry]:
-        """Every entry on disk (oldest use first); temporary files of writers are left out."""
-        if self.root is None or not self.root.is_dir():
+        """Every entry on disk (oldest use first), once the pending writes have landed;
+        temporary files of writers are left out."""
+        if self.root is None:
+            return []
+        self._settle()
+        return self._entries()
+
+    def _entries(self) -> list[Entry]:
+        if not self.root.is_dir():
             return []
         found = []
         for kind_dir in self.root.iterdir():
@@ -214,13 +384,20 @@ class Cache:
 
     def evict(self, keep: Path | None = None) -> list[Entry]:
         """Remove the least recently used entries until the rest fit within the limit."""
-        entries = self.entries()
+        if self.root is None:
+            return []
+        self._settle()
+        return self._evict(keep)
+
+    def _evict(self, keep: Path | None = None) -> list[Entry]:
+        entries = self._entries()
         total = sum(entry.bytes for entry in entries)
         removed = []
+        keep = None if keep is None else _absolute(keep)
         for entry in entries:
             if total <= self.limit:
                 break
-            if entry.path == keep:
+            if _absolute(entry.path) == keep:
                 continue
             try:
                 entry.path.unlink()
@@ -229,12 +406,30 @@ class Cache:
             total -= entry.bytes
             removed.append(entry)
         self.evictions += len(removed)
+        self._remove_abandoned(keep)
         return removed
 
+    def _remove_abandoned(self, keep: Path | None) -> None:
+        """Temporary files that no writer will rename any more: a process killed, or one that
+        stopped waiting at exit, mid-write."""
+        if keep is None:
+            return
+        now = time.time()
+        for temp in keep.parent.glob(".tmp-*.npz"):
+            try:
+                if now - temp.stat().st_mtime > STALE_TEMP:
+                    temp.unlink()
+            except OSError:
+                pass
+
     def clear(self) -> list[Entry]:
-        """Remove every entry (a session that has one loaded keeps its copy in memory)."""
+        """Remove every entry (a session that has one loaded keeps its copy in memory); entries
+        handed over but not yet being written are dropped, those in flight land first."""
+        if self.root is None:
+            return []
+        self._settle(cancel=True)
         removed = []
-        for entry in self.entries():
+        for entry in self._entries():
             try:
                 entry.path.unlink()
             except OSError:
@@ -246,6 +441,37 @@ class Cache:
         where = "disabled" if self.root is None else str(self.root)
         return (f"<diagql.Cache {where}: {self.hits} hits, {self.misses} misses, "
                 f"{self.writes} writes>")
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def _flush_at_exit() -> None:
+    """Let the writes still pending land before the process ends, within EXIT_WAIT seconds;
+    past that (or at a second Ctrl-C) they are dropped: the temporary file is never renamed."""
+    deadline = time.monotonic() + EXIT_WAIT
+    try:
+        for cache in list(_WRITING):
+            if not cache.flush(timeout=max(0.0, deadline - time.monotonic())):
+                print(f"diagql: gave up waiting for cache writes to {cache.root}; those entries "
+                      f"will be recomputed", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker) has no writer threads, and their locks may be held.
+    global _PENDING
+    _PENDING = _Pending()
+    for cache in list(_WRITING):
+        cache._reset_writer()
+    _WRITING.clear()
+
+
+atexit.register(_flush_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def parse_size(value) -> int:
