@@ -669,6 +669,22 @@ def test_a_process_killed_while_its_writer_thread_writes_leaves_no_half_entry(tm
         assert set(Cache(tmp_path).load("profile", KEY)["a"]) == {1}
 
 
+def test_an_unexpected_error_in_the_writer_turns_writing_off_instead_of_hanging(tmp_path,
+                                                                              monkeypatch):
+    cache = Cache(tmp_path)
+
+    def broken(keep=None):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cache, "_evict", broken)
+    cache.store("profile", "a", _values(1, 10), {})
+    with pytest.warns(DiagQLWarning, match="cache disabled.*a bug"):
+        assert cache.flush(timeout=60)
+    cache.store("profile", "b", _values(2, 10), {})
+    assert cache.flush(timeout=60)
+    assert [e.key for e in cache.entries()] == ["a"]  # written before the error; b never
+
+
 def test_abandoned_temporary_files_are_removed_after_an_hour(tmp_path):
     cache = Cache(tmp_path)
     cache.store("profile", "a", _values(1, 10), {})

@@ -101,7 +101,102 @@ class _Pending:
 
 
 _PENDING = _Pending()
-_WRITING: weakref.WeakSet = weakref.WeakSet()  # Caches that have handed over entries
+_WRITING: weakref.WeakSet = weakref.WeakSet()  # writers that have been handed entries
+
+
+class _Writer:
+    """One Cache's writer thread and its queue: entries are written one at a time, in order,
+    each to a temporary file that is renamed into place once whole."""
+
+    def __init__(self, root: Path | None, written: Callable[[Path], object]):
+        self.root = root
+        self.written = written  # called in the writer thread after each entry lands
+        self.writable = root is not None
+        self.failure: str | None = None  # an error, for the Cache to warn about once
+        self.writes = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.cond = threading.Condition()
+        self.queue: collections.deque[_Job] = collections.deque()  # the first is in flight
+        self.thread: threading.Thread | None = None
+
+    def put(self, job: _Job) -> None:
+        _PENDING.add(job)
+        with self.cond:
+            self.queue.append(job)
+            if self.thread is None:
+                self._start()
+
+    def _start(self) -> None:
+        # Called holding self.cond. The thread ends when the queue is empty (no idle thread
+        # per connection); a daemon, so a process never hangs on it: atexit waits instead.
+        _WRITING.add(self)
+        thread = threading.Thread(target=self._drain, name="diagql-cache-writer", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutting down: no new threads, write here
+            while self.queue:
+                self._run(self.queue[0])
+            return
+        self.thread = thread
+
+    def _drain(self) -> None:
+        while True:
+            with self.cond:
+                if not self.queue:
+                    self.thread = None
+                    return
+                job = self.queue[0]  # left in the queue until it lands: flush waits for it
+            self._run(job)
+
+    def _run(self, job: _Job) -> None:
+        try:
+            # A job that a later store of the same path superseded is not written: only the
+            # latest would stay (an activation entry grows with each query of a script).
+            if self.writable and not job.cancelled and _PENDING.get(job.path) is job:
+                self._write(job)
+        except Exception as exc:  # noqa: BLE001 - OSError, or a bug: either way, stop writing
+            self.writable = False
+            self.failure = (f"cache disabled: cannot write to {self.root} ({exc}); DiagQL "
+                            f"works without it")
+        finally:
+            with self.cond:
+                self.queue.popleft()
+                self.cond.notify_all()
+            _PENDING.finish(job)
+
+    def _write(self, job: _Job) -> None:
+        path, temp = job.path, None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A unique name per writer: two sessions storing the same key never share a file.
+            fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+            with os.fdopen(fd, "wb") as file:
+                np.savez(file, **job.payload)
+            try:
+                os.replace(temp, path)  # only a whole file is ever renamed into place
+            except PermissionError:
+                if not path.exists():
+                    raise
+                # Windows: a reader holds the existing entry open; that entry is as good.
+                os.unlink(temp)
+            temp = None
+        finally:
+            if temp is not None:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
+        self.writes += 1
+        try:
+            self.written(path)
+        except OSError:
+            pass  # the directory changed under the eviction: the next write evicts
+
+    def flush(self, timeout: float | None = None) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: not self.queue, timeout)
 
 
 class Cache:
@@ -114,19 +209,16 @@ class Cache:
     def __init__(self, root: str | os.PathLike | None, limit: int = DEFAULT_LIMIT):
         self.root = None if root is None else Path(root)
         self.limit = limit
-        self.writes = 0  # entries that landed on disk
         self.skipped = 0  # entries not written: cheaper to recompute than to read back
         self.evictions = 0
         self.by_kind: dict[str, dict[str, int]] = {}  # kind -> {"hits": n, "misses": n}
         self.read_rate = READ_RATE
-        self._writable = self.root is not None
-        self._failure: str | None = None  # a writer's error, warned about once by the caller
-        self._reset_writer()
+        self._writer = _Writer(self.root, lambda path: self._evict(keep=path))
 
-    def _reset_writer(self) -> None:
-        self._cond = threading.Condition()
-        self._queue: collections.deque[_Job] = collections.deque()  # the first is in flight
-        self._thread: threading.Thread | None = None
+    @property
+    def writes(self) -> int:
+        """Entries this Cache wrote that landed on disk."""
+        return self._writer.writes
 
     @classmethod
     def resolve(cls, cache_dir=None, limit=None) -> "Cache":
@@ -242,7 +334,7 @@ class Cache:
         then). ``seconds``: what computing the entry cost; when reading it back would cost
         more, it is not written. On a failure (read-only, disk full) the cache warns once and
         stops writing: the caller already has its result, and DiagQL works without a cache."""
-        if not self._writable:
+        if not self._writer.writable:
             self._report()
             return
         path = self.path(kind, key)
@@ -256,89 +348,18 @@ class Cache:
         header = {"format": FORMAT_VERSION, "kind": kind, "key": key, "diagql": __version__,
                   "created": time.time(), "meta": meta}
         payload[_HEADER] = np.array(json.dumps(header, default=str))
-        job = _Job(_absolute(path), payload)  # one key for every spelling of the root
-        _PENDING.add(job)
-        with self._cond:
-            self._queue.append(job)
-            if self._thread is None:
-                self._start_writer()
-
-    def _start_writer(self) -> None:
-        # Called holding self._cond. The thread ends when the queue is empty (no idle thread
-        # per connection); a daemon, so a process never hangs on it: atexit waits instead.
-        _WRITING.add(self)
-        thread = threading.Thread(target=self._drain, name="diagql-cache-writer", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # interpreter shutting down: no new threads, write here
-            self._thread = None
-            while self._queue:
-                self._run(self._queue[0])
-            return
-        self._thread = thread
-
-    def _drain(self) -> None:
-        while True:
-            with self._cond:
-                if not self._queue:
-                    self._thread = None
-                    return
-                job = self._queue[0]  # left in the queue until it lands: flush waits for it
-            self._run(job)
-
-    def _run(self, job: _Job) -> None:
-        try:
-            # A job that a later store of the same path superseded is not written: only the
-            # latest would stay (an activation entry grows with each query of a script).
-            if self._writable and not job.cancelled and _PENDING.get(job.path) is job:
-                self._write(job)
-        finally:
-            with self._cond:
-                self._queue.popleft()
-                self._cond.notify_all()
-            _PENDING.finish(job)
-
-    def _write(self, job: _Job) -> None:
-        path, temp = job.path, None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # A unique name per writer: two sessions storing the same key never share a file.
-            fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-            with os.fdopen(fd, "wb") as file:
-                np.savez(file, **job.payload)
-            try:
-                os.replace(temp, path)  # only a whole file is ever renamed into place
-            except PermissionError:
-                if not path.exists():
-                    raise
-                # Windows: a reader holds the existing entry open; that entry is as good.
-                os.unlink(temp)
-            temp = None
-        except Exception as exc:  # noqa: BLE001 - OSError, or a bug: either way, stop writing
-            self._writable = False
-            self._failure = (f"cache disabled: cannot write to {self.root} ({exc}); DiagQL "
-                             f"works without it")
-            return
-        finally:
-            if temp is not None:
-                try:
-                    os.unlink(temp)
-                except OSError:
-                    pass
-        self.writes += 1
-        self._evict(keep=path)
+        self._writer.put(_Job(_absolute(path), payload))  # one key for every root spelling
 
     def _report(self) -> None:
         """Warn, in the caller's thread, about a write that failed in the writer thread."""
-        failure, self._failure = self._failure, None
+        failure, self._writer.failure = self._writer.failure, None
         if failure is not None:
             warnings.warn(failure, DiagQLWarning, stacklevel=3)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until this Cache's handed-over entries are on disk (or dropped after a failure,
         which this then warns about); False if ``timeout`` seconds passed first."""
-        with self._cond:
-            done = self._cond.wait_for(lambda: not self._queue, timeout)
+        done = self._writer.flush(timeout)
         self._report()
         return done
 
@@ -360,24 +381,7 @@ class Cache:
         if self.root is None:
             return []
         self._settle()
-        return self._entries()
-
-    def _entries(self) -> list[Entry]:
-        if not self.root.is_dir():
-            return []
-        found = []
-        for kind_dir in self.root.iterdir():
-            if not (kind_dir.is_dir() and _NAME.match(kind_dir.name)):
-                continue
-            for path in kind_dir.glob("*.npz"):
-                if not _NAME.match(path.stem):
-                    continue  # .tmp-* files of a write in progress
-                try:
-                    stat = path.stat()
-                except OSError:
-                    continue  # removed meanwhile
-                found.append(Entry(kind_dir.name, path.stem, path, stat.st_size, stat.st_mtime))
-        return sorted(found, key=lambda e: (e.used, str(e.path)))
+        return _list(self.root)
 
     def usage(self) -> int:
         return sum(entry.bytes for entry in self.entries())
@@ -390,7 +394,7 @@ class Cache:
         return self._evict(keep)
 
     def _evict(self, keep: Path | None = None) -> list[Entry]:
-        entries = self._entries()
+        entries = _list(self.root)
         total = sum(entry.bytes for entry in entries)
         removed = []
         keep = None if keep is None else _absolute(keep)
@@ -406,21 +410,9 @@ class Cache:
             total -= entry.bytes
             removed.append(entry)
         self.evictions += len(removed)
-        self._remove_abandoned(keep)
+        if keep is not None:
+            _remove_abandoned(keep.parent)
         return removed
-
-    def _remove_abandoned(self, keep: Path | None) -> None:
-        """Temporary files that no writer will rename any more: a process killed, or one that
-        stopped waiting at exit, mid-write."""
-        if keep is None:
-            return
-        now = time.time()
-        for temp in keep.parent.glob(".tmp-*.npz"):
-            try:
-                if now - temp.stat().st_mtime > STALE_TEMP:
-                    temp.unlink()
-            except OSError:
-                pass
 
     def clear(self) -> list[Entry]:
         """Remove every entry (a session that has one loaded keeps its copy in memory); entries
@@ -429,7 +421,7 @@ class Cache:
             return []
         self._settle(cancel=True)
         removed = []
-        for entry in self._entries():
+        for entry in _list(self.root):
             try:
                 entry.path.unlink()
             except OSError:
@@ -443,6 +435,37 @@ class Cache:
                 f"{self.writes} writes>")
 
 
+def _list(root: Path) -> list[Entry]:
+    """Every entry on disk under ``root``, oldest use first; writers' temporary files left out."""
+    if not root.is_dir():
+        return []
+    found = []
+    for kind_dir in root.iterdir():
+        if not (kind_dir.is_dir() and _NAME.match(kind_dir.name)):
+            continue
+        for path in kind_dir.glob("*.npz"):
+            if not _NAME.match(path.stem):
+                continue  # .tmp-* files of a write in progress
+            try:
+                stat = path.stat()
+            except OSError:
+                continue  # removed meanwhile
+            found.append(Entry(kind_dir.name, path.stem, path, stat.st_size, stat.st_mtime))
+    return sorted(found, key=lambda e: (e.used, str(e.path)))
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Temporary files that no writer will rename any more: a process killed, or one that
+    stopped waiting at exit, mid-write."""
+    now = time.time()
+    for temp in folder.glob(".tmp-*.npz"):
+        try:
+            if now - temp.stat().st_mtime > STALE_TEMP:
+                temp.unlink()
+        except OSError:
+            pass
+
+
 def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
@@ -452,10 +475,12 @@ def _flush_at_exit() -> None:
     past that (or at a second Ctrl-C) they are dropped: the temporary file is never renamed."""
     deadline = time.monotonic() + EXIT_WAIT
     try:
-        for cache in list(_WRITING):
-            if not cache.flush(timeout=max(0.0, deadline - time.monotonic())):
-                print(f"diagql: gave up waiting for cache writes to {cache.root}; those entries "
-                      f"will be recomputed", file=sys.stderr)
+        for writer in list(_WRITING):
+            if not writer.flush(timeout=max(0.0, deadline - time.monotonic())):
+                print(f"diagql: gave up waiting for cache writes to {writer.root}; those "
+                      f"entries will be recomputed", file=sys.stderr)
+            elif writer.failure is not None:
+                warnings.warn(writer.failure, DiagQLWarning, stacklevel=1)
     except KeyboardInterrupt:
         pass
 
@@ -464,8 +489,8 @@ def _after_fork_in_child() -> None:
     # A forked child (a DataLoader worker) has no writer threads, and their locks may be held.
     global _PENDING
     _PENDING = _Pending()
-    for cache in list(_WRITING):
-        cache._reset_writer()
+    for writer in list(_WRITING):
+        writer.reset()
     _WRITING.clear()
 
 
