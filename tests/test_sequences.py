@@ -537,3 +537,46 @@ def test_a_shared_pass_feeds_each_reduction_of_one_layer_its_own_rows(bert_world
                                bert_rows(per_item, name, "token", -1)[sample].mean(axis=0), **TOL)
     first = bert_rows(per_item, name, "token", 0)[y == 0].mean(axis=0)
     assert results[2].neurons.tolist() == top(first, 3)
+
+
+class Ragged(Dataset):
+    """Items ((x of its own length, no padding mask yet), y), padded per batch by ``pad``."""
+
+    def __init__(self, sequences, labels):
+        self.sequences, self.labels = sequences, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.sequences[i], self.labels[i]
+
+    @staticmethod
+    def pad(items):
+        length = max(len(x) for x, _ in items)
+        x = torch.zeros(len(items), length, 4)
+        padding = torch.ones(len(items), length, dtype=torch.bool)
+        for i, (sequence, _) in enumerate(items):
+            x[i, :len(sequence)] = sequence
+            padding[i, :len(sequence)] = False
+        return (x, padding), torch.stack([torch.as_tensor(label) for _, label in items])
+
+
+def test_batch_first_breaks_a_tie_the_probes_cannot():
+    # Items 0, 1, 2 have 1, 2 and 3 tokens: a time-first output of the probes is (1, 1, D),
+    # (2, 2, D), (3, 3, D), where both leading axes follow the batch.
+    g = torch.Generator().manual_seed(8)
+    lengths = [1, 2, 3] + torch.randint(1, S + 1, (27,), generator=g).tolist()
+    sequences = [torch.randn(n, 4, generator=g) for n in lengths]
+    y = torch.randint(0, C, (len(lengths),), generator=g)
+    torch.manual_seed(2)
+    model = Encoder(batch_first=False, use_mask=True).eval()
+    data = DataLoader(Ragged(sequences, y), batch_size=4, collate_fn=Ragged.pad)
+    conn = diagql.connect(model, data, batch_size=4, cache_dir=False, progress=False)
+    layer = conn.catalog["enc"]
+    assert layer.batch_axis == 1 and layer.varies
+    assert layer.found.startswith("the module's batch_first = False; probes of 1, 2, 3 items "
+                                  "could not tell axes [0, 1] apart")
+    rows = np.stack([capture(model, ["enc"], x[None], torch.zeros(1, len(x), dtype=torch.bool))
+                     ["enc"][:, 0].double().mean(dim=0).numpy() for x in sequences])
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN enc").values, rows.mean(axis=0), **TOL)

@@ -233,7 +233,7 @@ def _look(name, args, output, seen, made, padding, padded, x) -> _Seen:
         if id(out) in made:
             result.like.append(made[id(out)][1])
         prefix = name + "."
-        for earlier in reversed(list(seen)):  # submodules return just before their parent
+        for earlier in reversed(seen):  # submodules return just before their parent
             if not earlier.startswith(prefix):
                 break
             if seen[earlier].shape == result.shape:
