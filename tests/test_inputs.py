@@ -173,7 +173,26 @@ class _BatchEncodingItems(Dataset):
         return BatchEncoding(self.items[i])
 
 
-FORMS = {"dataset-of-padded-dicts": _padded_dicts, "loader-with-padding-collate": _loader,
+def _list_of_padded_dicts(s, y):
+    return [_padded_dicts(s, y)[i] for i in range(len(s))]
+
+
+class _IndexedRows:
+    """Indexed by position with a length, but no torch Dataset: how a Hugging Face
+    ``datasets.Dataset`` (with ``set_format("torch")``) hands out its rows."""
+
+    def __init__(self, s, y):
+        self.rows = tm.DictDataset(s, y, length=12)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+FORMS = {"dataset-of-padded-dicts": _padded_dicts, "list-of-padded-dicts": _list_of_padded_dicts,
+         "indexed-rows-not-a-dataset": _IndexedRows, "loader-with-padding-collate": _loader,
          "pair-mapping-of-tensors-y": _pair_of_tensors, "pair-mapping-of-arrays-y": _pair_of_arrays,
          "dataset-of-mapping-y": _items_of_mapping_and_y, "columns-label-key": _columns_with_label,
          "batch-encoding": _batch_encoding, "batch-encoding-y": _batch_encoding_and_y,
@@ -398,9 +417,10 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
     assert ragged.endswith("); sequences of different lengths must be padded, or passed as a "
                            "Dataset with a padding collate_fn")
     assert _refusal(bert, "some text") == (
-        "data must be a torch Dataset of (x, y) or of dicts, a DataLoader, a pair (X, y) of "
-        "tensors or arrays, or a mapping of named inputs (with its labels under a key, or as "
-        "(mapping, y)), not str")
+        "data must be a torch Dataset of (x, y) or of dicts (or any sequence of such items: a "
+        "list, a Hugging Face datasets.Dataset), a DataLoader, a pair (X, y) of tensors or "
+        "arrays, or a mapping of named inputs (with its labels under a key, or as (mapping, y)), "
+        "not str")
     dropping = DataLoader(tm.DictDataset(sequences, labels), collate_fn=lambda items:
                           tm.pad_collate(items[:-1] if len(items) > 1 else items))
     # Whichever batch comes first (a probe of the layers may read a few items).

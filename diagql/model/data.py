@@ -17,8 +17,9 @@ Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model i
 # Where a mapping keeps its labels when no label_key names them (Hugging Face uses "labels"
 # and "label"; plain PyTorch code "y" and "target(s)").
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
-FORMS = ("a torch Dataset of (x, y) or of dicts, a DataLoader, a pair (X, y) of tensors or "
-         "arrays, or a mapping of named inputs (with its labels under a key, or as (mapping, y))")
+FORMS = ("a torch Dataset of (x, y) or of dicts (or any sequence of such items: a list, a "
+         "Hugging Face datasets.Dataset), a DataLoader, a pair (X, y) of tensors or arrays, or a "
+         "mapping of named inputs (with its labels under a key, or as (mapping, y))")
 _NAME_IT = "name the key with label_key=... (CLI: --label-key)"
 
 
@@ -52,7 +53,7 @@ class ItemSource:
         elif isinstance(data, IterableDataset):
             raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
                               "Dataset or a pair (X, y)")
-        elif isinstance(data, Dataset):
+        elif isinstance(data, Dataset) or _is_sequence_of_items(data):
             self._dataset = data
         elif isinstance(data, Mapping):
             self._set_columns(data, None)
@@ -332,3 +333,14 @@ def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
         f"{', '.join(map(repr, unknown))}; the entries of a mapping batch (all but the labels) "
         f"are passed as keyword arguments: rename or drop those keys (a collate_fn can), "
         f"{_NAME_IT} if they are the labels, or hand the mapping whole as ((mapping,), y)")
+
+
+def _is_sequence_of_items(data) -> bool:
+    """A map-style collection that is not a torch Dataset: a list of items (other than a pair
+    (X, y)), or an object indexed by position with a length, such as a Hugging Face
+    ``datasets.Dataset`` (its items are dicts)."""
+    if isinstance(data, list):
+        return len(data) != 2
+    if isinstance(data, (tuple, str, bytes, Mapping, torch.Tensor, np.ndarray)):
+        return False
+    return hasattr(type(data), "__getitem__") and hasattr(type(data), "__len__")
