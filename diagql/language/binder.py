@@ -159,7 +159,8 @@ def _check_class(field: str, value, n_classes: int, span) -> None:
                      f"(the model has {n_classes} classes)", span)
 
 
-NO_LABELS = "the data has none (its items are bare x, or y is None)"
+NO_LABELS = ("the data has none (its items are bare x, or y is None, or no key of its mappings "
+             "holds labels: name it with label_key=... / --label-key)")
 
 
 def sampler_needs_labels(name: str) -> str:

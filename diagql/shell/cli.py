@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a callable returning an nn.Module (or the module itself)")
     source.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save")
     source.add_argument("--data", metavar="MODULE:CALLABLE",
-                        help="a callable returning a Dataset of (x, y), a DataLoader or (X, y)")
+                        help="a callable returning a Dataset (of (x, y) or of dicts), a "
+                             "DataLoader, (X, y) or a mapping of named inputs")
     source.add_argument("--label-key", metavar="KEY",
                         help="the key under which the data's mapping items hold their labels "
                              "(default: labels, label, y, target or targets)")
