@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from diagql import samplers
 from diagql.errors import BindError
 from diagql.language import ast
+from diagql.model.hooks import call_name
 from diagql.model.layers import LayerCatalog, LayerInfo
 from diagql.model.views import SEQUENCE, View
 from diagql.suggest import did_you_mean, name_list
@@ -30,22 +31,65 @@ def _error(message: str, span: ast.Span | None, hint: str | None = None) -> Bind
     return BindError(message, line=span.line, column=span.column, end_column=end, hint=hint)
 
 
+def lookup_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
+    """The catalog entry a reference names, whether or not it can be queried: a module (by
+    its name, or a call's name such as ``block.relu#2`` given as text), or ``ref.call``'s
+    call of a module. Unknown names and call numbers the module does not have are errors."""
+    if ref.call is None:
+        layer = catalog.by_name.get(ref.name)
+        if layer is None:
+            raise _unknown(ref.name, ref.span, catalog)
+        return layer
+    module = catalog.module(ref.name)
+    if module is None:
+        # An unquoted 'x#2' is a module's own name when one is really named so.
+        layer = catalog.module(ref.text()) if not ref.quoted else None
+        if layer is None:
+            raise _unknown(ref.name, ref.span, catalog, modules=True)
+        return layer
+    if module.calls == 1:
+        raise _error(f"layer {ref.name!r} runs once per forward pass, so it takes no call "
+                     f"number; name it {ref.name}", ref.span)
+    if module.calls == 0:
+        return module
+    if not 1 <= ref.call <= module.calls:
+        what = "calls are numbered from 1" if ref.call < 1 else f"it has no call {ref.call}"
+        raise _error(f"layer {ref.name!r} runs {module.calls} times per forward pass and "
+                     f"{what}; name one call: {calls_text(ref.name, module.calls)}", ref.span)
+    # A module whose number of calls changes with the batch has no entries per call.
+    return catalog.call(ref.name, ref.call) or module
+
+
 def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
-    if ref.name not in catalog:
-        names = catalog.running_names()
-        raise _error(f"unknown layer {ref.name!r}{did_you_mean(ref.name, names)}",
-                     ref.span, hint=f"layers are {name_list(names)}")
-    layer = catalog[ref.name]
+    """The layer a query reads: it runs, it is one activation per item (a call of a module
+    that runs several times), and DiagQL can read it per item."""
+    layer = lookup_layer(ref, catalog)
+    name = layer.name
     if layer.calls == 0:
-        raise _error(f"layer {ref.name!r} does not run in the model's forward pass", ref.span)
-    if layer.calls > 1:
-        raise _error(f"layer {ref.name!r} runs {layer.calls} times per forward pass (a shared "
-                     f"module), so it has no single activation; query a module that runs once",
-                     ref.span)
+        raise _error(f"layer {name!r} does not run in the model's forward pass", ref.span)
+    if layer.shared and catalog.calls_of(name):
+        raise _error(f"layer {name!r} runs {layer.calls} times per forward pass; name one "
+                     f"call: {calls_text(name, layer.calls)}", ref.span)
     if layer.shape is None:
-        raise _error(f"layer {ref.name!r} cannot be queried: "
+        raise _error(f"layer {name!r} cannot be queried: "
                      f"{layer.refused or 'it returns no tensor'}", ref.span)
     return layer
+
+
+def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> BindError:
+    """Did-you-mean among what could stand there: modules before a call number, else layers."""
+    names = [layer.name for layer in catalog.layers if (layer.shape is not None or layer.shared)
+             and not (modules and layer.call)]
+    return _error(f"unknown layer {name!r}{did_you_mean(name, names)}", span,
+                  hint=f"layers are {name_list(catalog.running_names())}")
+
+
+def calls_text(module: str, calls: int) -> str:
+    """The names of a module's calls, for messages: ``block.relu#1 or block.relu#2``; ``m#1, m#2, … or m#12`` for many calls."""
+    names = [call_name(module, n) for n in range(1, calls + 1)]
+    if calls > 4:
+        names = [*names[:2], "…", names[-1]]
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
