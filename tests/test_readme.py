@@ -83,3 +83,13 @@ def test_examples_run():
         done = subprocess.run(command, text=True, capture_output=True, cwd=ROOT, env=_env(),
                               timeout=300)
         assert done.returncode == 0, done.stderr
+
+
+def test_the_text_classifier_example_runs():
+    """examples/text_classifier.py trains a tiny BERT and must find what it shows: the mistakes
+    are sentences with a negation."""
+    pytest.importorskip("transformers")
+    done = subprocess.run([sys.executable, "examples/text_classifier.py"], text=True,
+                          capture_output=True, cwd=ROOT, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "of them contain 'not'" in done.stdout

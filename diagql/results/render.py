@@ -247,7 +247,7 @@ def _summary(result) -> Text | None:
     full_s = timings.get("baseline")
     if full_s is not None:
         drawn = timings.get("sample", 0.0)
-        draw = f" (drawing it {drawn:.3f} s)" if drawn else ""
+        draw = f" (drawing it {drawn:.3f} s)" if drawn >= 0.0005 else ""
         pieces.append(f"sample {timings.get('sample_side', timings['query']):.3f} s{draw} vs "
                       f"full {full_s:.3f} s")
     # Below ~50 ms both sides are per-call overhead (and cache writes), and their ratio noise.
