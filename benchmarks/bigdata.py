@@ -1,6 +1,6 @@
 """A larger data set for the engine benchmarks: the demo's 2,500 held-out MNIST digits, shifted.
 
-    python benchmarks/bigdata.py [--n 100000] [--profile] [--threads 1]
+    python benchmarks/bigdata.py [--n 100000] [--profile] [--storage] [--threads 1]
 
 Item ``i`` is digit ``i % 2500`` of the demo's held-out half in variant ``i // 2500``. Variant
 ``v`` shifts the digit by ``SHIFTS[v % 25]`` (every (dx, dy) with |dx|, |dy| <= 2 pixels, the
@@ -158,12 +158,91 @@ def print_table(title: str, columns: list[str], rows: list[list], notes: list[st
     print(machine_line())
 
 
+def storage_tables(X: torch.Tensor, y: torch.Tensor, repeat: int = 5) -> None:
+    """--storage: what a new session pays to fingerprint the data (hash functions compared on
+    X's bytes) and what the disk cache pays to read entries back (its cost model's figures)."""
+    import hashlib
+    import statistics
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import xxhash
+
+    from diagql.storage import fingerprint
+    from diagql.storage.store import Cache
+
+    raw = X.numpy().reshape(-1).view(np.uint8)
+    chunk = fingerprint._CHUNK
+    pieces = [memoryview(raw[i:i + chunk]) for i in range(0, raw.nbytes, chunk)]
+
+    def on_threads(hash_piece):
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            return list(pool.map(hash_piece, pieces))
+
+    cases = {"SHA-256, 1 thread": lambda: hashlib.sha256(memoryview(raw)).digest(),
+             f"SHA-256, {chunk >> 20} MB pieces on {os.cpu_count()} threads (before)":
+                 lambda: on_threads(lambda p: hashlib.sha256(p).digest())}
+    try:
+        import blake3
+    except ImportError:
+        blake3 = None
+    if blake3 is not None:
+        cases["BLAKE3, 1 thread"] = lambda: blake3.blake3(memoryview(raw)).digest()
+        cases["BLAKE3, its own threads"] = lambda: blake3.blake3(
+            memoryview(raw), max_threads=blake3.blake3.AUTO).digest()
+        cases[f"BLAKE3, {chunk >> 20} MB pieces on {os.cpu_count()} threads"] = \
+            lambda: on_threads(lambda p: blake3.blake3(p).digest())
+    cases["XXH3-128, 1 thread"] = lambda: xxhash.xxh3_128_digest(memoryview(raw))
+    cases[f"XXH3-128, {chunk >> 20} MB pieces on {os.cpu_count()} threads"] = \
+        lambda: on_threads(xxhash.xxh3_128_digest)
+    cases["data_fingerprint((X, y)) (now)"] = lambda: fingerprint.data_fingerprint((X, y))
+    rows = []
+    for name, run in cases.items():
+        seconds = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - started)
+        rows.append([name, f"{min(seconds) * 1000:.1f}", f"{statistics.median(seconds) * 1000:.1f}",
+                     f"{raw.nbytes / min(seconds) / 1e9:.1f}"])
+    print_table(f"hashing X ({raw.nbytes / 2**20:.0f} MiB), best and median of {repeat}",
+                ["hash", "best ms", "median ms", "GB/s (best)"], rows)
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="diagql-bench-") as root:
+        cache = Cache(root, limit=2 ** 40)
+        for size in (1024, 1024 ** 2, 4 * 1024 ** 2, 16 * 1024 ** 2, 47 * 1024 ** 2,
+                     94 * 1024 ** 2):
+            arrays = {"rows": np.random.default_rng(0).random(size // 4, dtype=np.float32)}
+            started = time.perf_counter()
+            cache.store("activations", f"s{size}", arrays, {})
+            handed = time.perf_counter() - started
+            cache.flush()
+            landed = time.perf_counter() - started
+            seconds = []
+            for _ in range(repeat):
+                started = time.perf_counter()
+                cache.load("activations", f"s{size}")
+                seconds.append(time.perf_counter() - started)
+            read = statistics.median(seconds)
+            rows.append([f"{size / 2**20:.3f}", f"{handed * 1000:.2f}", f"{landed * 1000:.1f}",
+                         f"{read * 1000:.2f}", f"{size / read / 1e9:.2f}",
+                         f"{cache.read_seconds(size) * 1000:.2f}"])
+    print_table(f"disk cache entries (page cache warm): store() returns, the write lands, a "
+                f"load reads it back (median of {repeat})",
+                ["MiB", "store ms", "landed ms", "load ms", "load GB/s",
+                 "cost model's load ms"], rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=N_DEFAULT, help="items (default 100,000)")
     parser.add_argument("--profile", action="store_true",
                         help="also connect and compute the profile (one forward pass): accuracy")
+    parser.add_argument("--storage", action="store_true",
+                        help="also time fingerprint hashes on X and disk cache reads and writes")
     add_threads_option(parser)
     args = parser.parse_args(argv)
     use_threads(args.threads)
@@ -198,6 +277,8 @@ def main(argv=None) -> None:
         if len(noisy):
             rows.append(["accuracy: the noisy variants", f"{noisy.mean():.4f}"])
     print_table(f"benchmarks/bigdata.py --n {args.n}", ["what", "value"], rows)
+    if args.storage:
+        storage_tables(X, y)
 
 
 if __name__ == "__main__":
