@@ -112,8 +112,8 @@ def test_layer_that_never_runs():
 
 def test_module_that_runs_twice():
     db = connect(bad_models.net(), bad_models.data())
-    with pytest.raises(BindError, match=r"layer 'shared' runs 2 times per forward pass \(a shared "
-                                        r"module\), so it has no single activation"):
+    with pytest.raises(BindError, match=r"layer 'shared' runs 2 times per forward pass; name one "
+                                        r"call: shared#1 or shared#2"):
         db.query("AVG NEURONS IN shared")
 
 

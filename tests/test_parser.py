@@ -232,6 +232,55 @@ def test_quoted_flag_is_part_of_equality():
     assert parse('AVG NEURONS IN "fc1"').layer != parse("AVG NEURONS IN fc1").layer
 
 
+# --- calls of a module that runs several times per pass ----------------------------------------
+
+
+@pytest.mark.parametrize("text,ref", [
+    ("layer1.0.relu#2", L("layer1.0.relu", call=2)),
+    ("relu#1", L("relu", call=1)),
+    ("3#12", L("3", call=12)),
+    ("relu#0", L("relu", call=0)),  # refused by the binder, which knows the calls there are
+    ("relu #2", L("relu", call=2)),
+    ("'weird#name'", L("weird#name", quoted=True)),  # quoted: a plain module name
+    ("'weird#name'#3", L("weird#name", quoted=True, call=3)),
+    ('"odd name"#2', L("odd name", quoted=True, call=2)),
+])
+def test_layer_calls(text, ref):
+    assert parse(f"TOPK 2 NEURONS IN {text} WHERE class = 1").layer == ref
+    assert parse(f"DESCRIBE {text}").layer == ref
+    assert parse(f"EVALUATE SAMPLERS random LAYERS fc1, {text}").layers == (L("fc1"), ref)
+
+
+def test_call_is_part_of_equality_and_text():
+    assert L("relu", call=1) != L("relu") and L("relu", call=1) != L("relu", call=2)
+    assert L("block.relu", call=2).text() == "block.relu#2" and L("fc1").text() == "fc1"
+
+
+@pytest.mark.parametrize("text,column,message", [
+    ("AVG NEURONS IN relu#", 16, "'#' takes a call number: relu#1 is the module's first call"),
+    ("AVG NEURONS IN 'r'#", 16, "'#' takes a call number: r#1 is the module's first call"),
+    ("AVG NEURONS IN relu#2#3", 22, "unexpected '#3'"),
+    ("AVG NEURONS IN relu#2x", 22, "unexpected 'x'"),
+    ("AVG NEURONS IN relu#-1", 21, "unexpected '-1'"),
+    ("SET latent = relu#2", 18, "unexpected '#2'; expected end of statement"),
+    ("TOPK 3 #2 NEURONS IN relu", 8, "unexpected '#2'; expected CHANNELS or NEURONS"),
+])
+def test_call_syntax_errors(text, column, message):
+    err = error_of(text)
+    assert err.column == column and err.message.startswith(message), err.message
+
+
+def test_hash_outside_a_layer_hints_at_quotes():
+    err = error_of("SET latent = block.relu#2")
+    assert "quote it: 'block.relu#2'" in err.hint
+    assert parse("SET latent = 'block.relu#2'").value == "block.relu#2"
+
+
+def test_huge_call_number_is_a_parse_error():
+    err = error_of("AVG NEURONS IN relu#" + "9" * 5000)
+    assert err.message == "number with 5,001 digits is too long"
+
+
 # --- spans and statement text ---------------------------------------------------------------
 
 
@@ -434,7 +483,7 @@ def test_expected_list_names_keywords_and_end_of_statement():
     err = error_of("TOPK 5 NEURONS IN fc1 fc2")
     assert (err.line, err.column) == (1, 23)
     assert err.message == ("unexpected 'fc2'; expected BY, GROUP, TOKEN, TOKENS, USING, WHERE, "
-                           "WITH or end of statement")
+                           "WITH, a call number ('#2') or end of statement")
     err = error_of("AVG NEURONS IN fc1 WHERE class = 1 class")
     assert "AND" in err.message and "OR" in err.message and "end of statement" in err.message
 
@@ -584,7 +633,8 @@ def layer(draw):
     if draw(st.booleans()):
         name = draw(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,5}(\.[0-9]{1,2}|\.[a-z]{1,4}){0,2}"
                                   r"|[0-9]{1,3}", fullmatch=True))
-        return name, ast.LayerRef(name)
+        call = draw(st.one_of(st.none(), st.integers(0, 99)))
+        return name + ("" if call is None else f"#{call}"), ast.LayerRef(name, call=call)
     name = draw(st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=8))
     quote = draw(st.sampled_from(["'", '"']))
     escaped = name.replace("\\", "\\\\").replace(quote, "\\" + quote)

@@ -162,7 +162,7 @@ class Runner:
                             consumer.take(rows, idx)
                         elif mask.any():
                             consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
-                if len(hooks.calls) == len(layers):
+                if hooks.done():  # for a module's n-th call: once that call has run
                     raise StopForward
             return on_output
 

@@ -55,8 +55,11 @@ class Plan:
         layer, view = self.bound.layer, self.bound.view
         unit = "channel means" if q.unit == "channels" else "neurons"
         axis = f", batch axis {layer.batch_axis}" if layer.batch_axis else ""
-        rows.append(("forward", f"{len(self.items):,} items in batches, hook on {layer.name} "
-                                f"({layer.shape_text()}{axis}); the pass stops once it has run"))
+        hook = f"{layer.name} ({layer.shape_text()}{axis}); the pass stops once it has run"
+        if layer.call:  # one call of a module that runs several times per pass
+            hook = (f"{layer.module}, read at its call {layer.call} of {layer.calls} "
+                    f"({layer.shape_text()}{axis}); the pass stops once that call has run")
+        rows.append(("forward", f"{len(self.items):,} items in batches, hook on {hook}"))
         rows.append(("per item", f"{view.text() + ': ' if view.text() else ''}"
                                  f"{view.describe()} → {self.bound.n_neurons:,} {unit}"))
         agg = {"topk": f"top-{q.k} by {q.order}", "avg": "mean per neuron",

@@ -108,11 +108,18 @@ def _num(value) -> str:
 
 @dataclass(frozen=True)
 class LayerRef:
-    """A layer named by its qualified module name (``layer3.1.conv2``, ``features.0``, ``3``)."""
+    """A layer named by its qualified module name (``layer3.1.conv2``, ``features.0``, ``3``),
+    and for a module that runs several times per forward pass, which call (``relu#2``: 1-based;
+    None: the module as a whole)."""
 
     name: str
     quoted: bool = False
+    call: int | None = None
     span: Span | None = _span()
+
+    def text(self) -> str:
+        """The reference as written unquoted (``block.relu#2``), for messages."""
+        return self.name if self.call is None else f"{self.name}#{self.call}"
 
 
 @dataclass(frozen=True)

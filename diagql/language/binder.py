@@ -85,7 +85,8 @@ def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> B
 
 
 def calls_text(module: str, calls: int) -> str:
-    """The names of a module's calls, for messages: ``block.relu#1 or block.relu#2``; ``m#1, m#2, … or m#12`` for many calls."""
+    """A module's calls, for messages: ``block.relu#1 or block.relu#2``, or for many calls
+    ``m#1, m#2, … or m#12``."""
     names = [call_name(module, n) for n in range(1, calls + 1)]
     if calls > 4:
         names = [*names[:2], "…", names[-1]]

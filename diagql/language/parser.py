@@ -159,8 +159,8 @@ _DESCRIBE_TERMINAL = {
     "LPAR": "'('",
     "RPAR": "')'",
     "COMMA": "','",
+    "CALL": "a call number ('#2')",
 }
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,7 +186,7 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
     from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
 
     expected = _acceptable(exc, piece, start)
-    token = getattr(exc, "token", None)
+    token, hint = getattr(exc, "token", None), None
     at_end = isinstance(exc, UnexpectedEOF) or (token is not None and token.type == "$END")
     if at_end:
         line, column = _end_of(piece)
@@ -199,9 +199,11 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
         assert isinstance(exc, UnexpectedToken)
         line, column = offset.line_col(token.line, token.column)
         what, width = f"unexpected {str(token)!r}", max(len(str(token)), 1)
+    if not at_end and token is not None and token.type == "CALL":
+        hint = ("hint: '#n' names one call of a layer, right after its name (block.relu#2); "
+                "as a value (SET latent = ...), quote it: 'block.relu#2'")
     wanted = describe_expected(expected)
     message = f"{what}; expected {wanted}" if wanted else what
-    hint = None
     if start == "start" and (line, column) == _first_token_position(piece) and not at_end:
         *most, last = statement_keywords()
         hint = f"hint: a statement starts with {', '.join(most)} or {last}"
@@ -258,8 +260,9 @@ def _number(token) -> int | float:
     return float(text)
 
 
+@functools.lru_cache(maxsize=1)
 def _build_transformer():
-    from lark import Token, Transformer, v_args
+    from lark import Transformer, v_args
 
     @v_args(meta=True)
     class ToAst(Transformer):
@@ -379,10 +382,17 @@ def _build_transformer():
             return {"tokens": ast.Tokens("token", position, span=self._span(meta))}
 
         def layer(self, meta, children):
-            token = children[0]
+            token, *call = children
             quoted = token.type == "STRING"
             name = _unquote(str(token)) if quoted else str(token)
-            return ast.LayerRef(name, quoted, span=self._span(meta))
+            span, number = self._span(meta), None
+            if call and call[0] == "#":
+                raise ParseError(f"'#' takes a call number: {name}#1 is the module's first call",
+                                 line=span.line, column=span.column, end_column=span.end_column,
+                                 source=self.source)
+            if call:
+                number = self._int(call[0], call[0][1:])
+            return ast.LayerRef(name, quoted, number, span=span)
 
         # clauses
         def where(self, meta, children):
@@ -448,9 +458,9 @@ def _build_transformer():
                 raise self._too_long(children[0]) from None
             return _Located(value, self._span(meta))
 
-        def _int(self, token) -> int:
+        def _int(self, token, digits: str | None = None) -> int:
             try:
-                return int(token)
+                return int(token if digits is None else digits)
             except ValueError:
                 raise self._too_long(token) from None
 
@@ -465,7 +475,7 @@ def _build_transformer():
         def word(self, meta, children):
             return _Located(str(children[0]), self._span(meta))
 
-    return ToAst, Token
+    return ToAst
 
 
 class _Located:
@@ -482,10 +492,5 @@ def _plain(value):
     return value.value if isinstance(value, _Located) else value
 
 
-@functools.lru_cache(maxsize=1)
-def _to_ast_class():
-    return _build_transformer()[0]
-
-
 def _ToAst(offset: _Offset, source: str):
-    return _to_ast_class()(offset, source)
+    return _build_transformer()(offset, source)

@@ -78,14 +78,32 @@ def scope(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
 
 
+def call_name(module: str, call: int) -> str:
+    """The layer name of a module's ``call``-th call in a forward pass: ``block.relu#2``."""
+    return f"{module}#{call}"
+
+
+def hooked_call(modules, layer: str) -> tuple[str, int]:
+    """The module and call a layer name stands for: a module's own name (call 0: its one
+    call), else ``module#n``, its n-th call (a real module name wins, as a quoted one does)."""
+    if layer in modules:
+        return layer, 0
+    module, mark, number = layer.rpartition("#")
+    if mark and number.isdigit() and int(number) >= 1 and module in modules:
+        return module, int(number)
+    raise ExecutionError(f"the model has no layer {layer!r}")
+
+
 class Hooks:
-    """Forward hooks on named modules, each called with a ``ModuleCall``: the module's output,
+    """Forward hooks on named layers, each called with a ``ModuleCall``: the module's output,
     the key padding mask given to it or to a module around it (nn.TransformerEncoder and the
     like), and the batch that ``start`` announced.
 
-    The hooks count their calls: a module that runs more than once in one forward pass (a
-    shared block) has no single activation, so it is an error. Exceptions raised in the
-    callbacks leave the model's forward as HookFailure and this context as DiagQLErrors.
+    A layer is a module (``fc1``), or one call of a module that runs several times per forward
+    pass (``block.relu#2``, model/layers.py): the hooks count each module's calls per batch and
+    feed the n-th call's callbacks its n-th output only. A module hooked as a whole must run
+    once. Exceptions raised in the callbacks leave the model's forward as HookFailure and this
+    context as DiagQLErrors.
     """
 
     def __init__(self, model: nn.Module, callbacks: dict[str, Callable[[ModuleCall], None]],
@@ -93,24 +111,31 @@ class Hooks:
         self.model = model
         self.callbacks = callbacks
         self.pre = pre or {}
-        self.calls: dict[str, int] = {}
+        self.calls: dict[str, int] = {}  # module -> its calls so far in this batch
+        self.ran: set[str] = set()  # the hooked layers (and "<input of>" ones) served this batch
         self.inputs = None  # the batch's model input (its attention_mask, if any)
         self.size = 0  # items in the batch
+        self._targets: dict[str, tuple[str, int]] = {}  # layer -> (module, call)
         self._padding: dict[str, torch.Tensor | None] = {}
         self._handles = []
 
     def __enter__(self) -> "Hooks":
         modules = dict(self.model.named_modules())
-        owners: dict[str, list[str]] = {}  # hooked name -> modules whose padding mask covers it
-        for name in self.callbacks:
+        self._targets = {layer: hooked_call(modules, layer) for layer in self.callbacks}
+        wanted: dict[str, dict[int, list]] = {}  # module -> call -> [(layer, callback)]
+        for layer, (module, call) in self._targets.items():
+            wanted.setdefault(module, {}).setdefault(call, []).append(
+                (layer, self.callbacks[layer]))
+        owners: dict[str, list[str]] = {}  # hooked module -> modules whose padding mask covers it
+        for name in wanted:
             owners[name] = [o for o in scope(name) if padding_argument(modules[o]) is not None]
         try:
             for owner in dict.fromkeys(o for names in owners.values() for o in names):
                 self._handles.append(modules[owner].register_forward_pre_hook(
                     self._padding_hook(owner), with_kwargs=True))
-            for name, callback in self.callbacks.items():
+            for name, calls in wanted.items():
                 self._handles.append(modules[name].register_forward_hook(
-                    self._hook(name, callback, owners[name])))
+                    self._hook(name, calls, owners[name])))
             for name, callback in self.pre.items():
                 self._handles.append(
                     modules[name].register_forward_pre_hook(self._pre_hook(name, callback)))
@@ -132,49 +157,68 @@ class Hooks:
     def start(self, inputs, size: int) -> None:
         """A new batch of ``size`` items, fed to the model as ``inputs``."""
         self.calls.clear()
+        self.ran.clear()
         self._padding.clear()
         self.inputs, self.size = inputs, size
+
+    def done(self) -> bool:
+        """Whether every hooked layer has run in this batch (for a module's n-th call: the
+        n-th call has), so the rest of forward() may be skipped."""
+        return len(self.ran) == len(self.callbacks) + len(self.pre)
 
     def _padding_hook(self, owner: str):
         def hook(module, args, kwargs):
             self._padding[owner] = padding_mask(module, args, kwargs)
         return hook
 
-    def _hook(self, name, callback, owners: list[str]):
+    def _hook(self, name: str, calls: dict[int, list], owners: list[str]):
         def hook(module, inputs, output):
+            count = self.calls.get(name, 0) + 1
+            self.calls[name] = count
+            served = calls.get(count, []) + (calls.get(0, []) if count == 1 else [])
+            layer = name
             try:
-                self._count(name)
+                if count > 1 and 0 in calls:
+                    raise ExecutionError(
+                        f"module {name!r} ran more than once in one forward pass, where the "
+                        f"catalog's probe saw it run once, so it has no single activation")
+                if not served:
+                    return
                 padding = next((self._padding[o] for o in owners
                                 if self._padding.get(o) is not None), None)
                 # Runs before any later in-place op (ReLU(inplace=True)) can overwrite the output.
-                callback(ModuleCall(output, padding, self.inputs, self.size))
+                call = ModuleCall(output, padding, self.inputs, self.size)
+                for layer, callback in served:
+                    self.ran.add(layer)
+                    callback(call)
             except Exception as exc:  # noqa: BLE001 - told apart from the model's own errors
-                raise HookFailure(name, output, exc) from exc
+                raise HookFailure(layer, output, exc) from exc
         return hook
 
     def _pre_hook(self, name, callback):
+        key = "<input of>" + name
+
         def hook(module, inputs):
             try:
-                self._count("<input of>" + name)
+                if key in self.ran:
+                    raise ExecutionError(
+                        f"module {name!r} runs more than once per forward pass (a shared "
+                        f"block), so its input is not one vector per item")
+                self.ran.add(key)
                 callback(ModuleCall(inputs, None, self.inputs, self.size))
             except Exception as exc:  # noqa: BLE001 - told apart from the model's own errors
                 raise HookFailure(name, inputs, exc) from exc
         return hook
 
-    def _count(self, key: str) -> None:
-        count = self.calls.get(key, 0) + 1
-        self.calls[key] = count
-        if count > 1:
-            name = key.removeprefix("<input of>")
-            raise ExecutionError(
-                f"module {name!r} runs more than once per forward pass (a shared block), so it "
-                f"has no single activation; query a module that runs once")
-
     def check_ran(self) -> None:
-        """Raise if a hooked module did not run in the forward pass that just finished."""
-        for name in self.callbacks:
-            if name not in self.calls:
-                raise ExecutionError(f"layer {name!r} did not run in the model's forward pass")
+        """Raise if a hooked layer did not run in the forward pass that just finished."""
+        for layer, (module, call) in self._targets.items():
+            if layer not in self.ran:
+                ran = self.calls.get(module, 0)
+                detail = (f": module {module!r} ran {ran} time{'s' if ran != 1 else ''}"
+                          if call and ran else "")
+                raise ExecutionError(f"layer {layer!r} did not run in the model's forward "
+                                     f"pass{detail}")
         for name in self.pre:
-            if "<input of>" + name not in self.calls:
+            if "<input of>" + name not in self.ran:
                 raise ExecutionError(f"layer {name!r} did not run in the model's forward pass")

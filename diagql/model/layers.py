@@ -3,14 +3,15 @@ probing the model with batches of 1, 2 and 3 items (docs/ARCHITECTURE.md, "Data 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from diagql.model.hooks import HookFailure, evaluation, first_tensor, hook_errors, scope
+from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
+    scope
 from diagql.model.views import FLAT, SEQUENCE, describe_output, first_output, \
     input_attention_mask, padding_argument, padding_mask
 
@@ -19,13 +20,15 @@ PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A queryable module: its qualified name, type, per-item output shape (batch axis
-    removed) and calls per pass, and how its output is read (model/views.py)."""
+    """A queryable layer: its name, type, per-item output shape (batch axis removed) and how
+    its output is read (model/views.py). A layer is a module that runs once per forward pass,
+    or one call of a module that runs ``calls`` times (``block.relu#2``: ``call`` 2 of
+    ``module``); such a module's own entry has no shape and lists its calls."""
 
     name: str
     type_name: str
     shape: tuple[int, ...] | None  # None: the module does not run, or cannot be queried
-    calls: int
+    calls: int  # the module's calls per forward pass
     batch_axis: int = 0  # the axis of the module's output that indexes items
     form: str = "tensor"  # "tensor" | "packed" (PackedSequence) | "nested" (nested tensor)
     layout: str = FLAT  # FLAT, or SEQUENCE: shape is (sequence, hidden)
@@ -33,6 +36,17 @@ class LayerInfo:
     varies: bool = False  # a per-item size other than the batch changed between probes
     mask: str = ""  # a sequence's real tokens: where they come from, for DESCRIBE and EXPLAIN
     refused: str = ""  # why a module that runs cannot be queried ("" when it can)
+    call: int = 0  # n >= 1: this layer is the module's n-th call; 0: the module itself
+    module: str = ""  # the module's qualified name ("" becomes ``name``)
+
+    def __post_init__(self):
+        if not self.module:
+            object.__setattr__(self, "module", self.name)
+
+    @property
+    def shared(self) -> bool:
+        """A module that runs several times per pass, named as a whole: a query names a call."""
+        return self.call == 0 and self.calls > 1
 
     @property
     def neurons(self) -> int:
@@ -50,6 +64,8 @@ class LayerInfo:
 
     def shape_text(self) -> str:
         if self.shape is None:
+            if self.shared:
+                return f"({self.calls} calls)"
             return "(never runs)" if self.calls == 0 else "(not queryable)"
         if self.layout == SEQUENCE:
             length = "L" if self.varies else str(self.shape[0])
@@ -78,7 +94,11 @@ class LayerCatalog:
 
     def __init__(self, layers: list[LayerInfo], output_shape: tuple[int, ...]):
         self.layers = layers
-        self.by_name = {layer.name: layer for layer in layers}
+        # A module's own name wins over a call's of the same text (the probe refuses that call).
+        self.by_name = {layer.name: layer for layer in layers if not layer.call}
+        for layer in layers:
+            self.by_name.setdefault(layer.name, layer)
+        self._calls = {(layer.module, layer.call): layer for layer in layers if layer.call}
         self.output_shape = output_shape
 
     def __contains__(self, name: str) -> bool:
@@ -91,11 +111,27 @@ class LayerCatalog:
         """Names of the layers that can be queried, in order (what messages list)."""
         return [layer.name for layer in self.layers if layer.shape is not None]
 
+    def module(self, name: str) -> LayerInfo | None:
+        """The entry of the module named ``name`` (not one of its calls), or None."""
+        layer = self.by_name.get(name)
+        return layer if layer is not None and not layer.call else None
+
+    def call(self, module: str, call: int) -> LayerInfo | None:
+        """The entry of ``module``'s ``call``-th call per pass, or None."""
+        return self._calls.get((module, call))
+
+    def calls_of(self, module: str) -> list[LayerInfo]:
+        """The entries of a module's calls, first to last ([] unless it runs several times)."""
+        layer = self.module(module)
+        calls = layer.calls if layer is not None and layer.shared else 0
+        return [self._calls[module, n] for n in range(1, calls + 1) if (module, n) in self._calls]
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The disk cache's encoding (storage/store.py stores dicts of arrays, no pickle)."""
         layers = [[layer.name, layer.type_name, None if layer.shape is None else list(layer.shape),
                    layer.calls, layer.batch_axis, layer.form, layer.layout, layer.found,
-                   layer.varies, layer.mask, layer.refused] for layer in self.layers]
+                   layer.varies, layer.mask, layer.refused, layer.call, layer.module]
+                  for layer in self.layers]
         return {"layers": np.str_(json.dumps(layers)),
                 "output_shape": np.array(self.output_shape, dtype=np.int64)}
 
@@ -104,17 +140,21 @@ class LayerCatalog:
         """Decode ``to_arrays``'s output, raising ValueError when it does not list layers."""
         layers = []
         for entry in json.loads(str(arrays["layers"])):
-            if not (isinstance(entry, list) and len(entry) == 11):
+            if not (isinstance(entry, list) and len(entry) == 13):
                 raise ValueError("it does not list layers")
-            name, type_name, shape, calls, axis, form, layout, found, varies, mask, refused = entry
-            if not (all(isinstance(v, str) for v in (name, type_name, found, mask, refused))
+            name, type_name, shape, calls, axis, form, layout, found, varies, mask, refused, \
+                call, module = entry
+            if not (all(isinstance(v, str) for v in (name, type_name, found, mask, refused,
+                                                     module))
                     and isinstance(calls, int) and isinstance(axis, int)
+                    and isinstance(call, int) and not isinstance(call, bool)
                     and isinstance(varies, bool) and form in ("tensor", "packed", "nested")
                     and layout in (FLAT, SEQUENCE)
                     and (shape is None or all(isinstance(d, int) for d in shape))):
                 raise ValueError("it does not list layers")
             layers.append(LayerInfo(name, type_name, None if shape is None else tuple(shape),
-                                    calls, axis, form, layout, found, varies, mask, refused))
+                                    calls, axis, form, layout, found, varies, mask, refused,
+                                    call, module))
         return cls(layers, tuple(int(d) for d in arrays["output_shape"]))
 
 
@@ -134,15 +174,15 @@ _SEQUENCES = (nn.RNNBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerE
 
 @dataclass
 class _Seen:
-    """What one module returned in one probe pass."""
+    """What one call of a module returned in one probe pass."""
 
     form: str | None  # "tensor" | "packed" | "nested"; None: no tensor
     shape: tuple[int, ...] | None  # raw; packed and nested: padded (batch, sequence, hidden)
     what: str  # describe_output, for messages
-    # The modules whose layout a rank-3 tensor output may take, most telling first: the one
-    # that made this very tensor (a container returning its child's output), its last
+    # The (module, call)s whose layout a rank-3 tensor output may take, most telling first:
+    # the one that made this very tensor (a container returning its child's output), its last
     # submodule with an output of this shape, the maker of its input of this shape.
-    like: list[str] = field(default_factory=list)
+    like: list[tuple[str, int]] = field(default_factory=list)
     masks: list[tuple[str, str, tuple]] = field(default_factory=list)  # (owner, arg, shape)
     input_mask: tuple | None = None  # the shape of the batch input's attention_mask
 
@@ -151,33 +191,60 @@ def probe(model: nn.Module, source, prepare, call) -> LayerCatalog:
     """Run batches of 1, 2 and 3 items (fewer when the data has fewer) with a hook on every
     submodule. An output's batch axis is the axis whose size follows the batch's in every
     probe (the module's ``batch_first`` breaks a tie); a sequence output's real tokens come
-    from where model/views.py finds them in a query."""
+    from where model/views.py finds them in a query. A module that runs several times per
+    pass gets one layer per call (``block.relu#2``), each read from that call's outputs."""
     n = len(source)
     sizes = sorted({min(size, n) for size in PROBE_SIZES})
-    passes, calls = [], {}
+    passes = []
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
         seen, counted, output_shape = _probe_pass(model, prepare(x), call)
-        passes.append((len(idx), seen))
-        calls = counted
+        passes.append((len(idx), seen, counted))
     modules = dict(model.named_modules())
-    order = list(passes[-1][1])  # the order the modules returned in the last pass
-    layouts: dict[str, str] = {}
-    infos: dict[str, LayerInfo] = {}
-    for name in order:
-        infos[name] = _layer(name, modules[name], [(s, seen[name]) for s, seen in passes
-                                                   if name in seen], calls[name], layouts)
-    layers = [infos.get(name) or LayerInfo(name, type(module).__name__, None, 0)
-              for name, module in modules.items() if name]
+    calls = passes[-1][2]
+    layouts: dict[tuple[str, int], str] = {}
+    infos: dict[str, list[LayerInfo]] = {}
+    for key in passes[-1][1]:  # (module, call), in the order they returned in the last pass
+        name, number = key
+        info = _layer(name, key, modules[name], [(s, seen[key]) for s, seen, _ in passes
+                                                 if key in seen], calls[name], layouts)
+        if calls[name] > 1:
+            info = replace(info, name=call_name(name, number), call=number, module=name)
+        infos.setdefault(name, []).append(info)
+    layers = []
+    for name, module in modules.items():
+        if name:
+            layers += _entries(name, type(module).__name__, infos.get(name, []),
+                               [(s, counted.get(name, 0)) for s, _, counted in passes], modules)
     return LayerCatalog(layers, output_shape)
 
 
+def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tuple[int, int]],
+             modules) -> list[LayerInfo]:
+    """A module's catalog entries: itself, and when it runs several times, each call."""
+    calls = counts[-1][1]
+    if calls == 0:
+        return [LayerInfo(name, type_name, None, 0)]
+    if len({c for _, c in counts}) > 1 and max(c for _, c in counts) > 1:
+        runs = ", ".join(str(c) for _, c in counts)
+        sizes = ", ".join(str(s) for s, _ in counts)
+        return [LayerInfo(name, type_name, None, calls, refused=(
+            f"it runs {runs} times in probes of {sizes} items: the number of its calls changes "
+            f"with the batch, so no call number names one output"))]
+    if calls == 1:
+        return infos
+    taken = [replace(info, shape=None, refused=f"its name is also module {info.name!r}'s; "
+                                               f"rename one of them")
+             if info.name in modules else info for info in infos]
+    return [LayerInfo(name, type_name, None, calls), *taken]
+
+
 def _probe_pass(model, x, call):
-    """One forward pass with every submodule hooked: what each returned (the first time),
+    """One forward pass with every submodule hooked: what each returned at each of its calls,
     how often each ran, and the shape of the model's output per item."""
-    seen: dict[str, _Seen] = {}
+    seen: dict[tuple[str, int], _Seen] = {}  # (module, its call from 1)
     calls: dict[str, int] = {}
-    made: dict[int, tuple[torch.Tensor, str]] = {}  # id(tensor) -> (tensor, the module)
+    made: dict[int, tuple[torch.Tensor, tuple]] = {}  # id(tensor) -> (tensor, (module, call))
     padding: dict[str, tuple[str, torch.Tensor]] = {}
     modules = [(name, module) for name, module in model.named_modules()]
     padded = {name for name, module in modules if padding_argument(module) is not None}
@@ -193,10 +260,9 @@ def _probe_pass(model, x, call):
     def after(name):
         def hook(module, args, output):
             calls[name] = calls.get(name, 0) + 1
-            if name in seen:
-                return
+            key = (name, calls[name])
             try:
-                seen[name] = _look(name, args, output, seen, made, padding, padded, x)
+                seen[key] = _look(key, args, output, seen, made, padding, padded, x)
             except Exception as exc:  # noqa: BLE001 - DiagQL's own, not the model's
                 raise HookFailure(name, output, exc) from exc
         return hook
@@ -215,7 +281,8 @@ def _probe_pass(model, x, call):
     return seen, calls, tuple(out.shape[1:])
 
 
-def _look(name, args, output, seen, made, padding, padded, x) -> _Seen:
+def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
+    name = key[0]
     out = first_output(output)
     what = describe_output(output)
     if out is None:
@@ -234,7 +301,7 @@ def _look(name, args, output, seen, made, padding, padded, x) -> _Seen:
             result.like.append(made[id(out)][1])
         prefix = name + "."
         for earlier in reversed(seen):  # submodules return just before their parent
-            if not earlier.startswith(prefix):
+            if not earlier[0].startswith(prefix):
                 break
             if seen[earlier].shape == result.shape:
                 result.like.append(earlier)
@@ -242,7 +309,7 @@ def _look(name, args, output, seen, made, padding, padded, x) -> _Seen:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if first is not None and id(first) in made and tuple(first.shape) == result.shape:
             result.like.append(made[id(first)][1])
-        made.setdefault(id(out), (out, name))
+        made.setdefault(id(out), (out, key))
     result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
                     if owner in padded and owner in padding]
     mask = input_attention_mask(x)
@@ -254,9 +321,9 @@ def _shape(entry: tuple[str, torch.Tensor]) -> tuple[str, tuple]:
     return entry[0], tuple(entry[1].shape)
 
 
-def _layer(name: str, module: nn.Module, records: list[tuple[int, _Seen]], calls: int,
-           layouts: dict[str, str]) -> LayerInfo:
-    """The LayerInfo of a module that ran, from what it returned in each probe."""
+def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tuple[int, _Seen]],
+           calls: int, layouts: dict[tuple[str, int], str]) -> LayerInfo:
+    """The LayerInfo of a module's call (``key``) from what it returned in each probe."""
     type_name = type(module).__name__
 
     def refuse(reason: str) -> LayerInfo:
@@ -291,7 +358,7 @@ def _layer(name: str, module: nn.Module, records: list[tuple[int, _Seen]], calls
     layout = FLAT
     if len(shape) == 2:
         layout = _layout(module, last, layouts)
-        layouts[name] = layout
+        layouts[key] = layout
     if layout == SEQUENCE and len({s[1] for s in per_item}) > 1:
         return refuse(f"its hidden size changes with the batch (shapes {shapes} for batches of "
                       f"{sizes} items)")
@@ -329,7 +396,7 @@ def _declared_axis(module: nn.Module) -> int | None:
     return None
 
 
-def _layout(module: nn.Module, seen: _Seen, layouts: dict[str, str]) -> str:
+def _layout(module: nn.Module, seen: _Seen, layouts: dict[tuple[str, int], str]) -> str:
     """FLAT for channel-first maps (batch, channels, length), else SEQUENCE."""
     if seen.form != "tensor" or isinstance(module, _SEQUENCES):
         return SEQUENCE

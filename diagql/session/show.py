@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from diagql import samplers
 from diagql.language import ast
-from diagql.language.binder import bind_layer
+from diagql.language.binder import bind_layer, calls_text, lookup_layer
 from diagql.model.views import SEQUENCE, View
 from diagql.results.result import Result
 
@@ -68,7 +68,15 @@ def clear_cache(conn, statement) -> Result:
 def _layers(conn, statement) -> Result:
     rows = []
     for layer in conn.catalog.layers:
-        note = {0: "never runs", 1: ""}.get(layer.calls, f"runs {layer.calls}× per pass")
+        if layer.call:
+            note = f"call {layer.call} of {layer.calls} of {layer.module}" + \
+                   (f": {layer.refused}" if layer.shape is None else "")
+        elif layer.shared:
+            calls = conn.catalog.calls_of(layer.name)
+            note = f"runs {layer.calls}× per pass; " + (
+                f"name a call: {calls_text(layer.name, layer.calls)}" if calls else layer.refused)
+        else:
+            note = {0: "never runs", 1: ""}.get(layer.calls, layer.refused)
         rows.append((layer.name, layer.type_name, layer.shape_text(),
                      layer.neurons if layer.shape is not None else "", note))
     return Result(kind="table", statement=statement.text, columns=["layer", "type", "output",
@@ -115,12 +123,26 @@ def _settings(conn, statement) -> Result:
 
 
 def describe(conn, statement: ast.Describe) -> Result:
-    layer = bind_layer(statement.layer, conn.catalog)
-    module = dict(conn.model.named_modules())[layer.name]
+    layer = lookup_layer(statement.layer, conn.catalog)
+    calls = conn.catalog.calls_of(layer.name) if layer.shared else []
+    if not calls:
+        layer = bind_layer(statement.layer, conn.catalog)
+    module = dict(conn.model.named_modules())[layer.module]
     n_params = sum(p.numel() for p in module.parameters())
-    children = [name for name in conn.layers if name.startswith(layer.name + ".")]
-    rows = [("name", layer.name), ("type", layer.type_name), ("output", layer.shape_text()),
-            ("axes", layer.axes_text())]
+    children = [name for name in conn.layers if name.startswith(layer.module + ".")]
+    rows = [("name", layer.name), ("type", layer.type_name)]
+    if calls:  # the module as a whole: what each call gives, since each may differ
+        rows += [("calls", f"{layer.calls} per forward pass; a query names one: "
+                           f"{calls_text(layer.name, layer.calls)}")]
+        rows += [(call.name, f"{call.shape_text()}, {call.neurons:,} neurons; {call.axes_text()}"
+                  if call.shape is not None else call.refused) for call in calls]
+        return Result(kind="table", statement=statement.text, columns=["property", "value"],
+                      rows=rows + _module_rows(layer, module, n_params, children),
+                      title=f"layer {layer.name}")
+    if layer.call:
+        rows += [("call", f"{layer.call} of the {layer.calls} calls of {layer.module} per "
+                          f"forward pass")]
+    rows += [("output", layer.shape_text()), ("axes", layer.axes_text())]
     if layer.layout == SEQUENCE:
         rows += [("neurons", f"{layer.neurons:,} hidden units; an item's activation of one is "
                              f"its mean over the item's real tokens (TOKENS MEAN)"),
@@ -133,13 +155,17 @@ def describe(conn, statement: ast.Describe) -> Result:
     else:
         rows += [("neurons", f"{layer.neurons:,}"),
                  ("channels", "" if layer.channels is None else layer.channels)]
-    rows += [("parameters", f"{n_params:,}"),
-             ("labels", _label_example(layer)),
-             ("sublayers", ", ".join(children) if children else "none"),
-             ("module", f"{layer.type_name} of {len(list(module.children()))} modules"
-                        if children else repr(module))]
+    rows += [("labels", _label_example(layer))]
     return Result(kind="table", statement=statement.text, columns=["property", "value"],
-                  rows=rows, title=f"layer {layer.name}")
+                  rows=rows + _module_rows(layer, module, n_params, children),
+                  title=f"layer {layer.name}")
+
+
+def _module_rows(layer, module, n_params: int, children: list[str]) -> list[tuple[str, str]]:
+    return [("parameters", f"{n_params:,}"),
+            ("sublayers", ", ".join(children) if children else "none"),
+            ("module", f"{layer.type_name} of {len(list(module.children()))} modules"
+                       if children else repr(module))]
 
 
 def _label_example(layer) -> str:

@@ -14,8 +14,9 @@ from prompt_toolkit.completion import Completer, Completion
 from diagql.language.grammar import accepts, keywords
 from diagql.language.parser import split_statements
 
-_WORD = re.compile(r"[A-Za-z0-9_.]*$")
-_LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*$")
+# A word may end in a layer's call number (block.relu#2), completed from the layer list.
+_WORD = re.compile(r"[A-Za-z0-9_.]*(?:#\d*)?$")
+_LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*(?:#[1-9]\d*)?$")
 _SAMPLER_NAME = re.compile(r"USING\s+SAMPLE\s*$", re.IGNORECASE)
 # EVALUATE SAMPLERS's list so far, while no call in it is open: a name may come next.
 _EVALUATE_LIST = re.compile(r"EVALUATE\s+SAMPLERS\b((?:[^()]|\([^()]*\))*)$", re.IGNORECASE)

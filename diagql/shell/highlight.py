@@ -19,8 +19,9 @@ STYLE = Style.from_dict({
     "meta": "ansimagenta",
 })
 
-_CLASSES = {"INT": "number", "NUMBER": "number", "STRING": "string", "COMMENT": "comment",
-            "EQ": "operator", "CMP": "operator"}
+# A layer's call number (block.relu#2) reads as the number it is.
+_CLASSES = {"INT": "number", "NUMBER": "number", "CALL": "number", "STRING": "string",
+            "COMMENT": "comment", "EQ": "operator", "CMP": "operator"}
 
 
 def tokens(text: str) -> Iterator[tuple[str, str]]:
