@@ -582,7 +582,7 @@ def test_an_entry_cheaper_to_recompute_than_to_read_is_not_written(tmp_path):
 EXITING_WRITER = """
 import sys, time
 import numpy as np
-from diagql.storage import store
+from diagql.storage import writer
 from diagql.storage.store import Cache
 
 root, mode = sys.argv[1], sys.argv[2]
@@ -601,7 +601,7 @@ def slow(file, **arrays):
     file.write(raw[len(raw) // 2:])
 np.savez = slow
 if mode == "give up":
-    store.EXIT_WAIT = 0.5
+    writer.EXIT_WAIT = 0.5
 cache.store("profile", "%s", {"a": np.full(250_000, 2, dtype=np.int64)}, {})
 if mode == "interrupted":
     import atexit

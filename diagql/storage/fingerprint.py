@@ -1,10 +1,6 @@
 """Fingerprints that key the disk cache: digests of what decides a model's outputs and of a data
-set's items, so that a changed model or data set never reuses a stale entry.
-
-Models and data are hashed with XXH3-128 (docs/ARCHITECTURE.md, "Storage"): a new session
-hashes all its inputs before its first cached answer, and SHA-256 made that 0.13-0.25 s for
-300 MB where XXH3 takes 0.02 s. No code runs from a cache entry, so a hash built against
-accidents, not adversaries, is enough; text keys (cache_key, source_digest) stay SHA-256."""
+set's items, so that a changed model or data set never reuses a stale entry. XXH3-128, fast
+enough for every new session to hash its data (docs/ARCHITECTURE.md, "Storage")."""
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +13,10 @@ import os
 import struct
 import types
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import xxhash
 
 
 class Unfingerprintable(Exception):
@@ -46,7 +44,7 @@ def model_fingerprint(model) -> str:
     """
     import torch
 
-    digest = _new_digest()
+    digest = xxhash.xxh3_128()
     _feed(digest, "torch", torch.__version__)
     try:
         _Walk().modules(digest, model, "")
@@ -77,7 +75,7 @@ def data_fingerprint(data) -> str:
     else:
         raise Unfingerprintable(f"data of type {type(data).__name__} cannot be hashed exactly "
                                 f"(only a pair (X, y), a TensorDataset or a DataLoader over one)")
-    digest = _new_digest()
+    digest = xxhash.xxh3_128()
     for i, part in enumerate(parts):
         try:
             if isinstance(part, torch.Tensor):
@@ -376,7 +374,7 @@ class _Walk:
             self.value(digest, f"{name}.__dict__", dict(attributes))
 
     def digest_of(self, name: str, value) -> str:
-        digest = _new_digest()
+        digest = xxhash.xxh3_128()
         self.value(digest, name, value)
         return digest.hexdigest()
 
@@ -485,17 +483,9 @@ def _feed_array(digest, name: str, value: np.ndarray) -> None:
 _CHUNK = 32 * 1024 ** 2  # bytes per separately hashed piece of a large array
 
 
-def _new_digest():
-    import xxhash
-
-    return xxhash.xxh3_128()
-
-
 def _hash_threads(pieces: int) -> int:
-    # XXH3 runs at the memory bandwidth one core can draw: on 2 cores a second thread gained
-    # nothing (measured, benchmarks/README.md), so threads only where there are more cores.
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 2 else min(pieces, cores)
+    # XXH3 runs at the memory bandwidth of one core: a second of two gains nothing (measured).
+    return 1 if (os.cpu_count() or 1) <= 2 else min(pieces, os.cpu_count())
 
 
 def _feed_bytes(digest, raw: np.ndarray) -> None:
@@ -503,19 +493,8 @@ def _feed_bytes(digest, raw: np.ndarray) -> None:
     if raw.nbytes <= _CHUNK:
         digest.update(memoryview(raw))
         return
-    # A large array (a data set's inputs) is hashed in fixed pieces whose digests are then fed
-    # in order: the same fingerprint on any machine and with any number of threads, and the
-    # pieces can be hashed in parallel (xxhash releases the GIL).
-    import xxhash
-
+    # Fixed pieces, their digests fed in order: one fingerprint for any number of threads.
     pieces = [memoryview(raw[start:start + _CHUNK]) for start in range(0, raw.nbytes, _CHUNK)]
-    threads = _hash_threads(len(pieces))
-    if threads <= 1:
-        for piece in pieces:
-            digest.update(xxhash.xxh3_128_digest(piece))
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(_hash_threads(len(pieces))) as pool:
         for piece_digest in pool.map(xxhash.xxh3_128_digest, pieces):
             digest.update(piece_digest)

@@ -6,31 +6,28 @@ pickle is stored, so a planted file cannot run code. Entries are written to a un
 file and renamed into place, so concurrent sessions never see half an entry; a file that does
 not load, or whose header does not match, is reported, removed and recomputed, never trusted.
 
-Writes leave the query's critical path: ``store`` hands the entry to a writer thread, and until
-it lands the entry is served from memory to every Cache of the process (docs/ARCHITECTURE.md,
-"Storage").
+Writes leave the query's critical path: ``store`` hands the entry to a writer thread
+(storage/writer.py), and until it lands it is served from memory to every Cache of the process.
 """
 from __future__ import annotations
 
-import atexit
-import collections
 import json
 import os
 import re
 import sys
-import tempfile
-import threading
 import time
 import warnings
-import weakref
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from diagql._version import __version__
 from diagql.errors import DiagQLError, DiagQLWarning
+from diagql.storage import writer
+from diagql.storage.writer import Job, Writer, absolute
 
 T = TypeVar("T")
 FORMAT_VERSION = 1
@@ -42,7 +39,6 @@ DEFAULT_LIMIT = 2 * 1024 ** 3  # bytes on disk, all entries together
 _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb": 1024 ** 2,
           "mib": 1024 ** 2, "g": 1024 ** 3, "gb": 1024 ** 3, "gib": 1024 ** 3,
           "t": 1024 ** 4, "tb": 1024 ** 4, "tib": 1024 ** 4}
-EXIT_WAIT = 30.0  # seconds a process waits at exit for its pending writes, then drops them
 STALE_TEMP = 3600.0  # seconds after which a writer's temporary file is an abandoned one
 # What reading an entry back costs (Cache.load from the page cache), measured on the development
 # machine (benchmarks/README.md, "Fast first answers"): 0.25 ms, then 1.0 GB/s for 16-94 MB
@@ -63,142 +59,6 @@ class Entry:
     used: float  # last read or write (the file's modification time), for LRU eviction
 
 
-@dataclass(eq=False)
-class _Job:
-    """One entry handed to a writer thread: its arrays (the header among them) until it lands."""
-
-    path: Path
-    payload: dict[str, np.ndarray]
-    done: threading.Event = field(default_factory=threading.Event)
-    cancelled: bool = False  # CLEAR CACHE, or a rejected entry: skip it if not yet started
-
-
-class _Pending:
-    """The entries of every Cache of this process that are handed over but not yet on disk,
-    by path: a second connection over the same directory loads them from here."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.jobs: dict[Path, _Job] = {}
-
-    def add(self, job: _Job) -> None:
-        with self.lock:
-            self.jobs[job.path] = job  # the latest store of a path is what a load must see
-
-    def get(self, path: Path) -> _Job | None:
-        with self.lock:
-            return self.jobs.get(path)
-
-    def finish(self, job: _Job) -> None:
-        with self.lock:
-            if self.jobs.get(job.path) is job:
-                del self.jobs[job.path]
-        job.done.set()
-
-    def under(self, root: Path) -> list[_Job]:
-        with self.lock:
-            return [job for path, job in self.jobs.items() if path.parent.parent == root]
-
-
-_PENDING = _Pending()
-_WRITING: weakref.WeakSet = weakref.WeakSet()  # writers that have been handed entries
-
-
-class _Writer:
-    """One Cache's writer thread and its queue: entries are written one at a time, in order,
-    each to a temporary file that is renamed into place once whole."""
-
-    def __init__(self, root: Path | None, written: Callable[[Path], object]):
-        self.root = root
-        self.written = written  # called in the writer thread after each entry lands
-        self.writable = root is not None
-        self.failure: str | None = None  # an error, for the Cache to warn about once
-        self.writes = 0
-        self.reset()
-
-    def reset(self) -> None:
-        self.cond = threading.Condition()
-        self.queue: collections.deque[_Job] = collections.deque()  # the first is in flight
-        self.thread: threading.Thread | None = None
-
-    def put(self, job: _Job) -> None:
-        _PENDING.add(job)
-        with self.cond:
-            self.queue.append(job)
-            if self.thread is None:
-                self._start()
-
-    def _start(self) -> None:
-        # Called holding self.cond. The thread ends when the queue is empty (no idle thread
-        # per connection); a daemon, so a process never hangs on it: atexit waits instead.
-        _WRITING.add(self)
-        thread = threading.Thread(target=self._drain, name="diagql-cache-writer", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # interpreter shutting down: no new threads, write here
-            while self.queue:
-                self._run(self.queue[0])
-            return
-        self.thread = thread
-
-    def _drain(self) -> None:
-        while True:
-            with self.cond:
-                if not self.queue:
-                    self.thread = None
-                    return
-                job = self.queue[0]  # left in the queue until it lands: flush waits for it
-            self._run(job)
-
-    def _run(self, job: _Job) -> None:
-        try:
-            # A job that a later store of the same path superseded is not written: only the
-            # latest would stay (an activation entry grows with each query of a script).
-            if self.writable and not job.cancelled and _PENDING.get(job.path) is job:
-                self._write(job)
-        except Exception as exc:  # noqa: BLE001 - OSError, or a bug: either way, stop writing
-            self.writable = False
-            self.failure = (f"cache disabled: cannot write to {self.root} ({exc}); DiagQL "
-                            f"works without it")
-        finally:
-            with self.cond:
-                self.queue.popleft()
-                self.cond.notify_all()
-            _PENDING.finish(job)
-
-    def _write(self, job: _Job) -> None:
-        path, temp = job.path, None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # A unique name per writer: two sessions storing the same key never share a file.
-            fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-            with os.fdopen(fd, "wb") as file:
-                np.savez(file, **job.payload)
-            try:
-                os.replace(temp, path)  # only a whole file is ever renamed into place
-            except PermissionError:
-                if not path.exists():
-                    raise
-                # Windows: a reader holds the existing entry open; that entry is as good.
-                os.unlink(temp)
-            temp = None
-        finally:
-            if temp is not None:
-                try:
-                    os.unlink(temp)
-                except OSError:
-                    pass
-        self.writes += 1
-        try:
-            self.written(path)
-        except OSError:
-            pass  # the directory changed under the eviction: the next write evicts
-
-    def flush(self, timeout: float | None = None) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: not self.queue, timeout)
-
-
 class Cache:
     """Entries by (kind, key) under one directory; ``root=None`` is a cache that holds nothing.
 
@@ -213,7 +73,7 @@ class Cache:
         self.evictions = 0
         self.by_kind: dict[str, dict[str, int]] = {}  # kind -> {"hits": n, "misses": n}
         self.read_rate = READ_RATE
-        self._writer = _Writer(self.root, lambda path: self._evict(keep=path))
+        self._writer = Writer(self.root, lambda path: self._evict(keep=path))
 
     @property
     def writes(self) -> int:
@@ -269,7 +129,7 @@ class Cache:
             return None
         self._report()
         path = self.path(kind, key)
-        job = _PENDING.get(_absolute(path))
+        job = writer.PENDING.get(absolute(path))
         started = time.perf_counter()
         try:
             if job is not None:
@@ -319,7 +179,7 @@ class Cache:
         self._count(kind, "misses")
         warnings.warn(f"ignoring the damaged cache entry {path} ({reason}); recomputing it",
                       DiagQLWarning, stacklevel=3)
-        job = _PENDING.get(_absolute(path))
+        job = writer.PENDING.get(absolute(path))
         if job is not None:
             job.cancelled = True
         try:
@@ -348,7 +208,7 @@ class Cache:
         header = {"format": FORMAT_VERSION, "kind": kind, "key": key, "diagql": __version__,
                   "created": time.time(), "meta": meta}
         payload[_HEADER] = np.array(json.dumps(header, default=str))
-        self._writer.put(_Job(_absolute(path), payload))  # one key for every root spelling
+        self._writer.put(Job(absolute(path), payload))  # one key for every root spelling
 
     def _report(self) -> None:
         """Warn, in the caller's thread, about a write that failed in the writer thread."""
@@ -366,7 +226,7 @@ class Cache:
     def _settle(self, cancel: bool = False) -> None:
         """Wait for every Cache of this process to land (or, ``cancel``, drop those not yet
         started) the entries it was handed for this directory."""
-        jobs = _PENDING.under(_absolute(self.root))
+        jobs = writer.PENDING.under(absolute(self.root))
         for job in jobs:
             job.cancelled = job.cancelled or cancel
         for job in jobs:
@@ -397,11 +257,11 @@ class Cache:
         entries = _list(self.root)
         total = sum(entry.bytes for entry in entries)
         removed = []
-        keep = None if keep is None else _absolute(keep)
+        keep = None if keep is None else absolute(keep)
         for entry in entries:
             if total <= self.limit:
                 break
-            if _absolute(entry.path) == keep:
+            if absolute(entry.path) == keep:
                 continue
             try:
                 entry.path.unlink()
@@ -464,39 +324,6 @@ def _remove_abandoned(folder: Path) -> None:
                 temp.unlink()
         except OSError:
             pass
-
-
-def _absolute(path: Path) -> Path:
-    return Path(os.path.abspath(path))
-
-
-def _flush_at_exit() -> None:
-    """Let the writes still pending land before the process ends, within EXIT_WAIT seconds;
-    past that (or at a second Ctrl-C) they are dropped: the temporary file is never renamed."""
-    deadline = time.monotonic() + EXIT_WAIT
-    try:
-        for writer in list(_WRITING):
-            if not writer.flush(timeout=max(0.0, deadline - time.monotonic())):
-                print(f"diagql: gave up waiting for cache writes to {writer.root}; those "
-                      f"entries will be recomputed", file=sys.stderr)
-            elif writer.failure is not None:
-                warnings.warn(writer.failure, DiagQLWarning, stacklevel=1)
-    except KeyboardInterrupt:
-        pass
-
-
-def _after_fork_in_child() -> None:
-    # A forked child (a DataLoader worker) has no writer threads, and their locks may be held.
-    global _PENDING
-    _PENDING = _Pending()
-    for writer in list(_WRITING):
-        writer.reset()
-    _WRITING.clear()
-
-
-atexit.register(_flush_at_exit)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def parse_size(value) -> int:
