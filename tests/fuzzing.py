@@ -88,6 +88,11 @@ HANDWRITTEN = [
     "AVG NEURONS IN fc2 TOKEN -1 USING SAMPLE random(0.5)",
     "ARGMAX NEURONS IN act TOKENS ALL GROUP BY class",
     "EXPLAIN AVG NEURONS IN fc1 TOKENS MEAN",
+    # Calls of a module that runs several times (the fuzz model has none: these bind-fail).
+    "AVG NEURONS IN act#2",
+    "TOPK 3 NEURONS IN fc1#1 WHERE class = 1 USING SAMPLE random(0.5)",
+    "DESCRIBE 'fc2'#2",
+    "EVALUATE SAMPLERS random AT 0.5 K 2 LAYERS fc1, act#1 SEEDS 1",
     "TOPK 2 NEURONS IN fc1 WHERE .5 > confidence",  # invalid on purpose: the field comes first
 ]
 
@@ -144,7 +149,8 @@ TOKEN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|--[^\n]*|[A-Za-z0
 KEYWORDS = [text.upper() for text in keywords().values() if text != "plot"]
 VOCAB = [*KEYWORDS, "(", ")", ",", ";", "=", "<", "<>", ">=", "!=", "'", '"',
          "--", "\\", "0", "-1", "1.5", ".5", "1e3", "1e999", "-0", "+7", "fc1", "fc2", "out", "act",
-         "a.b", "'q'", '"層"', "random(0.5)", "gmm(j=2)", "seed", "latent", "format"]
+         "a.b", "'q'", '"層"', "random(0.5)", "gmm(j=2)", "seed", "latent", "format", "#", "#2",
+         "act#0", "fc1#99999999999999999999"]
 UNICODE = ["\u0301", "\u0308\u0301", "\u202e", "\u200f", "\u202b", "\U0001F600", "\U0001F468\u200d\U0001F469",
            "\x00", "\r", "\f", "\t", "\v", "\u200b", "\u200d", "\ufeff", "\u2028", "\u2029", "\x85",
            "\u00a0", "\u3000", "層", "ǅ", "ﬁ", "İ", "\ud800", "\uffff", "\x1b[31m", "\\", "\x7f",

@@ -148,9 +148,8 @@ class Truth:
         return A.reshape(len(A), -1)
 
 
-def connect(model, data, **kwargs):
-    return diagql.connect(model, data, batch_size=BATCH, cache_dir=False, progress=False,
-                          **kwargs)
+def connect(model, data, cache_dir=False):
+    return diagql.connect(model, data, batch_size=BATCH, cache_dir=cache_dir, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +341,32 @@ def test_activation_cache_is_kept_per_call():
     np.testing.assert_allclose(result.values, np.bincount(A.argmax(axis=1),
                                                           minlength=144) / len(A), atol=ATOL)
     assert passes[0] == batches
+
+
+def test_disk_cache_keeps_the_catalog_and_rows_per_call(tmp_path):
+    """A new connection to the same model and data answers each call from the disk cache (no
+    forward pass), with each call's own rows."""
+    from diagql.model.layers import LayerCatalog
+
+    model = _randomise(ResNetish(), 15)
+    X, y = _data((1, 6, 6), 16)
+    truth = Truth(block_truth(model, X), y)
+    spec = "random(0.5, random_state=3)"
+    texts = [f"AVG NEURONS IN {RELU}#{n} USING SAMPLE {spec}" for n in (1, 2)]
+    first = connect(model, (X, y), cache_dir=tmp_path)
+    for text in texts:
+        first.query(text)
+    catalog = first.catalog
+    assert LayerCatalog.from_arrays(catalog.to_arrays()).layers == catalog.layers
+    first.cache.flush()
+    passes = [0]
+    model.register_forward_pre_hook(lambda module, args: passes.__setitem__(0, passes[0] + 1))
+    second = connect(model, (X, y), cache_dir=tmp_path)
+    items = second.sample(spec)
+    for n, text in zip((1, 2), texts):
+        np.testing.assert_allclose(second.query(text).values,
+                                   truth.matrix(f"{RELU}#{n}")[items].mean(axis=0), atol=ATOL)
+    assert passes[0] == 0 and second.catalog.layers == catalog.layers
 
 
 def test_one_pass_feeds_both_calls_and_stops_after_the_last(resnet):
@@ -615,3 +640,42 @@ def test_a_call_missing_from_a_batch_is_an_error():
     assert info.value.message == ("layer 'act#2' did not run in the model's forward pass: "
                                   "module 'act' ran 1 time")
     assert not model._forward_hooks and not model.act._forward_hooks  # every hook removed
+
+
+# --- the REPL: completion and highlighting of '#n' ----------------------------------------------
+
+
+def test_completion_offers_each_call(resnet):
+    from prompt_toolkit.document import Document
+
+    from diagql.shell.completion import DiagQLCompleter, connection_layers
+
+    db, _ = resnet
+    completer = DiagQLCompleter(connection_layers(db))
+
+    def complete(text):
+        return [c.text for c in completer.get_completions(Document(text, len(text)), None)]
+
+    calls = [f"{RELU}#1", f"{RELU}#2"]
+    assert complete("AVG NEURONS IN layer1.0.re") == calls  # the calls, not the bare name
+    assert complete(f"AVG NEURONS IN {RELU}#") == calls
+    assert complete(f"DESCRIBE {RELU}#2") == [f"{RELU}#2"]
+    assert complete(f"EVALUATE SAMPLERS random LAYERS {RELU}#1, layer1.0.relu") == calls
+    assert "WHERE" in complete(f"AVG NEURONS IN {RELU}#2 ")
+
+
+def test_highlighting_marks_the_call_number():
+    from diagql.shell.highlight import tokens
+
+    assert list(tokens(f"TOPK 3 NEURONS IN {RELU}#2")) == [
+        ("keyword", "TOPK"), ("", " "), ("number", "3"), ("", " "), ("keyword", "NEURONS"),
+        ("", " "), ("keyword", "IN"), ("", " "), ("name", RELU), ("number", "#2")]
+    assert ("string", "'weird#name'") in list(tokens("DESCRIBE 'weird#name'#3"))
+
+
+def test_repl_runs_a_layer_at_enter_whether_or_not_a_call_could_follow():
+    from diagql.shell.repl import wants_more
+
+    assert not wants_more(f"DESCRIBE {RELU}") and not wants_more(f"DESCRIBE {RELU}#2")
+    assert not wants_more("DESCRIBE 'weird#name'")
+    assert wants_more(f"AVG NEURONS IN {RELU}#2")  # a WHERE may come on the next line

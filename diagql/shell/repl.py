@@ -41,7 +41,7 @@ def wants_more(text: str) -> bool:
         return True
     except DiagQLError:
         return False
-    return accepts(last.text) != {"$END"}
+    return accepts(last.text) - {"CALL"} != {"$END"}  # a layer's '#n' is typed with its name
 
 
 def history_path() -> Path:
