@@ -87,7 +87,8 @@ def language_help() -> str:
         "also runs on Enter.",
         "",
         f"Statements start with {choices('')}.",
-        f"  TOPK n | AVG | ARGMAX  {choices('AVG ')}  IN layer",
+        f"  TOPK n | AVG | ARGMAX  {choices('AVG ')}  IN layer[#n]   (#n: the n-th call of a "
+        f"module that runs several times per pass)",
         f"      [TOKENS <{choices('AVG NEURONS IN x TOKENS ')}> | TOKEN n]   (a sequence layer's "
         f"tokens: mean by default; n-th real token, -1 the last)",
         f"      [BY {choices('TOPK 1 NEURONS IN x BY ')}]",
