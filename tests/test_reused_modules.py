@@ -573,9 +573,10 @@ def test_quoted_names_with_a_hash_are_module_names():
                                    truth.double().mean(dim=0).numpy(), atol=ATOL, err_msg=text)
     result = db.query("TOPK 2 NEURONS IN 'weird#name'")
     assert result.labels == [f"weird#name[{i}]" for i in result.neurons]
-    with pytest.raises(BindError, match="layer 'weird#name' runs once per forward pass, so it "
-                                        "takes no call number"):
+    with pytest.raises(BindError) as info:
         db.query("AVG NEURONS IN 'weird#name'#1")
+    assert info.value.message == ("layer 'weird#name' runs once per forward pass, so it takes no "
+                                  "call number; name it 'weird#name'")
     # act's second call would be named like the module 'act#2': that call is refused, by name.
     with pytest.raises(BindError, match=r"layer 'act#2' cannot be queried: its name is also "
                                         r"module 'act#2''s; rename one of them"):
@@ -679,3 +680,10 @@ def test_repl_runs_a_layer_at_enter_whether_or_not_a_call_could_follow():
     assert not wants_more(f"DESCRIBE {RELU}") and not wants_more(f"DESCRIBE {RELU}#2")
     assert not wants_more("DESCRIBE 'weird#name'")
     assert wants_more(f"AVG NEURONS IN {RELU}#2")  # a WHERE may come on the next line
+
+
+def test_many_calls_are_named_by_their_ends():
+    from diagql.language.binder import calls_text
+
+    assert calls_text("x", 12) == "x#1, x#2, … or x#12"
+    assert calls_text("weird#name", 2) == "'weird#name'#1 or 'weird#name'#2"

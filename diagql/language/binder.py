@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from diagql import samplers
@@ -49,7 +50,7 @@ def lookup_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
         return layer
     if module.calls == 1:
         raise _error(f"layer {ref.name!r} runs once per forward pass, so it takes no call "
-                     f"number; name it {ref.name}", ref.span)
+                     f"number; name it {_written(ref.name)}", ref.span)
     if module.calls == 0:
         return module
     if not 1 <= ref.call <= module.calls:
@@ -84,10 +85,15 @@ def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> B
                   hint=f"layers are {name_list(catalog.running_names())}")
 
 
+def _written(name: str) -> str:
+    """A module's name as a query writes it: bare when the grammar's LAYER_NAME takes it."""
+    return name if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.]*", name) else repr(name)
+
+
 def calls_text(module: str, calls: int) -> str:
     """A module's calls, for messages: ``block.relu#1 or block.relu#2``, or for many calls
     ``m#1, m#2, … or m#12``."""
-    names = [call_name(module, n) for n in range(1, calls + 1)]
+    names = [call_name(_written(module), n) for n in range(1, calls + 1)]
     if calls > 4:
         names = [*names[:2], "…", names[-1]]
     return ", ".join(names[:-1]) + " or " + names[-1]
