@@ -11,7 +11,7 @@ from diagql.samplers.base import SampleData
 from diagql.samplers.boundary import log_likelihood_ratio, two_ended
 from diagql.samplers.gmm import GMMSampler
 from diagql.samplers.latentgrid import LatentGridSampler
-from diagql.samplers.maxmargin import MaxMarginSampler, svm_log_proba
+from diagql.samplers.maxmargin import INTERCEPT_SCALING, MaxMarginSampler, svm_log_proba
 from diagql.samplers.weighted import WeightedSampler
 
 SAMPLERS = (MaxMarginSampler, GMMSampler, LatentGridSampler, WeightedSampler)
@@ -50,16 +50,19 @@ def planted():
 
 
 def assert_two_ended(indices, groups, ratio, j):
-    """In every group holding k chosen items: the round(j·k) lowest ratios (ties by index) and
-    the k - round(j·k) highest, and nothing else."""
-    chosen = set(indices.tolist())
+    """In every group holding k chosen items: the round(j·k) lowest ratios and the
+    k - round(j·k) highest, and nothing else; items of equal ratio may stand in for each other
+    (ties are broken at random), so the chosen ratios are compared as a multiset."""
+    chosen = np.zeros(len(ratio), dtype=bool)
+    chosen[indices] = True
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
-        ranked = members[np.lexsort((members, ratio[members]))]
-        k = sum(int(i) in chosen for i in members)
+        k = int(chosen[members].sum())
         low = round(j * k)
-        expected = set(ranked[:low].tolist()) | set(ranked[len(ranked) - (k - low):].tolist())
-        assert {int(i) for i in members if int(i) in chosen} == expected, (g, k, low)
+        ranked = np.sort(ratio[members])
+        expected = np.sort(np.concatenate([ranked[:low], ranked[len(ranked) - (k - low):]]))
+        np.testing.assert_array_equal(np.sort(ratio[members[chosen[members]]]), expected,
+                                      err_msg=f"group {g}: k={k}, low={low}")
 
 
 # --- the shared two-ended selection -----------------------------------------------------------
@@ -77,13 +80,25 @@ def test_log_likelihood_ratio_is_own_over_best_rival():
 def test_two_ended_takes_round_jk_from_the_low_end_and_sums_to_n(j):
     rng = np.random.default_rng(1)
     groups = rng.integers(0, 5, size=400)
-    ratio = rng.integers(0, 30, size=400).astype(float)  # many ties: broken by index
+    ratio = rng.integers(0, 30, size=400).astype(float)  # many ties: broken at random
     chosen = two_ended(groups, ratio, 57, j, np.random.default_rng(0))
     assert len(chosen) == len(set(chosen.tolist())) == 57
     assert_two_ended(chosen, groups, ratio, j)
     sizes = np.bincount(groups)
     taken = np.bincount(groups[chosen], minlength=5)
     assert np.all(np.abs(taken - 57 * sizes / 400) < 2)  # proportional to group size
+
+
+def test_two_ended_breaks_ties_at_random():
+    """With every ratio equal, each end is a uniform draw, not the first or last indices."""
+    groups, ratio = np.zeros(100, dtype=int), np.zeros(100)
+    counts = np.zeros(100)
+    for seed in range(400):
+        chosen = two_ended(groups, ratio, 10, 0.5, np.random.default_rng(seed))
+        assert len(set(chosen.tolist())) == 10
+        counts[chosen] += 1
+    assert counts[:5].max() < 100 and counts[-5:].max() < 100  # by index: 400 each
+    assert counts.min() > 10 and counts.max() < 80  # about 40 each
 
 
 def test_two_ended_never_asks_a_group_for_more_than_it_has():
@@ -94,21 +109,32 @@ def test_two_ended_never_asks_a_group_for_more_than_it_has():
 
 # --- maxmargin ----------------------------------------------------------------------------------
 
+def svm_space(latents):
+    """The maxmargin space of latents no wider than FIT_DIMS: standardised per dimension."""
+    X = np.asarray(latents, dtype=np.float64)
+    return ((X - X.mean(axis=0)) / X.std(axis=0)).astype(np.float32)
+
+
 def two_class(data):
     keep = data.labels < 2
     return SampleData(data.latents[keep], data.labels[keep], data.predictions[keep] % 2, 2)
 
 
 @pytest.mark.parametrize("classes", [N_CLASSES, 2])
-def test_maxmargin_probabilities_are_calibrated_linear_svc(data, classes):
-    """The fast solver gives sklearn's CalibratedClassifierCV(LinearSVC(), cv=3) answer."""
+@pytest.mark.parametrize("space, intercept_scaling", [("raw", 1.0), ("standardised", 10.0)])
+def test_maxmargin_probabilities_are_calibrated_linear_svc(data, classes, space,
+                                                           intercept_scaling):
+    """The fast solver gives sklearn's CalibratedClassifierCV(LinearSVC(), cv=3) answer, also
+    as the samplers call it (standardised latents, a barely regularised intercept)."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.svm import LinearSVC
 
     data = data if classes == N_CLASSES else two_class(data)
-    reference = CalibratedClassifierCV(LinearSVC(), cv=3).fit(data.latents, data.labels)
-    expected = reference.predict_proba(data.latents)
-    got = np.exp(svm_log_proba(data.latents, data.labels, data.n_classes))
+    X = data.latents if space == "raw" else svm_space(data.latents)
+    reference = CalibratedClassifierCV(LinearSVC(intercept_scaling=intercept_scaling), cv=3)
+    expected = reference.fit(X, data.labels).predict_proba(X)
+    got = np.exp(svm_log_proba(X, data.labels, data.n_classes,
+                               intercept_scaling=intercept_scaling))
     assert got.shape == expected.shape
     assert got.sum(axis=1) == pytest.approx(1)
     assert np.abs(got - expected).max() < 0.01
@@ -132,37 +158,73 @@ def test_maxmargin_with_j_1_picks_the_planted_boundary_items(data, planted, meth
         assert not set(planted.tolist()) & set(exemplars.indices_.tolist())
 
 
+def herded_by_hand(X, candidates, held, target, k):
+    """Greedy kernel herding written out: each step adds the candidate that brings the mean of
+    the held items and the picks closest to the target."""
+    total, count, picks = X[held].sum(axis=0), len(held), []
+    free = list(candidates)
+    for _ in range(min(k, len(free))):
+        gaps = [np.sum(((total + X[c]) / (count + 1) - target) ** 2) for c in free]
+        best = free.pop(int(np.argmin(gaps)))
+        picks.append(best)
+        total, count = total + X[best], count + 1
+    return set(picks)
+
+
 @pytest.mark.parametrize("j", [0, 0.3, 0.7, 1])
-def test_maxmargin_default_method_seeds_cells_then_lowest_ratios_then_medoids(data, j):
+def test_maxmargin_default_method_seeds_groups_then_mistakes_then_herds(data, j):
     n = 40
     sampler = MaxMarginSampler(n, j=j, random_state=0).fit(data)
-    chosen = sampler.indices_
-    assert len(chosen) == n == len(np.unique(chosen))
-    # The ratio is the SVM's view of the model's own prediction, grouped by that prediction.
+    chosen = set(sampler.indices_.tolist())
+    assert len(chosen) == n == len(sampler.indices_)
+    # The ratio is the SVM's view of the model's own prediction, grouped by that prediction,
+    # the SVM fitted in the standardised latents.
     assert np.array_equal(sampler.groups_, data.predictions)
-    log_proba = svm_log_proba(data.latents, data.labels, data.n_classes)
+    X = svm_space(data.latents)
+    log_proba = svm_log_proba(X, data.labels, data.n_classes, intercept_scaling=INTERCEPT_SCALING)
     rows = np.arange(len(data))
     rival = log_proba.copy()
     rival[rows, data.predictions] = -np.inf
     ratio = log_proba[rows, data.predictions] - rival.max(axis=1)
     np.testing.assert_allclose(sampler.log_ratio_, ratio)
-    # 1. the lowest-ratio item of every non-empty (true, predicted) cell
-    order = np.lexsort((rows, ratio))
+    assert len(np.unique(ratio)) == len(ratio)  # no ties to break here
+    wrong = data.labels != data.predictions
+    groups = data.labels * 2 + wrong
+    X64 = X.astype(np.float64)
+    # 1. per (class, correctness) group: the mistake of lowest ratio, or the correct item
+    #    nearest the group's mean; then per (true, predicted) cell its lowest-ratio mistake
+    seeds = set()
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        if wrong[members[0]]:
+            seeds.add(int(members[np.argmin(ratio[members])]))
+        else:
+            centre = X64[members].mean(axis=0)
+            seeds.add(int(members[np.argmin(((X64[members] - centre) ** 2).sum(axis=1))]))
     cells = data.labels * 100 + data.predictions
-    seeds = {int(order[np.flatnonzero(cells[order] == c)[0]]) for c in np.unique(cells)}
-    assert seeds <= set(chosen.tolist())
-    # 2. then the lowest ratios overall, up to round(j·n) boundary items
+    for c in np.unique(cells[wrong]):
+        members = np.flatnonzero(cells == c)
+        seeds.add(int(members[np.argmin(ratio[members])]))
+    assert seeds <= chosen
+    # 2. then mistakes before correct items, each by lowest ratio, up to round(j·n) in all
+    order = np.lexsort((ratio, ~wrong))
     boundary = [int(i) for i in order if int(i) not in seeds][:max(round(j * n) - len(seeds), 0)]
-    assert set(boundary) <= set(chosen.tolist())
-    # 3. the rest: herded exemplars, whose mean tracks their group's
-    rest = np.setdiff1d(chosen, list(seeds | set(boundary)))
-    assert len(rest) == n - len(seeds) - len(boundary)
-    for g in np.unique(data.predictions[rest]):
-        mine = rest[data.predictions[rest] == g]
-        group = np.flatnonzero(data.predictions == g)
-        centre = data.latents[group].mean(axis=0)
-        spread = np.linalg.norm(data.latents[group] - centre, axis=1).mean()
-        assert np.linalg.norm(data.latents[mine].mean(axis=0) - centre) < spread
+    assert set(boundary) <= chosen
+    # 3. the rest, shared by group size and herded so that the mean of each group's items in
+    #    the sample (its seeds and boundary items too) tracks the group's mean
+    held = seeds | set(boundary)
+    rest = chosen - held
+    assert len(rest) == n - len(held)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        mine = rest & set(members.tolist())
+        free = [int(i) for i in members if int(i) not in held]
+        share = len(rest) * len(members) / len(data)
+        assert abs(len(mine) - share) <= 1 or len(mine) == len(free), (g, len(mine), share)
+        if mine:
+            already = [int(i) for i in members if int(i) in held]
+            target = X64[members].mean(axis=0)
+            assert mine == herded_by_hand(X64, free, already, target, len(mine))
 
 
 def test_maxmargin_default_method_is_deterministic_and_needs_its_name(data):
@@ -274,7 +336,8 @@ def test_latentgrid_randomness_is_seeded(data):
 
 def test_weighted_weights_are_the_clipped_inverse_ratio(data, planted):
     sampler = WeightedSampler(0.1, random_state=0).fit(data)
-    log_proba = svm_log_proba(data.latents, data.labels, data.n_classes)
+    log_proba = svm_log_proba(svm_space(data.latents), data.labels, data.n_classes,
+                              intercept_scaling=INTERCEPT_SCALING)
     ratio = np.exp(log_likelihood_ratio(log_proba, log_proba.argmax(axis=1)))
     assert sampler.weights_ == pytest.approx(1 / np.clip(ratio, 1e-6, 1e3))
     assert sampler.weights_[planted].min() > np.median(sampler.weights_)

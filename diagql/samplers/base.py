@@ -121,17 +121,6 @@ class Sampler:
         raise NotImplementedError
 
 
-def standardize(latents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X, mean, scale): the latents flattened to float64 with zero mean and unit variance per
-    dimension (a constant dimension is only centred), so that no single wide dimension decides
-    every distance; ``(x - mean) / scale`` applies the same to new rows."""
-    X = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale[scale == 0] = 1.0
-    return (X - mean) / scale, mean, scale
-
-
 def resolve_size(size, n_items: int) -> int:
     """A fraction in (0, 1] of the data, or a whole number of items, as an item count."""
     if isinstance(size, bool) or not isinstance(size, numbers.Real):

@@ -36,15 +36,16 @@ def two_ended(groups: np.ndarray, ratio: np.ndarray, n: int, j: float,
 
     The quotas come from ``allocate`` (the stratified sampler's rule: largest remainder, at least
     one item per group when n allows, never more than a group holds), so no group is ever asked
-    for more than it has and the two ends never overlap. Ties in the ratio go by item index.
-    ``rng`` is only used when n is smaller than the number of groups.
+    for more than it has and the two ends never overlap. Ties in the ratio are broken at
+    random: duplicated items tie, and breaking by index would favour whatever comes first in
+    the data.
     """
     groups = np.asarray(groups)
     ratio = np.asarray(ratio, dtype=np.float64)
     _, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
     quota = allocate(sizes, n, rng)
-    # One sort for every group: by group, then ratio ascending, then index.
-    order = np.lexsort((np.arange(len(ratio)), ratio, inverse))
+    # One sort for every group: by group, then ratio ascending, then a random tie-break.
+    order = np.lexsort((rng.permutation(len(ratio)), ratio, inverse))
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
     chosen = []
     for start, size, k in zip(starts, sizes, quota):
@@ -61,70 +62,107 @@ def check_fraction(value, name: str) -> None:
         raise BindError(f"{name} must be a number in [0, 1], not {value!r}", param=name)
 
 
-def boundary_and_exemplars(latents: np.ndarray, groups: np.ndarray, cells: np.ndarray,
+def boundary_and_exemplars(latents: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
                            ratio: np.ndarray, n: int, j: float,
                            rng: np.random.Generator) -> np.ndarray:
-    """Exactly n distinct indices: the lowest-ratio item of every cell, then the lowest ratios
-    overall up to round(j·n), then per group (quota proportional to its size) exemplars herded
-    from its remaining items so that their mean latent matches the group's (``herd``). With n
-    at most the number of cells: the n lowest-ratio cell representatives."""
+    """Exactly n distinct indices, taken in this order until n are chosen:
+
+    1. seeds, one per group a query can name (true class × correct/incorrect): a correct
+       group's most typical member (the one nearest its mean latent), an incorrect group's most
+       boundary mistake; then the most boundary mistake of every other non-empty (true,
+       predicted) cell;
+    2. boundary items, up to round(j·n) with the seeds: the model's mistakes before its correct
+       items, each by lowest ratio (equal ratios in random order: duplicated items tie);
+    3. exemplars: the rest, shared among the (class, correctness) groups in proportion to their
+       size and herded within each (``herd``) so that the mean latent of everything the sample
+       holds of the group tracks the group's mean, its boundary items included.
+
+    With n at most the number of seeds, the first n seeds: every group before any finer cell,
+    groups in the order of their most boundary item.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    predictions = np.asarray(predictions, dtype=np.int64)
     ratio = np.asarray(ratio, dtype=np.float64)
-    by_ratio = np.lexsort((np.arange(len(ratio)), ratio))
-    # The first item of each cell in ratio order is that cell's most boundary item.
-    _, first = np.unique(np.asarray(cells)[by_ratio], return_index=True)
-    seeds = by_ratio[np.sort(first)]
+    wrong = labels != predictions
+    order = np.lexsort((rng.permutation(len(ratio)), ratio, ~wrong))
+    groups = labels * 2 + wrong
+    # The first item of each group (or cell) in that order is its most boundary item.
+    _, first = np.unique(groups[order], return_index=True)
+    seeds = order[np.sort(first)]
+    for i, seed in enumerate(seeds):
+        if not wrong[seed]:
+            seeds[i] = herd(latents, np.flatnonzero(groups == groups[seed]), 1, rng)[0]
+    mistakes = order[wrong[order]]
+    _, first = np.unique((labels * (predictions.max() + 1) + predictions)[mistakes],
+                         return_index=True)
+    cells = mistakes[np.sort(first)]
+    seeds = np.concatenate([seeds, cells[~np.isin(cells, seeds)]])
     if n <= len(seeds):
         return seeds[:n].astype(np.int64)
     taken = np.zeros(len(ratio), dtype=bool)
     taken[seeds] = True
-    extra = by_ratio[~taken[by_ratio]][:max(round(j * n) - len(seeds), 0)]
+    extra = order[~taken[order]][:max(round(j * n) - len(seeds), 0)]
     taken[extra] = True
     chosen = [seeds, extra]
     keys, inverse, sizes = np.unique(groups, return_inverse=True, return_counts=True)
     free = np.bincount(inverse[~taken], minlength=len(keys))
-    quota = _allocate_capped(sizes, free, n - int(taken.sum()), rng)
+    quota = _proportional(sizes, free, n - int(taken.sum()))
     for group, k in enumerate(quota):
         if k:
-            members = np.flatnonzero((inverse == group) & ~taken)
-            chosen.append(herd(latents, members, int(k), rng))
+            mine = inverse == group
+            chosen.append(herd(latents, np.flatnonzero(mine & ~taken), int(k), rng,
+                               held=np.flatnonzero(mine & taken),
+                               target=np.asarray(latents[mine], dtype=np.float64).mean(axis=0)))
     return np.concatenate(chosen).astype(np.int64)
 
 
-def _allocate_capped(sizes: np.ndarray, free: np.ndarray, n: int,
-                     rng: np.random.Generator) -> np.ndarray:
-    """Quotas proportional to ``sizes`` summing to n, none above what a group has ``free``."""
+def _proportional(sizes: np.ndarray, free: np.ndarray, n: int) -> np.ndarray:
+    """Quotas summing to n (at most free.sum()) in proportion to ``sizes`` by largest
+    remainder, none above what a group has ``free``: a capped group's excess goes to the
+    others in the same proportion. Deterministic (remainder ties go to the larger group, then
+    the first): the seeds already give every group an item, so no floor of one is needed."""
     quota = np.zeros(len(sizes), dtype=np.int64)
-    while n > 0 and (quota < free).any():
-        open_ = quota < free
-        share = allocate(sizes[open_], min(n, int((free - quota)[open_].sum())), rng)
-        share = np.minimum(share, (free - quota)[open_])
-        quota[open_] += share
-        n -= int(share.sum())
+    n = min(n, int(free.sum()))
+    while n > 0:
+        open_ = np.flatnonzero(quota < free)
+        share = n * sizes[open_] / sizes[open_].sum()
+        extra = np.floor(share).astype(np.int64)
+        order = np.lexsort((open_, -sizes[open_], -(share - extra)))
+        extra[order[:n - int(extra.sum())]] += 1
+        extra = np.minimum(extra, (free - quota)[open_])
+        quota[open_] += extra
+        n -= int(extra.sum())
     return quota
 
 
 _HERD_CANDIDATES = 2_000  # herding picks among at most this many members of a group
 
 
-def herd(latents: np.ndarray, members: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct members whose mean latent tracks the group's: kernel herding with a linear
-    kernel, which at each step adds the member that brings the running mean closest to the
-    group mean. A per-neuron mean over such a set stays close to the group's. Large groups
-    offer a random subset of candidates (the target stays the mean of all members)."""
+def herd(latents: np.ndarray, members: np.ndarray, k: int, rng: np.random.Generator, *,
+         held: np.ndarray | None = None, target: np.ndarray | None = None) -> np.ndarray:
+    """k distinct members, picked one at a time so that the mean latent of the picks and the
+    ``held`` items (already in the sample) tracks ``target`` (default: the members' mean):
+    kernel herding with a linear kernel, each step adding the member that brings the running
+    mean closest to the target. A per-neuron mean over such a set stays close to the group's.
+    Large groups offer a random subset of candidates."""
     if k >= len(members):
         return members
-    target = np.asarray(latents[members], dtype=np.float64).mean(axis=0)
+    if target is None:
+        target = np.asarray(latents[members], dtype=np.float64).mean(axis=0)
     if len(members) > max(_HERD_CANDIDATES, k):
         members = np.sort(rng.choice(members, max(_HERD_CANDIDATES, k), replace=False))
     Z = np.asarray(latents[members], dtype=np.float64)
-    # |(total + z)/t - target|² = (|z|² + 2 z·(total - t·target))/t² + terms free of z; a
-    # member once picked gets an infinite |z|² so it cannot be picked again.
+    held = np.empty(0, dtype=np.int64) if held is None else np.asarray(held, dtype=np.int64)
+    total = np.asarray(latents[held], dtype=np.float64).sum(axis=0) + np.zeros_like(target)
+    # |(total + z)/t - target|² = (|z|² + 2 z·(total - t·target))/t² + terms free of z, t the
+    # count after the step; a member once picked gets an infinite |z|² so it cannot be picked
+    # again.
     penalty = (Z * Z).sum(axis=1)
-    total = np.zeros_like(target)
     picked = np.empty(k, dtype=np.int64)
-    for t in range(1, k + 1):
+    for step in range(k):
+        t = len(held) + step + 1
         best = int(np.argmin(penalty + Z @ (2 * (total - t * target))))
         penalty[best] = np.inf
-        picked[t - 1] = best
+        picked[step] = best
         total += Z[best]
     return members[picked]

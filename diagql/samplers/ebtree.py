@@ -11,12 +11,14 @@ boundaries, and how many there are is the tree's decision, not the caller's.
 from __future__ import annotations
 
 import numbers
+from typing import ClassVar
 
 import numpy as np
 
 from diagql.errors import BindError
 
-from .base import SampleData, Sampler, standardize
+from .base import SampleData, Sampler
+from .space import fit_space
 
 
 class EBTreeSampler(Sampler):
@@ -27,6 +29,10 @@ class EBTreeSampler(Sampler):
         "max_children": "a whole number ≥ 2 of children per node (default: unbounded)",
         "random_state": Sampler._domains["random_state"],
     }
+
+    # Wider latents are standardised and projected on this many principal components (see
+    # fit_space): every step of a descent is a product with the node's children.
+    fit_dims: ClassVar[int] = 128
 
     def __init__(self, max_children=None, random_state=None):
         self.max_children = max_children
@@ -46,7 +52,8 @@ class EBTreeSampler(Sampler):
                             "runs to the end of; use 2 or more", param="max_children")
 
     def _select(self, data: SampleData, n: None, rng: np.random.Generator) -> np.ndarray:
-        X, self.mean_, self.scale_ = standardize(data.latents)
+        self.space_ = fit_space(data.latents, self.fit_dims)
+        X = self.space_(data.latents)
         predictions = np.asarray(data.predictions)
         tree = BoundaryTree(self.max_children)
         items = []
@@ -61,9 +68,8 @@ class EBTreeSampler(Sampler):
 
     def apply(self, latents: np.ndarray) -> np.ndarray:
         """The node (a position in ``nodes_``) where each row of ``latents`` ends its descent of
-        the fitted tree, after the same standardization as the fitted data."""
-        X = (np.asarray(latents, dtype=np.float64).reshape(len(latents), -1) - self.mean_) \
-            / self.scale_
+        the fitted tree, mapped to the same space as the fitted data."""
+        X = self.space_(latents)
         return np.array([self.tree_.descend(x) for x in X], dtype=np.int64)
 
 

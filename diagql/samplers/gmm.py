@@ -12,7 +12,7 @@ from diagql.errors import BindError
 
 from .base import SampleData, Sampler
 from .boundary import check_fraction, log_likelihood_ratio, two_ended
-from .latentgrid import principal_components
+from .space import principal_components
 from .stratified import allocate
 
 COVARIANCES = ("full", "spherical")

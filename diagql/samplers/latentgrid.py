@@ -5,11 +5,11 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from diagql.errors import BindError
 
 from .base import SampleData, Sampler
+from .space import principal_components
 
 
 class LatentGridSampler(Sampler):
@@ -53,20 +53,6 @@ class LatentGridSampler(Sampler):
         order = np.lexsort((rng.permutation(len(cell)), cell))
         rank = np.arange(len(cell)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         return order[rank < np.repeat(quota, sizes)]
-
-
-def principal_components(latents: np.ndarray, dims: int) -> np.ndarray:
-    """The latents projected on their leading ``dims`` principal axes, each signed so that its
-    largest-magnitude loading is positive."""
-    X = np.asarray(latents, dtype=np.float64)
-    X = X - X.mean(axis=0)
-    # The d x d eigenproblem rather than an SVD of the N x d data: same axes, a fraction of the
-    # cost. One BLAS thread: threads only slow this size down when the cores are shared.
-    with threadpool_limits(limits=1):
-        _, vectors = np.linalg.eigh(X.T @ X)
-    axes = vectors[:, ::-1][:, :min(dims, X.shape[1])]
-    axes *= np.sign(axes[np.abs(axes).argmax(axis=0), np.arange(axes.shape[1])])
-    return X @ axes
 
 
 def grid_bins(latents: np.ndarray, dims: int, bins: int) -> np.ndarray:

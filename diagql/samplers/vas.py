@@ -10,13 +10,15 @@ removed again, which may be the newcomer itself. Every step keeps or lowers the 
 from __future__ import annotations
 
 import numbers
+from typing import ClassVar
 
 import numpy as np
 from scipy.spatial.distance import pdist
 
 from diagql.errors import BindError
 
-from .base import SampleData, Sampler, standardize
+from .base import SampleData, Sampler
+from .space import fit_space
 
 # The default ε is half the median pairwise distance of up to 1000 random items. The median
 # alone (the usual RBF heuristic) lets clusters far apart still repel each other, which skews how
@@ -36,6 +38,10 @@ class VASSampler(Sampler):
                       "(default: half the median pairwise distance of up to 1000 random items)"),
     }
 
+    # Wider latents are standardised and projected on this many principal components (see
+    # fit_space): each incoming item costs an n x dims product.
+    fit_dims: ClassVar[int] = 128
+
     def __init__(self, size=0.05, bandwidth=None, random_state=None):
         self.size = size
         self.bandwidth = bandwidth
@@ -51,7 +57,7 @@ class VASSampler(Sampler):
                             param="bandwidth")
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
-        X, _, _ = standardize(data.latents)
+        X = fit_space(data.latents, self.fit_dims)(data.latents)
         order = rng.permutation(len(X))
         eps = (float(self.bandwidth) if self.bandwidth is not None
                else _BANDWIDTH_FACTOR * median_distance(X, rng, _BANDWIDTH_SUBSET))

@@ -2,11 +2,13 @@
 max-margin classifier, so boundary items are likelier (the paper's dashed lines in Fig. 6)."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from .base import SampleData, Sampler
 from .boundary import log_likelihood_ratio
-from .maxmargin import svm_log_proba
+from .maxmargin import FIT_DIMS, boundary_log_proba
 
 # The ratio is clipped to [1e-6, 1e3] before inverting. Measured against each item's own
 # predicted class it is >= 1, so only the upper bound acts: every exemplar beyond a ratio of 1000
@@ -25,8 +27,10 @@ class WeightedSampler(Sampler):
     description = ("weighted sampling without replacement, weight = 1 / likelihood ratio "
                    "(clipped) under the max-margin classifier")
 
+    fit_dims: ClassVar[int | None] = FIT_DIMS
+
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
-        log_proba = svm_log_proba(data.latents, data.labels, data.n_classes)
+        _, log_proba = boundary_log_proba(data, self.fit_dims)
         log_ratio = log_likelihood_ratio(log_proba, log_proba.argmax(axis=1))
         self.weights_ = np.exp(-np.clip(log_ratio, *np.log(RATIO_CLIP)))
         return rng.choice(len(data), size=n, replace=False, p=self.weights_ / self.weights_.sum())
