@@ -13,7 +13,8 @@ from scipy.stats import spearmanr
 
 from diagql.samplers.boundary import boundary_and_exemplars, log_likelihood_ratio, two_ended
 from diagql.samplers.ebtree import EBTreeSampler
-from diagql.samplers.maxmargin import MaxMarginSampler, _calibrated_log_proba, svm_log_proba
+from diagql.samplers.maxmargin import (MaxMarginSampler, _calibrated_log_proba, _platt,
+                                      svm_log_proba)
 from diagql.samplers.space import fit_space, principal_components, reduced_space
 from diagql.samplers.vas import VASSampler
 from diagql.samplers.weighted import WeightedSampler
@@ -173,6 +174,29 @@ def test_calibrated_log_probabilities_do_not_underflow():
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     two = _calibrated_log_proba(F[:1], a[:1], b[:1])  # two classes: [1 - p, p]
     np.testing.assert_allclose(two, np.stack([-np.logaddexp(0, -z[0]), log_p[:, 0]], 1))
+
+
+@pytest.mark.parametrize("a0, b0", [(20.0, 0.0), (3.0, 10.0), (-40.0, -5.0)])
+def test_platt_fit_from_a_far_start_finds_the_optimum(a0, b0):
+    """Each fold's sigmoid starts from the last fold's. From a start in the loss's flat tails
+    a full Newton step overshoots to a ~ 1e14 (every probability 0 or 1: what 768-dim BERT
+    latents got); the fit must reach the optimum, found here by scipy's BFGS."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(0)
+    F = rng.normal(size=(2, 400)) * 3
+    positive = F + rng.normal(size=F.shape) * 2 > 0
+    a, b = _platt(F, positive, (np.full(2, a0), np.full(2, b0)))
+    for k in range(2):
+        n1 = positive[k].sum()
+        T = np.where(positive[k], (n1 + 1) / (n1 + 2), 1 / (400 - n1 + 2))
+
+        def loss(ab, k=k, T=T):
+            z = ab[0] * F[k] + ab[1]  # p = 1 / (1 + e^z)
+            return np.sum(T * np.logaddexp(0, z) + (1 - T) * np.logaddexp(0, -z))
+
+        best = minimize(loss, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
+        np.testing.assert_allclose([a[k], b[k]], best, atol=1e-5)
 
 
 def test_a_saturated_svm_still_spreads_its_ratios():

@@ -226,12 +226,23 @@ def _platt(F: np.ndarray, positive: np.ndarray, start=None, max_iter: int = 100)
     """Platt's sigmoid p = 1 / (1 + exp(a·f + b)) per row of F (classes x items), fitted by
     Newton's method on the log loss against Platt's smoothed targets (what sklearn's sigmoid
     calibration minimises). Starts from Platt's (0, log((N- + 1) / (N+ + 1))), or from
-    ``start`` (another fold's fit)."""
+    ``start`` (another fold's fit).
+
+    Each step is halved until the loss does not rise: a full Newton step from a start far from
+    the optimum (another fold's fit, on decision values of another scale) can overshoot into
+    the flat tails of the loss and run off to a ~ 1e15, where every probability is 0 or 1 and
+    the likelihood ratios lose their spread."""
     F = F.astype(np.float64)
     n1 = positive.sum(1).astype(np.float64)[:, None]
     n0 = F.shape[1] - n1
     T = np.where(positive, (n1 + 1) / (n1 + 2), 1 / (n0 + 2))
     a, b = start if start is not None else (np.zeros(len(F)), np.log((n0 + 1) / (n1 + 1))[:, 0])
+
+    def loss(a, b):  # -Σ T·log p + (1 - T)·log(1 - p), in logs so that nothing underflows
+        z = a[:, None] * F + b[:, None]
+        return (T * np.logaddexp(0, z) + (1 - T) * np.logaddexp(0, -z)).sum(1)
+
+    f = loss(a, b)
     for _ in range(max_iter):
         p = expit(-(a[:, None] * F + b[:, None]))
         r = p - T
@@ -241,8 +252,18 @@ def _platt(F: np.ndarray, positive: np.ndarray, start=None, max_iter: int = 100)
         haa, hab, hbb = np.einsum("ij,ij->i", wF, F) + 1e-12, wF.sum(1), w.sum(1) + 1e-12
         det = haa * hbb - hab * hab
         da, db = -(hbb * ga - hab * gb) / det, -(haa * gb - hab * ga) / det
-        a, b = a + da, b + db
-        if max(np.abs(da).max(), np.abs(db).max()) < 1e-9 * max(1.0, np.abs(a).max()):
+        t = np.ones(len(F))
+        for _ in range(50):
+            f_new = loss(a + t * da, b + t * db)
+            rising = f_new > f + 1e-12 * np.abs(f)
+            if not rising.any():
+                break
+            t = np.where(rising, t / 2, t)
+        else:
+            t = np.where(rising, 0.0, t)  # no decrease left at float64 precision
+            f_new = np.where(rising, f, f_new)
+        a, b, f = a + t * da, b + t * db, f_new
+        if max(np.abs(t * da).max(), np.abs(t * db).max()) < 1e-9 * max(1.0, np.abs(a).max()):
             break
     return a, b
 
