@@ -104,9 +104,31 @@ def test_principal_axes_are_the_svd_ones(n_items):
     np.testing.assert_allclose(np.abs(grid), np.abs(u[:, :3] * s[:3]), atol=1e-8 * s[0])
 
 
+def test_directions_that_separate_the_classes_survive_the_reduction():
+    """The classes differ only along one dimension of little variance, under 100 dimensions of
+    wide noise: the leading components miss it, the class means' direction keeps it, and an
+    SVM in the reduced space then separates the classes."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 2, 2000)
+    latents = np.hstack([rng.normal(size=(2000, 100)) * rng.uniform(5, 10, 100),
+                         (labels * 2 - 1)[:, None] * 0.1 + rng.normal(size=(2000, 1)) * 0.01])
+    without = reduced_space(latents, 8)
+    with_means = reduced_space(latents, 8, labels)
+    assert with_means.shape[1] == 9
+    signal = latents[:, -1]
+    assert np.abs([np.corrcoef(z, signal)[0, 1] for z in without.T]).max() < 0.2
+    assert np.abs([np.corrcoef(z, signal)[0, 1] for z in with_means.T]).max() > 0.95
+    data = SampleData(latents.astype(np.float32), labels, labels.copy(), 2)
+    sampler = MaxMarginSampler(100, method="paper", random_state=0)
+    sampler.fit_dims = 8
+    assert np.mean(sampler.fit(data).groups_ == labels) > 0.99
+
+
 def test_latents_of_low_rank_reduce_to_their_rank(data):
     wide = widened(data, 200)
     assert reduced_space(wide.latents, 64).shape == (len(data), data.latents.shape[1])
+    # The class means lie in the items' span: they add no direction.
+    assert reduced_space(wide.latents, 64, wide.labels).shape == (len(data), 6)
 
 
 @pytest.mark.parametrize("method", ["diagql", "paper"])

@@ -1,8 +1,7 @@
-"""The two-ended selection the boundary samplers share (the paper's Algorithm 1).
-
-Items are grouped (by cluster or by class), each group is sorted by its likelihood ratio
-p(own) / max p(other), and a share j of each group's quota comes from the low (outlier) end,
-the rest from the high (exemplar) end.
+"""The selections the boundary samplers share: the paper's two-ended one (Algorithm 1: per
+group, a share j of its quota from the low (outlier) end of the likelihood ratio p(own) / max
+p(other), the rest from the high (exemplar) end) and maxmargin's default, which seeds every
+group a query can name, takes the model's mistakes first and herds its exemplars.
 """
 from __future__ import annotations
 

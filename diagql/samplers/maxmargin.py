@@ -18,11 +18,10 @@ from .boundary import (boundary_and_exemplars, check_fraction, log_likelihood_ra
 from .space import reduced_space
 
 
-# The SVM's space (``reduced_space``): the latents standardised per dimension and, when wider,
-# projected on this many principal components. On the demo's 84-dim latents the default
-# method's samples in 64 components score as well as in all 84 (S1/S2/S3 at 5%: 0.873 / 0.014
-# / 0.297 against 0.877 / 0.013 / 0.297), and 100,000 x 768 latents take 1.6 s instead of
-# 35 (benchmarks/sampler_speed.py).
+# The SVM's space (``reduced_space``): the latents standardised per dimension and, when wider
+# than this, projected on as many principal components plus the class means' directions. On
+# the demo's 84-dim latents the default method's 5% samples score as well as in all 84 dims,
+# and 100,000 x 768 latents take 1.5-1.8 s instead of 20-35 (benchmarks/sampler_speed.py).
 FIT_DIMS = 64
 # liblinear's bias feature: at 10 the intercept is barely regularised, as befits centred
 # latents, where a one-vs-rest intercept is far from 0.
@@ -32,7 +31,7 @@ INTERCEPT_SCALING = 10.0
 def boundary_log_proba(data: SampleData, fit_dims: int | None
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(the latents in the SVM's space, the SVM's calibrated log probabilities there)."""
-    Z = reduced_space(data.latents, fit_dims)
+    Z = reduced_space(data.latents, fit_dims, data.labels)
     return Z, svm_log_proba(Z, data.labels, data.n_classes,
                             intercept_scaling=INTERCEPT_SCALING)
 
@@ -238,9 +237,9 @@ def _platt(F: np.ndarray, positive: np.ndarray, start=None, max_iter: int = 100)
     T = np.where(positive, (n1 + 1) / (n1 + 2), 1 / (n0 + 2))
     a, b = start if start is not None else (np.zeros(len(F)), np.log((n0 + 1) / (n1 + 1))[:, 0])
 
-    def loss(a, b):  # -Σ T·log p + (1 - T)·log(1 - p), in logs so that nothing underflows
+    def loss(a, b):  # -Σ T·log p + (1 - T)·log(1 - p) = Σ log(1 + e^z) - (1 - T)·z
         z = a[:, None] * F + b[:, None]
-        return (T * np.logaddexp(0, z) + (1 - T) * np.logaddexp(0, -z)).sum(1)
+        return (np.logaddexp(0, z) - (1 - T) * z).sum(1)
 
     f = loss(a, b)
     for _ in range(max_iter):
