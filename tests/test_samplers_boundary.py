@@ -210,16 +210,20 @@ def test_maxmargin_default_method_seeds_groups_then_mistakes_then_herds(data, j)
     order = np.lexsort((ratio, ~wrong))
     boundary = [int(i) for i in order if int(i) not in seeds][:max(round(j * n) - len(seeds), 0)]
     assert set(boundary) <= chosen
-    # 3. the rest, shared by group size and herded so that the mean of each group's items in
-    #    the sample (its seeds and boundary items too) tracks the group's mean
+    # 3. the rest: one for every group with items left, the others shared by group size, and
+    #    herded so that the mean of each group's items in the sample (its seeds and boundary
+    #    items too) tracks the group's mean
     held = seeds | set(boundary)
     rest = chosen - held
     assert len(rest) == n - len(held)
+    open_groups = [g for g in np.unique(groups) if not set(np.flatnonzero(groups == g)) <= held]
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
         mine = rest & set(members.tolist())
         free = [int(i) for i in members if int(i) not in held]
-        share = len(rest) * len(members) / len(data)
+        if rest:
+            assert len(mine) >= min(1, len(free))
+        share = 1 + (len(rest) - len(open_groups)) * len(members) / len(data)
         assert abs(len(mine) - share) <= 1 or len(mine) == len(free), (g, len(mine), share)
         if mine:
             already = [int(i) for i in members if int(i) in held]
