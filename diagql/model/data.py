@@ -117,16 +117,9 @@ class ItemSource:
             if columns[key].ndim == 0:
                 raise DiagQLError(f"the inputs under {key!r} are a single value, not one row "
                                   f"per item")
-        key = self._label_key_of(columns, "the data's keys")
-        labels = columns.pop(key) if key is not None else None
+        labels = self._pop_labels(columns, "the data's keys", given=y is not None)
         if y is not None:
             labels = y  # given explicitly: a label column in the mapping is left out of the inputs
-        elif labels is None:
-            self.missing_labels = f"cannot find the labels among the data's keys " \
-                                  f"{_keys(mapping)}: {_NAME_IT}"
-        if not columns:
-            raise DiagQLError(f"the data's keys {_keys(mapping)} hold only the labels; the "
-                              f"model's inputs must be under other keys")
         sizes = {k: len(v) for k, v in columns.items()}
         first = next(iter(sizes))
         for k, size in sizes.items():
@@ -140,19 +133,26 @@ class ItemSource:
                                   f"{len(labels)} labels")
         self._columns, self._column_labels = columns, labels
 
+    def _pop_labels(self, inputs: dict, where: str, given: bool = False):
+        """Take the label entry out of a mapping's ``inputs`` (None when it has none: then
+        ``missing_labels`` says what to name, unless the labels are ``given`` beside it);
+        refuse a mapping that holds nothing else."""
+        keys = _keys(inputs)
+        key = self._label_key_of(inputs, where)
+        labels = inputs.pop(key) if key is not None else None
+        if key is None and not given:
+            self.missing_labels = f"cannot find the labels among {where} {keys}: {_NAME_IT}"
+        if not inputs:
+            raise DiagQLError(f"{where} {keys} hold only the labels; the model's inputs must "
+                              f"be under other keys")
+        return labels
+
     def _split(self, batch):
         """A collated batch is (x, y), [x, y], a mapping (its label key holds y) or a bare x."""
         if isinstance(batch, Mapping):
             inputs = dict(batch)
-            key = self._label_key_of(inputs, "the batch keys")
-            y = None if key is None else _as_labels(inputs.pop(key))
-            if key is None:
-                self.missing_labels = f"cannot find the labels among the batch keys " \
-                                      f"{_keys(batch)}: {_NAME_IT}"
-            if not inputs:
-                raise DiagQLError(f"the batch keys {_keys(batch)} hold only the labels; the "
-                                  f"model's inputs must be under other keys")
-            return inputs, y
+            y = self._pop_labels(inputs, "the batch keys")
+            return inputs, None if y is None else _as_labels(y)
         if isinstance(batch, (tuple, list)):
             if len(batch) > 2:
                 raise DiagQLError(f"the data's items have {len(batch)} parts; DiagQL needs "
