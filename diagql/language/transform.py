@@ -1,0 +1,256 @@
+"""Parse tree to AST: the Lark transformer, one method per grammar rule, and its literals."""
+from __future__ import annotations
+
+import functools
+import re
+
+from diagql.errors import ParseError
+from diagql.language import ast
+
+
+def _unquote(token: str) -> str:
+    return re.sub(r"\\(.)", r"\1", token[1:-1])
+
+
+def _number(token) -> int | float:
+    text = str(token)
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    return float(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _build_transformer():
+    from lark import Transformer, v_args
+
+    @v_args(meta=True)
+    class ToAst(Transformer):
+        def __init__(self, offset, source: str):
+            super().__init__()
+            self.offset = offset
+            self.source = source
+
+        def _span(self, meta):
+            return self.offset.span(meta)
+
+        def _text(self, meta) -> str:
+            span = self._span(meta)
+            return self.source[span.start_pos:span.end_pos] if span else ""
+
+        # statements
+        def query(self, meta, children):
+            agg, _in, layer, *clauses = children
+            fields = dict(agg)
+            for clause in clauses:
+                fields.update(clause)
+            if "order" in fields:
+                order, span = fields["order"]
+                if fields["aggregate"] != "topk":
+                    raise ParseError(f"BY {order.upper()} applies to TOPK only", line=span.line,
+                                     column=span.column, end_column=span.end_column,
+                                     source=self.source)
+                fields["order"] = order
+            return ast.Query(layer=layer, span=self._span(meta), text=self._text(meta), **fields)
+
+        def explain(self, meta, children):
+            return ast.Explain(children[1], span=self._span(meta), text=self._text(meta))
+
+        def show(self, meta, children):
+            return ast.Show(str(children[1]).lower(), span=self._span(meta), text=self._text(meta))
+
+        def clear_cache(self, meta, children):
+            return ast.ClearCache(span=self._span(meta), text=self._text(meta))
+
+        def describe(self, meta, children):
+            return ast.Describe(children[1], span=self._span(meta), text=self._text(meta))
+
+        def evaluate(self, meta, children):
+            fields = {}
+            for keyword, name, value in children[2:]:
+                if name in fields:
+                    span = self.offset.span(keyword)
+                    raise ParseError(f"{str(keyword).upper()} is given twice", line=span.line,
+                                     column=span.column, end_column=span.end_column,
+                                     source=self.source)
+                fields[name] = value
+            return ast.Evaluate(span=self._span(meta), text=self._text(meta), **fields)
+
+        # EVALUATE's clauses: each gives (its keyword token, the Evaluate field, the value)
+        def sampler_list(self, meta, children):
+            return None, "samplers", tuple(children)
+
+        def at(self, meta, children):
+            return children[0], "sizes", tuple(self._literal(v) for v in children[1:])
+
+        def top_k(self, meta, children):
+            return children[0], "ks", tuple(self._literal(v) for v in children[1:])
+
+        def eval_layers(self, meta, children):
+            return children[0], "layers", tuple(children[1:])
+
+        def seeds(self, meta, children):
+            return children[0], "seeds", self._literal(children[1])
+
+        def sweep(self, meta, children):
+            keyword, name, _in, *values = children
+            return keyword, "sweep", ast.Sweep(str(name).lower(),
+                                               tuple(self._literal(v) for v in values),
+                                               span=self.offset.span(name))
+
+        def plot(self, meta, children):
+            token = children[1]
+            return children[0], "plot", ast.Literal(_unquote(str(token)),
+                                                    span=self.offset.span(token))
+
+        def _literal(self, value) -> ast.Literal:
+            return ast.Literal(_plain(value), span=getattr(value, "_span", None))
+
+        def set_stmt(self, meta, children):
+            _, name, _, value = children
+            value_span = getattr(value, "_span", None)
+            return ast.SetStatement(str(name).lower(), _plain(value), span=self._span(meta),
+                                    value_span=value_span, name_span=self.offset.span(name),
+                                    text=self._text(meta))
+
+        # aggregates: each returns the Query fields it decides
+        def topk(self, meta, children):
+            return {"aggregate": "topk", "k": self._int(children[1]), "unit": children[2],
+                    "k_span": self.offset.span(children[1])}
+
+        def avg(self, meta, children):
+            return {"aggregate": "avg", "unit": children[1]}
+
+        def argmax(self, meta, children):
+            return {"aggregate": "argmax", "unit": children[1]}
+
+        def unit(self, meta, children):
+            return str(children[0]).lower()
+
+        def order(self, meta, children):
+            return {"order": (str(children[1]).lower(), self._span(meta))}
+
+        def tokens(self, meta, children):
+            keyword, value = children
+            if str(keyword).lower() == "tokens":
+                return {"tokens": ast.Tokens(str(value).lower(), span=self._span(meta))}
+            position, span = _plain(value), value._span
+            if not isinstance(position, int):
+                raise ParseError("TOKEN takes a whole number: 0 for the first token, -1 for "
+                                 "the last", line=span.line, column=span.column,
+                                 end_column=span.end_column, source=self.source)
+            return {"tokens": ast.Tokens("token", position, span=self._span(meta))}
+
+        def layer(self, meta, children):
+            token, *call = children
+            quoted = token.type == "STRING"
+            name = _unquote(str(token)) if quoted else str(token)
+            span, number = self._span(meta), None
+            if call and call[0] == "#":
+                raise ParseError(f"'#' takes a call number: {name}#1 is the module's first call",
+                                 line=span.line, column=span.column, end_column=span.end_column,
+                                 source=self.source)
+            if call:
+                number = self._int(call[0], call[0][1:])
+            return ast.LayerRef(name, quoted, number, span=span)
+
+        # clauses
+        def where(self, meta, children):
+            return {"where": children[1]}
+
+        def group_by(self, meta, children):
+            return {"group_by": str(children[2]).lower()}
+
+        def full(self, meta, children):
+            return {"source": ast.Full(span=self._span(meta))}
+
+        def sample(self, meta, children):
+            return {"source": children[2]}
+
+        def baseline(self, meta, children):
+            return {"baseline": True}
+
+        def sampler(self, meta, children):
+            name, *args = children
+            return ast.SamplerCall(str(name).lower(), tuple(args), span=self._span(meta))
+
+        def positional(self, meta, children):
+            return ast.Arg(None, _plain(children[0]), span=self._span(meta))
+
+        def keyword(self, meta, children):
+            return ast.Arg(str(children[0]).lower(), _plain(children[2]), span=self._span(meta))
+
+        # predicates
+        def compare(self, meta, children):
+            field, op, value = children
+            op = {"<>": "!="}.get(str(op), str(op))
+            return ast.Compare(field, op, _plain(value), span=self._span(meta))
+
+        def member(self, meta, children):
+            field, _in, *values = children
+            return ast.Member(field, tuple(_plain(v) for v in values), span=self._span(meta))
+
+        def not_member(self, meta, children):
+            field, _not, _in, *values = children
+            return ast.Member(field, tuple(_plain(v) for v in values), negated=True,
+                              span=self._span(meta))
+
+        def flag(self, meta, children):
+            return ast.Flag(str(children[0]).lower(), span=self._span(meta))
+
+        def field(self, meta, children):
+            return str(children[0]).lower()
+
+        def and_(self, meta, children):
+            return ast.And(children[0], children[2], span=self._span(meta))
+
+        def or_(self, meta, children):
+            return ast.Or(children[0], children[2], span=self._span(meta))
+
+        def not_(self, meta, children):
+            return ast.Not(children[1], span=self._span(meta))
+
+        # values keep their span so SET and sampler errors can point at them
+        def number(self, meta, children):
+            try:
+                value = _number(children[0])
+            except ValueError:  # Python refuses to convert integers of over 4,300 digits
+                raise self._too_long(children[0]) from None
+            return _Located(value, self._span(meta))
+
+        def _int(self, token, digits: str | None = None) -> int:
+            try:
+                return int(token if digits is None else digits)
+            except ValueError:
+                raise self._too_long(token) from None
+
+        def _too_long(self, token) -> ParseError:
+            span = self.offset.span(token)
+            return ParseError(f"number with {len(str(token)):,} digits is too long", line=span.line,
+                              column=span.column, end_column=span.end_column, source=self.source)
+
+        def string(self, meta, children):
+            return _Located(_unquote(str(children[0])), self._span(meta))
+
+        def word(self, meta, children):
+            return _Located(str(children[0]), self._span(meta))
+
+    return ToAst
+
+
+class _Located:
+    """A literal value with its span, unwrapped by ``_plain`` once it reaches the AST."""
+
+    __slots__ = ("value", "_span")
+
+    def __init__(self, value, span):
+        self.value = value
+        self._span = span
+
+
+def _plain(value):
+    return value.value if isinstance(value, _Located) else value
+
+
+def to_ast(tree, offset, source: str):
+    """The AST of a parse tree; ``offset`` maps the piece's positions to the script's."""
+    return _build_transformer()(offset, source).transform(tree)
