@@ -31,13 +31,7 @@ ATOL = 1e-5
 BATCH = 16  # several batches of 60 items, the last one short
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops on a busy machine run far faster without a contended thread pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Truth:
