@@ -6,6 +6,7 @@ Every ``result`` here is a Result (results/result.py), unannotated as in render.
 from __future__ import annotations
 
 import math
+import textwrap
 
 from diagql.errors import ExecutionError
 
@@ -19,6 +20,9 @@ def across_result(statement: str, answers: dict, what: str):
 
     key_names, shown, numbers = _pivot(answers)
     keys = list(shown)
+    if any(answer.is_query for answer in answers.values()):
+        # Groups in order whichever checkpoint had them first; ranks and neurons as they came.
+        keys.sort(key=lambda key: [_sortable(part) for part in key[:-1]])
     names = list(answers)
     if len(keys) <= WIDE:  # checkpoints down, the answer's rows across: curves read down
         columns = ["checkpoint", *(_key_text(key) for key in keys)]
@@ -70,6 +74,10 @@ def _split(answer, record: dict) -> tuple[list[str], tuple, str, float]:
     return names, key, text, record[values[0]] if values else math.nan
 
 
+def _sortable(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
 def _key_text(key: tuple) -> str:
     return " ".join(str(part) for part in key)
 
@@ -95,7 +103,7 @@ def write_curves(result, path: str) -> None:
                        if len(names) > 8 else "center", fontsize=8)
     ax.set_xlabel("checkpoint")
     ax.set_ylabel("value")
-    ax.set_title(result.statement, fontsize=9)
+    ax.set_title(textwrap.fill(result.statement, 90), fontsize=9)
     ax.grid(alpha=0.3)
     if len(result.series) <= WIDE:
         ax.legend(fontsize=7, ncol=2, loc="best")
