@@ -163,3 +163,40 @@ def test_checkpoints_that_do_not_fit_are_reported(trained, data, tmp_path):
         db.query("AVG NEURONS IN bad.head")
     with pytest.raises(diagql.DiagQLError, match="name 'not ok' cannot be written"):
         diagql.connect(model, data, checkpoints={"not ok": path}, cache_dir=False)
+
+
+def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
+        trained, tmp_path, capsys):
+    """--model NAME=SPEC twice with --weights NAME=PATH, then --checkpoint with a glob (files
+    named by their stems, in natural order); in this process, whose models are trained."""
+    import csv
+    import io
+
+    from diagql.shell.cli import main
+
+    def tables(argv) -> list[list[dict]]:
+        assert main(argv) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        return [list(csv.DictReader(io.StringIO(part))) for part in out.split("\n\n")
+                if part.strip()]
+
+    _, _, states = trained
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for epoch in (1, 2, 10):  # epoch10 sorts after epoch2
+        torch.save(states[f"epoch{min(epoch, 3)}"], folder / f"epoch{epoch}.pt")
+    torch.save(states["epoch1"], tmp_path / "wide.pt")
+    common = ["--data", "tests.models:digits", "--format", "csv", "--no-cache", "--no-progress"]
+    shown = tables(["--model", "base=tests.models:trained_cnn", "--model",
+                    "wide=tests.models:build_mlp", "--weights", f"wide={tmp_path / 'wide.pt'}",
+                    *common, "-e", "SHOW MODELS; SET model = wide; SHOW MODELS"])
+    X, y = models.digits()
+    wide = float((loaded(states["epoch1"])(X).argmax(1) == y).double().mean())
+    assert [row["model"] for row in shown[0]] == ["base", "wide"]
+    assert shown[0][1]["accuracy"] == f"{wide:.1%}"  # --weights wide=... were loaded
+    assert [row["default"] for row in shown[-1]] == ["", "*"]
+    rows = tables(["--model", "tests.models:build_mlp", "--checkpoint", str(folder / "*.pt"),
+                   *common, "-e", "AVG NEURONS IN head WHERE class = 4 ACROSS CHECKPOINTS"])[0]
+    assert [row["checkpoint"] for row in rows] == ["epoch1", "epoch2", "epoch10", "final"]
+    truth = outputs(loaded(states["epoch3"]), X, "head")[(y == 4).numpy()].mean(0)
+    assert float(rows[2]["head[0]"]) == pytest.approx(truth[0], rel=1e-3)
