@@ -7,8 +7,8 @@ answers the statement for one model (docs/ARCHITECTURE.md, "several models").
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from diagql.errors import BindError
 from diagql.language import ast
