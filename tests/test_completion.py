@@ -155,7 +155,7 @@ def test_help_examples_parse():
     from diagql.shell.dot_commands import language_help
 
     text = language_help()
-    assert "SHOW CACHE | LAYERS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text
+    assert "SHOW CACHE | LAYERS | MODELS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text
     for line in text.splitlines():
         if line.startswith("  ") and line.rstrip().endswith(";"):
             parse(line.strip())

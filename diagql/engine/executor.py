@@ -3,8 +3,10 @@
 one per item, that its view (model/views.py) made from the module's output inside the hook."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -136,15 +138,16 @@ class Runner:
         view's rows of its own items (each view's rows made once per batch). Only the
         consumers' layers are hooked, and the pass stops as soon as all of them have run (the
         rest of the model is skipped)."""
-        consumers = [c for c in consumers if len(c.wanted)]
-        if not consumers:
-            return
+        run_together([(self, consumers)], description)
+
+    def _callbacks(self, consumers: list, current: list, hooked: list) -> dict:
+        """Each hooked module's callback: the rows of each view made once per call, fed to
+        the view's consumers for the items of theirs in the batch (``current[0]``)."""
         items = functools.reduce(np.union1d, [c.wanted for c in consumers])
         layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
         for consumer in consumers:
             views = layers.setdefault(consumer.view.layer.name, {})
             views.setdefault(consumer.view.key, (consumer.view, []))[1].append(consumer)
-        current: list = [None]  # the batch's item indices
 
         def callback(views: dict[str, tuple[View, list]]):
             def on_output(call: ModuleCall) -> None:
@@ -162,25 +165,11 @@ class Runner:
                             consumer.take(rows, idx)
                         elif mask.any():
                             consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
-                if hooks.done():  # for a module's n-th call: once that call has run
+                if hooked[0].done():  # for a module's n-th call: once that call has run
                     raise StopForward
             return on_output
 
-        with evaluation(self.model), \
-                Hooks(self.model, {name: callback(views) for name, views in layers.items()}) \
-                as hooks, self.progress.task(description, len(items)) as advance:
-            for idx, x, _ in self.source.batches(items, self.batch_size):
-                x = to_device(x, self.device, self.dtype)
-                hooks.start(x, len(idx))
-                current[0] = idx
-                try:
-                    call_model(self.model, x)
-                except StopForward:
-                    pass
-                hooks.check_ran()
-                advance(len(idx))
-        self.counters["passes"] = self.counters.get("passes", 0) + 1
-        self.counters["items"] = self.counters.get("items", 0) + len(items)
+        return {name: callback(views) for name, views in layers.items()}
 
     def states(self, plan: Plan, description: str) -> dict:
         """One state per group (the key None without GROUP BY), over the plan's items.
@@ -300,3 +289,52 @@ class Runner:
                                                      f"{plan.bound.layer.name} (baseline)")
             timings["baseline"] = time.perf_counter() - started
         return assemble(plan, states, full_states, timings)
+
+
+def run_together(passes: list[tuple[Runner, list]], description: str,
+                 after_batch: Callable[[np.ndarray], None] | None = None) -> None:
+    """One pass over the same batches through several models (``(runner, consumers)`` each:
+    its model, device and dtype; the first's data and batch size): each batch goes through
+    each model whose consumers want some of its items, in the order given, feeding that
+    model's consumers, and then ``after_batch(idx)`` runs, so that a state pairing two models'
+    rows of the same items (in the same order) can take them there. A model runs only as far
+    as its hooked layers (docs/ARCHITECTURE.md, "plan and execute")."""
+    passes = [(runner, [c for c in consumers if len(c.wanted)]) for runner, consumers in passes]
+    passes = [(runner, consumers) for runner, consumers in passes if consumers]
+    if not passes:
+        return
+    if len({id(runner.model) for runner, _ in passes}) < len(passes):
+        raise ExecutionError("one pass cannot run two models that are one module (checkpoints "
+                             "take turns in one copy of the model): read one at a time")
+    first = passes[0][0]
+    wanted = [functools.reduce(np.union1d, [c.wanted for c in consumers])
+              for _, consumers in passes]
+    items = functools.reduce(np.union1d, wanted)
+    current: list = [None]  # the batch's item indices
+    with contextlib.ExitStack() as stack:
+        hooks = []
+        for runner, consumers in passes:
+            hooked: list = []
+            stack.enter_context(evaluation(runner.model))
+            hooked.append(stack.enter_context(
+                Hooks(runner.model, runner._callbacks(consumers, current, hooked))))
+            hooks.append(hooked[0])
+        advance = stack.enter_context(first.progress.task(description, len(items)))
+        for idx, x, _ in first.source.batches(items, first.batch_size):
+            current[0] = idx
+            for (runner, _), model_hooks, own in zip(passes, hooks, wanted):
+                if len(passes) > 1 and not np.isin(idx, own, assume_unique=True).any():
+                    continue
+                model_x = to_device(x, runner.device, runner.dtype)
+                model_hooks.start(model_x, len(idx))
+                try:
+                    call_model(runner.model, model_x)
+                except StopForward:
+                    pass
+                model_hooks.check_ran()
+            if after_batch is not None:
+                after_batch(idx)
+            advance(len(idx))
+    for runner, _ in passes:
+        runner.counters["passes"] = runner.counters.get("passes", 0) + 1
+        runner.counters["items"] = runner.counters.get("items", 0) + len(items)

@@ -116,6 +116,9 @@ class LayerRef:
     quoted: bool = False
     call: int | None = None
     span: Span | None = _span()
+    # The model whose layer it is, once the session has resolved a leading model name
+    # (``wide.layer3.1.conv2``: model "wide", name "layer3.1.conv2"); None until then.
+    model: str | None = None
 
     def text(self) -> str:
         """The reference as written unquoted (``block.relu#2``), for messages."""
@@ -184,6 +187,16 @@ class Query:
     tokens: Tokens | None = None  # a sequence layer's reduction; None: its default (MEAN)
     span: Span | None = _span()
     text: str = field(default="", compare=False)
+    across: "Across | None" = None  # ACROSS CHECKPOINTS: one answer per checkpoint
+
+
+@dataclass(frozen=True)
+class Across:
+    """``ACROSS CHECKPOINTS [PLOT 'file.png']``: the statement once per checkpoint of the
+    connection's model (and the final model), answers side by side, curves drawn to a file."""
+
+    plot: "Literal | None" = None
+    span: Span | None = _span()
 
 
 @dataclass(frozen=True)
@@ -195,7 +208,7 @@ class Explain:
 
 @dataclass(frozen=True)
 class Show:
-    what: str  # "layers" | "samplers" | "profile" | "settings" | "cache"
+    what: str  # "layers" | "samplers" | "profile" | "settings" | "cache" | "models"
     span: Span | None = _span()
     text: str = field(default="", compare=False)
 

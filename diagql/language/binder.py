@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 from diagql import samplers
 from diagql.errors import BindError
@@ -30,6 +31,33 @@ def _error(message: str, span: ast.Span | None, hint: str | None = None) -> Bind
         return BindError(message, hint=hint)
     end = span.end_column if span.end_line == span.line else None
     return BindError(message, line=span.line, column=span.column, end_column=end, hint=hint)
+
+
+def qualify_layer(ref: ast.LayerRef, models: Sequence[str], default: str,
+                  catalog_of: Callable[[str], LayerCatalog]) -> ast.LayerRef:
+    """The reference with its model set: a leading component that names one of several models
+    (``wide.layer3.1.conv2``) is that model's, anything else the default model's. A quoted
+    name is never split. When the default model also has a module of the whole name, the
+    reference is refused as ambiguous, saying how to write each reading."""
+    if ref.model is not None:
+        return ref
+    head, dot, rest = ref.name.partition(".")
+    if ref.quoted or not dot or head not in models or len(models) < 2:
+        return replace(ref, model=default)
+    mine = _has(ref, catalog_of(default))
+    if mine and _has(replace(ref, name=rest), catalog_of(head)):
+        raise _error(f"layer {ref.text()!r} is ambiguous: model {head!r} has a layer "
+                     f"{_written(rest)!r} and the default model {default!r} has a module "
+                     f"{ref.name!r}", ref.span,
+                     hint=f"write {default}.{ref.text()} or '{ref.name}' for {default}'s module; "
+                          f"for {head}'s layer, SET model = {head} and name it {rest}")
+    if mine:
+        return replace(ref, model=default)
+    return replace(ref, name=rest, model=head)
+
+
+def _has(ref: ast.LayerRef, catalog: LayerCatalog) -> bool:
+    return ref.name in catalog or (ref.call is not None and ref.text() in catalog)
 
 
 def lookup_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:

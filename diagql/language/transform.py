@@ -169,6 +169,10 @@ def _build_transformer():
         def baseline(self, meta, children):
             return {"baseline": True}
 
+        def across(self, meta, children):
+            plot = children[2][2] if len(children) > 2 else None
+            return {"across": ast.Across(plot, span=self._span(meta))}
+
         def sampler(self, meta, children):
             name, *args = children
             return ast.SamplerCall(str(name).lower(), tuple(args), span=self._span(meta))

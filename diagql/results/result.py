@@ -106,6 +106,10 @@ class Result:
     notes: list[str] = field(default_factory=list)
     # TOPK keeps its aggregate for every neuron, so the exact value of any neuron can be shown.
     dense: np.ndarray | None = field(default=None, repr=False)
+    # ACROSS CHECKPOINTS (kind "across"): each model's own Result by name, in training order,
+    # and each row of the answer as numbers over them (what its plot draws).
+    checkpoints: dict[str, Result] | None = None
+    series: dict[str, list[float]] | None = field(default=None, repr=False)
 
     @property
     def is_query(self) -> bool:
@@ -141,6 +145,9 @@ class Result:
             if self.kind == "evaluation":  # a benchmark: how long it took is part of the answer
                 out.update(n_items=self.n_items,
                            timings={k: float(v) for k, v in self.timings.items()})
+            if self.checkpoints is not None:
+                out["checkpoints"] = {name: answer.to_dict()
+                                      for name, answer in self.checkpoints.items()}
             return out
         out = {
             "kind": self.kind, "statement": self.statement, "layer": self.layer,

@@ -21,8 +21,8 @@ from diagql.model import hooks, layers, profile as profile_module, views
 from diagql.model.data import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, probe
 from diagql.model.profile import Profile, compute_profile
-from diagql.storage.fingerprint import (Unfingerprintable, cache_key, data_fingerprint,
-                                        model_fingerprint, source_digest)
+from diagql.storage.fingerprint import (Unfingerprintable, cache_key, model_fingerprint,
+                                        source_digest)
 
 T = TypeVar("T")
 
@@ -43,8 +43,9 @@ def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
 
 
 class Artifacts:
-    """The catalog, profile and samples of one connection, and the cache keys they are kept
-    under. The connection assumes the model and data do not change while it is open."""
+    """The catalog, profile and samples of one model of a connection (``conn`` is its
+    session.models.ModelEntry), and the cache keys they are kept under. The connection assumes
+    the model and data do not change while it is open."""
 
     def __init__(self, conn):
         self.conn = conn
@@ -85,7 +86,7 @@ class Artifacts:
 
     def _compute_profile(self) -> Profile:
         conn = self.conn
-        latent = conn.settings.latent
+        latent = conn.latent
         view = None
         if latent is None:
             name, is_input = default_latent(conn.model), True
@@ -139,10 +140,10 @@ class Artifacts:
         if not self._fingerprinted:
             self._fingerprinted = True
             parts = {}
-            for what, fingerprint, value in (("model", model_fingerprint, self.conn.model),
-                                             ("data", data_fingerprint, self.conn.data)):
+            for what, fingerprint in (("model", lambda: model_fingerprint(self.conn.model)),
+                                      ("data", self.conn.data_digest)):
                 try:
-                    parts[what] = fingerprint(value)
+                    parts[what] = fingerprint()
                 except Unfingerprintable as exc:
                     self.memory_only[what] = str(exc)
             if self.memory_only.get("model"):
@@ -160,7 +161,7 @@ class Artifacts:
         conn = self.conn
         # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
         # tie. The batch size is not: on one device it changes outputs by rounding at most.
-        return cache_key("profile", *fingerprints, conn.settings.latent, str(conn.dtype),
+        return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
                          conn.device.type, source_digest(profile_module), source_digest(views))
 
     def catalog_key(self) -> str | None:

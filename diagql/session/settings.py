@@ -14,6 +14,7 @@ class Settings:
     latent: str | None = None  # None: the input of the final linear layer
     format: str = "table"
     max_rows: int = MAX_ROWS
+    model: str | None = None  # the default model's name; None: the first one
 
     @classmethod
     def names(cls) -> list[str]:
@@ -26,6 +27,7 @@ class Settings:
             "latent": "layer whose output is the latent space (default: input of the final linear layer)",
             "format": "output format of the CLI and REPL: " + ", ".join(FORMATS),
             "max_rows": "rows shown per table before the rest is counted",
+            "model": "the model an unqualified layer name reads (SHOW MODELS lists them)",
         }
 
     def coerce(self, name: str, value):
@@ -45,4 +47,6 @@ class Settings:
             return value
         if name == "latent":
             return None if str(value).lower() in ("default", "none") else str(value)
+        if name == "model":
+            return str(value)
         raise AssertionError(name)

@@ -6,7 +6,7 @@ statement in one line when no model is connected, before any work starts.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from diagql.engine.answers import record_speedup
@@ -15,6 +15,7 @@ from diagql.errors import BindError
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_query, require_labels
 from diagql.results.result import Result
+from diagql.session.models import name_model, sampler_model, with_model
 from diagql.session.settings import Settings
 from diagql.suggest import did_you_mean
 
@@ -34,32 +35,61 @@ def run_statement(conn, statement: ast.Statement) -> Result:
 
 def planned(conn, query: ast.Query) -> tuple[Plan, dict[str, float]]:
     """Bind and plan a query (drawing its sample if need be): the plan and the seconds each
-    step took."""
+    step took. The plan's ``query.layer.model`` names the model whose layer it reads."""
     conn.require_model()
     started = time.perf_counter()
-    catalog = conn.catalog  # probed once per model and data, like the profile
+    entry, layer = conn.resolve(query.layer)
+    query, sampling, drawn_on = replace(query, layer=layer), None, None
+    if isinstance(query.source, ast.SamplerCall):  # model='wide': whose profile it draws from
+        call, drawn_on = sampler_model(query.source)
+        query, sampling = replace(query, source=call), conn.on(drawn_on, query.source.span)
+    catalog = entry.catalog  # probed once per model and data, like the profile
     started, probe_seconds = time.perf_counter(), time.perf_counter() - started
-    bound = bind_query(query, catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
+    bound = bind_query(query, catalog, n_classes=entry.n_classes, seed=conn.settings.seed,
                        n_items=len(conn.source))
     bound_at = time.perf_counter()
-    profile = conn.profile  # after binding, so that a mistake costs no pass over the data
+    # After binding, so that a mistake costs no pass over the data. The labels are the data's:
+    # a query that reads no prediction is planned on a profile the statement needs anyway, so
+    # that a checkpoint's query over a sample costs no pass over all the data.
+    profile = (entry if reads_predictions(query) else sampling or conn.current).profile
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(query)
     sample, sample_seconds = None, 0.0
     if bound.sampler is not None:
-        sample, fresh = conn.artifacts.get_sample(bound.sampler)
+        sample, fresh = (sampling or conn.current).artifacts.get_sample(bound.sampler)
         sample_seconds = sample.seconds if fresh else 0.0
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
-                      None if sample is None else sample.spec)
+                      None if sample is None else with_model(sample.spec, drawn_on))
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
 
 
+def reads_predictions(query: ast.Query) -> bool:
+    """Whether a query depends on its model's predictions (WHERE on predicted, confidence or
+    correctness; GROUP BY predicted or correct), not just on the data's labels."""
+    fields = {getattr(node, "field", None) for node in
+              (ast.walk(query.where) if query.where is not None else ())}
+    flags = query.where is not None and any(isinstance(node, ast.Flag)
+                                            for node in ast.walk(query.where))
+    return flags or bool(fields & {"predicted", "confidence"}) or \
+        query.group_by in ("predicted", "correct")
+
+
 def _query(conn, query: ast.Query) -> Result:
+    if query.across is not None:
+        from diagql.session.across import across_checkpoints
+
+        return across_checkpoints(conn, query, answer_query)
+    result = answer_query(conn, query)
+    return name_model(conn, result, result.plan.query.layer.model)
+
+
+def answer_query(conn, query: ast.Query) -> Result:
+    """A query's Result on the model its layer names (its labels without the model's name)."""
     plan, timings = planned(conn, query)
-    result = conn.runner().answer(plan)
+    result = conn.on(plan.query.layer.model).runner().answer(plan)
     result.timings.update(timings)
     record_speedup(result)
     return result
@@ -68,9 +98,18 @@ def _query(conn, query: ast.Query) -> Result:
 def _explain(conn, statement: ast.Explain) -> Result:
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
+    entry = conn.on(plan.query.layer.model)
     if plan.approximate:
         rows.insert([step for step, _ in rows].index("forward"),
-                    ("cache", _cache_detail(conn.activations, plan)))
+                    ("cache", _cache_detail(entry.activations, plan)))
+    if len(conn.models) > 1:
+        rows.insert(0, ("model", f"{entry.name} ({type(entry.architecture()).__name__})"))
+    if statement.query.across is not None:
+        from diagql.session.across import checkpoint_names
+
+        names = checkpoint_names(conn, entry, statement.query.layer.span)
+        rows.append(("across", f"this plan once per model of {', '.join(names)}, one "
+                               f"checkpoint's weights loaded at a time"))
     return Result(kind="explain", statement=statement.text, title=f"plan: {statement.query.text}",
                   columns=["step", "detail"], rows=rows, plan=plan)
 
@@ -96,8 +135,11 @@ def _set(conn, statement: ast.SetStatement) -> Result:
                         line=where.line, column=where.column, end_column=where.end_column)
     try:
         value = conn.settings.coerce(name, statement.value)
-        if name == "latent" and value is not None and conn.model is not None:
-            bind_layer(ast.LayerRef(value, span=statement.value_span), conn.catalog)
+        if name == "model":
+            value = conn.on(value, statement.value_span).name
+            conn.settings.latent = conn.models[value].latent  # SET latent is per model
+        if name == "latent" and conn.models:
+            return _set_latent(conn, statement, value)
     except BindError as exc:
         span = statement.value_span
         if exc.line is None and span is not None:
@@ -108,6 +150,23 @@ def _set(conn, statement: ast.SetStatement) -> Result:
     setattr(conn.settings, name, value)
     return Result(kind="set", statement=statement.text, columns=["setting", "value"],
                   rows=[(name, "default" if value is None else value)])
+
+
+def _set_latent(conn, statement: ast.SetStatement, value: str | None) -> Result:
+    """SET latent = L: the latent layer of L's model (``wide.fc2``: wide's), the default
+    model's for an unqualified name or for ``default``."""
+    entry, shown = conn.current, value
+    if value is not None:
+        entry, ref = conn.resolve(ast.LayerRef(value, span=statement.value_span))
+        bind_layer(ref, entry.catalog)
+        value = ref.name
+    if value != entry.latent:
+        entry.forget_latent_space()
+        entry.latent = value
+    if entry is conn.current:
+        conn.settings.latent = value
+    return Result(kind="set", statement=statement.text, columns=["setting", "value"],
+                  rows=[("latent", "default" if shown is None else shown)])
 
 
 def _evaluate(conn, statement: ast.Evaluate) -> Result:

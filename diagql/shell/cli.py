@@ -36,9 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--demo", action="store_true",
                         help="the built-in LeNet-5 over 2,500 held-out MNIST digits "
                              "(needs: pip install 'diagql[demo]')")
-    source.add_argument("--model", metavar="MODULE:CALLABLE",
-                        help="a callable returning an nn.Module (or the module itself)")
-    source.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save")
+    source.add_argument("--model", metavar="[NAME=]MODULE:CALLABLE", action="append", default=[],
+                        help="a callable returning an nn.Module (or the module itself); "
+                             "repeat as NAME=MODULE:CALLABLE for several models over the same "
+                             "data (the first is the default; wide.fc2 names another's layer)")
+    source.add_argument("--weights", metavar="[NAME=]PATH", action="append", default=[],
+                        help="a state_dict saved with torch.save (NAME=PATH: that model's)")
+    source.add_argument("--checkpoint", metavar="[NAME=]PATH", action="append", default=[],
+                        help="a checkpoint of the model (a saved state_dict), a model of its "
+                             "own named NAME or by the file's stem; a glob such as "
+                             "'ckpt/*.pt' adds every file (the model itself is then 'final'); "
+                             "ACROSS CHECKPOINTS runs a query on each")
     source.add_argument("--data", metavar="MODULE:CALLABLE",
                         help="a callable returning a Dataset (of (x, y) or of dicts), a "
                              "DataLoader, (X, y) or a mapping of named inputs")
@@ -84,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --data go together")
     if args.weights and not args.model:
         parser.error("--weights needs --model")
+    if args.checkpoint and not (args.model or args.demo):
+        parser.error("--checkpoint needs --model or --demo")
     if args.label_key and not args.data:
         parser.error("--label-key needs --data")
     if args.no_cache and args.cache_dir:
@@ -134,7 +144,7 @@ def _run(args, out, err) -> int:
         from diagql.shell.repl import run_repl
 
         # The prompt comes first; torch, the model and the data load behind it.
-        what = "the demo" if args.demo else (args.model or "no model")
+        what = "the demo" if args.demo else (", ".join(args.model) or "no model")
         return run_repl(PendingConnection(lambda: _connect(args), what), out, err)
     conn = _connect(args)
     from diagql.errors import DiagQLError
@@ -205,6 +215,10 @@ def _open(args):
     cache_dir = False if args.no_cache else args.cache_dir
     options = dict(batch_size=args.batch_size, device=args.device, latent=args.latent,
                    progress=progress, cache_dir=cache_dir, cache_limit=args.cache_limit)
+    if args.checkpoint:
+        from diagql.shell.loading import checkpoint_paths
+
+        options["checkpoints"] = checkpoint_paths(args.checkpoint)
     if args.demo:
         from diagql.mnist_demo import demo
 
@@ -215,9 +229,9 @@ def _open(args):
 
             raise DiagQLError(str(exc)) from None
     if args.model:
-        from diagql.shell.loading import load_data, load_model
+        from diagql.shell.loading import load_data, load_models
 
-        return connect(load_model(args.model, args.weights), load_data(args.data),
+        return connect(load_models(args.model, args.weights), load_data(args.data),
                        label_key=args.label_key, **options)
     conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size

@@ -98,6 +98,9 @@ def language_help() -> str:
         "      [USING " + choices(query + "USING ").replace(
             "SAMPLE", "SAMPLE sampler(size, param=value, ...)") + "]",
         "      [WITH BASELINE]",
+        "      [ACROSS CHECKPOINTS [PLOT 'file.png']]   (once per checkpoint and the final model)",
+        "  a layer of another model: model.layer (wide.fc2); SET model = name changes the "
+        "default one",
         f"  SHOW {choices('SHOW ')}    DESCRIBE layer    SET name = value    EXPLAIN query",
         "  EVALUATE SAMPLERS [sampler, ...] [AT size, ...] [K k, ...] [LAYERS layer, ...] "
         "[SEEDS n]",
