@@ -52,7 +52,7 @@ def planned(conn, query: ast.Query) -> tuple[Plan, dict[str, float]]:
         sample_seconds = sample.seconds if fresh else 0.0
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
-                      None if sample is None else sample.spec)
+                      None if sample is None else sample.spec, conn.settings.estimator)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
 
