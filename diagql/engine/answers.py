@@ -41,7 +41,9 @@ def no_match_message(plan: Plan) -> str:
 def build_result(plan: Plan, states: dict) -> Result:
     query = plan.query
     # A sample's assisted fit pools one slope over all its groups (engine/regression.py).
-    fits = estimate.fit(plan, states) if plan.approximate else {}
+    fits = {}
+    if plan.approximate and plan.estimator == "assisted" and plan.covariate_means is not None:
+        fits = estimate.fit(states, plan.population, plan.covariate_means)
     if query.group_by is None:
         return _single(plan, states.get(None), plan.population[None], fits.get(None))
     result = _single(plan, None, 0)

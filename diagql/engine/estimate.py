@@ -38,18 +38,17 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(20200101)
 
 
-def fit(plan, states: dict) -> dict:
-    """The assisted estimator's fit of every group of a sample's states (key -> Fitted), or
-    {} when the plan answers with the plain sample mean."""
-    if plan.estimator != "assisted" or plan.covariate_means is None:
-        return {}
+def fit(states: dict, population: dict, covariate_means: dict) -> dict:
+    """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
+    ``population`` and ``covariate_means`` are each group's matching items of the whole data
+    and their mean covariates (the plan's)."""
     groups = {}
     for key, state in states.items():
         if state.count == 0 or getattr(state, "cross", None) is None:
             continue
         total, squares = _sums(state)
-        groups[key] = GroupSums(state.count, total, squares, state.cross,
-                                plan.population[key], plan.covariate_means[key])
+        groups[key] = GroupSums(state.count, total, squares, state.cross, population[key],
+                                covariate_means[key])
     return assisted(groups)
 
 

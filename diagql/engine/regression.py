@@ -41,6 +41,14 @@ class CrossSums:
         self.zz = torch.zeros(p, p, dtype=torch.float64)
         self.zy = torch.zeros(p, n_neurons, dtype=torch.float64)
 
+    @classmethod
+    def of_rows(cls, z: np.ndarray, values: np.ndarray) -> "CrossSums":
+        """The sums over materialised rows (EVALUATE's kept rows, benchmarks)."""
+        sums = cls(z.shape[1], values.shape[1])
+        sums.add(torch.from_numpy(np.asarray(z, dtype=np.float64)),
+                 torch.from_numpy(np.asarray(values, dtype=np.float64)))
+        return sums
+
     def add(self, z: torch.Tensor, values: torch.Tensor) -> None:
         """Items' covariates (n × p, float64, CPU) and their values (n × neurons)."""
         self._add_z(z)
@@ -84,6 +92,14 @@ class Fitted:
     mean: np.ndarray
     se: np.ndarray  # before any floor for neurons constant over the sample
     df: int  # degrees of freedom of the residual variance
+
+
+def of_rows(values: np.ndarray, z: np.ndarray, population: int,
+            population_z: np.ndarray) -> GroupSums:
+    """One group's sums from its sampled rows (n × neurons) and their covariates (n × p)."""
+    values = np.asarray(values, dtype=np.float64)
+    return GroupSums(len(values), values.sum(axis=0), (values * values).sum(axis=0),
+                     CrossSums.of_rows(z, values), population, population_z)
 
 
 def assisted(groups: dict, ridge: float = RIDGE) -> dict:
