@@ -169,7 +169,7 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
     # underestimates the distance.
     rng = _rng()
     truths = rng.dirichlet(share * size + 1.0 / len(share), size=DRAWS)
-    drawn = rng.multinomial(max(int(round(size)), 1), truths)
+    drawn = rng.multinomial(max(round(size), 1), truths)
     distances = JS.rows(drawn, truths)
     return Estimate(covers, reliable, LEVEL, n, population, ci_low=np.clip(share - half, 0, 1),
                     ci_high=np.clip(share + half, 0, 1), metric=JS,

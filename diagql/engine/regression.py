@@ -42,7 +42,7 @@ class CrossSums:
         self.zy = torch.zeros(p, n_neurons, dtype=torch.float64)
 
     @classmethod
-    def of_rows(cls, z: np.ndarray, values: np.ndarray) -> "CrossSums":
+    def of_rows(cls, z: np.ndarray, values: np.ndarray) -> CrossSums:
         """The sums over materialised rows (EVALUATE's kept rows, benchmarks)."""
         sums = cls(z.shape[1], values.shape[1])
         sums.add(torch.from_numpy(np.asarray(z, dtype=np.float64)),
@@ -66,7 +66,7 @@ class CrossSums:
         self.z += z.sum(dim=0)
         self.zz += z.T @ z
 
-    def merge(self, other: "CrossSums") -> "CrossSums":
+    def merge(self, other: CrossSums) -> CrossSums:
         self.z += other.z
         self.zz += other.zz
         self.zy += other.zy

@@ -189,7 +189,7 @@ class SampleScore:
     S1: dict[int, float]  # k -> mean precision
     S2: float
     S3: float
-    assisted: "SampleScore | None" = None  # the same scores of the assisted estimator's answers
+    assisted: SampleScore | None = None  # the same scores of the assisted estimator's answers
 
 
 def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts: np.ndarray,

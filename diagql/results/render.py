@@ -216,8 +216,8 @@ def _estimate_line(result) -> Text | None:
         return Text(f"no accuracy estimate: {reason}", style="yellow")
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
-    covers = ("model-assisted: corrected toward all matching items by a regression on the "
-              "latent; covers the sampler's selection" if reliable[0].estimator == "assisted"
+    covers = ("model-assisted (a regression on the latent): covers the sampler's selection"
+              if reliable[0].estimator == "assisted"
               else "covers sampling variance, not a sampler's bias")
     return Text(f"estimated from the sample: expected {reliable[0].metric.label} {value:.3f}{scope}; "
                 f"{covers}", style="dim")
