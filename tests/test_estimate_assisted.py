@@ -13,7 +13,14 @@ import diagql
 from diagql.engine import covariates as covariates_module
 from diagql.engine.covariates import covariates
 from diagql.engine.estimate import p_in_topk
-from diagql.engine.regression import RIDGE, CrossSums, GroupSums, assisted
+from diagql.engine.regression import (
+    RIDGE,
+    CrossSums,
+    GroupSums,
+    assisted,
+    corrected_mean,
+    of_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +185,10 @@ def test_p_in_topk_skips_only_neurons_that_cannot_reach_the_top():
     top = np.argsort(-draws, axis=1)[:, :k]
     brute = np.array([(top == j).any(axis=1).mean() for j in reported])
     np.testing.assert_allclose(fast, brute, atol=0.08)
+
+
+def test_evaluate_s_lean_mean_is_the_assisted_mean():
+    Z, Y, picked = _synthetic(5)
+    lean = corrected_mean(Y[picked], Z[picked], Z.mean(axis=0))
+    full = assisted({0: of_rows(Y[picked], Z[picked], len(Y), Z.mean(axis=0))})[0].mean
+    np.testing.assert_allclose(lean, full, atol=1e-10)

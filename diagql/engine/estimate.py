@@ -59,9 +59,10 @@ def _sums(state) -> tuple[np.ndarray, np.ndarray]:
     return state.sum.numpy(), state.sumsq.numpy()
 
 
-def shares(fitted: Fitted) -> np.ndarray:
-    """ARGMAX's answer from the assisted fit: the shares, clipped at 0 and summing to 1."""
-    values = np.clip(fitted.mean, 0.0, None)
+def shares(fitted: Fitted | np.ndarray) -> np.ndarray:
+    """ARGMAX's answer from the assisted fit (or its mean): the shares, clipped at 0 and
+    summing to 1."""
+    values = np.clip(fitted.mean if isinstance(fitted, Fitted) else fitted, 0.0, None)
     total = values.sum()
     return values / total if total > 0 else values
 

@@ -102,6 +102,17 @@ def of_rows(values: np.ndarray, z: np.ndarray, population: int,
                      CrossSums.of_rows(z, values), population, population_z)
 
 
+def corrected_mean(values: np.ndarray, z: np.ndarray, population_z: np.ndarray,
+                   ridge: float = RIDGE) -> np.ndarray:
+    """``assisted``'s estimate of one group's mean from its sampled rows alone (no variance):
+    the lean form EVALUATE scores every combination with."""
+    values = np.asarray(values, dtype=np.float64)
+    ybar, zbar = values.mean(axis=0), z.mean(axis=0)
+    zc = z - zbar
+    B = np.linalg.solve(zc.T @ zc + ridge * np.eye(z.shape[1]), zc.T @ (values - ybar))
+    return ybar + (population_z - zbar) @ B
+
+
 def assisted(groups: dict, ridge: float = RIDGE) -> dict:
     """key -> Fitted for every group with at least one sampled item (``groups``: key ->
     GroupSums); a group of one item has no residual variance (se NaN)."""

@@ -26,7 +26,7 @@ from diagql import samplers
 from diagql.engine.covariates import covariates
 from diagql.engine.estimate import shares
 from diagql.engine.groups import cell_codes, n_cells
-from diagql.engine.regression import assisted, of_rows
+from diagql.engine.regression import corrected_mean
 from diagql.errors import ExecutionError
 from diagql.evaluate.bind import BoundEvaluation, Candidate, bind_evaluate
 from diagql.language import ast
@@ -208,7 +208,7 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
     # Each valid group's matching items and their mean covariates: what a query of that
     # (class, correctness) cell corrects its sample toward.
     z_means = np.stack([z[groups == g].mean(axis=0) for g in valid])
-    context = (z, z_means, counts[valid])
+    context = (z, z_means)
     scores: list[SampleScore] = []
     memo: dict[bytes, SampleScore] = {}  # a sampler that ignores its seed draws the same sample
     with conn.progress.task("EVALUATE: scoring samples", len(draws)) as advance:
@@ -237,7 +237,7 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
     where = slot[valid]  # each valid group's slot among the sample's groups, -1: missed
     hit = where >= 0
     member = np.repeat(np.arange(len(starts)), sizes)
-    z_all, z_means, populations = context
+    z_all, z_means = context
     z_rows = z_all[indices[order]]
     plain, fitted = _Tally(bound.ks), _Tally(bound.ks)
     for layer in bound.layers:
@@ -255,9 +255,8 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
             onehot = np.zeros(rows.shape)
             onehot[np.arange(len(rows)), a.winners[rows_at[part]]] = 1.0
             z = z_rows[part]
-            fit_mean[row] = assisted({0: of_rows(rows, z, populations[v], z_means[v])})[0].mean
-            fit_share[row] = shares(assisted({0: of_rows(onehot, z, populations[v],
-                                                         z_means[v])})[0])
+            fit_mean[row] = corrected_mean(rows, z, z_means[v])
+            fit_share[row] = shares(corrected_mean(onehot, z, z_means[v]))
         fitted.add(layer, exact[layer.name], hit, fit_mean, fit_share)
     score = plain.score()
     score.assisted = fitted.score()
