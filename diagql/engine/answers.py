@@ -40,16 +40,21 @@ def no_match_message(plan: Plan) -> str:
 
 def build_result(plan: Plan, states: dict) -> Result:
     query = plan.query
+    # A sample's assisted fit pools one slope over all its groups (engine/regression.py).
+    fits = {}
+    if plan.approximate and plan.estimator == "assisted" and plan.covariate_means is not None:
+        fits = estimate.fit(states, plan.population, plan.covariate_means)
     if query.group_by is None:
-        return _single(plan, states.get(None), plan.population[None])
+        return _single(plan, states.get(None), plan.population[None], fits.get(None))
     result = _single(plan, None, 0)
     keys = sorted_keys(states)
-    result.groups = {key: _single(plan, states[key], plan.population[key]) for key in keys}
+    result.groups = {key: _single(plan, states[key], plan.population[key], fits.get(key))
+                     for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
     return result
 
 
-def _single(plan: Plan, state, population: int) -> Result:
+def _single(plan: Plan, state, population: int, fitted=None) -> Result:
     query, layer = plan.query, plan.bound.layer
     provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by,
                             query.order)
@@ -58,6 +63,8 @@ def _single(plan: Plan, state, population: int) -> Result:
     if state is None or state.count == 0:
         return result
     values = state.finalize()
+    if fitted is not None:  # the assisted estimator's answer instead of the sample's own
+        values = estimate.shares(fitted) if query.aggregate == "argmax" else fitted.mean
     if query.aggregate == "topk":
         result.dense = values
         neurons = rank(values, query.k)
@@ -65,7 +72,7 @@ def _single(plan: Plan, state, population: int) -> Result:
     else:
         neurons = np.arange(len(values))
     if result.approximate:
-        result.estimate = _estimate(plan, state, population, neurons)
+        result.estimate = _estimate(plan, state, population, neurons, fitted)
     result.neurons = neurons
     result.values = values
     result.labels = plan.bound.view.labels(neurons)
@@ -73,16 +80,16 @@ def _single(plan: Plan, state, population: int) -> Result:
     return result
 
 
-def _estimate(plan: Plan, state, population: int, neurons: np.ndarray) -> Estimate:
+def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted) -> Estimate:
     query, sampler = plan.query, plan.bound.sampler
     reliable = getattr(sampler, "uniform", False)
     if query.aggregate == "argmax":
-        return estimate.for_argmax(state, population, reliable)
+        return estimate.for_argmax(state, population, reliable, fitted)
     if query.aggregate == "topk" and query.order == "max":
         return estimate.unavailable("a sample's maximum is biased low and has no sampling "
                                     "distribution to estimate from; use BY MEAN or a baseline")
     return estimate.for_mean(state, population, neurons,
-                             query.k if query.aggregate == "topk" else None, reliable)
+                             query.k if query.aggregate == "topk" else None, reliable, fitted)
 
 
 def compare(plan: Plan, approx: Result, exact: Result) -> None:

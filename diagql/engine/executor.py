@@ -45,7 +45,8 @@ class Reducer:
             self._update(key, values[torch.from_numpy(mask).to(values.device)], idx[mask])
 
     def _update(self, key, values: torch.Tensor, idx: np.ndarray) -> None:
-        if self._state(key).update(values):
+        z = self.plan.covariates
+        if self._state(key).update(values, None if z is None else torch.from_numpy(z[idx])):
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
         # ranking is meaningless, so they are counted over the whole pass and reported.
@@ -83,8 +84,10 @@ class Reducer:
         if key not in self.states:
             query = self.plan.query
             # An exact answer has no standard error to compute.
+            z = self.plan.covariates
             self.states[key] = state_for(query.aggregate, query.order, self.plan.bound.n_neurons,
-                                         spread=self.plan.approximate)
+                                         spread=self.plan.approximate,
+                                         covariates=0 if z is None else z.shape[1])
         return self.states[key]
 
     def check(self) -> None:

@@ -4,10 +4,12 @@ Predicates are evaluated on the profile here, so only matching items ever reach 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from diagql.engine.covariates import covariates
 from diagql.engine.groups import group_values
 from diagql.language import ast
 from diagql.language.ast import predicate_text
@@ -28,6 +30,12 @@ class Plan:
     seconds_per_item: float
     population: dict  # matching items of the whole data set, per group key (None: no GROUP BY)
     baseline: "Plan | None" = None
+    # A sample's answer: "assisted" (the regression estimator, engine/regression.py) or
+    # "plain" (the sample mean); the covariates of every item (N × p) and their mean over each
+    # group's matching items, which the assisted estimator corrects the sample toward.
+    estimator: str | None = None
+    covariates: np.ndarray | None = None
+    covariate_means: dict | None = None
 
     @property
     def query(self) -> ast.Query:
@@ -73,7 +81,7 @@ class Plan:
 
 
 def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
-               sampler_spec: str | None) -> Plan:
+               sampler_spec: str | None, estimator: str = "assisted") -> Plan:
     query = bound.query
     mask = predicate_mask(query.where, profile)
     matching = np.flatnonzero(mask)
@@ -87,8 +95,16 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     if sample is None:
         return full
     items = sample[mask[sample]]
-    return _plan(bound, profile, items, keys, population, len(sample), sampler_spec,
+    plan = _plan(bound, profile, items, keys, population, len(sample), sampler_spec,
                  baseline=full if query.baseline else None)
+    if query.aggregate == "topk" and query.order == "max":
+        return plan  # a maximum has no regression estimator
+    z = covariates(profile)
+    if keys is None:
+        means = {None: z[matching].mean(axis=0)}
+    else:
+        means = {key: z[matching[keys[matching] == key]].mean(axis=0) for key in population}
+    return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means)
 
 
 def _plan(bound, profile, items, keys, population, n_sample, spec, baseline=None) -> Plan:

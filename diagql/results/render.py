@@ -78,6 +78,10 @@ def _evaluation(result, echo: bool) -> Group:
         table.add_column(f"{metric.paper} {metric.arrow}", justify="right")
         if spread:
             table.add_column("±", justify="right", style="dim")
+    assisted = all(f"{name} assisted" in r for r in rows for name in names)
+    if assisted:  # the model-assisted estimator's scores, beside the sample's own
+        for metric in METRICS:
+            table.add_column(f"{metric.paper} asst", justify="right", style="green")
     for name in ("items", "correct", "incorrect", "draw s"):
         table.add_column(name, justify="right")
     previous = None
@@ -91,6 +95,7 @@ def _evaluation(result, echo: bool) -> Group:
         for name in names:
             sd = r[f"{name} sd"]
             cells += [f"{r[name]:.3f}"] + ([f"{sd:.3f}" if sd else ""] if spread else [])
+        cells += [f"{r[f'{name} assisted']:.3f}" for name in names] if assisted else []
         cells += [f"{r[n]:.0f}" if float(r[n]).is_integer() else f"{r[n]:.1f}"
                   for n in ("items", "correct", "incorrect")]
         cells.append(f"{r['seconds']:.3f}")
@@ -211,8 +216,11 @@ def _estimate_line(result) -> Text | None:
         return Text(f"no accuracy estimate: {reason}", style="yellow")
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
+    covers = ("model-assisted (a regression on the latent): covers the sampler's selection"
+              if reliable[0].estimator == "assisted"
+              else "covers sampling variance, not a sampler's bias")
     return Text(f"estimated from the sample: expected {reliable[0].metric.label} {value:.3f}{scope}; "
-                f"covers sampling variance, not a sampler's bias", style="dim")
+                f"{covers}", style="dim")
 
 
 def _caption(result) -> str:

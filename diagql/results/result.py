@@ -59,11 +59,15 @@ class Estimate:
     p_in_topk: np.ndarray | None = None  # TOPK: P(the neuron is in the true top-k)
     metric: Metric | None = None  # the metric whose expected value ``expected`` is
     expected: float | None = None
+    # "assisted" (the answer and its estimate come from a regression on the latent: reliable
+    # for every sampler) or "plain" (the sample mean: reliable for uniform samplers only)
+    estimator: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready, the fields that are set, the expected value as "expected_<metric>"."""
         out = {"covers": self.covers, "reliable": self.reliable}
-        for name in ("level", "n", "population", "reason", "ci_low", "ci_high", "p_in_topk"):
+        for name in ("estimator", "level", "n", "population", "reason", "ci_low", "ci_high",
+                     "p_in_topk"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = _jsonable(value)

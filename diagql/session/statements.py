@@ -61,7 +61,8 @@ def planned(conn, query: ast.Query) -> tuple[Plan, dict[str, float]]:
         sample_seconds = sample.seconds if fresh else 0.0
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
-                      None if sample is None else with_model(sample.spec, drawn_on))
+                      None if sample is None else with_model(sample.spec, drawn_on),
+                      conn.settings.estimator)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
 
