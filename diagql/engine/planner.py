@@ -28,6 +28,10 @@ class Plan:
     seconds_per_item: float
     population: dict  # matching items of the whole data set, per group key (None: no GROUP BY)
     baseline: "Plan | None" = None
+    # Every item's rows of the view, when the profile holds them (the latent or the logits):
+    # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
+    profile_rows: np.ndarray | None = None
+    profile_what: str = ""
 
     @property
     def query(self) -> ast.Query:
@@ -39,6 +43,8 @@ class Plan:
         return self.n_sample is not None
 
     def estimated_seconds(self) -> float:
+        if self.profile_rows is not None:
+            return 0.0
         return len(self.items) * self.seconds_per_item
 
     def explain(self) -> list[tuple[str, str]]:
@@ -59,7 +65,12 @@ class Plan:
         if layer.call:  # one call of a module that runs several times per pass
             hook = (f"{layer.module}, read at its call {layer.call} of {layer.calls} "
                     f"({layer.shape_text()}{axis}); the pass stops once that call has run")
-        rows.append(("forward", f"{len(self.items):,} items in batches, hook on {hook}"))
+        if self.profile_rows is not None:
+            rows.append(("forward", f"none: the rows of {layer.name} are {self.profile_what} "
+                                    f"(equal for every item, as the profile pass checked), read "
+                                    f"from the profile for {len(self.items):,} items"))
+        else:
+            rows.append(("forward", f"{len(self.items):,} items in batches, hook on {hook}"))
         rows.append(("per item", f"{view.text() + ': ' if view.text() else ''}"
                                  f"{view.describe()} → {self.bound.n_neurons:,} {unit}"))
         agg = {"topk": f"top-{q.k} by {q.order}", "avg": "mean per neuron",
@@ -92,8 +103,13 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
 
 
 def _plan(bound, profile, items, keys, population, n_sample, spec, baseline=None) -> Plan:
+    rows = profile.rows_of(bound.view.key)
+    what = ""
+    if rows is not None:
+        what = ("the profile's logits" if rows is profile.logits
+                else f"the profile's latent ({profile.latent_layer})")
     return Plan(bound, items, None if keys is None else keys[items], len(profile), n_sample, spec,
-                profile.seconds_per_item(), population, baseline)
+                profile.seconds_per_item(), population, baseline, rows, what)
 
 
 _OPS = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,

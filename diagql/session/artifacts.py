@@ -96,7 +96,7 @@ class Artifacts:
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
-            view=view)
+            view=view, catalog=self.get_catalog())
 
     def get_sample(self, sampler: samplers.Sampler) -> tuple[samplers.Sample, bool]:
         """The sampler's sample and whether it was drawn just now (False: from a cache)."""
@@ -161,7 +161,8 @@ class Artifacts:
         # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
         # tie. The batch size is not: on one device it changes outputs by rounding at most.
         return cache_key("profile", *fingerprints, conn.settings.latent, str(conn.dtype),
-                         conn.device.type, source_digest(profile_module), source_digest(views))
+                         conn.device.type, source_digest(profile_module), source_digest(views),
+                         source_digest(layers))  # which layers hold the same rows: the catalog
 
     def catalog_key(self) -> str | None:
         """The catalog depends on the model and the items' shape, so on both fingerprints."""

@@ -68,7 +68,7 @@ def _query(conn, query: ast.Query) -> Result:
 def _explain(conn, statement: ast.Explain) -> Result:
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
-    if plan.approximate:
+    if plan.approximate and plan.profile_rows is None:
         rows.insert([step for step, _ in rows].index("forward"),
                     ("cache", _cache_detail(conn.activations, plan)))
     return Result(kind="explain", statement=statement.text, title=f"plan: {statement.query.text}",
