@@ -32,6 +32,7 @@ class Plan:
     # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
     profile_rows: np.ndarray | None = None
     profile_what: str = ""
+    choice: str = ""  # USING AUTO: what it chose and why (or how an UNTIL query grows)
 
     @property
     def query(self) -> ast.Query:
@@ -50,7 +51,7 @@ class Plan:
     def explain(self) -> list[tuple[str, str]]:
         """(step, detail) rows, top to bottom in the order they run."""
         q = self.query
-        rows = []
+        rows = [("auto", self.choice)] if self.choice else []
         if not self.approximate:
             rows.append(("scan", f"all {self.n_data:,} items (USING FULL)"))
         else:

@@ -40,7 +40,8 @@ def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
             yield exc.with_source(script)
             continue
         parsed = time.perf_counter() - started
-        if isinstance(statement, ast.Query):
+        # A growing query runs rounds of its own, so it shares no pass.
+        if isinstance(statement, ast.Query) and statement.until is None:
             queries.append((statement, parsed))
             continue
         yield from _run_queries(conn, queries, script)

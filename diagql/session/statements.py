@@ -5,6 +5,7 @@ statement in one line when no model is connected, before any work starts.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -46,19 +47,35 @@ def planned(conn, query: ast.Query) -> tuple[Plan, dict[str, float]]:
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(query)
-    sample, sample_seconds = None, 0.0
+    sample, sample_seconds, choice = None, 0.0, ""
+    if isinstance(query.source, ast.Auto) and query.until is None:
+        from diagql.session.auto import choose
+
+        bound, choice = choose(conn, bound, profile)
+    elif query.until is not None:
+        from diagql.session.growth import first_round
+
+        bound, choice = first_round(conn, bound, profile)
     if bound.sampler is not None:
         sample, fresh = conn.artifacts.get_sample(bound.sampler)
         sample_seconds = sample.seconds if fresh else 0.0
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else sample.spec)
+    if choice:
+        plan = dataclasses.replace(plan, choice=choice)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
 
 
 def _query(conn, query: ast.Query) -> Result:
     plan, timings = planned(conn, query)
+    if query.until is not None:
+        from diagql.session.growth import grow
+
+        result = grow(conn, plan, timings)
+        record_speedup(result)
+        return result
     result = conn.runner().answer(plan)
     result.timings.update(timings)
     record_speedup(result)
