@@ -69,7 +69,7 @@ def test_only_layers_whose_rows_equal_the_latent_are_answered_from_the_profile(w
 
 
 def test_auto_is_exact_for_a_narrow_where_and_samples_a_broad_one(world):
-    conn, model, (X, y), calls = world
+    conn, model, (X, y), _ = world
     pred = torch.from_numpy(_torch(model, X, 9).argmax(axis=1))
     narrow = int(((y == 3) & (pred != 3)).sum())
     assert 0 < narrow < 0.05 * len(y)
@@ -120,7 +120,7 @@ def test_nested_samplers_draw_prefixes_of_one_order():
 
 
 def test_growth_stops_at_the_target_and_equals_a_one_shot_query_at_its_final_size(world):
-    conn, model, (X, y), calls = world
+    conn, _, (_, y), _ = world
     items_before = conn.counters["items"]
     grown = conn.query("TOPK 3 NEURONS IN 4 USING SAMPLE random(40) UNTIL precision >= 0.8")
     growth = grown.provenance.growth
@@ -146,7 +146,7 @@ def test_growth_stops_when_the_time_budget_is_spent(world):
 
 
 def test_growth_turns_exact_when_that_is_cheaper(world):
-    conn, model, (X, y), calls = world
+    conn, model, (X, y), _ = world
     result = conn.query("AVG NEURONS IN 3 WHERE class = 5 USING SAMPLE random(40) "
                         "UNTIL cosine <= 0.0000001")
     assert result.provenance.growth.stop == "exact cheaper"
