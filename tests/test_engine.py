@@ -209,8 +209,11 @@ def test_the_pass_stops_after_the_queried_layer(world):
     mask = np.isin(y.numpy(), [3, 5])
     np.testing.assert_allclose(answer.values, activations(model, X, "2")[mask].mean(axis=0),
                                rtol=1e-6, atol=1e-9)
-    conn.query("AVG NEURONS IN 8")  # the last layer: the whole model runs
-    assert later[0] > 0
+    conn.query("AVG NEURONS IN 8")  # the logits: read from the profile, no pass at all
+    assert later[0] == 0
+    ran = count_calls(model[6])
+    conn.query("AVG NEURONS IN 6")  # a later layer: the model runs up to it
+    assert ran[0] > 0
 
 
 # --- one pass for a script's queries -----------------------------------------------------------

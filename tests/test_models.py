@@ -148,3 +148,16 @@ def test_one_pass_feeds_two_models_the_same_batches(two, cnn, mlp, digits):
     runner = two.models["base"].runner()
     with pytest.raises(ExecutionError, match="one module"):
         run_together([(runner, [collected[0][1]]), (runner, [collected[0][1]])], "twice")
+
+
+def test_a_layer_the_profile_holds_is_read_from_its_own_models_profile_only(digits):
+    """Layer 7 is the CNN's latent and 8 its logits, which the profile holds: a query on b's
+    that reads no prediction is planned on a's profile, whose rows are a's, not b's."""
+    X, y = digits
+    a, b = models.trained_cnn(), models.build_cnn(seed=3)
+    db = diagql.connect({"a": a, "b": b}, (X, y), cache_dir=False, progress=False)
+    for layer in ("7", "8"):
+        for name, model in (("a", a), ("b", b)):
+            result = db.query(f"AVG NEURONS IN {name}.{layer} WHERE class = 2")
+            truth = outputs(model, X, layer)[(y == 2).numpy()].mean(0)
+            np.testing.assert_allclose(result.values, truth, atol=1e-5)

@@ -482,8 +482,8 @@ def test_other_syntax_errors_are_not_incomplete(text):
 def test_expected_list_names_keywords_and_end_of_statement():
     err = error_of("TOPK 5 NEURONS IN fc1 fc2")
     assert (err.line, err.column) == (1, 23)
-    assert err.message == ("unexpected 'fc2'; expected ACROSS, BY, GROUP, TOKEN, TOKENS, USING, "
-                           "WHERE, WITH, a call number ('#2') or end of statement")
+    assert err.message == ("unexpected 'fc2'; expected ACROSS, BY, GROUP, TOKEN, TOKENS, UNTIL, "
+                           "USING, WHERE, WITH, WITHIN, a call number ('#2') or end of statement")
     err = error_of("AVG NEURONS IN fc1 WHERE class = 1 class")
     assert "AND" in err.message and "OR" in err.message and "end of statement" in err.message
 

@@ -57,7 +57,7 @@ def build_result(plan: Plan, states: dict) -> Result:
 def _single(plan: Plan, state, population: int, fitted=None) -> Result:
     query, layer = plan.query, plan.bound.layer
     provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by,
-                            query.order)
+                            query.order, choice=plan.choice or None)
     result = Result(kind=query.aggregate, statement=query.text, layer=layer.name, unit=query.unit,
                     provenance=provenance, plan=plan)
     if state is None or state.count == 0:

@@ -181,6 +181,8 @@ class Runner:
         only the items it lacks go through the model (their rows kept as they pass), and a
         query whose states were reduced before (TOPK then AVG, same layer, sample and WHERE)
         reuses them."""
+        if plan.profile_rows is not None:
+            return self._from_profile(plan)
         store = self.activations if plan.approximate else None
         if store is None:
             reducer = Reducer(plan)
@@ -201,6 +203,13 @@ class Runner:
         reducer = cached.merge(fresh)
         reducer.check()
         store.remember(plan, reducer.states)
+        return reducer.states
+
+    def _from_profile(self, plan: Plan) -> dict:
+        """The states of a plan whose rows the profile holds: no forward pass."""
+        reducer = Reducer(plan)
+        reducer.take_rows(plan.profile_rows, plan.items, plan.items, self.batch_size)
+        reducer.check()
         return reducer.states
 
     def _split(self, plan: Plan) -> tuple[Reducer, Reducer]:
@@ -233,6 +242,12 @@ class Runner:
                 require_matches(plan)
             except ExecutionError as exc:
                 outcomes[i] = exc
+                continue
+            if plan.profile_rows is not None:  # answered from the profile, beside the pass
+                try:
+                    outcomes[i] = self.answer(plan)
+                except ExecutionError as exc:
+                    outcomes[i] = exc
                 continue
             base = Reducer(plan.baseline) if plan.baseline is not None else None
             if not plan.approximate or store is None:

@@ -151,6 +151,38 @@ class Full:
 
 
 @dataclass(frozen=True)
+class Target:
+    """``precision >= 0.9``: a bound on the answer's own estimate (``UNTIL``)."""
+
+    metric: str  # "precision" | "cosine" | "js" | "width"
+    op: str  # ">=", ">", "<=", "<"
+    value: float
+    span: Span | None = _span()
+
+    def text(self) -> str:
+        return f"{self.metric} {self.op} {_num(self.value)}"
+
+
+@dataclass(frozen=True)
+class Until:
+    """``UNTIL target [WITHIN s SECONDS]`` or ``WITHIN s SECONDS``: grow the sample until the
+    target is met, the time is spent, or the exact answer is cheaper."""
+
+    target: Target | None = None
+    seconds: float | None = None
+    span: Span | None = _span()
+    seconds_span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Auto:
+    """``USING AUTO``: exact when that costs about as little as a sample, else the default
+    sampler; with ``until``, a sample grown to a target."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
 class Tokens:
     """``TOKENS MEAN | TOKENS MAX | TOKENS ALL | TOKEN n`` after a sequence layer: how an
     item's tokens become one vector (the mean or max over its real tokens, its n-th real
@@ -182,12 +214,13 @@ class Query:
     order: str = "mean"  # TOPK ranks by "mean" or "max"
     where: Predicate | None = None
     group_by: str | None = None  # "class" | "predicted" | "correct"
-    source: Full | SamplerCall = Full()
+    source: Full | SamplerCall | Auto = Full()
     baseline: bool = False
     tokens: Tokens | None = None  # a sequence layer's reduction; None: its default (MEAN)
     span: Span | None = _span()
     text: str = field(default="", compare=False)
     across: "Across | None" = None  # ACROSS CHECKPOINTS: one answer per checkpoint
+    until: Until | None = None  # an error-bounded query: grow the sample until ...
 
 
 @dataclass(frozen=True)

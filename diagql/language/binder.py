@@ -141,7 +141,51 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
     sampler = None
     if isinstance(query.source, ast.SamplerCall):
         sampler = bind_sampler(query.source, seed, n_items)
+    if query.until is not None:
+        bind_until(query, sampler)
     return BoundQuery(query, layer, n_neurons, sampler, view)
+
+
+# UNTIL's targets: the aggregate whose estimate reports each, and the direction it improves in.
+TARGETS = {"precision": ("topk", "higher", (0.0, 1.0)), "cosine": ("avg", "lower", (0.0, 2.0)),
+           "width": ("avg", "lower", (0.0, None)), "js": ("argmax", "lower", (0.0, 1.0))}
+_TARGET_OF = {"topk": "precision >= 0.9", "avg": "cosine <= 0.01 or width <= 0.05",
+              "argmax": "js <= 0.05"}
+
+
+def bind_until(query: ast.Query, sampler: samplers.Sampler | None) -> None:
+    """An error-bounded query's target must be one its aggregate's estimate reports, in the
+    direction it improves, and its sampler must be able to grow."""
+    target = query.until.target
+    if sampler is not None and not hasattr(sampler, "size"):
+        raise _error(f"sampler {sampler.name!r} draws a set of its own size, so it cannot grow "
+                     f"until a target; use another sampler", query.source.span)
+    if target is None:
+        return
+    known = TARGETS.get(target.metric)
+    if known is None:
+        raise _error(f"unknown target {target.metric!r}{did_you_mean(target.metric, TARGETS)}; "
+                     f"{query.aggregate.upper()} takes {_TARGET_OF[query.aggregate]}", target.span)
+    aggregate, better, (low, high) = known
+    if aggregate != query.aggregate:
+        raise _error(f"{target.metric} is not estimated for {query.aggregate.upper()}; it takes "
+                     f"{_TARGET_OF[query.aggregate]}", target.span)
+    if query.aggregate == "topk" and query.order == "max":
+        raise _error("a sample's maximum has no estimate to grow towards; UNTIL precision needs "
+                     "TOPK ... BY MEAN (WITHIN n SECONDS alone works)", target.span)
+    wanted = (">=", ">") if better == "higher" else ("<=", "<")
+    if target.op not in wanted:
+        raise _error(f"{target.metric} is better {better}, so its target is a "
+                     f"{'lower' if better == 'higher' else 'upper'} bound: write "
+                     f"{target.metric} {wanted[0]} {_num_text(target.value)}", target.span)
+    if not (_finite(target.value) and target.value > low and (high is None or target.value
+                                                                <= high)):
+        where = f"in ({low:g}, {high:g}]" if high is not None else "above 0"
+        raise _error(f"{target.metric} target {target.value} is not {where}", target.span)
+
+
+def _num_text(value) -> str:
+    return f"{value:g}" if _finite(value) else str(value)
 
 
 def bind_view(query: ast.Query, layer: LayerInfo) -> View:

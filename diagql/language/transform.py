@@ -164,7 +164,29 @@ def _build_transformer():
             return {"source": ast.Full(span=self._span(meta))}
 
         def sample(self, meta, children):
-            return {"source": children[2]}
+            return {"source": children[2], **dict(children[3:])}
+
+        def auto(self, meta, children):
+            until = [c for c in children if isinstance(c, tuple)]
+            return {"source": ast.Auto(span=self._span(meta)), **dict(until)}
+
+        def until(self, meta, children):
+            target = children[1] if isinstance(children[1], ast.Target) else None
+            seconds = [c for c in children if isinstance(c, _Located)]
+            span = None
+            if seconds:
+                span = seconds[0]._span
+                if not seconds[0].value > 0:
+                    raise ParseError("WITHIN takes a positive number of seconds", line=span.line,
+                                     column=span.column, end_column=span.end_column,
+                                     source=self.source)
+            return ("until", ast.Until(target, float(_plain(seconds[0])) if seconds else None,
+                                       span=self._span(meta), seconds_span=span))
+
+        def target(self, meta, children):
+            name, op, value = children
+            return ast.Target(str(name).lower(), {"<>": "!="}.get(str(op), str(op)),
+                              _plain(value), span=self._span(meta))
 
         def baseline(self, meta, children):
             return {"baseline": True}

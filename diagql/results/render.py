@@ -35,6 +35,11 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     parts.append(_query_table(result, max_rows))
     # Below the table rather than as its caption, which rich would wrap to the table's width.
     parts.append(Text(_caption(result), style="dim"))
+    provenance = result.provenance
+    for line in (provenance.choice, provenance.growth and provenance.growth.text()) \
+            if provenance is not None else ():
+        if line:
+            parts.append(Text(line, style="cyan"))
     line = _estimate_line(result)
     if line is not None:
         parts.append(line)

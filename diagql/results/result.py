@@ -17,6 +17,39 @@ from diagql.results.metrics import Metric
 
 
 @dataclass(frozen=True)
+class Growth:
+    """How an error-bounded query (``UNTIL`` / ``WITHIN``) grew its sample, and why it stopped."""
+
+    target: str | None  # "precision >= 0.9"; None: a time budget alone
+    budget: float | None  # seconds (WITHIN), or None
+    sizes: tuple[int, ...]  # the sample's items after each round
+    reached: float | None  # the final round's estimate of the target's metric (worst group)
+    stop: str  # one of STOPS
+    seconds: float  # the whole growth, draws and passes included
+    exact: bool = False  # the answer is exact: the last round found exact cheaper
+
+    def text(self) -> str:
+        """One line for the table's caption and the JSON."""
+        rounds = " → ".join(f"{n:,}" for n in self.sizes)
+        goal = [f"until {self.target}"] if self.target else []
+        if self.budget is not None:
+            goal.append(f"within {self.budget:g} s")
+        reached = f", reached {self.reached:.3f}" if self.reached is not None else ""
+        end = "answered exactly" if self.exact else f"{len(self.sizes)} round" + \
+            ("s" if len(self.sizes) != 1 else "")
+        return (f"grown {rounds} items ({' '.join(goal)}): {self.stop}{reached}; {end}, "
+                f"{self.seconds:.3f} s")
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "budget": self.budget, "sizes": list(self.sizes),
+                "reached": self.reached, "stop": self.stop, "seconds": self.seconds,
+                "exact": self.exact}
+
+
+STOPS = ("target met", "budget spent", "exact cheaper", "data exhausted")
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where a query's answer comes from: all items or a sample of them, and how it was asked."""
 
@@ -25,6 +58,8 @@ class Provenance:
     n_sample: int | None = None  # the sample's size; None with the sampler: every item
     group_by: str | None = None  # "class" | "predicted" | "correct"
     order: str = "mean"  # what TOPK ranks by: "mean" or "max"
+    choice: str | None = None  # USING AUTO: what it chose and why
+    growth: Growth | None = None  # UNTIL / WITHIN: how the sample grew and why it stopped
 
     def __post_init__(self):
         if (self.sampler is None) != (self.n_sample is None):
@@ -163,6 +198,11 @@ class Result:
             "estimate": self.estimate.to_dict() if self.estimate is not None else None,
             "notes": list(self.notes),
         }
+        provenance = self.provenance
+        if provenance is not None and provenance.choice is not None:
+            out["choice"] = provenance.choice
+        if provenance is not None and provenance.growth is not None:
+            out["growth"] = provenance.growth.to_dict()
         if self.groups is not None:
             out["groups"] = [{"group": _plain(key), **group.to_dict()}
                              for key, group in self.groups.items()]

@@ -59,14 +59,15 @@ class Artifacts:
 
     # --- the artifacts ----------------------------------------------------------------------
 
+    def _probe(self) -> LayerCatalog:
+        conn = self.conn
+        return probe(conn.model, conn.source, lambda x: to_device(x, conn.device, conn.dtype),
+                     call_model)
+
     def get_catalog(self) -> LayerCatalog:
         if self.catalog is None:
             conn = self.conn
-
-            def compute() -> LayerCatalog:
-                return probe(conn.model, conn.source,
-                             lambda x: to_device(x, conn.device, conn.dtype), call_model)
-
+            compute = self._probe
             self.catalog = load_or_compute(
                 conn.cache, "catalog", self.catalog_key(), compute, LayerCatalog.to_arrays,
                 LayerCatalog.from_arrays, lambda _: {"model": type(conn.model).__qualname__})
@@ -97,7 +98,9 @@ class Artifacts:
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
-            view=view)
+            # The catalog as it is, or probed (three items) for the pass alone: a profile
+            # loaded from disk needs none, and one computed touches no other cache entry.
+            view=view, catalog=self.catalog or self._probe())
 
     def get_sample(self, sampler: samplers.Sampler) -> tuple[samplers.Sample, bool]:
         """The sampler's sample and whether it was drawn just now (False: from a cache)."""
@@ -162,7 +165,8 @@ class Artifacts:
         # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
         # tie. The batch size is not: on one device it changes outputs by rounding at most.
         return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
-                         conn.device.type, source_digest(profile_module), source_digest(views))
+                         conn.device.type, source_digest(profile_module), source_digest(views),
+                         source_digest(layers))  # which layers hold the same rows: the catalog
 
     def catalog_key(self) -> str | None:
         """The catalog depends on the model and the items' shape, so on both fingerprints."""

@@ -41,7 +41,9 @@ def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
             yield exc.with_source(script)
             continue
         parsed = time.perf_counter() - started
-        if isinstance(statement, ast.Query) and statement.across is None:
+        # A growing query runs rounds of its own, and ACROSS CHECKPOINTS its own passes, so
+        # neither shares a pass.
+        if isinstance(statement, ast.Query) and statement.across is None and statement.until is None:
             queries.append((statement, parsed))
             continue
         yield from _run_queries(conn, queries, script)

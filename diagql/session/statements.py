@@ -38,33 +38,69 @@ def planned(conn, query: ast.Query) -> tuple[Plan, dict[str, float]]:
     step took. The plan's ``query.layer.model`` names the model whose layer it reads."""
     conn.require_model()
     started = time.perf_counter()
-    entry, layer = conn.resolve(query.layer)
-    query, sampling, drawn_on = replace(query, layer=layer), None, None
-    if isinstance(query.source, ast.SamplerCall):  # model='wide': whose profile it draws from
-        call, drawn_on = sampler_model(query.source)
-        query, sampling = replace(query, source=call), conn.on(drawn_on, query.source.span)
+    src = sources(conn, query)
+    query, entry = src.query, src.entry
     catalog = entry.catalog  # probed once per model and data, like the profile
     started, probe_seconds = time.perf_counter(), time.perf_counter() - started
     bound = bind_query(query, catalog, n_classes=entry.n_classes, seed=conn.settings.seed,
                        n_items=len(conn.source))
     bound_at = time.perf_counter()
-    # After binding, so that a mistake costs no pass over the data. The labels are the data's:
-    # a query that reads no prediction is planned on a profile the statement needs anyway, so
-    # that a checkpoint's query over a sample costs no pass over all the data.
-    profile = (entry if reads_predictions(query) else sampling or conn.current).profile
+    # After binding, so that a mistake costs no pass over the data (sources() says whose).
+    profile = src.reader.profile
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(query)
-    sample, sample_seconds = None, 0.0
+    sample, sample_seconds, choice = None, 0.0, ""
+    if isinstance(query.source, ast.Auto) and query.until is None:
+        from diagql.session.auto import choose
+
+        bound, choice = choose(conn, bound, profile, src)
+    elif query.until is not None:
+        from diagql.session.growth import first_round
+
+        bound, choice = first_round(conn, bound, profile, src)
     if bound.sampler is not None:
-        sample, fresh = (sampling or conn.current).artifacts.get_sample(bound.sampler)
+        sample, fresh = src.sampling.artifacts.get_sample(bound.sampler)
         sample_seconds = sample.seconds if fresh else 0.0
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
-                      None if sample is None else with_model(sample.spec, drawn_on),
-                      conn.settings.estimator)
+                      None if sample is None else with_model(sample.spec, src.drawn_on),
+                      conn.settings.estimator, rows_from_profile=src.own)
+    if choice:
+        plan = replace(plan, choice=choice)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a query's parts come from when the connection has several models."""
+
+    query: ast.Query  # its layer resolved to (model, layer), its sampler call without model=
+    entry: object  # the ModelEntry whose layer it reads
+    sampling: object  # the ModelEntry whose profile its sample is drawn from
+    drawn_on: str | None  # the sampler's model= parameter
+    reader: object  # the ModelEntry whose profile plans it
+
+    @property
+    def own(self) -> bool:
+        """Whether the profile that plans it is its layer's model's: only then may its latent
+        and logit rows answer the layer (another model's fc2 rows are not this one's)."""
+        return self.reader is self.entry
+
+
+def sources(conn, query: ast.Query) -> Sources:
+    entry, layer = conn.resolve(query.layer)
+    query, sampling, drawn_on = replace(query, layer=layer), None, None
+    if isinstance(query.source, ast.SamplerCall):  # model='wide': whose profile it draws from
+        call, drawn_on = sampler_model(query.source)
+        query, sampling = replace(query, source=call), conn.on(drawn_on, query.source.span)
+    sampling = sampling or conn.current
+    # The labels are the data's: a query that reads no prediction is planned on a profile the
+    # statement needs anyway, so that a checkpoint's query over a sample costs no pass over
+    # all the data.
+    reader = entry if reads_predictions(query) else sampling
+    return Sources(query, entry, sampling, drawn_on, reader)
 
 
 def reads_predictions(query: ast.Query) -> bool:
@@ -90,6 +126,12 @@ def _query(conn, query: ast.Query) -> Result:
 def answer_query(conn, query: ast.Query) -> Result:
     """A query's Result on the model its layer names (its labels without the model's name)."""
     plan, timings = planned(conn, query)
+    if query.until is not None:
+        from diagql.session.growth import grow
+
+        result = grow(conn, plan, timings, sources(conn, query))
+        record_speedup(result)
+        return result
     result = conn.on(plan.query.layer.model).runner().answer(plan)
     result.timings.update(timings)
     record_speedup(result)
@@ -100,7 +142,7 @@ def _explain(conn, statement: ast.Explain) -> Result:
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
     entry = conn.on(plan.query.layer.model)
-    if plan.approximate:
+    if plan.approximate and plan.profile_rows is None:
         rows.insert([step for step, _ in rows].index("forward"),
                     ("cache", _cache_detail(entry.activations, plan)))
     if len(conn.models) > 1:
