@@ -20,37 +20,51 @@ from diagql.results.result import Result
 
 
 class Reducer:
-    """A plan's aggregate states (one per group), fed with the activations of its items."""
+    """A plan's aggregate states (one per group), fed with the activations of its items.
+
+    With GROUP BY, one state of groups × neurons takes every group of a batch in one
+    reduction (aggregates.py); ``states`` splits it into one state per group that has items."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.view = plan.bound.view
         self.items = plan.items  # what the states cover (and where group keys are looked up)
         self.wanted = plan.items  # what a forward pass must feed it (less what came from a cache)
-        self.states: dict = {}
+        self.keys, self.codes = [None], None  # group keys; each item's row among them
+        if plan.group_keys is not None:
+            keys, codes = np.unique(plan.group_keys, return_inverse=True)
+            self.keys, self.codes = keys.tolist(), torch.from_numpy(codes.astype(np.int64))
+        query = plan.query
+        # An exact answer has no standard error to compute.
+        self.state = state_for(query.aggregate, query.order, plan.bound.n_neurons,
+                               spread=plan.approximate,
+                               groups=None if self.codes is None else len(self.keys))
         self.bad = 0  # items with NaN or inf activations, and the first of them
         self.first_bad = -1
+
+    @property
+    def states(self) -> dict:
+        """One state per group key (None without GROUP BY) that has reduced items."""
+        if self.codes is None:
+            return {None: self.state} if self.state.count else {}
+        counts = self.state.count.tolist()
+        return {key: self.state.group(g) for g, key in enumerate(self.keys) if counts[g]}
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         """Reduce the view's rows of items ``idx`` (sorted, all among the plan's items)."""
         values = self.view.finish(rows.detach())
-        if self.plan.group_keys is None:
-            self._update(None, values, idx)
-            return
-        keys = self.plan.group_keys[np.searchsorted(self.items, idx)]
-        for key in np.unique(keys).tolist():
-            mask = keys == key
-            self._update(key, values[torch.from_numpy(mask).to(values.device)], idx[mask])
-
-    def _update(self, key, values: torch.Tensor, idx: np.ndarray) -> None:
-        if self._state(key).update(values):
+        codes = None
+        if self.codes is not None:
+            codes = self.codes[torch.from_numpy(np.searchsorted(self.items, idx))]
+            codes = codes.to(values.device)
+        if self.state.update(values, codes):
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
         # ranking is meaningless, so they are counted over the whole pass and reported.
-        bad = ~torch.isfinite(values).all(dim=1).cpu().numpy()
-        if self.bad == 0:
-            self.first_bad = int(idx[np.flatnonzero(bad)[0]])
-        self.bad += int(bad.sum())
+        bad = np.flatnonzero(~torch.isfinite(values).all(dim=1).cpu().numpy())
+        first = int(idx[bad[0]])
+        self.first_bad = first if self.bad == 0 else min(self.first_bad, first)
+        self.bad += len(bad)
 
     def take_rows(self, table: np.ndarray, positions: np.ndarray, items: np.ndarray,
                   batch_size: int) -> None:
@@ -66,24 +80,12 @@ class Reducer:
     def merge(self, other: Reducer) -> Reducer:
         """Take in the states of another Reducer of the same plan, fed with other items (the
         cache's rows and a pass's, or the shards of a pass): as if this one had seen them all."""
-        for key, state in other.states.items():
-            if key in self.states:
-                self.states[key].merge(state)
-            else:
-                self.states[key] = state
+        self.state.merge(other.state)
         if other.bad:
             self.first_bad = other.first_bad if self.bad == 0 else min(self.first_bad,
                                                                          other.first_bad)
             self.bad += other.bad
         return self
-
-    def _state(self, key):
-        if key not in self.states:
-            query = self.plan.query
-            # An exact answer has no standard error to compute.
-            self.states[key] = state_for(query.aggregate, query.order, self.plan.bound.n_neurons,
-                                         spread=self.plan.approximate)
-        return self.states[key]
 
     def check(self) -> None:
         if self.bad:
@@ -208,8 +210,9 @@ class Runner:
             store.add(collector.view, collector.items, collector.rows)
         reducer = cached.merge(fresh)
         reducer.check()
-        store.remember(plan, reducer.states)
-        return reducer.states
+        states = reducer.states
+        store.remember(plan, states)
+        return states
 
     def _split(self, plan: Plan) -> tuple[Reducer, Reducer]:
         """A sample's states over the rows the activation cache holds, reduced now (before
