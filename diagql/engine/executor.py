@@ -133,14 +133,16 @@ class Runner:
         self.counters = counters if counters is not None else {}
         self.activations = activations  # an ActivationStore, or None: every query streams
 
-    def run(self, consumers: list, description: str) -> None:
+    def run(self, consumers: list, description: str) -> float | None:
         """One forward pass over the union of the consumers' items, each consumer fed its
         view's rows of its own items (each view's rows made once per batch). Only the
         consumers' layers are hooked, and the pass stops as soon as all of them have run (the
-        rest of the model is skipped)."""
+        rest of the model is skipped). Returns the seconds it took per item (None: no pass),
+        what the disk cache weighs against reading kept rows back."""
         consumers = [c for c in consumers if len(c.wanted)]
         if not consumers:
-            return
+            return None
+        started = time.perf_counter()
         items = functools.reduce(np.union1d, [c.wanted for c in consumers])
         layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
         for consumer in consumers:
@@ -183,6 +185,7 @@ class Runner:
                 advance(len(idx))
         self.counters["passes"] = self.counters.get("passes", 0) + 1
         self.counters["items"] = self.counters.get("items", 0) + len(items)
+        return (time.perf_counter() - started) / len(items)
 
     def states(self, plan: Plan, description: str) -> dict:
         """One state per group (the key None without GROUP BY), over the plan's items.
@@ -205,9 +208,9 @@ class Runner:
         collectors = []
         if len(fresh.wanted) and store.fits(view, plan.items):
             collectors.append(Collector(view, fresh.wanted, store.dtype))
-        self.run([fresh, *collectors], description)
+        per_item = self.run([fresh, *collectors], description)
         for collector in collectors:
-            store.add(collector.view, collector.items, collector.rows)
+            store.add(collector.view, collector.items, collector.rows, per_item)
         reducer = cached.merge(fresh)
         reducer.check()
         states = reducer.states
@@ -219,10 +222,13 @@ class Runner:
         rows that a pass keeps can push them out of memory), and a Reducer for a forward pass
         to feed with the items whose rows it lacks; merged, they cover the plan's items."""
         cached = Reducer(plan)
-        table, positions, held = self.activations.held_rows(plan.bound.view, plan.items)
-        cached.take_rows(table, positions, held, self.batch_size)
+        held = []
+        for table, positions, items in self.activations.held_rows(plan.bound.view, plan.items):
+            cached.take_rows(table, positions, items, self.batch_size)
+            held.append(items)
         fresh = Reducer(plan)
-        fresh.wanted = np.setdiff1d(plan.items, held, assume_unique=True)
+        fresh.wanted = plan.items if not held else \
+            np.setdiff1d(plan.items, np.concatenate(held), assume_unique=True)
         return cached, fresh
 
     def answer_many(self, plans: list[Plan]) -> list:
@@ -263,9 +269,9 @@ class Runner:
         collectors = [Collector(view, items, store.dtype) for view, items in kept.values()]
         consumers = [r for _, main, base in work.values() for r in (main, base) if r is not None]
         started = time.perf_counter()
-        self.run(consumers + collectors, f"{len(plans)} statements in one pass")
+        per_item = self.run(consumers + collectors, f"{len(plans)} statements in one pass")
         for collector in collectors:
-            store.add(collector.view, collector.items, collector.rows)
+            store.add(collector.view, collector.items, collector.rows, per_item)
         seconds = time.perf_counter() - started
         for i, (cached, main, base) in work.items():
             plan = plans[i]
