@@ -2,6 +2,8 @@
 with an exact baseline."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from diagql.engine import estimate
@@ -46,6 +48,9 @@ def build_result(plan: Plan, states: dict) -> Result:
     keys = sorted_keys(states)
     result.groups = {key: _single(plan, states[key], plan.population[key]) for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
+    if plan.approximate:
+        result.timings["estimate"] = sum(g.timings.get("estimate", 0.0)
+                                         for g in result.groups.values())
     return result
 
 
@@ -65,7 +70,9 @@ def _single(plan: Plan, state, population: int) -> Result:
     else:
         neurons = np.arange(len(values))
     if result.approximate:
+        started = time.perf_counter()
         result.estimate = _estimate(plan, state, population, neurons)
+        result.timings["estimate"] = time.perf_counter() - started
     result.neurons = neurons
     result.values = values
     result.labels = plan.bound.view.labels(neurons)
@@ -104,14 +111,16 @@ def compare(plan: Plan, approx: Result, exact: Result) -> None:
         approx.metrics[name] = _metric(metric, approx, exact)
 
 
-# What a sample query costs the statement that asks it; the profile is not in it: it is paid once
-# per model and data, by the first statement of either kind, and reported on its own.
-SAMPLE_SIDE = ("bind", "sample", "plan", "query")
+# What a sample query costs the statement that asks it (its accuracy estimate included); the
+# profile is not in it: it is paid once per model and data, by the first statement of either
+# kind, and reported on its own.
+SAMPLE_SIDE = ("bind", "sample", "plan", "query", "estimate")
 
 
 def record_speedup(result: Result) -> None:
     """WITH BASELINE's speed-up, once the statement's timings are complete: the exact pass
-    against everything the sample cost (binding, drawing the sample, planning, its pass)."""
+    against everything the sample cost (binding, drawing the sample, planning, its pass, its
+    accuracy estimate)."""
     full_s = result.timings.get("baseline")
     if full_s is None or "query" not in result.timings:
         return

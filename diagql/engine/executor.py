@@ -106,7 +106,11 @@ class Collector:
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         # Copied here, inside the hook: a later in-place op may overwrite the output.
         values = rows.detach().to("cpu", _torch_dtype(self.rows.dtype))
-        self.rows[np.searchsorted(self.items, idx)] = values.numpy()
+        positions = np.searchsorted(self.items, idx)
+        if positions[-1] - positions[0] == len(positions) - 1:  # a run (sorted, distinct): a slice
+            self.rows[positions[0]:positions[-1] + 1] = values.numpy()
+        else:
+            self.rows[positions] = values.numpy()
 
 
 def row_dtype(torch_dtype: torch.dtype) -> np.dtype:
@@ -308,4 +312,8 @@ class Runner:
             full_states = self.states(plan.baseline, f"{query.aggregate.upper()} "
                                                      f"{plan.bound.layer.name} (baseline)")
             timings["baseline"] = time.perf_counter() - started
-        return assemble(plan, states, full_states, timings)
+        started = time.perf_counter()
+        result = assemble(plan, states, full_states, timings)
+        # Building the Result: ranking, labels, the accuracy estimate ("estimate", within it).
+        result.timings["answer"] = time.perf_counter() - started
+        return result
