@@ -216,27 +216,13 @@ class Cache:
 
     def load_parts(self, kind: str, prefix: str, decode: Callable[[dict], T] | None = None
                    ) -> list[tuple[str, dict[str, np.ndarray] | T]]:
-        """(key, value) of every part of an entry kept in parts that loads and decodes; a
-        damaged part is reported and removed as ``load`` does, and its rows are not there.
-        No part at all is one miss."""
-        keys = self.parts(kind, prefix)
+        """(key, value) of every part ``<prefix>-<part>`` of an entry kept in parts (on disk or
+        on its way there) that loads and decodes, as ``load`` gives them; none is one miss."""
+        keys = [] if self.root is None else part_keys(self.path(kind, prefix))
         if not keys and self.root is not None:
             self._count(kind, "misses")
         loaded = ((key, self.load(kind, key, decode)) for key in keys)
         return [(key, value) for key, value in loaded if value is not None]
-
-    def parts(self, kind: str, prefix: str) -> list[str]:
-        """The keys ``<prefix>-<part>`` of one entry kept in parts (an activation entry grows
-        by appending one), on disk or still on their way there, sorted."""
-        if self.root is None:
-            return []
-        path = self.path(kind, prefix)
-        found = {job.path.stem for job in writer.PENDING.under(absolute(self.root))
-                 if job.path.parent.name == kind and job.path.stem.startswith(prefix + "-")}
-        if path.parent.is_dir():
-            found.update(part.stem for part in path.parent.glob(f"{prefix}-*.npz")
-                         if _NAME.match(part.stem))
-        return sorted(found)
 
     def _report(self) -> None:
         """Warn, in the caller's thread, about a write that failed in the writer thread."""
@@ -340,6 +326,18 @@ def _list(root: Path) -> list[Entry]:
                 continue  # removed meanwhile
             found.append(Entry(kind_dir.name, path.stem, path, stat.st_size, stat.st_mtime))
     return sorted(found, key=lambda e: (e.used, str(e.path)))
+
+
+def part_keys(path: Path) -> list[str]:
+    """The keys of the parts of the entry at ``path`` (``<key>-<part>.npz`` beside it), on disk
+    or pending, sorted: an activation entry grows by appending one."""
+    prefix = path.stem + "-"
+    found = {job.path.stem for job in writer.PENDING.under(absolute(path.parent.parent))
+             if job.path.parent.name == path.parent.name and job.path.stem.startswith(prefix)}
+    if path.parent.is_dir():
+        found.update(part.stem for part in path.parent.glob(prefix + "*.npz")
+                     if _NAME.match(part.stem))
+    return sorted(found)
 
 
 def _remove_abandoned(folder: Path) -> None:
