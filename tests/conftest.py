@@ -37,6 +37,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_writes_everything():
+    """The disk cache skips an entry that is cheaper to compute than to read back (a random
+    draw over 1,797 items takes 0.1-0.3 ms, a read 0.3 ms): which side of that line a tiny
+    test entry falls on depends on the machine's load. Tests of caching need every entry
+    written, so reading back costs nothing here; tests of the cost model set their own costs
+    (tests/test_cache.py, ``read_costs``)."""
+    from diagql.storage import store
+
+    before = store.READ_FIXED, store.READ_RATE
+    store.READ_FIXED, store.READ_RATE = 0.0, float("inf")
+    yield
+    store.READ_FIXED, store.READ_RATE = before
+
+
 @pytest.fixture(scope="session")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """X float32 (1797, 1, 8, 8) in [0, 1]; y int64 (1797,)."""

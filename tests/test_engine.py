@@ -383,14 +383,16 @@ def test_the_cli_lists_and_clears_the_cache_without_a_model(tmp_path):
 
 def test_with_baseline_s_speedup_counts_the_draw_and_reports_the_profile_apart(cnn, digits):
     """The sample side of WITH BASELINE is everything the sample cost this statement (binding,
-    drawing, planning, its pass), not its pass alone; the one-time profile is in neither."""
+    drawing, planning, its pass, its accuracy estimate), not its pass alone; the one-time
+    profile is in neither."""
     X, y = digits
     db = diagql.connect(cnn, (X, y), cache_dir=False, progress=False)
     db.execute("SET estimator = plain")  # sample answers here are the sample means
     result = db.query("TOPK 3 NEURONS IN 2 USING SAMPLE maxmargin(0.2) WITH BASELINE")
     t = result.timings
     assert t["sample"] > 0 and t["profile"] > 0  # drawn and profiled by this very statement
-    side = t["bind"] + t["sample"] + t["plan"] + t["query"]
+    assert 0 < t["estimate"] < t["answer"]
+    side = t["bind"] + t["sample"] + t["plan"] + t["query"] + t["estimate"]
     assert t["sample_side"] == pytest.approx(side)
     assert result.metrics["speedup"] == pytest.approx(t["baseline"] / side)
     assert result.metrics["speedup"] < t["baseline"] / t["query"]

@@ -2,6 +2,8 @@
 with an exact baseline."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from diagql.engine import estimate
@@ -51,6 +53,9 @@ def build_result(plan: Plan, states: dict) -> Result:
     result.groups = {key: _single(plan, states[key], plan.population[key], fits.get(key))
                      for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
+    if plan.approximate:
+        result.timings["estimate"] = sum(g.timings.get("estimate", 0.0)
+                                         for g in result.groups.values())
     return result
 
 
@@ -72,7 +77,9 @@ def _single(plan: Plan, state, population: int, fitted=None) -> Result:
     else:
         neurons = np.arange(len(values))
     if result.approximate:
+        started = time.perf_counter()
         result.estimate = _estimate(plan, state, population, neurons, fitted)
+        result.timings["estimate"] = time.perf_counter() - started
     result.neurons = neurons
     result.values = values
     result.labels = plan.bound.view.labels(neurons)
@@ -111,14 +118,16 @@ def compare(plan: Plan, approx: Result, exact: Result) -> None:
         approx.metrics[name] = _metric(metric, approx, exact)
 
 
-# What a sample query costs the statement that asks it; the profile is not in it: it is paid once
-# per model and data, by the first statement of either kind, and reported on its own.
-SAMPLE_SIDE = ("bind", "sample", "plan", "query")
+# What a sample query costs the statement that asks it (its accuracy estimate included); the
+# profile is not in it: it is paid once per model and data, by the first statement of either
+# kind, and reported on its own.
+SAMPLE_SIDE = ("bind", "sample", "plan", "query", "estimate")
 
 
 def record_speedup(result: Result) -> None:
     """WITH BASELINE's speed-up, once the statement's timings are complete: the exact pass
-    against everything the sample cost (binding, drawing the sample, planning, its pass)."""
+    against everything the sample cost (binding, drawing the sample, planning, its pass, its
+    accuracy estimate)."""
     full_s = result.timings.get("baseline")
     if full_s is None or "query" not in result.timings:
         return

@@ -22,38 +22,54 @@ from diagql.results.result import Result
 
 
 class Reducer:
-    """A plan's aggregate states (one per group), fed with the activations of its items."""
+    """A plan's aggregate states (one per group), fed with the activations of its items.
+
+    With GROUP BY, one state of groups × neurons takes every group of a batch in one
+    reduction (aggregates.py); ``states`` splits it into one state per group that has items."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.view = plan.bound.view
         self.items = plan.items  # what the states cover (and where group keys are looked up)
         self.wanted = plan.items  # what a forward pass must feed it (less what came from a cache)
-        self.states: dict = {}
+        self.keys, self.codes = [None], None  # group keys; each item's row among them
+        if plan.group_keys is not None:
+            keys, codes = np.unique(plan.group_keys, return_inverse=True)
+            self.keys, self.codes = keys.tolist(), torch.from_numpy(codes.astype(np.int64))
+        query = plan.query
+        # An exact answer has no standard error to compute.
+        z = plan.covariates
+        self.state = state_for(query.aggregate, query.order, plan.bound.n_neurons,
+                               spread=plan.approximate,
+                               groups=None if self.codes is None else len(self.keys),
+                               covariates=0 if z is None else z.shape[1])
         self.bad = 0  # items with NaN or inf activations, and the first of them
         self.first_bad = -1
+
+    @property
+    def states(self) -> dict:
+        """One state per group key (None without GROUP BY) that has reduced items."""
+        if self.codes is None:
+            return {None: self.state} if self.state.count else {}
+        counts = self.state.count.tolist()
+        return {key: self.state.group(g) for g, key in enumerate(self.keys) if counts[g]}
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         """Reduce the view's rows of items ``idx`` (sorted, all among the plan's items)."""
         values = self.view.finish(rows.detach())
-        if self.plan.group_keys is None:
-            self._update(None, values, idx)
-            return
-        keys = self.plan.group_keys[np.searchsorted(self.items, idx)]
-        for key in np.unique(keys).tolist():
-            mask = keys == key
-            self._update(key, values[torch.from_numpy(mask).to(values.device)], idx[mask])
-
-    def _update(self, key, values: torch.Tensor, idx: np.ndarray) -> None:
+        codes = None
+        if self.codes is not None:
+            codes = self.codes[torch.from_numpy(np.searchsorted(self.items, idx))]
+            codes = codes.to(values.device)
         z = self.plan.covariates
-        if self._state(key).update(values, None if z is None else torch.from_numpy(z[idx])):
+        if self.state.update(values, codes, None if z is None else torch.from_numpy(z[idx])):
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
         # ranking is meaningless, so they are counted over the whole pass and reported.
-        bad = ~torch.isfinite(values).all(dim=1).cpu().numpy()
-        if self.bad == 0:
-            self.first_bad = int(idx[np.flatnonzero(bad)[0]])
-        self.bad += int(bad.sum())
+        bad = np.flatnonzero(~torch.isfinite(values).all(dim=1).cpu().numpy())
+        first = int(idx[bad[0]])
+        self.first_bad = first if self.bad == 0 else min(self.first_bad, first)
+        self.bad += len(bad)
 
     def take_rows(self, table: np.ndarray, positions: np.ndarray, items: np.ndarray,
                   batch_size: int) -> None:
@@ -69,26 +85,12 @@ class Reducer:
     def merge(self, other: Reducer) -> Reducer:
         """Take in the states of another Reducer of the same plan, fed with other items (the
         cache's rows and a pass's, or the shards of a pass): as if this one had seen them all."""
-        for key, state in other.states.items():
-            if key in self.states:
-                self.states[key].merge(state)
-            else:
-                self.states[key] = state
+        self.state.merge(other.state)
         if other.bad:
             self.first_bad = other.first_bad if self.bad == 0 else min(self.first_bad,
                                                                          other.first_bad)
             self.bad += other.bad
         return self
-
-    def _state(self, key):
-        if key not in self.states:
-            query = self.plan.query
-            # An exact answer has no standard error to compute.
-            z = self.plan.covariates
-            self.states[key] = state_for(query.aggregate, query.order, self.plan.bound.n_neurons,
-                                         spread=self.plan.approximate,
-                                         covariates=0 if z is None else z.shape[1])
-        return self.states[key]
 
     def check(self) -> None:
         if self.bad:
@@ -109,7 +111,11 @@ class Collector:
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         # Copied here, inside the hook: a later in-place op may overwrite the output.
         values = rows.detach().to("cpu", _torch_dtype(self.rows.dtype))
-        self.rows[np.searchsorted(self.items, idx)] = values.numpy()
+        positions = np.searchsorted(self.items, idx)
+        if positions[-1] - positions[0] == len(positions) - 1:  # a run (sorted, distinct): a slice
+            self.rows[positions[0]:positions[-1] + 1] = values.numpy()
+        else:
+            self.rows[positions] = values.numpy()
 
 
 def row_dtype(torch_dtype: torch.dtype) -> np.dtype:
@@ -136,12 +142,13 @@ class Runner:
         self.counters = counters if counters is not None else {}
         self.activations = activations  # an ActivationStore, or None: every query streams
 
-    def run(self, consumers: list, description: str) -> None:
+    def run(self, consumers: list, description: str) -> float | None:
         """One forward pass over the union of the consumers' items, each consumer fed its
         view's rows of its own items (each view's rows made once per batch). Only the
         consumers' layers are hooked, and the pass stops as soon as all of them have run (the
-        rest of the model is skipped)."""
-        run_together([(self, consumers)], description)
+        rest of the model is skipped). Returns the seconds it took per item (None: no pass),
+        what the disk cache weighs against reading kept rows back."""
+        return run_together([(self, consumers)], description)
 
     def _callbacks(self, consumers: list, current: list, hooked: list) -> dict:
         """Each hooked module's callback: the rows of each view made once per call, fed to
@@ -197,13 +204,14 @@ class Runner:
         collectors = []
         if len(fresh.wanted) and store.fits(view, plan.items):
             collectors.append(Collector(view, fresh.wanted, store.dtype))
-        self.run([fresh, *collectors], description)
+        per_item = self.run([fresh, *collectors], description)
         for collector in collectors:
-            store.add(collector.view, collector.items, collector.rows)
+            store.add(collector.view, collector.items, collector.rows, per_item)
         reducer = cached.merge(fresh)
         reducer.check()
-        store.remember(plan, reducer.states)
-        return reducer.states
+        states = reducer.states
+        store.remember(plan, states)
+        return states
 
     def _from_profile(self, plan: Plan) -> dict:
         """The states of a plan whose rows the profile holds: no forward pass."""
@@ -217,10 +225,13 @@ class Runner:
         rows that a pass keeps can push them out of memory), and a Reducer for a forward pass
         to feed with the items whose rows it lacks; merged, they cover the plan's items."""
         cached = Reducer(plan)
-        table, positions, held = self.activations.held_rows(plan.bound.view, plan.items)
-        cached.take_rows(table, positions, held, self.batch_size)
+        held = []
+        for table, positions, items in self.activations.held_rows(plan.bound.view, plan.items):
+            cached.take_rows(table, positions, items, self.batch_size)
+            held.append(items)
         fresh = Reducer(plan)
-        fresh.wanted = np.setdiff1d(plan.items, held, assume_unique=True)
+        fresh.wanted = plan.items if not held else \
+            np.setdiff1d(plan.items, np.concatenate(held), assume_unique=True)
         return cached, fresh
 
     def answer_many(self, plans: list[Plan]) -> list:
@@ -267,9 +278,9 @@ class Runner:
         collectors = [Collector(view, items, store.dtype) for view, items in kept.values()]
         consumers = [r for _, main, base in work.values() for r in (main, base) if r is not None]
         started = time.perf_counter()
-        self.run(consumers + collectors, f"{len(plans)} statements in one pass")
+        per_item = self.run(consumers + collectors, f"{len(plans)} statements in one pass")
         for collector in collectors:
-            store.add(collector.view, collector.items, collector.rows)
+            store.add(collector.view, collector.items, collector.rows, per_item)
         seconds = time.perf_counter() - started
         for i, (cached, main, base) in work.items():
             plan = plans[i]
@@ -306,11 +317,15 @@ class Runner:
             full_states = self.states(plan.baseline, f"{query.aggregate.upper()} "
                                                      f"{plan.bound.layer.name} (baseline)")
             timings["baseline"] = time.perf_counter() - started
-        return assemble(plan, states, full_states, timings)
+        started = time.perf_counter()
+        result = assemble(plan, states, full_states, timings)
+        # Building the Result: ranking, labels, the accuracy estimate ("estimate", within it).
+        result.timings["answer"] = time.perf_counter() - started
+        return result
 
 
 def run_together(passes: list[tuple[Runner, list]], description: str,
-                 after_batch: Callable[[np.ndarray], None] | None = None) -> None:
+                 after_batch: Callable[[np.ndarray], None] | None = None) -> float | None:
     """One pass over the same batches through several models (``(runner, consumers)`` each:
     its model, device and dtype; the first's data and batch size): each batch goes through
     each model whose consumers want some of its items, in the order given, feeding that
@@ -320,7 +335,8 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
     passes = [(runner, [c for c in consumers if len(c.wanted)]) for runner, consumers in passes]
     passes = [(runner, consumers) for runner, consumers in passes if consumers]
     if not passes:
-        return
+        return None
+    started = time.perf_counter()
     if len({id(runner.model) for runner, _ in passes}) < len(passes):
         raise ExecutionError("one pass cannot run two models that are one module (checkpoints "
                              "take turns in one copy of the model): read one at a time")
@@ -356,3 +372,4 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
     for runner, _ in passes:
         runner.counters["passes"] = runner.counters.get("passes", 0) + 1
         runner.counters["items"] = runner.counters.get("items", 0) + len(items)
+    return (time.perf_counter() - started) / len(items)

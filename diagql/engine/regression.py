@@ -34,12 +34,15 @@ RIDGE = 10.0
 
 class CrossSums:
     """Sums of the covariates ``z`` (p) of the items a state has seen: Σz, Σzzᵀ and Σzyᵀ
-    against the state's values y (or its one-hot argmax winners). Mergeable, float64."""
+    against the state's values y (or its one-hot argmax winners). Mergeable, float64. With
+    ``groups=G`` each sum has a leading axis of G and ``add`` takes each item's group code, as
+    the grouped aggregate states do (engine/aggregates.py); ``group(g)`` is one group's sums."""
 
-    def __init__(self, p: int, n_neurons: int):
-        self.z = torch.zeros(p, dtype=torch.float64)
-        self.zz = torch.zeros(p, p, dtype=torch.float64)
-        self.zy = torch.zeros(p, n_neurons, dtype=torch.float64)
+    def __init__(self, p: int, n_neurons: int, groups: int | None = None):
+        lead = () if groups is None else (groups,)
+        self.z = torch.zeros(*lead, p, dtype=torch.float64)
+        self.zz = torch.zeros(*lead, p, p, dtype=torch.float64)
+        self.zy = torch.zeros(*lead, p, n_neurons, dtype=torch.float64)
 
     @classmethod
     def of_rows(cls, z: np.ndarray, values: np.ndarray) -> CrossSums:
@@ -49,28 +52,56 @@ class CrossSums:
                  torch.from_numpy(np.asarray(values, dtype=np.float64)))
         return sums
 
-    def add(self, z: torch.Tensor, values: torch.Tensor) -> None:
-        """Items' covariates (n × p, float64, CPU) and their values (n × neurons)."""
-        self._add_z(z)
+    def add(self, z: torch.Tensor, values: torch.Tensor,
+            codes: torch.Tensor | None = None) -> None:
+        """Items' covariates (n × p, float64, CPU), their values (n × neurons) and, grouped,
+        their group codes."""
+        self._add_z(z, codes)
         # On the values' device (one p × neurons product per batch), except MPS: no float64.
         device = values.device if values.device.type != "mps" else torch.device("cpu")
         wide = values.to(device=device, dtype=torch.float64)
-        self.zy += (z.to(device).T @ wide).cpu()
+        if codes is None:
+            self.zy += (z.to(device).T @ wide).cpu()
+            return
+        # Every group in one product: item i's covariates placed in its group's block of
+        # G·p columns, so that (spread)ᵀ · values stacks each group's zᵀy.
+        groups, p = self.z.shape
+        spread = torch.zeros(len(z), groups * p, dtype=torch.float64, device=device)
+        columns = codes.to(device)[:, None] * p + torch.arange(p, device=device)
+        spread.scatter_(1, columns, z.to(device))
+        self.zy += (spread.T @ wide).reshape(groups, p, -1).cpu()
 
-    def add_winners(self, z: torch.Tensor, winners: torch.Tensor) -> None:
+    def add_winners(self, z: torch.Tensor, winners: torch.Tensor,
+                    codes: torch.Tensor | None = None) -> None:
         """Items' covariates and their argmax neurons: y is the one-hot vector of the winner."""
-        self._add_z(z)
-        self.zy.index_add_(1, winners.cpu(), z.T)
+        self._add_z(z, codes)
+        if codes is None:
+            self.zy.index_add_(1, winners.cpu(), z.T)
+            return
+        groups, p, n = self.zy.shape
+        cells = torch.zeros(groups * n, p, dtype=torch.float64)
+        cells.index_add_(0, codes.cpu() * n + winners.cpu(), z)
+        self.zy += cells.reshape(groups, n, p).transpose(1, 2)
 
-    def _add_z(self, z: torch.Tensor) -> None:
-        self.z += z.sum(dim=0)
-        self.zz += z.T @ z
+    def _add_z(self, z: torch.Tensor, codes: torch.Tensor | None) -> None:
+        if codes is None:
+            self.z += z.sum(dim=0)
+            self.zz += z.T @ z
+            return
+        codes = codes.cpu()
+        self.z.index_add_(0, codes, z)
+        self.zz.index_add_(0, codes, z[:, :, None] * z[:, None, :])
 
     def merge(self, other: CrossSums) -> CrossSums:
         self.z += other.z
         self.zz += other.zz
         self.zy += other.zy
         return self
+
+    def group(self, g: int) -> CrossSums:
+        part = CrossSums.__new__(CrossSums)
+        part.z, part.zz, part.zy = self.z[g], self.zz[g], self.zy[g]
+        return part
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,18 @@ def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
                     encode: Callable[[T], dict], decode: Callable[[dict], T],
                     meta: Callable[[T], dict]) -> T:
     """The one way a cached artifact is had: read it under ``key`` (None: memory only), else
-    compute it and store it there. A damaged entry is a miss (storage/store.py reports it)."""
+    compute it and store it there, unless computing it again costs less than reading it back
+    would (the cache weighs the seconds it took). A damaged entry is a miss (storage/store.py
+    reports it)."""
     if key is not None:
         value = cache.load(kind, key, decode)
         if value is not None:
             return value
+    started = time.perf_counter()
     value = compute()
+    seconds = time.perf_counter() - started
     if key is not None:
-        cache.store(kind, key, encode(value), meta=meta(value))
+        cache.store(kind, key, encode(value), meta=meta(value), seconds=seconds)
     return value
 
 
