@@ -52,6 +52,25 @@ def _build_transformer():
                 fields["order"] = order
             return ast.Query(layer=layer, span=self._span(meta), text=self._text(meta), **fields)
 
+        def similarity(self, meta, children):
+            layers = [c for c in children[1:] if isinstance(c, tuple) and len(c) == 2]
+            fields = {}
+            for clause in children[1 + len(layers):]:
+                if isinstance(clause, tuple):  # PLOT: (keyword, "plot", Literal), as EVALUATE's
+                    clause = {"plot": clause[2]}
+                fields.update(clause)
+            return ast.Similarity(tuple(ref for ref, _ in layers),
+                                  tuple(tokens for _, tokens in layers), span=self._span(meta),
+                                  text=self._text(meta), **fields)
+
+        def sim_layer(self, meta, children):
+            ref, *tokens = children
+            return ref, tokens[0]["tokens"] if tokens else None
+
+        def measure(self, meta, children):
+            return {"measure": str(children[1]).lower(),
+                    "measure_span": self.offset.span(children[1])}
+
         def explain(self, meta, children):
             return ast.Explain(children[1], span=self._span(meta), text=self._text(meta))
 

@@ -13,7 +13,7 @@ from diagql.engine.answers import record_speedup
 from diagql.engine.planner import Plan, plan_query
 from diagql.errors import BindError
 from diagql.language import ast
-from diagql.language.binder import bind_layer, bind_query, require_labels
+from diagql.language.binder import bind_layer, bind_query, bind_similarity, require_labels
 from diagql.results.result import Result
 from diagql.session.settings import Settings
 from diagql.suggest import did_you_mean
@@ -32,15 +32,16 @@ def run_statement(conn, statement: ast.Statement) -> Result:
     return handler.run(conn, statement)
 
 
-def planned(conn, query: ast.Query) -> tuple[Plan, dict[str, float]]:
+def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, float]]:
     """Bind and plan a query (drawing its sample if need be): the plan and the seconds each
     step took."""
     conn.require_model()
     started = time.perf_counter()
     catalog = conn.catalog  # probed once per model and data, like the profile
     started, probe_seconds = time.perf_counter(), time.perf_counter() - started
-    bound = bind_query(query, catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
-                       n_items=len(conn.source))
+    bind = bind_similarity if isinstance(query, ast.Similarity) else bind_query
+    bound = bind(query, catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
+                 n_items=len(conn.source))
     bound_at = time.perf_counter()
     profile = conn.profile  # after binding, so that a mistake costs no pass over the data
     profiled_at = time.perf_counter()
@@ -65,7 +66,44 @@ def _query(conn, query: ast.Query) -> Result:
     return result
 
 
+def _similarity(conn, statement: ast.Similarity) -> Result:
+    from diagql.engine.similarity import answer_similarity
+
+    if statement.plot is not None:
+        _check_plot(statement.plot)
+    plan, timings = planned(conn, statement)
+    result = answer_similarity(conn.runner(), plan)
+    result.timings.update(timings)
+    record_speedup(result)
+    if statement.plot is not None:
+        from diagql.results.plots import write_plot
+
+        write_plot(result, statement.plot.value)
+        result.notes.append(f"plot written to {statement.plot.value}")
+    return result
+
+
+def _check_plot(plot: ast.Literal) -> None:
+    """PLOT 'file': refused before any pass when the file cannot be written."""
+    from diagql.results.plots import check_target
+
+    try:
+        check_target(plot.value)
+    except BindError as exc:
+        span = plot.span
+        raise BindError(exc.message, line=span.line if span else None,
+                        column=span.column if span else None,
+                        end_column=span.end_column if span else None, hint=exc.hint) from None
+
+
 def _explain(conn, statement: ast.Explain) -> Result:
+    if isinstance(statement.query, ast.Similarity):
+        from diagql.engine.similarity import explain
+
+        plan, _ = planned(conn, statement.query)
+        return Result(kind="explain", statement=statement.text,
+                      title=f"plan: {statement.query.text}", columns=["step", "detail"],
+                      rows=explain(plan), plan=plan)
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
     if plan.approximate:
@@ -137,6 +175,7 @@ def _clear_cache(conn, statement: ast.ClearCache) -> Result:
 # SHOW needs a model for LAYERS and PROFILE only; those ask for it themselves.
 HANDLERS: dict[type, Handler] = {
     ast.Query: Handler(_query, needs_model=True),
+    ast.Similarity: Handler(_similarity, needs_model=True),
     ast.Explain: Handler(_explain, needs_model=True),
     ast.Evaluate: Handler(_evaluate, needs_model=True),
     ast.Describe: Handler(_describe, needs_model=True),
