@@ -257,3 +257,27 @@ def test_a_statement_past_the_memory_limit_is_refused_before_any_pass(db, monkey
     with pytest.raises(ExecutionError, match="exact CKA here needs"):
         db.query("SIMILARITY encoder.1, head")
     assert db.counters["passes"] == passes
+
+
+def test_completion_offers_layers_and_measures():
+    from prompt_toolkit.document import Document
+
+    from diagql.shell.completion import DiagQLCompleter
+
+    completer = DiagQLCompleter(lambda: [("conv2", "Sequential"), ("fc3", "Linear")])
+
+    def offered(text):
+        return [c.text for c in completer.get_completions(Document(text), None)]
+
+    assert offered("SIMILARITY conv2, ") == ["conv2", "fc3"]
+    assert offered("SIMILARITY conv2, fc3 BY ") == ["cka"]
+
+
+def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(db):
+    result = db.query("SIMILARITY encoder.3, head WHERE class = 3 USING SAMPLE random(10) "
+                      "WITH BASELINE")
+    assert result.n_items < cka.MIN_ITEMS
+    assert result.value is None or np.isnan(result.value)
+    assert result.metrics["cka_abs_error"] == 1.0
+    assert result.baseline.value > 0
+    assert "no interval" in str(result) or "no matching items" in str(result)

@@ -203,11 +203,15 @@ def _given_order(plan: Plan) -> list[int]:
 
 def abs_error(approx: Result, exact: Result) -> float:
     """|sampled − exact| CKA: of the one pair, or the mean over the matrix's pairs (each once);
-    1 for a sample that holds no matching item (CKA's range)."""
-    if approx.matrix is None or exact.matrix is None:
-        return 1.0
+    1 (CKA's range) where the sample has no value: no matching item, or too few for one.
+    Pairs whose exact CKA is undefined (a constant layer) are left out."""
+    if exact.matrix is None:
+        return float("nan")
     upper = np.triu_indices(len(exact.matrix), 1)
-    return float(np.nanmean(np.abs(approx.matrix[upper] - exact.matrix[upper])))
+    truth = exact.matrix[upper]
+    got = approx.matrix[upper] if approx.matrix is not None else np.full(len(truth), np.nan)
+    errors = np.where(np.isnan(got), 1.0, np.abs(got - truth))[np.isfinite(truth)]
+    return float(errors.mean()) if len(errors) else float("nan")
 
 
 def compare(plan: Plan, approx: Result, exact: Result) -> None:
