@@ -210,9 +210,11 @@ def test_a_sample_gives_the_debiased_value_its_interval_and_the_baseline(db, act
 
 
 def test_a_non_uniform_sampler_shows_no_interval(db):
-    result = db.query("SIMILARITY encoder.3, head USING SAMPLE latentgrid(0.1)")
-    assert not result.estimate.reliable
-    assert "no interval: latentgrid does not draw uniformly" in str(result)
+    for sampler in ("latentgrid", "stratified"):
+        result = db.query(f"SIMILARITY encoder.3, head USING SAMPLE {sampler}(0.1)")
+        assert not result.estimate.reliable and "interval" not in str(result).split("\n")[1]
+        assert f"no interval: {sampler} does not draw every item with the same probability" \
+            in " ".join(str(result).split())
 
 
 def test_renderings(db):

@@ -125,10 +125,8 @@ def _estimate_line(result) -> Text | None:
     if not estimates:
         return None
     if not any(e.reliable for e in estimates):
-        reason = next((e.reason for e in estimates if e.reason), None) or (
-            f"{result.source.split('(')[0]} does not draw uniformly, and the jackknife "
-            f"interval covers only the sampling variance of a uniform sample, not a sampler's "
-            f"bias; add WITH BASELINE for the real error")
+        reason = next((e.reason for e in estimates if e.reason), "the sample cannot measure "
+                      "its own bias; add WITH BASELINE for the real error")
         return Text(f"no interval: {reason}", style="yellow")
     where = "" if len(result.labels) == 2 else " (Result.estimate has each pair's)"
     return Text(f"debiased CKA (unbiased HSIC) with a {estimates[0].level:.0%} jackknife "
