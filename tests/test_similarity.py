@@ -283,3 +283,14 @@ def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(
     assert result.metrics["cka_abs_error"] == 1.0
     assert result.baseline.value > 0
     assert "no interval" in str(result) or "no matching items" in str(result)
+
+
+def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(db, tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "cka.png"
+    result = db.query(f"SIMILARITY encoder.1, encoder.3, head PLOT '{target}'")
+    assert target.stat().st_size > 1000 and f"plot written to {target}" in result.notes
+    passes = db.counters["passes"]
+    with pytest.raises(BindError, match="cannot plot to"):
+        db.query(f"SIMILARITY encoder.1, head PLOT '{tmp_path}/missing/cka.png'")
+    assert db.counters["passes"] == passes
