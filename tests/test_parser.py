@@ -423,7 +423,7 @@ def test_misspelt_statement_keyword_has_hint():
     assert (err.line, err.column) == (1, 1)
     assert "TOPK" in err.message and "SHOW" in err.message
     assert err.hint == ("hint: a statement starts with TOPK, AVG, ARGMAX, EXPLAIN, SHOW, "
-                        "DESCRIBE, SET, CLEAR or EVALUATE")
+                        "DESCRIBE, SET, CLEAR, EVALUATE or SIMILARITY")
     assert err.format("f.dql").endswith(err.hint)
 
 
@@ -432,7 +432,7 @@ def test_keyword_lists_come_from_the_grammar():
     declared = dict(re.findall(r'^([A-Z]+)(?:\.\d+)?: "([a-z]+)"i$', grammar, flags=re.M))
     assert keywords() == declared and len(declared) >= 40
     assert set(statement_keywords()) == {"TOPK", "AVG", "ARGMAX", "EXPLAIN", "SHOW", "DESCRIBE",
-                                         "SET", "CLEAR", "EVALUATE"}
+                                         "SET", "CLEAR", "EVALUATE", "SIMILARITY"}
     for word in statement_keywords():  # each may start a statement, and no other keyword may
         err = _error_or_none(word)
         assert err is None or isinstance(err, IncompleteStatement), word

@@ -93,13 +93,13 @@ class Plan:
 
 
 def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
-               sampler_spec: str | None, estimator: str = "assisted", *,
+               sampler_spec: str | None, estimator: str | None = "assisted", *,
                rows_from_profile: bool = True) -> Plan:
     """The plan of a bound query on ``profile``. ``rows_from_profile``: whether the profile's
     latent and logit rows are the query's model's own (docs/ARCHITECTURE.md, "Several
     models"), so that a query on those layers may read them instead of running the model."""
     query = bound.query
-    rows = profile.rows_of(bound.view.key) if rows_from_profile else None
+    rows = profile.rows_of(bound.view.key) if rows_from_profile else None  # SIMILARITY: False
     mask = predicate_mask(query.where, profile)
     matching = np.flatnonzero(mask)
     keys = group_values(query.group_by, profile)
@@ -114,7 +114,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     items = sample[mask[sample]]
     plan = _plan(bound, profile, rows, items, keys, population, len(sample), sampler_spec,
                  baseline=full if query.baseline else None)
-    if query.aggregate == "topk" and query.order == "max":
+    if estimator is None or (query.aggregate == "topk" and query.order == "max"):
         return plan  # a maximum has no regression estimator
     z = covariates(profile)
     if keys is None:

@@ -232,9 +232,31 @@ class Across:
     span: Span | None = _span()
 
 
+MEASURES = ("cka",)  # what SIMILARITY ... BY may name; CKA is the default
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """``SIMILARITY L1, L2 [, L3 ...] [BY measure] ...``: how similar the layers'
+    representations of the matching items are (linear CKA), for two layers one value, for more
+    every pair's (a matrix, rows and columns in the order given)."""
+
+    layers: tuple[LayerRef, ...]
+    tokens: tuple[Tokens | None, ...]  # each layer's TOKENS clause (None: its default view)
+    measure: str = "cka"
+    measure_span: Span | None = _span()
+    where: Predicate | None = None
+    group_by: str | None = None
+    source: Full | SamplerCall = Full()
+    baseline: bool = False
+    plot: Literal | None = None  # PLOT 'file.png': the heat map
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+
 @dataclass(frozen=True)
 class Explain:
-    query: Query
+    query: Query | Similarity
     span: Span | None = _span()
     text: str = field(default="", compare=False)
 
@@ -306,7 +328,7 @@ class Evaluate:
     text: str = field(default="", compare=False)
 
 
-Statement = Union[Query, Explain, Show, Describe, SetStatement, ClearCache, Evaluate]
+Statement = Union[Query, Similarity, Explain, Show, Describe, SetStatement, ClearCache, Evaluate]
 
 
 def children(node) -> Iterator[object]:

@@ -188,6 +188,37 @@ def _num_text(value) -> str:
     return f"{value:g}" if _finite(value) else str(value)
 
 
+@dataclass(frozen=True)
+class BoundSimilarity:
+    """A SIMILARITY statement whose layers all exist: each layer's view (one row per item: the
+    output flattened, or a sequence's reduced tokens) in the order given, and the sampler."""
+
+    query: ast.Similarity
+    layers: tuple[LayerInfo, ...]
+    views: tuple[View, ...]
+    sampler: samplers.Sampler | None
+
+
+def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_classes: int,
+                    seed: int | None, n_items: int) -> BoundSimilarity:
+    if statement.measure not in ast.MEASURES:
+        raise _error(f"unknown similarity measure {statement.measure!r}"
+                     f"{did_you_mean(statement.measure, ast.MEASURES)}; measures are "
+                     f"{', '.join(ast.MEASURES)}", statement.measure_span or statement.span)
+    layers, views = [], []
+    for ref, tokens in zip(statement.layers, statement.tokens):
+        layer = bind_layer(ref, catalog)
+        layers.append(layer)
+        # An item's representation is the row its view makes, as an AVG NEURONS query's.
+        views.append(bind_view(ast.Query("avg", "neurons", ref, tokens=tokens), layer))
+    if statement.where is not None:
+        _check_predicate(statement.where, n_classes)
+    sampler = None
+    if isinstance(statement.source, ast.SamplerCall):
+        sampler = bind_sampler(statement.source, seed, n_items)
+    return BoundSimilarity(statement, tuple(layers), tuple(views), sampler)
+
+
 def bind_view(query: ast.Query, layer: LayerInfo) -> View:
     """How the query sees the layer: a sequence's tokens reduced as its TOKENS clause says
     (the mean over real tokens by default), a flat layer's neurons or channels."""

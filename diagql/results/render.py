@@ -27,6 +27,10 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     REPL, where it was just typed)."""
     if result.kind == "evaluation":
         return _evaluation(result, echo)
+    if result.kind == "similarity":
+        from diagql.results.heatmap import similarity_renderable
+
+        return similarity_renderable(result, echo)
     if not result.is_query:
         table = _info_table(result, max_rows)
         notes = [Text(note, style="yellow") for note in result.notes]

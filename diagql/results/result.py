@@ -118,8 +118,10 @@ class Result:
     Query results (``kind`` one of ``AGGREGATES``) fill ``neurons`` (flat C-order indices:
     rank order for TOPK, every neuron in index order otherwise), ``labels``, ``values`` (the
     ranking aggregate, the means, or the fraction of items whose maximal neuron it is) and
-    ``provenance``. Other statements (``kind`` ``table``, ``set``, ``explain``,
-    ``evaluation``) fill ``columns`` and ``rows``.
+    ``provenance``. SIMILARITY (``kind`` ``similarity``) fills ``labels`` (its layers),
+    ``matrix``, ``value`` (two layers), ``provenance`` and for a sample ``estimate`` (its
+    ``ci_low``/``ci_high`` are matrices too). Other statements (``kind`` ``table``, ``set``,
+    ``explain``, ``evaluation``) fill ``columns`` and ``rows``.
     """
 
     kind: str
@@ -149,6 +151,10 @@ class Result:
     # and each row of the answer as numbers over them (what its plot draws).
     checkpoints: dict[str, Result] | None = None
     series: dict[str, list[float]] | None = field(default=None, repr=False)
+    # SIMILARITY (``labels`` are its layers as given, ``unit`` its measure): every pair's CKA,
+    # rows and columns in the order given, and for two layers ``value``, their CKA.
+    matrix: np.ndarray | None = None
+    value: float | None = None
 
     @property
     def is_query(self) -> bool:
@@ -164,6 +170,8 @@ class Result:
         return self.provenance.source if self.provenance is not None else "full"
 
     def __len__(self) -> int:
+        if self.kind == "similarity":
+            return len(self.labels)
         return len(self.neurons) if self.is_query else len(self.rows)
 
     def value_of(self, neuron: int) -> float | None:
@@ -177,6 +185,8 @@ class Result:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data (lists, floats, strings)."""
+        if self.kind == "similarity":
+            return self._similarity_dict()
         if not self.is_query:
             out = {"kind": self.kind, "statement": self.statement, "title": self.title,
                    "columns": list(self.columns), "rows": [list(map(_plain, r)) for r in self.rows],
@@ -210,8 +220,49 @@ class Result:
             out["baseline"] = self.baseline.to_dict()
         return out
 
+    def _similarity_dict(self) -> dict:
+        out = {"kind": self.kind, "statement": self.statement, "layers": list(self.labels),
+               "measure": self.unit, "source": self.source, "n_items": self.n_items,
+               "value": _number_or_none(self.value),
+               "matrix": None if self.matrix is None else
+               [[_number_or_none(v) for v in row] for row in self.matrix.tolist()],
+               "metrics": {k: float(v) for k, v in self.metrics.items()},
+               "timings": {k: float(v) for k, v in self.timings.items()},
+               "estimate": self.estimate.to_dict() if self.estimate is not None else None,
+               "notes": list(self.notes)}
+        if self.groups is not None:
+            out["groups"] = [{"group": _plain(key), **group.to_dict()}
+                             for key, group in self.groups.items()]
+        if self.baseline is not None:
+            out["baseline"] = self.baseline.to_dict()
+        return out
+
+    def _similarity_records(self) -> list[dict]:
+        """One row per pair of layers (each pair once, in the order given)."""
+        if self.groups is not None:
+            group_by = self.provenance.group_by if self.provenance is not None else "group"
+            return [{group_by: _plain(key), **rec}
+                    for key, group in self.groups.items() for rec in group.records()]
+        if self.matrix is None:
+            return []
+        rows = []
+        estimate = self.estimate
+        exact = self.baseline.matrix if self.baseline is not None else None
+        for i, j in zip(*np.triu_indices(len(self.labels), 1)):
+            row = {"layer_x": self.labels[i], "layer_y": self.labels[j],
+                   self.unit or "value": _number_or_none(self.matrix[i, j])}
+            if estimate is not None and estimate.ci_low is not None:
+                row["ci_low"] = _number_or_none(estimate.ci_low[i, j])
+                row["ci_high"] = _number_or_none(estimate.ci_high[i, j])
+            if exact is not None:
+                row["exact"] = _number_or_none(exact[i, j])
+            rows.append(row)
+        return rows
+
     def records(self) -> list[dict]:
         """One flat row per (group, neuron): what CSV and pandas show."""
+        if self.kind == "similarity":
+            return self._similarity_records()
         if not self.is_query:
             return [dict(zip(self.columns, map(_plain, row))) for row in self.rows]
         if self.groups is not None:
@@ -252,6 +303,9 @@ class Result:
         return to_text(self)
 
     def __repr__(self) -> str:
+        if self.kind == "similarity":
+            what = f"{self.value:.4f}" if self.value is not None else f"{len(self.labels)} layers"
+            return f"<Result similarity {', '.join(self.labels)}: {what}, {self.source}>"
         if not self.is_query:
             return f"<Result {self.kind}: {len(self.rows)} rows>"
         return (f"<Result {self.kind} {self.unit} in {self.layer}: {len(self.neurons)} values "
@@ -268,6 +322,13 @@ def _jsonable(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return _plain(value)
+
+
+def _number_or_none(value) -> float | None:
+    """A float for JSON, None for NaN (undefined) or a missing value."""
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value)
 
 
 def _plain(value):

@@ -272,8 +272,9 @@ class Connection:
                 query = parse(query)
             except DiagQLError as exc:
                 raise exc.with_source(query) from None
-        if not isinstance(query, ast.Query):
-            raise DiagQLError(f"plan() takes a query (TOPK, AVG or ARGMAX), not {query.text!r}")
+        if not isinstance(query, (ast.Query, ast.Similarity)):
+            raise DiagQLError(f"plan() takes a query (TOPK, AVG, ARGMAX or SIMILARITY), not "
+                              f"{query.text!r}")
         return planned(self, query)[0]
 
     def runner(self) -> Runner:

@@ -13,7 +13,7 @@ from diagql.engine.answers import record_speedup
 from diagql.engine.planner import Plan, plan_query
 from diagql.errors import BindError
 from diagql.language import ast
-from diagql.language.binder import bind_layer, bind_query, require_labels
+from diagql.language.binder import bind_layer, bind_query, bind_similarity, require_labels
 from diagql.results.result import Result
 from diagql.session.models import name_model, sampler_model, with_model
 from diagql.session.settings import Settings
@@ -33,10 +33,12 @@ def run_statement(conn, statement: ast.Statement) -> Result:
     return handler.run(conn, statement)
 
 
-def planned(conn, query: ast.Query) -> tuple[Plan, dict[str, float]]:
+def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, float]]:
     """Bind and plan a query (drawing its sample if need be): the plan and the seconds each
     step took. The plan's ``query.layer.model`` names the model whose layer it reads."""
     conn.require_model()
+    if isinstance(query, ast.Similarity):
+        return _planned_similarity(conn, query)
     started = time.perf_counter()
     src = sources(conn, query)
     query, entry = src.query, src.entry
@@ -103,6 +105,34 @@ def sources(conn, query: ast.Query) -> Sources:
     return Sources(query, entry, sampling, drawn_on, reader)
 
 
+def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str, float]]:
+    """SIMILARITY's plan: its layers bound on the default model's catalog, its items from that
+    model's profile (and sample)."""
+    started = time.perf_counter()
+    entry = conn.current
+    if isinstance(statement.source, ast.Auto):
+        span = statement.source.span
+        raise BindError("SIMILARITY takes USING FULL or USING SAMPLE s(...), not USING AUTO",
+                        line=span.line if span else None, column=span.column if span else None,
+                        end_column=span.end_column if span else None)
+    bound = bind_similarity(statement, entry.catalog, n_classes=entry.n_classes,
+                            seed=conn.settings.seed, n_items=len(conn.source))
+    bound_at = time.perf_counter()
+    profile = entry.profile  # after binding, so that a mistake costs no pass over the data
+    profiled_at = time.perf_counter()
+    if not profile.has_labels:
+        require_labels(statement)
+    sample, sample_seconds = None, 0.0
+    if bound.sampler is not None:
+        sample, fresh = entry.artifacts.get_sample(bound.sampler)
+        sample_seconds = sample.seconds if fresh else 0.0
+    planned_at = time.perf_counter()
+    plan = plan_query(bound, profile, None if sample is None else sample.indices,
+                      None if sample is None else sample.spec, None, rows_from_profile=False)
+    return plan, {"bind": bound_at - started, "profile": profiled_at - bound_at,
+                  "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
+
+
 def reads_predictions(query: ast.Query) -> bool:
     """Whether a query depends on its model's predictions (WHERE on predicted, confidence or
     correctness; GROUP BY predicted or correct), not just on the data's labels."""
@@ -138,7 +168,44 @@ def answer_query(conn, query: ast.Query) -> Result:
     return result
 
 
+def _similarity(conn, statement: ast.Similarity) -> Result:
+    from diagql.engine.similarity import answer_similarity
+
+    if statement.plot is not None:
+        _check_plot(statement.plot)
+    plan, timings = planned(conn, statement)
+    result = answer_similarity(conn.current.runner(), plan)
+    result.timings.update(timings)
+    record_speedup(result)
+    if statement.plot is not None:
+        from diagql.results.plots import write_plot
+
+        write_plot(result, statement.plot.value)
+        result.notes.append(f"plot written to {statement.plot.value}")
+    return result
+
+
+def _check_plot(plot: ast.Literal) -> None:
+    """PLOT 'file': refused before any pass when the file cannot be written."""
+    from diagql.results.plots import check_target
+
+    try:
+        check_target(plot.value)
+    except BindError as exc:
+        span = plot.span
+        raise BindError(exc.message, line=span.line if span else None,
+                        column=span.column if span else None,
+                        end_column=span.end_column if span else None, hint=exc.hint) from None
+
+
 def _explain(conn, statement: ast.Explain) -> Result:
+    if isinstance(statement.query, ast.Similarity):
+        from diagql.engine.similarity import explain
+
+        plan, _ = planned(conn, statement.query)
+        return Result(kind="explain", statement=statement.text,
+                      title=f"plan: {statement.query.text}", columns=["step", "detail"],
+                      rows=explain(plan), plan=plan)
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
     entry = conn.on(plan.query.layer.model)
@@ -239,6 +306,7 @@ def _clear_cache(conn, statement: ast.ClearCache) -> Result:
 # SHOW needs a model for LAYERS and PROFILE only; those ask for it themselves.
 HANDLERS: dict[type, Handler] = {
     ast.Query: Handler(_query, needs_model=True),
+    ast.Similarity: Handler(_similarity, needs_model=True),
     ast.Explain: Handler(_explain, needs_model=True),
     ast.Evaluate: Handler(_evaluate, needs_model=True),
     ast.Describe: Handler(_describe, needs_model=True),

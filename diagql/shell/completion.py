@@ -22,6 +22,7 @@ _SAMPLER_NAME = re.compile(r"USING\s+SAMPLE\s*$", re.IGNORECASE)
 _EVALUATE_LIST = re.compile(r"EVALUATE\s+SAMPLERS\b((?:[^()]|\([^()]*\))*)$", re.IGNORECASE)
 # The open sampler call at the cursor (the only calls whose arguments may be names).
 _SAMPLER_ARGS = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(([^()]*)$")
+_MEASURE = re.compile(r"\bSIMILARITY\b.*\bBY\s+\w*$", re.IGNORECASE | re.DOTALL)
 _SWEEP = re.compile(r"\bSWEEP\s*$", re.IGNORECASE)
 _SET_NAME = re.compile(r"^\s*SET\s*$", re.IGNORECASE)
 _SET_VALUE = re.compile(r"^\s*SET\s+([A-Za-z_]\w*)\s*=\s*$", re.IGNORECASE)
@@ -93,6 +94,11 @@ class DiagQLCompleter(Completer):
                                                                     re.DOTALL)):
             yield from offer(samplers.REGISTRY,
                              lambda n: (samplers.REGISTRY[n].__doc__ or "").strip().split("\n")[0])
+            return
+        if _MEASURE.search(prefix):
+            from diagql.language.ast import MEASURES
+
+            yield from offer(MEASURES, lambda n: "linear CKA (Kornblith et al. 2019)")
             return
         if _SWEEP.search(prefix):
             yield from offer(["j"], lambda n: "the boundary share of gmm and maxmargin")

@@ -105,6 +105,8 @@ def language_help() -> str:
         "  EVALUATE SAMPLERS [sampler, ...] [AT size, ...] [K k, ...] [LAYERS layer, ...] "
         "[SEEDS n]",
         "      [SWEEP j IN (value, ...)] [PLOT 'file.png']   (the paper's S1/S2/S3 benchmark)",
+        "  SIMILARITY layer, layer [, ...] [BY cka] [WHERE ...] [GROUP BY ...] [USING ...] "
+        "[WITH BASELINE] [PLOT 'file.png']   (linear CKA; three or more layers: every pair)",
         "  CLEAR CACHE  (empties the disk cache of profiles, samples and activations)",
         "",
         "Examples:",
@@ -113,6 +115,7 @@ def language_help() -> str:
         "  AVG NEURONS IN fc1 WHERE incorrect GROUP BY class;",
         "  ARGMAX CHANNELS IN conv2 WHERE predicted = 8;",
         "  EVALUATE SAMPLERS random, stratified, maxmargin AT 0.05, 0.1 SEEDS 3 PLOT 'fig4.png';",
+        "  SIMILARITY conv2, fc3 USING SAMPLE random(0.1) WITH BASELINE;",
         "",
         "Samplers:",
     ]
