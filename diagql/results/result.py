@@ -72,6 +72,34 @@ class Estimate:
         return out
 
 
+@dataclass(frozen=True, eq=False)
+class RankedItems:
+    """What a TOPK k INPUTS answer says about each item it ranks (in its order): the true
+    label (None for data without labels), the model's prediction and confidence, and what
+    the item looks like (an image array (H, W) or (H, W, 3), a list of tokens, or None)."""
+
+    neuron: str  # the neuron's label, e.g. conv2[5,3,3]
+    largest: bool  # TOPK (True) or BOTTOMK
+    labels: np.ndarray | None
+    predictions: np.ndarray
+    confidence: np.ndarray
+    previews: tuple = ()
+    how: str = ""  # how the answer was found (the index, items read), for the caption
+
+    def records(self, items: np.ndarray, values: np.ndarray) -> list[dict]:
+        rows = []
+        for j, (item, value) in enumerate(zip(items.tolist(), values.tolist())):
+            row = {"rank": j + 1, "item": item, "value": value,
+                   "label": None if self.labels is None else int(self.labels[j]),
+                   "predicted": int(self.predictions[j]),
+                   "confidence": float(self.confidence[j])}
+            preview = self.previews[j] if j < len(self.previews) else None
+            if isinstance(preview, list):
+                row["tokens"] = " ".join(preview)
+            rows.append(row)
+        return rows
+
+
 @dataclass(eq=False)
 class Result:
     """One statement's answer.
@@ -106,6 +134,10 @@ class Result:
     notes: list[str] = field(default_factory=list)
     # TOPK keeps its aggregate for every neuron, so the exact value of any neuron can be shown.
     dense: np.ndarray | None = field(default=None, repr=False)
+    # TOPK k INPUTS (kind "inputs"): the dataset indices of the items ranked, best first,
+    # their activations in ``values``, the neuron in ``neurons``/``labels``, the rest here.
+    items: np.ndarray | None = None
+    ranked: RankedItems | None = field(default=None, repr=False)
 
     @property
     def is_query(self) -> bool:
@@ -121,6 +153,8 @@ class Result:
         return self.provenance.source if self.provenance is not None else "full"
 
     def __len__(self) -> int:
+        if self.items is not None:
+            return len(self.items)
         return len(self.neurons) if self.is_query else len(self.rows)
 
     def value_of(self, neuron: int) -> float | None:
@@ -134,6 +168,12 @@ class Result:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data (lists, floats, strings)."""
+        if self.ranked is not None:
+            return {"kind": self.kind, "statement": self.statement, "layer": self.layer,
+                    "neuron": self.ranked.neuron, "source": self.source,
+                    "n_items": self.n_items, "items": self.records(),
+                    "timings": {k: float(v) for k, v in self.timings.items()},
+                    "notes": list(self.notes)}
         if not self.is_query:
             out = {"kind": self.kind, "statement": self.statement, "title": self.title,
                    "columns": list(self.columns), "rows": [list(map(_plain, r)) for r in self.rows],
@@ -161,6 +201,8 @@ class Result:
 
     def records(self) -> list[dict]:
         """One flat row per (group, neuron): what CSV and pandas show."""
+        if self.ranked is not None:
+            return self.ranked.records(self.items, self.values)
         if not self.is_query:
             return [dict(zip(self.columns, map(_plain, row))) for row in self.rows]
         if self.groups is not None:
@@ -201,6 +243,9 @@ class Result:
         return to_text(self)
 
     def __repr__(self) -> str:
+        if self.ranked is not None:
+            return (f"<Result {self.kind} of {self.ranked.neuron}: {len(self.items)} items of "
+                    f"{self.n_items} matching, {self.source}>")
         if not self.is_query:
             return f"<Result {self.kind}: {len(self.rows)} rows>"
         return (f"<Result {self.kind} {self.unit} in {self.layer}: {len(self.neurons)} values "

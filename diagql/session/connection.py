@@ -36,7 +36,8 @@ NO_MODEL = ("no model is connected: start diagql with --demo, or with --model MO
 
 def connect(model: nn.Module, data, *, batch_size: int | None = None, device=None,
             latent: str | None = None, cache_dir=None, cache_limit=None,
-            progress: bool | None = None, label_key: str | None = None) -> "Connection":
+            progress: bool | None = None, label_key: str | None = None,
+            tokenizer=None) -> "Connection":
     """Connect a PyTorch model to a data set, labelled or not.
 
     ``data`` takes any of these forms; its items are addressed by index, in index order:
@@ -79,12 +80,17 @@ def connect(model: nn.Module, data, *, batch_size: int | None = None, device=Non
     TensorDataset, or a DataLoader over one are cached in memory only (SHOW CACHE says why).
     Pass ``cache_dir=False`` if forward() reads state that these do not cover (globals, files).
 
+    ``tokenizer`` shows text items (TOPK k INPUTS) as tokens instead of token ids: a Hugging
+    Face tokenizer, or a vocabulary (a sequence or mapping from id to token).
+
     A connection assumes the model and data do not change while it is open: it profiles them
     once. After changing weights or data, connect again.
     """
-    return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
+    conn = Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
                       label_key=label_key)
+    conn.tokenizer = tokenizer
+    return conn
 
 
 class Connection:
@@ -103,6 +109,7 @@ class Connection:
         self.progress = Progress(progress)
         self.model = model
         self.data = data
+        self.tokenizer = None  # shows text items' tokens (connect's ``tokenizer``)
         self.artifacts = Artifacts(self)
         self.activations: ActivationStore | None = None
         self.source: ItemSource | None = None
