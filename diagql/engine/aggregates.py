@@ -111,35 +111,47 @@ class TopItems:
         self.scores = torch.empty((n_neurons, 0), dtype=torch.float64)
         self.items = torch.empty((n_neurons, 0), dtype=torch.int64)
         self.count = 0
+        self._last = -1  # the highest item index taken
 
     def update(self, values: torch.Tensor, idx: np.ndarray) -> bool:
         """Take the (items × neurons) activations of items ``idx`` (distinct, not seen before)."""
         if not bool(torch.isfinite(values).all()):
             return False
+        self.take_scores(neuron_major(values, self.largest), idx)
+        return True
+
+    def take_scores(self, scores: torch.Tensor, idx: np.ndarray) -> None:
+        """``update`` with the batch already checked and as ``neuron_major`` makes it (so
+        that the two ends of one batch share one copy)."""
         if len(idx):
-            scores = values.detach().to("cpu", torch.float64).T
-            scores = scores if self.largest else -scores
             numbers = torch.from_numpy(np.asarray(idx, dtype=np.int64))
             items = numbers.expand(scores.shape[0], -1)
+            later = int(np.min(idx)) > self._last
+            self._last = max(self._last, int(np.max(idx)))
             if self.scores.shape[1] == self.k:
-                # Full: only scores that reach a neuron's k-th kept one can enter. The m best
-                # of each neuron hold all of them, m the most that any neuron has.
+                # Full: only scores that reach a neuron's k-th kept one can enter (a tie only
+                # when it comes from a lower item index). The m best of each neuron hold all
+                # of them, m the most that any neuron has.
                 floor = self.scores.min(dim=1, keepdim=True).values
-                reach = int((scores >= floor).sum(dim=1).max())
+                enter = scores > floor if later else scores >= floor
+                reach = int(enter.sum(dim=1).max())
                 if reach == 0:
                     self.count += len(idx)
-                    return True
+                    return
                 if reach < scores.shape[1]:
                     best = scores.topk(reach, dim=1).indices
                     scores, items = scores.gather(1, best), numbers[best]
-            self._keep(torch.cat([self.scores, scores], 1), torch.cat([self.items, items], 1))
+            if self.scores.shape[1]:
+                scores = torch.cat([self.scores, scores], 1)
+                items = torch.cat([self.items, items], 1)
+            self._keep(scores, items)
         self.count += len(idx)
-        return True
 
     def merge(self, other: "TopItems") -> "TopItems":
         self._keep(torch.cat([self.scores, other.scores], 1),
                    torch.cat([self.items, other.items], 1))
         self.count += other.count
+        self._last = max(self._last, other._last)
         return self
 
     def _keep(self, scores: torch.Tensor, items: torch.Tensor) -> None:
@@ -168,6 +180,14 @@ class TopItems:
         scores, items = scores.gather(1, best), items.gather(1, best)
         values = scores if self.largest else -scores
         return items.numpy().copy(), values.numpy().copy()
+
+
+def neuron_major(values: torch.Tensor, largest: bool = True) -> torch.Tensor:
+    """(items × neurons) activations as TopItems scores: one contiguous (neurons, items)
+    float64 copy (selections along a strided axis are slow), negated for the lowest."""
+    scores = torch.empty((values.shape[1], values.shape[0]), dtype=torch.float64)
+    scores.copy_(values.detach().T)
+    return scores if largest else scores.neg_()
 
 
 STATES = {"avg": MeanState, "argmax": ArgmaxState, ("topk", "mean"): MeanState,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.engine.aggregates import TopItems
+from diagql.engine.aggregates import TopItems, neuron_major
 from diagql.errors import ExecutionError
 
 K = 100  # items kept exactly per neuron and end: a query they answer reads no item at all
@@ -20,6 +20,8 @@ K = 100  # items kept exactly per neuron and end: a query they answer reads no i
 BUILD_BUDGET = 512 * 1024 ** 2
 BINS = 256  # codes are uint8
 _HALF_MAX = 65504.0  # float16's largest finite value
+# Rows ranked together (up to 64 MB of them): far fewer top-k selections than one per batch.
+CHUNK, CHUNK_BYTES = 8192, 64 * 1024 ** 2
 
 
 class IndexBuilder:
@@ -36,23 +38,39 @@ class IndexBuilder:
         fits = n_items * n * 2 <= (BUILD_BUDGET if budget is None else budget)
         self.half = torch.empty((n_items, n), dtype=torch.float16) if fits else None
         self.bad, self.first_bad = 0, -1
+        self._pending: list[tuple[torch.Tensor, np.ndarray]] = []
+        self._chunk = max(1, min(CHUNK, CHUNK_BYTES // (4 * n)))
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         values = self.view.finish(rows.detach())
-        if not self.top.update(values, idx):
-            bad = ~torch.isfinite(values).all(dim=1).cpu().numpy()
-            if self.bad == 0:
-                self.first_bad = int(idx[np.flatnonzero(bad)[0]])
-            self.bad += int(bad.sum())
-            return
-        self.bottom.update(values, idx)
         if self.half is not None:
             # Rounding to float16 and clamping are monotone: codes made from these values
             # order items as their activations do, which is all the lookup relies on.
             self.half[torch.from_numpy(idx)] = \
                 values.clamp(-_HALF_MAX, _HALF_MAX).to("cpu", torch.float16)
+        # A copy: a later in-place op of the model may overwrite the output.
+        self._pending.append((values.to("cpu", torch.float32, copy=True), idx))
+        if sum(len(i) for _, i in self._pending) >= self._chunk:
+            self._rank()
+
+    def _rank(self) -> None:
+        if not self._pending:
+            return
+        values = torch.cat([v for v, _ in self._pending])
+        idx = np.concatenate([i for _, i in self._pending])
+        self._pending = []
+        if not bool(torch.isfinite(values).all()):
+            bad = ~torch.isfinite(values).all(dim=1).cpu().numpy()
+            if self.bad == 0:
+                self.first_bad = int(idx[np.flatnonzero(bad)[0]])
+            self.bad += int(bad.sum())
+            return
+        scores = neuron_major(values)
+        self.top.take_scores(scores, idx)
+        self.bottom.take_scores(-scores, idx)  # a copy: the top may keep ``scores``
 
     def finish(self) -> "InputsIndex":
+        self._rank()
         if self.bad:
             raise ExecutionError(
                 f"layer {self.view.layer.name!r} has NaN or infinite activations for "

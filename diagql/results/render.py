@@ -333,9 +333,13 @@ def to_text(result, width: int = 100, max_rows: int = MAX_ROWS) -> str:
 
 
 def to_html(result) -> str:
+    """The table as rich draws it, with thumbnails or heat maps below (results/html.py)."""
+    from diagql.results.html import page
+
     console = Console(record=True, file=io.StringIO(), width=110)
     console.print(renderable(result))
-    return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")
+    return page(result, console.export_html(
+        inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>"))
 
 
 def to_json(result) -> str:
