@@ -249,3 +249,17 @@ def test_sequence_layers_and_tokens(tmp_path):
     assert mean.ranked.previews[0] == [vocabulary[i] for i in ids[first].tolist()]
     with pytest.raises(BindError, match="hidden units of shape \\(5,\\)"):
         seq.query("TOPK 4 INPUTS FOR embed[2,3]")
+
+
+def test_plot_draws_each_item(conn, tmp_path):
+    pytest.importorskip("matplotlib")
+    from diagql.results.plots import draw_inputs, write_plot
+
+    result = conn.query("TOPK 5 INPUTS FOR 6[3] WHERE incorrect")
+    figure = draw_inputs(result)
+    drawn = [ax for ax in figure.axes if ax.images]
+    assert len(drawn) == 5
+    for ax, preview in zip(drawn, result.ranked.previews):
+        np.testing.assert_array_equal(ax.images[0].get_array(), preview)
+    write_plot(result, str(tmp_path / "inputs.png"))
+    assert (tmp_path / "inputs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
