@@ -263,3 +263,11 @@ def test_plot_draws_each_item(conn, tmp_path):
         np.testing.assert_array_equal(ax.images[0].get_array(), preview)
     write_plot(result, str(tmp_path / "inputs.png"))
     assert (tmp_path / "inputs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_index_error_points_into_its_own_line(conn):
+    """The caret stays on the index's line when the bracket opens on the line before."""
+    with pytest.raises(BindError) as caught:
+        conn.query("TOPK 3 INPUTS FOR 6[\n40]")
+    error = caught.value
+    assert (error.line, error.column) == (2, 1) and error.caret() is not None

@@ -270,7 +270,7 @@ class NeuronRef:
     index: tuple[int, ...]
     channel: bool = False
     span: Span | None = _span()  # the whole reference
-    index_span: Span | None = _span()  # the brackets and what is between them
+    index_span: Span | None = _span()  # from the first index to the closing bracket
 
     def text(self) -> str:
         return f"{self.layer.text()}[{','.join(map(str, self.index))}]"

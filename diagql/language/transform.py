@@ -92,9 +92,10 @@ def _build_transformer():
             layer, *index = children
             start = self.offset.span(index[0])
             end = self._span(meta)
-            # From the first index to the closing bracket (the caret of an index error).
-            bracket = ast.Span(start.line, start.column - 1, end.end_line, end.end_column,
-                               start.start_pos - 1, end.end_pos)
+            # From the first index to the closing bracket (the caret of an index error; the
+            # '[' itself may sit on a line before it).
+            bracket = ast.Span(start.line, start.column, end.end_line, end.end_column,
+                               start.start_pos, end.end_pos)
             return ast.NeuronRef(layer, tuple(self._int(i) for i in index), span=end,
                                  index_span=bracket)
 
