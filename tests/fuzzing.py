@@ -46,6 +46,8 @@ HANDWRITTEN = [
     "SET batch_size = 16",
     "SET max_rows = 5",
     "SET format = json",
+    "TOPK 3 INPUTS FOR fc2[5] WHERE incorrect USING SAMPLE random(0.5)",
+    "BOTTOMK 2 INPUTS FOR CHANNEL fc1[1]",
     "SET format = 'csv'",
     "SET latent = fc1",
     "SET latent = default",

@@ -43,8 +43,9 @@ def test_keywords_come_from_the_grammar():
 
 
 def test_statement_keywords_at_the_start(completer):
-    assert set(complete(completer, "")) == {"ARGMAX", "AVG", "CLEAR", "DESCRIBE", "EVALUATE",
-                                            "EXPLAIN", "SET", "SHOW", "SIMILARITY", "TOPK"}
+    assert set(complete(completer, "")) == {"ARGMAX", "AVG", "BOTTOMK", "CLEAR", "DESCRIBE",
+                                            "EVALUATE", "EXPLAIN", "SET", "SHOW", "SIMILARITY",
+                                            "TOPK"}
     assert complete(completer, "to") == ["topk"]
     assert complete(completer, "SHOW LAYERS; DESC") == ["DESCRIBE"]
 

@@ -263,7 +263,7 @@ def test_call_is_part_of_equality_and_text():
     ("AVG NEURONS IN relu#2x", 22, "unexpected 'x'"),
     ("AVG NEURONS IN relu#-1", 21, "unexpected '-1'"),
     ("SET latent = relu#2", 18, "unexpected '#2'; expected end of statement"),
-    ("TOPK 3 #2 NEURONS IN relu", 8, "unexpected '#2'; expected CHANNELS or NEURONS"),
+    ("TOPK 3 #2 NEURONS IN relu", 8, "unexpected '#2'; expected CHANNELS, INPUTS or NEURONS"),
 ])
 def test_call_syntax_errors(text, column, message):
     err = error_of(text)
@@ -422,7 +422,7 @@ def test_misspelt_statement_keyword_has_hint():
     err = error_of("SELECT 5 NEURONS FROM fc1")
     assert (err.line, err.column) == (1, 1)
     assert "TOPK" in err.message and "SHOW" in err.message
-    assert err.hint == ("hint: a statement starts with TOPK, AVG, ARGMAX, EXPLAIN, SHOW, "
+    assert err.hint == ("hint: a statement starts with TOPK, BOTTOMK, AVG, ARGMAX, EXPLAIN, SHOW, "
                         "DESCRIBE, SET, CLEAR, EVALUATE or SIMILARITY")
     assert err.format("f.dql").endswith(err.hint)
 
@@ -431,8 +431,8 @@ def test_keyword_lists_come_from_the_grammar():
     grammar = (Path(__file__).resolve().parents[1] / "grammar" / "diagql.lark").read_text()
     declared = dict(re.findall(r'^([A-Z]+)(?:\.\d+)?: "([a-z]+)"i$', grammar, flags=re.M))
     assert keywords() == declared and len(declared) >= 40
-    assert set(statement_keywords()) == {"TOPK", "AVG", "ARGMAX", "EXPLAIN", "SHOW", "DESCRIBE",
-                                         "SET", "CLEAR", "EVALUATE", "SIMILARITY"}
+    assert set(statement_keywords()) == {"TOPK", "BOTTOMK", "AVG", "ARGMAX", "EXPLAIN", "SHOW",
+                                         "DESCRIBE", "SET", "CLEAR", "EVALUATE", "SIMILARITY"}
     for word in statement_keywords():  # each may start a statement, and no other keyword may
         err = _error_or_none(word)
         assert err is None or isinstance(err, IncompleteStatement), word

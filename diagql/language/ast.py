@@ -328,7 +328,49 @@ class Evaluate:
     text: str = field(default="", compare=False)
 
 
-Statement = Union[Query, Similarity, Explain, Show, Describe, SetStatement, ClearCache, Evaluate]
+@dataclass(frozen=True)
+class NeuronRef:
+    """One neuron as result labels write it: ``conv2[5,3,3]``, ``fc1[17]``, ``enc[3]``,
+    ``enc[4,3]`` (TOKENS ALL), ``relu#2[3]``; with ``channel`` (``FOR CHANNEL conv2[5]``) a
+    channel, whose activation is its mean over the rest of the item's output."""
+
+    layer: LayerRef
+    index: tuple[int, ...]
+    channel: bool = False
+    span: Span | None = _span()  # the whole reference
+    index_span: Span | None = _span()  # from the first index to the closing bracket
+
+    def text(self) -> str:
+        return f"{self.layer.text()}[{','.join(map(str, self.index))}]"
+
+
+@dataclass(frozen=True)
+class TopInputs:
+    """``TOPK k INPUTS FOR conv2[5,3,3] [TOKENS ...] [WHERE p] [USING ...]``: the k items with
+    the highest activation of one neuron (``largest`` False: BOTTOMK, the lowest)."""
+
+    k: int
+    neuron: NeuronRef
+    largest: bool = True
+    k_span: Span | None = _span()
+    tokens: Tokens | None = None
+    where: Predicate | None = None
+    source: Full | SamplerCall = Full()
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+    @property
+    def layer(self) -> LayerRef:
+        return self.neuron.layer
+
+    @property
+    def unit(self) -> str:
+        """What the neuron's index counts, as a Query's unit (the binder's views read it)."""
+        return "channels" if self.neuron.channel else "neurons"
+
+
+Statement = Union[Query, Similarity, Explain, Show, Describe, SetStatement, ClearCache, Evaluate,
+                  TopInputs]
 
 
 def children(node) -> Iterator[object]:

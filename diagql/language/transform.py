@@ -157,6 +157,30 @@ def _build_transformer():
                 fields[name] = value
             return ast.Evaluate(span=self._span(meta), text=self._text(meta), **fields)
 
+        def inputs(self, meta, children):
+            keyword, k, _inputs, _for, *rest = children
+            channel = bool(rest) and getattr(rest[0], "type", None) == "CHANNEL"
+            neuron, *clauses = rest[1:] if channel else rest
+            fields = {}
+            for clause in clauses:
+                fields.update(clause)
+            neuron = ast.NeuronRef(neuron.layer, neuron.index, channel, span=neuron.span,
+                                   index_span=neuron.index_span)
+            return ast.TopInputs(self._int(k), neuron, str(keyword).lower() == "topk",
+                                 k_span=self.offset.span(k), span=self._span(meta),
+                                 text=self._text(meta), **fields)
+
+        def neuron(self, meta, children):
+            layer, *index = children
+            start = self.offset.span(index[0])
+            end = self._span(meta)
+            # From the first index to the closing bracket (the caret of an index error; the
+            # '[' itself may sit on a line before it).
+            bracket = ast.Span(start.line, start.column, end.end_line, end.end_column,
+                               start.start_pos, end.end_pos)
+            return ast.NeuronRef(layer, tuple(self._int(i) for i in index), span=end,
+                                 index_span=bracket)
+
         # EVALUATE's clauses: each gives (its keyword token, the Evaluate field, the value)
         def sampler_list(self, meta, children):
             return None, "samplers", tuple(children)

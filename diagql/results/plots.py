@@ -1,5 +1,5 @@
-"""Figures like the paper's from an EVALUATE SAMPLERS result (its Figures 4 to 7), and a
-SIMILARITY result's heat map, to a file.
+"""Figures like the paper's from an EVALUATE SAMPLERS result (its Figures 4 to 7), a
+SIMILARITY result's heat map, and the grid of a TOPK k INPUTS answer's items, to a file.
 
 matplotlib is optional (``pip install "diagql[plot]"``) and imported here on first use. The
 figure is drawn on its own Agg canvas, without pyplot, so no global backend is changed.
@@ -50,9 +50,9 @@ def check_target(path: str) -> None:
 
 
 def write_plot(result, path: str) -> None:
-    """Draw the evaluation or similarity ``result`` and save it to ``path`` (the format from
-    its suffix)."""
-    figure = draw(result)
+    """Draw the evaluation or similarity ``result`` (or a TOPK k INPUTS answer's items) and
+    save it to ``path`` (the format from its suffix)."""
+    figure = draw_inputs(result) if result.ranked is not None else draw(result)
     try:
         figure.savefig(path, dpi=85)  # small files: a docs figure stays under 200 KB
     except OSError as exc:
@@ -102,6 +102,38 @@ def draw(result):
     # tight_layout keeps clear of the suptitle by itself; the legend needs the bottom strip.
     legend_height = (0.25 + 0.22 * rows_of_legend) / figure.get_figheight()
     figure.tight_layout(rect=(0, legend_height, 1, 1))
+    return figure
+
+
+def draw_inputs(result):
+    """A TOPK k INPUTS answer as a grid of its items, best first: each image with its item,
+    label, prediction and activation; a text item as its tokens."""
+    Figure, FigureCanvasAgg = _figure_class()
+    ranked, n = result.ranked, len(result.items)
+    columns = min(max(n, 1), 8)
+    rows = max(-(-n // columns), 1)
+    figure = Figure(figsize=(1.6 * columns, 2.1 * rows + 0.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for j, ax in enumerate(axes):
+        ax.set_axis_off()
+        if j >= n:
+            continue
+        preview = ranked.previews[j] if j < len(ranked.previews) else None
+        label = "" if ranked.labels is None else f"y={int(ranked.labels[j])} "
+        title = (f"#{j + 1} item {int(result.items[j])}\n{label}pred={int(ranked.predictions[j])}"
+                 f"\n{float(result.values[j]):.4g}")
+        if isinstance(preview, list):
+            ax.text(0, 1, textwrap.fill(" ".join(preview), 22), va="top", fontsize=7,
+                    family="monospace", transform=ax.transAxes)
+        elif preview is not None:
+            ax.imshow(preview, cmap="gray" if preview.ndim == 2 else None,
+                      interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    end = "highest" if ranked.largest else "lowest"
+    figure.suptitle(f"the items of {end} {ranked.neuron} ({result.n_items:,} matching)",
+                    fontsize=10)
+    figure.tight_layout()
     return figure
 
 

@@ -31,6 +31,8 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
         from diagql.results.heatmap import similarity_renderable
 
         return similarity_renderable(result, echo)
+    if result.ranked is not None:
+        return _inputs(result, max_rows, echo)
     if not result.is_query:
         table = _info_table(result, max_rows)
         notes = [Text(note, style="yellow") for note in result.notes]
@@ -119,6 +121,47 @@ def _evaluation(result, echo: bool) -> Group:
                           f"{timings['score']:.1f} s", style="dim"))
     parts += [Text(note, style="yellow") for note in result.notes]
     return Group(*parts)
+
+
+def _inputs(result, max_rows: int, echo: bool) -> Group:
+    """TOPK k INPUTS: one row per item, best first, with its label, prediction and confidence
+    (and its tokens when it has them)."""
+    records = result.records()
+    tokens = any("tokens" in r for r in records)
+    table = Table()
+    for name in ("rank", "item", "activation", "", "label", "predicted", "confidence"):
+        table.add_column(name, justify="left" if name == "" else "right")
+    if tokens:
+        table.add_column("tokens", overflow="fold", max_width=60)
+    top = max((abs(r["value"]) for r in records), default=0.0)
+    for r in records[:max_rows]:
+        cells = [str(r["rank"]), str(r["item"]), _number(r["value"]), _bar(abs(r["value"]), top),
+                 "" if r["label"] is None else str(r["label"]), str(r["predicted"]),
+                 f"{r['confidence']:.3f}"]
+        table.add_row(*cells, *([r.get("tokens", "")] if tokens else []))
+    if len(records) > max_rows:
+        table.add_row("", Text(f"… {len(records) - max_rows:,} more", style="dim"))
+    parts = [Text(result.statement, style="bold")] if echo and result.statement else []
+    parts += [table, Text(_inputs_caption(result), style="dim")]
+    parts += [Text(note, style="yellow") for note in result.notes]
+    return Group(*parts)
+
+
+def _inputs_caption(result) -> str:
+    ranked, provenance = result.ranked, result.provenance
+    end = "highest" if ranked.largest else "lowest"
+    parts = [f"the {len(result.items):,} items of {end} {ranked.neuron} among "
+             f"{result.n_items:,} matching"]
+    if provenance is not None and provenance.approximate:
+        parts.append(f"sample {provenance.sampler}: {provenance.n_sample:,} of "
+                     f"{provenance.n_data:,} items")
+    elif provenance is not None:
+        parts.append(f"exact over all {provenance.n_data:,} items")
+    if ranked.how:
+        parts.append(ranked.how)
+    if "query" in result.timings:
+        parts.append(f"{result.timings['query']:.3f} s")
+    return " · ".join(parts)
 
 
 def _size_text(size) -> str:
@@ -307,9 +350,13 @@ def to_text(result, width: int = 100, max_rows: int = MAX_ROWS) -> str:
 
 
 def to_html(result) -> str:
+    """The table as rich draws it, with thumbnails or heat maps below (results/html.py)."""
+    from diagql.results.html import page
+
     console = Console(record=True, file=io.StringIO(), width=110)
     console.print(renderable(result))
-    return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")
+    return page(result, console.export_html(
+        inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>"))
 
 
 def to_json(result) -> str:

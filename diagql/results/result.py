@@ -111,6 +111,34 @@ class Estimate:
         return out
 
 
+@dataclass(frozen=True, eq=False)
+class RankedItems:
+    """What a TOPK k INPUTS answer says about each item it ranks (in its order): the true
+    label (None for data without labels), the model's prediction and confidence, and what
+    the item looks like (an image array (H, W) or (H, W, 3), a list of tokens, or None)."""
+
+    neuron: str  # the neuron's label, e.g. conv2[5,3,3]
+    largest: bool  # TOPK (True) or BOTTOMK
+    labels: np.ndarray | None
+    predictions: np.ndarray
+    confidence: np.ndarray
+    previews: tuple = ()
+    how: str = ""  # how the answer was found (the index, items read), for the caption
+
+    def records(self, items: np.ndarray, values: np.ndarray) -> list[dict]:
+        rows = []
+        for j, (item, value) in enumerate(zip(items.tolist(), values.tolist())):
+            row = {"rank": j + 1, "item": item, "value": value,
+                   "label": None if self.labels is None else int(self.labels[j]),
+                   "predicted": int(self.predictions[j]),
+                   "confidence": float(self.confidence[j])}
+            preview = self.previews[j] if j < len(self.previews) else None
+            if isinstance(preview, list):
+                row["tokens"] = " ".join(preview)
+            rows.append(row)
+        return rows
+
+
 @dataclass(eq=False)
 class Result:
     """One statement's answer.
@@ -155,6 +183,10 @@ class Result:
     # rows and columns in the order given, and for two layers ``value``, their CKA.
     matrix: np.ndarray | None = None
     value: float | None = None
+    # TOPK k INPUTS (kind "inputs"): the dataset indices of the items ranked, best first,
+    # their activations in ``values``, the neuron in ``neurons``/``labels``, the rest here.
+    items: np.ndarray | None = None
+    ranked: RankedItems | None = field(default=None, repr=False)
 
     @property
     def is_query(self) -> bool:
@@ -172,6 +204,8 @@ class Result:
     def __len__(self) -> int:
         if self.kind == "similarity":
             return len(self.labels)
+        if self.items is not None:
+            return len(self.items)
         return len(self.neurons) if self.is_query else len(self.rows)
 
     def value_of(self, neuron: int) -> float | None:
@@ -187,6 +221,12 @@ class Result:
         """Plain JSON-ready data (lists, floats, strings)."""
         if self.kind == "similarity":
             return self._similarity_dict()
+        if self.ranked is not None:
+            return {"kind": self.kind, "statement": self.statement, "layer": self.layer,
+                    "neuron": self.ranked.neuron, "source": self.source,
+                    "n_items": self.n_items, "items": self.records(),
+                    "timings": {k: float(v) for k, v in self.timings.items()},
+                    "notes": list(self.notes)}
         if not self.is_query:
             out = {"kind": self.kind, "statement": self.statement, "title": self.title,
                    "columns": list(self.columns), "rows": [list(map(_plain, r)) for r in self.rows],
@@ -263,6 +303,8 @@ class Result:
         """One flat row per (group, neuron): what CSV and pandas show."""
         if self.kind == "similarity":
             return self._similarity_records()
+        if self.ranked is not None:
+            return self.ranked.records(self.items, self.values)
         if not self.is_query:
             return [dict(zip(self.columns, map(_plain, row))) for row in self.rows]
         if self.groups is not None:
@@ -306,6 +348,9 @@ class Result:
         if self.kind == "similarity":
             what = f"{self.value:.4f}" if self.value is not None else f"{len(self.labels)} layers"
             return f"<Result similarity {', '.join(self.labels)}: {what}, {self.source}>"
+        if self.ranked is not None:
+            return (f"<Result {self.kind} of {self.ranked.neuron}: {len(self.items)} items of "
+                    f"{self.n_items} matching, {self.source}>")
         if not self.is_query:
             return f"<Result {self.kind}: {len(self.rows)} rows>"
         return (f"<Result {self.kind} {self.unit} in {self.layer}: {len(self.neurons)} values "

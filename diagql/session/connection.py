@@ -40,7 +40,7 @@ NO_MODEL = ("no model is connected: start diagql with --demo, or with --model MO
 def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int | None = None,
             device=None, latent: str | None = None, cache_dir=None, cache_limit=None,
             progress: bool | None = None, label_key: str | None = None,
-            checkpoints=None) -> "Connection":
+            checkpoints=None, tokenizer=None) -> "Connection":
     """Connect a PyTorch model (or several) to a data set, labelled or not.
 
     ``model`` is one ``nn.Module`` (named ``model``), or a mapping of names to modules over the
@@ -93,13 +93,18 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     TensorDataset, or a DataLoader over one are cached in memory only (SHOW CACHE says why).
     Pass ``cache_dir=False`` if forward() reads state that these do not cover (globals, files).
 
+    ``tokenizer`` shows text items (TOPK k INPUTS) as tokens instead of token ids: a Hugging
+    Face tokenizer, or a vocabulary (a sequence or mapping from id to token).
+
     A connection assumes the model and data do not change while it is open: it profiles them
     once. After changing weights or data, connect again. ``latent`` applies to the default
     model and its checkpoints; each model has its own profile.
     """
-    return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
+    conn = Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
                       label_key=label_key, checkpoints=checkpoints)
+    conn.tokenizer = tokenizer
+    return conn
 
 
 class Connection:
@@ -118,6 +123,7 @@ class Connection:
         self.counters: dict[str, int] = {"passes": 0, "items": 0}
         self.progress = Progress(progress)
         self.data = data
+        self.tokenizer = None  # shows text items' tokens (connect's ``tokenizer``)
         self.source: ItemSource | None = None
         # Every model, the default first (session/models.py); empty without a model.
         self.models: dict[str, ModelEntry] = {}

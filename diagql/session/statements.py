@@ -297,6 +297,12 @@ def _describe(conn, statement: ast.Describe) -> Result:
     return describe(conn, statement)
 
 
+def _top_inputs(conn, statement: ast.TopInputs) -> Result:
+    from diagql.session.inputs import run_top_inputs
+
+    return run_top_inputs(conn, statement)
+
+
 def _clear_cache(conn, statement: ast.ClearCache) -> Result:
     from diagql.session.show import clear_cache
 
@@ -313,4 +319,5 @@ HANDLERS: dict[type, Handler] = {
     ast.SetStatement: Handler(_set, needs_model=False),
     ast.Show: Handler(_show, needs_model=False),
     ast.ClearCache: Handler(_clear_cache, needs_model=False),
+    ast.TopInputs: Handler(_top_inputs, needs_model=True),
 }

@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the output format (default {defaults.format}); json prints one "
                              f"object per statement")
     output.add_argument("--plot", metavar="FILE",
-                        help="draw each EVALUATE SAMPLERS and SIMILARITY result to FILE (.png, "
-                             ".pdf, .svg; the second to FILE-2.png, ...); needs matplotlib")
+                        help="draw each EVALUATE SAMPLERS and SIMILARITY result, and each TOPK k "
+                             "INPUTS answer's items as thumbnails, to FILE (.png, .pdf, .svg; the "
+                             "second to FILE-2.png, ...); needs matplotlib")
     output.add_argument("--keep-going", action="store_true",
                         help="run the remaining statements after one fails (exit status is still 1)")
     output.add_argument("--no-progress", action="store_true", help="never draw progress bars")
@@ -160,7 +161,8 @@ def _run(args, out, err) -> int:
                 if not args.keep_going:
                     return EXIT_FAILED
                 continue
-            if args.plot and outcome.kind in ("evaluation", "similarity"):
+            if args.plot and (outcome.kind in ("evaluation", "similarity")
+                              or outcome.ranked is not None):
                 plots += 1
                 try:
                     _plot(outcome, args.plot, plots)
@@ -172,7 +174,7 @@ def _run(args, out, err) -> int:
 
 
 def _plot(result, path: str, number: int) -> None:
-    """--plot: the first EVALUATE result to PATH, the n-th to PATH's stem + "-n" + suffix."""
+    """--plot: the first plotted result to PATH, the n-th to PATH's stem + "-n" + suffix."""
     from pathlib import Path
 
     from diagql.results.plots import write_plot
