@@ -149,7 +149,9 @@ class Truth:
 
 
 def connect(model, data, cache_dir=False):
-    return diagql.connect(model, data, batch_size=BATCH, cache_dir=cache_dir, progress=False)
+    db = diagql.connect(model, data, batch_size=BATCH, cache_dir=cache_dir, progress=False)
+    db.execute("SET estimator = plain")  # sample answers here are compared with sample means
+    return db
 
 
 @pytest.fixture(scope="module")
