@@ -124,3 +124,17 @@ def test_similarity_refusals(two, mlp, data):
         two.query("SIMILARITY base.6 ACROSS CHECKPOINTS")
     with pytest.raises(BindError, match="unknown layer"):
         two.query("SIMILARITY base.6, wide.nope")
+
+
+def test_top_inputs_for_another_models_neuron(two, mlp, data):
+    X, y = data
+    result = two.query("TOPK 7 INPUTS FOR wide.encoder.3[5] WHERE class = 4")
+    values = outputs(mlp, X, "encoder.3")[:, 5]
+    pool = np.flatnonzero((y == 4).numpy())
+    order = np.lexsort((pool, -values[pool]))[:7]
+    assert result.items.tolist() == pool[order].tolist()
+    assert np.allclose(result.values, values[pool[order]], rtol=0, atol=1e-6)
+    assert result.layer == "wide.encoder.3" and result.labels == ["wide.encoder.3[5]"]
+    with torch.no_grad():  # the rows' predictions are wide's, not base's
+        predicted = mlp(X[pool[order]]).argmax(1).numpy()
+    assert result.ranked.predictions.tolist() == predicted.tolist()
