@@ -138,3 +138,10 @@ def test_top_inputs_for_another_models_neuron(two, mlp, data):
     with torch.no_grad():  # the rows' predictions are wide's, not base's
         predicted = mlp(X[pool[order]]).argmax(1).numpy()
     assert result.ranked.predictions.tolist() == predicted.tolist()
+
+
+def test_explain_similarity_across_checkpoints(trained, data):
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    rows = dict(db.query("EXPLAIN SIMILARITY head ACROSS CHECKPOINTS").rows)
+    assert rows["across"].startswith("once per model of epoch1, epoch2, epoch3, final")

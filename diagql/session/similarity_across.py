@@ -11,7 +11,7 @@ from dataclasses import replace
 from diagql.errors import BindError
 from diagql.language import ast
 from diagql.results.result import Result
-from diagql.session.across import across_checkpoints, family
+from diagql.session.across import across_checkpoints, checkpoint_names, family
 
 
 def similarity_across(conn, statement: ast.Similarity, answer: Callable) -> Result:
@@ -35,6 +35,16 @@ def similarity_across(conn, statement: ast.Similarity, answer: Callable) -> Resu
         return _as_table(answer(conn, s), s.layers[0].text())
 
     return across_checkpoints(conn, statement, one, layer=layer, rebind=rebind)
+
+
+def explain_across(conn, statement: ast.Similarity) -> tuple[str, str]:
+    """EXPLAIN's row for ACROSS CHECKPOINTS: what runs once per checkpoint."""
+    (layer,) = statement.layers
+    entry, ref = conn.resolve(layer)
+    names = checkpoint_names(conn, entry, layer.span)
+    return ("across", f"once per model of {', '.join(names)}: its {ref.text()} against "
+                      f"{names[-1]}'s, both in one pass, one checkpoint's weights loaded at a "
+                      f"time")
 
 
 def _as_table(result: Result, layer: str) -> Result:

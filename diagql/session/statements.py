@@ -217,9 +217,14 @@ def _explain(conn, statement: ast.Explain) -> Result:
         from diagql.engine.similarity import explain
 
         plan, _ = planned(conn, statement.query)
+        rows = explain(plan)
+        if statement.query.across is not None:
+            from diagql.session.similarity_across import explain_across
+
+            rows.append(explain_across(conn, statement.query))
         return Result(kind="explain", statement=statement.text,
                       title=f"plan: {statement.query.text}", columns=["step", "detail"],
-                      rows=explain(plan), plan=plan)
+                      rows=rows, plan=plan)
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
     entry = conn.on(plan.query.layer.model)
