@@ -54,12 +54,15 @@ def test_similarity_of_two_models_per_class_with_where(two, cnn, mlp, data):
 def test_a_sample_drawn_on_another_model_is_read_through_both(two, cnn, mlp, data):
     X, _ = data
     result = two.query("SIMILARITY base.6, wide.encoder.3 "
-                       "USING SAMPLE random(0.5, random_state=1, model='wide')")
+                       "USING SAMPLE random(0.5, random_state=1, model='wide') WITH BASELINE")
     items = np.sort(result.plan.items)
     assert len(items) == 250 and result.n_items == 250
     assert "model='wide'" in result.plan.sampler_spec
     truth = debiased_cka(outputs(cnn, X[items], "6"), outputs(mlp, X[items], "encoder.3"))
     assert abs(result.value - truth) <= 1e-10
+    exact = gram_cka(outputs(cnn, X, "6"), outputs(mlp, X, "encoder.3"))
+    assert abs(result.baseline.value - exact) <= 1e-10
+    assert abs(result.metrics["cka_abs_error"] - abs(truth - exact)) <= 1e-10
 
 
 @pytest.fixture(scope="module")
