@@ -42,9 +42,9 @@ def explain_across(conn, statement: ast.Similarity) -> tuple[str, str]:
     (layer,) = statement.layers
     entry, ref = conn.resolve(layer)
     names = checkpoint_names(conn, entry, layer.span)
-    return ("across", f"once per model of {', '.join(names)}: its {ref.text()} against "
-                      f"{names[-1]}'s, both in one pass, one checkpoint's weights loaded at a "
-                      f"time")
+    detail = (f"once per model of {', '.join(names)}: its {ref.text()} against "
+              f"{names[-1]}'s, both in one pass, one checkpoint's weights loaded at a time")
+    return "across", detail
 
 
 def _as_table(result: Result, layer: str) -> Result:
