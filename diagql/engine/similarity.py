@@ -4,6 +4,7 @@ all of them reach one CKA state per group together, and the states become the va
 BoundSimilarity: WHERE, GROUP BY, the sample and the baseline select items as for any query."""
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from diagql.engine.answers import require_matches
 from diagql.engine.cka import MIN_ITEMS, MomentState, RowState, debiased_matrix
+from diagql.engine.executor import run_together
 from diagql.engine.groups import key_order, sorted_keys
 from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
@@ -32,8 +34,24 @@ COVERS = ("sampling variance of a uniform sample of the matching items (delete-o
 
 
 def layer_labels(plan: Plan) -> list[str]:
-    """Each layer as given, with its TOKENS clause when it has one (``enc TOKEN 0``)."""
-    return [f"{view.layer.name} {view.text()}".strip() for view in plan.bound.views]
+    """Each layer as given, with its TOKENS clause when it has one (``enc TOKEN 0``), and its
+    model's name when the layers are several models' (``base.fc2``, ``wide.fc2``)."""
+    models = layer_models(plan)
+    named = len(set(models)) > 1
+    return [f"{model + '.' if named else ''}{view.layer.name} {view.text()}".strip()
+            for model, view in zip(models, plan.bound.views)]
+
+
+def layer_models(plan: Plan) -> list:
+    """Each layer's model as the session resolved it (None: the one model)."""
+    return [ref.model for ref in plan.bound.query.layers]
+
+
+def view_ids(plan: Plan) -> list[str]:
+    """Each layer's view with its model: one id per distinct (model, view), so that a layer
+    named twice is hooked once while base.fc2 and wide.fc2 stay two."""
+    return [json.dumps([model, view.key])
+            for model, view in zip(layer_models(plan), plan.bound.views)]
 
 
 class SimilarityReducer:
@@ -43,8 +61,10 @@ class SimilarityReducer:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        keys = list(dict.fromkeys(view.key for view in plan.bound.views))
-        self.views = [next(v for v in plan.bound.views if v.key == key) for key in keys]
+        ids = view_ids(plan)
+        keys = list(dict.fromkeys(ids))
+        self.views = [plan.bound.views[ids.index(key)] for key in keys]
+        self.models = [layer_models(plan)[ids.index(key)] for key in keys]
         self.items = plan.items
         self.rows = uses_rows(plan)
         self.feeds = [Feed(self, k, view) for k, view in enumerate(self.views)]
@@ -117,7 +137,7 @@ def uses_rows(plan: Plan) -> bool:
 
 
 def _distinct_views(plan: Plan) -> list:
-    return list({view.key: view for view in plan.bound.views}.values())
+    return list(dict(zip(view_ids(plan), plan.bound.views)).values())
 
 
 def check_memory(plan: Plan) -> None:
@@ -135,8 +155,11 @@ def check_memory(plan: Plan) -> None:
                 f"TOKENS MEAN rather than TOKENS ALL), or ask WHERE fewer items")
 
 
-def answer_similarity(runner, plan: Plan) -> Result:
-    """Run the plan (and its baseline, in its own pass so that each has its own time)."""
+def answer_similarity(runner, plan: Plan, runners: dict | None = None) -> Result:
+    """Run the plan (and its baseline, in its own pass so that each has its own time).
+    ``runners``: each model's Runner when the layers are several models' (the rest run on
+    ``runner``); one pass sends each batch through every model, the CKA state taking the rows
+    once all of them have delivered the batch's."""
     require_matches(plan)
     check_memory(plan)
     timings = {}
@@ -148,7 +171,12 @@ def answer_similarity(runner, plan: Plan) -> Result:
         reducer = SimilarityReducer(part)
         label = "sampled items" if part.approximate else ("baseline" if name == "baseline"
                                                           else "items")
-        runner.run(reducer.feeds, f"SIMILARITY {', '.join(layer_labels(part))} ({label})")
+        by_model: dict = {}
+        for feed, model in zip(reducer.feeds, reducer.models):
+            by_model.setdefault(model, []).append(feed)
+        passes = [((runners or {}).get(model, runner), feeds)
+                  for model, feeds in by_model.items()]
+        run_together(passes, f"SIMILARITY {', '.join(layer_labels(part))} ({label})")
         reducer.check()
         states[name] = reducer.states
         timings[name] = time.perf_counter() - started
@@ -207,8 +235,9 @@ def _single(plan: Plan, state, population: int) -> Result:
 
 def _given_order(plan: Plan) -> list[int]:
     """For each layer as given, the position of its view among the distinct views."""
-    keys = list(dict.fromkeys(view.key for view in plan.bound.views))
-    return [keys.index(view.key) for view in plan.bound.views]
+    ids = view_ids(plan)
+    keys = list(dict.fromkeys(ids))
+    return [keys.index(key) for key in ids]
 
 
 def abs_error(approx: Result, exact: Result) -> float:

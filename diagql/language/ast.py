@@ -252,6 +252,9 @@ class Similarity:
     plot: Literal | None = None  # PLOT 'file.png': the heat map
     span: Span | None = _span()
     text: str = field(default="", compare=False)
+    # ACROSS CHECKPOINTS (one layer): each checkpoint's layer against the final model's; its
+    # plot is the statement's PLOT (the curves), ``plot`` above is then None.
+    across: Across | None = None
 
 
 @dataclass(frozen=True)

@@ -202,14 +202,17 @@ class BoundSimilarity:
 
 
 def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_classes: int,
-                    seed: int | None, n_items: int) -> BoundSimilarity:
+                    seed: int | None, n_items: int,
+                    catalogs: Sequence[LayerCatalog] | None = None) -> BoundSimilarity:
+    """``catalogs``: each layer's model's catalog when the layers name several models."""
     if statement.measure not in ast.MEASURES:
         raise _error(f"unknown similarity measure {statement.measure!r}"
                      f"{did_you_mean(statement.measure, ast.MEASURES)}; measures are "
                      f"{', '.join(ast.MEASURES)}", statement.measure_span or statement.span)
     layers, views = [], []
-    for ref, tokens in zip(statement.layers, statement.tokens):
-        layer = bind_layer(ref, catalog)
+    for ref, tokens, own in zip(statement.layers, statement.tokens,
+                                catalogs or [catalog] * len(statement.layers)):
+        layer = bind_layer(ref, own)
         layers.append(layer)
         # An item's representation is the row its view makes, as an AVG NEURONS query's.
         views.append(bind_view(ast.Query("avg", "neurons", ref, tokens=tokens), layer))

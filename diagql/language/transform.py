@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import re
 
-from diagql.errors import ParseError
+from diagql.errors import IncompleteStatement, ParseError
 from diagql.language import ast
 
 
@@ -122,9 +122,26 @@ def _build_transformer():
                 if isinstance(clause, tuple):  # PLOT: (keyword, "plot", Literal), as EVALUATE's
                     clause = {"plot": clause[2]}
                 fields.update(clause)
+            if "across" in fields:  # its PLOT draws the curves over the checkpoints
+                fields["across"] = ast.Across(fields.pop("plot", None), span=fields["across"])
+            if len(layers) != (1 if "across" in fields else max(len(layers), 2)):
+                span = self._span(meta)
+                # Nothing after the one layer: more text could still make it valid (the REPL
+                # waits for the next line, as for any statement cut short).
+                error = IncompleteStatement if not fields else ParseError
+                raise error("SIMILARITY compares two or more layers, or one layer ACROSS "
+                            "CHECKPOINTS; expected ',' and another layer, or ACROSS CHECKPOINTS"
+                            if "across" not in fields else
+                            "SIMILARITY ... ACROSS CHECKPOINTS takes one layer (each "
+                            "checkpoint's is compared with the final model's)",
+                            line=span.line if span else None,
+                            column=span.column if span else None, source=self.source)
             return ast.Similarity(tuple(ref for ref, _ in layers),
                                   tuple(tokens for _, tokens in layers), span=self._span(meta),
                                   text=self._text(meta), **fields)
+
+        def sim_across(self, meta, children):
+            return {"across": self._span(meta)}
 
         def sim_layer(self, meta, children):
             ref, *tokens = children

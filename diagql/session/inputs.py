@@ -8,6 +8,7 @@ import json
 import time
 import weakref
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,6 +22,7 @@ from diagql.language.binder import BoundInputs, bind_inputs, require_labels
 from diagql.model import hooks, views
 from diagql.model.previews import previews
 from diagql.results.result import Provenance, RankedItems, Result
+from diagql.session.models import name_model
 from diagql.storage.fingerprint import cache_key, source_digest
 
 KEPT = 4  # indexes held in memory per connection, least recently used out first
@@ -28,6 +30,15 @@ _MEMORY: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDicti
 
 
 def run_top_inputs(conn, query: ast.TopInputs) -> Result:
+    """The answer on the model that the neuron's layer names (``wide.fc2[3]``): its catalog,
+    profile, runner and inputs indexes (held per model)."""
+    entry, layer = conn.resolve(query.neuron.layer)
+    query = replace(query, neuron=replace(query.neuron, layer=layer))
+    result = _top_inputs(entry, query, getattr(conn, "tokenizer", None))
+    return name_model(conn, result, layer.model)
+
+
+def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
     started = time.perf_counter()
     bound = bind_inputs(query, conn.catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
                         n_items=len(conn.source))
@@ -53,20 +64,21 @@ def run_top_inputs(conn, query: ast.TopInputs) -> Result:
                                    build_index=index is None and sample is None)
     if answer.index is not None:
         _keep(conn, bound, answer.index, answer.seconds)
-    result = _result(conn, bound, answer, profile, allowed, sample)
+    result = _result(conn, bound, answer, profile, allowed, sample, tokenizer)
     result.timings.update(bind=bound_at - started, profile=profiled_at - bound_at,
                           query=answer.seconds)
     return result
 
 
-def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample) -> Result:
+def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
+            tokenizer) -> Result:
     query, items = bound.query, answer.items
     provenance = Provenance(len(profile), None if sample is None else sample.spec,
                             None if sample is None else len(sample.indices))
     ranked = RankedItems(
         bound.label, query.largest, profile.labels[items] if profile.has_labels else None,
         profile.predictions[items], profile.confidence[items],
-        previews(conn.source, items, getattr(conn, "tokenizer", None)), _how(bound, answer))
+        previews(conn.source, items, tokenizer), _how(bound, answer))
     result = Result(kind="inputs", statement=query.text, layer=bound.layer.name,
                     unit=query.unit, neurons=np.array([bound.neuron]), labels=[bound.label],
                     values=answer.values, n_items=int(allowed.sum()), provenance=provenance,

@@ -106,17 +106,24 @@ def sources(conn, query: ast.Query) -> Sources:
 
 
 def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str, float]]:
-    """SIMILARITY's plan: its layers bound on the default model's catalog, its items from that
-    model's profile (and sample)."""
+    """SIMILARITY's plan: each layer bound on its model's catalog (``wide.fc2``), the items
+    from the default model's profile and sample (or the sampler's ``model=``'s)."""
     started = time.perf_counter()
-    entry = conn.current
     if isinstance(statement.source, ast.Auto):
         span = statement.source.span
         raise BindError("SIMILARITY takes USING FULL or USING SAMPLE s(...), not USING AUTO",
                         line=span.line if span else None, column=span.column if span else None,
                         end_column=span.end_column if span else None)
+    resolved = [conn.resolve(ref) for ref in statement.layers]
+    statement = replace(statement, layers=tuple(ref for _, ref in resolved))
+    entry, drawn_on = conn.current, None
+    if isinstance(statement.source, ast.SamplerCall):  # model='wide': whose profile it draws from
+        call, drawn_on = sampler_model(statement.source)
+        entry = conn.on(drawn_on, statement.source.span)
+        statement = replace(statement, source=call)
     bound = bind_similarity(statement, entry.catalog, n_classes=entry.n_classes,
-                            seed=conn.settings.seed, n_items=len(conn.source))
+                            seed=conn.settings.seed, n_items=len(conn.source),
+                            catalogs=[own.catalog for own, _ in resolved])
     bound_at = time.perf_counter()
     profile = entry.profile  # after binding, so that a mistake costs no pass over the data
     profiled_at = time.perf_counter()
@@ -128,7 +135,8 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
         sample_seconds = sample.seconds if fresh else 0.0
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
-                      None if sample is None else sample.spec, None, rows_from_profile=False)
+                      None if sample is None else with_model(sample.spec, drawn_on), None,
+                      rows_from_profile=False)
     return plan, {"bind": bound_at - started, "profile": profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
 
@@ -171,10 +179,16 @@ def answer_query(conn, query: ast.Query) -> Result:
 def _similarity(conn, statement: ast.Similarity) -> Result:
     from diagql.engine.similarity import answer_similarity
 
+    if statement.across is not None:
+        from diagql.session.similarity_across import similarity_across
+
+        return similarity_across(conn, statement, _similarity)
     if statement.plot is not None:
         _check_plot(statement.plot)
     plan, timings = planned(conn, statement)
-    result = answer_similarity(conn.current.runner(), plan)
+    runners = {model: conn.on(model).runner() for model in
+               dict.fromkeys(ref.model for ref in plan.bound.query.layers)}
+    result = answer_similarity(conn.current.runner(), plan, runners)
     result.timings.update(timings)
     record_speedup(result)
     if statement.plot is not None:
@@ -203,9 +217,14 @@ def _explain(conn, statement: ast.Explain) -> Result:
         from diagql.engine.similarity import explain
 
         plan, _ = planned(conn, statement.query)
+        rows = explain(plan)
+        if statement.query.across is not None:
+            from diagql.session.similarity_across import explain_across
+
+            rows.append(explain_across(conn, statement.query))
         return Result(kind="explain", statement=statement.text,
                       title=f"plan: {statement.query.text}", columns=["step", "detail"],
-                      rows=explain(plan), plan=plan)
+                      rows=rows, plan=plan)
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
     entry = conn.on(plan.query.layer.model)

@@ -1,0 +1,59 @@
+"""SIMILARITY layer ACROSS CHECKPOINTS: each checkpoint's layer against the final model's over
+the matching items (per group with GROUP BY), one checkpoint's weights loaded at a time, the
+values as a table of checkpoints against groups and their curves (docs/ARCHITECTURE.md,
+"Similarity")."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+from diagql.errors import BindError
+from diagql.language import ast
+from diagql.results.result import Result
+from diagql.session.across import across_checkpoints, checkpoint_names, family
+
+
+def similarity_across(conn, statement: ast.Similarity, answer: Callable) -> Result:
+    """``answer(conn, s)`` answers ``s``, a two-layer SIMILARITY (the checkpoint's layer, the
+    final model's): once per model of the layer's checkpoint family, the final model last
+    (whose value with itself is 1)."""
+    (layer,) = statement.layers
+    entry, ref = conn.resolve(layer)
+    members = family(conn, entry)
+    finals = [member.name for member in members if not member.is_checkpoint]
+    if members and not finals:
+        raise BindError(f"the checkpoints of {entry.name!r} have no final model to compare with")
+    final = finals[0] if finals else None
+
+    def rebind(s: ast.Similarity, name: str) -> ast.Similarity:
+        # Each pass runs the final model and one checkpoint (the slot's copy): two modules.
+        pair = (replace(ref, model=name), replace(ref, model=final))
+        return replace(s, layers=pair, tokens=s.tokens * 2, across=None, plot=None)
+
+    def one(conn, s: ast.Similarity) -> Result:
+        return _as_table(answer(conn, s), s.layers[0].text())
+
+    return across_checkpoints(conn, statement, one, layer=layer, rebind=rebind)
+
+
+def explain_across(conn, statement: ast.Similarity) -> tuple[str, str]:
+    """EXPLAIN's row for ACROSS CHECKPOINTS: what runs once per checkpoint."""
+    (layer,) = statement.layers
+    entry, ref = conn.resolve(layer)
+    names = checkpoint_names(conn, entry, layer.span)
+    detail = (f"once per model of {', '.join(names)}: its {ref.text()} against "
+              f"{names[-1]}'s, both in one pass, one checkpoint's weights loaded at a time")
+    return "across", detail
+
+
+def _as_table(result: Result, layer: str) -> Result:
+    """One checkpoint's CKA per group (or of the whole), as rows keyed by the group alone so
+    that every checkpoint's answer lines up in results/across.py."""
+    group_by = result.provenance.group_by if result.provenance is not None else None
+    parts = result.groups.items() if result.groups is not None else [(layer, result)]
+    rows = [(key, math.nan if part.value is None else float(part.value)) for key, part in parts]
+    table = Result(kind="table", statement=result.statement, columns=[group_by or "layer", "cka"],
+                   rows=rows, provenance=result.provenance)
+    table.notes, table.timings, table.n_items = result.notes, result.timings, result.n_items
+    return table

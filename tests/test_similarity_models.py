@@ -1,0 +1,150 @@
+"""SIMILARITY between layers of several models (one pass through all of them) and ACROSS
+CHECKPOINTS (each checkpoint's layer against the final model's), each value checked against a
+Gram-form CKA in numpy of the modules' outputs hooked by the test itself."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql.errors import BindError, ParseError
+from tests import models
+from tests.test_models import outputs
+from tests.test_similarity import debiased_cka, gram_cka
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    X, y = digits
+    return X[:500], y[:500]
+
+
+@pytest.fixture(scope="module")
+def two(cnn, mlp, data):
+    return diagql.connect({"base": cnn, "wide": mlp}, data, cache_dir=False, progress=False)
+
+
+def test_similarity_of_two_models_layers(two, cnn, mlp, data):
+    X, _ = data
+    result = two.query("SIMILARITY base.6, wide.encoder.3")
+    truth = gram_cka(outputs(cnn, X, "6"), outputs(mlp, X, "encoder.3"))
+    assert abs(result.value - truth) <= 1e-10
+    assert result.labels == ["base.6", "wide.encoder.3"]
+    assert 0.05 < truth < 0.999  # two models: neither unrelated nor the same
+
+
+def test_similarity_of_two_models_per_class_with_where(two, cnn, mlp, data):
+    X, y = data
+    result = two.query("SIMILARITY wide.encoder.1, base.8, wide.head WHERE class != 3 "
+                       "GROUP BY class")
+    keep = (y != 3).numpy()
+    rows = [outputs(mlp, X, "encoder.1"), outputs(cnn, X, "8"), outputs(mlp, X, "head")]
+    assert sorted(result.groups) == sorted(set(y[keep].tolist()))
+    for key, group in result.groups.items():
+        mask = keep & (y == key).numpy()
+        for i in range(3):
+            for j in range(3):
+                truth = 1.0 if i == j else gram_cka(rows[i][mask], rows[j][mask])
+                assert abs(group.matrix[i, j] - truth) <= 1e-10
+
+
+def test_a_sample_drawn_on_another_model_is_read_through_both(two, cnn, mlp, data):
+    X, _ = data
+    result = two.query("SIMILARITY base.6, wide.encoder.3 "
+                       "USING SAMPLE random(0.5, random_state=1, model='wide') WITH BASELINE")
+    items = np.sort(result.plan.items)
+    assert len(items) == 250 and result.n_items == 250
+    assert "model='wide'" in result.plan.sampler_spec
+    truth = debiased_cka(outputs(cnn, X[items], "6"), outputs(mlp, X[items], "encoder.3"))
+    assert abs(result.value - truth) <= 1e-10
+    exact = gram_cka(outputs(cnn, X, "6"), outputs(mlp, X, "encoder.3"))
+    assert abs(result.baseline.value - exact) <= 1e-10
+    assert abs(result.metrics["cka_abs_error"] - abs(truth - exact)) <= 1e-10
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """An MLP saved after each of three epochs, then trained on: (final, checkpoint states)."""
+    X, y = digits
+    model = models.build_mlp(seed=2)
+    states = {}
+    for epoch in (1, 2, 3):
+        models.train(model, X, y, epochs=1, seed=epoch)
+        states[f"epoch{epoch}"] = copy.deepcopy(model.state_dict())
+    models.train(model, X, y, epochs=2, seed=9)
+    return model, states
+
+
+def loaded(state) -> torch.nn.Module:
+    model = models.MLP()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_similarity_across_checkpoints_per_class(trained, data, tmp_path):
+    X, y = data
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    plot = tmp_path / "curves.png"
+    result = db.query(f"SIMILARITY encoder.3 ACROSS CHECKPOINTS GROUP BY class PLOT '{plot}'")
+    assert result.kind == "across" and plot.stat().st_size > 0
+    assert [row[0] for row in result.rows] == ["epoch1", "epoch2", "epoch3", "final"]
+    classes = sorted(set(y.tolist()))
+    assert result.columns == ["checkpoint", *map(str, classes)]
+    final = outputs(model, X, "encoder.3")
+    for r, name in enumerate(["epoch1", "epoch2", "epoch3", "final"]):
+        mine = final if name == "final" else outputs(loaded(states[name]), X, "encoder.3")
+        for c, key in enumerate(classes):
+            mask = (y == key).numpy()
+            truth = 1.0 if name == "final" else gram_cka(mine[mask], final[mask])
+            assert abs(result.series[str(key)][r] - truth) <= 1e-10
+            assert result.rows[r][1 + c] == f"{truth:.4g}"
+    assert np.std([result.series[str(k)][0] for k in classes]) > 0  # the classes differ
+
+
+def test_similarity_across_checkpoints_whole(trained, data):
+    X, _ = data
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    result = db.query("SIMILARITY head ACROSS CHECKPOINTS WHERE class < 5")
+    keep = (data[1] < 5).numpy()
+    final = outputs(model, X, "head")[keep]
+    for r, name in enumerate(["epoch1", "epoch2", "epoch3"]):
+        truth = gram_cka(outputs(loaded(states[name]), X, "head")[keep], final)
+        assert abs(result.series["head"][r] - truth) <= 1e-10
+    assert result.series["head"][3] == 1.0
+
+
+def test_similarity_refusals(two, mlp, data):
+    with pytest.raises(ParseError, match="one layer"):
+        two.query("SIMILARITY base.6, wide.head ACROSS CHECKPOINTS")
+    with pytest.raises(ParseError, match="two or more layers"):
+        two.query("SIMILARITY base.6")
+    with pytest.raises(BindError, match="checkpoints"):
+        two.query("SIMILARITY base.6 ACROSS CHECKPOINTS")
+    with pytest.raises(BindError, match="unknown layer"):
+        two.query("SIMILARITY base.6, wide.nope")
+
+
+def test_top_inputs_for_another_models_neuron(two, mlp, data):
+    X, y = data
+    result = two.query("TOPK 7 INPUTS FOR wide.encoder.3[5] WHERE class = 4")
+    values = outputs(mlp, X, "encoder.3")[:, 5]
+    pool = np.flatnonzero((y == 4).numpy())
+    order = np.lexsort((pool, -values[pool]))[:7]
+    assert result.items.tolist() == pool[order].tolist()
+    assert np.allclose(result.values, values[pool[order]], rtol=0, atol=1e-6)
+    assert result.layer == "wide.encoder.3" and result.labels == ["wide.encoder.3[5]"]
+    with torch.no_grad():  # the rows' predictions are wide's, not base's
+        predicted = mlp(X[pool[order]]).argmax(1).numpy()
+    assert result.ranked.predictions.tolist() == predicted.tolist()
+
+
+def test_explain_similarity_across_checkpoints(trained, data):
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    rows = dict(db.query("EXPLAIN SIMILARITY head ACROSS CHECKPOINTS").rows)
+    assert rows["across"].startswith("once per model of epoch1, epoch2, epoch3, final")
