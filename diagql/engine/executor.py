@@ -27,6 +27,11 @@ class Reducer:
         self.view = plan.bound.view
         self.items = plan.items  # what the states cover (and where group keys are looked up)
         self.wanted = plan.items  # what a forward pass must feed it (less what came from a cache)
+        self.keys = plan.group_keys  # each item's group key (None: no GROUP BY)
+        query = plan.query
+        # An exact answer has no standard error to compute.
+        self.new_state = functools.partial(state_for, query.aggregate, query.order,
+                                           plan.bound.n_neurons, spread=plan.approximate)
         self.states: dict = {}
         self.bad = 0  # items with NaN or inf activations, and the first of them
         self.first_bad = -1
@@ -34,10 +39,10 @@ class Reducer:
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         """Reduce the view's rows of items ``idx`` (sorted, all among the plan's items)."""
         values = self.view.finish(rows.detach())
-        if self.plan.group_keys is None:
+        if self.keys is None:
             self._update(None, values, idx)
             return
-        keys = self.plan.group_keys[np.searchsorted(self.items, idx)]
+        keys = self.keys[np.searchsorted(self.items, idx)]
         for key in np.unique(keys).tolist():
             mask = keys == key
             self._update(key, values[torch.from_numpy(mask).to(values.device)], idx[mask])
@@ -77,12 +82,21 @@ class Reducer:
             self.bad += other.bad
         return self
 
+    def part(self, items: np.ndarray) -> Reducer:
+        """An empty Reducer of the same plan fed only ``items`` (a run of ``wanted``), for a
+        shard of a pass on another process (engine/shards.py): it carries no plan, only what
+        reducing needs, so it pickles small."""
+        part = object.__new__(Reducer)
+        lo, hi = np.searchsorted(self.items, [items[0], items[-1] + 1]) if len(items) else (0, 0)
+        part.plan, part.view, part.new_state = None, self.view, self.new_state
+        part.items, part.wanted = self.items[lo:hi], items
+        part.keys = None if self.keys is None else self.keys[lo:hi]
+        part.states, part.bad, part.first_bad = {}, 0, -1
+        return part
+
     def _state(self, key):
         if key not in self.states:
-            query = self.plan.query
-            # An exact answer has no standard error to compute.
-            self.states[key] = state_for(query.aggregate, query.order, self.plan.bound.n_neurons,
-                                         spread=self.plan.approximate)
+            self.states[key] = self.new_state()
         return self.states[key]
 
     def check(self) -> None:
@@ -106,6 +120,14 @@ class Collector:
         values = rows.detach().to("cpu", _torch_dtype(self.rows.dtype))
         self.rows[np.searchsorted(self.items, idx)] = values.numpy()
 
+    def part(self, items: np.ndarray) -> Collector:
+        """An empty Collector of ``items`` (a run of its own), for a shard of a pass."""
+        return Collector(self.view, items, self.rows.dtype)
+
+    def merge(self, part: Collector) -> Collector:
+        self.rows[np.searchsorted(self.items, part.items)] = part.rows
+        return self
+
 
 def row_dtype(torch_dtype: torch.dtype) -> np.dtype:
     """What cached rows are stored in: float64 for float64 models, else float32 (exact for
@@ -117,11 +139,58 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.float64 if dtype == np.float64 else torch.float32
 
 
+def feed(model, source, consumers: list, items: np.ndarray, *, device, dtype, batch_size: int,
+         advance) -> None:
+    """Feed each consumer its view's rows of its own items, in one forward pass over ``items``
+    (the union of their ``wanted``, sorted) in batches of ``batch_size``; ``advance(n)`` is told
+    of each batch. Only the consumers' layers are hooked, and each batch stops as soon as all
+    of them have run (the rest of the model is skipped). The local pass and every Ray worker's
+    shard (engine/ray_engine.py) run this same code."""
+    layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
+    for consumer in consumers:
+        views = layers.setdefault(consumer.view.layer.name, {})
+        views.setdefault(consumer.view.key, (consumer.view, []))[1].append(consumer)
+    current: list = [None]  # the batch's item indices
+
+    def callback(views: dict[str, tuple[View, list]]):
+        def on_output(call: ModuleCall) -> None:
+            idx = current[0]
+            for view, members in views.values():
+                rows = view.rows(call)
+                for consumer in members:
+                    wanted = consumer.wanted
+                    if len(wanted) == len(items):  # a subset as large as the union is it
+                        consumer.take(rows, idx)
+                        continue
+                    pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
+                    mask = wanted[pos] == idx
+                    if mask.all():
+                        consumer.take(rows, idx)
+                    elif mask.any():
+                        consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
+            if hooks.done():  # for a module's n-th call: once that call has run
+                raise StopForward
+        return on_output
+
+    with evaluation(model), \
+            Hooks(model, {name: callback(views) for name, views in layers.items()}) as hooks:
+        for idx, x, _ in source.batches(items, batch_size):
+            x = to_device(x, device, dtype)
+            hooks.start(x, len(idx))
+            current[0] = idx
+            try:
+                call_model(model, x)
+            except StopForward:
+                pass
+            hooks.check_ran()
+            advance(len(idx))
+
+
 class Runner:
     """Everything a forward pass needs from the connection."""
 
     def __init__(self, model, source, *, device, dtype, batch_size, progress, counters=None,
-                 activations=None):
+                 activations=None, engine=None):
         self.model = model
         self.source = source
         self.device = device
@@ -130,55 +199,24 @@ class Runner:
         self.progress = progress
         self.counters = counters if counters is not None else {}
         self.activations = activations  # an ActivationStore, or None: every query streams
+        self.engine = engine  # a RayEngine runs passes on a cluster; None: in this process
 
     def run(self, consumers: list, description: str) -> None:
         """One forward pass over the union of the consumers' items, each consumer fed its
-        view's rows of its own items (each view's rows made once per batch). Only the
-        consumers' layers are hooked, and the pass stops as soon as all of them have run (the
-        rest of the model is skipped)."""
+        view's rows of its own items (each view's rows made once per batch): here, or sharded
+        over the engine's workers, whose parts of each consumer are merged back in shard
+        order (engine/shards.py)."""
         consumers = [c for c in consumers if len(c.wanted)]
         if not consumers:
             return
         items = functools.reduce(np.union1d, [c.wanted for c in consumers])
-        layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
-        for consumer in consumers:
-            views = layers.setdefault(consumer.view.layer.name, {})
-            views.setdefault(consumer.view.key, (consumer.view, []))[1].append(consumer)
-        current: list = [None]  # the batch's item indices
-
-        def callback(views: dict[str, tuple[View, list]]):
-            def on_output(call: ModuleCall) -> None:
-                idx = current[0]
-                for view, members in views.values():
-                    rows = view.rows(call)
-                    for consumer in members:
-                        wanted = consumer.wanted
-                        if len(wanted) == len(items):  # a subset as large as the union is it
-                            consumer.take(rows, idx)
-                            continue
-                        pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
-                        mask = wanted[pos] == idx
-                        if mask.all():
-                            consumer.take(rows, idx)
-                        elif mask.any():
-                            consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
-                if hooks.done():  # for a module's n-th call: once that call has run
-                    raise StopForward
-            return on_output
-
-        with evaluation(self.model), \
-                Hooks(self.model, {name: callback(views) for name, views in layers.items()}) \
-                as hooks, self.progress.task(description, len(items)) as advance:
-            for idx, x, _ in self.source.batches(items, self.batch_size):
-                x = to_device(x, self.device, self.dtype)
-                hooks.start(x, len(idx))
-                current[0] = idx
-                try:
-                    call_model(self.model, x)
-                except StopForward:
-                    pass
-                hooks.check_ran()
-                advance(len(idx))
+        if self.engine is not None:
+            self.engine.feed(consumers, items, description, batch_size=self.batch_size,
+                             dtype=self.dtype, progress=self.progress)
+        else:
+            with self.progress.task(description, len(items)) as advance:
+                feed(self.model, self.source, consumers, items, device=self.device,
+                     dtype=self.dtype, batch_size=self.batch_size, advance=advance)
         self.counters["passes"] = self.counters.get("passes", 0) + 1
         self.counters["items"] = self.counters.get("items", 0) + len(items)
 

@@ -81,11 +81,36 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     """One forward pass over every item, hooking the latent layer: its input, or its output
     read through ``view`` (a query's view of it, so a sequence layer's latent vector is each
     item's mean over its real tokens)."""
-    if latent is not None and not latent_is_input and view is None:
-        raise ValueError("the output of a latent layer is read through its view")
     n = len(source)
     if n == 0:
         raise DiagQLError("the data set is empty")
+    started = time.perf_counter()
+    with progress.task("profiling the data", n) as advance:
+        part = profile_part(model, source, np.arange(n), latent=latent,
+                            latent_is_input=latent_is_input, device=device, dtype=dtype,
+                            batch_size=batch_size, advance=advance, view=view)
+    return assemble_profile([part], latent, latent_is_input, time.perf_counter() - started)
+
+
+@dataclass
+class ProfilePart:
+    """The profile of a run of consecutive items (the whole data, or a shard of a Ray pass)."""
+
+    labels: np.ndarray | None  # None when some item came without a label
+    predictions: np.ndarray
+    confidence: np.ndarray
+    latents: np.ndarray
+    n_classes: int
+
+
+def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
+                 latent_is_input: bool, device: torch.device, dtype: torch.dtype,
+                 batch_size: int, advance, view: View | None = None) -> ProfilePart:
+    """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
+    each batch."""
+    if latent is not None and not latent_is_input and view is None:
+        raise ValueError("the output of a latent layer is read through its view")
+    n = len(items)
     labels = np.empty(n, dtype=np.int64)
     predictions = np.empty(n, dtype=np.int64)
     confidence = np.empty(n, dtype=np.float64)
@@ -98,12 +123,10 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
 
     callbacks = {} if latent is None or latent_is_input else {latent: keep}
     pre = {latent: keep} if latent is not None and latent_is_input else {}
-    started = time.perf_counter()
     position = 0
     has_labels = True
-    with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
-            progress.task("profiling the data", n) as advance:
-        for idx, x, y in source.batches(np.arange(n), batch_size):
+    with evaluation(model), Hooks(model, callbacks, pre) as hooks:
+        for idx, x, y in source.batches(items, batch_size):
             x = to_device(x, device, dtype)
             hooks.start(x, len(idx))
             captured.clear()
@@ -125,17 +148,36 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
             latents[batch] = z.numpy()
             position += len(idx)
             advance(len(idx))
-    n_classes = int(logits.shape[1])
+    return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
+                       int(logits.shape[1]))
+
+
+def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,
+                     seconds: float) -> Profile:
+    """The Profile of every item from the parts of consecutive runs of them, in order."""
+    n_classes = parts[0].n_classes
+    for part in parts:
+        if part.n_classes != n_classes or part.latents.shape[1] != parts[0].latents.shape[1]:
+            raise ExecutionError(f"the model's output changed shape between items: "
+                                 f"{n_classes} then {part.n_classes} classes")
+    has_labels = all(part.labels is not None for part in parts)
+    predictions = _join([part.predictions for part in parts])
     if has_labels:
+        labels = _join([part.labels for part in parts])
         _check_labels(labels, n_classes)
     else:
-        labels[:] = -1  # some items came without labels: treat the data as unlabelled
+        labels = np.full(len(predictions), -1, dtype=np.int64)  # treat the data as unlabelled
     if latent is None:
         layer = "output"
     else:
         layer = f"input of {latent}" if latent_is_input else latent
-    return Profile(labels, predictions, confidence, latents, n_classes, layer,
-                   time.perf_counter() - started, has_labels)
+    return Profile(labels, predictions, _join([part.confidence for part in parts]),
+                   _join([part.latents for part in parts]), n_classes, layer, seconds,
+                   has_labels)
+
+
+def _join(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # no copy of one part
 
 
 def _check_labels(labels: np.ndarray, n_classes: int) -> None:
