@@ -93,6 +93,10 @@ class Artifacts:
             view = bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)),
                              bind_layer(ast.LayerRef(latent), self.get_catalog()))
             name, is_input = view.layer.name, False
+        if conn.engine is not None:
+            return conn.engine.profile(len(conn.source), latent=name, latent_is_input=is_input,
+                                       view=view, batch_size=conn.settings.batch_size,
+                                       dtype=conn.dtype, progress=conn.progress)
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,

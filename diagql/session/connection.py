@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diagql.engine.engines import open_engine
 from diagql.engine.executor import Runner, row_dtype
 from diagql.engine.planner import Plan
 from diagql.errors import BindError, DiagQLError
@@ -36,7 +37,8 @@ NO_MODEL = ("no model is connected: start diagql with --demo, or with --model MO
 
 def connect(model: nn.Module, data, *, batch_size: int | None = None, device=None,
             latent: str | None = None, cache_dir=None, cache_limit=None,
-            progress: bool | None = None, label_key: str | None = None) -> "Connection":
+            progress: bool | None = None, label_key: str | None = None, engine: str = "local",
+            ray_address: str | None = None, ray_workers: int | None = None) -> "Connection":
     """Connect a PyTorch model to a data set, labelled or not.
 
     ``data`` takes any of these forms; its items are addressed by index, in index order:
@@ -81,10 +83,18 @@ def connect(model: nn.Module, data, *, batch_size: int | None = None, device=Non
 
     A connection assumes the model and data do not change while it is open: it profiles them
     once. After changing weights or data, connect again.
+
+    ``engine="ray"`` runs the passes over the data (the profile, full-data queries, sample
+    queries' items, EVALUATE) on a Ray cluster, with the same answers (docs/SCALING.md):
+    ``ray_address`` names a running cluster (default: a new local instance, one CPU per
+    core), ``ray_workers`` the number of model replicas (default: one per GPU, else one per
+    CPU). ``model`` and ``data`` may then be factories (callables without arguments that
+    make them), which every worker calls instead of receiving a pickled copy.
     """
     return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
-                      label_key=label_key)
+                      label_key=label_key, engine=engine, ray_address=ray_address,
+                      ray_workers=ray_workers)
 
 
 class Connection:
@@ -92,7 +102,14 @@ class Connection:
 
     def __init__(self, model: nn.Module | None, data=None, *, batch_size: int | None = None,
                  device=None, latent: str | None = None, cache_dir=None, cache_limit=None,
-                 progress: bool | None = None, label_key: str | None = None):
+                 progress: bool | None = None, label_key: str | None = None,
+                 engine: str = "local", ray_address: str | None = None,
+                 ray_workers: int | None = None):
+        self.engine = None  # a RayEngine, or None: passes run in this process
+        if model is not None:
+            model, data, self.engine = open_engine(engine, model, data, label_key=label_key,
+                                                   ray_address=ray_address,
+                                                   ray_workers=ray_workers)
         self.settings = Settings()
         if batch_size is not None:
             self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
@@ -212,7 +229,7 @@ class Connection:
         self.require_model()
         return Runner(self.model, self.source, device=self.device, dtype=self.dtype,
                       batch_size=self.settings.batch_size, progress=self.progress,
-                      counters=self.counters, activations=self.activations)
+                      counters=self.counters, activations=self.activations, engine=self.engine)
 
     def sample(self, spec: str) -> np.ndarray:
         """The sorted item indices a sampler call selects, e.g. ``db.sample("stratified(0.05)")``."""
