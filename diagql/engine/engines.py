@@ -3,6 +3,7 @@ process, or "ray", on a Ray cluster; and the model and data given as factories f
 workers to call, resolved here so that the connection holds its own copy of each."""
 from __future__ import annotations
 
+from diagql.engine.ray_data import is_ray_dataset
 from diagql.errors import DiagQLError
 from diagql.suggest import did_you_mean
 
@@ -19,10 +20,17 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
     if engine == "local":
         if ray_address is not None or ray_workers is not None:
             raise DiagQLError('ray_address and ray_workers need engine="ray"')
+        if is_ray_dataset(data):
+            raise DiagQLError('a Ray Dataset is read by Ray\'s workers: connect(..., '
+                              'engine="ray")')
         return model, data, None
     if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
         raise DiagQLError(f"ray_workers must be a positive number of workers, not {ray_workers!r}")
     from diagql.engine.ray_engine import RayEngine, is_factory
 
     ray = RayEngine(model, data, label_key=label_key, address=ray_address, workers=ray_workers)
-    return (model() if is_factory(model) else model, data() if is_factory(data) else data, ray)
+    if is_ray_dataset(data):
+        data = ray.dataset_head()
+    elif is_factory(data):
+        data = data()
+    return model() if is_factory(model) else model, data, ray

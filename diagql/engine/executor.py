@@ -110,22 +110,27 @@ class Reducer:
 class Collector:
     """Keeps the rows of some items under one view (for the activation cache)."""
 
-    def __init__(self, view: View, items: np.ndarray, dtype: np.dtype):
+    def __init__(self, view: View, items: np.ndarray, dtype: np.dtype, allocate: bool = True):
         self.view = view
         self.items = self.wanted = items
-        self.rows = np.empty((len(items), view.width), dtype=dtype)
+        self.dtype = np.dtype(dtype)
+        self.rows = np.empty((len(items), view.width), dtype=dtype) if allocate else None
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
+        if self.rows is None:
+            self.rows = np.empty((len(self.items), self.view.width), dtype=self.dtype)
         # Copied here, inside the hook: a later in-place op may overwrite the output.
-        values = rows.detach().to("cpu", _torch_dtype(self.rows.dtype))
+        values = rows.detach().to("cpu", _torch_dtype(self.dtype))
         self.rows[np.searchsorted(self.items, idx)] = values.numpy()
 
     def part(self, items: np.ndarray) -> Collector:
-        """An empty Collector of ``items`` (a run of its own), for a shard of a pass."""
-        return Collector(self.view, items, self.rows.dtype)
+        """An empty Collector of ``items`` (a run of its own), for a shard of a pass: its rows
+        are made where it is fed, so that none travel to the worker."""
+        return Collector(self.view, items, self.dtype, allocate=False)
 
     def merge(self, part: Collector) -> Collector:
-        self.rows[np.searchsorted(self.items, part.items)] = part.rows
+        if part.rows is not None:
+            self.rows[np.searchsorted(self.items, part.items)] = part.rows
         return self
 
 

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from diagql.engine.ray_data import DatasetBlocks, DatasetHead, ShardSource
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.profile import Profile, assemble_profile, profile_part
@@ -20,6 +21,7 @@ IN_FLIGHT = 2  # shards queued per actor, so that none idles between two of them
 RETRIES = 3  # a shard whose worker died is run again this many times before the pass fails
 POLL_SECONDS = 0.2  # how often the driver looks at the workers' progress
 REPORT_SECONDS = 0.25  # how often a worker tells it
+FREEING_SECONDS = 10  # how long to wait for the CPUs or GPUs of workers that were just killed
 
 
 class Cancelled(Exception):
@@ -54,11 +56,15 @@ class _Worker:
         from diagql.model.data import ItemSource
 
         self.model = model() if is_factory(model) else model
-        self.source = ItemSource(data() if is_factory(data) else data, label_key=label_key)
+        self.label_key = label_key
+        # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
+        self.source = None if data is None else \
+            ItemSource(data() if is_factory(data) else data, label_key=label_key)
         self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
         self.model.to(self.device)
 
-    def run(self, task: bytes, items: np.ndarray, tally, key: tuple, attempt: int) -> bytes:
+    def run(self, task: bytes, items: np.ndarray, tally, key: tuple, attempt: int,
+            blocks: list | None = None) -> bytes:
         """``task(model, source, items, device=, advance=)`` over the shard; a DiagQLError is
         returned, not raised, so that the driver raises it as it was. The task and its result
         travel pickled, as bytes: arrays that Ray hands over itself are read-only views of
@@ -77,8 +83,9 @@ class _Worker:
                 last[0] = time.perf_counter()
                 tally.report.remote(key, attempt, done[0])
 
+        source = self.source if blocks is None else ShardSource(blocks, self.label_key)
         try:
-            result = cloudpickle.loads(task)(self.model, self.source, items, device=self.device,
+            result = cloudpickle.loads(task)(self.model, source, items, device=self.device,
                                              advance=advance)
         except DiagQLError as exc:
             result = exc
@@ -129,9 +136,17 @@ class RayEngine:
         # data travel once per worker, apart): what docs/SCALING.md's traffic model counts.
         self.traffic = {"tasks": 0, "results": 0}
         self._ray = None
+        self._blocks: DatasetBlocks | None = None  # a Ray Dataset's, made by dataset_head()
         self._actors: list = []
         self._tally = None
         self._passes = 0
+
+    def dataset_head(self) -> DatasetHead:
+        """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
+        holds a CPU that its reading tasks need) and return what the driver keeps of it."""
+        self._ray = start_ray(self.address)
+        self._blocks = DatasetBlocks(self.data)
+        return self._blocks.head()
 
     def start(self) -> list:
         """The actors, created on the first pass: one per GPU if the cluster has GPUs, else
@@ -143,6 +158,10 @@ class RayEngine:
         gpus = int(resources.get("GPU", 0))
         kind = "GPU" if gpus else "CPU"
         free = int(ray.available_resources().get(kind, 0))
+        deadline = time.monotonic() + FREEING_SECONDS
+        while self.workers and free < self.workers and time.monotonic() < deadline:
+            time.sleep(0.1)  # workers just killed (a closed connection's) free theirs soon
+            free = int(ray.available_resources().get(kind, 0))
         count = self.workers or free
         if count < 1 or count > free:
             # An actor that no node can place would wait for ever: say so instead.
@@ -153,7 +172,8 @@ class RayEngine:
                               f"are closed")
         # Put once: every actor reads the same copy from the object store.
         model = self.model if is_factory(self.model) else ray.put(self.model)
-        data = self.data if is_factory(self.data) else ray.put(self.data)
+        data = None if self._blocks is not None else \
+            self.data if is_factory(self.data) else ray.put(self.data)
         # Not restarted by Ray: a dead worker is replaced by a new one here (run()), so that
         # the shard it held is run again exactly once per death, and merged once.
         worker = ray.remote(_Worker).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
@@ -226,8 +246,10 @@ class RayEngine:
                     for a, actor in enumerate(actors):
                         while load[a] < IN_FLIGHT and pending:
                             s = pending.popleft()
+                            blocks = None if self._blocks is None else \
+                                self._blocks.overlapping(int(shards[s][0]), int(shards[s][-1]) + 1)
                             ref = actor.run.remote(tasks[s], shards[s], tally, (pass_id, s),
-                                                   attempts[s])
+                                                   attempts[s], blocks)
                             flying[ref] = (s, a, actor)
                             load[a] += 1
                     ready, _ = ray.wait(list(flying), num_returns=1, timeout=POLL_SECONDS)

@@ -143,6 +143,7 @@ class _GroupReducer:
         self.sums = torch.zeros(n_groups, layer.neurons, dtype=torch.float64, device=device)
         self.hist = torch.zeros(n_groups * layer.neurons, dtype=torch.int64, device=device)
         self.kept = np.empty((n_kept, layer.neurons), dtype=np.float32)
+        self.n_kept = n_kept
 
     def part(self, items: np.ndarray) -> _GroupReducer:
         """An empty reducer fed only ``items``, a run of consecutive items (a shard of the
@@ -154,13 +155,15 @@ class _GroupReducer:
         kept = part.position[part.position >= 0]  # consecutive rows: the items are sorted
         part.offset = int(kept[0]) if len(kept) else 0
         part.sums, part.hist = torch.zeros_like(self.sums), torch.zeros_like(self.hist)
-        part.kept = np.empty((len(kept), self.neurons), dtype=np.float32)
+        part.kept = None  # made where the part is fed: no empty rows travel to a worker
+        part.n_kept = len(kept)
         return part
 
     def merge(self, part: _GroupReducer) -> _GroupReducer:
         self.sums += part.sums.to(self.device)
         self.hist += part.hist.to(self.device)
-        self.kept[part.offset:part.offset + len(part.kept)] = part.kept
+        if part.kept is not None:
+            self.kept[part.offset:part.offset + len(part.kept)] = part.kept
         return self
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
@@ -176,6 +179,8 @@ class _GroupReducer:
         where = self.position[idx]
         chosen = np.flatnonzero(where >= 0)
         if len(chosen):
+            if self.kept is None:
+                self.kept = np.empty((self.n_kept, self.neurons), dtype=np.float32)
             rows = values[torch.from_numpy(chosen).to(values.device)]
             self.kept[where[chosen] - self.offset] = rows.to("cpu", torch.float32).numpy()
 
