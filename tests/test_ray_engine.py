@@ -100,6 +100,7 @@ def test_a_ray_dataset_is_read_by_the_workers_shard_by_shard(world):
     overlap their shards, batched as the local engine batches (X, y). Runs first, on its own
     one-worker connection, before the shared one's workers hold both CPUs (reading the
     dataset takes one)."""
+    pytest.importorskip("pyarrow", reason="Ray Data needs pyarrow: pip install 'diagql[ray]'")
     world.conn.engine.close()
     rows = [{"x": x, "y": int(label)} for x, label in zip(world.X.numpy(), world.y.numpy())]
     dataset = ray.data.from_items(rows, override_num_blocks=5)
