@@ -221,13 +221,12 @@ class RayEngine:
         """Each task run on its shard by some worker; the results in shard order. A shard
         whose worker died runs again (its result is taken once: a failed attempt returns
         none); Ctrl-C cancels what is still running and leaves nothing half merged."""
-        ray = self._ray
         from ray import cloudpickle
-
-        tasks = [cloudpickle.dumps(task) for task in tasks]
-        self.traffic["tasks"] += sum(len(task) for task in tasks)
         from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
+        ray = self._ray
+        tasks = [cloudpickle.dumps(task) for task in tasks]
+        self.traffic["tasks"] += sum(len(task) for task in tasks)
         actors = self._actors
         self._passes += 1
         pass_id = self._passes

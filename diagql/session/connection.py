@@ -89,7 +89,8 @@ def connect(model: nn.Module, data, *, batch_size: int | None = None, device=Non
     ``ray_address`` names a running cluster (default: a new local instance, one CPU per
     core), ``ray_workers`` the number of model replicas (default: one per GPU, else one per
     CPU). ``model`` and ``data`` may then be factories (callables without arguments that
-    make them), which every worker calls instead of receiving a pickled copy.
+    make them), which every worker calls instead of receiving a pickled copy, and ``data`` a
+    Ray Dataset (its rows are the items, dicts of columns).
     """
     return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
