@@ -264,6 +264,18 @@ class _Raising:
         return False
 
 
+def test_a_model_a_worker_cannot_build_is_one_error_not_a_retried_death(world):
+    world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
+    conn = diagql.connect(functools.partial(ray_models.built_only_in, os.getpid()),
+                          (world.X, world.y), engine="ray", ray_workers=1, cache_dir=False,
+                          progress=False)
+    with pytest.raises(DiagQLError, match="building the model and the data on a Ray worker "
+                                          "failed: FileNotFoundError: no weights on this node"):
+        conn.query("AVG NEURONS IN 6")
+    assert conn.engine.retried == 0
+    conn.engine.close()
+
+
 def test_engine_options_are_checked():
     with pytest.raises(DiagQLError, match="unknown engine 'rya'.*did you mean 'ray'"):
         diagql.connect(models.build_cnn(), models.digits(), engine="rya")

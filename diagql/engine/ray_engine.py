@@ -55,13 +55,22 @@ class _Worker:
 
         from diagql.model.data import ItemSource
 
-        self.model = model() if is_factory(model) else model
         self.label_key = label_key
-        # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
-        self.source = None if data is None else \
-            ItemSource(data() if is_factory(data) else data, label_key=label_key)
-        self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-        self.model.to(self.device)
+        # What went wrong building the model or the data here (a module the node cannot
+        # import, weights it cannot read): told once by every task, not retried as a death.
+        self.failure: DiagQLError | None = None
+        try:
+            self.model = model() if is_factory(model) else model
+            # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
+            self.source = None if data is None else \
+                ItemSource(data() if is_factory(data) else data, label_key=label_key)
+            self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+            self.model.to(self.device)
+        except Exception as exc:  # noqa: BLE001 - the user's factories, on another machine
+            message = exc.message if isinstance(exc, DiagQLError) else \
+                f"{type(exc).__name__}: {exc}"
+            self.failure = DiagQLError(f"building the model and the data on a Ray worker "
+                                       f"failed: {message}")
 
     def run(self, task: bytes, items: np.ndarray, tally, key: tuple, attempt: int,
             blocks: list | None = None) -> bytes:
@@ -83,6 +92,8 @@ class _Worker:
                 last[0] = time.perf_counter()
                 tally.report.remote(key, attempt, done[0])
 
+        if self.failure is not None:
+            return cloudpickle.dumps(self.failure)
         source = self.source if blocks is None else ShardSource(blocks, self.label_key)
         try:
             result = cloudpickle.loads(task)(self.model, source, items, device=self.device,
