@@ -100,6 +100,10 @@ class _Worker:
                                              advance=advance)
         except DiagQLError as exc:
             result = exc
+        except Cancelled:
+            # Nobody waits for it; a value, not an error, so that Ray does not log an error
+            # that nobody read.
+            result = None
         return cloudpickle.dumps(result)
 
 
