@@ -4,7 +4,8 @@
     >>> db = diagql.demo()
     >>> db.query("TOPK 5 NEURONS IN conv2 WHERE class = 3 AND incorrect").labels
 
-Importing this package is cheap: torch loads on first use of ``connect`` or ``demo``.
+Importing this package is cheap: torch loads on first use of ``connect`` or ``demo``. In
+Jupyter, ``%load_ext diagql`` adds the ``%diagql`` and ``%%diagql`` magics.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ __all__ = ["BindError", "Connection", "DiagQLError", "DiagQLWarning", "Execution
 
 _LAZY = {"connect": "diagql.session.connection", "Connection": "diagql.session.connection",
          "Result": "diagql.results.result", "demo": "diagql.mnist_demo",
-         "parse": "diagql.language.parser"}
+         "parse": "diagql.language.parser",
+         # %load_ext diagql (Jupyter): the magics, imported only when IPython asks for them.
+         "load_ipython_extension": "diagql.shell.jupyter"}
 
 
 def __getattr__(name: str):

@@ -59,6 +59,21 @@ class Progress:
                 bar.stop()
 
 
+    @contextlib.contextmanager
+    def live(self) -> Iterator[Callable[[object], None]]:
+        """``show(renderable)`` redraws one display in place (a table refining as its sample
+        grows); on a terminal only, and cleared at the end, where the final answer is printed."""
+        if not self.enabled:
+            yield lambda renderable: None
+            return
+        from rich.console import Console
+        from rich.live import Live
+
+        with Live(console=Console(file=self.stream), transient=True,
+                  refresh_per_second=8) as display:
+            yield display.update
+
+
 def _isatty(stream) -> bool:
     try:
         return stream.isatty()

@@ -1,6 +1,6 @@
 """Shared fixtures: scikit-learn's digits and small models trained on them (see tests/models.py).
 
-Every fixture is session-scoped: the data loads once and each model trains once (in well under
+Every data and model fixture is session-scoped: the data loads once and each model trains once (in well under
 a second, with a fixed seed), however many test files use them.
 """
 from __future__ import annotations
@@ -25,6 +25,31 @@ def isolated_cache_dir(tmp_path_factory):
         del os.environ["DIAGQL_CACHE_DIR"]
     else:
         os.environ["DIAGQL_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two fighting over a small machine
+    (a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_writes_everything():
+    """The disk cache skips an entry that is cheaper to compute than to read back (a random
+    draw over 1,797 items takes 0.1-0.3 ms, a read 0.3 ms): which side of that line a tiny
+    test entry falls on depends on the machine's load. Tests of caching need every entry
+    written, so reading back costs nothing here; tests of the cost model set their own costs
+    (tests/test_cache.py, ``read_costs``)."""
+    from diagql.storage import store
+
+    before = store.READ_FIXED, store.READ_RATE
+    store.READ_FIXED, store.READ_RATE = 0.0, float("inf")
+    yield
+    store.READ_FIXED, store.READ_RATE = before
 
 
 @pytest.fixture(scope="session")

@@ -67,3 +67,89 @@ def test_merging_an_empty_state_changes_nothing(values):
     np.testing.assert_array_equal(state.finalize(), before)
     maximum = MaxState(N_NEURONS).merge(reduce(MaxState(N_NEURONS), values, batch=100))
     np.testing.assert_array_equal(maximum.finalize(), values.to(torch.float64).numpy().max(axis=0))
+
+
+# --- GROUP BY: one groups × neurons state -------------------------------------------------------
+
+N_GROUPS = 6
+EMPTY = (3, 5)  # groups no item belongs to
+
+
+def group_codes() -> np.ndarray:
+    codes = np.random.default_rng(11).choice([0, 1, 2, 4], size=N_ITEMS, p=[0.5, 0.3, 0.15, 0.05])
+    assert not set(EMPTY) & set(codes.tolist())
+    return codes
+
+
+def reduce_grouped(state, values: torch.Tensor, codes: np.ndarray, batch: int):
+    for start in range(0, len(values), batch):
+        assert state.update(values[start:start + batch],
+                            torch.from_numpy(codes[start:start + batch]))
+    return state
+
+
+GROUPED = [lambda: MeanState(N_NEURONS, groups=N_GROUPS),
+           lambda: MeanState(N_NEURONS, False, groups=N_GROUPS),
+           lambda: MaxState(N_NEURONS, groups=N_GROUPS),
+           lambda: ArgmaxState(N_NEURONS, groups=N_GROUPS)]
+
+
+@pytest.mark.parametrize("make", GROUPED, ids=["mean", "mean-no-spread", "max", "argmax"])
+def test_a_grouped_state_equals_numpy_per_group(values, make):
+    codes = group_codes()
+    state = reduce_grouped(make(), values, codes, batch=50)
+    truth = values.to(torch.float64).numpy()
+    for g in range(N_GROUPS):
+        rows = truth[codes == g]
+        part = state.group(g)
+        assert part.count == len(rows)
+        if g in EMPTY:
+            continue
+        if isinstance(part, MeanState):
+            np.testing.assert_allclose(part.finalize(), rows.mean(axis=0), rtol=1e-12, atol=1e-12)
+            if part.sumsq is not None:
+                np.testing.assert_allclose(part.sumsq.numpy(), (rows ** 2).sum(axis=0),
+                                           rtol=1e-12)
+        elif isinstance(part, MaxState):
+            np.testing.assert_array_equal(part.finalize(), rows.max(axis=0))
+        else:
+            expected = np.bincount(rows.argmax(axis=1), minlength=N_NEURONS) / len(rows)
+            np.testing.assert_array_equal(part.finalize(), expected)
+    # A group without items holds nothing (the executor leaves it out of the answer).
+    for g in EMPTY:
+        part = state.group(g)
+        if isinstance(part, MeanState):
+            assert not part.sum.any()
+        elif isinstance(part, ArgmaxState):
+            assert not part.counts.any()
+
+
+@pytest.mark.parametrize("make", GROUPED, ids=["mean", "mean-no-spread", "max", "argmax"])
+def test_grouped_states_merge_over_a_split(values, make):
+    codes = group_codes()
+    merged = reduce_grouped(make(), values[:90], codes[:90], batch=40)
+    merged.merge(reduce_grouped(make(), values[90:], codes[90:], batch=64))
+    whole = reduce_grouped(make(), values, codes, batch=257)
+    for g in range(N_GROUPS):
+        if g not in EMPTY:
+            np.testing.assert_allclose(merged.group(g).finalize(), whole.group(g).finalize(),
+                                       rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", GROUPED + [lambda: MeanState(N_NEURONS), lambda: MaxState(N_NEURONS),
+                                            lambda: ArgmaxState(N_NEURONS)],
+                         ids=["mean", "mean-no-spread", "max", "argmax", "mean-1", "max-1",
+                              "argmax-1"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_batch_with_nan_or_inf_leaves_the_state_as_it_was(values, make, bad):
+    codes = torch.from_numpy(group_codes()[:50])
+    state = make()
+    grouped = isinstance(state.count, torch.Tensor)
+    assert state.update(values[:50], codes if grouped else None)
+    before = {name: value.clone() for name, value in vars(state).items()
+              if isinstance(value, torch.Tensor)}
+    spoiled = values[50:100].clone()
+    spoiled[7, 2] = bad
+    assert not state.update(spoiled, codes if grouped else None)
+    for name, value in before.items():
+        assert torch.equal(getattr(state, name), value), name

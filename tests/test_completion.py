@@ -43,8 +43,9 @@ def test_keywords_come_from_the_grammar():
 
 
 def test_statement_keywords_at_the_start(completer):
-    assert set(complete(completer, "")) == {"ARGMAX", "AVG", "CLEAR", "DESCRIBE", "EVALUATE",
-                                            "EXPLAIN", "SET", "SHOW", "TOPK"}
+    assert set(complete(completer, "")) == {"ARGMAX", "AVG", "BOTTOMK", "CLEAR", "DESCRIBE",
+                                            "EVALUATE", "EXPLAIN", "SET", "SHOW", "SIMILARITY",
+                                            "TOPK"}
     assert complete(completer, "to") == ["topk"]
     assert complete(completer, "SHOW LAYERS; DESC") == ["DESCRIBE"]
 
@@ -155,7 +156,7 @@ def test_help_examples_parse():
     from diagql.shell.dot_commands import language_help
 
     text = language_help()
-    assert "SHOW CACHE | LAYERS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text
+    assert "SHOW CACHE | LAYERS | MODELS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text
     for line in text.splitlines():
         if line.startswith("  ") and line.rstrip().endswith(";"):
             parse(line.strip())

@@ -43,6 +43,7 @@ def world(cnn, digits, tmp_path):
     model = copy.deepcopy(cnn)
     X, y = digits
     conn = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
+    conn.execute("SET estimator = plain")  # sample answers here are the sample means
     return model, X, y, conn
 
 
@@ -89,6 +90,7 @@ def test_a_new_session_starts_warm(world, tmp_path):
     again = copy.deepcopy(model)
     calls = count_calls(again)
     fresh = diagql.connect(again, (X, y), cache_dir=tmp_path, progress=False)
+    fresh.execute("SET estimator = plain")  # sample answers here are the sample means
     assert fresh.query(query).values.tolist() == answer.values.tolist()
     assert calls[0] == 0  # no profile pass, no probe, no query pass
     assert fresh.counters["passes"] == 0
@@ -104,6 +106,7 @@ def test_a_changed_weight_never_reuses_activations(world, tmp_path):
     with torch.no_grad():
         changed[6].bias += 0.5
     fresh = diagql.connect(changed, (X, y), cache_dir=tmp_path, progress=False)
+    fresh.execute("SET estimator = plain")  # sample answers here are the sample means
     answer = fresh.query(query)
     assert fresh.cache.by_kind["activations"] == {"hits": 0, "misses": 1}
     sample = fresh.sample(SAMPLE)
@@ -119,6 +122,7 @@ def test_a_truncated_activation_entry_is_recomputed_with_a_warning(world, tmp_pa
     [path] = (tmp_path / "activations").glob("*.npz")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     fresh = diagql.connect(copy.deepcopy(model), (X, y), cache_dir=tmp_path, progress=False)
+    fresh.execute("SET estimator = plain")  # sample answers here are the sample means
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         answer = fresh.query(query)
@@ -186,6 +190,7 @@ def test_nan_rows_from_the_cache_and_the_pass_are_counted_together():
 
     db = diagql.connect(bad_models.nan_net(), bad_models.nan_data(), cache_dir=False,
                         progress=False)
+    db.execute("SET estimator = plain")  # sample answers here are the sample means
     with pytest.raises(ExecutionError, match=r"for 1 of 13 items \(the first is item 7\)"):
         db.query("AVG NEURONS IN bn WHERE class = 1 USING SAMPLE random(40)")
     with pytest.raises(ExecutionError, match=r"for 3 of 40 items \(the first is item 3\)"):
@@ -204,8 +209,11 @@ def test_the_pass_stops_after_the_queried_layer(world):
     mask = np.isin(y.numpy(), [3, 5])
     np.testing.assert_allclose(answer.values, activations(model, X, "2")[mask].mean(axis=0),
                                rtol=1e-6, atol=1e-9)
-    conn.query("AVG NEURONS IN 8")  # the last layer: the whole model runs
-    assert later[0] > 0
+    conn.query("AVG NEURONS IN 8")  # the logits: read from the profile, no pass at all
+    assert later[0] == 0
+    ran = count_calls(model[6])
+    conn.query("AVG NEURONS IN 6")  # a later layer: the model runs up to it
+    assert ran[0] > 0
 
 
 # --- one pass for a script's queries -----------------------------------------------------------
@@ -241,6 +249,7 @@ def test_a_script_s_queries_share_one_forward_pass(world):
     np.testing.assert_allclose(results[3].values, fc[sample].mean(axis=0), rtol=1e-6, atol=1e-9)
 
     alone = diagql.connect(copy.deepcopy(model), (X, y), cache_dir=False, progress=False)
+    alone.execute("SET estimator = plain")  # sample answers here are the sample means
     for shared, statement in zip(results, [s for s in SCRIPT.split(";") if s.strip()]):
         single = alone.query(statement)
         np.testing.assert_allclose(shared.values, single.values, rtol=1e-9, atol=1e-12)
@@ -283,6 +292,7 @@ def test_a_shared_pass_keeping_two_layers_answers_each_from_its_own_rows(cnn, di
     cache off, nothing could bring them back)."""
     model, (X, y) = copy.deepcopy(cnn), digits
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    conn.execute("SET estimator = plain")  # sample answers here are the sample means
     spec = "random(0.5, random_state=1)"
     sample = conn.sample(spec)
     sizes = [len(sample) * conn.catalog[layer].neurons * 4 for layer in ("0", "2")]
@@ -335,6 +345,7 @@ def test_show_cache_and_clear_cache(world, tmp_path):
     conn.query(f"TOPK 3 NEURONS IN 2 USING SAMPLE {SAMPLE}")
     assert conn.counters["passes"] == 1
     fresh = diagql.connect(copy.deepcopy(model), (X, y), cache_dir=tmp_path, progress=False)
+    fresh.execute("SET estimator = plain")  # sample answers here are the sample means
     fresh.query(f"TOPK 3 NEURONS IN 2 USING SAMPLE {SAMPLE}")
     assert fresh.counters["passes"] == 1 and fresh.cache.hits == 0
 
@@ -372,13 +383,16 @@ def test_the_cli_lists_and_clears_the_cache_without_a_model(tmp_path):
 
 def test_with_baseline_s_speedup_counts_the_draw_and_reports_the_profile_apart(cnn, digits):
     """The sample side of WITH BASELINE is everything the sample cost this statement (binding,
-    drawing, planning, its pass), not its pass alone; the one-time profile is in neither."""
+    drawing, planning, its pass, its accuracy estimate), not its pass alone; the one-time
+    profile is in neither."""
     X, y = digits
     db = diagql.connect(cnn, (X, y), cache_dir=False, progress=False)
+    db.execute("SET estimator = plain")  # sample answers here are the sample means
     result = db.query("TOPK 3 NEURONS IN 2 USING SAMPLE maxmargin(0.2) WITH BASELINE")
     t = result.timings
     assert t["sample"] > 0 and t["profile"] > 0  # drawn and profiled by this very statement
-    side = t["bind"] + t["sample"] + t["plan"] + t["query"]
+    assert 0 < t["estimate"] < t["answer"]
+    side = t["bind"] + t["sample"] + t["plan"] + t["query"] + t["estimate"]
     assert t["sample_side"] == pytest.approx(side)
     assert result.metrics["speedup"] == pytest.approx(t["baseline"] / side)
     assert result.metrics["speedup"] < t["baseline"] / t["query"]

@@ -27,7 +27,11 @@ def db(mlp, digits):
 
 def test_avg_interval_is_the_t_interval_with_finite_population_correction(db, mlp, digits):
     X, y = digits
-    result = db.query("AVG NEURONS IN encoder.1 WHERE class = 3 USING SAMPLE random(0.2)")
+    db.execute("SET estimator = plain")
+    try:
+        result = db.query("AVG NEURONS IN encoder.1 WHERE class = 3 USING SAMPLE random(0.2)")
+    finally:
+        db.execute("SET estimator = assisted")
     sample = db.sample("random(0.2)")
     labels = y.numpy()
     chosen = sample[labels[sample] == 3]
@@ -38,6 +42,8 @@ def test_avg_interval_is_the_t_interval_with_finite_population_correction(db, ml
     half = stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n) * np.sqrt((population - n) / (population - 1))
     est = result.estimate
     assert est.reliable and est.n == n and est.population == population and est.level == 0.95
+    assert est.estimator == "plain"
+    np.testing.assert_allclose(result.values, mean, atol=1e-9)
     np.testing.assert_allclose(est.ci_low, mean - half, atol=1e-9)
     np.testing.assert_allclose(est.ci_high, mean + half, atol=1e-9)
     assert est.metric is metrics.COSINE and 0 <= est.expected < 0.1
@@ -108,8 +114,8 @@ def test_estimate_survives_to_dict(db):
     result = db.query("TOPK 2 NEURONS IN head USING SAMPLE random(0.1)")
     d = result.to_dict()
     est = d["estimate"]
-    assert list(est) == ["covers", "reliable", "level", "n", "population", "ci_low", "ci_high",
-                         "p_in_topk", "expected_precision"]
+    assert list(est) == ["covers", "reliable", "estimator", "level", "n", "population", "ci_low",
+                         "ci_high", "p_in_topk", "expected_precision"]
     assert isinstance(est["p_in_topk"], list) and len(est["p_in_topk"]) == 2
     assert est["expected_precision"] == result.estimate.expected
     json.dumps(d)

@@ -22,7 +22,8 @@ from diagql.language.parser import parse
 from diagql.results.render import to_csv, to_json, to_text
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["sampler", "size", "k", "j", "S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd", "items",
+COLUMNS = ["sampler", "size", "k", "j", "S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd",
+           "S1 assisted", "S2 assisted", "S3 assisted", "items",
            "correct", "incorrect", "seconds"]
 
 
@@ -106,6 +107,8 @@ def test_scores_equal_the_paper_definitions(conn, truth):
         want = expected[row["sampler"], row["size"], row["k"]]
         got = [row[c] for c in ("S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd")]
         assert got == pytest.approx(want, abs=1e-9), row
+        assert 0 <= row["S1 assisted"] <= 1 and 0 <= row["S2 assisted"] <= 2
+        assert 0 <= row["S3 assisted"] <= 1
         assert row["items"] == round(row["size"] * 1797)
         assert row["correct"] + row["incorrect"] == row["items"] and row["seconds"] >= 0
 

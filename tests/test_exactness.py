@@ -225,13 +225,7 @@ def assert_no_hooks(model: torch.nn.Module) -> None:
 
 # --- fixtures ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +241,11 @@ def mlp_truth(mlp, digits) -> Truth:
 @pytest.fixture(scope="module")
 def worlds(cnn, mlp, digits, cnn_truth, mlp_truth) -> dict:
     """model name -> (connection, truth). Batches of 64 and 100 straddle the 1,797 items unevenly."""
-    return {"cnn": (diagql.connect(cnn, digits, batch_size=64), cnn_truth),
-            "mlp": (diagql.connect(mlp, digits, batch_size=100), mlp_truth)}
+    worlds = {"cnn": (diagql.connect(cnn, digits, batch_size=64), cnn_truth),
+              "mlp": (diagql.connect(mlp, digits, batch_size=100), mlp_truth)}
+    for db, _ in worlds.values():
+        db.execute("SET estimator = plain")  # sample answers here are the sample means
+    return worlds
 
 
 def test_layers_are_the_qualified_module_names(worlds):
@@ -406,6 +403,7 @@ FORM_QUERIES = [("0", TOPK_MAX, "class IN (1, 7)", None), ("2", AVG_CHANNELS, No
 @pytest.mark.parametrize("form", ["tensors", "arrays", "float64 arrays", "TensorDataset", "DataLoader"])
 def test_data_forms_and_batch_sizes(cnn, digits, cnn_truth, form, batch_size):
     db = diagql.connect(cnn, data_forms(*digits)[form], batch_size=batch_size)
+    db.execute("SET estimator = plain")  # sample answers here are the sample means
     for layer, agg, where, group_by in FORM_QUERIES:
         result = db.query(agg.query(layer, where=where, group_by=group_by))
         mask = PREDICATES[where](cnn_truth) if where else everything(cnn_truth)
@@ -444,11 +442,13 @@ def test_profile_with_another_latent_layer(worlds, digits, model, layer):
     """``latent = L``: the latents are L's output flattened, before any later in-place ReLU."""
     db, truth = worlds[model]
     other = diagql.connect(db.model, digits, batch_size=64, latent=layer)
+    other.execute("SET estimator = plain")  # sample answers here are the sample means
     activations = truth.activations(layer)
     np.testing.assert_allclose(other.profile.latents, activations.reshape(len(activations), -1),
                                rtol=0, atol=ATOL)
     assert other.profile.latent_layer == layer
     db_set = diagql.connect(db.model, digits, batch_size=100)
+    db_set.execute("SET estimator = plain")  # sample answers here are the sample means
     db_set.query(f"SET latent = {layer}")
     np.testing.assert_allclose(db_set.profile.latents, other.profile.latents, rtol=0, atol=ATOL)
     np.testing.assert_array_equal(db_set.profile.predictions, truth.predictions)
@@ -485,6 +485,7 @@ def test_training_flags_and_state_are_restored(bn_cnn, digits):
     flags = [module.training for module in model.modules()]
     before = snapshot(model)
     db = diagql.connect(model, digits, batch_size=64)
+    db.execute("SET estimator = plain")  # sample answers here are the sample means
     for statement in STATEMENTS:
         db.query(statement)
         assert [module.training for module in model.modules()] == flags, statement
@@ -546,6 +547,7 @@ def test_hooks_and_modes_restored_when_a_pass_fails(bn_cnn, digits):
     before = snapshot(model)
     data = Fragile(*digits)
     db = diagql.connect(model, data, batch_size=64)
+    db.execute("SET estimator = plain")  # sample answers here are the sample means
     data.broken = 1000  # fails in the profile pass, which hooks the latent layer
     with pytest.raises(Exception, match="cannot read item 1000"):
         db.query("AVG NEURONS IN 1")
@@ -568,6 +570,7 @@ def test_hooks_and_modes_restored_when_a_pass_fails(bn_cnn, digits):
 def test_sample_is_sorted_unique_indices_of_the_rounded_size(cnn, digits, spec, size):
     assert round(0.1 * N_ITEMS) == 180 and round(0.25 * N_ITEMS) == 449
     db = diagql.connect(cnn, digits, batch_size=64)
+    db.execute("SET estimator = plain")  # sample answers here are the sample means
     indices = db.sample(spec)
     assert len(indices) == size
     assert np.all(np.diff(indices) > 0)  # sorted and unique
@@ -578,6 +581,7 @@ def test_sample_is_sorted_unique_indices_of_the_rounded_size(cnn, digits, spec, 
 
 def test_seeds_choose_the_sample(cnn, digits, cnn_truth):
     db = diagql.connect(cnn, digits, batch_size=64)
+    db.execute("SET estimator = plain")  # sample answers here are the sample means
     default = db.sample("random(0.1)")
     np.testing.assert_array_equal(db.sample("random(0.1, random_state=0)"), default)
     assert not np.array_equal(db.sample("random(0.1, random_state=1)"), default)
@@ -656,6 +660,7 @@ def metric_truth_empty(agg: Aggregate) -> tuple[str, float]:
 def test_sample_without_matching_items_scores_worst(cnn, digits, cnn_truth, agg):
     """A class absent from a 5-item sample: precision 0 and distances 1 against the full answer."""
     db = diagql.connect(cnn, digits, batch_size=64)
+    db.execute("SET estimator = plain")  # sample answers here are the sample means
     absent = min(set(range(10)) - set(cnn_truth.labels[db.sample("random(5)")].tolist()))
     where = f"class = {absent}"
     result = db.query(agg.query("6", where=where, using="SAMPLE random(5)", baseline=True))

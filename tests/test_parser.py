@@ -263,7 +263,7 @@ def test_call_is_part_of_equality_and_text():
     ("AVG NEURONS IN relu#2x", 22, "unexpected 'x'"),
     ("AVG NEURONS IN relu#-1", 21, "unexpected '-1'"),
     ("SET latent = relu#2", 18, "unexpected '#2'; expected end of statement"),
-    ("TOPK 3 #2 NEURONS IN relu", 8, "unexpected '#2'; expected CHANNELS or NEURONS"),
+    ("TOPK 3 #2 NEURONS IN relu", 8, "unexpected '#2'; expected CHANNELS, INPUTS or NEURONS"),
 ])
 def test_call_syntax_errors(text, column, message):
     err = error_of(text)
@@ -422,8 +422,8 @@ def test_misspelt_statement_keyword_has_hint():
     err = error_of("SELECT 5 NEURONS FROM fc1")
     assert (err.line, err.column) == (1, 1)
     assert "TOPK" in err.message and "SHOW" in err.message
-    assert err.hint == ("hint: a statement starts with TOPK, AVG, ARGMAX, EXPLAIN, SHOW, "
-                        "DESCRIBE, SET, CLEAR or EVALUATE")
+    assert err.hint == ("hint: a statement starts with TOPK, BOTTOMK, AVG, ARGMAX, EXPLAIN, SHOW, "
+                        "DESCRIBE, SET, CLEAR, EVALUATE or SIMILARITY")
     assert err.format("f.dql").endswith(err.hint)
 
 
@@ -431,8 +431,8 @@ def test_keyword_lists_come_from_the_grammar():
     grammar = (Path(__file__).resolve().parents[1] / "grammar" / "diagql.lark").read_text()
     declared = dict(re.findall(r'^([A-Z]+)(?:\.\d+)?: "([a-z]+)"i$', grammar, flags=re.M))
     assert keywords() == declared and len(declared) >= 40
-    assert set(statement_keywords()) == {"TOPK", "AVG", "ARGMAX", "EXPLAIN", "SHOW", "DESCRIBE",
-                                         "SET", "CLEAR", "EVALUATE"}
+    assert set(statement_keywords()) == {"TOPK", "BOTTOMK", "AVG", "ARGMAX", "EXPLAIN", "SHOW",
+                                         "DESCRIBE", "SET", "CLEAR", "EVALUATE", "SIMILARITY"}
     for word in statement_keywords():  # each may start a statement, and no other keyword may
         err = _error_or_none(word)
         assert err is None or isinstance(err, IncompleteStatement), word
@@ -482,8 +482,8 @@ def test_other_syntax_errors_are_not_incomplete(text):
 def test_expected_list_names_keywords_and_end_of_statement():
     err = error_of("TOPK 5 NEURONS IN fc1 fc2")
     assert (err.line, err.column) == (1, 23)
-    assert err.message == ("unexpected 'fc2'; expected BY, GROUP, TOKEN, TOKENS, USING, WHERE, "
-                           "WITH, a call number ('#2') or end of statement")
+    assert err.message == ("unexpected 'fc2'; expected ACROSS, BY, GROUP, TOKEN, TOKENS, UNTIL, "
+                           "USING, WHERE, WITH, WITHIN, a call number ('#2') or end of statement")
     err = error_of("AVG NEURONS IN fc1 WHERE class = 1 class")
     assert "AND" in err.message and "OR" in err.message and "end of statement" in err.message
 

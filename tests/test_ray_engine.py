@@ -125,6 +125,13 @@ def test_the_profile_is_the_local_engine_s_and_plain_torch_s(world):
     # The latent space: the input of the last Linear, i.e. the output of the ReLU before it.
     assert np.array_equal(ray_profile.latents, activations(world.model, world.X, "net.7")
                           .astype(np.float32))
+    # Exact answers from the profile: each shard compared the candidate layers with its latent
+    # and logits; a layer holds them when it did in every shard, as the local pass finds.
+    assert ray_profile.latent_views == local.latent_views and len(local.latent_views) >= 1
+    assert ray_profile.logit_views == local.logit_views
+    logits = world.model(world.X).detach().numpy()
+    assert np.array_equal(ray_profile.logits, local.logits)
+    assert np.allclose(ray_profile.logits, logits, rtol=1e-5, atol=1e-6)
 
 
 def test_full_data_queries_equal_plain_torch_and_the_local_engine(world):
@@ -145,7 +152,8 @@ def test_full_data_queries_equal_plain_torch_and_the_local_engine(world):
     argmax = conn.query("ARGMAX NEURONS IN net.7 WHERE incorrect")
     winners = activations(world.model, X, "net.7")[wrong].argmax(axis=1)
     assert np.array_equal(argmax.values, np.bincount(winners, minlength=32) / wrong.sum())
-    assert conn.counters["items"] - before["items"] == 2 * len(X) + wrong.sum()
+    # net.7's rows are the profile's latents (the profile pass found so on every shard): no pass.
+    assert conn.counters["items"] - before["items"] == 2 * len(X)
 
     for query in ("AVG NEURONS IN net.6", "TOPK 5 NEURONS IN net.2 GROUP BY class",
                   "ARGMAX NEURONS IN net.7 WHERE incorrect", "TOPK 3 NEURONS IN net.0 BY MAX"):
@@ -162,9 +170,15 @@ def test_a_sample_query_sends_only_its_items_and_answers_as_the_local_engine(wor
     got = conn.query(statement)
     # The sampled threes, then the baseline's every three: nothing else reaches the model.
     assert conn.counters["items"] - before["items"] == len(threes) + (world.y == 3).sum()
-    acts = activations(world.model, world.X, "net.4")
-    close(got.dense, acts[threes].mean(axis=0))
+    # The model-assisted estimate: each shard's Reducer part carries its items' covariate rows.
     same(got, world.local.query(statement))
+    conn.settings.estimator = "plain"  # the sample's own mean, against plain torch
+    try:
+        plain = conn.query(statement)
+    finally:
+        conn.settings.estimator = "assisted"
+    acts = activations(world.model, world.X, "net.4")
+    close(plain.dense, acts[threes].mean(axis=0))
 
 
 def test_a_script_s_queries_share_one_pass_on_the_cluster(world):
@@ -175,6 +189,22 @@ def test_a_script_s_queries_share_one_pass_on_the_cluster(world):
     assert world.conn.counters["passes"] == before + 1
     for a, b in zip(got, world.local.execute(script)):
         same(a, b)
+
+
+def test_a_grouped_assisted_sample_and_the_local_only_passes_answer_as_the_local_engine(world):
+    """GROUP BY's codes and the covariates travel in each shard's Reducer part; SIMILARITY's
+    and TOPK k INPUTS's consumers have no parts yet, so their passes run on the driver: the
+    same answers either way."""
+    conn, X = world.conn, world.X
+    statement = "AVG NEURONS IN net.2 GROUP BY class USING SAMPLE random(0.2)"
+    same(conn.query(statement), world.local.query(statement))
+    similarity = "SIMILARITY net.2, net.6"
+    close(conn.query(similarity).values, world.local.query(similarity).values)
+    top = conn.query("TOPK 3 INPUTS FOR net.6[5]")
+    scores = activations(world.model, X, "net.6")[:, 5]
+    want = np.lexsort((np.arange(len(scores)), -scores))[:3]  # highest first, ties to lower index
+    assert top.items.tolist() == want.tolist()
+    close(top.values, scores[want])
 
 
 def test_evaluate_scores_as_the_local_engine_does(world):
@@ -283,6 +313,13 @@ def test_engine_options_are_checked():
         diagql.connect(models.build_cnn(), models.digits(), ray_address="auto")
     with pytest.raises(DiagQLError, match="positive number of workers"):
         diagql.connect(models.build_cnn(), models.digits(), engine="ray", ray_workers=0)
+    # A Ray worker builds one model: several models or checkpoints stay with the local engine.
+    with pytest.raises(DiagQLError, match='engine="ray" runs one model'):
+        diagql.connect({"a": models.build_cnn(0), "b": models.build_cnn(1)}, models.digits(),
+                       engine="ray")
+    with pytest.raises(DiagQLError, match='engine="ray" runs one model'):
+        diagql.connect(models.build_cnn(), models.digits(), engine="ray",
+                       checkpoints={"epoch1": models.build_cnn(1).state_dict()})
 
 
 def test_the_command_line_runs_a_query_on_the_cluster(world, capsys, tmp_path):

@@ -2,13 +2,45 @@
 
 ``values`` is a tensor (items × neurons) in the model's dtype. Sums accumulate in float64 so
 that a streamed mean agrees with a mean over the materialised activations to far better than
-1e-5; no float64 copy of a batch is made where a reduction can upcast as it goes.
-``update`` returns False, leaving the state as it was, when the batch holds NaN or inf.
+1e-5. ``update`` returns False, leaving the state as it was, when the batch holds NaN or inf.
+
+A state made with ``groups=G`` holds G × neurons (GROUP BY): ``update(values, codes)`` reduces
+every group of the batch at once (``index_add_`` and its kin, item ``i`` into row
+``codes[i]``) instead of selecting each group's rows, and ``group(g)`` is row g as a state of
+its own (docs/ARCHITECTURE.md, "Plan and execute"). ``covariates=p`` (a sample's
+model-assisted estimate, engine/regression.py) also sums the items' p covariates against their
+values, per group the same way; ``update`` then takes them as ``z``.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from diagql.engine.regression import CrossSums
+_CHUNK_BYTES = 1 << 20  # float64 pieces of a batch that stay in a core's cache (CPU only)
+
+
+def _pieces(values: torch.Tensor, codes: torch.Tensor | None):
+    """(rows, their codes) in pieces whose float64 copy is about 1 MB on the CPU: upcasting a
+    whole batch writes and rereads twice its size through memory (measured 1.7x slower)."""
+    rows = len(values) if values.device.type != "cpu" else \
+        max(1, _CHUNK_BYTES // (8 * max(values.shape[1], 1)))
+    for start in range(0, len(values), rows):
+        yield values[start:start + rows], None if codes is None else codes[start:start + rows]
+
+
+def _finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite: a float64 sum cannot overflow for float32 or narrower
+    values and is NaN or inf exactly when one of them is (3x cheaper than isfinite(values))."""
+    if values.dtype == torch.float64:
+        return bool(torch.isfinite(values).all())
+    return bool(torch.isfinite(values.sum(dtype=torch.float64)))
+
+
+def _add_counts(count, codes: torch.Tensor | None, n: int):
+    if codes is None:
+        return count + n
+    return count + torch.bincount(codes.cpu(), minlength=len(count))
 
 
 class MeanState:
@@ -16,30 +48,56 @@ class MeanState:
 
     ``spread=False`` (an exact answer, which needs no standard error) skips the squares."""
 
-    def __init__(self, n_neurons: int, spread: bool = True):
-        self.sum = torch.zeros(n_neurons, dtype=torch.float64)
-        self.sumsq = torch.zeros(n_neurons, dtype=torch.float64) if spread else None
-        self.count = 0
+    def __init__(self, n_neurons: int, spread: bool = True, groups: int | None = None,
+                 covariates: int = 0):
+        shape = (n_neurons,) if groups is None else (groups, n_neurons)
+        self.sum = torch.zeros(shape, dtype=torch.float64)
+        self.sumsq = torch.zeros(shape, dtype=torch.float64) if spread else None
+        self.count = 0 if groups is None else torch.zeros(groups, dtype=torch.int64)
+        self.cross = CrossSums(covariates, n_neurons, groups) if covariates else None
 
-    def update(self, values: torch.Tensor) -> bool:
-        # With squares to sum, one float64 copy serves both sums; without, sum() upcasts alone.
-        wide = values.to(torch.float64) if self.sumsq is not None else values
-        total = wide.sum(dim=0, dtype=torch.float64)
-        # NaN or inf anywhere in the batch makes its sum NaN or inf: one check per neuron.
+    def update(self, values: torch.Tensor, codes: torch.Tensor | None = None,
+               z: torch.Tensor | None = None) -> bool:
+        total = torch.zeros(self.sum.shape, dtype=torch.float64, device=values.device)
+        squares = None if self.sumsq is None else torch.zeros_like(total)
+        if squares is None and codes is None:
+            total = values.sum(dim=0, dtype=torch.float64)  # upcasts as it goes: no copy
+        else:
+            for piece, piece_codes in _pieces(values, codes):
+                wide = piece.to(torch.float64)
+                if codes is None:
+                    total += wide.sum(dim=0)
+                    squares += (wide * wide).sum(dim=0)
+                else:
+                    total.index_add_(0, piece_codes, wide)
+                    if squares is not None:
+                        squares.index_add_(0, piece_codes, wide * wide)
+        # NaN or inf anywhere in the batch makes a sum NaN or inf: one check per neuron.
         if not bool(torch.isfinite(total).all()):
             return False
         self.sum += total.cpu()
-        if self.sumsq is not None:
-            self.sumsq += (wide * wide).sum(dim=0).cpu()
-        self.count += values.shape[0]
+        if squares is not None:
+            self.sumsq += squares.cpu()
+        if self.cross is not None and z is not None:
+            self.cross.add(z, values, codes)
+        self.count = _add_counts(self.count, codes, values.shape[0])
         return True
 
-    def merge(self, other: "MeanState") -> "MeanState":
+    def merge(self, other: MeanState) -> MeanState:
         self.sum += other.sum
         if self.sumsq is not None:
             self.sumsq += other.sumsq
-        self.count += other.count
+        if self.cross is not None and other.cross is not None:
+            self.cross.merge(other.cross)
+        self.count = self.count + other.count
         return self
+
+    def group(self, g: int) -> MeanState:
+        part = MeanState.__new__(MeanState)
+        part.sum, part.count = self.sum[g], int(self.count[g])
+        part.sumsq = None if self.sumsq is None else self.sumsq[g]
+        part.cross = None if self.cross is None else self.cross.group(g)
+        return part
 
     def finalize(self) -> np.ndarray:
         return (self.sum / max(self.count, 1)).numpy()
@@ -48,63 +106,193 @@ class MeanState:
 class MaxState:
     """Per-neuron running maximum."""
 
-    def __init__(self, n_neurons: int):
-        self.max = torch.full((n_neurons,), -torch.inf, dtype=torch.float64)
-        self.count = 0
+    def __init__(self, n_neurons: int, groups: int | None = None):
+        shape = (n_neurons,) if groups is None else (groups, n_neurons)
+        self.max = torch.full(shape, -torch.inf, dtype=torch.float64)
+        self.count = 0 if groups is None else torch.zeros(groups, dtype=torch.int64)
 
-    def update(self, values: torch.Tensor) -> bool:
-        if not bool(torch.isfinite(values).all()):
+    def update(self, values: torch.Tensor, codes: torch.Tensor | None = None,
+               z: torch.Tensor | None = None) -> bool:
+        # ``z`` as the other states take it; a maximum has no regression estimator.
+        if not _finite(values):
             return False
         if values.shape[0]:
-            self.max = torch.maximum(self.max, values.max(dim=0).values.to(torch.float64).cpu())
-        self.count += values.shape[0]
+            if codes is None:
+                top = values.max(dim=0).values
+            else:
+                top = torch.full(self.max.shape, -torch.inf, dtype=values.dtype,
+                                 device=values.device)
+                top.scatter_reduce_(0, codes[:, None].expand_as(values), values, "amax")
+            self.max = torch.maximum(self.max, top.to(torch.float64).cpu())
+        self.count = _add_counts(self.count, codes, values.shape[0])
         return True
 
-    def merge(self, other: "MaxState") -> "MaxState":
+    def merge(self, other: MaxState) -> MaxState:
         self.max = torch.maximum(self.max, other.max)
-        self.count += other.count
+        self.count = self.count + other.count
         return self
+
+    def group(self, g: int) -> MaxState:
+        part = MaxState.__new__(MaxState)
+        part.max, part.count = self.max[g], int(self.count[g])
+        return part
 
     def finalize(self) -> np.ndarray:
         return self.max.numpy().copy()
 
 
 class ArgmaxState:
-    """How often each neuron is an item's maximally activated one (ties: the lowest index)."""
+    """How often each neuron is an item's maximally activated one (ties: the lowest index);
+    ``covariates=p`` also sums the items' covariates against their one-hot winners."""
 
-    def __init__(self, n_neurons: int):
-        self.counts = torch.zeros(n_neurons, dtype=torch.int64)
-        self.count = 0
+    def __init__(self, n_neurons: int, groups: int | None = None, covariates: int = 0):
+        shape = (n_neurons,) if groups is None else (groups, n_neurons)
+        self.counts = torch.zeros(shape, dtype=torch.int64)
+        self.count = 0 if groups is None else torch.zeros(groups, dtype=torch.int64)
+        self.cross = CrossSums(covariates, n_neurons, groups) if covariates else None
 
-    def update(self, values: torch.Tensor) -> bool:
-        if not bool(torch.isfinite(values).all()):
+    def update(self, values: torch.Tensor, codes: torch.Tensor | None = None,
+               z: torch.Tensor | None = None) -> bool:
+        if not _finite(values):
             return False
         if values.shape[0]:
             # Upcasting is exact and keeps the order, so the winner is the model dtype's.
             winners = values.argmax(dim=1).cpu()
-            self.counts += torch.bincount(winners, minlength=self.counts.shape[0])
-        self.count += values.shape[0]
+            if self.cross is not None and z is not None:
+                self.cross.add_winners(z, winners, codes)
+            if codes is not None:  # one histogram of (group, neuron) cells
+                winners = codes.cpu() * self.counts.shape[-1] + winners
+            self.counts += torch.bincount(winners, minlength=self.counts.numel()
+                                          ).reshape(self.counts.shape)
+        self.count = _add_counts(self.count, codes, values.shape[0])
         return True
 
-    def merge(self, other: "ArgmaxState") -> "ArgmaxState":
+    def merge(self, other: ArgmaxState) -> ArgmaxState:
         self.counts += other.counts
-        self.count += other.count
+        if self.cross is not None and other.cross is not None:
+            self.cross.merge(other.cross)
+        self.count = self.count + other.count
         return self
+
+    def group(self, g: int) -> ArgmaxState:
+        part = ArgmaxState.__new__(ArgmaxState)
+        part.counts, part.count = self.counts[g], int(self.count[g])
+        part.cross = None if self.cross is None else self.cross.group(g)
+        return part
 
     def finalize(self) -> np.ndarray:
         """The distribution: the fraction of items whose maximal neuron each neuron is."""
         return (self.counts.to(torch.float64) / max(self.count, 1)).numpy()
 
 
+class TopItems:
+    """Per neuron, the k items of highest activation (``largest=False``: lowest), ties to the
+    lower item index: the state of TOPK k INPUTS and of the inputs index.
+
+    Kept as (neurons, ≤k) scores (the activation, negated for the lowest, in float64) and
+    item indices, in no order until ``finalize``: each batch costs top-k selections, never a
+    sort. A merge of states fed with any split of the items gives the same lists as one
+    state fed with them all."""
+
+    def __init__(self, n_neurons: int, k: int, largest: bool = True):
+        self.k = k
+        self.largest = largest
+        self.scores = torch.empty((n_neurons, 0), dtype=torch.float64)
+        self.items = torch.empty((n_neurons, 0), dtype=torch.int64)
+        self.count = 0
+        self._last = -1  # the highest item index taken
+
+    def update(self, values: torch.Tensor, idx: np.ndarray) -> bool:
+        """Take the (items × neurons) activations of items ``idx`` (distinct, not seen before)."""
+        if not bool(torch.isfinite(values).all()):
+            return False
+        self.take_scores(neuron_major(values, self.largest), idx)
+        return True
+
+    def take_scores(self, scores: torch.Tensor, idx: np.ndarray) -> None:
+        """``update`` with the batch already checked and as ``neuron_major`` makes it (so
+        that the two ends of one batch share one copy)."""
+        if len(idx):
+            numbers = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            items = numbers.expand(scores.shape[0], -1)
+            later = int(np.min(idx)) > self._last
+            self._last = max(self._last, int(np.max(idx)))
+            if self.scores.shape[1] == self.k:
+                # Full: only scores that reach a neuron's k-th kept one can enter (a tie only
+                # when it comes from a lower item index). The m best of each neuron hold all
+                # of them, m the most that any neuron has.
+                floor = self.scores.min(dim=1, keepdim=True).values
+                enter = scores > floor if later else scores >= floor
+                reach = int(enter.sum(dim=1).max())
+                if reach == 0:
+                    self.count += len(idx)
+                    return
+                if reach < scores.shape[1]:
+                    best = scores.topk(reach, dim=1).indices
+                    scores, items = scores.gather(1, best), numbers[best]
+            if self.scores.shape[1]:
+                scores = torch.cat([self.scores, scores], 1)
+                items = torch.cat([self.items, items], 1)
+            self._keep(scores, items)
+        self.count += len(idx)
+
+    def merge(self, other: "TopItems") -> "TopItems":
+        self._keep(torch.cat([self.scores, other.scores], 1),
+                   torch.cat([self.items, other.items], 1))
+        self.count += other.count
+        self._last = max(self._last, other._last)
+        return self
+
+    def _keep(self, scores: torch.Tensor, items: torch.Tensor) -> None:
+        """Each row's k best of (scores, items): every score above the k-th best, and of those
+        equal to it, the lowest item indices."""
+        n, width = scores.shape
+        if width <= self.k:
+            self.scores, self.items = scores, items
+            return
+        kth = scores.topk(self.k, dim=1).values[:, -1:]
+        above = scores > kth
+        need = self.k - above.sum(dim=1, keepdim=True)  # at least 1: the k-th itself
+        tied = scores == kth
+        key = torch.where(tied, items, torch.iinfo(torch.int64).max)
+        most = int(need.max())
+        lowest = key.topk(most, dim=1, largest=False).indices
+        chosen = torch.zeros_like(tied).scatter_(1, lowest, torch.arange(most) < need)
+        keep = above | (chosen & tied)
+        self.scores, self.items = scores[keep].view(n, self.k), items[keep].view(n, self.k)
+
+    def finalize(self) -> tuple[np.ndarray, np.ndarray]:
+        """(items, activations), each (neurons, ≤k), best first, ties by item index."""
+        by_item = self.items.argsort(dim=1)
+        scores, items = self.scores.gather(1, by_item), self.items.gather(1, by_item)
+        best = scores.argsort(dim=1, descending=True, stable=True)
+        scores, items = scores.gather(1, best), items.gather(1, best)
+        values = scores if self.largest else -scores
+        return items.numpy().copy(), values.numpy().copy()
+
+
+def neuron_major(values: torch.Tensor, largest: bool = True) -> torch.Tensor:
+    """(items × neurons) activations as TopItems scores: one contiguous (neurons, items)
+    float64 copy (selections along a strided axis are slow), negated for the lowest."""
+    scores = torch.empty((values.shape[1], values.shape[0]), dtype=torch.float64)
+    scores.copy_(values.detach().T)
+    return scores if largest else scores.neg_()
+
+
 STATES = {"avg": MeanState, "argmax": ArgmaxState, ("topk", "mean"): MeanState,
           ("topk", "max"): MaxState}
 
 
-def state_for(aggregate: str, order: str, n_neurons: int, spread: bool = True):
+def state_for(aggregate: str, order: str, n_neurons: int, spread: bool = True,
+              groups: int | None = None, covariates: int = 0):
+    """A fresh state (G × neurons with ``groups=G``); ``covariates`` (p > 0) makes a mean or
+    argmax state sum them too."""
     key = aggregate if aggregate != "topk" else (aggregate, order)
     if STATES[key] is MeanState:
-        return MeanState(n_neurons, spread)
-    return STATES[key](n_neurons)
+        return MeanState(n_neurons, spread, groups, covariates)
+    if STATES[key] is ArgmaxState:
+        return ArgmaxState(n_neurons, groups, covariates)
+    return STATES[key](n_neurons, groups)
 
 
 def rank(values: np.ndarray, k: int) -> np.ndarray:

@@ -2,6 +2,8 @@
 with an exact baseline."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from diagql.engine import estimate
@@ -40,24 +42,34 @@ def no_match_message(plan: Plan) -> str:
 
 def build_result(plan: Plan, states: dict) -> Result:
     query = plan.query
+    # A sample's assisted fit pools one slope over all its groups (engine/regression.py).
+    fits = {}
+    if plan.approximate and plan.estimator == "assisted" and plan.covariate_means is not None:
+        fits = estimate.fit(states, plan.population, plan.covariate_means)
     if query.group_by is None:
-        return _single(plan, states.get(None), plan.population[None])
+        return _single(plan, states.get(None), plan.population[None], fits.get(None))
     result = _single(plan, None, 0)
     keys = sorted_keys(states)
-    result.groups = {key: _single(plan, states[key], plan.population[key]) for key in keys}
+    result.groups = {key: _single(plan, states[key], plan.population[key], fits.get(key))
+                     for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
+    if plan.approximate:
+        result.timings["estimate"] = sum(g.timings.get("estimate", 0.0)
+                                         for g in result.groups.values())
     return result
 
 
-def _single(plan: Plan, state, population: int) -> Result:
+def _single(plan: Plan, state, population: int, fitted=None) -> Result:
     query, layer = plan.query, plan.bound.layer
     provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by,
-                            query.order)
+                            query.order, choice=plan.choice or None)
     result = Result(kind=query.aggregate, statement=query.text, layer=layer.name, unit=query.unit,
                     provenance=provenance, plan=plan)
     if state is None or state.count == 0:
         return result
     values = state.finalize()
+    if fitted is not None:  # the assisted estimator's answer instead of the sample's own
+        values = estimate.shares(fitted) if query.aggregate == "argmax" else fitted.mean
     if query.aggregate == "topk":
         result.dense = values
         neurons = rank(values, query.k)
@@ -65,7 +77,9 @@ def _single(plan: Plan, state, population: int) -> Result:
     else:
         neurons = np.arange(len(values))
     if result.approximate:
-        result.estimate = _estimate(plan, state, population, neurons)
+        started = time.perf_counter()
+        result.estimate = _estimate(plan, state, population, neurons, fitted)
+        result.timings["estimate"] = time.perf_counter() - started
     result.neurons = neurons
     result.values = values
     result.labels = plan.bound.view.labels(neurons)
@@ -73,16 +87,16 @@ def _single(plan: Plan, state, population: int) -> Result:
     return result
 
 
-def _estimate(plan: Plan, state, population: int, neurons: np.ndarray) -> Estimate:
+def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted) -> Estimate:
     query, sampler = plan.query, plan.bound.sampler
     reliable = getattr(sampler, "uniform", False)
     if query.aggregate == "argmax":
-        return estimate.for_argmax(state, population, reliable)
+        return estimate.for_argmax(state, population, reliable, fitted)
     if query.aggregate == "topk" and query.order == "max":
         return estimate.unavailable("a sample's maximum is biased low and has no sampling "
                                     "distribution to estimate from; use BY MEAN or a baseline")
     return estimate.for_mean(state, population, neurons,
-                             query.k if query.aggregate == "topk" else None, reliable)
+                             query.k if query.aggregate == "topk" else None, reliable, fitted)
 
 
 def compare(plan: Plan, approx: Result, exact: Result) -> None:
@@ -104,14 +118,16 @@ def compare(plan: Plan, approx: Result, exact: Result) -> None:
         approx.metrics[name] = _metric(metric, approx, exact)
 
 
-# What a sample query costs the statement that asks it; the profile is not in it: it is paid once
-# per model and data, by the first statement of either kind, and reported on its own.
-SAMPLE_SIDE = ("bind", "sample", "plan", "query")
+# What a sample query costs the statement that asks it (its accuracy estimate included); the
+# profile is not in it: it is paid once per model and data, by the first statement of either
+# kind, and reported on its own.
+SAMPLE_SIDE = ("bind", "sample", "plan", "query", "estimate")
 
 
 def record_speedup(result: Result) -> None:
     """WITH BASELINE's speed-up, once the statement's timings are complete: the exact pass
-    against everything the sample cost (binding, drawing the sample, planning, its pass)."""
+    against everything the sample cost (binding, drawing the sample, planning, its pass, its
+    accuracy estimate)."""
     full_s = result.timings.get("baseline")
     if full_s is None or "query" not in result.timings:
         return

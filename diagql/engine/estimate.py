@@ -1,21 +1,23 @@
-"""Accuracy estimates from the sample alone (docs/ARCHITECTURE.md).
+"""Accuracy estimates from the sample alone (docs/ARCHITECTURE.md, "Estimates").
 
 Each approximate answer carries how far it is likely to be from the exact answer over all
-matching items, computed from the sampled items only. The model: the matching sampled items
-are a uniform sample without replacement from the matching items of the whole data set, so a
-neuron's sample mean is approximately normal with the sample's standard error (finite
-population corrected), and an argmax histogram is multinomial. Monte Carlo draws from that
-model give the probability that each reported neuron is in the true top-k, the expected
-precision, and the expected cosine and Jensen-Shannon distances.
-
-What it covers: sampling variance. What it does not: the bias of a sampler that selects items
-non-uniformly (maxmargin, gmm, weighted, vas, ebtree over-represent boundaries on purpose);
-for those the estimate is marked unreliable and the rendering says so instead of printing it.
+matching items, computed from the sampled items only. With the assisted estimator (the
+default, engine/regression.py) a neuron's estimate and its standard error come from a linear
+model of its activation in the item's reduced latent; since every sampler selects from the
+profile alone, that holds for every sampler, uniform or not. With the plain estimator they come
+from the sample mean as from a uniform sample without replacement (finite-population
+corrected), which only uniform samplers are; for the others that estimate is marked unreliable.
+Either way the mean is taken as approximately normal; Monte Carlo draws from that give the
+probability that each reported neuron is in the true top-k, the expected precision and the
+expected cosine distance. ARGMAX shares draw a plausible true distribution (a Dirichlet whose
+spread matches the shares' standard errors) and a histogram of the effective sample size from it
+for the expected Jensen-Shannon distance.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from diagql.engine.regression import Fitted, GroupSums, assisted
 from diagql.results.metrics import COSINE, JS, PRECISION
 from diagql.results.result import Estimate
 
@@ -23,6 +25,12 @@ DRAWS = 256
 LEVEL = 0.95
 COVERS = ("sampling variance of a uniform sample of the matching items "
           "(normal approximation, finite-population corrected); not a sampler's bias")
+COVERS_ASSISTED = ("sampling variance and the sampler's selection, through a linear model of "
+                   "each neuron in the items' reduced latent (a sampler choosing by the profile "
+                   "alone is ignorable given it); not what the model cannot fit")
+# A neuron whose interval's top lies this many standard errors below the k-th largest bottom
+# is in the top-k with probability < 1e-5 per draw: it is not simulated.
+_PRUNE_SE = 4.5
 
 
 def _rng() -> np.random.Generator:
@@ -30,7 +38,36 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(20200101)
 
 
-def _standard_error(state, population: int) -> np.ndarray:
+def fit(states: dict, population: dict, covariate_means: dict) -> dict:
+    """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
+    ``population`` and ``covariate_means`` are each group's matching items of the whole data
+    and their mean covariates (the plan's)."""
+    groups = {}
+    for key, state in states.items():
+        if state.count == 0 or getattr(state, "cross", None) is None:
+            continue
+        total, squares = _sums(state)
+        groups[key] = GroupSums(state.count, total, squares, state.cross, population[key],
+                                covariate_means[key])
+    return assisted(groups)
+
+
+def _sums(state) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(state, "counts"):  # an argmax state: y is each item's one-hot winner, y² = y
+        counts = state.counts.numpy().astype(np.float64)
+        return counts, counts
+    return state.sum.numpy(), state.sumsq.numpy()
+
+
+def shares(fitted: Fitted | np.ndarray) -> np.ndarray:
+    """ARGMAX's answer from the assisted fit (or its mean): the shares, clipped at 0 and
+    summing to 1."""
+    values = np.clip(fitted.mean if isinstance(fitted, Fitted) else fitted, 0.0, None)
+    total = values.sum()
+    return values / total if total > 0 else values
+
+
+def _plain_se(state, population: int) -> np.ndarray:
     n = state.count
     mean = state.sum.numpy() / n
     variance = np.maximum(state.sumsq.numpy() / n - mean ** 2, 0.0) * n / (n - 1)
@@ -48,12 +85,12 @@ def _constant_floor(se: np.ndarray, n: int) -> np.ndarray:
     return np.where(se > 0, se, min(3.0 / n, 1.0) * float(np.median(varying)) * np.sqrt(n))
 
 
-def _t_quantile(n: int) -> float:
+def _t_quantile(df: int) -> float:
     # scipy.special, not scipy.stats: the same quantile, and 0.2 s to import instead of 0.6-1.2 s
     # on the first sample query of a session.
     from scipy.special import stdtrit
 
-    return float(stdtrit(n - 1, 0.5 + LEVEL / 2))
+    return float(stdtrit(max(df, 1), 0.5 + LEVEL / 2))
 
 
 def _too_few(n: int, population: int) -> Estimate:
@@ -62,47 +99,86 @@ def _too_few(n: int, population: int) -> Estimate:
 
 
 def for_mean(state, population: int, reported: np.ndarray, k: int | None,
-             reliable: bool) -> Estimate:
+             reliable: bool, fitted: Fitted | None = None) -> Estimate:
     """AVG (k None): a confidence interval per neuron and the expected cosine distance.
-    TOPK BY MEAN: intervals of the reported neurons, P(in true top-k) and expected precision."""
+    TOPK BY MEAN: intervals of the reported neurons, P(in true top-k) and expected precision.
+    ``fitted``: the assisted estimator's fit of this group (reliable for any sampler)."""
     n = state.count
     if n < 2:
         return _too_few(n, population)
-    mean = state.sum.numpy() / n
-    se = _constant_floor(_standard_error(state, population), n)
-    half = _t_quantile(n) * se
-    draws = mean + _rng().standard_normal((DRAWS, len(mean))) * se
+    if fitted is not None:
+        mean, se, covers, reliable = fitted.mean, fitted.se, COVERS_ASSISTED, True
+    else:
+        mean, se, covers = state.sum.numpy() / n, _plain_se(state, population), COVERS
+    se = _constant_floor(se, n)
+    half = _t_quantile(n - 1) * se
     if k is None:
+        draws = mean + _rng().standard_normal((DRAWS, len(mean))) * se
         distances = COSINE.rows(np.broadcast_to(mean, draws.shape), draws)
-        return Estimate(COVERS, reliable, LEVEL, n, population, ci_low=mean - half,
-                        ci_high=mean + half, metric=COSINE, expected=float(np.mean(distances)))
-    top = np.argpartition(-draws, k - 1, axis=1)[:, :k]
-    in_top = np.zeros((DRAWS, len(mean)), dtype=bool)
-    np.put_along_axis(in_top, top, True, axis=1)
-    p_in = in_top[:, reported].mean(axis=0)
-    return Estimate(COVERS, reliable, LEVEL, n, population, ci_low=mean[reported] - half[reported],
+        return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean - half,
+                        ci_high=mean + half, metric=COSINE, expected=float(np.mean(distances)),
+                        estimator=_name(fitted))
+    p_in = p_in_topk(mean, se, reported, k)
+    return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean[reported] - half[reported],
                     ci_high=mean[reported] + half[reported], p_in_topk=p_in, metric=PRECISION,
-                    expected=float(p_in.sum() / k))
+                    expected=float(p_in.sum() / k), estimator=_name(fitted))
 
 
-def for_argmax(state, population: int, reliable: bool) -> Estimate:
+def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int) -> np.ndarray:
+    """P(each reported neuron is among the k largest true means), the true means drawn
+    independently from N(mean, se²). Only the neurons that can reach the top-k are drawn: one
+    whose top (mean + 4.5 se) lies below the k-th largest bottom (mean − 4.5 se) cannot."""
+    k = min(k, len(mean))
+    bottom = mean - _PRUNE_SE * se
+    kth = np.partition(bottom, len(mean) - k)[len(mean) - k]
+    candidates = np.flatnonzero(mean + _PRUNE_SE * se >= kth)
+    candidates = np.union1d(candidates, reported)
+    draws = mean[candidates] + _rng().standard_normal((DRAWS, len(candidates))) * se[candidates]
+    if len(candidates) == k:
+        return np.ones(len(reported))
+    top = np.argpartition(-draws, k - 1, axis=1)[:, :k]
+    in_top = np.zeros(draws.shape, dtype=bool)
+    np.put_along_axis(in_top, top, True, axis=1)
+    return in_top[:, np.searchsorted(candidates, reported)].mean(axis=0)
+
+
+def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = None) -> Estimate:
     """ARGMAX: intervals of each share and the expected Jensen-Shannon distance."""
     n = state.count
     if n < 2:
         return _too_few(n, population)
     counts = state.counts.numpy().astype(np.float64)
-    share = counts / n
     fpc = max(population - n, 0) / max(population - 1, 1)
-    half = 1.959964 * np.sqrt(share * (1 - share) / n * fpc)
+    if fitted is not None:
+        share, covers, reliable = shares(fitted), COVERS_ASSISTED, True
+        se = fitted.se
+        seen = (share > 0) & (se > 0)
+        # The size of a uniform sample whose shares would be as precise as the fit's.
+        plain = share[seen] * (1 - share[seen]) / n * fpc
+        size = n * float(np.median(plain / se[seen] ** 2)) if seen.any() else float(n)
+        size = float(np.clip(size, 2.0, max(population, 2)))
+        half = _t_quantile(n - 1) * se
+    else:
+        share, covers, size = counts / n, COVERS, float(n)
+        half = 1.959964 * np.sqrt(share * (1 - share) / n * fpc)
+    # A neuron that won for no sampled item may still win for up to 3/n of the matching items
+    # unseen (the rule of three, 95%).
+    half = np.where(counts == 0, min(3.0 / n, 1.0), half)
     # Two stages: a plausible true distribution (Dirichlet with a Perks prior, which gives
-    # neurons the sample never saw win some mass), then a sample of n items from it. Drawing
-    # only from the sample's own shares ignores unseen winners and underestimates the distance.
+    # neurons the sample never saw win some mass), then a histogram of the sample's effective
+    # size from it. Drawing only from the sample's own shares ignores unseen winners and
+    # underestimates the distance.
     rng = _rng()
-    truths = rng.dirichlet(counts + 1.0 / len(counts), size=DRAWS)
-    distances = JS.rows(rng.multinomial(n, truths), truths)
-    return Estimate(COVERS, reliable, LEVEL, n, population, ci_low=np.clip(share - half, 0, 1),
+    truths = rng.dirichlet(share * size + 1.0 / len(share), size=DRAWS)
+    drawn = rng.multinomial(max(round(size), 1), truths)
+    distances = JS.rows(drawn, truths)
+    return Estimate(covers, reliable, LEVEL, n, population, ci_low=np.clip(share - half, 0, 1),
                     ci_high=np.clip(share + half, 0, 1), metric=JS,
-                    expected=float(np.mean(distances)))
+                    expected=float(np.mean(distances)), estimator=_name(fitted))
+
+
+def _name(fitted: Fitted | None) -> str:
+    return "assisted" if fitted is not None else "plain"
 
 
 def unavailable(reason: str) -> Estimate:

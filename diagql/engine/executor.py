@@ -3,8 +3,10 @@
 one per item, that its view (model/views.py) made from the module's output inside the hook."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,42 +22,60 @@ from diagql.results.result import Result
 
 
 class Reducer:
-    """A plan's aggregate states (one per group), fed with the activations of its items."""
+    """A plan's aggregate states (one per group), fed with the activations of its items.
+
+    With GROUP BY, one state of groups × neurons takes every group of a batch in one
+    reduction (aggregates.py); ``states`` splits it into one state per group that has items."""
 
     def __init__(self, plan: Plan):
         self.plan = plan
         self.view = plan.bound.view
         self.items = plan.items  # what the states cover (and where group keys are looked up)
         self.wanted = plan.items  # what a forward pass must feed it (less what came from a cache)
-        self.keys = plan.group_keys  # each item's group key (None: no GROUP BY)
+        self.keys, self.codes = [None], None  # group keys; each item's row among them
+        if plan.group_keys is not None:
+            keys, codes = np.unique(plan.group_keys, return_inverse=True)
+            self.keys, self.codes = keys.tolist(), torch.from_numpy(codes.astype(np.int64))
         query = plan.query
         # An exact answer has no standard error to compute.
-        self.new_state = functools.partial(state_for, query.aggregate, query.order,
-                                           plan.bound.n_neurons, spread=plan.approximate)
-        self.states: dict = {}
+        z = plan.covariates
+        self.new_state = functools.partial(
+            state_for, query.aggregate, query.order, plan.bound.n_neurons,
+            spread=plan.approximate, groups=None if self.codes is None else len(self.keys),
+            covariates=0 if z is None else z.shape[1])
+        self.state = self.new_state()
+        # The covariates' rows: row i is item i's, or (a part's) ``z_items[i]``'s.
+        self.z, self.z_items = z, None
         self.bad = 0  # items with NaN or inf activations, and the first of them
         self.first_bad = -1
+
+    @property
+    def states(self) -> dict:
+        """One state per group key (None without GROUP BY) that has reduced items."""
+        if self.codes is None:
+            return {None: self.state} if self.state.count else {}
+        counts = self.state.count.tolist()
+        return {key: self.state.group(g) for g, key in enumerate(self.keys) if counts[g]}
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         """Reduce the view's rows of items ``idx`` (sorted, all among the plan's items)."""
         values = self.view.finish(rows.detach())
-        if self.keys is None:
-            self._update(None, values, idx)
-            return
-        keys = self.keys[np.searchsorted(self.items, idx)]
-        for key in np.unique(keys).tolist():
-            mask = keys == key
-            self._update(key, values[torch.from_numpy(mask).to(values.device)], idx[mask])
-
-    def _update(self, key, values: torch.Tensor, idx: np.ndarray) -> None:
-        if self._state(key).update(values):
+        codes = None
+        if self.codes is not None:
+            codes = self.codes[torch.from_numpy(np.searchsorted(self.items, idx))]
+            codes = codes.to(values.device)
+        z = None
+        if self.z is not None:
+            z = torch.from_numpy(self.z[idx if self.z_items is None else
+                                        np.searchsorted(self.z_items, idx)])
+        if self.state.update(values, codes, z):
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
         # ranking is meaningless, so they are counted over the whole pass and reported.
-        bad = ~torch.isfinite(values).all(dim=1).cpu().numpy()
-        if self.bad == 0:
-            self.first_bad = int(idx[np.flatnonzero(bad)[0]])
-        self.bad += int(bad.sum())
+        bad = np.flatnonzero(~torch.isfinite(values).all(dim=1).cpu().numpy())
+        first = int(idx[bad[0]])
+        self.first_bad = first if self.bad == 0 else min(self.first_bad, first)
+        self.bad += len(bad)
 
     def take_rows(self, table: np.ndarray, positions: np.ndarray, items: np.ndarray,
                   batch_size: int) -> None:
@@ -71,11 +91,7 @@ class Reducer:
     def merge(self, other: Reducer) -> Reducer:
         """Take in the states of another Reducer of the same plan, fed with other items (the
         cache's rows and a pass's, or the shards of a pass): as if this one had seen them all."""
-        for key, state in other.states.items():
-            if key in self.states:
-                self.states[key].merge(state)
-            else:
-                self.states[key] = state
+        self.state.merge(other.state)
         if other.bad:
             self.first_bad = other.first_bad if self.bad == 0 else min(self.first_bad,
                                                                          other.first_bad)
@@ -85,19 +101,20 @@ class Reducer:
     def part(self, items: np.ndarray) -> Reducer:
         """An empty Reducer of the same plan fed only ``items`` (a run of ``wanted``), for a
         shard of a pass on another process (engine/shards.py): it carries no plan, only what
-        reducing needs, so it pickles small."""
+        reducing needs (its items' slices of the group codes and the covariates), so it
+        pickles small."""
         part = object.__new__(Reducer)
         lo, hi = np.searchsorted(self.items, [items[0], items[-1] + 1]) if len(items) else (0, 0)
         part.plan, part.view, part.new_state = None, self.view, self.new_state
-        part.items, part.wanted = self.items[lo:hi], items
-        part.keys = None if self.keys is None else self.keys[lo:hi]
-        part.states, part.bad, part.first_bad = {}, 0, -1
+        part.items, part.wanted, part.keys = self.items[lo:hi], items, self.keys
+        part.codes = None if self.codes is None else self.codes[lo:hi]
+        part.z, part.z_items = None, None
+        if self.z is not None:
+            part.z_items = items
+            part.z = self.z[items] if self.z_items is None else \
+                self.z[np.searchsorted(self.z_items, items)]
+        part.state, part.bad, part.first_bad = self.new_state(), 0, -1
         return part
-
-    def _state(self, key):
-        if key not in self.states:
-            self.states[key] = self.new_state()
-        return self.states[key]
 
     def check(self) -> None:
         if self.bad:
@@ -121,7 +138,11 @@ class Collector:
             self.rows = np.empty((len(self.items), self.view.width), dtype=self.dtype)
         # Copied here, inside the hook: a later in-place op may overwrite the output.
         values = rows.detach().to("cpu", _torch_dtype(self.dtype))
-        self.rows[np.searchsorted(self.items, idx)] = values.numpy()
+        positions = np.searchsorted(self.items, idx)
+        if positions[-1] - positions[0] == len(positions) - 1:  # a run (sorted, distinct): a slice
+            self.rows[positions[0]:positions[-1] + 1] = values.numpy()
+        else:
+            self.rows[positions] = values.numpy()
 
     def part(self, items: np.ndarray) -> Collector:
         """An empty Collector of ``items`` (a run of its own), for a shard of a pass: its rows
@@ -144,53 +165,6 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.float64 if dtype == np.float64 else torch.float32
 
 
-def feed(model, source, consumers: list, items: np.ndarray, *, device, dtype, batch_size: int,
-         advance) -> None:
-    """Feed each consumer its view's rows of its own items, in one forward pass over ``items``
-    (the union of their ``wanted``, sorted) in batches of ``batch_size``; ``advance(n)`` is told
-    of each batch. Only the consumers' layers are hooked, and each batch stops as soon as all
-    of them have run (the rest of the model is skipped). The local pass and every Ray worker's
-    shard (engine/ray_engine.py) run this same code."""
-    layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
-    for consumer in consumers:
-        views = layers.setdefault(consumer.view.layer.name, {})
-        views.setdefault(consumer.view.key, (consumer.view, []))[1].append(consumer)
-    current: list = [None]  # the batch's item indices
-
-    def callback(views: dict[str, tuple[View, list]]):
-        def on_output(call: ModuleCall) -> None:
-            idx = current[0]
-            for view, members in views.values():
-                rows = view.rows(call)
-                for consumer in members:
-                    wanted = consumer.wanted
-                    if len(wanted) == len(items):  # a subset as large as the union is it
-                        consumer.take(rows, idx)
-                        continue
-                    pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
-                    mask = wanted[pos] == idx
-                    if mask.all():
-                        consumer.take(rows, idx)
-                    elif mask.any():
-                        consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
-            if hooks.done():  # for a module's n-th call: once that call has run
-                raise StopForward
-        return on_output
-
-    with evaluation(model), \
-            Hooks(model, {name: callback(views) for name, views in layers.items()}) as hooks:
-        for idx, x, _ in source.batches(items, batch_size):
-            x = to_device(x, device, dtype)
-            hooks.start(x, len(idx))
-            current[0] = idx
-            try:
-                call_model(model, x)
-            except StopForward:
-                pass
-            hooks.check_ran()
-            advance(len(idx))
-
-
 class Runner:
     """Everything a forward pass needs from the connection."""
 
@@ -206,24 +180,15 @@ class Runner:
         self.activations = activations  # an ActivationStore, or None: every query streams
         self.engine = engine  # a RayEngine runs passes on a cluster; None: in this process
 
-    def run(self, consumers: list, description: str) -> None:
+    def run(self, consumers: list, description: str) -> float | None:
         """One forward pass over the union of the consumers' items, each consumer fed its
         view's rows of its own items (each view's rows made once per batch): here, or sharded
         over the engine's workers, whose parts of each consumer are merged back in shard
-        order (engine/shards.py)."""
-        consumers = [c for c in consumers if len(c.wanted)]
-        if not consumers:
-            return
-        items = functools.reduce(np.union1d, [c.wanted for c in consumers])
-        if self.engine is not None:
-            self.engine.feed(consumers, items, description, batch_size=self.batch_size,
-                             dtype=self.dtype, progress=self.progress)
-        else:
-            with self.progress.task(description, len(items)) as advance:
-                feed(self.model, self.source, consumers, items, device=self.device,
-                     dtype=self.dtype, batch_size=self.batch_size, advance=advance)
-        self.counters["passes"] = self.counters.get("passes", 0) + 1
-        self.counters["items"] = self.counters.get("items", 0) + len(items)
+        order (engine/shards.py). Only the consumers' layers are hooked, and the pass stops
+        as soon as all of them have run (the rest of the model is skipped). Returns the
+        seconds it took per item (None: no pass), what the disk cache weighs against reading
+        kept rows back."""
+        return run_together([(self, consumers)], description)
 
     def states(self, plan: Plan, description: str) -> dict:
         """One state per group (the key None without GROUP BY), over the plan's items.
@@ -232,6 +197,8 @@ class Runner:
         only the items it lacks go through the model (their rows kept as they pass), and a
         query whose states were reduced before (TOPK then AVG, same layer, sample and WHERE)
         reuses them."""
+        if plan.profile_rows is not None:
+            return self._from_profile(plan)
         store = self.activations if plan.approximate else None
         if store is None:
             reducer = Reducer(plan)
@@ -246,12 +213,20 @@ class Runner:
         collectors = []
         if len(fresh.wanted) and store.fits(view, plan.items):
             collectors.append(Collector(view, fresh.wanted, store.dtype))
-        self.run([fresh, *collectors], description)
+        per_item = self.run([fresh, *collectors], description)
         for collector in collectors:
-            store.add(collector.view, collector.items, collector.rows)
+            store.add(collector.view, collector.items, collector.rows, per_item)
         reducer = cached.merge(fresh)
         reducer.check()
-        store.remember(plan, reducer.states)
+        states = reducer.states
+        store.remember(plan, states)
+        return states
+
+    def _from_profile(self, plan: Plan) -> dict:
+        """The states of a plan whose rows the profile holds: no forward pass."""
+        reducer = Reducer(plan)
+        reducer.take_rows(plan.profile_rows, plan.items, plan.items, self.batch_size)
+        reducer.check()
         return reducer.states
 
     def _split(self, plan: Plan) -> tuple[Reducer, Reducer]:
@@ -259,10 +234,13 @@ class Runner:
         rows that a pass keeps can push them out of memory), and a Reducer for a forward pass
         to feed with the items whose rows it lacks; merged, they cover the plan's items."""
         cached = Reducer(plan)
-        table, positions, held = self.activations.held_rows(plan.bound.view, plan.items)
-        cached.take_rows(table, positions, held, self.batch_size)
+        held = []
+        for table, positions, items in self.activations.held_rows(plan.bound.view, plan.items):
+            cached.take_rows(table, positions, items, self.batch_size)
+            held.append(items)
         fresh = Reducer(plan)
-        fresh.wanted = np.setdiff1d(plan.items, held, assume_unique=True)
+        fresh.wanted = plan.items if not held else \
+            np.setdiff1d(plan.items, np.concatenate(held), assume_unique=True)
         return cached, fresh
 
     def answer_many(self, plans: list[Plan]) -> list:
@@ -285,6 +263,12 @@ class Runner:
             except ExecutionError as exc:
                 outcomes[i] = exc
                 continue
+            if plan.profile_rows is not None:  # answered from the profile, beside the pass
+                try:
+                    outcomes[i] = self.answer(plan)
+                except ExecutionError as exc:
+                    outcomes[i] = exc
+                continue
             base = Reducer(plan.baseline) if plan.baseline is not None else None
             if not plan.approximate or store is None:
                 work[i] = (None, Reducer(plan), base)
@@ -303,9 +287,9 @@ class Runner:
         collectors = [Collector(view, items, store.dtype) for view, items in kept.values()]
         consumers = [r for _, main, base in work.values() for r in (main, base) if r is not None]
         started = time.perf_counter()
-        self.run(consumers + collectors, f"{len(plans)} statements in one pass")
+        per_item = self.run(consumers + collectors, f"{len(plans)} statements in one pass")
         for collector in collectors:
-            store.add(collector.view, collector.items, collector.rows)
+            store.add(collector.view, collector.items, collector.rows, per_item)
         seconds = time.perf_counter() - started
         for i, (cached, main, base) in work.items():
             plan = plans[i]
@@ -342,4 +326,126 @@ class Runner:
             full_states = self.states(plan.baseline, f"{query.aggregate.upper()} "
                                                      f"{plan.bound.layer.name} (baseline)")
             timings["baseline"] = time.perf_counter() - started
-        return assemble(plan, states, full_states, timings)
+        started = time.perf_counter()
+        result = assemble(plan, states, full_states, timings)
+        # Building the Result: ranking, labels, the accuracy estimate ("estimate", within it).
+        result.timings["answer"] = time.perf_counter() - started
+        return result
+
+
+def run_together(passes: list[tuple[Runner, list]], description: str,
+                 after_batch: Callable[[np.ndarray], None] | None = None) -> float | None:
+    """One pass over the same batches through several models (``(runner, consumers)`` each:
+    its model, device and dtype; the first's data and batch size): each batch goes through
+    each model whose consumers want some of its items, in the order given, feeding that
+    model's consumers, and then ``after_batch(idx)`` runs, so that a state pairing two models'
+    rows of the same items (in the same order) can take them there. A model runs only as far
+    as its hooked layers (docs/ARCHITECTURE.md, "plan and execute"). A pass of one model
+    whose runner has an engine goes to it (docs/ARCHITECTURE.md, "Engines")."""
+    passes = [(runner, [c for c in consumers if len(c.wanted)]) for runner, consumers in passes]
+    passes = [(runner, consumers) for runner, consumers in passes if consumers]
+    if not passes:
+        return None
+    started = time.perf_counter()
+    if len({id(runner.model) for runner, _ in passes}) < len(passes):
+        raise ExecutionError("one pass cannot run two models that are one module (checkpoints "
+                             "take turns in one copy of the model): read one at a time")
+    first = passes[0][0]
+    items = functools.reduce(np.union1d, [c.wanted for _, consumers in passes
+                                          for c in consumers])
+    if _on_engine(passes, after_batch):
+        first.engine.feed(passes[0][1], items, description, batch_size=first.batch_size,
+                          dtype=first.dtype, progress=first.progress)
+    else:
+        with first.progress.task(description, len(items)) as advance:
+            _forward([(runner.model, runner.device, runner.dtype, consumers)
+                      for runner, consumers in passes], first.source, items, first.batch_size,
+                     advance, after_batch)
+    for runner, _ in passes:
+        runner.counters["passes"] = runner.counters.get("passes", 0) + 1
+        runner.counters["items"] = runner.counters.get("items", 0) + len(items)
+    return (time.perf_counter() - started) / len(items)
+
+
+def _on_engine(passes: list[tuple[Runner, list]], after_batch) -> bool:
+    """Whether the pass runs on the runner's engine: one model's pass (several models' pass
+    stays here: a Ray worker holds one model, and ``after_batch`` pairs rows of several
+    models batch by batch on the driver), every consumer of which can be cut into parts
+    (engine/shards.py). SIMILARITY's feeds and TOPK k INPUTS's readers have no parts yet, so
+    their passes run in this process even on a Ray connection."""
+    if len(passes) != 1 or passes[0][0].engine is None or after_batch is not None:
+        return False
+    return all(hasattr(c, "part") and hasattr(c, "merge") for c in passes[0][1])
+
+
+def feed(model, source, consumers: list, items: np.ndarray, *, device, dtype, batch_size: int,
+         advance) -> None:
+    """Feed each consumer its view's rows of its own items, in one forward pass over ``items``
+    (the union of their ``wanted``, sorted) in batches of ``batch_size``; ``advance(n)`` is told
+    of each batch. The local pass and every Ray worker's shard (engine/ray_engine.py) run this
+    same code."""
+    _forward([(model, device, dtype, consumers)], source, items, batch_size, advance)
+
+
+def _forward(models: list[tuple], source, items: np.ndarray, batch_size: int, advance,
+             after_batch: Callable[[np.ndarray], None] | None = None) -> None:
+    """The pass itself: ``models`` are (model, device, dtype, consumers), each hooked only at
+    its consumers' layers, each batch stopping in each model as soon as those have run."""
+    current: list = [None]  # the batch's item indices
+    wanted = [functools.reduce(np.union1d, [c.wanted for c in consumers])
+              for *_, consumers in models]
+    with contextlib.ExitStack() as stack:
+        hooks = []
+        for model, _, _, consumers in models:
+            hooked: list = []
+            stack.enter_context(evaluation(model))
+            hooked.append(stack.enter_context(
+                Hooks(model, _callbacks(consumers, items, current, hooked))))
+            hooks.append(hooked[0])
+        for idx, x, _ in source.batches(items, batch_size):
+            current[0] = idx
+            for (model, device, dtype, _), model_hooks, own in zip(models, hooks, wanted):
+                if len(models) > 1 and not np.isin(idx, own, assume_unique=True).any():
+                    continue
+                model_x = to_device(x, device, dtype)
+                model_hooks.start(model_x, len(idx))
+                try:
+                    call_model(model, model_x)
+                except StopForward:
+                    pass
+                model_hooks.check_ran()
+            if after_batch is not None:
+                after_batch(idx)
+            advance(len(idx))
+
+
+def _callbacks(consumers: list, items: np.ndarray, current: list, hooked: list) -> dict:
+    """Each hooked module's callback: the rows of each view made once per call, fed to the
+    view's consumers for the items of theirs in the batch (``current[0]``, among ``items``,
+    the pass's)."""
+    layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
+    for consumer in consumers:
+        views = layers.setdefault(consumer.view.layer.name, {})
+        views.setdefault(consumer.view.key, (consumer.view, []))[1].append(consumer)
+
+    def callback(views: dict[str, tuple[View, list]]):
+        def on_output(call: ModuleCall) -> None:
+            idx = current[0]
+            for view, members in views.values():
+                rows = view.rows(call)
+                for consumer in members:
+                    wanted = consumer.wanted
+                    if len(wanted) == len(items):  # a subset as large as the union is it
+                        consumer.take(rows, idx)
+                        continue
+                    pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
+                    mask = wanted[pos] == idx
+                    if mask.all():
+                        consumer.take(rows, idx)
+                    elif mask.any():
+                        consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
+            if hooked[0].done():  # for a module's n-th call: once that call has run
+                raise StopForward
+        return on_output
+
+    return {name: callback(views) for name, views in layers.items()}

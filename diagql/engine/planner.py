@@ -4,10 +4,12 @@ Predicates are evaluated on the profile here, so only matching items ever reach 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from diagql.engine.covariates import covariates
 from diagql.engine.groups import group_values
 from diagql.language import ast
 from diagql.language.ast import predicate_text
@@ -28,6 +30,17 @@ class Plan:
     seconds_per_item: float
     population: dict  # matching items of the whole data set, per group key (None: no GROUP BY)
     baseline: "Plan | None" = None
+    # A sample's answer: "assisted" (the regression estimator, engine/regression.py) or
+    # "plain" (the sample mean); the covariates of every item (N × p) and their mean over each
+    # group's matching items, which the assisted estimator corrects the sample toward.
+    estimator: str | None = None
+    covariates: np.ndarray | None = None
+    covariate_means: dict | None = None
+    # Every item's rows of the view, when the profile holds them (the latent or the logits):
+    # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
+    profile_rows: np.ndarray | None = None
+    profile_what: str = ""
+    choice: str = ""  # USING AUTO: what it chose and why (or how an UNTIL query grows)
 
     @property
     def query(self) -> ast.Query:
@@ -39,12 +52,14 @@ class Plan:
         return self.n_sample is not None
 
     def estimated_seconds(self) -> float:
+        if self.profile_rows is not None:
+            return 0.0
         return len(self.items) * self.seconds_per_item
 
     def explain(self) -> list[tuple[str, str]]:
         """(step, detail) rows, top to bottom in the order they run."""
         q = self.query
-        rows = []
+        rows = [("auto", self.choice)] if self.choice else []
         if not self.approximate:
             rows.append(("scan", f"all {self.n_data:,} items (USING FULL)"))
         else:
@@ -59,7 +74,12 @@ class Plan:
         if layer.call:  # one call of a module that runs several times per pass
             hook = (f"{layer.module}, read at its call {layer.call} of {layer.calls} "
                     f"({layer.shape_text()}{axis}); the pass stops once that call has run")
-        rows.append(("forward", f"{len(self.items):,} items in batches, hook on {hook}"))
+        if self.profile_rows is not None:
+            rows.append(("forward", f"none: the rows of {layer.name} are {self.profile_what} "
+                                    f"(equal for every item, as the profile pass checked), read "
+                                    f"from the profile for {len(self.items):,} items"))
+        else:
+            rows.append(("forward", f"{len(self.items):,} items in batches, hook on {hook}"))
         rows.append(("per item", f"{view.text() + ': ' if view.text() else ''}"
                                  f"{view.describe()} → {self.bound.n_neurons:,} {unit}"))
         agg = {"topk": f"top-{q.k} by {q.order}", "avg": "mean per neuron",
@@ -73,8 +93,13 @@ class Plan:
 
 
 def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
-               sampler_spec: str | None) -> Plan:
+               sampler_spec: str | None, estimator: str | None = "assisted", *,
+               rows_from_profile: bool = True) -> Plan:
+    """The plan of a bound query on ``profile``. ``rows_from_profile``: whether the profile's
+    latent and logit rows are the query's model's own (docs/ARCHITECTURE.md, "Several
+    models"), so that a query on those layers may read them instead of running the model."""
     query = bound.query
+    rows = profile.rows_of(bound.view.key) if rows_from_profile else None  # SIMILARITY: False
     mask = predicate_mask(query.where, profile)
     matching = np.flatnonzero(mask)
     keys = group_values(query.group_by, profile)
@@ -83,17 +108,30 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     else:
         values, counts = np.unique(keys[matching], return_counts=True)
         population = dict(zip(values.tolist(), counts.tolist()))
-    full = _plan(bound, profile, matching, keys, population, None, None)
+    full = _plan(bound, profile, rows, matching, keys, population, None, None)
     if sample is None:
         return full
     items = sample[mask[sample]]
-    return _plan(bound, profile, items, keys, population, len(sample), sampler_spec,
+    plan = _plan(bound, profile, rows, items, keys, population, len(sample), sampler_spec,
                  baseline=full if query.baseline else None)
+    if estimator is None or (query.aggregate == "topk" and query.order == "max"):
+        return plan  # a maximum has no regression estimator
+    z = covariates(profile)
+    if keys is None:
+        means = {None: z[matching].mean(axis=0)}
+    else:
+        means = {key: z[matching[keys[matching] == key]].mean(axis=0) for key in population}
+    return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means)
 
 
-def _plan(bound, profile, items, keys, population, n_sample, spec, baseline=None) -> Plan:
+def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baseline=None) -> Plan:
+    what = ""
+    if rows is not None:
+        what = ("the profile's logits" if rows is profile.logits
+                else f"the profile's latent ({profile.latent_layer})")
     return Plan(bound, items, None if keys is None else keys[items], len(profile), n_sample, spec,
-                profile.seconds_per_item(), population, baseline)
+                profile.seconds_per_item(), population, baseline, profile_rows=rows,
+                profile_what=what)
 
 
 _OPS = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,

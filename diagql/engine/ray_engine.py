@@ -218,16 +218,18 @@ class RayEngine:
         merge_parts(consumers, self.run(tasks, shards, description, progress))
 
     def profile(self, n_items: int, *, latent, latent_is_input: bool, view, batch_size: int,
-                dtype, progress) -> Profile:
-        """The profile pass on the cluster: each shard's profile, concatenated in order."""
+                dtype, progress, compare: tuple = ((), (), False)) -> Profile:
+        """The profile pass on the cluster: each shard's profile, concatenated in order (the
+        layers that hold the latent's or the logits' rows: those that did in every shard)."""
         if n_items == 0:
             raise DiagQLError("the data set is empty")
         started = time.perf_counter()
         shards = self._shards(np.arange(n_items), batch_size)
         task = _task(profile_part, latent=latent, latent_is_input=latent_is_input, dtype=dtype,
-                     batch_size=batch_size, view=view)
+                     batch_size=batch_size, view=view, compare=compare)
         parts = self.run([task] * len(shards), shards, "profiling the data", progress)
-        return assemble_profile(parts, latent, latent_is_input, time.perf_counter() - started)
+        return assemble_profile(parts, latent, latent_is_input, time.perf_counter() - started,
+                                view=view, dtype=dtype)
 
     def _shards(self, items: np.ndarray, batch_size: int) -> list[np.ndarray]:
         return shard_items(items, batch_size, len(self.start()) * SHARDS_PER_WORKER)

@@ -24,7 +24,10 @@ import numpy as np
 import torch
 
 from diagql import samplers
+from diagql.engine.covariates import covariates
+from diagql.engine.estimate import shares
 from diagql.engine.groups import cell_codes, n_cells
+from diagql.engine.regression import corrected_mean
 from diagql.errors import ExecutionError
 from diagql.evaluate.bind import BoundEvaluation, Candidate, bind_evaluate
 from diagql.language import ast
@@ -34,8 +37,10 @@ from diagql.model.views import View
 from diagql.results.metrics import COSINE, JS, METRICS, PRECISION
 from diagql.results.result import Result
 
+# S1..S3 score the sample's own answers (the paper's); "S1 assisted".. the model-assisted
+# estimator's (engine/regression.py), each combination fitted as its own query would be.
 COLUMNS = ["sampler", "size", "k", "j", *[c for m in METRICS for c in (m.paper, f"{m.paper} sd")],
-           "items", "correct", "incorrect", "seconds"]
+           *[f"{m.paper} assisted" for m in METRICS], "items", "correct", "incorrect", "seconds"]
 
 @dataclass
 class Draw:
@@ -213,6 +218,7 @@ class SampleScore:
     S1: dict[int, float]  # k -> mean precision
     S2: float
     S3: float
+    assisted: SampleScore | None = None  # the same scores of the assisted estimator's answers
 
 
 def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts: np.ndarray,
@@ -227,21 +233,28 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
         np.put_along_axis(rank, order, np.arange(layer.neurons)[None, :].repeat(len(valid), 0),
                           axis=1)
         exact[layer.name] = (mean, rank, a.hist[valid])
+    z = covariates(conn.profile)
+    # Each valid group's matching items and their mean covariates: what a query of that
+    # (class, correctness) cell corrects its sample toward.
+    z_means = np.stack([z[groups == g].mean(axis=0) for g in valid])
+    context = (z, z_means)
     scores: list[SampleScore] = []
     memo: dict[bytes, SampleScore] = {}  # a sampler that ignores its seed draws the same sample
     with conn.progress.task("EVALUATE: scoring samples", len(draws)) as advance:
         for draw in draws:
             key = draw.indices.tobytes()
             if key not in memo:
-                memo[key] = _score(bound, draw.indices, answers, exact, valid, groups, position)
+                memo[key] = _score(bound, draw.indices, answers, exact, valid, groups, position,
+                                   context)
             scores.append(memo[key])
             advance(1)
     return scores
 
 
-def _score(bound, indices, answers, exact, valid, groups, position) -> SampleScore:
+def _score(bound, indices, answers, exact, valid, groups, position, context) -> SampleScore:
     """The mean metric over every (layer, group) combination; a group the sample misses scores
-    precision 0 and distances 1."""
+    precision 0 and distances 1. The assisted scores fit each combination on its own sampled
+    items, as the query of that one (class, correctness) cell does."""
     gid = groups[indices]
     order = np.argsort(gid, kind="stable")
     rows_at = position[indices][order]  # the sample's kept rows, grouped
@@ -253,31 +266,62 @@ def _score(bound, indices, answers, exact, valid, groups, position) -> SampleSco
     where = slot[valid]  # each valid group's slot among the sample's groups, -1: missed
     hit = where >= 0
     member = np.repeat(np.arange(len(starts)), sizes)
-    s1: dict[int, list] = {k: [] for k in bound.ks}
-    s2, s3 = [], []
+    z_all, z_means = context
+    z_rows = z_all[indices[order]]
+    plain, fitted = _Tally(bound.ks), _Tally(bound.ks)
     for layer in bound.layers:
         a = answers[layer.name]
-        full_mean, full_rank, full_hist = exact[layer.name]
         sums = np.add.reduceat(a.kept[rows_at], starts, axis=0, dtype=np.float64)[where[hit]]
         mean = sums / sizes[where[hit], None]
         hist = np.bincount(member * layer.neurons + a.winners[rows_at],
                            minlength=len(starts) * layer.neurons)
         hist = hist.reshape(len(starts), layer.neurons)[where[hit]]
-        cos, js = np.full(len(valid), COSINE.worst), np.full(len(valid), JS.worst)
+        plain.add(layer, exact[layer.name], hit, mean, hist)
+        fit_mean, fit_share = np.empty_like(mean), np.empty(hist.shape)
+        for row, (v, s) in enumerate(zip(np.flatnonzero(hit), where[hit])):
+            part = slice(starts[s], starts[s] + sizes[s])
+            rows = a.kept[rows_at[part]]
+            onehot = np.zeros(rows.shape)
+            onehot[np.arange(len(rows)), a.winners[rows_at[part]]] = 1.0
+            z = z_rows[part]
+            fit_mean[row] = corrected_mean(rows, z, z_means[v])
+            fit_share[row] = shares(corrected_mean(onehot, z, z_means[v]))
+        fitted.add(layer, exact[layer.name], hit, fit_mean, fit_share)
+    score = plain.score()
+    score.assisted = fitted.score()
+    return score
+
+
+class _Tally:
+    """The per-combination metrics of one set of answers, over every layer."""
+
+    def __init__(self, ks):
+        self.ks = ks
+        self.s1: dict[int, list] = {k: [] for k in ks}
+        self.s2: list = []
+        self.s3: list = []
+
+    def add(self, layer, exact, hit, mean, hist) -> None:
+        full_mean, full_rank, full_hist = exact
+        valid = len(hit)
+        cos, js = np.full(valid, COSINE.worst), np.full(valid, JS.worst)
         cos[hit] = COSINE.rows(mean, full_mean[hit])
         js[hit] = JS.rows(hist, full_hist[hit])
-        s2.append(cos)
-        s3.append(js)
+        self.s2.append(cos)
+        self.s3.append(js)
         top = np.argsort(-mean, axis=1, kind="stable")  # ties: the lower neuron index
-        for k in bound.ks:
+        for k in self.ks:
             if k > layer.neurons:
                 continue  # a layer of fewer than k neurons has no top-k to get right
-            precision = np.zeros(len(valid))
+            precision = np.zeros(valid)
             ranks = np.take_along_axis(full_rank[hit], top[:, :k], axis=1)
             precision[hit] = (ranks < k).sum(axis=1) / k
-            s1[k].append(precision)
-    return SampleScore({k: float(np.mean(np.concatenate(v))) for k, v in s1.items()},
-                       float(np.mean(np.concatenate(s2))), float(np.mean(np.concatenate(s3))))
+            self.s1[k].append(precision)
+
+    def score(self) -> SampleScore:
+        return SampleScore({k: float(np.mean(np.concatenate(v))) for k, v in self.s1.items()},
+                           float(np.mean(np.concatenate(self.s2))),
+                           float(np.mean(np.concatenate(self.s3))))
 
 
 def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleScore], profile,
@@ -294,11 +338,15 @@ def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleS
         seconds = float(np.median([draws[i].seconds for i in mine]))
         s2 = np.array([scores[i].S2 for i in mine])
         s3 = np.array([scores[i].S3 for i in mine])
+        a2 = float(np.mean([scores[i].assisted.S2 for i in mine]))
+        a3 = float(np.mean([scores[i].assisted.S3 for i in mine]))
         for k in bound.ks:
             s1 = np.array([scores[i].S1[k] for i in mine])
+            a1 = float(np.mean([scores[i].assisted.S1[k] for i in mine]))
             rows.append((candidate.label, candidate.size, k, candidate.j,
-                         *_mean_sd(s1), *_mean_sd(s2), *_mean_sd(s3), float(items.mean()),
-                         float(right.mean()), float((items - right).mean()), seconds))
+                         *_mean_sd(s1), *_mean_sd(s2), *_mean_sd(s3), a1, a2, a3,
+                         float(items.mean()), float(right.mean()), float((items - right).mean()),
+                         seconds))
     n_groups = int((counts > 0).sum())
     layers = [layer.name for layer in bound.layers]
     result = Result(kind="evaluation", statement=bound.statement.text, columns=list(COLUMNS),
@@ -312,7 +360,9 @@ def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleS
     result.title = (f"{names}: the mean "
                     f"over {len(layers) * n_groups} combinations of {len(layers)} layers "
                     f"({', '.join(layers)}) × {n_groups} (class, correct/incorrect) groups; "
-                    f"{seeds}; {len(profile):,} items, {int((~correct).sum()):,} misclassified")
+                    f"{seeds}; {len(profile):,} items, {int((~correct).sum()):,} misclassified; "
+                    f"asst: the scores of the model-assisted estimator's answers (SET "
+                    f"estimator), each combination fitted on its own sampled items")
     for k in bound.ks:
         left_out = [layer.name for layer in bound.layers if layer.neurons < k]
         if left_out:

@@ -116,6 +116,9 @@ class LayerRef:
     quoted: bool = False
     call: int | None = None
     span: Span | None = _span()
+    # The model whose layer it is, once the session has resolved a leading model name
+    # (``wide.layer3.1.conv2``: model "wide", name "layer3.1.conv2"); None until then.
+    model: str | None = None
 
     def text(self) -> str:
         """The reference as written unquoted (``block.relu#2``), for messages."""
@@ -143,6 +146,38 @@ class SamplerCall:
 @dataclass(frozen=True)
 class Full:
     """``USING FULL``: every matching item, exactly."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Target:
+    """``precision >= 0.9``: a bound on the answer's own estimate (``UNTIL``)."""
+
+    metric: str  # "precision" | "cosine" | "js" | "width"
+    op: str  # ">=", ">", "<=", "<"
+    value: float
+    span: Span | None = _span()
+
+    def text(self) -> str:
+        return f"{self.metric} {self.op} {_num(self.value)}"
+
+
+@dataclass(frozen=True)
+class Until:
+    """``UNTIL target [WITHIN s SECONDS]`` or ``WITHIN s SECONDS``: grow the sample until the
+    target is met, the time is spent, or the exact answer is cheaper."""
+
+    target: Target | None = None
+    seconds: float | None = None
+    span: Span | None = _span()
+    seconds_span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Auto:
+    """``USING AUTO``: exact when that costs about as little as a sample, else the default
+    sampler; with ``until``, a sample grown to a target."""
 
     span: Span | None = _span()
 
@@ -179,23 +214,56 @@ class Query:
     order: str = "mean"  # TOPK ranks by "mean" or "max"
     where: Predicate | None = None
     group_by: str | None = None  # "class" | "predicted" | "correct"
-    source: Full | SamplerCall = Full()
+    source: Full | SamplerCall | Auto = Full()
     baseline: bool = False
     tokens: Tokens | None = None  # a sequence layer's reduction; None: its default (MEAN)
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+    across: "Across | None" = None  # ACROSS CHECKPOINTS: one answer per checkpoint
+    until: Until | None = None  # an error-bounded query: grow the sample until ...
+
+
+@dataclass(frozen=True)
+class Across:
+    """``ACROSS CHECKPOINTS [PLOT 'file.png']``: the statement once per checkpoint of the
+    connection's model (and the final model), answers side by side, curves drawn to a file."""
+
+    plot: "Literal | None" = None
+    span: Span | None = _span()
+
+
+MEASURES = ("cka",)  # what SIMILARITY ... BY may name; CKA is the default
+
+
+@dataclass(frozen=True)
+class Similarity:
+    """``SIMILARITY L1, L2 [, L3 ...] [BY measure] ...``: how similar the layers'
+    representations of the matching items are (linear CKA), for two layers one value, for more
+    every pair's (a matrix, rows and columns in the order given)."""
+
+    layers: tuple[LayerRef, ...]
+    tokens: tuple[Tokens | None, ...]  # each layer's TOKENS clause (None: its default view)
+    measure: str = "cka"
+    measure_span: Span | None = _span()
+    where: Predicate | None = None
+    group_by: str | None = None
+    source: Full | SamplerCall = Full()
+    baseline: bool = False
+    plot: Literal | None = None  # PLOT 'file.png': the heat map
     span: Span | None = _span()
     text: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class Explain:
-    query: Query
+    query: Query | Similarity
     span: Span | None = _span()
     text: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
 class Show:
-    what: str  # "layers" | "samplers" | "profile" | "settings" | "cache"
+    what: str  # "layers" | "samplers" | "profile" | "settings" | "cache" | "models"
     span: Span | None = _span()
     text: str = field(default="", compare=False)
 
@@ -260,7 +328,49 @@ class Evaluate:
     text: str = field(default="", compare=False)
 
 
-Statement = Union[Query, Explain, Show, Describe, SetStatement, ClearCache, Evaluate]
+@dataclass(frozen=True)
+class NeuronRef:
+    """One neuron as result labels write it: ``conv2[5,3,3]``, ``fc1[17]``, ``enc[3]``,
+    ``enc[4,3]`` (TOKENS ALL), ``relu#2[3]``; with ``channel`` (``FOR CHANNEL conv2[5]``) a
+    channel, whose activation is its mean over the rest of the item's output."""
+
+    layer: LayerRef
+    index: tuple[int, ...]
+    channel: bool = False
+    span: Span | None = _span()  # the whole reference
+    index_span: Span | None = _span()  # from the first index to the closing bracket
+
+    def text(self) -> str:
+        return f"{self.layer.text()}[{','.join(map(str, self.index))}]"
+
+
+@dataclass(frozen=True)
+class TopInputs:
+    """``TOPK k INPUTS FOR conv2[5,3,3] [TOKENS ...] [WHERE p] [USING ...]``: the k items with
+    the highest activation of one neuron (``largest`` False: BOTTOMK, the lowest)."""
+
+    k: int
+    neuron: NeuronRef
+    largest: bool = True
+    k_span: Span | None = _span()
+    tokens: Tokens | None = None
+    where: Predicate | None = None
+    source: Full | SamplerCall = Full()
+    span: Span | None = _span()
+    text: str = field(default="", compare=False)
+
+    @property
+    def layer(self) -> LayerRef:
+        return self.neuron.layer
+
+    @property
+    def unit(self) -> str:
+        """What the neuron's index counts, as a Query's unit (the binder's views read it)."""
+        return "channels" if self.neuron.channel else "neurons"
+
+
+Statement = Union[Query, Similarity, Explain, Show, Describe, SetStatement, ClearCache, Evaluate,
+                  TopInputs]
 
 
 def children(node) -> Iterator[object]:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
 
 from diagql import samplers
 from diagql.errors import BindError
@@ -30,6 +33,33 @@ def _error(message: str, span: ast.Span | None, hint: str | None = None) -> Bind
         return BindError(message, hint=hint)
     end = span.end_column if span.end_line == span.line else None
     return BindError(message, line=span.line, column=span.column, end_column=end, hint=hint)
+
+
+def qualify_layer(ref: ast.LayerRef, models: Sequence[str], default: str,
+                  catalog_of: Callable[[str], LayerCatalog]) -> ast.LayerRef:
+    """The reference with its model set: a leading component that names one of several models
+    (``wide.layer3.1.conv2``) is that model's, anything else the default model's. A quoted
+    name is never split. When the default model also has a module of the whole name, the
+    reference is refused as ambiguous, saying how to write each reading."""
+    if ref.model is not None:
+        return ref
+    head, dot, rest = ref.name.partition(".")
+    if ref.quoted or not dot or head not in models or len(models) < 2:
+        return replace(ref, model=default)
+    mine = _has(ref, catalog_of(default))
+    if mine and _has(replace(ref, name=rest), catalog_of(head)):
+        raise _error(f"layer {ref.text()!r} is ambiguous: model {head!r} has a layer "
+                     f"{_written(rest)!r} and the default model {default!r} has a module "
+                     f"{ref.name!r}", ref.span,
+                     hint=f"write {default}.{ref.text()} or '{ref.name}' for {default}'s module; "
+                          f"for {head}'s layer, SET model = {head} and name it {rest}")
+    if mine:
+        return replace(ref, model=default)
+    return replace(ref, name=rest, model=head)
+
+
+def _has(ref: ast.LayerRef, catalog: LayerCatalog) -> bool:
+    return ref.name in catalog or (ref.call is not None and ref.text() in catalog)
 
 
 def lookup_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
@@ -113,7 +143,82 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
     sampler = None
     if isinstance(query.source, ast.SamplerCall):
         sampler = bind_sampler(query.source, seed, n_items)
+    if query.until is not None:
+        bind_until(query, sampler)
     return BoundQuery(query, layer, n_neurons, sampler, view)
+
+
+# UNTIL's targets: the aggregate whose estimate reports each, and the direction it improves in.
+TARGETS = {"precision": ("topk", "higher", (0.0, 1.0)), "cosine": ("avg", "lower", (0.0, 2.0)),
+           "width": ("avg", "lower", (0.0, None)), "js": ("argmax", "lower", (0.0, 1.0))}
+_TARGET_OF = {"topk": "precision >= 0.9", "avg": "cosine <= 0.01 or width <= 0.05",
+              "argmax": "js <= 0.05"}
+
+
+def bind_until(query: ast.Query, sampler: samplers.Sampler | None) -> None:
+    """An error-bounded query's target must be one its aggregate's estimate reports, in the
+    direction it improves, and its sampler must be able to grow."""
+    target = query.until.target
+    if sampler is not None and not hasattr(sampler, "size"):
+        raise _error(f"sampler {sampler.name!r} draws a set of its own size, so it cannot grow "
+                     f"until a target; use another sampler", query.source.span)
+    if target is None:
+        return
+    known = TARGETS.get(target.metric)
+    if known is None:
+        raise _error(f"unknown target {target.metric!r}{did_you_mean(target.metric, TARGETS)}; "
+                     f"{query.aggregate.upper()} takes {_TARGET_OF[query.aggregate]}", target.span)
+    aggregate, better, (low, high) = known
+    if aggregate != query.aggregate:
+        raise _error(f"{target.metric} is not estimated for {query.aggregate.upper()}; it takes "
+                     f"{_TARGET_OF[query.aggregate]}", target.span)
+    if query.aggregate == "topk" and query.order == "max":
+        raise _error("a sample's maximum has no estimate to grow towards; UNTIL precision needs "
+                     "TOPK ... BY MEAN (WITHIN n SECONDS alone works)", target.span)
+    wanted = (">=", ">") if better == "higher" else ("<=", "<")
+    if target.op not in wanted:
+        raise _error(f"{target.metric} is better {better}, so its target is a "
+                     f"{'lower' if better == 'higher' else 'upper'} bound: write "
+                     f"{target.metric} {wanted[0]} {_num_text(target.value)}", target.span)
+    if not (_finite(target.value) and target.value > low and (high is None or target.value
+                                                                <= high)):
+        where = f"in ({low:g}, {high:g}]" if high is not None else "above 0"
+        raise _error(f"{target.metric} target {target.value} is not {where}", target.span)
+
+
+def _num_text(value) -> str:
+    return f"{value:g}" if _finite(value) else str(value)
+
+
+@dataclass(frozen=True)
+class BoundSimilarity:
+    """A SIMILARITY statement whose layers all exist: each layer's view (one row per item: the
+    output flattened, or a sequence's reduced tokens) in the order given, and the sampler."""
+
+    query: ast.Similarity
+    layers: tuple[LayerInfo, ...]
+    views: tuple[View, ...]
+    sampler: samplers.Sampler | None
+
+
+def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_classes: int,
+                    seed: int | None, n_items: int) -> BoundSimilarity:
+    if statement.measure not in ast.MEASURES:
+        raise _error(f"unknown similarity measure {statement.measure!r}"
+                     f"{did_you_mean(statement.measure, ast.MEASURES)}; measures are "
+                     f"{', '.join(ast.MEASURES)}", statement.measure_span or statement.span)
+    layers, views = [], []
+    for ref, tokens in zip(statement.layers, statement.tokens):
+        layer = bind_layer(ref, catalog)
+        layers.append(layer)
+        # An item's representation is the row its view makes, as an AVG NEURONS query's.
+        views.append(bind_view(ast.Query("avg", "neurons", ref, tokens=tokens), layer))
+    if statement.where is not None:
+        _check_predicate(statement.where, n_classes)
+    sampler = None
+    if isinstance(statement.source, ast.SamplerCall):
+        sampler = bind_sampler(statement.source, seed, n_items)
+    return BoundSimilarity(statement, tuple(layers), tuple(views), sampler)
 
 
 def bind_view(query: ast.Query, layer: LayerInfo) -> View:
@@ -219,7 +324,7 @@ def sampler_needs_labels(name: str) -> str:
             f"not, such as random")
 
 
-def require_labels(query: ast.Query) -> None:
+def require_labels(query: ast.Query | ast.TopInputs) -> None:
     """For data without labels: refuse a query that reads the true labels (the others, over
     predictions and confidence, are answered)."""
     def reads_labels(node) -> bool:
@@ -229,9 +334,69 @@ def require_labels(query: ast.Query) -> None:
     if use is not None:
         raise _error(f"WHERE {ast.predicate_text(use)} needs the true labels, but {NO_LABELS}; "
                      f"filter on predicted or confidence instead", use.span)
-    if query.group_by in ("class", "correct"):
-        raise _error(f"GROUP BY {query.group_by} needs the true labels, but {NO_LABELS}; "
+    group_by = getattr(query, "group_by", None)  # TOPK k INPUTS has no GROUP BY
+    if group_by in ("class", "correct"):
+        raise _error(f"GROUP BY {group_by} needs the true labels, but {NO_LABELS}; "
                      f"GROUP BY predicted works", None)
     if isinstance(query.source, ast.SamplerCall) and \
             samplers.sampler_class(query.source.name).needs_labels:
         raise _error(sampler_needs_labels(query.source.name), query.source.span)
+
+
+@dataclass(frozen=True)
+class BoundInputs:
+    """``TOPK k INPUTS FOR L[i, ...]`` with its names resolved: the layer, how the query sees
+    it, the neuron as a flat index into the view's finished row, and the sampler if any."""
+
+    query: ast.TopInputs
+    layer: LayerInfo
+    view: View
+    neuron: int
+    label: str  # the neuron as result labels write it
+    sampler: samplers.Sampler | None
+
+
+def neuron_shape(view: View) -> tuple[int, ...]:
+    """The shape the view's neurons are indexed in, as its labels write them: a channel or a
+    sequence's hidden unit by one index, TOKENS ALL by (position, unit), a flat layer by its
+    per-item output's coordinates."""
+    shape = tuple(view.layer.shape)
+    if view.channels:
+        return shape[:1]
+    if view.sequence:
+        return shape if view.reduction == "all" else shape[-1:]
+    return shape
+
+
+def bind_inputs(query: ast.TopInputs, catalog: LayerCatalog, *, n_classes: int,
+                seed: int | None, n_items: int) -> BoundInputs:
+    ref = query.neuron
+    layer = bind_layer(ref.layer, catalog)
+    view = bind_view(query, layer)
+    if query.k < 1:
+        raise _error("TOPK needs k of at least 1", query.k_span or query.span)
+    shape = neuron_shape(view)
+    name = ref.layer.text()
+    axes = ("position", "unit") if view.sequence and len(shape) == 2 else \
+        ("c", "h", "w") if len(shape) == 3 else tuple("ijklmnop"[:len(shape)])
+    if len(ref.index) != len(shape):
+        what = ("channels" if view.channels else "hidden units" if view.sequence and
+                len(shape) == 1 else "neurons")
+        also = (f"; FOR CHANNEL {name}[c] ranks by a channel's mean"
+                if len(shape) > 1 and not view.sequence and layer.channels else "")
+        raise _error(f"layer {layer.name!r} has {what} of shape {shape}: name one with "
+                     f"{len(shape)} ind{'ex' if len(shape) == 1 else 'ices'}, "
+                     f"{name}[{','.join(axes)}]{also}", ref.index_span or ref.span)
+    for axis, (i, size) in enumerate(zip(ref.index, shape)):
+        if i >= size:
+            where = "" if len(shape) == 1 else f" on axis {axis} ({axes[axis]})"
+            what = "channels" if view.channels else "entries"
+            raise _error(f"index {i} is past the {size} {what}{where} of layer {layer.name!r} "
+                         f"(its neurons have shape {shape})", ref.index_span or ref.span)
+    if query.where is not None:
+        _check_predicate(query.where, n_classes)
+    sampler = None
+    if isinstance(query.source, ast.SamplerCall):
+        sampler = bind_sampler(query.source, seed, n_items)
+    neuron = int(np.ravel_multi_index(ref.index, shape))
+    return BoundInputs(query, layer, view, neuron, view.labels([neuron])[0], sampler)

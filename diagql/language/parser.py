@@ -161,6 +161,8 @@ _DESCRIBE_TERMINAL = {
     "RPAR": "')'",
     "COMMA": "','",
     "CALL": "a call number ('#2')",
+    "LSQB": "'['",
+    "RSQB": "']'",
 }
 
 

@@ -19,12 +19,75 @@ def _number(token) -> int | float:
     return float(text)
 
 
+class _PredicatesAndLiterals:
+    """ToAst's rules for predicates and literals (``_span`` and ``source`` are ToAst's)."""
+
+    def compare(self, meta, children):
+        field, op, value = children
+        op = {"<>": "!="}.get(str(op), str(op))
+        return ast.Compare(field, op, _plain(value), span=self._span(meta))
+
+    def member(self, meta, children):
+        field, _in, *values = children
+        return ast.Member(field, tuple(_plain(v) for v in values), span=self._span(meta))
+
+    def not_member(self, meta, children):
+        field, _not, _in, *values = children
+        return ast.Member(field, tuple(_plain(v) for v in values), negated=True,
+                          span=self._span(meta))
+
+    def flag(self, meta, children):
+        return ast.Flag(str(children[0]).lower(), span=self._span(meta))
+
+    def field(self, meta, children):
+        return str(children[0]).lower()
+
+    def and_(self, meta, children):
+        return ast.And(children[0], children[2], span=self._span(meta))
+
+    def or_(self, meta, children):
+        return ast.Or(children[0], children[2], span=self._span(meta))
+
+    def not_(self, meta, children):
+        return ast.Not(children[1], span=self._span(meta))
+
+    # values keep their span so SET and sampler errors can point at them
+    def number(self, meta, children):
+        try:
+            value = _number(children[0])
+        except ValueError:  # Python refuses to convert integers of over 4,300 digits
+            raise self._too_long(children[0]) from None
+        return _Located(value, self._span(meta))
+
+    def _int(self, token, digits: str | None = None) -> int:
+        try:
+            return int(token if digits is None else digits)
+        except ValueError:
+            raise self._too_long(token) from None
+
+    def _too_long(self, token) -> ParseError:
+        span = self.offset.span(token)
+        return ParseError(f"number with {len(str(token)):,} digits is too long", line=span.line,
+                          column=span.column, end_column=span.end_column, source=self.source)
+
+    def string(self, meta, children):
+        return _Located(_unquote(str(children[0])), self._span(meta))
+
+    def word(self, meta, children):
+        return _Located(str(children[0]), self._span(meta))
+
+
 @functools.lru_cache(maxsize=1)
 def _build_transformer():
     from lark import Transformer, v_args
 
+    # Lark's v_args wraps only a class's own methods, so the predicate and literal rules get a
+    # Transformer class of their own, which ToAst extends.
+    rules = {k: v for k, v in vars(_PredicatesAndLiterals).items() if not k.startswith("__")}
+    predicates = v_args(meta=True)(type("PredicatesAndLiterals", (Transformer,), rules))
+
     @v_args(meta=True)
-    class ToAst(Transformer):
+    class ToAst(predicates):
         def __init__(self, offset, source: str):
             super().__init__()
             self.offset = offset
@@ -52,6 +115,25 @@ def _build_transformer():
                 fields["order"] = order
             return ast.Query(layer=layer, span=self._span(meta), text=self._text(meta), **fields)
 
+        def similarity(self, meta, children):
+            layers = [c for c in children[1:] if isinstance(c, tuple) and len(c) == 2]
+            fields = {}
+            for clause in children[1 + len(layers):]:
+                if isinstance(clause, tuple):  # PLOT: (keyword, "plot", Literal), as EVALUATE's
+                    clause = {"plot": clause[2]}
+                fields.update(clause)
+            return ast.Similarity(tuple(ref for ref, _ in layers),
+                                  tuple(tokens for _, tokens in layers), span=self._span(meta),
+                                  text=self._text(meta), **fields)
+
+        def sim_layer(self, meta, children):
+            ref, *tokens = children
+            return ref, tokens[0]["tokens"] if tokens else None
+
+        def measure(self, meta, children):
+            return {"measure": str(children[1]).lower(),
+                    "measure_span": self.offset.span(children[1])}
+
         def explain(self, meta, children):
             return ast.Explain(children[1], span=self._span(meta), text=self._text(meta))
 
@@ -74,6 +156,30 @@ def _build_transformer():
                                      source=self.source)
                 fields[name] = value
             return ast.Evaluate(span=self._span(meta), text=self._text(meta), **fields)
+
+        def inputs(self, meta, children):
+            keyword, k, _inputs, _for, *rest = children
+            channel = bool(rest) and getattr(rest[0], "type", None) == "CHANNEL"
+            neuron, *clauses = rest[1:] if channel else rest
+            fields = {}
+            for clause in clauses:
+                fields.update(clause)
+            neuron = ast.NeuronRef(neuron.layer, neuron.index, channel, span=neuron.span,
+                                   index_span=neuron.index_span)
+            return ast.TopInputs(self._int(k), neuron, str(keyword).lower() == "topk",
+                                 k_span=self.offset.span(k), span=self._span(meta),
+                                 text=self._text(meta), **fields)
+
+        def neuron(self, meta, children):
+            layer, *index = children
+            start = self.offset.span(index[0])
+            end = self._span(meta)
+            # From the first index to the closing bracket (the caret of an index error; the
+            # '[' itself may sit on a line before it).
+            bracket = ast.Span(start.line, start.column, end.end_line, end.end_column,
+                               start.start_pos, end.end_pos)
+            return ast.NeuronRef(layer, tuple(self._int(i) for i in index), span=end,
+                                 index_span=bracket)
 
         # EVALUATE's clauses: each gives (its keyword token, the Evaluate field, the value)
         def sampler_list(self, meta, children):
@@ -164,10 +270,36 @@ def _build_transformer():
             return {"source": ast.Full(span=self._span(meta))}
 
         def sample(self, meta, children):
-            return {"source": children[2]}
+            return {"source": children[2], **dict(children[3:])}
+
+        def auto(self, meta, children):
+            until = [c for c in children if isinstance(c, tuple)]
+            return {"source": ast.Auto(span=self._span(meta)), **dict(until)}
+
+        def until(self, meta, children):
+            target = children[1] if isinstance(children[1], ast.Target) else None
+            seconds = [c for c in children if isinstance(c, _Located)]
+            span = None
+            if seconds:
+                span = seconds[0]._span
+                if not seconds[0].value > 0:
+                    raise ParseError("WITHIN takes a positive number of seconds", line=span.line,
+                                     column=span.column, end_column=span.end_column,
+                                     source=self.source)
+            return ("until", ast.Until(target, float(_plain(seconds[0])) if seconds else None,
+                                       span=self._span(meta), seconds_span=span))
+
+        def target(self, meta, children):
+            name, op, value = children
+            return ast.Target(str(name).lower(), {"<>": "!="}.get(str(op), str(op)),
+                              _plain(value), span=self._span(meta))
 
         def baseline(self, meta, children):
             return {"baseline": True}
+
+        def across(self, meta, children):
+            plot = children[2][2] if len(children) > 2 else None
+            return {"across": ast.Across(plot, span=self._span(meta))}
 
         def sampler(self, meta, children):
             name, *args = children
@@ -180,60 +312,6 @@ def _build_transformer():
             return ast.Arg(str(children[0]).lower(), _plain(children[2]), span=self._span(meta))
 
         # predicates
-        def compare(self, meta, children):
-            field, op, value = children
-            op = {"<>": "!="}.get(str(op), str(op))
-            return ast.Compare(field, op, _plain(value), span=self._span(meta))
-
-        def member(self, meta, children):
-            field, _in, *values = children
-            return ast.Member(field, tuple(_plain(v) for v in values), span=self._span(meta))
-
-        def not_member(self, meta, children):
-            field, _not, _in, *values = children
-            return ast.Member(field, tuple(_plain(v) for v in values), negated=True,
-                              span=self._span(meta))
-
-        def flag(self, meta, children):
-            return ast.Flag(str(children[0]).lower(), span=self._span(meta))
-
-        def field(self, meta, children):
-            return str(children[0]).lower()
-
-        def and_(self, meta, children):
-            return ast.And(children[0], children[2], span=self._span(meta))
-
-        def or_(self, meta, children):
-            return ast.Or(children[0], children[2], span=self._span(meta))
-
-        def not_(self, meta, children):
-            return ast.Not(children[1], span=self._span(meta))
-
-        # values keep their span so SET and sampler errors can point at them
-        def number(self, meta, children):
-            try:
-                value = _number(children[0])
-            except ValueError:  # Python refuses to convert integers of over 4,300 digits
-                raise self._too_long(children[0]) from None
-            return _Located(value, self._span(meta))
-
-        def _int(self, token, digits: str | None = None) -> int:
-            try:
-                return int(token if digits is None else digits)
-            except ValueError:
-                raise self._too_long(token) from None
-
-        def _too_long(self, token) -> ParseError:
-            span = self.offset.span(token)
-            return ParseError(f"number with {len(str(token)):,} digits is too long", line=span.line,
-                              column=span.column, end_column=span.end_column, source=self.source)
-
-        def string(self, meta, children):
-            return _Located(_unquote(str(children[0])), self._span(meta))
-
-        def word(self, meta, children):
-            return _Located(str(children[0]), self._span(meta))
-
     return ToAst
 
 

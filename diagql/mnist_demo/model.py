@@ -13,16 +13,20 @@ WEIGHTS_PATH = Path(__file__).with_name("lenet5_mnist5k.pt")
 
 
 class LeNet5(nn.Module):
+    # Channels and widths of the blocks: conv1, conv2, fc1, fc2.
+    WIDTHS = (6, 16, 120, 84)
+
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.BatchNorm2d(6), nn.ReLU())
+        c1, c2, f1, f2 = self.WIDTHS
+        self.conv1 = nn.Sequential(nn.Conv2d(1, c1, 5, padding=2), nn.BatchNorm2d(c1), nn.ReLU())
         self.pool1 = nn.MaxPool2d(2)
-        self.conv2 = nn.Sequential(nn.Conv2d(6, 16, 5), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(c1, c2, 5), nn.BatchNorm2d(c2), nn.ReLU())
         self.pool2 = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Sequential(nn.Linear(400, 120), nn.BatchNorm1d(120), nn.ReLU())
-        self.fc2 = nn.Sequential(nn.Linear(120, 84), nn.BatchNorm1d(84), nn.ReLU())
-        self.fc3 = nn.Linear(84, 10)
+        self.fc1 = nn.Sequential(nn.Linear(c2 * 25, f1), nn.BatchNorm1d(f1), nn.ReLU())
+        self.fc2 = nn.Sequential(nn.Linear(f1, f2), nn.BatchNorm1d(f2), nn.ReLU())
+        self.fc3 = nn.Linear(f2, 10)
 
     def forward(self, x):
         x = self.pool1(self.conv1(x))
@@ -30,6 +34,17 @@ class LeNet5(nn.Module):
         x = self.flatten(x)
         x = self.fc2(self.fc1(x))
         return self.fc3(x)
+
+
+class WideLeNet5(LeNet5):
+    """The same blocks, twice as wide: a second architecture to compare with the first
+    (``SIMILARITY base.fc2, wide.fc2``); its weights are trained, not shipped
+    (``python -m diagql.mnist_demo.train --arch wide``)."""
+
+    WIDTHS = (12, 32, 240, 168)
+
+
+ARCHITECTURES = {"lenet5": LeNet5, "wide": WideLeNet5}
 
 
 def load_model(weights_path=None) -> LeNet5:

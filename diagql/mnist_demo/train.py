@@ -1,7 +1,10 @@
 """Train the demo LeNet-5 on the training half of the 5,000 digits and save its weights.
 
-Run ``python -m diagql.mnist_demo.train [--out PATH] [--epochs N]``. Training is seeded and
-single-threaded so that reruns on the same machine write byte-identical weights.
+Run ``python -m diagql.mnist_demo.train [--out PATH] [--epochs N] [--arch wide]
+[--checkpoints DIR]``: ``--checkpoints`` also saves the weights after every epoch as
+``DIR/epoch<N>.pt`` (for ``diagql --demo --checkpoint 'DIR/*.pt'``), ``--arch wide`` trains the
+twice-as-wide variant. Training is seeded and single-threaded so that reruns on the same
+machine write byte-identical weights.
 """
 
 import argparse
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from .data import load_digits_5k, split_indices
-from .model import WEIGHTS_PATH, LeNet5
+from .model import ARCHITECTURES, WEIGHTS_PATH
 
 SEED = 0
 BATCH_SIZE = 50
@@ -67,7 +70,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=WEIGHTS_PATH, help="where to save the state dict")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="lenet5",
+                        help="the demo's LeNet-5, or its twice-as-wide variant")
+    parser.add_argument("--checkpoints", type=Path, metavar="DIR",
+                        help="also save the weights after every epoch as DIR/epoch<N>.pt")
     args = parser.parse_args(argv)
+    if args.arch != "lenet5" and args.out == WEIGHTS_PATH:
+        parser.error("--arch wide needs --out: the shipped weights are the LeNet-5's")
 
     start = time.perf_counter()
     make_deterministic(SEED)
@@ -75,12 +84,14 @@ def main(argv=None):
     train_idx, test_idx = split_indices(y, seed=SEED)
     X_train, y_train, X_test, y_test = X[train_idx], y[train_idx], X[test_idx], y[test_idx]
 
-    model = LeNet5()
+    model = ARCHITECTURES[args.arch]()
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     generator = torch.Generator().manual_seed(SEED)
     for epoch in range(1, args.epochs + 1):
         loss = train_epoch(model, optimizer, X_train, y_train, generator)
         print(f"epoch {epoch}: train loss {loss:.4f}")
+        if args.checkpoints is not None:
+            save_state_dict(model, args.checkpoints / f"epoch{epoch}.pt")
 
     train_acc = (predict(model, X_train) == y_train).float().mean().item()
     test_pred = predict(model, X_test)

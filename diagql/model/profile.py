@@ -1,6 +1,7 @@
 """The profile: every item's label, prediction, confidence and latent vector, from one pass."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import torch
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation, first_tensor
-from diagql.model.views import ModuleCall, View, input_rows
+from diagql.model.views import SEQUENCE, ModuleCall, View, input_rows
 from diagql.progress import Progress
 
 
@@ -28,6 +29,20 @@ class Profile:
     # Data without labels (bare x items, or a pair (X, None)) still answers the queries that
     # read only predictions; the connection refuses the others when it binds them.
     has_labels: bool = True
+    # The model's output per item (float32, N x classes), kept when it fits LOGITS_BUDGET.
+    logits: np.ndarray | None = None
+    # The views (``View.key``) whose rows equal ``latents`` (or ``logits``) for every item, as
+    # the profile pass checked: queries on them are answered from here, without a pass.
+    latent_views: tuple[str, ...] = ()
+    logit_views: tuple[str, ...] = ()
+
+    def rows_of(self, view_key: str) -> np.ndarray | None:
+        """Every item's rows of the view with this key, when the profile holds them."""
+        if view_key in self.latent_views:
+            return self.latents
+        if view_key in self.logit_views:
+            return self.logits
+        return None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -50,10 +65,14 @@ class Profile:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The disk cache's encoding (storage/store.py stores dicts of arrays, no pickle)."""
-        return {"labels": self.labels, "predictions": self.predictions,
-                "confidence": self.confidence, "latents": self.latents,
-                "n_classes": np.int64(self.n_classes), "latent_layer": np.str_(self.latent_layer),
-                "seconds": np.float64(self.seconds)}
+        arrays = {"labels": self.labels, "predictions": self.predictions,
+                  "confidence": self.confidence, "latents": self.latents,
+                  "n_classes": np.int64(self.n_classes),
+                  "latent_layer": np.str_(self.latent_layer), "seconds": np.float64(self.seconds),
+                  "views": np.str_(json.dumps([self.latent_views, self.logit_views]))}
+        if self.logits is not None:
+            arrays["logits"] = self.logits
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int) -> "Profile":
@@ -65,7 +84,12 @@ class Profile:
             n_classes=int(arrays["n_classes"]), latent_layer=str(arrays["latent_layer"]),
             seconds=float(arrays["seconds"]),
             # compute_profile stores -1 for every label of data without labels.
-            has_labels=bool(np.all(arrays["labels"] >= 0)))
+            has_labels=bool(np.all(arrays["labels"] >= 0)), logits=arrays.get("logits"),
+            **_views(arrays["views"]))
+        logits = profile.logits
+        if logits is not None and (logits.dtype != np.float32 or logits.shape != (
+                n_items, profile.n_classes)):
+            raise ValueError(f"its logits do not describe {n_items:,} items")
         if not (profile.labels.shape == profile.predictions.shape == profile.confidence.shape
                 == (n_items,) and profile.latents.ndim == 2 and len(profile.latents) == n_items
                 and profile.labels.dtype == profile.predictions.dtype == np.int64
@@ -75,21 +99,99 @@ class Profile:
         return profile
 
 
+def _views(text) -> dict:
+    latent, logit = json.loads(str(text))
+    if not all(isinstance(key, str) for key in [*latent, *logit]):
+        raise ValueError("its views are not view keys")
+    return {"latent_views": tuple(latent), "logit_views": tuple(logit)}
+
+
+# Logits are kept in the profile up to this many bytes (1,000 classes x 67,000 items); beyond,
+# queries on the output layer run a forward pass as any other.
+LOGITS_BUDGET = 256 * 1024 ** 2
+
+
+class _SameRows:
+    """Layers whose rows might equal the latent (or the logits), each checked batch by batch
+    against them during the profile pass; a layer that differs once, or that DiagQL cannot
+    read, is dropped. What survives equals the profile's rows for every item."""
+
+    def __init__(self, views: list[View]):
+        self.views = {view.layer.name: view for view in views}
+        self.rows: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def callbacks_of(*checks: "_SameRows") -> dict:
+        """One callback per layer, feeding every check that compares it."""
+        names = dict.fromkeys(name for check in checks for name in check.views)
+        return {name: _fan_out([check._keep(name) for check in checks if name in check.views])
+                for name in names}
+
+    def _keep(self, name: str):
+        def keep(call: ModuleCall) -> None:
+            view = self.views.get(name)
+            if view is None:
+                return
+            try:  # copied now: a later in-place op (ReLU(inplace=True)) may overwrite it
+                self.rows[name] = view.finish(view.rows(call)).detach().to("cpu", copy=True)
+            except Exception:  # noqa: BLE001 - a layer read otherwise than the probe saw
+                del self.views[name]
+        return keep
+
+    def compare(self, rows: torch.Tensor) -> None:
+        """Keep the layers whose rows of this batch equal ``rows`` exactly."""
+        for name in list(self.views):
+            mine = self.rows.pop(name, None)
+            if mine is None or mine.dtype == torch.float64 or mine.shape != rows.shape \
+                    or not torch.equal(mine.to(torch.float32), rows):
+                del self.views[name]
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(view.key for view in self.views.values())
+
+
+def _fan_out(callbacks: list):
+    def call_all(call: ModuleCall) -> None:
+        for callback in callbacks:
+            callback(call)
+    return call_all
+
+
+def candidates(catalog, width: int, exclude: str | None = None) -> list[View]:
+    """The default views of the catalog's layers whose rows are ``width`` wide: the layers
+    that could hold the same rows as a profile's latent or logits."""
+    found = []
+    for layer in getattr(catalog, "layers", ()):
+        if layer.shape is None or layer.shared or layer.name == exclude \
+                or (layer.varies and layer.layout != SEQUENCE):
+            continue
+        view = View(layer)
+        if view.width == width and view.reduction != "all":
+            found.append(view)
+    return found
+
+
 def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_input: bool,
                     device: torch.device, dtype: torch.dtype, batch_size: int,
-                    progress: Progress, view: View | None = None) -> Profile:
+                    progress: Progress, view: View | None = None, catalog=None) -> Profile:
     """One forward pass over every item, hooking the latent layer: its input, or its output
     read through ``view`` (a query's view of it, so a sequence layer's latent vector is each
-    item's mean over its real tokens)."""
+    item's mean over its real tokens).
+
+    With the ``catalog``, the same pass finds the layers whose rows equal the latent or the
+    logits for every item (compared exactly, batch by batch), and keeps the logits, so that
+    queries on those layers need no forward pass (docs/ARCHITECTURE.md, "Data model")."""
     n = len(source)
     if n == 0:
         raise DiagQLError("the data set is empty")
+    compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
         part = profile_part(model, source, np.arange(n), latent=latent,
                             latent_is_input=latent_is_input, device=device, dtype=dtype,
-                            batch_size=batch_size, advance=advance, view=view)
-    return assemble_profile([part], latent, latent_is_input, time.perf_counter() - started)
+                            batch_size=batch_size, advance=advance, view=view, compare=compare)
+    return assemble_profile([part], latent, latent_is_input, time.perf_counter() - started,
+                            view=view, dtype=dtype)
 
 
 @dataclass
@@ -101,13 +203,19 @@ class ProfilePart:
     confidence: np.ndarray
     latents: np.ndarray
     n_classes: int
+    logits: np.ndarray | None = None  # kept when the pass was asked to
+    # The views whose rows equalled the latent (the logits) for every item of this part.
+    latent_views: tuple[str, ...] = ()
+    logit_views: tuple[str, ...] = ()
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
                  latent_is_input: bool, device: torch.device, dtype: torch.dtype,
-                 batch_size: int, advance, view: View | None = None) -> ProfilePart:
+                 batch_size: int, advance, view: View | None = None,
+                 compare: tuple = ((), (), False)) -> ProfilePart:
     """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
-    each batch."""
+    each batch. ``compare`` (from ``comparisons``): the views compared with the latent and
+    with the logits, and whether the logits are kept."""
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
@@ -115,6 +223,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     predictions = np.empty(n, dtype=np.int64)
     confidence = np.empty(n, dtype=np.float64)
     latents: np.ndarray | None = None
+    kept_logits: np.ndarray | None = None
     captured: list[torch.Tensor] = []
 
     def keep(call: ModuleCall) -> None:
@@ -123,12 +232,16 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
 
     callbacks = {} if latent is None or latent_is_input else {latent: keep}
     pre = {latent: keep} if latent is not None and latent_is_input else {}
+    same_latent, same_logits = _SameRows(list(compare[0])), _SameRows(list(compare[1]))
+    logits_kept = compare[2]
     position = 0
     has_labels = True
-    with evaluation(model), Hooks(model, callbacks, pre) as hooks:
+    with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
+            Hooks(model, _SameRows.callbacks_of(same_latent, same_logits)) as compared:
         for idx, x, y in source.batches(items, batch_size):
             x = to_device(x, device, dtype)
             hooks.start(x, len(idx))
+            compared.start(x, len(idx))
             captured.clear()
             logits = _logits(call_model(model, x))
             if latent is not None:
@@ -146,15 +259,25 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             if latents is None:
                 latents = np.empty((n, z.shape[1]), dtype=np.float32)
             latents[batch] = z.numpy()
+            same_latent.compare(z)
+            if logits_kept:
+                out = logits.detach().to("cpu", torch.float32)
+                same_logits.compare(out)
+                kept_logits = kept_logits if kept_logits is not None else \
+                    np.empty((n, out.shape[1]), dtype=np.float32)
+                kept_logits[batch] = out.numpy()
             position += len(idx)
             advance(len(idx))
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
-                       int(logits.shape[1]))
+                       int(logits.shape[1]), kept_logits, same_latent.keys(),
+                       same_logits.keys() if logits_kept else ())
 
 
 def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,
-                     seconds: float) -> Profile:
-    """The Profile of every item from the parts of consecutive runs of them, in order."""
+                     seconds: float, view: View | None = None,
+                     dtype: torch.dtype | None = None) -> Profile:
+    """The Profile of every item from the parts of consecutive runs of them, in order. A
+    layer holds the latent's (the logits') rows only if it did in every part."""
     n_classes = parts[0].n_classes
     for part in parts:
         if part.n_classes != n_classes or part.latents.shape[1] != parts[0].latents.shape[1]:
@@ -171,13 +294,45 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
         layer = "output"
     else:
         layer = f"input of {latent}" if latent_is_input else latent
+    latent_views = _in_every([part.latent_views for part in parts])
+    if view is not None and dtype != torch.float64:  # SET latent's own view holds them by making
+        latent_views = (view.key, *latent_views)
+    logits = None
+    if all(part.logits is not None for part in parts):
+        logits = _join([part.logits for part in parts])
     return Profile(labels, predictions, _join([part.confidence for part in parts]),
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
-                   has_labels)
+                   has_labels, logits, latent_views,
+                   _in_every([part.logit_views for part in parts]) if logits is not None else ())
 
 
 def _join(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # no copy of one part
+
+
+def _in_every(keys: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The keys of the first tuple that every other holds too, in its order."""
+    return tuple(key for key in keys[0] if all(key in other for other in keys[1:]))
+
+
+def comparisons(model, catalog, latent, latent_is_input, view, dtype, n) -> tuple:
+    """What the profile pass compares with its latent and its logits (two lists of views), and
+    whether it keeps the logits: ``profile_part``'s ``compare``, made where the catalog is.
+    Nothing for float64 models: the profile keeps float32 rows, which are not theirs."""
+    if catalog is None or dtype == torch.float64:
+        return [], [], False
+    if latent is None:
+        width = None
+    elif latent_is_input:
+        width = getattr(dict(model.named_modules())[latent], "in_features", None)
+    else:
+        width = view.width
+    shape = catalog.output_shape
+    classes = shape[0] if len(shape) == 1 else None
+    keep = classes is not None and n * classes * 4 <= LOGITS_BUDGET
+    own = None if latent_is_input else latent
+    return (candidates(catalog, width, own) if width else [],
+            candidates(catalog, classes) if keep else [], keep)
 
 
 def _check_labels(labels: np.ndarray, n_classes: int) -> None:

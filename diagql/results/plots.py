@@ -1,4 +1,5 @@
-"""Figures like the paper's from an EVALUATE SAMPLERS result (its Figures 4 to 7), to a file.
+"""Figures like the paper's from an EVALUATE SAMPLERS result (its Figures 4 to 7), a
+SIMILARITY result's heat map, and the grid of a TOPK k INPUTS answer's items, to a file.
 
 matplotlib is optional (``pip install "diagql[plot]"``) and imported here on first use. The
 figure is drawn on its own Agg canvas, without pyplot, so no global backend is changed.
@@ -49,8 +50,9 @@ def check_target(path: str) -> None:
 
 
 def write_plot(result, path: str) -> None:
-    """Draw the evaluation ``result`` and save it to ``path`` (the format from its suffix)."""
-    figure = draw(result)
+    """Draw the evaluation or similarity ``result`` (or a TOPK k INPUTS answer's items) and
+    save it to ``path`` (the format from its suffix)."""
+    figure = draw_inputs(result) if result.ranked is not None else draw(result)
     try:
         figure.savefig(path, dpi=85)  # small files: a docs figure stays under 200 KB
     except OSError as exc:
@@ -58,10 +60,13 @@ def write_plot(result, path: str) -> None:
 
 
 def draw(result):
-    """The matplotlib Figure for an evaluation result."""
+    """The matplotlib Figure for an evaluation or similarity result."""
     Figure, FigureCanvasAgg = _figure_class()
+    if result.kind == "similarity":
+        return _similarity_figure(result, Figure, FigureCanvasAgg)
     if result.kind != "evaluation":
-        raise DiagQLError(f"only EVALUATE SAMPLERS results can be plotted, not {result.kind!r}")
+        raise DiagQLError(f"only EVALUATE SAMPLERS and SIMILARITY results can be plotted, not "
+                          f"{result.kind!r}")
     rows = result.records()
     n = max(result.n_items, 1)
     ks = sorted({r["k"] for r in rows})
@@ -97,6 +102,38 @@ def draw(result):
     # tight_layout keeps clear of the suptitle by itself; the legend needs the bottom strip.
     legend_height = (0.25 + 0.22 * rows_of_legend) / figure.get_figheight()
     figure.tight_layout(rect=(0, legend_height, 1, 1))
+    return figure
+
+
+def draw_inputs(result):
+    """A TOPK k INPUTS answer as a grid of its items, best first: each image with its item,
+    label, prediction and activation; a text item as its tokens."""
+    Figure, FigureCanvasAgg = _figure_class()
+    ranked, n = result.ranked, len(result.items)
+    columns = min(max(n, 1), 8)
+    rows = max(-(-n // columns), 1)
+    figure = Figure(figsize=(1.6 * columns, 2.1 * rows + 0.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for j, ax in enumerate(axes):
+        ax.set_axis_off()
+        if j >= n:
+            continue
+        preview = ranked.previews[j] if j < len(ranked.previews) else None
+        label = "" if ranked.labels is None else f"y={int(ranked.labels[j])} "
+        title = (f"#{j + 1} item {int(result.items[j])}\n{label}pred={int(ranked.predictions[j])}"
+                 f"\n{float(result.values[j]):.4g}")
+        if isinstance(preview, list):
+            ax.text(0, 1, textwrap.fill(" ".join(preview), 22), va="top", fontsize=7,
+                    family="monospace", transform=ax.transAxes)
+        elif preview is not None:
+            ax.imshow(preview, cmap="gray" if preview.ndim == 2 else None,
+                      interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    end = "highest" if ranked.largest else "lowest"
+    figure.suptitle(f"the items of {end} {ranked.neuron} ({result.n_items:,} matching)",
+                    fontsize=10)
+    figure.tight_layout()
     return figure
 
 
@@ -221,3 +258,38 @@ def _draw_times(ax, rows, metric, *, k_ref, n, colors, handles):
     ax.set_xticks([])
     where = f" at {smallest:.0%}" if smallest is not None else ""
     ax.set_title(f"time to draw a sample{where} (s, log)", fontsize=10)
+
+
+def _similarity_figure(result, Figure, FigureCanvasAgg):
+    """SIMILARITY: one heat map per group (and the exact one beside a sample's), each cell
+    annotated with its CKA; rows and columns in the order the layers were given."""
+    import numpy as np
+
+    parts = list(result.groups.items()) if result.groups is not None else [(None, result)]
+    panels = []
+    for key, part in parts:
+        group = "" if key is None else f"{result.provenance.group_by} = {key}"
+        panels.append((group or ("sample" if result.approximate else ""), part.matrix))
+        if part.baseline is not None:
+            panels.append((f"{group}, exact" if group else "exact", part.baseline.matrix))
+    size = len(result.labels)
+    side = 1.2 + 0.75 * size
+    figure = Figure(figsize=(side * len(panels) + 1.0, side + 0.9))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(panels), squeeze=False).ravel()
+    image = None
+    for ax, (title, matrix) in zip(axes, panels):
+        matrix = np.full((size, size), np.nan) if matrix is None else matrix
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="Blues")
+        ax.set_xticks(range(size), result.labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(size), result.labels, fontsize=8)
+        for i in range(size):
+            for j in range(size):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if matrix[i, j] > 0.6 else "black")
+        ax.set_title(title, fontsize=9)
+    figure.colorbar(image, ax=list(axes), shrink=0.8, label=f"linear {result.unit.upper()}")
+    title = textwrap.shorten(result.statement, 90)
+    figure.suptitle(f"{title}\n({result.n_items:,} items)", fontsize=9)
+    return figure

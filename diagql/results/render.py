@@ -27,6 +27,12 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     REPL, where it was just typed)."""
     if result.kind == "evaluation":
         return _evaluation(result, echo)
+    if result.kind == "similarity":
+        from diagql.results.heatmap import similarity_renderable
+
+        return similarity_renderable(result, echo)
+    if result.ranked is not None:
+        return _inputs(result, max_rows, echo)
     if not result.is_query:
         table = _info_table(result, max_rows)
         notes = [Text(note, style="yellow") for note in result.notes]
@@ -35,6 +41,11 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     parts.append(_query_table(result, max_rows))
     # Below the table rather than as its caption, which rich would wrap to the table's width.
     parts.append(Text(_caption(result), style="dim"))
+    provenance = result.provenance
+    for line in (provenance.choice, provenance.growth and provenance.growth.text()) \
+            if provenance is not None else ():
+        if line:
+            parts.append(Text(line, style="cyan"))
     line = _estimate_line(result)
     if line is not None:
         parts.append(line)
@@ -78,6 +89,10 @@ def _evaluation(result, echo: bool) -> Group:
         table.add_column(f"{metric.paper} {metric.arrow}", justify="right")
         if spread:
             table.add_column("±", justify="right", style="dim")
+    assisted = all(f"{name} assisted" in r for r in rows for name in names)
+    if assisted:  # the model-assisted estimator's scores, beside the sample's own
+        for metric in METRICS:
+            table.add_column(f"{metric.paper} asst", justify="right", style="green")
     for name in ("items", "correct", "incorrect", "draw s"):
         table.add_column(name, justify="right")
     previous = None
@@ -91,6 +106,7 @@ def _evaluation(result, echo: bool) -> Group:
         for name in names:
             sd = r[f"{name} sd"]
             cells += [f"{r[name]:.3f}"] + ([f"{sd:.3f}" if sd else ""] if spread else [])
+        cells += [f"{r[f'{name} assisted']:.3f}" for name in names] if assisted else []
         cells += [f"{r[n]:.0f}" if float(r[n]).is_integer() else f"{r[n]:.1f}"
                   for n in ("items", "correct", "incorrect")]
         cells.append(f"{r['seconds']:.3f}")
@@ -105,6 +121,47 @@ def _evaluation(result, echo: bool) -> Group:
                           f"{timings['score']:.1f} s", style="dim"))
     parts += [Text(note, style="yellow") for note in result.notes]
     return Group(*parts)
+
+
+def _inputs(result, max_rows: int, echo: bool) -> Group:
+    """TOPK k INPUTS: one row per item, best first, with its label, prediction and confidence
+    (and its tokens when it has them)."""
+    records = result.records()
+    tokens = any("tokens" in r for r in records)
+    table = Table()
+    for name in ("rank", "item", "activation", "", "label", "predicted", "confidence"):
+        table.add_column(name, justify="left" if name == "" else "right")
+    if tokens:
+        table.add_column("tokens", overflow="fold", max_width=60)
+    top = max((abs(r["value"]) for r in records), default=0.0)
+    for r in records[:max_rows]:
+        cells = [str(r["rank"]), str(r["item"]), _number(r["value"]), _bar(abs(r["value"]), top),
+                 "" if r["label"] is None else str(r["label"]), str(r["predicted"]),
+                 f"{r['confidence']:.3f}"]
+        table.add_row(*cells, *([r.get("tokens", "")] if tokens else []))
+    if len(records) > max_rows:
+        table.add_row("", Text(f"… {len(records) - max_rows:,} more", style="dim"))
+    parts = [Text(result.statement, style="bold")] if echo and result.statement else []
+    parts += [table, Text(_inputs_caption(result), style="dim")]
+    parts += [Text(note, style="yellow") for note in result.notes]
+    return Group(*parts)
+
+
+def _inputs_caption(result) -> str:
+    ranked, provenance = result.ranked, result.provenance
+    end = "highest" if ranked.largest else "lowest"
+    parts = [f"the {len(result.items):,} items of {end} {ranked.neuron} among "
+             f"{result.n_items:,} matching"]
+    if provenance is not None and provenance.approximate:
+        parts.append(f"sample {provenance.sampler}: {provenance.n_sample:,} of "
+                     f"{provenance.n_data:,} items")
+    elif provenance is not None:
+        parts.append(f"exact over all {provenance.n_data:,} items")
+    if ranked.how:
+        parts.append(ranked.how)
+    if "query" in result.timings:
+        parts.append(f"{result.timings['query']:.3f} s")
+    return " · ".join(parts)
 
 
 def _size_text(size) -> str:
@@ -211,8 +268,11 @@ def _estimate_line(result) -> Text | None:
         return Text(f"no accuracy estimate: {reason}", style="yellow")
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
+    covers = ("model-assisted (a regression on the latent): covers the sampler's selection"
+              if reliable[0].estimator == "assisted"
+              else "covers sampling variance, not a sampler's bias")
     return Text(f"estimated from the sample: expected {reliable[0].metric.label} {value:.3f}{scope}; "
-                f"covers sampling variance, not a sampler's bias", style="dim")
+                f"{covers}", style="dim")
 
 
 def _caption(result) -> str:
@@ -290,9 +350,13 @@ def to_text(result, width: int = 100, max_rows: int = MAX_ROWS) -> str:
 
 
 def to_html(result) -> str:
+    """The table as rich draws it, with thumbnails or heat maps below (results/html.py)."""
+    from diagql.results.html import page
+
     console = Console(record=True, file=io.StringIO(), width=110)
     console.print(renderable(result))
-    return console.export_html(inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>")
+    return page(result, console.export_html(
+        inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>"))
 
 
 def to_json(result) -> str:

@@ -17,6 +17,39 @@ from diagql.results.metrics import Metric
 
 
 @dataclass(frozen=True)
+class Growth:
+    """How an error-bounded query (``UNTIL`` / ``WITHIN``) grew its sample, and why it stopped."""
+
+    target: str | None  # "precision >= 0.9"; None: a time budget alone
+    budget: float | None  # seconds (WITHIN), or None
+    sizes: tuple[int, ...]  # the sample's items after each round
+    reached: float | None  # the final round's estimate of the target's metric (worst group)
+    stop: str  # one of STOPS
+    seconds: float  # the whole growth, draws and passes included
+    exact: bool = False  # the answer is exact: the last round found exact cheaper
+
+    def text(self) -> str:
+        """One line for the table's caption and the JSON."""
+        rounds = " → ".join(f"{n:,}" for n in self.sizes)
+        goal = [f"until {self.target}"] if self.target else []
+        if self.budget is not None:
+            goal.append(f"within {self.budget:g} s")
+        reached = f", reached {self.reached:.3f}" if self.reached is not None else ""
+        end = "answered exactly" if self.exact else f"{len(self.sizes)} round" + \
+            ("s" if len(self.sizes) != 1 else "")
+        return (f"grown {rounds} items ({' '.join(goal)}): {self.stop}{reached}; {end}, "
+                f"{self.seconds:.3f} s")
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "budget": self.budget, "sizes": list(self.sizes),
+                "reached": self.reached, "stop": self.stop, "seconds": self.seconds,
+                "exact": self.exact}
+
+
+STOPS = ("target met", "budget spent", "exact cheaper", "data exhausted")
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where a query's answer comes from: all items or a sample of them, and how it was asked."""
 
@@ -25,6 +58,8 @@ class Provenance:
     n_sample: int | None = None  # the sample's size; None with the sampler: every item
     group_by: str | None = None  # "class" | "predicted" | "correct"
     order: str = "mean"  # what TOPK ranks by: "mean" or "max"
+    choice: str | None = None  # USING AUTO: what it chose and why
+    growth: Growth | None = None  # UNTIL / WITHIN: how the sample grew and why it stopped
 
     def __post_init__(self):
         if (self.sampler is None) != (self.n_sample is None):
@@ -59,17 +94,49 @@ class Estimate:
     p_in_topk: np.ndarray | None = None  # TOPK: P(the neuron is in the true top-k)
     metric: Metric | None = None  # the metric whose expected value ``expected`` is
     expected: float | None = None
+    # "assisted" (the answer and its estimate come from a regression on the latent: reliable
+    # for every sampler) or "plain" (the sample mean: reliable for uniform samplers only)
+    estimator: str | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready, the fields that are set, the expected value as "expected_<metric>"."""
         out = {"covers": self.covers, "reliable": self.reliable}
-        for name in ("level", "n", "population", "reason", "ci_low", "ci_high", "p_in_topk"):
+        for name in ("estimator", "level", "n", "population", "reason", "ci_low", "ci_high",
+                     "p_in_topk"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = _jsonable(value)
         if self.metric is not None:
             out[self.metric.estimate_key] = _jsonable(self.expected)
         return out
+
+
+@dataclass(frozen=True, eq=False)
+class RankedItems:
+    """What a TOPK k INPUTS answer says about each item it ranks (in its order): the true
+    label (None for data without labels), the model's prediction and confidence, and what
+    the item looks like (an image array (H, W) or (H, W, 3), a list of tokens, or None)."""
+
+    neuron: str  # the neuron's label, e.g. conv2[5,3,3]
+    largest: bool  # TOPK (True) or BOTTOMK
+    labels: np.ndarray | None
+    predictions: np.ndarray
+    confidence: np.ndarray
+    previews: tuple = ()
+    how: str = ""  # how the answer was found (the index, items read), for the caption
+
+    def records(self, items: np.ndarray, values: np.ndarray) -> list[dict]:
+        rows = []
+        for j, (item, value) in enumerate(zip(items.tolist(), values.tolist())):
+            row = {"rank": j + 1, "item": item, "value": value,
+                   "label": None if self.labels is None else int(self.labels[j]),
+                   "predicted": int(self.predictions[j]),
+                   "confidence": float(self.confidence[j])}
+            preview = self.previews[j] if j < len(self.previews) else None
+            if isinstance(preview, list):
+                row["tokens"] = " ".join(preview)
+            rows.append(row)
+        return rows
 
 
 @dataclass(eq=False)
@@ -79,8 +146,10 @@ class Result:
     Query results (``kind`` one of ``AGGREGATES``) fill ``neurons`` (flat C-order indices:
     rank order for TOPK, every neuron in index order otherwise), ``labels``, ``values`` (the
     ranking aggregate, the means, or the fraction of items whose maximal neuron it is) and
-    ``provenance``. Other statements (``kind`` ``table``, ``set``, ``explain``,
-    ``evaluation``) fill ``columns`` and ``rows``.
+    ``provenance``. SIMILARITY (``kind`` ``similarity``) fills ``labels`` (its layers),
+    ``matrix``, ``value`` (two layers), ``provenance`` and for a sample ``estimate`` (its
+    ``ci_low``/``ci_high`` are matrices too). Other statements (``kind`` ``table``, ``set``,
+    ``explain``, ``evaluation``) fill ``columns`` and ``rows``.
     """
 
     kind: str
@@ -106,6 +175,18 @@ class Result:
     notes: list[str] = field(default_factory=list)
     # TOPK keeps its aggregate for every neuron, so the exact value of any neuron can be shown.
     dense: np.ndarray | None = field(default=None, repr=False)
+    # ACROSS CHECKPOINTS (kind "across"): each model's own Result by name, in training order,
+    # and each row of the answer as numbers over them (what its plot draws).
+    checkpoints: dict[str, Result] | None = None
+    series: dict[str, list[float]] | None = field(default=None, repr=False)
+    # SIMILARITY (``labels`` are its layers as given, ``unit`` its measure): every pair's CKA,
+    # rows and columns in the order given, and for two layers ``value``, their CKA.
+    matrix: np.ndarray | None = None
+    value: float | None = None
+    # TOPK k INPUTS (kind "inputs"): the dataset indices of the items ranked, best first,
+    # their activations in ``values``, the neuron in ``neurons``/``labels``, the rest here.
+    items: np.ndarray | None = None
+    ranked: RankedItems | None = field(default=None, repr=False)
 
     @property
     def is_query(self) -> bool:
@@ -121,6 +202,10 @@ class Result:
         return self.provenance.source if self.provenance is not None else "full"
 
     def __len__(self) -> int:
+        if self.kind == "similarity":
+            return len(self.labels)
+        if self.items is not None:
+            return len(self.items)
         return len(self.neurons) if self.is_query else len(self.rows)
 
     def value_of(self, neuron: int) -> float | None:
@@ -134,6 +219,14 @@ class Result:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data (lists, floats, strings)."""
+        if self.kind == "similarity":
+            return self._similarity_dict()
+        if self.ranked is not None:
+            return {"kind": self.kind, "statement": self.statement, "layer": self.layer,
+                    "neuron": self.ranked.neuron, "source": self.source,
+                    "n_items": self.n_items, "items": self.records(),
+                    "timings": {k: float(v) for k, v in self.timings.items()},
+                    "notes": list(self.notes)}
         if not self.is_query:
             out = {"kind": self.kind, "statement": self.statement, "title": self.title,
                    "columns": list(self.columns), "rows": [list(map(_plain, r)) for r in self.rows],
@@ -141,6 +234,9 @@ class Result:
             if self.kind == "evaluation":  # a benchmark: how long it took is part of the answer
                 out.update(n_items=self.n_items,
                            timings={k: float(v) for k, v in self.timings.items()})
+            if self.checkpoints is not None:
+                out["checkpoints"] = {name: answer.to_dict()
+                                      for name, answer in self.checkpoints.items()}
             return out
         out = {
             "kind": self.kind, "statement": self.statement, "layer": self.layer,
@@ -152,6 +248,11 @@ class Result:
             "estimate": self.estimate.to_dict() if self.estimate is not None else None,
             "notes": list(self.notes),
         }
+        provenance = self.provenance
+        if provenance is not None and provenance.choice is not None:
+            out["choice"] = provenance.choice
+        if provenance is not None and provenance.growth is not None:
+            out["growth"] = provenance.growth.to_dict()
         if self.groups is not None:
             out["groups"] = [{"group": _plain(key), **group.to_dict()}
                              for key, group in self.groups.items()]
@@ -159,8 +260,51 @@ class Result:
             out["baseline"] = self.baseline.to_dict()
         return out
 
+    def _similarity_dict(self) -> dict:
+        out = {"kind": self.kind, "statement": self.statement, "layers": list(self.labels),
+               "measure": self.unit, "source": self.source, "n_items": self.n_items,
+               "value": _number_or_none(self.value),
+               "matrix": None if self.matrix is None else
+               [[_number_or_none(v) for v in row] for row in self.matrix.tolist()],
+               "metrics": {k: float(v) for k, v in self.metrics.items()},
+               "timings": {k: float(v) for k, v in self.timings.items()},
+               "estimate": self.estimate.to_dict() if self.estimate is not None else None,
+               "notes": list(self.notes)}
+        if self.groups is not None:
+            out["groups"] = [{"group": _plain(key), **group.to_dict()}
+                             for key, group in self.groups.items()]
+        if self.baseline is not None:
+            out["baseline"] = self.baseline.to_dict()
+        return out
+
+    def _similarity_records(self) -> list[dict]:
+        """One row per pair of layers (each pair once, in the order given)."""
+        if self.groups is not None:
+            group_by = self.provenance.group_by if self.provenance is not None else "group"
+            return [{group_by: _plain(key), **rec}
+                    for key, group in self.groups.items() for rec in group.records()]
+        if self.matrix is None:
+            return []
+        rows = []
+        estimate = self.estimate
+        exact = self.baseline.matrix if self.baseline is not None else None
+        for i, j in zip(*np.triu_indices(len(self.labels), 1)):
+            row = {"layer_x": self.labels[i], "layer_y": self.labels[j],
+                   self.unit or "value": _number_or_none(self.matrix[i, j])}
+            if estimate is not None and estimate.ci_low is not None:
+                row["ci_low"] = _number_or_none(estimate.ci_low[i, j])
+                row["ci_high"] = _number_or_none(estimate.ci_high[i, j])
+            if exact is not None:
+                row["exact"] = _number_or_none(exact[i, j])
+            rows.append(row)
+        return rows
+
     def records(self) -> list[dict]:
         """One flat row per (group, neuron): what CSV and pandas show."""
+        if self.kind == "similarity":
+            return self._similarity_records()
+        if self.ranked is not None:
+            return self.ranked.records(self.items, self.values)
         if not self.is_query:
             return [dict(zip(self.columns, map(_plain, row))) for row in self.rows]
         if self.groups is not None:
@@ -201,6 +345,12 @@ class Result:
         return to_text(self)
 
     def __repr__(self) -> str:
+        if self.kind == "similarity":
+            what = f"{self.value:.4f}" if self.value is not None else f"{len(self.labels)} layers"
+            return f"<Result similarity {', '.join(self.labels)}: {what}, {self.source}>"
+        if self.ranked is not None:
+            return (f"<Result {self.kind} of {self.ranked.neuron}: {len(self.items)} items of "
+                    f"{self.n_items} matching, {self.source}>")
         if not self.is_query:
             return f"<Result {self.kind}: {len(self.rows)} rows>"
         return (f"<Result {self.kind} {self.unit} in {self.layer}: {len(self.neurons)} values "
@@ -217,6 +367,13 @@ def _jsonable(value):
     if isinstance(value, np.ndarray):
         return value.tolist()
     return _plain(value)
+
+
+def _number_or_none(value) -> float | None:
+    """A float for JSON, None for NaN (undefined) or a missing value."""
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value)
 
 
 def _plain(value):

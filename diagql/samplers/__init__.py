@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from diagql.errors import BindError
 
-from .base import Param, Sample, SampleData, Sampler, resolve_size
+from .base import Ladder, Param, Sample, SampleData, Sampler, doubling, resolve_size
 from .ebtree import EBTreeSampler
 from .gmm import GMMSampler
 from .latentgrid import LatentGridSampler
@@ -13,8 +13,8 @@ from .stratified import StratifiedSampler
 from .vas import VASSampler
 from .weighted import WeightedSampler
 
-__all__ = ["REGISTRY", "Param", "Sample", "SampleData", "Sampler", "build", "resolve_size",
-           "sampler_class"]
+__all__ = ["REGISTRY", "Ladder", "Param", "Sample", "SampleData", "Sampler", "build",
+           "doubling", "resolve_size", "sampler_class"]
 
 # In the order SHOW SAMPLERS lists them: baselines first, the paper's own last.
 REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (

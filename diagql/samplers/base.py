@@ -68,6 +68,10 @@ class Sampler:
     uniform: ClassVar[bool] = False
     # True when the sampler reads the true labels: data without labels cannot use it.
     needs_labels: ClassVar[bool] = False
+    # True when its draws are nested by construction: with the same parameters and seed, the
+    # draw of n items holds the draw of every smaller n (its items come in one priority order
+    # and a draw is a prefix of it). ``Ladder`` then grows a sample through one-shot draws.
+    nested: ClassVar[bool] = False
     _domains: ClassVar[dict[str, str]] = {
         "size": "a fraction in (0, 1] or a whole number of items",
         "random_state": "a whole number (defaults to SET seed)",
@@ -113,6 +117,10 @@ class Sampler:
         self.indices_ = indices
         return self
 
+    def resized(self, n: int) -> "Sampler":
+        """The same sampler call with ``size`` n items (every other parameter kept)."""
+        return type(self)(**{**self.get_params(), "size": int(n)})
+
     def _check(self) -> None:
         """Validate parameters beyond size; raise BindError(param=name) naming the parameter."""
 
@@ -144,3 +152,47 @@ def _seed(random_state) -> int | None:
         raise BindError(f"random_state must be a whole number of at least 0, not {random_state!r}",
                         param="random_state")
     return int(random_state)
+
+
+class Ladder:
+    """A sample that grows, each size extending the last (docs/ARCHITECTURE.md, "Samplers").
+
+    Its items come in a priority order: those of the first draw, then what each larger draw
+    adds. The sample at a size is a prefix of that order, so a larger sample holds every
+    smaller one and rows computed for a smaller one serve again. For a ``nested`` sampler the
+    sample at size n is exactly its one-shot draw of n items; for any other it is the union of
+    its draws at every size asked so far (at least n items, and at most their sum).
+
+    ``draw(sampler)`` gives the sorted items of a one-shot draw (the session passes one that
+    keeps samples in its caches).
+    """
+
+    def __init__(self, sampler: Sampler, draw):
+        if not hasattr(sampler, "size"):
+            raise ValueError(f"sampler {sampler.name!r} has no size to grow")
+        self.sampler = sampler
+        self.draw = draw
+        self.order = np.empty(0, dtype=np.int64)  # every item drawn so far, in priority order
+        self.sizes: list[int] = []  # the sizes drawn, in order
+
+    def grow(self, n: int) -> np.ndarray:
+        """The sorted items of the sample at size ``n`` (not below the last size asked)."""
+        if self.sizes and n < self.sizes[-1]:
+            raise ValueError(f"a ladder grows: {n} is below {self.sizes[-1]}")
+        drawn = np.asarray(self.draw(self.sampler.resized(n)), dtype=np.int64)
+        fresh = drawn[~np.isin(drawn, self.order)]
+        self.order = np.concatenate([self.order, fresh])
+        self.sizes.append(n)
+        return np.sort(self.order)
+
+    def last_spec(self) -> str:
+        return self.sampler.resized(self.sizes[-1]).spec()
+
+
+def doubling(start: int, n_items: int) -> list[int]:
+    """Sizes that double from ``start`` to every item: the rounds of a growing sample (each
+    costs about as much as all before it, so stopping wastes at most half the work)."""
+    sizes = [max(1, min(start, n_items))]
+    while sizes[-1] < n_items:
+        sizes.append(min(2 * sizes[-1], n_items))
+    return sizes

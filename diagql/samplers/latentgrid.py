@@ -44,15 +44,20 @@ class LatentGridSampler(Sampler):
                 raise BindError(f"{name} must be a whole number >= {least}, not {value!r}",
                                 param=name)
 
+    nested = True
+
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
         _, cell, sizes = np.unique(grid_bins(data.latents, self.dims, self.bins), axis=0,
                                    return_inverse=True, return_counts=True)
         self.cells_ = cell = cell.ravel()
-        quota = equal_allocation(sizes, n, rng)
-        # Each cell's first `quota` items in a random order: one shuffle serves every cell.
+        # Each cell's items in a random order (one shuffle serves every cell); then level by
+        # level, each cell's next item, the cells of a level in random order. The first n
+        # give every cell min(size, L) or L + 1 items, the cells with L + 1 at random among
+        # those with room, and a larger n extends a smaller one.
         order = np.lexsort((rng.permutation(len(cell)), cell))
-        rank = np.arange(len(cell)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-        return order[rank < np.repeat(quota, sizes)]
+        rank = np.empty(len(cell), dtype=np.int64)
+        rank[order] = np.arange(len(cell)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        return np.lexsort((rng.random(len(cell)), rank))[:n]
 
 
 def grid_bins(latents: np.ndarray, dims: int, bins: int) -> np.ndarray:
@@ -60,18 +65,3 @@ def grid_bins(latents: np.ndarray, dims: int, bins: int) -> np.ndarray:
     Z = principal_components(latents, dims)
     inner = np.linspace(0, 1, bins + 1)[1:-1]
     return np.stack([np.digitize(z, np.quantile(z, inner)) for z in Z.T], axis=1)
-
-
-def equal_allocation(sizes: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Items per cell summing to exactly n (n <= sizes.sum()): every cell gets min(size, L) or
-    L + 1, for the largest level L that fits; the cells given L + 1 are drawn at random among
-    those with room for it."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    low, high = 0, int(sizes.max())
-    while low < high:  # the largest L with sum(min(sizes, L)) <= n
-        mid = (low + high + 1) // 2
-        low, high = (mid, high) if np.minimum(sizes, mid).sum() <= n else (low, mid - 1)
-    quota = np.minimum(sizes, low)
-    roomy = np.flatnonzero(sizes > low)
-    quota[rng.choice(roomy, size=n - int(quota.sum()), replace=False)] += 1
-    return quota

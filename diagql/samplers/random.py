@@ -10,6 +10,8 @@ class RandomSampler(Sampler):
     name = "random"
     description = "uniform without replacement"
     uniform = True
+    nested = True
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
-        return rng.choice(len(data), size=n, replace=False)
+        # A prefix of one permutation, so that a larger draw extends a smaller one.
+        return rng.permutation(len(data))[:n]

@@ -20,7 +20,9 @@ RATIO_CLIP = (1e-6, 1e3)
 class WeightedSampler(Sampler):
     """Weight = 1 / clip(p(own) / max p(other), 1e-6, 1e3) with the probabilities and the own
     class (its argmax) from ``maxmargin``'s Platt-scaled linear SVM; exactly ``size`` items by
-    ``Generator.choice(replace=False, p=weights / weights.sum())``."""
+    successive sampling without replacement (each next item drawn with probability proportional
+    to its weight among those left), as Efraimidis and Spirakis's keys u^(1/w) order them: the
+    n largest keys, so that a larger draw extends a smaller one."""
 
     name = "weighted"
     needs_labels = True  # the SVM is trained on the true labels
@@ -28,9 +30,11 @@ class WeightedSampler(Sampler):
                    "(clipped) under the max-margin classifier")
 
     fit_dims: ClassVar[int | None] = FIT_DIMS
+    nested = True
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
         _, log_proba = boundary_log_proba(data, self.fit_dims)
         log_ratio = log_likelihood_ratio(log_proba, log_proba.argmax(axis=1))
         self.weights_ = np.exp(-np.clip(log_ratio, *np.log(RATIO_CLIP)))
-        return rng.choice(len(data), size=n, replace=False, p=self.weights_ / self.weights_.sum())
+        keys = np.log(rng.random(len(data))) / self.weights_  # log(u^(1/w)): the same order
+        return np.argsort(-keys, kind="stable")[:n]

@@ -20,9 +20,9 @@ from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import hooks, layers, profile as profile_module, views
 from diagql.model.data import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, probe
-from diagql.model.profile import Profile, compute_profile
-from diagql.storage.fingerprint import (Unfingerprintable, cache_key, data_fingerprint,
-                                        model_fingerprint, source_digest)
+from diagql.model.profile import Profile, comparisons, compute_profile
+from diagql.storage.fingerprint import (Unfingerprintable, cache_key, model_fingerprint,
+                                        source_digest)
 
 T = TypeVar("T")
 
@@ -31,20 +31,25 @@ def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
                     encode: Callable[[T], dict], decode: Callable[[dict], T],
                     meta: Callable[[T], dict]) -> T:
     """The one way a cached artifact is had: read it under ``key`` (None: memory only), else
-    compute it and store it there. A damaged entry is a miss (storage/store.py reports it)."""
+    compute it and store it there, unless computing it again costs less than reading it back
+    would (the cache weighs the seconds it took). A damaged entry is a miss (storage/store.py
+    reports it)."""
     if key is not None:
         value = cache.load(kind, key, decode)
         if value is not None:
             return value
+    started = time.perf_counter()
     value = compute()
+    seconds = time.perf_counter() - started
     if key is not None:
-        cache.store(kind, key, encode(value), meta=meta(value))
+        cache.store(kind, key, encode(value), meta=meta(value), seconds=seconds)
     return value
 
 
 class Artifacts:
-    """The catalog, profile and samples of one connection, and the cache keys they are kept
-    under. The connection assumes the model and data do not change while it is open."""
+    """The catalog, profile and samples of one model of a connection (``conn`` is its
+    session.models.ModelEntry), and the cache keys they are kept under. The connection assumes
+    the model and data do not change while it is open."""
 
     def __init__(self, conn):
         self.conn = conn
@@ -58,14 +63,15 @@ class Artifacts:
 
     # --- the artifacts ----------------------------------------------------------------------
 
+    def _probe(self) -> LayerCatalog:
+        conn = self.conn
+        return probe(conn.model, conn.source, lambda x: to_device(x, conn.device, conn.dtype),
+                     call_model)
+
     def get_catalog(self) -> LayerCatalog:
         if self.catalog is None:
             conn = self.conn
-
-            def compute() -> LayerCatalog:
-                return probe(conn.model, conn.source,
-                             lambda x: to_device(x, conn.device, conn.dtype), call_model)
-
+            compute = self._probe
             self.catalog = load_or_compute(
                 conn.cache, "catalog", self.catalog_key(), compute, LayerCatalog.to_arrays,
                 LayerCatalog.from_arrays, lambda _: {"model": type(conn.model).__qualname__})
@@ -85,7 +91,7 @@ class Artifacts:
 
     def _compute_profile(self) -> Profile:
         conn = self.conn
-        latent = conn.settings.latent
+        latent = conn.latent
         view = None
         if latent is None:
             name, is_input = default_latent(conn.model), True
@@ -94,13 +100,18 @@ class Artifacts:
                              bind_layer(ast.LayerRef(latent), self.get_catalog()))
             name, is_input = view.layer.name, False
         if conn.engine is not None:
+            compare = comparisons(conn.model, self.catalog or self._probe(), name, is_input,
+                                  view, conn.dtype, len(conn.source))
             return conn.engine.profile(len(conn.source), latent=name, latent_is_input=is_input,
                                        view=view, batch_size=conn.settings.batch_size,
-                                       dtype=conn.dtype, progress=conn.progress)
+                                       dtype=conn.dtype, progress=conn.progress,
+                                       compare=compare)
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
-            view=view)
+            # The catalog as it is, or probed (three items) for the pass alone: a profile
+            # loaded from disk needs none, and one computed touches no other cache entry.
+            view=view, catalog=self.catalog or self._probe())
 
     def get_sample(self, sampler: samplers.Sampler) -> tuple[samplers.Sample, bool]:
         """The sampler's sample and whether it was drawn just now (False: from a cache)."""
@@ -143,10 +154,10 @@ class Artifacts:
         if not self._fingerprinted:
             self._fingerprinted = True
             parts = {}
-            for what, fingerprint, value in (("model", model_fingerprint, self.conn.model),
-                                             ("data", data_fingerprint, self.conn.data)):
+            for what, fingerprint in (("model", lambda: model_fingerprint(self.conn.model)),
+                                      ("data", self.conn.data_digest)):
                 try:
-                    parts[what] = fingerprint(value)
+                    parts[what] = fingerprint()
                 except Unfingerprintable as exc:
                     self.memory_only[what] = str(exc)
             if self.memory_only.get("model"):
@@ -164,8 +175,9 @@ class Artifacts:
         conn = self.conn
         # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
         # tie. The batch size is not: on one device it changes outputs by rounding at most.
-        return cache_key("profile", *fingerprints, conn.settings.latent, str(conn.dtype),
-                         conn.device.type, source_digest(profile_module), source_digest(views))
+        return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
+                         conn.device.type, source_digest(profile_module), source_digest(views),
+                         source_digest(layers))  # which layers hold the same rows: the catalog
 
     def catalog_key(self) -> str | None:
         """The catalog depends on the model and the items' shape, so on both fingerprints."""

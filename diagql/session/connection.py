@@ -6,6 +6,7 @@ answers each kind of statement, scripts.py runs scripts (docs/ARCHITECTURE.md, "
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Iterator
 
 import numpy as np
@@ -13,11 +14,11 @@ import torch
 from torch import nn
 
 from diagql.engine.engines import open_engine
-from diagql.engine.executor import Runner, row_dtype
+from diagql.engine.executor import Runner
 from diagql.engine.planner import Plan
 from diagql.errors import BindError, DiagQLError
 from diagql.language import ast
-from diagql.language.binder import bind_sampler
+from diagql.language.binder import bind_sampler, qualify_layer
 from diagql.language.parser import parse, parse_sampler
 from diagql.model.data import ItemSource
 from diagql.model.layers import LayerCatalog
@@ -26,6 +27,8 @@ from diagql.progress import Progress
 from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
+from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
+from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
 from diagql.session.settings import Settings
 from diagql.session.statements import planned
 from diagql.storage.activations import ActivationStore
@@ -35,11 +38,22 @@ NO_MODEL = ("no model is connected: start diagql with --demo, or with --model MO
             "--data MODULE:CALLABLE")
 
 
-def connect(model: nn.Module, data, *, batch_size: int | None = None, device=None,
-            latent: str | None = None, cache_dir=None, cache_limit=None,
-            progress: bool | None = None, label_key: str | None = None, engine: str = "local",
+def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int | None = None,
+            device=None, latent: str | None = None, cache_dir=None, cache_limit=None,
+            progress: bool | None = None, label_key: str | None = None,
+            checkpoints=None, tokenizer=None, engine: str = "local",
             ray_address: str | None = None, ray_workers: int | None = None) -> "Connection":
-    """Connect a PyTorch model to a data set, labelled or not.
+    """Connect a PyTorch model (or several) to a data set, labelled or not.
+
+    ``model`` is one ``nn.Module`` (named ``model``), or a mapping of names to modules over the
+    same data (``{"base": m1, "wide": m2}``): the first is the default model, ``wide.fc2``
+    names another's layer, ``SET model = wide`` changes the default, ``SHOW MODELS`` lists
+    them. ``checkpoints`` makes checkpoints of one model's architecture models of their own:
+    a mapping of names to paths of saved state_dicts or to state_dicts
+    (``{"epoch1": "ckpt/e1.pt", ...}``), a list of paths or a glob (``"ckpt/*.pt"``), each
+    named by its file's stem; the model given is then ``final``, the default. Checkpoints
+    are loaded one at a time into one copy of the model, when a statement reads them, and
+    ``ACROSS CHECKPOINTS`` runs a query on each of them and on ``final``.
 
     ``data`` takes any of these forms; its items are addressed by index, in index order:
 
@@ -81,8 +95,12 @@ def connect(model: nn.Module, data, *, batch_size: int | None = None, device=Non
     TensorDataset, or a DataLoader over one are cached in memory only (SHOW CACHE says why).
     Pass ``cache_dir=False`` if forward() reads state that these do not cover (globals, files).
 
+    ``tokenizer`` shows text items (TOPK k INPUTS) as tokens instead of token ids: a Hugging
+    Face tokenizer, or a vocabulary (a sequence or mapping from id to token).
+
     A connection assumes the model and data do not change while it is open: it profiles them
-    once. After changing weights or data, connect again.
+    once. After changing weights or data, connect again. ``latent`` applies to the default
+    model and its checkpoints; each model has its own profile.
 
     ``engine="ray"`` runs the passes over the data (the profile, full-data queries, sample
     queries' items, EVALUATE) on a Ray cluster, with the same answers (docs/SCALING.md):
@@ -90,24 +108,32 @@ def connect(model: nn.Module, data, *, batch_size: int | None = None, device=Non
     core), ``ray_workers`` the number of model replicas (default: one per GPU, else one per
     CPU). ``model`` and ``data`` may then be factories (callables without arguments that
     make them), which every worker calls instead of receiving a pickled copy, and ``data`` a
-    Ray Dataset (its rows are the items, dicts of columns).
+    Ray Dataset (its rows are the items, dicts of columns). A Ray connection has one model:
+    several models or checkpoints are refused.
     """
-    return Connection(model, data, batch_size=batch_size, device=device, latent=latent,
+    conn = Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
-                      label_key=label_key, engine=engine, ray_address=ray_address,
-                      ray_workers=ray_workers)
+                      label_key=label_key, checkpoints=checkpoints, engine=engine,
+                      ray_address=ray_address, ray_workers=ray_workers)
+    conn.tokenizer = tokenizer
+    return conn
 
 
 class Connection:
-    """Answers DiagQL statements about one model over one data set."""
+    """Answers DiagQL statements about one or more models over one data set."""
 
-    def __init__(self, model: nn.Module | None, data=None, *, batch_size: int | None = None,
-                 device=None, latent: str | None = None, cache_dir=None, cache_limit=None,
-                 progress: bool | None = None, label_key: str | None = None,
-                 engine: str = "local", ray_address: str | None = None,
-                 ray_workers: int | None = None):
+    def __init__(self, model: nn.Module | Mapping[str, nn.Module] | None, data=None, *,
+                 batch_size: int | None = None, device=None, latent: str | None = None,
+                 cache_dir=None, cache_limit=None, progress: bool | None = None,
+                 label_key: str | None = None, checkpoints=None, engine: str = "local",
+                 ray_address: str | None = None, ray_workers: int | None = None):
         self.engine = None  # a RayEngine, or None: passes run in this process
         if model is not None:
+            if engine == "ray" and (isinstance(model, Mapping) or checkpoints is not None):
+                # Ray's workers each build one model; passes through several models
+                # (run_together) and checkpoints taking turns in one copy stay local.
+                raise DiagQLError('engine="ray" runs one model: connect several models or '
+                                  'checkpoints with the local engine')
             model, data, self.engine = open_engine(engine, model, data, label_key=label_key,
                                                    ray_address=ray_address,
                                                    ray_workers=ray_workers)
@@ -119,21 +145,36 @@ class Connection:
         # Forward passes run and items sent through the model by queries (not the profile).
         self.counters: dict[str, int] = {"passes": 0, "items": 0}
         self.progress = Progress(progress)
-        self.model = model
         self.data = data
-        self.artifacts = Artifacts(self)
-        self.activations: ActivationStore | None = None
+        self.tokenizer = None  # shows text items' tokens (connect's ``tokenizer``)
         self.source: ItemSource | None = None
+        # Every model, the default first (session/models.py); empty without a model.
+        self.models: dict[str, ModelEntry] = {}
+        self._data_digest: list = []  # the data's fingerprint, shared by the models
         if model is None:
             return
-        if not isinstance(model, nn.Module):
-            raise DiagQLError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        modules = _modules(model, checkpoints)
         self.source = ItemSource(data, label_key=label_key)
-        self.device = _resolve_device(device, model)
-        self.dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()),
-                          torch.float32)
-        self.activations = ActivationStore(self.cache, self.artifacts.activation_key,
-                                           len(self.source), row_dtype(self.dtype))
+        for name, module in modules.items():
+            self._add(name, module, device, latent if not self.models else None)
+        if checkpoints is not None:
+            final = self.models[FINAL]
+            slot = CheckpointSlot(final.model)
+            for name, weights in checkpoint_specs(checkpoints).items():
+                self.models[name] = ModelEntry(self, name, None, device=final.device,
+                                               dtype=final.dtype, latent=latent, slot=slot,
+                                               weights=weights)
+            # The final model last: ACROSS CHECKPOINTS answers in training order.
+            self.models[FINAL] = self.models.pop(FINAL)
+            self.settings.model = FINAL
+
+    def _add(self, name: str, module, device, latent) -> None:
+        if not isinstance(module, nn.Module):
+            what = "model" if name == DEFAULT else f"model {name!r}"
+            raise DiagQLError(f"{what} must be a torch.nn.Module, not {type(module).__name__}")
+        device = _resolve_device(device, module)
+        self.models[name] = ModelEntry(self, name, module, device=device,
+                                       dtype=model_dtype(module), latent=latent)
 
     @classmethod
     def detached(cls, cache_dir=None, cache_limit=None) -> "Connection":
@@ -141,42 +182,81 @@ class Connection:
         statements that need a model say so."""
         return cls(None, cache_dir=cache_dir, cache_limit=cache_limit)
 
+    # --- the models -----------------------------------------------------------------------------
+
+    @property
+    def current(self) -> ModelEntry:
+        """The default model: what an unqualified layer name reads (SET model changes it)."""
+        self.require_model()
+        return self.models[self.settings.model or next(iter(self.models))]
+
+    def on(self, name: str | None, span=None) -> ModelEntry:
+        """The model named ``name`` (None: the default one)."""
+        if name is None:
+            return self.current
+        self.require_model()
+        if name not in self.models:
+            raise unknown_model(name, list(self.models), span)
+        return self.models[name]
+
+    def resolve(self, ref: ast.LayerRef) -> tuple[ModelEntry, ast.LayerRef]:
+        """A layer reference's model and the reference within it (``wide.fc2`` → wide, fc2)."""
+        current = self.current
+        ref = qualify_layer(ref, list(self.models), current.name,
+                            lambda name: self.models[name].catalog)
+        return self.on(ref.model, ref.span), ref
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The default model's module (None without a model)."""
+        return self.current.model if self.models else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.current.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.current.dtype
+
+    @property
+    def artifacts(self) -> Artifacts:
+        return self.current.artifacts
+
+    @property
+    def activations(self) -> ActivationStore | None:
+        return self.current.activations if self.models else None
+
     # --- what can be queried ------------------------------------------------------------------
 
     @property
     def catalog(self) -> LayerCatalog:
-        self.require_model()
-        return self.artifacts.get_catalog()
+        return self.current.catalog
 
     @property
     def layers(self) -> list[str]:
         """Qualified names of the modules a query can name, in registration order."""
-        return self.catalog.running_names()
+        return self.current.layers
 
     @property
     def n_classes(self) -> int:
-        shape = self.catalog.output_shape
-        if len(shape) != 1:
-            raise DiagQLError(f"the model's output has per-item shape {shape}; DiagQL needs one "
-                              f"score per class")
-        return shape[0]
+        return self.current.n_classes
 
     @property
     def profile(self) -> Profile:
         """Labels, predictions, confidence and latents of every item: one pass, then reused
         (from memory, else from the disk cache, else computed and stored there)."""
-        self.require_model()
-        return self.artifacts.get_profile()
+        return self.current.profile
 
     def require_model(self) -> None:
-        if self.model is None:
+        if not self.models:
             raise BindError(NO_MODEL)
 
     def forget_latent_space(self) -> None:
-        """SET latent changed the samplers' space: profile, samples and kept rows are stale."""
-        self.artifacts.forget_latent_space()
-        if self.activations is not None:
-            self.activations.clear()
+        """SET latent changed the default model's samplers' space: its profile, samples and
+        kept rows are stale."""
+        if self.models:
+            self.current.forget_latent_space()
 
     # --- running statements ---------------------------------------------------------------------
 
@@ -221,32 +301,55 @@ class Connection:
                 query = parse(query)
             except DiagQLError as exc:
                 raise exc.with_source(query) from None
-        if not isinstance(query, ast.Query):
-            raise DiagQLError(f"plan() takes a query (TOPK, AVG or ARGMAX), not {query.text!r}")
+        if not isinstance(query, (ast.Query, ast.Similarity)):
+            raise DiagQLError(f"plan() takes a query (TOPK, AVG, ARGMAX or SIMILARITY), not "
+                              f"{query.text!r}")
         return planned(self, query)[0]
 
     def runner(self) -> Runner:
-        """What runs forward passes for this connection (its device, batch size, caches)."""
-        self.require_model()
-        return Runner(self.model, self.source, device=self.device, dtype=self.dtype,
-                      batch_size=self.settings.batch_size, progress=self.progress,
-                      counters=self.counters, activations=self.activations, engine=self.engine)
+        """What runs forward passes for the default model (its device, batch size, caches)."""
+        return self.current.runner()
 
     def sample(self, spec: str) -> np.ndarray:
-        """The sorted item indices a sampler call selects, e.g. ``db.sample("stratified(0.05)")``."""
+        """The sorted item indices a sampler call selects, e.g. ``db.sample("stratified(0.05)")``
+        (``model='wide'`` draws from that model's profile instead of the default model's)."""
         try:
             self.require_model()
-            call = parse_sampler(spec)
+            call, name = sampler_model(parse_sampler(spec))
             sampler = bind_sampler(call, self.settings.seed, len(self.source))
-            return self.artifacts.get_sample(sampler)[0].indices.copy()
+            return self.on(name).artifacts.get_sample(sampler)[0].indices.copy()
         except DiagQLError as exc:
             raise exc.with_source(spec) from None
 
     def __repr__(self) -> str:
-        if self.model is None:
+        if not self.models:
             return "<diagql.Connection (no model)>"
-        return (f"<diagql.Connection {type(self.model).__name__} over {len(self.source):,} items "
-                f"on {self.device}>")
+        current = self.current
+        what = type(current.architecture()).__name__
+        if len(self.models) > 1:
+            what = f"{len(self.models)} models ({', '.join(_few(list(self.models)))}; default " \
+                   f"{current.name})"
+        return f"<diagql.Connection {what} over {len(self.source):,} items on {self.device}>"
+
+
+DEFAULT = "model"  # the name of the one model of connect(model, data)
+
+
+def _modules(model, checkpoints) -> dict[str, object]:
+    """connect's first argument by name: one module is "model" ("final" beside checkpoints),
+    a mapping keeps its names and order."""
+    if isinstance(model, Mapping):
+        if checkpoints is not None:
+            raise DiagQLError("checkpoints= goes with one model (the final one), not a mapping "
+                              "of models")
+        if not model:
+            raise DiagQLError("the mapping of models is empty")
+        return {check_name(name, "model"): module for name, module in model.items()}
+    return {FINAL if checkpoints is not None else DEFAULT: model}
+
+
+def _few(names: list[str]) -> list[str]:
+    return names if len(names) <= 4 else [*names[:2], "…", names[-1]]
 
 
 def _resolve_device(device, model: nn.Module) -> torch.device:

@@ -12,6 +12,7 @@ from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.parser import parse_piece, split_statements
 from diagql.results.result import Result
+from diagql.session.models import name_model
 from diagql.session.statements import planned, run_statement
 
 
@@ -40,7 +41,9 @@ def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
             yield exc.with_source(script)
             continue
         parsed = time.perf_counter() - started
-        if isinstance(statement, ast.Query):
+        # A growing query runs rounds of its own, and ACROSS CHECKPOINTS its own passes, so
+        # neither shares a pass.
+        if isinstance(statement, ast.Query) and statement.across is None and statement.until is None:
             queries.append((statement, parsed))
             continue
         yield from _run_queries(conn, queries, script)
@@ -72,19 +75,22 @@ def _run_queries(conn, queries: list, script: str) -> Iterator[Result | DiagQLEr
             continue
         plans.append((len(outcomes), plan, timings))
         outcomes.append(None)
-    if plans:
+    by_model: dict[str, list] = {}  # one pass per model, over its queries' items
+    for entry in plans:
+        by_model.setdefault(entry[1].query.layer.model, []).append(entry)
+    for model, group in by_model.items():
         started = time.perf_counter()
         try:
-            answers = conn.runner().answer_many([plan for _, plan, _ in plans])
+            answers = conn.on(model).runner().answer_many([plan for _, plan, _ in group])
         except DiagQLError as exc:  # the pass itself failed (the model's forward raised)
-            answers = [exc] * len(plans)
+            answers = [exc] * len(group)
         seconds = time.perf_counter() - started
-        for (position, _, timings), answer in zip(plans, answers):
+        for (position, _, timings), answer in zip(group, answers):
             if isinstance(answer, Result):
                 answer.timings.update(timings)
                 answer.timings["parse"] = waiting[position][1]
                 answer.timings["total"] = seconds
-                outcomes[position] = answer
+                outcomes[position] = name_model(conn, answer, model)
             else:
                 outcomes[position] = answer.with_source(script)
     yield from outcomes

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 from diagql.errors import BindError
 from diagql.results.formats import FORMATS, MAX_ROWS
 
+ESTIMATORS = ("assisted", "plain")  # engine/regression.py; the sample mean
+
 
 @dataclass
 class Settings:
@@ -14,6 +16,8 @@ class Settings:
     latent: str | None = None  # None: the input of the final linear layer
     format: str = "table"
     max_rows: int = MAX_ROWS
+    model: str | None = None  # the default model's name; None: the first one
+    estimator: str = "assisted"  # a sample's answer: regression on the latent, or plain mean
 
     @classmethod
     def names(cls) -> list[str]:
@@ -26,6 +30,9 @@ class Settings:
             "latent": "layer whose output is the latent space (default: input of the final linear layer)",
             "format": "output format of the CLI and REPL: " + ", ".join(FORMATS),
             "max_rows": "rows shown per table before the rest is counted",
+            "model": "the model an unqualified layer name reads (SHOW MODELS lists them)",
+            "estimator": "a sample's answer: assisted (corrected by a regression on the latent, "
+                         "with estimates for every sampler) or plain (the sample mean)",
         }
 
     def coerce(self, name: str, value):
@@ -43,6 +50,14 @@ class Settings:
             if value not in FORMATS:
                 raise BindError(f"format must be one of {', '.join(FORMATS)}, not {value!r}")
             return value
+        if name == "estimator":
+            value = str(value).lower()
+            if value not in ESTIMATORS:
+                raise BindError(f"estimator must be one of {', '.join(ESTIMATORS)}, not "
+                                f"{value!r}")
+            return value
         if name == "latent":
             return None if str(value).lower() in ("default", "none") else str(value)
+        if name == "model":
+            return str(value)
         raise AssertionError(name)

@@ -1,6 +1,8 @@
 """SHOW and DESCRIBE: what the model, the data, the samplers and the session hold."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from diagql import samplers
 from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
@@ -10,7 +12,26 @@ from diagql.results.result import Result
 
 def show(conn, statement: ast.Show) -> Result:
     return {"layers": _layers, "samplers": _samplers, "profile": _profile,
-            "settings": _settings, "cache": _cache}[statement.what](conn, statement)
+            "settings": _settings, "cache": _cache, "models": _models}[statement.what](conn,
+                                                                                   statement)
+
+
+def _models(conn, statement) -> Result:
+    """Every model of the connection: its class, size, weights and accuracy on the data (from
+    its profile: one pass per model, kept like any profile)."""
+    conn.require_model()
+    current = conn.current
+    rows = []
+    for name, entry in conn.models.items():
+        module = entry.architecture()
+        profile = entry.profile
+        accuracy = f"{float(profile.correct.mean()):.1%}" if profile.has_labels else "no labels"
+        rows.append((name, type(module).__name__, f"{sum(p.numel() for p in module.parameters()):,}",
+                     entry.describe_weights(), accuracy, "*" if entry is current else ""))
+    return Result(kind="table", statement=statement.text,
+                  columns=["model", "class", "parameters", "weights", "accuracy", "default"],
+                  rows=rows, title=f"{len(rows)} models over {len(conn.source):,} items "
+                                   f"(SET model = name changes the default)")
 
 
 KINDS = {"profile": "labels, predictions, confidence and latents of every item",
@@ -123,6 +144,8 @@ def _settings(conn, statement) -> Result:
 
 
 def describe(conn, statement: ast.Describe) -> Result:
+    conn, ref = conn.resolve(statement.layer)  # the model the layer belongs to
+    statement = replace(statement, layer=ref)
     layer = lookup_layer(statement.layer, conn.catalog)
     calls = conn.catalog.calls_of(layer.name) if layer.shared else []
     if not calls:
@@ -138,7 +161,7 @@ def describe(conn, statement: ast.Describe) -> Result:
                   if call.shape is not None else call.refused) for call in calls]
         return Result(kind="table", statement=statement.text, columns=["property", "value"],
                       rows=rows + _module_rows(layer, module, n_params, children),
-                      title=f"layer {layer.name}")
+                      title=f"layer {_qualified(conn, layer.name)}")
     if layer.call:
         rows += [("call", f"{layer.call} of the {layer.calls} calls of {layer.module} per "
                           f"forward pass")]
@@ -158,7 +181,12 @@ def describe(conn, statement: ast.Describe) -> Result:
     rows += [("labels", _label_example(layer))]
     return Result(kind="table", statement=statement.text, columns=["property", "value"],
                   rows=rows + _module_rows(layer, module, n_params, children),
-                  title=f"layer {layer.name}")
+                  title=f"layer {_qualified(conn, layer.name)}")
+
+
+def _qualified(entry, name: str) -> str:
+    """A layer's name with its model's when the connection has several."""
+    return f"{entry.name}.{name}" if len(entry.conn.models) > 1 else name
 
 
 def _module_rows(layer, module, n_params: int, children: list[str]) -> list[tuple[str, str]]:

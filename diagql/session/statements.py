@@ -6,15 +6,16 @@ statement in one line when no model is connected, before any work starts.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from diagql.engine.answers import record_speedup
 from diagql.engine.planner import Plan, plan_query
 from diagql.errors import BindError
 from diagql.language import ast
-from diagql.language.binder import bind_layer, bind_query, require_labels
+from diagql.language.binder import bind_layer, bind_query, bind_similarity, require_labels
 from diagql.results.result import Result
+from diagql.session.models import name_model, sampler_model, with_model
 from diagql.session.settings import Settings
 from diagql.suggest import did_you_mean
 
@@ -32,45 +33,193 @@ def run_statement(conn, statement: ast.Statement) -> Result:
     return handler.run(conn, statement)
 
 
-def planned(conn, query: ast.Query) -> tuple[Plan, dict[str, float]]:
+def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, float]]:
     """Bind and plan a query (drawing its sample if need be): the plan and the seconds each
-    step took."""
+    step took. The plan's ``query.layer.model`` names the model whose layer it reads."""
     conn.require_model()
+    if isinstance(query, ast.Similarity):
+        return _planned_similarity(conn, query)
     started = time.perf_counter()
-    catalog = conn.catalog  # probed once per model and data, like the profile
+    src = sources(conn, query)
+    query, entry = src.query, src.entry
+    catalog = entry.catalog  # probed once per model and data, like the profile
     started, probe_seconds = time.perf_counter(), time.perf_counter() - started
-    bound = bind_query(query, catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
+    bound = bind_query(query, catalog, n_classes=entry.n_classes, seed=conn.settings.seed,
                        n_items=len(conn.source))
     bound_at = time.perf_counter()
-    profile = conn.profile  # after binding, so that a mistake costs no pass over the data
+    # After binding, so that a mistake costs no pass over the data (sources() says whose).
+    profile = src.reader.profile
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(query)
-    sample, sample_seconds = None, 0.0
+    sample, sample_seconds, choice = None, 0.0, ""
+    if isinstance(query.source, ast.Auto) and query.until is None:
+        from diagql.session.auto import choose
+
+        bound, choice = choose(conn, bound, profile, src)
+    elif query.until is not None:
+        from diagql.session.growth import first_round
+
+        bound, choice = first_round(conn, bound, profile, src)
     if bound.sampler is not None:
-        sample, fresh = conn.artifacts.get_sample(bound.sampler)
+        sample, fresh = src.sampling.artifacts.get_sample(bound.sampler)
         sample_seconds = sample.seconds if fresh else 0.0
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
-                      None if sample is None else sample.spec)
+                      None if sample is None else with_model(sample.spec, src.drawn_on),
+                      conn.settings.estimator, rows_from_profile=src.own)
+    if choice:
+        plan = replace(plan, choice=choice)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where a query's parts come from when the connection has several models."""
+
+    query: ast.Query  # its layer resolved to (model, layer), its sampler call without model=
+    entry: object  # the ModelEntry whose layer it reads
+    sampling: object  # the ModelEntry whose profile its sample is drawn from
+    drawn_on: str | None  # the sampler's model= parameter
+    reader: object  # the ModelEntry whose profile plans it
+
+    @property
+    def own(self) -> bool:
+        """Whether the profile that plans it is its layer's model's: only then may its latent
+        and logit rows answer the layer (another model's fc2 rows are not this one's)."""
+        return self.reader is self.entry
+
+
+def sources(conn, query: ast.Query) -> Sources:
+    entry, layer = conn.resolve(query.layer)
+    query, sampling, drawn_on = replace(query, layer=layer), None, None
+    if isinstance(query.source, ast.SamplerCall):  # model='wide': whose profile it draws from
+        call, drawn_on = sampler_model(query.source)
+        query, sampling = replace(query, source=call), conn.on(drawn_on, query.source.span)
+    sampling = sampling or conn.current
+    # The labels are the data's: a query that reads no prediction is planned on a profile the
+    # statement needs anyway, so that a checkpoint's query over a sample costs no pass over
+    # all the data.
+    reader = entry if reads_predictions(query) else sampling
+    return Sources(query, entry, sampling, drawn_on, reader)
+
+
+def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str, float]]:
+    """SIMILARITY's plan: its layers bound on the default model's catalog, its items from that
+    model's profile (and sample)."""
+    started = time.perf_counter()
+    entry = conn.current
+    if isinstance(statement.source, ast.Auto):
+        span = statement.source.span
+        raise BindError("SIMILARITY takes USING FULL or USING SAMPLE s(...), not USING AUTO",
+                        line=span.line if span else None, column=span.column if span else None,
+                        end_column=span.end_column if span else None)
+    bound = bind_similarity(statement, entry.catalog, n_classes=entry.n_classes,
+                            seed=conn.settings.seed, n_items=len(conn.source))
+    bound_at = time.perf_counter()
+    profile = entry.profile  # after binding, so that a mistake costs no pass over the data
+    profiled_at = time.perf_counter()
+    if not profile.has_labels:
+        require_labels(statement)
+    sample, sample_seconds = None, 0.0
+    if bound.sampler is not None:
+        sample, fresh = entry.artifacts.get_sample(bound.sampler)
+        sample_seconds = sample.seconds if fresh else 0.0
+    planned_at = time.perf_counter()
+    plan = plan_query(bound, profile, None if sample is None else sample.indices,
+                      None if sample is None else sample.spec, None, rows_from_profile=False)
+    return plan, {"bind": bound_at - started, "profile": profiled_at - bound_at,
+                  "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
+
+
+def reads_predictions(query: ast.Query) -> bool:
+    """Whether a query depends on its model's predictions (WHERE on predicted, confidence or
+    correctness; GROUP BY predicted or correct), not just on the data's labels."""
+    fields = {getattr(node, "field", None) for node in
+              (ast.walk(query.where) if query.where is not None else ())}
+    flags = query.where is not None and any(isinstance(node, ast.Flag)
+                                            for node in ast.walk(query.where))
+    return flags or bool(fields & {"predicted", "confidence"}) or \
+        query.group_by in ("predicted", "correct")
+
+
 def _query(conn, query: ast.Query) -> Result:
+    if query.across is not None:
+        from diagql.session.across import across_checkpoints
+
+        return across_checkpoints(conn, query, answer_query)
+    result = answer_query(conn, query)
+    return name_model(conn, result, result.plan.query.layer.model)
+
+
+def answer_query(conn, query: ast.Query) -> Result:
+    """A query's Result on the model its layer names (its labels without the model's name)."""
     plan, timings = planned(conn, query)
-    result = conn.runner().answer(plan)
+    if query.until is not None:
+        from diagql.session.growth import grow
+
+        result = grow(conn, plan, timings, sources(conn, query))
+        record_speedup(result)
+        return result
+    result = conn.on(plan.query.layer.model).runner().answer(plan)
     result.timings.update(timings)
     record_speedup(result)
     return result
 
 
+def _similarity(conn, statement: ast.Similarity) -> Result:
+    from diagql.engine.similarity import answer_similarity
+
+    if statement.plot is not None:
+        _check_plot(statement.plot)
+    plan, timings = planned(conn, statement)
+    result = answer_similarity(conn.current.runner(), plan)
+    result.timings.update(timings)
+    record_speedup(result)
+    if statement.plot is not None:
+        from diagql.results.plots import write_plot
+
+        write_plot(result, statement.plot.value)
+        result.notes.append(f"plot written to {statement.plot.value}")
+    return result
+
+
+def _check_plot(plot: ast.Literal) -> None:
+    """PLOT 'file': refused before any pass when the file cannot be written."""
+    from diagql.results.plots import check_target
+
+    try:
+        check_target(plot.value)
+    except BindError as exc:
+        span = plot.span
+        raise BindError(exc.message, line=span.line if span else None,
+                        column=span.column if span else None,
+                        end_column=span.end_column if span else None, hint=exc.hint) from None
+
+
 def _explain(conn, statement: ast.Explain) -> Result:
+    if isinstance(statement.query, ast.Similarity):
+        from diagql.engine.similarity import explain
+
+        plan, _ = planned(conn, statement.query)
+        return Result(kind="explain", statement=statement.text,
+                      title=f"plan: {statement.query.text}", columns=["step", "detail"],
+                      rows=explain(plan), plan=plan)
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
-    if plan.approximate:
+    entry = conn.on(plan.query.layer.model)
+    if plan.approximate and plan.profile_rows is None:
         rows.insert([step for step, _ in rows].index("forward"),
-                    ("cache", _cache_detail(conn.activations, plan)))
+                    ("cache", _cache_detail(entry.activations, plan)))
+    if len(conn.models) > 1:
+        rows.insert(0, ("model", f"{entry.name} ({type(entry.architecture()).__name__})"))
+    if statement.query.across is not None:
+        from diagql.session.across import checkpoint_names
+
+        names = checkpoint_names(conn, entry, statement.query.layer.span)
+        rows.append(("across", f"this plan once per model of {', '.join(names)}, one "
+                               f"checkpoint's weights loaded at a time"))
     return Result(kind="explain", statement=statement.text, title=f"plan: {statement.query.text}",
                   columns=["step", "detail"], rows=rows, plan=plan)
 
@@ -96,8 +245,11 @@ def _set(conn, statement: ast.SetStatement) -> Result:
                         line=where.line, column=where.column, end_column=where.end_column)
     try:
         value = conn.settings.coerce(name, statement.value)
-        if name == "latent" and value is not None and conn.model is not None:
-            bind_layer(ast.LayerRef(value, span=statement.value_span), conn.catalog)
+        if name == "model":
+            value = conn.on(value, statement.value_span).name
+            conn.settings.latent = conn.models[value].latent  # SET latent is per model
+        if name == "latent" and conn.models:
+            return _set_latent(conn, statement, value)
     except BindError as exc:
         span = statement.value_span
         if exc.line is None and span is not None:
@@ -108,6 +260,23 @@ def _set(conn, statement: ast.SetStatement) -> Result:
     setattr(conn.settings, name, value)
     return Result(kind="set", statement=statement.text, columns=["setting", "value"],
                   rows=[(name, "default" if value is None else value)])
+
+
+def _set_latent(conn, statement: ast.SetStatement, value: str | None) -> Result:
+    """SET latent = L: the latent layer of L's model (``wide.fc2``: wide's), the default
+    model's for an unqualified name or for ``default``."""
+    entry, shown = conn.current, value
+    if value is not None:
+        entry, ref = conn.resolve(ast.LayerRef(value, span=statement.value_span))
+        bind_layer(ref, entry.catalog)
+        value = ref.name
+    if value != entry.latent:
+        entry.forget_latent_space()
+        entry.latent = value
+    if entry is conn.current:
+        conn.settings.latent = value
+    return Result(kind="set", statement=statement.text, columns=["setting", "value"],
+                  rows=[("latent", "default" if shown is None else shown)])
 
 
 def _evaluate(conn, statement: ast.Evaluate) -> Result:
@@ -128,6 +297,12 @@ def _describe(conn, statement: ast.Describe) -> Result:
     return describe(conn, statement)
 
 
+def _top_inputs(conn, statement: ast.TopInputs) -> Result:
+    from diagql.session.inputs import run_top_inputs
+
+    return run_top_inputs(conn, statement)
+
+
 def _clear_cache(conn, statement: ast.ClearCache) -> Result:
     from diagql.session.show import clear_cache
 
@@ -137,10 +312,12 @@ def _clear_cache(conn, statement: ast.ClearCache) -> Result:
 # SHOW needs a model for LAYERS and PROFILE only; those ask for it themselves.
 HANDLERS: dict[type, Handler] = {
     ast.Query: Handler(_query, needs_model=True),
+    ast.Similarity: Handler(_similarity, needs_model=True),
     ast.Explain: Handler(_explain, needs_model=True),
     ast.Evaluate: Handler(_evaluate, needs_model=True),
     ast.Describe: Handler(_describe, needs_model=True),
     ast.SetStatement: Handler(_set, needs_model=False),
     ast.Show: Handler(_show, needs_model=False),
     ast.ClearCache: Handler(_clear_cache, needs_model=False),
+    ast.TopInputs: Handler(_top_inputs, needs_model=True),
 }

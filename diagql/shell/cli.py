@@ -36,9 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--demo", action="store_true",
                         help="the built-in LeNet-5 over 2,500 held-out MNIST digits "
                              "(needs: pip install 'diagql[demo]')")
-    source.add_argument("--model", metavar="MODULE:CALLABLE",
-                        help="a callable returning an nn.Module (or the module itself)")
-    source.add_argument("--weights", metavar="PATH", help="a state_dict saved with torch.save")
+    source.add_argument("--model", metavar="[NAME=]MODULE:CALLABLE", action="append", default=[],
+                        help="a callable returning an nn.Module (or the module itself); "
+                             "repeat as NAME=MODULE:CALLABLE for several models over the same "
+                             "data (the first is the default; wide.fc2 names another's layer)")
+    source.add_argument("--weights", metavar="[NAME=]PATH", action="append", default=[],
+                        help="a state_dict saved with torch.save (NAME=PATH: that model's)")
+    source.add_argument("--checkpoint", metavar="[NAME=]PATH", action="append", default=[],
+                        help="a checkpoint of the model (a saved state_dict), a model of its "
+                             "own named NAME or by the file's stem; a glob such as "
+                             "'ckpt/*.pt' adds every file (the model itself is then 'final'); "
+                             "ACROSS CHECKPOINTS runs a query on each")
     source.add_argument("--data", metavar="MODULE:CALLABLE",
                         help="a callable returning a Dataset (of (x, y) or of dicts), a "
                              "DataLoader, (X, y) or a mapping of named inputs")
@@ -74,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the output format (default {defaults.format}); json prints one "
                              f"object per statement")
     output.add_argument("--plot", metavar="FILE",
-                        help="draw each EVALUATE SAMPLERS result to FILE (.png, .pdf, .svg; "
-                             "the second to FILE-2.png, ...); needs matplotlib")
+                        help="draw each EVALUATE SAMPLERS and SIMILARITY result, and each TOPK k "
+                             "INPUTS answer's items as thumbnails, to FILE (.png, .pdf, .svg; the "
+                             "second to FILE-2.png, ...); needs matplotlib")
     output.add_argument("--keep-going", action="store_true",
                         help="run the remaining statements after one fails (exit status is still 1)")
     output.add_argument("--no-progress", action="store_true", help="never draw progress bars")
@@ -94,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model and --data go together")
     if args.weights and not args.model:
         parser.error("--weights needs --model")
+    if args.checkpoint and not (args.model or args.demo):
+        parser.error("--checkpoint needs --model or --demo")
     if args.label_key and not args.data:
         parser.error("--label-key needs --data")
     if args.no_cache and args.cache_dir:
@@ -106,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-workers must be at least 1")
     if args.engine == "ray" and not (args.demo or args.model):
         parser.error("--engine ray needs a model: --demo, or --model and --data")
+    if args.engine == "ray" and (len(args.model) > 1 or args.checkpoint
+                                 or any("=" in spec.partition(":")[0] for spec in args.model)):
+        parser.error("--engine ray runs one model: give one unnamed --model MODULE:CALLABLE "
+                     "and no --checkpoint")
     if args.plot:
         from diagql.errors import DiagQLError
         from diagql.results.plots import check_target
@@ -150,7 +165,7 @@ def _run(args, out, err) -> int:
         from diagql.shell.repl import run_repl
 
         # The prompt comes first; torch, the model and the data load behind it.
-        what = "the demo" if args.demo else (args.model or "no model")
+        what = "the demo" if args.demo else (", ".join(args.model) or "no model")
         return run_repl(PendingConnection(lambda: _connect(args), what), out, err)
     conn = _connect(args)
     from diagql.errors import DiagQLError
@@ -166,7 +181,8 @@ def _run(args, out, err) -> int:
                 if not args.keep_going:
                     return EXIT_FAILED
                 continue
-            if args.plot and outcome.kind == "evaluation":
+            if args.plot and (outcome.kind in ("evaluation", "similarity")
+                              or outcome.ranked is not None):
                 plots += 1
                 try:
                     _plot(outcome, args.plot, plots)
@@ -178,7 +194,7 @@ def _run(args, out, err) -> int:
 
 
 def _plot(result, path: str, number: int) -> None:
-    """--plot: the first EVALUATE result to PATH, the n-th to PATH's stem + "-n" + suffix."""
+    """--plot: the first plotted result to PATH, the n-th to PATH's stem + "-n" + suffix."""
     from pathlib import Path
 
     from diagql.results.plots import write_plot
@@ -223,6 +239,10 @@ def _open(args):
                    progress=progress, cache_dir=cache_dir, cache_limit=args.cache_limit)
     if args.engine == "ray":
         options.update(engine="ray", ray_address=args.ray_address, ray_workers=args.ray_workers)
+    if args.checkpoint:
+        from diagql.shell.loading import checkpoint_paths
+
+        options["checkpoints"] = checkpoint_paths(args.checkpoint)
     if args.demo:
         from diagql.mnist_demo import demo
 
@@ -233,15 +253,15 @@ def _open(args):
 
             raise DiagQLError(str(exc)) from None
     if args.model:
-        from diagql.shell.loading import load_data, load_model
+        from diagql.shell.loading import load_data, load_models
 
         if args.engine == "ray":  # every worker builds its own model and data from the specs
             import functools
 
-            return connect(functools.partial(load_model, args.model, args.weights),
+            return connect(functools.partial(load_models, args.model, args.weights),
                            functools.partial(load_data, args.data), label_key=args.label_key,
                            **options)
-        return connect(load_model(args.model, args.weights), load_data(args.data),
+        return connect(load_models(args.model, args.weights), load_data(args.data),
                        label_key=args.label_key, **options)
     conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size

@@ -22,6 +22,7 @@ _SAMPLER_NAME = re.compile(r"USING\s+SAMPLE\s*$", re.IGNORECASE)
 _EVALUATE_LIST = re.compile(r"EVALUATE\s+SAMPLERS\b((?:[^()]|\([^()]*\))*)$", re.IGNORECASE)
 # The open sampler call at the cursor (the only calls whose arguments may be names).
 _SAMPLER_ARGS = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(([^()]*)$")
+_MEASURE = re.compile(r"\bSIMILARITY\b.*\bBY\s+\w*$", re.IGNORECASE | re.DOTALL)
 _SWEEP = re.compile(r"\bSWEEP\s*$", re.IGNORECASE)
 _SET_NAME = re.compile(r"^\s*SET\s*$", re.IGNORECASE)
 _SET_VALUE = re.compile(r"^\s*SET\s+([A-Za-z_]\w*)\s*=\s*$", re.IGNORECASE)
@@ -44,8 +45,10 @@ class DiagQLCompleter(Completer):
 
     def __init__(self, layers: Callable[[], Iterable[tuple[str, str]]] = lambda: (),
                  meta_commands: dict[str, str] | None = None,
-                 meta_arguments: dict[str, Iterable[str]] | None = None):
+                 meta_arguments: dict[str, Iterable[str]] | None = None,
+                 models: Callable[[], Iterable[str]] = lambda: ()):
         self.layers = layers
+        self.models = models  # the connection's model names, for SET model = ...
         self.meta_commands = meta_commands or {}
         self.meta_arguments = meta_arguments or {}
 
@@ -92,6 +95,11 @@ class DiagQLCompleter(Completer):
             yield from offer(samplers.REGISTRY,
                              lambda n: (samplers.REGISTRY[n].__doc__ or "").strip().split("\n")[0])
             return
+        if _MEASURE.search(prefix):
+            from diagql.language.ast import MEASURES
+
+            yield from offer(MEASURES, lambda n: "linear CKA (Kornblith et al. 2019)")
+            return
         if _SWEEP.search(prefix):
             yield from offer(["j"], lambda n: "the boundary share of gmm and maxmargin")
             return
@@ -101,6 +109,9 @@ class DiagQLCompleter(Completer):
         set_value = _SET_VALUE.search(prefix)
         if set_value and set_value.group(1).lower() == "format":
             yield from offer(FORMATS)
+            return
+        if set_value and set_value.group(1).lower() == "model":
+            yield from offer(self._listed(self.models), lambda n: "model")
             return
         call = _SAMPLER_ARGS.search(prefix)
         if call and re.search(r"(\(|,)\s*$", prefix):
@@ -119,8 +130,12 @@ class DiagQLCompleter(Completer):
                                      display_meta=f"default {param.default!r}")
 
     def _layer_list(self) -> list[tuple[str, str]]:
+        return self._listed(self.layers)
+
+    @staticmethod
+    def _listed(source: Callable[[], Iterable]) -> list:
         try:
-            return list(self.layers())
+            return list(source())
         except Exception:  # noqa: BLE001 - no model, or it failed: completion just offers less
             return []
 
@@ -138,10 +153,26 @@ class DiagQLCompleter(Completer):
 
 
 def connection_layers(conn) -> Callable[[], list[tuple[str, str]]]:
-    """Layer names with their type and shape, for the completer (probes the model once)."""
+    """Layer names with their type and shape, for the completer (probes the model once): the
+    default model's, and with several models every model's as ``model.layer`` (a checkpoint's
+    from its final model's catalog, so that completing loads no checkpoint)."""
+
+    def listed(catalog, prefix: str = "", model: str = "") -> list[tuple[str, str]]:
+        return [(prefix + layer.name, f"{model}{layer.type_name} {layer.shape_text()}")
+                for layer in catalog.layers if layer.shape is not None]
 
     def layers() -> list[tuple[str, str]]:
-        return [(layer.name, f"{layer.type_name} {layer.shape_text()}")
-                for layer in conn.catalog.layers if layer.shape is not None]
+        names = listed(conn.catalog)
+        models = conn.models
+        if len(models) > 1:
+            given = {id(e.architecture()): e for e in models.values() if not e.is_checkpoint}
+            for name, entry in models.items():
+                catalog = given.get(id(entry.architecture()), entry).catalog
+                names += listed(catalog, f"{name}.", f"{name}: ")
+        return names
 
     return layers
+
+
+def connection_models(conn) -> Callable[[], list[str]]:
+    return lambda: list(conn.models)

@@ -98,10 +98,15 @@ def language_help() -> str:
         "      [USING " + choices(query + "USING ").replace(
             "SAMPLE", "SAMPLE sampler(size, param=value, ...)") + "]",
         "      [WITH BASELINE]",
+        "      [ACROSS CHECKPOINTS [PLOT 'file.png']]   (once per checkpoint and the final model)",
+        "  a layer of another model: model.layer (wide.fc2); SET model = name changes the "
+        "default one",
         f"  SHOW {choices('SHOW ')}    DESCRIBE layer    SET name = value    EXPLAIN query",
         "  EVALUATE SAMPLERS [sampler, ...] [AT size, ...] [K k, ...] [LAYERS layer, ...] "
         "[SEEDS n]",
         "      [SWEEP j IN (value, ...)] [PLOT 'file.png']   (the paper's S1/S2/S3 benchmark)",
+        "  SIMILARITY layer, layer [, ...] [BY cka] [WHERE ...] [GROUP BY ...] [USING ...] "
+        "[WITH BASELINE] [PLOT 'file.png']   (linear CKA; three or more layers: every pair)",
         "  CLEAR CACHE  (empties the disk cache of profiles, samples and activations)",
         "",
         "Examples:",
@@ -110,6 +115,7 @@ def language_help() -> str:
         "  AVG NEURONS IN fc1 WHERE incorrect GROUP BY class;",
         "  ARGMAX CHANNELS IN conv2 WHERE predicted = 8;",
         "  EVALUATE SAMPLERS random, stratified, maxmargin AT 0.05, 0.1 SEEDS 3 PLOT 'fig4.png';",
+        "  SIMILARITY conv2, fc3 USING SAMPLE random(0.1) WITH BASELINE;",
         "",
         "Samplers:",
     ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 from diagql.errors import DiagQLError
@@ -55,40 +56,75 @@ def load_model(spec: str, weights: str | None = None):
 
 
 def load_weights(model, path: str) -> None:
-    import pickle
+    from diagql.model.weights import load_state, read_state
 
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DiagQLError(f"--weights {path!r}: no such file") from None
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
-        raise DiagQLError(f"--weights {path!r} is not a readable torch checkpoint: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise DiagQLError(f"--weights {path!r} holds {type(state).__name__}, not a state_dict")
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise DiagQLError(f"--weights {path!r} do not fit the model: {detail}") from None
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {_few(result.missing_keys)}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {_few(result.unexpected_keys)}")
-    if problems:
-        raise DiagQLError(f"--weights {path!r} do not fit the model: " + "; ".join(problems))
+    label = f"--weights {path!r}"
+    load_state(model, read_state(path, label), label)
 
 
-def _few(keys: list[str]) -> str:
-    shown = ", ".join(keys[:4])
-    return shown + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+def named(value: str, flag: str) -> tuple[str | None, str]:
+    """``NAME=SPEC`` as (NAME, SPEC); a value without a name before '=' is (None, value)."""
+    name, sep, rest = value.partition("=")
+    if sep and re.fullmatch(r"[A-Za-z_]\w*", name):
+        return name, rest
+    if sep and not re.search(r"[:/\\]", name):  # a mistyped name, not a path with '='
+        raise DiagQLError(f"{flag} {value!r}: {name!r} is not a model name (letters, digits and "
+                          f"_, not starting with a digit)")
+    return None, value
+
+
+def load_models(specs: list[str], weights: list[str]):
+    """--model (repeatable, ``NAME=MODULE:CALLABLE`` or one unnamed) and --weights (``PATH``
+    for the one model, or ``NAME=PATH``): one nn.Module, or a dict of them by name in the
+    order given (the first is the default model)."""
+    models: dict[str | None, object] = {}
+    for spec in specs:
+        name, spec = named(spec, "--model")
+        if name is None and len(specs) > 1:
+            raise DiagQLError(f"--model {spec!r}: with several models, name each one: "
+                              f"--model NAME=MODULE:CALLABLE")
+        if name in models:
+            raise DiagQLError(f"--model {name}=... is given twice")
+        models[name] = spec
+    paths: dict[str | None, str] = {}
+    for value in weights:
+        name, path = named(value, "--weights")
+        if name is not None and name not in models:
+            raise DiagQLError(f"--weights {value!r}: there is no --model {name}=...; models are "
+                              f"{', '.join(str(m) for m in models)}")
+        if name is None and len(models) > 1:
+            raise DiagQLError(f"--weights {value!r}: with several models, say whose: "
+                              f"--weights NAME=PATH")
+        paths[name if name is not None else next(iter(models))] = path
+    loaded = {name: load_model(spec, paths.get(name)) for name, spec in models.items()}
+    return loaded[None] if None in loaded else loaded
+
+
+def checkpoint_paths(values: list[str]) -> dict[str, str]:
+    """--checkpoint NAME=PATH, PATH or a glob ('ckpt/*.pt'): paths by name, a file's name
+    being its stem; a glob's files in natural order (epoch2 before epoch10)."""
+    import glob
+
+    from diagql.session.checkpoints import natural_key, stem_name
+
+    paths: dict[str, str] = {}
+    for value in values:
+        name, path = named(value, "--checkpoint")
+        if name is not None:
+            found = [(name, path)]
+        elif glob.has_magic(path):
+            files = sorted(glob.glob(path), key=natural_key)
+            if not files:
+                raise DiagQLError(f"--checkpoint {path!r}: no file matches")
+            found = [(stem_name(file), file) for file in files]
+        else:
+            found = [(stem_name(path), path)]
+        for key, file in found:
+            if key in paths:
+                raise DiagQLError(f"--checkpoint: two checkpoints are named {key!r} ({paths[key]} "
+                                  f"and {file}); name them with NAME=PATH")
+            paths[key] = file
+    return paths
 
 
 def load_data(spec: str):

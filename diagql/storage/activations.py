@@ -12,6 +12,11 @@ reads only a view's ``key``, ``width``, ``text()`` and ``layer.name``.
 Only samples are kept: a full-data query streams through aggregate states instead, so that
 its memory does not grow with the data set. A layer whose rows would pass the memory budget
 is not kept either (the query then streams too).
+
+On disk a view's rows are an entry in parts (``<key>-<part>``, one ``.npz`` each): a query
+whose items are new appends a part with their rows only, instead of rewriting the layer; each
+part is whole or absent, a damaged one is dropped (its rows are recomputed), and past
+``MAX_PARTS`` the parts are merged into one (docs/ARCHITECTURE.md, "Storage").
 """
 from __future__ import annotations
 
@@ -21,11 +26,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
+import xxhash
 
 from diagql.storage.store import Cache
 
 MEMORY_BUDGET = 512 * 1024 ** 2  # bytes of rows held in memory, all layers together
 REDUCED_KEPT = 64  # aggregate states of recent sample queries, kept for reuse
+MAX_PARTS = 8  # parts of a view's entry before they are merged into one
 
 
 def _reduction_key(plan) -> tuple:
@@ -39,6 +46,31 @@ def _reduction_key(plan) -> tuple:
     return plan.bound.view.key, query.unit, kind, query.group_by, digest
 
 
+class _Rows:
+    """A view's rows held in memory: disjoint parts (sorted items, their rows), and the keys
+    of the disk parts they came from or went to."""
+
+    def __init__(self, parts: list[tuple[np.ndarray, np.ndarray]], keys: list[str]):
+        self.parts = parts
+        self.keys = keys
+
+    @property
+    def nbytes(self) -> int:
+        return sum(rows.nbytes for _, rows in self.parts)
+
+    def count(self) -> int:
+        return sum(len(items) for items, _ in self.parts)
+
+    def holds(self, items: np.ndarray) -> np.ndarray:
+        """Which of ``items`` (sorted) have their rows here."""
+        found = np.zeros(len(items), dtype=bool)
+        for indices, _ in self.parts:
+            if len(indices):
+                positions = np.minimum(np.searchsorted(indices, items), len(indices) - 1)
+                found |= indices[positions] == items
+        return found
+
+
 class ActivationStore:
     def __init__(self, cache: Cache, key_of: Callable[[str], str | None], n_items: int,
                  dtype: np.dtype, budget: int = MEMORY_BUDGET):
@@ -47,12 +79,12 @@ class ActivationStore:
         self.n_items = n_items
         self.dtype = np.dtype(dtype)
         self.budget = budget
-        self._layers: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._layers: OrderedDict[str, _Rows] = OrderedDict()
         self._reduced: OrderedDict[tuple, dict] = OrderedDict()  # see reduced()
 
     def held(self, view, items: np.ndarray) -> int:
         """How many of ``items`` have their rows here (in memory, or loaded from disk)."""
-        return len(self.held_rows(view, items)[2])
+        return sum(len(held) for _, _, held in self.held_rows(view, items))
 
     def fits(self, view, items: np.ndarray) -> bool:
         """Whether the rows of ``items``, with what is held for the view, stay in budget."""
@@ -64,19 +96,23 @@ class ActivationStore:
         last would push an earlier one out of memory."""
         total = 0
         for view, items in kept.values():
-            indices, _ = self._entry(view)
-            total += len(np.union1d(indices, items)) * view.width * self.dtype.itemsize
+            entry = self._entry(view)
+            rows = entry.count() + int((~entry.holds(items)).sum())
+            total += rows * view.width * self.dtype.itemsize
         return total <= self.budget
 
-    def held_rows(self, view, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(table, positions, held): ``table[positions]`` are the rows of ``held``, the items
-        of ``items`` (sorted) whose rows are here."""
-        indices, table = self._entry(view)
-        if len(indices) == 0:
-            return table, np.empty(0, dtype=np.int64), items[:0]
-        positions = np.minimum(np.searchsorted(indices, items), len(indices) - 1)
-        mask = indices[positions] == items
-        return table, positions[mask], items[mask]
+    def held_rows(self, view, items: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(table, positions, held) per part that holds some of ``items`` (sorted):
+        ``table[positions]`` are the rows of ``held``, those items whose rows are here."""
+        found = []
+        for indices, table in self._entry(view).parts:
+            if len(indices) == 0:
+                continue
+            positions = np.minimum(np.searchsorted(indices, items), len(indices) - 1)
+            mask = indices[positions] == items
+            if mask.any():
+                found.append((table, positions[mask], items[mask]))
+        return found
 
     def reduced(self, plan) -> dict | None:
         """Aggregate states an earlier query reduced over exactly these items, or None."""
@@ -91,46 +127,57 @@ class ActivationStore:
         while len(self._reduced) > REDUCED_KEPT:
             self._reduced.popitem(last=False)
 
-    def add(self, view, items: np.ndarray, rows: np.ndarray) -> None:
-        """Merge new rows into the view's entry, in memory and on disk."""
-        indices, held = self._entry(view)
-        if len(indices) == 0:
-            merged, table = items, rows
-        else:
-            merged = np.union1d(indices, items)
-            table = np.empty((len(merged), rows.shape[1]), dtype=self.dtype)
-            table[np.searchsorted(merged, indices)] = held
-            table[np.searchsorted(merged, items)] = rows
-        self._put(view.key, merged, table)
+    def add(self, view, items: np.ndarray, rows: np.ndarray,
+            seconds_per_item: float | None = None) -> None:
+        """Keep new rows of the view: in memory, and on disk as one more part of its entry
+        (only these rows are written). ``seconds_per_item``: what a pass cost per item, so
+        that a part cheaper to recompute than to read back is not written (storage/store.py)."""
+        entry = self._entry(view)
+        new = ~entry.holds(items)
+        if not new.all():
+            items, rows = items[new], rows[new]
+        if len(items) == 0:
+            return
+        entry.parts.append((items, rows))
+        self._put(view.key, entry)
         key = self.key_of(view.key)
-        if key is not None:
-            self.cache.store("activations", key, {"items": merged, "rows": table},
-                             meta={"layer": view.layer.name, "view": view.text(),
-                                   "items": len(merged)})
+        if key is None:
+            return
+        if len(entry.parts) > MAX_PARTS:  # merged: the next session reads one file, not many
+            items, rows = _combine(entry.parts)
+            entry.parts = [(items, rows)]
+        replaces = entry.keys if len(entry.parts) == 1 else []
+        part = f"{key}-{xxhash.xxh3_64_hexdigest(items.tobytes())}"
+        seconds = None if seconds_per_item is None else seconds_per_item * len(items)
+        if self.cache.store("activations", part, {"items": items, "rows": rows},
+                            meta={"layer": view.layer.name, "view": view.text(),
+                                  "items": len(items)}, seconds=seconds, replaces=replaces):
+            entry.keys = [part] if replaces else entry.keys + [part]
 
     def clear(self) -> None:
         self._layers.clear()
         self._reduced.clear()
 
-    def _entry(self, view) -> tuple[np.ndarray, np.ndarray]:
+    def _entry(self, view) -> _Rows:
         if view.key in self._layers:
             self._layers.move_to_end(view.key)
             return self._layers[view.key]
-        entry = None
+        parts, keys = [], []
         key = self.key_of(view.key)
         if key is not None:
-            entry = self.cache.load("activations", key,
-                                    functools.partial(self._decode, view.width))
-        if entry is None:
-            entry = (np.empty(0, dtype=np.int64), np.empty((0, view.width), dtype=self.dtype))
-        self._put(view.key, *entry)
+            decode = functools.partial(self._decode, view.width)
+            for part, rows in self.cache.load_parts("activations", key, decode):
+                keys.append(part)
+                parts.append(rows)
+        entry = _Rows(_disjoint(parts), keys)
+        self._put(view.key, entry)
         return entry
 
-    def _put(self, key: str, indices: np.ndarray, rows: np.ndarray) -> None:
-        self._layers[key] = (indices, rows)
+    def _put(self, key: str, entry: _Rows) -> None:
+        self._layers[key] = entry
         self._layers.move_to_end(key)
         # Least recently used layers leave memory first (they stay on disk).
-        while len(self._layers) > 1 and sum(r.nbytes for _, r in self._layers.values()) > self.budget:
+        while len(self._layers) > 1 and sum(e.nbytes for e in self._layers.values()) > self.budget:
             self._layers.popitem(last=False)
 
     def _decode(self, width: int, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,3 +190,25 @@ class ActivationStore:
                                       or np.any(np.diff(indices) <= 0)))):
             raise ValueError("its rows do not match its items")
         return indices, rows
+
+
+def _disjoint(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Parts whose items no earlier part holds (two sessions may have appended the same items;
+    their rows are equal), without copying a part that overlaps none."""
+    kept, seen = [], np.empty(0, dtype=np.int64)
+    for items, rows in parts:
+        if len(seen):
+            new = ~np.isin(items, seen, assume_unique=True)
+            if not new.all():
+                items, rows = items[new], rows[new]
+        if len(items):
+            kept.append((items, rows))
+            seen = np.union1d(seen, items)
+    return kept
+
+
+def _combine(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint parts as one: items sorted, rows in their order."""
+    items = np.concatenate([items for items, _ in parts])
+    order = np.argsort(items, kind="stable")
+    return items[order], np.concatenate([rows for _, rows in parts])[order]

@@ -188,27 +188,41 @@ class Cache:
             pass  # read-only or already gone: it will be detected again, never used
 
     def store(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict,
-              seconds: float | None = None) -> None:
+              seconds: float | None = None, replaces: list[str] | tuple = ()) -> bool:
         """Hand an entry to this Cache's writer thread, which writes it atomically; return at
         once. The caller must not change the arrays afterwards (they are written as they are
         then). ``seconds``: what computing the entry cost; when reading it back would cost
-        more, it is not written. On a failure (read-only, disk full) the cache warns once and
-        stops writing: the caller already has its result, and DiagQL works without a cache."""
+        more, it is not written (False). ``replaces``: keys of the same kind that this entry
+        takes the place of, removed once it has landed. On a failure (read-only, disk full)
+        the cache warns once and stops writing: the caller already has its result, and DiagQL
+        works without a cache."""
         if not self._writer.writable:
             self._report()
-            return
+            return False
         path = self.path(kind, key)
         payload = {name: np.asarray(value) for name, value in arrays.items()}
         size = sum(value.nbytes for value in payload.values())
         if size > self.limit:
-            return  # it could only be kept by evicting everything else, and would not fit
+            return False  # it could only be kept by evicting everything else: it would not fit
         if seconds is not None and seconds < self.read_seconds(size):
             self.skipped += 1
-            return
+            return False
         header = {"format": FORMAT_VERSION, "kind": kind, "key": key, "diagql": __version__,
                   "created": time.time(), "meta": meta}
         payload[_HEADER] = np.array(json.dumps(header, default=str))
-        self._writer.put(Job(absolute(path), payload))  # one key for every root spelling
+        old = tuple(absolute(self.path(kind, other)) for other in replaces if other != key)
+        self._writer.put(Job(absolute(path), payload, replaces=old))  # one key for every spelling
+        return True
+
+    def load_parts(self, kind: str, prefix: str, decode: Callable[[dict], T] | None = None
+                   ) -> list[tuple[str, dict[str, np.ndarray] | T]]:
+        """(key, value) of every part ``<prefix>-<part>`` of an entry kept in parts (on disk or
+        on its way there) that loads and decodes, as ``load`` gives them; none is one miss."""
+        keys = [] if self.root is None else part_keys(self.path(kind, prefix))
+        if not keys and self.root is not None:
+            self._count(kind, "misses")
+        loaded = ((key, self.load(kind, key, decode)) for key in keys)
+        return [(key, value) for key, value in loaded if value is not None]
 
     def _report(self) -> None:
         """Warn, in the caller's thread, about a write that failed in the writer thread."""
@@ -312,6 +326,18 @@ def _list(root: Path) -> list[Entry]:
                 continue  # removed meanwhile
             found.append(Entry(kind_dir.name, path.stem, path, stat.st_size, stat.st_mtime))
     return sorted(found, key=lambda e: (e.used, str(e.path)))
+
+
+def part_keys(path: Path) -> list[str]:
+    """The keys of the parts of the entry at ``path`` (``<key>-<part>.npz`` beside it), on disk
+    or pending, sorted: an activation entry grows by appending one."""
+    prefix = path.stem + "-"
+    found = {job.path.stem for job in writer.PENDING.under(absolute(path.parent.parent))
+             if job.path.parent.name == path.parent.name and job.path.stem.startswith(prefix)}
+    if path.parent.is_dir():
+        found.update(part.stem for part in path.parent.glob(prefix + "*.npz")
+                     if _NAME.match(part.stem))
+    return sorted(found)
 
 
 def _remove_abandoned(folder: Path) -> None:

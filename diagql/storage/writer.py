@@ -31,6 +31,7 @@ class Job:
     payload: dict[str, np.ndarray]
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False  # CLEAR CACHE, or a rejected entry: skip it if not yet started
+    replaces: tuple[Path, ...] = ()  # entries removed once this one has landed (merged parts)
 
 
 class Pending:
@@ -149,6 +150,11 @@ class Writer:
                 except OSError:
                     pass
         self.writes += 1
+        for old in job.replaces:  # only now: until the merged entry is whole, they serve
+            try:
+                os.unlink(old)
+            except OSError:
+                pass  # evicted or cleared meanwhile
         try:
             self.written(path)
         except OSError:

@@ -1,0 +1,283 @@
+"""SIMILARITY's plan to Result: one forward pass hooks every layer named, each batch's rows of
+all of them reach one CKA state per group together, and the states become the value or matrix
+(docs/ARCHITECTURE.md, "Similarity"). The plan is the query planner's Plan over a
+BoundSimilarity: WHERE, GROUP BY, the sample and the baseline select items as for any query."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from diagql.engine.answers import require_matches
+from diagql.engine.cka import MIN_ITEMS, MomentState, RowState, debiased_matrix
+from diagql.engine.groups import key_order, sorted_keys
+from diagql.engine.planner import Plan
+from diagql.errors import ExecutionError
+from diagql.language.ast import predicate_text
+from diagql.results.result import Estimate, Provenance, Result
+
+# What one statement's CKA states may hold (float64), exact or sampled: past it the statement
+# is refused before any pass, naming what it would take.
+MEMORY_LIMIT = 4 * 2**30
+LEVEL = 0.95
+# Samplers that draw every item with the same probability, so that the matching items of any
+# WHERE are a uniform sample too: the jackknife interval's model. Not stratified, although
+# means' estimates trust it: its one item from every non-empty confusion cell oversamples the
+# mistakes (36 of 125 at 5% on the demo, against 4), and CKA differs between mistakes and the
+# rest (benchmarks/calibration_similarity.py: its interval covers 0.80 at 5%).
+UNIFORM_SAMPLERS = ("random",)
+COVERS = ("sampling variance of a uniform sample of the matching items (delete-one jackknife "
+          "over the sampled items, finite-population corrected); not a sampler's bias")
+
+
+def layer_labels(plan: Plan) -> list[str]:
+    """Each layer as given, with its TOKENS clause when it has one (``enc TOKEN 0``)."""
+    return [f"{view.layer.name} {view.text()}".strip() for view in plan.bound.views]
+
+
+class SimilarityReducer:
+    """A SIMILARITY plan's CKA states, one per group, fed by one ``Feed`` per distinct view
+    (a layer named twice is hooked and copied once). The rows of a batch are held until every
+    view has delivered them, then go to the state together."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        keys = list(dict.fromkeys(view.key for view in plan.bound.views))
+        self.views = [next(v for v in plan.bound.views if v.key == key) for key in keys]
+        self.items = plan.items
+        self.rows = uses_rows(plan)
+        self.feeds = [Feed(self, k, view) for k, view in enumerate(self.views)]
+        self.pending: list = [None] * len(self.views)
+        self.states: dict = {}
+        self.bad, self.first_bad = 0, -1
+
+    def put(self, k: int, rows: torch.Tensor, idx: np.ndarray) -> None:
+        # A copy: a later in-place op of the model may overwrite this layer's output before
+        # the last layer of the batch has run.
+        self.pending[k] = (rows.detach().to(torch.float64, copy=True), idx)
+        if any(p is None for p in self.pending):
+            return
+        batch, self.pending = self.pending, [None] * len(self.views)
+        if any(not np.array_equal(i, idx) for _, i in batch):
+            raise ExecutionError("SIMILARITY's layers were fed different items in one batch")
+        values = [r for r, _ in batch]
+        if self.plan.group_keys is None:
+            self._update(None, values, idx)
+            return
+        keys = self.plan.group_keys[np.searchsorted(self.items, idx)]
+        for key in np.unique(keys).tolist():
+            mask = torch.from_numpy(keys == key)
+            self._update(key, [v[mask.to(v.device)] for v in values], idx[keys == key])
+
+    def _update(self, key, values: list, idx: np.ndarray) -> None:
+        if key not in self.states:
+            widths = [view.width for view in self.views]
+            self.states[key] = RowState(widths) if self.rows else MomentState(widths)
+        if self.states[key].update(*values):
+            return
+        bad = ~torch.stack([torch.isfinite(v).all(dim=1) for v in values]).all(dim=0)
+        bad = bad.cpu().numpy()
+        if self.bad == 0:
+            self.first_bad = int(idx[np.flatnonzero(bad)[0]])
+        self.bad += int(bad.sum())
+
+    def check(self) -> None:
+        if self.bad:
+            names = ", ".join(view.layer.name for view in self.views)
+            raise ExecutionError(f"layers {names} have NaN or infinite activations for "
+                                 f"{self.bad:,} of {len(self.items):,} items (the first is item "
+                                 f"{self.first_bad}); CKA over them is undefined")
+
+
+class Feed:
+    """One view's consumer in the Runner's pass: hands its rows to the SimilarityReducer."""
+
+    def __init__(self, reducer: SimilarityReducer, k: int, view):
+        self.reducer, self.k, self.view = reducer, k, view
+        self.items = self.wanted = reducer.items
+
+    def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
+        self.reducer.put(self.k, rows, idx)
+
+
+def state_floats(plan: Plan) -> tuple[str, int]:
+    """Which state answers the plan and the float64 values it holds per group: a sample's rows
+    (its estimate needs every item's terms), else the cheaper of the rows and the moments."""
+    widths = [view.width for view in _distinct_views(plan)]
+    rows = RowState.floats(widths, len(plan.items))
+    moments = MomentState.floats(widths)
+    if plan.approximate or rows < moments:
+        return "rows", rows
+    return "moments", moments
+
+
+def uses_rows(plan: Plan) -> bool:
+    return state_floats(plan)[0] == "rows"
+
+
+def _distinct_views(plan: Plan) -> list:
+    return list({view.key: view for view in plan.bound.views}.values())
+
+
+def check_memory(plan: Plan) -> None:
+    """Refuse, before any pass, a statement whose states would pass MEMORY_LIMIT."""
+    for part in (plan, plan.baseline):
+        if part is None:
+            continue
+        form, floats = state_floats(part)
+        if floats * 8 > MEMORY_LIMIT:
+            what = ("the rows of its items" if form == "rows" else
+                    "the cross moments of its layers' features, (Σ widths)²/2 values")
+            raise ExecutionError(
+                f"exact CKA here needs {floats * 8 / 2**30:.1f} GiB for {what}, over the "
+                f"{MEMORY_LIMIT / 2**30:.0f} GiB limit; name narrower layers (a sequence's "
+                f"TOKENS MEAN rather than TOKENS ALL), or ask WHERE fewer items")
+
+
+def answer_similarity(runner, plan: Plan) -> Result:
+    """Run the plan (and its baseline, in its own pass so that each has its own time)."""
+    require_matches(plan)
+    check_memory(plan)
+    timings = {}
+    states = {}
+    for part, name in ((plan, "query"), (plan.baseline, "baseline")):
+        if part is None:
+            continue
+        started = time.perf_counter()
+        reducer = SimilarityReducer(part)
+        label = "sampled items" if part.approximate else ("baseline" if name == "baseline"
+                                                          else "items")
+        runner.run(reducer.feeds, f"SIMILARITY {', '.join(layer_labels(part))} ({label})")
+        reducer.check()
+        states[name] = reducer.states
+        timings[name] = time.perf_counter() - started
+    result = build_result(plan, states["query"])
+    result.timings.update(timings)
+    if plan.baseline is not None:
+        result.baseline = build_result(plan.baseline, states["baseline"])
+        compare(plan, result, result.baseline)
+    return result
+
+
+def build_result(plan: Plan, states: dict) -> Result:
+    if plan.query.group_by is None:
+        return _single(plan, states.get(None), plan.population[None])
+    result = _single(plan, None, 0)
+    result.groups = {key: _single(plan, states[key], plan.population[key])
+                     for key in sorted_keys(states)}
+    result.n_items = sum(g.n_items for g in result.groups.values())
+    return result
+
+
+def _single(plan: Plan, state, population: int) -> Result:
+    query = plan.query
+    provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by)
+    result = Result(kind="similarity", statement=query.text, labels=layer_labels(plan),
+                    unit=query.measure, provenance=provenance, plan=plan)
+    if state is None or state.count == 0:
+        return result
+    pick = np.ix_(_given_order(plan), _given_order(plan))  # distinct views to layers given
+    if plan.approximate:
+        value, low, high = debiased_matrix(state.rows(), population, LEVEL)
+        name = plan.bound.sampler.name
+        reason = None
+        if state.count < MIN_ITEMS:
+            reason = (f"{state.count} matching sampled item{'s' if state.count != 1 else ''}: "
+                      f"the debiased CKA needs at least {MIN_ITEMS}")
+        elif name not in UNIFORM_SAMPLERS:
+            reason = (f"{name} does not draw every item with the same probability (it favours "
+                      f"{'the mistakes' if name in ('stratified', 'maxmargin') else 'some items'}"
+                      f"), and the jackknife interval covers the sampling variance of a uniform "
+                      f"sample, not a sampler's bias; add WITH BASELINE for the real error")
+        result.estimate = Estimate(COVERS, reason is None, LEVEL, state.count, population,
+                                   reason, ci_low=low[pick], ci_high=high[pick])
+        matrix = value[pick]
+    else:
+        matrix = state.matrix()[pick]
+    result.matrix = matrix
+    result.value = float(matrix[0, 1]) if len(matrix) == 2 else None
+    result.n_items = state.count
+    constant = [label for label, own in zip(result.labels, np.diag(matrix)) if np.isnan(own)]
+    if constant and state.count >= MIN_ITEMS:
+        result.notes.append(f"{', '.join(constant)} {'is' if len(constant) == 1 else 'are'} "
+                            f"constant over the matching items: CKA with it is undefined (NaN)")
+    return result
+
+
+def _given_order(plan: Plan) -> list[int]:
+    """For each layer as given, the position of its view among the distinct views."""
+    keys = list(dict.fromkeys(view.key for view in plan.bound.views))
+    return [keys.index(view.key) for view in plan.bound.views]
+
+
+def abs_error(approx: Result, exact: Result) -> float:
+    """|sampled − exact| CKA: of the one pair, or the mean over the matrix's pairs (each once);
+    1 (CKA's range) where the sample has no value: no matching item, or too few for one.
+    Pairs whose exact CKA is undefined (a constant layer) are left out."""
+    if exact.matrix is None:
+        return float("nan")
+    upper = np.triu_indices(len(exact.matrix), 1)
+    truth = exact.matrix[upper]
+    got = approx.matrix[upper] if approx.matrix is not None else np.full(len(truth), np.nan)
+    errors = np.where(np.isnan(got), 1.0, np.abs(got - truth))[np.isfinite(truth)]
+    return float(errors.mean()) if len(errors) else float("nan")
+
+
+def compare(plan: Plan, approx: Result, exact: Result) -> None:
+    """|sampled − exact| per group and overall (the mean over the groups)."""
+    if exact.groups is None:
+        approx.metrics["cka_abs_error"] = abs_error(approx, exact)
+        return
+    approx.groups = approx.groups or {}
+    for key, exact_group in exact.groups.items():
+        group = approx.groups.setdefault(key, _single(plan, None, 0))
+        group.baseline = exact_group
+        group.metrics["cka_abs_error"] = abs_error(group, exact_group)
+    approx.groups = dict(sorted(approx.groups.items(), key=lambda kv: key_order(kv[0])))
+    approx.metrics["cka_abs_error"] = float(np.mean(
+        [g.metrics["cka_abs_error"] for g in approx.groups.values() if g.baseline is not None]))
+
+
+def explain(plan: Plan) -> list[tuple[str, str]]:
+    """EXPLAIN SIMILARITY: (step, detail) rows in the order they run."""
+    rows = []
+    if not plan.approximate:
+        rows.append(("scan", f"all {plan.n_data:,} items (USING FULL)"))
+    else:
+        rows.append(("sample", f"{plan.sampler_spec}: {plan.n_sample:,} of {plan.n_data:,} "
+                               f"items, drawn in the latent space"))
+    query = plan.query
+    where = "WHERE " + predicate_text(query.where) if query.where is not None else "no predicate"
+    rows.append(("filter", f"{where} on the profile → {len(plan.items):,} items"))
+    views = _distinct_views(plan)
+    hooks = ", ".join(f"{v.layer.name} ({v.layer.shape_text()})" for v in views)
+    rows.append(("forward", f"{len(plan.items):,} items in batches, one pass, hooks on {hooks}; "
+                            f"the pass stops once the last has run"))
+    for view in views:
+        rows.append(("per item", f"{view.layer.name}: {view.text() + ': ' if view.text() else ''}"
+                                 f"{view.describe()} → {view.width:,} values"))
+    rows.append(("measure", _measure_text(plan) + (f", per {query.group_by}"
+                                                   if query.group_by else "")))
+    rows.append(("cost", f"≈ {plan.estimated_seconds():.3g} s (from the profile pass)"))
+    if plan.baseline is not None:
+        rows.append(("baseline", f"exact CKA over {len(plan.baseline.items):,} items ("
+                                 f"{_state_text(plan.baseline)}), its own pass, ≈ "
+                                 f"{plan.baseline.estimated_seconds():.3g} s"))
+    return rows
+
+
+def _state_text(plan: Plan) -> str:
+    form, floats = state_floats(plan)
+    size = f"{floats * 8 / 2**20:,.1f} MiB"
+    if form == "rows":
+        return f"the items' rows held, {size}"
+    return f"feature-space cross moments, {size} whatever the number of items"
+
+
+def _measure_text(plan: Plan) -> str:
+    pairs = "every pair of layers" if len(plan.bound.views) > 2 else "the two layers"
+    if plan.approximate:
+        return (f"debiased linear CKA of {pairs} (Song et al.'s unbiased HSIC) with a "
+                f"{LEVEL:.0%} jackknife interval, from {_state_text(plan)}")
+    return f"exact linear CKA of {pairs} from {_state_text(plan)}"

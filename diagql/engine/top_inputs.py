@@ -1,0 +1,84 @@
+"""TOPK k INPUTS: the items that activate one neuron most (BOTTOMK: least), exactly. Either a
+bounded top-k streamed over every allowed item (a pass that also builds the layer's inputs
+index), or the index's lists and codes, reading only the candidates they cannot order
+(docs/ARCHITECTURE.md, "Top inputs")."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diagql.engine.aggregates import TopItems
+from diagql.engine.inputs_index import IndexBuilder, InputsIndex
+from diagql.errors import ExecutionError
+from diagql.language.binder import BoundInputs
+
+
+class NeuronTop:
+    """A forward-pass consumer: the top k of one neuron over its items (``wanted``)."""
+
+    def __init__(self, bound: BoundInputs, items: np.ndarray, k: int):
+        self.view = bound.view
+        self.neuron = bound.neuron
+        self.items = self.wanted = items
+        self.state = TopItems(1, k, bound.query.largest)
+        self.bad, self.first_bad = 0, -1
+
+    def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
+        values = self.view.finish(rows.detach())[:, self.neuron:self.neuron + 1]
+        if not self.state.update(values, idx):
+            bad = ~torch.isfinite(values[:, 0]).cpu().numpy()
+            if self.bad == 0:
+                self.first_bad = int(idx[np.flatnonzero(bad)[0]])
+            self.bad += int(bad.sum())
+
+    def check(self, label: str) -> None:
+        if self.bad:
+            raise ExecutionError(f"{label} is NaN or infinite for {self.bad:,} of "
+                                 f"{len(self.items):,} items (the first is item "
+                                 f"{self.first_bad}); DiagQL does not rank items by it")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The ranked items (best first), their activations, and how they were found."""
+
+    items: np.ndarray
+    values: np.ndarray
+    read: int  # items sent through the model
+    used_index: bool
+    index: InputsIndex | None  # built by this answer's pass
+    seconds: float
+
+
+def top_inputs(runner, bound: BoundInputs, allowed: np.ndarray, index: InputsIndex | None,
+               build_index: bool) -> Answer:
+    """The top k items of the bound neuron among the ``allowed`` ones (a bool mask over every
+    item): from ``index`` when it can tell, else by a pass over the allowed items that, with
+    ``build_index``, reads every item to build the layer's index as well."""
+    started = time.perf_counter()
+    query = bound.query
+    n_allowed = int(allowed.sum())
+    k = min(query.k, n_allowed)
+    what = f"{'TOPK' if query.largest else 'BOTTOMK'} INPUTS {bound.label}"
+    found = index.lookup(bound.neuron, k, allowed, query.largest) if index is not None else None
+    if found is not None:
+        state = TopItems(1, k, query.largest)
+        state.update(torch.from_numpy(found.values)[:, None], found.known)
+        reader = NeuronTop(bound, found.read, k)
+        runner.run([reader], f"{what} (items the index cannot order)")
+        reader.check(bound.label)
+        items, values = state.merge(reader.state).finalize()
+        return Answer(items[0], values[0], len(found.read), True, None,
+                      time.perf_counter() - started)
+    reader = NeuronTop(bound, np.flatnonzero(allowed), k)
+    builder = IndexBuilder(bound.view, len(allowed)) if build_index else None
+    runner.run([reader] + ([builder] if builder is not None else []),
+               what + (" (building the layer's inputs index)" if builder else ""))
+    reader.check(bound.label)
+    built = builder.finish() if builder is not None else None
+    items, values = reader.state.finalize()
+    read = len(allowed) if builder is not None else n_allowed
+    return Answer(items[0], values[0], read, False, built, time.perf_counter() - started)

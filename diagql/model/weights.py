@@ -1,0 +1,64 @@
+"""Weights from a file or a mapping: reading a saved state_dict and loading it into a module,
+with one-line errors that say what does not fit (``--weights``, ``--checkpoint``, checkpoints=)."""
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from diagql.errors import DiagQLError
+
+# Training scripts often save {"state_dict": ..., "optimizer": ...}: the model's entry is taken.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def read_state(path, label: str) -> Mapping:
+    """The state_dict saved at ``path``. Memory-mapped where the file allows it, so that its
+    tensors are read from the file while they are copied into a module rather than held as a
+    second copy; ``label`` starts every error ("--weights 'ckpt.pt'")."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # files in torch's legacy format cannot be mapped
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DiagQLError(f"{label}: no such file") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
+        raise DiagQLError(f"{label} is not a readable torch checkpoint: "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return unwrap_state(state, label)
+
+
+def unwrap_state(state, label: str) -> Mapping:
+    for key in WRAPPER_KEYS:
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping):
+        raise DiagQLError(f"{label} holds {type(state).__name__}, not a state_dict")
+    return state
+
+
+def load_state(model: nn.Module, state: Mapping, label: str) -> None:
+    """Copy ``state`` into ``model``'s parameters and buffers; every key must fit."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise DiagQLError(f"{label} do not fit the model: {detail}") from None
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {_few(result.missing_keys)}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {_few(result.unexpected_keys)}")
+    if problems:
+        raise DiagQLError(f"{label} do not fit the model: " + "; ".join(problems))
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(keys[:4])
+    return shown + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")

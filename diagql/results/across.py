@@ -1,0 +1,114 @@
+"""One statement's answers per checkpoint, side by side: a table of checkpoints against what
+each answer holds (ranks, neurons, groups, rows), and its curves over the checkpoints.
+
+Every ``result`` here is a Result (results/result.py), unannotated as in render.py.
+"""
+from __future__ import annotations
+
+import math
+import textwrap
+
+from diagql.errors import ExecutionError
+
+WIDE = 12  # at most this many answer rows become columns (one row per checkpoint)
+
+
+def across_result(statement: str, answers: dict, what: str):
+    """The Result of a statement run once per checkpoint (``answers``: name → Result, in
+    training order); ``what`` says over what, for the title."""
+    from diagql.results.result import Result
+
+    key_names, shown, numbers = _pivot(answers)
+    keys = list(shown)
+    if any(answer.is_query for answer in answers.values()):
+        # Groups in order whichever checkpoint had them first; ranks and neurons as they came.
+        keys.sort(key=lambda key: [_sortable(part) for part in key[:-1]])
+    names = list(answers)
+    if len(keys) <= WIDE:  # checkpoints down, the answer's rows across: curves read down
+        columns = ["checkpoint", *(_key_text(key) for key in keys)]
+        rows = [(name, *(shown[key].get(name, "") for key in keys)) for name in names]
+    else:
+        columns = [*key_names, *names]
+        rows = [(*key, *(shown[key].get(name, "") for name in names)) for key in keys]
+    result = Result(kind="across", statement=statement, columns=columns, rows=rows,
+                    title=f"{statement}: {len(names)} models ({what})", checkpoints=answers)
+    result.series = {_key_text(key): [numbers[key].get(name, math.nan) for name in names]
+                     for key in keys}
+    for name, answer in answers.items():
+        result.notes.extend(f"{name}: {note}" for note in answer.notes)
+    return result
+
+
+def _pivot(answers: dict) -> tuple[list[str], dict, dict]:
+    """(the key columns, key → checkpoint → cell text, key → checkpoint → number): a query's
+    key is its group and rank (TOPK, whose cell is the neuron and its value) or neuron label;
+    a table's key is its columns that are not numbers."""
+    key_names: list[str] = []
+    shown: dict[tuple, dict] = {}
+    numbers: dict[tuple, dict] = {}
+    for name, answer in answers.items():
+        for record in answer.records():
+            names, key, text, number = _split(answer, record)
+            key_names = key_names or names
+            shown.setdefault(key, {})[name] = text
+            numbers.setdefault(key, {})[name] = number
+    return key_names, shown, numbers
+
+
+def _split(answer, record: dict) -> tuple[list[str], tuple, str, float]:
+    if answer.is_query:
+        group = [name for name in record if name not in ("rank", "neuron", "label", "value",
+                                                         "exact_value")]
+        value = record["value"]
+        if answer.kind == "topk":
+            names = [*group, "rank"]
+            return names, tuple(record[n] for n in names), f"{record['label']} {_num(value)}", value
+        names = [*group, "label"]
+        return names, tuple(record[n] for n in names), _num(value), value
+    values = [n for n, v in record.items() if isinstance(v, float)]
+    names = [n for n in record if n not in values]
+    key = tuple(record[n] for n in names)
+    if len(values) == 1:
+        return names, key, _num(record[values[0]]), record[values[0]]
+    text = ", ".join(f"{n}={_num(record[n])}" for n in values)
+    return names, key, text, record[values[0]] if values else math.nan
+
+
+def _sortable(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def _key_text(key: tuple) -> str:
+    return " ".join(str(part) for part in key)
+
+
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_curves(result, path: str) -> None:
+    """Each row of the answer as a curve over the checkpoints (x: training order), to ``path``."""
+    from diagql.results.plots import _figure_class
+
+    Figure, _ = _figure_class()
+    figure = Figure(figsize=(7.5, 4.2))
+    ax = figure.add_subplot()
+    names = list(result.checkpoints)
+    x = list(range(len(names)))
+    for label, values in result.series.items():
+        ax.plot(x, values, marker="o" if len(names) <= 30 else None, linewidth=1.2,
+                label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=45 if len(names) > 8 else 0, ha="right"
+                       if len(names) > 8 else "center", fontsize=8)
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel("value")
+    ax.set_title(textwrap.fill(result.statement, 90), fontsize=9)
+    ax.grid(alpha=0.3)
+    if len(result.series) <= WIDE:
+        ax.legend(fontsize=7, ncol=2, loc="best")
+    figure.tight_layout()
+    try:
+        figure.savefig(path, dpi=85)
+    except OSError as exc:
+        raise ExecutionError(f"cannot write the plot to {path!r}: {exc.strerror or exc}") from None

@@ -1,0 +1,184 @@
+"""A SIMILARITY result for people: the value of two layers, or the matrix of every pair as a
+heat-map-style table (cells shaded by value, and a shade glyph that survives plain text)."""
+from __future__ import annotations
+
+import math
+
+from rich.console import Group
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+
+_SHADES = " ░▒▓█"
+_SPEEDUP_SHOWN_FROM = 0.05  # seconds of the exact pass, as for queries
+
+
+def similarity_renderable(result, echo: bool = True):
+    parts = [Text(result.statement, style="bold")] if echo and result.statement else []
+    sections = list(result.groups.items()) if result.groups is not None else [(None, result)]
+    if len(result.labels) == 2:
+        parts.append(_pair_table(result, sections))
+    else:
+        for key, part in sections:
+            if result.groups is not None:
+                parts.append(Text(f"{_group_by(result)} = {key}", style="magenta"))
+            parts.append(_matrix_table(part))
+            if part.baseline is not None:
+                parts.append(Text("exact:", style="dim"))
+                parts.append(_matrix_table(part.baseline))
+    parts.append(Text(_caption(result), style="dim"))
+    line = _estimate_line(result)
+    if line is not None:
+        parts.append(line)
+    summary = _summary(result)
+    if summary is not None:
+        parts.append(summary)
+    parts += [Text(note, style="yellow") for note in _notes(result)]
+    return Group(*parts)
+
+
+def _group_by(result) -> str:
+    provenance = result.provenance
+    return (provenance.group_by if provenance is not None else None) or "group"
+
+
+def _pair_table(result, sections) -> Table:
+    """Two layers: one row per group (one row without GROUP BY)."""
+    x, y = result.labels
+    table = Table()
+    if result.groups is not None:
+        table.add_column(_group_by(result), style="magenta")
+    table.add_column("items", justify="right")
+    table.add_column(f"{(result.unit or 'cka').upper()}({x}, {y})", justify="right")
+    shown = _shown_estimate(result)
+    if shown:
+        table.add_column(f"{shown.level:.0%} interval", justify="right")
+    table.add_column("", no_wrap=True)
+    exact = any(part.baseline is not None for _, part in sections)
+    if exact:
+        table.add_column("exact", justify="right")
+        table.add_column("|error|", justify="right")
+    for key, part in sections:
+        cells = [str(key)] if result.groups is not None else []
+        cells.append(f"{part.n_items:,}")
+        if part.value is None:
+            cells.append("—" if part.n_items else "no matching items")
+        else:
+            cells.append(_number(part.value))
+        if shown:
+            cells.append(_interval(part, 0, 1))
+        cells.append(_bar(part.value))
+        if exact:
+            base = part.baseline
+            cells.append(_number(base.value) if base is not None and base.value is not None
+                         else "")
+            error = part.metrics.get("cka_abs_error")
+            cells.append(_number(error) if error is not None else "")
+        table.add_row(*cells)
+    return table
+
+
+def _matrix_table(result) -> Table:
+    """Three or more layers: rows and columns in the order given, each cell shaded."""
+    table = Table()
+    table.add_column("", style="cyan")
+    for label in result.labels:
+        table.add_column(label, justify="right")
+    if result.matrix is None:
+        table.add_row("no matching items", *[""] * len(result.labels))
+        return table
+    for i, label in enumerate(result.labels):
+        table.add_row(label, *[_cell(result.matrix[i, j]) for j in range(len(result.labels))])
+    return table
+
+
+def _cell(value: float) -> Text:
+    if not math.isfinite(value):
+        return Text("—")
+    level = min(max(value, 0.0), 1.0)
+    glyph = _SHADES[min(int(level * len(_SHADES)), len(_SHADES) - 1)]
+    # White (0) to a deep blue (1), the text turning white where the cell is dark.
+    red, green = round(255 - 200 * level), round(255 - 150 * level)
+    style = Style(bgcolor=f"rgb({red},{green},255)", color="white" if level > 0.6 else "black")
+    return Text(f"{value:.3f} {glyph}", style=style)
+
+
+def _shown_estimate(result):
+    parts = result.groups.values() if result.groups is not None else [result]
+    return next((p.estimate for p in parts if p.estimate is not None and p.estimate.reliable),
+                None)
+
+
+def _interval(part, i: int, j: int) -> str:
+    estimate = part.estimate
+    if estimate is None or not estimate.reliable or estimate.ci_low is None:
+        return ""
+    low, high = estimate.ci_low[i, j], estimate.ci_high[i, j]
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return ""
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def _estimate_line(result) -> Text | None:
+    parts = list(result.groups.values()) if result.groups is not None else [result]
+    estimates = [p.estimate for p in parts if p.estimate is not None]
+    if not estimates:
+        return None
+    if not any(e.reliable for e in estimates):
+        reason = next((e.reason for e in estimates if e.reason), "the sample cannot measure "
+                      "its own bias; add WITH BASELINE for the real error")
+        return Text(f"no interval: {reason}", style="yellow")
+    where = "" if len(result.labels) == 2 else " (Result.estimate has each pair's)"
+    return Text(f"debiased CKA (unbiased HSIC) with a {estimates[0].level:.0%} jackknife "
+                f"interval over the sampled items{where}; covers sampling variance, not a "
+                f"sampler's bias", style="dim")
+
+
+def _caption(result) -> str:
+    provenance = result.provenance
+    parts = [f"{result.n_items:,} matching items"]
+    if provenance is not None and provenance.approximate:
+        parts.append(f"sample {provenance.sampler}: {provenance.n_sample:,} of "
+                     f"{provenance.n_data:,} items")
+    elif provenance is not None:
+        parts.append(f"exact over all {provenance.n_data:,} items")
+    parts.append(f"linear {(result.unit or 'cka').upper()}")
+    if "query" in result.timings:
+        parts.append(f"{result.timings['query']:.3f} s")
+    return " · ".join(parts)
+
+
+def _summary(result) -> Text | None:
+    error = result.metrics.get("cka_abs_error")
+    if error is None:
+        return None
+    scope = "mean " if result.groups is not None or len(result.labels) > 2 else ""
+    pieces = [f"{scope}|error| {error:.3f}"]
+    timings = result.timings
+    full_s = timings.get("baseline")
+    if full_s is not None:
+        pieces.append(f"sample {timings.get('sample_side', timings.get('query', 0.0)):.3f} s "
+                      f"vs full {full_s:.3f} s")
+    if "speedup" in result.metrics and full_s is not None and full_s >= _SPEEDUP_SHOWN_FROM:
+        speedup = result.metrics["speedup"]
+        pieces.append(f"{speedup:.1f}× faster" if speedup >= 1 else f"{1 / speedup:.1f}× slower")
+    text = Text("vs exact: ", style="bold")
+    text.append(" · ".join(pieces))
+    return text
+
+
+def _notes(result) -> list[str]:
+    notes = list(result.notes)
+    for part in (result.groups or {}).values():
+        notes += [n for n in part.notes if n not in notes]
+    return notes
+
+
+def _bar(value) -> Text:
+    if value is None or not math.isfinite(value):
+        return Text("")
+    return Text("█" * round(12 * min(max(value, 0.0), 1.0)), style="green")
+
+
+def _number(value) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:.4f}"

@@ -1,0 +1,71 @@
+"""ACROSS CHECKPOINTS: a statement once per checkpoint of a model and once on the final model,
+one checkpoint's weights loaded at a time, the answers side by side (results/across.py).
+
+Any statement kind can run across checkpoints: ``across_checkpoints`` takes the function that
+answers the statement for one model (docs/ARCHITECTURE.md, "several models").
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from diagql.errors import BindError
+from diagql.language import ast
+from diagql.results.across import across_result, write_curves
+from diagql.results.plots import check_target
+
+NO_CHECKPOINTS = ("ACROSS CHECKPOINTS needs checkpoints of the model: connect(model, data, "
+                  "checkpoints={'epoch1': 'ckpt/e1.pt', ...}) or --checkpoint NAME=PATH")
+
+
+def family(conn, entry) -> list:
+    """The checkpoints of ``entry``'s architecture and their final model, in training order."""
+    for slot in {id(e.slot): e.slot for e in conn.models.values() if e.slot is not None}.values():
+        members = [e for e in conn.models.values()
+                   if e.slot is slot or (e.slot is None and e.architecture() is slot.final)]
+        if entry in members:
+            return members
+    return []
+
+
+def checkpoint_names(conn, entry, span=None) -> list[str]:
+    members = family(conn, entry)
+    if not members:
+        error = BindError(NO_CHECKPOINTS)
+        if span is not None:
+            error.line, error.column, error.end_column = span.line, span.column, span.end_column
+        raise error
+    return [member.name for member in members]
+
+
+def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef | None = None,
+                       rebind: Callable | None = None):
+    """The Result of ``statement`` (which has ``across``) answered by ``answer(conn, s)`` once
+    per model of the checkpoint family of ``layer``'s model (default: ``statement.layer``),
+    ``s`` being ``rebind(statement, model_name)`` (default: a Query reading that model's
+    layer, without ACROSS). A statement that compares with the final model (SIMILARITY)
+    passes its own ``rebind``."""
+    layer = statement.layer if layer is None else layer
+    entry, _ = conn.resolve(layer)
+    names = checkpoint_names(conn, entry, layer.span)
+    plot = statement.across.plot
+    if plot is not None:
+        check_target(plot.value)  # before the passes, which a bad path would waste
+    rebind = rebind or (lambda s, name: _query_on(conn, s, name))
+    started = time.perf_counter()
+    answers = {name: answer(conn, rebind(statement, name)) for name in names}
+    result = across_result(statement.text, answers,
+                           f"{len(names) - 1} checkpoints and {names[-1]}")
+    result.timings["total"] = time.perf_counter() - started
+    if plot is not None:
+        write_curves(result, plot.value)
+        result.notes.append(f"plot written to {plot.value}")
+    return result
+
+
+def _query_on(conn, query: ast.Query, model: str) -> ast.Query:
+    """The query without ACROSS, reading its layer on ``model`` (``epoch1.fc2`` across
+    checkpoints is each checkpoint's ``fc2``)."""
+    _, ref = conn.resolve(query.layer)
+    return replace(query, layer=replace(ref, model=model), across=None)

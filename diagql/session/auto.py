@@ -1,0 +1,50 @@
+"""USING AUTO: the exact answer when it costs about as little as a sample, else a sample of the
+default sampler; the Result says which and why (docs/ARCHITECTURE.md, "Plan and execute")."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from diagql import samplers
+from diagql.language import ast
+from diagql.language.binder import BoundQuery, bind_sampler
+
+# Exact costs "about as much" as a sample when it reads at most this many times the sample's
+# matching items: the exact answer is then worth its small extra cost.
+ABOUT = 1.5
+
+
+def default_sampler(conn, profile) -> samplers.Sampler:
+    """The paper's maxmargin at its defaults (5%), or random for data without labels."""
+    name = "maxmargin" if profile.has_labels else "random"
+    return bind_sampler(ast.SamplerCall(name), conn.settings.seed, len(profile))
+
+
+def matching(query: ast.Query, profile) -> np.ndarray:
+    from diagql.engine.planner import predicate_mask
+
+    return predicate_mask(query.where, profile)
+
+
+def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]:
+    """The bound query with AUTO's sampler (None: exact), and why. ``src``: the statement's
+    models (``statements.Sources``)."""
+    if src.own and profile.rows_of(bound.view.key) is not None:
+        return bound, (f"AUTO chose exact: the rows of {bound.layer.name} are in the profile, "
+                       f"so the exact answer needs no forward pass")
+    mask = matching(bound.query, profile)
+    n_match = int(mask.sum())
+    sampler = default_sampler(conn, profile)
+    n_sample = samplers.resolve_size(sampler.size, len(profile))
+    if n_match <= n_sample:
+        return bound, (f"AUTO chose exact: {n_match:,} matching items, no more than the "
+                       f"{n_sample:,} of a {sampler.spec()} sample")
+    sample = src.sampling.artifacts.get_sample(sampler)[0].indices
+    held = int(mask[sample].sum())
+    if n_match <= ABOUT * held:
+        return bound, (f"AUTO chose exact: the {sampler.spec()} sample holds {held:,} of the "
+                       f"{n_match:,} matching items, so exact costs about as much")
+    return dataclasses.replace(bound, sampler=sampler), (
+        f"AUTO chose a sample: {n_match:,} matching items, of which the {sampler.spec()} sample "
+        f"holds {held:,} ({n_match / max(held, 1):.0f}× fewer to run)")

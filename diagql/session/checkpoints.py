@@ -1,0 +1,97 @@
+"""Checkpoints of one architecture: named state_dicts (files or mappings) loaded one at a time
+into a single copy of the final model, so that a hundred checkpoints never sit in memory at
+once (docs/ARCHITECTURE.md, "several models")."""
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import nn
+
+from diagql.errors import DiagQLError
+from diagql.model.weights import load_state, read_state, unwrap_state
+
+FINAL = "final"  # the name of the model given beside its checkpoints
+NAME = re.compile(r"[A-Za-z_]\w*")
+
+
+def natural_key(text: str) -> list:
+    """Sorts epoch2 before epoch10: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]
+
+
+def stem_name(path) -> str:
+    """A checkpoint's name from its file (``ckpt/epoch-3.pt`` → ``epoch_3``): a name that
+    statements can write (``epoch_3.fc2``)."""
+    name = re.sub(r"\W", "_", Path(path).stem)
+    return name if NAME.fullmatch(name) else "c" + name
+
+
+def check_name(name, what: str) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise DiagQLError(f"{what} name {name!r} cannot be written in a statement: use letters, "
+                          f"digits and _, not starting with a digit")
+    return name
+
+
+def checkpoint_specs(checkpoints) -> dict[str, object]:
+    """``checkpoints=``: a mapping of names to state_dict paths or state_dicts, a list of
+    paths (each named by its stem), or a glob text (``"ckpt/*.pt"``, in natural order)."""
+    if isinstance(checkpoints, (str, Path)):
+        import glob
+
+        files = sorted(glob.glob(str(checkpoints)), key=natural_key)
+        if not files:
+            raise DiagQLError(f"checkpoints {str(checkpoints)!r}: no file matches")
+        checkpoints = files
+    if isinstance(checkpoints, Mapping):
+        specs = {check_name(name, "checkpoint"): value for name, value in checkpoints.items()}
+    else:
+        specs = {}
+        for path in checkpoints:
+            name = stem_name(path)
+            if name in specs:
+                raise DiagQLError(f"two checkpoints are named {name!r}; pass a mapping of names "
+                                  f"to paths")
+            specs[name] = path
+    if FINAL in specs:
+        raise DiagQLError(f"a checkpoint is named {FINAL!r}, which is the given model's name")
+    if not specs:
+        raise DiagQLError("checkpoints= names no checkpoint")
+    for name, value in specs.items():
+        if not isinstance(value, (str, Path, Mapping)):
+            raise DiagQLError(f"checkpoint {name!r} is {type(value).__name__}: give a path to a "
+                              f"saved state_dict, or a state_dict")
+    return specs
+
+
+def describe_weights(weights) -> str:
+    return str(weights) if isinstance(weights, (str, Path)) else "a state_dict"
+
+
+class CheckpointSlot:
+    """One copy of the final model (made at the first use) holding one checkpoint's weights at
+    a time: ``hold`` loads a checkpoint into it unless it already holds that one."""
+
+    def __init__(self, final: nn.Module):
+        self.final = final
+        self.module: nn.Module | None = None
+        self.holding: str | None = None
+        self.loads = 0  # state_dicts loaded so far (the tests count them)
+
+    def hold(self, name: str, weights) -> nn.Module:
+        if self.holding == name:
+            return self.module
+        if self.module is None:
+            self.module = copy.deepcopy(self.final)
+        self.holding = None  # a load that fails half way leaves no checkpoint's weights whole
+        label = f"checkpoint {name!r} ({describe_weights(weights)})"
+        state = read_state(weights, label) if isinstance(weights, (str, Path)) else \
+            unwrap_state(weights, label)
+        load_state(self.module, state, label)
+        del state  # the only reference: a file's mapped tensors go with it
+        self.holding = name
+        self.loads += 1
+        return self.module

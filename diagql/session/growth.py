@@ -1,0 +1,174 @@
+"""Error-bounded queries (``UNTIL target [WITHIN s SECONDS]``, ``WITHIN s SECONDS``): a sample
+that grows, each round extending the last (``samplers.Ladder``), until its own estimate meets
+the target, the time budget is spent, the exact answer is cheaper than the next round, or the
+data is exhausted (docs/ARCHITECTURE.md, "Error-bounded queries"). Rows computed in a round
+stay in the activation store, so each round sends only its new items through the model."""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from diagql import samplers
+from diagql.engine.planner import Plan, plan_query, predicate_mask
+from diagql.language import ast
+from diagql.language.binder import TARGETS, BoundQuery
+from diagql.progress import Progress
+from diagql.results.result import Growth, Result
+from diagql.session.auto import ABOUT, default_sampler
+
+# Without a size in the call, the first round is 1% of the data, at least 100 items.
+START_FRACTION = 0.01
+START_MIN = 100
+
+
+def _start(query: ast.Query, sampler: samplers.Sampler, n_items: int) -> int:
+    source = query.source
+    if isinstance(source, ast.SamplerCall) and any(a.name in (None, "size") for a in source.args):
+        return samplers.resolve_size(sampler.size, n_items)
+    return min(n_items, max(START_MIN, round(START_FRACTION * n_items)))
+
+
+def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]:
+    """The bound query of the first round (no sampler: exact from the start), and how the
+    query will grow, for EXPLAIN. ``src``: the statement's models (``statements.Sources``)."""
+    query = bound.query
+    if src.own and profile.rows_of(bound.view.key) is not None:
+        return dataclasses.replace(bound, sampler=None), (
+            f"exact: the rows of {bound.layer.name} are in the profile, so the exact answer "
+            f"needs no forward pass")
+    sampler = bound.sampler or default_sampler(conn, profile)
+    start = _start(query, sampler, len(profile))
+    n_match = int(predicate_mask(query.where, profile).sum())
+    if n_match <= start:
+        return dataclasses.replace(bound, sampler=None), (
+            f"exact: {n_match:,} matching items, no more than the first round's {start:,}")
+    goal = _goal(query.until)
+    return dataclasses.replace(bound, sampler=sampler.resized(start)), (
+        f"grow {sampler.name} from {start:,} items, doubling, {goal}; exact once a round "
+        f"would cost about as much ({n_match:,} matching items)")
+
+
+def _goal(until: ast.Until) -> str:
+    parts = [f"until {until.target.text()}"] if until.target is not None else []
+    if until.seconds is not None:
+        parts.append(f"within {until.seconds:g} s")
+    return " ".join(parts)
+
+
+def grow(conn, plan: Plan, timings: dict, src) -> Result:
+    """Answer an UNTIL/WITHIN query whose first round ``plan`` is (``planned`` made it);
+    ``src`` names its models (``statements.Sources``)."""
+    started = time.perf_counter()
+    query, until = plan.query, plan.query.until
+    runner = src.entry.runner()
+    # Every round is planned as the first was: on the same profile, with the same estimator.
+    options = {"estimator": conn.settings.estimator, "rows_from_profile": src.own}
+    if not plan.approximate:  # exact from the start: no round could cost less
+        result = runner.answer(plan)
+        return _finish(result, until, (), None, "exact cheaper", started, timings, exact=True)
+    profile = src.reader.profile
+    quiet = dataclasses.replace(plan.bound, query=dataclasses.replace(query, baseline=False))
+    sampler = plan.bound.sampler
+    ladder = samplers.Ladder(sampler, lambda s: src.sampling.artifacts.get_sample(s)[0].indices)
+    mask = predicate_mask(query.where, profile)
+    n_match, n_items = int(mask.sum()), len(profile)
+    per_item = profile.seconds_per_item()
+    result, sizes, draws, reached, stop = None, [], 0.0, None, "data exhausted"
+    with conn.progress.live() as show:
+        if conn.progress.enabled:  # the table refines in place; no bars beneath it
+            runner.progress = Progress(False)
+        for n in samplers.doubling(sampler.size, n_items):
+            drawn_at = time.perf_counter()
+            items = ladder.grow(n)
+            draws += time.perf_counter() - drawn_at
+            bound = dataclasses.replace(quiet, sampler=sampler.resized(n))
+            round_plan = plan_query(bound, profile, items, ladder.last_spec(), **options)
+            fresh = len(round_plan.items) - src.entry.activations.held(bound.view, round_plan.items)
+            # Exact once the round's sample would hold about as many matching items as there
+            # are (AUTO's rule): exact then costs about as much as this round, and is exact.
+            if result is not None:
+                if ABOUT * len(round_plan.items) >= n_match:
+                    stop = "exact cheaper"
+                    break
+                spent = time.perf_counter() - started
+                if until.seconds is not None and \
+                        spent + fresh * per_item + draws / len(sizes) > until.seconds:
+                    stop = "budget spent"
+                    break
+            result = runner.answer(round_plan)
+            last = (bound.sampler, items, round_plan.sampler_spec)
+            sizes.append(len(items))
+            reached = _reached(result, round_plan, until.target)
+            show(_progress(result, until, sizes, reached))
+            if until.target is not None and reached is not None and \
+                    _met(reached, until.target):
+                stop = "target met"
+                break
+            if until.seconds is not None and time.perf_counter() - started >= until.seconds:
+                stop = "budget spent"
+                break
+    if stop == "exact cheaper":
+        exact = plan_query(dataclasses.replace(quiet, sampler=None), profile, None, None, **options)
+        result = runner.answer(exact)
+        return _finish(result, until, sizes, None, stop, started, timings, exact=True,
+                       draws=draws)
+    if query.baseline:  # the last round's states are remembered: only the baseline runs
+        at, items, spec = last
+        result = runner.answer(plan_query(dataclasses.replace(plan.bound, sampler=at), profile,
+                                          items, spec, **options))
+    return _finish(result, until, sizes, reached, stop, started, timings, draws=draws)
+
+
+def _finish(result: Result, until: ast.Until, sizes, reached, stop: str, started: float,
+            timings: dict, *, exact: bool = False, draws: float = 0.0) -> Result:
+    seconds = time.perf_counter() - started
+    growth = Growth(until.target.text() if until.target is not None else None, until.seconds,
+                    tuple(sizes), reached, stop, seconds, exact)
+    result.provenance = dataclasses.replace(result.provenance, growth=growth)
+    result.timings.update(timings)
+    result.timings["query"] = seconds - draws
+    result.timings["sample"] = timings.get("sample", 0.0) + draws
+    return result
+
+
+def _reached(result: Result, plan: Plan, target: ast.Target | None) -> float | None:
+    """The estimate of the target's metric, the worst over groups; None while any group with
+    matching items has no estimate (too few of them sampled)."""
+    if target is None:
+        return None
+    parts = result.groups if result.groups is not None else {None: result}
+    if any(key not in parts for key, count in plan.population.items() if count):
+        return None
+    values = []
+    for part in parts.values():
+        estimate = part.estimate
+        if estimate is None or part.n_items == 0:
+            return None
+        if target.metric == "width":
+            if estimate.ci_low is None:
+                return None
+            values.append(float(np.max(estimate.ci_high - estimate.ci_low)))
+        elif estimate.expected is None:
+            return None
+        else:
+            values.append(float(estimate.expected))
+    higher = TARGETS[target.metric][1] == "higher"
+    return min(values) if higher else max(values)
+
+
+def _met(reached: float, target: ast.Target) -> bool:
+    return {">=": reached >= target.value, ">": reached > target.value,
+            "<=": reached <= target.value, "<": reached < target.value}[target.op]
+
+
+def _progress(result: Result, until: ast.Until, sizes, reached):
+    from rich.console import Group
+    from rich.text import Text
+
+    from diagql.results.render import renderable
+
+    now = f", {until.target.metric} {reached:.3f}" if reached is not None else ""
+    line = f"round {len(sizes)}: {sizes[-1]:,} items{now} ({_goal(until)})"
+    return Group(renderable(result, echo=False), Text(line, style="cyan"))

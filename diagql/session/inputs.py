@@ -1,0 +1,162 @@
+"""TOPK k INPUTS statements: binding, WHERE and the sample on the profile, the layer's inputs
+index (from memory, else the disk cache, else built by the first exact query's pass) and the
+Result with each item's label, prediction, confidence and look (docs/ARCHITECTURE.md,
+"Top inputs")."""
+from __future__ import annotations
+
+import json
+import time
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+
+from diagql.engine import aggregates, executor, inputs_index, top_inputs
+from diagql.engine.inputs_index import InputsIndex
+from diagql.engine.planner import predicate_mask
+from diagql.engine.top_inputs import Answer
+from diagql.errors import ExecutionError
+from diagql.language import ast
+from diagql.language.binder import BoundInputs, bind_inputs, require_labels
+from diagql.model import hooks, views
+from diagql.model.previews import previews
+from diagql.results.result import Provenance, RankedItems, Result
+from diagql.storage.fingerprint import cache_key, source_digest
+
+KEPT = 4  # indexes held in memory per connection, least recently used out first
+_MEMORY: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+
+
+def run_top_inputs(conn, query: ast.TopInputs) -> Result:
+    started = time.perf_counter()
+    bound = bind_inputs(query, conn.catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
+                        n_items=len(conn.source))
+    bound_at = time.perf_counter()
+    profile = conn.profile
+    profiled_at = time.perf_counter()
+    if not profile.has_labels:
+        require_labels(query)
+    allowed = predicate_mask(query.where, profile)
+    sample = None
+    if bound.sampler is not None:
+        sample, _ = conn.artifacts.get_sample(bound.sampler)
+        inside = np.zeros(len(allowed), dtype=bool)
+        inside[sample.indices] = True
+        allowed = allowed & inside
+    if not allowed.any():
+        where = ast.predicate_text(query.where) if query.where is not None else "the query"
+        scope = f"the sample's {len(sample.indices):,}" if sample is not None else \
+            f"{len(allowed):,}"
+        raise ExecutionError(f"no items match WHERE {where} (0 of {scope} items)")
+    index = _index(conn, bound)
+    answer = top_inputs.top_inputs(conn.runner(), bound, allowed, index,
+                                   build_index=index is None and sample is None)
+    if answer.index is not None:
+        _keep(conn, bound, answer.index, answer.seconds)
+    result = _result(conn, bound, answer, profile, allowed, sample)
+    result.timings.update(bind=bound_at - started, profile=profiled_at - bound_at,
+                          query=answer.seconds)
+    return result
+
+
+def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample) -> Result:
+    query, items = bound.query, answer.items
+    provenance = Provenance(len(profile), None if sample is None else sample.spec,
+                            None if sample is None else len(sample.indices))
+    ranked = RankedItems(
+        bound.label, query.largest, profile.labels[items] if profile.has_labels else None,
+        profile.predictions[items], profile.confidence[items],
+        previews(conn.source, items, getattr(conn, "tokenizer", None)), _how(bound, answer))
+    result = Result(kind="inputs", statement=query.text, layer=bound.layer.name,
+                    unit=query.unit, neurons=np.array([bound.neuron]), labels=[bound.label],
+                    values=answer.values, n_items=int(allowed.sum()), provenance=provenance,
+                    items=items, ranked=ranked)
+    if len(items) < query.k:
+        result.notes.append(f"only {len(items):,} items match, fewer than the {query.k:,} asked")
+    if sample is not None:
+        result.notes.append(_sample_note(query, len(items), int(allowed.sum()),
+                                         int(predicate_mask(query.where, profile).sum()),
+                                         getattr(bound.sampler, "uniform", False)))
+    return result
+
+
+def _how(bound: BoundInputs, answer: Answer) -> str:
+    layer = bound.layer.name
+    if answer.used_index:
+        if answer.read == 0:
+            return f"from the inputs index of {layer}, no item read"
+        return (f"from the inputs index of {layer}, {answer.read:,} item"
+                f"{'s' if answer.read != 1 else ''} read through the model")
+    if answer.index is not None:
+        return (f"one pass over all {answer.read:,} items, which built the inputs index of "
+                f"{layer} for later queries")
+    return f"{answer.read:,} items read through the model"
+
+
+def _sample_note(query: ast.TopInputs, shown: int, n: int, population: int,
+                 uniform: bool) -> str:
+    """What the top k of a sample says about the data: not the data's top k (its values are
+    too low), but for a uniform sample the k-th value estimates the activation that about
+    k·M/n of the M matching items reach."""
+    end = "highest" if query.largest else "lowest"
+    text = (f"the {end} {shown} of the sample's {n:,} matching items, not of all {population:,}: "
+            f"the data's own top items may be missing")
+    if uniform and n:
+        text += (f"; the {shown}-th value estimates the activation that the {end} "
+                 f"~{shown * population / n:,.0f} matching items of the data reach")
+    else:
+        text += "; the sampler does not draw uniformly, so the values estimate no quantile"
+    return text + " (USING FULL or no USING clause is exact)"
+
+
+# --- the index: memory, disk, built ---------------------------------------------------------
+
+
+def _view_key(bound: BoundInputs) -> str:
+    return json.dumps([bound.view.key, bound.view.channels])
+
+
+def index_key(conn, bound: BoundInputs) -> str | None:
+    """The disk cache key of a view's inputs index: the model, data and settings (through the
+    profile's key), the view, and the code that computes the rows and the index."""
+    profile_key = conn.artifacts.profile_key()
+    if profile_key is None:
+        return None
+    return cache_key("index", profile_key, _view_key(bound),
+                     [source_digest(module) for module in (inputs_index, aggregates, executor,
+                                                           hooks, views)])
+
+
+def _index(conn, bound: BoundInputs) -> InputsIndex | None:
+    held = _MEMORY.setdefault(conn, OrderedDict())
+    key = _view_key(bound)
+    if key in held:
+        held.move_to_end(key)
+        return held[key]
+    disk_key = index_key(conn, bound)
+    if disk_key is None:
+        return None
+    n_neurons, n_items = bound.view.neurons, len(conn.source)
+    index = conn.cache.load("index", disk_key,
+                            lambda arrays: InputsIndex.from_arrays(arrays, n_neurons, n_items))
+    if index is not None:
+        _hold(held, key, index)
+    return index
+
+
+def _keep(conn, bound: BoundInputs, index: InputsIndex, seconds: float) -> None:
+    _hold(_MEMORY.setdefault(conn, OrderedDict()), _view_key(bound), index)
+    disk_key = index_key(conn, bound)
+    if disk_key is not None:
+        conn.cache.store("index", disk_key, index.to_arrays(), seconds=seconds,
+                         meta={"layer": bound.layer.name, "view": bound.view.text(),
+                               "channels": bound.view.channels, "k": index.k,
+                               "codes": index.codes is not None})
+
+
+def _hold(held: OrderedDict, key: str, index: InputsIndex) -> None:
+    held[key] = index
+    held.move_to_end(key)
+    while len(held) > KEPT:
+        held.popitem(last=False)
+

@@ -1,0 +1,198 @@
+"""One model of a connection, seen as the connection for that model: its module (or a
+checkpoint loaded on demand), catalog, profile, samples and kept activations; the data, the
+settings, the caches and the counters are the connection's (docs/ARCHITECTURE.md,
+"several models")."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from diagql.engine.executor import Runner, row_dtype
+from diagql.errors import BindError, DiagQLError
+from diagql.language import ast
+from diagql.model.layers import LayerCatalog
+from diagql.model.profile import Profile
+from diagql.session.artifacts import Artifacts
+from diagql.session.checkpoints import CheckpointSlot, describe_weights
+from diagql.storage.activations import ActivationStore
+from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint
+
+
+class ModelEntry:
+    """What statements about one model read. Handlers take it where they took the connection:
+    ``model``, ``source``, ``catalog``, ``profile``, ``artifacts``, ``activations``,
+    ``runner()`` are this model's."""
+
+    def __init__(self, conn, name: str, module, *, device, dtype, latent: str | None = None,
+                 slot: CheckpointSlot | None = None, weights=None):
+        self.conn = conn
+        self.name = name
+        self._module = module  # None for a checkpoint: its weights are loaded into the slot
+        self.slot = slot
+        self.weights = weights  # a checkpoint's path or state_dict
+        self.device = device
+        self.dtype = dtype
+        self.latent = latent  # the layer whose output is the profile's latent; None: default
+        self.artifacts = Artifacts(self)
+        self.activations = ActivationStore(conn.cache, self.artifacts.activation_key,
+                                           len(conn.source), row_dtype(dtype))
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.slot is not None
+
+    @property
+    def model(self):
+        """The module with this model's weights: a checkpoint's are loaded into the one copy
+        its checkpoints share (replacing another checkpoint's), so hold it only while using
+        it."""
+        if self.slot is None:
+            return self._module
+        return self.slot.hold(self.name, self.weights)
+
+    def describe_weights(self) -> str:
+        return "as given" if self.slot is None else describe_weights(self.weights)
+
+    # --- shared with the connection ------------------------------------------------------
+
+    @property
+    def source(self):
+        return self.conn.source
+
+    @property
+    def data(self):
+        return self.conn.data
+
+    @property
+    def settings(self):
+        return self.conn.settings
+
+    @property
+    def cache(self):
+        return self.conn.cache
+
+    @property
+    def progress(self):
+        return self.conn.progress
+
+    @property
+    def counters(self):
+        return self.conn.counters
+
+    @property
+    def engine(self):
+        """The connection's RayEngine (None: passes run here); a Ray connection has one model."""
+        return self.conn.engine
+
+    def data_digest(self) -> str:
+        """The data's fingerprint, hashed once per connection whatever the number of models."""
+        memo = self.conn._data_digest
+        if not memo:
+            try:
+                memo.append(data_fingerprint(self.conn.data))
+            except Unfingerprintable as exc:
+                memo.append(exc)
+        if isinstance(memo[0], Unfingerprintable):
+            raise memo[0]
+        return memo[0]
+
+    # --- what can be queried --------------------------------------------------------------
+
+    @property
+    def catalog(self) -> LayerCatalog:
+        return self.artifacts.get_catalog()
+
+    @property
+    def layers(self) -> list[str]:
+        return self.catalog.running_names()
+
+    @property
+    def n_classes(self) -> int:
+        shape = self.catalog.output_shape
+        if len(shape) != 1:
+            raise DiagQLError(f"the model's output has per-item shape {shape}; DiagQL needs one "
+                              f"score per class")
+        return shape[0]
+
+    @property
+    def profile(self) -> Profile:
+        return self.artifacts.get_profile()
+
+    def require_model(self) -> None:
+        pass  # an entry always has its model
+
+    def forget_latent_space(self) -> None:
+        """SET latent changed the samplers' space: profile, samples and kept rows are stale."""
+        self.artifacts.forget_latent_space()
+        self.activations.clear()
+
+    def runner(self) -> Runner:
+        return Runner(self.model, self.source, device=self.device, dtype=self.dtype,
+                      batch_size=self.settings.batch_size, progress=self.progress,
+                      counters=self.counters, activations=self.activations,
+                      engine=self.engine)
+
+    def __repr__(self) -> str:
+        return f"<model {self.name}: {type(self.architecture()).__name__}>"
+
+    def architecture(self):
+        """The module, or for a checkpoint the final model, without loading any weights (for
+        its class, its parameter count and messages)."""
+        return self._module if self.slot is None else self.slot.final
+
+
+def model_dtype(module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
+def unknown_model(name: str, names: list[str], span=None) -> BindError:
+    from diagql.suggest import did_you_mean
+
+    return _at(BindError(f"unknown model {name!r}{did_you_mean(name, names)}",
+                         hint=f"models are {', '.join(names)} (SHOW MODELS)"), span)
+
+
+def sampler_model(call: ast.SamplerCall) -> tuple[ast.SamplerCall, str | None]:
+    """A sampler call without its ``model='wide'`` argument (which is no sampler's parameter:
+    it says whose profile the sample is drawn from), and that model's name (None: the
+    default model's)."""
+    chosen = [arg for arg in call.args if arg.name == "model"]
+    if not chosen:
+        return call, None
+    if len(chosen) > 1:
+        raise _at(BindError("parameter 'model' is given twice"), chosen[1].span)
+    value = chosen[0].value
+    if not isinstance(value, str):
+        raise _at(BindError(f"model= names a model, not {value!r}"), chosen[0].span)
+    return replace(call, args=tuple(arg for arg in call.args if arg.name != "model")), value
+
+
+def with_model(spec: str, name: str | None) -> str:
+    """A sample's spec as the statement asked for it: ``random(0.1, ..., model='wide')``."""
+    return spec if name is None else f"{spec[:-1]}, model={name!r})"
+
+
+def _at(error: BindError, span) -> BindError:
+    if span is not None:
+        error.line, error.column, error.end_column = span.line, span.column, span.end_column
+    return error
+
+
+def name_model(conn, result, model: str):
+    """With several models, a query's Result names its layer and neurons with the model
+    (``wide.fc2``, ``wide.fc2[3]``), its groups and baseline too; one model's stay bare."""
+    if len(conn.models) < 2:
+        return result
+    seen: set[int] = set()  # a group's baseline is also one of the baseline's groups
+    stack = [result]
+    while stack:
+        part = stack.pop()
+        if part is None or id(part) in seen:
+            continue
+        seen.add(id(part))
+        if part.layer is not None:
+            part.layer = f"{model}.{part.layer}"
+        part.labels = [f"{model}.{label}" for label in part.labels]
+        stack.extend([*(part.groups or {}).values(), part.baseline])
+    return result

@@ -1,0 +1,187 @@
+"""The activation cache on disk: an entry grows by appending a part with the new rows only, reads
+back as exactly the rows stored, drops a damaged part, stays within the cache's size limit; and
+the cost model: an entry cheaper to compute than to read back is not written, whoever stores it
+(the artifacts, the activation store, a query's pass)."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import diagql
+from diagql.errors import DiagQLWarning
+from diagql.session.artifacts import load_or_compute
+from diagql.storage import activations as activations_module
+from diagql.storage import store
+from diagql.storage.activations import ActivationStore
+from diagql.storage.store import Cache
+
+N_ITEMS, WIDTH = 1_000, 64
+VIEW = SimpleNamespace(key="conv1", width=WIDTH, text=lambda: "", layer=SimpleNamespace(name="conv1"))
+TRUTH = np.random.default_rng(5).normal(size=(N_ITEMS, WIDTH)).astype(np.float32)
+
+
+def make_store(root: Path, limit: int = store.DEFAULT_LIMIT) -> ActivationStore:
+    return ActivationStore(Cache(root, limit=limit), lambda view_key: f"k{view_key}", N_ITEMS,
+                           np.float32)
+
+
+def add(activations: ActivationStore, items, seconds_per_item=None) -> None:
+    items = np.asarray(sorted(items), dtype=np.int64)
+    activations.add(VIEW, items, TRUTH[items], seconds_per_item)
+    activations.cache.flush()
+
+
+def parts(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Each part file: (size, inode, content); a rewrite renames a new file into place."""
+    return {path.name: (path.stat().st_size, path.stat().st_ino, path.read_bytes())
+            for path in sorted((root / "activations").glob("*.npz"))}
+
+
+def rows_held(activations: ActivationStore, items) -> tuple[np.ndarray, np.ndarray]:
+    """(items held, their rows), in item order, as a query reads them."""
+    items = np.arange(N_ITEMS) if items is None else np.asarray(items)
+    found = [(held, table[positions]) for table, positions, held in
+             activations.held_rows(VIEW, items)]
+    if not found:
+        return np.empty(0, dtype=np.int64), np.empty((0, WIDTH), dtype=np.float32)
+    held = np.concatenate([h for h, _ in found])
+    rows = np.concatenate([r for _, r in found])
+    order = np.argsort(held)
+    return held[order], rows[order]
+
+
+def test_growing_an_entry_writes_only_the_new_rows(tmp_path):
+    first = range(400)
+    add(make_store(tmp_path), first)
+    before = parts(tmp_path)
+    assert len(before) == 1
+
+    grown = make_store(tmp_path)  # a new session: it reads the part, then adds items
+    add(grown, range(300, 500))  # 100 of them are new
+    after = parts(tmp_path)
+    new = {name: stat for name, stat in after.items() if name not in before}
+    assert all(after[name] == stat for name, stat in before.items())  # not rewritten
+    assert len(new) == 1
+    [(written, _, _)] = new.values()
+    new_bytes = 100 * (WIDTH * 4 + 8)  # rows and item indices
+    assert new_bytes < written < new_bytes + 4_096  # plus the npz's headers
+
+    held, rows = rows_held(make_store(tmp_path), None)
+    np.testing.assert_array_equal(held, np.arange(500))
+    assert np.array_equal(rows, TRUTH[:500])
+
+
+def test_a_truncated_part_is_dropped_and_the_rest_still_serves(tmp_path):
+    add(make_store(tmp_path), range(100))
+    first = set(parts(tmp_path))
+    add(make_store(tmp_path), range(100, 250))
+    [second] = set(parts(tmp_path)) - first
+    path = tmp_path / "activations" / second
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    reader = make_store(tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        held, rows = rows_held(reader, None)
+    messages = [str(w.message) for w in record if issubclass(w.category, DiagQLWarning)]
+    assert len(messages) == 1 and "damaged cache entry" in messages[0]
+    np.testing.assert_array_equal(held, np.arange(100))
+    assert np.array_equal(rows, TRUTH[:100])
+    assert not path.exists()
+    # The dropped rows come back as a part of their own once recomputed.
+    add(reader, range(100, 250))
+    held, rows = rows_held(make_store(tmp_path), None)
+    assert np.array_equal(held, np.arange(250)) and np.array_equal(rows, TRUTH[:250])
+
+
+def test_parts_past_the_limit_are_merged_into_one(tmp_path):
+    activations = make_store(tmp_path)
+    chunks = [range(start, start + 10) for start in range(0, 10 * (activations_module.MAX_PARTS + 1), 10)]
+    for chunk in chunks:
+        add(activations, chunk)
+    on_disk = parts(tmp_path)
+    assert len(on_disk) == 1  # the merged part replaced the others once it had landed
+    held, rows = rows_held(make_store(tmp_path), None)
+    total = 10 * len(chunks)
+    assert np.array_equal(held, np.arange(total)) and np.array_equal(rows, TRUTH[:total])
+
+
+def test_the_size_limit_evicts_the_least_recently_used_parts(tmp_path):
+    part = 100 * (WIDTH * 4 + 8)
+    activations = make_store(tmp_path, limit=int(2.5 * part))
+    for start in (0, 100, 200):
+        add(activations, range(start, start + 100))
+        time.sleep(0.01)  # distinct modification times: the first part is the oldest
+    assert len(parts(tmp_path)) == 2
+    assert sum(size for size, _, _ in parts(tmp_path).values()) <= int(2.5 * part)
+    held, rows = rows_held(make_store(tmp_path), None)
+    np.testing.assert_array_equal(held, np.arange(100, 300))
+    assert np.array_equal(rows, TRUTH[100:300])
+
+
+def test_two_sessions_appending_the_same_items_read_back_each_row_once(tmp_path):
+    one, two = make_store(tmp_path), make_store(tmp_path)
+    one._entry(VIEW), two._entry(VIEW)  # both have read the (empty) entry
+    add(one, range(60))
+    add(two, range(40, 100))
+    held, rows = rows_held(make_store(tmp_path), None)
+    np.testing.assert_array_equal(held, np.arange(100))
+    assert np.array_equal(rows, TRUTH[:100])
+
+
+# --- the cost model -----------------------------------------------------------------------------
+
+@pytest.fixture
+def read_costs(monkeypatch):
+    """Reading an entry back costs 50 ms plus its bytes at 1 GB/s (tests/conftest.py makes it
+    free for the other tests)."""
+    monkeypatch.setattr(store, "READ_FIXED", 0.05)
+    monkeypatch.setattr(store, "READ_RATE", 1e9)
+
+
+def test_an_artifact_cheaper_to_compute_than_to_read_is_not_written(tmp_path, read_costs):
+    cache = Cache(tmp_path)
+    encode = lambda value: {"a": value}
+    decode = lambda arrays: arrays["a"]
+
+    cheap = load_or_compute(cache, "profile", "cheap", lambda: np.arange(3), encode, decode,
+                            lambda _: {})
+    cache.flush()
+    assert cheap.tolist() == [0, 1, 2] and cache.skipped == 1
+    assert not (tmp_path / "profile" / "cheap.npz").exists()
+
+    def slow():
+        time.sleep(0.1)  # twice what reading it back costs
+        return np.arange(4)
+
+    load_or_compute(cache, "profile", "slow", slow, encode, decode, lambda _: {})
+    cache.flush()
+    assert (tmp_path / "profile" / "slow.npz").exists() and cache.skipped == 1
+    assert Cache(tmp_path).load("profile", "slow", decode).tolist() == [0, 1, 2, 3]
+
+
+def test_a_part_cheaper_to_recompute_than_to_read_is_not_written(tmp_path, read_costs):
+    activations = make_store(tmp_path)
+    add(activations, range(100), seconds_per_item=1e-5)  # 1 ms for the part: not written
+    assert parts(tmp_path) == {} and activations.cache.skipped == 1
+    add(activations, range(100, 200), seconds_per_item=1e-3)  # 100 ms: written
+    assert len(parts(tmp_path)) == 1
+    held, rows = rows_held(make_store(tmp_path), None)
+    assert np.array_equal(held, np.arange(100, 200)) and np.array_equal(rows, TRUTH[100:200])
+
+
+def test_queries_pass_what_their_work_cost(cnn, digits, tmp_path, monkeypatch):
+    """With reading back made dearer than any computing here, a query stores nothing: the
+    artifacts and the pass's rows all carry their seconds to the cache."""
+    monkeypatch.setattr(store, "READ_FIXED", 1e3)
+    X, y = digits
+    conn = diagql.connect(cnn, (X[:300], y[:300]), cache_dir=tmp_path, progress=False)
+    conn.query("AVG NEURONS IN 2 USING SAMPLE random(0.1, random_state=1)")
+    conn.cache.flush()
+    assert list(tmp_path.rglob("*.npz")) == []
+    assert conn.cache.skipped == 4  # catalog, profile, sample, the pass's rows

@@ -1,0 +1,170 @@
+"""Exact answers from the profile, USING AUTO, samplers that grow, and error-bounded queries
+(UNTIL / WITHIN), checked against plain torch and one-shot draws."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql import samplers
+from diagql.errors import BindError, ParseError
+from diagql.model.profile import Profile
+
+
+@pytest.fixture(scope="module")
+def world(cnn, digits):
+    """The digits CNN ("0".."8"; "7" is the ReLU whose output is the input of the final
+    Linear "8"), with a counter of the model's forward calls."""
+    model = copy.deepcopy(cnn)
+    calls = [0]
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    conn = diagql.connect(model, digits, cache_dir=False, progress=False, batch_size=512)
+    conn.profile, conn.catalog  # noqa: B018 - profiled and probed before any count
+    return conn, model, digits, calls
+
+
+def _torch(model, X, layer: int) -> np.ndarray:
+    """Each item's input of module ``layer`` of the Sequential, by plain torch."""
+    with torch.no_grad():
+        return model[:layer](X).flatten(1).double().numpy()
+
+
+def test_the_latent_and_logit_layers_answer_from_the_profile_with_no_forward_pass(world):
+    conn, model, (X, y), calls = world
+    before = calls[0]
+    mask = (y == 3).numpy()
+    avg = conn.query("AVG NEURONS IN 7 WHERE class = 3")
+    top = conn.query("TOPK 4 NEURONS IN 8 WHERE class = 3")
+    grouped = conn.query("AVG NEURONS IN 7 GROUP BY correct")
+    assert calls[0] == before
+    latent, logits = _torch(model, X, 8), _torch(model, X, 9)
+    np.testing.assert_allclose(avg.values, latent[mask].mean(axis=0), rtol=1e-5, atol=1e-6)
+    want = np.argsort(-logits[mask].mean(axis=0), kind="stable")[:4]
+    assert top.neurons.tolist() == want.tolist()
+    correct = logits.argmax(axis=1) == y.numpy()
+    np.testing.assert_allclose(grouped.groups[True].values, latent[correct].mean(axis=0),
+                               rtol=1e-5, atol=1e-6)
+    explain = conn.query("EXPLAIN AVG NEURONS IN 8")
+    assert "none: the rows of 8 are the profile's logits" in dict(explain.rows)["forward"]
+
+
+def test_only_layers_whose_rows_equal_the_latent_are_answered_from_the_profile(world):
+    conn, model, (X, y), calls = world
+    profile = conn.profile
+    # "6" is the Linear before the in-place ReLU "7": its own output is not the latent.
+    assert profile.rows_of('["7"]') is profile.latents
+    assert profile.rows_of('["6"]') is None and profile.rows_of('["8"]') is profile.logits
+    before = calls[0]
+    result = conn.query("AVG NEURONS IN 6 WHERE class = 3")
+    assert calls[0] > before
+    with torch.no_grad():
+        want = model[:7](X[y == 3]).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
+    back = Profile.from_arrays(profile.to_arrays(), len(profile))
+    assert back.latent_views == profile.latent_views and back.logit_views == profile.logit_views
+    np.testing.assert_array_equal(back.logits, profile.logits)
+
+
+def test_auto_is_exact_for_a_narrow_where_and_samples_a_broad_one(world):
+    conn, model, (X, y), _ = world
+    pred = torch.from_numpy(_torch(model, X, 9).argmax(axis=1))
+    narrow = int(((y == 3) & (pred != 3)).sum())
+    assert 0 < narrow < 0.05 * len(y)
+    exact = conn.query("TOPK 3 NEURONS IN 3 WHERE class = 3 AND incorrect USING AUTO")
+    assert not exact.approximate and exact.n_items == narrow
+    assert "AUTO chose exact" in exact.provenance.choice
+    broad = conn.query("TOPK 3 NEURONS IN 3 USING AUTO")
+    assert broad.approximate and broad.source.startswith("maxmargin(0.05")
+    assert "AUTO chose a sample" in broad.provenance.choice
+    assert "AUTO chose" in exact.to_dict()["choice"]
+
+
+def _data(n=400, d=6, classes=4, seed=0) -> samplers.SampleData:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    latents = (rng.normal(size=(n, d)) + labels[:, None]).astype(np.float32)
+    predictions = np.where(rng.random(n) < 0.85, labels, rng.integers(0, classes, n))
+    return samplers.SampleData(latents, labels, predictions, classes)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in samplers.REGISTRY.items()
+                                  if "size" in [p.name for p in cls.params()]])
+def test_every_sampler_grows_each_sample_extending_the_last(name):
+    data = _data()
+    sampler = samplers.build(name, {"size": 20}, seed=3)
+
+    def draw(s):
+        return s.fit(data).indices_
+
+    ladder = samplers.Ladder(sampler, draw)
+    previous = np.empty(0, dtype=np.int64)
+    for n in samplers.doubling(20, len(data)):
+        grown = ladder.grow(n)
+        assert np.all(np.isin(previous, grown)) and len(grown) >= n
+        assert np.array_equal(grown, np.sort(ladder.order[:len(grown)]))
+        if samplers.REGISTRY[name].nested:  # one-shot draws are nested: the ladder is them
+            assert np.array_equal(grown, draw(sampler.resized(n)))
+        previous = grown
+
+
+def test_nested_samplers_draw_prefixes_of_one_order():
+    data = _data(seed=1)
+    for name in ("random", "weighted", "latentgrid"):
+        assert samplers.REGISTRY[name].nested
+        small = samplers.build(name, {"size": 0.05}, seed=0).fit(data).indices_
+        large = samplers.build(name, {"size": 0.3}, seed=0).fit(data).indices_
+        assert len(small) == 20 and len(large) == 120 and np.all(np.isin(small, large))
+
+
+def test_growth_stops_at_the_target_and_equals_a_one_shot_query_at_its_final_size(world):
+    conn, _, (_, y), _ = world
+    items_before = conn.counters["items"]
+    grown = conn.query("TOPK 3 NEURONS IN 4 USING SAMPLE random(40) UNTIL precision >= 0.8")
+    growth = grown.provenance.growth
+    assert growth.stop == "target met" and growth.reached >= 0.8
+    assert grown.estimate.expected >= 0.8
+    assert list(growth.sizes) == samplers.doubling(40, len(y))[:len(growth.sizes)]
+    final = growth.sizes[-1]
+    # Each round sent only its new items through the model (layer 4 is queried nowhere else):
+    # the final sample's, once each.
+    assert conn.counters["items"] - items_before == final
+    one_shot = conn.query(f"TOPK 3 NEURONS IN 4 USING SAMPLE random({final})")
+    assert grown.source == one_shot.source
+    assert grown.neurons.tolist() == one_shot.neurons.tolist()
+    np.testing.assert_array_equal(grown.values, one_shot.values)
+    assert grown.to_dict()["growth"]["stop"] == "target met"
+
+
+def test_growth_stops_when_the_time_budget_is_spent(world):
+    conn, *_ = world
+    result = conn.query("AVG NEURONS IN 3 USING SAMPLE random(40) WITHIN 0.000001 SECONDS")
+    growth = result.provenance.growth
+    assert growth.stop == "budget spent" and growth.sizes == (40,) and result.n_items == 40
+
+
+def test_growth_turns_exact_when_that_is_cheaper(world):
+    conn, model, (X, y), _ = world
+    result = conn.query("AVG NEURONS IN 3 WHERE class = 5 USING SAMPLE random(40) "
+                        "UNTIL cosine <= 0.0000001")
+    assert result.provenance.growth.stop == "exact cheaper"
+    assert not result.approximate and result.n_items == int((y == 5).sum())
+    with torch.no_grad():
+        want = model[:4](X[y == 5]).flatten(1).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
+
+
+def test_targets_must_fit_the_aggregate(world):
+    conn, *_ = world
+    for text, message in (("AVG NEURONS IN 3 UNTIL precision >= 0.9", "not estimated for AVG"),
+                          ("TOPK 3 NEURONS IN 3 UNTIL precision <= 0.9", "lower bound"),
+                          ("ARGMAX NEURONS IN 3 UNTIL js <= 2", r"not in \(0, 1\]"),
+                          ("TOPK 3 NEURONS IN 3 BY MAX UNTIL precision >= 0.9", "BY MEAN"),
+                          ("AVG NEURONS IN 3 USING SAMPLE ebtree() WITHIN 1 SECONDS",
+                           "cannot grow")):
+        with pytest.raises(BindError, match=message):
+            conn.query(text)
+    with pytest.raises(ParseError, match="positive number of seconds"):
+        conn.query("AVG NEURONS IN 3 WITHIN 0 SECONDS")

@@ -1,0 +1,206 @@
+"""Checkpoints as models: loaded one at a time into one copy of the final model, keyed by their
+own weights, and ACROSS CHECKPOINTS answering per checkpoint, each checked against plain torch
+on a model loaded with that checkpoint's weights."""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql.errors import BindError
+from tests import models
+from tests.test_models import outputs
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    """An MLP trained for three epochs, its weights saved after each: (final model, paths, the
+    state_dicts in memory)."""
+    X, y = digits
+    folder = tmp_path_factory.mktemp("ckpt")
+    model = models.build_mlp(seed=1)
+    paths, states = {}, {}
+    for epoch in (1, 2, 3):
+        models.train(model, X, y, epochs=1, seed=epoch)
+        states[f"epoch{epoch}"] = copy.deepcopy(model.state_dict())
+        paths[f"epoch{epoch}"] = folder / f"epoch{epoch}.pt"
+        torch.save(model.state_dict(), paths[f"epoch{epoch}"])
+    models.train(model, X, y, epochs=2, seed=9)  # the final model trains on past the last one
+    return model, paths, states
+
+
+def loaded(state) -> torch.nn.Module:
+    model = models.MLP()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    """A third of the digits: the queries' data (the models trained on all of them)."""
+    X, y = digits
+    return X[:600], y[:600]
+
+
+@pytest.fixture(scope="module")
+def db(trained, data):
+    model, paths, states = trained
+    # Paths and a state_dict given in memory mix.
+    checkpoints = {"epoch1": str(paths["epoch1"]), "epoch2": paths["epoch2"],
+                   "epoch3": states["epoch3"]}
+    return diagql.connect(model, data, checkpoints=checkpoints, cache_dir=False,
+                          progress=False)
+
+
+def test_checkpoints_are_models_in_training_order_with_their_own_accuracy(db, trained, data):
+    X, y = data
+    model, _, states = trained
+    rows = db.query("SHOW MODELS").rows
+    assert [row[0] for row in rows] == ["epoch1", "epoch2", "epoch3", "final"]
+    assert rows[-1][5] == "*" and db.model is model
+    for row in rows:
+        truth = model if row[0] == "final" else loaded(states[row[0]])
+        accuracy = float((truth(X).argmax(1) == y).double().mean())
+        assert row[4] == f"{accuracy:.1%}"
+    assert len({row[4] for row in rows}) > 1  # training changed the accuracy
+
+
+def test_across_checkpoints_answers_once_per_checkpoint(db, trained, data):
+    X, y = data
+    model, _, states = trained
+    result = db.query("AVG NEURONS IN encoder.3 WHERE correct GROUP BY class ACROSS CHECKPOINTS")
+    assert result.kind == "across" and list(result.checkpoints) == ["epoch1", "epoch2", "epoch3",
+                                                                  "final"]
+    for name, answer in result.checkpoints.items():
+        truth_model = model if name == "final" else loaded(states[name])
+        correct = (truth_model(X).argmax(1) == y).numpy()  # each checkpoint's own mistakes
+        rows = outputs(truth_model, X, "encoder.3")
+        classes = sorted(set(y.numpy()[correct].tolist()))
+        assert list(answer.groups) == classes  # the early checkpoints get whole classes wrong
+        for c in classes:
+            mask = correct & (y == c).numpy()
+            np.testing.assert_allclose(answer.groups[c].values, rows[mask].mean(0), atol=1e-5)
+    # The table: one column per checkpoint, a row per (class, neuron); the cells are the means.
+    assert result.columns[:2] == ["class", "label"] and result.columns[2:] == list(
+        result.checkpoints)
+    first = result.rows[0]
+    assert first[:2] == (0, "encoder.3[0]")
+    assert float(first[-1]) == pytest.approx(result.checkpoints["final"].groups[0].values[0],
+                                             rel=1e-3)
+    assert len(result.rows) == 10 * 16
+
+
+def test_across_checkpoints_on_a_sample_uses_the_final_models_sample(db, trained, data, tmp_path):
+    X, _ = data
+    model, _, states = trained
+    plot = tmp_path / "curves.png"
+    db.execute("SET estimator = plain")  # the ranks compared here are the sample means'
+    try:
+        result = db.query(f"TOPK 3 NEURONS IN head USING SAMPLE random(0.2) ACROSS CHECKPOINTS "
+                          f"PLOT '{plot}'")
+    finally:
+        db.execute("SET estimator = assisted")
+    items = db.sample("random(0.2)")
+    for name, answer in result.checkpoints.items():
+        truth = outputs(model if name == "final" else loaded(states[name]), X, "head")
+        assert answer.neurons.tolist() == np.argsort(-truth[items].mean(0))[:3].tolist()
+    # Three ranks: checkpoints down, ranks across.
+    assert result.columns == ["checkpoint", "1", "2", "3"] and len(result.rows) == 4
+    assert plot.stat().st_size > 1000
+    assert set(result.series) == {"1", "2", "3"}
+    assert result.to_dict()["checkpoints"]["final"]["kind"] == "topk"
+
+
+def test_a_checkpoint_query_never_holds_two_checkpoints_weights(trained, data, monkeypatch):
+    import gc
+
+    model, paths, _ = trained
+    live, peak = [0], [0]
+    real_load = torch.load
+
+    def counting_load(*args, **kwargs):
+        state = real_load(*args, **kwargs)
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(next(iter(state.values())), lambda: live.__setitem__(0, live[0] - 1))
+        return state
+
+    def mlps() -> set[int]:
+        gc.collect()
+        return {id(o) for o in gc.get_objects() if type(o) is models.MLP}
+
+    before = mlps()
+    monkeypatch.setattr(torch, "load", counting_load)
+    db = diagql.connect(model, data, checkpoints=paths, cache_dir=False, progress=False)
+    db.query("ARGMAX NEURONS IN head WHERE incorrect ACROSS CHECKPOINTS")
+    assert db.models["epoch1"].slot.loads == 3 and peak[0] == 1 and live[0] == 0
+    # One copy of the architecture besides the final model, whatever the number of checkpoints.
+    assert mlps() - before == {id(db.models["epoch1"].slot.module)}
+
+
+def test_a_checkpoints_cache_key_is_that_of_its_weights(trained, data, tmp_path):
+    model, paths, states = trained
+    db = diagql.connect(model, data, checkpoints=paths, cache_dir=tmp_path, progress=False)
+    alone = diagql.connect(loaded(states["epoch2"]), data, cache_dir=tmp_path, progress=False)
+    keys = {name: entry.artifacts.profile_key() for name, entry in db.models.items()}
+    assert keys["epoch2"] == alone.artifacts.profile_key()
+    assert len(set(keys.values())) == 4
+
+
+def test_across_checkpoints_needs_checkpoints(cnn, digits):
+    db = diagql.connect(cnn, digits, cache_dir=False, progress=False)
+    with pytest.raises(BindError, match="ACROSS CHECKPOINTS needs checkpoints"):
+        db.query("AVG NEURONS IN 8 ACROSS CHECKPOINTS")
+
+
+def test_checkpoints_that_do_not_fit_are_reported(trained, data, tmp_path):
+    model, _, _ = trained
+    path = tmp_path / "wrong.pt"
+    torch.save({"head.weight": torch.zeros(3, 3)}, path)
+    db = diagql.connect(model, data, checkpoints={"bad": path}, cache_dir=False,
+                        progress=False)
+    with pytest.raises(diagql.DiagQLError, match="checkpoint 'bad' .* do not fit the model"):
+        db.query("AVG NEURONS IN bad.head")
+    with pytest.raises(diagql.DiagQLError, match="name 'not ok' cannot be written"):
+        diagql.connect(model, data, checkpoints={"not ok": path}, cache_dir=False)
+
+
+def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
+        trained, tmp_path, capsys):
+    """--model NAME=SPEC twice with --weights NAME=PATH, then --checkpoint with a glob (files
+    named by their stems, in natural order); in this process, whose models are trained."""
+    import csv
+    import io
+
+    from diagql.shell.cli import main
+
+    def tables(argv) -> list[list[dict]]:
+        assert main(argv) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        return [list(csv.DictReader(io.StringIO(part))) for part in out.split("\n\n")
+                if part.strip()]
+
+    _, _, states = trained
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for epoch in (1, 2, 10):  # epoch10 sorts after epoch2
+        torch.save(states[f"epoch{min(epoch, 3)}"], folder / f"epoch{epoch}.pt")
+    torch.save(states["epoch1"], tmp_path / "wide.pt")
+    common = ["--data", "tests.models:digits", "--format", "csv", "--no-cache", "--no-progress"]
+    shown = tables(["--model", "base=tests.models:trained_cnn", "--model",
+                    "wide=tests.models:build_mlp", "--weights", f"wide={tmp_path / 'wide.pt'}",
+                    *common, "-e", "SHOW MODELS; SET model = wide; SHOW MODELS"])
+    X, y = models.digits()
+    wide = float((loaded(states["epoch1"])(X).argmax(1) == y).double().mean())
+    assert [row["model"] for row in shown[0]] == ["base", "wide"]
+    assert shown[0][1]["accuracy"] == f"{wide:.1%}"  # --weights wide=... were loaded
+    assert [row["default"] for row in shown[-1]] == ["", "*"]
+    rows = tables(["--model", "tests.models:build_mlp", "--checkpoint", str(folder / "*.pt"),
+                   *common, "-e", "AVG NEURONS IN head WHERE class = 4 ACROSS CHECKPOINTS"])[0]
+    assert [row["checkpoint"] for row in rows] == ["epoch1", "epoch2", "epoch10", "final"]
+    truth = outputs(loaded(states["epoch3"]), X, "head")[(y == 4).numpy()].mean(0)
+    assert float(rows[2]["head[0]"]) == pytest.approx(truth[0], rel=1e-3)

@@ -1,0 +1,194 @@
+"""The model-assisted estimator (engine/regression.py) against an independent numpy
+implementation on materialised activations, its covariates against a numpy PCA, and its
+intervals' coverage on a synthetic population selected by the covariates, where the truth is
+known."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import diagql
+from diagql.engine import covariates as covariates_module
+from diagql.engine.covariates import covariates
+from diagql.engine.estimate import p_in_topk
+from diagql.engine.regression import (
+    RIDGE,
+    CrossSums,
+    GroupSums,
+    assisted,
+    corrected_mean,
+    of_rows,
+)
+
+
+@pytest.fixture(scope="module")
+def db(mlp, digits):
+    return diagql.connect(mlp, digits, batch_size=256)
+
+
+def _layer(model, X) -> np.ndarray:
+    """encoder.1's output, by calling the submodules (no hooks, no DiagQL)."""
+    with torch.no_grad():
+        return model.encoder[1](model.encoder[0](X)).double().numpy()
+
+
+def _numpy_assisted(Y, Z, groups, z_pop, n_pop, ridge):
+    """The regression estimator written out: group-centred ridge slope on the rows, each
+    group's mean corrected by (population mean − sample mean) of Z, and its model variance."""
+    keys = sorted(set(groups.tolist()))
+    Zc, Yc = Z.copy(), Y.copy()
+    for g in keys:
+        m = groups == g
+        Zc[m] -= Z[m].mean(axis=0)
+        Yc[m] -= Y[m].mean(axis=0)
+    p = Z.shape[1]
+    S = Zc.T @ Zc
+    A = S + ridge * np.eye(p)
+    B = np.linalg.lstsq(A, Zc.T @ Yc, rcond=None)[0]
+    resid = Yc - Zc @ B
+    p_eff = np.trace(S @ np.linalg.inv(A))
+    free = len(Y) - len(keys)
+    out = {}
+    for g in keys:
+        m = groups == g
+        n = int(m.sum())
+        delta = z_pop[g] - Z[m].mean(axis=0)
+        mean = Y[m].mean(axis=0) + delta @ B
+        sigma2 = (resid[m] ** 2).sum(axis=0) / (n - 1) * free / (free - p_eff)
+        Ai = np.linalg.inv(A)
+        h = delta @ Ai @ S @ Ai @ delta
+        se = np.sqrt(sigma2 * ((n_pop[g] - n) / n_pop[g] / n + h))
+        out[g] = (mean, se)
+    return out
+
+
+def test_covariates_are_the_whitened_leading_principal_components(db):
+    profile = db.profile
+    z = covariates(profile)
+    X = profile.latents.astype(np.float64)
+    sd = X.std(axis=0)
+    S = (X[:, sd > 1e-6 * sd.max()] - X[:, sd > 1e-6 * sd.max()].mean(axis=0)) / \
+        sd[sd > 1e-6 * sd.max()]
+    U = np.linalg.svd(S, full_matrices=False)[0]
+    p = covariates_module.DIMS
+    expected = U[:, :p] * np.sqrt(len(S))  # unit variance each
+    assert z.shape == (len(S), p)
+    np.testing.assert_allclose(z.std(axis=0), 1.0, atol=1e-9)
+    # The same components up to sign.
+    signs = np.sign((z * expected).sum(axis=0))
+    np.testing.assert_allclose(z * signs, expected, atol=1e-6)
+    assert covariates(profile) is z  # once per profile
+
+
+def test_query_answer_is_the_regression_estimator_written_in_numpy(db, mlp, digits):
+    X, y = digits
+    query = ("AVG NEURONS IN encoder.1 WHERE class IN (2, 3, 5) GROUP BY class "
+             "USING SAMPLE maxmargin(0.1)")
+    result = db.query(query)
+    profile, sample = db.profile, db.sample("maxmargin(0.1)")
+    labels = y.numpy()
+    chosen = sample[np.isin(labels[sample], [2, 3, 5])]
+    Y = _layer(mlp, X)
+    z = covariates(profile)
+    pop = {g: np.flatnonzero(labels == g) for g in (2, 3, 5)}
+    want = _numpy_assisted(Y[chosen], z[chosen], labels[chosen],
+                           {g: z[items].mean(axis=0) for g, items in pop.items()},
+                           {g: len(items) for g, items in pop.items()}, RIDGE)
+    for g in (2, 3, 5):
+        part = result.groups[g]
+        mean, se = want[g]
+        np.testing.assert_allclose(part.values, mean, atol=1e-8)
+        est = part.estimate
+        assert est.reliable and est.estimator == "assisted"  # maxmargin is not uniform
+        n = int((labels[chosen] == g).sum())
+        half = stats.t.ppf(0.975, n - 1) * se
+        live = se > 0  # a neuron silent over the sample has the rule-of-three floor instead
+        np.testing.assert_allclose((est.ci_high - est.ci_low)[live] / 2, half[live], rtol=1e-6)
+        assert np.all(est.ci_low <= part.values) and np.all(part.values <= est.ci_high)
+
+
+def test_plain_estimator_answers_with_the_sample_mean(db, mlp, digits):
+    X, y = digits
+    db.execute("SET estimator = plain")
+    try:
+        result = db.query("AVG NEURONS IN encoder.1 WHERE class = 4 USING SAMPLE maxmargin(0.1)")
+        sample = db.sample("maxmargin(0.1)")
+        chosen = sample[y.numpy()[sample] == 4]
+        np.testing.assert_allclose(result.values, _layer(mlp, X)[chosen].mean(axis=0), atol=1e-6)
+        assert result.estimate.reliable is False and result.estimate.estimator == "plain"
+        assert "does not draw uniformly" in str(result)
+    finally:
+        db.execute("SET estimator = assisted")
+    with pytest.raises(diagql.DiagQLError, match="estimator must be one of assisted, plain"):
+        db.execute("SET estimator = fancy")
+
+
+def test_argmax_shares_are_the_regression_of_the_one_hot_winners(db, mlp, digits):
+    X, y = digits
+    result = db.query("ARGMAX NEURONS IN encoder.1 WHERE class = 6 USING SAMPLE stratified(0.2)")
+    sample = db.sample("stratified(0.2)")
+    labels = y.numpy()
+    chosen = sample[labels[sample] == 6]
+    Y = _layer(mlp, X)
+    onehot = np.eye(Y.shape[1])[Y[chosen].argmax(axis=1)]
+    z = covariates(db.profile)
+    everyone = np.flatnonzero(labels == 6)
+    mean, _ = _numpy_assisted(onehot, z[chosen], np.zeros(len(chosen), int),
+                              {0: z[everyone].mean(axis=0)}, {0: len(everyone)}, RIDGE)[0]
+    shares = np.clip(mean, 0, None) / np.clip(mean, 0, None).sum()
+    np.testing.assert_allclose(result.values, shares, atol=1e-9)
+    assert result.estimate.reliable and 0 <= result.estimate.expected <= 1
+
+
+def _synthetic(seed: int, N=3000, p=4, d=30):
+    rng = np.random.default_rng(seed)
+    Z = rng.standard_normal((N, p))
+    B = rng.standard_normal((p, d))
+    Y = 1.0 + Z @ B + rng.standard_normal((N, d)) * 1.5
+    # Selection by the covariates alone, strongly non-uniform: items with a high z0 are
+    # ten times as likely to be drawn (as a boundary sampler favours some latents).
+    weight = np.exp(1.2 * Z[:, 0])
+    picked = rng.choice(N, size=150, replace=False, p=weight / weight.sum())
+    return Z, Y, np.sort(picked)
+
+
+def test_intervals_cover_the_truth_of_a_population_selected_by_its_covariates():
+    covered = plain_covered = total = 0
+    for seed in range(12):
+        Z, Y, picked = _synthetic(seed)
+        cross = CrossSums(Z.shape[1], Y.shape[1])
+        cross.add(torch.from_numpy(Z[picked]), torch.from_numpy(Y[picked]))
+        sums = GroupSums(len(picked), Y[picked].sum(axis=0), (Y[picked] ** 2).sum(axis=0), cross,
+                         len(Y), Z.mean(axis=0))
+        fitted = assisted({None: sums})[None]
+        truth = Y.mean(axis=0)
+        half = stats.t.ppf(0.975, len(picked) - 1) * fitted.se
+        covered += int((np.abs(fitted.mean - truth) <= half).sum())
+        plain_half = stats.t.ppf(0.975, len(picked) - 1) * Y[picked].std(axis=0, ddof=1) / \
+            np.sqrt(len(picked))
+        plain_covered += int((np.abs(Y[picked].mean(axis=0) - truth) <= plain_half).sum())
+        total += Y.shape[1]
+    assert 0.90 <= covered / total <= 0.98, covered / total
+    assert plain_covered / total < 0.5  # the sample mean is biased by the selection
+
+
+def test_p_in_topk_skips_only_neurons_that_cannot_reach_the_top():
+    rng = np.random.default_rng(3)
+    mean = np.concatenate([rng.normal(0, 1, 2000), rng.normal(3, 0.3, 12)])
+    se = np.full(len(mean), 0.25)
+    k = 10
+    reported = np.argsort(-mean)[:k]
+    fast = p_in_topk(mean, se, reported, k)
+    draws = mean + rng.standard_normal((4000, len(mean))) * se  # every neuron, many draws
+    top = np.argsort(-draws, axis=1)[:, :k]
+    brute = np.array([(top == j).any(axis=1).mean() for j in reported])
+    np.testing.assert_allclose(fast, brute, atol=0.08)
+
+
+def test_evaluate_s_lean_mean_is_the_assisted_mean():
+    Z, Y, picked = _synthetic(5)
+    lean = corrected_mean(Y[picked], Z[picked], Z.mean(axis=0))
+    full = assisted({0: of_rows(Y[picked], Z[picked], len(Y), Z.mean(axis=0))})[0].mean
+    np.testing.assert_allclose(lean, full, atol=1e-10)

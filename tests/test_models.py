@@ -1,0 +1,163 @@
+"""Several models over one data set: model.layer names, SET model, SHOW MODELS, samplers'
+model=, and passes over several models, each checked against plain torch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql.engine.executor import Collector, run_together
+from diagql.errors import BindError, ExecutionError
+from diagql.language import ast
+from diagql.language.binder import bind_layer, bind_view
+from tests import models
+
+
+def outputs(model, X, module_name: str) -> np.ndarray:
+    """The module's output for every item, by a forward hook of the test's own."""
+    seen = []
+    module = dict(model.named_modules())[module_name]
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(X)
+    finally:
+        handle.remove()
+    return torch.cat(seen).reshape(len(X), -1).double().numpy()
+
+
+@pytest.fixture(scope="module")
+def two(cnn, mlp, digits):
+    X, y = digits
+    return diagql.connect({"base": cnn, "wide": mlp}, (X, y), cache_dir=False, progress=False)
+
+
+def test_qualified_names_read_each_models_layer(two, cnn, mlp, digits):
+    X, y = digits
+    mask = (y == 3).numpy()
+    base = two.query("AVG NEURONS IN 8 WHERE class = 3")  # unqualified: the default model's
+    wide = two.query("AVG NEURONS IN wide.encoder.3 WHERE class = 3")
+    np.testing.assert_allclose(base.values, outputs(cnn, X, "8")[mask].mean(0), atol=1e-5)
+    np.testing.assert_allclose(wide.values, outputs(mlp, X, "encoder.3")[mask].mean(0), atol=1e-5)
+    assert wide.layer == "wide.encoder.3" and wide.labels[0] == "wide.encoder.3[0]"
+    assert base.layer == "base.8"
+
+
+def test_set_model_changes_the_default_and_suggests_on_a_typo(cnn, mlp, digits):
+    X, y = digits
+    db = diagql.connect({"base": cnn, "wide": mlp}, (X, y), cache_dir=False, progress=False)
+    db.query("SET model = wide")
+    assert db.model is mlp and db.settings.model == "wide"
+    result = db.query("AVG NEURONS IN head WHERE predicted = 2")
+    predicted = mlp(X).argmax(1).numpy() == 2
+    np.testing.assert_allclose(result.values, outputs(mlp, X, "head")[predicted].mean(0),
+                               atol=1e-5)
+    with pytest.raises(BindError, match="unknown model 'wid'; did you mean 'wide'"):
+        db.query("SET model = wid")
+    with pytest.raises(BindError, match="unknown layer"):
+        db.query("AVG NEURONS IN 8")  # the default is wide now, which has no layer 8
+
+
+def test_show_models_lists_accuracy_on_the_data(two, cnn, mlp, digits):
+    X, y = digits
+    rows = {row[0]: row for row in two.query("SHOW MODELS").rows}
+    for name, model in (("base", cnn), ("wide", mlp)):
+        accuracy = float((model(X).argmax(1) == y).double().mean())
+        assert rows[name][4] == f"{accuracy:.1%}"
+        assert rows[name][2] == f"{sum(p.numel() for p in model.parameters()):,}"
+    assert rows["base"][5] == "*" and rows["wide"][5] == ""
+
+
+def test_a_sample_is_drawn_on_the_default_models_profile_unless_model_is_given(two, cnn, mlp,
+                                                                              digits):
+    X, y = digits
+    base_cells = set(zip(y.tolist(), cnn(X).argmax(1).tolist()))
+    wide_cells = set(zip(y.tolist(), mlp(X).argmax(1).tolist()))
+    assert base_cells != wide_cells
+    # stratified takes at least one item of every (class, prediction) cell of its profile.
+    for spec, cells, model in (("stratified(0.05)", base_cells, cnn),
+                               ("stratified(0.05, model='wide')", wide_cells, mlp)):
+        items = two.sample(spec)
+        predictions = model(X[items]).argmax(1).tolist()
+        assert set(zip(y[items].tolist(), predictions)) == cells
+    two.execute("SET estimator = plain")  # the answer compared here is the sample mean
+    result = two.query("AVG NEURONS IN wide.head USING SAMPLE stratified(0.05, model='wide')")
+    two.execute("SET estimator = assisted")
+    items = two.sample("stratified(0.05, model='wide')")
+    np.testing.assert_allclose(result.values, outputs(mlp, X, "head")[items].mean(0), atol=1e-5)
+    assert "model='wide'" in result.source
+
+
+def test_two_models_of_one_architecture_never_share_activation_rows(digits):
+    X, y = digits
+    a, b = models.trained_cnn(), models.build_cnn(seed=3)  # same layer names, other weights
+    db = diagql.connect({"a": a, "b": b}, (X, y), cache_dir=False, progress=False)
+    db.execute("SET estimator = plain")  # the answers compared here are the sample means
+    items = db.sample("random(0.3)")
+    first = db.query("AVG NEURONS IN a.8 USING SAMPLE random(0.3)")  # keeps a's rows
+    second = db.query("AVG NEURONS IN b.8 USING SAMPLE random(0.3)")
+    np.testing.assert_allclose(first.values, outputs(a, X, "8")[items].mean(0), atol=1e-5)
+    np.testing.assert_allclose(second.values, outputs(b, X, "8")[items].mean(0), atol=1e-5)
+    # A script's queries on both models: one pass per model, each its own answer.
+    r1, r2 = db.execute("TOPK 3 NEURONS IN b.8 WHERE class = 1; TOPK 3 NEURONS IN a.8 WHERE "
+                        "class = 1")
+    mask = (y == 1).numpy()
+    for result, model in ((r1, b), (r2, a)):
+        truth = outputs(model, X, "8")[mask].mean(0)
+        assert result.neurons.tolist() == np.argsort(-truth)[:3].tolist()
+
+
+def test_a_name_that_reads_both_ways_is_refused_with_both_spellings(cnn, mlp, digits):
+    X, y = digits
+    # The default model (an MLP) has a module "encoder.1"; the model "encoder" has a layer "1".
+    db = diagql.connect({"base": mlp, "encoder": cnn}, (X, y), cache_dir=False, progress=False)
+    with pytest.raises(BindError, match="ambiguous") as caught:
+        db.query("AVG NEURONS IN encoder.1")
+    assert "base.encoder.1" in caught.value.hint
+    mine = outputs(mlp, X, "encoder.1").mean(0)
+    for text in ("AVG NEURONS IN base.encoder.1", "AVG NEURONS IN 'encoder.1'"):
+        np.testing.assert_allclose(db.query(text).values, mine, atol=1e-5)
+    # No doubt where only one reading exists: the default MLP has no encoder.8.
+    np.testing.assert_allclose(db.query("AVG NEURONS IN encoder.8").values,
+                               outputs(cnn, X, "8").mean(0), atol=1e-5)
+
+
+def test_a_single_model_is_named_model_and_its_names_stay_bare(cnn, digits):
+    X, y = digits
+    db = diagql.connect(cnn, (X, y), cache_dir=False, progress=False)
+    assert list(db.models) == ["model"]
+    assert db.query("TOPK 2 NEURONS IN 8").layer == "8"
+    with pytest.raises(BindError, match="unknown layer 'model.8'"):
+        db.query("TOPK 2 NEURONS IN model.8")  # no model prefix with one model
+
+
+def test_one_pass_feeds_two_models_the_same_batches(two, cnn, mlp, digits):
+    X, _ = digits
+    items = np.arange(5, 700, 3)
+    collected, batches = [], []
+    for entry, name in ((two.models["base"], "8"), (two.models["wide"], "head")):
+        layer = bind_layer(ast.LayerRef(name), entry.catalog)
+        view = bind_view(ast.Query("avg", "neurons", ast.LayerRef(name)), layer)
+        collected.append((entry, Collector(view, items, np.dtype(np.float64))))
+    run_together([(entry.runner(), [c]) for entry, c in collected], "both",
+                 after_batch=lambda idx: batches.append(idx.copy()))
+    np.testing.assert_array_equal(np.concatenate(batches), items)  # in order, each item once
+    np.testing.assert_allclose(collected[0][1].rows, outputs(cnn, X[items], "8"), atol=1e-5)
+    np.testing.assert_allclose(collected[1][1].rows, outputs(mlp, X[items], "head"), atol=1e-5)
+    runner = two.models["base"].runner()
+    with pytest.raises(ExecutionError, match="one module"):
+        run_together([(runner, [collected[0][1]]), (runner, [collected[0][1]])], "twice")
+
+
+def test_a_layer_the_profile_holds_is_read_from_its_own_models_profile_only(digits):
+    """Layer 7 is the CNN's latent and 8 its logits, which the profile holds: a query on b's
+    that reads no prediction is planned on a's profile, whose rows are a's, not b's."""
+    X, y = digits
+    a, b = models.trained_cnn(), models.build_cnn(seed=3)
+    db = diagql.connect({"a": a, "b": b}, (X, y), cache_dir=False, progress=False)
+    for layer in ("7", "8"):
+        for name, model in (("a", a), ("b", b)):
+            result = db.query(f"AVG NEURONS IN {name}.{layer} WHERE class = 2")
+            truth = outputs(model, X, layer)[(y == 2).numpy()].mean(0)
+            np.testing.assert_allclose(result.values, truth, atol=1e-5)

@@ -1,0 +1,296 @@
+"""SIMILARITY: linear CKA against independent numpy implementations (the Gram-matrix form over
+small N, Song et al.'s unbiased HSIC written out, delete-one by recomputation), its invariances,
+and the statement end to end on a small model whose activations plain torch hooks collect."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql.engine import cka, similarity
+from diagql.errors import BindError, ExecutionError, ParseError
+
+# --- independent truth ------------------------------------------------------------------------
+
+
+def gram_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al.'s linear CKA in its Gram form: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))
+    with K = XcXcᵀ, the rows centred first (HKH with H = I - 11ᵀ/n)."""
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)
+    k, ell = xc @ xc.T, yc @ yc.T
+    return float(np.sum(k * ell) / np.sqrt(np.sum(k * k) * np.sum(ell * ell)))
+
+
+def unbiased_hsic(k: np.ndarray, ell: np.ndarray) -> float:
+    """Song et al. (2012), eq. 5, as printed."""
+    n = len(k)
+    k, ell = k.copy(), ell.copy()
+    np.fill_diagonal(k, 0)
+    np.fill_diagonal(ell, 0)
+    one = np.ones(n)
+    return float((np.trace(k @ ell) + (one @ k @ one) * (one @ ell @ one) / ((n - 1) * (n - 2))
+                  - 2 / (n - 2) * one @ k @ ell @ one) / (n * (n - 3)))
+
+
+def debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
+    xc, yc = x - x.mean(axis=0), y - y.mean(axis=0)  # only for digits: the estimator ignores it
+    k, ell = xc @ xc.T, yc @ yc.T
+    return unbiased_hsic(k, ell) / np.sqrt(unbiased_hsic(k, k) * unbiased_hsic(ell, ell))
+
+
+def pair(n: int, dx: int, dy: int, seed: int = 0, offset: float = 0.0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dx))
+    y = x @ rng.normal(size=(dx, dy)) + 2.0 * rng.normal(size=(n, dy))
+    return x + offset, y - offset / 2
+
+
+def fed(state, x, y, batch: int = 7):
+    for start in range(0, len(x), batch):
+        assert state.update(torch.from_numpy(x[start:start + batch]),
+                            torch.from_numpy(y[start:start + batch]))
+    return state
+
+
+# --- the states ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, dx, dy, offset", [(40, 5, 9, 0.0), (25, 60, 8, 0.0),
+                                               (50, 6, 4, 1e3)])
+def test_exact_cka_matches_the_gram_form(n, dx, dy, offset):
+    x, y = pair(n, dx, dy, offset=offset)
+    truth = gram_cka(x, y)
+    moments = fed(cka.MomentState([dx, dy]), x, y)
+    rows = fed(cka.RowState([dx, dy]), x, y)
+    assert abs(moments.matrix()[0, 1] - truth) < 1e-10
+    assert abs(rows.matrix()[0, 1] - truth) < 1e-10
+    # Shards fed apart and merged, as another pass or a Ray worker would feed them.
+    left, right = fed(cka.MomentState([dx, dy]), x[:11], y[:11]), \
+        fed(cka.MomentState([dx, dy]), x[11:], y[11:])
+    assert abs(left.merge(right).matrix()[0, 1] - truth) < 1e-10
+
+
+def test_a_large_mean_costs_no_precision():
+    """Centred per batch and merged by Chan's update: 1e3 offsets leave the value intact,
+    where XᵀX − n·μμᵀ would cancel about six of the sixteen digits."""
+    x, y = pair(60, 4, 3, seed=3)
+    shifted = fed(cka.MomentState([4, 3]), x + 1e3, y - 5e2, batch=5).matrix()[0, 1]
+    assert abs(shifted - gram_cka(x, y)) < 1e-10
+
+
+def test_invariant_under_rotation_and_isotropic_scaling_and_one_with_itself():
+    x, y = pair(30, 6, 5, seed=1)
+    rotation, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(6, 6)))
+    base = fed(cka.MomentState([6, 5]), x, y).matrix()[0, 1]
+    turned = fed(cka.MomentState([6, 5]), 3.7 * x @ rotation, 0.01 * y).matrix()[0, 1]
+    assert abs(base - turned) < 1e-10
+    matrix = fed(cka.MomentState([6, 6]), x, x @ rotation).matrix()
+    assert np.allclose(matrix, 1.0, atol=1e-12, rtol=0)
+
+
+def test_a_batch_with_nan_is_refused_and_leaves_the_state_as_it_was():
+    x, y = pair(10, 3, 3)
+    state = fed(cka.MomentState([3, 3]), x, y)
+    before = state.matrix()
+    bad = torch.from_numpy(y[:2].copy())
+    bad[0, 1] = float("nan")
+    assert not state.update(torch.from_numpy(x[:2]), bad)
+    assert state.count == 10 and np.array_equal(state.matrix(), before)
+
+
+def test_a_constant_layer_has_an_undefined_cka():
+    x, _ = pair(10, 3, 3)
+    state = fed(cka.MomentState([3, 2]), x, np.ones((10, 2)))
+    assert np.isnan(state.matrix()[0, 1]) and state.matrix()[0, 0] == 1.0
+
+
+@pytest.mark.parametrize("n, dx, dy", [(12, 30, 40), (80, 5, 7), (15, 40, 3)])
+def test_debiased_cka_and_its_jackknife_match_recomputation(n, dx, dy):
+    """Gram form (n ≤ width), feature form (n > width) and the two mixed: the estimate equals
+    the unbiased HSIC written out, and the interval equals t · the jackknife standard error
+    from n explicit delete-one recomputations."""
+    from scipy.special import stdtrit
+
+    x, y = pair(n, dx, dy, seed=n)
+    rows = fed(cka.RowState([dx, dy]), x, y).rows()
+    value, low, high = cka.debiased_matrix(rows, population=10 * n)
+    truth = debiased_cka(x, y)
+    assert abs(value[0, 1] - truth) < 1e-10
+    left_out = np.array([debiased_cka(np.delete(x, i, 0), np.delete(y, i, 0)) for i in range(n)])
+    se = np.sqrt((n - 1) / n * np.sum((left_out - left_out.mean()) ** 2)
+                 * (10 * n - n) / (10 * n - 1))
+    half = stdtrit(n - 1, 0.975) * se
+    assert abs(low[0, 1] - max(truth - half, 0)) < 1e-10
+    assert abs(high[0, 1] - min(truth + half, 1)) < 1e-10
+    assert value[0, 0] == value[1, 1] == 1.0
+
+
+def test_debiased_cka_is_nearer_the_full_data_cka_than_the_plain_one_on_small_samples():
+    """The reason for the estimator: over many small uniform samples of a weakly related
+    pair, the plain CKA of the sample is biased upward, the debiased one far less."""
+    x, y = pair(4000, 50, 50, seed=5)
+    y = y + 6.0 * np.random.default_rng(6).normal(size=y.shape)
+    truth = gram_cka(x[:2000], y[:2000])
+    rng = np.random.default_rng(7)
+    plain, debiased = [], []
+    for _ in range(30):
+        pick = rng.choice(2000, 40, replace=False)
+        rows = [x[pick] - x[pick].mean(0), y[pick] - y[pick].mean(0)]
+        plain.append(cka.plain_matrix(rows)[0, 1])
+        debiased.append(cka.debiased_matrix(rows)[0][0, 1])
+    assert abs(np.mean(debiased) - truth) < 0.5 * abs(np.mean(plain) - truth)
+
+
+# --- the statement --------------------------------------------------------------------------------
+
+
+LAYERS = ("encoder.1", "encoder.3", "head")
+
+
+@pytest.fixture(scope="module")
+def acts(mlp, digits):
+    """Every item's output of each layer, by plain torch hooks (float64 numpy)."""
+    X, _ = digits
+    got = {}
+    modules = dict(mlp.named_modules())
+    handles = [modules[name].register_forward_hook(
+        lambda _m, _i, out, name=name: got.__setitem__(name, out.detach().double().numpy()))
+        for name in LAYERS]
+    try:
+        with torch.no_grad():
+            mlp.eval()(X)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return got
+
+
+@pytest.fixture(scope="module")
+def db(mlp, digits):
+    return diagql.connect(mlp, digits, cache_dir=False, progress=False, batch_size=300)
+
+
+def test_exact_value_and_matrix_over_all_items(db, acts):
+    result = db.query("SIMILARITY encoder.1, head")
+    assert result.kind == "similarity" and result.n_items == 1797
+    assert abs(result.value - gram_cka(acts["encoder.1"], acts["head"])) < 1e-10
+    before = db.counters["passes"]
+    matrix = db.query("SIMILARITY head, encoder.1, encoder.3, head").matrix
+    assert db.counters["passes"] == before + 1  # one pass for every layer
+    order = ["head", "encoder.1", "encoder.3", "head"]
+    truth = np.array([[gram_cka(acts[a], acts[b]) for b in order] for a in order])
+    assert np.abs(matrix - truth).max() < 1e-10
+
+
+def test_where_and_group_by_select_the_items(db, acts, digits):
+    labels = digits[1].numpy()
+    result = db.query("SIMILARITY encoder.3, head WHERE class IN (3, 8) GROUP BY class")
+    assert list(result.groups) == [3, 8]
+    for key, group in result.groups.items():
+        mine = labels == key
+        assert group.n_items == mine.sum()
+        assert abs(group.value - gram_cka(acts["encoder.3"][mine], acts["head"][mine])) < 1e-10
+
+
+def test_a_sample_gives_the_debiased_value_its_interval_and_the_baseline(db, acts):
+    result = db.query("SIMILARITY encoder.1, encoder.3 USING SAMPLE random(0.1) WITH BASELINE")
+    items = db.sample("random(0.1)")
+    x, y = acts["encoder.1"][items], acts["encoder.3"][items]
+    assert result.n_items == len(items)
+    assert abs(result.value - debiased_cka(x, y)) < 1e-10
+    estimate = result.estimate
+    assert estimate.reliable and estimate.n == len(items) and estimate.population == 1797
+    assert estimate.ci_low[0, 1] < result.value < estimate.ci_high[0, 1]
+    exact = gram_cka(acts["encoder.1"], acts["encoder.3"])
+    assert abs(result.baseline.value - exact) < 1e-10
+    assert result.metrics["cka_abs_error"] == pytest.approx(abs(result.value - exact), abs=1e-12)
+
+
+def test_a_non_uniform_sampler_shows_no_interval(db):
+    for sampler in ("latentgrid", "stratified"):
+        result = db.query(f"SIMILARITY encoder.3, head USING SAMPLE {sampler}(0.1)")
+        assert not result.estimate.reliable and "interval" not in str(result).split("\n")[1]
+        assert f"no interval: {sampler} does not draw every item with the same probability" \
+            in " ".join(str(result).split())
+
+
+def test_renderings(db):
+    pair_result = db.query("SIMILARITY encoder.3, head USING SAMPLE random(0.2) WITH BASELINE")
+    text = str(pair_result)
+    assert f"{pair_result.value:.4f}" in text and "95% interval" in text and "|error|" in text
+    data = json.loads(diagql.results.render.to_json(pair_result))
+    assert data["value"] == pair_result.value and data["layers"] == ["encoder.3", "head"]
+    assert data["baseline"]["value"] == pair_result.baseline.value
+    (record,) = pair_result.records()
+    assert record["layer_x"] == "encoder.3" and record["exact"] == pair_result.baseline.value
+    matrix = db.query("SIMILARITY encoder.1, encoder.3, head")
+    assert matrix.value is None and len(matrix.records()) == 3
+    assert "█" in str(matrix) and "encoder.3" in diagql.results.render.to_html(matrix)
+
+
+def test_explain(db):
+    result = db.query("EXPLAIN SIMILARITY encoder.1, head USING SAMPLE random(0.1) WITH BASELINE")
+    steps = [step for step, _ in result.rows]
+    assert steps[:3] == ["sample", "filter", "forward"] and "baseline" in steps
+    passes = db.counters["passes"]
+    rows = dict(db.query("EXPLAIN SIMILARITY encoder.1, encoder.3, head").rows)
+    assert db.counters["passes"] == passes  # EXPLAIN runs nothing
+    assert rows["measure"].startswith("exact linear CKA of every pair of layers")
+
+
+@pytest.mark.parametrize("text, error, words", [
+    ("SIMILARITY encoder.1, haed", BindError, "did you mean 'head'"),
+    ("SIMILARITY encoder.1, head BY kca", BindError, "unknown similarity measure 'kca'"),
+    ("SIMILARITY encoder.1, head TOKEN 0", BindError, "applies to sequence layers"),
+    ("SIMILARITY head", ParseError, "expected"),
+])
+def test_mistakes_are_one_line_errors(db, text, error, words):
+    with pytest.raises(error) as info:
+        db.query(text)
+    assert words in info.value.message
+
+
+def test_a_statement_past_the_memory_limit_is_refused_before_any_pass(db, monkeypatch):
+    monkeypatch.setattr(similarity, "MEMORY_LIMIT", 1000)
+    passes = db.counters["passes"]
+    with pytest.raises(ExecutionError, match="exact CKA here needs"):
+        db.query("SIMILARITY encoder.1, head")
+    assert db.counters["passes"] == passes
+
+
+def test_completion_offers_layers_and_measures():
+    from prompt_toolkit.document import Document
+
+    from diagql.shell.completion import DiagQLCompleter
+
+    completer = DiagQLCompleter(lambda: [("conv2", "Sequential"), ("fc3", "Linear")])
+
+    def offered(text):
+        return [c.text for c in completer.get_completions(Document(text), None)]
+
+    assert offered("SIMILARITY conv2, ") == ["conv2", "fc3"]
+    assert offered("SIMILARITY conv2, fc3 BY ") == ["cka"]
+
+
+def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(db):
+    result = db.query("SIMILARITY encoder.3, head WHERE class = 3 USING SAMPLE random(10) "
+                      "WITH BASELINE")
+    assert result.n_items < cka.MIN_ITEMS
+    assert result.value is None or np.isnan(result.value)
+    assert result.metrics["cka_abs_error"] == 1.0
+    assert result.baseline.value > 0
+    assert "no interval" in str(result) or "no matching items" in str(result)
+
+
+def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(db, tmp_path):
+    pytest.importorskip("matplotlib")
+    target = tmp_path / "cka.png"
+    result = db.query(f"SIMILARITY encoder.1, encoder.3, head PLOT '{target}'")
+    assert target.stat().st_size > 1000 and f"plot written to {target}" in result.notes
+    passes = db.counters["passes"]
+    with pytest.raises(BindError, match="cannot plot to"):
+        db.query(f"SIMILARITY encoder.1, head PLOT '{tmp_path}/missing/cka.png'")
+    assert db.counters["passes"] == passes

@@ -1,0 +1,273 @@
+"""TOPK k INPUTS (docs/ARCHITECTURE.md, "Top inputs"): the items that activate one neuron
+most (BOTTOMK: least), exactly, ties to the lower item index, first by a streamed pass and then
+from the layer's inputs index. The truth is plain torch: the layer's output for every item
+captured with a forward hook, ranked with a stable argsort (numpy's lexsort on (index, value)).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diagql
+from diagql.engine import inputs_index
+from diagql.engine.aggregates import TopItems
+from diagql.errors import BindError, ExecutionError, ParseError
+from diagql.results.render import to_csv, to_json, to_text
+
+
+def layer_output(model: nn.Module, module: nn.Module, X: torch.Tensor) -> np.ndarray:
+    """(items, ...) float64: ``module``'s output for every item, one batch, no DiagQL."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model.eval()(X)
+    finally:
+        handle.remove()
+    return seen[0].double().numpy()
+
+
+def ranking(values: np.ndarray, allowed: np.ndarray, k: int, largest: bool = True):
+    """The truth: the k allowed items of highest (lowest) value, ties to the lower index."""
+    pool = np.flatnonzero(allowed)
+    order = np.lexsort((pool, -values[pool] if largest else values[pool]))
+    return pool[order[:k]], values[pool[order[:k]]]
+
+
+@pytest.fixture(scope="module")
+def conn(cnn, digits, tmp_path_factory):
+    X, y = digits
+    return diagql.connect(cnn, (X, y), batch_size=300, progress=False,
+                          cache_dir=tmp_path_factory.mktemp("inputs-cache"))
+
+
+@pytest.fixture(scope="module")
+def conv(cnn, digits) -> np.ndarray:
+    """Layer "2" (Conv2d, 8×6×6) of the test CNN for every digit."""
+    return layer_output(cnn, cnn[2], digits[0])
+
+
+@pytest.fixture(scope="module")
+def profile(cnn, digits):
+    X, y = digits
+    with torch.no_grad():
+        logits = cnn.eval()(X).double()
+    probs = torch.softmax(logits, dim=1)
+    return y.numpy(), probs.argmax(dim=1).numpy(), probs.max(dim=1).values.numpy()
+
+
+def check(result, values, allowed, k, largest=True):
+    items, expected = ranking(values, allowed, k, largest)
+    np.testing.assert_array_equal(result.items, items)
+    np.testing.assert_allclose(result.values, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_first_query_is_exact_and_builds_the_index(conn, conv, profile, monkeypatch):
+    # Few items kept per neuron, so that the later queries go past the lists into the codes.
+    monkeypatch.setattr(inputs_index, "K", 6)
+    result = conn.query("TOPK 7 INPUTS FOR 2[5,3,1]")
+    neuron = conv[:, 5, 3, 1]
+    check(result, neuron, np.ones(len(neuron), bool), 7)
+    labels, predictions, confidence = profile
+    np.testing.assert_array_equal(result.ranked.labels, labels[result.items])
+    np.testing.assert_array_equal(result.ranked.predictions, predictions[result.items])
+    np.testing.assert_allclose(result.ranked.confidence, confidence[result.items], rtol=1e-5)
+    assert "built the inputs index" in result.ranked.how
+    assert result.labels == ["2[5,3,1]"] and result.kind == "inputs"
+
+
+@pytest.mark.parametrize("text, largest, pick, where", [
+    ("TOPK 4 INPUTS FOR 2[1,0,2]", True, lambda c: c[:, 1, 0, 2], None),
+    ("TOPK 30 INPUTS FOR 2[5,3,1] WHERE class = 3", True, lambda c: c[:, 5, 3, 1],
+     lambda y, p: y == 3),
+    ("TOPK 5 INPUTS FOR 2[0,4,4] WHERE incorrect", True, lambda c: c[:, 0, 4, 4],
+     lambda y, p: y != p),
+    ("BOTTOMK 9 INPUTS FOR 2[7,2,2] WHERE predicted IN (1, 7)", False,
+     lambda c: c[:, 7, 2, 2], lambda y, p: np.isin(p, [1, 7])),
+])
+def test_later_queries_come_from_the_index(conn, conv, profile, text, largest, pick, where):
+    """Any neuron, k past the lists and any WHERE: exact, reading fewer items than a pass."""
+    labels, predictions, _ = profile
+    allowed = np.ones(len(labels), bool) if where is None else where(labels, predictions)
+    before = conn.counters["items"]
+    result = conn.query(text)
+    check(result, pick(conv), allowed, int(text.split()[1]), largest)
+    assert "from the inputs index" in result.ranked.how
+    assert conn.counters["items"] - before < allowed.sum()
+
+
+def test_channel_ranks_by_the_channel_mean(conn, conv):
+    result = conn.query("BOTTOMK 6 INPUTS FOR CHANNEL 2[3]")
+    check(result, conv[:, 3].mean(axis=(1, 2)), np.ones(len(conv), bool), 6, largest=False)
+
+
+def test_a_new_connection_reads_the_index_from_disk(cnn, digits, conn, conv):
+    conn.query("TOPK 3 INPUTS FOR 6[7]")  # builds layer 6's index
+    conn.cache.flush()
+    again = diagql.connect(cnn, digits, batch_size=300, progress=False,
+                           cache_dir=conn.cache.root)
+    result = again.query("TOPK 3 INPUTS FOR 6[7] WHERE class = 1")
+    assert "from the inputs index of 6" in result.ranked.how
+    fc = layer_output(cnn, cnn[6], digits[0])
+    check(result, fc[:, 7], digits[1].numpy() == 1, 3)
+
+
+def test_sample_ranks_the_sampled_items_and_says_so(conn, conv, profile):
+    sample = conn.sample("random(0.2, random_state=3)")
+    allowed = np.zeros(len(conv), bool)
+    allowed[sample] = True
+    allowed &= profile[0] == 4
+    result = conn.query("TOPK 5 INPUTS FOR 2[2,1,1] WHERE class = 4 "
+                        "USING SAMPLE random(0.2, random_state=3)")
+    check(result, conv[:, 2, 1, 1], allowed, 5)
+    assert result.n_items == allowed.sum() and result.approximate
+    assert any("not of all" in note and "estimates" in note for note in result.notes)
+
+
+class Exact(nn.Module):
+    """Integer weights on digits (multiples of 1/16): every activation is exact, whatever the
+    batch, so duplicated items tie exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(64, 6)
+        self.head = nn.Linear(6, 10)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for layer in (self.fc, self.head):
+                layer.weight.copy_(torch.randint(-2, 3, layer.weight.shape, generator=generator))
+                layer.bias.zero_()
+
+    def forward(self, x):
+        return self.head(self.fc(self.flat(x)))
+
+
+def test_ties_go_to_the_lower_index(digits, tmp_path, monkeypatch):
+    monkeypatch.setattr(inputs_index, "K", 3)
+    X = digits[0][:40].repeat(5, 1, 1, 1)  # item i ties with i + 40, i + 80, ...
+    y = digits[1][:40].repeat(5)
+    model = Exact()
+    values = layer_output(model, model.fc, X)
+    tied = diagql.connect(model, (X, y), batch_size=64, progress=False, cache_dir=tmp_path)
+    for text, neuron, largest, k in (("TOPK 12 INPUTS FOR fc[2]", 2, True, 12),
+                                     ("BOTTOMK 11 INPUTS FOR fc[4]", 4, False, 11),
+                                     ("TOPK 7 INPUTS FOR fc[0] WHERE class != 0", 0, True, 7)):
+        result = tied.query(text)
+        allowed = y.numpy() != 0 if "WHERE" in text else np.ones(len(y), bool)
+        items, _ = ranking(values[:, neuron], allowed, k, largest)
+        np.testing.assert_array_equal(result.items, items)
+        assert len(set(values[items, neuron])) < k  # there were ties to break
+
+
+def test_top_items_merge_in_any_split():
+    """The state a Ray engine merges: any split, any order, the same lists."""
+    rng = np.random.default_rng(1)
+    values = torch.from_numpy(rng.integers(0, 4, (500, 3)).astype(np.float32))
+    for largest in (True, False):
+        parts = np.array_split(rng.permutation(500), 4)
+        states = []
+        for part in parts:
+            state = TopItems(3, 8, largest)
+            state.update(values[part], part)
+            states.append(state)
+        merged = states[3].merge(states[1]).merge(states[0]).merge(states[2])
+        items, _ = merged.finalize()
+        for j in range(3):
+            expected, _ = ranking(values[:, j].double().numpy(), np.ones(500, bool), 8, largest)
+            np.testing.assert_array_equal(items[j], expected)
+        assert merged.count == 500
+
+
+@pytest.mark.parametrize("text, message", [
+    ("TOPK 3 INPUTS FOR 2[5,3]", "name one with 3 indices, 2[c,h,w]; FOR CHANNEL"),
+    ("TOPK 3 INPUTS FOR 2[5,3,6]", "index 6 is past the 6 entries on axis 2 (w)"),
+    ("TOPK 3 INPUTS FOR CHANNEL 2[8]", "index 8 is past the 8 channels"),
+    ("TOPK 3 INPUTS FOR CHANNEL 6[1]", "CHANNELS needs a layer with channels"),
+    ("TOPK 3 INPUTS FOR 2[1,1,1] TOKENS MAX", "applies to sequence layers"),
+    ("TOPK 0 INPUTS FOR 6[1]", "k of at least 1"),
+])
+def test_bad_neurons_are_refused_before_any_pass(conn, text, message):
+    before = conn.counters["items"]
+    with pytest.raises(BindError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")) as caught:
+        conn.query(text)
+    assert caught.value.caret() is not None
+    assert conn.counters["items"] == before
+
+
+def test_parse_errors_point_at_the_neuron():
+    with pytest.raises(ParseError, match="expected '\\['"):
+        diagql.parse("TOPK 3 INPUTS FOR conv2 WHERE class = 1")
+
+
+def test_no_matching_item_is_an_error(conn):
+    with pytest.raises(ExecutionError, match="no items match WHERE class = 3 AND confidence > 2"):
+        conn.query("TOPK 3 INPUTS FOR 6[1] WHERE class = 3 AND confidence > 2")
+
+
+def test_renderings_carry_items_labels_and_images(conn):
+    result = conn.query("TOPK 3 INPUTS FOR 6[2]")
+    text = to_text(result)
+    assert str(result.items[0]) in text and "6[2]" in text
+    record = result.records()[0]
+    assert record["item"] == result.items[0] and set(record) >= {"label", "predicted",
+                                                                 "confidence", "value"}
+    assert '"items"' in to_json(result) and to_csv(result).startswith("rank,item,value")
+    assert result.ranked.previews[0].shape == (8, 8)  # the digit, channel axis dropped
+
+
+class Tagger(nn.Module):
+    """Token ids -> embedding (a sequence layer) -> mean -> classes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(dim=1))
+
+
+def test_sequence_layers_and_tokens(tmp_path):
+    ids = torch.randint(0, 20, (60, 4), generator=torch.Generator().manual_seed(0))
+    model = Tagger()
+    labels = torch.arange(60) % 3
+    vocabulary = [f"w{i}" for i in range(20)]
+    seq = diagql.connect(model, (ids, labels), progress=False, cache_dir=tmp_path,
+                         tokenizer=vocabulary)
+    output = layer_output(model, model.embed, ids)  # (60, 4, 5)
+    mean = seq.query("TOPK 4 INPUTS FOR embed[3]")
+    check(mean, output[:, :, 3].mean(axis=1), np.ones(60, bool), 4)
+    every = seq.query("TOPK 4 INPUTS FOR embed[2,3] TOKENS ALL")
+    check(every, output[:, 2, 3], np.ones(60, bool), 4)
+    assert every.labels == ["embed[2,3]"]
+    first = mean.items[0]
+    assert mean.ranked.previews[0] == [vocabulary[i] for i in ids[first].tolist()]
+    with pytest.raises(BindError, match="hidden units of shape \\(5,\\)"):
+        seq.query("TOPK 4 INPUTS FOR embed[2,3]")
+
+
+def test_plot_draws_each_item(conn, tmp_path):
+    pytest.importorskip("matplotlib")
+    from diagql.results.plots import draw_inputs, write_plot
+
+    result = conn.query("TOPK 5 INPUTS FOR 6[3] WHERE incorrect")
+    figure = draw_inputs(result)
+    drawn = [ax for ax in figure.axes if ax.images]
+    assert len(drawn) == 5
+    for ax, preview in zip(drawn, result.ranked.previews):
+        np.testing.assert_array_equal(ax.images[0].get_array(), preview)
+    write_plot(result, str(tmp_path / "inputs.png"))
+    assert (tmp_path / "inputs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_index_error_points_into_its_own_line(conn):
+    """The caret stays on the index's line when the bracket opens on the line before."""
+    with pytest.raises(BindError) as caught:
+        conn.query("TOPK 3 INPUTS FOR 6[\n40]")
+    error = caught.value
+    assert (error.line, error.column) == (2, 1) and error.caret() is not None
