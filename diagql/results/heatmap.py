@@ -137,11 +137,8 @@ def _estimate_line(result) -> Text | None:
 def _caption(result) -> str:
     provenance = result.provenance
     parts = [f"{result.n_items:,} matching items"]
-    if provenance is not None and provenance.approximate:
-        parts.append(f"sample {provenance.sampler}: {provenance.n_sample:,} of "
-                     f"{provenance.n_data:,} items")
-    elif provenance is not None:
-        parts.append(f"exact over all {provenance.n_data:,} items")
+    if provenance is not None:
+        parts.append(provenance.describe())
     parts.append(f"linear {(result.unit or 'cka').upper()}")
     if "query" in result.timings:
         parts.append(f"{result.timings['query']:.3f} s")

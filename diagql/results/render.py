@@ -152,11 +152,8 @@ def _inputs_caption(result) -> str:
     end = "highest" if ranked.largest else "lowest"
     parts = [f"the {len(result.items):,} items of {end} {ranked.neuron} among "
              f"{result.n_items:,} matching"]
-    if provenance is not None and provenance.approximate:
-        parts.append(f"sample {provenance.sampler}: {provenance.n_sample:,} of "
-                     f"{provenance.n_data:,} items")
-    elif provenance is not None:
-        parts.append(f"exact over all {provenance.n_data:,} items")
+    if provenance is not None:
+        parts.append(provenance.describe())
     if ranked.how:
         parts.append(ranked.how)
     if "query" in result.timings:
@@ -278,11 +275,8 @@ def _estimate_line(result) -> Text | None:
 def _caption(result) -> str:
     provenance = result.provenance
     parts = [f"{result.n_items:,} matching items"]
-    if provenance is not None and provenance.approximate:
-        parts.append(f"sample {provenance.sampler}: {provenance.n_sample:,} of "
-                     f"{provenance.n_data:,} items")
-    elif provenance is not None:
-        parts.append(f"exact over all {provenance.n_data:,} items")
+    if provenance is not None:
+        parts.append(provenance.describe())
     if "query" in result.timings:
         parts.append(f"{result.timings['query']:.3f} s")
     elif "shared_pass" in result.timings:

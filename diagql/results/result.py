@@ -74,6 +74,12 @@ class Provenance:
     def source(self) -> str:
         return self.sampler if self.sampler is not None else "full"
 
+    def describe(self) -> str:
+        """What a caption says of where the answer comes from."""
+        if self.approximate:
+            return f"sample {self.sampler}: {self.n_sample:,} of {self.n_data:,} items"
+        return f"exact over all {self.n_data:,} items"
+
 
 @dataclass(frozen=True, eq=False)
 class Estimate:
@@ -253,6 +259,10 @@ class Result:
             out["choice"] = provenance.choice
         if provenance is not None and provenance.growth is not None:
             out["growth"] = provenance.growth.to_dict()
+        return self._with_parts(out)
+
+    def _with_parts(self, out: dict) -> dict:
+        """``out`` with the groups' and the baseline's own dicts, where there are."""
         if self.groups is not None:
             out["groups"] = [{"group": _plain(key), **group.to_dict()}
                              for key, group in self.groups.items()]
@@ -270,12 +280,7 @@ class Result:
                "timings": {k: float(v) for k, v in self.timings.items()},
                "estimate": self.estimate.to_dict() if self.estimate is not None else None,
                "notes": list(self.notes)}
-        if self.groups is not None:
-            out["groups"] = [{"group": _plain(key), **group.to_dict()}
-                             for key, group in self.groups.items()]
-        if self.baseline is not None:
-            out["baseline"] = self.baseline.to_dict()
-        return out
+        return self._with_parts(out)
 
     def _similarity_records(self) -> list[dict]:
         """One row per pair of layers (each pair once, in the order given)."""
