@@ -157,3 +157,14 @@ def test_missing_script_file():
     done = diagql(*MODEL, "does-not-exist.dql")
     assert done.returncode == 1
     assert "cannot read script does-not-exist.dql" in done.stderr
+
+
+def test_ray_options_need_the_ray_engine():
+    done = diagql(*MODEL, "--ray-workers", "2", "-e", "SHOW LAYERS")
+    assert done.returncode == 2
+    assert "--ray-address and --ray-workers need --engine ray" in done.stderr
+    done = diagql("--engine", "ray", "-e", "SHOW SAMPLERS")
+    assert done.returncode == 2 and "--engine ray needs a model" in done.stderr
+    done = diagql("--engine", "ray", "--model", "a=x:y", "--model", "b=x:z", "--data", "x:d",
+                  "-e", "SHOW MODELS")
+    assert done.returncode == 2 and "--engine ray runs one model" in done.stderr

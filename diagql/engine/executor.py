@@ -39,10 +39,13 @@ class Reducer:
         query = plan.query
         # An exact answer has no standard error to compute.
         z = plan.covariates
-        self.state = state_for(query.aggregate, query.order, plan.bound.n_neurons,
-                               spread=plan.approximate,
-                               groups=None if self.codes is None else len(self.keys),
-                               covariates=0 if z is None else z.shape[1])
+        self.new_state = functools.partial(
+            state_for, query.aggregate, query.order, plan.bound.n_neurons,
+            spread=plan.approximate, groups=None if self.codes is None else len(self.keys),
+            covariates=0 if z is None else z.shape[1])
+        self.state = self.new_state()
+        # The covariates' rows: row i is item i's, or (a part's) ``z_items[i]``'s.
+        self.z, self.z_items = z, None
         self.bad = 0  # items with NaN or inf activations, and the first of them
         self.first_bad = -1
 
@@ -61,8 +64,11 @@ class Reducer:
         if self.codes is not None:
             codes = self.codes[torch.from_numpy(np.searchsorted(self.items, idx))]
             codes = codes.to(values.device)
-        z = self.plan.covariates
-        if self.state.update(values, codes, None if z is None else torch.from_numpy(z[idx])):
+        z = None
+        if self.z is not None:
+            z = torch.from_numpy(self.z[idx if self.z_items is None else
+                                        np.searchsorted(self.z_items, idx)])
+        if self.state.update(values, codes, z):
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
         # ranking is meaningless, so they are counted over the whole pass and reported.
@@ -92,6 +98,24 @@ class Reducer:
             self.bad += other.bad
         return self
 
+    def part(self, items: np.ndarray) -> Reducer:
+        """An empty Reducer of the same plan fed only ``items`` (a run of ``wanted``), for a
+        shard of a pass on another process (engine/shards.py): it carries no plan, only what
+        reducing needs (its items' slices of the group codes and the covariates), so it
+        pickles small."""
+        part = object.__new__(Reducer)
+        lo, hi = np.searchsorted(self.items, [items[0], items[-1] + 1]) if len(items) else (0, 0)
+        part.plan, part.view, part.new_state = None, self.view, self.new_state
+        part.items, part.wanted, part.keys = self.items[lo:hi], items, self.keys
+        part.codes = None if self.codes is None else self.codes[lo:hi]
+        part.z, part.z_items = None, None
+        if self.z is not None:
+            part.z_items = items
+            part.z = self.z[items] if self.z_items is None else \
+                self.z[np.searchsorted(self.z_items, items)]
+        part.state, part.bad, part.first_bad = self.new_state(), 0, -1
+        return part
+
     def check(self) -> None:
         if self.bad:
             raise ExecutionError(
@@ -103,19 +127,32 @@ class Reducer:
 class Collector:
     """Keeps the rows of some items under one view (for the activation cache)."""
 
-    def __init__(self, view: View, items: np.ndarray, dtype: np.dtype):
+    def __init__(self, view: View, items: np.ndarray, dtype: np.dtype, allocate: bool = True):
         self.view = view
         self.items = self.wanted = items
-        self.rows = np.empty((len(items), view.width), dtype=dtype)
+        self.dtype = np.dtype(dtype)
+        self.rows = np.empty((len(items), view.width), dtype=dtype) if allocate else None
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
+        if self.rows is None:
+            self.rows = np.empty((len(self.items), self.view.width), dtype=self.dtype)
         # Copied here, inside the hook: a later in-place op may overwrite the output.
-        values = rows.detach().to("cpu", _torch_dtype(self.rows.dtype))
+        values = rows.detach().to("cpu", _torch_dtype(self.dtype))
         positions = np.searchsorted(self.items, idx)
         if positions[-1] - positions[0] == len(positions) - 1:  # a run (sorted, distinct): a slice
             self.rows[positions[0]:positions[-1] + 1] = values.numpy()
         else:
             self.rows[positions] = values.numpy()
+
+    def part(self, items: np.ndarray) -> Collector:
+        """An empty Collector of ``items`` (a run of its own), for a shard of a pass: its rows
+        are made where it is fed, so that none travel to the worker."""
+        return Collector(self.view, items, self.dtype, allocate=False)
+
+    def merge(self, part: Collector) -> Collector:
+        if part.rows is not None:
+            self.rows[np.searchsorted(self.items, part.items)] = part.rows
+        return self
 
 
 def row_dtype(torch_dtype: torch.dtype) -> np.dtype:
@@ -132,7 +169,7 @@ class Runner:
     """Everything a forward pass needs from the connection."""
 
     def __init__(self, model, source, *, device, dtype, batch_size, progress, counters=None,
-                 activations=None):
+                 activations=None, engine=None):
         self.model = model
         self.source = source
         self.device = device
@@ -141,45 +178,17 @@ class Runner:
         self.progress = progress
         self.counters = counters if counters is not None else {}
         self.activations = activations  # an ActivationStore, or None: every query streams
+        self.engine = engine  # a RayEngine runs passes on a cluster; None: in this process
 
     def run(self, consumers: list, description: str) -> float | None:
         """One forward pass over the union of the consumers' items, each consumer fed its
-        view's rows of its own items (each view's rows made once per batch). Only the
-        consumers' layers are hooked, and the pass stops as soon as all of them have run (the
-        rest of the model is skipped). Returns the seconds it took per item (None: no pass),
-        what the disk cache weighs against reading kept rows back."""
+        view's rows of its own items (each view's rows made once per batch): here, or sharded
+        over the engine's workers, whose parts of each consumer are merged back in shard
+        order (engine/shards.py). Only the consumers' layers are hooked, and the pass stops
+        as soon as all of them have run (the rest of the model is skipped). Returns the
+        seconds it took per item (None: no pass), what the disk cache weighs against reading
+        kept rows back."""
         return run_together([(self, consumers)], description)
-
-    def _callbacks(self, consumers: list, current: list, hooked: list) -> dict:
-        """Each hooked module's callback: the rows of each view made once per call, fed to
-        the view's consumers for the items of theirs in the batch (``current[0]``)."""
-        items = functools.reduce(np.union1d, [c.wanted for c in consumers])
-        layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
-        for consumer in consumers:
-            views = layers.setdefault(consumer.view.layer.name, {})
-            views.setdefault(consumer.view.key, (consumer.view, []))[1].append(consumer)
-
-        def callback(views: dict[str, tuple[View, list]]):
-            def on_output(call: ModuleCall) -> None:
-                idx = current[0]
-                for view, members in views.values():
-                    rows = view.rows(call)
-                    for consumer in members:
-                        wanted = consumer.wanted
-                        if len(wanted) == len(items):  # a subset as large as the union is it
-                            consumer.take(rows, idx)
-                            continue
-                        pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
-                        mask = wanted[pos] == idx
-                        if mask.all():
-                            consumer.take(rows, idx)
-                        elif mask.any():
-                            consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
-                if hooked[0].done():  # for a module's n-th call: once that call has run
-                    raise StopForward
-            return on_output
-
-        return {name: callback(views) for name, views in layers.items()}
 
     def states(self, plan: Plan, description: str) -> dict:
         """One state per group (the key None without GROUP BY), over the plan's items.
@@ -331,7 +340,8 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
     each model whose consumers want some of its items, in the order given, feeding that
     model's consumers, and then ``after_batch(idx)`` runs, so that a state pairing two models'
     rows of the same items (in the same order) can take them there. A model runs only as far
-    as its hooked layers (docs/ARCHITECTURE.md, "plan and execute")."""
+    as its hooked layers (docs/ARCHITECTURE.md, "plan and execute"). A pass of one model
+    whose runner has an engine goes to it (docs/ARCHITECTURE.md, "Engines")."""
     passes = [(runner, [c for c in consumers if len(c.wanted)]) for runner, consumers in passes]
     passes = [(runner, consumers) for runner, consumers in passes if consumers]
     if not passes:
@@ -341,35 +351,101 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
         raise ExecutionError("one pass cannot run two models that are one module (checkpoints "
                              "take turns in one copy of the model): read one at a time")
     first = passes[0][0]
-    wanted = [functools.reduce(np.union1d, [c.wanted for c in consumers])
-              for _, consumers in passes]
-    items = functools.reduce(np.union1d, wanted)
+    items = functools.reduce(np.union1d, [c.wanted for _, consumers in passes
+                                          for c in consumers])
+    if _on_engine(passes, after_batch):
+        first.engine.feed(passes[0][1], items, description, batch_size=first.batch_size,
+                          dtype=first.dtype, progress=first.progress)
+    else:
+        with first.progress.task(description, len(items)) as advance:
+            _forward([(runner.model, runner.device, runner.dtype, consumers)
+                      for runner, consumers in passes], first.source, items, first.batch_size,
+                     advance, after_batch)
+    for runner, _ in passes:
+        runner.counters["passes"] = runner.counters.get("passes", 0) + 1
+        runner.counters["items"] = runner.counters.get("items", 0) + len(items)
+    return (time.perf_counter() - started) / len(items)
+
+
+def _on_engine(passes: list[tuple[Runner, list]], after_batch) -> bool:
+    """Whether the pass runs on the runner's engine: one model's pass (several models' pass
+    stays here: a Ray worker holds one model, and ``after_batch`` pairs rows of several
+    models batch by batch on the driver), every consumer of which can be cut into parts
+    (engine/shards.py). SIMILARITY's feeds and TOPK k INPUTS's readers have no parts yet, so
+    their passes run in this process even on a Ray connection."""
+    if len(passes) != 1 or passes[0][0].engine is None or after_batch is not None:
+        return False
+    return all(hasattr(c, "part") and hasattr(c, "merge") for c in passes[0][1])
+
+
+def feed(model, source, consumers: list, items: np.ndarray, *, device, dtype, batch_size: int,
+         advance) -> None:
+    """Feed each consumer its view's rows of its own items, in one forward pass over ``items``
+    (the union of their ``wanted``, sorted) in batches of ``batch_size``; ``advance(n)`` is told
+    of each batch. The local pass and every Ray worker's shard (engine/ray_engine.py) run this
+    same code."""
+    _forward([(model, device, dtype, consumers)], source, items, batch_size, advance)
+
+
+def _forward(models: list[tuple], source, items: np.ndarray, batch_size: int, advance,
+             after_batch: Callable[[np.ndarray], None] | None = None) -> None:
+    """The pass itself: ``models`` are (model, device, dtype, consumers), each hooked only at
+    its consumers' layers, each batch stopping in each model as soon as those have run."""
     current: list = [None]  # the batch's item indices
+    wanted = [functools.reduce(np.union1d, [c.wanted for c in consumers])
+              for *_, consumers in models]
     with contextlib.ExitStack() as stack:
         hooks = []
-        for runner, consumers in passes:
+        for model, _, _, consumers in models:
             hooked: list = []
-            stack.enter_context(evaluation(runner.model))
+            stack.enter_context(evaluation(model))
             hooked.append(stack.enter_context(
-                Hooks(runner.model, runner._callbacks(consumers, current, hooked))))
+                Hooks(model, _callbacks(consumers, items, current, hooked))))
             hooks.append(hooked[0])
-        advance = stack.enter_context(first.progress.task(description, len(items)))
-        for idx, x, _ in first.source.batches(items, first.batch_size):
+        for idx, x, _ in source.batches(items, batch_size):
             current[0] = idx
-            for (runner, _), model_hooks, own in zip(passes, hooks, wanted):
-                if len(passes) > 1 and not np.isin(idx, own, assume_unique=True).any():
+            for (model, device, dtype, _), model_hooks, own in zip(models, hooks, wanted):
+                if len(models) > 1 and not np.isin(idx, own, assume_unique=True).any():
                     continue
-                model_x = to_device(x, runner.device, runner.dtype)
+                model_x = to_device(x, device, dtype)
                 model_hooks.start(model_x, len(idx))
                 try:
-                    call_model(runner.model, model_x)
+                    call_model(model, model_x)
                 except StopForward:
                     pass
                 model_hooks.check_ran()
             if after_batch is not None:
                 after_batch(idx)
             advance(len(idx))
-    for runner, _ in passes:
-        runner.counters["passes"] = runner.counters.get("passes", 0) + 1
-        runner.counters["items"] = runner.counters.get("items", 0) + len(items)
-    return (time.perf_counter() - started) / len(items)
+
+
+def _callbacks(consumers: list, items: np.ndarray, current: list, hooked: list) -> dict:
+    """Each hooked module's callback: the rows of each view made once per call, fed to the
+    view's consumers for the items of theirs in the batch (``current[0]``, among ``items``,
+    the pass's)."""
+    layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
+    for consumer in consumers:
+        views = layers.setdefault(consumer.view.layer.name, {})
+        views.setdefault(consumer.view.key, (consumer.view, []))[1].append(consumer)
+
+    def callback(views: dict[str, tuple[View, list]]):
+        def on_output(call: ModuleCall) -> None:
+            idx = current[0]
+            for view, members in views.values():
+                rows = view.rows(call)
+                for consumer in members:
+                    wanted = consumer.wanted
+                    if len(wanted) == len(items):  # a subset as large as the union is it
+                        consumer.take(rows, idx)
+                        continue
+                    pos = np.minimum(np.searchsorted(wanted, idx), len(wanted) - 1)
+                    mask = wanted[pos] == idx
+                    if mask.all():
+                        consumer.take(rows, idx)
+                    elif mask.any():
+                        consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
+            if hooked[0].done():  # for a module's n-th call: once that call has run
+                raise StopForward
+        return on_output
+
+    return {name: callback(views) for name, views in layers.items()}

@@ -16,6 +16,7 @@ sample is then scored from those rows.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass
 
@@ -141,13 +142,39 @@ class _GroupReducer:
         self.items = self.wanted = items
         self.groups, self.n_groups, self.position, self.device = groups, n_groups, position, device
         self.neurons = layer.neurons
+        # A part (below) holds slices of groups and position from item ``base`` on, and the
+        # kept rows from row ``offset`` on; the whole reducer holds all of them.
+        self.base = self.offset = 0
         self.sums = torch.zeros(n_groups, layer.neurons, dtype=torch.float64, device=device)
         self.hist = torch.zeros(n_groups * layer.neurons, dtype=torch.int64, device=device)
         self.kept = np.empty((n_kept, layer.neurons), dtype=np.float32)
+        self.n_kept = n_kept
+
+    def part(self, items: np.ndarray) -> _GroupReducer:
+        """An empty reducer fed only ``items``, a run of consecutive items (a shard of the
+        pass: engine/shards.py), holding only that run's groups, positions and kept rows."""
+        part = copy.copy(self)
+        lo, hi = (int(items[0]), int(items[-1]) + 1) if len(items) else (0, 0)
+        part.items = part.wanted = items
+        part.base, part.groups, part.position = lo, self.groups[lo:hi], self.position[lo:hi]
+        kept = part.position[part.position >= 0]  # consecutive rows: the items are sorted
+        part.offset = int(kept[0]) if len(kept) else 0
+        part.sums, part.hist = torch.zeros_like(self.sums), torch.zeros_like(self.hist)
+        part.kept = None  # made where the part is fed: no empty rows travel to a worker
+        part.n_kept = len(kept)
+        return part
+
+    def merge(self, part: _GroupReducer) -> _GroupReducer:
+        self.sums += part.sums.to(self.device)
+        self.hist += part.hist.to(self.device)
+        if part.kept is not None:
+            self.kept[part.offset:part.offset + len(part.kept)] = part.kept
+        return self
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         # Reduced or copied here, inside the hook: a later in-place op may overwrite it.
         values = rows.detach()
+        idx = idx - self.base
         gid = torch.from_numpy(self.groups[idx]).to(self.device)
         one_hot = torch.nn.functional.one_hot(gid, self.n_groups).T.to(torch.float64)
         # One product sums every group of the batch (index_add_ is far slower on CPU).
@@ -157,8 +184,10 @@ class _GroupReducer:
         where = self.position[idx]
         chosen = np.flatnonzero(where >= 0)
         if len(chosen):
+            if self.kept is None:
+                self.kept = np.empty((self.n_kept, self.neurons), dtype=np.float32)
             rows = values[torch.from_numpy(chosen).to(values.device)]
-            self.kept[where[chosen]] = rows.to("cpu", torch.float32).numpy()
+            self.kept[where[chosen] - self.offset] = rows.to("cpu", torch.float32).numpy()
 
     def answers(self) -> "LayerAnswers":
         if not bool(torch.isfinite(self.sums).all()):

@@ -181,11 +181,44 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     With the ``catalog``, the same pass finds the layers whose rows equal the latent or the
     logits for every item (compared exactly, batch by batch), and keeps the logits, so that
     queries on those layers need no forward pass (docs/ARCHITECTURE.md, "Data model")."""
-    if latent is not None and not latent_is_input and view is None:
-        raise ValueError("the output of a latent layer is read through its view")
     n = len(source)
     if n == 0:
         raise DiagQLError("the data set is empty")
+    compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
+    started = time.perf_counter()
+    with progress.task("profiling the data", n) as advance:
+        part = profile_part(model, source, np.arange(n), latent=latent,
+                            latent_is_input=latent_is_input, device=device, dtype=dtype,
+                            batch_size=batch_size, advance=advance, view=view, compare=compare)
+    return assemble_profile([part], latent, latent_is_input, time.perf_counter() - started,
+                            view=view, dtype=dtype)
+
+
+@dataclass
+class ProfilePart:
+    """The profile of a run of consecutive items (the whole data, or a shard of a Ray pass)."""
+
+    labels: np.ndarray | None  # None when some item came without a label
+    predictions: np.ndarray
+    confidence: np.ndarray
+    latents: np.ndarray
+    n_classes: int
+    logits: np.ndarray | None = None  # kept when the pass was asked to
+    # The views whose rows equalled the latent (the logits) for every item of this part.
+    latent_views: tuple[str, ...] = ()
+    logit_views: tuple[str, ...] = ()
+
+
+def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
+                 latent_is_input: bool, device: torch.device, dtype: torch.dtype,
+                 batch_size: int, advance, view: View | None = None,
+                 compare: tuple = ((), (), False)) -> ProfilePart:
+    """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
+    each batch. ``compare`` (from ``comparisons``): the views compared with the latent and
+    with the logits, and whether the logits are kept."""
+    if latent is not None and not latent_is_input and view is None:
+        raise ValueError("the output of a latent layer is read through its view")
+    n = len(items)
     labels = np.empty(n, dtype=np.int64)
     predictions = np.empty(n, dtype=np.int64)
     confidence = np.empty(n, dtype=np.float64)
@@ -199,15 +232,13 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
 
     callbacks = {} if latent is None or latent_is_input else {latent: keep}
     pre = {latent: keep} if latent is not None and latent_is_input else {}
-    same_latent, same_logits, logits_kept = _candidates(model, catalog, latent, latent_is_input,
-                                                        view, dtype, n)
-    started = time.perf_counter()
+    same_latent, same_logits = _SameRows(list(compare[0])), _SameRows(list(compare[1]))
+    logits_kept = compare[2]
     position = 0
     has_labels = True
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
-            Hooks(model, _SameRows.callbacks_of(same_latent, same_logits)) as compared, \
-            progress.task("profiling the data", n) as advance:
-        for idx, x, y in source.batches(np.arange(n), batch_size):
+            Hooks(model, _SameRows.callbacks_of(same_latent, same_logits)) as compared:
+        for idx, x, y in source.batches(items, batch_size):
             x = to_device(x, device, dtype)
             hooks.start(x, len(idx))
             compared.start(x, len(idx))
@@ -237,29 +268,59 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
                 kept_logits[batch] = out.numpy()
             position += len(idx)
             advance(len(idx))
-    n_classes = int(logits.shape[1])
+    return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
+                       int(logits.shape[1]), kept_logits, same_latent.keys(),
+                       same_logits.keys() if logits_kept else ())
+
+
+def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,
+                     seconds: float, view: View | None = None,
+                     dtype: torch.dtype | None = None) -> Profile:
+    """The Profile of every item from the parts of consecutive runs of them, in order. A
+    layer holds the latent's (the logits') rows only if it did in every part."""
+    n_classes = parts[0].n_classes
+    for part in parts:
+        if part.n_classes != n_classes or part.latents.shape[1] != parts[0].latents.shape[1]:
+            raise ExecutionError(f"the model's output changed shape between items: "
+                                 f"{n_classes} then {part.n_classes} classes")
+    has_labels = all(part.labels is not None for part in parts)
+    predictions = _join([part.predictions for part in parts])
     if has_labels:
+        labels = _join([part.labels for part in parts])
         _check_labels(labels, n_classes)
     else:
-        labels[:] = -1  # some items came without labels: treat the data as unlabelled
+        labels = np.full(len(predictions), -1, dtype=np.int64)  # treat the data as unlabelled
     if latent is None:
         layer = "output"
     else:
         layer = f"input of {latent}" if latent_is_input else latent
-    latent_views = same_latent.keys()
+    latent_views = _in_every([part.latent_views for part in parts])
     if view is not None and dtype != torch.float64:  # SET latent's own view holds them by making
         latent_views = (view.key, *latent_views)
-    return Profile(labels, predictions, confidence, latents, n_classes, layer,
-                   time.perf_counter() - started, has_labels, kept_logits,
-                   latent_views, same_logits.keys() if logits_kept else ())
+    logits = None
+    if all(part.logits is not None for part in parts):
+        logits = _join([part.logits for part in parts])
+    return Profile(labels, predictions, _join([part.confidence for part in parts]),
+                   _join([part.latents for part in parts]), n_classes, layer, seconds,
+                   has_labels, logits, latent_views,
+                   _in_every([part.logit_views for part in parts]) if logits is not None else ())
 
 
-def _candidates(model, catalog, latent, latent_is_input, view, dtype, n
-                ) -> tuple[_SameRows, _SameRows, bool]:
-    """What the profile pass compares with its latent and its logits, and whether it keeps the
-    logits. Nothing for float64 models: the profile keeps float32 rows, which are not theirs."""
+def _join(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # no copy of one part
+
+
+def _in_every(keys: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The keys of the first tuple that every other holds too, in its order."""
+    return tuple(key for key in keys[0] if all(key in other for other in keys[1:]))
+
+
+def comparisons(model, catalog, latent, latent_is_input, view, dtype, n) -> tuple:
+    """What the profile pass compares with its latent and its logits (two lists of views), and
+    whether it keeps the logits: ``profile_part``'s ``compare``, made where the catalog is.
+    Nothing for float64 models: the profile keeps float32 rows, which are not theirs."""
     if catalog is None or dtype == torch.float64:
-        return _SameRows([]), _SameRows([]), False
+        return [], [], False
     if latent is None:
         width = None
     elif latent_is_input:
@@ -270,8 +331,8 @@ def _candidates(model, catalog, latent, latent_is_input, view, dtype, n
     classes = shape[0] if len(shape) == 1 else None
     keep = classes is not None and n * classes * 4 <= LOGITS_BUDGET
     own = None if latent_is_input else latent
-    return (_SameRows(candidates(catalog, width, own) if width else []),
-            _SameRows(candidates(catalog, classes) if keep else []), keep)
+    return (candidates(catalog, width, own) if width else [],
+            candidates(catalog, classes) if keep else [], keep)
 
 
 def _check_labels(labels: np.ndarray, n_classes: int) -> None:

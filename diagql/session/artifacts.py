@@ -20,7 +20,7 @@ from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import hooks, layers, profile as profile_module, views
 from diagql.model.data import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, probe
-from diagql.model.profile import Profile, compute_profile
+from diagql.model.profile import Profile, comparisons, compute_profile
 from diagql.storage.fingerprint import (Unfingerprintable, cache_key, model_fingerprint,
                                         source_digest)
 
@@ -99,6 +99,13 @@ class Artifacts:
             view = bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)),
                              bind_layer(ast.LayerRef(latent), self.get_catalog()))
             name, is_input = view.layer.name, False
+        if conn.engine is not None:
+            compare = comparisons(conn.model, self.catalog or self._probe(), name, is_input,
+                                  view, conn.dtype, len(conn.source))
+            return conn.engine.profile(len(conn.source), latent=name, latent_is_input=is_input,
+                                       view=view, batch_size=conn.settings.batch_size,
+                                       dtype=conn.dtype, progress=conn.progress,
+                                       compare=compare)
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diagql.engine.engines import open_engine
 from diagql.engine.executor import Runner
 from diagql.engine.planner import Plan
 from diagql.errors import BindError, DiagQLError
@@ -40,7 +41,8 @@ NO_MODEL = ("no model is connected: start diagql with --demo, or with --model MO
 def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int | None = None,
             device=None, latent: str | None = None, cache_dir=None, cache_limit=None,
             progress: bool | None = None, label_key: str | None = None,
-            checkpoints=None, tokenizer=None) -> "Connection":
+            checkpoints=None, tokenizer=None, engine: str = "local",
+            ray_address: str | None = None, ray_workers: int | None = None) -> "Connection":
     """Connect a PyTorch model (or several) to a data set, labelled or not.
 
     ``model`` is one ``nn.Module`` (named ``model``), or a mapping of names to modules over the
@@ -99,10 +101,20 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     A connection assumes the model and data do not change while it is open: it profiles them
     once. After changing weights or data, connect again. ``latent`` applies to the default
     model and its checkpoints; each model has its own profile.
+
+    ``engine="ray"`` runs the passes over the data (the profile, full-data queries, sample
+    queries' items, EVALUATE) on a Ray cluster, with the same answers (docs/SCALING.md):
+    ``ray_address`` names a running cluster (default: a new local instance, one CPU per
+    core), ``ray_workers`` the number of model replicas (default: one per GPU, else one per
+    CPU). ``model`` and ``data`` may then be factories (callables without arguments that
+    make them), which every worker calls instead of receiving a pickled copy, and ``data`` a
+    Ray Dataset (its rows are the items, dicts of columns). A Ray connection has one model:
+    several models or checkpoints are refused.
     """
     conn = Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
-                      label_key=label_key, checkpoints=checkpoints)
+                      label_key=label_key, checkpoints=checkpoints, engine=engine,
+                      ray_address=ray_address, ray_workers=ray_workers)
     conn.tokenizer = tokenizer
     return conn
 
@@ -113,7 +125,18 @@ class Connection:
     def __init__(self, model: nn.Module | Mapping[str, nn.Module] | None, data=None, *,
                  batch_size: int | None = None, device=None, latent: str | None = None,
                  cache_dir=None, cache_limit=None, progress: bool | None = None,
-                 label_key: str | None = None, checkpoints=None):
+                 label_key: str | None = None, checkpoints=None, engine: str = "local",
+                 ray_address: str | None = None, ray_workers: int | None = None):
+        self.engine = None  # a RayEngine, or None: passes run in this process
+        if model is not None:
+            if engine == "ray" and (isinstance(model, Mapping) or checkpoints is not None):
+                # Ray's workers each build one model; passes through several models
+                # (run_together) and checkpoints taking turns in one copy stay local.
+                raise DiagQLError('engine="ray" runs one model: connect several models or '
+                                  'checkpoints with the local engine')
+            model, data, self.engine = open_engine(engine, model, data, label_key=label_key,
+                                                   ray_address=ray_address,
+                                                   ray_workers=ray_workers)
         self.settings = Settings()
         if batch_size is not None:
             self.settings.batch_size = self.settings.coerce("batch_size", batch_size)

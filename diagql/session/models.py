@@ -80,6 +80,11 @@ class ModelEntry:
     def counters(self):
         return self.conn.counters
 
+    @property
+    def engine(self):
+        """The connection's RayEngine (None: passes run here); a Ray connection has one model."""
+        return self.conn.engine
+
     def data_digest(self) -> str:
         """The data's fingerprint, hashed once per connection whatever the number of models."""
         memo = self.conn._data_digest
@@ -125,7 +130,8 @@ class ModelEntry:
     def runner(self) -> Runner:
         return Runner(self.model, self.source, device=self.device, dtype=self.dtype,
                       batch_size=self.settings.batch_size, progress=self.progress,
-                      counters=self.counters, activations=self.activations)
+                      counters=self.counters, activations=self.activations,
+                      engine=self.engine)
 
     def __repr__(self) -> str:
         return f"<model {self.name}: {type(self.architecture()).__name__}>"

@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bound the disk cache, e.g. 500MB (default $DIAGQL_CACHE_LIMIT or "
                              "2GB); least recently used entries go first. SHOW CACHE lists it, "
                              "CLEAR CACHE empties it")
+    source.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="where passes over the data run: in this process (default) or on "
+                             "a Ray cluster, one model replica per worker (needs: pip install "
+                             "'diagql[ray]'; see docs/SCALING.md)")
+    source.add_argument("--ray-address", metavar="ADDR",
+                        help="the Ray cluster to use with --engine ray, e.g. ray://head:10001 "
+                             "(default: a new local instance, one CPU per core)")
+    source.add_argument("--ray-workers", type=int, metavar="N",
+                        help="model replicas with --engine ray (default: one per GPU of the "
+                             "cluster, else one per CPU)")
     source.add_argument("--latent", metavar="LAYER",
                         help="layer whose output is the latent space for samplers "
                              "(default: the input of the final linear layer)")
@@ -101,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--cache-dir and --no-cache contradict each other")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if (args.ray_address or args.ray_workers is not None) and args.engine != "ray":
+        parser.error("--ray-address and --ray-workers need --engine ray")
+    if args.ray_workers is not None and args.ray_workers < 1:
+        parser.error("--ray-workers must be at least 1")
+    if args.engine == "ray" and not (args.demo or args.model):
+        parser.error("--engine ray needs a model: --demo, or --model and --data")
+    if args.engine == "ray" and (len(args.model) > 1 or args.checkpoint
+                                 or any("=" in spec.partition(":")[0] for spec in args.model)):
+        parser.error("--engine ray runs one model: give one unnamed --model MODULE:CALLABLE "
+                     "and no --checkpoint")
     if args.plot:
         from diagql.errors import DiagQLError
         from diagql.results.plots import check_target
@@ -217,6 +237,8 @@ def _open(args):
     cache_dir = False if args.no_cache else args.cache_dir
     options = dict(batch_size=args.batch_size, device=args.device, latent=args.latent,
                    progress=progress, cache_dir=cache_dir, cache_limit=args.cache_limit)
+    if args.engine == "ray":
+        options.update(engine="ray", ray_address=args.ray_address, ray_workers=args.ray_workers)
     if args.checkpoint:
         from diagql.shell.loading import checkpoint_paths
 
@@ -233,6 +255,12 @@ def _open(args):
     if args.model:
         from diagql.shell.loading import load_data, load_models
 
+        if args.engine == "ray":  # every worker builds its own model and data from the specs
+            import functools
+
+            return connect(functools.partial(load_models, args.model, args.weights),
+                           functools.partial(load_data, args.data), label_key=args.label_key,
+                           **options)
         return connect(load_models(args.model, args.weights), load_data(args.data),
                        label_key=args.label_key, **options)
     conn = Connection.detached(cache_dir, args.cache_limit)

@@ -1,0 +1,320 @@
+"""Passes on a Ray cluster (docs/ARCHITECTURE.md, "Engines"): one actor per worker (per GPU
+where the cluster has GPUs) rebuilds the model and the data once, runs the same pass code as
+the local engine on the shards it is given, and sends back mergeable states; the driver merges
+them in shard order. ``ray`` is imported here only, and only when a pass first needs it.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import numpy as np
+
+from diagql.engine.ray_data import DatasetBlocks, DatasetHead, ShardSource
+from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
+from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.profile import Profile, assemble_profile, profile_part
+
+SHARDS_PER_WORKER = 4  # smaller shards: less work lost to a dead worker, better balance
+IN_FLIGHT = 2  # shards queued per actor, so that none idles between two of them
+RETRIES = 3  # a shard whose worker died is run again this many times before the pass fails
+POLL_SECONDS = 0.2  # how often the driver looks at the workers' progress
+REPORT_SECONDS = 0.25  # how often a worker tells it
+FREEING_SECONDS = 10  # how long to wait for the CPUs or GPUs of workers that were just killed
+
+
+class Cancelled(Exception):
+    """Raised inside a worker's shard once the driver has cancelled it (Ctrl-C)."""
+
+
+class _Tally:
+    """The items each shard of each pass has done (its latest attempt's), for one bar."""
+
+    def __init__(self):
+        self.done: dict = {}
+
+    def report(self, key: tuple, attempt: int, n: int) -> None:
+        seen = self.done.get(key)
+        if seen is None or seen[0] <= attempt:
+            self.done[key] = (attempt, n)
+
+    def counts(self, pass_id: int) -> dict:
+        return {shard: n for (p, shard), (_, n) in self.done.items() if p == pass_id}
+
+    def forget(self, pass_id: int) -> None:
+        self.done = {k: v for k, v in self.done.items() if k[0] != pass_id}
+
+
+class _Worker:
+    """One model replica and one view of the data, built once; runs tasks on shards."""
+
+    def __init__(self, model, data, label_key):
+        import ray
+        import torch
+
+        from diagql.model.data import ItemSource
+
+        self.label_key = label_key
+        # What went wrong building the model or the data here (a module the node cannot
+        # import, weights it cannot read): told once by every task, not retried as a death.
+        self.failure: DiagQLError | None = None
+        try:
+            self.model = model() if is_factory(model) else model
+            # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
+            self.source = None if data is None else \
+                ItemSource(data() if is_factory(data) else data, label_key=label_key)
+            self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+            self.model.to(self.device)
+        except Exception as exc:  # noqa: BLE001 - the user's factories, on another machine
+            message = exc.message if isinstance(exc, DiagQLError) else \
+                f"{type(exc).__name__}: {exc}"
+            self.failure = DiagQLError(f"building the model and the data on a Ray worker "
+                                       f"failed: {message}")
+
+    def run(self, task: bytes, items: np.ndarray, tally, key: tuple, attempt: int,
+            blocks: list | None = None) -> bytes:
+        """``task(model, source, items, device=, advance=)`` over the shard; a DiagQLError is
+        returned, not raised, so that the driver raises it as it was. The task and its result
+        travel pickled, as bytes: arrays that Ray hands over itself are read-only views of
+        its object store, and parts write into theirs."""
+        import ray
+        from ray import cloudpickle
+
+        context = ray.get_runtime_context()
+        done, last = [0], [time.perf_counter()]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            if context.is_canceled():
+                raise Cancelled
+            if tally is not None and time.perf_counter() - last[0] >= REPORT_SECONDS:
+                last[0] = time.perf_counter()
+                tally.report.remote(key, attempt, done[0])
+
+        if self.failure is not None:
+            return cloudpickle.dumps(self.failure)
+        source = self.source if blocks is None else ShardSource(blocks, self.label_key)
+        try:
+            result = cloudpickle.loads(task)(self.model, source, items, device=self.device,
+                                             advance=advance)
+        except DiagQLError as exc:
+            result = exc
+        except Cancelled:
+            # Nobody waits for it; a value, not an error, so that Ray does not log an error
+            # that nobody read.
+            result = None
+        return cloudpickle.dumps(result)
+
+
+def is_factory(value) -> bool:
+    """A callable that makes the model or the data (not a module or a data set itself)."""
+    from torch import nn
+
+    return callable(value) and not isinstance(value, nn.Module) \
+        and not hasattr(value, "__getitem__") and not hasattr(value, "__len__")
+
+
+def start_ray(address: str | None):
+    """Ray, connected to ``address``, else to the instance this process already runs, else to
+    a new local instance with one CPU per core."""
+    try:
+        import ray
+    except ImportError:
+        raise DiagQLError('engine="ray" needs Ray: pip install "diagql[ray]"') from None
+    if not ray.is_initialized():
+        options = {"include_dashboard": False, "log_to_driver": False,
+                   "logging_level": "warning"}
+        try:
+            if address is None:
+                ray.init(num_cpus=os.cpu_count(), **options)
+            else:
+                ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise DiagQLError(f"cannot start Ray at {address or 'a local instance'}: "
+                              f"{exc}") from None
+    return ray
+
+
+class RayEngine:
+    """Runs a connection's passes on Ray: the model and the data reach each worker once (as
+    themselves, pickled, or as factories that the workers call)."""
+
+    name = "ray"
+
+    def __init__(self, model, data, *, label_key: str | None = None, address: str | None = None,
+                 workers: int | None = None):
+        self.model, self.data, self.label_key = model, data, label_key
+        self.address, self.workers = address, workers
+        self.retried = 0  # shards run again after their worker died, over the engine's life
+        # Bytes of pickled tasks sent to workers and of results sent back (the model and the
+        # data travel once per worker, apart): what docs/SCALING.md's traffic model counts.
+        self.traffic = {"tasks": 0, "results": 0}
+        self._ray = None
+        self._blocks: DatasetBlocks | None = None  # a Ray Dataset's, made by dataset_head()
+        self._actors: list = []
+        self._tally = None
+        self._passes = 0
+
+    def dataset_head(self) -> DatasetHead:
+        """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
+        holds a CPU that its reading tasks need) and return what the driver keeps of it."""
+        self._ray = start_ray(self.address)
+        self._blocks = DatasetBlocks(self.data)
+        return self._blocks.head()
+
+    def start(self) -> list:
+        """The actors, created on the first pass: one per GPU if the cluster has GPUs, else
+        one per CPU (or ``workers``)."""
+        if self._actors:
+            return self._actors
+        ray = self._ray = start_ray(self.address)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        kind = "GPU" if gpus else "CPU"
+        free = int(ray.available_resources().get(kind, 0))
+        deadline = time.monotonic() + FREEING_SECONDS
+        while self.workers and free < self.workers and time.monotonic() < deadline:
+            time.sleep(0.1)  # workers just killed (a closed connection's) free theirs soon
+            free = int(ray.available_resources().get(kind, 0))
+        count = self.workers or free
+        if count < 1 or count > free:
+            # An actor that no node can place would wait for ever: say so instead.
+            raise DiagQLError(f"the Ray cluster has {free} free {kind}s of "
+                              f"{int(resources.get(kind, 0))}, too few for "
+                              f"{max(count, 1)} worker{'s' if count > 1 else ''} (one {kind} "
+                              f"each); other connections' workers hold the rest until they "
+                              f"are closed")
+        # Put once: every actor reads the same copy from the object store.
+        model = self.model if is_factory(self.model) else ray.put(self.model)
+        data = None if self._blocks is not None else \
+            self.data if is_factory(self.data) else ray.put(self.data)
+        # Not restarted by Ray: a dead worker is replaced by a new one here (run()), so that
+        # the shard it held is run again exactly once per death, and merged once.
+        worker = ray.remote(_Worker).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
+        self._new_worker = lambda: worker.remote(model, data, self.label_key)
+        self._actors = [self._new_worker() for _ in range(count)]
+        self._tally = ray.remote(_Tally).options(num_cpus=0).remote()
+        return self._actors
+
+    def close(self) -> None:
+        """Hand the workers back to the cluster."""
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
+        if self._tally is not None:
+            self._ray.kill(self._tally)
+            self._tally = None
+
+    # --- passes -----------------------------------------------------------------------------
+
+    def feed(self, consumers: list, items: np.ndarray, description: str, *, batch_size: int,
+             dtype, progress) -> None:
+        """The executor's pass (``Runner.run``) on the cluster: each shard's parts of the
+        consumers fed on a worker, merged back in shard order."""
+        shards = self._shards(items, batch_size)
+        tasks = [_task(feed_shard, parts=parts_for(consumers, shard), dtype=dtype,
+                       batch_size=batch_size) for shard in shards]
+        merge_parts(consumers, self.run(tasks, shards, description, progress))
+
+    def profile(self, n_items: int, *, latent, latent_is_input: bool, view, batch_size: int,
+                dtype, progress, compare: tuple = ((), (), False)) -> Profile:
+        """The profile pass on the cluster: each shard's profile, concatenated in order (the
+        layers that hold the latent's or the logits' rows: those that did in every shard)."""
+        if n_items == 0:
+            raise DiagQLError("the data set is empty")
+        started = time.perf_counter()
+        shards = self._shards(np.arange(n_items), batch_size)
+        task = _task(profile_part, latent=latent, latent_is_input=latent_is_input, dtype=dtype,
+                     batch_size=batch_size, view=view, compare=compare)
+        parts = self.run([task] * len(shards), shards, "profiling the data", progress)
+        return assemble_profile(parts, latent, latent_is_input, time.perf_counter() - started,
+                                view=view, dtype=dtype)
+
+    def _shards(self, items: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        return shard_items(items, batch_size, len(self.start()) * SHARDS_PER_WORKER)
+
+    def run(self, tasks: list, shards: list[np.ndarray], description: str, progress) -> list:
+        """Each task run on its shard by some worker; the results in shard order. A shard
+        whose worker died runs again (its result is taken once: a failed attempt returns
+        none); Ctrl-C cancels what is still running and leaves nothing half merged."""
+        from ray import cloudpickle
+        from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+        ray = self._ray
+        tasks = [cloudpickle.dumps(task) for task in tasks]
+        self.traffic["tasks"] += sum(len(task) for task in tasks)
+        actors = self._actors
+        self._passes += 1
+        pass_id = self._passes
+        results: list = [None] * len(shards)
+        finished = [False] * len(shards)
+        attempts = [0] * len(shards)
+        pending = collections.deque(range(len(shards)))
+        flying: dict = {}  # ObjectRef -> (shard, actor)
+        load = [0] * len(actors)
+        total = sum(len(s) for s in shards)
+        tally = self._tally if progress.enabled else None  # nobody to show it to: no reports
+        with progress.task(description, total) as advance:
+            shown = 0
+            try:
+                while pending or flying:
+                    for a, actor in enumerate(actors):
+                        while load[a] < IN_FLIGHT and pending:
+                            s = pending.popleft()
+                            blocks = None if self._blocks is None else \
+                                self._blocks.overlapping(int(shards[s][0]), int(shards[s][-1]) + 1)
+                            ref = actor.run.remote(tasks[s], shards[s], tally, (pass_id, s),
+                                                   attempts[s], blocks)
+                            flying[ref] = (s, a, actor)
+                            load[a] += 1
+                    ready, _ = ray.wait(list(flying), num_returns=1, timeout=POLL_SECONDS)
+                    for ref in ready:
+                        s, a, actor = flying.pop(ref)
+                        load[a] -= 1
+                        try:
+                            value = ray.get(ref)
+                            self.traffic["results"] += len(value)
+                            value = cloudpickle.loads(value)
+                        except (RayActorError, WorkerCrashedError) as exc:
+                            attempts[s] += 1
+                            self.retried += 1
+                            if attempts[s] > RETRIES:
+                                raise ExecutionError(
+                                    f"a Ray worker died {attempts[s]} times running items "
+                                    f"{int(shards[s][0])}..{int(shards[s][-1])}: "
+                                    f"{_first_line(exc)}") from None
+                            if actors[a] is actor:  # its other shards fail too: replace it once
+                                actors[a] = self._new_worker()
+                            pending.appendleft(s)
+                            continue
+                        except RayTaskError as exc:
+                            raise exc.as_instanceof_cause() from None
+                        if isinstance(value, DiagQLError):
+                            raise value
+                        results[s], finished[s] = value, True
+                    counts = {} if tally is None else ray.get(tally.counts.remote(pass_id))
+                    done = sum(len(shards[s]) if finished[s] else counts.get(s, 0)
+                               for s in range(len(shards)))
+                    if done > shown:
+                        advance(done - shown)
+                        shown = done
+            except BaseException:
+                for ref in flying:
+                    ray.cancel(ref)  # queued ones never start; running ones stop at a batch
+                raise
+            finally:
+                if tally is not None:
+                    tally.forget.remote(pass_id)
+        return results
+
+
+def _task(function, **options):
+    import functools
+
+    return functools.partial(function, **options)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,343 @@
+"""The Ray engine (docs/ARCHITECTURE.md, "Engines"; docs/SCALING.md): the same answers as the
+local engine and as plain torch, to 1e-12, for full-data queries, GROUP BY, samples, the
+profile and EVALUATE; a worker that dies mid-shard is replaced and its shard counted once;
+Ctrl-C cancels the pass and leaves the model and the activation cache as they were.
+
+One local Ray instance (2 CPUs, no dashboard) and one two-worker connection serve every test.
+The test process runs torch on one thread, as each Ray worker does: a float32 kernel rounds
+differently with the number of threads, and the claim is about merging, not about kernels.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql.errors import DiagQLError
+from tests import models, ray_models
+
+ray = pytest.importorskip("ray", reason="the Ray engine's tests need ray: "
+                                        "pip install 'diagql[ray]'")
+
+BATCH = 64  # 1,797 digits: 29 batches, 8 shards over 2 workers
+TOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started_here:
+        ray.shutdown()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(cluster, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ray")
+    weights = folder / "cnn.pt"
+    torch.save(models.trained_cnn().state_dict(), weights)
+    signal = folder / "die"
+    # A factory: the driver and each worker build the model from the same weights.
+    factory = functools.partial(ray_models.build, str(weights), str(signal), os.getpid())
+    X, y = models.digits()
+    conn = diagql.connect(factory, (X, y), batch_size=BATCH, cache_dir=folder / "cache",
+                          engine="ray", ray_workers=2, progress=False)
+    local = diagql.connect(factory(), (X, y), batch_size=BATCH, cache_dir=False, progress=False)
+    assert conn.catalog  # probed here, on the driver, before any signal file exists
+    return SimpleNamespace(conn=conn, local=local, model=factory(), X=X, y=y, signal=signal)
+
+
+def activations(model, X, layer: str) -> np.ndarray:
+    """Plain torch: the layer's output per item, flattened, in the engine's batches."""
+    module = dict(model.named_modules())[layer]
+    rows = []
+    handle = module.register_forward_hook(lambda m, i, o: rows.append(o.detach().flatten(1)
+                                                                      .clone()))
+    with torch.no_grad():
+        for start in range(0, len(X), BATCH):
+            model(X[start:start + BATCH])
+    handle.remove()
+    return torch.cat(rows).double().numpy()
+
+
+def predictions(model, X) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(X[s:s + BATCH]).argmax(1) for s in range(0, len(X), BATCH)]).numpy()
+
+
+def close(got, want) -> None:
+    want = np.asarray(want)
+    assert np.shape(got) == want.shape
+    if want.size:
+        np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL * float(np.max(np.abs(want))))
+
+
+def same(a, b) -> None:
+    """Two Results agree: the same neurons, groups and items, values to 1e-12."""
+    assert a.neurons.tolist() == b.neurons.tolist() and a.n_items == b.n_items
+    close(a.values, b.values)
+    if a.dense is not None:
+        close(a.dense, b.dense)
+    assert (a.groups is None) == (b.groups is None)
+    for key in a.groups or {}:
+        same(a.groups[key], b.groups[key])
+    if a.baseline is not None:
+        same(a.baseline, b.baseline)
+
+
+def test_a_ray_dataset_is_read_by_the_workers_shard_by_shard(world):
+    """A Ray Dataset of dict rows in several blocks: the workers read only the blocks that
+    overlap their shards, batched as the local engine batches (X, y). Runs first, on its own
+    one-worker connection, before the shared one's workers hold both CPUs (reading the
+    dataset takes one)."""
+    pytest.importorskip("pyarrow", reason="Ray Data needs pyarrow: pip install 'diagql[ray]'")
+    world.conn.engine.close()
+    rows = [{"x": x, "y": int(label)} for x, label in zip(world.X.numpy(), world.y.numpy())]
+    dataset = ray.data.from_items(rows, override_num_blocks=5)
+    conn = diagql.connect(world.conn.model, dataset, batch_size=BATCH, cache_dir=False,
+                          engine="ray", ray_workers=1, progress=False)
+    assert len(conn.source) == len(world.X)
+    for field in ("labels", "predictions", "confidence", "latents"):
+        assert np.array_equal(getattr(conn.profile, field), getattr(world.local.profile, field))
+    statement = "TOPK 5 NEURONS IN net.6 WHERE incorrect USING SAMPLE random(0.2) WITH BASELINE"
+    same(conn.query(statement), world.local.query(statement))
+    conn.engine.close()
+    with pytest.raises(DiagQLError, match="Ray Dataset is read by Ray's workers"):
+        diagql.connect(world.conn.model, dataset)
+
+
+def test_the_profile_is_the_local_engine_s_and_plain_torch_s(world):
+    ray_profile, local = world.conn.profile, world.local.profile
+    assert np.array_equal(ray_profile.predictions, predictions(world.model, world.X))
+    assert np.array_equal(ray_profile.labels, world.y.numpy())
+    for field in ("predictions", "confidence", "latents"):
+        assert np.array_equal(getattr(ray_profile, field), getattr(local, field)), field
+    # The latent space: the input of the last Linear, i.e. the output of the ReLU before it.
+    assert np.array_equal(ray_profile.latents, activations(world.model, world.X, "net.7")
+                          .astype(np.float32))
+    # Exact answers from the profile: each shard compared the candidate layers with its latent
+    # and logits; a layer holds them when it did in every shard, as the local pass finds.
+    assert ray_profile.latent_views == local.latent_views and len(local.latent_views) >= 1
+    assert ray_profile.logit_views == local.logit_views
+    logits = world.model(world.X).detach().numpy()
+    assert np.array_equal(ray_profile.logits, local.logits)
+    assert np.allclose(ray_profile.logits, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_full_data_queries_equal_plain_torch_and_the_local_engine(world):
+    conn, X = world.conn, world.X
+    labels, wrong = world.y.numpy(), predictions(world.model, X) != world.y.numpy()
+    before = dict(conn.counters)
+
+    avg = conn.query("AVG NEURONS IN net.6")
+    close(avg.values, activations(world.model, X, "net.6").mean(axis=0))
+
+    grouped = conn.query("TOPK 5 NEURONS IN net.2 GROUP BY class")
+    acts = activations(world.model, X, "net.2")
+    for c in range(10):
+        mean = acts[labels == c].mean(axis=0)
+        assert grouped.groups[c].neurons.tolist() == np.argsort(-mean, kind="stable")[:5].tolist()
+        close(grouped.groups[c].values, mean[grouped.groups[c].neurons])
+
+    argmax = conn.query("ARGMAX NEURONS IN net.7 WHERE incorrect")
+    winners = activations(world.model, X, "net.7")[wrong].argmax(axis=1)
+    assert np.array_equal(argmax.values, np.bincount(winners, minlength=32) / wrong.sum())
+    # net.7's rows are the profile's latents (the profile pass found so on every shard): no pass.
+    assert conn.counters["items"] - before["items"] == 2 * len(X)
+
+    for query in ("AVG NEURONS IN net.6", "TOPK 5 NEURONS IN net.2 GROUP BY class",
+                  "ARGMAX NEURONS IN net.7 WHERE incorrect", "TOPK 3 NEURONS IN net.0 BY MAX"):
+        same(conn.query(query), world.local.query(query))
+
+
+def test_a_sample_query_sends_only_its_items_and_answers_as_the_local_engine(world):
+    conn = world.conn
+    statement = "TOPK 5 NEURONS IN net.4 WHERE class = 3 USING SAMPLE random(0.2) WITH BASELINE"
+    sample = conn.sample("random(0.2)")
+    assert np.array_equal(sample, world.local.sample("random(0.2)"))  # drawn on the driver
+    threes = sample[world.y.numpy()[sample] == 3]
+    before = dict(conn.counters)
+    got = conn.query(statement)
+    # The sampled threes, then the baseline's every three: nothing else reaches the model.
+    assert conn.counters["items"] - before["items"] == len(threes) + (world.y == 3).sum()
+    # The model-assisted estimate: each shard's Reducer part carries its items' covariate rows.
+    same(got, world.local.query(statement))
+    conn.settings.estimator = "plain"  # the sample's own mean, against plain torch
+    try:
+        plain = conn.query(statement)
+    finally:
+        conn.settings.estimator = "assisted"
+    acts = activations(world.model, world.X, "net.4")
+    close(plain.dense, acts[threes].mean(axis=0))
+
+
+def test_a_script_s_queries_share_one_pass_on_the_cluster(world):
+    script = ("AVG NEURONS IN net.6 GROUP BY correct; TOPK 4 NEURONS IN net.2 USING SAMPLE "
+              "stratified(0.1); ARGMAX NEURONS IN net.7 WHERE predicted = 1")
+    before = world.conn.counters["passes"]
+    got = world.conn.execute(script)
+    assert world.conn.counters["passes"] == before + 1
+    for a, b in zip(got, world.local.execute(script)):
+        same(a, b)
+
+
+def test_a_grouped_assisted_sample_and_the_local_only_passes_answer_as_the_local_engine(world):
+    """GROUP BY's codes and the covariates travel in each shard's Reducer part; SIMILARITY's
+    and TOPK k INPUTS's consumers have no parts yet, so their passes run on the driver: the
+    same answers either way."""
+    conn, X = world.conn, world.X
+    statement = "AVG NEURONS IN net.2 GROUP BY class USING SAMPLE random(0.2)"
+    same(conn.query(statement), world.local.query(statement))
+    similarity = "SIMILARITY net.2, net.6"
+    close(conn.query(similarity).values, world.local.query(similarity).values)
+    top = conn.query("TOPK 3 INPUTS FOR net.6[5]")
+    scores = activations(world.model, X, "net.6")[:, 5]
+    want = np.lexsort((np.arange(len(scores)), -scores))[:3]  # highest first, ties to lower index
+    assert top.items.tolist() == want.tolist()
+    close(top.values, scores[want])
+
+
+def test_evaluate_scores_as_the_local_engine_does(world):
+    statement = "EVALUATE SAMPLERS random, stratified AT 0.1 K 3 LAYERS net.2, net.6 SEEDS 2"
+    got, want = world.conn.query(statement), world.local.query(statement)
+    assert [row[:4] for row in got.rows] == [row[:4] for row in want.rows]
+    close(np.array([row[4:-1] for row in got.rows]), np.array([row[4:-1] for row in want.rows]))
+
+
+def test_a_worker_that_dies_mid_shard_is_replaced_and_its_shard_counted_once(world):
+    conn, X = world.conn, world.X
+    recorded = []
+
+    class Recorder:
+        enabled = True  # the workers report progress to the driver's one bar
+
+        def task(self, description, total):
+            recorded.append([description, total, 0])
+            return _Advance(recorded[-1])
+
+    retried = conn.engine.retried
+    world.signal.write_text("")
+    conn.progress = Recorder()
+    try:
+        got = conn.query("AVG NEURONS IN net.6 GROUP BY predicted")
+    finally:
+        conn.progress = world.local.progress
+    assert not world.signal.exists()  # a worker took it, and died
+    assert conn.engine.retried > retried  # its shard (and any queued behind it) ran again
+    acts, predicted = activations(world.model, X, "net.6"), predictions(world.model, X)
+    for c in range(10):
+        close(got.groups[c].values, acts[predicted == c].mean(axis=0))
+        assert got.groups[c].n_items == (predicted == c).sum()
+    assert recorded == [[recorded[0][0], len(X), len(X)]]  # the bar: every item, once
+
+
+class _Advance:
+    def __init__(self, record):
+        self.record = record
+
+    def __enter__(self):
+        def advance(n):
+            self.record[2] += n
+            assert self.record[2] <= self.record[1]
+        return advance
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_ctrl_c_cancels_the_pass_and_leaves_model_and_cache_as_they_were(world):
+    conn = world.conn
+
+    class Interrupt:
+        enabled = False
+
+        def task(self, description, total):
+            return _Raising()
+
+    statement = "AVG NEURONS IN net.4 USING SAMPLE random(0.3, random_state=5)"
+    conn.sample("random(0.3, random_state=5)")  # the profile, before the pass to interrupt
+    held = conn.activations.held(conn.plan(statement).bound.view, np.arange(len(world.X)))
+    entries = sorted((e.kind, e.key) for e in conn.cache.entries())
+    counters = dict(conn.counters)
+    conn.progress = Interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            conn.query(statement)
+    finally:
+        conn.progress = world.local.progress
+    assert conn.counters == counters
+    assert conn.activations.held(conn.plan(statement).bound.view,
+                                 np.arange(len(world.X))) == held
+    assert sorted((e.kind, e.key) for e in conn.cache.entries()) == entries
+    assert not any(m._forward_hooks for m in conn.model.modules()) and not conn.model.training
+    # Nothing of the cancelled pass is merged into the next one.
+    same(conn.query(statement), world.local.query(statement))
+
+
+class _Raising:
+    def __enter__(self):
+        def advance(n):
+            raise KeyboardInterrupt
+        return advance
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_model_a_worker_cannot_build_is_one_error_not_a_retried_death(world):
+    world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
+    conn = diagql.connect(functools.partial(ray_models.built_only_in, os.getpid()),
+                          (world.X, world.y), engine="ray", ray_workers=1, cache_dir=False,
+                          progress=False)
+    with pytest.raises(DiagQLError, match="building the model and the data on a Ray worker "
+                                          "failed: FileNotFoundError: no weights on this node"):
+        conn.query("AVG NEURONS IN 6")
+    assert conn.engine.retried == 0
+    conn.engine.close()
+
+
+def test_engine_options_are_checked():
+    with pytest.raises(DiagQLError, match="unknown engine 'rya'.*did you mean 'ray'"):
+        diagql.connect(models.build_cnn(), models.digits(), engine="rya")
+    with pytest.raises(DiagQLError, match="need engine=\"ray\""):
+        diagql.connect(models.build_cnn(), models.digits(), ray_address="auto")
+    with pytest.raises(DiagQLError, match="positive number of workers"):
+        diagql.connect(models.build_cnn(), models.digits(), engine="ray", ray_workers=0)
+    # A Ray worker builds one model: several models or checkpoints stay with the local engine.
+    with pytest.raises(DiagQLError, match='engine="ray" runs one model'):
+        diagql.connect({"a": models.build_cnn(0), "b": models.build_cnn(1)}, models.digits(),
+                       engine="ray")
+    with pytest.raises(DiagQLError, match='engine="ray" runs one model'):
+        diagql.connect(models.build_cnn(), models.digits(), engine="ray",
+                       checkpoints={"epoch1": models.build_cnn(1).state_dict()})
+
+
+def test_the_command_line_runs_a_query_on_the_cluster(world, capsys, tmp_path):
+    """``--engine ray``: the workers build the model and the data from the --model, --weights
+    and --data specs themselves. Runs last: it hands the shared connection's workers back."""
+    import json
+
+    from diagql.shell.cli import main
+
+    world.conn.engine.close()
+    torch.save(models.trained_mlp().state_dict(), tmp_path / "mlp.pt")
+    code = main(["--model", "tests.models:build_mlp", "--weights", str(tmp_path / "mlp.pt"),
+                 "--data", "tests.models:digits",
+                 "--engine", "ray", "--ray-workers", "1", "--batch-size", str(BATCH),
+                 "--no-cache", "--no-progress", "--format", "json",
+                 "-e", "AVG NEURONS IN encoder.3 WHERE class = 2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    values = json.loads(out.out)["values"]
+    acts = activations(models.trained_mlp(), world.X, "encoder.3")
+    close(np.array(values), acts[world.y.numpy() == 2].mean(axis=0))
