@@ -191,7 +191,7 @@ def _plausible_truth(share: np.ndarray, counts: np.ndarray, n: int, population: 
     found = int(min(round(found), len(unseen), max(population - n, 0)))
     if found == 0:
         return share
-    missing = f1 / n
+    missing = f1 / (n + 1)  # not f1 / n: a sample of singletons keeps some of its own mass
     truth = share * (1 - missing)
     truth[unseen[:found]] += missing / found
     return truth
