@@ -169,6 +169,7 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
     # the matching items' size with that truth: at the fraction the sample is of it (a cell
     # sampled whole draws its own truth: distance 0).
     colours = np.maximum(np.round(truth * population), (truth > 0)).astype(np.int64)
+    colours = colours[colours > 0]  # the neurons that win for no item add nothing to a JS
     drawn = _rng().multivariate_hypergeometric(
         colours, min(max(round(size), 1), int(colours.sum())), size=DRAWS, method="count")
     distances = JS.rows(drawn, np.broadcast_to(colours, drawn.shape))
