@@ -184,8 +184,8 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
 def _plausible_truth(share: np.ndarray, counts: np.ndarray, n: int, population: int
                      ) -> np.ndarray:
     """A true distribution of winners as plausible as the sample's, with the winners it missed:
-    the shares scaled down by the Good-Turing missing mass (f1/n, f1 the neurons that won for
-    exactly one sampled item), which is spread over Chao1's estimate of the unseen winners
+    the shares scaled down by the Good-Turing missing mass (f1/(n+1), f1 the neurons that won
+    for exactly one sampled item), which is spread over Chao1's estimate of the unseen winners
     (f1²/2f2). The sample's own shares have fewer winners than the truth, and a distribution
     with fewer winners lies nearer its samples: they underestimate the distance (0.67× on the
     demo, benchmarks/README.md). Which unseen neurons win does not change a JS distance."""

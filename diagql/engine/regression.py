@@ -169,7 +169,7 @@ def assisted(groups: dict, ridge: float = RIDGE) -> dict:
     free = n_total - len(parts)
     # Residuals of a fitted slope understate σ²; the floor only keeps a slope that fits all of
     # a tiny sample from dividing by ~0 (it was 1, which left n = 2 or 3 uninflated: its
-    # expected cosine distances came out at half the actual, benchmarks/README.md).
+    # expected cosine distances came out at 0.74x the actual, benchmarks/README.md).
     inflate = free / max(free - p_eff, 0.5)
     out = {}
     for key, (g, ybar, zbar, szz, szy, syy) in parts.items():
