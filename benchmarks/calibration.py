@@ -73,8 +73,8 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                 zc = torch.from_numpy(z[chosen])
                 mean_state = MeanState(values.shape[1], covariates=z.shape[1])
                 hist_state = ArgmaxState(values.shape[1], covariates=z.shape[1])
-                mean_state.update(values, zc)
-                hist_state.update(values, zc)
+                mean_state.update(values, z=zc)
+                hist_state.update(values, z=zc)
                 population = len(combo.items)
                 z_pop = {None: z[combo.items].mean(axis=0)}
                 exact_top, exact_mean, exact_hist = exact[id(combo)]
@@ -93,7 +93,7 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                     arg = estimate.for_argmax(hist_state, population, uniform, fit_hist)
                     inside = (avg.ci_low <= exact_mean) & (exact_mean <= avg.ci_high)
                     rows.append({
-                        "size": size, "estimator": which, "reliable": avg.reliable,
+                        "size": size, "estimator": which, "layer": combo.layer, "n": len(chosen), "reliable": avg.reliable,
                         "coverage": float(np.mean(inside)),
                         "est_precision": topk.expected,
                         "precision": metrics.PRECISION.score(top, exact_top),

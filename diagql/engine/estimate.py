@@ -9,9 +9,9 @@ from the sample mean as from a uniform sample without replacement (finite-popula
 corrected), which only uniform samplers are; for the others that estimate is marked unreliable.
 Either way the mean is taken as approximately normal; Monte Carlo draws from that give the
 probability that each reported neuron is in the true top-k, the expected precision and the
-expected cosine distance. ARGMAX shares draw a plausible true distribution (a Dirichlet whose
-spread matches the shares' standard errors) and a histogram of the effective sample size from it
-for the expected Jensen-Shannon distance.
+expected cosine distance. ARGMAX shares give a plausible true distribution (the winners the
+sample missed added by Good-Turing and Chao1) and histograms of the effective sample size drawn
+from it without replacement for the expected Jensen-Shannon distance.
 """
 from __future__ import annotations
 
@@ -156,7 +156,10 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
         # The size of a uniform sample whose shares would be as precise as the fit's.
         plain = share[seen] * (1 - share[seen]) / n * fpc
         size = n * float(np.median(plain / se[seen] ** 2)) if seen.any() else float(n)
-        size = float(np.clip(size, 2.0, max(population, 2)))
+        # Never below n: the fit's se of a sample far from its cell's mean latent (maxmargin's
+        # boundary items) carries the slope's extrapolation, which a smaller multinomial does
+        # not model; it made the expected JS 1.6-2.5x the actual (benchmarks/README.md).
+        size = float(np.clip(size, n, max(population, 2)))
         half = _t_quantile(n - 1) * se
     else:
         share, covers, size = counts / n, COVERS, float(n)
@@ -164,17 +167,38 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
     # A neuron that won for no sampled item may still win for up to 3/n of the matching items
     # unseen (the rule of three, 95%).
     half = np.where(counts == 0, min(3.0 / n, 1.0), half)
-    # Two stages: a plausible true distribution (Dirichlet with a Perks prior, which gives
-    # neurons the sample never saw win some mass), then a histogram of the sample's effective
-    # size from it. Drawing only from the sample's own shares ignores unseen winners and
-    # underestimates the distance.
-    rng = _rng()
-    truths = rng.dirichlet(share * size + 1.0 / len(share), size=DRAWS)
-    drawn = rng.multinomial(max(round(size), 1), truths)
-    distances = JS.rows(drawn, truths)
+    truth = _plausible_truth(share, counts, n, population)
+    # A histogram of the sample's effective size drawn without replacement from a population of
+    # the matching items' size with that truth: at the fraction the sample is of it (a cell
+    # sampled whole draws its own truth: distance 0).
+    colours = np.maximum(np.round(truth * population), (truth > 0)).astype(np.int64)
+    colours = colours[colours > 0]  # the neurons that win for no item add nothing to a JS
+    drawn = _rng().multivariate_hypergeometric(
+        colours, min(max(round(size), 1), int(colours.sum())), size=DRAWS, method="count")
+    distances = JS.rows(drawn, np.broadcast_to(colours, drawn.shape))
     return Estimate(covers, reliable, LEVEL, n, population, ci_low=np.clip(share - half, 0, 1),
                     ci_high=np.clip(share + half, 0, 1), metric=JS,
                     expected=float(np.mean(distances)), estimator=_name(fitted))
+
+
+def _plausible_truth(share: np.ndarray, counts: np.ndarray, n: int, population: int
+                     ) -> np.ndarray:
+    """A true distribution of winners as plausible as the sample's, with the winners it missed:
+    the shares scaled down by the Good-Turing missing mass (f1/(n+1), f1 the neurons that won
+    for exactly one sampled item), which is spread over Chao1's estimate of the unseen winners
+    (f1²/2f2). The sample's own shares have fewer winners than the truth, and a distribution
+    with fewer winners lies nearer its samples: they underestimate the distance (0.67× on the
+    demo, benchmarks/README.md). Which unseen neurons win does not change a JS distance."""
+    f1, f2 = int((counts == 1).sum()), int((counts == 2).sum())
+    unseen = np.flatnonzero(counts == 0)
+    found = f1 * f1 / (2 * f2) if f2 > 0 else f1 * (f1 - 1) / 2
+    found = int(min(round(found), len(unseen), max(population - n, 0)))
+    if found == 0:
+        return share
+    missing = f1 / (n + 1)  # not f1 / n: a sample of singletons keeps some of its own mass
+    truth = share * (1 - missing)
+    truth[unseen[:found]] += missing / found
+    return truth
 
 
 def _name(fitted: Fitted | None) -> str:

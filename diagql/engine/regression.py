@@ -167,7 +167,10 @@ def assisted(groups: dict, ridge: float = RIDGE) -> dict:
     p_eff = float(np.trace(S @ A_inv))  # the slope's degrees of freedom (ridge-shrunk)
     n_total = sum(part[0].n for part in parts.values())
     free = n_total - len(parts)
-    inflate = free / max(free - p_eff, 1.0)  # residuals of a fitted slope understate σ²
+    # Residuals of a fitted slope understate σ²; the floor only keeps a slope that fits all of
+    # a tiny sample from dividing by ~0 (it was 1, which left n = 2 or 3 uninflated: its
+    # expected cosine distances came out at 0.74x the actual, benchmarks/README.md).
+    inflate = free / max(free - p_eff, 0.5)
     out = {}
     for key, (g, ybar, zbar, szz, szy, syy) in parts.items():
         delta = g.population_z - zbar

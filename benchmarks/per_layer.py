@@ -1,0 +1,42 @@
+"""Per-layer workload scores of one sampler: the sample's own answers (plain), the model-
+assisted estimator's, and what USING AUTO answers (exact from the profile on the layers whose
+rows the profile holds: S1 1, S2 0, S3 0; the assisted answer elsewhere).
+
+    python benchmarks/per_layer.py [--sampler "maxmargin(0.05)"] [--seeds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import diagql
+from diagql.evaluate.bind import default_layers
+from diagql.model.views import View
+
+TARGETS = "targets (issue 15): S1 >= 0.88, S2 <= 0.013, S3 <= 0.308 on every layer"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sampler", default="maxmargin(0.05)")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    db = diagql.demo(progress=False)
+    print(f"{args.sampler}, {args.seeds} seeds, demo\n"
+          f"{'layer':<7} {'S1 plain':>8} {'S1 asst':>8} {'S1 auto':>8} {'S2 plain':>9} "
+          f"{'S2 asst':>8} {'S2 auto':>8} {'S3 plain':>9} {'S3 asst':>8} {'S3 auto':>8}")
+    for layer in default_layers(db):
+        r = db.query(f"EVALUATE SAMPLERS {args.sampler} LAYERS {layer} SEEDS {args.seeds}")
+        row = dict(zip(r.columns, r.rows[0]))
+        exact = db.profile.rows_of(View(db.catalog[layer]).key) is not None
+        plain = [row["S1"], row["S2"], row["S3"]]
+        asst = [row["S1 assisted"], row["S2 assisted"], row["S3 assisted"]]
+        auto = [1.0, 0.0, 0.0] if exact else asst
+        cells = [f"{v:>8.3f}" for trio in zip(plain, asst, auto) for v in trio]
+        print(f"{layer:<7} " + " ".join(cells), flush=True)
+    print(f"{TARGETS}\n{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
