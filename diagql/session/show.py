@@ -30,8 +30,9 @@ def _models(conn, statement) -> Result:
                      entry.describe_weights(), accuracy, "*" if entry is current else ""))
     return Result(kind="table", statement=statement.text,
                   columns=["model", "class", "parameters", "weights", "accuracy", "default"],
-                  rows=rows, title=f"{len(rows)} models over {len(conn.source):,} items "
-                                   f"(SET model = name changes the default)")
+                  rows=rows, title=f"{len(rows)} model{'s' if len(rows) != 1 else ''} over "
+                                   f"{len(conn.source):,} items (SET model = name changes the "
+                                   f"default)")
 
 
 KINDS = {"profile": "labels, predictions, confidence and latents of every item",
