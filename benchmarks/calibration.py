@@ -1,4 +1,5 @@
 """Are the accuracy estimates honest? Estimated against actual error, for every sampler.
+(SIMILARITY's sampled CKA and its interval: benchmarks/calibration_similarity.py.)
 
     python benchmarks/calibration.py [--model demo|resnet] [--sizes 0.05 0.1 0.2] [--seeds 2]
                                      [--samplers random maxmargin ...] [--layers conv1 ...]
