@@ -246,6 +246,7 @@ def test_explain(db):
     ("SIMILARITY encoder.1, head BY kca", BindError, "unknown similarity measure 'kca'"),
     ("SIMILARITY encoder.1, head TOKEN 0", BindError, "applies to sequence layers"),
     ("SIMILARITY head", ParseError, "expected"),
+    ("SIMILARITY encoder.1, head USING AUTO", BindError, "not USING AUTO"),
 ])
 def test_mistakes_are_one_line_errors(db, text, error, words):
     with pytest.raises(error) as info:

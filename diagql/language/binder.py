@@ -205,6 +205,9 @@ def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_class
                     seed: int | None, n_items: int,
                     catalogs: Sequence[LayerCatalog] | None = None) -> BoundSimilarity:
     """``catalogs``: each layer's model's catalog when the layers name several models."""
+    if isinstance(statement.source, ast.Auto):
+        raise _error("SIMILARITY takes USING FULL or USING SAMPLE s(...), not USING AUTO",
+                     statement.source.span)
     if statement.measure not in ast.MEASURES:
         raise _error(f"unknown similarity measure {statement.measure!r}"
                      f"{did_you_mean(statement.measure, ast.MEASURES)}; measures are "

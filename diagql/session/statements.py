@@ -52,7 +52,7 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(query)
-    sample, sample_seconds, choice = None, 0.0, ""
+    choice = ""
     if isinstance(query.source, ast.Auto) and query.until is None:
         from diagql.session.auto import choose
 
@@ -61,9 +61,7 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
         from diagql.session.growth import first_round
 
         bound, choice = first_round(conn, bound, profile, src)
-    if bound.sampler is not None:
-        sample, fresh = src.sampling.artifacts.get_sample(bound.sampler)
-        sample_seconds = sample.seconds if fresh else 0.0
+    sample, sample_seconds = _draw(src.sampling, bound.sampler)
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, src.drawn_on),
@@ -93,11 +91,8 @@ class Sources:
 
 def sources(conn, query: ast.Query) -> Sources:
     entry, layer = conn.resolve(query.layer)
-    query, sampling, drawn_on = replace(query, layer=layer), None, None
-    if isinstance(query.source, ast.SamplerCall):  # model='wide': whose profile it draws from
-        call, drawn_on = sampler_model(query.source)
-        query, sampling = replace(query, source=call), conn.on(drawn_on, query.source.span)
-    sampling = sampling or conn.current
+    source, sampling, drawn_on = _sampling(conn, query.source)
+    query = replace(query, layer=layer, source=source)
     # The labels are the data's: a query that reads no prediction is planned on a profile the
     # statement needs anyway, so that a checkpoint's query over a sample costs no pass over
     # all the data.
@@ -105,22 +100,31 @@ def sources(conn, query: ast.Query) -> Sources:
     return Sources(query, entry, sampling, drawn_on, reader)
 
 
+def _sampling(conn, source):
+    """The statement's source without a sampler's ``model='wide'``, the model whose profile
+    its sample is drawn from (the default one unless named), and that name."""
+    if not isinstance(source, ast.SamplerCall):
+        return source, conn.current, None
+    call, drawn_on = sampler_model(source)
+    return call, conn.on(drawn_on, source.span), drawn_on
+
+
+def _draw(entry, sampler):
+    """The sample of ``sampler`` (None: no sample) on ``entry``'s profile, and the seconds its
+    draw took now (0 when it was drawn before)."""
+    if sampler is None:
+        return None, 0.0
+    sample, fresh = entry.artifacts.get_sample(sampler)
+    return sample, sample.seconds if fresh else 0.0
+
+
 def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str, float]]:
     """SIMILARITY's plan: each layer bound on its model's catalog (``wide.fc2``), the items
     from the default model's profile and sample (or the sampler's ``model=``'s)."""
     started = time.perf_counter()
-    if isinstance(statement.source, ast.Auto):
-        span = statement.source.span
-        raise BindError("SIMILARITY takes USING FULL or USING SAMPLE s(...), not USING AUTO",
-                        line=span.line if span else None, column=span.column if span else None,
-                        end_column=span.end_column if span else None)
     resolved = [conn.resolve(ref) for ref in statement.layers]
-    statement = replace(statement, layers=tuple(ref for _, ref in resolved))
-    entry, drawn_on = conn.current, None
-    if isinstance(statement.source, ast.SamplerCall):  # model='wide': whose profile it draws from
-        call, drawn_on = sampler_model(statement.source)
-        entry = conn.on(drawn_on, statement.source.span)
-        statement = replace(statement, source=call)
+    source, entry, drawn_on = _sampling(conn, statement.source)
+    statement = replace(statement, layers=tuple(ref for _, ref in resolved), source=source)
     bound = bind_similarity(statement, entry.catalog, n_classes=entry.n_classes,
                             seed=conn.settings.seed, n_items=len(conn.source),
                             catalogs=[own.catalog for own, _ in resolved])
@@ -129,10 +133,7 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(statement)
-    sample, sample_seconds = None, 0.0
-    if bound.sampler is not None:
-        sample, fresh = entry.artifacts.get_sample(bound.sampler)
-        sample_seconds = sample.seconds if fresh else 0.0
+    sample, sample_seconds = _draw(entry, bound.sampler)
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, drawn_on), None,
