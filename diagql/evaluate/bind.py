@@ -65,10 +65,7 @@ def bind_evaluate(statement: ast.Evaluate, conn) -> BoundEvaluation:
     if statement.plot is not None:
         from diagql.results.plots import check_target
 
-        try:
-            check_target(statement.plot.value)
-        except BindError as exc:
-            raise _error(exc.message, statement.plot.span, exc.hint) from None
+        check_target(statement.plot.value, statement.plot.span)
         plot = statement.plot.value
     first = conn.settings.seed
     return BoundEvaluation(statement, candidates, layers, ks,

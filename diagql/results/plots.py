@@ -35,18 +35,26 @@ def _figure_class():
     return Figure, FigureCanvasAgg
 
 
-def check_target(path: str) -> None:
-    """Refuse a file that cannot be written before any work is done (BindError)."""
+def check_target(path: str, span=None) -> None:
+    """Refuse a file that cannot be written before any work is done (BindError, placed at
+    ``span``, the PLOT clause's file name, when a statement gave it)."""
     Figure, FigureCanvasAgg = _figure_class()
     target = Path(path)
     suffix = target.suffix.lower().lstrip(".")
     types = FigureCanvasAgg(Figure()).get_supported_filetypes()
     if suffix not in types:
-        raise BindError(f"cannot plot to {path!r}: name a file ending in .png, .pdf or .svg "
-                        f"(matplotlib writes {', '.join('.' + t for t in sorted(types))})")
+        raise _refusal(f"cannot plot to {path!r}: name a file ending in .png, .pdf or .svg "
+                       f"(matplotlib writes {', '.join('.' + t for t in sorted(types))})", span)
     if not target.parent.is_dir():
-        raise BindError(f"cannot plot to {path!r}: the directory {str(target.parent)!r} does "
-                        f"not exist")
+        raise _refusal(f"cannot plot to {path!r}: the directory {str(target.parent)!r} does "
+                       f"not exist", span)
+
+
+def _refusal(message: str, span) -> BindError:
+    if span is None:
+        return BindError(message)
+    end = span.end_column if span.end_line == span.line else None
+    return BindError(message, line=span.line, column=span.column, end_column=end)
 
 
 def write_plot(result, path: str) -> None:

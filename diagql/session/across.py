@@ -51,7 +51,7 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
     names = checkpoint_names(conn, entry, layer.span)
     plot = statement.across.plot
     if plot is not None:
-        check_target(plot.value)  # before the passes, which a bad path would waste
+        check_target(plot.value, plot.span)  # before the passes, which a bad path would waste
     rebind = rebind or (lambda s, name: _query_on(conn, s, name))
     started = time.perf_counter()
     answers = {name: answer(conn, rebind(statement, name)) for name in names}

@@ -185,7 +185,9 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
 
         return similarity_across(conn, statement, _similarity)
     if statement.plot is not None:
-        _check_plot(statement.plot)
+        from diagql.results.plots import check_target
+
+        check_target(statement.plot.value, statement.plot.span)
     plan, timings = planned(conn, statement)
     runners = {model: conn.on(model).runner() for model in
                dict.fromkeys(ref.model for ref in plan.bound.query.layers)}
@@ -198,19 +200,6 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
         write_plot(result, statement.plot.value)
         result.notes.append(f"plot written to {statement.plot.value}")
     return result
-
-
-def _check_plot(plot: ast.Literal) -> None:
-    """PLOT 'file': refused before any pass when the file cannot be written."""
-    from diagql.results.plots import check_target
-
-    try:
-        check_target(plot.value)
-    except BindError as exc:
-        span = plot.span
-        raise BindError(exc.message, line=span.line if span else None,
-                        column=span.column if span else None,
-                        end_column=span.end_column if span else None, hint=exc.hint) from None
 
 
 def _explain(conn, statement: ast.Explain) -> Result:
