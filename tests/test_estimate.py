@@ -162,3 +162,23 @@ def test_a_cell_sampled_whole_expects_no_js_distance():
     state = ArgmaxState(6)
     state.update(torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 2, 5, 5, 5]), 6).double())
     assert estimate.for_argmax(state, 7, True).expected == 0.0
+
+
+def test_a_stratified_samples_plain_estimate_is_not_called_uniform(db, mlp, digits):
+    """Stratified takes one item from every non-empty confusion cell, so the model's mistakes
+    are sampled at a higher rate than the rest: its plain sample mean is no uniform sample's,
+    and the plain estimate must not claim to cover its error."""
+    X, y = digits
+    with torch.no_grad():
+        predicted = mlp(X).argmax(1).numpy()
+    wrong = predicted != y.numpy()
+    sample = db.sample("stratified(0.1)")
+    assert 0 < wrong.sum() < len(wrong)
+    assert wrong[sample].mean() > 1.5 * wrong.mean()  # the independent check: not uniform
+    db.execute("SET estimator = plain")
+    try:
+        plain = db.query("AVG NEURONS IN encoder.1 USING SAMPLE stratified(0.1)").estimate
+    finally:
+        db.execute("SET estimator = assisted")
+    assert plain.reliable is False
+    assert db.query("AVG NEURONS IN encoder.1 USING SAMPLE stratified(0.1)").estimate.reliable

@@ -23,12 +23,6 @@ from diagql.results.result import Estimate, Provenance, Result
 # is refused before any pass, naming what it would take.
 MEMORY_LIMIT = 4 * 2**30
 LEVEL = 0.95
-# Samplers that draw every item with the same probability, so that the matching items of any
-# WHERE are a uniform sample too: the jackknife interval's model. Not stratified, although
-# means' estimates trust it: its one item from every non-empty confusion cell oversamples the
-# mistakes (36 of 125 at 5% on the demo, against 4), and CKA differs between mistakes and the
-# rest (benchmarks/calibration_similarity.py: its interval covers 0.80 at 5%).
-UNIFORM_SAMPLERS = ("random",)
 COVERS = ("sampling variance of a uniform sample of the matching items (delete-one jackknife "
           "over the sampled items, finite-population corrected); not a sampler's bias")
 
@@ -213,7 +207,9 @@ def _single(plan: Plan, state, population: int) -> Result:
         if state.count < MIN_ITEMS:
             reason = (f"{state.count} matching sampled item{'s' if state.count != 1 else ''}: "
                       f"the debiased CKA needs at least {MIN_ITEMS}")
-        elif name not in UNIFORM_SAMPLERS:
+        # The jackknife's model is a uniform sample of the matching items: only a sampler that
+        # draws every item with the same probability gives one for any WHERE.
+        elif not getattr(plan.bound.sampler, "uniform", False):
             reason = (f"{name} does not draw every item with the same probability (it favours "
                       f"{'the mistakes' if name in ('stratified', 'maxmargin') else 'some items'}"
                       f"), and the jackknife interval covers the sampling variance of a uniform "
