@@ -1,6 +1,6 @@
 """The Ray engine (docs/ARCHITECTURE.md, "Engines"; docs/SCALING.md): the same answers as the
 local engine and as plain torch, to 1e-12, for full-data queries, GROUP BY, samples, the
-profile and EVALUATE; a worker that dies mid-shard is replaced and its shard counted once;
+profile, EVALUATE and SIMILARITY, and the same items for TOPK k INPUTS and its index; a worker that dies mid-shard is replaced and its shard counted once;
 Ctrl-C cancels the pass and leaves the model and the activation cache as they were.
 
 One local Ray instance (2 CPUs, no dashboard) and one two-worker connection serve every test.
@@ -191,20 +191,78 @@ def test_a_script_s_queries_share_one_pass_on_the_cluster(world):
         same(a, b)
 
 
-def test_a_grouped_assisted_sample_and_the_local_only_passes_answer_as_the_local_engine(world):
-    """GROUP BY's codes and the covariates travel in each shard's Reducer part; SIMILARITY's
-    and TOPK k INPUTS's consumers have no parts yet, so their passes run on the driver: the
-    same answers either way."""
-    conn, X = world.conn, world.X
+def test_a_grouped_assisted_sample_answers_as_the_local_engine(world):
+    """GROUP BY's codes and the covariates travel in each shard's Reducer part."""
     statement = "AVG NEURONS IN net.2 GROUP BY class USING SAMPLE random(0.2)"
-    same(conn.query(statement), world.local.query(statement))
-    similarity = "SIMILARITY net.2, net.6"
-    close(conn.query(similarity).values, world.local.query(similarity).values)
-    top = conn.query("TOPK 3 INPUTS FOR net.6[5]")
-    scores = activations(world.model, X, "net.6")[:, 5]
-    want = np.lexsort((np.arange(len(scores)), -scores))[:3]  # highest first, ties to lower index
-    assert top.items.tolist() == want.tolist()
-    close(top.values, scores[want])
+    same(world.conn.query(statement), world.local.query(statement))
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Plain numpy: ‖XcᵀYc‖²_F / (‖XcᵀXc‖_F ‖YcᵀYc‖_F)."""
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    return np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_similarity_s_pass_runs_on_the_workers_and_equals_plain_cka(world):
+    """The feeds of a shard share one part of the CKA reducer: moments merged by Chan's
+    update (GROUP BY), or rows concatenated in shard order (a narrow WHERE)."""
+    conn, X = world.conn, world.X
+    acts = {layer: activations(world.model, X, layer) for layer in ("net.0", "net.2", "net.6")}
+    correct = predictions(world.model, X) == world.y.numpy()
+    threes = world.y.numpy() == 3
+    for statement in ("SIMILARITY net.2, net.6 GROUP BY correct",
+                      "SIMILARITY net.0, net.2, net.6 WHERE class = 3"):
+        sent = conn.engine.traffic["tasks"]
+        got, want = conn.query(statement), world.local.query(statement)
+        assert conn.engine.traffic["tasks"] > sent  # the pass went to the workers
+        for a, b in zip([got, *(got.groups or {}).values()],
+                        [want, *(want.groups or {}).values()]):
+            assert a.n_items == b.n_items
+            if a.matrix is not None:
+                close(a.matrix, b.matrix)
+    grouped = conn.query("SIMILARITY net.2, net.6 GROUP BY correct")
+    for key, mask in ((True, correct), (False, ~correct)):
+        close(grouped.groups[key].value, linear_cka(acts["net.2"][mask], acts["net.6"][mask]))
+    narrow = conn.query("SIMILARITY net.0, net.2, net.6 WHERE class = 3").matrix
+    for i, a in enumerate(("net.0", "net.2", "net.6")):
+        for j, b in enumerate(("net.0", "net.2", "net.6")):
+            if i != j:
+                close(narrow[i, j], linear_cka(acts[a][threes], acts[b][threes]))
+
+
+def test_top_inputs_and_the_inputs_index_are_built_on_the_workers(world):
+    """A ReLU's zeros tie across shards: merged, they still go to the lowest item indices,
+    and the index (lists, values, codes) is the local engine's, bit for bit."""
+    from diagql.session import inputs
+
+    conn, X = world.conn, world.X
+    acts = activations(world.model, X, "net.7")
+    zeros = (acts == 0).sum(axis=0)
+    # A dead unit (every item ties) and one that is zero for about half of the items.
+    dead, half = int(zeros.argmax()), int(np.abs(zeros - len(X) / 2).argmin())
+    assert zeros[dead] > len(X) / 2 and 0 < zeros[half] < len(X)
+    order = np.arange(len(X))
+    threes = np.flatnonzero(world.y.numpy() == 3)
+    passes = []
+    for neuron in (dead, half):
+        scores = acts[:, neuron]
+        for statement, want in (
+                (f"BOTTOMK 5 INPUTS FOR net.7[{neuron}]", np.lexsort((order, scores))[:5]),
+                # k past the index's lists: the codes choose the items to read, on the workers
+                (f"TOPK 150 INPUTS FOR net.7[{neuron}] WHERE class = 3",
+                 threes[np.lexsort((threes, -scores[threes]))[:150]])):
+            sent, read = conn.engine.traffic["tasks"], conn.counters["items"]
+            got = conn.query(statement)
+            # Every item read went through the workers' models, none through the driver's.
+            passes.append((conn.counters["items"] > read, conn.engine.traffic["tasks"] > sent))
+            assert got.items.tolist() == want.tolist()
+            close(got.values, scores[want])
+            assert got.items.tolist() == world.local.query(statement).items.tolist()
+    # The first pass built the index; the second neuron's bottom 5 are in its lists.
+    assert passes == [(True, True), (True, True), (False, False), (True, True)]
+    built, local = (next(iter(inputs._MEMORY[c.current].values())) for c in (conn, world.local))
+    for name, array in built.to_arrays().items():
+        assert np.array_equal(array, local.to_arrays()[name]), name
 
 
 def test_evaluate_scores_as_the_local_engine_does(world):

@@ -371,8 +371,8 @@ def _on_engine(passes: list[tuple[Runner, list]], after_batch) -> bool:
     """Whether the pass runs on the runner's engine: one model's pass (several models' pass
     stays here: a Ray worker holds one model, and ``after_batch`` pairs rows of several
     models batch by batch on the driver), every consumer of which can be cut into parts
-    (engine/shards.py). SIMILARITY's feeds and TOPK k INPUTS's readers have no parts yet, so
-    their passes run in this process even on a Ray connection."""
+    (engine/shards.py): the executor's Reducer and Collector, EVALUATE's group reducer,
+    SIMILARITY's feeds, TOPK k INPUTS's reader and the inputs index's builder all can."""
     if len(passes) != 1 or passes[0][0].engine is None or after_batch is not None:
         return False
     return all(hasattr(c, "part") and hasattr(c, "merge") for c in passes[0][1])
