@@ -54,7 +54,8 @@ def world(cluster, tmp_path_factory):
                           engine="ray", ray_workers=2, progress=False)
     local = diagql.connect(factory(), (X, y), batch_size=BATCH, cache_dir=False, progress=False)
     assert conn.catalog  # probed here, on the driver, before any signal file exists
-    return SimpleNamespace(conn=conn, local=local, model=factory(), X=X, y=y, signal=signal)
+    return SimpleNamespace(conn=conn, local=local, model=factory(), X=X, y=y, signal=signal,
+                           folder=folder)
 
 
 def activations(model, X, layer: str) -> np.ndarray:
@@ -132,6 +133,16 @@ def test_the_profile_is_the_local_engine_s_and_plain_torch_s(world):
     logits = world.model(world.X).detach().numpy()
     assert np.array_equal(ray_profile.logits, local.logits)
     assert np.allclose(ray_profile.logits, logits, rtol=1e-5, atol=1e-6)
+    # Its cache key names the device the workers ran it on, not the driver's.
+    engine, artifacts = world.conn.engine, world.conn.current.artifacts
+    local_key = diagql.connect(world.model, (world.X, world.y), cache_dir=world.folder,
+                               progress=False).current.artifacts.profile_key()
+    assert artifacts.profile_key() == local_key is not None
+    engine._device_type = "cuda"  # as on a cluster with GPUs, the driver on the CPU
+    try:
+        assert artifacts.profile_key() != local_key
+    finally:
+        engine._device_type = "cpu"
 
 
 def test_full_data_queries_equal_plain_torch_and_the_local_engine(world):

@@ -155,6 +155,7 @@ class RayEngine:
         self._actors: list = []
         self._tally = None
         self._passes = 0
+        self._device_type: str | None = None
 
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
@@ -163,6 +164,14 @@ class RayEngine:
         self._blocks = DatasetBlocks(self.data)
         return self._blocks.head()
 
+    def device_type(self) -> str:
+        """What the workers run on: "cuda" where the cluster has GPUs, else "cpu" (whatever the
+        driver has). Outputs depend on it, so the cache keys of what passes make name it."""
+        if self._device_type is None:
+            ray = self._ray = start_ray(self.address)
+            self._device_type = "cuda" if int(ray.cluster_resources().get("GPU", 0)) else "cpu"
+        return self._device_type
+
     def start(self) -> list:
         """The actors, created on the first pass: one per GPU if the cluster has GPUs, else
         one per CPU (or ``workers``)."""
@@ -170,7 +179,7 @@ class RayEngine:
             return self._actors
         ray = self._ray = start_ray(self.address)
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
+        gpus = self.device_type() == "cuda"  # the device the cache keys name
         kind = "GPU" if gpus else "CPU"
         free = int(ray.available_resources().get(kind, 0))
         deadline = time.monotonic() + FREEING_SECONDS

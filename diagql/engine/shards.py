@@ -3,8 +3,9 @@ of whole batches, in a fixed order; each shard feeds empty parts of the pass's c
 worker, and the parts are merged back into the consumers in shard order, never in the order
 the shards happen to finish, so the answer does not depend on the cluster's timing.
 
-A consumer of a pass (the executor's Reducer and Collector, EVALUATE's group reducer, and any
-new one) provides:
+A consumer of a pass (the executor's Reducer and Collector, EVALUATE's group reducer,
+SIMILARITY's feeds, TOPK k INPUTS's reader and the inputs index's builder, and any new one)
+provides:
 
 - ``view``: the View it reads (its layer is hooked), and ``wanted``: its sorted item indices;
 - ``take(rows, idx)``: reduce the view's rows of items ``idx`` (sorted, all among ``wanted``);
