@@ -375,6 +375,35 @@ def test_a_model_a_worker_cannot_build_is_one_error_not_a_retried_death(world):
     conn.engine.close()
 
 
+def test_similarity_across_two_models_runs_both_on_every_worker(world):
+    """Several models: every worker builds each from its factory, and SIMILARITY's one pass
+    sends each batch of a shard through both, their feeds sharing the shard's CKA part."""
+    world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
+    factories = {"a": functools.partial(ray_models.build, str(world.folder / "cnn.pt"),
+                                        str(world.signal), os.getpid()),
+                 "b": functools.partial(models.build_cnn, 1)}
+    conn = diagql.connect(factories, (world.X, world.y), batch_size=BATCH, cache_dir=False,
+                          engine="ray", ray_workers=1, progress=False)
+    local = diagql.connect({name: f() for name, f in factories.items()}, (world.X, world.y),
+                           batch_size=BATCH, cache_dir=False, progress=False)
+    try:
+        statement = "SIMILARITY a.net.2, b.2 WHERE class = 3"
+        assert conn.current.profile is not None  # its pass, before SIMILARITY's
+        sent = conn.engine.traffic["tasks"]
+        got = conn.query(statement)
+        assert conn.engine.traffic["tasks"] > sent  # SIMILARITY's pass went to the workers
+        assert got.labels == ["a.net.2", "b.2"]
+        close(got.matrix, local.query(statement).matrix)
+        threes = world.y.numpy() == 3
+        close(got.value, linear_cka(activations(world.model, world.X, "net.2")[threes],
+                                    activations(models.build_cnn(1), world.X, "2")[threes]))
+        # Each model's own pass and profile run there too.
+        same(conn.query("AVG NEURONS IN b.6 WHERE incorrect"),
+             local.query("AVG NEURONS IN b.6 WHERE incorrect"))
+    finally:
+        conn.engine.close()
+
+
 def test_engine_options_are_checked():
     with pytest.raises(DiagQLError, match="unknown engine 'rya'.*did you mean 'ray'"):
         diagql.connect(models.build_cnn(), models.digits(), engine="rya")
@@ -382,29 +411,27 @@ def test_engine_options_are_checked():
         diagql.connect(models.build_cnn(), models.digits(), ray_address="auto")
     with pytest.raises(DiagQLError, match="positive number of workers"):
         diagql.connect(models.build_cnn(), models.digits(), engine="ray", ray_workers=0)
-    # A Ray worker builds one model: several models or checkpoints stay with the local engine.
-    with pytest.raises(DiagQLError, match='engine="ray" runs one model'):
-        diagql.connect({"a": models.build_cnn(0), "b": models.build_cnn(1)}, models.digits(),
-                       engine="ray")
-    with pytest.raises(DiagQLError, match='engine="ray" runs one model'):
+    # Checkpoints take turns in one copy of the model on the driver: the local engine's.
+    with pytest.raises(DiagQLError, match='engine="ray" runs no checkpoints'):
         diagql.connect(models.build_cnn(), models.digits(), engine="ray",
                        checkpoints={"epoch1": models.build_cnn(1).state_dict()})
 
 
 def test_the_command_line_runs_a_query_on_the_cluster(world, capsys, tmp_path):
-    """``--engine ray``: the workers build the model and the data from the --model, --weights
-    and --data specs themselves. Runs last: it hands the shared connection's workers back."""
+    """``--engine ray``: the workers build the models and the data from the --model, --weights
+    and --data specs themselves (two named models: each worker builds both). Runs last: it
+    hands the shared connection's workers back."""
     import json
 
     from diagql.shell.cli import main
 
     world.conn.engine.close()
     torch.save(models.trained_mlp().state_dict(), tmp_path / "mlp.pt")
-    code = main(["--model", "tests.models:build_mlp", "--weights", str(tmp_path / "mlp.pt"),
-                 "--data", "tests.models:digits",
+    code = main(["--model", "mlp=tests.models:build_mlp", "--model", "cnn=tests.models:build_cnn",
+                 "--weights", f"mlp={tmp_path / 'mlp.pt'}", "--data", "tests.models:digits",
                  "--engine", "ray", "--ray-workers", "1", "--batch-size", str(BATCH),
                  "--no-cache", "--no-progress", "--format", "json",
-                 "-e", "AVG NEURONS IN encoder.3 WHERE class = 2"])
+                 "-e", "AVG NEURONS IN mlp.encoder.3 WHERE class = 2"])
     out = capsys.readouterr()
     assert code == 0, out.err
     values = json.loads(out.out)["values"]
