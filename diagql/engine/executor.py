@@ -178,7 +178,7 @@ class Runner:
         self.progress = progress
         self.counters = counters if counters is not None else {}
         self.activations = activations  # an ActivationStore, or None: every query streams
-        self.engine = engine  # a RayEngine runs passes on a cluster; None: in this process
+        self.engine = engine  # a ModelEngine runs passes on a Ray cluster; None: in this process
 
     def run(self, consumers: list, description: str) -> float | None:
         """One forward pass over the union of the consumers' items, each consumer fed its
