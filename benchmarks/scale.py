@@ -3,9 +3,10 @@
     python benchmarks/scale.py [--n 100000] [--workers 1 2] [--skip-local-2]
 
 The demo's LeNet-5 over benchmarks/bigdata.py's shifted MNIST digits. Each engine runs the
-same three statements on a fresh connection: the profile pass (every item), a full-data query
-(AVG over fc1 by class: every item, the pass stops after fc1) and a 1% sample query (1,000
-items). The local engine runs with torch on 1 thread and on 2 (the machine's cores); each Ray
+same statements on a fresh connection: the profile pass (every item), a full-data query
+(AVG over fc1 by class: every item, the pass stops after fc1), a 1% sample query (1,000
+items) and an exact SIMILARITY of three layers (every item: feature-space moments merged per
+shard). The local engine runs with torch on 1 thread and on 2 (the machine's cores); each Ray
 worker runs 1 thread. Ray's fixed costs are printed apart: starting the local instance, and
 starting the workers (each imports torch and receives the model and the 300 MB of data once).
 Every Ray answer is compared with the 1-thread local engine's (same kernels: equal to 1e-12)
@@ -22,7 +23,8 @@ import torch
 from bigdata import big_data, demo_model, machine_line  # benchmarks/ is sys.path[0]
 
 STATEMENTS = {"full query": "AVG NEURONS IN fc1 GROUP BY class",
-              "1% sample query": "TOPK 10 NEURONS IN conv2 USING SAMPLE random(0.01)"}
+              "1% sample query": "TOPK 10 NEURONS IN conv2 USING SAMPLE random(0.01)",
+              "SIMILARITY": "SIMILARITY pool2, fc1, fc2"}
 
 
 def timed(conn) -> tuple[dict, dict]:
@@ -58,6 +60,8 @@ def largest_difference(a: dict, b: dict) -> float:
             x, y = results.pop()
             compare(x.values, y.values)
             compare(x.neurons, y.neurons)
+            if x.matrix is not None or y.matrix is not None:
+                compare(x.matrix, y.matrix)
             results += [(x.groups[k], y.groups[k]) for k in x.groups or {}]
     return worst
 
@@ -154,19 +158,21 @@ def main() -> None:
     base = rows[0][2]
     print(f"\nstarting the local Ray instance: {ray_start:.1f} s\n")
     print("| engine | start workers s | profile s | full query s | 1% sample query s | "
-          "profile items/s | profile vs local 1 thread | largest difference from local, "
-          "1 thread |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "SIMILARITY s | profile items/s | profile vs local 1 thread | SIMILARITY vs local 1 "
+          "thread | largest difference from local, 1 thread |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, start, seconds, difference, _ in rows:
         print(f"| {name} | {start if start == '' else f'{start:.1f}'} | {seconds['profile']:.2f} | "
               f"{seconds['full query']:.2f} | {seconds['1% sample query']:.2f} | "
-              f"{args.n / seconds['profile']:,.0f} | "
-              f"{base['profile'] / seconds['profile']:.2f}× | {difference:.1e} |")
-    print("\nbytes per run of the three statements (tasks out, states back):")
+              f"{seconds['SIMILARITY']:.2f} | {args.n / seconds['profile']:,.0f} | "
+              f"{base['profile'] / seconds['profile']:.2f}× | "
+              f"{base['SIMILARITY'] / seconds['SIMILARITY']:.2f}× | {difference:.1e} |")
+    print("\nbytes per run of the statements (tasks out, states back):")
     for name, _, _, _, traffic in rows:
         if traffic is not None:
             print(f"  {name}: tasks {traffic['tasks'] / 1e6:.2f} MB, results "
                   f"{traffic['results'] / 1e6:.2f} MB")
+    print("\nload average at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     per_item = base["profile"] / args.n
     print(f"\nper-item cost of the profile pass, local 1 thread: {per_item * 1e6:.1f} µs")
     for threads in (1, 2):

@@ -165,6 +165,6 @@ def test_ray_options_need_the_ray_engine():
     assert "--ray-address and --ray-workers need --engine ray" in done.stderr
     done = diagql("--engine", "ray", "-e", "SHOW SAMPLERS")
     assert done.returncode == 2 and "--engine ray needs a model" in done.stderr
-    done = diagql("--engine", "ray", "--model", "a=x:y", "--model", "b=x:z", "--data", "x:d",
+    done = diagql("--engine", "ray", "--model", "x:y", "--checkpoint", "c.pt", "--data", "x:d",
                   "-e", "SHOW MODELS")
-    assert done.returncode == 2 and "--engine ray runs one model" in done.stderr
+    assert done.returncode == 2 and "--engine ray runs no checkpoints" in done.stderr

@@ -1,6 +1,6 @@
 """The Ray engine (docs/ARCHITECTURE.md, "Engines"; docs/SCALING.md): the same answers as the
 local engine and as plain torch, to 1e-12, for full-data queries, GROUP BY, samples, the
-profile and EVALUATE; a worker that dies mid-shard is replaced and its shard counted once;
+profile, EVALUATE and SIMILARITY, and the same items for TOPK k INPUTS and its index; a worker that dies mid-shard is replaced and its shard counted once;
 Ctrl-C cancels the pass and leaves the model and the activation cache as they were.
 
 One local Ray instance (2 CPUs, no dashboard) and one two-worker connection serve every test.
@@ -54,7 +54,8 @@ def world(cluster, tmp_path_factory):
                           engine="ray", ray_workers=2, progress=False)
     local = diagql.connect(factory(), (X, y), batch_size=BATCH, cache_dir=False, progress=False)
     assert conn.catalog  # probed here, on the driver, before any signal file exists
-    return SimpleNamespace(conn=conn, local=local, model=factory(), X=X, y=y, signal=signal)
+    return SimpleNamespace(conn=conn, local=local, model=factory(), X=X, y=y, signal=signal,
+                           folder=folder)
 
 
 def activations(model, X, layer: str) -> np.ndarray:
@@ -132,6 +133,16 @@ def test_the_profile_is_the_local_engine_s_and_plain_torch_s(world):
     logits = world.model(world.X).detach().numpy()
     assert np.array_equal(ray_profile.logits, local.logits)
     assert np.allclose(ray_profile.logits, logits, rtol=1e-5, atol=1e-6)
+    # Its cache key names the device the workers ran it on, not the driver's.
+    engine, artifacts = world.conn.engine, world.conn.current.artifacts
+    local_key = diagql.connect(world.model, (world.X, world.y), cache_dir=world.folder,
+                               progress=False).current.artifacts.profile_key()
+    assert artifacts.profile_key() == local_key is not None
+    engine._device_type = "cuda"  # as on a cluster with GPUs, the driver on the CPU
+    try:
+        assert artifacts.profile_key() != local_key
+    finally:
+        engine._device_type = "cpu"
 
 
 def test_full_data_queries_equal_plain_torch_and_the_local_engine(world):
@@ -191,20 +202,78 @@ def test_a_script_s_queries_share_one_pass_on_the_cluster(world):
         same(a, b)
 
 
-def test_a_grouped_assisted_sample_and_the_local_only_passes_answer_as_the_local_engine(world):
-    """GROUP BY's codes and the covariates travel in each shard's Reducer part; SIMILARITY's
-    and TOPK k INPUTS's consumers have no parts yet, so their passes run on the driver: the
-    same answers either way."""
-    conn, X = world.conn, world.X
+def test_a_grouped_assisted_sample_answers_as_the_local_engine(world):
+    """GROUP BY's codes and the covariates travel in each shard's Reducer part."""
     statement = "AVG NEURONS IN net.2 GROUP BY class USING SAMPLE random(0.2)"
-    same(conn.query(statement), world.local.query(statement))
-    similarity = "SIMILARITY net.2, net.6"
-    close(conn.query(similarity).values, world.local.query(similarity).values)
-    top = conn.query("TOPK 3 INPUTS FOR net.6[5]")
-    scores = activations(world.model, X, "net.6")[:, 5]
-    want = np.lexsort((np.arange(len(scores)), -scores))[:3]  # highest first, ties to lower index
-    assert top.items.tolist() == want.tolist()
-    close(top.values, scores[want])
+    same(world.conn.query(statement), world.local.query(statement))
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Plain numpy: ‖XcᵀYc‖²_F / (‖XcᵀXc‖_F ‖YcᵀYc‖_F)."""
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    return np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def test_similarity_s_pass_runs_on_the_workers_and_equals_plain_cka(world):
+    """The feeds of a shard share one part of the CKA reducer: moments merged by Chan's
+    update (GROUP BY), or rows concatenated in shard order (a narrow WHERE)."""
+    conn, X = world.conn, world.X
+    acts = {layer: activations(world.model, X, layer) for layer in ("net.0", "net.2", "net.6")}
+    correct = predictions(world.model, X) == world.y.numpy()
+    threes = world.y.numpy() == 3
+    for statement in ("SIMILARITY net.2, net.6 GROUP BY correct",
+                      "SIMILARITY net.0, net.2, net.6 WHERE class = 3"):
+        sent = conn.engine.traffic["tasks"]
+        got, want = conn.query(statement), world.local.query(statement)
+        assert conn.engine.traffic["tasks"] > sent  # the pass went to the workers
+        for a, b in zip([got, *(got.groups or {}).values()],
+                        [want, *(want.groups or {}).values()]):
+            assert a.n_items == b.n_items
+            if a.matrix is not None:
+                close(a.matrix, b.matrix)
+    grouped = conn.query("SIMILARITY net.2, net.6 GROUP BY correct")
+    for key, mask in ((True, correct), (False, ~correct)):
+        close(grouped.groups[key].value, linear_cka(acts["net.2"][mask], acts["net.6"][mask]))
+    narrow = conn.query("SIMILARITY net.0, net.2, net.6 WHERE class = 3").matrix
+    for i, a in enumerate(("net.0", "net.2", "net.6")):
+        for j, b in enumerate(("net.0", "net.2", "net.6")):
+            if i != j:
+                close(narrow[i, j], linear_cka(acts[a][threes], acts[b][threes]))
+
+
+def test_top_inputs_and_the_inputs_index_are_built_on_the_workers(world):
+    """A ReLU's zeros tie across shards: merged, they still go to the lowest item indices,
+    and the index (lists, values, codes) is the local engine's, bit for bit."""
+    from diagql.session import inputs
+
+    conn, X = world.conn, world.X
+    acts = activations(world.model, X, "net.7")
+    zeros = (acts == 0).sum(axis=0)
+    # A dead unit (every item ties) and one that is zero for about half of the items.
+    dead, half = int(zeros.argmax()), int(np.abs(zeros - len(X) / 2).argmin())
+    assert zeros[dead] > len(X) / 2 and 0 < zeros[half] < len(X)
+    order = np.arange(len(X))
+    threes = np.flatnonzero(world.y.numpy() == 3)
+    passes = []
+    for neuron in (dead, half):
+        scores = acts[:, neuron]
+        for statement, want in (
+                (f"BOTTOMK 5 INPUTS FOR net.7[{neuron}]", np.lexsort((order, scores))[:5]),
+                # k past the index's lists: the codes choose the items to read, on the workers
+                (f"TOPK 150 INPUTS FOR net.7[{neuron}] WHERE class = 3",
+                 threes[np.lexsort((threes, -scores[threes]))[:150]])):
+            sent, read = conn.engine.traffic["tasks"], conn.counters["items"]
+            got = conn.query(statement)
+            # Every item read went through the workers' models, none through the driver's.
+            passes.append((conn.counters["items"] > read, conn.engine.traffic["tasks"] > sent))
+            assert got.items.tolist() == want.tolist()
+            close(got.values, scores[want])
+            assert got.items.tolist() == world.local.query(statement).items.tolist()
+    # The first pass built the index; the second neuron's bottom 5 are in its lists.
+    assert passes == [(True, True), (True, True), (False, False), (True, True)]
+    built, local = (next(iter(inputs._MEMORY[c.current].values())) for c in (conn, world.local))
+    for name, array in built.to_arrays().items():
+        assert np.array_equal(array, local.to_arrays()[name]), name
 
 
 def test_evaluate_scores_as_the_local_engine_does(world):
@@ -306,6 +375,35 @@ def test_a_model_a_worker_cannot_build_is_one_error_not_a_retried_death(world):
     conn.engine.close()
 
 
+def test_similarity_across_two_models_runs_both_on_every_worker(world):
+    """Several models: every worker builds each from its factory, and SIMILARITY's one pass
+    sends each batch of a shard through both, their feeds sharing the shard's CKA part."""
+    world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
+    factories = {"a": functools.partial(ray_models.build, str(world.folder / "cnn.pt"),
+                                        str(world.signal), os.getpid()),
+                 "b": functools.partial(models.build_cnn, 1)}
+    conn = diagql.connect(factories, (world.X, world.y), batch_size=BATCH, cache_dir=False,
+                          engine="ray", ray_workers=1, progress=False)
+    local = diagql.connect({name: f() for name, f in factories.items()}, (world.X, world.y),
+                           batch_size=BATCH, cache_dir=False, progress=False)
+    try:
+        statement = "SIMILARITY a.net.2, b.2 WHERE class = 3"
+        assert conn.current.profile is not None  # its pass, before SIMILARITY's
+        sent = conn.engine.traffic["tasks"]
+        got = conn.query(statement)
+        assert conn.engine.traffic["tasks"] > sent  # SIMILARITY's pass went to the workers
+        assert got.labels == ["a.net.2", "b.2"]
+        close(got.matrix, local.query(statement).matrix)
+        threes = world.y.numpy() == 3
+        close(got.value, linear_cka(activations(world.model, world.X, "net.2")[threes],
+                                    activations(models.build_cnn(1), world.X, "2")[threes]))
+        # Each model's own pass and profile run there too.
+        same(conn.query("AVG NEURONS IN b.6 WHERE incorrect"),
+             local.query("AVG NEURONS IN b.6 WHERE incorrect"))
+    finally:
+        conn.engine.close()
+
+
 def test_engine_options_are_checked():
     with pytest.raises(DiagQLError, match="unknown engine 'rya'.*did you mean 'ray'"):
         diagql.connect(models.build_cnn(), models.digits(), engine="rya")
@@ -313,29 +411,27 @@ def test_engine_options_are_checked():
         diagql.connect(models.build_cnn(), models.digits(), ray_address="auto")
     with pytest.raises(DiagQLError, match="positive number of workers"):
         diagql.connect(models.build_cnn(), models.digits(), engine="ray", ray_workers=0)
-    # A Ray worker builds one model: several models or checkpoints stay with the local engine.
-    with pytest.raises(DiagQLError, match='engine="ray" runs one model'):
-        diagql.connect({"a": models.build_cnn(0), "b": models.build_cnn(1)}, models.digits(),
-                       engine="ray")
-    with pytest.raises(DiagQLError, match='engine="ray" runs one model'):
+    # Checkpoints take turns in one copy of the model on the driver: the local engine's.
+    with pytest.raises(DiagQLError, match='engine="ray" runs no checkpoints'):
         diagql.connect(models.build_cnn(), models.digits(), engine="ray",
                        checkpoints={"epoch1": models.build_cnn(1).state_dict()})
 
 
 def test_the_command_line_runs_a_query_on_the_cluster(world, capsys, tmp_path):
-    """``--engine ray``: the workers build the model and the data from the --model, --weights
-    and --data specs themselves. Runs last: it hands the shared connection's workers back."""
+    """``--engine ray``: the workers build the models and the data from the --model, --weights
+    and --data specs themselves (two named models: each worker builds both). Runs last: it
+    hands the shared connection's workers back."""
     import json
 
     from diagql.shell.cli import main
 
     world.conn.engine.close()
     torch.save(models.trained_mlp().state_dict(), tmp_path / "mlp.pt")
-    code = main(["--model", "tests.models:build_mlp", "--weights", str(tmp_path / "mlp.pt"),
-                 "--data", "tests.models:digits",
+    code = main(["--model", "mlp=tests.models:build_mlp", "--model", "cnn=tests.models:build_cnn",
+                 "--weights", f"mlp={tmp_path / 'mlp.pt'}", "--data", "tests.models:digits",
                  "--engine", "ray", "--ray-workers", "1", "--batch-size", str(BATCH),
                  "--no-cache", "--no-progress", "--format", "json",
-                 "-e", "AVG NEURONS IN encoder.3 WHERE class = 2"])
+                 "-e", "AVG NEURONS IN mlp.encoder.3 WHERE class = 2"])
     out = capsys.readouterr()
     assert code == 0, out.err
     values = json.loads(out.out)["values"]

@@ -62,6 +62,14 @@ class MomentState:
         self.means = [mine + d * (b / total) for mine, d in zip(self.means, deltas)]
         self.count = total
 
+    def __getstate__(self) -> dict:
+        # A shard's state travels from its worker (perhaps a GPU's) to a driver that may
+        # have no GPU.
+        state = dict(self.__dict__)
+        state["means"] = None if self.means is None else [m.cpu() for m in self.means]
+        state["moments"] = {key: m.cpu() for key, m in self.moments.items()}
+        return state
+
     def merge(self, other: "MomentState") -> "MomentState":
         if other.count:
             self._combine(other.count, other.means, other.moments)

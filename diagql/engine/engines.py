@@ -12,8 +12,9 @@ ENGINES = ("local", "ray")
 
 def open_engine(engine: str, model, data, *, label_key: str | None = None,
                 ray_address: str | None = None, ray_workers: int | None = None):
-    """``(model, data, engine)``: the model and data the connection holds (a factory called
-    once here), and the engine object (None for the local one)."""
+    """``(model, data, engine)``: the model (or the mapping of models) and data the
+    connection holds (a factory called once here), and the engine object (None for the
+    local one)."""
     if engine not in ENGINES:
         raise DiagQLError(f"unknown engine {engine!r}; the engines are "
                           f"{', '.join(ENGINES)}" + did_you_mean(str(engine), ENGINES))
@@ -26,11 +27,13 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
         return model, data, None
     if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
         raise DiagQLError(f"ray_workers must be a positive number of workers, not {ray_workers!r}")
-    from diagql.engine.ray_engine import RayEngine, is_factory
+    from diagql.engine.ray_engine import RayEngine, built_models, is_factory
 
     ray = RayEngine(model, data, label_key=label_key, address=ray_address, workers=ray_workers)
     if is_ray_dataset(data):
         data = ray.dataset_head()
     elif is_factory(data):
         data = data()
-    return model() if is_factory(model) else model, data, ray
+    models = built_models(model)  # the driver's copies, for the catalog's probe
+    ray.several = None not in models
+    return models if ray.several else models[None], data, ray

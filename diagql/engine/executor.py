@@ -178,7 +178,7 @@ class Runner:
         self.progress = progress
         self.counters = counters if counters is not None else {}
         self.activations = activations  # an ActivationStore, or None: every query streams
-        self.engine = engine  # a RayEngine runs passes on a cluster; None: in this process
+        self.engine = engine  # a ModelEngine runs passes on a Ray cluster; None: in this process
 
     def run(self, consumers: list, description: str) -> float | None:
         """One forward pass over the union of the consumers' items, each consumer fed its
@@ -354,8 +354,9 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
     items = functools.reduce(np.union1d, [c.wanted for _, consumers in passes
                                           for c in consumers])
     if _on_engine(passes, after_batch):
-        first.engine.feed(passes[0][1], items, description, batch_size=first.batch_size,
-                          dtype=first.dtype, progress=first.progress)
+        first.engine.cluster.feed([(runner.engine.key, runner.dtype, consumers)
+                                   for runner, consumers in passes], items, description,
+                                  batch_size=first.batch_size, progress=first.progress)
     else:
         with first.progress.task(description, len(items)) as advance:
             _forward([(runner.model, runner.device, runner.dtype, consumers)
@@ -368,23 +369,26 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
 
 
 def _on_engine(passes: list[tuple[Runner, list]], after_batch) -> bool:
-    """Whether the pass runs on the runner's engine: one model's pass (several models' pass
-    stays here: a Ray worker holds one model, and ``after_batch`` pairs rows of several
-    models batch by batch on the driver), every consumer of which can be cut into parts
-    (engine/shards.py). SIMILARITY's feeds and TOPK k INPUTS's readers have no parts yet, so
-    their passes run in this process even on a Ray connection."""
-    if len(passes) != 1 or passes[0][0].engine is None or after_batch is not None:
+    """Whether the pass runs on the runners' engine: every model's runner has one, the same
+    cluster (whose workers hold every model of the connection), no ``after_batch`` (it pairs
+    rows of several models batch by batch, here), and every consumer can be cut into parts
+    (engine/shards.py): the executor's Reducer and Collector, EVALUATE's group reducer,
+    SIMILARITY's feeds, TOPK k INPUTS's reader and the inputs index's builder all can."""
+    engines = [runner.engine for runner, _ in passes]
+    if after_batch is not None or any(e is None or e.cluster is not engines[0].cluster
+                                      for e in engines):
         return False
-    return all(hasattr(c, "part") and hasattr(c, "merge") for c in passes[0][1])
+    return all(hasattr(c, "part") and hasattr(c, "merge")
+               for _, consumers in passes for c in consumers)
 
 
-def feed(model, source, consumers: list, items: np.ndarray, *, device, dtype, batch_size: int,
-         advance) -> None:
+def feed(models: list[tuple], source, items: np.ndarray, *, batch_size: int, advance) -> None:
     """Feed each consumer its view's rows of its own items, in one forward pass over ``items``
-    (the union of their ``wanted``, sorted) in batches of ``batch_size``; ``advance(n)`` is told
-    of each batch. The local pass and every Ray worker's shard (engine/ray_engine.py) run this
-    same code."""
-    _forward([(model, device, dtype, consumers)], source, items, batch_size, advance)
+    (the union of their ``wanted``, sorted) in batches of ``batch_size``, each batch through
+    each of ``models`` ((model, device, dtype, consumers) each) whose consumers want some of
+    it; ``advance(n)`` is told of each batch. The local pass and every Ray worker's shard
+    (engine/ray_engine.py) run this same code."""
+    _forward(models, source, items, batch_size, advance)
 
 
 def _forward(models: list[tuple], source, items: np.ndarray, batch_size: int, advance,

@@ -32,21 +32,57 @@ class IndexBuilder:
         self.view = view
         self.n_items = n_items
         self.items = self.wanted = np.arange(n_items, dtype=np.int64)
+        self.base = 0  # the first of ``items``, which are consecutive (a shard's part: a run)
         n = view.neurons
         k = min(K if k is None else k, n_items)
         self.top, self.bottom = TopItems(n, k, True), TopItems(n, k, False)
-        fits = n_items * n * 2 <= (BUILD_BUDGET if budget is None else budget)
-        self.half = torch.empty((n_items, n), dtype=torch.float16) if fits else None
+        self.coded = n_items * n * 2 <= (BUILD_BUDGET if budget is None else budget)
+        self.half = torch.empty((n_items, n), dtype=torch.float16) if self.coded else None
         self.bad, self.first_bad = 0, -1
         self._pending: list[tuple[torch.Tensor, np.ndarray]] = []
         self._chunk = max(1, min(CHUNK, CHUNK_BYTES // (4 * n)))
 
+    def part(self, items: np.ndarray) -> IndexBuilder:
+        """An empty builder of ``items`` (a run of consecutive items), for a shard of the
+        pass (engine/shards.py). Its float16 rows are made where it is fed and travel back
+        with its lists: codes need every item's range, so the driver makes them."""
+        part = object.__new__(IndexBuilder)
+        part.__dict__.update(self.__dict__)
+        n = self.view.neurons
+        part.items = part.wanted = items
+        part.base = int(items[0]) if len(items) else 0
+        part.top, part.bottom = TopItems(n, self.top.k, True), TopItems(n, self.top.k, False)
+        part.half, part.bad, part.first_bad, part._pending = None, 0, -1, []
+        return part
+
+    def merge(self, part: IndexBuilder) -> IndexBuilder:
+        """Take in a fed part's lists (ties still to the lower index: TopItems.merge) and
+        float16 rows, as if this builder had seen its items."""
+        part._rank()
+        self.top.merge(part.top)
+        self.bottom.merge(part.bottom)
+        if part.half is not None:
+            self.half[part.base:part.base + len(part.half)] = part.half
+        if part.bad:
+            self.first_bad = part.first_bad if self.bad == 0 else min(self.first_bad,
+                                                                         part.first_bad)
+            self.bad += part.bad
+        return self
+
+    def __getstate__(self) -> dict:
+        # A shard's part ranks the rows it still holds before it travels back: its lists
+        # go to the driver, not its float32 rows.
+        self._rank()
+        return self.__dict__
+
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         values = self.view.finish(rows.detach())
-        if self.half is not None:
+        if self.coded:
+            if self.half is None:  # a part's, made where it is fed
+                self.half = torch.empty((len(self.items), values.shape[1]), dtype=torch.float16)
             # Rounding to float16 and clamping are monotone: codes made from these values
             # order items as their activations do, which is all the lookup relies on.
-            self.half[torch.from_numpy(idx)] = \
+            self.half[torch.from_numpy(idx - self.base)] = \
                 values.clamp(-_HALF_MAX, _HALF_MAX).to("cpu", torch.float16)
         # A copy: a later in-place op of the model may overwrite the output.
         self._pending.append((values.to("cpu", torch.float32, copy=True), idx))

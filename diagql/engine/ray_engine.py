@@ -60,12 +60,13 @@ class _Worker:
         # import, weights it cannot read): told once by every task, not retried as a death.
         self.failure: DiagQLError | None = None
         try:
-            self.model = model() if is_factory(model) else model
+            self.models = built_models(model)  # by name: every model of the connection
             # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
             self.source = None if data is None else \
                 ItemSource(data() if is_factory(data) else data, label_key=label_key)
             self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-            self.model.to(self.device)
+            for module in self.models.values():
+                module.to(self.device)
         except Exception as exc:  # noqa: BLE001 - the user's factories, on another machine
             message = exc.message if isinstance(exc, DiagQLError) else \
                 f"{type(exc).__name__}: {exc}"
@@ -74,7 +75,7 @@ class _Worker:
 
     def run(self, task: bytes, items: np.ndarray, tally, key: tuple, attempt: int,
             blocks: list | None = None) -> bytes:
-        """``task(model, source, items, device=, advance=)`` over the shard; a DiagQLError is
+        """``task(models, source, items, device=, advance=)`` over the shard; a DiagQLError is
         returned, not raised, so that the driver raises it as it was. The task and its result
         travel pickled, as bytes: arrays that Ray hands over itself are read-only views of
         its object store, and parts write into theirs."""
@@ -96,7 +97,7 @@ class _Worker:
             return cloudpickle.dumps(self.failure)
         source = self.source if blocks is None else ShardSource(blocks, self.label_key)
         try:
-            result = cloudpickle.loads(task)(self.model, source, items, device=self.device,
+            result = cloudpickle.loads(task)(self.models, source, items, device=self.device,
                                              advance=advance)
         except DiagQLError as exc:
             result = exc
@@ -144,7 +145,9 @@ class RayEngine:
 
     def __init__(self, model, data, *, label_key: str | None = None, address: str | None = None,
                  workers: int | None = None):
+        # A module, a factory, or a mapping of them (several models): built on each worker.
         self.model, self.data, self.label_key = model, data, label_key
+        self.several = False  # whether the connection names its models (open_engine says)
         self.address, self.workers = address, workers
         self.retried = 0  # shards run again after their worker died, over the engine's life
         # Bytes of pickled tasks sent to workers and of results sent back (the model and the
@@ -155,6 +158,7 @@ class RayEngine:
         self._actors: list = []
         self._tally = None
         self._passes = 0
+        self._device_type: str | None = None
 
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
@@ -163,6 +167,14 @@ class RayEngine:
         self._blocks = DatasetBlocks(self.data)
         return self._blocks.head()
 
+    def device_type(self) -> str:
+        """What the workers run on: "cuda" where the cluster has GPUs, else "cpu" (whatever the
+        driver has). Outputs depend on it, so the cache keys of what passes make name it."""
+        if self._device_type is None:
+            ray = self._ray = start_ray(self.address)
+            self._device_type = "cuda" if int(ray.cluster_resources().get("GPU", 0)) else "cpu"
+        return self._device_type
+
     def start(self) -> list:
         """The actors, created on the first pass: one per GPU if the cluster has GPUs, else
         one per CPU (or ``workers``)."""
@@ -170,7 +182,7 @@ class RayEngine:
             return self._actors
         ray = self._ray = start_ray(self.address)
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
+        gpus = self.device_type() == "cuda"  # the device the cache keys name
         kind = "GPU" if gpus else "CPU"
         free = int(ray.available_resources().get(kind, 0))
         deadline = time.monotonic() + FREEING_SECONDS
@@ -208,25 +220,37 @@ class RayEngine:
 
     # --- passes -----------------------------------------------------------------------------
 
-    def feed(self, consumers: list, items: np.ndarray, description: str, *, batch_size: int,
-             dtype, progress) -> None:
-        """The executor's pass (``Runner.run``) on the cluster: each shard's parts of the
-        consumers fed on a worker, merged back in shard order."""
-        shards = self._shards(items, batch_size)
-        tasks = [_task(feed_shard, parts=parts_for(consumers, shard), dtype=dtype,
-                       batch_size=batch_size) for shard in shards]
-        merge_parts(consumers, self.run(tasks, shards, description, progress))
+    def on(self, name: str) -> ModelEngine:
+        """This engine as one model of the connection sees it: its passes run that model."""
+        return ModelEngine(self, name if self.several else None)
 
-    def profile(self, n_items: int, *, latent, latent_is_input: bool, view, batch_size: int,
-                dtype, progress, compare: tuple = ((), (), False)) -> Profile:
+    def feed(self, passes: list, items: np.ndarray, description: str, *, batch_size: int,
+             progress) -> None:
+        """The executor's pass (``run_together``) on the cluster: ``passes`` are (model key,
+        dtype, consumers) each; each shard's parts of every model's consumers are fed on one
+        worker, each batch through each model, and merged back in shard order."""
+        shards = self._shards(items, batch_size)
+        # A shard's parts of every model travel in one task: consumers that share state
+        # across models (SIMILARITY's feeds) share it in the worker too.
+        tasks = [_task(feed_shard, passes=[(key, dtype, parts_for(consumers, shard))
+                                           for key, dtype, consumers in passes],
+                       batch_size=batch_size) for shard in shards]
+        results = self.run(tasks, shards, description, progress)
+        for p, (_, _, consumers) in enumerate(passes):
+            merge_parts(consumers, [result[p] for result in results])
+
+    def profile(self, n_items: int, *, model=None, latent, latent_is_input: bool, view,
+                batch_size: int, dtype, progress,
+                compare: tuple = ((), (), False)) -> Profile:
         """The profile pass on the cluster: each shard's profile, concatenated in order (the
         layers that hold the latent's or the logits' rows: those that did in every shard)."""
         if n_items == 0:
             raise DiagQLError("the data set is empty")
         started = time.perf_counter()
         shards = self._shards(np.arange(n_items), batch_size)
-        task = _task(profile_part, latent=latent, latent_is_input=latent_is_input, dtype=dtype,
-                     batch_size=batch_size, view=view, compare=compare)
+        task = _task(_on_model, task=profile_part, key=model, latent=latent,
+                     latent_is_input=latent_is_input, dtype=dtype, batch_size=batch_size,
+                     view=view, compare=compare)
         parts = self.run([task] * len(shards), shards, "profiling the data", progress)
         return assemble_profile(parts, latent, latent_is_input, time.perf_counter() - started,
                                 view=view, dtype=dtype)
@@ -313,6 +337,37 @@ def _task(function, **options):
     import functools
 
     return functools.partial(function, **options)
+
+
+def _on_model(models: dict, source, items: np.ndarray, *, task, key, **options):
+    """``task`` (a one-model task) on the worker's model ``key``."""
+    return task(models[key], source, items, **options)
+
+
+def built_models(model) -> dict:
+    """The modules a worker (or the driver) runs, by name (None: a connection's one model):
+    from a module, a factory of one or of a mapping of them, or a mapping of modules and
+    factories."""
+    from collections.abc import Mapping
+
+    made = model() if is_factory(model) else model
+    if not isinstance(made, Mapping):
+        return {None: made}
+    return {name: m() if is_factory(m) else m for name, m in made.items()}
+
+
+class ModelEngine:
+    """A RayEngine bound to one model of the connection (``key``: its name on the workers,
+    None for a connection's one model): what that model's Runner and Artifacts use."""
+
+    def __init__(self, cluster: RayEngine, key):
+        self.cluster, self.key = cluster, key
+
+    def profile(self, n_items: int, **options) -> Profile:
+        return self.cluster.profile(n_items, model=self.key, **options)
+
+    def device_type(self) -> str:
+        return self.cluster.device_type()
 
 
 def _first_line(exc: BaseException) -> str:

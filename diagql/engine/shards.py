@@ -3,8 +3,9 @@ of whole batches, in a fixed order; each shard feeds empty parts of the pass's c
 worker, and the parts are merged back into the consumers in shard order, never in the order
 the shards happen to finish, so the answer does not depend on the cluster's timing.
 
-A consumer of a pass (the executor's Reducer and Collector, EVALUATE's group reducer, and any
-new one) provides:
+A consumer of a pass (the executor's Reducer and Collector, EVALUATE's group reducer,
+SIMILARITY's feeds, TOPK k INPUTS's reader and the inputs index's builder, and any new one)
+provides:
 
 - ``view``: the View it reads (its layer is hooked), and ``wanted``: its sorted item indices;
 - ``take(rows, idx)``: reduce the view's rows of items ``idx`` (sorted, all among ``wanted``);
@@ -43,12 +44,15 @@ def parts_for(consumers: list, items: np.ndarray) -> list:
     return parts
 
 
-def feed_shard(model, source, items: np.ndarray, *, device, advance, parts: list, dtype,
+def feed_shard(models: dict, source, items: np.ndarray, *, device, advance, passes: list,
                batch_size: int) -> list:
-    """A worker's task: one pass over the shard's ``items`` feeding ``parts``; the parts back."""
-    feed(model, source, [p for p in parts if len(p.wanted)], items, device=device, dtype=dtype,
-         batch_size=batch_size, advance=advance)
-    return parts
+    """A worker's task: one pass over the shard's ``items`` through the models of ``passes``
+    ((the model's key in ``models``, its dtype, its consumers' parts) each), feeding the
+    parts; each model's parts back."""
+    feed([(models[key], device, dtype, [p for p in parts if len(p.wanted)])
+          for key, dtype, parts in passes if any(len(p.wanted) for p in parts)],
+         source, items, batch_size=batch_size, advance=advance)
+    return [parts for _, _, parts in passes]
 
 
 def merge_parts(consumers: list, shard_parts: list[list]) -> None:

@@ -54,17 +54,55 @@ class SimilarityReducer:
     view has delivered them, then go to the state together."""
 
     def __init__(self, plan: Plan):
-        self.plan = plan
         ids = view_ids(plan)
         keys = list(dict.fromkeys(ids))
         self.views = [plan.bound.views[ids.index(key)] for key in keys]
         self.models = [layer_models(plan)[ids.index(key)] for key in keys]
         self.items = plan.items
+        self.group_keys = plan.group_keys  # each item's GROUP BY value (None without)
         self.rows = uses_rows(plan)
+        self._start()
+        self._part = None  # the part being cut for one shard (part_for), and its items
+
+    def _start(self) -> None:
         self.feeds = [Feed(self, k, view) for k, view in enumerate(self.views)]
         self.pending: list = [None] * len(self.views)
         self.states: dict = {}
         self.bad, self.first_bad = 0, -1
+
+    def part(self, items: np.ndarray) -> SimilarityReducer:
+        """An empty reducer of the same views fed only ``items`` (a run of its own), for a
+        shard of the pass on another process (engine/shards.py): it carries no plan, only
+        the run's group keys, so it pickles small."""
+        part = object.__new__(SimilarityReducer)
+        lo, hi = np.searchsorted(self.items, [items[0], items[-1] + 1]) if len(items) else (0, 0)
+        part.views, part.models, part.rows = self.views, self.models, self.rows
+        part.items = items
+        part.group_keys = None if self.group_keys is None else self.group_keys[lo:hi]
+        part._start()
+        part._part = None
+        return part
+
+    def part_for(self, items: np.ndarray) -> SimilarityReducer:
+        """The one part of a shard that all of the shard's feeds share (``parts_for`` asks
+        each feed in turn; they travel in one pickle, so the worker feeds one reducer)."""
+        key = (len(items), int(items[0]), int(items[-1])) if len(items) else (0,)
+        if self._part is None or self._part[0] != key:
+            self._part = (key, self.part(items))
+        return self._part[1]
+
+    def merge(self, part: SimilarityReducer) -> SimilarityReducer:
+        """Take in a fed part's states, as if this reducer had seen its items."""
+        for key, state in part.states.items():
+            if key in self.states:
+                self.states[key].merge(state)
+            else:
+                self.states[key] = state
+        if part.bad:
+            self.first_bad = part.first_bad if self.bad == 0 else min(self.first_bad,
+                                                                         part.first_bad)
+            self.bad += part.bad
+        return self
 
     def put(self, k: int, rows: torch.Tensor, idx: np.ndarray) -> None:
         # A copy: a later in-place op of the model may overwrite this layer's output before
@@ -76,10 +114,10 @@ class SimilarityReducer:
         if any(not np.array_equal(i, idx) for _, i in batch):
             raise ExecutionError("SIMILARITY's layers were fed different items in one batch")
         values = [r for r, _ in batch]
-        if self.plan.group_keys is None:
+        if self.group_keys is None:
             self._update(None, values, idx)
             return
-        keys = self.plan.group_keys[np.searchsorted(self.items, idx)]
+        keys = self.group_keys[np.searchsorted(self.items, idx)]
         for key in np.unique(keys).tolist():
             mask = torch.from_numpy(keys == key)
             self._update(key, [v[mask.to(v.device)] for v in values], idx[keys == key])
@@ -113,6 +151,16 @@ class Feed:
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         self.reducer.put(self.k, rows, idx)
+
+    def part(self, items: np.ndarray) -> Feed:
+        """This view's feed of the reducer's part over ``items`` (one part per shard)."""
+        return self.reducer.part_for(items).feeds[self.k]
+
+    def merge(self, part: Feed) -> Feed:
+        # The feeds of a shard share one part: the first feed takes it in, once.
+        if self.k == 0:
+            self.reducer.merge(part.reducer)
+        return self
 
 
 def state_floats(plan: Plan) -> tuple[str, int]:

@@ -34,6 +34,25 @@ class NeuronTop:
                 self.first_bad = int(idx[np.flatnonzero(bad)[0]])
             self.bad += int(bad.sum())
 
+    def part(self, items: np.ndarray) -> NeuronTop:
+        """An empty top k of the same neuron fed only ``items`` (a run of its own), for a
+        shard of the pass (engine/shards.py)."""
+        part = object.__new__(NeuronTop)
+        part.view, part.neuron = self.view, self.neuron
+        part.items = part.wanted = items
+        part.state = TopItems(1, self.state.k, self.state.largest)
+        part.bad, part.first_bad = 0, -1
+        return part
+
+    def merge(self, part: NeuronTop) -> NeuronTop:
+        """Take in a fed part's top k: ties still go to the lower index (TopItems.merge)."""
+        self.state.merge(part.state)
+        if part.bad:
+            self.first_bad = part.first_bad if self.bad == 0 else min(self.first_bad,
+                                                                         part.first_bad)
+            self.bad += part.bad
+        return self
+
     def check(self, label: str) -> None:
         if self.bad:
             raise ExecutionError(f"{label} is NaN or infinite for {self.bad:,} of "

@@ -175,8 +175,10 @@ class Artifacts:
         conn = self.conn
         # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
         # tie. The batch size is not: on one device it changes outputs by rounding at most.
+        # On Ray, the workers' device, which makes the passes, not the driver's.
+        device = conn.device.type if conn.engine is None else conn.engine.device_type()
         return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
-                         conn.device.type, source_digest(profile_module), source_digest(views),
+                         device, source_digest(profile_module), source_digest(views),
                          source_digest(layers))  # which layers hold the same rows: the catalog
 
     def catalog_key(self) -> str | None:

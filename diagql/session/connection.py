@@ -108,8 +108,8 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     core), ``ray_workers`` the number of model replicas (default: one per GPU, else one per
     CPU). ``model`` and ``data`` may then be factories (callables without arguments that
     make them), which every worker calls instead of receiving a pickled copy, and ``data`` a
-    Ray Dataset (its rows are the items, dicts of columns). A Ray connection has one model:
-    several models or checkpoints are refused.
+    Ray Dataset (its rows are the items, dicts of columns). Several models (a mapping, of
+    modules or factories) are built on every worker; checkpoints are refused.
     """
     conn = Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
@@ -129,11 +129,11 @@ class Connection:
                  ray_address: str | None = None, ray_workers: int | None = None):
         self.engine = None  # a RayEngine, or None: passes run in this process
         if model is not None:
-            if engine == "ray" and (isinstance(model, Mapping) or checkpoints is not None):
-                # Ray's workers each build one model; passes through several models
-                # (run_together) and checkpoints taking turns in one copy stay local.
-                raise DiagQLError('engine="ray" runs one model: connect several models or '
-                                  'checkpoints with the local engine')
+            if engine == "ray" and checkpoints is not None:
+                # Checkpoints take turns in one copy of the model, on the driver
+                # (docs/SCALING.md says what running them on Ray would take).
+                raise DiagQLError('engine="ray" runs no checkpoints: connect them with the '
+                                  'local engine')
             model, data, self.engine = open_engine(engine, model, data, label_key=label_key,
                                                    ray_address=ray_address,
                                                    ray_workers=ray_workers)

@@ -82,8 +82,8 @@ class ModelEntry:
 
     @property
     def engine(self):
-        """The connection's RayEngine (None: passes run here); a Ray connection has one model."""
-        return self.conn.engine
+        """The connection's RayEngine bound to this model (None: passes run here)."""
+        return None if self.conn.engine is None else self.conn.engine.on(self.name)
 
     def data_digest(self) -> str:
         """The data's fingerprint, hashed once per connection whatever the number of models."""

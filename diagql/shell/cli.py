@@ -117,10 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ray-workers must be at least 1")
     if args.engine == "ray" and not (args.demo or args.model):
         parser.error("--engine ray needs a model: --demo, or --model and --data")
-    if args.engine == "ray" and (len(args.model) > 1 or args.checkpoint
-                                 or any("=" in spec.partition(":")[0] for spec in args.model)):
-        parser.error("--engine ray runs one model: give one unnamed --model MODULE:CALLABLE "
-                     "and no --checkpoint")
+    if args.engine == "ray" and args.checkpoint:
+        parser.error("--engine ray runs no checkpoints: leave out --checkpoint, or use the "
+                     "local engine")
     if args.plot:
         from diagql.errors import DiagQLError
         from diagql.results.plots import check_target
