@@ -44,6 +44,11 @@ class CrossSums:
         self.zz = torch.zeros(*lead, p, p, dtype=torch.float64)
         self.zy = torch.zeros(*lead, p, n_neurons, dtype=torch.float64)
 
+    def like(self) -> CrossSums:
+        """Empty sums of the same shape (a batch's, merged once it is known to be finite)."""
+        groups = None if self.z.dim() == 1 else self.z.shape[0]
+        return CrossSums(self.z.shape[-1], self.zy.shape[-1], groups)
+
     @classmethod
     def of_rows(cls, z: np.ndarray, values: np.ndarray) -> CrossSums:
         """The sums over materialised rows (EVALUATE's kept rows, benchmarks)."""

@@ -15,7 +15,8 @@ _CONSTANT = 1e-6
 # k-th one): a 768-dim covariance from all of 100,000 items costs more than the rest of a draw.
 _PCA_ITEMS = 10_000
 _RANK_TOL = 1e-9  # an axis with less of the leading axis's variance than this has none
-_CHUNK = 16_384  # rows per block, so that no float64 copy of all the latents is made
+_BLOCK_BYTES = 1 << 20  # float64 bytes per block of rows: no copy of all the latents, and one
+# block stays in a core's cache through its standardisation and product
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,17 @@ class Space:
             with threadpool_limits(limits=1):
                 return X.astype(np.float32, copy=False) @ basis - offset
         out = np.empty((len(X), self.dims), dtype=dtype)
-        for start in range(0, len(X), _CHUNK):
-            block = (X[start:start + _CHUNK][:, self.keep].astype(np.float64) - self.mean) \
-                / self.scale
-            out[start:start + _CHUNK] = block if self.axes is None else block @ self.axes
+        rows = max(1, _BLOCK_BYTES // (8 * max(len(self.keep), 1)))
+        # One BLAS thread, as for the axes: these products are small, and a second thread
+        # waiting on a busy core made the projection 20x slower (0.38 s for 50,000 x 84 against
+        # 0.017 s, on the shared 2-core machine). Blocks, threads and in-place steps leave
+        # every value as it was (the same operations on each row).
+        with threadpool_limits(limits=1):
+            for start in range(0, len(X), rows):
+                block = X[start:start + rows][:, self.keep].astype(np.float64)
+                block -= self.mean
+                block /= self.scale
+                out[start:start + rows] = block if self.axes is None else block @ self.axes
         return out
 
 
