@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 import diagql
 from diagql.errors import DiagQLWarning
@@ -185,3 +186,59 @@ def test_queries_pass_what_their_work_cost(cnn, digits, tmp_path, monkeypatch):
     conn.cache.flush()
     assert list(tmp_path.rglob("*.npz")) == []
     assert conn.cache.skipped == 4  # catalog, profile, sample, the pass's rows
+
+
+# --- rows kept in chunks, as the pass gave them -------------------------------------------------
+
+def test_chunks_read_back_as_stored_and_an_entry_of_one_table_still_loads(tmp_path):
+    activations = make_store(tmp_path)
+    items = np.arange(0, 300, 2)
+    chunks = [(items[s:s + 64], TRUTH[items[s:s + 64]]) for s in range(0, len(items), 64)]
+    activations.add_chunks(VIEW, chunks)
+    activations.cache.flush()
+    [name] = parts(tmp_path)
+    with np.load(tmp_path / "activations" / name) as npz:
+        assert sorted(npz.files) == ["__diagql__", "items", "rows-0", "rows-1", "rows-2"]
+    held, rows = rows_held(make_store(tmp_path), None)
+    np.testing.assert_array_equal(held, items)
+    assert np.array_equal(rows, TRUTH[items])
+    # Chunks overlapping what is held add only their new items' rows.
+    more = np.arange(250, 350)
+    activations.add_chunks(VIEW, [(more[:40], TRUTH[more[:40]]), (more[40:], TRUTH[more[40:]])])
+    activations.cache.flush()
+    held, rows = rows_held(make_store(tmp_path), None)
+    np.testing.assert_array_equal(held, np.union1d(items, more))
+    assert np.array_equal(rows, TRUTH[held])
+    # An entry written before chunks holds one table, ``rows``.
+    old = np.arange(900, 950)
+    activations.cache.store("activations", "kconv1-old", {"items": old, "rows": TRUTH[old]}, {})
+    activations.cache.flush()
+    held, rows = rows_held(make_store(tmp_path), old)
+    np.testing.assert_array_equal(held, old)
+    assert np.array_equal(rows, TRUTH[old])
+
+
+def test_a_pass_keeps_rows_that_a_later_in_place_op_does_not_overwrite(cnn, digits, tmp_path):
+    """Layers 0 and 2 in one pass: after layer 0's hook the model runs on, and its in-place
+    ReLU overwrites layer 0's output. The rows kept (in memory and on disk, in chunks of a
+    batch) are the convolution's own, negatives included, as plain torch computes them."""
+    X, y = digits
+    X, y = X[:600], y[:600]
+    sampler = "random(0.5, random_state=1)"
+    conn = diagql.connect(cnn, (X, y), cache_dir=tmp_path, batch_size=64, progress=False)
+    conn.execute("SET estimator = plain")
+    conn.execute(f"AVG NEURONS IN 0 USING SAMPLE {sampler}; AVG NEURONS IN 2 USING SAMPLE "
+                 f"{sampler}")
+    conn.cache.flush()
+    sample = conn.sample(sampler)
+    chosen = sample[y.numpy()[sample] == 3]
+    with torch.no_grad():
+        truth = cnn[0](X[chosen]).flatten(1).double().numpy().mean(axis=0)
+    assert truth.min() < 0  # what the ReLU would have zeroed
+    later = diagql.connect(cnn, (X, y), cache_dir=tmp_path, progress=False)
+    later.execute("SET estimator = plain")
+    for session in (conn, later):  # the rows in memory, then on disk
+        before = session.counters["items"]
+        result = session.query(f"AVG NEURONS IN 0 WHERE class = 3 USING SAMPLE {sampler}")
+        assert session.counters["items"] == before  # answered from the kept rows
+        np.testing.assert_allclose(result.values, truth, rtol=1e-6, atol=1e-6)

@@ -143,8 +143,9 @@ def test_one_pass_feeds_two_models_the_same_batches(two, cnn, mlp, digits):
     run_together([(entry.runner(), [c]) for entry, c in collected], "both",
                  after_batch=lambda idx: batches.append(idx.copy()))
     np.testing.assert_array_equal(np.concatenate(batches), items)  # in order, each item once
-    np.testing.assert_allclose(collected[0][1].rows, outputs(cnn, X[items], "8"), atol=1e-5)
-    np.testing.assert_allclose(collected[1][1].rows, outputs(mlp, X[items], "head"), atol=1e-5)
+    rows = [np.concatenate([chunk for _, chunk in c.chunks]) for _, c in collected]
+    np.testing.assert_allclose(rows[0], outputs(cnn, X[items], "8"), atol=1e-5)
+    np.testing.assert_allclose(rows[1], outputs(mlp, X[items], "head"), atol=1e-5)
     runner = two.models["base"].runner()
     with pytest.raises(ExecutionError, match="one module"):
         run_together([(runner, [collected[0][1]]), (runner, [collected[0][1]])], "twice")

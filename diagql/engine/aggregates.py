@@ -20,13 +20,16 @@ from diagql.engine.regression import CrossSums
 _CHUNK_BYTES = 1 << 20  # float64 pieces of a batch that stay in a core's cache (CPU only)
 
 
-def _pieces(values: torch.Tensor, codes: torch.Tensor | None):
-    """(rows, their codes) in pieces whose float64 copy is about 1 MB on the CPU: upcasting a
-    whole batch writes and rereads twice its size through memory (measured 1.7x slower)."""
+def _pieces(values: torch.Tensor, codes: torch.Tensor | None, z: torch.Tensor | None = None):
+    """(rows, their codes, their covariates) in pieces whose float64 copy is about 1 MB on the
+    CPU: upcasting a whole batch writes and rereads twice its size through memory (measured
+    1.7x slower)."""
     rows = len(values) if values.device.type != "cpu" else \
         max(1, _CHUNK_BYTES // (8 * max(values.shape[1], 1)))
     for start in range(0, len(values), rows):
-        yield values[start:start + rows], None if codes is None else codes[start:start + rows]
+        stop = start + rows
+        yield (values[start:stop], None if codes is None else codes[start:stop],
+               None if z is None else z[start:stop])
 
 
 def _finite(values: torch.Tensor) -> bool:
@@ -60,14 +63,23 @@ class MeanState:
                z: torch.Tensor | None = None) -> bool:
         total = torch.zeros(self.sum.shape, dtype=torch.float64, device=values.device)
         squares = None if self.sumsq is None else torch.zeros_like(total)
-        if squares is None and codes is None:
+        # The covariates' sums take each float64 piece while it is in cache (one upcast of the
+        # batch, not two: 3x cheaper on a 256 x 4,704 batch), into sums of the batch's own
+        # that join the state only once the batch is known to be finite.
+        cross = None if self.cross is None or z is None else self.cross.like()
+        if cross is not None:
+            cross.add_z(z, codes)
+        if squares is None and codes is None and cross is None:
             total = values.sum(dim=0, dtype=torch.float64)  # upcasts as it goes: no copy
         else:
-            for piece, piece_codes in _pieces(values, codes):
+            for piece, piece_codes, piece_z in _pieces(values, codes, z):
                 wide = piece.to(torch.float64)
+                if cross is not None:
+                    cross.add_products(piece_z, wide, piece_codes)
                 if codes is None:
                     total += wide.sum(dim=0)
-                    squares += (wide * wide).sum(dim=0)
+                    if squares is not None:
+                        squares += (wide * wide).sum(dim=0)
                 else:
                     total.index_add_(0, piece_codes, wide)
                     if squares is not None:
@@ -78,8 +90,8 @@ class MeanState:
         self.sum += total.cpu()
         if squares is not None:
             self.sumsq += squares.cpu()
-        if self.cross is not None and z is not None:
-            self.cross.add(z, values, codes)
+        if cross is not None:
+            self.cross.merge(cross)
         self.count = _add_counts(self.count, codes, values.shape[0])
         return True
 

@@ -125,33 +125,34 @@ class Reducer:
 
 
 class Collector:
-    """Keeps the rows of some items under one view (for the activation cache)."""
+    """Keeps the rows of some items under one view (for the activation cache), as the pass
+    gave them: one chunk (the batch's items, their rows) per batch, never copied into one
+    table. A table of all the rows would be fresh memory, touched page by page, on the first
+    query's critical path (47 MB for 2,500 items of a 4,704-wide layer: 0.03-0.1 s on the
+    shared machine); a batch's chunk comes from memory the process has used before whenever
+    some was freed (docs/ARCHITECTURE.md, "Plan and execute")."""
 
-    def __init__(self, view: View, items: np.ndarray, dtype: np.dtype, allocate: bool = True):
+    def __init__(self, view: View, items: np.ndarray, dtype: np.dtype):
         self.view = view
         self.items = self.wanted = items
         self.dtype = np.dtype(dtype)
-        self.rows = np.empty((len(items), view.width), dtype=dtype) if allocate else None
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []  # in item order
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
-        if self.rows is None:
-            self.rows = np.empty((len(self.items), self.view.width), dtype=self.dtype)
-        # Copied here, inside the hook: a later in-place op may overwrite the output.
         values = rows.detach().to("cpu", _torch_dtype(self.dtype))
-        positions = np.searchsorted(self.items, idx)
-        if positions[-1] - positions[0] == len(positions) - 1:  # a run (sorted, distinct): a slice
-            self.rows[positions[0]:positions[-1] + 1] = values.numpy()
-        else:
-            self.rows[positions] = values.numpy()
+        if values.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
+            # Still the module's output: a later in-place op (ReLU(inplace=True)) could
+            # overwrite it, so it is copied here, inside the hook.
+            values = values.clone(memory_format=torch.contiguous_format)
+        self.chunks.append((np.array(idx, dtype=np.int64), values.contiguous().numpy()))
 
     def part(self, items: np.ndarray) -> Collector:
         """An empty Collector of ``items`` (a run of its own), for a shard of a pass: its rows
         are made where it is fed, so that none travel to the worker."""
-        return Collector(self.view, items, self.dtype, allocate=False)
+        return Collector(self.view, items, self.dtype)
 
     def merge(self, part: Collector) -> Collector:
-        if part.rows is not None:
-            self.rows[np.searchsorted(self.items, part.items)] = part.rows
+        self.chunks.extend(part.chunks)  # shards merge in item order
         return self
 
 
@@ -215,7 +216,7 @@ class Runner:
             collectors.append(Collector(view, fresh.wanted, store.dtype))
         per_item = self.run([fresh, *collectors], description)
         for collector in collectors:
-            store.add(collector.view, collector.items, collector.rows, per_item)
+            store.add_chunks(collector.view, collector.chunks, per_item)
         reducer = cached.merge(fresh)
         reducer.check()
         states = reducer.states
@@ -289,7 +290,7 @@ class Runner:
         started = time.perf_counter()
         per_item = self.run(consumers + collectors, f"{len(plans)} statements in one pass")
         for collector in collectors:
-            store.add(collector.view, collector.items, collector.rows, per_item)
+            store.add_chunks(collector.view, collector.chunks, per_item)
         seconds = time.perf_counter() - started
         for i, (cached, main, base) in work.items():
             plan = plans[i]

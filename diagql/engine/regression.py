@@ -44,6 +44,11 @@ class CrossSums:
         self.zz = torch.zeros(*lead, p, p, dtype=torch.float64)
         self.zy = torch.zeros(*lead, p, n_neurons, dtype=torch.float64)
 
+    def like(self) -> CrossSums:
+        """Empty sums of the same shape (a batch's, merged once it is known to be finite)."""
+        groups = None if self.z.dim() == 1 else self.z.shape[0]
+        return CrossSums(self.z.shape[-1], self.zy.shape[-1], groups)
+
     @classmethod
     def of_rows(cls, z: np.ndarray, values: np.ndarray) -> CrossSums:
         """The sums over materialised rows (EVALUATE's kept rows, benchmarks)."""
@@ -56,12 +61,21 @@ class CrossSums:
             codes: torch.Tensor | None = None) -> None:
         """Items' covariates (n × p, float64, CPU), their values (n × neurons) and, grouped,
         their group codes."""
-        self._add_z(z, codes)
+        self.add_z(z, codes)
+        self.add_products(z, values, codes)
+
+    def add_products(self, z: torch.Tensor, values: torch.Tensor,
+                     codes: torch.Tensor | None = None) -> None:
+        """Only zᵀy: a sum over items taken in pieces (the aggregate states' upcast pieces)
+        whose Σz and Σzzᵀ were added once for the whole batch (``add_z``)."""
         # On the values' device (one p × neurons product per batch), except MPS: no float64.
         device = values.device if values.device.type != "mps" else torch.device("cpu")
         wide = values.to(device=device, dtype=torch.float64)
         if codes is None:
-            self.zy += (z.to(device).T @ wide).cpu()
+            if device.type == "cpu":
+                self.zy.addmm_(z.T, wide)  # into the sums: no product to allocate and add
+            else:
+                self.zy += (z.to(device).T @ wide).cpu()
             return
         # Every group in one product: item i's covariates placed in its group's block of
         # G·p columns, so that (spread)ᵀ · values stacks each group's zᵀy.
@@ -74,7 +88,7 @@ class CrossSums:
     def add_winners(self, z: torch.Tensor, winners: torch.Tensor,
                     codes: torch.Tensor | None = None) -> None:
         """Items' covariates and their argmax neurons: y is the one-hot vector of the winner."""
-        self._add_z(z, codes)
+        self.add_z(z, codes)
         if codes is None:
             self.zy.index_add_(1, winners.cpu(), z.T)
             return
@@ -83,7 +97,8 @@ class CrossSums:
         cells.index_add_(0, codes.cpu() * n + winners.cpu(), z)
         self.zy += cells.reshape(groups, n, p).transpose(1, 2)
 
-    def _add_z(self, z: torch.Tensor, codes: torch.Tensor | None) -> None:
+    def add_z(self, z: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+        """Only Σz and Σzzᵀ (``add`` is ``add_z`` and ``add_products``)."""
         if codes is None:
             self.z += z.sum(dim=0)
             self.zz += z.T @ z

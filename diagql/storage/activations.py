@@ -16,7 +16,9 @@ is not kept either (the query then streams too).
 On disk a view's rows are an entry in parts (``<key>-<part>``, one ``.npz`` each): a query
 whose items are new appends a part with their rows only, instead of rewriting the layer; each
 part is whole or absent, a damaged one is dropped (its rows are recomputed), and past
-``MAX_PARTS`` the parts are merged into one (docs/ARCHITECTURE.md, "Storage").
+``MAX_PARTS`` the parts are merged into one (docs/ARCHITECTURE.md, "Storage"). A part holds
+its rows as the pass kept them, in chunks (``rows-0``, ``rows-1``, ...; one per batch), and
+memory holds them as such chunks too: no table of all of a query's rows is ever made.
 """
 from __future__ import annotations
 
@@ -129,30 +131,45 @@ class ActivationStore:
 
     def add(self, view, items: np.ndarray, rows: np.ndarray,
             seconds_per_item: float | None = None) -> None:
-        """Keep new rows of the view: in memory, and on disk as one more part of its entry
-        (only these rows are written). ``seconds_per_item``: what a pass cost per item, so
-        that a part cheaper to recompute than to read back is not written (storage/store.py)."""
+        """Keep new rows of the view (``add_chunks`` with one chunk)."""
+        self.add_chunks(view, [(items, rows)], seconds_per_item)
+
+    def add_chunks(self, view, chunks: list[tuple[np.ndarray, np.ndarray]],
+                   seconds_per_item: float | None = None) -> None:
+        """Keep new rows of the view, given as chunks (sorted items, their rows; a pass gives
+        one per batch): in memory as they are, and on disk as one more part of its entry (only
+        these rows are written). ``seconds_per_item``: what a pass cost per item, so that a
+        part cheaper to recompute than to read back is not written (storage/store.py)."""
         entry = self._entry(view)
-        new = ~entry.holds(items)
-        if not new.all():
-            items, rows = items[new], rows[new]
-        if len(items) == 0:
+        chunks = [(items, rows) for items, rows in chunks if len(items)]
+        if not chunks:
             return
-        entry.parts.append((items, rows))
+        new = ~entry.holds(np.concatenate([items for items, _ in chunks]))
+        if not new.all():
+            cuts = np.cumsum([len(items) for items, _ in chunks])[:-1]
+            chunks = [(items[keep], rows[keep]) for (items, rows), keep
+                      in zip(chunks, np.split(new, cuts)) if keep.any()]
+            if not chunks:
+                return
+        entry.parts.extend(chunks)
         self._put(view.key, entry)
         key = self.key_of(view.key)
         if key is None:
             return
-        if len(entry.parts) > MAX_PARTS:  # merged: the next session reads one file, not many
-            items, rows = _combine(entry.parts)
-            entry.parts = [(items, rows)]
-        replaces = entry.keys if len(entry.parts) == 1 else []
+        # One more file would pass MAX_PARTS: every chunk held goes into one file instead
+        # (the next session reads one file, not many), which replaces the others once it has
+        # landed. Memory keeps its chunks: nothing is copied here.
+        merge = len(entry.keys) >= MAX_PARTS
+        written = entry.parts if merge else chunks
+        items = np.concatenate([items for items, _ in written])
+        arrays = {"items": items, **{f"rows-{i}": rows for i, (_, rows) in enumerate(written)}}
         part = f"{key}-{xxhash.xxh3_64_hexdigest(items.tobytes())}"
         seconds = None if seconds_per_item is None else seconds_per_item * len(items)
-        if self.cache.store("activations", part, {"items": items, "rows": rows},
+        if self.cache.store("activations", part, arrays,
                             meta={"layer": view.layer.name, "view": view.text(),
-                                  "items": len(items)}, seconds=seconds, replaces=replaces):
-            entry.keys = [part] if replaces else entry.keys + [part]
+                                  "items": len(items)}, seconds=seconds,
+                            replaces=entry.keys if merge else []):
+            entry.keys = [part] if merge else entry.keys + [part]
 
     def clear(self) -> None:
         self._layers.clear()
@@ -166,9 +183,9 @@ class ActivationStore:
         key = self.key_of(view.key)
         if key is not None:
             decode = functools.partial(self._decode, view.width)
-            for part, rows in self.cache.load_parts("activations", key, decode):
+            for part, chunks in self.cache.load_parts("activations", key, decode):
                 keys.append(part)
-                parts.append(rows)
+                parts.extend(chunks)
         entry = _Rows(_disjoint(parts), keys)
         self._put(view.key, entry)
         return entry
@@ -180,16 +197,31 @@ class ActivationStore:
         while len(self._layers) > 1 and sum(e.nbytes for e in self._layers.values()) > self.budget:
             self._layers.popitem(last=False)
 
-    def _decode(self, width: int, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        indices, rows = arrays["items"], arrays["rows"]
-        # Sorted, distinct, in-range item indices with one row of the layer's width each, in
-        # the dtype rows are kept in.
-        if (indices.dtype != np.int64 or indices.ndim != 1 or rows.ndim != 2
-                or rows.shape != (len(indices), width) or rows.dtype != self.dtype
-                or (len(indices) and (indices[0] < 0 or indices[-1] >= self.n_items
-                                      or np.any(np.diff(indices) <= 0)))):
+    def _decode(self, width: int, arrays: dict[str, np.ndarray]
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A part's chunks (items, rows): its items are those of its chunks in turn (an entry
+        written before chunks has one table, ``rows``)."""
+        indices = arrays["items"]
+        if "rows" in arrays:
+            tables = [arrays["rows"]]
+        else:
+            tables = [arrays[f"rows-{i}"] for i in range(len(arrays) - 1)]  # KeyError: a gap
+        if indices.dtype != np.int64 or indices.ndim != 1 or len(tables) != len(arrays) - 1:
             raise ValueError("its rows do not match its items")
-        return indices, rows
+        chunks, start = [], 0
+        for rows in tables:
+            items = indices[start:start + len(rows)]
+            start += len(rows)
+            # Sorted, distinct, in-range item indices with one row of the layer's width each,
+            # in the dtype rows are kept in.
+            if (rows.ndim != 2 or rows.shape != (len(items), width) or rows.dtype != self.dtype
+                    or (len(items) and (items[0] < 0 or items[-1] >= self.n_items
+                                        or np.any(np.diff(items) <= 0)))):
+                raise ValueError("its rows do not match its items")
+            chunks.append((items, rows))
+        if start != len(indices):
+            raise ValueError("its rows do not match its items")
+        return chunks
 
 
 def _disjoint(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -206,9 +238,3 @@ def _disjoint(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarr
             seen = np.union1d(seen, items)
     return kept
 
-
-def _combine(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint parts as one: items sorted, rows in their order."""
-    items = np.concatenate([items for items, _ in parts])
-    order = np.argsort(items, kind="stable")
-    return items[order], np.concatenate([rows for _, rows in parts])[order]
