@@ -52,9 +52,13 @@ class BlockPrediction:
         return GroupSums(g.n, g.total, g.squares, cross, g.population, g.population_z[:p])
 
     def restore(self, fitted: Fitted, population_z: np.ndarray) -> Fitted:
-        """The residual's estimate plus the matching items' mean prediction μ + V z̄_b,U."""
-        return Fitted(fitted.mean + self.mean + self.basis @ population_z[self.p:], fitted.se,
-                      fitted.df)
+        """The residual's estimate plus the matching items' mean prediction μ + V z̄_b,U. The
+        prediction is held in float32: its rounding joins the standard error, which matters
+        only where the projections hold nearly all of a block (residuals near 0)."""
+        zu = population_z[self.p:]
+        rounding = np.finfo(np.float32).eps * (np.abs(self.mean) + np.abs(self.basis) @ np.abs(zu))
+        return Fitted(fitted.mean + self.mean + self.basis @ zu,
+                      np.sqrt(fitted.se ** 2 + rounding ** 2), fitted.df)
 
     def corrected_mean(self, values: np.ndarray, z: np.ndarray,
                        population_z: np.ndarray) -> np.ndarray:
