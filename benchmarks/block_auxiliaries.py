@@ -3,6 +3,7 @@ EVALUATE workload (every layer × class × correctness cell, top-10) with auxili
 queried layer than the latent.
 
     python benchmarks/block_auxiliaries.py demo|resnet [--seeds 1] [--samplers maxmargin stratified]
+    python benchmarks/block_auxiliaries.py cost [--n 100000]   # the profile pass with and without
 
 Each layer's auxiliary is its own top-k principal directions V (fitted on the first 2,000
 items, as a profile pass would) and every item's projection z = Vᵀ(y − μ). Estimators of one
@@ -16,7 +17,8 @@ cell's mean, fitted on that cell's sampled items as its query is:
   (histogram_U(predicted) + histogram_s(actual) − histogram_s(predicted)).
 - ``inner``: a layer inside a block (not one itself) fitted on its enclosing block's k=16 PCs.
 
-Also the cost of keeping the projections: projection seconds per item and bytes per item.
+``cost``: the profile pass over bigdata.py's items (the demo's model, 1 torch thread) with and
+without the block projections, alternately, and the bytes per item they add.
 """
 from __future__ import annotations
 
@@ -60,12 +62,15 @@ def top(vector, k):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("model", choices=["demo", "resnet"])
+    parser.add_argument("model", choices=["demo", "resnet", "cost"])
+    parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--samplers", nargs="+", default=["maxmargin", "stratified"])
     parser.add_argument("--ks", nargs="+", type=int, default=[8, 16, 32, 64])
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.model == "cost":
+        return cost(args.n)
     if args.model == "demo":
         db = diagql.demo(progress=False)
     else:
@@ -138,6 +143,35 @@ def main() -> None:
             print(f"  {name:<14}" + "  ".join(
                 f"{m}: {np.mean(t[0]):.3f}/{np.mean(t[1]):.4f}/{np.mean(t[2]):.3f}"
                 for m, t in tallies.items()), flush=True)
+
+
+def cost(n: int) -> None:
+    """Seconds of the profile pass with and without the projections, best of 2 each."""
+    from bigdata import big_connection
+
+    torch.set_num_threads(1)
+    conn = big_connection(n, progress=False)
+    conn.catalog
+    found = auxiliaries.blocks
+    seconds = {True: [], False: []}
+    for _ in range(2):
+        for keep in (False, True):
+            auxiliaries.blocks = found if keep else (lambda model, catalog: [])
+            started = time.perf_counter()
+            profile = conn.artifacts._compute_profile()
+            seconds[keep].append(time.perf_counter() - started)
+            if keep:
+                kept = profile.auxiliaries
+    auxiliaries.blocks = found
+    on, off = min(seconds[True]), min(seconds[False])
+    z_bytes = sum(a.z.nbytes for a in kept)
+    fixed = sum(a.basis.nbytes + a.mean.nbytes for a in kept)
+    print(f"{n:,} items, blocks {', '.join(a.layer for a in kept)}: profile pass {off:.2f} s "
+          f"without, {on:.2f} s with the projections (+{on - off:.2f} s, "
+          f"{(on - off) / off:+.0%}; {(on - off) / n * 1e6:.1f} µs/item); "
+          f"{z_bytes / n:.0f} bytes/item ({z_bytes / 2 ** 20:.0f} MiB) + {fixed / 2 ** 20:.1f} MiB "
+          f"of bases; latents {profile.latents.nbytes / n:.0f} bytes/item")
+    print(f"load average {os.getloadavg()[0]:.1f}")
 
 
 def estimate(method, y, winners, s, pop, zl, zb, v, mu, pred_win, n_neurons):
