@@ -44,7 +44,7 @@ def test_blocks_are_the_top_level_children_with_parameters_and_a_trunk_is_opened
         def forward(self, x):
             return self.act(self.lin(x))
 
-    class Trunk(nn.Module):  # over half the parameters, made of blocks: opened
+    class Trunk(nn.Module):  # over half the parameters, made of blocks: opened, and kept
         def __init__(self):
             super().__init__()
             self.layers = nn.ModuleList([Layer(), Layer()])
@@ -69,7 +69,7 @@ def test_blocks_are_the_top_level_children_with_parameters_and_a_trunk_is_opened
     X, y = torch.randn(20, 4), torch.arange(20) % 3
     catalog = diagql.connect(model, (X, y)).catalog
     names = [view.layer.name for view in auxiliaries.blocks(model, catalog)]
-    assert names == ["embed", "trunk.layers.0", "trunk.layers.1", "head", "out"]
+    assert names == ["embed", "trunk", "trunk.layers.0", "trunk.layers.1", "head", "out"]
 
 
 def test_the_profile_keeps_each_blocks_principal_projections(db, cnn, digits):

@@ -40,9 +40,10 @@ class Auxiliary:
 
 def blocks(model: torch.nn.Module, catalog) -> list[View]:
     """The default views of the model's blocks: its top-level children that hold parameters,
-    a trunk replaced by its children, recursively: a container that is not a layer (a
-    ModuleList), or a child holding more than TRUNK_SHARE of them whose own children have
-    children (a transformer's encoder; not a Sequential of Linear, BatchNorm and ReLU). Only
+    and, recursively, the children of a trunk: a container that is not a layer (a ModuleList),
+    or a child holding more than TRUNK_SHARE of them whose own children have children (a
+    transformer's encoder; not a Sequential of Linear, BatchNorm and ReLU). A trunk that is a
+    layer stays a block itself (a small ResNet's last stage may hold most of its weights). Only
     layers that run once per pass, read per item, at most MAX_WIDTH neurons wide."""
     total = sum(p.numel() for p in model.parameters()) or 1
     found: list[View] = []
@@ -54,12 +55,12 @@ def blocks(model: torch.nn.Module, catalog) -> list[View]:
             if weight == 0:
                 continue
             layer = _layer(catalog, qualified)
+            if layer is not None and 0 < layer.neurons <= MAX_WIDTH:
+                found.append(View(layer))
             nested = any(any(True for _ in c.children()) for c in child.children())
             if (layer is None and any(True for _ in child.children())) or \
                     (nested and weight > TRUNK_SHARE * total):
                 visit(qualified + ".", child)
-            elif layer is not None and 0 < layer.neurons <= MAX_WIDTH:
-                found.append(View(layer))
 
     visit("", model)
     return found
