@@ -171,6 +171,27 @@ def cost(n: int) -> None:
           f"{(on - off) / off:+.0%}; {(on - off) / n * 1e6:.1f} µs/item); "
           f"{z_bytes / n:.0f} bytes/item ({z_bytes / 2 ** 20:.0f} MiB) + {fixed / 2 ** 20:.1f} MiB "
           f"of bases; latents {profile.latents.nbytes / n:.0f} bytes/item")
+    # A first-time 5% sample query (new seed each: its rows go through the model) with the
+    # block prediction and without it (the latent alone), alternately.
+    from diagql.model.profile import Profile
+
+    conn.artifacts.profile = profile
+    held = Profile.auxiliary
+    for layer in ("conv1", "fc1"):
+        totals = {True: [], False: []}
+        for seed in range(2):
+            for keep in (False, True):
+                Profile.auxiliary = held if keep else (lambda self, key: None)
+                started = time.perf_counter()
+                r = conn.query(f"AVG NEURONS IN {layer} USING SAMPLE "
+                               f"random(0.05, random_state={100 + 2 * seed + keep})")
+                totals[keep].append((time.perf_counter() - started,
+                                     r.timings.get("estimate", 0.0)))
+        Profile.auxiliary = held
+        on, off = min(totals[True]), min(totals[False])
+        print(f"AVG NEURONS IN {layer} USING SAMPLE random(0.05), first time: {off[0]:.3f} s "
+              f"with the latent's covariates, {on[0]:.3f} s with the block prediction "
+              f"(+{on[0] - off[0]:.3f} s; estimate {off[1]:.3f} -> {on[1]:.3f} s)")
     print(f"load average {os.getloadavg()[0]:.1f}")
 
 

@@ -176,3 +176,20 @@ def test_the_streamed_residual_fit_equals_numpy_on_rows():
     np.testing.assert_allclose(fitted.se, se, rtol=1e-5)
     np.testing.assert_allclose(prediction.corrected_mean(rows, z, pop_z), fitted.mean,
                                rtol=1e-9)
+
+
+def test_group_means_of_the_covariates_many_groups_or_few():
+    from diagql.engine.planner import _means
+
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((500, 4))
+    matching = np.sort(rng.choice(500, 200, replace=False))
+    for groups in (3, 40):  # a weight matrix, then sorted sums
+        keys = rng.integers(0, groups, 200)
+        population = {k: int((keys == k).sum()) for k in np.unique(keys).tolist()}
+        got = _means(z, matching, keys, population)
+        assert sorted(got) == sorted(population)
+        for key, mean in got.items():
+            np.testing.assert_allclose(mean, z[matching[keys == key]].mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(_means(z, matching, None, {None: 200})[None],
+                               z[matching].mean(axis=0), rtol=1e-12)

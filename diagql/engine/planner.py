@@ -125,10 +125,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         return plan  # a maximum has no regression estimator
     chosen = for_view(profile, bound.view.key)
     z = chosen.z
-    if keys is None:
-        means = {None: z[matching].mean(axis=0)}
-    else:
-        means = {key: z[matching[keys[matching] == key]].mean(axis=0) for key in population}
+    means = _means(z, matching, None if keys is None else keys[matching], population)
     prediction = None
     if chosen.auxiliary is not None:
         channels = bound.view.layer.shape[0] if bound.view.channels else None
@@ -136,6 +133,28 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     text = "plain: the sample mean" if estimator == "plain" else chosen.describe(profile)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text)
+
+
+def _means(z: np.ndarray, matching: np.ndarray, keys, population: dict) -> dict:
+    """Each group's mean covariates over its matching items, as one product with the groups'
+    weights (N × p is read once, never gathered: 74 columns of 100,000 items take 59 MB)."""
+    if keys is None:
+        if len(matching) == len(z):
+            return {None: z.mean(axis=0)}
+        weights = np.zeros(len(z))
+        weights[matching] = 1.0 / max(len(matching), 1)
+        return {None: weights @ z}
+    groups, codes = np.unique(keys, return_inverse=True)
+    counts = np.bincount(codes)
+    if len(groups) <= 16:
+        weights = np.zeros((len(groups), len(z)))
+        weights[codes, matching] = 1.0 / counts[codes]
+        means = weights @ z
+    else:  # many groups: a (groups × N) weight matrix would outgrow the rows themselves
+        order = np.argsort(codes, kind="stable")
+        starts = np.r_[0, np.cumsum(counts)[:-1]]
+        means = np.add.reduceat(z[matching[order]], starts, axis=0) / counts[:, None]
+    return {key: means[g] for g, key in enumerate(groups.tolist()) if key in population}
 
 
 def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baseline=None) -> Plan:
