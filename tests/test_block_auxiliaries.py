@@ -25,7 +25,7 @@ def db(cnn, digits):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(auxiliaries, "FIT_ITEMS", FIT)
         conn = diagql.connect(cnn, digits, batch_size=256)
-        conn.profile  # computed under the patch
+        assert conn.profile.auxiliaries  # computed under the patch
     return conn
 
 
