@@ -154,7 +154,14 @@ class BlockProjector:
 
     def _fit(self, name: str) -> None:
         rows = torch.cat(self.held.pop(name))
-        mean, basis = principal(rows[:self.fit_items], self.dims)
+        if not torch.isfinite(rows).all():  # NaN or inf rows: a block DiagQL cannot summarise
+            self.drop(name)
+            return
+        try:
+            mean, basis = principal(rows[:self.fit_items], self.dims)
+        except RuntimeError:  # a decomposition that did not converge: the block has none
+            self.drop(name)
+            return
         # Projected in float32 as basisᵀy − basisᵀμ: the pass's cost is this one product
         # (float64 took 2.5 times as long), and z is kept in float32 anyway.
         self.fits[name] = (mean, basis, basis.to(torch.float32),
