@@ -193,3 +193,17 @@ def test_group_means_of_the_covariates_many_groups_or_few():
             np.testing.assert_allclose(mean, z[matching[keys == key]].mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(_means(z, matching, None, {None: 200})[None],
                                z[matching].mean(axis=0), rtol=1e-12)
+
+
+def test_argmax_on_a_block_fits_the_winners_on_the_latent_alone(db, cnn, digits):
+    profile = db.profile
+    rows = _rows(cnn, digits[0], 3)
+    result = db.query("ARGMAX NEURONS IN 2 USING SAMPLE random(0.2, random_state=3)")
+    items = result.plan.items
+    onehot = np.zeros((len(items), rows.shape[1]))
+    onehot[np.arange(len(items)), rows[items].argmax(axis=1)] = 1.0
+    zl = covariates(profile)
+    mean, _ = _numpy_assisted(onehot, zl[items], np.zeros(len(items), int),
+                              {0: zl.mean(axis=0)}, {0: len(profile)}, RIDGE)[0]
+    shares = np.clip(mean, 0, None) / np.clip(mean, 0, None).sum()
+    np.testing.assert_allclose(result.values, shares, rtol=1e-7, atol=1e-12)
