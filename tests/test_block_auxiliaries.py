@@ -24,7 +24,7 @@ FIT = 300  # fewer than the digits' 1,797 and not a multiple of the batch: held,
 def db(cnn, digits):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(auxiliaries, "FIT_ITEMS", FIT)
-        conn = diagql.connect(cnn, digits, batch_size=256)
+        conn = diagql.connect(cnn, digits, batch_size=256, cache_dir=False)  # its own profile
         assert conn.profile.auxiliaries  # computed under the patch
     return conn
 
