@@ -25,8 +25,10 @@ import torch
 from diagql import samplers
 from diagql.engine import estimate
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
-from diagql.engine.covariates import covariates
+from diagql.engine.covariates import for_view
+from diagql.engine.prediction import BlockPrediction
 from diagql.evaluate.bind import default_layers
+from diagql.model.views import View
 from diagql.results import metrics
 from truth import combinations, exact_answers, layer_truth
 
@@ -51,7 +53,8 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
     combos = combinations(db, layers)
     exact = exact_answers(combos, truths, K)  # once: the same for every size and seed
     profile = db.profile
-    z = covariates(profile)
+    # Each layer's covariates and block prediction, as its queries have them.
+    per_layer = {layer: for_view(profile, View(db.catalog[layer]).key) for layer in layers}
     data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
                                profile.n_classes)
     cls = samplers.sampler_class(name)
@@ -70,6 +73,10 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                 if len(chosen) < 2:
                     continue
                 truth = truths[combo.layer]
+                cov = per_layer[combo.layer]
+                z = cov.z
+                prediction = None if cov.auxiliary is None else BlockPrediction(
+                    cov.auxiliary, cov.latent_dims)
                 values = torch.from_numpy(truth.activations[chosen].astype(np.float64))
                 zc = torch.from_numpy(z[chosen])
                 mean_state = MeanState(values.shape[1], covariates=z.shape[1])
@@ -79,9 +86,10 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                 population = len(combo.items)
                 z_pop = {None: z[combo.items].mean(axis=0)}
                 exact_top, exact_mean, exact_hist = exact[id(combo)]
-                fits = {"assisted": (estimate.fit({None: mean_state}, {None: population}, z_pop)
-                                     [None], estimate.fit({None: hist_state},
-                                                          {None: population}, z_pop)[None]),
+                fits = {"assisted": (estimate.fit({None: mean_state}, {None: population}, z_pop,
+                                                  prediction)[None],
+                                     estimate.fit({None: hist_state}, {None: population}, z_pop,
+                                                  prediction)[None]),
                         "plain": (None, None)}
                 for which, (fit_mean, fit_hist) in fits.items():
                     answer = mean_state.finalize() if fit_mean is None else fit_mean.mean

@@ -2,7 +2,9 @@
 assisted estimator's, and what USING AUTO answers (exact from the profile on the layers whose
 rows the profile holds: S1 1, S2 0, S3 0; the assisted answer elsewhere).
 
-    python benchmarks/per_layer.py [--sampler "maxmargin(0.05)"] [--seeds 3]
+    python benchmarks/per_layer.py [--sampler "maxmargin(0.05)"] [--seeds 3] [--model resnet]
+
+(``resnet``: benchmarks/second_model.py's CNN.)
 """
 from __future__ import annotations
 
@@ -20,10 +22,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sampler", default="maxmargin(0.05)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--model", choices=["demo", "resnet"], default="demo")
     args = parser.parse_args()
     started = time.perf_counter()
-    db = diagql.demo(progress=False)
-    print(f"{args.sampler}, {args.seeds} seeds, demo\n"
+    if args.model == "demo":
+        db = diagql.demo(progress=False)
+    else:
+        import second_model
+        db = second_model.connect(progress=False)
+    print(f"{args.sampler}, {args.seeds} seeds, {args.model}\n"
           f"{'layer':<7} {'S1 plain':>8} {'S1 asst':>8} {'S1 auto':>8} {'S2 plain':>9} "
           f"{'S2 asst':>8} {'S2 auto':>8} {'S3 plain':>9} {'S3 asst':>8} {'S3 auto':>8}")
     for layer in default_layers(db):

@@ -38,10 +38,11 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(20200101)
 
 
-def fit(states: dict, population: dict, covariate_means: dict) -> dict:
+def fit(states: dict, population: dict, covariate_means: dict, prediction=None) -> dict:
     """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
     ``population`` and ``covariate_means`` are each group's matching items of the whole data
-    and their mean covariates (the plan's)."""
+    and their mean covariates (the plan's); ``prediction``: the view's block prediction
+    (engine/prediction.py), whose residual a mean's fit models instead."""
     groups = {}
     for key, state in states.items():
         if state.count == 0 or getattr(state, "cross", None) is None:
@@ -49,7 +50,13 @@ def fit(states: dict, population: dict, covariate_means: dict) -> dict:
         total, squares = _sums(state)
         groups[key] = GroupSums(state.count, total, squares, state.cross, population[key],
                                 covariate_means[key])
-    return assisted(groups)
+    if prediction is None:
+        return assisted(groups)
+    winners = any(hasattr(state, "counts") for state in states.values())
+    if winners:  # an argmax's one-hot winners are not predicted
+        return assisted({key: prediction.latent_only(g) for key, g in groups.items()})
+    fitted = assisted({key: prediction.residual(g) for key, g in groups.items()})
+    return {key: prediction.restore(f, covariate_means[key]) for key, f in fitted.items()}
 
 
 def _sums(state) -> tuple[np.ndarray, np.ndarray]:

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from diagql import samplers
-from diagql.engine.covariates import covariates
+from diagql.engine.covariates import for_view
 from diagql.engine.estimate import shares
 from diagql.engine.groups import cell_codes, n_cells
+from diagql.engine.prediction import BlockPrediction
 from diagql.engine.regression import corrected_mean
 from diagql.errors import ExecutionError
 from diagql.evaluate.bind import BoundEvaluation, Candidate, bind_evaluate
@@ -233,11 +234,17 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
         np.put_along_axis(rank, order, np.arange(layer.neurons)[None, :].repeat(len(valid), 0),
                           axis=1)
         exact[layer.name] = (mean, rank, a.hist[valid])
-    z = covariates(conn.profile)
-    # Each valid group's matching items and their mean covariates: what a query of that
-    # (class, correctness) cell corrects its sample toward.
-    z_means = np.stack([z[groups == g].mean(axis=0) for g in valid])
-    context = (z, z_means)
+    # Per layer, as its queries have them (engine/covariates.py): the covariates, each valid
+    # group's mean of them over its matching items (what a query of that (class, correctness)
+    # cell corrects its sample toward) and the block prediction, if any.
+    context = {}
+    for layer in bound.layers:
+        chosen = for_view(conn.profile, View(layer).key)
+        prediction = None if chosen.auxiliary is None else \
+            BlockPrediction(chosen.auxiliary, chosen.latent_dims)
+        context[layer.name] = (chosen.z, np.stack([chosen.z[groups == g].mean(axis=0)
+                                                   for g in valid]), prediction,
+                               chosen.latent_dims)
     scores: list[SampleScore] = []
     memo: dict[bytes, SampleScore] = {}  # a sampler that ignores its seed draws the same sample
     with conn.progress.task("EVALUATE: scoring samples", len(draws)) as advance:
@@ -266,11 +273,11 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
     where = slot[valid]  # each valid group's slot among the sample's groups, -1: missed
     hit = where >= 0
     member = np.repeat(np.arange(len(starts)), sizes)
-    z_all, z_means = context
-    z_rows = z_all[indices[order]]
     plain, fitted = _Tally(bound.ks), _Tally(bound.ks)
     for layer in bound.layers:
         a = answers[layer.name]
+        z_all, z_means, prediction, p = context[layer.name]
+        z_rows = z_all[indices[order]]
         sums = np.add.reduceat(a.kept[rows_at], starts, axis=0, dtype=np.float64)[where[hit]]
         mean = sums / sizes[where[hit], None]
         hist = np.bincount(member * layer.neurons + a.winners[rows_at],
@@ -284,8 +291,9 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
             onehot = np.zeros(rows.shape)
             onehot[np.arange(len(rows)), a.winners[rows_at[part]]] = 1.0
             z = z_rows[part]
-            fit_mean[row] = corrected_mean(rows, z, z_means[v])
-            fit_share[row] = shares(corrected_mean(onehot, z, z_means[v]))
+            fit_mean[row] = corrected_mean(rows, z, z_means[v]) if prediction is None else \
+                prediction.corrected_mean(rows, z, z_means[v])
+            fit_share[row] = shares(corrected_mean(onehot, z[:, :p], z_means[v][:p]))
         fitted.add(layer, exact[layer.name], hit, fit_mean, fit_share)
     score = plain.score()
     score.assisted = fitted.score()

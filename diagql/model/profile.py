@@ -1,6 +1,7 @@
 """The profile: every item's label, prediction, confidence and latent vector, from one pass."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 
 from diagql.errors import DiagQLError, ExecutionError
+from diagql.model import auxiliaries as aux
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation, first_tensor
 from diagql.model.views import SEQUENCE, ModuleCall, View, input_rows
@@ -35,6 +37,13 @@ class Profile:
     # the profile pass checked: queries on them are answered from here, without a pass.
     latent_views: tuple[str, ...] = ()
     logit_views: tuple[str, ...] = ()
+    # The blocks' principal projections for every item (model/auxiliaries.py): what a sample
+    # query on a block predicts its unsampled items from.
+    auxiliaries: tuple[aux.Auxiliary, ...] = ()
+
+    def auxiliary(self, view_key: str) -> aux.Auxiliary | None:
+        """The auxiliary of the view with this key, when the profile pass kept one."""
+        return next((a for a in self.auxiliaries if a.key == view_key), None)
 
     def rows_of(self, view_key: str) -> np.ndarray | None:
         """Every item's rows of the view with this key, when the profile holds them."""
@@ -72,6 +81,7 @@ class Profile:
                   "views": np.str_(json.dumps([self.latent_views, self.logit_views]))}
         if self.logits is not None:
             arrays["logits"] = self.logits
+        arrays.update(aux.to_arrays(self.auxiliaries))
         return arrays
 
     @classmethod
@@ -85,7 +95,7 @@ class Profile:
             seconds=float(arrays["seconds"]),
             # compute_profile stores -1 for every label of data without labels.
             has_labels=bool(np.all(arrays["labels"] >= 0)), logits=arrays.get("logits"),
-            **_views(arrays["views"]))
+            auxiliaries=aux.from_arrays(arrays, n_items), **_views(arrays["views"]))
         logits = profile.logits
         if logits is not None and (logits.dtype != np.float32 or logits.shape != (
                 n_items, profile.n_classes)):
@@ -185,13 +195,21 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     if n == 0:
         raise DiagQLError("the data set is empty")
     compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
+    project = aux.BlockProjector(aux.blocks(model, catalog), n) if catalog is not None else None
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
         part = profile_part(model, source, np.arange(n), latent=latent,
                             latent_is_input=latent_is_input, device=device, dtype=dtype,
-                            batch_size=batch_size, advance=advance, view=view, compare=compare)
-    return assemble_profile([part], latent, latent_is_input, time.perf_counter() - started,
-                            view=view, dtype=dtype)
+                            batch_size=batch_size, advance=advance, view=view, compare=compare,
+                            project=project)
+        profile = assemble_profile([part], latent, latent_is_input, time.perf_counter() - started,
+                                   view=view, dtype=dtype)
+        if project is None:
+            return profile
+        # The views the profile holds whole need no projection.
+        auxiliaries = project.finish(profile.latent_views + profile.logit_views)
+    return dataclasses.replace(profile, auxiliaries=auxiliaries,
+                               seconds=time.perf_counter() - started)
 
 
 @dataclass
@@ -212,10 +230,12 @@ class ProfilePart:
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
                  latent_is_input: bool, device: torch.device, dtype: torch.dtype,
                  batch_size: int, advance, view: View | None = None,
-                 compare: tuple = ((), (), False)) -> ProfilePart:
+                 compare: tuple = ((), (), False),
+                 project: aux.BlockProjector | None = None) -> ProfilePart:
     """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
     each batch. ``compare`` (from ``comparisons``): the views compared with the latent and
-    with the logits, and whether the logits are kept."""
+    with the logits, and whether the logits are kept; ``project``: the blocks' projector
+    (local passes only: a shard of a Ray pass would fit directions of its own)."""
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
@@ -236,8 +256,11 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     logits_kept = compare[2]
     position = 0
     has_labels = True
+    checks = _SameRows.callbacks_of(same_latent, same_logits)
+    for name, callback in (project.callbacks() if project is not None else {}).items():
+        checks[name] = _fan_out([checks[name], callback]) if name in checks else callback
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
-            Hooks(model, _SameRows.callbacks_of(same_latent, same_logits)) as compared:
+            Hooks(model, checks) as compared:
         for idx, x, y in source.batches(items, batch_size):
             x = to_device(x, device, dtype)
             hooks.start(x, len(idx))
@@ -266,6 +289,8 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                 kept_logits = kept_logits if kept_logits is not None else \
                     np.empty((n, out.shape[1]), dtype=np.float32)
                 kept_logits[batch] = out.numpy()
+            if project is not None:
+                project.after_batch(len(idx))
             position += len(idx)
             advance(len(idx))
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,

@@ -17,7 +17,7 @@ from diagql.engine import executor
 from diagql.errors import BindError, DiagQLWarning
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
-from diagql.model import hooks, layers, profile as profile_module, views
+from diagql.model import auxiliaries, hooks, layers, profile as profile_module, views
 from diagql.model.data import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, probe
 from diagql.model.profile import Profile, comparisons, compute_profile
@@ -179,7 +179,8 @@ class Artifacts:
         device = conn.device.type if conn.engine is None else conn.engine.device_type()
         return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
                          device, source_digest(profile_module), source_digest(views),
-                         source_digest(layers))  # which layers hold the same rows: the catalog
+                         source_digest(layers),  # which layers hold the same rows: the catalog
+                         source_digest(auxiliaries))  # the blocks' projections
 
     def catalog_key(self) -> str | None:
         """The catalog depends on the model and the items' shape, so on both fingerprints."""

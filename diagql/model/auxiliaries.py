@@ -1,0 +1,217 @@
+"""Block auxiliaries (docs/ARCHITECTURE.md, "Data model" and "Estimates"): for each of the
+model's top-level blocks, its output's leading principal directions and every item's projection
+on them, kept by the profile pass so that a sample query on a block predicts its unsampled items
+with known coefficients."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diagql.model.views import ModuleCall, View
+
+# Measured (benchmarks/block_auxiliaries.py, maxmargin at 5%): on the demo's conv1, 8, 16, 32
+# and 64 components took S2 from 0.034 to 0.031, 0.024, 0.019 and 0.012 (the ResNet's stem alike,
+# 0.040 to 0.009 at 64); 256 bytes per item and block.
+DIMS = 64
+# The directions are fitted on the first items of the pass; their rows are held until then.
+FIT_ITEMS = 2000
+HOLD_BUDGET = 256 * 1024 ** 2  # bytes of held rows, all blocks together
+# A wider block keeps no auxiliary: its basis (width × DIMS float32) would outweigh the rest of
+# the profile (50,000 neurons: 6.4 MB).
+MAX_WIDTH = 50_000
+# A module holding more than this share of the parameters is a trunk, not a block: its children
+# are the blocks (a transformer's encoder and its ModuleList of layers).
+TRUNK_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Auxiliary:
+    """One block's projections: y ≈ mean + basis @ z for its default view's row y."""
+
+    key: str  # the view's key (View.key): the layer and, for a sequence, its reduction
+    layer: str
+    mean: np.ndarray  # (width,) float32, over the items the directions were fitted on
+    basis: np.ndarray  # (width, k) float32, orthonormal columns
+    z: np.ndarray  # (N, k) float32: every item's projection basisᵀ(y − mean)
+    fitted_on: int  # items the directions were fitted on
+
+
+def blocks(model: torch.nn.Module, catalog) -> list[View]:
+    """The default views of the model's blocks: its top-level children that hold parameters,
+    and, recursively, the children of a trunk: a container that is not a layer (a ModuleList),
+    or a child holding more than TRUNK_SHARE of them whose own children have children (a
+    transformer's encoder; not a Sequential of Linear, BatchNorm and ReLU). A trunk that is a
+    layer stays a block itself (a small ResNet's last stage may hold most of its weights). Only
+    layers that run once per pass, read per item, at most MAX_WIDTH neurons wide."""
+    total = sum(p.numel() for p in model.parameters()) or 1
+    found: list[View] = []
+
+    def visit(prefix: str, module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            qualified = f"{prefix}{name}"
+            weight = sum(p.numel() for p in child.parameters())
+            if weight == 0:
+                continue
+            layer = _layer(catalog, qualified)
+            if layer is not None and 0 < layer.neurons <= MAX_WIDTH:
+                found.append(View(layer))
+            nested = any(any(True for _ in c.children()) for c in child.children())
+            if (layer is None and any(True for _ in child.children())) or \
+                    (nested and weight > TRUNK_SHARE * total):
+                visit(qualified + ".", child)
+
+    visit("", model)
+    return found
+
+
+def _layer(catalog, name: str):
+    try:
+        layer = catalog[name]
+    except (KeyError, TypeError):
+        return None
+    if layer is None or layer.shape is None or layer.shared or layer.calls != 1 or layer.varies:
+        return None
+    return layer
+
+
+def principal(rows: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, basis): the rows' mean and their k leading principal directions (width × k,
+    orthonormal, float64), by a seeded randomised range finder with two power iterations
+    (Halko et al. 2011); exact for a layer no wider than k + 10. The range is found in float32
+    (half the time of float64 on the demo's conv1, where it was most of the profile pass): any
+    fixed basis keeps the estimator honest, and a rounded one is only slightly less apt."""
+    mean = rows.to(torch.float64).mean(dim=0)
+    width = rows.shape[1]
+    k = min(k, width, len(rows))
+    if width <= k + 10 or len(rows) <= k + 10:
+        _, _, vt = torch.linalg.svd(rows.to(torch.float64) - mean, full_matrices=False)
+        return mean, vt[:k].T.contiguous()
+    x = rows.to(torch.float32) - mean.to(torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    omega = torch.randn(width, k + 10, generator=generator, dtype=torch.float32)
+    q, _ = torch.linalg.qr(x @ omega)
+    for _ in range(2):
+        q, _ = torch.linalg.qr(x @ (x.T @ q))
+    _, _, vt = torch.linalg.svd((q.T @ x).to(torch.float64), full_matrices=False)
+    return mean, vt[:k].T.contiguous()
+
+
+class BlockProjector:
+    """The profile pass's part: each block's rows are held for the first items (up to
+    FIT_ITEMS and HOLD_BUDGET), its directions fitted on them, and every item projected."""
+
+    def __init__(self, views: list[View], n: int, dims: int = DIMS):
+        self.views = {view.layer.name: view for view in views}
+        width = sum(view.width for view in views) or 1
+        self.fit_items = max(1, min(FIT_ITEMS, n, HOLD_BUDGET // (4 * width)))
+        self.n, self.dims = n, dims
+        self.batch: dict[str, torch.Tensor] = {}
+        self.held: dict[str, list[torch.Tensor]] = {name: [] for name in self.views}
+        self.fits: dict[str, tuple[torch.Tensor, ...]] = {}  # mean, basis; float32 for the pass
+        self.z: dict[str, np.ndarray] = {}
+        self.position = 0
+
+    def callbacks(self) -> dict:
+        return {name: self._keep(name) for name in self.views}
+
+    def _keep(self, name: str):
+        def keep(call: ModuleCall) -> None:
+            view = self.views.get(name)
+            if view is None:
+                return
+            try:  # read now: a later in-place op may overwrite it
+                rows = view.finish(view.rows(call)).detach()
+                fit = self.fits.get(name)
+                if fit is not None:  # projected where the rows are: only z leaves the device
+                    basis, offset = fit[2].to(rows.device), fit[3].to(rows.device)
+                    self.batch[name] = (rows.to(torch.float32) @ basis - offset).cpu()
+                else:
+                    self.batch[name] = rows.to("cpu", torch.float32, copy=True)
+            except Exception:  # noqa: BLE001 - read otherwise than the probe saw: no auxiliary
+                self.drop(name)
+        return keep
+
+    def drop(self, name: str) -> None:
+        for table in (self.views, self.held, self.fits, self.z, self.batch):
+            table.pop(name, None)
+
+    def after_batch(self, size: int) -> None:
+        """Take the batch's rows of every block (a block that did not run is dropped)."""
+        start = self.position
+        self.position += size
+        for name in list(self.views):
+            rows = self.batch.pop(name, None)
+            if rows is None or len(rows) != size:
+                self.drop(name)
+                continue
+            if name in self.fits:
+                self._keep_z(name, rows, start)
+                continue
+            self.held[name].append(rows)
+            if self.position >= self.fit_items:
+                self._fit(name)
+
+    def _fit(self, name: str) -> None:
+        rows = torch.cat(self.held.pop(name))
+        if not torch.isfinite(rows).all():  # NaN or inf rows: a block DiagQL cannot summarise
+            self.drop(name)
+            return
+        try:
+            mean, basis = principal(rows[:self.fit_items], self.dims)
+        except RuntimeError:  # a decomposition that did not converge: the block has none
+            self.drop(name)
+            return
+        # Projected in float32 as basisᵀy − basisᵀμ: the pass's cost is this one product
+        # (float64 took 2.5 times as long), and z is kept in float32 anyway.
+        self.fits[name] = (mean, basis, basis.to(torch.float32),
+                           (mean @ basis).to(torch.float32))
+        self.z[name] = np.empty((self.n, basis.shape[1]), dtype=np.float32)
+        self._keep_z(name, rows @ self.fits[name][2] - self.fits[name][3], 0)
+
+    def _keep_z(self, name: str, z: torch.Tensor, start: int) -> None:
+        if not torch.isfinite(z).all():  # NaN or inf rows: a block DiagQL cannot summarise
+            self.drop(name)
+            return
+        self.z[name][start:start + len(z)] = z.numpy()
+
+    def finish(self, exclude: tuple[str, ...] = ()) -> tuple[Auxiliary, ...]:
+        """Every block's Auxiliary, except the views in ``exclude`` (held by the profile)."""
+        for name in list(self.held):
+            if self.held[name]:
+                self._fit(name)
+        out = []
+        for name, view in self.views.items():
+            if name not in self.fits or view.key in exclude:
+                continue
+            mean, basis = self.fits[name][:2]
+            out.append(Auxiliary(view.key, name, mean.numpy().astype(np.float32),
+                                 basis.numpy().astype(np.float32), self.z[name],
+                                 min(self.fit_items, self.n)))
+        return tuple(out)
+
+
+def to_arrays(auxiliaries: tuple[Auxiliary, ...]) -> dict[str, np.ndarray]:
+    """The profile's disk encoding of its auxiliaries (arrays and names, no pickle)."""
+    arrays: dict[str, np.ndarray] = {
+        "aux_names": np.array([[a.key, a.layer] for a in auxiliaries], dtype=np.str_).reshape(-1, 2)}
+    for i, a in enumerate(auxiliaries):
+        arrays[f"aux{i}_mean"], arrays[f"aux{i}_basis"], arrays[f"aux{i}_z"] = a.mean, a.basis, a.z
+        arrays[f"aux{i}_fitted"] = np.int64(a.fitted_on)
+    return arrays
+
+
+def from_arrays(arrays, n_items: int) -> tuple[Auxiliary, ...]:
+    """Decode ``to_arrays``, raising ValueError unless each describes ``n_items`` items."""
+    if "aux_names" not in arrays:
+        return ()
+    out = []
+    for i, (key, layer) in enumerate(np.asarray(arrays["aux_names"]).reshape(-1, 2).tolist()):
+        a = Auxiliary(str(key), str(layer), arrays[f"aux{i}_mean"], arrays[f"aux{i}_basis"],
+                      arrays[f"aux{i}_z"], int(arrays[f"aux{i}_fitted"]))
+        if a.z.shape != (n_items, a.basis.shape[1]) or a.mean.shape != (a.basis.shape[0],) \
+                or a.basis.ndim != 2 or a.z.dtype != np.float32:
+            raise ValueError(f"its auxiliary of {layer} does not describe {n_items:,} items")
+        out.append(a)
+    return tuple(out)

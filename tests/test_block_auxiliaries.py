@@ -1,0 +1,209 @@
+"""Block auxiliaries (model/auxiliaries.py, engine/prediction.py): which modules are blocks,
+the profile's projections against a numpy PCA of the layer's rows computed by plain torch, and
+a sample query's answer on a block against the known-coefficient estimator written out in numpy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import stdtrit
+from torch import nn
+
+import diagql
+from diagql.engine.covariates import covariates
+from diagql.engine.prediction import BlockPrediction
+from diagql.engine.regression import RIDGE, assisted, of_rows
+from diagql.model import auxiliaries
+from diagql.model.profile import Profile
+from tests.test_estimate_assisted import _numpy_assisted
+
+FIT = 300  # fewer than the digits' 1,797 and not a multiple of the batch: held, then streamed
+
+
+@pytest.fixture(scope="module")
+def db(cnn, digits):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(auxiliaries, "FIT_ITEMS", FIT)
+        conn = diagql.connect(cnn, digits, batch_size=256, cache_dir=False)  # its own profile
+        assert conn.profile.auxiliaries  # computed under the patch
+    return conn
+
+
+def _rows(cnn, X, upto: int) -> np.ndarray:
+    """The output of cnn[upto - 1] per item, flattened: plain torch, no hooks."""
+    with torch.no_grad():
+        return cnn[:upto](X.clone()).flatten(1).double().numpy()
+
+
+def test_blocks_are_the_top_level_children_with_parameters_and_a_trunk_is_opened():
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = nn.Linear(8, 8), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.lin(x))
+
+    class Trunk(nn.Module):  # over half the parameters, made of blocks: opened, and kept
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Layer(), Layer()])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.trunk = nn.Linear(4, 8), Trunk()
+            self.pool = nn.Identity()  # no parameters: not a block
+            self.head = nn.Sequential(nn.Linear(8, 8), nn.ReLU())  # leaves only: one block
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(self.head(self.pool(self.trunk(self.embed(x)))))
+
+    model = Model()
+    X, y = torch.randn(20, 4), torch.arange(20) % 3
+    catalog = diagql.connect(model, (X, y)).catalog
+    names = [view.layer.name for view in auxiliaries.blocks(model, catalog)]
+    assert names == ["embed", "trunk", "trunk.layers.0", "trunk.layers.1", "head", "out"]
+
+
+def test_the_profile_keeps_each_blocks_principal_projections(db, cnn, digits):
+    profile = db.profile
+    assert [a.layer for a in profile.auxiliaries] == ["0", "2", "6"]  # 8: the logits, held whole
+    X = digits[0]
+    for a, upto in zip(profile.auxiliaries, (1, 3, 7)):
+        rows = _rows(cnn, X, upto)
+        k = min(auxiliaries.DIMS, rows.shape[1])
+        assert a.basis.shape == (rows.shape[1], k) and a.fitted_on == FIT
+        fit = rows[:FIT] - rows[:FIT].mean(axis=0)
+        np.testing.assert_allclose(a.mean, rows[:FIT].mean(axis=0), atol=1e-5)
+        np.testing.assert_allclose(a.basis.T @ a.basis, np.eye(k), atol=1e-5)
+        # The leading directions: as much of the fitted rows' variance as numpy's SVD's k.
+        singular = np.linalg.svd(fit, compute_uv=False)
+        captured = ((fit @ a.basis) ** 2).sum()
+        assert captured >= 0.995 * (singular[:k] ** 2).sum()
+        # Every item's projection, those held before the fit and those after it.
+        np.testing.assert_allclose(a.z, (rows - a.mean) @ a.basis, atol=2e-4)
+    again = Profile.from_arrays(profile.to_arrays(), len(profile))
+    for a, b in zip(profile.auxiliaries, again.auxiliaries, strict=True):
+        assert (a.key, a.layer, a.fitted_on) == (b.key, b.layer, b.fitted_on)
+        np.testing.assert_array_equal(a.z, b.z)
+        np.testing.assert_array_equal(a.basis, b.basis)
+
+
+def _expected(profile, rows, items, matching, groups, reduce=None):
+    """The known-coefficient estimator written out: μ + V z̄_U plus the assisted estimate of
+    the residual's mean on the latent covariates (numpy, on materialised rows)."""
+    a = profile.auxiliary('["2"]')
+    mean, basis = a.mean.astype(np.float64), a.basis.astype(np.float64)
+    if reduce is not None:
+        mean, basis = reduce(mean[None])[0], reduce(basis.T).T
+        rows = reduce(rows)
+    zb, zl = a.z.astype(np.float64), covariates(profile)
+    resid = rows[items] - (mean + zb[items] @ basis.T)
+    keys = sorted(set(groups[items].tolist()))
+    z_pop = {g: zl[matching[groups[matching] == g]].mean(axis=0) for g in keys}
+    n_pop = {g: int((groups[matching] == g).sum()) for g in keys}
+    fitted = _numpy_assisted(resid, zl[items], groups[items], z_pop, n_pop, RIDGE)
+    return {g: (m + mean + basis @ zb[matching[groups[matching] == g]].mean(axis=0), se)
+            for g, (m, se) in fitted.items()}
+
+
+def test_a_sample_query_on_a_block_is_the_known_coefficient_estimator(db, cnn, digits):
+    profile = db.profile
+    rows = _rows(cnn, digits[0], 3)
+    result = db.query("AVG NEURONS IN 2 WHERE class = 3 USING SAMPLE random(0.2, random_state=1)")
+    items = result.plan.items
+    matching = np.flatnonzero(profile.labels == 3)
+    mean, se = _expected(profile, rows, items, matching, np.zeros(len(profile), int))[0]
+    np.testing.assert_allclose(result.values, mean, rtol=1e-7, atol=1e-9)
+    half = stdtrit(len(items) - 1, 0.975) * se
+    np.testing.assert_allclose(result.estimate.ci_high - result.values, half, rtol=1e-5,
+                               atol=1e-6)
+    # The block's prediction beats the plain sample mean here.
+    exact = rows[matching].mean(axis=0)
+    assert np.abs(mean - exact).mean() < np.abs(rows[items].mean(axis=0) - exact).mean()
+
+
+def test_grouped_and_channel_queries_on_a_block(db, cnn, digits):
+    profile = db.profile
+    rows = _rows(cnn, digits[0], 3)
+    result = db.query("AVG NEURONS IN 2 GROUP BY class USING SAMPLE random(0.1, random_state=2)")
+    items, everyone = result.plan.items, np.arange(len(profile))
+    expected = _expected(profile, rows, items, everyone, profile.labels)
+    for key, group in result.groups.items():
+        np.testing.assert_allclose(group.values, expected[key][0], rtol=1e-7, atol=1e-9)
+    channels = db.query("AVG CHANNELS IN 2 USING SAMPLE random(0.1, random_state=2)")
+
+    def means(x):  # channel means of rows of the layer's 8 × 6 × 6 output
+        return x.reshape(len(x), 8, -1).mean(axis=2)
+
+    mean, _ = _expected(profile, rows, channels.plan.items, everyone,
+                        np.zeros(len(profile), int), reduce=means)[0]
+    np.testing.assert_allclose(channels.values, mean, rtol=1e-7, atol=1e-9)
+
+
+def test_explain_names_the_covariates(db):
+    block = db.query("EXPLAIN AVG NEURONS IN 2 USING SAMPLE random(0.1)")
+    other = db.query("EXPLAIN AVG NEURONS IN 4 USING SAMPLE random(0.1)")
+    text = {r.plan.query.layer.name: dict(r.plan.explain())["estimator"] for r in (block, other)}
+    assert "2's 64 principal components kept by the profile pass" in text["2"]
+    assert "principal components of the latent" in text["4"] and "kept by" not in text["4"]
+
+
+def test_the_streamed_residual_fit_equals_numpy_on_rows():
+    """engine/prediction.py's sums against the estimator on explicit residual rows."""
+    rng = np.random.default_rng(0)
+    n, width, k, p = 40, 12, 3, 2
+    basis = np.linalg.qr(rng.standard_normal((width, k)))[0].astype(np.float32)
+    mean = rng.standard_normal(width).astype(np.float32)
+    zb, zl = rng.standard_normal((n, k)), rng.standard_normal((n, p))
+    rows = mean + zb @ basis.T + 0.3 * rng.standard_normal((n, width)) + zl[:, :1]
+    pop_z = np.r_[rng.standard_normal(p) * 0.1, rng.standard_normal(k) * 0.1]
+    aux = auxiliaries.Auxiliary("k", "block", mean, basis, zb.astype(np.float32), n)
+    prediction = BlockPrediction(aux, p)
+    z = np.hstack([zl, zb])
+    fitted = assisted({0: prediction.residual(of_rows(rows, z, 90, pop_z))})[0]
+    fitted = prediction.restore(fitted, pop_z)
+    resid = rows - (mean + zb @ basis.T)
+    m, se = _numpy_assisted(resid, zl, np.zeros(n, int), {0: pop_z[:p]}, {0: 90}, RIDGE)[0]
+    np.testing.assert_allclose(fitted.mean, m + mean + basis @ pop_z[p:], rtol=1e-9)
+    np.testing.assert_allclose(fitted.se, se, rtol=1e-5)
+    np.testing.assert_allclose(prediction.corrected_mean(rows, z, pop_z), fitted.mean,
+                               rtol=1e-9)
+
+
+def test_group_means_of_the_covariates_many_groups_or_few():
+    from diagql.engine.planner import _means
+
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((500, 4))
+    matching = np.sort(rng.choice(500, 200, replace=False))
+    for groups in (3, 40):  # a weight matrix, then sorted sums
+        keys = rng.integers(0, groups, 200)
+        population = {k: int((keys == k).sum()) for k in np.unique(keys).tolist()}
+        got = _means(z, matching, keys, population)
+        assert sorted(got) == sorted(population)
+        for key, mean in got.items():
+            np.testing.assert_allclose(mean, z[matching[keys == key]].mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(_means(z, matching, None, {None: 200})[None],
+                               z[matching].mean(axis=0), rtol=1e-12)
+
+
+def test_argmax_on_a_block_fits_the_winners_on_the_latent_alone(db, cnn, digits):
+    profile = db.profile
+    rows = _rows(cnn, digits[0], 3)
+    result = db.query("ARGMAX NEURONS IN 2 USING SAMPLE random(0.2, random_state=3)")
+    items = result.plan.items
+    onehot = np.zeros((len(items), rows.shape[1]))
+    onehot[np.arange(len(items)), rows[items].argmax(axis=1)] = 1.0
+    zl = covariates(profile)
+    mean, _ = _numpy_assisted(onehot, zl[items], np.zeros(len(items), int),
+                              {0: zl.mean(axis=0)}, {0: len(profile)}, RIDGE)[0]
+    shares = np.clip(mean, 0, None) / np.clip(mean, 0, None).sum()
+    np.testing.assert_allclose(result.values, shares, rtol=1e-7, atol=1e-12)
