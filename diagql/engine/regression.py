@@ -13,8 +13,13 @@ group's mean is the survey-sampling regression estimator
 
 (the sample mean, corrected by how far the sample's mean covariates are from those of all the
 group's matching items), and its variance under the model is σ²·((1 − n/N)/n + h), with σ² the
-residual variance and h = δᵀ A⁻¹ S A⁻¹ δ the slope's share (δ = z̄_U − z̄_s, S the pooled
-centred cross-product of the covariates, A = S + ridge).
+residual variance and h = δᵀ A⁻¹ δ the slope's share (δ = z̄_U − z̄_s, A = S + ridge, S the
+pooled centred cross-product of the covariates). h is the slope's posterior variance with the
+ridge read as the prior it is (each slope ~ N(0, σ²/ridge)): the sampling variance of the
+shrunk slope, δᵀA⁻¹SA⁻¹δ, plus what the shrinkage may leave of the selection's bias,
+ridge·δᵀA⁻²δ. A few items of one cell keep the slope near 0, so a sampler that picks latent
+outliers (vas, gmm) leaves most of its bias in the answer; without the second term no
+standard error carried it (coverage 0.83-0.89, benchmarks/README.md, "Issue 15, third round").
 
 Everything is computed from mergeable sums (``CrossSums``) streamed with the activations, so
 no sampled item's row is held.
@@ -195,7 +200,7 @@ def assisted(groups: dict, ridge: float = RIDGE) -> dict:
             continue
         rss = syy - 2 * np.einsum("pj,pj->j", B, szy) + np.einsum("pj,pj->j", B, szz @ B)
         sigma2 = np.maximum(rss, 0.0) / (g.n - 1) * inflate
-        h = float(delta @ A_inv @ S @ A_inv @ delta)
+        h = float(delta @ A_inv @ delta)  # = δᵀA⁻¹(S + ridge)A⁻¹δ: noise and shrinkage
         fpc = max(g.population - g.n, 0) / max(g.population, 1)
         out[key] = Fitted(mean, np.sqrt(sigma2 * (fpc / g.n + h)), g.n - 1)
     return out
