@@ -106,7 +106,9 @@ def test_query_answer_is_the_regression_estimator_written_in_numpy(db, mlp, digi
     for g in (2, 3, 5):
         part = result.groups[g]
         mean, se = want[g]
-        np.testing.assert_allclose(part.values, mean, atol=1e-8)
+        # The rows are float32: a pass in other batches (some of these items' rows may come
+        # from an earlier test's pass, through the shared cache) differs by ~1e-7 relative.
+        np.testing.assert_allclose(part.values, mean, rtol=1e-6, atol=1e-7)
         est = part.estimate
         assert est.reliable and est.estimator == "assisted"  # maxmargin is not uniform
         n = int((labels[chosen] == g).sum())
