@@ -36,7 +36,9 @@ def layer_truth(conn, layer: str) -> LayerTruth:
     collector = Collector(View(conn.catalog[layer]), np.arange(len(conn.source)),
                           np.dtype(np.float32))
     conn.runner().run([collector], f"every item's {layer}")
-    return LayerTruth(collector.rows, collector.rows.argmax(axis=1))
+    # The Collector keeps one chunk per batch, in item order (engine/executor.py).
+    rows = np.concatenate([values for _, values in collector.chunks])
+    return LayerTruth(rows, rows.argmax(axis=1))
 
 
 def combinations(conn, layers: list[str]) -> list[Combination]:
