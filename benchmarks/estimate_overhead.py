@@ -2,6 +2,12 @@
 
     python benchmarks/estimate_overhead.py [--n 100000] [--layers conv1 fc1] [--repeat 2]
                                            [--samplers 'random(0.05)' 'maxmargin(0.05)']
+    python benchmarks/estimate_overhead.py --states [--width 4704]
+
+``--states``: the aggregate states alone (no model), 5,000 float32 rows of conv1's width in
+batches of 250, best of 5, the forms alternating: no covariates (the plain estimator), the
+latent's 10, all 74 summed against y in float64 (the block prediction as it was first built)
+and the block prediction as built now (10 against y, Σr² of the float32 residual).
 
 Over bigdata.py's items (the demo's model), each sample query with each estimator, timed as a
 first-time query: the session's activation store is emptied before it, so that its sampled
@@ -20,7 +26,13 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+import torch
 from bigdata import add_threads_option, big_connection, machine_line, use_threads
+
+from diagql.engine.aggregates import MeanState
+from diagql.engine.prediction import BlockPrediction
+from diagql.model.auxiliaries import Auxiliary
 
 QUERIES = ["AVG NEURONS IN {layer} USING SAMPLE {sampler}",
            "TOPK 10 NEURONS IN {layer} USING SAMPLE {sampler}",
@@ -34,9 +46,14 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", default=["conv1", "fc1"])
     parser.add_argument("--samplers", nargs="+", default=["random(0.05)", "maxmargin(0.05)"])
     parser.add_argument("--repeat", type=int, default=2, help="first-time runs, best kept")
+    parser.add_argument("--states", action="store_true", help="the states' cost alone")
+    parser.add_argument("--width", type=int, default=4704, help="--states: neurons")
     add_threads_option(parser)
     args = parser.parse_args()
     use_threads(args.threads)
+    if args.states:
+        states_cost(args.width)
+        return
     started = time.perf_counter()
     db = big_connection(args.n, progress=False)
     db.profile  # noqa: B018 - computed here, outside the timed queries
@@ -71,6 +88,33 @@ def main() -> None:
                       flush=True)
     db.execute("SET estimator = assisted")
     print(f"{time.perf_counter() - started:.0f} s; {machine_line()}")
+
+
+def states_cost(width: int, n: int = 5000, batch: int = 250, k: int = 64, p: int = 10) -> None:
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((width, k)))[0].astype(np.float32)
+    mean = rng.standard_normal(width).astype(np.float32)
+    rows = torch.from_numpy(rng.random((n, width), dtype=np.float32))
+    z = torch.from_numpy(rng.standard_normal((n, p + k)))
+    latent = z[:, :p].contiguous()
+    prediction = BlockPrediction(Auxiliary("x", "x", mean, basis, z[:, p:].float().numpy(), n), p)
+    forms = {"plain: no covariates": (lambda: MeanState(width), None),
+             "latent: 10 columns": (lambda: MeanState(width, covariates=p), latent),
+             "block as first built: 74 in float64": (lambda: MeanState(width, covariates=p + k), z),
+             "block now: 10 + Σr² (float32 ŷ)": (
+                 lambda: MeanState(width, covariates=p + k, prediction=prediction), z)}
+    best = dict.fromkeys(forms, float("inf"))
+    for _ in range(5):
+        for name, (make, covariates) in forms.items():
+            state = make()
+            started = time.perf_counter()
+            for start in range(0, n, batch):
+                state.update(rows[start:start + batch], None,
+                             None if covariates is None else covariates[start:start + batch])
+            best[name] = min(best[name], time.perf_counter() - started)
+    print(f"{n:,} rows of {width:,} neurons in batches of {batch}; {machine_line()}")
+    for name, seconds in best.items():
+        print(f"{name:<38} {seconds:.3f} s   extra {seconds - best['plain: no covariates']:.3f} s")
 
 
 if __name__ == "__main__":

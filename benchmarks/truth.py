@@ -36,7 +36,8 @@ def layer_truth(conn, layer: str) -> LayerTruth:
     collector = Collector(View(conn.catalog[layer]), np.arange(len(conn.source)),
                           np.dtype(np.float32))
     conn.runner().run([collector], f"every item's {layer}")
-    return LayerTruth(collector.rows, collector.rows.argmax(axis=1))
+    rows = np.concatenate([chunk for _, chunk in collector.chunks])  # its chunks, in item order
+    return LayerTruth(rows, rows.argmax(axis=1))
 
 
 def combinations(conn, layers: list[str]) -> list[Combination]:
