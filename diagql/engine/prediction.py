@@ -53,7 +53,8 @@ class BlockPrediction:
             self._tensors[key] = held
         mean, basis_t = held
         zb = z[:, self.p:].to(device=device, dtype=dtype)
-        out = torch.zeros(shape, dtype=torch.float64, device=device)
+        home = device if device.type != "mps" else torch.device("cpu")  # MPS: no float64
+        out = torch.zeros(shape, dtype=torch.float64, device=home)
         rows = max(1, _PIECE_BYTES // (4 * max(values.shape[1], 1)))
         for start in range(0, len(values), rows):
             part = slice(start, start + rows)
@@ -61,9 +62,9 @@ class BlockPrediction:
             torch.sub(values[part].to(dtype), r, out=r)
             r.mul_(r)
             if codes is None:
-                out += r.sum(dim=0)  # float32 over one piece: the dtype= form is 5x slower
+                out += r.sum(dim=0).to(home)  # float32 over one piece: dtype= is 5x slower
             else:
-                out.index_add_(0, codes[part], r.to(torch.float64))
+                out.index_add_(0, codes[part].to(home), r.to(device=home, dtype=torch.float64))
         return out.cpu()
 
     def sums(self, state, population: int, population_z: np.ndarray) -> GroupSums:
