@@ -9,7 +9,9 @@ every group of the batch at once (``index_add_`` and its kin, item ``i`` into ro
 ``codes[i]``) instead of selecting each group's rows, and ``group(g)`` is row g as a state of
 its own (docs/ARCHITECTURE.md, "Plan and execute"). ``covariates=p`` (a sample's
 model-assisted estimate, engine/regression.py) also sums the items' p covariates against their
-values, per group the same way; ``update`` then takes them as ``z``.
+values, per group the same way; ``update`` then takes them as ``z``. With a block prediction
+(engine/prediction.py) a mean state sums the values against the latent's columns only and the
+squared residual of the prediction directly.
 """
 from __future__ import annotations
 
