@@ -81,8 +81,10 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                     cov.auxiliary, cov.latent_dims)
                 values = torch.from_numpy(truth.activations[chosen].astype(np.float64))
                 zc = torch.from_numpy(z[chosen])
-                mean_state = MeanState(values.shape[1], covariates=z.shape[1])
-                hist_state = ArgmaxState(values.shape[1], covariates=z.shape[1])
+                mean_state = MeanState(values.shape[1], covariates=z.shape[1],
+                                       prediction=prediction)
+                hist_state = ArgmaxState(values.shape[1], covariates=z.shape[1],
+                                         prediction=prediction)
                 mean_state.update(values, z=zc)
                 hist_state.update(values, z=zc)
                 population = len(combo.items)

@@ -10,9 +10,11 @@ from scipy.special import stdtrit
 from torch import nn
 
 import diagql
+from diagql.engine import estimate
+from diagql.engine.aggregates import MeanState
 from diagql.engine.covariates import covariates
 from diagql.engine.prediction import BlockPrediction
-from diagql.engine.regression import RIDGE, assisted, of_rows
+from diagql.engine.regression import RIDGE
 from diagql.model import auxiliaries
 from diagql.model.profile import Profile
 from tests.test_estimate_assisted import _numpy_assisted
@@ -96,6 +98,12 @@ def test_the_profile_keeps_each_blocks_principal_projections(db, cnn, digits):
         np.testing.assert_array_equal(a.basis, b.basis)
 
 
+# The pass predicts each row in float32 (ŷ = μ + z_b Vᵀ, engine/prediction.py), as the profile
+# holds μ, V and z_b: its answer is numpy's float64 one up to float32 rounding of ŷ (~1e-7 of
+# values of order 1, which the estimate's standard error carries).
+F32 = {"rtol": 1e-6, "atol": 1e-6}
+
+
 def _expected(profile, rows, items, matching, groups, reduce=None):
     """The known-coefficient estimator written out: μ + V z̄_U plus the assisted estimate of
     the residual's mean on the latent covariates (numpy, on materialised rows)."""
@@ -121,7 +129,7 @@ def test_a_sample_query_on_a_block_is_the_known_coefficient_estimator(db, cnn, d
     items = result.plan.items
     matching = np.flatnonzero(profile.labels == 3)
     mean, se = _expected(profile, rows, items, matching, np.zeros(len(profile), int))[0]
-    np.testing.assert_allclose(result.values, mean, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(result.values, mean, **F32)
     half = stdtrit(len(items) - 1, 0.975) * se
     np.testing.assert_allclose(result.estimate.ci_high - result.values, half, rtol=1e-5,
                                atol=1e-6)
@@ -137,7 +145,7 @@ def test_grouped_and_channel_queries_on_a_block(db, cnn, digits):
     items, everyone = result.plan.items, np.arange(len(profile))
     expected = _expected(profile, rows, items, everyone, profile.labels)
     for key, group in result.groups.items():
-        np.testing.assert_allclose(group.values, expected[key][0], rtol=1e-7, atol=1e-9)
+        np.testing.assert_allclose(group.values, expected[key][0], **F32)
     channels = db.query("AVG CHANNELS IN 2 USING SAMPLE random(0.1, random_state=2)")
 
     def means(x):  # channel means of rows of the layer's 8 × 6 × 6 output
@@ -145,7 +153,7 @@ def test_grouped_and_channel_queries_on_a_block(db, cnn, digits):
 
     mean, _ = _expected(profile, rows, channels.plan.items, everyone,
                         np.zeros(len(profile), int), reduce=means)[0]
-    np.testing.assert_allclose(channels.values, mean, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(channels.values, mean, **F32)
 
 
 def test_explain_names_the_covariates(db):
@@ -156,26 +164,73 @@ def test_explain_names_the_covariates(db):
     assert "principal components of the latent" in text["4"] and "kept by" not in text["4"]
 
 
-def test_the_streamed_residual_fit_equals_numpy_on_rows():
-    """engine/prediction.py's sums against the estimator on explicit residual rows."""
-    rng = np.random.default_rng(0)
-    n, width, k, p = 40, 12, 3, 2
+def _toy_prediction(rng, width: int, k: int, p: int, n: int):
     basis = np.linalg.qr(rng.standard_normal((width, k)))[0].astype(np.float32)
     mean = rng.standard_normal(width).astype(np.float32)
     zb, zl = rng.standard_normal((n, k)), rng.standard_normal((n, p))
     rows = mean + zb @ basis.T + 0.3 * rng.standard_normal((n, width)) + zl[:, :1]
-    pop_z = np.r_[rng.standard_normal(p) * 0.1, rng.standard_normal(k) * 0.1]
     aux = auxiliaries.Auxiliary("k", "block", mean, basis, zb.astype(np.float32), n)
-    prediction = BlockPrediction(aux, p)
-    z = np.hstack([zl, zb])
-    fitted = assisted({0: prediction.residual(of_rows(rows, z, 90, pop_z))})[0]
-    fitted = prediction.restore(fitted, pop_z)
-    resid = rows - (mean + zb @ basis.T)
-    m, se = _numpy_assisted(resid, zl, np.zeros(n, int), {0: pop_z[:p]}, {0: 90}, RIDGE)[0]
-    np.testing.assert_allclose(fitted.mean, m + mean + basis @ pop_z[p:], rtol=1e-9)
+    return BlockPrediction(aux, p), rows, np.hstack([zl, zb])
+
+
+def test_the_streamed_residual_fit_equals_numpy_on_rows():
+    """A mean state's streamed residual sums (float64 rows: ŷ in float64), fitted, against the
+    estimator on explicit residual rows in numpy; EVALUATE's lean form agrees."""
+    rng = np.random.default_rng(0)
+    n, width, k, p = 40, 12, 3, 2
+    prediction, rows, z = _toy_prediction(rng, width, k, p, n)
+    pop_z = np.r_[rng.standard_normal(p) * 0.1, rng.standard_normal(k) * 0.1]
+    state = MeanState(width, covariates=p + k, prediction=prediction)
+    for part in (slice(0, 25), slice(25, n)):
+        assert state.update(torch.from_numpy(rows[part]), z=torch.from_numpy(z[part]))
+    fitted = estimate.fit({None: state}, {None: 90}, {None: pop_z}, prediction)[None]
+    resid = rows - (prediction.mean + z[:, p:] @ prediction.basis.T)
+    m, se = _numpy_assisted(resid, z[:, :p], np.zeros(n, int), {0: pop_z[:p]}, {0: 90}, RIDGE)[0]
+    np.testing.assert_allclose(fitted.mean, m + prediction.mean + prediction.basis @ pop_z[p:],
+                               rtol=1e-9)
     np.testing.assert_allclose(fitted.se, se, rtol=1e-5)
+    np.testing.assert_allclose(state.finalize(), rows.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(prediction.corrected_mean(rows, z, pop_z), fitted.mean,
                                rtol=1e-9)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_residual_sums_of_float32_batches_wider_than_a_piece_equal_numpy(grouped):
+    """float32 rows of 5,000 neurons (several pieces per batch): the residual r = y − (μ + V z_b)
+    per group, Σr and z_latentᵀr (derived in float64) and Σr² (streamed, ŷ in float32) against
+    numpy in float64; the values' own sums are untouched, and a batch with NaN adds nothing."""
+    rng = np.random.default_rng(4)
+    n, width, k, p = 300, 5_000, 3, 2
+    prediction, rows, z = _toy_prediction(rng, width, k, p, n)
+    rows = rows.astype(np.float32)
+    codes = rng.integers(0, 3, size=n)
+    state = MeanState(width, groups=3 if grouped else None, covariates=p + k,
+                      prediction=prediction)
+    for start in (0, 128, 256):
+        part = slice(start, start + 128)
+        assert state.update(torch.from_numpy(rows[part]),
+                            torch.from_numpy(codes[part]) if grouped else None,
+                            torch.from_numpy(z[part]))
+    spoiled = rows[:40].copy()
+    spoiled[33, 4_999] = np.nan
+    assert not state.update(torch.from_numpy(spoiled),
+                            torch.from_numpy(codes[:40]) if grouped else None,
+                            torch.from_numpy(z[:40]))
+    Y = rows.astype(np.float64)
+    R = Y - (prediction.mean + z[:, p:] @ prediction.basis.T)
+    for g in range(3) if grouped else [None]:
+        mine = np.ones(n, bool) if g is None else codes == g
+        part = state if g is None else state.group(g)
+        assert part.count == mine.sum()
+        np.testing.assert_allclose(part.sum.numpy(), Y[mine].sum(axis=0), rtol=1e-12)
+        r = prediction.sums(part, 900, np.zeros(p + k))
+        assert r.n == mine.sum() and r.population_z.shape == (p,)
+        np.testing.assert_allclose(r.total, R[mine].sum(axis=0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(r.squares, (R[mine] ** 2).sum(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(r.cross.zy.numpy(), z[mine, :p].T @ R[mine], rtol=1e-9,
+                                   atol=1e-9)
+        np.testing.assert_allclose(r.cross.zz.numpy(), z[mine, :p].T @ z[mine, :p], rtol=1e-12)
+        np.testing.assert_allclose(r.cross.z.numpy(), z[mine, :p].sum(axis=0), rtol=1e-12)
 
 
 def test_group_means_of_the_covariates_many_groups_or_few():

@@ -9,7 +9,9 @@ every group of the batch at once (``index_add_`` and its kin, item ``i`` into ro
 ``codes[i]``) instead of selecting each group's rows, and ``group(g)`` is row g as a state of
 its own (docs/ARCHITECTURE.md, "Plan and execute"). ``covariates=p`` (a sample's
 model-assisted estimate, engine/regression.py) also sums the items' p covariates against their
-values, per group the same way; ``update`` then takes them as ``z``.
+values, per group the same way; ``update`` then takes them as ``z``. With a block prediction
+(engine/prediction.py) a mean state sums the values against the latent's columns only and the
+squared residual of the prediction directly.
 """
 from __future__ import annotations
 
@@ -40,6 +42,19 @@ def _finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(values.sum(dtype=torch.float64)))
 
 
+def _add_sums(total: torch.Tensor, squares: torch.Tensor | None, wide: torch.Tensor,
+              codes: torch.Tensor | None) -> None:
+    """Σy and Σy² of a float64 piece, into the batch's sums (per group with ``codes``)."""
+    if codes is None:
+        total += wide.sum(dim=0)
+        if squares is not None:
+            squares += (wide * wide).sum(dim=0)
+    else:
+        total.index_add_(0, codes, wide)
+        if squares is not None:
+            squares.index_add_(0, codes, wide * wide)
+
+
 def _add_counts(count, codes: torch.Tensor | None, n: int):
     if codes is None:
         return count + n
@@ -52,12 +67,22 @@ class MeanState:
     ``spread=False`` (an exact answer, which needs no standard error) skips the squares."""
 
     def __init__(self, n_neurons: int, spread: bool = True, groups: int | None = None,
-                 covariates: int = 0):
+                 covariates: int = 0, prediction=None):
         shape = (n_neurons,) if groups is None else (groups, n_neurons)
         self.sum = torch.zeros(shape, dtype=torch.float64)
         self.sumsq = torch.zeros(shape, dtype=torch.float64) if spread else None
         self.count = 0 if groups is None else torch.zeros(groups, dtype=torch.int64)
-        self.cross = CrossSums(covariates, n_neurons, groups) if covariates else None
+        # A block prediction (engine/prediction.py) takes the covariates' last k columns z_b:
+        # zᵀy is summed against the first p (the latent's) only, Σz and Σzzᵀ over all of them
+        # (``block``), and Σr² of the residual r = y − ŷ directly (``residual_squares``); the
+        # residual's other sums follow from these exactly (BlockPrediction.sums).
+        self.prediction = prediction
+        latent = covariates if prediction is None else prediction.p
+        self.cross = CrossSums(latent, n_neurons, groups) if covariates else None
+        self.block = self.residual_squares = None
+        if prediction is not None and covariates:
+            self.block = CrossSums(covariates, 0, groups)
+            self.residual_squares = torch.zeros(shape, dtype=torch.float64)
 
     def update(self, values: torch.Tensor, codes: torch.Tensor | None = None,
                z: torch.Tensor | None = None) -> bool:
@@ -66,6 +91,12 @@ class MeanState:
         # The covariates' sums take each float64 piece while it is in cache (one upcast of the
         # batch, not two: 3x cheaper on a 256 x 4,704 batch), into sums of the batch's own
         # that join the state only once the batch is known to be finite.
+        block = residual = None
+        if self.block is not None and z is not None:
+            block = self.block.like()
+            block.add_z(z, codes)
+            residual = self.prediction.residual_squares(values, z, codes, self.sum.shape)
+            z = z[:, :self.prediction.p].contiguous()
         cross = None if self.cross is None or z is None else self.cross.like()
         if cross is not None:
             cross.add_z(z, codes)
@@ -76,14 +107,7 @@ class MeanState:
                 wide = piece.to(torch.float64)
                 if cross is not None:
                     cross.add_products(piece_z, wide, piece_codes)
-                if codes is None:
-                    total += wide.sum(dim=0)
-                    if squares is not None:
-                        squares += (wide * wide).sum(dim=0)
-                else:
-                    total.index_add_(0, piece_codes, wide)
-                    if squares is not None:
-                        squares.index_add_(0, piece_codes, wide * wide)
+                _add_sums(total, squares, wide, piece_codes)
         # NaN or inf anywhere in the batch makes a sum NaN or inf: one check per neuron.
         if not bool(torch.isfinite(total).all()):
             return False
@@ -92,6 +116,9 @@ class MeanState:
             self.sumsq += squares.cpu()
         if cross is not None:
             self.cross.merge(cross)
+        if block is not None:
+            self.block.merge(block)
+            self.residual_squares += residual
         self.count = _add_counts(self.count, codes, values.shape[0])
         return True
 
@@ -101,6 +128,9 @@ class MeanState:
             self.sumsq += other.sumsq
         if self.cross is not None and other.cross is not None:
             self.cross.merge(other.cross)
+        if self.block is not None and other.block is not None:
+            self.block.merge(other.block)
+            self.residual_squares += other.residual_squares
         self.count = self.count + other.count
         return self
 
@@ -109,6 +139,9 @@ class MeanState:
         part.sum, part.count = self.sum[g], int(self.count[g])
         part.sumsq = None if self.sumsq is None else self.sumsq[g]
         part.cross = None if self.cross is None else self.cross.group(g)
+        part.prediction = self.prediction
+        part.block = None if self.block is None else self.block.group(g)
+        part.residual_squares = None if self.block is None else self.residual_squares[g]
         return part
 
     def finalize(self) -> np.ndarray:
@@ -157,11 +190,15 @@ class ArgmaxState:
     """How often each neuron is an item's maximally activated one (ties: the lowest index);
     ``covariates=p`` also sums the items' covariates against their one-hot winners."""
 
-    def __init__(self, n_neurons: int, groups: int | None = None, covariates: int = 0):
+    def __init__(self, n_neurons: int, groups: int | None = None, covariates: int = 0,
+                 prediction=None):
         shape = (n_neurons,) if groups is None else (groups, n_neurons)
         self.counts = torch.zeros(shape, dtype=torch.int64)
         self.count = 0 if groups is None else torch.zeros(groups, dtype=torch.int64)
-        self.cross = CrossSums(covariates, n_neurons, groups) if covariates else None
+        # Winners are not linear in the row: a block prediction's columns are not used, only
+        # the latent's (the first ``prediction.p``).
+        self.latent = covariates if prediction is None else prediction.p
+        self.cross = CrossSums(self.latent, n_neurons, groups) if covariates else None
 
     def update(self, values: torch.Tensor, codes: torch.Tensor | None = None,
                z: torch.Tensor | None = None) -> bool:
@@ -171,7 +208,7 @@ class ArgmaxState:
             # Upcasting is exact and keeps the order, so the winner is the model dtype's.
             winners = values.argmax(dim=1).cpu()
             if self.cross is not None and z is not None:
-                self.cross.add_winners(z, winners, codes)
+                self.cross.add_winners(z[:, :self.latent], winners, codes)
             if codes is not None:  # one histogram of (group, neuron) cells
                 winners = codes.cpu() * self.counts.shape[-1] + winners
             self.counts += torch.bincount(winners, minlength=self.counts.numel()
@@ -296,14 +333,15 @@ STATES = {"avg": MeanState, "argmax": ArgmaxState, ("topk", "mean"): MeanState,
 
 
 def state_for(aggregate: str, order: str, n_neurons: int, spread: bool = True,
-              groups: int | None = None, covariates: int = 0):
+              groups: int | None = None, covariates: int = 0, prediction=None):
     """A fresh state (G × neurons with ``groups=G``); ``covariates`` (p > 0) makes a mean or
-    argmax state sum them too."""
+    argmax state sum them too, ``prediction`` (a block's, engine/prediction.py) a mean
+    state sum its residual against the latent's."""
     key = aggregate if aggregate != "topk" else (aggregate, order)
     if STATES[key] is MeanState:
-        return MeanState(n_neurons, spread, groups, covariates)
+        return MeanState(n_neurons, spread, groups, covariates, prediction)
     if STATES[key] is ArgmaxState:
-        return ArgmaxState(n_neurons, groups, covariates)
+        return ArgmaxState(n_neurons, groups, covariates, prediction)
     return STATES[key](n_neurons, groups)
 
 

@@ -45,17 +45,19 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None) 
     (engine/prediction.py), whose residual a mean's fit models instead."""
     groups = {}
     for key, state in states.items():
-        if state.count == 0 or getattr(state, "cross", None) is None:
+        if state.count == 0:
+            continue
+        if prediction is not None:
+            groups[key] = prediction.sums(state, population[key], covariate_means[key])
+            continue
+        if getattr(state, "cross", None) is None:
             continue
         total, squares = _sums(state)
         groups[key] = GroupSums(state.count, total, squares, state.cross, population[key],
                                 covariate_means[key])
-    if prediction is None:
-        return assisted(groups)
-    winners = any(hasattr(state, "counts") for state in states.values())
-    if winners:  # an argmax's one-hot winners are not predicted
-        return assisted({key: prediction.latent_only(g) for key, g in groups.items()})
-    fitted = assisted({key: prediction.residual(g) for key, g in groups.items()})
+    fitted = assisted({key: g for key, g in groups.items() if g.cross is not None})
+    if prediction is None or any(hasattr(state, "counts") for state in states.values()):
+        return fitted  # an argmax's one-hot winners are not predicted
     return {key: prediction.restore(f, covariate_means[key]) for key, f in fitted.items()}
 
 

@@ -42,7 +42,7 @@ class Reducer:
         self.new_state = functools.partial(
             state_for, query.aggregate, query.order, plan.bound.n_neurons,
             spread=plan.approximate, groups=None if self.codes is None else len(self.keys),
-            covariates=0 if z is None else z.shape[1])
+            covariates=0 if z is None else z.shape[1], prediction=plan.prediction)
         self.state = self.new_state()
         # The covariates' rows: row i is item i's, or (a part's) ``z_items[i]``'s.
         self.z, self.z_items = z, None

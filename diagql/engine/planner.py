@@ -123,6 +123,9 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                  baseline=full if query.baseline else None)
     if estimator is None or (query.aggregate == "topk" and query.order == "max"):
         return plan  # a maximum has no regression estimator
+    if estimator == "plain":  # no covariates: the pass streams no sums it would not use
+        return dataclasses.replace(plan, estimator=estimator,
+                                   estimator_text="plain: the sample mean")
     chosen = for_view(profile, bound.view.key)
     z = chosen.z
     means = _means(z, matching, None if keys is None else keys[matching], population)
@@ -130,7 +133,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     if chosen.auxiliary is not None:
         channels = bound.view.layer.shape[0] if bound.view.channels else None
         prediction = BlockPrediction(chosen.auxiliary, chosen.latent_dims, channels)
-    text = "plain: the sample mean" if estimator == "plain" else chosen.describe(profile)
+    text = chosen.describe(profile)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text)
 

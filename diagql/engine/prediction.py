@@ -5,8 +5,10 @@ coefficient to fit, and the regression estimator fits only the residual y − ŷ
 
     mean_U(y) ≈ μ + V z̄_b,U + [the assisted estimate of the residual's mean]
 
-The residual's sums follow from the states' sums over the covariates [z_latent, z_b], so the
-states stream as before and no row is held."""
+The mean states stream what the residual's sums need (engine/aggregates.py): Σy, the
+latent's z_latentᵀy, Σz and Σzzᵀ over all the covariates, and Σr² directly from each
+batch's r = y − ŷ (ŷ one float32 product z_b Vᵀ), so no row is held and no sum is derived by
+a difference that cancels; the block's k columns never meet y in float64."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +16,10 @@ import torch
 
 from diagql.engine.regression import CrossSums, Fitted, GroupSums, corrected_mean
 from diagql.model.auxiliaries import Auxiliary
+
+# The float32 residual's pieces: about 1 MB, which stays in a core's cache while it is
+# squared and summed (as engine/aggregates.py upcasts its pieces).
+_PIECE_BYTES = 1 << 20
 
 
 class BlockPrediction:
@@ -28,28 +34,59 @@ class BlockPrediction:
             self.mean = self.mean.reshape(channels, -1).mean(axis=1)
             self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
+        self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
 
-    def residual(self, g: GroupSums) -> GroupSums:
-        """The sums of the residual y − ŷ against the latent covariates alone."""
-        p, mu, v = self.p, self.mean, self.basis
-        z, zz, zy = (t.numpy() for t in (g.cross.z, g.cross.zz, g.cross.zy))
-        zb_sum = z[p:]
-        predicted = g.n * mu + v @ zb_sum  # Σŷ
-        y_predicted = mu * g.total + np.einsum("jk,kj->j", v, zy[p:])  # Σ y∘ŷ
-        predicted_sq = (g.n * mu * mu + 2 * mu * (v @ zb_sum)
-                        + np.einsum("jk,kl,jl->j", v, zz[p:, p:], v))  # Σŷ²
-        cross = CrossSums.__new__(CrossSums)
-        cross.z, cross.zz = g.cross.z[:p], g.cross.zz[:p, :p]
-        cross.zy = torch.from_numpy(zy[:p] - np.outer(z[:p], mu) - zz[:p, p:] @ v.T)
-        return GroupSums(g.n, g.total - predicted, g.squares - 2 * y_predicted + predicted_sq,
-                         cross, g.population, g.population_z[:p])
+    def residual_squares(self, values: torch.Tensor, z: torch.Tensor,
+                         codes: torch.Tensor | None, shape: tuple) -> torch.Tensor:
+        """Σ (y − ŷ)² of a batch per neuron (per group with ``codes``: ``shape`` is the
+        state's), float64 on the CPU. ŷ = μ + z_b Vᵀ is one float32 product (float64 rows: in
+        float64), the precision the prediction is held in (``restore``), taken in pieces of
+        about 1 MB that stay in cache while squared and summed; each piece's sum joins float64
+        sums."""
+        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        device = values.device
+        key = (device, dtype)
+        held = self._tensors.get(key)
+        if held is None:
+            held = (torch.from_numpy(self.mean).to(device=device, dtype=dtype),
+                    torch.from_numpy(self.basis.T.copy()).to(device=device, dtype=dtype))
+            self._tensors[key] = held
+        mean, basis_t = held
+        zb = z[:, self.p:].to(device=device, dtype=dtype)
+        home = device if device.type != "mps" else torch.device("cpu")  # MPS: no float64
+        out = torch.zeros(shape, dtype=torch.float64, device=home)
+        rows = max(1, _PIECE_BYTES // (4 * max(values.shape[1], 1)))
+        for start in range(0, len(values), rows):
+            part = slice(start, start + rows)
+            r = torch.addmm(mean, zb[part], basis_t)
+            torch.sub(values[part].to(dtype), r, out=r)
+            r.mul_(r)
+            if codes is None:
+                out += r.sum(dim=0).to(home)  # float32 over one piece: dtype= is 5x slower
+            else:
+                out.index_add_(0, codes[part].to(home), r.to(device=home, dtype=torch.float64))
+        return out.cpu()
 
-    def latent_only(self, g: GroupSums) -> GroupSums:
-        """The sums against the latent covariates alone (ARGMAX's winners: not predicted)."""
-        cross = CrossSums.__new__(CrossSums)
+    def sums(self, state, population: int, population_z: np.ndarray) -> GroupSums:
+        """What the assisted fit models, against the latent covariates alone: for a mean
+        state the residual y − ŷ, whose Σr and Σ z_latent rᵀ follow exactly from the state's
+        Σy, Σz, Σzzᵀ and z_latentᵀy (float64) and whose Σr² it streamed directly (not as
+        Σy² − 2Σyŷ + Σŷ², which cancels where the block explains most of a neuron); for an
+        argmax state its one-hot winners (not predicted)."""
         p = self.p
-        cross.z, cross.zz, cross.zy = g.cross.z[:p], g.cross.zz[:p, :p], g.cross.zy[:p]
-        return GroupSums(g.n, g.total, g.squares, cross, g.population, g.population_z[:p])
+        if hasattr(state, "counts"):
+            counts = state.counts.numpy().astype(np.float64)  # y is one-hot: y² = y
+            return GroupSums(state.count, counts, counts, state.cross, population,
+                             population_z[:p])
+        mu, v = self.mean, self.basis
+        z, zz = state.block.z.numpy(), state.block.zz.numpy()
+        cross = CrossSums.__new__(CrossSums)
+        cross.z, cross.zz = state.block.z[:p], state.block.zz[:p, :p]
+        cross.zy = torch.from_numpy(state.cross.zy.numpy() - np.outer(z[:p], mu)
+                                    - zz[:p, p:] @ v.T)
+        total = state.sum.numpy() - (state.count * mu + v @ z[p:])
+        return GroupSums(state.count, total, state.residual_squares.numpy(), cross, population,
+                         population_z[:p])
 
     def restore(self, fitted: Fitted, population_z: np.ndarray) -> Fitted:
         """The residual's estimate plus the matching items' mean prediction μ + V z̄_b,U. The
@@ -68,3 +105,4 @@ class BlockPrediction:
         return (self.mean + self.basis @ population_z[p:]
                 + corrected_mean(np.asarray(values, dtype=np.float64) - predicted, z[:, :p],
                                  population_z[:p]))
+

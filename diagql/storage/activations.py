@@ -45,7 +45,9 @@ def _reduction_key(plan) -> tuple:
     if kind == ("topk", "mean"):
         kind = "avg"  # the same mean state
     digest = hashlib.sha1(np.ascontiguousarray(plan.items).tobytes()).hexdigest()
-    return plan.bound.view.key, query.unit, kind, query.group_by, digest
+    # The assisted estimator's states also sum the covariates; the plain one's do not.
+    covariates = getattr(plan, "covariates", None) is not None
+    return plan.bound.view.key, query.unit, kind, query.group_by, digest, covariates
 
 
 class _Rows:
@@ -119,9 +121,11 @@ class ActivationStore:
     def reduced(self, plan) -> dict | None:
         """Aggregate states an earlier query reduced over exactly these items, or None."""
         key = _reduction_key(plan)
-        if key in self._reduced:
-            self._reduced.move_to_end(key)
-            return self._reduced[key]
+        # States with the covariates' sums serve a plan that needs none as well.
+        for held in (key, key[:-1] + (True,)):
+            if held in self._reduced:
+                self._reduced.move_to_end(held)
+                return self._reduced[held]
         return None
 
     def remember(self, plan, states: dict) -> None:
