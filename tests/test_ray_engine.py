@@ -437,3 +437,44 @@ def test_the_command_line_runs_a_query_on_the_cluster(world, capsys, tmp_path):
     values = json.loads(out.out)["values"]
     acts = activations(models.trained_mlp(), world.X, "encoder.3")
     close(np.array(values), acts[world.y.numpy() == 2].mean(axis=0))
+
+
+
+def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
+    """The blocks' directions are fitted once, on the items the local pass fits them on (the
+    first FIT of them: not a multiple of the batch, fewer than the items), and every shard
+    projects on them: the local profile's auxiliaries, checked against plain torch and
+    numpy; so a sample query on a block answers as the local engine."""
+    from diagql.model import auxiliaries
+
+    world.conn.engine.close()  # its workers hold both CPUs; they are made again when needed
+    model, fit = models.trained_cnn(), 300  # a Sequential: its blocks are 0, 2 and 6
+    with pytest.MonkeyPatch.context() as patch:  # the driver's count is the workers' too
+        patch.setattr(auxiliaries, "FIT_ITEMS", fit)
+        conn = diagql.connect(model, (world.X, world.y), batch_size=BATCH, cache_dir=False,
+                              engine="ray", ray_workers=1, progress=False)  # 4 shards
+        local = diagql.connect(model, (world.X, world.y), batch_size=BATCH, cache_dir=False,
+                               progress=False)
+        ray_aux = {a.key: a for a in conn.profile.auxiliaries}
+        local_aux = {a.key: a for a in local.profile.auxiliaries}
+    try:
+        assert ray_aux.keys() == local_aux.keys() and len(local_aux) == 3
+        for key, want in local_aux.items():
+            got = ray_aux[key]
+            assert (got.layer, got.fitted_on) == (want.layer, fit)
+            for field in ("mean", "basis", "z"):
+                a, b = getattr(got, field), getattr(want, field)
+                assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+                np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(np.abs(b).max()))
+            rows = activations(model, world.X, got.layer)
+            assert np.allclose(got.mean, rows[:fit].mean(0), rtol=1e-5, atol=1e-6)
+            z = (rows - got.mean.astype(np.float64)) @ got.basis.astype(np.float64)
+            np.testing.assert_allclose(got.z, z, rtol=0, atol=1e-4 * float(np.abs(z).max()))
+        for layer in sorted({a.layer for a in local_aux.values()}):
+            statement = f"AVG NEURONS IN {layer} USING SAMPLE random(0.2, random_state=4)"
+            got, want = conn.query(statement), local.query(statement)
+            assert got.neurons.tolist() == want.neurons.tolist()
+            np.testing.assert_allclose(got.values, want.values, rtol=1e-9,
+                                       atol=1e-9 * float(np.abs(want.values).max()))
+    finally:
+        conn.engine.close()

@@ -6,6 +6,7 @@ them in shard order. ``ray`` is imported here only, and only when a pass first n
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import time
 
@@ -14,7 +15,9 @@ import numpy as np
 from diagql.engine.ray_data import DatasetBlocks, DatasetHead, ShardSource
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
-from diagql.model.profile import Profile, assemble_profile, profile_part
+from diagql.model.auxiliaries import joined
+from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part, profile_part,
+                                  projected_part)
 
 SHARDS_PER_WORKER = 4  # smaller shards: less work lost to a dead worker, better balance
 IN_FLIGHT = 2  # shards queued per actor, so that none idles between two of them
@@ -241,19 +244,32 @@ class RayEngine:
 
     def profile(self, n_items: int, *, model=None, latent, latent_is_input: bool, view,
                 batch_size: int, dtype, progress,
-                compare: tuple = ((), (), False)) -> Profile:
+                compare: tuple = ((), (), False), blocks: list | tuple = ()) -> Profile:
         """The profile pass on the cluster: each shard's profile, concatenated in order (the
-        layers that hold the latent's or the logits' rows: those that did in every shard)."""
+        layers that hold the latent's or the logits' rows: those that did in every shard).
+        The ``blocks``' directions are fitted once, by one worker on the items the local pass
+        fits them on, and every shard projects on them: the local pass's auxiliaries."""
         if n_items == 0:
             raise DiagQLError("the data set is empty")
         started = time.perf_counter()
         shards = self._shards(np.arange(n_items), batch_size)
-        task = _task(_on_model, task=profile_part, key=model, latent=latent,
-                     latent_is_input=latent_is_input, dtype=dtype, batch_size=batch_size,
-                     view=view, compare=compare)
+        options = {"key": model, "latent": latent, "latent_is_input": latent_is_input,
+                   "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare}
+        views, fits = list(blocks), {}
+        if views:
+            fit, first = fit_items(views, n_items, batch_size)
+            fits = self.run([_task(_on_model, task=fit_part, views=views, fit=fit, **options)],
+                            [first], "fitting the blocks' directions", progress)[0]
+        task = _task(_on_model, task=projected_part, views=views, fits=fits, **options) \
+            if fits else _task(_on_model, task=profile_part, **options)
         parts = self.run([task] * len(shards), shards, "profiling the data", progress)
-        return assemble_profile(parts, latent, latent_is_input, time.perf_counter() - started,
-                                view=view, dtype=dtype)
+        profile = assemble_profile(parts, latent, latent_is_input, 0.0, view=view, dtype=dtype)
+        # The views the profile holds whole need no projection, as in compute_profile.
+        auxiliaries = joined(views, fits, [part.z for part in parts],
+                             fit,
+                             profile.latent_views + profile.logit_views) if fits else ()
+        return dataclasses.replace(profile, auxiliaries=auxiliaries,
+                                   seconds=time.perf_counter() - started)
 
     def _shards(self, items: np.ndarray, batch_size: int) -> list[np.ndarray]:
         return shard_items(items, batch_size, len(self.start()) * SHARDS_PER_WORKER)

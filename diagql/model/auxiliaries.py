@@ -100,9 +100,11 @@ def principal(rows: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, 
 
 class BlockProjector:
     """The profile pass's part: each block's rows are held for the first items (up to
-    FIT_ITEMS and HOLD_BUDGET), its directions fitted on them, and every item projected."""
+    FIT_ITEMS and HOLD_BUDGET), its directions fitted on them, and every item projected.
+    Given ``fits`` (``fitted()`` of a projector that ran over the pass's first items: a Ray
+    pass's shard), it only projects, with those directions; a block without one is dropped."""
 
-    def __init__(self, views: list[View], n: int, dims: int = DIMS):
+    def __init__(self, views: list[View], n: int, dims: int = DIMS, fits: dict | None = None):
         self.views = {view.layer.name: view for view in views}
         width = sum(view.width for view in views) or 1
         self.fit_items = max(1, min(FIT_ITEMS, n, HOLD_BUDGET // (4 * width)))
@@ -112,6 +114,16 @@ class BlockProjector:
         self.fits: dict[str, tuple[torch.Tensor, ...]] = {}  # mean, basis; float32 for the pass
         self.z: dict[str, np.ndarray] = {}
         self.position = 0
+        for name in list(self.views) if fits is not None else ():
+            if name not in fits:
+                self.drop(name)
+                continue
+            self.held.pop(name)
+            self._set_fit(name, *fits[name])
+
+    def fitted(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each block's directions fitted so far (mean, basis; float64), by layer name."""
+        return {name: fit[:2] for name, fit in self.fits.items()}
 
     def callbacks(self) -> dict:
         return {name: self._keep(name) for name in self.views}
@@ -163,12 +175,15 @@ class BlockProjector:
         except RuntimeError:  # a decomposition that did not converge: the block has none
             self.drop(name)
             return
+        self._set_fit(name, mean, basis)
+        self._keep_z(name, rows @ self.fits[name][2] - self.fits[name][3], 0)
+
+    def _set_fit(self, name: str, mean: torch.Tensor, basis: torch.Tensor) -> None:
         # Projected in float32 as basisᵀy − basisᵀμ: the pass's cost is this one product
         # (float64 took 2.5 times as long), and z is kept in float32 anyway.
         self.fits[name] = (mean, basis, basis.to(torch.float32),
                            (mean @ basis).to(torch.float32))
         self.z[name] = np.empty((self.n, basis.shape[1]), dtype=np.float32)
-        self._keep_z(name, rows @ self.fits[name][2] - self.fits[name][3], 0)
 
     def _keep_z(self, name: str, z: torch.Tensor, start: int) -> None:
         if not torch.isfinite(z).all():  # NaN or inf rows: a block DiagQL cannot summarise
@@ -190,6 +205,23 @@ class BlockProjector:
                                  basis.numpy().astype(np.float32), self.z[name],
                                  min(self.fit_items, self.n)))
         return tuple(out)
+
+
+def joined(views: list[View], fits: dict, parts: list[dict[str, np.ndarray]], fitted_on: int,
+           exclude: tuple[str, ...] = ()) -> tuple[Auxiliary, ...]:
+    """The Auxiliaries of a pass cut into shards: each block's directions (``fits``, fitted
+    once) and its shards' z rows (``parts``, in item order), as ``BlockProjector.finish``
+    gives them; a block that a shard dropped, or whose view is in ``exclude``, has none."""
+    out = []
+    for view in views:
+        name = view.layer.name
+        if name not in fits or view.key in exclude or any(name not in z for z in parts):
+            continue
+        mean, basis = fits[name]
+        out.append(Auxiliary(view.key, name, mean.numpy().astype(np.float32),
+                             basis.numpy().astype(np.float32),
+                             np.concatenate([z[name] for z in parts]), fitted_on))
+    return tuple(out)
 
 
 def to_arrays(auxiliaries: tuple[Auxiliary, ...]) -> dict[str, np.ndarray]:

@@ -225,6 +225,8 @@ class ProfilePart:
     # The views whose rows equalled the latent (the logits) for every item of this part.
     latent_views: tuple[str, ...] = ()
     logit_views: tuple[str, ...] = ()
+    # Each block's z rows of these items, by layer name (a Ray pass's shard: projected_part).
+    z: dict[str, np.ndarray] | None = None
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
@@ -235,7 +237,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
     each batch. ``compare`` (from ``comparisons``): the views compared with the latent and
     with the logits, and whether the logits are kept; ``project``: the blocks' projector
-    (local passes only: a shard of a Ray pass would fit directions of its own)."""
+    (a Ray pass's shards get one that projects on directions fitted once: projected_part)."""
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
@@ -296,6 +298,35 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
                        int(logits.shape[1]), kept_logits, same_latent.keys(),
                        same_logits.keys() if logits_kept else ())
+
+
+def fit_items(views: list[View], n: int, batch_size: int) -> tuple[int, np.ndarray]:
+    """How many items a profile pass over ``n`` fits the blocks' directions on, and the whole
+    batches that hold them: the local pass's first batches, so the same rows."""
+    fit = aux.BlockProjector(views, n).fit_items
+    return fit, np.arange(min(n, -(-fit // batch_size) * batch_size))
+
+
+def fit_part(model, source: ItemSource, items: np.ndarray, *, views: list[View], fit: int,
+             **options) -> dict:
+    """A Ray pass's first task: the blocks' directions (``BlockProjector.fitted``), fitted on
+    the first ``fit`` of ``items`` (from ``fit_items``: the driver's count, not the worker's)
+    as a local pass fits them; a block that failed has none. ``options``: profile_part's."""
+    project = aux.BlockProjector(views, len(items))
+    project.fit_items = fit
+    profile_part(model, source, items, project=project, **options)
+    project.finish()
+    return project.fitted()
+
+
+def projected_part(model, source: ItemSource, items: np.ndarray, *, views: list[View],
+                   fits: dict, **options) -> ProfilePart:
+    """A Ray pass's shard: its profile part, with its items' z rows of each block, projected
+    on the directions ``fits`` (from ``fit_part``), so that every shard uses the same ones."""
+    project = aux.BlockProjector(views, len(items), fits=fits)
+    part = profile_part(model, source, items, project=project, **options)
+    part.z = dict(project.z)
+    return part
 
 
 def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,

@@ -100,12 +100,14 @@ class Artifacts:
                              bind_layer(ast.LayerRef(latent), self.get_catalog()))
             name, is_input = view.layer.name, False
         if conn.engine is not None:
-            compare = comparisons(conn.model, self.catalog or self._probe(), name, is_input,
-                                  view, conn.dtype, len(conn.source))
+            catalog = self.catalog or self._probe()
+            compare = comparisons(conn.model, catalog, name, is_input, view, conn.dtype,
+                                  len(conn.source))
             return conn.engine.profile(len(conn.source), latent=name, latent_is_input=is_input,
                                        view=view, batch_size=conn.settings.batch_size,
                                        dtype=conn.dtype, progress=conn.progress,
-                                       compare=compare)
+                                       compare=compare,
+                                       blocks=auxiliaries.blocks(conn.model, catalog))
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
