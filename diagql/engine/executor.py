@@ -13,6 +13,7 @@ import torch
 
 from diagql.engine.aggregates import state_for
 from diagql.engine.answers import assemble, require_matches
+from diagql.engine.nonfinite import NonFinite
 from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
 from diagql.model.data import call_model, to_device
@@ -46,8 +47,7 @@ class Reducer:
         self.state = self.new_state()
         # The covariates' rows: row i is item i's, or (a part's) ``z_items[i]``'s.
         self.z, self.z_items = z, None
-        self.bad = 0  # items with NaN or inf activations, and the first of them
-        self.first_bad = -1
+        self.bad = NonFinite()  # items with NaN or inf activations
 
     @property
     def states(self) -> dict:
@@ -72,10 +72,7 @@ class Reducer:
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
         # ranking is meaningless, so they are counted over the whole pass and reported.
-        bad = np.flatnonzero(~torch.isfinite(values).all(dim=1).cpu().numpy())
-        first = int(idx[bad[0]])
-        self.first_bad = first if self.bad == 0 else min(self.first_bad, first)
-        self.bad += len(bad)
+        self.bad.add(idx, ~torch.isfinite(values).all(dim=1).cpu().numpy())
 
     def take_rows(self, table: np.ndarray, positions: np.ndarray, items: np.ndarray,
                   batch_size: int) -> None:
@@ -92,10 +89,7 @@ class Reducer:
         """Take in the states of another Reducer of the same plan, fed with other items (the
         cache's rows and a pass's, or the shards of a pass): as if this one had seen them all."""
         self.state.merge(other.state)
-        if other.bad:
-            self.first_bad = other.first_bad if self.bad == 0 else min(self.first_bad,
-                                                                         other.first_bad)
-            self.bad += other.bad
+        self.bad.merge(other.bad)
         return self
 
     def part(self, items: np.ndarray) -> Reducer:
@@ -113,15 +107,12 @@ class Reducer:
             part.z_items = items
             part.z = self.z[items] if self.z_items is None else \
                 self.z[np.searchsorted(self.z_items, items)]
-        part.state, part.bad, part.first_bad = self.new_state(), 0, -1
+        part.state, part.bad = self.new_state(), NonFinite()
         return part
 
     def check(self) -> None:
-        if self.bad:
-            raise ExecutionError(
-                f"layer {self.view.layer.name!r} has NaN or infinite activations for "
-                f"{self.bad:,} of {len(self.items):,} items (the first is item "
-                f"{self.first_bad}); DiagQL does not average over them")
+        self.bad.check(f"layer {self.view.layer.name!r} has NaN or infinite activations for",
+                       len(self.items), "DiagQL does not average over them")
 
 
 class Collector:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from diagql.engine.aggregates import TopItems, neuron_major
-from diagql.errors import ExecutionError
+from diagql.engine.nonfinite import NonFinite
 
 K = 100  # items kept exactly per neuron and end: a query they answer reads no item at all
 # The float16 activations of every item held while an index is built (codes are made from
@@ -38,7 +38,7 @@ class IndexBuilder:
         self.top, self.bottom = TopItems(n, k, True), TopItems(n, k, False)
         self.coded = n_items * n * 2 <= (BUILD_BUDGET if budget is None else budget)
         self.half = torch.empty((n_items, n), dtype=torch.float16) if self.coded else None
-        self.bad, self.first_bad = 0, -1
+        self.bad = NonFinite()
         self._pending: list[tuple[torch.Tensor, np.ndarray]] = []
         self._chunk = max(1, min(CHUNK, CHUNK_BYTES // (4 * n)))
 
@@ -52,7 +52,7 @@ class IndexBuilder:
         part.items = part.wanted = items
         part.base = int(items[0]) if len(items) else 0
         part.top, part.bottom = TopItems(n, self.top.k, True), TopItems(n, self.top.k, False)
-        part.half, part.bad, part.first_bad, part._pending = None, 0, -1, []
+        part.half, part.bad, part._pending = None, NonFinite(), []
         return part
 
     def merge(self, part: IndexBuilder) -> IndexBuilder:
@@ -63,10 +63,7 @@ class IndexBuilder:
         self.bottom.merge(part.bottom)
         if part.half is not None:
             self.half[part.base:part.base + len(part.half)] = part.half
-        if part.bad:
-            self.first_bad = part.first_bad if self.bad == 0 else min(self.first_bad,
-                                                                         part.first_bad)
-            self.bad += part.bad
+        self.bad.merge(part.bad)
         return self
 
     def __getstate__(self) -> dict:
@@ -96,10 +93,7 @@ class IndexBuilder:
         idx = np.concatenate([i for _, i in self._pending])
         self._pending = []
         if not bool(torch.isfinite(values).all()):
-            bad = ~torch.isfinite(values).all(dim=1).cpu().numpy()
-            if self.bad == 0:
-                self.first_bad = int(idx[np.flatnonzero(bad)[0]])
-            self.bad += int(bad.sum())
+            self.bad.add(idx, ~torch.isfinite(values).all(dim=1).cpu().numpy())
             return
         scores = neuron_major(values)
         self.top.take_scores(scores, idx)
@@ -107,11 +101,8 @@ class IndexBuilder:
 
     def finish(self) -> "InputsIndex":
         self._rank()
-        if self.bad:
-            raise ExecutionError(
-                f"layer {self.view.layer.name!r} has NaN or infinite activations for "
-                f"{self.bad:,} of {self.n_items:,} items (the first is item {self.first_bad}); "
-                f"DiagQL does not rank items by them")
+        self.bad.check(f"layer {self.view.layer.name!r} has NaN or infinite activations for",
+                       self.n_items, "DiagQL does not rank items by them")
         top_items, top_values = self.top.finalize()
         bottom_items, bottom_values = self.bottom.finalize()
         codes = None if self.half is None else _codes(self.half)

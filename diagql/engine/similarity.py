@@ -14,6 +14,7 @@ from diagql.engine.answers import require_matches
 from diagql.engine.cka import MIN_ITEMS, MomentState, RowState, debiased_matrix
 from diagql.engine.executor import run_together
 from diagql.engine.groups import key_order, sorted_keys
+from diagql.engine.nonfinite import NonFinite
 from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
 from diagql.language.ast import predicate_text
@@ -68,7 +69,7 @@ class SimilarityReducer:
         self.feeds = [Feed(self, k, view) for k, view in enumerate(self.views)]
         self.pending: list = [None] * len(self.views)
         self.states: dict = {}
-        self.bad, self.first_bad = 0, -1
+        self.bad = NonFinite()
 
     def part(self, items: np.ndarray) -> SimilarityReducer:
         """An empty reducer of the same views fed only ``items`` (a run of its own), for a
@@ -98,10 +99,7 @@ class SimilarityReducer:
                 self.states[key].merge(state)
             else:
                 self.states[key] = state
-        if part.bad:
-            self.first_bad = part.first_bad if self.bad == 0 else min(self.first_bad,
-                                                                         part.first_bad)
-            self.bad += part.bad
+        self.bad.merge(part.bad)
         return self
 
     def put(self, k: int, rows: torch.Tensor, idx: np.ndarray) -> None:
@@ -128,18 +126,13 @@ class SimilarityReducer:
             self.states[key] = RowState(widths) if self.rows else MomentState(widths)
         if self.states[key].update(*values):
             return
-        bad = ~torch.stack([torch.isfinite(v).all(dim=1) for v in values]).all(dim=0)
-        bad = bad.cpu().numpy()
-        if self.bad == 0:
-            self.first_bad = int(idx[np.flatnonzero(bad)[0]])
-        self.bad += int(bad.sum())
+        finite = torch.stack([torch.isfinite(v).all(dim=1) for v in values]).all(dim=0)
+        self.bad.add(idx, ~finite.cpu().numpy())
 
     def check(self) -> None:
-        if self.bad:
-            names = ", ".join(view.layer.name for view in self.views)
-            raise ExecutionError(f"layers {names} have NaN or infinite activations for "
-                                 f"{self.bad:,} of {len(self.items):,} items (the first is item "
-                                 f"{self.first_bad}); CKA over them is undefined")
+        names = ", ".join(view.layer.name for view in self.views)
+        self.bad.check(f"layers {names} have NaN or infinite activations for", len(self.items),
+                       "CKA over them is undefined")
 
 
 class Feed:

@@ -12,7 +12,7 @@ import torch
 
 from diagql.engine.aggregates import TopItems
 from diagql.engine.inputs_index import IndexBuilder, InputsIndex
-from diagql.errors import ExecutionError
+from diagql.engine.nonfinite import NonFinite
 from diagql.language.binder import BoundInputs
 
 
@@ -24,15 +24,12 @@ class NeuronTop:
         self.neuron = bound.neuron
         self.items = self.wanted = items
         self.state = TopItems(1, k, bound.query.largest)
-        self.bad, self.first_bad = 0, -1
+        self.bad = NonFinite()
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         values = self.view.finish(rows.detach())[:, self.neuron:self.neuron + 1]
         if not self.state.update(values, idx):
-            bad = ~torch.isfinite(values[:, 0]).cpu().numpy()
-            if self.bad == 0:
-                self.first_bad = int(idx[np.flatnonzero(bad)[0]])
-            self.bad += int(bad.sum())
+            self.bad.add(idx, ~torch.isfinite(values[:, 0]).cpu().numpy())
 
     def part(self, items: np.ndarray) -> NeuronTop:
         """An empty top k of the same neuron fed only ``items`` (a run of its own), for a
@@ -41,23 +38,18 @@ class NeuronTop:
         part.view, part.neuron = self.view, self.neuron
         part.items = part.wanted = items
         part.state = TopItems(1, self.state.k, self.state.largest)
-        part.bad, part.first_bad = 0, -1
+        part.bad = NonFinite()
         return part
 
     def merge(self, part: NeuronTop) -> NeuronTop:
         """Take in a fed part's top k: ties still go to the lower index (TopItems.merge)."""
         self.state.merge(part.state)
-        if part.bad:
-            self.first_bad = part.first_bad if self.bad == 0 else min(self.first_bad,
-                                                                         part.first_bad)
-            self.bad += part.bad
+        self.bad.merge(part.bad)
         return self
 
     def check(self, label: str) -> None:
-        if self.bad:
-            raise ExecutionError(f"{label} is NaN or infinite for {self.bad:,} of "
-                                 f"{len(self.items):,} items (the first is item "
-                                 f"{self.first_bad}); DiagQL does not rank items by it")
+        self.bad.check(f"{label} is NaN or infinite for", len(self.items),
+                       "DiagQL does not rank items by it")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""Items whose activations hold NaN or inf, counted by a pass's consumers over the whole pass
+and its shards, and reported once: how many, and the first (docs/ARCHITECTURE.md, "Plan and
+execute")."""
+from __future__ import annotations
+
+import numpy as np
+
+from diagql.errors import ExecutionError
+
+
+class NonFinite:
+    """How many items held NaN or inf, and the lowest index among them. Mergeable, so a shard's
+    count joins the driver's whatever order the shards come back in."""
+
+    __slots__ = ("count", "first")
+
+    def __init__(self):
+        self.count, self.first = 0, -1
+
+    def add(self, idx: np.ndarray, bad: np.ndarray) -> None:
+        """Count the items ``idx[bad]`` (``bad``: a boolean mask over ``idx``)."""
+        found = idx[bad]
+        if len(found):
+            self._join(len(found), int(found.min()))
+
+    def merge(self, other: NonFinite) -> None:
+        if other.count:
+            self._join(other.count, other.first)
+
+    def _join(self, count: int, first: int) -> None:
+        self.first = first if self.count == 0 else min(self.first, first)
+        self.count += count
+
+    def check(self, what: str, total: int, consequence: str) -> None:
+        """Raise ``"{what} N of {total} items (the first is item F); {consequence}"`` if any."""
+        if self.count:
+            raise ExecutionError(f"{what} {self.count:,} of {total:,} items (the first is item "
+                                 f"{self.first}); {consequence}")
