@@ -233,21 +233,38 @@ def test_residual_sums_of_float32_batches_wider_than_a_piece_equal_numpy(grouped
         np.testing.assert_allclose(r.cross.z.numpy(), z[mine, :p].sum(axis=0), rtol=1e-12)
 
 
-def test_group_means_of_the_covariates_many_groups_or_few():
-    from diagql.engine.planner import _means
+def test_covariates_join_their_parts_only_for_the_rows_asked():
+    """Covariates keep the latent's float64 and a block's float32 parts apart: rows, a
+    shard's subset and group means (one group, few, many; runs that are slices and runs that
+    are gathers) against numpy on the joined float64 matrix."""
+    from diagql.engine import covariates as module
+    from diagql.engine.covariates import Covariates
 
     rng = np.random.default_rng(1)
-    z = rng.standard_normal((500, 4))
-    matching = np.sort(rng.choice(500, 200, replace=False))
-    for groups in (3, 40):  # a weight matrix, then sorted sums
-        keys = rng.integers(0, groups, 200)
-        population = {k: int((keys == k).sum()) for k in np.unique(keys).tolist()}
-        got = _means(z, matching, keys, population)
-        assert sorted(got) == sorted(population)
-        for key, mean in got.items():
-            np.testing.assert_allclose(mean, z[matching[keys == key]].mean(axis=0), rtol=1e-12)
-    np.testing.assert_allclose(_means(z, matching, None, {None: 200})[None],
-                               z[matching].mean(axis=0), rtol=1e-12)
+    latent = rng.standard_normal((500, 4))
+    block = rng.standard_normal((500, 3)).astype(np.float32)
+    joined = np.concatenate([latent, block.astype(np.float64)], axis=1)
+    z = Covariates((latent, block))
+    assert z.width == 7
+    idx = np.sort(rng.choice(500, 60, replace=False))
+    np.testing.assert_array_equal(z.rows(idx), joined[idx])
+    part = z.subset(idx[10:40])
+    np.testing.assert_array_equal(part.rows(idx[[12, 30, 39]]), joined[idx[[12, 30, 39]]])
+    old_run, module._RUN = module._RUN, 64  # several runs per group
+    try:
+        for matching in (np.arange(500), np.sort(rng.choice(500, 200, replace=False))):
+            for groups in (3, 40):
+                keys = rng.integers(0, groups, len(matching))
+                population = {k: 1 for k in np.unique(keys).tolist()}
+                got = z.means(matching, keys, population)
+                assert sorted(got) == sorted(population)
+                for key, mean in got.items():
+                    np.testing.assert_allclose(mean, joined[matching[keys == key]].mean(axis=0),
+                                               rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(z.means(matching, None, {None: 1})[None],
+                                       joined[matching].mean(axis=0), rtol=1e-12, atol=1e-15)
+    finally:
+        module._RUN = old_run
 
 
 def test_argmax_on_a_block_fits_the_winners_on_the_latent_alone(db, cnn, digits):

@@ -43,10 +43,9 @@ class Reducer:
         self.new_state = functools.partial(
             state_for, query.aggregate, query.order, plan.bound.n_neurons,
             spread=plan.approximate, groups=None if self.codes is None else len(self.keys),
-            covariates=0 if z is None else z.shape[1], prediction=plan.prediction)
+            covariates=0 if z is None else z.width, prediction=plan.prediction)
         self.state = self.new_state()
-        # The covariates' rows: row i is item i's, or (a part's) ``z_items[i]``'s.
-        self.z, self.z_items = z, None
+        self.z = z  # the covariates (engine/covariates.py), joined per batch
         self.bad = NonFinite()  # items with NaN or inf activations
 
     @property
@@ -66,8 +65,7 @@ class Reducer:
             codes = codes.to(values.device)
         z = None
         if self.z is not None:
-            z = torch.from_numpy(self.z[idx if self.z_items is None else
-                                        np.searchsorted(self.z_items, idx)])
+            z = torch.from_numpy(self.z.rows(idx))
         if self.state.update(values, codes, z):
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
@@ -102,11 +100,7 @@ class Reducer:
         part.plan, part.view, part.new_state = None, self.view, self.new_state
         part.items, part.wanted, part.keys = self.items[lo:hi], items, self.keys
         part.codes = None if self.codes is None else self.codes[lo:hi]
-        part.z, part.z_items = None, None
-        if self.z is not None:
-            part.z_items = items
-            part.z = self.z[items] if self.z_items is None else \
-                self.z[np.searchsorted(self.z_items, items)]
+        part.z = None if self.z is None else self.z.subset(items)
         part.state, part.bad = self.new_state(), NonFinite()
         return part
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diagql.engine.covariates import for_view
+from diagql.engine.covariates import Covariates, for_view
 from diagql.engine.groups import group_values
 from diagql.engine.prediction import BlockPrediction
 from diagql.language import ast
@@ -32,10 +32,11 @@ class Plan:
     population: dict  # matching items of the whole data set, per group key (None: no GROUP BY)
     baseline: "Plan | None" = None
     # A sample's answer: "assisted" (the regression estimator, engine/regression.py) or
-    # "plain" (the sample mean); the covariates of every item (N × p) and their mean over each
-    # group's matching items, which the assisted estimator corrects the sample toward.
+    # "plain" (the sample mean); the covariates of every item (engine/covariates.py, joined
+    # only for the rows a pass reads) and their mean over each group's matching items, which
+    # the assisted estimator corrects the sample toward.
     estimator: str | None = None
-    covariates: np.ndarray | None = None
+    covariates: Covariates | None = None
     covariate_means: dict | None = None
     # The view's block projections, when the profile kept them (engine/prediction.py), and
     # what the estimator fits on, for EXPLAIN.
@@ -128,7 +129,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                    estimator_text="plain: the sample mean")
     chosen = for_view(profile, bound.view.key)
     z = chosen.z
-    means = _means(z, matching, None if keys is None else keys[matching], population)
+    means = z.means(matching, None if keys is None else keys[matching], population)
     prediction = None
     if chosen.auxiliary is not None:
         channels = bound.view.layer.shape[0] if bound.view.channels else None
@@ -136,28 +137,6 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     text = chosen.describe(profile)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text)
-
-
-def _means(z: np.ndarray, matching: np.ndarray, keys, population: dict) -> dict:
-    """Each group's mean covariates over its matching items, as one product with the groups'
-    weights (N × p is read once, never gathered: 74 columns of 100,000 items take 59 MB)."""
-    if keys is None:
-        if len(matching) == len(z):
-            return {None: z.mean(axis=0)}
-        weights = np.zeros(len(z))
-        weights[matching] = 1.0 / max(len(matching), 1)
-        return {None: weights @ z}
-    groups, codes = np.unique(keys, return_inverse=True)
-    counts = np.bincount(codes)
-    if len(groups) <= 16:
-        weights = np.zeros((len(groups), len(z)))
-        weights[codes, matching] = 1.0 / counts[codes]
-        means = weights @ z
-    else:  # many groups: a (groups × N) weight matrix would outgrow the rows themselves
-        order = np.argsort(codes, kind="stable")
-        starts = np.r_[0, np.cumsum(counts)[:-1]]
-        means = np.add.reduceat(z[matching[order]], starts, axis=0) / counts[:, None]
-    return {key: means[g] for g, key in enumerate(groups.tolist()) if key in population}
 
 
 def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baseline=None) -> Plan:

@@ -242,9 +242,9 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
         chosen = for_view(conn.profile, View(layer).key)
         prediction = None if chosen.auxiliary is None else \
             BlockPrediction(chosen.auxiliary, chosen.latent_dims)
-        context[layer.name] = (chosen.z, np.stack([chosen.z[groups == g].mean(axis=0)
-                                                   for g in valid]), prediction,
-                               chosen.latent_dims)
+        means = chosen.z.means(np.arange(len(groups)), groups, set(valid.tolist()))
+        context[layer.name] = (chosen.z, np.stack([means[g] for g in valid.tolist()]),
+                               prediction, chosen.latent_dims)
     scores: list[SampleScore] = []
     memo: dict[bytes, SampleScore] = {}  # a sampler that ignores its seed draws the same sample
     with conn.progress.task("EVALUATE: scoring samples", len(draws)) as advance:
@@ -277,7 +277,7 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
     for layer in bound.layers:
         a = answers[layer.name]
         z_all, z_means, prediction, p = context[layer.name]
-        z_rows = z_all[indices[order]]
+        z_rows = z_all.rows(indices[order])
         sums = np.add.reduceat(a.kept[rows_at], starts, axis=0, dtype=np.float64)[where[hit]]
         mean = sums / sizes[where[hit], None]
         hist = np.bincount(member * layer.neurons + a.winners[rows_at],
