@@ -133,6 +133,36 @@ def test_a_truncated_activation_entry_is_recomputed_with_a_warning(world, tmp_pa
     assert answer.neurons.tolist() == top(activations(model, X, "0")[sample].mean(axis=0), 4)
 
 
+def test_the_disk_cost_model_weighs_the_model_s_time_not_the_reduction_s(world, monkeypatch):
+    """Rows read back from disk are reduced again, so a slow reduction is not what keeping
+    them saves: the seconds per item the activation store weighs against a read are the
+    pass's less what its consumers spent taking rows."""
+    import time
+
+    from diagql.engine import executor
+    from diagql.storage.activations import ActivationStore
+
+    conn = world[3]
+    weighed, calls = [], [0]
+    add_chunks, take = ActivationStore.add_chunks, executor.Reducer.take
+
+    def recording(self, view, chunks, seconds_per_item=None):
+        weighed.append(seconds_per_item)
+        return add_chunks(self, view, chunks, seconds_per_item)
+
+    def slow(self, rows, idx):
+        calls[0] += 1
+        time.sleep(0.05)
+        return take(self, rows, idx)
+
+    monkeypatch.setattr(ActivationStore, "add_chunks", recording)
+    monkeypatch.setattr(executor.Reducer, "take", slow)
+    n = len(conn.sample(SAMPLE))
+    conn.query(f"AVG NEURONS IN 2 USING SAMPLE {SAMPLE}")
+    assert calls[0] >= 1 and len(weighed) == 1
+    assert weighed[0] * n < 0.05  # the tiny CNN's pass alone, without the 0.05 s per batch
+
+
 def test_a_sample_over_the_memory_budget_streams_instead(world):
     model, X, y, conn = world
     conn.activations.budget = 1000  # bytes: no layer fits

@@ -172,8 +172,9 @@ class Runner:
         over the engine's workers, whose parts of each consumer are merged back in shard
         order (engine/shards.py). Only the consumers' layers are hooked, and the pass stops
         as soon as all of them have run (the rest of the model is skipped). Returns the
-        seconds it took per item (None: no pass), what the disk cache weighs against reading
-        kept rows back."""
+        seconds per item it took, less what the consumers spent taking their rows (None: no
+        pass): what reading kept rows back would save, which the disk cache weighs against
+        reading them (a reader reduces the rows too)."""
         return run_together([(self, consumers)], description)
 
     def states(self, plan: Plan, description: str) -> dict:
@@ -339,6 +340,9 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
     first = passes[0][0]
     items = functools.reduce(np.union1d, [c.wanted for _, consumers in passes
                                           for c in consumers])
+    # What the consumers spent taking rows (reducing, keeping), counted apart from the model's
+    # own work: reading kept rows back saves only the latter, since a reader reduces them too.
+    consumed = [0.0]
     if _on_engine(passes, after_batch):
         first.engine.cluster.feed([(runner.engine.key, runner.dtype, consumers)
                                    for runner, consumers in passes], items, description,
@@ -347,11 +351,11 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
         with first.progress.task(description, len(items)) as advance:
             _forward([(runner.model, runner.device, runner.dtype, consumers)
                       for runner, consumers in passes], first.source, items, first.batch_size,
-                     advance, after_batch)
+                     advance, after_batch, consumed)
     for runner, _ in passes:
         runner.counters["passes"] = runner.counters.get("passes", 0) + 1
         runner.counters["items"] = runner.counters.get("items", 0) + len(items)
-    return (time.perf_counter() - started) / len(items)
+    return (time.perf_counter() - started - consumed[0]) / len(items)
 
 
 def _on_engine(passes: list[tuple[Runner, list]], after_batch) -> bool:
@@ -378,9 +382,11 @@ def feed(models: list[tuple], source, items: np.ndarray, *, batch_size: int, adv
 
 
 def _forward(models: list[tuple], source, items: np.ndarray, batch_size: int, advance,
-             after_batch: Callable[[np.ndarray], None] | None = None) -> None:
+             after_batch: Callable[[np.ndarray], None] | None = None,
+             consumed: list[float] | None = None) -> None:
     """The pass itself: ``models`` are (model, device, dtype, consumers), each hooked only at
-    its consumers' layers, each batch stopping in each model as soon as those have run."""
+    its consumers' layers, each batch stopping in each model as soon as those have run.
+    ``consumed[0]`` adds up the seconds the consumers spent taking their rows."""
     current: list = [None]  # the batch's item indices
     wanted = [functools.reduce(np.union1d, [c.wanted for c in consumers])
               for *_, consumers in models]
@@ -390,7 +396,8 @@ def _forward(models: list[tuple], source, items: np.ndarray, batch_size: int, ad
             hooked: list = []
             stack.enter_context(evaluation(model))
             hooked.append(stack.enter_context(
-                Hooks(model, _callbacks(consumers, items, current, hooked))))
+                Hooks(model, _callbacks(consumers, items, current, hooked,
+                                        [0.0] if consumed is None else consumed))))
             hooks.append(hooked[0])
         for idx, x, _ in source.batches(items, batch_size):
             current[0] = idx
@@ -409,10 +416,11 @@ def _forward(models: list[tuple], source, items: np.ndarray, batch_size: int, ad
             advance(len(idx))
 
 
-def _callbacks(consumers: list, items: np.ndarray, current: list, hooked: list) -> dict:
+def _callbacks(consumers: list, items: np.ndarray, current: list, hooked: list,
+               consumed: list[float]) -> dict:
     """Each hooked module's callback: the rows of each view made once per call, fed to the
     view's consumers for the items of theirs in the batch (``current[0]``, among ``items``,
-    the pass's)."""
+    the pass's), the seconds they take added to ``consumed[0]``."""
     layers: dict[str, dict[str, tuple[View, list]]] = {}  # layer -> view key -> consumers
     for consumer in consumers:
         views = layers.setdefault(consumer.view.layer.name, {})
@@ -423,6 +431,7 @@ def _callbacks(consumers: list, items: np.ndarray, current: list, hooked: list) 
             idx = current[0]
             for view, members in views.values():
                 rows = view.rows(call)
+                started = time.perf_counter()
                 for consumer in members:
                     wanted = consumer.wanted
                     if len(wanted) == len(items):  # a subset as large as the union is it
@@ -434,6 +443,7 @@ def _callbacks(consumers: list, items: np.ndarray, current: list, hooked: list) 
                         consumer.take(rows, idx)
                     elif mask.any():
                         consumer.take(rows[torch.from_numpy(mask).to(rows.device)], idx[mask])
+                consumed[0] += time.perf_counter() - started
             if hooked[0].done():  # for a module's n-th call: once that call has run
                 raise StopForward
         return on_output
