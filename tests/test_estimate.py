@@ -182,3 +182,23 @@ def test_a_stratified_samples_plain_estimate_is_not_called_uniform(db, mlp, digi
         db.execute("SET estimator = assisted")
     assert plain.reliable is False
     assert db.query("AVG NEURONS IN encoder.1 USING SAMPLE stratified(0.1)").estimate.reliable
+
+
+def test_the_kept_normals_give_the_estimates_fresh_draws_give():
+    """The Monte Carlo keeps its fixed generator's normals between estimates: a narrow layer's
+    expected cosine, after a wider one's made a longer stream, is the one computed here from
+    a fresh generator (the seed the estimates use) and numpy alone."""
+    from diagql.engine import estimate
+    from diagql.engine.aggregates import MeanState
+
+    rng = np.random.default_rng(3)
+    for width in (300, 40, 300):
+        rows = torch.from_numpy(rng.random((20, width)) + np.linspace(0, 1, width))
+        state = MeanState(width)
+        state.update(rows)
+        mean = state.sum.numpy() / 20
+        got = estimate.for_mean(state, 1000, np.arange(width), None, True)
+        se = estimate._constant_floor(estimate._plain_se(state, 1000), 20)
+        draws = mean + np.random.default_rng(20200101).standard_normal((256, width)) * se
+        cos = 1 - (draws @ mean) / (np.linalg.norm(draws, axis=1) * np.linalg.norm(mean))
+        assert got.expected == pytest.approx(cos.mean(), rel=1e-9, abs=1e-15)
