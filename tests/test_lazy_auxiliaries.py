@@ -26,6 +26,15 @@ BLOCK = '["2"]'  # the view key of the cnn's block 2
 BLOCKS = ['["0"]', '["2"]', '["6"]']  # 8 is the logits, which the profile holds whole
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_fit():
+    """Blocks fitted on fewer items (their fit is most of a profile pass here), in every pass
+    of this module alike, the passes that make an entry again included."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(auxiliaries, "FIT_ITEMS", 300)
+        yield
+
+
 @pytest.fixture(scope="module")
 def made(cnn, digits, tmp_path_factory):
     """A cache directory where a connection made the profile, and that connection."""
@@ -169,3 +178,23 @@ def test_an_entry_of_another_block_is_refused(fresh):
         auxiliaries.from_entry(arrays, '["6"]', "6", len(fresh.profile))
     with pytest.raises(ValueError, match="does not describe"):
         auxiliaries.from_entry(arrays, BLOCK, "2", len(fresh.profile) - 1)
+
+
+def test_a_checkpoint_s_auxiliaries_are_its_own_entries(cnn, digits, tmp_path, monkeypatch):
+    """A checkpoint is a model of its own (session/models.py): its profile and its blocks'
+    entries are keyed by its weights, and a new connection reads only the queried one's."""
+    early = {name: value + 0.01 for name, value in cnn.state_dict().items()}
+    query = "AVG NEURONS IN early.2 USING SAMPLE random(0.2, random_state=1)"
+
+    def connect():
+        return diagql.connect(copy.deepcopy(cnn), digits, checkpoints={"early": early},
+                              cache_dir=tmp_path, progress=False)
+
+    made = connect()
+    want = made.query(query)
+    made.cache.flush()
+    assert len(list((tmp_path / "auxiliary").iterdir())) == 3  # early's blocks: no query needed the final model's profile
+    reads = _reads(monkeypatch)
+    got = connect().query(query)
+    assert reads.count("profile") == 1 and reads.count("auxiliary") == 1
+    np.testing.assert_allclose(got.values, want.values, rtol=1e-12, atol=1e-12)
