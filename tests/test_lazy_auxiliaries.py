@@ -193,7 +193,8 @@ def test_a_checkpoint_s_auxiliaries_are_its_own_entries(cnn, digits, tmp_path, m
     made = connect()
     want = made.query(query)
     made.cache.flush()
-    assert len(list((tmp_path / "auxiliary").iterdir())) == 3  # early's blocks: no query needed the final model's profile
+    # early's three blocks: no query needed the final model's profile.
+    assert len(list((tmp_path / "auxiliary").iterdir())) == 3
     reads = _reads(monkeypatch)
     got = connect().query(query)
     assert reads.count("profile") == 1 and reads.count("auxiliary") == 1
