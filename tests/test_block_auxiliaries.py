@@ -91,7 +91,12 @@ def test_the_profile_keeps_each_blocks_principal_projections(db, cnn, digits):
         assert captured >= 0.995 * (singular[:k] ** 2).sum()
         # Every item's projection, those held before the fit and those after it.
         np.testing.assert_allclose(a.z, (rows - a.mean) @ a.basis, atol=2e-4)
-    again = Profile.from_arrays(profile.to_arrays(), len(profile))
+    # The profile entry names the blocks; each block's arrays are an entry of their own.
+    def read(key, layer):
+        arrays = auxiliaries.entry_arrays(profile.auxiliary(key))
+        return [auxiliaries.from_entry(arrays, key, layer, len(profile))]
+
+    again = Profile.from_arrays(profile.to_arrays(), len(profile), read)
     for a, b in zip(profile.auxiliaries, again.auxiliaries, strict=True):
         assert (a.key, a.layer, a.fitted_on) == (b.key, b.layer, b.fitted_on)
         np.testing.assert_array_equal(a.z, b.z)

@@ -93,8 +93,9 @@ def test_a_second_connection_loads_the_profile_without_a_forward_pass(tmp_path):
     first = connect(tiny(), pair(), tmp_path)
     profile = first.profile
     first.cache.flush()  # writes land in the background
-    assert (first.cache.hits, first.cache.misses, first.cache.writes) == (0, 1, 1)
-    assert [p.parent.name for p in entries(tmp_path)] == ["profile"]
+    # The profile, and its one block's (fc1's) auxiliary in an entry of its own.
+    assert (first.cache.hits, first.cache.misses, first.cache.writes) == (0, 1, 2)
+    assert [p.parent.name for p in entries(tmp_path)] == ["auxiliary", "profile"]
 
     model = tiny()
     calls = count_calls(model)
@@ -111,8 +112,9 @@ def test_a_sample_is_reused_from_disk(tmp_path, monkeypatch):
     indices = first.sample("stratified(0.3)")
     rows = first.query(SAMPLED).rows
     first.cache.flush()
-    # The profile, the sample, the layer catalog, the sampled items' activations.
-    assert first.cache.writes == 4
+    # The profile, fc1's auxiliary, the sample, the layer catalog, the sampled items'
+    # activations.
+    assert first.cache.writes == 5
 
     monkeypatch.setattr(StratifiedSampler, "fit", lambda *args: pytest.fail("sample redrawn"))
     model = tiny()
@@ -122,8 +124,8 @@ def test_a_sample_is_reused_from_disk(tmp_path, monkeypatch):
     assert second.cache.hits == 2
     assert second.query(SAMPLED).rows == rows
     # The sample was in memory; the catalog and the activations came from disk: no forward
-    # pass at all, not even the one-item probe that finds the layers.
-    assert second.cache.hits == 4
+    # pass at all, not even the one-item probe that finds the layers (and fc1's auxiliary).
+    assert second.cache.hits == 5
     assert calls[0] == 0
 
 
@@ -285,7 +287,8 @@ def test_a_damaged_profile_is_reported_and_recomputed(tmp_path, monkeypatch, how
         second.cache.flush()
     assert len(diagql_warnings(record)) == 1, diagql_warnings(record)
     assert "damaged cache entry" in diagql_warnings(record)[0]
-    assert calls[0] > 0 and second.cache.hits == 0 and second.cache.writes == 1
+    # The profile, and the auxiliary of its block that the recomputed pass made again.
+    assert calls[0] > 0 and second.cache.hits == 0 and second.cache.writes == 2
     assert second.query(QUERY).rows == rows
 
     third = connect(tiny(), pair(), tmp_path)  # the entry was rewritten whole

@@ -365,11 +365,13 @@ def test_show_cache_and_clear_cache(world, tmp_path):
     model, X, y, conn = world
     conn.query(f"TOPK 3 NEURONS IN 2 USING SAMPLE {SAMPLE}")
     shown = {row[0]: row for row in conn.query("SHOW CACHE").rows}
-    assert {kind: shown[kind][1] for kind in ("profile", "sample", "activations", "catalog")} == \
-        {"profile": 1, "sample": 1, "activations": 1, "catalog": 1}
-    assert shown["total"][1] == 4 and shown["activations"][4] == 1  # one miss, this session
+    kinds = ("profile", "sample", "activations", "catalog", "auxiliary")
+    # The auxiliaries: one entry per block the profile names (0, 2, 6; 8 is the logits).
+    assert {kind: shown[kind][1] for kind in kinds} == \
+        {"profile": 1, "sample": 1, "activations": 1, "catalog": 1, "auxiliary": 3}
+    assert shown["total"][1] == 7 and shown["activations"][4] == 1  # one miss, this session
     cleared = conn.query("CLEAR CACHE")
-    assert cleared.title.startswith("removed 4 entries")
+    assert cleared.title.startswith("removed 7 entries")
     assert list(tmp_path.rglob("*.npz")) == []
     # This session keeps what it holds in memory; the next session recomputes.
     conn.query(f"TOPK 3 NEURONS IN 2 USING SAMPLE {SAMPLE}")

@@ -451,8 +451,9 @@ def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
     model, fit = models.trained_cnn(), 300  # a Sequential: its blocks are 0, 2 and 6
     with pytest.MonkeyPatch.context() as patch:  # the driver's count is the workers' too
         patch.setattr(auxiliaries, "FIT_ITEMS", fit)
-        conn = diagql.connect(model, (world.X, world.y), batch_size=BATCH, cache_dir=False,
-                              engine="ray", ray_workers=1, progress=False)  # 4 shards
+        conn = diagql.connect(model, (world.X, world.y), batch_size=BATCH,
+                              cache_dir=world.folder / "blocks", engine="ray", ray_workers=1,
+                              progress=False)  # 4 shards
         local = diagql.connect(model, (world.X, world.y), batch_size=BATCH, cache_dir=False,
                                progress=False)
         ray_aux = {a.key: a for a in conn.profile.auxiliaries}
@@ -476,5 +477,17 @@ def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
             assert got.neurons.tolist() == want.neurons.tolist()
             np.testing.assert_allclose(got.values, want.values, rtol=1e-9,
                                        atol=1e-9 * float(np.abs(want.values).max()))
+        # Stored as a local pass's are: a connection over the same cache reads the profile,
+        # then each block's auxiliary from its own entry when first asked for it.
+        conn.cache.flush()
+        reader = diagql.connect(model, (world.X, world.y), batch_size=BATCH,
+                                cache_dir=world.folder / "blocks", progress=False)
+        profile = reader.profile
+        assert reader.cache.by_kind["profile"]["hits"] == 1 and not profile.auxiliaries.held()
+        for count, (key, want) in enumerate(ray_aux.items(), start=1):
+            got = profile.auxiliary(key)
+            assert reader.cache.by_kind["auxiliary"]["hits"] == count
+            for field in ("mean", "basis", "z"):
+                np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
     finally:
         conn.engine.close()

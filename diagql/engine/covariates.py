@@ -25,17 +25,26 @@ _MEMO: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 def covariates(profile: Profile) -> np.ndarray:
     """(N, p ≤ DIMS) float64: each item's standardised latent on its leading principal axes,
     each component scaled to unit variance over all items (so one ridge fits every model).
-    Computed once per profile."""
+    Those the profile keeps (``reduced`` when the connection made it, 0.05 s at 50,000 items
+    that a new process would pay again), else computed once per profile."""
+    if profile.covariates is not None:
+        profile.covariates.setflags(write=False)
+        return profile.covariates
     key = id(profile)
     held = _MEMO.get(key)
     if held is not None and held[0]() is profile:
         return held[1]
-    latents = profile.latents
+    z = reduced(profile.latents)
+    _MEMO[key] = (weakref.ref(profile, lambda _, key=key: _MEMO.pop(key, None)), z)
+    return z
+
+
+def reduced(latents: np.ndarray) -> np.ndarray:
+    """``covariates`` of a profile with these latents (read-only)."""
     z = fit_space(latents, DIMS)(latents)[:, :DIMS]
     spread = z.std(axis=0)
     z = z[:, spread > 0] / spread[spread > 0]
     z.setflags(write=False)
-    _MEMO[key] = (weakref.ref(profile, lambda _, key=key: _MEMO.pop(key, None)), z)
     return z
 
 

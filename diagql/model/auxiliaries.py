@@ -4,6 +4,7 @@ on them, kept by the profile pass so that a sample query on a block predicts its
 with known coefficients."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,26 +225,81 @@ def joined(views: list[View], fits: dict, parts: list[dict[str, np.ndarray]], fi
     return tuple(out)
 
 
-def to_arrays(auxiliaries: tuple[Auxiliary, ...]) -> dict[str, np.ndarray]:
-    """The profile's disk encoding of its auxiliaries (arrays and names, no pickle)."""
-    arrays: dict[str, np.ndarray] = {
-        "aux_names": np.array([[a.key, a.layer] for a in auxiliaries], dtype=np.str_).reshape(-1, 2)}
-    for i, a in enumerate(auxiliaries):
-        arrays[f"aux{i}_mean"], arrays[f"aux{i}_basis"], arrays[f"aux{i}_z"] = a.mean, a.basis, a.z
-        arrays[f"aux{i}_fitted"] = np.int64(a.fitted_on)
-    return arrays
+class Auxiliaries:
+    """A profile's block auxiliaries by view key: held in memory (the pass that made them), or
+    only named, each read on first use through ``load`` and then held (docs/ARCHITECTURE.md,
+    "Storage": each block's own cache entry, so a query reads only its block's).
+
+    ``load(key, layer)`` gives the auxiliaries it found: the one asked for, or every block's
+    when it had to make them again; a key it cannot give is remembered as absent."""
+
+    def __init__(self, held: Iterable[Auxiliary] = (), names: Iterable[tuple[str, str]] = (),
+                 load: Callable[[str, str], Iterable[Auxiliary]] | None = None):
+        self._held: dict[str, Auxiliary | None] = {a.key: a for a in held}
+        self.names: tuple[tuple[str, str], ...] = \
+            tuple((a.key, a.layer) for a in self._held.values()) or tuple(names)
+        self._load = load
+
+    def get(self, key: str) -> Auxiliary | None:
+        """The auxiliary of the view with this key, read now if it is named but not held."""
+        if key in self._held:
+            return self._held[key]
+        layer = next((layer for name, layer in self.names if name == key), None)
+        if layer is None or self._load is None:
+            return None
+        for found in self._load(key, layer):
+            self._held.setdefault(found.key, found)
+        return self._held.setdefault(key, None)
+
+    def held(self) -> tuple[Auxiliary, ...]:
+        """Those in memory, read or made (what the pass that made them stores)."""
+        return tuple(a for a in self._held.values() if a is not None)
+
+    def __iter__(self) -> Iterator[Auxiliary]:
+        """Every block's auxiliary, in the pass's order (reading those not yet held)."""
+        return (a for a in (self.get(key) for key, _ in self.names) if a is not None)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        held = [key for key, a in self._held.items() if a is not None]
+        return f"<Auxiliaries of {[layer for _, layer in self.names]}, held: {held}>"
 
 
-def from_arrays(arrays, n_items: int) -> tuple[Auxiliary, ...]:
-    """Decode ``to_arrays``, raising ValueError unless each describes ``n_items`` items."""
+def to_arrays(auxiliaries: Auxiliaries) -> dict[str, np.ndarray]:
+    """The profile entry's part: the blocks' names only; each block's own entry holds its
+    arrays (``entry_arrays``)."""
+    return {"aux_names": np.array(list(auxiliaries.names), dtype=np.str_).reshape(-1, 2)}
+
+
+def from_arrays(arrays, load: Callable[[str, str], Iterable[Auxiliary]] | None
+                ) -> Auxiliaries:
+    """Decode ``to_arrays``: the blocks named, each read through ``load`` on first use."""
     if "aux_names" not in arrays:
-        return ()
-    out = []
-    for i, (key, layer) in enumerate(np.asarray(arrays["aux_names"]).reshape(-1, 2).tolist()):
-        a = Auxiliary(str(key), str(layer), arrays[f"aux{i}_mean"], arrays[f"aux{i}_basis"],
-                      arrays[f"aux{i}_z"], int(arrays[f"aux{i}_fitted"]))
-        if a.z.shape != (n_items, a.basis.shape[1]) or a.mean.shape != (a.basis.shape[0],) \
-                or a.basis.ndim != 2 or a.z.dtype != np.float32:
-            raise ValueError(f"its auxiliary of {layer} does not describe {n_items:,} items")
-        out.append(a)
-    return tuple(out)
+        return Auxiliaries()
+    names = np.asarray(arrays["aux_names"])
+    if names.ndim != 2 or names.shape[1] != 2:
+        raise ValueError("its block names are not (key, layer) pairs")
+    return Auxiliaries(names=[(str(key), str(layer)) for key, layer in names.tolist()],
+                       load=load)
+
+
+def entry_arrays(a: Auxiliary) -> dict[str, np.ndarray]:
+    """One block's cache entry (arrays, no pickle)."""
+    return {"key": np.str_(a.key), "layer": np.str_(a.layer), "mean": a.mean,
+            "basis": a.basis, "z": a.z, "fitted": np.int64(a.fitted_on)}
+
+
+def from_entry(arrays, key: str, layer: str, n_items: int) -> Auxiliary:
+    """Decode ``entry_arrays``, raising ValueError unless it is the block ``key`` of ``layer``
+    and describes ``n_items`` items."""
+    a = Auxiliary(str(arrays["key"]), str(arrays["layer"]), arrays["mean"], arrays["basis"],
+                  arrays["z"], int(arrays["fitted"]))
+    if (a.key, a.layer) != (key, layer):
+        raise ValueError(f"it holds the auxiliary of {a.layer}, not of {layer}")
+    if a.basis.ndim != 2 or a.z.shape != (n_items, a.basis.shape[1]) \
+            or a.mean.shape != (a.basis.shape[0],) or a.z.dtype != np.float32 \
+            or a.basis.dtype != np.float32 or a.mean.dtype != np.float32:
+        raise ValueError(f"its auxiliary of {layer} does not describe {n_items:,} items")
+    return a

@@ -38,12 +38,21 @@ class Profile:
     latent_views: tuple[str, ...] = ()
     logit_views: tuple[str, ...] = ()
     # The blocks' principal projections for every item (model/auxiliaries.py): what a sample
-    # query on a block predicts its unsampled items from.
-    auxiliaries: tuple[aux.Auxiliary, ...] = ()
+    # query on a block predicts its unsampled items from. Given as the pass's tuple; held as
+    # aux.Auxiliaries, which a profile read from disk fills block by block on first use.
+    auxiliaries: aux.Auxiliaries = ()
+    # The model-assisted estimator's latent covariates (engine/covariates.py), when the
+    # connection made them with the profile: kept with it so that no process refits them.
+    covariates: np.ndarray | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.auxiliaries, aux.Auxiliaries):
+            object.__setattr__(self, "auxiliaries", aux.Auxiliaries(self.auxiliaries))
 
     def auxiliary(self, view_key: str) -> aux.Auxiliary | None:
-        """The auxiliary of the view with this key, when the profile pass kept one."""
-        return next((a for a in self.auxiliaries if a.key == view_key), None)
+        """The auxiliary of the view with this key, when the profile pass kept one (read from
+        its cache entry the first time it is asked for)."""
+        return self.auxiliaries.get(view_key)
 
     def rows_of(self, view_key: str) -> np.ndarray | None:
         """Every item's rows of the view with this key, when the profile holds them."""
@@ -81,13 +90,17 @@ class Profile:
                   "views": np.str_(json.dumps([self.latent_views, self.logit_views]))}
         if self.logits is not None:
             arrays["logits"] = self.logits
-        arrays.update(aux.to_arrays(self.auxiliaries))
+        if self.covariates is not None:
+            arrays["covariates"] = self.covariates
+        arrays.update(aux.to_arrays(self.auxiliaries))  # their names: each has its own entry
         return arrays
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int) -> "Profile":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], n_items: int,
+                    load_auxiliary=None) -> "Profile":
         """Decode ``to_arrays``'s output, raising ValueError unless it describes ``n_items``
-        items with the types compute_profile makes (the rest of DiagQL relies on them)."""
+        items with the types compute_profile makes (the rest of DiagQL relies on them).
+        ``load_auxiliary(key, layer)``: reads a block's auxiliary (``aux.Auxiliaries``)."""
         profile = cls(
             labels=arrays["labels"], predictions=arrays["predictions"],
             confidence=arrays["confidence"], latents=arrays["latents"],
@@ -95,11 +108,16 @@ class Profile:
             seconds=float(arrays["seconds"]),
             # compute_profile stores -1 for every label of data without labels.
             has_labels=bool(np.all(arrays["labels"] >= 0)), logits=arrays.get("logits"),
-            auxiliaries=aux.from_arrays(arrays, n_items), **_views(arrays["views"]))
+            auxiliaries=aux.from_arrays(arrays, load_auxiliary),
+            covariates=arrays.get("covariates"), **_views(arrays["views"]))
         logits = profile.logits
         if logits is not None and (logits.dtype != np.float32 or logits.shape != (
                 n_items, profile.n_classes)):
             raise ValueError(f"its logits do not describe {n_items:,} items")
+        held = profile.covariates
+        if held is not None and (held.dtype != np.float64 or held.ndim != 2
+                                 or len(held) != n_items):
+            raise ValueError(f"its covariates do not describe {n_items:,} items")
         if not (profile.labels.shape == profile.predictions.shape == profile.confidence.shape
                 == (n_items,) and profile.latents.ndim == 2 and len(profile.latents) == n_items
                 and profile.labels.dtype == profile.predictions.dtype == np.int64

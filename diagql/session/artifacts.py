@@ -7,13 +7,14 @@ computes it — so that no change ever reuses a stale entry (docs/ARCHITECTURE.m
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 import warnings
 from typing import Callable, TypeVar
 
 from diagql import samplers
-from diagql.engine import executor
+from diagql.engine import covariates, executor
 from diagql.errors import BindError, DiagQLWarning
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
@@ -21,8 +22,10 @@ from diagql.model import auxiliaries, hooks, layers, profile as profile_module, 
 from diagql.model.data import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, probe
 from diagql.model.profile import Profile, comparisons, compute_profile
+from diagql.samplers import space
 from diagql.storage.fingerprint import (Unfingerprintable, cache_key, model_fingerprint,
                                         source_digest)
+from diagql.storage.store import touch
 
 T = TypeVar("T")
 
@@ -81,15 +84,59 @@ class Artifacts:
         if self.profile is None:
             conn = self.conn
             n_items = len(conn.source)
+            key = self.profile_key()
+            computed = []
+
+            def compute() -> Profile:
+                computed.append(self._compute_profile())
+                return computed[0]
+
+            def read_auxiliary(view_key: str, layer: str):
+                return self._read_auxiliary(key, view_key, layer)
+
             self.profile = load_or_compute(
-                conn.cache, "profile", self.profile_key(), self._compute_profile,
-                Profile.to_arrays, lambda arrays: Profile.from_arrays(arrays, n_items),
+                conn.cache, "profile", key, compute, Profile.to_arrays,
+                lambda arrays: Profile.from_arrays(arrays, n_items, read_auxiliary),
                 lambda p: {"model": type(conn.model).__qualname__, "items": len(p),
                            "latent": p.latent_layer, "dtype": str(conn.dtype),
                            "device": str(conn.device)})
+            if key is not None and computed:
+                self._store_auxiliaries(key, computed[0])
+            elif key is not None:
+                # Used with their profile, so that least-recently-used eviction takes them
+                # together, not the blocks' entries first (a block query reads them rarely).
+                for view_key, _ in self.profile.auxiliaries.names:
+                    touch(conn.cache, "auxiliary", self.auxiliary_key(key, view_key))
         return self.profile
 
+    def _store_auxiliaries(self, key: str, profile: Profile) -> None:
+        """Each block's auxiliary in its own entry, which the profile entry names: a new
+        process reads only the queried block's (docs/ARCHITECTURE.md, "Storage"). Remaking
+        one costs the profile pass."""
+        for a in profile.auxiliaries.held():
+            self.conn.cache.store("auxiliary", self.auxiliary_key(key, a.key),
+                                  auxiliaries.entry_arrays(a), meta={"layer": a.layer},
+                                  seconds=profile.seconds)
+
+    def _read_auxiliary(self, key: str, view_key: str, layer: str) -> tuple:
+        """A block's auxiliary from its entry; when that was evicted or is damaged, the
+        profile pass again, whose auxiliaries are kept and stored (docs/ARCHITECTURE.md,
+        "Storage": an answer never depends on which entries the cache still holds)."""
+        found = self.conn.cache.load(
+            "auxiliary", self.auxiliary_key(key, view_key),
+            lambda arrays: auxiliaries.from_entry(arrays, view_key, layer, len(self.conn.source)))
+        if found is not None:
+            return (found,)
+        fresh = self._profile_pass()
+        self._store_auxiliaries(key, fresh)
+        return fresh.auxiliaries.held()
+
     def _compute_profile(self) -> Profile:
+        """The profile pass, and the estimator's latent covariates, kept with it."""
+        profile = self._profile_pass()
+        return dataclasses.replace(profile, covariates=covariates.reduced(profile.latents))
+
+    def _profile_pass(self) -> Profile:
         conn = self.conn
         latent = conn.latent
         view = None
@@ -182,7 +229,10 @@ class Artifacts:
         return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
                          device, source_digest(profile_module), source_digest(views),
                          source_digest(layers),  # which layers hold the same rows: the catalog
-                         source_digest(auxiliaries))  # the blocks' projections
+                         source_digest(auxiliaries),  # the blocks' projections
+                         # the estimator's covariates, kept with it
+                         source_digest(covariates.reduced), covariates.DIMS,
+                         source_digest(space))
 
     def catalog_key(self) -> str | None:
         """The catalog depends on the model and the items' shape, so on both fingerprints."""
@@ -191,6 +241,10 @@ class Artifacts:
             return None
         return cache_key("catalog", *fingerprints, str(self.conn.dtype), self.conn.device.type,
                          source_digest(layers), source_digest(views))
+
+    def auxiliary_key(self, profile_key: str, view_key: str) -> str:
+        """The key of a block's auxiliary: its profile's, and the block's view."""
+        return cache_key("auxiliary", profile_key, view_key)
 
     def activation_key(self, view_key: str) -> str | None:
         """The key of a view's rows (``View.key``: the layer and how its tokens reduce)."""

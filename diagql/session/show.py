@@ -38,7 +38,8 @@ def _models(conn, statement) -> Result:
 KINDS = {"profile": "labels, predictions, confidence and latents of every item",
          "sample": "the items a sampler drew",
          "activations": "sampled items' outputs of one layer",
-         "catalog": "the model's layers and their output shapes"}
+         "catalog": "the model's layers and their output shapes",
+         "auxiliary": "a block's principal projections of every item, named by a profile"}
 
 
 COLUMNS = ["kind", "entries", "size", "session hits", "session misses"]

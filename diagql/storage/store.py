@@ -309,6 +309,17 @@ class Cache:
                 f"{self.writes} writes>")
 
 
+def touch(cache: Cache, kind: str, key: str) -> None:
+    """Mark an entry of ``cache`` used now, as reading it would, without reading it (for
+    least-recently-used eviction)."""
+    if cache.root is None:
+        return
+    try:
+        os.utime(cache.path(kind, key))
+    except OSError:
+        pass  # absent or still pending: nothing to mark
+
+
 def _list(root: Path) -> list[Entry]:
     """Every entry on disk under ``root``, oldest use first; writers' temporary files left out."""
     if not root.is_dir():
