@@ -114,3 +114,20 @@ def test_the_spread_fit_explains_more_of_every_item_than_the_first_items_fit(
     missed_spread = 1 - ((centred @ a.basis.astype(np.float64)) ** 2).sum() / total
     missed_first = 1 - ((centred @ v_first) ** 2).sum() / total
     assert missed_spread < 0.5 * missed_first, (missed_spread, missed_first)
+
+
+def test_explain_says_which_items_the_directions_were_fitted_on(cnn, sorted_digits):
+    X, y = sorted_digits
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(auxiliaries, "FIT_ITEMS", FIT)
+        conn = diagql.connect(cnn, (X[:400], y[:400]), batch_size=128, cache_dir=False,
+                              progress=False)
+        spread = dict(conn.query("EXPLAIN AVG NEURONS IN 2 USING SAMPLE random(0.1)")
+                      .plan.explain())["estimator"]
+        patch.setattr(auxiliaries, "FIT_ITEMS", 1000)  # more than the 400 items: all of them
+        every = diagql.connect(cnn, (X[:400], y[:400]), batch_size=128, cache_dir=False,
+                               progress=False)
+        whole = dict(every.query("EXPLAIN AVG NEURONS IN 2 USING SAMPLE random(0.1)")
+                     .plan.explain())["estimator"]
+    assert f"fitted on {FIT} items spread over the data" in spread
+    assert "fitted on every item" in whole
