@@ -78,12 +78,13 @@ def test_the_profile_keeps_each_blocks_principal_projections(db, cnn, digits):
     profile = db.profile
     assert [a.layer for a in profile.auxiliaries] == ["0", "2", "6"]  # 8: the logits, held whole
     X = digits[0]
+    fitted = auxiliaries.spread_items(len(X), FIT)  # tests/test_spread_fit.py checks which
     for a, upto in zip(profile.auxiliaries, (1, 3, 7)):
         rows = _rows(cnn, X, upto)
         k = min(auxiliaries.DIMS, rows.shape[1])
         assert a.basis.shape == (rows.shape[1], k) and a.fitted_on == FIT
-        fit = rows[:FIT] - rows[:FIT].mean(axis=0)
-        np.testing.assert_allclose(a.mean, rows[:FIT].mean(axis=0), atol=1e-5)
+        fit = rows[fitted] - rows[fitted].mean(axis=0)
+        np.testing.assert_allclose(a.mean, rows[fitted].mean(axis=0), atol=1e-5)
         np.testing.assert_allclose(a.basis.T @ a.basis, np.eye(k), atol=1e-5)
         # The leading directions: as much of the fitted rows' variance as numpy's SVD's k.
         singular = np.linalg.svd(fit, compute_uv=False)

@@ -441,10 +441,10 @@ def test_the_command_line_runs_a_query_on_the_cluster(world, capsys, tmp_path):
 
 
 def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
-    """The blocks' directions are fitted once, on the items the local pass fits them on (the
-    first FIT of them: not a multiple of the batch, fewer than the items), and every shard
-    projects on them: the local profile's auxiliaries, checked against plain torch and
-    numpy; so a sample query on a block answers as the local engine."""
+    """The blocks' directions are fitted once, on the items the local pass fits them on (FIT
+    of them spread over the data: not a multiple of the batch, fewer than the items), and
+    every shard of the others projects on them: the local profile's auxiliaries, checked
+    against plain torch and numpy; so a sample query on a block answers as the local engine."""
     from diagql.model import auxiliaries
 
     world.conn.engine.close()  # its workers hold both CPUs; they are made again when needed
@@ -468,7 +468,8 @@ def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
                 assert a.shape == b.shape and a.dtype == b.dtype == np.float32
                 np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(np.abs(b).max()))
             rows = activations(model, world.X, got.layer)
-            assert np.allclose(got.mean, rows[:fit].mean(0), rtol=1e-5, atol=1e-6)
+            spread = auxiliaries.spread_items(len(rows), fit)
+            assert np.allclose(got.mean, rows[spread].mean(0), rtol=1e-5, atol=1e-6)
             z = (rows - got.mean.astype(np.float64)) @ got.basis.astype(np.float64)
             np.testing.assert_allclose(got.z, z, rtol=0, atol=1e-4 * float(np.abs(z).max()))
         for layer in sorted({a.layer for a in local_aux.values()}):

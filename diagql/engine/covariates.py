@@ -135,9 +135,12 @@ class Chosen:
         if self.auxiliary is None:
             return f"assisted: a linear fit on {latent}"
         a = self.auxiliary
+        # Which items: profile.fit_items spreads them over the data (model/auxiliaries.py).
+        fitted = "every item" if a.fitted_on >= len(a.z) else \
+            f"{a.fitted_on:,} items spread over the data"
         return (f"assisted: every item predicted from {a.layer}'s {a.basis.shape[1]} principal "
                 f"components kept by the profile pass (known coefficients, fitted on "
-                f"{a.fitted_on:,} items), the residual fitted on {latent}")
+                f"{fitted}), the residual fitted on {latent}")
 
 
 def for_view(profile: Profile, view_key: str) -> Chosen:

@@ -16,8 +16,8 @@ from diagql.engine.ray_data import DatasetBlocks, DatasetHead, ShardSource
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.auxiliaries import joined
-from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part, profile_part,
-                                  projected_part)
+from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part, interleave,
+                                  profile_part, projected_part)
 
 SHARDS_PER_WORKER = 4  # smaller shards: less work lost to a dead worker, better balance
 IN_FLIGHT = 2  # shards queued per actor, so that none idles between two of them
@@ -247,27 +247,31 @@ class RayEngine:
                 compare: tuple = ((), (), False), blocks: list | tuple = ()) -> Profile:
         """The profile pass on the cluster: each shard's profile, concatenated in order (the
         layers that hold the latent's or the logits' rows: those that did in every shard).
-        The ``blocks``' directions are fitted once, by one worker on the items the local pass
-        fits them on, and every shard projects on them: the local pass's auxiliaries."""
+        The ``blocks``' directions are fitted once, by one worker on the spread items the
+        local pass fits them on (their profile part too, in the same batches), and every shard
+        of the other items projects on them: the local pass's auxiliaries."""
         if n_items == 0:
             raise DiagQLError("the data set is empty")
         started = time.perf_counter()
-        shards = self._shards(np.arange(n_items), batch_size)
         options = {"key": model, "latent": latent, "latent_is_input": latent_is_input,
                    "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare}
-        views, fits = list(blocks), {}
+        views, fits, pieces, rest = list(blocks), {}, [], np.arange(n_items)
         if views:
-            fit, first = fit_items(views, n_items, batch_size)
-            fits = self.run([_task(_on_model, task=fit_part, views=views, fit=fit, **options)],
-                            [first], "fitting the blocks' directions", progress)[0]
+            fit, spread = fit_items(views, n_items)
+            fits, first = self.run([_task(_on_model, task=fit_part, views=views, **options)],
+                                   [spread], "fitting the blocks' directions", progress)[0]
+            pieces, rest = [(spread, first)], np.setdiff1d(rest, spread, assume_unique=True)
+        shards = self._shards(rest, batch_size) if len(rest) else []
         task = _task(_on_model, task=projected_part, views=views, fits=fits, **options) \
-            if fits else _task(_on_model, task=profile_part, **options)
-        parts = self.run([task] * len(shards), shards, "profiling the data", progress)
+            if views else _task(_on_model, task=profile_part, **options)
+        parts = self.run([task] * len(shards), shards, "profiling the data", progress) \
+            if shards else []  # none when the spread items are all of them
+        if pieces:  # the spread items' part and the shards', each item in its place
+            parts = [interleave(pieces + list(zip(shards, parts)), n_items)]
         profile = assemble_profile(parts, latent, latent_is_input, 0.0, view=view, dtype=dtype)
         # The views the profile holds whole need no projection, as in compute_profile.
-        auxiliaries = joined(views, fits, [part.z for part in parts],
-                             fit,
-                             profile.latent_views + profile.logit_views) if fits else ()
+        auxiliaries = joined(views, fits, [parts[0].z], fit,
+                             profile.latent_views + profile.logit_views) if views else ()
         return dataclasses.replace(profile, auxiliaries=auxiliaries,
                                    seconds=time.perf_counter() - started)
 
@@ -281,6 +285,7 @@ class RayEngine:
         from ray import cloudpickle
         from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
+        self.start()  # a pass's first task may come before any shard is cut (the blocks' fit)
         ray = self._ray
         tasks = [cloudpickle.dumps(task) for task in tasks]
         self.traffic["tasks"] += sum(len(task) for task in tasks)

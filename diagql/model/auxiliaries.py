@@ -16,7 +16,8 @@ from diagql.model.views import ModuleCall, View
 # and 64 components took S2 from 0.034 to 0.031, 0.024, 0.019 and 0.012 (the ResNet's stem alike,
 # 0.040 to 0.009 at 64); 256 bytes per item and block.
 DIMS = 64
-# The directions are fitted on the first items of the pass; their rows are held until then.
+# The directions are fitted on this many items spread over the data (spread_items), whose
+# rows are held until then.
 FIT_ITEMS = 2000
 HOLD_BUDGET = 256 * 1024 ** 2  # bytes of held rows, all blocks together
 # A wider block keeps no auxiliary: its basis (width × DIMS float32) would outweigh the rest of
@@ -99,11 +100,25 @@ def principal(rows: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, 
     return mean, vt[:k].T.contiguous()
 
 
+def spread_items(n: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` of ``n`` items spread over the whole data set, in index order: one drawn at
+    random (seeded: the same for every pass and engine) from each of ``count`` equal runs of
+    consecutive items; every item when ``count >= n``. On data sorted by class (an
+    ImageFolder, most Hugging Face splits) each class gets its share, where the first items
+    would be one or two classes; the draw within each run keeps a periodic order (classes in
+    turn) from lining up with an even stride."""
+    if count >= n:
+        return np.arange(n, dtype=np.int64)
+    bounds = np.arange(count + 1, dtype=np.int64) * n // count  # runs of at least one item
+    return np.random.default_rng(seed).integers(bounds[:-1], bounds[1:])
+
+
 class BlockProjector:
-    """The profile pass's part: each block's rows are held for the first items (up to
+    """The profile pass's part: each block's rows are held for the pass's first items (up to
     FIT_ITEMS and HOLD_BUDGET), its directions fitted on them, and every item projected.
-    Given ``fits`` (``fitted()`` of a projector that ran over the pass's first items: a Ray
-    pass's shard), it only projects, with those directions; a block without one is dropped."""
+    The profile pass runs one over the spread items alone (``profile.fit_part``), then one
+    given its ``fits`` (``fitted()``) over the rest, which only projects with those
+    directions (``profile.projected_part``); a block without one is dropped."""
 
     def __init__(self, views: list[View], n: int, dims: int = DIMS, fits: dict | None = None):
         self.views = {view.layer.name: view for view in views}

@@ -213,19 +213,30 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     if n == 0:
         raise DiagQLError("the data set is empty")
     compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
-    project = aux.BlockProjector(aux.blocks(model, catalog), n) if catalog is not None else None
+    views = aux.blocks(model, catalog) if catalog is not None else []
+    options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
+               "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare}
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
-        part = profile_part(model, source, np.arange(n), latent=latent,
-                            latent_is_input=latent_is_input, device=device, dtype=dtype,
-                            batch_size=batch_size, advance=advance, view=view, compare=compare,
-                            project=project)
+        if not views:
+            part = profile_part(model, source, np.arange(n), advance=advance, **options)
+        else:  # the spread items first, their rows held for the fit; then the rest, projected
+            fit, spread = fit_items(views, n)
+            fits, first = fit_part(model, source, spread, views=views, advance=advance,
+                                   **options)
+            pieces = [(spread, first)]
+            rest = np.setdiff1d(np.arange(n), spread, assume_unique=True)
+            if len(rest):
+                pieces.append((rest, projected_part(model, source, rest, views=views, fits=fits,
+                                                    advance=advance, **options)))
+            part = interleave(pieces, n)
         profile = assemble_profile([part], latent, latent_is_input, time.perf_counter() - started,
                                    view=view, dtype=dtype)
-        if project is None:
+        if not views:
             return profile
         # The views the profile holds whole need no projection.
-        auxiliaries = project.finish(profile.latent_views + profile.logit_views)
+        auxiliaries = aux.joined(views, fits, [part.z], fit,
+                                 profile.latent_views + profile.logit_views)
     return dataclasses.replace(profile, auxiliaries=auxiliaries,
                                seconds=time.perf_counter() - started)
 
@@ -318,33 +329,61 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                        same_logits.keys() if logits_kept else ())
 
 
-def fit_items(views: list[View], n: int, batch_size: int) -> tuple[int, np.ndarray]:
-    """How many items a profile pass over ``n`` fits the blocks' directions on, and the whole
-    batches that hold them: the local pass's first batches, so the same rows."""
+def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray]:
+    """How many items a profile pass over ``n`` fits the blocks' directions on (up to FIT_ITEMS
+    and the rows' HOLD_BUDGET), and which: spread over the whole data (``spread_items``), so
+    that data sorted by class gives the directions of every class. Every form of data DiagQL
+    takes is read by index (model/data.py), so the spread items cost no extra forward pass."""
     fit = aux.BlockProjector(views, n).fit_items
-    return fit, np.arange(min(n, -(-fit // batch_size) * batch_size))
+    return fit, aux.spread_items(n, fit)
 
 
-def fit_part(model, source: ItemSource, items: np.ndarray, *, views: list[View], fit: int,
-             **options) -> dict:
-    """A Ray pass's first task: the blocks' directions (``BlockProjector.fitted``), fitted on
-    the first ``fit`` of ``items`` (from ``fit_items``: the driver's count, not the worker's)
-    as a local pass fits them; a block that failed has none. ``options``: profile_part's."""
+def fit_part(model, source: ItemSource, items: np.ndarray, *, views: list[View],
+             **options) -> tuple[dict, ProfilePart]:
+    """The profile pass's first part, over the spread ``items`` (from ``fit_items``): the
+    blocks' directions (``BlockProjector.fitted``) fitted on all of them (a block that failed
+    has none), and the items' profile part with their z rows. On Ray, one worker's task.
+    ``options``: profile_part's."""
     project = aux.BlockProjector(views, len(items))
-    project.fit_items = fit
-    profile_part(model, source, items, project=project, **options)
+    project.fit_items = len(items)  # the driver's count (FIT_ITEMS there), not the worker's
+    part = profile_part(model, source, items, project=project, **options)
     project.finish()
-    return project.fitted()
+    part.z = dict(project.z)
+    return project.fitted(), part
 
 
 def projected_part(model, source: ItemSource, items: np.ndarray, *, views: list[View],
                    fits: dict, **options) -> ProfilePart:
-    """A Ray pass's shard: its profile part, with its items' z rows of each block, projected
-    on the directions ``fits`` (from ``fit_part``), so that every shard uses the same ones."""
+    """The profile part of the items the directions were not fitted on (on Ray, a shard's),
+    with their z rows of each block, projected on the directions ``fits`` (from
+    ``fit_part``), so that every item is projected on the same ones."""
     project = aux.BlockProjector(views, len(items), fits=fits)
     part = profile_part(model, source, items, project=project, **options)
     part.z = dict(project.z)
     return part
+
+
+def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfilePart:
+    """One part of all ``n`` items from parts of disjoint sets of them, each given with its
+    item indices: the spread items' (``fit_part``) and the rest's. A block keeps z rows, and a
+    layer the latent's (the logits') rows, only if it did in every part."""
+    parts = [part for _, part in pieces]
+    _same_shapes(parts)
+
+    def scatter(arrays: list[np.ndarray]) -> np.ndarray:
+        out = np.empty((n, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+        for (items, _), array in zip(pieces, arrays):
+            out[items] = array
+        return out
+
+    labels = None if any(p.labels is None for p in parts) else scatter([p.labels for p in parts])
+    logits = None if any(p.logits is None for p in parts) else scatter([p.logits for p in parts])
+    z = {name: scatter([p.z[name] for p in parts]) for name in parts[0].z or {}
+         if all(p.z is not None and name in p.z for p in parts)}
+    return ProfilePart(labels, scatter([p.predictions for p in parts]),
+                       scatter([p.confidence for p in parts]), scatter([p.latents for p in parts]),
+                       parts[0].n_classes, logits, _in_every([p.latent_views for p in parts]),
+                       _in_every([p.logit_views for p in parts]), z)
 
 
 def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,
@@ -352,11 +391,8 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
                      dtype: torch.dtype | None = None) -> Profile:
     """The Profile of every item from the parts of consecutive runs of them, in order. A
     layer holds the latent's (the logits') rows only if it did in every part."""
+    _same_shapes(parts)
     n_classes = parts[0].n_classes
-    for part in parts:
-        if part.n_classes != n_classes or part.latents.shape[1] != parts[0].latents.shape[1]:
-            raise ExecutionError(f"the model's output changed shape between items: "
-                                 f"{n_classes} then {part.n_classes} classes")
     has_labels = all(part.labels is not None for part in parts)
     predictions = _join([part.predictions for part in parts])
     if has_labels:
@@ -378,6 +414,14 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
                    has_labels, logits, latent_views,
                    _in_every([part.logit_views for part in parts]) if logits is not None else ())
+
+
+def _same_shapes(parts: list[ProfilePart]) -> None:
+    n_classes = parts[0].n_classes
+    for part in parts:
+        if part.n_classes != n_classes or part.latents.shape[1] != parts[0].latents.shape[1]:
+            raise ExecutionError(f"the model's output changed shape between items: "
+                                 f"{n_classes} then {part.n_classes} classes")
 
 
 def _join(arrays: list[np.ndarray]) -> np.ndarray:
