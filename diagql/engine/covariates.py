@@ -4,12 +4,15 @@ own principal projections where the profile kept them, known for every item from
 so that a sample's answer can be corrected toward the matching items' own."""
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from diagql.model.auxiliaries import Auxiliary
+from diagql.model.auxiliaries import DIMS as BLOCK_DIMS
+from diagql.model.auxiliaries import FIT_ITEMS, Auxiliary, principal
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space
 
@@ -47,6 +50,7 @@ class Chosen:
     z: np.ndarray  # (N, p [+ k]) float64, read-only
     latent_dims: int  # p: the first columns, the latent's
     auxiliary: Auxiliary | None  # the view's block projections: the last k columns
+    held: bool = False  # the auxiliary is the view's rows held by the profile (``_held``)
 
     def describe(self, profile: Profile) -> str:
         """What the assisted estimator fits on, for EXPLAIN."""
@@ -54,6 +58,11 @@ class Chosen:
         if self.auxiliary is None:
             return f"assisted: a linear fit on {latent}"
         a = self.auxiliary
+        if self.held:
+            basis = ("its own row" if a.basis.shape[0] == a.basis.shape[1]
+                     else f"its row's {a.basis.shape[1]} principal components")
+            return (f"assisted: every item predicted from {basis} (the profile holds every "
+                    f"item's {a.layer}), the residual fitted on {latent}")
         return (f"assisted: every item predicted from {a.layer}'s {a.basis.shape[1]} principal "
                 f"components kept by the profile pass (known coefficients, fitted on "
                 f"{a.fitted_on:,} items), the residual fitted on {latent}")
@@ -61,19 +70,50 @@ class Chosen:
 
 def for_view(profile: Profile, view_key: str) -> Chosen:
     """The covariates of a sample query on the view with this key: the auxiliary nearest to
-    it is the view's own block projections when the profile kept them, else the latent."""
+    it is the view's own block projections when the profile kept them, or its own rows when
+    the profile holds them (``held``), else the latent."""
     z = covariates(profile)
-    auxiliary = profile.auxiliary(view_key)
-    if auxiliary is None:
-        return Chosen(z, z.shape[1], None)
     key = (id(profile), view_key)
     held = _JOINED.get(key)
-    if held is None or held[0]() is not profile:
-        joined = np.concatenate([z, auxiliary.z.astype(np.float64)], axis=1)
-        joined.setflags(write=False)
-        held = (weakref.ref(profile, lambda _, key=key: _JOINED.pop(key, None)), joined)
-        _JOINED[key] = held
-    return Chosen(held[1], z.shape[1], auxiliary)
+    if held is not None and held[0]() is profile:
+        return Chosen(held[1], z.shape[1], held[2], held[3])
+    auxiliary, own = profile.auxiliary(view_key), False
+    if auxiliary is None:
+        auxiliary = _held(profile.rows_of(view_key), view_key)
+        own = auxiliary is not None
+    if auxiliary is None:
+        return Chosen(z, z.shape[1], None)
+    joined = np.concatenate([z, auxiliary.z.astype(np.float64)], axis=1)
+    joined.setflags(write=False)
+    _JOINED[key] = (weakref.ref(profile, lambda _, key=key: _JOINED.pop(key, None)), joined,
+                    auxiliary, own)
+    return Chosen(joined, z.shape[1], auxiliary, own)
 
 
-_JOINED: dict[tuple[int, str], tuple[weakref.ref, np.ndarray]] = {}
+def _held(rows: np.ndarray | None, view_key: str) -> Auxiliary | None:
+    """A view whose every row the profile holds (the latent, the logits) is its own auxiliary:
+    the block prediction (engine/prediction.py) then predicts each sampled item by its own
+    row, the residual is 0, and the estimate is the matching items' exact mean (a regression
+    estimator with a perfect auxiliary). Fitted on the 10 latent components alone, its
+    intervals had been wrong both ways (benchmarks/README.md, "Issue 15, part 3"): the rows are
+    linear in the whole latent, so the residual after 10 components is the latent's other
+    directions, where every sampler chooses (herding and stratification balance them, latent
+    grids and two-ended draws spread them). Up to HELD_WIDTH columns the basis is the identity
+    (exact); a wider view gets its BLOCK_DIMS principal directions, as a block does."""
+    if rows is None:
+        return None
+    width = rows.shape[1]
+    if width <= HELD_WIDTH:
+        mean, basis = np.zeros(width, np.float32), np.eye(width, dtype=np.float32)
+        z = np.asarray(rows, dtype=np.float32)
+    else:
+        fitted = principal(torch.from_numpy(np.asarray(rows[:FIT_ITEMS])), BLOCK_DIMS)
+        mean, basis = (part.numpy().astype(np.float32) for part in fitted)
+        z = (rows - mean) @ basis
+    return Auxiliary(view_key, json.loads(view_key)[0], mean, basis, z, len(rows))
+
+
+# The widest held view predicted by its rows themselves: 1 KB per item in float64, twice a
+# block's BLOCK_DIMS projections.
+HELD_WIDTH = 128
+_JOINED: dict[tuple[int, str], tuple[weakref.ref, np.ndarray, Auxiliary, bool]] = {}

@@ -34,6 +34,12 @@ class BlockPrediction:
             self.mean = self.mean.reshape(channels, -1).mean(axis=1)
             self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
+        # What predicts the items, for the estimate's line (results/render.py): a view the
+        # profile holds is its own auxiliary (engine/covariates.py: _held), the identity.
+        own = self.basis.shape[0] == self.basis.shape[1] and not self.mean.any() and \
+            np.array_equal(self.basis, np.eye(len(self.basis)))
+        self.predictor = (f"each item's own {self.layer} row, held by the profile" if own
+                          else f"{self.layer}'s principal components")
         self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
 
     def residual_squares(self, values: torch.Tensor, z: torch.Tensor,
