@@ -317,3 +317,21 @@ def test_a_held_view_wider_than_held_width_is_predicted_from_its_principal_compo
     mean = fitted[0][0] + mu + basis @ zb[matching].mean(axis=0)
     np.testing.assert_allclose(result.values, mean, rtol=1e-5, atol=1e-5)
     assert "its row's 6 principal components" in dict(result.plan.explain())["estimator"]
+
+
+def test_argmax_on_a_view_the_profile_holds_is_exact(db, cnn, digits):
+    """Every item's winner of a held view is known: an assisted ARGMAX of a sample answers the
+    matching items' own shares (plain torch), with an expected distance of 0; in EVALUATE the
+    assisted answers of the layer are exact wherever a cell was sampled, so its S3 and S2 are
+    both the share of cells the sample missed (each scored 1)."""
+    logits = _rows(cnn, digits[0], 9)
+    matching = np.flatnonzero((db.profile.labels == 2) & ~db.profile.correct)
+    result = db.query("ARGMAX NEURONS IN 8 WHERE class = 2 AND incorrect "
+                      "USING SAMPLE random(0.3, random_state=5)")
+    assert 2 <= len(result.plan.items) < len(matching)
+    exact = np.bincount(logits[matching].argmax(axis=1), minlength=10) / len(matching)
+    np.testing.assert_allclose(result.values, exact, atol=1e-12)
+    assert result.estimate.expected == 0.0
+    scores = db.query("EVALUATE SAMPLERS random AT 0.2 LAYERS 8 SEEDS 1")
+    row = dict(zip(scores.columns, scores.rows[0]))
+    assert abs(row["S3 assisted"] - row["S2 assisted"]) < 1e-6 < row["S3"] - row["S3 assisted"]

@@ -59,7 +59,7 @@ class Chosen:
             return f"assisted: a linear fit on {latent}"
         a = self.auxiliary
         if self.held:
-            basis = ("its own row" if a.basis.shape[0] == a.basis.shape[1]
+            basis = ("its own row" if a.basis.shape[1] == 2 * a.basis.shape[0]
                      else f"its row's {a.basis.shape[1]} principal components")
             return (f"assisted: every item predicted from {basis} (the profile holds every "
                     f"item's {a.layer}), the residual fitted on {latent}")
@@ -99,13 +99,19 @@ def _held(rows: np.ndarray | None, view_key: str) -> Auxiliary | None:
     linear in the whole latent, so the residual after 10 components is the latent's other
     directions, where every sampler chooses (herding and stratification balance them, latent
     grids and two-ended draws spread them). Up to HELD_WIDTH columns the basis is the identity
-    (exact); a wider view gets its BLOCK_DIMS principal directions, as a block does."""
+    (exact), and the items' one-hot winners follow the rows, so that the matching items' mean
+    of them is the exact ARGMAX (``BlockPrediction.winners``); a wider view gets its BLOCK_DIMS
+    principal directions, as a block does, and its ARGMAX the latent's fit."""
     if rows is None:
         return None
     width = rows.shape[1]
     if width <= HELD_WIDTH:
-        mean, basis = np.zeros(width, np.float32), np.eye(width, dtype=np.float32)
-        z = np.asarray(rows, dtype=np.float32)
+        # The row, then its one-hot winner (an ARGMAX's y), which the basis leaves out of ŷ.
+        mean = np.zeros(width, np.float32)
+        basis = np.hstack([np.eye(width), np.zeros((width, width))]).astype(np.float32)
+        winners = np.zeros((len(rows), width), np.float32)
+        winners[np.arange(len(rows)), rows.argmax(axis=1)] = 1.0
+        z = np.hstack([np.asarray(rows, dtype=np.float32), winners])
     else:
         fitted = principal(torch.from_numpy(np.asarray(rows[:FIT_ITEMS])), BLOCK_DIMS)
         mean, basis = (part.numpy().astype(np.float32) for part in fitted)
@@ -113,7 +119,7 @@ def _held(rows: np.ndarray | None, view_key: str) -> Auxiliary | None:
     return Auxiliary(view_key, json.loads(view_key)[0], mean, basis, z, len(rows))
 
 
-# The widest held view predicted by its rows themselves: 1 KB per item in float64, twice a
-# block's BLOCK_DIMS projections.
+# The widest held view predicted by its rows themselves: with its one-hot winners at most 2 KB
+# per item in float64, four times a block's BLOCK_DIMS projections.
 HELD_WIDTH = 128
 _JOINED: dict[tuple[int, str], tuple[weakref.ref, np.ndarray, Auxiliary, bool]] = {}

@@ -34,10 +34,14 @@ class BlockPrediction:
             self.mean = self.mean.reshape(channels, -1).mean(axis=1)
             self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
-        # What predicts the items, for the estimate's line (results/render.py): a view the
-        # profile holds is its own auxiliary (engine/covariates.py: _held), the identity.
-        own = self.basis.shape[0] == self.basis.shape[1] and not self.mean.any() and \
-            np.array_equal(self.basis, np.eye(len(self.basis)))
+        # A view the profile holds is its own auxiliary (engine/covariates.py: _held): its z_b
+        # is the row (ŷ = row) and then the item's one-hot winner, whose mean over the matching
+        # items, a column of their mean covariates, is the exact ARGMAX.
+        width = len(self.basis)
+        own = self.basis.shape[1] == 2 * width and not self.mean.any() and np.array_equal(
+            self.basis, np.hstack([np.eye(width), np.zeros((width, width))]))
+        self.winners = slice(self.p + width, self.p + 2 * width) if own else None
+        # What predicts the items, for the estimate's line (results/render.py).
         self.predictor = (f"each item's own {self.layer} row, held by the profile" if own
                           else f"{self.layer}'s principal components")
         self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
