@@ -111,10 +111,10 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                         "size": size, "seed": seed, "estimator": which, "layer": combo.layer,
                         "label": combo.label, "correct": combo.correct, "n": len(chosen),
                         "population": population, "reliable": avg.reliable,
-                        # The assisted AVG and TOPK of a view the profile holds are exact
-                        # (engine/covariates.py: _held): no interval to calibrate. Its ARGMAX
-                        # is still estimated.
-                        "exact": which == "assisted" and cov.held,
+                        # The assisted answers of a view the profile holds are exact
+                        # (engine/covariates.py: _held): no interval to calibrate.
+                        "exact": which == "assisted" and getattr(prediction, "winners",
+                                                                  None) is not None,
                         "coverage": float(np.mean(inside)),
                         "est_precision": topk.expected,
                         "precision": metrics.PRECISION.score(top, exact_top),
@@ -159,9 +159,8 @@ def summarize(label: str, rows: list[dict]) -> dict | None:
         return None
     every = {key: np.array([r[key] for r in rows]) for key in rows[0]}
     exact = every["exact"]
-    # The mean queries' figures over those with an estimate; ARGMAX's over every query.
-    col = {key: values[~exact] if key not in ("est_js", "js") else values
-           for key, values in every.items()} if not exact.all() else every
+    # The figures of the queries with an estimate to calibrate.
+    col = {key: values[~exact] for key, values in every.items()} if not exact.all() else every
     spread = col["est_precision"].std() > 0 and col["precision"].std() > 0
     corr = np.corrcoef(col["est_precision"], col["precision"])[0, 1] if spread else float("nan")
     flag = "" if rows[0]["reliable"] else " *"
@@ -207,8 +206,8 @@ def main() -> None:
           "over queries; ceil: the correlation a perfectly calibrated estimate would reach over\n"
           "the same queries (their precision's own noise, drawn as the estimate models it);\n"
           "est cos / cosine, est JS / JS: expected vs actual distances.\n"
-          "exact: queries answered exactly (AVG and TOPK of a view the profile holds, assisted),\n"
-          "left out of every column but the JS ones (their ARGMAX is still estimated).\n"
+          "exact: queries answered exactly (assisted, on a view the profile holds: the latent,\n"
+          "the logits), left out of the other columns.\n"
           "* the plain estimator of a non-uniform sampler: DiagQL shows no estimate for it.")
     print("\ntargets (assisted): coverage 0.90-0.98, |est prec - precision| <= 0.03, "
           "corr >= 0.85, est cos and est JS within 25% of the actual")
