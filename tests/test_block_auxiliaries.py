@@ -335,3 +335,22 @@ def test_argmax_on_a_view_the_profile_holds_is_exact(db, cnn, digits):
     scores = db.query("EVALUATE SAMPLERS random AT 0.2 LAYERS 8 SEEDS 1")
     row = dict(zip(scores.columns, scores.rows[0]))
     assert abs(row["S3 assisted"] - row["S2 assisted"]) < 1e-6 < row["S3"] - row["S3 assisted"]
+
+
+def test_another_models_held_rows_are_not_its_auxiliary(cnn, digits):
+    """A query on model b's logits planned on model a's profile (its sample drawn there and
+    reading no prediction) must not take a's logits for b's: the latent fit answers, as b's
+    rows are not in a's profile."""
+    from tests.models import build_cnn
+
+    X, y = digits
+    b = build_cnn(seed=3)
+    db = diagql.connect({"a": cnn, "b": b}, (X, y), cache_dir=False, progress=False)
+    own = db.query("AVG NEURONS IN a.8 USING SAMPLE random(0.2)")
+    other = db.query("AVG NEURONS IN b.8 USING SAMPLE random(0.2)")
+    assert own.plan.prediction is not None and own.plan.prediction.winners is not None
+    assert other.plan.prediction is None
+    assert "its own row" not in dict(other.plan.explain())["estimator"]
+    a_exact, b_exact = _rows(cnn, X, 9).mean(axis=0), _rows(b, X, 9).mean(axis=0)
+    np.testing.assert_allclose(own.values, a_exact, **F32)
+    assert np.abs(other.values - b_exact).max() < 0.5 * np.abs(a_exact - b_exact).max()

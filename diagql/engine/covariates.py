@@ -68,26 +68,27 @@ class Chosen:
                 f"{a.fitted_on:,} items), the residual fitted on {latent}")
 
 
-def for_view(profile: Profile, view_key: str) -> Chosen:
+def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
     """The covariates of a sample query on the view with this key: the auxiliary nearest to
     it is the view's own block projections when the profile kept them, or its own rows when
-    the profile holds them (``held``), else the latent."""
+    the profile holds them (``_held``; only if ``own``: the profile is the queried model's),
+    else the latent."""
     z = covariates(profile)
-    key = (id(profile), view_key)
-    held = _JOINED.get(key)
-    if held is not None and held[0]() is profile:
-        return Chosen(held[1], z.shape[1], held[2], held[3])
-    auxiliary, own = profile.auxiliary(view_key), False
-    if auxiliary is None:
+    key = (id(profile), view_key, own)
+    memo = _JOINED.get(key)
+    if memo is not None and memo[0]() is profile:
+        return Chosen(memo[1], z.shape[1], memo[2], memo[3])
+    auxiliary, held = profile.auxiliary(view_key), False
+    if auxiliary is None and own:
         auxiliary = _held(profile.rows_of(view_key), view_key)
-        own = auxiliary is not None
+        held = auxiliary is not None
     if auxiliary is None:
         return Chosen(z, z.shape[1], None)
     joined = np.concatenate([z, auxiliary.z.astype(np.float64)], axis=1)
     joined.setflags(write=False)
     _JOINED[key] = (weakref.ref(profile, lambda _, key=key: _JOINED.pop(key, None)), joined,
-                    auxiliary, own)
-    return Chosen(joined, z.shape[1], auxiliary, own)
+                    auxiliary, held)
+    return Chosen(joined, z.shape[1], auxiliary, held)
 
 
 def _held(rows: np.ndarray | None, view_key: str) -> Auxiliary | None:
@@ -122,4 +123,4 @@ def _held(rows: np.ndarray | None, view_key: str) -> Auxiliary | None:
 # The widest held view predicted by its rows themselves: with its one-hot winners at most 2 KB
 # per item in float64, four times a block's BLOCK_DIMS projections.
 HELD_WIDTH = 128
-_JOINED: dict[tuple[int, str], tuple[weakref.ref, np.ndarray, Auxiliary, bool]] = {}
+_JOINED: dict[tuple[int, str, bool], tuple[weakref.ref, np.ndarray, Auxiliary, bool]] = {}
