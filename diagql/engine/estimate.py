@@ -42,7 +42,9 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None) 
     """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
     ``population`` and ``covariate_means`` are each group's matching items of the whole data
     and their mean covariates (the plan's); ``prediction``: the view's block prediction
-    (engine/prediction.py), whose residual a mean's fit models instead."""
+    (engine/prediction.py), whose residual a mean's fit models instead. A view the profile
+    holds predicts every item exactly, and its ARGMAX shares are its mean covariates' winner
+    columns (``Fitted.exact``)."""
     argmax = any(hasattr(state, "counts") for state in states.values())
     if argmax and prediction is not None and prediction.winners is not None:
         # A view the profile holds: every matching item's winner is known (the shares are
