@@ -2,6 +2,7 @@
 
     python benchmarks/estimate_overhead.py [--n 100000] [--layers conv1 fc1] [--repeat 2]
                                            [--samplers 'random(0.05)' 'maxmargin(0.05)']
+                                           [--model demo|resnet]
     python benchmarks/estimate_overhead.py --states [--width 4704]
 
 ``--states``: the aggregate states alone (no model), 5,000 float32 rows of conv1's width in
@@ -9,7 +10,8 @@ batches of 250, best of 5, the forms alternating: no covariates (the plain estim
 latent's 10, all 74 summed against y in float64 (the block prediction as it was first built)
 and the block prediction as built now (10 against y, Σr² of the float32 residual).
 
-Over bigdata.py's items (the demo's model), each sample query with each estimator, timed as a
+Over bigdata.py's items (the demo's model, or ``--model resnet``: second_model.py's
+ResNet-style CNN, layers stem and block1 by default), each sample query with each estimator, timed as a
 first-time query: the session's activation store is emptied before it, so that its sampled
 items really go through the model (the script checks that they did) rather than being read
 from rows an earlier query kept; best of ``--repeat``. One untimed query per layer comes first,
@@ -28,7 +30,13 @@ import time
 
 import numpy as np
 import torch
-from bigdata import add_threads_option, big_connection, machine_line, use_threads
+from bigdata import (
+    add_threads_option,
+    big_connection,
+    big_data,
+    machine_line,
+    use_threads,
+)
 
 from diagql.engine.aggregates import MeanState
 from diagql.engine.prediction import BlockPrediction
@@ -43,7 +51,9 @@ TARGET = 0.10  # the assisted estimator's extra cost, as a share of the plain pa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--layers", nargs="+", default=["conv1", "fc1"])
+    parser.add_argument("--model", choices=["demo", "resnet"], default="demo")
+    parser.add_argument("--layers", nargs="+",
+                        help="default: conv1 fc1 (demo), stem block1 (resnet)")
     parser.add_argument("--samplers", nargs="+", default=["random(0.05)", "maxmargin(0.05)"])
     parser.add_argument("--repeat", type=int, default=2, help="first-time runs, best kept")
     parser.add_argument("--states", action="store_true", help="the states' cost alone")
@@ -55,12 +65,22 @@ def main() -> None:
         states_cost(args.width)
         return
     started = time.perf_counter()
-    db = big_connection(args.n, progress=False)
+    if args.model == "demo":
+        db = big_connection(args.n, progress=False)
+    else:
+        import second_model
+
+        import diagql
+
+        db = diagql.connect(second_model.trained(), big_data(args.n), cache_dir=False,
+                            progress=False)
+    layers = args.layers or (["conv1", "fc1"] if args.model == "demo" else ["stem", "block1"])
     db.profile  # noqa: B018 - computed here, outside the timed queries
-    print(f"{args.n:,} items; profile {time.perf_counter() - started:.0f} s; {machine_line()}")
+    print(f"{args.model}, {args.n:,} items; profile {time.perf_counter() - started:.0f} s; "
+          f"{machine_line()}")
     print(f"{'query':<52} {'items':>6} {'asst est':>8} {'asst pass':>9} {'plain est':>9} "
           f"{'plain pass':>10} {'extra':>7} {'extra/pass':>10} {'est/pass':>8} {'< 10%':>5}")
-    for layer in args.layers:
+    for layer in layers:
         for sampler in args.samplers:
             db.sample(sampler)
             db.query(QUERIES[0].format(layer=layer, sampler=sampler))  # untimed: covariates

@@ -285,3 +285,95 @@ def test_argmax_on_a_block_fits_the_winners_on_the_latent_alone(db, cnn, digits)
                               {0: zl.mean(axis=0)}, {0: len(profile)}, RIDGE)[0]
     shares = np.clip(mean, 0, None) / np.clip(mean, 0, None).sum()
     np.testing.assert_allclose(result.values, shares, rtol=1e-7, atol=1e-12)
+
+
+def test_a_view_the_profile_holds_is_its_own_auxiliary(db, cnn, digits):
+    """Layer 7 is the latent (the profile holds every item's row): an assisted sample query on
+    it predicts each item by its own row, so its answer is the matching items' exact mean
+    (plain torch), with an interval of float32 rounding; the plain estimator keeps the sample's
+    mean."""
+    profile = db.profile
+    assert profile.rows_of('["7"]') is profile.latents and profile.auxiliary('["7"]') is None
+    rows = _rows(cnn, digits[0], 8)
+    matching = np.flatnonzero(profile.labels == 3)
+    exact = rows[matching].mean(axis=0)
+    query = "AVG NEURONS IN 7 WHERE class = 3 USING SAMPLE random(0.1, random_state=4)"
+    result = db.query(query)
+    items = result.plan.items
+    assert 2 <= len(items) < len(matching)
+    np.testing.assert_allclose(result.values, exact, **F32)
+    assert np.all(result.estimate.ci_high - result.estimate.ci_low <= 1e-5)
+    assert result.estimate.expected < 1e-9
+    top = db.query("TOPK 5 NEURONS IN 7 WHERE class = 3 USING SAMPLE random(0.1, random_state=4)")
+    assert set(top.neurons.tolist()) == set(np.argsort(-exact)[:5].tolist())
+    assert "its own row (the profile holds every item's 7)" in \
+        dict(db.query("EXPLAIN " + query).plan.explain())["estimator"]
+    db.execute("SET estimator = plain")
+    try:
+        plain = db.query(query)
+    finally:
+        db.execute("SET estimator = assisted")
+    np.testing.assert_allclose(plain.values, rows[items].mean(axis=0), **F32)
+    assert np.abs(plain.values - exact).max() > 1e-3  # the sample alone is not exact
+
+
+def test_a_held_view_wider_than_held_width_is_predicted_from_its_principal_components(
+        db, cnn, digits, monkeypatch):
+    """A held view wider than HELD_WIDTH gets its rows' leading principal directions (numpy's
+    SVD here: the prediction depends only on their span) and the known-coefficient estimator."""
+    from diagql.engine import covariates as module
+
+    monkeypatch.setattr(module, "HELD_WIDTH", 4)
+    monkeypatch.setattr(module, "BLOCK_DIMS", 6)
+    monkeypatch.setattr(module, "_HELD", {})
+    profile = db.profile
+    logits = _rows(cnn, digits[0], 9)  # layer 8, held: 10 wide, so 6 directions
+    fit = logits[module.spread_items(len(logits), module.FIT_ITEMS)]  # spread, as a block's
+    mu = fit.mean(axis=0)
+    basis = np.linalg.svd(fit - mu, full_matrices=False)[2][:6].T
+    result = db.query("AVG NEURONS IN 8 WHERE class = 5 USING SAMPLE random(0.2, random_state=3)")
+    items, matching = result.plan.items, np.flatnonzero(profile.labels == 5)
+    zb, zl = (logits - mu) @ basis, covariates(profile)
+    resid = logits[items] - (mu + zb[items] @ basis.T)
+    fitted = _numpy_assisted(resid, zl[items], np.zeros(len(items), int),
+                             {0: zl[matching].mean(axis=0)}, {0: len(matching)}, RIDGE)
+    mean = fitted[0][0] + mu + basis @ zb[matching].mean(axis=0)
+    np.testing.assert_allclose(result.values, mean, rtol=1e-5, atol=1e-5)
+    assert "its row's 6 principal components" in dict(result.plan.explain())["estimator"]
+
+
+def test_argmax_on_a_view_the_profile_holds_is_exact(db, cnn, digits):
+    """Every item's winner of a held view is known: an assisted ARGMAX of a sample answers the
+    matching items' own shares (plain torch), with an expected distance of 0; in EVALUATE the
+    assisted answers of the layer are exact wherever a cell was sampled, so its S3 and S2 are
+    both the share of cells the sample missed (each scored 1)."""
+    logits = _rows(cnn, digits[0], 9)
+    matching = np.flatnonzero((db.profile.labels == 2) & ~db.profile.correct)
+    result = db.query("ARGMAX NEURONS IN 8 WHERE class = 2 AND incorrect "
+                      "USING SAMPLE random(0.3, random_state=5)")
+    assert 2 <= len(result.plan.items) < len(matching)
+    exact = np.bincount(logits[matching].argmax(axis=1), minlength=10) / len(matching)
+    np.testing.assert_allclose(result.values, exact, atol=1e-12)
+    assert result.estimate.expected == 0.0
+    scores = db.query("EVALUATE SAMPLERS random AT 0.2 LAYERS 8 SEEDS 1")
+    row = dict(zip(scores.columns, scores.rows[0]))
+    assert abs(row["S3 assisted"] - row["S2 assisted"]) < 1e-6 < row["S3"] - row["S3 assisted"]
+
+
+def test_another_models_held_rows_are_not_its_auxiliary(cnn, digits):
+    """A query on model b's logits planned on model a's profile (its sample drawn there and
+    reading no prediction) must not take a's logits for b's: the latent fit answers, as b's
+    rows are not in a's profile."""
+    from tests.models import build_cnn
+
+    X, y = digits
+    b = build_cnn(seed=3)
+    db = diagql.connect({"a": cnn, "b": b}, (X, y), cache_dir=False, progress=False)
+    own = db.query("AVG NEURONS IN a.8 USING SAMPLE random(0.2)")
+    other = db.query("AVG NEURONS IN b.8 USING SAMPLE random(0.2)")
+    assert own.plan.prediction is not None and own.plan.prediction.winners is not None
+    assert other.plan.prediction is None
+    assert "its own row" not in dict(other.plan.explain())["estimator"]
+    a_exact, b_exact = _rows(cnn, X, 9).mean(axis=0), _rows(b, X, 9).mean(axis=0)
+    np.testing.assert_allclose(own.values, a_exact, **F32)
+    assert np.abs(other.values - b_exact).max() < 0.5 * np.abs(a_exact - b_exact).max()

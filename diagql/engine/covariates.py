@@ -4,12 +4,15 @@ own principal projections where the profile kept them, known for every item from
 so that a sample's answer can be corrected toward the matching items' own."""
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from diagql.model.auxiliaries import Auxiliary
+from diagql.model.auxiliaries import DIMS as BLOCK_DIMS
+from diagql.model.auxiliaries import FIT_ITEMS, Auxiliary, principal, spread_items
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space
 
@@ -128,6 +131,7 @@ class Chosen:
     z: Covariates  # p [+ k] columns
     latent_dims: int  # p: the first columns, the latent's
     auxiliary: Auxiliary | None  # the view's block projections: the last k columns
+    held: bool = False  # the auxiliary is the view's rows held by the profile (``_held``)
 
     def describe(self, profile: Profile) -> str:
         """What the assisted estimator fits on, for EXPLAIN."""
@@ -135,6 +139,11 @@ class Chosen:
         if self.auxiliary is None:
             return f"assisted: a linear fit on {latent}"
         a = self.auxiliary
+        if self.held:
+            basis = ("its own row" if a.basis.shape[1] == 2 * a.basis.shape[0]
+                     else f"its row's {a.basis.shape[1]} principal components")
+            return (f"assisted: every item predicted from {basis} (the profile holds every "
+                    f"item's {a.layer}), the residual fitted on {latent}")
         # Which items: profile.fit_items spreads them over the data (model/auxiliaries.py).
         fitted = "every item" if a.fitted_on >= len(a.z) else \
             f"{a.fitted_on:,} items spread over the data"
@@ -143,11 +152,60 @@ class Chosen:
                 f"{fitted}), the residual fitted on {latent}")
 
 
-def for_view(profile: Profile, view_key: str) -> Chosen:
+def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
     """The covariates of a sample query on the view with this key: the auxiliary nearest to
-    it is the view's own block projections when the profile kept them, else the latent."""
+    it is the view's own block projections when the profile kept them, or its own rows when
+    the profile holds them (``_held``; only if ``own``: the profile is the queried model's),
+    else the latent."""
     z = covariates(profile)
-    auxiliary = profile.auxiliary(view_key)
+    auxiliary, held = profile.auxiliary(view_key), False
+    if auxiliary is None and own:
+        key = (id(profile), view_key)
+        memo = _HELD.get(key)
+        if memo is None or memo[0]() is not profile:
+            memo = (weakref.ref(profile, lambda _, key=key: _HELD.pop(key, None)),
+                    _held(profile.rows_of(view_key), view_key))
+            _HELD[key] = memo
+        auxiliary = memo[1]
+        held = auxiliary is not None
     if auxiliary is None:
         return Chosen(Covariates((z,)), z.shape[1], None)
-    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary)
+    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held)
+
+
+def _held(rows: np.ndarray | None, view_key: str) -> Auxiliary | None:
+    """A view whose every row the profile holds (the latent, the logits) is its own auxiliary:
+    the block prediction (engine/prediction.py) then predicts each sampled item by its own
+    row, the residual is 0, and the estimate is the matching items' exact mean (a regression
+    estimator with a perfect auxiliary). Fitted on the 10 latent components alone, its
+    intervals had been wrong both ways (benchmarks/README.md, "Issue 15, part 3"): the rows are
+    linear in the whole latent, so the residual after 10 components is the latent's other
+    directions, where every sampler chooses (herding and stratification balance them, latent
+    grids and two-ended draws spread them). Up to HELD_WIDTH columns the basis is the identity
+    (exact), and the items' one-hot winners follow the rows, so that the matching items' mean
+    of them is the exact ARGMAX (``BlockPrediction.winners``); a wider view gets its BLOCK_DIMS
+    principal directions, as a block does, and its ARGMAX the latent's fit."""
+    if rows is None:
+        return None
+    width = rows.shape[1]
+    if width <= HELD_WIDTH:
+        # The row, then its one-hot winner (an ARGMAX's y), which the basis leaves out of ŷ.
+        mean = np.zeros(width, np.float32)
+        basis = np.hstack([np.eye(width), np.zeros((width, width))]).astype(np.float32)
+        winners = np.zeros((len(rows), width), np.float32)
+        winners[np.arange(len(rows)), rows.argmax(axis=1)] = 1.0
+        z = np.hstack([np.asarray(rows, dtype=np.float32), winners])
+    else:
+        spread = spread_items(len(rows), FIT_ITEMS)  # as a block's (model/auxiliaries.py)
+        fitted = principal(torch.from_numpy(np.asarray(rows[spread])), BLOCK_DIMS)
+        mean, basis = (part.numpy().astype(np.float32) for part in fitted)
+        z = (rows - mean) @ basis
+        return Auxiliary(view_key, json.loads(view_key)[0], mean, basis, z, len(spread))
+    return Auxiliary(view_key, json.loads(view_key)[0], mean, basis, z, len(rows))
+
+
+# The widest held view predicted by its rows themselves: with its one-hot winners at most 1 KB
+# per item in float32 (kept once per profile and view), four times a block's BLOCK_DIMS
+# projections.
+HELD_WIDTH = 128
+_HELD: dict[tuple[int, str], tuple[weakref.ref, Auxiliary | None]] = {}

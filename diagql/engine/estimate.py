@@ -67,7 +67,16 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None) 
     """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
     ``population`` and ``covariate_means`` are each group's matching items of the whole data
     and their mean covariates (the plan's); ``prediction``: the view's block prediction
-    (engine/prediction.py), whose residual a mean's fit models instead."""
+    (engine/prediction.py), whose residual a mean's fit models instead. A view the profile
+    holds predicts every item exactly, and its ARGMAX shares are its mean covariates' winner
+    columns (``Fitted.exact``)."""
+    argmax = any(hasattr(state, "counts") for state in states.values())
+    if argmax and prediction is not None and prediction.winners is not None:
+        # A view the profile holds: every matching item's winner is known (the shares are
+        # the mean of their one-hot winners, engine/covariates.py: _held).
+        return {key: Fitted(covariate_means[key][prediction.winners],
+                            np.zeros(state.counts.shape[-1]), state.count - 1, exact=True)
+                for key, state in states.items() if state.count > 0}
     groups = {}
     for key, state in states.items():
         if state.count == 0:
@@ -81,7 +90,7 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None) 
         groups[key] = GroupSums(state.count, total, squares, state.cross, population[key],
                                 covariate_means[key])
     fitted = assisted({key: g for key, g in groups.items() if g.cross is not None})
-    if prediction is None or any(hasattr(state, "counts") for state in states.values()):
+    if prediction is None or argmax:
         return fitted  # an argmax's one-hot winners are not predicted
     return {key: prediction.restore(f, covariate_means[key]) for key, f in fitted.items()}
 
@@ -183,6 +192,10 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
         return _too_few(n, population)
     counts = state.counts.numpy().astype(np.float64)
     fpc = max(population - n, 0) / max(population - 1, 1)
+    if fitted is not None and fitted.exact:
+        share = shares(fitted)
+        return Estimate(COVERS_ASSISTED, True, LEVEL, n, population, ci_low=share, ci_high=share,
+                        metric=JS, expected=0.0, estimator=_name(fitted))
     if fitted is not None:
         share, covers, reliable = shares(fitted), COVERS_ASSISTED, True
         se = fitted.se

@@ -127,7 +127,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     if estimator == "plain":  # no covariates: the pass streams no sums it would not use
         return dataclasses.replace(plan, estimator=estimator,
                                    estimator_text="plain: the sample mean")
-    chosen = for_view(profile, bound.view.key)
+    chosen = for_view(profile, bound.view.key, own=rows_from_profile)
     z = chosen.z
     means = z.means(matching, None if keys is None else keys[matching], population)
     prediction = None

@@ -34,6 +34,16 @@ class BlockPrediction:
             self.mean = self.mean.reshape(channels, -1).mean(axis=1)
             self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
+        # A view the profile holds is its own auxiliary (engine/covariates.py: _held): its z_b
+        # is the row (ŷ = row) and then the item's one-hot winner, whose mean over the matching
+        # items, a column of their mean covariates, is the exact ARGMAX.
+        width = len(self.basis)
+        own = self.basis.shape[1] == 2 * width and not self.mean.any() and np.array_equal(
+            self.basis, np.hstack([np.eye(width), np.zeros((width, width))]))
+        self.winners = slice(self.p + width, self.p + 2 * width) if own else None
+        # What predicts the items, for the estimate's line (results/render.py).
+        self.predictor = (f"each item's own {self.layer} row, held by the profile" if own
+                          else f"{self.layer}'s principal components")
         self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
 
     def residual_squares(self, values: torch.Tensor, z: torch.Tensor,

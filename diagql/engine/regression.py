@@ -143,6 +143,7 @@ class Fitted:
     mean: np.ndarray
     se: np.ndarray  # before any floor for neurons constant over the sample
     df: int  # degrees of freedom of the residual variance
+    exact: bool = False  # known for every matching item (a held view's ARGMAX): no error
 
 
 def of_rows(values: np.ndarray, z: np.ndarray, population: int,

@@ -293,7 +293,10 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
             z = z_rows[part]
             fit_mean[row] = corrected_mean(rows, z, z_means[v]) if prediction is None else \
                 prediction.corrected_mean(rows, z, z_means[v])
-            fit_share[row] = shares(corrected_mean(onehot, z[:, :p], z_means[v][:p]))
+            # A view the profile holds knows every item's winner (engine/covariates.py: _held).
+            fit_share[row] = shares(corrected_mean(onehot, z[:, :p], z_means[v][:p])
+                                    if prediction is None or prediction.winners is None
+                                    else z_means[v][prediction.winners])
         fitted.add(layer, exact[layer.name], hit, fit_mean, fit_share)
     score = plain.score()
     score.assisted = fitted.score()

@@ -266,9 +266,8 @@ def _estimate_line(result) -> Text | None:
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
     # A block's own projections predict its items first (engine/prediction.py).
-    block = getattr(getattr(getattr(result, "plan", None), "prediction", None), "layer", None)
-    fit = f"{block}'s principal components and a regression on the latent" if block else \
-        "a regression on the latent"
+    block = getattr(getattr(getattr(result, "plan", None), "prediction", None), "predictor", None)
+    fit = f"{block} and a regression on the latent" if block else "a regression on the latent"
     covers = (f"model-assisted ({fit}): covers the sampler's selection"
               if reliable[0].estimator == "assisted"
               else "covers sampling variance, not a sampler's bias")
