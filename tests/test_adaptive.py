@@ -154,6 +154,17 @@ def test_growth_turns_exact_when_that_is_cheaper(world):
     with torch.no_grad():
         want = model[:4](X[y == 5]).flatten(1).double().mean(dim=0).numpy()
     np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
+    assert result.provenance.growth.text().startswith("grown 40 → ")
+
+
+def test_growth_that_draws_no_sample_says_so(world):
+    """On a layer the profile holds, exact costs no pass: no round is run, and the caption
+    says that no sample was drawn rather than listing an empty ladder."""
+    conn = world[0]
+    result = conn.query("TOPK 3 NEURONS IN 7 USING SAMPLE random UNTIL precision >= 0.99")
+    growth = result.provenance.growth
+    assert growth.stop == "exact cheaper" and growth.sizes == ()
+    assert growth.text().startswith("no sample drawn (until precision >= 0.99): exact cheaper")
 
 
 def test_targets_must_fit_the_aggregate(world):

@@ -37,7 +37,9 @@ class Growth:
         reached = f", reached {self.reached:.3f}" if self.reached is not None else ""
         end = "answered exactly" if self.exact else f"{len(self.sizes)} round" + \
             ("s" if len(self.sizes) != 1 else "")
-        return (f"grown {rounds} items ({' '.join(goal)}): {self.stop}{reached}; {end}, "
+        # No round at all: exact was cheaper than the first sample (a layer the profile holds).
+        grown = f"grown {rounds} items" if self.sizes else "no sample drawn"
+        return (f"{grown} ({' '.join(goal)}): {self.stop}{reached}; {end}, "
                 f"{self.seconds:.3f} s")
 
     def to_dict(self) -> dict:
