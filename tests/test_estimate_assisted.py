@@ -230,3 +230,22 @@ def test_evaluate_s_lean_mean_is_the_assisted_mean():
     lean = corrected_mean(Y[picked], Z[picked], Z.mean(axis=0))
     full = assisted({0: of_rows(Y[picked], Z[picked], len(Y), Z.mean(axis=0))})[0].mean
     np.testing.assert_allclose(lean, full, atol=1e-10)
+
+
+def test_a_latent_constant_over_the_items_leaves_no_covariate_and_still_answers():
+    """Identical items (an all-zero input): the latent has no spread, so no covariate is
+    kept (p = 0); a grouped assisted sample answer is then each group's sample mean
+    (numpy), where the grouped cross sums once failed to reshape their empty product."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    X, y = torch.zeros(80, 4), torch.arange(80) % 3
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    assert covariates(conn.profile).shape == (80, 0)
+    result = conn.query("AVG NEURONS IN 0 GROUP BY class USING SAMPLE random(0.5, random_state=1)")
+    with torch.no_grad():
+        rows = model[0](X).double().numpy()
+    items = result.plan.items
+    for label in range(3):
+        mine = items[y.numpy()[items] == label]
+        np.testing.assert_allclose(result.groups[label].values, rows[mine].mean(axis=0),
+                                   rtol=1e-6, atol=1e-7)

@@ -88,7 +88,7 @@ class CrossSums:
         spread = torch.zeros(len(z), groups * p, dtype=torch.float64, device=device)
         columns = codes.to(device)[:, None] * p + torch.arange(p, device=device)
         spread.scatter_(1, columns, z.to(device))
-        self.zy += (spread.T @ wide).reshape(groups, p, -1).cpu()
+        self.zy += (spread.T @ wide).reshape(groups, p, wide.shape[1]).cpu()  # p may be 0
 
     def add_winners(self, z: torch.Tensor, winners: torch.Tensor,
                     codes: torch.Tensor | None = None) -> None:
