@@ -1,6 +1,7 @@
 """A query on a 5% sample against the same query USING FULL: cold, warm and hot.
 
     python benchmarks/sample_vs_full.py [--n 50000 100000] [--layer conv1 fc1] [--repeat 2]
+                                        [--estimator assisted|plain]
                                         [--sampler 'stratified(0.05)' ...] [--threads 1]
 
 On benchmarks/bigdata.py's data set (default 100,000 items; several sizes and layers may be
@@ -65,7 +66,7 @@ def timed_query(conn, text):
     return seconds, result, through, landed
 
 
-def one_run(X, y, model, sampler, layer, root: Path):
+def one_run(X, y, model, sampler, layer, root: Path, estimator: str = "assisted"):
     """Seconds and details of every state for one sampler, in fresh cache directories."""
     sample_q = f"TOPK 10 NEURONS IN {layer} USING SAMPLE {sampler}"
     full_q = f"TOPK 10 NEURONS IN {layer} USING FULL"
@@ -74,7 +75,9 @@ def one_run(X, y, model, sampler, layer, root: Path):
     import diagql
 
     def connect(directory):
-        return diagql.connect(model, (X, y), cache_dir=directory, progress=False)
+        conn = diagql.connect(model, (X, y), cache_dir=directory, progress=False)
+        conn.execute(f"SET estimator = {estimator}")
+        return conn
 
     out = {}
     sides = (("sample", sample_q, hot_sample_q), ("full", full_q, hot_full_q))
@@ -132,6 +135,9 @@ def main(argv=None) -> None:
                         help="a sampler call (repeatable; default stratified(0.05) and "
                              "maxmargin(0.05))")
     parser.add_argument("--repeat", type=int, default=2, help="runs per sampler (default 2)")
+    parser.add_argument("--estimator", choices=["assisted", "plain"], default="assisted",
+                        help="the sample side's estimator (default assisted; plain: the sample "
+                             "mean, whose pass streams no covariate sums)")
     bigdata.add_threads_option(parser)
     args = parser.parse_args(argv)
     bigdata.use_threads(args.threads)
@@ -150,7 +156,8 @@ def main(argv=None) -> None:
                 runs = []
                 for _ in range(args.repeat):
                     with tempfile.TemporaryDirectory(prefix="diagql-bench-") as tmp:
-                        runs.append(one_run(X, y, model, sampler, layer, Path(tmp)))
+                        runs.append(one_run(X, y, model, sampler, layer, Path(tmp),
+                                            args.estimator))
                 for state, label in states:
                     sample_s = statistics.median(r[state, "sample"][0] for r in runs)
                     full_s = statistics.median(r[state, "full"][0] for r in runs)
@@ -174,7 +181,7 @@ def main(argv=None) -> None:
                                  f"{describe(*last[state, 'full'])}")
     bigdata.print_table(
         f"TOPK 10 NEURONS IN <layer> on a 5% sample vs USING FULL (seconds: wall time of "
-        f"conn.query, medians of {args.repeat})",
+        f"conn.query, medians of {args.repeat}; sample side's estimator: {args.estimator})",
         ["items", "layer", "sampler", "state", "sample s", "estimate s", "FULL s",
          "FULL / sample", "without estimate", "target", "met"], rows,
         ["hot queries are AVG NEURONS IN the same layer (and sample).",
