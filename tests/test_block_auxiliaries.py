@@ -360,6 +360,24 @@ def test_argmax_on_a_view_the_profile_holds_is_exact(db, cnn, digits):
     assert abs(row["S3 assisted"] - row["S2 assisted"]) < 1e-6 < row["S3"] - row["S3 assisted"]
 
 
+def test_a_held_views_covariates_are_the_profiles_rows_and_winner_indices(db):
+    """A held view's covariates keep no copy of its rows and no dense one-hot matrix: their
+    parts are the profile's own logits and each item's winner index, and the rows they join
+    on demand equal numpy's [latent covariates | logits | one-hot argmax]."""
+    from diagql.engine.covariates import OneHot, for_view
+
+    profile = db.profile
+    logits = profile.logits
+    key = next(k for k in profile.logit_views)
+    z = for_view(profile, key).z
+    assert z.parts[1] is logits and isinstance(z.parts[2], OneHot)
+    assert z.parts[2].columns.itemsize == 1  # 10 classes: one byte per item
+    items = np.array([0, 5, 17, 400])
+    onehot = np.eye(logits.shape[1])[logits[items].argmax(axis=1)]
+    want = np.hstack([covariates(profile)[items], logits[items], onehot])
+    np.testing.assert_array_equal(z.rows(items), want)
+
+
 def test_another_models_held_rows_are_not_its_auxiliary(cnn, digits):
     """A query on model b's logits planned on model a's profile (its sample drawn there and
     reading no prediction) must not take a's logits for b's: the latent fit answers, as b's

@@ -60,7 +60,7 @@ class Covariates:
     are of, when they are a subset's (a shard's part of a pass); None: every item's, row i
     item i's."""
 
-    parts: tuple[np.ndarray, ...]
+    parts: tuple  # arrays (N × columns), or a held view's winners (``OneHot``)
     items: np.ndarray | None = None
 
     @property
@@ -123,6 +123,22 @@ class Covariates:
 _RUN = 8192
 
 
+class OneHot:
+    """A part of the covariates made on demand: each item's one-hot row (float32) of its
+    column index, as a held view's winners are (``_held``): 1-2 bytes per item kept instead of
+    the view's width in floats."""
+
+    def __init__(self, columns: np.ndarray, width: int):
+        self.columns = columns
+        self.shape = (len(columns), width)
+
+    def __getitem__(self, at) -> np.ndarray:
+        columns = self.columns[at]
+        out = np.zeros((len(columns), self.shape[1]), np.float32)
+        out[np.arange(len(columns)), columns] = 1.0
+        return out
+
+
 @dataclass(frozen=True)
 class Chosen:
     """The covariates of one view's sample queries: the latent's components, then, when the
@@ -158,7 +174,7 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
     the profile holds them (``_held``; only if ``own``: the profile is the queried model's),
     else the latent."""
     z = covariates(profile)
-    auxiliary, held = profile.auxiliary(view_key), False
+    auxiliary = profile.auxiliary(view_key)
     if auxiliary is None and own:
         key = (id(profile), view_key)
         memo = _HELD.get(key)
@@ -166,14 +182,16 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
             memo = (weakref.ref(profile, lambda _, key=key: _HELD.pop(key, None)),
                     _held(profile.rows_of(view_key), view_key))
             _HELD[key] = memo
-        auxiliary = memo[1]
-        held = auxiliary is not None
+        if memo[1] is not None:
+            auxiliary, parts = memo[1]
+            return Chosen(Covariates((z, *parts)), z.shape[1], auxiliary, True)
     if auxiliary is None:
         return Chosen(Covariates((z,)), z.shape[1], None)
-    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held)
+    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary)
 
 
-def _held(rows: np.ndarray | None, view_key: str) -> Auxiliary | None:
+def _held(rows: np.ndarray | None, view_key: str
+          ) -> tuple[Auxiliary, tuple] | None:
     """A view whose every row the profile holds (the latent, the logits) is its own auxiliary:
     the block prediction (engine/prediction.py) then predicts each sampled item by its own
     row, the residual is 0, and the estimate is the matching items' exact mean (a regression
@@ -184,28 +202,29 @@ def _held(rows: np.ndarray | None, view_key: str) -> Auxiliary | None:
     grids and two-ended draws spread them). Up to HELD_WIDTH columns the basis is the identity
     (exact), and the items' one-hot winners follow the rows, so that the matching items' mean
     of them is the exact ARGMAX (``BlockPrediction.winners``); a wider view gets its BLOCK_DIMS
-    principal directions, as a block does, and its ARGMAX the latent's fit."""
+    principal directions, as a block does, and its ARGMAX the latent's fit. Returns the
+    auxiliary and the covariates' parts after the latent's: the profile's own rows (no copy)
+    and their winners (``OneHot``) up to HELD_WIDTH, else the projections."""
     if rows is None:
         return None
     width = rows.shape[1]
+    layer = json.loads(view_key)[0]
     if width <= HELD_WIDTH:
         # The row, then its one-hot winner (an ARGMAX's y), which the basis leaves out of ŷ.
         mean = np.zeros(width, np.float32)
         basis = np.hstack([np.eye(width), np.zeros((width, width))]).astype(np.float32)
-        winners = np.zeros((len(rows), width), np.float32)
-        winners[np.arange(len(rows)), rows.argmax(axis=1)] = 1.0
-        z = np.hstack([np.asarray(rows, dtype=np.float32), winners])
-    else:
-        spread = spread_items(len(rows), FIT_ITEMS)  # as a block's (model/auxiliaries.py)
-        fitted = principal(torch.from_numpy(np.asarray(rows[spread])), BLOCK_DIMS)
-        mean, basis = (part.numpy().astype(np.float32) for part in fitted)
-        z = (rows - mean) @ basis
-        return Auxiliary(view_key, json.loads(view_key)[0], mean, basis, z, len(spread))
-    return Auxiliary(view_key, json.loads(view_key)[0], mean, basis, z, len(rows))
+        rows = np.asarray(rows, dtype=np.float32)
+        winners = OneHot(rows.argmax(axis=1).astype(np.min_scalar_type(width)), width)
+        # z: the rows alone; the winners' columns are made per row by the covariates.
+        return Auxiliary(view_key, layer, mean, basis, rows, len(rows)), (rows, winners)
+    spread = spread_items(len(rows), FIT_ITEMS)  # as a block's (model/auxiliaries.py)
+    fitted = principal(torch.from_numpy(np.asarray(rows[spread])), BLOCK_DIMS)
+    mean, basis = (part.numpy().astype(np.float32) for part in fitted)
+    z = (rows - mean) @ basis
+    return Auxiliary(view_key, layer, mean, basis, z, len(spread)), (z,)
 
 
-# The widest held view predicted by its rows themselves: with its one-hot winners at most 1 KB
-# per item in float32 (kept once per profile and view), four times a block's BLOCK_DIMS
-# projections.
+# The widest held view predicted by its rows themselves (the identity basis, 2 × width wide,
+# is made per query's BlockPrediction: 128 KB at 128).
 HELD_WIDTH = 128
-_HELD: dict[tuple[int, str], tuple[weakref.ref, Auxiliary | None]] = {}
+_HELD: dict[tuple[int, str], tuple[weakref.ref, tuple[Auxiliary, tuple] | None]] = {}
