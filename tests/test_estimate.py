@@ -184,21 +184,30 @@ def test_a_stratified_samples_plain_estimate_is_not_called_uniform(db, mlp, digi
     assert db.query("AVG NEURONS IN encoder.1 USING SAMPLE stratified(0.1)").estimate.reliable
 
 
-def test_the_kept_normals_give_the_estimates_fresh_draws_give():
-    """The Monte Carlo keeps its fixed generator's normals between estimates: a narrow layer's
-    expected cosine, after a wider one's made a longer stream, is the one computed here from
-    a fresh generator (the seed the estimates use) and numpy alone."""
+def test_the_expected_cosine_is_the_fresh_draws_mean_to_its_monte_carlo_precision():
+    """The expected cosine distance is the mean over the first m draws of the fixed
+    generator's normals, m the first of 32, 64, 128, 256 at which the mean's Monte Carlo
+    standard error is within 1% of it: recomputed here with a fresh generator and numpy, for
+    a wide layer (few draws suffice), a narrow one (all 256) and the wide one again after the
+    narrow one, so that the kept stream is read as a prefix."""
     from diagql.engine import estimate
     from diagql.engine.aggregates import MeanState
 
     rng = np.random.default_rng(3)
-    for width in (300, 40, 300):
+    used = []
+    for width in (3000, 3, 3000):
         rows = torch.from_numpy(rng.random((20, width)) + np.linspace(0, 1, width))
         state = MeanState(width)
         state.update(rows)
         mean = state.sum.numpy() / 20
         got = estimate.for_mean(state, 1000, np.arange(width), None, True)
         se = estimate._constant_floor(estimate._plain_se(state, 1000), 20)
-        draws = mean + np.random.default_rng(20200101).standard_normal((256, width)) * se
-        cos = 1 - (draws @ mean) / (np.linalg.norm(draws, axis=1) * np.linalg.norm(mean))
+        normals = np.random.default_rng(20200101).standard_normal((256, width))
+        for m in (32, 64, 128, 256):
+            draws = mean + normals[:m] * se
+            cos = 1 - (draws @ mean) / (np.linalg.norm(draws, axis=1) * np.linalg.norm(mean))
+            if m == 256 or cos.std(ddof=1) / np.sqrt(m) <= 0.01 * cos.mean():
+                break
+        used.append(m)
         assert got.expected == pytest.approx(cos.mean(), rel=1e-9, abs=1e-15)
+    assert used[0] == used[2] < 256 == used[1]  # the wide layer stops early, the narrow does not
