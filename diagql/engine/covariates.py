@@ -54,7 +54,8 @@ def reduced(latents: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Covariates:
     """Every item's covariates, held as their parts (the latent's N × p float64 components,
-    then a block's N × k float32 projections) and joined only for the rows a pass or a fit
+    then a block's N × k float32 projections, or a held view's rows and winners: ``_held``)
+    and joined only for the rows a pass or a fit
     asks for: a joined N × (p + k) float64 copy would take 59 MB at 100,000 items and 5.9 GB
     at 10 million, and most of it would never be read. ``items``: the (sorted) items the rows
     are of, when they are a subset's (a shard's part of a pass); None: every item's, row i
