@@ -273,6 +273,22 @@ def test_covariates_join_their_parts_only_for_the_rows_asked():
         module._RUN = old_run
 
 
+def test_group_means_of_every_item_grouped_pair_each_item_with_its_own_row():
+    """Every item matching, grouped, with item 0 in the lowest group and the last item in the
+    highest: the group-sorted items span first..last in one run, but not in index order, so
+    a slice would pair codes with other items' rows (EVALUATE's means on the ResNet were)."""
+    from diagql.engine.covariates import Covariates
+
+    rng = np.random.default_rng(2)
+    latent = rng.standard_normal((300, 4))
+    keys = rng.integers(0, 5, 300)
+    keys[0], keys[-1] = 0, 4
+    got = Covariates((latent,)).means(np.arange(300), keys, set(range(5)))
+    for key in range(5):
+        np.testing.assert_allclose(got[key], latent[keys == key].mean(axis=0), rtol=1e-12,
+                                   atol=1e-15)
+
+
 def test_argmax_on_a_block_fits_the_winners_on_the_latent_alone(db, cnn, digits):
     profile = db.profile
     rows = _rows(cnn, digits[0], 3)

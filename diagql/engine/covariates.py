@@ -107,7 +107,11 @@ class Covariates:
         out = np.zeros((n_groups, self.width))
         if not len(items):
             return out
-        if self.items is None and items[-1] - items[0] + 1 == len(items):
+        # A run read by slice must be ascending too: items sorted by group can span exactly
+        # first..last in another order (every item, grouped), and a slice would pair each
+        # code with another item's row.
+        if self.items is None and items[-1] - items[0] + 1 == len(items) \
+                and bool(np.all(items[1:] > items[:-1])):
             rows = self._slice(slice(int(items[0]), int(items[-1]) + 1))  # a run: no gather
         else:
             rows = self.rows(items)
