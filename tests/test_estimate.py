@@ -211,3 +211,24 @@ def test_the_expected_cosine_is_the_fresh_draws_mean_to_its_monte_carlo_precisio
         used.append(m)
         assert got.expected == pytest.approx(cos.mean(), rel=1e-9, abs=1e-15)
     assert used[0] == used[2] < 256 == used[1]  # the wide layer stops early, the narrow does not
+
+
+def test_the_expected_js_is_the_fresh_draws_mean_to_its_monte_carlo_precision():
+    """The expected JS distance is the mean over the first m histograms the fixed generator
+    draws without replacement, m the first of 32, 64, 128, 256 at which the mean's Monte Carlo
+    standard error is within 1% of it: recomputed with a fresh generator and numpy's JS, for
+    winners spread over many neurons (few draws suffice) and over three (all 256)."""
+    from diagql.engine import estimate
+
+    used = []
+    for colours, size in ((np.arange(1, 2001) % 7 + 1, 400), (np.array([40, 30, 30]), 5)):
+        got = estimate.expected_js(colours, size)
+        drawn = np.random.default_rng(20200101).multivariate_hypergeometric(
+            colours, size, size=256, method="count")
+        js = np.array([_js(row.astype(float), colours.astype(float)) for row in drawn])
+        for m in (32, 64, 128, 256):
+            if m == 256 or js[:m].std(ddof=1) / np.sqrt(m) <= 0.01 * js[:m].mean():
+                break
+        used.append(m)
+        assert got == pytest.approx(js[:m].mean(), rel=1e-9, abs=1e-15)
+    assert used[0] < 256 == used[1]

@@ -15,6 +15,8 @@ from it without replacement for the expected Jensen-Shannon distance.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from diagql.engine.regression import Fitted, GroupSums, assisted
@@ -165,28 +167,46 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
                     expected=float(p_in.sum() / k), estimator=_name(fitted))
 
 
-# The expected cosine distance's draws come FIRST_DRAWS at a time, doubling, until its Monte
-# Carlo standard error is under MC_PRECISION of it (or DRAWS are used): a wide layer's
-# distances vary little from draw to draw (4,704 neurons: 32 draws suffice, where drawing 256
-# was most of a hot AVG's time), a narrow one's use all 256 as before.
+# An expected distance's draws come FIRST_DRAWS at a time, doubling, until its Monte Carlo
+# standard error is under MC_PRECISION of it (or DRAWS are used): a wide layer's distances vary
+# little from draw to draw (4,704 neurons: 32 draws suffice, where drawing 256 was most of a
+# hot AVG's time and 12-24% of an ARGMAX pass on conv1), a narrow one's use all 256 as before.
 FIRST_DRAWS = 32
 MC_PRECISION = 0.01
 
 
-def expected_cosine(mean: np.ndarray, se: np.ndarray) -> float:
-    """E[cosine distance] between the answer ``mean`` and draws from N(mean, se²), each neuron
-    independent: the mean over the first m draws of the fixed stream (a prefix of DRAWS'), m
-    doubling from FIRST_DRAWS until the mean's Monte Carlo standard error is at most
-    MC_PRECISION of it."""
+def _monte_carlo(distances: Callable[[int], np.ndarray]) -> float:
+    """The mean of ``distances(m)`` (the first m draws of a fixed stream: each m's draws begin
+    with the smaller m's), m doubling from FIRST_DRAWS up to DRAWS until the mean's Monte Carlo
+    standard error is at most MC_PRECISION of it."""
     m = min(FIRST_DRAWS, DRAWS)
     while True:
-        draws = mean + _standard_normals(m, len(mean)) * se
-        distances = COSINE.rows(np.broadcast_to(mean, draws.shape), draws)
-        expected = float(np.mean(distances))
-        error = float(np.std(distances, ddof=1)) / np.sqrt(m) if m > 1 else np.inf
+        values = distances(m)
+        expected = float(np.mean(values))
+        error = float(np.std(values, ddof=1)) / np.sqrt(m) if m > 1 else np.inf
         if m >= DRAWS or error <= MC_PRECISION * expected:
             return expected
         m = min(2 * m, DRAWS)
+
+
+def expected_cosine(mean: np.ndarray, se: np.ndarray) -> float:
+    """E[cosine distance] between the answer ``mean`` and draws from N(mean, se²), each neuron
+    independent (``_monte_carlo`` over the kept normal stream)."""
+    def distances(m: int) -> np.ndarray:
+        draws = mean + _standard_normals(m, len(mean)) * se
+        return COSINE.rows(np.broadcast_to(mean, draws.shape), draws)
+    return _monte_carlo(distances)
+
+
+def expected_js(colours: np.ndarray, size: int) -> float:
+    """E[JS distance] between a population of ``colours`` (winners per neuron) and the
+    histograms of ``size`` of its items drawn without replacement (``_monte_carlo`` over the
+    fixed generator's draws: numpy makes them one after another, so m draws begin with the
+    smaller m's)."""
+    def distances(m: int) -> np.ndarray:
+        drawn = _rng().multivariate_hypergeometric(colours, size, size=m, method="count")
+        return JS.rows(drawn, np.broadcast_to(colours, drawn.shape))
+    return _monte_carlo(distances)
 
 
 def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int) -> np.ndarray:
@@ -242,12 +262,10 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
     # sampled whole draws its own truth: distance 0).
     colours = np.maximum(np.round(truth * population), (truth > 0)).astype(np.int64)
     colours = colours[colours > 0]  # the neurons that win for no item add nothing to a JS
-    drawn = _rng().multivariate_hypergeometric(
-        colours, min(max(round(size), 1), int(colours.sum())), size=DRAWS, method="count")
-    distances = JS.rows(drawn, np.broadcast_to(colours, drawn.shape))
+    expected = expected_js(colours, min(max(round(size), 1), int(colours.sum())))
     return Estimate(covers, reliable, LEVEL, n, population, ci_low=np.clip(share - half, 0, 1),
-                    ci_high=np.clip(share + half, 0, 1), metric=JS,
-                    expected=float(np.mean(distances)), estimator=_name(fitted))
+                    ci_high=np.clip(share + half, 0, 1), metric=JS, expected=expected,
+                    estimator=_name(fitted))
 
 
 def _plausible_truth(share: np.ndarray, counts: np.ndarray, n: int, population: int
