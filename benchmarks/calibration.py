@@ -26,7 +26,6 @@ from diagql import samplers
 from diagql.engine import estimate
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
 from diagql.engine.covariates import for_view
-from diagql.engine.prediction import BlockPrediction
 from diagql.evaluate.bind import default_layers
 from diagql.model.views import View
 from diagql.results import metrics
@@ -77,8 +76,7 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                 truth = truths[combo.layer]
                 cov = per_layer[combo.layer]
                 z = cov.z
-                prediction = None if cov.auxiliary is None else BlockPrediction(
-                    cov.auxiliary, cov.latent_dims)
+                prediction = cov.prediction()
                 values = torch.from_numpy(truth.activations[chosen].astype(np.float64))
                 zc = torch.from_numpy(z.rows(chosen))
                 mean_state = MeanState(values.shape[1], covariates=z.width,

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from diagql.model.auxiliaries import DIMS as BLOCK_DIMS
+from diagql.engine.prediction import BlockPrediction
 from diagql.model.auxiliaries import FIT_ITEMS, Auxiliary, principal, spread_items
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space
@@ -152,7 +153,17 @@ class Chosen:
     z: Covariates  # p [+ k] columns
     latent_dims: int  # p: the first columns, the latent's
     auxiliary: Auxiliary | None  # the view's block projections: the last k columns
-    held: bool = False  # the auxiliary is the view's rows held by the profile (``_held``)
+    # The auxiliary is made from the view's rows the profile holds (``_held``): "rows" (each
+    # item's own row, then its one-hot winner) or "components" (a wide view's directions).
+    held: str | None = None
+
+    def prediction(self, channels: int | None = None) -> BlockPrediction | None:
+        """The block prediction its auxiliary makes (None: the latent fit alone); ``channels``:
+        a CHANNELS view's channel count."""
+        if self.auxiliary is None:
+            return None
+        return BlockPrediction(self.auxiliary, self.latent_dims, channels,
+                               own_rows=self.held == "rows")
 
     def describe(self, profile: Profile) -> str:
         """What the assisted estimator fits on, for EXPLAIN."""
@@ -161,7 +172,7 @@ class Chosen:
             return f"assisted: a linear fit on {latent}"
         a = self.auxiliary
         if self.held:
-            basis = ("its own row" if a.basis.shape[1] == 2 * a.basis.shape[0]
+            basis = ("its own row" if self.held == "rows"
                      else f"its row's {a.basis.shape[1]} principal components")
             return (f"assisted: every item predicted from {basis} (the profile holds every "
                     f"item's {a.layer}), the residual fitted on {latent}")
@@ -188,15 +199,15 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
                     _held(profile.rows_of(view_key), view_key))
             _HELD[key] = memo
         if memo[1] is not None:
-            auxiliary, parts = memo[1]
-            return Chosen(Covariates((z, *parts)), z.shape[1], auxiliary, True)
+            auxiliary, parts, held = memo[1]
+            return Chosen(Covariates((z, *parts)), z.shape[1], auxiliary, held)
     if auxiliary is None:
         return Chosen(Covariates((z,)), z.shape[1], None)
     return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary)
 
 
 def _held(rows: np.ndarray | None, view_key: str
-          ) -> tuple[Auxiliary, tuple] | None:
+          ) -> tuple[Auxiliary, tuple, str] | None:
     """A view whose every row the profile holds (the latent, the logits) is its own auxiliary:
     the block prediction (engine/prediction.py) then predicts each sampled item by its own
     row, the residual is 0, and the estimate is the matching items' exact mean (a regression
@@ -208,8 +219,8 @@ def _held(rows: np.ndarray | None, view_key: str
     (exact), and the items' one-hot winners follow the rows, so that the matching items' mean
     of them is the exact ARGMAX (``BlockPrediction.winners``); a wider view gets its BLOCK_DIMS
     principal directions, as a block does, and its ARGMAX the latent's fit. Returns the
-    auxiliary and the covariates' parts after the latent's: the profile's own rows (no copy)
-    and their winners (``OneHot``) up to HELD_WIDTH, else the projections."""
+    auxiliary, the covariates' parts after the latent's (the profile's own rows, no copy, and
+    their winners, ``OneHot``, up to HELD_WIDTH; else the projections) and which (``Chosen.held``)."""
     if rows is None:
         return None
     width = rows.shape[1]
@@ -221,15 +232,15 @@ def _held(rows: np.ndarray | None, view_key: str
         rows = np.asarray(rows, dtype=np.float32)
         winners = OneHot(rows.argmax(axis=1).astype(np.min_scalar_type(width)), width)
         # z: the rows alone; the winners' columns are made per row by the covariates.
-        return Auxiliary(view_key, layer, mean, basis, rows, len(rows)), (rows, winners)
+        return Auxiliary(view_key, layer, mean, basis, rows, len(rows)), (rows, winners), "rows"
     spread = spread_items(len(rows), FIT_ITEMS)  # as a block's (model/auxiliaries.py)
     fitted = principal(torch.from_numpy(np.asarray(rows[spread])), BLOCK_DIMS)
     mean, basis = (part.numpy().astype(np.float32) for part in fitted)
     z = (rows - mean) @ basis
-    return Auxiliary(view_key, layer, mean, basis, z, len(spread)), (z,)
+    return Auxiliary(view_key, layer, mean, basis, z, len(spread)), (z,), "components"
 
 
 # The widest held view predicted by its rows themselves (the identity basis, 2 × width wide,
 # is made per query's BlockPrediction: 128 KB at 128).
 HELD_WIDTH = 128
-_HELD: dict[tuple[int, str], tuple[weakref.ref, tuple[Auxiliary, tuple] | None]] = {}
+_HELD: dict[tuple[int, str], tuple[weakref.ref, tuple[Auxiliary, tuple, str] | None]] = {}

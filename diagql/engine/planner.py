@@ -130,10 +130,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     chosen = for_view(profile, bound.view.key, own=rows_from_profile)
     z = chosen.z
     means = z.means(matching, None if keys is None else keys[matching], population)
-    prediction = None
-    if chosen.auxiliary is not None:
-        channels = bound.view.layer.shape[0] if bound.view.channels else None
-        prediction = BlockPrediction(chosen.auxiliary, chosen.latent_dims, channels)
+    prediction = chosen.prediction(bound.view.layer.shape[0] if bound.view.channels else None)
     text = chosen.describe(profile)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text)

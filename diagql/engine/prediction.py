@@ -25,7 +25,8 @@ _PIECE_BYTES = 1 << 20
 class BlockPrediction:
     """ŷ = mean + basis @ z_b, z_b the covariates' columns after the first ``latent_dims``."""
 
-    def __init__(self, auxiliary: Auxiliary, latent_dims: int, channels: int | None = None):
+    def __init__(self, auxiliary: Auxiliary, latent_dims: int, channels: int | None = None,
+                 own_rows: bool = False):
         self.layer = auxiliary.layer
         self.mean = auxiliary.mean.astype(np.float64)
         self.basis = auxiliary.basis.astype(np.float64)  # (neurons, k)
@@ -34,15 +35,13 @@ class BlockPrediction:
             self.mean = self.mean.reshape(channels, -1).mean(axis=1)
             self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
-        # A view the profile holds is its own auxiliary (engine/covariates.py: _held): its z_b
-        # is the row (ŷ = row) and then the item's one-hot winner, whose mean over the matching
-        # items, a column of their mean covariates, is the exact ARGMAX.
+        # ``own_rows``: a view the profile holds is its own auxiliary (engine/covariates.py:
+        # _held): its z_b is the row (ŷ = row) and then the item's one-hot winner, whose mean
+        # over the matching items, a column of their mean covariates, is the exact ARGMAX.
         width = len(self.basis)
-        own = self.basis.shape[1] == 2 * width and not self.mean.any() and np.array_equal(
-            self.basis, np.hstack([np.eye(width), np.zeros((width, width))]))
-        self.winners = slice(self.p + width, self.p + 2 * width) if own else None
+        self.winners = slice(self.p + width, self.p + 2 * width) if own_rows else None
         # What predicts the items, for the estimate's line (results/render.py).
-        self.predictor = (f"each item's own {self.layer} row, held by the profile" if own
+        self.predictor = (f"each item's own {self.layer} row, held by the profile" if own_rows
                           else f"{self.layer}'s principal components")
         self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
 
@@ -115,4 +114,3 @@ class BlockPrediction:
         return (self.mean + self.basis @ population_z[p:]
                 + corrected_mean(np.asarray(values, dtype=np.float64) - predicted, z[:, :p],
                                  population_z[:p]))
-

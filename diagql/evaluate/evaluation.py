@@ -27,7 +27,6 @@ from diagql import samplers
 from diagql.engine.covariates import for_view
 from diagql.engine.estimate import shares
 from diagql.engine.groups import cell_codes, n_cells
-from diagql.engine.prediction import BlockPrediction
 from diagql.engine.regression import corrected_mean
 from diagql.errors import ExecutionError
 from diagql.evaluate.bind import BoundEvaluation, Candidate, bind_evaluate
@@ -240,8 +239,7 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
     context = {}
     for layer in bound.layers:
         chosen = for_view(conn.profile, View(layer).key)
-        prediction = None if chosen.auxiliary is None else \
-            BlockPrediction(chosen.auxiliary, chosen.latent_dims)
+        prediction = chosen.prediction()
         means = chosen.z.means(np.arange(len(groups)), groups, set(valid.tolist()))
         context[layer.name] = (chosen.z, np.stack([means[g] for g in valid.tolist()]),
                                prediction, chosen.latent_dims)
