@@ -44,7 +44,8 @@ def first_items_profile(model, source, *, latent, latent_is_input, device, dtype
     for the first items, the directions fitted on them, every later batch projected."""
     n = len(source)
     compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
-    project = auxiliaries.BlockProjector(auxiliaries.blocks(model, catalog), n)
+    views = auxiliaries.blocks(model, catalog)
+    project = auxiliaries.BlockProjector(views, n)
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
         part = profile_part(model, source, np.arange(n), latent=latent,
@@ -53,7 +54,10 @@ def first_items_profile(model, source, *, latent, latent_is_input, device, dtype
                             project=project)
         profile = assemble_profile([part], latent, latent_is_input, time.perf_counter() - started,
                                    view=view, dtype=dtype)
-        auxiliaries_ = project.finish(profile.latent_views + profile.logit_views)
+        project.finish()
+        auxiliaries_ = auxiliaries.joined(views, project.fitted(),
+                                          [project.z], min(project.fit_items, n),
+                                          profile.latent_views + profile.logit_views)
     return dataclasses.replace(profile, auxiliaries=auxiliaries_,
                                seconds=time.perf_counter() - started)
 

@@ -207,27 +207,19 @@ class BlockProjector:
             return
         self.z[name][start:start + len(z)] = z.numpy()
 
-    def finish(self, exclude: tuple[str, ...] = ()) -> tuple[Auxiliary, ...]:
-        """Every block's Auxiliary, except the views in ``exclude`` (held by the profile)."""
+    def finish(self) -> None:
+        """Fit the blocks whose rows are still held (fewer items than ``fit_items`` came);
+        ``joined`` then makes their Auxiliaries from ``fitted()`` and ``z``."""
         for name in list(self.held):
             if self.held[name]:
                 self._fit(name)
-        out = []
-        for name, view in self.views.items():
-            if name not in self.fits or view.key in exclude:
-                continue
-            mean, basis = self.fits[name][:2]
-            out.append(Auxiliary(view.key, name, mean.numpy().astype(np.float32),
-                                 basis.numpy().astype(np.float32), self.z[name],
-                                 min(self.fit_items, self.n)))
-        return tuple(out)
 
 
 def joined(views: list[View], fits: dict, parts: list[dict[str, np.ndarray]], fitted_on: int,
            exclude: tuple[str, ...] = ()) -> tuple[Auxiliary, ...]:
-    """The Auxiliaries of a pass cut into shards: each block's directions (``fits``, fitted
-    once) and its shards' z rows (``parts``, in item order), as ``BlockProjector.finish``
-    gives them; a block that a shard dropped, or whose view is in ``exclude``, has none."""
+    """The Auxiliaries of a pass, perhaps cut into parts: each block's directions (``fits``,
+    fitted once: ``BlockProjector.fitted``) and its parts' z rows (``parts``, in item order);
+    a block that a part dropped, or whose view is in ``exclude``, has none."""
     out = []
     for view in views:
         name = view.layer.name
