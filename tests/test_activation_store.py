@@ -33,7 +33,7 @@ def make_store(root: Path, limit: int = store.DEFAULT_LIMIT) -> ActivationStore:
 
 def add(activations: ActivationStore, items, seconds_per_item=None) -> None:
     items = np.asarray(sorted(items), dtype=np.int64)
-    activations.add(VIEW, items, TRUTH[items], seconds_per_item)
+    activations.add_chunks(VIEW, [(items, TRUTH[items])], seconds_per_item)
     activations.cache.flush()
 
 

@@ -133,11 +133,6 @@ class ActivationStore:
         while len(self._reduced) > REDUCED_KEPT:
             self._reduced.popitem(last=False)
 
-    def add(self, view, items: np.ndarray, rows: np.ndarray,
-            seconds_per_item: float | None = None) -> None:
-        """Keep new rows of the view (``add_chunks`` with one chunk)."""
-        self.add_chunks(view, [(items, rows)], seconds_per_item)
-
     def add_chunks(self, view, chunks: list[tuple[np.ndarray, np.ndarray]],
                    seconds_per_item: float | None = None) -> None:
         """Keep new rows of the view, given as chunks (sorted items, their rows; a pass gives
