@@ -15,9 +15,8 @@ import numpy as np
 from diagql.engine.ray_data import DatasetBlocks, DatasetHead, ShardSource
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
-from diagql.model.auxiliaries import joined
-from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part, interleave,
-                                  profile_part, projected_part)
+from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part,
+                                  profile_part, projected_part, with_blocks)
 
 SHARDS_PER_WORKER = 4  # smaller shards: less work lost to a dead worker, better balance
 IN_FLIGHT = 2  # shards queued per actor, so that none idles between two of them
@@ -255,25 +254,24 @@ class RayEngine:
         started = time.perf_counter()
         options = {"key": model, "latent": latent, "latent_is_input": latent_is_input,
                    "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare}
-        views, fits, pieces, rest = list(blocks), {}, [], np.arange(n_items)
-        if views:
-            fit, spread = fit_items(views, n_items)
+        views = list(blocks)
+        if not views:
+            shards = self._shards(np.arange(n_items), batch_size)
+            parts = self.run([_task(_on_model, task=profile_part, **options)] * len(shards),
+                             shards, "profiling the data", progress)
+            profile = assemble_profile(parts, latent, latent_is_input, 0.0, view=view,
+                                       dtype=dtype)
+        else:
+            fit, spread, rest = fit_items(views, n_items)
             fits, first = self.run([_task(_on_model, task=fit_part, views=views, **options)],
                                    [spread], "fitting the blocks' directions", progress)[0]
-            pieces, rest = [(spread, first)], np.setdiff1d(rest, spread, assume_unique=True)
-        shards = self._shards(rest, batch_size) if len(rest) else []
-        task = _task(_on_model, task=projected_part, views=views, fits=fits, **options) \
-            if views else _task(_on_model, task=profile_part, **options)
-        parts = self.run([task] * len(shards), shards, "profiling the data", progress) \
-            if shards else []  # none when the spread items are all of them
-        if pieces:  # the spread items' part and the shards', each item in its place
-            parts = [interleave(pieces + list(zip(shards, parts)), n_items)]
-        profile = assemble_profile(parts, latent, latent_is_input, 0.0, view=view, dtype=dtype)
-        # The views the profile holds whole need no projection, as in compute_profile.
-        auxiliaries = joined(views, fits, [parts[0].z], fit,
-                             profile.latent_views + profile.logit_views) if views else ()
-        return dataclasses.replace(profile, auxiliaries=auxiliaries,
-                                   seconds=time.perf_counter() - started)
+            shards = self._shards(rest, batch_size) if len(rest) else []
+            task = _task(_on_model, task=projected_part, views=views, fits=fits, **options)
+            parts = self.run([task] * len(shards), shards, "profiling the data", progress) \
+                if shards else []  # none when the spread items are all of them
+            profile = with_blocks([(spread, first), *zip(shards, parts)], n_items, views, fits,
+                                  fit, latent, latent_is_input, view=view, dtype=dtype)
+        return dataclasses.replace(profile, seconds=time.perf_counter() - started)
 
     def _shards(self, items: np.ndarray, batch_size: int) -> list[np.ndarray]:
         return shard_items(items, batch_size, len(self.start()) * SHARDS_PER_WORKER)

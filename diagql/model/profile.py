@@ -220,25 +220,19 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     with progress.task("profiling the data", n) as advance:
         if not views:
             part = profile_part(model, source, np.arange(n), advance=advance, **options)
+            profile = assemble_profile([part], latent, latent_is_input, 0.0, view=view,
+                                       dtype=dtype)
         else:  # the spread items first, their rows held for the fit; then the rest, projected
-            fit, spread = fit_items(views, n)
+            fit, spread, rest = fit_items(views, n)
             fits, first = fit_part(model, source, spread, views=views, advance=advance,
                                    **options)
             pieces = [(spread, first)]
-            rest = np.setdiff1d(np.arange(n), spread, assume_unique=True)
             if len(rest):
                 pieces.append((rest, projected_part(model, source, rest, views=views, fits=fits,
                                                     advance=advance, **options)))
-            part = interleave(pieces, n)
-        profile = assemble_profile([part], latent, latent_is_input, time.perf_counter() - started,
-                                   view=view, dtype=dtype)
-        if not views:
-            return profile
-        # The views the profile holds whole need no projection.
-        auxiliaries = aux.joined(views, fits, [part.z], fit,
-                                 profile.latent_views + profile.logit_views)
-    return dataclasses.replace(profile, auxiliaries=auxiliaries,
-                               seconds=time.perf_counter() - started)
+            profile = with_blocks(pieces, n, views, fits, fit, latent, latent_is_input,
+                                  view=view, dtype=dtype)
+    return dataclasses.replace(profile, seconds=time.perf_counter() - started)
 
 
 @dataclass
@@ -329,13 +323,15 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                        same_logits.keys() if logits_kept else ())
 
 
-def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray]:
+def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray, np.ndarray]:
     """How many items a profile pass over ``n`` fits the blocks' directions on (up to FIT_ITEMS
-    and the rows' HOLD_BUDGET), and which: spread over the whole data (``spread_items``), so
-    that data sorted by class gives the directions of every class. Every form of data DiagQL
-    takes is read by index (model/data.py), so the spread items cost no extra forward pass."""
+    and the rows' HOLD_BUDGET), which (spread over the whole data, ``spread_items``, so that
+    data sorted by class gives the directions of every class) and the rest, which are only
+    projected. Every form of data DiagQL takes is read by index (model/data.py), so the
+    spread items cost no extra forward pass."""
     fit = aux.BlockProjector(views, n).fit_items
-    return fit, aux.spread_items(n, fit)
+    spread = aux.spread_items(n, fit)
+    return fit, spread, np.setdiff1d(np.arange(n), spread, assume_unique=True)
 
 
 def fit_part(model, source: ItemSource, items: np.ndarray, *, views: list[View],
@@ -361,6 +357,19 @@ def projected_part(model, source: ItemSource, items: np.ndarray, *, views: list[
     part = profile_part(model, source, items, project=project, **options)
     part.z = dict(project.z)
     return part
+
+
+def with_blocks(pieces: list[tuple[np.ndarray, ProfilePart]], n: int, views: list[View],
+                fits: dict, fit: int, latent: str | None, latent_is_input: bool, *,
+                view: View | None, dtype: torch.dtype | None) -> Profile:
+    """The Profile of all ``n`` items from the spread items' part and the rest's parts (each
+    with its items: ``interleave``), with the blocks' Auxiliaries (``fits`` fitted on ``fit``
+    items); the views the profile holds whole need no projection. The local pass and the Ray
+    engine's both end here; ``seconds`` is the caller's to set."""
+    part = interleave(pieces, n)
+    profile = assemble_profile([part], latent, latent_is_input, 0.0, view=view, dtype=dtype)
+    return dataclasses.replace(profile, auxiliaries=aux.joined(
+        views, fits, [part.z], fit, profile.latent_views + profile.logit_views))
 
 
 def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfilePart:
