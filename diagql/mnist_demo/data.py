@@ -34,11 +34,10 @@ def _digits_table(path: Path, cache_dir) -> np.ndarray:
     size and modification time, written whole (a temporary file, then a rename) or not at all."""
     kept = None
     if cache_dir is not False:
-        from diagql.storage.store import default_cache_dir
+        from diagql.storage.store import cache_root
 
         stat = path.stat()
-        base = Path(cache_dir or os.environ.get("DIAGQL_CACHE_DIR") or default_cache_dir())
-        kept = base / "demo" / f"mnist_5k-{stat.st_size}-{stat.st_mtime_ns}.npy"
+        kept = cache_root(cache_dir) / "demo" / f"mnist_5k-{stat.st_size}-{stat.st_mtime_ns}.npy"
         try:
             table = np.load(kept, allow_pickle=False)
             if table.dtype == np.uint8 and table.shape == (5000, 785):

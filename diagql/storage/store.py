@@ -87,14 +87,7 @@ class Cache:
         as ``"500MB"``; default ``$DIAGQL_CACHE_LIMIT``, else 2 GiB."""
         limit = parse_size(limit if limit is not None else
                            os.environ.get("DIAGQL_CACHE_LIMIT") or DEFAULT_LIMIT)
-        if cache_dir is False:
-            return cls(None, limit)
-        if cache_dir is None:
-            cache_dir = os.environ.get("DIAGQL_CACHE_DIR") or default_cache_dir()
-        if not isinstance(cache_dir, (str, os.PathLike)):
-            raise DiagQLError(f"cache_dir must be a path, None (the default place) or False (no "
-                              f"cache), not {cache_dir!r}")
-        return cls(Path(os.path.expanduser(os.fspath(cache_dir))), limit)
+        return cls(cache_root(cache_dir), limit)
 
     @property
     def hits(self) -> int:
@@ -307,6 +300,19 @@ class Cache:
         where = "disabled" if self.root is None else str(self.root)
         return (f"<diagql.Cache {where}: {self.hits} hits, {self.misses} misses, "
                 f"{self.writes} writes>")
+
+
+def cache_root(cache_dir=None) -> Path | None:
+    """Where a cache keeps its entries: ``None``: ``$DIAGQL_CACHE_DIR``, else the platform's
+    cache dir; ``False``: nowhere (None); a path: that directory."""
+    if cache_dir is False:
+        return None
+    if cache_dir is None:
+        cache_dir = os.environ.get("DIAGQL_CACHE_DIR") or default_cache_dir()
+    if not isinstance(cache_dir, (str, os.PathLike)):
+        raise DiagQLError(f"cache_dir must be a path, None (the default place) or False (no "
+                          f"cache), not {cache_dir!r}")
+    return Path(os.path.expanduser(os.fspath(cache_dir)))
 
 
 def touch(cache: Cache, kind: str, key: str) -> None:
