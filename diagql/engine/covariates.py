@@ -108,11 +108,10 @@ class Covariates:
         out = np.zeros((n_groups, self.width))
         if not len(items):
             return out
-        # A run read by slice must be ascending too: items sorted by group can span exactly
-        # first..last in another order (every item, grouped), and a slice would pair each
-        # code with another item's row.
-        if self.items is None and items[-1] - items[0] + 1 == len(items) \
-                and bool(np.all(items[1:] > items[:-1])):
+        # A run read by slice must be consecutive and ascending: items sorted by group can span
+        # exactly first..last in another order (every item, grouped), and a slice would pair
+        # each code with another item's row.
+        if self.items is None and bool(np.all(np.diff(items) == 1)):
             rows = self._slice(slice(int(items[0]), int(items[-1]) + 1))  # a run: no gather
         else:
             rows = self.rows(items)
