@@ -8,6 +8,7 @@ import importlib
 import io
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,7 @@ import textwrap
 import threading
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import diagql
 from diagql.errors import DiagQLError, DiagQLWarning
 from diagql.samplers.stratified import StratifiedSampler
+from diagql.storage import entry_file
 from diagql.storage import store as cache_module
 from diagql.storage.fingerprint import (
     Unfingerprintable,
@@ -246,8 +249,11 @@ def _damage(path: Path, how: str, monkeypatch) -> None:
         path.write_bytes(b"not an npz file\n" * 50)
     elif how == "empty":
         path.write_bytes(b"")
-    elif how == "flipped byte":
-        middle = len(raw) // 2
+    elif how == "flipped byte":  # in the middle of the largest array's data
+        with zipfile.ZipFile(path) as archive:
+            largest = max(archive.infolist(), key=lambda info: info.file_size)
+        name_length, extra_length = struct.unpack_from("<HH", raw, largest.header_offset + 26)
+        middle = largest.header_offset + 30 + name_length + extra_length + largest.file_size // 2
         path.write_bytes(raw[:middle] + bytes([raw[middle] ^ 0xFF]) + raw[middle + 1:])
     elif how == "plain npy":
         np.save(path.with_suffix(".tmp.npy"), np.arange(3))
@@ -375,7 +381,7 @@ def test_a_full_disk_warns_once_and_leaves_no_temporary_files(tmp_path, monkeypa
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", no_space)
+    monkeypatch.setattr(entry_file, "write", no_space)
     db = _works_with_one_warning(tmp_path)
     assert db.cache.writes == 0
     assert entries(tmp_path) == []
@@ -468,16 +474,16 @@ def _on_disk(root: Path) -> np.ndarray | None:
 
 
 class HalfWrite:
-    """np.savez that writes the first half of an entry, then waits for ``release`` before
+    """An entry's write that writes the first half of it, then waits for ``release`` before
     writing the rest: a write caught in flight."""
 
     def __init__(self, monkeypatch):
         self.half, self.release = threading.Event(), threading.Event()
-        real = np.savez
+        real = entry_file.write
 
-        def savez(file, **arrays):
+        def write(file, arrays):
             buffer = io.BytesIO()
-            real(buffer, **arrays)
+            real(buffer, arrays)
             raw = buffer.getvalue()
             file.write(raw[: len(raw) // 2])
             file.flush()
@@ -485,7 +491,7 @@ class HalfWrite:
             assert self.release.wait(60)
             file.write(raw[len(raw) // 2:])
 
-        monkeypatch.setattr(np, "savez", savez)
+        monkeypatch.setattr(entry_file, "write", write)
 
 
 def test_a_write_in_flight_is_never_seen_half_written_and_its_entry_is_served(tmp_path,
@@ -595,17 +601,18 @@ root, mode = sys.argv[1], sys.argv[2]
 cache = Cache(root)
 cache.store("profile", "%s", {"a": np.full(250_000, 1, dtype=np.int64)}, {})
 cache.flush()
-real = np.savez
-def slow(file, **arrays):
+from diagql.storage import entry_file
+real = entry_file.write
+def slow(file, arrays):
     import io
     buffer = io.BytesIO()
-    real(buffer, **arrays)
+    real(buffer, arrays)
     raw = buffer.getvalue()
     file.write(raw[: len(raw) // 2])
     print("half", flush=True)
     time.sleep(float(sys.argv[3]))
     file.write(raw[len(raw) // 2:])
-np.savez = slow
+entry_file.write = slow
 if mode == "give up":
     writer.EXIT_WAIT = 0.5
 cache.store("profile", "%s", {"a": np.full(250_000, 2, dtype=np.int64)}, {})

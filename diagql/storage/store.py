@@ -1,7 +1,7 @@
 """The persistent cache: results that cost a pass over the data, kept on disk between sessions.
 
-An entry is one ``.npz`` file, ``<root>/<kind>/<key>.npz``, holding the caller's arrays and a
-JSON header (format version, kind, key, caller's metadata). Only what numpy can load without
+An entry is one ``.npz`` file (storage/entry_file.py), ``<root>/<kind>/<key>.npz``, holding the
+caller's arrays and a JSON header (format version, kind, key, caller's metadata). Only what numpy can load without
 pickle is stored, so a planted file cannot run code. Entries are written to a unique temporary
 file and renamed into place, so concurrent sessions never see half an entry; a file that does
 not load, or whose header does not match, is reported, removed and recomputed, never trusted.
@@ -26,7 +26,7 @@ import numpy as np
 
 from diagql._version import __version__
 from diagql.errors import DiagQLError, DiagQLWarning
-from diagql.storage import writer
+from diagql.storage import entry_file, writer
 from diagql.storage.writer import Job, Writer, absolute
 
 T = TypeVar("T")
@@ -41,10 +41,10 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024 ** 2, "mb
           "t": 1024 ** 4, "tb": 1024 ** 4, "tib": 1024 ** 4}
 STALE_TEMP = 3600.0  # seconds after which a writer's temporary file is an abandoned one
 # What reading an entry back costs (Cache.load from the page cache), measured on the development
-# machine (benchmarks/README.md, "Fast first answers"): 0.25 ms, then 1.0 GB/s for 16-94 MB
-# entries (the zip CRC check is most of it); a Cache updates the rate from its own large loads.
+# machine (docs/ARCHITECTURE.md, "Storage"): 0.25 ms, then 2-6 GB/s for 16-94 MB entries read
+# by storage/entry_file.py; a Cache updates the rate from its own large loads.
 READ_FIXED = 0.0003
-READ_RATE = 1.0e9  # bytes per second
+READ_RATE = 2.5e9  # bytes per second
 _RATE_MIN_BYTES = 1024 ** 2  # loads smaller than this measure the fixed cost, not the rate
 
 
@@ -129,7 +129,7 @@ class Cache:
                 arrays = {name: value.copy() for name, value in job.payload.items()
                           if name != _HEADER}
             else:
-                with open(path, "rb") as file:
+                with open(path, "rb", buffering=0) as file:
                     arrays = _read(file, kind, key)
         except (FileNotFoundError, NotADirectoryError):
             self._count(kind, "misses")
@@ -396,12 +396,8 @@ def format_size(size: int) -> str:
 
 
 def _read(file, kind: str, key: str) -> dict[str, np.ndarray]:
-    """Every array of an entry, read in full so that zip CRCs are checked; raises if foreign."""
-    npz = np.load(file, allow_pickle=False)
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError("not an .npz archive")
-    with npz:
-        arrays = {name: npz[name] for name in npz.files}
+    """Every array of an entry, each checked against its digest; raises if foreign."""
+    arrays = entry_file.read(file)
     header = json.loads(str(arrays.pop(_HEADER)))  # KeyError: no header, not ours
     if header.get("format") != FORMAT_VERSION:
         raise ValueError(f"format version {header.get('format')!r}, expected {FORMAT_VERSION}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from diagql.errors import DiagQLWarning
+from diagql.storage import entry_file
 
 EXIT_WAIT = 30.0  # seconds a process waits at exit for its pending writes, then drops them
 
@@ -134,7 +135,7 @@ class Writer:
             # A unique name per writer: two sessions storing the same key never share a file.
             fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
             with os.fdopen(fd, "wb") as file:
-                np.savez(file, **job.payload)
+                entry_file.write(file, job.payload)
             try:
                 os.replace(temp, path)  # only a whole file is ever renamed into place
             except PermissionError:
