@@ -11,7 +11,12 @@ from diagql.samplers.base import SampleData
 from diagql.samplers.boundary import log_likelihood_ratio, two_ended
 from diagql.samplers.gmm import GMMSampler
 from diagql.samplers.latentgrid import LatentGridSampler
-from diagql.samplers.maxmargin import INTERCEPT_SCALING, MaxMarginSampler, svm_log_proba
+from diagql.samplers.maxmargin import (
+    INTERCEPT_SCALING,
+    MaxMarginSampler,
+    _stratified_folds,
+    svm_log_proba,
+)
 from diagql.samplers.weighted import WeightedSampler
 
 SAMPLERS = (MaxMarginSampler, GMMSampler, LatentGridSampler, WeightedSampler)
@@ -139,6 +144,24 @@ def test_maxmargin_probabilities_are_calibrated_linear_svc(data, classes, space,
     assert got.sum(axis=1) == pytest.approx(1)
     assert np.abs(got - expected).max() < 0.01
     assert np.array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_maxmargin_folds_are_sklearns_stratified_kfold(seed):
+    """The folds made without importing sklearn are StratifiedKFold(3)'s, for labels in any
+    order, classes numbered out of order, and classes of uneven sizes."""
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(seed)
+    n, classes = int(rng.integers(9, 400)), int(rng.integers(2, 9))
+    labels = rng.permutation(np.concatenate([np.arange(classes).repeat(3),
+                                             rng.integers(0, classes, n)])) * 7 - 3
+    if seed == 0:
+        labels = np.sort(labels)  # the demo's data is sorted by label
+    expected = StratifiedKFold(3).split(np.zeros((len(labels), 1)), labels)
+    for (train, test), (want_train, want_test) in zip(_stratified_folds(labels, 3), expected,
+                                                      strict=True):
+        assert np.array_equal(train, want_train) and np.array_equal(test, want_test)
 
 
 @pytest.mark.parametrize("j", [0, 0.7, 1])
