@@ -55,8 +55,8 @@ def first_items_profile(model, source, *, latent, latent_is_input, device, dtype
         profile = assemble_profile([part], latent, latent_is_input, time.perf_counter() - started,
                                    view=view, dtype=dtype)
         project.finish()
-        auxiliaries_ = auxiliaries.joined(views, project.fitted(),
-                                          [project.z], min(project.fit_items, n),
+        auxiliaries_ = auxiliaries.joined(views, project.fitted(), project.z,
+                                          project.winners, min(project.fit_items, n),
                                           profile.latent_views + profile.logit_views)
     return dataclasses.replace(profile, auxiliaries=auxiliaries_,
                                seconds=time.perf_counter() - started)

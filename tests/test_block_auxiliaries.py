@@ -289,13 +289,39 @@ def test_group_means_of_every_item_grouped_pair_each_item_with_its_own_row():
                                    atol=1e-15)
 
 
-def test_argmax_on_a_block_fits_the_winners_on_the_latent_alone(db, cnn, digits):
-    profile = db.profile
+def test_argmax_on_a_block_is_exact_from_every_items_winner(db, cnn, digits):
+    """The profile pass keeps every item's winner of each block, so an assisted ARGMAX on a
+    block answers the matching items' exact shares (plain torch over all of them) with no
+    error, from a sample; the plain estimator keeps the sample's own shares."""
     rows = _rows(cnn, digits[0], 3)
-    result = db.query("ARGMAX NEURONS IN 2 USING SAMPLE random(0.2, random_state=3)")
+    matching = np.flatnonzero(digits[1].numpy() == 3)
+    query = "ARGMAX NEURONS IN 2 WHERE class = 3 USING SAMPLE random(0.2, random_state=3)"
+    result = db.query(query)
     items = result.plan.items
-    onehot = np.zeros((len(items), rows.shape[1]))
-    onehot[np.arange(len(items)), rows[items].argmax(axis=1)] = 1.0
+    assert 2 <= len(items) < len(matching)
+    exact = np.bincount(rows[matching].argmax(axis=1), minlength=rows.shape[1]) / len(matching)
+    np.testing.assert_allclose(result.values, exact, atol=1e-12)
+    assert result.estimate.expected == 0.0
+    assert "ARGMAX exact" in dict(result.plan.explain())["estimator"]
+    db.execute("SET estimator = plain")
+    try:
+        plain = db.query(query).values
+    finally:
+        db.execute("SET estimator = assisted")
+    own = np.bincount(rows[items].argmax(axis=1), minlength=rows.shape[1]) / len(items)
+    np.testing.assert_allclose(plain, own, atol=1e-12)
+
+
+def test_argmax_of_a_blocks_channels_fits_the_winners_on_the_latent_alone(db, cnn, digits):
+    """A channel's winner is not what the profile keeps: CHANNELS fits each channel's one-hot
+    winner on the latent's components, as numpy's regression estimator does."""
+    profile = db.profile
+    with torch.no_grad():
+        channel_means = cnn[:3](digits[0].clone()).mean(dim=(2, 3)).double().numpy()
+    result = db.query("ARGMAX CHANNELS IN 2 USING SAMPLE random(0.2, random_state=3)")
+    items = result.plan.items
+    onehot = np.zeros((len(items), channel_means.shape[1]))
+    onehot[np.arange(len(items)), channel_means[items].argmax(axis=1)] = 1.0
     zl = covariates(profile)
     mean, _ = _numpy_assisted(onehot, zl[items], np.zeros(len(items), int),
                               {0: zl.mean(axis=0)}, {0: len(profile)}, RIDGE)[0]
@@ -376,22 +402,22 @@ def test_argmax_on_a_view_the_profile_holds_is_exact(db, cnn, digits):
     assert abs(row["S3 assisted"] - row["S2 assisted"]) < 1e-6 < row["S3"] - row["S3 assisted"]
 
 
-def test_a_held_views_covariates_are_the_profiles_rows_and_winner_indices(db):
-    """A held view's covariates keep no copy of its rows and no dense one-hot matrix: their
-    parts are the profile's own logits and each item's winner index, and the rows they join
-    on demand equal numpy's [latent covariates | logits | one-hot argmax]."""
-    from diagql.engine.covariates import OneHot, for_view
+def test_a_held_views_covariates_are_the_profiles_rows_and_its_winners_are_known(db):
+    """A held view's covariates keep no copy of its rows: their parts are the profile's own
+    logits, the rows they join on demand equal numpy's [latent covariates | logits], and every
+    item's winner is kept as an index (one byte for 10 classes)."""
+    from diagql.engine.covariates import for_view
 
     profile = db.profile
     logits = profile.logits
     key = next(k for k in profile.logit_views)
-    z = for_view(profile, key).z
-    assert z.parts[1] is logits and isinstance(z.parts[2], OneHot)
-    assert z.parts[2].columns.itemsize == 1  # 10 classes: one byte per item
+    chosen = for_view(profile, key)
+    assert chosen.z.parts[1] is logits and len(chosen.z.parts) == 2
+    np.testing.assert_array_equal(chosen.winners, logits.argmax(axis=1))
+    assert chosen.winners.itemsize == 1
     items = np.array([0, 5, 17, 400])
-    onehot = np.eye(logits.shape[1])[logits[items].argmax(axis=1)]
-    want = np.hstack([covariates(profile)[items], logits[items], onehot])
-    np.testing.assert_array_equal(z.rows(items), want)
+    want = np.hstack([covariates(profile)[items], logits[items]])
+    np.testing.assert_array_equal(chosen.z.rows(items), want)
 
 
 def test_another_models_held_rows_are_not_its_auxiliary(cnn, digits):
@@ -405,9 +431,15 @@ def test_another_models_held_rows_are_not_its_auxiliary(cnn, digits):
     db = diagql.connect({"a": cnn, "b": b}, (X, y), cache_dir=False, progress=False)
     own = db.query("AVG NEURONS IN a.8 USING SAMPLE random(0.2)")
     other = db.query("AVG NEURONS IN b.8 USING SAMPLE random(0.2)")
-    assert own.plan.prediction is not None and own.plan.prediction.winners is not None
+    assert own.plan.prediction is not None and "own" in own.plan.prediction.predictor
     assert other.plan.prediction is None
     assert "its own row" not in dict(other.plan.explain())["estimator"]
     a_exact, b_exact = _rows(cnn, X, 9).mean(axis=0), _rows(b, X, 9).mean(axis=0)
     np.testing.assert_allclose(own.values, a_exact, **F32)
     assert np.abs(other.values - b_exact).max() < 0.5 * np.abs(a_exact - b_exact).max()
+    # Nor a's winners of a block for b's: only the profile's own model's ARGMAX is exact.
+    own = db.query("ARGMAX NEURONS IN a.2 USING SAMPLE random(0.2)")
+    other = db.query("ARGMAX NEURONS IN b.2 USING SAMPLE random(0.2)")
+    assert "ARGMAX exact" in dict(own.plan.explain())["estimator"]
+    assert "ARGMAX exact" not in dict(other.plan.explain())["estimator"]
+    assert other.plan.winner_shares is None and other.estimate.expected > 0

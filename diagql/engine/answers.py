@@ -45,7 +45,8 @@ def build_result(plan: Plan, states: dict) -> Result:
     # A sample's assisted fit pools one slope over all its groups (engine/regression.py).
     fits = {}
     if plan.approximate and plan.estimator == "assisted" and plan.covariate_means is not None:
-        fits = estimate.fit(states, plan.population, plan.covariate_means, plan.prediction)
+        fits = estimate.fit(states, plan.population, plan.covariate_means, plan.prediction,
+                            plan.winner_shares)
     if query.group_by is None:
         return _single(plan, states.get(None), plan.population[None], fits.get(None))
     result = _single(plan, None, 0)

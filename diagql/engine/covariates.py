@@ -13,7 +13,13 @@ import torch
 
 from diagql.model.auxiliaries import DIMS as BLOCK_DIMS
 from diagql.engine.prediction import BlockPrediction
-from diagql.model.auxiliaries import FIT_ITEMS, Auxiliary, principal, spread_items
+from diagql.model.auxiliaries import (
+    FIT_ITEMS,
+    Auxiliary,
+    principal,
+    spread_items,
+    winner_dtype,
+)
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space
 
@@ -55,14 +61,14 @@ def reduced(latents: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Covariates:
     """Every item's covariates, held as their parts (the latent's N × p float64 components,
-    then a block's N × k float32 projections, or a held view's rows and winners: ``_held``)
+    then a block's N × k float32 projections, or a held view's rows: ``_held``)
     and joined only for the rows a pass or a fit
     asks for: a joined N × (p + k) float64 copy would take 59 MB at 100,000 items and 5.9 GB
     at 10 million, and most of it would never be read. ``items``: the (sorted) items the rows
     are of, when they are a subset's (a shard's part of a pass); None: every item's, row i
     item i's."""
 
-    parts: tuple  # arrays (N × columns), or a held view's winners (``OneHot``)
+    parts: tuple  # arrays (N × columns)
     items: np.ndarray | None = None
 
     @property
@@ -129,22 +135,6 @@ class Covariates:
 _RUN = 8192
 
 
-class OneHot:
-    """A part of the covariates made on demand: each item's one-hot row (float32) of its
-    column index, as a held view's winners are (``_held``): 1-2 bytes per item kept instead of
-    the view's width in floats."""
-
-    def __init__(self, columns: np.ndarray, width: int):
-        self.columns = columns
-        self.shape = (len(columns), width)
-
-    def __getitem__(self, at) -> np.ndarray:
-        columns = self.columns[at]
-        out = np.zeros((len(columns), self.shape[1]), np.float32)
-        out[np.arange(len(columns)), columns] = 1.0
-        return out
-
-
 @dataclass(frozen=True)
 class Chosen:
     """The covariates of one view's sample queries: the latent's components, then, when the
@@ -154,8 +144,11 @@ class Chosen:
     latent_dims: int  # p: the first columns, the latent's
     auxiliary: Auxiliary | None  # the view's block projections: the last k columns
     # The auxiliary is made from the view's rows the profile holds (``_held``): "rows" (each
-    # item's own row, then its one-hot winner) or "components" (a wide view's directions).
+    # item's own row) or "components" (a wide view's directions).
     held: str | None = None
+    # Every item's winner of the view (``Auxiliary.winners``), when the profile is the queried
+    # model's own: an ARGMAX's shares over the matching items are then exact (``shares``).
+    winners: np.ndarray | None = None
 
     def prediction(self, channels: int | None = None) -> BlockPrediction | None:
         """The block prediction its auxiliary makes (None: the latent fit alone); ``channels``:
@@ -164,6 +157,23 @@ class Chosen:
             return None
         return BlockPrediction(self.auxiliary, self.latent_dims, channels,
                                own_rows=self.held == "rows")
+
+    def shares(self, matching: np.ndarray, keys: np.ndarray | None, population: dict
+               ) -> dict | None:
+        """Each group's exact ARGMAX shares over its matching items (``keys``: theirs; None:
+        one group) from every item's winner; None when the winners are not known."""
+        if self.winners is None:
+            return None
+        width = self.auxiliary.basis.shape[0]
+        if keys is None:
+            counts = np.bincount(self.winners[matching], minlength=width)
+            return {None: counts / max(len(matching), 1)}
+        groups, codes = np.unique(keys, return_inverse=True)
+        codes = codes.reshape(-1)
+        counts = np.bincount(codes * width + self.winners[matching],
+                             minlength=len(groups) * width).reshape(len(groups), width)
+        return {key: counts[g] / max(counts[g].sum(), 1)
+                for g, key in enumerate(groups.tolist()) if key in population}
 
     def describe(self, profile: Profile) -> str:
         """What the assisted estimator fits on, for EXPLAIN."""
@@ -175,13 +185,16 @@ class Chosen:
             basis = ("its own row" if self.held == "rows"
                      else f"its row's {a.basis.shape[1]} principal components")
             return (f"assisted: every item predicted from {basis} (the profile holds every "
-                    f"item's {a.layer}), the residual fitted on {latent}")
+                    f"item's {a.layer}), the residual fitted on {latent}{self._exact_argmax()}")
         # Which items: profile.fit_items spreads them over the data (model/auxiliaries.py).
         fitted = "every item" if a.fitted_on >= len(a.z) else \
             f"{a.fitted_on:,} items spread over the data"
         return (f"assisted: every item predicted from {a.layer}'s {a.basis.shape[1]} principal "
                 f"components kept by the profile pass (known coefficients, fitted on "
-                f"{fitted}), the residual fitted on {latent}")
+                f"{fitted}), the residual fitted on {latent}{self._exact_argmax()}")
+
+    def _exact_argmax(self) -> str:
+        return "; ARGMAX exact from every item's winner" if self.winners is not None else ""
 
 
 def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
@@ -199,15 +212,17 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
                     _held(profile.rows_of(view_key), view_key))
             _HELD[key] = memo
         if memo[1] is not None:
-            auxiliary, parts, held = memo[1]
-            return Chosen(Covariates((z, *parts)), z.shape[1], auxiliary, held)
+            auxiliary, held = memo[1]
+            return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held,
+                          auxiliary.winners)
     if auxiliary is None:
         return Chosen(Covariates((z,)), z.shape[1], None)
-    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary)
+    # A block's winners are the profile's model's: another checkpoint's are not these.
+    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary,
+                  winners=auxiliary.winners if own else None)
 
 
-def _held(rows: np.ndarray | None, view_key: str
-          ) -> tuple[Auxiliary, tuple, str] | None:
+def _held(rows: np.ndarray | None, view_key: str) -> tuple[Auxiliary, str] | None:
     """A view whose every row the profile holds (the latent, the logits) is its own auxiliary:
     the block prediction (engine/prediction.py) then predicts each sampled item by its own
     row, the residual is 0, and the estimate is the matching items' exact mean (a regression
@@ -216,31 +231,26 @@ def _held(rows: np.ndarray | None, view_key: str
     linear in the whole latent, so the residual after 10 components is the latent's other
     directions, where every sampler chooses (herding and stratification balance them, latent
     grids and two-ended draws spread them). Up to HELD_WIDTH columns the basis is the identity
-    (exact), and the items' one-hot winners follow the rows, so that the matching items' mean
-    of them is the exact ARGMAX (``BlockPrediction.winners``); a wider view gets its BLOCK_DIMS
-    principal directions, as a block does, and its ARGMAX the latent's fit. Returns the
-    auxiliary, the covariates' parts after the latent's (the profile's own rows, no copy, and
-    their winners, ``OneHot``, up to HELD_WIDTH; else the projections) and which (``Chosen.held``)."""
+    (exact; z is the profile's own rows, no copy); a wider view gets its BLOCK_DIMS principal
+    directions, as a block does. Either way every item's winner is known, so its ARGMAX is
+    exact (``Chosen.shares``). Returns the auxiliary and which (``Chosen.held``)."""
     if rows is None:
         return None
     width = rows.shape[1]
     layer = json.loads(view_key)[0]
+    rows = np.asarray(rows, dtype=np.float32)
+    winners = rows.argmax(axis=1).astype(winner_dtype(width))
     if width <= HELD_WIDTH:
-        # The row, then its one-hot winner (an ARGMAX's y), which the basis leaves out of ŷ.
-        mean = np.zeros(width, np.float32)
-        basis = np.hstack([np.eye(width), np.zeros((width, width))]).astype(np.float32)
-        rows = np.asarray(rows, dtype=np.float32)
-        winners = OneHot(rows.argmax(axis=1).astype(np.min_scalar_type(width)), width)
-        # z: the rows alone; the winners' columns are made per row by the covariates.
-        return Auxiliary(view_key, layer, mean, basis, rows, len(rows)), (rows, winners), "rows"
+        mean, basis = np.zeros(width, np.float32), np.eye(width, dtype=np.float32)
+        return Auxiliary(view_key, layer, mean, basis, rows, len(rows), winners), "rows"
     spread = spread_items(len(rows), FIT_ITEMS)  # as a block's (model/auxiliaries.py)
-    fitted = principal(torch.from_numpy(np.asarray(rows[spread])), BLOCK_DIMS)
+    fitted = principal(torch.from_numpy(rows[spread]), BLOCK_DIMS)
     mean, basis = (part.numpy().astype(np.float32) for part in fitted)
     z = (rows - mean) @ basis
-    return Auxiliary(view_key, layer, mean, basis, z, len(spread)), (z,), "components"
+    return Auxiliary(view_key, layer, mean, basis, z, len(spread), winners), "components"
 
 
-# The widest held view predicted by its rows themselves (the identity basis, 2 × width wide,
-# is made per query's BlockPrediction: 128 KB at 128).
+# The widest held view predicted by its rows themselves (the identity basis is made per
+# query's BlockPrediction: 64 KB at 128).
 HELD_WIDTH = 128
-_HELD: dict[tuple[int, str], tuple[weakref.ref, tuple[Auxiliary, tuple, str] | None]] = {}
+_HELD: dict[tuple[int, str], tuple[weakref.ref, tuple[Auxiliary, str] | None]] = {}

@@ -65,19 +65,18 @@ class _Normals:
 _standard_normals = _Normals()
 
 
-def fit(states: dict, population: dict, covariate_means: dict, prediction=None) -> dict:
+def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
+        winner_shares: dict | None = None) -> dict:
     """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
     ``population`` and ``covariate_means`` are each group's matching items of the whole data
     and their mean covariates (the plan's); ``prediction``: the view's block prediction
     (engine/prediction.py), whose residual a mean's fit models instead. A view the profile
-    holds predicts every item exactly, and its ARGMAX shares are its mean covariates' winner
-    columns (``Fitted.exact``)."""
+    holds predicts every item exactly. ``winner_shares``: an ARGMAX's exact shares per group,
+    when the profile knows every item's winner (``Fitted.exact``)."""
     argmax = any(hasattr(state, "counts") for state in states.values())
-    if argmax and prediction is not None and prediction.winners is not None:
-        # A view the profile holds: every matching item's winner is known (the shares are
-        # the mean of their one-hot winners, engine/covariates.py: _held).
-        return {key: Fitted(covariate_means[key][prediction.winners],
-                            np.zeros(state.counts.shape[-1]), state.count - 1, exact=True)
+    if argmax and winner_shares is not None:
+        return {key: Fitted(winner_shares[key], np.zeros(state.counts.shape[-1]),
+                            state.count - 1, exact=True)
                 for key, state in states.items() if state.count > 0}
     groups = {}
     for key, state in states.items():

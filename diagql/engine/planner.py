@@ -42,6 +42,9 @@ class Plan:
     # what the estimator fits on, for EXPLAIN.
     prediction: BlockPrediction | None = None
     estimator_text: str = ""
+    # An ARGMAX's exact shares per group key, when the profile knows every item's winner of
+    # the view (engine/covariates.py, Chosen.shares): the assisted answer, with no error.
+    winner_shares: dict | None = None
     # Every item's rows of the view, when the profile holds them (the latent or the logits):
     # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
     profile_rows: np.ndarray | None = None
@@ -132,8 +135,12 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     means = z.means(matching, None if keys is None else keys[matching], population)
     prediction = chosen.prediction(bound.view.layer.shape[0] if bound.view.channels else None)
     text = chosen.describe(profile)
+    shares = None
+    if query.aggregate == "argmax" and not bound.view.channels:  # a channel's winner is not kept
+        shares = chosen.shares(matching, None if keys is None else keys[matching], population)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
-                               prediction=prediction, estimator_text=text)
+                               prediction=prediction, estimator_text=text,
+                               winner_shares=shares)
 
 
 def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baseline=None) -> Plan:

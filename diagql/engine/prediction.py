@@ -36,10 +36,7 @@ class BlockPrediction:
             self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
         # ``own_rows``: a view the profile holds is its own auxiliary (engine/covariates.py:
-        # _held): its z_b is the row (ŷ = row) and then the item's one-hot winner, whose mean
-        # over the matching items, a column of their mean covariates, is the exact ARGMAX.
-        width = len(self.basis)
-        self.winners = slice(self.p + width, self.p + 2 * width) if own_rows else None
+        # _held): its z_b is the row, ŷ = row.
         # What predicts the items, for the estimate's line (results/render.py).
         self.predictor = (f"each item's own {self.layer} row, held by the profile" if own_rows
                           else f"{self.layer}'s principal components")

@@ -241,8 +241,12 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
         chosen = for_view(conn.profile, View(layer).key)
         prediction = chosen.prediction()
         means = chosen.z.means(np.arange(len(groups)), groups, set(valid.tolist()))
+        # Every item's winner known (engine/covariates.py, Chosen.shares): exact shares.
+        shares_of = chosen.shares(np.arange(len(groups)), groups, set(valid.tolist()))
         context[layer.name] = (chosen.z, np.stack([means[g] for g in valid.tolist()]),
-                               prediction, chosen.latent_dims)
+                               prediction, chosen.latent_dims,
+                               None if shares_of is None else
+                               np.stack([shares_of[g] for g in valid.tolist()]))
     scores: list[SampleScore] = []
     memo: dict[bytes, SampleScore] = {}  # a sampler that ignores its seed draws the same sample
     with conn.progress.task("EVALUATE: scoring samples", len(draws)) as advance:
@@ -274,7 +278,7 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
     plain, fitted = _Tally(bound.ks), _Tally(bound.ks)
     for layer in bound.layers:
         a = answers[layer.name]
-        z_all, z_means, prediction, p = context[layer.name]
+        z_all, z_means, prediction, p, exact_shares = context[layer.name]
         z_rows = z_all.rows(indices[order])
         sums = np.add.reduceat(a.kept[rows_at], starts, axis=0, dtype=np.float64)[where[hit]]
         mean = sums / sizes[where[hit], None]
@@ -291,10 +295,8 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
             z = z_rows[part]
             fit_mean[row] = corrected_mean(rows, z, z_means[v]) if prediction is None else \
                 prediction.corrected_mean(rows, z, z_means[v])
-            # A view the profile holds knows every item's winner (engine/covariates.py: _held).
-            fit_share[row] = shares(corrected_mean(onehot, z[:, :p], z_means[v][:p])
-                                    if prediction is None or prediction.winners is None
-                                    else z_means[v][prediction.winners])
+            fit_share[row] = (shares(corrected_mean(onehot, z[:, :p], z_means[v][:p]))
+                              if exact_shares is None else exact_shares[v])
         fitted.add(layer, exact[layer.name], hit, fit_mean, fit_share)
     score = plain.score()
     score.assisted = fitted.score()

@@ -248,8 +248,10 @@ class ProfilePart:
     # The views whose rows equalled the latent (the logits) for every item of this part.
     latent_views: tuple[str, ...] = ()
     logit_views: tuple[str, ...] = ()
-    # Each block's z rows of these items, by layer name (a Ray pass's shard: projected_part).
+    # Each block's z rows and winners of these items, by layer name (a Ray pass's shard:
+    # projected_part).
     z: dict[str, np.ndarray] | None = None
+    winners: dict[str, np.ndarray] | None = None
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
@@ -344,7 +346,7 @@ def fit_part(model, source: ItemSource, items: np.ndarray, *, views: list[View],
     project.fit_items = len(items)  # the driver's count (FIT_ITEMS there), not the worker's
     part = profile_part(model, source, items, project=project, **options)
     project.finish()
-    part.z = dict(project.z)
+    part.z, part.winners = dict(project.z), dict(project.winners)
     return project.fitted(), part
 
 
@@ -355,7 +357,7 @@ def projected_part(model, source: ItemSource, items: np.ndarray, *, views: list[
     ``fit_part``), so that every item is projected on the same ones."""
     project = aux.BlockProjector(views, len(items), fits=fits)
     part = profile_part(model, source, items, project=project, **options)
-    part.z = dict(project.z)
+    part.z, part.winners = dict(project.z), dict(project.winners)
     return part
 
 
@@ -369,13 +371,13 @@ def with_blocks(pieces: list[tuple[np.ndarray, ProfilePart]], n: int, views: lis
     part = interleave(pieces, n)
     profile = assemble_profile([part], latent, latent_is_input, 0.0, view=view, dtype=dtype)
     return dataclasses.replace(profile, auxiliaries=aux.joined(
-        views, fits, [part.z], fit, profile.latent_views + profile.logit_views))
+        views, fits, part.z, part.winners, fit, profile.latent_views + profile.logit_views))
 
 
 def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfilePart:
     """One part of all ``n`` items from parts of disjoint sets of them, each given with its
-    item indices: the spread items' (``fit_part``) and the rest's. A block keeps z rows, and a
-    layer the latent's (the logits') rows, only if it did in every part."""
+    item indices: the spread items' (``fit_part``) and the rest's. A block keeps z rows (and
+    winners), and a layer the latent's (the logits') rows, only if it did in every part."""
     parts = [part for _, part in pieces]
     _same_shapes(parts)
 
@@ -387,12 +389,16 @@ def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfileP
 
     labels = None if any(p.labels is None for p in parts) else scatter([p.labels for p in parts])
     logits = None if any(p.logits is None for p in parts) else scatter([p.logits for p in parts])
-    z = {name: scatter([p.z[name] for p in parts]) for name in parts[0].z or {}
-         if all(p.z is not None and name in p.z for p in parts)}
+    def per_block(field: str) -> dict[str, np.ndarray]:
+        tables = [getattr(p, field) for p in parts]
+        return {name: scatter([t[name] for t in tables]) for name in tables[0] or {}
+                if all(t is not None and name in t for t in tables)}
+
     return ProfilePart(labels, scatter([p.predictions for p in parts]),
                        scatter([p.confidence for p in parts]), scatter([p.latents for p in parts]),
                        parts[0].n_classes, logits, _in_every([p.latent_views for p in parts]),
-                       _in_every([p.logit_views for p in parts]), z)
+                       _in_every([p.logit_views for p in parts]), per_block("z"),
+                       per_block("winners"))
 
 
 def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,
