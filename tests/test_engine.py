@@ -84,7 +84,7 @@ def test_only_the_items_a_query_lacks_go_through_the_model(world):
 
 def test_a_new_session_starts_warm(world, tmp_path):
     model, X, y, conn = world
-    query = f"ARGMAX NEURONS IN 6 WHERE correct USING SAMPLE {SAMPLE}"
+    query = f"AVG NEURONS IN 6 WHERE correct USING SAMPLE {SAMPLE}"
     answer = conn.query(query)
 
     again = copy.deepcopy(model)
@@ -96,6 +96,31 @@ def test_a_new_session_starts_warm(world, tmp_path):
     assert fresh.counters["passes"] == 0
     assert {kind: counts["hits"] for kind, counts in fresh.cache.by_kind.items()} == \
         {"profile": 1, "sample": 1, "catalog": 1, "activations": 1}
+
+
+def test_an_argmax_on_a_block_runs_no_forward_pass(world):
+    """The profile keeps every item's winner of each block: ARGMAX on one, sampled or exact,
+    counts them and runs the model on no item; the answers are plain torch's."""
+    model, X, y, conn = world
+    rows = activations(model, X, "6")
+    winners = rows.argmax(axis=1)
+    correct = np.flatnonzero(conn.profile.correct)
+    conn.counters.clear()
+    full = conn.query("ARGMAX NEURONS IN 6 WHERE correct USING FULL")
+    sampled = conn.query(f"ARGMAX NEURONS IN 6 WHERE correct USING SAMPLE {SAMPLE}")
+    assert conn.counters.get("passes", 0) == 0 and conn.counters.get("items", 0) == 0
+    width = rows.shape[1]
+    np.testing.assert_allclose(full.values, np.bincount(winners[correct], minlength=width)
+                               / len(correct), atol=1e-12)
+    items = sampled.plan.items  # the plain estimator: the sample's own shares
+    np.testing.assert_allclose(sampled.values, np.bincount(winners[items], minlength=width)
+                               / len(items), atol=1e-12)
+    assert "winner of 6" in dict(sampled.plan.explain())["forward"]
+    auto = conn.query("ARGMAX NEURONS IN 6 USING AUTO")
+    assert "winner of 6 is in the profile" in auto.plan.choice
+    # CHANNELS (a channel's winner is not kept) runs the model.
+    conn.query(f"ARGMAX CHANNELS IN 2 USING SAMPLE {SAMPLE}")
+    assert conn.counters["passes"] == 1
 
 
 def test_a_changed_weight_never_reuses_activations(world, tmp_path):
@@ -284,7 +309,9 @@ def test_a_script_s_queries_share_one_forward_pass(world):
         single = alone.query(statement)
         np.testing.assert_allclose(shared.values, single.values, rtol=1e-9, atol=1e-12)
         assert shared.neurons.tolist() == single.neurons.tolist()
-    assert alone.counters["passes"] == 5  # four statements, one with a baseline
+    # Four statements, one with a baseline; the ARGMAX on block 6 and its baseline count the
+    # profile's winners instead of running a pass.
+    assert alone.counters["passes"] == 3
 
 
 def test_each_statement_of_a_shared_pass_keeps_its_own_error(world):

@@ -184,7 +184,7 @@ class Runner:
         only the items it lacks go through the model (their rows kept as they pass), and a
         query whose states were reduced before (TOPK then AVG, same layer, sample and WHERE)
         reuses them."""
-        if plan.profile_rows is not None:
+        if plan.from_profile:
             return self._from_profile(plan)
         store = self.activations if plan.approximate else None
         if store is None:
@@ -210,9 +210,12 @@ class Runner:
         return states
 
     def _from_profile(self, plan: Plan) -> dict:
-        """The states of a plan whose rows the profile holds: no forward pass."""
+        """The states of a plan whose rows (or, for an ARGMAX, winners) the profile holds: no
+        forward pass."""
         reducer = Reducer(plan)
-        reducer.take_rows(plan.profile_rows, plan.items, plan.items, self.batch_size)
+        table = plan.profile_rows if plan.profile_rows is not None else \
+            _WinnerRows(plan.profile_winners, plan.bound.n_neurons)
+        reducer.take_rows(table, plan.items, plan.items, self.batch_size)
         reducer.check()
         return reducer.states
 
@@ -250,7 +253,7 @@ class Runner:
             except ExecutionError as exc:
                 outcomes[i] = exc
                 continue
-            if plan.profile_rows is not None:  # answered from the profile, beside the pass
+            if plan.from_profile:  # answered from the profile, beside the pass
                 try:
                     outcomes[i] = self.answer(plan)
                 except ExecutionError as exc:
@@ -449,3 +452,18 @@ def _callbacks(consumers: list, items: np.ndarray, current: list, hooked: list,
         return on_output
 
     return {name: callback(views) for name, views in layers.items()}
+
+
+class _WinnerRows:
+    """Rows made from winners: each item's one-hot row (float32) of its winner, which an ARGMAX
+    state counts as it would the item's real row (one maximum, at the winner). Made per batch,
+    so an N × neurons table never exists."""
+
+    def __init__(self, winners: np.ndarray, width: int):
+        self.winners, self.width = winners, width
+
+    def __getitem__(self, at) -> np.ndarray:
+        winners = self.winners[at]
+        rows = np.zeros((len(winners), self.width), np.float32)
+        rows[np.arange(len(winners)), winners] = 1.0
+        return rows

@@ -49,6 +49,9 @@ class Plan:
     # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
     profile_rows: np.ndarray | None = None
     profile_what: str = ""
+    # Every item's winner of the view, when the profile pass kept them (a block's) and the
+    # query is an ARGMAX of its neurons: its states are counted from them, no forward pass.
+    profile_winners: np.ndarray | None = None
     choice: str = ""  # USING AUTO: what it chose and why (or how an UNTIL query grows)
 
     @property
@@ -60,8 +63,13 @@ class Plan:
         """Whether the plan answers from a sample (the one test of it for plans)."""
         return self.n_sample is not None
 
+    @property
+    def from_profile(self) -> bool:
+        """Whether the plan reads the profile instead of running the model."""
+        return self.profile_rows is not None or self.profile_winners is not None
+
     def estimated_seconds(self) -> float:
-        if self.profile_rows is not None:
+        if self.from_profile:
             return 0.0
         return len(self.items) * self.seconds_per_item
 
@@ -87,6 +95,10 @@ class Plan:
             rows.append(("forward", f"none: the rows of {layer.name} are {self.profile_what} "
                                     f"(equal for every item, as the profile pass checked), read "
                                     f"from the profile for {len(self.items):,} items"))
+        elif self.profile_winners is not None:
+            rows.append(("forward", f"none: every item's winner of {layer.name} (its maximally "
+                                    f"activated neuron) is kept by the profile pass, read for "
+                                    f"{len(self.items):,} items"))
         else:
             rows.append(("forward", f"{len(self.items):,} items in batches, hook on {hook}"))
         rows.append(("per item", f"{view.text() + ': ' if view.text() else ''}"
@@ -111,6 +123,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     models"), so that a query on those layers may read them instead of running the model."""
     query = bound.query
     rows = profile.rows_of(bound.view.key) if rows_from_profile else None  # SIMILARITY: False
+    winners = profile_winners(bound, profile) if rows_from_profile and rows is None else None
     mask = predicate_mask(query.where, profile)
     matching = np.flatnonzero(mask)
     keys = group_values(query.group_by, profile)
@@ -119,12 +132,12 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     else:
         values, counts = np.unique(keys[matching], return_counts=True)
         population = dict(zip(values.tolist(), counts.tolist()))
-    full = _plan(bound, profile, rows, matching, keys, population, None, None)
+    full = _plan(bound, profile, rows, matching, keys, population, None, None, winners=winners)
     if sample is None:
         return full
     items = sample[mask[sample]]
     plan = _plan(bound, profile, rows, items, keys, population, len(sample), sampler_spec,
-                 baseline=full if query.baseline else None)
+                 baseline=full if query.baseline else None, winners=winners)
     if estimator is None or (query.aggregate == "topk" and query.order == "max"):
         return plan  # a maximum has no regression estimator
     if estimator == "plain":  # no covariates: the pass streams no sums it would not use
@@ -143,14 +156,36 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                winner_shares=shares)
 
 
-def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baseline=None) -> Plan:
+def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baseline=None,
+          winners=None) -> Plan:
     what = ""
     if rows is not None:
         what = ("the profile's logits" if rows is profile.logits
                 else f"the profile's latent ({profile.latent_layer})")
     return Plan(bound, items, None if keys is None else keys[items], len(profile), n_sample, spec,
                 profile.seconds_per_item(), population, baseline, profile_rows=rows,
-                profile_what=what)
+                profile_what=what, profile_winners=winners)
+
+
+def profile_winners(bound: BoundQuery, profile: Profile) -> np.ndarray | None:
+    """Every item's winner of the query's view when the profile pass kept them (a block's,
+    model/auxiliaries.py) and the query is an ARGMAX of its neurons (a channel's winner is not
+    kept): the query is then counted from them, with no forward pass. Only for the profile's
+    own model (the caller's ``rows_from_profile``)."""
+    if bound.query.aggregate != "argmax" or bound.view.channels:
+        return None
+    auxiliary = profile.auxiliary(bound.view.key)
+    return None if auxiliary is None else auxiliary.winners
+
+
+def answered_from_profile(bound: BoundQuery, profile: Profile) -> str | None:
+    """What of the profile answers this query of the profile's own model exactly with no
+    forward pass (for USING AUTO and UNTIL), or None."""
+    if profile.rows_of(bound.view.key) is not None:
+        return f"the rows of {bound.layer.name} are in the profile"
+    if profile_winners(bound, profile) is not None:
+        return f"every item's winner of {bound.layer.name} is in the profile"
+    return None
 
 
 _OPS = {"=": np.equal, "!=": np.not_equal, "<": np.less, "<=": np.less_equal,

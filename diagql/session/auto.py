@@ -30,9 +30,11 @@ def matching(query: ast.Query, profile) -> np.ndarray:
 def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]:
     """The bound query with AUTO's sampler (None: exact), and why. ``src``: the statement's
     models (``statements.Sources``)."""
-    if src.own and profile.rows_of(bound.view.key) is not None:
-        return bound, (f"AUTO chose exact: the rows of {bound.layer.name} are in the profile, "
-                       f"so the exact answer needs no forward pass")
+    from diagql.engine.planner import answered_from_profile
+
+    reason = answered_from_profile(bound, profile) if src.own else None
+    if reason is not None:
+        return bound, f"AUTO chose exact: {reason}, so the exact answer needs no forward pass"
     mask = matching(bound.query, profile)
     n_match = int(mask.sum())
     sampler = default_sampler(conn, profile)

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from diagql import samplers
-from diagql.engine.planner import Plan, plan_query, predicate_mask
+from diagql.engine.planner import Plan, answered_from_profile, plan_query, predicate_mask
 from diagql.language import ast
 from diagql.language.binder import TARGETS, BoundQuery
 from diagql.progress import Progress
@@ -34,10 +34,10 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
     """The bound query of the first round (no sampler: exact from the start), and how the
     query will grow, for EXPLAIN. ``src``: the statement's models (``statements.Sources``)."""
     query = bound.query
-    if src.own and profile.rows_of(bound.view.key) is not None:
+    reason = answered_from_profile(bound, profile) if src.own else None
+    if reason is not None:
         return dataclasses.replace(bound, sampler=None), (
-            f"exact: the rows of {bound.layer.name} are in the profile, so the exact answer "
-            f"needs no forward pass")
+            f"exact: {reason}, so the exact answer needs no forward pass")
     sampler = bound.sampler or default_sampler(conn, profile)
     start = _start(query, sampler, len(profile))
     n_match = int(predicate_mask(query.where, profile).sum())

@@ -218,7 +218,7 @@ def _explain(conn, statement: ast.Explain) -> Result:
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
     entry = conn.on(plan.query.layer.model)
-    if plan.approximate and plan.profile_rows is None:
+    if plan.approximate and not plan.from_profile:
         rows.insert([step for step, _ in rows].index("forward"),
                     ("cache", _cache_detail(entry.activations, plan)))
     if len(conn.models) > 1:
