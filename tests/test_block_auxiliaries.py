@@ -3,6 +3,8 @@ the profile's projections against a numpy PCA of the layer's rows computed by pl
 a sample query's answer on a block against the known-coefficient estimator written out in numpy."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from diagql.engine.prediction import BlockPrediction
 from diagql.engine.regression import RIDGE
 from diagql.model import auxiliaries
 from diagql.model.profile import Profile
+from diagql.results.render import to_json, to_text
 from tests.test_estimate_assisted import _numpy_assisted
 
 FIT = 300  # fewer than the digits' 1,797 and not a multiple of the batch: held, then streamed
@@ -301,8 +304,10 @@ def test_argmax_on_a_block_is_exact_from_every_items_winner(db, cnn, digits):
     assert 2 <= len(items) < len(matching)
     exact = np.bincount(rows[matching].argmax(axis=1), minlength=rows.shape[1]) / len(matching)
     np.testing.assert_allclose(result.values, exact, atol=1e-12)
-    assert result.estimate.expected == 0.0
+    assert result.estimate.expected == 0.0 and result.estimate.exact
     assert "ARGMAX exact" in dict(result.plan.explain())["estimator"]
+    assert "counted, not estimated" in to_text(result, width=200)
+    assert json.loads(to_json(result))["estimate"]["exact"] is True
     db.execute("SET estimator = plain")
     try:
         plain = db.query(query).values

@@ -27,6 +27,8 @@ DRAWS = 256
 LEVEL = 0.95
 COVERS = ("sampling variance of a uniform sample of the matching items "
           "(normal approximation, finite-population corrected); not a sampler's bias")
+COVERS_EXACT = ("nothing left to estimate: the profile keeps every matching item's winner, so "
+                "the shares are counted, not estimated")
 COVERS_ASSISTED = ("sampling variance and the sampler's selection, through a linear model of "
                    "each neuron in the items' reduced latent (a sampler choosing by the profile "
                    "alone is ignorable given it); not what the model cannot fit")
@@ -229,14 +231,14 @@ def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int) ->
 def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = None) -> Estimate:
     """ARGMAX: intervals of each share and the expected Jensen-Shannon distance."""
     n = state.count
+    if fitted is not None and fitted.exact:  # however few were sampled
+        share = shares(fitted)
+        return Estimate(COVERS_EXACT, True, LEVEL, n, population, ci_low=share, ci_high=share,
+                        metric=JS, expected=0.0, estimator=_name(fitted), exact=True)
     if n < 2:
         return _too_few(n, population)
     counts = state.counts.numpy().astype(np.float64)
     fpc = max(population - n, 0) / max(population - 1, 1)
-    if fitted is not None and fitted.exact:
-        share = shares(fitted)
-        return Estimate(COVERS_ASSISTED, True, LEVEL, n, population, ci_low=share, ci_high=share,
-                        metric=JS, expected=0.0, estimator=_name(fitted))
     if fitted is not None:
         share, covers, reliable = shares(fitted), COVERS_ASSISTED, True
         se = fitted.se

@@ -263,6 +263,9 @@ def _estimate_line(result) -> Text | None:
             f"{result.source.split('(')[0]} does not draw uniformly, so the sample cannot "
             f"measure its own bias; add WITH BASELINE for the real error")
         return Text(f"no accuracy estimate: {reason}", style="yellow")
+    if all(e.exact for e in estimates):
+        return Text("exact, from a sample: the profile keeps every item's winner of "
+                    f"{result.layer}, so the shares are counted, not estimated", style="dim")
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
     # A block's own projections predict its items first (engine/prediction.py).

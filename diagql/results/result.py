@@ -105,10 +105,13 @@ class Estimate:
     # "assisted" (the answer and its estimate come from a regression on the latent: reliable
     # for every sampler) or "plain" (the sample mean: reliable for uniform samplers only)
     estimator: str | None = None
+    exact: bool = False  # the answer is exact (an ARGMAX counted from the profile's winners)
 
     def to_dict(self) -> dict:
         """JSON-ready, the fields that are set, the expected value as "expected_<metric>"."""
         out = {"covers": self.covers, "reliable": self.reliable}
+        if self.exact:
+            out["exact"] = True
         for name in ("estimator", "level", "n", "population", "reason", "ci_low", "ci_high",
                      "p_in_topk"):
             value = getattr(self, name)
