@@ -87,7 +87,8 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                 hist_state.update(values, z=zc)
                 population = len(combo.items)
                 z_pop = z.means(combo.items, None, {None: population})
-                winner_shares = cov.shares(combo.items, None, {None: population})
+                winner_shares = cov.shares(combo.items, None, {None: population},
+                                           values.shape[1])
                 exact_top, exact_mean, exact_hist = exact[id(combo)]
                 fits = {"assisted": (estimate.fit({None: mean_state}, {None: population}, z_pop,
                                                   prediction)[None],

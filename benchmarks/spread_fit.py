@@ -32,7 +32,8 @@ from bigdata import big_connection, demo_data, demo_model, machine_line
 
 import diagql
 from diagql.model import auxiliaries
-from diagql.model.profile import assemble_profile, comparisons, profile_part
+from diagql.model.profile import assemble_profile, profile_part
+from diagql.model.same_rows import comparisons
 from diagql.session import artifacts
 
 LAYERS = ("conv1", "conv2", "fc1")  # the demo's blocks whose rows the profile does not hold
@@ -56,7 +57,7 @@ def first_items_profile(model, source, *, latent, latent_is_input, device, dtype
                                    view=view, dtype=dtype)
         project.finish()
         auxiliaries_ = auxiliaries.joined(views, project.fitted(), project.z,
-                                          project.winners, min(project.fit_items, n),
+                                          min(project.fit_items, n),
                                           profile.latent_views + profile.logit_views)
     return dataclasses.replace(profile, auxiliaries=auxiliaries_,
                                seconds=time.perf_counter() - started)

@@ -98,24 +98,30 @@ def test_a_new_session_starts_warm(world, tmp_path):
         {"profile": 1, "sample": 1, "catalog": 1, "activations": 1}
 
 
-def test_an_argmax_on_a_block_runs_no_forward_pass(world):
-    """The profile keeps every item's winner of each block: ARGMAX on one, sampled or exact,
-    counts them and runs the model on no item; the answers are plain torch's."""
+def test_an_argmax_runs_no_forward_pass(world, tmp_path):
+    """The profile keeps every item's winner of each layer it can read (a block, 6, and a
+    ReLU that is none, 1): an ARGMAX on one, sampled or exact, counts them and runs the model
+    on no item, in this session and in a new one reading the profile from disk; the answers
+    are plain torch's."""
     model, X, y, conn = world
-    rows = activations(model, X, "6")
-    winners = rows.argmax(axis=1)
     correct = np.flatnonzero(conn.profile.correct)
-    conn.counters.clear()
-    full = conn.query("ARGMAX NEURONS IN 6 WHERE correct USING FULL")
-    sampled = conn.query(f"ARGMAX NEURONS IN 6 WHERE correct USING SAMPLE {SAMPLE}")
-    assert conn.counters.get("passes", 0) == 0 and conn.counters.get("items", 0) == 0
-    width = rows.shape[1]
-    np.testing.assert_allclose(full.values, np.bincount(winners[correct], minlength=width)
-                               / len(correct), atol=1e-12)
-    items = sampled.plan.items  # the plain estimator: the sample's own shares
-    np.testing.assert_allclose(sampled.values, np.bincount(winners[items], minlength=width)
-                               / len(items), atol=1e-12)
-    assert "winner of 6" in dict(sampled.plan.explain())["forward"]
+    conn.cache.flush()
+    again = diagql.connect(copy.deepcopy(model), (X, y), cache_dir=tmp_path, progress=False)
+    again.execute("SET estimator = plain")
+    for db in (conn, again):
+        for layer in ("6", "1"):
+            winners = activations(model, X, layer).argmax(axis=1)
+            width = db.catalog[layer].neurons
+            db.counters.clear()
+            full = db.query(f"ARGMAX NEURONS IN {layer} WHERE correct USING FULL")
+            sampled = db.query(f"ARGMAX NEURONS IN {layer} WHERE correct USING SAMPLE {SAMPLE}")
+            assert db.counters.get("passes", 0) == 0 and db.counters.get("items", 0) == 0
+            np.testing.assert_allclose(full.values, np.bincount(
+                winners[correct], minlength=width) / len(correct), atol=1e-12)
+            items = sampled.plan.items  # the plain estimator: the sample's own shares
+            np.testing.assert_allclose(sampled.values, np.bincount(
+                winners[items], minlength=width) / len(items), atol=1e-12)
+            assert f"winner of {layer}" in dict(sampled.plan.explain())["forward"]
     auto = conn.query("ARGMAX NEURONS IN 6 USING AUTO")
     assert "winner of 6 is in the profile" in auto.plan.choice
     # CHANNELS (a channel's winner is not kept) runs the model.

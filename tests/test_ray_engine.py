@@ -473,8 +473,9 @@ def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
             z = (rows - got.mean.astype(np.float64)) @ got.basis.astype(np.float64)
             np.testing.assert_allclose(got.z, z, rtol=0, atol=1e-4 * float(np.abs(z).max()))
             # Every item's winner, in item order across the fit part and the shards.
-            np.testing.assert_array_equal(got.winners, want.winners)
-            assert np.mean(got.winners == rows.argmax(axis=1)) > 0.999  # float32 near-ties
+            winners = conn.profile.winners_of(key)
+            np.testing.assert_array_equal(winners, local.profile.winners_of(key))
+            assert np.mean(winners == rows.argmax(axis=1)) > 0.999  # float32 near-ties
         for layer in sorted({a.layer for a in local_aux.values()}):
             statement = f"AVG NEURONS IN {layer} USING SAMPLE random(0.2, random_state=4)"
             got, want = conn.query(statement), local.query(statement)
@@ -491,7 +492,10 @@ def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
         for count, (key, want) in enumerate(ray_aux.items(), start=1):
             got = profile.auxiliary(key)
             assert reader.cache.by_kind["auxiliary"]["hits"] == count
-            for field in ("mean", "basis", "z", "winners"):
+            for field in ("mean", "basis", "z"):
                 np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+        assert profile.winners.keys() == conn.profile.winners.keys()
+        for key, winners in conn.profile.winners.items():
+            np.testing.assert_array_equal(profile.winners[key], winners)
     finally:
         conn.engine.close()

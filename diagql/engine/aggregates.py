@@ -204,17 +204,22 @@ class ArgmaxState:
                z: torch.Tensor | None = None) -> bool:
         if not _finite(values):
             return False
-        if values.shape[0]:
-            # Upcasting is exact and keeps the order, so the winner is the model dtype's.
-            winners = values.argmax(dim=1).cpu()
+        # Upcasting is exact and keeps the order, so the winner is the model dtype's.
+        self.add_winners(values.argmax(dim=1).cpu(), codes, z)
+        return True
+
+    def add_winners(self, winners: torch.Tensor, codes: torch.Tensor | None = None,
+                    z: torch.Tensor | None = None) -> None:
+        """Count items by their winners (int64, on the CPU): a batch's, or the profile's
+        (model/winners.py), which need no rows."""
+        if len(winners):
             if self.cross is not None and z is not None:
                 self.cross.add_winners(z[:, :self.latent], winners, codes)
             if codes is not None:  # one histogram of (group, neuron) cells
                 winners = codes.cpu() * self.counts.shape[-1] + winners
             self.counts += torch.bincount(winners, minlength=self.counts.numel()
                                           ).reshape(self.counts.shape)
-        self.count = _add_counts(self.count, codes, values.shape[0])
-        return True
+        self.count = _add_counts(self.count, codes, len(winners))
 
     def merge(self, other: ArgmaxState) -> ArgmaxState:
         self.counts += other.counts

@@ -13,13 +13,7 @@ import torch
 
 from diagql.model.auxiliaries import DIMS as BLOCK_DIMS
 from diagql.engine.prediction import BlockPrediction
-from diagql.model.auxiliaries import (
-    FIT_ITEMS,
-    Auxiliary,
-    principal,
-    spread_items,
-    winner_dtype,
-)
+from diagql.model.auxiliaries import FIT_ITEMS, Auxiliary, principal, spread_items
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space
 
@@ -146,7 +140,7 @@ class Chosen:
     # The auxiliary is made from the view's rows the profile holds (``_held``): "rows" (each
     # item's own row) or "components" (a wide view's directions).
     held: str | None = None
-    # Every item's winner of the view (``Auxiliary.winners``), when the profile is the queried
+    # Every item's winner of the view (``Profile.winners_of``), when the profile is the queried
     # model's own: an ARGMAX's shares over the matching items are then exact (``shares``).
     winners: np.ndarray | None = None
 
@@ -158,13 +152,13 @@ class Chosen:
         return BlockPrediction(self.auxiliary, self.latent_dims, channels,
                                own_rows=self.held == "rows")
 
-    def shares(self, matching: np.ndarray, keys: np.ndarray | None, population: dict
-               ) -> dict | None:
-        """Each group's exact ARGMAX shares over its matching items (``keys``: theirs; None:
-        one group) from every item's winner; None when the winners are not known."""
+    def shares(self, matching: np.ndarray, keys: np.ndarray | None, population: dict,
+               width: int) -> dict | None:
+        """Each group's exact ARGMAX shares of the ``width`` neurons over its matching items
+        (``keys``: theirs; None: one group) from every item's winner; None when the winners
+        are not known."""
         if self.winners is None:
             return None
-        width = self.auxiliary.basis.shape[0]
         if keys is None:
             counts = np.bincount(self.winners[matching], minlength=width)
             return {None: counts / max(len(matching), 1)}
@@ -179,7 +173,7 @@ class Chosen:
         """What the assisted estimator fits on, for EXPLAIN."""
         latent = f"{self.latent_dims} principal components of the latent ({profile.latent_layer})"
         if self.auxiliary is None:
-            return f"assisted: a linear fit on {latent}"
+            return f"assisted: a linear fit on {latent}{self._exact_argmax()}"
         a = self.auxiliary
         if self.held:
             basis = ("its own row" if self.held == "rows"
@@ -203,6 +197,8 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
     the profile holds them (``_held``; only if ``own``: the profile is the queried model's),
     else the latent."""
     z = covariates(profile)
+    # The profile's winners are its own model's: another checkpoint's are not these.
+    winners = profile.winners_of(view_key) if own else None
     auxiliary = profile.auxiliary(view_key)
     if auxiliary is None and own:
         key = (id(profile), view_key)
@@ -213,13 +209,10 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
             _HELD[key] = memo
         if memo[1] is not None:
             auxiliary, held = memo[1]
-            return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held,
-                          auxiliary.winners)
+            return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held, winners)
     if auxiliary is None:
-        return Chosen(Covariates((z,)), z.shape[1], None)
-    # A block's winners are the profile's model's: another checkpoint's are not these.
-    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary,
-                  winners=auxiliary.winners if own else None)
+        return Chosen(Covariates((z,)), z.shape[1], None, winners=winners)
+    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, winners=winners)
 
 
 def _held(rows: np.ndarray | None, view_key: str) -> tuple[Auxiliary, str] | None:
@@ -232,22 +225,20 @@ def _held(rows: np.ndarray | None, view_key: str) -> tuple[Auxiliary, str] | Non
     directions, where every sampler chooses (herding and stratification balance them, latent
     grids and two-ended draws spread them). Up to HELD_WIDTH columns the basis is the identity
     (exact; z is the profile's own rows, no copy); a wider view gets its BLOCK_DIMS principal
-    directions, as a block does. Either way every item's winner is known, so its ARGMAX is
-    exact (``Chosen.shares``). Returns the auxiliary and which (``Chosen.held``)."""
+    directions, as a block does. Returns the auxiliary and which (``Chosen.held``)."""
     if rows is None:
         return None
     width = rows.shape[1]
     layer = json.loads(view_key)[0]
     rows = np.asarray(rows, dtype=np.float32)
-    winners = rows.argmax(axis=1).astype(winner_dtype(width))
     if width <= HELD_WIDTH:
         mean, basis = np.zeros(width, np.float32), np.eye(width, dtype=np.float32)
-        return Auxiliary(view_key, layer, mean, basis, rows, len(rows), winners), "rows"
+        return Auxiliary(view_key, layer, mean, basis, rows, len(rows)), "rows"
     spread = spread_items(len(rows), FIT_ITEMS)  # as a block's (model/auxiliaries.py)
     fitted = principal(torch.from_numpy(rows[spread]), BLOCK_DIMS)
     mean, basis = (part.numpy().astype(np.float32) for part in fitted)
     z = (rows - mean) @ basis
-    return Auxiliary(view_key, layer, mean, basis, z, len(spread), winners), "components"
+    return Auxiliary(view_key, layer, mean, basis, z, len(spread)), "components"
 
 
 # The widest held view predicted by its rows themselves (the identity basis is made per

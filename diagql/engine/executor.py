@@ -21,6 +21,10 @@ from diagql.model.hooks import Hooks, StopForward, evaluation
 from diagql.model.views import ModuleCall, View
 from diagql.results.result import Result
 
+# Items counted by their winners at a time (Reducer.take_winners): their covariate rows, 74
+# float64 columns for a block, take about 5 MB.
+_WINNER_RUN = 8192
+
 
 class Reducer:
     """A plan's aggregate states (one per group), fed with the activations of its items.
@@ -82,6 +86,15 @@ class Reducer:
             rows = table[positions[start]:positions[start] + stop - start] if run else \
                 table[positions[start:stop]]
             self.take(torch.from_numpy(rows), items[start:stop])
+
+    def take_winners(self, winners: np.ndarray) -> None:
+        """Count every plan item by its winner, ``winners[item]`` (the profile's, kept for
+        every item: model/winners.py), in runs whose covariate rows take 1-5 MB."""
+        for start in range(0, len(self.items), _WINNER_RUN):
+            idx = self.items[start:start + _WINNER_RUN]
+            codes = None if self.codes is None else self.codes[start:start + _WINNER_RUN]
+            z = None if self.z is None else torch.from_numpy(self.z.rows(idx))
+            self.state.add_winners(torch.from_numpy(winners[idx].astype(np.int64)), codes, z)
 
     def merge(self, other: Reducer) -> Reducer:
         """Take in the states of another Reducer of the same plan, fed with other items (the
@@ -213,9 +226,10 @@ class Runner:
         """The states of a plan whose rows (or, for an ARGMAX, winners) the profile holds: no
         forward pass."""
         reducer = Reducer(plan)
-        table = plan.profile_rows if plan.profile_rows is not None else \
-            _WinnerRows(plan.profile_winners, plan.bound.n_neurons)
-        reducer.take_rows(table, plan.items, plan.items, self.batch_size)
+        if plan.profile_rows is not None:
+            reducer.take_rows(plan.profile_rows, plan.items, plan.items, self.batch_size)
+        else:
+            reducer.take_winners(plan.profile_winners)
         reducer.check()
         return reducer.states
 
@@ -452,18 +466,3 @@ def _callbacks(consumers: list, items: np.ndarray, current: list, hooked: list,
         return on_output
 
     return {name: callback(views) for name, views in layers.items()}
-
-
-class _WinnerRows:
-    """Rows made from winners: each item's one-hot row (float32) of its winner, which an ARGMAX
-    state counts as it would the item's real row (one maximum, at the winner). Made per batch,
-    so an N × neurons table never exists."""
-
-    def __init__(self, winners: np.ndarray, width: int):
-        self.winners, self.width = winners, width
-
-    def __getitem__(self, at) -> np.ndarray:
-        winners = self.winners[at]
-        rows = np.zeros((len(winners), self.width), np.float32)
-        rows[np.arange(len(winners)), winners] = 1.0
-        return rows

@@ -150,7 +150,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     text = chosen.describe(profile)
     shares = None
     if query.aggregate == "argmax" and not bound.view.channels:  # a channel's winner is not kept
-        shares = chosen.shares(matching, None if keys is None else keys[matching], population)
+        shares = chosen.shares(matching, None if keys is None else keys[matching], population,
+                               bound.n_neurons)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
                                winner_shares=shares)
@@ -168,14 +169,13 @@ def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baselin
 
 
 def profile_winners(bound: BoundQuery, profile: Profile) -> np.ndarray | None:
-    """Every item's winner of the query's view when the profile pass kept them (a block's,
-    model/auxiliaries.py) and the query is an ARGMAX of its neurons (a channel's winner is not
+    """Every item's winner of the query's view when the profile pass kept them
+    (model/winners.py) and the query is an ARGMAX of its neurons (a channel's winner is not
     kept): the query is then counted from them, with no forward pass. Only for the profile's
     own model (the caller's ``rows_from_profile``)."""
     if bound.query.aggregate != "argmax" or bound.view.channels:
         return None
-    auxiliary = profile.auxiliary(bound.view.key)
-    return None if auxiliary is None else auxiliary.winners
+    return profile.winners_of(bound.view.key)
 
 
 def answered_from_profile(bound: BoundQuery, profile: Profile) -> str | None:

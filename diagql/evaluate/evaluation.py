@@ -242,7 +242,8 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
         prediction = chosen.prediction()
         means = chosen.z.means(np.arange(len(groups)), groups, set(valid.tolist()))
         # Every item's winner known (engine/covariates.py, Chosen.shares): exact shares.
-        shares_of = chosen.shares(np.arange(len(groups)), groups, set(valid.tolist()))
+        shares_of = chosen.shares(np.arange(len(groups)), groups, set(valid.tolist()),
+                                  layer.neurons)
         context[layer.name] = (chosen.z, np.stack([means[g] for g in valid.tolist()]),
                                prediction, chosen.latent_dims,
                                None if shares_of is None else

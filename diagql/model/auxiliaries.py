@@ -38,15 +38,6 @@ class Auxiliary:
     basis: np.ndarray  # (width, k) float32, orthonormal columns
     z: np.ndarray  # (N, k) float32: every item's projection basisᵀ(y − mean)
     fitted_on: int  # items the directions were fitted on
-    # (N,) every item's winner, the neuron its row is largest at (first of ties, as ARGMAX
-    # counts it: engine/aggregates.py), unsigned and as narrow as the width allows; None: not
-    # kept. An assisted ARGMAX on the view is then exact (docs/ARCHITECTURE.md, "Estimates").
-    winners: np.ndarray | None = None
-
-
-def winner_dtype(width: int) -> np.dtype:
-    """The narrowest unsigned type that holds a winner of ``width`` neurons (1 byte up to 256)."""
-    return np.min_scalar_type(max(width - 1, 0))
 
 
 def blocks(model: torch.nn.Module, catalog) -> list[View]:
@@ -134,10 +125,8 @@ class BlockProjector:
         width = sum(view.width for view in views) or 1
         self.fit_items = max(1, min(FIT_ITEMS, n, HOLD_BUDGET // (4 * width)))
         self.n, self.dims = n, dims
-        self.batch: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # rows or z, winners
+        self.batch: dict[str, torch.Tensor] = {}
         self.held: dict[str, list[torch.Tensor]] = {name: [] for name in self.views}
-        self.winners = {name: np.empty(n, winner_dtype(view.width))
-                        for name, view in self.views.items()}
         self.fits: dict[str, tuple[torch.Tensor, ...]] = {}  # mean, basis; float32 for the pass
         self.z: dict[str, np.ndarray] = {}
         self.position = 0
@@ -162,19 +151,18 @@ class BlockProjector:
                 return
             try:  # read now: a later in-place op may overwrite it
                 rows = view.finish(view.rows(call)).detach()
-                winners = rows.argmax(dim=1).cpu()  # in the model's dtype, as ARGMAX's pass
                 fit = self.fits.get(name)
                 if fit is not None:  # projected where the rows are: only z leaves the device
                     basis, offset = fit[2].to(rows.device), fit[3].to(rows.device)
-                    self.batch[name] = ((rows.to(torch.float32) @ basis - offset).cpu(), winners)
+                    self.batch[name] = (rows.to(torch.float32) @ basis - offset).cpu()
                 else:
-                    self.batch[name] = (rows.to("cpu", torch.float32, copy=True), winners)
+                    self.batch[name] = rows.to("cpu", torch.float32, copy=True)
             except Exception:  # noqa: BLE001 - read otherwise than the probe saw: no auxiliary
                 self.drop(name)
         return keep
 
     def drop(self, name: str) -> None:
-        for table in (self.views, self.held, self.fits, self.z, self.batch, self.winners):
+        for table in (self.views, self.held, self.fits, self.z, self.batch):
             table.pop(name, None)
 
     def after_batch(self, size: int) -> None:
@@ -182,11 +170,10 @@ class BlockProjector:
         start = self.position
         self.position += size
         for name in list(self.views):
-            rows, winners = self.batch.pop(name, (None, None))
+            rows = self.batch.pop(name, None)
             if rows is None or len(rows) != size:
                 self.drop(name)
                 continue
-            self.winners[name][start:start + size] = winners.numpy()
             if name in self.fits:
                 self._keep_z(name, rows, start)
                 continue
@@ -228,22 +215,19 @@ class BlockProjector:
                 self._fit(name)
 
 
-def joined(views: list[View], fits: dict, z: dict[str, np.ndarray],
-           winners: dict[str, np.ndarray], fitted_on: int,
+def joined(views: list[View], fits: dict, z: dict[str, np.ndarray], fitted_on: int,
            exclude: tuple[str, ...] = ()) -> tuple[Auxiliary, ...]:
     """The Auxiliaries of a pass: each block's directions (``fits``, fitted once:
-    ``BlockProjector.fitted``), its z rows and its winners (every item's, in item order); a
-    block without them (a part of the pass dropped it), or whose view is in ``exclude``, has
-    none."""
+    ``BlockProjector.fitted``) and its z rows (every item's, in item order); a block without
+    them (a part of the pass dropped it), or whose view is in ``exclude``, has none."""
     out = []
     for view in views:
         name = view.layer.name
-        if name not in fits or view.key in exclude or name not in z or name not in winners:
+        if name not in fits or view.key in exclude or name not in z:
             continue
         mean, basis = fits[name]
         out.append(Auxiliary(view.key, name, mean.numpy().astype(np.float32),
-                             basis.numpy().astype(np.float32), z[name], fitted_on,
-                             winners[name]))
+                             basis.numpy().astype(np.float32), z[name], fitted_on))
     return tuple(out)
 
 
@@ -309,26 +293,19 @@ def from_arrays(arrays, load: Callable[[str, str], Iterable[Auxiliary]] | None
 
 def entry_arrays(a: Auxiliary) -> dict[str, np.ndarray]:
     """One block's cache entry (arrays, no pickle)."""
-    arrays = {"key": np.str_(a.key), "layer": np.str_(a.layer), "mean": a.mean,
-              "basis": a.basis, "z": a.z, "fitted": np.int64(a.fitted_on)}
-    if a.winners is not None:
-        arrays["winners"] = a.winners
-    return arrays
+    return {"key": np.str_(a.key), "layer": np.str_(a.layer), "mean": a.mean,
+            "basis": a.basis, "z": a.z, "fitted": np.int64(a.fitted_on)}
 
 
 def from_entry(arrays, key: str, layer: str, n_items: int) -> Auxiliary:
     """Decode ``entry_arrays``, raising ValueError unless it is the block ``key`` of ``layer``
     and describes ``n_items`` items."""
     a = Auxiliary(str(arrays["key"]), str(arrays["layer"]), arrays["mean"], arrays["basis"],
-                  arrays["z"], int(arrays["fitted"]), arrays["winners"])
+                  arrays["z"], int(arrays["fitted"]))
     if (a.key, a.layer) != (key, layer):
         raise ValueError(f"it holds the auxiliary of {a.layer}, not of {layer}")
     if a.basis.ndim != 2 or a.z.shape != (n_items, a.basis.shape[1]) \
             or a.mean.shape != (a.basis.shape[0],) or a.z.dtype != np.float32 \
             or a.basis.dtype != np.float32 or a.mean.dtype != np.float32:
         raise ValueError(f"its auxiliary of {layer} does not describe {n_items:,} items")
-    width = a.basis.shape[0]
-    if a.winners.shape != (n_items,) or a.winners.dtype != winner_dtype(width) \
-            or (n_items and int(a.winners.max()) >= width):
-        raise ValueError(f"its winners of {layer} do not describe {n_items:,} items")
     return a

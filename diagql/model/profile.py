@@ -11,9 +11,11 @@ import torch
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model import auxiliaries as aux
+from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation, first_tensor
-from diagql.model.views import SEQUENCE, ModuleCall, View, input_rows
+from diagql.model.same_rows import SameRows, comparisons, fan_out
+from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
 
@@ -31,7 +33,8 @@ class Profile:
     # Data without labels (bare x items, or a pair (X, None)) still answers the queries that
     # read only predictions; the connection refuses the others when it binds them.
     has_labels: bool = True
-    # The model's output per item (float32, N x classes), kept when it fits LOGITS_BUDGET.
+    # The model's output per item (float32, N x classes), kept when it fits
+    # same_rows.LOGITS_BUDGET.
     logits: np.ndarray | None = None
     # The views (``View.key``) whose rows equal ``latents`` (or ``logits``) for every item, as
     # the profile pass checked: queries on them are answered from here, without a pass.
@@ -44,6 +47,9 @@ class Profile:
     # The model-assisted estimator's latent covariates (engine/covariates.py), when the
     # connection made them with the profile: kept with it so that no process refits them.
     covariates: np.ndarray | None = None
+    # Every item's winner of each layer the pass could read, by view key (model/winners.py):
+    # an ARGMAX of a layer's neurons is counted from them, with no forward pass.
+    winners: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.auxiliaries, aux.Auxiliaries):
@@ -53,6 +59,10 @@ class Profile:
         """The auxiliary of the view with this key, when the profile pass kept one (read from
         its cache entry the first time it is asked for)."""
         return self.auxiliaries.get(view_key)
+
+    def winners_of(self, view_key: str) -> np.ndarray | None:
+        """Every item's winner of the view with this key, when the profile pass kept them."""
+        return self.winners.get(view_key)
 
     def rows_of(self, view_key: str) -> np.ndarray | None:
         """Every item's rows of the view with this key, when the profile holds them."""
@@ -93,6 +103,9 @@ class Profile:
         if self.covariates is not None:
             arrays["covariates"] = self.covariates
         arrays.update(aux.to_arrays(self.auxiliaries))  # their names: each has its own entry
+        arrays["winner_keys"] = np.array(list(self.winners), dtype=np.str_)
+        for i, winners in enumerate(self.winners.values()):
+            arrays[f"winners_{i}"] = winners
         return arrays
 
     @classmethod
@@ -109,7 +122,8 @@ class Profile:
             # compute_profile stores -1 for every label of data without labels.
             has_labels=bool(np.all(arrays["labels"] >= 0)), logits=arrays.get("logits"),
             auxiliaries=aux.from_arrays(arrays, load_auxiliary),
-            covariates=arrays.get("covariates"), **_views(arrays["views"]))
+            covariates=arrays.get("covariates"), winners=_winners(arrays, n_items),
+            **_views(arrays["views"]))
         logits = profile.logits
         if logits is not None and (logits.dtype != np.float32 or logits.shape != (
                 n_items, profile.n_classes)):
@@ -127,76 +141,22 @@ class Profile:
         return profile
 
 
+def _winners(arrays, n_items: int) -> dict[str, np.ndarray]:
+    keys = [str(key) for key in np.asarray(arrays["winner_keys"]).reshape(-1).tolist()]
+    out = {}
+    for i, key in enumerate(keys):
+        winners = arrays[f"winners_{i}"]
+        if winners.shape != (n_items,) or winners.dtype.kind != "u":
+            raise ValueError(f"its winners of {key} do not describe {n_items:,} items")
+        out[key] = winners
+    return out
+
+
 def _views(text) -> dict:
     latent, logit = json.loads(str(text))
     if not all(isinstance(key, str) for key in [*latent, *logit]):
         raise ValueError("its views are not view keys")
     return {"latent_views": tuple(latent), "logit_views": tuple(logit)}
-
-
-# Logits are kept in the profile up to this many bytes (1,000 classes x 67,000 items); beyond,
-# queries on the output layer run a forward pass as any other.
-LOGITS_BUDGET = 256 * 1024 ** 2
-
-
-class _SameRows:
-    """Layers whose rows might equal the latent (or the logits), each checked batch by batch
-    against them during the profile pass; a layer that differs once, or that DiagQL cannot
-    read, is dropped. What survives equals the profile's rows for every item."""
-
-    def __init__(self, views: list[View]):
-        self.views = {view.layer.name: view for view in views}
-        self.rows: dict[str, torch.Tensor] = {}
-
-    @staticmethod
-    def callbacks_of(*checks: "_SameRows") -> dict:
-        """One callback per layer, feeding every check that compares it."""
-        names = dict.fromkeys(name for check in checks for name in check.views)
-        return {name: _fan_out([check._keep(name) for check in checks if name in check.views])
-                for name in names}
-
-    def _keep(self, name: str):
-        def keep(call: ModuleCall) -> None:
-            view = self.views.get(name)
-            if view is None:
-                return
-            try:  # copied now: a later in-place op (ReLU(inplace=True)) may overwrite it
-                self.rows[name] = view.finish(view.rows(call)).detach().to("cpu", copy=True)
-            except Exception:  # noqa: BLE001 - a layer read otherwise than the probe saw
-                del self.views[name]
-        return keep
-
-    def compare(self, rows: torch.Tensor) -> None:
-        """Keep the layers whose rows of this batch equal ``rows`` exactly."""
-        for name in list(self.views):
-            mine = self.rows.pop(name, None)
-            if mine is None or mine.dtype == torch.float64 or mine.shape != rows.shape \
-                    or not torch.equal(mine.to(torch.float32), rows):
-                del self.views[name]
-
-    def keys(self) -> tuple[str, ...]:
-        return tuple(view.key for view in self.views.values())
-
-
-def _fan_out(callbacks: list):
-    def call_all(call: ModuleCall) -> None:
-        for callback in callbacks:
-            callback(call)
-    return call_all
-
-
-def candidates(catalog, width: int, exclude: str | None = None) -> list[View]:
-    """The default views of the catalog's layers whose rows are ``width`` wide: the layers
-    that could hold the same rows as a profile's latent or logits."""
-    found = []
-    for layer in getattr(catalog, "layers", ()):
-        if layer.shape is None or layer.shared or layer.name == exclude \
-                or (layer.varies and layer.layout != SEQUENCE):
-            continue
-        view = View(layer)
-        if view.width == width and view.reduction != "all":
-            found.append(view)
-    return found
 
 
 def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_input: bool,
@@ -215,7 +175,8 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
     views = aux.blocks(model, catalog) if catalog is not None else []
     options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
-               "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare}
+               "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare,
+               "winners": winners_module.views(catalog) if catalog is not None else []}
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
         if not views:
@@ -248,9 +209,9 @@ class ProfilePart:
     # The views whose rows equalled the latent (the logits) for every item of this part.
     latent_views: tuple[str, ...] = ()
     logit_views: tuple[str, ...] = ()
-    # Each block's z rows and winners of these items, by layer name (a Ray pass's shard:
-    # projected_part).
+    # Each block's z rows of these items, by layer name (a Ray pass's shard: projected_part).
     z: dict[str, np.ndarray] | None = None
+    # Each layer's winners of these items, by view key (model/winners.py).
     winners: dict[str, np.ndarray] | None = None
 
 
@@ -258,11 +219,13 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                  latent_is_input: bool, device: torch.device, dtype: torch.dtype,
                  batch_size: int, advance, view: View | None = None,
                  compare: tuple = ((), (), False),
-                 project: aux.BlockProjector | None = None) -> ProfilePart:
+                 project: aux.BlockProjector | None = None,
+                 winners: list[View] | tuple = ()) -> ProfilePart:
     """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
     each batch. ``compare`` (from ``comparisons``): the views compared with the latent and
     with the logits, and whether the logits are kept; ``project``: the blocks' projector
-    (a Ray pass's shards get one that projects on directions fitted once: projected_part)."""
+    (a Ray pass's shards get one that projects on directions fitted once: projected_part);
+    ``winners``: the views whose every item's winner it keeps (model/winners.py)."""
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
@@ -279,13 +242,15 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
 
     callbacks = {} if latent is None or latent_is_input else {latent: keep}
     pre = {latent: keep} if latent is not None and latent_is_input else {}
-    same_latent, same_logits = _SameRows(list(compare[0])), _SameRows(list(compare[1]))
+    same_latent, same_logits = SameRows(list(compare[0])), SameRows(list(compare[1]))
     logits_kept = compare[2]
     position = 0
     has_labels = True
-    checks = _SameRows.callbacks_of(same_latent, same_logits)
-    for name, callback in (project.callbacks() if project is not None else {}).items():
-        checks[name] = _fan_out([checks[name], callback]) if name in checks else callback
+    checks = SameRows.callbacks_of(same_latent, same_logits)
+    keeper = winners_module.WinnerKeeper(list(winners), n)
+    for name, callback in [*(project.callbacks() if project is not None else {}).items(),
+                           *keeper.callbacks().items()]:
+        checks[name] = fan_out([checks[name], callback]) if name in checks else callback
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
             Hooks(model, checks) as compared:
         for idx, x, y in source.batches(items, batch_size):
@@ -318,11 +283,12 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                 kept_logits[batch] = out.numpy()
             if project is not None:
                 project.after_batch(len(idx))
+            keeper.after_batch(len(idx))
             position += len(idx)
             advance(len(idx))
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
                        int(logits.shape[1]), kept_logits, same_latent.keys(),
-                       same_logits.keys() if logits_kept else ())
+                       same_logits.keys() if logits_kept else (), winners=keeper.result())
 
 
 def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -346,7 +312,7 @@ def fit_part(model, source: ItemSource, items: np.ndarray, *, views: list[View],
     project.fit_items = len(items)  # the driver's count (FIT_ITEMS there), not the worker's
     part = profile_part(model, source, items, project=project, **options)
     project.finish()
-    part.z, part.winners = dict(project.z), dict(project.winners)
+    part.z = dict(project.z)
     return project.fitted(), part
 
 
@@ -357,7 +323,7 @@ def projected_part(model, source: ItemSource, items: np.ndarray, *, views: list[
     ``fit_part``), so that every item is projected on the same ones."""
     project = aux.BlockProjector(views, len(items), fits=fits)
     part = profile_part(model, source, items, project=project, **options)
-    part.z, part.winners = dict(project.z), dict(project.winners)
+    part.z = dict(project.z)
     return part
 
 
@@ -371,13 +337,13 @@ def with_blocks(pieces: list[tuple[np.ndarray, ProfilePart]], n: int, views: lis
     part = interleave(pieces, n)
     profile = assemble_profile([part], latent, latent_is_input, 0.0, view=view, dtype=dtype)
     return dataclasses.replace(profile, auxiliaries=aux.joined(
-        views, fits, part.z, part.winners, fit, profile.latent_views + profile.logit_views))
+        views, fits, part.z, fit, profile.latent_views + profile.logit_views))
 
 
 def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfilePart:
     """One part of all ``n`` items from parts of disjoint sets of them, each given with its
-    item indices: the spread items' (``fit_part``) and the rest's. A block keeps z rows (and
-    winners), and a layer the latent's (the logits') rows, only if it did in every part."""
+    item indices: the spread items' (``fit_part``) and the rest's. A block keeps z rows, a layer
+    its winners, and a layer the latent's (the logits') rows, only if it did in every part."""
     parts = [part for _, part in pieces]
     _same_shapes(parts)
 
@@ -425,10 +391,14 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     logits = None
     if all(part.logits is not None for part in parts):
         logits = _join([part.logits for part in parts])
+    tables = [part.winners or {} for part in parts]
+    winners = {key: _join([table[key] for table in tables]) for key in tables[0]
+               if all(key in table for table in tables)}
     return Profile(labels, predictions, _join([part.confidence for part in parts]),
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
                    has_labels, logits, latent_views,
-                   _in_every([part.logit_views for part in parts]) if logits is not None else ())
+                   _in_every([part.logit_views for part in parts]) if logits is not None else (),
+                   winners=winners)
 
 
 def _same_shapes(parts: list[ProfilePart]) -> None:
@@ -446,26 +416,6 @@ def _join(arrays: list[np.ndarray]) -> np.ndarray:
 def _in_every(keys: list[tuple[str, ...]]) -> tuple[str, ...]:
     """The keys of the first tuple that every other holds too, in its order."""
     return tuple(key for key in keys[0] if all(key in other for other in keys[1:]))
-
-
-def comparisons(model, catalog, latent, latent_is_input, view, dtype, n) -> tuple:
-    """What the profile pass compares with its latent and its logits (two lists of views), and
-    whether it keeps the logits: ``profile_part``'s ``compare``, made where the catalog is.
-    Nothing for float64 models: the profile keeps float32 rows, which are not theirs."""
-    if catalog is None or dtype == torch.float64:
-        return [], [], False
-    if latent is None:
-        width = None
-    elif latent_is_input:
-        width = getattr(dict(model.named_modules())[latent], "in_features", None)
-    else:
-        width = view.width
-    shape = catalog.output_shape
-    classes = shape[0] if len(shape) == 1 else None
-    keep = classes is not None and n * classes * 4 <= LOGITS_BUDGET
-    own = None if latent_is_input else latent
-    return (candidates(catalog, width, own) if width else [],
-            candidates(catalog, classes) if keep else [], keep)
 
 
 def _check_labels(labels: np.ndarray, n_classes: int) -> None:

@@ -18,10 +18,10 @@ from diagql.engine import covariates, executor
 from diagql.errors import BindError, DiagQLWarning
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
-from diagql.model import auxiliaries, hooks, layers, profile as profile_module, views
+from diagql.model import auxiliaries, hooks, layers, profile as profile_module, same_rows, views, winners
 from diagql.model.data import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, probe
-from diagql.model.profile import Profile, comparisons, compute_profile
+from diagql.model.profile import Profile, compute_profile
 from diagql.samplers import space
 from diagql.storage.fingerprint import (Unfingerprintable, cache_key, model_fingerprint,
                                         source_digest)
@@ -148,13 +148,14 @@ class Artifacts:
             name, is_input = view.layer.name, False
         if conn.engine is not None:
             catalog = self.catalog or self._probe()
-            compare = comparisons(conn.model, catalog, name, is_input, view, conn.dtype,
+            compare = same_rows.comparisons(conn.model, catalog, name, is_input, view, conn.dtype,
                                   len(conn.source))
             return conn.engine.profile(len(conn.source), latent=name, latent_is_input=is_input,
                                        view=view, batch_size=conn.settings.batch_size,
                                        dtype=conn.dtype, progress=conn.progress,
                                        compare=compare,
-                                       blocks=auxiliaries.blocks(conn.model, catalog))
+                                       blocks=auxiliaries.blocks(conn.model, catalog),
+                                       winners=winners.views(catalog))
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
@@ -230,6 +231,8 @@ class Artifacts:
                          device, source_digest(profile_module), source_digest(views),
                          source_digest(layers),  # which layers hold the same rows: the catalog
                          source_digest(auxiliaries),  # the blocks' projections
+                         source_digest(winners),  # every layer's winners
+                         source_digest(same_rows),  # which layers hold its rows
                          # the estimator's covariates, kept with it
                          source_digest(covariates.reduced), covariates.DIMS,
                          source_digest(space))

@@ -1,0 +1,94 @@
+"""Which layers hold the same rows as the profile's latent or its logits (docs/ARCHITECTURE.md,
+"Data model"): candidates by width, compared exactly batch by batch during the profile pass, so
+that queries on the survivors read the profile's rows instead of running the model."""
+from __future__ import annotations
+
+import torch
+
+from diagql.model.views import SEQUENCE, ModuleCall, View
+
+# Logits are kept in the profile up to this many bytes (1,000 classes x 67,000 items); beyond,
+# queries on the output layer run a forward pass as any other.
+LOGITS_BUDGET = 256 * 1024 ** 2
+
+
+class SameRows:
+    """Layers whose rows might equal the latent (or the logits), each checked batch by batch
+    against them during the profile pass; a layer that differs once, or that DiagQL cannot
+    read, is dropped. What survives equals the profile's rows for every item."""
+
+    def __init__(self, views: list[View]):
+        self.views = {view.layer.name: view for view in views}
+        self.rows: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def callbacks_of(*checks: "SameRows") -> dict:
+        """One callback per layer, feeding every check that compares it."""
+        names = dict.fromkeys(name for check in checks for name in check.views)
+        return {name: fan_out([check._keep(name) for check in checks if name in check.views])
+                for name in names}
+
+    def _keep(self, name: str):
+        def keep(call: ModuleCall) -> None:
+            view = self.views.get(name)
+            if view is None:
+                return
+            try:  # copied now: a later in-place op (ReLU(inplace=True)) may overwrite it
+                self.rows[name] = view.finish(view.rows(call)).detach().to("cpu", copy=True)
+            except Exception:  # noqa: BLE001 - a layer read otherwise than the probe saw
+                del self.views[name]
+        return keep
+
+    def compare(self, rows: torch.Tensor) -> None:
+        """Keep the layers whose rows of this batch equal ``rows`` exactly."""
+        for name in list(self.views):
+            mine = self.rows.pop(name, None)
+            if mine is None or mine.dtype == torch.float64 or mine.shape != rows.shape \
+                    or not torch.equal(mine.to(torch.float32), rows):
+                del self.views[name]
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(view.key for view in self.views.values())
+
+
+def fan_out(callbacks: list):
+    """One hook callback that calls each of ``callbacks`` in turn."""
+    def call_all(call: ModuleCall) -> None:
+        for callback in callbacks:
+            callback(call)
+    return call_all
+
+
+def candidates(catalog, width: int, exclude: str | None = None) -> list[View]:
+    """The default views of the catalog's layers whose rows are ``width`` wide: the layers
+    that could hold the same rows as a profile's latent or logits."""
+    found = []
+    for layer in getattr(catalog, "layers", ()):
+        if layer.shape is None or layer.shared or layer.name == exclude \
+                or (layer.varies and layer.layout != SEQUENCE):
+            continue
+        view = View(layer)
+        if view.width == width and view.reduction != "all":
+            found.append(view)
+    return found
+
+
+
+def comparisons(model, catalog, latent, latent_is_input, view, dtype, n) -> tuple:
+    """What the profile pass compares with its latent and its logits (two lists of views), and
+    whether it keeps the logits: ``profile_part``'s ``compare``, made where the catalog is.
+    Nothing for float64 models: the profile keeps float32 rows, which are not theirs."""
+    if catalog is None or dtype == torch.float64:
+        return [], [], False
+    if latent is None:
+        width = None
+    elif latent_is_input:
+        width = getattr(dict(model.named_modules())[latent], "in_features", None)
+    else:
+        width = view.width
+    shape = catalog.output_shape
+    classes = shape[0] if len(shape) == 1 else None
+    keep = classes is not None and n * classes * 4 <= LOGITS_BUDGET
+    own = None if latent_is_input else latent
+    return (candidates(catalog, width, own) if width else [],
+            candidates(catalog, classes) if keep else [], keep)

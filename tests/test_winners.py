@@ -1,0 +1,80 @@
+"""Every layer's winner per item, kept by the profile pass (model/winners.py): checked against
+plain torch hooks, through in-place ops that rewrite a tensor an earlier layer's winners came
+from, and not kept for a layer with NaN rows."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import diagql
+
+
+class NanRows(nn.Module):
+    """A Linear whose output is NaN for the items whose first feature is above 1.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        out = self.lin(x)
+        return torch.where(x[:, :1] > 1.5, out * float("nan"), out)
+
+
+class InPlace(nn.Module):
+    """Linear -> BatchNorm (negative values) -> ReLU(inplace=True) -> a tensor op that returns
+    its input (Identity) -> Linear; and a branch whose output is NaN for some items."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 12)
+        self.bn = nn.BatchNorm1d(12)
+        self.act = nn.ReLU(inplace=True)
+        self.same = nn.Identity()
+        self.head = nn.Linear(12, 3)
+        self.odd = NanRows()
+
+    def forward(self, x):
+        h = self.same(self.act(self.bn(self.lin(x))))
+        return self.head(h) + 0 * self.odd(x)[:, :1].nan_to_num()
+
+
+def _outputs(model, X) -> dict[str, np.ndarray]:
+    """Each module's output per item, copied when it ran (plain hooks)."""
+    out = {}
+    handles = [module.register_forward_hook(
+        lambda m, i, o, name=name: out.__setitem__(name, o.detach().clone().numpy()))
+        for name, module in model.named_children()]
+    try:
+        with torch.no_grad():
+            model(X)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def test_every_layers_winners_are_plain_torchs_through_in_place_ops():
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    with torch.no_grad():
+        model.bn.running_mean.fill_(0.3)  # shifted: BatchNorm gives negative values
+    X = torch.randn(300, 6)
+    y = torch.randint(0, 3, (300,))
+    db = diagql.connect(model, (X, y), batch_size=64, cache_dir=False, progress=False)
+    truth = _outputs(model, X)
+    assert (truth["bn"] < 0).any() and not np.array_equal(truth["bn"], truth["act"])
+    profile = db.profile
+    kept = {name: profile.winners_of(db.query(f"EXPLAIN ARGMAX NEURONS IN {name}").plan
+                                     .bound.view.key)
+            for name in ("lin", "bn", "act", "same", "head", "odd")}
+    for name in ("lin", "bn", "act", "same", "head"):
+        np.testing.assert_array_equal(kept[name], truth[name].argmax(axis=1), err_msg=name)
+    assert kept["odd"] is None  # NaN rows: an ARGMAX on it runs the model, which reports them
+    db.counters.clear()
+    result = db.query("ARGMAX NEURONS IN bn WHERE class = 1")
+    assert db.counters.get("passes", 0) == 0
+    matching = y.numpy() == 1
+    np.testing.assert_allclose(result.values, np.bincount(
+        truth["bn"][matching].argmax(axis=1), minlength=12) / matching.sum(), atol=1e-12)
