@@ -148,8 +148,8 @@ class Artifacts:
             name, is_input = view.layer.name, False
         if conn.engine is not None:
             catalog = self.catalog or self._probe()
-            compare = same_rows.comparisons(conn.model, catalog, name, is_input, view, conn.dtype,
-                                  len(conn.source))
+            compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
+                                            conn.dtype, len(conn.source))
             return conn.engine.profile(len(conn.source), latent=name, latent_is_input=is_input,
                                        view=view, batch_size=conn.settings.batch_size,
                                        dtype=conn.dtype, progress=conn.progress,
