@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diagql import samplers
-from diagql.engine import estimate
+from diagql.engine import estimate, planner
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
 from diagql.engine.covariates import for_view
 from diagql.evaluate.bind import default_layers
@@ -87,8 +87,9 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                 hist_state.update(values, z=zc)
                 population = len(combo.items)
                 z_pop = z.means(combo.items, None, {None: population})
-                winner_shares = cov.shares(combo.items, None, {None: population},
-                                           values.shape[1])
+                winner_shares = planner.winner_shares(
+                    profile.winners_of(View(db.catalog[combo.layer])), combo.items, None,
+                    {None: population}, values.shape[1])
                 exact_top, exact_mean, exact_hist = exact[id(combo)]
                 fits = {"assisted": (estimate.fit({None: mean_state}, {None: population}, z_pop,
                                                   prediction)[None],

@@ -19,6 +19,7 @@ from diagql.engine.prediction import BlockPrediction
 from diagql.engine.regression import RIDGE
 from diagql.model import auxiliaries
 from diagql.model.profile import Profile
+from diagql.model.views import View
 from diagql.results.render import to_json, to_text
 from tests.test_estimate_assisted import _numpy_assisted
 
@@ -317,23 +318,6 @@ def test_argmax_on_a_block_is_exact_from_every_items_winner(db, cnn, digits):
     np.testing.assert_allclose(plain, own, atol=1e-12)
 
 
-def test_argmax_of_a_blocks_channels_fits_the_winners_on_the_latent_alone(db, cnn, digits):
-    """A channel's winner is not what the profile keeps: CHANNELS fits each channel's one-hot
-    winner on the latent's components, as numpy's regression estimator does."""
-    profile = db.profile
-    with torch.no_grad():
-        channel_means = cnn[:3](digits[0].clone()).mean(dim=(2, 3)).double().numpy()
-    result = db.query("ARGMAX CHANNELS IN 2 USING SAMPLE random(0.2, random_state=3)")
-    items = result.plan.items
-    onehot = np.zeros((len(items), channel_means.shape[1]))
-    onehot[np.arange(len(items)), channel_means[items].argmax(axis=1)] = 1.0
-    zl = covariates(profile)
-    mean, _ = _numpy_assisted(onehot, zl[items], np.zeros(len(items), int),
-                              {0: zl.mean(axis=0)}, {0: len(profile)}, RIDGE)[0]
-    shares = np.clip(mean, 0, None) / np.clip(mean, 0, None).sum()
-    np.testing.assert_allclose(result.values, shares, rtol=1e-7, atol=1e-12)
-
-
 def test_a_view_the_profile_holds_is_its_own_auxiliary(db, cnn, digits):
     """Layer 7 is the latent (the profile holds every item's row): an assisted sample query on
     it predicts each item by its own row, so its answer is the matching items' exact mean
@@ -418,8 +402,9 @@ def test_a_held_views_covariates_are_the_profiles_rows_and_its_winners_are_known
     key = next(k for k in profile.logit_views)
     chosen = for_view(profile, key)
     assert chosen.z.parts[1] is logits and len(chosen.z.parts) == 2
-    np.testing.assert_array_equal(chosen.winners, logits.argmax(axis=1))
-    assert chosen.winners.itemsize == 1
+    winners = profile.winners_of(View(db.catalog[json.loads(key)[0]]))
+    np.testing.assert_array_equal(winners, logits.argmax(axis=1))
+    assert winners.itemsize == 1
     items = np.array([0, 5, 17, 400])
     want = np.hstack([covariates(profile)[items], logits[items]])
     np.testing.assert_array_equal(chosen.z.rows(items), want)

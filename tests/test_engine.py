@@ -124,8 +124,10 @@ def test_an_argmax_runs_no_forward_pass(world, tmp_path):
             assert f"winner of {layer}" in dict(sampled.plan.explain())["forward"]
     auto = conn.query("ARGMAX NEURONS IN 6 USING AUTO")
     assert "winner of 6 is in the profile" in auto.plan.choice
-    # CHANNELS (a channel's winner is not kept) runs the model.
+    # CHANNELS counts each item's winning channel; another layer's TOPK runs the model.
     conn.query(f"ARGMAX CHANNELS IN 2 USING SAMPLE {SAMPLE}")
+    assert conn.counters.get("passes", 0) == 0
+    conn.query(f"TOPK 3 CHANNELS IN 2 USING SAMPLE {SAMPLE}")
     assert conn.counters["passes"] == 1
 
 

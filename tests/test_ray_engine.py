@@ -473,8 +473,8 @@ def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
             z = (rows - got.mean.astype(np.float64)) @ got.basis.astype(np.float64)
             np.testing.assert_allclose(got.z, z, rtol=0, atol=1e-4 * float(np.abs(z).max()))
             # Every item's winner, in item order across the fit part and the shards.
-            winners = conn.profile.winners_of(key)
-            np.testing.assert_array_equal(winners, local.profile.winners_of(key))
+            winners = conn.profile.winners[key]
+            np.testing.assert_array_equal(winners, local.profile.winners[key])
             assert np.mean(winners == rows.argmax(axis=1)) > 0.999  # float32 near-ties
         for layer in sorted({a.layer for a in local_aux.values()}):
             statement = f"AVG NEURONS IN {layer} USING SAMPLE random(0.2, random_state=4)"

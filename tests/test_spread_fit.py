@@ -86,7 +86,7 @@ def test_on_sorted_data_the_directions_are_the_pca_of_items_spread_over_every_cl
                                atol=1e-4)
     np.testing.assert_allclose(a.z, (rows - a.mean) @ a.basis, rtol=0, atol=2e-4)
     # Every item's winner, the spread items' and the rest's put back in item order.
-    winners = profile.winners_of(a.key)
+    winners = profile.winners[a.key]
     assert winners.dtype == np.uint8
     np.testing.assert_array_equal(winners, rows.argmax(axis=1))
     # Not the first items' fit, which sees classes 0 and 1 only.

@@ -67,7 +67,7 @@ def test_every_layers_winners_are_plain_torchs_through_in_place_ops():
     assert (truth["bn"] < 0).any() and not np.array_equal(truth["bn"], truth["act"])
     profile = db.profile
     kept = {name: profile.winners_of(db.query(f"EXPLAIN ARGMAX NEURONS IN {name}").plan
-                                     .bound.view.key)
+                                     .bound.view)
             for name in ("lin", "bn", "act", "same", "head", "odd")}
     for name in ("lin", "bn", "act", "same", "head"):
         np.testing.assert_array_equal(kept[name], truth[name].argmax(axis=1), err_msg=name)
@@ -78,3 +78,27 @@ def test_every_layers_winners_are_plain_torchs_through_in_place_ops():
     matching = y.numpy() == 1
     np.testing.assert_allclose(result.values, np.bincount(
         truth["bn"][matching].argmax(axis=1), minlength=12) / matching.sum(), atol=1e-12)
+
+
+def test_an_argmax_of_channels_is_counted_from_each_items_winning_channel():
+    """A conv map keeps each item's winning channel (the largest channel mean) too: CHANNELS'
+    ARGMAX, exact or sampled (assisted), runs no forward pass and gives plain torch's shares."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 3)).eval()
+    X = torch.randn(400, 2, 8, 8)
+    y = torch.randint(0, 3, (400,))
+    db = diagql.connect(model, (X, y), batch_size=64, cache_dir=False, progress=False)
+    with torch.no_grad():
+        channel_means = model[:2](X).mean(dim=(2, 3)).double().numpy()
+    winners = channel_means.argmax(axis=1)
+    matching = np.flatnonzero(y.numpy() == 2)
+    assert len(np.unique(winners[matching])) > 2
+    exact = np.bincount(winners[matching], minlength=6) / len(matching)
+    db.counters.clear()
+    full = db.query("ARGMAX CHANNELS IN 1 WHERE class = 2")
+    sampled = db.query("ARGMAX CHANNELS IN 1 WHERE class = 2 USING SAMPLE random(0.2)")
+    assert db.counters.get("passes", 0) == 0
+    assert len(sampled.plan.items) < len(matching) and sampled.estimate.exact
+    for result in (full, sampled):
+        np.testing.assert_allclose(result.values, exact, atol=1e-12)
+

@@ -140,10 +140,6 @@ class Chosen:
     # The auxiliary is made from the view's rows the profile holds (``_held``): "rows" (each
     # item's own row) or "components" (a wide view's directions).
     held: str | None = None
-    # Every item's winner of the view (``Profile.winners_of``), when the profile is the queried
-    # model's own: an ARGMAX's shares over the matching items are then exact (``shares``).
-    winners: np.ndarray | None = None
-
     def prediction(self, channels: int | None = None) -> BlockPrediction | None:
         """The block prediction its auxiliary makes (None: the latent fit alone); ``channels``:
         a CHANNELS view's channel count."""
@@ -152,43 +148,23 @@ class Chosen:
         return BlockPrediction(self.auxiliary, self.latent_dims, channels,
                                own_rows=self.held == "rows")
 
-    def shares(self, matching: np.ndarray, keys: np.ndarray | None, population: dict,
-               width: int) -> dict | None:
-        """Each group's exact ARGMAX shares of the ``width`` neurons over its matching items
-        (``keys``: theirs; None: one group) from every item's winner; None when the winners
-        are not known."""
-        if self.winners is None:
-            return None
-        if keys is None:
-            counts = np.bincount(self.winners[matching], minlength=width)
-            return {None: counts / max(len(matching), 1)}
-        groups, codes = np.unique(keys, return_inverse=True)
-        codes = codes.reshape(-1)
-        counts = np.bincount(codes * width + self.winners[matching],
-                             minlength=len(groups) * width).reshape(len(groups), width)
-        return {key: counts[g] / max(counts[g].sum(), 1)
-                for g, key in enumerate(groups.tolist()) if key in population}
-
     def describe(self, profile: Profile) -> str:
         """What the assisted estimator fits on, for EXPLAIN."""
         latent = f"{self.latent_dims} principal components of the latent ({profile.latent_layer})"
         if self.auxiliary is None:
-            return f"assisted: a linear fit on {latent}{self._exact_argmax()}"
+            return f"assisted: a linear fit on {latent}"
         a = self.auxiliary
         if self.held:
             basis = ("its own row" if self.held == "rows"
                      else f"its row's {a.basis.shape[1]} principal components")
             return (f"assisted: every item predicted from {basis} (the profile holds every "
-                    f"item's {a.layer}), the residual fitted on {latent}{self._exact_argmax()}")
+                    f"item's {a.layer}), the residual fitted on {latent}")
         # Which items: profile.fit_items spreads them over the data (model/auxiliaries.py).
         fitted = "every item" if a.fitted_on >= len(a.z) else \
             f"{a.fitted_on:,} items spread over the data"
         return (f"assisted: every item predicted from {a.layer}'s {a.basis.shape[1]} principal "
                 f"components kept by the profile pass (known coefficients, fitted on "
-                f"{fitted}), the residual fitted on {latent}{self._exact_argmax()}")
-
-    def _exact_argmax(self) -> str:
-        return "; ARGMAX exact from every item's winner" if self.winners is not None else ""
+                f"{fitted}), the residual fitted on {latent}")
 
 
 def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
@@ -197,8 +173,6 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
     the profile holds them (``_held``; only if ``own``: the profile is the queried model's),
     else the latent."""
     z = covariates(profile)
-    # The profile's winners are its own model's: another checkpoint's are not these.
-    winners = profile.winners_of(view_key) if own else None
     auxiliary = profile.auxiliary(view_key)
     if auxiliary is None and own:
         key = (id(profile), view_key)
@@ -209,10 +183,10 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
             _HELD[key] = memo
         if memo[1] is not None:
             auxiliary, held = memo[1]
-            return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held, winners)
+            return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held)
     if auxiliary is None:
-        return Chosen(Covariates((z,)), z.shape[1], None, winners=winners)
-    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, winners=winners)
+        return Chosen(Covariates((z,)), z.shape[1], None)
+    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary)
 
 
 def _held(rows: np.ndarray | None, view_key: str) -> tuple[Auxiliary, str] | None:

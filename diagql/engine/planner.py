@@ -149,12 +149,32 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     prediction = chosen.prediction(bound.view.layer.shape[0] if bound.view.channels else None)
     text = chosen.describe(profile)
     shares = None
-    if query.aggregate == "argmax" and not bound.view.channels:  # a channel's winner is not kept
-        shares = chosen.shares(matching, None if keys is None else keys[matching], population,
+    if query.aggregate == "argmax" and rows_from_profile:  # its winners are the profile's model's
+        shares = winner_shares(profile.winners_of(bound.view), matching,
+                               None if keys is None else keys[matching], population,
                                bound.n_neurons)
+        text += "; ARGMAX exact from every item's winner" if shares is not None else ""
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
                                winner_shares=shares)
+
+
+def winner_shares(winners: np.ndarray | None, matching: np.ndarray, keys: np.ndarray | None,
+                  population: dict, width: int) -> dict | None:
+    """Each group's exact ARGMAX shares of the ``width`` neurons over its matching items
+    (``keys``: theirs; None: one group) from every item's winner (model/winners.py); None when
+    the winners are not known."""
+    if winners is None:
+        return None
+    if keys is None:
+        counts = np.bincount(winners[matching], minlength=width)
+        return {None: counts / max(len(matching), 1)}
+    groups, codes = np.unique(keys, return_inverse=True)
+    codes = codes.reshape(-1)
+    counts = np.bincount(codes * width + winners[matching],
+                         minlength=len(groups) * width).reshape(len(groups), width)
+    return {key: counts[g] / max(counts[g].sum(), 1)
+            for g, key in enumerate(groups.tolist()) if key in population}
 
 
 def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baseline=None,
@@ -169,13 +189,13 @@ def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baselin
 
 
 def profile_winners(bound: BoundQuery, profile: Profile) -> np.ndarray | None:
-    """Every item's winner of the query's view when the profile pass kept them
-    (model/winners.py) and the query is an ARGMAX of its neurons (a channel's winner is not
-    kept): the query is then counted from them, with no forward pass. Only for the profile's
-    own model (the caller's ``rows_from_profile``)."""
-    if bound.query.aggregate != "argmax" or bound.view.channels:
+    """Every item's winner of the query's view (its neurons', or its channels') when the
+    profile pass kept them (model/winners.py) and the query is an ARGMAX: it is then counted
+    from them, with no forward pass. Only for the profile's own model (the caller's
+    ``rows_from_profile``)."""
+    if bound.query.aggregate != "argmax":
         return None
-    return profile.winners_of(bound.view.key)
+    return profile.winners_of(bound.view)
 
 
 def answered_from_profile(bound: BoundQuery, profile: Profile) -> str | None:

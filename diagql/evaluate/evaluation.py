@@ -27,6 +27,7 @@ from diagql import samplers
 from diagql.engine.covariates import for_view
 from diagql.engine.estimate import shares
 from diagql.engine.groups import cell_codes, n_cells
+from diagql.engine.planner import winner_shares
 from diagql.engine.regression import corrected_mean
 from diagql.errors import ExecutionError
 from diagql.evaluate.bind import BoundEvaluation, Candidate, bind_evaluate
@@ -241,9 +242,9 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
         chosen = for_view(conn.profile, View(layer).key)
         prediction = chosen.prediction()
         means = chosen.z.means(np.arange(len(groups)), groups, set(valid.tolist()))
-        # Every item's winner known (engine/covariates.py, Chosen.shares): exact shares.
-        shares_of = chosen.shares(np.arange(len(groups)), groups, set(valid.tolist()),
-                                  layer.neurons)
+        # Every item's winner known (model/winners.py): an ARGMAX's exact shares.
+        shares_of = winner_shares(conn.profile.winners_of(View(layer)), np.arange(len(groups)),
+                                  groups, set(valid.tolist()), layer.neurons)
         context[layer.name] = (chosen.z, np.stack([means[g] for g in valid.tolist()]),
                                prediction, chosen.latent_dims,
                                None if shares_of is None else

@@ -60,9 +60,10 @@ class Profile:
         its cache entry the first time it is asked for)."""
         return self.auxiliaries.get(view_key)
 
-    def winners_of(self, view_key: str) -> np.ndarray | None:
-        """Every item's winner of the view with this key, when the profile pass kept them."""
-        return self.winners.get(view_key)
+    def winners_of(self, view: View) -> np.ndarray | None:
+        """Every item's winner of the view (its channel's, for CHANNELS), when the profile
+        pass kept them (model/winners.py)."""
+        return self.winners.get(winners_module.key_of(view))
 
     def rows_of(self, view_key: str) -> np.ndarray | None:
         """Every item's rows of the view with this key, when the profile holds them."""

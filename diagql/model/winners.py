@@ -1,10 +1,11 @@
-"""Every layer's winner per item (docs/ARCHITECTURE.md, "Data model"): the neuron at which an
-item's row of the layer's default view is largest, kept by the profile pass for every layer it
-can read, so that an ARGMAX of a layer's neurons is counted from the profile instead of run or
+"""Every layer's winner per item (docs/ARCHITECTURE.md, "Data model"): the neuron (for a conv
+map, also the channel) at which an item's row of the layer is largest, kept by the profile pass
+for every layer it can read, so that an ARGMAX is counted from the profile instead of run or
 estimated. The pass computes every layer's output anyway; an argmax per row is one more read of
 it, and an item costs 1 or 2 bytes per layer."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,15 +15,27 @@ from diagql.model.views import SEQUENCE, ModuleCall, View
 
 
 def views(catalog) -> list[View]:
-    """The default views of the catalog's layers whose winners the profile pass keeps: those
-    that run once per pass, read per item (a sequence layer through its default reduction)."""
+    """The views whose winners the profile pass keeps: for every catalog layer that runs once
+    per pass and is read per item, its default view (a sequence layer through its default
+    reduction) and, for a conv map, its CHANNELS view."""
     found = []
     for layer in getattr(catalog, "layers", ()):
-        if layer.shape is None or layer.shared or layer.calls != 1 or layer.neurons < 1 \
-                or (layer.varies and layer.layout != SEQUENCE):
+        if layer.shape is None or layer.shared or layer.calls != 1 or layer.neurons < 1:
             continue
-        found.append(View(layer))
+        if not layer.varies or layer.layout == SEQUENCE:
+            found.append(View(layer))
+        if layer.channels is not None:
+            found.append(View(layer, channels=True))
     return found
+
+
+def key_of(view: View) -> str:
+    """Whose winners a view's ARGMAX counts: its row key (``View.key``), marked for CHANNELS,
+    whose winners are the channel means' (a fixed-shape layer's CHANNELS view reads the same
+    rows as its NEURONS view, so the same row key)."""
+    if not view.channels:
+        return view.key
+    return json.dumps([*json.loads(view.key)[:1], "CHANNELS"])
 
 
 def winner_dtype(width: int) -> np.dtype:
@@ -31,14 +44,14 @@ def winner_dtype(width: int) -> np.dtype:
 
 
 class WinnerKeeper:
-    """The profile pass's part: each view's winner of every item, batch by batch. A layer that
-    did not run, was read otherwise than the probe saw, or gave a NaN or inf row is dropped (an
-    ARGMAX on it runs the model, which reports such items)."""
+    """The profile pass's part: each view's winner of every item, batch by batch. A view whose
+    layer did not run, was read otherwise than the probe saw, or gave a NaN or inf value is
+    dropped (an ARGMAX on it runs the model, which reports such items)."""
 
     def __init__(self, views: list[View], n: int):
-        self.views = {view.layer.name: view for view in views}
-        self.winners = {name: np.empty(n, winner_dtype(view.width))
-                        for name, view in self.views.items()}
+        self.views = {key_of(view): view for view in views}
+        self.winners = {key: np.empty(n, winner_dtype(view.neurons))
+                        for key, view in self.views.items()}
         self.batch: dict[str, torch.Tensor] = {}
         # This batch's winners by the values they came from: a Sequential's output is its last
         # child's, a Flatten's its input's data, so most layers of a block share one argmax.
@@ -46,51 +59,61 @@ class WinnerKeeper:
         self.position = 0
 
     def callbacks(self) -> dict:
-        return {name: self._keep(name) for name in self.views}
+        by_layer: dict[str, list[str]] = {}
+        for key, view in self.views.items():
+            by_layer.setdefault(view.layer.name, []).append(key)
+        return {name: self._keep(keys) for name, keys in by_layer.items()}
 
-    def _keep(self, name: str):
+    def _keep(self, keys: list[str]):
         def keep(call: ModuleCall) -> None:
-            view = self.views.get(name)
-            if view is None:
-                return
-            try:  # now: a later in-place op (ReLU(inplace=True)) may overwrite the output
-                rows = view.finish(view.rows(call)).detach()
-                if rows.ndim != 2 or rows.shape[1] != view.width:
-                    raise ValueError("not a row per item")
-                # A NaN or inf value makes a float64 sum NaN or inf (a third of isfinite's cost).
-                total = float(rows.sum(dtype=torch.float64))
-                if not math.isfinite(total):
-                    raise ValueError("a NaN or inf value")
-                # The same memory, shape and strides as a layer's before, still holding the same
-                # sum: the same values, so the same winners. (An in-place op since, such as
-                # ReLU(inplace=True) after a BatchNorm, changes the sum; inference mode keeps
-                # no version counter to tell.)
-                key = (rows.data_ptr(), tuple(rows.shape), rows.stride(), rows.dtype, total)
-                if key not in self.seen:
-                    # First of ties, in the model's dtype: as an ARGMAX's pass counts it
-                    # (engine/aggregates.py).
-                    self.seen[key] = rows.argmax(dim=1).cpu()
-                self.batch[name] = self.seen[key]
-            except Exception:  # noqa: BLE001 - read otherwise than the probe saw: no winners
-                self.drop(name)
+            for key in keys:
+                view = self.views.get(key)
+                if view is None:
+                    continue
+                try:  # now: a later in-place op (ReLU(inplace=True)) may overwrite it
+                    self.batch[key] = self._winners(view, view.rows(call).detach())
+                except Exception:  # noqa: BLE001 - read otherwise than the probe saw
+                    self.drop(key)
         return keep
 
-    def drop(self, name: str) -> None:
+    def _winners(self, view: View, rows: torch.Tensor) -> torch.Tensor:
+        # A NaN or inf value makes the sum NaN or inf (a third of isfinite's cost). Summed in
+        # float32 at least, not float64 (twice as fast again): a sum that overflows to inf
+        # though every value is finite only drops the view (its ARGMAX runs the model).
+        total = float(rows.sum(dtype=torch.float32) if rows.element_size() < 4 else rows.sum())
+        if not math.isfinite(total):
+            raise ValueError("a NaN or inf value")
+        # The same memory, shape and strides as a view's before, still holding the same sum:
+        # the same values, so the same winners. (An in-place op since, such as
+        # ReLU(inplace=True) after a BatchNorm, changes the sum; inference mode keeps no
+        # version counter to tell.)
+        key = (rows.data_ptr(), tuple(rows.shape), rows.stride(), rows.dtype, total,
+               view.channels)
+        if key not in self.seen:
+            values = view.finish(rows)
+            if values.ndim != 2 or values.shape[1] != view.neurons:
+                raise ValueError("not a row per item")
+            # First of ties, in the dtype a query's pass reduces (the model's; CHANNELS'
+            # float64 means): as an ARGMAX's pass counts it (engine/aggregates.py).
+            self.seen[key] = values.argmax(dim=1).cpu()
+        return self.seen[key]
+
+    def drop(self, key: str) -> None:
         for table in (self.views, self.winners, self.batch):
-            table.pop(name, None)
+            table.pop(key, None)
 
     def after_batch(self, size: int) -> None:
-        """Take the batch's winners of every view (a view that did not run is dropped)."""
+        """Take the batch's winners of every view (a view whose layer did not run is dropped)."""
         start = self.position
         self.position += size
         self.seen.clear()
-        for name in list(self.views):
-            winners = self.batch.pop(name, None)
+        for key in list(self.views):
+            winners = self.batch.pop(key, None)
             if winners is None or len(winners) != size:
-                self.drop(name)
+                self.drop(key)
                 continue
-            self.winners[name][start:start + size] = winners.numpy()
+            self.winners[key][start:start + size] = winners.numpy()
 
     def result(self) -> dict[str, np.ndarray]:
-        """Every kept view's winners, by view key (``View.key``)."""
-        return {self.views[name].key: winners for name, winners in self.winners.items()}
+        """Every kept view's winners, by ``key_of`` the view."""
+        return dict(self.winners)
