@@ -102,3 +102,23 @@ def test_an_argmax_of_channels_is_counted_from_each_items_winning_channel():
     for result in (full, sampled):
         np.testing.assert_allclose(result.values, exact, atol=1e-12)
 
+
+def test_the_winners_stay_within_their_budget(monkeypatch):
+    """Views past the budget keep no winners (in the catalog's order): their ARGMAX runs the
+    model, and gives the same answer."""
+    from diagql.model import winners
+
+    torch.manual_seed(0)
+    model = InPlace().eval()
+    X, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
+    monkeypatch.setattr(winners, "BUDGET", 2 * 200)  # two one-byte views
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    assert len(db.profile.winners) == 2
+    db.counters.clear()
+    result = db.query("ARGMAX NEURONS IN odd.lin")  # neither kept nor the latent's rows
+    assert db.counters["passes"] == 1
+    with torch.no_grad():
+        rows = model.odd.lin(X).numpy()
+    np.testing.assert_allclose(result.values, np.bincount(rows.argmax(axis=1), minlength=5)
+                               / 200, atol=1e-12)
+

@@ -177,7 +177,7 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     views = aux.blocks(model, catalog) if catalog is not None else []
     options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
                "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare,
-               "winners": winners_module.views(catalog) if catalog is not None else []}
+               "winners": winners_module.views(catalog, n) if catalog is not None else []}
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
         if not views:

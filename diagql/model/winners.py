@@ -14,18 +14,27 @@ import torch
 from diagql.model.views import SEQUENCE, ModuleCall, View
 
 
-def views(catalog) -> list[View]:
-    """The views whose winners the profile pass keeps: for every catalog layer that runs once
-    per pass and is read per item, its default view (a sequence layer through its default
-    reduction) and, for a conv map, its CHANNELS view."""
-    found = []
+# The winners of all views together stay under this many bytes (2,700 one-byte views at 50,000
+# items; at 10 million, the first 13 to 26 in the catalog's order): a view left out only runs
+# the model for its ARGMAX, as before.
+BUDGET = 256 * 1024 ** 2
+
+
+def views(catalog, n: int) -> list[View]:
+    """The views whose winners a profile pass over ``n`` items keeps: for every catalog layer
+    that runs once per pass and is read per item, its default view (a sequence layer through
+    its default reduction) and, for a conv map, its CHANNELS view; in the catalog's order, up
+    to BUDGET."""
+    found, used = [], 0
     for layer in getattr(catalog, "layers", ()):
         if layer.shape is None or layer.shared or layer.calls != 1 or layer.neurons < 1:
             continue
-        if not layer.varies or layer.layout == SEQUENCE:
-            found.append(View(layer))
-        if layer.channels is not None:
-            found.append(View(layer, channels=True))
+        for view in ([View(layer)] if not layer.varies or layer.layout == SEQUENCE else []) + \
+                ([View(layer, channels=True)] if layer.channels is not None else []):
+            used += n * winner_dtype(view.neurons).itemsize
+            if used > BUDGET:
+                return found
+            found.append(view)
     return found
 
 

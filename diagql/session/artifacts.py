@@ -155,7 +155,7 @@ class Artifacts:
                                        dtype=conn.dtype, progress=conn.progress,
                                        compare=compare,
                                        blocks=auxiliaries.blocks(conn.model, catalog),
-                                       winners=winners.views(catalog))
+                                       winners=winners.views(catalog, len(conn.source)))
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
