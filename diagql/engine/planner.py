@@ -43,14 +43,14 @@ class Plan:
     prediction: BlockPrediction | None = None
     estimator_text: str = ""
     # An ARGMAX's exact shares per group key, when the profile knows every item's winner of
-    # the view (engine/covariates.py, Chosen.shares): the assisted answer, with no error.
+    # the view (``winner_shares``): the assisted answer, with no error.
     winner_shares: dict | None = None
     # Every item's rows of the view, when the profile holds them (the latent or the logits):
     # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
     profile_rows: np.ndarray | None = None
     profile_what: str = ""
-    # Every item's winner of the view, when the profile pass kept them (a block's) and the
-    # query is an ARGMAX of its neurons: its states are counted from them, no forward pass.
+    # Every item's winner of the view, when the profile pass kept them (model/winners.py) and
+    # the query is an ARGMAX: its states are counted from them, with no forward pass.
     profile_winners: np.ndarray | None = None
     choice: str = ""  # USING AUTO: what it chose and why (or how an UNTIL query grows)
 
