@@ -68,6 +68,16 @@ class ItemSource:
                                   f"{len(self._pair[1])} labels")
         else:
             raise DiagQLError(f"data must be {FORMS}, not {_describe(data)}")
+        # Items are read by index, so the count must be known and not zero: an empty data set
+        # would reach the catalog probe as batches of no items (a ValueError of range or
+        # DataLoader), a Dataset without __len__ as a TypeError.
+        try:
+            n = len(self)
+        except TypeError:
+            raise DiagQLError(f"the data ({_describe(data)}) has no length; DiagQL reads items "
+                              f"by index, so a Dataset must define __len__") from None
+        if n == 0:
+            raise DiagQLError(f"the data ({_describe(data)}) has no items")
 
     def __len__(self) -> int:
         if self._pair is not None:
@@ -111,6 +121,9 @@ class ItemSource:
     def _set_columns(self, mapping: Mapping, y) -> None:
         """A mapping of arrays, one row per item: its label key (if any) holds the labels
         unless ``y`` gives them; the other keys are the model's keyword inputs."""
+        if not mapping:
+            raise DiagQLError("the data is an empty mapping; it needs the model's inputs under "
+                              "their names, one row per item")
         columns = {}
         for key, value in mapping.items():
             columns[key] = _as_tensor(value, f"the inputs under {key!r}")
