@@ -47,3 +47,61 @@ class _NoLength(Dataset):
 def test_data_without_items_or_length_is_refused_at_connect(data, message):
     with pytest.raises(DiagQLError, match=message):
         diagql.connect(_mlp(), data, cache_dir=False, progress=False)
+
+
+class _NonFloatLayers(nn.Module):
+    """Layers whose outputs are a bool mask, int indicators and one value per item."""
+
+    class Mask(nn.Module):
+        def forward(self, x):
+            return x > 0
+
+    class Count(nn.Module):
+        def forward(self, x):
+            return (x > 0).long() * 3
+
+    class Total(nn.Module):
+        def forward(self, x):
+            return x.sum(1)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 8)
+        self.mask, self.count, self.total = self.Mask(), self.Count(), self.Total()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.fc(h * self.mask(h) + self.count(h) + self.total(h)[:, None])
+
+
+@pytest.fixture(scope="module")
+def non_float():
+    torch.manual_seed(1)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = _NonFloatLayers()
+    return model, X, y, diagql.connect(model, (X, y), cache_dir=False, progress=False)
+
+
+@pytest.mark.parametrize("layer", ["mask", "count", "total"])
+def test_bool_int_and_one_value_layers_average_and_argmax_as_numbers(non_float, layer):
+    model, X, y, conn = non_float
+    rows = _hooked(model, layer, X).double().reshape(len(X), -1)
+    avg = conn.query(f"AVG NEURONS IN {layer} USING FULL")
+    np.testing.assert_allclose(avg.values, rows.mean(0).numpy(), rtol=1e-12)
+    assert avg.labels[0] == f"{layer}[0]"
+    arg = conn.query(f"ARGMAX NEURONS IN {layer} GROUP BY class USING FULL")
+    for c in range(3):
+        winners = rows[y == c].argmax(1)
+        share = torch.bincount(winners, minlength=rows.shape[1]).double() / len(winners)
+        np.testing.assert_allclose(arg.groups[c].values, share.numpy(), rtol=1e-12)
+
+
+def test_one_value_per_item_is_neuron_zero_for_top_inputs(non_float):
+    model, X, y, conn = non_float
+    totals = _hooked(model, "total", X).double()
+    top = conn.query("TOPK 3 INPUTS FOR total[0] USING FULL")
+    assert top.items.tolist() == torch.argsort(totals, descending=True)[:3].tolist()
+    np.testing.assert_allclose(top.values, totals.sort(descending=True).values[:3].numpy(),
+                               rtol=1e-6)

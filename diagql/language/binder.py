@@ -371,7 +371,7 @@ def neuron_shape(view: View) -> tuple[int, ...]:
         return shape[:1]
     if view.sequence:
         return shape if view.reduction == "all" else shape[-1:]
-    return shape
+    return shape or (1,)  # one value per item is one neuron, labelled layer[0]
 
 
 def bind_inputs(query: ast.TopInputs, catalog: LayerCatalog, *, n_classes: int,

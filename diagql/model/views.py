@@ -167,6 +167,11 @@ def batch_first(layer, call: ModuleCall) -> torch.Tensor:
     if out.shape[layer.batch_axis] != call.size:
         raise _unexpected(layer, call, f"{call.size} items along axis {layer.batch_axis}, its "
                                        f"batch axis")
+    if not (out.is_floating_point() or out.is_complex()):
+        # A mask or indices (bool, int) are numbers too; ARGMAX and the samplers' reductions
+        # take no bool, so rows are floats: float64 holds every int32 exactly.
+        out = out.to(torch.float32 if out.dtype in (torch.bool, torch.uint8, torch.int8)
+                     else torch.float64)
     return out.movedim(layer.batch_axis, 0) if layer.batch_axis else out
 
 
@@ -290,7 +295,8 @@ class View:
         if tuple(values.shape[1:]) != layer.shape:
             raise _unexpected(layer, call, "each item's output of shape "
                                            f"{tuple(layer.shape)}, as in the catalog probe")
-        return values.flatten(1)
+        # reshape, not flatten(1): an output of one value per item, shape (batch,), is one neuron.
+        return values.reshape(len(values), -1)
 
     def finish(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows to the neurons a query aggregates (the channel means of a fixed shape)."""
