@@ -3,6 +3,8 @@ every layer and statement): each answer is checked against plain torch, each ref
 DiagQLError naming the problem."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,69 @@ def test_one_value_per_item_is_neuron_zero_for_top_inputs(non_float):
     assert top.items.tolist() == torch.argsort(totals, descending=True)[:3].tolist()
     np.testing.assert_allclose(top.values, totals.sort(descending=True).values[:3].numpy(),
                                rtol=1e-6)
+
+
+@dataclasses.dataclass
+class _Hidden:
+    hidden: torch.Tensor
+    note: str = "kept"
+
+
+class _Box:
+    """An output DiagQL cannot read: a plain object (no tuple, mapping or dataclass)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _OddOutputs(nn.Module):
+    class Encode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 8)
+
+        def forward(self, x):
+            return _Hidden(torch.tanh(self.lin(x)))
+
+    class Boxed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return _Box(self.lin(x))
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encode, self.boxed, self.head = self.Encode(), self.Boxed(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.encode(x).hidden
+        return _Hidden(self.head(h + self.boxed(h).value))  # the logits in a dataclass too
+
+
+@pytest.fixture(scope="module")
+def odd():
+    torch.manual_seed(2)
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    model = _OddOutputs()
+    return model, X, y, diagql.connect(model, (X, y), cache_dir=False, progress=False)
+
+
+def test_a_dataclass_output_is_read_as_its_first_tensor_field(odd):
+    model, X, y, conn = odd
+    hidden = _hooked(model, "encode", X).hidden.double()
+    mask = y == 1
+    avg = conn.query("AVG NEURONS IN encode WHERE class = 1 USING FULL")
+    np.testing.assert_allclose(avg.values, hidden[mask].mean(0).numpy(), rtol=1e-6)
+    logits = _hooked(model, "head", X).double()
+    assert (conn.profile.predictions == logits.argmax(1).numpy()).all()
+
+
+def test_evaluate_without_layers_skips_children_it_cannot_read(odd):
+    model, X, y, conn = odd
+    with pytest.raises(DiagQLError, match="it returns a _Box holding no tensor"):
+        conn.query("AVG NEURONS IN boxed")
+    result = conn.query("EVALUATE SAMPLERS random(0.5) SEEDS 1")
+    assert result.plan.layers and {layer.name for layer in result.plan.layers} == {"encode", "head"}

@@ -76,8 +76,10 @@ def default_layers(conn) -> list[str]:
     """The model's top-level blocks that hold parameters (conv1, conv2, fc1, fc2, fc3 in the demo)."""
     names = []
     for name, module in conn.model.named_children():
+        # Only children a query can read: one whose output holds no tensor would refuse the
+        # whole statement, though the user named no layer.
         if any(True for _ in module.parameters()) and name in conn.catalog and \
-                conn.catalog[name].calls == 1:
+                conn.catalog[name].calls == 1 and conn.catalog[name].shape is not None:
             names.append(name)
     return names or conn.layers
 

@@ -5,6 +5,7 @@ model"). The executor's consumers, EVALUATE and the profile all read outputs thr
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -25,7 +26,7 @@ REDUCTIONS = ("mean", "max", "token", "all")  # how a sequence's tokens become o
 
 def first_output(output):
     """The activation in what a module returns: a tensor (nested ones included) or a
-    PackedSequence, itself or the first one in a tuple, list or dict (in order), or the
+    PackedSequence, itself or the first one in a tuple, list, dict or dataclass (in order), or the
     ``logits``/``last_hidden_state`` of a Hugging Face output; None when there is none.
     A PackedSequence is one activation, never searched for its ``data``."""
     if isinstance(output, (torch.Tensor, PackedSequence)):
@@ -38,6 +39,10 @@ def first_output(output):
         values = output.values()
     elif isinstance(output, (tuple, list)):
         values = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        # A plain dataclass output, read as a Hugging Face output (also a Mapping) is: fields
+        # in order (getattr, not asdict, which would deep-copy every tensor).
+        values = [getattr(output, f.name) for f in dataclasses.fields(output)]
     else:
         return None
     for value in values:
@@ -51,7 +56,7 @@ def describe_output(output) -> str:
     """What a module returned, for messages: 'a tuple holding a tensor of shape (5, 3, 16)'."""
     first = first_output(output)
     if first is None:
-        return f"a {type(output).__name__} holding no tensor"
+        return f"{_a(type(output).__name__)} holding no tensor"
     if isinstance(first, PackedSequence):
         what = (f"a PackedSequence of {int(first.batch_sizes[0])} sequences (data "
                 f"{tuple(first.data.shape)})")
@@ -59,7 +64,11 @@ def describe_output(output) -> str:
         what = f"a nested tensor of {first.size(0)} components"
     else:
         what = f"a tensor of shape {tuple(first.shape)}"
-    return what if first is output else f"a {type(output).__name__} holding {what}"
+    return what if first is output else f"{_a(type(output).__name__)} holding {what}"
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 # --- padding masks --------------------------------------------------------------------------
