@@ -173,3 +173,39 @@ def test_evaluate_without_layers_skips_children_it_cannot_read(odd):
         conn.query("AVG NEURONS IN boxed")
     result = conn.query("EVALUATE SAMPLERS random(0.5) SEEDS 1")
     assert result.plan.layers and {layer.name for layer in result.plan.layers} == {"encode", "head"}
+
+
+class _Binary(nn.Module):
+    """A binary classifier with one logit, (batch, 1) or squeezed to (batch,)."""
+
+    def __init__(self, squeeze: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head, self.squeeze = nn.Linear(6, 8), nn.Linear(8, 1), squeeze
+
+    def forward(self, x):
+        logit = self.head(torch.relu(self.lin(x)))
+        return logit.squeeze(-1) if self.squeeze else logit
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_one_logit_is_a_binary_classifier(squeeze):
+    torch.manual_seed(3)
+    X, y = torch.randn(80, 6), torch.randint(0, 2, (80,))
+    model = _Binary(squeeze)
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    logit = _hooked(model, "head", X).double().reshape(-1)
+    p = torch.sigmoid(logit)
+    predicted = (logit > 0).long()
+    assert conn.n_classes == 2
+    assert (conn.profile.predictions == predicted.numpy()).all()
+    np.testing.assert_allclose(conn.profile.confidence, torch.maximum(p, 1 - p).numpy(),
+                               rtol=1e-12)
+    hidden = _hooked(model, "lin", X).double()
+    wrong = predicted != y
+    avg = conn.query("AVG NEURONS IN lin WHERE incorrect AND class = 1 USING FULL")
+    np.testing.assert_allclose(avg.values, hidden[wrong & (y == 1)].mean(0).numpy(), rtol=1e-6)
+    sampled = conn.query("AVG NEURONS IN lin GROUP BY predicted USING SAMPLE maxmargin(0.5)")
+    assert set(sampled.groups) <= {0, 1}
+    with pytest.raises(DiagQLError, match=r"class 2 is outside the label set 0..1"):
+        conn.query("AVG NEURONS IN lin WHERE class = 2")
