@@ -209,3 +209,41 @@ def test_one_logit_is_a_binary_classifier(squeeze):
     assert set(sampled.groups) <= {0, 1}
     with pytest.raises(DiagQLError, match=r"class 2 is outside the label set 0..1"):
         conn.query("AVG NEURONS IN lin WHERE class = 2")
+
+
+class _Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+class _NaNs(nn.Module):
+    """A layer (``log``) with NaN for every item (a negative argument somewhere in each)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.log, self.head = nn.Linear(6, 8), _Log(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.nan_to_num(self.log(self.lin(x))))
+
+
+def test_samplers_refuse_a_latent_with_nan_and_another_can_be_set():
+    torch.manual_seed(4)
+    X, y = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    model = _NaNs()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    conn.query("SET latent = log")
+    for sampler in ("gmm", "maxmargin", "vas"):
+        with pytest.raises(DiagQLError, match=rf"{sampler} fits on the latents, which are NaN or "
+                                              rf"infinite for 50 of 50 items \(the first is item "
+                                              rf"0\); SET latent = another layer"):
+            conn.query(f"AVG NEURONS IN lin USING SAMPLE {sampler}(0.5)")
+    lin = _hooked(model, "lin", X).double()
+    drawn = conn.query("AVG NEURONS IN lin USING SAMPLE random(0.5)")  # reads no latent
+    assert drawn.provenance.n_sample == 25 and np.isfinite(drawn.values).all()
+    assert np.all((drawn.values >= lin.min(0).values.numpy() - 1e-6)
+                  & (drawn.values <= lin.max(0).values.numpy() + 1e-6))
+    conn.query("SET latent = lin")
+    result = conn.query("AVG NEURONS IN lin USING SAMPLE gmm(0.5)")
+    assert np.isfinite(result.values).all()
