@@ -247,3 +247,43 @@ def test_samplers_refuse_a_latent_with_nan_and_another_can_be_set():
     conn.query("SET latent = lin")
     result = conn.query("AVG NEURONS IN lin USING SAMPLE gmm(0.5)")
     assert np.isfinite(result.values).all()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("make", [torch.jit.script, lambda m: torch.jit.trace(m, torch.zeros(2, 6))],
+                         ids=["script", "trace"])
+def test_torchscript_is_refused_at_connect(make):
+    with pytest.raises(DiagQLError, match=r"model is TorchScript \(\w+\), whose layers take no "
+                                          r"forward hooks; connect the nn.Module"):
+        diagql.connect(make(_mlp()), (torch.zeros(5, 6), torch.zeros(5, dtype=torch.int64)),
+                       cache_dir=False, progress=False)
+
+
+def test_a_compiled_model_is_queried_through_its_original_layers():
+    torch.manual_seed(5)
+    X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    model = _mlp()
+    conn = diagql.connect(torch.compile(model, backend="eager"), (X, y), cache_dir=False,
+                          progress=False)
+    assert conn.layers == ["0", "1", "2"] and conn.model is model
+    relu = _hooked(model, "1", X).double()
+    top = conn.query("TOPK 2 NEURONS IN 1 WHERE class = 2 USING SAMPLE random(0.9)")
+    assert top.values.shape == (2,) and np.isfinite(top.values).all()
+    avg = conn.query("AVG NEURONS IN 1 WHERE class = 2 USING FULL")
+    np.testing.assert_allclose(avg.values, relu[y == 2].mean(0).numpy(), rtol=1e-6)
+
+
+class _ParametersOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_evaluate_on_a_model_without_layers_says_so():
+    conn = diagql.connect(_ParametersOnly(), (torch.randn(20, 6), torch.randint(0, 3, (20,))),
+                          cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="the model has no layer EVALUATE can read"):
+        conn.query("EVALUATE SAMPLERS random(0.5) SEEDS 1")

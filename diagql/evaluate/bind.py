@@ -86,7 +86,11 @@ def default_layers(conn) -> list[str]:
 
 def _bind_layers(refs: tuple[ast.LayerRef, ...], conn) -> list[LayerInfo]:
     if not refs:
-        return [bind_layer(ast.LayerRef(name), conn.catalog) for name in default_layers(conn)]
+        names = default_layers(conn)
+        if not names:  # every module never runs, runs several times or returns no tensor
+            raise _error("the model has no layer EVALUATE can read: no submodule runs once per "
+                         "forward pass and returns a tensor (SHOW LAYERS)", None)
+        return [bind_layer(ast.LayerRef(name), conn.catalog) for name in names]
     layers: list[LayerInfo] = []
     for ref in refs:
         layer = bind_layer(ref, conn.catalog)
