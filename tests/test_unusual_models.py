@@ -287,3 +287,11 @@ def test_evaluate_on_a_model_without_layers_says_so():
                           cache_dir=False, progress=False)
     with pytest.raises(DiagQLError, match="the model has no layer EVALUATE can read"):
         conn.query("EVALUATE SAMPLERS random(0.5) SEEDS 1")
+
+
+def test_ray_workers_build_a_compiled_models_original():
+    from diagql.engine.ray_engine import built_models
+
+    model = _mlp()
+    assert built_models(lambda: torch.compile(model, backend="eager")) == {None: model}
+    assert built_models({"a": torch.compile(model, backend="eager")}) == {"a": model}
