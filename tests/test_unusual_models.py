@@ -295,3 +295,20 @@ def test_ray_workers_build_a_compiled_models_original():
     model = _mlp()
     assert built_models(lambda: torch.compile(model, backend="eager")) == {None: model}
     assert built_models({"a": torch.compile(model, backend="eager")}) == {"a": model}
+
+
+@pytest.mark.parametrize("wrap", [lambda m: torch.compile(m, backend="eager"), nn.DataParallel],
+                         ids=["compiled", "data-parallel"])
+def test_a_checkpoint_saved_from_a_wrapper_loads_into_the_bare_model(wrap, tmp_path):
+    torch.manual_seed(6)
+    X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    earlier = _mlp()
+    with torch.no_grad():
+        for p in earlier.parameters():
+            p.mul_(-2.0)
+    torch.save(wrap(earlier).state_dict(), tmp_path / "e1.pt")
+    conn = diagql.connect(_mlp(), (X, y), checkpoints={"e1": str(tmp_path / "e1.pt")},
+                          cache_dir=False, progress=False)
+    avg = conn.query("AVG NEURONS IN e1.1 USING FULL")
+    np.testing.assert_allclose(avg.values, _hooked(earlier, "1", X).double().mean(0).numpy(),
+                               rtol=1e-6)
