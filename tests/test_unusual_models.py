@@ -312,3 +312,25 @@ def test_a_checkpoint_saved_from_a_wrapper_loads_into_the_bare_model(wrap, tmp_p
     avg = conn.query("AVG NEURONS IN e1.1 USING FULL")
     np.testing.assert_allclose(avg.values, _hooked(earlier, "1", X).double().mean(0).numpy(),
                                rtol=1e-6)
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.lin(x))
+        return {"hidden": h, "logits": self.head(h)}  # the logits are not the first tensor
+
+
+def test_a_dicts_logits_are_the_models_scores_wherever_they_stand():
+    torch.manual_seed(7)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = _DictOut()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    assert conn.n_classes == 3
+    with torch.no_grad():
+        logits = model(X)["logits"]
+    assert (conn.profile.predictions == logits.argmax(1).numpy()).all()

@@ -27,12 +27,13 @@ REDUCTIONS = ("mean", "max", "token", "all")  # how a sequence's tokens become o
 def first_output(output):
     """The activation in what a module returns: a tensor (nested ones included) or a
     PackedSequence, itself or the first one in a tuple, list, dict or dataclass (in order), or the
-    ``logits``/``last_hidden_state`` of a Hugging Face output; None when there is none.
+    ``logits``/``last_hidden_state`` of a Hugging Face output or a dict; None when there is none.
     A PackedSequence is one activation, never searched for its ``data``."""
     if isinstance(output, (torch.Tensor, PackedSequence)):
         return output
     for attr in ("logits", "last_hidden_state"):
-        value = getattr(output, attr, None)
+        # A plain dict's too: {"hidden": h, "logits": z} is a model's logits, not h.
+        value = output.get(attr) if isinstance(output, Mapping) else getattr(output, attr, None)
         if isinstance(value, torch.Tensor):
             return value
     if isinstance(output, Mapping):
