@@ -334,3 +334,25 @@ def test_a_dicts_logits_are_the_models_scores_wherever_they_stand():
     with torch.no_grad():
         logits = model(X)["logits"]
     assert (conn.profile.predictions == logits.argmax(1).numpy()).all()
+
+
+class _NaNLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(x) + torch.log(x[:, :1] + 0.5)  # NaN where x[:, 0] < -0.5
+
+
+def test_show_profile_notes_items_whose_scores_are_nan():
+    torch.manual_seed(4)
+    X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    bad = torch.nonzero(X[:, 0] < -0.5).flatten()
+    conn = diagql.connect(_NaNLogits(), (X, y), cache_dir=False, progress=False)
+    (note,) = conn.query("SHOW PROFILE").notes
+    assert note.startswith(f"{len(bad)} items have NaN or infinite class scores (the first is "
+                           f"item {int(bad[0])}): their predictions are arbitrary")
+    finite = diagql.connect(_mlp(), (X, y), cache_dir=False, progress=False)
+    assert finite.query("SHOW PROFILE").notes == []
