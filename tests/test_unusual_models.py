@@ -356,3 +356,15 @@ def test_show_profile_notes_items_whose_scores_are_nan():
                            f"item {int(bad[0])}): their predictions are arbitrary")
     finite = diagql.connect(_mlp(), (X, y), cache_dir=False, progress=False)
     assert finite.query("SHOW PROFILE").notes == []
+
+
+def test_uint8_images_into_a_float_model_say_to_convert_them():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    X = (torch.rand(10, 3, 8, 8) * 255).to(torch.uint8)
+    conn = diagql.connect(model, (X, torch.randint(0, 3, (10,))), cache_dir=False,
+                          progress=False)
+    with pytest.raises(DiagQLError, match=r"the model's forward raised RuntimeError: .*\(the "
+                                          r"data's inputs are uint8, which DiagQL passes on "
+                                          r"unchanged: convert them to floats"):
+        conn.query("AVG NEURONS IN 0")

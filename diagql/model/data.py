@@ -321,7 +321,30 @@ def call_model(model, x):
     except DiagQLError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of user code is reported, not crashed on
-        raise ExecutionError(f"the model's forward raised {type(exc).__name__}: {exc}") from exc
+        raise ExecutionError(f"the model's forward raised {type(exc).__name__}: {exc}"
+                             f"{_integer_hint(x)}") from exc
+
+
+def _integer_hint(x) -> str:
+    """Raw images come as uint8, which DiagQL passes on unchanged (integer inputs are token
+    ids and masks): a float model then fails on the dtype, which this names."""
+    found = []
+
+    def visit(v):
+        if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim >= 3:
+            found.append(v)
+        elif isinstance(v, Mapping):
+            for item in v.values():
+                visit(item)
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                visit(item)
+
+    visit(x)
+    if not found:
+        return ""
+    return (" (the data's inputs are uint8, which DiagQL passes on unchanged: convert them to "
+            "floats, scaled as the model was trained, in the data)")
 
 
 def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
