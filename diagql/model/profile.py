@@ -13,6 +13,7 @@ from diagql.errors import DiagQLError, ExecutionError
 from diagql.model import auxiliaries as aux
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation, first_tensor
+from diagql.model.scores import classes_of, probabilities
 from diagql.model.views import SEQUENCE, ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -294,7 +295,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             logits = _logits(call_model(model, x))
             if latent is not None:
                 hooks.check_ran()
-            conf, pred = _probabilities(logits).max(dim=1)
+            conf, pred = probabilities(logits).max(dim=1)
             batch = slice(position, position + len(idx))
             if y is None:
                 has_labels = False
@@ -470,26 +471,6 @@ def _check_labels(labels: np.ndarray, n_classes: int) -> None:
         raise DiagQLError(f"label {int(labels[first])} of item {first} is outside the model's "
                           f"classes 0..{n_classes - 1} (the model scores {n_classes} classes); "
                           f"{len(outside):,} of {len(labels):,} items have such labels")
-
-
-def classes_of(shape: tuple[int, ...]) -> int:
-    """How many classes a model output of per-item ``shape`` scores: C scores score C
-    classes; one logit (shape (1,), or () once squeezed) is a binary classifier's log-odds of
-    class 1, as BCEWithLogitsLoss trains it, so it scores 2."""
-    if len(shape) > 1:
-        raise DiagQLError(f"the model's output has per-item shape {shape}; DiagQL needs one "
-                          f"score per class")
-    return 2 if shape in ((), (1,)) else shape[0]
-
-
-def _probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Each class's probability, float64: the softmax of the scores, or for one logit
-    (a binary classifier) the sigmoid's (1 - p, p), so class 1 wins where the logit is > 0."""
-    logits = logits.to(torch.float64)
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
 
 
 def _logits(output) -> torch.Tensor:

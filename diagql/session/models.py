@@ -12,7 +12,8 @@ from diagql.engine.executor import Runner, row_dtype
 from diagql.errors import BindError
 from diagql.language import ast
 from diagql.model.layers import LayerCatalog
-from diagql.model.profile import Profile, classes_of
+from diagql.model.profile import Profile
+from diagql.model.scores import classes_of
 from diagql.session.artifacts import Artifacts
 from diagql.session.checkpoints import CheckpointSlot, describe_weights
 from diagql.storage.activations import ActivationStore
