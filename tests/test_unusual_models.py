@@ -368,3 +368,16 @@ def test_uint8_images_into_a_float_model_say_to_convert_them():
                                           r"data's inputs are uint8, which DiagQL passes on "
                                           r"unchanged: convert them to floats"):
         conn.query("AVG NEURONS IN 0")
+
+
+def test_string_labels_are_refused_naming_them():
+    X = torch.randn(6, 6)
+    names = np.array(["cat", "dog", "cow"] * 2)
+    with pytest.raises(DiagQLError, match=r"labels must be class indices \(whole numbers\), not "
+                                          r"'cat', 'dog', 'cow', \.\.\.: number the classes"):
+        diagql.connect(_mlp(), (X, names), cache_dir=False, progress=False)
+    items = [(X[i], str(names[i])) for i in range(6)]
+    conn = diagql.connect(_mlp(), items, cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"labels must be class indices \(whole numbers\), not "
+                                          r"'cat'"):
+        conn.query("SHOW PROFILE")

@@ -281,6 +281,10 @@ def _as_labels(y) -> np.ndarray:
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise DiagQLError("labels must be whole class indices, found fractional values")
+    elif y.dtype.kind in "USO":
+        seen = ", ".join(repr(v) for v in list(dict.fromkeys(y.tolist()))[:3])
+        raise DiagQLError(f"labels must be class indices (whole numbers), not {seen}, ...: "
+                          f"number the classes 0..C-1 in the order of the model's outputs")
     elif y.dtype.kind not in "iub":
         raise DiagQLError(f"labels must be class indices, got dtype {y.dtype}")
     return y.astype(np.int64)
