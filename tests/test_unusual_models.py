@@ -381,3 +381,30 @@ def test_string_labels_are_refused_naming_them():
     with pytest.raises(DiagQLError, match=r"labels must be class indices \(whole numbers\), not "
                                           r"'cat'"):
         conn.query("SHOW PROFILE")
+
+
+class _Gram(nn.Module):
+    def forward(self, h):
+        return h @ h.T  # (batch, batch): a row per item whose width is the batch's
+
+
+class _Contrastive(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.gram, self.head = nn.Linear(6, 8), _Gram(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(h + 1e-3 * self.gram(h).mean(1, keepdim=True))
+
+
+def test_set_latent_refuses_a_layer_whose_shape_changes_with_the_batch():
+    conn = diagql.connect(_Contrastive(), (torch.randn(20, 6), torch.randint(0, 3, (20,))),
+                          cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"the output shape of layer 'gram' changes with the "
+                                          r"batch, so its neurons are not fixed \(line 1, "
+                                          r"column 14\)"):
+        conn.query("SET latent = gram")
+    assert conn.query("SHOW SETTINGS") and conn.settings.latent is None
+    assert conn.query("AVG NEURONS IN head USING SAMPLE maxmargin(0.5)").values.shape == (3,)
