@@ -408,3 +408,13 @@ def test_set_latent_refuses_a_layer_whose_shape_changes_with_the_batch():
         conn.query("SET latent = gram")
     assert conn.query("SHOW SETTINGS") and conn.settings.latent is None
     assert conn.query("AVG NEURONS IN head USING SAMPLE maxmargin(0.5)").values.shape == (3,)
+
+
+@pytest.mark.parametrize("text", [["a b", "c d", "e f"], np.array(["a b", "c d", "e f"])],
+                         ids=["list", "array"])
+def test_a_text_column_beside_the_inputs_is_named(text):
+    data = {"text": text, "x": torch.randn(3, 6), "labels": torch.tensor([0, 1, 2])}
+    with pytest.raises(DiagQLError, match="the data's column 'text' holds text, not numbers; a "
+                                          "mapping's columns are the model's keyword inputs: "
+                                          "leave it out"):
+        diagql.connect(_mlp(), data, cache_dir=False, progress=False)

@@ -126,6 +126,10 @@ class ItemSource:
                               "their names, one row per item")
         columns = {}
         for key, value in mapping.items():
+            if _is_text(value):
+                raise DiagQLError(f"the data's column {key!r} holds text, not numbers; a "
+                                  f"mapping's columns are the model's keyword inputs: leave it "
+                                  f"out (the tokenizer's outputs are the inputs)")
             columns[key] = _as_tensor(value, f"the inputs under {key!r}")
             if columns[key].ndim == 0:
                 raise DiagQLError(f"the inputs under {key!r} are a single value, not one row "
@@ -263,6 +267,14 @@ def _as_tensor(X, name: str) -> torch.Tensor:
         raise DiagQLError(f"{name} cannot be turned into a tensor ({exc}); sequences of "
                           f"different lengths must be padded, or passed as a Dataset with a "
                           f"padding collate_fn") from None
+
+
+def _is_text(value) -> bool:
+    """A column of strings (a dataset's raw "text" beside its token ids)."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "US" or (value.dtype.kind == "O" and len(value) > 0
+                                              and isinstance(value.flat[0], str))
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], str)
 
 
 def _as_labels(y) -> np.ndarray:
