@@ -418,3 +418,17 @@ def test_a_text_column_beside_the_inputs_is_named(text):
                                           "mapping's columns are the model's keyword inputs: "
                                           "leave it out"):
         diagql.connect(_mlp(), data, cache_dir=False, progress=False)
+
+
+def test_a_list_of_two_items_is_two_items_not_a_pair():
+    X = torch.randn(2, 6)
+    model = _mlp()
+    with torch.no_grad():
+        predicted = model(X).argmax(1).numpy()
+    for items in ([(X[0], 0), (X[1], torch.tensor(1))],
+                  [{"x": X[0], "labels": 0}, {"x": X[1], "labels": 1}]):
+        conn = diagql.connect(model, items, cache_dir=False, progress=False)
+        assert conn.profile.labels.tolist() == [0, 1]
+        assert (conn.profile.predictions == predicted).all()
+    pair = diagql.connect(model, [X, torch.tensor([1, 0])], cache_dir=False, progress=False)
+    assert pair.profile.labels.tolist() == [1, 0]

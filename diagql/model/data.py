@@ -392,7 +392,15 @@ def _is_sequence_of_items(data) -> bool:
     (X, y)), or an object indexed by position with a length, such as a Hugging Face
     ``datasets.Dataset`` (its items are dicts)."""
     if isinstance(data, list):
-        return len(data) != 2
+        # Two items, not a pair [X, y]: two mappings, or two (x, y) with one label each.
+        return len(data) != 2 or all(isinstance(d, Mapping) for d in data) or \
+            all(isinstance(d, tuple) and len(d) == 2 and _one_label(d[1]) for d in data)
     if isinstance(data, (tuple, str, bytes, Mapping, torch.Tensor, np.ndarray)):
         return False
     return hasattr(type(data), "__getitem__") and hasattr(type(data), "__len__")
+
+
+def _one_label(value) -> bool:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.ndim == 0
+    return isinstance(value, (int, np.integer, str))
