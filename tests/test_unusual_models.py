@@ -101,7 +101,7 @@ def test_bool_int_and_one_value_layers_average_and_argmax_as_numbers(non_float, 
 
 
 def test_one_value_per_item_is_neuron_zero_for_top_inputs(non_float):
-    model, X, y, conn = non_float
+    model, X, _, conn = non_float
     totals = _hooked(model, "total", X).double()
     top = conn.query("TOPK 3 INPUTS FOR total[0] USING FULL")
     assert top.items.tolist() == torch.argsort(totals, descending=True)[:3].tolist()
@@ -168,7 +168,7 @@ def test_a_dataclass_output_is_read_as_its_first_tensor_field(odd):
 
 
 def test_evaluate_without_layers_skips_children_it_cannot_read(odd):
-    model, X, y, conn = odd
+    *_, conn = odd
     with pytest.raises(DiagQLError, match="it returns a _Box holding no tensor"):
         conn.query("AVG NEURONS IN boxed")
     result = conn.query("EVALUATE SAMPLERS random(0.5) SEEDS 1")
