@@ -15,6 +15,7 @@ import numpy as np
 from diagql.engine.ray_data import DatasetBlocks, DatasetHead, ShardSource
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.hooks import hookable
 from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part,
                                   profile_part, projected_part, with_blocks)
 
@@ -373,8 +374,8 @@ def built_models(model) -> dict:
 
     made = model() if is_factory(model) else model
     if not isinstance(made, Mapping):
-        return {None: made}
-    return {name: m() if is_factory(m) else m for name, m in made.items()}
+        return {None: hookable(made)}  # as connect hooks it: a compiled model's original
+    return {name: hookable(m() if is_factory(m) else m) for name, m in made.items()}
 
 
 class ModelEngine:

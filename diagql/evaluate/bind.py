@@ -76,15 +76,21 @@ def default_layers(conn) -> list[str]:
     """The model's top-level blocks that hold parameters (conv1, conv2, fc1, fc2, fc3 in the demo)."""
     names = []
     for name, module in conn.model.named_children():
+        # Only children a query can read: one whose output holds no tensor would refuse the
+        # whole statement, though the user named no layer.
         if any(True for _ in module.parameters()) and name in conn.catalog and \
-                conn.catalog[name].calls == 1:
+                conn.catalog[name].calls == 1 and conn.catalog[name].shape is not None:
             names.append(name)
     return names or conn.layers
 
 
 def _bind_layers(refs: tuple[ast.LayerRef, ...], conn) -> list[LayerInfo]:
     if not refs:
-        return [bind_layer(ast.LayerRef(name), conn.catalog) for name in default_layers(conn)]
+        names = default_layers(conn)
+        if not names:  # every module never runs, runs several times or returns no tensor
+            raise _error("the model has no layer EVALUATE can read: no submodule runs once per "
+                         "forward pass and returns a tensor (SHOW LAYERS)", None)
+        return [bind_layer(ast.LayerRef(name), conn.catalog) for name in names]
     layers: list[LayerInfo] = []
     for ref in refs:
         layer = bind_layer(ref, conn.catalog)

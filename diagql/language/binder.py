@@ -259,8 +259,8 @@ def bind_view(query: ast.Query, layer: LayerInfo) -> View:
             raise _error(f"layer {name!r} has output shape {layer.shape_text()}: CHANNELS "
                          f"needs a layer with channels (a conv map); use NEURONS", query.layer.span)
     elif layer.varies:
-        raise _error(f"layer {name!r}'s output shape changes with the batch, so its neurons are "
-                     f"not fixed" + ("; CHANNELS averages each channel" if layer.channels
+        raise _error(f"the output shape of layer {name!r} changes with the batch, so its "
+                     f"neurons are not fixed" + ("; CHANNELS averages each channel" if layer.channels
                                      else ""), query.layer.span)
     return View(layer, channels=query.unit == "channels")
 
@@ -371,7 +371,7 @@ def neuron_shape(view: View) -> tuple[int, ...]:
         return shape[:1]
     if view.sequence:
         return shape if view.reduction == "all" else shape[-1:]
-    return shape
+    return shape or (1,)  # one value per item is one neuron, labelled layer[0]
 
 
 def bind_inputs(query: ast.TopInputs, catalog: LayerCatalog, *, n_classes: int,

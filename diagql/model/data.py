@@ -68,6 +68,16 @@ class ItemSource:
                                   f"{len(self._pair[1])} labels")
         else:
             raise DiagQLError(f"data must be {FORMS}, not {_describe(data)}")
+        # Items are read by index, so the count must be known and not zero: an empty data set
+        # would reach the catalog probe as batches of no items (a ValueError of range or
+        # DataLoader), a Dataset without __len__ as a TypeError.
+        try:
+            n = len(self)
+        except TypeError:
+            raise DiagQLError(f"the data ({_describe(data)}) has no length; DiagQL reads items "
+                              f"by index, so a Dataset must define __len__") from None
+        if n == 0:
+            raise DiagQLError(f"the data ({_describe(data)}) has no items")
 
     def __len__(self) -> int:
         if self._pair is not None:
@@ -111,8 +121,15 @@ class ItemSource:
     def _set_columns(self, mapping: Mapping, y) -> None:
         """A mapping of arrays, one row per item: its label key (if any) holds the labels
         unless ``y`` gives them; the other keys are the model's keyword inputs."""
+        if not mapping:
+            raise DiagQLError("the data is an empty mapping; it needs the model's inputs under "
+                              "their names, one row per item")
         columns = {}
         for key, value in mapping.items():
+            if _is_text(value):
+                raise DiagQLError(f"the data's column {key!r} holds text, not numbers; a "
+                                  f"mapping's columns are the model's keyword inputs: leave it "
+                                  f"out (the tokenizer's outputs are the inputs)")
             columns[key] = _as_tensor(value, f"the inputs under {key!r}")
             if columns[key].ndim == 0:
                 raise DiagQLError(f"the inputs under {key!r} are a single value, not one row "
@@ -252,6 +269,14 @@ def _as_tensor(X, name: str) -> torch.Tensor:
                           f"padding collate_fn") from None
 
 
+def _is_text(value) -> bool:
+    """A column of strings (a dataset's raw "text" beside its token ids)."""
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "US" or (value.dtype.kind == "O" and len(value) > 0
+                                              and isinstance(value.flat[0], str))
+    return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], str)
+
+
 def _as_labels(y) -> np.ndarray:
     if isinstance(y, torch.Tensor):
         y = y.detach().cpu().numpy()
@@ -268,6 +293,10 @@ def _as_labels(y) -> np.ndarray:
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             raise DiagQLError("labels must be whole class indices, found fractional values")
+    elif y.dtype.kind in "USO":
+        seen = ", ".join(repr(v) for v in list(dict.fromkeys(y.tolist()))[:3])
+        raise DiagQLError(f"labels must be class indices (whole numbers), not {seen}, ...: "
+                          f"number the classes 0..C-1 in the order of the model's outputs")
     elif y.dtype.kind not in "iub":
         raise DiagQLError(f"labels must be class indices, got dtype {y.dtype}")
     return y.astype(np.int64)
@@ -308,7 +337,30 @@ def call_model(model, x):
     except DiagQLError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of user code is reported, not crashed on
-        raise ExecutionError(f"the model's forward raised {type(exc).__name__}: {exc}") from exc
+        raise ExecutionError(f"the model's forward raised {type(exc).__name__}: {exc}"
+                             f"{_integer_hint(x)}") from exc
+
+
+def _integer_hint(x) -> str:
+    """Raw images come as uint8, which DiagQL passes on unchanged (integer inputs are token
+    ids and masks): a float model then fails on the dtype, which this names."""
+    found = []
+
+    def visit(v):
+        if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim >= 3:
+            found.append(v)
+        elif isinstance(v, Mapping):
+            for item in v.values():
+                visit(item)
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                visit(item)
+
+    visit(x)
+    if not found:
+        return ""
+    return (" (the data's inputs are uint8, which DiagQL passes on unchanged: convert them to "
+            "floats, scaled as the model was trained, in the data)")
 
 
 def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
@@ -340,7 +392,15 @@ def _is_sequence_of_items(data) -> bool:
     (X, y)), or an object indexed by position with a length, such as a Hugging Face
     ``datasets.Dataset`` (its items are dicts)."""
     if isinstance(data, list):
-        return len(data) != 2
+        # Two items, not a pair [X, y]: two mappings, or two (x, y) with one label each.
+        return len(data) != 2 or all(isinstance(d, Mapping) for d in data) or \
+            all(isinstance(d, tuple) and len(d) == 2 and _one_label(d[1]) for d in data)
     if isinstance(data, (tuple, str, bytes, Mapping, torch.Tensor, np.ndarray)):
         return False
     return hasattr(type(data), "__getitem__") and hasattr(type(data), "__len__")
+
+
+def _one_label(value) -> bool:
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.ndim == 0
+    return isinstance(value, (int, np.integer, str))

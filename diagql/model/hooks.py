@@ -23,6 +23,21 @@ def first_tensor(output, name: str = "") -> torch.Tensor:
     return found
 
 
+def hookable(module: nn.Module, what: str = "model") -> nn.Module:
+    """The module DiagQL hooks for the user's ``module``: a ``torch.compile``'d module's
+    original (dynamo would trace our hooks and fail on their guards; the original computes
+    the same outputs eagerly, its layers named as the user wrote them, without ``_orig_mod.``).
+    TorchScript is refused: its modules take no forward hooks, or never call them."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise DiagQLError(f"{what} is TorchScript ({type(module).__name__}), whose layers take no "
+                          f"forward hooks; connect the nn.Module it was scripted or traced "
+                          f"from")
+    original = getattr(module, "_orig_mod", None)  # torch._dynamo's OptimizedModule
+    if isinstance(original, nn.Module) and type(module).__name__ == "OptimizedModule":
+        return original
+    return module
+
+
 class StopForward(BaseException):
     """Raised by a hook once every module a pass needs has run: the rest of forward() is
     skipped (early exit). A BaseException, so that a model's own ``except Exception`` does

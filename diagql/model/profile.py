@@ -15,6 +15,7 @@ from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation, first_tensor
 from diagql.model.same_rows import SameRows, comparisons, fan_out
+from diagql.model.scores import classes_of, probabilities
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -262,8 +263,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             logits = _logits(call_model(model, x))
             if latent is not None:
                 hooks.check_ran()
-            probs = torch.softmax(logits.to(torch.float64), dim=1)
-            conf, pred = probs.max(dim=1)
+            conf, pred = probabilities(logits).max(dim=1)
             batch = slice(position, position + len(idx))
             if y is None:
                 has_labels = False
@@ -288,7 +288,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             position += len(idx)
             advance(len(idx))
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
-                       int(logits.shape[1]), kept_logits, same_latent.keys(),
+                       classes_of(tuple(logits.shape[1:])), kept_logits, same_latent.keys(),
                        same_logits.keys() if logits_kept else (), winners=keeper.result())
 
 
@@ -426,12 +426,14 @@ def _check_labels(labels: np.ndarray, n_classes: int) -> None:
     if len(outside):
         first = int(outside[0])
         raise DiagQLError(f"label {int(labels[first])} of item {first} is outside the model's "
-                          f"classes 0..{n_classes - 1} (the model has {n_classes} outputs); "
+                          f"classes 0..{n_classes - 1} (the model scores {n_classes} classes); "
                           f"{len(outside):,} of {len(labels):,} items have such labels")
 
 
 def _logits(output) -> torch.Tensor:
     logits = first_tensor(output)
+    if logits.ndim == 1:  # a binary classifier's squeezed logit: one per item
+        logits = logits[:, None]
     if logits.ndim != 2:
         raise ExecutionError(f"the model's output has shape {tuple(logits.shape)}; DiagQL needs "
                              f"class scores of shape (batch, classes)")

@@ -5,6 +5,7 @@ model"). The executor's consumers, EVALUATE and the profile all read outputs thr
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -25,19 +26,24 @@ REDUCTIONS = ("mean", "max", "token", "all")  # how a sequence's tokens become o
 
 def first_output(output):
     """The activation in what a module returns: a tensor (nested ones included) or a
-    PackedSequence, itself or the first one in a tuple, list or dict (in order), or the
-    ``logits``/``last_hidden_state`` of a Hugging Face output; None when there is none.
+    PackedSequence, itself or the first one in a tuple, list, dict or dataclass (in order), or the
+    ``logits``/``last_hidden_state`` of a Hugging Face output or a dict; None when there is none.
     A PackedSequence is one activation, never searched for its ``data``."""
     if isinstance(output, (torch.Tensor, PackedSequence)):
         return output
     for attr in ("logits", "last_hidden_state"):
-        value = getattr(output, attr, None)
+        # A plain dict's too: {"hidden": h, "logits": z} is a model's logits, not h.
+        value = output.get(attr) if isinstance(output, Mapping) else getattr(output, attr, None)
         if isinstance(value, torch.Tensor):
             return value
     if isinstance(output, Mapping):
         values = output.values()
     elif isinstance(output, (tuple, list)):
         values = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        # A plain dataclass output, read as a Hugging Face output (also a Mapping) is: fields
+        # in order (getattr, not asdict, which would deep-copy every tensor).
+        values = [getattr(output, f.name) for f in dataclasses.fields(output)]
     else:
         return None
     for value in values:
@@ -51,7 +57,7 @@ def describe_output(output) -> str:
     """What a module returned, for messages: 'a tuple holding a tensor of shape (5, 3, 16)'."""
     first = first_output(output)
     if first is None:
-        return f"a {type(output).__name__} holding no tensor"
+        return f"{_a(type(output).__name__)} holding no tensor"
     if isinstance(first, PackedSequence):
         what = (f"a PackedSequence of {int(first.batch_sizes[0])} sequences (data "
                 f"{tuple(first.data.shape)})")
@@ -59,7 +65,11 @@ def describe_output(output) -> str:
         what = f"a nested tensor of {first.size(0)} components"
     else:
         what = f"a tensor of shape {tuple(first.shape)}"
-    return what if first is output else f"a {type(output).__name__} holding {what}"
+    return what if first is output else f"{_a(type(output).__name__)} holding {what}"
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 # --- padding masks --------------------------------------------------------------------------
@@ -167,6 +177,11 @@ def batch_first(layer, call: ModuleCall) -> torch.Tensor:
     if out.shape[layer.batch_axis] != call.size:
         raise _unexpected(layer, call, f"{call.size} items along axis {layer.batch_axis}, its "
                                        f"batch axis")
+    if not (out.is_floating_point() or out.is_complex()):
+        # A mask or indices (bool, int) are numbers too; ARGMAX and the samplers' reductions
+        # take no bool, so rows are floats: float64 holds every int32 exactly.
+        out = out.to(torch.float32 if out.dtype in (torch.bool, torch.uint8, torch.int8)
+                     else torch.float64)
     return out.movedim(layer.batch_axis, 0) if layer.batch_axis else out
 
 
@@ -290,7 +305,8 @@ class View:
         if tuple(values.shape[1:]) != layer.shape:
             raise _unexpected(layer, call, "each item's output of shape "
                                            f"{tuple(layer.shape)}, as in the catalog probe")
-        return values.flatten(1)
+        # reshape, not flatten(1): an output of one value per item, shape (batch,), is one neuron.
+        return values.reshape(len(values), -1)
 
     def finish(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows to the neurons a query aggregates (the channel means of a fixed shape)."""

@@ -43,8 +43,14 @@ def unwrap_state(state, label: str) -> Mapping:
     return state
 
 
+# What wrappers put before every key: torch.compile's OptimizedModule, DataParallel and
+# DistributedDataParallel. Saved from the wrapper, a state_dict loads into the bare module.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
 def load_state(model: nn.Module, state: Mapping, label: str) -> None:
     """Copy ``state`` into ``model``'s parameters and buffers; every key must fit."""
+    state = _unprefixed(model, state)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
@@ -62,3 +68,14 @@ def load_state(model: nn.Module, state: Mapping, label: str) -> None:
 def _few(keys: list[str]) -> str:
     shown = ", ".join(keys[:4])
     return shown + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+
+def _unprefixed(model: nn.Module, state: Mapping) -> Mapping:
+    """``state`` without a wrapper's prefix that every one of its keys has and none of the
+    model's do (a model whose own child is named ``module`` keeps its keys)."""
+    own = model.state_dict().keys()
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state) and \
+                not any(k.startswith(prefix) for k in own):
+            return {k[len(prefix):]: v for k, v in state.items()}
+    return state

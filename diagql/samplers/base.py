@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from diagql.errors import BindError
+from diagql.errors import BindError, DiagQLError
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class Sampler:
     uniform: ClassVar[bool] = False
     # True when the sampler reads the true labels: data without labels cannot use it.
     needs_labels: ClassVar[bool] = False
+    # True when it fits on the latents, which must then be finite (a NaN fails gmm's linear
+    # algebra and silently skews maxmargin's SVM).
+    reads_latents: ClassVar[bool] = True
     # True when its draws are nested by construction: with the same parameters and seed, the
     # draw of n items holds the draw of every smaller n (its items come in one priority order
     # and a draw is a prefix of it). ``Ladder`` then grows a sample through one-shot draws.
@@ -112,6 +115,8 @@ class Sampler:
     def fit(self, data: SampleData) -> "Sampler":
         """Draw the sample; the sorted item indices land in ``indices_``."""
         n = self.validate(len(data))
+        if self.reads_latents:
+            _check_finite(self.name, data.latents)
         rng = np.random.default_rng(_seed(self.random_state))
         indices = np.unique(np.asarray(self._select(data, n, rng), dtype=np.int64))
         self.indices_ = indices
@@ -127,6 +132,19 @@ class Sampler:
     def _select(self, data: SampleData, n: int | None, rng: np.random.Generator) -> np.ndarray:
         """The chosen item indices (any order); ``n`` is the exact count unless it is None."""
         raise NotImplementedError
+
+
+def _check_finite(name: str, latents: np.ndarray) -> None:
+    # One float64 sum is finite exactly when every value is (short of an overflow, which the
+    # full check then clears).
+    if len(latents) and np.isfinite(np.sum(latents, dtype=np.float64)):
+        return
+    bad = np.flatnonzero(~np.isfinite(latents).all(axis=1))
+    if len(bad):
+        raise DiagQLError(f"{name} fits on the latents, which are NaN or infinite for "
+                          f"{len(bad):,} of {len(latents):,} items (the first is item "
+                          f"{int(bad[0])}); SET latent = another layer, or sample with random "
+                          f"or stratified")
 
 
 def resolve_size(size, n_items: int) -> int:

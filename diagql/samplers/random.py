@@ -8,6 +8,7 @@ from .base import SampleData, Sampler
 
 class RandomSampler(Sampler):
     name = "random"
+    reads_latents = False
     description = "uniform without replacement"
     uniform = True
     nested = True

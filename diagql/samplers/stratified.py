@@ -8,6 +8,7 @@ from .base import SampleData, Sampler
 
 class StratifiedSampler(Sampler):
     name = "stratified"
+    reads_latents = False
     description = ("strata = confusion-matrix cells; proportional allocation with at least one "
                    "item from every non-empty cell")
     # Not uniform: the one item from every non-empty cell oversamples the rare confusions

@@ -21,6 +21,7 @@ from diagql.language import ast
 from diagql.language.binder import bind_sampler, qualify_layer
 from diagql.language.parser import parse, parse_sampler
 from diagql.model.data import ItemSource
+from diagql.model.hooks import hookable
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
 from diagql.progress import Progress
@@ -172,6 +173,7 @@ class Connection:
         if not isinstance(module, nn.Module):
             what = "model" if name == DEFAULT else f"model {name!r}"
             raise DiagQLError(f"{what} must be a torch.nn.Module, not {type(module).__name__}")
+        module = hookable(module, "model" if name == DEFAULT else f"model {name!r}")
         device = _resolve_device(device, module)
         self.models[name] = ModelEntry(self, name, module, device=device,
                                        dtype=model_dtype(module), latent=latent)

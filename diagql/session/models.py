@@ -9,10 +9,11 @@ from dataclasses import replace
 import torch
 
 from diagql.engine.executor import Runner, row_dtype
-from diagql.errors import BindError, DiagQLError
+from diagql.errors import BindError
 from diagql.language import ast
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
+from diagql.model.scores import classes_of
 from diagql.session.artifacts import Artifacts
 from diagql.session.checkpoints import CheckpointSlot, describe_weights
 from diagql.storage.activations import ActivationStore
@@ -109,11 +110,7 @@ class ModelEntry:
 
     @property
     def n_classes(self) -> int:
-        shape = self.catalog.output_shape
-        if len(shape) != 1:
-            raise DiagQLError(f"the model's output has per-item shape {shape}; DiagQL needs one "
-                              f"score per class")
-        return shape[0]
+        return classes_of(self.catalog.output_shape)
 
     @property
     def profile(self) -> Profile:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+
 from diagql import samplers
 from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
@@ -132,9 +134,17 @@ def _profile(conn, statement) -> Result:
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
              f"({profile.latents.shape[1]} dims), computed in {profile.seconds:.2f} s; "
              f"rows: true class, columns: predicted")
+    # The profile keeps such items (their layers' NaN are reported per query), but argmax
+    # over NaN scores names an arbitrary class, which this table and WHERE correct count.
+    unscored = np.flatnonzero(~np.isfinite(profile.confidence))
+    notes = []
+    if len(unscored):
+        notes.append(f"{len(unscored):,} items have NaN or infinite class scores (the first is "
+                     f"item {int(unscored[0])}): their predictions are arbitrary, yet counted "
+                     f"here and by WHERE correct")
     return Result(kind="table", statement=statement.text,
                   columns=["class", "items", "accuracy", *(str(c) for c in classes)], rows=rows,
-                  title=title)
+                  title=title, notes=notes)
 
 
 def _settings(conn, statement) -> Result:

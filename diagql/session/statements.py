@@ -13,7 +13,8 @@ from diagql.engine.answers import record_speedup
 from diagql.engine.planner import Plan, plan_query
 from diagql.errors import BindError
 from diagql.language import ast
-from diagql.language.binder import bind_layer, bind_query, bind_similarity, require_labels
+from diagql.language.binder import (bind_layer, bind_query, bind_similarity, bind_view,
+                                    require_labels)
 from diagql.results.result import Result
 from diagql.session.models import name_model, sampler_model, with_model
 from diagql.session.settings import Settings
@@ -277,7 +278,9 @@ def _set_latent(conn, statement: ast.SetStatement, value: str | None) -> Result:
     entry, shown = conn.current, value
     if value is not None:
         entry, ref = conn.resolve(ast.LayerRef(value, span=statement.value_span))
-        bind_layer(ref, entry.catalog)
+        # The profile reads the latent through this view: refused now, not at the next query
+        # (a layer whose shape changes with the batch has no fixed latent).
+        bind_view(ast.Query("avg", "neurons", ref), bind_layer(ref, entry.catalog))
         value = ref.name
     if value != entry.latent:
         entry.forget_latent_space()

@@ -1,0 +1,434 @@
+"""Models and data of forms the other tests do not use (found by sweeping unusual models over
+every layer and statement): each answer is checked against plain torch, each refusal is one
+DiagQLError naming the problem."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import diagql
+from diagql.errors import DiagQLError
+
+
+def _mlp(out: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, out))
+
+
+def _hooked(model: nn.Module, name: str, *inputs) -> torch.Tensor:
+    """The module's output for the whole batch, by a hook of the test's own, in float64."""
+    seen = []
+    module = dict(model.named_modules())[name]
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    finally:
+        handle.remove()
+    (out,) = seen
+    return out
+
+
+class _NoLength(Dataset):
+    def __getitem__(self, i):
+        return torch.zeros(6), 0
+
+
+@pytest.mark.parametrize("data, message", [
+    ((torch.zeros(0, 6), torch.zeros(0, dtype=torch.int64)), r"the data \(a tuple of 2\) has no items"),
+    ((torch.zeros(0, 6), None), "has no items"),
+    ([], r"the data \(a list of 0\) has no items"),
+    ({}, "the data is an empty mapping"),
+    (_NoLength(), "has no length; DiagQL reads items by index, so a Dataset must define __len__"),
+])
+def test_data_without_items_or_length_is_refused_at_connect(data, message):
+    with pytest.raises(DiagQLError, match=message):
+        diagql.connect(_mlp(), data, cache_dir=False, progress=False)
+
+
+class _NonFloatLayers(nn.Module):
+    """Layers whose outputs are a bool mask, int indicators and one value per item."""
+
+    class Mask(nn.Module):
+        def forward(self, x):
+            return x > 0
+
+    class Count(nn.Module):
+        def forward(self, x):
+            return (x > 0).long() * 3
+
+    class Total(nn.Module):
+        def forward(self, x):
+            return x.sum(1)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 8)
+        self.mask, self.count, self.total = self.Mask(), self.Count(), self.Total()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.fc(h * self.mask(h) + self.count(h) + self.total(h)[:, None])
+
+
+@pytest.fixture(scope="module")
+def non_float():
+    torch.manual_seed(1)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = _NonFloatLayers()
+    return model, X, y, diagql.connect(model, (X, y), cache_dir=False, progress=False)
+
+
+@pytest.mark.parametrize("layer", ["mask", "count", "total"])
+def test_bool_int_and_one_value_layers_average_and_argmax_as_numbers(non_float, layer):
+    model, X, y, conn = non_float
+    rows = _hooked(model, layer, X).double().reshape(len(X), -1)
+    avg = conn.query(f"AVG NEURONS IN {layer} USING FULL")
+    np.testing.assert_allclose(avg.values, rows.mean(0).numpy(), rtol=1e-12)
+    assert avg.labels[0] == f"{layer}[0]"
+    arg = conn.query(f"ARGMAX NEURONS IN {layer} GROUP BY class USING FULL")
+    for c in range(3):
+        winners = rows[y == c].argmax(1)
+        share = torch.bincount(winners, minlength=rows.shape[1]).double() / len(winners)
+        np.testing.assert_allclose(arg.groups[c].values, share.numpy(), rtol=1e-12)
+
+
+def test_one_value_per_item_is_neuron_zero_for_top_inputs(non_float):
+    model, X, _, conn = non_float
+    totals = _hooked(model, "total", X).double()
+    top = conn.query("TOPK 3 INPUTS FOR total[0] USING FULL")
+    assert top.items.tolist() == torch.argsort(totals, descending=True)[:3].tolist()
+    np.testing.assert_allclose(top.values, totals.sort(descending=True).values[:3].numpy(),
+                               rtol=1e-6)
+
+
+@dataclasses.dataclass
+class _Hidden:
+    hidden: torch.Tensor
+    note: str = "kept"
+
+
+class _Box:
+    """An output DiagQL cannot read: a plain object (no tuple, mapping or dataclass)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+class _OddOutputs(nn.Module):
+    class Encode(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 8)
+
+        def forward(self, x):
+            return _Hidden(torch.tanh(self.lin(x)))
+
+    class Boxed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return _Box(self.lin(x))
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encode, self.boxed, self.head = self.Encode(), self.Boxed(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.encode(x).hidden
+        return _Hidden(self.head(h + self.boxed(h).value))  # the logits in a dataclass too
+
+
+@pytest.fixture(scope="module")
+def odd():
+    torch.manual_seed(2)
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    model = _OddOutputs()
+    return model, X, y, diagql.connect(model, (X, y), cache_dir=False, progress=False)
+
+
+def test_a_dataclass_output_is_read_as_its_first_tensor_field(odd):
+    model, X, y, conn = odd
+    hidden = _hooked(model, "encode", X).hidden.double()
+    mask = y == 1
+    avg = conn.query("AVG NEURONS IN encode WHERE class = 1 USING FULL")
+    np.testing.assert_allclose(avg.values, hidden[mask].mean(0).numpy(), rtol=1e-6)
+    logits = _hooked(model, "head", X).double()
+    assert (conn.profile.predictions == logits.argmax(1).numpy()).all()
+
+
+def test_evaluate_without_layers_skips_children_it_cannot_read(odd):
+    *_, conn = odd
+    with pytest.raises(DiagQLError, match="it returns a _Box holding no tensor"):
+        conn.query("AVG NEURONS IN boxed")
+    result = conn.query("EVALUATE SAMPLERS random(0.5) SEEDS 1")
+    assert result.plan.layers and {layer.name for layer in result.plan.layers} == {"encode", "head"}
+
+
+class _Binary(nn.Module):
+    """A binary classifier with one logit, (batch, 1) or squeezed to (batch,)."""
+
+    def __init__(self, squeeze: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head, self.squeeze = nn.Linear(6, 8), nn.Linear(8, 1), squeeze
+
+    def forward(self, x):
+        logit = self.head(torch.relu(self.lin(x)))
+        return logit.squeeze(-1) if self.squeeze else logit
+
+
+@pytest.mark.parametrize("squeeze", [False, True])
+def test_one_logit_is_a_binary_classifier(squeeze):
+    torch.manual_seed(3)
+    X, y = torch.randn(80, 6), torch.randint(0, 2, (80,))
+    model = _Binary(squeeze)
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    logit = _hooked(model, "head", X).double().reshape(-1)
+    p = torch.sigmoid(logit)
+    predicted = (logit > 0).long()
+    assert conn.n_classes == 2
+    assert (conn.profile.predictions == predicted.numpy()).all()
+    np.testing.assert_allclose(conn.profile.confidence, torch.maximum(p, 1 - p).numpy(),
+                               rtol=1e-12)
+    hidden = _hooked(model, "lin", X).double()
+    wrong = predicted != y
+    avg = conn.query("AVG NEURONS IN lin WHERE incorrect AND class = 1 USING FULL")
+    np.testing.assert_allclose(avg.values, hidden[wrong & (y == 1)].mean(0).numpy(), rtol=1e-6)
+    sampled = conn.query("AVG NEURONS IN lin GROUP BY predicted USING SAMPLE maxmargin(0.5)")
+    assert set(sampled.groups) <= {0, 1}
+    with pytest.raises(DiagQLError, match=r"class 2 is outside the label set 0..1"):
+        conn.query("AVG NEURONS IN lin WHERE class = 2")
+
+
+class _Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+class _NaNs(nn.Module):
+    """A layer (``log``) with NaN for every item (a negative argument somewhere in each)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.log, self.head = nn.Linear(6, 8), _Log(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.nan_to_num(self.log(self.lin(x))))
+
+
+def test_samplers_refuse_a_latent_with_nan_and_another_can_be_set():
+    torch.manual_seed(4)
+    X, y = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    model = _NaNs()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    conn.query("SET latent = log")
+    for sampler in ("gmm", "maxmargin", "vas"):
+        with pytest.raises(DiagQLError, match=rf"{sampler} fits on the latents, which are NaN or "
+                                              rf"infinite for 50 of 50 items \(the first is item "
+                                              rf"0\); SET latent = another layer"):
+            conn.query(f"AVG NEURONS IN lin USING SAMPLE {sampler}(0.5)")
+    lin = _hooked(model, "lin", X).double()
+    drawn = conn.query("AVG NEURONS IN lin USING SAMPLE random(0.5)")  # reads no latent
+    assert drawn.provenance.n_sample == 25 and np.isfinite(drawn.values).all()
+    assert np.all((drawn.values >= lin.min(0).values.numpy() - 1e-6)
+                  & (drawn.values <= lin.max(0).values.numpy() + 1e-6))
+    conn.query("SET latent = lin")
+    result = conn.query("AVG NEURONS IN lin USING SAMPLE gmm(0.5)")
+    assert np.isfinite(result.values).all()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("make", [torch.jit.script, lambda m: torch.jit.trace(m, torch.zeros(2, 6))],
+                         ids=["script", "trace"])
+def test_torchscript_is_refused_at_connect(make):
+    with pytest.raises(DiagQLError, match=r"model is TorchScript \(\w+\), whose layers take no "
+                                          r"forward hooks; connect the nn.Module"):
+        diagql.connect(make(_mlp()), (torch.zeros(5, 6), torch.zeros(5, dtype=torch.int64)),
+                       cache_dir=False, progress=False)
+
+
+def test_a_compiled_model_is_queried_through_its_original_layers():
+    torch.manual_seed(5)
+    X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    model = _mlp()
+    conn = diagql.connect(torch.compile(model, backend="eager"), (X, y), cache_dir=False,
+                          progress=False)
+    assert conn.layers == ["0", "1", "2"] and conn.model is model
+    relu = _hooked(model, "1", X).double()
+    top = conn.query("TOPK 2 NEURONS IN 1 WHERE class = 2 USING SAMPLE random(0.9)")
+    assert top.values.shape == (2,) and np.isfinite(top.values).all()
+    avg = conn.query("AVG NEURONS IN 1 WHERE class = 2 USING FULL")
+    np.testing.assert_allclose(avg.values, relu[y == 2].mean(0).numpy(), rtol=1e-6)
+
+
+class _ParametersOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def test_evaluate_on_a_model_without_layers_says_so():
+    conn = diagql.connect(_ParametersOnly(), (torch.randn(20, 6), torch.randint(0, 3, (20,))),
+                          cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="the model has no layer EVALUATE can read"):
+        conn.query("EVALUATE SAMPLERS random(0.5) SEEDS 1")
+
+
+def test_ray_workers_build_a_compiled_models_original():
+    from diagql.engine.ray_engine import built_models
+
+    model = _mlp()
+    assert built_models(lambda: torch.compile(model, backend="eager")) == {None: model}
+    assert built_models({"a": torch.compile(model, backend="eager")}) == {"a": model}
+
+
+@pytest.mark.parametrize("wrap", [lambda m: torch.compile(m, backend="eager"), nn.DataParallel],
+                         ids=["compiled", "data-parallel"])
+def test_a_checkpoint_saved_from_a_wrapper_loads_into_the_bare_model(wrap, tmp_path):
+    torch.manual_seed(6)
+    X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    earlier = _mlp()
+    with torch.no_grad():
+        for p in earlier.parameters():
+            p.mul_(-2.0)
+    torch.save(wrap(earlier).state_dict(), tmp_path / "e1.pt")
+    conn = diagql.connect(_mlp(), (X, y), checkpoints={"e1": str(tmp_path / "e1.pt")},
+                          cache_dir=False, progress=False)
+    avg = conn.query("AVG NEURONS IN e1.1 USING FULL")
+    np.testing.assert_allclose(avg.values, _hooked(earlier, "1", X).double().mean(0).numpy(),
+                               rtol=1e-6)
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.lin(x))
+        return {"hidden": h, "logits": self.head(h)}  # the logits are not the first tensor
+
+
+def test_a_dicts_logits_are_the_models_scores_wherever_they_stand():
+    torch.manual_seed(7)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = _DictOut()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    assert conn.n_classes == 3
+    with torch.no_grad():
+        logits = model(X)["logits"]
+    assert (conn.profile.predictions == logits.argmax(1).numpy()).all()
+
+
+class _NaNLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(x) + torch.log(x[:, :1] + 0.5)  # NaN where x[:, 0] < -0.5
+
+
+def test_show_profile_notes_items_whose_scores_are_nan():
+    torch.manual_seed(4)
+    X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    bad = torch.nonzero(X[:, 0] < -0.5).flatten()
+    conn = diagql.connect(_NaNLogits(), (X, y), cache_dir=False, progress=False)
+    (note,) = conn.query("SHOW PROFILE").notes
+    assert note.startswith(f"{len(bad)} items have NaN or infinite class scores (the first is "
+                           f"item {int(bad[0])}): their predictions are arbitrary")
+    finite = diagql.connect(_mlp(), (X, y), cache_dir=False, progress=False)
+    assert finite.query("SHOW PROFILE").notes == []
+
+
+def test_uint8_images_into_a_float_model_say_to_convert_them():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    X = (torch.rand(10, 3, 8, 8) * 255).to(torch.uint8)
+    conn = diagql.connect(model, (X, torch.randint(0, 3, (10,))), cache_dir=False,
+                          progress=False)
+    with pytest.raises(DiagQLError, match=r"the model's forward raised RuntimeError: .*\(the "
+                                          r"data's inputs are uint8, which DiagQL passes on "
+                                          r"unchanged: convert them to floats"):
+        conn.query("AVG NEURONS IN 0")
+
+
+def test_string_labels_are_refused_naming_them():
+    X = torch.randn(6, 6)
+    names = np.array(["cat", "dog", "cow"] * 2)
+    with pytest.raises(DiagQLError, match=r"labels must be class indices \(whole numbers\), not "
+                                          r"'cat', 'dog', 'cow', \.\.\.: number the classes"):
+        diagql.connect(_mlp(), (X, names), cache_dir=False, progress=False)
+    items = [(X[i], str(names[i])) for i in range(6)]
+    conn = diagql.connect(_mlp(), items, cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"labels must be class indices \(whole numbers\), not "
+                                          r"'cat'"):
+        conn.query("SHOW PROFILE")
+
+
+class _Gram(nn.Module):
+    def forward(self, h):
+        return h @ h.T  # (batch, batch): a row per item whose width is the batch's
+
+
+class _Contrastive(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.gram, self.head = nn.Linear(6, 8), _Gram(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(h + 1e-3 * self.gram(h).mean(1, keepdim=True))
+
+
+def test_set_latent_refuses_a_layer_whose_shape_changes_with_the_batch():
+    conn = diagql.connect(_Contrastive(), (torch.randn(20, 6), torch.randint(0, 3, (20,))),
+                          cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"the output shape of layer 'gram' changes with the "
+                                          r"batch, so its neurons are not fixed \(line 1, "
+                                          r"column 14\)"):
+        conn.query("SET latent = gram")
+    assert conn.query("SHOW SETTINGS") and conn.settings.latent is None
+    assert conn.query("AVG NEURONS IN head USING SAMPLE maxmargin(0.5)").values.shape == (3,)
+
+
+@pytest.mark.parametrize("text", [["a b", "c d", "e f"], np.array(["a b", "c d", "e f"])],
+                         ids=["list", "array"])
+def test_a_text_column_beside_the_inputs_is_named(text):
+    data = {"text": text, "x": torch.randn(3, 6), "labels": torch.tensor([0, 1, 2])}
+    with pytest.raises(DiagQLError, match="the data's column 'text' holds text, not numbers; a "
+                                          "mapping's columns are the model's keyword inputs: "
+                                          "leave it out"):
+        diagql.connect(_mlp(), data, cache_dir=False, progress=False)
+
+
+def test_a_list_of_two_items_is_two_items_not_a_pair():
+    X = torch.randn(2, 6)
+    model = _mlp()
+    with torch.no_grad():
+        predicted = model(X).argmax(1).numpy()
+    for items in ([(X[0], 0), (X[1], torch.tensor(1))],
+                  [{"x": X[0], "labels": 0}, {"x": X[1], "labels": 1}]):
+        conn = diagql.connect(model, items, cache_dir=False, progress=False)
+        assert conn.profile.labels.tolist() == [0, 1]
+        assert (conn.profile.predictions == predicted).all()
+    pair = diagql.connect(model, [X, torch.tensor([1, 0])], cache_dir=False, progress=False)
+    assert pair.profile.labels.tolist() == [1, 0]
