@@ -527,6 +527,23 @@ def test_by_order_only_for_topk():
     assert "TOPK" in err.message and (err.line, err.column) == (1, 20)
 
 
+@pytest.mark.parametrize("text,column,end", [
+    ("SIMILARITY a, b USING SAMPLE random(0.1) UNTIL precision >= 0.9", 42, 64),
+    ("SIMILARITY a, b UNTIL cosine <= 0.1", 17, 36),
+    ("SIMILARITY a, b WITHIN 1 SECONDS", 17, 33),
+    ("SIMILARITY a, b USING AUTO WITHIN 2 SECONDS", 28, 44),
+    ("TOPK 3 INPUTS FOR a[0] UNTIL precision >= 0.9", 24, 46),
+    ("BOTTOMK 3 INPUTS FOR a[0] USING SAMPLE random WITHIN 1 SECONDS", 47, 63),
+])
+def test_until_only_on_queries(text, column, end):
+    """The source clause parses after SIMILARITY and TOPK k INPUTS too, but only a query can
+    grow its sample: the others are refused at the UNTIL/WITHIN (their AST has no field for it;
+    this was a TypeError traceback)."""
+    err = error_of(text)
+    assert "takes no UNTIL or WITHIN" in err.message
+    assert (err.line, err.column, err.end_column) == (1, column, end)
+
+
 @pytest.mark.parametrize("text,line,column", [
     ("TOPK 5 NEURONS IN fc1 WHERE class IN ()", 1, 39),
     ("TOPK 5 NEURONS IN fc1 WHERE confidence = 'x'", 1, 42),

@@ -100,6 +100,21 @@ def _build_transformer():
             span = self._span(meta)
             return self.source[span.start_pos:span.end_pos] if span else ""
 
+        def _no_until(self, fields: dict, statement: str) -> None:
+            """The grammar shares its source clause among statements, but only a query can
+            grow its sample to a target (docs/ARCHITECTURE.md, "Error-bounded queries")."""
+            until = fields.get("until")
+            if until is None:
+                return
+            span = until.span
+            raise ParseError(f"{statement} takes no UNTIL or WITHIN: only a TOPK, AVG or ARGMAX "
+                             f"query over neurons grows its sample to a target; use USING "
+                             f"SAMPLE s(size)",
+                             line=span.line if span else None,
+                             column=span.column if span else None,
+                             end_column=span.end_column if span and span.end_line == span.line
+                             else None, source=self.source)
+
         # statements
         def query(self, meta, children):
             agg, _in, layer, *clauses = children
@@ -136,6 +151,7 @@ def _build_transformer():
                             "checkpoint's is compared with the final model's)",
                             line=span.line if span else None,
                             column=span.column if span else None, source=self.source)
+            self._no_until(fields, "SIMILARITY")
             return ast.Similarity(tuple(ref for ref, _ in layers),
                                   tuple(tokens for _, tokens in layers), span=self._span(meta),
                                   text=self._text(meta), **fields)
@@ -181,6 +197,7 @@ def _build_transformer():
             fields = {}
             for clause in clauses:
                 fields.update(clause)
+            self._no_until(fields, f"{str(keyword).upper()} k INPUTS")
             neuron = ast.NeuronRef(neuron.layer, neuron.index, channel, span=neuron.span,
                                    index_span=neuron.index_span)
             return ast.TopInputs(self._int(k), neuron, str(keyword).lower() == "topk",
