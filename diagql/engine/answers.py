@@ -17,11 +17,15 @@ from diagql.results.result import Estimate, Provenance, Result
 
 
 def require_matches(plan: Plan) -> None:
-    """An exact answer over no items is an error; a sample with none is an empty answer (and
-    its baseline, if any, must match something)."""
+    """An exact answer over no items is an error, and so is a sample's when no item of the
+    data matches (the profile knows it: "no matching items in the sample" would blame the
+    sample); a sample that merely missed the matching items is an empty answer (and its
+    baseline, if any, must match something)."""
     exact = plan.baseline if plan.approximate else plan
     if exact is not None and len(exact.items) == 0:
         raise ExecutionError(no_match_message(exact))
+    if plan.approximate and sum(plan.population.values()) == 0:
+        raise ExecutionError(no_match_message(plan))
 
 
 def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: dict) -> Result:
