@@ -179,12 +179,22 @@ def test_module_that_never_runs(shared_db):
     ("class IN (1, 99)", "99", "class"),
     ("correct AND predicted != 10", "10", "predicted"),
     ("NOT class NOT IN (3, 10)", "10", "class"),
-    ("class = 2.5", "2.5", "class"),
 ])
 def test_class_outside_the_label_set(db, predicate, bad, field):
     text = f"AVG NEURONS IN fc1 WHERE {predicate}"
     err = bind_error(db, text)
     assert f"{field} {bad}" in err.message and "0..9" in err.message
+    assert_caret_under(err, text, bad, exact=False)
+
+
+@pytest.mark.parametrize("predicate,bad", [("class = 2.5", "2.5"),
+                                           ("predicted IN (1, 0.5)", "0.5")])
+def test_class_that_is_not_whole(db, predicate, bad):
+    """2.5 lies inside 0..9, so "outside the label set" was the wrong reason."""
+    text = f"AVG NEURONS IN fc1 WHERE {predicate}"
+    err = bind_error(db, text)
+    assert err.message.endswith(f"takes a whole number (a class 0..9), not {bad}")
+    assert "outside" not in err.message
     assert_caret_under(err, text, bad, exact=False)
 
 

@@ -177,8 +177,8 @@ def bind_until(query: ast.Query, sampler: samplers.Sampler | None) -> None:
                      "TOPK ... BY MEAN (WITHIN n SECONDS alone works)", target.span)
     wanted = (">=", ">") if better == "higher" else ("<=", "<")
     if target.op not in wanted:
-        raise _error(f"{target.metric} is better {better}, so its target is a "
-                     f"{'lower' if better == 'higher' else 'upper'} bound: write "
+        raise _error(f"{target.metric} is better {better}, so its target is "
+                     f"{'a lower' if better == 'higher' else 'an upper'} bound: write "
                      f"{target.metric} {wanted[0]} {_num_text(target.value)}", target.span)
     if not (_finite(target.value) and target.value > low and (high is None or target.value
                                                                 <= high)):
@@ -316,7 +316,10 @@ def _finite(value) -> bool:
 
 
 def _check_class(field: str, value, n_classes: int, span) -> None:
-    if not _finite(value) or value != int(value) or not 0 <= value < n_classes:
+    if _finite(value) and value != int(value):  # 3.5 lies inside 0..9: say what is wrong
+        raise _error(f"{field} takes a whole number (a class 0..{n_classes - 1}), not {value}",
+                     span)
+    if not _finite(value) or not 0 <= value < n_classes:
         raise _error(f"{field} {value} is outside the label set 0..{n_classes - 1} "
                      f"(the model has {n_classes} classes)", span)
 
