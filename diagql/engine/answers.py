@@ -23,9 +23,19 @@ def require_matches(plan: Plan) -> None:
     baseline, if any, must match something)."""
     exact = plan.baseline if plan.approximate else plan
     if exact is not None and len(exact.items) == 0:
-        raise ExecutionError(no_match_message(exact))
+        raise ExecutionError(no_match_message(exact), **where_place(plan.query))
     if plan.approximate and sum(plan.population.values()) == 0:
-        raise ExecutionError(no_match_message(plan))
+        raise ExecutionError(no_match_message(plan), **where_place(plan.query))
+
+
+def where_place(statement) -> dict:
+    """The error's place: the WHERE's predicate, so that a script's error says which statement
+    and the caret underlines what matched nothing."""
+    span = getattr(getattr(statement, "where", None), "span", None)
+    if span is None:
+        return {}
+    return {"line": span.line, "column": span.column,
+            "end_column": span.end_column if span.end_line == span.line else None}
 
 
 def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: dict) -> Result:
