@@ -286,6 +286,20 @@ def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(
     assert "no interval" in str(result) or "no matching items" in str(result)
 
 
+def test_json_of_an_undefined_interval_is_strict_json(db):
+    """Three sampled items: no debiased CKA nor interval. The JSON line said NaN there, which
+    is not JSON (jq and JSON.parse refuse the line); it says null."""
+    result = db.query("SIMILARITY encoder.3, head USING SAMPLE random(3)")
+    assert np.isnan(result.estimate.ci_low).all()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON")
+
+    data = json.loads(diagql.results.render.to_json(result), parse_constant=refuse)
+    assert data["estimate"]["ci_low"] == [[None, None], [None, None]]
+    assert data["value"] is None and data["n_items"] == 3
+
+
 def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(db, tmp_path):
     pytest.importorskip("matplotlib")
     target = tmp_path / "cka.png"

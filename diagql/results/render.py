@@ -357,8 +357,21 @@ def to_html(result) -> str:
 
 
 def to_json(result) -> str:
-    """One compact JSON object: scripts print one line per statement (JSON Lines)."""
-    return json.dumps(result.to_dict(), allow_nan=True, ensure_ascii=False)
+    """One compact JSON object: scripts print one line per statement (JSON Lines). An undefined
+    number (NaN, inf: a debiased CKA's interval over too few items) is null, since NaN is not
+    JSON and jq, JavaScript and strict parsers refuse the whole line."""
+    return json.dumps(_finite(result.to_dict()), allow_nan=False, ensure_ascii=False)
+
+
+def _finite(value):
+    """``value`` with every non-finite float, however deeply nested, made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def to_csv(result) -> str:
