@@ -157,6 +157,10 @@ def test_help_examples_parse():
 
     text = language_help()
     assert "SHOW CACHE | LAYERS | MODELS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text
+    # every statement kind and clause of the grammar is there (UNTIL, WITHIN, INPUTS were not)
+    for word in ("UNTIL", "WITHIN", "INPUTS FOR", "BOTTOMK", "EXPLAIN", "SIMILARITY", "EVALUATE",
+                 "CLEAR CACHE", "ACROSS CHECKPOINTS", "WITH BASELINE", "GROUP BY", "TOKENS"):
+        assert word in text, word
     for line in text.splitlines():
         if line.startswith("  ") and line.rstrip().endswith(";"):
             parse(line.strip())
