@@ -527,6 +527,50 @@ def test_by_order_only_for_topk():
     assert "TOPK" in err.message and (err.line, err.column) == (1, 20)
 
 
+@pytest.mark.parametrize("text,column,hint", [
+    ("AVG NEURONS IN fc1 GROUP BY class WHERE class = 3", 35,
+     "a query's clauses go in this order: [TOKENS] [BY] [WHERE] [GROUP BY] [USING] [UNTIL] "
+     "[WITHIN] [WITH BASELINE] [ACROSS CHECKPOINTS]"),
+    ("AVG NEURONS IN fc1 USING SAMPLE random(0.1)\n  WHERE class = 3", 3,
+     "a query's clauses go in this order"),
+    ("EXPLAIN TOPK 3 NEURONS IN fc1 WHERE correct BY MAX", 45, "a query's clauses go in"),
+    ("SIMILARITY a, b USING FULL WHERE correct", 28,
+     "SIMILARITY's clauses go in this order: [ACROSS CHECKPOINTS] [BY] [WHERE] [GROUP BY] "
+     "[USING] [WITH BASELINE] [PLOT]"),
+    ("TOPK 3 INPUTS FOR a[0] GROUP BY class", 24,
+     "TOPK k INPUTS takes no GROUP BY; its clauses are [TOKENS] [WHERE] [USING]"),
+    ("BOTTOMK 3 INPUTS FOR a[0] WITH BASELINE", 27, "TOPK k INPUTS takes no WITH BASELINE"),
+    ("AVG NEURONS IN fc1 WHERE class = 3 WHERE correct", 36,
+     "WHERE is given once; join conditions with AND or OR"),
+    ("AVG NEURONS IN fc1 USING FULL USING FULL", 31, "USING is given once"),
+    ("AVG NEURONS IN fc1 WHERE correct PLOT 'a.png'", 34,
+     "a query's PLOT 'file.png' follows ACROSS CHECKPOINTS"),
+    ("AVG NEURONS IN fc1 WHERE class == 3", 33, "compare with one '=': class = 3"),
+    ("AVG NEURONS IN fc1 WHERE correct = true", 34, "correct and incorrect stand alone"),
+    ("AVG NEURONS IN fc1 WHERE NOT Incorrect != 0", 40, "correct and incorrect stand alone"),
+])
+def test_hints_for_clauses_and_operators_out_of_place(text, column, hint):
+    """SQL habits: clauses in another order, a clause twice, '==', 'correct = true'."""
+    err = error_of(text)
+    assert err.column == column
+    assert err.hint.startswith("hint: " + hint), err.hint
+
+
+@pytest.mark.parametrize("text", ["AVG NEURONS IN fc1 WHERE class = 3 AND", "SHOW TABLES",
+                                  "AVG NEURONS IN fc1 WHERE class IN (3, )"])
+def test_no_clause_hint_where_none_fits(text):
+    assert error_of(text).hint is None
+
+
+@pytest.mark.parametrize("text,column", [("AVG NEURONS IN 'fc1", 16),
+                                         ("SET latent = \"conv2", 14),
+                                         ("TOPK 1 NEURONS IN 'a' WHERE class = 'x", 37)])
+def test_unterminated_string(text, column):
+    err = error_of(text)
+    assert err.message == f"unterminated quoted string: no closing {text[column - 1]} on its line"
+    assert err.column == column
+
+
 @pytest.mark.parametrize("text,column,end", [
     ("SIMILARITY a, b USING SAMPLE random(0.1) UNTIL precision >= 0.9", 42, 64),
     ("SIMILARITY a, b UNTIL cosine <= 0.1", 17, 36),
