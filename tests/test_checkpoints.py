@@ -169,6 +169,17 @@ def test_checkpoints_that_do_not_fit_are_reported(trained, data, tmp_path):
         diagql.connect(model, data, checkpoints={"not ok": path}, cache_dir=False)
 
 
+def test_a_checkpoint_path_that_is_not_a_file_is_refused_at_connect(trained, data, tmp_path):
+    """It was accepted, then failed every statement, SHOW MODELS included."""
+    model, _, _ = trained
+    for missing in (tmp_path / "nope.pt", tmp_path):
+        with pytest.raises(diagql.DiagQLError, match=f"checkpoint 'gone': '{missing}' is not a "
+                                                     f"file$"):
+            diagql.connect(model, data, checkpoints={"gone": missing}, cache_dir=False)
+    with pytest.raises(diagql.DiagQLError, match="checkpoint 'nope': .* is not a file"):
+        diagql.connect(model, data, checkpoints=[str(tmp_path / "nope.pt")], cache_dir=False)
+
+
 def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
         trained, tmp_path, capsys):
     """--model NAME=SPEC twice with --weights NAME=PATH, then --checkpoint with a glob (files
