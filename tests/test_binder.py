@@ -219,6 +219,22 @@ def test_unknown_sampler_suggests(db):
     assert_caret_under(err, text, "stratifed", exact=False)
 
 
+@pytest.mark.parametrize("call,bad,message", [
+    ("random(0.1, 0.2)", "0.2", "sampler 'random' takes one positional argument (the size); "
+                                "name the others: random_state=..."),
+    ("maxmargin(0.1, 0.7)", "0.7", "sampler 'maxmargin' takes one positional argument (the "
+                                   "size); name the others: j=..., method=..., random_state=..."),
+    ("ebtree(3, 4)", "3", "sampler 'ebtree' takes no positional argument; name them: "
+                          "max_children=..., random_state=..."),
+])
+def test_a_second_positional_argument_names_the_samplers_own_parameters(db, call, bad, message):
+    """It suggested 'e.g. j=0.7' whatever the sampler, and random has no j."""
+    text = f"AVG NEURONS IN fc1 USING SAMPLE {call}"
+    err = bind_error(db, text)
+    assert err.message == message
+    assert_caret_under(err, text, bad)
+
+
 def test_unknown_sampler_parameter(db):
     text = "AVG NEURONS IN fc1 USING SAMPLE stratified(0.5, jj=3)"
     err = bind_error(db, text)

@@ -274,8 +274,16 @@ def bind_sampler(call: ast.SamplerCall, seed: int | None, n_items: int) -> sampl
                 raise _error(f"parameter {arg.name!r} is given twice", arg.span)
             keywords[arg.name] = arg.value
     if len(positional) > 1:
-        raise _error(f"sampler {call.name!r} takes one positional argument (the size); name the "
-                     f"others, e.g. j=0.7", positional[1].span)
+        try:  # name this sampler's own parameters (random has no j to suggest)
+            names = [p.name for p in samplers.sampler_class(call.name).params()]
+        except BindError as exc:
+            raise _error(exc.message, call.span, exc.hint) from None
+        others = ", ".join(f"{name}=..." for name in names if name != "size")
+        if "size" in names:
+            raise _error(f"sampler {call.name!r} takes one positional argument (the size); name "
+                         f"the others: {others}", positional[1].span)
+        raise _error(f"sampler {call.name!r} takes no positional argument; name them: {others}",
+                     positional[0].span)
     if positional:
         if "size" in keywords:
             raise _error("size is given twice", positional[0].span)
