@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from diagql.errors import IncompleteStatement, ParseError
+from diagql.errors import DiagQLError, IncompleteStatement, ParseError
 from diagql.language import ast
 from diagql.language.grammar import get_parser, keywords, statement_keywords
 from diagql.language.transform import to_ast
@@ -34,6 +34,9 @@ class Piece:
 
 def split_statements(text: str) -> list[Piece]:
     """Cut a script at the ``;`` that are outside strings and comments; drop empty statements."""
+    if not isinstance(text, str):  # every entry point's text passes here: query(None) too
+        decode = "; decode it first: .decode()" if isinstance(text, (bytes, bytearray)) else ""
+        raise DiagQLError(f"a statement is text (a str), not {type(text).__name__}{decode}")
     pieces: list[Piece] = []
     start, line, line_start = 0, 1, 0
 
