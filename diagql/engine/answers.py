@@ -46,7 +46,19 @@ def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: di
     if baseline_states is not None:
         result.baseline = build_result(plan.baseline, baseline_states)
         compare(plan, result, result.baseline)
+    note_exact_baseline(plan, result)
     return result
+
+
+EXACT_BASELINE = ("no baseline: this answer is exact already (WITH BASELINE compares a "
+                  "sample's answer with the exact one)")
+
+
+def note_exact_baseline(plan: Plan, result: Result) -> None:
+    """WITH BASELINE on an exact answer (USING FULL, or exact chosen by AUTO or a growth that
+    found exact cheaper) has nothing to compare: say so rather than drop the clause silently."""
+    if getattr(plan.query, "baseline", False) and not plan.approximate:
+        result.notes.append(EXACT_BASELINE)
 
 
 def no_match_message(plan: Plan) -> str:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from diagql.engine.answers import require_matches
+from diagql.engine.answers import note_exact_baseline, require_matches
 from diagql.engine.cka import MIN_ITEMS, MomentState, RowState, debiased_matrix
 from diagql.engine.executor import run_together
 from diagql.engine.groups import key_order, sorted_keys
@@ -220,6 +220,7 @@ def answer_similarity(runner, plan: Plan, runners: dict | None = None) -> Result
     if plan.baseline is not None:
         result.baseline = build_result(plan.baseline, states["baseline"])
         compare(plan, result, result.baseline)
+    note_exact_baseline(plan, result)
     return result
 
 
@@ -330,6 +331,8 @@ def explain(plan: Plan) -> list[tuple[str, str]]:
         rows.append(("baseline", f"exact CKA over {len(plan.baseline.items):,} items ("
                                  f"{_state_text(plan.baseline)}), its own pass, ≈ "
                                  f"{plan.baseline.estimated_seconds():.3g} s"))
+    elif query.baseline:
+        rows.append(("baseline", "none: the answer is exact already"))
     return rows
 
 
