@@ -277,7 +277,7 @@ def _estimate_line(result) -> Text | None:
 
 def _caption(result) -> str:
     provenance = result.provenance
-    parts = [f"{result.n_items:,} matching items"]
+    parts = [f"{result.n_items:,} matching item{'' if result.n_items == 1 else 's'}"]
     if provenance is not None:
         parts.append(provenance.describe())
     if "query" in result.timings:
