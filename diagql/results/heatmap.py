@@ -150,8 +150,8 @@ def _summary(result) -> Text | None:
     if error is None:
         return None
     scope = "mean " if result.groups is not None or len(result.labels) > 2 else ""
-    pieces = [f"{scope}|error| {error:.3f}" if error == error else  # NaN: no exact value
-              f"{scope}|error| — (the exact CKA is undefined)"]
+    pieces = [f"{scope}|error| — (the exact CKA is undefined)" if math.isnan(error) else
+              f"{scope}|error| {error:.3f}"]
     timings = result.timings
     full_s = timings.get("baseline")
     if full_s is not None:
