@@ -162,6 +162,17 @@ def test_shared_module_runs_twice(shared_db):
     assert err.column == 16
 
 
+@pytest.mark.parametrize("name,layer,part", [("fc1.weight", "fc1", "weight"),
+                                              ("fc2.bias", "fc2", "bias")])
+def test_a_parameter_name_points_at_its_layer(db, name, layer, part):
+    """A user who copies a name from state_dict() gets the module, not a bare 'unknown'."""
+    text = f"DESCRIBE {name}"
+    err = bind_error(db, text)
+    assert err.message == (f"unknown layer {name!r}; did you mean {layer!r}? (a query reads a "
+                           f"module's output, not its {part})")
+    assert_caret_under(err, text, name)
+
+
 def test_module_that_never_runs(shared_db):
     err = bind_error(shared_db, "TOPK 1 NEURONS IN spare")
     assert "'spare'" in err.message and "does not run" in err.message

@@ -111,8 +111,18 @@ def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> B
     """Did-you-mean among what could stand there: modules before a call number, else layers."""
     names = [layer.name for layer in catalog.layers if (layer.shape is not None or layer.shared)
              and not (modules and layer.call)]
-    return _error(f"unknown layer {name!r}{did_you_mean(name, names)}", span,
-                  hint=f"layers are {name_list(catalog.running_names())}")
+    return _error(f"unknown layer {name!r}{_part_of(name, names) or did_you_mean(name, names)}",
+                  span, hint=f"layers are {name_list(catalog.running_names())}")
+
+
+def _part_of(name: str, names: list[str]) -> str:
+    """'fc1.0.weight': a parameter (or attribute) of a layer, which is what a query reads."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:end]) in names:
+            return (f"; did you mean {'.'.join(parts[:end])!r}? (a query reads a module's "
+                    f"output, not its {'.'.join(parts[end:])})")
+    return ""
 
 
 def _written(name: str) -> str:
