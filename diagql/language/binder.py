@@ -111,7 +111,7 @@ def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> B
     """Did-you-mean among what could stand there: modules before a call number, else layers."""
     names = [layer.name for layer in catalog.layers if (layer.shape is not None or layer.shared)
              and not (modules and layer.call)]
-    return _error(f"unknown layer {name!r}{_part_of(name, names) or did_you_mean(name, names)}",
+    return _error(f"unknown layer {name!r}{did_you_mean(name, names) or _part_of(name, names)}",
                   span, hint=f"layers are {name_list(catalog.running_names())}")
 
 
