@@ -548,6 +548,9 @@ def test_by_order_only_for_topk():
     ("AVG NEURONS IN fc1 WHERE class == 3", 33, "compare with one '=': class = 3"),
     ("AVG NEURONS IN fc1 WHERE correct = true", 34, "correct and incorrect stand alone"),
     ("AVG NEURONS IN fc1 WHERE NOT Incorrect != 0", 40, "correct and incorrect stand alone"),
+    ("AVG NEURONS IN fc1 WHERE class = 'cat'", 34, "class and predicted compare class indices"),
+    ("AVG NEURONS IN fc1 WHERE predicted != dog", 39, "class and predicted compare class"),
+    ("AVG NEURONS IN fc1 WHERE class IN (3, cat)", 39, "class and predicted compare class"),
 ])
 def test_hints_for_clauses_and_operators_out_of_place(text, column, hint):
     """SQL habits: clauses in another order, a clause twice, '==', 'correct = true'."""

@@ -275,6 +275,9 @@ def _operator_hint(piece: Piece, token: str, position: int) -> str | None:
         return "hint: compare with one '=': class = 3"
     if token in ("=", "!=", "<>") and re.search(r"\b(in)?correct$", before, re.IGNORECASE):
         return "hint: correct and incorrect stand alone: WHERE incorrect, WHERE NOT correct"
+    if re.search(r"\b(class|predicted)\s*(=|!=|<>|IN\s*\((\s*[-+.\w]+\s*,)*)\s*$", before,
+                 re.IGNORECASE) and re.match(r"['\"A-Za-z_]", token):
+        return "hint: class and predicted compare class indices, as the labels hold them: class = 3"
     return None
 
 
