@@ -44,6 +44,12 @@ def qualify_layer(ref: ast.LayerRef, models: Sequence[str], default: str,
     if ref.model is not None:
         return ref
     head, dot, rest = ref.name.partition(".")
+    if not (ref.quoted or dot) and ref.name in models and len(models) > 1 \
+            and not _has(ref, catalog_of(default)):  # 'AVG NEURONS IN wide': a model alone
+        names = catalog_of(ref.name).running_names()
+        raise _error(f"{ref.name!r} is a model, not a layer: name one of its layers, "
+                     f"{ref.name}.{_written(names[-1])} for instance", ref.span,
+                     hint=f"{ref.name}'s layers are {name_list(names)}")
     if ref.quoted or not dot or head not in models or len(models) < 2:
         return replace(ref, model=default)
     mine = _has(ref, catalog_of(default))
