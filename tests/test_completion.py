@@ -164,3 +164,28 @@ def test_help_examples_parse():
     for line in text.splitlines():
         if line.startswith("  ") and line.rstrip().endswith(";"):
             parse(line.strip())
+
+
+@pytest.mark.parametrize("text,offered", [
+    ("AVG NEURONS IN conv1 UNTIL ", ["cosine", "width"]),
+    ("TOPK 2 NEURONS IN conv1 USING AUTO UNTIL ", ["precision"]),
+    ("EXPLAIN ARGMAX NEURONS IN conv1 WHERE correct UNTIL ", ["js"]),
+    ("SET estimator = ", ["assisted", "plain"]),
+    ("SET latent = co", ["conv1", "conv2"]),
+    ("SET latent = d", ["default"]),
+])
+def test_until_targets_and_set_values(completer, text, offered):
+    """UNTIL offered nothing, though each aggregate takes its own targets; SET estimator and
+    SET latent offered nothing either."""
+    assert complete(completer, text) == offered
+
+
+@pytest.mark.parametrize("text,absent", [
+    ("TOPK 3 INPUTS FOR conv1[0,1,1] ", {"UNTIL", "WITHIN"}),
+    ("SIMILARITY conv1, conv2 ", {"UNTIL", "WITHIN"}),
+    ("SIMILARITY conv1, conv2 USING ", {"AUTO"}),
+])
+def test_no_clause_offered_that_the_statement_refuses(completer, text, absent):
+    got = set(complete(completer, text))
+    assert got and not got & absent
+    assert {"UNTIL", "WITHIN"} <= set(complete(completer, "TOPK 3 NEURONS IN conv1 "))
