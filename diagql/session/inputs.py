@@ -50,7 +50,8 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
         require_labels(query)
     allowed = predicate_mask(query.where, profile)
     sample = None
-    if bound.sampler is not None:
+    # Nothing of the data matching is said of the data, before any sample is drawn for it.
+    if allowed.any() and bound.sampler is not None:
         sample, _ = conn.artifacts.get_sample(bound.sampler)
         inside = np.zeros(len(allowed), dtype=bool)
         inside[sample.indices] = True
