@@ -62,8 +62,12 @@ def _info_table(result, max_rows: int) -> Table:
     for column in result.columns:
         table.add_column(column, overflow="fold")
     limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
+    # Checkpoints side by side: many columns, so 4 significant digits (the numbers are whole
+    # in CSV and JSON).
+    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else _cell(v)) \
+        if result.kind == "across" else _cell
     for row in result.rows[:limit]:
-        table.add_row(*(_cell(v) for v in row))
+        table.add_row(*(cell(v) for v in row))
     if len(result.rows) > limit:
         table.caption = f"… {len(result.rows) - limit:,} more rows (--format csv shows all)"
     return table
