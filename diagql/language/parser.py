@@ -269,8 +269,12 @@ def _clause_hint(piece: Piece, word: str, position: int) -> str | None:
 
 
 def _operator_hint(piece: Piece, token: str, position: int) -> str | None:
-    """SQL and Python habits: 'class == 3', 'correct = true'."""
+    """SQL and Python habits: 'class == 3', 'correct = true'; EXPLAIN of what it cannot."""
     before = _blank_comments(piece.text)[:position].rstrip()
+    if re.match(r"\s*EXPLAIN\b", before, re.IGNORECASE) and token.upper() in (
+            "INPUTS", "BOTTOMK", "EXPLAIN", "SHOW", "DESCRIBE", "SET", "CLEAR", "EVALUATE"):
+        return ("hint: EXPLAIN shows the plan of a query (TOPK, AVG or ARGMAX over NEURONS or "
+                "CHANNELS) or of a SIMILARITY")
     if token == "=" and before.endswith("="):
         return "hint: compare with one '=': class = 3"
     if token in ("=", "!=", "<>") and re.search(r"\b(in)?correct$", before, re.IGNORECASE):
