@@ -231,12 +231,12 @@ def test_unknown_sampler_suggests(db):
 
 
 @pytest.mark.parametrize("call,bad,message", [
-    ("random(0.1, 0.2)", "0.2", "sampler 'random' takes one positional argument (the size); "
-                                "name the others: random_state=..."),
-    ("maxmargin(0.1, 0.7)", "0.7", "sampler 'maxmargin' takes one positional argument (the "
-                                   "size); name the others: j=..., method=..., random_state=..."),
-    ("ebtree(3, 4)", "3", "sampler 'ebtree' takes no positional argument; name them: "
-                          "max_children=..., random_state=..."),
+    ("random(0.1, 0.2)", "0.2", ("sampler 'random' takes one positional argument (the size); "
+                                "name the others: random_state=...")),
+    ("maxmargin(0.1, 0.7)", "0.7", ("sampler 'maxmargin' takes one positional argument (the "
+                                   "size); name the others: j=..., method=..., random_state=...")),
+    ("ebtree(3, 4)", "3", ("sampler 'ebtree' takes no positional argument; name them: "
+                          "max_children=..., random_state=...")),
 ])
 def test_a_second_positional_argument_names_the_samplers_own_parameters(db, call, bad, message):
     """It suggested 'e.g. j=0.7' whatever the sampler, and random has no j."""

@@ -529,14 +529,14 @@ def test_by_order_only_for_topk():
 
 @pytest.mark.parametrize("text,column,hint", [
     ("AVG NEURONS IN fc1 GROUP BY class WHERE class = 3", 35,
-     "a query's clauses go in this order: [TOKENS] [BY] [WHERE] [GROUP BY] [USING] [UNTIL] "
-     "[WITHIN] [WITH BASELINE] [ACROSS CHECKPOINTS]"),
+     ("a query's clauses go in this order: [TOKENS] [BY] [WHERE] [GROUP BY] [USING] [UNTIL] "
+      "[WITHIN] [WITH BASELINE] [ACROSS CHECKPOINTS]")),
     ("AVG NEURONS IN fc1 USING SAMPLE random(0.1)\n  WHERE class = 3", 3,
      "a query's clauses go in this order"),
     ("EXPLAIN TOPK 3 NEURONS IN fc1 WHERE correct BY MAX", 45, "a query's clauses go in"),
     ("SIMILARITY a, b USING FULL WHERE correct", 28,
-     "SIMILARITY's clauses go in this order: [ACROSS CHECKPOINTS] [BY] [WHERE] [GROUP BY] "
-     "[USING] [WITH BASELINE] [PLOT]"),
+     ("SIMILARITY's clauses go in this order: [ACROSS CHECKPOINTS] [BY] [WHERE] [GROUP BY] "
+      "[USING] [WITH BASELINE] [PLOT]")),
     ("TOPK 3 INPUTS FOR a[0] GROUP BY class", 24,
      "TOPK k INPUTS takes no GROUP BY; its clauses are [TOKENS] [WHERE] [USING]"),
     ("BOTTOMK 3 INPUTS FOR a[0] WITH BASELINE", 27, "TOPK k INPUTS takes no WITH BASELINE"),
@@ -549,8 +549,8 @@ def test_by_order_only_for_topk():
     ("AVG NEURONS IN fc1 WHERE correct = true", 34, "correct and incorrect stand alone"),
     ("AVG NEURONS IN fc1 WHERE NOT Incorrect != 0", 40, "correct and incorrect stand alone"),
     ("AVG NEURONS IN fc1 WHERE class = 'cat'", 34, "class and predicted compare class indices"),
-    ("EXPLAIN TOPK 3 INPUTS FOR fc1[0]", 16, "EXPLAIN shows the plan of a query (TOPK, AVG or "
-                                             "ARGMAX over NEURONS or CHANNELS) or of a SIMILARITY"),
+    ("EXPLAIN TOPK 3 INPUTS FOR fc1[0]", 16, ("EXPLAIN shows the plan of a query (TOPK, AVG or "
+                                              "ARGMAX over NEURONS or CHANNELS) or of a SIMILARITY")),
     ("EXPLAIN EVALUATE SAMPLERS", 9, "EXPLAIN shows the plan of a query"),
     ("explain show layers", 9, "EXPLAIN shows the plan of a query"),
     ("AVG NEURONS IN fc1 WHERE predicted != dog", 39, "class and predicted compare class"),

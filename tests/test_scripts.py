@@ -72,16 +72,16 @@ def test_an_error_without_a_place_points_at_its_statement(mlp, digits):
 
 
 @pytest.mark.parametrize("statement", ["TOPK 2 NEURONS IN head USING FULL WITH BASELINE",
-                                       "AVG NEURONS IN head WHERE class = 3 AND incorrect "
-                                       "USING AUTO WITH BASELINE",
+                                       ("AVG NEURONS IN head WHERE class = 3 AND incorrect "
+                                       "USING AUTO WITH BASELINE"),
                                        "SIMILARITY encoder.1, head WITH BASELINE"])
 def test_with_baseline_on_an_exact_answer_says_there_is_none(mlp, digits, statement):
     """The clause was dropped without a word: the answer is exact, nothing to compare."""
     db = diagql.connect(mlp, digits, cache_dir=False, progress=False, batch_size=500)
     result = db.query(statement)
     assert not result.approximate and result.baseline is None
-    assert result.notes == ["no baseline: this answer is exact already (WITH BASELINE compares "
-                            "a sample's answer with the exact one)"]
+    assert result.notes == [("no baseline: this answer is exact already (WITH BASELINE compares "
+                            "a sample's answer with the exact one)")]
     assert "no baseline: this answer is exact already" in str(result)
     explained = db.query("EXPLAIN " + statement)
     assert ["baseline", "none: the answer is exact already"] in [list(r) for r in explained.rows]
