@@ -571,7 +571,8 @@ def test_no_clause_hint_where_none_fits(text):
 
 @pytest.mark.parametrize("text,column", [("AVG NEURONS IN 'fc1", 16),
                                          ("SET latent = \"conv2", 14),
-                                         ("TOPK 1 NEURONS IN 'a' WHERE class = 'x", 37)])
+                                         ("TOPK 1 NEURONS IN 'a' WHERE class = 'x", 37),
+                                         ("SET latent = 'a\n-- it's here", 14)])
 def test_unterminated_string(text, column):
     err = error_of(text)
     assert err.message == f"unterminated quoted string: no closing {text[column - 1]} on its line"

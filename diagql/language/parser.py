@@ -209,7 +209,7 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
         hint = ("hint: '#n' names one call of a layer, right after its name (block.relu#2); "
                 "as a value (SET latent = ...), quote it: 'block.relu#2'")
     elif isinstance(exc, UnexpectedCharacters) and what[-2:-1] in ("'", '"') and \
-            piece.text.find(what[-2], exc.pos_in_stream + 1) < 0:
+            what[-2] not in piece.text[exc.pos_in_stream + 1:].split("\n", 1)[0]:
         what, expected = f"unterminated quoted string: no closing {what[-2]} on its line", ()
     elif not at_end and token is not None:
         hint = _clause_hint(piece, str(token), token.start_pos) or \
