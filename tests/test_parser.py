@@ -349,6 +349,13 @@ def test_split_statements_positions_after_newlines():
     assert [p.text.strip() for p in pieces] == ["SHOW LAYERS", "SHOW SAMPLERS", "SHOW SETTINGS"]
 
 
+def test_a_byte_order_mark_is_a_blank():
+    """A script saved with a BOM and read as UTF-8 failed at 1:1 on an 'unexpected character'."""
+    assert parse_script("\ufeffSHOW LAYERS; SHOW SETTINGS") == parse_script(" SHOW LAYERS; SHOW SETTINGS")
+    err = error_of("\ufeffSHOW LAYERS;\nTOPK 1 NEURONS IN a WHERE clas = 1", script=True)
+    assert (err.line, err.column) == (2, 27)
+
+
 def test_split_statements_drops_empty_statements():
     assert split_statements("") == []
     assert split_statements(";;; -- only a comment;\n ;") == []

@@ -37,6 +37,8 @@ def split_statements(text: str) -> list[Piece]:
     if not isinstance(text, str):  # every entry point's text passes here: query(None) too
         decode = "; decode it first: .decode()" if isinstance(text, (bytes, bytearray)) else ""
         raise DiagQLError(f"a statement is text (a str), not {type(text).__name__}{decode}")
+    if text.startswith("\ufeff"):  # a file's byte order mark, read as text: a blank, in place
+        text = " " + text[1:]
     pieces: list[Piece] = []
     start, line, line_start = 0, 1, 0
 
