@@ -189,3 +189,27 @@ def test_no_clause_offered_that_the_statement_refuses(completer, text, absent):
     got = set(complete(completer, text))
     assert got and not got & absent
     assert {"UNTIL", "WITHIN"} <= set(complete(completer, "TOPK 3 NEURONS IN conv1 "))
+
+
+def test_dot_read_takes_a_byte_order_mark_and_refuses_what_is_not_utf8(tmp_path):
+    """A Latin-1 file was a UnicodeDecodeError inside the REPL; a BOM stays out of the text."""
+    from diagql.shell.dot_commands import run_meta
+
+    class Shell:
+        def __init__(self):
+            self.errors, self.ran = [], []
+
+        def error(self, text):
+            self.errors.append(text)
+
+        def execute(self, text, echo=False):
+            self.ran.append(text)
+
+    marked, latin = tmp_path / "marked.dql", tmp_path / "latin.dql"
+    marked.write_bytes("SHOW SETTINGS;".encode("utf-8-sig"))
+    latin.write_bytes("SHOW SETTINGS; -- café".encode("latin-1"))
+    shell = Shell()
+    run_meta(shell, f".read {marked}")
+    run_meta(shell, f".read {latin}")
+    assert shell.ran == ["SHOW SETTINGS;"]
+    assert shell.errors == [f"cannot read {latin}: not UTF-8 text (byte 0xe9 at offset 21)"]

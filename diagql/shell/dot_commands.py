@@ -176,10 +176,14 @@ def _read(shell, argument):
     if not argument:
         shell.error("usage: .read FILE")
         return
-    try:
-        with open(argument, encoding="utf-8") as handle:
+    try:  # utf-8-sig: as the command line reads scripts (shell/cli.py)
+        with open(argument, encoding="utf-8-sig") as handle:
             text = handle.read()
     except OSError as exc:
         shell.error(f"cannot read {argument}: {exc.strerror}")
+        return
+    except UnicodeDecodeError as exc:
+        shell.error(f"cannot read {argument}: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                    f"at offset {exc.start:,})")
         return
     shell.execute(text, echo=True)
