@@ -173,6 +173,16 @@ def test_a_script_with_a_byte_order_mark_or_not_in_utf8(tmp_path):
     assert f"cannot read script {latin}: not UTF-8 text (byte 0xe9 at offset 21)" in done.stderr
 
 
+def test_plot_that_nothing_draws_says_so(tmp_path):
+    """--plot with no statement that makes a figure wrote nothing without a word."""
+    target = tmp_path / "f.png"
+    done = diagql("--plot", str(target), "-e", "SHOW SAMPLERS")
+    assert done.returncode == 0, done.stderr
+    assert not target.exists()
+    assert (f"--plot: nothing was written to {target}: no statement made a figure (EVALUATE "
+            f"SAMPLERS, SIMILARITY and TOPK k INPUTS do)") in " ".join(done.stderr.split())
+
+
 def test_ray_options_need_the_ray_engine():
     done = diagql(*MODEL, "--ray-workers", "2", "-e", "SHOW LAYERS")
     assert done.returncode == 2

@@ -189,6 +189,10 @@ def _run(args, out, err) -> int:
                     _print_error(err, exc, None)
                     failed = True
             print_result(out, outcome, conn.settings)
+    if args.plot and not plots:  # not a word otherwise: the user asked for a file
+        err.print(f"--plot: nothing was written to {args.plot}: no statement made a figure "
+                  f"(EVALUATE SAMPLERS, SIMILARITY and TOPK k INPUTS do)", markup=False,
+                  highlight=False, soft_wrap=True)
     return EXIT_FAILED if failed else EXIT_OK
 
 
