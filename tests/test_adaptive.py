@@ -170,7 +170,8 @@ def test_growth_that_draws_no_sample_says_so(world):
 def test_targets_must_fit_the_aggregate(world):
     conn, *_ = world
     for text, message in (("AVG NEURONS IN 3 UNTIL precision >= 0.9", "not estimated for AVG"),
-                          ("TOPK 3 NEURONS IN 3 UNTIL precision <= 0.9", "lower bound"),
+                          ("TOPK 3 NEURONS IN 3 UNTIL precision <= 0.9", "is a lower bound"),
+                          ("ARGMAX NEURONS IN 3 UNTIL js >= 0.05", "is an upper bound"),
                           ("ARGMAX NEURONS IN 3 UNTIL js <= 2", r"not in \(0, 1\]"),
                           ("TOPK 3 NEURONS IN 3 BY MAX UNTIL precision >= 0.9", "BY MEAN"),
                           ("AVG NEURONS IN 3 USING SAMPLE ebtree() WITHIN 1 SECONDS",

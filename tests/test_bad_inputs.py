@@ -320,3 +320,26 @@ def test_cli_without_a_model_refuses_evaluate_in_one_line():
         "<-e>: error: no model is connected: start diagql with --demo, or with --model "
         "MODULE:CALLABLE --data MODULE:CALLABLE"]
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("method", ["query", "execute", "plan"])
+@pytest.mark.parametrize("text,shown", [(None, "NoneType"), (b"SHOW SETTINGS", "bytes"),
+                                        (3, "int")])
+def test_a_statement_that_is_not_text_is_one_clear_error(method, text, shown):
+    """query(None) was a TypeError from inside the statement splitter's regex."""
+    conn = diagql.Connection.detached(cache_dir=False)
+    with pytest.raises(DiagQLError) as info:
+        getattr(conn, method)(text)
+    assert shown in info.value.message or repr(text) in info.value.message
+    assert ("decode it first" in info.value.message) == (method != "plan" and shown == "bytes")
+
+
+def test_an_unknown_latent_given_to_connect_says_it_is_the_latent(mlp, digits):
+    """No statement names it: the error named only 'unknown layer', and the CLI put it on the
+    -e statement that happened to need the profile first."""
+    conn = diagql.connect(mlp, digits, latent="encoder.9", cache_dir=False, progress=False)
+    with pytest.raises(BindError) as caught:
+        conn.query("AVG NEURONS IN head")
+    assert caught.value.message.startswith("the latent layer (connect(latent=...), --latent or "
+                                           "SET latent): unknown layer 'encoder.9'")
+    assert "layers are" in caught.value.hint

@@ -162,6 +162,17 @@ def test_shared_module_runs_twice(shared_db):
     assert err.column == 16
 
 
+@pytest.mark.parametrize("name,layer,part", [("fc1.weight", "fc1", "weight"),
+                                              ("fc2.bias", "fc2", "bias")])
+def test_a_parameter_name_points_at_its_layer(db, name, layer, part):
+    """A user who copies a name from state_dict() gets the module, not a bare 'unknown'."""
+    text = f"DESCRIBE {name}"
+    err = bind_error(db, text)
+    assert err.message == (f"unknown layer {name!r}; did you mean {layer!r}? (a query reads a "
+                           f"module's output, not its {part})")
+    assert_caret_under(err, text, name)
+
+
 def test_module_that_never_runs(shared_db):
     err = bind_error(shared_db, "TOPK 1 NEURONS IN spare")
     assert "'spare'" in err.message and "does not run" in err.message
@@ -179,12 +190,22 @@ def test_module_that_never_runs(shared_db):
     ("class IN (1, 99)", "99", "class"),
     ("correct AND predicted != 10", "10", "predicted"),
     ("NOT class NOT IN (3, 10)", "10", "class"),
-    ("class = 2.5", "2.5", "class"),
 ])
 def test_class_outside_the_label_set(db, predicate, bad, field):
     text = f"AVG NEURONS IN fc1 WHERE {predicate}"
     err = bind_error(db, text)
     assert f"{field} {bad}" in err.message and "0..9" in err.message
+    assert_caret_under(err, text, bad, exact=False)
+
+
+@pytest.mark.parametrize("predicate,bad", [("class = 2.5", "2.5"),
+                                           ("predicted IN (1, 0.5)", "0.5")])
+def test_class_that_is_not_whole(db, predicate, bad):
+    """2.5 lies inside 0..9, so "outside the label set" was the wrong reason."""
+    text = f"AVG NEURONS IN fc1 WHERE {predicate}"
+    err = bind_error(db, text)
+    assert err.message.endswith(f"takes a whole number (a class 0..9), not {bad}")
+    assert "outside" not in err.message
     assert_caret_under(err, text, bad, exact=False)
 
 
@@ -207,6 +228,22 @@ def test_unknown_sampler_suggests(db):
     assert "unknown sampler 'stratifed'" in err.message
     assert "did you mean 'stratified'" in err.message
     assert_caret_under(err, text, "stratifed", exact=False)
+
+
+@pytest.mark.parametrize("call,bad,message", [
+    ("random(0.1, 0.2)", "0.2", ("sampler 'random' takes one positional argument (the size); "
+                                "name the others: random_state=...")),
+    ("maxmargin(0.1, 0.7)", "0.7", ("sampler 'maxmargin' takes one positional argument (the "
+                                   "size); name the others: j=..., method=..., random_state=...")),
+    ("ebtree(3, 4)", "3", ("sampler 'ebtree' takes no positional argument; name them: "
+                          "max_children=..., random_state=...")),
+])
+def test_a_second_positional_argument_names_the_samplers_own_parameters(db, call, bad, message):
+    """It suggested 'e.g. j=0.7' whatever the sampler, and random has no j."""
+    text = f"AVG NEURONS IN fc1 USING SAMPLE {call}"
+    err = bind_error(db, text)
+    assert err.message == message
+    assert_caret_under(err, text, bad)
 
 
 def test_unknown_sampler_parameter(db):

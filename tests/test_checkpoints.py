@@ -169,6 +169,17 @@ def test_checkpoints_that_do_not_fit_are_reported(trained, data, tmp_path):
         diagql.connect(model, data, checkpoints={"not ok": path}, cache_dir=False)
 
 
+def test_a_checkpoint_path_that_is_not_a_file_is_refused_at_connect(trained, data, tmp_path):
+    """It was accepted, then failed every statement, SHOW MODELS included."""
+    model, _, _ = trained
+    for missing in (tmp_path / "nope.pt", tmp_path):
+        with pytest.raises(diagql.DiagQLError, match=f"checkpoint 'gone': '{missing}' is not a "
+                                                     f"file$"):
+            diagql.connect(model, data, checkpoints={"gone": missing}, cache_dir=False)
+    with pytest.raises(diagql.DiagQLError, match="checkpoint 'nope': .* is not a file"):
+        diagql.connect(model, data, checkpoints=[str(tmp_path / "nope.pt")], cache_dir=False)
+
+
 def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
         trained, tmp_path, capsys):
     """--model NAME=SPEC twice with --weights NAME=PATH, then --checkpoint with a glob (files
@@ -203,4 +214,5 @@ def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
                    *common, "-e", "AVG NEURONS IN head WHERE class = 4 ACROSS CHECKPOINTS"])[0]
     assert [row["checkpoint"] for row in rows] == ["epoch1", "epoch2", "epoch10", "final"]
     truth = outputs(loaded(states["epoch3"]), X, "head")[(y == 4).numpy()].mean(0)
-    assert float(rows[2]["head[0]"]) == pytest.approx(truth[0], rel=1e-3)
+    # the whole number, not the table's 4 digits
+    assert float(rows[2]["head[0]"]) == pytest.approx(truth[0], rel=1e-6, abs=1e-6)

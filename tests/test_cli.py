@@ -159,6 +159,30 @@ def test_missing_script_file():
     assert "cannot read script does-not-exist.dql" in done.stderr
 
 
+def test_a_script_with_a_byte_order_mark_or_not_in_utf8(tmp_path):
+    """Notepad's BOM failed the first statement at 1:1; a Latin-1 file was an internal error."""
+    marked = tmp_path / "marked.dql"
+    marked.write_bytes("SHOW SETTINGS; -- café\n".encode("utf-8-sig"))
+    latin = tmp_path / "latin.dql"
+    latin.write_bytes("SHOW SETTINGS; -- café\n".encode("latin-1"))
+    done = diagql("--format", "csv", "-", str(marked), stdin="\ufeffSHOW SAMPLERS;")
+    assert done.returncode == 0, done.stderr
+    assert "stratified" in done.stdout and "batch_size" in done.stdout
+    done = diagql(str(latin))
+    assert done.returncode == 1 and "internal error" not in done.stderr
+    assert f"cannot read script {latin}: not UTF-8 text (byte 0xe9 at offset 21)" in done.stderr
+
+
+def test_plot_that_nothing_draws_says_so(tmp_path):
+    """--plot with no statement that makes a figure wrote nothing without a word."""
+    target = tmp_path / "f.png"
+    done = diagql("--plot", str(target), "-e", "SHOW SAMPLERS")
+    assert done.returncode == 0, done.stderr
+    assert not target.exists()
+    assert (f"--plot: nothing was written to {target}: no statement made a figure (EVALUATE "
+            f"SAMPLERS, SIMILARITY and TOPK k INPUTS do)") in " ".join(done.stderr.split())
+
+
 def test_ray_options_need_the_ray_engine():
     done = diagql(*MODEL, "--ray-workers", "2", "-e", "SHOW LAYERS")
     assert done.returncode == 2

@@ -157,6 +157,59 @@ def test_help_examples_parse():
 
     text = language_help()
     assert "SHOW CACHE | LAYERS | MODELS | PROFILE | SAMPLERS | SETTINGS" in text and "maxmargin(" in text
+    # every statement kind and clause of the grammar is there (UNTIL, WITHIN, INPUTS were not)
+    for word in ("UNTIL", "WITHIN", "INPUTS FOR", "BOTTOMK", "EXPLAIN", "SIMILARITY", "EVALUATE",
+                 "CLEAR CACHE", "ACROSS CHECKPOINTS", "WITH BASELINE", "GROUP BY", "TOKENS"):
+        assert word in text, word
     for line in text.splitlines():
         if line.startswith("  ") and line.rstrip().endswith(";"):
             parse(line.strip())
+
+
+@pytest.mark.parametrize("text,offered", [
+    ("AVG NEURONS IN conv1 UNTIL ", ["cosine", "width"]),
+    ("TOPK 2 NEURONS IN conv1 USING AUTO UNTIL ", ["precision"]),
+    ("EXPLAIN ARGMAX NEURONS IN conv1 WHERE correct UNTIL ", ["js"]),
+    ("SET estimator = ", ["assisted", "plain"]),
+    ("SET latent = co", ["conv1", "conv2"]),
+    ("SET latent = d", ["default"]),
+])
+def test_until_targets_and_set_values(completer, text, offered):
+    """UNTIL offered nothing, though each aggregate takes its own targets; SET estimator and
+    SET latent offered nothing either."""
+    assert complete(completer, text) == offered
+
+
+@pytest.mark.parametrize("text,absent", [
+    ("TOPK 3 INPUTS FOR conv1[0,1,1] ", {"UNTIL", "WITHIN"}),
+    ("SIMILARITY conv1, conv2 ", {"UNTIL", "WITHIN"}),
+    ("SIMILARITY conv1, conv2 USING ", {"AUTO"}),
+])
+def test_no_clause_offered_that_the_statement_refuses(completer, text, absent):
+    got = set(complete(completer, text))
+    assert got and not got & absent
+    assert {"UNTIL", "WITHIN"} <= set(complete(completer, "TOPK 3 NEURONS IN conv1 "))
+
+
+def test_dot_read_takes_a_byte_order_mark_and_refuses_what_is_not_utf8(tmp_path):
+    """A Latin-1 file was a UnicodeDecodeError inside the REPL; a BOM stays out of the text."""
+    from diagql.shell.dot_commands import run_meta
+
+    class Shell:
+        def __init__(self):
+            self.errors, self.ran = [], []
+
+        def error(self, text):
+            self.errors.append(text)
+
+        def execute(self, text, echo=False):
+            self.ran.append(text)
+
+    marked, latin = tmp_path / "marked.dql", tmp_path / "latin.dql"
+    marked.write_bytes("SHOW SETTINGS;".encode("utf-8-sig"))
+    latin.write_bytes("SHOW SETTINGS; -- café".encode("latin-1"))
+    shell = Shell()
+    run_meta(shell, f".read {marked}")
+    run_meta(shell, f".read {latin}")
+    assert shell.ran == ["SHOW SETTINGS;"]
+    assert shell.errors == [f"cannot read {latin}: not UTF-8 text (byte 0xe9 at offset 21)"]

@@ -146,7 +146,9 @@ def test_a_sample_that_misses_a_combination_scores_0_1_1(cnn, digits, truth):
     mistake = int(np.flatnonzero(items == wrong[0])[0])
     seed = next(s for s in range(20) if small.sample(f"random(1, random_state={s})")[0] != mistake)
     small.execute(f"SET seed = {seed}")
-    row = small.query("EVALUATE SAMPLERS random AT 1 LAYERS 2 SEEDS 1").records()[0]
+    result = small.query("EVALUATE SAMPLERS random AT 1 LAYERS 2 SEEDS 1")
+    assert "combinations of 1 layer (2) × 2 (class, correct/incorrect) groups" in result.title
+    row = result.records()[0]
     sample = small.sample(f"random(1, random_state={seed})")
     sub = {"2": acts["2"][items]}
     s1, s2, s3 = paper_scores(sub, labels[items], correct[items], sample, [10])

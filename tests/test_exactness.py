@@ -670,6 +670,24 @@ def test_sample_without_matching_items_scores_worst(cnn, digits, cnn_truth, agg)
     assert result.metrics[name] == value
 
 
+@pytest.mark.parametrize("statement", [
+    "TOPK 3 NEURONS IN 2 WHERE {where} USING SAMPLE random(0.2)",
+    "AVG NEURONS IN 2 WHERE {where} GROUP BY predicted USING SAMPLE random(0.2)",
+    "ARGMAX NEURONS IN 2 WHERE {where} USING SAMPLE maxmargin(0.1)",
+    "SIMILARITY 2, 5 WHERE {where} USING SAMPLE random(0.2)",
+])
+def test_sample_query_matching_nothing_in_the_data_is_refused(worlds, statement):
+    """No item of the data matches, so the sample is not to blame: the same error as the exact
+    query's (it was an empty table reading "no matching items in the sample"). A sample that
+    merely missed matching items stays an empty answer (the test above)."""
+    db, truth = worlds["cnn"]
+    where = "class = 3 AND predicted = 3 AND incorrect"
+    assert not ((truth.labels == 3) & (truth.predictions == 3) & ~truth.correct).any()
+    with pytest.raises(diagql.ExecutionError, match="no items match WHERE class = 3 AND "
+                                                    r"predicted = 3 AND incorrect \(0 of 1,797"):
+        db.query(statement.format(where=where))
+
+
 @pytest.mark.parametrize("spec", ["random(0.1)", "random(12)"])
 @pytest.mark.parametrize("agg", [TOPK_MEAN, AVG, ARGMAX], ids=str)
 def test_group_by_with_baseline(worlds, agg, spec):

@@ -108,6 +108,20 @@ def test_two_models_of_one_architecture_never_share_activation_rows(digits):
         assert result.neurons.tolist() == np.argsort(-truth)[:3].tolist()
 
 
+@pytest.mark.parametrize("text,model,column", [("AVG NEURONS IN wide", "wide", 16),
+                                               ("DESCRIBE base", "base", 10),
+                                               ("SIMILARITY wide, base.8", "wide", 12),
+                                               ("TOPK 2 INPUTS FOR wide[0]", "wide", 19)])
+def test_a_model_named_where_a_layer_goes_is_told_so(two, text, model, column):
+    """It was 'unknown layer 'wide'', listing the default model's layers."""
+    with pytest.raises(BindError) as caught:
+        two.query(text)
+    err = caught.value
+    assert err.message.startswith(f"{model!r} is a model, not a layer: name one of its layers, "
+                                  f"{model}.")
+    assert err.column == column and err.hint.startswith(f"{model}'s layers are ")
+
+
 def test_a_name_that_reads_both_ways_is_refused_with_both_spellings(cnn, mlp, digits):
     X, y = digits
     # The default model (an MLP) has a module "encoder.1"; the model "encoder" has a layer "1".

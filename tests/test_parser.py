@@ -349,6 +349,13 @@ def test_split_statements_positions_after_newlines():
     assert [p.text.strip() for p in pieces] == ["SHOW LAYERS", "SHOW SAMPLERS", "SHOW SETTINGS"]
 
 
+def test_a_byte_order_mark_is_a_blank():
+    """A script saved with a BOM and read as UTF-8 failed at 1:1 on an 'unexpected character'."""
+    assert parse_script("\ufeffSHOW LAYERS; SHOW SETTINGS") == parse_script(" SHOW LAYERS; SHOW SETTINGS")
+    err = error_of("\ufeffSHOW LAYERS;\nTOPK 1 NEURONS IN a WHERE clas = 1", script=True)
+    assert (err.line, err.column) == (2, 27)
+
+
 def test_split_statements_drops_empty_statements():
     assert split_statements("") == []
     assert split_statements(";;; -- only a comment;\n ;") == []
@@ -525,6 +532,75 @@ def test_error_at_end_of_third_statement_on_later_line():
 def test_by_order_only_for_topk():
     err = error_of("AVG NEURONS IN fc1 BY MAX")
     assert "TOPK" in err.message and (err.line, err.column) == (1, 20)
+
+
+@pytest.mark.parametrize("text,column,hint", [
+    ("AVG NEURONS IN fc1 GROUP BY class WHERE class = 3", 35,
+     ("a query's clauses go in this order: [TOKENS] [BY] [WHERE] [GROUP BY] [USING] [UNTIL] "
+      "[WITHIN] [WITH BASELINE] [ACROSS CHECKPOINTS]")),
+    ("AVG NEURONS IN fc1 USING SAMPLE random(0.1)\n  WHERE class = 3", 3,
+     "a query's clauses go in this order"),
+    ("EXPLAIN TOPK 3 NEURONS IN fc1 WHERE correct BY MAX", 45, "a query's clauses go in"),
+    ("SIMILARITY a, b USING FULL WHERE correct", 28,
+     ("SIMILARITY's clauses go in this order: [ACROSS CHECKPOINTS] [BY] [WHERE] [GROUP BY] "
+      "[USING] [WITH BASELINE] [PLOT]")),
+    ("TOPK 3 INPUTS FOR a[0] GROUP BY class", 24,
+     "TOPK k INPUTS takes no GROUP BY; its clauses are [TOKENS] [WHERE] [USING]"),
+    ("BOTTOMK 3 INPUTS FOR a[0] WITH BASELINE", 27, "TOPK k INPUTS takes no WITH BASELINE"),
+    ("AVG NEURONS IN fc1 WHERE class = 3 WHERE correct", 36,
+     "WHERE is given once; join conditions with AND or OR"),
+    ("AVG NEURONS IN fc1 USING FULL USING FULL", 31, "USING is given once"),
+    ("AVG NEURONS IN fc1 WHERE correct PLOT 'a.png'", 34,
+     "a query's PLOT 'file.png' follows ACROSS CHECKPOINTS"),
+    ("AVG NEURONS IN fc1 WHERE class == 3", 33, "compare with one '=': class = 3"),
+    ("AVG NEURONS IN fc1 WHERE correct = true", 34, "correct and incorrect stand alone"),
+    ("AVG NEURONS IN fc1 WHERE NOT Incorrect != 0", 40, "correct and incorrect stand alone"),
+    ("AVG NEURONS IN fc1 WHERE class = 'cat'", 34, "class and predicted compare class indices"),
+    ("EXPLAIN TOPK 3 INPUTS FOR fc1[0]", 16, ("EXPLAIN shows the plan of a query (TOPK, AVG or "
+                                              "ARGMAX over NEURONS or CHANNELS) or of a SIMILARITY")),
+    ("EXPLAIN EVALUATE SAMPLERS", 9, "EXPLAIN shows the plan of a query"),
+    ("explain show layers", 9, "EXPLAIN shows the plan of a query"),
+    ("AVG NEURONS IN fc1 WHERE predicted != dog", 39, "class and predicted compare class"),
+    ("AVG NEURONS IN fc1 WHERE class IN (3, cat)", 39, "class and predicted compare class"),
+])
+def test_hints_for_clauses_and_operators_out_of_place(text, column, hint):
+    """SQL habits: clauses in another order, a clause twice, '==', 'correct = true'."""
+    err = error_of(text)
+    assert err.column == column
+    assert err.hint.startswith("hint: " + hint), err.hint
+
+
+@pytest.mark.parametrize("text", ["AVG NEURONS IN fc1 WHERE class = 3 AND", "SHOW TABLES",
+                                  "AVG NEURONS IN fc1 WHERE class IN (3, )"])
+def test_no_clause_hint_where_none_fits(text):
+    assert error_of(text).hint is None
+
+
+@pytest.mark.parametrize("text,column", [("AVG NEURONS IN 'fc1", 16),
+                                         ("SET latent = \"conv2", 14),
+                                         ("TOPK 1 NEURONS IN 'a' WHERE class = 'x", 37),
+                                         ("SET latent = 'a\n-- it's here", 14)])
+def test_unterminated_string(text, column):
+    err = error_of(text)
+    assert err.message == f"unterminated quoted string: no closing {text[column - 1]} on its line"
+    assert err.column == column
+
+
+@pytest.mark.parametrize("text,column,end", [
+    ("SIMILARITY a, b USING SAMPLE random(0.1) UNTIL precision >= 0.9", 42, 64),
+    ("SIMILARITY a, b UNTIL cosine <= 0.1", 17, 36),
+    ("SIMILARITY a, b WITHIN 1 SECONDS", 17, 33),
+    ("SIMILARITY a, b USING AUTO WITHIN 2 SECONDS", 28, 44),
+    ("TOPK 3 INPUTS FOR a[0] UNTIL precision >= 0.9", 24, 46),
+    ("BOTTOMK 3 INPUTS FOR a[0] USING SAMPLE random WITHIN 1 SECONDS", 47, 63),
+])
+def test_until_only_on_queries(text, column, end):
+    """The source clause parses after SIMILARITY and TOPK k INPUTS too, but only a query can
+    grow its sample: the others are refused at the UNTIL/WITHIN (their AST has no field for it;
+    this was a TypeError traceback)."""
+    err = error_of(text)
+    assert "takes no UNTIL or WITHIN" in err.message
+    assert (err.line, err.column, err.end_column) == (1, column, end)
 
 
 @pytest.mark.parametrize("text,line,column", [

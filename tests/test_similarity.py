@@ -286,6 +286,44 @@ def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(
     assert "no interval" in str(result) or "no matching items" in str(result)
 
 
+def test_one_matching_item_says_why_there_is_no_cka(db):
+    """Exact over one item: every layer is constant, CKA undefined; it showed '—' with no word
+    why, '1 matching items', and the baseline comparison 'mean |error| nan'."""
+    result = db.query("SIMILARITY encoder.1, head WHERE class = 3 GROUP BY predicted")
+    singles = [key for key, group in result.groups.items() if group.n_items == 1]
+    assert singles, "the digits give class 3 a prediction made once"
+    group = result.groups[singles[0]]
+    assert np.isnan(group.value)
+    assert group.notes == [("encoder.1, head are constant over the matching items: CKA with "
+                           "them is undefined (NaN)")]
+    assert "1 matching item ·" in str(group)
+    sampled = db.query("SIMILARITY encoder.1, head WHERE class = 3 GROUP BY predicted USING "
+                       "SAMPLE random(1.0) WITH BASELINE")
+    assert np.isnan(sampled.groups[singles[0]].metrics["cka_abs_error"])
+    # the mean over groups leaves out the group without an exact value
+    defined = [g.metrics["cka_abs_error"] for g in sampled.groups.values()
+               if not np.isnan(g.baseline.value)]
+    assert sampled.metrics["cka_abs_error"] == pytest.approx(np.mean(defined))
+    assert "nan" not in str(sampled)
+    alone = db.query("SIMILARITY encoder.1, head WHERE class = 3 AND predicted = "
+                     f"{singles[0]} USING SAMPLE random(1.0) WITH BASELINE")
+    assert "|error| — (the exact CKA is undefined)" in str(alone)
+
+
+def test_json_of_an_undefined_interval_is_strict_json(db):
+    """Three sampled items: no debiased CKA nor interval. The JSON line said NaN there, which
+    is not JSON (jq and JSON.parse refuse the line); it says null."""
+    result = db.query("SIMILARITY encoder.3, head USING SAMPLE random(3)")
+    assert np.isnan(result.estimate.ci_low).all()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON")
+
+    data = json.loads(diagql.results.render.to_json(result), parse_constant=refuse)
+    assert data["estimate"]["ci_low"] == [[None, None], [None, None]]
+    assert data["value"] is None and data["n_items"] == 3
+
+
 def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(db, tmp_path):
     pytest.importorskip("matplotlib")
     target = tmp_path / "cka.png"

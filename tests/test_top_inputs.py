@@ -206,6 +206,13 @@ def test_parse_errors_point_at_the_neuron():
 def test_no_matching_item_is_an_error(conn):
     with pytest.raises(ExecutionError, match="no items match WHERE class = 3 AND confidence > 2"):
         conn.query("TOPK 3 INPUTS FOR 6[1] WHERE class = 3 AND confidence > 2")
+    # With a sample: said of the data, which holds none (it named the sample's items), and
+    # with the caret under the WHERE's predicate.
+    text = "TOPK 3 INPUTS FOR 6[1] WHERE class = 3 AND confidence > 2 USING SAMPLE random(0.5)"
+    with pytest.raises(ExecutionError) as caught:
+        conn.query(text)
+    assert caught.value.message.endswith("(0 of 1,797 items)")
+    assert caught.value.column == text.index("class = 3") + 1
 
 
 def test_renderings_carry_items_labels_and_images(conn):

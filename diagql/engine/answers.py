@@ -17,11 +17,25 @@ from diagql.results.result import Estimate, Provenance, Result
 
 
 def require_matches(plan: Plan) -> None:
-    """An exact answer over no items is an error; a sample with none is an empty answer (and
-    its baseline, if any, must match something)."""
+    """An exact answer over no items is an error, and so is a sample's when no item of the
+    data matches (the profile knows it: "no matching items in the sample" would blame the
+    sample); a sample that merely missed the matching items is an empty answer (and its
+    baseline, if any, must match something)."""
     exact = plan.baseline if plan.approximate else plan
     if exact is not None and len(exact.items) == 0:
-        raise ExecutionError(no_match_message(exact))
+        raise ExecutionError(no_match_message(exact), **where_place(plan.query))
+    if plan.approximate and sum(plan.population.values()) == 0:
+        raise ExecutionError(no_match_message(plan), **where_place(plan.query))
+
+
+def where_place(statement) -> dict:
+    """The error's place: the WHERE's predicate, so that a script's error says which statement
+    and the caret underlines what matched nothing."""
+    span = getattr(getattr(statement, "where", None), "span", None)
+    if span is None:
+        return {}
+    return {"line": span.line, "column": span.column,
+            "end_column": span.end_column if span.end_line == span.line else None}
 
 
 def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: dict) -> Result:
@@ -32,7 +46,19 @@ def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: di
     if baseline_states is not None:
         result.baseline = build_result(plan.baseline, baseline_states)
         compare(plan, result, result.baseline)
+    note_exact_baseline(plan, result)
     return result
+
+
+EXACT_BASELINE = ("no baseline: this answer is exact already (WITH BASELINE compares a "
+                  "sample's answer with the exact one)")
+
+
+def note_exact_baseline(plan: Plan, result: Result) -> None:
+    """WITH BASELINE on an exact answer (USING FULL, or exact chosen by AUTO or a growth that
+    found exact cheaper) has nothing to compare: say so rather than drop the clause silently."""
+    if getattr(plan.query, "baseline", False) and not plan.approximate:
+        result.notes.append(EXACT_BASELINE)
 
 
 def no_match_message(plan: Plan) -> str:

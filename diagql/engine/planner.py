@@ -112,6 +112,8 @@ class Plan:
         if self.baseline is not None:
             rows.append(("baseline", f"exact answer over {len(self.baseline.items):,} items, ≈ "
                                      f"{self.baseline.estimated_seconds():.3g} s"))
+        elif q.baseline:
+            rows.append(("baseline", "none: the answer is exact already"))
         return rows
 
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import torch
 
-from diagql.engine.answers import require_matches
+from diagql.engine.answers import note_exact_baseline, require_matches
 from diagql.engine.cka import MIN_ITEMS, MomentState, RowState, debiased_matrix
 from diagql.engine.executor import run_together
 from diagql.engine.groups import key_order, sorted_keys
@@ -220,6 +220,7 @@ def answer_similarity(runner, plan: Plan, runners: dict | None = None) -> Result
     if plan.baseline is not None:
         result.baseline = build_result(plan.baseline, states["baseline"])
         compare(plan, result, result.baseline)
+    note_exact_baseline(plan, result)
     return result
 
 
@@ -264,9 +265,11 @@ def _single(plan: Plan, state, population: int) -> Result:
     result.value = float(matrix[0, 1]) if len(matrix) == 2 else None
     result.n_items = state.count
     constant = [label for label, own in zip(result.labels, np.diag(matrix)) if np.isnan(own)]
-    if constant and state.count >= MIN_ITEMS:
+    # A sample under MIN_ITEMS has its own reason; an exact answer says it even over 1 item.
+    if constant and (state.count >= MIN_ITEMS or not plan.approximate):
         result.notes.append(f"{', '.join(constant)} {'is' if len(constant) == 1 else 'are'} "
-                            f"constant over the matching items: CKA with it is undefined (NaN)")
+                            f"constant over the matching items: CKA with "
+                            f"{'it' if len(constant) == 1 else 'them'} is undefined (NaN)")
     return result
 
 
@@ -301,8 +304,10 @@ def compare(plan: Plan, approx: Result, exact: Result) -> None:
         group.baseline = exact_group
         group.metrics["cka_abs_error"] = abs_error(group, exact_group)
     approx.groups = dict(sorted(approx.groups.items(), key=lambda kv: key_order(kv[0])))
-    approx.metrics["cka_abs_error"] = float(np.mean(
-        [g.metrics["cka_abs_error"] for g in approx.groups.values() if g.baseline is not None]))
+    # A group whose exact CKA is undefined (one item, a constant layer) has no error to average.
+    errors = [g.metrics["cka_abs_error"] for g in approx.groups.values()
+              if g.baseline is not None and not np.isnan(g.metrics["cka_abs_error"])]
+    approx.metrics["cka_abs_error"] = float(np.mean(errors)) if errors else float("nan")
 
 
 def explain(plan: Plan) -> list[tuple[str, str]]:
@@ -330,6 +335,8 @@ def explain(plan: Plan) -> list[tuple[str, str]]:
         rows.append(("baseline", f"exact CKA over {len(plan.baseline.items):,} items ("
                                  f"{_state_text(plan.baseline)}), its own pass, ≈ "
                                  f"{plan.baseline.estimated_seconds():.3g} s"))
+    elif query.baseline:
+        rows.append(("baseline", "none: the answer is exact already"))
     return rows
 
 

@@ -371,7 +371,8 @@ def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleS
     names = ", ".join(f"{m.paper} = {top + ' ' if m is PRECISION else ''}{m.label} {m.arrow}"
                       for m in METRICS)
     result.title = (f"{names}: the mean "
-                    f"over {len(layers) * n_groups} combinations of {len(layers)} layers "
+                    f"over {len(layers) * n_groups} combinations of {len(layers)} "
+                    f"layer{'' if len(layers) == 1 else 's'} "
                     f"({', '.join(layers)}) × {n_groups} (class, correct/incorrect) groups; "
                     f"{seeds}; {len(profile):,} items, {int((~correct).sum()):,} misclassified; "
                     f"asst: the scores of the model-assisted estimator's answers (SET "

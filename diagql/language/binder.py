@@ -44,6 +44,12 @@ def qualify_layer(ref: ast.LayerRef, models: Sequence[str], default: str,
     if ref.model is not None:
         return ref
     head, dot, rest = ref.name.partition(".")
+    if not (ref.quoted or dot) and ref.name in models and len(models) > 1 \
+            and not _has(ref, catalog_of(default)):  # 'AVG NEURONS IN wide': a model alone
+        names = catalog_of(ref.name).running_names()
+        raise _error(f"{ref.name!r} is a model, not a layer: name one of its layers, "
+                     f"{ref.name}.{_written(names[-1])} for instance", ref.span,
+                     hint=f"{ref.name}'s layers are {name_list(names)}")
     if ref.quoted or not dot or head not in models or len(models) < 2:
         return replace(ref, model=default)
     mine = _has(ref, catalog_of(default))
@@ -111,8 +117,18 @@ def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> B
     """Did-you-mean among what could stand there: modules before a call number, else layers."""
     names = [layer.name for layer in catalog.layers if (layer.shape is not None or layer.shared)
              and not (modules and layer.call)]
-    return _error(f"unknown layer {name!r}{did_you_mean(name, names)}", span,
-                  hint=f"layers are {name_list(catalog.running_names())}")
+    return _error(f"unknown layer {name!r}{did_you_mean(name, names) or _part_of(name, names)}",
+                  span, hint=f"layers are {name_list(catalog.running_names())}")
+
+
+def _part_of(name: str, names: list[str]) -> str:
+    """'fc1.0.weight': a parameter (or attribute) of a layer, which is what a query reads."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if ".".join(parts[:end]) in names:
+            return (f"; did you mean {'.'.join(parts[:end])!r}? (a query reads a module's "
+                    f"output, not its {'.'.join(parts[end:])})")
+    return ""
 
 
 def _written(name: str) -> str:
@@ -177,8 +193,8 @@ def bind_until(query: ast.Query, sampler: samplers.Sampler | None) -> None:
                      "TOPK ... BY MEAN (WITHIN n SECONDS alone works)", target.span)
     wanted = (">=", ">") if better == "higher" else ("<=", "<")
     if target.op not in wanted:
-        raise _error(f"{target.metric} is better {better}, so its target is a "
-                     f"{'lower' if better == 'higher' else 'upper'} bound: write "
+        raise _error(f"{target.metric} is better {better}, so its target is "
+                     f"{'a lower' if better == 'higher' else 'an upper'} bound: write "
                      f"{target.metric} {wanted[0]} {_num_text(target.value)}", target.span)
     if not (_finite(target.value) and target.value > low and (high is None or target.value
                                                                 <= high)):
@@ -274,8 +290,16 @@ def bind_sampler(call: ast.SamplerCall, seed: int | None, n_items: int) -> sampl
                 raise _error(f"parameter {arg.name!r} is given twice", arg.span)
             keywords[arg.name] = arg.value
     if len(positional) > 1:
-        raise _error(f"sampler {call.name!r} takes one positional argument (the size); name the "
-                     f"others, e.g. j=0.7", positional[1].span)
+        try:  # name this sampler's own parameters (random has no j to suggest)
+            names = [p.name for p in samplers.sampler_class(call.name).params()]
+        except BindError as exc:
+            raise _error(exc.message, call.span, exc.hint) from None
+        others = ", ".join(f"{name}=..." for name in names if name != "size")
+        if "size" in names:
+            raise _error(f"sampler {call.name!r} takes one positional argument (the size); name "
+                         f"the others: {others}", positional[1].span)
+        raise _error(f"sampler {call.name!r} takes no positional argument; name them: {others}",
+                     positional[0].span)
     if positional:
         if "size" in keywords:
             raise _error("size is given twice", positional[0].span)
@@ -316,7 +340,10 @@ def _finite(value) -> bool:
 
 
 def _check_class(field: str, value, n_classes: int, span) -> None:
-    if not _finite(value) or value != int(value) or not 0 <= value < n_classes:
+    if _finite(value) and value != int(value):  # 3.5 lies inside 0..9: say what is wrong
+        raise _error(f"{field} takes a whole number (a class 0..{n_classes - 1}), not {value}",
+                     span)
+    if not _finite(value) or not 0 <= value < n_classes:
         raise _error(f"{field} {value} is outside the label set 0..{n_classes - 1} "
                      f"(the model has {n_classes} classes)", span)
 

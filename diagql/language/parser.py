@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from diagql.errors import IncompleteStatement, ParseError
+from diagql.errors import DiagQLError, IncompleteStatement, ParseError
 from diagql.language import ast
 from diagql.language.grammar import get_parser, keywords, statement_keywords
 from diagql.language.transform import to_ast
@@ -34,6 +34,11 @@ class Piece:
 
 def split_statements(text: str) -> list[Piece]:
     """Cut a script at the ``;`` that are outside strings and comments; drop empty statements."""
+    if not isinstance(text, str):  # every entry point's text passes here: query(None) too
+        decode = "; decode it first: .decode()" if isinstance(text, (bytes, bytearray)) else ""
+        raise DiagQLError(f"a statement is text (a str), not {type(text).__name__}{decode}")
+    if text.startswith("\ufeff"):  # a file's byte order mark, read as text: a blank, in place
+        text = " " + text[1:]
     pieces: list[Piece] = []
     start, line, line_start = 0, 1, 0
 
@@ -205,6 +210,12 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
     if not at_end and token is not None and token.type == "CALL":
         hint = ("hint: '#n' names one call of a layer, right after its name (block.relu#2); "
                 "as a value (SET latent = ...), quote it: 'block.relu#2'")
+    elif isinstance(exc, UnexpectedCharacters) and what[-2:-1] in ("'", '"') and \
+            what[-2] not in piece.text[exc.pos_in_stream + 1:].split("\n", 1)[0]:
+        what, expected = f"unterminated quoted string: no closing {what[-2]} on its line", ()
+    elif not at_end and token is not None:
+        hint = _clause_hint(piece, str(token), token.start_pos) or \
+            _operator_hint(piece, str(token), token.start_pos)
     wanted = describe_expected(expected)
     message = f"{what}; expected {wanted}" if wanted else what
     if start == "start" and (line, column) == _first_token_position(piece) and not at_end:
@@ -213,6 +224,67 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
     error = IncompleteStatement if at_end else ParseError
     return error(message, line=line, column=column, end_column=column + width, source=source,
                  hint=hint)
+
+
+# Each statement's clauses in the one order the grammar takes them (EVALUATE's come in any).
+_CLAUSES = {
+    "query": ("TOKENS", "BY", "WHERE", "GROUP BY", "USING", "UNTIL", "WITHIN", "WITH BASELINE",
+              "ACROSS CHECKPOINTS"),
+    "SIMILARITY": ("ACROSS CHECKPOINTS", "BY", "WHERE", "GROUP BY", "USING", "WITH BASELINE",
+                   "PLOT"),
+    "TOPK k INPUTS": ("TOKENS", "WHERE", "USING"),
+}
+_CLAUSE_OF = {"TOKEN": "TOKENS", "GROUP": "GROUP BY", "WITH": "WITH BASELINE",
+              "ACROSS": "ACROSS CHECKPOINTS"}
+
+
+def _clause_hint(piece: Piece, word: str, position: int) -> str | None:
+    """A clause keyword out of place: say it is given twice, or the order the clauses go in
+    (a user writes GROUP BY before WHERE, or WHERE after USING, as SQL would not mind)."""
+    word = word.upper()
+    clause = _CLAUSE_OF.get(word, word)
+    if clause not in _CLAUSES["query"] + _CLAUSES["SIMILARITY"]:
+        return None
+    words = re.findall(r"[A-Za-z_]+", _blank_comments(piece.text)[:position])
+    first = [w.upper() for w in words[:3]]
+    if first[:1] == ["EXPLAIN"]:
+        first = [w.upper() for w in words[1:4]]
+    if first[:1] in (["TOPK"], ["BOTTOMK"]) and first[1:2] == ["INPUTS"]:
+        kind = "TOPK k INPUTS"
+    elif first[:1] in (["TOPK"], ["AVG"], ["ARGMAX"]):
+        kind = "query"
+    elif first[:1] == ["SIMILARITY"]:
+        kind = "SIMILARITY"
+    else:
+        return None
+    order = " ".join(f"[{c}]" for c in _CLAUSES[kind])
+    name = "a query" if kind == "query" else kind
+    if clause == "PLOT" and kind == "query":
+        return "hint: a query's PLOT 'file.png' follows ACROSS CHECKPOINTS (the curves over them)"
+    if clause not in _CLAUSES[kind]:
+        return f"hint: {name} takes no {clause}; its clauses are {order}"
+    if clause in ("WHERE", "GROUP BY", "USING", "WITH BASELINE") and \
+            word in (w.upper() for w in words):
+        join = "; join conditions with AND or OR" if clause == "WHERE" else ""
+        return f"hint: {clause} is given once{join}"
+    return f"hint: {name}'s clauses go in this order: {order}"
+
+
+def _operator_hint(piece: Piece, token: str, position: int) -> str | None:
+    """SQL and Python habits: 'class == 3', 'correct = true'; EXPLAIN of what it cannot."""
+    before = _blank_comments(piece.text)[:position].rstrip()
+    if re.match(r"\s*EXPLAIN\b", before, re.IGNORECASE) and token.upper() in (
+            "INPUTS", "BOTTOMK", "EXPLAIN", "SHOW", "DESCRIBE", "SET", "CLEAR", "EVALUATE"):
+        return ("hint: EXPLAIN shows the plan of a query (TOPK, AVG or ARGMAX over NEURONS or "
+                "CHANNELS) or of a SIMILARITY")
+    if token == "=" and before.endswith("="):
+        return "hint: compare with one '=': class = 3"
+    if token in ("=", "!=", "<>") and re.search(r"\b(in)?correct$", before, re.IGNORECASE):
+        return "hint: correct and incorrect stand alone: WHERE incorrect, WHERE NOT correct"
+    if re.search(r"\b(class|predicted)\s*(=|!=|<>|IN\s*\((\s*[-+.\w]+\s*,)*)\s*$", before,
+                 re.IGNORECASE) and re.match(r"['\"A-Za-z_]", token):
+        return "hint: class and predicted compare class indices, as the labels hold them: class = 3"
+    return None
 
 
 def _acceptable(exc, piece: Piece, start: str) -> set[str]:

@@ -77,6 +77,20 @@ class _PredicatesAndLiterals:
         return _Located(str(children[0]), self._span(meta))
 
 
+def _no_until(fields: dict, statement: str, source: str) -> None:
+    """The grammar shares its source clause among statements, but only a query can grow its
+    sample to a target (docs/ARCHITECTURE.md, "Error-bounded queries")."""
+    until = fields.get("until")
+    if until is None:
+        return
+    span = until.span
+    raise ParseError(f"{statement} takes no UNTIL or WITHIN: only a TOPK, AVG or ARGMAX query "
+                     f"over neurons grows its sample to a target; use USING SAMPLE s(size)",
+                     line=span.line if span else None, column=span.column if span else None,
+                     end_column=span.end_column if span and span.end_line == span.line else None,
+                     source=source)
+
+
 @functools.lru_cache(maxsize=1)
 def _build_transformer():
     from lark import Transformer, v_args
@@ -136,6 +150,7 @@ def _build_transformer():
                             "checkpoint's is compared with the final model's)",
                             line=span.line if span else None,
                             column=span.column if span else None, source=self.source)
+            _no_until(fields, "SIMILARITY", self.source)
             return ast.Similarity(tuple(ref for ref, _ in layers),
                                   tuple(tokens for _, tokens in layers), span=self._span(meta),
                                   text=self._text(meta), **fields)
@@ -181,6 +196,7 @@ def _build_transformer():
             fields = {}
             for clause in clauses:
                 fields.update(clause)
+            _no_until(fields, f"{str(keyword).upper()} k INPUTS", self.source)
             neuron = ast.NeuronRef(neuron.layer, neuron.index, channel, span=neuron.span,
                                    index_span=neuron.index_span)
             return ast.TopInputs(self._int(k), neuron, str(keyword).lower() == "topk",

@@ -55,7 +55,7 @@ def _pivot(answers: dict) -> tuple[list[str], dict, dict]:
     return key_names, shown, numbers
 
 
-def _split(answer, record: dict) -> tuple[list[str], tuple, str, float]:
+def _split(answer, record: dict) -> tuple[list[str], tuple, str | float, float]:
     if answer.is_query:
         group = [name for name in record if name not in ("rank", "neuron", "label", "value",
                                                          "exact_value")]
@@ -64,12 +64,13 @@ def _split(answer, record: dict) -> tuple[list[str], tuple, str, float]:
             names = [*group, "rank"]
             return names, tuple(record[n] for n in names), f"{record['label']} {_num(value)}", value
         names = [*group, "label"]
-        return names, tuple(record[n] for n in names), _num(value), value
+        # A lone number stays a number: CSV and JSON carry it whole, the table formats it.
+        return names, tuple(record[n] for n in names), value, value
     values = [n for n, v in record.items() if isinstance(v, float)]
     names = [n for n in record if n not in values]
     key = tuple(record[n] for n in names)
     if len(values) == 1:
-        return names, key, _num(record[values[0]]), record[values[0]]
+        return names, key, record[values[0]], record[values[0]]
     text = ", ".join(f"{n}={_num(record[n])}" for n in values)
     return names, key, text, record[values[0]] if values else math.nan
 

@@ -136,7 +136,7 @@ def _estimate_line(result) -> Text | None:
 
 def _caption(result) -> str:
     provenance = result.provenance
-    parts = [f"{result.n_items:,} matching items"]
+    parts = [f"{result.n_items:,} matching item{'' if result.n_items == 1 else 's'}"]
     if provenance is not None:
         parts.append(provenance.describe())
     parts.append(f"linear {(result.unit or 'cka').upper()}")
@@ -150,7 +150,8 @@ def _summary(result) -> Text | None:
     if error is None:
         return None
     scope = "mean " if result.groups is not None or len(result.labels) > 2 else ""
-    pieces = [f"{scope}|error| {error:.3f}"]
+    pieces = [f"{scope}|error| — (the exact CKA is undefined)" if math.isnan(error) else
+              f"{scope}|error| {error:.3f}"]
     timings = result.timings
     full_s = timings.get("baseline")
     if full_s is not None:

@@ -62,8 +62,12 @@ def _info_table(result, max_rows: int) -> Table:
     for column in result.columns:
         table.add_column(column, overflow="fold")
     limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
+    # Checkpoints side by side: many columns, so 4 significant digits (the numbers are whole
+    # in CSV and JSON).
+    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else _cell(v)) \
+        if result.kind == "across" else _cell
     for row in result.rows[:limit]:
-        table.add_row(*(_cell(v) for v in row))
+        table.add_row(*(cell(v) for v in row))
     if len(result.rows) > limit:
         table.caption = f"… {len(result.rows) - limit:,} more rows (--format csv shows all)"
     return table
@@ -280,7 +284,7 @@ def _estimate_line(result) -> Text | None:
 
 def _caption(result) -> str:
     provenance = result.provenance
-    parts = [f"{result.n_items:,} matching items"]
+    parts = [f"{result.n_items:,} matching item{'' if result.n_items == 1 else 's'}"]
     if provenance is not None:
         parts.append(provenance.describe())
     if "query" in result.timings:
@@ -360,8 +364,21 @@ def to_html(result) -> str:
 
 
 def to_json(result) -> str:
-    """One compact JSON object: scripts print one line per statement (JSON Lines)."""
-    return json.dumps(result.to_dict(), allow_nan=True, ensure_ascii=False)
+    """One compact JSON object: scripts print one line per statement (JSON Lines). An undefined
+    number (NaN, inf: a debiased CKA's interval over too few items) is null, since NaN is not
+    JSON and jq, JavaScript and strict parsers refuse the whole line."""
+    return json.dumps(_finite(result.to_dict()), allow_nan=False, ensure_ascii=False)
+
+
+def _finite(value):
+    """``value`` with every non-finite float, however deeply nested, made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def to_csv(result) -> str:

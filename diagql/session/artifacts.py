@@ -143,8 +143,12 @@ class Artifacts:
         if latent is None:
             name, is_input = default_latent(conn.model), True
         else:
-            view = bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)),
-                             bind_layer(ast.LayerRef(latent), self.get_catalog()))
+            try:
+                layer = bind_layer(ast.LayerRef(latent), self.get_catalog())
+            except BindError as exc:  # no statement named it: say what did
+                raise BindError(f"the latent layer (connect(latent=...), --latent or SET "
+                                f"latent): {exc.message}", hint=exc.hint) from None
+            view = bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)), layer)
             name, is_input = view.layer.name, False
         if conn.engine is not None:
             catalog = self.catalog or self._probe()

@@ -64,6 +64,10 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
         if not isinstance(value, (str, Path, Mapping)):
             raise DiagQLError(f"checkpoint {name!r} is {type(value).__name__}: give a path to a "
                               f"saved state_dict, or a state_dict")
+        # Loaded lazily, one at a time: a path that is not there would otherwise fail every
+        # statement later, SHOW MODELS included, instead of the connect that named it.
+        if isinstance(value, (str, Path)) and not Path(value).is_file():
+            raise DiagQLError(f"checkpoint {name!r}: {str(value)!r} is not a file")
     return specs
 
 

@@ -305,7 +305,7 @@ class Connection:
                 raise exc.with_source(query) from None
         if not isinstance(query, (ast.Query, ast.Similarity)):
             raise DiagQLError(f"plan() takes a query (TOPK, AVG, ARGMAX or SIMILARITY), not "
-                              f"{query.text!r}")
+                              f"{getattr(query, 'text', query)!r}")
         return planned(self, query)[0]
 
     def runner(self) -> Runner:

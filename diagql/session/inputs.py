@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 
 from diagql.engine import aggregates, executor, inputs_index, top_inputs
+from diagql.engine.answers import where_place
 from diagql.engine.inputs_index import InputsIndex
 from diagql.engine.planner import predicate_mask
 from diagql.engine.top_inputs import Answer
@@ -49,7 +50,8 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
         require_labels(query)
     allowed = predicate_mask(query.where, profile)
     sample = None
-    if bound.sampler is not None:
+    # Nothing of the data matching is said of the data, before any sample is drawn for it.
+    if allowed.any() and bound.sampler is not None:
         sample, _ = conn.artifacts.get_sample(bound.sampler)
         inside = np.zeros(len(allowed), dtype=bool)
         inside[sample.indices] = True
@@ -58,7 +60,8 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
         where = ast.predicate_text(query.where) if query.where is not None else "the query"
         scope = f"the sample's {len(sample.indices):,}" if sample is not None else \
             f"{len(allowed):,}"
-        raise ExecutionError(f"no items match WHERE {where} (0 of {scope} items)")
+        raise ExecutionError(f"no items match WHERE {where} (0 of {scope} items)",
+                             **where_place(query))
     index = _index(conn, bound)
     answer = top_inputs.top_inputs(conn.runner(), bound, allowed, index,
                                    build_index=index is None and sample is None)

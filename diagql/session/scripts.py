@@ -32,12 +32,16 @@ def run_timed(conn, statement: ast.Statement, source: str, parsed: float) -> Res
 def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
     """Every statement's Result or DiagQLError, in order."""
     queries: list[tuple[ast.Query, float]] = []  # waiting to share a pass, with parse seconds
-    for piece in split_statements(script):
+    pieces = split_statements(script)
+    # Where a failing statement is, is worth saying in a script of several (a lone statement,
+    # -e's or the REPL's, is its own place, and the refusals for want of a model stay one line).
+    placed = len(pieces) > 1
+    for piece in pieces:
         started = time.perf_counter()
         try:
             statement = parse_piece(piece, script)
         except DiagQLError as exc:
-            yield from _run_queries(conn, queries, script)
+            yield from _run_queries(conn, queries, script, placed)
             yield exc.with_source(script)
             continue
         parsed = time.perf_counter() - started
@@ -46,24 +50,36 @@ def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
         if isinstance(statement, ast.Query) and statement.across is None and statement.until is None:
             queries.append((statement, parsed))
             continue
-        yield from _run_queries(conn, queries, script)
-        yield _outcome(conn, statement, script, parsed)
-    yield from _run_queries(conn, queries, script)
+        yield from _run_queries(conn, queries, script, placed)
+        yield _outcome(conn, statement, script, parsed, placed)
+    yield from _run_queries(conn, queries, script, placed)
 
 
-def _outcome(conn, statement, script: str, parsed: float) -> Result | DiagQLError:
+def _outcome(conn, statement, script: str, parsed: float, placed: bool) -> Result | DiagQLError:
     try:
         return run_timed(conn, statement, script, parsed)
     except DiagQLError as exc:
-        return exc
+        return _placed(exc, statement, script, placed)
 
 
-def _run_queries(conn, queries: list, script: str) -> Iterator[Result | DiagQLError]:
+def _placed(exc: DiagQLError, statement, script: str, placed: bool) -> DiagQLError:
+    """A script's error points at its statement when the raiser knew no finer place ('GROUP
+    BY class needs the true labels'), so that the file:line says which statement failed."""
+    exc.with_source(script)
+    span = statement.span
+    if placed and exc.line is None and span is not None:
+        exc.line, exc.column = span.line, span.column
+        exc.end_column = span.end_column if span.end_line == span.line else None
+    return exc
+
+
+def _run_queries(conn, queries: list, script: str,
+                 placed: bool) -> Iterator[Result | DiagQLError]:
     """Answer the waiting queries (emptying the list): one alone as usual, several together
     in one forward pass over the union of their items."""
     waiting, queries[:] = list(queries), []
     if len(waiting) == 1:
-        yield _outcome(conn, waiting[0][0], script, waiting[0][1])
+        yield _outcome(conn, waiting[0][0], script, waiting[0][1], placed)
         return
     outcomes: list[Result | DiagQLError | None] = []
     plans: list = []  # (position, plan, timings) of the queries that planned
@@ -71,7 +87,7 @@ def _run_queries(conn, queries: list, script: str) -> Iterator[Result | DiagQLEr
         try:
             plan, timings = planned(conn, statement)
         except DiagQLError as exc:
-            outcomes.append(exc.with_source(script))
+            outcomes.append(_placed(exc, statement, script, placed))
             continue
         plans.append((len(outcomes), plan, timings))
         outcomes.append(None)
@@ -80,10 +96,11 @@ def _run_queries(conn, queries: list, script: str) -> Iterator[Result | DiagQLEr
         by_model.setdefault(entry[1].query.layer.model, []).append(entry)
     for model, group in by_model.items():
         started = time.perf_counter()
+        shared = False
         try:
             answers = conn.on(model).runner().answer_many([plan for _, plan, _ in group])
         except DiagQLError as exc:  # the pass itself failed (the model's forward raised)
-            answers = [exc] * len(group)
+            answers, shared = [exc] * len(group), True
         seconds = time.perf_counter() - started
         for (position, _, timings), answer in zip(group, answers):
             if isinstance(answer, Result):
@@ -91,6 +108,8 @@ def _run_queries(conn, queries: list, script: str) -> Iterator[Result | DiagQLEr
                 answer.timings["parse"] = waiting[position][1]
                 answer.timings["total"] = seconds
                 outcomes[position] = name_model(conn, answer, model)
-            else:
+            elif shared:  # one error for every statement of the pass: no one statement's place
                 outcomes[position] = answer.with_source(script)
+            else:
+                outcomes[position] = _placed(answer, waiting[position][0], script, placed)
     yield from outcomes

@@ -189,6 +189,10 @@ def _run(args, out, err) -> int:
                     _print_error(err, exc, None)
                     failed = True
             print_result(out, outcome, conn.settings)
+    if args.plot and not plots:  # not a word otherwise: the user asked for a file
+        err.print(f"--plot: nothing was written to {args.plot}: no statement made a figure "
+                  f"(EVALUATE SAMPLERS, SIMILARITY and TOPK k INPUTS do)", markup=False,
+                  highlight=False, soft_wrap=True)
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -210,15 +214,18 @@ def _sources(args) -> list[tuple[str, str]]:
     scripts = args.scripts or ([] if args.execute or sys.stdin.isatty() else ["-"])
     for path in scripts:
         if path == "-":
-            sources.append(("<stdin>", sys.stdin.read()))
+            sources.append(("<stdin>", sys.stdin.read().removeprefix("\ufeff")))
             continue
+        # utf-8-sig: an editor's byte order mark is not a character of the first statement.
         try:
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:
                 sources.append((path, handle.read()))
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             from diagql.errors import DiagQLError
 
-            raise DiagQLError(f"cannot read script {path}: {exc.strerror}") from None
+            why = exc.strerror if isinstance(exc, OSError) else \
+                f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start:,})"
+            raise DiagQLError(f"cannot read script {path}: {why}") from None
     sources.extend(("<-e>", text) for text in args.execute)
     return sources
 

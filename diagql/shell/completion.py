@@ -26,6 +26,12 @@ _MEASURE = re.compile(r"\bSIMILARITY\b.*\bBY\s+\w*$", re.IGNORECASE | re.DOTALL)
 _SWEEP = re.compile(r"\bSWEEP\s*$", re.IGNORECASE)
 _SET_NAME = re.compile(r"^\s*SET\s*$", re.IGNORECASE)
 _SET_VALUE = re.compile(r"^\s*SET\s+([A-Za-z_]\w*)\s*=\s*$", re.IGNORECASE)
+_UNTIL = re.compile(r"^\s*(?:EXPLAIN\s+)?(TOPK|AVG|ARGMAX)\b.*\bUNTIL\s*$",
+                    re.IGNORECASE | re.DOTALL)
+# Statements whose source clause takes no UNTIL/WITHIN (the parser refuses them there), and
+# SIMILARITY no AUTO either (the binder does), though the grammar shares the clause.
+_NO_GROWTH = re.compile(r"^\s*(?:EXPLAIN\s+)?(SIMILARITY|(?:TOPK|BOTTOMK)\s+\d+\s+INPUTS)\b",
+                        re.IGNORECASE)
 
 
 def current_statement(text: str) -> str:
@@ -65,6 +71,10 @@ class DiagQLCompleter(Completer):
         terminals = accepts(prefix)
         if terminals is None:
             return
+        refused = _NO_GROWTH.match(prefix)
+        if refused:
+            terminals = terminals - {"UNTIL", "WITHIN"} - (
+                {"AUTO"} if refused.group(1).upper() == "SIMILARITY" else set())
         yield from self._names(prefix, word, terminals)
         lower = bool(word) and word.islower()
         kws = keywords()
@@ -112,6 +122,25 @@ class DiagQLCompleter(Completer):
             return
         if set_value and set_value.group(1).lower() == "model":
             yield from offer(self._listed(self.models), lambda n: "model")
+            return
+        if set_value and set_value.group(1).lower() == "estimator":
+            from diagql.session.settings import ESTIMATORS
+
+            yield from offer(ESTIMATORS)
+            return
+        if set_value and set_value.group(1).lower() == "latent":
+            yield from offer(["default"], lambda n: "the input of the final linear layer")
+            yield from offer([name for name, _ in self._layer_list()
+                              if _LAYER_NAME.fullmatch(name)], lambda n: "layer")
+            return
+        until = _UNTIL.search(prefix)
+        if until:
+            from diagql.language.binder import TARGETS
+
+            aggregate = until.group(1).lower()
+            yield from offer([name for name, (of, *_) in TARGETS.items() if of == aggregate],
+                             lambda n: f"UNTIL {n} {'>=' if TARGETS[n][1] == 'higher' else '<='} "
+                                       f"target")
             return
         call = _SAMPLER_ARGS.search(prefix)
         if call and re.search(r"(\(|,)\s*$", prefix):

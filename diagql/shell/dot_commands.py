@@ -97,10 +97,14 @@ def language_help() -> str:
         f"      [GROUP BY {choices(query + 'GROUP BY ')}]",
         "      [USING " + choices(query + "USING ").replace(
             "SAMPLE", "SAMPLE sampler(size, param=value, ...)") + "]",
+        "      [UNTIL precision >= 0.9 | cosine <= 0.01 | width <= 0.05 | js <= 0.05] "
+        "[WITHIN n SECONDS]   (grow the sample until its estimate meets the target)",
         "      [WITH BASELINE]",
         "      [ACROSS CHECKPOINTS [PLOT 'file.png']]   (once per checkpoint and the final model)",
         "  a layer of another model: model.layer (wide.fc2); SET model = name changes the "
         "default one",
+        "  TOPK | BOTTOMK k INPUTS FOR [CHANNEL] layer[i, ...] [TOKENS ...] [WHERE ...] "
+        "[USING ...]   (the items that activate one neuron most or least)",
         f"  SHOW {choices('SHOW ')}    DESCRIBE layer    SET name = value    EXPLAIN query",
         "  EVALUATE SAMPLERS [sampler, ...] [AT size, ...] [K k, ...] [LAYERS layer, ...] "
         "[SEEDS n]",
@@ -114,6 +118,8 @@ def language_help() -> str:
         "USING SAMPLE stratified(0.05) WITH BASELINE;",
         "  AVG NEURONS IN fc1 WHERE incorrect GROUP BY class;",
         "  ARGMAX CHANNELS IN conv2 WHERE predicted = 8;",
+        "  TOPK 10 NEURONS IN conv2 USING AUTO UNTIL precision >= 0.9 WITHIN 2 SECONDS;",
+        "  TOPK 5 INPUTS FOR conv2[5,3,3] WHERE incorrect;",
         "  EVALUATE SAMPLERS random, stratified, maxmargin AT 0.05, 0.1 SEEDS 3 PLOT 'fig4.png';",
         "  SIMILARITY conv2, fc3 USING SAMPLE random(0.1) WITH BASELINE;",
         "",
@@ -170,10 +176,14 @@ def _read(shell, argument):
     if not argument:
         shell.error("usage: .read FILE")
         return
-    try:
-        with open(argument, encoding="utf-8") as handle:
+    try:  # utf-8-sig: as the command line reads scripts (shell/cli.py)
+        with open(argument, encoding="utf-8-sig") as handle:
             text = handle.read()
     except OSError as exc:
         shell.error(f"cannot read {argument}: {exc.strerror}")
+        return
+    except UnicodeDecodeError as exc:
+        shell.error(f"cannot read {argument}: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                    f"at offset {exc.start:,})")
         return
     shell.execute(text, echo=True)

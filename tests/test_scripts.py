@@ -1,0 +1,90 @@
+"""Scripts as a user writes them: multi-line statements, comments, and a statement that fails in
+the middle, whose error says which statement it is while the others keep their answers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diagql
+from diagql.errors import BindError, ExecutionError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCRIPT = """\
+SHOW SETTINGS;
+AVG NEURONS IN encoder.1 WHERE class = 3;  -- a comment; with a ';' in it
+-- a whole line of comment
+AVG NEURONS IN encoder.1
+  WHERE class = 3 AND class = 4;
+TOPK 2 NEURONS IN head
+  WHERE predicted = 1 USING SAMPLE random(0.1) GROUP BY correct;
+TOPK 2 NEURONS IN head WHERE predicted = 1;
+"""
+
+
+@pytest.fixture(scope="module")
+def truth(mlp, digits):
+    """encoder.1 and head outputs of every item, by plain torch (float64)."""
+    X, _ = digits
+    with torch.no_grad():
+        hidden = mlp.encoder[:2](X).double().numpy()
+        head = mlp(X).double().numpy()
+    return hidden, head
+
+
+def test_a_bad_statement_in_the_middle(mlp, digits, truth):
+    hidden, head = truth
+    labels = digits[1].numpy()
+    db = diagql.connect(mlp, digits, cache_dir=False, progress=False, batch_size=500)
+    outcomes = list(db.run_script(SCRIPT))
+    assert len(outcomes) == 5
+    settings, avg, nothing, misplaced, topk = outcomes
+    assert settings.kind == "table"
+    np.testing.assert_allclose(avg.values, hidden[labels == 3].mean(axis=0), rtol=0, atol=1e-5)
+    # What matched nothing is named at its place in the file: the WHERE on line 5.
+    assert isinstance(nothing, ExecutionError)
+    assert (nothing.line, nothing.column) == (5, 9)
+    assert nothing.format("s.dql").startswith("s.dql:5:9: error: no items match WHERE class = 3 "
+                                              "AND class = 4 (0 of 1,797 items)")
+    assert nothing.format().endswith("\n      WHERE class = 3 AND class = 4;\n"
+                                     "            " + "^" * len("class = 3 AND class = 4"))
+    assert isinstance(misplaced, diagql.ParseError) and (misplaced.line, misplaced.column) == (7, 48)
+    predicted = head.argmax(axis=1)
+    means = head[predicted == 1].mean(axis=0)
+    assert list(topk.neurons) == list(np.argsort(-means)[:2])
+    np.testing.assert_allclose(topk.values, np.sort(means)[::-1][:2], rtol=0, atol=1e-5)
+
+
+def test_an_error_without_a_place_points_at_its_statement(mlp, digits):
+    """Data without labels: 'GROUP BY class needs the true labels' has no span of its own; in a
+    script it says which statement (it printed 'file: error: ...' with no line)."""
+    X, _ = digits
+    db = diagql.connect(mlp, (X, None), cache_dir=False, progress=False, batch_size=500)
+    script = "SHOW MODELS;\n\n  AVG NEURONS IN head GROUP BY class;\nAVG NEURONS IN head;"
+    _, grouped, plain = db.run_script(script)
+    assert isinstance(grouped, BindError) and "needs the true labels" in grouped.message
+    assert (grouped.line, grouped.column) == (3, 3)
+    assert grouped.format("s.dql").startswith("s.dql:3:3: error: GROUP BY class needs")
+    assert grouped.format().split("\n")[2] == "      " + "^" * len("AVG NEURONS IN head GROUP BY class")
+    with torch.no_grad():
+        np.testing.assert_allclose(plain.values, mlp(X).double().numpy().mean(axis=0), atol=1e-5)
+
+
+@pytest.mark.parametrize("statement", ["TOPK 2 NEURONS IN head USING FULL WITH BASELINE",
+                                       ("AVG NEURONS IN head WHERE class = 3 AND incorrect "
+                                       "USING AUTO WITH BASELINE"),
+                                       "SIMILARITY encoder.1, head WITH BASELINE"])
+def test_with_baseline_on_an_exact_answer_says_there_is_none(mlp, digits, statement):
+    """The clause was dropped without a word: the answer is exact, nothing to compare."""
+    db = diagql.connect(mlp, digits, cache_dir=False, progress=False, batch_size=500)
+    result = db.query(statement)
+    assert not result.approximate and result.baseline is None
+    assert result.notes == [("no baseline: this answer is exact already (WITH BASELINE compares "
+                            "a sample's answer with the exact one)")]
+    assert "no baseline: this answer is exact already" in str(result)
+    explained = db.query("EXPLAIN " + statement)
+    assert ["baseline", "none: the answer is exact already"] in [list(r) for r in explained.rows]
+    sampled = db.query(statement.replace("USING FULL ", "").replace("USING AUTO ", "")
+                       .replace("WITH", "USING SAMPLE random(0.5) WITH"))
+    assert sampled.baseline is not None and not sampled.notes
