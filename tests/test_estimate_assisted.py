@@ -134,8 +134,15 @@ def test_plain_estimator_answers_with_the_sample_mean(db, mlp, digits):
         db.execute("SET estimator = fancy")
 
 
-def test_argmax_shares_are_the_regression_of_the_one_hot_winners(db, mlp, digits):
+def test_argmax_shares_are_the_regression_of_the_one_hot_winners(mlp, digits, monkeypatch):
+    """Where the profile keeps no winners (none fit its budget here; another model's layer),
+    ARGMAX's assisted shares are the regression estimator of each neuron's one-hot winner."""
+    from diagql.model import winners
+
     X, y = digits
+    monkeypatch.setattr(winners, "BUDGET", 0)
+    db = diagql.connect(mlp, digits, batch_size=256, cache_dir=False, progress=False)
+    assert not db.profile.winners
     result = db.query("ARGMAX NEURONS IN encoder.1 WHERE class = 6 USING SAMPLE stratified(0.2)")
     sample = db.sample("stratified(0.2)")
     labels = y.numpy()
