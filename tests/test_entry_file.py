@@ -44,15 +44,26 @@ def test_numpy_reads_what_it_writes_unchanged():
         assert _same({name: npz[name] for name in npz.files}, arrays)
 
 
-def test_it_reads_back_exactly_what_was_written_each_array_aligned():
+@pytest.mark.parametrize("mapped", [False, True])
+def test_it_reads_back_exactly_what_was_written_each_array_aligned(tmp_path, monkeypatch,
+                                                                    mapped):
+    """From memory, and from a file mapped copy-on-write (arrays stay writable, and writing
+    to one changes neither the file nor another read of it)."""
     arrays = _arrays()
-    got = entry_file.read(io.BytesIO(_written(arrays)))
+    path = tmp_path / "entry.npz"
+    path.write_bytes(_written(arrays))
+    monkeypatch.setattr(entry_file, "MAP_BYTES", 0 if mapped else 1 << 40)
+    with open(path, "rb", buffering=0) as file:
+        got = entry_file.read(file)
     assert _same(got, arrays)
     for name, array in got.items():
-        assert array.flags.aligned, name
+        assert array.flags.aligned and array.flags.writeable, name
         if array.size and array.ndim:
             # A view of the file's one buffer, not a copy per array (what makes it fast).
             assert array.base is not None, name
+    got["rows"][0, 0] = 123.0
+    with open(path, "rb", buffering=0) as file:
+        assert _same(entry_file.read(file), arrays)
 
 
 def test_an_npz_written_by_numpy_is_still_read():

@@ -25,6 +25,8 @@ _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's own layout of a local
 _LOCAL_SIGNATURE = b"PK\003\004"
 _PADDING_ID = 0xD935  # the extra field id zipalign pads with; readers skip unknown ids
 _ZIP64_EXTRA = 20  # what zipfile adds to a local header's extra for a zip64 member
+# Files this large are mapped (``_contents``): below, zero-filling a fresh buffer costs a few ms.
+MAP_BYTES = 4 * 1024 ** 2
 
 
 def write(file, arrays: dict[str, np.ndarray]) -> None:
@@ -87,15 +89,17 @@ def _contents(file) -> np.ndarray:
     are the page cache's own until an array is written to (a fresh buffer's zero-filled pages
     cost a new process as much as the copy: 0.14 s for a 47 MB entry); else read into memory.
     The mapping outlives a rename or an unlink of the file, which is all the cache ever does
-    to an entry (Windows cannot unlink a mapped file, so there it is read)."""
-    if sys.platform != "win32":
+    to an entry (Windows cannot unlink a mapped file, so there it is read). Only files of
+    MAP_BYTES or more: a mapping holds a file descriptor while its arrays live, and a session's
+    many small entries (samples, catalogs) gain nothing from one."""
+    size = file.seek(0, 2)
+    if sys.platform != "win32" and size >= MAP_BYTES:
         try:
             mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
         except (OSError, ValueError, io.UnsupportedOperation):  # empty, a pipe, an in-memory file
             pass
         else:
             return np.frombuffer(mapped, np.uint8)
-    size = file.seek(0, 2)
     file.seek(0)
     buffer = np.empty(size, np.uint8)
     view = memoryview(buffer)
