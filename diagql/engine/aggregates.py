@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from diagql.engine.regression import CrossSums
+from diagql.model.winners import row_argmax
 _CHUNK_BYTES = 1 << 20  # float64 pieces of a batch that stay in a core's cache (CPU only)
 
 
@@ -205,7 +206,7 @@ class ArgmaxState:
         if not _finite(values):
             return False
         # Upcasting is exact and keeps the order, so the winner is the model dtype's.
-        self.add_winners(values.argmax(dim=1).cpu(), codes, z)
+        self.add_winners(row_argmax(values), codes, z)
         return True
 
     def add_winners(self, winners: torch.Tensor, codes: torch.Tensor | None = None,

@@ -47,6 +47,16 @@ def key_of(view: View) -> str:
     return json.dumps([*json.loads(view.key)[:1], "CHANNELS"])
 
 
+def row_argmax(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's winner (int64, on the CPU): the first of its largest values, as torch's
+    ``argmax`` and numpy's both take them. A CPU tensor goes through numpy, whose argmax is
+    vectorised: 0.08 ms for 256 x 4,704 float32 where torch's takes 1.05 ms (most of what
+    keeping the winners cost the profile pass, and of an ARGMAX pass's own reduction)."""
+    if rows.device.type == "cpu" and rows.dtype != torch.bfloat16:
+        return torch.from_numpy(rows.numpy().argmax(axis=1).astype(np.int64, copy=False))
+    return rows.argmax(dim=1).cpu()
+
+
 def winner_dtype(width: int) -> np.dtype:
     """The narrowest unsigned type that holds a winner of ``width`` neurons (1 byte up to 256)."""
     return np.min_scalar_type(max(width - 1, 0))
@@ -104,7 +114,7 @@ class WinnerKeeper:
                 raise ValueError("not a row per item")
             # First of ties, in the dtype a query's pass reduces (the model's; CHANNELS'
             # float64 means): as an ARGMAX's pass counts it (engine/aggregates.py).
-            self.seen[key] = values.argmax(dim=1).cpu()
+            self.seen[key] = row_argmax(values)
         return self.seen[key]
 
     def drop(self, key: str) -> None:
