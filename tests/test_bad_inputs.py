@@ -343,3 +343,16 @@ def test_an_unknown_latent_given_to_connect_says_it_is_the_latent(mlp, digits):
     assert caught.value.message.startswith("the latent layer (connect(latent=...), --latent or "
                                            "SET latent): unknown layer 'encoder.9'")
     assert "layers are" in caught.value.hint
+
+
+@pytest.mark.parametrize("content", [b"hello world, not a checkpoint\n", b"\x80\x04garbage", b""])
+def test_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, content):
+    """A text file or garbage as --weights (or a checkpoint): torch's unpickler raised a bare
+    KeyError for the text file, a traceback; every failure to read is now one DiagQLError."""
+    from diagql.model.weights import read_state
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(DiagQLError, match="is not a readable torch checkpoint"):
+        read_state(path, "--weights 'weights.pt'")
+

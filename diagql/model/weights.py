@@ -2,7 +2,7 @@
 with one-line errors that say what does not fit (``--weights``, ``--checkpoint``, checkpoints=)."""
 from __future__ import annotations
 
-import pickle
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -19,17 +19,28 @@ def read_state(path, label: str) -> Mapping:
     tensors are read from the file while they are copied into a module rather than held as a
     second copy; ``label`` starts every error ("--weights 'ckpt.pt'")."""
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # files in torch's legacy format cannot be mapped
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a file that is not one of its
+            warnings.simplefilter("ignore", UserWarning)  # own: the error below says what it is
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:  # files in torch's legacy format cannot be mapped
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DiagQLError(f"{label}: no such file") from None
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
-        raise DiagQLError(f"{label} is not a readable torch checkpoint: "
-                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises anything on a file that is not
+        # a checkpoint (a text file: KeyError from its memo)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, KeyError | IndexError | TypeError | AttributeError):
+            first = f"not a torch file ({type(exc).__name__} {first} while unpickling it)"
+        if first.startswith("Weights only load failed"):
+            # torch's own line goes on to say the file "can still be loaded", which for a file
+            # that is not a checkpoint (text, a pickled object) misleads.
+            first = ("it holds something other than tensors, or is not a torch file; DiagQL "
+                     "reads weights only, running no pickled code: save model.state_dict() "
+                     "with torch.save")
+        raise DiagQLError(f"{label} is not a readable torch checkpoint: {first}") from None
     return unwrap_state(state, label)
 
 
