@@ -240,6 +240,9 @@ def test_samplers_refuse_a_latent_with_nan_and_another_can_be_set():
                                               rf"0\); SET latent = another layer"):
             conn.query(f"AVG NEURONS IN lin USING SAMPLE {sampler}(0.5)")
     lin = _hooked(model, "lin", X).double()
+    # USING AUTO, whose default is maxmargin, draws at random then.
+    auto = conn.query("AVG NEURONS IN lin USING AUTO")
+    assert "AUTO chose a sample" in auto.plan.choice and "random" in auto.plan.choice
     drawn = conn.query("AVG NEURONS IN lin USING SAMPLE random(0.5)")  # reads no latent
     assert drawn.provenance.n_sample == 25 and np.isfinite(drawn.values).all()
     assert np.all((drawn.values >= lin.min(0).values.numpy() - 1e-6)

@@ -16,9 +16,11 @@ ABOUT = 1.5
 
 
 def default_sampler(conn, profile) -> samplers.Sampler:
-    """The paper's maxmargin at its defaults (5%), or random for data without labels."""
-    name = "maxmargin" if profile.has_labels else "random"
-    return bind_sampler(ast.SamplerCall(name), conn.settings.seed, len(profile))
+    """The paper's maxmargin at its defaults (5%), or random for data without labels, or with
+    a NaN or inf latent (which maxmargin, fitting on the latents, refuses)."""
+    usable = profile.has_labels and bool(np.isfinite(profile.latents).all())
+    return bind_sampler(ast.SamplerCall("maxmargin" if usable else "random"), conn.settings.seed,
+                        len(profile))
 
 
 def matching(query: ast.Query, profile) -> np.ndarray:
