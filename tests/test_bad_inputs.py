@@ -356,3 +356,12 @@ def test_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, content):
     with pytest.raises(DiagQLError, match="is not a readable torch checkpoint"):
         read_state(path, "--weights 'weights.pt'")
 
+
+@pytest.mark.parametrize("as_array", [False, True])
+def test_inputs_alone_as_data_are_told_to_come_as_a_pair_with_none(as_array):
+    X = torch.randn(10, 4)
+    with pytest.raises(DiagQLError, match=r"not (Tensor|ndarray); for inputs without labels, "
+                                          r"pass \(X, None\)"):
+        diagql.connect(torch.nn.Linear(4, 3), X.numpy() if as_array else X, cache_dir=False,
+                       progress=False)
+

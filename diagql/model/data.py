@@ -67,7 +67,11 @@ class ItemSource:
                 raise DiagQLError(f"X has {len(self._pair[0])} items but y has "
                                   f"{len(self._pair[1])} labels")
         else:
-            raise DiagQLError(f"data must be {FORMS}, not {_describe(data)}")
+            hint = ""
+            if isinstance(data, torch.Tensor) or type(data).__name__ == "ndarray":
+                # Inputs alone: the one form users try first for data without labels.
+                hint = "; for inputs without labels, pass (X, None)"
+            raise DiagQLError(f"data must be {FORMS}, not {_describe(data)}{hint}")
         # Items are read by index, so the count must be known and not zero: an empty data set
         # would reach the catalog probe as batches of no items (a ValueError of range or
         # DataLoader), a Dataset without __len__ as a TypeError.
