@@ -96,15 +96,18 @@ class Plan:
                                     f"(equal for every item, as the profile pass checked), read "
                                     f"from the profile for {len(self.items):,} items"))
         elif self.profile_winners is not None:
-            rows.append(("forward", f"none: every item's winner of {layer.name} (its maximally "
-                                    f"activated neuron) is kept by the profile pass, read for "
+            which = ("channel with the largest mean" if view.channels
+                     else "maximally activated neuron")
+            rows.append(("forward", f"none: every item's winner of {layer.name} (its {which}) "
+                                    f"is kept by the profile pass, read for "
                                     f"{len(self.items):,} items"))
         else:
             rows.append(("forward", f"{len(self.items):,} items in batches, hook on {hook}"))
         rows.append(("per item", f"{view.text() + ': ' if view.text() else ''}"
                                  f"{view.describe()} → {self.bound.n_neurons:,} {unit}"))
         agg = {"topk": f"top-{q.k} by {q.order}", "avg": "mean per neuron",
-               "argmax": "histogram of each item's maximal neuron"}[q.aggregate]
+               "argmax": "histogram of each item's maximal "
+                         + ("channel" if q.unit == "channels" else "neuron")}[q.aggregate]
         rows.append(("aggregate", agg + (f", per {q.group_by}" if q.group_by else "")))
         if self.estimator_text:
             rows.append(("estimator", self.estimator_text))
