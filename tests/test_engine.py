@@ -466,3 +466,13 @@ def test_with_baseline_s_speedup_counts_the_draw_and_reports_the_profile_apart(c
     # A second statement reuses the sample: its draw costs nothing now.
     again = db.query("TOPK 3 NEURONS IN 2 USING SAMPLE maxmargin(0.2) WITH BASELINE")
     assert again.timings["sample"] == 0.0
+
+
+def test_explain_says_when_running_the_query_would_fail_on_no_match(world):
+    """The profile already knows that no item matches: EXPLAIN says the query would fail, and
+    why, instead of showing a plan over 0 items as if it would run."""
+    conn = world[3]
+    rows = dict(conn.query("EXPLAIN AVG NEURONS IN 6 WHERE confidence > 2").rows)
+    assert "running it fails: no items match WHERE confidence > 2" in rows["refused"]
+    assert "refused" not in dict(conn.query("EXPLAIN AVG NEURONS IN 6 WHERE class = 3").rows)
+

@@ -9,9 +9,9 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from diagql.engine.answers import record_speedup
+from diagql.engine.answers import record_speedup, require_matches
 from diagql.engine.planner import Plan, plan_query
-from diagql.errors import BindError
+from diagql.errors import BindError, ExecutionError
 from diagql.language import ast
 from diagql.language.binder import (bind_layer, bind_query, bind_similarity, bind_view,
                                     require_labels)
@@ -218,6 +218,10 @@ def _explain(conn, statement: ast.Explain) -> Result:
                       rows=rows, plan=plan)
     plan, _ = planned(conn, statement.query)
     rows = plan.explain()
+    try:  # what running it would answer: the profile already knows when nothing matches
+        require_matches(plan)
+    except ExecutionError as exc:
+        rows.append(("refused", f"running it fails: {exc.message}"))
     entry = conn.on(plan.query.layer.model)
     if plan.approximate and not plan.from_profile:
         rows.insert([step for step, _ in rows].index("forward"),
