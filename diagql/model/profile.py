@@ -356,16 +356,12 @@ def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfileP
 
     labels = None if any(p.labels is None for p in parts) else scatter([p.labels for p in parts])
     logits = None if any(p.logits is None for p in parts) else scatter([p.logits for p in parts])
-    def per_block(field: str) -> dict[str, np.ndarray]:
-        tables = [getattr(p, field) for p in parts]
-        return {name: scatter([t[name] for t in tables]) for name in tables[0] or {}
-                if all(t is not None and name in t for t in tables)}
-
     return ProfilePart(labels, scatter([p.predictions for p in parts]),
                        scatter([p.confidence for p in parts]), scatter([p.latents for p in parts]),
                        parts[0].n_classes, logits, _in_every([p.latent_views for p in parts]),
-                       _in_every([p.logit_views for p in parts]), per_block("z"),
-                       per_block("winners"))
+                       _in_every([p.logit_views for p in parts]),
+                       _in_all([p.z for p in parts], scatter),
+                       _in_all([p.winners for p in parts], scatter))
 
 
 def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,
@@ -392,9 +388,7 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     logits = None
     if all(part.logits is not None for part in parts):
         logits = _join([part.logits for part in parts])
-    tables = [part.winners or {} for part in parts]
-    winners = {key: _join([table[key] for table in tables]) for key in tables[0]
-               if all(key in table for table in tables)}
+    winners = _in_all([part.winners for part in parts], _join)
     return Profile(labels, predictions, _join([part.confidence for part in parts]),
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
                    has_labels, logits, latent_views,
@@ -412,6 +406,14 @@ def _same_shapes(parts: list[ProfilePart]) -> None:
 
 def _join(arrays: list[np.ndarray]) -> np.ndarray:
     return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # no copy of one part
+
+
+def _in_all(tables: list[dict | None], join) -> dict[str, np.ndarray]:
+    """The arrays that every part's table holds (a block's z rows, a view's winners), each
+    joined over the parts by ``join``; a part without a table holds none."""
+    tables = [table or {} for table in tables]
+    return {key: join([table[key] for table in tables]) for key in tables[0]
+            if all(key in table for table in tables[1:])}
 
 
 def _in_every(keys: list[tuple[str, ...]]) -> tuple[str, ...]:
