@@ -292,13 +292,15 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
         for row, (v, s) in enumerate(zip(np.flatnonzero(hit), where[hit])):
             part = slice(starts[s], starts[s] + sizes[s])
             rows = a.kept[rows_at[part]]
-            onehot = np.zeros(rows.shape)
-            onehot[np.arange(len(rows)), a.winners[rows_at[part]]] = 1.0
             z = z_rows[part]
             fit_mean[row] = corrected_mean(rows, z, z_means[v]) if prediction is None else \
                 prediction.corrected_mean(rows, z, z_means[v])
-            fit_share[row] = (shares(corrected_mean(onehot, z[:, :p], z_means[v][:p]))
-                              if exact_shares is None else exact_shares[v])
+            if exact_shares is not None:  # every item's winner known: counted, not fitted
+                fit_share[row] = exact_shares[v]
+                continue
+            onehot = np.zeros(rows.shape)
+            onehot[np.arange(len(rows)), a.winners[rows_at[part]]] = 1.0
+            fit_share[row] = shares(corrected_mean(onehot, z[:, :p], z_means[v][:p]))
         fitted.add(layer, exact[layer.name], hit, fit_mean, fit_share)
     score = plain.score()
     score.assisted = fitted.score()
