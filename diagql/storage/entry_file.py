@@ -62,13 +62,13 @@ def read(file) -> dict[str, np.ndarray]:
 
     The directory is read from the same open file as the data, so an entry renamed into
     place meanwhile by another session cannot mix two files' bytes."""
-    buffer = _contents(file)
-    size = len(buffer)
-    view = memoryview(buffer)
     with zipfile.ZipFile(file) as archive:
         members = archive.infolist()
     if not all(info.comment.startswith(_DIGEST) for info in members):
-        return _read_plain(file)
+        return _read_plain(file)  # np.load reads it: no need to read it here first
+    buffer = _contents(file)
+    size = len(buffer)
+    view = memoryview(buffer)
     arrays = {}
     for info in members:
         if not info.filename.endswith(".npy") or info.compress_type != zipfile.ZIP_STORED:

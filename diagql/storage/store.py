@@ -1,10 +1,11 @@
 """The persistent cache: results that cost a pass over the data, kept on disk between sessions.
 
 An entry is one ``.npz`` file (storage/entry_file.py), ``<root>/<kind>/<key>.npz``, holding the
-caller's arrays and a JSON header (format version, kind, key, caller's metadata). Only what numpy can load without
-pickle is stored, so a planted file cannot run code. Entries are written to a unique temporary
-file and renamed into place, so concurrent sessions never see half an entry; a file that does
-not load, or whose header does not match, is reported, removed and recomputed, never trusted.
+caller's arrays and a JSON header (format version, kind, key, caller's metadata). Only what
+numpy can load without pickle is stored, so a planted file cannot run code. Entries are written
+to a unique temporary file and renamed into place, so concurrent sessions never see half an
+entry; a file that does not load, or whose header does not match, is reported, removed and
+recomputed, never trusted.
 
 Writes leave the query's critical path: ``store`` hands the entry to a writer thread
 (storage/writer.py), and until it lands it is served from memory to every Cache of the process.
