@@ -15,6 +15,7 @@ import diagql
 from diagql.engine import estimate
 from diagql.engine.aggregates import MeanState
 from diagql.engine.covariates import covariates
+from diagql.engine import prediction as prediction_module
 from diagql.engine.prediction import BlockPrediction
 from diagql.engine.regression import RIDGE
 from diagql.model import auxiliaries
@@ -433,3 +434,56 @@ def test_another_models_held_rows_are_not_its_auxiliary(cnn, digits):
     assert "ARGMAX exact" in dict(own.plan.explain())["estimator"]
     assert "ARGMAX exact" not in dict(other.plan.explain())["estimator"]
     assert other.plan.winner_shares is None and other.estimate.expected > 0
+
+
+def test_fit_rows_keep_every_s_th_item_of_each_group_up_to_the_limit():
+    assert prediction_module.fit_rows(None, 40, limit=40) is None
+    keep = prediction_module.fit_rows(None, 101, limit=40)  # stride 3: items 0, 3, ..., 99
+    np.testing.assert_array_equal(np.flatnonzero(keep), np.arange(0, 101, 3))
+    codes = np.array([0, 1, 0, 2, 0, 0, 1, 0, 0])  # group 0 has 6 items: stride 2 at limit 3
+    assert prediction_module.fit_rows(codes, len(codes), limit=6) is None
+    keep = prediction_module.fit_rows(codes, len(codes), limit=3)
+    np.testing.assert_array_equal(np.flatnonzero(keep), [0, 1, 3, 4, 6, 7])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_large_groups_residual_variance_comes_from_every_s_th_row(grouped):
+    """Σr² over the rows ``fit`` marks: the residual's centred sum of squares of those rows,
+    scaled to the group's n − 1, with Σr, z_latentᵀr and Σy exact over every row (numpy)."""
+    rng = np.random.default_rng(5)
+    n, width, k, p = 300, 50, 3, 2
+    prediction, rows, z = _toy_prediction(rng, width, k, p, n)
+    codes = rng.integers(0, 3, size=n) if grouped else None
+    keep = prediction_module.fit_rows(codes, n, limit=40)
+    state = MeanState(width, groups=3 if grouped else None, covariates=p + k,
+                      prediction=prediction)
+    for start in range(0, n, 128):
+        part = slice(start, start + 128)
+        assert state.update(torch.from_numpy(rows[part]),
+                            None if codes is None else torch.from_numpy(codes[part]),
+                            torch.from_numpy(z[part]), fit=torch.from_numpy(keep[part]))
+    R = rows - (prediction.mean + z[:, p:] @ prediction.basis.T)
+    for g in range(3) if grouped else [None]:
+        mine = np.ones(n, bool) if g is None else codes == g
+        fit = mine & keep
+        assert 20 <= fit.sum() <= 40
+        r = prediction.sums(state if g is None else state.group(g), 900, np.zeros(p + k))
+        np.testing.assert_allclose(r.total, R[mine].sum(axis=0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(r.cross.zy.numpy(), z[mine, :p].T @ R[mine], rtol=1e-9,
+                                   atol=1e-9)
+        spread = R[fit].var(axis=0, ddof=1) * (mine.sum() - 1)
+        np.testing.assert_allclose(r.squares - r.total ** 2 / mine.sum(), spread, rtol=1e-7)
+
+
+def test_a_query_whose_sample_passes_fit_rows_keeps_its_answer(db, monkeypatch):
+    """Σr² from every s-th sampled item moves only the standard errors, not the answer."""
+    query = "AVG NEURONS IN 2 GROUP BY class USING SAMPLE random(0.3, random_state=3)"
+    every = db.query(query)
+    monkeypatch.setattr(prediction_module, "FIT_ROWS", 20)  # the classes' ~54 items: stride 3
+    db.activations.clear()  # the sample's states, reduced over every row
+    some = db.query(query)
+    for key, group in every.groups.items():
+        np.testing.assert_allclose(some.groups[key].values, group.values, rtol=1e-12)
+        wide = group.estimate.ci_high - group.values
+        ratio = (some.groups[key].estimate.ci_high - group.values) / wide
+        assert not np.allclose(ratio, 1.0) and 0.5 < np.median(ratio) < 1.5

@@ -62,6 +62,12 @@ def _add_counts(count, codes: torch.Tensor | None, n: int):
     return count + torch.bincount(codes.cpu(), minlength=len(count))
 
 
+def _counts_like(count, codes: torch.Tensor | None, n: int):
+    """A batch's counts in the form of a state's ``count`` (an int, or one per group)."""
+    return _add_counts(torch.zeros_like(count) if isinstance(count, torch.Tensor) else 0,
+                       codes, n)
+
+
 class MeanState:
     """Per-neuron mean: (sum, sum of squares, count); the squares give the standard error.
 
@@ -80,13 +86,18 @@ class MeanState:
         self.prediction = prediction
         latent = covariates if prediction is None else prediction.p
         self.cross = CrossSums(latent, n_neurons, groups) if covariates else None
-        self.block = self.residual_squares = None
+        # Σr² may be taken over some of the rows only (``fit`` in ``update``, the Reducer's
+        # prediction.fit_rows): their Σr and count come with it.
+        self.block = self.residual_squares = self.residual_sum = None
+        self.residual_count = self.count
         if prediction is not None and covariates:
             self.block = CrossSums(covariates, 0, groups)
             self.residual_squares = torch.zeros(shape, dtype=torch.float64)
+            self.residual_sum = torch.zeros(shape, dtype=torch.float64)
 
     def update(self, values: torch.Tensor, codes: torch.Tensor | None = None,
-               z: torch.Tensor | None = None) -> bool:
+               z: torch.Tensor | None = None, fit: torch.Tensor | None = None) -> bool:
+        """``fit``: which rows the block prediction's Σr² takes (None: all of them)."""
         total = torch.zeros(self.sum.shape, dtype=torch.float64, device=values.device)
         squares = None if self.sumsq is None else torch.zeros_like(total)
         # The covariates' sums take each float64 piece while it is in cache (one upcast of the
@@ -96,7 +107,7 @@ class MeanState:
         if self.block is not None and z is not None:
             block = self.block.like()
             block.add_z(z, codes)
-            residual = self.prediction.residual_squares(values, z, codes, self.sum.shape)
+            residual = self._residual(values, z, codes, fit)
             z = z[:, :self.prediction.p].contiguous()
         cross = None if self.cross is None or z is None else self.cross.like()
         if cross is not None:
@@ -119,9 +130,24 @@ class MeanState:
             self.cross.merge(cross)
         if block is not None:
             self.block.merge(block)
-            self.residual_squares += residual
+            self.residual_squares += residual[0]
+            if residual[1] is not None:
+                self.residual_sum += residual[1]
+            self.residual_count = self.residual_count + residual[2]
         self.count = _add_counts(self.count, codes, values.shape[0])
         return True
+
+    def _residual(self, values, z, codes, fit) -> tuple:
+        """The block prediction's (Σr², Σr or None, rows counted) of a batch, over the rows
+        ``fit`` marks (all with None, when Σr follows from the other sums exactly)."""
+        if fit is None:
+            squares = self.prediction.residual_squares(values, z, codes, self.sum.shape)
+            return squares, None, _counts_like(self.count, codes, len(values))
+        codes = None if codes is None else codes[fit.to(codes.device)]
+        values, z = values[fit.to(values.device)], z[fit]
+        squares, total = self.prediction.residual_squares(values, z, codes, self.sum.shape,
+                                                          with_sum=True)
+        return squares, total, _counts_like(self.count, codes, len(values))
 
     def merge(self, other: MeanState) -> MeanState:
         self.sum += other.sum
@@ -132,6 +158,8 @@ class MeanState:
         if self.block is not None and other.block is not None:
             self.block.merge(other.block)
             self.residual_squares += other.residual_squares
+            self.residual_sum += other.residual_sum
+            self.residual_count = self.residual_count + other.residual_count
         self.count = self.count + other.count
         return self
 
@@ -142,7 +170,12 @@ class MeanState:
         part.cross = None if self.cross is None else self.cross.group(g)
         part.prediction = self.prediction
         part.block = None if self.block is None else self.block.group(g)
-        part.residual_squares = None if self.block is None else self.residual_squares[g]
+        part.residual_squares = part.residual_sum = None
+        part.residual_count = part.count
+        if self.block is not None:
+            part.residual_squares, part.residual_sum = (self.residual_squares[g],
+                                                        self.residual_sum[g])
+            part.residual_count = int(self.residual_count[g])
         return part
 
     def finalize(self) -> np.ndarray:

@@ -11,10 +11,11 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from diagql.engine.aggregates import state_for
+from diagql.engine.aggregates import MeanState, state_for
 from diagql.engine.answers import assemble, require_matches
 from diagql.engine.nonfinite import NonFinite
 from diagql.engine.planner import Plan
+from diagql.engine.prediction import fit_rows
 from diagql.errors import ExecutionError
 from diagql.model.data import call_model, to_device
 from diagql.model.hooks import Hooks, StopForward, evaluation
@@ -51,6 +52,11 @@ class Reducer:
         self.state = self.new_state()
         self.z = z  # the covariates (engine/covariates.py), joined per batch
         self.bad = NonFinite()  # items with NaN or inf activations
+        # A block prediction's Σr² is taken over at most FIT_ROWS items per group.
+        self.fit = None
+        if z is not None and plan.prediction is not None and isinstance(self.state, MeanState):
+            self.fit = fit_rows(None if self.codes is None else self.codes.numpy(),
+                                len(self.items))
 
     @property
     def states(self) -> dict:
@@ -63,14 +69,17 @@ class Reducer:
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         """Reduce the view's rows of items ``idx`` (sorted, all among the plan's items)."""
         values = self.view.finish(rows.detach())
-        codes = None
-        if self.codes is not None:
-            codes = self.codes[torch.from_numpy(np.searchsorted(self.items, idx))]
-            codes = codes.to(values.device)
+        codes = fit = None
+        if self.codes is not None or self.fit is not None:
+            positions = np.searchsorted(self.items, idx)
+            if self.codes is not None:
+                codes = self.codes[torch.from_numpy(positions)].to(values.device)
+            if self.fit is not None:
+                fit = torch.from_numpy(self.fit[positions])
         z = None
         if self.z is not None:
             z = torch.from_numpy(self.z.rows(idx))
-        if self.state.update(values, codes, z):
+        if self.state.update(values, codes, z, **({} if fit is None else {"fit": fit})):
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
         # ranking is meaningless, so they are counted over the whole pass and reported.
@@ -113,6 +122,7 @@ class Reducer:
         part.plan, part.view, part.new_state = None, self.view, self.new_state
         part.items, part.wanted, part.keys = self.items[lo:hi], items, self.keys
         part.codes = None if self.codes is None else self.codes[lo:hi]
+        part.fit = None if self.fit is None else self.fit[lo:hi]
         part.z = None if self.z is None else self.z.subset(items)
         part.state, part.bad = self.new_state(), NonFinite()
         return part

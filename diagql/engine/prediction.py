@@ -20,6 +20,40 @@ from diagql.model.auxiliaries import Auxiliary
 # The float32 residual's pieces: about 1 MB, which stays in a core's cache while it is
 # squared and summed (as engine/aggregates.py upcasts its pieces).
 _PIECE_BYTES = 1 << 20
+# The residual's variance needs a few hundred rows, not a sample's thousands: a group's Σr²
+# is taken over at most FIT_ROWS of its rows (every s-th in index order), so the prediction's
+# product, n × k × neurons, stops growing with the sample (docs/ARCHITECTURE.md, "Estimates").
+# σ² from 1,024 rows is within 4.4% (one standard error), σ within 2.2%.
+FIT_ROWS = 1024
+
+
+def fit_rows(codes: np.ndarray | None, n: int, limit: int | None = None) -> np.ndarray | None:
+    """Which of a plan's ``n`` items (sorted; ``codes`` their groups) the residual's Σr² is
+    taken over: every s-th item of each group in index order, s = ⌈items / limit⌉, so at
+    most ``limit`` (FIT_ROWS) per group. None when that is every item (no group has more)."""
+    limit = FIT_ROWS if limit is None else limit
+    if codes is None:
+        if n <= limit:
+            return None
+        return np.arange(n) % -(-n // limit) == 0
+    sizes = np.bincount(codes)
+    if len(sizes) == 0 or sizes.max() <= limit:
+        return None
+    order = np.argsort(codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rank = np.arange(n) - starts[codes[order]]
+    stride = -(-sizes // limit)
+    keep = np.empty(n, dtype=bool)
+    keep[order] = rank % stride[codes[order]] == 0
+    return keep
+
+
+def _add(into: torch.Tensor, piece: torch.Tensor, codes: torch.Tensor | None, home) -> None:
+    """A float32 piece's column sums into float64 sums (per group with ``codes``)."""
+    if codes is None:
+        into += piece.sum(dim=0).to(home)  # float32 over one piece: dtype= is 5x slower
+    else:
+        into.index_add_(0, codes, piece.to(device=home, dtype=torch.float64))
 
 
 class BlockPrediction:
@@ -43,12 +77,12 @@ class BlockPrediction:
         self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
 
     def residual_squares(self, values: torch.Tensor, z: torch.Tensor,
-                         codes: torch.Tensor | None, shape: tuple) -> torch.Tensor:
+                         codes: torch.Tensor | None, shape: tuple, with_sum: bool = False):
         """Σ (y − ŷ)² of a batch per neuron (per group with ``codes``: ``shape`` is the
-        state's), float64 on the CPU. ŷ = μ + z_b Vᵀ is one float32 product (float64 rows: in
-        float64), the precision the prediction is held in (``restore``), taken in pieces of
-        about 1 MB that stay in cache while squared and summed; each piece's sum joins float64
-        sums."""
+        state's), float64 on the CPU; ``with_sum``: (Σr², Σr). ŷ = μ + z_b Vᵀ is one float32
+        product (float64 rows: in float64), the precision the prediction is held in
+        (``restore``), taken in pieces of about 1 MB that stay in cache while squared and
+        summed; each piece's sum joins float64 sums."""
         dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
         device = values.device
         key = (device, dtype)
@@ -61,17 +95,18 @@ class BlockPrediction:
         zb = z[:, self.p:].to(device=device, dtype=dtype)
         home = device if device.type != "mps" else torch.device("cpu")  # MPS: no float64
         out = torch.zeros(shape, dtype=torch.float64, device=home)
+        total = torch.zeros_like(out) if with_sum else None
         rows = max(1, _PIECE_BYTES // (4 * max(values.shape[1], 1)))
         for start in range(0, len(values), rows):
             part = slice(start, start + rows)
             r = torch.addmm(mean, zb[part], basis_t)
             torch.sub(values[part].to(dtype), r, out=r)
+            piece_codes = None if codes is None else codes[part].to(home)
+            if total is not None:
+                _add(total, r, piece_codes, home)
             r.mul_(r)
-            if codes is None:
-                out += r.sum(dim=0).to(home)  # float32 over one piece: dtype= is 5x slower
-            else:
-                out.index_add_(0, codes[part].to(home), r.to(device=home, dtype=torch.float64))
-        return out.cpu()
+            _add(out, r, piece_codes, home)
+        return out.cpu() if total is None else (out.cpu(), total.cpu())
 
     def sums(self, state, population: int, population_z: np.ndarray) -> GroupSums:
         """What the assisted fit models, against the latent covariates alone: for a mean
@@ -90,9 +125,15 @@ class BlockPrediction:
         cross.z, cross.zz = state.block.z[:p], state.block.zz[:p, :p]
         cross.zy = torch.from_numpy(state.cross.zy.numpy() - np.outer(z[:p], mu)
                                     - zz[:p, p:] @ v.T)
-        total = state.sum.numpy() - (state.count * mu + v @ z[p:])
-        return GroupSums(state.count, total, state.residual_squares.numpy(), cross, population,
-                         population_z[:p])
+        n = state.count
+        total = state.sum.numpy() - (n * mu + v @ z[p:])
+        squares = state.residual_squares.numpy()
+        m = state.residual_count
+        if m < n:  # Σr² of m of the n rows (``fit_rows``): their centred sum, scaled to n
+            fit_total = state.residual_sum.numpy()
+            spread = np.maximum(squares - fit_total ** 2 / m, 0.0) * (n - 1) / max(m - 1, 1)
+            squares = spread + total ** 2 / n
+        return GroupSums(n, total, squares, cross, population, population_z[:p])
 
     def restore(self, fitted: Fitted, population_z: np.ndarray) -> Fitted:
         """The residual's estimate plus the matching items' mean prediction μ + V z̄_b,U. The
