@@ -129,8 +129,27 @@ def _expected(profile, rows, items, matching, groups, reduce=None):
     z_pop = {g: zl[matching[groups[matching] == g]].mean(axis=0) for g in keys}
     n_pop = {g: int((groups[matching] == g).sum()) for g in keys}
     fitted = _numpy_assisted(resid, zl[items], groups[items], z_pop, n_pop, RIDGE)
-    return {g: (m + mean + basis @ zb[matching[groups[matching] == g]].mean(axis=0), se)
+    widen = _widening(zb, zl, items, matching, groups, z_pop, n_pop)
+    return {g: (m + mean + basis @ zb[matching[groups[matching] == g]].mean(axis=0), se * widen)
             for g, (m, se) in fitted.items()}
+
+
+def _widening(zb, zl, items, matching, groups, z_pop, n_pop):
+    """The extrapolation check written out: the same fit of the block's minor directions
+    (its last 32 of 64 columns, known for every item) against their matching items' means;
+    the standard errors widen by √(1 + share·(ratio − 1)) once the ratio of squared misses to
+    squared standard errors is past 1 + 3√(2/m)."""
+    minor = zb[:, 32:]
+    fitted = _numpy_assisted(minor[items], zl[items], groups[items], z_pop, n_pop, RIDGE)
+    miss = spread = checks = 0
+    for g, (m, se) in fitted.items():
+        truth = minor[matching[groups[matching] == g]].mean(axis=0)
+        miss, spread = miss + ((m - truth) ** 2).sum(), spread + (se ** 2).sum()
+        checks += len(se)
+    ratio = miss / spread
+    if ratio <= 1 + 3 * np.sqrt(2 / checks):
+        return 1.0
+    return np.sqrt(1 + prediction_module.BIAS_SHARE * (ratio - 1))
 
 
 def test_a_sample_query_on_a_block_is_the_known_coefficient_estimator(db, cnn, digits):
@@ -184,9 +203,10 @@ def _toy_prediction(rng, width: int, k: int, p: int, n: int):
     return BlockPrediction(aux, p), rows, np.hstack([zl, zb])
 
 
-def test_the_streamed_residual_fit_equals_numpy_on_rows():
+def test_the_streamed_residual_fit_equals_numpy_on_rows(monkeypatch):
     """A mean state's streamed residual sums (float64 rows: ŷ in float64), fitted, against the
     estimator on explicit residual rows in numpy; EVALUATE's lean form agrees."""
+    monkeypatch.setattr(prediction_module, "BIAS_SHARE", 0.0)  # pop_z is no real population's
     rng = np.random.default_rng(0)
     n, width, k, p = 40, 12, 3, 2
     prediction, rows, z = _toy_prediction(rng, width, k, p, n)
@@ -487,3 +507,32 @@ def test_a_query_whose_sample_passes_fit_rows_keeps_its_answer(db, monkeypatch):
         wide = group.estimate.ci_high - group.values
         ratio = (some.groups[key].estimate.ci_high - group.values) / wide
         assert not np.allclose(ratio, 1.0) and 0.5 < np.median(ratio) < 1.5
+
+
+@pytest.mark.parametrize("chosen", ["at random", "by the latent's extremes"])
+def test_extrapolation_widens_only_where_the_fit_misses_the_known_minor_directions(chosen):
+    """A block whose minor directions are a curve in the latent: a sample of the latent's
+    extremes extrapolates a line to the middle and misses their known means; a random one
+    does not. The factor against the check written out in numpy (``_widening``)."""
+    rng = np.random.default_rng(7)
+    N, width, k, p = 4000, 6, 8, 2
+    zl = rng.standard_normal((N, p))
+    zb = np.hstack([zl[:, :1] * rng.standard_normal(k // 2),
+                    zl[:, :1] ** 2 + 0.3 * rng.standard_normal((N, k // 2))])
+    basis = rng.standard_normal((width, k)).astype(np.float32)  # the answer's part: unused
+    aux = auxiliaries.Auxiliary("k", "block", np.zeros(width, np.float32), basis,
+                                zb.astype(np.float32), N)
+    prediction = BlockPrediction(aux, p)
+    items = (rng.choice(N, 300, replace=False) if chosen == "at random"
+             else np.flatnonzero(np.abs(zl[:, 0]) > 1.6))
+    items.sort()
+    z = np.hstack([zl, zb])
+    state = MeanState(width, covariates=p + k, prediction=prediction)
+    rows = rng.standard_normal((len(items), width))
+    assert state.update(torch.from_numpy(rows), z=torch.from_numpy(z[items]))
+    widened = prediction.extrapolation({None: state}, {None: N}, {None: z.mean(axis=0)})
+    zeros = np.zeros(N, int)
+    expected = _widening(np.hstack([np.zeros((N, 32 - k // 2)), zb]), zl, items, np.arange(N),
+                         zeros, {0: zl.mean(axis=0)}, {0: N})
+    np.testing.assert_allclose(widened, expected, rtol=1e-9)
+    assert (widened > 1.5) if chosen != "at random" else widened == 1.0

@@ -116,6 +116,20 @@ def test_a_result_renders_from_its_provenance_and_estimate_alone():
     assert result.to_dict()["estimate"]["expected_cosine_distance"] == 0.0123
 
 
+def test_widened_intervals_say_so_in_the_estimate_line_and_the_json():
+    values = np.array([0.5, 2.0, 1.0])
+    estimate = Estimate("sampling variance", True, 0.95, 7, 40, ci_low=values - 0.25,
+                        ci_high=values + 0.25, metric=COSINE, expected=0.0123,
+                        estimator="assisted", widened=2.25)
+    result = Result(kind="avg", statement="AVG NEURONS IN fc USING SAMPLE r(7)", layer="fc",
+                    unit="neurons", neurons=np.arange(3), labels=["a", "b", "c"], values=values,
+                    n_items=7, estimate=estimate, provenance=Provenance(100, "r(7)", 7))
+    text = " ".join(to_text(result).split())
+    assert "intervals widened 2.2x: the fit missed the block's minor directions" in text
+    assert result.to_dict()["estimate"]["widened"] == 2.25
+    assert "widened" not in _sampled_avg().to_dict()["estimate"]
+
+
 def test_renderable_can_leave_out_the_statement():
     result = _sampled_avg()
     console_text = to_text(result)

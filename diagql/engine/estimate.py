@@ -95,7 +95,9 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
     fitted = assisted({key: g for key, g in groups.items() if g.cross is not None})
     if prediction is None or argmax:
         return fitted  # an argmax's one-hot winners are not predicted
-    return {key: prediction.restore(f, covariate_means[key]) for key, f in fitted.items()}
+    widened = prediction.extrapolation(states, population, covariate_means)
+    return {key: prediction.restore(f, covariate_means[key], widened)
+            for key, f in fitted.items()}
 
 
 def _sums(state) -> tuple[np.ndarray, np.ndarray]:
@@ -161,11 +163,12 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
     if k is None:
         return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean - half,
                         ci_high=mean + half, metric=COSINE, expected=expected_cosine(mean, se),
-                        estimator=_name(fitted))
+                        estimator=_name(fitted), widened=_widened(fitted))
     p_in = p_in_topk(mean, se, reported, k)
     return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean[reported] - half[reported],
                     ci_high=mean[reported] + half[reported], p_in_topk=p_in, metric=PRECISION,
-                    expected=float(p_in.sum() / k), estimator=_name(fitted))
+                    expected=float(p_in.sum() / k), estimator=_name(fitted),
+                    widened=_widened(fitted))
 
 
 # An expected distance's draws come FIRST_DRAWS at a time, doubling, until its Monte Carlo
@@ -287,6 +290,10 @@ def _plausible_truth(share: np.ndarray, counts: np.ndarray, n: int, population: 
     truth = share * (1 - missing)
     truth[unseen[:found]] += missing / found
     return truth
+
+
+def _widened(fitted: Fitted | None) -> float | None:
+    return fitted.widened if fitted is not None and fitted.widened > 1.0 else None
 
 
 def _name(fitted: Fitted | None) -> str:

@@ -144,6 +144,9 @@ class Fitted:
     se: np.ndarray  # before any floor for neurons constant over the sample
     df: int  # degrees of freedom of the residual variance
     exact: bool = False  # known for every matching item (a held view's ARGMAX): no error
+    # The factor the standard errors were widened by for the fit's extrapolation
+    # (engine/prediction.py: BlockPrediction.extrapolation); 1.0 where none showed.
+    widened: float = 1.0
 
 
 def of_rows(values: np.ndarray, z: np.ndarray, population: int,

@@ -278,6 +278,10 @@ def _estimate_line(result) -> Text | None:
     covers = (f"model-assisted ({fit}): covers the sampler's selection"
               if reliable[0].estimator == "assisted"
               else "covers sampling variance, not a sampler's bias")
+    widened = max((e.widened or 1.0) for e in reliable)
+    if widened > 1.0:
+        covers += (f"; intervals widened {widened:.1f}x: the fit missed the block's minor "
+                   f"directions, known for every item, by that many standard errors")
     return Text(f"estimated from the sample: expected {reliable[0].metric.label} {value:.3f}{scope}; "
                 f"{covers}", style="dim")
 

@@ -106,6 +106,9 @@ class Estimate:
     # for every sampler) or "plain" (the sample mean: reliable for uniform samplers only)
     estimator: str | None = None
     exact: bool = False  # the answer is exact (an ARGMAX counted from the profile's winners)
+    # The factor the intervals were widened by because the fit, checked on values known for
+    # every item, missed them by more than its own standard errors (engine/prediction.py).
+    widened: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready, the fields that are set, the expected value as "expected_<metric>"."""
@@ -113,7 +116,7 @@ class Estimate:
         if self.exact:
             out["exact"] = True
         for name in ("estimator", "level", "n", "population", "reason", "ci_low", "ci_high",
-                     "p_in_topk"):
+                     "p_in_topk", "widened"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = _jsonable(value)
