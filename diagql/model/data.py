@@ -90,6 +90,21 @@ class ItemSource:
             return len(next(iter(self._columns.values())))
         return len(self._dataset)
 
+    def label_classes(self, batch_size: int = 256) -> int | None:
+        """The number of classes the labels need (the largest + 1), None when some item has
+        none. A pair's or a mapping's labels are at hand; other data is read whole (its
+        inputs too), which only an output the default cannot otherwise read asks for
+        (model/scores.py, ``choose``)."""
+        if self._pair is not None or self._columns is not None:
+            y = self._pair[1] if self._pair is not None else self._column_labels
+            return None if y is None else int(y.max(initial=-1)) + 1
+        largest = -1
+        for _, _, y in self.batches(np.arange(len(self)), batch_size):
+            if y is None:
+                return None
+            largest = max(largest, int(y.max(initial=-1)))
+        return largest + 1
+
     def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
         indices = np.asarray(indices, dtype=np.int64)
         if self._pair is not None or self._columns is not None:

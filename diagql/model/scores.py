@@ -1,10 +1,18 @@
-"""What a model's class scores mean: how many classes an output of a given shape scores, and
-each class's probability (softmax, or a sigmoid for one logit: a binary classifier)."""
+"""What a model's class scores mean: where they are in what its forward returns (``Scores``:
+the user's ``scores=`` choice or the default one), how many classes they score, and each
+class's probability (softmax, or a sigmoid for one logit: a binary classifier)."""
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from diagql.errors import DiagQLError
+
+# What to pass when the default cannot decide (connect's argument, the CLI's flag).
+_OPTION = "scores= (connect) or --scores (the command line)"
 
 
 def classes_of(shape: tuple[int, ...]) -> int:
@@ -25,3 +33,164 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(logits)
         return torch.cat([1 - p, p], dim=1)
     return torch.softmax(logits, dim=1)
+
+
+# --- where the scores are --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Where the class scores are in a model's output (docs/ARCHITECTURE.md, "Data model"):
+    the output itself (``at`` None), its entry ``at`` (a position of a tuple, list, dict or
+    dataclass, or a key, field or attribute), or what the user's function ``pick`` makes of
+    it. ``refusal``: why the default could not decide, raised when the scores are read."""
+
+    at: int | str | None = None
+    pick: Callable | None = None
+    given: bool = False  # the user's choice, not the default's
+    refusal: str | None = None
+    why: str = ""  # how the default decided, for SHOW MODELS
+
+    @classmethod
+    def of(cls, choice) -> Scores:
+        """The user's ``scores=`` choice: an int position, a str key, or a callable."""
+        if isinstance(choice, bool) or not (isinstance(choice, (int, str)) or callable(choice)):
+            raise DiagQLError(f"scores= takes a position (int), a key (str) or a function of "
+                              f"the model's output, not {choice!r}")
+        if isinstance(choice, str) and not choice:
+            raise DiagQLError("scores= takes a key, not an empty text")
+        if callable(choice) and not isinstance(choice, (int, str)):
+            return cls(pick=choice, given=True)
+        return cls(at=choice, given=True)
+
+    def key(self):
+        """The choice as a cache key part (a function is keyed by the connection)."""
+        if self.pick is not None:
+            return ["function", getattr(self.pick, "__qualname__", type(self.pick).__name__)]
+        return ["given" if self.given else "default", self.at]
+
+    def text(self) -> str:
+        """Where, as SHOW MODELS writes it: ``output``, ``output[1]``, ``output['logits']``."""
+        if self.refusal is not None:
+            return "undecided: pass scores="
+        if self.pick is not None:
+            return f"{getattr(self.pick, '__name__', type(self.pick).__name__)}(output)"
+        return "output" if self.at is None else f"output[{self.at!r}]"
+
+    def read(self, output) -> torch.Tensor:
+        """The class scores in one call's ``output``: (batch, classes) or (batch,)."""
+        if self.refusal is not None:
+            raise DiagQLError(self.refusal)
+        if self.pick is not None:
+            try:
+                found = self.pick(output)
+            except Exception as exc:  # the user's function: say so
+                raise DiagQLError(f"the scores= function failed on the model's output: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            what = f"the scores= function returned {_describe(found)}"
+        elif self.at is None:
+            found, what = output, f"the model returned {_describe(output)}"
+        else:
+            found = entry(output, self.at)
+            what = f"output[{self.at!r}] is {_describe(found)}"
+        if not isinstance(found, torch.Tensor):
+            hint = "" if self.given else f"; name the scores with {_OPTION}"
+            raise DiagQLError(f"{what}, where DiagQL expected the class scores, a tensor{hint}")
+        return found
+
+
+def entry(output, at):
+    """``output``'s entry ``at``: a position of a tuple, list, dict or dataclass, or a key,
+    field or attribute. A DiagQLError names what the output holds when it has no such entry."""
+    entries = _entries(output)
+    if isinstance(at, int):
+        if entries is not None and -len(entries) <= at < len(entries):
+            return entries[at][1]
+    elif isinstance(output, Mapping):
+        if at in output:
+            return output[at]
+    elif hasattr(output, at):
+        return getattr(output, at)
+    held = "nothing" if entries is None else ", ".join(
+        f"{name} {_describe(value)}" for name, value in entries) or "nothing"
+    raise DiagQLError(f"scores={at!r}: the model's output ({_describe(output)}) has no entry "
+                      f"{at!r}; it holds {held}")
+
+
+def _entries(output) -> list[tuple[str, object]] | None:
+    """(name, value) of each entry of a tuple, list, dict or dataclass output, in order."""
+    if isinstance(output, Mapping):
+        return [(repr(key), value) for key, value in output.items()]
+    if isinstance(output, (tuple, list)):
+        return [(f"[{i}]", value) for i, value in enumerate(output)]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [(repr(f.name), getattr(output, f.name)) for f in dataclasses.fields(output)]
+    return None
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def candidates(output, batch: int) -> list[tuple[int | str, tuple[int, ...]]]:
+    """The entries of a tuple, list, dict or dataclass output that could be class scores:
+    floating tensors of one vector (or one value) per item. Each as (position or key, the
+    per-item shape); a dict's and a dataclass's by key, a tuple's (namedtuple too) by
+    position."""
+    found = []
+    if isinstance(output, Mapping):
+        named = list(output.items())
+    elif isinstance(output, (tuple, list)):
+        named = list(enumerate(output))
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        named = [(f.name, getattr(output, f.name)) for f in dataclasses.fields(output)]
+    else:
+        return []
+    for at, value in named:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                and not value.is_nested and value.ndim in (1, 2) and value.shape[0] == batch:
+            found.append((at, tuple(value.shape[1:])))
+    return found
+
+
+def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Scores:
+    """Where the default finds the scores in ``output`` (one call's, of ``batch`` items).
+
+    A tensor is the scores; so is the ``logits`` entry of a Hugging Face output or a dict.
+    Otherwise the entries that could be scores (``candidates``): one is the scores; several
+    as wide (Inception's (logits, aux)) are the first, the main head by convention; several
+    of different widths are the one whose width is the number of classes the labels need
+    (``label_classes()``: the largest label + 1, None without labels; 1 or 2 for two
+    classes). Anything else is a refusal naming the candidates: never a guess."""
+    if isinstance(output, torch.Tensor):
+        return Scores()
+    logits = output.get("logits") if isinstance(output, Mapping) else \
+        getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return Scores("logits")
+    found = candidates(output, batch)
+    listed = "; ".join(f"output[{at!r}] of per-item shape {shape}" for at, shape in found)
+    if not found:
+        # No vector per item: the catalog still lists the layers; reading the scores refuses.
+        return Scores(refusal=f"the model's output ({_describe(output)}) holds no vector of "
+                              f"class scores per item; name them with {_OPTION} (a position, "
+                              f"a key, or a function of the output)")
+    widths = [classes_of(shape) for _, shape in found]
+    if len(set(widths)) == 1:
+        why = "its one vector per item" if len(found) == 1 else "the first of equal widths"
+        return Scores(found[0][0], why=why)
+    needed = label_classes()
+    if needed is not None:
+        fits = [at for (at, _), width in zip(found, widths)
+                if width == max(needed, 2)]
+        if fits:
+            return Scores(fits[0], why="as wide as the labels need")
+        reason = f"none is as wide as the labels' {max(needed, 2)} classes"
+    else:
+        reason = "the data has no labels to tell them apart"
+    return Scores(refusal=f"the model's output holds several vectors per item that could be "
+                          f"its class scores ({listed}) and {reason}; name the scores with "
+                          f"{_OPTION}")

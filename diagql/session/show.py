@@ -20,7 +20,8 @@ def show(conn, statement: ast.Show) -> Result:
 
 def _models(conn, statement) -> Result:
     """Every model of the connection: its class, size, weights and accuracy on the data (from
-    its profile: one pass per model, kept like any profile)."""
+    its profile: one pass per model, kept like any profile), and where its class scores are
+    in its output."""
     conn.require_model()
     current = conn.current
     rows = []
@@ -29,9 +30,11 @@ def _models(conn, statement) -> Result:
         profile = entry.profile
         accuracy = f"{float(profile.correct.mean()):.1%}" if profile.has_labels else "no labels"
         rows.append((name, type(module).__name__, f"{sum(p.numel() for p in module.parameters()):,}",
-                     entry.describe_weights(), accuracy, "*" if entry is current else ""))
+                     entry.describe_weights(), accuracy, "*" if entry is current else "",
+                     entry.scores_text()))
     return Result(kind="table", statement=statement.text,
-                  columns=["model", "class", "parameters", "weights", "accuracy", "default"],
+                  columns=["model", "class", "parameters", "weights", "accuracy", "default",
+                           "scores"],
                   rows=rows, title=f"{len(rows)} model{'s' if len(rows) != 1 else ''} over "
                                    f"{len(conn.source):,} items (SET model = name changes the "
                                    f"default)")

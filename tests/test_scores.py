@@ -1,0 +1,159 @@
+"""Where the class scores are in a model's output (model/scores.py): the default's choice and
+the user's ``scores=``, checked against predictions, confidence and correctness computed by
+hand from the right tensor in plain torch."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diagql
+from diagql.errors import DiagQLError
+
+N, D, WIDE, CLASSES = 120, 6, 16, 5
+Pair = collections.namedtuple("Pair", ["features", "logits"])
+
+
+@dataclasses.dataclass
+class Out:
+    features: torch.Tensor
+    scores: torch.Tensor
+
+
+class TwoHeads(nn.Module):
+    """Features (WIDE per item) and logits (CLASSES per item), returned in form ``form``."""
+
+    def __init__(self, form: str = "features-logits"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(D, WIDE), nn.Linear(WIDE, CLASSES)
+        self.form = form
+
+    def forward(self, x):
+        f = torch.relu(self.body(x))
+        z = self.head(f)
+        return {"features-logits": lambda: (f, z), "logits-features": lambda: [z, f],
+                "dict": lambda: {"emb": f, "out": z}, "namedtuple": lambda: Pair(f, z),
+                "dataclass": lambda: Out(f, z)}[self.form]()
+
+
+def data(labels: bool = True):
+    torch.manual_seed(1)
+    X = torch.randn(N, D)
+    return X, (torch.arange(N) % CLASSES if labels else None)
+
+
+def by_hand(model: TwoHeads, X: torch.Tensor, y: torch.Tensor, scores: torch.Tensor = None):
+    """Predictions, confidence and correctness from the head's logits, by plain torch."""
+    with torch.no_grad():
+        z = model.head(torch.relu(model.body(X))) if scores is None else scores
+    p = torch.softmax(z.double(), dim=1)
+    return p.argmax(1).numpy(), p.max(1).values.numpy(), (p.argmax(1) == y).numpy()
+
+
+def check(conn, truth) -> None:
+    predictions, confidence, correct = truth
+    profile = conn.profile
+    assert np.array_equal(profile.predictions, predictions)
+    np.testing.assert_allclose(profile.confidence, confidence, rtol=1e-6)
+    assert np.array_equal(profile.correct, correct)
+    assert conn.n_classes == CLASSES
+
+
+@pytest.mark.parametrize("form", ["features-logits", "logits-features", "dict", "namedtuple",
+                                  "dataclass"])
+def test_the_default_takes_the_vector_as_wide_as_the_labels_need(form):
+    model, (X, y) = TwoHeads(form), data()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    check(conn, by_hand(model, X, y))
+    # WHERE on correctness counts the items the head gets right, not the features' argmax.
+    result = conn.query("AVG NEURONS IN head WHERE correct USING FULL")
+    assert result.n_items == int(by_hand(model, X, y)[2].sum())
+    place = {"features-logits": "output[1]", "logits-features": "output[0]",
+             "dict": "output['out']", "namedtuple": "output['logits']",
+             "dataclass": "output['scores']"}[form]
+    assert conn.query("SHOW MODELS").rows[0][6].startswith(f"{place}: {CLASSES} classes")
+
+
+@pytest.mark.parametrize("choice", [1, "logits", lambda out: out.logits],
+                         ids=["position", "key", "function"])
+def test_scores_given_as_a_position_a_key_or_a_function(choice):
+    model, (X, y) = TwoHeads("namedtuple"), data(labels=False)  # no labels: the default refuses
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False, scores=choice)
+    predictions, confidence, _ = by_hand(model, X, torch.zeros(N))
+    assert np.array_equal(conn.profile.predictions, predictions)
+    np.testing.assert_allclose(conn.profile.confidence, confidence, rtol=1e-6)
+    assert "(scores=)" in conn.query("SHOW MODELS").rows[0][6]
+
+
+def test_a_given_choice_may_be_what_the_default_would_not_take():
+    model, (X, y) = TwoHeads(), data()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False, scores=0)
+    with torch.no_grad():
+        features = torch.relu(model.body(X))
+    assert conn.n_classes == WIDE
+    assert np.array_equal(conn.profile.predictions, features.double().argmax(1).numpy())
+
+
+def test_several_candidates_and_nothing_to_decide_is_refused_naming_them():
+    model, (X, _) = TwoHeads(), data(labels=False)
+    conn = diagql.connect(model, (X, None), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError) as info:
+        conn.query("AVG NEURONS IN head")
+    message = str(info.value)
+    assert f"output[0] of per-item shape ({WIDE},)" in message
+    assert f"output[1] of per-item shape ({CLASSES},)" in message and "scores=" in message
+    assert conn.query("SHOW LAYERS").rows  # the layers are still listed
+    # Labels that no candidate is as wide as decide nothing either.
+    few = diagql.connect(model, (X, torch.arange(N) % 3), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="none is as wide as the labels' 3 classes"):
+        _ = few.profile
+
+
+@pytest.mark.parametrize("choice, message", [
+    (5, r"scores=5: the model's output \(a tuple\) has no entry 5; it holds \[0\] a tensor"),
+    ("logits", "has no entry 'logits'"),
+    (lambda out: out[0].tolist(), "the scores= function returned a list"),
+    (True, "scores= takes a position"),
+])
+def test_a_choice_that_does_not_fit_the_output_is_refused(choice, message):
+    X, y = data()
+    with pytest.raises(DiagQLError, match=message):
+        _ = diagql.connect(TwoHeads(), (X, y), cache_dir=False, progress=False,
+                           scores=choice).profile
+
+
+def test_a_cached_profile_is_not_reused_under_another_choice(tmp_path):
+    model, (X, y) = TwoHeads(), data()
+    with torch.no_grad():
+        features = torch.relu(model.body(X))
+    for _ in range(2):  # the second round reads both from the cache
+        for choice, truth in ((0, features), (1, None), (lambda out: -out[1], None)):
+            conn = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False,
+                                  scores=choice)
+            if callable(choice):
+                with torch.no_grad():
+                    truth = -model.head(features)
+            predictions = by_hand(model, X, y, truth)[0]
+            assert np.array_equal(conn.profile.predictions, predictions)
+            conn.cache.flush()
+
+
+def test_the_command_line_takes_scores_as_a_position_or_a_key(capsys):
+    from diagql.shell.cli import main
+
+    args = ["--model", "tests.test_scores:named", "--data", "tests.test_scores:data",
+            "--no-cache", "--no-progress", "--format", "json", "-e", "SHOW MODELS"]
+    for flag, place in (("1", "output[1]"), ("logits", "output['logits']")):
+        assert main([*args[:4], "--scores", flag, *args[4:]]) == 0
+        shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert shown["rows"][0][shown["columns"].index("scores")].startswith(f"{place}: {CLASSES} classes (scores=)")
+
+
+def named() -> TwoHeads:
+    return TwoHeads("namedtuple")
