@@ -185,6 +185,24 @@ def test_data_without_labels_refuses_what_needs_them(text, message):
         assert info.value.column is not None  # underlined in the query
 
 
+@pytest.mark.parametrize("data", [bad_models.unlabelled, bad_models.BareX],
+                         ids=["pair-with-None", "bare-x-dataset"])
+@pytest.mark.parametrize("text, message", [
+    (f"AVG NEURONS IN fc1 WHERE class = {bad_models.N_CLASSES + 1}", "WHERE class = "),
+    ("AVG NEURONS IN fc1 WHERE class IN (1, 99)", "WHERE class IN (1, 99) needs"),
+    ("SIMILARITY fc1, fc2 WHERE class = 99", "WHERE class = 99 needs"),
+    ("TOPK 2 INPUTS FOR fc1[0] WHERE class = 99", "WHERE class = 99 needs"),
+])
+def test_data_without_labels_says_so_before_a_class_outside_the_label_set(data, text, message):
+    """Missing labels are the first thing wrong: 'outside the label set' would send the user
+    looking for the right class number, which no class number would fix."""
+    db = connect(bad_models.net(), data())
+    with pytest.raises(BindError) as info:
+        db.query(text)
+    assert info.value.message.startswith(message) and "needs the true labels" in \
+        info.value.message
+
+
 def test_data_without_labels_in_sample_and_show_profile():
     db = connect(bad_models.net(), bad_models.unlabelled())
     with pytest.raises(BindError, match="sampler 'stratified' draws by the true labels"):

@@ -43,6 +43,7 @@ class ItemSource:
         self._dataset = None
         self._collate = None
         self._workers = 0
+        self._labelled: bool | None = None  # whether the first item has a label, once read
         if isinstance(data, DataLoader):
             if isinstance(data.dataset, IterableDataset):
                 raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
@@ -89,6 +90,17 @@ class ItemSource:
         if self._columns is not None:
             return len(next(iter(self._columns.values())))
         return len(self._dataset)
+
+    def labelled(self) -> bool:
+        """Whether the data has labels, as cheaply as can be told: a pair's or a mapping's are
+        at hand, other data's first item says (the profile pass checks every item), so that
+        the binder refuses a query that needs labels before it looks at class values."""
+        if self._pair is not None or self._columns is not None:
+            return (self._pair[1] if self._pair is not None else self._column_labels) \
+                is not None
+        if self._labelled is None:
+            self._labelled = next(self.batches(np.arange(1), 1))[2] is not None
+        return self._labelled
 
     def label_classes(self, batch_size: int = 256) -> int | None:
         """The number of classes the labels need (the largest + 1), None when some item has
