@@ -157,3 +157,24 @@ def test_the_command_line_takes_scores_as_a_position_or_a_key(capsys):
 
 def named() -> TwoHeads:
     return TwoHeads("namedtuple")
+
+
+class Shaped(nn.Module):
+    """A head whose logits come back with a singleton axis: (N, 1, C) or (N, C, 1)."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.axis = nn.Linear(D, CLASSES), axis
+
+    def forward(self, x):
+        return self.head(x).unsqueeze(self.axis)
+
+
+@pytest.mark.parametrize("axis", [1, 2], ids=["N,1,C", "N,C,1"])
+def test_scores_with_a_singleton_axis_are_one_vector_per_item(axis):
+    model, (X, y) = Shaped(axis), data()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        truth = by_hand(model, X, y, model.head(X))
+    check(conn, truth)

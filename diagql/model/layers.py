@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope
-from diagql.model.scores import Scores, choose
+from diagql.model.scores import Scores, choose, one_vector
 from diagql.model.views import FLAT, SEQUENCE, describe_output, first_output, \
     input_attention_mask, padding_argument, padding_mask
 
@@ -217,7 +217,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None)
     if scores is None:
         scores = choose(output, len(idx), source.label_classes)
     if scores.refusal is None:
-        output_shape = tuple(scores.read(output).shape[1:])
+        output_shape = tuple(one_vector(scores.read(output)).shape[1:])
     else:  # the layers are still listed; reading the scores refuses (model/scores.py)
         output_shape = tuple(first_tensor(output).shape[1:])
     modules = dict(model.named_modules())

@@ -15,7 +15,7 @@ from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.same_rows import SameRows, comparisons, fan_out
-from diagql.model.scores import Scores, classes_of, probabilities
+from diagql.model.scores import Scores, classes_of, one_vector, probabilities
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -438,6 +438,7 @@ def _check_labels(labels: np.ndarray, n_classes: int) -> None:
 
 
 def _logits(logits: torch.Tensor) -> torch.Tensor:
+    logits = one_vector(logits)
     if logits.ndim == 1:  # a binary classifier's squeezed logit: one per item
         logits = logits[:, None]
     if logits.ndim != 2:

@@ -25,6 +25,15 @@ def classes_of(shape: tuple[int, ...]) -> int:
     return 2 if shape in ((), (1,)) else shape[0]
 
 
+def one_vector(scores: torch.Tensor) -> torch.Tensor:
+    """The scores as one vector per item: an output of shape (batch, 1, C) or (batch, C, 1)
+    holds C scores per item, whose singleton axes say nothing, so it is (batch, C); an output
+    with two axes longer than 1 per item is left as it is (``classes_of`` refuses it)."""
+    if scores.ndim > 2 and sum(size > 1 for size in scores.shape[1:]) <= 1:
+        return scores.reshape(scores.shape[0], -1)
+    return scores
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Each class's probability, float64: the softmax of the scores, or for one logit
     (a binary classifier) the sigmoid's (1 - p, p), so class 1 wins where the logit is > 0."""
@@ -151,8 +160,10 @@ def candidates(output, batch: int) -> list[tuple[int | str, tuple[int, ...]]]:
         return []
     for at, value in named:
         if isinstance(value, torch.Tensor) and value.is_floating_point() \
-                and not value.is_nested and value.ndim in (1, 2) and value.shape[0] == batch:
-            found.append((at, tuple(value.shape[1:])))
+                and not value.is_nested and value.ndim >= 1 and value.shape[0] == batch:
+            shape = tuple(one_vector(value).shape[1:])
+            if len(shape) <= 1:
+                found.append((at, shape))
     return found
 
 
