@@ -178,3 +178,43 @@ def test_scores_with_a_singleton_axis_are_one_vector_per_item(axis):
     with torch.no_grad():
         truth = by_hand(model, X, y, model.head(X))
     check(conn, truth)
+
+
+class Post(nn.Module):
+    """A head followed by ``post`` in forward: a softmax, a log-softmax, a sigmoid."""
+
+    def __init__(self, post, width: int = CLASSES, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.post = nn.Linear(D, width).to(dtype), post
+
+    def forward(self, x):
+        return self.post(self.head(x))
+
+
+@pytest.mark.parametrize("post, dtype", [
+    (lambda z: torch.softmax(z, 1), torch.float32), (lambda z: torch.softmax(z, 1), torch.float16),
+    (lambda z: torch.softmax(z, 1), torch.bfloat16), (lambda z: torch.log_softmax(z, 1), torch.float32),
+], ids=["softmax", "softmax-float16", "softmax-bfloat16", "log-softmax"])
+def test_probabilities_and_log_probabilities_give_the_models_own_confidence(post, dtype):
+    """A softmax of probabilities would flatten every confidence towards 1/C; a softmax of
+    log-probabilities gives them back."""
+    model, (X, y) = Post(post, dtype=dtype), data()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():  # the model's own probabilities, as its dtype holds them
+        out = model.post(model.head(X.to(dtype))).double()
+    p = out.exp() if out.max() <= 0 else out
+    check(conn, (p.argmax(1).numpy(), p.max(1).values.numpy(), (p.argmax(1) == y).numpy()))
+
+
+def test_probabilities_on_the_probe_and_logits_later_are_refused():
+    class Sly(Post):
+        def forward(self, x):  # the probe's batches have at most 3 items
+            z = self.head(x)
+            return torch.softmax(z, 1) if len(x) <= 3 else z
+
+    X, y = data()
+    conn = diagql.connect(Sly(None), (X, y), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="were probabilities .* for the probed items, but not"):
+        _ = conn.profile
+

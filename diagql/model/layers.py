@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope
-from diagql.model.scores import Scores, choose, one_vector
+from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.views import FLAT, SEQUENCE, describe_output, first_output, \
     input_attention_mask, padding_argument, padding_mask
 
@@ -137,7 +137,7 @@ class LayerCatalog:
                   for layer in self.layers]
         # A function given as scores= is not stored: the connection gives it again.
         scores = [None if self.scores.pick else self.scores.at, self.scores.given,
-                  self.scores.refusal, self.scores.why]
+                  self.scores.refusal, self.scores.why, self.scores.probabilities]
         return {"layers": np.str_(json.dumps(layers)),
                 "output_shape": np.array(self.output_shape, dtype=np.int64),
                 "scores": np.str_(json.dumps(scores))}
@@ -162,12 +162,13 @@ class LayerCatalog:
             layers.append(LayerInfo(name, type_name, None if shape is None else tuple(shape),
                                     calls, axis, form, layout, found, varies, mask, refused,
                                     call, module))
-        at, given, refusal, why = json.loads(str(arrays["scores"]))
+        at, given, refusal, why, probabilities = json.loads(str(arrays["scores"]))
         if not (isinstance(at, (int, str, type(None))) and isinstance(given, bool)
+                and isinstance(probabilities, bool)
                 and isinstance(refusal, (str, type(None))) and isinstance(why, str)):
             raise ValueError("its scores are not a place in the output")
         return cls(layers, tuple(int(d) for d in arrays["output_shape"]),
-                   Scores(at, None, given, refusal, why))
+                   Scores(at, None, given, refusal, why, probabilities))
 
 
 # --- the probe --------------------------------------------------------------------------------
@@ -217,7 +218,9 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None)
     if scores is None:
         scores = choose(output, len(idx), source.label_classes)
     if scores.refusal is None:
-        output_shape = tuple(one_vector(scores.read(output)).shape[1:])
+        found = one_vector(scores.read(output))
+        output_shape = tuple(found.shape[1:])
+        scores = replace(scores, probabilities=are_probabilities(found))
     else:  # the layers are still listed; reading the scores refuses (model/scores.py)
         output_shape = tuple(first_tensor(output).shape[1:])
     modules = dict(model.named_modules())

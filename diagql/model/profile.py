@@ -15,7 +15,7 @@ from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.same_rows import SameRows, comparisons, fan_out
-from diagql.model.scores import Scores, classes_of, one_vector, probabilities
+from diagql.model.scores import Scores, classes_of, one_vector
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -236,6 +236,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
+    scores = scores or Scores()
     labels = np.empty(n, dtype=np.int64)
     predictions = np.empty(n, dtype=np.int64)
     confidence = np.empty(n, dtype=np.float64)
@@ -265,10 +266,10 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             hooks.start(x, len(idx))
             compared.start(x, len(idx))
             captured.clear()
-            logits = _logits((scores or Scores()).read(call_model(model, x)))
+            logits = _logits(scores.read(call_model(model, x)))
             if latent is not None:
                 hooks.check_ran()
-            conf, pred = probabilities(logits).max(dim=1)
+            conf, pred = scores.probabilities_of(logits).max(dim=1)
             batch = slice(position, position + len(idx))
             if y is None:
                 has_labels = False

@@ -34,6 +34,22 @@ def one_vector(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
+def tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a row of probabilities of ``dtype`` may sum: each rounding is at most
+    half an ulp of its value, so the sum's error is under eps (twice that for headroom)."""
+    return max(1e-3, 2 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
+
+
+def are_probabilities(scores: torch.Tensor) -> bool:
+    """Whether (batch, classes) scores, two classes or more, are all >= 0 with every row
+    summing to 1: the output of a softmax, not logits (a batch of logits that did so would
+    be a coincidence of every row)."""
+    if scores.ndim != 2 or scores.shape[1] < 2 or not scores.is_floating_point():
+        return False
+    p = scores.detach().to(torch.float64)
+    return bool((p >= 0).all() and ((p.sum(dim=1) - 1).abs() <= tolerance(scores.dtype)).all())
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Each class's probability, float64: the softmax of the scores, or for one logit
     (a binary classifier) the sigmoid's (1 - p, p), so class 1 wins where the logit is > 0."""
@@ -59,6 +75,9 @@ class Scores:
     given: bool = False  # the user's choice, not the default's
     refusal: str | None = None
     why: str = ""  # how the default decided, for SHOW MODELS
+    # Every probed item's scores were >= 0 and summed to 1: the model returns probabilities
+    # (a softmax applied), which are their own confidence (``probabilities_of``).
+    probabilities: bool = False
 
     @classmethod
     def of(cls, choice) -> Scores:
@@ -85,6 +104,24 @@ class Scores:
         if self.pick is not None:
             return f"{getattr(self.pick, '__name__', type(self.pick).__name__)}(output)"
         return "output" if self.at is None else f"output[{self.at!r}]"
+
+    def probabilities_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each class's probability, float64, from a batch's scores (batch, classes): the
+        scores themselves for a model that returns probabilities (a softmax of them would
+        flatten every confidence towards 1/C), else ``probabilities``. A batch whose rows are
+        not probabilities after all is refused rather than read either way."""
+        if not self.probabilities:
+            return probabilities(logits)
+        p = logits.to(torch.float64)
+        bad = ~((p >= 0).all(dim=1) & ((p.sum(dim=1) - 1).abs() <= tolerance(logits.dtype)))
+        bad &= ~p.isnan().any(dim=1)  # NaN scores are reported as such (SHOW PROFILE)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise DiagQLError(f"the model's scores were probabilities (>= 0, summing to 1) for "
+                              f"the probed items, but not for the {row + 1}th item of a batch "
+                              f"(they sum to {float(p[row].sum()):.4g}); return logits, or pass "
+                              f"scores= a function giving them")
+        return p
 
     def read(self, output) -> torch.Tensor:
         """The class scores in one call's ``output``: (batch, classes) or (batch,)."""
@@ -205,3 +242,4 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
     return Scores(refusal=f"the model's output holds several vectors per item that could be "
                           f"its class scores ({listed}) and {reason}; name the scores with "
                           f"{_OPTION}")
+

@@ -76,9 +76,12 @@ class Artifacts:
                      call_model, conn.given_scores)
 
     def scores(self, catalog: LayerCatalog) -> Scores:
-        """Where the class scores are in the model's output: the user's choice (a function
-        given as scores= is not in a catalog read from disk), else the catalog's default."""
-        return self.conn.given_scores or catalog.scores
+        """Where the class scores are in the model's output, as the probe found them (a
+        function given as scores= is not in a catalog read from disk: it is given again)."""
+        given = self.conn.given_scores
+        if given is not None and given.pick is not None and catalog.scores.pick is None:
+            return dataclasses.replace(catalog.scores, pick=given.pick)
+        return catalog.scores
 
     def get_catalog(self) -> LayerCatalog:
         if self.catalog is None:
