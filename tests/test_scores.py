@@ -218,3 +218,20 @@ def test_probabilities_on_the_probe_and_logits_later_are_refused():
     with pytest.raises(DiagQLError, match="were probabilities .* for the probed items, but not"):
         _ = conn.profile
 
+
+def test_one_score_in_zero_one_is_noticed_and_read_as_a_probability_when_asked():
+    model, (X, _) = Post(torch.sigmoid, width=1), data()
+    y = torch.arange(N) % 2
+    with pytest.warns(diagql.DiagQLWarning, match=r"lies in \[0, 1\] for every item"):
+        conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+        _ = conn.profile
+    assert any("torch.logit" in note for note in conn.query("SHOW PROFILE").notes)
+    asked = diagql.connect(model, (X, y), cache_dir=False, progress=False,
+                           scores=lambda out: torch.logit(out))
+    with torch.no_grad():
+        p = torch.sigmoid(model.head(X)).double()[:, 0]
+    predicted = (p > 0.5).long()
+    assert np.array_equal(asked.profile.predictions, predicted.numpy())
+    np.testing.assert_allclose(asked.profile.confidence, torch.where(predicted == 1, p, 1 - p),
+                               rtol=1e-5)
+    assert not any("torch.logit" in note for note in asked.query("SHOW PROFILE").notes)

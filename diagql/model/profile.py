@@ -4,18 +4,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from diagql.errors import DiagQLError, ExecutionError
+from diagql.errors import DiagQLError, DiagQLWarning, ExecutionError
 from diagql.model import auxiliaries as aux
 from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.same_rows import SameRows, comparisons, fan_out
-from diagql.model.scores import Scores, classes_of, one_vector
+from diagql.model.scores import Scores, classes_of, one_vector, sigmoid_applied
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -395,6 +396,9 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     if all(part.logits is not None for part in parts):
         logits = _join([part.logits for part in parts])
     winners = _in_all([part.winners for part in parts], _join)
+    notice = sigmoid_applied(logits)
+    if notice is not None:  # SHOW PROFILE notes it too
+        warnings.warn(notice, DiagQLWarning, stacklevel=2)
     return Profile(labels, predictions, _join([part.confidence for part in parts]),
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
                    has_labels, logits, latent_views,

@@ -243,3 +243,15 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
                           f"its class scores ({listed}) and {reason}; name the scores with "
                           f"{_OPTION}")
 
+
+def sigmoid_applied(logits) -> str | None:
+    """A notice when one score per item (a binary classifier's logit) lies in [0, 1] for every
+    item: most likely a probability (a sigmoid applied), which read as a logit predicts class 1
+    for every item above 0. Not refused: logits may all lie there. None otherwise."""
+    if logits is None or logits.ndim != 2 or logits.shape[1] != 1 or not len(logits):
+        return None
+    if not (logits.min() >= 0 and logits.max() <= 1):
+        return None
+    return ("the model's one score per item lies in [0, 1] for every item: DiagQL reads it as "
+            "a logit (class 1 where it is > 0); if it is a probability (a sigmoid applied), "
+            "pass scores=lambda out: torch.logit(out)")

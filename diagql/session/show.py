@@ -8,6 +8,7 @@ import numpy as np
 from diagql import samplers
 from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
+from diagql.model.scores import sigmoid_applied
 from diagql.model.views import SEQUENCE, View
 from diagql.results.result import Result
 
@@ -145,6 +146,9 @@ def _profile(conn, statement) -> Result:
         notes.append(f"{len(unscored):,} items have NaN or infinite class scores (the first is "
                      f"item {int(unscored[0])}): their predictions are arbitrary, yet counted "
                      f"here and by WHERE correct")
+    notice = sigmoid_applied(profile.logits)
+    if notice is not None:
+        notes.append(notice)
     return Result(kind="table", statement=statement.text,
                   columns=["class", "items", "accuracy", *(str(c) for c in classes)], rows=rows,
                   title=title, notes=notes)
