@@ -203,6 +203,36 @@ def test_data_without_labels_says_so_before_a_class_outside_the_label_set(data, 
         info.value.message
 
 
+class _OneHot(torch.utils.data.Dataset):
+    """(x, one-hot y) items, collated into (batch, classes) label rows."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, torch.nn.functional.one_hot(y, bad_models.N_CLASSES).float()
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i]
+
+
+def test_one_hot_labels_are_class_indices_and_other_rows_are_refused():
+    X, y = bad_models.data()
+    model = bad_models.net()
+    with torch.no_grad():
+        correct = (model.eval()(X).argmax(1) == y).numpy()
+    for data in ((X, torch.nn.functional.one_hot(y)), _OneHot(X, y)):
+        db = connect(model, data)
+        assert np.array_equal(db.profile.labels, y.numpy())
+        assert np.array_equal(db.profile.correct, correct)
+    multi_hot = torch.nn.functional.one_hot(y).clone()
+    multi_hot[0, (int(y[0]) + 1) % bad_models.N_CLASSES] = 1
+    soft = torch.nn.functional.one_hot(y) * 0.9 + 0.1 / bad_models.N_CLASSES
+    for labels in (multi_hot, soft):
+        with pytest.raises(DiagQLError, match="3 values per item .* that are not one-hot"):
+            connect(model, (X, labels))
+
+
 def test_data_without_labels_in_sample_and_show_profile():
     db = connect(bad_models.net(), bad_models.unlabelled())
     with pytest.raises(BindError, match="sampler 'stratified' draws by the true labels"):

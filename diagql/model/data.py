@@ -317,9 +317,14 @@ def _as_labels(y) -> np.ndarray:
     if y.ndim != 1:
         shape = y.shape
         y = y.reshape(len(y), -1)
+        if y.shape[1] != 1 and _one_hot(y):
+            # Each row names one class unmistakably: its index is the label.
+            return y.argmax(axis=1).astype(np.int64)
         if y.shape[1] != 1:
-            raise DiagQLError(f"labels must be one class index per item, got {y.shape[1]} per "
-                              f"item (labels of shape {shape})")
+            raise DiagQLError(f"labels must be one class index per item (or one-hot rows), got "
+                              f"{y.shape[1]} values per item (labels of shape {shape}) that are "
+                              f"not one-hot: DiagQL compares one predicted class with one true "
+                              f"class, so multi-hot or soft labels have no such class")
         y = y[:, 0]
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
@@ -331,6 +336,13 @@ def _as_labels(y) -> np.ndarray:
     elif y.dtype.kind not in "iub":
         raise DiagQLError(f"labels must be class indices, got dtype {y.dtype}")
     return y.astype(np.int64)
+
+
+def _one_hot(y: np.ndarray) -> bool:
+    """Whether every row of (items, classes) labels is 0 but for a single 1."""
+    if y.dtype.kind not in "iubf":
+        return False
+    return bool(np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all())
 
 
 def to_device(x, device: torch.device, dtype: torch.dtype):
