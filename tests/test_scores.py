@@ -235,3 +235,15 @@ def test_one_score_in_zero_one_is_noticed_and_read_as_a_probability_when_asked()
     np.testing.assert_allclose(asked.profile.confidence, torch.where(predicted == 1, p, 1 - p),
                                rtol=1e-5)
     assert not any("torch.logit" in note for note in asked.query("SHOW PROFILE").notes)
+
+
+@pytest.mark.parametrize("post", [lambda z: z.argmax(1), lambda z: z > 0],
+                         ids=["class-indices", "flags"])
+def test_an_output_of_integers_or_flags_is_no_class_scores(post):
+    """Read as logits, class indices 0/1 would pass for a binary classifier's log-odds."""
+    X, _ = data()
+    conn = diagql.connect(Post(post), (X, torch.arange(N) % 2), cache_dir=False,
+                          progress=False)
+    assert conn.query("SHOW LAYERS").rows  # the layers are still listed
+    with pytest.raises(DiagQLError, match="per-item shape .*, not class scores"):
+        _ = conn.profile

@@ -142,6 +142,8 @@ class Scores:
         if not isinstance(found, torch.Tensor):
             hint = "" if self.given else f"; name the scores with {_OPTION}"
             raise DiagQLError(f"{what}, where DiagQL expected the class scores, a tensor{hint}")
+        if not found.is_floating_point():
+            raise DiagQLError(_not_scores(found))
         return found
 
 
@@ -181,6 +183,13 @@ def _describe(value) -> str:
     return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
+def _not_scores(found: torch.Tensor) -> str:
+    return (f"the model's output is {str(found.dtype).removeprefix('torch.')} values of "
+            f"per-item shape {tuple(found.shape[1:])}, not class scores: DiagQL needs a score "
+            f"per class (logits or probabilities) to predict and to say how confident; return "
+            f"them, or name them with {_OPTION}")
+
+
 def candidates(output, batch: int) -> list[tuple[int | str, tuple[int, ...]]]:
     """The entries of a tuple, list, dict or dataclass output that could be class scores:
     floating tensors of one vector (or one value) per item. Each as (position or key, the
@@ -214,7 +223,9 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
     (``label_classes()``: the largest label + 1, None without labels; 1 or 2 for two
     classes). Anything else is a refusal naming the candidates: never a guess."""
     if isinstance(output, torch.Tensor):
-        return Scores()
+        # Class indices or flags are no scores: read as logits, their argmax and confidence
+        # would be made up. Refused when read, so that the layers are still listed.
+        return Scores() if output.is_floating_point() else Scores(refusal=_not_scores(output))
     logits = output.get("logits") if isinstance(output, Mapping) else \
         getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
