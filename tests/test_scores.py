@@ -247,3 +247,22 @@ def test_an_output_of_integers_or_flags_is_no_class_scores(post):
     assert conn.query("SHOW LAYERS").rows  # the layers are still listed
     with pytest.raises(DiagQLError, match="per-item shape .*, not class scores"):
         _ = conn.profile
+
+
+def test_two_candidates_that_both_fit_the_labels_are_refused():
+    """A binary model's per-item loss (one value: a logit's shape) beside its two logits."""
+    class LossFirst(Post):
+        def forward(self, x):
+            z = self.head(x)
+            return torch.nn.functional.cross_entropy(z, z.argmax(1), reduction="none"), z
+
+    X, _ = data()
+    model = LossFirst(None, width=2)
+    conn = diagql.connect(model, (X, torch.arange(N) % 2), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"output\[0\] of per-item shape \(\); output\[1\] of "
+                                          r"per-item shape \(2,\)\) and several are as wide"):
+        _ = conn.profile
+    chosen = diagql.connect(model, (X, torch.arange(N) % 2), cache_dir=False, progress=False,
+                            scores=1)
+    with torch.no_grad():
+        assert np.array_equal(chosen.profile.predictions, model.head(X).argmax(1).numpy())

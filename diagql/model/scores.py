@@ -218,10 +218,11 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
 
     A tensor is the scores; so is the ``logits`` entry of a Hugging Face output or a dict.
     Otherwise the entries that could be scores (``candidates``): one is the scores; several
-    as wide (Inception's (logits, aux)) are the first, the main head by convention; several
-    of different widths are the one whose width is the number of classes the labels need
-    (``label_classes()``: the largest label + 1, None without labels; 1 or 2 for two
-    classes). Anything else is a refusal naming the candidates: never a guess."""
+    of one per-item shape (Inception's (logits, aux)) are the first, the main head by
+    convention; several of different shapes are the one that scores as many classes as the
+    labels need (``label_classes()``: the largest label + 1, at least 2; None without
+    labels), or the first of several such of one shape. Anything else is a refusal naming
+    the candidates: never a guess."""
     if isinstance(output, torch.Tensor):
         # Class indices or flags are no scores: read as logits, their argmax and confidence
         # would be made up. Refused when read, so that the layers are still listed.
@@ -237,17 +238,19 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
         return Scores(refusal=f"the model's output ({_describe(output)}) holds no vector of "
                               f"class scores per item; name them with {_OPTION} (a position, "
                               f"a key, or a function of the output)")
-    widths = [classes_of(shape) for _, shape in found]
-    if len(set(widths)) == 1:
+    if len({shape for _, shape in found}) == 1:
         why = "its one vector per item" if len(found) == 1 else "the first of equal widths"
         return Scores(found[0][0], why=why)
     needed = label_classes()
     if needed is not None:
-        fits = [at for (at, _), width in zip(found, widths)
-                if width == max(needed, 2)]
-        if fits:
-            return Scores(fits[0], why="as wide as the labels need")
-        reason = f"none is as wide as the labels' {max(needed, 2)} classes"
+        classes = max(needed, 2)
+        fits = [(at, shape) for at, shape in found if classes_of(shape) == classes]
+        # Fits of different shapes (a binary model's (batch,) loss beside its (batch, 2)
+        # logits) are as plausible as each other: no guess.
+        if fits and len({shape for _, shape in fits}) == 1:
+            return Scores(fits[0][0], why="as wide as the labels need")
+        reason = (f"{'several are' if fits else 'none is'} as wide as the labels' {classes} "
+                  f"classes")
     else:
         reason = "the data has no labels to tell them apart"
     return Scores(refusal=f"the model's output holds several vectors per item that could be "
