@@ -11,6 +11,7 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset,
                               default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
+from diagql.progress import Progress
 
 Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model input, labels)
 
@@ -44,6 +45,7 @@ class ItemSource:
         self._collate = None
         self._workers = 0
         self._labelled: bool | None = None  # whether the first item has a label, once read
+        self._label_classes: list | None = None  # [label_classes()], once read
         if isinstance(data, DataLoader):
             if isinstance(data.dataset, IterableDataset):
                 raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
@@ -102,20 +104,25 @@ class ItemSource:
             self._labelled = next(self.batches(np.arange(1), 1))[2] is not None
         return self._labelled
 
-    def label_classes(self, batch_size: int = 256) -> int | None:
+    def label_classes(self, progress=None, batch_size: int = 256) -> int | None:
         """The number of classes the labels need (the largest + 1), None when some item has
         none. A pair's or a mapping's labels are at hand; other data is read whole (its
-        inputs too), which only an output the default cannot otherwise read asks for
-        (model/scores.py, ``choose``)."""
+        inputs too, shown by ``progress``, a diagql.progress.Progress), once, which only an
+        output the default cannot otherwise read asks for (model/scores.py, ``choose``)."""
         if self._pair is not None or self._columns is not None:
             y = self._pair[1] if self._pair is not None else self._column_labels
             return None if y is None else int(y.max(initial=-1)) + 1
-        largest = -1
-        for _, _, y in self.batches(np.arange(len(self)), batch_size):
-            if y is None:
-                return None
-            largest = max(largest, int(y.max(initial=-1)))
-        return largest + 1
+        if self._label_classes is None:
+            largest = -1
+            with (progress or Progress(False)).task("reading the labels", len(self)) as advance:
+                for idx, _, y in self.batches(np.arange(len(self)), batch_size):
+                    if y is None:
+                        largest = None
+                        break
+                    largest = max(largest, int(y.max(initial=-1)))
+                    advance(len(idx))
+            self._label_classes = [None if largest is None else largest + 1]
+        return self._label_classes[0]
 
     def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
         indices = np.asarray(indices, dtype=np.int64)

@@ -200,14 +200,16 @@ class _Seen:
     input_mask: tuple | None = None  # the shape of the batch input's attention_mask
 
 
-def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None) -> LayerCatalog:
+def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
+          progress=None) -> LayerCatalog:
     """Run batches of 1, 2 and 3 items (fewer when the data has fewer) with a hook on every
     submodule. An output's batch axis is the axis whose size follows the batch's in every
     probe (the module's ``batch_first`` breaks a tie); a sequence output's real tokens come
     from where model/views.py finds them in a query. A module that runs several times per
     pass gets one layer per call (``block.relu#2``), each read from that call's outputs.
     ``scores``: the user's choice of the class scores in the model's output (None: the
-    default's, model/scores.py ``choose``), which the catalog keeps with their shape."""
+    default's, model/scores.py ``choose``, which may read every label, shown by
+    ``progress``), which the catalog keeps with their shape."""
     n = len(source)
     sizes = sorted({min(size, n) for size in PROBE_SIZES})
     passes = []
@@ -216,7 +218,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None)
         seen, counted, output = _probe_pass(model, prepare(x), call)
         passes.append((len(idx), seen, counted))
     if scores is None:
-        scores = choose(output, len(idx), source.label_classes)
+        scores = choose(output, len(idx), lambda: source.label_classes(progress))
     if scores.refusal is None:
         found = one_vector(scores.read(output))
         output_shape = tuple(found.shape[1:])

@@ -73,7 +73,7 @@ class Artifacts:
     def _probe(self) -> LayerCatalog:
         conn = self.conn
         return probe(conn.model, conn.source, lambda x: to_device(x, conn.device, conn.dtype),
-                     call_model, conn.given_scores)
+                     call_model, conn.given_scores, conn.progress)
 
     def scores(self, catalog: LayerCatalog) -> Scores:
         """Where the class scores are in the model's output, as the probe found them (a
