@@ -91,10 +91,9 @@ class Scores:
             return cls(pick=choice, given=True)
         return cls(at=choice, given=True)
 
-    def key(self):
-        """The choice as a cache key part (a function is keyed by the connection)."""
-        if self.pick is not None:
-            return ["function", getattr(self.pick, "__qualname__", type(self.pick).__name__)]
+    def key(self) -> list:
+        """A place as a cache key part (a function is keyed by its fingerprint instead:
+        session/artifacts.py)."""
         return ["given" if self.given else "default", self.at]
 
     def text(self) -> str:

@@ -228,8 +228,8 @@ class Artifacts:
             raise Unfingerprintable(f"the scores= function: {exc}") from None
 
     def fingerprints(self) -> tuple[str, str, object] | None:
-        """(model, data, scores choice) digests, hashed once; None when either cannot be hashed completely
-        (``memory_only`` says why) or the cache is off."""
+        """(model, data, scores choice) digests, hashed once; None when one cannot be hashed
+        completely (``memory_only`` says why) or the cache is off."""
         if not self.conn.cache.enabled:
             return None
         if not self._fingerprinted:
