@@ -185,6 +185,54 @@ def test_data_without_labels_refuses_what_needs_them(text, message):
         assert info.value.column is not None  # underlined in the query
 
 
+@pytest.mark.parametrize("data", [bad_models.unlabelled, bad_models.BareX],
+                         ids=["pair-with-None", "bare-x-dataset"])
+@pytest.mark.parametrize("text, message", [
+    (f"AVG NEURONS IN fc1 WHERE class = {bad_models.N_CLASSES + 1}", "WHERE class = "),
+    ("AVG NEURONS IN fc1 WHERE class IN (1, 99)", "WHERE class IN (1, 99) needs"),
+    ("SIMILARITY fc1, fc2 WHERE class = 99", "WHERE class = 99 needs"),
+    ("TOPK 2 INPUTS FOR fc1[0] WHERE class = 99", "WHERE class = 99 needs"),
+])
+def test_data_without_labels_says_so_before_a_class_outside_the_label_set(data, text, message):
+    """Missing labels are the first thing wrong: 'outside the label set' would send the user
+    looking for the right class number, which no class number would fix."""
+    db = connect(bad_models.net(), data())
+    with pytest.raises(BindError) as info:
+        db.query(text)
+    assert info.value.message.startswith(message) and "needs the true labels" in \
+        info.value.message
+
+
+class _OneHot(torch.utils.data.Dataset):
+    """(x, one-hot y) items, collated into (batch, classes) label rows."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, torch.nn.functional.one_hot(y, bad_models.N_CLASSES).float()
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i]
+
+
+def test_one_hot_labels_are_class_indices_and_other_rows_are_refused():
+    X, y = bad_models.data()
+    model = bad_models.net()
+    with torch.no_grad():
+        correct = (model.eval()(X).argmax(1) == y).numpy()
+    for data in ((X, torch.nn.functional.one_hot(y)), _OneHot(X, y)):
+        db = connect(model, data)
+        assert np.array_equal(db.profile.labels, y.numpy())
+        assert np.array_equal(db.profile.correct, correct)
+    multi_hot = torch.nn.functional.one_hot(y).clone()
+    multi_hot[0, (int(y[0]) + 1) % bad_models.N_CLASSES] = 1
+    soft = torch.nn.functional.one_hot(y) * 0.9 + 0.1 / bad_models.N_CLASSES
+    for labels in (multi_hot, soft):
+        with pytest.raises(DiagQLError, match="3 values per item .* that are not one-hot"):
+            connect(model, (X, labels))
+
+
 def test_data_without_labels_in_sample_and_show_profile():
     db = connect(bad_models.net(), bad_models.unlabelled())
     with pytest.raises(BindError, match="sampler 'stratified' draws by the true labels"):

@@ -431,5 +431,6 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
         "__getitem__ or the DataLoader's collate_fn)")
     token_labels = tm.DictDataset(sequences, labels, length=12)
     token_labels.labels = torch.zeros(len(sequences), 12, dtype=torch.int64)
-    assert re.fullmatch(r"labels must be one class index per item, got 12 per item \(labels of "
-                        r"shape \(\d+, 12\)\)", _refusal(bert, token_labels))
+    assert re.fullmatch(r"labels must be one class index per item \(or one-hot rows\), got 12 "
+                        r"values per item \(labels of shape \(\d+, 12\)\) that are not "
+                        r"one-hot: .*", _refusal(bert, token_labels))

@@ -245,7 +245,7 @@ class RayEngine:
     def profile(self, n_items: int, *, model=None, latent, latent_is_input: bool, view,
                 batch_size: int, dtype, progress,
                 compare: tuple = ((), (), False), blocks: list | tuple = (),
-                winners: list | tuple = ()) -> Profile:
+                winners: list | tuple = (), scores=None) -> Profile:
         """The profile pass on the cluster: each shard's profile, concatenated in order (the
         layers that hold the latent's or the logits' rows: those that did in every shard).
         The ``blocks``' directions are fitted once, by one worker on the spread items the
@@ -257,6 +257,8 @@ class RayEngine:
         options = {"key": model, "latent": latent, "latent_is_input": latent_is_input,
                    "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare,
                    "winners": list(winners)}
+        if scores is not None:  # where the class scores are in the model's output
+            options["scores"] = scores
         views = list(blocks)
         if not views:
             shards = self._shards(np.arange(n_items), batch_size)

@@ -146,7 +146,7 @@ def calls_text(module: str, calls: int) -> str:
 
 
 def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
-               seed: int | None, n_items: int) -> BoundQuery:
+               seed: int | None, n_items: int, has_labels: bool = True) -> BoundQuery:
     layer = bind_layer(query.layer, catalog)
     view = bind_view(query, layer)
     n_neurons = view.neurons
@@ -154,6 +154,8 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
         raise _error(f"TOPK {query.k} asks for more {query.unit} than layer {layer.name!r} has "
                      f"({n_neurons})" if query.k > n_neurons else "TOPK needs k of at least 1",
                      query.k_span or query.span)
+    if not has_labels:  # before class values: labels missing is the first thing wrong
+        require_labels(query)
     if query.where is not None:
         _check_predicate(query.where, n_classes)
     sampler = None
@@ -219,7 +221,8 @@ class BoundSimilarity:
 
 def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_classes: int,
                     seed: int | None, n_items: int,
-                    catalogs: Sequence[LayerCatalog] | None = None) -> BoundSimilarity:
+                    catalogs: Sequence[LayerCatalog] | None = None,
+                    has_labels: bool = True) -> BoundSimilarity:
     """``catalogs``: each layer's model's catalog when the layers name several models."""
     if isinstance(statement.source, ast.Auto):
         raise _error("SIMILARITY takes USING FULL or USING SAMPLE s(...), not USING AUTO",
@@ -235,6 +238,8 @@ def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_class
         layers.append(layer)
         # An item's representation is the row its view makes, as an AVG NEURONS query's.
         views.append(bind_view(ast.Query("avg", "neurons", ref, tokens=tokens), layer))
+    if not has_labels:
+        require_labels(statement)
     if statement.where is not None:
         _check_predicate(statement.where, n_classes)
     sampler = None
@@ -402,7 +407,7 @@ def neuron_shape(view: View) -> tuple[int, ...]:
 
 
 def bind_inputs(query: ast.TopInputs, catalog: LayerCatalog, *, n_classes: int,
-                seed: int | None, n_items: int) -> BoundInputs:
+                seed: int | None, n_items: int, has_labels: bool = True) -> BoundInputs:
     ref = query.neuron
     layer = bind_layer(ref.layer, catalog)
     view = bind_view(query, layer)
@@ -426,6 +431,8 @@ def bind_inputs(query: ast.TopInputs, catalog: LayerCatalog, *, n_classes: int,
             what = "channels" if view.channels else "entries"
             raise _error(f"index {i} is past the {size} {what}{where} of layer {layer.name!r} "
                          f"(its neurons have shape {shape})", ref.index_span or ref.span)
+    if not has_labels:
+        require_labels(query)
     if query.where is not None:
         _check_predicate(query.where, n_classes)
     sampler = None

@@ -11,6 +11,7 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset,
                               default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
+from diagql.progress import Progress
 
 Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model input, labels)
 
@@ -43,6 +44,8 @@ class ItemSource:
         self._dataset = None
         self._collate = None
         self._workers = 0
+        self._labelled: bool | None = None  # whether the first item has a label, once read
+        self._label_classes: list | None = None  # [label_classes()], once read
         if isinstance(data, DataLoader):
             if isinstance(data.dataset, IterableDataset):
                 raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
@@ -89,6 +92,37 @@ class ItemSource:
         if self._columns is not None:
             return len(next(iter(self._columns.values())))
         return len(self._dataset)
+
+    def labelled(self) -> bool:
+        """Whether the data has labels, as cheaply as can be told: a pair's or a mapping's are
+        at hand, other data's first item says (the profile pass checks every item), so that
+        the binder refuses a query that needs labels before it looks at class values."""
+        if self._pair is not None or self._columns is not None:
+            return (self._pair[1] if self._pair is not None else self._column_labels) \
+                is not None
+        if self._labelled is None:
+            self._labelled = next(self.batches(np.arange(1), 1))[2] is not None
+        return self._labelled
+
+    def label_classes(self, progress=None, batch_size: int = 256) -> int | None:
+        """The number of classes the labels need (the largest + 1), None when some item has
+        none. A pair's or a mapping's labels are at hand; other data is read whole (its
+        inputs too, shown by ``progress``, a diagql.progress.Progress), once, which only an
+        output the default cannot otherwise read asks for (model/scores.py, ``choose``)."""
+        if self._pair is not None or self._columns is not None:
+            y = self._pair[1] if self._pair is not None else self._column_labels
+            return None if y is None else int(y.max(initial=-1)) + 1
+        if self._label_classes is None:
+            largest = -1
+            with (progress or Progress(False)).task("reading the labels", len(self)) as advance:
+                for idx, _, y in self.batches(np.arange(len(self)), batch_size):
+                    if y is None:
+                        largest = None
+                        break
+                    largest = max(largest, int(y.max(initial=-1)))
+                    advance(len(idx))
+            self._label_classes = [None if largest is None else largest + 1]
+        return self._label_classes[0]
 
     def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
         indices = np.asarray(indices, dtype=np.int64)
@@ -290,9 +324,14 @@ def _as_labels(y) -> np.ndarray:
     if y.ndim != 1:
         shape = y.shape
         y = y.reshape(len(y), -1)
+        if y.shape[1] != 1 and _one_hot(y):
+            # Each row names one class unmistakably: its index is the label.
+            return y.argmax(axis=1).astype(np.int64)
         if y.shape[1] != 1:
-            raise DiagQLError(f"labels must be one class index per item, got {y.shape[1]} per "
-                              f"item (labels of shape {shape})")
+            raise DiagQLError(f"labels must be one class index per item (or one-hot rows), got "
+                              f"{y.shape[1]} values per item (labels of shape {shape}) that are "
+                              f"not one-hot: DiagQL compares one predicted class with one true "
+                              f"class, so multi-hot or soft labels have no such class")
         y = y[:, 0]
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
@@ -304,6 +343,13 @@ def _as_labels(y) -> np.ndarray:
     elif y.dtype.kind not in "iub":
         raise DiagQLError(f"labels must be class indices, got dtype {y.dtype}")
     return y.astype(np.int64)
+
+
+def _one_hot(y: np.ndarray) -> bool:
+    """Whether every row of (items, classes) labels is 0 but for a single 1."""
+    if y.dtype.kind not in "iubf":
+        return False
+    return bool(np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all())
 
 
 def to_device(x, device: torch.device, dtype: torch.dtype):

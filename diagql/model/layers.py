@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope
+from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.views import FLAT, SEQUENCE, describe_output, first_output, \
     input_attention_mask, padding_argument, padding_mask
 
@@ -92,14 +93,16 @@ class LayerInfo:
 class LayerCatalog:
     """Layers in module-registration order, found by probing the model."""
 
-    def __init__(self, layers: list[LayerInfo], output_shape: tuple[int, ...]):
+    def __init__(self, layers: list[LayerInfo], output_shape: tuple[int, ...],
+                 scores: Scores | None = None):
         self.layers = layers
         # A module's own name wins over a call's of the same text (the probe refuses that call).
         self.by_name = {layer.name: layer for layer in layers if not layer.call}
         for layer in layers:
             self.by_name.setdefault(layer.name, layer)
         self._calls = {(layer.module, layer.call): layer for layer in layers if layer.call}
-        self.output_shape = output_shape
+        self.output_shape = output_shape  # the class scores' per-item shape
+        self.scores = scores or Scores()  # where the probe found them in the model's output
 
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
@@ -132,8 +135,12 @@ class LayerCatalog:
                    layer.calls, layer.batch_axis, layer.form, layer.layout, layer.found,
                    layer.varies, layer.mask, layer.refused, layer.call, layer.module]
                   for layer in self.layers]
+        # A function given as scores= is not stored: the connection gives it again.
+        scores = [None if self.scores.pick else self.scores.at, self.scores.given,
+                  self.scores.refusal, self.scores.why, self.scores.probabilities]
         return {"layers": np.str_(json.dumps(layers)),
-                "output_shape": np.array(self.output_shape, dtype=np.int64)}
+                "output_shape": np.array(self.output_shape, dtype=np.int64),
+                "scores": np.str_(json.dumps(scores))}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "LayerCatalog":
@@ -155,7 +162,13 @@ class LayerCatalog:
             layers.append(LayerInfo(name, type_name, None if shape is None else tuple(shape),
                                     calls, axis, form, layout, found, varies, mask, refused,
                                     call, module))
-        return cls(layers, tuple(int(d) for d in arrays["output_shape"]))
+        at, given, refusal, why, probabilities = json.loads(str(arrays["scores"]))
+        if not (isinstance(at, (int, str, type(None))) and isinstance(given, bool)
+                and isinstance(probabilities, bool)
+                and isinstance(refusal, (str, type(None))) and isinstance(why, str)):
+            raise ValueError("its scores are not a place in the output")
+        return cls(layers, tuple(int(d) for d in arrays["output_shape"]),
+                   Scores(at, None, given, refusal, why, probabilities))
 
 
 # --- the probe --------------------------------------------------------------------------------
@@ -187,19 +200,31 @@ class _Seen:
     input_mask: tuple | None = None  # the shape of the batch input's attention_mask
 
 
-def probe(model: nn.Module, source, prepare, call) -> LayerCatalog:
+def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
+          progress=None) -> LayerCatalog:
     """Run batches of 1, 2 and 3 items (fewer when the data has fewer) with a hook on every
     submodule. An output's batch axis is the axis whose size follows the batch's in every
     probe (the module's ``batch_first`` breaks a tie); a sequence output's real tokens come
     from where model/views.py finds them in a query. A module that runs several times per
-    pass gets one layer per call (``block.relu#2``), each read from that call's outputs."""
+    pass gets one layer per call (``block.relu#2``), each read from that call's outputs.
+    ``scores``: the user's choice of the class scores in the model's output (None: the
+    default's, model/scores.py ``choose``, which may read every label, shown by
+    ``progress``), which the catalog keeps with their shape."""
     n = len(source)
     sizes = sorted({min(size, n) for size in PROBE_SIZES})
     passes = []
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
-        seen, counted, output_shape = _probe_pass(model, prepare(x), call)
+        seen, counted, output = _probe_pass(model, prepare(x), call)
         passes.append((len(idx), seen, counted))
+    if scores is None:
+        scores = choose(output, len(idx), lambda: source.label_classes(progress))
+    if scores.refusal is None:
+        found = one_vector(scores.read(output))
+        output_shape = tuple(found.shape[1:])
+        scores = replace(scores, probabilities=are_probabilities(found))
+    else:  # the layers are still listed; reading the scores refuses (model/scores.py)
+        output_shape = tuple(first_tensor(output).shape[1:])
     modules = dict(model.named_modules())
     calls = passes[-1][2]
     layouts: dict[tuple[str, int], str] = {}
@@ -216,7 +241,7 @@ def probe(model: nn.Module, source, prepare, call) -> LayerCatalog:
         if name:
             layers += _entries(name, type(module).__name__, infos.get(name, []),
                                [(s, counted.get(name, 0)) for s, _, counted in passes], modules)
-    return LayerCatalog(layers, output_shape)
+    return LayerCatalog(layers, output_shape, scores)
 
 
 def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tuple[int, int]],
@@ -241,7 +266,7 @@ def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tup
 
 def _probe_pass(model, x, call):
     """One forward pass with every submodule hooked: what each returned at each of its calls,
-    how often each ran, and the shape of the model's output per item."""
+    how often each ran, and the model's output."""
     seen: dict[tuple[str, int], _Seen] = {}  # (module, its call from 1)
     calls: dict[str, int] = {}
     made: dict[int, tuple[torch.Tensor, tuple]] = {}  # id(tensor) -> (tensor, (module, call))
@@ -274,11 +299,12 @@ def _probe_pass(model, x, call):
             handles.append(module.register_forward_hook(after(name)))
     try:
         with evaluation(model), hook_errors():
-            out = first_tensor(call(model, x))
+            out = call(model, x)
+            first_tensor(out)  # an output holding no tensor is refused here
     finally:
         for handle in handles:
             handle.remove()
-    return seen, calls, tuple(out.shape[1:])
+    return seen, calls, out
 
 
 def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:

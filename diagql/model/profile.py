@@ -4,18 +4,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from diagql.errors import DiagQLError, ExecutionError
+from diagql.errors import DiagQLError, DiagQLWarning, ExecutionError
 from diagql.model import auxiliaries as aux
 from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource, call_model, to_device
-from diagql.model.hooks import Hooks, evaluation, first_tensor
+from diagql.model.hooks import Hooks, evaluation
 from diagql.model.same_rows import SameRows, comparisons, fan_out
-from diagql.model.scores import classes_of, probabilities
+from diagql.model.scores import Scores, classes_of, one_vector, sigmoid_applied
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -163,14 +164,16 @@ def _views(text) -> dict:
 
 def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_input: bool,
                     device: torch.device, dtype: torch.dtype, batch_size: int,
-                    progress: Progress, view: View | None = None, catalog=None) -> Profile:
+                    progress: Progress, view: View | None = None, catalog=None,
+                    scores: Scores | None = None) -> Profile:
     """One forward pass over every item, hooking the latent layer: its input, or its output
     read through ``view`` (a query's view of it, so a sequence layer's latent vector is each
     item's mean over its real tokens).
 
     With the ``catalog``, the same pass finds the layers whose rows equal the latent or the
     logits for every item (compared exactly, batch by batch), and keeps the logits, so that
-    queries on those layers need no forward pass (docs/ARCHITECTURE.md, "Data model")."""
+    queries on those layers need no forward pass (docs/ARCHITECTURE.md, "Data model").
+    ``scores``: where the class scores are in the model's output (the catalog's)."""
     n = len(source)
     if n == 0:
         raise DiagQLError("the data set is empty")
@@ -178,7 +181,8 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     views = aux.blocks(model, catalog) if catalog is not None else []
     options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
                "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare,
-               "winners": winners_module.views(catalog, n) if catalog is not None else []}
+               "winners": winners_module.views(catalog, n) if catalog is not None else [],
+               "scores": scores or Scores()}
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
         if not views:
@@ -222,15 +226,18 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                  batch_size: int, advance, view: View | None = None,
                  compare: tuple = ((), (), False),
                  project: aux.BlockProjector | None = None,
-                 winners: list[View] | tuple = ()) -> ProfilePart:
+                 winners: list[View] | tuple = (),
+                 scores: Scores | None = None) -> ProfilePart:
     """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
     each batch. ``compare`` (from ``comparisons``): the views compared with the latent and
     with the logits, and whether the logits are kept; ``project``: the blocks' projector
     (a Ray pass's shards get one that projects on directions fitted once: projected_part);
-    ``winners``: the views whose every item's winner it keeps (model/winners.py)."""
+    ``winners``: the views whose every item's winner it keeps (model/winners.py);
+    ``scores``: where the class scores are in the model's output (model/scores.py)."""
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
+    scores = scores or Scores()
     labels = np.empty(n, dtype=np.int64)
     predictions = np.empty(n, dtype=np.int64)
     confidence = np.empty(n, dtype=np.float64)
@@ -260,10 +267,10 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             hooks.start(x, len(idx))
             compared.start(x, len(idx))
             captured.clear()
-            logits = _logits(call_model(model, x))
+            logits = _logits(scores.read(call_model(model, x)))
             if latent is not None:
                 hooks.check_ran()
-            conf, pred = probabilities(logits).max(dim=1)
+            conf, pred = scores.probabilities_of(logits).max(dim=1)
             batch = slice(position, position + len(idx))
             if y is None:
                 has_labels = False
@@ -389,6 +396,9 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     if all(part.logits is not None for part in parts):
         logits = _join([part.logits for part in parts])
     winners = _in_all([part.winners for part in parts], _join)
+    notice = sigmoid_applied(logits)
+    if notice is not None:  # SHOW PROFILE notes it too
+        warnings.warn(notice, DiagQLWarning, stacklevel=2)
     return Profile(labels, predictions, _join([part.confidence for part in parts]),
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
                    has_labels, logits, latent_views,
@@ -432,8 +442,8 @@ def _check_labels(labels: np.ndarray, n_classes: int) -> None:
                           f"{len(outside):,} of {len(labels):,} items have such labels")
 
 
-def _logits(output) -> torch.Tensor:
-    logits = first_tensor(output)
+def _logits(logits: torch.Tensor) -> torch.Tensor:
+    logits = one_vector(logits)
     if logits.ndim == 1:  # a binary classifier's squeezed logit: one per item
         logits = logits[:, None]
     if logits.ndim != 2:

@@ -1,10 +1,18 @@
-"""What a model's class scores mean: how many classes an output of a given shape scores, and
-each class's probability (softmax, or a sigmoid for one logit: a binary classifier)."""
+"""What a model's class scores mean: where they are in what its forward returns (``Scores``:
+the user's ``scores=`` choice or the default one), how many classes they score, and each
+class's probability (softmax, or a sigmoid for one logit: a binary classifier)."""
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from diagql.errors import DiagQLError
+
+# What to pass when the default cannot decide (connect's argument, the CLI's flag).
+_OPTION = "scores= (connect) or --scores (the command line)"
 
 
 def classes_of(shape: tuple[int, ...]) -> int:
@@ -17,6 +25,31 @@ def classes_of(shape: tuple[int, ...]) -> int:
     return 2 if shape in ((), (1,)) else shape[0]
 
 
+def one_vector(scores: torch.Tensor) -> torch.Tensor:
+    """The scores as one vector per item: an output of shape (batch, 1, C) or (batch, C, 1)
+    holds C scores per item, whose singleton axes say nothing, so it is (batch, C); an output
+    with two axes longer than 1 per item is left as it is (``classes_of`` refuses it)."""
+    if scores.ndim > 2 and sum(size > 1 for size in scores.shape[1:]) <= 1:
+        return scores.reshape(scores.shape[0], -1)
+    return scores
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a row of probabilities of ``dtype`` may sum: each rounding is at most
+    half an ulp of its value, so the sum's error is under eps (twice that for headroom)."""
+    return max(1e-3, 2 * torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-3
+
+
+def are_probabilities(scores: torch.Tensor) -> bool:
+    """Whether (batch, classes) scores, two classes or more, are all >= 0 with every row
+    summing to 1: the output of a softmax, not logits (a batch of logits that did so would
+    be a coincidence of every row)."""
+    if scores.ndim != 2 or scores.shape[1] < 2 or not scores.is_floating_point():
+        return False
+    p = scores.detach().to(torch.float64)
+    return bool((p >= 0).all() and ((p.sum(dim=1) - 1).abs() <= tolerance(scores.dtype)).all())
+
+
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Each class's probability, float64: the softmax of the scores, or for one logit
     (a binary classifier) the sigmoid's (1 - p, p), so class 1 wins where the logit is > 0."""
@@ -25,3 +58,213 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(logits)
         return torch.cat([1 - p, p], dim=1)
     return torch.softmax(logits, dim=1)
+
+
+# --- where the scores are --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Where the class scores are in a model's output (docs/ARCHITECTURE.md, "Data model"):
+    the output itself (``at`` None), its entry ``at`` (a position of a tuple, list, dict or
+    dataclass, or a key, field or attribute), or what the user's function ``pick`` makes of
+    it. ``refusal``: why the default could not decide, raised when the scores are read."""
+
+    at: int | str | None = None
+    pick: Callable | None = None
+    given: bool = False  # the user's choice, not the default's
+    refusal: str | None = None
+    why: str = ""  # how the default decided, for SHOW MODELS
+    # Every probed item's scores were >= 0 and summed to 1: the model returns probabilities
+    # (a softmax applied), which are their own confidence (``probabilities_of``).
+    probabilities: bool = False
+
+    @classmethod
+    def of(cls, choice) -> Scores:
+        """The user's ``scores=`` choice: an int position, a str key, or a callable."""
+        if isinstance(choice, bool) or not (isinstance(choice, (int, str)) or callable(choice)):
+            raise DiagQLError(f"scores= takes a position (int), a key (str) or a function of "
+                              f"the model's output, not {choice!r}")
+        if isinstance(choice, str) and not choice:
+            raise DiagQLError("scores= takes a key, not an empty text")
+        if callable(choice) and not isinstance(choice, (int, str)):
+            return cls(pick=choice, given=True)
+        return cls(at=choice, given=True)
+
+    def key(self) -> list:
+        """A place as a cache key part (a function is keyed by its fingerprint instead:
+        session/artifacts.py)."""
+        return ["given" if self.given else "default", self.at]
+
+    def text(self) -> str:
+        """Where, as SHOW MODELS writes it: ``output``, ``output[1]``, ``output['logits']``."""
+        if self.refusal is not None:
+            return "undecided: pass scores="
+        if self.pick is not None:
+            return f"{getattr(self.pick, '__name__', type(self.pick).__name__)}(output)"
+        return "output" if self.at is None else f"output[{self.at!r}]"
+
+    def probabilities_of(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each class's probability, float64, from a batch's scores (batch, classes): the
+        scores themselves for a model that returns probabilities (a softmax of them would
+        flatten every confidence towards 1/C), else ``probabilities``. A batch whose rows are
+        not probabilities after all is refused rather than read either way."""
+        if not self.probabilities:
+            return probabilities(logits)
+        p = logits.to(torch.float64)
+        bad = ~((p >= 0).all(dim=1) & ((p.sum(dim=1) - 1).abs() <= tolerance(logits.dtype)))
+        bad &= ~p.isnan().any(dim=1)  # NaN scores are reported as such (SHOW PROFILE)
+        if bad.any():
+            row = int(bad.nonzero()[0, 0])
+            raise DiagQLError(f"the model's scores were probabilities (>= 0, summing to 1) for "
+                              f"the probed items, but not for the {row + 1}th item of a batch "
+                              f"(they sum to {float(p[row].sum()):.4g}); return logits, or pass "
+                              f"scores= a function giving them")
+        return p
+
+    def read(self, output) -> torch.Tensor:
+        """The class scores in one call's ``output``: (batch, classes) or (batch,)."""
+        if self.refusal is not None:
+            raise DiagQLError(self.refusal)
+        if self.pick is not None:
+            try:
+                found = self.pick(output)
+            except Exception as exc:  # the user's function: say so
+                raise DiagQLError(f"the scores= function failed on the model's output: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            what = f"the scores= function returned {_describe(found)}"
+        elif self.at is None:
+            found, what = output, f"the model returned {_describe(output)}"
+        else:
+            found = entry(output, self.at)
+            what = f"output[{self.at!r}] is {_describe(found)}"
+        if not isinstance(found, torch.Tensor):
+            hint = "" if self.given else f"; name the scores with {_OPTION}"
+            raise DiagQLError(f"{what}, where DiagQL expected the class scores, a tensor{hint}")
+        if not found.is_floating_point():
+            raise DiagQLError(_not_scores(found))
+        return found
+
+
+def entry(output, at):
+    """``output``'s entry ``at``: a position of a tuple, list, dict or dataclass, or a key,
+    field or attribute. A DiagQLError names what the output holds when it has no such entry."""
+    entries = _entries(output)
+    if isinstance(at, int):
+        if entries is not None and -len(entries) <= at < len(entries):
+            return entries[at][1]
+    elif isinstance(output, Mapping):
+        if at in output:
+            return output[at]
+    elif hasattr(output, at):
+        return getattr(output, at)
+    held = "nothing" if entries is None else ", ".join(
+        f"{name} {_describe(value)}" for name, value in entries) or "nothing"
+    raise DiagQLError(f"scores={at!r}: the model's output ({_describe(output)}) has no entry "
+                      f"{at!r}; it holds {held}")
+
+
+def _entries(output) -> list[tuple[str, object]] | None:
+    """(name, value) of each entry of a tuple, list, dict or dataclass output, in order."""
+    if isinstance(output, Mapping):
+        return [(repr(key), value) for key, value in output.items()]
+    if isinstance(output, (tuple, list)):
+        return [(f"[{i}]", value) for i, value in enumerate(output)]
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        return [(repr(f.name), getattr(output, f.name)) for f in dataclasses.fields(output)]
+    return None
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _not_scores(found: torch.Tensor) -> str:
+    return (f"the model's output is {str(found.dtype).removeprefix('torch.')} values of "
+            f"per-item shape {tuple(found.shape[1:])}, not class scores: DiagQL needs a score "
+            f"per class (logits or probabilities) to predict and to say how confident; return "
+            f"them, or name them with {_OPTION}")
+
+
+def candidates(output, batch: int) -> list[tuple[int | str, tuple[int, ...]]]:
+    """The entries of a tuple, list, dict or dataclass output that could be class scores:
+    floating tensors of one vector (or one value) per item. Each as (position or key, the
+    per-item shape); a dict's and a dataclass's by key, a tuple's (namedtuple too) by
+    position."""
+    found = []
+    if isinstance(output, Mapping):
+        named = list(output.items())
+    elif isinstance(output, (tuple, list)):
+        named = list(enumerate(output))
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        named = [(f.name, getattr(output, f.name)) for f in dataclasses.fields(output)]
+    else:
+        return []
+    for at, value in named:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                and not value.is_nested and value.ndim >= 1 and value.shape[0] == batch:
+            shape = tuple(one_vector(value).shape[1:])
+            if len(shape) <= 1:
+                found.append((at, shape))
+    return found
+
+
+def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Scores:
+    """Where the default finds the scores in ``output`` (one call's, of ``batch`` items).
+
+    A tensor is the scores; so is the ``logits`` entry of a Hugging Face output or a dict.
+    Otherwise the entries that could be scores (``candidates``): one is the scores; several
+    of one per-item shape (Inception's (logits, aux)) are the first, the main head by
+    convention; several of different shapes are the one that scores as many classes as the
+    labels need (``label_classes()``: the largest label + 1, at least 2; None without
+    labels), or the first of several such of one shape. Anything else is a refusal naming
+    the candidates: never a guess."""
+    if isinstance(output, torch.Tensor):
+        # Class indices or flags are no scores: read as logits, their argmax and confidence
+        # would be made up. Refused when read, so that the layers are still listed.
+        return Scores() if output.is_floating_point() else Scores(refusal=_not_scores(output))
+    logits = output.get("logits") if isinstance(output, Mapping) else \
+        getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return Scores("logits")
+    found = candidates(output, batch)
+    listed = "; ".join(f"output[{at!r}] of per-item shape {shape}" for at, shape in found)
+    if not found:
+        # No vector per item: the catalog still lists the layers; reading the scores refuses.
+        return Scores(refusal=f"the model's output ({_describe(output)}) holds no vector of "
+                              f"class scores per item; name them with {_OPTION} (a position, "
+                              f"a key, or a function of the output)")
+    if len({shape for _, shape in found}) == 1:
+        why = "its one vector per item" if len(found) == 1 else "the first of equal widths"
+        return Scores(found[0][0], why=why)
+    needed = label_classes()
+    if needed is not None:
+        classes = max(needed, 2)
+        fits = [(at, shape) for at, shape in found if classes_of(shape) == classes]
+        # Fits of different shapes (a binary model's (batch,) loss beside its (batch, 2)
+        # logits) are as plausible as each other: no guess.
+        if fits and len({shape for _, shape in fits}) == 1:
+            return Scores(fits[0][0], why="as wide as the labels need")
+        reason = (f"{'several are' if fits else 'none is'} as wide as the labels' {classes} "
+                  f"classes")
+    else:
+        reason = "the data has no labels to tell them apart"
+    return Scores(refusal=f"the model's output holds several vectors per item that could be "
+                          f"its class scores ({listed}) and {reason}; name the scores with "
+                          f"{_OPTION}")
+
+
+def sigmoid_applied(logits) -> str | None:
+    """A notice when one score per item (a binary classifier's logit) lies in [0, 1] for every
+    item: most likely a probability (a sigmoid applied), which read as a logit predicts class 1
+    for every item above 0. Not refused: logits may all lie there. None otherwise."""
+    if logits is None or logits.ndim != 2 or logits.shape[1] != 1 or not len(logits):
+        return None
+    if not (logits.min() >= 0 and logits.max() <= 1):
+        return None
+    return ("the model's one score per item lies in [0, 1] for every item: DiagQL reads it as "
+            "a logit (class 1 where it is > 0); if it is a probability (a sigmoid applied), "
+            "pass scores=lambda out: torch.logit(out)")

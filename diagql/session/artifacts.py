@@ -13,15 +13,19 @@ import time
 import warnings
 from typing import Callable, TypeVar
 
+from torch import nn
+
 from diagql import samplers
 from diagql.engine import covariates, executor
 from diagql.errors import BindError, DiagQLWarning
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import auxiliaries, hooks, layers, profile as profile_module, same_rows, views, winners
+from diagql.model import scores
 from diagql.model.data import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, probe
 from diagql.model.profile import Profile, compute_profile
+from diagql.model.scores import Scores
 from diagql.samplers import space
 from diagql.storage.fingerprint import (Unfingerprintable, cache_key, model_fingerprint,
                                         source_digest)
@@ -59,7 +63,7 @@ class Artifacts:
         self.catalog: LayerCatalog | None = None
         self.profile: Profile | None = None
         self.samples: dict[str, samplers.Sample] = {}  # by sampler spec
-        self._fingerprints: tuple[str, str] | None = None
+        self._fingerprints: tuple[str, str, object] | None = None
         # "model" / "data" -> why it cannot be fingerprinted, so its artifacts stay in memory.
         self.memory_only: dict[str, str] = {}
         self._fingerprinted = False
@@ -69,7 +73,15 @@ class Artifacts:
     def _probe(self) -> LayerCatalog:
         conn = self.conn
         return probe(conn.model, conn.source, lambda x: to_device(x, conn.device, conn.dtype),
-                     call_model)
+                     call_model, conn.given_scores, conn.progress)
+
+    def scores(self, catalog: LayerCatalog) -> Scores:
+        """Where the class scores are in the model's output, as the probe found them (a
+        function given as scores= is not in a catalog read from disk: it is given again)."""
+        given = self.conn.given_scores
+        if given is not None and given.pick is not None and catalog.scores.pick is None:
+            return dataclasses.replace(catalog.scores, pick=given.pick)
+        return catalog.scores
 
     def get_catalog(self) -> LayerCatalog:
         if self.catalog is None:
@@ -159,13 +171,15 @@ class Artifacts:
                                        dtype=conn.dtype, progress=conn.progress,
                                        compare=compare,
                                        blocks=auxiliaries.blocks(conn.model, catalog),
-                                       winners=winners.views(catalog, len(conn.source)))
+                                       winners=winners.views(catalog, len(conn.source)),
+                                       scores=self.scores(catalog))
+        catalog = self.catalog or self._probe()
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
             # The catalog as it is, or probed (three items) for the pass alone: a profile
             # loaded from disk needs none, and one computed touches no other cache entry.
-            view=view, catalog=self.catalog or self._probe())
+            view=view, catalog=catalog, scores=self.scores(catalog))
 
     def get_sample(self, sampler: samplers.Sampler) -> tuple[samplers.Sample, bool]:
         """The sampler's sample and whether it was drawn just now (False: from a cache)."""
@@ -200,16 +214,30 @@ class Artifacts:
 
     # --- cache keys ---------------------------------------------------------------------------
 
-    def fingerprints(self) -> tuple[str, str] | None:
-        """(model, data) digests, hashed once; None when either cannot be hashed completely
-        (``memory_only`` says why) or the cache is off."""
+    def _scores_digest(self):
+        """The user's choice of the class scores (a function: its digest, as a model
+        attribute's), or the default's, which the data's fingerprint decides."""
+        given = self.conn.given_scores
+        if given is None or given.pick is None:
+            return (given or Scores()).key()
+        holder = nn.Module()
+        holder.scores = given.pick
+        try:
+            return ["function", model_fingerprint(holder)]
+        except Unfingerprintable as exc:
+            raise Unfingerprintable(f"the scores= function: {exc}") from None
+
+    def fingerprints(self) -> tuple[str, str, object] | None:
+        """(model, data, scores choice) digests, hashed once; None when one cannot be hashed
+        completely (``memory_only`` says why) or the cache is off."""
         if not self.conn.cache.enabled:
             return None
         if not self._fingerprinted:
             self._fingerprinted = True
             parts = {}
             for what, fingerprint in (("model", lambda: model_fingerprint(self.conn.model)),
-                                      ("data", self.conn.data_digest)):
+                                      ("data", self.conn.data_digest),
+                                      ("scores", self._scores_digest)):
                 try:
                     parts[what] = fingerprint()
                 except Unfingerprintable as exc:
@@ -219,7 +247,7 @@ class Artifacts:
                 warnings.warn(f"the model is cached in memory only: {self.memory_only['model']}",
                               DiagQLWarning, stacklevel=4)
             if not self.memory_only:
-                self._fingerprints = (parts["model"], parts["data"])
+                self._fingerprints = (parts["model"], parts["data"], parts["scores"])
         return self._fingerprints
 
     def profile_key(self) -> str | None:
@@ -233,6 +261,7 @@ class Artifacts:
         device = conn.device.type if conn.engine is None else conn.engine.device_type()
         return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
                          device, source_digest(profile_module), source_digest(views),
+                         source_digest(scores),  # where the class scores are read
                          source_digest(layers),  # which layers hold the same rows: the catalog
                          source_digest(auxiliaries),  # the blocks' projections
                          source_digest(winners),  # every layer's winners
@@ -247,7 +276,7 @@ class Artifacts:
         if fingerprints is None:
             return None
         return cache_key("catalog", *fingerprints, str(self.conn.dtype), self.conn.device.type,
-                         source_digest(layers), source_digest(views))
+                         source_digest(layers), source_digest(views), source_digest(scores))
 
     def auxiliary_key(self, profile_key: str, view_key: str) -> str:
         """The key of a block's auxiliary: its profile's, and the block's view."""

@@ -24,6 +24,7 @@ from diagql.model.data import ItemSource
 from diagql.model.hooks import hookable
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
+from diagql.model.scores import Scores
 from diagql.progress import Progress
 from diagql.results.result import Result
 from diagql.session import scripts
@@ -43,7 +44,8 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
             device=None, latent: str | None = None, cache_dir=None, cache_limit=None,
             progress: bool | None = None, label_key: str | None = None,
             checkpoints=None, tokenizer=None, engine: str = "local",
-            ray_address: str | None = None, ray_workers: int | None = None) -> "Connection":
+            ray_address: str | None = None, ray_workers: int | None = None,
+            scores=None) -> "Connection":
     """Connect a PyTorch model (or several) to a data set, labelled or not.
 
     ``model`` is one ``nn.Module`` (named ``model``), or a mapping of names to modules over the
@@ -96,6 +98,15 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     TensorDataset, or a DataLoader over one are cached in memory only (SHOW CACHE says why).
     Pass ``cache_dir=False`` if forward() reads state that these do not cover (globals, files).
 
+    ``scores`` says where the class scores are in what the model's forward returns (for every
+    model of the connection): a position in a tuple or list (``scores=1`` for
+    ``(features, logits)``), a key or attribute of a dict, dataclass or Hugging Face output
+    (``scores="logits"``), or a function of the output that returns them (CLI: ``--scores``,
+    a position or a key). By default a tensor is the scores, so is the ``logits`` entry of
+    an output; of several vectors per item, the one as wide as the labels need (several as
+    wide: the first); anything else is refused, naming the candidates (docs/ARCHITECTURE.md,
+    "Data model"). SHOW MODELS says where they were found.
+
     ``tokenizer`` shows text items (TOPK k INPUTS) as tokens instead of token ids: a Hugging
     Face tokenizer, or a vocabulary (a sequence or mapping from id to token).
 
@@ -115,7 +126,7 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     conn = Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
                       label_key=label_key, checkpoints=checkpoints, engine=engine,
-                      ray_address=ray_address, ray_workers=ray_workers)
+                      ray_address=ray_address, ray_workers=ray_workers, scores=scores)
     conn.tokenizer = tokenizer
     return conn
 
@@ -127,7 +138,7 @@ class Connection:
                  batch_size: int | None = None, device=None, latent: str | None = None,
                  cache_dir=None, cache_limit=None, progress: bool | None = None,
                  label_key: str | None = None, checkpoints=None, engine: str = "local",
-                 ray_address: str | None = None, ray_workers: int | None = None):
+                 ray_address: str | None = None, ray_workers: int | None = None, scores=None):
         self.engine = None  # a RayEngine, or None: passes run in this process
         if model is not None:
             if engine == "ray" and checkpoints is not None:
@@ -139,6 +150,8 @@ class Connection:
                                                    ray_address=ray_address,
                                                    ray_workers=ray_workers)
         self.settings = Settings()
+        # The user's choice of the class scores in the models' output (None: the default's).
+        self.given_scores = None if scores is None else Scores.of(scores)
         if batch_size is not None:
             self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
         self.settings.latent = latent

@@ -42,7 +42,7 @@ def run_top_inputs(conn, query: ast.TopInputs) -> Result:
 def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
     started = time.perf_counter()
     bound = bind_inputs(query, conn.catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
-                        n_items=len(conn.source))
+                        n_items=len(conn.source), has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
     profile = conn.profile
     profiled_at = time.perf_counter()

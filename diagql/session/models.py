@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 
 from diagql.engine.executor import Runner, row_dtype
-from diagql.errors import BindError
+from diagql.errors import BindError, DiagQLError
 from diagql.language import ast
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
@@ -82,6 +82,11 @@ class ModelEntry:
         return self.conn.counters
 
     @property
+    def given_scores(self):
+        """The user's choice of where the class scores are (None: the default's)."""
+        return self.conn.given_scores
+
+    @property
     def engine(self):
         """The connection's RayEngine bound to this model (None: passes run here)."""
         return None if self.conn.engine is None else self.conn.engine.on(self.name)
@@ -110,7 +115,19 @@ class ModelEntry:
 
     @property
     def n_classes(self) -> int:
-        return classes_of(self.catalog.output_shape)
+        catalog = self.catalog
+        if catalog.scores.refusal is not None and self.given_scores is None:
+            raise DiagQLError(catalog.scores.refusal)
+        return classes_of(catalog.output_shape)
+
+    def scores_text(self) -> str:
+        """Where the class scores are in the model's output, and how many classes they score."""
+        catalog = self.catalog
+        scores = self.artifacts.scores(catalog)
+        if scores.refusal is not None:
+            return scores.text()
+        why = "scores=" if scores.given else scores.why
+        return f"{scores.text()}: {self.n_classes} classes" + (f" ({why})" if why else "")
 
     @property
     def profile(self) -> Profile:

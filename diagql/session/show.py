@@ -8,6 +8,7 @@ import numpy as np
 from diagql import samplers
 from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
+from diagql.model.scores import sigmoid_applied
 from diagql.model.views import SEQUENCE, View
 from diagql.results.result import Result
 
@@ -20,7 +21,8 @@ def show(conn, statement: ast.Show) -> Result:
 
 def _models(conn, statement) -> Result:
     """Every model of the connection: its class, size, weights and accuracy on the data (from
-    its profile: one pass per model, kept like any profile)."""
+    its profile: one pass per model, kept like any profile), and where its class scores are
+    in its output."""
     conn.require_model()
     current = conn.current
     rows = []
@@ -29,9 +31,11 @@ def _models(conn, statement) -> Result:
         profile = entry.profile
         accuracy = f"{float(profile.correct.mean()):.1%}" if profile.has_labels else "no labels"
         rows.append((name, type(module).__name__, f"{sum(p.numel() for p in module.parameters()):,}",
-                     entry.describe_weights(), accuracy, "*" if entry is current else ""))
+                     entry.describe_weights(), accuracy, "*" if entry is current else "",
+                     entry.scores_text()))
     return Result(kind="table", statement=statement.text,
-                  columns=["model", "class", "parameters", "weights", "accuracy", "default"],
+                  columns=["model", "class", "parameters", "weights", "accuracy", "default",
+                           "scores"],
                   rows=rows, title=f"{len(rows)} model{'s' if len(rows) != 1 else ''} over "
                                    f"{len(conn.source):,} items (SET model = name changes the "
                                    f"default)")
@@ -142,6 +146,9 @@ def _profile(conn, statement) -> Result:
         notes.append(f"{len(unscored):,} items have NaN or infinite class scores (the first is "
                      f"item {int(unscored[0])}): their predictions are arbitrary, yet counted "
                      f"here and by WHERE correct")
+    notice = sigmoid_applied(profile.logits)
+    if notice is not None:
+        notes.append(notice)
     return Result(kind="table", statement=statement.text,
                   columns=["class", "items", "accuracy", *(str(c) for c in classes)], rows=rows,
                   title=title, notes=notes)

@@ -46,7 +46,7 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     catalog = entry.catalog  # probed once per model and data, like the profile
     started, probe_seconds = time.perf_counter(), time.perf_counter() - started
     bound = bind_query(query, catalog, n_classes=entry.n_classes, seed=conn.settings.seed,
-                       n_items=len(conn.source))
+                       n_items=len(conn.source), has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
     # After binding, so that a mistake costs no pass over the data (sources() says whose).
     profile = src.reader.profile
@@ -128,7 +128,8 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
     statement = replace(statement, layers=tuple(ref for _, ref in resolved), source=source)
     bound = bind_similarity(statement, entry.catalog, n_classes=entry.n_classes,
                             seed=conn.settings.seed, n_items=len(conn.source),
-                            catalogs=[own.catalog for own, _ in resolved])
+                            catalogs=[own.catalog for own, _ in resolved],
+                            has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
     profile = entry.profile  # after binding, so that a mistake costs no pass over the data
     profiled_at = time.perf_counter()

@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--label-key", metavar="KEY",
                         help="the key under which the data's mapping items hold their labels "
                              "(default: labels, label, y, target or targets)")
+    source.add_argument("--scores", metavar="POSITION|KEY", type=_scores_arg,
+                        help="where the class scores are in what the model returns: a position "
+                             "in a tuple (1 for (features, logits)) or a key of a dict or "
+                             "output object (default: the output, its logits, or the one "
+                             "vector per item as wide as the labels need)")
     source.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
                         help=f"items per forward pass (default {defaults.batch_size})")
     source.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the model's)")
@@ -107,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--checkpoint needs --model or --demo")
     if args.label_key and not args.data:
         parser.error("--label-key needs --data")
+    if args.scores is not None and not args.model:
+        parser.error("--scores needs --model")
     if args.no_cache and args.cache_dir:
         parser.error("--cache-dir and --no-cache contradict each other")
     if args.batch_size < 1:
@@ -266,12 +273,20 @@ def _open(args):
 
             return connect(functools.partial(load_models, args.model, args.weights),
                            functools.partial(load_data, args.data), label_key=args.label_key,
-                           **options)
+                           scores=args.scores, **options)
         return connect(load_models(args.model, args.weights), load_data(args.data),
-                       label_key=args.label_key, **options)
+                       label_key=args.label_key, scores=args.scores, **options)
     conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size
     return conn
+
+
+def _scores_arg(text: str) -> int | str:
+    """--scores: a whole number is a position, anything else a key."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _print_error(err, exc, name: str | None) -> None:

@@ -1,0 +1,292 @@
+"""Where the class scores are in a model's output (model/scores.py): the default's choice and
+the user's ``scores=``, checked against predictions, confidence and correctness computed by
+hand from the right tensor in plain torch."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diagql
+from diagql.errors import DiagQLError
+
+N, D, WIDE, CLASSES = 120, 6, 16, 5
+Pair = collections.namedtuple("Pair", ["features", "logits"])
+
+
+@dataclasses.dataclass
+class Out:
+    features: torch.Tensor
+    scores: torch.Tensor
+
+
+class TwoHeads(nn.Module):
+    """Features (WIDE per item) and logits (CLASSES per item), returned in form ``form``."""
+
+    def __init__(self, form: str = "features-logits"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(D, WIDE), nn.Linear(WIDE, CLASSES)
+        self.form = form
+
+    def forward(self, x):
+        f = torch.relu(self.body(x))
+        z = self.head(f)
+        return {"features-logits": lambda: (f, z), "logits-features": lambda: [z, f],
+                "dict": lambda: {"emb": f, "out": z}, "namedtuple": lambda: Pair(f, z),
+                "dataclass": lambda: Out(f, z)}[self.form]()
+
+
+def data(labels: bool = True):
+    torch.manual_seed(1)
+    X = torch.randn(N, D)
+    return X, (torch.arange(N) % CLASSES if labels else None)
+
+
+def by_hand(model: TwoHeads, X: torch.Tensor, y: torch.Tensor, scores: torch.Tensor = None):
+    """Predictions, confidence and correctness from the head's logits, by plain torch."""
+    with torch.no_grad():
+        z = model.head(torch.relu(model.body(X))) if scores is None else scores
+    p = torch.softmax(z.double(), dim=1)
+    return p.argmax(1).numpy(), p.max(1).values.numpy(), (p.argmax(1) == y).numpy()
+
+
+def check(conn, truth) -> None:
+    predictions, confidence, correct = truth
+    profile = conn.profile
+    assert np.array_equal(profile.predictions, predictions)
+    np.testing.assert_allclose(profile.confidence, confidence, rtol=1e-6)
+    assert np.array_equal(profile.correct, correct)
+    assert conn.n_classes == CLASSES
+
+
+@pytest.mark.parametrize("form", ["features-logits", "logits-features", "dict", "namedtuple",
+                                  "dataclass"])
+def test_the_default_takes_the_vector_as_wide_as_the_labels_need(form):
+    model, (X, y) = TwoHeads(form), data()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    check(conn, by_hand(model, X, y))
+    # WHERE on correctness counts the items the head gets right, not the features' argmax.
+    result = conn.query("AVG NEURONS IN head WHERE correct USING FULL")
+    assert result.n_items == int(by_hand(model, X, y)[2].sum())
+    place = {"features-logits": "output[1]", "logits-features": "output[0]",
+             "dict": "output['out']", "namedtuple": "output['logits']",
+             "dataclass": "output['scores']"}[form]
+    assert conn.query("SHOW MODELS").rows[0][6].startswith(f"{place}: {CLASSES} classes")
+
+
+@pytest.mark.parametrize("choice", [1, "logits", lambda out: out.logits],
+                         ids=["position", "key", "function"])
+def test_scores_given_as_a_position_a_key_or_a_function(choice):
+    model, (X, y) = TwoHeads("namedtuple"), data(labels=False)  # no labels: the default refuses
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False, scores=choice)
+    predictions, confidence, _ = by_hand(model, X, torch.zeros(N))
+    assert np.array_equal(conn.profile.predictions, predictions)
+    np.testing.assert_allclose(conn.profile.confidence, confidence, rtol=1e-6)
+    assert "(scores=)" in conn.query("SHOW MODELS").rows[0][6]
+
+
+def test_a_given_choice_may_be_what_the_default_would_not_take():
+    model, (X, y) = TwoHeads(), data()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False, scores=0)
+    with torch.no_grad():
+        features = torch.relu(model.body(X))
+    assert conn.n_classes == WIDE
+    assert np.array_equal(conn.profile.predictions, features.double().argmax(1).numpy())
+
+
+def test_several_candidates_and_nothing_to_decide_is_refused_naming_them():
+    model, (X, _) = TwoHeads(), data(labels=False)
+    conn = diagql.connect(model, (X, None), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError) as info:
+        conn.query("AVG NEURONS IN head")
+    message = str(info.value)
+    assert f"output[0] of per-item shape ({WIDE},)" in message
+    assert f"output[1] of per-item shape ({CLASSES},)" in message and "scores=" in message
+    assert conn.query("SHOW LAYERS").rows  # the layers are still listed
+    # Labels that no candidate is as wide as decide nothing either.
+    few = diagql.connect(model, (X, torch.arange(N) % 3), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="none is as wide as the labels' 3 classes"):
+        _ = few.profile
+
+
+@pytest.mark.parametrize("choice, message", [
+    (5, r"scores=5: the model's output \(a tuple\) has no entry 5; it holds \[0\] a tensor"),
+    ("logits", "has no entry 'logits'"),
+    (lambda out: out[0].tolist(), "the scores= function returned a list"),
+    (True, "scores= takes a position"),
+])
+def test_a_choice_that_does_not_fit_the_output_is_refused(choice, message):
+    X, y = data()
+    with pytest.raises(DiagQLError, match=message):
+        _ = diagql.connect(TwoHeads(), (X, y), cache_dir=False, progress=False,
+                           scores=choice).profile
+
+
+def test_a_cached_profile_is_not_reused_under_another_choice(tmp_path):
+    model, (X, y) = TwoHeads(), data()
+    with torch.no_grad():
+        features = torch.relu(model.body(X))
+    for _ in range(2):  # the second round reads both from the cache
+        for choice, truth in ((0, features), (1, None), (lambda out: -out[1], None)):
+            conn = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False,
+                                  scores=choice)
+            if callable(choice):
+                with torch.no_grad():
+                    truth = -model.head(features)
+            predictions = by_hand(model, X, y, truth)[0]
+            assert np.array_equal(conn.profile.predictions, predictions)
+            conn.cache.flush()
+
+
+def test_the_command_line_takes_scores_as_a_position_or_a_key(capsys):
+    from diagql.shell.cli import main
+
+    args = ["--model", "tests.test_scores:named", "--data", "tests.test_scores:data",
+            "--no-cache", "--no-progress", "--format", "json", "-e", "SHOW MODELS"]
+    for flag, place in (("1", "output[1]"), ("logits", "output['logits']")):
+        assert main([*args[:4], "--scores", flag, *args[4:]]) == 0
+        shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert shown["rows"][0][shown["columns"].index("scores")].startswith(f"{place}: {CLASSES} classes (scores=)")
+
+
+def named() -> TwoHeads:
+    return TwoHeads("namedtuple")
+
+
+class Shaped(nn.Module):
+    """A head whose logits come back with a singleton axis: (N, 1, C) or (N, C, 1)."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.axis = nn.Linear(D, CLASSES), axis
+
+    def forward(self, x):
+        return self.head(x).unsqueeze(self.axis)
+
+
+@pytest.mark.parametrize("axis", [1, 2], ids=["N,1,C", "N,C,1"])
+def test_scores_with_a_singleton_axis_are_one_vector_per_item(axis):
+    model, (X, y) = Shaped(axis), data()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        truth = by_hand(model, X, y, model.head(X))
+    check(conn, truth)
+
+
+class Post(nn.Module):
+    """A head followed by ``post`` in forward: a softmax, a log-softmax, a sigmoid."""
+
+    def __init__(self, post, width: int = CLASSES, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.post = nn.Linear(D, width).to(dtype), post
+
+    def forward(self, x):
+        return self.post(self.head(x))
+
+
+@pytest.mark.parametrize("post, dtype", [
+    (lambda z: torch.softmax(z, 1), torch.float32), (lambda z: torch.softmax(z, 1), torch.float16),
+    (lambda z: torch.softmax(z, 1), torch.bfloat16), (lambda z: torch.log_softmax(z, 1), torch.float32),
+], ids=["softmax", "softmax-float16", "softmax-bfloat16", "log-softmax"])
+def test_probabilities_and_log_probabilities_give_the_models_own_confidence(post, dtype):
+    """A softmax of probabilities would flatten every confidence towards 1/C; a softmax of
+    log-probabilities gives them back."""
+    model, (X, y) = Post(post, dtype=dtype), data()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():  # the model's own probabilities, as its dtype holds them
+        out = model.post(model.head(X.to(dtype))).double()
+    p = out.exp() if out.max() <= 0 else out
+    check(conn, (p.argmax(1).numpy(), p.max(1).values.numpy(), (p.argmax(1) == y).numpy()))
+
+
+def test_probabilities_on_the_probe_and_logits_later_are_refused():
+    class Sly(Post):
+        def forward(self, x):  # the probe's batches have at most 3 items
+            z = self.head(x)
+            return torch.softmax(z, 1) if len(x) <= 3 else z
+
+    X, y = data()
+    conn = diagql.connect(Sly(None), (X, y), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="were probabilities .* for the probed items, but not"):
+        _ = conn.profile
+
+
+def test_one_score_in_zero_one_is_noticed_and_read_as_a_probability_when_asked():
+    model, (X, _) = Post(torch.sigmoid, width=1), data()
+    y = torch.arange(N) % 2
+    with pytest.warns(diagql.DiagQLWarning, match=r"lies in \[0, 1\] for every item"):
+        conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+        _ = conn.profile
+    assert any("torch.logit" in note for note in conn.query("SHOW PROFILE").notes)
+    asked = diagql.connect(model, (X, y), cache_dir=False, progress=False,
+                           scores=lambda out: torch.logit(out))
+    with torch.no_grad():
+        p = torch.sigmoid(model.head(X)).double()[:, 0]
+    predicted = (p > 0.5).long()
+    assert np.array_equal(asked.profile.predictions, predicted.numpy())
+    np.testing.assert_allclose(asked.profile.confidence, torch.where(predicted == 1, p, 1 - p),
+                               rtol=1e-5)
+    assert not any("torch.logit" in note for note in asked.query("SHOW PROFILE").notes)
+
+
+@pytest.mark.parametrize("post", [lambda z: z.argmax(1), lambda z: z > 0],
+                         ids=["class-indices", "flags"])
+def test_an_output_of_integers_or_flags_is_no_class_scores(post):
+    """Read as logits, class indices 0/1 would pass for a binary classifier's log-odds."""
+    X, _ = data()
+    conn = diagql.connect(Post(post), (X, torch.arange(N) % 2), cache_dir=False,
+                          progress=False)
+    assert conn.query("SHOW LAYERS").rows  # the layers are still listed
+    with pytest.raises(DiagQLError, match="per-item shape .*, not class scores"):
+        _ = conn.profile
+
+
+def test_two_candidates_that_both_fit_the_labels_are_refused():
+    """A binary model's per-item loss (one value: a logit's shape) beside its two logits."""
+    class LossFirst(Post):
+        def forward(self, x):
+            z = self.head(x)
+            return torch.nn.functional.cross_entropy(z, z.argmax(1), reduction="none"), z
+
+    X, _ = data()
+    model = LossFirst(None, width=2)
+    conn = diagql.connect(model, (X, torch.arange(N) % 2), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"output\[0\] of per-item shape \(\); output\[1\] of "
+                                          r"per-item shape \(2,\)\) and several are as wide"):
+        _ = conn.profile
+    chosen = diagql.connect(model, (X, torch.arange(N) % 2), cache_dir=False, progress=False,
+                            scores=1)
+    with torch.no_grad():
+        assert np.array_equal(chosen.profile.predictions, model.head(X).argmax(1).numpy())
+
+
+class Items(torch.utils.data.Dataset):
+    """(x, y) items one by one: labels DiagQL can only know by reading every item."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.reads = X, y, 0
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.X[i], self.y[i]
+
+
+def test_a_datasets_labels_are_read_once_to_decide():
+    model, (X, y) = TwoHeads(), data()
+    items = Items(X, y)
+    conn = diagql.connect(model, items, cache_dir=False, progress=False)
+    check(conn, by_hand(model, X, y))
+    # At most two probes (the profile's own, then the catalog's) of 1 + 2 + 3 items, every
+    # label once, the profile's pass: the second probe reads no label again.
+    assert items.reads <= 12 + 2 * N
