@@ -12,7 +12,7 @@ from scipy.special import stdtrit
 from torch import nn
 
 import diagql
-from diagql.engine import estimate
+from diagql.engine import estimate, extrapolation
 from diagql.engine.aggregates import MeanState
 from diagql.engine.covariates import covariates
 from diagql.engine import prediction as prediction_module
@@ -149,7 +149,7 @@ def _widening(zb, zl, items, matching, groups, z_pop, n_pop):
     ratio = miss / spread
     if ratio <= 1 + 3 * np.sqrt(2 / checks):
         return 1.0
-    return np.sqrt(1 + prediction_module.BIAS_SHARE * (ratio - 1))
+    return np.sqrt(1 + extrapolation.MINOR_SHARE * (ratio - 1))
 
 
 def test_a_sample_query_on_a_block_is_the_known_coefficient_estimator(db, cnn, digits):
@@ -203,10 +203,9 @@ def _toy_prediction(rng, width: int, k: int, p: int, n: int):
     return BlockPrediction(aux, p), rows, np.hstack([zl, zb])
 
 
-def test_the_streamed_residual_fit_equals_numpy_on_rows(monkeypatch):
+def test_the_streamed_residual_fit_equals_numpy_on_rows():
     """A mean state's streamed residual sums (float64 rows: ŷ in float64), fitted, against the
     estimator on explicit residual rows in numpy; EVALUATE's lean form agrees."""
-    monkeypatch.setattr(prediction_module, "BIAS_SHARE", 0.0)  # pop_z is no real population's
     rng = np.random.default_rng(0)
     n, width, k, p = 40, 12, 3, 2
     prediction, rows, z = _toy_prediction(rng, width, k, p, n)
@@ -515,24 +514,48 @@ def test_extrapolation_widens_only_where_the_fit_misses_the_known_minor_directio
     extremes extrapolates a line to the middle and misses their known means; a random one
     does not. The factor against the check written out in numpy (``_widening``)."""
     rng = np.random.default_rng(7)
-    N, width, k, p = 4000, 6, 8, 2
+    N, k, p = 4000, 8, 2
     zl = rng.standard_normal((N, p))
     zb = np.hstack([zl[:, :1] * rng.standard_normal(k // 2),
                     zl[:, :1] ** 2 + 0.3 * rng.standard_normal((N, k // 2))])
-    basis = rng.standard_normal((width, k)).astype(np.float32)  # the answer's part: unused
-    aux = auxiliaries.Auxiliary("k", "block", np.zeros(width, np.float32), basis,
-                                zb.astype(np.float32), N)
-    prediction = BlockPrediction(aux, p)
+    check = extrapolation.Check((zb[:, k // 2:],), extrapolation.MINOR_SHARE, "minor")
     items = (rng.choice(N, 300, replace=False) if chosen == "at random"
              else np.flatnonzero(np.abs(zl[:, 0]) > 1.6))
     items.sort()
-    z = np.hstack([zl, zb])
-    state = MeanState(width, covariates=p + k, prediction=prediction)
-    rows = rng.standard_normal((len(items), width))
-    assert state.update(torch.from_numpy(rows), z=torch.from_numpy(z[items]))
-    widened = prediction.extrapolation({None: state}, {None: N}, {None: z.mean(axis=0)})
-    zeros = np.zeros(N, int)
-    expected = _widening(np.hstack([np.zeros((N, 32 - k // 2)), zb]), zl, items, np.arange(N),
-                         zeros, {0: zl.mean(axis=0)}, {0: N})
+    everyone = np.arange(N)
+    widened = extrapolation.widening(check, zl, items, None, everyone, {None: N},
+                                     {None: zl.mean(axis=0)})
+    expected = _widening(np.hstack([np.zeros((N, 32 - k // 2)), zb]), zl, items, everyone,
+                         np.zeros(N, int), {0: zl.mean(axis=0)}, {0: N})
     np.testing.assert_allclose(widened, expected, rtol=1e-9)
     assert (widened > 1.5) if chosen != "at random" else widened == 1.0
+
+
+def test_a_grouped_checks_misses_are_pooled_over_its_groups_and_columns():
+    """GROUP BY: one ratio over every group's columns, each group against its own matching
+    items' means (which the check computes, or takes from the plan's covariate means)."""
+    rng = np.random.default_rng(8)
+    N, p = 3000, 2
+    zl = rng.standard_normal((N, p))
+    keys = rng.integers(0, 3, size=N)
+    known = np.c_[np.abs(zl[:, 0]) + 0.2 * rng.standard_normal(N), zl[:, 1] ** 2]
+    items = np.sort(np.flatnonzero(zl[:, 0] > 1.0))
+    population = {g: int((keys == g).sum()) for g in range(3)}
+    means = {g: zl[keys == g].mean(axis=0) for g in range(3)}
+    widened = extrapolation.widening(extrapolation.Check((known,), 1.0, "known"), zl, items,
+                                     keys, np.arange(N), population, means)
+    fitted = _numpy_assisted(known[items], zl[items], keys[items], means, population, RIDGE)
+    miss = sum(((m - known[keys == g].mean(axis=0)) ** 2).sum() for g, (m, _) in fitted.items())
+    spread = sum((se ** 2).sum() for _, se in fitted.values())
+    np.testing.assert_allclose(widened, np.sqrt(miss / spread), rtol=1e-9)
+    with_offset = extrapolation.Check((known,), 1.0, "known", offset=0)
+    in_plan = {g: np.r_[means[g], known[keys == g].mean(axis=0)] for g in range(3)}
+    assert extrapolation.widening(with_offset, zl, items, keys, np.arange(N), population,
+                                  in_plan) == pytest.approx(widened, rel=1e-12)
+
+
+def test_explain_says_what_the_fit_was_checked_on(db):
+    block = dict(db.query("EXPLAIN AVG NEURONS IN 2 USING SAMPLE random(0.1)").plan.explain())
+    inner = dict(db.query("EXPLAIN AVG NEURONS IN 4 USING SAMPLE random(0.1)").plan.explain())
+    assert "checked on 2's minor directions" in block["estimator"]
+    assert "checked on the principal components of" in inner["estimator"]

@@ -72,7 +72,7 @@ def build_result(plan: Plan, states: dict) -> Result:
     fits = {}
     if plan.approximate and plan.estimator == "assisted" and plan.covariate_means is not None:
         fits = estimate.fit(states, plan.population, plan.covariate_means, plan.prediction,
-                            plan.winner_shares)
+                            plan.winner_shares, plan.widening)
     if query.group_by is None:
         return _single(plan, states.get(None), plan.population[None], fits.get(None))
     result = _single(plan, None, 0)

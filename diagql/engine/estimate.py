@@ -15,6 +15,7 @@ from it without replacement for the expected Jensen-Shannon distance.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -68,13 +69,14 @@ _standard_normals = _Normals()
 
 
 def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
-        winner_shares: dict | None = None) -> dict:
+        winner_shares: dict | None = None, widened: float = 1.0) -> dict:
     """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
     ``population`` and ``covariate_means`` are each group's matching items of the whole data
     and their mean covariates (the plan's); ``prediction``: the view's block prediction
     (engine/prediction.py), whose residual a mean's fit models instead. A view the profile
     holds predicts every item exactly. ``winner_shares``: an ARGMAX's exact shares per group,
-    when the profile knows every item's winner (``Fitted.exact``)."""
+    when the profile knows every item's winner (``Fitted.exact``). ``widened``: the factor
+    the plan's extrapolation check widens a mean's standard errors by (engine/extrapolation.py)."""
     argmax = any(hasattr(state, "counts") for state in states.values())
     if argmax and winner_shares is not None:
         return {key: Fitted(winner_shares[key], np.zeros(state.counts.shape[-1]),
@@ -93,9 +95,11 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
         groups[key] = GroupSums(state.count, total, squares, state.cross, population[key],
                                 covariate_means[key])
     fitted = assisted({key: g for key, g in groups.items() if g.cross is not None})
-    if prediction is None or argmax:
-        return fitted  # an argmax's one-hot winners are not predicted
-    widened = prediction.extrapolation(states, population, covariate_means)
+    if argmax:
+        return fitted  # an argmax's one-hot winners are not predicted (nor checked)
+    if prediction is None:
+        return {key: dataclasses.replace(f, se=f.se * widened, widened=widened)
+                for key, f in fitted.items()}
     return {key: prediction.restore(f, covariate_means[key], widened)
             for key, f in fitted.items()}
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diagql.engine import extrapolation
 from diagql.engine.covariates import Covariates, for_view
 from diagql.engine.groups import group_values
 from diagql.engine.prediction import BlockPrediction
@@ -45,6 +46,9 @@ class Plan:
     # An ARGMAX's exact shares per group key, when the profile knows every item's winner of
     # the view (``winner_shares``): the assisted answer, with no error.
     winner_shares: dict | None = None
+    # The factor the extrapolation check widens a mean's standard errors by (1.0: it found
+    # the fit honest; engine/extrapolation.py).
+    widening: float = 1.0
     # Every item's rows of the view, when the profile holds them (the latent or the logits):
     # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
     profile_rows: np.ndarray | None = None
@@ -159,9 +163,17 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                None if keys is None else keys[matching], population,
                                bound.n_neurons)
         text += "; ARGMAX exact from every item's winner" if shares is not None else ""
+    widening = 1.0
+    check = None if query.aggregate == "argmax" else \
+        extrapolation.check_for(profile, bound.view.layer.name, chosen.auxiliary, chosen.held)
+    if check is not None and len(items):
+        widening = extrapolation.widening(check, z.parts[0], items, keys, matching, population,
+                                          means)
+        text += (f"; checked on {check.what}: " + (f"intervals widened {widening:.2f}x"
+                                                   if widening > 1 else "within its noise"))
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
-                               winner_shares=shares)
+                               winner_shares=shares, widening=widening)
 
 
 def winner_shares(winners: np.ndarray | None, matching: np.ndarray, keys: np.ndarray | None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diagql.engine.regression import CrossSums, Fitted, GroupSums, assisted, corrected_mean
+from diagql.engine.regression import CrossSums, Fitted, GroupSums, corrected_mean
 from diagql.model.auxiliaries import Auxiliary
 
 # The float32 residual's pieces: about 1 MB, which stays in a core's cache while it is
@@ -25,18 +25,6 @@ _PIECE_BYTES = 1 << 20
 # product, n × k × neurons, stops growing with the sample (docs/ARCHITECTURE.md, "Estimates").
 # σ² from 1,024 rows is within 4.4% (one standard error), σ within 2.2%.
 FIT_ROWS = 1024
-
-
-# The share of the minor directions' excess miss (ratio − 1 in ``extrapolation``) that the
-# residual's variance is widened by. The residual beyond k explains less than the block's
-# minor directions and is less tied to the latent, so it carries less of their bias: at 50,000
-# items on the demo and the ResNet (benchmarks/calibration_scale.py) 1.0 left the biased
-# samplers' intervals covering up to 1.00 (error / se 0.61-0.86), 0.5 centred them (0.86-0.98,
-# error / se 0.81-1.30), measured before it was chosen (benchmarks/README.md).
-BIAS_SHARE = 0.5
-# Standard deviations of an honest fit's ratio above which it is taken for a bias: at 2, a
-# random sampler's queries on the tests' small CNN were widened 8-23% of the time (by ≤ 1.47).
-NOISE_SDS = 3.0
 
 
 def fit_rows(codes: np.ndarray | None, n: int, limit: int | None = None) -> np.ndarray | None:
@@ -147,50 +135,9 @@ class BlockPrediction:
             squares = spread + total ** 2 / n
         return GroupSums(n, total, squares, cross, population, population_z[:p])
 
-    def extrapolation(self, states: dict, population: dict, covariate_means: dict) -> float:
-        """How far beyond its own standard errors the latent fit misses what it can be checked
-        on: the block's minor directions (the last half of its k columns z_b), known for every
-        item, whose matching items' means the same fit (pooled slope, ridge) estimates from
-        the same sampled items. The factor √(Σ miss² / Σ se²) over every group and column,
-        from which the residual's standard errors are widened (``BIAS_SHARE``); 1.0 while the
-        ratio is within the noise of an honest fit (≤ 1 + 3√(2/m) for m checks: χ²_m / m), or
-        for a view the profile holds (no residual). A sampler that draws far from the matching items (maxmargin's
-        boundaries, vas's and gmm's outliers) leaves a bias in a linear fit that does not
-        shrink with the sample: at 50,000 items its intervals covered 0.52-0.82 of the
-        neurons (docs/ARCHITECTURE.md, "Estimates")."""
-        if self.predictor.startswith("each item's own"):
-            return 1.0
-        p, groups = self.p, {}
-        for key, state in states.items():
-            if state.count < 2 or getattr(state, "block", None) is None:
-                continue
-            z, zz = state.block.z.numpy(), state.block.zz.numpy()
-            k = len(z) - p
-            minor = slice(p + k // 2, p + k)
-            cross = CrossSums.__new__(CrossSums)
-            cross.z, cross.zz = state.block.z[:p], state.block.zz[:p, :p]
-            cross.zy = state.block.zz[:p, minor]
-            groups[key] = (GroupSums(state.count, z[minor], np.diagonal(zz)[minor].copy(), cross,
-                                     population[key], covariate_means[key][:p]),
-                           covariate_means[key][minor])
-        fitted = assisted({key: sums for key, (sums, _) in groups.items()})
-        miss = spread = 0.0
-        checks = 0
-        for key, f in fitted.items():
-            seen = np.isfinite(f.se) & (f.se > 0)
-            miss += float(np.sum((f.mean[seen] - groups[key][1][seen]) ** 2))
-            spread += float(np.sum(f.se[seen] ** 2))
-            checks += int(seen.sum())
-        if checks == 0 or spread == 0:
-            return 1.0
-        ratio = miss / spread
-        if ratio <= 1 + NOISE_SDS * np.sqrt(2 / checks):
-            return 1.0
-        return float(np.sqrt(1 + BIAS_SHARE * (ratio - 1)))
-
     def restore(self, fitted: Fitted, population_z: np.ndarray, widened: float = 1.0) -> Fitted:
         """The residual's estimate plus the matching items' mean prediction μ + V z̄_b,U, its
-        standard error ``widened`` (``extrapolation``). The prediction is held in float32: its
+        standard error ``widened`` (engine/extrapolation.py). The prediction is held in float32: its
         rounding joins the standard error, which matters only where the projections hold
         nearly all of a block (residuals near 0)."""
         zu = population_z[self.p:]

@@ -1,0 +1,100 @@
+"""The assisted fit checked where the truth is known (docs/ARCHITECTURE.md, "Estimates").
+
+A linear fit on the latent, extrapolated by a sampler that draws far from the matching items
+(maxmargin's boundaries, gmm's and vas's outliers, weighted's mistakes), leaves a bias that
+does not shrink with the sample and that its standard error cannot see. The profile knows
+some of the model's values for every item (the blocks' principal projections): the same fit,
+asked for their matching items' means from the same sampled items, misses them by about its
+own standard errors when it is honest. When it misses by more, the query's standard errors
+widen (``widening``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from diagql.engine.covariates import Covariates
+from diagql.engine.regression import assisted, of_rows
+from diagql.model.profile import Profile
+
+# Standard deviations of an honest fit's ratio (χ²_m / m for m checks: √(2/m)) above which it
+# is taken for a bias: at 2, a random sampler's queries on the tests' small CNN were widened
+# 8-23% of the time (by ≤ 1.47).
+NOISE_SDS = 3.0
+# The share of the check's excess miss (ratio − 1) that the query's variance takes: chosen by
+# measurement on the demo and the ResNet at 50,000 items (benchmarks/README.md, "Issue 15:
+# intervals at scale"). A block's own residual (what its 64 directions miss) is less tied to
+# the latent than its minor directions, and carries about half their excess (1.0 over-covered:
+# error / se 0.61-0.86); a layer fitted on the latent alone is checked on a whole block's
+# projections, whose miss it matches.
+MINOR_SHARE = 0.5
+WHOLE_SHARE = 1.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """Values known for every item that a query's fit is checked on: ``columns`` (parts of
+    N × m), the share of their excess miss the query takes, and what they are (EXPLAIN)."""
+
+    columns: tuple[np.ndarray, ...]
+    share: float
+    what: str
+    # Where the plan already has the columns' matching means: their offset in the plan's
+    # covariate means (a block's own minor directions), else None (computed here).
+    offset: int | None = None
+
+
+def check_for(profile: Profile, layer: str, auxiliary, held: str | None) -> Check | None:
+    """The check of a query on ``layer`` whose own block projections are ``auxiliary``
+    (None: fitted on the latent alone). A view the profile holds has no residual to check."""
+    if held is not None:
+        return None
+    if auxiliary is not None:
+        k = auxiliary.z.shape[1]
+        if k < 2:
+            return None
+        return Check((auxiliary.z[:, k // 2:],), MINOR_SHARE,
+                     f"{auxiliary.layer}'s minor directions", offset=k // 2)
+    blocks = list(profile.auxiliaries)
+    inside = [a for a in blocks if layer.startswith(a.layer + ".")]
+    chosen = inside[-1:] or blocks
+    if not chosen:
+        return None
+    names = ", ".join(a.layer for a in chosen)
+    return Check(tuple(a.z for a in chosen), WHOLE_SHARE, f"the principal components of {names}")
+
+
+def widening(check: Check, latent: np.ndarray, items: np.ndarray, keys: np.ndarray | None,
+             matching: np.ndarray, population: dict, covariate_means: dict) -> float:
+    """The factor a query's standard errors widen by: √(1 + share · (ratio − 1)), ratio the
+    squared misses of the fit's estimates of the check's columns over their squared standard
+    errors, over every group and column; 1.0 while the ratio is within NOISE_SDS of an honest
+    fit's. ``latent``: every item's latent covariates (N × p); ``items``: the plan's sampled
+    matching items; ``keys``: every item's group key (None: one group); ``covariate_means``:
+    the plan's, each group's mean covariates (the latent's first)."""
+    p = latent.shape[1]
+    columns = Covariates(check.columns)
+    if check.offset is not None:
+        truth = {key: means[p + check.offset:] for key, means in covariate_means.items()}
+    else:
+        truth = columns.means(matching, None if keys is None else keys[matching], population)
+    item_keys = None if keys is None else keys[items]
+    groups = {}
+    for key, count in population.items():
+        mine = items if item_keys is None else items[item_keys == key]
+        if len(mine) >= 2 and key in truth:
+            groups[key] = of_rows(columns.rows(mine), latent[mine], count,
+                                  covariate_means[key][:p])
+    miss = spread = 0.0
+    checks = 0
+    for key, fitted in assisted(groups).items():
+        seen = np.isfinite(fitted.se) & (fitted.se > 0)
+        miss += float(np.sum((fitted.mean[seen] - truth[key][seen]) ** 2))
+        spread += float(np.sum(fitted.se[seen] ** 2))
+        checks += int(seen.sum())
+    if checks == 0 or spread == 0:
+        return 1.0
+    ratio = miss / spread
+    if ratio <= 1 + NOISE_SDS * np.sqrt(2 / checks):
+        return 1.0
+    return float(np.sqrt(1 + check.share * (ratio - 1)))
