@@ -122,14 +122,8 @@ def test_the_text_classifier_example_runs():
     """examples/text_classifier.py trains a tiny BERT and must find what it shows: the mistakes
     are sentences with a negation."""
     pytest.importorskip("transformers")
-    # One intra-op thread, as tests/text_models.py trains its BERT: on a busy 2-core machine two
-    # threads spin waiting for each other over the tiny ops, and the run took 23-48 s of CPU
-    # against 6-7 s with one (which prints the same finding).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with _in_process() as out:
-            runpy.run_path(str(ROOT / "examples" / "text_classifier.py"), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
+    # On one intra-op thread, as every test (tests/conftest.py): with two, on a busy 2-core
+    # machine, the run took 23-48 s of CPU against 6-7 s, printing the same finding.
+    with _in_process() as out:
+        runpy.run_path(str(ROOT / "examples" / "text_classifier.py"), run_name="__main__")
     assert "of them contain 'not'" in out.getvalue()
