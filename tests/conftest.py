@@ -27,10 +27,13 @@ def isolated_cache_dir(tmp_path_factory):
         os.environ["DIAGQL_CACHE_DIR"] = before
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a small machine
-    (a module asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    """Tiny models: one intra-op thread is faster than two fighting over a small machine. On a
+    busy 2-core machine two OpenMP threads spin waiting for each other over tiny ops:
+    tests/test_sequences.py cost 51 s of CPU with two, 10-12 s with one. Every test runs on one
+    (a module's ``pytest.mark.usefixtures("one_thread")`` still names it); the CLI and REPL
+    subprocesses keep torch's default."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,10 +1,7 @@
 """Bad models and data: each gets one clear DiagQLError, and the model is handed back as it came."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +9,7 @@ import torch
 
 import diagql
 from diagql.errors import BindError, DiagQLError, ExecutionError
-from tests import bad_models
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests import bad_models, cli_in_process
 
 
 def connect(model, data, **kwargs):
@@ -284,9 +279,9 @@ def test_sample_larger_than_the_data():
 # --- the CLI: one clear line, exit status 1, no traceback -------------------------------------------
 
 def diagql_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "diagql", *args], text=True,
-                          capture_output=True, cwd=ROOT, env=env, timeout=300)
+    """In-process (tests/cli_in_process.py): the same exit status and output as a subprocess,
+    without a new Python importing torch for each case."""
+    return cli_in_process.diagql(*args)
 
 
 @pytest.mark.parametrize("model, data, statement, message", [

@@ -1,4 +1,5 @@
-"""The diagql command, driven through subprocess as a user would run it."""
+"""The diagql command: its output in-process (tests/cli_in_process.py), and what needs a real
+process (--help without torch, exit statuses of ``python -m diagql``) through subprocess."""
 from __future__ import annotations
 
 import json
@@ -9,14 +10,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_in_process import diagql
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "tests.models:trained_mlp", "--data", "tests.models:digits"]
 
 
-def diagql(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def diagql_process(*args: str) -> subprocess.CompletedProcess:
+    """``python -m diagql ARGS`` as a user runs it; the tests that use it fail before torch loads,
+    so each costs a Python start, not an import of torch."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
-    return subprocess.run([sys.executable, "-m", "diagql", *args], input=stdin, text=True,
-                          capture_output=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-m", "diagql", *args], check=False,
+                          text=True, capture_output=True, cwd=ROOT, env=env, timeout=300)
 
 
 def test_help_and_version_do_not_import_torch():
@@ -148,13 +153,13 @@ def test_statements_that_need_no_model_run_without_one():
 
 
 def test_usage_errors_exit_2():
-    done = diagql("--model", "tests.models:trained_mlp", "-e", "SHOW LAYERS")
+    done = diagql_process("--model", "tests.models:trained_mlp", "-e", "SHOW LAYERS")
     assert done.returncode == 2
     assert "--model and --data go together" in done.stderr
 
 
 def test_missing_script_file():
-    done = diagql(*MODEL, "does-not-exist.dql")
+    done = diagql_process(*MODEL, "does-not-exist.dql")
     assert done.returncode == 1
     assert "cannot read script does-not-exist.dql" in done.stderr
 
@@ -184,11 +189,11 @@ def test_plot_that_nothing_draws_says_so(tmp_path):
 
 
 def test_ray_options_need_the_ray_engine():
-    done = diagql(*MODEL, "--ray-workers", "2", "-e", "SHOW LAYERS")
+    done = diagql_process(*MODEL, "--ray-workers", "2", "-e", "SHOW LAYERS")
     assert done.returncode == 2
     assert "--ray-address and --ray-workers need --engine ray" in done.stderr
-    done = diagql("--engine", "ray", "-e", "SHOW SAMPLERS")
+    done = diagql_process("--engine", "ray", "-e", "SHOW SAMPLERS")
     assert done.returncode == 2 and "--engine ray needs a model" in done.stderr
-    done = diagql("--engine", "ray", "--model", "x:y", "--checkpoint", "c.pt", "--data", "x:d",
+    done = diagql_process("--engine", "ray", "--model", "x:y", "--checkpoint", "c.pt", "--data", "x:d",
                   "-e", "SHOW MODELS")
     assert done.returncode == 2 and "--engine ray runs no checkpoints" in done.stderr

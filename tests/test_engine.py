@@ -5,8 +5,6 @@ plain torch over materialised activations (tests/models.py), never against DiagQ
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 import diagql
 from diagql.errors import BindError, DiagQLError, DiagQLWarning, ExecutionError
 from diagql.storage.store import Cache, parse_size
+from tests import cli_in_process
 
 SAMPLE = "random(0.2, random_state=3)"
 
@@ -434,8 +433,7 @@ def test_the_cli_lists_and_clears_the_cache_without_a_model(tmp_path):
     _store(cache, "a", 800)
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "diagql", "--cache-dir", str(tmp_path), *args],
-                              capture_output=True, text=True, timeout=120)
+        return cli_in_process.diagql("--cache-dir", str(tmp_path), *args)
 
     shown = run("--format", "csv", "-e", "SHOW CACHE")
     assert shown.returncode == 0, shown.stderr

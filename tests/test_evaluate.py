@@ -6,8 +6,6 @@ on activations materialised by running the model's own slices, never with DiagQL
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import diagql
 from diagql.language import ast
 from diagql.language.parser import parse
 from diagql.results.render import to_csv, to_json, to_text
+from tests import cli_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["sampler", "size", "k", "j", "S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd",
@@ -224,19 +223,16 @@ def test_plot_without_matplotlib_says_how_to_install(conn, monkeypatch, tmp_path
 
 
 def test_cli_plot_option(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "diagql", "--model", "tests.models:trained_cnn", "--data",
-         "tests.models:digits", "--plot", str(tmp_path / "f.png"), "--format", "json", "-e",
-         "EVALUATE SAMPLERS random AT 0.05, 0.1 SEEDS 1; SHOW SAMPLERS; "
-         "EVALUATE SAMPLERS stratified AT 0.05 SEEDS 1"],
-        text=True, capture_output=True, env=env, cwd=ROOT, timeout=300)
+    done = cli_in_process.diagql(
+        "--model", "tests.models:trained_cnn", "--data", "tests.models:digits",
+        "--plot", str(tmp_path / "f.png"), "--format", "json", "-e",
+        "EVALUATE SAMPLERS random AT 0.05, 0.1 SEEDS 1; SHOW SAMPLERS; "
+        "EVALUATE SAMPLERS stratified AT 0.05 SEEDS 1")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[0])["kind"] == "evaluation"
     assert (tmp_path / "f.png").read_bytes()[:8] == PNG
     assert (tmp_path / "f-2.png").read_bytes()[:8] == PNG
-    bad = subprocess.run([sys.executable, "-m", "diagql", "--plot", "f.txt", "-e", "SHOW SAMPLERS"],
-                         text=True, capture_output=True, env=env, cwd=ROOT, timeout=60)
+    bad = cli_in_process.diagql("--plot", "f.txt", "-e", "SHOW SAMPLERS")
     assert bad.returncode == 2 and "--plot: cannot plot to 'f.txt'" in bad.stderr
 
 

@@ -8,12 +8,8 @@ both have one row per item whatever the padding.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections import namedtuple
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import diagql
 from diagql.errors import BindError, DiagQLError
 from diagql.model.data import to_device
+from tests import cli_in_process
 from tests import text_models as tm
 
-ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-5
 BATCH = 16  # several batches of 60 items, the last one short
 
@@ -246,12 +242,10 @@ def test_a_mapping_without_a_label_key_is_data_without_labels(bert, tokens, trut
 
 
 def test_cli_label_key(truth):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "diagql", "--model", "tests.text_models:bert", "--data",
-         "tests.text_models:sentiment_data", "--label-key", "sentiment", "--format", "json",
-         "-e", "AVG NEURONS IN classifier WHERE incorrect; AVG NEURONS IN classifier"],
-        text=True, capture_output=True, cwd=ROOT, env=env, timeout=300)
+    done = cli_in_process.diagql(
+        "--model", "tests.text_models:bert", "--data", "tests.text_models:sentiment_data",
+        "--label-key", "sentiment", "--format", "json",
+        "-e", "AVG NEURONS IN classifier WHERE incorrect; AVG NEURONS IN classifier")
     assert done.returncode == 0, done.stderr
     incorrect, every = map(json.loads, done.stdout.strip().splitlines())
     assert np.allclose(incorrect["values"], truth.logits[~truth.correct].mean(axis=0), atol=ATOL)

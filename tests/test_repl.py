@@ -25,8 +25,24 @@ def spawn(history: Path, args=MLP):
     return child
 
 
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    """One prompt on the MLP for the checks that leave it at a fresh prompt in table mode: each
+    spawn costs a Python, torch and the model (1-3 s on 2 cores)."""
+    child = spawn(tmp_path_factory.mktemp("repl") / "history")
+    yield child
+    child.close(force=True)
+
+
 @pytest.fixture
-def repl(tmp_path):
+def repl(session):
+    assert session.isalive(), "an earlier test ended the shared session"
+    yield session
+
+
+@pytest.fixture
+def own_repl(tmp_path):
+    """A prompt of the test's own, for a test that ends it."""
     child = spawn(tmp_path / "history")
     yield child
     child.close(force=True)
@@ -52,10 +68,7 @@ def test_an_error_is_shown_and_the_session_goes_on(repl):
     repl.sendline("TOPK 2 NEURONS IN head;")
     repl.expect("matching items")
     repl.expect("diagql>")
-    repl.sendline(".quit")
-    repl.expect(pexpect.EOF)
-    repl.close()
-    assert repl.exitstatus == 0
+    # .quit ending the session with status 0: test_history_survives_a_restart.
 
 
 def test_the_readme_example_runs_as_typed_there(tmp_path):
@@ -103,11 +116,11 @@ def test_enter_runs_at_the_semicolon(text, more):
     assert wants_more(text) is more
 
 
-def test_ctrl_d_leaves(repl):
-    repl.sendcontrol("d")
-    repl.expect(pexpect.EOF)
-    repl.close()
-    assert repl.exitstatus == 0
+def test_ctrl_d_leaves(own_repl):
+    own_repl.sendcontrol("d")
+    own_repl.expect(pexpect.EOF)
+    own_repl.close()
+    assert own_repl.exitstatus == 0
 
 
 def test_tab_completes_a_layer_name(repl):
@@ -121,15 +134,17 @@ def test_tab_completes_a_layer_name(repl):
 
 def test_history_survives_a_restart(tmp_path):
     history = tmp_path / "state" / "history"
-    first = spawn(history)
+    # No model: history is the prompt's own, and each session skips loading one (2-3 s).
+    first = spawn(history, [])
     first.sendline("SHOW SETTINGS;")
     first.expect("max_rows")
     first.expect("diagql>")
     first.sendline(".quit")
     first.expect(pexpect.EOF)
     first.close()
+    assert first.exitstatus == 0
     assert "SHOW SETTINGS;" in history.read_text()
-    second = spawn(history)
+    second = spawn(history, [])
     try:
         second.send("\x1b[A")  # up: .quit, then the previous session's statement
         second.expect("quit", timeout=30)
@@ -157,6 +172,9 @@ def test_dot_commands(repl):
     repl.sendline(".help")
     repl.expect("Samplers:")
     repl.expect("diagql>")
+    for command in (".mode table", ".timer off"):  # as the shared session's next test expects
+        repl.sendline(command)
+        repl.expect("diagql>")
 
 
 def test_ctrl_c_cancels_a_long_query_and_the_next_answer_is_right(tmp_path):
