@@ -54,13 +54,14 @@ def main() -> None:
     parser.add_argument("--size", type=float, default=0.05)
     parser.add_argument("--estimator", default="assisted", choices=["assisted", "plain"])
     parser.add_argument("--bias-share", type=float, default=None,
-                        help="engine/prediction.py's BIAS_SHARE (0: no widening)")
+                        help="engine/extrapolation.py's MINOR_SHARE and WHOLE_SHARE "
+                             "(0: no widening)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.bias_share is not None:
-        from diagql.engine import prediction
+        from diagql.engine import extrapolation
 
-        prediction.BIAS_SHARE = args.bias_share
+        extrapolation.MINOR_SHARE = extrapolation.WHOLE_SHARE = args.bias_share
     started = time.perf_counter()
     if args.model == "resnet":
         import diagql

@@ -558,4 +558,29 @@ def test_explain_says_what_the_fit_was_checked_on(db):
     block = dict(db.query("EXPLAIN AVG NEURONS IN 2 USING SAMPLE random(0.1)").plan.explain())
     inner = dict(db.query("EXPLAIN AVG NEURONS IN 4 USING SAMPLE random(0.1)").plan.explain())
     assert "checked on 2's minor directions" in block["estimator"]
-    assert "checked on the principal components of" in inner["estimator"]
+    assert "checked on the latent's next" in inner["estimator"]  # 4 is in no block
+
+
+def test_a_layer_inside_a_block_is_checked_on_that_blocks_projections(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Flatten(),
+                          nn.Sequential(nn.Linear(144, 32), nn.ReLU()), nn.Linear(32, 10))
+    conn = diagql.connect(model.eval(), digits, cache_dir=False, progress=False)
+    assert "0" in [layer for _, layer in conn.profile.auxiliaries.names]
+    text = dict(conn.query("EXPLAIN AVG NEURONS IN 0.0 USING SAMPLE random(0.1)")
+                .plan.explain())["estimator"]
+    assert "checked on 0's principal components" in text
+
+
+def test_the_latents_minor_components_follow_the_covariates(db):
+    """The latent's principal components after the covariates' 10, each of unit variance and
+    uncorrelated with the covariates and with each other over every item (numpy)."""
+    minor = extrapolation.latent_minor(db.profile).astype(np.float64)
+    z = covariates(db.profile)
+    live = int((db.profile.latents.std(axis=0) > 0).sum())  # dead ReLUs carry nothing
+    assert minor.shape == (len(z), min(extrapolation.LATENT_MINOR, live - z.shape[1]))
+    np.testing.assert_allclose(minor.std(axis=0), 1.0, rtol=1e-5)
+    both = np.hstack([z, minor])
+    correlation = np.corrcoef(both, rowvar=False)
+    np.testing.assert_allclose(correlation, np.eye(both.shape[1]), atol=1e-5)
+    assert extrapolation.latent_minor(db.profile) is extrapolation.latent_minor(db.profile)

@@ -9,13 +9,16 @@ own standard errors when it is honest. When it misses by more, the query's stand
 widen (``widening``)."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
+from diagql.engine import covariates as covariates_module
 from diagql.engine.covariates import Covariates
 from diagql.engine.regression import assisted, of_rows
 from diagql.model.profile import Profile
+from diagql.samplers.space import fit_space
 
 # Standard deviations of an honest fit's ratio (χ²_m / m for m checks: √(2/m)) above which it
 # is taken for a bias: at 2, a random sampler's queries on the tests' small CNN were widened
@@ -55,13 +58,51 @@ def check_for(profile: Profile, layer: str, auxiliary, held: str | None) -> Chec
             return None
         return Check((auxiliary.z[:, k // 2:],), MINOR_SHARE,
                      f"{auxiliary.layer}'s minor directions", offset=k // 2)
-    blocks = list(profile.auxiliaries)
-    inside = [a for a in blocks if layer.startswith(a.layer + ".")]
-    chosen = inside[-1:] or blocks
-    if not chosen:
+    # Only the enclosing block's entry is read (a new process reads each block's on first use).
+    inside = [layer_ for _, layer_ in profile.auxiliaries.names
+              if layer.startswith(layer_ + ".")]
+    if inside:
+        block = max(inside, key=len)  # the innermost
+        key = next(key for key, name in profile.auxiliaries.names if name == block)
+        found = profile.auxiliary(key)
+        if found is not None:
+            return Check((found.z,), WHOLE_SHARE, f"{block}'s principal components")
+    minor = latent_minor(profile)
+    if minor is None:
         return None
-    names = ", ".join(a.layer for a in chosen)
-    return Check(tuple(a.z for a in chosen), WHOLE_SHARE, f"the principal components of {names}")
+    return Check((minor,), WHOLE_SHARE,
+                 f"the latent's next {minor.shape[1]} principal components")
+
+
+_MINOR: dict[int, tuple[weakref.ref, np.ndarray | None]] = {}
+LATENT_MINOR = 32  # the latent's components after the covariates' checked, at most
+
+
+def latent_minor(profile: Profile) -> np.ndarray | None:
+    """(N, ≤ LATENT_MINOR) float32: every item's latent on its principal axes after the
+    covariates' (covariates.DIMS), each scaled to unit variance, computed once per profile;
+    None when the latent has no more. The directions the covariates leave out, where every
+    sampler chooses (docs/ARCHITECTURE.md, "Estimates": held views), for a layer in no block."""
+    key = id(profile)
+    held = _MINOR.get(key)
+    if held is not None and held[0]() is profile:
+        return held[1]
+    # The standardised latent less its part the covariates span (a least-squares fit on them
+    # over every item), then that residual's leading principal axes: orthogonal to the
+    # covariates by construction, whichever items their own axes were fitted on.
+    x = fit_space(profile.latents, None)(profile.latents).astype(np.float64)
+    z = covariates_module.covariates(profile)
+    x -= x.mean(axis=0)
+    x -= z @ np.linalg.lstsq(z, x, rcond=None)[0]
+    values, vectors = np.linalg.eigh(x.T @ x)
+    order = np.argsort(values)[::-1]
+    keep = order[values[order] > 1e-9 * max(float(values.max(initial=0)), 1e-300)]
+    minor = None
+    if len(keep):
+        projected = x @ vectors[:, keep[:LATENT_MINOR]]
+        minor = (projected / projected.std(axis=0)).astype(np.float32)
+    _MINOR[key] = (weakref.ref(profile, lambda _, key=key: _MINOR.pop(key, None)), minor)
+    return minor
 
 
 def widening(check: Check, latent: np.ndarray, items: np.ndarray, keys: np.ndarray | None,

@@ -145,7 +145,7 @@ class Fitted:
     df: int  # degrees of freedom of the residual variance
     exact: bool = False  # known for every matching item (a held view's ARGMAX): no error
     # The factor the standard errors were widened by for the fit's extrapolation
-    # (engine/prediction.py: BlockPrediction.extrapolation); 1.0 where none showed.
+    # (engine/extrapolation.py); 1.0 where none showed.
     widened: float = 1.0
 
 
