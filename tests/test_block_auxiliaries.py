@@ -22,7 +22,7 @@ from diagql.model import auxiliaries
 from diagql.model.profile import Profile
 from diagql.model.views import View
 from diagql.results.render import to_json, to_text
-from tests.test_estimate_assisted import _numpy_assisted
+from tests.test_estimate_assisted import _numpy_assisted, _numpy_widening
 
 FIT = 300  # fewer than the digits' 1,797 and not a multiple of the batch: held, then streamed
 
@@ -135,21 +135,10 @@ def _expected(profile, rows, items, matching, groups, reduce=None):
 
 
 def _widening(zb, zl, items, matching, groups, z_pop, n_pop):
-    """The extrapolation check written out: the same fit of the block's minor directions
-    (its last 32 of 64 columns, known for every item) against their matching items' means;
-    the standard errors widen by √(1 + share·(ratio − 1)) once the ratio of squared misses to
-    squared standard errors is past 1 + 3√(2/m)."""
-    minor = zb[:, 32:]
-    fitted = _numpy_assisted(minor[items], zl[items], groups[items], z_pop, n_pop, RIDGE)
-    miss = spread = checks = 0
-    for g, (m, se) in fitted.items():
-        truth = minor[matching[groups[matching] == g]].mean(axis=0)
-        miss, spread = miss + ((m - truth) ** 2).sum(), spread + (se ** 2).sum()
-        checks += len(se)
-    ratio = miss / spread
-    if ratio <= 1 + 3 * np.sqrt(2 / checks):
-        return 1.0
-    return np.sqrt(1 + extrapolation.MINOR_SHARE * (ratio - 1))
+    """A block query's check (engine/extrapolation.py): on its minor directions, the last 32
+    of its 64 columns."""
+    return _numpy_widening(zb[:, 32:], zl, items, matching, groups, z_pop, n_pop,
+                           extrapolation.MINOR_SHARE)
 
 
 def test_a_sample_query_on_a_block_is_the_known_coefficient_estimator(db, cnn, digits):

@@ -22,7 +22,7 @@ _BLOCK_BYTES = 1 << 20  # float64 bytes per block of rows: no copy of all the la
 _CONTROLLER: list[ThreadpoolController] = []
 
 
-def _one_thread():
+def one_blas_thread():
     """Limit BLAS and OpenMP to one thread, as ``threadpool_limits(limits=1)`` does, with the
     libraries found once per process: finding them again cost 1.5-15 ms per call, twice in
     every sample query's planning (engine/covariates.py)."""
@@ -52,7 +52,7 @@ class Space:
             basis = np.zeros((X.shape[1], self.dims), dtype=np.float32)
             basis[self.keep] = self.axes / self.scale[:, None]
             offset = ((self.mean / self.scale) @ self.axes).astype(np.float32)
-            with _one_thread():
+            with one_blas_thread():
                 return X.astype(np.float32, copy=False) @ basis - offset
         out = np.empty((len(X), self.dims), dtype=dtype)
         rows = max(1, _BLOCK_BYTES // (8 * max(len(self.keep), 1)))
@@ -60,7 +60,7 @@ class Space:
         # waiting on a busy core made the projection 20x slower (0.38 s for 50,000 x 84 against
         # 0.017 s, on the shared 2-core machine). Blocks, threads and in-place steps leave
         # every value as it was (the same operations on each row).
-        with _one_thread():
+        with one_blas_thread():
             for start in range(0, len(X), rows):
                 block = X[start:start + rows][:, self.keep].astype(np.float64)
                 block -= self.mean
@@ -162,7 +162,7 @@ def _principal_axes(S: np.ndarray, dims: int, keep_all: bool = False) -> np.ndar
     ``keep_all``."""
     S = np.asarray(S, dtype=np.float64)
     gram = S.shape[1] > S.shape[0]  # fewer items than dimensions: the items' Gram matrix
-    with _one_thread():
+    with one_blas_thread():
         M = S @ S.T if gram else S.T @ S
         k = min(dims, len(M))
         values, vectors = scipy.linalg.eigh(M, subset_by_index=(len(M) - k, len(M) - 1))
