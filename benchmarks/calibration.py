@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from diagql import samplers
-from diagql.engine import estimate, planner
+from diagql.engine import estimate, extrapolation, planner
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
 from diagql.engine.covariates import for_view
 from diagql.evaluate.bind import default_layers
@@ -55,6 +55,9 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
     profile = db.profile
     # Each layer's covariates and block prediction, as its queries have them.
     per_layer = {layer: for_view(profile, View(db.catalog[layer]).key) for layer in layers}
+    # And what each layer's fit is checked on (engine/extrapolation.py), as the planner does.
+    checks = {layer: extrapolation.check_for(profile, layer, cov.auxiliary, cov.held)
+              for layer, cov in per_layer.items()}
     data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
                                profile.n_classes)
     cls = samplers.sampler_class(name)
@@ -91,8 +94,11 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                     profile.winners_of(View(db.catalog[combo.layer])), combo.items, None,
                     {None: population}, values.shape[1])
                 exact_top, exact_mean, exact_hist = exact[id(combo)]
+                check = checks[combo.layer]
+                widened = 1.0 if check is None else extrapolation.widening(
+                    check, z.parts[0], chosen, None, combo.items, {None: population}, z_pop)
                 fits = {"assisted": (estimate.fit({None: mean_state}, {None: population}, z_pop,
-                                                  prediction)[None],
+                                                  prediction, widened=widened)[None],
                                      estimate.fit({None: hist_state}, {None: population}, z_pop,
                                                   prediction, winner_shares)[None]),
                         "plain": (None, None)}
