@@ -3,7 +3,8 @@
 A linear fit on the latent, extrapolated by a sampler that draws far from the matching items
 (maxmargin's boundaries, gmm's and vas's outliers, weighted's mistakes), leaves a bias that
 does not shrink with the sample and that its standard error cannot see. The profile knows
-some of the model's values for every item (the blocks' principal projections): the same fit,
+some of the model's values for every item (the blocks' principal projections, the latent
+itself): the same fit,
 asked for their matching items' means from the same sampled items, misses them by about its
 own standard errors when it is honest. When it misses by more, the query's standard errors
 widen (``widening``)."""
@@ -28,8 +29,8 @@ NOISE_SDS = 3.0
 # measurement on the demo and the ResNet at 50,000 items (benchmarks/README.md, "Issue 15:
 # intervals at scale"). A block's own residual (what its 64 directions miss) is less tied to
 # the latent than its minor directions, and carries about half their excess (1.0 over-covered:
-# error / se 0.61-0.86); a layer fitted on the latent alone is checked on a whole block's
-# projections, whose miss it matches.
+# error / se 0.61-0.86); a layer fitted on the latent alone is checked on its block's whole
+# projections or the latent's minor components, whose miss it matched.
 MINOR_SHARE = 0.5
 WHOLE_SHARE = 1.0
 
