@@ -573,3 +573,30 @@ def test_the_latents_minor_components_follow_the_covariates(db):
     correlation = np.corrcoef(both, rowvar=False)
     np.testing.assert_allclose(correlation, np.eye(both.shape[1]), atol=1e-5)
     assert extrapolation.latent_minor(db.profile) is extrapolation.latent_minor(db.profile)
+
+
+def test_states_of_shards_with_fit_rows_merge_into_the_whole():
+    """A pass cut into shards (the Ray engine's parts) merges into the state one pass makes:
+    Σr², Σr and the rows counted over the fit rows, per group."""
+    rng = np.random.default_rng(9)
+    n, width, k, p = 240, 30, 4, 2
+    prediction, rows, z = _toy_prediction(rng, width, k, p, n)
+    codes = rng.integers(0, 2, size=n)
+    keep = prediction_module.fit_rows(codes, n, limit=50)
+
+    def fed(part):
+        state = MeanState(width, groups=2, covariates=p + k, prediction=prediction)
+        for start in range(part.start, part.stop, 64):
+            piece = slice(start, min(start + 64, part.stop))
+            assert state.update(torch.from_numpy(rows[piece]), torch.from_numpy(codes[piece]),
+                                torch.from_numpy(z[piece]), fit=torch.from_numpy(keep[piece]))
+        return state
+
+    whole, merged = fed(slice(0, n)), fed(slice(0, 100)).merge(fed(slice(100, n)))
+    for g in range(2):
+        a, b = whole.group(g), merged.group(g)
+        assert a.residual_count == b.residual_count == int((keep & (codes == g)).sum())
+        np.testing.assert_allclose(b.residual_squares.numpy(), a.residual_squares.numpy(),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(b.residual_sum.numpy(), a.residual_sum.numpy(), rtol=1e-12,
+                                   atol=1e-12)
