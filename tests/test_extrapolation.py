@@ -1,0 +1,71 @@
+"""The extrapolation check (engine/extrapolation.py): the assisted fit asked for values known
+for every item, against the same check written out in numpy; what each layer is checked on."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diagql
+from diagql.engine import extrapolation
+from diagql.engine.regression import RIDGE
+from tests.test_block_auxiliaries import _widening
+from tests.test_estimate_assisted import _numpy_assisted
+
+
+@pytest.mark.parametrize("chosen", ["at random", "by the latent's extremes"])
+def test_extrapolation_widens_only_where_the_fit_misses_the_known_minor_directions(chosen):
+    """A block whose minor directions are a curve in the latent: a sample of the latent's
+    extremes extrapolates a line to the middle and misses their known means; a random one
+    does not. The factor against the check written out in numpy (``_widening``)."""
+    rng = np.random.default_rng(7)
+    N, k, p = 4000, 8, 2
+    zl = rng.standard_normal((N, p))
+    zb = np.hstack([zl[:, :1] * rng.standard_normal(k // 2),
+                    zl[:, :1] ** 2 + 0.3 * rng.standard_normal((N, k // 2))])
+    check = extrapolation.Check((zb[:, k // 2:],), extrapolation.MINOR_SHARE, "minor")
+    items = (rng.choice(N, 300, replace=False) if chosen == "at random"
+             else np.flatnonzero(np.abs(zl[:, 0]) > 1.6))
+    items.sort()
+    everyone = np.arange(N)
+    widened = extrapolation.widening(check, zl, items, None, everyone, {None: N},
+                                     {None: zl.mean(axis=0)})
+    expected = _widening(np.hstack([np.zeros((N, 32 - k // 2)), zb]), zl, items, everyone,
+                         np.zeros(N, int), {0: zl.mean(axis=0)}, {0: N})
+    np.testing.assert_allclose(widened, expected, rtol=1e-9)
+    assert (widened > 1.5) if chosen != "at random" else widened == 1.0
+
+
+def test_a_grouped_checks_misses_are_pooled_over_its_groups_and_columns():
+    """GROUP BY: one ratio over every group's columns, each group against its own matching
+    items' means (which the check computes, or takes from the plan's covariate means)."""
+    rng = np.random.default_rng(8)
+    N, p = 3000, 2
+    zl = rng.standard_normal((N, p))
+    keys = rng.integers(0, 3, size=N)
+    known = np.c_[np.abs(zl[:, 0]) + 0.2 * rng.standard_normal(N), zl[:, 1] ** 2]
+    items = np.sort(np.flatnonzero(zl[:, 0] > 1.0))
+    population = {g: int((keys == g).sum()) for g in range(3)}
+    means = {g: zl[keys == g].mean(axis=0) for g in range(3)}
+    widened = extrapolation.widening(extrapolation.Check((known,), 1.0, "known"), zl, items,
+                                     keys, np.arange(N), population, means)
+    fitted = _numpy_assisted(known[items], zl[items], keys[items], means, population, RIDGE)
+    miss = sum(((m - known[keys == g].mean(axis=0)) ** 2).sum() for g, (m, _) in fitted.items())
+    spread = sum((se ** 2).sum() for _, se in fitted.values())
+    np.testing.assert_allclose(widened, np.sqrt(miss / spread), rtol=1e-9)
+    with_offset = extrapolation.Check((known,), 1.0, "known", offset=0)
+    in_plan = {g: np.r_[means[g], known[keys == g].mean(axis=0)] for g in range(3)}
+    assert extrapolation.widening(with_offset, zl, items, keys, np.arange(N), population,
+                                  in_plan) == pytest.approx(widened, rel=1e-12)
+
+
+def test_a_layer_inside_a_block_is_checked_on_that_blocks_projections(digits):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Flatten(),
+                          nn.Sequential(nn.Linear(144, 32), nn.ReLU()), nn.Linear(32, 10))
+    conn = diagql.connect(model.eval(), digits, cache_dir=False, progress=False)
+    assert "0" in [layer for _, layer in conn.profile.auxiliaries.names]
+    text = dict(conn.query("EXPLAIN AVG NEURONS IN 0.0 USING SAMPLE random(0.1)")
+                .plan.explain())["estimator"]
+    assert "checked on 0's principal components" in text
