@@ -125,7 +125,7 @@ def test_widened_intervals_say_so_in_the_estimate_line_and_the_json():
                     unit="neurons", neurons=np.arange(3), labels=["a", "b", "c"], values=values,
                     n_items=7, estimate=estimate, provenance=Provenance(100, "r(7)", 7))
     text = " ".join(to_text(result).split())
-    assert "intervals widened 2.2x: the fit missed the block's minor directions" in text
+    assert "intervals widened 2.2x: checked on values the profile knows for every item" in text
     assert result.to_dict()["estimate"]["widened"] == 2.25
     assert "widened" not in _sampled_avg().to_dict()["estimate"]
 

@@ -137,9 +137,9 @@ class BlockPrediction:
 
     def restore(self, fitted: Fitted, population_z: np.ndarray, widened: float = 1.0) -> Fitted:
         """The residual's estimate plus the matching items' mean prediction μ + V z̄_b,U, its
-        standard error ``widened`` (engine/extrapolation.py). The prediction is held in float32: its
-        rounding joins the standard error, which matters only where the projections hold
-        nearly all of a block (residuals near 0)."""
+        standard error ``widened`` (engine/extrapolation.py). The prediction is held in
+        float32: its rounding joins the standard error, which matters only where the
+        projections hold nearly all of a block (residuals near 0)."""
         zu = population_z[self.p:]
         rounding = np.finfo(np.float32).eps * (np.abs(self.mean) + np.abs(self.basis) @ np.abs(zu))
         return Fitted(fitted.mean + self.mean + self.basis @ zu,

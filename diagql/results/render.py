@@ -280,8 +280,8 @@ def _estimate_line(result) -> Text | None:
               else "covers sampling variance, not a sampler's bias")
     widened = max((e.widened or 1.0) for e in reliable)
     if widened > 1.0:
-        covers += (f"; intervals widened {widened:.1f}x: the fit missed the block's minor "
-                   f"directions, known for every item, by that many standard errors")
+        covers += (f"; intervals widened {widened:.1f}x: checked on values the profile knows "
+                   f"for every item, the fit missed them by more than its standard errors")
     return Text(f"estimated from the sample: expected {reliable[0].metric.label} {value:.3f}{scope}; "
                 f"{covers}", style="dim")
 
