@@ -9,8 +9,8 @@ a 5% sample gives a cell 1-20 items and the intervals are wide. Here the matchin
 many: on bigdata.py's data (the demo's model over shifted digits), for each layer and sampler,
 ``AVG NEURONS IN <layer> USING SAMPLE <sampler>(<size>)`` (one group: the whole sample) and the
 same ``GROUP BY class`` (ten groups), each against its exact answer ``USING FULL``
-(``--model resnet``: second_model.py's CNN over the same items; layers stem block1 block2). Printed per
-row: the sampled items, coverage (share of neurons whose exact mean lies inside the interval),
+(``--model resnet``: second_model.py's CNN over the same items; layers stem block1 block2).
+Printed per row: the sampled items, coverage (share of neurons whose exact mean lies inside the interval),
 the root mean square of error / standard error (1.0 for honest normal intervals), and the
 expected against the actual cosine distance. A bias that does not shrink with the sample (a
 linear model of the residual extrapolated by a sampler that draws far from the population)
