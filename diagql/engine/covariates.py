@@ -119,8 +119,12 @@ class Covariates:
         column = 0
         for part in self.parts:  # each part summed in float64 where it is: no joined copy
             width = part.shape[1]
-            out[codes[starts], column:column + width] = np.add.reduceat(
-                part[at], starts, axis=0, dtype=np.float64)
+            rows = part[at]
+            # A float32 run is cast first: reduceat casting as it adds was 1.5-3x slower (a
+            # block's 100,000 × 64 projections: 15 ms against 5-10 ms), the same sums.
+            if rows.dtype != np.float64:
+                rows = rows.astype(np.float64)
+            out[codes[starts], column:column + width] = np.add.reduceat(rows, starts, axis=0)
             column += width
         return out
 
