@@ -26,6 +26,16 @@ DIMS = 10
 _MEMO: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
 
+def once_per_profile(memo: dict, key, profile: Profile, make):
+    """``make()``, made once for this profile and kept in ``memo`` under ``key`` (which
+    starts with ``id(profile)``) for as long as the profile lives."""
+    held = memo.get(key)
+    if held is None or held[0]() is not profile:
+        held = (weakref.ref(profile, lambda _, key=key: memo.pop(key, None)), make())
+        memo[key] = held
+    return held[1]
+
+
 def covariates(profile: Profile) -> np.ndarray:
     """(N, p ≤ DIMS) float64: each item's standardised latent on its leading principal axes,
     each component scaled to unit variance over all items (so one ridge fits every model).
@@ -34,13 +44,7 @@ def covariates(profile: Profile) -> np.ndarray:
     if profile.covariates is not None:
         profile.covariates.setflags(write=False)
         return profile.covariates
-    key = id(profile)
-    held = _MEMO.get(key)
-    if held is not None and held[0]() is profile:
-        return held[1]
-    z = reduced(profile.latents)
-    _MEMO[key] = (weakref.ref(profile, lambda _, key=key: _MEMO.pop(key, None)), z)
-    return z
+    return once_per_profile(_MEMO, id(profile), profile, lambda: reduced(profile.latents))
 
 
 def reduced(latents: np.ndarray) -> np.ndarray:
@@ -179,14 +183,10 @@ def for_view(profile: Profile, view_key: str, own: bool = True) -> Chosen:
     z = covariates(profile)
     auxiliary = profile.auxiliary(view_key)
     if auxiliary is None and own:
-        key = (id(profile), view_key)
-        memo = _HELD.get(key)
-        if memo is None or memo[0]() is not profile:
-            memo = (weakref.ref(profile, lambda _, key=key: _HELD.pop(key, None)),
-                    _held(profile.rows_of(view_key), view_key))
-            _HELD[key] = memo
-        if memo[1] is not None:
-            auxiliary, held = memo[1]
+        own_rows = once_per_profile(_HELD, (id(profile), view_key), profile,
+                                    lambda: _held(profile.rows_of(view_key), view_key))
+        if own_rows is not None:
+            auxiliary, held = own_rows
             return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held)
     if auxiliary is None:
         return Chosen(Covariates((z,)), z.shape[1], None)

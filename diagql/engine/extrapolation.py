@@ -10,7 +10,6 @@ own standard errors when it is honest. When it misses by more, the query's stand
 widen (``widening``)."""
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +59,10 @@ def check_for(profile: Profile, layer: str, auxiliary, held: str | None) -> Chec
         return Check((auxiliary.z[:, k // 2:],), MINOR_SHARE,
                      f"{auxiliary.layer}'s minor directions", offset=k // 2)
     # Only the enclosing block's entry is read (a new process reads each block's on first use).
-    inside = [layer_ for _, layer_ in profile.auxiliaries.names
-              if layer.startswith(layer_ + ".")]
+    inside = [(key, name) for key, name in profile.auxiliaries.names
+              if layer.startswith(name + ".")]
     if inside:
-        block = max(inside, key=len)  # the innermost
-        key = next(key for key, name in profile.auxiliaries.names if name == block)
+        key, block = max(inside, key=lambda named: len(named[1]))  # the innermost
         found = profile.auxiliary(key)
         if found is not None:
             return Check((found.z,), WHOLE_SHARE, f"{block}'s principal components")
@@ -75,7 +73,7 @@ def check_for(profile: Profile, layer: str, auxiliary, held: str | None) -> Chec
                  f"the latent's next {minor.shape[1]} principal components")
 
 
-_MINOR: dict[int, tuple[weakref.ref, np.ndarray | None]] = {}
+_MINOR: dict = {}  # once per profile (covariates.once_per_profile)
 LATENT_MINOR = 32  # the latent's components after the covariates' checked, at most
 
 
@@ -84,10 +82,11 @@ def latent_minor(profile: Profile) -> np.ndarray | None:
     covariates' (covariates.DIMS), each scaled to unit variance, computed once per profile;
     None when the latent has no more. The directions the covariates leave out, where every
     sampler chooses (docs/ARCHITECTURE.md, "Estimates": held views), for a layer in no block."""
-    key = id(profile)
-    held = _MINOR.get(key)
-    if held is not None and held[0]() is profile:
-        return held[1]
+    return covariates_module.once_per_profile(_MINOR, id(profile), profile,
+                                              lambda: _latent_minor(profile))
+
+
+def _latent_minor(profile: Profile) -> np.ndarray | None:
     # The standardised latent less its part the covariates span (a least-squares fit on them
     # over every item), then that residual's leading principal axes: orthogonal to the
     # covariates by construction, whichever items their own axes were fitted on.
@@ -105,7 +104,6 @@ def latent_minor(profile: Profile) -> np.ndarray | None:
         if len(keep):
             projected = x @ vectors[:, keep[:LATENT_MINOR]]
             minor = (projected / projected.std(axis=0)).astype(np.float32)
-    _MINOR[key] = (weakref.ref(profile, lambda _, key=key: _MINOR.pop(key, None)), minor)
     return minor
 
 
