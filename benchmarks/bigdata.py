@@ -75,15 +75,22 @@ def demo_model():
     return load_model()
 
 
-def big_connection(n: int = N_DEFAULT, cache_dir=False, **options):
-    """``diagql.connect(demo model, big_data(n), cache_dir=cache_dir, **options)``.
+def big_connection(n: int = N_DEFAULT, cache_dir=False, model: str = "demo", **options):
+    """``diagql.connect(demo model, big_data(n), cache_dir=cache_dir, **options)``;
+    ``model="resnet"``: second_model.py's CNN instead of the demo's LeNet.
 
     ``cache_dir`` defaults to False (no disk cache), so that a benchmark never reads or writes
     the user's cache by accident; pass a (temporary) directory to measure the disk cache.
     """
     import diagql
 
-    return diagql.connect(demo_model(), big_data(n), cache_dir=cache_dir, **options)
+    if model == "resnet":
+        import second_model
+
+        network = second_model.trained()
+    else:
+        network = demo_model()
+    return diagql.connect(network, big_data(n), cache_dir=cache_dir, **options)
 
 
 # --- shared by the benchmark scripts --------------------------------------------------------

@@ -63,13 +63,7 @@ def main() -> None:
 
         extrapolation.MINOR_SHARE = extrapolation.WHOLE_SHARE = args.bias_share
     started = time.perf_counter()
-    if args.model == "resnet":
-        import diagql
-        import second_model
-
-        conn = diagql.connect(second_model.trained(), bigdata.big_data(args.n), cache_dir=False)
-    else:
-        conn = bigdata.big_connection(args.n, cache_dir=False)
+    conn = bigdata.big_connection(args.n, model=args.model)
     layers = args.layers or (["stem", "block1", "block2"] if args.model == "resnet"
                              else ["conv1", "conv2", "fc1"])
     conn.execute(f"SET estimator = {args.estimator}")

@@ -33,7 +33,6 @@ import torch
 from bigdata import (
     add_threads_option,
     big_connection,
-    big_data,
     machine_line,
     use_threads,
 )
@@ -65,15 +64,7 @@ def main() -> None:
         states_cost(args.width)
         return
     started = time.perf_counter()
-    if args.model == "demo":
-        db = big_connection(args.n, progress=False)
-    else:
-        import second_model
-
-        import diagql
-
-        db = diagql.connect(second_model.trained(), big_data(args.n), cache_dir=False,
-                            progress=False)
+    db = big_connection(args.n, model=args.model, progress=False)
     layers = args.layers or (["conv1", "fc1"] if args.model == "demo" else ["stem", "block1"])
     db.profile  # noqa: B018 - computed here, outside the timed queries
     print(f"{args.model}, {args.n:,} items; profile {time.perf_counter() - started:.0f} s; "
