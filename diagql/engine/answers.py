@@ -70,7 +70,8 @@ def build_result(plan: Plan, states: dict) -> Result:
     query = plan.query
     # A sample's assisted fit pools one slope over all its groups (engine/regression.py).
     fits = {}
-    if plan.approximate and plan.estimator == "assisted" and plan.covariate_means is not None:
+    if plan.approximate and plan.estimator == "assisted" and (
+            plan.covariate_means is not None or plan.winner_shares is not None):
         fits = estimate.fit(states, plan.population, plan.covariate_means, plan.prediction,
                             plan.winner_shares, plan.widening)
     if query.group_by is None:

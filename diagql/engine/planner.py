@@ -153,16 +153,19 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         return dataclasses.replace(plan, estimator=estimator,
                                    estimator_text="plain: the sample mean")
     chosen = for_view(profile, bound.view.key, own=rows_from_profile)
-    z = chosen.z
-    means = z.means(matching, None if keys is None else keys[matching], population)
-    prediction = chosen.prediction(bound.view.layer.shape[0] if bound.view.channels else None)
     text = chosen.describe(profile)
-    shares = None
     if query.aggregate == "argmax" and rows_from_profile:  # its winners are the profile's model's
         shares = winner_shares(profile.winners_of(bound.view), matching,
                                None if keys is None else keys[matching], population,
                                bound.n_neurons)
-        text += "; ARGMAX exact from every item's winner" if shares is not None else ""
+        if shares is not None:  # counted, not fitted: no covariates to stream or to average
+            return dataclasses.replace(plan, estimator=estimator,
+                                       estimator_text=text + "; ARGMAX exact from every "
+                                                             "item's winner",
+                                       winner_shares=shares)
+    z = chosen.z
+    means = z.means(matching, None if keys is None else keys[matching], population)
+    prediction = chosen.prediction(bound.view.layer.shape[0] if bound.view.channels else None)
     widening = 1.0
     check = None if query.aggregate == "argmax" else \
         extrapolation.check_for(profile, bound.view.layer.name, chosen.auxiliary, chosen.held)
@@ -173,7 +176,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                                    if widening > 1 else "within its noise"))
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
-                               winner_shares=shares, widening=widening)
+                               widening=widening)
 
 
 def winner_shares(winners: np.ndarray | None, matching: np.ndarray, keys: np.ndarray | None,
