@@ -178,7 +178,10 @@ def test_covariate_sums_of_wide_batches_equal_numpy(grouped):
     Y = values.numpy().astype(np.float64)
     for g in range(3) if grouped else [None]:
         rows = np.ones(n, bool) if g is None else codes == g
-        cross = state.cross if g is None else state.group(g).cross
+        part = state if g is None else state.group(g)
+        cross = part.fit_cross  # every row is a fit row: no ``fit`` given
+        assert part.fit_count == rows.sum()
+        np.testing.assert_allclose(part.fit_sum.numpy(), Y[rows].sum(axis=0), rtol=1e-12)
         np.testing.assert_allclose(cross.zy.numpy(), z[rows].T @ Y[rows], rtol=1e-12, atol=1e-11)
         np.testing.assert_allclose(cross.zz.numpy(), z[rows].T @ z[rows], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(cross.z.numpy(), z[rows].sum(axis=0), rtol=1e-12, atol=1e-12)

@@ -245,11 +245,17 @@ def test_residual_sums_of_float32_batches_wider_than_a_piece_equal_numpy(grouped
         r = prediction.sums(part, 900, np.zeros(p + k))
         assert r.n == mine.sum() and r.population_z.shape == (p,)
         np.testing.assert_allclose(r.total, R[mine].sum(axis=0), rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(r.squares, (R[mine] ** 2).sum(axis=0), rtol=1e-5)
-        np.testing.assert_allclose(r.cross.zy.numpy(), z[mine, :p].T @ R[mine], rtol=1e-9,
-                                   atol=1e-9)
         np.testing.assert_allclose(r.cross.zz.numpy(), z[mine, :p].T @ z[mine, :p], rtol=1e-12)
         np.testing.assert_allclose(r.cross.z.numpy(), z[mine, :p].sum(axis=0), rtol=1e-12)
+        # Every row is a fit row here: the residual's own sums, r in float32.
+        fit = r.fit_rows
+        assert fit.n == mine.sum()
+        np.testing.assert_allclose(fit.total, R[mine].sum(axis=0), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(fit.squares, (R[mine] ** 2).sum(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(fit.cross.zy.numpy(), z[mine, :p].T @ R[mine], rtol=1e-5,
+                                   atol=1e-4)
+        np.testing.assert_allclose(fit.cross.zz.numpy(), z[mine, :p].T @ z[mine, :p],
+                                   rtol=1e-12)
 
 
 def test_covariates_join_their_parts_only_for_the_rows_asked():
@@ -448,21 +454,25 @@ def test_fit_rows_keep_every_s_th_item_of_each_group_up_to_the_limit():
     assert prediction_module.fit_rows(None, 40, limit=40) is None
     keep = prediction_module.fit_rows(None, 101, limit=40)  # stride 3: items 0, 3, ..., 99
     np.testing.assert_array_equal(np.flatnonzero(keep), np.arange(0, 101, 3))
-    codes = np.array([0, 1, 0, 2, 0, 0, 1, 0, 0])  # group 0 has 6 items: stride 2 at limit 3
-    assert prediction_module.fit_rows(codes, len(codes), limit=6) is None
-    keep = prediction_module.fit_rows(codes, len(codes), limit=3)
+    codes = np.array([0, 1, 0, 2, 0, 0, 1, 0, 0])  # group 0 has 6 items: stride 2 at share 3
+    assert prediction_module.fit_rows(codes, len(codes), limit=18, floor=1) is None
+    keep = prediction_module.fit_rows(codes, len(codes), limit=9, floor=1)  # 3 groups: 3 each
     np.testing.assert_array_equal(np.flatnonzero(keep), [0, 1, 3, 4, 6, 7])
+    # A group's share is never under the floor, whatever the number of groups.
+    keep = prediction_module.fit_rows(codes, len(codes), limit=3, floor=3)
+    np.testing.assert_array_equal(np.flatnonzero(keep), [0, 1, 3, 4, 6, 7])
+    assert prediction_module.fit_rows(codes, len(codes), limit=3, floor=6) is None
 
 
 @pytest.mark.parametrize("grouped", [False, True])
 def test_a_large_groups_residual_variance_comes_from_every_s_th_row(grouped):
-    """Σr² over the rows ``fit`` marks: the residual's centred sum of squares of those rows,
-    scaled to the group's n − 1, with Σr, z_latentᵀr and Σy exact over every row (numpy)."""
+    """The residual's sums over the rows ``fit`` marks (their count, Σr, Σr², z_latentᵀr),
+    with Σr, Σz and Σzzᵀ over every row (numpy)."""
     rng = np.random.default_rng(5)
     n, width, k, p = 300, 50, 3, 2
     prediction, rows, z = _toy_prediction(rng, width, k, p, n)
     codes = rng.integers(0, 3, size=n) if grouped else None
-    keep = prediction_module.fit_rows(codes, n, limit=40)
+    keep = prediction_module.fit_rows(codes, n, limit=40 if codes is None else 120, floor=1)
     state = MeanState(width, groups=3 if grouped else None, covariates=p + k,
                       prediction=prediction)
     for start in range(0, n, 128):
@@ -477,17 +487,23 @@ def test_a_large_groups_residual_variance_comes_from_every_s_th_row(grouped):
         assert 20 <= fit.sum() <= 40
         r = prediction.sums(state if g is None else state.group(g), 900, np.zeros(p + k))
         np.testing.assert_allclose(r.total, R[mine].sum(axis=0), rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(r.cross.zy.numpy(), z[mine, :p].T @ R[mine], rtol=1e-9,
-                                   atol=1e-9)
-        spread = R[fit].var(axis=0, ddof=1) * (mine.sum() - 1)
-        np.testing.assert_allclose(r.squares - r.total ** 2 / mine.sum(), spread, rtol=1e-7)
+        np.testing.assert_allclose(r.cross.zz.numpy(), z[mine, :p].T @ z[mine, :p], rtol=1e-12)
+        rows_fit = r.fit_rows
+        assert rows_fit.n == fit.sum()
+        np.testing.assert_allclose(rows_fit.total, R[fit].sum(axis=0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(rows_fit.squares, (R[fit] ** 2).sum(axis=0), rtol=1e-9)
+        np.testing.assert_allclose(rows_fit.cross.zy.numpy(), z[fit, :p].T @ R[fit],
+                                   rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(rows_fit.cross.z.numpy(), z[fit, :p].sum(axis=0),
+                                   rtol=1e-12)
 
 
 def test_a_query_whose_sample_passes_fit_rows_keeps_its_answer(db, monkeypatch):
     """Σr² from every s-th sampled item moves only the standard errors, not the answer."""
     query = "AVG NEURONS IN 2 GROUP BY class USING SAMPLE random(0.3, random_state=3)"
     every = db.query(query)
-    monkeypatch.setattr(prediction_module, "FIT_ROWS", 20)  # the classes' ~54 items: stride 3
+    monkeypatch.setattr(prediction_module, "FIT_ROWS", 20)
+    monkeypatch.setattr(prediction_module, "FIT_FLOOR", 18)  # the classes' ~54 items: stride 3
     db.activations.clear()  # the sample's states, reduced over every row
     some = db.query(query)
     for key, group in every.groups.items():
@@ -520,15 +536,18 @@ def test_the_latents_minor_components_follow_the_covariates(db):
 
 def test_states_of_shards_with_fit_rows_merge_into_the_whole():
     """A pass cut into shards (the Ray engine's parts) merges into the state one pass makes:
-    Σr², Σr and the rows counted over the fit rows, per group."""
+    Σr², Σr, z_latentᵀr and the rows counted over the fit rows, per group, and the pooled
+    products over every row."""
     rng = np.random.default_rng(9)
     n, width, k, p = 240, 30, 4, 2
     prediction, rows, z = _toy_prediction(rng, width, k, p, n)
     codes = rng.integers(0, 2, size=n)
     keep = prediction_module.fit_rows(codes, n, limit=50)
+    directions = np.linalg.qr(rng.standard_normal((p, 2)))[0]
 
     def fed(part):
-        state = MeanState(width, groups=2, covariates=p + k, prediction=prediction)
+        state = MeanState(width, groups=2, covariates=p + k, prediction=prediction,
+                          directions=directions)
         for start in range(part.start, part.stop, 64):
             piece = slice(start, min(start + 64, part.stop))
             assert state.update(torch.from_numpy(rows[piece]), torch.from_numpy(codes[piece]),
@@ -536,10 +555,18 @@ def test_states_of_shards_with_fit_rows_merge_into_the_whole():
         return state
 
     whole, merged = fed(slice(0, n)), fed(slice(0, 100)).merge(fed(slice(100, n)))
+    np.testing.assert_allclose(merged.pooled.numpy(), whole.pooled.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(whole.pooled.numpy(), (z[:, :p] @ directions).T @ rows,
+                               rtol=1e-9, atol=1e-9)
     for g in range(2):
         a, b = whole.group(g), merged.group(g)
-        assert a.residual_count == b.residual_count == int((keep & (codes == g)).sum())
-        np.testing.assert_allclose(b.residual_squares.numpy(), a.residual_squares.numpy(),
-                                   rtol=1e-12)
-        np.testing.assert_allclose(b.residual_sum.numpy(), a.residual_sum.numpy(), rtol=1e-12,
-                                   atol=1e-12)
+        assert a.fit_count == b.fit_count == int((keep & (codes == g)).sum())
+        for name in ("fit_squares", "fit_sum"):
+            np.testing.assert_allclose(getattr(b, name).numpy(), getattr(a, name).numpy(),
+                                       rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(b.fit_cross.zy.numpy(), a.fit_cross.zy.numpy(),
+                                   rtol=1e-12, atol=1e-12)
+        mine = keep & (codes == g)
+        r = rows[mine] - (prediction.mean + z[mine, p:] @ prediction.basis.T)
+        np.testing.assert_allclose(a.fit_cross.zy.numpy(), z[mine, :p].T @ r, rtol=1e-9,
+                                   atol=1e-9)

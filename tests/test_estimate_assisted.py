@@ -280,3 +280,76 @@ def test_a_latent_constant_over_the_items_leaves_no_covariate_and_still_answers(
         mine = items[y.numpy()[items] == label]
         np.testing.assert_allclose(result.groups[label].values, rows[mine].mean(axis=0),
                                    rtol=1e-6, atol=1e-7)
+
+
+def _numpy_fit_rows_assisted(Y, Z, groups, fit, z_pop, n_pop, ridge):
+    """The estimator when the residual variance comes from some rows (``fit``) only, written
+    out: each group's mean is the regression estimator on every row (_numpy_assisted's); σ²
+    is the residual variance of a slope fitted on the fit rows alone (group-centred, pooled,
+    the same ridge), inflated by their own degrees of freedom; the slope's share h stays
+    the full fit's."""
+    full = _numpy_assisted(Y, Z, groups, z_pop, n_pop, ridge)
+    keys = sorted(set(groups.tolist()))
+    Yf, Zf, gf = Y[fit], Z[fit], groups[fit]
+    Zc, Yc = Zf.copy(), Yf.copy()
+    for g in keys:
+        m = gf == g
+        Zc[m] -= Zf[m].mean(axis=0)
+        Yc[m] -= Yf[m].mean(axis=0)
+    S = Zc.T @ Zc
+    A = S + ridge * np.eye(Z.shape[1])
+    resid = Yc - Zc @ np.linalg.solve(A, Zc.T @ Yc)
+    free = len(Yf) - len(keys)
+    inflate = free / (free - np.trace(S @ np.linalg.inv(A)))
+    Zall = Z.copy()
+    for g in keys:
+        Zall[groups == g] -= Z[groups == g].mean(axis=0)
+    cov = _posterior_slope_cov(Zall, ridge)
+    out = {}
+    for g in keys:
+        m, n = gf == g, int((groups == g).sum())
+        sigma2 = (resid[m] ** 2).sum(axis=0) / (m.sum() - 1) * inflate
+        delta = z_pop[g] - Z[groups == g].mean(axis=0)
+        se = np.sqrt(sigma2 * ((n_pop[g] - n) / n_pop[g] / n + delta @ cov @ delta))
+        out[g] = (full[g][0], se)
+    return out
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["one", "grouped"])
+def test_a_pass_with_fit_rows_and_pooled_products_is_the_estimator_written_in_numpy(grouped):
+    """What a large sample's pass streams (engine/aggregates.py: MeanState): the pooled
+    slope's products on the few directions the groups need, and the residual variance's sums
+    over every s-th row of each group. Its answer is the regression estimator on every row
+    and its standard errors use σ² of the fit rows, both against numpy on the rows."""
+    from diagql.engine import estimate
+    from diagql.engine.aggregates import MeanState
+    from diagql.engine.prediction import fit_rows
+    from diagql.engine.regression import directions
+
+    Z, Y, picked = _synthetic(3, N=4000, p=4, d=30)
+    Y = Y[picked].astype(np.float32).astype(np.float64)
+    Zs = Z[picked]
+    codes = (Z[picked, 1] > 0).astype(np.int64) if grouped else np.zeros(len(picked), np.int64)
+    keys = [0, 1] if grouped else [0]
+    everyone = (Z[:, 1] > 0).astype(np.int64) if grouped else np.zeros(len(Z), np.int64)
+    z_pop = {g: Z[everyone == g].mean(axis=0) for g in keys}
+    n_pop = {g: int((everyone == g).sum()) for g in keys}
+    fit = fit_rows(codes if grouped else None, len(picked), limit=40)
+    assert fit is not None and fit.sum() < len(picked)
+    D = directions(Zs, codes if grouped else None, [z_pop[g] for g in keys])
+    assert D.shape == (4, len(keys))  # one direction per group, not p
+    state = MeanState(Y.shape[1], groups=2 if grouped else None, covariates=4, directions=D)
+    for start in range(0, len(picked), 64):
+        part = slice(start, start + 64)
+        assert state.update(torch.from_numpy(Y[part]).float(),
+                            torch.from_numpy(codes[part]) if grouped else None,
+                            torch.from_numpy(Zs[part]), fit=torch.from_numpy(fit[part]))
+    states = {g: state.group(g) for g in keys} if grouped else {None: state}
+    fitted = estimate.fit(states, {k: n_pop[k or 0] for k in states},
+                          {k: z_pop[k or 0] for k in states})
+    want = _numpy_fit_rows_assisted(Y, Zs, codes, fit, z_pop, n_pop, RIDGE)
+    for key, f in fitted.items():
+        mean, se = want[key or 0]
+        np.testing.assert_allclose(f.mean, mean, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(f.se, se, rtol=1e-6)
+        assert f.df == int((fit & (codes == (key or 0))).sum()) - 1

@@ -73,14 +73,20 @@ class Covariates:
     def width(self) -> int:
         return sum(part.shape[1] for part in self.parts)
 
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        """(len(idx), width) float64: the covariates of items ``idx`` (among ``items``)."""
+    def rows(self, idx: np.ndarray, width: int | None = None) -> np.ndarray:
+        """(len(idx), width) float64: the covariates of items ``idx`` (among ``items``); with
+        ``width``, their first ``width`` columns only."""
         at = idx if self.items is None else np.searchsorted(self.items, idx)
-        out = np.empty((len(at), self.width))
+        width = self.width if width is None else width
+        out = np.empty((len(at), width))
         column = 0
         for part in self.parts:
-            out[:, column:column + part.shape[1]] = part[at]
-            column += part.shape[1]
+            if column >= width:
+                break
+            take = min(part.shape[1], width - column)
+            out[:, column:column + take] = part[at] if take == part.shape[1] else \
+                part[at, :take]
+            column += take
         return out
 
     def subset(self, items: np.ndarray) -> Covariates:

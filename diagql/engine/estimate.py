@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from diagql.engine.regression import Fitted, GroupSums, assisted
+from diagql.engine.regression import Fitted, GroupSums, Pooled, assisted
 from diagql.results.metrics import COSINE, JS, PRECISION
 from diagql.results.result import Estimate
 
@@ -89,12 +89,19 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
         if prediction is not None:
             groups[key] = prediction.sums(state, population[key], covariate_means[key])
             continue
-        if getattr(state, "cross", None) is None:
+        if hasattr(state, "counts"):  # an argmax's one-hot winners: y² = y, every row fitted
+            if state.cross is None:
+                continue
+            counts = state.counts.numpy().astype(np.float64)
+            groups[key] = GroupSums(state.count, counts, counts, state.cross, population[key],
+                                    covariate_means[key])
             continue
-        total, squares = _sums(state)
-        groups[key] = GroupSums(state.count, total, squares, state.cross, population[key],
-                                covariate_means[key])
-    fitted = assisted({key: g for key, g in groups.items() if g.cross is not None})
+        if getattr(state, "zsums", None) is None:
+            continue
+        groups[key] = GroupSums(state.count, state.sum.numpy(), state.sumsq.numpy(),
+                                state.zsums.latent(state.latent), population[key],
+                                covariate_means[key], state.fit_sums())
+    fitted = assisted(groups, _pooled(states, prediction))
     if argmax:
         return fitted  # an argmax's one-hot winners are not predicted (nor checked)
     if prediction is None:
@@ -104,11 +111,19 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
             for key, f in fitted.items()}
 
 
-def _sums(state) -> tuple[np.ndarray, np.ndarray]:
-    if hasattr(state, "counts"):  # an argmax state: y is each item's one-hot winner, y² = y
-        counts = state.counts.numpy().astype(np.float64)
-        return counts, counts
-    return state.sum.numpy(), state.sumsq.numpy()
+def _pooled(states: dict, prediction) -> Pooled | None:
+    """The pass's pooled products (one for all the groups: regression.Pooled), the
+    residual's with a block prediction; None when the states streamed none."""
+    state = next((s for s in states.values() if getattr(s, "pooled", None) is not None), None)
+    if state is None:
+        return None
+    pooled = Pooled(state.directions.numpy(), state.pooled.numpy())
+    if prediction is None:
+        return pooled
+    # Σz and Σzzᵀ over every sampled row: the groups' (a group without items adds nothing).
+    z = sum(s.zsums.z.numpy() for s in states.values() if s.count)
+    zz = sum(s.zsums.zz.numpy() for s in states.values() if s.count)
+    return prediction.pooled(pooled, z, zz)
 
 
 def shares(fitted: Fitted | np.ndarray) -> np.ndarray:

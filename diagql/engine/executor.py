@@ -48,13 +48,14 @@ class Reducer:
         self.new_state = functools.partial(
             state_for, query.aggregate, query.order, plan.bound.n_neurons,
             spread=plan.approximate, groups=None if self.codes is None else len(self.keys),
-            covariates=0 if z is None else z.width, prediction=plan.prediction)
+            covariates=0 if z is None else z.width, prediction=plan.prediction,
+            directions=plan.directions)
         self.state = self.new_state()
         self.z = z  # the covariates (engine/covariates.py), joined per batch
         self.bad = NonFinite()  # items with NaN or inf activations
-        # A block prediction's Σr² is taken over at most FIT_ROWS items per group.
+        # An assisted mean's residual variance is fitted on at most FIT_ROWS items.
         self.fit = None
-        if z is not None and plan.prediction is not None and isinstance(self.state, MeanState):
+        if z is not None and isinstance(self.state, MeanState):
             self.fit = fit_rows(None if self.codes is None else self.codes.numpy(),
                                 len(self.items))
 

@@ -5,55 +5,56 @@ coefficient to fit, and the regression estimator fits only the residual y − ŷ
 
     mean_U(y) ≈ μ + V z̄_b,U + [the assisted estimate of the residual's mean]
 
-The mean states stream what the residual's sums need (engine/aggregates.py): Σy, the
-latent's z_latentᵀy, Σz and Σzzᵀ over all the covariates, and Σr² directly from each
-batch's r = y − ŷ (ŷ one float32 product z_b Vᵀ), so no row is held and no sum is derived by
-a difference that cancels; the block's k columns never meet y in float64."""
+The mean states stream what the residual's sums need (engine/aggregates.py): over every
+sampled row Σy, Σz and Σzzᵀ of all the covariates and the pooled slope's projected products
+(regression.Pooled, turned into the residual's by ``pooled``); over the fit rows (at most
+FIT_ROWS per group) Σr, Σr² and z_latentᵀr of each batch's r = y − ŷ (ŷ one float32 product
+z_b Vᵀ), so no row is held and no sum is derived by a difference that cancels."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from diagql.engine.regression import CrossSums, Fitted, GroupSums, corrected_mean
+from diagql.engine.regression import Fitted, GroupSums, Pooled, corrected_mean
 from diagql.model.auxiliaries import Auxiliary
 
 # The float32 residual's pieces: about 1 MB, which stays in a core's cache while it is
 # squared and summed (as engine/aggregates.py upcasts its pieces).
 _PIECE_BYTES = 1 << 20
-# The residual's variance needs a few hundred rows, not a sample's thousands: a group's Σr²
-# is taken over at most FIT_ROWS of its rows (every s-th in index order), so the prediction's
-# product, n × k × neurons, stops growing with the sample (docs/ARCHITECTURE.md, "Estimates").
-# σ² from 1,024 rows is within 4.4% (one standard error), σ within 2.2%.
-FIT_ROWS = 1024
+# The residual's variance needs a few hundred rows, not a sample's thousands: a query's Σr²
+# (and the latent's sums against r) are taken over at most FIT_ROWS rows of all its groups
+# together, each group's share FIT_ROWS / groups but at least FIT_FLOOR (every s-th item of the
+# group in index order), so the fit's per-row work, about 75 multiply-adds per value with a
+# block prediction, stops growing with the sample (docs/ARCHITECTURE.md, "Estimates").
+# σ² from 512 rows is within 6.3% (one standard error), σ within 3.1%; from 64, σ within 9%.
+FIT_ROWS = 512
+FIT_FLOOR = 64
 
 
-def fit_rows(codes: np.ndarray | None, n: int, limit: int | None = None) -> np.ndarray | None:
-    """Which of a plan's ``n`` items (sorted; ``codes`` their groups) the residual's Σr² is
-    taken over: every s-th item of each group in index order, s = ⌈items / limit⌉, so at
-    most ``limit`` (FIT_ROWS) per group. None when that is every item (no group has more)."""
+def fit_rows(codes: np.ndarray | None, n: int, limit: int | None = None,
+             floor: int | None = None) -> np.ndarray | None:
+    """Which of a plan's ``n`` items (sorted; ``codes`` their groups) the residual's sums are
+    taken over: every s-th item of each group in index order, s = ⌈items / share⌉, the share
+    max(``floor``, ``limit`` / groups) (FIT_FLOOR, FIT_ROWS). None when that is every item."""
     limit = FIT_ROWS if limit is None else limit
+    floor = FIT_FLOOR if floor is None else floor
     if codes is None:
         if n <= limit:
             return None
         return np.arange(n) % -(-n // limit) == 0
     sizes = np.bincount(codes)
-    if len(sizes) == 0 or sizes.max() <= limit:
+    if len(sizes) == 0:
+        return None
+    share = max(floor, limit // max(int(np.count_nonzero(sizes)), 1))
+    if sizes.max() <= share:
         return None
     order = np.argsort(codes, kind="stable")
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     rank = np.arange(n) - starts[codes[order]]
-    stride = -(-sizes // limit)
+    stride = -(-sizes // share)
     keep = np.empty(n, dtype=bool)
     keep[order] = rank % stride[codes[order]] == 0
     return keep
-
-
-def _add(into: torch.Tensor, piece: torch.Tensor, codes: torch.Tensor | None, home) -> None:
-    """A float32 piece's column sums into float64 sums (per group with ``codes``)."""
-    if codes is None:
-        into += piece.sum(dim=0).to(home)  # float32 over one piece: dtype= is 5x slower
-    else:
-        into.index_add_(0, codes, piece.to(device=home, dtype=torch.float64))
 
 
 class BlockPrediction:
@@ -76,13 +77,10 @@ class BlockPrediction:
                           else f"{self.layer}'s principal components")
         self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
 
-    def residual_squares(self, values: torch.Tensor, z: torch.Tensor,
-                         codes: torch.Tensor | None, shape: tuple, with_sum: bool = False):
-        """Σ (y − ŷ)² of a batch per neuron (per group with ``codes``: ``shape`` is the
-        state's), float64 on the CPU; ``with_sum``: (Σr², Σr). ŷ = μ + z_b Vᵀ is one float32
-        product (float64 rows: in float64), the precision the prediction is held in
-        (``restore``), taken in pieces of about 1 MB that stay in cache while squared and
-        summed; each piece's sum joins float64 sums."""
+    def residual_pieces(self, values: torch.Tensor, z: torch.Tensor):
+        """The residual r = y − ŷ of a batch's rows, (slice, r) in pieces of about 1 MB that
+        stay in cache while the state sums them; ŷ = μ + z_b Vᵀ one float32 product per piece
+        (float64 rows: float64), the precision the prediction is held in (``restore``)."""
         dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
         device = values.device
         key = (device, dtype)
@@ -93,47 +91,37 @@ class BlockPrediction:
             self._tensors[key] = held
         mean, basis_t = held
         zb = z[:, self.p:].to(device=device, dtype=dtype)
-        home = device if device.type != "mps" else torch.device("cpu")  # MPS: no float64
-        out = torch.zeros(shape, dtype=torch.float64, device=home)
-        total = torch.zeros_like(out) if with_sum else None
         rows = max(1, _PIECE_BYTES // (4 * max(values.shape[1], 1)))
         for start in range(0, len(values), rows):
             part = slice(start, start + rows)
             r = torch.addmm(mean, zb[part], basis_t)
             torch.sub(values[part].to(dtype), r, out=r)
-            piece_codes = None if codes is None else codes[part].to(home)
-            if total is not None:
-                _add(total, r, piece_codes, home)
-            r.mul_(r)
-            _add(out, r, piece_codes, home)
-        return out.cpu() if total is None else (out.cpu(), total.cpu())
+            yield part, r
 
     def sums(self, state, population: int, population_z: np.ndarray) -> GroupSums:
         """What the assisted fit models, against the latent covariates alone: for a mean
-        state the residual y − ŷ, whose Σr and Σ z_latent rᵀ follow exactly from the state's
-        Σy, Σz, Σzzᵀ and z_latentᵀy (float64) and whose Σr² it streamed directly (not as
-        Σy² − 2Σyŷ + Σŷ², which cancels where the block explains most of a neuron); for an
-        argmax state its one-hot winners (not predicted)."""
+        state the residual y − ŷ, whose Σr over every row follows exactly from the state's
+        Σy and Σz_b and whose sums over the fit rows the state streamed from r itself (not
+        as Σy² − 2Σyŷ + Σŷ², which cancels where the block explains most of a neuron); for
+        an argmax state its one-hot winners (not predicted)."""
         p = self.p
         if hasattr(state, "counts"):
             counts = state.counts.numpy().astype(np.float64)  # y is one-hot: y² = y
             return GroupSums(state.count, counts, counts, state.cross, population,
                              population_z[:p])
-        mu, v = self.mean, self.basis
-        z, zz = state.block.z.numpy(), state.block.zz.numpy()
-        cross = CrossSums.__new__(CrossSums)
-        cross.z, cross.zz = state.block.z[:p], state.block.zz[:p, :p]
-        cross.zy = torch.from_numpy(state.cross.zy.numpy() - np.outer(z[:p], mu)
-                                    - zz[:p, p:] @ v.T)
         n = state.count
-        total = state.sum.numpy() - (n * mu + v @ z[p:])
-        squares = state.residual_squares.numpy()
-        m = state.residual_count
-        if m < n:  # Σr² of m of the n rows (``fit_rows``): their centred sum, scaled to n
-            fit_total = state.residual_sum.numpy()
-            spread = np.maximum(squares - fit_total ** 2 / m, 0.0) * (n - 1) / max(m - 1, 1)
-            squares = spread + total ** 2 / n
-        return GroupSums(n, total, squares, cross, population, population_z[:p])
+        z = state.zsums.z.numpy()
+        total = state.sum.numpy() - (n * self.mean + self.basis @ z[p:])
+        return GroupSums(n, total, None, state.zsums.latent(p), population, population_z[:p],
+                         state.fit_sums())
+
+    def pooled(self, pooled: Pooled, z: np.ndarray, zz: np.ndarray) -> Pooled:
+        """The pass's projected products Dᵀ Σ z yᵀ as the residual's, Dᵀ Σ z rᵀ =
+        Dᵀ(Σ z yᵀ − Σz μᵀ − Σ z z_bᵀ Vᵀ), from Σz and Σzzᵀ over every sampled row."""
+        d, p = pooled.directions, self.p
+        products = pooled.products - np.outer(d.T @ z[:p], self.mean) - \
+            (d.T @ zz[:p, p:]) @ self.basis.T
+        return Pooled(d, products)
 
     def restore(self, fitted: Fitted, population_z: np.ndarray, widened: float = 1.0) -> Fitted:
         """The residual's estimate plus the matching items' mean prediction μ + V z̄_b,U, its

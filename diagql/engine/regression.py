@@ -43,16 +43,20 @@ class CrossSums:
     ``groups=G`` each sum has a leading axis of G and ``add`` takes each item's group code, as
     the grouped aggregate states do (engine/aggregates.py); ``group(g)`` is one group's sums."""
 
-    def __init__(self, p: int, n_neurons: int, groups: int | None = None):
+    def __init__(self, p: int, n_neurons: int, groups: int | None = None,
+                 gram_rows: int | None = None):
+        # ``gram_rows``: Σzzᵀ's first rows only (gram_rows × p), all that is read of the
+        # Gram matrix of a latent's and a block's columns (the latent's rows): 7x cheaper.
         lead = () if groups is None else (groups,)
         self.z = torch.zeros(*lead, p, dtype=torch.float64)
-        self.zz = torch.zeros(*lead, p, p, dtype=torch.float64)
+        self.zz = torch.zeros(*lead, p if gram_rows is None else gram_rows, p,
+                              dtype=torch.float64)
         self.zy = torch.zeros(*lead, p, n_neurons, dtype=torch.float64)
 
     def like(self) -> CrossSums:
         """Empty sums of the same shape (a batch's, merged once it is known to be finite)."""
         groups = None if self.z.dim() == 1 else self.z.shape[0]
-        return CrossSums(self.z.shape[-1], self.zy.shape[-1], groups)
+        return CrossSums(self.z.shape[-1], self.zy.shape[-1], groups, self.zz.shape[-2])
 
     @classmethod
     def of_rows(cls, z: np.ndarray, values: np.ndarray) -> CrossSums:
@@ -82,13 +86,15 @@ class CrossSums:
             else:
                 self.zy += (z.to(device).T @ wide).cpu()
             return
-        # Every group in one product: item i's covariates placed in its group's block of
-        # G·p columns, so that (spread)ᵀ · values stacks each group's zᵀy.
-        groups, p = self.z.shape
-        spread = torch.zeros(len(z), groups * p, dtype=torch.float64, device=device)
-        columns = codes.to(device)[:, None] * p + torch.arange(p, device=device)
-        spread.scatter_(1, columns, z.to(device))
-        self.zy += (spread.T @ wide).reshape(groups, p, wide.shape[1]).cpu()  # p may be 0
+        # One p × neurons product per group present, over its rows gathered in order: p
+        # multiply-adds per value, where a product with every item's covariates spread over
+        # G·p columns did G times as many (GROUP BY class on conv1: 206% of the pass).
+        z = z.to(device)
+        for g, part in _runs(codes.to(device)):
+            if device.type == "cpu":
+                self.zy[g].addmm_(z[part].T, wide[part])
+            else:
+                self.zy[g] += (z[part].T @ wide[part]).cpu()
 
     def add_winners(self, z: torch.Tensor, winners: torch.Tensor,
                     codes: torch.Tensor | None = None) -> None:
@@ -104,13 +110,17 @@ class CrossSums:
 
     def add_z(self, z: torch.Tensor, codes: torch.Tensor | None = None) -> None:
         """Only Σz and Σzzᵀ (``add`` is ``add_z`` and ``add_products``)."""
+        rows = self.zz.shape[-2]
         if codes is None:
             self.z += z.sum(dim=0)
-            self.zz += z.T @ z
+            self.zz += z[:, :rows].T @ z
             return
         codes = codes.cpu()
         self.z.index_add_(0, codes, z)
-        self.zz.index_add_(0, codes, z[:, :, None] * z[:, None, :])
+        # One Gram matrix per group present over its rows gathered in order (an outer
+        # product per item, index_add_-ed, made n × p² values first: 11 MB a batch at p = 74).
+        for g, part in _runs(codes):
+            self.zz[g] += z[part, :rows].T @ z[part]
 
     def merge(self, other: CrossSums) -> CrossSums:
         self.z += other.z
@@ -123,17 +133,94 @@ class CrossSums:
         part.z, part.zz, part.zy = self.z[g], self.zz[g], self.zy[g]
         return part
 
+    def latent(self, p: int) -> CrossSums:
+        """Σz and Σzzᵀ of the first p covariates only (one group's: no leading axis), no zᵀy."""
+        part = CrossSums.__new__(CrossSums)
+        part.z, part.zz = self.z[:p], self.zz[:p, :p]
+        part.zy = torch.zeros(p, 0, dtype=torch.float64)
+        return part
+
+
+def _runs(codes: torch.Tensor):
+    """(group, its rows) for each group present among ``codes``: an index of the rows in
+    order, or a slice when they are one run (a sorted batch's, or a single group's)."""
+    present, counts = torch.unique_consecutive(codes, return_counts=True)
+    if len(present) == len(torch.unique(present)):  # each group one run: slices
+        start = 0
+        for g, count in zip(present.tolist(), counts.tolist()):
+            yield g, slice(start, start + count)
+            start += count
+        return
+    order = torch.argsort(codes, stable=True)
+    present, counts = torch.unique_consecutive(codes[order], return_counts=True)
+    for g, rows in zip(present.tolist(), torch.split(order, counts.tolist())):
+        yield g, rows
+
+
+@dataclass(frozen=True)
+class RowSums:
+    """Sums over some of a group's sampled rows: their count, Σv, Σv² and the covariates'
+    sums against v (v the values, or the residual of a block prediction)."""
+
+    n: int
+    total: np.ndarray
+    squares: np.ndarray | None
+    cross: CrossSums
+
 
 @dataclass(frozen=True)
 class GroupSums:
-    """What the estimator needs of one group: the sample's sums and the group's population."""
+    """What the estimator needs of one group: the sample's sums and the group's population.
+    ``fit``: the rows the residual variance is fitted on (``prediction.fit_rows``), when they
+    are some of the n only; then ``cross`` need hold only Σz and Σzzᵀ of all n (the slope
+    comes from a ``Pooled`` product) and ``squares`` is not read."""
 
     n: int  # matching sampled items
     total: np.ndarray  # Σy (neurons)
-    squares: np.ndarray  # Σy²
+    squares: np.ndarray | None  # Σy²
     cross: CrossSums
     population: int  # matching items of the whole data set
     population_z: np.ndarray  # their mean covariates
+    fit: RowSums | None = None
+
+    @property
+    def fit_rows(self) -> RowSums:
+        return self.fit if self.fit is not None else \
+            RowSums(self.n, self.total, self.squares, self.cross)
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """The pooled slope's products over every sampled row of every group, projected on the
+    few directions the groups' corrections need (``directions``): Π = Σ (Dᵀz)vᵀ, d × neurons.
+    A group's correction δᵀB is uᵀΣ(z − z̄_g)vᵀ with u = A⁻¹δ, and every u lies in the span of
+    D (d ≤ the number of groups), so d multiply-adds per value replace the p of Σzvᵀ
+    (docs/ARCHITECTURE.md, "Estimates")."""
+
+    directions: np.ndarray  # p × d, orthonormal columns
+    products: np.ndarray  # d × neurons
+
+
+def directions(z: np.ndarray, codes: np.ndarray | None, population_z: list,
+               ridge: float = RIDGE) -> np.ndarray:
+    """The p × d orthonormal basis of the groups' u = A⁻¹δ (``Pooled``), from the sampled
+    items' latent covariates ``z`` (n × p), their group codes (None: one group) and each
+    group's population mean covariates (by code)."""
+    p = z.shape[1]
+    if p == 0 or len(z) == 0:
+        return np.zeros((p, 0))
+    codes = np.zeros(len(z), np.int64) if codes is None else np.asarray(codes)
+    counts = np.bincount(codes, minlength=len(population_z)).astype(np.float64)
+    sums = np.zeros((len(population_z), p))
+    np.add.at(sums, codes, z)
+    present = counts > 0
+    means = sums[present] / counts[present, None]
+    S = z.T @ z - (means.T * counts[present]) @ means
+    deltas = np.asarray([population_z[g] for g in np.flatnonzero(present)]) - means
+    U = np.linalg.solve(S + ridge * np.eye(p), deltas.T)  # p × groups
+    left, values, _ = np.linalg.svd(U, full_matrices=False)
+    keep = values > 1e-12 * max(float(values.max(initial=0)), 1e-300)
+    return left[:, keep]
 
 
 @dataclass(frozen=True)
@@ -168,43 +255,73 @@ def corrected_mean(values: np.ndarray, z: np.ndarray, population_z: np.ndarray,
     return ybar + (population_z - zbar) @ B
 
 
-def assisted(groups: dict, ridge: float = RIDGE) -> dict:
+def _centred(rows: RowSums, products: bool = True) -> tuple:
+    """(v̄, z̄, Szz, Szv, Svv) of some rows: their means and centred cross-products (Szv and
+    Svv None without ``products``: all that is read of every row when fit rows are given)."""
+    n = rows.n
+    vbar = rows.total / n
+    zbar = rows.cross.z.numpy() / n
+    szz = rows.cross.zz.numpy() - n * np.outer(zbar, zbar)
+    if not products:
+        return vbar, zbar, szz, None, None
+    szv = rows.cross.zy.numpy() - n * np.outer(zbar, vbar)
+    svv = np.maximum(rows.squares - n * vbar ** 2, 0.0)
+    return vbar, zbar, szz, szv, svv
+
+
+def _slope(parts: list, ridge: float) -> tuple:
+    """The pooled ridge slope of centred parts ((v̄, z̄, Szz, Szv, Svv) each): (B, A⁻¹, S)."""
+    S = sum(part[2] for part in parts)
+    A = S + ridge * np.eye(S.shape[0])
+    B = np.linalg.solve(A, sum(part[3] for part in parts))  # p × neurons
+    return B, np.linalg.inv(A), S
+
+
+def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -> dict:
     """key -> Fitted for every group with at least one sampled item (``groups``: key ->
-    GroupSums); a group of one item has no residual variance (se NaN)."""
-    parts = {}
-    for key, g in groups.items():
-        if g.n == 0:
-            continue
-        ybar = g.total / g.n
-        zbar = g.cross.z.numpy() / g.n
-        szz = g.cross.zz.numpy() - g.n * np.outer(zbar, zbar)
-        szy = g.cross.zy.numpy() - g.n * np.outer(zbar, ybar)
-        syy = np.maximum(g.squares - g.n * ybar ** 2, 0.0)
-        parts[key] = (g, ybar, zbar, szz, szy, syy)
+    GroupSums); a group of one item has no residual variance (se NaN).
+
+    The mean takes the slope fitted on every sampled row: from ``pooled`` when the pass
+    streamed it projected (the groups' ``fit`` rows are then some of them), else from the
+    groups' own cross-products. The residual variance σ² is fitted on each group's fit rows
+    (all of them without ``fit``), with its own slope on those rows; the standard error
+    combines it with the full slope's uncertainty, h = δᵀA⁻¹δ."""
+    parts = {key: (g, _centred(RowSums(g.n, g.total, None, g.cross), False),
+                   _centred(g.fit_rows))
+             for key, g in groups.items() if g.n > 0}
     if not parts:
         return {}
-    p = len(next(iter(parts.values()))[2])
-    S = sum(part[3] for part in parts.values())
-    A = S + ridge * np.eye(p)
-    B = np.linalg.solve(A, sum(part[4] for part in parts.values()))  # p × neurons
-    A_inv = np.linalg.inv(A)
-    p_eff = float(np.trace(S @ A_inv))  # the slope's degrees of freedom (ridge-shrunk)
-    n_total = sum(part[0].n for part in parts.values())
-    free = n_total - len(parts)
+    p = len(next(iter(parts.values()))[1][1])
+    S = sum(whole[2] for _, whole, _ in parts.values())
+    A_inv = np.linalg.inv(S + ridge * np.eye(p))
+    fits = [rows for _, _, rows in parts.values()]
+    B_fit, A_fit_inv, S_fit = _slope(fits, ridge)
+    if pooled is not None:
+        D = pooled.directions
+        # Dᵀ Σ_g S_zv,g: the projected products, each group centred.
+        projected = pooled.products - sum(g.n * np.outer(D.T @ whole[1], whole[0])
+                                          for g, whole, _ in parts.values())
+    p_eff = float(np.trace(S_fit @ A_fit_inv))  # the fit's slope's degrees of freedom
+    free = sum(rows.n for rows in (g.fit_rows for g, _, _ in parts.values())) - len(parts)
     # Residuals of a fitted slope understate σ²; the floor only keeps a slope that fits all of
     # a tiny sample from dividing by ~0 (it was 1, which left n = 2 or 3 uninflated: its
     # expected cosine distances came out at 0.74x the actual, benchmarks/README.md).
     inflate = free / max(free - p_eff, 0.5)
     out = {}
-    for key, (g, ybar, zbar, szz, szy, syy) in parts.items():
+    for key, (g, (ybar, zbar, *_), (_, _, fszz, fszv, fsvv)) in parts.items():
         delta = g.population_z - zbar
-        mean = ybar + delta @ B
-        if g.n < 2:
+        if pooled is None:
+            mean = ybar + delta @ B_fit  # the fit rows are every row: B_fit is the slope
+        else:
+            mean = ybar + (D.T @ (A_inv @ delta)) @ projected
+        m = g.fit_rows.n
+        if m < 2:
             out[key] = Fitted(mean, np.full_like(mean, np.nan), 0)
             continue
-        rss = syy - 2 * np.einsum("pj,pj->j", B, szy) + np.einsum("pj,pj->j", B, szz @ B)
-        sigma2 = np.maximum(rss, 0.0) / (g.n - 1) * inflate
+        rss = fsvv - 2 * np.einsum("pj,pj->j", B_fit, fszv) + \
+            np.einsum("pj,pj->j", B_fit, fszz @ B_fit)
+        sigma2 = np.maximum(rss, 0.0) / (m - 1) * inflate
         h = float(delta @ A_inv @ delta)  # = δᵀA⁻¹(S + ridge)A⁻¹δ: noise and shrinkage
         fpc = max(g.population - g.n, 0) / max(g.population, 1)
-        out[key] = Fitted(mean, np.sqrt(sigma2 * (fpc / g.n + h)), g.n - 1)
+        out[key] = Fitted(mean, np.sqrt(sigma2 * (fpc / g.n + h)), m - 1)
     return out
