@@ -56,19 +56,32 @@ def main() -> None:
     parser.add_argument("--bias-share", type=float, default=None,
                         help="engine/extrapolation.py's MINOR_SHARE and WHOLE_SHARE "
                              "(0: no widening)")
+    parser.add_argument("--fit-rows", type=int, default=None,
+                        help="engine/prediction.py's FIT_ROWS: the rows σ² is fitted on")
+    parser.add_argument("--fit-floor", type=int, default=None,
+                        help="engine/prediction.py's FIT_FLOOR: each group's least share")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.bias_share is not None:
         from diagql.engine import extrapolation
 
         extrapolation.MINOR_SHARE = extrapolation.WHOLE_SHARE = args.bias_share
+    if args.fit_rows is not None:
+        from diagql.engine import prediction
+
+        prediction.FIT_ROWS = args.fit_rows
+    if args.fit_floor is not None:
+        from diagql.engine import prediction
+
+        prediction.FIT_FLOOR = args.fit_floor
     started = time.perf_counter()
     conn = bigdata.big_connection(args.n, model=args.model)
     layers = args.layers or (["stem", "block1", "block2"] if args.model == "resnet"
                              else ["conv1", "conv2", "fc1"])
     conn.execute(f"SET estimator = {args.estimator}")
     print(f"{args.model}, {args.n:,} items, {args.estimator} estimator, bias share "
-          f"{args.bias_share if args.bias_share is not None else 'default'}, "
+          f"{args.bias_share if args.bias_share is not None else 'default'}, fit rows "
+          f"{args.fit_rows or 'default'} (floor {args.fit_floor or 'default'}), "
           f"samplers at {args.size:g}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| layer | sampler | query | sampled | coverage | rms error/se | expected cosine |"

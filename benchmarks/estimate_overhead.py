@@ -7,21 +7,22 @@
 
 ``--states``: the aggregate states alone (no model), 5,000 float32 rows of conv1's width in
 batches of 250, best of 5, the forms alternating: no covariates (the plain estimator), the
-latent's 10, all 74 summed against y in float64 (the block prediction as it was first built)
-and the block prediction as built now (10 against y, Σr² of the float32 residual).
+latent's on every row (a small sample), and as a large sample's pass makes them (pooled
+products on the groups' directions, σ²'s sums on the fit rows), without and with a block
+prediction and GROUP BY; against conv1 run on 5,000 items.
 
 Over bigdata.py's items (the demo's model, or ``--model resnet``: second_model.py's
-ResNet-style CNN, layers stem and block1 by default), each sample query with each estimator, timed as a
-first-time query: the session's activation store is emptied before it, so that its sampled
-items really go through the model (the script checks that they did) rather than being read
-from rows an earlier query kept; best of ``--repeat``. One untimed query per layer comes first,
-so that what a session computes once (the covariates, the catalog) is not counted.
-``estimate`` is the Result's timings["estimate"] (the fit, the intervals, the Monte Carlo
-draws), ``pass`` its timings["query"] (the sampled items' forward pass and reduction, with the
-covariates' sums streamed inside it for the assisted estimator; the plain estimator streams
-none). Issue 15's target: the assisted estimator's extra cost, ``extra`` = its pass − the
-plain pass + its estimate, under 10% of the plain pass (``extra/pass``); ``est/pass`` is the
-estimate alone against the assisted pass, as the earlier tables had it.
+ResNet-style CNN, layers stem and block1 by default), each sample query with each estimator,
+timed as a first-time query: the session's activation store is emptied before it, so that
+its sampled items really go through the model (the script checks that they did) rather than
+being read from rows an earlier query kept; best of ``--repeat``. One untimed query per layer
+comes first, so that what a session computes once (the covariates, the catalog) is not
+counted. ``pass`` is the Result's timings["query"] + timings["estimate"]; ``own`` the
+estimator's own work: the plan, the Reducers' making and reductions (``_ReductionClock``)
+and the estimate. Issue 15's target: the assisted estimator's extra cost, ``extra`` = its
+own − the plain estimator's own, under 10% of the plain pass (``extra/pass``). ``pass
+diff``, the difference of the two passes, is the same figure plus the model's kernels'
+run-to-run noise, which on this machine exceeds it.
 """
 from __future__ import annotations
 

@@ -542,7 +542,7 @@ def test_states_of_shards_with_fit_rows_merge_into_the_whole():
     n, width, k, p = 240, 30, 4, 2
     prediction, rows, z = _toy_prediction(rng, width, k, p, n)
     codes = rng.integers(0, 2, size=n)
-    keep = prediction_module.fit_rows(codes, n, limit=50)
+    keep = prediction_module.fit_rows(codes, n, limit=100, floor=50)
     directions = np.linalg.qr(rng.standard_normal((p, 2)))[0]
 
     def fed(part):

@@ -334,7 +334,7 @@ def test_a_pass_with_fit_rows_and_pooled_products_is_the_estimator_written_in_nu
     everyone = (Z[:, 1] > 0).astype(np.int64) if grouped else np.zeros(len(Z), np.int64)
     z_pop = {g: Z[everyone == g].mean(axis=0) for g in keys}
     n_pop = {g: int((everyone == g).sum()) for g in keys}
-    fit = fit_rows(codes if grouped else None, len(picked), limit=40)
+    fit = fit_rows(codes if grouped else None, len(picked), limit=40, floor=20)
     assert fit is not None and fit.sum() < len(picked)
     D = directions(Zs, codes if grouped else None, [z_pop[g] for g in keys])
     assert D.shape == (4, len(keys))  # one direction per group, not p

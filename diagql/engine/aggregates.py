@@ -83,11 +83,12 @@ class MeanState:
     ``spread=False`` (an exact answer, which needs no standard error) skips the squares.
 
     ``covariates`` (width; a sample's model-assisted estimate, engine/regression.py) adds, per
-    group: Σz of every covariate column and Σ z_latent zᵀ over every row (``zsums``); over the fit rows
-    (``fit`` in ``update``: at most prediction.FIT_ROWS per group; all rows without it) the
-    count, Σv, Σv² and the latent's zᵀv (``fit_cross``), v the values or, with a block
-    ``prediction``, their residual r = y − ŷ; and with ``directions`` (regression.Pooled),
-    the pooled slope's products Σ (Dᵀz)yᵀ over every row, d × neurons, in no group."""
+    group: Σz of every covariate column and Σ z_latent zᵀ over every row (``zsums``); over the
+    fit rows (``fit`` in ``update``, prediction.fit_rows; all rows without it) the count, Σv,
+    Σv² and the latent's zᵀv (``fit_cross``), v the values or, with a block ``prediction``,
+    their residual r = y − ŷ; and with ``directions`` (regression.Pooled), the pooled slope's
+    products Σ (Dᵀz)yᵀ over every row, d × neurons, in no group (docs/ARCHITECTURE.md,
+    "Estimates")."""
 
     def __init__(self, n_neurons: int, spread: bool = True, groups: int | None = None,
                  covariates: int = 0, prediction=None, directions: np.ndarray | None = None):

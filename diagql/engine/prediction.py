@@ -21,14 +21,18 @@ from diagql.model.auxiliaries import Auxiliary
 # The float32 residual's pieces: about 1 MB, which stays in a core's cache while it is
 # squared and summed (as engine/aggregates.py upcasts its pieces).
 _PIECE_BYTES = 1 << 20
-# The residual's variance needs a few hundred rows, not a sample's thousands: a query's Σr²
+# The residual's variance needs hundreds of rows, not a sample's thousands: a query's Σr²
 # (and the latent's sums against r) are taken over at most FIT_ROWS rows of all its groups
 # together, each group's share FIT_ROWS / groups but at least FIT_FLOOR (every s-th item of the
 # group in index order), so the fit's per-row work, about 75 multiply-adds per value with a
 # block prediction, stops growing with the sample (docs/ARCHITECTURE.md, "Estimates").
-# σ² from 512 rows is within 6.3% (one standard error), σ within 3.1%; from 64, σ within 9%.
-FIT_ROWS = 512
-FIT_FLOOR = 64
+# σ² from 1,024 rows is within 4.4% (one standard error), σ within 2.2%, for normal values.
+# Chosen by measurement (benchmarks/calibration_scale.py --fit-rows --fit-floor): fewer rows
+# cost conv1's sparse neurons coverage (by class at 50,000 items, 0.90-0.94 on 250 rows a
+# group, 0.89-0.92 on 125, 0.88-0.91 on 64), where heavy tails make σ̂ noisier than the t
+# quantile allows for.
+FIT_ROWS = 1024
+FIT_FLOOR = 256
 
 
 def fit_rows(codes: np.ndarray | None, n: int, limit: int | None = None,
