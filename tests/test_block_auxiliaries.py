@@ -570,3 +570,33 @@ def test_states_of_shards_with_fit_rows_merge_into_the_whole():
         r = rows[mine] - (prediction.mean + z[mine, p:] @ prediction.basis.T)
         np.testing.assert_allclose(a.fit_cross.zy.numpy(), z[mine, :p].T @ r, rtol=1e-9,
                                    atol=1e-9)
+
+
+def test_reduced_states_serve_only_a_plan_with_the_same_pooled_directions(db, cnn, digits):
+    """The activation store's memo of reduced states (storage/activations.py) keys on the
+    plan's pooled directions: two WHEREs whose sampled items are the same but whose matching
+    populations differ correct toward different means, so the second may not reuse the
+    first's pooled products. Each answer equals the one computed with nothing kept, and a
+    plain plan over the same items is still served by the kept states (no pass)."""
+    sample = "random(0.3, random_state=3)"
+    first = db.query(f"AVG NEURONS IN 2 WHERE class = 3 USING SAMPLE {sample}")
+    floor = float(db.profile.confidence[first.plan.items].min())
+    everyone = np.flatnonzero(db.profile.labels == 3)
+    assert (db.profile.confidence[everyone] < floor).any()  # unsampled items that drop out
+    text = f"AVG NEURONS IN 2 WHERE class = 3 AND confidence >= {floor!r} USING SAMPLE {sample}"
+    second = db.query(text)
+    np.testing.assert_array_equal(second.plan.items, first.plan.items)
+    assert not np.allclose(second.plan.directions, first.plan.directions)
+    db.activations.clear()
+    fresh = db.query(text)
+    np.testing.assert_allclose(second.values, fresh.values, rtol=1e-12)
+    assert not np.allclose(second.values, first.values, rtol=1e-9)
+    before = db.counters.get("items", 0)
+    db.execute("SET estimator = plain")
+    try:
+        plain = db.query(text)
+    finally:
+        db.execute("SET estimator = assisted")
+    assert db.counters.get("items", 0) == before
+    rows = _rows(cnn, digits[0], 3)[first.plan.items]
+    np.testing.assert_allclose(plain.values, rows.mean(axis=0), rtol=1e-6, atol=1e-6)

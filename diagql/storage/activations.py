@@ -45,8 +45,13 @@ def _reduction_key(plan) -> tuple:
     if kind == ("topk", "mean"):
         kind = "avg"  # the same mean state
     digest = hashlib.sha1(np.ascontiguousarray(plan.items).tobytes()).hexdigest()
-    # The assisted estimator's states also sum the covariates; the plain one's do not.
+    # The assisted estimator's states also sum the covariates (the plain one's do not: False),
+    # a mean's against the plan's pooled directions, which depend on the matching items'
+    # population too (engine/regression.py: Pooled): those states serve only the same ones.
     covariates = getattr(plan, "covariates", None) is not None
+    directions = getattr(plan, "directions", None)
+    if covariates and directions is not None:
+        covariates = hashlib.sha1(np.ascontiguousarray(directions).tobytes()).hexdigest()
     return plan.bound.view.key, query.unit, kind, query.group_by, digest, covariates
 
 
@@ -121,11 +126,13 @@ class ActivationStore:
     def reduced(self, plan) -> dict | None:
         """Aggregate states an earlier query reduced over exactly these items, or None."""
         key = _reduction_key(plan)
-        # States with the covariates' sums serve a plan that needs none as well.
-        for held in (key, key[:-1] + (True,)):
-            if held in self._reduced:
-                self._reduced.move_to_end(held)
-                return self._reduced[held]
+        if key not in self._reduced and key[-1] is False:
+            # States with the covariates' sums serve a plan that needs none as well.
+            key = next((held for held in reversed(self._reduced)
+                        if held[:-1] == key[:-1] and held[-1] is not False), key)
+        if key in self._reduced:
+            self._reduced.move_to_end(key)
+            return self._reduced[key]
         return None
 
     def remember(self, plan, states: dict) -> None:
