@@ -273,6 +273,8 @@ def test_covariates_join_their_parts_only_for_the_rows_asked():
     assert z.width == 7
     idx = np.sort(rng.choice(500, 60, replace=False))
     np.testing.assert_array_equal(z.rows(idx), joined[idx])
+    for width in (2, 4, 6):  # the first columns only: inside the latent, all of it, past it
+        np.testing.assert_array_equal(z.rows(idx, width), joined[idx, :width])
     part = z.subset(idx[10:40])
     np.testing.assert_array_equal(part.rows(idx[[12, 30, 39]]), joined[idx[[12, 30, 39]]])
     old_run, module._RUN = module._RUN, 64  # several runs per group
@@ -600,3 +602,24 @@ def test_reduced_states_serve_only_a_plan_with_the_same_pooled_directions(db, cn
     assert db.counters.get("items", 0) == before
     rows = _rows(cnn, digits[0], 3)[first.plan.items]
     np.testing.assert_allclose(plain.values, rows.mean(axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_a_state_pickled_with_fit_rows_waiting_carries_their_sums():
+    """A shard's state crosses to the driver pickled (engine/ray_engine.py): fit rows that
+    were still waiting for about 1 MB to gather (MeanState._hold) are summed first."""
+    import pickle
+
+    rng = np.random.default_rng(11)
+    n, width, k, p = 60, 20, 3, 2
+    prediction, rows, z = _toy_prediction(rng, width, k, p, n)
+    keep = np.arange(n) % 3 == 0
+    state = MeanState(width, covariates=p + k, prediction=prediction)
+    assert state.update(torch.from_numpy(rows), z=torch.from_numpy(z),
+                        fit=torch.from_numpy(keep))
+    assert state._waiting  # 20 rows of 20 neurons: far from 1 MB
+    copy = pickle.loads(pickle.dumps(state))
+    assert not copy._waiting and copy.fit_count == keep.sum()
+    r = rows[keep] - (prediction.mean + z[keep, p:] @ prediction.basis.T)
+    np.testing.assert_allclose(copy.fit_squares.numpy(), (r ** 2).sum(axis=0), rtol=1e-9)
+    np.testing.assert_allclose(copy.fit_cross.zy.numpy(), z[keep, :p].T @ r, rtol=1e-9,
+                               atol=1e-12)
