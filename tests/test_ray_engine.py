@@ -192,6 +192,25 @@ def test_a_sample_query_sends_only_its_items_and_answers_as_the_local_engine(wor
     close(plain.dense, acts[threes].mean(axis=0))
 
 
+def test_a_sample_whose_variance_takes_some_rows_has_the_local_intervals(world, monkeypatch):
+    """With fewer fit rows than sampled items (engine/prediction.py: fit_rows), a shard holds
+    its fit rows until they are summed, at the latest when its state is pickled back to the
+    driver: the cluster's answer and intervals are the local engine's."""
+    from diagql.engine import prediction
+
+    monkeypatch.setattr(prediction, "FIT_ROWS", 40)
+    monkeypatch.setattr(prediction, "FIT_FLOOR", 10)
+    statement = "AVG NEURONS IN net.4 GROUP BY correct USING SAMPLE random(0.5, random_state=4)"
+    world.conn.activations.clear()
+    before = world.conn.counters["items"]
+    got, want = world.conn.query(statement), world.local.query(statement)
+    assert world.conn.counters["items"] - before == want.n_items  # all through the cluster
+    same(got, want)
+    for key, group in want.groups.items():
+        np.testing.assert_allclose(got.groups[key].estimate.ci_high, group.estimate.ci_high,
+                                   rtol=1e-9)
+
+
 def test_a_script_s_queries_share_one_pass_on_the_cluster(world):
     script = ("AVG NEURONS IN net.6 GROUP BY correct; TOPK 4 NEURONS IN net.2 USING SAMPLE "
               "stratified(0.1); ARGMAX NEURONS IN net.7 WHERE predicted = 1")
