@@ -71,12 +71,6 @@ def _add_counts(count, codes: torch.Tensor | None, n: int):
     return count + torch.bincount(codes.cpu(), minlength=len(count))
 
 
-def _counts_like(count, codes: torch.Tensor | None, n: int):
-    """A batch's counts in the form of a state's ``count`` (an int, or one per group)."""
-    return _add_counts(torch.zeros_like(count) if isinstance(count, torch.Tensor) else 0,
-                       codes, n)
-
-
 class MeanState:
     """Per-neuron mean: (sum, sum of squares, count); the squares give the standard error.
 
@@ -155,8 +149,9 @@ class MeanState:
             self.pooled += pooled.cpu()
         if self.zsums is not None and z is not None:
             self.zsums.add_z(z, codes)
-            if fit is None:
-                self._add_fit(values, z, codes)
+            if fit is None:  # every row: v = y's sums are the batch's, taken above
+                self._add_fit(values, z, codes, None if self.prediction is not None or
+                              squares is None else (total, squares))
             else:
                 self._hold(values, z, codes, fit)
         self.count = _add_counts(self.count, codes, values.shape[0])
@@ -187,16 +182,20 @@ class MeanState:
         self._flush()
         return self.__dict__
 
-    def _add_fit(self, values, z, codes) -> None:
+    def _add_fit(self, values, z, codes, sums: tuple | None = None) -> None:
         """Fit rows' count, Σv, Σv² and the latent's sums against v, v the residual of the
-        block prediction or the values themselves."""
+        block prediction or the values themselves; ``sums``: their (Σv, Σv²) when the caller
+        has them already (every row of a batch, v = y)."""
         if not len(values):
             return
         latent = z[:, :self.latent].contiguous()
         self.fit_cross.add_z(latent, codes)
         home = values.device if values.device.type != "mps" else torch.device("cpu")
-        total = torch.zeros(self.sum.shape, dtype=torch.float64, device=home)
-        squares = torch.zeros_like(total)
+        if sums is None:
+            total = torch.zeros(self.sum.shape, dtype=torch.float64, device=home)
+            squares = torch.zeros_like(total)
+        else:
+            total, squares = sums
         if self.prediction is not None:
             pieces = self.prediction.residual_pieces(values, z)
         else:
@@ -205,7 +204,8 @@ class MeanState:
             wide = v.to(device=home, dtype=torch.float64)
             piece_codes = None if codes is None else codes[part].to(home)
             self.fit_cross.add_products(latent[part], wide, piece_codes)
-            _add_sums(total, squares, wide, piece_codes)
+            if sums is None:
+                _add_sums(total, squares, wide, piece_codes)
         self.fit_sum += total.cpu()
         self.fit_squares += squares.cpu()
         self.fit_count = _add_counts(self.fit_count, codes, len(values))
@@ -443,11 +443,6 @@ STATES = {"avg": MeanState, "argmax": ArgmaxState, ("topk", "mean"): MeanState,
           ("topk", "max"): MaxState}
 
 
-def state_class(aggregate: str, order: str) -> type:
-    """The state that reduces this aggregate (TOPK by its ORDER)."""
-    return STATES[aggregate if aggregate != "topk" else (aggregate, order)]
-
-
 def state_for(aggregate: str, order: str, n_neurons: int, spread: bool = True,
               groups: int | None = None, covariates: int = 0, prediction=None,
               directions: np.ndarray | None = None):
@@ -455,7 +450,7 @@ def state_for(aggregate: str, order: str, n_neurons: int, spread: bool = True,
     argmax state sum them too, ``prediction`` (a block's, engine/prediction.py) a mean
     state sum its residual against the latent's, ``directions`` a mean state stream the
     pooled slope's products (engine/regression.py: Pooled)."""
-    kind = state_class(aggregate, order)
+    kind = STATES[aggregate if aggregate != "topk" else (aggregate, order)]
     if kind is MeanState:
         return MeanState(n_neurons, spread, groups, covariates, prediction, directions)
     if kind is ArgmaxState:

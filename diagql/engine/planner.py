@@ -178,9 +178,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     directions = None
     if query.aggregate != "argmax":
         p = prediction.p if prediction is not None else z.width
-        item_keys = None if keys is None else keys[items]
-        unique, codes = (np.array([None]), None) if item_keys is None else \
-            np.unique(item_keys, return_inverse=True)
+        unique, codes = (np.array([None]), None) if plan.group_keys is None else \
+            np.unique(plan.group_keys, return_inverse=True)  # as the Reducer's codes
         directions = pooled_directions(z.rows(items, p), None if codes is None else
                                        codes.reshape(-1), [means[k][:p] for k in unique.tolist()])
     widening = 1.0
