@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diagql.engine.student_t import t_quantile
+
 
 class MomentState:
     """The sufficient statistics of exact linear CKA between every pair of L layers: the count,
@@ -209,8 +211,6 @@ def debiased_matrix(rows: list[np.ndarray], population: int | None = None,
     ``level`` interval from the delete-one jackknife over the sampled items (its variance
     finite-population corrected by the ``population`` they were drawn from). Returns (value,
     low, high) L × L arrays, clipped to [0, 1]; NaN where a layer's own HSIC is not positive."""
-    from scipy.special import stdtrit
-
     n, size = len(rows[0]), len(rows)
     nan = np.full((size, size), np.nan)
     if n < MIN_ITEMS:
@@ -225,7 +225,7 @@ def debiased_matrix(rows: list[np.ndarray], population: int | None = None,
                                               grams[j] if use else None)
     value, low, high = nan.copy(), nan.copy(), nan.copy()
     fpc = 1.0 if not population else max(population - n, 0) / max(population - 1, 1)
-    half_width = float(stdtrit(n - 1, 0.5 + level / 2))
+    half_width = t_quantile(n - 1, 0.5 + level / 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         for (i, j), (whole, dropped) in pairs.items():
             (self_i, drop_i), (self_j, drop_j) = pairs[i, i], pairs[j, j]
