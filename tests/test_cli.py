@@ -37,6 +37,24 @@ def test_help_and_version_do_not_import_torch():
     assert "diagql 0.1.0" in done.stdout
 
 
+
+def test_a_query_answered_from_the_cache_imports_no_scipy(tmp_path):
+    # scipy loads where it is used (a draw, a principal-axes fit), not on import: a new
+    # process's query over a cached profile and sample then pays none of its 0.2 s.
+    query = "TOPK 5 NEURONS IN conv2 USING SAMPLE random(0.05)"
+    code = ("import sys\nfrom diagql.shell.cli import main\n"
+            f"code = main(['--demo', '-e', {query!r}])\n"
+            "assert code in (0, None), code\n"
+            "print('scipy' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DIAGQL_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=ROOT, env=env, timeout=300) for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+        assert "conv2[" in done.stdout
+    assert runs[0].stdout.strip().endswith("True")  # the first drew and fitted: it did use it
+    assert runs[1].stdout.strip().endswith("False"), runs[1].stdout
+
 def test_query_on_a_user_model_prints_a_table():
     done = diagql(*MODEL, "-e", "TOPK 3 NEURONS IN encoder.1 WHERE incorrect")
     assert done.returncode == 0, done.stderr

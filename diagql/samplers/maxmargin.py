@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
-from scipy.special import expit, log_expit, logsumexp
 from threadpoolctl import threadpool_limits
 
 from diagql.errors import BindError, ExecutionError
@@ -254,6 +253,8 @@ def _platt(F: np.ndarray, positive: np.ndarray, start=None, max_iter: int = 100)
         z = a[:, None] * F + b[:, None]
         return (np.logaddexp(0, z) - (1 - T) * z).sum(1)
 
+    from scipy.special import expit  # here: scipy costs every new process's import 0.15 s
+
     f = loss(a, b)
     for _ in range(max_iter):
         p = expit(-(a[:, None] * F + b[:, None]))
@@ -288,6 +289,8 @@ def _calibrated_log_proba(F: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.nda
     ratios stay finite and ordered instead of tying at infinity (where the order would fall
     to the item index). CalibratedClassifierCV's uniform answer where every class's
     probability underflows cannot arise."""
+    from scipy.special import log_expit, logsumexp
+
     z = a * F.T.astype(np.float64) + b
     if len(F) == 1:
         return np.hstack([log_expit(z), log_expit(-z)])

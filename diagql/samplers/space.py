@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 from threadpoolctl import ThreadpoolController
 
 # A dimension whose spread is below this share of its own magnitude (or of the widest spread)
@@ -160,6 +159,8 @@ def _principal_axes(S: np.ndarray, dims: int, keep_all: bool = False) -> np.ndar
     each signed so that its largest-magnitude entry is positive (the eigensolver's signs are
     arbitrary). Axes of no variance are left out (rows of rank r < dims give r axes) unless
     ``keep_all``."""
+    import scipy.linalg  # here, not at import: scipy costs every new process 0.15 s
+
     S = np.asarray(S, dtype=np.float64)
     gram = S.shape[1] > S.shape[0]  # fewer items than dimensions: the items' Gram matrix
     with one_blas_thread():

@@ -13,7 +13,6 @@ import numbers
 from typing import ClassVar
 
 import numpy as np
-from scipy.spatial.distance import pdist
 
 from diagql.errors import BindError
 
@@ -109,6 +108,8 @@ def interchange(X: np.ndarray, order: np.ndarray, n: int, eps: float
 def median_distance(X: np.ndarray, rng: np.random.Generator, subset: int) -> float:
     """The median pairwise Euclidean distance of a random subset (the usual "median heuristic"
     for an RBF kernel's width); 1.0 if those items all coincide."""
+    from scipy.spatial.distance import pdist  # here: scipy costs every new process 0.15 s
+
     pick = rng.choice(len(X), size=min(subset, len(X)), replace=False)
     distances = pdist(X[pick]) if len(pick) > 1 else np.empty(0)
     median = float(np.median(distances)) if len(distances) else 0.0
