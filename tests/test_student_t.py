@@ -19,6 +19,12 @@ def test_t_quantile_matches_scipy(p):
         assert ours == pytest.approx(theirs, rel=1e-11, abs=1e-13), (df, p)
 
 
+def test_t_quantile_far_tails_within_their_stated_accuracy():
+    for p, rel in ((1e-7, 2e-9), (1 - 1e-7, 2e-9), (1e-10, 1e-6)):
+        for df in (1, 2, 3, 5, 8, 30, 200, 999, 5000):
+            assert t_quantile(df, p) == pytest.approx(float(stdtrit(df, p)), rel=rel), (df, p)
+
+
 def test_t_quantile_edges():
     assert t_quantile(7, 0.5) == 0.0
     assert t_quantile(0, 0.975) == t_quantile(1, 0.975)  # df below 1 is taken as 1
