@@ -80,6 +80,25 @@ def test_every_layers_winners_are_plain_torchs_through_in_place_ops():
         truth["bn"][matching].argmax(axis=1), minlength=12) / matching.sum(), atol=1e-12)
 
 
+
+def test_layers_whose_outputs_share_a_sum_and_freed_memory_keep_their_own_winners():
+    # Softmax rows sum to 1, so every Softmax's output sums to the batch size; each is freed
+    # before the next is made, which may take the same address. The keeper had reused the
+    # first Softmax's winners for the others (ARGMAX USING FULL then answered wrongly).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Softmax(dim=1), nn.Linear(8, 8),
+                          nn.Softmax(dim=1), nn.Linear(8, 8), nn.Softmax(dim=1),
+                          nn.Linear(8, 3)).eval()
+    X, y = torch.randn(500, 10), torch.randint(0, 3, (500,))
+    db = diagql.connect(model, (X, y), batch_size=100, cache_dir=False, progress=False)
+    with torch.no_grad():
+        for i in range(len(model)):
+            truth = model[:i + 1](X).argmax(dim=1).numpy()
+            result = db.query(f"ARGMAX NEURONS IN {i} USING FULL")
+            np.testing.assert_allclose(result.values, np.bincount(truth, minlength=result.values
+                                                                  .shape[0]) / len(X),
+                                       atol=1e-12, err_msg=str(i))
+
 def test_an_argmax_of_channels_is_counted_from_each_items_winning_channel():
     """A conv map keeps each item's winning channel (the largest channel mean) too: CHANNELS'
     ARGMAX, exact or sampled (assisted), runs no forward pass and gives plain torch's shares."""

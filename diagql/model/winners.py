@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -62,6 +63,13 @@ def winner_dtype(width: int) -> np.dtype:
     return np.min_scalar_type(max(width - 1, 0))
 
 
+def _storage(rows: torch.Tensor):
+    """The storage holding ``rows``, or None where a tensor has none to name (sparse, nested)."""
+    try:
+        return rows.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
 class WinnerKeeper:
     """The profile pass's part: each view's winner of every item, batch by batch. A view whose
     layer did not run, was read otherwise than the probe saw, or gave a NaN or inf value is
@@ -74,7 +82,7 @@ class WinnerKeeper:
         self.batch: dict[str, torch.Tensor] = {}
         # This batch's winners by the values they came from: a Sequential's output is its last
         # child's, a Flatten's its input's data, so most layers of a block share one argmax.
-        self.seen: dict[tuple, torch.Tensor] = {}
+        self.seen: dict[tuple, tuple] = {}  # key -> (weak reference to the storage, winners)
         self.position = 0
 
     def callbacks(self) -> dict:
@@ -105,17 +113,27 @@ class WinnerKeeper:
         # The same memory, shape and strides as a view's before, still holding the same sum:
         # the same values, so the same winners. (An in-place op since, such as
         # ReLU(inplace=True) after a BatchNorm, changes the sum; inference mode keeps no
-        # version counter to tell.)
+        # version counter to tell.) The same memory means the same storage, still alive: a
+        # freed output's address is soon another layer's, and outputs of one sum are common
+        # (a Softmax's rows sum to 1, a LayerNorm's to about 0), so an address alone gave one
+        # layer another's winners.
         key = (rows.data_ptr(), tuple(rows.shape), rows.stride(), rows.dtype, total,
                view.channels)
-        if key not in self.seen:
-            values = view.finish(rows)
-            if values.ndim != 2 or values.shape[1] != view.neurons:
-                raise ValueError("not a row per item")
-            # First of ties, in the dtype a query's pass reduces (the model's; CHANNELS'
-            # float64 means): as an ARGMAX's pass counts it (engine/aggregates.py).
-            self.seen[key] = row_argmax(values)
-        return self.seen[key]
+        storage = _storage(rows)
+        held = self.seen.get(key)
+        if held is not None and storage is not None and held[0]() is storage:
+            return held[1]
+        values = view.finish(rows)
+        if values.ndim != 2 or values.shape[1] != view.neurons:
+            raise ValueError("not a row per item")
+        # First of ties, in the dtype a query's pass reduces (the model's; CHANNELS' float64
+        # means): as an ARGMAX's pass counts it (engine/aggregates.py).
+        winners = row_argmax(values)
+        if storage is not None:
+            # A weak reference: the batch's outputs are not kept alive for it (torch keeps one
+            # Python object per live storage, so the reference dies with the memory).
+            self.seen[key] = (weakref.ref(storage), winners)
+        return winners
 
     def drop(self, key: str) -> None:
         for table in (self.views, self.winners, self.batch):
