@@ -388,6 +388,35 @@ def test_an_unknown_latent_given_to_connect_says_it_is_the_latent(mlp, digits):
     assert "layers are" in caught.value.hint
 
 
+
+class WithSpareHead(torch.nn.Module):
+    """An MLP that defines a Linear after its head and never calls it (an auxiliary head kept
+    for training): the default latent had been that Linear's input, and every query failed
+    with "layer 'spare' did not run"."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+        self.spare = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_the_default_latent_is_the_last_linear_that_runs(mlp, digits):
+    model = WithSpareHead(mlp)
+    conn = diagql.connect(model, digits, cache_dir=False, progress=False)
+    result = conn.query("AVG NEURONS IN mlp.encoder.3 WHERE class = 2")
+    assert conn.profile.latent_layer == "input of mlp.head"
+    X, y = digits
+    kept = []
+    handle = mlp.encoder[3].register_forward_hook(lambda m, i, o: kept.append(o.detach()))
+    with torch.no_grad():
+        mlp(X[y == 2])
+    handle.remove()
+    np.testing.assert_allclose(result.values, kept[0].double().mean(dim=0).numpy(), rtol=1e-5,
+                               atol=1e-6)
+
 @pytest.mark.parametrize("content", [b"hello world, not a checkpoint\n", b"\x80\x04garbage", b""])
 def test_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, content):
     """A text file or garbage as --weights (or a checkpoint): torch's unpickler raised a bare

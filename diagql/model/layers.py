@@ -446,10 +446,14 @@ def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
     return "every position: no padding mask reached it in the probe"
 
 
-def default_latent(model: nn.Module) -> str | None:
-    """The final linear layer, whose input is the latent vector the paper samples in."""
+def default_latent(model: nn.Module, catalog: LayerCatalog | None = None) -> str | None:
+    """The final linear layer, whose input is the latent vector the paper samples in: the
+    last in the model's own order that runs in its forward pass (``catalog``: the probe's),
+    not one it defines and never calls."""
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
-            last = name
+            layer = None if catalog is None else catalog.module(name)
+            if catalog is None or (layer is not None and layer.calls > 0):
+                last = name
     return last

@@ -153,7 +153,10 @@ class Artifacts:
         latent = conn.latent
         view = None
         if latent is None:
-            name, is_input = default_latent(conn.model), True
+            # The catalog as it is, or probed (three items) for the pass alone: a profile
+            # loaded from disk needs none, and one computed touches no other cache entry.
+            catalog = self.catalog or self._probe()
+            name, is_input = default_latent(conn.model, catalog), True
         else:
             try:
                 layer = bind_layer(ast.LayerRef(latent), self.get_catalog())
@@ -162,8 +165,8 @@ class Artifacts:
                                 f"latent): {exc.message}", hint=exc.hint) from None
             view = bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)), layer)
             name, is_input = view.layer.name, False
+            catalog = self.catalog
         if conn.engine is not None:
-            catalog = self.catalog or self._probe()
             compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
                                             conn.dtype, len(conn.source))
             return conn.engine.profile(len(conn.source), latent=name, latent_is_input=is_input,
@@ -173,12 +176,9 @@ class Artifacts:
                                        blocks=auxiliaries.blocks(conn.model, catalog),
                                        winners=winners.views(catalog, len(conn.source)),
                                        scores=self.scores(catalog))
-        catalog = self.catalog or self._probe()
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
-            # The catalog as it is, or probed (three items) for the pass alone: a profile
-            # loaded from disk needs none, and one computed touches no other cache entry.
             view=view, catalog=catalog, scores=self.scores(catalog))
 
     def get_sample(self, sampler: samplers.Sampler) -> tuple[samplers.Sample, bool]:
