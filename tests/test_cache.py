@@ -304,6 +304,25 @@ def test_a_damaged_profile_is_reported_and_recomputed(tmp_path, monkeypatch, how
     assert third.cache.hits == 1
 
 
+
+def test_a_binary_classifiers_profile_is_read_back(tmp_path):
+    # One logit per item scores two classes: the reader had refused its (n, 1) logits as
+    # damaged, so every new session warned and computed the profile again.
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1))
+
+    X, _ = pair()
+    y = (X[:, 0] > 0).long()
+    first = connect(model(), (X, y), tmp_path)
+    assert first.profile.logits.shape == (len(X), 1) and first.profile.n_classes == 2
+    first.cache.flush()
+    second = connect(model(), (X, y), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        assert_same_profile(second.profile, first.profile)
+    assert second.cache.hits == 1
+
 def assert_same_profile_values(a, b) -> None:
     """A recomputed profile: the same answers, though its pass took other seconds."""
     for field in ("labels", "predictions", "confidence", "latents", "n_classes", "latent_layer"):

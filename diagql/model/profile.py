@@ -128,8 +128,10 @@ class Profile:
             covariates=arrays.get("covariates"), winners=_winners(arrays, n_items),
             **_views(arrays["views"]))
         logits = profile.logits
-        if logits is not None and (logits.dtype != np.float32 or logits.shape != (
-                n_items, profile.n_classes)):
+        # A binary classifier's one logit per item scores two classes (``_logits``).
+        widths = (profile.n_classes, 1) if profile.n_classes == 2 else (profile.n_classes,)
+        if logits is not None and (logits.dtype != np.float32 or logits.ndim != 2
+                                   or len(logits) != n_items or logits.shape[1] not in widths):
             raise ValueError(f"its logits do not describe {n_items:,} items")
         held = profile.covariates
         if held is not None and (held.dtype != np.float64 or held.ndim != 2
