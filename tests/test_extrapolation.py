@@ -69,3 +69,27 @@ def test_a_layer_inside_a_block_is_checked_on_that_blocks_projections(digits):
     text = dict(conn.query("EXPLAIN AVG NEURONS IN 0.0 USING SAMPLE random(0.1)")
                 .plan.explain())["estimator"]
     assert "checked on 0's principal components" in text
+
+
+@pytest.mark.parametrize("query", ["AVG NEURONS IN 0.0", "TOPK 5 NEURONS IN 2",
+                                   "AVG NEURONS IN 0 GROUP BY class",
+                                   "ARGMAX NEURONS IN 2 WHERE class = 3"])
+def test_a_sample_of_every_matching_item_is_exact_with_nothing_widened(digits, query):
+    # random(1.0) draws every item: there is nothing left to estimate. The check had widened
+    # its zero-width intervals by its misses' rounding ("intervals widened 3.2x").
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Flatten(),
+                          nn.Sequential(nn.Linear(144, 32), nn.ReLU()), nn.Linear(32, 10))
+    conn = diagql.connect(model.eval(), digits, cache_dir=False, progress=False)
+    sampled = conn.query(f"{query} USING SAMPLE random(1.0)")
+    full = conn.query(f"{query} USING FULL")
+    parts = list(sampled.groups.values()) if sampled.groups is not None else [sampled]
+    wholes = list(full.groups.values()) if full.groups is not None else [full]
+    for part, whole in zip(parts, wholes):
+        estimate = part.estimate
+        assert estimate.exact and estimate.n == estimate.population
+        assert not estimate.widened or estimate.widened == 1.0
+        np.testing.assert_allclose(part.values, whole.values, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(estimate.ci_low, estimate.ci_high)
+    assert "it holds every matching item" in str(sampled)
+    assert "widened" not in str(sampled)

@@ -31,6 +31,8 @@ COVERS = ("sampling variance of a uniform sample of the matching items "
           "(normal approximation, finite-population corrected); not a sampler's bias")
 COVERS_EXACT = ("nothing left to estimate: the profile keeps every matching item's winner, so "
                 "the shares are counted, not estimated")
+COVERS_WHOLE = ("nothing left to estimate: the sample holds every matching item, so its answer "
+                "is the exact one")
 COVERS_ASSISTED = ("sampling variance and the sampler's selection, through a linear model of "
                    "each neuron in the items' reduced latent (a sampler choosing by the profile "
                    "alone is ignorable given it); not what the model cannot fit")
@@ -168,6 +170,15 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
     TOPK BY MEAN: intervals of the reported neurons, P(in true top-k) and expected precision.
     ``fitted``: the assisted estimator's fit of this group (reliable for any sampler)."""
     n = state.count
+    if 0 < n == population:  # every matching item sampled: the sample's mean is the exact one
+        mean = state.sum.numpy() / n
+        if k is None:
+            return Estimate(COVERS_WHOLE, True, LEVEL, n, population, ci_low=mean,
+                            ci_high=mean.copy(), metric=COSINE, expected=0.0,
+                            estimator=_name(fitted), exact=True)
+        return Estimate(COVERS_WHOLE, True, LEVEL, n, population, ci_low=mean[reported],
+                        ci_high=mean[reported].copy(), p_in_topk=np.ones(len(reported)),
+                        metric=PRECISION, expected=1.0, estimator=_name(fitted), exact=True)
     if n < 2:
         return _too_few(n, population)
     if fitted is not None:
@@ -254,6 +265,11 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
         share = shares(fitted)
         return Estimate(COVERS_EXACT, True, LEVEL, n, population, ci_low=share, ci_high=share,
                         metric=JS, expected=0.0, estimator=_name(fitted), exact=True)
+    if 0 < n == population:  # every matching item sampled: the counts are the exact ones
+        share = state.counts.numpy().astype(np.float64) / n
+        return Estimate(COVERS_WHOLE, True, LEVEL, n, population, ci_low=share,
+                        ci_high=share.copy(), metric=JS, expected=0.0, estimator=_name(fitted),
+                        exact=True)
     if n < 2:
         return _too_few(n, population)
     counts = state.counts.numpy().astype(np.float64)

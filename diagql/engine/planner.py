@@ -185,7 +185,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     widening = 1.0
     check = None if query.aggregate == "argmax" else \
         extrapolation.check_for(profile, bound.view.layer.name, chosen.auxiliary, chosen.held)
-    if check is not None and len(items):
+    # A sample of every matching item answers exactly: nothing is extrapolated to check.
+    if check is not None and 0 < len(items) < len(matching):
         widening = extrapolation.widening(check, z.parts[0], items, keys, matching, population,
                                           means)
         text += (f"; checked on {check.what}: " + (f"intervals widened {widening:.2f}x"

@@ -268,6 +268,8 @@ def _estimate_line(result) -> Text | None:
             f"measure its own bias; add WITH BASELINE for the real error")
         return Text(f"no accuracy estimate: {reason}", style="yellow")
     if all(e.exact for e in estimates):
+        if all(e.n == e.population for e in estimates):
+            return Text("exact, from a sample: it holds every matching item", style="dim")
         return Text("exact, from a sample: the profile keeps every item's winner of "
                     f"{result.layer}, so the shares are counted, not estimated", style="dim")
     value = math.fsum(e.expected for e in reliable) / len(reliable)

@@ -105,7 +105,9 @@ class Estimate:
     # "assisted" (the answer and its estimate come from a regression on the latent: reliable
     # for every sampler) or "plain" (the sample mean: reliable for uniform samplers only)
     estimator: str | None = None
-    exact: bool = False  # the answer is exact (an ARGMAX counted from the profile's winners)
+    # The answer is exact: an ARGMAX counted from the profile's winners, or a sample that
+    # holds every matching item.
+    exact: bool = False
     # The factor the intervals were widened by because the fit, checked on values known for
     # every item, missed them by more than its own standard errors (engine/prediction.py).
     widened: float | None = None
