@@ -393,6 +393,14 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
         "(all but the labels) are passed as keyword arguments: rename or drop those keys (a "
         "collate_fn can), name the key with label_key=... (CLI: --label-key) if they are the "
         "labels, or hand the mapping whole as ((mapping,), y)")
+    assert _refusal(net, ((X, Z), y)) == (
+        "X is a tuple of 2 tensors ((30, 4), (30, 2)); for a model with several inputs, pass a "
+        "Dataset whose items are ((x1, x2, ...), y), or a dict of named inputs with the labels "
+        "(a mapping, y)")
+    unpadded = [{"input_ids": s, "labels": int(c)} for s, c in zip(sequences, labels)]
+    assert _refusal(bert, unpadded).endswith(
+        "; items of different lengths need a padding collate_fn: pass DataLoader(data, "
+        "collate_fn=...), e.g. transformers' DataCollatorWithPadding(tokenizer)")
     assert _refusal(net, TensorDataset(X, Z, y)) == (
         "the data's items have 3 parts; DiagQL needs (x, y): put several inputs in a tuple, "
         "((x1, x2), y)")

@@ -258,8 +258,15 @@ def _reading(loader: DataLoader) -> Iterator:
         except DiagQLError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
+            hint = ""
+            if "stack expects each tensor to be equal size" in str(exc):
+                # The default collate stacks items: sequences of different lengths need padding.
+                hint = ("; items of different lengths need a padding collate_fn: pass "
+                        "DataLoader(data, collate_fn=...), e.g. transformers' "
+                        "DataCollatorWithPadding(tokenizer)")
             raise ExecutionError(f"reading the data raised {type(exc).__name__}: {exc} (in the "
-                                 f"Dataset's __getitem__ or the DataLoader's collate_fn)") from exc
+                                 f"Dataset's __getitem__ or the DataLoader's collate_fn)"
+                                 f"{hint}") from exc
         yield batch
 
 
@@ -299,6 +306,13 @@ def _batch_len(x) -> int:
 def _as_tensor(X, name: str) -> torch.Tensor:
     if isinstance(X, torch.Tensor):
         return X
+    if isinstance(X, (tuple, list)) and len(X) > 1 and all(
+            isinstance(part, torch.Tensor) and part.ndim > 0 for part in X):
+        shapes = ", ".join(str(tuple(part.shape)) for part in X)
+        raise DiagQLError(f"{name} is a {type(X).__name__} of {len(X)} tensors ({shapes}); for a "
+                          f"model with several inputs, pass a Dataset whose items are "
+                          f"((x1, x2, ...), y), or a dict of named inputs with the labels "
+                          f"(a mapping, y)")
     try:
         return torch.as_tensor(np.asarray(X))
     except (TypeError, ValueError, RuntimeError) as exc:
