@@ -70,6 +70,7 @@ def _storage(rows: torch.Tensor):
     except (RuntimeError, NotImplementedError):
         return None
 
+
 class WinnerKeeper:
     """The profile pass's part: each view's winner of every item, batch by batch. A view whose
     layer did not run, was read otherwise than the probe saw, or gave a NaN or inf value is
@@ -132,7 +133,10 @@ class WinnerKeeper:
         if storage is not None:
             # A weak reference: the batch's outputs are not kept alive for it (torch keeps one
             # Python object per live storage, so the reference dies with the memory).
-            self.seen[key] = (weakref.ref(storage), winners)
+            try:
+                self.seen[key] = (weakref.ref(storage), winners)
+            except TypeError:  # a storage that takes no weak reference: never reused
+                pass
         return winners
 
     def drop(self, key: str) -> None:
