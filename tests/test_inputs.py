@@ -434,5 +434,19 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
     token_labels = tm.DictDataset(sequences, labels, length=12)
     token_labels.labels = torch.zeros(len(sequences), 12, dtype=torch.int64)
     assert re.fullmatch(r"labels must be one class index per item \(or one-hot rows\), got 12 "
-                        r"values per item \(labels of shape \(\d+, 12\)\) that are not "
+                        r"values per item \(labels of shape \(12,\) per item\) that are not "
                         r"one-hot: .*", _refusal(bert, token_labels))
+
+
+def test_a_label_given_as_a_one_element_list_is_that_label():
+    # The default collate makes [3] per item a list holding one tensor of the batch's labels,
+    # which had been read as one item's one-hot row ("2 inputs and 1 labels").
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(50, 8, generator=g), torch.randint(0, 3, (50,), generator=g)
+    items = [(X[i], [int(y[i])]) for i in range(50)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    db = diagql.connect(model, items, cache_dir=False, progress=False)
+    np.testing.assert_array_equal(db.profile.labels, y.numpy())
+    with torch.no_grad():
+        np.testing.assert_array_equal(db.profile.predictions, model(X).argmax(1).numpy())

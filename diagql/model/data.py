@@ -224,7 +224,7 @@ class ItemSource:
                                           f"{_keys(x)}: {_NAME_IT}"
                 return inputs, None if y is None else _as_labels(y)
             self._refuse_label_key(f"(x, y) items with x a {type(x).__name__}")
-            return x, None if y is None else _as_labels(y)
+            return x, None if y is None else _as_labels(_collated_label(y))
         self._refuse_label_key(f"items of bare inputs, a {type(batch).__name__} each")
         return batch, None
 
@@ -245,6 +245,16 @@ class ItemSource:
             raise DiagQLError(f"label_key {self.label_key!r} names a key of mapping data, but "
                               f"the data is {data}; leave label_key out")
 
+
+def _collated_label(y):
+    """The labels of a collated batch whose items each gave their label as a one-element list
+    or tuple (``[3]``): the default collate makes that a list holding one tensor of the
+    batch's labels, which is the labels themselves (read as given, a row of the batch's size
+    had passed for one item's one-hot label)."""
+    if isinstance(y, (list, tuple)) and len(y) == 1 and isinstance(y[0], torch.Tensor) \
+            and y[0].ndim == 1:
+        return y[0]
+    return y
 
 def _reading(loader: DataLoader) -> Iterator:
     """The loader's batches; a failure of the user's Dataset or collate_fn becomes an
@@ -342,14 +352,26 @@ def _as_labels(y) -> np.ndarray:
             # Each row names one class unmistakably: its index is the label.
             return y.argmax(axis=1).astype(np.int64)
         if y.shape[1] != 1:
+            per_item = shape[1:]
+            whole = y.dtype.kind in "iub" or bool(np.all(y == np.round(y)))
+            if whole and (y.min(initial=0) < 0 or y.max(initial=0) > 1):
+                # Class indices at every position (-100: Hugging Face's ignored ones).
+                raise DiagQLError(f"labels must be one class index per item, got class indices "
+                                  f"of shape {per_item} per item (one per token, as for token "
+                                  f"classification): DiagQL compares one predicted class with "
+                                  f"one true class per item; give each item one label")
             raise DiagQLError(f"labels must be one class index per item (or one-hot rows), got "
-                              f"{y.shape[1]} values per item (labels of shape {shape}) that are "
-                              f"not one-hot: DiagQL compares one predicted class with one true "
-                              f"class, so multi-hot or soft labels have no such class")
+                              f"{y.shape[1]} values per item (labels of shape {per_item} per "
+                              f"item) that are not one-hot: DiagQL compares one predicted class "
+                              f"with one true class, so multi-hot or soft labels have no such "
+                              f"class")
         y = y[:, 0]
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            raise DiagQLError("labels must be whole class indices, found fractional values")
+            odd = y[~np.isfinite(y) | (y != np.round(y))][0]
+            raise DiagQLError(f"labels must be whole class indices, found {odd:g}: DiagQL "
+                              f"diagnoses classifiers, and a regression model's continuous "
+                              f"targets name no class")
     elif y.dtype.kind in "USO":
         seen = ", ".join(repr(v) for v in list(dict.fromkeys(y.tolist()))[:3])
         raise DiagQLError(f"labels must be class indices (whole numbers), not {seen}, ...: "
