@@ -237,6 +237,21 @@ def test_one_score_in_zero_one_is_noticed_and_read_as_a_probability_when_asked()
     assert not any("torch.logit" in note for note in asked.query("SHOW PROFILE").notes)
 
 
+
+def test_a_sigmoid_per_class_is_noticed_and_softmax_probabilities_are_not():
+    X, y = data()
+    with pytest.warns(diagql.DiagQLWarning, match=rf"{CLASSES} scores per item lie in \[0, 1\]"):
+        conn = diagql.connect(Post(torch.sigmoid), (X, y), cache_dir=False, progress=False)
+        _ = conn.profile
+    assert any("torch.logit" in note for note in conn.query("SHOW PROFILE").notes)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        probabilities = diagql.connect(Post(lambda z: torch.softmax(z, 1)), (X, y),
+                                       cache_dir=False, progress=False)
+        _ = probabilities.profile  # rows that sum to 1 are read as probabilities: no notice
+    assert not any("torch.logit" in note for note in probabilities.query("SHOW PROFILE").notes)
+
 @pytest.mark.parametrize("post", [lambda z: z.argmax(1), lambda z: z > 0],
                          ids=["class-indices", "flags"])
 def test_an_output_of_integers_or_flags_is_no_class_scores(post):
@@ -290,3 +305,45 @@ def test_a_datasets_labels_are_read_once_to_decide():
     # At most two probes (the profile's own, then the catalog's) of 1 + 2 + 3 items, every
     # label once, the profile's pass: the second probe reads no label again.
     assert items.reads <= 12 + 2 * N
+
+
+class PerPosition(nn.Module):
+    """A token-level model's output: CLASSES scores at each of 4 positions per item."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(D, 4 * CLASSES)
+
+    def forward(self, x):
+        return self.body(x).reshape(len(x), 4, CLASSES)
+
+
+def test_an_output_with_a_vector_per_position_names_the_way_to_pick_one():
+    X, y = data()
+    conn = diagql.connect(PerPosition(), (X, y), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError) as refused:
+        _ = conn.profile
+    assert refused.value.message.startswith(
+        f"the model's output has per-item shape (4, {CLASSES}): several score vectors per item")
+    assert "scores=lambda out: out[:, 0]" in refused.value.message
+    # The way it names works: the first position's scores, against plain torch.
+    picked = diagql.connect(PerPosition(), (X, y), cache_dir=False, progress=False,
+                            scores=lambda out: out[:, 0])
+    with torch.no_grad():
+        first = PerPosition()(X)[:, 0]
+    np.testing.assert_array_equal(picked.profile.predictions, first.argmax(1).numpy())
+
+
+@pytest.mark.parametrize("labels, shown", [
+    (lambda y: torch.stack([y, (y + 1) % CLASSES, torch.full_like(y, -100)], dim=1),
+     "got class indices of shape (3,) per item (one per token, as for token classification)"),
+    (lambda y: y.double() + 0.25, "labels must be whole class indices, found 0.25: DiagQL "
+                                  "diagnoses classifiers, and a regression model's continuous "
+                                  "targets name no class"),
+])
+def test_labels_that_name_no_class_per_item_say_what_they_look_like(labels, shown):
+    X, y = data()
+    with pytest.raises(DiagQLError) as refused:
+        diagql.connect(TwoHeads("tuple"), (X, labels(y)), cache_dir=False, progress=False)
+    assert shown in refused.value.message

@@ -16,7 +16,8 @@ from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.same_rows import SameRows, comparisons, fan_out
-from diagql.model.scores import Scores, classes_of, one_vector, sigmoid_applied
+from diagql.model.scores import (Scores, classes_of, one_vector, several_vectors,
+                                  sigmoid_applied)
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -449,6 +450,5 @@ def _logits(logits: torch.Tensor) -> torch.Tensor:
     if logits.ndim == 1:  # a binary classifier's squeezed logit: one per item
         logits = logits[:, None]
     if logits.ndim != 2:
-        raise ExecutionError(f"the model's output has shape {tuple(logits.shape)}; DiagQL needs "
-                             f"class scores of shape (batch, classes)")
+        raise ExecutionError(several_vectors(tuple(logits.shape[1:])))
     return logits

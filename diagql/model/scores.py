@@ -4,6 +4,7 @@ class's probability (softmax, or a sigmoid for one logit: a binary classifier)."
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -20,9 +21,17 @@ def classes_of(shape: tuple[int, ...]) -> int:
     classes; one logit (shape (1,), or () once squeezed) is a binary classifier's log-odds of
     class 1, as BCEWithLogitsLoss trains it, so it scores 2."""
     if len(shape) > 1:
-        raise DiagQLError(f"the model's output has per-item shape {shape}; DiagQL needs one "
-                          f"score per class")
+        raise DiagQLError(several_vectors(shape))
     return 2 if shape in ((), (1,)) else shape[0]
+
+
+def several_vectors(shape: tuple[int, ...]) -> str:
+    """The refusal of an output with several score vectors per item (a token-level model's,
+    one per position): what it is, and how to name one vector per item."""
+    return (f"the model's output has per-item shape {shape}: several score vectors per item "
+            f"(one per position, as a token-level model gives), where DiagQL needs one vector "
+            f"of class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
+            f"out[:, 0] (the first position; out.logits[:, 0] for a Hugging Face output)")
 
 
 def one_vector(scores: torch.Tensor) -> torch.Tensor:
@@ -258,13 +267,26 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
 
 
 def sigmoid_applied(logits) -> str | None:
-    """A notice when one score per item (a binary classifier's logit) lies in [0, 1] for every
-    item: most likely a probability (a sigmoid applied), which read as a logit predicts class 1
-    for every item above 0. Not refused: logits may all lie there. None otherwise."""
-    if logits is None or logits.ndim != 2 or logits.shape[1] != 1 or not len(logits):
+    """A notice when every score lies in [0, 1]: one score per item (a binary classifier's
+    logit) is then most likely a probability (a sigmoid applied), which read as a logit
+    predicts class 1 for every item above 0; several whose rows do not sum to 1 (a sigmoid
+    per class: softmax-applied probabilities sum to 1 and are read as such) give confidences
+    squeezed towards 1/C by the softmax over them. Not refused: logits may all lie there.
+    None otherwise."""
+    if logits is None or logits.ndim != 2 or not len(logits):
         return None
     if not (logits.min() >= 0 and logits.max() <= 1):
         return None
-    return ("the model's one score per item lies in [0, 1] for every item: DiagQL reads it as "
-            "a logit (class 1 where it is > 0); if it is a probability (a sigmoid applied), "
-            "pass scores=lambda out: torch.logit(out)")
+    if logits.shape[1] == 1:
+        return ("the model's one score per item lies in [0, 1] for every item: DiagQL reads it "
+                "as a logit (class 1 where it is > 0); if it is a probability (a sigmoid "
+                "applied), pass scores=lambda out: torch.logit(out)")
+    # Rows that sum to 1 are a softmax's probabilities, read as such (``Scores``); in the
+    # widest tolerance, a bfloat16 model's.
+    if abs(logits.sum(axis=1) - 1).max() <= tolerance(torch.bfloat16):
+        return None
+    classes = logits.shape[1]
+    return (f"the model's {classes} scores per item lie in [0, 1] for every item: DiagQL reads "
+            f"them as logits, its confidence their softmax (here at most "
+            f"{math.e / (math.e + classes - 1):.2f}); if they are probabilities of a sigmoid per "
+            f"class, pass scores=lambda out: torch.logit(out)")
