@@ -256,6 +256,7 @@ def _collated_label(y):
         return y[0]
     return y
 
+
 def _reading(loader: DataLoader) -> Iterator:
     """The loader's batches; a failure of the user's Dataset or collate_fn becomes an
     ExecutionError that names it (the original stays chained for --debug)."""
