@@ -388,7 +388,6 @@ def test_an_unknown_latent_given_to_connect_says_it_is_the_latent(mlp, digits):
     assert "layers are" in caught.value.hint
 
 
-
 class WithSpareHead(torch.nn.Module):
     """An MLP that defines a Linear after its head and never calls it (an auxiliary head kept
     for training): the default latent had been that Linear's input, and every query failed
@@ -416,6 +415,7 @@ def test_the_default_latent_is_the_last_linear_that_runs(mlp, digits):
     handle.remove()
     np.testing.assert_allclose(result.values, kept[0].double().mean(dim=0).numpy(), rtol=1e-5,
                                atol=1e-6)
+
 
 @pytest.mark.parametrize("content", [b"hello world, not a checkpoint\n", b"\x80\x04garbage", b""])
 def test_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, content):

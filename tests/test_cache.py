@@ -304,7 +304,6 @@ def test_a_damaged_profile_is_reported_and_recomputed(tmp_path, monkeypatch, how
     assert third.cache.hits == 1
 
 
-
 def test_a_binary_classifiers_profile_is_read_back(tmp_path):
     # One logit per item scores two classes: the reader had refused its (n, 1) logits as
     # damaged, so every new session warned and computed the profile again.
@@ -322,6 +321,7 @@ def test_a_binary_classifiers_profile_is_read_back(tmp_path):
         warnings.simplefilter("error", DiagQLWarning)
         assert_same_profile(second.profile, first.profile)
     assert second.cache.hits == 1
+
 
 def assert_same_profile_values(a, b) -> None:
     """A recomputed profile: the same answers, though its pass took other seconds."""

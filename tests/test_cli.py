@@ -37,7 +37,6 @@ def test_help_and_version_do_not_import_torch():
     assert "diagql 0.1.0" in done.stdout
 
 
-
 def test_a_query_answered_from_the_cache_imports_no_scipy(tmp_path):
     # scipy loads where it is used (a draw, a principal-axes fit), not on import: a new
     # process's query over a cached profile and sample then pays none of its 0.2 s.
@@ -54,6 +53,7 @@ def test_a_query_answered_from_the_cache_imports_no_scipy(tmp_path):
         assert "conv2[" in done.stdout
     assert runs[0].stdout.strip().endswith("True")  # the first drew and fitted: it did use it
     assert runs[1].stdout.strip().endswith("False"), runs[1].stdout
+
 
 def test_query_on_a_user_model_prints_a_table():
     done = diagql(*MODEL, "-e", "TOPK 3 NEURONS IN encoder.1 WHERE incorrect")

@@ -237,7 +237,6 @@ def test_one_score_in_zero_one_is_noticed_and_read_as_a_probability_when_asked()
     assert not any("torch.logit" in note for note in asked.query("SHOW PROFILE").notes)
 
 
-
 def test_a_sigmoid_per_class_is_noticed_and_softmax_probabilities_are_not():
     X, y = data()
     with pytest.warns(diagql.DiagQLWarning, match=rf"{CLASSES} scores per item lie in \[0, 1\]"):
@@ -251,6 +250,7 @@ def test_a_sigmoid_per_class_is_noticed_and_softmax_probabilities_are_not():
                                        cache_dir=False, progress=False)
         _ = probabilities.profile  # rows that sum to 1 are read as probabilities: no notice
     assert not any("torch.logit" in note for note in probabilities.query("SHOW PROFILE").notes)
+
 
 @pytest.mark.parametrize("post", [lambda z: z.argmax(1), lambda z: z > 0],
                          ids=["class-indices", "flags"])

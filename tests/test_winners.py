@@ -80,7 +80,6 @@ def test_every_layers_winners_are_plain_torchs_through_in_place_ops():
         truth["bn"][matching].argmax(axis=1), minlength=12) / matching.sum(), atol=1e-12)
 
 
-
 def test_layers_whose_outputs_share_a_sum_and_freed_memory_keep_their_own_winners():
     # Softmax rows sum to 1, so every Softmax's output sums to the batch size; each is freed
     # before the next is made, which may take the same address. The keeper had reused the
@@ -98,6 +97,7 @@ def test_layers_whose_outputs_share_a_sum_and_freed_memory_keep_their_own_winner
             np.testing.assert_allclose(result.values, np.bincount(truth, minlength=result.values
                                                                   .shape[0]) / len(X),
                                        atol=1e-12, err_msg=str(i))
+
 
 def test_an_argmax_of_channels_is_counted_from_each_items_winning_channel():
     """A conv map keeps each item's winning channel (the largest channel mean) too: CHANNELS'
