@@ -519,3 +519,60 @@ def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):
             np.testing.assert_array_equal(profile.winners[key], winners)
     finally:
         conn.engine.close()
+
+
+def test_a_dropped_connection_frees_its_workers_and_with_closes(world, cluster):
+    """A connection dropped without close() (a notebook cell run again) held both CPUs until
+    the cycle collector reached it, so the next connection was refused "0 free CPUs"; the
+    next one's start now collects. ``with connect(...)`` hands them back at the block's end."""
+    import gc
+    import time
+
+    world.conn.engine.close()
+    X, y = world.X[:120], world.y[:120]
+
+    def once() -> np.ndarray:
+        conn = diagql.connect(world.conn.model, (X, y), batch_size=BATCH, cache_dir=False,
+                              engine="ray", ray_workers=2, progress=False)
+        return conn.query("AVG NEURONS IN net.6 USING FULL").values  # conn dropped here
+
+    gc.disable()  # the collector would free the first connection on its own schedule
+    try:
+        first, second = once(), once()
+    finally:
+        gc.enable()
+    close(first, activations(world.model, X, "net.6").mean(axis=0))
+    close(second, first)
+    with diagql.connect(world.conn.model, (X, y), batch_size=BATCH, cache_dir=False,
+                        engine="ray", ray_workers=2, progress=False) as conn:
+        conn.query("AVG NEURONS IN net.6 USING FULL")
+        assert int(cluster.available_resources().get("CPU", 0)) == 0  # both workers held
+    deadline = time.monotonic() + 10
+    while int(cluster.available_resources().get("CPU", 0)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert int(cluster.available_resources().get("CPU", 0)) == 2
+
+
+class _WithLock(torch.nn.Module):
+    """A model Ray cannot pickle: it holds a lock."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.fc = torch.nn.Linear(64, 10)
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_a_model_ray_cannot_pickle_is_one_clear_error(world):
+    """Ray's own TypeError was a hundred lines of its serializability report."""
+    world.conn.engine.close()
+    conn = diagql.connect(_WithLock(), (world.X[:50], world.y[:50]), cache_dir=False,
+                          engine="ray", ray_workers=1, progress=False)
+    with pytest.raises(DiagQLError, match=r"^the model cannot be sent to Ray's workers \(cannot "
+                                          r"pickle '_thread.lock' object\); pass a factory"):
+        conn.query("AVG NEURONS IN fc USING FULL")
+    conn.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import os
 import time
 
@@ -119,6 +120,18 @@ def is_factory(value) -> bool:
         and not hasattr(value, "__getitem__") and not hasattr(value, "__len__")
 
 
+def _put(ray, value, what: str):
+    """``ray.put(value)``, or a one-line DiagQLError where Ray cannot pickle it (a lock, an
+    open file): Ray's own TypeError is a hundred lines of its serializability report."""
+    try:
+        return ray.put(value)
+    except Exception as exc:  # noqa: BLE001 - whatever pickling raised, said in one line
+        root = exc.__cause__ or exc.__context__ or exc  # pickle's own reason, under Ray's
+        first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        raise DiagQLError(f"the {what} cannot be sent to Ray's workers ({first}); pass a "
+                          f"factory that builds it on each worker instead: connect(factory, "
+                          f"...), or --{what} MODULE:CALLABLE") from None
+
 def start_ray(address: str | None):
     """Ray, connected to ``address``, else to the instance this process already runs, else to
     a new local instance with one CPU per core."""
@@ -188,8 +201,13 @@ class RayEngine:
         gpus = self.device_type() == "cuda"  # the device the cache keys name
         kind = "GPU" if gpus else "CPU"
         free = int(ray.available_resources().get(kind, 0))
+        if free < int(resources.get(kind, 0)):
+            # A connection dropped without close() holds its workers until the cycle
+            # collector frees it (its models point back at it): collect, so they go now.
+            gc.collect()
+            free = int(ray.available_resources().get(kind, 0))
         deadline = time.monotonic() + FREEING_SECONDS
-        while self.workers and free < self.workers and time.monotonic() < deadline:
+        while free < (self.workers or 1) and time.monotonic() < deadline:
             time.sleep(0.1)  # workers just killed (a closed connection's) free theirs soon
             free = int(ray.available_resources().get(kind, 0))
         count = self.workers or free
@@ -201,9 +219,9 @@ class RayEngine:
                               f"each); other connections' workers hold the rest until they "
                               f"are closed")
         # Put once: every actor reads the same copy from the object store.
-        model = self.model if is_factory(self.model) else ray.put(self.model)
+        model = self.model if is_factory(self.model) else _put(ray, self.model, "model")
         data = None if self._blocks is not None else \
-            self.data if is_factory(self.data) else ray.put(self.data)
+            self.data if is_factory(self.data) else _put(ray, self.data, "data")
         # Not restarted by Ray: a dead worker is replaced by a new one here (run()), so that
         # the shard it held is run again exactly once per death, and merged once.
         worker = ray.remote(_Worker).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)

@@ -336,6 +336,21 @@ class Connection:
         except DiagQLError as exc:
             raise exc.with_source(spec) from None
 
+    def close(self) -> None:
+        """Hand a Ray connection's workers back to the cluster and let the cache's pending
+        writes land. Queries after it start new workers; ``with diagql.connect(...) as db:``
+        closes at the block's end. A connection dropped without it frees its workers only
+        when Python's cycle collector reaches it (the next one's start collects)."""
+        if self.engine is not None:
+            self.engine.close()
+        self.cache.flush()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         if not self.models:
             return "<diagql.Connection (no model)>"
