@@ -217,3 +217,39 @@ def test_a_model_that_fails_to_load_is_reported_at_first_use(tmp_path):
     text = ANSI.sub("", child.before)
     assert "has no attribute 'nothing_here'" in text and "Traceback" not in text
     assert child.exitstatus == 1
+
+
+def test_a_history_file_that_cannot_be_used_is_one_note_and_the_prompt_works(tmp_path):
+    # A directory of that name (or a read-only file) made prompt_toolkit print a traceback and
+    # "Press ENTER to continue..." at start or at every Enter, eating the user's statements.
+    history = tmp_path / "history"
+    history.mkdir()
+    child = spawn(history)
+    try:
+        assert "history kept for this session only" in ANSI.sub("", child.before)
+        child.sendline("SHOW LAYERS;")
+        child.expect("encoder")
+        child.expect("diagql>")
+        assert "Traceback" not in child.before and "Press ENTER" not in child.before
+    finally:
+        child.close(force=True)
+
+
+def test_history_kept_in_memory_when_the_file_fails_later(tmp_path, monkeypatch):
+    from prompt_toolkit.history import FileHistory
+
+    from diagql.shell.repl import _history
+
+    monkeypatch.setenv("DIAGQL_HISTORY_FILE", str(tmp_path / "history"))
+    notes = []
+    kept = _history(notes.append)
+
+    def refuse(self, string):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(FileHistory, "store_string", refuse)
+    kept.append_string("SHOW LAYERS;")
+    kept.append_string("SHOW MODELS;")
+    assert list(kept.get_strings()) == ["SHOW LAYERS;", "SHOW MODELS;"]  # kept in memory
+    assert notes == [f"history kept for this session only: {tmp_path / 'history'}: "
+                     f"Permission denied"]

@@ -53,16 +53,43 @@ def history_path() -> Path:
     return Path(state).expanduser() / "diagql" / "history"
 
 
-def _history():
+def _history(note=None):
+    """The prompt's history, kept in ``history_path()``; where that cannot be read or written
+    (a read-only file or home, a directory of that name) it is kept in memory for the session,
+    and ``note`` (a one-argument callable) is told once why: an OSError from the history file
+    inside prompt_toolkit had printed a traceback at every Enter."""
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     path = history_path()
+    told = []
+
+    def fallback(exc: OSError) -> None:
+        if note is not None and not told:
+            told.append(True)
+            note(f"history kept for this session only: {path}: {exc.strerror or exc}")
+
+    class _Kept(FileHistory):
+        def load_history_strings(self):
+            try:
+                yield from list(super().load_history_strings())
+            except OSError as exc:
+                fallback(exc)
+
+        def store_string(self, string: str) -> None:
+            try:
+                super().store_string(string)
+            except OSError as exc:
+                fallback(exc)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(exist_ok=True)
-    except OSError:
-        return InMemoryHistory()  # a read-only home must not stop the REPL
-    return FileHistory(str(path))
+        with open(path, "a", encoding="utf-8"):  # writable (touch passes a read-only file)
+            pass
+    except OSError as exc:  # a read-only home must not stop the REPL
+        fallback(exc)
+        return InMemoryHistory()
+    return _Kept(str(path))
 
 
 def key_bindings():
@@ -95,7 +122,7 @@ def key_bindings():
     return bindings
 
 
-def make_session(conn, *, input=None, output=None):
+def make_session(conn, *, input=None, output=None, note=None):
     from prompt_toolkit import PromptSession
     from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
     from prompt_toolkit.completion import ThreadedCompleter
@@ -108,7 +135,7 @@ def make_session(conn, *, input=None, output=None):
     completer = DiagQLCompleter(connection_layers(conn), commands, arguments,
                                 connection_models(conn))
     return PromptSession(
-        history=_history(), auto_suggest=AutoSuggestFromHistory(), multiline=True,
+        history=_history(note), auto_suggest=AutoSuggestFromHistory(), multiline=True,
         key_bindings=key_bindings(), prompt_continuation=lambda width, line, wrap: CONTINUATION,
         lexer=DiagQLLexer(), style=STYLE, include_default_pygments_style=False,
         completer=ThreadedCompleter(completer) if input is None else completer,
@@ -158,7 +185,8 @@ class Shell:
 
 def run_repl(conn, out, err, session=None) -> int:
     shell = Shell(conn, out, err)
-    session = session or make_session(conn)
+    session = session or make_session(conn, note=lambda text: err.print(
+        text, style="yellow", markup=False, highlight=False))
     err.print(f"DiagQL — {conn!r}. Type .help for help, .quit to leave.", markup=False)
     while True:
         try:
