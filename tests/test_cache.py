@@ -35,7 +35,7 @@ from diagql.storage.fingerprint import (
     data_fingerprint,
     model_fingerprint,
 )
-from diagql.storage.store import Cache
+from diagql.storage.store import Cache, format_size
 
 QUERY = "TOPK 3 NEURONS IN fc1 WHERE incorrect"
 SAMPLED = "TOPK 3 NEURONS IN fc1 WHERE incorrect USING SAMPLE stratified(0.3)"
@@ -404,6 +404,30 @@ def test_a_full_disk_warns_once_and_leaves_no_temporary_files(tmp_path, monkeypa
     db = _works_with_one_warning(tmp_path)
     assert db.cache.writes == 0
     assert entries(tmp_path) == []
+    notes = db.query("SHOW CACHE").notes  # says why it holds nothing
+    assert any(note.startswith("cache disabled: cannot write to") and "No space left" in note
+               for note in notes), notes
+
+
+def test_clear_cache_says_what_it_could_not_remove(tmp_path, monkeypatch):
+    db = connect(tiny(), pair(), tmp_path)
+    db.query(SAMPLED)
+    db.cache.flush()
+    held = entries(tmp_path)
+    assert held
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "unlink", refuse)  # a read-only directory, as root cannot make
+    result = db.query("CLEAR CACHE")
+    assert result.title.startswith("removed 0 entries (0 B)")
+    assert result.notes == [f"could not remove {len(held)} entries "
+                            f"({format_size(sum(p.stat().st_size for p in held))}): "
+                            f"Permission denied"]
+    monkeypatch.undo()
+    assert db.query("CLEAR CACHE").title.startswith(f"removed {len(held)} entries")
+    assert entries(tmp_path) == []
 
 
 def test_cache_dir_false_writes_nothing(tmp_path, monkeypatch):
@@ -447,7 +471,7 @@ def test_a_generic_dataset_is_not_cached_on_disk(tmp_path):
 WRITER = """
 import sys
 import numpy as np
-from diagql.storage.store import Cache
+from diagql.storage.store import Cache, format_size
 
 cache, me = Cache(sys.argv[1]), int(sys.argv[2])
 for i in range(40):
@@ -546,7 +570,7 @@ READER = f"""
 import sys, warnings
 import numpy as np
 from diagql.errors import DiagQLWarning
-from diagql.storage.store import Cache
+from diagql.storage.store import Cache, format_size
 
 warnings.simplefilter("error", DiagQLWarning)
 arrays = Cache(sys.argv[1]).load("profile", "{KEY}")
@@ -583,7 +607,8 @@ def test_listing_and_clearing_see_pending_writes(tmp_path, monkeypatch):
     cache.store("sample", "d", _values(4, 10), {})  # queued behind c: dropped by the clear
     assert gate.half.wait(60)
     threading.Timer(0.2, gate.release.set).start()
-    removed = Cache(tmp_path).clear()  # another Cache of the process: it waits for c too
+    removed, kept = Cache(tmp_path).clear()  # another Cache of the process: it waits for c too
+    assert kept == []
     assert sorted(e.key for e in removed) == ["a", "b", "c"]
     assert cache.flush(timeout=60)
     assert entries(tmp_path) == [] and cache.load("sample", "d") is None
@@ -614,7 +639,7 @@ EXITING_WRITER = """
 import sys, time
 import numpy as np
 from diagql.storage import writer
-from diagql.storage.store import Cache
+from diagql.storage.store import Cache, format_size
 
 root, mode = sys.argv[1], sys.argv[2]
 cache = Cache(root)

@@ -72,6 +72,8 @@ def _cache(conn, statement) -> Result:
     result = Result(kind="table", statement=statement.text,
                     title=f"{cache.root}: {format_size(total)} of {format_size(cache.limit)}",
                     columns=COLUMNS, rows=rows)
+    if cache.write_failure is not None:
+        result.notes.append(cache.write_failure)
     if conn.model is not None:
         conn.artifacts.fingerprints()  # finds out, once, what cannot be fingerprinted
         for what, reason in conn.artifacts.memory_only.items():
@@ -83,15 +85,21 @@ def clear_cache(conn, statement) -> Result:
     """Remove every entry of the disk cache; this session keeps what it holds in memory."""
     from diagql.storage.store import format_size
 
-    removed = conn.cache.clear()
+    removed, kept = conn.cache.clear()
     rows = [(kind, sum(1 for e in removed if e.kind == kind),
              format_size(sum(e.bytes for e in removed if e.kind == kind)))
             for kind in sorted({e.kind for e in removed})]
     where = conn.cache.root if conn.cache.enabled else "nowhere (the disk cache is off)"
-    return Result(kind="table", statement=statement.text,
-                  title=f"removed {len(removed)} entries ({format_size(sum(e.bytes for e in removed))})"
-                        f" from {where}",
-                  columns=["kind", "entries", "size"], rows=rows)
+    size = format_size(sum(e.bytes for e in removed))
+    result = Result(kind="table", statement=statement.text,
+                    title=f"removed {len(removed)} entries ({size}) from {where}",
+                    columns=["kind", "entries", "size"], rows=rows)
+    if kept:
+        reasons = sorted({exc.strerror or str(exc) for _, exc in kept})
+        result.notes.append(f"could not remove {len(kept)} entries "
+                            f"({format_size(sum(e.bytes for e, _ in kept))}): "
+                            f"{'; '.join(reasons)}")
+    return result
 
 
 def _layers(conn, statement) -> Result:

@@ -75,6 +75,7 @@ class Cache:
         self.by_kind: dict[str, dict[str, int]] = {}  # kind -> {"hits": n, "misses": n}
         self.read_rate = READ_RATE
         self._writer = Writer(self.root, lambda path: self._evict(keep=path))
+        self._stopped: str | None = None  # the write failure warned about (write_failure)
 
     @property
     def writes(self) -> int:
@@ -222,6 +223,7 @@ class Cache:
         """Warn, in the caller's thread, about a write that failed in the writer thread."""
         failure, self._writer.failure = self._writer.failure, None
         if failure is not None:
+            self._stopped = failure  # for SHOW CACHE (``write_failure``), after the warning
             warnings.warn(failure, DiagQLWarning, stacklevel=3)
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -282,20 +284,27 @@ class Cache:
             _remove_abandoned(keep.parent)
         return removed
 
-    def clear(self) -> list[Entry]:
+    def clear(self) -> tuple[list[Entry], list[tuple[Entry, OSError]]]:
         """Remove every entry (a session that has one loaded keeps its copy in memory); entries
-        handed over but not yet being written are dropped, those in flight land first."""
-        if self.root is None:
-            return []
-        self._settle(cancel=True)
-        removed = []
-        for entry in _list(self.root):
-            try:
-                entry.path.unlink()
-            except OSError:
-                continue
-            removed.append(entry)
-        return removed
+        handed over but not yet being written are dropped, those in flight land first. The
+        entries removed, and those not (a read-only directory) with why."""
+        removed, kept = [], []
+        if self.root is not None:
+            self._settle(cancel=True)
+            for entry in _list(self.root):
+                try:
+                    entry.path.unlink()
+                    removed.append(entry)
+                except FileNotFoundError:  # another process cleared it
+                    pass
+                except OSError as exc:
+                    kept.append((entry, exc))
+        return removed, kept
+
+    @property
+    def write_failure(self) -> str | None:
+        """Why this cache stopped writing (a read-only or full disk), or None while it writes."""
+        return None if self._writer.writable else (self._writer.failure or self._stopped)
 
     def __repr__(self) -> str:
         where = "disabled" if self.root is None else str(self.root)
