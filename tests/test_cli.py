@@ -215,3 +215,16 @@ def test_ray_options_need_the_ray_engine():
     done = diagql_process("--engine", "ray", "--model", "x:y", "--checkpoint", "c.pt", "--data", "x:d",
                   "-e", "SHOW MODELS")
     assert done.returncode == 2 and "--engine ray runs no checkpoints" in done.stderr
+
+
+def test_a_warning_is_one_line_naming_what_happened(tmp_path):
+    # A cache directory that cannot be written: Python's own form had printed the source
+    # file, line number and source line of the warning before the statement's output.
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("mine")
+    done = diagql(*MODEL, "-e", "AVG NEURONS IN encoder.1 WHERE incorrect USING SAMPLE "
+                  "random(0.1)", env={"DIAGQL_CACHE_DIR": str(not_a_directory)})
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "cache disabled" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: cache disabled: cannot write to")
+    assert ".py:" not in done.stderr and "DiagQLWarning" not in done.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from diagql._version import __version__
 from diagql.session.settings import FORMATS, Settings
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
     err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+    default = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(err, default)
     try:
         return _run(args, out, err)
     except KeyboardInterrupt:
@@ -157,6 +160,24 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
                       f"traceback)", style="red", markup=False)
         return EXIT_FAILED
+    finally:
+        warnings.showwarning = default
+
+
+def _one_line_warnings(err, default):
+    """``warnings.showwarning`` for the command: DiagQL's own warnings (a cache that cannot be
+    written, a damaged entry recomputed) one line each on stderr, "warning: ...", not Python's
+    form with a source file and line; other libraries' warnings go to ``default``."""
+    from diagql.errors import DiagQLWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DiagQLWarning):
+            err.print(f"warning: {message}", style="yellow", markup=False, highlight=False,
+                      soft_wrap=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _run(args, out, err) -> int:
