@@ -202,7 +202,7 @@ def test_dot_read_takes_a_byte_order_mark_and_refuses_what_is_not_utf8(tmp_path)
         def error(self, text):
             self.errors.append(text)
 
-        def execute(self, text, echo=False):
+        def execute(self, text, echo=False, name=None):
             self.ran.append(text)
 
     marked, latin = tmp_path / "marked.dql", tmp_path / "latin.dql"
@@ -213,3 +213,22 @@ def test_dot_read_takes_a_byte_order_mark_and_refuses_what_is_not_utf8(tmp_path)
     run_meta(shell, f".read {latin}")
     assert shell.ran == ["SHOW SETTINGS;"]
     assert shell.errors == [f"cannot read {latin}: not UTF-8 text (byte 0xe9 at offset 21)"]
+
+
+def test_dot_read_names_the_file_in_its_errors(tmp_path):
+    """As the command line does (file:line:col); .read had dropped the file's name."""
+    import io
+
+    from rich.console import Console
+
+    import diagql
+    from diagql.shell.dot_commands import run_meta
+    from diagql.shell.repl import Shell
+
+    script = tmp_path / "bad.dql"
+    script.write_text("SET seed = 3;\nTOPK x NEURONS IN conv1;\n")
+    out, err = io.StringIO(), io.StringIO()
+    shell = Shell(diagql.Connection.detached(cache_dir=False), Console(file=out, width=120),
+                  Console(file=err, width=120))
+    run_meta(shell, f".read {script}")
+    assert err.getvalue().startswith(f"{script}:2:6: syntax error:"), err.getvalue()

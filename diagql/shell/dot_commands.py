@@ -186,4 +186,4 @@ def _read(shell, argument):
         shell.error(f"cannot read {argument}: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
                     f"at offset {exc.start:,})")
         return
-    shell.execute(text, echo=True)
+    shell.execute(text, echo=True, name=argument)

@@ -155,9 +155,10 @@ class Shell:
     def error(self, text: str) -> None:
         self.err.print(text, style="red", markup=False, highlight=False, soft_wrap=True)
 
-    def execute(self, text: str, *, echo: bool = False) -> None:
+    def execute(self, text: str, *, echo: bool = False, name: str | None = None) -> None:
         """Run statements; ``echo`` labels each result with its statement (for .read, whose
-        statements the prompt has not shown)."""
+        statements the prompt has not shown); ``name``: the script file's, which errors start
+        with (``file:line:col``, as the command line prints them)."""
         from diagql.shell.output import print_result
 
         started = time.perf_counter()
@@ -165,7 +166,7 @@ class Shell:
             for outcome in self.conn.run_script(text):
                 if isinstance(outcome, DiagQLError):
                     # A mistake at the prompt is shown, not fatal: the session goes on.
-                    self.error(outcome.format())
+                    self.error(outcome.format(name))
                 else:
                     print_result(self.out, outcome, self.conn.settings, echo=echo)
                     if self.timer:
