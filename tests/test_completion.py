@@ -232,3 +232,21 @@ def test_dot_read_names_the_file_in_its_errors(tmp_path):
                   Console(file=err, width=120))
     run_meta(shell, f".read {script}")
     assert err.getvalue().startswith(f"{script}:2:6: syntax error:"), err.getvalue()
+
+
+def test_a_dot_command_of_no_argument_refuses_one():
+    """`.layers extra` had ignored its argument."""
+    from diagql.shell.dot_commands import run_meta
+
+    class Shell:
+        def __init__(self):
+            self.errors = []
+
+        def error(self, text):
+            self.errors.append(text)
+
+    shell = Shell()
+    assert run_meta(shell, ".quit now") is False  # not left on a mistyped line
+    run_meta(shell, ".layers extra")
+    assert shell.errors == [".quit takes no argument, not 'now'",
+                            ".layers takes no argument, not 'extra'"]
