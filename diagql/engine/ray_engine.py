@@ -132,6 +132,7 @@ def _put(ray, value, what: str):
                           f"factory that builds it on each worker instead: connect(factory, "
                           f"...), or --{what} MODULE:CALLABLE") from None
 
+
 def start_ray(address: str | None):
     """Ray, connected to ``address``, else to the instance this process already runs, else to
     a new local instance with one CPU per core."""
