@@ -109,5 +109,10 @@ class ExecutionError(DiagQLError):
     kind = "error"
 
 
+class NoMatchError(ExecutionError):
+    """No item satisfies the statement's WHERE (on this model: ACROSS CHECKPOINTS leaves that
+    checkpoint's cells blank and answers the others)."""
+
+
 class DiagQLWarning(UserWarning):
     """Something went wrong that DiagQL works around (a damaged or unwritable cache)."""

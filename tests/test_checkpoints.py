@@ -4,6 +4,7 @@ on a model loaded with that checkpoint's weights."""
 from __future__ import annotations
 
 import copy
+import json
 import weakref
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import diagql
-from diagql.errors import BindError
+from diagql.errors import BindError, ExecutionError
 from tests import models
 from tests.test_models import outputs
 
@@ -216,3 +217,30 @@ def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
     truth = outputs(loaded(states["epoch3"]), X, "head")[(y == 4).numpy()].mean(0)
     # the whole number, not the table's 4 digits
     assert float(rows[2]["head[0]"]) == pytest.approx(truth[0], rel=1e-6, abs=1e-6)
+
+
+def test_a_where_that_one_checkpoint_matches_nowhere_leaves_its_cells_blank():
+    """`WHERE predicted = 1` on a checkpoint that predicts 0 for every item had failed the
+    whole ACROSS query ("no items match"); that checkpoint's cells are blank now, with a note,
+    and the others answer as plain torch does."""
+    torch.manual_seed(0)
+    X, y = torch.randn(80, 4), torch.randint(0, 2, (80,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([0.0, 50.0]))  # the final model predicts 1 throughout
+    early = copy.deepcopy(model.state_dict())
+    early["2.bias"] = torch.tensor([50.0, 0.0])  # the checkpoint predicts 0 throughout
+    db = diagql.connect(model, (X, y), checkpoints={"early": early}, cache_dir=False,
+                        progress=False)
+    result = db.query("AVG NEURONS IN 0 WHERE predicted = 1 ACROSS CHECKPOINTS")
+    with torch.no_grad():
+        truth = model[0](X).double().mean(dim=0).numpy()
+    answers = result.checkpoints
+    np.testing.assert_allclose(answers["final"].values, truth, rtol=1e-6)
+    assert answers["early"].records() == []
+    assert result.notes == ["early: no items match WHERE predicted = 1 (0 of 80 items)"]
+    early_row = next(row for row in result.rows if row[0] == "early")  # checkpoints down
+    assert all(cell == "" for cell in early_row[1:])
+    json.dumps(result.to_dict())
+    with pytest.raises(ExecutionError, match="no items match"):  # on no model: the error
+        db.query("AVG NEURONS IN 0 WHERE predicted = 0 AND predicted = 1 ACROSS CHECKPOINTS")

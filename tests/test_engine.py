@@ -326,7 +326,7 @@ def test_each_statement_of_a_shared_pass_keeps_its_own_error(world):
     script = ("AVG NEURONS IN 6; TOPK 3 NEURONS IN 9; AVG NEURONS IN 0 WHERE confidence > 2; "
               "TOPK 2 NEURONS IN 2")
     outcomes = list(conn.run_script(script))
-    assert [type(o).__name__ for o in outcomes] == ["Result", "BindError", "ExecutionError",
+    assert [type(o).__name__ for o in outcomes] == ["Result", "BindError", "NoMatchError",
                                                     "Result"]
     assert isinstance(outcomes[1], BindError) and "unknown layer '9'" in str(outcomes[1])
     assert outcomes[1].column == script.index("9") + 1

@@ -10,7 +10,7 @@ from diagql.engine import estimate
 from diagql.engine.aggregates import rank
 from diagql.engine.groups import key_order, sorted_keys
 from diagql.engine.planner import Plan
-from diagql.errors import ExecutionError
+from diagql.errors import NoMatchError
 from diagql.language.ast import predicate_text
 from diagql.results import metrics
 from diagql.results.result import Estimate, Provenance, Result
@@ -23,9 +23,9 @@ def require_matches(plan: Plan) -> None:
     baseline, if any, must match something)."""
     exact = plan.baseline if plan.approximate else plan
     if exact is not None and len(exact.items) == 0:
-        raise ExecutionError(no_match_message(exact), **where_place(plan.query))
+        raise NoMatchError(no_match_message(exact), **where_place(plan.query))
     if plan.approximate and sum(plan.population.values()) == 0:
-        raise ExecutionError(no_match_message(plan), **where_place(plan.query))
+        raise NoMatchError(no_match_message(plan), **where_place(plan.query))
 
 
 def where_place(statement) -> dict:

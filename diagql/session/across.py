@@ -10,10 +10,11 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from diagql.errors import BindError
+from diagql.errors import BindError, NoMatchError
 from diagql.language import ast
 from diagql.results.across import across_result, write_curves
 from diagql.results.plots import check_target
+from diagql.results.result import Result
 
 NO_CHECKPOINTS = ("ACROSS CHECKPOINTS needs checkpoints of the model: connect(model, data, "
                   "checkpoints={'epoch1': 'ckpt/e1.pt', ...}) or --checkpoint NAME=PATH")
@@ -54,9 +55,19 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
         check_target(plot.value, plot.span)  # before the passes, which a bad path would waste
     rebind = rebind or (lambda s, name: _query_on(conn, s, name))
     started = time.perf_counter()
-    answers = {name: answer(conn, rebind(statement, name)) for name in names}
+    answers, missing = {}, 0
+    for name in names:
+        try:
+            answers[name] = answer(conn, rebind(statement, name))
+        except NoMatchError as exc:  # its own WHERE (correct, ...) matches none of its items
+            missing += 1
+            if missing == len(names):
+                raise  # on no model: the query's own mistake, said once
+            answers[name] = Result(kind="table", statement=statement.text, columns=[], rows=[],
+                                   notes=[exc.message])
+    count = len(names) - 1
     result = across_result(statement.text, answers,
-                           f"{len(names) - 1} checkpoints and {names[-1]}")
+                           f"{count} checkpoint{'' if count == 1 else 's'} and {names[-1]}")
     result.timings["total"] = time.perf_counter() - started
     if plot is not None:
         write_curves(result, plot.value)

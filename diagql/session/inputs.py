@@ -17,7 +17,7 @@ from diagql.engine.answers import where_place
 from diagql.engine.inputs_index import InputsIndex
 from diagql.engine.planner import predicate_mask
 from diagql.engine.top_inputs import Answer
-from diagql.errors import ExecutionError
+from diagql.errors import NoMatchError
 from diagql.language import ast
 from diagql.language.binder import BoundInputs, bind_inputs, require_labels
 from diagql.model import hooks, views
@@ -60,7 +60,7 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
         where = ast.predicate_text(query.where) if query.where is not None else "the query"
         scope = f"the sample's {len(sample.indices):,}" if sample is not None else \
             f"{len(allowed):,}"
-        raise ExecutionError(f"no items match WHERE {where} (0 of {scope} items)",
+        raise NoMatchError(f"no items match WHERE {where} (0 of {scope} items)",
                              **where_place(query))
     index = _index(conn, bound)
     answer = top_inputs.top_inputs(conn.runner(), bound, allowed, index,
