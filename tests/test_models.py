@@ -176,3 +176,22 @@ def test_a_layer_the_profile_holds_is_read_from_its_own_models_profile_only(digi
             result = db.query(f"AVG NEURONS IN {name}.{layer} WHERE class = 2")
             truth = outputs(model, X, layer)[(y == 2).numpy()].mean(0)
             np.testing.assert_allclose(result.values, truth, atol=1e-5)
+
+
+def test_one_model_whose_classes_do_not_fit_the_labels_is_named_and_the_others_stand():
+    """A binary model beside a 4-class one over 4-class labels: SHOW MODELS failed for every
+    model with an error that named none."""
+    torch.manual_seed(0)
+    X, y = torch.randn(60, 5), torch.arange(60) % 4
+    four = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    binary = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    db = diagql.connect({"a": four, "c": binary}, (X, y), cache_dir=False, progress=False)
+    shown = db.query("SHOW MODELS")
+    accuracy = {row[0]: row[shown.columns.index("accuracy")] for row in shown.rows}
+    with torch.no_grad():
+        truth = (four(X).argmax(1) == y).double().mean().item()
+    assert accuracy == {"a": f"{truth:.1%}", "c": "—"}
+    assert len(shown.notes) == 1 and shown.notes[0].startswith(
+        "model 'c': label 2 of item 2 is outside the model's classes 0..1")
+    with pytest.raises(diagql.DiagQLError, match="^model 'c': label 2"):
+        db.query("AVG NEURONS IN c.0 WHERE correct")

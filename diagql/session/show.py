@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 
 from diagql import samplers
+from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
 from diagql.model.scores import sigmoid_applied
@@ -25,11 +26,19 @@ def _models(conn, statement) -> Result:
     in its output."""
     conn.require_model()
     current = conn.current
-    rows = []
+    rows, notes = [], []
     for name, entry in conn.models.items():
         module = entry.architecture()
-        profile = entry.profile
-        accuracy = f"{float(profile.correct.mean()):.1%}" if profile.has_labels else "no labels"
+        try:
+            profile = entry.profile
+        except DiagQLError as exc:  # one model's (labels outside its classes): the others stand
+            if len(conn.models) == 1:
+                raise
+            notes.append(exc.message)
+            accuracy = "—"
+        else:
+            accuracy = f"{float(profile.correct.mean()):.1%}" if profile.has_labels \
+                else "no labels"
         rows.append((name, type(module).__name__, f"{sum(p.numel() for p in module.parameters()):,}",
                      entry.describe_weights(), accuracy, "*" if entry is current else "",
                      entry.scores_text()))
@@ -38,7 +47,7 @@ def _models(conn, statement) -> Result:
                            "scores"],
                   rows=rows, title=f"{len(rows)} model{'s' if len(rows) != 1 else ''} over "
                                    f"{len(conn.source):,} items (SET model = name changes the "
-                                   f"default)")
+                                   f"default)", notes=notes)
 
 
 KINDS = {"profile": "labels, predictions, confidence and latents of every item",
