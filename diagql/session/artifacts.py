@@ -17,7 +17,7 @@ from torch import nn
 
 from diagql import samplers
 from diagql.engine import covariates, executor
-from diagql.errors import BindError, DiagQLError, DiagQLWarning
+from diagql.errors import BindError, DiagQLWarning
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import auxiliaries, hooks, layers, profile as profile_module, same_rows, views, winners
@@ -106,15 +106,12 @@ class Artifacts:
             def read_auxiliary(view_key: str, layer: str):
                 return self._read_auxiliary(key, view_key, layer)
 
-            try:
-                self.profile = load_or_compute(
-                    conn.cache, "profile", key, compute, Profile.to_arrays,
-                    lambda arrays: Profile.from_arrays(arrays, n_items, read_auxiliary),
-                    lambda p: {"model": type(conn.model).__qualname__, "items": len(p),
-                               "latent": p.latent_layer, "dtype": str(conn.dtype),
-                               "device": str(conn.device)})
-            except DiagQLError as exc:
-                raise _naming_the_model(exc, conn) from None
+            self.profile = load_or_compute(
+                conn.cache, "profile", key, compute, Profile.to_arrays,
+                lambda arrays: Profile.from_arrays(arrays, n_items, read_auxiliary),
+                lambda p: {"model": type(conn.model).__qualname__, "items": len(p),
+                           "latent": p.latent_layer, "dtype": str(conn.dtype),
+                           "device": str(conn.device)})
             if key is not None and computed:
                 self._store_auxiliaries(key, computed[0])
             elif key is not None:
@@ -305,14 +302,3 @@ class Artifacts:
                                 if issubclass(cls, samplers.Sampler))
         return cache_key("sample", profile_key, sampler.spec(),
                          [source_digest(module) for module in modules])
-
-
-def _naming_the_model(exc: DiagQLError, entry) -> DiagQLError:
-    """``exc`` (the profile pass's: labels outside the model's classes, a forward that failed)
-    with the model's name in front when the connection has several: one model's mistake must
-    not read as every model's."""
-    models = getattr(getattr(entry, "conn", None), "models", {})
-    if len(models) > 1 and not exc.message.startswith("model "):
-        exc.message = f"model {entry.name!r}: {exc.message}"
-        exc.args = (exc.message, *exc.args[1:])
-    return exc

@@ -131,7 +131,15 @@ class ModelEntry:
 
     @property
     def profile(self) -> Profile:
-        return self.artifacts.get_profile()
+        try:
+            return self.artifacts.get_profile()
+        except DiagQLError as exc:
+            # One model's mistake (labels outside its classes, a failing forward) must not
+            # read as every model's: with several, its name comes first.
+            if len(self.conn.models) > 1 and not exc.message.startswith("model "):
+                exc.message = f"model {self.name!r}: {exc.message}"
+                exc.args = (exc.message, *exc.args[1:])
+            raise
 
     def require_model(self) -> None:
         pass  # an entry always has its model
