@@ -15,6 +15,7 @@ import torch
 from scipy.spatial.distance import cosine, jensenshannon
 
 import diagql
+from diagql.errors import BindError
 from diagql.language import ast
 from diagql.language.parser import parse
 from diagql.results.render import to_csv, to_json, to_text
@@ -343,3 +344,19 @@ def test_the_reproduction_script_parses():
 
     statements = parse_script((ROOT / "docs" / "reproduce.dql").read_text(encoding="utf-8"))
     assert [s.plot.value for s in statements] == [f"docs/fig{n}.png" for n in (4, 5, 6, 7)]
+
+
+def test_evaluate_takes_the_default_models_qualified_layers_and_names_the_way_to_others():
+    """`LAYERS a.2` (the default model's own layer, qualified) was an unknown layer, and so
+    was another model's, with no word on SET model."""
+    torch.manual_seed(0)
+    X, y = torch.randn(200, 5), torch.arange(200) % 3
+    a = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    db = diagql.connect({"a": a, "b": b}, (X, y), cache_dir=False, progress=False)
+    plain = db.query("EVALUATE SAMPLERS random AT 0.2 LAYERS 0 SEEDS 1")
+    qualified = db.query("EVALUATE SAMPLERS random AT 0.2 LAYERS a.0 SEEDS 1")
+    assert [row[:-1] for row in qualified.rows] == [row[:-1] for row in plain.rows]  # but time
+    with pytest.raises(BindError, match=r"scores the default model's layers \(a's\), not b's: "
+                                        r"SET model = b first"):
+        db.query("EVALUATE SAMPLERS random AT 0.2 LAYERS b.0 SEEDS 1")

@@ -93,6 +93,12 @@ def _bind_layers(refs: tuple[ast.LayerRef, ...], conn) -> list[LayerInfo]:
         return [bind_layer(ast.LayerRef(name), conn.catalog) for name in names]
     layers: list[LayerInfo] = []
     for ref in refs:
+        if len(getattr(conn, "models", ())) > 1:  # a model's name may lead (``wide.fc2``)
+            entry, ref = conn.resolve(ref)
+            if entry is not conn.current:
+                raise _error(f"EVALUATE SAMPLERS scores the default model's layers "
+                             f"({conn.current.name}'s), not {entry.name}'s: SET model = "
+                             f"{entry.name} first", ref.span)
         layer = bind_layer(ref, conn.catalog)
         if layer in layers:
             raise _error(f"layer {layer.name!r} is listed twice", ref.span)
