@@ -443,10 +443,11 @@ def test_a_label_given_as_a_one_element_list_is_that_label():
     # which had been read as one item's one-hot row ("2 inputs and 1 labels").
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(50, 8, generator=g), torch.randint(0, 3, (50,), generator=g)
-    items = [(X[i], [int(y[i])]) for i in range(50)]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
-    db = diagql.connect(model, items, cache_dir=False, progress=False)
-    np.testing.assert_array_equal(db.profile.labels, y.numpy())
-    with torch.no_grad():
-        np.testing.assert_array_equal(db.profile.predictions, model(X).argmax(1).numpy())
+    for items in ([(X[i], [int(y[i])]) for i in range(50)],  # (x, [label]) and {..., [label]}
+                  [{"input": X[i], "labels": [int(y[i])]} for i in range(50)]):
+        db = diagql.connect(model, items, cache_dir=False, progress=False)
+        np.testing.assert_array_equal(db.profile.labels, y.numpy())
+        with torch.no_grad():
+            np.testing.assert_array_equal(db.profile.predictions, model(X).argmax(1).numpy())

@@ -224,7 +224,7 @@ class ItemSource:
                                           f"{_keys(x)}: {_NAME_IT}"
                 return inputs, None if y is None else _as_labels(y)
             self._refuse_label_key(f"(x, y) items with x a {type(x).__name__}")
-            return x, None if y is None else _as_labels(_collated_label(y))
+            return x, None if y is None else _as_labels(y)
         self._refuse_label_key(f"items of bare inputs, a {type(batch).__name__} each")
         return batch, None
 
@@ -244,17 +244,6 @@ class ItemSource:
         if self.label_key is not None:
             raise DiagQLError(f"label_key {self.label_key!r} names a key of mapping data, but "
                               f"the data is {data}; leave label_key out")
-
-
-def _collated_label(y):
-    """The labels of a collated batch whose items each gave their label as a one-element list
-    or tuple (``[3]``): the default collate makes that a list holding one tensor of the
-    batch's labels, which is the labels themselves (read as given, a row of the batch's size
-    had passed for one item's one-hot label)."""
-    if isinstance(y, (list, tuple)) and len(y) == 1 and isinstance(y[0], torch.Tensor) \
-            and y[0].ndim == 1:
-        return y[0]
-    return y
 
 
 def _reading(loader: DataLoader) -> Iterator:
@@ -341,6 +330,12 @@ def _is_text(value) -> bool:
 
 
 def _as_labels(y) -> np.ndarray:
+    if isinstance(y, (list, tuple)) and len(y) == 1 and isinstance(y[0], torch.Tensor) \
+            and y[0].ndim == 1:
+        # Items whose label is a one-element list or tuple ([3]), in any form of batch: the
+        # default collate makes them a list holding one tensor of the batch's labels, which
+        # read as given had passed for one item's row of labels.
+        y = y[0]
     if isinstance(y, torch.Tensor):
         y = y.detach().cpu().numpy()
     y = np.asarray(y)

@@ -61,7 +61,7 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
         scope = f"the sample's {len(sample.indices):,}" if sample is not None else \
             f"{len(allowed):,}"
         raise NoMatchError(f"no items match WHERE {where} (0 of {scope} items)",
-                             **where_place(query))
+                           **where_place(query))
     index = _index(conn, bound)
     answer = top_inputs.top_inputs(conn.runner(), bound, allowed, index,
                                    build_index=index is None and sample is None)
