@@ -244,3 +244,40 @@ def test_a_where_that_one_checkpoint_matches_nowhere_leaves_its_cells_blank():
     json.dumps(result.to_dict())
     with pytest.raises(ExecutionError, match="no items match"):  # on no model: the error
         db.query("AVG NEURONS IN 0 WHERE predicted = 0 AND predicted = 1 ACROSS CHECKPOINTS")
+
+
+def test_similarity_between_two_checkpoints_runs_each_in_a_copy_of_its_own(trained, data):
+    """`SIMILARITY epoch1.x, epoch2.x` had been refused (checkpoints took turns in one copy of
+    the model, and a pass needs both): the second now gets a second copy, made once, and the
+    CKA is plain torch's on models loaded with the two checkpoints' weights."""
+    X, _ = data
+    model, paths, states = trained
+    db = diagql.connect(model, data, checkpoints=paths, cache_dir=False, progress=False)
+
+    def features(state, layer):
+        out = []
+        net = loaded(state)
+        handle = dict(net.named_modules())[layer].register_forward_hook(
+            lambda module, args, output: out.append(output.detach().double().flatten(1)))
+        with torch.no_grad():
+            net(X)
+        handle.remove()
+        return out[0].numpy()
+
+    def cka(x, y):
+        x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+        return np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+    for pair in (("epoch1", "epoch3"), ("epoch3", "epoch1"), ("epoch2", "epoch3")):
+        result = db.query(f"SIMILARITY {pair[0]}.encoder.1, {pair[1]}.encoder.3 USING FULL")
+        truth = cka(features(states[pair[0]], "encoder.1"), features(states[pair[1]], "encoder.3"))
+        assert result.value == pytest.approx(truth, rel=1e-9)
+    slot = db.models["epoch1"].slot
+    assert len(slot.copies) == 2
+    # Each checkpoint alone still answers with its own weights, from a copy that holds them.
+    loads = slot.loads
+    for name in ("epoch2", "epoch3"):
+        answer = db.query(f"AVG NEURONS IN {name}.encoder.3 USING FULL")
+        truth = features(states[name], "encoder.3").mean(axis=0)
+        np.testing.assert_allclose(answer.values, truth, rtol=1e-9, atol=1e-12)
+    assert slot.loads == loads  # both were held already

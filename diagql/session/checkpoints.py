@@ -76,26 +76,41 @@ def describe_weights(weights) -> str:
 
 
 class CheckpointSlot:
-    """One copy of the final model (made at the first use) holding one checkpoint's weights at
-    a time: ``hold`` loads a checkpoint into it unless it already holds that one."""
+    """Copies of the final model (made at first use) holding one checkpoint's weights each:
+    ``hold`` loads a checkpoint into one unless one already holds it. A statement runs one
+    checkpoint at a time in one copy; a pass that runs two checkpoints side by side
+    (``SIMILARITY a.fc2, b.fc2``) asks for a copy besides the one in use, made once."""
 
     def __init__(self, final: nn.Module):
         self.final = final
-        self.module: nn.Module | None = None
-        self.holding: str | None = None
+        self.copies: list[list] = []  # [name held or None, module], the first the usual one
         self.loads = 0  # state_dicts loaded so far (the tests count them)
 
-    def hold(self, name: str, weights) -> nn.Module:
-        if self.holding == name:
-            return self.module
-        if self.module is None:
-            self.module = copy.deepcopy(self.final)
-        self.holding = None  # a load that fails half way leaves no checkpoint's weights whole
+    @property
+    def module(self) -> nn.Module | None:
+        return self.copies[0][1] if self.copies else None
+
+    @property
+    def holding(self) -> str | None:
+        return self.copies[0][0] if self.copies else None
+
+    def hold(self, name: str, weights, besides: tuple = ()) -> nn.Module:
+        """The module with checkpoint ``name``'s weights, none of ``besides`` (modules that
+        the same pass runs with other weights)."""
+        free = [copy_ for copy_ in self.copies if not any(copy_[1] is m for m in besides)]
+        for copy_ in free:
+            if copy_[0] == name:
+                return copy_[1]
+        if not free:
+            free = [[None, copy.deepcopy(self.final)]]
+            self.copies += free
+        copy_ = free[0]
+        copy_[0] = None  # a load that fails half way leaves no checkpoint's weights whole
         label = f"checkpoint {name!r} ({describe_weights(weights)})"
         state = read_state(weights, label) if isinstance(weights, (str, Path)) else \
             unwrap_state(weights, label)
-        load_state(self.module, state, label)
+        load_state(copy_[1], state, label)
         del state  # the only reference: a file's mapped tensors go with it
-        self.holding = name
+        copy_[0] = name
         self.loads += 1
-        return self.module
+        return copy_[1]

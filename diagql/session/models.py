@@ -149,8 +149,12 @@ class ModelEntry:
         self.artifacts.forget_latent_space()
         self.activations.clear()
 
-    def runner(self) -> Runner:
-        return Runner(self.model, self.source, device=self.device, dtype=self.dtype,
+    def runner(self, besides: tuple = ()) -> Runner:
+        """A Runner over this model; ``besides``: the modules of other models that the same
+        pass runs (a checkpoint then gets a copy of its own, not one of theirs)."""
+        model = self.model if self.slot is None or not besides else \
+            self.slot.hold(self.name, self.weights, besides)
+        return Runner(model, self.source, device=self.device, dtype=self.dtype,
                       batch_size=self.settings.batch_size, progress=self.progress,
                       counters=self.counters, activations=self.activations,
                       engine=self.engine)

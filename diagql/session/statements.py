@@ -191,8 +191,9 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
 
         check_target(statement.plot.value, statement.plot.span)
     plan, timings = planned(conn, statement)
-    runners = {model: conn.on(model).runner() for model in
-               dict.fromkeys(ref.model for ref in plan.bound.query.layers)}
+    runners: dict = {}  # two checkpoints in one pass each get a copy of the model
+    for model in dict.fromkeys(ref.model for ref in plan.bound.query.layers):
+        runners[model] = conn.on(model).runner(tuple(r.model for r in runners.values()))
     result = answer_similarity(conn.current.runner(), plan, runners)
     result.timings.update(timings)
     record_speedup(result)
