@@ -363,8 +363,8 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
         return None
     started = time.perf_counter()
     if len({id(runner.model) for runner, _ in passes}) < len(passes):
-        raise ExecutionError("one pass cannot run two models that are one module (checkpoints "
-                             "take turns in one copy of the model): read one at a time")
+        raise ExecutionError("one pass cannot run two models that are one module: give each "
+                             "its own copy (ModelEntry.runner(besides=...))")
     first = passes[0][0]
     items = functools.reduce(np.union1d, [c.wanted for _, consumers in passes
                                           for c in consumers])
