@@ -89,6 +89,26 @@ def test_a_sample_is_drawn_on_the_default_models_profile_unless_model_is_given(t
     assert "model='wide'" in result.source
 
 
+def test_top_inputs_draw_their_sample_where_a_query_would(two, cnn, mlp, digits):
+    """TOPK k INPUTS had refused a sampler's model= ('no parameter model') and drew its sample
+    on the neuron's model's profile; it now draws it as a query does: on the default model's
+    profile, or on model='...''s, and its top items are plain torch's within that sample."""
+    X, y = digits
+    activation = outputs(mlp, X, "head")[:, 2]
+    for spec in ("stratified(0.05)", "stratified(0.05, model='wide')",
+                 "stratified(0.05, model='base')"):
+        result = two.query(f"TOPK 4 INPUTS FOR wide.head[2] WHERE class = 3 USING SAMPLE {spec}")
+        items = two.sample(spec)
+        items = items[(y[items] == 3).numpy()]
+        truth = items[np.argsort(-activation[items], kind="stable")[:4]]
+        assert result.items.tolist() == truth.tolist()
+        np.testing.assert_allclose(result.values, activation[truth], atol=1e-5)
+        assert result.provenance.sampler == two.query(
+            f"AVG NEURONS IN wide.head USING SAMPLE {spec}").provenance.sampler
+    assert set(two.sample("stratified(0.05)").tolist()) != \
+        set(two.sample("stratified(0.05, model='wide')").tolist())
+
+
 def test_two_models_of_one_architecture_never_share_activation_rows(digits):
     X, y = digits
     a, b = models.trained_cnn(), models.build_cnn(seed=3)  # same layer names, other weights

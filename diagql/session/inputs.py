@@ -23,7 +23,7 @@ from diagql.language.binder import BoundInputs, bind_inputs, require_labels
 from diagql.model import hooks, views
 from diagql.model.previews import previews
 from diagql.results.result import Provenance, RankedItems, Result
-from diagql.session.models import name_model
+from diagql.session.models import name_model, sampling_source, with_model
 from diagql.storage.fingerprint import cache_key, source_digest
 
 KEPT = 4  # indexes held in memory per connection, least recently used out first
@@ -34,12 +34,18 @@ def run_top_inputs(conn, query: ast.TopInputs) -> Result:
     """The answer on the model that the neuron's layer names (``wide.fc2[3]``): its catalog,
     profile, runner and inputs indexes (held per model)."""
     entry, layer = conn.resolve(query.neuron.layer)
-    query = replace(query, neuron=replace(query.neuron, layer=layer))
-    result = _top_inputs(entry, query, getattr(conn, "tokenizer", None))
+    # The sample is drawn on the default model's profile, or the sampler's model='base''s,
+    # as a query's is (README, "Several models"); WHERE reads the neuron's model's predictions.
+    source, sampling, drawn_on = sampling_source(conn, query.source)
+    query = replace(query, neuron=replace(query.neuron, layer=layer), source=source)
+    result = _top_inputs(entry, query, getattr(conn, "tokenizer", None), sampling, drawn_on)
     return name_model(conn, result, layer.model)
 
 
-def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
+def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling=None,
+                drawn_on: str | None = None) -> Result:
+    """``conn``: the neuron's model; ``sampling``: the model whose profile the sample is
+    drawn on (the neuron's when None), named ``drawn_on`` in the sample's spec."""
     started = time.perf_counter()
     bound = bind_inputs(query, conn.catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
                         n_items=len(conn.source), has_labels=conn.source.labelled())
@@ -52,7 +58,7 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
     sample = None
     # Nothing of the data matching is said of the data, before any sample is drawn for it.
     if allowed.any() and bound.sampler is not None:
-        sample, _ = conn.artifacts.get_sample(bound.sampler)
+        sample, _ = (sampling or conn).artifacts.get_sample(bound.sampler)
         inside = np.zeros(len(allowed), dtype=bool)
         inside[sample.indices] = True
         allowed = allowed & inside
@@ -67,16 +73,17 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer) -> Result:
                                    build_index=index is None and sample is None)
     if answer.index is not None:
         _keep(conn, bound, answer.index, answer.seconds)
-    result = _result(conn, bound, answer, profile, allowed, sample, tokenizer)
+    result = _result(conn, bound, answer, profile, allowed, sample, tokenizer, drawn_on)
     result.timings.update(bind=bound_at - started, profile=profiled_at - bound_at,
                           query=answer.seconds)
     return result
 
 
 def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
-            tokenizer) -> Result:
+            tokenizer, drawn_on: str | None = None) -> Result:
     query, items = bound.query, answer.items
-    provenance = Provenance(len(profile), None if sample is None else sample.spec,
+    provenance = Provenance(len(profile),
+                            None if sample is None else with_model(sample.spec, drawn_on),
                             None if sample is None else len(sample.indices))
     ranked = RankedItems(
         bound.label, query.largest, profile.labels[items] if profile.has_labels else None,

@@ -194,6 +194,15 @@ def sampler_model(call: ast.SamplerCall) -> tuple[ast.SamplerCall, str | None]:
     return replace(call, args=tuple(arg for arg in call.args if arg.name != "model")), value
 
 
+def sampling_source(conn, source) -> tuple:
+    """A statement's source without a sampler's ``model='wide'``, the model whose profile
+    its sample is drawn from (the default one unless named), and that name."""
+    if not isinstance(source, ast.SamplerCall):
+        return source, conn.current, None
+    call, drawn_on = sampler_model(source)
+    return call, conn.on(drawn_on, source.span), drawn_on
+
+
 def with_model(spec: str, name: str | None) -> str:
     """A sample's spec as the statement asked for it: ``random(0.1, ..., model='wide')``."""
     return spec if name is None else f"{spec[:-1]}, model={name!r})"

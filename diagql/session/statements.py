@@ -16,7 +16,7 @@ from diagql.language import ast
 from diagql.language.binder import (bind_layer, bind_query, bind_similarity, bind_view,
                                     require_labels)
 from diagql.results.result import Result
-from diagql.session.models import name_model, sampler_model, with_model
+from diagql.session.models import name_model, sampling_source, with_model
 from diagql.session.settings import Settings
 from diagql.suggest import did_you_mean
 
@@ -92,22 +92,13 @@ class Sources:
 
 def sources(conn, query: ast.Query) -> Sources:
     entry, layer = conn.resolve(query.layer)
-    source, sampling, drawn_on = _sampling(conn, query.source)
+    source, sampling, drawn_on = sampling_source(conn, query.source)
     query = replace(query, layer=layer, source=source)
     # The labels are the data's: a query that reads no prediction is planned on a profile the
     # statement needs anyway, so that a checkpoint's query over a sample costs no pass over
     # all the data.
     reader = entry if reads_predictions(query) else sampling
     return Sources(query, entry, sampling, drawn_on, reader)
-
-
-def _sampling(conn, source):
-    """The statement's source without a sampler's ``model='wide'``, the model whose profile
-    its sample is drawn from (the default one unless named), and that name."""
-    if not isinstance(source, ast.SamplerCall):
-        return source, conn.current, None
-    call, drawn_on = sampler_model(source)
-    return call, conn.on(drawn_on, source.span), drawn_on
 
 
 def _draw(entry, sampler):
@@ -124,7 +115,7 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
     from the default model's profile and sample (or the sampler's ``model=``'s)."""
     started = time.perf_counter()
     resolved = [conn.resolve(ref) for ref in statement.layers]
-    source, entry, drawn_on = _sampling(conn, statement.source)
+    source, entry, drawn_on = sampling_source(conn, statement.source)
     statement = replace(statement, layers=tuple(ref for _, ref in resolved), source=source)
     bound = bind_similarity(statement, entry.catalog, n_classes=entry.n_classes,
                             seed=conn.settings.seed, n_items=len(conn.source),
