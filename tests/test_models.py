@@ -109,6 +109,21 @@ def test_top_inputs_draw_their_sample_where_a_query_would(two, cnn, mlp, digits)
         set(two.sample("stratified(0.05, model='wide')").tolist())
 
 
+def test_a_models_layer_is_named_with_its_model_in_answers_and_mistakes(two):
+    """With several models, `TOPK 3 INPUTS FOR wide.head[2]` had said "the 3 items of highest
+    head[2]" and "index 99 is past the 10 entries of layer 'head'", as if of the default
+    model's layer."""
+    result = two.query("TOPK 3 INPUTS FOR wide.head[2]")
+    assert result.ranked.neuron == "wide.head[2]" == result.labels[0]
+    assert "inputs index of wide.head" in result.ranked.how
+    with pytest.raises(BindError) as caught:
+        two.query("TOPK 3 INPUTS FOR wide.head[99]")
+    assert caught.value.message.startswith("model 'wide': index 99 is past the 10 entries")
+    with pytest.raises(BindError) as caught:
+        two.query("AVG NEURONS IN wide.head TOKEN 3")
+    assert caught.value.message.startswith("model 'wide': ")
+
+
 def test_two_models_of_one_architecture_never_share_activation_rows(digits):
     X, y = digits
     a, b = models.trained_cnn(), models.build_cnn(seed=3)  # same layer names, other weights

@@ -47,8 +47,10 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling=None,
     """``conn``: the neuron's model; ``sampling``: the model whose profile the sample is
     drawn on (the neuron's when None), named ``drawn_on`` in the sample's spec."""
     started = time.perf_counter()
-    bound = bind_inputs(query, conn.catalog, n_classes=conn.n_classes, seed=conn.settings.seed,
-                        n_items=len(conn.source), has_labels=conn.source.labelled())
+    with conn.naming():
+        bound = bind_inputs(query, conn.catalog, n_classes=conn.n_classes,
+                            seed=conn.settings.seed, n_items=len(conn.source),
+                            has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
     profile = conn.profile
     profiled_at = time.perf_counter()
@@ -82,13 +84,16 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling=None,
 def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
             tokenizer, drawn_on: str | None = None) -> Result:
     query, items = bound.query, answer.items
+    # With several models the neuron is named with its model (wide.fc2[3]), as name_model
+    # names the Result's labels.
+    prefix = f"{conn.name}." if len(conn.conn.models) > 1 else ""
     provenance = Provenance(len(profile),
                             None if sample is None else with_model(sample.spec, drawn_on),
                             None if sample is None else len(sample.indices))
     ranked = RankedItems(
-        bound.label, query.largest, profile.labels[items] if profile.has_labels else None,
+        prefix + bound.label, query.largest, profile.labels[items] if profile.has_labels else None,
         profile.predictions[items], profile.confidence[items],
-        previews(conn.source, items, tokenizer), _how(bound, answer))
+        previews(conn.source, items, tokenizer), _how(prefix + bound.layer.name, answer))
     result = Result(kind="inputs", statement=query.text, layer=bound.layer.name,
                     unit=query.unit, neurons=np.array([bound.neuron]), labels=[bound.label],
                     values=answer.values, n_items=int(allowed.sum()), provenance=provenance,
@@ -102,8 +107,7 @@ def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
     return result
 
 
-def _how(bound: BoundInputs, answer: Answer) -> str:
-    layer = bound.layer.name
+def _how(layer: str, answer: Answer) -> str:
     if answer.used_index:
         if answer.read == 0:
             return f"from the inputs index of {layer}, no item read"

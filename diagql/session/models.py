@@ -4,6 +4,7 @@ settings, the caches and the counters are the connection's (docs/ARCHITECTURE.md
 "several models")."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -131,11 +132,17 @@ class ModelEntry:
 
     @property
     def profile(self) -> Profile:
-        try:
+        with self.naming():
             return self.artifacts.get_profile()
+
+    @contextlib.contextmanager
+    def naming(self):
+        """One model's mistake (labels outside its classes, a failing forward, an index past
+        one of its layers) must not read as every model's: with several, its name comes
+        first in the message of a DiagQLError raised within."""
+        try:
+            yield
         except DiagQLError as exc:
-            # One model's mistake (labels outside its classes, a failing forward) must not
-            # read as every model's: with several, its name comes first.
             if len(self.conn.models) > 1 and not exc.message.startswith("model "):
                 exc.message = f"model {self.name!r}: {exc.message}"
                 exc.args = (exc.message, *exc.args[1:])

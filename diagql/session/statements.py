@@ -45,8 +45,9 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     query, entry = src.query, src.entry
     catalog = entry.catalog  # probed once per model and data, like the profile
     started, probe_seconds = time.perf_counter(), time.perf_counter() - started
-    bound = bind_query(query, catalog, n_classes=entry.n_classes, seed=conn.settings.seed,
-                       n_items=len(conn.source), has_labels=conn.source.labelled())
+    with entry.naming():
+        bound = bind_query(query, catalog, n_classes=entry.n_classes, seed=conn.settings.seed,
+                           n_items=len(conn.source), has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
     # After binding, so that a mistake costs no pass over the data (sources() says whose).
     profile = src.reader.profile
