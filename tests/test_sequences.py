@@ -336,6 +336,57 @@ def test_transformer_encoder_layers_leave_padding_out(batch_first, use_mask):
         assert conn.catalog["enc"].mask == "the src_key_padding_mask given to enc"
 
 
+class Seq2Seq(nn.Module):
+    """nn.Transformer as a classifier over (source, target) pairs of one padded length, as a
+    translation-quality model would be: cross-attention's mask is the source's."""
+
+    def __init__(self, source_mask: bool):
+        super().__init__()
+        self.source_mask = source_mask
+        self.embed = nn.Linear(4, 8)
+        self.tr = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, C)
+
+    def forward(self, src, tgt, src_pad, tgt_pad):
+        memory_pad = src_pad if self.source_mask else None
+        out = self.tr(self.embed(src), self.embed(tgt), src_key_padding_mask=memory_pad,
+                      tgt_key_padding_mask=tgt_pad, memory_key_padding_mask=memory_pad)
+        return self.head(out[:, 0])
+
+
+@pytest.mark.parametrize("source_mask", [True, False])
+def test_an_encoder_decoders_layers_read_their_own_sequences_padding(source_mask):
+    """A decoder's cross-attention had been averaged over the source's real positions (its
+    key_padding_mask covers the keys, its output has one row per target position), and with no
+    source mask the encoder's layers over the target's (nn.Transformer's tgt_key_padding_mask
+    reached them)."""
+    g = torch.Generator().manual_seed(11)
+    n = 30
+    src, tgt = torch.randn(n, S, 4, generator=g), torch.randn(n, S, 4, generator=g)
+    src_len = torch.randint(2, S + 1, (n,), generator=g)
+    tgt_len = torch.randint(2, S + 1, (n,), generator=g)
+    src_pad = torch.arange(S)[None, :] >= src_len[:, None]
+    tgt_pad = torch.arange(S)[None, :] >= tgt_len[:, None]
+    y = torch.randint(0, C, (n,), generator=g)
+    torch.manual_seed(2)
+    model = Seq2Seq(source_mask).eval()
+    layers = {"tr.decoder.layers.0.multihead_attn": tgt_len,
+              "tr.decoder.layers.0.linear1": tgt_len,
+              "tr.encoder.layers.0.linear1": src_len if source_mask else None,
+              "tr.encoder": src_len if source_mask else None}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's nested tensors are a "prototype"
+        conn = diagql.connect(model, Pairs(src, tgt, src_pad, tgt_pad, y), batch_size=7,
+                              cache_dir=False, progress=False)
+        outputs = capture(model, list(layers), src, tgt, src_pad, tgt_pad)
+        for name, lengths in layers.items():
+            truth = item_rows(outputs[name], lengths).mean(axis=0)
+            np.testing.assert_allclose(conn.query(f"AVG NEURONS IN {name}").values, truth,
+                                       **TOL)
+    assert conn.catalog["tr.decoder.layers.0.multihead_attn"].mask == \
+        "the tgt_key_padding_mask given to tr.decoder.layers.0"
+
+
 # --- a channel-first map is not a sequence -------------------------------------------------------
 
 

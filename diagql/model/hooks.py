@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from diagql.errors import DiagQLError, ExecutionError
-from diagql.model.views import ModuleCall, describe_output, first_output, padding_argument, \
-    padding_mask
+from diagql.model.views import NOT_GOVERNING, ModuleCall, describe_output, first_output, \
+    padding_argument, padding_mask
 
 
 def first_tensor(output, name: str = "") -> torch.Tensor:
@@ -183,7 +183,11 @@ class Hooks:
 
     def _padding_hook(self, owner: str):
         def hook(module, args, kwargs):
-            self._padding[owner] = padding_mask(module, args, kwargs)
+            mask = padding_mask(module, args, kwargs)
+            if mask is NOT_GOVERNING:
+                self._padding.pop(owner, None)
+            else:
+                self._padding[owner] = mask
         return hook
 
     def _hook(self, name: str, calls: dict[int, list], owners: list[str]):
@@ -199,8 +203,8 @@ class Hooks:
                         f"catalog's probe saw it run once, so it has no single activation")
                 if not served:
                     return
-                padding = next((self._padding[o] for o in owners
-                                if self._padding.get(o) is not None), None)
+                # The innermost owner that governs decides, None included (views.padding_mask).
+                padding = next((self._padding[o] for o in owners if o in self._padding), None)
                 # Runs before any later in-place op (ReLU(inplace=True)) can overwrite the output.
                 call = ModuleCall(output, padding, self.inputs, self.size)
                 for layer, callback in served:

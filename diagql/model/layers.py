@@ -14,7 +14,7 @@ from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor,
     scope
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.views import FLAT, SEQUENCE, describe_output, first_output, \
-    input_attention_mask, padding_argument, padding_mask
+    NOT_GOVERNING, input_attention_mask, padding_argument, padding_mask
 
 PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is the batch axis
 
@@ -278,7 +278,9 @@ def _probe_pass(model, x, call):
     def before(name):
         def hook(module, args, kwargs):
             mask = padding_mask(module, args, kwargs)
-            if mask is not None:
+            if mask is NOT_GOVERNING:
+                padding.pop(name, None)
+            else:
                 padding[name] = (padding_argument(module), mask)
         return hook
 
@@ -343,8 +345,8 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
     return result
 
 
-def _shape(entry: tuple[str, torch.Tensor]) -> tuple[str, tuple]:
-    return entry[0], tuple(entry[1].shape)
+def _shape(entry: tuple[str, torch.Tensor | None]) -> tuple[str, tuple | None]:
+    return entry[0], None if entry[1] is None else tuple(entry[1].shape)
 
 
 def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tuple[int, _Seen]],
@@ -438,7 +440,9 @@ def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
         return "the PackedSequence's lengths"
     if seen.form == "nested":
         return "the nested tensor's lengths"
-    for owner, arg, shape in seen.masks:
+    # The innermost module that governs decides, a call without a mask included
+    # (views.padding_mask).
+    for owner, arg, shape in seen.masks[:1]:
         if shape == batch:
             return f"the {arg} given to {owner or 'the model'}"
     if seen.input_mask == batch:

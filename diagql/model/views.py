@@ -94,16 +94,43 @@ def _position(cls: type, arg: str) -> int | None:
     return params.index(arg) if arg in params else None
 
 
-def padding_mask(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The key padding mask (batch, sequence) a module was called with, or None."""
+NOT_GOVERNING = object()  # padding_mask's answer for a call whose mask is not its outputs'
+
+
+def padding_mask(module: nn.Module, args: tuple, kwargs: dict):
+    """The key padding mask (batch, sequence) a module was called with, None when it was
+    called without one, or NOT_GOVERNING when its mask does not say which positions of its
+    output (and of its submodules' outputs) are real: a cross-attention's mask covers its
+    keys (the encoder's memory), while its output has one row per query.
+
+    The innermost module around a layer that takes a mask and governs decides, None
+    included: an nn.Transformer's encoder called without src_key_padding_mask has no padding,
+    whatever the tgt_key_padding_mask given to the nn.Transformer around it (hooks.py and the
+    catalog's probe read it so)."""
     arg = padding_argument(module)
     if arg is None:
-        return None
+        return NOT_GOVERNING
+    if isinstance(module, nn.MultiheadAttention) and not _self_attention(module, args, kwargs):
+        return NOT_GOVERNING
     value = kwargs.get(arg)
     if value is None:
         index = _position(type(module), arg)
         value = args[index] if index is not None and index < len(args) else None
     return value if isinstance(value, torch.Tensor) and value.ndim == 2 else None
+
+
+def _self_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
+    """Whether the attention's queries are its keys (one tensor, or one view of the same
+    memory), so that its key padding mask covers its output's positions too."""
+    def argument(name, index):
+        return kwargs[name] if name in kwargs else args[index] if len(args) > index else None
+
+    query, key = argument("query", 0), argument("key", 1)
+    if query is key:
+        return True
+    return (isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor)
+            and query.shape == key.shape and query.stride() == key.stride()
+            and query.data_ptr() == key.data_ptr())
 
 
 def input_attention_mask(inputs) -> torch.Tensor | None:
