@@ -161,56 +161,113 @@ def _hsic(x, y, gx, gy) -> float:
     return float(np.linalg.norm(x.T @ y) ** 2)
 
 
-# --- the debiased estimate of a sample ----------------------------------------------------------
+# --- the estimate of a sample ---------------------------------------------------------------
+#
+# The exact answer is the plain CKA over the N matching items: HSIC = tr(KHLH) / N², with
+# K = XXᵀ and L = YYᵀ over the population (diagonals included). Written as sums over index
+# tuples, each sum splits into sums over tuples of distinct indices, and under a uniform
+# sample without replacement the mean of f over the sample's distinct m-tuples is unbiased for
+# the population's. So each population term is estimated from the sample's distinct-tuple means
+# of its parts, weighted by N. The result is unbiased for the population's plain HSIC, equals it
+# when the sample holds every item, and as N grows becomes Song et al.'s (2012) unbiased HSIC,
+# which targets an infinite population; that one kept its gap to a small group's exact CKA even
+# when the sample was nearly the whole group (docs/ARCHITECTURE.md, "Similarity").
 
 
-def _item_terms(x: np.ndarray, y: np.ndarray, gx=None, gy=None):
-    """Per item i of the linear kernels K = XXᵀ, L = YYᵀ with their diagonals zeroed:
-    u_i = Σ_j K̃_ij, v_i = Σ_j L̃_ij, r_i = Σ_j K̃_ij L̃_ij and c_i = Σ_j (u_j L̃_ij + K̃_ij v_j).
-    They give the unbiased HSIC and, each item's own removed, its delete-one values. The
-    Gram form costs n² memory; the feature form (for more items than dims) never forms it."""
-    a, b = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", y, y)
+def _falling(n, k: int):
+    out = 1.0
+    for i in range(k):
+        out = out * (n - i)
+    return out
+
+
+def _sums(x: np.ndarray, y: np.ndarray, gx=None, gy=None) -> tuple[dict, dict]:
+    """The sample's sums that its distinct-tuple means come from, and each item's part of
+    them (to take the item out). With dK, dL the diagonals, u = K1, v = L1: P = Σ dK·dL,
+    Q = Σ_ij K_ij L_ij, tK = Σ dK, SK = 1ᵀK1, U = Σ u·v, W1 = Σ dK·v, W2 = Σ dL·u. The Gram
+    form (gx, gy given) costs n² memory; the feature form never forms it."""
+    dk, dl = np.einsum("ij,ij->i", x, x), np.einsum("ij,ij->i", y, y)
     if gx is not None and gy is not None:
-        k, ell = gx.copy(), gy.copy()
-        np.fill_diagonal(k, 0.0)
-        np.fill_diagonal(ell, 0.0)
-        u, v = k.sum(axis=1), ell.sum(axis=1)
-        return u, v, np.einsum("ij,ij->i", k, ell), ell @ u + k @ v
-    u = x @ x.sum(axis=0) - a
-    v = y @ y.sum(axis=0) - b
-    r = np.einsum("ij,ij->i", x @ (x.T @ y), y) - a * b
-    c = y @ (y.T @ u) - b * u + x @ (x.T @ v) - a * v
-    return u, v, r, c
+        u, v = gx.sum(axis=1), gy.sum(axis=1)
+        q = np.einsum("ij,ij->i", gx, gy)
+        w1, w2, m1, m2 = gy @ dk, gx @ dl, gy @ u, gx @ v
+    else:
+        u, v = x @ x.sum(axis=0), y @ y.sum(axis=0)
+        q = np.einsum("ij,ij->i", x @ (x.T @ y), y)
+        w1, w2 = y @ (y.T @ dk), x @ (x.T @ dl)
+        m1, m2 = y @ (y.T @ u), x @ (x.T @ v)
+    items = dict(dk=dk, dl=dl, u=u, v=v, q=q, w1=w1, w2=w2, m1=m1, m2=m2)
+    totals = dict(P=float(dk @ dl), Q=float(q.sum()), tK=float(dk.sum()), tL=float(dl.sum()),
+                  SK=float(u.sum()), SL=float(v.sum()), U=float(u @ v), W1=float(dk @ v),
+                  W2=float(dl @ u))
+    return totals, items
 
 
-def _unbiased(n, total_r, sum_u, sum_v, sum_uv):
-    """Song et al. (2012)'s unbiased HSIC from the sums of the item terms (n ≥ 4; arrays of
-    delete-one sums give every delete-one value at once)."""
-    return (total_r + sum_u * sum_v / ((n - 1) * (n - 2)) - 2 * sum_uv / (n - 2)) / (n * (n - 3))
+def _without_each(t: dict, i: dict) -> dict:
+    """The sums with each item left out in turn (arrays, one value per item)."""
+    own = i["dk"] * i["dl"]
+    return dict(
+        P=t["P"] - own, Q=t["Q"] - 2 * i["q"] + own, tK=t["tK"] - i["dk"], tL=t["tL"] - i["dl"],
+        SK=t["SK"] - 2 * i["u"] + i["dk"], SL=t["SL"] - 2 * i["v"] + i["dl"],
+        W1=t["W1"] - i["dk"] * i["v"] - i["w1"] + own,
+        W2=t["W2"] - i["dl"] * i["u"] - i["w2"] + own,
+        U=(t["U"] - i["u"] * i["v"] - (i["m1"] - i["u"] * i["dl"])
+           - (i["m2"] - i["dk"] * i["v"]) + (i["q"] - own)))
 
 
-def _hsic_and_jackknife(x, y, gx, gy):
-    """The unbiased HSIC of (x, y) over all n items, and its n delete-one values."""
+def _population_hsic(n, s: dict, population: int | None):
+    """The estimate of the population's plain HSIC, tr(KHLH) / N², from a sample of n items'
+    sums (``_sums``; arrays give one estimate per entry). ``population`` None: an infinite
+    one (Song et al.'s unbiased HSIC)."""
+    P, Q, tK, tL, SK, SL, U, W1, W2 = (s[key] for key in
+                                       ("P", "Q", "tK", "tL", "SK", "SL", "U", "W1", "W2"))
+    n2, n3, n4 = _falling(n, 2), _falling(n, 3), _falling(n, 4)
+    # The sample's means over distinct tuples (i, j, p, q distinct where they differ).
+    a1 = P / n  # K_ii L_ii
+    a2 = (Q - P) / n2  # K_ij L_ij
+    b2a = (W1 - P) / n2  # K_ii L_iq
+    b2b = (W2 - P) / n2  # K_ij L_ii
+    b3 = (U - W1 - W2 + 2 * P - Q) / n3  # K_ij L_iq
+    c3a = (tK * (SL - tL) - 2 * W1 + 2 * P) / n3  # K_ii L_pq
+    c3b = (tL * (SK - tK) - 2 * W2 + 2 * P) / n3  # K_ij L_pp
+    c2a = (tK * tL - P) / n2  # K_ii L_pp
+    c4 = (SK * SL - n3 * (c3a + c3b + 4 * b3) - n2 * (c2a + 2 * a2 + 2 * b2a + 2 * b2b)
+          - P) / n4  # K_ij L_pq
+    inv = 0.0 if population is None else 1.0 / population
+    f2 = 1 - inv
+    f3 = f2 * (1 - 2 * inv)
+    f4 = f3 * (1 - 3 * inv)
+    # tr(KHLH) = Σ_ij K_ij L_ij − (2/N) Σ_ijq K_ij L_iq + (1/N²) Σ_ij K_ij Σ_pq L_pq, each sum
+    # over every index tuple split by which indices coincide, over N².
+    first = f2 * a2 + inv * a1
+    second = inv * inv * a1 + f2 * inv * (b2a + b2b + a2) + f3 * b3
+    third = (f4 * c4 + f3 * inv * (c3a + c3b + 4 * b3)
+             + f2 * inv * inv * (c2a + 2 * a2 + 2 * b2a + 2 * b2b) + inv ** 3 * a1)
+    return first - 2 * second + third
+
+
+def _hsic_and_jackknife(x, y, gx, gy, population):
+    """The estimated population HSIC of (x, y) over all n sampled items, and its n
+    delete-one values."""
     n = len(x)
-    u, v, r, c = _item_terms(x, y, gx, gy)
-    total_r, sum_u, sum_v, sum_uv = r.sum(), u.sum(), v.sum(), (u * v).sum()
-    whole = _unbiased(n, total_r, sum_u, sum_v, sum_uv)
-    # Item i removed: its row and column of K̃ and L̃ leave every sum.
-    dropped = _unbiased(n - 1, total_r - 2 * r, sum_u - 2 * u, sum_v - 2 * v,
-                        sum_uv - u * v - c + r)
+    totals, items = _sums(x, y, gx, gy)
+    whole = _population_hsic(n, totals, population)
+    dropped = _population_hsic(n - 1, _without_each(totals, items), population)
     return whole, dropped
 
 
-MIN_ITEMS = 5  # the unbiased HSIC needs n ≥ 4, and its delete-one values n - 1 ≥ 4
+MIN_ITEMS = 5  # the distinct 4-tuples need n ≥ 4, and the delete-one values n - 1 ≥ 4
 
 
 def debiased_matrix(rows: list[np.ndarray], population: int | None = None,
                     level: float = 0.95):
-    """Every pair's debiased linear CKA over a sample's rows (centred, items × width each):
-    HSIC_u(K, L) / sqrt(HSIC_u(K, K) HSIC_u(L, L)) with Song et al.'s unbiased HSIC, and a
-    ``level`` interval from the delete-one jackknife over the sampled items (its variance
-    finite-population corrected by the ``population`` they were drawn from). Returns (value,
-    low, high) L × L arrays, clipped to [0, 1]; NaN where a layer's own HSIC is not positive."""
+    """Every pair's estimated CKA over a sample's rows (centred, items × width each), drawn
+    uniformly without replacement from ``population`` items (None: an infinite population):
+    HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), each HSIC the unbiased estimate of the
+    population's plain one (the exact answer's; Song et al.'s unbiased HSIC for an infinite
+    population), and a ``level`` interval from the delete-one jackknife over the sampled items,
+    its variance finite-population corrected. Returns (value, low, high) L × L arrays, clipped
+    to [0, 1]; NaN where a layer's own HSIC is not positive."""
     n, size = len(rows[0]), len(rows)
     nan = np.full((size, size), np.nan)
     if n < MIN_ITEMS:
@@ -222,7 +279,7 @@ def debiased_matrix(rows: list[np.ndarray], population: int | None = None,
         for j in range(i, size):
             use = grams[i] is not None and grams[j] is not None
             pairs[i, j] = _hsic_and_jackknife(rows[i], rows[j], grams[i] if use else None,
-                                              grams[j] if use else None)
+                                              grams[j] if use else None, population)
     value, low, high = nan.copy(), nan.copy(), nan.copy()
     fpc = 1.0 if not population else max(population - n, 0) / max(population - 1, 1)
     half_width = t_quantile(n - 1, 0.5 + level / 2)

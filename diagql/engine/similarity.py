@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from diagql.engine.answers import note_exact_baseline, require_matches
+from diagql.engine.estimate import COVERS_WHOLE
 from diagql.engine.cka import MIN_ITEMS, MomentState, RowState, debiased_matrix
 from diagql.engine.executor import run_together
 from diagql.engine.groups import key_order, sorted_keys
@@ -242,13 +243,18 @@ def _single(plan: Plan, state, population: int) -> Result:
     if state is None or state.count == 0:
         return result
     pick = np.ix_(_given_order(plan), _given_order(plan))  # distinct views to layers given
-    if plan.approximate:
+    if plan.approximate and state.count == population:
+        # Every matching item sampled: the sample's plain CKA is the exact one.
+        matrix = state.matrix()[pick]
+        result.estimate = Estimate(COVERS_WHOLE, True, LEVEL, state.count, population,
+                                   ci_low=matrix, ci_high=matrix.copy(), exact=True)
+    elif plan.approximate:
         value, low, high = debiased_matrix(state.rows(), population, LEVEL)
         name = plan.bound.sampler.name
         reason = None
         if state.count < MIN_ITEMS:
             reason = (f"{state.count} matching sampled item{'s' if state.count != 1 else ''}: "
-                      f"the debiased CKA needs at least {MIN_ITEMS}")
+                      f"the estimate needs at least {MIN_ITEMS}")
         # The jackknife's model is a uniform sample of the matching items: only a sampler that
         # draws every item with the same probability gives one for any WHERE.
         elif not getattr(plan.bound.sampler, "uniform", False):
@@ -351,6 +357,7 @@ def _state_text(plan: Plan) -> str:
 def _measure_text(plan: Plan) -> str:
     pairs = "every pair of layers" if len(plan.bound.views) > 2 else "the two layers"
     if plan.approximate:
-        return (f"debiased linear CKA of {pairs} (Song et al.'s unbiased HSIC) with a "
-                f"{LEVEL:.0%} jackknife interval, from {_state_text(plan)}")
+        return (f"linear CKA of {pairs} over the matching items, estimated from the sample "
+                f"(each HSIC unbiased for them) with a {LEVEL:.0%} jackknife interval, from "
+                f"{_state_text(plan)}")
     return f"exact linear CKA of {pairs} from {_state_text(plan)}"

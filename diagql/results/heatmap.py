@@ -129,9 +129,11 @@ def _estimate_line(result) -> Text | None:
                       "its own bias; add WITH BASELINE for the real error")
         return Text(f"no interval: {reason}", style="yellow")
     where = "" if len(result.labels) == 2 else " (Result.estimate has each pair's)"
-    return Text(f"debiased CKA (unbiased HSIC) with a {estimates[0].level:.0%} jackknife "
-                f"interval over the sampled items{where}; covers sampling variance, not a "
-                f"sampler's bias", style="dim")
+    if all(e.exact for e in estimates):
+        return Text("exact, from a sample: it holds every matching item", style="dim")
+    return Text(f"CKA of the matching items estimated from the sample (unbiased HSIC) with a "
+                f"{estimates[0].level:.0%} jackknife interval{where}; covers sampling "
+                f"variance, not a sampler's bias", style="dim")
 
 
 def _caption(result) -> str:
