@@ -276,6 +276,67 @@ def test_a_compiled_model_is_queried_through_its_original_layers():
     np.testing.assert_allclose(avg.values, relu[y == 2].mean(0).numpy(), rtol=1e-6)
 
 
+class _Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+@pytest.mark.parametrize("how", ["submodule", "in place"])
+def test_a_model_with_compiled_parts_runs_them_eagerly(how):
+    """A submodule compiled by the user (model.backbone = torch.compile(...)) or the model
+    compiled in place (model.compile()) had failed GROUP BY and sample queries with dynamo's
+    'Guard failed' (it traced DiagQL's hooks); the passes now run compiled code eagerly."""
+    torch.manual_seed(5)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = _Backbone().eval()
+    truth = _hooked(model, "backbone.1", X).double().numpy()
+    if how == "submodule":
+        model.backbone = torch.compile(model.backbone, backend="eager")
+        layer = "backbone._orig_mod.1"
+    else:
+        model.compile(backend="eager")
+        layer = "backbone.1"
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    grouped = conn.query(f"AVG NEURONS IN {layer} GROUP BY class")
+    for key, group in grouped.groups.items():
+        np.testing.assert_allclose(group.values, truth[(y == key).numpy()].mean(0), rtol=1e-6)
+    conn.query("SET estimator = plain")
+    sampled = conn.query(f"AVG NEURONS IN {layer} USING SAMPLE random(0.5)")
+    items = conn.sample("random(0.5)")
+    np.testing.assert_allclose(sampled.values, truth[items].mean(0), rtol=1e-6)
+    if how == "submodule":  # the name as the user wrote it is pointed at the compiled one's
+        with pytest.raises(DiagQLError, match="did you mean 'backbone._orig_mod.1'"):
+            conn.query("AVG NEURONS IN backbone.1")
+
+
+def test_a_wrapped_models_layer_named_without_its_wrapper_is_suggested():
+    conn = diagql.connect(nn.DataParallel(_mlp()), (torch.randn(20, 6),
+                          torch.randint(0, 3, (20,))), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="unknown layer '1'; did you mean 'module.1'"):
+        conn.query("AVG NEURONS IN 1")
+
+
+def test_a_torch_export_programs_module_is_refused_at_connect():
+    """Its graph inlines the layers (none runs as a module); it had failed at the first query
+    with a bare NotImplementedError from eval(). Its unflattened form is queried."""
+    X, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    model = _mlp().eval()
+    program = torch.export.export(model, (X[:4],),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with pytest.raises(DiagQLError, match=r"torch.export program's module.*unflatten"):
+        diagql.connect(program.module(), (X, y), cache_dir=False, progress=False)
+    conn = diagql.connect(torch.export.unflatten(program), (X, y), cache_dir=False,
+                          progress=False)
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN 1").values,
+                               _hooked(model, "1", X).double().mean(0).numpy(), rtol=1e-6)
+
+
 class _ParametersOnly(nn.Module):
     def __init__(self):
         super().__init__()

@@ -117,8 +117,21 @@ def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> B
     """Did-you-mean among what could stand there: modules before a call number, else layers."""
     names = [layer.name for layer in catalog.layers if (layer.shape is not None or layer.shared)
              and not (modules and layer.call)]
-    return _error(f"unknown layer {name!r}{did_you_mean(name, names) or _part_of(name, names)}",
-                  span, hint=f"layers are {name_list(catalog.running_names())}")
+    suggestion = _wrapped(name, names) or did_you_mean(name, names) or _part_of(name, names)
+    return _error(f"unknown layer {name!r}{suggestion}", span,
+                  hint=f"layers are {name_list(catalog.running_names())}")
+
+
+def _wrapped(name: str, names: list[str]) -> str:
+    """'1' of a model inside a wrapper ('module.1': nn.DataParallel, a .model attribute), or
+    'backbone.1' of a compiled submodule ('backbone._orig_mod.1')."""
+    found = [n for n in names if n.endswith("." + name)
+             or n.replace("._orig_mod.", ".").removeprefix("_orig_mod.") == name]
+    if not found or len(found) > 3:
+        return ""
+    if len(found) == 1:
+        return f"; did you mean {found[0]!r}?"
+    return "; did you mean " + ", ".join(repr(c) for c in found[:-1]) + f" or {found[-1]!r}?"
 
 
 def _part_of(name: str, names: list[str]) -> str:

@@ -27,11 +27,17 @@ def hookable(module: nn.Module, what: str = "model") -> nn.Module:
     """The module DiagQL hooks for the user's ``module``: a ``torch.compile``'d module's
     original (dynamo would trace our hooks and fail on their guards; the original computes
     the same outputs eagerly, its layers named as the user wrote them, without ``_orig_mod.``).
-    TorchScript is refused: its modules take no forward hooks, or never call them."""
+    TorchScript is refused: its modules take no forward hooks, or never call them; so is a
+    torch.export program's ``.module()``, which calls none of its modules."""
     if isinstance(module, torch.jit.ScriptModule):
         raise DiagQLError(f"{what} is TorchScript ({type(module).__name__}), whose layers take no "
                           f"forward hooks; connect the nn.Module it was scripted or traced "
                           f"from")
+    if any(cls.__name__ == "_StatefulGraphModule" for cls in type(module).__mro__):
+        raise DiagQLError(f"{what} is a torch.export program's module, whose graph inlines its "
+                          f"layers, so none runs as a module a forward hook sees; connect "
+                          f"torch.export.unflatten(program), whose layers do, or the nn.Module "
+                          f"it was exported from")
     original = getattr(module, "_orig_mod", None)  # torch._dynamo's OptimizedModule
     if isinstance(original, nn.Module) and type(module).__name__ == "OptimizedModule":
         return original
@@ -76,15 +82,32 @@ def hook_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def evaluation(model: nn.Module) -> Iterator[None]:
-    """Eval mode and inference mode for the duration; every module's training flag restored."""
+    """Eval mode and inference mode for the duration; every module's training flag restored.
+
+    Compiled code runs eagerly within (``torch.compiler.set_stance("force_eager")``): a
+    submodule the user compiled (``model.backbone = torch.compile(...)``, ``model.compile()``)
+    would otherwise have dynamo trace DiagQL's hooks, and fail on their guards; the eager code
+    computes the same outputs. ``hookable`` unwraps a compiled model given whole."""
     flags = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
-        with torch.inference_mode():
+        model.eval()
+    except NotImplementedError:
+        # torch.export's modules refuse eval() (their graph is traced for one mode already);
+        # the flags of their modules are set as eval() would.
+        for module in model.modules():
+            module.training = False
+    try:
+        with torch.inference_mode(), _eager():
             yield
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+def _eager():
+    """Compiled functions run their eager code (torch ≥ 2.6; before it, nothing changes)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 def scope(name: str) -> list[str]:
