@@ -114,5 +114,10 @@ class NoMatchError(ExecutionError):
     checkpoint's cells blank and answers the others)."""
 
 
+class WeightsError(DiagQLError):
+    """Saved weights that cannot be read or do not fit the model (for a checkpoint: ACROSS
+    CHECKPOINTS leaves its cells blank and answers the others)."""
+
+
 class DiagQLWarning(UserWarning):
     """Something went wrong that DiagQL works around (a damaged or unwritable cache)."""

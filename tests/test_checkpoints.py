@@ -164,10 +164,34 @@ def test_checkpoints_that_do_not_fit_are_reported(trained, data, tmp_path):
     torch.save({"head.weight": torch.zeros(3, 3)}, path)
     db = diagql.connect(model, data, checkpoints={"bad": path}, cache_dir=False,
                         progress=False)
-    with pytest.raises(diagql.DiagQLError, match="checkpoint 'bad' .* do not fit the model"):
+    with pytest.raises(diagql.DiagQLError, match="checkpoint 'bad' .* does not fit the model"):
         db.query("AVG NEURONS IN bad.head")
     with pytest.raises(diagql.DiagQLError, match="name 'not ok' cannot be written"):
         diagql.connect(model, data, checkpoints={"not ok": path}, cache_dir=False)
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_the_others_answering(trained, data, tmp_path):
+    """One bad checkpoint had failed every ACROSS CHECKPOINTS statement and SHOW MODELS,
+    losing the good checkpoints' answers."""
+    X, y = data
+    model, paths, states = trained
+    bad = {key: value for key, value in states["epoch1"].items() if key != "head.bias"}
+    db = diagql.connect(model, data, checkpoints={"epoch1": paths["epoch1"], "bad": bad,
+                                                  "epoch3": states["epoch3"]},
+                        cache_dir=False, progress=False)
+    rows = {row[0]: row for row in db.query("SHOW MODELS").rows}
+    assert rows["bad"][4] == "—" and rows["epoch1"][4] != "—"
+    result = db.query("AVG NEURONS IN head ACROSS CHECKPOINTS")
+    assert result.checkpoints["bad"].records() == []
+    assert result.notes == ["bad: checkpoint 'bad' (a state_dict) does not fit the model: "
+                            "missing head.bias"]
+    for name in ("epoch1", "epoch3"):
+        truth = loaded(states[name])(X).double().mean(dim=0).detach().numpy()
+        np.testing.assert_allclose(result.checkpoints[name].values, truth, rtol=1e-6)
+    similarity = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS")
+    assert [row[0] for row in similarity.rows] == ["epoch1", "bad", "epoch3", "final"]
+    with pytest.raises(diagql.DiagQLError, match="does not fit the model: missing head.bias"):
+        db.query("AVG NEURONS IN bad.head")
 
 
 def test_a_checkpoint_path_that_is_not_a_file_is_refused_at_connect(trained, data, tmp_path):

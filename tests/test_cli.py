@@ -158,7 +158,7 @@ def test_weights_that_do_not_fit_are_reported(tmp_path):
     done = diagql("--model", "tests.models:trained_mlp", "--weights", str(path), "--data",
                   "tests.models:digits", "-e", "SHOW LAYERS")
     assert done.returncode == 1
-    assert "do not fit the model" in done.stderr and "Traceback" not in done.stderr
+    assert "does not fit the model" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_statements_that_need_no_model_run_without_one():

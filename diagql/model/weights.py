@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from diagql.errors import DiagQLError
+from diagql.errors import WeightsError
 
 # Training scripts often save {"state_dict": ..., "optimizer": ...}: the model's entry is taken.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -28,7 +28,7 @@ def read_state(path, label: str) -> Mapping:
                     raise
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise DiagQLError(f"{label}: no such file") from None
+        raise WeightsError(f"{label}: no such file") from None
     except Exception as exc:  # noqa: BLE001 - the unpickler raises anything on a file that is not
         # a checkpoint (a text file: KeyError from its memo)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -40,7 +40,7 @@ def read_state(path, label: str) -> Mapping:
             first = ("it holds something other than tensors, or is not a torch file; DiagQL "
                      "reads weights only, running no pickled code: save model.state_dict() "
                      "with torch.save")
-        raise DiagQLError(f"{label} is not a readable torch checkpoint: {first}") from None
+        raise WeightsError(f"{label} is not a readable torch checkpoint: {first}") from None
     return unwrap_state(state, label)
 
 
@@ -50,7 +50,7 @@ def unwrap_state(state, label: str) -> Mapping:
             state = state[key]
             break
     if not isinstance(state, Mapping):
-        raise DiagQLError(f"{label} holds {type(state).__name__}, not a state_dict")
+        raise WeightsError(f"{label} holds {type(state).__name__}, not a state_dict")
     return state
 
 
@@ -66,14 +66,14 @@ def load_state(model: nn.Module, state: Mapping, label: str) -> None:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-        raise DiagQLError(f"{label} do not fit the model: {detail}") from None
+        raise WeightsError(f"{label} does not fit the model: {detail}") from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing {_few(result.missing_keys)}")
     if result.unexpected_keys:
         problems.append(f"unexpected {_few(result.unexpected_keys)}")
     if problems:
-        raise DiagQLError(f"{label} do not fit the model: " + "; ".join(problems))
+        raise WeightsError(f"{label} does not fit the model: " + "; ".join(problems))
 
 
 def _few(keys: list[str]) -> str:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from diagql.errors import BindError, NoMatchError
+from diagql.errors import BindError, NoMatchError, WeightsError
 from diagql.language import ast
 from diagql.results.across import across_result, write_curves
 from diagql.results.plots import check_target
@@ -59,7 +59,9 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
     for name in names:
         try:
             answers[name] = answer(conn, rebind(statement, name))
-        except NoMatchError as exc:  # its own WHERE (correct, ...) matches none of its items
+        # Its own WHERE (correct, ...) matches none of its items, or its weights do not load:
+        # its cells are blank, the others answer.
+        except (NoMatchError, WeightsError) as exc:
             missing += 1
             if missing == len(names):
                 raise  # on no model: the query's own mistake, said once

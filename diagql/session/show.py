@@ -31,17 +31,20 @@ def _models(conn, statement) -> Result:
         module = entry.architecture()
         try:
             profile = entry.profile
-        except DiagQLError as exc:  # one model's (labels outside its classes): the others stand
+            scores = entry.scores_text()
+        except DiagQLError as exc:
+            # One model's mistake (labels outside its classes, a checkpoint that does not fit):
+            # the others stand.
             if len(conn.models) == 1:
                 raise
             notes.append(exc.message)
-            accuracy = "—"
+            accuracy = scores = "—"
         else:
             accuracy = f"{float(profile.correct.mean()):.1%}" if profile.has_labels \
                 else "no labels"
         rows.append((name, type(module).__name__, f"{sum(p.numel() for p in module.parameters()):,}",
                      entry.describe_weights(), accuracy, "*" if entry is current else "",
-                     entry.scores_text()))
+                     scores))
     return Result(kind="table", statement=statement.text,
                   columns=["model", "class", "parameters", "weights", "accuracy", "default",
                            "scores"],
