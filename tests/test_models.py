@@ -124,6 +124,29 @@ def test_a_models_layer_is_named_with_its_model_in_answers_and_mistakes(two):
     assert caught.value.message.startswith("model 'wide': ")
 
 
+def test_a_default_model_that_does_not_fit_the_labels_leaves_the_others_answering(cnn, digits):
+    """The default model scores 3 classes of the digits' 10: its profile fails. Exact queries
+    on another model's layers had failed with its error (they plan on the default's profile
+    when they read no prediction); they now read their own model's profile instead."""
+    X, y = digits
+    torch.manual_seed(0)
+    small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(X[0].numel(), 3))
+    db = diagql.connect({"small": small, "base": cnn}, (X, y), cache_dir=False,
+                        progress=False)
+    mask = (y == 3).numpy()
+    result = db.query("AVG NEURONS IN base.8 WHERE class = 3")
+    np.testing.assert_allclose(result.values, outputs(cnn, X, "8")[mask].mean(0), atol=1e-5)
+    assert db.query("SIMILARITY base.7, base.8").value == pytest.approx(
+        cka(outputs(cnn, X, "7"), outputs(cnn, X, "8")), abs=1e-9)
+    with pytest.raises(diagql.DiagQLError, match="model 'small': label .* outside"):
+        db.query("AVG NEURONS IN small.1")
+
+
+def cka(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    return np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
 def test_two_models_of_one_architecture_never_share_activation_rows(digits):
     X, y = digits
     a, b = models.trained_cnn(), models.build_cnn(seed=3)  # same layer names, other weights

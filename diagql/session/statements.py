@@ -11,7 +11,7 @@ from typing import Callable
 
 from diagql.engine.answers import record_speedup, require_matches
 from diagql.engine.planner import Plan, plan_query
-from diagql.errors import BindError, ExecutionError
+from diagql.errors import BindError, DiagQLError, ExecutionError
 from diagql.language import ast
 from diagql.language.binder import (bind_layer, bind_query, bind_similarity, bind_view,
                                     require_labels)
@@ -50,7 +50,7 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
                            n_items=len(conn.source), has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
     # After binding, so that a mistake costs no pass over the data (sources() says whose).
-    profile = src.reader.profile
+    profile, src = _reader_profile(src)
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(query)
@@ -102,6 +102,20 @@ def sources(conn, query: ast.Query) -> Sources:
     return Sources(query, entry, sampling, drawn_on, reader)
 
 
+def _reader_profile(src: Sources) -> tuple:
+    """The profile that plans the query, and its Sources. Without a sample, another model's
+    profile only stands in for the layer's own (the labels are the data's): when that one
+    fails (the default model's classes do not fit the labels), the layer's own model's is
+    read, so that one model's mistake does not fail queries on the others."""
+    try:
+        return src.reader.profile, src
+    except DiagQLError:
+        if src.reader is src.entry or not isinstance(src.query.source, ast.Full):
+            raise
+    src = replace(src, reader=src.entry)
+    return src.entry.profile, src
+
+
 def _draw(entry, sampler):
     """The sample of ``sampler`` (None: no sample) on ``entry``'s profile, and the seconds its
     draw took now (0 when it was drawn before)."""
@@ -123,7 +137,16 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
                             catalogs=[own.catalog for own, _ in resolved],
                             has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
-    profile = entry.profile  # after binding, so that a mistake costs no pass over the data
+    try:
+        profile = entry.profile  # after binding, so that a mistake costs no pass over the data
+    except DiagQLError:
+        # Without a sample or a prediction read, any of the layers' models' profiles gives
+        # the items and groups (the labels are the data's): one that loads stands in.
+        own = [model for model, _ in resolved if model is not entry]
+        if not own or not isinstance(statement.source, ast.Full) or reads_predictions(statement):
+            raise
+        entry = own[0]
+        profile = entry.profile
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(statement)
