@@ -142,6 +142,12 @@ def test_a_default_model_that_does_not_fit_the_labels_leaves_the_others_answerin
         db.query("AVG NEURONS IN small.1")
 
 
+def test_one_module_given_under_two_names_is_refused_at_connect(cnn, digits):
+    """It was accepted, then SIMILARITY a.8, b.8 failed with an internal message."""
+    with pytest.raises(diagql.DiagQLError, match="models 'a' and 'b' are one module"):
+        diagql.connect({"a": cnn, "b": cnn}, digits, cache_dir=False, progress=False)
+
+
 def cka(x: np.ndarray, y: np.ndarray) -> float:
     x, y = x - x.mean(axis=0), y - y.mean(axis=0)
     return np.linalg.norm(x.T @ y) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))

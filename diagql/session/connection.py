@@ -374,7 +374,17 @@ def _modules(model, checkpoints) -> dict[str, object]:
                               "of models")
         if not model:
             raise DiagQLError("the mapping of models is empty")
-        return {check_name(name, "model"): module for name, module in model.items()}
+        named = {check_name(name, "model"): module for name, module in model.items()}
+        seen: dict[int, str] = {}
+        for name, module in named.items():
+            # A pass runs each model in its own module: one given twice would read one set of
+            # weights under two names.
+            inner = getattr(module, "_orig_mod", module)  # a torch.compile'd one's original
+            if isinstance(inner, nn.Module) and id(inner) in seen:
+                raise DiagQLError(f"models {seen[id(inner)]!r} and {name!r} are one module; "
+                                  f"give it once, or a copy (copy.deepcopy) to compare with")
+            seen[id(inner)] = name
+        return named
     return {FINAL if checkpoints is not None else DEFAULT: model}
 
 
