@@ -337,6 +337,35 @@ def test_a_torch_export_programs_module_is_refused_at_connect():
                                _hooked(model, "1", X).double().mean(0).numpy(), rtol=1e-6)
 
 
+class _Augmented(torch.utils.data.Dataset):
+    """Items with a random transform, as a training set's augmentation would give them."""
+
+    def __init__(self, X, y, noise: float):
+        self.X, self.y, self.noise = X, y, noise
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i] + self.noise * torch.randn_like(self.X[i]), self.y[i]
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_data_whose_reads_differ_is_warned_of(noise):
+    """A random transform gave two answers to one query, silently: the profile, samples and
+    each pass read the items anew."""
+    import warnings
+
+    X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conn = diagql.connect(_mlp(), _Augmented(X, y, noise), cache_dir=False, progress=False)
+        conn.query("AVG NEURONS IN 1")
+    told = [w for w in caught if issubclass(w.category, diagql.DiagQLWarning)
+            and "different inputs on two reads" in str(w.message)]
+    assert len(told) == (1 if noise else 0)
+
+
 class _ParametersOnly(nn.Module):
     def __init__(self):
         super().__init__()

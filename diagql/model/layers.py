@@ -12,9 +12,10 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope
+from diagql.model.repeatable import check_repeatable
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
-from diagql.model.views import FLAT, SEQUENCE, describe_output, first_output, \
-    NOT_GOVERNING, input_attention_mask, padding_argument, padding_mask
+from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, first_output, \
+    input_attention_mask, padding_argument, padding_mask
 
 PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is the batch axis
 
@@ -213,10 +214,13 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     n = len(source)
     sizes = sorted({min(size, n) for size in PROBE_SIZES})
     passes = []
+    first = None
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
+        first = x if first is None else first
         seen, counted, output = _probe_pass(model, prepare(x), call)
         passes.append((len(idx), seen, counted))
+    check_repeatable(first, next(source.batches(np.arange(sizes[0]), sizes[0]))[1])
     if scores is None:
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
     if scores.refusal is None:
