@@ -356,6 +356,65 @@ def test_exact_data_hashes_by_content():
     assert data_fingerprint((changed, y)) != fingerprint
 
 
+class _Keywords(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(20, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask[..., None].float()
+        return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1))
+
+
+def test_data_given_as_columns_is_hashed_with_its_labels(tmp_path):
+    """A tokenizer's output (a mapping of arrays, alone with a label column or beside the
+    labels) had been held in memory only, so text data was never cached on disk."""
+    g = torch.Generator().manual_seed(1)
+    ids, mask = torch.randint(1, 20, (40, 6), generator=g), torch.ones(40, 6, dtype=torch.long)
+    y, other = torch.arange(40) % 3, torch.arange(40) % 2
+    model = _Keywords()
+
+    def key(data, **options):
+        conn = diagql.connect(model, data, cache_dir=tmp_path, progress=False, **options)
+        return conn.artifacts.profile_key()
+
+    columns = {"input_ids": ids, "attention_mask": mask}
+    first = key((columns, y))
+    assert first is not None
+    assert key(({"attention_mask": mask.clone(), "input_ids": ids.clone()}, y)) == first
+    assert key({**columns, "labels": y}) == first  # the same columns and labels
+    changed = ids.clone()
+    changed[5, 2] += 1
+    assert key(({"input_ids": changed, "attention_mask": mask}, y)) != first
+    assert key((columns, other)) != first
+    # Which column holds the labels is part of it (the other is an input column then).
+    both = {**columns, "labels": y, "target": other}
+    assert key(both, label_key="labels") != key(both, label_key="target")
+    # A second connection reads the profile back.
+    conn = diagql.connect(model, (columns, y), cache_dir=tmp_path, progress=False)
+    conn.query("AVG NEURONS IN embed WHERE class = 1")
+    conn.cache.flush()
+    again = diagql.connect(model, (columns, y), cache_dir=tmp_path, progress=False)
+    again.query("AVG NEURONS IN embed WHERE class = 1")
+    assert again.cache.by_kind["profile"] == {"hits": 1, "misses": 0}
+
+
+def test_a_named_cache_directory_that_data_cannot_use_is_warned_of(tmp_path, monkeypatch):
+    """Nothing was written and nothing said when the user named the directory."""
+    items = [{"x": torch.randn(6), "labels": i % 3} for i in range(20)]
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    with pytest.warns(diagql.DiagQLWarning, match=f"the data is cached in memory only, "
+                                                  f"nothing in {tmp_path}: data of type list"):
+        diagql.connect(model, items, cache_dir=tmp_path, progress=False).query("AVG NEURONS IN 1")
+    monkeypatch.setenv("DIAGQL_CACHE_DIR", str(tmp_path / "default"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)  # the default directory: quiet
+        diagql.connect(model, items, progress=False).query("AVG NEURONS IN 1")
+
+
 def _flip(array: np.ndarray, bit: int) -> np.ndarray:
     flipped = array.copy()
     flipped.reshape(-1).view(np.uint8)[bit // 8] ^= np.uint8(1 << (bit % 8))

@@ -93,6 +93,14 @@ class ItemSource:
             return len(next(iter(self._columns.values())))
         return len(self._dataset)
 
+    def columns(self) -> tuple[dict, object] | None:
+        """A mapping's columns as read (the model's keyword inputs by name, one row per item)
+        and its labels (None without), or None for data in another form: what the data's
+        fingerprint covers for this form (storage/fingerprint.py), the label key chosen."""
+        if self._columns is None:
+            return None
+        return self._columns, self._column_labels
+
     def labelled(self) -> bool:
         """Whether the data has labels, as cheaply as can be told: a pair's or a mapping's are
         at hand, other data's first item says (the profile pass checks every item), so that

@@ -246,6 +246,11 @@ class Artifacts:
                 # Other models would share its key if it pretended to see what it cannot.
                 warnings.warn(f"the model is cached in memory only: {self.memory_only['model']}",
                               DiagQLWarning, stacklevel=4)
+            elif self.memory_only.get("data") and self.conn.cache.asked:
+                # A cache directory named for nothing to be written there would read as a bug.
+                warnings.warn(f"the data is cached in memory only, nothing in "
+                              f"{self.conn.cache.root}: {self.memory_only['data']}",
+                              DiagQLWarning, stacklevel=4)
             if not self.memory_only:
                 self._fingerprints = (parts["model"], parts["data"], parts["scores"])
         return self._fingerprints

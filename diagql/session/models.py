@@ -97,7 +97,8 @@ class ModelEntry:
         memo = self.conn._data_digest
         if not memo:
             try:
-                memo.append(data_fingerprint(self.conn.data))
+                columns = getattr(self.conn.source, "columns", lambda: None)()
+                memo.append(data_fingerprint(self.conn.data, columns))
             except Unfingerprintable as exc:
                 memo.append(exc)
         if isinstance(memo[0], Unfingerprintable):

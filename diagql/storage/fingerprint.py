@@ -53,16 +53,29 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(data) -> str:
+def data_fingerprint(data, columns: tuple[dict, object] | None = None) -> str:
     """A digest of the items; raises Unfingerprintable where it cannot be exact.
 
     Exact: a pair (X, y) of tensors or arrays, a TensorDataset, and a DataLoader over a
     TensorDataset with the default collate (items are read by index, so the loader's order
-    does not matter). Any other Dataset can change, or read files, without us knowing.
+    does not matter); and data given as columns (a mapping of arrays, or a pair of one and
+    the labels: a tokenizer's output), whose ``columns`` (ItemSource.columns: each input
+    column as read, by name, and the labels, the label key chosen) are hashed. Any other
+    Dataset can change, or read files, without us knowing.
     """
     import torch
     from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+    if columns is not None:
+        inputs, labels = columns
+        digest = xxhash.xxh3_128()
+        _feed(digest, "columns", str(len(inputs)))
+        for key in sorted(inputs):
+            _feed_tensor(digest, f"column {key!r}", inputs[key])
+        _feed(digest, "labels", "none" if labels is None else "given")
+        if labels is not None:
+            _feed_tensor(digest, "labels", torch.as_tensor(labels))
+        return digest.hexdigest()
     if isinstance(data, DataLoader):
         if data.collate_fn is not default_collate:
             raise Unfingerprintable("a DataLoader with its own collate_fn cannot be hashed "
@@ -74,7 +87,8 @@ def data_fingerprint(data) -> str:
         parts = list(data)
     else:
         raise Unfingerprintable(f"data of type {type(data).__name__} cannot be hashed exactly "
-                                f"(only a pair (X, y), a TensorDataset or a DataLoader over one)")
+                                f"(only a pair (X, y), a TensorDataset, a DataLoader over one, "
+                                f"or columns: a mapping of arrays, alone or beside the labels)")
     digest = xxhash.xxh3_128()
     for i, part in enumerate(parts):
         try:

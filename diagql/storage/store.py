@@ -70,6 +70,7 @@ class Cache:
     def __init__(self, root: str | os.PathLike | None, limit: int = DEFAULT_LIMIT):
         self.root = None if root is None else Path(root)
         self.limit = limit
+        self.asked = False  # a directory the user named (not the default one)
         self.skipped = 0  # entries not written: cheaper to recompute than to read back
         self.evictions = 0
         self.by_kind: dict[str, dict[str, int]] = {}  # kind -> {"hits": n, "misses": n}
@@ -89,7 +90,9 @@ class Cache:
         as ``"500MB"``; default ``$DIAGQL_CACHE_LIMIT``, else 2 GiB."""
         limit = parse_size(limit if limit is not None else
                            os.environ.get("DIAGQL_CACHE_LIMIT") or DEFAULT_LIMIT)
-        return cls(cache_root(cache_dir), limit)
+        cache = cls(cache_root(cache_dir), limit)
+        cache.asked = cache_dir not in (None, False)
+        return cache
 
     @property
     def hits(self) -> int:
