@@ -11,6 +11,7 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset,
                               default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.data_forms import collate_items, reading_hint, refuse_foreign
 from diagql.progress import Progress
 
 Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model input, labels)
@@ -46,6 +47,7 @@ class ItemSource:
         self._workers = 0
         self._labelled: bool | None = None  # whether the first item has a label, once read
         self._label_classes: list | None = None  # [label_classes()], once read
+        refuse_foreign(data)
         if isinstance(data, DataLoader):
             if isinstance(data.dataset, IterableDataset):
                 raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
@@ -149,7 +151,7 @@ class ItemSource:
         # a padding collate pads to the longest item of our batch, not of the user's.
         loader = DataLoader(Subset(self._dataset, indices.tolist()), batch_size=batch_size,
                             shuffle=False, num_workers=self._workers,
-                            **({"collate_fn": self._collate} if self._collate else {}))
+                            collate_fn=self._collate or collate_items)
         start = 0
         for batch in _reading(loader):
             x, y = self._split(batch)
@@ -266,15 +268,9 @@ def _reading(loader: DataLoader) -> Iterator:
         except DiagQLError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
-            hint = ""
-            if "stack expects each tensor to be equal size" in str(exc):
-                # The default collate stacks items: sequences of different lengths need padding.
-                hint = ("; items of different lengths need a padding collate_fn: pass "
-                        "DataLoader(data, collate_fn=...), e.g. transformers' "
-                        "DataCollatorWithPadding(tokenizer)")
             raise ExecutionError(f"reading the data raised {type(exc).__name__}: {exc} (in the "
                                  f"Dataset's __getitem__ or the DataLoader's collate_fn)"
-                                 f"{hint}") from exc
+                                 f"{reading_hint(exc)}") from exc
         yield batch
 
 

@@ -242,15 +242,7 @@ class Artifacts:
                     parts[what] = fingerprint()
                 except Unfingerprintable as exc:
                     self.memory_only[what] = str(exc)
-            if self.memory_only.get("model"):
-                # Other models would share its key if it pretended to see what it cannot.
-                warnings.warn(f"the model is cached in memory only: {self.memory_only['model']}",
-                              DiagQLWarning, stacklevel=4)
-            elif self.memory_only.get("data") and self.conn.cache.asked:
-                # A cache directory named for nothing to be written there would read as a bug.
-                warnings.warn(f"the data is cached in memory only, nothing in "
-                              f"{self.conn.cache.root}: {self.memory_only['data']}",
-                              DiagQLWarning, stacklevel=4)
+            _warn_memory_only(self.memory_only, self.conn.cache)
             if not self.memory_only:
                 self._fingerprints = (parts["model"], parts["data"], parts["scores"])
         return self._fingerprints
@@ -307,3 +299,15 @@ class Artifacts:
                                 if issubclass(cls, samplers.Sampler))
         return cache_key("sample", profile_key, sampler.spec(),
                          [source_digest(module) for module in modules])
+
+
+def _warn_memory_only(memory_only: dict, cache) -> None:
+    """Say once that a connection's artifacts stay in memory: always for the model (other
+    models would share its key if it pretended to see what it cannot), for the data when the
+    user named the cache directory (which would stay empty without a word)."""
+    if memory_only.get("model"):
+        warnings.warn(f"the model is cached in memory only: {memory_only['model']}",
+                      DiagQLWarning, stacklevel=5)
+    elif memory_only.get("data") and cache.asked:
+        warnings.warn(f"the data is cached in memory only, nothing in {cache.root}: "
+                      f"{memory_only['data']}", DiagQLWarning, stacklevel=5)

@@ -1,6 +1,10 @@
 """Fingerprints that key the disk cache: digests of what decides a model's outputs and of a data
 set's items, so that a changed model or data set never reuses a stale entry. XXH3-128, fast
-enough for every new session to hash its data (docs/ARCHITECTURE.md, "Storage")."""
+enough for every new session to hash its data (docs/ARCHITECTURE.md, "Storage").
+
+Why this module is long: the model's walk and the data's forms feed one digest the same way
+(length-prefixed parts, tensors and arrays by their bytes in fixed pieces); split, they would
+share those private feeders across modules."""
 from __future__ import annotations
 
 import contextlib

@@ -67,12 +67,11 @@ class Cache:
     used entries (by the time they were last read or written) are removed until the rest fit.
     """
 
-    def __init__(self, root: str | os.PathLike | None, limit: int = DEFAULT_LIMIT):
+    def __init__(self, root: str | os.PathLike | None, limit: int = DEFAULT_LIMIT,
+                 asked: bool = False):
         self.root = None if root is None else Path(root)
-        self.limit = limit
-        self.asked = False  # a directory the user named (not the default one)
-        self.skipped = 0  # entries not written: cheaper to recompute than to read back
-        self.evictions = 0
+        self.limit, self.asked = limit, asked  # asked: a directory the user named
+        self.skipped = self.evictions = 0  # skipped: cheaper to recompute than to read back
         self.by_kind: dict[str, dict[str, int]] = {}  # kind -> {"hits": n, "misses": n}
         self.read_rate = READ_RATE
         self._writer = Writer(self.root, lambda path: self._evict(keep=path))
@@ -90,9 +89,7 @@ class Cache:
         as ``"500MB"``; default ``$DIAGQL_CACHE_LIMIT``, else 2 GiB."""
         limit = parse_size(limit if limit is not None else
                            os.environ.get("DIAGQL_CACHE_LIMIT") or DEFAULT_LIMIT)
-        cache = cls(cache_root(cache_dir), limit)
-        cache.asked = cache_dir not in (None, False)
-        return cache
+        return cls(cache_root(cache_dir), limit, asked=cache_dir not in (None, False))
 
     @property
     def hits(self) -> int:

@@ -1,0 +1,82 @@
+"""Data in forms other ecosystems hand over: refused up front with what to pass instead (a
+Hugging Face DatasetDict or a dataset in Arrow format, a pandas DataFrame), items holding
+Python lists of numbers (a Hugging Face dataset in its default format) turned into tensors
+before the default collate stacks them, and hints for reading failures (docs/ARCHITECTURE.md,
+"Data model")."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from diagql.errors import DiagQLError
+
+
+def _from(data, package: str, name: str) -> bool:
+    return any(cls.__name__ == name and cls.__module__.split(".")[0] == package
+               for cls in type(data).__mro__)
+
+
+def refuse_foreign(data) -> None:
+    """Raise a DiagQLError naming what to pass for data DiagQL cannot read as items."""
+    if _from(data, "datasets", "DatasetDict") or _from(data, "datasets", "IterableDatasetDict"):
+        splits = list(data)
+        raise DiagQLError(f"the data is a DatasetDict of splits {splits}: pass one split, e.g. "
+                          f"data[{(splits or ['test'])[-1]!r}]")
+    if _from(data, "datasets", "IterableDataset"):
+        raise DiagQLError("a streaming (iterable) Hugging Face dataset has no item indices: "
+                          "load it as a datasets.Dataset (streaming=False)")
+    if _from(data, "datasets", "Dataset") and (data.format or {}).get("type") in (
+            "arrow", "polars"):
+        raise DiagQLError(f"a datasets.Dataset in {data.format['type']!r} format gives tables, "
+                          f"not items: call data.with_format('torch')")
+    if _from(data, "pandas", "DataFrame"):
+        raise DiagQLError("the data is a pandas DataFrame: pass its inputs and labels as arrays, "
+                          "(df[features].to_numpy(), df['label'].to_numpy()), or columns a "
+                          "model takes by name, ({name: df[name].to_numpy(), ...}, labels), or "
+                          "datasets.Dataset.from_pandas(df).with_format('torch')")
+
+
+def collate_items(items: list):
+    """torch's default collate, after turning each item's Python lists of numbers into
+    tensors (a Hugging Face dataset in its default format, or its ``to_list()``, gives an
+    item's inputs so; the default collate would transpose them into one tensor per position)."""
+    return default_collate([_converted(item) for item in items])
+
+
+def _converted(item):
+    if isinstance(item, Mapping):
+        return {key: _as_numbers(value) for key, value in item.items()}
+    if isinstance(item, tuple):
+        return tuple(_as_numbers(value) for value in item)
+    return item
+
+
+def _as_numbers(value):
+    """A list of numbers (or of equal-length lists of them) as a tensor; anything else as it
+    is (ragged lists stay lists: stacking them fails with the padding hint)."""
+    if not isinstance(value, list) or not value:
+        return value
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged
+        return value
+    if array.dtype.kind not in "biuf":
+        return value
+    return torch.from_numpy(array)
+
+
+def reading_hint(exc: Exception) -> str:
+    """What to do about a failure of the default collate, or "" when there is nothing to add."""
+    text = str(exc)
+    if "stack expects each tensor to be equal size" in text:
+        # The default collate stacks items: sequences of different lengths need padding.
+        return ("; items of different lengths need a padding collate_fn: pass "
+                "DataLoader(data, collate_fn=...), e.g. transformers' "
+                "DataCollatorWithPadding(tokenizer)")
+    if "found <class 'PIL." in text:
+        return ("; the items hold PIL images: give the data a transform that turns them into "
+                "tensors (a Hugging Face dataset's with_transform, or torchvision's ToTensor)")
+    return ""
