@@ -393,6 +393,13 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
         "(all but the labels) are passed as keyword arguments: rename or drop those keys (a "
         "collate_fn can), name the key with label_key=... (CLI: --label-key) if they are the "
         "labels, or hand the mapping whole as ((mapping,), y)")
+    # A feature named y taken as the labels by convention, the labels left under 'target'.
+    refusal = _refusal(net, _Items(lambda i: {"x": X[i], "z": Z[i], "y": 2 - y[i],
+                                              "target": y[i]}))
+    assert refusal.startswith(
+        "the model's forward(x, z) has no argument named 'target' ('target' reads as labels, "
+        "but another key was taken as them by convention: if 'target' holds the labels, say "
+        "label_key='target');")
     assert _refusal(net, ((X, Z), y)) == (
         "X is a tuple of 2 tensors ((30, 4), (30, 2)); for a model with several inputs, pass a "
         "Dataset whose items are ((x1, x2, ...), y), or a dict of named inputs with the labels "

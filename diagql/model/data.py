@@ -466,11 +466,18 @@ def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
         return (), inputs
     if len(inputs) == 1:
         return (next(iter(inputs.values())),), {}
+    # A key that reads as labels left among the inputs: another key was taken as the labels.
+    labels = [k for k in unknown if k in LABEL_KEYS]
+    taken = [k for k in names if k in LABEL_KEYS and k not in inputs]  # forward's, popped
+    also = "" if not labels else (
+        f" ({labels[0]!r} reads as labels, but "
+        f"{f'{taken[0]!r}, which forward takes,' if taken else 'another key'} was taken as "
+        f"them by convention: if {labels[0]!r} holds the labels, say label_key={labels[0]!r})")
     raise DiagQLError(
         f"the model's forward({', '.join(p.name for p in params)}) has no argument named "
-        f"{', '.join(map(repr, unknown))}; the entries of a mapping batch (all but the labels) "
-        f"are passed as keyword arguments: rename or drop those keys (a collate_fn can), "
-        f"{_NAME_IT} if they are the labels, or hand the mapping whole as ((mapping,), y)")
+        f"{', '.join(map(repr, unknown))}{also}; the entries of a mapping batch (all but the "
+        f"labels) are passed as keyword arguments: rename or drop those keys (a collate_fn "
+        f"can), {_NAME_IT} if they are the labels, or hand the mapping whole as ((mapping,), y)")
 
 
 def _is_sequence_of_items(data) -> bool:
