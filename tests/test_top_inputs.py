@@ -123,7 +123,12 @@ def test_sample_ranks_the_sampled_items_and_says_so(conn, conv, profile):
                         "USING SAMPLE random(0.2, random_state=3)")
     check(result, conv[:, 2, 1, 1], allowed, 5)
     assert result.n_items == allowed.sum() and result.approximate
-    assert any("not of all" in note and "estimates" in note for note in result.notes)
+    assert any("not of all" in note and "the 5th value estimates" in note
+               for note in result.notes)
+    from diagql.session.inputs import _ordinal
+
+    assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]
 
 
 class Exact(nn.Module):

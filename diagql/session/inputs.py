@@ -128,11 +128,17 @@ def _sample_note(query: ast.TopInputs, shown: int, n: int, population: int,
     text = (f"the {end} {shown} of the sample's {n:,} matching items, not of all {population:,}: "
             f"the data's own top items may be missing")
     if uniform and n:
-        text += (f"; the {shown}-th value estimates the activation that the {end} "
+        text += (f"; the {_ordinal(shown)} value estimates the activation that the {end} "
                  f"~{shown * population / n:,.0f} matching items of the data reach")
     else:
         text += "; the sampler does not draw uniformly, so the values estimate no quantile"
     return text + " (USING FULL or no USING clause is exact)"
+
+
+def _ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st ..."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n:,}{suffix}"
 
 
 # --- the index: memory, disk, built ---------------------------------------------------------
