@@ -266,6 +266,8 @@ def test_unlabelled_data_is_refused(cnn, digits):
     ("EVALUATE SAMPLERS gmm(covarance='full')", "did you mean 'covariance'?", "covarance='full'"),
     ("EVALUATE SAMPLERS random(random_state=1)", "random_state is chosen by SEEDS",
      "random_state=1"),
+    ("EVALUATE SAMPLERS random(model='m')", "draws every sample on the profile of the model it "
+     "evaluates", "model='m'"),
     ("EVALUATE SAMPLERS random, stratified, random AT 0.1", "random at size 0.1 is listed twice",
      "random"),
     ("EVALUATE SAMPLERS ebtree(0.05)", "sampler 'ebtree' has no parameter 'size'", "0.05"),

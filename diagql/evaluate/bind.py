@@ -195,6 +195,10 @@ def _bind_call(call: ast.SamplerCall, cls, sizes, js, n_items: int,
                              f"(or drop AT to evaluate this call at its own size)", arg.span)
             own_size = ast.Literal(arg.value, span=arg.span)
             continue
+        if arg.name == "model":
+            raise _error("EVALUATE SAMPLERS draws every sample on the profile of the model it "
+                         "evaluates (the default one: SET model = name); leave model= out",
+                         arg.span)
         if arg.name == SWEEPABLE and js is not None:
             raise _error("j is varied by SWEEP j IN (...); leave it out here", arg.span)
         rest.append(arg)
