@@ -116,7 +116,9 @@ def test_similarity_across_checkpoints_whole(trained, data):
     for r, name in enumerate(["epoch1", "epoch2", "epoch3"]):
         truth = gram_cka(outputs(loaded(states[name]), X, "head")[keep], final)
         assert abs(result.series["head"][r] - truth) <= 1e-10
-    assert result.series["head"][3] == 1.0
+        # Each checkpoint's own Result reads as a SIMILARITY's does (it had no value).
+        assert abs(result.checkpoints[name].value - truth) <= 1e-10
+    assert result.series["head"][3] == 1.0 == result.checkpoints["final"].value
 
 
 def test_similarity_refusals(two, mlp, data):

@@ -56,4 +56,6 @@ def _as_table(result: Result, layer: str) -> Result:
     table = Result(kind="table", statement=result.statement, columns=[group_by or "layer", "cka"],
                    rows=rows, provenance=result.provenance)
     table.notes, table.timings, table.n_items = result.notes, result.timings, result.n_items
+    # Read as a SIMILARITY Result is: the CKA (ungrouped) and the pair's matrix.
+    table.value, table.matrix = result.value, result.matrix
     return table
