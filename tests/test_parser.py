@@ -562,6 +562,8 @@ def test_by_order_only_for_topk():
     ("explain show layers", 9, "EXPLAIN shows the plan of a query"),
     ("AVG NEURONS IN fc1 WHERE predicted != dog", 39, "class and predicted compare class"),
     ("AVG NEURONS IN fc1 WHERE class IN (3, cat)", 39, "class and predicted compare class"),
+    ("AVG NEURONS IN blocks[0]", 22, "a layer inside a list or dict is named with dots"),
+    ("SIMILARITY fc1, stages['dense_1']", 23, "a layer inside a list or dict is named with dots"),
 ])
 def test_hints_for_clauses_and_operators_out_of_place(text, column, hint):
     """SQL habits: clauses in another order, a clause twice, '==', 'correct = true'."""

@@ -277,6 +277,9 @@ def _operator_hint(piece: Piece, token: str, position: int) -> str | None:
             "INPUTS", "BOTTOMK", "EXPLAIN", "SHOW", "DESCRIBE", "SET", "CLEAR", "EVALUATE"):
         return ("hint: EXPLAIN shows the plan of a query (TOPK, AVG or ARGMAX over NEURONS or "
                 "CHANNELS) or of a SIMILARITY")
+    if token == "[" and re.search(r"(\bIN|\bSIMILARITY|,)\s*[\w.]+$", before, re.IGNORECASE):
+        return ("hint: a layer inside a list or dict is named with dots, as module names are "
+                "(blocks.0, stages.dense_1: SHOW LAYERS lists them)")
     if token == "=" and before.endswith("="):
         return "hint: compare with one '=': class = 3"
     if token in ("=", "!=", "<>") and re.search(r"\b(in)?correct$", before, re.IGNORECASE):
