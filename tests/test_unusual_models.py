@@ -366,6 +366,23 @@ def test_data_whose_reads_differ_is_warned_of(noise):
     assert len(told) == (1 if noise else 0)
 
 
+def test_a_layer_that_runs_but_is_not_per_item_says_why_in_show_layers_and_describe():
+    """A parametrization (weight_norm) runs once per pass on the weights, not per item: SHOW
+    LAYERS had left its note blank and DESCRIBE refused it."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Linear(6, 8)), nn.ReLU(), nn.Linear(8, 3))
+    conn = diagql.connect(model, (torch.randn(20, 6), torch.randint(0, 3, (20,))),
+                          cache_dir=False, progress=False)
+    notes = {row[0]: row[4] for row in conn.query("SHOW LAYERS").rows}
+    assert notes["0.parametrizations.weight.0"] == "no axis of its output follows the batch"
+    described = dict(conn.query("DESCRIBE 0.parametrizations.weight.0").rows)
+    assert described["output"] == "(not queryable)"
+    assert described["why"].startswith("no axis of its output follows the batch (shapes (8, 6)")
+    with pytest.raises(DiagQLError, match="cannot be queried: no axis of its output"):
+        conn.query("AVG NEURONS IN 0.parametrizations.weight.0")
+
+
 class _ParametersOnly(nn.Module):
     def __init__(self):
         super().__init__()

@@ -124,6 +124,10 @@ def _layers(conn, statement) -> Result:
             calls = conn.catalog.calls_of(layer.name)
             note = f"runs {layer.calls}× per pass; " + (
                 f"name a call: {calls_text(layer.name, layer.calls)}" if calls else layer.refused)
+        elif layer.shape is None and layer.calls:
+            # Why it is not queryable, its first words (DESCRIBE gives the whole reason).
+            why = (layer.refused or "it returns no tensor").split(" (")[0].split("; ")[0]
+            note = why if len(why) <= 60 else "not queryable: DESCRIBE it for why"
         else:
             note = {0: "never runs", 1: ""}.get(layer.calls, layer.refused)
         rows.append((layer.name, layer.type_name, layer.shape_text(),
@@ -187,7 +191,9 @@ def describe(conn, statement: ast.Describe) -> Result:
     statement = replace(statement, layer=ref)
     layer = lookup_layer(statement.layer, conn.catalog)
     calls = conn.catalog.calls_of(layer.name) if layer.shared else []
-    if not calls:
+    # A layer that runs but cannot be queried is described with why (its output's rows).
+    readable = layer.shape is not None or not layer.calls or layer.shared
+    if not calls and readable:
         layer = bind_layer(statement.layer, conn.catalog)
     module = dict(conn.model.named_modules())[layer.module]
     n_params = sum(p.numel() for p in module.parameters())
@@ -204,6 +210,12 @@ def describe(conn, statement: ast.Describe) -> Result:
     if layer.call:
         rows += [("call", f"{layer.call} of the {layer.calls} calls of {layer.module} per "
                           f"forward pass")]
+    if not readable:
+        rows += [("output", layer.shape_text()),
+                 ("why", layer.refused or "it returns no tensor")]
+        return Result(kind="table", statement=statement.text, columns=["property", "value"],
+                      rows=rows + _module_rows(layer, module, n_params, children),
+                      title=f"layer {_qualified(conn, layer.name)}")
     rows += [("output", layer.shape_text()), ("axes", layer.axes_text())]
     if layer.layout == SEQUENCE:
         rows += [("neurons", f"{layer.neurons:,} hidden units; an item's activation of one is "
