@@ -288,6 +288,28 @@ def test_a_sample_of_every_matching_item_gives_the_exact_cka(db, acts, digits):
     assert "exact, from a sample: it holds every matching item" in str(result)
 
 
+def test_nan_activations_are_blamed_on_their_layer_alone():
+    """Only 'bad' is NaN; the message had named every layer of the statement."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bad, self.head = (torch.nn.Linear(4, 5), torch.nn.Identity(),
+                                            torch.nn.Linear(5, 3))
+
+        def forward(self, x):
+            h = torch.relu(self.fc(x))
+            self.bad(h * float("nan"))
+            return self.head(h)
+
+    X, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    conn = diagql.connect(Net(), (X, y), cache_dir=False, progress=False)
+    with pytest.raises(ExecutionError) as info:
+        conn.query("SIMILARITY fc, head, bad")
+    assert info.value.message == ("layer 'bad' has NaN or infinite activations for 30 of 30 "
+                                  "items (the first is item 0); CKA with it over them is "
+                                  "undefined")
+
+
 def test_a_non_uniform_sampler_shows_no_interval(db):
     for sampler in ("latentgrid", "stratified"):
         result = db.query(f"SIMILARITY encoder.3, head USING SAMPLE {sampler}(0.1)")

@@ -70,7 +70,7 @@ class SimilarityReducer:
         self.feeds = [Feed(self, k, view) for k, view in enumerate(self.views)]
         self.pending: list = [None] * len(self.views)
         self.states: dict = {}
-        self.bad = NonFinite()
+        self.bad = [NonFinite() for _ in self.views]  # per view: items it has NaN or inf for
 
     def part(self, items: np.ndarray) -> SimilarityReducer:
         """An empty reducer of the same views fed only ``items`` (a run of its own), for a
@@ -100,7 +100,8 @@ class SimilarityReducer:
                 self.states[key].merge(state)
             else:
                 self.states[key] = state
-        self.bad.merge(part.bad)
+        for mine, theirs in zip(self.bad, part.bad):
+            mine.merge(theirs)
         return self
 
     def put(self, k: int, rows: torch.Tensor, idx: np.ndarray) -> None:
@@ -127,13 +128,14 @@ class SimilarityReducer:
             self.states[key] = RowState(widths) if self.rows else MomentState(widths)
         if self.states[key].update(*values):
             return
-        finite = torch.stack([torch.isfinite(v).all(dim=1) for v in values]).all(dim=0)
-        self.bad.add(idx, ~finite.cpu().numpy())
+        for bad, v in zip(self.bad, values):
+            bad.add(idx, ~torch.isfinite(v).all(dim=1).cpu().numpy())
 
     def check(self) -> None:
-        names = ", ".join(view.layer.name for view in self.views)
-        self.bad.check(f"layers {names} have NaN or infinite activations for", len(self.items),
-                       "CKA over them is undefined")
+        """Refuse when a layer has NaN or inf for some item, naming those layers only."""
+        for view, bad in zip(self.views, self.bad):
+            bad.check(f"layer {view.layer.name!r} has NaN or infinite activations for",
+                      len(self.items), "CKA with it over them is undefined")
 
 
 class Feed:
