@@ -383,6 +383,40 @@ def test_a_layer_that_runs_but_is_not_per_item_says_why_in_show_layers_and_descr
         conn.query("AVG NEURONS IN 0.parametrizations.weight.0")
 
 
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.bag, self.head = nn.EmbeddingBag(30, 8), nn.Linear(8, 3)
+
+    def forward(self, text, offsets):
+        return self.head(self.bag(text, offsets))
+
+
+def _concatenated(batch):
+    """The PyTorch text tutorial's collate: every item's tokens in one tensor, and offsets."""
+    tokens = [t for t, _ in batch]
+    offsets = torch.tensor([0] + [len(t) for t in tokens[:-1]]).cumsum(0)
+    return (torch.cat(tokens), offsets), torch.stack([label for _, label in batch])
+
+
+def test_embedding_bag_items_concatenated_beside_offsets_are_one_row_each():
+    """It had been refused: 'a batch of 1 items came back ... with 7 inputs'."""
+    g = torch.Generator().manual_seed(2)
+    tokens = [torch.randint(1, 30, (int(n),), generator=g)
+              for n in torch.randint(2, 9, (50,), generator=g)]
+    labels = torch.randint(0, 3, (50,), generator=g)
+    model = _Bag().eval()
+    loader = torch.utils.data.DataLoader(list(zip(tokens, labels)), batch_size=16,
+                                         collate_fn=_concatenated)
+    conn = diagql.connect(model, loader, cache_dir=False, progress=False, batch_size=7)
+    with torch.no_grad():
+        truth = torch.stack([model.bag(t[None]) for t in tokens])[:, 0].double().numpy()
+    mine = labels.numpy() == 1
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN bag WHERE class = 1").values,
+                               truth[mine].mean(0), rtol=1e-5)
+
+
 class _ParametersOnly(nn.Module):
     def __init__(self):
         super().__init__()

@@ -11,7 +11,8 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset,
                               default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
-from diagql.model.data_forms import collate_items, reading_hint, refuse_foreign
+from diagql.model.data_forms import collate_items, one_row_per_item, read_batches, \
+    refuse_foreign
 from diagql.progress import Progress
 
 Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model input, labels)
@@ -153,11 +154,13 @@ class ItemSource:
                             shuffle=False, num_workers=self._workers,
                             collate_fn=self._collate or collate_items)
         start = 0
-        for batch in _reading(loader):
+        for batch in read_batches(loader):
             x, y = self._split(batch)
             idx = indices[start:start + batch_size]
             start += len(idx)
             n = _batch_len(x)
+            if n != len(idx) and one_row_per_item(x, len(idx)):
+                n = len(idx)  # tokens concatenated beside offsets (EmbeddingBag's form)
             if n != len(idx) or (y is not None and len(y) != n):
                 got = f"{n} inputs" + ("" if y is None else f" and {len(y)} labels")
                 raise DiagQLError(f"a batch of {len(idx)} items came back from the collate_fn "
@@ -254,24 +257,6 @@ class ItemSource:
         if self.label_key is not None:
             raise DiagQLError(f"label_key {self.label_key!r} names a key of mapping data, but "
                               f"the data is {data}; leave label_key out")
-
-
-def _reading(loader: DataLoader) -> Iterator:
-    """The loader's batches; a failure of the user's Dataset or collate_fn becomes an
-    ExecutionError that names it (the original stays chained for --debug)."""
-    batches = iter(loader)
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except DiagQLError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
-            raise ExecutionError(f"reading the data raised {type(exc).__name__}: {exc} (in the "
-                                 f"Dataset's __getitem__ or the DataLoader's collate_fn)"
-                                 f"{reading_hint(exc)}") from exc
-        yield batch
 
 
 def _take(X: torch.Tensor, idx: np.ndarray) -> torch.Tensor:

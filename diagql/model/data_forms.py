@@ -1,17 +1,18 @@
 """Data in forms other ecosystems hand over: refused up front with what to pass instead (a
 Hugging Face DatasetDict or a dataset in Arrow format, a pandas DataFrame), items holding
 Python lists of numbers (a Hugging Face dataset in its default format) turned into tensors
-before the default collate stacks them, and hints for reading failures (docs/ARCHITECTURE.md,
-"Data model")."""
+before the default collate stacks them, the EmbeddingBag form (tokens concatenated beside
+offsets) read as one row per item, and reading failures reported with what to do
+(docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from diagql.errors import DiagQLError
+from diagql.errors import DiagQLError, ExecutionError
 
 
 def _from(data, package: str, name: str) -> bool:
@@ -80,3 +81,30 @@ def reading_hint(exc: Exception) -> str:
         return ("; the items hold PIL images: give the data a transform that turns them into "
                 "tensors (a Hugging Face dataset's with_transform, or torchvision's ToTensor)")
     return ""
+
+
+def read_batches(loader) -> Iterator:
+    """The loader's batches; a failure of the user's Dataset or collate_fn becomes an
+    ExecutionError that names it (the original stays chained for --debug)."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DiagQLError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
+            raise ExecutionError(f"reading the data raised {type(exc).__name__}: {exc} (in the "
+                                 f"Dataset's __getitem__ or the DataLoader's collate_fn)"
+                                 f"{reading_hint(exc)}") from exc
+        yield batch
+
+
+def one_row_per_item(x, items: int) -> bool:
+    """Whether a tuple input whose first part is not one row per item has another that is:
+    the PyTorch text tutorial's EmbeddingBag form, (tokens of every item concatenated, each
+    item's offset), whose model gives one row per item all the same."""
+    return isinstance(x, (tuple, list)) and any(
+        isinstance(part, torch.Tensor) and part.ndim >= 1 and part.shape[0] == items
+        for part in x[1:])
