@@ -143,6 +143,25 @@ def test_a_checkpoint_query_never_holds_two_checkpoints_weights(trained, data, m
     assert mlps() - before == {id(db.models["epoch1"].slot.module)}
 
 
+def test_across_checkpoints_with_baseline_shows_each_checkpoints_error(db, trained, data):
+    """WITH BASELINE was computed per checkpoint but shown nowhere in the table or its CSV."""
+    X, y = data
+    model, _, states = trained
+    result = db.query("AVG NEURONS IN head WHERE class = 1 USING SAMPLE random(0.3) "
+                      "WITH BASELINE ACROSS CHECKPOINTS")
+    assert "cosine_distance vs exact" in result.columns and "speedup" in result.columns
+    column = result.columns.index("cosine_distance vs exact")
+    mine = (y == 1).numpy()
+    for row in result.rows:
+        answer = result.checkpoints[row[0]]
+        net = model if row[0] == "final" else loaded(states[row[0]])
+        exact = net(X).double()[mine].mean(dim=0).detach().numpy()
+        got = answer.values
+        cosine = 1 - got @ exact / (np.linalg.norm(got) * np.linalg.norm(exact))
+        assert row[column] == pytest.approx(cosine, abs=1e-9)
+    assert "cosine_distance vs exact" not in result.series  # the curves are the answer's
+
+
 def test_a_checkpoints_cache_key_is_that_of_its_weights(trained, data, tmp_path):
     model, paths, states = trained
     db = diagql.connect(model, data, checkpoints=paths, cache_dir=tmp_path, progress=False)

@@ -24,6 +24,16 @@ def across_result(statement: str, answers: dict, what: str):
         # Groups in order whichever checkpoint had them first; ranks and neurons as they came.
         keys.sort(key=lambda key: [_sortable(part) for part in key[:-1]])
     names = list(answers)
+    # WITH BASELINE: each checkpoint's error against its own exact answer, after the answer's
+    # rows (padded to the key's width, for the layout with the keys in columns).
+    curves = list(keys)  # what the plot draws: the answer, not its errors
+    for metric in dict.fromkeys(m for answer in answers.values() for m in answer.metrics):
+        label = "speedup" if metric == "speedup" else f"{metric} vs exact"
+        key = ("",) * max(len(key_names) - 1, 0) + (label,)
+        keys.append(key)
+        shown[key] = {name: answer.metrics[metric] for name, answer in answers.items()
+                      if metric in answer.metrics}
+        numbers[key] = dict(shown[key])
     if len(keys) <= WIDE:  # checkpoints down, the answer's rows across: curves read down
         columns = ["checkpoint", *(_key_text(key) for key in keys)]
         rows = [(name, *(shown[key].get(name, "") for key in keys)) for name in names]
@@ -33,7 +43,7 @@ def across_result(statement: str, answers: dict, what: str):
     result = Result(kind="across", statement=statement, columns=columns, rows=rows,
                     title=f"{statement}: {len(names)} models ({what})", checkpoints=answers)
     result.series = {_key_text(key): [numbers[key].get(name, math.nan) for name in names]
-                     for key in keys}
+                     for key in curves}
     for name, answer in answers.items():
         result.notes.extend(f"{name}: {note}" for note in answer.notes)
     return result
