@@ -228,3 +228,16 @@ def test_a_warning_is_one_line_naming_what_happened(tmp_path):
     lines = [line for line in done.stderr.splitlines() if "cache disabled" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: cache disabled: cannot write to")
     assert ".py:" not in done.stderr and "DiagQLWarning" not in done.stderr
+
+
+def test_classes_name_the_classes_on_the_command_line():
+    names = "zero,one,two,three,four,five,six,seven,eight,nine"
+    done = diagql(*MODEL, "--classes", names, "--format", "json", "-e",
+                  "AVG NEURONS IN head WHERE class = 'three'", "-e",
+                  "AVG NEURONS IN head WHERE class = 3")
+    assert done.returncode == 0, done.stderr
+    by_name, by_index = [json.loads(line) for line in done.stdout.strip().splitlines()]
+    assert by_name["n_items"] == by_index["n_items"] > 0
+    assert by_name["values"] == by_index["values"]
+    done = diagql(*MODEL, "--classes", "a,,b", "-e", "SHOW MODELS")
+    assert done.returncode == 2 and "has an empty class name" in done.stderr

@@ -52,6 +52,16 @@ def test_a_dataset_in_any_item_format_answers_as_plain_torch(rows, form):
     np.testing.assert_allclose(result.values, hidden[order][chosen].mean(axis=0), rtol=1e-5)
 
 
+def test_a_classlabel_features_names_name_the_classes(rows):
+    """`WHERE class = 'b'` had been a syntax error ("expected a number")."""
+    X, y, model, hidden = rows
+    db = diagql.connect(model, table(X, y).with_format("torch"), cache_dir=False,
+                        progress=False)
+    assert db.class_names == ["a", "b", "c"]
+    result = db.query("AVG NEURONS IN 1 WHERE class = 'b'")
+    np.testing.assert_allclose(result.values, hidden[y.numpy() == 1].mean(axis=0), rtol=1e-5)
+
+
 def test_a_random_transform_is_warned_of_and_a_fixed_one_is_not(rows):
     X, y, model, _ = rows
     ds = table(X, y).with_format("torch")

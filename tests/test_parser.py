@@ -555,7 +555,7 @@ def test_by_order_only_for_topk():
     ("AVG NEURONS IN fc1 WHERE class == 3", 33, "compare with one '=': class = 3"),
     ("AVG NEURONS IN fc1 WHERE correct = true", 34, "correct and incorrect stand alone"),
     ("AVG NEURONS IN fc1 WHERE NOT Incorrect != 0", 40, "correct and incorrect stand alone"),
-    ("AVG NEURONS IN fc1 WHERE class = 'cat'", 34, "class and predicted compare class indices"),
+    ("AVG NEURONS IN fc1 WHERE class = cat", 34, "class and predicted compare class indices"),
     ("EXPLAIN TOPK 3 INPUTS FOR fc1[0]", 16, ("EXPLAIN shows the plan of a query (TOPK, AVG or "
                                               "ARGMAX over NEURONS or CHANNELS) or of a SIMILARITY")),
     ("EXPLAIN EVALUATE SAMPLERS", 9, "EXPLAIN shows the plan of a query"),

@@ -30,7 +30,7 @@ class Compare:
 
     field: str  # "class" | "predicted" | "confidence"
     op: str  # "=", "!=", "<", "<=", ">", ">="
-    value: float
+    value: float | str  # a class's name until the session resolves it (class = 'cat')
     span: Span | None = _span()
 
 
@@ -39,7 +39,7 @@ class Member:
     """``class IN (3, 5)`` and ``class NOT IN (3, 5)``."""
 
     field: str
-    values: tuple[float, ...]
+    values: tuple[float | str, ...]  # names resolved by the session, as Compare's
     negated: bool = False
     span: Span | None = _span()
 
@@ -98,6 +98,8 @@ def _wrap(pred: Predicate, kinds) -> str:
 
 
 def _num(value) -> str:
+    if isinstance(value, str):  # a class name
+        return repr(value)
     if isinstance(value, int):  # exact, and an int beyond the range of floats cannot overflow
         return str(value)
     return str(int(value)) if value.is_integer() else repr(value)

@@ -286,7 +286,8 @@ def _operator_hint(piece: Piece, token: str, position: int) -> str | None:
         return "hint: correct and incorrect stand alone: WHERE incorrect, WHERE NOT correct"
     if re.search(r"\b(class|predicted)\s*(=|!=|<>|IN\s*\((\s*[-+.\w]+\s*,)*)\s*$", before,
                  re.IGNORECASE) and re.match(r"['\"A-Za-z_]", token):
-        return "hint: class and predicted compare class indices, as the labels hold them: class = 3"
+        return ("hint: class and predicted compare class indices (class = 3), or class names "
+                "in quotes (class = 'cat') where the data or the model names its classes")
     return None
 
 

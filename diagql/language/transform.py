@@ -25,16 +25,29 @@ class _PredicatesAndLiterals:
     def compare(self, meta, children):
         field, op, value = children
         op = {"<>": "!="}.get(str(op), str(op))
-        return ast.Compare(field, op, _plain(value), span=self._span(meta))
+        return ast.Compare(field, op, self._class_value(field, value), span=self._span(meta))
+
+    def _class_value(self, field: str, value):
+        """A number, or a class's name (a quoted string: class = 'cat'); confidence takes a
+        number only."""
+        if getattr(value, "type", None) != "STRING":  # a lark Token when quoted
+            return _plain(value)
+        if field == "confidence":
+            span = self.offset.span(value)
+            raise ParseError(f"unexpected {str(value)!r}; expected a number: confidence "
+                             f"compares with one", line=span.line, column=span.column,
+                             end_column=span.end_column, source=self.source)
+        return _unquote(str(value))
 
     def member(self, meta, children):
         field, _in, *values = children
-        return ast.Member(field, tuple(_plain(v) for v in values), span=self._span(meta))
+        return ast.Member(field, tuple(self._class_value(field, v) for v in values),
+                          span=self._span(meta))
 
     def not_member(self, meta, children):
         field, _not, _in, *values = children
-        return ast.Member(field, tuple(_plain(v) for v in values), negated=True,
-                          span=self._span(meta))
+        return ast.Member(field, tuple(self._class_value(field, v) for v in values),
+                          negated=True, span=self._span(meta))
 
     def flag(self, meta, children):
         return ast.Flag(str(children[0]).lower(), span=self._span(meta))

@@ -198,9 +198,12 @@ def _query_table(result, max_rows: int) -> Table:
         if result.kind == "topk":
             table.add_column("in exact top-k", justify="center")
     sections = list(groups.items()) if groups is not None else [(None, result)]
+    names = result.class_names if group_by in ("class", "predicted") else None
     for i, (key, part) in enumerate(sections):
         if i:
             table.add_section()
+        if names is not None and isinstance(key, int) and 0 <= key < len(names):
+            key = f"{key} {names[key]}"
         _add_rows(table, part, key, groups is not None, with_exact, max_rows,
                   estimate is not None)
     return table

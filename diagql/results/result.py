@@ -203,6 +203,9 @@ class Result:
     # their activations in ``values``, the neuron in ``neurons``/``labels``, the rest here.
     items: np.ndarray | None = None
     ranked: RankedItems | None = field(default=None, repr=False)
+    # The classes' names, when known (connect's classes=, the data's, the model's): GROUP BY
+    # class or predicted shows them beside the indices that key ``groups``.
+    class_names: list[str] | None = field(default=None, repr=False)
 
     @property
     def is_query(self) -> bool:

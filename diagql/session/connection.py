@@ -30,6 +30,7 @@ from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
+from diagql.session.class_names import found_names, given_names, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
 from diagql.session.settings import Settings
 from diagql.session.statements import planned
@@ -45,7 +46,7 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
             progress: bool | None = None, label_key: str | None = None,
             checkpoints=None, tokenizer=None, engine: str = "local",
             ray_address: str | None = None, ray_workers: int | None = None,
-            scores=None) -> "Connection":
+            scores=None, classes=None) -> "Connection":
     """Connect a PyTorch model (or several) to a data set, labelled or not.
 
     ``model`` is one ``nn.Module`` (named ``model``), or a mapping of names to modules over the
@@ -110,6 +111,11 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     ``tokenizer`` shows text items (TOPK k INPUTS) as tokens instead of token ids: a Hugging
     Face tokenizer, or a vocabulary (a sequence or mapping from id to token).
 
+    ``classes`` names the classes (a list in class order, or a mapping of index to name), so
+    that ``WHERE class = 'cat'`` reads; without it the names are the data's (a Hugging Face
+    ClassLabel feature, a torchvision dataset's ``classes``) or the model's
+    (``config.id2label``), when they have some.
+
     A connection assumes the model and data do not change while it is open: it profiles them
     once. After changing weights or data, connect again. ``latent`` applies to the default
     model and its checkpoints; each model has its own profile.
@@ -126,7 +132,8 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     conn = Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
                       label_key=label_key, checkpoints=checkpoints, engine=engine,
-                      ray_address=ray_address, ray_workers=ray_workers, scores=scores)
+                      ray_address=ray_address, ray_workers=ray_workers, scores=scores,
+                      classes=classes)
     conn.tokenizer = tokenizer
     return conn
 
@@ -138,8 +145,10 @@ class Connection:
                  batch_size: int | None = None, device=None, latent: str | None = None,
                  cache_dir=None, cache_limit=None, progress: bool | None = None,
                  label_key: str | None = None, checkpoints=None, engine: str = "local",
-                 ray_address: str | None = None, ray_workers: int | None = None, scores=None):
+                 ray_address: str | None = None, ray_workers: int | None = None, scores=None,
+                 classes=None):
         self.engine = None  # a RayEngine, or None: passes run in this process
+        given, self.class_names = data, given_names(classes)  # WHERE class = 'cat' reads them
         if model is not None:
             if engine == "ray" and checkpoints is not None:
                 # Checkpoints take turns in one copy of the model, on the driver
@@ -181,6 +190,9 @@ class Connection:
             # The final model last: ACROSS CHECKPOINTS answers in training order.
             self.models[FINAL] = self.models.pop(FINAL)
             self.settings.model = FINAL
+        if self.class_names is None:
+            self.class_names = found_names(given, label_key,
+                                           [e.architecture() for e in self.models.values()])
 
     def _add(self, name: str, module, device, latent) -> None:
         if not isinstance(module, nn.Module):
@@ -279,7 +291,7 @@ class Connection:
         """Run one statement and return its Result."""
         started = time.perf_counter()
         try:
-            statement = parse(text)
+            statement = resolved(parse(text), self.class_names)
         except DiagQLError as exc:
             raise exc.with_source(text) from None
         return scripts.run_timed(self, statement, text, time.perf_counter() - started)
@@ -313,7 +325,7 @@ class Connection:
         """The plan of a query (what EXPLAIN shows), binding it and drawing its sample."""
         if isinstance(query, str):
             try:
-                query = parse(query)
+                query = resolved(parse(query), self.class_names)
             except DiagQLError as exc:
                 raise exc.with_source(query) from None
         if not isinstance(query, (ast.Query, ast.Similarity)):

@@ -12,6 +12,7 @@ from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.parser import parse_piece, split_statements
 from diagql.results.result import Result
+from diagql.session.class_names import resolved
 from diagql.session.models import name_model
 from diagql.session.statements import planned, run_statement
 
@@ -39,7 +40,7 @@ def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
     for piece in pieces:
         started = time.perf_counter()
         try:
-            statement = parse_piece(piece, script)
+            statement = resolved(parse_piece(piece, script), conn.class_names)
         except DiagQLError as exc:
             yield from _run_queries(conn, queries, script, placed)
             yield exc.with_source(script)
@@ -107,6 +108,7 @@ def _run_queries(conn, queries: list, script: str,
                 answer.timings.update(timings)
                 answer.timings["parse"] = waiting[position][1]
                 answer.timings["total"] = seconds
+                answer.class_names = conn.class_names
                 outcomes[position] = name_model(conn, answer, model)
             elif shared:  # one error for every statement of the pass: no one statement's place
                 outcomes[position] = answer.with_source(script)

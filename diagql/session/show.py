@@ -153,10 +153,13 @@ def _profile(conn, statement) -> Result:
     matrix = profile.confusion_matrix()
     classes = range(matrix.shape[0])
     rows = []
+    names = conn.class_names or []
     for c in classes:
         total = int(matrix[c].sum())
         accuracy = f"{matrix[c, c] / total:.1%}" if total else ""
-        rows.append((c, total, accuracy, *(int(v) for v in matrix[c])))
+        name = names[c] if c < len(names) else ""
+        rows.append((c, *([name] if names else []), total, accuracy,
+                     *(int(v) for v in matrix[c])))
     accuracy = float(profile.correct.mean())
     title = (f"profile: {len(profile):,} items, accuracy {accuracy:.1%} "
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
@@ -174,7 +177,8 @@ def _profile(conn, statement) -> Result:
     if notice is not None:
         notes.append(notice)
     return Result(kind="table", statement=statement.text,
-                  columns=["class", "items", "accuracy", *(str(c) for c in classes)], rows=rows,
+                  columns=["class", *(["name"] if names else []), "items", "accuracy",
+                           *(str(c) for c in classes)], rows=rows,
                   title=title, notes=notes)
 
 

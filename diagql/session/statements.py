@@ -176,6 +176,7 @@ def _query(conn, query: ast.Query) -> Result:
 
         return across_checkpoints(conn, query, answer_query)
     result = answer_query(conn, query)
+    result.class_names = conn.class_names
     return name_model(conn, result, result.plan.query.layer.model)
 
 

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--label-key", metavar="KEY",
                         help="the key under which the data's mapping items hold their labels "
                              "(default: labels, label, y, target or targets)")
+    source.add_argument("--classes", metavar="NAMES", type=_classes_arg,
+                        help="the class names in class order, comma-separated (cat,dog,bird), "
+                             "so that WHERE class = 'cat' reads (default: the data's or the "
+                             "model's names, if any)")
     source.add_argument("--scores", metavar="POSITION|KEY", type=_scores_arg,
                         help="where the class scores are in what the model returns: a position "
                              "in a tuple (1 for (features, logits)) or a key of a dict or "
@@ -273,6 +277,8 @@ def _open(args):
                    progress=progress, cache_dir=cache_dir, cache_limit=args.cache_limit)
     if args.engine == "ray":
         options.update(engine="ray", ray_address=args.ray_address, ray_workers=args.ray_workers)
+    if args.classes:
+        options["classes"] = args.classes
     if args.checkpoint:
         from diagql.shell.loading import checkpoint_paths
 
@@ -300,6 +306,13 @@ def _open(args):
     conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size
     return conn
+
+
+def _classes_arg(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty class name")
+    return names
 
 
 def _scores_arg(text: str) -> int | str:

@@ -1,0 +1,138 @@
+"""Class names: where a connection finds them (``connect(..., classes=)``, the data's Hugging
+Face ClassLabel feature or torchvision-style ``classes``, the model's ``config.id2label``),
+and a statement's ``class = 'cat'`` resolved to the class's index before it is bound
+(docs/ARCHITECTURE.md, "Data model")."""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from diagql.errors import BindError, DiagQLError
+from diagql.language import ast
+from diagql.model.data import LABEL_KEYS
+
+
+def given_names(classes) -> list[str] | None:
+    """``connect(..., classes=)``: names in class order, or a mapping of indices to names."""
+    if classes is None:
+        return None
+    if isinstance(classes, Mapping):
+        if not all(isinstance(k, int) and k >= 0 for k in classes) or \
+                sorted(classes) != list(range(len(classes))):
+            raise DiagQLError("classes= as a mapping takes every class index 0..n-1 to its name")
+        classes = [classes[i] for i in range(len(classes))]
+    if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
+        raise DiagQLError(f"classes= takes the class names in class order, not "
+                          f"{type(classes).__name__}")
+    names = [str(name) for name in classes]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise DiagQLError(f"classes= names two classes {twice[0]!r}")
+    return names
+
+
+def found_names(data, label_key: str | None, models: Sequence) -> list[str] | None:
+    """The class names the data or a model carries: a Hugging Face dataset's ClassLabel feature
+    on its label column, a ``classes`` list (torchvision's datasets: ImageFolder, CIFAR10, ...)
+    on the data or the dataset under a DataLoader or Subset, else the first model's
+    ``config.id2label`` that is not the default LABEL_0, LABEL_1, ..."""
+    for holder in (data, getattr(data, "dataset", None)):
+        if holder is None:
+            continue
+        features = getattr(holder, "features", None)
+        if isinstance(features, Mapping):
+            for key in ([label_key] if label_key else list(LABEL_KEYS)):
+                names = getattr(features.get(key), "names", None)
+                if _names(names):
+                    return list(names)
+        names = getattr(holder, "classes", None)
+        if _names(names):
+            return list(names)
+    for model in models:
+        labels = getattr(getattr(model, "config", None), "id2label", None)
+        if isinstance(labels, Mapping) and labels and \
+                sorted(int(k) for k in labels) == list(range(len(labels))):
+            names = [str(labels[k]) for k in sorted(labels, key=int)]
+            if not all(re.fullmatch(r"LABEL_\d+", name) for name in names):
+                return names
+    return None
+
+
+def _names(names) -> bool:
+    return isinstance(names, (list, tuple)) and len(names) > 0 and \
+        all(isinstance(name, str) for name in names)
+
+
+def resolved(statement, names: list[str] | None):
+    """``statement`` with every class name in its WHERE replaced by the class's index."""
+    if isinstance(statement, ast.Explain):
+        return replace(statement, query=resolved(statement.query, names))
+    where = getattr(statement, "where", None)
+    if where is None or not any(isinstance(value, str) for node in ast.walk(where)
+                                for value in _values(node)):
+        return statement
+    return replace(statement, where=_rebuilt(where, lambda node: _resolve(node, names)))
+
+
+def _values(node) -> tuple:
+    if isinstance(node, ast.Compare):
+        return (node.value,)
+    if isinstance(node, ast.Member):
+        return node.values
+    return ()
+
+
+def _resolve(node, names: list[str] | None):
+    strings = [value for value in _values(node) if isinstance(value, str)]
+    if not strings:
+        return node
+    if isinstance(node, ast.Compare) and node.op not in ("=", "!="):
+        raise _at(BindError(f"a class name compares with =, != or IN, not {node.op}"), node)
+    if names is None:
+        raise _at(BindError(f"{node.field} {strings[0]!r}: the classes have no names here; "
+                            f"compare class indices (class = 3), or name the classes with "
+                            f"connect(..., classes=[...]) or --classes"), node)
+    index = {name: i for i, name in enumerate(names)}
+
+    def of(value):
+        if not isinstance(value, str):
+            return value
+        if value in index:
+            return index[value]
+        from diagql.suggest import did_you_mean, name_list
+
+        raise _at(BindError(f"unknown class {value!r}{did_you_mean(value, names)}",
+                            hint=f"classes are {name_list(names)}"), node)
+
+    if isinstance(node, ast.Compare):
+        return replace(node, value=of(node.value))
+    return replace(node, values=tuple(of(value) for value in node.values))
+
+
+def _rebuilt(pred, fix):
+    """The predicate with ``fix`` applied to each comparison, rebuilt bottom up without
+    recursion (a predicate may nest as deep as the parser allows)."""
+    done: dict[int, object] = {}
+    stack = [(pred, False)]
+    while stack:
+        node, ready = stack.pop()
+        if isinstance(node, (ast.And, ast.Or, ast.Not)) and not ready:
+            stack.append((node, True))
+            stack.extend((child, False) for child in ast.children(node))
+            continue
+        if isinstance(node, (ast.And, ast.Or)):
+            done[id(node)] = replace(node, left=done[id(node.left)], right=done[id(node.right)])
+        elif isinstance(node, ast.Not):
+            done[id(node)] = replace(node, operand=done[id(node.operand)])
+        else:
+            done[id(node)] = fix(node)
+    return done[id(pred)]
+
+
+def _at(error: BindError, node) -> BindError:
+    span = node.span
+    if span is not None:
+        error.line, error.column = span.line, span.column
+        error.end_column = span.end_column if span.end_line == span.line else None
+    return error

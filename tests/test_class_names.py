@@ -1,0 +1,121 @@
+"""Class names: given with connect(classes=) or --classes, found on the data (a torchvision-style
+`classes` list, a Hugging Face ClassLabel feature) or the model (config.id2label), and
+`WHERE class = 'cat'` answering as `WHERE class = 3` does, checked against plain torch."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diagql
+from diagql.errors import BindError, DiagQLError, ParseError
+
+NAMES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(scope="module")
+def world():
+    g = torch.Generator().manual_seed(8)
+    X, y = torch.randn(90, 5, generator=g), torch.arange(90) % 3
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        hidden = model[1](model[0](X)).double().numpy()
+        predicted = model(X).argmax(1).numpy()
+    return X, y, model, hidden, predicted
+
+
+def test_names_given_answer_as_their_indices(world):
+    X, y, model, hidden, predicted = world
+    db = diagql.connect(model, (X, y), classes=NAMES, cache_dir=False, progress=False)
+    labels = y.numpy()
+    cases = {"class = 'cat'": labels == 2,
+             "class != 'ant' AND predicted = 'bee'": (labels != 0) & (predicted == 1),
+             "class IN ('ant', 'cat')": np.isin(labels, [0, 2]),
+             "predicted NOT IN ('bee') OR class = 1": ~(predicted == 1) | (labels == 1)}
+    for where, mask in cases.items():
+        result = db.query(f"AVG NEURONS IN 1 WHERE {where}")
+        np.testing.assert_allclose(result.values, hidden[mask].mean(axis=0), rtol=1e-6)
+    # A script's queries share a pass, their names resolved too.
+    first, second = db.execute("AVG NEURONS IN 1 WHERE class = 'ant'; "
+                               "AVG NEURONS IN 1 WHERE class = 'bee'")
+    np.testing.assert_allclose(second.values, hidden[labels == 1].mean(axis=0), rtol=1e-6)
+    top = db.query("TOPK 2 INPUTS FOR 1[0] WHERE class = 'bee'")
+    mine = np.flatnonzero(labels == 1)
+    assert top.items.tolist() == mine[np.argsort(-hidden[mine, 0], kind="stable")[:2]].tolist()
+    assert db.query("EXPLAIN AVG NEURONS IN 1 WHERE class = 'cat'").kind == "explain"
+
+
+def test_grouped_answers_and_the_profile_show_the_names(world):
+    X, y, model, _, _ = world
+    db = diagql.connect(model, (X, y), classes={0: "ant", 1: "bee", 2: "cat"},
+                        cache_dir=False, progress=False)
+    text = str(db.query("AVG NEURONS IN 1 GROUP BY class"))
+    assert "0 ant" in text and "2 cat" in text
+    profile = db.query("SHOW PROFILE")
+    assert profile.columns[:2] == ["class", "name"]
+    assert [row[1] for row in profile.rows] == NAMES
+
+
+def test_mistakes_with_names_are_located_and_suggested(world):
+    X, y, model, _, _ = world
+    db = diagql.connect(model, (X, y), classes=NAMES, cache_dir=False, progress=False)
+    with pytest.raises(BindError) as caught:
+        db.query("AVG NEURONS IN 1 WHERE class = 'bea'")
+    assert caught.value.message == "unknown class 'bea'; did you mean 'bee'?"
+    assert caught.value.column == 24 and caught.value.hint == "classes are ant, bee, cat"
+    with pytest.raises(BindError, match="a class name compares with =, != or IN, not <"):
+        db.query("AVG NEURONS IN 1 WHERE class < 'bee'")
+    with pytest.raises(ParseError, match="confidence compares with one"):
+        db.query("AVG NEURONS IN 1 WHERE confidence > 'bee'")
+    bare = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with pytest.raises(BindError, match="the classes have no names here"):
+        bare.query("AVG NEURONS IN 1 WHERE class = 'bee'")
+    for wrong in ("ant,bee", ["ant", "ant", "cat"], {1: "bee"}):
+        with pytest.raises(DiagQLError, match="classes="):
+            diagql.connect(model, (X, y), classes=wrong, cache_dir=False, progress=False)
+
+
+class _Named(torch.utils.data.Dataset):
+    """A torchvision-style dataset: its class names in ``classes``."""
+
+    classes = NAMES
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i]
+
+
+class _Configured(nn.Module):
+    """A model carrying a Hugging Face-style config with id2label."""
+
+    def __init__(self, inner, id2label):
+        super().__init__()
+        self.inner, self.config = inner, SimpleNamespace(id2label=id2label)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_names_are_found_on_the_data_and_on_the_model(world):
+    X, y, model, hidden, _ = world
+    mask = y.numpy() == 1
+    for data, net, layer in (
+            (_Named(X, y), model, "1"),
+            (torch.utils.data.DataLoader(_Named(X, y), batch_size=8), model, "1"),
+            ((X, y), _Configured(model, {0: "ant", 1: "bee", 2: "cat"}), "inner.1")):
+        db = diagql.connect(net, data, cache_dir=False, progress=False)
+        assert db.class_names == NAMES
+        result = db.query(f"AVG NEURONS IN {layer} WHERE class = 'bee'")
+        np.testing.assert_allclose(result.values, hidden[mask].mean(axis=0), rtol=1e-6)
+    # The default names of a config (LABEL_0, ...) name nothing.
+    plain = _Configured(model, {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"})
+    assert diagql.connect(plain, (X, y), cache_dir=False, progress=False).class_names is None
