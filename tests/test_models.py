@@ -142,6 +142,17 @@ def test_a_default_model_that_does_not_fit_the_labels_leaves_the_others_answerin
         db.query("AVG NEURONS IN small.1")
 
 
+def test_a_models_warning_names_the_model():
+    """The 'scores lie in [0, 1]' notice did not say which of several models it was about."""
+    X, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    a = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    b = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3),
+                            torch.nn.Sigmoid())
+    db = diagql.connect({"a": a, "b": b}, (X, y), cache_dir=False, progress=False)
+    with pytest.warns(diagql.DiagQLWarning, match=r"^model 'b': the model's 3 scores"):
+        db.query("AVG NEURONS IN b.0 WHERE correct")
+
+
 def test_one_module_given_under_two_names_is_refused_at_connect(cnn, digits):
     """It was accepted, then SIMILARITY a.8, b.8 failed with an internal message."""
     with pytest.raises(diagql.DiagQLError, match="models 'a' and 'b' are one module"):

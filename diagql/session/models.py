@@ -5,12 +5,13 @@ settings, the caches and the counters are the connection's (docs/ARCHITECTURE.md
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import replace
 
 import torch
 
 from diagql.engine.executor import Runner, row_dtype
-from diagql.errors import BindError, DiagQLError
+from diagql.errors import BindError, DiagQLError, DiagQLWarning
 from diagql.language import ast
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
@@ -140,14 +141,28 @@ class ModelEntry:
     def naming(self):
         """One model's mistake (labels outside its classes, a failing forward, an index past
         one of its layers) must not read as every model's: with several, its name comes
-        first in the message of a DiagQLError raised within."""
+        first in the message of a DiagQLError raised within, and of a DiagQLWarning (its
+        scores look like probabilities)."""
+        several, told = len(self.conn.models) > 1, []
         try:
-            yield
-        except DiagQLError as exc:
-            if len(self.conn.models) > 1 and not exc.message.startswith("model "):
-                exc.message = f"model {self.name!r}: {exc.message}"
-                exc.args = (exc.message, *exc.args[1:])
-            raise
+            with warnings.catch_warnings(record=True) as caught:
+                try:
+                    yield
+                except DiagQLError as exc:
+                    if several and not exc.message.startswith("model "):
+                        exc.message = f"model {self.name!r}: {exc.message}"
+                        exc.args = (exc.message, *exc.args[1:])
+                    raise
+                finally:
+                    told = list(caught)
+        finally:
+            for warning in told:  # said again outside, named
+                text = str(warning.message)
+                if several and issubclass(warning.category, DiagQLWarning) and \
+                        not text.startswith("model "):
+                    text = f"model {self.name!r}: {text}"
+                warnings.warn_explicit(text, warning.category, warning.filename,
+                                       warning.lineno)
 
     def require_model(self) -> None:
         pass  # an entry always has its model
