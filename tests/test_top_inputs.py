@@ -125,6 +125,9 @@ def test_sample_ranks_the_sampled_items_and_says_so(conn, conv, profile):
     assert result.n_items == allowed.sum() and result.approximate
     assert any("not of all" in note and "the 5th value estimates" in note
                for note in result.notes)
+    auto = conn.query("TOPK 5 INPUTS FOR 2[2,1,1] WHERE class = 4 USING AUTO")
+    assert not auto.approximate and any(note.startswith("USING AUTO chose the exact answer")
+                                        for note in auto.notes)
     from diagql.session.inputs import _ordinal
 
     assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [

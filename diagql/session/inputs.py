@@ -100,6 +100,10 @@ def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
                     items=items, ranked=ranked)
     if len(items) < query.k:
         result.notes.append(f"only {len(items):,} items match, fewer than the {query.k:,} asked")
+    if isinstance(query.source, ast.Auto):
+        result.notes.append("USING AUTO chose the exact answer: a sample's top items are not "
+                            "the data's, and the inputs index answers later queries on this "
+                            "layer without reading most items")
     if sample is not None:
         result.notes.append(_sample_note(query, len(items), int(allowed.sum()),
                                          int(predicate_mask(query.where, profile).sum()),
