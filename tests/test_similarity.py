@@ -395,9 +395,11 @@ def test_one_matching_item_says_why_there_is_no_cka(db):
     assert singles, "the digits give class 3 a prediction made once"
     group = result.groups[singles[0]]
     assert np.isnan(group.value)
-    assert group.notes == [("encoder.1, head are constant over the matching items: CKA with "
-                           "them is undefined (NaN)")]
+    assert group.notes == ["one matching item: CKA over it is undefined (NaN)"]
     assert "1 matching item ·" in str(group)
+    # Shown with the whole answer, the note names its group.
+    assert f"predicted = {singles[0]}: one matching item: CKA over it is undefined" in \
+        str(result).replace("\n", " ")
     sampled = db.query("SIMILARITY encoder.1, head WHERE class = 3 GROUP BY predicted USING "
                        "SAMPLE random(1.0) WITH BASELINE")
     assert np.isnan(sampled.groups[singles[0]].metrics["cka_abs_error"])

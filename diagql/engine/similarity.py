@@ -274,7 +274,9 @@ def _single(plan: Plan, state, population: int) -> Result:
     result.n_items = state.count
     constant = [label for label, own in zip(result.labels, np.diag(matrix)) if np.isnan(own)]
     # A sample under MIN_ITEMS has its own reason; an exact answer says it even over 1 item.
-    if constant and (state.count >= MIN_ITEMS or not plan.approximate):
+    if constant and state.count == 1 and not plan.approximate:
+        result.notes.append("one matching item: CKA over it is undefined (NaN)")
+    elif constant and (state.count >= MIN_ITEMS or not plan.approximate):
         result.notes.append(f"{', '.join(constant)} {'is' if len(constant) == 1 else 'are'} "
                             f"constant over the matching items: CKA with "
                             f"{'it' if len(constant) == 1 else 'them'} is undefined (NaN)")
