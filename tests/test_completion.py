@@ -250,3 +250,14 @@ def test_a_dot_command_of_no_argument_refuses_one():
     run_meta(shell, ".layers extra")
     assert shell.errors == [".quit takes no argument, not 'now'",
                             ".layers takes no argument, not 'extra'"]
+
+
+def test_class_names_complete_where_a_class_goes():
+    names = ["cat", "dog", "cow"]
+    completer = DiagQLCompleter(classes=lambda: names)
+    assert complete(completer, "AVG NEURONS IN fc1 WHERE class = ") == ["'cat'", "'dog'", "'cow'"]
+    assert complete(completer, "AVG NEURONS IN fc1 WHERE class = c") == ["'cat'", "'cow'"]
+    assert complete(completer, "AVG NEURONS IN fc1 WHERE predicted != 'd") == ["dog'"]
+    assert complete(completer, "AVG NEURONS IN fc1 WHERE class IN ('cat', co") == ["'cow'"]
+    assert "'cat'" not in complete(completer, "AVG NEURONS IN fc1 WHERE confidence < ")
+    assert complete(DiagQLCompleter(), "AVG NEURONS IN fc1 WHERE class = 'c") == []

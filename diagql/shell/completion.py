@@ -24,6 +24,9 @@ _EVALUATE_LIST = re.compile(r"EVALUATE\s+SAMPLERS\b((?:[^()]|\([^()]*\))*)$", re
 _SAMPLER_ARGS = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(([^()]*)$")
 _MEASURE = re.compile(r"\bSIMILARITY\b.*\bBY\s+\w*$", re.IGNORECASE | re.DOTALL)
 _SWEEP = re.compile(r"\bSWEEP\s*$", re.IGNORECASE)
+# Where a class's name goes: class = '...', predicted != ..., class IN ('a', ...
+_CLASS_VALUE = re.compile(r"\b(?:class|predicted)\s*(?:=|!=|<>|(?:NOT\s+)?IN\s*\((?:[^()]*,)?)"
+                          r"\s*['\"]?$", re.IGNORECASE)
 _SET_NAME = re.compile(r"^\s*SET\s*$", re.IGNORECASE)
 _SET_VALUE = re.compile(r"^\s*SET\s+([A-Za-z_]\w*)\s*=\s*$", re.IGNORECASE)
 _UNTIL = re.compile(r"^\s*(?:EXPLAIN\s+)?(TOPK|AVG|ARGMAX)\b.*\bUNTIL\s*$",
@@ -52,9 +55,12 @@ class DiagQLCompleter(Completer):
     def __init__(self, layers: Callable[[], Iterable[tuple[str, str]]] = lambda: (),
                  meta_commands: dict[str, str] | None = None,
                  meta_arguments: dict[str, Iterable[str]] | None = None,
-                 models: Callable[[], Iterable[str]] = lambda: ()):
+                 models: Callable[[], Iterable[str]] = lambda: (),
+                 classes: Callable[[], Iterable[str]] = lambda: ()):
         self.layers = layers
         self.models = models  # the connection's model names, for SET model = ...
+        self.classes = classes  # the class names, for WHERE class = '...'
+
         self.meta_commands = meta_commands or {}
         self.meta_arguments = meta_arguments or {}
 
@@ -66,6 +72,14 @@ class DiagQLCompleter(Completer):
         statement = current_statement(before)
         word = _WORD.search(statement).group()
         prefix = statement[:len(statement) - len(word)]
+        if _CLASS_VALUE.search(prefix):
+            quote = prefix[-1] if prefix.endswith(("'", '"')) else ""
+            for name in self._listed(self.classes):
+                if name.lower().startswith(word.lower()):
+                    text = name + quote if quote else repr(name)
+                    yield Completion(text, -len(word), display_meta="class")
+            if quote:
+                return  # inside a quoted name: nothing else goes there
         if word[:1].isdigit():
             return  # a number: nothing to offer
         terminals = accepts(prefix)
@@ -205,3 +219,7 @@ def connection_layers(conn) -> Callable[[], list[tuple[str, str]]]:
 
 def connection_models(conn) -> Callable[[], list[str]]:
     return lambda: list(conn.models)
+
+
+def connection_classes(conn) -> Callable[[], list[str]]:
+    return lambda: list(getattr(conn, "class_names", None) or [])

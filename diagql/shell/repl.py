@@ -127,13 +127,14 @@ def make_session(conn, *, input=None, output=None, note=None):
     from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
     from prompt_toolkit.completion import ThreadedCompleter
 
-    from diagql.shell.completion import DiagQLCompleter, connection_layers, connection_models
+    from diagql.shell.completion import DiagQLCompleter, connection_classes, connection_layers, \
+        connection_models
     from diagql.shell.dot_commands import completions
     from diagql.shell.highlight import STYLE, DiagQLLexer
 
     commands, arguments = completions()
     completer = DiagQLCompleter(connection_layers(conn), commands, arguments,
-                                connection_models(conn))
+                                connection_models(conn), connection_classes(conn))
     return PromptSession(
         history=_history(note), auto_suggest=AutoSuggestFromHistory(), multiline=True,
         key_bindings=key_bindings(), prompt_continuation=lambda width, line, wrap: CONTINUATION,
