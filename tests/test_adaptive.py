@@ -154,7 +154,29 @@ def test_growth_turns_exact_when_that_is_cheaper(world):
     with torch.no_grad():
         want = model[:4](X[y == 5]).flatten(1).double().mean(dim=0).numpy()
     np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
-    assert result.provenance.growth.text().startswith("grown 40 → ")
+    assert result.provenance.growth.text().startswith("grown 40")
+
+
+def test_growth_stops_when_a_round_costs_more_than_the_exact_answer(world, monkeypatch):
+    """A sampler whose draws are slow (gmm's fit) on a fast model had grown for 7 rounds and
+    85 s where the exact answer took milliseconds: a round that cost more than the exact
+    answer will ends the growth."""
+    import time
+
+    conn, model, (X, y), _ = world
+    grow = samplers.Ladder.grow
+
+    def slow(self, n):
+        time.sleep(0.3)
+        return grow(self, n)
+
+    monkeypatch.setattr(samplers.Ladder, "grow", slow)
+    result = conn.query("AVG NEURONS IN 3 USING SAMPLE random(40) UNTIL cosine <= 0.0000001")
+    growth = result.provenance.growth
+    assert growth.stop == "exact cheaper" and growth.sizes == (40,) and not result.approximate
+    with torch.no_grad():
+        want = model[:4](X).flatten(1).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
 
 
 def test_growth_that_draws_no_sample_says_so(world):

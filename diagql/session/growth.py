@@ -75,11 +75,18 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
     mask = predicate_mask(query.where, profile)
     n_match, n_items = int(mask.sum()), len(profile)
     per_item = profile.seconds_per_item()
+    exact_cost = n_match * per_item  # the exact answer's pass, over the matching items
     result, sizes, draws, reached, stop = None, [], 0.0, None, "data exhausted"
+    last_round = 0.0  # the last round's seconds, draw included: the next costs at least as much
     with conn.progress.live() as show:
         if conn.progress.enabled:  # the table refines in place; no bars beneath it
             runner.progress = Progress(False)
         for n in samplers.doubling(sampler.size, n_items):
+            # A round that cost more than the exact answer will (a gmm draw, a fast model)
+            # stops the growth: exact is cheaper than the next, larger round.
+            if result is not None and last_round >= exact_cost:
+                stop = "exact cheaper"
+                break
             drawn_at = time.perf_counter()
             items = ladder.grow(n)
             draws += time.perf_counter() - drawn_at
@@ -98,6 +105,7 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
                     stop = "budget spent"
                     break
             result = runner.answer(round_plan)
+            last_round = time.perf_counter() - drawn_at
             last = (bound.sampler, items, round_plan.sampler_spec)
             sizes.append(len(items))
             reached = _reached(result, round_plan, until.target)
