@@ -241,3 +241,14 @@ def test_classes_name_the_classes_on_the_command_line():
     assert by_name["values"] == by_index["values"]
     done = diagql(*MODEL, "--classes", "a,,b", "-e", "SHOW MODELS")
     assert done.returncode == 2 and "has an empty class name" in done.stderr
+
+
+def test_a_piped_table_is_as_wide_as_it_needs_never_cut():
+    """Piped, the console was 120 columns: EVALUATE's scores came out as '0.4…' and sampler
+    names split over two lines."""
+    done = diagql(*MODEL, "-e", "EVALUATE SAMPLERS random, stratified, maxmargin AT 0.05, 0.1 "
+                                "SEEDS 1 LAYERS head")
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("│ stratified ")]
+    assert len(rows) == 2 and all(len(row.split("│")) == len(rows[0].split("│")) for row in rows)

@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
-    err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
+    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else _piped_width())
+    err = Console(stderr=True, highlight=False,
+                  width=None if sys.stderr.isatty() else _piped_width())
     default = warnings.showwarning
     warnings.showwarning = _one_line_warnings(err, default)
     try:
@@ -306,6 +307,14 @@ def _open(args):
     conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size
     return conn
+
+
+def _piped_width() -> int:
+    """A pipe's width: $COLUMNS when set, else 120 (tables widen past it: shell/output.py)."""
+    import os
+
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else 120
 
 
 def _classes_arg(text: str) -> list[str]:

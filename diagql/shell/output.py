@@ -15,5 +15,13 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
             out.print(text, markup=False, highlight=False, soft_wrap=True)
             out.print()
     else:
-        out.print(renderable(result, settings.max_rows, echo=echo))
+        shown = renderable(result, settings.max_rows, echo=echo)
+        width = None
+        if not out.is_terminal:
+            # Piped (a log, a file): as wide as the table needs, never cut to "0.4…" cells nor
+            # wrapped mid-number; a terminal keeps its own width.
+            from rich.measure import Measurement
+
+            width = max(out.width, Measurement.get(out, out.options, shown).maximum)
+        out.print(shown, width=width)
         out.print()
