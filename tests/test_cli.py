@@ -247,7 +247,7 @@ def test_a_piped_table_is_as_wide_as_it_needs_never_cut():
     """Piped, the console was 120 columns: EVALUATE's scores came out as '0.4…' and sampler
     names split over two lines."""
     done = diagql(*MODEL, "-e", "EVALUATE SAMPLERS random, stratified, maxmargin AT 0.05, 0.1 "
-                                "SEEDS 1 LAYERS head")
+                                "SEEDS 3 LAYERS head")
     assert done.returncode == 0, done.stderr
     assert "…" not in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith("│ stratified ")]
