@@ -18,10 +18,22 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
         shown = renderable(result, settings.max_rows, echo=echo)
         width = None
         if not out.is_terminal:
-            # Piped (a log, a file): as wide as the table needs, never cut to "0.4…" cells nor
-            # wrapped mid-number; a terminal keeps its own width.
+            # Piped (a log, a file): as wide as the tables need, never cut to "0.4…" cells nor
+            # wrapped mid-number; the text around them wraps at the pipe's width, and a
+            # terminal keeps its own.
             from rich.measure import Measurement
+            from rich.table import Table
 
-            width = max(out.width, Measurement.get(out, out.options, shown).maximum)
-        out.print(shown, width=width)
+            wide = out.options.update(max_width=10_000)
+            parts = getattr(shown, "renderables", [shown])
+            width = max([out.width] + [Measurement.get(out, wide, part).maximum
+                                       for part in parts if isinstance(part, Table)])
+        if width is not None and width > out.width:  # print() cannot pass the console's width
+            before, out.width = out.width, width
+            try:
+                out.print(shown)
+            finally:
+                out.width = before
+        else:
+            out.print(shown)
         out.print()
