@@ -286,3 +286,17 @@ def test_an_index_error_points_into_its_own_line(conn):
         conn.query("TOPK 3 INPUTS FOR 6[\n40]")
     error = caught.value
     assert (error.line, error.column) == (2, 1) and error.caret() is not None
+
+
+def test_the_bars_follow_the_ranks_whatever_the_sign():
+    """Bars were |activation| long: for -5.69, -6.44, -6.85 the first (highest) item had the
+    shortest."""
+    from diagql.results.render import _rank_bars
+
+    assert _rank_bars([-5.69, -6.44, -6.85], True) == sorted(
+        _rank_bars([-5.69, -6.44, -6.85], True), reverse=True)
+    assert _rank_bars([-5.69, -6.44, -6.85], True)[0] == 1.0
+    assert _rank_bars([3.0, 2.0, 1.0], True) == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert _rank_bars([-3.0, -2.0, -1.0], False) == pytest.approx([1.0, 2 / 3, 1 / 3])
+    lows = _rank_bars([1.0, 2.0, 3.0], False)  # BOTTOMK of positive values
+    assert lows[0] == 1.0 and lows == sorted(lows, reverse=True) and lows[-1] > 0

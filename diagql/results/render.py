@@ -137,9 +137,10 @@ def _inputs(result, max_rows: int, echo: bool) -> Group:
         table.add_column(name, justify="left" if name == "" else "right")
     if tokens:
         table.add_column("tokens", overflow="fold", max_width=60)
-    top = max((abs(r["value"]) for r in records), default=0.0)
-    for r in records[:max_rows]:
-        cells = [str(r["rank"]), str(r["item"]), _number(r["value"]), _bar(abs(r["value"]), top),
+    lengths = _rank_bars([r["value"] for r in records],
+                         result.ranked is None or result.ranked.largest)
+    for r, length in zip(records[:max_rows], lengths):
+        cells = [str(r["rank"]), str(r["item"]), _number(r["value"]), _bar(length, 1.0),
                  "" if r["label"] is None else str(r["label"]), str(r["predicted"]),
                  f"{r['confidence']:.3f}"]
         table.add_row(*cells, *([r.get("tokens", "")] if tokens else []))
@@ -331,6 +332,23 @@ def _summary(result) -> Text | None:
         pieces.append(f"profile (once per model and data) {timings['profile']:.2f} s")
     text.append(" · ".join(pieces))
     return text
+
+
+def _rank_bars(values: list[float], largest: bool) -> list[float]:
+    """Bar lengths (0..1) that follow the ranks: the first item's the longest. Values of one
+    sign scale from 0 (|value| / the largest |value|); values of both signs, or negative ones
+    ranked highest first, scale over their range, the last a tenth of it above nothing."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return [0.0] * len(values)
+    low, high = min(finite), max(finite)
+    if (largest and low >= 0) or (not largest and high <= 0):
+        top = max(abs(low), abs(high))
+        return [abs(v) / top if top > 0 and math.isfinite(v) else 0.0 for v in values]
+    span = (high - low) or 1.0
+    floor = low - span / 10 if largest else high + span / 10
+    return [abs(v - floor) / abs((high if largest else low) - floor) if math.isfinite(v) else 0.0
+            for v in values]
 
 
 def _bar(value: float, top: float) -> Text:
