@@ -111,6 +111,21 @@ def test_sql_block_runs_on_the_demo(index):
     assert done.returncode == 0, done.stderr
 
 
+def test_the_tour_shown_is_the_tour_file():
+    """The README's tour block had drifted from examples/tour.dql (statements in one only)."""
+    from diagql.language.parser import split_statements
+
+    shown = README.split("A tour, runnable as `diagql --demo examples/tour.dql`:", 1)[1]
+    block = re.search(r"```sql\n(.*?)```", shown, flags=re.S).group(1)
+    tour = (ROOT / "examples" / "tour.dql").read_text(encoding="utf-8")
+
+    def statements(text):
+        lines = [line.split("--")[0] for line in text.splitlines()]
+        return [" ".join(piece.text.split()) for piece in split_statements("\n".join(lines))]
+
+    assert statements(block) == statements(tour)
+
+
 def test_examples_run():
     # examples/tour.dql runs as the README's `diagql --demo examples/tour.dql` (above).
     assert any(_runnable(c) == "diagql --demo examples/tour.dql" for c, _ in CONSOLE)
