@@ -300,3 +300,27 @@ def test_the_bars_follow_the_ranks_whatever_the_sign():
     assert _rank_bars([-3.0, -2.0, -1.0], False) == pytest.approx([1.0, 2 / 3, 1 / 3])
     lows = _rank_bars([1.0, 2.0, 3.0], False)  # BOTTOMK of positive values
     assert lows[0] == 1.0 and lows == sorted(lows, reverse=True) and lows[-1] > 0
+
+
+def test_a_float64_models_inputs_index_keeps_its_digits():
+    """The inputs index ranked float32-rounded activations: a query answered from it put item
+    0 (1.0) above item 2 (1 + 3e-12), where the pass that built it had them right."""
+    lin = nn.Linear(1, 2).double()
+    with torch.no_grad():
+        lin.weight[:] = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+        lin.bias.zero_()
+    model = nn.Sequential(lin, nn.Linear(2, 2).double())
+    n = 300
+    X = torch.linspace(0, 1, n, dtype=torch.float64)[:, None]
+    X[:4, 0] = torch.tensor([1.0, 1.0 + 1e-12, 1.0 + 3e-12, 1.0 + 2e-12], dtype=torch.float64)
+    y = torch.arange(n) % 2
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        activation = lin(X)[:, 0].numpy()
+    first = conn.query("TOPK 4 INPUTS FOR 0[0]")  # builds the index
+    assert first.items.tolist() == [2, 3, 1, 0]
+    second = conn.query("TOPK 4 INPUTS FOR 0[0] WHERE class = 0")  # answered from it
+    evens = np.arange(0, n, 2)
+    truth = evens[np.argsort(-activation[evens], kind="stable")[:4]]
+    assert second.items.tolist() == truth.tolist() == [2, 0, 298, 296]
+    np.testing.assert_array_equal(second.values, activation[truth])

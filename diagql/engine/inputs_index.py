@@ -81,9 +81,13 @@ class IndexBuilder:
             # order items as their activations do, which is all the lookup relies on.
             self.half[torch.from_numpy(idx - self.base)] = \
                 values.clamp(-_HALF_MAX, _HALF_MAX).to("cpu", torch.float16)
-        # A copy: a later in-place op of the model may overwrite the output.
-        self._pending.append((values.to("cpu", torch.float32, copy=True), idx))
-        if sum(len(i) for _, i in self._pending) >= self._chunk:
+        # A copy: a later in-place op of the model may overwrite the output. float64 stays
+        # float64 (a float64 model's, a channel's mean): rounded to float32 the lists ranked
+        # near-ties unlike the exact pass, and a query answered from them changed its order.
+        wide = values.dtype == torch.float64
+        self._pending.append((values.to("cpu", torch.float64 if wide else torch.float32,
+                                        copy=True), idx))
+        if sum(len(i) for _, i in self._pending) * (2 if wide else 1) >= self._chunk:
             self._rank()
 
     def _rank(self) -> None:
