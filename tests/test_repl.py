@@ -116,6 +116,17 @@ def test_enter_runs_at_the_semicolon(text, more):
     assert wants_more(text) is more
 
 
+def test_the_banner_says_what_is_connected_in_words(tmp_path):
+    """It showed a Python repr: 'DiagQL — <diagql.Connection to ... (loading)>'."""
+    child = spawn(tmp_path / "history")
+    try:
+        banner = child.before
+        assert "DiagQL — " in banner and "<diagql" not in banner
+        assert "tests.models:trained_mlp" in banner or "items on cpu" in banner
+    finally:
+        child.close(force=True)
+
+
 def test_ctrl_d_leaves(own_repl):
     own_repl.sendcontrol("d")
     own_repl.expect(pexpect.EOF)

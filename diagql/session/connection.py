@@ -364,14 +364,19 @@ class Connection:
         self.close()
 
     def __repr__(self) -> str:
+        return f"<diagql.Connection {self.summary()}>"
+
+    def summary(self) -> str:
+        """What the connection is over, in words (the REPL's banner): ``Net over 2,500 items
+        on cpu``."""
         if not self.models:
-            return "<diagql.Connection (no model)>"
+            return "(no model)"
         current = self.current
         what = type(current.architecture()).__name__
         if len(self.models) > 1:
             what = f"{len(self.models)} models ({', '.join(_few(list(self.models)))}; default " \
                    f"{current.name})"
-        return f"<diagql.Connection {what} over {len(self.source):,} items on {self.device}>"
+        return f"{what} over {len(self.source):,} items on {self.device}"
 
 
 DEFAULT = "model"  # the name of the one model of connect(model, data)

@@ -45,6 +45,10 @@ class PendingConnection:
             setattr(self.result(), name, value)
 
     def __repr__(self) -> str:
+        return f"<diagql.Connection {self.summary()}>"
+
+    def summary(self) -> str:
+        """The connection's summary once it is made; until then what it is made from."""
         if self._ready.is_set() and self._error is None:
-            return repr(self._value)
-        return f"<diagql.Connection to {self._description} (loading)>"
+            return self._value.summary()
+        return f"to {self._description} (loading)"

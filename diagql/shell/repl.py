@@ -189,7 +189,8 @@ def run_repl(conn, out, err, session=None) -> int:
     shell = Shell(conn, out, err)
     session = session or make_session(conn, note=lambda text: err.print(
         text, style="yellow", markup=False, highlight=False))
-    err.print(f"DiagQL — {conn!r}. Type .help for help, .quit to leave.", markup=False)
+    err.print(f"DiagQL — {conn.summary()}. Type .help for help, .quit to leave.",
+              markup=False)
     while True:
         try:
             text = session.prompt(PROMPT)
