@@ -329,6 +329,10 @@ def test_a_gpu_requested_where_none_exists():
                       "--device", "cuda", "-e", "SHOW LAYERS")
     assert done.returncode == 1
     assert "no CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+    assert "(--device cpu)" in done.stderr
+    with pytest.raises(diagql.DiagQLError, match="unknown device 'gpu'; devices are named cpu, "
+                                                 "cuda"):
+        diagql.connect(bad_models.net(), bad_models.data(), device="gpu")
 
 
 # --- no model connected -------------------------------------------------------------------------

@@ -415,11 +415,12 @@ def _resolve_device(device, model: nn.Module) -> torch.device:
         return current
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DiagQLError(f"unknown device {device!r}: {exc}") from None
+    except (RuntimeError, TypeError):
+        raise DiagQLError(f"unknown device {device!r}; devices are named cpu, cuda, cuda:1, "
+                          f"mps, ... (torch.device)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DiagQLError(f"device {str(device)!r} was requested but this machine has no CUDA "
-                          f"GPU; use device='cpu'")
+                          f"GPU; use device='cpu' (--device cpu)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DiagQLError("device 'mps' was requested but MPS is not available here")
     if device != current:
