@@ -183,7 +183,7 @@ def _query_table(result, max_rows: int) -> Table:
         table.add_column(group_by or "group", style="magenta")
     if result.kind == "topk":
         table.add_column("rank", justify="right")
-    table.add_column("neuron", style="cyan")
+    table.add_column("channel" if result.unit == "channels" else "neuron", style="cyan")
     value_name = {"topk": provenance.order if provenance is not None else "value",
                   "avg": "mean", "argmax": "share"}[result.kind]
     table.add_column(value_name, justify="right")
