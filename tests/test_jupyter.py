@@ -54,8 +54,12 @@ def test_line_magic_finds_the_only_connection(shell, cnn, digits):
 def test_cell_magic_runs_a_script_and_returns_the_last(shell, capsys):
     result = shell.run_cell_magic("diagql", "db", "SET seed = 1;\nAVG CHANNELS IN 2;")
     assert result.kind == "avg" and len(result.values) == 8
-    assert shell.run_cell_magic("diagql", "", "TOPK 2 INPUTS FOR 9[0]") is None
-    assert "unknown layer '9'" in capsys.readouterr().err
+    from IPython.core.error import UsageError
+
+    with pytest.raises(UsageError, match="unknown layer '9'"):  # the cell fails, no traceback
+        shell.run_cell_magic("diagql", "", "TOPK 2 INPUTS FOR 9[0]")
+    failed = shell.run_cell("%%diagql db\nTOPK 2 INPUTS FOR 9[0]")
+    assert not failed.success
 
 
 def test_several_connections_must_be_named(shell):

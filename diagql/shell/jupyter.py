@@ -2,12 +2,12 @@
 ``%diagql STATEMENT`` (a line) and ``%%diagql [connection]`` (a cell, a whole script), which
 run over a Connection in the notebook's namespace: the one the cell names, else the only one
 there. The last Result is the cell's value and renders as HTML (tables, heat maps,
-thumbnails); earlier ones are displayed as they come; a DiagQL error prints with its caret.
+thumbnails); earlier ones are displayed as they come; a DiagQL error fails the cell, shown
+with its caret and no traceback (IPython's UsageError).
 """
 from __future__ import annotations
 
 import re
-import sys
 
 NO_CONNECTION = ("no DiagQL connection in the notebook: make one first, e.g. "
                  "db = diagql.connect(model, data) or db = diagql.demo()")
@@ -69,8 +69,10 @@ def connection(namespace: dict, name: str | None):
 
 
 def run(conn, text: str):
-    """Every statement's Result displayed, the last one returned; an error printed with its
-    caret (no traceback), after which the cell stops."""
+    """Every statement's Result displayed, the last one returned; an error raised as IPython's
+    UsageError, which shows its caret without a traceback and fails the cell (a notebook run
+    in CI stops there, as at any failing cell)."""
+    from IPython.core.error import UsageError
     from IPython.display import display
 
     from diagql.errors import DiagQLError
@@ -80,8 +82,7 @@ def run(conn, text: str):
         if isinstance(outcome, DiagQLError):
             if last is not None:
                 display(last)
-            print(outcome.format(), file=sys.stderr)
-            return None
+            raise UsageError(outcome.format())
         if last is not None:
             display(last)
         last = outcome
