@@ -150,6 +150,25 @@ def test_bad_model_specs_get_one_clear_line(args, message):
     assert "Traceback" not in done.stderr
 
 
+def test_a_misspelt_spec_is_suggested_and_a_failing_factory_shown_with_debug(tmp_path):
+    (tmp_path / "mymodels.py").write_text("def build():\n    raise RuntimeError('factory "
+                                          "failed')\n\ndef data():\n    return None\n")
+    done = diagql("--model", "mymodels:biuld", "--data", "mymodels:data", "-e", "SHOW LAYERS",
+                  cwd=tmp_path)
+    assert "has no attribute 'biuld'; did you mean 'build'?" in done.stderr
+    done = diagql("--model", "mymodel:build", "--data", "mymodels:data", "-e", "SHOW LAYERS",
+                  cwd=tmp_path)
+    assert "No module named 'mymodel'; did you mean 'mymodels'?" in done.stderr
+    done = diagql("--model", "mymodels:build", "--data", "mymodels:data", "-e", "SHOW LAYERS",
+                  cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "raised RuntimeError: factory failed (--debug shows where)" in done.stderr
+    done = diagql("--model", "mymodels:build", "--data", "mymodels:data", "--debug", "-e",
+                  "SHOW LAYERS", cwd=tmp_path)
+    assert done.returncode == 1 and "mymodels.py" in done.stderr  # where the user's code failed
+    sys.modules.pop("mymodels", None)
+
+
 def test_weights_that_do_not_fit_are_reported(tmp_path):
     import torch
 

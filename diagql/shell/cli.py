@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the remaining statements after one fails (exit status is still 1)")
     output.add_argument("--no-progress", action="store_true", help="never draw progress bars")
     output.add_argument("--debug", action="store_true",
-                        help="show Python tracebacks for internal errors")
+                        help="show Python tracebacks for internal errors, and where your "
+                             "model or data code failed")
     parser.add_argument("--version", action="version", version=f"diagql {__version__}")
     return parser
 
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         from diagql.errors import DiagQLError
 
         if isinstance(exc, DiagQLError):
+            if args.debug and exc.__cause__ is not None:  # the user's code failed: where
+                err.print_exception()
             _print_error(err, exc, None)
             return EXIT_FAILED
         if args.debug:

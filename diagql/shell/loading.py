@@ -19,18 +19,34 @@ def resolve(spec: str, what: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise DiagQLError(f"--{what} {spec!r}: cannot import {module_name!r}: {exc}") from None
+        missing = getattr(exc, "name", None) == module_name.split(".")[0] and \
+            "." not in module_name
+        hint = _nearby_module(module_name) if missing else ""
+        raise DiagQLError(f"--{what} {spec!r}: cannot import {module_name!r}: {exc}"
+                          f"{hint}") from exc
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
         raise DiagQLError(f"--{what} {spec!r}: importing {module_name!r} raised "
-                          f"{type(exc).__name__}: {exc}") from None
+                          f"{type(exc).__name__}: {exc} (--debug shows where)") from exc
     try:
         value = module
         for part in attr.split("."):
             value = getattr(value, part)
     except AttributeError:
+        from diagql.suggest import did_you_mean
+
+        names = [n for n in dir(module) if not n.startswith("_")]
         raise DiagQLError(f"--{what} {spec!r}: module {module_name!r} has no attribute "
-                          f"{attr!r}") from None
+                          f"{attr!r}{did_you_mean(attr, names)}") from None
     return value
+
+
+def _nearby_module(name: str) -> str:
+    """'; did you mean 'mymodels'?' among the current directory's modules."""
+    import pkgutil
+
+    from diagql.suggest import did_you_mean
+
+    return did_you_mean(name, [m.name for m in pkgutil.iter_modules([os.getcwd()])])
 
 
 def _call(value, spec: str, what: str):
@@ -40,7 +56,8 @@ def _call(value, spec: str, what: str):
         try:
             return value()
         except Exception as exc:  # noqa: BLE001 - user code
-            raise DiagQLError(f"--{what} {spec!r} raised {type(exc).__name__}: {exc}") from None
+            raise DiagQLError(f"--{what} {spec!r} raised {type(exc).__name__}: {exc} "
+                              f"(--debug shows where)") from exc
     return value
 
 
