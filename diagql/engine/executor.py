@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -258,6 +259,9 @@ class Runner:
             np.setdiff1d(plan.items, np.concatenate(held), assume_unique=True)
         return cached, fresh
 
+    def _warm(self) -> None:
+        _warm_model(self)
+
     def answer_many(self, plans: list[Plan]) -> list:
         """Answer several plans (a script's consecutive queries) with one forward pass over the
         union of their items: a Result, or the ExecutionError of its own, for each plan.
@@ -330,6 +334,8 @@ class Runner:
     def answer(self, plan: Plan) -> Result:
         """Run the plan (and its baseline) and assemble the Result with metrics and timings."""
         require_matches(plan)
+        if plan.baseline is not None:
+            self._warm()
         query = plan.query
         started = time.perf_counter()
         label = "sampled items" if plan.approximate else "items"
@@ -346,6 +352,22 @@ class Runner:
         # Building the Result: ranking, labels, the accuracy estimate ("estimate", within it).
         result.timings["answer"] = time.perf_counter() - started
         return result
+
+
+_WARM: "weakref.WeakSet" = weakref.WeakSet()  # models that ran a forward pass in this process
+
+
+def _warm_model(runner: Runner) -> None:
+    """One item through the model, untimed, before a timed comparison: a process's first
+    forward pass pays its kernels' set-up (0.9 s for the demo's convolutions), which charged
+    to the exact side had made a sample look 130x faster (docs/ARCHITECTURE.md, "Plan and
+    execute")."""
+    if runner.engine is not None or runner.model in _WARM:
+        return
+    _WARM.add(runner.model)
+    for _, x, _ in runner.source.batches(np.arange(1), 1):
+        with evaluation(runner.model), contextlib.suppress(Exception):
+            call_model(runner.model, to_device(x, runner.device, runner.dtype))
 
 
 def run_together(passes: list[tuple[Runner, list]], description: str,
