@@ -114,6 +114,11 @@ class NoMatchError(ExecutionError):
     checkpoint's cells blank and answers the others)."""
 
 
+class ItemsElsewhere(ExecutionError):
+    """An item that this process does not hold (a Ray Dataset's, read on the workers): what
+    only shows items (TOPK k INPUTS's previews) goes without them."""
+
+
 class WeightsError(DiagQLError):
     """Saved weights that cannot be read or do not fit the model (for a checkpoint: ACROSS
     CHECKPOINTS leaves its cells blank and answers the others)."""

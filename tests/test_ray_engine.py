@@ -104,7 +104,9 @@ def test_a_ray_dataset_is_read_by_the_workers_shard_by_shard(world):
     pytest.importorskip("pyarrow", reason="Ray Data needs pyarrow: pip install 'diagql[ray]'")
     world.conn.engine.close()
     rows = [{"x": x, "y": int(label)} for x, label in zip(world.X.numpy(), world.y.numpy())]
-    dataset = ray.data.from_items(rows, override_num_blocks=5)
+    # A first block of 2 rows: the catalog's probe had failed on its third item.
+    dataset = ray.data.from_items(rows[:2]).union(
+        ray.data.from_items(rows[2:], override_num_blocks=4))
     conn = diagql.connect(world.conn.model, dataset, batch_size=BATCH, cache_dir=False,
                           engine="ray", ray_workers=1, progress=False)
     assert len(conn.source) == len(world.X)
@@ -112,6 +114,9 @@ def test_a_ray_dataset_is_read_by_the_workers_shard_by_shard(world):
         assert np.array_equal(getattr(conn.profile, field), getattr(world.local.profile, field))
     statement = "TOPK 5 NEURONS IN net.6 WHERE incorrect USING SAMPLE random(0.2) WITH BASELINE"
     same(conn.query(statement), world.local.query(statement))
+    # Top inputs had failed on their previews, read on the driver, which holds 3 rows.
+    top = conn.query("TOPK 4 INPUTS FOR net.6[3]")
+    assert top.items.tolist() == world.local.query("TOPK 4 INPUTS FOR net.6[3]").items.tolist()
     conn.engine.close()
     with pytest.raises(DiagQLError, match="Ray Dataset is read by Ray's workers"):
         diagql.connect(world.conn.model, dataset)

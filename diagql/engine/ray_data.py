@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from diagql.errors import DiagQLError, ExecutionError
+from diagql.errors import DiagQLError, ItemsElsewhere
 from diagql.model.data import ItemSource
 
 HEAD = 3  # rows the driver keeps: the catalog probes batches of 1, 2 and 3 items
@@ -53,11 +53,19 @@ class DatasetBlocks:
                 next(iter(block.values())) if isinstance(block, dict) else block))
             counts = ray.get([rows.remote(ref) for ref in self.refs])
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        self.first = None
-        if self.refs:
-            # Copies: the object store's arrays are read-only, which torch warns about.
-            self.first = {k: np.array(v[:HEAD]) for k, v in
-                          _columns(ray.get(self.refs[0])).items()}
+        # The first HEAD rows, from as many blocks as hold them (a first block may hold
+        # fewer). Copies: the object store's arrays are read-only, which torch warns about.
+        parts, held = [], 0
+        for ref in self.refs:
+            block = _columns(ray.get(ref))
+            rows = len(next(iter(block.values()))) if block else 0
+            if rows:
+                parts.append({k: np.array(v[:HEAD - held]) for k, v in block.items()})
+                held += min(rows, HEAD - held)
+            if held >= HEAD:
+                break
+        self.first = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]} \
+            if parts else None
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -89,8 +97,8 @@ class DatasetHead:
 
     def __getitem__(self, i: int) -> dict:
         held = 0 if self.columns is None else len(next(iter(self.columns.values())))
-        if not 0 <= i < held:  # never asked: the driver runs no pass over items
-            raise ExecutionError(f"item {i} of a Ray Dataset is read on the Ray workers, not "
+        if not 0 <= i < held:  # the driver runs no pass over items
+            raise ItemsElsewhere(f"item {i} of a Ray Dataset is read on the Ray workers, not "
                                  f"on the driver")
         return {key: value[i] for key, value in self.columns.items()}
 

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from diagql.errors import ItemsElsewhere
+
 MAX_TOKENS = 64  # tokens shown per item
 
 
@@ -25,9 +27,12 @@ def previews(source, items: np.ndarray, tokenizer=None) -> tuple:
     if len(items) == 0:
         return ()
     order = np.argsort(items, kind="stable")
-    for idx, x, _ in source.batches(items[order], len(items)):
-        for j in range(len(idx)):
-            shown[order[j]] = _preview(x, j, tokenizer)
+    try:
+        for idx, x, _ in source.batches(items[order], len(items)):
+            for j in range(len(idx)):
+                shown[order[j]] = _preview(x, j, tokenizer)
+    except ItemsElsewhere:  # a Ray Dataset's items live on the workers: nothing to show
+        return tuple([None] * len(items))
     return tuple(shown)
 
 

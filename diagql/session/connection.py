@@ -148,7 +148,7 @@ class Connection:
                  ray_address: str | None = None, ray_workers: int | None = None, scores=None,
                  classes=None):
         self.engine = None  # a RayEngine, or None: passes run in this process
-        given, self.class_names = data, given_names(classes)  # WHERE class = 'cat' reads them
+        self.class_names = given_names(classes)  # WHERE class = 'cat' reads them
         if model is not None:
             if engine == "ray" and checkpoints is not None:
                 # Checkpoints take turns in one copy of the model, on the driver
@@ -190,8 +190,8 @@ class Connection:
             # The final model last: ACROSS CHECKPOINTS answers in training order.
             self.models[FINAL] = self.models.pop(FINAL)
             self.settings.model = FINAL
-        if self.class_names is None:
-            self.class_names = found_names(given, label_key,
+        if self.class_names is None:  # the data as built (a factory's), else the models'
+            self.class_names = found_names(data, label_key,
                                            [e.architecture() for e in self.models.values()])
 
     def _add(self, name: str, module, device, latent) -> None:
