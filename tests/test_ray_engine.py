@@ -116,7 +116,8 @@ def test_a_ray_dataset_is_read_by_the_workers_shard_by_shard(world):
     same(conn.query(statement), world.local.query(statement))
     # Top inputs had failed on their previews, read on the driver, which holds 3 rows.
     top = conn.query("TOPK 4 INPUTS FOR net.6[3]")
-    assert top.items.tolist() == world.local.query("TOPK 4 INPUTS FOR net.6[3]").items.tolist()
+    scores = activations(world.model, world.X, "net.6")[:, 3]
+    assert top.items.tolist() == np.lexsort((np.arange(len(scores)), -scores))[:4].tolist()
     conn.engine.close()
     with pytest.raises(DiagQLError, match="Ray Dataset is read by Ray's workers"):
         diagql.connect(world.conn.model, dataset)
@@ -396,6 +397,27 @@ def test_a_model_a_worker_cannot_build_is_one_error_not_a_retried_death(world):
     with pytest.raises(DiagQLError, match="building the model and the data on a Ray worker "
                                           "failed: FileNotFoundError: no weights on this node"):
         conn.query("AVG NEURONS IN 6")
+    assert conn.engine.retried == 0
+    conn.engine.close()
+
+
+def test_a_model_whose_module_the_workers_cannot_import_is_one_error(world, tmp_path,
+                                                                    monkeypatch):
+    """Its class's module is on the driver's path only (the usual mistake on a cluster): it
+    had been retried as 4 deaths, the cause (ModuleNotFoundError) nowhere in the message."""
+    world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
+    (tmp_path / "driver_only_models.py").write_text(
+        "import torch\n\nclass Net(torch.nn.Sequential):\n    def __init__(self):\n"
+        "        super().__init__(torch.nn.Flatten(), torch.nn.Linear(64, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import driver_only_models
+
+    conn = diagql.connect(driver_only_models.Net(), (world.X, world.y), engine="ray",
+                          ray_workers=1, cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="a Ray worker could not be started: "
+                                          "ModuleNotFoundError: No module named "
+                                          "'driver_only_models'"):
+        conn.query("AVG NEURONS IN 1")
     assert conn.engine.retried == 0
     conn.engine.close()
 

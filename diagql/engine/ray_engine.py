@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import gc
 import os
+import re
 import time
 
 import numpy as np
@@ -344,6 +345,10 @@ class RayEngine:
                             self.traffic["results"] += len(value)
                             value = cloudpickle.loads(value)
                         except (RayActorError, WorkerCrashedError) as exc:
+                            if getattr(exc, "actor_init_failed", False):
+                                # Not a death: the worker cannot be made (the model's module
+                                # is not importable there); a new one would fail alike.
+                                raise ExecutionError(_init_failure(exc)) from None
                             attempts[s] += 1
                             self.retried += 1
                             if attempts[s] > RETRIES:
@@ -411,6 +416,17 @@ class ModelEngine:
 
     def device_type(self) -> str:
         return self.cluster.device_type()
+
+
+def _init_failure(exc: BaseException) -> str:
+    """What made a worker fail to start, from Ray's report (its last 'SomethingError: ...'
+    line, without terminal colours), and what to do about it."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    causes = re.findall(r"^\s*(\w+(?:Error|Exception): .+)$", text, flags=re.M)
+    cause = causes[-1].strip() if causes else _first_line(exc)
+    return (f"a Ray worker could not be started: {cause}; the workers must import the model's "
+            f"and the data's code: put their module on every node's path (Ray's runtime_env "
+            f"py_modules or working_dir), or connect factories that build them there")
 
 
 def _first_line(exc: BaseException) -> str:
