@@ -451,6 +451,14 @@ def test_similarity_across_two_models_runs_both_on_every_worker(world):
         conn.engine.close()
 
 
+def test_an_address_the_running_ray_is_not_is_warned_of(cluster):
+    """It was ignored without a word: the process's Ray instance answered instead."""
+    from diagql.engine.ray_engine import start_ray
+
+    with pytest.warns(diagql.DiagQLWarning, match="ray_address '10.255.255.1:6379' is ignored"):
+        start_ray("10.255.255.1:6379")
+
+
 def test_engine_options_are_checked():
     with pytest.raises(DiagQLError, match="unknown engine 'rya'.*did you mean 'ray'"):
         diagql.connect(models.build_cnn(), models.digits(), engine="rya")

@@ -152,6 +152,17 @@ def start_ray(address: str | None):
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise DiagQLError(f"cannot start Ray at {address or 'a local instance'}: "
                               f"{exc}") from None
+    elif address is not None:
+        # One Ray per process: the instance it already runs answers, not the one named.
+        import warnings
+
+        from diagql.errors import DiagQLWarning
+
+        running = getattr(ray.get_runtime_context(), "gcs_address", None) or "another instance"
+        if address not in (running, "auto"):
+            warnings.warn(f"ray_address {address!r} is ignored: this process is connected to "
+                          f"Ray already ({running}); call ray.shutdown() first to use another "
+                          f"cluster", DiagQLWarning, stacklevel=4)
     return ray
 
 
