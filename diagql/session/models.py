@@ -22,6 +22,11 @@ from diagql.storage.activations import ActivationStore
 from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint
 
 
+# The warnings ModelEntry.naming said again, by (text, category, line): the filters' "once
+# per place" holds for them as it would have for the first telling.
+_RETOLD: dict = {}
+
+
 class ModelEntry:
     """What statements about one model read. Handlers take it where they took the connection:
     ``model``, ``source``, ``catalog``, ``profile``, ``artifacts``, ``activations``,
@@ -162,7 +167,7 @@ class ModelEntry:
                         not text.startswith("model "):
                     text = f"model {self.name!r}: {text}"
                 warnings.warn_explicit(text, warning.category, warning.filename,
-                                       warning.lineno)
+                                       warning.lineno, registry=_RETOLD)
 
     def require_model(self) -> None:
         pass  # an entry always has its model
