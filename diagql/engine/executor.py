@@ -259,9 +259,6 @@ class Runner:
             np.setdiff1d(plan.items, np.concatenate(held), assume_unique=True)
         return cached, fresh
 
-    def _warm(self) -> None:
-        _warm_model(self)
-
     def answer_many(self, plans: list[Plan]) -> list:
         """Answer several plans (a script's consecutive queries) with one forward pass over the
         union of their items: a Result, or the ExecutionError of its own, for each plan.
@@ -335,7 +332,7 @@ class Runner:
         """Run the plan (and its baseline) and assemble the Result with metrics and timings."""
         require_matches(plan)
         if plan.baseline is not None:
-            self._warm()
+            _warm_model(self)
         query = plan.query
         started = time.perf_counter()
         label = "sampled items" if plan.approximate else "items"
