@@ -44,7 +44,7 @@ def test_a_query_answered_from_the_cache_imports_no_scipy(tmp_path):
     code = ("import sys\nfrom diagql.shell.cli import main\n"
             f"code = main(['--demo', '-e', {query!r}])\n"
             "assert code in (0, None), code\n"
-            "print('scipy' in sys.modules)\n")
+            "print('torch._dynamo' in sys.modules, 'scipy' in sys.modules)\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DIAGQL_CACHE_DIR": str(tmp_path)}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            cwd=ROOT, env=env, timeout=300) for _ in range(2)]
@@ -53,6 +53,8 @@ def test_a_query_answered_from_the_cache_imports_no_scipy(tmp_path):
         assert "conv2[" in done.stdout
     assert runs[0].stdout.strip().endswith("True")  # the first drew and fitted: it did use it
     assert runs[1].stdout.strip().endswith("False"), runs[1].stdout
+    # Nor torch._dynamo (a second to import): the eager stance is for compiled models only.
+    assert all(done.stdout.strip().split()[-2] == "False" for done in runs), runs[0].stdout
 
 
 def test_query_on_a_user_model_prints_a_table():

@@ -97,17 +97,21 @@ def evaluation(model: nn.Module) -> Iterator[None]:
         for module in model.modules():
             module.training = False
     try:
-        with torch.inference_mode(), _eager():
+        with torch.inference_mode(), _eager(model):
             yield
     finally:
         for module, flag in flags:
             module.training = flag
 
 
-def _eager():
-    """Compiled functions run their eager code (torch ≥ 2.6; before it, nothing changes)."""
+def _eager(model: nn.Module):
+    """Compiled parts run their eager code (torch ≥ 2.6; before it, nothing changes). Only
+    for a model that has some: the stance imports torch._dynamo, a second of every new
+    process's first pass otherwise."""
     stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else contextlib.nullcontext()
+    compiled = any(type(m).__name__ == "OptimizedModule" or
+                   getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
+    return stance("force_eager") if stance is not None and compiled else contextlib.nullcontext()
 
 
 def scope(name: str) -> list[str]:
