@@ -224,6 +224,20 @@ def test_a_checkpoint_path_that_is_not_a_file_is_refused_at_connect(trained, dat
         diagql.connect(model, data, checkpoints=[str(tmp_path / "nope.pt")], cache_dir=False)
 
 
+def test_plot_on_the_command_line_draws_an_across_checkpoints_answer(trained, data, tmp_path):
+    """--plot skipped ACROSS CHECKPOINTS answers ('no statement made a figure')."""
+    from tests.cli_in_process import diagql as diagql_cli
+
+    _, paths, _ = trained
+    target = tmp_path / "curves.png"
+    done = diagql_cli("--model", "tests.models:build_mlp", "--data", "tests.models:digits",
+                      "--checkpoint", f"e1={paths['epoch1']}", "--checkpoint",
+                      f"e2={paths['epoch2']}", "--plot", str(target), "-e",
+                      "SIMILARITY encoder.3 ACROSS CHECKPOINTS")
+    assert done.returncode == 0, done.stderr
+    assert target.stat().st_size > 0 and f"plot written to {target}" in done.stdout
+
+
 def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
         trained, tmp_path, capsys):
     """--model NAME=SPEC twice with --weights NAME=PATH, then --checkpoint with a glob (files

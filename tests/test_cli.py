@@ -224,7 +224,8 @@ def test_plot_that_nothing_draws_says_so(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not target.exists()
     assert (f"--plot: nothing was written to {target}: no statement made a figure (EVALUATE "
-            f"SAMPLERS, SIMILARITY and TOPK k INPUTS do)") in " ".join(done.stderr.split())
+            f"SAMPLERS, SIMILARITY, TOPK k INPUTS and ACROSS CHECKPOINTS do)") in \
+        " ".join(done.stderr.split())
 
 
 def test_ray_options_need_the_ray_engine():

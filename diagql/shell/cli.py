@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the output format (default {defaults.format}); json prints one "
                              f"object per statement")
     output.add_argument("--plot", metavar="FILE",
-                        help="draw each EVALUATE SAMPLERS and SIMILARITY result, and each TOPK k "
-                             "INPUTS answer's items as thumbnails, to FILE (.png, .pdf, .svg; the "
-                             "second to FILE-2.png, ...); needs matplotlib")
+                        help="draw each EVALUATE SAMPLERS and SIMILARITY result, each TOPK k "
+                             "INPUTS answer's items as thumbnails and each ACROSS CHECKPOINTS "
+                             "answer's curves, to FILE (.png, .pdf, .svg; the second to "
+                             "FILE-2.png, ...); needs matplotlib")
     output.add_argument("--keep-going", action="store_true",
                         help="run the remaining statements after one fails (exit status is still 1)")
     output.add_argument("--no-progress", action="store_true", help="never draw progress bars")
@@ -216,7 +217,7 @@ def _run(args, out, err) -> int:
                 if not args.keep_going:
                     return EXIT_FAILED
                 continue
-            if args.plot and (outcome.kind in ("evaluation", "similarity")
+            if args.plot and (outcome.kind in ("evaluation", "similarity", "across")
                               or outcome.ranked is not None):
                 plots += 1
                 try:
@@ -227,7 +228,8 @@ def _run(args, out, err) -> int:
             print_result(out, outcome, conn.settings)
     if args.plot and not plots:  # not a word otherwise: the user asked for a file
         err.print(f"--plot: nothing was written to {args.plot}: no statement made a figure "
-                  f"(EVALUATE SAMPLERS, SIMILARITY and TOPK k INPUTS do)", markup=False,
+                  f"(EVALUATE SAMPLERS, SIMILARITY, TOPK k INPUTS and ACROSS CHECKPOINTS "
+                  f"do)", markup=False,
                   highlight=False, soft_wrap=True)
     return EXIT_FAILED if failed else EXIT_OK
 
