@@ -50,5 +50,6 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]:
         return bound, (f"AUTO chose exact: the {sampler.spec()} sample holds {held:,} of the "
                        f"{n_match:,} matching items, so exact costs about as much")
     return dataclasses.replace(bound, sampler=sampler), (
-        f"AUTO chose a sample: {n_match:,} matching items, of which the {sampler.spec()} sample "
-        f"holds {held:,} ({n_match / max(held, 1):.0f}× fewer to run)")
+        f"AUTO chose a sample: the data has {n_match:,} matching items, and the "
+        f"{sampler.spec()} sample holds {held:,} of them ({n_match / max(held, 1):.0f}× fewer "
+        f"to run)")
