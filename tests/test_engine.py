@@ -492,3 +492,34 @@ def test_a_timed_comparison_runs_one_untimed_item_first():
     sizes.clear()
     conn.query("AVG NEURONS IN 1 USING SAMPLE random(0.5) WITH BASELINE")
     assert 1 not in sizes  # once per model and process
+
+
+def test_rows_a_pass_gave_before_ctrl_c_are_kept(world):
+    """A sample query cancelled half way had kept nothing: rerun, it sent every item through
+    the model again. The rows of the batches that came are kept; the rerun reads them back
+    and answers as plain torch."""
+    model, X, y, conn = world
+    conn.execute("SET batch_size = 128")
+    conn.profile, conn.catalog  # noqa: B018 - their passes before the interrupting hook
+    seen, stop = [], [3]
+
+    def interrupt(module, args):
+        seen.append(len(args[0]))
+        if len(seen) == stop[0]:
+            raise KeyboardInterrupt
+
+    handle = model.register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            conn.query("AVG NEURONS IN 3 USING SAMPLE random(0.5)")
+        before = sum(seen[:-1])  # the batches that completed
+        seen.clear()
+        stop[0] = -1
+        result = conn.query("AVG NEURONS IN 3 USING SAMPLE random(0.5)")
+    finally:
+        handle.remove()
+    items = conn.sample("random(0.5)")
+    assert sum(seen) == len(items) - before  # only the items the cancelled pass lacked
+    with torch.no_grad():
+        want = model[:4](X[items]).flatten(1).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)

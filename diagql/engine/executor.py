@@ -23,9 +23,7 @@ from diagql.model.hooks import Hooks, StopForward, evaluation
 from diagql.model.views import ModuleCall, View
 from diagql.results.result import Result
 
-# Items counted by their winners at a time (Reducer.take_winners): their covariate rows, 74
-# float64 columns for a block, take about 5 MB.
-_WINNER_RUN = 8192
+_WINNER_RUN = 8192  # items counted by winners at a time: 74 float64 covariates, ~5 MB
 
 
 class Reducer:
@@ -225,9 +223,12 @@ class Runner:
         collectors = []
         if len(fresh.wanted) and store.fits(view, plan.items):
             collectors.append(Collector(view, fresh.wanted, store.dtype))
-        per_item = self.run([fresh, *collectors], description)
-        for collector in collectors:
-            store.add_chunks(collector.view, collector.chunks, per_item)
+        per_item = None
+        try:
+            per_item = self.run([fresh, *collectors], description)
+        finally:  # rows that came before a Ctrl-C are kept too: a rerun reads them back
+            for collector in collectors:
+                store.add_chunks(collector.view, collector.chunks, per_item)
         reducer = cached.merge(fresh)
         reducer.check()
         states = reducer.states
