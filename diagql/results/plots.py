@@ -58,13 +58,8 @@ def _refusal(message: str, span) -> BindError:
 
 
 def write_plot(result, path: str) -> None:
-    """Draw the evaluation or similarity ``result`` (or a TOPK k INPUTS answer's items, or an
-    ACROSS CHECKPOINTS answer's curves) and save it to ``path`` (the format from its suffix)."""
-    if result.kind == "across":
-        from diagql.results.across import write_curves
-
-        write_curves(result, path)
-        return
+    """Draw the evaluation or similarity ``result`` (or a TOPK k INPUTS answer's items) and
+    save it to ``path`` (the format from its suffix)."""
     figure = draw_inputs(result) if result.ranked is not None else draw(result)
     try:
         figure.savefig(path, dpi=85)  # small files: a docs figure stays under 200 KB

@@ -238,12 +238,13 @@ def _plot(result, path: str, number: int) -> None:
     """--plot: the first plotted result to PATH, the n-th to PATH's stem + "-n" + suffix."""
     from pathlib import Path
 
+    from diagql.results.across import write_curves
     from diagql.results.plots import write_plot
 
     if number > 1:
         target = Path(path)
         path = str(target.with_name(f"{target.stem}-{number}{target.suffix}"))
-    write_plot(result, path)
+    (write_curves if result.kind == "across" else write_plot)(result, path)
     result.notes.append(f"plot written to {path}")
 
 
