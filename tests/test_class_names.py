@@ -116,6 +116,9 @@ def test_names_are_found_on_the_data_and_on_the_model(world):
         assert db.class_names == NAMES
         result = db.query(f"AVG NEURONS IN {layer} WHERE class = 'bee'")
         np.testing.assert_allclose(result.values, hidden[mask].mean(axis=0), rtol=1e-6)
-    # The default names of a config (LABEL_0, ...) name nothing.
+    # The default names of a config (LABEL_0, ...) name nothing; nor keys that are not
+    # class indices (connect had raised on them).
     plain = _Configured(model, {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"})
     assert diagql.connect(plain, (X, y), cache_dir=False, progress=False).class_names is None
+    odd = _Configured(model, {"a": "ant", "b": "bee"})
+    assert diagql.connect(odd, (X, y), cache_dir=False, progress=False).class_names is None

@@ -51,8 +51,10 @@ def found_names(data, label_key: str | None, models: Sequence) -> list[str] | No
             return list(names)
     for model in models:
         labels = getattr(getattr(model, "config", None), "id2label", None)
-        if isinstance(labels, Mapping) and labels and \
-                sorted(int(k) for k in labels) == list(range(len(labels))):
+        if not isinstance(labels, Mapping) or not labels or \
+                not all(str(k).isdigit() for k in labels):
+            continue
+        if sorted(int(k) for k in labels) == list(range(len(labels))):
             names = [str(labels[k]) for k in sorted(labels, key=int)]
             if not all(re.fullmatch(r"LABEL_\d+", name) for name in names):
                 return names
