@@ -74,7 +74,10 @@ def test_mistakes_with_names_are_located_and_suggested(world):
     bare = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     with pytest.raises(BindError, match="the classes have no names here"):
         bare.query("AVG NEURONS IN 1 WHERE class = 'bee'")
-    for wrong in ("ant,bee", ["ant", "ant", "cat"], {1: "bee"}):
+    np.testing.assert_array_equal(  # an array of names (LabelEncoder().classes_) is taken
+        diagql.connect(model, (X, y), classes=np.array(NAMES), cache_dir=False,
+                       progress=False).class_names, NAMES)
+    for wrong in ("ant,bee", ["ant", "ant", "cat"], {1: "bee"}, []):
         with pytest.raises(DiagQLError, match="classes="):
             diagql.connect(model, (X, y), classes=wrong, cache_dir=False, progress=False)
 
@@ -108,9 +111,12 @@ class _Configured(nn.Module):
 def test_names_are_found_on_the_data_and_on_the_model(world):
     X, y, model, hidden, _ = world
     mask = y.numpy() == 1
+    loader_of_subset = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(_Named(X, y), list(range(len(y)))), batch_size=8)
     for data, net, layer in (
             (_Named(X, y), model, "1"),
             (torch.utils.data.DataLoader(_Named(X, y), batch_size=8), model, "1"),
+            (loader_of_subset, model, "1"),
             ((X, y), _Configured(model, {0: "ant", 1: "bee", 2: "cat"}), "inner.1")):
         db = diagql.connect(net, data, cache_dir=False, progress=False)
         assert db.class_names == NAMES

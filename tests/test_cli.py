@@ -263,6 +263,8 @@ def test_classes_name_the_classes_on_the_command_line():
     assert by_name["values"] == by_index["values"]
     done = diagql(*MODEL, "--classes", "a,,b", "-e", "SHOW MODELS")
     assert done.returncode == 2 and "has an empty class name" in done.stderr
+    done = diagql(*MODEL, "--classes", "a,a", "-e", "SHOW MODELS")
+    assert done.returncode == 2 and "'a,a' names two classes 'a'" in done.stderr
 
 
 def test_a_piped_table_is_as_wide_as_it_needs_never_cut():

@@ -17,6 +17,8 @@ def given_names(classes) -> list[str] | None:
     """``connect(..., classes=)``: names in class order, or a mapping of indices to names."""
     if classes is None:
         return None
+    if hasattr(classes, "tolist") and not isinstance(classes, Mapping):  # an array of names
+        classes = classes.tolist()
     if isinstance(classes, Mapping):
         if not all(isinstance(k, int) and k >= 0 for k in classes) or \
                 sorted(classes) != list(range(len(classes))):
@@ -26,6 +28,8 @@ def given_names(classes) -> list[str] | None:
         raise DiagQLError(f"classes= takes the class names in class order, not "
                           f"{type(classes).__name__}")
     names = [str(name) for name in classes]
+    if not names:
+        raise DiagQLError("classes= names no class")
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise DiagQLError(f"classes= names two classes {twice[0]!r}")
@@ -35,11 +39,13 @@ def given_names(classes) -> list[str] | None:
 def found_names(data, label_key: str | None, models: Sequence) -> list[str] | None:
     """The class names the data or a model carries: a Hugging Face dataset's ClassLabel feature
     on its label column, a ``classes`` list (torchvision's datasets: ImageFolder, CIFAR10, ...)
-    on the data or the dataset under a DataLoader or Subset, else the first model's
+    on the data or the datasets under it (a DataLoader, a Subset), else the first model's
     ``config.id2label`` that is not the default LABEL_0, LABEL_1, ..."""
-    for holder in (data, getattr(data, "dataset", None)):
-        if holder is None:
-            continue
+    holders, holder = [], data
+    while holder is not None and len(holders) < 4:  # DataLoader(Subset(dataset)), ...
+        holders.append(holder)
+        holder = getattr(holder, "dataset", None)
+    for holder in holders:
         features = getattr(holder, "features", None)
         if isinstance(features, Mapping):
             for key in ([label_key] if label_key else list(LABEL_KEYS)):
