@@ -202,3 +202,32 @@ def test_targets_must_fit_the_aggregate(world):
             conn.query(text)
     with pytest.raises(ParseError, match="positive number of seconds"):
         conn.query("AVG NEURONS IN 3 WITHIN 0 SECONDS")
+
+
+def test_the_exact_answers_cost_is_extrapolated_from_two_rounds():
+    """The profile's seconds per item (latents and projections too) had made exact look 15x
+    dearer than it was on a fast model, so growth went on for rounds that each cost more than
+    the exact answer; two rounds' passes give the time an added item costs."""
+    from diagql.session.growth import exact_seconds
+
+    assert exact_seconds([(100, 0.5)], 10_000) == float("inf")  # one round says nothing
+    # 0.1 s + 1 ms an item: 0.3 s for 200 items, 0.5 s for 400, 10.1 s for 10,000.
+    assert exact_seconds([(200, 0.3), (400, 0.5)], 10_000) == pytest.approx(10.1)
+    # A second round no slower than the first: a pass costs what the last did.
+    assert exact_seconds([(200, 0.3), (400, 0.25)], 10_000) == pytest.approx(0.25)
+    assert exact_seconds([(200, 0.3), (200, 0.3)], 10_000) == pytest.approx(0.3)
+
+
+def test_growth_on_a_fast_model_stops_within_a_few_rounds():
+    """A tiny MLP over 20,000 items and a target no sample meets: it had grown 5 rounds and
+    2 s where the exact answer took 0.04 s; it stops once a round has cost what exact will."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(20_000, 4), torch.randint(0, 3, (20_000,))
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    result = conn.query("AVG NEURONS IN 1 USING SAMPLE random(200) UNTIL width <= 0.0000001")
+    growth = result.provenance.growth
+    assert growth.stop == "exact cheaper" and len(growth.sizes) <= 3, growth.sizes
+    with torch.no_grad():
+        want = model[:2](X).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
