@@ -55,6 +55,10 @@ def test_grouped_answers_and_the_profile_show_the_names(world):
                         cache_dir=False, progress=False)
     text = str(db.query("AVG NEURONS IN 1 GROUP BY class"))
     assert "0 ant" in text and "2 cat" in text
+    text = str(db.query("SIMILARITY 0, 2 GROUP BY predicted"))
+    assert any(f"{i} {name}" in text for i, name in enumerate(NAMES))
+    inputs = db.query("TOPK 3 INPUTS FOR 1[0] WHERE class = 'bee'")
+    assert str(inputs).count("1 bee") >= 3  # each row's label, as a name too
     profile = db.query("SHOW PROFILE")
     assert profile.columns[:2] == ["class", "name"]
     assert [row[1] for row in profile.rows] == NAMES

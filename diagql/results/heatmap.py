@@ -9,6 +9,8 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from diagql.results.formats import group_label
+
 _SHADES = " ░▒▓█"
 _SPEEDUP_SHOWN_FROM = 0.05  # seconds of the exact pass, as for queries
 
@@ -59,7 +61,8 @@ def _pair_table(result, sections) -> Table:
         table.add_column("exact", justify="right")
         table.add_column("|error|", justify="right")
     for key, part in sections:
-        cells = [str(key)] if result.groups is not None else []
+        cells = [group_label(key, _group_by(result), result.class_names)] \
+            if result.groups is not None else []
         cells.append(f"{part.n_items:,}")
         if part.value is None:
             cells.append("—" if part.n_items else "no matching items")

@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from diagql.results.formats import MAX_ROWS
+from diagql.results.formats import MAX_ROWS, group_label
 
 # Importing this module loads neither numpy nor the metrics (they load with the first result),
 # so that rendering the REPL's first lines waits for nothing.
@@ -141,7 +141,8 @@ def _inputs(result, max_rows: int, echo: bool) -> Group:
                          result.ranked is None or result.ranked.largest)
     for r, length in zip(records[:max_rows], lengths):
         cells = [str(r["rank"]), str(r["item"]), _number(r["value"]), _bar(length, 1.0),
-                 "" if r["label"] is None else str(r["label"]), str(r["predicted"]),
+                 group_label(r["label"], "class", result.class_names),
+                 group_label(r["predicted"], "predicted", result.class_names),
                  f"{r['confidence']:.3f}"]
         table.add_row(*cells, *([r.get("tokens", "")] if tokens else []))
     if len(records) > max_rows:
@@ -199,12 +200,11 @@ def _query_table(result, max_rows: int) -> Table:
         if result.kind == "topk":
             table.add_column("in exact top-k", justify="center")
     sections = list(groups.items()) if groups is not None else [(None, result)]
-    names = result.class_names if group_by in ("class", "predicted") else None
     for i, (key, part) in enumerate(sections):
         if i:
             table.add_section()
-        if names is not None and isinstance(key, int) and 0 <= key < len(names):
-            key = f"{key} {names[key]}"
+        if groups is not None:
+            key = group_label(key, group_by, result.class_names)
         _add_rows(table, part, key, groups is not None, with_exact, max_rows,
                   estimate is not None)
     return table

@@ -39,6 +39,7 @@ def run_top_inputs(conn, query: ast.TopInputs) -> Result:
     source, sampling, drawn_on = sampling_source(conn, query.source)
     query = replace(query, neuron=replace(query.neuron, layer=layer), source=source)
     result = _top_inputs(entry, query, getattr(conn, "tokenizer", None), sampling, drawn_on)
+    result.class_names = conn.class_names
     return name_model(conn, result, layer.model)
 
 

@@ -211,6 +211,7 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
     for model in dict.fromkeys(ref.model for ref in plan.bound.query.layers):
         runners[model] = conn.on(model).runner(tuple(r.model for r in runners.values()))
     result = answer_similarity(conn.current.runner(), plan, runners)
+    result.class_names = conn.class_names
     result.timings.update(timings)
     record_speedup(result)
     if statement.plot is not None:
