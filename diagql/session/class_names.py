@@ -8,8 +8,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from diagql.errors import BindError, DiagQLError
+from diagql.errors import DiagQLError
 from diagql.language import ast
+from diagql.language.binder import _error
 from diagql.model.data import LABEL_KEYS
 
 
@@ -96,11 +97,11 @@ def _resolve(node, names: list[str] | None):
     if not strings:
         return node
     if isinstance(node, ast.Compare) and node.op not in ("=", "!="):
-        raise _at(BindError(f"a class name compares with =, != or IN, not {node.op}"), node)
+        raise _error(f"a class name compares with =, != or IN, not {node.op}", node.span)
     if names is None:
-        raise _at(BindError(f"{node.field} {strings[0]!r}: the classes have no names here; "
-                            f"compare class indices (class = 3), or name the classes with "
-                            f"connect(..., classes=[...]) or --classes"), node)
+        raise _error(f"{node.field} {strings[0]!r}: the classes have no names here; compare "
+                     f"class indices (class = 3), or name the classes with "
+                     f"connect(..., classes=[...]) or --classes", node.span)
     index = {name: i for i, name in enumerate(names)}
 
     def of(value):
@@ -110,8 +111,8 @@ def _resolve(node, names: list[str] | None):
             return index[value]
         from diagql.suggest import did_you_mean, name_list
 
-        raise _at(BindError(f"unknown class {value!r}{did_you_mean(value, names)}",
-                            hint=f"classes are {name_list(names)}"), node)
+        raise _error(f"unknown class {value!r}{did_you_mean(value, names)}", node.span,
+                     hint=f"classes are {name_list(names)}")
 
     if isinstance(node, ast.Compare):
         return replace(node, value=of(node.value))
@@ -136,11 +137,3 @@ def _rebuilt(pred, fix):
         else:
             done[id(node)] = fix(node)
     return done[id(pred)]
-
-
-def _at(error: BindError, node) -> BindError:
-    span = node.span
-    if span is not None:
-        error.line, error.column = span.line, span.column
-        error.end_column = span.end_column if span.end_line == span.line else None
-    return error
