@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from diagql.engine.answers import note_exact_baseline, require_matches
-from diagql.engine.estimate import COVERS_WHOLE
 from diagql.engine.cka import MIN_ITEMS, MomentState, RowState, debiased_matrix
+from diagql.engine.estimate import COVERS_WHOLE
 from diagql.engine.executor import run_together
 from diagql.engine.groups import key_order, sorted_keys
 from diagql.engine.nonfinite import NonFinite

@@ -173,9 +173,8 @@ def _summary(result) -> Text | None:
 def _notes(result) -> list[str]:
     """The Result's notes, then each group's, named by its group."""
     notes = list(result.notes)
-    group_by = result.provenance.group_by if result.provenance is not None else None
     for key, part in (result.groups or {}).items():
-        notes += [f"{group_by or 'group'} = {key}: {n}" for n in part.notes]
+        notes += [f"{_group_by(result)} = {key}: {n}" for n in part.notes]
     return notes
 
 
