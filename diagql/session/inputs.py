@@ -43,10 +43,10 @@ def run_top_inputs(conn, query: ast.TopInputs) -> Result:
     return name_model(conn, result, layer.model)
 
 
-def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling=None,
-                drawn_on: str | None = None) -> Result:
+def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
+                drawn_on: str | None) -> Result:
     """``conn``: the neuron's model; ``sampling``: the model whose profile the sample is
-    drawn on (the neuron's when None), named ``drawn_on`` in the sample's spec."""
+    drawn on, named ``drawn_on`` in the sample's spec (None: the default model)."""
     started = time.perf_counter()
     with conn.naming():
         bound = bind_inputs(query, conn.catalog, n_classes=conn.n_classes,
@@ -61,7 +61,7 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling=None,
     sample = None
     # Nothing of the data matching is said of the data, before any sample is drawn for it.
     if allowed.any() and bound.sampler is not None:
-        sample, _ = (sampling or conn).artifacts.get_sample(bound.sampler)
+        sample, _ = sampling.artifacts.get_sample(bound.sampler)
         inside = np.zeros(len(allowed), dtype=bool)
         inside[sample.indices] = True
         allowed = allowed & inside
