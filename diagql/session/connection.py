@@ -199,6 +199,12 @@ class Connection:
             what = "model" if name == DEFAULT else f"model {name!r}"
             raise DiagQLError(f"{what} must be a torch.nn.Module, not {type(module).__name__}")
         module = hookable(module, "model" if name == DEFAULT else f"model {name!r}")
+        for other in self.models.values():
+            # A pass runs each model in its own module: one given twice (or once compiled)
+            # would read one set of weights under two names.
+            if other.architecture() is module:
+                raise DiagQLError(f"models {other.name!r} and {name!r} are one module; give it "
+                                  f"once, or a copy (copy.deepcopy) to compare with")
         device = _resolve_device(device, module)
         self.models[name] = ModelEntry(self, name, module, device=device,
                                        dtype=model_dtype(module), latent=latent)
@@ -391,17 +397,7 @@ def _modules(model, checkpoints) -> dict[str, object]:
                               "of models")
         if not model:
             raise DiagQLError("the mapping of models is empty")
-        named = {check_name(name, "model"): module for name, module in model.items()}
-        seen: dict[int, str] = {}
-        for name, module in named.items():
-            # A pass runs each model in its own module: one given twice would read one set of
-            # weights under two names.
-            inner = getattr(module, "_orig_mod", module)  # a torch.compile'd one's original
-            if isinstance(inner, nn.Module) and id(inner) in seen:
-                raise DiagQLError(f"models {seen[id(inner)]!r} and {name!r} are one module; "
-                                  f"give it once, or a copy (copy.deepcopy) to compare with")
-            seen[id(inner)] = name
-        return named
+        return {check_name(name, "model"): module for name, module in model.items()}
     return {FINAL if checkpoints is not None else DEFAULT: model}
 
 
