@@ -145,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else _piped_width())
-    err = Console(stderr=True, highlight=False,
-                  width=None if sys.stderr.isatty() else _piped_width())
+    out = Console(soft_wrap=False, width=_width(sys.stdout))
+    err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
     default = warnings.showwarning
     warnings.showwarning = _one_line_warnings(err, default)
     try:
@@ -315,12 +314,12 @@ def _open(args):
     return conn
 
 
-def _piped_width() -> int:
-    """A pipe's width: $COLUMNS when set, else 120 (tables widen past it: shell/output.py)."""
+def _width(stream) -> int | None:
+    """None where rich finds the width itself (a terminal's, or $COLUMNS); a pipe without
+    $COLUMNS gets 120 (tables widen past it: shell/output.py)."""
     import os
 
-    columns = os.environ.get("COLUMNS", "")
-    return int(columns) if columns.isdigit() and int(columns) > 0 else 120
+    return None if stream.isatty() or os.environ.get("COLUMNS", "").isdigit() else 120
 
 
 def _classes_arg(text: str) -> list[str]:
