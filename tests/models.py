@@ -132,3 +132,15 @@ def trained_mlp() -> MLP:
 def trained_bn_cnn() -> nn.Sequential:
     X, y = digits()
     return train(build_bn_cnn(seed=0), X, y, epochs=2, seed=0)
+
+
+def tabular(n: int, seed: int = 8) -> tuple[torch.Tensor, torch.Tensor, nn.Sequential, np.ndarray]:
+    """A small untrained 5-6-3 ReLU classifier over ``n`` Gaussian items labelled 0, 1, 2 in
+    turn: (X, y, model, its hidden layer "1" per item in float64, by plain torch)."""
+    g = torch.Generator().manual_seed(seed)
+    X, y = torch.randn(n, 5, generator=g), torch.arange(n) % 3
+    torch.manual_seed(seed + 1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        hidden = model[1](model[0](X)).double().numpy()
+    return X, y, model, hidden

@@ -12,18 +12,15 @@ from torch import nn
 
 import diagql
 from diagql.errors import BindError, DiagQLError, ParseError
+from tests import models
 
 NAMES = ["ant", "bee", "cat"]
 
 
 @pytest.fixture(scope="module")
 def world():
-    g = torch.Generator().manual_seed(8)
-    X, y = torch.randn(90, 5, generator=g), torch.arange(90) % 3
-    torch.manual_seed(9)
-    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    X, y, model, hidden = models.tabular(90)
     with torch.no_grad():
-        hidden = model[1](model[0](X)).double().numpy()
         predicted = model(X).argmax(1).numpy()
     return X, y, model, hidden, predicted
 

@@ -6,23 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import diagql
 from diagql.errors import DiagQLError, ExecutionError
+from tests import models
 
 datasets = pytest.importorskip("datasets")
 
 
 @pytest.fixture(scope="module")
 def rows():
-    g = torch.Generator().manual_seed(3)
-    X, y = torch.randn(60, 5, generator=g), torch.arange(60) % 3
-    torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).eval()
-    with torch.no_grad():
-        hidden = model[1](model[0](X)).double().numpy()
-    return X, y, model, hidden
+    return models.tabular(60, seed=3)
 
 
 def table(X, y):
