@@ -13,6 +13,7 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset,
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data_forms import collate_items, one_row_per_item, read_batches, \
     refuse_foreign
+from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
 
 Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model input, labels)
@@ -47,13 +48,18 @@ class ItemSource:
         self._collate = None
         self._workers = 0
         self._labelled: bool | None = None  # whether the first item has a label, once read
+        # A loader's sampler's items, sorted (model/loader_items.py); None: every item.
+        self.indices: np.ndarray | None = None
         self._label_classes: list | None = None  # [label_classes()], once read
         refuse_foreign(data)
         if isinstance(data, DataLoader):
             if isinstance(data.dataset, IterableDataset):
                 raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
                                   "Dataset or a pair (X, y)")
-            self._dataset, self._workers = data.dataset, data.num_workers
+            self.indices = loader_items(data)
+            self._dataset = data.dataset if self.indices is None else \
+                Subset(data.dataset, self.indices.tolist())
+            self._workers = data.num_workers
             # A loader built with batch_size=None converts items one by one; ours batches them.
             self._collate = None if data.collate_fn is default_convert else data.collate_fn
         elif isinstance(data, IterableDataset):

@@ -104,7 +104,8 @@ class ModelEntry:
         if not memo:
             try:
                 columns = getattr(self.conn.source, "columns", lambda: None)()
-                memo.append(data_fingerprint(self.conn.data, columns))
+                memo.append(data_fingerprint(self.conn.data, columns,
+                                             getattr(self.conn.source, "indices", None)))
             except Unfingerprintable as exc:
                 memo.append(exc)
         if isinstance(memo[0], Unfingerprintable):

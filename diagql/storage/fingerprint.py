@@ -57,7 +57,8 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def data_fingerprint(data, columns: tuple[dict, object] | None = None) -> str:
+def data_fingerprint(data, columns: tuple[dict, object] | None = None,
+                     indices=None) -> str:
     """A digest of the items; raises Unfingerprintable where it cannot be exact.
 
     Exact: a pair (X, y) of tensors or arrays, a TensorDataset, and a DataLoader over a
@@ -65,7 +66,8 @@ def data_fingerprint(data, columns: tuple[dict, object] | None = None) -> str:
     does not matter); and data given as columns (a mapping of arrays, or a pair of one and
     the labels: a tokenizer's output), whose ``columns`` (ItemSource.columns: each input
     column as read, by name, and the labels, the label key chosen) are hashed. Any other
-    Dataset can change, or read files, without us knowing.
+    Dataset can change, or read files, without us knowing. ``indices``: the items of the
+    loader's dataset that its sampler yields (ItemSource.indices; None: all of them).
     """
     import torch
     from torch.utils.data import DataLoader, TensorDataset, default_collate
@@ -94,6 +96,8 @@ def data_fingerprint(data, columns: tuple[dict, object] | None = None) -> str:
                                 f"(only a pair (X, y), a TensorDataset, a DataLoader over one, "
                                 f"or columns: a mapping of arrays, alone or beside the labels)")
     digest = xxhash.xxh3_128()
+    if indices is not None:
+        _feed_array(digest, "items", np.asarray(indices, dtype=np.int64))
     for i, part in enumerate(parts):
         try:
             if isinstance(part, torch.Tensor):

@@ -1,0 +1,123 @@
+"""A DataLoader's sampler decides which items DiagQL answers over (model/loader_items.py):
+a validation split's SubsetRandomSampler, a batch sampler of its own; samplers with no fixed
+items are refused, and drop_last's dropped items are said to be read. Truth: plain torch on
+the items the loader yields."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import (DataLoader, SubsetRandomSampler, TensorDataset,
+                              WeightedRandomSampler)
+
+import diagql
+from diagql.errors import DiagQLError, DiagQLWarning
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    X, y = torch.randn(300, 10), torch.randint(0, 4, (300,))
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    return model, X, y
+
+
+def _loader_items(loader) -> list[int]:
+    return sorted(int(i) for batch in loader for i in batch[2])
+
+
+def _indexed(X, y):
+    return TensorDataset(X, y, torch.arange(len(X)))
+
+
+def _avg(db) -> np.ndarray:
+    return db.query("AVG NEURONS IN 0").values
+
+
+def _truth(model, X, items) -> np.ndarray:
+    with torch.no_grad():
+        return model[0](X[items]).double().mean(0).numpy()
+
+
+def test_a_subset_sampler_is_the_items_answered(world, tmp_path):
+    model, X, y = world
+    split = list(range(200, 300))
+    loader = DataLoader(TensorDataset(X, y), batch_size=32, sampler=SubsetRandomSampler(split))
+    db = diagql.connect(model, loader, progress=False, cache_dir=tmp_path)
+    result = db.query("AVG NEURONS IN 0")
+    assert result.n_items == 100
+    np.testing.assert_allclose(result.values, _truth(model, X, split), rtol=1e-6, atol=1e-7)
+    wrong = db.query("AVG NEURONS IN 0 WHERE incorrect")
+    with torch.no_grad():
+        predicted = model(X[split]).argmax(1)
+    assert wrong.n_items == int((predicted != y[split]).sum())
+
+
+def test_the_whole_dataset_and_its_split_do_not_share_a_cache_entry(world, tmp_path):
+    model, X, y = world
+    data = TensorDataset(X, y)
+    whole = diagql.connect(model, DataLoader(data, batch_size=50), progress=False,
+                           cache_dir=tmp_path)
+    np.testing.assert_allclose(_avg(whole), _truth(model, X, slice(None)), rtol=1e-6, atol=1e-7)
+    split = list(range(0, 300, 3))
+    part = diagql.connect(model, DataLoader(data, sampler=SubsetRandomSampler(split)),
+                          progress=False, cache_dir=tmp_path)
+    np.testing.assert_allclose(_avg(part), _truth(model, X, split), rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_sampler_of_its_own_gives_its_items(world):
+    model, X, y = world
+    batches = [[5, 1, 9], [40, 41], [299]]
+    loader = DataLoader(_indexed(X, y), batch_sampler=batches)
+    items = _loader_items(loader)
+    db = diagql.connect(model, DataLoader(TensorDataset(X, y), batch_sampler=batches),
+                        progress=False)
+    np.testing.assert_allclose(_avg(db), _truth(model, X, items), rtol=1e-6, atol=1e-7)
+
+
+def test_shuffling_reads_every_item_without_a_word(world):
+    model, X, y = world
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        db = diagql.connect(model, DataLoader(TensorDataset(X, y), batch_size=64, shuffle=True),
+                            progress=False)
+        result = db.query("AVG NEURONS IN 0")
+    assert result.n_items == 300
+
+
+def test_drop_last_is_said_and_every_item_read(world):
+    model, X, y = world
+    with pytest.warns(DiagQLWarning, match=r"drops its last 44 of 300 items.*reads all 300"):
+        db = diagql.connect(model, DataLoader(TensorDataset(X, y), batch_size=64,
+                                              drop_last=True), progress=False)
+    assert db.query("AVG NEURONS IN 0").n_items == 300
+
+
+def test_a_sampler_with_replacement_is_refused(world):
+    model, X, y = world
+    loader = DataLoader(TensorDataset(X, y), sampler=WeightedRandomSampler([1.0] * 300, 300))
+    with pytest.raises(DiagQLError, match="WeightedRandomSampler.*with replacement.*Subset"):
+        diagql.connect(model, loader, progress=False)
+
+
+def test_a_sampler_that_draws_other_items_each_time_is_refused(world):
+    model, X, y = world
+
+    class Draws(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(torch.randperm(300)[:50].tolist())
+
+        def __len__(self):
+            return 50
+
+    with pytest.raises(DiagQLError, match="yields other items each time"):
+        diagql.connect(model, DataLoader(TensorDataset(X, y), sampler=Draws()), progress=False)
+
+
+def test_a_sampler_past_the_dataset_is_refused(world):
+    model, X, y = world
+    with pytest.raises(DiagQLError, match="index 300, outside its dataset of 300 items"):
+        diagql.connect(model, DataLoader(TensorDataset(X, y), sampler=[0, 300]), progress=False)
