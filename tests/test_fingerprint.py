@@ -238,6 +238,103 @@ def test_a_class_without_source_differs():
     assert_fingerprints_differ(a, b)
 
 
+def _import_fresh(folder, name: str, files: dict):
+    """Write ``files`` (module name -> source) into ``folder`` and import ``name`` anew, as a
+    new process would after the user edited them."""
+    import importlib
+    import sys
+
+    for module, source in files.items():
+        (folder / f"{module}.py").write_text(source)
+        sys.modules.pop(module, None)
+    sys.path.insert(0, str(folder))
+    try:
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(folder))
+        for module in files:
+            sys.modules.pop(module, None)
+
+
+NET_FILE = """
+import torch
+from torch import nn
+{imports}
+
+SCALE = {scale}
+LIMIT = 6.0
+
+
+def squash(x):
+    return torch.clamp(x * SCALE, max=LIMIT)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return {body}
+"""
+
+
+@pytest.mark.parametrize("body, imports", [
+    ("squash(self.fc(x))", ""),  # a helper function in the model's file, reading a constant
+    ("self.fc(x) * SCALE", ""),  # a constant in the model's file
+    ("self.fc(x) * settings.FACTOR", "import settings"),  # another of the user's files
+    ("helpers.shift(self.fc(x))", "import helpers"),  # its function, reading its constant
+], ids=["helper", "constant", "other file's constant", "other file's helper"])
+def test_an_edit_to_what_forward_reads_in_the_users_files_differs(tmp_path, body, imports):
+    """The class's source is unchanged: only a global it reads is edited."""
+    fingerprints, answers = [], []
+    for version, scale in enumerate((2.0, 3.0)):
+        folder = tmp_path / str(version)
+        folder.mkdir()
+        module = _import_fresh(folder, "usernet", {
+            "usernet": NET_FILE.format(scale=scale, body=body, imports=imports),
+            "settings": f"FACTOR = {scale}\n",
+            "helpers": f"OFFSET = {scale}\n\ndef shift(x):\n    return x + OFFSET\n"})
+        model = module.Net()
+        fingerprints.append(model_fingerprint(model))
+        answers.append(outputs(model))
+    assert not torch.equal(*answers)
+    assert fingerprints[0] != fingerprints[1]
+
+
+def test_the_same_users_files_hash_equal_and_a_logger_does_not_stop_the_cache(tmp_path):
+    source = NET_FILE.format(scale=2.0, body="log(squash(self.fc(x)))", imports="import logging")
+    source += "\nLOGGER = logging.getLogger('usernet')\n\n\ndef log(x):\n" \
+              "    LOGGER.debug('seen')\n    return x\n"
+    digests = []
+    for version in range(2):
+        folder = tmp_path / str(version)
+        folder.mkdir()
+        digests.append(model_fingerprint(_import_fresh(folder, "usernet",
+                                                       {"usernet": source}).Net()))
+    assert digests[0] == digests[1]
+
+
+def test_an_installed_modules_class_is_hashed_by_its_file_without_parsing(monkeypatch):
+    """Finding one class's source parses its whole file: an installed package's file is
+    hashed whole instead (a tiny BERT's classes took seconds)."""
+    import inspect
+    import json.encoder
+    from pathlib import Path
+
+    import xxhash
+
+    from diagql.storage.fingerprint import source_digest
+
+    calls = []
+    monkeypatch.setattr(inspect, "getsource", lambda obj: calls.append(obj) or "")
+    want = xxhash.xxh3_128(Path(json.encoder.__file__).read_bytes()).hexdigest()
+    assert source_digest(json.encoder.JSONEncoder) == want
+    assert not calls
+
+
 # --- equal models, equal fingerprints ---------------------------------------------------------
 
 @pytest.mark.parametrize("build", [

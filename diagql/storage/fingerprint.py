@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import xxhash
 
+from diagql.storage.code_reads import globals_read, user_code, user_module, user_path
+
 
 class Unfingerprintable(Exception):
     """Some of what decides a model's outputs or a data set's items cannot be seen whole, so no
@@ -44,7 +46,9 @@ def model_fingerprint(model) -> str:
     module's attributes (``LeakyReLU.negative_slope``, a custom ``self._scale``, a config
     object, a ``functools.partial``, a function with its defaults and closure), followed
     through containers and plain objects. Torch's own classes, and their private attributes,
-    are covered by torch's version. Not covered: global state that forward() reads, hooks.
+    are covered by torch's version; and the globals that the user's own code reads (a helper
+    function, a constant: storage/code_reads.py), followed where they can be seen whole. Not
+    covered: hooks, and the globals of installed packages' code.
     """
     import torch
 
@@ -113,13 +117,30 @@ def data_fingerprint(data, columns: tuple[dict, object] | None = None,
 
 def source_digest(obj) -> str:
     """The digest of a class's or function's source, or "" when it has none (defined at the
-    prompt). Torch's own code is covered by torch's version instead (and is slow to parse)."""
+    prompt). Torch's own code is covered by torch's version instead (and is slow to parse).
+    An installed package's is its whole file's: finding one class's source parses its file
+    (a tiny BERT's 21 classes took 2-7 s), and the file changes only when the package does."""
     if _from_torch(obj):
         return ""
+    try:
+        path = inspect.getsourcefile(obj)
+    except TypeError:  # built in, or defined at a prompt
+        path = None
+    if path is not None and not user_path(path):
+        return _file_digest(path)
     try:
         return _source_digest(obj)
     except TypeError:  # unhashable callable
         return _source_digest.__wrapped__(obj)
+
+
+@functools.lru_cache(maxsize=512)
+def _file_digest(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return xxhash.xxh3_128(f.read()).hexdigest()
+    except OSError:
+        return ""
 
 
 @functools.lru_cache(maxsize=512)
@@ -172,6 +193,7 @@ class _Walk:
         self.tensor_names: dict[int, str] = {}
         self.stack: list[int] = []  # ids of the values being hashed, outermost first
         self.values = 0
+        self.globals_seen: set[tuple[int, str]] = set()  # (id of a namespace, a global's name)
 
     def modules(self, digest, root, prefix: str) -> None:
         import torch
@@ -320,6 +342,7 @@ class _Walk:
         if not _from_torch(fn):  # torch's own code: covered by torch's version
             # Code as well as source: two lambdas on one line share their source text.
             self.code(digest, name, fn.__code__)
+            self.globals_of(digest, name, fn)
         self.value(digest, f"{name}.__defaults__", fn.__defaults__)
         self.value(digest, f"{name}.__kwdefaults__", fn.__kwdefaults__)
         for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
@@ -330,6 +353,30 @@ class _Walk:
                 continue
             self.value(digest, f"{name}.<closure {var}>", contents)
         self.value(digest, f"{name}.__dict__", dict(vars(fn)))
+
+    def globals_of(self, digest, name: str, fn: types.FunctionType) -> None:
+        """The globals the user's function reads (storage/code_reads.py), each once per
+        walk. One that cannot be seen whole (a logger, a generator) is named, not hashed: it
+        must not keep the whole model from the cache."""
+        if not user_code(fn.__code__):
+            return
+        for var, value in globals_read(fn.__code__, fn.__globals__):
+            self.global_value(digest, name, fn.__globals__, var, value)
+            if isinstance(value, types.ModuleType) and user_module(value):
+                # settings.SCALE: the names the code uses, read in the user's module.
+                for attr, item in globals_read(fn.__code__, vars(value)):
+                    self.global_value(digest, name, vars(value), f"{var}.{attr}", item)
+
+    def global_value(self, digest, name: str, namespace: dict, var: str, value) -> None:
+        if (id(namespace), var) in self.globals_seen:
+            return
+        self.globals_seen.add((id(namespace), var))
+        counted = self.values
+        try:
+            _feed(digest, name, "global", var, self.digest_of(f"{name}<{var}>", value))
+        except _Opaque:
+            self.values = counted
+            _feed(digest, name, "global unseen", var)
 
     def code(self, digest, name: str, code: types.CodeType) -> None:
         # What runs, without the file name and line numbers, which move without changing it.
@@ -349,6 +396,10 @@ class _Walk:
         caller has it on the stack already."""
         source = source_digest(cls)
         _feed(digest, *([] if name is None else [name]), tag, _qualname(cls), source)
+        if source and _is_python_class(cls):  # its methods' globals: its source is not them
+            for key, item in cls.__dict__.items():
+                for fn in _functions(item):
+                    self.globals_of(digest, f"{_qualname(cls)}.{key}", fn)
         if source or not _is_python_class(cls):
             return
         name = name or _qualname(cls)
@@ -455,6 +506,16 @@ def _slot_names(cls: type) -> list[str]:
             if slot not in names:
                 names.append(slot)
     return names
+
+
+def _functions(item) -> list:
+    """The Python functions a class attribute runs: a method, a static or class method's
+    function, a property's accessors."""
+    if isinstance(item, (staticmethod, classmethod)):
+        item = item.__func__
+    if isinstance(item, property):
+        return [f for f in (item.fget, item.fset, item.fdel) if isinstance(f, types.FunctionType)]
+    return [item] if isinstance(item, types.FunctionType) else []
 
 
 def _is_python_class(cls: type) -> bool:
