@@ -228,6 +228,15 @@ def test_one_hot_labels_are_class_indices_and_other_rows_are_refused():
             connect(model, (X, labels))
 
 
+def test_a_list_of_batches_is_told_to_be_given_as_its_loader():
+    X, y = bad_models.data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=8)
+    with pytest.raises(DiagQLError, match=r"each item of the data has 8 labels beside inputs of "
+                                          r"shape \(8, .*list of batches \(list\(loader\)\), "
+                                          r"pass the DataLoader"):
+        connect(bad_models.net(), list(loader)).query("AVG NEURONS IN fc1")
+
+
 def test_data_without_labels_in_sample_and_show_profile():
     db = connect(bad_models.net(), bad_models.unlabelled())
     with pytest.raises(BindError, match="sampler 'stratified' draws by the true labels"):

@@ -7,12 +7,13 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset,
+from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, TensorDataset,
                               default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data_forms import collate_items, one_row_per_item, read_batches, \
     refuse_foreign
+from diagql.model.labels import as_labels, refuse_batches
 from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
 
@@ -74,7 +75,7 @@ class ItemSource:
         elif isinstance(data, (tuple, list)) and len(data) == 2:
             self._refuse_label_key(f"a pair (X, y) with X a {type(data[0]).__name__}")
             # (X, None) is data without labels: queries that need none still work.
-            self._pair = (_as_tensor(data[0], "X"), None if data[1] is None else _as_labels(data[1]))
+            self._pair = (_as_tensor(data[0], "X"), None if data[1] is None else as_labels(data[1]))
             if self._pair[1] is not None and len(self._pair[0]) != len(self._pair[1]):
                 raise DiagQLError(f"X has {len(self._pair[0])} items but y has "
                                   f"{len(self._pair[1])} labels")
@@ -101,6 +102,16 @@ class ItemSource:
         if self._columns is not None:
             return len(next(iter(self._columns.values())))
         return len(self._dataset)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors the items are read from where the data holds them (a pair, columns, a
+        TensorDataset, also under Subsets): what session/changes.py stamps."""
+        held = [*(self._pair or ()), *(self._columns or {}).values(), self._column_labels]
+        dataset = self._dataset
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        held += list(getattr(dataset, "tensors", ())) if isinstance(dataset, TensorDataset) else []
+        return [t for t in held if isinstance(t, torch.Tensor)]
 
     def columns(self) -> tuple[dict, object] | None:
         """A mapping's columns as read (the model's keyword inputs by name, one row per item)
@@ -201,7 +212,7 @@ class ItemSource:
                 raise DiagQLError(f"the inputs under {k!r} have {size} items but those under "
                                   f"{first!r} have {sizes[first]}")
         if labels is not None:
-            labels = _as_labels(labels)
+            labels = as_labels(labels)
             if len(labels) != sizes[first]:
                 raise DiagQLError(f"the inputs have {sizes[first]} items but there are "
                                   f"{len(labels)} labels")
@@ -226,7 +237,7 @@ class ItemSource:
         if isinstance(batch, Mapping):
             inputs = dict(batch)
             y = self._pop_labels(inputs, "the batch keys")
-            return inputs, None if y is None else _as_labels(y)
+            return inputs, None if y is None else as_labels(y)
         if isinstance(batch, (tuple, list)):
             if len(batch) > 2:
                 raise DiagQLError(f"the data's items have {len(batch)} parts; DiagQL needs "
@@ -241,9 +252,10 @@ class ItemSource:
                 elif y is None:
                     self.missing_labels = f"cannot find the labels among the input keys " \
                                           f"{_keys(x)}: {_NAME_IT}"
-                return inputs, None if y is None else _as_labels(y)
+                return inputs, None if y is None else as_labels(y)
             self._refuse_label_key(f"(x, y) items with x a {type(x).__name__}")
-            return x, None if y is None else _as_labels(y)
+            refuse_batches(x, y)
+            return x, None if y is None else as_labels(y)
         self._refuse_label_key(f"items of bare inputs, a {type(batch).__name__} each")
         return batch, None
 
@@ -322,61 +334,6 @@ def _is_text(value) -> bool:
         return value.dtype.kind in "US" or (value.dtype.kind == "O" and len(value) > 0
                                               and isinstance(value.flat[0], str))
     return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], str)
-
-
-def _as_labels(y) -> np.ndarray:
-    if isinstance(y, (list, tuple)) and len(y) == 1 and isinstance(y[0], torch.Tensor) \
-            and y[0].ndim == 1:
-        # Items whose label is a one-element list or tuple ([3]), in any form of batch: the
-        # default collate makes them a list holding one tensor of the batch's labels, which
-        # read as given had passed for one item's row of labels.
-        y = y[0]
-    if isinstance(y, torch.Tensor):
-        y = y.detach().cpu().numpy()
-    y = np.asarray(y)
-    if y.ndim == 0:
-        raise DiagQLError("the labels are a single value, not one class index per item")
-    if y.ndim != 1:
-        shape = y.shape
-        y = y.reshape(len(y), -1)
-        if y.shape[1] != 1 and _one_hot(y):
-            # Each row names one class unmistakably: its index is the label.
-            return y.argmax(axis=1).astype(np.int64)
-        if y.shape[1] != 1:
-            per_item = shape[1:]
-            whole = y.dtype.kind in "iub" or bool(np.all(y == np.round(y)))
-            if whole and (y.min(initial=0) < 0 or y.max(initial=0) > 1):
-                # Class indices at every position (-100: Hugging Face's ignored ones).
-                raise DiagQLError(f"labels must be one class index per item, got class indices "
-                                  f"of shape {per_item} per item (one per token, as for token "
-                                  f"classification): DiagQL compares one predicted class with "
-                                  f"one true class per item; give each item one label")
-            raise DiagQLError(f"labels must be one class index per item (or one-hot rows), got "
-                              f"{y.shape[1]} values per item (labels of shape {per_item} per "
-                              f"item) that are not one-hot: DiagQL compares one predicted class "
-                              f"with one true class, so multi-hot or soft labels have no such "
-                              f"class")
-        y = y[:, 0]
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-            odd = y[~np.isfinite(y) | (y != np.round(y))][0]
-            raise DiagQLError(f"labels must be whole class indices, found {odd:g}: DiagQL "
-                              f"diagnoses classifiers, and a regression model's continuous "
-                              f"targets name no class")
-    elif y.dtype.kind in "USO":
-        seen = ", ".join(repr(v) for v in list(dict.fromkeys(y.tolist()))[:3])
-        raise DiagQLError(f"labels must be class indices (whole numbers), not {seen}, ...: "
-                          f"number the classes 0..C-1 in the order of the model's outputs")
-    elif y.dtype.kind not in "iub":
-        raise DiagQLError(f"labels must be class indices, got dtype {y.dtype}")
-    return y.astype(np.int64)
-
-
-def _one_hot(y: np.ndarray) -> bool:
-    """Whether every row of (items, classes) labels is 0 but for a single 1."""
-    if y.dtype.kind not in "iubf":
-        return False
-    return bool(np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all())
 
 
 def to_device(x, device: torch.device, dtype: torch.dtype):

@@ -1,0 +1,77 @@
+"""Labels as DiagQL reads them: one whole class index per item, from integers, floats
+holding integers, a 0-d tensor per item, rows of one, or one-hot rows; multi-hot, soft,
+per-token and string labels are refused saying why (docs/ARCHITECTURE.md, "Data model")."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diagql.errors import DiagQLError
+
+
+def refuse_batches(x, y) -> None:
+    """Items that are whole batches (``list(loader)`` given as the data): each item's inputs
+    lead with as many rows as it has labels. Said before the labels are refused as per-token
+    ones, which they look like."""
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        return
+    if y.ndim == 2 and y.shape[1] > 1 and x.ndim >= 3 and tuple(x.shape[:2]) == tuple(y.shape):
+        raise DiagQLError(f"each item of the data has {y.shape[1]} labels beside inputs of shape "
+                          f"{tuple(x.shape[1:])}: if the data is a list of batches "
+                          f"(list(loader)), pass the DataLoader or its dataset instead; DiagQL "
+                          f"reads one item, with one label, at a time")
+
+
+def as_labels(y) -> np.ndarray:
+    if isinstance(y, (list, tuple)) and len(y) == 1 and isinstance(y[0], torch.Tensor) \
+            and y[0].ndim == 1:
+        # Items whose label is a one-element list or tuple ([3]), in any form of batch: the
+        # default collate makes them a list holding one tensor of the batch's labels, which
+        # read as given had passed for one item's row of labels.
+        y = y[0]
+    if isinstance(y, torch.Tensor):
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.ndim == 0:
+        raise DiagQLError("the labels are a single value, not one class index per item")
+    if y.ndim != 1:
+        shape = y.shape
+        y = y.reshape(len(y), -1)
+        if y.shape[1] != 1 and one_hot(y):
+            # Each row names one class unmistakably: its index is the label.
+            return y.argmax(axis=1).astype(np.int64)
+        if y.shape[1] != 1:
+            per_item = shape[1:]
+            whole = y.dtype.kind in "iub" or bool(np.all(y == np.round(y)))
+            if whole and (y.min(initial=0) < 0 or y.max(initial=0) > 1):
+                # Class indices at every position (-100: Hugging Face's ignored ones).
+                raise DiagQLError(f"labels must be one class index per item, got class indices "
+                                  f"of shape {per_item} per item (one per token, as for token "
+                                  f"classification): DiagQL compares one predicted class with "
+                                  f"one true class per item; give each item one label")
+            raise DiagQLError(f"labels must be one class index per item (or one-hot rows), got "
+                              f"{y.shape[1]} values per item (labels of shape {per_item} per "
+                              f"item) that are not one-hot: DiagQL compares one predicted class "
+                              f"with one true class, so multi-hot or soft labels have no such "
+                              f"class")
+        y = y[:, 0]
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            odd = y[~np.isfinite(y) | (y != np.round(y))][0]
+            raise DiagQLError(f"labels must be whole class indices, found {odd:g}: DiagQL "
+                              f"diagnoses classifiers, and a regression model's continuous "
+                              f"targets name no class")
+    elif y.dtype.kind in "USO":
+        seen = ", ".join(repr(v) for v in list(dict.fromkeys(y.tolist()))[:3])
+        raise DiagQLError(f"labels must be class indices (whole numbers), not {seen}, ...: "
+                          f"number the classes 0..C-1 in the order of the model's outputs")
+    elif y.dtype.kind not in "iub":
+        raise DiagQLError(f"labels must be class indices, got dtype {y.dtype}")
+    return y.astype(np.int64)
+
+
+def one_hot(y: np.ndarray) -> bool:
+    """Whether every row of (items, classes) labels is 0 but for a single 1."""
+    if y.dtype.kind not in "iubf":
+        return False
+    return bool(np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all())
