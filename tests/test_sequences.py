@@ -413,6 +413,40 @@ class ConvText(nn.Module):
         return self.head(self.proj(self.gelu(self.block(self.act(self.conv(x))))).mean(dim=1))
 
 
+class _Unmasked(nn.Module):
+    """Sums its embeddings and divides by the lengths it is given: no padding mask reaches
+    its embedding layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 4, padding_idx=0)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, input_ids, lengths):
+        return self.head(self.embed(input_ids).sum(1) / lengths[:, None])
+
+
+def test_padding_per_batch_with_no_mask_to_leave_it_out_is_warned_of():
+    """Its padding counts as tokens, so an item's mean depends on its batch's longest item."""
+    torch.manual_seed(0)
+    items = [(torch.randint(1, 20, (2 + (i * 7) % 15,)), torch.tensor(i % 2)) for i in range(40)]
+
+    def collate(batch):
+        ids = torch.zeros(len(batch), max(len(s) for s, _ in batch), dtype=torch.long)
+        for i, (s, _) in enumerate(batch):
+            ids[i, :len(s)] = s
+        return ({"input_ids": ids, "lengths": torch.tensor([len(s) for s, _ in batch])},
+                torch.stack([y for _, y in batch]))
+
+    db = diagql.connect(_Unmasked().eval(), DataLoader(items, collate_fn=collate), progress=False)
+    with pytest.warns(diagql.DiagQLWarning, match="layer 'embed': its sequence length changes "
+                                                  "with the batch .* padding counts as tokens"):
+        db.query("AVG NEURONS IN embed TOKEN 0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        db.query("AVG NEURONS IN head")
+
+
 def test_channel_first_maps_keep_flat_neurons_and_channels():
     g = torch.Generator().manual_seed(2)
     X = torch.randn(30, 4, 10, generator=g)

@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from diagql import samplers
-from diagql.errors import BindError
+from diagql.errors import BindError, DiagQLWarning
 from diagql.language import ast
 from diagql.model.hooks import call_name
-from diagql.model.layers import LayerCatalog, LayerInfo
+from diagql.model.layers import NO_MASK, LayerCatalog, LayerInfo
 from diagql.model.views import SEQUENCE, View
 from diagql.suggest import did_you_mean, name_list
 
@@ -271,6 +272,13 @@ def bind_view(query: ast.Query, layer: LayerInfo) -> View:
                          f"are its {layer.shape[1]} hidden units; CHANNELS applies to conv maps, "
                          f"so use NEURONS (with TOKENS MEAN, TOKENS MAX, TOKEN n or TOKENS ALL)",
                          query.layer.span)
+        if layer.form == "tensor" and layer.varies and layer.mask == NO_MASK:
+            warnings.warn(f"layer {name!r}: its sequence length changes with the batch (the "
+                          f"data is padded per batch) and no padding mask reaches it, so its "
+                          f"padding counts as tokens, and an item's answer depends on which "
+                          f"items share its batch; give the model the padding mask (an "
+                          f"attention_mask input, a key_padding_mask), pack the sequences, or "
+                          f"pad every item to one length", DiagQLWarning, stacklevel=2)
         if tokens is None:
             return View(layer)
         length = layer.shape[0]

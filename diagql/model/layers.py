@@ -437,6 +437,9 @@ def _layout(module: nn.Module, seen: _Seen, layouts: dict[tuple[str, int], str])
     return next((layouts[like] for like in seen.like if like in layouts), SEQUENCE)
 
 
+NO_MASK = "every position: no padding mask reached it in the probe"
+
+
 def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
     """Where a sequence layer's real tokens came from in the probe (views.sequence_of looks in
     the same places, in the same order, in every batch of a query)."""
@@ -451,7 +454,7 @@ def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
             return f"the {arg} given to {owner or 'the model'}"
     if seen.input_mask == batch:
         return "the attention_mask of the batch input"
-    return "every position: no padding mask reached it in the probe"
+    return NO_MASK
 
 
 def default_latent(model: nn.Module, catalog: LayerCatalog | None = None) -> str | None:
