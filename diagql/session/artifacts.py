@@ -55,8 +55,8 @@ def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
 
 class Artifacts:
     """The catalog, profile and samples of one model of a connection (``conn`` is its
-    session.models.ModelEntry), and the cache keys they are kept under. The connection assumes
-    the model and data do not change while it is open."""
+    session.models.ModelEntry), and the cache keys they are kept under. A model or data
+    changed in place gets new Artifacts (session/changes.py)."""
 
     def __init__(self, conn):
         self.conn = conn
@@ -226,6 +226,10 @@ class Artifacts:
             return ["function", model_fingerprint(holder)]
         except Unfingerprintable as exc:
             raise Unfingerprintable(f"the scores= function: {exc}") from None
+
+    @property
+    def fingerprinted(self) -> bool:
+        return self._fingerprinted
 
     def fingerprints(self) -> tuple[str, str, object] | None:
         """(model, data, scores choice) digests, hashed once; None when one cannot be hashed

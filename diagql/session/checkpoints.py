@@ -94,6 +94,13 @@ class CheckpointSlot:
     def holding(self) -> str | None:
         return self.copies[0][0] if self.copies else None
 
+    def forget(self, name: str) -> None:
+        """Checkpoint ``name``'s weights changed (its file was saved again): no copy holds
+        them any more."""
+        for copy_ in self.copies:
+            if copy_[0] == name:
+                copy_[0] = None
+
     def hold(self, name: str, weights, besides: tuple = ()) -> nn.Module:
         """The module with checkpoint ``name``'s weights, none of ``besides`` (modules that
         the same pass runs with other weights)."""

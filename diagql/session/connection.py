@@ -29,6 +29,7 @@ from diagql.progress import Progress
 from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
+from diagql.session.changes import notice_changes
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
 from diagql.session.class_names import found_names, given_names, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
@@ -175,6 +176,7 @@ class Connection:
         # Every model, the default first (session/models.py); empty without a model.
         self.models: dict[str, ModelEntry] = {}
         self._data_digest: list = []  # the data's fingerprint, shared by the models
+        self.data_stamp: tuple | None = None  # its tensors' stamp when last read (changes.py)
         if model is None:
             return
         modules = _modules(model, checkpoints)
@@ -194,6 +196,7 @@ class Connection:
         if self.class_names is None:  # the data as built (a factory's), else the models'
             self.class_names = found_names(data, label_key,
                                            [e.architecture() for e in self.models.values()])
+        notice_changes(self)  # the stamps that later statements compare with
 
     def _add(self, name: str, module, device, latent) -> None:
         if not isinstance(module, nn.Module):
@@ -286,6 +289,11 @@ class Connection:
         if not self.models:
             raise BindError(NO_MODEL)
 
+    def notice_changes(self) -> None:
+        """Before a statement: derive afresh what a model or the data changed in place since
+        the last one invalidated (session/changes.py)."""
+        notice_changes(self)
+
     def forget_latent_space(self) -> None:
         """SET latent changed the default model's samplers' space: its profile, samples and
         kept rows are stale."""
@@ -330,6 +338,7 @@ class Connection:
 
     def plan(self, query: str | ast.Query) -> Plan:
         """The plan of a query (what EXPLAIN shows), binding it and drawing its sample."""
+        self.notice_changes()
         if isinstance(query, str):
             try:
                 query = resolved(parse(query), self.class_names)
@@ -349,6 +358,7 @@ class Connection:
         (``model='wide'`` draws from that model's profile instead of the default model's)."""
         try:
             self.require_model()
+            self.notice_changes()
             call, name = sampler_model(parse_sampler(spec))
             sampler = bind_sampler(call, self.settings.seed, len(self.source))
             return self.on(name).artifacts.get_sample(sampler)[0].indices.copy()

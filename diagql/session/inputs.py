@@ -191,6 +191,11 @@ def _keep(conn, bound: BoundInputs, index: InputsIndex, seconds: float) -> None:
                                "codes": index.codes is not None})
 
 
+def forget_indices(entry) -> None:
+    """The model's indexes held in memory are stale (its weights or the data changed)."""
+    _MEMORY.pop(entry, None)
+
+
 def _hold(held: OrderedDict, key: str, index: InputsIndex) -> None:
     held[key] = index
     held.move_to_end(key)

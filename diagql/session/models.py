@@ -45,6 +45,7 @@ class ModelEntry:
         self.artifacts = Artifacts(self)
         self.activations = ActivationStore(conn.cache, self.artifacts.activation_key,
                                            len(conn.source), row_dtype(dtype))
+        self.stamp: tuple | None = None  # its weights' stamp when last read (session/changes.py)
 
     @property
     def is_checkpoint(self) -> bool:
@@ -177,6 +178,17 @@ class ModelEntry:
         """SET latent changed the samplers' space: profile, samples and kept rows are stale."""
         self.artifacts.forget_latent_space()
         self.activations.clear()
+
+    def forget_derived(self) -> bool:
+        """The model or the data changed in place: everything derived from them is stale.
+        Whether anything had been derived. (Its inputs indexes: session/changes.py.)"""
+        artifacts = self.artifacts
+        derived = bool(artifacts.catalog or artifacts.profile or artifacts.samples or
+                       artifacts.fingerprinted)
+        self.artifacts = Artifacts(self)
+        self.activations = ActivationStore(self.conn.cache, self.artifacts.activation_key,
+                                           len(self.conn.source), self.activations.dtype)
+        return derived
 
     def runner(self, besides: tuple = ()) -> Runner:
         """A Runner over this model; ``besides``: the modules of other models that the same

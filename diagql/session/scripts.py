@@ -22,6 +22,7 @@ def run_timed(conn, statement: ast.Statement, source: str, parsed: float) -> Res
     is raised with the source text attached, so that it can point into it."""
     started = time.perf_counter()
     try:
+        conn.notice_changes()
         result = run_statement(conn, statement)
     except DiagQLError as exc:
         raise exc.with_source(source) from None
@@ -84,6 +85,7 @@ def _run_queries(conn, queries: list, script: str,
         return
     outcomes: list[Result | DiagQLError | None] = []
     plans: list = []  # (position, plan, timings) of the queries that planned
+    conn.notice_changes()
     for statement, _ in waiting:
         try:
             plan, timings = planned(conn, statement)

@@ -1,0 +1,137 @@
+"""Noticing that a model or the data changed in place while a connection is open: a model
+trained a step further, a state_dict loaded into it, a weight zeroed for an ablation, a hook
+added, a submodule swapped, a data tensor written, a checkpoint file saved again. What the
+connection derived from them (catalog, profile, samples, kept activations, inputs indexes,
+fingerprints) would be stale, an answer would mix old predictions with new activations, and
+rows of the new model would be stored under the old one's key; so before each statement the
+connection compares stamps and derives afresh what changed (docs/ARCHITECTURE.md,
+"Session").
+
+A stamp is cheap: each tensor's identity, storage and version counter (which every in-place
+write through autograd's view bumps: an optimizer's step, ``load_state_dict``, ``with
+torch.no_grad(): w.mul_(2)``), every module's identity and class, and the hooks on them. A
+model or data of at most FULL_BYTES is fingerprinted whole besides (storage/fingerprint.py),
+which also sees writes through ``.data``, into numpy arrays, and to attributes; a larger one
+is not, and after such a write the user connects again.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from diagql.errors import DiagQLWarning
+from diagql.model.data import ItemSource
+from diagql.session.inputs import forget_indices
+from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint, model_fingerprint
+
+FULL_BYTES = 32 * 1024 ** 2  # fingerprinted whole before each statement: about 5 ms at most
+
+
+def tensor_stamp(tensors) -> tuple:
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+
+
+def model_stamp(module) -> tuple:
+    """The stamp of a module: its tensors', its modules' identities and hooks, and its
+    fingerprint when it is small."""
+    tensors = list(itertools.chain(module.parameters(), module.buffers()))
+    modules = tuple((id(m), type(m), *map(_hook_ids, _hook_dicts(m))) for m in module.modules())
+    return tensor_stamp(tensors), modules, _small(_bytes(tensors),
+                                                  lambda: model_fingerprint(module))
+
+
+def notice_changes(conn) -> None:
+    """Derive afresh what a model or the data changed in place since the last statement
+    invalidated, saying so where something had been derived from them."""
+    if not conn.models or conn.source is None or conn.engine is not None:
+        return  # Ray's workers hold their own copies
+    tensors, arrays = _data_parts(conn)
+    data = (tensor_stamp(tensors),
+            _small(_bytes(tensors) + sum(a.nbytes for a in arrays), lambda: _data_digest(conn)))
+    data_changed = conn.data_stamp is not None and data != conn.data_stamp
+    if data_changed:  # read again: the labels were copied when it was first read
+        conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
+        conn._data_digest.clear()
+    conn.data_stamp = data
+    forgot = []
+    for entry in conn.models.values():
+        stamp = _checkpoint_stamp(entry) if entry.is_checkpoint else \
+            model_stamp(entry.architecture())
+        changed = entry.stamp is not None and stamp != entry.stamp
+        entry.stamp = stamp
+        if changed or data_changed:
+            forget_indices(entry)
+            if entry.is_checkpoint:
+                entry.slot.forget(entry.name)
+            if entry.forget_derived() and changed:
+                forgot.append(entry)
+    if data_changed:
+        _say("the data changed")
+    for entry in forgot:
+        whose = f"model {entry.name!r}" if len(conn.models) > 1 else "the model"
+        what = "its checkpoint file" if entry.is_checkpoint else "its weights, modules or hooks"
+        _say(f"{whose} changed ({what})")
+
+
+def _hook_dicts(module) -> tuple:
+    return module._forward_pre_hooks, module._forward_hooks
+
+
+def _hook_ids(hooks: Mapping) -> tuple:
+    return tuple(id(hook) for hook in hooks.values())
+
+
+def _bytes(tensors: list) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _small(size: int, fingerprint) -> str | None:
+    """The fingerprint of what is ``size`` bytes, when that is at most FULL_BYTES."""
+    if size > FULL_BYTES:
+        return None
+    try:
+        return fingerprint()
+    except Unfingerprintable:
+        return None
+
+
+def _data_digest(conn) -> str | None:
+    columns = getattr(conn.source, "columns", lambda: None)()
+    return data_fingerprint(conn.data, columns, getattr(conn.source, "indices", None))
+
+
+def _data_parts(conn) -> tuple[list, list]:
+    """The tensors the items are read from and those the user gave (a pair's labels, which
+    are read once, into an array), and the numpy arrays the user gave (which have no version
+    counter: only a fingerprint sees a write into one)."""
+    given = conn.data
+    if isinstance(given, (tuple, list)) and len(given) == 2:
+        given = [*(given[0].values() if isinstance(given[0], Mapping) else [given[0]]),
+                 given[1]]
+    elif isinstance(given, Mapping):
+        given = list(given.values())
+    else:
+        given = []
+    tensors = [*conn.source.tensors(), *(t for t in given if isinstance(t, torch.Tensor))]
+    return tensors, [a for a in given if isinstance(a, np.ndarray)]
+
+
+def _checkpoint_stamp(entry) -> tuple | None:
+    """A checkpoint file's modification time and size (a training job saves it again)."""
+    if not isinstance(entry.weights, (str, os.PathLike)):
+        return None
+    try:
+        status = os.stat(entry.weights)
+    except OSError:
+        return None  # loading it says what is wrong
+    return status.st_mtime_ns, status.st_size
+
+
+def _say(what: str) -> None:
+    warnings.warn(f"{what} since DiagQL last read it: the profile, samples and kept "
+                  f"activations are derived again", DiagQLWarning, stacklevel=4)

@@ -1,0 +1,211 @@
+"""A model trained, or data written, in place while a connection is open (session/changes.py):
+the next statement answers for the new weights and data, and says it derived them again.
+Truth: plain torch on the model and data as they are now."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diagql
+from diagql.errors import DiagQLWarning
+
+
+def _world(seed: int = 0):
+    torch.manual_seed(seed)
+    X, y = torch.randn(400, 10), torch.randint(0, 4, (400,))
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    return model, X, y
+
+
+def _train_a_little(model, X, y) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        optimizer.step()
+    model.eval()
+
+
+def _truth(model, X, y):
+    with torch.no_grad():
+        hidden = model[1](model[0](X)).double()
+        predicted = model(X).argmax(1)
+    return hidden, predicted != y
+
+
+def test_training_in_place_is_seen_by_every_kind_of_answer(tmp_path):
+    model, X, y = _world()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    before = db.query("AVG NEURONS IN 1")  # the latent: answered from the profile
+    db.query("ARGMAX NEURONS IN 0")
+    sampled = db.query("AVG NEURONS IN 0 USING SAMPLE random(0.1, random_state=0)")
+    _train_a_little(model, X, y)
+    hidden, incorrect = _truth(model, X, y)
+    with pytest.warns(DiagQLWarning, match="the model changed \\(its weights, modules or hooks\\) since "
+                                           "DiagQL last read it"):
+        after = db.query("AVG NEURONS IN 1")
+    assert not np.allclose(before.values, after.values)
+    np.testing.assert_allclose(after.values, hidden.mean(0).numpy(), rtol=1e-6, atol=1e-7)
+    wrong = db.query("AVG NEURONS IN 1 WHERE incorrect")
+    assert wrong.n_items == int(incorrect.sum())
+    np.testing.assert_allclose(wrong.values, hidden[incorrect].mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
+    with torch.no_grad():
+        first = model[0](X).double()
+    winners = np.bincount(first.argmax(1).numpy(), minlength=16) / len(X)
+    np.testing.assert_allclose(db.query("ARGMAX NEURONS IN 0").values, winners, atol=1e-12)
+    # The sample side reads the new weights too (the same items: the sample is drawn again
+    # from the new profile, whose latent changed, but random's draw depends on the seed only).
+    again = db.query("AVG NEURONS IN 0 USING SAMPLE random(0.1, random_state=0) "
+                     "WITH BASELINE")
+    items = db.sample("random(0.1, random_state=0)")
+    assert not np.allclose(again.values, sampled.values)
+    np.testing.assert_allclose(again.baseline.values, first.mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
+    assert again.estimate is not None and len(items) == 40
+
+
+def test_a_state_dict_loaded_into_the_model_is_seen(tmp_path):
+    model, X, y = _world()
+    other, _, _ = _world(seed=1)
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("AVG NEURONS IN 2")
+    model.load_state_dict(other.state_dict())
+    with pytest.warns(DiagQLWarning, match="the model changed"):
+        answer = db.query("AVG NEURONS IN 2")
+    with torch.no_grad():
+        np.testing.assert_allclose(answer.values, other(X).double().mean(0).numpy(), rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_data_written_in_place_is_seen(tmp_path):
+    model, X, y = _world()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("AVG NEURONS IN 1 WHERE incorrect")
+    X.mul_(0.5)
+    y[:100] = (y[:100] + 1) % 4
+    hidden, incorrect = _truth(model, X, y)
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN 1 WHERE incorrect")
+    assert answer.n_items == int(incorrect.sum())
+    np.testing.assert_allclose(answer.values, hidden[incorrect].mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_nothing_changed_keeps_everything_derived_without_a_word(tmp_path):
+    model, X, y = _world()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("AVG NEURONS IN 0 USING SAMPLE random(0.1, random_state=0)")
+    profile = db.profile
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        db.query("TOPK 3 NEURONS IN 0 USING SAMPLE random(0.1, random_state=0)")
+        db.query("AVG NEURONS IN 0")
+    assert db.profile is profile
+
+
+def test_a_change_before_the_first_statement_is_not_warned_of():
+    model, X, y = _world()
+    db = diagql.connect(model, (X, y), progress=False)
+    _train_a_little(model, X, y)
+    hidden, _ = _truth(model, X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        answer = db.query("AVG NEURONS IN 1")
+    np.testing.assert_allclose(answer.values, hidden.mean(0).numpy(), rtol=1e-6, atol=1e-7)
+
+
+def _cnn(seed: int = 0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 3)).eval()
+
+
+def _images():
+    torch.manual_seed(1)
+    return torch.randn(200, 1, 8, 8), torch.randint(0, 3, (200,))
+
+
+def _through(model, X, upto: int) -> np.ndarray:
+    with torch.no_grad():
+        return model[:upto + 1](X).flatten(1).double().mean(0).numpy()
+
+
+def _zero_weight(model):
+    model[0].weight.data[1] = 0  # through .data: no version counter moves
+
+
+def _bn_eps(model):
+    model[1].eps = 5.0
+
+
+def _swap(model):
+    model[2] = nn.Tanh()
+
+
+def _hook(model):
+    model[0].register_forward_hook(lambda module, args, out: out * 0.5)
+
+
+@pytest.mark.parametrize("change", [_zero_weight, _bn_eps, _swap, _hook],
+                         ids=["write through .data", "attribute", "swapped module", "hook"])
+def test_changes_no_version_counter_sees_are_seen_and_never_cached_for_the_original(
+        tmp_path, change):
+    """A small model is fingerprinted before each statement; the rows of the changed model
+    must not be stored under the original's key, which a new process would read."""
+    model, (X, y) = _cnn(), _images()
+    original = _cnn()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("AVG NEURONS IN 2")
+    change(model)
+    with pytest.warns(DiagQLWarning, match="the model changed .* derived again"):
+        answer = db.query("AVG NEURONS IN 2 USING SAMPLE random(0.5, random_state=0) WITH BASELINE")
+    np.testing.assert_allclose(answer.baseline.values, _through(model, X, 2), rtol=1e-6,
+                               atol=1e-7)
+    db.close()
+    fresh = diagql.connect(original, (X, y), progress=False, cache_dir=tmp_path)
+    fresh.query("SET estimator = plain")  # the sample's own mean, to check its rows
+    again = fresh.query("AVG NEURONS IN 2 USING SAMPLE random(0.5, random_state=0) WITH BASELINE")
+    np.testing.assert_allclose(again.baseline.values, _through(original, X, 2), rtol=1e-6,
+                               atol=1e-7)
+    items = fresh.sample("random(0.5, random_state=0)")
+    with torch.no_grad():
+        sampled = original[:3](X[items]).flatten(1).double().mean(0).numpy()
+    np.testing.assert_allclose(again.values, sampled, rtol=1e-6, atol=1e-7)
+
+
+def test_numpy_data_written_in_place_is_seen(tmp_path):
+    model, (X, y) = _cnn(), _images()
+    arrays = X.numpy().copy(), y.numpy().copy()
+    db = diagql.connect(model, arrays, progress=False, cache_dir=tmp_path)
+    db.query("AVG NEURONS IN 4")
+    arrays[0][:50] *= -1
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN 4")
+    np.testing.assert_allclose(answer.values, _through(model, torch.from_numpy(arrays[0]), 4),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_a_checkpoint_saved_again_is_read_again(tmp_path):
+    model, (X, y) = _cnn(), _images()
+    path = tmp_path / "e1.pt"
+    torch.save(_cnn(seed=1).state_dict(), path)
+    db = diagql.connect(model, (X, y), checkpoints={"e1": str(path)}, progress=False,
+                        cache_dir=tmp_path / "cache")
+    db.query("AVG NEURONS IN e1.4 WHERE incorrect")
+    newer = _cnn(seed=2)
+    torch.save(newer.state_dict(), path)
+    import os
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
+    with pytest.warns(DiagQLWarning, match="model 'e1' changed \\(its checkpoint file\\)"):
+        answer = db.query("AVG NEURONS IN e1.4 WHERE incorrect")
+    with torch.no_grad():
+        logits = newer(X).double()
+    wrong = (logits.argmax(1) != y).numpy()
+    assert answer.n_items == int(wrong.sum())
+    np.testing.assert_allclose(answer.values, logits[wrong].mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
