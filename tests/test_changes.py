@@ -209,3 +209,32 @@ def test_a_checkpoint_saved_again_is_read_again(tmp_path):
     assert answer.n_items == int(wrong.sum())
     np.testing.assert_allclose(answer.values, logits[wrong].mean(0).numpy(), rtol=1e-6,
                                atol=1e-7)
+
+
+class _Counting(nn.Module):
+    """Counts its calls in a buffer, as some models keep caches: its own writes are no change."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(10, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_a_model_that_writes_its_own_buffers_is_not_taken_as_changed(tmp_path):
+    _, X, y = _world()
+    model = _Counting().eval()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        db.query("AVG NEURONS IN fc")
+        profile = db.profile
+        db.query("AVG NEURONS IN fc USING SAMPLE random(0.2, random_state=0)")
+        db.execute("AVG NEURONS IN fc WHERE class = 1; TOPK 2 NEURONS IN fc")
+        db.plan("AVG NEURONS IN fc USING SAMPLE random(0.3, random_state=1)")
+        db.query("AVG NEURONS IN fc")
+    assert db.profile is profile and int(model.calls) > 0

@@ -78,6 +78,21 @@ def notice_changes(conn) -> None:
         _say(f"{whose} changed ({what})")
 
 
+def after_statement(conn) -> None:
+    """Take as read what the statement's own passes changed: a model whose forward writes its
+    buffers (a call counter, a rotary embedding's cache grown to a longer input) is not a
+    model the user changed. Only a model whose tensors moved is stamped again whole."""
+    if not conn.models or conn.source is None or conn.engine is not None:
+        return
+    for entry in conn.models.values():
+        if entry.is_checkpoint or entry.stamp is None:
+            continue
+        module = entry.architecture()
+        tensors = itertools.chain(module.parameters(), module.buffers())
+        if tensor_stamp(tensors) != entry.stamp[0]:
+            entry.stamp = model_stamp(module)
+
+
 def _hook_dicts(module) -> tuple:
     return module._forward_pre_hooks, module._forward_hooks
 

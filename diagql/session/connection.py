@@ -29,7 +29,7 @@ from diagql.progress import Progress
 from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
-from diagql.session.changes import notice_changes
+from diagql.session.changes import after_statement, notice_changes
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
 from diagql.session.class_names import found_names, given_names, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
@@ -294,6 +294,11 @@ class Connection:
         the last one invalidated (session/changes.py)."""
         notice_changes(self)
 
+    def after_statement(self) -> None:
+        """After a statement: what its own passes changed (a model writing its buffers) is
+        no change of the user's (session/changes.py)."""
+        after_statement(self)
+
     def forget_latent_space(self) -> None:
         """SET latent changed the default model's samplers' space: its profile, samples and
         kept rows are stale."""
@@ -347,7 +352,10 @@ class Connection:
         if not isinstance(query, (ast.Query, ast.Similarity)):
             raise DiagQLError(f"plan() takes a query (TOPK, AVG, ARGMAX or SIMILARITY), not "
                               f"{getattr(query, 'text', query)!r}")
-        return planned(self, query)[0]
+        try:
+            return planned(self, query)[0]
+        finally:
+            self.after_statement()
 
     def runner(self) -> Runner:
         """What runs forward passes for the default model (its device, batch size, caches)."""
@@ -361,7 +369,10 @@ class Connection:
             self.notice_changes()
             call, name = sampler_model(parse_sampler(spec))
             sampler = bind_sampler(call, self.settings.seed, len(self.source))
-            return self.on(name).artifacts.get_sample(sampler)[0].indices.copy()
+            try:
+                return self.on(name).artifacts.get_sample(sampler)[0].indices.copy()
+            finally:
+                self.after_statement()
         except DiagQLError as exc:
             raise exc.with_source(spec) from None
 

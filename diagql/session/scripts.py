@@ -26,6 +26,8 @@ def run_timed(conn, statement: ast.Statement, source: str, parsed: float) -> Res
         result = run_statement(conn, statement)
     except DiagQLError as exc:
         raise exc.with_source(source) from None
+    finally:
+        conn.after_statement()
     result.timings["parse"] = parsed
     result.timings["total"] = parsed + time.perf_counter() - started
     return result
@@ -116,4 +118,5 @@ def _run_queries(conn, queries: list, script: str,
                 outcomes[position] = answer.with_source(script)
             else:
                 outcomes[position] = _placed(answer, waiting[position][0], script, placed)
+    conn.after_statement()
     yield from outcomes
