@@ -118,9 +118,11 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     ClassLabel feature, a torchvision dataset's ``classes``) or the model's
     (``config.id2label``), when they have some.
 
-    A connection assumes the model and data do not change while it is open: it profiles them
-    once. After changing weights or data, connect again. ``latent`` applies to the default
-    model and its checkpoints; each model has its own profile.
+    A model or data changed in place while the connection is open (trained further, other
+    weights loaded, a hook added, a tensor written) is noticed before the next statement,
+    which derives the profile again and says so (session/changes.py); a write through
+    ``.data`` into a model over 32 MB is not seen: connect again after one. ``latent``
+    applies to the default model and its checkpoints; each model has its own profile.
 
     ``engine="ray"`` runs the passes over the data (the profile, full-data queries, sample
     queries' items, EVALUATE) on a Ray cluster, with the same answers (docs/SCALING.md):
