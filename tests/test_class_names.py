@@ -61,6 +61,19 @@ def test_grouped_answers_and_the_profile_show_the_names(world):
     assert [row[1] for row in profile.rows] == NAMES
 
 
+def test_across_checkpoints_names_its_class_groups(world, tmp_path):
+    X, y, model, _, _ = world
+    torch.save(model.state_dict(), tmp_path / "e1.pt")
+    db = diagql.connect(model, (X, y), classes=NAMES, checkpoints={"e1": str(tmp_path / "e1.pt")},
+                        cache_dir=False, progress=False)
+    wide = db.query("AVG NEURONS IN 2 GROUP BY class ACROSS CHECKPOINTS")
+    assert wide.columns[1:3] == ["0 ant 2[0]", "0 ant 2[1]"]
+    assert list(wide.series)[0] == "0 ant 2[0]"
+    long = db.query("TOPK 5 NEURONS IN 1 GROUP BY class ACROSS CHECKPOINTS")  # 15 rows
+    assert long.columns[:2] == ["class", "rank"]
+    assert [row[:2] for row in long.rows[4:6]] == [("0 ant", 5), ("1 bee", 1)]
+
+
 def test_mistakes_with_names_are_located_and_suggested(world):
     X, y, model, _, _ = world
     db = diagql.connect(model, (X, y), classes=NAMES, cache_dir=False, progress=False)

@@ -13,9 +13,10 @@ from diagql.errors import ExecutionError
 WIDE = 12  # at most this many answer rows become columns (one row per checkpoint)
 
 
-def across_result(statement: str, answers: dict, what: str):
+def across_result(statement: str, answers: dict, what: str, class_names=None):
     """The Result of a statement run once per checkpoint (``answers``: name → Result, in
-    training order); ``what`` says over what, for the title."""
+    training order); ``what`` says over what, for the title; ``class_names`` name the class
+    groups."""
     from diagql.results.result import Result
 
     key_names, shown, numbers = _pivot(answers)
@@ -24,6 +25,7 @@ def across_result(statement: str, answers: dict, what: str):
         # Groups in order whichever checkpoint had them first; ranks and neurons as they came.
         keys.sort(key=lambda key: [_sortable(part) for part in key[:-1]])
     names = list(answers)
+    named = _namer(key_names, class_names)
     # WITH BASELINE: each checkpoint's error against its own exact answer, after the answer's
     # rows (padded to the key's width, for the layout with the keys in columns).
     curves = list(keys)  # what the plot draws: the answer, not its errors
@@ -35,18 +37,30 @@ def across_result(statement: str, answers: dict, what: str):
                       if metric in answer.metrics}
         numbers[key] = dict(shown[key])
     if len(keys) <= WIDE:  # checkpoints down, the answer's rows across: curves read down
-        columns = ["checkpoint", *(_key_text(key) for key in keys)]
+        columns = ["checkpoint", *(_key_text(named(key)) for key in keys)]
         rows = [(name, *(shown[key].get(name, "") for key in keys)) for name in names]
     else:
         columns = [*key_names, *names]
-        rows = [(*key, *(shown[key].get(name, "") for name in names)) for key in keys]
+        rows = [(*named(key), *(shown[key].get(name, "") for name in names)) for key in keys]
     result = Result(kind="across", statement=statement, columns=columns, rows=rows,
                     title=f"{statement}: {len(names)} models ({what})", checkpoints=answers)
-    result.series = {_key_text(key): [numbers[key].get(name, math.nan) for name in names]
+    result.series = {_key_text(named(key)): [numbers[key].get(name, math.nan) for name in names]
                      for key in curves}
     for name, answer in answers.items():
         result.notes.extend(f"{name}: {note}" for note in answer.notes)
     return result
+
+
+def _namer(key_names: list[str], classes):
+    """A key as shown: its class groups with their names (``3 cat``), as a query's own table
+    shows them; sorted and matched by the bare keys."""
+    from diagql.results.formats import group_label
+
+    if not classes:
+        return lambda key: key
+    return lambda key: tuple(
+        group_label(part, name, classes) if name in ("class", "predicted") and part != ""
+        else part for name, part in zip(key_names, key)) + tuple(key[len(key_names):])
 
 
 def _pivot(answers: dict) -> tuple[list[str], dict, dict]:

@@ -69,7 +69,8 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
                                    notes=[exc.message])
     count = len(names) - 1
     result = across_result(statement.text, answers,
-                           f"{count} checkpoint{'' if count == 1 else 's'} and {names[-1]}")
+                           f"{count} checkpoint{'' if count == 1 else 's'} and {names[-1]}",
+                           conn.class_names)
     result.timings["total"] = time.perf_counter() - started
     if plot is not None:
         write_curves(result, plot.value)
