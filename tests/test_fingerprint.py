@@ -600,22 +600,3 @@ def test_a_model_that_cannot_be_seen_whole_is_cached_in_memory_only(tmp_path):
     assert any("model is cached in memory only" in note and "'rng'" in note
                for note in shown.notes), shown.notes
     assert "memory only" in str(shown)
-
-
-def test_a_users_forward_hook_differs_and_diagqls_own_do_not():
-    from diagql.storage.fingerprint import _ours
-
-    plain, hooked = models.build_cnn(), models.build_cnn()
-    hooked[0].register_forward_hook(lambda module, args, out: out * 0.5)
-    assert_fingerprints_differ(plain, hooked)
-    halved, thirds = models.build_cnn(), models.build_cnn()
-    halved[0].register_forward_pre_hook(functools.partial(_scaled_input, factor=0.5))
-    thirds[0].register_forward_pre_hook(functools.partial(_scaled_input, factor=0.3))
-    assert_fingerprints_differ(halved, thirds)
-    from diagql.model import hooks
-
-    assert _ours(hooks.Hooks._hook) and not _ours(_scaled_input)
-
-
-def _scaled_input(module, args, factor):
-    return (args[0] * factor,)

@@ -1,6 +1,6 @@
 """Noticing that a model or the data changed in place while a connection is open: a model
-trained a step further, a state_dict loaded into it, a weight zeroed for an ablation, a hook
-added, a submodule swapped, a data tensor written, a checkpoint file saved again. What the
+trained a step further, a state_dict loaded into it, a weight zeroed for an ablation, a
+submodule swapped, a data tensor written, a checkpoint file saved again. What the
 connection derived from them (catalog, profile, samples, kept activations, inputs indexes,
 fingerprints) would be stale, an answer would mix old predictions with new activations, and
 rows of the new model would be stored under the old one's key; so before each statement the
@@ -9,10 +9,12 @@ connection compares stamps and derives afresh what changed (docs/ARCHITECTURE.md
 
 A stamp is cheap: each tensor's identity, storage and version counter (which every in-place
 write through autograd's view bumps: an optimizer's step, ``load_state_dict``, ``with
-torch.no_grad(): w.mul_(2)``), every module's identity and class, and the hooks on them. A
-model or data of at most FULL_BYTES is fingerprinted whole besides (storage/fingerprint.py),
-which also sees writes through ``.data``, into numpy arrays, and to attributes; a larger one
-is not, and after such a write the user connects again.
+torch.no_grad(): w.mul_(2)``), and every module's identity and class. A model or data of at
+most FULL_BYTES is fingerprinted whole besides (storage/fingerprint.py), which also sees
+writes through ``.data``, into numpy arrays, and to attributes; a larger one is not, and
+after such a write the user connects again. Hooks are not the model (one that counts or
+records calls is instrumentation): an ablation by a hook needs ``cache_dir=False`` and a new
+connection.
 """
 from __future__ import annotations
 
@@ -37,10 +39,10 @@ def tensor_stamp(tensors) -> tuple:
 
 
 def model_stamp(module) -> tuple:
-    """The stamp of a module: its tensors', its modules' identities and hooks, and its
-    fingerprint when it is small."""
+    """The stamp of a module: its tensors', its modules' identities, and its fingerprint
+    when it is small."""
     tensors = list(itertools.chain(module.parameters(), module.buffers()))
-    modules = tuple((id(m), type(m), *map(_hook_ids, _hook_dicts(m))) for m in module.modules())
+    modules = tuple((id(m), type(m)) for m in module.modules())
     return tensor_stamp(tensors), modules, _small(_bytes(tensors),
                                                   lambda: model_fingerprint(module))
 
@@ -74,31 +76,19 @@ def notice_changes(conn) -> None:
         _say("the data changed")
     for entry in forgot:
         whose = f"model {entry.name!r}" if len(conn.models) > 1 else "the model"
-        what = "its checkpoint file" if entry.is_checkpoint else "its weights, modules or hooks"
+        what = "its checkpoint file" if entry.is_checkpoint else "its weights or modules"
         _say(f"{whose} changed ({what})")
 
 
 def after_statement(conn) -> None:
     """Take as read what the statement's own passes changed: a model whose forward writes its
-    buffers (a call counter, a rotary embedding's cache grown to a longer input) is not a
-    model the user changed. Only a model whose tensors moved is stamped again whole."""
+    buffers or attributes (a call counter, a rotary embedding's cache grown to a longer input)
+    is not a model the user changed, so each model is stamped again."""
     if not conn.models or conn.source is None or conn.engine is not None:
         return
     for entry in conn.models.values():
-        if entry.is_checkpoint or entry.stamp is None:
-            continue
-        module = entry.architecture()
-        tensors = itertools.chain(module.parameters(), module.buffers())
-        if tensor_stamp(tensors) != entry.stamp[0]:
-            entry.stamp = model_stamp(module)
-
-
-def _hook_dicts(module) -> tuple:
-    return module._forward_pre_hooks, module._forward_hooks
-
-
-def _hook_ids(hooks: Mapping) -> tuple:
-    return tuple(id(hook) for hook in hooks.values())
+        if not entry.is_checkpoint and entry.stamp is not None:
+            entry.stamp = model_stamp(entry.architecture())
 
 
 def _bytes(tensors: list) -> int:

@@ -119,9 +119,10 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     (``config.id2label``), when they have some.
 
     A model or data changed in place while the connection is open (trained further, other
-    weights loaded, a hook added, a tensor written) is noticed before the next statement,
-    which derives the profile again and says so (session/changes.py); a write through
-    ``.data`` into a model over 32 MB is not seen: connect again after one. ``latent``
+    weights loaded, a tensor written) is noticed before the next statement, which derives
+    the profile again and says so (session/changes.py); a write through ``.data`` into a
+    model over 32 MB is not seen (connect again after one), nor are hooks (for an ablation
+    by a hook, connect with ``cache_dir=False``). ``latent``
     applies to the default model and its checkpoints; each model has its own profile.
 
     ``engine="ray"`` runs the passes over the data (the profile, full-data queries, sample

@@ -47,22 +47,17 @@ def model_fingerprint(model) -> str:
     object, a ``functools.partial``, a function with its defaults and closure), followed
     through containers and plain objects. Torch's own classes, and their private attributes,
     are covered by torch's version; and the globals that the user's own code reads (a helper
-    function, a constant: storage/code_reads.py), followed where they can be seen whole; and
-    the user's forward hooks (not DiagQL's own). Not covered: the globals of installed
+    function, a constant: storage/code_reads.py), followed where they can be seen whole. Not
+    covered: hooks (a hook that counts or records calls is instrumentation, not the model; one
+    that changes outputs, an ablation's, needs cache_dir=False), and the globals of installed
     packages' code.
     """
     import torch
 
-    from torch.nn.modules import module as torch_module
-
     digest = xxhash.xxh3_128()
     _feed(digest, "torch", torch.__version__)
     try:
-        walk = _Walk()
-        walk.modules(digest, model, "")
-        walk.hooks(digest, "<global>", (torch_module._global_forward_pre_hooks,
-                                        torch_module._global_forward_hooks),
-                   "a global forward hook (register_module_forward_hook)")
+        _Walk().modules(digest, model, "")
     except RecursionError:
         raise Unfingerprintable("the model's attributes are nested too deeply to hash") from None
     return digest.hexdigest()
@@ -227,8 +222,6 @@ class _Walk:
                 path = f"{name}.{attr}"
                 with _blame(f"attribute {attr!r} of {_module_label(name, root)}", path):
                     self.value(digest, path, value)
-            self.hooks(digest, name, (module._forward_pre_hooks, module._forward_hooks),
-                       f"a forward hook on {_module_label(name, root)}")
         for cls, name in classes.items():
             with _blame(f"the class {cls.__qualname__} of {_module_label(name, root)}", ""):
                 self.cls(digest, None, "source", cls)
@@ -238,15 +231,6 @@ class _Walk:
                     _feed_tensor(digest, name, value)
                 else:
                     self.value(digest, name, value)
-
-    def hooks(self, digest, name: str, hooks: tuple, owner: str) -> None:
-        """The user's forward hooks and pre-hooks (an ablation zeroes a channel in one): not
-        DiagQL's own, which it removes after each pass."""
-        for kind, held in zip(("pre-hook", "hook"), hooks):
-            for i, hook in enumerate(h for h in held.values() if not _ours(h)):
-                path = f"{name}.<forward {kind} {i}>"
-                with _blame(owner, path):
-                    self.value(digest, path, hook)
 
     def value(self, digest, name: str, value) -> None:
         import torch
@@ -498,7 +482,7 @@ def _attributes(module):
 def _module_bookkeeping() -> frozenset[str]:
     from torch import nn
 
-    # Hooks among them: the user's forward hooks are hashed apart (_Walk.hooks).
+    # Hooks are left out too: DiagQL and its users add them without changing the model.
     return frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
 
 
@@ -524,13 +508,6 @@ def _slot_names(cls: type) -> list[str]:
             if slot not in names:
                 names.append(slot)
     return names
-
-
-def _ours(hook) -> bool:
-    """Whether a hook is DiagQL's own (a function, a partial or a bound method of it)."""
-    fn = getattr(hook, "func", hook)
-    fn = getattr(fn, "__func__", fn)
-    return (getattr(fn, "__module__", None) or "").startswith("diagql.")
 
 
 def _functions(item) -> list:
