@@ -600,3 +600,18 @@ def test_a_model_that_cannot_be_seen_whole_is_cached_in_memory_only(tmp_path):
     assert any("model is cached in memory only" in note and "'rng'" in note
                for note in shown.notes), shown.notes
     assert "memory only" in str(shown)
+
+
+def test_a_global_named_like_an_attribute_is_not_read(tmp_path):
+    """``self.r`` is no read of a global ``r`` (a notebook's ``r = db.query(...)``): rebinding
+    it must not change the fingerprint, or every statement would derive everything again."""
+    source = NET_FILE.format(scale=2.0, body="self.r(self.fc(x))", imports="") + \
+        "\n\nclass Net2(Net):\n    def __init__(self):\n        super().__init__()\n" \
+        "        self.r = nn.ReLU()\n"
+    digests = []
+    for version, value in enumerate(("1", "'a result'")):
+        folder = tmp_path / str(version)
+        folder.mkdir()
+        module = _import_fresh(folder, "usernet", {"usernet": source + f"\nr = {value}\n"})
+        digests.append(model_fingerprint(module.Net2()))
+    assert digests[0] == digests[1]

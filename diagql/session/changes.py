@@ -18,6 +18,7 @@ connection.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import warnings
@@ -78,6 +79,16 @@ def notice_changes(conn) -> None:
         whose = f"model {entry.name!r}" if len(conn.models) > 1 else "the model"
         what = "its checkpoint file" if entry.is_checkpoint else "its weights or modules"
         _say(f"{whose} changed ({what})")
+
+
+@contextlib.contextmanager
+def watching(conn):
+    """One statement's span: changes noticed before it, its own passes' taken as read after."""
+    notice_changes(conn)
+    try:
+        yield
+    finally:
+        after_statement(conn)
 
 
 def after_statement(conn) -> None:

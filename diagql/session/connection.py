@@ -29,7 +29,7 @@ from diagql.progress import Progress
 from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
-from diagql.session.changes import after_statement, notice_changes
+from diagql.session.changes import notice_changes, watching
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
 from diagql.session.class_names import found_names, given_names, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
@@ -292,16 +292,6 @@ class Connection:
         if not self.models:
             raise BindError(NO_MODEL)
 
-    def notice_changes(self) -> None:
-        """Before a statement: derive afresh what a model or the data changed in place since
-        the last one invalidated (session/changes.py)."""
-        notice_changes(self)
-
-    def after_statement(self) -> None:
-        """After a statement: what its own passes changed (a model writing its buffers) is
-        no change of the user's (session/changes.py)."""
-        after_statement(self)
-
     def forget_latent_space(self) -> None:
         """SET latent changed the default model's samplers' space: its profile, samples and
         kept rows are stale."""
@@ -346,7 +336,6 @@ class Connection:
 
     def plan(self, query: str | ast.Query) -> Plan:
         """The plan of a query (what EXPLAIN shows), binding it and drawing its sample."""
-        self.notice_changes()
         if isinstance(query, str):
             try:
                 query = resolved(parse(query), self.class_names)
@@ -355,10 +344,8 @@ class Connection:
         if not isinstance(query, (ast.Query, ast.Similarity)):
             raise DiagQLError(f"plan() takes a query (TOPK, AVG, ARGMAX or SIMILARITY), not "
                               f"{getattr(query, 'text', query)!r}")
-        try:
+        with watching(self):
             return planned(self, query)[0]
-        finally:
-            self.after_statement()
 
     def runner(self) -> Runner:
         """What runs forward passes for the default model (its device, batch size, caches)."""
@@ -369,13 +356,10 @@ class Connection:
         (``model='wide'`` draws from that model's profile instead of the default model's)."""
         try:
             self.require_model()
-            self.notice_changes()
             call, name = sampler_model(parse_sampler(spec))
             sampler = bind_sampler(call, self.settings.seed, len(self.source))
-            try:
+            with watching(self):
                 return self.on(name).artifacts.get_sample(sampler)[0].indices.copy()
-            finally:
-                self.after_statement()
         except DiagQLError as exc:
             raise exc.with_source(spec) from None
 

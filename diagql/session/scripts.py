@@ -12,6 +12,7 @@ from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.parser import parse_piece, split_statements
 from diagql.results.result import Result
+from diagql.session.changes import after_statement, notice_changes, watching
 from diagql.session.class_names import resolved
 from diagql.session.models import name_model
 from diagql.session.statements import planned, run_statement
@@ -22,12 +23,10 @@ def run_timed(conn, statement: ast.Statement, source: str, parsed: float) -> Res
     is raised with the source text attached, so that it can point into it."""
     started = time.perf_counter()
     try:
-        conn.notice_changes()
-        result = run_statement(conn, statement)
+        with watching(conn):  # what changed in place since the last (session/changes.py)
+            result = run_statement(conn, statement)
     except DiagQLError as exc:
         raise exc.with_source(source) from None
-    finally:
-        conn.after_statement()
     result.timings["parse"] = parsed
     result.timings["total"] = parsed + time.perf_counter() - started
     return result
@@ -87,7 +86,7 @@ def _run_queries(conn, queries: list, script: str,
         return
     outcomes: list[Result | DiagQLError | None] = []
     plans: list = []  # (position, plan, timings) of the queries that planned
-    conn.notice_changes()
+    notice_changes(conn)
     for statement, _ in waiting:
         try:
             plan, timings = planned(conn, statement)
@@ -118,5 +117,5 @@ def _run_queries(conn, queries: list, script: str,
                 outcomes[position] = answer.with_source(script)
             else:
                 outcomes[position] = _placed(answer, waiting[position][0], script, placed)
-    conn.after_statement()
+    after_statement(conn)
     yield from outcomes

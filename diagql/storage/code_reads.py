@@ -8,6 +8,7 @@ while they stay installed, and following them would walk half of a library's mod
 """
 from __future__ import annotations
 
+import dis
 import sysconfig
 import types
 
@@ -34,21 +35,30 @@ def user_path(path: str) -> bool:
     return not path.startswith(_stdlib())
 
 
-def globals_read(code: types.CodeType, namespace: dict) -> list[tuple[str, object]]:
+def globals_read(code: types.CodeType, namespace: dict,
+                 attributes: bool = False) -> list[tuple[str, object]]:
     """The (name, value) of each global of ``namespace`` that ``code`` (or code nested in it:
-    a lambda, a comprehension) names, in name order. Attribute names are among the names
-    code uses: one that is also a global's name brings that global in, which only hashes a
-    little more than needed."""
-    names = _names(code)
+    a lambda, a comprehension) loads, in name order. ``attributes``: the names it reads as
+    attributes instead (``settings.SCALE``, looked up in a user's module). Only names loaded
+    as globals are read from the code's own namespace: ``self.r`` must not bring in a global
+    ``r`` (a notebook's ``r = db.query(...)``), whose every rebinding would change the
+    fingerprint."""
+    names = _names(code, attributes)
     return [(name, namespace[name]) for name in sorted(names)
             if name in namespace and not (name.startswith("__") and name.endswith("__"))]
 
 
-def _names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+
+
+def _names(code: types.CodeType, attributes: bool) -> set[str]:
+    wanted = _ATTRIBUTE_LOADS if attributes else _GLOBAL_LOADS
+    names = {op.argval for op in dis.get_instructions(code)
+             if op.opname in wanted and isinstance(op.argval, str)}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _names(const)
+            names |= _names(const, attributes)
     return names
 
 

@@ -366,7 +366,7 @@ class _Walk:
             self.global_value(digest, name, fn.__globals__, var, value)
             if isinstance(value, types.ModuleType) and user_module(value):
                 # settings.SCALE: the names the code uses, read in the user's module.
-                for attr, item in globals_read(fn.__code__, vars(value)):
+                for attr, item in globals_read(fn.__code__, vars(value), attributes=True):
                     self.global_value(digest, name, vars(value), f"{var}.{attr}", item)
 
     def global_value(self, digest, name: str, namespace: dict, var: str, value) -> None:
