@@ -336,6 +336,32 @@ def test_an_output_with_a_vector_per_position_names_the_way_to_pick_one():
     np.testing.assert_array_equal(picked.profile.predictions, first.argmax(1).numpy())
 
 
+class PerPixel(nn.Module):
+    """A segmentation model's output: a map of CLASSES scores per item, channels first."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(D, CLASSES * 9)
+
+    def forward(self, x):
+        return self.body(x).reshape(len(x), CLASSES, 3, 3)
+
+
+def test_a_map_of_scores_per_pixel_names_a_way_that_works():
+    X, y = data()
+    conn = diagql.connect(PerPixel(), (X, y), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError) as refused:
+        _ = conn.profile
+    assert "a map of class scores (one per pixel" in refused.value.message
+    assert "scores=lambda out: out.mean(dim=(2, 3))" in refused.value.message
+    picked = diagql.connect(PerPixel(), (X, y), cache_dir=False, progress=False,
+                            scores=lambda out: out.mean(dim=(2, 3)))
+    with torch.no_grad():
+        mean = PerPixel()(X).mean(dim=(2, 3))
+    np.testing.assert_array_equal(picked.profile.predictions, mean.argmax(1).numpy())
+
+
 @pytest.mark.parametrize("labels, shown", [
     (lambda y: torch.stack([y, (y + 1) % CLASSES, torch.full_like(y, -100)], dim=1),
      "got class indices of shape (3,) per item (one per token, as for token classification)"),

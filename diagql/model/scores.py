@@ -28,6 +28,12 @@ def classes_of(shape: tuple[int, ...]) -> int:
 def several_vectors(shape: tuple[int, ...]) -> str:
     """The refusal of an output with several score vectors per item (a token-level model's,
     one per position): what it is, and how to name one vector per item."""
+    if len(shape) >= 3:  # (classes, H, W): a map of scores per pixel, channels first
+        return (f"the model's output has per-item shape {shape}: a map of class scores (one "
+                f"per pixel, as a segmentation model gives), where DiagQL needs one vector of "
+                f"class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
+                f"out.mean(dim=({', '.join(str(d) for d in range(2, len(shape) + 1))})) "
+                f"(each class's mean score over the map)")
     return (f"the model's output has per-item shape {shape}: several score vectors per item "
             f"(one per position, as a token-level model gives), where DiagQL needs one vector "
             f"of class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
