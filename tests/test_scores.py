@@ -308,6 +308,32 @@ def test_a_datasets_labels_are_read_once_to_decide():
     assert items.reads <= 14 + 2 * N
 
 
+class AuxFirst(nn.Module):
+    """An auxiliary head returned before the main one, both CLASSES wide."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.aux, self.main = nn.Linear(D, CLASSES), nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        return self.aux(x), self.main(x)
+
+
+def test_the_first_of_equal_widths_is_taken_and_said_to_be(tmp_path):
+    """A convention (Inception's (logits, aux)) is a guess: it is said, each connection."""
+    X, y = data()
+    for _ in range(2):  # the second reads the catalog from disk: still said
+        with pytest.warns(diagql.DiagQLWarning, match=r"several vectors of class scores of one "
+                                                      r"width; DiagQL reads output\[0\]"):
+            conn = diagql.connect(AuxFirst(), (X, y), cache_dir=tmp_path, progress=False)
+            _ = conn.profile
+    named = diagql.connect(AuxFirst(), (X, y), cache_dir=tmp_path, progress=False, scores=1)
+    with torch.no_grad():
+        main = AuxFirst().main(X)
+    check(named, by_hand(None, X, y, main))
+
+
 class PerPosition(nn.Module):
     """A token-level model's output: CLASSES scores at each of 4 positions per item."""
 

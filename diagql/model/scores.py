@@ -78,6 +78,9 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
 # --- where the scores are --------------------------------------------------------------------
 
 
+EQUAL_WIDTHS = "the first of equal widths"  # Scores.why of a guess a warning says
+
+
 @dataclass(frozen=True)
 class Scores:
     """Where the class scores are in a model's output (docs/ARCHITECTURE.md, "Data model"):
@@ -253,7 +256,7 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
                               f"class scores per item; name them with {_OPTION} (a position, "
                               f"a key, or a function of the output)")
     if len({shape for _, shape in found}) == 1:
-        why = "its one vector per item" if len(found) == 1 else "the first of equal widths"
+        why = "its one vector per item" if len(found) == 1 else EQUAL_WIDTHS
         return Scores(found[0][0], why=why)
     needed = label_classes()
     if needed is not None:

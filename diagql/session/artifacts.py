@@ -90,6 +90,7 @@ class Artifacts:
             self.catalog = load_or_compute(
                 conn.cache, "catalog", self.catalog_key(), compute, LayerCatalog.to_arrays,
                 LayerCatalog.from_arrays, lambda _: {"model": type(conn.model).__qualname__})
+            _warn_guessed_scores(self.catalog, conn.given_scores)
         return self.catalog
 
     def get_profile(self) -> Profile:
@@ -227,9 +228,8 @@ class Artifacts:
         except Unfingerprintable as exc:
             raise Unfingerprintable(f"the scores= function: {exc}") from None
 
-    @property
-    def fingerprinted(self) -> bool:
-        return self._fingerprinted
+    def derived(self) -> bool:
+        return bool(self.catalog or self.profile or self.samples or self._fingerprinted)
 
     def fingerprints(self) -> tuple[str, str, object] | None:
         """(model, data, scores choice) digests, hashed once; None when one cannot be hashed
@@ -303,6 +303,16 @@ class Artifacts:
                                 if issubclass(cls, samplers.Sampler))
         return cache_key("sample", profile_key, sampler.spec(),
                          [source_digest(module) for module in modules])
+
+
+def _warn_guessed_scores(catalog: LayerCatalog, given) -> None:
+    """Say that the default took the first of several score vectors of one width: an
+    auxiliary head given first would make every prediction another head's."""
+    if catalog.scores.why == scores.EQUAL_WIDTHS and given is None:
+        warnings.warn(f"the model's output holds several vectors of class scores of one width; "
+                      f"DiagQL reads output[{catalog.scores.at!r}], the first (the main head, by "
+                      f"convention: Inception's (logits, aux)); if another is, name it with "
+                      f"scores= (--scores)", DiagQLWarning, stacklevel=5)
 
 
 def _warn_memory_only(memory_only: dict, cache) -> None:

@@ -182,9 +182,7 @@ class ModelEntry:
     def forget_derived(self) -> bool:
         """The model or the data changed in place: everything derived from them is stale.
         Whether anything had been derived. (Its inputs indexes: session/changes.py.)"""
-        artifacts = self.artifacts
-        derived = bool(artifacts.catalog or artifacts.profile or artifacts.samples or
-                       artifacts.fingerprinted)
+        derived = self.artifacts.derived()
         self.artifacts = Artifacts(self)
         self.activations = ActivationStore(self.conn.cache, self.artifacts.activation_key,
                                            len(self.conn.source), self.activations.dtype)
