@@ -327,7 +327,7 @@ def test_the_first_of_equal_widths_is_taken_and_said_to_be(tmp_path):
         with pytest.warns(diagql.DiagQLWarning, match=r"several vectors of class scores of one "
                                                       r"width; DiagQL reads output\[0\]"):
             conn = diagql.connect(AuxFirst(), (X, y), cache_dir=tmp_path, progress=False)
-            _ = conn.profile
+            conn.query("AVG NEURONS IN main WHERE correct")
     named = diagql.connect(AuxFirst(), (X, y), cache_dir=tmp_path, progress=False, scores=1)
     with torch.no_grad():
         main = AuxFirst().main(X)
