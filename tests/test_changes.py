@@ -234,3 +234,15 @@ def test_a_model_that_writes_its_own_buffers_is_not_taken_as_changed(tmp_path):
         db.plan("AVG NEURONS IN fc USING SAMPLE random(0.3, random_state=1)")
         db.query("AVG NEURONS IN fc")
     assert db.profile is profile and int(model.calls) > 0
+
+
+def test_a_model_converted_to_float64_between_statements_is_read_so():
+    model, X, y = _world()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=False)
+    db.query("AVG NEURONS IN 0")
+    model.double()
+    with pytest.warns(DiagQLWarning, match="the model changed"):
+        answer = db.query("AVG NEURONS IN 0")
+    with torch.no_grad():
+        np.testing.assert_allclose(answer.values, model[0](X.double()).mean(0).numpy(),
+                                   rtol=1e-12)

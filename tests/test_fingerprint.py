@@ -615,3 +615,77 @@ def test_a_global_named_like_an_attribute_is_not_read(tmp_path):
         module = _import_fresh(folder, "usernet", {"usernet": source + f"\nr = {value}\n"})
         digests.append(model_fingerprint(module.Net2()))
     assert digests[0] == digests[1]
+
+
+VARIANT_FILE = """
+import functools
+import torch
+from torch import nn
+import pkg.ops
+
+SCALE = {scale}
+
+
+@functools.lru_cache(maxsize=None)
+def factor():
+    return SCALE
+
+
+class Net(nn.Module):
+    K = 1.0
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 3)
+
+    @torch.no_grad()
+    def forward(self, x):
+        return {body}
+"""
+
+
+@pytest.mark.parametrize("body, runtime", [
+    ("self.fc(x) * SCALE", False),  # a global read by a decorated forward
+    ("self.fc(x) * factor()", False),  # a helper behind functools.lru_cache
+    ("pkg.ops.shift(self.fc(x))", False),  # a helper two modules down
+    ("self.fc(x) * Net.K", True),  # a class attribute set at run time (Net.K = 3)
+], ids=["decorated forward", "lru_cache helper", "pkg.ops helper", "class attribute"])
+def test_what_the_source_of_the_class_does_not_show_is_seen(tmp_path, body, runtime):
+    digests = []
+    for version, scale in enumerate((2.0, 3.0)):
+        folder = tmp_path / str(version)
+        (folder / "pkg").mkdir(parents=True)
+        (folder / "pkg" / "__init__.py").write_text("")
+        import sys
+
+        for name in ("pkg", "pkg.ops"):
+            sys.modules.pop(name, None)
+        (folder / "pkg" / "ops.py").write_text(f"OFFSET = {scale}\n\n\ndef shift(x):\n"
+                                               f"    return x + OFFSET\n")
+        module = _import_fresh(folder, "usernet", {
+            "usernet": VARIANT_FILE.format(scale=2.0 if runtime else scale, body=body)})
+        if runtime:
+            module.Net.K = scale
+        model = module.Net()
+        digests.append(model_fingerprint(model))
+        for name in ("pkg", "pkg.ops"):
+            sys.modules.pop(name, None)
+    assert digests[0] != digests[1]
+
+
+def test_a_class_defined_in_python_c_is_fingerprinted():
+    """Its source lookup raises OSError there (and in IPython), not TypeError."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom diagql.storage.fingerprint import model_fingerprint\n"
+            "class Net(torch.nn.Module):\n"
+            "    def __init__(self):\n        super().__init__()\n"
+            "        self.fc = torch.nn.Linear(2, 2)\n"
+            "    def forward(self, x):\n        return self.fc(x)\n"
+            "print(len(model_fingerprint(Net())))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "32"

@@ -121,3 +121,10 @@ def test_a_sampler_past_the_dataset_is_refused(world):
     model, X, y = world
     with pytest.raises(DiagQLError, match="index 300, outside its dataset of 300 items"):
         diagql.connect(model, DataLoader(TensorDataset(X, y), sampler=[0, 300]), progress=False)
+
+
+def test_a_sequential_sampler_over_part_of_the_dataset_gives_that_part(world):
+    model, X, y = world
+    loader = DataLoader(TensorDataset(X, y), sampler=torch.utils.data.SequentialSampler(range(50)))
+    db = diagql.connect(model, loader, progress=False)
+    np.testing.assert_allclose(_avg(db), _truth(model, X, list(range(50))), rtol=1e-6, atol=1e-7)

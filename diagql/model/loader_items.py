@@ -28,7 +28,7 @@ def loader_items(loader) -> np.ndarray | None:
     source = batches if own_batches else sampler
     what = f"batch_sampler ({type(source).__name__})" if own_batches else \
         f"sampler ({type(source).__name__})"
-    if type(source) is SequentialSampler:
+    if type(source) is SequentialSampler and len(source) == n:
         items = None
     elif type(source) is RandomSampler and not source.replacement and source.num_samples == n:
         items = None  # shuffle=True: every item once

@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from diagql.errors import DiagQLWarning
-from diagql.model.data import ItemSource
+from diagql.model.data import FORWARDS, ItemSource
 from diagql.session.inputs import forget_indices
 from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint, model_fingerprint
 
 FULL_BYTES = 32 * 1024 ** 2  # fingerprinted whole before each statement: about 5 ms at most
+MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms)
 
 
 def tensor_stamp(tensors) -> tuple:
@@ -44,8 +45,12 @@ def model_stamp(module) -> tuple:
     when it is small."""
     tensors = list(itertools.chain(module.parameters(), module.buffers()))
     modules = tuple((id(m), type(m)) for m in module.modules())
+    if len(modules) > MAX_MODULES:  # walking every module's attributes costs too much
+        return tensor_stamp(tensors), modules, None
+    # Not the globals its code reads: a notebook's large global (a vocabulary) would cost
+    # every statement a walk; they key the cache, where a new process reads them.
     return tensor_stamp(tensors), modules, _small(_bytes(tensors),
-                                                  lambda: model_fingerprint(module))
+                                                  lambda: model_fingerprint(module, code=False))
 
 
 def notice_changes(conn) -> None:
@@ -54,8 +59,7 @@ def notice_changes(conn) -> None:
     if not conn.models or conn.source is None or conn.engine is not None:
         return  # Ray's workers hold their own copies
     tensors, arrays = _data_parts(conn)
-    data = (tensor_stamp(tensors),
-            _small(_bytes(tensors) + sum(a.nbytes for a in arrays), lambda: _data_digest(conn)))
+    data = (tensor_stamp(tensors), _small(_bytes(tensors, arrays), lambda: _data_digest(conn)))
     data_changed = conn.data_stamp is not None and data != conn.data_stamp
     if data_changed:  # read again: the labels were copied when it was first read
         conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
@@ -83,12 +87,15 @@ def notice_changes(conn) -> None:
 
 @contextlib.contextmanager
 def watching(conn):
-    """One statement's span: changes noticed before it, its own passes' taken as read after."""
+    """One statement's span: changes noticed before it, its own passes' taken as read after
+    (when it ran the model at all)."""
     notice_changes(conn)
+    forwards = FORWARDS[0]
     try:
         yield
     finally:
-        after_statement(conn)
+        if FORWARDS[0] != forwards:
+            after_statement(conn)
 
 
 def after_statement(conn) -> None:
@@ -102,8 +109,11 @@ def after_statement(conn) -> None:
             entry.stamp = model_stamp(entry.architecture())
 
 
-def _bytes(tensors: list) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+def _bytes(tensors: list, arrays: tuple = ()) -> int:
+    """Their bytes, each storage once (a tensor made from an array shares its memory)."""
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+    sizes.update((a.__array_interface__["data"][0], a.nbytes) for a in arrays)
+    return sum(sizes.values())
 
 
 def _small(size: int, fingerprint) -> str | None:

@@ -183,9 +183,12 @@ class ModelEntry:
         """The model or the data changed in place: everything derived from them is stale.
         Whether anything had been derived. (Its inputs indexes: session/changes.py.)"""
         derived = self.artifacts.derived()
+        if self.slot is None:  # model.double(), model.to("cuda") since: read as it is now
+            self.dtype = model_dtype(self._module)
+            self.device = next((p.device for p in self._module.parameters()), self.device)
         self.artifacts = Artifacts(self)
         self.activations = ActivationStore(self.conn.cache, self.artifacts.activation_key,
-                                           len(self.conn.source), self.activations.dtype)
+                                           len(self.conn.source), row_dtype(self.dtype))
         return derived
 
     def runner(self, besides: tuple = ()) -> Runner:

@@ -12,7 +12,7 @@ from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.parser import parse_piece, split_statements
 from diagql.results.result import Result
-from diagql.session.changes import after_statement, notice_changes, watching
+from diagql.session.changes import watching
 from diagql.session.class_names import resolved
 from diagql.session.models import name_model
 from diagql.session.statements import planned, run_statement
@@ -84,9 +84,15 @@ def _run_queries(conn, queries: list, script: str,
     if len(waiting) == 1:
         yield _outcome(conn, waiting[0][0], script, waiting[0][1], placed)
         return
+    with watching(conn):  # what changed in place since the last (session/changes.py)
+        outcomes = _shared_pass(conn, waiting, script, placed)
+    yield from outcomes
+
+
+def _shared_pass(conn, waiting: list, script: str, placed: bool) -> list:
+    """Each waiting query's Result or DiagQLError, in order, from one pass per model."""
     outcomes: list[Result | DiagQLError | None] = []
     plans: list = []  # (position, plan, timings) of the queries that planned
-    notice_changes(conn)
     for statement, _ in waiting:
         try:
             plan, timings = planned(conn, statement)
@@ -117,5 +123,4 @@ def _run_queries(conn, queries: list, script: str,
                 outcomes[position] = answer.with_source(script)
             else:
                 outcomes[position] = _placed(answer, waiting[position][0], script, placed)
-    after_statement(conn)
-    yield from outcomes
+    return outcomes

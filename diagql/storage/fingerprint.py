@@ -36,7 +36,7 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model, code: bool = True) -> str:
     """A digest of what decides the model's outputs; raises Unfingerprintable when some of it
     cannot be seen whole (two models that differ there would share the digest).
 
@@ -47,7 +47,8 @@ def model_fingerprint(model) -> str:
     object, a ``functools.partial``, a function with its defaults and closure), followed
     through containers and plain objects. Torch's own classes, and their private attributes,
     are covered by torch's version; and the globals that the user's own code reads (a helper
-    function, a constant: storage/code_reads.py), followed where they can be seen whole. Not
+    function, a constant, a class attribute: storage/code_reads.py), followed where they can
+    be seen whole (``code=False``: not these, nor the user's classes' attributes). Not
     covered: hooks (a hook that counts or records calls is instrumentation, not the model; one
     that changes outputs, an ablation's, needs cache_dir=False), and the globals of installed
     packages' code.
@@ -57,7 +58,7 @@ def model_fingerprint(model) -> str:
     digest = xxhash.xxh3_128()
     _feed(digest, "torch", torch.__version__)
     try:
-        _Walk().modules(digest, model, "")
+        _Walk(code).modules(digest, model, "")
     except RecursionError:
         raise Unfingerprintable("the model's attributes are nested too deeply to hash") from None
     return digest.hexdigest()
@@ -126,7 +127,7 @@ def source_digest(obj) -> str:
         return ""
     try:
         path = inspect.getsourcefile(obj)
-    except TypeError:  # built in, or defined at a prompt
+    except (TypeError, OSError):  # built in, or defined at a prompt (python -c, IPython)
         path = None
     if path is not None and not user_path(path):
         return _file_digest(path)
@@ -190,7 +191,8 @@ class _Walk:
     hashes alike each time and finishes.
     """
 
-    def __init__(self):
+    def __init__(self, code: bool = True):
+        self.follow_code = code  # the globals and class attributes the user's code reads
         self.module_names: dict[int, str] = {}
         self.tensor_names: dict[int, str] = {}
         self.stack: list[int] = []  # ids of the values being hashed, outermost first
@@ -360,19 +362,26 @@ class _Walk:
         """The globals the user's function reads (storage/code_reads.py), each once per
         walk. One that cannot be seen whole (a logger, a generator) is named, not hashed: it
         must not keep the whole model from the cache."""
-        if not user_code(fn.__code__):
+        if not (self.follow_code and user_code(fn.__code__)):
             return
         for var, value in globals_read(fn.__code__, fn.__globals__):
-            self.global_value(digest, name, fn.__globals__, var, value)
-            if isinstance(value, types.ModuleType) and user_module(value):
-                # settings.SCALE: the names the code uses, read in the user's module.
-                for attr, item in globals_read(fn.__code__, vars(value), attributes=True):
-                    self.global_value(digest, name, vars(value), f"{var}.{attr}", item)
+            self.global_value(digest, name, id(fn.__globals__), var, value)
+            self.module_reads(digest, name, fn.__code__, var, value, depth=3)
 
-    def global_value(self, digest, name: str, namespace: dict, var: str, value) -> None:
-        if (id(namespace), var) in self.globals_seen:
+    def module_reads(self, digest, name: str, code, var: str, value, depth: int) -> None:
+        """settings.SCALE, pkg.ops.f: the names the code reads as attributes, looked up in
+        the user's modules it reaches (a few levels down)."""
+        if depth and isinstance(value, types.ModuleType) and user_module(value):
+            for attr, item in globals_read(code, vars(value), attributes=True):
+                self.global_value(digest, name, id(value), f"{var}.{attr}", item)
+                self.module_reads(digest, name, code, f"{var}.{attr}", item, depth - 1)
+
+    def global_value(self, digest, name: str, scope: int, var: str, value) -> None:
+        if (scope, var) in self.globals_seen:
             return
-        self.globals_seen.add((id(namespace), var))
+        self.globals_seen.add((scope, var))
+        if callable(value) and hasattr(value, "__wrapped__"):  # functools.cache, wraps
+            value = inspect.unwrap(value)
         counted = self.values
         try:
             _feed(digest, name, "global", var, self.digest_of(f"{name}<{var}>", value))
@@ -398,10 +407,13 @@ class _Walk:
         caller has it on the stack already."""
         source = source_digest(cls)
         _feed(digest, *([] if name is None else [name]), tag, _qualname(cls), source)
-        if source and _is_python_class(cls):  # its methods' globals: its source is not them
+        if source and self.follow_code and _user_class(cls):
+            # What its source does not show: attributes set at run time (Net.SCALE = 3), a
+            # decorated method's inner function and the globals its methods read.
             for key, item in cls.__dict__.items():
-                for fn in _functions(item):
-                    self.globals_of(digest, f"{_qualname(cls)}.{key}", fn)
+                if key not in _CLASS_BOOKKEEPING:
+                    for part in _functions(item) or [item]:
+                        self.global_value(digest, _qualname(cls), id(cls), key, part)
         if source or not _is_python_class(cls):
             return
         name = name or _qualname(cls)
@@ -508,6 +520,15 @@ def _slot_names(cls: type) -> list[str]:
             if slot not in names:
                 names.append(slot)
     return names
+
+
+@functools.lru_cache(maxsize=512)
+def _user_class(cls: type) -> bool:
+    try:
+        path = inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return False
+    return path is not None and user_path(path)
 
 
 def _functions(item) -> list:
