@@ -122,7 +122,7 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     weights loaded, a tensor written) is noticed before the next statement, which derives
     the profile again and says so (session/changes.py); a write through ``.data`` into a
     model over 32 MB is not seen (connect again after one), nor are hooks (for an ablation
-    by a hook, connect with ``cache_dir=False``). ``latent``
+    by a hook, add it, then connect anew with ``cache_dir=False``). ``latent``
     applies to the default model and its checkpoints; each model has its own profile.
 
     ``engine="ray"`` runs the passes over the data (the profile, full-data queries, sample
