@@ -197,7 +197,8 @@ class _Walk:
         self.tensor_names: dict[int, str] = {}
         self.stack: list[int] = []  # ids of the values being hashed, outermost first
         self.values = 0
-        self.globals_seen: set[tuple[int, str]] = set()  # (id of a namespace, a global's name)
+        # (id of a namespace or class, a name) -> its digest, or "cycle" while it is hashed
+        self.globals_seen: dict[tuple[int, str], str] = {}
 
     def modules(self, digest, root, prefix: str) -> None:
         import torch
@@ -377,17 +378,23 @@ class _Walk:
                 self.module_reads(digest, name, code, f"{var}.{attr}", item, depth - 1)
 
     def global_value(self, digest, name: str, scope: int, var: str, value) -> None:
-        if (scope, var) in self.globals_seen:
+        """A global (or class attribute) by its own digest, computed once per walk and fed
+        alike wherever it is met, so that a digest does not depend on where it was met
+        first (the items of a set are hashed in an order of their own)."""
+        known = self.globals_seen.get((scope, var))
+        if known is not None:
+            _feed(digest, name, "global", var, known)
             return
-        self.globals_seen.add((scope, var))
+        self.globals_seen[(scope, var)] = "cycle"
         if callable(value) and hasattr(value, "__wrapped__"):  # functools.cache, wraps
             value = inspect.unwrap(value)
         counted = self.values
         try:
-            _feed(digest, name, "global", var, self.digest_of(f"{name}<{var}>", value))
+            found = self.digest_of(f"{name}<{var}>", value)
         except _Opaque:
-            self.values = counted
-            _feed(digest, name, "global unseen", var)
+            self.values, found = counted, "unseen"
+        self.globals_seen[(scope, var)] = found
+        _feed(digest, name, "global", var, found)
 
     def code(self, digest, name: str, code: types.CodeType) -> None:
         # What runs, without the file name and line numbers, which move without changing it.
