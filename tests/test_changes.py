@@ -184,6 +184,11 @@ def test_numpy_data_written_in_place_is_seen(tmp_path):
         answer = db.query("AVG NEURONS IN 4")
     np.testing.assert_allclose(answer.values, _through(model, torch.from_numpy(arrays[0]), 4),
                                rtol=1e-6, atol=1e-7)
+    profile = db.profile
+    with warnings.catch_warnings():  # read again once, not at every statement after
+        warnings.simplefilter("error", DiagQLWarning)
+        db.query("AVG NEURONS IN 4 WHERE correct")
+    assert db.profile is profile
 
 
 def test_a_checkpoint_saved_again_is_read_again(tmp_path):

@@ -4,7 +4,7 @@ DiagQL reads a loader's dataset by index, in index order, in batches of its own;
 loader's order and batch size do not change an answer. Its sampler does: a validation
 split is often ``DataLoader(full, sampler=SubsetRandomSampler(val))``, whose items are a
 part of the dataset. So the items are the sampler's, whatever their order (docs/
-ARCHITECTURE.md, "Data"). A sampler that draws with replacement, or draws another set each
+ARCHITECTURE.md, "Data model"). A sampler that draws with replacement, or draws another set each
 time it is read, has no fixed items to diagnose, and is refused.
 """
 from __future__ import annotations

@@ -64,6 +64,7 @@ def notice_changes(conn) -> None:
     if data_changed:  # read again: the labels were copied when it was first read
         conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
         conn._data_digest.clear()
+        data = (tensor_stamp(_data_parts(conn)[0]), data[1])  # the new source's tensors
     conn.data_stamp = data
     forgot = []
     for entry in conn.models.values():
