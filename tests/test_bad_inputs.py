@@ -450,3 +450,27 @@ def test_inputs_alone_as_data_are_told_to_come_as_a_pair_with_none(as_array):
         diagql.connect(torch.nn.Linear(4, 3), X.numpy() if as_array else X, cache_dir=False,
                        progress=False)
 
+
+
+class _TakesAList(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(7, 3)
+
+    def forward(self, parts):
+        return self.fc(torch.cat([parts[0], parts[1]], dim=1))
+
+
+def test_a_list_input_spread_over_forward_says_how_to_pass_it_whole():
+    torch.manual_seed(0)
+    items = [([torch.randn(4), torch.randn(3)], i % 3) for i in range(12)]
+    with pytest.raises(ExecutionError, match=r"a list of inputs is spread over forward's "
+                                             r"arguments.*\(\(inputs,\), y\)"):
+        connect(_TakesAList(), items).query("AVG NEURONS IN fc")
+    whole = [((parts,), y) for parts, y in items]
+    answer = connect(_TakesAList(), whole).query("AVG NEURONS IN fc")
+    with torch.no_grad():
+        truth = torch.stack([_TakesAList().fc(torch.cat([a, b])) for (a, b), _ in items])
+    truth = truth.double().mean(0)
+    np.testing.assert_allclose(answer.values, truth.numpy(), rtol=1e-6)

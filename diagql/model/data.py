@@ -375,8 +375,11 @@ def call_model(model, x):
     except DiagQLError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of user code is reported, not crashed on
+        spread = " (a list of inputs is spread over forward's arguments, as a tuple is; to " \
+            "pass one list whole, give each item as ((inputs,), y))" \
+            if isinstance(x, list) and isinstance(exc, TypeError) else ""
         raise ExecutionError(f"the model's forward raised {type(exc).__name__}: {exc}"
-                             f"{_integer_hint(x)}") from exc
+                             f"{_integer_hint(x)}{spread}") from exc
 
 
 def _integer_hint(x) -> str:
