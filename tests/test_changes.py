@@ -251,3 +251,13 @@ def test_a_model_converted_to_float64_between_statements_is_read_so():
     with torch.no_grad():
         np.testing.assert_allclose(answer.values, model[0](X.double()).mean(0).numpy(),
                                    rtol=1e-12)
+
+
+def test_a_model_with_a_sparse_buffer_is_stamped():
+    model, X, y = _world()
+    model.register_buffer("mask", torch.eye(4).to_sparse())
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        first = db.query("AVG NEURONS IN 2")
+        assert np.array_equal(db.query("AVG NEURONS IN 2").values, first.values)

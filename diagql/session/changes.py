@@ -37,7 +37,15 @@ MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms
 
 
 def tensor_stamp(tensors) -> tuple:
-    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
+    return tuple((id(t), _pointer(t), t._version) for t in tensors)
+
+
+def _pointer(t) -> int:
+    """Where a tensor's values are; 0 for one without a storage of its own (sparse)."""
+    try:
+        return t.data_ptr()
+    except RuntimeError:
+        return 0
 
 
 def model_stamp(module) -> tuple:
@@ -112,7 +120,7 @@ def after_statement(conn) -> None:
 
 def _bytes(tensors: list, arrays: tuple = ()) -> int:
     """Their bytes, each storage once (a tensor made from an array shares its memory)."""
-    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
+    sizes = {_pointer(t) or id(t): t.numel() * t.element_size() for t in tensors}
     sizes.update((a.__array_interface__["data"][0], a.nbytes) for a in arrays)
     return sum(sizes.values())
 
