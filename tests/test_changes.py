@@ -261,3 +261,16 @@ def test_a_model_with_a_sparse_buffer_is_stamped():
         warnings.simplefilter("error", DiagQLWarning)
         first = db.query("AVG NEURONS IN 2")
         assert np.array_equal(db.query("AVG NEURONS IN 2").values, first.values)
+
+
+def test_inference_tensors_are_stamped():
+    """Made under torch.inference_mode (features computed beforehand, a model loaded there),
+    they keep no version counter."""
+    with torch.inference_mode():
+        model, X, y = _world()
+        X = X * 1.0
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=False)
+    first = db.query("AVG NEURONS IN 2")
+    assert np.array_equal(db.query("AVG NEURONS IN 2").values, first.values)
+    with torch.no_grad():
+        np.testing.assert_allclose(first.values, model(X).double().mean(0).numpy(), rtol=1e-6)

@@ -37,7 +37,16 @@ MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms
 
 
 def tensor_stamp(tensors) -> tuple:
-    return tuple((id(t), _pointer(t), t._version) for t in tensors)
+    return tuple((id(t), _pointer(t), _version(t)) for t in tensors)
+
+
+def _version(t) -> int:
+    """Its version counter; -1 for an inference tensor (made under torch.inference_mode),
+    which keeps none (and cannot be written outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
 
 
 def _pointer(t) -> int:
