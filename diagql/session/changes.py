@@ -30,7 +30,7 @@ import torch
 from diagql.errors import DiagQLWarning
 from diagql.model.data import FORWARDS, ItemSource
 from diagql.session.inputs import forget_indices
-from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint, model_fingerprint
+from diagql.storage.fingerprint import data_fingerprint, model_fingerprint
 
 FULL_BYTES = 32 * 1024 ** 2  # fingerprinted whole before each statement: about 5 ms at most
 MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms)
@@ -140,8 +140,8 @@ def _small(size: int, fingerprint) -> str | None:
         return None
     try:
         return fingerprint()
-    except Unfingerprintable:
-        return None
+    except Exception:  # noqa: BLE001 - Unfingerprintable, or a tensor that cannot be read
+        return None  # (meta, ...): the stamp's versions and identities still stand
 
 
 def _data_digest(conn) -> str | None:
