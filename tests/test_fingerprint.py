@@ -689,3 +689,23 @@ def test_a_class_defined_in_python_c_is_fingerprinted():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "32"
+
+
+def _looping(x):
+    return x
+
+
+_looping.__wrapped__ = _looping  # a wrapper chain that loops, as a careless decorator leaves
+
+
+class _ReadsALoopingHelper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return _looping(self.fc(x))
+
+
+def test_a_helper_whose_wrapper_chain_loops_is_fingerprinted():
+    assert len(model_fingerprint(_ReadsALoopingHelper())) == 32

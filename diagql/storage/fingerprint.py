@@ -127,8 +127,8 @@ def source_digest(obj) -> str:
         return ""
     try:
         path = inspect.getsourcefile(obj)
-    except (TypeError, OSError):  # built in, or defined at a prompt (python -c, IPython)
-        path = None
+    except (TypeError, OSError, ValueError):  # built in, or defined at a prompt (python -c,
+        path = None  # IPython)
     if path is not None and not user_path(path):
         return _file_digest(path)
     try:
@@ -151,7 +151,7 @@ def _source_digest(obj) -> str:
     # Memoized per object: getsource parses the whole file, and an object's code is fixed.
     try:
         source = inspect.getsource(obj)
-    except (OSError, TypeError):
+    except (OSError, TypeError, ValueError):  # ValueError: a __wrapped__ chain that loops
         return ""
     return hashlib.sha256(source.encode()).hexdigest()
 
@@ -387,7 +387,10 @@ class _Walk:
             return
         self.globals_seen[(scope, var)] = "cycle"
         if callable(value) and hasattr(value, "__wrapped__"):  # functools.cache, wraps
-            value = inspect.unwrap(value)
+            try:
+                value = inspect.unwrap(value)
+            except ValueError:  # a chain of wrappers that loops (a mock's __getattr__)
+                pass
         counted = self.values
         try:
             found = self.digest_of(f"{name}<{var}>", value)
@@ -419,8 +422,8 @@ class _Walk:
             # decorated method's inner function and the globals its methods read.
             for key, item in cls.__dict__.items():
                 if key not in _CLASS_BOOKKEEPING:
-                    for part in _functions(item) or [item]:
-                        self.global_value(digest, _qualname(cls), id(cls), key, part)
+                    for i, part in enumerate(_functions(item) or [item]):
+                        self.global_value(digest, _qualname(cls), id(cls), f"{key}#{i}", part)
         if source or not _is_python_class(cls):
             return
         name = name or _qualname(cls)
