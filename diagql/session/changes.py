@@ -30,7 +30,8 @@ import torch
 from diagql.errors import DiagQLWarning
 from diagql.model.data import FORWARDS, ItemSource
 from diagql.session.inputs import forget_indices
-from diagql.storage.fingerprint import data_fingerprint, model_fingerprint
+from diagql.session.models import data_digest
+from diagql.storage.fingerprint import model_fingerprint
 
 FULL_BYTES = 32 * 1024 ** 2  # fingerprinted whole before each statement: about 5 ms at most
 MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms)
@@ -76,12 +77,14 @@ def notice_changes(conn) -> None:
     if not conn.models or conn.source is None or conn.engine is not None:
         return  # Ray's workers hold their own copies
     tensors, arrays = _data_parts(conn)
-    data = (tensor_stamp(tensors), _small(_bytes(tensors, arrays), lambda: _data_digest(conn)))
+    data = (tensor_stamp(tensors), _small(_bytes(tensors, arrays), lambda: data_digest(conn)))
     data_changed = conn.data_stamp is not None and data != conn.data_stamp
     if data_changed:  # read again: the labels were copied when it was first read
         conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
         conn._data_digest.clear()
         data = (tensor_stamp(_data_parts(conn)[0]), data[1])  # the new source's tensors
+    if data[1] is not None and not conn._data_digest:
+        conn._data_digest.append(data[1])  # the cache keys' (ModelEntry.data_digest): once
     conn.data_stamp = data
     forgot = []
     for entry in conn.models.values():
@@ -142,11 +145,6 @@ def _small(size: int, fingerprint) -> str | None:
         return fingerprint()
     except Exception:  # noqa: BLE001 - Unfingerprintable, or a tensor that cannot be read
         return None  # (meta, ...): the stamp's versions and identities still stand
-
-
-def _data_digest(conn) -> str | None:
-    columns = getattr(conn.source, "columns", lambda: None)()
-    return data_fingerprint(conn.data, columns, getattr(conn.source, "indices", None))
 
 
 def _data_parts(conn) -> tuple[list, list]:

@@ -104,9 +104,7 @@ class ModelEntry:
         memo = self.conn._data_digest
         if not memo:
             try:
-                columns = getattr(self.conn.source, "columns", lambda: None)()
-                memo.append(data_fingerprint(self.conn.data, columns,
-                                             getattr(self.conn.source, "indices", None)))
+                memo.append(data_digest(self.conn))
             except Unfingerprintable as exc:
                 memo.append(exc)
         if isinstance(memo[0], Unfingerprintable):
@@ -208,6 +206,13 @@ class ModelEntry:
         """The module, or for a checkpoint the final model, without loading any weights (for
         its class, its parameter count and messages)."""
         return self._module if self.slot is None else self.slot.final
+
+
+def data_digest(conn) -> str:
+    """The fingerprint of the connection's data as its source reads it (the columns taken,
+    a loader's sampler's items); raises Unfingerprintable."""
+    columns = getattr(conn.source, "columns", lambda: None)()
+    return data_fingerprint(conn.data, columns, getattr(conn.source, "indices", None))
 
 
 def model_dtype(module) -> torch.dtype:
