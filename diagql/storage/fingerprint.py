@@ -126,12 +126,6 @@ def source_digest(obj) -> str:
     if _from_torch(obj):
         return ""
     try:
-        path = inspect.getsourcefile(obj)
-    except (TypeError, OSError, ValueError):  # built in, or defined at a prompt (python -c,
-        path = None  # IPython)
-    if path is not None and not user_path(path):
-        return _file_digest(path)
-    try:
         return _source_digest(obj)
     except TypeError:  # unhashable callable
         return _source_digest.__wrapped__(obj)
@@ -148,7 +142,14 @@ def _file_digest(path: str) -> str:
 
 @functools.lru_cache(maxsize=512)
 def _source_digest(obj) -> str:
-    # Memoized per object: getsource parses the whole file, and an object's code is fixed.
+    # Memoized per object: the file lookup runs for every class of every fingerprint (each
+    # statement's stamp), getsource parses the whole file, and an object's code is fixed.
+    try:
+        path = inspect.getsourcefile(obj)
+    except (TypeError, OSError, ValueError):  # built in, or defined at a prompt (python -c,
+        path = None  # IPython)
+    if path is not None and not user_path(path):
+        return _file_digest(path)
     try:
         source = inspect.getsource(obj)
     except (OSError, TypeError, ValueError):  # ValueError: a __wrapped__ chain that loops
