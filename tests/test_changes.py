@@ -274,3 +274,73 @@ def test_inference_tensors_are_stamped():
     assert np.array_equal(db.query("AVG NEURONS IN 2").values, first.values)
     with torch.no_grad():
         np.testing.assert_allclose(first.values, model(X).double().mean(0).numpy(), rtol=1e-6)
+
+
+def _ablate_neuron_3(module, inputs, output):
+    output[:, 3] = 0  # in place, returning nothing: an ablation all the same
+
+
+def test_an_ablation_hook_is_seen_in_session_and_keys_its_own_cache_entries(tmp_path):
+    """A hook that changes outputs is part of the model: added or removed between statements
+    it is seen like a weight written, and a connection of the hooked model never reads the
+    clean model's cached rows (nor the other way round)."""
+    model, X, y = _world()
+    with torch.no_grad():
+        clean = model[0](X).double()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("AVG NEURONS IN 0 USING SAMPLE random(0.5, random_state=0)")
+    np.testing.assert_allclose(db.query("AVG NEURONS IN 1").values,
+                               clean.relu().mean(0).numpy(), rtol=1e-6, atol=1e-7)
+    handle = model[0].register_forward_hook(_ablate_neuron_3)
+    with torch.no_grad():
+        ablated = model[0](X).double()  # the hook runs: plain torch's truth
+        predicted = model(X).argmax(1)
+    assert (ablated[:, 3] == 0).all() and not (clean[:, 3] == 0).all()
+    with pytest.warns(DiagQLWarning, match=r"the model changed \(its hooks\)"):
+        latent = db.query("AVG NEURONS IN 1")  # held by the profile, derived again
+    np.testing.assert_allclose(latent.values, ablated.relu().mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
+    wrong = db.query("AVG NEURONS IN 0 WHERE incorrect")
+    assert wrong.n_items == int((predicted != y).sum())
+    np.testing.assert_allclose(wrong.values, ablated[predicted != y].mean(0).numpy(),
+                               rtol=1e-6, atol=1e-7)
+    db.close()
+
+    # A new connection of the hooked model, and one of the clean model, on the same cache.
+    hooked = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    hooked.query("SET estimator = plain")  # the sample's own mean, to check its rows
+    sampled = hooked.query("AVG NEURONS IN 0 USING SAMPLE random(0.5, random_state=0)")
+    items = hooked.sample("random(0.5, random_state=0)")
+    np.testing.assert_allclose(sampled.values, ablated[items].mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
+    hooked.close()
+    handle.remove()
+    fresh = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    fresh.query("SET estimator = plain")
+    again = fresh.query("AVG NEURONS IN 0 USING SAMPLE random(0.5, random_state=0)")
+    items = fresh.sample("random(0.5, random_state=0)")
+    np.testing.assert_allclose(again.values, clean[items].mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_a_hook_that_counts_or_records_is_not_a_change(tmp_path):
+    model, X, y = _world()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("AVG NEURONS IN 0")
+    profile = db.profile
+    calls, kept = [0], []
+
+    def record(module, inputs, output):
+        kept.append(output.detach())
+
+    model[0].register_forward_hook(record)
+    model.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        db.query("AVG NEURONS IN 0 USING SAMPLE random(0.1, random_state=0)")
+    assert db.profile is profile and calls[0] >= 1 and kept
+    db.close()
+    calls[0] = 0
+    again = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    again.profile  # noqa: B018 - read from the disk cache: no pass
+    assert calls[0] == 0

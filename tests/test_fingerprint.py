@@ -27,6 +27,7 @@ from diagql.storage.fingerprint import (
     data_fingerprint,
     model_fingerprint,
 )
+from diagql.storage.hook_effects import may_change_outputs
 from tests import models
 
 X = torch.randn(32, 6, generator=torch.Generator().manual_seed(0))
@@ -709,3 +710,87 @@ class _ReadsALoopingHelper(nn.Module):
 
 def test_a_helper_whose_wrapper_chain_loops_is_fingerprinted():
     assert len(model_fingerprint(_ReadsALoopingHelper())) == 32
+
+
+def _count(module, args):
+    COUNTS[0] += 1
+
+
+def _record(module, inputs, output):
+    STORE["out"] = output.detach()
+
+
+def _zero_in_place(module, inputs, output):
+    output[:, 3] = 0
+
+
+def _scaled(module, inputs, output):
+    return output * 2
+
+
+def _inplace_method(module, inputs, output):
+    output.mul_(0)
+
+
+def _init_zero(module, inputs, output):
+    torch.nn.init.zeros_(output)
+
+
+def _named(name, module, inputs, output):
+    STORE[name] = output
+
+
+class _Recorder:
+    def __init__(self):
+        self.outputs = {}
+
+    def hook(self, module, inputs, output):
+        self.outputs["a"] = output
+
+    def __call__(self, module, inputs, output):
+        self.outputs["b"] = output
+
+
+class _Clamp:
+    def __call__(self, module, inputs, output):
+        return output.clamp(min=0)
+
+
+COUNTS, STORE, SEEN = [0], {}, []
+
+
+@pytest.mark.parametrize("hook, changes", [
+    (_count, False), (_record, False), (functools.partial(_named, "x"), False),
+    (_Recorder().hook, False), (_Recorder(), False),
+    (lambda m, a: COUNTS.__setitem__(0, COUNTS[0] + 1), False),
+    (lambda m, a: SEEN.append(len(a[0])), False), (lambda m, i, o: print(o.shape), False),
+    (_zero_in_place, True), (_scaled, True), (_inplace_method, True), (_init_zero, True),
+    (_Clamp(), True), (lambda m, i, o: o * 2, True), (lambda m, i, o: o.mul_(0), True),
+    (lambda m, a: SEEN.append(1) or (a[0] * 0,), True), (print, True),
+], ids=["count", "record", "partial", "method", "callable", "lambda count", "lambda append",
+        "lambda print", "write in place", "return", "in-place method", "init zeros_",
+        "callable returning", "lambda returning", "lambda in place", "lambda or", "builtin"])
+def test_hooks_that_may_change_outputs_are_told_from_instrumentation(hook, changes):
+    assert may_change_outputs(hook) is changes
+
+
+def test_only_hooks_that_change_outputs_change_the_fingerprint():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    bare = model_fingerprint(model)
+    handle = model[0].register_forward_hook(_record)
+    counting = model.register_forward_pre_hook(lambda m, a: COUNTS.__setitem__(0, 1))
+    assert model_fingerprint(model) == bare
+    ablation = model[0].register_forward_hook(_zero_in_place)
+    ablated = model_fingerprint(model)
+    assert ablated != bare
+    ablation.remove()
+    scaling = model[0].register_forward_hook(_scaled)
+    assert model_fingerprint(model) not in (bare, ablated)
+    for added in (handle, counting, scaling):
+        added.remove()
+    assert model_fingerprint(model) == bare
+    every = nn.modules.module.register_module_forward_hook(_scaled)  # torch's global hooks
+    try:
+        assert model_fingerprint(model) != bare
+    finally:
+        every.remove()

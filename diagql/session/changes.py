@@ -12,9 +12,9 @@ write through autograd's view bumps: an optimizer's step, ``load_state_dict``, `
 torch.no_grad(): w.mul_(2)``), and every module's identity and class. A model or data of at
 most FULL_BYTES is fingerprinted whole besides (storage/fingerprint.py), which also sees
 writes through ``.data``, into numpy arrays, and to attributes; a larger one is not, and
-after such a write the user connects again. Hooks are not the model (one that counts or
-records calls is instrumentation): an ablation by a hook needs ``cache_dir=False`` and a new
-connection.
+after such a write the user connects again. A forward hook that can change outputs (an
+ablation's: storage/hook_effects.py) is part of the stamp, at any size; one that counts or
+records calls is instrumentation and is not.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from diagql.errors import DiagQLWarning
 from diagql.model.data import FORWARDS, ItemSource
 from diagql.session.inputs import forget_indices
 from diagql.session.models import data_digest
-from diagql.storage.fingerprint import model_fingerprint
+from diagql.storage.fingerprint import hooks_digest, model_fingerprint
 
 FULL_BYTES = 32 * 1024 ** 2  # fingerprinted whole before each statement: about 5 ms at most
 MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms)
@@ -59,16 +59,17 @@ def _pointer(t) -> int:
 
 
 def model_stamp(module) -> tuple:
-    """The stamp of a module: its tensors', its modules' identities, and its fingerprint
-    when it is small."""
+    """The stamp of a module: its tensors', its modules' identities, its hooks' digest, and
+    its fingerprint when it is small."""
     tensors = list(itertools.chain(module.parameters(), module.buffers()))
     modules = tuple((id(m), type(m)) for m in module.modules())
+    hooks = hooks_digest(module)  # a hook added or removed (an ablation's), at any size
     if len(modules) > MAX_MODULES:  # walking every module's attributes costs too much
-        return tensor_stamp(tensors), modules, None
+        return tensor_stamp(tensors), modules, hooks, None
     # Not the globals its code reads: a notebook's large global (a vocabulary) would cost
     # every statement a walk; they key the cache, where a new process reads them.
-    return tensor_stamp(tensors), modules, _small(_bytes(tensors),
-                                                  lambda: model_fingerprint(module, code=False))
+    return tensor_stamp(tensors), modules, hooks, \
+        _small(_bytes(tensors), lambda: model_fingerprint(module, code=False))
 
 
 def notice_changes(conn) -> None:
@@ -91,19 +92,27 @@ def notice_changes(conn) -> None:
         stamp = _checkpoint_stamp(entry) if entry.is_checkpoint else \
             model_stamp(entry.architecture())
         changed = entry.stamp is not None and stamp != entry.stamp
+        if changed:
+            what = "its checkpoint file" if entry.is_checkpoint else \
+                "its hooks" if _only_hooks(stamp, entry.stamp) else "its weights or modules"
         entry.stamp = stamp
         if changed or data_changed:
             forget_indices(entry)
             if entry.is_checkpoint:
                 entry.slot.forget(entry.name)
             if entry.forget_derived() and changed:
-                forgot.append(entry)
+                forgot.append((entry, what))
     if data_changed:
         _say("the data changed")
-    for entry in forgot:
+    for entry, what in forgot:
         whose = f"model {entry.name!r}" if len(conn.models) > 1 else "the model"
-        what = "its checkpoint file" if entry.is_checkpoint else "its weights or modules"
         _say(f"{whose} changed ({what})")
+
+
+def _only_hooks(stamp: tuple, before: tuple) -> bool:
+    """Whether two model stamps differ in their hooks alone: an output-changing hook (an
+    ablation's) added or removed, which the small fingerprint sees too."""
+    return stamp[:2] == before[:2] and stamp[2] != before[2]
 
 
 @contextlib.contextmanager

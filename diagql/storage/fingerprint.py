@@ -12,6 +12,7 @@ import enum
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import struct
@@ -23,6 +24,7 @@ import numpy as np
 import xxhash
 
 from diagql.storage.code_reads import globals_read, user_code, user_module, user_path
+from diagql.storage.hook_effects import may_change_outputs
 
 
 class Unfingerprintable(Exception):
@@ -48,10 +50,9 @@ def model_fingerprint(model, code: bool = True) -> str:
     through containers and plain objects. Torch's own classes, and their private attributes,
     are covered by torch's version; and the globals that the user's own code reads (a helper
     function, a constant, a class attribute: storage/code_reads.py), followed where they can
-    be seen whole (``code=False``: not these, nor the user's classes' attributes). Not
-    covered: hooks (a hook that counts or records calls is instrumentation, not the model; one
-    that changes outputs, an ablation's, needs cache_dir=False), and the globals of installed
-    packages' code.
+    be seen whole (``code=False``: not these, nor the user's classes' attributes); and the
+    forward hooks that can change its outputs, by their code (``hooks_digest``).
+    Not covered: the globals of installed packages' code.
     """
     import torch
 
@@ -61,7 +62,44 @@ def model_fingerprint(model, code: bool = True) -> str:
         _Walk(code).modules(digest, model, "")
     except RecursionError:
         raise Unfingerprintable("the model's attributes are nested too deeply to hash") from None
+    _feed(digest, "hooks", hooks_digest(model))
     return digest.hexdigest()
+
+
+HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def hooks_digest(model) -> str:
+    """A digest of the forward hooks that can change what the model returns
+    (storage/hook_effects.py): those on its modules and torch's global ones, not DiagQL's
+    own and not those that only count or record; "" when there are none. A hook is
+    hashed by its code and the plain values it was given (numbers, strings, tensors, in its
+    defaults, closure or ``functools.partial`` arguments), not by the state it keeps: an
+    ablation's hook keys its own cache entries, and a hook that counts calls into a list
+    keeps one digest however many it has counted (docs/ARCHITECTURE.md, "Storage")."""
+    from torch.nn.modules import module as torch_module
+
+    owners = [("<global>", {kind: getattr(torch_module, f"_global{kind}", None)
+                            for kind in HOOK_TABLES})]
+    owners += [(name, {kind: getattr(module, kind, None) for kind in HOOK_TABLES})
+               for name, module in model.named_modules()]
+    digest = None
+    walk = _Walk(code=False)
+    for (name, tables), kind in itertools.product(owners, HOOK_TABLES):
+        for hook in list((tables[kind] or {}).values()):
+            if _diagql_hook(hook) or not may_change_outputs(hook):
+                continue
+            digest = digest or xxhash.xxh3_128()
+            _feed(digest, name, kind)
+            walk.hook(digest, f"{name}<{kind}>", hook)
+    return "" if digest is None else digest.hexdigest()
+
+
+def _diagql_hook(hook) -> bool:
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    fn = getattr(hook, "__func__", hook)
+    return (getattr(fn, "__module__", None) or "").split(".")[0] == "diagql"
 
 
 def data_fingerprint(data, columns: tuple[dict, object] | None = None,
@@ -359,6 +397,50 @@ class _Walk:
                 continue
             self.value(digest, f"{name}.<closure {var}>", contents)
         self.value(digest, f"{name}.__dict__", dict(vars(fn)))
+
+    def hook(self, digest, name: str, hook) -> None:
+        """A hook by its code and the plain values bound to it (``hooks_digest``)."""
+        while isinstance(hook, functools.partial):
+            _feed(digest, name, "partial")
+            self.plain(digest, name, (hook.args, tuple(sorted(hook.keywords.items()))))
+            hook = hook.func
+        if isinstance(hook, types.MethodType):  # its instance is state, its class is code
+            _feed(digest, name, "method of", _qualname(type(hook.__self__)))
+            hook = hook.__func__
+        if not isinstance(hook, types.FunctionType):  # a callable object
+            _feed(digest, name, "callable", _qualname(type(hook)))
+            hook = getattr(type(hook), "__call__", None)
+            if not isinstance(hook, types.FunctionType):
+                return
+        _feed(digest, name, "function", _qualname(hook))
+        self.code(digest, name, hook.__code__)
+        self.plain(digest, name, (hook.__defaults__, hook.__kwdefaults__))
+        for var, cell in zip(hook.__code__.co_freevars, hook.__closure__ or ()):
+            try:
+                self.plain(digest, f"{name}.<closure {var}>", cell.cell_contents)
+            except ValueError:  # not yet assigned
+                _feed(digest, name, "empty cell", var)
+
+    def plain(self, digest, name: str, value) -> None:
+        """A value by its contents where it is a number, string, tensor or array, or a tuple
+        or dict of them (what parameterises a hook); anything else by its type alone."""
+        import torch
+
+        if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+            _feed(digest, name, type(value).__name__, repr(value))
+        elif isinstance(value, torch.Tensor) and value.layout == torch.strided and \
+                value.device.type != "meta":
+            _feed_tensor(digest, name, value.detach())
+        elif isinstance(value, np.ndarray) and value.dtype != object:
+            _feed_array(digest, name, value)
+        elif isinstance(value, (tuple, frozenset)) or type(value) is dict:
+            items = value.items() if isinstance(value, dict) else enumerate(
+                sorted(value, key=repr) if isinstance(value, frozenset) else value)
+            _feed(digest, name, type(value).__name__, str(len(value)))
+            for key, item in items:
+                self.plain(digest, f"{name}[{key!r}]", item)
+        else:
+            _feed(digest, name, "of type", _qualname(type(value)))
 
     def globals_of(self, digest, name: str, fn: types.FunctionType) -> None:
         """The globals the user's function reads (storage/code_reads.py), each once per

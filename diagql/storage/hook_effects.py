@@ -1,0 +1,163 @@
+"""Which forward hooks can change what a model returns (docs/ARCHITECTURE.md, "Storage").
+
+A hook that returns a value replaces its module's output (or, before the forward, its
+inputs), and one that writes into its arguments in place (``output[:, 3] = 0``,
+``output.mul_(0)``) changes them: an ablation. A hook that counts or records calls
+(``calls.append(1)``, ``store[name] = output.detach()``) is instrumentation, and must neither
+split the cache nor make a connection derive its profile again. The hook's source is read: a
+hook is instrumentation only when it visibly returns nothing and writes into none of its
+arguments; one whose source cannot be read or that calls something unknown in a lambda's
+return position is taken to change outputs (its digest then keys the cache)."""
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import linecache
+import textwrap
+import types
+
+# Calls that return None: a lambda whose body is one of these returns nothing.
+NONE_RETURNING = frozenset({
+    "append", "extend", "insert", "add", "update", "discard", "remove", "clear", "sort",
+    "reverse", "__setitem__", "__delitem__", "put", "put_nowait", "print", "debug", "info",
+    "warning", "error", "log", "set_postfix", "set_description",
+})
+# Calls that write into their first argument.
+WRITING = frozenset({"setattr", "delattr", "__setitem__", "__delitem__"})
+
+
+def may_change_outputs(hook) -> bool:
+    """Whether calling ``hook`` as a forward (pre-)hook may change what its module returns."""
+    function, skip_first = _function_of(hook)
+    if function is None:
+        return True
+    return _judged(function.__code__, skip_first, function)
+
+
+def _function_of(hook) -> tuple[types.FunctionType | None, bool]:
+    """The function a hook runs, and whether its first parameter is an instance's ``self``."""
+    skip_first = False
+    while isinstance(hook, functools.partial):
+        hook = hook.func
+    if isinstance(hook, types.MethodType):
+        hook, skip_first = hook.__func__, True  # ``self`` is the recorder, not an argument
+    elif not isinstance(hook, types.FunctionType):
+        hook, skip_first = getattr(type(hook), "__call__", None), True
+    return (hook if isinstance(hook, types.FunctionType) else None), skip_first
+
+
+_JUDGED: dict = {}  # (code, skip_first) -> bool: before every statement, each hook is judged
+
+
+def _judged(code: types.CodeType, skip_first: bool, hook: types.FunctionType) -> bool:
+    key = (code, skip_first)
+    if key not in _JUDGED:
+        _JUDGED[key] = _judge(hook, skip_first)
+    return _JUDGED[key]
+
+
+def _judge(hook: types.FunctionType, skip_first: bool) -> bool:
+    code = hook.__code__
+    names = list(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount +
+                                  bool(code.co_flags & inspect.CO_VARARGS) +
+                                  bool(code.co_flags & inspect.CO_VARKEYWORDS)])
+    arguments = set(names[1:] if skip_first else names)
+    if code.co_name == "<lambda>":
+        body = _lambda_body(code)
+        if not (isinstance(body, ast.Call) and _called_name(body) in NONE_RETURNING):
+            return True  # it returns what its body gives
+        return _writes(body, arguments)
+    node = _definition(hook)
+    if node is None:
+        return True
+    return any(_returns_value(n) or _writes(n, arguments) for n in _own_nodes(node))
+
+
+def _lambda_body(code: types.CodeType) -> ast.expr | None:
+    """A lambda's body, parsed from the source span its instructions cover (several lambdas
+    on one line, or one inside a call's arguments, are told apart so), or None."""
+    # RESUME's and the like's are empty (line 3, column 0 to 0).
+    spans = [p for p in code.co_positions() if None not in p and (p[0], p[2]) != (p[1], p[3])]
+    lines = linecache.getlines(code.co_filename)
+    if not spans or not lines:
+        return None
+    (line, col), (end_line, end_col) = min((p[0], p[2]) for p in spans), \
+        max((p[1], p[3]) for p in spans)
+    if end_line > len(lines):
+        return None
+    # Positions count UTF-8 bytes.
+    text = [lines[n - 1].encode() for n in range(line, end_line + 1)]
+    text[-1] = text[-1][:end_col]
+    text[0] = text[0][col:]
+    try:
+        return ast.parse(b"".join(text).decode().strip(), mode="eval").body
+    except (SyntaxError, UnicodeDecodeError):
+        return None
+
+
+def _definition(fn: types.FunctionType) -> ast.FunctionDef | ast.AsyncFunctionDef | None:
+    """The ``def`` node of ``fn``, or None (no source)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    found = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+             and n.name == fn.__code__.co_name]
+    return found[0] if found else None
+
+
+def _own_nodes(fn: ast.AST):
+    """The nodes of a function's body, not those of functions or classes defined inside it."""
+    stack = list(fn.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(child for child in ast.iter_child_nodes(node) if not isinstance(
+            child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)))
+
+
+def _returns_value(node: ast.AST) -> bool:
+    return isinstance(node, (ast.Return, ast.Yield, ast.YieldFrom)) and node.value is not None \
+        and not (isinstance(node.value, ast.Constant) and node.value.value is None)
+
+
+def _writes(node: ast.AST, arguments: set[str]) -> bool:
+    """Whether ``node`` (or, for a lambda's body, anything in it) writes into an argument."""
+    for n in ast.walk(node):
+        targets = []
+        if isinstance(n, (ast.Assign, ast.Delete)):
+            targets = n.targets
+        elif isinstance(n, (ast.AugAssign, ast.AnnAssign)):
+            targets = [n.target]
+        if any(isinstance(t, (ast.Subscript, ast.Attribute)) and _root(t) in arguments
+               for t in targets):
+            return True
+        if isinstance(n, ast.Call):
+            name = _called_name(n)
+            receiver = n.func.value if isinstance(n.func, ast.Attribute) else None
+            inplace = name.endswith("_") and not name.startswith("__")
+            if receiver is not None and _root(receiver) in arguments and (
+                    inplace or name in WRITING):
+                return True  # output.mul_(0), output[:, 3].zero_(), args.__setitem__(...)
+            first = n.args[0] if n.args else None
+            if (inplace or name in WRITING) and first is not None and \
+                    _root(first) in arguments:
+                return True  # torch.nn.init.zeros_(output), setattr(module, "w", ...)
+            if any(k.arg == "out" and _root(k.value) in arguments for k in n.keywords):
+                return True
+    return False
+
+
+def _called_name(call: ast.Call) -> str:
+    func = call.func
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else ""
+
+
+def _root(node: ast.AST) -> str | None:
+    """The name an expression such as ``output[0].data`` starts from."""
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Starred)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
