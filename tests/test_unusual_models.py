@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import diagql
-from diagql.errors import DiagQLError
+from diagql.errors import DiagQLError, DiagQLWarning
 
 
 def _mlp(out: int = 3) -> nn.Sequential:
@@ -576,3 +576,76 @@ def test_a_list_of_two_items_is_two_items_not_a_pair():
         assert (conn.profile.predictions == predicted).all()
     pair = diagql.connect(model, [X, torch.tensor([1, 0])], cache_dir=False, progress=False)
     assert pair.profile.labels.tolist() == [1, 0]
+
+
+class _FirstCallCache(nn.Module):
+    """Keeps a tensor made on its first call, as a positional table or a rotary cache does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.head = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+        self.table = None
+
+    def forward(self, x):
+        if self.table is None:
+            self.table = torch.linspace(0.5, 1.0, 8)
+        return self.head(self.act(self.fc(x) * self.table))
+
+
+def test_a_tensor_a_module_keeps_from_a_pass_does_not_break_training_after():
+    """DiagQL's passes run under no_grad, not inference mode: an inference tensor kept by the
+    model would fail the user's next backward ("Inference tensors cannot be saved")."""
+    torch.manual_seed(0)
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    model = _FirstCallCache()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=False)
+    answer = db.query("AVG NEURONS IN act")
+    with torch.no_grad():
+        truth = model.act(model.fc(X) * torch.linspace(0.5, 1.0, 8)).double().mean(0)
+    np.testing.assert_allclose(answer.values, truth.numpy(), rtol=1e-6, atol=1e-7)
+    assert not model.table.is_inference()
+    nn.functional.cross_entropy(model.train()(X), y).backward()  # raised before
+    assert model.fc.weight.grad is not None
+
+
+class _GradientInForward(nn.Module):
+    """A forward that takes an input gradient itself (an energy model's, a saliency head's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.energy, self.fc, self.act, self.head = (nn.Linear(6, 1), nn.Linear(6, 8),
+                                                     nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(self.energy(x).sum(), x)
+        return self.head(self.act(self.fc(x.detach() + grad)))
+
+
+def test_a_forward_that_takes_gradients_itself_runs():
+    torch.manual_seed(0)
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    model = _GradientInForward().eval()
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=False)
+    answer = db.query("AVG NEURONS IN act")
+    moved = X + model.energy.weight.detach()  # the gradient of a linear energy: its weight
+    with torch.no_grad():
+        truth = model.act(model.fc(moved)).double().mean(0)
+    np.testing.assert_allclose(answer.values, truth.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_lazy_module_not_yet_run_is_connected_and_queried(tmp_path):
+    torch.manual_seed(0)
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)  # raised ValueError
+    with pytest.warns(DiagQLWarning, match="cached in memory only: .* lazy module's parameter"):
+        answer = db.query("AVG NEURONS IN 1")
+    with torch.no_grad():
+        truth = model[1](model[0](X)).double().mean(0)
+    np.testing.assert_allclose(answer.values, truth.numpy(), rtol=1e-6, atol=1e-7)
+    again = db.query("AVG NEURONS IN 0")  # no "model changed": its own pass made the weights
+    with torch.no_grad():
+        np.testing.assert_allclose(again.values, model[0](X).double().mean(0).numpy(),
+                                   rtol=1e-6, atol=1e-7)

@@ -82,7 +82,13 @@ def hook_errors() -> Iterator[None]:
 
 @contextlib.contextmanager
 def evaluation(model: nn.Module) -> Iterator[None]:
-    """Eval mode and inference mode for the duration; every module's training flag restored.
+    """Eval mode and no autograd for the duration; every module's training flag restored.
+
+    ``torch.no_grad``, not ``torch.inference_mode``: a tensor a module makes on its first call
+    and keeps (a positional table, a rotary cache, a mask) would be an inference tensor, and
+    the user's next training step would fail on it ("Inference tensors cannot be saved for
+    backward"); and a forward that takes gradients itself (``torch.enable_grad()`` inside)
+    runs under no_grad, not under inference mode.
 
     Compiled code runs eagerly within (``torch.compiler.set_stance("force_eager")``): a
     submodule the user compiled (``model.backbone = torch.compile(...)``, ``model.compile()``)
@@ -97,7 +103,7 @@ def evaluation(model: nn.Module) -> Iterator[None]:
         for module in model.modules():
             module.training = False
     try:
-        with torch.inference_mode(), _eager(model):
+        with torch.no_grad(), _eager(model):
             yield
     finally:
         for module, flag in flags:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torch.nn.parameter import is_lazy
 
 from diagql.errors import DiagQLWarning
 from diagql.model.data import FORWARDS, ItemSource
@@ -51,11 +52,14 @@ def _version(t) -> int:
 
 
 def _pointer(t) -> int:
-    """Where a tensor's values are; 0 for one without a storage of its own (sparse)."""
+    """Where a tensor's values are; 0 for one without a storage of its own (sparse), -1 for
+    a lazy module's parameter not yet materialised (its first forward makes it)."""
     try:
         return t.data_ptr()
     except RuntimeError:
         return 0
+    except ValueError:  # a lazy module's, not yet materialised: "uninitialized parameter"
+        return -1
 
 
 def model_stamp(module) -> tuple:
@@ -64,7 +68,9 @@ def model_stamp(module) -> tuple:
     tensors = list(itertools.chain(module.parameters(), module.buffers()))
     modules = tuple((id(m), type(m)) for m in module.modules())
     hooks = hooks_digest(module)  # a hook added or removed (an ablation's), at any size
-    if len(modules) > MAX_MODULES:  # walking every module's attributes costs too much
+    # A lazy module's parameters before its first forward have no values to read; the
+    # statement's own pass makes them, and the model is stamped again after it.
+    if len(modules) > MAX_MODULES or any(is_lazy(t) for t in tensors):
         return tensor_stamp(tensors), modules, hooks, None
     # Not the globals its code reads: a notebook's large global (a vocabulary) would cost
     # every statement a walk; they key the cache, where a new process reads them.

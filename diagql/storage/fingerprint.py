@@ -658,7 +658,11 @@ def _feed(digest, *parts: str | bytes) -> None:
 
 def _feed_tensor(digest, name: str, value) -> None:
     import torch
+    from torch.nn.parameter import is_lazy
 
+    if is_lazy(value):
+        raise _Opaque(name, "a lazy module's parameter, not made yet (run one batch through "
+                            "the model before connecting, and it is cached)")
     if value.is_sparse:
         value = value.to_dense()
     try:
