@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import diagql
-from diagql.errors import BindError, DiagQLError, ParseError
+from diagql.errors import BindError, DiagQLError, DiagQLWarning, ParseError
 from tests import models
 
 NAMES = ["ant", "bee", "cat"]
@@ -142,3 +142,33 @@ def test_names_are_found_on_the_data_and_on_the_model(world):
     assert diagql.connect(plain, (X, y), cache_dir=False, progress=False).class_names is None
     odd = _Configured(model, {"a": "ant", "b": "bee"})
     assert diagql.connect(odd, (X, y), cache_dir=False, progress=False).class_names is None
+
+
+@pytest.mark.parametrize("names", [["zero", "one", "three"], [str(i) for i in range(12)]],
+                         ids=["one short", "two over"])
+def test_names_given_for_another_number_of_classes_are_refused(names):
+    """With a name left out, 'three' would be class 2: every answer that names a class
+    would silently be another class's."""
+    torch.manual_seed(0)
+    X, y = torch.randn(80, 6), torch.randint(0, 4, (80,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=False, classes=names)
+    with pytest.raises(DiagQLError, match=f"{len(names)} class names were given, but the model "
+                                          "scores 4 classes: give one name per class"):
+        db.query("AVG NEURONS IN 1 WHERE class = 'three'")
+    with pytest.raises(DiagQLError, match="class names were given"):
+        db.query("AVG NEURONS IN 1 GROUP BY class")  # its groups would be misnamed
+
+
+def test_names_found_for_another_number_of_classes_are_dropped_with_a_warning():
+    torch.manual_seed(0)
+    X, y = torch.randn(80, 6), torch.randint(0, 4, (80,))
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    data = torch.utils.data.TensorDataset(X, y)
+    data.classes = ["cat", "dog"]  # a torchvision-style attribute that is out of date
+    db = diagql.connect(model, data, progress=False, cache_dir=False)
+    with pytest.warns(DiagQLWarning, match="the 2 class names .* do not fit the model's 4"):
+        answer = db.query("AVG NEURONS IN 1 WHERE class = 1")
+    assert answer.n_items == int((y == 1).sum()) and db.class_names is None
+    with pytest.raises(DiagQLError, match="no names"):
+        db.query("AVG NEURONS IN 1 WHERE class = 'dog'")

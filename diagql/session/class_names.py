@@ -5,10 +5,11 @@ and a statement's ``class = 'cat'`` resolved to the class's index before it is b
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from diagql.errors import DiagQLError
+from diagql.errors import DiagQLError, DiagQLWarning
 from diagql.language import ast
 from diagql.language.binder import _error
 from diagql.model.data import LABEL_KEYS
@@ -34,6 +35,36 @@ def given_names(classes) -> list[str] | None:
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise DiagQLError(f"classes= names two classes {twice[0]!r}")
+    return names
+
+
+def checked(conn) -> list[str] | None:
+    """The connection's class names once they are known to fit every model's classes (the
+    first statement that has them checks): names given with ``classes=`` that do not are
+    refused, since ``class = 'seven'`` would pick another class; names found on the data or
+    a model that do not are warned of and dropped."""
+    from diagql.session.changes import watching  # a statement's span: its probe is read
+
+    names = conn.class_names
+    if names is None or conn.names_fit:
+        return names
+    for entry in conn.models.values():
+        try:
+            with watching(conn):
+                count = entry.n_classes
+        except DiagQLError:  # the statement that needs the model says what is wrong with it
+            return names
+        if count != len(names):
+            whose = f"model {entry.name!r}" if len(conn.models) > 1 else "the model"
+            if conn.names_given:
+                raise DiagQLError(f"{len(names)} class names were given, but {whose} scores "
+                                  f"{count} classes: give one name per class, in class order")
+            warnings.warn(f"the {len(names)} class names the data or a model carries do not "
+                          f"fit {whose}'s {count} classes: classes are numbered, not named",
+                          DiagQLWarning, stacklevel=2)
+            conn.class_names = None
+            return None
+    conn.names_fit = True
     return names
 
 

@@ -31,7 +31,7 @@ from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
 from diagql.session.changes import notice_changes, watching
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
-from diagql.session.class_names import found_names, given_names, resolved
+from diagql.session.class_names import checked, found_names, given_names, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
 from diagql.session.settings import Settings
 from diagql.session.statements import planned
@@ -154,6 +154,7 @@ class Connection:
                  classes=None):
         self.engine = None  # a RayEngine, or None: passes run in this process
         self.class_names = given_names(classes)  # WHERE class = 'cat' reads them
+        self.names_given, self.names_fit = classes is not None, False  # class_names.checked
         if model is not None:
             if engine == "ray" and checkpoints is not None:
                 # Checkpoints take turns in one copy of the model, on the driver
@@ -304,7 +305,7 @@ class Connection:
         """Run one statement and return its Result."""
         started = time.perf_counter()
         try:
-            statement = resolved(parse(text), self.class_names)
+            statement = resolved(parse(text), checked(self))
         except DiagQLError as exc:
             raise exc.with_source(text) from None
         return scripts.run_timed(self, statement, text, time.perf_counter() - started)
@@ -338,7 +339,7 @@ class Connection:
         """The plan of a query (what EXPLAIN shows), binding it and drawing its sample."""
         if isinstance(query, str):
             try:
-                query = resolved(parse(query), self.class_names)
+                query = resolved(parse(query), checked(self))
             except DiagQLError as exc:
                 raise exc.with_source(query) from None
         if not isinstance(query, (ast.Query, ast.Similarity)):

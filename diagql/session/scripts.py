@@ -13,7 +13,7 @@ from diagql.language import ast
 from diagql.language.parser import parse_piece, split_statements
 from diagql.results.result import Result
 from diagql.session.changes import watching
-from diagql.session.class_names import resolved
+from diagql.session.class_names import checked, resolved
 from diagql.session.models import name_model
 from diagql.session.statements import planned, run_statement
 
@@ -42,7 +42,7 @@ def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
     for piece in pieces:
         started = time.perf_counter()
         try:
-            statement = resolved(parse_piece(piece, script), conn.class_names)
+            statement = resolved(parse_piece(piece, script), checked(conn))
         except DiagQLError as exc:
             yield from _run_queries(conn, queries, script, placed)
             yield exc.with_source(script)
