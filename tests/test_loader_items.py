@@ -128,3 +128,56 @@ def test_a_sequential_sampler_over_part_of_the_dataset_gives_that_part(world):
     loader = DataLoader(TensorDataset(X, y), sampler=torch.utils.data.SequentialSampler(range(50)))
     db = diagql.connect(model, loader, progress=False)
     np.testing.assert_allclose(_avg(db), _truth(model, X, list(range(50))), rtol=1e-6, atol=1e-7)
+
+
+def test_items_named_by_a_split_are_the_datasets_own_indices(world):
+    """Top inputs and drawn samples name the data set's items (``loader.dataset[i]``), not
+    their positions in the split."""
+    model, X, y = world
+    split = sorted(np.random.default_rng(0).choice(300, 120, replace=False).tolist())
+    loader = DataLoader(TensorDataset(X, y), batch_size=32, sampler=SubsetRandomSampler(split))
+    db = diagql.connect(model, loader, progress=False, cache_dir=False)
+    top = db.query("TOPK 3 INPUTS FOR 0[5]")
+    with torch.no_grad():
+        first = model[0](X).numpy()
+    best = sorted(split, key=lambda i: (-first[i, 5], i))[:3]
+    assert top.items.tolist() == best
+    np.testing.assert_allclose(top.values, first[best, 5], rtol=1e-6)
+    drawn = db.sample("random(0.25, random_state=0)")
+    assert len(drawn) == 30 and set(drawn.tolist()) <= set(split)
+    db.query("SET estimator = plain")  # the sample's own mean: over the items drawn
+    sampled = db.query("AVG NEURONS IN 0 USING SAMPLE random(0.25, random_state=0)")
+    np.testing.assert_allclose(sampled.values, _truth(model, X, drawn), rtol=1e-6, atol=1e-7)
+
+
+def _padded(items):
+    padded = nn.utils.rnn.pad_sequence([item[0] for item in items], batch_first=True)
+    return padded, torch.stack([item[1] for item in items])
+
+
+def _sorted_by_length(items):
+    return _padded(sorted(items, key=lambda item: -len(item[0])))
+
+
+def test_a_collate_fn_that_reorders_a_batch_is_refused():
+    """Sorted by length (for pack_padded_sequence(enforce_sorted=True)): row j of a batch is
+    no longer the j-th item, and every answer that names items would name others."""
+    torch.manual_seed(0)
+    data = [(torch.randn(int(n), 4), torch.tensor(int(n) % 3))
+            for n in torch.randint(2, 9, (40,))]
+
+    class Mean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.fc(x).mean(1))
+
+    loader = DataLoader(data, batch_size=8, collate_fn=_sorted_by_length)
+    with pytest.raises(DiagQLError, match="collate_fn returns a batch's items in another "
+                                          "order .* keep their order"):
+        diagql.connect(Mean(), loader, progress=False, cache_dir=False).query("AVG NEURONS IN fc")
+    db = diagql.connect(Mean(), DataLoader(data, batch_size=8, collate_fn=_padded),
+                        progress=False, cache_dir=False)
+    assert db.query("AVG NEURONS IN fc").n_items == 40

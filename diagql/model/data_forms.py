@@ -108,3 +108,35 @@ def one_row_per_item(x, items: int) -> bool:
     return isinstance(x, (tuple, list)) and any(
         isinstance(part, torch.Tensor) and part.ndim >= 1 and part.shape[0] == items
         for part in x[1:])
+
+
+ORDER_CHECK_ITEMS = 16  # the first items a user's collate_fn is checked on
+
+
+def reorders(collate, items: list) -> bool:
+    """Whether ``collate`` returns a batch's rows in another order than it was given its
+    items (a collate that sorts by length for ``pack_padded_sequence(enforce_sorted=True)``):
+    the items collated in reverse must give the rows in reverse. A collate that gives
+    different batches for the same items (random crops) is not judged."""
+    if len(items) < 2:
+        return False
+    forward, again, backward = collate(items), collate(items), collate(items[::-1])
+    for a, b, c in zip(_tensors(forward), _tensors(again), _tensors(backward)):
+        if a.ndim == 0 or a.shape[0] != len(items) or a.shape != c.shape:
+            continue
+        if a.shape != b.shape or not torch.equal(a, b):
+            return False  # not the same batch twice
+        if not torch.equal(a.flip(0), c):
+            return True
+    return False
+
+
+def _tensors(batch) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, (tuple, list)):
+        for value in batch:
+            yield from _tensors(value)

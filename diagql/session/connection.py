@@ -360,7 +360,8 @@ class Connection:
             call, name = sampler_model(parse_sampler(spec))
             sampler = bind_sampler(call, self.settings.seed, len(self.source))
             with watching(self):
-                return self.on(name).artifacts.get_sample(sampler)[0].indices.copy()
+                drawn = self.on(name).artifacts.get_sample(sampler)[0].indices
+            return self.source.dataset_indices(drawn)
         except DiagQLError as exc:
             raise exc.with_source(spec) from None
 

@@ -98,7 +98,7 @@ def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
     result = Result(kind="inputs", statement=query.text, layer=bound.layer.name,
                     unit=query.unit, neurons=np.array([bound.neuron]), labels=[bound.label],
                     values=answer.values, n_items=int(allowed.sum()), provenance=provenance,
-                    items=items, ranked=ranked)
+                    items=conn.source.dataset_indices(items), ranked=ranked)
     if len(items) < query.k:
         result.notes.append(f"only {len(items):,} items match, fewer than the {query.k:,} asked")
     if isinstance(query.source, ast.Auto):
