@@ -347,23 +347,58 @@ class _Augmented(torch.utils.data.Dataset):
         return len(self.y)
 
     def __getitem__(self, i):
+        if self.noise == "flip":  # a random horizontal flip, half the time
+            x = self.X[i].flip(-1) if torch.rand(()) < 0.5 else self.X[i]
+            return x, self.y[i]
         return self.X[i] + self.noise * torch.randn_like(self.X[i]), self.y[i]
 
 
-@pytest.mark.parametrize("noise", [0.0, 0.1])
+@pytest.mark.parametrize("noise", [0.0, 0.1, "flip"])
 def test_data_whose_reads_differ_is_warned_of(noise):
     """A random transform gave two answers to one query, silently: the profile, samples and
-    each pass read the items anew."""
+    each pass read the items anew. A flip half the time left the first item alike on two
+    reads half the time, and went unseen then."""
     import warnings
 
     X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    for seed in range(8 if noise == "flip" else 1):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            conn = diagql.connect(_mlp(), _Augmented(X, y, noise), cache_dir=False,
+                                  progress=False)
+            conn.query("AVG NEURONS IN 1")
+        told = [w for w in caught if issubclass(w.category, diagql.DiagQLWarning)
+                and "different inputs on two reads" in str(w.message)]
+        assert len(told) == (1 if noise else 0)
+
+
+class _AlwaysDropout(nn.Module):
+    """Dropout called with training=True: random in eval mode too (MC dropout)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.fc, self.head, self.p = nn.Linear(6, 8), nn.Linear(8, 3), p
+
+    def forward(self, x):
+        return self.head(nn.functional.dropout(self.fc(x).relu(), self.p, training=True))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_a_model_whose_passes_differ_is_warned_of(p):
+    """Two identical exact queries answered differently, and a sample of every item called
+    itself exact beside a baseline it did not match, silently."""
+    import warnings
+
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        conn = diagql.connect(_mlp(), _Augmented(X, y, noise), cache_dir=False, progress=False)
-        conn.query("AVG NEURONS IN 1")
+        conn = diagql.connect(_AlwaysDropout(p), (X, y), cache_dir=False, progress=False)
+        conn.query("AVG NEURONS IN fc")
     told = [w for w in caught if issubclass(w.category, diagql.DiagQLWarning)
-            and "different inputs on two reads" in str(w.message)]
-    assert len(told) == (1 if noise else 0)
+            and "different outputs on two passes" in str(w.message)]
+    assert len(told) == (1 if p else 0)
 
 
 def test_a_layer_that_runs_but_is_not_per_item_says_why_in_show_layers_and_describe():

@@ -11,8 +11,8 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, Tens
                               default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
-from diagql.model.data_forms import ORDER_CHECK_ITEMS, collate_items, one_row_per_item, \
-    read_batches, refuse_foreign, reorders
+from diagql.model.data_forms import collate_items, one_row_per_item, read_batches, \
+    refuse_foreign, refuse_reordering
 from diagql.model.labels import as_labels, refuse_batches
 from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
@@ -46,8 +46,7 @@ class ItemSource:
         self._columns: dict[str, torch.Tensor] | None = None
         self._column_labels: np.ndarray | None = None
         self._dataset = None
-        self._collate = None
-        self._order_checked = False  # the collate_fn keeps a batch's order (_check_order)
+        self._collate, self._order_checked = None, False  # checked: refuse_reordering
         self._workers = 0
         self._labelled: bool | None = None  # whether the first item has a label, once read
         # A loader's sampler's items, sorted (model/loader_items.py); None: every item.
@@ -96,12 +95,6 @@ class ItemSource:
                               f"by index, so a Dataset must define __len__") from None
         if n == 0:
             raise DiagQLError(f"the data ({_describe(data)}) has no items")
-
-    def dataset_indices(self, items: np.ndarray) -> np.ndarray:
-        """The data set's own indices of ``items`` (positions among the items read): through
-        a loader's sampler's items (a validation split's), else the same."""
-        items = np.asarray(items, dtype=np.int64)
-        return items.copy() if self.indices is None else self.indices[items]
 
     def __len__(self) -> int:
         if self._pair is not None:
@@ -175,7 +168,8 @@ class ItemSource:
         # The loader's collate_fn makes each of our batches from its items, in index order:
         # a padding collate pads to the longest item of our batch, not of the user's.
         if self._collate is not None and not self._order_checked:
-            self._check_order()
+            refuse_reordering(self._collate, self._dataset, len(self))
+            self._order_checked = True
         loader = DataLoader(Subset(self._dataset, indices.tolist()), batch_size=batch_size,
                             shuffle=False, num_workers=self._workers,
                             collate_fn=self._collate or collate_items)
@@ -192,22 +186,6 @@ class ItemSource:
                 raise DiagQLError(f"a batch of {len(idx)} items came back from the collate_fn "
                                   f"with {got}; DiagQL needs one input and label per item")
             yield idx, x, y
-
-    def _check_order(self) -> None:
-        """Refuse a collate_fn that reorders a batch's items (checked on the data's first
-        items): row j of a batch is taken for the j-th item asked for, so every answer that
-        names items (TOPK INPUTS, labels, samples) would name others."""
-        try:
-            items = [self._dataset[i] for i in range(min(len(self), ORDER_CHECK_ITEMS))]
-            reordering = reorders(self._collate, items)
-        except Exception:  # noqa: BLE001 - the pass's own reading says what failed, and where
-            reordering = False
-        if reordering:
-            raise DiagQLError("the DataLoader's collate_fn returns a batch's items in another "
-                              "order than it is given them (sorted by length?); DiagQL takes "
-                              "a batch's row j for the j-th item: keep their order (pack with "
-                              "enforce_sorted=False, or sort inside the model)")
-        self._order_checked = True
 
     # --- the forms of a batch ------------------------------------------------------------------
 
@@ -300,6 +278,13 @@ class ItemSource:
         if self.label_key is not None:
             raise DiagQLError(f"label_key {self.label_key!r} names a key of mapping data, but "
                               f"the data is {data}; leave label_key out")
+
+
+def dataset_indices(source: ItemSource, items: np.ndarray) -> np.ndarray:
+    """The data set's own indices of ``items`` (positions among the items a source reads):
+    through a loader's sampler's items (a validation split's), else the same."""
+    items = np.asarray(items, dtype=np.int64)
+    return items.copy() if source.indices is None else source.indices[items]
 
 
 def _take(X: torch.Tensor, idx: np.ndarray) -> torch.Tensor:

@@ -113,22 +113,44 @@ def one_row_per_item(x, items: int) -> bool:
 ORDER_CHECK_ITEMS = 16  # the first items a user's collate_fn is checked on
 
 
+def refuse_reordering(collate, dataset, n: int) -> None:
+    """Refuse a collate_fn that reorders a batch's items (checked on the data's first items):
+    row j of a batch is taken for the j-th item asked for, so every answer that names items
+    (TOPK INPUTS, labels, samples) would name others."""
+    try:
+        items = [dataset[i] for i in range(min(n, ORDER_CHECK_ITEMS))]
+        reordering = reorders(collate, items)
+    except Exception:  # noqa: BLE001 - the pass's own reading says what failed, and where
+        reordering = False
+    if reordering:
+        raise DiagQLError("the DataLoader's collate_fn returns a batch's items in another "
+                          "order than it is given them (sorted by length?); DiagQL takes a "
+                          "batch's row j for the j-th item: keep their order (pack with "
+                          "enforce_sorted=False, or sort inside the model)")
+
+
 def reorders(collate, items: list) -> bool:
     """Whether ``collate`` returns a batch's rows in another order than it was given its
     items (a collate that sorts by length for ``pack_padded_sequence(enforce_sorted=True)``):
-    the items collated in reverse must give the rows in reverse. A collate that gives
-    different batches for the same items (random crops) is not judged."""
+    the items collated in reverse give some part of the batch (the labels) in reverse unless
+    they are reordered; a part that is not one row per item (an EmbeddingBag's offsets) may
+    not. A collate that gives different batches for the same items (random crops) is not
+    judged."""
     if len(items) < 2:
         return False
     forward, again, backward = collate(items), collate(items), collate(items[::-1])
+    judged = False
     for a, b, c in zip(_tensors(forward), _tensors(again), _tensors(backward)):
         if a.ndim == 0 or a.shape[0] != len(items) or a.shape != c.shape:
             continue
         if a.shape != b.shape or not torch.equal(a, b):
             return False  # not the same batch twice
-        if not torch.equal(a.flip(0), c):
-            return True
-    return False
+        if torch.equal(a.flip(0), a):
+            continue  # alike both ways (every label the same): it cannot tell
+        if torch.equal(a.flip(0), c):
+            return False  # one row per item, in order (an EmbeddingBag's offsets are not)
+        judged = True
+    return judged
 
 
 def _tensors(batch) -> Iterator[torch.Tensor]:

@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope
-from diagql.model.repeatable import check_repeatable
+from diagql.model.repeatable import check_deterministic, check_repeatable
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, first_output, \
     input_attention_mask, padding_argument, padding_mask
@@ -214,13 +214,16 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     n = len(source)
     sizes = sorted({min(size, n) for size in PROBE_SIZES})
     passes = []
-    first = None
+    first = first_output = None
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
-        first = x if first is None else first
         seen, counted, output = _probe_pass(model, prepare(x), call)
+        if first is None:
+            first, first_output = x, first_tensor(output)
         passes.append((len(idx), seen, counted))
-    check_repeatable(first, next(source.batches(np.arange(sizes[0]), sizes[0]))[1])
+    check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1], sizes[-1])
+    with evaluation(model):  # the first item again, without hooks
+        check_deterministic(first_output, first_tensor(call(model, prepare(first))))
     if scores is None:
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
     if scores.refusal is None:

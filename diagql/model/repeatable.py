@@ -1,7 +1,8 @@
-"""Whether the data gives an item the same inputs on every read: the profile, a sample's
-activations and each query's pass read the items anew, so a random transform (a training
-augmentation) would have them answer about different inputs (docs/ARCHITECTURE.md, "Data
-model")."""
+"""Whether the data gives an item the same inputs on every read, and the model the same
+outputs to the same inputs: the profile, a sample's activations and each query's pass read
+the items anew and run the model again, so a random transform (a training augmentation) or
+a random forward (dropout left on) would have them answer about different inputs or models
+(docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
 import warnings
@@ -13,16 +14,47 @@ import torch
 from diagql.errors import DiagQLWarning
 
 
-def check_repeatable(first, again) -> None:
-    """Warn when the same items read twice give different inputs (a random transform, such as
+READS = 3  # reads of each of the probe's items (at most 3: a Ray Dataset's driver has no
+# more), one item at a time: a transform that changes an item half the time goes unseen in
+# (1/4) ** 3 = 1/64 connections
+
+
+def check_repeatable(first, read, n: int) -> None:
+    """Warn when the same items read again give different inputs (a random transform, such as
     a training augmentation): the profile, a sample's activations and a query's pass each read
-    the data again, so their answers would not be of the same inputs."""
-    if not same_inputs(first, again):
-        warnings.warn("the data gives the same item different inputs on two reads (a random "
-                      "transform, such as a training augmentation?): the profile, samples and "
-                      "each query read the items anew, so their answers will not agree; "
-                      "diagnose with deterministic (evaluation) transforms",
-                      DiagQLWarning, stacklevel=3)
+    the data again, so their answers would not be of the same inputs. ``first``: the first
+    item's inputs as the probe read them; ``read(i)``: item i's inputs, read anew; ``n``: the
+    items the probe read. Each is read READS times: a random flip keeps one item alike on two
+    reads half the time."""
+    for i in range(n):
+        reads = [first] if i == 0 else []
+        reads += [read(i) for _ in range(READS - len(reads))]
+        if not all(same_inputs(reads[0], again) for again in reads[1:]):
+            break
+    else:
+        return
+    warnings.warn("the data gives the same item different inputs on two reads (a random "
+                  "transform, such as a training augmentation?): the profile, samples and "
+                  "each query read the items anew, so their answers will not agree; "
+                  "diagnose with deterministic (evaluation) transforms",
+                  DiagQLWarning, stacklevel=3)
+
+
+def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> None:
+    """Warn when the model, in eval mode, gives the same inputs different outputs on two
+    passes (dropout called with ``training=True``, sampling in forward): every pass, the
+    profile's, a sample's and the exact answer's, would see another model, and an "exact"
+    answer is exact for its own pass only. Differences of rounding (another kernel's order of
+    sums) are not."""
+    if first.shape != again.shape or not first.is_floating_point():
+        return
+    a, b = first.detach().double(), again.detach().double()
+    scale = float(torch.nan_to_num(a.abs(), posinf=0.0).max()) if a.numel() else 0.0
+    if bool((torch.nan_to_num(a - b, nan=0.0).abs() > 1e-4 * max(scale, 1e-6)).any()):
+        warnings.warn("the model gives the same inputs different outputs on two passes in "
+                      "eval mode (dropout with training=True, or sampling in forward?): each "
+                      "pass sees another model, so answers, exact ones too, will differ from "
+                      "run to run", DiagQLWarning, stacklevel=3)
 
 
 def same_inputs(a, b) -> bool:

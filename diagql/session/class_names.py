@@ -38,6 +38,17 @@ def given_names(classes) -> list[str] | None:
     return names
 
 
+def name_classes(conn, classes, data, label_key: str | None) -> None:
+    """A new connection's class names: those given (``classes=``), else the data's (as
+    built: a factory's) or the models'; ``checked`` sees that they fit at the first
+    statement."""
+    conn.class_names = given_names(classes)
+    conn.names_given, conn.names_fit = classes is not None, False
+    if conn.class_names is None:
+        conn.class_names = found_names(data, label_key,
+                                       [e.architecture() for e in conn.models.values()])
+
+
 def checked(conn) -> list[str] | None:
     """The connection's class names once they are known to fit every model's classes (the
     first statement that has them checks): names given with ``classes=`` that do not are

@@ -20,7 +20,7 @@ from diagql.errors import BindError, DiagQLError
 from diagql.language import ast
 from diagql.language.binder import bind_sampler, qualify_layer
 from diagql.language.parser import parse, parse_sampler
-from diagql.model.data import ItemSource
+from diagql.model.data import ItemSource, dataset_indices
 from diagql.model.hooks import hookable
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
@@ -31,7 +31,7 @@ from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
 from diagql.session.changes import notice_changes, watching
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
-from diagql.session.class_names import checked, found_names, given_names, resolved
+from diagql.session.class_names import checked, name_classes, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
 from diagql.session.settings import Settings
 from diagql.session.statements import planned
@@ -153,8 +153,6 @@ class Connection:
                  ray_address: str | None = None, ray_workers: int | None = None, scores=None,
                  classes=None):
         self.engine = None  # a RayEngine, or None: passes run in this process
-        self.class_names = given_names(classes)  # WHERE class = 'cat' reads them
-        self.names_given, self.names_fit = classes is not None, False  # class_names.checked
         if model is not None:
             if engine == "ray" and checkpoints is not None:
                 # Checkpoints take turns in one copy of the model, on the driver
@@ -182,7 +180,7 @@ class Connection:
         self._data_digest: list = []  # the data's fingerprint, shared by the models
         self.data_stamp: tuple | None = None  # its tensors' stamp when last read (changes.py)
         if model is None:
-            return
+            return name_classes(self, classes, data, label_key)
         modules = _modules(model, checkpoints)
         self.source = ItemSource(data, label_key=label_key)
         for name, module in modules.items():
@@ -197,9 +195,7 @@ class Connection:
             # The final model last: ACROSS CHECKPOINTS answers in training order.
             self.models[FINAL] = self.models.pop(FINAL)
             self.settings.model = FINAL
-        if self.class_names is None:  # the data as built (a factory's), else the models'
-            self.class_names = found_names(data, label_key,
-                                           [e.architecture() for e in self.models.values()])
+        name_classes(self, classes, data, label_key)  # WHERE class = 'cat' reads them
         notice_changes(self)  # the stamps that later statements compare with
 
     def _add(self, name: str, module, device, latent) -> None:
@@ -361,7 +357,7 @@ class Connection:
             sampler = bind_sampler(call, self.settings.seed, len(self.source))
             with watching(self):
                 drawn = self.on(name).artifacts.get_sample(sampler)[0].indices
-            return self.source.dataset_indices(drawn)
+            return dataset_indices(self.source, drawn)
         except DiagQLError as exc:
             raise exc.with_source(spec) from None
 

@@ -21,6 +21,7 @@ from diagql.errors import NoMatchError
 from diagql.language import ast
 from diagql.language.binder import BoundInputs, bind_inputs, require_labels
 from diagql.model import hooks, views
+from diagql.model.data import dataset_indices
 from diagql.model.previews import previews
 from diagql.results.result import Provenance, RankedItems, Result
 from diagql.session.models import name_model, sampling_source, with_model
@@ -98,7 +99,7 @@ def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
     result = Result(kind="inputs", statement=query.text, layer=bound.layer.name,
                     unit=query.unit, neurons=np.array([bound.neuron]), labels=[bound.label],
                     values=answer.values, n_items=int(allowed.sum()), provenance=provenance,
-                    items=conn.source.dataset_indices(items), ranked=ranked)
+                    items=dataset_indices(conn.source, items), ranked=ranked)
     if len(items) < query.k:
         result.notes.append(f"only {len(items):,} items match, fewer than the {query.k:,} asked")
     if isinstance(query.source, ast.Auto):
