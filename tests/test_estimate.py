@@ -232,3 +232,17 @@ def test_the_expected_js_is_the_fresh_draws_mean_to_its_monte_carlo_precision():
         used.append(m)
         assert got == pytest.approx(js[:m].mean(), rel=1e-9, abs=1e-15)
     assert used[0] < 256 == used[1]
+
+
+def test_a_grouped_estimate_line_says_which_groups_it_averages(db):
+    """Groups with too few sampled items have no estimate; a mean over the others alone
+    read as the whole query's (0.307 against an actual 0.167 over every group)."""
+    result = db.query("TOPK 3 NEURONS IN encoder.1 WHERE incorrect GROUP BY predicted "
+                      "USING SAMPLE random(400, random_state=0)")
+    parts = list(result.groups.values())
+    told = [p for p in parts if p.estimate is not None and p.estimate.reliable]
+    assert 0 < len(told) < len(parts)  # the case at issue: some groups have no estimate
+    text = str(result)
+    mean = sum(p.estimate.expected for p in told) / len(told)
+    assert f"expected precision {mean:.3f} (mean over the {len(told)} of {len(parts)} " \
+           f"groups with an estimate; the others: " in " ".join(text.split())

@@ -278,6 +278,12 @@ def _estimate_line(result) -> Text | None:
                     f"{result.layer}, so the shares are counted, not estimated", style="dim")
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
+    if len(reliable) < len(parts):  # the others say nothing: a mean of the rest alone misleads
+        unsaid = next((p.estimate.reason for p in parts if p.estimate is not None
+                       and not p.estimate.reliable and p.estimate.reason), None) or \
+            "no estimate"
+        scope = (f" (mean over the {len(reliable)} of {len(parts)} groups with an estimate; "
+                 f"the others: {unsaid})")
     # A block's own projections predict its items first (engine/prediction.py).
     block = getattr(getattr(getattr(result, "plan", None), "prediction", None), "predictor", None)
     fit = f"{block} and a regression on the latent" if block else "a regression on the latent"
