@@ -171,6 +171,26 @@ def test_a_misspelt_spec_is_suggested_and_a_failing_factory_shown_with_debug(tmp
     sys.modules.pop("mymodels", None)
 
 
+def test_a_failing_forward_is_shown_where_it_failed_with_debug(tmp_path):
+    (tmp_path / "brokenfwd.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 3)\n\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(torch.cat([x, x], 1))  # the user's slip\n\n"
+        "def build():\n    return Net()\n\n"
+        "def data():\n    return torch.randn(20, 4), torch.randint(0, 3, (20,))\n")
+    args = ("--model", "brokenfwd:build", "--data", "brokenfwd:data", "-e", "SHOW LAYERS")
+    done = diagql(*args, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "the model's forward raised RuntimeError" in done.stderr
+    done = diagql(*args, "--debug", cwd=tmp_path)
+    assert done.returncode == 1 and "brokenfwd.py" in done.stderr  # the forward's own line
+    sys.modules.pop("brokenfwd", None)
+
+
 def test_weights_that_do_not_fit_are_reported(tmp_path):
     import torch
 

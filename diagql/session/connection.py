@@ -303,7 +303,7 @@ class Connection:
         try:
             statement = resolved(parse(text), checked(self))
         except DiagQLError as exc:
-            raise exc.with_source(text) from None
+            raise exc.with_source(text)  # its cause (the user's code) kept
         return scripts.run_timed(self, statement, text, time.perf_counter() - started)
 
     def execute(self, script: str) -> list[Result]:
@@ -337,7 +337,7 @@ class Connection:
             try:
                 query = resolved(parse(query), checked(self))
             except DiagQLError as exc:
-                raise exc.with_source(query) from None
+                raise exc.with_source(query)  # its cause (the user's code) kept
         if not isinstance(query, (ast.Query, ast.Similarity)):
             raise DiagQLError(f"plan() takes a query (TOPK, AVG, ARGMAX or SIMILARITY), not "
                               f"{getattr(query, 'text', query)!r}")
@@ -359,7 +359,7 @@ class Connection:
                 drawn = self.on(name).artifacts.get_sample(sampler)[0].indices
             return dataset_indices(self.source, drawn)
         except DiagQLError as exc:
-            raise exc.with_source(spec) from None
+            raise exc.with_source(spec)  # its cause (the user's code) kept
 
     def close(self) -> None:
         """Hand a Ray connection's workers back to the cluster and let the cache's pending

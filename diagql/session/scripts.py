@@ -26,7 +26,7 @@ def run_timed(conn, statement: ast.Statement, source: str, parsed: float) -> Res
         with watching(conn):  # what changed in place since the last (session/changes.py)
             result = run_statement(conn, statement)
     except DiagQLError as exc:
-        raise exc.with_source(source) from None
+        raise exc.with_source(source)  # its cause kept: --debug shows it
     result.timings["parse"] = parsed
     result.timings["total"] = parsed + time.perf_counter() - started
     return result

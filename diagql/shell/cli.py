@@ -211,6 +211,8 @@ def _run(args, out, err) -> int:
     for name, text in sources:
         for outcome in conn.run_script(text):
             if isinstance(outcome, DiagQLError):
+                if args.debug and outcome.__cause__ is not None:  # the user's code failed
+                    _print_cause(err, outcome.__cause__)
                 _print_error(err, outcome, name)
                 failed = True
                 if not args.keep_going:
@@ -338,6 +340,14 @@ def _scores_arg(text: str) -> int | str:
         return int(text)
     except ValueError:
         return text
+
+
+def _print_cause(err, cause: BaseException) -> None:
+    """--debug: the traceback of the user's code that failed under a statement's error
+    (the model's forward, the data's reading), which the script goes on past."""
+    from rich.traceback import Traceback
+
+    err.print(Traceback.from_exception(type(cause), cause, cause.__traceback__))
 
 
 def _print_error(err, exc, name: str | None) -> None:
