@@ -180,7 +180,37 @@ def test_explain_names_the_covariates(db):
     other = db.query("EXPLAIN AVG NEURONS IN 4 USING SAMPLE random(0.1)")
     text = {r.plan.query.layer.name: dict(r.plan.explain())["estimator"] for r in (block, other)}
     assert "2's 64 principal components kept by the profile pass" in text["2"]
-    assert "principal components of the latent" in text["4"] and "kept by" not in text["4"]
+    assert "principal components of the latent" in text["4"]  # 4 is in no block: beside 2
+    assert "the 32 leading principal components of 2, the nearest block" in text["4"]
+
+
+def test_a_layer_beside_a_block_is_fitted_on_its_leading_directions_as_numpy_does(db, cnn,
+                                                                                  digits):
+    """Layer 4 (after block 2, in none): the regression estimator on the latent's components
+    and block 2's 32 leading projections, each scaled to unit variance over every item,
+    written out in numpy; its check takes the widest of three, each written out too."""
+    X, y = digits
+    result = db.query("AVG NEURONS IN 4 USING SAMPLE maxmargin(0.1)")
+    profile, items = db.profile, db.sample("maxmargin(0.1)")
+    key = next(k for k, name in profile.auxiliaries.names if name == "2")
+    zb = profile.auxiliary(key).z.astype(np.float64)
+    major = zb[:, :32] / zb[:, :32].std(axis=0)
+    Z = np.hstack([covariates(profile), major])
+    Y = _rows(cnn, X, 5)
+    everyone = np.arange(len(Y))
+    mean, se = _numpy_assisted(Y[items], Z[items], np.zeros(len(items), int),
+                               {0: Z.mean(axis=0)}, {0: len(Y)}, RIDGE)[0]
+    np.testing.assert_allclose(result.values, mean, rtol=1e-5, atol=1e-6)
+    checks = [(np.abs(zb[:, :32]), extrapolation.NEIGHBOUR_SHARE),
+              (zb[:, 32:], extrapolation.NEIGHBOUR_SHARE),
+              (extrapolation.latent_minor(profile).astype(np.float64), extrapolation.WHOLE_SHARE)]
+    widen = max(_numpy_widening(columns, Z, items, everyone, np.zeros(len(Y), int),
+                                {0: Z.mean(axis=0)}, {0: len(Y)}, share)
+                for columns, share in checks)
+    est = result.estimate
+    live = se > 0
+    half = stdtrit(len(items) - 1, 0.975) * se * widen
+    np.testing.assert_allclose(((est.ci_high - est.ci_low) / 2)[live], half[live], rtol=1e-4)
 
 
 def _toy_prediction(rng, width: int, k: int, p: int, n: int):
@@ -519,7 +549,8 @@ def test_explain_says_what_the_fit_was_checked_on(db):
     block = dict(db.query("EXPLAIN AVG NEURONS IN 2 USING SAMPLE random(0.1)").plan.explain())
     inner = dict(db.query("EXPLAIN AVG NEURONS IN 4 USING SAMPLE random(0.1)").plan.explain())
     assert "checked on 2's minor directions" in block["estimator"]
-    assert "checked on the latent's next" in inner["estimator"]  # 4 is in no block
+    assert ("checked on 2's minor directions and its leading ones' magnitudes and the "
+            "latent's next components") in inner["estimator"]  # 4 is in no block: beside 2
 
 
 def test_the_latents_minor_components_follow_the_covariates(db):

@@ -9,6 +9,7 @@ from torch import nn
 
 import diagql
 from diagql.engine import extrapolation
+from diagql.engine.covariates import Covariates
 from diagql.engine.regression import RIDGE
 from tests.test_block_auxiliaries import _widening
 from tests.test_estimate_assisted import _numpy_assisted
@@ -29,7 +30,7 @@ def test_extrapolation_widens_only_where_the_fit_misses_the_known_minor_directio
              else np.flatnonzero(np.abs(zl[:, 0]) > 1.6))
     items.sort()
     everyone = np.arange(N)
-    widened = extrapolation.widening(check, zl, items, None, everyone, {None: N},
+    widened = extrapolation.widening(check, Covariates((zl,)), items, None, everyone, {None: N},
                                      {None: zl.mean(axis=0)})
     expected = _widening(np.hstack([np.zeros((N, 32 - k // 2)), zb]), zl, items, everyone,
                          np.zeros(N, int), {0: zl.mean(axis=0)}, {0: N})
@@ -48,19 +49,20 @@ def test_a_grouped_checks_misses_are_pooled_over_its_groups_and_columns():
     items = np.sort(np.flatnonzero(zl[:, 0] > 1.0))
     population = {g: int((keys == g).sum()) for g in range(3)}
     means = {g: zl[keys == g].mean(axis=0) for g in range(3)}
-    widened = extrapolation.widening(extrapolation.Check((known,), 1.0, "known"), zl, items,
-                                     keys, np.arange(N), population, means)
+    widened = extrapolation.widening(extrapolation.Check((known,), 1.0, "known"),
+                                     Covariates((zl,)), items, keys, np.arange(N), population,
+                                     means)
     fitted = _numpy_assisted(known[items], zl[items], keys[items], means, population, RIDGE)
     miss = sum(((m - known[keys == g].mean(axis=0)) ** 2).sum() for g, (m, _) in fitted.items())
     spread = sum((se ** 2).sum() for _, se in fitted.values())
     np.testing.assert_allclose(widened, np.sqrt(miss / spread), rtol=1e-9)
     with_offset = extrapolation.Check((known,), 1.0, "known", offset=0)
     in_plan = {g: np.r_[means[g], known[keys == g].mean(axis=0)] for g in range(3)}
-    assert extrapolation.widening(with_offset, zl, items, keys, np.arange(N), population,
-                                  in_plan) == pytest.approx(widened, rel=1e-12)
+    assert extrapolation.widening(with_offset, Covariates((zl,)), items, keys, np.arange(N),
+                                  population, in_plan) == pytest.approx(widened, rel=1e-12)
 
 
-def test_a_layer_inside_a_block_is_checked_on_that_blocks_projections(digits):
+def test_a_layer_inside_a_block_is_fitted_and_checked_on_that_blocks_projections(digits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Flatten(),
                           nn.Sequential(nn.Linear(144, 32), nn.ReLU()), nn.Linear(32, 10))
@@ -68,7 +70,9 @@ def test_a_layer_inside_a_block_is_checked_on_that_blocks_projections(digits):
     assert "0" in [layer for _, layer in conn.profile.auxiliaries.names]
     text = dict(conn.query("EXPLAIN AVG NEURONS IN 0.0 USING SAMPLE random(0.1)")
                 .plan.explain())["estimator"]
-    assert "checked on 0's principal components" in text
+    assert "the 32 leading principal components of 0, the nearest block" in text
+    assert ("checked on 0's minor directions and its leading ones' magnitudes: " in text
+            and "latent's next" not in text)  # inside its block: not on the latent's
 
 
 @pytest.mark.parametrize("query", ["AVG NEURONS IN 0.0", "TOPK 5 NEURONS IN 2",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diagql.engine import covariates as covariates_module
-from diagql.engine.covariates import Covariates
+from diagql.engine.covariates import NEIGHBOUR_DIMS, Covariates
 from diagql.engine.regression import assisted, of_rows
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space, one_blas_thread
@@ -32,6 +32,13 @@ NOISE_SDS = 3.0
 # projections or the latent's minor components, whose miss it matched.
 MINOR_SHARE = 0.5
 WHOLE_SHARE = 1.0
+# A view fitted on its nearest block's leading directions (engine/covariates.py) is checked on
+# their magnitudes and the block's minor directions with half their excess, as a block's own
+# minor directions (layers inside a block at 50,000 items: 0.93-1.00 at 0.5, 0.97-1.00 at
+# 1.0), and a view after its block on the latent's next components too, with all of it (the
+# ResNet's pool and hidden.0: 0.66-0.93 without them; benchmarks/README.md, "Layers beside a
+# block").
+NEIGHBOUR_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -40,18 +47,38 @@ class Check:
     N × m), the share of their excess miss the query takes, and what they are (EXPLAIN)."""
 
     columns: tuple[np.ndarray, ...]
-    share: float
+    share: float | tuple[float, ...]  # a tuple: each part's, for ``each``
     what: str
     # Where the plan already has the columns' matching means: their offset in the plan's
     # covariate means (a block's own minor directions), else None (computed here).
     offset: int | None = None
+    # Whether the fit checked is on every covariate of the query (a neighbour block's major
+    # directions beside the latent), not the latent's alone (a block's own residual fit).
+    whole_fit: bool = False
+    # Whether each part of ``columns`` is a check of its own (the widest widening taken): two
+    # kinds of miss, neither diluted by the other's columns.
+    each: bool = False
 
 
-def check_for(profile: Profile, layer: str, auxiliary, held: str | None) -> Check | None:
+def check_for(profile: Profile, layer: str, auxiliary, held: str | None,
+              neighbour=None, encloses: bool = False) -> Check | None:
     """The check of a query on ``layer`` whose own block projections are ``auxiliary``
-    (None: fitted on the latent alone). A view the profile holds has no residual to check."""
+    (None: fitted on the latent, and on ``neighbour``'s major directions when it has a
+    neighbour block, engine/covariates.py). A view the profile holds has no residual to
+    check."""
     if held is not None:
         return None
+    if neighbour is not None:  # what the linear fit on its leading directions cannot follow
+        # A layer after its block, nearer the latent (a pooling before the head), is checked
+        # on the latent's next components too, as a layer in no block was.
+        minor = None if encloses else latent_minor(profile)
+        parts = (_folded(neighbour), neighbour.z[:, NEIGHBOUR_DIMS:]) + \
+            (() if minor is None else (minor,))
+        return Check(parts, (NEIGHBOUR_SHARE, NEIGHBOUR_SHARE, WHOLE_SHARE)[:len(parts)],
+                     f"{neighbour.layer}'s minor directions and its leading ones' "
+                     f"magnitudes" + ("" if minor is None else
+                                      " and the latent's next components"),
+                     whole_fit=True, each=True)
     if auxiliary is not None:
         k = auxiliary.z.shape[1]
         if k < 2:
@@ -71,6 +98,16 @@ def check_for(profile: Profile, layer: str, auxiliary, held: str | None) -> Chec
         return None
     return Check((minor,), WHOLE_SHARE,
                  f"the latent's next {minor.shape[1]} principal components")
+
+
+def _folded(neighbour) -> np.ndarray:
+    """|z| of the neighbour block's leading directions, the covariates' own: a nonlinear
+    function of them (as a ReLU after a Linear is of its input) whose means a linear fit
+    extrapolated by a sampler far from the matching items misses, and the profile knows. Its
+    minor directions check the other kind of miss, a layer linear in the block whose part
+    beyond the leading directions the fit does not see; the latent's next components, a layer
+    near the latent (a pooling just before the head)."""
+    return np.abs(neighbour.z[:, :NEIGHBOUR_DIMS])
 
 
 _MINOR: dict = {}  # once per profile (covariates.once_per_profile)
@@ -107,15 +144,17 @@ def _latent_minor(profile: Profile) -> np.ndarray | None:
     return minor
 
 
-def widening(check: Check, latent: np.ndarray, items: np.ndarray, keys: np.ndarray | None,
+def widening(check: Check, z: Covariates, items: np.ndarray, keys: np.ndarray | None,
              matching: np.ndarray, population: dict, covariate_means: dict) -> float:
     """The factor a query's standard errors widen by: √(1 + share · (ratio − 1)), ratio the
     squared misses of the fit's estimates of the check's columns over their squared standard
     errors, over every group and column; 1.0 while the ratio is within NOISE_SDS of an honest
-    fit's. ``latent``: every item's latent covariates (N × p); ``items``: the plan's sampled
-    matching items; ``keys``: every item's group key (None: one group); ``covariate_means``:
-    the plan's, each group's mean covariates (the latent's first)."""
-    p = latent.shape[1]
+    fit's. ``z``: the query's covariates, of which the fit checked takes the latent's (the
+    first part) or, for ``check.whole_fit``, all; ``items``: the plan's sampled matching
+    items; ``keys``: every item's group key (None: one group); ``covariate_means``: the
+    plan's, each group's mean covariates (the latent's first)."""
+    latent = Covariates(z.parts if check.whole_fit else z.parts[:1])
+    p = latent.width
     columns = Covariates(check.columns)
     if check.offset is not None:
         truth = {key: means[p + check.offset:] for key, means in covariate_means.items()}
@@ -126,18 +165,25 @@ def widening(check: Check, latent: np.ndarray, items: np.ndarray, keys: np.ndarr
     for key, count in population.items():
         mine = items if item_keys is None else items[item_keys == key]
         if len(mine) >= 2 and key in truth:
-            groups[key] = of_rows(columns.rows(mine), latent[mine], count,
+            groups[key] = of_rows(columns.rows(mine), latent.rows(mine), count,
                                   covariate_means[key][:p])
-    miss = spread = 0.0
-    checks = 0
+    width = columns.width
+    miss, spread, checks = np.zeros(width), np.zeros(width), np.zeros(width, dtype=np.int64)
     for key, fitted in assisted(groups).items():
         seen = np.isfinite(fitted.se) & (fitted.se > 0)
-        miss += float(np.sum((fitted.mean[seen] - truth[key][seen]) ** 2))
-        spread += float(np.sum(fitted.se[seen] ** 2))
-        checks += int(seen.sum())
-    if checks == 0 or spread == 0:
-        return 1.0
-    ratio = miss / spread
-    if ratio <= 1 + NOISE_SDS * np.sqrt(2 / checks):
-        return 1.0
-    return float(np.sqrt(1 + check.share * (ratio - 1)))
+        miss += np.where(seen, (fitted.mean - truth[key]) ** 2, 0.0)
+        spread += np.where(seen, fitted.se ** 2, 0.0)
+        checks += seen
+    # Each part judged alone (``check.each``), the widest widening taken; else one ratio.
+    bounds = np.cumsum([0] + [part.shape[1] for part in check.columns]) if check.each \
+        else np.array([0, width])
+    shares = check.share if isinstance(check.share, tuple) else (check.share,) * len(bounds)
+    factor = 1.0
+    for start, end, share in zip(bounds[:-1], bounds[1:], shares):
+        m, v, c = miss[start:end].sum(), spread[start:end].sum(), int(checks[start:end].sum())
+        if c == 0 or v == 0:
+            continue
+        ratio = m / v
+        if ratio > 1 + NOISE_SDS * np.sqrt(2 / c):
+            factor = max(factor, float(np.sqrt(1 + share * (ratio - 1))))
+    return factor

@@ -156,7 +156,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     if estimator == "plain":  # no covariates: the pass streams no sums it would not use
         return dataclasses.replace(plan, estimator=estimator,
                                    estimator_text="plain: the sample mean")
-    chosen = for_view(profile, bound.view.key, own=rows_from_profile)
+    chosen = for_view(profile, bound.view.key, own=rows_from_profile, before=bound.before)
     text = chosen.describe(profile)
     if query.aggregate == "argmax" and rows_from_profile:  # its winners are the profile's model's
         shares = winner_shares(profile.winners_of(bound.view), matching,
@@ -184,11 +184,11 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                        codes.reshape(-1), [means[k][:p] for k in unique.tolist()])
     widening = 1.0
     check = None if query.aggregate == "argmax" else \
-        extrapolation.check_for(profile, bound.view.layer.name, chosen.auxiliary, chosen.held)
+        extrapolation.check_for(profile, bound.view.layer.name, chosen.auxiliary, chosen.held,
+                                chosen.neighbour, chosen.encloses)
     # A sample of every matching item answers exactly: nothing is extrapolated to check.
     if check is not None and 0 < len(items) < len(matching):
-        widening = extrapolation.widening(check, z.parts[0], items, keys, matching, population,
-                                          means)
+        widening = extrapolation.widening(check, z, items, keys, matching, population, means)
         text += (f"; checked on {check.what}: " + (f"intervals widened {widening:.2f}x"
                                                    if widening > 1 else "within its noise"))
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,

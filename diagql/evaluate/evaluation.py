@@ -32,7 +32,7 @@ from diagql.engine.regression import corrected_mean
 from diagql.errors import ExecutionError
 from diagql.evaluate.bind import BoundEvaluation, Candidate, bind_evaluate
 from diagql.language import ast
-from diagql.language.binder import NO_LABELS, _error
+from diagql.language.binder import NO_LABELS, _error, layers_before
 from diagql.model.layers import LayerInfo
 from diagql.model.views import View
 from diagql.results.metrics import COSINE, JS, METRICS, PRECISION
@@ -239,7 +239,8 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
     # cell corrects its sample toward) and the block prediction, if any.
     context = {}
     for layer in bound.layers:
-        chosen = for_view(conn.profile, View(layer).key)
+        chosen = for_view(conn.profile, View(layer).key,
+                          before=layers_before(conn.catalog, layer.name))
         prediction = chosen.prediction()
         means = chosen.z.means(np.arange(len(groups)), groups, set(valid.tolist()))
         # Every item's winner known (model/winners.py): an ARGMAX's exact shares.

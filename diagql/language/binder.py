@@ -27,6 +27,9 @@ class BoundQuery:
     n_neurons: int  # neurons, or channels for CHANNELS
     sampler: samplers.Sampler | None
     view: View  # how the hook turns the layer's output into one row per item
+    # The model's queryable layers before this one, in registration order: where the
+    # estimator finds the nearest block to a layer in none (engine/covariates.py).
+    before: tuple[str, ...] = ()
 
 
 def _error(message: str, span: ast.Span | None, hint: str | None = None) -> BindError:
@@ -177,7 +180,13 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
         sampler = bind_sampler(query.source, seed, n_items)
     if query.until is not None:
         bind_until(query, sampler)
-    return BoundQuery(query, layer, n_neurons, sampler, view)
+    return BoundQuery(query, layer, n_neurons, sampler, view, layers_before(catalog, layer.name))
+
+
+def layers_before(catalog: LayerCatalog, name: str) -> tuple[str, ...]:
+    """The catalog's queryable layers registered before ``name`` (none when it is unlisted)."""
+    names = catalog.running_names()
+    return tuple(names[:names.index(name)]) if name in names else ()
 
 
 # UNTIL's targets: the aggregate whose estimate reports each, and the direction it improves in.
