@@ -27,6 +27,7 @@ from diagql.engine import estimate, extrapolation, planner
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
 from diagql.engine.covariates import for_view
 from diagql.evaluate.bind import default_layers
+from diagql.language.binder import layers_before
 from diagql.model.views import View
 from diagql.results import metrics
 from truth import combinations, exact_answers, layer_truth
@@ -54,9 +55,11 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
     exact = exact_answers(combos, truths, K)  # once: the same for every size and seed
     profile = db.profile
     # Each layer's covariates and block prediction, as its queries have them.
-    per_layer = {layer: for_view(profile, View(db.catalog[layer]).key) for layer in layers}
+    per_layer = {layer: for_view(profile, View(db.catalog[layer]).key,
+                                 before=layers_before(db.catalog, layer)) for layer in layers}
     # And what each layer's fit is checked on (engine/extrapolation.py), as the planner does.
-    checks = {layer: extrapolation.check_for(profile, layer, cov.auxiliary, cov.held)
+    checks = {layer: extrapolation.check_for(profile, layer, cov.auxiliary, cov.held,
+                                             cov.neighbour, cov.encloses)
               for layer, cov in per_layer.items()}
     data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
                                profile.n_classes)
@@ -96,7 +99,7 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                 exact_top, exact_mean, exact_hist = exact[id(combo)]
                 check = checks[combo.layer]
                 widened = 1.0 if check is None else extrapolation.widening(
-                    check, z.parts[0], chosen, None, combo.items, {None: population}, z_pop)
+                    check, z, chosen, None, combo.items, {None: population}, z_pop)
                 fits = {"assisted": (estimate.fit({None: mean_state}, {None: population}, z_pop,
                                                   prediction, widened=widened)[None],
                                      estimate.fit({None: hist_state}, {None: population}, z_pop,
