@@ -177,7 +177,7 @@ class Chosen:
         """What the assisted estimator fits on, for EXPLAIN."""
         latent = f"{self.latent_dims} principal components of the latent ({profile.latent_layer})"
         if self.neighbour is not None:
-            return (f"assisted: a linear fit on {latent} and the {NEIGHBOUR_DIMS} leading "
+            return (f"assisted: a linear fit on {latent} and the {leading(self.neighbour)} leading "
                     f"principal components of {self.neighbour.layer}, the nearest block, "
                     f"kept by the profile pass")
         if self.auxiliary is None:
@@ -214,9 +214,9 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
     if auxiliary is None:
         near, encloses = nearest_block(profile, json.loads(view_key)[0], before) if own \
             else (None, False)
-        if near is not None and near.z.shape[1] > NEIGHBOUR_DIMS:
+        if near is not None and near.z.shape[1] >= 4:  # two leading, two to check
             major = once_per_profile(_WHITENED, (id(profile), near.key), profile,
-                                     lambda: _whitened(near.z[:, :NEIGHBOUR_DIMS]))
+                                     lambda: _whitened(near.z[:, :leading(near)]))
             return Chosen(Covariates((z, major)), z.shape[1], None, neighbour=near,
                           encloses=encloses)
         return Chosen(Covariates((z,)), z.shape[1], None)
@@ -229,6 +229,12 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
 # 0.006 and the top-10 precision rose from 0.2 to 0.7; the other half of the block's
 # directions checks the fit.
 NEIGHBOUR_DIMS = BLOCK_DIMS // 2
+
+
+def leading(block: Auxiliary) -> int:
+    """How many of a neighbour block's directions are covariates: half of them, at most
+    NEIGHBOUR_DIMS (a narrow block, a GRU of 32 units, keeps 32: 16 and 16); the rest check."""
+    return min(NEIGHBOUR_DIMS, block.z.shape[1] // 2)
 _WHITENED: dict = {}  # once per profile and block
 
 
@@ -243,11 +249,13 @@ def _whitened(z: np.ndarray) -> np.ndarray:
 def nearest_block(profile: Profile, layer: str,
                   before: tuple[str, ...]) -> tuple[Auxiliary | None, bool]:
     """The block nearest to a layer that is none, and whether it encloses the layer: the
-    innermost block enclosing it (a layer inside a block: ``conv1.0``), else the last block
+    layer's own block in its default view (a GRU's ``TOKEN -1`` beside its mean over
+    tokens), or the innermost block enclosing it (a layer inside a block: ``conv1.0``), else
+    the last block
     before it in the model's order of registration (``before``: an MLP's ReLU after its
     Linear, a pooling after a stage)."""
     inside = [(key, name) for key, name in profile.auxiliaries.names
-              if layer.startswith(name + ".")]
+              if layer == name or layer.startswith(name + ".")]  # == : another view of it
     if inside:
         key = max(inside, key=lambda named: len(named[1]))[0]
         return profile.auxiliary(key), True

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diagql.engine import covariates as covariates_module
-from diagql.engine.covariates import NEIGHBOUR_DIMS, Covariates
+from diagql.engine.covariates import Covariates, leading
 from diagql.engine.regression import assisted, of_rows
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space, one_blas_thread
@@ -72,7 +72,7 @@ def check_for(profile: Profile, layer: str, auxiliary, held: str | None,
         # And on the latent's next components, as a layer in no block is: with their whole
         # excess for a layer after its block, nearer the latent (a pooling before the head).
         minor = latent_minor(profile)
-        parts = (_folded(neighbour), neighbour.z[:, NEIGHBOUR_DIMS:]) + \
+        parts = (_folded(neighbour), neighbour.z[:, leading(neighbour):]) + \
             (() if minor is None else (minor,))
         shares = (NEIGHBOUR_SHARE, NEIGHBOUR_SHARE,
                   NEIGHBOUR_SHARE if encloses else WHOLE_SHARE)
@@ -109,7 +109,7 @@ def _folded(neighbour) -> np.ndarray:
     minor directions check the other kind of miss, a layer linear in the block whose part
     beyond the leading directions the fit does not see; the latent's next components, a layer
     near the latent (a pooling just before the head)."""
-    return np.abs(neighbour.z[:, :NEIGHBOUR_DIMS])
+    return np.abs(neighbour.z[:, :leading(neighbour)])
 
 
 _MINOR: dict = {}  # once per profile (covariates.once_per_profile)
