@@ -142,6 +142,8 @@ def test_syntax_error_names_what_was_expected():
      "cannot import 'no_such_module'"),
     (["--model", "tests.models:digits", "--data", "tests.models:digits"], "not a torch.nn.Module"),
     (["--model", "tests.models", "--data", "tests.models:digits"], "is not MODULE:CALLABLE"),
+    (["--model", "tests/models.py:trained_mlp", "--data", "tests.models:digits"],
+     "name the module, not its file: --model tests.models:trained_mlp"),
     (["--model", "tests.models:trained_mlp", "--weights", "missing.pt", "--data",
       "tests.models:digits"], "no such file"),
 ])

@@ -410,7 +410,8 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
         "collate_fn=...), e.g. transformers' DataCollatorWithPadding(tokenizer)")
     assert _refusal(net, TensorDataset(X, Z, y)) == (
         "the data's items have 3 parts; DiagQL needs (x, y): put several inputs in a tuple, "
-        "((x1, x2), y)")
+        "((x1, x2), y), and leave out what is neither (an index, metadata) with a collate_fn "
+        "or a Dataset that returns (x, y)")
     assert _refusal(bert, {"labels": labels}) == (
         "the data's keys ['labels'] hold only the labels; the model's inputs must be under "
         "other keys")

@@ -244,7 +244,9 @@ class ItemSource:
         if isinstance(batch, (tuple, list)):
             if len(batch) > 2:
                 raise DiagQLError(f"the data's items have {len(batch)} parts; DiagQL needs "
-                                  f"(x, y): put several inputs in a tuple, ((x1, x2), y)")
+                                  f"(x, y): put several inputs in a tuple, ((x1, x2), y), "
+                                  f"and leave out what is neither (an index, metadata) with a "
+                                  f"collate_fn or a Dataset that returns (x, y)")
             x, y = batch[0], (batch[1] if len(batch) == 2 else None)
             if isinstance(x, Mapping):
                 inputs = dict(x)

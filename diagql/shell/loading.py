@@ -14,6 +14,10 @@ def resolve(spec: str, what: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise DiagQLError(f"--{what} {spec!r} is not MODULE:CALLABLE (e.g. mypkg.models:build)")
+    if module_name.endswith(".py"):  # a file's name where a module's is meant
+        module = module_name[:-3].replace(os.sep, ".").lstrip(".")
+        raise DiagQLError(f"--{what} {spec!r}: name the module, not its file: "
+                          f"--{what} {module}:{attr}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
