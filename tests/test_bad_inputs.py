@@ -264,7 +264,8 @@ def test_labels_outside_the_models_classes():
     with pytest.raises(DiagQLError) as info:
         db.query("AVG NEURONS IN fc1")
     assert info.value.message == ("label 12 of item 5 is outside the model's classes 0..2 (the "
-                                  "model scores 3 classes); 1 of 40 items have such labels")
+                                  "model scores 3 classes); 1 of 40 items have such labels: "
+                                  "leave those items out, or give the data without its labels")
     X, y = bad_models.data()
     with pytest.raises(DiagQLError, match="label -1 of item 0 is outside the model's classes 0..2"):
         connect(bad_models.net(), (X, y - 1)).query("AVG NEURONS IN fc1")

@@ -685,3 +685,29 @@ def test_a_lazy_module_not_yet_run_is_connected_and_queried(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(again.values, model[0](X).double().mean(0).numpy(),
                                    rtol=1e-6, atol=1e-7)
+
+
+def test_labels_of_minus_one_everywhere_are_an_unlabelled_split():
+    """A Hugging Face test split labels every item -1: it was refused whole, label-free
+    queries too; some items' -100 (an ignore index) is refused saying what to do."""
+    torch.manual_seed(0)
+    X = torch.randn(50, 6)
+    model = _mlp()
+    db = diagql.connect(model, (X, torch.full((50,), -1)), cache_dir=False, progress=False)
+    with pytest.warns(DiagQLWarning, match="every label is -1 .*taken as unlabelled"):
+        answer = db.query("AVG NEURONS IN 1")
+    np.testing.assert_allclose(answer.values, _hooked(model, "1", X).double().mean(0).numpy(),
+                               rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        predicted = model(X).argmax(1)
+    top = int(predicted.mode().values)
+    assert db.query(f"AVG NEURONS IN 1 WHERE predicted = {top}").n_items == \
+        int((predicted == top).sum())
+    with pytest.raises(DiagQLError, match="needs the true labels"):
+        db.query("AVG NEURONS IN 1 WHERE class = 0")
+    some = torch.randint(0, 3, (50,))
+    some[:5] = -100
+    with pytest.raises(DiagQLError, match="label -100 of item 0 is outside .* 5 of 50 items "
+                                          "have such labels: leave those items out"):
+        diagql.connect(model, (X, some), cache_dir=False, progress=False).query(
+            "AVG NEURONS IN 1")

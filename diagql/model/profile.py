@@ -385,7 +385,13 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     predictions = _join([part.predictions for part in parts])
     if has_labels:
         labels = _join([part.labels for part in parts])
-        _check_labels(labels, n_classes)
+        if len(labels) and bool(np.all(labels < 0)):  # a Hugging Face test split's -1s
+            warnings.warn(f"every label is {int(labels[0])} (a test split without labels?): "
+                          f"the data is taken as unlabelled", DiagQLWarning, stacklevel=2)
+            has_labels = False
+            labels = np.full(len(predictions), -1, dtype=np.int64)
+        else:
+            _check_labels(labels, n_classes)
     else:
         labels = np.full(len(predictions), -1, dtype=np.int64)  # treat the data as unlabelled
     if latent is None:
@@ -442,7 +448,8 @@ def _check_labels(labels: np.ndarray, n_classes: int) -> None:
         first = int(outside[0])
         raise DiagQLError(f"label {int(labels[first])} of item {first} is outside the model's "
                           f"classes 0..{n_classes - 1} (the model scores {n_classes} classes); "
-                          f"{len(outside):,} of {len(labels):,} items have such labels")
+                          f"{len(outside):,} of {len(labels):,} items have such labels: leave "
+                          f"those items out, or give the data without its labels")
 
 
 def _logits(logits: torch.Tensor) -> torch.Tensor:
