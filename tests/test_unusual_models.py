@@ -711,3 +711,15 @@ def test_labels_of_minus_one_everywhere_are_an_unlabelled_split():
                                           "have such labels: leave those items out"):
         diagql.connect(model, (X, some), cache_dir=False, progress=False).query(
             "AVG NEURONS IN 1")
+
+
+def test_string_labels_are_refused_saying_classes_names_do_not_translate_them():
+    """The advice for class names (classes=) had led users with string labels to a second
+    refusal: names are for WHERE; labels must be indices."""
+    X = torch.randn(12, 6)
+    items = [(x, "dog" if i % 2 else "cat") for i, x in enumerate(X)]
+    db = diagql.connect(_mlp(), items, cache_dir=False, progress=False,
+                        classes=["cat", "dog", "eel"])
+    with pytest.raises(DiagQLError, match="labels must be class indices .* not 'cat', "
+                                          ".* it does not translate the labels"):
+        db.query("AVG NEURONS IN 1")

@@ -64,7 +64,9 @@ def as_labels(y) -> np.ndarray:
     elif y.dtype.kind in "USO":
         seen = ", ".join(repr(v) for v in list(dict.fromkeys(y.tolist()))[:3])
         raise DiagQLError(f"labels must be class indices (whole numbers), not {seen}, ...: "
-                          f"number the classes 0..C-1 in the order of the model's outputs")
+                          f"number the classes 0..C-1 in the order of the model's outputs "
+                          f"(classes= then names them for WHERE class = 'cat'; it does not "
+                          f"translate the labels)")
     elif y.dtype.kind not in "iub":
         raise DiagQLError(f"labels must be class indices, got dtype {y.dtype}")
     return y.astype(np.int64)
