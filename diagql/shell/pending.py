@@ -15,6 +15,7 @@ class PendingConnection:
         self._ready = threading.Event()
         self._value = None
         self._error: BaseException | None = None
+        self._on_failure: Callable[[], None] | None = None
         thread = threading.Thread(target=self._run, args=(make,), name="diagql-connect",
                                   daemon=True)
         thread.start()
@@ -26,6 +27,18 @@ class PendingConnection:
             self._error = exc
         finally:
             self._ready.set()
+        if self._error is not None and self._on_failure is not None:
+            self._on_failure()
+
+    def on_failure(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (from the loading thread, or now) once making the connection has
+        failed: the REPL ends its prompt then, rather than at the statement typed next."""
+        object.__setattr__(self, "_on_failure", callback)
+        if self._ready.is_set() and self._error is not None:
+            callback()
+
+    def failed(self) -> bool:
+        return self._ready.is_set() and self._error is not None
 
     def result(self):
         # Event.wait is interruptible, so Ctrl-C while waiting reaches the REPL.

@@ -185,15 +185,39 @@ class Shell:
         return False
 
 
+class _LoadFailed(Exception):
+    """The connection the prompt came before failed to load (shell/pending.py)."""
+
+
+def _end_prompt_on_failure(conn, session) -> None:
+    """A model or data that fails to load ends the prompt when it fails, not at the statement
+    typed next (which was lost with the session): the error is raised from ``result()``."""
+    if not hasattr(type(conn), "on_failure"):
+        return
+
+    def stop() -> None:
+        app = session.app
+        if app.is_running and app.loop is not None:
+            app.loop.call_soon_threadsafe(lambda: app.exit(exception=_LoadFailed()))
+
+    conn.on_failure(stop)
+
+
 def run_repl(conn, out, err, session=None) -> int:
     shell = Shell(conn, out, err)
     session = session or make_session(conn, note=lambda text: err.print(
         text, style="yellow", markup=False, highlight=False))
     err.print(f"DiagQL — {conn.summary()}. Type .help for help, .quit to leave.",
               markup=False)
+    _end_prompt_on_failure(conn, session)
     while True:
         try:
+            if getattr(conn, "failed", lambda: False)():
+                raise _LoadFailed
             text = session.prompt(PROMPT)
+        except _LoadFailed:
+            conn.result()  # raises the loading error: the command line reports it, status 1
+            raise
         except KeyboardInterrupt:
             continue  # Ctrl-C at the prompt clears the input
         except EOFError:
