@@ -214,7 +214,7 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
     if auxiliary is None:
         near, encloses = nearest_block(profile, json.loads(view_key)[0], before) if own \
             else (None, False)
-        if near is not None and near.z.shape[1] >= 4:  # two leading, two to check
+        if near is not None and near.z.shape[1] >= 4:  # at least two fitted, two checking
             major = once_per_profile(_WHITENED, (id(profile), near.key), profile,
                                      lambda: _whitened(near.z[:, :leading(near)]))
             return Chosen(Covariates((z, major)), z.shape[1], None, neighbour=near,
@@ -235,6 +235,8 @@ def leading(block: Auxiliary) -> int:
     """How many of a neighbour block's directions are covariates: half of them, at most
     NEIGHBOUR_DIMS (a narrow block, a GRU of 32 units, keeps 32: 16 and 16); the rest check."""
     return min(NEIGHBOUR_DIMS, block.z.shape[1] // 2)
+
+
 _WHITENED: dict = {}  # once per profile and block
 
 
@@ -251,9 +253,8 @@ def nearest_block(profile: Profile, layer: str,
     """The block nearest to a layer that is none, and whether it encloses the layer: the
     layer's own block in its default view (a GRU's ``TOKEN -1`` beside its mean over
     tokens), or the innermost block enclosing it (a layer inside a block: ``conv1.0``), else
-    the last block
-    before it in the model's order of registration (``before``: an MLP's ReLU after its
-    Linear, a pooling after a stage)."""
+    the last block before it in the model's order of registration (``before``: an MLP's ReLU
+    after its Linear, a pooling after a stage)."""
     inside = [(key, name) for key, name in profile.auxiliaries.names
               if layer == name or layer.startswith(name + ".")]  # == : another view of it
     if inside:
