@@ -23,12 +23,17 @@ BUDGET = 256 * 1024 ** 2
 
 def views(catalog, n: int) -> list[View]:
     """The views whose winners a profile pass over ``n`` items keeps: for every catalog layer
-    that runs once per pass and is read per item, its default view (a sequence layer through
+    that runs once per pass, or each call of one that runs several times, read per item, its
+    default view (a sequence layer through
     its default reduction) and, for a conv map, its CHANNELS view; in the catalog's order, up
     to BUDGET."""
     found, used = [], 0
     for layer in getattr(catalog, "layers", ()):
-        if layer.shape is None or layer.shared or layer.calls != 1 or layer.neurons < 1:
+        # A module's one call per pass, or one call of a module that runs several times
+        # (``block.relu#2``: a ResNet block's ReLU called twice), whose hooks feed the call's
+        # own output; not a shared module's entry, which has no single output.
+        if layer.shape is None or layer.shared or (layer.calls != 1 and not layer.call) or \
+                layer.neurons < 1:
             continue
         for view in ([View(layer)] if not layer.varies or layer.layout == SEQUENCE else []) + \
                 ([View(layer, channels=True)] if layer.channels is not None else []):
