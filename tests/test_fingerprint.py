@@ -740,6 +740,14 @@ def _named(name, module, inputs, output):
     STORE[name] = output
 
 
+def _zero(tensor):
+    tensor.zero_()
+
+
+def _through_a_helper(module, inputs, output):
+    _zero(output)
+
+
 class _Recorder:
     def __init__(self):
         self.outputs = {}
@@ -767,9 +775,11 @@ COUNTS, STORE, SEEN = [0], {}, []
     (_zero_in_place, True), (_scaled, True), (_inplace_method, True), (_init_zero, True),
     (_Clamp(), True), (lambda m, i, o: o * 2, True), (lambda m, i, o: o.mul_(0), True),
     (lambda m, a: SEEN.append(1) or (a[0] * 0,), True), (print, True),
+    (_through_a_helper, True),
 ], ids=["count", "record", "partial", "method", "callable", "lambda count", "lambda append",
         "lambda print", "write in place", "return", "in-place method", "init zeros_",
-        "callable returning", "lambda returning", "lambda in place", "lambda or", "builtin"])
+        "callable returning", "lambda returning", "lambda in place", "lambda or", "builtin",
+        "a helper given the output"])
 def test_hooks_that_may_change_outputs_are_told_from_instrumentation(hook, changes):
     assert may_change_outputs(hook) is changes
 

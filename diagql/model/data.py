@@ -243,10 +243,7 @@ class ItemSource:
             return inputs, None if y is None else as_labels(y)
         if isinstance(batch, (tuple, list)):
             if len(batch) > 2:
-                raise DiagQLError(f"the data's items have {len(batch)} parts; DiagQL needs "
-                                  f"(x, y): put several inputs in a tuple, ((x1, x2), y), "
-                                  f"and leave out what is neither (an index, metadata) with a "
-                                  f"collate_fn or a Dataset that returns (x, y)")
+                raise DiagQLError(f"the data's items have {len(batch)} parts; {_TWO_PARTS}")
             x, y = batch[0], (batch[1] if len(batch) == 2 else None)
             if isinstance(x, Mapping):
                 inputs = dict(x)
@@ -280,6 +277,11 @@ class ItemSource:
         if self.label_key is not None:
             raise DiagQLError(f"label_key {self.label_key!r} names a key of mapping data, but "
                               f"the data is {data}; leave label_key out")
+
+
+_TWO_PARTS = ("DiagQL needs (x, y): put several inputs in a tuple, ((x1, x2), y), and leave "
+              "out what is neither (an index, metadata) with a collate_fn or a Dataset that "
+              "returns (x, y)")
 
 
 def dataset_indices(source: ItemSource, items: np.ndarray) -> np.ndarray:

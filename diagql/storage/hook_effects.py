@@ -5,9 +5,10 @@ inputs), and one that writes into its arguments in place (``output[:, 3] = 0``,
 ``output.mul_(0)``) changes them: an ablation. A hook that counts or records calls
 (``calls.append(1)``, ``store[name] = output.detach()``) is instrumentation, and must neither
 split the cache nor make a connection derive its profile again. The hook's source is read: a
-hook is instrumentation only when it visibly returns nothing and writes into none of its
-arguments; one whose source cannot be read or that calls something unknown in a lambda's
-return position is taken to change outputs (its digest then keys the cache)."""
+hook is instrumentation only when it visibly returns nothing, writes into none of its
+arguments and hands none to a function of the user's (``helper(output)`` may write into
+it); one whose source cannot be read or that calls something unknown in a lambda's return
+position is taken to change outputs (its digest then keys the cache)."""
 from __future__ import annotations
 
 import ast
@@ -25,6 +26,13 @@ NONE_RETURNING = frozenset({
 })
 # Calls that write into their first argument.
 WRITING = frozenset({"setattr", "delattr", "__setitem__", "__delitem__"})
+# Functions called by bare name that never write into what they are given: any other (the
+# user's ``helper(output)``) may, and a hook handing it an argument may change outputs.
+READING = frozenset({
+    "print", "len", "id", "type", "isinstance", "repr", "str", "int", "float", "bool",
+    "tuple", "list", "dict", "set", "frozenset", "sorted", "min", "max", "sum", "any", "all",
+    "abs", "round", "hash", "getattr", "hasattr", "format", "enumerate", "zip", "range",
+})
 
 
 def may_change_outputs(hook) -> bool:
@@ -146,6 +154,9 @@ def _writes(node: ast.AST, arguments: set[str]) -> bool:
                 return True  # torch.nn.init.zeros_(output), setattr(module, "w", ...)
             if any(k.arg == "out" and _root(k.value) in arguments for k in n.keywords):
                 return True
+            if isinstance(n.func, ast.Name) and name not in READING and any(
+                    _root(a) in arguments for a in (*n.args, *(k.value for k in n.keywords))):
+                return True  # helper(output): the user's function may write into it
     return False
 
 
