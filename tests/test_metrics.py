@@ -160,3 +160,26 @@ def test_settings_take_formats_and_max_rows_from_results_without_numpy_or_rich()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_wide_layer_cut_to_max_rows_shows_its_largest_values_first():
+    """Cut to its first 20 neurons by index, a 1,024-neuron ARGMAX showed mostly silent
+    neurons: the largest are shown, largest first, each with its own interval."""
+    rng = np.random.default_rng(0)
+    values = rng.random(60)
+    estimate = Estimate("sampling variance", True, 0.95, 7, 40, ci_low=values - 0.001 *
+                        np.arange(60), ci_high=values + 0.001 * np.arange(60), metric=COSINE,
+                        expected=0.01)
+    result = Result(kind="avg", statement="AVG NEURONS IN fc USING SAMPLE r(7)", layer="fc",
+                    unit="neurons", neurons=np.arange(60), labels=[f"n{i}" for i in range(60)],
+                    values=values, n_items=7, estimate=estimate,
+                    provenance=Provenance(100, "r(7)", 7))
+    lines = to_text(result, width=120, max_rows=5).splitlines()
+    rows = [line.split() for line in lines if line.strip().startswith("│ n")]
+    best = np.argsort(-values)[:5]
+    assert [row[1] for row in rows] == [f"n{i}" for i in best]
+    assert [row[5] for row in rows] == [f"±{0.001 * i:.4f}" for i in best]
+    assert "… 55 more (the 5 largest shown, largest first)" in "\n".join(lines)
+    few = to_text(result, width=120, max_rows=100)  # not cut: in neuron order
+    assert [line.split()[1] for line in few.splitlines() if line.strip().startswith("│ n")] == \
+        [f"n{i}" for i in range(60)]

@@ -221,9 +221,16 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
     exact = part.baseline if with_exact else None
     exact_set = set(exact.neurons.tolist()) if exact is not None else None
     shown = min(len(values), max_rows)
-    for j in range(shown):
+    order = range(shown)
+    if len(values) > shown and part.kind in ("avg", "argmax"):
+        import numpy as np  # loaded with the first result, not with this module
+
+        # A wide layer cut to its first neurons by index showed mostly its silent ones: the
+        # largest values are shown instead, largest first (--format csv lists every neuron).
+        order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[:shown].tolist()
+    for row, j in enumerate(order):
         neuron = int(part.neurons[j])
-        cells = [_cell(key) if j == 0 else ""] if grouped else []
+        cells = [_cell(key) if row == 0 else ""] if grouped else []
         if part.kind == "topk":
             cells.append(str(j + 1))
         cells += [part.labels[j], _number(values[j])]
@@ -240,7 +247,9 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
         cells = [""] if grouped else []
         if part.kind == "topk":
             cells.append("")
-        cells.append(Text(f"… {len(values) - shown:,} more", style="dim"))
+        which = "" if part.kind == "topk" else \
+            f" (the {shown:,} largest shown, largest first)"
+        cells.append(Text(f"… {len(values) - shown:,} more{which}", style="dim"))
         table.add_row(*cells)
 
 
