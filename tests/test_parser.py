@@ -903,3 +903,19 @@ def test_mutated_queries_only_raise_parse_error(case, mutations):
             parse_fn(text)
         except ParseError as err:
             assert_well_placed(err, text)
+
+
+@pytest.mark.parametrize("text, meant", [("SHOW LAYRES", "LAYERS"),
+                                         ("AVG NEURONS IN fc1 USNG FULL", "USING"),
+                                         ("AVG NEURONS IN fc1 USING SAMPEL random(0.1)",
+                                          "SAMPLE")])
+def test_a_misspelt_keyword_is_suggested(text, meant):
+    with pytest.raises(ParseError) as info:
+        parse(text)
+    assert info.value.message.endswith(f"; did you mean {meant!r}?")
+
+
+def test_a_word_near_no_keyword_gets_no_suggestion():
+    with pytest.raises(ParseError) as info:
+        parse("AVG NEURONS IN fc1 foo")
+    assert "did you mean" not in info.value.message

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from diagql.errors import DiagQLError, IncompleteStatement, ParseError
+from diagql.suggest import did_you_mean
 from diagql.language import ast
 from diagql.language.grammar import get_parser, keywords, statement_keywords
 from diagql.language.transform import to_ast
@@ -218,6 +219,11 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
             _operator_hint(piece, str(token), token.start_pos)
     wanted = describe_expected(expected)
     message = f"{what}; expected {wanted}" if wanted else what
+    if not at_end and isinstance(exc, UnexpectedToken) and str(token).isalpha():
+        # A misspelt keyword (SHOW LAYRES, USNG FULL) gets a suggestion, as a misspelt name does.
+        names = _terminal_names()
+        words = [names.get(t, t) for t in expected if not t.startswith("__")]
+        message += did_you_mean(str(token).upper(), [w for w in words if w.isupper()])
     if start == "start" and (line, column) == _first_token_position(piece) and not at_end:
         *most, last = statement_keywords()
         hint = f"hint: a statement starts with {', '.join(most)} or {last}"
