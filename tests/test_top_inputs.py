@@ -324,3 +324,18 @@ def test_a_float64_models_inputs_index_keeps_its_digits():
     truth = evens[np.argsort(-activation[evens], kind="stable")[:4]]
     assert second.items.tolist() == truth.tolist() == [2, 0, 298, 296]
     np.testing.assert_array_equal(second.values, activation[truth])
+
+
+def test_top_inputs_that_all_tie_say_the_neuron_may_be_dead():
+    """A dead channel's top inputs were items 0-4 at 0.0000 with nothing said."""
+    torch.manual_seed(0)
+    X, y = torch.randn(100, 6), torch.randint(0, 3, (100,))
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].bias[2] = -100.0  # neuron 2 of the ReLU is 0 on every item
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    dead = db.query("TOPK 3 INPUTS FOR 1[2]")
+    assert dead.items.tolist() == [0, 1, 2] and (dead.values == 0).all()
+    assert any(note.startswith("all 3 tie at 0 ") and "may be constant, dead" in note
+               for note in dead.notes)
+    assert not any("tie at" in note for note in db.query("TOPK 3 INPUTS FOR 1[0]").notes)

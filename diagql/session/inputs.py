@@ -102,6 +102,11 @@ def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
                     items=dataset_indices(conn.source, items), ranked=ranked)
     if len(items) < query.k:
         result.notes.append(f"only {len(items):,} items match, fewer than the {query.k:,} asked")
+    values = np.asarray(answer.values, dtype=np.float64)
+    if len(values) > 1 and values[0] == values[-1]:  # ranked: the first and last tie, all do
+        result.notes.append(f"all {len(values):,} tie at {values[0]:.4g} (ties go to the lower "
+                            f"item index): the {query.unit[:-1]} may be constant, dead, on "
+                            f"the matching items; AVG shows its mean")
     if isinstance(query.source, ast.Auto):
         result.notes.append("USING AUTO chose the exact answer: a sample's top items are not "
                             "the data's, and the inputs index answers later queries on this "
