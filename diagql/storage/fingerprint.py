@@ -24,7 +24,7 @@ import numpy as np
 import xxhash
 
 from diagql.storage.code_reads import globals_read, user_code, user_module, user_path
-from diagql.storage.hook_effects import may_change_outputs
+from diagql.storage.hook_effects import is_diagql_hook, may_change_outputs
 
 
 class Unfingerprintable(Exception):
@@ -87,19 +87,12 @@ def hooks_digest(model) -> str:
     walk = _Walk(code=False)
     for (name, tables), kind in itertools.product(owners, HOOK_TABLES):
         for hook in list((tables[kind] or {}).values()):
-            if _diagql_hook(hook) or not may_change_outputs(hook):
+            if is_diagql_hook(hook) or not may_change_outputs(hook):
                 continue
             digest = digest or xxhash.xxh3_128()
             _feed(digest, name, kind)
             walk.hook(digest, f"{name}<{kind}>", hook)
     return "" if digest is None else digest.hexdigest()
-
-
-def _diagql_hook(hook) -> bool:
-    while isinstance(hook, functools.partial):
-        hook = hook.func
-    fn = getattr(hook, "__func__", hook)
-    return (getattr(fn, "__module__", None) or "").split(".")[0] == "diagql"
 
 
 def data_fingerprint(data, columns: tuple[dict, object] | None = None,

@@ -35,6 +35,12 @@ READING = frozenset({
 })
 
 
+def is_diagql_hook(hook) -> bool:
+    """Whether the hook is one of DiagQL's own (a pass's), which no digest takes."""
+    function, _ = _function_of(hook)
+    return (getattr(function, "__module__", None) or "").split(".")[0] == "diagql"
+
+
 def may_change_outputs(hook) -> bool:
     """Whether calling ``hook`` as a forward (pre-)hook may change what its module returns."""
     function, skip_first = _function_of(hook)
@@ -79,7 +85,10 @@ def _judge(hook: types.FunctionType, skip_first: bool) -> bool:
     node = _definition(hook)
     if node is None:
         return True
-    return any(_returns_value(n) or _writes(n, arguments) for n in _own_nodes(node))
+    # Writes are looked for everywhere in its body, functions defined inside it too (one may
+    # write into the output it closes over); returns only in its own code.
+    return any(_returns_value(n) for n in _own_nodes(node)) or \
+        any(_writes(statement, arguments) for statement in node.body)
 
 
 def _lambda_body(code: types.CodeType) -> ast.expr | None:
@@ -131,7 +140,7 @@ def _returns_value(node: ast.AST) -> bool:
 
 
 def _writes(node: ast.AST, arguments: set[str]) -> bool:
-    """Whether ``node`` (or, for a lambda's body, anything in it) writes into an argument."""
+    """Whether ``node``, or anything in it, writes into an argument."""
     for n in ast.walk(node):
         targets = []
         if isinstance(n, (ast.Assign, ast.Delete)):
