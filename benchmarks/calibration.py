@@ -58,8 +58,7 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
     per_layer = {layer: for_view(profile, View(db.catalog[layer]).key,
                                  before=layers_before(db.catalog, layer)) for layer in layers}
     # And what each layer's fit is checked on (engine/extrapolation.py), as the planner does.
-    checks = {layer: extrapolation.check_for(profile, layer, cov.auxiliary, cov.held,
-                                             cov.neighbour, cov.encloses)
+    checks = {layer: extrapolation.check_for(profile, layer, cov)
               for layer, cov in per_layer.items()}
     data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
                                profile.n_classes)

@@ -60,13 +60,13 @@ class Check:
     each: bool = False
 
 
-def check_for(profile: Profile, layer: str, auxiliary, held: str | None,
-              neighbour=None, encloses: bool = False) -> Check | None:
-    """The check of a query on ``layer`` whose own block projections are ``auxiliary``
-    (None: fitted on the latent, and on ``neighbour``'s major directions when it has a
-    neighbour block, engine/covariates.py). A view the profile holds has no residual to
-    check."""
-    if held is not None:
+def check_for(profile: Profile, layer: str, chosen) -> Check | None:
+    """The check of a query on ``layer`` whose covariates are ``chosen``
+    (covariates.for_view): its own block projections (``auxiliary``), else the latent and
+    its nearest block's leading directions (``neighbour``), else the latent alone. A view the
+    profile holds has no residual to check."""
+    auxiliary, neighbour = chosen.auxiliary, chosen.neighbour
+    if chosen.held is not None:
         return None
     if neighbour is not None:  # what the linear fit on its leading directions cannot follow
         # And on the latent's next components, as a layer in no block is: with their whole
@@ -75,7 +75,7 @@ def check_for(profile: Profile, layer: str, auxiliary, held: str | None,
         parts = (_folded(neighbour), neighbour.z[:, leading(neighbour):]) + \
             (() if minor is None else (minor,))
         shares = (NEIGHBOUR_SHARE, NEIGHBOUR_SHARE,
-                  NEIGHBOUR_SHARE if encloses else WHOLE_SHARE)
+                  NEIGHBOUR_SHARE if chosen.encloses else WHOLE_SHARE)
         return Check(parts, shares[:len(parts)],
                      f"{neighbour.layer}'s minor directions and its leading ones' "
                      f"magnitudes" + ("" if minor is None else

@@ -184,8 +184,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                        codes.reshape(-1), [means[k][:p] for k in unique.tolist()])
     widening = 1.0
     check = None if query.aggregate == "argmax" else \
-        extrapolation.check_for(profile, bound.view.layer.name, chosen.auxiliary, chosen.held,
-                                chosen.neighbour, chosen.encloses)
+        extrapolation.check_for(profile, bound.view.layer.name, chosen)
     # A sample of every matching item answers exactly: nothing is extrapolated to check.
     if check is not None and 0 < len(items) < len(matching):
         widening = extrapolation.widening(check, z, items, keys, matching, population, means)
