@@ -15,6 +15,7 @@ from diagql.errors import DiagQLError, IncompleteStatement
 from diagql.language.grammar import accepts
 from diagql.language.parser import parse_piece, split_statements
 from diagql.shell.dot_commands import is_meta, run_meta
+from diagql.shell.pending import PendingConnection
 
 PROMPT = "diagql> "
 CONTINUATION = "   ...> "
@@ -192,7 +193,7 @@ class _LoadFailed(Exception):
 def _end_prompt_on_failure(conn, session) -> None:
     """A model or data that fails to load ends the prompt when it fails, not at the statement
     typed next (which was lost with the session): the error is raised from ``result()``."""
-    if not hasattr(type(conn), "on_failure"):
+    if not isinstance(conn, PendingConnection):
         return
 
     def stop() -> None:
@@ -212,7 +213,7 @@ def run_repl(conn, out, err, session=None) -> int:
     _end_prompt_on_failure(conn, session)
     while True:
         try:
-            if getattr(conn, "failed", lambda: False)():
+            if isinstance(conn, PendingConnection) and conn.failed():
                 raise _LoadFailed
             text = session.prompt(PROMPT)
         except _LoadFailed:
