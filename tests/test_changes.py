@@ -306,21 +306,20 @@ def test_an_ablation_hook_is_seen_in_session_and_keys_its_own_cache_entries(tmp_
                                rtol=1e-6, atol=1e-7)
     db.close()
 
-    # A new connection of the hooked model, and one of the clean model, on the same cache.
-    hooked = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
-    hooked.query("SET estimator = plain")  # the sample's own mean, to check its rows
-    sampled = hooked.query("AVG NEURONS IN 0 USING SAMPLE random(0.5, random_state=0)")
-    items = hooked.sample("random(0.5, random_state=0)")
-    np.testing.assert_allclose(sampled.values, ablated[items].mean(0).numpy(), rtol=1e-6,
-                               atol=1e-7)
-    hooked.close()
+    # A new connection of the hooked model, and one of the clean model, on the same cache:
+    # each sample's own mean is its own model's rows, none read from the other's entries.
+    def sampled_rows_are(rows) -> None:
+        db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+        db.query("SET estimator = plain")
+        sampled = db.query("AVG NEURONS IN 0 USING SAMPLE random(0.5, random_state=0)")
+        items = db.sample("random(0.5, random_state=0)")
+        np.testing.assert_allclose(sampled.values, rows[items].mean(0).numpy(), rtol=1e-6,
+                                   atol=1e-7)
+        db.close()
+
+    sampled_rows_are(ablated)
     handle.remove()
-    fresh = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
-    fresh.query("SET estimator = plain")
-    again = fresh.query("AVG NEURONS IN 0 USING SAMPLE random(0.5, random_state=0)")
-    items = fresh.sample("random(0.5, random_state=0)")
-    np.testing.assert_allclose(again.values, clean[items].mean(0).numpy(), rtol=1e-6,
-                               atol=1e-7)
+    sampled_rows_are(clean)
 
 
 def test_a_hook_that_counts_or_records_is_not_a_change(tmp_path):
