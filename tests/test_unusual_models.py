@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -261,6 +262,43 @@ def test_torchscript_is_refused_at_connect(make):
                                           r"forward hooks; connect the nn.Module"):
         diagql.connect(make(_mlp()), (torch.zeros(5, 6), torch.zeros(5, dtype=torch.int64)),
                        cache_dir=False, progress=False)
+
+
+class _ScriptedBody(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.jit.script(nn.Sequential(nn.Linear(6, 8), nn.ReLU()))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_scripted_part_is_listed_as_refused_and_the_rest_is_queried(tmp_path):
+    torch.manual_seed(6)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = _ScriptedBody().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)  # its code is hashed: cached on disk
+        conn = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
+        avg = conn.query("AVG NEURONS IN head WHERE class = 1 USING FULL")
+    with torch.no_grad():
+        truth = model(X)[y == 1].double().mean(0).numpy()
+    np.testing.assert_allclose(avg.values, truth, rtol=1e-6)
+    for name in ("body", "body.0"):
+        with pytest.raises(DiagQLError, match=rf"layer '{name}' cannot be queried: it is "
+                                              rf"TorchScript, whose modules take no forward"):
+            conn.query(f"AVG NEURONS IN {name}")
+    # Its weights are in the fingerprint: another scripted body is another model.
+    other = _ScriptedBody().eval()
+    other.head.load_state_dict(model.head.state_dict())
+    again = diagql.connect(other, (X, y), cache_dir=tmp_path, progress=False)
+    with torch.no_grad():
+        moved = other(X)[y == 1].double().mean(0).numpy()
+    np.testing.assert_allclose(again.query("AVG NEURONS IN head WHERE class = 1 USING FULL")
+                               .values, moved, rtol=1e-6)
+    assert not np.allclose(moved, truth)
 
 
 def test_a_compiled_model_is_queried_through_its_original_layers():

@@ -107,7 +107,8 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
     layer = lookup_layer(ref, catalog)
     name = layer.name
     if layer.calls == 0:
-        raise _error(f"layer {name!r} does not run in the model's forward pass", ref.span)
+        raise _error(f"layer {name!r} cannot be queried: {layer.refused}" if layer.refused else
+                     f"layer {name!r} does not run in the model's forward pass", ref.span)
     if layer.shared and catalog.calls_of(name):
         raise _error(f"layer {name!r} runs {layer.calls} times per forward pass; name one "
                      f"call: {calls_text(name, layer.calls)}", ref.span)

@@ -255,6 +255,10 @@ def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tup
              modules) -> list[LayerInfo]:
     """A module's catalog entries: itself, and when it runs several times, each call."""
     calls = counts[-1][1]
+    if isinstance(modules[name], torch.jit.ScriptModule):
+        return [LayerInfo(name, type_name, None, 0, refused=(
+            "it is TorchScript, whose modules take no forward hooks; build this part as the "
+            "nn.Module it was scripted from (torch.jit.trace'd parts can be queried)"))]
     if calls == 0:
         return [LayerInfo(name, type_name, None, 0)]
     if len({c for _, c in counts}) > 1 and max(c for _, c in counts) > 1:
@@ -278,7 +282,10 @@ def _probe_pass(model, x, call):
     calls: dict[str, int] = {}
     made: dict[int, tuple[torch.Tensor, tuple]] = {}  # id(tensor) -> (tensor, (module, call))
     padding: dict[str, tuple[str, torch.Tensor]] = {}
-    modules = [(name, module) for name, module in model.named_modules()]
+    # A TorchScript part (and each module inside it) takes no forward hooks: left unhooked,
+    # and listed as refused (``_entries``).
+    modules = [(name, module) for name, module in model.named_modules()
+               if not isinstance(module, torch.jit.ScriptModule)]
     padded = {name for name, module in modules if padding_argument(module) is not None}
     handles = []
 

@@ -129,7 +129,8 @@ def _layers(conn, statement) -> Result:
             why = (layer.refused or "it returns no tensor").split(" (")[0].split("; ")[0]
             note = why if len(why) <= 60 else "not queryable: DESCRIBE it for why"
         else:
-            note = {0: "never runs", 1: ""}.get(layer.calls, layer.refused)
+            note = {0: layer.refused.split(",")[0] or "never runs", 1: ""}.get(
+                layer.calls, layer.refused)
         rows.append((layer.name, layer.type_name, layer.shape_text(),
                      layer.neurons if layer.shape is not None else "", note))
     return Result(kind="table", statement=statement.text, columns=["layer", "type", "output",

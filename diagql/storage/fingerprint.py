@@ -253,6 +253,11 @@ class _Walk:
                 if not _from_torch(base) and base is not object:
                     classes.setdefault(base, name)
             _feed(digest, "module", name, _qualname(type(module)))
+            if isinstance(module, torch.jit.ScriptModule):
+                # TorchScript: its compiled code is what runs (its attributes are bindings to
+                # it); its parameters and buffers are in ``state``.
+                _feed(digest, "script", name, _script_code(module))
+                continue
             for attr, value in _attributes(module):
                 path = f"{name}.{attr}"
                 with _blame(f"attribute {attr!r} of {_module_label(name, root)}", path):
@@ -561,6 +566,15 @@ def _blame(owner: str, path: str):
     except _Opaque as exc:
         where = "" if exc.path == path else f" (at {exc.path})"
         raise Unfingerprintable(f"{owner} holds {exc.what}{where}") from None
+
+
+def _script_code(module) -> str:
+    """A TorchScript module's code (its forward's and its other methods'), as TorchScript
+    prints it; its graph where no code can be printed."""
+    try:
+        return module.code
+    except (RuntimeError, AttributeError):
+        return str(getattr(module, "graph", ""))
 
 
 def _module_label(name: str, root) -> str:
