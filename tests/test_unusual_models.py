@@ -761,3 +761,19 @@ def test_string_labels_are_refused_saying_classes_names_do_not_translate_them():
     with pytest.raises(DiagQLError, match="labels must be class indices .* not 'cat', "
                                           ".* it does not translate the labels"):
         db.query("AVG NEURONS IN 1")
+
+
+@pytest.mark.parametrize("form", ["pair", "dataset", "list"])
+def test_bfloat16_labels_are_read_as_their_classes(form):
+    # A one-logit model trained with BCEWithLogitsLoss in bfloat16 has labels y.to(bfloat16).
+    torch.manual_seed(7)
+    X = torch.randn(60, 6)
+    y = (X[:, 0] > 0).to(torch.bfloat16)
+    data = {"pair": (X, y), "dataset": torch.utils.data.TensorDataset(X, y),
+            "list": list(zip(X, y))}[form]
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
+    conn = diagql.connect(model, data, cache_dir=False, progress=False)
+    avg = conn.query("AVG NEURONS IN 1 WHERE class = 1 USING FULL")
+    assert avg.n_items == int((X[:, 0] > 0).sum())
+    np.testing.assert_allclose(avg.values, _hooked(model, "1", X)[X[:, 0] > 0].double()
+                               .mean(0).numpy(), rtol=1e-6)

@@ -30,6 +30,8 @@ def as_labels(y) -> np.ndarray:
         # read as given had passed for one item's row of labels.
         y = y[0]
     if isinstance(y, torch.Tensor):
+        if y.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds each exactly
+            y = y.float()
         y = y.detach().cpu().numpy()
     y = np.asarray(y)
     if y.ndim == 0:
