@@ -155,6 +155,31 @@ def test_expected_js_distance_matches_simulated_uniform_samples():
     assert 0.8 <= np.mean(expected) / np.mean(actual) <= 1.2
 
 
+def test_a_small_sample_with_one_winner_does_not_claim_the_truth_has_no_other():
+    """87% of a cell's items share one winner, the rest spread over 14 neurons: a uniform
+    sample of 9 often sees only the one. Good-Turing's missing mass is then 0, and the
+    estimate had said JS 0 and a share of exactly 1 (an UNTIL met after its first round)."""
+    from diagql.engine import estimate
+    from diagql.engine.aggregates import ArgmaxState
+
+    rng = np.random.default_rng(3)
+    neurons, population, n = 16, 383, 9
+    winners = np.where(rng.random(population) < 0.87, 14, rng.integers(0, 14, population))
+    exact = np.bincount(winners, minlength=neurons).astype(float)
+    expected, actual = [], []
+    for _ in range(200):
+        chosen = winners[rng.choice(population, n, replace=False)]
+        state = ArgmaxState(neurons)
+        state.update(torch.nn.functional.one_hot(torch.from_numpy(chosen), neurons).double())
+        found = estimate.for_argmax(state, population, True)
+        expected.append(found.expected)
+        actual.append(_js(np.bincount(chosen, minlength=neurons).astype(float), exact))
+        if (chosen == 14).all():
+            assert found.expected > 0.1  # the actual is 0.26 for every such sample
+            assert found.ci_low[14] <= 1 - 3 / n + 1e-12  # the rule of three
+    assert np.mean(expected) / np.mean(actual) >= 0.6  # 0.46 before
+
+
 def test_a_cell_sampled_whole_expects_no_js_distance():
     from diagql.engine import estimate
     from diagql.engine.aggregates import ArgmaxState

@@ -290,8 +290,10 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
         share, covers, size = counts / n, COVERS, float(n)
         half = 1.959964 * np.sqrt(share * (1 - share) / n * fpc)
     # A neuron that won for no sampled item may still win for up to 3/n of the matching items
-    # unseen (the rule of three, 95%).
-    half = np.where(counts == 0, min(3.0 / n, 1.0), half)
+    # unseen (the rule of three, 95%); one that won for every sampled item may lose for as many.
+    # Either's se is 0 (its one-hot column is constant over the sample), not its uncertainty.
+    edge = ((counts == 0) | (counts == n)) & (n < population)
+    half = np.where(edge, np.maximum(half, min(3.0 / n, 1.0)), half)
     truth = _plausible_truth(share, counts, n, population)
     # A histogram of the sample's effective size drawn without replacement from a population of
     # the matching items' size with that truth: at the fraction the sample is of it (a cell
@@ -314,7 +316,13 @@ def _plausible_truth(share: np.ndarray, counts: np.ndarray, n: int, population: 
     demo, benchmarks/README.md). Which unseen neurons win does not change a JS distance."""
     f1, f2 = int((counts == 1).sum()), int((counts == 2).sum())
     unseen = np.flatnonzero(counts == 0)
-    found = f1 * f1 / (2 * f2) if f2 > 0 else f1 * (f1 - 1) / 2
+    # No singleton: Good-Turing's missing mass would be 0, and nine sampled items that share
+    # one winner would claim the truth has no other (an expected JS of 0 beside an actual
+    # 0.26, and an UNTIL met after its first round). One unseen winner is as plausible as one
+    # more item (Laplace's rule of succession): a mass of 1/(n+1).
+    # Likewise Chao1 rounding to no unseen winner (f1 = 1, or f1² < f2).
+    f1 = max(f1, 1)
+    found = max(f1 * f1 / (2 * f2) if f2 > 0 else f1 * (f1 - 1) / 2, 1)
     found = int(min(round(found), len(unseen), max(population - n, 0)))
     if found == 0:
         return share
