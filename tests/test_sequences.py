@@ -666,3 +666,42 @@ def test_batch_first_breaks_a_tie_the_probes_cannot():
     rows = np.stack([capture(model, ["enc"], x[None], torch.zeros(1, len(x), dtype=torch.bool))
                      ["enc"][:, 0].double().mean(dim=0).numpy() for x in sequences])
     np.testing.assert_allclose(conn.query("AVG NEURONS IN enc").values, rows.mean(axis=0), **TOL)
+
+
+class _TokenHead(nn.Module):
+    """A head that reads one token of its encoder: the first ([CLS], a ViT's) or the last (an
+    RNN's, a GPT's)."""
+
+    def __init__(self, position: int):
+        super().__init__()
+        self.position = position
+        self.embed = nn.Embedding(12, 8)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.rnn(self.embed(ids))[0])[:, self.position])
+
+
+@pytest.mark.parametrize("position", [0, -1])
+def test_a_token_the_head_reads_is_answered_from_the_profiles_latent(position):
+    torch.manual_seed(8)
+    ids, y = torch.randint(0, 12, (120, 5)), torch.randint(0, 3, (120,))
+    model = _TokenHead(position).eval()
+    conn = diagql.connect(model, (ids, y), cache_dir=False, progress=False)
+    query = f"AVG NEURONS IN norm TOKEN {position} WHERE class = 1 USING SAMPLE random(0.3)"
+    assert "none: the rows of norm are the profile's latent" in str(conn.query("EXPLAIN " + query))
+    result = conn.query(query)
+    with torch.no_grad():
+        rows = model.norm(model.rnn(model.embed(ids))[0])[:, position].double()
+    sampled = conn.sample("random(0.3)")
+    sampled = sampled[(y[sampled] == 1).numpy()]
+    # The sampled items' rows, as the profile holds them: the estimate predicts each matching
+    # item from its own row, so the answer is every matching item's mean.
+    np.testing.assert_allclose(result.values, rows[y == 1].mean(0).numpy(), atol=1e-5)
+    assert len(sampled) == result.estimate.n
+    # Another token of the same layer is not the latent: it runs the model.
+    other = 1 if position == 0 else 0
+    assert "none: the rows" not in str(conn.query(
+        f"EXPLAIN AVG NEURONS IN norm TOKEN {other} USING SAMPLE random(0.3)"))

@@ -18,34 +18,36 @@ class SameRows:
     read, is dropped. What survives equals the profile's rows for every item."""
 
     def __init__(self, views: list[View]):
-        self.views = {view.layer.name: view for view in views}
+        self.views = {view.key: view for view in views}  # a sequence layer's: several
         self.rows: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def callbacks_of(*checks: "SameRows") -> dict:
-        """One callback per layer, feeding every check that compares it."""
-        names = dict.fromkeys(name for check in checks for name in check.views)
-        return {name: fan_out([check._keep(name) for check in checks if name in check.views])
+        """One callback per layer, feeding every check that compares one of its views."""
+        names = dict.fromkeys(view.layer.name for check in checks
+                              for view in check.views.values())
+        return {name: fan_out([check._keep(key) for check in checks
+                               for key, view in check.views.items() if view.layer.name == name])
                 for name in names}
 
-    def _keep(self, name: str):
+    def _keep(self, key: str):
         def keep(call: ModuleCall) -> None:
-            view = self.views.get(name)
+            view = self.views.get(key)
             if view is None:
                 return
             try:  # copied now: a later in-place op (ReLU(inplace=True)) may overwrite it
-                self.rows[name] = view.finish(view.rows(call)).detach().to("cpu", copy=True)
+                self.rows[key] = view.finish(view.rows(call)).detach().to("cpu", copy=True)
             except Exception:  # noqa: BLE001 - a layer read otherwise than the probe saw
-                del self.views[name]
+                del self.views[key]
         return keep
 
     def compare(self, rows: torch.Tensor) -> None:
-        """Keep the layers whose rows of this batch equal ``rows`` exactly."""
-        for name in list(self.views):
-            mine = self.rows.pop(name, None)
+        """Keep the views whose rows of this batch equal ``rows`` exactly."""
+        for key in list(self.views):
+            mine = self.rows.pop(key, None)
             if mine is None or mine.dtype == torch.float64 or mine.shape != rows.shape \
                     or not torch.equal(mine.to(torch.float32), rows):
-                del self.views[name]
+                del self.views[key]
 
     def keys(self) -> tuple[str, ...]:
         return tuple(view.key for view in self.views.values())
@@ -60,16 +62,19 @@ def fan_out(callbacks: list):
 
 
 def candidates(catalog, width: int, exclude: str | None = None) -> list[View]:
-    """The default views of the catalog's layers whose rows are ``width`` wide: the layers
-    that could hold the same rows as a profile's latent or logits."""
+    """The views of the catalog's layers whose rows are ``width`` wide: the layers that could
+    hold the same rows as a profile's latent or logits. A sequence layer's are each way a head
+    pools it: the mean over tokens, the max, the first token (a ViT's or BERT's [CLS]) and the
+    last (an RNN's, a GPT's)."""
     found = []
     for layer in getattr(catalog, "layers", ()):
         if layer.shape is None or layer.shared or layer.name == exclude \
                 or (layer.varies and layer.layout != SEQUENCE):
             continue
-        view = View(layer)
-        if view.width == width and view.reduction != "all":
-            found.append(view)
+        views = [View(layer)]
+        if views[0].sequence:
+            views += [View(layer, "max"), View(layer, "token", 0), View(layer, "token", -1)]
+        found += [view for view in views if view.width == width and view.reduction != "all"]
     return found
 
 
