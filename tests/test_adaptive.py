@@ -82,6 +82,44 @@ def test_auto_is_exact_for_a_narrow_where_and_samples_a_broad_one(world):
     assert "AUTO chose" in exact.to_dict()["choice"]
 
 
+def test_auto_weighs_drawing_the_sample_against_the_exact_pass(cnn, digits, monkeypatch,
+                                                                 tmp_path):
+    """maxmargin's SVM has a classifier per class: with 1,000 classes over 3,000 items its
+    draw took 18 s beside a 0.2 s exact answer, and AUTO drew it anyway. A sample already
+    drawn (in memory or on disk) costs nothing to weigh."""
+    from diagql.samplers.maxmargin import MaxMarginSampler
+
+    X, y = digits
+    query = "AVG NEURONS IN 3 USING AUTO"
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 1e9)
+    conn = diagql.connect(cnn, digits, cache_dir=tmp_path, progress=False)
+    costly = conn.query(query)
+    assert not costly.approximate and costly.n_items == len(y)
+    assert "costs less than drawing a maxmargin(0.05" in costly.provenance.choice
+    with torch.no_grad():
+        want = cnn[:4](X).flatten(1).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(costly.values, want, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 0.0)
+    drawn = conn.query(query + " WITH BASELINE")
+    assert drawn.approximate and "AUTO chose a sample" in drawn.provenance.choice
+    # The draw AUTO made to choose is the statement's: its timing says so.
+    assert drawn.timings["sample"] > 0
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 1e9)
+    again = diagql.connect(cnn, digits, cache_dir=tmp_path, progress=False)
+    kept = again.query(query)  # the sample on disk is had without its draw
+    assert kept.approximate and kept.timings["sample"] == 0.0
+
+
+def test_maxmargins_draw_cost_grows_with_its_classifiers():
+    from diagql.samplers.maxmargin import MaxMarginSampler
+
+    sampler = MaxMarginSampler()
+    ten, hundred = sampler.draw_seconds(5000, 10, 64), sampler.draw_seconds(5000, 100, 64)
+    assert 0 < ten and hundred == pytest.approx(10 * ten)
+    assert sampler.draw_seconds(5000, 2, 64) == pytest.approx(ten / 10)  # one classifier
+    assert samplers.build("random", {"size": 0.05}, seed=0).draw_seconds(5000, 100, 64) is None
+
+
 def _data(n=400, d=6, classes=4, seed=0) -> samplers.SampleData:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)

@@ -122,6 +122,12 @@ class Sampler:
         self.indices_ = indices
         return self
 
+    def draw_seconds(self, n_items: int, n_classes: int, width: int) -> float | None:
+        """About how long drawing from ``n_items`` latents of ``width`` over ``n_classes``
+        takes, where that can be far more than a pass over the items (USING AUTO weighs it,
+        session/auto.py); None where it is small."""
+        return None
+
     def resized(self, n: int) -> "Sampler":
         """The same sampler call with ``size`` n items (every other parameter kept)."""
         return type(self)(**{**self.get_params(), "size": int(n)})

@@ -14,7 +14,7 @@ from diagql.errors import BindError, ExecutionError
 from .base import SampleData, Sampler
 from .boundary import (boundary_and_exemplars, check_fraction, log_likelihood_ratio,
                        two_ended)
-from .space import reduced_space
+from .space import product_rate, reduced_space
 
 
 # The SVM's space (``reduced_space``): the latents standardised per dimension and, when wider
@@ -25,6 +25,13 @@ FIT_DIMS = 64
 # liblinear's bias feature: at 10 the intercept is barely regularised, as befits centred
 # latents, where a one-vs-rest intercept is far from 0.
 INTERCEPT_SCALING = 10.0
+
+
+# A draw's cost in multiply-adds, as a multiple of k·n·(d+1)² (the SVM's Newton systems'
+# Gram products over its four fits, k classifiers, n items, d dimensions of its space): 25-60
+# of them at one thread's product rate over six shapes, 10-1,000 classes, 2,500-20,000 items,
+# 64-512 dimensions (benchmarks/README.md, "USING AUTO and the draw's cost").
+DRAW_WORK = 40
 
 
 def boundary_log_proba(data: SampleData, fit_dims: int | None
@@ -92,6 +99,13 @@ class MaxMarginSampler(Sampler):
         if self.method not in ("diagql", "paper"):
             raise BindError(f"method must be 'diagql' or 'paper', not {self.method!r}",
                             param="method")
+
+    def draw_seconds(self, n_items: int, n_classes: int, width: int) -> float | None:
+        # The SVM's space: the latent, or FIT_DIMS principal axes and up to as many of the
+        # class means' directions (samplers/space.py); one classifier for two classes.
+        d = width if width <= FIT_DIMS else min(width, FIT_DIMS + min(n_classes, FIT_DIMS))
+        k = 1 if n_classes <= 2 else n_classes
+        return DRAW_WORK * k * n_items * (d + 1) ** 2 / product_rate()
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
         Z, log_proba = boundary_log_proba(data, self.fit_dims)

@@ -2,6 +2,7 @@
 they are wider than a sampler needs, projected on their leading principal components."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,24 @@ def one_blas_thread():
     if not _CONTROLLER:
         _CONTROLLER.append(ThreadpoolController())
     return _CONTROLLER[0].limit(limits=1)
+
+
+_RATE: list[float] = []
+
+
+def product_rate() -> float:
+    """Multiply-adds per second of a float32 Gram product on one BLAS thread (the samplers'
+    kind of work), measured once per process (about 2 ms): what a draw's cost is scaled by."""
+    if not _RATE:
+        X = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float32)
+        best = np.inf
+        with one_blas_thread():
+            for _ in range(5):
+                started = time.perf_counter()
+                X.T @ X
+                best = min(best, time.perf_counter() - started)
+        _RATE.append(X.shape[0] * X.shape[1] ** 2 / max(best, 1e-9))
+    return _RATE[0]
 
 
 @dataclass(frozen=True)

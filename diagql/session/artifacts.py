@@ -182,31 +182,34 @@ class Artifacts:
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
             view=view, catalog=catalog, scores=self.scores(catalog))
 
+    def has_sample(self, sampler: samplers.Sampler) -> bool:
+        """Whether the sampler's sample is had without drawing it: in memory, or read back
+        from the cache (and then kept in memory)."""
+        spec, key = sampler.spec(), self.sample_key(sampler)
+        if spec not in self.samples and key is not None:
+            found = self.conn.cache.load("sample", key, lambda arrays: samplers.Sample.from_arrays(
+                arrays, spec, len(self.conn.source)))
+            if found is not None:
+                self.samples[spec] = found
+        return spec in self.samples
+
     def get_sample(self, sampler: samplers.Sampler) -> tuple[samplers.Sample, bool]:
         """The sampler's sample and whether it was drawn just now (False: from a cache)."""
         spec = sampler.spec()
-        if spec in self.samples:
+        if self.has_sample(sampler):
             return self.samples[spec], False
         profile = self.get_profile()
         if not profile.has_labels and sampler.needs_labels:
             raise BindError(sampler_needs_labels(sampler.name))
-        drawn = []
-
-        def draw() -> samplers.Sample:
-            data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
-                                       profile.n_classes)
-            started = time.perf_counter()
-            indices = sampler.fit(data).indices_
-            drawn.append(True)
-            return samplers.Sample(spec, indices, time.perf_counter() - started)
-
-        n_items = len(self.conn.source)
-        sample = load_or_compute(
-            self.conn.cache, "sample", self.sample_key(sampler), draw, samplers.Sample.to_arrays,
-            lambda arrays: samplers.Sample.from_arrays(arrays, spec, n_items),
-            lambda s: {"sampler": spec, "items": len(s.indices)})
+        data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
+                                   profile.n_classes)
+        started = time.perf_counter()
+        sample = samplers.Sample(spec, sampler.fit(data).indices_, time.perf_counter() - started)
+        if (key := self.sample_key(sampler)) is not None:
+            self.conn.cache.store("sample", key, sample.to_arrays(), seconds=sample.seconds,
+                                  meta={"sampler": spec, "items": len(sample.indices)})
         self.samples[spec] = sample
-        return sample, bool(drawn)
+        return sample, True
 
     def forget_latent_space(self) -> None:
         """SET latent changed the samplers' space: the profile and samples are stale."""
@@ -214,19 +217,6 @@ class Artifacts:
         self.samples.clear()
 
     # --- cache keys ---------------------------------------------------------------------------
-
-    def _scores_digest(self):
-        """The user's choice of the class scores (a function: its digest, as a model
-        attribute's), or the default's, which the data's fingerprint decides."""
-        given = self.conn.given_scores
-        if given is None or given.pick is None:
-            return (given or Scores()).key()
-        holder = nn.Module()
-        holder.scores = given.pick
-        try:
-            return ["function", model_fingerprint(holder)]
-        except Unfingerprintable as exc:
-            raise Unfingerprintable(f"the scores= function: {exc}") from None
 
     def derived(self) -> bool:
         return bool(self.catalog or self.profile or self.samples or self._fingerprinted)
@@ -241,7 +231,7 @@ class Artifacts:
             parts = {}
             for what, fingerprint in (("model", lambda: model_fingerprint(self.conn.model)),
                                       ("data", self.conn.data_digest),
-                                      ("scores", self._scores_digest)):
+                                      ("scores", lambda: _scores_digest(self.conn))):
                 try:
                     parts[what] = fingerprint()
                 except Unfingerprintable as exc:
@@ -325,3 +315,17 @@ def _warn_memory_only(memory_only: dict, cache) -> None:
     elif memory_only.get("data") and cache.asked:
         warnings.warn(f"the data is cached in memory only, nothing in {cache.root}: "
                       f"{memory_only['data']}", DiagQLWarning, stacklevel=5)
+
+
+def _scores_digest(conn):
+    """The user's choice of the class scores (a function: its digest, as a model
+    attribute's), or the default's, which the data's fingerprint decides."""
+    given = conn.given_scores
+    if given is None or given.pick is None:
+        return (given or Scores()).key()
+    holder = nn.Module()
+    holder.scores = given.pick
+    try:
+        return ["function", model_fingerprint(holder)]
+    except Unfingerprintable as exc:
+        raise Unfingerprintable(f"the scores= function: {exc}") from None

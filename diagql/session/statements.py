@@ -54,11 +54,11 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(query)
-    choice = ""
+    choice, chosen_seconds = "", 0.0
     if isinstance(query.source, ast.Auto) and query.until is None:
         from diagql.session.auto import choose
 
-        bound, choice = choose(conn, bound, profile, src)
+        bound, choice, chosen_seconds = choose(conn, bound, profile, src)
     elif query.until is not None:
         from diagql.session.growth import first_round
 
@@ -71,7 +71,8 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     if choice:
         plan = replace(plan, choice=choice)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
-                  "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
+                  "sample": sample_seconds + chosen_seconds,
+                  "plan": time.perf_counter() - planned_at}
 
 
 @dataclass(frozen=True)
