@@ -777,3 +777,33 @@ def test_bfloat16_labels_are_read_as_their_classes(form):
     assert avg.n_items == int((X[:, 0] > 0).sum())
     np.testing.assert_allclose(avg.values, _hooked(model, "1", X)[X[:, 0] > 0].double()
                                .mean(0).numpy(), rtol=1e-6)
+
+
+def test_show_profile_of_many_classes_lists_each_classs_commonest_mistakes():
+    # A 20-class confusion matrix no longer fits a terminal: each class gets its accuracy and
+    # the classes it is most often predicted as, the worst classes first.
+    torch.manual_seed(9)
+    classes = 30
+    X, y = torch.randn(600, 8), torch.randint(0, classes, (600,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, classes))
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    shown = conn.query("SHOW PROFILE")
+    assert shown.columns == ["class", "items", "accuracy", "predicted instead (items)"]
+    with torch.no_grad():
+        predicted = model(X).argmax(1).numpy()
+    truth = y.numpy()
+    accuracy = [float(np.mean(predicted[truth == c] == c)) for c in range(classes)]
+    assert [row[0] for row in shown.rows] == sorted(range(classes),
+                                                    key=lambda c: (accuracy[c], c))
+    for c, items, _, instead in shown.rows:
+        assert items == int((truth == c).sum())
+        wrong = np.bincount(predicted[(truth == c) & (predicted != c)], minlength=classes)
+        if wrong.any():
+            first = int(instead.split(" (")[0])
+            assert wrong[first] == wrong.max()
+            assert instead.split(", ")[0] == f"{first} ({wrong.max()})"
+        else:
+            assert instead == ""
+    assert "confusion_matrix()" in " ".join(shown.notes)
+    np.testing.assert_array_equal(conn.profile.confusion_matrix().sum(1),
+                                  np.bincount(truth, minlength=classes))

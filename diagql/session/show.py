@@ -155,12 +155,17 @@ def _profile(conn, statement) -> Result:
     classes = range(matrix.shape[0])
     rows = []
     names = conn.class_names or []
+    wide = matrix.shape[0] > WIDEST_MATRIX
     for c in classes:
         total = int(matrix[c].sum())
         accuracy = f"{matrix[c, c] / total:.1%}" if total else ""
         name = names[c] if c < len(names) else ""
         rows.append((c, *([name] if names else []), total, accuracy,
-                     *(int(v) for v in matrix[c])))
+                     *([_confusions(matrix[c], c)] if wide else (int(v) for v in matrix[c]))))
+    if wide:  # the worst classes first: what a cut table should keep
+        order = sorted(classes, key=lambda c: (matrix[c, c] / max(matrix[c].sum(), 1)
+                                               if matrix[c].sum() else 2.0, c))
+        rows = [rows[c] for c in order]
     accuracy = float(profile.correct.mean())
     title = (f"profile: {len(profile):,} items, accuracy {accuracy:.1%} "
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
@@ -177,10 +182,28 @@ def _profile(conn, statement) -> Result:
     notice = sigmoid_applied(profile.logits)
     if notice is not None:
         notes.append(notice)
+    if wide:
+        notes.append(f"{matrix.shape[0]:,} classes, worst accuracy first, each with the classes "
+                     f"it is most often predicted as; the whole confusion matrix is "
+                     f"conn.profile.confusion_matrix() in Python")
+        title = title.replace("rows: true class, columns: predicted", "rows: true class")
     return Result(kind="table", statement=statement.text,
                   columns=["class", *(["name"] if names else []), "items", "accuracy",
-                           *(str(c) for c in classes)], rows=rows,
+                           *(["predicted instead (items)"] if wide
+                             else (str(c) for c in classes))], rows=rows,
                   title=title, notes=notes)
+
+
+# Classes beyond which SHOW PROFILE lists each class's commonest mistakes, not the matrix:
+# a 20-class matrix no longer fits a terminal's width.
+WIDEST_MATRIX = 12
+
+
+def _confusions(row: np.ndarray, own: int, most: int = 3) -> str:
+    """The classes a true class is most often predicted as, with their counts."""
+    others = [(int(row[c]), c) for c in np.argsort(-row, kind="stable")[:most + 1]
+              if c != own and row[c] > 0][:most]
+    return ", ".join(f"{c} ({count:,})" for count, c in others)
 
 
 def _settings(conn, statement) -> Result:
