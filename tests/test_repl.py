@@ -168,6 +168,27 @@ def test_history_survives_a_restart(tmp_path):
         second.close(force=True)
 
 
+def test_ctrl_r_then_enter_takes_the_history_match(tmp_path):
+    # No model: the prompt's own history (SHOW SETTINGS needs none).
+    child = spawn(tmp_path / "history", [])
+    try:
+        child.sendline("SHOW SAMPLERS;")
+        child.expect("maxmargin")
+        child.expect("diagql>")
+        child.sendline("SHOW SETTINGS;")
+        child.expect("max_rows")
+        child.expect("diagql>")
+        child.send("\x12")  # Ctrl-R: search the history backwards
+        child.send("SAMPL")
+        child.expect("SAMPL", timeout=30)
+        child.send("\r")  # take the match into the line (Enter had emptied the search)
+        child.send("\r")  # and run it
+        child.expect("maxmargin", timeout=30)
+        child.expect("diagql>")
+    finally:
+        child.close(force=True)
+
+
 def test_dot_commands(repl):
     repl.sendline(".mode csv")
     repl.expect("diagql>")

@@ -95,12 +95,13 @@ def _history(note=None):
 
 def key_bindings():
     """Enter runs a finished statement and starts a new line otherwise."""
-    from prompt_toolkit.filters import has_completions
+    from prompt_toolkit.filters import has_completions, is_searching
     from prompt_toolkit.key_binding import KeyBindings
 
     bindings = KeyBindings()
 
-    @bindings.add("enter", filter=~has_completions)
+    # Not while searching the history (Ctrl-R): prompt_toolkit's own Enter takes the match.
+    @bindings.add("enter", filter=~has_completions & ~is_searching)
     def _enter(event):
         """Run the input when it ends with ';' or is a dot command (see wants_more for the
         rest); otherwise continue on a new line."""
@@ -110,7 +111,7 @@ def key_bindings():
         else:
             buffer.validate_and_handle()
 
-    @bindings.add("enter", filter=has_completions)
+    @bindings.add("enter", filter=has_completions & ~is_searching)
     def _pick(event):
         """Take the highlighted completion (Enter does not run the statement then)."""
         buffer = event.current_buffer
