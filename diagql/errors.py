@@ -10,6 +10,10 @@ def _lines(source: str) -> list[str]:
     return source.split("\n")
 
 
+# The most of a source line an error shows: a longer one is shown around the error.
+_WIDEST_LINE = 100
+
+
 class DiagQLError(Exception):
     """Base class of every error DiagQL raises for a user mistake or an unanswerable query.
 
@@ -46,9 +50,17 @@ class DiagQLError(Exception):
         text = self.source_line()
         if text is None or self.column is None:
             return None
+        if not text.strip():  # an empty statement: nothing to point at
+            return None
         start = max(self.column - 1, 0)
         width = max((self.end_column or self.column + 1) - self.column, 1)
         width = min(width, max(len(text) - start, 1))
+        if len(text) > _WIDEST_LINE:  # a window of a long line around the span, marked "…"
+            first = max(0, min(start - _WIDEST_LINE // 3, len(text) - _WIDEST_LINE))
+            last = first + _WIDEST_LINE
+            width = min(width, last - start)
+            text = ("…" if first else "") + text[first:last] + ("…" if last < len(text) else "")
+            start = start - first + (1 if first else 0)
         # Tabs keep their width on the marker line so the caret lands under the right character.
         pad = "".join("\t" if ch == "\t" else " " for ch in text[:start])
         return f"{text}\n{pad}{'^' * width}"

@@ -226,7 +226,7 @@ def test_unknown_sampler_suggests(db):
     text = "AVG NEURONS IN fc1 USING SAMPLE stratifed(0.5)"
     err = bind_error(db, text)
     assert "unknown sampler 'stratifed'" in err.message
-    assert "did you mean 'stratified'" in err.message
+    assert "did you mean 'stratified'? (samplers are random, " in err.message
     assert_caret_under(err, text, "stratifed", exact=False)
 
 
@@ -316,7 +316,7 @@ def test_unknown_setting_suggests():
     fresh = diagql.Connection.detached()
     err = bind_error(fresh, "SET batchsize = 3")
     assert "unknown setting 'batchsize'" in err.message
-    assert "did you mean 'batch_size'" in err.message
+    assert "did you mean 'batch_size'? (settings are " in err.message  # not "?;"
     assert err.line == 1
 
 

@@ -919,3 +919,34 @@ def test_a_word_near_no_keyword_gets_no_suggestion():
     with pytest.raises(ParseError) as info:
         parse("AVG NEURONS IN fc1 foo")
     assert "did you mean" not in info.value.message
+
+
+def test_a_missing_semicolon_between_statements_is_named():
+    with pytest.raises(ParseError) as info:
+        parse_script("AVG NEURONS IN fc3 WHERE class = 1\nTOPK 2 NEURONS IN fc3")
+    assert (info.value.line, info.value.column) == (2, 1)
+    assert info.value.hint == "hint: a new statement starts at 'TOPK': end the one before it " \
+                              "with ';'"
+
+
+def test_a_keyword_out_of_place_gets_no_spelling_suggestion():
+    with pytest.raises(ParseError) as info:
+        parse("TOPK 3 INPUTS FOR fc1[5] WITH BASELINE")
+    assert "did you mean" not in info.value.message  # 'WITHIN' was suggested for WITH
+    assert "takes no WITH BASELINE" in info.value.hint
+
+
+def test_an_error_on_a_long_line_shows_the_line_around_it():
+    text = "AVG NEURONS IN fc1 WHERE " + " OR ".join(["class = 1"] * 300) + " OR clss = 2"
+    with pytest.raises(ParseError) as info:
+        parse(text)
+    shown, marks = info.value.caret().split("\n")
+    assert len(shown) <= 102 and shown.startswith("…") and shown.endswith("clss = 2")
+    assert shown[marks.index("^"):marks.index("^") + 4] == "clss" and marks.count("^") == 4
+
+
+def test_an_empty_statement_points_at_nothing():
+    with pytest.raises(ParseError) as info:
+        parse("")
+    assert info.value.caret() is None
+    assert info.value.format() == "1:1: syntax error: empty statement: nothing to run"

@@ -219,14 +219,19 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
             _operator_hint(piece, str(token), token.start_pos)
     wanted = describe_expected(expected)
     message = f"{what}; expected {wanted}" if wanted else what
-    if not at_end and isinstance(exc, UnexpectedToken) and str(token).isalpha():
-        # A misspelt keyword (SHOW LAYRES, USNG FULL) gets a suggestion, as a misspelt name does.
+    if not at_end and isinstance(exc, UnexpectedToken) and str(token).isalpha() and \
+            str(token).upper() not in keywords():
+        # A misspelt keyword (SHOW LAYRES, USNG FULL) gets a suggestion, as a misspelt name does;
+        # a keyword out of place (WITH BASELINE where none is taken) is no misspelling.
         names = _terminal_names()
         words = [names.get(t, t) for t in expected if not t.startswith("__")]
         message += did_you_mean(str(token).upper(), [w for w in words if w.isupper()])
     if start == "start" and (line, column) == _first_token_position(piece) and not at_end:
         *most, last = statement_keywords()
         hint = f"hint: a statement starts with {', '.join(most)} or {last}"
+    elif hint is None and not at_end and isinstance(exc, UnexpectedToken) and \
+            str(token).upper() in statement_keywords():
+        hint = f"hint: a new statement starts at {str(token)!r}: end the one before it with ';'"
     error = IncompleteStatement if at_end else ParseError
     return error(message, line=line, column=column, end_column=column + width, source=source,
                  hint=hint)

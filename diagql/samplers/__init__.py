@@ -28,8 +28,8 @@ def sampler_class(name: str) -> type[Sampler]:
     except KeyError:
         from diagql.suggest import did_you_mean
 
-        raise BindError(f"unknown sampler {name!r}{did_you_mean(name, REGISTRY)}; samplers are "
-                        f"{', '.join(REGISTRY)}") from None
+        raise BindError(f"unknown sampler {name!r}{did_you_mean(name, REGISTRY)} (samplers "
+                        f"are {', '.join(REGISTRY)})") from None
 
 
 def build(name: str, args: dict[str, object], *, seed: int | None) -> Sampler:
@@ -41,8 +41,8 @@ def build(name: str, args: dict[str, object], *, seed: int | None) -> Sampler:
             from diagql.suggest import did_you_mean
 
             raise BindError(f"sampler {cls.name!r} has no parameter {key!r}"
-                            f"{did_you_mean(key, known)}; its parameters are "
-                            f"{', '.join(p.name for p in cls.params())}", param=key)
+                            f"{did_you_mean(key, known)} (its parameters are "
+                            f"{', '.join(p.name for p in cls.params())})", param=key)
     args = dict(args)
     args.setdefault("random_state", seed)
     return cls(**args)

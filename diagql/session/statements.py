@@ -274,8 +274,8 @@ def _set(conn, statement: ast.SetStatement) -> Result:
     name = statement.name
     if name not in Settings.names():
         where = statement.name_span or statement.span
-        raise BindError(f"unknown setting {name!r}{did_you_mean(name, Settings.names())}; "
-                        f"settings are {', '.join(Settings.names())}",
+        raise BindError(f"unknown setting {name!r}{did_you_mean(name, Settings.names())} "
+                        f"(settings are {', '.join(Settings.names())})",
                         line=where.line, column=where.column, end_column=where.end_column)
     try:
         value = conn.settings.coerce(name, statement.value)

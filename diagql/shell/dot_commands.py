@@ -46,7 +46,7 @@ def run_meta(shell, text: str) -> bool:
     if meta is None:
         from diagql.suggest import did_you_mean
 
-        shell.error(f"unknown command {name!r}{did_you_mean(name, COMMANDS)}; try .help")
+        shell.error(f"unknown command {name!r}{did_you_mean(name, COMMANDS) or '; try .help'}")
         return False
     if argument.strip() and not meta.usage:  # a command of no argument: say, not ignore it
         shell.error(f"{meta.name} takes no argument, not {argument.strip()!r}")
