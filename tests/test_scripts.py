@@ -88,3 +88,29 @@ def test_with_baseline_on_an_exact_answer_says_there_is_none(mlp, digits, statem
     sampled = db.query(statement.replace("USING FULL ", "").replace("USING AUTO ", "")
                        .replace("WITH", "USING SAMPLE random(0.5) WITH"))
     assert sampled.baseline is not None and not sampled.notes
+
+
+def test_an_answer_from_the_profile_is_given_before_a_later_querys_pass(mlp, digits, truth,
+                                                                         monkeypatch):
+    """Consecutive queries share one pass, but one the profile answers (the logits) waits for
+    none: a script interrupted in the next query's pass has printed it."""
+    from diagql.engine.executor import Runner
+
+    _, head = truth
+    labels = digits[1].numpy()
+    db = diagql.connect(mlp, digits, cache_dir=False, progress=False, batch_size=500)
+    answer_many = Runner.answer_many
+
+    def interrupted(self, plans):  # Ctrl-C in any pass through the model
+        if not all(plan.from_profile for plan in plans):
+            raise KeyboardInterrupt
+        return answer_many(self, plans)
+
+    monkeypatch.setattr(Runner, "answer_many", interrupted)
+    outcomes = db.run_script("TOPK 2 NEURONS IN head WHERE class = 2;\n"
+                             "AVG NEURONS IN encoder.1 WHERE class = 3;\n")
+    first = next(outcomes)
+    means = head[labels == 2].mean(axis=0)
+    assert list(first.neurons) == list(np.argsort(-means)[:2])
+    with pytest.raises(KeyboardInterrupt):
+        next(outcomes)

@@ -85,42 +85,55 @@ def _run_queries(conn, queries: list, script: str,
         yield _outcome(conn, waiting[0][0], script, waiting[0][1], placed)
         return
     with watching(conn):  # what changed in place since the last (session/changes.py)
-        outcomes = _shared_pass(conn, waiting, script, placed)
-    yield from outcomes
+        yield from _shared_pass(conn, waiting, script, placed)
 
 
-def _shared_pass(conn, waiting: list, script: str, placed: bool) -> list:
-    """Each waiting query's Result or DiagQLError, in order, from one pass per model."""
+def _shared_pass(conn, waiting: list, script: str, placed: bool) -> Iterator:
+    """Each waiting query's Result or DiagQLError, in order, from one pass per model. Each is
+    yielded as soon as it and those before it are answered: a query the profile answers does
+    not wait for a later query's pass (nor is it lost when that pass is interrupted)."""
     outcomes: list[Result | DiagQLError | None] = []
-    plans: list = []  # (position, plan, timings) of the queries that planned
+    plans: dict[int, tuple] = {}  # position -> (plan, timings) of the queries that planned
     for statement, _ in waiting:
         try:
             plan, timings = planned(conn, statement)
         except DiagQLError as exc:
             outcomes.append(_placed(exc, statement, script, placed))
             continue
-        plans.append((len(outcomes), plan, timings))
+        plans[len(outcomes)] = (plan, timings)
         outcomes.append(None)
     by_model: dict[str, list] = {}  # one pass per model, over its queries' items
-    for entry in plans:
-        by_model.setdefault(entry[1].query.layer.model, []).append(entry)
-    for model, group in by_model.items():
-        started = time.perf_counter()
-        shared = False
-        try:
-            answers = conn.on(model).runner().answer_many([plan for _, plan, _ in group])
-        except DiagQLError as exc:  # the pass itself failed (the model's forward raised)
-            answers, shared = [exc] * len(group), True
-        seconds = time.perf_counter() - started
-        for (position, _, timings), answer in zip(group, answers):
-            if isinstance(answer, Result):
-                answer.timings.update(timings)
-                answer.timings["parse"] = waiting[position][1]
-                answer.timings["total"] = seconds
-                answer.class_names = conn.class_names
-                outcomes[position] = name_model(conn, answer, model)
-            elif shared:  # one error for every statement of the pass: no one statement's place
-                outcomes[position] = answer.with_source(script)
-            else:
-                outcomes[position] = _placed(answer, waiting[position][0], script, placed)
-    return outcomes
+    for position, (plan, _) in plans.items():
+        if not plan.from_profile:
+            by_model.setdefault(plan.query.layer.model, []).append(position)
+    for position in range(len(waiting)):
+        if outcomes[position] is None:
+            plan = plans[position][0]
+            model = plan.query.layer.model
+            group = [position] if plan.from_profile else by_model.pop(model)
+            _answer(conn, model, group, plans, waiting, outcomes, script, placed)
+        yield outcomes[position]
+
+
+def _answer(conn, model: str, group: list, plans: dict, waiting: list, outcomes: list,
+            script: str, placed: bool) -> None:
+    """Answer the queries at ``group``'s positions, all of ``model``, in one pass, into
+    ``outcomes``."""
+    started = time.perf_counter()
+    shared = False
+    try:
+        answers = conn.on(model).runner().answer_many([plans[p][0] for p in group])
+    except DiagQLError as exc:  # the pass itself failed (the model's forward raised)
+        answers, shared = [exc] * len(group), True
+    seconds = time.perf_counter() - started
+    for position, answer in zip(group, answers):
+        if isinstance(answer, Result):
+            answer.timings.update(plans[position][1])
+            answer.timings["parse"] = waiting[position][1]
+            answer.timings["total"] = seconds
+            answer.class_names = conn.class_names
+            outcomes[position] = name_model(conn, answer, model)
+        elif shared:  # one error for every statement of the pass: no one statement's place
+            outcomes[position] = answer.with_source(script)
+        else:
+            outcomes[position] = _placed(answer, waiting[position][0], script, placed)
