@@ -705,3 +705,38 @@ def test_a_token_the_head_reads_is_answered_from_the_profiles_latent(position):
     other = 1 if position == 0 else 0
     assert "none: the rows" not in str(conn.query(
         f"EXPLAIN AVG NEURONS IN norm TOKEN {other} USING SAMPLE random(0.3)"))
+
+
+class _PositionalMask(nn.Module):
+    """forward(input_ids, attention_mask): the mask given positionally, as a tuple item
+    ((ids, mask), label) spreads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6, padding_idx=0)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        pooled = (h * attention_mask[..., None]).sum(1) / attention_mask.sum(1, keepdim=True)
+        return self.head(pooled)
+
+
+def test_an_attention_mask_given_positionally_leaves_padding_out():
+    torch.manual_seed(10)
+    n, length = 80, 7
+    lengths = torch.randint(2, length + 1, (n,))
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 10, (n, length)) * mask
+    y = torch.randint(0, 2, (n,))
+    model = _PositionalMask().eval()
+    conn = diagql.connect(model, list(zip(zip(ids, mask), y)), cache_dir=False, progress=False)
+    with torch.no_grad():
+        rows = model.embed(ids).double()
+    last = rows[torch.arange(n), lengths - 1]
+    mean = (rows * mask[..., None]).sum(1) / lengths[:, None]
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN embed TOKEN -1 USING FULL").values,
+                               last.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN embed USING FULL").values,
+                               mean.mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    assert "attention_mask" in str(conn.query("DESCRIBE embed"))

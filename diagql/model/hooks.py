@@ -10,7 +10,7 @@ from torch import nn
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.views import NOT_GOVERNING, ModuleCall, describe_output, first_output, \
-    padding_argument, padding_mask
+    named_inputs, padding_argument, padding_mask
 
 
 def first_tensor(output, name: str = "") -> torch.Tensor:
@@ -207,7 +207,7 @@ class Hooks:
         self.calls.clear()
         self.ran.clear()
         self._padding.clear()
-        self.inputs, self.size = inputs, size
+        self.inputs, self.size = named_inputs(inputs, self.model), size
 
     def done(self) -> bool:
         """Whether every hooked layer has run in this batch (for a module's n-th call: the

@@ -15,7 +15,7 @@ from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor,
 from diagql.model.repeatable import check_deterministic, check_repeatable
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, first_output, \
-    input_attention_mask, padding_argument, padding_mask
+    input_attention_mask, named_inputs, padding_argument, padding_mask
 
 PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is the batch axis
 
@@ -287,6 +287,7 @@ def _probe_pass(model, x, call):
     modules = [(name, module) for name, module in model.named_modules()
                if not isinstance(module, torch.jit.ScriptModule)]
     padded = {name for name, module in modules if padding_argument(module) is not None}
+    named = named_inputs(x, model)  # a tuple input's attention_mask found by its name
     handles = []
 
     def before(name):
@@ -303,7 +304,7 @@ def _probe_pass(model, x, call):
             calls[name] = calls.get(name, 0) + 1
             key = (name, calls[name])
             try:
-                seen[key] = _look(key, args, output, seen, made, padding, padded, x)
+                seen[key] = _look(key, args, output, seen, made, padding, padded, named)
             except Exception as exc:  # noqa: BLE001 - DiagQL's own, not the model's
                 raise HookFailure(name, output, exc) from exc
         return hook
@@ -354,7 +355,7 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
         made.setdefault(id(out), (out, key))
     result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
                     if owner in padded and owner in padding]
-    mask = input_attention_mask(x)
+    mask = input_attention_mask(x)  # the probe's input, named_inputs'
     result.input_mask = None if mask is None else tuple(mask.shape)
     return result
 

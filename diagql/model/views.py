@@ -133,8 +133,30 @@ def _self_attention(module: nn.MultiheadAttention, args: tuple, kwargs: dict) ->
             and query.data_ptr() == key.data_ptr())
 
 
+def named_inputs(inputs, model: nn.Module):
+    """A batch input that DiagQL spreads over the model's positional arguments (a tuple or
+    list) as a mapping of their names (``forward(self, input_ids, attention_mask)``), so that
+    its ``attention_mask`` is found as a mapping's is; any other input as it is."""
+    if not isinstance(inputs, (tuple, list)):
+        return inputs
+    names = _positional_names(type(model))
+    return dict(zip(names, inputs)) if names is not None and len(inputs) <= len(names) \
+        else inputs
+
+
+@functools.lru_cache(maxsize=None)
+def _positional_names(cls: type) -> tuple[str, ...] | None:
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # less self
+    except (TypeError, ValueError):
+        return None
+    return tuple(p.name for p in params
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
 def input_attention_mask(inputs) -> torch.Tensor | None:
-    """The ``attention_mask`` (batch, sequence) of a mapping model input (1: a real token)."""
+    """The ``attention_mask`` (batch, sequence) of a mapping model input (1: a real token):
+    a tuple's is named by ``named_inputs``."""
     if isinstance(inputs, Mapping):
         mask = inputs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.ndim == 2:
