@@ -807,3 +807,26 @@ def test_show_profile_of_many_classes_lists_each_classs_commonest_mistakes():
     assert "confusion_matrix()" in " ".join(shown.notes)
     np.testing.assert_array_equal(conn.profile.confusion_matrix().sum(1),
                                   np.bincount(truth, minlength=classes))
+
+
+def test_a_compiled_part_is_fingerprinted_through_its_original(tmp_path):
+    torch.manual_seed(11)
+    X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+
+    def made(seed):
+        model = _mlp()
+        with torch.no_grad():
+            model[0].weight.add_(seed)
+        model[0] = torch.compile(model[0], backend="eager")
+        return model
+
+    answers = []
+    for seed in (1, 2):
+        model = made(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DiagQLWarning)  # cached on disk, not in memory only
+            conn = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
+            answers.append(conn.query("AVG NEURONS IN 1 USING FULL").values)
+        np.testing.assert_allclose(answers[-1], _hooked(model, "1", X).double().mean(0).numpy(),
+                                   rtol=1e-6)
+    assert not np.allclose(*answers)  # another compiled part's weights: another model

@@ -253,6 +253,10 @@ class _Walk:
                 if not _from_torch(base) and base is not object:
                     classes.setdefault(base, name)
             _feed(digest, "module", name, _qualname(type(module)))
+            if type(module).__name__ == "OptimizedModule":
+                # A torch.compile'd part: its original module is its child ``_orig_mod``,
+                # hashed as any module; its own attributes are dynamo's callables.
+                continue
             if isinstance(module, torch.jit.ScriptModule):
                 # TorchScript: its compiled code is what runs (its attributes are bindings to
                 # it); its parameters and buffers are in ``state``.
