@@ -830,3 +830,31 @@ def test_a_compiled_part_is_fingerprinted_through_its_original(tmp_path):
         np.testing.assert_allclose(answers[-1], _hooked(model, "1", X).double().mean(0).numpy(),
                                    rtol=1e-6)
     assert not np.allclose(*answers)  # another compiled part's weights: another model
+
+
+class _BatchCentred(nn.Module):
+    """Centres its hidden layer over the batch: an item's outputs depend on its batch mates,
+    as dynamic quantization's per-batch scales make them."""
+
+    def __init__(self, centred: bool):
+        super().__init__()
+        self.fc, self.head, self.centred = nn.Linear(6, 8), nn.Linear(8, 3), centred
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(h - h.mean(0, keepdim=True) if self.centred else h)
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_a_model_whose_items_depend_on_their_batch_is_warned_of(centred):
+    """AVG ... WHERE class = 1 and GROUP BY class's group 1 had differed by 1% (the groups
+    run in other batches), silently."""
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diagql.connect(_BatchCentred(centred), (X, y), cache_dir=False, progress=False).layers
+    told = [w for w in caught if issubclass(w.category, diagql.DiagQLWarning)
+            and "other outputs when other items share its batch" in str(w.message)]
+    assert len(told) == (1 if centred else 0)
+    assert not [w for w in caught if "different outputs on two passes" in str(w.message)]

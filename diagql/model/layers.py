@@ -12,7 +12,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope
-from diagql.model.repeatable import check_deterministic, check_repeatable
+from diagql.model.repeatable import check_batch_independent, check_deterministic, \
+    check_repeatable
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, first_output, \
     input_attention_mask, named_inputs, padding_argument, padding_mask
@@ -223,7 +224,9 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         passes.append((len(idx), seen, counted))
     check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1], sizes[-1])
     with evaluation(model):  # the first item again, without hooks
-        check_deterministic(first_output, first_tensor(call(model, prepare(first))))
+        again = first_tensor(call(model, prepare(first)))
+    if check_deterministic(first_output, again):  # then an item's batch may be compared
+        check_batch_independent(first_output, first_tensor(output))  # the last probe's
     if scores is None:
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
     if scores.refusal is None:

@@ -40,21 +40,46 @@ def check_repeatable(first, read, n: int) -> None:
                   DiagQLWarning, stacklevel=3)
 
 
-def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> None:
+def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:
     """Warn when the model, in eval mode, gives the same inputs different outputs on two
     passes (dropout called with ``training=True``, sampling in forward): every pass, the
     profile's, a sample's and the exact answer's, would see another model, and an "exact"
     answer is exact for its own pass only. Differences of rounding (another kernel's order of
-    sums) are not."""
+    sums) are not. Returns whether the two passes agreed (True where they cannot be compared)."""
     if first.shape != again.shape or not first.is_floating_point():
-        return
-    a, b = first.detach().double(), again.detach().double()
-    scale = float(torch.nan_to_num(a.abs(), posinf=0.0).max()) if a.numel() else 0.0
-    if bool((torch.nan_to_num(a - b, nan=0.0).abs() > 1e-4 * max(scale, 1e-6)).any()):
+        return True
+    if _differ(first.detach().double(), again.detach().double()):
         warnings.warn("the model gives the same inputs different outputs on two passes in "
                       "eval mode (dropout with training=True, or sampling in forward?): each "
                       "pass sees another model, so answers, exact ones too, will differ from "
                       "run to run", DiagQLWarning, stacklevel=3)
+        return False
+    return True
+
+
+def check_batch_independent(alone: torch.Tensor, together: torch.Tensor) -> None:
+    """Warn when the first item's outputs alone differ from its outputs in a batch with
+    others (``together``, its row first) by more than rounding: statistics of the batch
+    (dynamic quantization's per-batch scales, a norm over the batch axis) make an item's
+    answer depend on which items share its batch, and WHERE, GROUP BY and a sample run other
+    batches than the exact pass. Outputs whose batch axis is not the first are not compared."""
+    if alone.ndim == 0 or together.ndim != alone.ndim or alone.shape[0] != 1 or \
+            together.shape[0] < 2 or together.shape[1:] != alone.shape[1:] or \
+            not alone.is_floating_point():
+        return
+    a, b = alone.detach().double(), together[:1].detach().double()
+    if _differ(a, b):
+        warnings.warn("the model gives an item other outputs when other items share its batch "
+                      "(statistics of the batch: dynamic quantization's scales, a norm over "
+                      "the batch?): WHERE, GROUP BY and samples run other batches than an exact "
+                      "pass over every item, so the same question may get slightly different "
+                      "answers", DiagQLWarning, stacklevel=3)
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two float64 outputs differ by more than rounding (1e-4 of the largest)."""
+    scale = float(torch.nan_to_num(a.abs(), posinf=0.0).max()) if a.numel() else 0.0
+    return bool((torch.nan_to_num(a - b, nan=0.0).abs() > 1e-4 * max(scale, 1e-6)).any())
 
 
 def same_inputs(a, b) -> bool:
