@@ -475,3 +475,21 @@ def test_a_list_input_spread_over_forward_says_how_to_pass_it_whole():
         truth = torch.stack([_TakesAList().fc(torch.cat([a, b])) for (a, b), _ in items])
     truth = truth.double().mean(0)
     np.testing.assert_allclose(answer.values, truth.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("labels, advice", [
+    ([-1, 1], r"the labels take 2 values \(-1, 1\): if they are the model's classes numbered "
+              r"otherwise, renumber them 0..1"),
+    ([1, 2], r"the labels take 2 values \(1, 2\): .* renumber them 0..1 .*y - 1 for 1..2"),
+    (list(range(10)), r"the labels take 10 values \(0, 1, 2, 3, …\) where the model scores 2 "
+                      r"classes: for a model that is no classifier \(a regression\), give the "
+                      r"data without its labels"),
+])
+def test_labels_in_another_numbering_or_a_regressions_get_their_own_advice(labels, advice):
+    torch.manual_seed(0)
+    X = torch.randn(40, 4)
+    y = torch.tensor(labels).repeat(40)[:40]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=advice):
+        db.query("AVG NEURONS IN 1")
