@@ -382,3 +382,17 @@ def test_script_stops_at_the_bad_statement_and_keeps_results(db):
         db.execute("AVG NEURONS IN fc1; AVG NEURONS IN fc9; SHOW LAYERS")
     assert len(info.value.results) == 1
     assert db.query("SHOW LAYERS").rows
+
+
+def test_with_several_models_a_layer_of_another_or_a_head_that_is_no_model_is_named(digits):
+    from tests.models import trained_cnn, trained_mlp
+
+    db = diagql.connect({"base": trained_cnn(), "wide": trained_mlp()}, digits,
+                        cache_dir=False, progress=False)
+    db.query("SET model = wide")
+    err = bind_error(db, "TOPK 2 NEURONS IN 8")
+    assert err.message == "the default model 'wide' has no layer '8'; model 'base' has one: base.8"
+    err = bind_error(db, "TOPK 2 NEURONS IN bse.8")
+    assert err.message == ("unknown layer 'bse.8': 'bse' is neither a model nor a module of the "
+                           "default model 'wide'; did you mean 'base'?")
+    assert "did you mean 'encoder.3'" in bind_error(db, "TOPK 2 NEURONS IN encodr.3").message

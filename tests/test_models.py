@@ -55,7 +55,8 @@ def test_set_model_changes_the_default_and_suggests_on_a_typo(cnn, mlp, digits):
                                atol=1e-5)
     with pytest.raises(BindError, match="unknown model 'wid'; did you mean 'wide'"):
         db.query("SET model = wid")
-    with pytest.raises(BindError, match="unknown layer"):
+    with pytest.raises(BindError, match="the default model 'wide' has no layer '8'; model "
+                                        "'base' has one: base.8"):
         db.query("AVG NEURONS IN 8")  # the default is wide now, which has no layer 8
 
 

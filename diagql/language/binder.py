@@ -55,6 +55,8 @@ def qualify_layer(ref: ast.LayerRef, models: Sequence[str], default: str,
                      f"{ref.name}.{_written(names[-1])} for instance", ref.span,
                      hint=f"{ref.name}'s layers are {name_list(names)}")
     if ref.quoted or not dot or head not in models or len(models) < 2:
+        if len(models) > 1 and not _has(ref, catalog_of(default)):
+            _elsewhere(ref, models, default, catalog_of)
         return replace(ref, model=default)
     mine = _has(ref, catalog_of(default))
     if mine and _has(replace(ref, name=rest), catalog_of(head)):
@@ -66,6 +68,26 @@ def qualify_layer(ref: ast.LayerRef, models: Sequence[str], default: str,
     if mine:
         return replace(ref, model=default)
     return replace(ref, name=rest, model=head)
+
+
+def _elsewhere(ref: ast.LayerRef, models: Sequence[str], default: str,
+               catalog_of: Callable[[str], LayerCatalog]) -> None:
+    """With several models, a layer the default model lacks: refused naming the models that
+    have it, or saying that a dotted name's head is no model (else the default model's unknown
+    layer error, with its suggestions, follows)."""
+    others = [name for name in models if name != default and _has(ref, catalog_of(name))]
+    if others:
+        raise _error(f"the default model {default!r} has no layer {ref.text()!r}; "
+                     + " and ".join(f"model {name!r} has one: {name}.{_written(ref.text())}"
+                                    for name in others), ref.span,
+                     hint=f"or SET model = {others[0]}")
+    head, dot, _ = ref.name.partition(".")
+    layers = catalog_of(default).running_names()
+    if dot and not ref.quoted and not any(head == layer.split(".")[0] for layer in layers) \
+            and not did_you_mean(ref.name, layers):  # a misspelt layer is suggested below
+        raise _error(f"unknown layer {ref.text()!r}: {head!r} is neither a model nor a module "
+                     f"of the default model {default!r}{did_you_mean(head, models)}", ref.span,
+                     hint=f"models are {', '.join(models)} (SHOW MODELS)")
 
 
 def _has(ref: ast.LayerRef, catalog: LayerCatalog) -> bool:
