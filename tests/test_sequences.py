@@ -740,3 +740,22 @@ def test_an_attention_mask_given_positionally_leaves_padding_out():
     np.testing.assert_allclose(conn.query("AVG NEURONS IN embed USING FULL").values,
                                mean.mean(0).numpy(), rtol=1e-5, atol=1e-6)
     assert "attention_mask" in str(conn.query("DESCRIBE embed"))
+
+
+def test_describe_says_which_part_of_a_tuple_output_is_read():
+    class Attends(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    torch.manual_seed(12)
+    conn = diagql.connect(Attends(), (torch.randn(20, 5, 8), torch.randint(0, 3, (20,))),
+                          cache_dir=False, progress=False)
+    described = dict(conn.query("DESCRIBE attn").rows)["axes"]
+    assert "it returns a tuple holding a tensor of shape (3, 5, 8): that tensor is read, the " \
+           "rest of the tuple (attention weights, hidden states) is not queried" in described
+    assert "it returns" not in dict(conn.query("DESCRIBE head").rows)["axes"]

@@ -409,6 +409,10 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
         return refuse(f"its hidden size changes with the batch (shapes {shapes} for batches of "
                       f"{sizes} items)")
     mask = _mask_source(last, (records[-1][0], shape[0])) if layout == SEQUENCE else ""
+    if " holding " in last.what:  # a tuple, dict or model output: one tensor of it is read
+        container = last.what.split(" holding ")[0].split(" ", 1)[1]
+        found += (f"; it returns {last.what}: that tensor is read, the rest of the {container} "
+                  f"(attention weights, hidden states) is not queried")
     return LayerInfo(name, type_name, shape, calls, axis, last.form, layout, found, varies,
                      mask)
 
