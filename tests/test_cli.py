@@ -298,3 +298,27 @@ def test_a_piped_table_is_as_wide_as_it_needs_never_cut():
     assert "…" not in done.stdout
     rows = [line for line in done.stdout.splitlines() if line.startswith("│ stratified ")]
     assert len(rows) == 2 and all(len(row.split("│")) == len(rows[0].split("│")) for row in rows)
+
+
+def test_the_demo_takes_weights_of_its_own(tmp_path):
+    """train --out's weights could be read by --checkpoint only: --weights needed --model."""
+    import numpy as np
+    import torch
+
+    from diagql.mnist_demo import demo
+    from diagql.mnist_demo.data import demo_dataset
+    from diagql.mnist_demo.model import load_model
+
+    model = load_model()
+    with torch.no_grad():
+        model.fc3.bias.add_(1.0)  # another model's weights
+    path = tmp_path / "other.pt"
+    torch.save(model.state_dict(), path)
+    conn = demo(str(path), cache_dir=False, progress=False)
+    X, _ = demo_dataset(False)
+    with torch.no_grad():
+        want = model.eval()(X).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN fc3 USING FULL").values, want,
+                               rtol=1e-5, atol=1e-5)
+    done = diagql("--demo", "--weights", str(path), "--weights", str(path), "-e", "SHOW LAYERS")
+    assert done.returncode == 2 and "--demo takes one --weights PATH" in done.stderr

@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--demo cannot be combined with --model/--data")
     if bool(args.model) != bool(args.data):
         parser.error("--model and --data go together")
-    if args.weights and not args.model:
-        parser.error("--weights needs --model")
+    if args.weights and not (args.model or args.demo):
+        parser.error("--weights needs --model (or --demo)")
+    if args.demo and len(args.weights) > 1:
+        parser.error("--demo takes one --weights PATH")
     if args.checkpoint and not (args.model or args.demo):
         parser.error("--checkpoint needs --model or --demo")
     if args.label_key and not args.data:
@@ -295,7 +297,7 @@ def _open(args):
         from diagql.mnist_demo import demo
 
         try:
-            return demo(**options)
+            return demo(args.weights[0] if args.weights else None, **options)
         except ImportError as exc:
             from diagql.errors import DiagQLError
 
