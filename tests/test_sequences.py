@@ -759,3 +759,32 @@ def test_describe_says_which_part_of_a_tuple_output_is_read():
     assert "it returns a tuple holding a tensor of shape (3, 5, 8): that tensor is read, the " \
            "rest of the tuple (attention weights, hidden states) is not queried" in described
     assert "it returns" not in dict(conn.query("DESCRIBE head").rows)["axes"]
+
+
+def test_a_token_view_is_checked_on_its_own_modules_mean_view_with_the_whole_excess():
+    """TOKEN -1 of a GRU whose head reads it through a Linear: fitted on the GRU's mean view's
+    leading projections (its own module's other view) and checked on them with each part's
+    whole excess (half had left vas, gmm and maxmargin covering 0.77-0.84)."""
+    import json
+
+    from diagql.engine import covariates, extrapolation
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.rnn = nn.Embedding(12, 8), nn.GRU(8, 16, batch_first=True)
+            self.fc, self.head = nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.head(self.fc(self.rnn(self.embed(ids))[0][:, -1]).relu())
+
+    torch.manual_seed(13)
+    conn = diagql.connect(Last(), (torch.randint(0, 12, (200, 6)), torch.randint(0, 3, (200,))),
+                          cache_dir=False, progress=False)
+    profile = conn.profile
+    chosen = covariates.for_view(profile, json.dumps(["rnn", "TOKEN -1"]))
+    assert chosen.neighbour is not None and chosen.neighbour.layer == "rnn"
+    check = extrapolation.check_for(profile, "rnn", chosen)
+    assert check.share == (extrapolation.WHOLE_SHARE,) * len(check.columns)
+    inner = covariates.for_view(profile, json.dumps(["fc"]))
+    assert inner.auxiliary is not None  # fc is a block of its own: its own minor directions
