@@ -21,7 +21,8 @@ def demo(weights: str | None = None, **options):
     keep = False if cache is False else (cache if isinstance(cache, (str, os.PathLike)) else None)
     model = load_model()
     if weights is not None:
-        from diagql.shell.loading import load_weights
+        from diagql.model.weights import load_state, read_state
 
-        load_weights(model, weights)
+        label = f"--weights {weights!r}"
+        load_state(model, read_state(weights, label), label)
     return connect(model, demo_dataset(keep), **options)
