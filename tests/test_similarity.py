@@ -436,3 +436,24 @@ def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(db, tmp_path
     with pytest.raises(BindError, match="cannot plot to"):
         db.query(f"SIMILARITY encoder.1, head PLOT '{tmp_path}/missing/cka.png'")
     assert db.counters["passes"] == passes
+
+
+def test_another_models_layers_are_named_with_it_and_read_its_predictions(mlp, cnn, digits,
+                                                                         acts):
+    """SIMILARITY wide.x, wide.y WHERE incorrect had run over the default model's mistakes and
+    been headed CKA(x, y), which reads as the default model's layers."""
+    X, y = digits
+    db = diagql.connect({"base": cnn, "wide": mlp}, digits, cache_dir=False, progress=False)
+    first, second = LAYERS[:2]
+    result = db.query(f"SIMILARITY wide.{first}, wide.{second} WHERE incorrect")
+    with torch.no_grad():
+        wrong = (mlp(X).argmax(1) != y).numpy()
+        base_wrong = (cnn(X).argmax(1) != y).numpy()
+    assert wrong.sum() != base_wrong.sum()
+    assert result.n_items == int(wrong.sum())
+    np.testing.assert_allclose(result.value, gram_cka(acts[first][wrong], acts[second][wrong]),
+                               rtol=1e-9)
+    assert result.labels == [f"wide.{first}", f"wide.{second}"]
+    mixed = db.query(f"SIMILARITY wide.{first}, base.8 WHERE incorrect")
+    assert mixed.n_items == int(wrong.sum())  # the first layer's model's
+    assert "WHERE and GROUP BY read wide's predictions (the first layer's model's)" in mixed.notes

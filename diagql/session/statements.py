@@ -138,20 +138,23 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
                             catalogs=[own.catalog for own, _ in resolved],
                             has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
+    reader = entry
+    if reads_predictions(statement):  # the first layer's model's predictions, as a query's
+        reader = resolved[0][0]
     try:
-        profile = entry.profile  # after binding, so that a mistake costs no pass over the data
+        profile = reader.profile  # after binding, so that a mistake costs no pass over the data
     except DiagQLError:
         # Without a sample or a prediction read, any of the layers' models' profiles gives
         # the items and groups (the labels are the data's): one that loads stands in.
         own = [model for model, _ in resolved if model is not entry]
         if not own or not isinstance(statement.source, ast.Full) or reads_predictions(statement):
             raise
-        entry = own[0]
+        entry = reader = own[0]
         profile = entry.profile
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(statement)
-    sample, sample_seconds = _draw(entry, bound.sampler)
+    sample, sample_seconds = _draw(entry, bound.sampler)  # drawn on the sampling model's
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, drawn_on), None,
@@ -213,6 +216,16 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
         runners[model] = conn.on(model).runner(tuple(r.model for r in runners.values()))
     result = answer_similarity(conn.current.runner(), plan, runners)
     result.class_names = conn.class_names
+    models = list(runners)
+    if len(conn.models) > 1 and models == [models[0]] and models[0] != conn.current.name:
+        # One model's layers, not the default model's: named with it (ep1.fc2), as its
+        # query's neurons are (several models' layers are named by layer_labels already).
+        for part in [result, *(result.groups or {}).values(), result.baseline]:
+            if part is not None and part.kind == "similarity":
+                part.labels = [f"{models[0]}.{label}" for label in part.labels]
+    if len(models) > 1 and reads_predictions(statement):
+        result.notes.append(f"WHERE and GROUP BY read {models[0]}'s predictions (the first "
+                            f"layer's model's)")
     result.timings.update(timings)
     record_speedup(result)
     if statement.plot is not None:
