@@ -611,3 +611,32 @@ def test_a_model_ray_cannot_pickle_is_one_clear_error(world):
                                           r"pickle '_thread.lock' object\); pass a factory"):
         conn.query("AVG NEURONS IN fc USING FULL")
     conn.close()
+
+
+def test_a_model_or_data_changed_in_place_is_refused_not_answered_from_old_copies(cluster):
+    """The workers hold copies made when they started: after `weight.mul_(2)` on the driver,
+    the next answer had been the old model's (0.8 off), silently."""
+    torch.manual_seed(14)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    conn = diagql.connect(model, (X, y), engine="ray", ray_workers=1, cache_dir=False,
+                          progress=False)
+    with torch.no_grad():
+        want = model[:2](X).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN 1").values, want, rtol=1e-6)
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN 1").values, want, rtol=1e-6)
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    with pytest.raises(DiagQLError, match="the model or the data changed in place since the "
+                                          "last statement, but the Ray engine's workers"):
+        conn.query("AVG NEURONS IN 1")
+    again = diagql.connect(model, (X, y), engine="ray", ray_workers=1, cache_dir=False,
+                           progress=False)
+    with torch.no_grad():
+        want = model[:2](X).double().mean(0).numpy()
+    np.testing.assert_allclose(again.query("AVG NEURONS IN 1").values, want, rtol=1e-6)
+    X.mul_(3)
+    with pytest.raises(DiagQLError, match="changed in place"):
+        again.query("AVG NEURONS IN 1")
+    conn.close()
+    again.close()

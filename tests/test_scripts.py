@@ -114,3 +114,10 @@ def test_an_answer_from_the_profile_is_given_before_a_later_querys_pass(mlp, dig
     assert list(first.neurons) == list(np.argsort(-means)[:2])
     with pytest.raises(KeyboardInterrupt):
         next(outcomes)
+
+
+def test_a_grouped_results_repr_counts_its_groups(mlp, digits):
+    db = diagql.connect(mlp, digits, cache_dir=False, progress=False)
+    grouped = db.query("TOPK 3 NEURONS IN head GROUP BY class")
+    assert repr(grouped) == ("<Result topk neurons in head: 10 groups by class, 3 values each, "
+                             "over 1797 items, full>")  # it had said "0 values"

@@ -371,6 +371,12 @@ class Result:
                     f"{self.n_items} matching, {self.source}>")
         if not self.is_query:
             return f"<Result {self.kind}: {len(self.rows)} rows>"
+        if self.groups is not None:  # the values are the groups'
+            each = {len(group.neurons) for group in self.groups.values()}
+            count = f"{each.pop()} values each" if len(each) == 1 else "values"
+            return (f"<Result {self.kind} {self.unit} in {self.layer}: {len(self.groups)} groups "
+                    f"by {self.provenance.group_by}, {count}, over {self.n_items} items, "
+                    f"{self.source}>")
         return (f"<Result {self.kind} {self.unit} in {self.layer}: {len(self.neurons)} values "
                 f"over {self.n_items} items, {self.source}>")
 

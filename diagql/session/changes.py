@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
 
-from diagql.errors import DiagQLWarning
+from diagql.errors import DiagQLError, DiagQLWarning
 from diagql.model.data import FORWARDS, ItemSource
 from diagql.session.inputs import forget_indices
 from diagql.session.models import data_digest
@@ -81,8 +81,11 @@ def model_stamp(module) -> tuple:
 def notice_changes(conn) -> None:
     """Derive afresh what a model or the data changed in place since the last statement
     invalidated, saying so where something had been derived from them."""
-    if not conn.models or conn.source is None or conn.engine is not None:
-        return  # Ray's workers hold their own copies
+    if not conn.models or conn.source is None:
+        return
+    if conn.engine is not None:
+        _refuse_changes_on_workers(conn)
+        return
     tensors, arrays = _data_parts(conn)
     data = (tensor_stamp(tensors), _small(_bytes(tensors, arrays), lambda: data_digest(conn)))
     data_changed = conn.data_stamp is not None and data != conn.data_stamp
@@ -115,6 +118,28 @@ def notice_changes(conn) -> None:
         _say(f"{whose} changed ({what})")
 
 
+def _refuse_changes_on_workers(conn) -> None:
+    """Ray's workers hold their own copies of the model and the data, made when they started:
+    a change in place on the driver would not reach them, and every answer after it would be
+    the old model's, silently. The driver's copies are stamped, and a change refused."""
+    stamp = _driver_stamp(conn)
+    if conn.data_stamp is not None and stamp != conn.data_stamp:
+        raise DiagQLError("the model or the data changed in place since the last statement, "
+                          "but the Ray engine's workers hold their own copies of them, made "
+                          "when they started: connect again to answer for them as they are "
+                          "now (or use the local engine, which follows such changes)")
+    conn.data_stamp = stamp
+
+
+def _driver_stamp(conn) -> tuple:
+    """The data's stamp as the local engine takes it, and each model's."""
+    tensors, arrays = _data_parts(conn)
+    models = tuple(model_stamp(entry.architecture()) for entry in conn.models.values()
+                   if not entry.is_checkpoint)
+    return tensor_stamp(tensors), _small(_bytes(tensors, arrays), lambda: data_digest(conn)), \
+        models
+
+
 def _only_hooks(stamp: tuple, before: tuple) -> bool:
     """Whether two model stamps differ in their hooks alone: an output-changing hook (an
     ablation's) added or removed, which the small fingerprint sees too."""
@@ -138,7 +163,11 @@ def after_statement(conn) -> None:
     """Take as read what the statement's own passes changed: a model whose forward writes its
     buffers or attributes (a call counter, a rotary embedding's cache grown to a longer input)
     is not a model the user changed, so each model is stamped again."""
-    if not conn.models or conn.source is None or conn.engine is not None:
+    if not conn.models or conn.source is None:
+        return
+    if conn.engine is not None:  # the driver's own runs (the probe) are no user's change
+        if conn.data_stamp is not None:
+            conn.data_stamp = _driver_stamp(conn)
         return
     for entry in conn.models.values():
         if not entry.is_checkpoint and entry.stamp is not None:
