@@ -338,3 +338,13 @@ def test_similarity_between_two_checkpoints_runs_each_in_a_copy_of_its_own(train
         truth = features(states[name], "encoder.3").mean(axis=0)
         np.testing.assert_allclose(answer.values, truth, rtol=1e-9, atol=1e-12)
     assert slot.loads == loads  # both were held already
+
+
+@pytest.mark.parametrize("statement", ["AVG NEURONS IN epoch2.encoder.3 ACROSS CHECKPOINTS",
+                                       "SIMILARITY epoch2.encoder.3 ACROSS CHECKPOINTS"])
+def test_across_checkpoints_of_one_checkpoints_layer_is_refused(db, statement):
+    # It had read every checkpoint's layer, the 'epoch2.' silently ignored.
+    with pytest.raises(BindError, match="ACROSS CHECKPOINTS reads the layer of every checkpoint "
+                                        "and of the final model: name it without 'epoch2' "
+                                        r"\(encoder.3\)"):
+        db.query(statement)

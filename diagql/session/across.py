@@ -48,7 +48,14 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
     layer, without ACROSS). A statement that compares with the final model (SIMILARITY)
     passes its own ``rebind``."""
     layer = statement.layer if layer is None else layer
-    entry, _ = conn.resolve(layer)
+    entry, ref = conn.resolve(layer)
+    if entry.is_checkpoint:  # 'ep3.fc2 ACROSS CHECKPOINTS' would have read every model's
+        error = BindError(f"ACROSS CHECKPOINTS reads the layer of every checkpoint and of the "
+                          f"final model: name it without {entry.name!r} ({ref.text()})")
+        if layer.span is not None:
+            error.line, error.column = layer.span.line, layer.span.column
+            error.end_column = layer.span.end_column
+        raise error
     names = checkpoint_names(conn, entry, layer.span)
     plot = statement.across.plot
     if plot is not None:
