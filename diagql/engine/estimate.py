@@ -132,6 +132,8 @@ def _pooled(states: dict, prediction) -> Pooled | None:
 def shares(fitted: Fitted | np.ndarray) -> np.ndarray:
     """ARGMAX's answer from the assisted fit (or its mean): the shares, clipped at 0 and
     summing to 1."""
+    if isinstance(fitted, Fitted) and fitted.exact:  # counted: as USING FULL gives them, to
+        return fitted.mean  # the last bit (a renormalised 1/8000 is 0.00012499999999999998)
     values = np.clip(fitted.mean if isinstance(fitted, Fitted) else fitted, 0.0, None)
     total = values.sum()
     return values / total if total > 0 else values
