@@ -138,3 +138,19 @@ class WeightsError(DiagQLError):
 
 class DiagQLWarning(UserWarning):
     """Something went wrong that DiagQL works around (a damaged or unwritable cache)."""
+
+
+def warn(message: str) -> None:
+    """A DiagQLWarning attributed to the user's line that led to it (``db.query(...)``, a
+    script's runner, a notebook cell), the first frame outside DiagQL and the standard
+    library's context managers, however deep in DiagQL it is raised."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(1)  # stacklevel 2: warn's caller
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or frame.f_code.co_filename.endswith("contextlib.py")):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, DiagQLWarning, stacklevel=level)

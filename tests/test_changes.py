@@ -343,3 +343,20 @@ def test_a_hook_that_counts_or_records_is_not_a_change(tmp_path):
     again = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
     again.profile  # noqa: B018 - read from the disk cache: no pass
     assert calls[0] == 0
+
+
+def test_a_change_is_warned_of_at_the_users_line():
+    """The warning had named contextlib.py (and a script DiagQL's own lines), not the
+    statement that noticed the change."""
+    torch.manual_seed(15)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    conn = diagql.connect(model, (torch.randn(30, 4), torch.randint(0, 3, (30,))),
+                          cache_dir=False, progress=False)
+    conn.query("AVG NEURONS IN 1")
+    with torch.no_grad():
+        model[0].bias.add_(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conn.query("AVG NEURONS IN 1")
+    told = [w for w in caught if "the model changed" in str(w.message)]
+    assert len(told) == 1 and told[0].filename == __file__

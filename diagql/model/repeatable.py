@@ -5,13 +5,12 @@ a random forward (dropout left on) would have them answer about different inputs
 (docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from diagql.errors import DiagQLWarning
+from diagql.errors import warn
 
 
 READS = 3  # reads of each of the probe's items (at most 3: a Ray Dataset's driver has no
@@ -33,11 +32,10 @@ def check_repeatable(first, read, n: int) -> None:
             break
     else:
         return
-    warnings.warn("the data gives the same item different inputs on two reads (a random "
-                  "transform, such as a training augmentation?): the profile, samples and "
-                  "each query read the items anew, so their answers will not agree; "
-                  "diagnose with deterministic (evaluation) transforms",
-                  DiagQLWarning, stacklevel=3)
+    warn("the data gives the same item different inputs on two reads (a random "
+         "transform, such as a training augmentation?): the profile, samples and "
+         "each query read the items anew, so their answers will not agree; "
+         "diagnose with deterministic (evaluation) transforms")
 
 
 def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:
@@ -49,10 +47,10 @@ def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:
     if first.shape != again.shape or not first.is_floating_point():
         return True
     if _differ(first.detach().double(), again.detach().double()):
-        warnings.warn("the model gives the same inputs different outputs on two passes in "
-                      "eval mode (dropout with training=True, or sampling in forward?): each "
-                      "pass sees another model, so answers, exact ones too, will differ from "
-                      "run to run", DiagQLWarning, stacklevel=3)
+        warn("the model gives the same inputs different outputs on two passes in "
+             "eval mode (dropout with training=True, or sampling in forward?): each "
+             "pass sees another model, so answers, exact ones too, will differ from "
+             "run to run")
         return False
     return True
 
@@ -69,11 +67,11 @@ def check_batch_independent(alone: torch.Tensor, together: torch.Tensor) -> None
         return
     a, b = alone.detach().double(), together[:1].detach().double()
     if _differ(a, b):
-        warnings.warn("the model gives an item other outputs when other items share its batch "
-                      "(statistics of the batch: dynamic quantization's scales, a norm over "
-                      "the batch?): WHERE, GROUP BY and samples run other batches than an exact "
-                      "pass over every item, so the same question may get slightly different "
-                      "answers", DiagQLWarning, stacklevel=3)
+        warn("the model gives an item other outputs when other items share its batch "
+             "(statistics of the batch: dynamic quantization's scales, a norm over "
+             "the batch?): WHERE, GROUP BY and samples run other batches than an exact "
+             "pass over every item, so the same question may get slightly different "
+             "answers")
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-import warnings
 from typing import Callable, TypeVar
 
 from torch import nn
 
 from diagql import samplers
 from diagql.engine import covariates, executor
-from diagql.errors import BindError, DiagQLWarning
+from diagql.errors import BindError, warn
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import auxiliaries, hooks, layers, profile as profile_module, same_rows, views, winners
@@ -299,10 +298,9 @@ def _warn_guessed_scores(catalog: LayerCatalog, given) -> None:
     """Say that the default took the first of several score vectors of one width: an
     auxiliary head given first would make every prediction another head's."""
     if catalog.scores.why == scores.EQUAL_WIDTHS and given is None:
-        warnings.warn(f"the model's output holds several vectors of class scores of one width; "
-                      f"DiagQL reads output[{catalog.scores.at!r}], the first (the main head, by "
-                      f"convention: Inception's (logits, aux)); if another is, name it with "
-                      f"scores= (--scores)", DiagQLWarning, stacklevel=5)
+        warn(f"the model's output holds several vectors of class scores of one width; DiagQL "
+             f"reads output[{catalog.scores.at!r}], the first (the main head, by convention: "
+             f"Inception's (logits, aux)); if another is, name it with scores= (--scores)")
 
 
 def _warn_memory_only(memory_only: dict, cache) -> None:
@@ -310,11 +308,10 @@ def _warn_memory_only(memory_only: dict, cache) -> None:
     models would share its key if it pretended to see what it cannot), for the data when the
     user named the cache directory (which would stay empty without a word)."""
     if memory_only.get("model"):
-        warnings.warn(f"the model is cached in memory only: {memory_only['model']}",
-                      DiagQLWarning, stacklevel=5)
+        warn(f"the model is cached in memory only: {memory_only['model']}")
     elif memory_only.get("data") and cache.asked:
-        warnings.warn(f"the data is cached in memory only, nothing in {cache.root}: "
-                      f"{memory_only['data']}", DiagQLWarning, stacklevel=5)
+        warn(f"the data is cached in memory only, nothing in {cache.root}: "
+             f"{memory_only['data']}")
 
 
 def _scores_digest(conn):

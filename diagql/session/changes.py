@@ -21,14 +21,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
 
-from diagql.errors import DiagQLError, DiagQLWarning
+from diagql.errors import DiagQLError, warn
 from diagql.model.data import FORWARDS, ItemSource
 from diagql.session.inputs import forget_indices
 from diagql.session.models import data_digest
@@ -219,5 +218,5 @@ def _checkpoint_stamp(entry) -> tuple | None:
 
 
 def _say(what: str) -> None:
-    warnings.warn(f"{what} since DiagQL last read it: the profile, samples and kept "
-                  f"activations are derived again", DiagQLWarning, stacklevel=4)
+    warn(f"{what} since DiagQL last read it: the profile, samples and kept activations are "
+         f"derived again")
