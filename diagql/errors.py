@@ -148,7 +148,7 @@ def warn(message: str) -> None:
     import sys
     import warnings
 
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     level, frame = 2, sys._getframe(1)  # stacklevel 2: warn's caller
     while frame is not None and (frame.f_code.co_filename.startswith(package)
                                  or frame.f_code.co_filename.endswith("contextlib.py")):
