@@ -515,8 +515,9 @@ def test_ray_workers_build_a_compiled_models_original():
     assert built_models({"a": torch.compile(model, backend="eager")}) == {"a": model}
 
 
-@pytest.mark.parametrize("wrap", [lambda m: torch.compile(m, backend="eager"), nn.DataParallel],
-                         ids=["compiled", "data-parallel"])
+@pytest.mark.parametrize("wrap", [lambda m: torch.compile(m, backend="eager"), nn.DataParallel,
+                                  lambda m: nn.DataParallel(torch.compile(m, backend="eager"))],
+                         ids=["compiled", "data-parallel", "data-parallel-of-compiled"])
 def test_a_checkpoint_saved_from_a_wrapper_loads_into_the_bare_model(wrap, tmp_path):
     torch.manual_seed(6)
     X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
@@ -530,6 +531,28 @@ def test_a_checkpoint_saved_from_a_wrapper_loads_into_the_bare_model(wrap, tmp_p
     avg = conn.query("AVG NEURONS IN e1.1 USING FULL")
     np.testing.assert_allclose(avg.values, _hooked(earlier, "1", X).double().mean(0).numpy(),
                                rtol=1e-6)
+
+
+def test_a_plain_checkpoint_loads_into_a_wrapped_model_and_a_child_named_module_keeps_its_keys():
+    from diagql.model.weights import load_state
+
+    torch.manual_seed(16)
+    plain = _mlp()
+    wrapped = nn.DataParallel(_mlp())
+    load_state(wrapped, plain.state_dict(), "e1")  # its keys had lacked "module."
+    for mine, theirs in zip(wrapped.module.parameters(), plain.parameters()):
+        assert torch.equal(mine, theirs)
+
+    class Holder(nn.Module):  # its own child is named module: "module." is no wrapper's
+        def __init__(self):
+            super().__init__()
+            self.module = _mlp()
+
+    holder, other = Holder(), Holder()
+    with torch.no_grad():
+        other.module[0].weight.add_(1)
+    load_state(holder, other.state_dict(), "e1")
+    assert torch.equal(holder.module[0].weight, other.module[0].weight)
 
 
 class _DictOut(nn.Module):

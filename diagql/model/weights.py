@@ -82,11 +82,25 @@ def _few(keys: list[str]) -> str:
 
 
 def _unprefixed(model: nn.Module, state: Mapping) -> Mapping:
-    """``state`` without a wrapper's prefix that every one of its keys has and none of the
-    model's do (a model whose own child is named ``module`` keeps its keys)."""
-    own = model.state_dict().keys()
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state) and \
-                not any(k.startswith(prefix) for k in own):
-            return {k[len(prefix):]: v for k, v in state.items()}
-    return state
+    """``state`` with its keys' wrapper prefixes made the model's own: each saved from a
+    wrapper (``module._orig_mod.``: DDP around a compiled model) or loaded into one (a
+    DataParallel given a plain state_dict). Only prefixes that every key has count, so a
+    model whose own child is named ``module`` keeps its keys."""
+    keys = [k for k in state]
+    if not keys or not all(isinstance(k, str) for k in keys):
+        return state
+    theirs, ours = _wrapping(keys), _wrapping(list(model.state_dict().keys()))
+    if theirs == ours:
+        return state
+    return {ours + k[len(theirs):]: v for k, v in state.items()}
+
+
+def _wrapping(keys: list[str]) -> str:
+    """The wrapper prefixes every one of ``keys`` begins with, outermost first."""
+    found = ""
+    while True:
+        prefix = next((p for p in WRAPPER_PREFIXES
+                       if keys and all(k.startswith(found + p) for k in keys)), None)
+        if prefix is None:
+            return found
+        found += prefix
