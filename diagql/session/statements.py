@@ -217,12 +217,10 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
     result = answer_similarity(conn.current.runner(), plan, runners)
     result.class_names = conn.class_names
     models = list(runners)
-    if len(conn.models) > 1 and models == [models[0]] and models[0] != conn.current.name:
+    if models == [models[0]] and models[0] != conn.current.name:
         # One model's layers, not the default model's: named with it (ep1.fc2), as its
         # query's neurons are (several models' layers are named by layer_labels already).
-        for part in [result, *(result.groups or {}).values(), result.baseline]:
-            if part is not None and part.kind == "similarity":
-                part.labels = [f"{models[0]}.{label}" for label in part.labels]
+        result = name_model(conn, result, models[0])
     if len(models) > 1 and reads_predictions(statement):
         result.notes.append(f"WHERE and GROUP BY read {models[0]}'s predictions (the first "
                             f"layer's model's)")
