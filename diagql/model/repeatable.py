@@ -46,7 +46,7 @@ def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:
     sums) are not. Returns whether the two passes agreed (True where they cannot be compared)."""
     if first.shape != again.shape or not first.is_floating_point():
         return True
-    if _differ(first.detach().double(), again.detach().double()):
+    if _differ(first, again):
         warn("the model gives the same inputs different outputs on two passes in "
              "eval mode (dropout with training=True, or sampling in forward?): each "
              "pass sees another model, so answers, exact ones too, will differ from "
@@ -65,8 +65,7 @@ def check_batch_independent(alone: torch.Tensor, together: torch.Tensor) -> None
             together.shape[0] < 2 or together.shape[1:] != alone.shape[1:] or \
             not alone.is_floating_point():
         return
-    a, b = alone.detach().double(), together[:1].detach().double()
-    if _differ(a, b):
+    if _differ(alone, together[:1]):
         warn("the model gives an item other outputs when other items share its batch "
              "(statistics of the batch: dynamic quantization's scales, a norm over "
              "the batch?): WHERE, GROUP BY and samples run other batches than an exact "
@@ -75,7 +74,8 @@ def check_batch_independent(alone: torch.Tensor, together: torch.Tensor) -> None
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two float64 outputs differ by more than rounding (1e-4 of the largest)."""
+    """Whether two outputs differ by more than rounding (1e-4 of the largest), in float64."""
+    a, b = a.detach().double(), b.detach().double()
     scale = float(torch.nan_to_num(a.abs(), posinf=0.0).max()) if a.numel() else 0.0
     return bool((torch.nan_to_num(a - b, nan=0.0).abs() > 1e-4 * max(scale, 1e-6)).any())
 
