@@ -38,10 +38,17 @@ def hookable(module: nn.Module, what: str = "model") -> nn.Module:
                           f"layers, so none runs as a module a forward hook sees; connect "
                           f"torch.export.unflatten(program), whose layers do, or the nn.Module "
                           f"it was exported from")
-    original = getattr(module, "_orig_mod", None)  # torch._dynamo's OptimizedModule
+    original = compiled_original(module)
+    return module if original is None else original
+
+
+def compiled_original(module: nn.Module) -> nn.Module | None:
+    """The module a torch.compile wrapper (torch._dynamo's OptimizedModule, told by its type's
+    name: importing dynamo to test isinstance costs a second) runs; None for any other."""
+    original = getattr(module, "_orig_mod", None)
     if isinstance(original, nn.Module) and type(module).__name__ == "OptimizedModule":
         return original
-    return module
+    return None
 
 
 class StopForward(BaseException):
@@ -115,7 +122,7 @@ def _eager(model: nn.Module):
     for a model that has some: the stance imports torch._dynamo, a second of every new
     process's first pass otherwise."""
     stance = getattr(torch.compiler, "set_stance", None)
-    compiled = any(type(m).__name__ == "OptimizedModule" or
+    compiled = any(compiled_original(m) is not None or
                    getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
     return stance("force_eager") if stance is not None and compiled else contextlib.nullcontext()
 

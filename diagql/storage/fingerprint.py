@@ -235,6 +235,8 @@ class _Walk:
     def modules(self, digest, root, prefix: str) -> None:
         import torch
 
+        from diagql.model.hooks import compiled_original
+
         named = list(root.named_modules(prefix=prefix))
         state = root.state_dict(keep_vars=True, prefix=f"{prefix}." if prefix else "")
         # Non-persistent buffers are left out of state_dict but still shape the outputs.
@@ -253,7 +255,7 @@ class _Walk:
                 if not _from_torch(base) and base is not object:
                     classes.setdefault(base, name)
             _feed(digest, "module", name, _qualname(type(module)))
-            if type(module).__name__ == "OptimizedModule":
+            if compiled_original(module) is not None:
                 # A torch.compile'd part: its original module is its child ``_orig_mod``,
                 # hashed as any module; its own attributes are dynamo's callables.
                 continue
