@@ -138,42 +138,41 @@ def test_expected_js_distance_matches_simulated_uniform_samples():
     uniformly without replacement many times: the mean expected JS distance is within 20% of
     the mean actual one. Plugging in the sample's own shares misses the winners it did not see
     and came out at 0.6x."""
-    from diagql.engine import estimate
-    from diagql.engine.aggregates import ArgmaxState
-
     rng = np.random.default_rng(5)
     neurons, population, n = 300, 2000, 100
     winners = rng.choice(neurons, population, p=(w := 1 / np.arange(1, neurons + 1)) / w.sum())
+    draws = list(_argmax_draws(winners, neurons, n, 40, rng))
+    expected = [found.expected for _, found, _ in draws]
+    actual = [js for _, _, js in draws]
+    assert 0.8 <= np.mean(expected) / np.mean(actual) <= 1.2
+
+
+def _argmax_draws(winners: np.ndarray, neurons: int, n: int, draws: int, rng):
+    """(chosen winners, ARGMAX estimate, actual JS distance to the population's histogram) of
+    ``draws`` uniform samples of ``n`` of the population's items without replacement."""
+    from diagql.engine import estimate
+    from diagql.engine.aggregates import ArgmaxState
+
     exact = np.bincount(winners, minlength=neurons).astype(float)
-    expected, actual = [], []
-    for _ in range(40):
-        chosen = winners[rng.choice(population, n, replace=False)]
+    for _ in range(draws):
+        chosen = winners[rng.choice(len(winners), n, replace=False)]
         state = ArgmaxState(neurons)
         state.update(torch.nn.functional.one_hot(torch.from_numpy(chosen), neurons).double())
-        expected.append(estimate.for_argmax(state, population, True).expected)
-        actual.append(_js(np.bincount(chosen, minlength=neurons).astype(float), exact))
-    assert 0.8 <= np.mean(expected) / np.mean(actual) <= 1.2
+        yield (chosen, estimate.for_argmax(state, len(winners), True),
+               _js(np.bincount(chosen, minlength=neurons).astype(float), exact))
 
 
 def test_a_small_sample_with_one_winner_does_not_claim_the_truth_has_no_other():
     """87% of a cell's items share one winner, the rest spread over 14 neurons: a uniform
     sample of 9 often sees only the one. Good-Turing's missing mass is then 0, and the
     estimate had said JS 0 and a share of exactly 1 (an UNTIL met after its first round)."""
-    from diagql.engine import estimate
-    from diagql.engine.aggregates import ArgmaxState
-
     rng = np.random.default_rng(3)
     neurons, population, n = 16, 383, 9
     winners = np.where(rng.random(population) < 0.87, 14, rng.integers(0, 14, population))
-    exact = np.bincount(winners, minlength=neurons).astype(float)
     expected, actual = [], []
-    for _ in range(200):
-        chosen = winners[rng.choice(population, n, replace=False)]
-        state = ArgmaxState(neurons)
-        state.update(torch.nn.functional.one_hot(torch.from_numpy(chosen), neurons).double())
-        found = estimate.for_argmax(state, population, True)
+    for chosen, found, js in _argmax_draws(winners, neurons, n, 200, rng):
         expected.append(found.expected)
-        actual.append(_js(np.bincount(chosen, minlength=neurons).astype(float), exact))
+        actual.append(js)
         if (chosen == 14).all():
             assert found.expected > 0.1  # the actual is 0.26 for every such sample
             assert found.ci_low[14] <= 1 - 3 / n + 1e-12  # the rule of three
