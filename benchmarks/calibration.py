@@ -97,7 +97,7 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                     {None: population}, values.shape[1])
                 exact_top, exact_mean, exact_hist = exact[id(combo)]
                 check = checks[combo.layer]
-                widened = 1.0 if check is None else extrapolation.widening(
+                widened = None if check is None else extrapolation.widening(
                     check, z, chosen, None, combo.items, {None: population}, z_pop)
                 fits = {"assisted": (estimate.fit({None: mean_state}, {None: population}, z_pop,
                                                   prediction, widened=widened)[None],

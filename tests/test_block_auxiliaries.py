@@ -130,7 +130,8 @@ def _expected(profile, rows, items, matching, groups, reduce=None):
     n_pop = {g: int((groups[matching] == g).sum()) for g in keys}
     fitted = _numpy_assisted(resid, zl[items], groups[items], z_pop, n_pop, RIDGE)
     widen = _widening(zb, zl, items, matching, groups, z_pop, n_pop)
-    return {g: (m + mean + basis @ zb[matching[groups[matching] == g]].mean(axis=0), se * widen)
+    return {g: (m + mean + basis @ zb[matching[groups[matching] == g]].mean(axis=0),
+                se * widen[g])
             for g, (m, se) in fitted.items()}
 
 
@@ -205,7 +206,7 @@ def test_a_layer_beside_a_block_is_fitted_on_its_leading_directions_as_numpy_doe
               (zb[:, 32:], extrapolation.NEIGHBOUR_SHARE),
               (extrapolation.latent_minor(profile).astype(np.float64), extrapolation.WHOLE_SHARE)]
     widen = max(_numpy_widening(columns, Z, items, everyone, np.zeros(len(Y), int),
-                                {0: Z.mean(axis=0)}, {0: len(Y)}, share)
+                                {0: Z.mean(axis=0)}, {0: len(Y)}, share)[0]
                 for columns, share in checks)
     est = result.estimate
     live = se > 0

@@ -12,7 +12,7 @@ from diagql.engine import extrapolation
 from diagql.engine.covariates import Covariates
 from diagql.engine.regression import RIDGE
 from tests.test_block_auxiliaries import _widening
-from tests.test_estimate_assisted import _numpy_assisted
+from tests.test_estimate_assisted import _numpy_assisted, _numpy_widening
 
 
 @pytest.mark.parametrize("chosen", ["at random", "by the latent's extremes"])
@@ -34,32 +34,49 @@ def test_extrapolation_widens_only_where_the_fit_misses_the_known_minor_directio
                                      {None: zl.mean(axis=0)})
     expected = _widening(np.hstack([np.zeros((N, 32 - k // 2)), zb]), zl, items, everyone,
                          np.zeros(N, int), {0: zl.mean(axis=0)}, {0: N})
-    np.testing.assert_allclose(widened, expected, rtol=1e-9)
-    assert (widened > 1.5) if chosen != "at random" else widened == 1.0
+    np.testing.assert_allclose(widened[None], expected[0], rtol=1e-9)
+    assert (widened[None] > 1.5) if chosen != "at random" else widened[None] == 1.0
 
 
-def test_a_grouped_checks_misses_are_pooled_over_its_groups_and_columns():
-    """GROUP BY: one ratio over every group's columns, each group against its own matching
-    items' means (which the check computes, or takes from the plan's covariate means)."""
+def test_a_grouped_check_judges_each_group_by_its_own_misses_shrunk_toward_the_querys():
+    """GROUP BY: each group's fit against its own matching items' means (which the check
+    computes, or takes from the plan's covariate means), its ratio shrunk toward the pooled
+    one; the factors against the check written out in numpy. Group 0's sample is drawn from
+    its extremes (its fit misses), groups 1 and 2 at random (theirs do not): one factor for
+    all had widened the honest groups too and too little for group 0."""
     rng = np.random.default_rng(8)
-    N, p = 3000, 2
+    N, p = 6000, 2
     zl = rng.standard_normal((N, p))
     keys = rng.integers(0, 3, size=N)
-    known = np.c_[np.abs(zl[:, 0]) + 0.2 * rng.standard_normal(N), zl[:, 1] ** 2]
-    items = np.sort(np.flatnonzero(zl[:, 0] > 1.0))
+    known = np.c_[np.abs(zl[:, :1]) + 0.2 * rng.standard_normal((N, 8)),
+                  zl[:, 1:2] ** 2 + 0.2 * rng.standard_normal((N, 8))]
+    extremes = np.flatnonzero((keys == 0) & (np.abs(zl[:, 0]) > 1.2))
+    at_random = rng.choice(np.flatnonzero(keys > 0), 400, replace=False)
+    items = np.sort(np.r_[extremes, at_random])
     population = {g: int((keys == g).sum()) for g in range(3)}
     means = {g: zl[keys == g].mean(axis=0) for g in range(3)}
     widened = extrapolation.widening(extrapolation.Check((known,), 1.0, "known"),
                                      Covariates((zl,)), items, keys, np.arange(N), population,
                                      means)
+    expected = _numpy_widening(known, zl, items, np.arange(N), keys, means, population, 1.0)
+    for g in range(3):
+        np.testing.assert_allclose(widened[g], expected[g], rtol=1e-9)
     fitted = _numpy_assisted(known[items], zl[items], keys[items], means, population, RIDGE)
-    miss = sum(((m - known[keys == g].mean(axis=0)) ** 2).sum() for g, (m, _) in fitted.items())
-    spread = sum((se ** 2).sum() for _, se in fitted.values())
-    np.testing.assert_allclose(widened, np.sqrt(miss / spread), rtol=1e-9)
+    own = {g: np.sqrt(((m - known[keys == g].mean(axis=0)) ** 2).sum() / (se ** 2).sum())
+           for g, (m, se) in fitted.items()}
+    pooled = np.sqrt(sum(((m - known[keys == g].mean(axis=0)) ** 2).sum()
+                         for g, (m, _) in fitted.items()) /
+                     sum((se ** 2).sum() for _, se in fitted.values()))
+    assert own[0] > 3 and max(own[1], own[2]) < 1.5
+    assert widened[1] < pooled < widened[0] and widened[2] < pooled
     with_offset = extrapolation.Check((known,), 1.0, "known", offset=0)
     in_plan = {g: np.r_[means[g], known[keys == g].mean(axis=0)] for g in range(3)}
-    assert extrapolation.widening(with_offset, Covariates((zl,)), items, keys, np.arange(N),
-                                  population, in_plan) == pytest.approx(widened, rel=1e-12)
+    again = extrapolation.widening(with_offset, Covariates((zl,)), items, keys, np.arange(N),
+                                   population, in_plan)
+    assert again == pytest.approx(widened, rel=1e-12)
+    low, high = min(widened.values()), max(widened.values())
+    assert extrapolation.describe(widened) == \
+        f"intervals widened {low:.2f}-{high:.2f}x, each group by its own misses"
 
 
 def test_a_layer_inside_a_block_is_fitted_and_checked_on_that_blocks_projections(digits):

@@ -72,14 +72,15 @@ _standard_normals = _Normals()
 
 
 def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
-        winner_shares: dict | None = None, widened: float = 1.0) -> dict:
+        winner_shares: dict | None = None, widened: dict | None = None) -> dict:
     """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
     ``population`` and ``covariate_means`` are each group's matching items of the whole data
     and their mean covariates (the plan's); ``prediction``: the view's block prediction
     (engine/prediction.py), whose residual a mean's fit models instead. A view the profile
     holds predicts every item exactly. ``winner_shares``: an ARGMAX's exact shares per group,
-    when the profile knows every item's winner (``Fitted.exact``). ``widened``: the factor
-    the plan's extrapolation check widens a mean's standard errors by (engine/extrapolation.py)."""
+    when the profile knows every item's winner (``Fitted.exact``). ``widened``: each group's
+    factor the plan's extrapolation check widens a mean's standard errors by (None: none;
+    engine/extrapolation.py)."""
     argmax = any(hasattr(state, "counts") for state in states.values())
     if argmax and winner_shares is not None:
         return {key: Fitted(winner_shares[key], np.zeros(state.counts.shape[-1]),
@@ -107,10 +108,11 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
     fitted = assisted(groups, _pooled(states, prediction))
     if argmax:
         return fitted  # an argmax's one-hot winners are not predicted (nor checked)
+    factor = {key: 1.0 if widened is None else widened.get(key, 1.0) for key in fitted}
     if prediction is None:
-        return {key: dataclasses.replace(f, se=f.se * widened, widened=widened)
+        return {key: dataclasses.replace(f, se=f.se * factor[key], widened=factor[key])
                 for key, f in fitted.items()}
-    return {key: prediction.restore(f, covariate_means[key], widened)
+    return {key: prediction.restore(f, covariate_means[key], factor[key])
             for key, f in fitted.items()}
 
 

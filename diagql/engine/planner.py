@@ -47,9 +47,9 @@ class Plan:
     # An ARGMAX's exact shares per group key, when the profile knows every item's winner of
     # the view (``winner_shares``): the assisted answer, with no error.
     winner_shares: dict | None = None
-    # The factor the extrapolation check widens a mean's standard errors by (1.0: it found
-    # the fit honest; engine/extrapolation.py).
-    widening: float = 1.0
+    # Each group key's factor the extrapolation check widens a mean's standard errors by
+    # (None, or 1.0: it found the fit honest; engine/extrapolation.py).
+    widening: dict | None = None
     # A mean's pooled slope directions (p × d, engine/regression.py: Pooled): what its pass
     # streams the values against on every sampled row, one direction per group at most.
     directions: np.ndarray | None = None
@@ -182,14 +182,13 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
             np.unique(plan.group_keys, return_inverse=True)  # as the Reducer's codes
         directions = pooled_directions(z.rows(items, p), None if codes is None else
                                        codes.reshape(-1), [means[k][:p] for k in unique.tolist()])
-    widening = 1.0
+    widening = None
     check = None if query.aggregate == "argmax" else \
         extrapolation.check_for(profile, bound.view.layer.name, chosen)
     # A sample of every matching item answers exactly: nothing is extrapolated to check.
     if check is not None and 0 < len(items) < len(matching):
         widening = extrapolation.widening(check, z, items, keys, matching, population, means)
-        text += (f"; checked on {check.what}: " + (f"intervals widened {widening:.2f}x"
-                                                   if widening > 1 else "within its noise"))
+        text += f"; checked on {check.what}: " + extrapolation.describe(widening)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
                                widening=widening, directions=directions)

@@ -299,9 +299,12 @@ def _estimate_line(result) -> Text | None:
     covers = (f"model-assisted ({fit}): covers the sampler's selection"
               if reliable[0].estimator == "assisted"
               else "covers sampling variance, not a sampler's bias")
-    widened = max((e.widened or 1.0) for e in reliable)
-    if widened > 1.0:
-        covers += (f"; intervals widened {widened:.1f}x: checked on values the profile knows "
+    widened = [e.widened or 1.0 for e in reliable]
+    if max(widened) > 1.0:
+        amount = f"{max(widened):.1f}x" if len(widened) == 1 or \
+            f"{min(widened):.1f}" == f"{max(widened):.1f}" else \
+            f"{min(widened):.1f}-{max(widened):.1f}x by group"
+        covers += (f"; intervals widened {amount}: checked on values the profile knows "
                    f"for every item, the fit missed them by more than its standard errors")
     return Text(f"estimated from the sample: expected {reliable[0].metric.label} {value:.3f}{scope}; "
                 f"{covers}", style="dim")
