@@ -400,10 +400,14 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
             _forward([(runner.model, runner.device, runner.dtype, consumers)
                       for runner, consumers in passes], first.source, items, first.batch_size,
                      advance, after_batch, consumed)
+    seconds = time.perf_counter() - started
     for runner, _ in passes:
         runner.counters["passes"] = runner.counters.get("passes", 0) + 1
         runner.counters["items"] = runner.counters.get("items", 0) + len(items)
-    return (time.perf_counter() - started - consumed[0]) / len(items)
+        # The passes' own seconds, their consumers' included: what an error-bounded query's
+        # rounds spent per item sent through the model (session/growth.py).
+        runner.counters["pass_seconds"] = runner.counters.get("pass_seconds", 0.0) + seconds
+    return (seconds - consumed[0]) / len(items)
 
 
 def _on_engine(passes: list[tuple[Runner, list]], after_batch) -> bool:
