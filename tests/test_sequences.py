@@ -447,6 +447,45 @@ def test_padding_per_batch_with_no_mask_to_leave_it_out_is_warned_of():
         db.query("AVG NEURONS IN head")
 
 
+class _TextConv(nn.Module):
+    """Token ids (batch, length) through a Conv1d over (batch, channels, length): no mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 4, padding_idx=0)
+        self.conv = nn.Conv1d(4, 3, 3, padding=1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.head(self.conv(self.embed(ids).transpose(1, 2)).mean(dim=2))
+
+
+def test_a_conv_maps_channels_over_data_padded_per_batch_are_warned_of():
+    """A Conv1d over text padded to each batch's longest item: each channel's mean counts
+    the padded positions, so the answer changed with the batch size (0.128 at 4, 0.122 at
+    64) unwarned, where a sequence layer's was warned of. The answer is the padded batches'
+    (plain torch over the same batches of 4)."""
+    torch.manual_seed(0)
+    items = [(torch.randint(1, 20, (2 + (i * 7) % 15,)), torch.tensor(i % 2)) for i in range(40)]
+
+    def collate(batch):
+        ids = torch.zeros(len(batch), max(len(s) for s, _ in batch), dtype=torch.long)
+        for i, (s, _) in enumerate(batch):
+            ids[i, :len(s)] = s
+        return ids, torch.stack([y for _, y in batch])
+
+    model = _TextConv().eval()
+    loader = DataLoader(items, batch_size=4, collate_fn=collate)
+    db = diagql.connect(model, loader, cache_dir=False, progress=False)
+    with pytest.warns(diagql.DiagQLWarning, match="layer 'conv': its length changes with the "
+                                                  "batch .* counts the padded positions"):
+        answer = db.query("AVG CHANNELS IN conv")
+    with torch.no_grad():
+        want = torch.cat([model.conv(model.embed(ids).transpose(1, 2)).double().mean(dim=2)
+                          for ids, _ in loader]).mean(dim=0).numpy()
+    np.testing.assert_allclose(answer.values, want, **TOL)
+
+
 def test_channel_first_maps_keep_flat_neurons_and_channels():
     g = torch.Generator().manual_seed(2)
     X = torch.randn(30, 4, 10, generator=g)

@@ -332,6 +332,11 @@ def bind_view(query: ast.Query, layer: LayerInfo) -> View:
         if layer.channels is None:
             raise _error(f"layer {name!r} has output shape {layer.shape_text()}: CHANNELS "
                          f"needs a layer with channels (a conv map); use NEURONS", query.layer.span)
+        if layer.varies:  # a Conv1d over text padded per batch: its padded positions count
+            warnings.warn(f"layer {name!r}: its length changes with the batch (the data is "
+                          f"padded per batch), so each channel's mean counts the padded "
+                          f"positions, and an item's answer depends on which items share its "
+                          f"batch; pad every item to one length", DiagQLWarning, stacklevel=2)
     elif layer.varies:
         raise _error(f"the output shape of layer {name!r} changes with the batch, so its "
                      f"neurons are not fixed" + ("; CHANNELS averages each channel" if layer.channels

@@ -47,6 +47,7 @@ class ItemSource:
         self._column_labels: np.ndarray | None = None
         self._dataset = None
         self._collate, self._order_checked = None, False  # checked: refuse_reordering
+        self.loader_batch_size: int | None = None
         self._workers = 0
         self._labelled: bool | None = None  # whether the first item has a label, once read
         # A loader's sampler's items, sorted (model/loader_items.py); None: every item.
@@ -63,6 +64,9 @@ class ItemSource:
             self._workers = data.num_workers
             # A loader built with batch_size=None converts items one by one; ours batches them.
             self._collate = None if data.collate_fn is default_convert else data.collate_fn
+            # Its own collate_fn may pad or normalise per batch: its batch size is the
+            # connection's unless the user gives one (session/connection.py).
+            self.loader_batch_size = data.batch_size if self._collate is not None else None
         elif isinstance(data, IterableDataset):
             raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
                               "Dataset or a pair (X, y)")

@@ -68,7 +68,7 @@ def check_batch_independent(alone: torch.Tensor, together: torch.Tensor) -> None
     if _differ(alone, together[:1]):
         warn("the model gives an item other outputs when other items share its batch "
              "(statistics of the batch: dynamic quantization's scales, a norm over "
-             "the batch?): WHERE, GROUP BY and samples run other batches than an exact "
+             "the batch, a collate_fn that normalises each batch?): WHERE, GROUP BY and samples run other batches than an exact "
              "pass over every item, so the same question may get slightly different "
              "answers")
 
@@ -76,6 +76,8 @@ def check_batch_independent(alone: torch.Tensor, together: torch.Tensor) -> None
 def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two outputs differ by more than rounding (1e-4 of the largest), in float64."""
     a, b = a.detach().double(), b.detach().double()
+    if not torch.equal(torch.isnan(a), torch.isnan(b)):  # NaN in one only (a batch of one's
+        return True  # standard deviation, in a collate_fn that standardises its batch)
     scale = float(torch.nan_to_num(a.abs(), posinf=0.0).max()) if a.numel() else 0.0
     return bool((torch.nan_to_num(a - b, nan=0.0).abs() > 1e-4 * max(scale, 1e-6)).any())
 

@@ -183,6 +183,10 @@ class Connection:
             return name_classes(self, classes, data, label_key)
         modules = _modules(model, checkpoints)
         self.source = ItemSource(data, label_key=label_key)
+        if batch_size is None and self.source.loader_batch_size:
+            # A collate_fn that standardised each of the user's batches of 50 gave other
+            # numbers in DiagQL's batches of 256, unwarned (docs/ARCHITECTURE.md, "Data model").
+            self.settings.batch_size = self.source.loader_batch_size
         for name, module in modules.items():
             self._add(name, module, device, latent if not self.models else None)
         if checkpoints is not None:
