@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import diagql
 from diagql.errors import DiagQLError, DiagQLWarning
@@ -881,3 +881,52 @@ def test_a_model_whose_items_depend_on_their_batch_is_warned_of(centred):
             and "other outputs when other items share its batch" in str(w.message)]
     assert len(told) == (1 if centred else 0)
     assert not [w for w in caught if "different outputs on two passes" in str(w.message)]
+
+
+class _Squeezed(nn.Module):
+    """A classifier whose forward ends in ``.squeeze()``, as many are written: a batch of one
+    item gives (3,) where (1, 3) is meant."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.out = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.act(self.fc1(x))).squeeze()
+
+
+@pytest.mark.parametrize("collated", [False, True])
+def test_no_batch_holds_one_item_alone_after_others(collated):
+    """257 items in batches of 256 had left one item alone in the last batch: a forward
+    ending in .squeeze() failed the profile pass with a raw ValueError. The last two
+    batches are 255 + 2 now, and every answer is plain torch's."""
+    from diagql.model.data import spans
+
+    assert spans(257, 256) == [(0, 257)] and spans(513, 256) == [(0, 256), (256, 513)]
+    assert spans(1, 256) == [(0, 1)] and spans(512, 256) == [(0, 256), (256, 512)]
+    torch.manual_seed(0)
+    model = _Squeezed().eval()
+    X, y = torch.randn(257, 6), torch.randint(0, 3, (257,))
+    data = DataLoader(TensorDataset(X, y), batch_size=256, collate_fn=lambda b: (
+        torch.stack([x for x, _ in b]), torch.stack([t for _, t in b]))) if collated else (X, y)
+    conn = diagql.connect(model, data, cache_dir=False, progress=False)
+    with torch.no_grad():
+        out, act = model(X), model.act(model.fc1(X)).double()
+    mistakes = out.argmax(dim=1) != y
+    answer = conn.query("AVG NEURONS IN act WHERE incorrect")
+    assert answer.n_items == int(mistakes.sum())
+    np.testing.assert_allclose(answer.values, act[mistakes].mean(dim=0).numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_a_model_that_fails_on_the_probes_batch_of_one_is_told_so():
+    """A BatchNorm without running statistics runs on the user's batches of 100 and fails on
+    one item: the error had read as the model's alone, naming no batch of one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, track_running_stats=False),
+                          nn.ReLU(), nn.Linear(8, 3)).eval()
+    X, y = torch.randn(100, 6), torch.randint(0, 3, (100,))
+    model(X)  # the user's batch runs
+    with pytest.raises(DiagQLError, match="Expected more than 1 value per channel.*probe of "
+                                          "the model with a batch of 1 item.*BatchNorm"):
+        diagql.connect(model, (X, y), cache_dir=False, progress=False).query("SHOW LAYERS")

@@ -28,6 +28,17 @@ FORMS = ("a torch Dataset of (x, y) or of dicts (or any sequence of such items: 
 _NAME_IT = "name the key with label_key=... (CLI: --label-key)"
 
 
+def spans(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each batch of ``n`` items, ``batch_size`` at most but the last's one
+    more where it would hold one item alone after others: a forward ending in ``.squeeze()``
+    makes a batch of one item's output (3,) where (1, 3) was meant (257 items failed in
+    batches of 256)."""
+    cuts = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] == 1:
+        cuts[-2:] = [(cuts[-2][0], n)]
+    return cuts
+
+
 class ItemSource:
     """Items addressed by their index in the data set, served in batches in index order.
 
@@ -157,10 +168,13 @@ class ItemSource:
         return self._label_classes[0]
 
     def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
+        """The items at ``indices`` in batches of ``batch_size`` (``spans``: never a last
+        batch of one item after others)."""
         indices = np.asarray(indices, dtype=np.int64)
+        cuts = spans(len(indices), batch_size)
         if self._pair is not None or self._columns is not None:
-            for start in range(0, len(indices), batch_size):
-                idx = indices[start:start + batch_size]
+            for start, end in cuts:
+                idx = indices[start:end]
                 if self._pair is not None:
                     X, y = self._pair
                     yield idx, _take(X, idx), None if y is None else y[idx]
@@ -174,14 +188,12 @@ class ItemSource:
         if self._collate is not None and not self._order_checked:
             refuse_reordering(self._collate, self._dataset, len(self))
             self._order_checked = True
-        loader = DataLoader(Subset(self._dataset, indices.tolist()), batch_size=batch_size,
-                            shuffle=False, num_workers=self._workers,
-                            collate_fn=self._collate or collate_items)
-        start = 0
-        for batch in read_batches(loader):
+        loader = DataLoader(Subset(self._dataset, indices.tolist()),
+                            batch_sampler=[range(start, end) for start, end in cuts],
+                            num_workers=self._workers, collate_fn=self._collate or collate_items)
+        for batch, (start, end) in zip(read_batches(loader), cuts):
             x, y = self._split(batch)
-            idx = indices[start:start + batch_size]
-            start += len(idx)
+            idx = indices[start:end]
             n = _batch_len(x)
             if n != len(idx) and one_row_per_item(x, len(idx)):
                 n = len(idx)  # tokens concatenated beside offsets (EmbeddingBag's form)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from diagql.errors import ExecutionError
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope
 from diagql.model.repeatable import check_batch_independent, check_deterministic, \
@@ -218,7 +219,16 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     first = first_output = None
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
-        seen, counted, output = _probe_pass(model, prepare(x), call)
+        try:
+            seen, counted, output = _probe_pass(model, prepare(x), call)
+        except ExecutionError as exc:  # the user's batches of 100 had run: say whose this is
+            raise ExecutionError(f"{exc.message} (in DiagQL's probe of the model with a batch "
+                                 f"of {size} item{'s' if size > 1 else ''}: it probes batches "
+                                 f"of 1, 2 and 3 to find each layer's batch axis; a model "
+                                 f"that needs several items a batch, a BatchNorm without "
+                                 f"running statistics, gives an item outputs that depend on "
+                                 f"its batch and cannot be diagnosed so)",
+                                 hint=exc.hint) from exc
         if first is None:
             first, first_output = x, first_tensor(output)
         passes.append((len(idx), seen, counted))
