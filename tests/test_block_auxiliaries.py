@@ -79,6 +79,40 @@ def test_blocks_are_the_top_level_children_with_parameters_and_a_trunk_is_opened
     assert names == ["embed", "trunk", "trunk.layers.0", "trunk.layers.1", "head", "out"]
 
 
+def test_a_wrapper_is_seen_through():
+    class Model(nn.Module):  # its blocks: proj and fc (out: the logits)
+        def __init__(self):
+            super().__init__()
+            self.proj, self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(torch.tanh(self.proj(x)))))
+
+    class Wrapper(nn.Module):  # no parameters of its own, one child holding them all
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.loss = inner, nn.CrossEntropyLoss()
+
+        def forward(self, x):
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    model = Model()
+    X, y = torch.randn(20, 4), torch.arange(20) % 3
+
+    def names(m):
+        catalog = diagql.connect(m, (X, y), cache_dir=False).catalog
+        return [view.layer.name for view in auxiliaries.blocks(m, catalog)]
+
+    assert names(model) == ["proj", "fc", "out"]
+    assert names(Wrapper(Wrapper(model))) == ["inner.inner.proj", "inner.inner.fc",
+                                              "inner.inner.out"]
+    assert names(nn.Sequential(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)))) \
+        == ["0.0", "0.2"]
+    leaf = nn.Sequential(nn.Linear(4, 3))  # its one child is a leaf: that is the block
+    assert names(leaf) == ["0"]
+
+
 def test_the_profile_keeps_each_blocks_principal_projections(db, cnn, digits):
     profile = db.profile
     assert [a.layer for a in profile.auxiliaries] == ["0", "2", "6"]  # 8: the logits, held whole
@@ -655,3 +689,33 @@ def test_a_state_pickled_with_fit_rows_waiting_carries_their_sums():
     np.testing.assert_allclose(copy.fit_squares.numpy(), (r ** 2).sum(axis=0), rtol=1e-9)
     np.testing.assert_allclose(copy.fit_cross.zy.numpy(), z[keep, :p].T @ r, rtol=1e-9,
                                atol=1e-12)
+
+
+def test_a_wrapped_models_layer_is_predicted_from_its_own_block():
+    """The sweep's LSTM inside a wrapper: its fc (16 wide, its own 16 projections kept) was
+    fitted on the latent alone, and maxmargin's intervals covered 0.69 of its neurons; seen
+    through, a sample answers it as the bare model does, to float32 rounding of plain torch."""
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    inner = nn.Sequential()
+    inner.add_module("proj", nn.Linear(6, 12))
+    inner.add_module("act", nn.Tanh())
+    inner.add_module("fc", nn.Linear(12, 8))
+    inner.add_module("relu", nn.ReLU())
+    inner.add_module("out", nn.Linear(8, 3))
+    X = torch.randn(3000, 6)
+    with torch.no_grad():
+        y = (inner(X) + 0.5 * torch.randn(3000, 3)).argmax(dim=1)
+        fc = inner.fc(inner.act(inner.proj(X))).double()
+    conn = diagql.connect(Wrapper(inner.eval()), (X, y), cache_dir=False, progress=False)
+    answer = conn.query("AVG NEURONS IN inner.fc GROUP BY class USING SAMPLE maxmargin(0.05)")
+    assert "inner.fc's" in answer.plan.estimator_text
+    for g, part in answer.groups.items():
+        np.testing.assert_allclose(part.values, fc[y == g].mean(dim=0).numpy(), atol=1e-4)

@@ -46,7 +46,10 @@ def blocks(model: torch.nn.Module, catalog) -> list[View]:
     or a child holding more than TRUNK_SHARE of them whose own children have children (a
     transformer's encoder; not a Sequential of Linear, BatchNorm and ReLU). A trunk that is a
     layer stays a block itself (a small ResNet's last stage may hold most of its weights). Only
-    layers that run once per pass, read per item, at most MAX_WIDTH neurons wide."""
+    layers that run once per pass, read per item, at most MAX_WIDTH neurons wide. A wrapper
+    (a module with no parameters of its own whose parameters are all one child's, and that child
+    has children: ``self.inner = model``, a LightningModule's ``self.model``) is seen through:
+    the blocks are those of what it wraps, as if that were the model."""
     total = sum(p.numel() for p in model.parameters()) or 1
     found: list[View] = []
 
@@ -64,7 +67,14 @@ def blocks(model: torch.nn.Module, catalog) -> list[View]:
                     (nested and weight > TRUNK_SHARE * total):
                 visit(qualified + ".", child)
 
-    visit("", model)
+    prefix, root = "", model
+    while not any(p.numel() for p in root.parameters(recurse=False)):
+        held = [(name, child) for name, child in root.named_children()
+                if any(p.numel() for p in child.parameters())]
+        if len(held) != 1 or not any(True for _ in held[0][1].children()):
+            break
+        prefix, root = f"{prefix}{held[0][0]}.", held[0][1]
+    visit(prefix, root)
     return found
 
 
