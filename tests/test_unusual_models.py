@@ -930,3 +930,36 @@ def test_a_model_that_fails_on_the_probes_batch_of_one_is_told_so():
     with pytest.raises(DiagQLError, match="Expected more than 1 value per channel.*probe of "
                                           "the model with a batch of 1 item.*BatchNorm"):
         diagql.connect(model, (X, y), cache_dir=False, progress=False).query("SHOW LAYERS")
+
+
+class _Spectrum(nn.Module):
+    """An FFT module: its output is complex."""
+
+    def forward(self, x):
+        return torch.fft.rfft(x, dim=1)
+
+
+def test_a_layer_of_complex_numbers_is_refused_naming_why():
+    """AVG over an rfft's output had answered its real part (-0.8457 for -0.8457-0.3482j)
+    with only torch's warning, TOPK ranked by it and BY MAX crashed."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fft, self.head = _Spectrum(), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.fft(x).abs())
+
+    net = Model().eval()
+    X, y = torch.randn(60, 8), torch.randint(0, 3, (60,))
+    conn = diagql.connect(net, (X, y), cache_dir=False, progress=False)
+    for query in ("AVG NEURONS IN fft", "TOPK 2 NEURONS IN fft BY MAX", "ARGMAX NEURONS IN fft"):
+        with pytest.raises(DiagQLError, match="layer 'fft' cannot be queried: it returns complex "
+                                              "numbers.*magnitude"):
+            conn.query(query)
+    with torch.no_grad():
+        want = net.head(net.fft(X).abs()).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN head").values, want, rtol=1e-5,
+                               atol=1e-6)

@@ -192,7 +192,7 @@ _SEQUENCES = (nn.RNNBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerE
 class _Seen:
     """What one call of a module returned in one probe pass."""
 
-    form: str | None  # "tensor" | "packed" | "nested"; None: no tensor
+    form: str | None  # "tensor" | "packed" | "nested" | "complex"; None: no tensor
     shape: tuple[int, ...] | None  # raw; packed and nested: padded (batch, sequence, hidden)
     what: str  # describe_output, for messages
     # The (module, call)s whose layout a rank-3 tensor output may take, most telling first:
@@ -343,6 +343,8 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
     what = describe_output(output)
     if out is None:
         return _Seen(None, None, what)
+    if isinstance(out, torch.Tensor) and out.is_complex():  # refused in ``_layer``
+        return _Seen("complex", tuple(out.shape), what)
     if isinstance(out, PackedSequence):
         result = _Seen("packed", tuple(pad_packed_sequence(out, batch_first=True)[0].shape), what)
     elif out.is_nested:
@@ -390,6 +392,10 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
     sizes = ", ".join(str(size) for size, _ in records)
     if any(seen.form is None for _, seen in records):
         return refuse(f"it returns {last.what}, so it has no activations")
+    if any(seen.form == "complex" for _, seen in records):  # an FFT's: AVG read the real part
+        return refuse(f"it returns complex numbers ({last.what}), and DiagQL reads real "
+                      f"activations; query a layer that takes their magnitude (torch.abs in "
+                      f"a module of its own) or their real part")
     if len({seen.form for _, seen in records}) > 1 or any(s.shape is None for _, s in records):
         return refuse(f"it returns {last.what}, which DiagQL cannot read per item")
     if len({len(seen.shape) for _, seen in records}) > 1:
