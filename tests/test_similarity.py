@@ -384,7 +384,23 @@ def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(
     assert result.value is None or np.isnan(result.value)
     assert result.metrics["cka_abs_error"] == 1.0
     assert result.baseline.value > 0
-    assert "no interval" in str(result) or "no matching items" in str(result)
+    text = " ".join(str(result).split())
+    assert (f"no estimate: {result.n_items} matching sampled item" in text and
+            f"needs at least {cka.MIN_ITEMS}" in text) or "no matching items" in text
+    assert "(no estimate counts 1)" in text
+
+
+def test_a_group_with_too_few_sampled_items_is_said_to_have_no_estimate(db):
+    """GROUP BY with one class sampled 3 times: its row showed '—' and an error of 1 under a
+    line about the others' intervals only."""
+    result = db.query("SIMILARITY encoder.3, head GROUP BY class USING SAMPLE random(0.03) "
+                      "WITH BASELINE")
+    small = [g for g, part in result.groups.items()
+             if part.estimate is not None and part.n_items < cka.MIN_ITEMS]
+    assert small and len(small) < len(result.groups)
+    text = " ".join(str(result).split())
+    assert f"no estimate for {len(small)} group" in text
+    assert "(no estimate counts 1)" in text
 
 
 def test_one_matching_item_says_why_there_is_no_cka(db):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from rich.console import Group
 from rich.style import Style
 from rich.table import Table
@@ -127,16 +129,30 @@ def _estimate_line(result) -> Text | None:
     estimates = [p.estimate for p in parts if p.estimate is not None]
     if not estimates:
         return None
+    # A part with no value at all (a sample of under 5 matching items) says so, not "no interval".
+    valueless = [p for p in parts if p.estimate is not None and not p.estimate.reliable
+                 and p.matrix is not None and not np.isfinite(_off_diagonal(p.matrix)).any()]
     if not any(e.reliable for e in estimates):
         reason = next((e.reason for e in estimates if e.reason), "the sample cannot measure "
                       "its own bias; add WITH BASELINE for the real error")
-        return Text(f"no interval: {reason}", style="yellow")
+        what = "no estimate" if len(valueless) == len(estimates) else "no interval"
+        return Text(f"{what}: {reason}", style="yellow")
     where = "" if len(result.labels) == 2 else " (Result.estimate has each pair's)"
     if all(e.exact for e in estimates):
         return Text("exact, from a sample: it holds every matching item", style="dim")
+    unsaid = ""
+    if valueless:
+        reason = next((p.estimate.reason for p in valueless if p.estimate.reason), "")
+        unsaid = (f"; no estimate for {len(valueless)} group{'s' if len(valueless) > 1 else ''}"
+                  + (f" ({reason})" if len(valueless) == 1 and reason else
+                     " with too few sampled items"))
     return Text(f"CKA of the matching items estimated from the sample (unbiased HSIC) with a "
                 f"{estimates[0].level:.0%} jackknife interval{where}; covers sampling "
-                f"variance, not a sampler's bias", style="dim")
+                f"variance, not a sampler's bias{unsaid}", style="dim")
+
+
+def _off_diagonal(matrix: np.ndarray) -> np.ndarray:
+    return matrix[~np.eye(len(matrix), dtype=bool)]
 
 
 def _caption(result) -> str:
@@ -155,8 +171,13 @@ def _summary(result) -> Text | None:
     if error is None:
         return None
     scope = "mean " if result.groups is not None or len(result.labels) > 2 else ""
+    parts = list(result.groups.values()) if result.groups is not None else [result]
+    # engine/similarity.py scores a pair with no estimate as the worst error, 1.
+    missing = any((p.matrix is None or np.isnan(_off_diagonal(p.matrix)).any())
+                  and p.baseline is not None and p.baseline.matrix is not None
+                  and np.isfinite(_off_diagonal(p.baseline.matrix)).any() for p in parts)
     pieces = [f"{scope}|error| — (the exact CKA is undefined)" if math.isnan(error) else
-              f"{scope}|error| {error:.3f}"]
+              f"{scope}|error| {error:.3f}" + (" (no estimate counts 1)" if missing else "")]
     timings = result.timings
     full_s = timings.get("baseline")
     if full_s is not None:
