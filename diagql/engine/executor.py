@@ -188,6 +188,7 @@ class Runner:
         self.counters = counters if counters is not None else {}
         self.activations = activations  # an ActivationStore, or None: every query streams
         self.engine = engine  # a ModelEngine runs passes on a Ray cluster; None: in this process
+        self.pass_seconds = 0.0  # its passes' seconds (``run_together``)
 
     def run(self, consumers: list, description: str) -> float | None:
         """One forward pass over the union of the consumers' items, each consumer fed its
@@ -406,7 +407,7 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
         runner.counters["items"] = runner.counters.get("items", 0) + len(items)
         # The passes' own seconds, their consumers' included: what an error-bounded query's
         # rounds spent per item sent through the model (session/growth.py).
-        runner.counters["pass_seconds"] = runner.counters.get("pass_seconds", 0.0) + seconds
+        runner.pass_seconds += seconds
     return (seconds - consumed[0]) / len(items)
 
 

@@ -53,6 +53,10 @@ class Profile:
     # Every item's winner of each layer the pass could read, by view key (model/winners.py):
     # an ARGMAX of a layer's neurons is counted from them, with no forward pass.
     winners: dict = dataclasses.field(default_factory=dict)
+    # The pass's seconds less DiagQL's own work in it (the blocks' projections, the winners,
+    # the comparisons, their fits): about what an exact query's pass over every item costs
+    # (``seconds_per_item``). None: not measured (a cache entry of an older version).
+    pass_seconds: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.auxiliaries, aux.Auxiliaries):
@@ -93,7 +97,11 @@ class Profile:
         return matrix
 
     def seconds_per_item(self) -> float:
-        return self.seconds / max(len(self), 1)
+        """About what a query's pass costs per item (EXPLAIN's cost, USING AUTO's and an
+        error-bounded query's exact answer): the profile pass less DiagQL's own work in it,
+        which on a small model had made an exact pass look 4-15x dearer than it was."""
+        seconds = self.seconds if self.pass_seconds is None else self.pass_seconds
+        return seconds / max(len(self), 1)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The disk cache's encoding (storage/store.py stores dicts of arrays, no pickle)."""
@@ -106,6 +114,8 @@ class Profile:
             arrays["logits"] = self.logits
         if self.covariates is not None:
             arrays["covariates"] = self.covariates
+        if self.pass_seconds is not None:
+            arrays["pass_seconds"] = np.float64(self.pass_seconds)
         arrays.update(aux.to_arrays(self.auxiliaries))  # their names: each has its own entry
         arrays["winner_keys"] = np.array(list(self.winners), dtype=np.str_)
         for i, winners in enumerate(self.winners.values()):
@@ -127,6 +137,7 @@ class Profile:
             has_labels=bool(np.all(arrays["labels"] >= 0)), logits=arrays.get("logits"),
             auxiliaries=aux.from_arrays(arrays, load_auxiliary),
             covariates=arrays.get("covariates"), winners=_winners(arrays, n_items),
+            pass_seconds=float(arrays["pass_seconds"]) if "pass_seconds" in arrays else None,
             **_views(arrays["views"]))
         logits = profile.logits
         # A binary classifier's one logit per item scores two classes (``_logits``).
@@ -187,22 +198,34 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
                "winners": winners_module.views(catalog, n) if catalog is not None else [],
                "scores": scores or Scores()}
     started = time.perf_counter()
+    walls = []  # each part's pass: (wall seconds, its part), the fits between them not in it
+
+    def timed(make):
+        began = time.perf_counter()
+        made = make()
+        walls.append((time.perf_counter() - began, made if isinstance(made, ProfilePart)
+                      else made[1]))
+        return made
+
     with progress.task("profiling the data", n) as advance:
         if not views:
-            part = profile_part(model, source, np.arange(n), advance=advance, **options)
+            part = timed(lambda: profile_part(model, source, np.arange(n), advance=advance,
+                                              **options))
             profile = assemble_profile([part], latent, latent_is_input, 0.0, view=view,
                                        dtype=dtype)
         else:  # the spread items first, their rows held for the fit; then the rest, projected
             fit, spread, rest = fit_items(views, n)
-            fits, first = fit_part(model, source, spread, views=views, advance=advance,
-                                   **options)
+            fits, first = timed(lambda: fit_part(model, source, spread, views=views,
+                                                 advance=advance, **options))
             pieces = [(spread, first)]
             if len(rest):
-                pieces.append((rest, projected_part(model, source, rest, views=views, fits=fits,
-                                                    advance=advance, **options)))
+                pieces.append((rest, timed(lambda: projected_part(
+                    model, source, rest, views=views, fits=fits, advance=advance, **options))))
             profile = with_blocks(pieces, n, views, fits, fit, latent, latent_is_input,
                                   view=view, dtype=dtype)
-    return dataclasses.replace(profile, seconds=time.perf_counter() - started)
+    return dataclasses.replace(profile, seconds=time.perf_counter() - started,
+                               pass_seconds=sum(max(wall - part.own_seconds, 0.0)
+                                                for wall, part in walls))
 
 
 @dataclass
@@ -222,6 +245,9 @@ class ProfilePart:
     z: dict[str, np.ndarray] | None = None
     # Each layer's winners of these items, by view key (model/winners.py).
     winners: dict[str, np.ndarray] | None = None
+    # The seconds the pass spent on DiagQL's own work per batch (the blocks' projections, the
+    # winners, the comparisons): not an exact query's pass (``Profile.pass_seconds``).
+    own_seconds: float = 0.0
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
@@ -263,6 +289,8 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     for name, callback in [*(project.callbacks() if project is not None else {}).items(),
                            *keeper.callbacks().items()]:
         checks[name] = fan_out([checks[name], callback]) if name in checks else callback
+    own = [0.0]  # DiagQL's own work's seconds, inside the forward pass's hooks and after it
+    checks = {name: _timed(callback, own) for name, callback in checks.items()}
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
             Hooks(model, checks) as compared:
         for idx, x, y in source.batches(items, batch_size):
@@ -273,6 +301,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             logits = _logits(scores.read(call_model(model, x)))
             if latent is not None:
                 hooks.check_ran()
+            after = time.perf_counter()
             conf, pred = scores.probabilities_of(logits).max(dim=1)
             batch = slice(position, position + len(idx))
             if y is None:
@@ -295,11 +324,24 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             if project is not None:
                 project.after_batch(len(idx))
             keeper.after_batch(len(idx))
+            own[0] += time.perf_counter() - after
             position += len(idx)
             advance(len(idx))
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
                        classes_of(tuple(logits.shape[1:])), kept_logits, same_latent.keys(),
-                       same_logits.keys() if logits_kept else (), winners=keeper.result())
+                       same_logits.keys() if logits_kept else (), winners=keeper.result(),
+                       own_seconds=own[0])
+
+
+def _timed(callback, own: list):
+    """``callback``, its seconds added to ``own[0]``."""
+    def timed(call: ModuleCall) -> None:
+        started = time.perf_counter()
+        try:
+            callback(call)
+        finally:
+            own[0] += time.perf_counter() - started
+    return timed
 
 
 def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray, np.ndarray]:

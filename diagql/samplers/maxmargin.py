@@ -4,6 +4,7 @@ exemplars (paper, IV-B). ``method='paper'`` is the paper's Algorithm 1; the defa
 ``method='diagql'``, is our refinement of it (see ``MaxMarginSampler``)."""
 from __future__ import annotations
 
+import sys
 from typing import ClassVar
 
 import numpy as np
@@ -30,8 +31,18 @@ INTERCEPT_SCALING = 10.0
 # A draw's cost in multiply-adds, as a multiple of k·n·(d+1)² (the SVM's Newton systems'
 # Gram products over its four fits, k classifiers, n items, d dimensions of its space): 25-60
 # of them at one thread's product rate over six shapes, 10-1,000 classes, 2,500-20,000 items,
-# 64-512 dimensions (benchmarks/README.md, "USING AUTO and the draw's cost").
+# 64-512 dimensions (benchmarks/README.md, "USING AUTO and the draw's cost"). Beside it, each
+# classifier's item costs a fixed DRAW_ITEM_WORK (its margins, the Newton steps' bookkeeping,
+# the exemplars' herding): 16-32 dimensions had drawn 1.8-9x the quadratic term alone, and
+# AUTO chose a draw dearer than the exact pass. With both, 11 shapes of 2-100 classes,
+# 2,000-20,000 items and 16-128 dimensions draw 0.22-1.0x the estimate (an over-estimate
+# makes AUTO answer exactly, which is never wrong).
 DRAW_WORK = 40
+DRAW_ITEM_WORK = 100_000
+# A process's first draw imports scipy.special (0.2-0.29 s measured), more than the draw
+# itself on a few thousand items: a fresh process's AUTO had chosen such a draw over a
+# 0.26 s exact pass and taken 0.34 s.
+FIRST_DRAW_SECONDS = 0.2
 
 
 def boundary_log_proba(data: SampleData, fit_dims: int | None
@@ -105,7 +116,8 @@ class MaxMarginSampler(Sampler):
         # class means' directions (samplers/space.py); one classifier for two classes.
         d = width if width <= FIT_DIMS else min(width, FIT_DIMS + min(n_classes, FIT_DIMS))
         k = 1 if n_classes <= 2 else n_classes
-        return DRAW_WORK * k * n_items * (d + 1) ** 2 / product_rate()
+        first = 0.0 if "scipy.special" in sys.modules else FIRST_DRAW_SECONDS
+        return first + k * n_items * (DRAW_ITEM_WORK + DRAW_WORK * (d + 1) ** 2) / product_rate()
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
         Z, log_proba = boundary_log_proba(data, self.fit_dims)

@@ -108,11 +108,11 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
                         spent + fresh * per_item + draws / len(sizes) > until.seconds:
                     stop = "budget spent"
                     break
-            answered_at, before = time.perf_counter(), dict(runner.counters)
+            answered_at, items_before = time.perf_counter(), runner.counters.get("items", 0)
+            passed_before = runner.pass_seconds
             result = runner.answer(round_plan)
-            rounds.append(Round(runner.counters.get("items", 0) - before.get("items", 0),
-                                runner.counters.get("pass_seconds", 0.0) -
-                                before.get("pass_seconds", 0.0),
+            rounds.append(Round(runner.counters.get("items", 0) - items_before,
+                                runner.pass_seconds - passed_before,
                                 time.perf_counter() - answered_at))
             exact_cost = exact_seconds(rounds, n_match, per_item)
             last_round = time.perf_counter() - drawn_at
