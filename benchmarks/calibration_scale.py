@@ -60,6 +60,9 @@ def main() -> None:
                         help="engine/prediction.py's FIT_ROWS: the rows σ² is fitted on")
     parser.add_argument("--fit-floor", type=int, default=None,
                         help="engine/prediction.py's FIT_FLOOR: each group's least share")
+    parser.add_argument("--prior-checks", type=float, default=None,
+                        help="engine/extrapolation.py's PRIOR_CHECKS (1e12: one widening for "
+                             "all of a query's groups, as before each group had its own)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.bias_share is not None:
@@ -70,6 +73,10 @@ def main() -> None:
         from diagql.engine import prediction
 
         prediction.FIT_ROWS = args.fit_rows
+    if args.prior_checks is not None:
+        from diagql.engine import extrapolation
+
+        extrapolation.PRIOR_CHECKS = args.prior_checks
     if args.fit_floor is not None:
         from diagql.engine import prediction
 
@@ -81,11 +88,12 @@ def main() -> None:
     conn.execute(f"SET estimator = {args.estimator}")
     print(f"{args.model}, {args.n:,} items, {args.estimator} estimator, bias share "
           f"{args.bias_share if args.bias_share is not None else 'default'}, fit rows "
-          f"{args.fit_rows or 'default'} (floor {args.fit_floor or 'default'}), "
+          f"{args.fit_rows or 'default'} (floor {args.fit_floor or 'default'}), prior checks "
+          f"{args.prior_checks or 'default'}, "
           f"samplers at {args.size:g}, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("| layer | sampler | query | sampled | coverage | rms error/se | expected cosine |"
-          " actual cosine |")
+    print("| layer | sampler | query | sampled | coverage (worst group) | rms error/se |"
+          " expected cosine | actual cosine |")
     print("|---|---|---|---|---|---|---|---|")
     for layer in layers:
         whole = conn.query(f"AVG NEURONS IN {layer} USING FULL").values
@@ -102,7 +110,8 @@ def main() -> None:
                                for key, group in grouped.groups.items()])
             sampled = sum(group.estimate.n for group in grouped.groups.values())
             print(f"| {layer} | {name} | by class (mean of {len(scores)}) | {sampled:,} |"
-                  f" {scores[:, 0].mean():.3f} | {scores[:, 1].mean():.2f} |"
+                  f" {scores[:, 0].mean():.3f} ({scores[:, 0].min():.2f}) |"
+                  f" {scores[:, 1].mean():.2f} |"
                   f" {scores[:, 2].mean():.2e} | {scores[:, 3].mean():.2e} |")
     print(f"\n{time.perf_counter() - started:.0f} s")
 

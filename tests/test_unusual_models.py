@@ -963,3 +963,34 @@ def test_a_layer_of_complex_numbers_is_refused_naming_why():
         want = net.head(net.fft(X).abs()).double().mean(dim=0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN head").values, want, rtol=1e-5,
                                atol=1e-6)
+
+
+class _ReadsItsBatch(nn.Module):
+    """forward(batch) reading batch["x"], Lightning's style."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, batch):
+        return self.fc(batch["x"])
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # the tensor read as a dict
+def test_a_mapping_of_one_entry_passed_as_forwards_argument_says_how_to_pass_it_whole():
+    """Items ({"x": t}, y) for forward(batch): the one entry is passed as the argument (as
+    {"image": t} for forward(x) wants), and the forward's own TypeError was all it said."""
+    torch.manual_seed(0)
+    model = _ReadsItsBatch().eval()
+    X, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    items = [({"x": X[i]}, int(y[i])) for i in range(20)]
+    with pytest.raises(DiagQLError, match="the mapping's one entry 'x' was passed as forward's "
+                                          r"argument.*\(\(mapping,\), y\)") as caught:
+        diagql.connect(model, items, cache_dir=False, progress=False).query("SHOW LAYERS")
+    assert "batch of 2 runs" not in str(caught.value)  # not the batch of one's fault
+    whole = [(({"x": X[i]},), int(y[i])) for i in range(20)]
+    conn = diagql.connect(model, whole, cache_dir=False, progress=False)
+    with torch.no_grad():
+        want = model.fc(X).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN fc").values, want, rtol=1e-5,
+                               atol=1e-6)

@@ -147,7 +147,8 @@ class Collector:
         self.chunks: list[tuple[np.ndarray, np.ndarray]] = []  # in item order
 
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
-        values = rows.detach().to("cpu", _torch_dtype(self.dtype))
+        values = rows.detach().to("cpu", torch.float64 if self.dtype == np.float64 else
+                                  torch.float32)
         if values.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr():
             # Still the module's output: a later in-place op (ReLU(inplace=True)) could
             # overwrite it, so it is copied here, inside the hook.
@@ -170,10 +171,6 @@ def row_dtype(torch_dtype: torch.dtype) -> np.dtype:
     return np.dtype(np.float64) if torch_dtype == torch.float64 else np.dtype(np.float32)
 
 
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.float64 if dtype == np.float64 else torch.float32
-
-
 class Runner:
     """Everything a forward pass needs from the connection."""
 
@@ -188,7 +185,7 @@ class Runner:
         self.counters = counters if counters is not None else {}
         self.activations = activations  # an ActivationStore, or None: every query streams
         self.engine = engine  # a ModelEngine runs passes on a Ray cluster; None: in this process
-        self.pass_seconds = 0.0  # its passes' seconds (``run_together``)
+        self.pass_seconds = 0.0  # its passes', consumers' included: session/growth.py's rounds
 
     def run(self, consumers: list, description: str) -> float | None:
         """One forward pass over the union of the consumers' items, each consumer fed its
@@ -405,8 +402,6 @@ def run_together(passes: list[tuple[Runner, list]], description: str,
     for runner, _ in passes:
         runner.counters["passes"] = runner.counters.get("passes", 0) + 1
         runner.counters["items"] = runner.counters.get("items", 0) + len(items)
-        # The passes' own seconds, their consumers' included: what an error-bounded query's
-        # rounds spent per item sent through the model (session/growth.py).
         runner.pass_seconds += seconds
     return (seconds - consumed[0]) / len(items)
 

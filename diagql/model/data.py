@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, TensorDataset,
-                              default_convert)
+                              default_collate, default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data_forms import collate_items, one_row_per_item, read_batches, \
@@ -39,6 +39,14 @@ def spans(n: int, batch_size: int) -> list[tuple[int, int]]:
     return cuts
 
 
+def loader_batch_size(data) -> int | None:
+    """A DataLoader's batch size where its collate_fn is the user's own, which may pad or
+    normalise per batch (the connection's default then: session/connection.py); else None."""
+    if isinstance(data, DataLoader) and data.collate_fn not in (default_collate, default_convert):
+        return data.batch_size
+    return None
+
+
 class ItemSource:
     """Items addressed by their index in the data set, served in batches in index order.
 
@@ -58,7 +66,6 @@ class ItemSource:
         self._column_labels: np.ndarray | None = None
         self._dataset = None
         self._collate, self._order_checked = None, False  # checked: refuse_reordering
-        self.loader_batch_size: int | None = None
         self._workers = 0
         self._labelled: bool | None = None  # whether the first item has a label, once read
         # A loader's sampler's items, sorted (model/loader_items.py); None: every item.
@@ -75,9 +82,6 @@ class ItemSource:
             self._workers = data.num_workers
             # A loader built with batch_size=None converts items one by one; ours batches them.
             self._collate = None if data.collate_fn is default_convert else data.collate_fn
-            # Its own collate_fn may pad or normalise per batch: its batch size is the
-            # connection's unless the user gives one (session/connection.py).
-            self.loader_batch_size = data.batch_size if self._collate is not None else None
         elif isinstance(data, IterableDataset):
             raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
                               "Dataset or a pair (X, y)")
@@ -168,9 +172,7 @@ class ItemSource:
         return self._label_classes[0]
 
     def batches(self, indices: np.ndarray, batch_size: int) -> Iterator[Batch]:
-        """The items at ``indices`` in batches of ``batch_size`` (``spans``: never a last
-        batch of one item after others)."""
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)  # in batches of ``spans``
         cuts = spans(len(indices), batch_size)
         if self._pair is not None or self._columns is not None:
             for start, end in cuts:
@@ -408,6 +410,10 @@ def call_model(model, x):
         spread = " (a list of inputs is spread over forward's arguments, as a tuple is; to " \
             "pass one list whole, give each item as ((inputs,), y))" \
             if isinstance(x, list) and isinstance(exc, TypeError) else ""
+        if isinstance(x, Mapping) and not kwargs:  # forward(batch) reading batch["x"]
+            spread = (f" (the mapping's one entry {next(iter(x))!r} was passed as forward's "
+                      f"argument, since forward has no argument of that name; to pass the "
+                      f"mapping whole, give each item as ((mapping,), y))")
         raise ExecutionError(f"the model's forward raised {type(exc).__name__}: {exc}"
                              f"{_integer_hint(x)}{spread}") from exc
 

@@ -79,3 +79,28 @@ def one_hot(y: np.ndarray) -> bool:
     if y.dtype.kind not in "iubf":
         return False
     return bool(np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all())
+
+
+def check_labels(labels: np.ndarray, n_classes: int) -> None:
+    """Every label must be one of the model's classes, or class predicates and samplers would
+    silently count items that the model can never get right."""
+    outside = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if len(outside):
+        first = int(outside[0])
+        values = np.unique(labels)
+        shown = ", ".join(str(int(v)) for v in values[:4]) + (", …" if len(values) > 4 else "")
+        if len(values) <= n_classes:  # the classes in another numbering: {-1, 1}, 1..C
+            what = (f"the labels take {len(values)} values ({shown}): if they are the "
+                    f"model's classes numbered otherwise, renumber them 0..{n_classes - 1} "
+                    f"(the class of each score's position), e.g. ((y + 1) // 2 for -1 and 1, "
+                    f"y - 1 for 1..{n_classes})")
+        elif len(outside) == len(labels) or len(values) > 2 * n_classes:
+            what = (f"the labels take {len(values):,} values ({shown}) where the model scores "
+                    f"{n_classes} classes: for a model that is no classifier (a regression), "
+                    f"give the data without its labels (DiagQL diagnoses classifiers: WHERE "
+                    f"class and incorrect need class labels)")
+        else:
+            what = "leave those items out, or give the data without its labels"
+        raise DiagQLError(f"label {int(labels[first])} of item {first} is outside the model's "
+                          f"classes 0..{n_classes - 1} (the model scores {n_classes} classes); "
+                          f"{len(outside):,} of {len(labels):,} items have such labels: {what}")

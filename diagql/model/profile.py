@@ -15,6 +15,7 @@ from diagql.model import auxiliaries as aux
 from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
+from diagql.model.labels import check_labels
 from diagql.model.same_rows import SameRows, comparisons, fan_out
 from diagql.model.scores import (Scores, classes_of, one_vector, several_vectors,
                                   sigmoid_applied)
@@ -433,7 +434,7 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
             has_labels = False
             labels = np.full(len(predictions), -1, dtype=np.int64)
         else:
-            _check_labels(labels, n_classes)
+            check_labels(labels, n_classes)
     else:
         labels = np.full(len(predictions), -1, dtype=np.int64)  # treat the data as unlabelled
     if latent is None:
@@ -480,31 +481,6 @@ def _in_all(tables: list[dict | None], join) -> dict[str, np.ndarray]:
 def _in_every(keys: list[tuple[str, ...]]) -> tuple[str, ...]:
     """The keys of the first tuple that every other holds too, in its order."""
     return tuple(key for key in keys[0] if all(key in other for other in keys[1:]))
-
-
-def _check_labels(labels: np.ndarray, n_classes: int) -> None:
-    """Every label must be one of the model's classes, or class predicates and samplers would
-    silently count items that the model can never get right."""
-    outside = np.flatnonzero((labels < 0) | (labels >= n_classes))
-    if len(outside):
-        first = int(outside[0])
-        values = np.unique(labels)
-        shown = ", ".join(str(int(v)) for v in values[:4]) + (", …" if len(values) > 4 else "")
-        if len(values) <= n_classes:  # the classes in another numbering: {-1, 1}, 1..C
-            what = (f"the labels take {len(values)} values ({shown}): if they are the "
-                    f"model's classes numbered otherwise, renumber them 0..{n_classes - 1} "
-                    f"(the class of each score's position), e.g. ((y + 1) // 2 for -1 and 1, "
-                    f"y - 1 for 1..{n_classes})")
-        elif len(outside) == len(labels) or len(values) > 2 * n_classes:
-            what = (f"the labels take {len(values):,} values ({shown}) where the model scores "
-                    f"{n_classes} classes: for a model that is no classifier (a regression), "
-                    f"give the data without its labels (DiagQL diagnoses classifiers: WHERE "
-                    f"class and incorrect need class labels)")
-        else:
-            what = "leave those items out, or give the data without its labels"
-        raise DiagQLError(f"label {int(labels[first])} of item {first} is outside the model's "
-                          f"classes 0..{n_classes - 1} (the model scores {n_classes} classes); "
-                          f"{len(outside):,} of {len(labels):,} items have such labels: {what}")
 
 
 def _logits(logits: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,11 @@ from diagql.engine import covariates, executor
 from diagql.errors import BindError, warn
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
-from diagql.model import auxiliaries, hooks, layers, profile as profile_module, same_rows, views, winners
-from diagql.model import scores
+from diagql.model import auxiliaries, hooks, layers, probing, same_rows, views, winners
+from diagql.model import profile as profile_module, scores
 from diagql.model.data import call_model, to_device
-from diagql.model.layers import LayerCatalog, default_latent, probe
+from diagql.model.layers import LayerCatalog, default_latent
+from diagql.model.probing import probe
 from diagql.model.profile import Profile, compute_profile
 from diagql.model.scores import Scores
 from diagql.samplers import space
@@ -252,7 +253,7 @@ class Artifacts:
         return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
                          device, source_digest(profile_module), source_digest(views),
                          source_digest(scores),  # where the class scores are read
-                         source_digest(layers),  # which layers hold the same rows: the catalog
+                         source_digest(layers), source_digest(probing),  # the catalog
                          source_digest(auxiliaries),  # the blocks' projections
                          source_digest(winners),  # every layer's winners
                          source_digest(same_rows),  # which layers hold its rows
@@ -266,7 +267,8 @@ class Artifacts:
         if fingerprints is None:
             return None
         return cache_key("catalog", *fingerprints, str(self.conn.dtype), self.conn.device.type,
-                         source_digest(layers), source_digest(views), source_digest(scores))
+                         source_digest(layers), source_digest(probing), source_digest(views),
+                         source_digest(scores))
 
     def auxiliary_key(self, profile_key: str, view_key: str) -> str:
         """The key of a block's auxiliary: its profile's, and the block's view."""

@@ -20,7 +20,7 @@ from diagql.errors import BindError, DiagQLError
 from diagql.language import ast
 from diagql.language.binder import bind_sampler, qualify_layer
 from diagql.language.parser import parse, parse_sampler
-from diagql.model.data import ItemSource, dataset_indices
+from diagql.model.data import ItemSource, dataset_indices, loader_batch_size
 from diagql.model.hooks import hookable
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
@@ -165,6 +165,9 @@ class Connection:
         self.settings = Settings()
         # The user's choice of the class scores in the models' output (None: the default's).
         self.given_scores = None if scores is None else Scores.of(scores)
+        # A collate_fn standardising each of the user's batches of 50 gave other numbers in
+        # batches of 256, unwarned: a loader's own collate_fn runs over its batch size.
+        batch_size = loader_batch_size(data) if batch_size is None else batch_size
         if batch_size is not None:
             self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
         self.settings.latent = latent
@@ -183,10 +186,6 @@ class Connection:
             return name_classes(self, classes, data, label_key)
         modules = _modules(model, checkpoints)
         self.source = ItemSource(data, label_key=label_key)
-        if batch_size is None and self.source.loader_batch_size:
-            # A collate_fn that standardised each of the user's batches of 50 gave other
-            # numbers in DiagQL's batches of 256, unwarned (docs/ARCHITECTURE.md, "Data model").
-            self.settings.batch_size = self.source.loader_batch_size
         for name, module in modules.items():
             self._add(name, module, device, latent if not self.models else None)
         if checkpoints is not None:

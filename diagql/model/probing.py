@@ -1,0 +1,345 @@
+"""Probing the model with batches of 1, 2 and 3 items: which submodules run, how often, and
+what each returns per item (its batch axis, sequence layout and padding mask), made into the
+LayerCatalog (model/layers.py; docs/ARCHITECTURE.md, "Data model")."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from diagql.errors import ExecutionError
+from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
+    scope
+from diagql.model.layers import NO_MASK, LayerCatalog, LayerInfo
+from diagql.model.repeatable import check_batch_independent, check_deterministic, \
+    check_repeatable
+from diagql.model.scores import Scores, are_probabilities, choose, one_vector
+from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, first_output, \
+    input_attention_mask, named_inputs, padding_argument, padding_mask
+
+PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is the batch axis
+
+_CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d,
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.MaxUnpool1d, nn.BatchNorm1d,
+                   nn.LazyBatchNorm1d, nn.InstanceNorm1d, nn.LazyInstanceNorm1d, nn.GroupNorm,
+                   nn.SyncBatchNorm, nn.Dropout1d, nn.Upsample, nn.ConstantPad1d,
+                   nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ZeroPad1d, nn.CircularPad1d)
+_SEQUENCES = (nn.RNNBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerEncoderLayer,
+              nn.TransformerDecoder, nn.TransformerDecoderLayer, nn.MultiheadAttention,
+              nn.Embedding, nn.Linear)
+
+
+@dataclass
+class _Seen:
+    """What one call of a module returned in one probe pass."""
+
+    form: str | None  # "tensor" | "packed" | "nested" | "complex"; None: no tensor
+    shape: tuple[int, ...] | None  # raw; packed and nested: padded (batch, sequence, hidden)
+    what: str  # describe_output, for messages
+    # The (module, call)s whose layout a rank-3 tensor output may take, most telling first:
+    # the one that made this very tensor (a container returning its child's output), its last
+    # submodule with an output of this shape, the maker of its input of this shape.
+    like: list[tuple[str, int]] = field(default_factory=list)
+    masks: list[tuple[str, str, tuple]] = field(default_factory=list)  # (owner, arg, shape)
+    input_mask: tuple | None = None  # the shape of the batch input's attention_mask
+
+
+def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
+          progress=None) -> LayerCatalog:
+    """Run batches of 1, 2 and 3 items (fewer when the data has fewer) with a hook on every
+    submodule. An output's batch axis is the axis whose size follows the batch's in every
+    probe (the module's ``batch_first`` breaks a tie); a sequence output's real tokens come
+    from where model/views.py finds them in a query. A module that runs several times per
+    pass gets one layer per call (``block.relu#2``), each read from that call's outputs.
+    ``scores``: the user's choice of the class scores in the model's output (None: the
+    default's, model/scores.py ``choose``, which may read every label, shown by
+    ``progress``), which the catalog keeps with their shape."""
+    n = len(source)
+    sizes = sorted({min(size, n) for size in PROBE_SIZES})
+    passes = []
+    first = first_output = None
+    for size in sizes:
+        idx, x, _ = next(source.batches(np.arange(size), size))
+        try:
+            seen, counted, output = _probe_pass(model, prepare(x), call)
+        except ExecutionError as exc:
+            if size == 1 and n > 1 and _runs(model, source, prepare, call):
+                # The user's batches of 100 had run: say it is the batch of one that failed.
+                raise ExecutionError(
+                    f"{exc.message} (in DiagQL's probe of the model with a batch of 1 item, "
+                    f"where a batch of 2 runs: it probes batches of 1, 2 and 3 to find each "
+                    f"layer's batch axis; a model that needs several items a batch, a "
+                    f"BatchNorm without running statistics, gives an item outputs that depend "
+                    f"on its batch and cannot be diagnosed so)", hint=exc.hint) from exc
+            raise
+        if first is None:
+            first, first_output = x, first_tensor(output)
+        passes.append((len(idx), seen, counted))
+    check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1], sizes[-1])
+    with evaluation(model):  # the first item again, without hooks
+        again = first_tensor(call(model, prepare(first)))
+    if check_deterministic(first_output, again):  # then an item's batch may be compared
+        check_batch_independent(first_output, first_tensor(output))  # the last probe's
+    if scores is None:
+        scores = choose(output, len(idx), lambda: source.label_classes(progress))
+    if scores.refusal is None:
+        found = one_vector(scores.read(output))
+        output_shape = tuple(found.shape[1:])
+        scores = replace(scores, probabilities=are_probabilities(found))
+    else:  # the layers are still listed; reading the scores refuses (model/scores.py)
+        output_shape = tuple(first_tensor(output).shape[1:])
+    modules = dict(model.named_modules())
+    calls = passes[-1][2]
+    layouts: dict[tuple[str, int], str] = {}
+    infos: dict[str, list[LayerInfo]] = {}
+    for key in passes[-1][1]:  # (module, call), in the order they returned in the last pass
+        name, number = key
+        info = _layer(name, key, modules[name], [(s, seen[key]) for s, seen, _ in passes
+                                                 if key in seen], calls[name], layouts)
+        if calls[name] > 1:
+            info = replace(info, name=call_name(name, number), call=number, module=name)
+        infos.setdefault(name, []).append(info)
+    layers = []
+    for name, module in modules.items():
+        if name:
+            layers += _entries(name, type(module).__name__, infos.get(name, []),
+                               [(s, counted.get(name, 0)) for s, _, counted in passes], modules)
+    return LayerCatalog(layers, output_shape, scores)
+
+
+def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tuple[int, int]],
+             modules) -> list[LayerInfo]:
+    """A module's catalog entries: itself, and when it runs several times, each call."""
+    calls = counts[-1][1]
+    if isinstance(modules[name], torch.jit.ScriptModule):
+        return [LayerInfo(name, type_name, None, 0, refused=(
+            "it is TorchScript, whose modules take no forward hooks; build this part as the "
+            "nn.Module it was scripted from (torch.jit.trace'd parts can be queried)"))]
+    if calls == 0:
+        return [LayerInfo(name, type_name, None, 0)]
+    if len({c for _, c in counts}) > 1 and max(c for _, c in counts) > 1:
+        runs = ", ".join(str(c) for _, c in counts)
+        sizes = ", ".join(str(s) for s, _ in counts)
+        return [LayerInfo(name, type_name, None, calls, refused=(
+            f"it runs {runs} times in probes of {sizes} items: the number of its calls changes "
+            f"with the batch, so no call number names one output"))]
+    if calls == 1:
+        return infos
+    taken = [replace(info, shape=None, refused=f"its name is also module {info.name!r}'s; "
+                                               f"rename one of them")
+             if info.name in modules else info for info in infos]
+    return [LayerInfo(name, type_name, None, calls), *taken]
+
+
+def _runs(model, source, prepare, call) -> bool:
+    """Whether the model's forward runs on the data's first 2 items."""
+    try:
+        _probe_pass(model, prepare(next(source.batches(np.arange(2), 2))[1]), call)
+    except ExecutionError:
+        return False
+    return True
+
+
+def _probe_pass(model, x, call):
+    """One forward pass with every submodule hooked: what each returned at each of its calls,
+    how often each ran, and the model's output."""
+    seen: dict[tuple[str, int], _Seen] = {}  # (module, its call from 1)
+    calls: dict[str, int] = {}
+    made: dict[int, tuple[torch.Tensor, tuple]] = {}  # id(tensor) -> (tensor, (module, call))
+    padding: dict[str, tuple[str, torch.Tensor]] = {}
+    # A TorchScript part (and each module inside it) takes no forward hooks: left unhooked,
+    # and listed as refused (``_entries``).
+    modules = [(name, module) for name, module in model.named_modules()
+               if not isinstance(module, torch.jit.ScriptModule)]
+    padded = {name for name, module in modules if padding_argument(module) is not None}
+    named = named_inputs(x, model)  # a tuple input's attention_mask found by its name
+    handles = []
+
+    def before(name):
+        def hook(module, args, kwargs):
+            mask = padding_mask(module, args, kwargs)
+            if mask is NOT_GOVERNING:
+                padding.pop(name, None)
+            else:
+                padding[name] = (padding_argument(module), mask)
+        return hook
+
+    def after(name):
+        def hook(module, args, output):
+            calls[name] = calls.get(name, 0) + 1
+            key = (name, calls[name])
+            try:
+                seen[key] = _look(key, args, output, seen, made, padding, padded, named)
+            except Exception as exc:  # noqa: BLE001 - DiagQL's own, not the model's
+                raise HookFailure(name, output, exc) from exc
+        return hook
+
+    for name, module in modules:
+        if name in padded:
+            handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
+        if name:
+            handles.append(module.register_forward_hook(after(name)))
+    try:
+        with evaluation(model), hook_errors():
+            out = call(model, x)
+            first_tensor(out)  # an output holding no tensor is refused here
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, calls, out
+
+
+def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
+    name = key[0]
+    out = first_output(output)
+    what = describe_output(output)
+    if out is None:
+        return _Seen(None, None, what)
+    if isinstance(out, torch.Tensor) and out.is_complex():  # refused in ``_layer``
+        return _Seen("complex", tuple(out.shape), what)
+    if isinstance(out, PackedSequence):
+        result = _Seen("packed", tuple(pad_packed_sequence(out, batch_first=True)[0].shape), what)
+    elif out.is_nested:
+        parts = out.unbind()
+        shape = None
+        if parts and all(p.ndim == 2 and p.shape[1] == parts[0].shape[1] for p in parts):
+            shape = (len(parts), max(p.shape[0] for p in parts), parts[0].shape[1])
+        result = _Seen("nested", shape, what)
+    else:
+        result = _Seen("tensor", tuple(out.shape), what)
+        if id(out) in made:
+            result.like.append(made[id(out)][1])
+        prefix = name + "."
+        for earlier in reversed(seen):  # submodules return just before their parent
+            if not earlier[0].startswith(prefix):
+                break
+            if seen[earlier].shape == result.shape:
+                result.like.append(earlier)
+                break
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is not None and id(first) in made and tuple(first.shape) == result.shape:
+            result.like.append(made[id(first)][1])
+        made.setdefault(id(out), (out, key))
+    result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
+                    if owner in padded and owner in padding]
+    mask = input_attention_mask(x)  # the probe's input, named_inputs'
+    result.input_mask = None if mask is None else tuple(mask.shape)
+    return result
+
+
+def _shape(entry: tuple[str, torch.Tensor | None]) -> tuple[str, tuple | None]:
+    return entry[0], None if entry[1] is None else tuple(entry[1].shape)
+
+
+def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tuple[int, _Seen]],
+           calls: int, layouts: dict[tuple[str, int], str]) -> LayerInfo:
+    """The LayerInfo of a module's call (``key``) from what it returned in each probe."""
+    type_name = type(module).__name__
+
+    def refuse(reason: str) -> LayerInfo:
+        return LayerInfo(name, type_name, None, calls, refused=reason)
+
+    last = records[-1][1]
+    shapes = ", ".join(str(seen.shape) for _, seen in records)
+    sizes = ", ".join(str(size) for size, _ in records)
+    if any(seen.form is None for _, seen in records):
+        return refuse(f"it returns {last.what}, so it has no activations")
+    if any(seen.form == "complex" for _, seen in records):  # an FFT's: AVG read the real part
+        return refuse(f"it returns complex numbers ({last.what}), and DiagQL reads real "
+                      f"activations; query a layer that takes their magnitude (torch.abs in "
+                      f"a module of its own) or their real part")
+    if len({seen.form for _, seen in records}) > 1 or any(s.shape is None for _, s in records):
+        return refuse(f"it returns {last.what}, which DiagQL cannot read per item")
+    if len({len(seen.shape) for _, seen in records}) > 1:
+        return refuse(f"its output's rank changes with the batch (shapes {shapes} for batches "
+                      f"of {sizes} items)")
+    if last.form != "tensor":
+        kind = "a PackedSequence" if last.form == "packed" else "a nested tensor"
+        found = (f"{kind} unpacked into (batch, sequence, hidden) with each item's length"
+                 + (" by pad_packed_sequence, in the batch's order" if last.form == "packed"
+                    else ""))
+        axis = 0
+        if any(seen.shape[0] != size for size, seen in records):
+            return refuse(f"it returns {last.what}, which does not hold one sequence per item")
+    else:
+        axis, found = _batch_axis(module, records)
+        if axis is None:
+            return refuse(f"no axis of its output follows the batch (shapes {shapes} for "
+                          f"batches of {sizes} items), so its values are not per item")
+    per_item = [tuple(d for i, d in enumerate(seen.shape) if i != axis) for _, seen in records]
+    shape = per_item[-1]
+    varies = len(set(per_item)) > 1
+    layout = FLAT
+    if len(shape) == 2:
+        layout = _layout(module, last, layouts)
+        layouts[key] = layout
+    if layout == SEQUENCE and len({s[1] for s in per_item}) > 1:
+        return refuse(f"its hidden size changes with the batch (shapes {shapes} for batches of "
+                      f"{sizes} items)")
+    mask = _mask_source(last, (records[-1][0], shape[0])) if layout == SEQUENCE else ""
+    if " holding " in last.what:  # a tuple, dict or model output: one tensor of it is read
+        container = last.what.split(" holding ")[0].split(" ", 1)[1]
+        found += (f"; it returns {last.what}: that tensor is read, the rest of the {container} "
+                  f"(attention weights, hidden states) is not queried")
+    return LayerInfo(name, type_name, shape, calls, axis, last.form, layout, found, varies,
+                     mask)
+
+
+def _batch_axis(module: nn.Module, records) -> tuple[int | None, str]:
+    """The axis whose size is the batch's in every probe, and how it was found."""
+    rank = len(records[0][1].shape)
+    sizes = [size for size, _ in records]
+    axes = [a for a in range(rank) if all(seen.shape[a] == size for size, seen in records)]
+    told = f"probes of {', '.join(map(str, sizes))} items"
+    declared = _declared_axis(module)
+    if len(axes) == 1:
+        agree = "; the module's batch_first agrees" if declared == axes[0] else ""
+        return axes[0], f"the only axis that follows the batch in {told}{agree}"
+    if not axes:
+        return None, ""
+    if declared in axes:
+        return declared, (f"the module's batch_first = {declared == 0}; {told} could not tell "
+                          f"axes {axes} apart")
+    return axes[0], f"the first of axes {axes}, which {told} could not tell apart"
+
+
+def _declared_axis(module: nn.Module) -> int | None:
+    """The batch axis a module's ``batch_first`` declares (RNNs, attention, transformers)."""
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
+        module = module.layers[0]
+    for candidate in (module, getattr(module, "self_attn", None)):
+        value = getattr(candidate, "batch_first", None)
+        if isinstance(value, bool):
+            return 0 if value else 1
+    return None
+
+
+def _layout(module: nn.Module, seen: _Seen, layouts: dict[tuple[str, int], str]) -> str:
+    """FLAT for channel-first maps (batch, channels, length), else SEQUENCE."""
+    if seen.form != "tensor" or isinstance(module, _SEQUENCES):
+        return SEQUENCE
+    if isinstance(module, _CHANNELS_FIRST):
+        return FLAT
+    return next((layouts[like] for like in seen.like if like in layouts), SEQUENCE)
+
+
+
+
+def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
+    """Where a sequence layer's real tokens came from in the probe (views.sequence_of looks in
+    the same places, in the same order, in every batch of a query)."""
+    if seen.form == "packed":
+        return "the PackedSequence's lengths"
+    if seen.form == "nested":
+        return "the nested tensor's lengths"
+    # The innermost module that governs decides, a call without a mask included
+    # (views.padding_mask).
+    for owner, arg, shape in seen.masks[:1]:
+        if shape == batch:
+            return f"the {arg} given to {owner or 'the model'}"
+    if seen.input_mask == batch:
+        return "the attention_mask of the batch input"
+    return NO_MASK
