@@ -556,8 +556,8 @@ def test_by_order_only_for_topk():
     ("AVG NEURONS IN fc1 WHERE correct = true", 34, "correct and incorrect stand alone"),
     ("AVG NEURONS IN fc1 WHERE NOT Incorrect != 0", 40, "correct and incorrect stand alone"),
     ("AVG NEURONS IN fc1 WHERE class = cat", 34, "class and predicted compare class indices"),
-    ("EXPLAIN TOPK 3 INPUTS FOR fc1[0]", 16, ("EXPLAIN shows the plan of a query (TOPK, AVG or "
-                                              "ARGMAX over NEURONS or CHANNELS) or of a SIMILARITY")),
+    ("EXPLAIN DESCRIBE fc1", 9, ("EXPLAIN shows the plan of a query (TOPK, AVG or ARGMAX over "
+                                 "NEURONS or CHANNELS), of a SIMILARITY or of TOPK k INPUTS")),
     ("EXPLAIN EVALUATE SAMPLERS", 9, "EXPLAIN shows the plan of a query"),
     ("explain show layers", 9, "EXPLAIN shows the plan of a query"),
     ("AVG NEURONS IN fc1 WHERE predicted != dog", 39, "class and predicted compare class"),

@@ -339,3 +339,33 @@ def test_top_inputs_that_all_tie_say_the_neuron_may_be_dead():
     assert any(note.startswith("all 3 tie at 0 ") and "may be constant, dead" in note
                for note in dead.notes)
     assert not any("tie at" in note for note in db.query("TOPK 3 INPUTS FOR 1[0]").notes)
+
+
+def test_explain_says_how_top_inputs_would_be_found_and_runs_nothing(cnn, digits, tmp_path):
+    """EXPLAIN TOPK k INPUTS had been refused ('expected CHANNELS or NEURONS'): it says what is
+    ranked, the matching items, and whether a pass builds the index or the index answers,
+    reading as many items as the query then reads."""
+    X, y = digits
+    conn = diagql.connect(cnn, (X, y), progress=False, cache_dir=tmp_path)
+    with torch.no_grad():
+        wrong = int((cnn.eval()(X).argmax(dim=1) != y).sum())
+    before = dict(conn.counters)
+    first = dict(conn.query("EXPLAIN TOPK 3 INPUTS FOR 2[5,3,1]").rows)
+    assert conn.counters == before  # nothing through the model
+    assert first["rank"].startswith("the 3 items of highest 2[5,3,1]")
+    assert f"→ {len(y):,} of {len(y):,} items" in first["filter"]
+    assert f"one pass over all {len(y):,} items" in first["read"] and "index" in first["read"]
+    conn.query("TOPK 3 INPUTS FOR 2[5,3,1]")
+    later = dict(conn.query("EXPLAIN BOTTOMK 4 INPUTS FOR 2[0,4,4] WHERE incorrect").rows)
+    assert f"WHERE incorrect on the profile → {wrong:,} of" in later["filter"]
+    assert later["read"].startswith("from the inputs index of 2, held")
+    items = conn.counters["items"]
+    answer = conn.query("BOTTOMK 4 INPUTS FOR 2[0,4,4] WHERE incorrect")
+    read = conn.counters["items"] - items
+    assert (f"{read:,} items it cannot order" in later["read"]) if read else \
+        "no item read" in later["read"]
+    assert answer.ranked.how.startswith("from the inputs index")
+    sampled = dict(conn.query("EXPLAIN TOPK 2 INPUTS FOR CHANNEL 2[5] USING SAMPLE "
+                              "random(0.1)").rows)
+    assert "(its mean over the channel)" in sampled["rank"]
+    assert sampled["sample"].startswith("random(0.1")

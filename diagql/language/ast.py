@@ -261,7 +261,7 @@ class Similarity:
 
 @dataclass(frozen=True)
 class Explain:
-    query: Query | Similarity
+    query: Query | Similarity | TopInputs
     span: Span | None = _span()
     text: str = field(default="", compare=False)
 

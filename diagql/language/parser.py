@@ -285,9 +285,9 @@ def _operator_hint(piece: Piece, token: str, position: int) -> str | None:
     """SQL and Python habits: 'class == 3', 'correct = true'; EXPLAIN of what it cannot."""
     before = _blank_comments(piece.text)[:position].rstrip()
     if re.match(r"\s*EXPLAIN\b", before, re.IGNORECASE) and token.upper() in (
-            "INPUTS", "BOTTOMK", "EXPLAIN", "SHOW", "DESCRIBE", "SET", "CLEAR", "EVALUATE"):
+            "EXPLAIN", "SHOW", "DESCRIBE", "SET", "CLEAR", "EVALUATE"):
         return ("hint: EXPLAIN shows the plan of a query (TOPK, AVG or ARGMAX over NEURONS or "
-                "CHANNELS) or of a SIMILARITY")
+                "CHANNELS), of a SIMILARITY or of TOPK k INPUTS")
     if token == "[" and re.search(r"(\bIN|\bSIMILARITY|,)\s*[\w.]+$", before, re.IGNORECASE):
         return ("hint: a layer inside a list or dict is named with dots, as module names are "
                 "(blocks.0, stages.dense_1: SHOW LAYERS lists them)")

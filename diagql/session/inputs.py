@@ -83,6 +83,58 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
     return result
 
 
+def explain_top_inputs(conn, statement: ast.Explain) -> Result:
+    """EXPLAIN TOPK k INPUTS ...: the items it ranks and how it would find them (from the
+    layer's inputs index, by a pass that builds it, or by a pass over the matching items),
+    with the pass's estimated cost; nothing goes through the model."""
+    query = statement.query
+    entry, layer = conn.resolve(query.neuron.layer)
+    source, sampling, drawn_on = sampling_source(conn, query.source)
+    query = replace(query, neuron=replace(query.neuron, layer=layer), source=source)
+    with entry.naming():
+        bound = bind_inputs(query, entry.catalog, n_classes=entry.n_classes,
+                            seed=entry.settings.seed, n_items=len(entry.source),
+                            has_labels=entry.source.labelled())
+    profile = entry.profile
+    allowed = predicate_mask(query.where, profile)
+    rows = [("rank", f"the {query.k:,} items of {'highest' if query.largest else 'lowest'} "
+                     f"{bound.label}" + (" (its mean over the channel)" if query.unit ==
+                                         "channels" else "") + ", ties to the lower index")]
+    where = "no predicate" if query.where is None else f"WHERE {ast.predicate_text(query.where)}"
+    rows.append(("filter", f"{where} on the profile → {int(allowed.sum()):,} of "
+                           f"{len(allowed):,} items"))
+    sample = None
+    if bound.sampler is not None:
+        sample, _ = sampling.artifacts.get_sample(bound.sampler)
+        inside = np.zeros(len(allowed), dtype=bool)
+        inside[sample.indices] = True
+        allowed = allowed & inside
+        rows.append(("sample", f"{with_model(sample.spec, drawn_on)}: "
+                               f"{len(sample.indices):,} items, {int(allowed.sum()):,} of "
+                               f"them matching (the sample's top items, not the data's)"))
+    index = _index(entry, bound)
+    k = min(query.k, int(allowed.sum()))
+    found = index.lookup(bound.neuron, k, allowed, query.largest) \
+        if index is not None and k > 0 else None
+    if found is not None:
+        read = len(found.read)
+        how = (f"from the inputs index of {layer.name}, held: " +
+               ("no item read" if read == 0 else
+                f"{read:,} items it cannot order read through the model"))
+    elif index is None and sample is None:
+        read = len(allowed)
+        how = (f"one pass over all {read:,} items, hooking {layer.name}, which builds its "
+               f"inputs index for later queries")
+    else:
+        read = int(allowed.sum())
+        how = f"{read:,} items through the model, hooking {layer.name}"
+    rows.append(("read", how))
+    rows.append(("cost", f"≈ {read * profile.seconds_per_item():.3g} s (from the profile pass)"
+                 if read else "no forward pass"))
+    return Result(kind="explain", statement=statement.text, title=f"plan: {query.text}",
+                  columns=["step", "detail"], rows=rows)
+
+
 def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
             tokenizer, drawn_on: str | None = None) -> Result:
     query, items = bound.query, answer.items

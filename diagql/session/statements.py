@@ -235,6 +235,10 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
 
 
 def _explain(conn, statement: ast.Explain) -> Result:
+    if isinstance(statement.query, ast.TopInputs):
+        from diagql.session.inputs import explain_top_inputs
+
+        return explain_top_inputs(conn, statement)
     if isinstance(statement.query, ast.Similarity):
         from diagql.engine.similarity import explain
 
