@@ -375,3 +375,39 @@ def test_with_baseline_the_exact_pass_is_not_counted_as_the_growths():
     with torch.no_grad():
         want = model.body[0](X).double().mean(dim=0).numpy()
     np.testing.assert_allclose(result.baseline.values, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_first_rounds_draw_counts_in_the_budget_and_the_rounds_cost(monkeypatch):
+    """The first round's sample is drawn while the statement is planned: WITHIN had not
+    counted it (WITHIN 0.01 SECONDS ran 0.59 s past a maxmargin draw), nor had the stop
+    weighed it (a gmm draw of 9 s beside a 0.3 s exact pass grew on, drawing again). A draw
+    slowed to 0.3 s: the budget is spent after one round, and exact is cheaper than a
+    second one."""
+    from diagql.samplers.random import RandomSampler
+
+    select = RandomSampler._select
+
+    def slow(self, data, n, rng):
+        time.sleep(0.3)
+        return select(self, data, n, rng)
+
+    monkeypatch.setattr(RandomSampler, "_select", slow)
+    torch.manual_seed(0)
+    X, y = torch.randn(4000, 4), torch.randint(0, 3, (4000,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 100), torch.nn.ReLU(),
+                                torch.nn.Linear(100, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    conn = diagql.connect(model.eval(), (X, y), cache_dir=False, progress=False)
+    # Layer 1: 100 ReLUs, more than its block's projections hold, so never estimated exactly.
+    budget = conn.query("AVG NEURONS IN 1 USING SAMPLE random(100) UNTIL width <= 0.000001 "
+                        "WITHIN 0.2 SECONDS")
+    growth = budget.provenance.growth
+    assert growth.sizes == (100,) and growth.stop == "budget spent", growth
+    assert growth.seconds >= 0.3 and budget.timings["sample"] >= 0.3
+    assert budget.timings["query"] < growth.seconds - 0.25  # the draw is not the pass's
+    conn.query("SET seed = 1")
+    cheaper = conn.query("AVG NEURONS IN 1 USING SAMPLE random(100) UNTIL width <= 0.000001")
+    assert cheaper.provenance.growth.sizes == (100,)
+    assert cheaper.provenance.growth.stop == "exact cheaper"
+    with torch.no_grad():
+        want = model[1](model[0](X)).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(cheaper.values, want, rtol=1e-5, atol=1e-6)

@@ -34,7 +34,8 @@ class Growth:
         goal = [f"until {self.target}"] if self.target else []
         if self.budget is not None:
             goal.append(f"within {self.budget:g} s")
-        reached = f", reached {self.reached:.3f}" if self.reached is not None else ""
+        # Three significant digits: a cosine of 0.0003 read "reached 0.000" at three places.
+        reached = f", reached {self.reached:.3g}" if self.reached is not None else ""
         end = "answered exactly" if self.exact else f"{len(self.sizes)} round" + \
             ("s" if len(self.sizes) != 1 else "")
         # No round at all: exact was cheaper than the first sample (a layer the profile holds).
