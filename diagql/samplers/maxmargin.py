@@ -35,8 +35,8 @@ INTERCEPT_SCALING = 10.0
 # classifier's item costs a fixed DRAW_ITEM_WORK (its margins, the Newton steps' bookkeeping,
 # the exemplars' herding): 16-32 dimensions had drawn 1.8-9x the quadratic term alone, and
 # AUTO chose a draw dearer than the exact pass. With both, 11 shapes of 2-100 classes,
-# 2,000-20,000 items and 16-128 dimensions draw 0.22-1.0x the estimate (an over-estimate
-# makes AUTO answer exactly, which is never wrong).
+# 2,000-20,000 items and 16-128 dimensions drew 0.6-1.3x the estimate in one run and
+# 0.2-1.0x in another (benchmarks/draw_cost.py; the product rate moves with the load).
 DRAW_WORK = 40
 DRAW_ITEM_WORK = 100_000
 # A process's first draw imports scipy.special (0.2-0.29 s measured), more than the draw
