@@ -12,6 +12,7 @@ import torch
 import diagql
 from diagql import samplers
 from diagql.errors import BindError, ParseError
+from diagql.language import ast
 from diagql.model.profile import Profile
 
 
@@ -411,3 +412,42 @@ def test_the_first_rounds_draw_counts_in_the_budget_and_the_rounds_cost(monkeypa
     with torch.no_grad():
         want = model[1](model[0](X)).double().mean(dim=0).numpy()
     np.testing.assert_allclose(cheaper.values, want, rtol=1e-5, atol=1e-6)
+
+
+class _SleepyWide(torch.nn.Module):
+    """0.5 ms an item, and a layer of 100 ReLUs that no block's projections hold whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = torch.nn.Sequential(torch.nn.Linear(4, 100), torch.nn.ReLU())
+        self.narrow = torch.nn.Sequential(torch.nn.Linear(100, 16), torch.nn.ReLU())
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        time.sleep(5e-4 * len(x))
+        return self.head(self.narrow(self.wide(x)))
+
+
+def test_exact_is_not_run_past_within_s_budget():
+    """A sweep's WITHIN 1 SECONDS ran a 1.8 s exact pass at 0.7 s ('exact cheaper'): exact
+    is taken only when it fits the budget left, else the last round's answer stands, or a
+    round that fits runs."""
+    from diagql.session.growth import _exact_or_spent
+
+    until = ast.Until(None, 1.0)
+    started = time.perf_counter() - 0.7
+    assert _exact_or_spent(until, started, 1.8) == "budget spent"
+    assert _exact_or_spent(until, started, 0.1) == "exact cheaper"
+    assert _exact_or_spent(ast.Until(None, None), started, 1.8) == "exact cheaper"
+    torch.manual_seed(0)
+    X, y = torch.randn(2000, 4), torch.randint(0, 3, (2000,))
+    conn = diagql.connect(_SleepyWide().eval(), (X, y), cache_dir=False, progress=False)
+    # The rounds up to 1,600 items cost little (their rows kept by this query): the next
+    # would hold about every item, where exact (1 s) is past the budget (the round may fit).
+    conn.query("AVG NEURONS IN wide.1 USING SAMPLE random(1600)")
+    result = conn.query("AVG NEURONS IN wide.1 USING SAMPLE random(100) "
+                        "UNTIL width <= 0.000001 WITHIN 0.5 SECONDS")
+    growth = result.provenance.growth
+    assert not growth.exact and growth.stop in ("budget spent", "data exhausted",
+                                                "target met"), growth
+    assert growth.seconds < 0.5 + 0.15, growth  # the exact pass alone takes 1 s
