@@ -994,3 +994,26 @@ def test_a_mapping_of_one_entry_passed_as_forwards_argument_says_how_to_pass_it_
         want = model.fc(X).double().mean(dim=0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN fc").values, want, rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_sample_of_a_data_set_of_two_or_three_items_answers(n):
+    """Every sample query on 2 or 3 items had raised numpy's 'Singular matrix' (the latent's
+    minor components solved against collinear covariates)."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    X, y = torch.randn(n, 6), torch.arange(n) % 2
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        rows = model[1](model[0](X)).double().numpy()
+    for sampler in ("random(1)", "random(2)", "stratified(2)"):
+        assisted = conn.query(f"AVG NEURONS IN 1 USING SAMPLE {sampler}")
+        assert np.isfinite(assisted.values).all()
+        conn.query("SET estimator = plain")  # the sample's own mean, to compare with
+        plain = conn.query(f"AVG NEURONS IN 1 USING SAMPLE {sampler}")
+        conn.query("SET estimator = assisted")
+        drawn = conn.sample(sampler)
+        np.testing.assert_allclose(plain.values, rows[drawn].mean(axis=0), rtol=1e-5,
+                                   atol=1e-6)
+    assert conn.query("AVG NEURONS IN 1 USING AUTO").n_items == n

@@ -142,13 +142,16 @@ def _latent_minor(profile: Profile) -> np.ndarray | None:
     minor = None
     with one_blas_thread():
         x -= x.mean(axis=0)
-        x -= z @ np.linalg.solve(z.T @ z, z.T @ x)
+        # lstsq: on 2 or 3 items the covariates are collinear (solve raised Singular matrix).
+        x -= z @ np.linalg.lstsq(z, x, rcond=None)[0]
         values, vectors = np.linalg.eigh(x.T @ x)
         order = np.argsort(values)[::-1]
         keep = order[values[order] > 1e-9 * max(float(values.max(initial=0)), 1e-300)]
         if len(keep):
             projected = x @ vectors[:, keep[:LATENT_MINOR]]
-            minor = (projected / projected.std(axis=0)).astype(np.float32)
+            spread = projected.std(axis=0)
+            if (spread > 0).all():
+                minor = (projected / spread).astype(np.float32)
     return minor
 
 
