@@ -451,3 +451,21 @@ def test_exact_is_not_run_past_within_s_budget():
     assert not growth.exact and growth.stop in ("budget spent", "data exhausted",
                                                 "target met"), growth
     assert growth.seconds < 0.5 + 0.15, growth  # the exact pass alone takes 1 s
+
+
+def test_auto_answers_exactly_where_too_few_items_match_to_sample():
+    """On 2 items AUTO had answered from a 1-item maxmargin draw (5% of 2, rounded up), a
+    different top 3 from the data's."""
+    from diagql.session.auto import FEW
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    for n in (2, FEW):
+        X, y = torch.randn(n, 6), torch.arange(n) % 3
+        conn = diagql.connect(model.eval(), (X, y), cache_dir=False, progress=False)
+        result = conn.query("AVG NEURONS IN 1 USING AUTO")
+        assert not result.approximate and result.n_items == n
+        assert "AUTO chose exact" in result.provenance.choice
+        with torch.no_grad():
+            want = model[1](model[0](X)).double().mean(dim=0).numpy()
+        np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)

@@ -232,21 +232,21 @@ class _NaNs(nn.Module):
 
 def test_samplers_refuse_a_latent_with_nan_and_another_can_be_set():
     torch.manual_seed(4)
-    X, y = torch.randn(50, 6), torch.randint(0, 3, (50,))
+    X, y = torch.randn(400, 6), torch.randint(0, 3, (400,))
     model = _NaNs()
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     conn.query("SET latent = log")
     for sampler in ("gmm", "maxmargin", "vas"):
         with pytest.raises(DiagQLError, match=rf"{sampler} fits on the latents, which are NaN or "
-                                              rf"infinite for 50 of 50 items \(the first is item "
+                                              rf"infinite for \d+ of 400 items \(the first is item "
                                               rf"0\); SET latent = another layer"):
             conn.query(f"AVG NEURONS IN lin USING SAMPLE {sampler}(0.5)")
     lin = _hooked(model, "lin", X).double()
-    # USING AUTO, whose default is maxmargin, draws at random then.
+    # USING AUTO, whose default is maxmargin, draws at random then (from over 100 items).
     auto = conn.query("AVG NEURONS IN lin USING AUTO")
     assert "AUTO chose a sample" in auto.plan.choice and "random" in auto.plan.choice
     drawn = conn.query("AVG NEURONS IN lin USING SAMPLE random(0.5)")  # reads no latent
-    assert drawn.provenance.n_sample == 25 and np.isfinite(drawn.values).all()
+    assert drawn.provenance.n_sample == 200 and np.isfinite(drawn.values).all()
     assert np.all((drawn.values >= lin.min(0).values.numpy() - 1e-6)
                   & (drawn.values <= lin.max(0).values.numpy() + 1e-6))
     conn.query("SET latent = lin")
@@ -1017,3 +1017,22 @@ def test_a_sample_of_a_data_set_of_two_or_three_items_answers(n):
         np.testing.assert_allclose(plain.values, rows[drawn].mean(axis=0), rtol=1e-5,
                                    atol=1e-6)
     assert conn.query("AVG NEURONS IN 1 USING AUTO").n_items == n
+
+
+def test_samplers_that_read_the_latents_refuse_one_item_and_one_class_naming_themselves():
+    """gmm and latentgrid on 1 item had raised scikit-learn's and numpy's own errors; weighted
+    on data of one class said 'maxmargin needs ...'."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+    one = diagql.connect(model, (torch.randn(1, 6), torch.tensor([1])), cache_dir=False,
+                         progress=False)
+    for sampler in ("gmm", "latentgrid", "vas", "maxmargin"):
+        with pytest.raises(DiagQLError, match=f"{sampler} draws from the spread of the latents, "
+                                              f"which one item has not"):
+            one.query(f"AVG NEURONS IN 1 USING SAMPLE {sampler}(0.5)")
+    assert one.query("AVG NEURONS IN 1 USING SAMPLE random(0.5)").n_items == 1
+    single = diagql.connect(model, (torch.randn(40, 6), torch.zeros(40, dtype=torch.long)),
+                            cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="the SVM that maxmargin and weighted rate items by "
+                                          "needs items of at least two true classes"):
+        single.query("AVG NEURONS IN 1 USING SAMPLE weighted(0.5)")

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from diagql.errors import BindError, DiagQLError
+from diagql.errors import BindError, DiagQLError, ExecutionError
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,9 @@ class Sampler:
         n = self.validate(len(data))
         if self.reads_latents:
             _check_finite(self.name, data.latents)
+            if len(data) < 2:  # gmm and latentgrid had raised sklearn's and numpy's errors
+                raise ExecutionError(f"{self.name} draws from the spread of the latents, which "
+                                     f"one item has not; use random, or USING FULL")
         rng = np.random.default_rng(_seed(self.random_state))
         indices = np.unique(np.asarray(self._select(data, n, rng), dtype=np.int64))
         self.indices_ = indices

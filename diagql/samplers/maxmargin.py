@@ -144,8 +144,9 @@ def svm_log_proba(latents: np.ndarray, labels: np.ndarray, n_classes: int, *, C:
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) < 2:
-        raise ExecutionError(f"maxmargin needs items of at least two true classes; the data has "
-                             f"{len(classes)}")
+        raise ExecutionError(f"the SVM that maxmargin and weighted rate items by needs items "
+                             f"of at least two true classes; the data has {len(classes)}: use "
+                             f"random or stratified")
     bias = np.full((len(labels), 1), intercept_scaling, dtype=np.float32)  # liblinear's
     X = np.hstack([np.asarray(latents, dtype=np.float32), bias])
     # Like LinearSVC, two classes make one classifier (for the second class), more make one each.

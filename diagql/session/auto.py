@@ -13,6 +13,10 @@ from diagql.language.binder import BoundQuery, bind_sampler
 # Exact costs "about as much" as a sample when it reads at most this many times the sample's
 # matching items: the exact answer is then worth its small extra cost.
 ABOUT = 1.5
+# Matching items no sample is worth drawing from: a sample of fewer gives intervals too wide to
+# answer by (on a data set of 2 items AUTO had answered from a 1-item maxmargin draw), and an
+# exact pass over so few costs next to nothing.
+FEW = 100
 
 
 def default_sampler(conn, profile) -> samplers.Sampler:
@@ -45,6 +49,9 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
     if n_match <= n_sample:
         return bound, (f"AUTO chose exact: {n_match:,} matching items, no more than the "
                        f"{n_sample:,} of a {sampler.spec()} sample"), 0.0
+    if n_match <= FEW:
+        return bound, (f"AUTO chose exact: {n_match:,} matching items, too few to sample "
+                       f"(a sample of at most {n_sample:,} would estimate little)"), 0.0
     artifacts = src.sampling.artifacts
     if not artifacts.has_sample(sampler):
         # Drawing it may cost more than the exact pass (maxmargin's SVM has a classifier per
