@@ -369,3 +369,19 @@ def test_explain_says_how_top_inputs_would_be_found_and_runs_nothing(cnn, digits
                               "random(0.1)").rows)
     assert "(its mean over the channel)" in sampled["rank"]
     assert sampled["sample"].startswith("random(0.1")
+
+
+def test_a_layer_too_wide_for_an_index_is_read_for_its_one_neuron(cnn, digits, conv,
+                                                                  monkeypatch):
+    """A conv layer of 262,144 neurons had built its inputs index for 240 s and 5 GB where a
+    pass reading the one neuron took seconds: a view wider than MAX_NEURONS (here made 100,
+    below layer 2's 288) gets no index, and each query reads its matching items."""
+    monkeypatch.setattr(inputs_index, "MAX_NEURONS", 100)
+    X, y = digits
+    conn = diagql.connect(cnn, (X, y), progress=False, cache_dir=False)
+    plan = dict(conn.query("EXPLAIN TOPK 4 INPUTS FOR 2[1,0,2]").rows)
+    assert "its 288 neurons are too many for an inputs index" in plan["read"]
+    for _ in range(2):  # no index built, none used
+        result = conn.query("TOPK 4 INPUTS FOR 2[1,0,2]")
+        check(result, conv[:, 1, 0, 2], np.ones(len(y), bool), 4)
+        assert result.ranked.how == f"{len(y):,} items read through the model"

@@ -74,7 +74,8 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
                            **where_place(query))
     index = _index(conn, bound)
     answer = top_inputs.top_inputs(conn.runner(), bound, allowed, index,
-                                   build_index=index is None and sample is None)
+                                   build_index=index is None and sample is None
+                                   and bound.view.neurons <= inputs_index.MAX_NEURONS)
     if answer.index is not None:
         _keep(conn, bound, answer.index, answer.seconds)
     result = _result(conn, bound, answer, profile, allowed, sample, tokenizer, drawn_on)
@@ -121,13 +122,15 @@ def explain_top_inputs(conn, statement: ast.Explain) -> Result:
         how = (f"from the inputs index of {layer.name}, held: " +
                ("no item read" if read == 0 else
                 f"{read:,} items it cannot order read through the model"))
-    elif index is None and sample is None:
+    elif index is None and sample is None and bound.view.neurons <= inputs_index.MAX_NEURONS:
         read = len(allowed)
         how = (f"one pass over all {read:,} items, hooking {layer.name}, which builds its "
                f"inputs index for later queries")
     else:
         read = int(allowed.sum())
-        how = f"{read:,} items through the model, hooking {layer.name}"
+        how = f"{read:,} items through the model, hooking {layer.name}" + (
+            f" (its {bound.view.neurons:,} neurons are too many for an inputs index)"
+            if bound.view.neurons > inputs_index.MAX_NEURONS else "")
     rows.append(("read", how))
     rows.append(("cost", f"≈ {read * profile.seconds_per_item():.3g} s (from the profile pass)"
                  if read else "no forward pass"))
