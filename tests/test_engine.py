@@ -57,7 +57,11 @@ def test_a_second_query_on_the_same_layer_and_sample_runs_no_forward_pass(world)
     assert first.neurons.tolist() == top(acts[sample].mean(axis=0), 5)
 
     explain = conn.query(f"EXPLAIN AVG CHANNELS IN 2 WHERE incorrect USING SAMPLE {SAMPLE}")
-    assert "are cached: no forward pass" in dict(explain.rows)["cache"]
+    rows = dict(explain.rows)
+    assert "are cached: no forward pass" in rows["cache"]
+    # Not the pass it will not run, nor its cost, beside it.
+    assert rows["forward"].startswith("none: every item's rows are cached")
+    assert rows["cost"].startswith("no forward pass")
     wrong = sample[conn.profile.predictions[sample] != y.numpy()[sample]]
     assert len(wrong) > 0
     second = conn.query(f"AVG CHANNELS IN 2 WHERE incorrect USING SAMPLE {SAMPLE}")

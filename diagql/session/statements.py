@@ -259,8 +259,12 @@ def _explain(conn, statement: ast.Explain) -> Result:
         rows.append(("refused", f"running it fails: {exc.message}"))
     entry = conn.on(plan.query.layer.model)
     if plan.approximate and not plan.from_profile:
-        rows.insert([step for step, _ in rows].index("forward"),
-                    ("cache", _cache_detail(entry.activations, plan)))
+        detail, cached = _cache_detail(entry.activations, plan)
+        rows.insert([step for step, _ in rows].index("forward"), ("cache", detail))
+        if cached:  # it had still listed the pass and its cost beside "no forward pass"
+            rows = [(step, "none: every item's rows are cached (above)" if step == "forward"
+                     else "no forward pass: the cached rows are reduced" if step == "cost"
+                     else text) for step, text in rows]
     if len(conn.models) > 1:
         rows.insert(0, ("model", f"{entry.name} ({type(entry.architecture()).__name__})"))
     if statement.query.across is not None:
@@ -273,16 +277,18 @@ def _explain(conn, statement: ast.Explain) -> Result:
                   columns=["step", "detail"], rows=rows, plan=plan)
 
 
-def _cache_detail(store, plan: Plan) -> str:
+def _cache_detail(store, plan: Plan) -> tuple[str, bool]:
+    """EXPLAIN's cache row, and whether every item's rows are cached."""
     layer, view, items = plan.bound.layer, plan.bound.view, plan.items
     held = store.held(view, items)
     if held == len(items):
-        return f"all {held:,} items' activations of {layer.name} are cached: no forward pass"
+        return (f"all {held:,} items' activations of {layer.name} are cached: no forward "
+                f"pass"), True
     if store.fits(view, items):
         return (f"{held:,} of {len(items):,} items' activations of {layer.name} are cached; the "
-                f"other {len(items) - held:,} go through the model and are kept")
+                f"other {len(items) - held:,} go through the model and are kept"), False
     return (f"{len(items):,} items' activations of {layer.name} exceed the activation cache's "
-            f"memory budget: streamed, not kept")
+            f"memory budget: streamed, not kept"), False
 
 
 def _set(conn, statement: ast.SetStatement) -> Result:
