@@ -128,6 +128,19 @@ def test_keep_going_runs_the_rest_but_still_fails(tmp_path):
     assert "head[" in done.stdout
 
 
+def test_keep_going_in_json_gives_every_statement_its_line(tmp_path):
+    """JSON Lines: a failed statement had written no line (three statements, two lines), so
+    a reader lost track of which answer was which."""
+    script = tmp_path / "report.dql"
+    script.write_text("TOPK 2 NEURONS IN head;\nTOPK 2 NEURONS IN hed;\nSET seed = 3;\n")
+    done = diagql(*MODEL, "--keep-going", "--format", "json", str(script))
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [line["kind"] for line in lines] == ["topk", "error", "set"]
+    assert lines[1]["line"] == 2 and lines[1]["source_line"] == "TOPK 2 NEURONS IN hed;"
+    assert lines[1]["error"].startswith("unknown layer 'hed'")
+
+
 def test_syntax_error_names_what_was_expected():
     done = diagql(*MODEL, "-e", "TOPK 3 NEURONS IN head WHERE klass = 3")
     assert done.returncode == 1

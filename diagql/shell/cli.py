@@ -219,6 +219,8 @@ def _run(args, out, err) -> int:
                 failed = True
                 if not args.keep_going:
                     return EXIT_FAILED
+                if conn.settings.format == "json":  # JSON Lines: one line per statement
+                    _print_json_error(out, outcome)
                 continue
             if args.plot and (outcome.kind in ("evaluation", "similarity", "across")
                               or outcome.ranked is not None):
@@ -235,6 +237,17 @@ def _run(args, out, err) -> int:
                   f"do)", markup=False,
                   highlight=False, soft_wrap=True)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _print_json_error(out, error) -> None:
+    """A failed statement's JSON line under --keep-going, so that each statement keeps its
+    line (three statements with one failing had given two lines)."""
+    import json
+
+    line = {"kind": "error", "error": error.message, "line": error.line,
+            "column": error.column, "source_line": error.source_line()}
+    out.print(json.dumps(line, ensure_ascii=False), markup=False, highlight=False,
+              soft_wrap=True)
 
 
 def _plot(result, path: str, number: int) -> None:
