@@ -335,3 +335,15 @@ def test_the_demo_takes_weights_of_its_own(tmp_path):
                                rtol=1e-5, atol=1e-5)
     done = diagql("--demo", "--weights", str(path), "--weights", str(path), "-e", "SHOW LAYERS")
     assert done.returncode == 2 and "--demo takes one --weights PATH" in done.stderr
+
+
+def test_a_cache_write_failing_at_the_end_is_warned_in_one_line(tmp_path):
+    """A cache directory that is a file, with only SHOW LAYERS: the failed write surfaced as
+    the process ended, after the command had put Python's warning printer back, and came out
+    as 'writer.py:183: DiagQLWarning: ...' with its source line."""
+    not_a_directory = tmp_path / "cache.pt"
+    not_a_directory.write_text("x")
+    done = diagql(*MODEL, "--cache-dir", str(not_a_directory), "-e", "SHOW LAYERS")
+    assert done.returncode == 0
+    assert done.stderr.count("warning: cache disabled: cannot write to") == 1, done.stderr
+    assert "DiagQLWarning" not in done.stderr and "warnings.warn" not in done.stderr

@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"traceback)", style="red", markup=False)
         return EXIT_FAILED
     finally:
+        writer = sys.modules.get("diagql.storage.writer")
+        if writer is not None:  # a failed cache write at exit: warned as the command's line
+            writer.flush_pending()
         warnings.showwarning = default
 
 

@@ -170,9 +170,11 @@ def absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
 
-def _flush_at_exit() -> None:
+def flush_pending() -> None:
     """Let the writes still pending land before the process ends, within EXIT_WAIT seconds;
-    past that (or at a second Ctrl-C) they are dropped: the temporary file is never renamed."""
+    past that (or at a second Ctrl-C) they are dropped: the temporary file is never renamed.
+    A write's failure not yet told is warned of, once. The command line calls it before it
+    puts Python's warning printer back, so that the warning is its one line."""
     deadline = time.monotonic() + EXIT_WAIT
     try:
         for writer in list(_WRITING):
@@ -180,7 +182,8 @@ def _flush_at_exit() -> None:
                 print(f"diagql: gave up waiting for cache writes to {writer.root}; those "
                       f"entries will be recomputed", file=sys.stderr)
             elif writer.failure is not None:
-                warnings.warn(writer.failure, DiagQLWarning, stacklevel=1)
+                failure, writer.failure = writer.failure, None
+                warnings.warn(failure, DiagQLWarning, stacklevel=1)
     except KeyboardInterrupt:
         pass
 
@@ -194,6 +197,6 @@ def _after_fork_in_child() -> None:
     _WRITING.clear()
 
 
-atexit.register(_flush_at_exit)
+atexit.register(flush_pending)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
