@@ -426,17 +426,27 @@ class _Unmasked(nn.Module):
         return self.head(self.embed(input_ids).sum(1) / lengths[:, None])
 
 
+def _ragged_ids() -> list:
+    """40 items (token ids of 2 to 16 tokens, a label), for a collate that pads per batch."""
+    torch.manual_seed(0)
+    return [(torch.randint(1, 20, (2 + (i * 7) % 15,)), torch.tensor(i % 2)) for i in range(40)]
+
+
+def _pad_ids(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids padded with 0 to the batch's longest item, each item's length, the labels)."""
+    ids = torch.zeros(len(batch), max(len(s) for s, _ in batch), dtype=torch.long)
+    for i, (s, _) in enumerate(batch):
+        ids[i, :len(s)] = s
+    return ids, torch.tensor([len(s) for s, _ in batch]), torch.stack([y for _, y in batch])
+
+
 def test_padding_per_batch_with_no_mask_to_leave_it_out_is_warned_of():
     """Its padding counts as tokens, so an item's mean depends on its batch's longest item."""
-    torch.manual_seed(0)
-    items = [(torch.randint(1, 20, (2 + (i * 7) % 15,)), torch.tensor(i % 2)) for i in range(40)]
+    items = _ragged_ids()
 
     def collate(batch):
-        ids = torch.zeros(len(batch), max(len(s) for s, _ in batch), dtype=torch.long)
-        for i, (s, _) in enumerate(batch):
-            ids[i, :len(s)] = s
-        return ({"input_ids": ids, "lengths": torch.tensor([len(s) for s, _ in batch])},
-                torch.stack([y for _, y in batch]))
+        ids, lengths, y = _pad_ids(batch)
+        return {"input_ids": ids, "lengths": lengths}, y
 
     db = diagql.connect(_Unmasked().eval(), DataLoader(items, collate_fn=collate), progress=False)
     with pytest.warns(diagql.DiagQLWarning, match="layer 'embed': its sequence length changes "
@@ -465,14 +475,11 @@ def test_a_conv_maps_channels_over_data_padded_per_batch_are_warned_of():
     the padded positions, so the answer changed with the batch size (0.128 at 4, 0.122 at
     64) unwarned, where a sequence layer's was warned of. The answer is the padded batches'
     (plain torch over the same batches of 4)."""
-    torch.manual_seed(0)
-    items = [(torch.randint(1, 20, (2 + (i * 7) % 15,)), torch.tensor(i % 2)) for i in range(40)]
+    items = _ragged_ids()
 
     def collate(batch):
-        ids = torch.zeros(len(batch), max(len(s) for s, _ in batch), dtype=torch.long)
-        for i, (s, _) in enumerate(batch):
-            ids[i, :len(s)] = s
-        return ids, torch.stack([y for _, y in batch])
+        ids, _, y = _pad_ids(batch)
+        return ids, y
 
     model = _TextConv().eval()
     loader = DataLoader(items, batch_size=4, collate_fn=collate)

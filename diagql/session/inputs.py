@@ -34,14 +34,50 @@ _MEMORY: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDicti
 def run_top_inputs(conn, query: ast.TopInputs) -> Result:
     """The answer on the model that the neuron's layer names (``wide.fc2[3]``): its catalog,
     profile, runner and inputs indexes (held per model)."""
-    entry, layer = conn.resolve(query.neuron.layer)
-    # The sample is drawn on the default model's profile, or the sampler's model='base''s,
-    # as a query's is (README, "Several models"); WHERE reads the neuron's model's predictions.
-    source, sampling, drawn_on = sampling_source(conn, query.source)
-    query = replace(query, neuron=replace(query.neuron, layer=layer), source=source)
+    entry, query, sampling, drawn_on = _resolved(conn, query)
     result = _top_inputs(entry, query, getattr(conn, "tokenizer", None), sampling, drawn_on)
     result.class_names = conn.class_names
-    return name_model(conn, result, layer.model)
+    return name_model(conn, result, query.neuron.layer.model)
+
+
+def _resolved(conn, query: ast.TopInputs) -> tuple:
+    """(the neuron's model, the query with its layer and sampler resolved, the model the
+    sample is drawn on, its name in the sample's spec). The sample is drawn on the default
+    model's profile, or the sampler's model='base''s, as a query's is (README, "Several
+    models"); WHERE reads the neuron's model's predictions."""
+    entry, layer = conn.resolve(query.neuron.layer)
+    source, sampling, drawn_on = sampling_source(conn, query.source)
+    return (entry, replace(query, neuron=replace(query.neuron, layer=layer), source=source),
+            sampling, drawn_on)
+
+
+def _bind(conn, query: ast.TopInputs) -> BoundInputs:
+    with conn.naming():
+        return bind_inputs(query, conn.catalog, n_classes=conn.n_classes,
+                           seed=conn.settings.seed, n_items=len(conn.source),
+                           has_labels=conn.source.labelled())
+
+
+def _matching(query: ast.TopInputs, profile, bound: BoundInputs, sampling) -> tuple:
+    """(the items a query ranks, as a mask over every item: WHERE on the profile, within the
+    sample; the sample, or None). Nothing of the data matching: no sample is drawn for it."""
+    if not profile.has_labels:
+        require_labels(query)
+    allowed = predicate_mask(query.where, profile)
+    sample = None
+    if allowed.any() and bound.sampler is not None:
+        sample, _ = sampling.artifacts.get_sample(bound.sampler)
+        inside = np.zeros(len(allowed), dtype=bool)
+        inside[sample.indices] = True
+        allowed = allowed & inside
+    return allowed, sample
+
+
+def _builds_index(index: InputsIndex | None, sample, bound: BoundInputs) -> bool:
+    """Whether the query's pass builds the layer's inputs index: an exact query without one,
+    on a view no wider than MAX_NEURONS."""
+    return index is None and sample is None and \
+        bound.view.neurons <= inputs_index.MAX_NEURONS
 
 
 def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
@@ -49,23 +85,11 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
     """``conn``: the neuron's model; ``sampling``: the model whose profile the sample is
     drawn on, named ``drawn_on`` in the sample's spec (None: the default model)."""
     started = time.perf_counter()
-    with conn.naming():
-        bound = bind_inputs(query, conn.catalog, n_classes=conn.n_classes,
-                            seed=conn.settings.seed, n_items=len(conn.source),
-                            has_labels=conn.source.labelled())
+    bound = _bind(conn, query)
     bound_at = time.perf_counter()
     profile = conn.profile
     profiled_at = time.perf_counter()
-    if not profile.has_labels:
-        require_labels(query)
-    allowed = predicate_mask(query.where, profile)
-    sample = None
-    # Nothing of the data matching is said of the data, before any sample is drawn for it.
-    if allowed.any() and bound.sampler is not None:
-        sample, _ = sampling.artifacts.get_sample(bound.sampler)
-        inside = np.zeros(len(allowed), dtype=bool)
-        inside[sample.indices] = True
-        allowed = allowed & inside
+    allowed, sample = _matching(query, profile, bound, sampling)
     if not allowed.any():
         where = ast.predicate_text(query.where) if query.where is not None else "the query"
         scope = f"the sample's {len(sample.indices):,}" if sample is not None else \
@@ -74,8 +98,7 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
                            **where_place(query))
     index = _index(conn, bound)
     answer = top_inputs.top_inputs(conn.runner(), bound, allowed, index,
-                                   build_index=index is None and sample is None
-                                   and bound.view.neurons <= inputs_index.MAX_NEURONS)
+                                   build_index=_builds_index(index, sample, bound))
     if answer.index is not None:
         _keep(conn, bound, answer.index, answer.seconds)
     result = _result(conn, bound, answer, profile, allowed, sample, tokenizer, drawn_on)
@@ -88,28 +111,19 @@ def explain_top_inputs(conn, statement: ast.Explain) -> Result:
     """EXPLAIN TOPK k INPUTS ...: the items it ranks and how it would find them (from the
     layer's inputs index, by a pass that builds it, or by a pass over the matching items),
     with the pass's estimated cost; nothing goes through the model."""
-    query = statement.query
-    entry, layer = conn.resolve(query.neuron.layer)
-    source, sampling, drawn_on = sampling_source(conn, query.source)
-    query = replace(query, neuron=replace(query.neuron, layer=layer), source=source)
-    with entry.naming():
-        bound = bind_inputs(query, entry.catalog, n_classes=entry.n_classes,
-                            seed=entry.settings.seed, n_items=len(entry.source),
-                            has_labels=entry.source.labelled())
+    entry, query, sampling, drawn_on = _resolved(conn, statement.query)
+    layer = query.neuron.layer
+    bound = _bind(entry, query)
     profile = entry.profile
-    allowed = predicate_mask(query.where, profile)
     rows = [("rank", f"the {query.k:,} items of {'highest' if query.largest else 'lowest'} "
                      f"{bound.label}" + (" (its mean over the channel)" if query.unit ==
                                          "channels" else "") + ", ties to the lower index")]
     where = "no predicate" if query.where is None else f"WHERE {ast.predicate_text(query.where)}"
-    rows.append(("filter", f"{where} on the profile → {int(allowed.sum()):,} of "
-                           f"{len(allowed):,} items"))
-    sample = None
-    if bound.sampler is not None:
-        sample, _ = sampling.artifacts.get_sample(bound.sampler)
-        inside = np.zeros(len(allowed), dtype=bool)
-        inside[sample.indices] = True
-        allowed = allowed & inside
+    rows.append(("filter", f"{where} on the profile → "
+                           f"{int(predicate_mask(query.where, profile).sum()):,} of "
+                           f"{len(profile):,} items"))
+    allowed, sample = _matching(query, profile, bound, sampling)
+    if sample is not None:
         rows.append(("sample", f"{with_model(sample.spec, drawn_on)}: "
                                f"{len(sample.indices):,} items, {int(allowed.sum()):,} of "
                                f"them matching (the sample's top items, not the data's)"))
@@ -122,7 +136,7 @@ def explain_top_inputs(conn, statement: ast.Explain) -> Result:
         how = (f"from the inputs index of {layer.name}, held: " +
                ("no item read" if read == 0 else
                 f"{read:,} items it cannot order read through the model"))
-    elif index is None and sample is None and bound.view.neurons <= inputs_index.MAX_NEURONS:
+    elif _builds_index(index, sample, bound):
         read = len(allowed)
         how = (f"one pass over all {read:,} items, hooking {layer.name}, which builds its "
                f"inputs index for later queries")
