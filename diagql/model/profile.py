@@ -199,34 +199,24 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
                "winners": winners_module.views(catalog, n) if catalog is not None else [],
                "scores": scores or Scores()}
     started = time.perf_counter()
-    walls = []  # each part's pass: (wall seconds, its part), the fits between them not in it
-
-    def timed(make):
-        began = time.perf_counter()
-        made = make()
-        walls.append((time.perf_counter() - began, made if isinstance(made, ProfilePart)
-                      else made[1]))
-        return made
-
     with progress.task("profiling the data", n) as advance:
         if not views:
-            part = timed(lambda: profile_part(model, source, np.arange(n), advance=advance,
-                                              **options))
-            profile = assemble_profile([part], latent, latent_is_input, 0.0, view=view,
+            parts = [profile_part(model, source, np.arange(n), advance=advance, **options)]
+            profile = assemble_profile(parts, latent, latent_is_input, 0.0, view=view,
                                        dtype=dtype)
         else:  # the spread items first, their rows held for the fit; then the rest, projected
             fit, spread, rest = fit_items(views, n)
-            fits, first = timed(lambda: fit_part(model, source, spread, views=views,
-                                                 advance=advance, **options))
+            fits, first = fit_part(model, source, spread, views=views, advance=advance,
+                                   **options)
             pieces = [(spread, first)]
             if len(rest):
-                pieces.append((rest, timed(lambda: projected_part(
-                    model, source, rest, views=views, fits=fits, advance=advance, **options))))
+                pieces.append((rest, projected_part(model, source, rest, views=views, fits=fits,
+                                                    advance=advance, **options)))
+            parts = [part for _, part in pieces]
             profile = with_blocks(pieces, n, views, fits, fit, latent, latent_is_input,
                                   view=view, dtype=dtype)
     return dataclasses.replace(profile, seconds=time.perf_counter() - started,
-                               pass_seconds=sum(max(wall - part.own_seconds, 0.0)
-                                                for wall, part in walls))
+                               pass_seconds=sum(part.pass_seconds for part in parts))
 
 
 @dataclass
@@ -246,9 +236,9 @@ class ProfilePart:
     z: dict[str, np.ndarray] | None = None
     # Each layer's winners of these items, by view key (model/winners.py).
     winners: dict[str, np.ndarray] | None = None
-    # The seconds the pass spent on DiagQL's own work per batch (the blocks' projections, the
-    # winners, the comparisons): not an exact query's pass (``Profile.pass_seconds``).
-    own_seconds: float = 0.0
+    # The pass's seconds less DiagQL's own work in it (the blocks' projections, the winners,
+    # the comparisons): about an exact query's pass over these items (``Profile.pass_seconds``).
+    pass_seconds: float = 0.0
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
@@ -290,7 +280,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     for name, callback in [*(project.callbacks() if project is not None else {}).items(),
                            *keeper.callbacks().items()]:
         checks[name] = fan_out([checks[name], callback]) if name in checks else callback
-    own = [0.0]  # DiagQL's own work's seconds, inside the forward pass's hooks and after it
+    began, own = time.perf_counter(), [0.0]  # own: DiagQL's work, in the hooks and after
     checks = {name: _timed(callback, own) for name, callback in checks.items()}
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
             Hooks(model, checks) as compared:
@@ -331,7 +321,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
                        classes_of(tuple(logits.shape[1:])), kept_logits, same_latent.keys(),
                        same_logits.keys() if logits_kept else (), winners=keeper.result(),
-                       own_seconds=own[0])
+                       pass_seconds=max(time.perf_counter() - began - own[0], 0.0))
 
 
 def _timed(callback, own: list):
