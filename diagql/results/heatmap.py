@@ -125,7 +125,7 @@ def _interval(part, i: int, j: int) -> str:
 
 
 def _estimate_line(result) -> Text | None:
-    parts = list(result.groups.values()) if result.groups is not None else [result]
+    parts = result.parts()
     estimates = [p.estimate for p in parts if p.estimate is not None]
     if not estimates:
         return None
@@ -171,7 +171,7 @@ def _summary(result) -> Text | None:
     if error is None:
         return None
     scope = "mean " if result.groups is not None or len(result.labels) > 2 else ""
-    parts = list(result.groups.values()) if result.groups is not None else [result]
+    parts = result.parts()
     # engine/similarity.py scores a pair with no estimate as the worst error, 1.
     missing = any((p.matrix is None or np.isnan(_off_diagonal(p.matrix)).any())
                   and p.baseline is not None and p.baseline.matrix is not None

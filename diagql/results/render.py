@@ -270,7 +270,7 @@ def _estimate_cell(estimate, j: int) -> str:
 
 def _estimate_line(result) -> Text | None:
     """One line on what the sample alone says about its own accuracy, or why it says nothing."""
-    parts = list(result.groups.values()) if result.groups is not None else [result]
+    parts = result.parts()
     estimates = [p.estimate for p in parts if p.estimate is not None]
     if not estimates:
         return None

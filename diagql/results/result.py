@@ -318,6 +318,10 @@ class Result:
             rows.append(row)
         return rows
 
+    def parts(self) -> list[Result]:
+        """Each group's result, or this one without GROUP BY."""
+        return list(self.groups.values()) if self.groups is not None else [self]
+
     def records(self) -> list[dict]:
         """One flat row per (group, neuron): what CSV and pandas show."""
         if self.kind == "similarity":
