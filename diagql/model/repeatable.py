@@ -68,9 +68,9 @@ def check_batch_independent(alone: torch.Tensor, together: torch.Tensor) -> None
     if _differ(alone, together[:1]):
         warn("the model gives an item other outputs when other items share its batch "
              "(statistics of the batch: dynamic quantization's scales, a norm over "
-             "the batch, a collate_fn that normalises each batch?): WHERE, GROUP BY and samples run other batches than an exact "
-             "pass over every item, so the same question may get slightly different "
-             "answers")
+             "the batch, a collate_fn that normalises each batch?): WHERE, GROUP BY and "
+             "samples run other batches than an exact pass over every item, so the same "
+             "question may get slightly different answers")
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:

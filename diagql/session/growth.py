@@ -165,8 +165,8 @@ class Round(NamedTuple):
 def exact_seconds(rounds: list[Round], n_match: int, per_item: float) -> float:
     """What the exact answer over ``n_match`` items would take: the least of two estimates.
     One is ``per_item``, the profile pass's model time per item (``Profile.seconds_per_item``:
-    1.1-1.7x a small model's exact pass). The other is from the rounds: the least work any round did beside its pass (planning, estimating),
-    plus a pass of ``n_match`` items at the rounds' pass cost a + b·sent, a line fitted once
+    1.1-1.7x a small model's exact pass). The other is from the rounds: the least work any
+    round did beside its pass (planning, estimating), plus a pass of ``n_match`` items at the rounds' pass cost a + b·sent, a line fitted once
     they sent clearly different counts (the largest half as many again as the smallest),
     else the last round that sent any at its own time per item (its fixed costs in it). A
     sample's pass gathers its items: 5x an exact pass's time per item on a fast model.
