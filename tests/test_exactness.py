@@ -670,6 +670,37 @@ def test_sample_without_matching_items_scores_worst(cnn, digits, cnn_truth, agg)
     assert result.metrics[name] == value
 
 
+def test_groups_a_sample_drew_none_of_are_shown_with_their_counts(cnn, digits, cnn_truth):
+    """GROUP BY on a sample lists every group with matching items in the data, those the
+    sample drew none of too (they were left out, and read as groups with no items at all)."""
+    from diagql.results.render import to_csv, to_text
+
+    db = diagql.connect(cnn, digits, batch_size=64)
+    sample = db.sample("random(5)")
+    result = db.query("TOPK 2 NEURONS IN 2 GROUP BY class USING SAMPLE random(5)")
+    counts = np.bincount(cnn_truth.labels, minlength=10)
+    drawn = set(cnn_truth.labels[sample].tolist())
+    assert len(drawn) < 10  # some class has no sampled item
+    assert list(result.groups) == [c for c in range(10) if counts[c]]
+    for key, group in result.groups.items():
+        assert group.n_items == int((cnn_truth.labels[sample] == key).sum())
+        if key not in drawn:
+            assert len(group.values) == 0 and group.estimate.population == counts[key]
+    missed = min(set(range(10)) - drawn)
+    text = " ".join(to_text(result).split())
+    assert f"none of its {counts[missed]:,} matching items sampled" in text
+    assert "of 10 groups with an estimate; the others: no matching item sampled" in text
+    rows = to_csv(result).splitlines()
+    assert f"{missed},,,," in rows and len(rows) == 1 + 2 * len(drawn) + 10 - len(drawn)
+
+
+def test_an_empty_table_keeps_its_header_in_csv():
+    from diagql.results.render import to_csv
+    from diagql.results.result import Result
+
+    assert to_csv(Result(kind="table", columns=["layer", "entries"], rows=[])) == "layer,entries"
+
+
 @pytest.mark.parametrize("statement", [
     "TOPK 3 NEURONS IN 2 WHERE {where} USING SAMPLE random(0.2)",
     "AVG NEURONS IN 2 WHERE {where} GROUP BY predicted USING SAMPLE random(0.2)",

@@ -2,6 +2,7 @@
 with an exact baseline."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -77,8 +78,12 @@ def build_result(plan: Plan, states: dict) -> Result:
     if query.group_by is None:
         return _single(plan, states.get(None), plan.population[None], fits.get(None))
     result = _single(plan, None, 0)
-    keys = sorted_keys(states)
+    # A sample shows every group with matching items, those it drew none of too: their
+    # counts are in the profile, and a group left out would read as one with no items at all.
+    keys = sorted_keys(set(states) | {key for key, count in plan.population.items() if count}
+                       if plan.approximate else states)
     result.groups = {key: _single(plan, states[key], plan.population[key], fits.get(key))
+                     if key in states else _unsampled(plan, plan.population[key])
                      for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
     if plan.approximate:
@@ -112,6 +117,14 @@ def _single(plan: Plan, state, population: int, fitted=None) -> Result:
     result.values = values
     result.labels = plan.bound.view.labels(neurons)
     result.n_items = state.count
+    return result
+
+
+def _unsampled(plan: Plan, population: int) -> Result:
+    """A group with matching items of which the sample holds none."""
+    result = _single(plan, None, 0)
+    reason = f"no matching item sampled ({population:,} in the data)"
+    result.estimate = dataclasses.replace(estimate.unavailable(reason), population=population)
     return result
 
 

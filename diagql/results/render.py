@@ -213,7 +213,11 @@ def _query_table(result, max_rows: int) -> Table:
 def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
               shown_estimate: bool) -> None:
     if part.n_items == 0:
-        cells = ([_cell(key)] if grouped else []) + ["", "no matching items in the sample"]
+        population = part.estimate.population if part.estimate is not None else None
+        cells = ([_cell(key)] if grouped else []) + [
+            "", "no matching items in the sample" if not population else
+            f"none of its {population:,} matching items sampled" if population > 1 else
+            "its one matching item not sampled"]
         table.add_row(*cells)
         return
     values = part.values
@@ -276,6 +280,13 @@ def _estimate_line(result) -> Text | None:
         return None
     reliable = [e for e in estimates if e.reliable]
     if not reliable:
+        unsampled = sum(1 for p in parts if p.n_items == 0)
+        if result.groups is not None and unsampled:
+            said = next((p.estimate.reason for p in parts if p.n_items and p.estimate is not None
+                         and p.estimate.reason), None)
+            return Text(f"no accuracy estimate: {unsampled} of {len(parts)} groups had no "
+                        f"matching item sampled" + (f"; the others: {said}" if said else ""),
+                        style="yellow")
         reason = estimates[0].reason or (
             f"{result.source.split('(')[0]} does not draw uniformly, so the sample cannot "
             f"measure its own bias; add WITH BASELINE for the real error")
@@ -428,10 +439,13 @@ def _finite(value):
 
 def to_csv(result) -> str:
     records = result.records()
-    if not records:
+    # A table with no rows still has its header, so that a reader of the file sees what
+    # was asked and that nothing came back.
+    names = list(dict.fromkeys(key for rec in records for key in rec)) or \
+        ([] if result.is_query else list(result.columns))
+    if not names:
         return ""
     out = io.StringIO()
-    names = list(dict.fromkeys(key for rec in records for key in rec))
     writer = csv.DictWriter(out, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     writer.writerows(records)

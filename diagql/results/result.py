@@ -300,8 +300,9 @@ class Result:
         """One row per pair of layers (each pair once, in the order given)."""
         if self.groups is not None:
             group_by = self.provenance.group_by if self.provenance is not None else "group"
-            return [{group_by: _plain(key), **rec}
-                    for key, group in self.groups.items() for rec in group.records()]
+            # A group the sample drew none of keeps a row of its own, its values empty.
+            return [{group_by: _plain(key), **rec} for key, group in self.groups.items()
+                    for rec in (group.records() or [{}])]
         if self.matrix is None:
             return []
         rows = []
@@ -333,8 +334,9 @@ class Result:
         if self.groups is not None:
             group_by = (self.provenance.group_by if self.provenance is not None else None) \
                 or "group"
-            return [{group_by: _plain(key), **rec}
-                    for key, group in self.groups.items() for rec in group.records()]
+            # A group the sample drew none of keeps a row of its own, its values empty.
+            return [{group_by: _plain(key), **rec} for key, group in self.groups.items()
+                    for rec in (group.records() or [{}])]
         exact = self.baseline.value_of if self.baseline is not None else None
         rows = []
         for position, (neuron, label, value) in enumerate(
