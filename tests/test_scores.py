@@ -334,6 +334,34 @@ def test_the_first_of_equal_widths_is_taken_and_said_to_be(tmp_path):
     check(named, by_hand(None, X, y, main))
 
 
+class EmbeddingThenHeads(nn.Module):
+    """An embedding returned before (aux, main) heads, both as wide as the labels need."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.aux, self.main = nn.Linear(D, WIDE), nn.Linear(D, CLASSES), \
+            nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        return self.embed(x), self.aux(x), self.main(x)
+
+
+def test_several_heads_as_wide_as_the_labels_beside_a_wider_entry_are_a_guess_said():
+    """(embedding, aux, main): two entries as wide as the labels need were taken as decided,
+    the first without a word (every prediction the auxiliary head's)."""
+    X, y = data()
+    with pytest.warns(diagql.DiagQLWarning, match=r"several vectors of class scores of one "
+                                                  r"width; DiagQL reads output\[1\]"):
+        conn = diagql.connect(EmbeddingThenHeads(), (X, y), cache_dir=False, progress=False)
+        conn.query("AVG NEURONS IN main")
+    named = diagql.connect(EmbeddingThenHeads(), (X, y), cache_dir=False, progress=False,
+                           scores=2)
+    with torch.no_grad():
+        main = EmbeddingThenHeads().main(X)
+    check(named, by_hand(None, X, y, main))
+
+
 class PerPosition(nn.Module):
     """A token-level model's output: CLASSES scores at each of 4 positions per item."""
 

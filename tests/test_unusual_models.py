@@ -1036,3 +1036,52 @@ def test_samplers_that_read_the_latents_refuse_one_item_and_one_class_naming_the
     with pytest.raises(DiagQLError, match="the SVM that maxmargin and weighted rate items by "
                                           "needs items of at least two true classes"):
         single.query("AVG NEURONS IN 1 USING SAMPLE weighted(0.5)")
+
+
+class _ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block's layout: a conv map permuted to channels-last, a LayerNorm and two
+    Linears over its channels, permuted back."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm, self.pw1, self.act = nn.LayerNorm(6), nn.Linear(6, 12), nn.GELU()
+        self.pw2, self.head = nn.Linear(12, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        t = self.pw2(self.act(self.pw1(self.norm(x.permute(0, 2, 3, 1)))))
+        return self.head((x + t.permute(0, 3, 1, 2)).mean(dim=(2, 3)))
+
+
+def test_a_channels_last_maps_channels_are_its_last_axis():
+    """CHANNELS of a map a Linear or LayerNorm made over a permuted (H, W, C) map (and of the
+    activation after it) averaged its rows: 5 "channels" where it has 6 and 12."""
+    model = _ConvNeXtBlock()
+    X, y = torch.randn(120, 3, 5, 7), torch.randint(0, 3, (120,))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for name, channels in (("norm", 6), ("pw1", 12), ("act", 12), ("stem", 6)):
+        out = _hooked(model, name, X).double()
+        last = name != "stem"
+        means = out.mean(dim=(1, 2) if last else (2, 3))  # each item's channel means
+        assert db.catalog[name].channels == channels
+        result = db.query(f"AVG CHANNELS IN {name}")
+        np.testing.assert_allclose(result.values, means.mean(0).numpy(), atol=1e-9)
+        shares = np.bincount(means.argmax(1).numpy(), minlength=channels) / len(X)
+        np.testing.assert_allclose(db.query(f"ARGMAX CHANNELS IN {name}").values, shares)
+        np.testing.assert_allclose(db.query(f"AVG NEURONS IN {name}").values,
+                                   out.reshape(len(X), -1).mean(0).numpy(), atol=1e-9)
+    assert "channels: the last axis (12)" in str(db.query("DESCRIBE pw1"))
+    c = 5
+    top = db.query(f"TOPK 3 INPUTS FOR CHANNEL pw1[{c}]")
+    means = _hooked(model, "pw1", X).double().mean(dim=(1, 2))[:, c]
+    assert top.items.tolist() == torch.argsort(-means, stable=True)[:3].tolist()
+    means = _hooked(model, "pw1", X).double().mean(dim=(1, 2)).numpy()
+    assisted = db.query("AVG CHANNELS IN pw1 USING SAMPLE random(0.5)")
+    low, high = assisted.estimate.ci_low, assisted.estimate.ci_high
+    assert ((low <= means.mean(0)) & (means.mean(0) <= high)).sum() >= 10  # of 12, at 95%
+    db.execute("SET estimator = plain")
+    sample = db.sample("random(0.5)")
+    np.testing.assert_allclose(db.query("AVG CHANNELS IN pw1 USING SAMPLE random(0.5)").values,
+                               means[sample].mean(0), atol=1e-9)

@@ -165,13 +165,14 @@ class Chosen:
     neighbour: Auxiliary | None = None
     encloses: bool = False  # the neighbour is a block the view is inside (not one before it)
 
-    def prediction(self, channels: int | None = None) -> BlockPrediction | None:
+    def prediction(self, channels: int | None = None,
+                   channels_last: bool = False) -> BlockPrediction | None:
         """The block prediction its auxiliary makes (None: the latent fit alone); ``channels``:
-        a CHANNELS view's channel count."""
+        a CHANNELS view's channel count (``channels_last``: a map's last axis)."""
         if self.auxiliary is None:
             return None
         return BlockPrediction(self.auxiliary, self.latent_dims, channels,
-                               own_rows=self.held == "rows")
+                               own_rows=self.held == "rows", channels_last=channels_last)
 
     def describe(self, profile: Profile) -> str:
         """What the assisted estimator fits on, for EXPLAIN."""

@@ -18,6 +18,7 @@ from diagql.language import ast
 from diagql.language.ast import predicate_text
 from diagql.language.binder import BoundQuery
 from diagql.model.profile import Profile
+from diagql.model.views import CHANNELS_LAST
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,9 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                  lambda: z.means(matching, keys, population))
     else:
         means = z.means(matching, None if keys is None else keys[matching], population)
-    prediction = chosen.prediction(bound.view.layer.shape[0] if bound.view.channels else None)
+    layer = bound.view.layer
+    prediction = chosen.prediction(layer.channels if bound.view.channels else None,
+                                   channels_last=layer.layout == CHANNELS_LAST)
     directions = None
     if query.aggregate != "argmax":
         p = prediction.p if prediction is not None else z.width

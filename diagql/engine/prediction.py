@@ -65,14 +65,18 @@ class BlockPrediction:
     """ŷ = mean + basis @ z_b, z_b the covariates' columns after the first ``latent_dims``."""
 
     def __init__(self, auxiliary: Auxiliary, latent_dims: int, channels: int | None = None,
-                 own_rows: bool = False):
+                 own_rows: bool = False, channels_last: bool = False):
         self.layer = auxiliary.layer
         self.mean = auxiliary.mean.astype(np.float64)
         self.basis = auxiliary.basis.astype(np.float64)  # (neurons, k)
         if channels is not None:  # CHANNELS: a channel's mean is linear in the rows too
             k = self.basis.shape[1]
-            self.mean = self.mean.reshape(channels, -1).mean(axis=1)
-            self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
+            if channels_last:  # (H, W, C) rows: each channel is every C-th value
+                self.mean = self.mean.reshape(-1, channels).mean(axis=0)
+                self.basis = self.basis.reshape(-1, channels, k).mean(axis=0)
+            else:
+                self.mean = self.mean.reshape(channels, -1).mean(axis=1)
+                self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
         # ``own_rows``: a view the profile holds is its own auxiliary (engine/covariates.py:
         # _held): its z_b is the row, ŷ = row.

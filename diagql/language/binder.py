@@ -14,7 +14,7 @@ from diagql.errors import BindError, DiagQLWarning
 from diagql.language import ast
 from diagql.model.hooks import call_name
 from diagql.model.layers import NO_MASK, LayerCatalog, LayerInfo
-from diagql.model.views import SEQUENCE, View
+from diagql.model.views import CHANNELS_LAST, SEQUENCE, View
 from diagql.suggest import did_you_mean, name_list
 
 
@@ -458,7 +458,7 @@ def neuron_shape(view: View) -> tuple[int, ...]:
     per-item output's coordinates."""
     shape = tuple(view.layer.shape)
     if view.channels:
-        return shape[:1]
+        return (view.layer.channels,)
     if view.sequence:
         return shape if view.reduction == "all" else shape[-1:]
     return shape or (1,)  # one value per item is one neuron, labelled layer[0]
@@ -474,7 +474,8 @@ def bind_inputs(query: ast.TopInputs, catalog: LayerCatalog, *, n_classes: int,
     shape = neuron_shape(view)
     name = ref.layer.text()
     axes = ("position", "unit") if view.sequence and len(shape) == 2 else \
-        ("c", "h", "w") if len(shape) == 3 else tuple("ijklmnop"[:len(shape)])
+        (("h", "w", "c") if layer.layout == CHANNELS_LAST else ("c", "h", "w")) \
+        if len(shape) == 3 else tuple("ijklmnop"[:len(shape)])
     if len(ref.index) != len(shape):
         what = ("channels" if view.channels else "hidden units" if view.sequence and
                 len(shape) == 1 else "neurons")

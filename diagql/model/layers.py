@@ -9,7 +9,7 @@ import numpy as np
 from torch import nn
 
 from diagql.model.scores import Scores
-from diagql.model.views import FLAT, SEQUENCE
+from diagql.model.views import CHANNELS_LAST, FLAT, SEQUENCE
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class LayerInfo:
     calls: int  # the module's calls per forward pass
     batch_axis: int = 0  # the axis of the module's output that indexes items
     form: str = "tensor"  # "tensor" | "packed" (PackedSequence) | "nested" (nested tensor)
-    layout: str = FLAT  # FLAT, or SEQUENCE: shape is (sequence, hidden)
+    layout: str = FLAT  # FLAT; SEQUENCE: shape is (sequence, hidden); or CHANNELS_LAST
     found: str = ""  # how the batch axis (and the layout) were found, for DESCRIBE
     varies: bool = False  # a per-item size other than the batch changed between probes
     mask: str = ""  # a sequence's real tokens: where they come from, for DESCRIBE and EXPLAIN
@@ -51,10 +51,11 @@ class LayerInfo:
 
     @property
     def channels(self) -> int | None:
-        """Channel count for a flat output of rank >= 2 (conv maps), else None."""
+        """Channel count for a map, a flat output of rank >= 2 (its first axis; a
+        channels-last map's last), else None."""
         if self.shape is None or self.layout == SEQUENCE or len(self.shape) < 2:
             return None
-        return self.shape[0]
+        return self.shape[-1] if self.layout == CHANNELS_LAST else self.shape[0]
 
     def shape_text(self) -> str:
         if self.shape is None:
@@ -80,6 +81,9 @@ class LayerInfo:
                       else f"{self.shape[0]}")
             return (f"{text}; sequence: axis {rest[0]} (length {length}); hidden: axis "
                     f"{rest[1]} ({self.shape[1]} units)")
+        if self.layout == CHANNELS_LAST:
+            text += (f"; channels: the last axis ({self.channels}), as a Linear or LayerNorm "
+                     f"over a permuted map makes them")
         return text + ("; the per-item shape changes with the batch" if self.varies else "")
 
 
@@ -149,7 +153,7 @@ class LayerCatalog:
                     and isinstance(calls, int) and isinstance(axis, int)
                     and isinstance(call, int) and not isinstance(call, bool)
                     and isinstance(varies, bool) and form in ("tensor", "packed", "nested")
-                    and layout in (FLAT, SEQUENCE)
+                    and layout in (FLAT, SEQUENCE, CHANNELS_LAST)
                     and (shape is None or all(isinstance(d, int) for d in shape))):
                 raise ValueError("it does not list layers")
             layers.append(LayerInfo(name, type_name, None if shape is None else tuple(shape),

@@ -265,7 +265,9 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
         # Fits of different shapes (a binary model's (batch,) loss beside its (batch, 2)
         # logits) are as plausible as each other: no guess.
         if fits and len({shape for _, shape in fits}) == 1:
-            return Scores(fits[0][0], why="as wide as the labels need")
+            # Several as wide (an embedding beside (aux, main) heads): the first, as above.
+            why = EQUAL_WIDTHS if len(fits) > 1 else "as wide as the labels need"
+            return Scores(fits[0][0], why=why)
         reason = (f"{'several are' if fits else 'none is'} as wide as the labels' {classes} "
                   f"classes")
     else:

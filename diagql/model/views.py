@@ -21,6 +21,9 @@ from diagql.errors import ExecutionError
 
 FLAT = "flat"  # neurons are the per-item output's elements in C order; CHANNELS: axis 0's means
 SEQUENCE = "sequence"  # (sequence, hidden) per item: neurons are the hidden units
+# A map of rank >= 3 per item whose channels are its last axis, (H, W, C): a permuted map, as
+# ConvNeXt's blocks and Swin's stages make. Neurons as FLAT's; CHANNELS: the last axis' means.
+CHANNELS_LAST = "channels_last"
 REDUCTIONS = ("mean", "max", "token", "all")  # how a sequence's tokens become one row
 
 
@@ -301,12 +304,12 @@ class View:
         shape = self.layer.shape
         if self.sequence:
             return int(np.prod(shape)) if self.reduction == "all" else shape[-1]
-        return shape[0] if self._early_channels else int(np.prod(shape))
+        return self.layer.channels if self._early_channels else int(np.prod(shape))
 
     @property
     def neurons(self) -> int:
         """Values per item after ``finish``: what a query ranks and averages."""
-        return self.layer.shape[0] if self.channels else self.width
+        return self.layer.channels if self.channels else self.width
 
     def text(self) -> str:
         """The clause that asks for this view (empty for a flat layer)."""
@@ -348,8 +351,11 @@ class View:
             return self._reduce(values, real)
         values = batch_first(layer, call)
         if self._early_channels:
-            if values.shape[1] != layer.shape[0]:
-                raise _unexpected(layer, call, f"{layer.shape[0]} channels")
+            last = layer.layout == CHANNELS_LAST
+            if values.shape[-1 if last else 1] != layer.channels:
+                raise _unexpected(layer, call, f"{layer.channels} channels")
+            if last:
+                return values.flatten(1, -2).mean(dim=1, dtype=torch.float64)
             return values.flatten(2).mean(dim=2, dtype=torch.float64)
         if tuple(values.shape[1:]) != layer.shape:
             raise _unexpected(layer, call, "each item's output of shape "
@@ -361,7 +367,10 @@ class View:
         """Rows to the neurons a query aggregates (the channel means of a fixed shape)."""
         if not self.channels or self._early_channels:
             return rows
-        return rows.reshape(len(rows), self.layer.shape[0], -1).mean(dim=2, dtype=torch.float64)
+        if self.layer.layout == CHANNELS_LAST:
+            return rows.reshape(len(rows), -1, self.layer.channels).mean(dim=1,
+                                                                         dtype=torch.float64)
+        return rows.reshape(len(rows), self.layer.channels, -1).mean(dim=2, dtype=torch.float64)
 
     def _reduce(self, values: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         name = self.layer.name
