@@ -689,3 +689,55 @@ def test_many_calls_are_named_by_their_ends():
 
     assert calls_text("x", 12) == "x#1, x#2, … or x#12"
     assert calls_text("weird#name", 2) == "'weird#name'#1 or 'weird#name'#2"
+
+
+class _Siamese(nn.Module):
+    """Its head defined before the encoder that runs twice (once per input of a pair)."""
+
+    def __init__(self, head_first: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        if head_first:
+            self.head = nn.Linear(8, 2)
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 8)
+        if not head_first:
+            self.head = nn.Linear(8, 2)
+
+    def encode(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+    def forward(self, a, b):
+        return self.head((self.encode(a) - self.encode(b)).abs())
+
+
+@pytest.mark.parametrize("head_first", [True, False])
+def test_the_latent_is_the_input_of_the_linear_that_returns_the_scores(head_first):
+    """The default latent was the last Linear the model defines that runs: with the head
+    defined first, the encoder's fc2, which runs twice, so every query failed ("runs more
+    than once per forward pass")."""
+    model = _Siamese(head_first)
+    a, b, y = torch.randn(N, 6), torch.randn(N, 6), torch.randint(0, 2, (N,))
+    db = diagql.connect(model, _Pairs(a, b, y), cache_dir=False, progress=False,
+                        batch_size=BATCH)
+    with torch.no_grad():
+        latent = (model.encode(a) - model.encode(b)).abs()
+        first = model.fc1(a).double()
+    assert db.profile.latent_layer == "input of head"
+    np.testing.assert_allclose(db.profile.latents, latent.numpy(), atol=ATOL)
+    np.testing.assert_allclose(db.query("AVG NEURONS IN fc1#1").values, first.mean(0).numpy(),
+                               atol=ATOL)
+    db.execute("SET estimator = plain")
+    sample = db.sample("maxmargin(0.5)")
+    np.testing.assert_allclose(db.query("AVG NEURONS IN fc1#1 USING SAMPLE maxmargin(0.5)")
+                               .values, first[sample].mean(0).numpy(), atol=ATOL)
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __init__(self, a, b, y):
+        self.a, self.b, self.y = a, b, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return (self.a[i], self.b[i]), int(self.y[i])

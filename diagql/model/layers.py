@@ -91,7 +91,7 @@ class LayerCatalog:
     """Layers in module-registration order, found by probing the model."""
 
     def __init__(self, layers: list[LayerInfo], output_shape: tuple[int, ...],
-                 scores: Scores | None = None):
+                 scores: Scores | None = None, head: str = ""):
         self.layers = layers
         # A module's own name wins over a call's of the same text (the probe refuses that call).
         self.by_name = {layer.name: layer for layer in layers if not layer.call}
@@ -100,6 +100,7 @@ class LayerCatalog:
         self._calls = {(layer.module, layer.call): layer for layer in layers if layer.call}
         self.output_shape = output_shape  # the class scores' per-item shape
         self.scores = scores or Scores()  # where the probe found them in the model's output
+        self.head = head  # the module that returned the scores ("" when none did)
 
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
@@ -137,7 +138,7 @@ class LayerCatalog:
                   self.scores.refusal, self.scores.why, self.scores.probabilities]
         return {"layers": np.str_(json.dumps(layers)),
                 "output_shape": np.array(self.output_shape, dtype=np.int64),
-                "scores": np.str_(json.dumps(scores))}
+                "scores": np.str_(json.dumps(scores)), "head": np.str_(self.head)}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "LayerCatalog":
@@ -165,7 +166,7 @@ class LayerCatalog:
                 and isinstance(refusal, (str, type(None))) and isinstance(why, str)):
             raise ValueError("its scores are not a place in the output")
         return cls(layers, tuple(int(d) for d in arrays["output_shape"]),
-                   Scores(at, None, given, refusal, why, probabilities))
+                   Scores(at, None, given, refusal, why, probabilities), str(arrays["head"]))
 
 
 # --- the probe --------------------------------------------------------------------------------
@@ -179,12 +180,22 @@ NO_MASK = "every position: no padding mask reached it in the probe"
 
 def default_latent(model: nn.Module, catalog: LayerCatalog | None = None) -> str | None:
     """The final linear layer, whose input is the latent vector the paper samples in: the
-    last in the model's own order that runs in its forward pass (``catalog``: the probe's),
-    not one it defines and never calls."""
-    last = None
-    for name, module in model.named_modules():
+    Linear that returned the class scores (``catalog.head``, the probe's), else the last in
+    the model's own order that runs once per forward pass; one it defines and never calls,
+    or calls several times (a siamese encoder's, whose input is no one vector per item),
+    only when no other runs."""
+    modules = dict(model.named_modules())
+    if catalog is not None and catalog.head:
+        layer = catalog.module(catalog.head)
+        if isinstance(modules.get(catalog.head), nn.Linear) and layer is not None and \
+                layer.calls == 1:
+            return catalog.head
+    once = runs = None
+    for name, module in modules.items():
         if isinstance(module, nn.Linear):
             layer = None if catalog is None else catalog.module(name)
             if catalog is None or (layer is not None and layer.calls > 0):
-                last = name
-    return last
+                runs = name
+                if catalog is None or layer.calls == 1:
+                    once = name
+    return once or runs

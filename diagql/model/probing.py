@@ -73,7 +73,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
         try:
-            seen, counted, output = _probe_pass(model, prepare(x), call)
+            seen, counted, output, made = _probe_pass(model, prepare(x), call)
         except ExecutionError as exc:
             if size == 1 and n > 1 and _runs(model, source, prepare, call):
                 # The user's batches of 100 had run: say it is the batch of one that failed.
@@ -94,8 +94,13 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         check_batch_independent(first_output, first_tensor(output))  # the last probe's
     if scores is None:
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
+    head = ""
     if scores.refusal is None:
-        found = one_vector(scores.read(output))
+        found = scores.read(output)
+        # The module that returned the scores themselves (a classifier's Linear): its input
+        # is the latent (layers.default_latent), wherever the model defines it.
+        head = made[id(found)][1][0] if id(found) in made else ""
+        found = one_vector(found)
         output_shape = tuple(found.shape[1:])
         scores = replace(scores, probabilities=are_probabilities(found))
     else:  # the layers are still listed; reading the scores refuses (model/scores.py)
@@ -116,7 +121,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if name:
             layers += _entries(name, type(module).__name__, infos.get(name, []),
                                [(s, counted.get(name, 0)) for s, _, counted in passes], modules)
-    return LayerCatalog(layers, output_shape, scores)
+    return LayerCatalog(layers, output_shape, scores, head)
 
 
 def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tuple[int, int]],
@@ -154,7 +159,8 @@ def _runs(model, source, prepare, call) -> bool:
 
 def _probe_pass(model, x, call):
     """One forward pass with every submodule hooked: what each returned at each of its calls,
-    how often each ran, and the model's output."""
+    how often each ran, the model's output, and which (module, call) made each tensor (by
+    its id: the tensors are kept alive beside)."""
     seen: dict[tuple[str, int], _Seen] = {}  # (module, its call from 1)
     calls: dict[str, int] = {}
     made: dict[int, tuple[torch.Tensor, tuple]] = {}  # id(tensor) -> (tensor, (module, call))
@@ -198,7 +204,7 @@ def _probe_pass(model, x, call):
     finally:
         for handle in handles:
             handle.remove()
-    return seen, calls, out
+    return seen, calls, out, made
 
 
 def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
