@@ -1085,3 +1085,30 @@ def test_a_channels_last_maps_channels_are_its_last_axis():
     sample = db.sample("random(0.5)")
     np.testing.assert_allclose(db.query("AVG CHANNELS IN pw1 USING SAMPLE random(0.5)").values,
                                means[sample].mean(0), atol=1e-9)
+
+
+class _BatchSimilarities(nn.Module):
+    """CLIP's output: the batch × batch similarities of its two encoders' embeddings."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.img, self.txt = nn.Linear(6, 8), nn.Linear(5, 8)
+
+    def forward(self, a, b):
+        return self.img(a) @ self.txt(b).T
+
+
+@pytest.mark.parametrize("batch_size", [256, 64])
+def test_scores_whose_width_follows_the_batch_are_refused_naming_why(
+        batch_size):
+    """Read as class scores they made 200 classes in one batch of 200 items (every WHERE
+    meaningless), and a raw numpy broadcast error with batches of 64."""
+    a, b = torch.randn(200, 6), torch.randn(200, 5)
+    items = [((a[i], b[i]), 0) for i in range(200)]
+    db = diagql.connect(_BatchSimilarities(), items, cache_dir=False, progress=False,
+                        batch_size=batch_size)
+    assert db.query("SHOW LAYERS").rows  # listed
+    with pytest.raises(DiagQLError, match=r"change shape with the batch \(per-item shapes "
+                                          r"\(2,\), \(3,\) for batches of 2, 3 items"):
+        db.query("AVG NEURONS IN img")

@@ -86,7 +86,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
             raise
         if first is None:
             first, first_output = x, first_tensor(output)
-        passes.append((len(idx), seen, counted))
+        passes.append((len(idx), seen, counted, output))
     check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1], sizes[-1])
     with evaluation(model):  # the first item again, without hooks
         again = first_tensor(call(model, prepare(first)))
@@ -102,6 +102,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         head = made[id(found)][1][0] if id(found) in made else ""
         found = one_vector(found)
         output_shape = tuple(found.shape[1:])
+        scores = _width_follows_batch(scores, passes) or scores
         scores = replace(scores, probabilities=are_probabilities(found))
     else:  # the layers are still listed; reading the scores refuses (model/scores.py)
         output_shape = tuple(first_tensor(output).shape[1:])
@@ -111,7 +112,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     infos: dict[str, list[LayerInfo]] = {}
     for key in passes[-1][1]:  # (module, call), in the order they returned in the last pass
         name, number = key
-        info = _layer(name, key, modules[name], [(s, seen[key]) for s, seen, _ in passes
+        info = _layer(name, key, modules[name], [(s, seen[key]) for s, seen, _, _ in passes
                                                  if key in seen], calls[name], layouts)
         if calls[name] > 1:
             info = replace(info, name=call_name(name, number), call=number, module=name)
@@ -120,7 +121,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     for name, module in modules.items():
         if name:
             layers += _entries(name, type(module).__name__, infos.get(name, []),
-                               [(s, counted.get(name, 0)) for s, _, counted in passes], modules)
+                               [(s, counted.get(name, 0)) for s, _, counted, _ in passes], modules)
     return LayerCatalog(layers, output_shape, scores, head)
 
 
@@ -146,6 +147,23 @@ def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tup
                                                f"rename one of them")
              if info.name in modules else info for info in infos]
     return [LayerInfo(name, type_name, None, calls), *taken]
+
+
+def _width_follows_batch(scores: Scores, passes) -> Scores | None:
+    """The scores refused when their per-item shape changes with the probe's batch (a
+    contrastive model's batch x batch similarities): read as class scores they made as many
+    classes as a batch has items, and a batch of another size failed. None when it holds."""
+    # Not the batch of one: a forward ending in .squeeze() drops its batch axis there.
+    shapes = [(size, tuple(one_vector(scores.read(output)).shape[1:]))
+              for size, _, _, output in passes if size > 1]
+    if len({shape for _, shape in shapes}) < 2:
+        return None
+    return replace(scores, refusal=(
+        f"the model's scores ({scores.text()}) change shape with the batch (per-item shapes "
+        f"{', '.join(str(shape) for _, shape in shapes)} for batches of "
+        f"{', '.join(str(size) for size, _ in shapes)} items): values compared across a "
+        f"batch's items (a contrastive model's similarities) are no class scores of each "
+        f"item; name per-item class scores with scores= (--scores)"))
 
 
 def _runs(model, source, prepare, call) -> bool:
