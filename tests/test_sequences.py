@@ -387,6 +387,64 @@ def test_an_encoder_decoders_layers_read_their_own_sequences_padding(source_mask
         "the tgt_key_padding_mask given to tr.decoder.layers.0"
 
 
+class _HFSeq2Seq(nn.Module):
+    """A Hugging Face encoder-decoder's forward: input_ids with attention_mask for the
+    encoder, decoder_input_ids with decoder_attention_mask for the decoder and the head."""
+
+    def __init__(self, decoder_mask: bool):
+        super().__init__()
+        torch.manual_seed(3)
+        self.decoder_mask = decoder_mask
+        self.encoder = nn.ModuleDict({"embed": nn.Embedding(20, 8), "proj": nn.Linear(8, 8)})
+        self.decoder = nn.ModuleDict({"embed": nn.Embedding(20, 8), "proj": nn.Linear(8, 8)})
+        self.lm_head = nn.Linear(8, C)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids,
+                decoder_attention_mask=None):
+        memory = self.encoder["proj"](self.encoder["embed"](input_ids))
+        context = (memory * attention_mask[..., None]).sum(1, keepdim=True)
+        hidden = self.decoder["proj"](self.decoder["embed"](decoder_input_ids) + context)
+        return self.lm_head(hidden)[:, 0]
+
+
+@pytest.mark.parametrize("decoder_mask", [True, False])
+@pytest.mark.parametrize("target_length", [S, S - 2])
+def test_a_decoders_layers_read_the_decoder_attention_mask(decoder_mask, target_length):
+    """A T5's decoder layers were averaged over the encoder's real tokens where the two
+    lengths agree (the input's attention_mask fits their shape), and over every position
+    where they do not; they take decoder_attention_mask, every position without one."""
+    g = torch.Generator().manual_seed(5)
+    n = 40
+    src_len = torch.randint(2, S + 1, (n,), generator=g)
+    tgt_len = torch.randint(1, target_length + 1, (n,), generator=g)
+    ids = torch.randint(1, 20, (n, S), generator=g)
+    mask = (torch.arange(S)[None, :] < src_len[:, None]).long()
+    dec_ids = torch.randint(1, 20, (n, target_length), generator=g)
+    dec_mask = (torch.arange(target_length)[None, :] < tgt_len[:, None]).long()
+    items = [{"input_ids": ids[i], "attention_mask": mask[i], "decoder_input_ids": dec_ids[i],
+              **({"decoder_attention_mask": dec_mask[i]} if decoder_mask else {}),
+              "labels": i % C} for i in range(n)]
+    model = _HFSeq2Seq(decoder_mask).eval()
+    conn = diagql.connect(model, items, batch_size=7, cache_dir=False, progress=False)
+    layers = {"encoder.proj": src_len, "decoder.proj": tgt_len if decoder_mask else None,
+              "lm_head": tgt_len if decoder_mask else None}
+    outputs = {}
+    handles = [dict(model.named_modules())[name].register_forward_hook(
+        lambda m, i, o, name=name: outputs.__setitem__(name, o)) for name in layers]
+    with torch.no_grad():
+        model(ids, mask, dec_ids, dec_mask if decoder_mask else None)
+    for handle in handles:
+        handle.remove()
+    for name, lengths in layers.items():
+        truth = item_rows(outputs[name], lengths).mean(axis=0)
+        np.testing.assert_allclose(conn.query(f"AVG NEURONS IN {name}").values, truth, **TOL)
+    latent = item_rows(outputs["decoder.proj"], layers["decoder.proj"])
+    np.testing.assert_allclose(conn.profile.latents, latent, **TOL)
+    if decoder_mask:
+        assert conn.catalog["decoder.proj"].mask == \
+            "the decoder_attention_mask of the batch input"
+
+
 # --- a channel-first map is not a sequence -------------------------------------------------------
 
 

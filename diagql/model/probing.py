@@ -18,7 +18,7 @@ from diagql.model.repeatable import check_batch_independent, check_deterministic
     check_repeatable
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.views import CHANNELS_LAST, FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
-    first_output, input_attention_mask, named_inputs, padding_argument, padding_mask
+    first_output, input_attention_mask, mask_key, named_inputs, padding_argument, padding_mask
 
 PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is the batch axis
 
@@ -54,6 +54,7 @@ class _Seen:
     like: list[tuple[str, int]] = field(default_factory=list)
     masks: list[tuple[str, str, tuple]] = field(default_factory=list)  # (owner, arg, shape)
     input_mask: tuple | None = None  # the shape of the batch input's attention_mask
+    input_mask_key: str = ""  # its key: attention_mask, or a decoder's decoder_attention_mask
 
 
 def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
@@ -258,8 +259,9 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
         made.setdefault(id(out), (out, key))
     result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
                     if owner in padded and owner in padding]
-    mask = input_attention_mask(x)  # the probe's input, named_inputs'
+    mask = input_attention_mask(x, name)  # the probe's input, named_inputs'
     result.input_mask = None if mask is None else tuple(mask.shape)
+    result.input_mask_key = mask_key(x, name) or ""
     return result
 
 
@@ -390,5 +392,5 @@ def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
         if shape == batch:
             return f"the {arg} given to {owner or 'the model'}"
     if seen.input_mask == batch:
-        return "the attention_mask of the batch input"
+        return f"the {seen.input_mask_key} of the batch input"
     return NO_MASK

@@ -266,7 +266,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     captured: list[torch.Tensor] = []
 
     def keep(call: ModuleCall) -> None:
-        rows = input_rows(call) if latent_is_input else view.finish(view.rows(call))
+        rows = input_rows(call, latent) if latent_is_input else view.finish(view.rows(call))
         captured.append(rows.detach().to("cpu", torch.float32, copy=True))
 
     callbacks = {} if latent is None or latent_is_input else {latent: keep}

@@ -157,13 +157,31 @@ def _positional_names(cls: type) -> tuple[str, ...] | None:
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
-def input_attention_mask(inputs) -> torch.Tensor | None:
-    """The ``attention_mask`` (batch, sequence) of a mapping model input (1: a real token):
-    a tuple's is named by ``named_inputs``."""
-    if isinstance(inputs, Mapping):
-        mask = inputs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-            return mask
+_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask")
+
+
+def mask_key(inputs, module: str | None = None) -> str | None:
+    """Which mask of a mapping model input marks the real tokens of ``module``'s outputs:
+    ``attention_mask``; but in an encoder-decoder model's input (decoder_input_ids beside
+    input_ids: T5's, Bart's), every module outside the encoder (its name has no "encoder"
+    part: the decoder, the LM head) has the decoder's tokens, marked by
+    ``decoder_attention_mask`` (None without one: every decoder position is real)."""
+    if not isinstance(inputs, Mapping):
+        return None
+    if module is not None and any(key in inputs for key in _DECODER_INPUTS) and \
+            "encoder" not in module.split("."):
+        return "decoder_attention_mask" if "decoder_attention_mask" in inputs else None
+    return "attention_mask"
+
+
+def input_attention_mask(inputs, module: str | None = None) -> torch.Tensor | None:
+    """The mask (batch, sequence) of a mapping model input (1: a real token) that marks the
+    real tokens of ``module``'s outputs (``mask_key``): a tuple's is named by
+    ``named_inputs``."""
+    key = mask_key(inputs, module)
+    mask = None if key is None else inputs.get(key)
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        return mask
     return None
 
 
@@ -212,7 +230,7 @@ def sequence_of(layer, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | N
     if padding is not None and tuple(padding.shape) == tuple(values.shape[:2]):
         real = ~padding if padding.dtype == torch.bool else padding == 0
         return values, real.to(values.device)
-    mask = input_attention_mask(call.inputs)
+    mask = input_attention_mask(call.inputs, layer.module or layer.name)
     if mask is not None and tuple(mask.shape) == tuple(values.shape[:2]):
         return values, (mask != 0).to(values.device)
     return values, None
@@ -242,17 +260,17 @@ def _unexpected(layer, call: ModuleCall, wanted: str) -> ExecutionError:
                           f"batch of {call.size} items, where DiagQL expected {wanted}")
 
 
-def input_rows(call: ModuleCall) -> torch.Tensor:
-    """The input of the final linear layer as one row per item (the profile's latent): a
-    (batch, sequence, features) input is averaged over its real tokens, as a sequence layer's
-    output is (the layer maps its last axis)."""
+def input_rows(call: ModuleCall, module: str | None = None) -> torch.Tensor:
+    """The input of the final linear layer (``module``) as one row per item (the profile's
+    latent): a (batch, sequence, features) input is averaged over its real tokens, as a
+    sequence layer's output is (the layer maps its last axis)."""
     x = first_output(call.output)
     if not isinstance(x, torch.Tensor) or x.is_nested or x.ndim < 1 or x.shape[0] != call.size:
         raise ExecutionError(f"the input of the latent layer is {describe_output(call.output)}, "
                              f"not a tensor of one row per item of the batch of {call.size}")
     if x.ndim != 3:
         return x.flatten(1)
-    mask = input_attention_mask(call.inputs)
+    mask = input_attention_mask(call.inputs, module)
     real = (mask != 0).to(x.device) if mask is not None and mask.shape == x.shape[:2] else None
     return _mean(x, real, "the input of the latent layer")
 
