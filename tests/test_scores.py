@@ -155,6 +155,33 @@ def test_the_command_line_takes_scores_as_a_position_or_a_key(capsys):
         assert shown["rows"][0][shown["columns"].index("scores")].startswith(f"{place}: {CLASSES} classes (scores=)")
 
 
+def test_the_command_line_takes_scores_as_a_function_of_the_output(capsys):
+    """A causal LM's last-token logits need a function of the output, which the command
+    line could not name: --scores MODULE:FUNCTION imports one."""
+    from diagql.shell.cli import main
+
+    X, y = data()
+    model = named()
+    with torch.no_grad():
+        logits = model.head(torch.relu(model.body(X)))
+    predicted = (-logits).argmax(1)  # what the function's scores predict
+    chosen = predicted == int(predicted.mode().values)
+    args = ["--model", "tests.test_scores:named", "--data", "tests.test_scores:data",
+            "--no-cache", "--no-progress", "--format", "json", "-e",
+            f"AVG NEURONS IN head WHERE predicted = {int(predicted.mode().values)}"]
+    assert main([*args[:4], "--scores", "tests.test_scores:negated_logits", *args[4:]]) == 0
+    shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    np.testing.assert_allclose(shown["values"], logits[chosen].double().mean(0).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    assert main([*args[:4], "--scores", "tests.test_scores:CLASSES", *args[4:]]) == 1
+    assert "--scores 'tests.test_scores:CLASSES' is int, not a function" in \
+        capsys.readouterr().err
+
+
+def negated_logits(out) -> torch.Tensor:
+    return -out.logits
+
+
 def named() -> TwoHeads:
     return TwoHeads("namedtuple")
 

@@ -13,7 +13,8 @@ import torch
 from diagql.errors import DiagQLError
 
 # What to pass when the default cannot decide (connect's argument, the CLI's flag).
-_OPTION = "scores= (connect) or --scores (the command line)"
+_OPTION = ("scores= (connect) or --scores (the command line: a position, a key, or "
+           "MODULE:FUNCTION naming a function of the output)")
 
 
 def classes_of(shape: tuple[int, ...]) -> int:

@@ -58,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the class names in class order, comma-separated (cat,dog,bird), "
                              "so that WHERE class = 'cat' reads (default: the data's or the "
                              "model's names, if any)")
-    source.add_argument("--scores", metavar="POSITION|KEY", type=_scores_arg,
+    source.add_argument("--scores", metavar="POSITION|KEY|MODULE:FUNCTION", type=_scores_arg,
                         help="where the class scores are in what the model returns: a position "
-                             "in a tuple (1 for (features, logits)) or a key of a dict or "
-                             "output object (default: the output, its logits, or the one "
-                             "vector per item as wide as the labels need)")
+                             "in a tuple (1 for (features, logits)), a key of a dict or "
+                             "output object, or a function of the output that returns them "
+                             "(mymodels:last_token_logits) (default: the output, its logits, "
+                             "or the one vector per item as wide as the labels need)")
     source.add_argument("--batch-size", type=int, default=defaults.batch_size, metavar="N",
                         help=f"items per forward pass (default {defaults.batch_size})")
     source.add_argument("--device", help="torch device, e.g. cpu or cuda (default: the model's)")
@@ -326,9 +327,9 @@ def _open(args):
 
             return connect(functools.partial(load_models, args.model, args.weights),
                            functools.partial(load_data, args.data), label_key=args.label_key,
-                           scores=args.scores, **options)
+                           scores=_scores(args.scores), **options)
         return connect(load_models(args.model, args.weights), load_data(args.data),
-                       label_key=args.label_key, scores=args.scores, **options)
+                       label_key=args.label_key, scores=_scores(args.scores), **options)
     conn = Connection.detached(cache_dir, args.cache_limit)
     conn.settings.batch_size = args.batch_size
     return conn
@@ -353,11 +354,27 @@ def _classes_arg(text: str) -> list[str]:
 
 
 def _scores_arg(text: str) -> int | str:
-    """--scores: a whole number is a position, anything else a key."""
+    """--scores: a whole number is a position, MODULE:FUNCTION a function (imported when the
+    model is, ``_scores``), anything else a key."""
     try:
         return int(text)
     except ValueError:
         return text
+
+
+def _scores(spec: int | str | None):
+    """--scores as connect takes it: MODULE:FUNCTION imported, the function itself."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    from diagql.shell.loading import resolve
+
+    function = resolve(spec, "scores")
+    if not callable(function):
+        from diagql.errors import DiagQLError
+
+        raise DiagQLError(f"--scores {spec!r} is {type(function).__name__}, not a function "
+                          f"of the model's output")
+    return function
 
 
 def _print_cause(err, cause: BaseException) -> None:
