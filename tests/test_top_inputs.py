@@ -274,10 +274,31 @@ def test_plot_draws_each_item(conn, tmp_path):
     figure = draw_inputs(result)
     drawn = [ax for ax in figure.axes if ax.images]
     assert len(drawn) == 5
-    for ax, preview in zip(drawn, result.ranked.previews):
-        np.testing.assert_array_equal(ax.images[0].get_array(), preview)
+    for ax, preview in zip(drawn, result.ranked.previews):  # over each image's own range
+        low, high = preview.min(), preview.max()
+        np.testing.assert_array_equal(ax.images[0].get_array(),
+                                      np.round((preview - low) / (high - low) * 255))
     write_plot(result, str(tmp_path / "inputs.png"))
     assert (tmp_path / "inputs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("scale", [255.0, "normalised"])
+def test_plot_draws_rgb_images_over_their_own_range(scale):
+    """RGB floats were drawn as they came, which matplotlib clips to 0..1: normalised
+    images were saturated noise, 0..255 ones white."""
+    pytest.importorskip("matplotlib")
+    from diagql.results.plots import draw_inputs
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.rand(40, 3, 6, 6, generator=g)
+    X = X * 255 if scale == 255.0 else (X - 0.45) / 0.22
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    db = diagql.connect(model, (X, torch.arange(40) % 3), cache_dir=False, progress=False)
+    result = db.query("TOPK 3 INPUTS FOR 0[1,1,1]")
+    for ax, item in zip([ax for ax in draw_inputs(result).axes if ax.images], result.items):
+        image = X[int(item)].permute(1, 2, 0).double().numpy()
+        truth = np.round((image - image.min()) / (image.max() - image.min()) * 255)
+        np.testing.assert_array_equal(ax.images[0].get_array(), truth)
 
 
 def test_an_index_error_points_into_its_own_line(conn):

@@ -135,7 +135,11 @@ def draw_inputs(result):
             ax.text(0, 1, textwrap.fill(" ".join(preview), 22), va="top", fontsize=7,
                     family="monospace", transform=ax.transAxes)
         elif preview is not None:
-            ax.imshow(preview, cmap="gray" if preview.ndim == 2 else None,
+            from diagql.results.html import gray_or_rgb
+
+            # Over its own range, as the HTML's: normalised or 0..255 float RGB was clipped
+            # to 0..1 (noise, or white).
+            ax.imshow(gray_or_rgb(preview), cmap="gray" if preview.ndim == 2 else None,
                       interpolation="nearest")
         ax.set_title(title, fontsize=8)
     end = "highest" if ranked.largest else "lowest"
