@@ -892,3 +892,40 @@ def test_a_token_view_is_checked_on_its_own_modules_mean_view_with_the_whole_exc
     assert check.share == (extrapolation.WHOLE_SHARE,) * len(check.columns)
     inner = covariates.for_view(profile, json.dumps(["fc"]))
     assert inner.auxiliary is not None  # fc is a block of its own: its own minor directions
+
+
+class _AbsolutePositions(nn.Module):
+    """A GPT-2's positions: counted from the batch's first column, so that left padding moves
+    an item's tokens to other positions (other outputs) in a batch with a longer item."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed, self.position = nn.Embedding(20, 8), nn.Embedding(16, 8)
+        self.head = nn.Linear(8, C)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids) + self.position(torch.arange(input_ids.shape[1]))
+        h = (h * attention_mask[..., None]).sum(1) / attention_mask.sum(1, keepdim=True)
+        return self.head(h)
+
+
+def _left_padded(batch):
+    longest = max(len(ids) for ids, _ in batch)
+    ids = torch.zeros(len(batch), longest, dtype=torch.long)
+    mask = torch.zeros(len(batch), longest, dtype=torch.long)
+    for row, (tokens, _) in enumerate(batch):
+        ids[row, longest - len(tokens):], mask[row, longest - len(tokens):] = tokens, 1
+    return {"input_ids": ids, "attention_mask": mask}, torch.tensor([y for _, y in batch])
+
+
+def test_left_padding_that_changes_outputs_is_warned_of_when_the_first_item_is_longest():
+    """Only the first item was compared alone and in a batch: the batch's longest, it is
+    padded in neither, and the others' answers depend on their batch without a word."""
+    g = torch.Generator().manual_seed(6)
+    lengths = [8, 3, 5] + torch.randint(2, 9, (27,), generator=g).tolist()
+    items = [(torch.randint(1, 20, (n,), generator=g), i % C) for i, n in enumerate(lengths)]
+    loader = DataLoader(items, batch_size=8, collate_fn=_left_padded)
+    with pytest.warns(diagql.DiagQLWarning, match="padding to the batch's longest item"):
+        conn = diagql.connect(_AbsolutePositions(), loader, cache_dir=False, progress=False)
+        conn.query("AVG NEURONS IN head")

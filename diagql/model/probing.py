@@ -88,11 +88,22 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if first is None:
             first, first_output = x, first_tensor(output)
         passes.append((len(idx), seen, counted, output))
-    check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1], sizes[-1])
+    repeatable = check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1],
+                                  sizes[-1])
     with evaluation(model):  # the first item again, without hooks
         again = first_tensor(call(model, prepare(first)))
-    if check_deterministic(first_output, again):  # then an item's batch may be compared
-        check_batch_independent(first_output, first_tensor(output))  # the last probe's
+    # Then an item's batch may be compared: the last probe read the first item anew, which
+    # data that reads differently (an augmentation, warned of) makes another input.
+    if check_deterministic(first_output, again) and repeatable:
+        alone = [first_output]
+        with evaluation(model):  # the last probe's other items, each alone
+            for i in range(1, len(idx)):
+                one = next(source.batches(np.array([i]), 1))[1]
+                try:
+                    alone.append(first_tensor(call(model, prepare(one))))
+                except ExecutionError:  # the batch of one ran for the first item: not here
+                    break
+        check_batch_independent(alone, first_tensor(output))  # the last probe's
     if scores is None:
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
     head = ""

@@ -18,24 +18,25 @@ READS = 3  # reads of each of the probe's items (at most 3: a Ray Dataset's driv
 # (1/4) ** 3 = 1/64 connections
 
 
-def check_repeatable(first, read, n: int) -> None:
+def check_repeatable(first, read, n: int) -> bool:
     """Warn when the same items read again give different inputs (a random transform, such as
     a training augmentation): the profile, a sample's activations and a query's pass each read
     the data again, so their answers would not be of the same inputs. ``first``: the first
     item's inputs as the probe read them; ``read(i)``: item i's inputs, read anew; ``n``: the
     items the probe read. Each is read READS times: a random flip keeps one item alike on two
-    reads half the time."""
+    reads half the time. Returns whether the reads agreed."""
     for i in range(n):
         reads = [first] if i == 0 else []
         reads += [read(i) for _ in range(READS - len(reads))]
         if not all(same_inputs(reads[0], again) for again in reads[1:]):
             break
     else:
-        return
+        return True
     warn("the data gives the same item different inputs on two reads (a random "
          "transform, such as a training augmentation?): the profile, samples and "
          "each query read the items anew, so their answers will not agree; "
          "diagnose with deterministic (evaluation) transforms")
+    return False
 
 
 def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:
@@ -55,22 +56,30 @@ def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:
     return True
 
 
-def check_batch_independent(alone: torch.Tensor, together: torch.Tensor) -> None:
-    """Warn when the first item's outputs alone differ from its outputs in a batch with
-    others (``together``, its row first) by more than rounding: statistics of the batch
-    (dynamic quantization's per-batch scales, a norm over the batch axis) make an item's
-    answer depend on which items share its batch, and WHERE, GROUP BY and a sample run other
-    batches than the exact pass. Outputs whose batch axis is not the first are not compared."""
-    if alone.ndim == 0 or together.ndim != alone.ndim or alone.shape[0] != 1 or \
-            together.shape[0] < 2 or together.shape[1:] != alone.shape[1:] or \
-            not alone.is_floating_point():
-        return
-    if _differ(alone, together[:1]):
-        warn("the model gives an item other outputs when other items share its batch "
-             "(statistics of the batch: dynamic quantization's scales, a norm over "
-             "the batch, a collate_fn that normalises each batch?): WHERE, GROUP BY and "
-             "samples run other batches than an exact pass over every item, so the same "
-             "question may get slightly different answers")
+def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -> None:
+    """Warn when an item's outputs alone (``alone[i]``, a batch of item i only) differ from its
+    outputs in a batch with others (``together``, item i in row i) by more than rounding:
+    statistics of the batch (dynamic quantization's per-batch scales, a norm over the batch
+    axis) or padding to the batch's longest item that the model does not leave out (left
+    padding, with positions counted from the batch's start: a GPT-2's) make an item's answer
+    depend on which items share its batch, and WHERE, GROUP BY and a sample run other
+    batches than the exact pass. Each of the first items is compared (a left-padded first
+    item, the batch's longest, is padded in neither). Outputs whose batch axis is not the
+    first, or of another shape alone, are not compared."""
+    for i, one in enumerate(alone):
+        if one.ndim == 0 or together.ndim != one.ndim or one.shape[0] != 1 or \
+                together.shape[0] < max(2, i + 1) or together.shape[1:] != one.shape[1:] or \
+                not one.is_floating_point():
+            continue
+        if _differ(one, together[i:i + 1]):
+            warn("the model gives an item other outputs when other items share its batch "
+                 "(statistics of the batch: dynamic quantization's scales, a norm over the "
+                 "batch, a collate_fn that normalises each batch, or padding to the "
+                 "batch's longest item that changes the others' outputs, as left padding "
+                 "does a GPT-2's?): WHERE, GROUP BY and samples run other batches than an "
+                 "exact pass over every item, so the same question may get different "
+                 "answers")
+            return
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
