@@ -120,6 +120,8 @@ def test_nan_activations_are_reported_not_averaged():
                                   "(the first is item 3); DiagQL does not average over them")
     with pytest.raises(ExecutionError, match="for 2 of 14 items"):  # class = 0: items 3 and 30
         db.query("TOPK 2 NEURONS IN bn WHERE class = 0")
+    with pytest.raises(ExecutionError, match="DiagQL does not count their most active neuron"):
+        db.query("ARGMAX NEURONS IN bn WHERE class = 0 USING FULL")
     for text in ("AVG NEURONS IN bn WHERE class = 2",  # items 3k+2: none marked
                  "AVG NEURONS IN fc1"):  # the NaN comes after fc1
         assert np.all(np.isfinite(db.query(text).values)), text

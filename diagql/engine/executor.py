@@ -128,8 +128,12 @@ class Reducer:
         return part
 
     def check(self) -> None:
+        what = {"avg": "average over them", "topk": "rank neurons over them",
+                "argmax": "count their most active neuron"}.get(
+                    getattr(getattr(self.plan, "query", None), "aggregate", None),
+                    "aggregate over them")
         self.bad.check(f"layer {self.view.layer.name!r} has NaN or infinite activations for",
-                       len(self.items), "DiagQL does not average over them")
+                       len(self.items), f"DiagQL does not {what}")
 
 
 class Collector:
