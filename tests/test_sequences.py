@@ -929,3 +929,22 @@ def test_left_padding_that_changes_outputs_is_warned_of_when_the_first_item_is_l
     with pytest.warns(diagql.DiagQLWarning, match="padding to the batch's longest item"):
         conn = diagql.connect(_AbsolutePositions(), loader, cache_dir=False, progress=False)
         conn.query("AVG NEURONS IN head")
+
+
+def test_a_length_the_probes_first_items_did_not_show_is_named_as_padding_per_batch():
+    """The first items padded to one length, so the probe saw a fixed shape; a later batch's
+    other length was refused as "expected (3, 6) as in the catalog probe"."""
+    lengths = [6, 6, 6] + [9] * 9
+    items = [(torch.randint(1, 20, (n,)), i % 2) for i, n in enumerate(lengths)]
+
+    def pad(batch):
+        ids = nn.utils.rnn.pad_sequence([x for x, _ in batch], batch_first=True)
+        return ids, torch.tensor([y for _, y in batch])
+
+    model = _TextConv()
+    conn = diagql.connect(model, DataLoader(items, batch_size=4, collate_fn=pad),
+                          cache_dir=False, progress=False)
+    with pytest.raises(ExecutionError, match=r"shape \(3, 9\) in a batch of 4 items, where the "
+                                             r"probe's batches of the data's first items gave "
+                                             r"\(3, 6\): its shape changes with the batch"):
+        conn.query("AVG NEURONS IN conv")

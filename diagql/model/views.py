@@ -376,6 +376,14 @@ class View:
                 return values.flatten(1, -2).mean(dim=1, dtype=torch.float64)
             return values.flatten(2).mean(dim=2, dtype=torch.float64)
         if tuple(values.shape[1:]) != layer.shape:
+            if len(values.shape[1:]) == len(layer.shape):  # the data padded per batch?
+                raise ExecutionError(
+                    f"layer {layer.name!r} gave each item an output of shape "
+                    f"{tuple(values.shape[1:])} in a batch of {call.size} items, where the "
+                    f"probe's batches of the data's first items gave {tuple(layer.shape)}: its "
+                    f"shape changes with the batch (data padded to each batch's longest "
+                    f"item, which the first items did not show), so its neurons are not fixed; "
+                    f"pad every item to one length")
             raise _unexpected(layer, call, "each item's output of shape "
                                            f"{tuple(layer.shape)}, as in the catalog probe")
         # reshape, not flatten(1): an output of one value per item, shape (batch,), is one neuron.
