@@ -549,6 +549,10 @@ def test_a_conv_maps_channels_over_data_padded_per_batch_are_warned_of():
         want = torch.cat([model.conv(model.embed(ids).transpose(1, 2)).double().mean(dim=2)
                           for ids, _ in loader]).mean(dim=0).numpy()
     np.testing.assert_allclose(answer.values, want, **TOL)
+    with pytest.raises(BindError, match="neurons are not fixed; CHANNELS averages"):
+        db.query("AVG NEURONS IN conv")
+    with pytest.raises(BindError, match=r"neurons are not fixed \(line"):  # SIMILARITY: no
+        db.query("SIMILARITY conv, head")  # CHANNELS to suggest
 
 
 def test_channel_first_maps_keep_flat_neurons_and_channels():

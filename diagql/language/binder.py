@@ -283,7 +283,8 @@ def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_class
         layer = bind_layer(ref, own)
         layers.append(layer)
         # An item's representation is the row its view makes, as an AVG NEURONS query's.
-        views.append(bind_view(ast.Query("avg", "neurons", ref, tokens=tokens), layer))
+        views.append(bind_view(ast.Query("avg", "neurons", ref, tokens=tokens), layer,
+                               channels=False))
     if not has_labels:
         require_labels(statement)
     if statement.where is not None:
@@ -294,9 +295,10 @@ def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_class
     return BoundSimilarity(statement, tuple(layers), tuple(views), sampler)
 
 
-def bind_view(query: ast.Query, layer: LayerInfo) -> View:
+def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View:
     """How the query sees the layer: a sequence's tokens reduced as its TOKENS clause says
-    (the mean over real tokens by default), a flat layer's neurons or channels."""
+    (the mean over real tokens by default), a flat layer's neurons or channels; ``channels``:
+    whether the statement takes CHANNELS (SIMILARITY does not), for a refusal's hint."""
     tokens, name = query.tokens, layer.name
     if layer.layout == SEQUENCE:
         if query.unit == "channels":
@@ -339,8 +341,9 @@ def bind_view(query: ast.Query, layer: LayerInfo) -> View:
                           f"batch; pad every item to one length", DiagQLWarning, stacklevel=2)
     elif layer.varies:
         raise _error(f"the output shape of layer {name!r} changes with the batch, so its "
-                     f"neurons are not fixed" + ("; CHANNELS averages each channel" if layer.channels
-                                     else ""), query.layer.span)
+                     f"neurons are not fixed" + ("; CHANNELS averages each channel"
+                                                 if layer.channels and channels else ""),
+                     query.layer.span)
     return View(layer, channels=query.unit == "channels")
 
 
