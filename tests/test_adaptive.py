@@ -469,3 +469,19 @@ def test_auto_answers_exactly_where_too_few_items_match_to_sample():
         with torch.no_grad():
             want = model[1](model[0](X)).double().mean(dim=0).numpy()
         np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_samples_one_class_data_with_a_sampler_that_takes_it():
+    """Data of one class: AUTO chose maxmargin, whose SVM needs two classes, and the query
+    failed with maxmargin's own refusal where a sample was cheaper than the exact pass."""
+    from diagql.session.auto import default_sampler
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    X = torch.randn(400, 6)
+    for y, name in ((torch.zeros(400, dtype=torch.long), "random"), (torch.arange(400) % 2,
+                                                                     "maxmargin")):
+        conn = diagql.connect(model.eval(), (X, y), cache_dir=False, progress=False)
+        sampler = default_sampler(conn, conn.profile)
+        assert sampler.name == name
+        assert len(conn.sample(sampler.spec())) == 20  # 5% of 400, drawn

@@ -20,9 +20,11 @@ FEW = 100
 
 
 def default_sampler(conn, profile) -> samplers.Sampler:
-    """The paper's maxmargin at its defaults (5%), or random for data without labels, or with
-    a NaN or inf latent (which maxmargin, fitting on the latents, refuses)."""
-    usable = profile.has_labels and bool(np.isfinite(profile.latents).all())
+    """The paper's maxmargin at its defaults (5%), or random for data without labels, of one
+    class (maxmargin's SVM needs two), or with a NaN or inf latent (which maxmargin, fitting
+    on the latents, refuses)."""
+    usable = profile.has_labels and bool(np.isfinite(profile.latents).all()) and \
+        len(np.unique(profile.labels[profile.labels >= 0])) >= 2
     return bind_sampler(ast.SamplerCall("maxmargin" if usable else "random"), conn.settings.seed,
                         len(profile))
 
