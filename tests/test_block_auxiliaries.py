@@ -79,6 +79,33 @@ def test_blocks_are_the_top_level_children_with_parameters_and_a_trunk_is_opened
     assert names == ["embed", "trunk", "trunk.layers.0", "trunk.layers.1", "head", "out"]
 
 
+def test_a_model_of_many_blocks_keeps_at_most_max_blocks_spread_over_it():
+    """A ModuleList of 300 small blocks gave 300 auxiliaries: the profile pass took 9.4 s
+    beside a 0.16 s forward pass."""
+    class Deep(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+                                         for _ in range(n)])
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block(x)
+            return self.out(x)
+
+    torch.manual_seed(0)
+    X, y = torch.randn(20, 4), torch.arange(20) % 3
+    model = Deep(120)
+    names = [view.layer.name for view in auxiliaries.blocks(
+        model, diagql.connect(model, (X, y), cache_dir=False).catalog)]
+    every = [f"blocks.{i}" for i in range(120)] + ["out"]
+    wanted = [every[i] for i in np.round(np.linspace(0, 120, auxiliaries.MAX_BLOCKS))
+              .astype(int)]
+    assert names == wanted and names[0] == "blocks.0" and names[-1] == "out"
+    assert len(names) == auxiliaries.MAX_BLOCKS < len(every)
+
+
 def test_a_wrapper_is_seen_through():
     class Model(nn.Module):  # its blocks: proj and fc (out: the logits)
         def __init__(self):
