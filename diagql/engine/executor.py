@@ -14,7 +14,7 @@ import torch
 
 from diagql.engine.aggregates import MeanState, state_for
 from diagql.engine.answers import assemble, require_matches
-from diagql.engine.nonfinite import NonFinite
+from diagql.engine.nonfinite import REFUSED, NonFinite
 from diagql.engine.planner import Plan
 from diagql.engine.prediction import fit_rows
 from diagql.errors import ExecutionError
@@ -128,12 +128,9 @@ class Reducer:
         return part
 
     def check(self) -> None:
-        what = {"avg": "average over them", "topk": "rank neurons over them",
-                "argmax": "count their most active neuron"}.get(
-                    getattr(getattr(self.plan, "query", None), "aggregate", None),
-                    "aggregate over them")
+        aggregate = getattr(getattr(self.plan, "query", None), "aggregate", None)
         self.bad.check(f"layer {self.view.layer.name!r} has NaN or infinite activations for",
-                       len(self.items), f"DiagQL does not {what}")
+                       len(self.items), f"DiagQL does not {REFUSED.get(aggregate, REFUSED[None])}")
 
 
 class Collector:

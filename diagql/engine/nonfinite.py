@@ -8,6 +8,11 @@ import numpy as np
 from diagql.errors import ExecutionError
 
 
+# What DiagQL does not do with such items, by the query's aggregate (None: any other use).
+REFUSED = {"avg": "average over them", "topk": "rank neurons over them",
+           "argmax": "count their most active neuron", None: "aggregate over them"}
+
+
 class NonFinite:
     """How many items held NaN or inf, and the lowest index among them. Mergeable, so a shard's
     count joins the driver's whatever order the shards come back in."""

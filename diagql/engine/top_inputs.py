@@ -13,7 +13,7 @@ import torch
 from diagql.engine.aggregates import TopItems
 from diagql.engine.inputs_index import IndexBuilder, InputsIndex
 from diagql.engine.nonfinite import NonFinite
-from diagql.language.binder import BoundInputs
+from diagql.language.bind_inputs import BoundInputs
 
 
 class NeuronTop:

@@ -19,7 +19,8 @@ from diagql.engine.planner import predicate_mask
 from diagql.engine.top_inputs import Answer
 from diagql.errors import NoMatchError
 from diagql.language import ast
-from diagql.language.binder import BoundInputs, bind_inputs, require_labels
+from diagql.language.bind_inputs import BoundInputs, bind_inputs
+from diagql.language.binder import require_labels
 from diagql.model import hooks, views
 from diagql.model.data import dataset_indices
 from diagql.model.previews import previews
