@@ -88,13 +88,27 @@ class Profile:
     def correct(self) -> np.ndarray:
         return self.labels == self.predictions
 
-    def confusion_matrix(self) -> np.ndarray:
+    @property
+    def matrix_classes(self) -> int:
+        """The confusion matrix's side: the model's classes, or more if a label is past them."""
+        return max(self.n_classes, int(self.labels.max(initial=-1)) + 1)
+
+    def confusion_cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The confusion matrix's non-empty cells, by true class then predicted: (true class,
+        predicted class, items) arrays no longer than the data, however many classes (a
+        50,257-token vocabulary's dense matrix is 20 GB; docs/ARCHITECTURE.md, "Session")."""
         if not self.has_labels:  # -1 labels would index the last row
             raise DiagQLError("the data has no labels, so there is no confusion matrix: "
                               "connect data of (x, y) items to see it")
-        n = max(self.n_classes, int(self.labels.max(initial=-1)) + 1)
-        matrix = np.zeros((n, n), dtype=np.int64)
-        np.add.at(matrix, (self.labels, self.predictions), 1)
+        n = self.matrix_classes
+        codes, counts = np.unique(self.labels * n + self.predictions, return_counts=True)
+        return codes // n, codes % n, counts.astype(np.int64)
+
+    def confusion_matrix(self) -> np.ndarray:
+        """The dense (classes × classes) int64 matrix; ``confusion_cells`` for many classes."""
+        true, predicted, counts = self.confusion_cells()
+        matrix = np.zeros((self.matrix_classes,) * 2, dtype=np.int64)
+        matrix[true, predicted] = counts
         return matrix
 
     def seconds_per_item(self) -> float:

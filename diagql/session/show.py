@@ -151,21 +151,20 @@ def _samplers(conn, statement) -> Result:
 
 def _profile(conn, statement) -> Result:
     profile = conn.profile
-    matrix = profile.confusion_matrix()
-    classes = range(matrix.shape[0])
-    rows = []
+    n = profile.matrix_classes
     names = conn.class_names or []
-    wide = matrix.shape[0] > WIDEST_MATRIX
-    for c in classes:
-        total = int(matrix[c].sum())
-        accuracy = f"{matrix[c, c] / total:.1%}" if total else ""
-        name = names[c] if c < len(names) else ""
-        rows.append((c, *([name] if names else []), total, accuracy,
-                     *([_confusions(matrix[c], c)] if wide else (int(v) for v in matrix[c]))))
-    if wide:  # the worst classes first: what a cut table should keep
-        order = sorted(classes, key=lambda c: (matrix[c, c] / max(matrix[c].sum(), 1)
-                                               if matrix[c].sum() else 2.0, c))
-        rows = [rows[c] for c in order]
+    wide = n > WIDEST_MATRIX
+    if wide:
+        rows, left_out = _wide_rows(profile, names)
+    else:
+        matrix, left_out = profile.confusion_matrix(), []
+        rows = []
+        for c in range(n):
+            total = int(matrix[c].sum())
+            accuracy = f"{matrix[c, c] / total:.1%}" if total else ""
+            name = names[c] if c < len(names) else ""
+            rows.append((c, *([name] if names else []), total, accuracy,
+                         *(int(v) for v in matrix[c])))
     accuracy = float(profile.correct.mean())
     title = (f"profile: {len(profile):,} items, accuracy {accuracy:.1%} "
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
@@ -183,14 +182,20 @@ def _profile(conn, statement) -> Result:
     if notice is not None:
         notes.append(notice)
     if wide:
-        notes.append(f"{matrix.shape[0]:,} classes, worst accuracy first, each with the classes "
-                     f"it is most often predicted as; the whole confusion matrix is "
-                     f"conn.profile.confusion_matrix() in Python")
+        notes.append(f"{n:,} classes, worst accuracy first, each with the classes it is most "
+                     f"often predicted as; in Python, conn.profile.confusion_cells() gives the "
+                     f"non-empty cells of the confusion matrix (confusion_matrix(): all "
+                     f"{n:,}² of them)")
+        if len(left_out):
+            predicted = np.isin(left_out, profile.predictions)
+            notes.append(f"{len(left_out):,} of the {n:,} classes have no items and are left "
+                         f"out" + (f" ({int(predicted.sum()):,} of them predicted for some item)"
+                                   if predicted.any() else ""))
         title = title.replace("rows: true class, columns: predicted", "rows: true class")
     return Result(kind="table", statement=statement.text,
                   columns=["class", *(["name"] if names else []), "items", "accuracy",
                            *(["predicted instead (items)"] if wide
-                             else (str(c) for c in classes))], rows=rows,
+                             else (str(c) for c in range(n)))], rows=rows,
                   title=title, notes=notes)
 
 
@@ -199,11 +204,26 @@ def _profile(conn, statement) -> Result:
 WIDEST_MATRIX = 12
 
 
-def _confusions(row: np.ndarray, own: int, most: int = 3) -> str:
-    """The classes a true class is most often predicted as, with their counts."""
-    others = [(int(row[c]), c) for c in np.argsort(-row, kind="stable")[:most + 1]
-              if c != own and row[c] > 0][:most]
-    return ", ".join(f"{c} ({count:,})" for count, c in others)
+def _wide_rows(profile, names: list, most: int = 3) -> tuple[list, np.ndarray]:
+    """SHOW PROFILE's rows past WIDEST_MATRIX classes, from the confusion matrix's non-empty
+    cells (never the dense matrix: 20 GB for a 50,257-token vocabulary): each class with
+    items, worst accuracy first, and the ``most`` classes it is most often predicted as
+    instead (ties to the lower class); and the classes left out, which have no items."""
+    n = profile.matrix_classes
+    true, predicted, counts = profile.confusion_cells()
+    items = np.bincount(true, weights=counts, minlength=n).astype(np.int64)
+    right = np.zeros(n, dtype=np.int64)
+    right[true[true == predicted]] = counts[true == predicted]
+    wrong = np.flatnonzero(true != predicted)
+    wrong = wrong[np.lexsort((predicted[wrong], -counts[wrong], true[wrong]))]
+    mistakes = {}
+    for c, start in zip(*np.unique(true[wrong], return_index=True)):
+        mistakes[int(c)] = ", ".join(f"{int(predicted[j])} ({int(counts[j]):,})"
+                                     for j in wrong[start:start + most] if true[j] == c)
+    listed = sorted(np.flatnonzero(items).tolist(), key=lambda c: (right[c] / items[c], c))
+    rows = [(c, *([names[c] if c < len(names) else ""] if names else []), int(items[c]),
+             f"{right[c] / items[c]:.1%}", mistakes.get(c, "")) for c in listed]
+    return rows, np.flatnonzero(items == 0)
 
 
 def _settings(conn, statement) -> Result:

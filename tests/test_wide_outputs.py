@@ -1,0 +1,87 @@
+"""A model of 50,000 classes, as a language model's vocabulary (docs/ARCHITECTURE.md,
+"Session" and "Top inputs"): SHOW PROFILE from the confusion matrix's non-empty cells, never
+its dense 50,000² form; confidences that read (every one is under 0.001); and a first TOPK
+INPUTS on the 50,000-wide output that reads the one neuron rather than building an index
+that costs far more than the pass. The truth is plain numpy: the model is one linear map of
+one-hot items, so its logits are a column of its weight."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import diagql
+
+CLASSES, TYPES, ITEMS = 50_000, 40, 400
+MISTAKEN = [3, 7, 12_345, 49_999]  # the true classes of most items, mostly predicted wrong
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """(model, X, y, W): item i is one-hot of its type; type t is predicted as class
+    ``picks[t]`` with logit 2 against 0 for every other class."""
+    rng = np.random.default_rng(0)
+    picks = rng.choice(CLASSES, TYPES, replace=False)
+    types = rng.integers(0, TYPES, ITEMS)
+    W = np.zeros((CLASSES, TYPES), dtype=np.float32)
+    W[picks, np.arange(TYPES)] = 2.0
+    X = np.eye(TYPES, dtype=np.float32)[types]
+    predicted = picks[types]
+    y = np.where(rng.random(ITEMS) < 0.3, predicted, rng.choice(MISTAKEN, ITEMS))
+    model = nn.Sequential(nn.Linear(TYPES, CLASSES, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(W))
+    return model, X, y, W
+
+
+def _connect(wide):
+    model, X, y, _ = wide
+    return diagql.connect(model, (torch.from_numpy(X), torch.from_numpy(y)), cache_dir=False,
+                          progress=False)
+
+
+def _truth(wide):
+    """Each item's prediction and confidence, from the logits X Wᵀ in float64."""
+    _, X, _, W = wide
+    logits = X.astype(np.float64) @ W.T.astype(np.float64)
+    probabilities = np.exp(logits - logits.max(1, keepdims=True))
+    probabilities /= probabilities.sum(1, keepdims=True)
+    return logits.argmax(1), probabilities.max(1)
+
+
+def test_show_profile_of_50000_classes_lists_each_classs_mistakes_from_its_cells(wide):
+    """SHOW PROFILE had built the dense 50,257² int64 matrix (20 GB) and walked its rows
+    (24 s); it lists the classes with items, worst first, with their commonest mistakes."""
+    _, _, y, _ = wide
+    predicted, _ = _truth(wide)
+    conn = _connect(wide)
+    conn.query("SHOW MODELS")  # the profile, before the memory is measured
+    tracemalloc.start()
+    try:
+        shown = conn.query("SHOW PROFILE")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 1024 ** 2  # the dense matrix: 20 GB
+    classes = np.unique(y)
+    accuracy = {c: float(np.mean(predicted[y == c] == c)) for c in classes}
+    assert [row[0] for row in shown.rows] == sorted(classes.tolist(),
+                                                    key=lambda c: (accuracy[c], c))
+    for c, items, rate, instead in shown.rows:
+        mine = y == c
+        assert items == int(mine.sum()) and rate == f"{accuracy[c]:.1%}"
+        wrong = np.bincount(predicted[mine & (predicted != c)], minlength=CLASSES)
+        order = np.lexsort((np.arange(CLASSES), -wrong))[:3]
+        assert instead == ", ".join(f"{p} ({wrong[p]:,})" for p in order if wrong[p])
+    assert any(", " in row[3] for row in shown.rows)  # several mistakes to order
+    unlisted = CLASSES - len(classes)
+    only_predicted = len(np.setdiff1d(predicted, y))
+    assert f"{unlisted:,} of the 50,000 classes have no items and are left out " \
+           f"({only_predicted:,} of them predicted for some item)" in shown.notes
+    true, guessed, counts = conn.profile.confusion_cells()
+    cells = np.unique(y * CLASSES + predicted, return_counts=True)
+    np.testing.assert_array_equal(true * CLASSES + guessed, cells[0])
+    np.testing.assert_array_equal(counts, cells[1])
