@@ -6,6 +6,7 @@ that costs far more than the pass. The truth is plain numpy: the model is one li
 one-hot items, so its logits are a column of its weight."""
 from __future__ import annotations
 
+import re
 import tracemalloc
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import diagql
+from diagql.results.render import to_text
 
 CLASSES, TYPES, ITEMS = 50_000, 40, 400
 MISTAKEN = [3, 7, 12_345, 49_999]  # the true classes of most items, mostly predicted wrong
@@ -85,3 +87,21 @@ def test_show_profile_of_50000_classes_lists_each_classs_mistakes_from_its_cells
     cells = np.unique(y * CLASSES + predicted, return_counts=True)
     np.testing.assert_array_equal(true * CLASSES + guessed, cells[0])
     np.testing.assert_array_equal(counts, cells[1])
+
+
+def test_a_50000_class_models_confidences_read(wide):
+    """Every confidence of a 50,000-class model is under 0.001: the TOPK INPUTS table had
+    printed 0.000 for each."""
+    _, _, y, W = wide
+    predicted, confidence = _truth(wide)
+    assert confidence.max() < 1e-3
+    conn = _connect(wide)
+    neuron = int(np.flatnonzero(W[:, 0])[0])
+    result = conn.query(f"TOPK 5 INPUTS FOR 0[{neuron}]")
+    shown = [line.split() for line in to_text(result).splitlines()
+             if re.match(r"^\W*\d+\W+\d+\W", line)]
+    assert len(shown) == 5
+    for cells, item in zip(shown, result.items):
+        number = [cell for cell in cells if re.fullmatch(r"\d\.\d\de-\d\d", cell)]
+        assert len(number) == 1
+        np.testing.assert_allclose(float(number[0]), confidence[item], rtol=5e-3)

@@ -15,3 +15,11 @@ def group_label(key, group_by: str | None, names: list[str] | None) -> str:
             0 <= key < len(names):
         return f"{key} {names[key]}"
     return "" if key is None else str(key)
+
+
+def probability_text(p) -> str:
+    """A probability (an item's confidence) as shown: 3 decimals, or 3 significant digits
+    under 0.001, where a 50,257-token vocabulary's predictions all lie (its softmax's top is
+    at least 1/50,257): ``0.000`` had read as no confidence at all."""
+    p = float(p)
+    return f"{p:.2e}" if 0 < abs(p) < 1e-3 else f"{p:.3f}"

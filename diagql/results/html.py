@@ -12,6 +12,8 @@ import zlib
 
 import numpy as np
 
+from diagql.results.formats import probability_text
+
 THUMBNAIL = 84  # pixels a thumbnail's longer side is shown at
 HEAT_CELL = 6  # pixels per neuron in a heat map
 MAX_MAPS = 64  # channels drawn as heat maps
@@ -37,7 +39,7 @@ def _thumbnails(result) -> str:
         preview = ranked.previews[j] if j < len(ranked.previews) else None
         label = "" if ranked.labels is None else f"label {int(ranked.labels[j])} · "
         caption = (f"#{j + 1} item {item}<br>{label}pred {int(ranked.predictions[j])} "
-                   f"({float(ranked.confidence[j]):.2f})<br>{float(result.values[j]):.4g}")
+                   f"({probability_text(ranked.confidence[j])})<br>{float(result.values[j]):.4g}")
         if isinstance(preview, np.ndarray):
             picture = _img(gray_or_rgb(preview), THUMBNAIL)
         elif isinstance(preview, list):

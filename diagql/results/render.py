@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from diagql.results.formats import MAX_ROWS, group_label
+from diagql.results.formats import MAX_ROWS, group_label, probability_text
 
 # Importing this module loads neither numpy nor the metrics (they load with the first result),
 # so that rendering the REPL's first lines waits for nothing.
@@ -143,7 +143,7 @@ def _inputs(result, max_rows: int, echo: bool) -> Group:
         cells = [str(r["rank"]), str(r["item"]), _number(r["value"]), _bar(length, 1.0),
                  group_label(r["label"], "class", result.class_names),
                  group_label(r["predicted"], "predicted", result.class_names),
-                 f"{r['confidence']:.3f}"]
+                 probability_text(r['confidence'])]
         table.add_row(*cells, *([r.get("tokens", "")] if tokens else []))
     if len(records) > max_rows:
         table.add_row("", Text(f"… {len(records) - max_rows:,} more", style="dim"))
