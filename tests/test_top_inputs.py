@@ -406,3 +406,35 @@ def test_a_layer_too_wide_for_an_index_is_read_for_its_one_neuron(cnn, digits, c
         result = conn.query("TOPK 4 INPUTS FOR 2[1,0,2]")
         check(result, conv[:, 1, 0, 2], np.ones(len(y), bool), 4)
         assert result.ranked.how == f"{len(y):,} items read through the model"
+
+
+def test_an_index_dearer_than_a_pass_is_built_once_the_passes_have_cost_as_much(
+        cnn, digits, conv, monkeypatch):
+    """A 50,257-token output's index had cost 13 s beside a 0.3 s pass, paid by the first
+    query. An index estimated dearer than a pass over every item is built by the first exact
+    query after the queries' passes on the view have cost as much; every answer is exact."""
+    X, y = digits
+    n = len(y)
+    conn = diagql.connect(cnn, (X, y), progress=False, cache_dir=False)
+    monkeypatch.setattr(inputs_index, "CHEAP_BUILD_SECONDS", 0.0)
+    monkeypatch.setattr(inputs_index, "BUILD_SECONDS_PER_ACTIVATION", 1.0)  # ≈ 500,000 s
+    one_pass = n * conn.profile.seconds_per_item()
+    first = conn.query("TOPK 4 INPUTS FOR 2[1,0,2]")
+    check(first, conv[:, 1, 0, 2], np.ones(n, bool), 4)
+    assert first.ranked.how == f"{n:,} items read through the model"
+    assert any("the inputs index of 2 is not built yet" in note for note in first.notes)
+    # Now the index costs just more than the pass and the first query's pass together.
+    build = one_pass + first.timings["query"] + 1e-6
+    monkeypatch.setattr(inputs_index, "BUILD_SECONDS_PER_ACTIVATION", build / (288 * n))
+    second = conn.query("BOTTOMK 3 INPUTS FOR 2[0,4,4]")
+    check(second, conv[:, 0, 4, 4], np.ones(n, bool), 3, largest=False)
+    assert second.ranked.how == f"{n:,} items read through the model"
+    assert "the next exact query on 2 builds its inputs index" in " ".join(second.notes)
+    plan = dict(conn.query("EXPLAIN TOPK 5 INPUTS FOR 2[7,1,1]").rows)
+    assert plan["read"].startswith(f"one pass over all {n:,} items")
+    third = conn.query("TOPK 5 INPUTS FOR 2[7,1,1]")
+    check(third, conv[:, 7, 1, 1], np.ones(n, bool), 5)
+    assert "built the inputs index of 2" in third.ranked.how
+    fourth = conn.query("TOPK 5 INPUTS FOR 2[1,0,2]")
+    check(fourth, conv[:, 1, 0, 2], np.ones(n, bool), 5)
+    assert fourth.ranked.how.startswith("from the inputs index of 2")

@@ -24,11 +24,11 @@ MISTAKEN = [3, 7, 12_345, 49_999]  # the true classes of most items, mostly pred
 @pytest.fixture(scope="module")
 def wide():
     """(model, X, y, W): item i is one-hot of its type; type t is predicted as class
-    ``picks[t]`` with logit 2 against 0 for every other class."""
+    ``picks[t]`` with logit 2 against |logit| < 0.06 for every other class."""
     rng = np.random.default_rng(0)
     picks = rng.choice(CLASSES, TYPES, replace=False)
     types = rng.integers(0, TYPES, ITEMS)
-    W = np.zeros((CLASSES, TYPES), dtype=np.float32)
+    W = rng.uniform(-0.06, 0.06, (CLASSES, TYPES)).astype(np.float32)
     W[picks, np.arange(TYPES)] = 2.0
     X = np.eye(TYPES, dtype=np.float32)[types]
     predicted = picks[types]
@@ -105,3 +105,37 @@ def test_a_50000_class_models_confidences_read(wide):
         number = [cell for cell in cells if re.fullmatch(r"\d\.\d\de-\d\d", cell)]
         assert len(number) == 1
         np.testing.assert_allclose(float(number[0]), confidence[item], rtol=5e-3)
+
+
+def _ranking(values: np.ndarray, k: int) -> np.ndarray:
+    """The k items of highest value, ties to the lower index."""
+    return np.lexsort((np.arange(len(values)), -values))[:k]
+
+
+def test_a_first_topk_inputs_on_a_50000_wide_output_reads_its_one_neuron(wide):
+    """The first TOPK 3 INPUTS FOR lm_head[5] on a 50,257-token output had built the
+    layer's inputs index: 13 s beside a 0.3 s pass. An index that costs far more than a pass
+    over every item is not built by the first query; the answer is exact all the same."""
+    _, X, _, W = wide
+    neuron = 123
+    values = X.astype(np.float64) @ W[neuron].astype(np.float64)
+    conn = _connect(wide)
+    conn.query("SHOW MODELS")  # the profile, before the memory is measured
+    plan = dict(conn.query(f"EXPLAIN TOPK 3 INPUTS FOR 0[{neuron}]").rows)
+    assert plan["read"].startswith(f"{ITEMS} items through the model, hooking 0 (the inputs "
+                                   f"index of 0 is not built yet")
+    tracemalloc.start()
+    try:
+        result = conn.query(f"TOPK 3 INPUTS FOR 0[{neuron}]")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 1024 ** 2  # the index's lists alone: 160 MB
+    np.testing.assert_array_equal(result.items, _ranking(values, 3))
+    np.testing.assert_allclose(result.values, np.sort(values)[::-1][:3], rtol=1e-6)
+    assert result.ranked.how == f"{ITEMS} items read through the model"
+    assert any(note.startswith("the inputs index of 0 is not built yet") for note in result.notes)
+    later = conn.query(f"BOTTOMK 4 INPUTS FOR 0[{neuron + 1}]")
+    lowest = X.astype(np.float64) @ -W[neuron + 1].astype(np.float64)
+    np.testing.assert_array_equal(later.items, _ranking(lowest, 4))
+    assert later.ranked.how == f"{ITEMS} items read through the model"

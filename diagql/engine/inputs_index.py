@@ -23,9 +23,21 @@ BINS = 256  # codes are uint8
 # several times a plain one (262,144 neurons: 25 s beside 2.6 s at 200 items; 240 s and 5 GB
 # at 2,000), while a pass over the matching items reads the one neuron asked of.
 MAX_NEURONS = 65_536
+# What building costs per activation (neuron × item): the two ends' top-k selections, their
+# final sort and the codes, measured at 0.2-0.45 µs on two cores (50,257 neurons: 4.5 s at 200
+# items, 10.5 s at 1,000), beside 1.5 ms per item for the pass of a small GPT-2 that has them.
+BUILD_SECONDS_PER_ACTIVATION = 2e-7
+# An index estimated to cost less than this is built by the first exact query whatever
+# the pass costs (docs/ARCHITECTURE.md, "Top inputs": when an index is built).
+CHEAP_BUILD_SECONDS = 1.0
 _HALF_MAX = 65504.0  # float16's largest finite value
 # Rows ranked together (up to 64 MB of them): far fewer top-k selections than one per batch.
 CHUNK, CHUNK_BYTES = 8192, 64 * 1024 ** 2
+
+
+def build_seconds(neurons: int, n_items: int) -> float:
+    """About what building the index of a view of ``neurons`` over ``n_items`` costs."""
+    return neurons * n_items * BUILD_SECONDS_PER_ACTIVATION
 
 
 class IndexBuilder:

@@ -30,6 +30,9 @@ from diagql.storage.fingerprint import cache_key, source_digest
 
 KEPT = 4  # indexes held in memory per connection, least recently used out first
 _MEMORY: "weakref.WeakKeyDictionary[object, OrderedDict]" = weakref.WeakKeyDictionary()
+# Per model, the seconds that exact queries on each view have spent in passes that built no
+# index: a view's index is built once they reach its cost ("Top inputs" in ARCHITECTURE.md).
+_SPENT: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
 def run_top_inputs(conn, query: ast.TopInputs) -> Result:
@@ -74,11 +77,24 @@ def _matching(query: ast.TopInputs, profile, bound: BoundInputs, sampling) -> tu
     return allowed, sample
 
 
-def _builds_index(index: InputsIndex | None, sample, bound: BoundInputs) -> bool:
-    """Whether the query's pass builds the layer's inputs index: an exact query without one,
-    on a view no wider than MAX_NEURONS."""
-    return index is None and sample is None and \
-        bound.view.neurons <= inputs_index.MAX_NEURONS
+def _unbuilt(conn, index: InputsIndex | None, sample, bound: BoundInputs) -> str | None:
+    """None when the query's pass builds the view's inputs index: an exact query without one,
+    on a view no wider than MAX_NEURONS, where building costs no more than CHEAP_BUILD_SECONDS,
+    a pass over every item, or what exact queries on the view have spent in passes so far
+    (a 50,257-token output's index cost 13 s beside a 0.3 s pass). Else why not ("" where
+    no pass could build it)."""
+    neurons, n = bound.view.neurons, len(conn.source)
+    if index is not None or sample is not None:
+        return ""
+    if neurons > inputs_index.MAX_NEURONS:
+        return f"its {neurons:,} neurons are too many for an inputs index"
+    build, one_pass = inputs_index.build_seconds(neurons, n), n * conn.profile.seconds_per_item()
+    spent = _SPENT.get(conn, {}).get(_view_key(bound), 0.0)
+    if build <= max(inputs_index.CHEAP_BUILD_SECONDS, one_pass + spent):
+        return None
+    return (f"the inputs index of {bound.layer.name} is not built yet: ≈ {build:.2g} s, "
+            f"{build / max(one_pass, 1e-9):,.0f}× a pass over all {n:,} items; exact queries "
+            f"on it build it once their passes have cost as much ({spent:.2g} s so far)")
 
 
 def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
@@ -98,11 +114,19 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
         raise NoMatchError(f"no items match WHERE {where} (0 of {scope} items)",
                            **where_place(query))
     index = _index(conn, bound)
+    unbuilt = _unbuilt(conn, index, sample, bound)
     answer = top_inputs.top_inputs(conn.runner(), bound, allowed, index,
-                                   build_index=_builds_index(index, sample, bound))
+                                   build_index=unbuilt is None)
     if answer.index is not None:
         _keep(conn, bound, answer.index, answer.seconds)
+    elif sample is None and not answer.used_index:
+        spent = _SPENT.setdefault(conn, {})
+        spent[_view_key(bound)] = spent.get(_view_key(bound), 0.0) + answer.seconds
     result = _result(conn, bound, answer, profile, allowed, sample, tokenizer, drawn_on)
+    if unbuilt and index is None and bound.view.neurons <= inputs_index.MAX_NEURONS:
+        result.notes.append(_unbuilt(conn, None, None, bound) or
+                            f"the next exact query on {bound.layer.name} builds its inputs "
+                            f"index: the queries on it have spent as much as it costs")
     result.timings.update(bind=bound_at - started, profile=profiled_at - bound_at,
                           query=answer.seconds)
     return result
@@ -137,15 +161,14 @@ def explain_top_inputs(conn, statement: ast.Explain) -> Result:
         how = (f"from the inputs index of {layer.name}, held: " +
                ("no item read" if read == 0 else
                 f"{read:,} items it cannot order read through the model"))
-    elif _builds_index(index, sample, bound):
+    elif (unbuilt := _unbuilt(entry, index, sample, bound)) is None:
         read = len(allowed)
         how = (f"one pass over all {read:,} items, hooking {layer.name}, which builds its "
                f"inputs index for later queries")
     else:
         read = int(allowed.sum())
         how = f"{read:,} items through the model, hooking {layer.name}" + (
-            f" (its {bound.view.neurons:,} neurons are too many for an inputs index)"
-            if bound.view.neurons > inputs_index.MAX_NEURONS else "")
+            f" ({unbuilt})" if unbuilt else "")
     rows.append(("read", how))
     rows.append(("cost", f"≈ {read * profile.seconds_per_item():.3g} s (from the profile pass)"
                  if read else "no forward pass"))
@@ -270,6 +293,7 @@ def _keep(conn, bound: BoundInputs, index: InputsIndex, seconds: float) -> None:
 def forget_indices(entry) -> None:
     """The model's indexes held in memory are stale (its weights or the data changed)."""
     _MEMORY.pop(entry, None)
+    _SPENT.pop(entry, None)
 
 
 def _hold(held: OrderedDict, key: str, index: InputsIndex) -> None:
