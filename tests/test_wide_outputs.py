@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import diagql
+from diagql.engine import inputs_index
+from diagql.model import views
 from diagql.results.render import to_text
 
 CLASSES, TYPES, ITEMS = 50_000, 40, 400
@@ -139,3 +141,49 @@ def test_a_first_topk_inputs_on_a_50000_wide_output_reads_its_one_neuron(wide):
     lowest = X.astype(np.float64) @ -W[neuron + 1].astype(np.float64)
     np.testing.assert_array_equal(later.items, _ranking(lowest, 4))
     assert later.ranked.how == f"{ITEMS} items read through the model"
+
+
+class _Tokens(nn.Module):
+    """Embeddings, then a wide per-token linear map ("wide", a sequence layer), then a head
+    on the first token's."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.embed, self.wide = nn.Embedding(50, 8), nn.Linear(8, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.wide(self.embed(input_ids))[:, 0])
+
+
+def test_a_sequence_neurons_top_inputs_reduce_its_tokens_alone(monkeypatch):
+    """TOPK INPUTS of one hidden unit of a sequence layer had taken every unit's mean over
+    the real tokens, then kept one: of a 50,257-token output, 1.5 s for 200 items of 8 tokens,
+    five times the model's pass. The hook reduces the one unit's tokens alone; the answer is
+    its mean over the real tokens (plain numpy) all the same."""
+    torch.manual_seed(0)
+    width, n, length = 2048, 64, 6
+    model = _Tokens(width).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    real = torch.arange(length)[None] < torch.randint(1, length + 1, (n, 1), generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    conn = diagql.connect(model, ({"input_ids": ids, "attention_mask": real.long()}, y),
+                          cache_dir=False, progress=False)
+    with torch.no_grad():
+        rows = model.wide(model.embed(ids)).double().numpy()
+    mask = real.numpy()[:, :, None]
+    means = (rows * mask).sum(1) / mask.sum(1)
+    conn.query("SHOW MODELS")
+    monkeypatch.setattr(inputs_index, "MAX_NEURONS", 100)  # no index: the query's pass alone
+    reduced = []
+    mean = views._mean
+    monkeypatch.setattr(views, "_mean", lambda values, *rest: reduced.append(values.shape[-1])
+                        or mean(values, *rest))
+    for unit, k in [(5, 4), (2047, 7)]:
+        result = conn.query(f"TOPK {k} INPUTS FOR wide[{unit}] WHERE class = 1")
+        allowed = np.flatnonzero(y.numpy() == 1)
+        order = allowed[np.lexsort((allowed, -means[allowed, unit]))][:k]
+        np.testing.assert_array_equal(result.items, order)
+        np.testing.assert_allclose(result.values, means[order, unit], rtol=1e-6)
+    assert reduced and set(reduced) == {1}  # never the 2,048 units'

@@ -4,6 +4,7 @@ index), or the index's lists and codes, reading only the candidates they cannot 
 (docs/ARCHITECTURE.md, "Top inputs")."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -16,12 +17,30 @@ from diagql.engine.nonfinite import NonFinite
 from diagql.language.bind_inputs import BoundInputs
 
 
+class OneUnit:
+    """A sequence view (TOKENS MEAN, MAX or TOKEN n) narrowed to one hidden unit, as the
+    executor's consumers see a view: the hook reduces that unit's tokens only
+    (``View.unit_rows``), under a key of its own, so that its rows are never another view's."""
+
+    def __init__(self, view, unit: int):
+        self.layer, self.whole, self.unit = view.layer, view, unit
+        self.key = json.dumps([view.key, "unit", unit])
+
+    def rows(self, call) -> torch.Tensor:
+        return self.whole.unit_rows(call, self.unit)
+
+    def finish(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+
 class NeuronTop:
-    """A forward-pass consumer: the top k of one neuron over its items (``wanted``)."""
+    """A forward-pass consumer: the top k of one neuron over its items (``wanted``); of a
+    sequence view's hidden unit, the hook reduces that unit alone (``OneUnit``)."""
 
     def __init__(self, bound: BoundInputs, items: np.ndarray, k: int):
-        self.view = bound.view
-        self.neuron = bound.neuron
+        self.view, self.neuron = bound.view, bound.neuron
+        if self.view.sequence and self.view.reduction != "all" and not self.view.channels:
+            self.view, self.neuron = OneUnit(self.view, self.neuron), 0
         self.items = self.wanted = items
         self.state = TopItems(1, k, bound.query.largest)
         self.bad = NonFinite()
