@@ -952,3 +952,21 @@ def test_a_length_the_probes_first_items_did_not_show_is_named_as_padding_per_ba
                                              r"probe's batches of the data's first items gave "
                                              r"\(3, 6\): its shape changes with the batch"):
         conn.query("AVG NEURONS IN conv")
+
+
+@pytest.mark.parametrize("padding", [0.0, float("nan"), float("inf")])
+def test_a_tokens_mean_leaves_out_padding_whatever_it_holds(padding):
+    """The mean over real tokens, taken as the mask's product with the values (no copy of a
+    wide output), against float64 sums of the real tokens; padding that holds NaN or inf (a
+    fully masked attention row) takes the masked sum instead, and counts for nothing."""
+    from diagql.model.views import _mean
+
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(9, 6, 5, generator=g)
+    real = torch.rand(9, 6, generator=g) > 0.4
+    real[:, 0] = True
+    values[~real] = padding
+    got = _mean(values, real, "layer 'x'")
+    want = [values[i][real[i]].double().mean(dim=0) for i in range(9)]
+    np.testing.assert_allclose(got.numpy(), torch.stack(want).numpy(), rtol=1e-6, atol=1e-7)
+    assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())

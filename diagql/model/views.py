@@ -453,6 +453,12 @@ def _mean(values: torch.Tensor, real: torch.Tensor | None, where: str) -> torch.
     counts = real.sum(dim=1, keepdim=True)
     if not bool((counts > 0).all()):
         raise ExecutionError(f"an item of this batch has no real token at {where}")
+    if values.dtype in (torch.float32, torch.float64) and values.ndim == 3:
+        # The mask's product with the values, batch by batch: no copy of them (a 50,257-token
+        # LM head's (256, 8, V) output: 2.5 s of the profile's 4.2 s in where() and sum()).
+        total = torch.bmm(real[:, None, :].to(values.dtype), values)[:, 0]
+        if bool(torch.isfinite(total).all()):
+            return (total.to(torch.float64) / counts).to(wide)
     # where(), not a product: a padding position may hold NaN (a fully masked attention row).
     total = torch.where(real[:, :, None], values, 0).sum(dim=1, dtype=torch.float64)
     return (total / counts).to(wide)
