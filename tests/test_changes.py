@@ -360,3 +360,108 @@ def test_a_change_is_warned_of_at_the_users_line():
         conn.query("AVG NEURONS IN 1")
     told = [w for w in caught if "the model changed" in str(w.message)]
     assert len(told) == 1 and told[0].filename == __file__
+
+
+def _wide(columns: int):
+    """500 items of ``columns`` float32 inputs (40 MB at 20,000) and an MLP over them."""
+    rs = np.random.RandomState(0)
+    X, y = rs.randn(500, columns).astype(np.float32), rs.randint(0, 4, 500)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(columns, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    return model, X, y
+
+
+def _plain_mean(model, X: np.ndarray, items=None) -> np.ndarray:
+    with torch.no_grad():
+        hidden = model[1](model[0](torch.from_numpy(X))).double().numpy()
+    return hidden.mean(0) if items is None else hidden[items].mean(0)
+
+
+def test_data_over_32_mb_scaled_in_place_is_seen_and_never_cached_for_the_original(tmp_path):
+    """40 MB of numpy data, over the size fingerprinted whole before each statement: a write
+    through numpy moves no version counter. It was not noticed: stale rows answered, and the
+    edited data's rows were stored under the original's key, which a new process with the
+    original data then read. Truth: plain torch on the arrays as they are."""
+    from diagql.session import changes
+
+    model, X, y = _wide(20_000)
+    assert X.nbytes > changes.FULL_BYTES
+    original = X.copy()
+    query = "AVG NEURONS IN 1 USING SAMPLE random(0.2, random_state=0)"
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("SET estimator = plain")  # the sample's own mean, to check its rows
+    db.query(query)
+    X *= -3.0
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query(query)
+    items = db.sample("random(0.2, random_state=0)")
+    np.testing.assert_allclose(answer.values, _plain_mean(model, X, items), rtol=1e-5, atol=1e-6)
+    db.close()
+    fresh = diagql.connect(model, (original, y), progress=False, cache_dir=tmp_path)
+    fresh.query("SET estimator = plain")
+    again = fresh.query(query)
+    items = fresh.sample("random(0.2, random_state=0)")
+    np.testing.assert_allclose(again.values, _plain_mean(model, original, items), rtol=1e-5,
+                               atol=1e-6)
+
+
+def _scale(X, Xt):
+    X *= 0.5
+
+
+def _shuffle(X, Xt):
+    X[:] = X[np.random.RandomState(1).permutation(len(X))]
+
+
+def _normalise_column(X, Xt):
+    X[:, 1234] = (X[:, 1234] - X[:, 1234].mean()) / 10.0  # one column of every row
+
+
+def _through_data(X, Xt):
+    Xt.data.mul_(-2)  # no version counter moves
+
+
+@pytest.mark.parametrize("edit", [_scale, _shuffle, _normalise_column, _through_data],
+                         ids=["scaled", "rows shuffled", "one column normalised", ".data"])
+@pytest.mark.parametrize("form", ["numpy pair", "tensor pair", "columns"])
+def test_large_data_edited_wholesale_in_place_is_seen(monkeypatch, edit, form):
+    """Data over FULL_BYTES (made 1 MB here, the data 8 MB) is stamped by a sampled digest
+    (storage/sampled.py): edits that touch the whole array are seen."""
+    from diagql.session import changes
+
+    monkeypatch.setattr(changes, "FULL_BYTES", 1024 ** 2)
+    model, X, y = _wide(4_000)
+    Xt = torch.from_numpy(X)
+    data = {"numpy pair": (X, y), "tensor pair": (Xt, torch.from_numpy(y)),
+            "columns": ({"input": X}, y)}[form]
+    if form == "columns":
+        wrapped = nn.Module()
+        wrapped.net = model
+        wrapped.forward = lambda input: model(input)  # noqa: A002 - the column's name
+        layer = "net.1"
+    else:
+        wrapped, layer = model, "1"
+    db = diagql.connect(wrapped, data, progress=False, cache_dir=False)
+    db.query(f"AVG NEURONS IN {layer}")
+    edit(X, Xt)
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query(f"AVG NEURONS IN {layer}")
+    np.testing.assert_allclose(answer.values, _plain_mean(model, X), rtol=1e-5, atol=1e-6)
+
+
+def test_labels_given_as_a_column_beside_the_inputs_written_in_place_are_seen():
+    """Columns' labels are copied when read: the digest of the columns as read missed a write
+    into the user's own label array."""
+    model, X, y = _world()
+    wrapped = nn.Module()
+    wrapped.net = model
+    wrapped.forward = lambda x: model(x)
+    labels = y.numpy().copy()
+    db = diagql.connect(wrapped, {"x": X.numpy(), "labels": labels}, progress=False,
+                        cache_dir=False)
+    db.query("AVG NEURONS IN net.1 WHERE class = 2")
+    labels[:200] = 2
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN net.1 WHERE class = 2")
+    assert answer.n_items == int((labels == 2).sum())
+

@@ -9,12 +9,15 @@ connection compares stamps and derives afresh what changed (docs/ARCHITECTURE.md
 
 A stamp is cheap: each tensor's identity, storage and version counter (which every in-place
 write through autograd's view bumps: an optimizer's step, ``load_state_dict``, ``with
-torch.no_grad(): w.mul_(2)``), and every module's identity and class. A model or data of at
-most FULL_BYTES is fingerprinted whole besides (storage/fingerprint.py), which also sees
-writes through ``.data``, into numpy arrays, and to attributes; a larger one is not, and
-after such a write the user connects again. A forward hook that can change outputs (an
-ablation's: storage/hook_effects.py) is part of the stamp, at any size; one that counts or
-records calls is instrumentation and is not.
+torch.no_grad(): w.mul_(2)``), and every module's identity and class. A model of at most
+FULL_BYTES is fingerprinted whole besides (storage/fingerprint.py), which also sees writes
+through ``.data`` and to attributes; a larger one is not, and after such a write the user
+connects again. The data's bytes are hashed whole up to FULL_BYTES, and beyond it in about
+1 MB of evenly spread pieces (storage/sampled.py: about 0.3 ms at any size), which sees a
+wholesale write through numpy or ``.data`` (scaling, normalising, shuffling the rows) but
+not an edit of a few elements. A forward hook that can change outputs (an ablation's:
+storage/hook_effects.py) is part of the stamp, at any size; one that counts or records calls
+is instrumentation and is not.
 """
 from __future__ import annotations
 
@@ -30,10 +33,10 @@ from torch.nn.parameter import is_lazy
 from diagql.errors import DiagQLError, warn
 from diagql.model.data import FORWARDS, ItemSource
 from diagql.session.inputs import forget_indices
-from diagql.session.models import data_digest
 from diagql.storage.fingerprint import hooks_digest, model_fingerprint
+from diagql.storage.sampled import SAMPLE_BYTES, sampled_digest
 
-FULL_BYTES = 32 * 1024 ** 2  # fingerprinted whole before each statement: about 5 ms at most
+FULL_BYTES = 32 * 1024 ** 2  # hashed whole before each statement: about 5 ms at most
 MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms)
 
 
@@ -85,15 +88,15 @@ def notice_changes(conn) -> None:
     if conn.engine is not None:
         _refuse_changes_on_workers(conn)
         return
-    tensors, arrays = _data_parts(conn)
-    data = (tensor_stamp(tensors), _small(_bytes(tensors, arrays), lambda: data_digest(conn)))
+    data = data_stamp(conn)
     data_changed = conn.data_stamp is not None and data != conn.data_stamp
     if data_changed:  # read again: the labels were copied when it was first read
         conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
+        # The cache keys' fingerprint (ModelEntry.data_digest) is taken again, of the data as
+        # the new source reads it, when a key is next needed: every entry made from here on
+        # is keyed by the data as it is now, never the original's.
         conn._data_digest.clear()
-        data = (tensor_stamp(_data_parts(conn)[0]), data[1])  # the new source's tensors
-    if data[1] is not None and not conn._data_digest:
-        conn._data_digest.append(data[1])  # the cache keys' (ModelEntry.data_digest): once
+        data = (tensor_stamp(_data_parts(conn)[0]), *data[1:])  # the new source's tensors
     conn.data_stamp = data
     forgot = []
     for entry in conn.models.values():
@@ -132,11 +135,9 @@ def _refuse_changes_on_workers(conn) -> None:
 
 def _driver_stamp(conn) -> tuple:
     """The data's stamp as the local engine takes it, and each model's."""
-    tensors, arrays = _data_parts(conn)
     models = tuple(model_stamp(entry.architecture()) for entry in conn.models.values()
                    if not entry.is_checkpoint)
-    return tensor_stamp(tensors), _small(_bytes(tensors, arrays), lambda: data_digest(conn)), \
-        models
+    return data_stamp(conn), models
 
 
 def _only_hooks(stamp: tuple, before: tuple) -> bool:
@@ -181,7 +182,7 @@ def _bytes(tensors: list, arrays: tuple = ()) -> int:
 
 
 def _small(size: int, fingerprint) -> str | None:
-    """The fingerprint of what is ``size`` bytes, when that is at most FULL_BYTES."""
+    """The fingerprint of a model of ``size`` bytes, when that is at most FULL_BYTES."""
     if size > FULL_BYTES:
         return None
     try:
@@ -190,20 +191,47 @@ def _small(size: int, fingerprint) -> str | None:
         return None  # (meta, ...): the stamp's versions and identities still stand
 
 
+def data_stamp(conn) -> tuple:
+    """The data's stamp: its tensors' identities, storages and versions, and a digest of its
+    bytes:
+    whole at most FULL_BYTES, else sampled (storage/sampled.py), which sees wholesale edits
+    through numpy or ``.data`` (scaling, normalising, shuffling) but not every element's."""
+    tensors, arrays = _data_parts(conn)
+    size = _bytes(tensors, arrays)
+    if size <= FULL_BYTES:  # Python lists given as parts too (a pair's labels as a list)
+        arrays = [*arrays, *_lists_as_arrays(conn.data)]
+    return tensor_stamp(tensors), \
+        sampled_digest([*tensors, *arrays], budget=None if size <= FULL_BYTES else SAMPLE_BYTES)
+
+
+def _given(data) -> list:
+    """The parts the user gave: a pair's two (a mapping's values for its first), a mapping's
+    values; none for other forms."""
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return [*(data[0].values() if isinstance(data[0], Mapping) else [data[0]]), data[1]]
+    if isinstance(data, Mapping):
+        return list(data.values())
+    return []
+
+
 def _data_parts(conn) -> tuple[list, list]:
     """The tensors the items are read from and those the user gave (a pair's labels, which
     are read once, into an array), and the numpy arrays the user gave (which have no version
-    counter: only a fingerprint sees a write into one)."""
-    given = conn.data
-    if isinstance(given, (tuple, list)) and len(given) == 2:
-        given = [*(given[0].values() if isinstance(given[0], Mapping) else [given[0]]),
-                 given[1]]
-    elif isinstance(given, Mapping):
-        given = list(given.values())
-    else:
-        given = []
+    counter: only a digest of their bytes sees a write into one)."""
+    given = _given(conn.data)
     tensors = [*conn.source.tensors(), *(t for t in given if isinstance(t, torch.Tensor))]
     return tensors, [a for a in given if isinstance(a, np.ndarray)]
+
+
+def _lists_as_arrays(data) -> list:
+    arrays = []
+    for part in _given(data):
+        if isinstance(part, (list, tuple)):
+            try:
+                arrays.append(np.asarray(part))
+            except (ValueError, TypeError):  # ragged: its length is still stamped
+                pass
+    return arrays
 
 
 def _checkpoint_stamp(entry) -> tuple | None:
