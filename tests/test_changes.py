@@ -465,3 +465,48 @@ def test_labels_given_as_a_column_beside_the_inputs_written_in_place_are_seen():
         answer = db.query("AVG NEURONS IN net.1 WHERE class = 2")
     assert answer.n_items == int((labels == 2).sum())
 
+
+def test_a_list_of_items_appended_to_or_cut_is_read_again():
+    """Its length is stamped: 50 items appended were left out of every answer, and cutting
+    the list made reading the data raise IndexError."""
+    model, X, y = _world()
+    items = [(X[i], int(y[i])) for i in range(300)]
+    db = diagql.connect(model, items, progress=False, cache_dir=False)
+    assert db.query("AVG NEURONS IN 1 WHERE class = 2").n_items == int((y[:300] == 2).sum())
+    items.extend((X[i], int(y[i])) for i in range(300, 350))
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN 1 WHERE class = 2")
+    hidden, _ = _truth(model, X[:350], y[:350])
+    chosen = (y[:350] == 2).numpy()
+    assert answer.n_items == int(chosen.sum())
+    np.testing.assert_allclose(answer.values, hidden[chosen].mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
+    del items[100:]
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN 1 WHERE class = 2")
+    assert answer.n_items == int((y[:100] == 2).sum())
+
+
+class _Growing(torch.utils.data.Dataset):
+    def __init__(self, X, y, n):
+        self.X, self.y, self.n = X, y, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.X[i], self.y[i]
+
+
+def test_a_datasets_length_changed_behind_a_dataloader_is_read_again():
+    model, X, y = _world()
+    dataset = _Growing(X, y, 200)
+    db = diagql.connect(model, torch.utils.data.DataLoader(dataset, batch_size=32),
+                        progress=False, cache_dir=False)
+    db.query("AVG NEURONS IN 1")
+    dataset.n = 400
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN 1")
+    hidden, _ = _truth(model, X, y)
+    assert answer.n_items == 400
+    np.testing.assert_allclose(answer.values, hidden.mean(0).numpy(), rtol=1e-6, atol=1e-7)

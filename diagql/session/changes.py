@@ -15,7 +15,8 @@ through ``.data`` and to attributes; a larger one is not, and after such a write
 connects again. The data's bytes are hashed whole up to FULL_BYTES, and beyond it in about
 1 MB of evenly spread pieces (storage/sampled.py: about 0.3 ms at any size), which sees a
 wholesale write through numpy or ``.data`` (scaling, normalising, shuffling the rows) but
-not an edit of a few elements. A forward hook that can change outputs (an ablation's:
+not an edit of a few elements; its length and its parts' are stamped too (a list of items
+appended to). A forward hook that can change outputs (an ablation's:
 storage/hook_effects.py) is part of the stamp, at any size; one that counts or records calls
 is instrumentation and is not.
 """
@@ -29,6 +30,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
+from torch.utils.data import DataLoader
 
 from diagql.errors import DiagQLError, warn
 from diagql.model.data import FORWARDS, ItemSource
@@ -192,15 +194,15 @@ def _small(size: int, fingerprint) -> str | None:
 
 
 def data_stamp(conn) -> tuple:
-    """The data's stamp: its tensors' identities, storages and versions, and a digest of its
-    bytes:
+    """The data's stamp: its tensors' identities, storages and versions, the lengths of it
+    and its parts (a list of items appended to, a Dataset grown), and a digest of its bytes:
     whole at most FULL_BYTES, else sampled (storage/sampled.py), which sees wholesale edits
     through numpy or ``.data`` (scaling, normalising, shuffling) but not every element's."""
     tensors, arrays = _data_parts(conn)
     size = _bytes(tensors, arrays)
     if size <= FULL_BYTES:  # Python lists given as parts too (a pair's labels as a list)
         arrays = [*arrays, *_lists_as_arrays(conn.data)]
-    return tensor_stamp(tensors), \
+    return tensor_stamp(tensors), _lengths(conn.data), \
         sampled_digest([*tensors, *arrays], budget=None if size <= FULL_BYTES else SAMPLE_BYTES)
 
 
@@ -232,6 +234,21 @@ def _lists_as_arrays(data) -> list:
             except (ValueError, TypeError):  # ragged: its length is still stamped
                 pass
     return arrays
+
+
+def _lengths(data) -> tuple:
+    """The length of the data (a DataLoader's dataset's) and of each part it was given in:
+    a list of items appended to or cut, a Dataset that grew, must be read again."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    return tuple(_length(part) for part in (data, *_given(data)))
+
+
+def _length(value) -> int | None:
+    try:
+        return len(value)
+    except Exception:  # noqa: BLE001 - no length (a bare tensor's 0-d), or the user's raised
+        return None
 
 
 def _checkpoint_stamp(entry) -> tuple | None:
