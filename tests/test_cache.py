@@ -110,6 +110,30 @@ def test_a_second_connection_loads_the_profile_without_a_forward_pass(tmp_path):
     assert second.query("SHOW PROFILE").rows == first.query("SHOW PROFILE").rows
 
 
+
+def test_unlabelled_data_is_cached_like_labelled_data(tmp_path):
+    """(X, None), the documented form of data without labels, was never cached on disk: its
+    None was hashed as an array of Python objects, which no digest can stand for."""
+    X, y = pair()
+    assert data_fingerprint((X, None)) not in (data_fingerprint((X, y)),
+                                               data_fingerprint((pair(seed=1)[0], None)))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        first = connect(tiny(), (X, None), tmp_path)
+        profile = first.profile
+        first.cache.flush()
+    assert not diagql_warnings(record) and first.cache.writes == 2
+    model = tiny()
+    calls = count_calls(model)
+    second = connect(model, (X, None), tmp_path)
+    assert_same_profile(second.profile, profile)
+    assert calls[0] == 0 and second.cache.hits == 1 and not second.profile.has_labels
+    with torch.no_grad():
+        np.testing.assert_array_equal(second.profile.predictions, tiny()(X).argmax(1).numpy())
+    labelled = connect(tiny(), (X, y), tmp_path)  # not the unlabelled entry: its own
+    assert labelled.profile.has_labels and labelled.cache.hits == 0
+    np.testing.assert_array_equal(labelled.profile.labels, y.numpy())
+
 def test_a_sample_is_reused_from_disk(tmp_path, monkeypatch):
     first = connect(tiny(), pair(), tmp_path)
     indices = first.sample("stratified(0.3)")

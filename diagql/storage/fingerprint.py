@@ -99,11 +99,12 @@ def data_fingerprint(data, columns: tuple[dict, object] | None = None,
                      indices=None) -> str:
     """A digest of the items; raises Unfingerprintable where it cannot be exact.
 
-    Exact: a pair (X, y) of tensors or arrays, a TensorDataset, and a DataLoader over a
-    TensorDataset with the default collate (items are read by index, so the loader's order
-    does not matter); and data given as columns (a mapping of arrays, or a pair of one and
-    the labels: a tokenizer's output), whose ``columns`` (ItemSource.columns: each input
-    column as read, by name, and the labels, the label key chosen) are hashed. Any other
+    Exact: a pair (X, y) of tensors or arrays (y None for data without labels), a
+    TensorDataset, and a DataLoader over a TensorDataset with the default collate (items are
+    read by index, so the loader's order does not matter); and data given as columns (a
+    mapping of arrays, or a pair of one and the labels: a tokenizer's output), whose
+    ``columns`` (ItemSource.columns: each input column as read, by name, and the labels, the
+    label key chosen) are hashed. Any other
     Dataset can change, or read files, without us knowing. ``indices``: the items of the
     loader's dataset that its sampler yields (ItemSource.indices; None: all of them).
     """
@@ -138,7 +139,9 @@ def data_fingerprint(data, columns: tuple[dict, object] | None = None,
         _feed_array(digest, "items", np.asarray(indices, dtype=np.int64))
     for i, part in enumerate(parts):
         try:
-            if isinstance(part, torch.Tensor):
+            if part is None and i == 1:  # (X, None): data without labels, a key of its own
+                _feed(digest, f"part {i}", "none")
+            elif isinstance(part, torch.Tensor):
                 _feed_tensor(digest, f"part {i}", part)
             else:
                 _feed_array(digest, f"part {i}", np.asarray(part))
