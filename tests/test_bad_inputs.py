@@ -495,3 +495,66 @@ def test_labels_in_another_numbering_or_a_regressions_get_their_own_advice(label
     db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     with pytest.raises(DiagQLError, match=advice):
         db.query("AVG NEURONS IN 1")
+
+
+READ_ONLY = """
+import sys
+import warnings
+import numpy as np, torch, diagql
+from torch import nn
+
+warnings.simplefilter("default")
+torch.manual_seed(0)
+X = np.random.RandomState(0).randn(120, 6).astype(np.float32)
+y = np.random.RandomState(1).randint(0, 3, 120)
+np.save("X.npy", X)
+mapped = np.load("X.npy", mmap_mode="r")  # read-only, as df.values may be too
+frozen = X.copy()
+frozen.flags.writeable = False
+model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+with torch.no_grad():
+    truth = model[1](model[0](torch.from_numpy(X))).double().mean(0).numpy()
+
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 120
+
+    def __getitem__(self, i):
+        return frozen[i], int(y[i])
+
+
+class ByName(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = model
+
+    def forward(self, x):
+        return self.net(x)
+
+
+data, layer, wrapped = {"pair": ((mapped, y), "1", model),
+                        "items": (Items(), "1", model),
+                        "columns": ({"x": frozen, "labels": y}, "net.1", ByName())}[sys.argv[1]]
+db = diagql.connect(wrapped, data, cache_dir=False, progress=False)
+np.testing.assert_allclose(db.query(f"AVG NEURONS IN {layer}").values, truth, rtol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("form", ["pair", "items", "columns"])
+def test_read_only_arrays_are_read_without_torchs_not_writable_warning(tmp_path, form):
+    """A memory-mapped or read-only array (np.load(mmap_mode='r'), df.values) leaked torch's
+    "The given NumPy array is not writable" UserWarning, which DiagQL's reading made and
+    which asks nothing of the user: DiagQL only reads the data. torch warns once a process, so
+    each form asks a fresh one: a pair's X mapped from its file, a Dataset's read-only items
+    (collated), a column."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", READ_ONLY, form], cwd=tmp_path,
+                          capture_output=True,
+                          text=True, env={**__import__("os").environ,
+                                          "PYTHONPATH": str(cli_in_process.ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+    assert "not writable" not in done.stderr, done.stderr

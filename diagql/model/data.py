@@ -12,7 +12,7 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, Tens
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data_forms import collate_items, one_row_per_item, read_batches, \
-    refuse_foreign, refuse_reordering
+    read_only, refuse_foreign, refuse_reordering
 from diagql.model.labels import as_labels, refuse_batches
 from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
@@ -353,7 +353,8 @@ def _as_tensor(X, name: str) -> torch.Tensor:
                           f"((x1, x2, ...), y), or a dict of named inputs with the labels "
                           f"(a mapping, y)")
     try:
-        return torch.as_tensor(np.asarray(X))
+        with read_only():  # a memory-mapped array is read where it lies, never written
+            return torch.as_tensor(np.asarray(X))
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DiagQLError(f"{name} cannot be turned into a tensor ({exc}); sequences of "
                           f"different lengths must be padded, or passed as a Dataset with a "

@@ -6,6 +6,8 @@ offsets) read as one row per item, and reading failures reported with what to do
 (docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -83,13 +85,26 @@ def reading_hint(exc: Exception) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def read_only():
+    """torch's warning that a read-only array (``np.load(mmap_mode='r')``, ``df.values``)
+    wrapped as a tensor could be written through it, silenced: DiagQL only reads the data,
+    and the warning asks nothing of the user (docs/ARCHITECTURE.md, "Data model")."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                                category=UserWarning)
+        yield
+
+
 def read_batches(loader) -> Iterator:
     """The loader's batches; a failure of the user's Dataset or collate_fn becomes an
-    ExecutionError that names it (the original stays chained for --debug)."""
+    ExecutionError that names it (the original stays chained for --debug). The collate's
+    conversion of read-only arrays is not warned of (``read_only``)."""
     batches = iter(loader)
     while True:
         try:
-            batch = next(batches)
+            with read_only():
+                batch = next(batches)
         except StopIteration:
             return
         except DiagQLError:

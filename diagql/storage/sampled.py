@@ -17,11 +17,11 @@ each of those sizes, against 5.4 ms for 31 MB hashed whole.
 """
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 import xxhash
+
+from diagql.model.data_forms import read_only
 
 SAMPLE_BYTES = 1024 ** 2  # read of data larger than a stamp hashes whole, every statement
 PIECE = 4096  # bytes per piece: a page
@@ -71,8 +71,7 @@ def byte_span(value) -> torch.Tensor | None:
             value = value.T  # the same bytes, C-contiguous
         if value.flags.c_contiguous:
             value = value.reshape(-1).view(np.uint8)  # any dtype, torch's or not
-        with warnings.catch_warnings():  # read only, never written
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        with read_only():  # a read-only array's bytes are read, never written
             try:
                 value = torch.from_numpy(value)
             except (TypeError, ValueError, RuntimeError):  # negative strides
