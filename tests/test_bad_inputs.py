@@ -558,3 +558,69 @@ def test_read_only_arrays_are_read_without_torchs_not_writable_warning(tmp_path,
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
     assert "not writable" not in done.stderr, done.stderr
+
+
+def _labelled_world():
+    torch.manual_seed(0)
+    X = torch.randn(200, 6)
+    y = np.random.RandomState(0).randint(0, 3, 200)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    return model, X, y
+
+
+def test_labels_stored_as_nan_are_missing_labels_not_a_regressions_targets():
+    """Float labels with NaN (and pandas' Int64 with NA, which numpy reads so) were refused as
+    "a regression model's continuous targets"; they are items without a label."""
+    pandas = pytest.importorskip("pandas")
+    model, X, y = _labelled_world()
+    with_nan = y.astype(float)
+    with_nan[[37, 90, 91]] = np.nan
+    nullable = pandas.Series(y, dtype="Int64").mask(pandas.Series(np.isnan(with_nan)))
+    listed = [None if np.isnan(v) else int(v) for v in with_nan]
+    first, count = int(np.flatnonzero(np.isnan(with_nan))[0]), int(np.isnan(with_nan).sum())
+    for labels in (with_nan, nullable, listed):
+        with pytest.raises(DiagQLError, match=rf"item {first} has no label \((NaN|None); "
+                                              rf"{count} of 200 items have none\): .*for none"
+                                              r".*\(X, None\).*-1 as every item's label") as err:
+            connect(model, (X, labels)).query("AVG NEURONS IN 1")
+        assert "regression" not in str(err.value)
+
+
+class _PerItem(torch.utils.data.Dataset):
+    def __init__(self, X, labels):
+        self.X, self.labels = X, labels
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i], self.labels[i]
+
+
+@pytest.mark.parametrize("missing", [None, float("nan")], ids=["None", "NaN"])
+def test_an_item_without_a_label_in_a_dataset_is_named(missing):
+    """Per-item None labels gave the collate's "Could not infer dtype of NoneType", which
+    named no label; the item is named by its index in the data, past the first batch too."""
+    model, X, y = _labelled_world()
+    labels = [int(v) for v in y] if missing is None else [float(v) for v in y]
+    labels[150] = missing
+    with pytest.raises(DiagQLError, match=r"^item 150 has no label \((None|NaN)\): "
+                                          r".*the inputs alone"):
+        connect(model, _PerItem(X, labels)).query("AVG NEURONS IN 1")
+    with pytest.raises(DiagQLError, match=r"^item 0 has no label \(None\)"):
+        connect(model, _PerItem(X, [None] * 200)).query("AVG NEURONS IN 1")
+
+
+@pytest.mark.parametrize("collate", [torch.utils.data.default_collate,
+                                     lambda items: torch.utils.data.default_collate(items)],
+                         ids=["default", "the user's own"])
+def test_an_item_without_a_label_under_a_dataloaders_collate_is_hinted_at(collate):
+    """A DataLoader's collate is its own: its error says what failed, and the hint what an
+    item holding None may mean."""
+    model, X, y = _labelled_world()
+    labels = [int(v) for v in y]
+    labels[20] = None
+    loader = torch.utils.data.DataLoader(_PerItem(X, labels), batch_size=16, collate_fn=collate)
+    with pytest.raises(ExecutionError, match="NoneType.*an item holds None: if it is an item "
+                                             "without its label"):
+        connect(model, loader).query("AVG NEURONS IN 1")

@@ -12,7 +12,7 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, Tens
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data_forms import collate_items, one_row_per_item, read_batches, \
-    read_only, refuse_foreign, refuse_reordering
+    read_only, refuse_foreign, refuse_reordering, split_next
 from diagql.model.labels import as_labels, refuse_batches
 from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
@@ -193,9 +193,10 @@ class ItemSource:
         loader = DataLoader(Subset(self._dataset, indices.tolist()),
                             batch_sampler=[range(start, end) for start, end in cuts],
                             num_workers=self._workers, collate_fn=self._collate or collate_items)
-        for batch, (start, end) in zip(read_batches(loader), cuts):
-            x, y = self._split(batch)
+        batches = read_batches(loader)
+        for start, end in cuts:  # the loader makes one batch of each
             idx = indices[start:end]
+            x, y = split_next(batches, self._split, idx)
             n = _batch_len(x)
             if n != len(idx) and one_row_per_item(x, len(idx)):
                 n = len(idx)  # tokens concatenated beside offsets (EmbeddingBag's form)

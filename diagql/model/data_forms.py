@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import default_collate
 
 from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.labels import MissingLabel, missing_label
 
 
 def _from(data, package: str, name: str) -> bool:
@@ -45,7 +46,12 @@ def refuse_foreign(data) -> None:
 def collate_items(items: list):
     """torch's default collate, after turning each item's Python lists of numbers into
     tensors (a Hugging Face dataset in its default format, or its ``to_list()``, gives an
-    item's inputs so; the default collate would transpose them into one tensor per position)."""
+    item's inputs so; the default collate would transpose them into one tensor per position).
+    An (x, y) item whose y is None has no label: refused saying so, where the collate's own
+    error ("Could not infer dtype of NoneType") did not say what was missing."""
+    for position, item in enumerate(items):
+        if isinstance(item, (tuple, list)) and len(item) == 2 and item[1] is None:
+            raise missing_label(position, "None")
     return default_collate([_converted(item) for item in items])
 
 
@@ -79,6 +85,10 @@ def reading_hint(exc: Exception) -> str:
         return ("; items of different lengths need a padding collate_fn: pass "
                 "DataLoader(data, collate_fn=...), e.g. transformers' "
                 "DataCollatorWithPadding(tokenizer)")
+    if "NoneType" in text:  # the default collate's, of an item's part that is None
+        return ("; an item holds None: if it is an item without its label, leave such items "
+                "out, or give the data without labels (a Dataset whose items are the inputs "
+                "alone)")
     if "found <class 'PIL." in text:
         return ("; the items hold PIL images: give the data a transform that turns them into "
                 "tensors (a Hugging Face dataset's with_transform, or torchvision's ToTensor)")
@@ -114,6 +124,17 @@ def read_batches(loader) -> Iterator:
                                  f"Dataset's __getitem__ or the DataLoader's collate_fn)"
                                  f"{reading_hint(exc)}") from exc
         yield batch
+
+
+def split_next(batches: Iterator, split, idx: np.ndarray):
+    """The next batch, split into (x, y); an item without a label, placed in its batch by
+    the collate or the labels' reading, is named by its index in the data."""
+    try:
+        return split(next(batches))
+    except MissingLabel as exc:
+        if exc.position is None:  # raised in a DataLoader worker: its message says what
+            raise
+        raise exc.of_item(int(idx[exc.position])) from None
 
 
 def one_row_per_item(x, items: int) -> bool:

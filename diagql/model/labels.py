@@ -1,12 +1,48 @@
 """Labels as DiagQL reads them: one whole class index per item, from integers, floats
 holding integers, a 0-d tensor per item, rows of one, or one-hot rows; multi-hot, soft,
-per-token and string labels are refused saying why (docs/ARCHITECTURE.md, "Data model")."""
+per-token and string labels are refused saying why, and an item without a label (NaN, None,
+pandas' NA) by its index (docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from diagql.errors import DiagQLError
+
+
+class MissingLabel(DiagQLError):
+    """An item has no label (NaN, None, pandas' NA). ``position`` is its place among the
+    labels read together (a batch's, for a Dataset: ItemSource.batches names the item
+    instead); None where it is not known (raised in a DataLoader worker)."""
+
+    def __init__(self, message: str, position: int | None = None, what: str = ""):
+        super().__init__(message)
+        self.position, self.what = position, what
+
+    def of_item(self, item: int) -> "MissingLabel":
+        """The same refusal, naming the item by its index in the data."""
+        return MissingLabel(missing_label_message(item, self.what), what=self.what)
+
+
+def missing_label(position: int, what: str, count: str = "") -> MissingLabel:
+    return MissingLabel(missing_label_message(position, what, count), position, what)
+
+
+def missing_label_message(item: int, what: str, count: str = "") -> str:
+    return (f"item {item} has no label ({what}{count}): DiagQL needs a label for every item or "
+            f"for none. Leave out the items without one, or give the data without labels: "
+            f"(X, None), a Dataset whose items are the inputs alone, or -1 as every item's "
+            f"label")
+
+
+def _missing(value) -> bool:
+    """None, a float NaN, pandas' NA: a label not given."""
+    return value is None or (isinstance(value, float) and value != value) \
+        or type(value).__name__ == "NAType"
+
+
+def _what(value) -> str:
+    return "None" if value is None else "NaN" if isinstance(value, float) else "NA"
 
 
 def refuse_batches(x, y) -> None:
@@ -58,12 +94,21 @@ def as_labels(y) -> np.ndarray:
                               f"class")
         y = y[:, 0]
     if y.dtype.kind == "f":
+        if np.isnan(y).any():  # missing labels (pandas' Int64 gives its NA so), not a regression
+            missing = np.isnan(y)
+            raise missing_label(int(np.argmax(missing)), "NaN",
+                                f"; {int(missing.sum()):,} of {len(y):,} items have none")
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             odd = y[~np.isfinite(y) | (y != np.round(y))][0]
             raise DiagQLError(f"labels must be whole class indices, found {odd:g}: DiagQL "
                               f"diagnoses classifiers, and a regression model's continuous "
                               f"targets name no class")
     elif y.dtype.kind in "USO":
+        missing = [_missing(v) for v in y.tolist()] if y.dtype.kind == "O" else [False]
+        if any(missing):
+            first = missing.index(True)
+            raise missing_label(first, _what(y[first]),
+                                f"; {sum(missing):,} of {len(y):,} items have none")
         seen = ", ".join(repr(v) for v in list(dict.fromkeys(y.tolist()))[:3])
         raise DiagQLError(f"labels must be class indices (whole numbers), not {seen}, ...: "
                           f"number the classes 0..C-1 in the order of the model's outputs "
