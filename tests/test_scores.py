@@ -449,7 +449,8 @@ def test_a_map_of_scores_per_pixel_names_a_way_that_works():
      "got class indices of shape (3,) per item (one per token, as for token classification)"),
     (lambda y: y.double() + 0.25, "labels must be whole class indices, found 0.25: DiagQL "
                                   "diagnoses classifiers, and a regression model's continuous "
-                                  "targets name no class"),
+                                  "targets name no class; give the data without them, "
+                                  "(X, None), to query its layers"),
 ])
 def test_labels_that_name_no_class_per_item_say_what_they_look_like(labels, shown):
     X, y = data()

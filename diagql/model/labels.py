@@ -102,7 +102,8 @@ def as_labels(y) -> np.ndarray:
             odd = y[~np.isfinite(y) | (y != np.round(y))][0]
             raise DiagQLError(f"labels must be whole class indices, found {odd:g}: DiagQL "
                               f"diagnoses classifiers, and a regression model's continuous "
-                              f"targets name no class")
+                              f"targets name no class; give the data without them, (X, None), "
+                              f"to query its layers")
     elif y.dtype.kind in "USO":
         missing = [_missing(v) for v in y.tolist()] if y.dtype.kind == "O" else [False]
         if any(missing):
