@@ -640,3 +640,20 @@ def test_a_model_or_data_changed_in_place_is_refused_not_answered_from_old_copie
         again.query("AVG NEURONS IN 1")
     conn.close()
     again.close()
+
+
+@pytest.mark.parametrize("n, batch_size, shards", [(257, 64, 2), (129, 64, 3), (200, 64, 2),
+                                                   (65, 64, 4), (1, 64, 2)])
+def test_shards_cut_the_local_passs_batches_a_lone_last_item_included(n, batch_size, shards):
+    """Shards cut plain multiples of the batch size, so 257 items in batches of 64 made a
+    last batch of one item on a worker where the local pass folds it into the one before:
+    other kernels, answers 7e-9 apart, and a forward ending in .squeeze() broken."""
+    from diagql.engine.shards import shard_items
+    from diagql.model.data import spans
+
+    items = np.arange(n) * 3
+    cut = shard_items(items, batch_size, shards)
+    assert np.array_equal(np.concatenate(cut), items) and len(cut) <= shards
+    local = [tuple(items[a:b]) for a, b in spans(n, batch_size)]
+    sharded = [tuple(part[a:b]) for part in cut for a, b in spans(len(part), batch_size)]
+    assert sharded == local

@@ -21,17 +21,20 @@ import itertools
 import numpy as np
 
 from diagql.engine.executor import feed
+from diagql.model.data import spans
 
 
 def shard_items(items: np.ndarray, batch_size: int, n_shards: int) -> list[np.ndarray]:
     """``items`` cut into at most ``n_shards`` runs of whole batches, in index order. Whole
     batches, so that every batch a worker makes is one the local pass makes too: the same
     inputs give the same activations, bit for bit, whatever the batch's shape does to the
-    model's kernels."""
-    n_batches = -(-len(items) // batch_size)
-    n_shards = max(1, min(n_shards, n_batches))
-    bounds = np.linspace(0, n_batches, n_shards + 1).round().astype(np.int64) * batch_size
-    return [items[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    model's kernels (the local pass's batches: ``data.spans``, whose last holds one more item
+    where it would hold one alone, which a shard's own batching keeps)."""
+    cuts = spans(len(items), batch_size)
+    n_shards = max(1, min(n_shards, len(cuts)))
+    bounds = np.linspace(0, len(cuts), n_shards + 1).round().astype(np.int64)
+    ends = [0] + [end for _, end in cuts]
+    return [items[ends[a]:ends[b]] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def parts_for(consumers: list, items: np.ndarray) -> list:
