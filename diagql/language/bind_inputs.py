@@ -8,8 +8,7 @@ import numpy as np
 
 from diagql import samplers
 from diagql.language import ast
-from diagql.language.binder import _check_predicate, _error, bind_layer, bind_sampler, \
-    bind_view, require_labels
+from diagql.language.binder import _error, bind_items, bind_layer, bind_view
 from diagql.model.layers import LayerCatalog, LayerInfo
 from diagql.model.views import CHANNELS_LAST, View
 
@@ -65,12 +64,7 @@ def bind_inputs(query: ast.TopInputs, catalog: LayerCatalog, *, n_classes: int,
             what = "channels" if view.channels else "entries"
             raise _error(f"index {i} is past the {size} {what}{where} of layer {layer.name!r} "
                          f"(its neurons have shape {shape})", ref.index_span or ref.span)
-    if not has_labels:
-        require_labels(query)
-    if query.where is not None:
-        _check_predicate(query.where, n_classes)
-    sampler = None
-    if isinstance(query.source, ast.SamplerCall):
-        sampler = bind_sampler(query.source, seed, n_items)
+    sampler = bind_items(query, n_classes=n_classes, seed=seed, n_items=n_items,
+                         has_labels=has_labels)
     neuron = int(np.ravel_multi_index(ref.index, shape))
     return BoundInputs(query, layer, view, neuron, view.labels([neuron])[0], sampler)

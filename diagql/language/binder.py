@@ -193,16 +193,25 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
         raise _error(f"TOPK {query.k} asks for more {query.unit} than layer {layer.name!r} has "
                      f"({n_neurons})" if query.k > n_neurons else "TOPK needs k of at least 1",
                      query.k_span or query.span)
-    if not has_labels:  # before class values: labels missing is the first thing wrong
-        require_labels(query)
-    if query.where is not None:
-        _check_predicate(query.where, n_classes)
-    sampler = None
-    if isinstance(query.source, ast.SamplerCall):
-        sampler = bind_sampler(query.source, seed, n_items)
+    sampler = bind_items(query, n_classes=n_classes, seed=seed, n_items=n_items,
+                         has_labels=has_labels)
     if query.until is not None:
         bind_until(query, sampler)
     return BoundQuery(query, layer, n_neurons, sampler, view, layers_before(catalog, layer.name))
+
+
+def bind_items(statement, *, n_classes: int, seed: int | None, n_items: int,
+               has_labels: bool) -> samplers.Sampler | None:
+    """Which items a query, SIMILARITY or TOPK INPUTS statement reads: labels required where
+    it needs them (first: labels missing is the first thing wrong, before class values), its
+    WHERE checked against the classes, and its sampler bound (None: every matching item)."""
+    if not has_labels:
+        require_labels(statement)
+    if statement.where is not None:
+        _check_predicate(statement.where, n_classes)
+    if isinstance(statement.source, ast.SamplerCall):
+        return bind_sampler(statement.source, seed, n_items)
+    return None
 
 
 def layers_before(catalog: LayerCatalog, name: str) -> tuple[str, ...]:
@@ -284,13 +293,8 @@ def bind_similarity(statement: ast.Similarity, catalog: LayerCatalog, *, n_class
         # An item's representation is the row its view makes, as an AVG NEURONS query's.
         views.append(bind_view(ast.Query("avg", "neurons", ref, tokens=tokens), layer,
                                channels=False))
-    if not has_labels:
-        require_labels(statement)
-    if statement.where is not None:
-        _check_predicate(statement.where, n_classes)
-    sampler = None
-    if isinstance(statement.source, ast.SamplerCall):
-        sampler = bind_sampler(statement.source, seed, n_items)
+    sampler = bind_items(statement, n_classes=n_classes, seed=seed, n_items=n_items,
+                         has_labels=has_labels)
     return BoundSimilarity(statement, tuple(layers), tuple(views), sampler)
 
 
