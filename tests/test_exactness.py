@@ -694,6 +694,25 @@ def test_groups_a_sample_drew_none_of_are_shown_with_their_counts(cnn, digits, c
     assert f"{missed},,,," in rows and len(rows) == 1 + 2 * len(drawn) + 10 - len(drawn)
 
 
+def test_a_sample_says_how_many_of_the_datas_matching_items_it_holds(cnn, digits, cnn_truth):
+    """A sample's caption says how many matching items it holds of how many the data has
+    (it said "12 matching items", which read as the data's count), and JSON carries both."""
+    from diagql.results.render import to_text
+
+    db = diagql.connect(cnn, digits, batch_size=64)
+    sample = db.sample("random(40)")
+    c = int(np.bincount(cnn_truth.labels[sample]).argmax())
+    drawn = int((cnn_truth.labels[sample] == c).sum())
+    total = int((cnn_truth.labels == c).sum())
+    assert drawn < total
+    result = db.query(f"AVG NEURONS IN 2 WHERE class = {c} USING SAMPLE random(40)")
+    assert f"{drawn} of {total} matching items · sample random(40" in to_text(result)
+    assert result.to_dict()["matching_in_data"] == total and result.n_items == drawn
+    exact = db.query(f"AVG NEURONS IN 2 WHERE class = {c}")
+    assert f"{total} matching items · exact" in to_text(exact)
+    assert "matching_in_data" not in exact.to_dict()
+
+
 def test_an_empty_table_keeps_its_header_in_csv():
     from diagql.results.render import to_csv
     from diagql.results.result import Result

@@ -77,7 +77,7 @@ def build_result(plan: Plan, states: dict) -> Result:
                             plan.winner_shares, plan.widening)
     if query.group_by is None:
         return _single(plan, states.get(None), plan.population[None], fits.get(None))
-    result = _single(plan, None, 0)
+    result = _single(plan, None, sum(plan.population.values()))
     # A sample shows every group with matching items, those it drew none of too: their
     # counts are in the profile, and a group left out would read as one with no items at all.
     keys = sorted_keys(set(states) | {key for key, count in plan.population.items() if count}
@@ -95,7 +95,8 @@ def build_result(plan: Plan, states: dict) -> Result:
 def _single(plan: Plan, state, population: int, fitted=None) -> Result:
     query, layer = plan.query, plan.bound.layer
     provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by,
-                            query.order, choice=plan.choice or None)
+                            query.order, choice=plan.choice or None,
+                            matching=population if plan.approximate else None)
     result = Result(kind=query.aggregate, statement=query.text, layer=layer.name, unit=query.unit,
                     provenance=provenance, plan=plan)
     if state is None or state.count == 0:

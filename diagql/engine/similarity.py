@@ -230,7 +230,7 @@ def answer_similarity(runner, plan: Plan, runners: dict | None = None) -> Result
 def build_result(plan: Plan, states: dict) -> Result:
     if plan.query.group_by is None:
         return _single(plan, states.get(None), plan.population[None])
-    result = _single(plan, None, 0)
+    result = _single(plan, None, sum(plan.population.values()))
     result.groups = {key: _single(plan, states[key], plan.population[key])
                      for key in sorted_keys(states)}
     result.n_items = sum(g.n_items for g in result.groups.values())
@@ -239,7 +239,8 @@ def build_result(plan: Plan, states: dict) -> Result:
 
 def _single(plan: Plan, state, population: int) -> Result:
     query = plan.query
-    provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by)
+    provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by,
+                            matching=population if plan.approximate else None)
     result = Result(kind="similarity", statement=query.text, labels=layer_labels(plan),
                     unit=query.measure, provenance=provenance, plan=plan)
     if state is None or state.count == 0:

@@ -159,7 +159,7 @@ def _caption(result) -> str:
     provenance = result.provenance
     parts = [f"{result.n_items:,} matching item{'' if result.n_items == 1 else 's'}"]
     if provenance is not None:
-        parts.append(provenance.describe())
+        parts = [provenance.matched(result.n_items), provenance.describe()]
     parts.append(f"linear {(result.unit or 'cka').upper()}")
     if "query" in result.timings:
         parts.append(f"{result.timings['query']:.3f} s")

@@ -63,6 +63,9 @@ class Provenance:
     order: str = "mean"  # what TOPK ranks by: "mean" or "max"
     choice: str | None = None  # USING AUTO: what it chose and why
     growth: Growth | None = None  # UNTIL / WITHIN: how the sample grew and why it stopped
+    # A sample's: the matching items of the whole data (the profile knows every item's
+    # label), of which ``n_items`` were sampled.
+    matching: int | None = None
 
     def __post_init__(self):
         if (self.sampler is None) != (self.n_sample is None):
@@ -76,6 +79,15 @@ class Provenance:
     @property
     def source(self) -> str:
         return self.sampler if self.sampler is not None else "full"
+
+    def matched(self, n_items: int) -> str:
+        """What a caption says of the matching items: a sample's ``n_items`` of the data's
+        (``12 of 250 matching items``; the sample's own line says it of the whole data),
+        else all of them."""
+        plural = "" if (self.matching or n_items) == 1 else "s"
+        if self.matching not in (None, n_items, self.n_data):
+            return f"{n_items:,} of {self.matching:,} matching item{plural}"
+        return f"{n_items:,} matching item{plural}"
 
     def describe(self) -> str:
         """What a caption says of where the answer comes from."""
@@ -273,6 +285,8 @@ class Result:
             out["choice"] = provenance.choice
         if provenance is not None and provenance.growth is not None:
             out["growth"] = provenance.growth.to_dict()
+        if provenance is not None and provenance.matching is not None:
+            out["matching_in_data"] = provenance.matching
         return self._with_parts(out)
 
     def _with_parts(self, out: dict) -> dict:
