@@ -279,6 +279,35 @@ def test_a_sigmoid_per_class_is_noticed_and_softmax_probabilities_are_not():
     assert not any("torch.logit" in note for note in probabilities.query("SHOW PROFILE").notes)
 
 
+def test_an_autoencoders_reconstruction_read_as_scores_is_warned_of():
+    """An autoencoder given class labels: its reconstruction's values were read as scores of
+    as many classes, unwarned, so every prediction was a pixel. Warned of with the share of
+    items predicted beyond the largest label (plain torch's argmax); a classifier of more
+    classes than the labels use, predicting within them, is not."""
+    import warnings
+
+    torch.manual_seed(0)
+    X = torch.rand(300, 32)
+    y = torch.randint(0, 4, (300,))
+    autoencoder = nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 32)).eval()
+    with torch.no_grad():
+        beyond = (autoencoder(X).argmax(1) > 3).float().mean().item()
+    assert beyond > 0.5
+    with pytest.warns(diagql.DiagQLWarning, match=rf"beyond the largest label \(3\) for "
+                                                  rf"{beyond:.0%} of the items: its 32 outputs"):
+        conn = diagql.connect(autoencoder, (X, y), cache_dir=False, progress=False)
+        _ = conn.profile
+    assert any("(X, None)" in note for note in conn.query("SHOW PROFILE").notes)
+    classifier = nn.Linear(32, 10).eval()
+    with torch.no_grad():
+        classifier.bias[4:] -= 0.6  # classes 4-9 predicted for some items, not for most
+        beyond = (classifier(X).argmax(1) > 3).float().mean().item()
+    assert 0 < beyond < 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        _ = diagql.connect(classifier, (X, y), cache_dir=False, progress=False).profile
+
+
 @pytest.mark.parametrize("post", [lambda z: z.argmax(1), lambda z: z > 0],
                          ids=["class-indices", "flags"])
 def test_an_output_of_integers_or_flags_is_no_class_scores(post):

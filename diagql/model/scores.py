@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from diagql.errors import DiagQLError
@@ -302,3 +303,34 @@ def sigmoid_applied(logits) -> str | None:
             f"them as logits, its confidence their softmax (here at most "
             f"{math.e / (math.e + classes - 1):.2f}); if they are probabilities of a sigmoid per "
             f"class, pass scores=lambda out: torch.logit(out)")
+
+
+BEYOND_LABELS = 0.25  # the share of items predicted beyond every label that is warned of
+
+
+def beyond_labels(labels: np.ndarray | None, predictions: np.ndarray,
+                  n_classes: int) -> str | None:
+    """A notice when the model predicts, for at least BEYOND_LABELS of the items, a class
+    beyond the largest label: its outputs may be no class scores at all (an autoencoder's
+    reconstruction read as scores of as many classes as it has values), which every
+    prediction, confidence and WHERE correct would then be made of. Not refused: a
+    classifier of more classes than the data holds (an ImageNet model on ten of its classes)
+    is one. None otherwise, and without labels."""
+    known = labels[labels >= 0] if labels is not None else ()
+    if not len(known) or not len(predictions):
+        return None
+    top = int(known.max())
+    share = float(np.mean(predictions > top))
+    if n_classes <= top + 1 or share < BEYOND_LABELS:
+        return None
+    return (f"the model predicts a class beyond the largest label ({top}) for {share:.0%} of "
+            f"the items: its {n_classes} outputs per item may be no class scores (a "
+            f"reconstruction, an embedding); if so, name the scores with {_OPTION}, or "
+            f"connect the data without labels, (X, None)")
+
+
+def notices(logits, labels: np.ndarray | None, predictions: np.ndarray,
+            n_classes: int) -> list[str]:
+    """What the profile warns of, and SHOW PROFILE notes, about the scores it read."""
+    found = (sigmoid_applied(logits), beyond_labels(labels, predictions, n_classes))
+    return [notice for notice in found if notice is not None]

@@ -9,7 +9,7 @@ from diagql import samplers
 from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
-from diagql.model.scores import sigmoid_applied
+from diagql.model.scores import notices
 from diagql.model.views import SEQUENCE, View
 from diagql.results.result import Result
 
@@ -178,9 +178,8 @@ def _profile(conn, statement) -> Result:
         notes.append(f"{len(unscored):,} items have NaN or infinite class scores (the first is "
                      f"item {int(unscored[0])}): their predictions are arbitrary, yet counted "
                      f"here and by WHERE correct")
-    notice = sigmoid_applied(profile.logits)
-    if notice is not None:
-        notes.append(notice)
+    notes.extend(notices(profile.logits, profile.labels if profile.has_labels else None,
+                         profile.predictions, profile.n_classes))
     if wide:
         notes.append(f"{n:,} classes, worst accuracy first, each with the classes it is most "
                      f"often predicted as; in Python, conn.profile.confusion_cells() gives the "
