@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -148,17 +149,26 @@ def _only_hooks(stamp: tuple, before: tuple) -> bool:
     return stamp[:2] == before[:2] and stamp[2] != before[2]
 
 
+# One statement at a time in a process (docs/ARCHITECTURE.md, "Session"): a statement's
+# passes hook the user's modules and set their training flags for the pass, which another
+# thread's pass over the same modules would see and undo: its hooks fed the other's rows,
+# a model left in train mode run so (BatchNorm's statistics moved), a probe's call counts
+# doubled and cached. A second thread's statement waits; one statement's own are re-entrant.
+STATEMENTS = threading.RLock()
+
+
 @contextlib.contextmanager
 def watching(conn):
-    """One statement's span: changes noticed before it, its own passes' taken as read after
-    (when it ran the model at all)."""
-    notice_changes(conn)
-    forwards = FORWARDS[0]
-    try:
-        yield
-    finally:
-        if FORWARDS[0] != forwards:
-            after_statement(conn)
+    """One statement's span, one at a time (STATEMENTS): changes noticed before it, its own
+    passes' taken as read after (when it ran the model at all)."""
+    with STATEMENTS:
+        notice_changes(conn)
+        forwards = FORWARDS[0]
+        try:
+            yield
+        finally:
+            if FORWARDS[0] != forwards:
+                after_statement(conn)
 
 
 def after_statement(conn) -> None:

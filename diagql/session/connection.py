@@ -29,7 +29,7 @@ from diagql.progress import Progress
 from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
-from diagql.session.changes import notice_changes, watching
+from diagql.session.changes import STATEMENTS, notice_changes, watching
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
 from diagql.session.class_names import checked, name_classes, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
@@ -271,7 +271,8 @@ class Connection:
 
     @property
     def catalog(self) -> LayerCatalog:
-        return self.current.catalog
+        with STATEMENTS:  # its probe hooks the model, as a statement's passes do
+            return self.current.catalog
 
     @property
     def layers(self) -> list[str]:
@@ -286,7 +287,8 @@ class Connection:
     def profile(self) -> Profile:
         """Labels, predictions, confidence and latents of every item: one pass, then reused
         (from memory, else from the disk cache, else computed and stored there)."""
-        return self.current.profile
+        with STATEMENTS:  # its pass hooks the model, as a statement's do
+            return self.current.profile
 
     def require_model(self) -> None:
         if not self.models:
