@@ -769,8 +769,10 @@ def test_batch_first_breaks_a_tie_the_probes_cannot():
     conn = diagql.connect(model, data, batch_size=4, cache_dir=False, progress=False)
     layer = conn.catalog["enc"]
     assert layer.batch_axis == 1 and layer.varies
-    assert layer.found.startswith("the module's batch_first = False; probes of 1, 2, 3 items "
-                                  "could not tell axes [0, 1] apart")
+    # Told by the probe's items reversed (model/row_order.py), which batch_first agrees with.
+    assert layer.found.startswith("the only one of axes [0, 1], each as long as the batch in "
+                                  "probes of 1, 2, 3 items, that reverses with the batch's "
+                                  "items; the module's batch_first agrees")
     rows = np.stack([capture(model, ["enc"], x[None], torch.zeros(1, len(x), dtype=torch.bool))
                      ["enc"][:, 0].double().mean(dim=0).numpy() for x in sequences])
     np.testing.assert_allclose(conn.query("AVG NEURONS IN enc").values, rows.mean(axis=0), **TOL)

@@ -16,6 +16,7 @@ from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor,
 from diagql.model.layers import NO_MASK, LayerCatalog, LayerInfo
 from diagql.model.repeatable import check_batch_independent, check_deterministic, \
     check_repeatable
+from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.views import CHANNELS_LAST, FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, input_attention_mask, mask_key, named_inputs, padding_argument, padding_mask
@@ -94,7 +95,8 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         again = first_tensor(call(model, prepare(first)))
     # Then an item's batch may be compared: the last probe read the first item anew, which
     # data that reads differently (an augmentation, warned of) makes another input.
-    if check_deterministic(first_output, again) and repeatable:
+    stable = check_deterministic(first_output, again) and repeatable
+    if stable:
         alone = [first_output]
         with evaluation(model):  # the last probe's other items, each alone
             for i in range(1, len(idx)):
@@ -104,6 +106,9 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
                 except ExecutionError:  # the batch of one ran for the first item: not here
                     break
         check_batch_independent(alone, first_tensor(output))  # the last probe's
+    # Which axes of each layer reverse with the batch (model/row_order.py): where its rows
+    # are in an order of their own, or which of several axes of the batch's size is its.
+    reverses = reversing_axes(model, source, prepare, call, len(idx)) if stable else None
     if scores is None:
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
     head = ""
@@ -125,7 +130,8 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     for key in passes[-1][1]:  # (module, call), in the order they returned in the last pass
         name, number = key
         info = _layer(name, key, modules[name], [(s, seen[key]) for s, seen, _, _ in passes
-                                                 if key in seen], calls[name], layouts)
+                                                 if key in seen], calls[name], layouts,
+                      None if reverses is None else reverses.get(key))
         if calls[name] > 1:
             info = replace(info, name=call_name(name, number), call=number, module=name)
         infos.setdefault(name, []).append(info)
@@ -281,8 +287,11 @@ def _shape(entry: tuple[str, torch.Tensor | None]) -> tuple[str, tuple | None]:
 
 
 def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tuple[int, _Seen]],
-           calls: int, layouts: dict[tuple[str, int], str]) -> LayerInfo:
-    """The LayerInfo of a module's call (``key``) from what it returned in each probe."""
+           calls: int, layouts: dict[tuple[str, int], str],
+           reverses: set[int] | None = None) -> LayerInfo:
+    """The LayerInfo of a module's call (``key``) from what it returned in each probe;
+    ``reverses``: the axes along which its output reversed with the last probe's items
+    (model/row_order.py; None: not known)."""
     type_name = type(module).__name__
 
     def refuse(reason: str) -> LayerInfo:
@@ -310,11 +319,14 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
         axis = 0
         if any(seen.shape[0] != size for size, seen in records):
             return refuse(f"it returns {last.what}, which does not hold one sequence per item")
+        if reverses is not None and 0 not in reverses:
+            return refuse(_out_of_order(records[-1][0]))
     else:
-        axis, found = _batch_axis(module, records)
+        axis, found = _batch_axis(module, records, reverses)
         if axis is None:
-            return refuse(f"no axis of its output follows the batch (shapes {shapes} for "
-                          f"batches of {sizes} items), so its values are not per item")
+            return refuse(found or f"no axis of its output follows the batch (shapes {shapes} "
+                                   f"for batches of {sizes} items), so its values are not per "
+                                   f"item")
     per_item = [tuple(d for i, d in enumerate(seen.shape) if i != axis) for _, seen in records]
     shape = per_item[-1]
     varies = len(set(per_item)) > 1
@@ -337,13 +349,28 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
                      mask)
 
 
-def _batch_axis(module: nn.Module, records) -> tuple[int | None, str]:
-    """The axis whose size is the batch's in every probe, and how it was found."""
+def _batch_axis(module: nn.Module, records, reverses: set[int] | None = None
+                ) -> tuple[int | None, str]:
+    """The axis whose size is the batch's in every probe and that reverses with the batch
+    (``reverses``, when known), and how it was found; None and why not, when none does
+    ("" when no axis follows the batch at all)."""
     rank = len(records[0][1].shape)
     sizes = [size for size, _ in records]
     axes = [a for a in range(rank) if all(seen.shape[a] == size for size, seen in records)]
-    told = f"probes of {', '.join(map(str, sizes))} items"
     declared = _declared_axis(module)
+    if reverses is not None and axes:
+        # Several axes of the batch's size of which none reverses alone are a batch × batch
+        # output (a contrastive model's similarities, reversed along both): not per item,
+        # which the width that follows the batch says (``_layer``), not an order of its own.
+        if len(axes) == 1 and not reverses & set(axes):
+            return None, _out_of_order(sizes[-1])
+        if len(axes) > 1 and len(reverses & set(axes)) == 1:
+            axis = (reverses & set(axes)).pop()
+            agree = "; the module's batch_first agrees" if declared == axis else ""
+            return axis, (f"the only one of axes {axes}, each as long as the batch in probes "
+                          f"of {', '.join(map(str, sizes))} items, that reverses with the "
+                          f"batch's items{agree}")
+    told = f"probes of {', '.join(map(str, sizes))} items"
     if len(axes) == 1:
         agree = "; the module's batch_first agrees" if declared == axes[0] else ""
         return axes[0], f"the only axis that follows the batch in {told}{agree}"
@@ -353,6 +380,14 @@ def _batch_axis(module: nn.Module, records) -> tuple[int | None, str]:
         return declared, (f"the module's batch_first = {declared == 0}; {told} could not tell "
                           f"axes {axes} apart")
     return axes[0], f"the first of axes {axes}, which {told} could not tell apart"
+
+
+def _out_of_order(size: int) -> str:
+    return (f"its rows are not in its batch's order: the probe's {size} items run reversed did "
+            f"not reverse them, so it returns the items in an order of its own (a batch sorted "
+            f"by length for pack_padded_sequence and not put back, or rows dispatched to experts "
+            f"by a gate), and no row can be told to be an item's; query a layer after the model "
+            f"restores the batch's order")
 
 
 def _declared_axis(module: nn.Module) -> int | None:

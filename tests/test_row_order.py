@@ -1,0 +1,161 @@
+"""Whether a layer's rows are its batch's items in the batch's order (model/row_order.py):
+layers that return them in an order of their own are refused, where every answer but a mean
+over all items put one item's row under another's; a tie between axes of the batch's size is
+settled by the one that reverses with the batch. Truth: plain torch, each item alone or in
+DiagQL's own batches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch.utils.data import DataLoader
+
+import diagql
+from diagql.errors import BindError
+
+K, D, H = 3, 6, 8
+
+
+class SortedLSTM(nn.Module):
+    """The classic recipe: sort the batch by length, pack with enforce_sorted=True, and put
+    only the final states back in order: the LSTM's own rows stay in length order."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, H)
+        self.rnn = nn.LSTM(H, H, batch_first=True)
+        self.head = nn.Linear(H, K)
+
+    def forward(self, x, lengths):
+        lengths, order = lengths.sort(descending=True)
+        packed = pack_padded_sequence(self.inp(x)[order], lengths, batch_first=True)
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1][order.argsort()])
+
+
+class SortedDispatch(nn.Module):
+    """A mixture of experts' dispatch: ``pre`` runs on the rows sorted by expert, which are
+    scattered back into the batch's order after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.pre, self.head = nn.Linear(D, 3), nn.Linear(D, D), nn.Linear(D, K)
+
+    def forward(self, x):
+        order = torch.argsort(self.router(x).argmax(1), stable=True)
+        rows = torch.relu(self.pre(x[order]))
+        back = torch.empty_like(rows)
+        back[order] = rows
+        return self.head(back)
+
+
+def _alone(model, module, inputs: list) -> np.ndarray:
+    """Each item's output of ``module``, the item run alone (where its row is its own)."""
+    got = []
+    handle = module.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
+    with torch.no_grad():
+        for x in inputs:
+            model(*x)
+    handle.remove()
+    return torch.cat(got).numpy()
+
+
+def _group_means(rows: np.ndarray, y: np.ndarray) -> dict:
+    return {k: rows[y == k].mean(0) for k in np.unique(y)}
+
+
+def test_an_lstm_left_in_length_order_is_refused_and_its_neighbours_are_exact():
+    g = torch.Generator().manual_seed(0)
+    n, t = 150, 7
+    lengths = torch.randint(1, t + 1, (n,), generator=g)
+    lengths[:3] = torch.tensor([2, 3, 6])  # the probe's items: reversed by the sort
+    X = torch.randn(n, t, D, generator=g)
+    y = torch.randint(0, K, (n,), generator=g)
+    torch.manual_seed(0)
+    model = SortedLSTM().eval()
+    items = [((X[i], lengths[i]), int(y[i])) for i in range(n)]
+    db = diagql.connect(model, items, cache_dir=False, progress=False)
+    with pytest.raises(BindError, match="its rows are not in its batch's order"):
+        db.query("AVG NEURONS IN rnn GROUP BY class")
+    truth = _group_means(_alone(model, model.head, [(X[i:i + 1], lengths[i:i + 1])
+                                                     for i in range(n)]), y.numpy())
+    result = db.query("AVG NEURONS IN head GROUP BY class")
+    for key, part in result.groups.items():
+        np.testing.assert_allclose(part.values, truth[key], atol=1e-5)
+
+
+def test_a_layer_run_on_rows_sorted_by_expert_is_refused():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, D, generator=g)
+    y = torch.randint(0, K, (200,), generator=g)
+    torch.manual_seed(3)
+    model = SortedDispatch().eval()
+    with torch.no_grad():
+        experts = model.router(X[:3]).argmax(1)
+    # Two experts among the probe's items, in sorted order already: only the reversed batch
+    # is dispatched in another order.
+    assert experts.tolist() == sorted(experts.tolist()) and len(set(experts.tolist())) > 1
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with pytest.raises(BindError, match="its rows are not in its batch's order"):
+        db.query("TOPK 3 INPUTS FOR pre[0]")
+    shown = " ".join(str(row) for row in db.query("DESCRIBE pre").rows)
+    assert "not in its batch's order" in shown
+    truth = _group_means(_alone(model, model.router, [(X[i:i + 1],) for i in range(200)]),
+                         y.numpy())
+    for key, part in db.query("AVG NEURONS IN router GROUP BY class").groups.items():
+        np.testing.assert_allclose(part.values, truth[key], atol=1e-5)
+
+
+class TimeFirst(nn.Module):
+    """A Linear over a time-first (T, B, D) sequence, which has no batch_first to say which
+    axis is the batch's."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.head = nn.Linear(D, H), nn.Linear(H, K)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.tok(x.transpose(0, 1))).mean(0))
+
+
+def _pad(batch):
+    longest = max(x.shape[0] for x, _ in batch)
+    X = torch.zeros(len(batch), longest, D)
+    for i, (x, _) in enumerate(batch):
+        X[i, :len(x)] = x
+    return X, torch.tensor([label for _, label in batch])
+
+
+def test_a_time_axis_as_long_as_the_batch_is_told_from_the_batch_axis():
+    """Items 0-2 of lengths 1, 2 and 3 and batches padded per batch: the time axis follows
+    the batch in every probe too, and the first of the two axes was taken as the batch's;
+    with batches of 8 items padded to 8 tokens, every answer but the overall mean was
+    another item's (a GROUP BY off by up to 0.8)."""
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(120):
+        label = int(torch.randint(0, K, (1,), generator=g))
+        x = torch.randn((1, 2, 3)[i] if i < 3 else 8, D, generator=g)
+        x[:, 0] += 1.5 * (label - 1)
+        items.append((x, label))
+    torch.manual_seed(0)
+    model = TimeFirst().eval()
+    got = []
+    handle = model.tok.register_forward_hook(lambda m, i, o: got.append(o.mean(0)))
+    with torch.no_grad():  # DiagQL's batches: 8 items in index order, padded per batch
+        for start in range(0, len(items), 8):
+            model(_pad(items[start:start + 8])[0])
+    handle.remove()
+    rows = torch.cat(got).numpy()
+    y = np.array([label for _, label in items])
+    loader = DataLoader(items, batch_size=8, collate_fn=_pad)
+    db = diagql.connect(model, loader, cache_dir=False, progress=False, batch_size=8)
+    assert any("reverses with the batch" in str(row) for row in db.query("DESCRIBE tok").rows)
+    result = db.query("AVG NEURONS IN tok GROUP BY class")
+    truth = _group_means(rows, y)
+    for key, part in result.groups.items():
+        np.testing.assert_allclose(part.values, truth[key], atol=1e-5)
+    top = db.query("TOPK 3 INPUTS FOR tok[0]")
+    assert [int(i) for i in top.items] == np.argsort(-rows[:, 0], kind="stable")[:3].tolist()
