@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import diagql
 from diagql.engine import cka, similarity
@@ -452,6 +453,38 @@ def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(db, tmp_path
     with pytest.raises(BindError, match="cannot plot to"):
         db.query(f"SIMILARITY encoder.1, head PLOT '{tmp_path}/missing/cka.png'")
     assert db.counters["passes"] == passes
+
+
+def test_the_heat_maps_image_holds_its_long_labels(tmp_path):
+    """Long layer names ("encoder.layers.1.linear1 TOKENS MEAN") spilled off the figure's
+    left edge, so two rows read "ENS MEAN" alike: the image is now as large as what is
+    drawn."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from diagql.results.plots import draw
+
+    class Long(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.the_first_encoder_block_with_a_long_name = nn.Linear(4, 6)
+            self.the_second_encoder_block_with_a_long_name = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(self.the_second_encoder_block_with_a_long_name(
+                torch.relu(self.the_first_encoder_block_with_a_long_name(x))))
+
+    torch.manual_seed(0)
+    db = diagql.connect(Long(), (torch.randn(60, 4), torch.randint(0, 2, (60,))),
+                        cache_dir=False, progress=False)
+    target = tmp_path / "cka.png"
+    result = db.query(f"SIMILARITY the_first_encoder_block_with_a_long_name, "
+                      f"the_second_encoder_block_with_a_long_name, head PLOT '{target}'")
+    figure = draw(result)
+    drawn = figure.get_tightbbox(figure.canvas.get_renderer())  # inches
+    height, width = imread(target).shape[:2]
+    assert width >= drawn.width * 85 - 2 and height >= drawn.height * 85 - 2
 
 
 def test_another_models_layers_are_named_with_it_and_read_its_predictions(mlp, cnn, digits,
