@@ -10,6 +10,23 @@ from typing import Callable, Iterator
 _SHOW_AFTER_SECONDS = 0.5
 
 
+def import_rich() -> None:
+    """Import rich with the user's Python ``random`` stream put back: rich's style module
+    draws from the global ``random`` when first imported (a counter seeded by getrandbits),
+    which moved a notebook's seeded stream at DiagQL's first bar or table. Called when a
+    connection is first made; the command line's help never imports rich."""
+    if "rich.style" in sys.modules:
+        return
+    import importlib
+    import random
+
+    state = random.getstate()
+    try:
+        importlib.import_module("rich.style")
+    finally:
+        random.setstate(state)
+
+
 class Progress:
     """Hands out ``advance(n)`` callbacks; draws only when enabled and on a terminal."""
 

@@ -25,7 +25,7 @@ from diagql.model.hooks import hookable
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
 from diagql.model.scores import Scores
-from diagql.progress import Progress
+from diagql.progress import Progress, import_rich
 from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
@@ -134,6 +134,7 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     Ray Dataset (its rows are the items, dicts of columns). Several models (a mapping, of
     modules or factories) are built on every worker; checkpoints are refused.
     """
+    import_rich()  # before any bar or table: rich's first import moves Python's random
     conn = Connection(model, data, batch_size=batch_size, device=device, latent=latent,
                       cache_dir=cache_dir, cache_limit=cache_limit, progress=progress,
                       label_key=label_key, checkpoints=checkpoints, engine=engine,

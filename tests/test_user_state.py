@@ -1,7 +1,10 @@
-"""Statements from several threads (session/changes.py, STATEMENTS): answers as plain torch
-gives them one at a time, and the user's model left as it was."""
+"""What DiagQL leaves of the user's process: statements from several threads (session/changes.py,
+STATEMENTS) answer as plain torch gives them one at a time and leave the model as it was, and
+Python's random stream is not moved."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -60,3 +63,23 @@ def test_two_threads_on_one_model_get_exact_answers_and_leave_it_as_it_was():
     assert model.training and all(m.training for m in model.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
+
+
+def test_pythons_random_stream_is_not_moved():
+    """rich draws from Python's global random when first imported, which DiagQL did at its
+    first bar or table (an UNTIL query's): a seeded notebook's next draws changed. A fresh
+    process, so that rich is not imported yet."""
+    script = """
+import random, torch, diagql
+random.seed(5)
+state = random.getstate()
+X, y = torch.randn(200, 4), torch.randint(0, 2, (200,))
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+db = diagql.connect(model, (X, y), cache_dir=False)
+db.query("AVG NEURONS IN 0 USING SAMPLE random(0.2) UNTIL width <= 0.01 WITHIN 1 SECONDS")
+str(db.query("SHOW PROFILE"))
+print(random.getstate() == state)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "True", done.stderr
