@@ -641,7 +641,9 @@ def test_a_call_missing_from_a_batch_is_an_error():
     with pytest.raises(ExecutionError) as info:
         db.query("AVG NEURONS IN act#2")
     assert info.value.message == ("layer 'act#2' did not run in the model's forward pass: "
-                                  "module 'act' ran 1 time")
+                                  "module 'act' ran 1 time, where it ran in DiagQL's probe: "
+                                  "it runs for some batches only (a branch on the data), so "
+                                  "it has no activation for every item")
     assert not model._forward_hooks and not model.act._forward_hooks  # every hook removed
 
 

@@ -129,7 +129,10 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
     name = layer.name
     if layer.calls == 0:
         raise _error(f"layer {name!r} cannot be queried: {layer.refused}" if layer.refused else
-                     f"layer {name!r} does not run in the model's forward pass", ref.span)
+                     f"layer {name!r} does not run in the model's forward pass (not for "
+                     f"DiagQL's probes, batches of its first 1, 2 and 3 items: a module that "
+                     f"runs only for some items or batches, one branch of an if on the data or "
+                     f"an expert a router picks, has no activation for every item)", ref.span)
     if layer.shared and catalog.calls_of(name):
         raise _error(f"layer {name!r} runs {layer.calls} times per forward pass; name one "
                      f"call: {calls_text(name, layer.calls)}", ref.span)

@@ -277,7 +277,9 @@ class Hooks:
                 detail = (f": module {module!r} ran {ran} time{'s' if ran != 1 else ''}"
                           if call and ran else "")
                 raise ExecutionError(f"layer {layer!r} did not run in the model's forward "
-                                     f"pass{detail}")
+                                     f"pass{detail}, where it ran in DiagQL's probe: it runs "
+                                     f"for some batches only (a branch on the data), so it "
+                                     f"has no activation for every item")
         for name in self.pre:
             if "<input of>" + name not in self.ran:
                 raise ExecutionError(f"layer {name!r} did not run in the model's forward pass")
