@@ -432,7 +432,8 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
                           tm.pad_collate(items[:-1] if len(items) > 1 else items))
     # Whichever batch comes first (a probe of the layers may read a few items).
     got = re.fullmatch(r"a batch of (\d+) items came back from the collate_fn with (\d+) inputs "
-                       r"and (\d+) labels; DiagQL needs one input and label per item",
+                       r"and (\d+) labels; DiagQL needs one input and label per item \(a "
+                       r"collate that joins the items' rows, .*",
                        _refusal(bert, dropping, batch_size=BATCH))
     assert got and int(got[1]) - 1 == int(got[2]) == int(got[3])
     failing = DataLoader(tm.DictDataset(sequences, labels), collate_fn=lambda items: 1 / 0)

@@ -203,7 +203,11 @@ class ItemSource:
             if n != len(idx) or (y is not None and len(y) != n):
                 got = f"{n} inputs" + ("" if y is None else f" and {len(y)} labels")
                 raise DiagQLError(f"a batch of {len(idx)} items came back from the collate_fn "
-                                  f"with {got}; DiagQL needs one input and label per item")
+                                  f"with {got}; DiagQL needs one input and label per item (a "
+                                  f"collate that joins the items' rows, as graph batching "
+                                  f"does its nodes beside a batch index, may give each item's "
+                                  f"offset among them, one per item, as EmbeddingBag takes "
+                                  f"them)")
             yield idx, x, y
 
     # --- the forms of a batch ------------------------------------------------------------------
