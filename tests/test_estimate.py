@@ -47,6 +47,10 @@ def test_avg_interval_is_the_t_interval_with_finite_population_correction(db, ml
     np.testing.assert_allclose(est.ci_low, mean - half, atol=1e-9)
     np.testing.assert_allclose(est.ci_high, mean + half, atol=1e-9)
     assert est.metric is metrics.COSINE and 0 <= est.expected < 0.1
+    # The rows CSV and pandas show carry them (they held the values alone).
+    records = result.records()
+    np.testing.assert_allclose([r["ci_low"] for r in records], mean - half, atol=1e-9)
+    np.testing.assert_allclose([r["ci_high"] for r in records], mean + half, atol=1e-9)
 
 
 def test_topk_estimate_gives_a_probability_per_reported_neuron(db):
@@ -59,6 +63,7 @@ def test_topk_estimate_gives_a_probability_per_reported_neuron(db):
     assert est.expected == pytest.approx(est.p_in_topk.sum() / 5)
     # The neurons ranked first are the ones the sample is surest of.
     assert est.p_in_topk[0] >= est.p_in_topk[-1]
+    assert [r["p_in_topk"] for r in result.records()] == est.p_in_topk.tolist()
 
 
 def test_argmax_estimate_shares_sum_and_bound(db):

@@ -352,12 +352,18 @@ class Result:
             return [{group_by: _plain(key), **rec} for key, group in self.groups.items()
                     for rec in (group.records() or [{}])]
         exact = self.baseline.value_of if self.baseline is not None else None
+        # A sample's estimate per neuron, as its table shows it (an unreliable one is not).
+        est = self.estimate if self.estimate is not None and self.estimate.reliable else None
+        spread = {name: getattr(est, name) for name in ("ci_low", "ci_high", "p_in_topk")
+                  if est is not None and getattr(est, name) is not None
+                  and len(getattr(est, name)) == len(self.neurons)}
         rows = []
         for position, (neuron, label, value) in enumerate(
                 zip(self.neurons.tolist(), self.labels, self.values.tolist())):
             row = {"neuron": neuron, "label": label, "value": value}
             if self.kind == "topk":
                 row = {"rank": position + 1, **row}
+            row.update((name, float(array[position])) for name, array in spread.items())
             if exact is not None:
                 row["exact_value"] = exact(neuron)
             rows.append(row)
