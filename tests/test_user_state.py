@@ -8,6 +8,7 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -83,3 +84,25 @@ print(random.getstate() == state)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert done.stdout.strip().splitlines()[-1] == "True", done.stderr
+
+
+def test_a_model_left_in_train_mode_is_said_to_be_answered_in_eval_mode():
+    """Its answers are eval mode's (plain torch's, below); that was said only in the README."""
+    import warnings
+
+    model, X, y = _model_and_data()
+    with pytest.warns(diagql.DiagQLWarning, match=r"the model is in train mode; DiagQL answers "
+                                                  r"it as in eval mode, .*\(BatchNorm1d, "
+                                                  r"Dropout: "):
+        db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    result = db.query("AVG NEURONS IN 1")
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        truth = model[1](model[0](X)).double().mean(0).numpy()
+    np.testing.assert_allclose(result.values, truth, atol=1e-6)
+    with warnings.catch_warnings():  # in eval mode, or without modules that differ: no word
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        diagql.connect(model, (X, y), cache_dir=False, progress=False)
+        diagql.connect(nn.Sequential(nn.Linear(D, 3)).train(), (X, y), cache_dir=False,
+                       progress=False)

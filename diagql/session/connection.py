@@ -16,7 +16,7 @@ from torch import nn
 from diagql.engine.engines import open_engine
 from diagql.engine.executor import Runner
 from diagql.engine.planner import Plan
-from diagql.errors import BindError, DiagQLError
+from diagql.errors import BindError, DiagQLError, warn
 from diagql.language import ast
 from diagql.language.binder import bind_sampler, qualify_layer
 from diagql.language.parser import parse, parse_sampler
@@ -214,6 +214,7 @@ class Connection:
                 raise DiagQLError(f"models {other.name!r} and {name!r} are one module; give it "
                                   f"once, or a copy (copy.deepcopy) to compare with")
         device = _resolve_device(device, module)
+        _say_eval_mode(module, "the model" if name == DEFAULT else f"model {name!r}")
         self.models[name] = ModelEntry(self, name, module, device=device,
                                        dtype=model_dtype(module), latent=latent)
 
@@ -412,6 +413,20 @@ def _modules(model, checkpoints) -> dict[str, object]:
             raise DiagQLError("the mapping of models is empty")
         return {check_name(name, "model"): module for name, module in model.items()}
     return {FINAL if checkpoints is not None else DEFAULT: model}
+
+
+def _say_eval_mode(module: nn.Module, what: str) -> None:
+    """Say that a model left in train mode (as a training loop leaves it) is answered as in
+    eval mode, where that changes its outputs: dropout off, BatchNorm's running statistics."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.nn.modules.dropout import _DropoutNd
+
+    differ = sorted({type(m).__name__ for m in module.modules()
+                     if m.training and isinstance(m, (_BatchNorm, _DropoutNd))})
+    if differ:
+        warn(f"{what} is in train mode; DiagQL answers it as in eval mode, as inference runs "
+             f"it ({', '.join(differ)}: dropout off, running statistics), and leaves it in "
+             f"train mode (call .eval() before connecting to silence this)")
 
 
 def _few(names: list[str]) -> list[str]:
