@@ -450,7 +450,9 @@ def test_exact_is_not_run_past_within_s_budget():
     growth = result.provenance.growth
     assert not growth.exact and growth.stop in ("budget spent", "data exhausted",
                                                 "target met"), growth
-    assert growth.seconds < 0.5 + 0.15, growth  # the exact pass alone takes 1 s
+    # The exact pass alone takes 1 s: run after the rounds, it would end past 1.5 s (a
+    # bound of 0.65 s failed on a loaded machine, the rounds themselves slowed).
+    assert growth.seconds < 0.5 + 0.9, growth
 
 
 def test_auto_answers_exactly_where_too_few_items_match_to_sample():
