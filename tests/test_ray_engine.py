@@ -151,6 +151,27 @@ def test_the_profile_is_the_local_engine_s_and_plain_torch_s(world):
         engine._device_type = "cpu"
 
 
+def test_auto_weighs_the_pass_without_the_workers_start(world, monkeypatch):
+    """USING AUTO weighs an exact pass by the profile pass's model time: on Ray that time had
+    held the workers' start (import torch, build the model: ~10 s here, beside a pass of
+    0.1 s), so AUTO sampled where the local engine answers exactly. Runs before any test
+    draws a maxmargin sample: a drawn one is weighed at no cost."""
+    from diagql.samplers.maxmargin import MaxMarginSampler
+
+    # A draw of 2 s: far dearer than a pass over the digits, far cheaper than a worker's start.
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 2.0)
+    statement = "AVG NEURONS IN net.4 WHERE correct USING AUTO"
+    want = world.local.query(statement)
+    assert not want.approximate, want.provenance.choice
+    got = world.conn.query(statement)
+    assert not got.approximate, got.provenance.choice
+    assert "costs less than drawing a maxmargin" in got.provenance.choice
+    assert "the Ray workers' start not counted" in got.provenance.choice
+    same(got, want)
+    correct = predictions(world.model, world.X) == world.y.numpy()
+    close(got.values, activations(world.model, world.X, "net.4")[correct].mean(axis=0))
+
+
 def test_full_data_queries_equal_plain_torch_and_the_local_engine(world):
     conn, X = world.conn, world.X
     labels, wrong = world.y.numpy(), predictions(world.model, X) != world.y.numpy()

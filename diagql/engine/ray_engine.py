@@ -281,7 +281,10 @@ class RayEngine:
         layers that hold the latent's or the logits' rows: those that did in every shard).
         The ``blocks``' directions are fitted once, by one worker on the spread items the
         local pass fits them on (their profile part too, in the same batches), and every shard
-        of the other items projects on them: the local pass's auxiliaries."""
+        of the other items projects on them: the local pass's auxiliaries. Its
+        ``pass_seconds`` are the workers' model time, summed as the local pass's are: not the
+        wall time, which holds the workers' start, which no later pass pays (it had made
+        USING AUTO's exact pass look 190x dearer: docs/ARCHITECTURE.md, "Engines")."""
         if n_items == 0:
             raise DiagQLError("the data set is empty")
         started = time.perf_counter()
@@ -307,7 +310,9 @@ class RayEngine:
                 if shards else []  # none when the spread items are all of them
             profile = with_blocks([(spread, first), *zip(shards, parts)], n_items, views, fits,
                                   fit, latent, latent_is_input, view=view, dtype=dtype)
-        return dataclasses.replace(profile, seconds=time.perf_counter() - started)
+            parts = [first, *parts]
+        return dataclasses.replace(profile, seconds=time.perf_counter() - started,
+                                   pass_seconds=sum(part.pass_seconds for part in parts))
 
     def _shards(self, items: np.ndarray, batch_size: int) -> list[np.ndarray]:
         return shard_items(items, batch_size, len(self.start()) * SHARDS_PER_WORKER)

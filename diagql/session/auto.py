@@ -55,15 +55,24 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
         return bound, (f"AUTO chose exact: {n_match:,} matching items, too few to sample "
                        f"(a sample of at most {n_sample:,} would estimate little)"), 0.0
     artifacts = src.sampling.artifacts
+    weighed = ""  # the costs weighed, when they were: the sample's reason says them too
     if not artifacts.has_sample(sampler):
         # Drawing it may cost more than the exact pass (maxmargin's SVM has a classifier per
-        # class: 1,000 classes over 3,000 items took 18 s beside a 0.2 s exact answer).
+        # class: 1,000 classes over 3,000 items took 18 s beside a 0.2 s exact answer). The
+        # pass's model time, as the profile pass measured it: on Ray without the workers'
+        # start, which a sample's pass would pay as well (docs/ARCHITECTURE.md, "Plan and
+        # execute").
         draw = sampler.draw_seconds(len(profile), profile.n_classes, profile.latents.shape[1])
         exact = n_match * profile.seconds_per_item()
+        pass_cost = f"≈ {exact:.2g} s of model time" + \
+            (", the Ray workers' start not counted" if conn.engine is not None else "")
         if draw is not None and exact <= draw:
             return bound, (f"AUTO chose exact: a pass over the {n_match:,} matching items "
-                           f"(≈ {exact:.2g} s) costs less than drawing a {sampler.spec()} "
+                           f"({pass_cost}) costs less than drawing a {sampler.spec()} "
                            f"sample (≈ {draw:.2g} s)"), 0.0
+        if draw is not None:
+            weighed = f"; a pass over them all ({pass_cost}) costs more than the draw " \
+                      f"(≈ {draw:.2g} s)"
     sample, fresh = artifacts.get_sample(sampler)
     seconds = sample.seconds if fresh else 0.0
     held = int(mask[sample.indices].sum())
@@ -73,4 +82,4 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
     return dataclasses.replace(bound, sampler=sampler), (
         f"AUTO chose a sample: the data has {n_match:,} matching items, and the "
         f"{sampler.spec()} sample holds {held:,} of them ({n_match / max(held, 1):.0f}× fewer "
-        f"to run)"), seconds
+        f"to run){weighed}"), seconds
