@@ -510,7 +510,7 @@ def test_evaluate_on_a_model_without_layers_says_so():
 
 
 def test_ray_workers_build_a_compiled_models_original():
-    from diagql.engine.ray_engine import built_models
+    from diagql.engine.ray_workers import built_models
 
     model = _mlp()
     assert built_models(lambda: torch.compile(model, backend="eager")) == {None: model}

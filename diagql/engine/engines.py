@@ -27,7 +27,8 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
         return model, data, None
     if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
         raise DiagQLError(f"ray_workers must be a positive number of workers, not {ray_workers!r}")
-    from diagql.engine.ray_engine import RayEngine, built_models, is_factory
+    from diagql.engine.ray_engine import RayEngine
+    from diagql.engine.ray_workers import built_models, is_factory
 
     ray = RayEngine(model, data, label_key=label_key, address=ray_address, workers=ray_workers)
     if is_ray_dataset(data):

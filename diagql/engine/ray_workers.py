@@ -1,0 +1,165 @@
+"""A Ray connection's workers (docs/ARCHITECTURE.md, "Engines"): the actor that builds the
+model and the data once and runs the driver's tasks on its shards, the tally of their progress,
+what a worker is sent (a factory, or a value put once in the object store), and this process's
+Ray instance. ``ray`` is imported only when a pass first needs it."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from diagql.engine.ray_data import ShardSource
+from diagql.errors import DiagQLError
+from diagql.model.hooks import hookable
+
+REPORT_SECONDS = 0.25  # how often a worker tells the driver of its shard's progress
+
+
+class Cancelled(Exception):
+    """Raised inside a worker's shard once the driver has cancelled it (Ctrl-C)."""
+
+
+class Tally:
+    """The items each shard of each pass has done (its latest attempt's), for one bar."""
+
+    def __init__(self):
+        self.done: dict = {}
+
+    def report(self, key: tuple, attempt: int, n: int) -> None:
+        seen = self.done.get(key)
+        if seen is None or seen[0] <= attempt:
+            self.done[key] = (attempt, n)
+
+    def counts(self, pass_id: int) -> dict:
+        return {shard: n for (p, shard), (_, n) in self.done.items() if p == pass_id}
+
+    def forget(self, pass_id: int) -> None:
+        self.done = {k: v for k, v in self.done.items() if k[0] != pass_id}
+
+
+class Worker:
+    """One model replica and one view of the data, built once; runs tasks on shards."""
+
+    def __init__(self, model, data, label_key):
+        import ray
+        import torch
+
+        from diagql.model.data import ItemSource
+
+        self.label_key = label_key
+        # What went wrong building the model or the data here (a module the node cannot
+        # import, weights it cannot read): told once by every task, not retried as a death.
+        self.failure: DiagQLError | None = None
+        try:
+            self.models = built_models(model)  # by name: every model of the connection
+            # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
+            self.source = None if data is None else \
+                ItemSource(data() if is_factory(data) else data, label_key=label_key)
+            self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+            for module in self.models.values():
+                module.to(self.device)
+        except Exception as exc:  # noqa: BLE001 - the user's factories, on another machine
+            message = exc.message if isinstance(exc, DiagQLError) else \
+                f"{type(exc).__name__}: {exc}"
+            self.failure = DiagQLError(f"building the model and the data on a Ray worker "
+                                       f"failed: {message}")
+
+    def run(self, task: bytes, items: np.ndarray, tally, key: tuple, attempt: int,
+            blocks: list | None = None) -> bytes:
+        """``task(models, source, items, device=, advance=)`` over the shard; a DiagQLError is
+        returned, not raised, so that the driver raises it as it was. The task and its result
+        travel pickled, as bytes: arrays that Ray hands over itself are read-only views of
+        its object store, and parts write into theirs."""
+        import ray
+        from ray import cloudpickle
+
+        context = ray.get_runtime_context()
+        done, last = [0], [time.perf_counter()]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            if context.is_canceled():
+                raise Cancelled
+            if tally is not None and time.perf_counter() - last[0] >= REPORT_SECONDS:
+                last[0] = time.perf_counter()
+                tally.report.remote(key, attempt, done[0])
+
+        if self.failure is not None:
+            return cloudpickle.dumps(self.failure)
+        source = self.source if blocks is None else ShardSource(blocks, self.label_key)
+        try:
+            result = cloudpickle.loads(task)(self.models, source, items, device=self.device,
+                                             advance=advance)
+        except DiagQLError as exc:
+            result = exc
+        except Cancelled:
+            # Nobody waits for it; a value, not an error, so that Ray does not log an error
+            # that nobody read.
+            result = None
+        return cloudpickle.dumps(result)
+
+
+def is_factory(value) -> bool:
+    """A callable that makes the model or the data (not a module or a data set itself)."""
+    from torch import nn
+
+    return callable(value) and not isinstance(value, nn.Module) \
+        and not hasattr(value, "__getitem__") and not hasattr(value, "__len__")
+
+
+def put_once(ray, value, what: str):
+    """``ray.put(value)``, or a one-line DiagQLError where Ray cannot pickle it (a lock, an
+    open file): Ray's own TypeError is a hundred lines of its serializability report."""
+    try:
+        return ray.put(value)
+    except Exception as exc:  # noqa: BLE001 - whatever pickling raised, said in one line
+        root = exc.__cause__ or exc.__context__ or exc  # pickle's own reason, under Ray's
+        first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+        raise DiagQLError(f"the {what} cannot be sent to Ray's workers ({first}); pass a "
+                          f"factory that builds it on each worker instead: connect(factory, "
+                          f"...), or --{what} MODULE:CALLABLE") from None
+
+
+def start_ray(address: str | None):
+    """Ray, connected to ``address``, else to the instance this process already runs, else to
+    a new local instance with one CPU per core."""
+    try:
+        import ray
+    except ImportError:
+        raise DiagQLError('engine="ray" needs Ray: pip install "diagql[ray]"') from None
+    if not ray.is_initialized():
+        options = {"include_dashboard": False, "log_to_driver": False,
+                   "logging_level": "warning"}
+        try:
+            if address is None:
+                ray.init(num_cpus=os.cpu_count(), **options)
+            else:
+                ray.init(address=address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise DiagQLError(f"cannot start Ray at {address or 'a local instance'}: "
+                              f"{exc}") from None
+    elif address is not None:
+        # One Ray per process: the instance it already runs answers, not the one named.
+        import warnings
+
+        from diagql.errors import DiagQLWarning
+
+        running = getattr(ray.get_runtime_context(), "gcs_address", None) or "another instance"
+        if address not in (running, "auto"):
+            warnings.warn(f"ray_address {address!r} is ignored: this process is connected to "
+                          f"Ray already ({running}); call ray.shutdown() first to use another "
+                          f"cluster", DiagQLWarning, stacklevel=4)
+    return ray
+
+
+def built_models(model) -> dict:
+    """The modules a worker (or the driver) runs, by name (None: a connection's one model):
+    from a module, a factory of one or of a mapping of them, or a mapping of modules and
+    factories."""
+    from collections.abc import Mapping
+
+    made = model() if is_factory(model) else model
+    if not isinstance(made, Mapping):
+        return {None: hookable(made)}  # as connect hooks it: a compiled model's original
+    return {name: hookable(m() if is_factory(m) else m) for name, m in made.items()}
