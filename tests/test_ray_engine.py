@@ -422,6 +422,38 @@ def test_a_model_a_worker_cannot_build_is_one_error_not_a_retried_death(world):
     conn.engine.close()
 
 
+def test_a_factory_that_builds_other_weights_on_a_worker_is_refused(world):
+    """A model class given as its own factory initialises its weights at random in every
+    process: each worker answered for a model of its own, the driver's profile for another,
+    silently (an AVG over two workers mixed two models)."""
+    world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
+    conn = diagql.connect(models.MLP, (world.X, world.y), engine="ray", ray_workers=1,
+                          cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"^the model factory tests\.models\.MLP built other "
+                                          r"weights on a Ray worker than on the driver: .*"
+                                          r"torch\.manual_seed\(0\)"):
+        conn.query("AVG NEURONS IN encoder.3")
+    assert conn.engine.retried == 0
+    conn.close()
+
+
+def test_a_worker_s_weights_are_compared_with_each_factory_built_model_s():
+    """Of several models, the one whose factory is not deterministic is named; a seeded
+    factory's and a module's (pickled to the workers as it is) are not blamed."""
+    from diagql.engine.ray_workers import built_models, other_weights, weights_digests
+
+    # "fresh" first: built after the seeded one, it would draw from the seed's sequence.
+    given = {"fresh": models.MLP, "seeded": functools.partial(models.build_mlp, 3),
+             "module": models.MLP()}
+    driver = weights_digests(given, built_models(given))
+    assert set(driver) == {"seeded", "fresh"}
+    error = other_weights(given, built_models(given), driver)
+    assert "tests.models.MLP (model 'fresh') built other weights" in error.message
+    same_weights = {name: given[name] for name in ("seeded", "module")}
+    driver = weights_digests(same_weights, built_models(same_weights))
+    assert other_weights(same_weights, built_models(same_weights), driver) is None
+
+
 def test_a_model_whose_module_the_workers_cannot_import_is_one_error(world, tmp_path,
                                                                     monkeypatch):
     """Its class's module is on the driver's path only (the usual mistake on a cluster): it

@@ -28,7 +28,7 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
     if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
         raise DiagQLError(f"ray_workers must be a positive number of workers, not {ray_workers!r}")
     from diagql.engine.ray_engine import RayEngine
-    from diagql.engine.ray_workers import built_models, is_factory
+    from diagql.engine.ray_workers import built_models, is_factory, weights_digests
 
     ray = RayEngine(model, data, label_key=label_key, address=ray_address, workers=ray_workers)
     if is_ray_dataset(data):
@@ -36,5 +36,6 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
     elif is_factory(data):
         data = data()
     models = built_models(model)  # the driver's copies, for the catalog's probe
+    ray.digests = weights_digests(model, models)  # before any forward changes a buffer
     ray.several = None not in models
     return models if ray.several else models[None], data, ray

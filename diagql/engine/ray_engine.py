@@ -50,6 +50,9 @@ class RayEngine:
         self._tally = None
         self._passes = 0
         self._device_type: str | None = None
+        # The weights digest of each model a factory built on the driver, by name
+        # (open_engine): every worker's must be the same (ray_workers.other_weights).
+        self.digests: dict = {}
 
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
@@ -100,7 +103,7 @@ class RayEngine:
         # Not restarted by Ray: a dead worker is replaced by a new one here (run()), so that
         # the shard it held is run again exactly once per death, and merged once.
         worker = ray.remote(Worker).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
-        self._new_worker = lambda: worker.remote(model, data, self.label_key)
+        self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests)
         self._actors = [self._new_worker() for _ in range(count)]
         self._tally = ray.remote(Tally).options(num_cpus=0).remote()
         return self._actors

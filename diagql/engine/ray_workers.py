@@ -41,7 +41,7 @@ class Tally:
 class Worker:
     """One model replica and one view of the data, built once; runs tasks on shards."""
 
-    def __init__(self, model, data, label_key):
+    def __init__(self, model, data, label_key, digests: dict):
         import ray
         import torch
 
@@ -49,10 +49,12 @@ class Worker:
 
         self.label_key = label_key
         # What went wrong building the model or the data here (a module the node cannot
-        # import, weights it cannot read): told once by every task, not retried as a death.
+        # import, weights it cannot read, other weights than the driver's): told once by
+        # every task, not retried as a death.
         self.failure: DiagQLError | None = None
         try:
             self.models = built_models(model)  # by name: every model of the connection
+            self.failure = other_weights(model, self.models, digests)
             # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
             self.source = None if data is None else \
                 ItemSource(data() if is_factory(data) else data, label_key=label_key)
@@ -60,6 +62,7 @@ class Worker:
             for module in self.models.values():
                 module.to(self.device)
         except Exception as exc:  # noqa: BLE001 - the user's factories, on another machine
+            self.models = {}
             message = exc.message if isinstance(exc, DiagQLError) else \
                 f"{type(exc).__name__}: {exc}"
             self.failure = DiagQLError(f"building the model and the data on a Ray worker "
@@ -163,3 +166,61 @@ def built_models(model) -> dict:
     if not isinstance(made, Mapping):
         return {None: hookable(made)}  # as connect hooks it: a compiled model's original
     return {name: hookable(m() if is_factory(m) else m) for name, m in made.items()}
+
+
+def weights_digests(model, made: dict) -> dict:
+    """A digest of the weights of each model in ``made`` (``built_models(model)``) that a
+    factory built, by name: the workers' copies must have the same ones (``other_weights``).
+    Cheap at any size (storage/sampled.py: a tensor of at most a page whole, about 1 MB of
+    spread pages of the others), and a model initialised at random differs in every page."""
+    from collections.abc import Mapping
+
+    from torch.nn.parameter import is_lazy
+
+    from diagql.storage.sampled import sampled_digest
+
+    built = set(made) if is_factory(model) else \
+        {name for name, m in model.items() if is_factory(m)} if isinstance(model, Mapping) \
+        else set()
+    return {name: sampled_digest([t for t in (*module.parameters(), *module.buffers())
+                                  if not is_lazy(t)])
+            for name, module in made.items() if name in built}
+
+
+def other_weights(model, made: dict, digests: dict) -> DiagQLError | None:
+    """The error for a worker whose factory-built models' weights are not the driver's
+    (``digests``): a factory that initialises them at random, such as a model class given as
+    its own factory, gives every worker a different model, and a pass's shards would mix
+    their answers (docs/ARCHITECTURE.md, "Engines")."""
+    from collections.abc import Mapping
+
+    mine = weights_digests(model, made)
+    differ = [name for name, digest in digests.items() if mine.get(name) != digest]
+    if not differ:
+        return None
+    name = differ[0]
+    factory = model[name] if isinstance(model, Mapping) and is_factory(model[name]) else model
+    whose = "" if name is None else f" (model {name!r})"
+    return DiagQLError(
+        f"the model factory {_called(factory)}{whose} built other weights on a Ray worker than "
+        f"on the driver: it initialises them at random, so each worker would answer for a "
+        f"different model; pass a factory that builds the same weights every time: one that "
+        f"loads saved weights (model.load_state_dict(torch.load(path)); on the command line, "
+        f"--weights) or seeds torch first (torch.manual_seed(0))")
+
+
+def _called(factory) -> str:
+    """A factory as its user wrote it: module.name, and a partial's arguments (the command
+    line's specs, which it passes as ``partial(load_models, specs, weights)``)."""
+    import functools
+
+    function = factory.func if isinstance(factory, functools.partial) else factory
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    module = getattr(function, "__module__", None)
+    called = f"{module}.{name}" if module else name
+    if isinstance(factory, functools.partial):
+        given = [repr(a) for a in factory.args] + [f"{k}={v!r}" for k, v in
+                                                   factory.keywords.items()]
+        text = ", ".join(given)
+        called += f"({text if len(text) <= 80 else text[:77] + '...'})"
+    return called
