@@ -172,6 +172,37 @@ def test_auto_weighs_the_pass_without_the_workers_start(world, monkeypatch):
     close(got.values, activations(world.model, world.X, "net.4")[correct].mean(axis=0))
 
 
+def test_a_ray_dataset_while_workers_hold_every_cpu_is_refused_not_waited_for(world, cluster):
+    """Reading a Ray Dataset takes a CPU per read task: with another connection's workers
+    holding both, connect had waited for ever."""
+    import faulthandler
+    import time
+
+    pytest.importorskip("pyarrow", reason="Ray Data needs pyarrow: pip install 'diagql[ray]'")
+    from diagql.engine.ray_workers import FREEING_SECONDS
+
+    world.conn.engine.start()
+    deadline = time.monotonic() + 60
+    while cluster.available_resources().get("CPU", 0) > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the workers' CPUs are taken as Ray places them
+    assert cluster.available_resources().get("CPU", 0) == 0
+    rows = [{"x": x, "y": int(label)} for x, label in zip(world.X[:100].numpy(),
+                                                           world.y[:100].numpy())]
+    dataset = ray.data.from_items(rows, override_num_blocks=2)
+    faulthandler.dump_traceback_later(120, exit=True)  # the old hang: end the run, loudly
+    started = time.monotonic()
+    try:
+        with pytest.raises(DiagQLError, match=r"^reading the Ray Dataset takes a free CPU of "
+                                              r"the Ray cluster, and 0 of its 2 CPUs are free: "
+                                              r"2 held by the workers of 1 other open "
+                                              r"connection of this process \(conn\.close\(\)"):
+            diagql.connect(world.conn.model, dataset, batch_size=BATCH, cache_dir=False,
+                           engine="ray", ray_workers=1, progress=False)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert time.monotonic() - started < FREEING_SECONDS
+
+
 def test_full_data_queries_equal_plain_torch_and_the_local_engine(world):
     conn, X = world.conn, world.X
     labels, wrong = world.y.numpy(), predictions(world.model, X) != world.y.numpy()

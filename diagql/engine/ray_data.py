@@ -52,6 +52,9 @@ class DatasetBlocks:
             rows = ray.remote(num_cpus=0)(lambda block: len(
                 next(iter(block.values())) if isinstance(block, dict) else block))
             counts = ray.get([rows.remote(ref) for ref in self.refs])
+        # Each block's conversion is a task of a CPU: done now, while no worker of this
+        # connection holds one, not left queued behind the workers that will read it.
+        ray.wait(self.refs, num_returns=len(self.refs), fetch_local=False)
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         # The first HEAD rows, from as many blocks as hold them (a first block may hold
         # fewer). Copies: the object store's arrays are read-only, which torch warns about.

@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from diagql.engine.ray_data import DatasetBlocks, DatasetHead
-from diagql.engine.ray_workers import put_once, Tally, Worker, is_factory, start_ray
+from diagql.engine.ray_workers import (ENGINES, Tally, Worker, free_for, holders, is_factory,
+                                      killed, put_once, start_ray)
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part,
@@ -57,7 +58,14 @@ class RayEngine:
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
         holds a CPU that its reading tasks need) and return what the driver keeps of it."""
-        self._ray = start_ray(self.address)
+        ray = self._ray = start_ray(self.address)
+        # Its read tasks take a CPU each: where workers hold every one, reading had waited for
+        # ever (docs/ARCHITECTURE.md, "Engines").
+        free = free_for(ray, "CPU", 1, but=self)
+        if free < 1:
+            raise DiagQLError(f"reading the Ray Dataset takes a free CPU of the Ray cluster, "
+                              f"and {holders(ray, 'CPU', free, but=self)}; free one and "
+                              f"connect again")
         self._blocks = DatasetBlocks(self.data)
         return self._blocks.head()
 
@@ -68,6 +76,14 @@ class RayEngine:
             ray = self._ray = start_ray(self.address)
             self._device_type = "cuda" if int(ray.cluster_resources().get("GPU", 0)) else "cpu"
         return self._device_type
+
+    def actors_held(self) -> list:
+        """The workers this engine holds now (none before its first pass or after close())."""
+        return self._actors
+
+    def resource_kind(self) -> str:
+        """What each of its workers holds one of: "GPU" on a cluster with GPUs, else "CPU"."""
+        return "GPU" if self._device_type == "cuda" else "CPU"
 
     def start(self) -> list:
         """The actors, created on the first pass: one per GPU if the cluster has GPUs, else
@@ -106,12 +122,15 @@ class RayEngine:
         self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests)
         self._actors = [self._new_worker() for _ in range(count)]
         self._tally = ray.remote(Tally).options(num_cpus=0).remote()
+        ENGINES.add(self)  # what holds the cluster's CPUs (GPUs), said when they are too few
         return self._actors
 
     def close(self) -> None:
         """Hand the workers back to the cluster."""
         for actor in self._actors:
             self._ray.kill(actor)
+        if self._actors:
+            killed()
         self._actors = []
         if self._tally is not None:
             self._ray.kill(self._tally)

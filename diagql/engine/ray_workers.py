@@ -4,8 +4,10 @@ what a worker is sent (a factory, or a value put once in the object store), and 
 Ray instance. ``ray`` is imported only when a pass first needs it."""
 from __future__ import annotations
 
+import gc
 import os
 import time
+import weakref
 
 import numpy as np
 
@@ -224,3 +226,60 @@ def _called(factory) -> str:
         text = ", ".join(given)
         called += f"({text if len(text) <= 80 else text[:77] + '...'})"
     return called
+
+
+# --- the cluster's CPUs and GPUs --------------------------------------------------------------
+
+FREEING_SECONDS = 10  # how long Ray may take to free the CPUs or GPUs of killed workers
+ENGINES: weakref.WeakSet = weakref.WeakSet()  # this process's RayEngines that started workers
+_KILLED = [float("-inf")]  # when this process last killed workers (time.monotonic())
+
+
+def killed() -> None:
+    """This process just killed workers (a connection closed, or one dropped and collected):
+    their CPUs or GPUs come free soon, not at once."""
+    _KILLED[0] = time.monotonic()
+
+
+def held_here(kind: str, but=None) -> tuple[int, int]:
+    """(workers, connections): the ``kind`` ("CPU" or "GPU") workers that this process's
+    open connections other than ``but`` hold, one each."""
+    holding = [len(e.actors_held()) for e in list(ENGINES)
+               if e is not but and e.resource_kind() == kind and e.actors_held()]
+    return sum(holding), len(holding)
+
+
+def free_for(ray, kind: str, wanted: int, but=None) -> int:
+    """The cluster's free ``kind``s, once at least ``wanted`` if they can be: a connection
+    dropped without close() holds its workers until the cycle collector frees it, so this
+    collects; and it waits, up to FREEING_SECONDS, only while workers that this process
+    killed may still be freeing theirs (docs/ARCHITECTURE.md, "Engines")."""
+    free = int(ray.available_resources().get(kind, 0))
+    if free >= wanted:
+        return free
+    before = held_here(kind, but)[0]
+    gc.collect()  # a dropped connection's models point back at it: a reference cycle
+    if held_here(kind, but)[0] < before:
+        killed()
+    while free < wanted and time.monotonic() < _KILLED[0] + FREEING_SECONDS:
+        time.sleep(0.1)
+        free = int(ray.available_resources().get(kind, 0))
+    return free
+
+
+def holders(ray, kind: str, free: int, but=None) -> str:
+    """Who holds the cluster's ``kind``s that are not free, as far as this process knows,
+    and how to get them back."""
+    total = int(ray.cluster_resources().get(kind, 0))
+    mine, connections = held_here(kind, but)
+    mine = min(mine, total - free)
+    others = total - free - mine
+    said = []
+    if mine:
+        said.append(f"{mine} held by the workers of {connections} other open connection"
+                    f"{'s' if connections > 1 else ''} of this process (conn.close(), or a "
+                    f"with block, hands them back)")
+    if others:
+        said.append(f"{others} held by other Ray jobs, actors or tasks on the cluster")
+    return f"{free} of its {total} {kind}s {'is' if free == 1 else 'are'} free" + \
+        (f": {', '.join(said)}" if said else "")
