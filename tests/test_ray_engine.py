@@ -203,6 +203,34 @@ def test_a_ray_dataset_while_workers_hold_every_cpu_is_refused_not_waited_for(wo
     assert time.monotonic() - started < FREEING_SECONDS
 
 
+def test_too_many_workers_are_refused_at_once_saying_what_holds_the_cpus(world, cluster,
+                                                                         monkeypatch):
+    """The refusal had waited 10 s for CPUs whatever held them, then blamed "other
+    connections' workers", also where the cluster was merely smaller than asked for. It waits
+    only while workers this process killed may still be freeing theirs."""
+    import time
+
+    from diagql.engine import ray_workers
+
+    monkeypatch.setattr(ray_workers, "_KILLED", [float("-inf")])  # none killed lately
+    world.conn.engine.start()  # the shared connection's 2 workers hold both CPUs
+    X, y = world.X[:100], world.y[:100]
+    for workers, message in (
+            (3, r"^the Ray cluster has 2 CPUs in all, too few for 3 workers \(one CPU each\): "
+                r"connect with ray_workers=2 or fewer$"),
+            (1, r"^the Ray cluster has too few free CPUs for 1 worker \(one CPU each\): 0 of "
+                r"its 2 CPUs are free: 2 held by the workers of 1 other open connection of "
+                r"this process \(conn\.close\(\), or a with block, hands them back\); free "
+                r"some and run the statement again$")):
+        conn = diagql.connect(world.conn.model, (X, y), batch_size=BATCH, cache_dir=False,
+                              engine="ray", ray_workers=workers, progress=False)
+        started = time.monotonic()
+        with pytest.raises(DiagQLError, match=message):
+            conn.query("AVG NEURONS IN net.6 USING FULL")
+        assert time.monotonic() - started < 3  # the profile's pass refused before any wait
+        conn.close()
+
+
 def test_full_data_queries_equal_plain_torch_and_the_local_engine(world):
     conn, X = world.conn, world.X
     labels, wrong = world.y.numpy(), predictions(world.model, X) != world.y.numpy()

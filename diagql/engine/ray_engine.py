@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import gc
 import re
 import time
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from diagql.engine.ray_data import DatasetBlocks, DatasetHead
 from diagql.engine.ray_workers import (ENGINES, Tally, Worker, free_for, holders, is_factory,
-                                      killed, put_once, start_ray)
+                                      killed, put_once, start_ray, too_few)
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part,
@@ -26,7 +25,6 @@ SHARDS_PER_WORKER = 4  # smaller shards: less work lost to a dead worker, better
 IN_FLIGHT = 2  # shards queued per actor, so that none idles between two of them
 RETRIES = 3  # a shard whose worker died is run again this many times before the pass fails
 POLL_SECONDS = 0.2  # how often the driver looks at the workers' progress
-FREEING_SECONDS = 10  # how long to wait for the CPUs or GPUs of workers that were just killed
 
 
 class RayEngine:
@@ -94,24 +92,14 @@ class RayEngine:
         resources = ray.cluster_resources()
         gpus = self.device_type() == "cuda"  # the device the cache keys name
         kind = "GPU" if gpus else "CPU"
-        free = int(ray.available_resources().get(kind, 0))
-        if free < int(resources.get(kind, 0)):
-            # A connection dropped without close() holds its workers until the cycle
-            # collector frees it (its models point back at it): collect, so they go now.
-            gc.collect()
-            free = int(ray.available_resources().get(kind, 0))
-        deadline = time.monotonic() + FREEING_SECONDS
-        while free < (self.workers or 1) and time.monotonic() < deadline:
-            time.sleep(0.1)  # workers just killed (a closed connection's) free theirs soon
-            free = int(ray.available_resources().get(kind, 0))
+        total = int(resources.get(kind, 0))
+        # A dropped connection's workers are collected; it waits only while workers that
+        # this process killed free theirs (it had waited 10 s whatever held them).
+        free = free_for(ray, kind, self.workers or total, but=self)
         count = self.workers or free
         if count < 1 or count > free:
             # An actor that no node can place would wait for ever: say so instead.
-            raise DiagQLError(f"the Ray cluster has {free} free {kind}s of "
-                              f"{int(resources.get(kind, 0))}, too few for "
-                              f"{max(count, 1)} worker{'s' if count > 1 else ''} (one {kind} "
-                              f"each); other connections' workers hold the rest until they "
-                              f"are closed")
+            raise DiagQLError(too_few(ray, kind, total, free, max(count, 1), but=self))
         # Put once: every actor reads the same copy from the object store.
         model = self.model if is_factory(self.model) else put_once(ray, self.model, "model")
         data = None if self._blocks is not None else \

@@ -283,3 +283,18 @@ def holders(ray, kind: str, free: int, but=None) -> str:
         said.append(f"{others} held by other Ray jobs, actors or tasks on the cluster")
     return f"{free} of its {total} {kind}s {'is' if free == 1 else 'are'} free" + \
         (f": {', '.join(said)}" if said else "")
+
+
+def too_few(ray, kind: str, total: int, free: int, count: int, but=None) -> str:
+    """Why ``count`` workers cannot start, from what holds the cluster's ``kind``s: the
+    cluster's size, this process's other connections (``but`` aside), or other jobs (it had
+    blamed "other connections' workers" where there were none)."""
+    each = f"{count} worker{'s' if count > 1 else ''} (one {kind} each)"
+    if count > total:
+        return (f"the Ray cluster has {total} {kind}s in all, too few for {each}: "
+                + (f"connect with ray_workers={total} or fewer" if total else
+                   f"start Ray on nodes that have {kind}s"))
+    fewer = f"connect with ray_workers={free} or fewer, or " if free else ""
+    return (f"the Ray cluster has too few free {kind}s for {each}: "
+            f"{holders(ray, kind, free, but=but)}; {fewer}free some and run the statement "
+            f"again")
