@@ -571,6 +571,27 @@ def test_an_address_the_running_ray_is_not_is_warned_of(cluster):
         start_ray("10.255.255.1:6379")
 
 
+def test_an_ignored_address_is_warned_of_once_per_connection(world):
+    """A connection's first pass had warned twice (its workers' device, then their start),
+    each time at a line of DiagQL's; once now, at the user's line."""
+    import warnings
+
+    world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with diagql.connect(model, (X, y), engine="ray", ray_workers=1, cache_dir=False,
+                            progress=False, ray_address="10.255.255.1:6379") as conn:
+            got = conn.query("AVG NEURONS IN 1 USING FULL").values
+            conn.query("AVG NEURONS IN 2 USING FULL")
+    ignored = [w for w in seen if "ray_address '10.255.255.1:6379' is ignored" in str(w.message)]
+    assert len(ignored) == 1 and ignored[0].filename == __file__
+    with torch.no_grad():
+        close(got, model[:2](X).double().mean(0).numpy())
+
+
 def test_engine_options_are_checked():
     with pytest.raises(DiagQLError, match="unknown engine 'rya'.*did you mean 'ray'"):
         diagql.connect(models.build_cnn(), models.digits(), engine="rya")

@@ -49,6 +49,7 @@ class RayEngine:
         self._tally = None
         self._passes = 0
         self._device_type: str | None = None
+        self._warned = False  # whether an ignored ray_address was warned of
         # The weights digest of each model a factory built on the driver, by name
         # (open_engine): every worker's must be the same (ray_workers.other_weights).
         self.digests: dict = {}
@@ -56,7 +57,7 @@ class RayEngine:
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
         holds a CPU that its reading tasks need) and return what the driver keeps of it."""
-        ray = self._ray = start_ray(self.address)
+        ray = self._ray = self._started_ray()
         # Its read tasks take a CPU each: where workers hold every one, reading had waited for
         # ever (docs/ARCHITECTURE.md, "Engines").
         free = free_for(ray, "CPU", 1, but=self)
@@ -71,9 +72,15 @@ class RayEngine:
         """What the workers run on: "cuda" where the cluster has GPUs, else "cpu" (whatever the
         driver has). Outputs depend on it, so the cache keys of what passes make name it."""
         if self._device_type is None:
-            ray = self._ray = start_ray(self.address)
+            ray = self._ray = self._started_ray()
             self._device_type = "cuda" if int(ray.cluster_resources().get("GPU", 0)) else "cpu"
         return self._device_type
+
+    def _started_ray(self):
+        """``start_ray``, its warning of an ignored ``address`` said once per connection."""
+        ray = start_ray(self.address, warn=not self._warned)
+        self._warned = True
+        return ray
 
     def actors_held(self) -> list:
         """The workers this engine holds now (none before its first pass or after close())."""
@@ -88,7 +95,7 @@ class RayEngine:
         one per CPU (or ``workers``)."""
         if self._actors:
             return self._actors
-        ray = self._ray = start_ray(self.address)
+        ray = self._ray = self._started_ray()
         resources = ray.cluster_resources()
         gpus = self.device_type() == "cuda"  # the device the cache keys name
         kind = "GPU" if gpus else "CPU"

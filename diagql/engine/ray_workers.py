@@ -126,9 +126,11 @@ def put_once(ray, value, what: str):
                           f"...), or --{what} MODULE:CALLABLE") from None
 
 
-def start_ray(address: str | None):
+def start_ray(address: str | None, warn: bool = True):
     """Ray, connected to ``address``, else to the instance this process already runs, else to
-    a new local instance with one CPU per core."""
+    a new local instance with one CPU per core. ``warn``: whether to say that ``address`` is
+    ignored, where this process runs another instance (a RayEngine says it once: each step
+    of its first pass had said it again)."""
     try:
         import ray
     except ImportError:
@@ -144,17 +146,15 @@ def start_ray(address: str | None):
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise DiagQLError(f"cannot start Ray at {address or 'a local instance'}: "
                               f"{exc}") from None
-    elif address is not None:
+    elif address is not None and warn:
         # One Ray per process: the instance it already runs answers, not the one named.
-        import warnings
-
-        from diagql.errors import DiagQLWarning
+        from diagql.errors import warn as say
 
         running = getattr(ray.get_runtime_context(), "gcs_address", None) or "another instance"
         if address not in (running, "auto"):
-            warnings.warn(f"ray_address {address!r} is ignored: this process is connected to "
-                          f"Ray already ({running}); call ray.shutdown() first to use another "
-                          f"cluster", DiagQLWarning, stacklevel=4)
+            # Attributed to the user's line (a connect, a statement), not to DiagQL's.
+            say(f"ray_address {address!r} is ignored: this process is connected to Ray "
+                f"already ({running}); call ray.shutdown() first to use another cluster")
     return ray
 
 
