@@ -91,7 +91,7 @@ class LayerCatalog:
     """Layers in module-registration order, found by probing the model."""
 
     def __init__(self, layers: list[LayerInfo], output_shape: tuple[int, ...],
-                 scores: Scores | None = None, head: str = ""):
+                 scores: Scores | None = None, head: str = "", notices: tuple[str, ...] = ()):
         self.layers = layers
         # A module's own name wins over a call's of the same text (the probe refuses that call).
         self.by_name = {layer.name: layer for layer in layers if not layer.call}
@@ -101,6 +101,9 @@ class LayerCatalog:
         self.output_shape = output_shape  # the class scores' per-item shape
         self.scores = scores or Scores()  # where the probe found them in the model's output
         self.head = head  # the module that returned the scores ("" when none did)
+        # What the probe warned of about the model and the data (outputs that depend on the
+        # batch, reads that differ): warned of again when the catalog is read from the cache.
+        self.notices = tuple(notices)
 
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
@@ -138,7 +141,8 @@ class LayerCatalog:
                   self.scores.refusal, self.scores.why, self.scores.probabilities]
         return {"layers": np.str_(json.dumps(layers)),
                 "output_shape": np.array(self.output_shape, dtype=np.int64),
-                "scores": np.str_(json.dumps(scores)), "head": np.str_(self.head)}
+                "scores": np.str_(json.dumps(scores)), "head": np.str_(self.head),
+                "notices": np.str_(json.dumps(list(self.notices)))}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "LayerCatalog":
@@ -165,8 +169,12 @@ class LayerCatalog:
                 and isinstance(probabilities, bool)
                 and isinstance(refusal, (str, type(None))) and isinstance(why, str)):
             raise ValueError("its scores are not a place in the output")
+        notices = json.loads(str(arrays.get("notices", "[]")))
+        if not (isinstance(notices, list) and all(isinstance(n, str) for n in notices)):
+            raise ValueError("its notices are not text")
         return cls(layers, tuple(int(d) for d in arrays["output_shape"]),
-                   Scores(at, None, given, refusal, why, probabilities), str(arrays["head"]))
+                   Scores(at, None, given, refusal, why, probabilities), str(arrays["head"]),
+                   tuple(notices))
 
 
 # --- the probe --------------------------------------------------------------------------------
@@ -178,6 +186,15 @@ class LayerCatalog:
 NO_MASK = "every position: no padding mask reached it in the probe"
 
 
+def _linear(module) -> bool:
+    """A Linear, a quantized one too (static or dynamic: torch.ao's, no nn.Linear)."""
+    if isinstance(module, nn.Linear):
+        return True
+    from torch.ao.nn.quantized import Linear as QuantizedLinear  # dynamic's is a subclass
+
+    return isinstance(module, QuantizedLinear)
+
+
 def default_latent(model: nn.Module, catalog: LayerCatalog | None = None) -> str | None:
     """The final linear layer, whose input is the latent vector the paper samples in: the
     Linear that returned the class scores (``catalog.head``, the probe's), else the last in
@@ -187,12 +204,12 @@ def default_latent(model: nn.Module, catalog: LayerCatalog | None = None) -> str
     modules = dict(model.named_modules())
     if catalog is not None and catalog.head:
         layer = catalog.module(catalog.head)
-        if isinstance(modules.get(catalog.head), nn.Linear) and layer is not None and \
+        if _linear(modules.get(catalog.head)) and layer is not None and \
                 layer.calls == 1:
             return catalog.head
     once = runs = None
     for name, module in modules.items():
-        if isinstance(module, nn.Linear):
+        if _linear(module):
             layer = None if catalog is None else catalog.module(name)
             if catalog is None or (layer is not None and layer.calls > 0):
                 runs = name

@@ -3,6 +3,7 @@ what each returns per item (its batch axis, sequence layout and padding mask), m
 LayerCatalog (model/layers.py; docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from diagql.errors import ExecutionError
+from diagql.errors import DiagQLWarning, ExecutionError, warn
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope
 from diagql.model.layers import NO_MASK, LayerCatalog, LayerInfo
@@ -89,26 +90,17 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if first is None:
             first, first_output = x, first_tensor(output)
         passes.append((len(idx), seen, counted, output))
-    repeatable = check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1],
-                                  sizes[-1])
-    with evaluation(model):  # the first item again, without hooks
-        again = first_tensor(call(model, prepare(first)))
-    # Then an item's batch may be compared: the last probe read the first item anew, which
-    # data that reads differently (an augmentation, warned of) makes another input.
-    stable = check_deterministic(first_output, again) and repeatable
-    if stable:
-        alone = [first_output]
-        with evaluation(model):  # the last probe's other items, each alone
-            for i in range(1, len(idx)):
-                one = next(source.batches(np.array([i]), 1))[1]
-                try:
-                    alone.append(first_tensor(call(model, prepare(one))))
-                except ExecutionError:  # the batch of one ran for the first item: not here
-                    break
-        check_batch_independent(alone, first_tensor(output))  # the last probe's
-    # Which axes of each layer reverse with the batch (model/row_order.py): where its rows
-    # are in an order of their own, or which of several axes of the batch's size is its.
-    reverses = reversing_axes(model, source, prepare, call, len(idx)) if stable else None
+    with warnings.catch_warnings(record=True) as said:  # DiagQL's kept in the catalog
+        warnings.simplefilter("always")
+        reverses = _checks(model, source, prepare, call, first, first_output, output, idx,
+                           sizes[-1])
+    notices = tuple(dict.fromkeys(str(w.message) for w in said
+                                  if issubclass(w.category, DiagQLWarning)))
+    for notice in notices:
+        warn(notice)
+    for other in said:  # the model's own (torch's, a library's), as they were
+        if not issubclass(other.category, DiagQLWarning):
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     if scores is None:
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
     head = ""
@@ -140,7 +132,33 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if name:
             layers += _entries(name, type(module).__name__, infos.get(name, []),
                                [(s, counted.get(name, 0)) for s, _, counted, _ in passes], modules)
-    return LayerCatalog(layers, output_shape, scores, head)
+    return LayerCatalog(layers, output_shape, scores, head, notices)
+
+
+def _checks(model, source, prepare, call, first, first_output, output, idx, size: int):
+    """Check that the data reads and the model runs the same each time (model/repeatable.py,
+    whose warnings the caller keeps), and where both do, which axes of each layer reverse
+    with the last probe's items (model/row_order.py; None where not known)."""
+    repeatable = check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1],
+                                  size)
+    with evaluation(model):  # the first item again, without hooks
+        again = first_tensor(call(model, prepare(first)))
+    # Then an item's batch may be compared: the last probe read the first item anew, which
+    # data that reads differently (an augmentation, warned of) makes another input.
+    if not (check_deterministic(first_output, again) and repeatable):
+        return None
+    alone = [first_output]
+    with evaluation(model):  # the last probe's other items, each alone
+        for i in range(1, len(idx)):
+            one = next(source.batches(np.array([i]), 1))[1]
+            try:
+                alone.append(first_tensor(call(model, prepare(one))))
+            except ExecutionError:  # the batch of one ran for the first item: not here
+                break
+    check_batch_independent(alone, first_tensor(output))  # the last probe's
+    # Which axes of each layer reverse with the batch: where its rows are in an order of
+    # their own, or which of several axes of the batch's size is its.
+    return reversing_axes(model, source, prepare, call, len(idx))
 
 
 def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tuple[int, int]],

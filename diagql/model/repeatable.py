@@ -83,12 +83,15 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two outputs differ by more than rounding (1e-4 of the largest), in float64."""
+    """Whether two outputs differ by more than rounding (1e-4 of the largest, or 4 of the
+    dtype's epsilons: a float16 model's one rounding step, 1e-3, is no batch dependence),
+    compared in float64."""
+    rounding = max(1e-4, 4 * torch.finfo(a.dtype).eps) if a.is_floating_point() else 1e-4
     a, b = a.detach().double(), b.detach().double()
     if not torch.equal(torch.isnan(a), torch.isnan(b)):  # NaN in one only (a batch of one's
         return True  # standard deviation, in a collate_fn that standardises its batch)
     scale = float(torch.nan_to_num(a.abs(), posinf=0.0).max()) if a.numel() else 0.0
-    return bool((torch.nan_to_num(a - b, nan=0.0).abs() > 1e-4 * max(scale, 1e-6)).any())
+    return bool((torch.nan_to_num(a - b, nan=0.0).abs() > rounding * max(scale, 1e-6)).any())
 
 
 def same_inputs(a, b) -> bool:

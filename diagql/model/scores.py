@@ -161,6 +161,8 @@ class Scores:
         if not isinstance(found, torch.Tensor):
             hint = "" if self.given else f"; name the scores with {_OPTION}"
             raise DiagQLError(f"{what}, where DiagQL expected the class scores, a tensor{hint}")
+        if found.is_quantized:  # a quantized model's head without a DeQuantStub after it
+            found = found.dequantize()
         if not found.is_floating_point():
             raise DiagQLError(_not_scores(found))
         return found
@@ -244,8 +246,10 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
     the candidates: never a guess."""
     if isinstance(output, torch.Tensor):
         # Class indices or flags are no scores: read as logits, their argmax and confidence
-        # would be made up. Refused when read, so that the layers are still listed.
-        return Scores() if output.is_floating_point() else Scores(refusal=_not_scores(output))
+        # would be made up. Refused when read, so that the layers are still listed. A
+        # quantized tensor's values (read dequantized) are scores.
+        return Scores() if output.is_floating_point() or output.is_quantized else \
+            Scores(refusal=_not_scores(output))
     logits = output.get("logits") if isinstance(output, Mapping) else \
         getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):

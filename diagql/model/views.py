@@ -31,14 +31,18 @@ def first_output(output):
     """The activation in what a module returns: a tensor (nested ones included) or a
     PackedSequence, itself or the first one in a tuple, list, dict or dataclass (in order), or the
     ``logits``/``last_hidden_state`` of a Hugging Face output or a dict; None when there is none.
-    A PackedSequence is one activation, never searched for its ``data``."""
+    A PackedSequence is one activation, never searched for its ``data``. A quantized tensor (a
+    statically quantized model's layers) is its dequantized values: its integer codes are no
+    activations, and a cast of them neither."""
+    if isinstance(output, torch.Tensor) and output.is_quantized:
+        return output.dequantize()
     if isinstance(output, (torch.Tensor, PackedSequence)):
         return output
     for attr in ("logits", "last_hidden_state"):
         # A plain dict's too: {"hidden": h, "logits": z} is a model's logits, not h.
         value = output.get(attr) if isinstance(output, Mapping) else getattr(output, attr, None)
         if isinstance(value, torch.Tensor):
-            return value
+            return first_output(value)
     if isinstance(output, Mapping):
         values = output.values()
     elif isinstance(output, (tuple, list)):

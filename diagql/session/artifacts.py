@@ -86,10 +86,18 @@ class Artifacts:
     def get_catalog(self) -> LayerCatalog:
         if self.catalog is None:
             conn = self.conn
-            compute = self._probe
+            computed = []
+
+            def compute() -> LayerCatalog:  # its probe warns of what it finds
+                computed.append(self._probe())
+                return computed[0]
+
             self.catalog = load_or_compute(
                 conn.cache, "catalog", self.catalog_key(), compute, LayerCatalog.to_arrays,
                 LayerCatalog.from_arrays, lambda _: {"model": type(conn.model).__qualname__})
+            if not computed:  # read from the cache: what the probe found still holds
+                for notice in self.catalog.notices:
+                    warn(notice)
             _warn_guessed_scores(self.catalog, conn.given_scores)
         return self.catalog
 

@@ -162,6 +162,7 @@ def watching(conn):
     """One statement's span, one at a time (STATEMENTS): changes noticed before it, its own
     passes' taken as read after (when it ran the model at all)."""
     with STATEMENTS:
+        _refuse_meta(conn)
         notice_changes(conn)
         forwards = FORWARDS[0]
         try:
@@ -169,6 +170,25 @@ def watching(conn):
         finally:
             if FORWARDS[0] != forwards:
                 after_statement(conn)
+
+
+def _refuse_meta(conn) -> None:
+    """A model built on the meta device and not yet given its weights has none to run: say
+    so before anything reads them (torch's own error named an operator with no meta kernel).
+    Refused per statement, not at connect: loading them after connecting is a way too."""
+    for entry in conn.models.values():
+        if entry.is_checkpoint:
+            continue
+        module = entry.architecture()
+        empty = next((name for name, t in itertools.chain(module.named_parameters(),
+                                                          module.named_buffers())
+                      if t.is_meta), None)
+        if empty is not None:
+            whose = f"model {entry.name!r}" if len(conn.models) > 1 else "the model"
+            raise DiagQLError(f"{whose} is on the meta device, without values ({empty!r} has "
+                              f"none): load its weights first, load_state_dict(state, "
+                              f"assign=True), or to_empty(device='cpu') and then "
+                              f"load_state_dict")
 
 
 def after_statement(conn) -> None:
