@@ -1,4 +1,4 @@
-"""What DiagQL leaves of the user's process: statements from several threads (session/changes.py,
+"""What DiagQL leaves of the user's process: statements from several threads (session/serial.py,
 STATEMENTS) answer as plain torch gives them one at a time and leave the model as it was, and
 Python's random stream is not moved."""
 from __future__ import annotations

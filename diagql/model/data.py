@@ -202,12 +202,7 @@ class ItemSource:
                 n = len(idx)  # tokens concatenated beside offsets (EmbeddingBag's form)
             if n != len(idx) or (y is not None and len(y) != n):
                 got = f"{n} inputs" + ("" if y is None else f" and {len(y)} labels")
-                raise DiagQLError(f"a batch of {len(idx)} items came back from the collate_fn "
-                                  f"with {got}; DiagQL needs one input and label per item (a "
-                                  f"collate that joins the items' rows, as graph batching "
-                                  f"does its nodes beside a batch index, may give each item's "
-                                  f"offset among them, one per item, as EmbeddingBag takes "
-                                  f"them)")
+                raise DiagQLError(_not_one_per_item(len(idx), got))
             yield idx, x, y
 
     # --- the forms of a batch ------------------------------------------------------------------
@@ -328,6 +323,13 @@ def _describe(data) -> str:
     if isinstance(data, (tuple, list)):
         return f"a {type(data).__name__} of {len(data)}"
     return type(data).__name__
+
+
+def _not_one_per_item(items: int, got: str) -> str:
+    return (f"a batch of {items} items came back from the collate_fn with {got}; DiagQL needs "
+            f"one input and label per item (a collate that joins the items' rows, as graph "
+            f"batching does its nodes beside a batch index, may give each item's offset among "
+            f"them, one per item, as EmbeddingBag takes them)")
 
 
 def _batch_len(x) -> int:

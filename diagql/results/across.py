@@ -81,8 +81,8 @@ def _pivot(answers: dict) -> tuple[list[str], dict, dict]:
 
 def _split(answer, record: dict) -> tuple[list[str], tuple, str | float, float]:
     if answer.is_query:
-        group = [name for name in record if name not in ("rank", "neuron", "label", "value",
-                                                         "exact_value")]
+        group = [name for name in record if name not in (
+            "rank", "neuron", "label", "value", "exact_value", "ci_low", "ci_high", "p_in_topk")]
         value = record["value"]
         if answer.kind == "topk":
             names = [*group, "rank"]

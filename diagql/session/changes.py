@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import threading
 from collections.abc import Mapping
 
 import numpy as np
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader
 from diagql.errors import DiagQLError, warn
 from diagql.model.data import FORWARDS, ItemSource
 from diagql.session.inputs import forget_indices
+from diagql.session.serial import STATEMENTS
 from diagql.storage.fingerprint import hooks_digest, model_fingerprint
 from diagql.storage.sampled import SAMPLE_BYTES, sampled_digest
 
@@ -147,14 +147,6 @@ def _only_hooks(stamp: tuple, before: tuple) -> bool:
     """Whether two model stamps differ in their hooks alone: an output-changing hook (an
     ablation's) added or removed, which the small fingerprint sees too."""
     return stamp[:2] == before[:2] and stamp[2] != before[2]
-
-
-# One statement at a time in a process (docs/ARCHITECTURE.md, "Session"): a statement's
-# passes hook the user's modules and set their training flags for the pass, which another
-# thread's pass over the same modules would see and undo: its hooks fed the other's rows,
-# a model left in train mode run so (BatchNorm's statistics moved), a probe's call counts
-# doubled and cached. A second thread's statement waits; one statement's own are re-entrant.
-STATEMENTS = threading.RLock()
 
 
 @contextlib.contextmanager

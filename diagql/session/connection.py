@@ -29,7 +29,7 @@ from diagql.progress import Progress, import_rich
 from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts
-from diagql.session.changes import STATEMENTS, notice_changes, watching
+from diagql.session.changes import notice_changes, watching
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
 from diagql.session.class_names import checked, name_classes, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
@@ -203,10 +203,10 @@ class Connection:
         notice_changes(self)  # the stamps that later statements compare with
 
     def _add(self, name: str, module, device, latent) -> None:
+        what = "model" if name == DEFAULT else f"model {name!r}"
         if not isinstance(module, nn.Module):
-            what = "model" if name == DEFAULT else f"model {name!r}"
             raise DiagQLError(f"{what} must be a torch.nn.Module, not {type(module).__name__}")
-        module = hookable(module, "model" if name == DEFAULT else f"model {name!r}")
+        module = hookable(module, what)
         for other in self.models.values():
             # A pass runs each model in its own module: one given twice (or once compiled)
             # would read one set of weights under two names.
@@ -214,7 +214,7 @@ class Connection:
                 raise DiagQLError(f"models {other.name!r} and {name!r} are one module; give it "
                                   f"once, or a copy (copy.deepcopy) to compare with")
         device = _resolve_device(device, module)
-        _say_eval_mode(module, "the model" if name == DEFAULT else f"model {name!r}")
+        _say_eval_mode(module, "the " + what if name == DEFAULT else what)
         self.models[name] = ModelEntry(self, name, module, device=device,
                                        dtype=model_dtype(module), latent=latent)
 
@@ -273,8 +273,7 @@ class Connection:
 
     @property
     def catalog(self) -> LayerCatalog:
-        with STATEMENTS:  # its probe hooks the model, as a statement's passes do
-            return self.current.catalog
+        return self.current.catalog
 
     @property
     def layers(self) -> list[str]:
@@ -289,8 +288,7 @@ class Connection:
     def profile(self) -> Profile:
         """Labels, predictions, confidence and latents of every item: one pass, then reused
         (from memory, else from the disk cache, else computed and stored there)."""
-        with STATEMENTS:  # its pass hooks the model, as a statement's do
-            return self.current.profile
+        return self.current.profile
 
     def require_model(self) -> None:
         if not self.models:
@@ -370,9 +368,8 @@ class Connection:
 
     def close(self) -> None:
         """Hand a Ray connection's workers back to the cluster and let the cache's pending
-        writes land. Queries after it start new workers; ``with diagql.connect(...) as db:``
-        closes at the block's end. A connection dropped without it frees its workers only
-        when Python's cycle collector reaches it (the next one's start collects)."""
+        writes land; ``with diagql.connect(...) as db:`` closes at the block's end, queries
+        after it start new workers, and one dropped unclosed frees them when collected."""
         if self.engine is not None:
             self.engine.close()
         self.cache.flush()

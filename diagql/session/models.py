@@ -18,6 +18,7 @@ from diagql.model.profile import Profile
 from diagql.model.scores import classes_of
 from diagql.session.artifacts import Artifacts
 from diagql.session.checkpoints import CheckpointSlot, describe_weights
+from diagql.session.serial import STATEMENTS
 from diagql.storage.activations import ActivationStore
 from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint
 
@@ -115,7 +116,8 @@ class ModelEntry:
 
     @property
     def catalog(self) -> LayerCatalog:
-        return self.artifacts.get_catalog()
+        with STATEMENTS:  # its probe hooks the model, as a statement's passes do
+            return self.artifacts.get_catalog()
 
     @property
     def layers(self) -> list[str]:
@@ -139,7 +141,7 @@ class ModelEntry:
 
     @property
     def profile(self) -> Profile:
-        with self.naming():
+        with STATEMENTS, self.naming():  # its pass hooks the model, as a statement's do
             return self.artifacts.get_profile()
 
     @contextlib.contextmanager
