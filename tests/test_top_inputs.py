@@ -357,8 +357,8 @@ def test_top_inputs_that_all_tie_say_the_neuron_may_be_dead():
     db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     dead = db.query("TOPK 3 INPUTS FOR 1[2]")
     assert dead.items.tolist() == [0, 1, 2] and (dead.values == 0).all()
-    assert any(note.startswith("all 3 tie at 0 ") and "may be constant, dead" in note
-               for note in dead.notes)
+    assert any(note.startswith("all 3 tie at 0 ") and "at least 3 of the 100 matching items "
+               "share it" in note and "BOTTOMK shows the other end" in note for note in dead.notes)
     assert not any("tie at" in note for note in db.query("TOPK 3 INPUTS FOR 1[0]").notes)
 
 

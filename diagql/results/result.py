@@ -82,10 +82,9 @@ class Provenance:
 
     def matched(self, n_items: int) -> str:
         """What a caption says of the matching items: a sample's ``n_items`` of the data's
-        (``12 of 250 matching items``; the sample's own line says it of the whole data),
-        else all of them."""
+        (``12 of 250 matching items``), else all of them."""
         plural = "" if (self.matching or n_items) == 1 else "s"
-        if self.matching not in (None, n_items, self.n_data):
+        if self.matching not in (None, n_items):
             return f"{n_items:,} of {self.matching:,} matching item{plural}"
         return f"{n_items:,} matching item{plural}"
 

@@ -197,9 +197,12 @@ def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
         result.notes.append(f"only {len(items):,} items match, fewer than the {query.k:,} asked")
     values = np.asarray(answer.values, dtype=np.float64)
     if len(values) > 1 and values[0] == values[-1]:  # ranked: the first and last tie, all do
+        other = "BOTTOMK" if query.largest else "TOPK"
         result.notes.append(f"all {len(values):,} tie at {values[0]:.4g} (ties go to the lower "
-                            f"item index): the {query.unit[:-1]} may be constant, dead, on "
-                            f"the matching items; AVG shows its mean")
+                            f"item index): at least {len(values):,} of the "
+                            f"{int(allowed.sum()):,} matching items share it, where the "
+                            f"{query.unit[:-1]} saturates (a clipped or constant input) or is "
+                            f"constant; {other} shows the other end, AVG its mean")
     if isinstance(query.source, ast.Auto):
         result.notes.append("USING AUTO chose the exact answer: a sample's top items are not "
                             "the data's, and the inputs index answers later queries on this "
