@@ -183,3 +183,16 @@ def test_a_wide_layer_cut_to_max_rows_shows_its_largest_values_first():
     few = to_text(result, width=120, max_rows=100)  # not cut: in neuron order
     assert [line.split()[1] for line in few.splitlines() if line.strip().startswith("│ n")] == \
         [f"n{i}" for i in range(60)]
+
+
+def test_an_argmax_cut_to_max_rows_leaves_out_the_neurons_that_win_for_no_item():
+    """Three winners among 60 neurons were shown beside 17 rows of 0.0000."""
+    values = np.zeros(60)
+    values[[7, 30, 41]] = [0.5, 0.3, 0.2]
+    result = Result(kind="argmax", statement="ARGMAX NEURONS IN fc", layer="fc",
+                    unit="neurons", neurons=np.arange(60), labels=[f"n{i}" for i in range(60)],
+                    values=values, n_items=10, provenance=Provenance(100))
+    lines = to_text(result, width=120, max_rows=20).splitlines()
+    assert [line.split()[1] for line in lines if line.strip().startswith("│ n")] == \
+        ["n7", "n30", "n41"]
+    assert "… 57 more (neurons that win for no item: the others)" in "\n".join(lines)

@@ -232,6 +232,8 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
         # A wide layer cut to its first neurons by index showed mostly its silent ones: the
         # largest values are shown instead, largest first (--format csv lists every neuron).
         order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[:shown].tolist()
+        if part.kind == "argmax":  # a neuron that wins for no item is no row worth reading
+            order = [j for j in order if not values[j] == 0] or order[:1]
     for row, j in enumerate(order):
         neuron = int(part.neurons[j])
         cells = [_cell(key) if row == 0 else ""] if grouped else []
@@ -252,8 +254,10 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
         if part.kind == "topk":
             cells.append("")
         which = "" if part.kind == "topk" else \
-            f" (the {shown:,} largest shown, largest first)"
-        cells.append(Text(f"… {len(values) - shown:,} more{which}", style="dim"))
+            f" (the {len(order):,} largest shown, largest first)"
+        if len(order) < shown:
+            which = f" ({part.unit} that win for no item: the others)"
+        cells.append(Text(f"… {len(values) - len(order):,} more{which}", style="dim"))
         table.add_row(*cells)
 
 
