@@ -313,6 +313,18 @@ def test_a_piped_table_is_as_wide_as_it_needs_never_cut():
     assert len(rows) == 2 and all(len(row.split("│")) == len(rows[0].split("│")) for row in rows)
 
 
+def test_a_piped_tables_prose_wraps_between_words():
+    """SHOW SAMPLERS piped ran 1,400 columns wide, its ranges and descriptions on one line
+    each; every word is still whole."""
+    from diagql.shell.output import PIPED_WIDTH
+
+    done = diagql("-e", "SHOW SAMPLERS")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= PIPED_WIDTH + 1
+    assert "…" not in done.stdout and "(defaults to SET seed)" in done.stdout
+
+
 def test_the_demo_takes_weights_of_its_own(tmp_path):
     """train --out's weights could be read by --checkpoint only: --weights needed --model."""
     import numpy as np

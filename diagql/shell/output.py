@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 
+PIPED_WIDTH = 200  # columns a piped table may take before its prose wraps
+
+
 def print_result(out, result, settings, *, echo: bool = True) -> None:
     """One result in the session's format. A table starts with its statement, which labels
     each result of a script; the REPL passes ``echo=False``, its prompt shows the statement."""
@@ -19,15 +22,18 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
         width = None
         if not out.is_terminal:
             # Piped (a log, a file): as wide as the tables need, never cut to "0.4…" cells nor
-            # wrapped mid-number; the text around them wraps at the pipe's width, and a
-            # terminal keeps its own.
+            # wrapped mid-number, up to PIPED_WIDTH, past which their prose wraps between words
+            # (SHOW SAMPLERS' ranges ran 1,400 columns wide) unless a word needs more; the
+            # text around them wraps at the pipe's width, and a terminal keeps its own.
             from rich.measure import Measurement
             from rich.table import Table
 
             wide = out.options.update(max_width=10_000)
             parts = getattr(shown, "renderables", [shown])
-            width = max([out.width] + [Measurement.get(out, wide, part).maximum
-                                       for part in parts if isinstance(part, Table)])
+            sizes = [Measurement.get(out, wide, part) for part in parts
+                     if isinstance(part, Table)]
+            width = max([out.width] + [max(size.minimum, min(size.maximum, PIPED_WIDTH))
+                                       for size in sizes])
         if width is not None and width > out.width:  # print() cannot pass the console's width
             before, out.width = out.width, width
             try:
