@@ -202,6 +202,29 @@ def test_growth_stops_when_the_time_budget_is_spent(world):
     assert growth.stop == "budget spent" and growth.sizes == (40,) and result.n_items == 40
 
 
+def test_within_alone_answers_exactly_where_the_pass_fits_the_time(world, monkeypatch):
+    """WITHIN 1 SECONDS asks for the best answer the time allows: it grew three rounds to
+    reach the exact answer (0.66 s where exact took 0.24); where the pass fits, it is run from
+    the start. With a target, a costly first draw of the default sampler (maxmargin's
+    classifiers) is weighed against the pass, as USING AUTO weighs it."""
+    from diagql.samplers.maxmargin import MaxMarginSampler
+
+    conn, model, (X, y), _ = world
+    result = conn.query("AVG NEURONS IN 3 WHERE class = 5 WITHIN 30 SECONDS")
+    growth = result.provenance.growth
+    assert growth.exact and growth.sizes == () and not result.approximate
+    assert "fits within the 30 s given" in result.provenance.choice
+    with torch.no_grad():
+        want = model[:4](X[y == 5]).flatten(1).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 1e9)
+    fresh = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    costly = fresh.query("AVG NEURONS IN 3 WHERE class = 5 UNTIL width <= 0.01")
+    assert costly.provenance.growth.exact and costly.provenance.growth.sizes == ()
+    assert "costs less than drawing a maxmargin(0.05" in costly.provenance.choice
+    np.testing.assert_allclose(costly.values, want, rtol=1e-5, atol=1e-6)
+
+
 def test_growth_turns_exact_when_that_is_cheaper(world):
     conn, model, (X, y), _ = world
     result = conn.query("AVG NEURONS IN 3 WHERE class = 5 USING SAMPLE random(40) "
