@@ -438,3 +438,22 @@ def test_an_index_dearer_than_a_pass_is_built_once_the_passes_have_cost_as_much(
     fourth = conn.query("TOPK 5 INPUTS FOR 2[1,0,2]")
     check(fourth, conv[:, 1, 0, 2], np.ones(n, bool), 5)
     assert fourth.ranked.how.startswith("from the inputs index of 2")
+
+
+def test_the_grid_of_top_inputs_names_classes_by_their_names():
+    """The thumbnails said y=4 pred=0 where the classes have names."""
+    pytest.importorskip("matplotlib")
+    from diagql.results.plots import draw_inputs
+
+    torch.manual_seed(0)
+    X, y = torch.rand(60, 1, 6, 6), torch.randint(0, 3, (60,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False,
+                        classes=["cat", "dog", "cow"])
+    result = db.query("TOPK 2 INPUTS FOR 2[0]")
+    with torch.no_grad():
+        predicted = model(X).argmax(1)
+    names = ["cat", "dog", "cow"]
+    titles = [ax.get_title() for ax in draw_inputs(result).axes if ax.get_title()]
+    for title, item in zip(titles, result.items.tolist()):
+        assert f"y={names[int(y[item])]} pred={names[int(predicted[item])]}" in title

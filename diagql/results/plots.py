@@ -125,13 +125,18 @@ def draw_inputs(result):
     figure = Figure(figsize=(1.6 * columns, 2.1 * rows + 0.6))
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    names = result.class_names or []
+
+    def named(c) -> str:  # a class by its name where the classes have names
+        return names[int(c)] if 0 <= int(c) < len(names) else str(int(c))
+
     for j, ax in enumerate(axes):
         ax.set_axis_off()
         if j >= n:
             continue
         preview = ranked.previews[j] if j < len(ranked.previews) else None
-        label = "" if ranked.labels is None else f"y={int(ranked.labels[j])} "
-        title = (f"#{j + 1} item {int(result.items[j])}\n{label}pred={int(ranked.predictions[j])}"
+        label = "" if ranked.labels is None else f"y={named(ranked.labels[j])} "
+        title = (f"#{j + 1} item {int(result.items[j])}\n{label}pred={named(ranked.predictions[j])}"
                  f"\n{float(result.values[j]):.4g}")
         if isinstance(preview, list):
             ax.text(0, 1, textwrap.fill(" ".join(preview), 22), va="top", fontsize=7,
