@@ -545,7 +545,7 @@ def test_by_order_only_for_topk():
      ("SIMILARITY's clauses go in this order: [ACROSS CHECKPOINTS] [BY] [WHERE] [GROUP BY] "
       "[USING] [WITH BASELINE] [PLOT]")),
     ("TOPK 3 INPUTS FOR a[0] GROUP BY class", 24,
-     "TOPK k INPUTS takes no GROUP BY; its clauses are [TOKENS] [WHERE] [USING]"),
+     "TOPK k INPUTS takes no GROUP BY; its clauses are [TOKENS] [WHERE] [USING] [PLOT]"),
     ("BOTTOMK 3 INPUTS FOR a[0] WITH BASELINE", 27, "TOPK k INPUTS takes no WITH BASELINE"),
     ("AVG NEURONS IN fc1 WHERE class = 3 WHERE correct", 36,
      "WHERE is given once; join conditions with AND or OR"),

@@ -363,6 +363,7 @@ class TopInputs:
     source: Full | SamplerCall = Full()
     span: Span | None = _span()
     text: str = field(default="", compare=False)
+    plot: Literal | None = None  # PLOT 'file.png': the items' grid
 
     @property
     def layer(self) -> LayerRef:

@@ -207,8 +207,8 @@ def _build_transformer():
             channel = bool(rest) and getattr(rest[0], "type", None) == "CHANNEL"
             neuron, *clauses = rest[1:] if channel else rest
             fields = {}
-            for clause in clauses:
-                fields.update(clause)
+            for clause in clauses:  # PLOT: (keyword, "plot", Literal), as EVALUATE's
+                fields.update({"plot": clause[2]} if isinstance(clause, tuple) else clause)
             _no_until(fields, f"{str(keyword).upper()} k INPUTS", self.source)
             neuron = ast.NeuronRef(neuron.layer, neuron.index, channel, span=neuron.span,
                                    index_span=neuron.index_span)

@@ -206,10 +206,7 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
         from diagql.session.similarity_across import similarity_across
 
         return similarity_across(conn, statement, _similarity)
-    if statement.plot is not None:
-        from diagql.results.plots import check_target
-
-        check_target(statement.plot.value, statement.plot.span)
+    _check_plot(statement)
     plan, timings = planned(conn, statement)
     runners: dict = {}  # two checkpoints in one pass each get a copy of the model
     for model in dict.fromkeys(ref.model for ref in plan.bound.query.layers):
@@ -226,6 +223,19 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
                             f"layer's model's)")
     result.timings.update(timings)
     record_speedup(result)
+    return _plotted(result, statement)
+
+
+def _check_plot(statement) -> None:
+    """Refuse a PLOT file that cannot be written before any work is done."""
+    if statement.plot is not None:
+        from diagql.results.plots import check_target
+
+        check_target(statement.plot.value, statement.plot.span)
+
+
+def _plotted(result: Result, statement) -> Result:
+    """The result, its PLOT drawn (SIMILARITY's heat map, TOPK k INPUTS' grid)."""
     if statement.plot is not None:
         from diagql.results.plots import write_plot
 
@@ -357,7 +367,8 @@ def _describe(conn, statement: ast.Describe) -> Result:
 def _top_inputs(conn, statement: ast.TopInputs) -> Result:
     from diagql.session.inputs import run_top_inputs
 
-    return run_top_inputs(conn, statement)
+    _check_plot(statement)
+    return _plotted(run_top_inputs(conn, statement), statement)
 
 
 def _clear_cache(conn, statement: ast.ClearCache) -> Result:
