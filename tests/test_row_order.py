@@ -159,3 +159,71 @@ def test_a_time_axis_as_long_as_the_batch_is_told_from_the_batch_axis():
         np.testing.assert_allclose(part.values, truth[key], atol=1e-5)
     top = db.query("TOPK 3 INPUTS FOR tok[0]")
     assert [int(i) for i in top.items] == np.argsort(-rows[:, 0], kind="stable")[:3].tolist()
+
+
+class _SortedTimeFirst(nn.Module):
+    """Sorts its batch by length, runs a time-first GRU on it, and puts only the last states
+    back in order: the GRU's (T, B, H) rows stay in length order."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.out = nn.Embedding(50, H), nn.GRU(H, H), nn.Linear(H, K)
+
+    def forward(self, ids, mask):
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        states, _ = self.rnn(self.emb(ids)[order].transpose(0, 1))
+        states = states.transpose(0, 1)[torch.argsort(order)]
+        return self.out(states[torch.arange(len(lengths)), lengths - 1])
+
+
+def _pad_ids(batch):
+    longest = max(len(ids) for ids, _ in batch)
+    ids = torch.zeros(len(batch), longest, dtype=torch.long)
+    mask = torch.zeros(len(batch), longest, dtype=torch.bool)
+    for j, (one, _) in enumerate(batch):
+        ids[j, :len(one)], mask[j, :len(one)] = one, True
+    return (ids, mask), torch.tensor([label for _, label in batch])
+
+
+def test_rows_in_length_order_on_a_time_axis_as_long_as_the_batch_are_refused():
+    """With items 0-2 of lengths 1, 2 and 3, the time axis followed the probe's batch too;
+    neither axis reversed, and the tie went to batch_first: its TOPK INPUTS named items worth
+    0.38 where their true values were 0.16 to -0.31."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 2, 3] + torch.randint(2, 14, (97,), generator=g).tolist()
+    items = [(torch.randint(1, 50, (n,), generator=g), int(torch.randint(0, K, (1,),
+                                                                           generator=g)))
+             for n in lengths]
+    torch.manual_seed(0)
+    db = diagql.connect(_SortedTimeFirst().eval(), DataLoader(items, batch_size=32,
+                                                              collate_fn=_pad_ids),
+                        cache_dir=False, progress=False)
+    with pytest.raises(BindError, match="its rows are not in its batch's order"):
+        db.query("TOPK 3 INPUTS FOR rnn[0]")
+
+
+class _Shuffled(nn.Module):
+    """Shuffles its batch at random, runs ``inner`` on it, and puts the rows back: the model's
+    output is the same each time, ``inner``'s rows are in a new order each pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(D, D), nn.Linear(D, K)
+
+    def forward(self, x):
+        order = torch.randperm(len(x))
+        rows = torch.empty_like(x)
+        rows[order] = torch.relu(self.inner(x[order]))
+        return self.head(rows)
+
+
+def test_a_layer_run_on_a_shuffled_batch_is_refused_every_time():
+    """Compared in order and reversed only, a random order lined up by chance in 6 of 30
+    connections, and TOPK INPUTS then named other items."""
+    X, y = torch.randn(100, D), torch.randint(0, K, (100,))
+    for seed in range(10):
+        torch.manual_seed(seed)
+        db = diagql.connect(_Shuffled().eval(), (X, y), cache_dir=False, progress=False)
+        assert "not in its batch's order" in (db.catalog["inner"].refused or ""), seed
+        assert not db.catalog["head"].refused

@@ -158,7 +158,7 @@ def _checks(model, source, prepare, call, first, first_output, output, idx, size
     check_batch_independent(alone, first_tensor(output))  # the last probe's
     # Which axes of each layer reverse with the batch: where its rows are in an order of
     # their own, or which of several axes of the batch's size is its.
-    return reversing_axes(model, source, prepare, call, len(idx))
+    return reversing_axes(model, source, prepare, call)
 
 
 def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tuple[int, int]],
@@ -338,7 +338,7 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
         if any(seen.shape[0] != size for size, seen in records):
             return refuse(f"it returns {last.what}, which does not hold one sequence per item")
         if reverses is not None and 0 not in reverses:
-            return refuse(_out_of_order(records[-1][0]))
+            return refuse(_out_of_order())
     else:
         axis, found = _batch_axis(module, records, reverses)
         if axis is None:
@@ -377,11 +377,13 @@ def _batch_axis(module: nn.Module, records, reverses: set[int] | None = None
     axes = [a for a in range(rank) if all(seen.shape[a] == size for size, seen in records)]
     declared = _declared_axis(module)
     if reverses is not None and axes:
-        # Several axes of the batch's size of which none reverses alone are a batch × batch
-        # output (a contrastive model's similarities, reversed along both): not per item,
-        # which the width that follows the batch says (``_layer``), not an order of its own.
-        if len(axes) == 1 and not reverses & set(axes):
-            return None, _out_of_order(sizes[-1])
+        # A batch × batch output (a contrastive model's similarities) reverses along both
+        # axes (its slices' sums do, row_order._slices): not per item, which the width that
+        # follows the batch says (``_layer``). None reversing, with one axis of the batch's
+        # size or several (a time-first output sorted by length, T = B in the probe): an
+        # order of its own.
+        if not reverses & set(axes):
+            return None, _out_of_order()
         if len(axes) > 1 and len(reverses & set(axes)) == 1:
             axis = (reverses & set(axes)).pop()
             agree = "; the module's batch_first agrees" if declared == axis else ""
@@ -400,12 +402,12 @@ def _batch_axis(module: nn.Module, records, reverses: set[int] | None = None
     return axes[0], f"the first of axes {axes}, which {told} could not tell apart"
 
 
-def _out_of_order(size: int) -> str:
-    return (f"its rows are not in its batch's order: the probe's {size} items run reversed did "
-            f"not reverse them, so it returns the items in an order of its own (a batch sorted "
-            f"by length for pack_padded_sequence and not put back, or rows dispatched to experts "
-            f"by a gate), and no row can be told to be an item's; query a layer after the model "
-            f"restores the batch's order")
+def _out_of_order() -> str:
+    return ("its rows are not in its batch's order: the data's first items, run in order twice "
+            "and then reversed, did not come back so each time, so it returns the items in an "
+            "order of its own (a batch sorted by length for pack_padded_sequence and not put "
+            "back, rows dispatched to experts by a gate, or shuffled), and no row can be told "
+            "to be an item's; query a layer after the model restores the batch's order")
 
 
 def _declared_axis(module: nn.Module) -> int | None:

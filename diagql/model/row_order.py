@@ -1,5 +1,6 @@
 """Whether each layer's rows are its batch's items in the batch's order, checked by running
-the probe's items in order and reversed (docs/ARCHITECTURE.md, "Data model": row order).
+the data's first items twice in order and once reversed (docs/ARCHITECTURE.md, "Data model":
+row order).
 
 The probe (model/probing.py) finds a layer's batch axis by its size, which following the
 batch in probes of 1, 2 and 3 items says nothing of the order of the rows along it: a model
@@ -8,9 +9,9 @@ without restoring the order, or a mixture of experts that dispatches ``x[argsort
 a layer, gives rows of the right count in another order, and every answer but a mean over
 all items would put item j's row under item i. The same items reversed are the same batch
 (the same padding, the same per-batch statistics and branches), so along the true batch axis
-a layer's output must come out reversed too; one that does not is not in the batch's order,
-and where several axes follow the batch (a time-first (T, B, D) output with T = B in the
-probe) the one that reverses is the batch's.
+a layer's output must come out reversed too, and run again in order the same; one that does
+not is not in the batch's order, and where several axes follow the batch (a time-first
+(T, B, D) output with T = B in the probe) the one that reverses is the batch's.
 """
 from __future__ import annotations
 
@@ -22,36 +23,53 @@ from diagql.model.hooks import evaluation, hook_errors
 from diagql.model.views import first_output
 
 Key = tuple[str, int]  # (module, its call from 1)
+# Items each of the three passes runs: a model that permutes its batch at random inside
+# (torch.randperm and back) lines up twice over 3 items once in 36 connections, over 6 once
+# in 500,000.
+ROW_ITEMS = 6
 
 
-def reversing_axes(model, source, prepare, call, size: int) -> dict[Key, set[int]] | None:
-    """Per (module, call): the axes along which its output for the first ``size`` items
-    reversed is the reverse of its output for them in order (each batch read afresh: a model
-    may write into its input). None when it cannot be told: fewer than two items, or a pass
-    that fails on the reversed batch (a model that needs its batch sorted fails in DiagQL's
-    own batches as well, and says so there)."""
+def reversing_axes(model, source, prepare, call) -> dict[Key, set[int]] | None:
+    """Per (module, call): the axes along which its output for the first ROW_ITEMS items
+    reversed is the reverse of its output for them in order, which a second pass in order
+    gives again (each batch read afresh: a model may write into its input). None when it
+    cannot be told: fewer than two items, or a pass that fails on the reversed batch (a model
+    that needs its batch sorted fails in DiagQL's own batches as well, and says so there)."""
+    size = min(len(source), ROW_ITEMS)
     if size < 2:
         return None
     order = np.arange(size)
     try:
-        ahead = _summaries(model, prepare(next(source.batches(order, size))[1]), call, size)
-        back = _summaries(model, prepare(next(source.batches(order[::-1].copy(), size))[1]),
-                          call, size)
+        ahead, again, back = (
+            _summaries(model, prepare(next(source.batches(items, size))[1]), call, size)
+            for items in (order, order, order[::-1].copy()))
     except Exception:  # noqa: BLE001 - the probe's own passes have run: no verdict here
         return None
     found = {}
-    for key, (shape, dtype, slices) in ahead.items():
-        other = back.get(key)
-        if other is None or other[:2] != (shape, dtype):
+    for key, (shape, dtype, slices, _) in ahead.items():
+        other, twice = back.get(key), again.get(key)
+        if other is None or twice is None or other[:2] != (shape, dtype) or \
+                twice[:2] != (shape, dtype):
             continue  # a shape that follows the data, not the order: no verdict
+        # Along the batch axis the same items run twice give the same rows (a random order
+        # inside the model, torch.randperm and back, does not: it lined up by chance once
+        # in six connections), and reversed give them reversed.
         found[key] = {axis for axis, own in slices.items()
-                      if _same(own, other[2][axis][::-1], dtype)}
+                      if _same(own, twice[2][axis], dtype)
+                      and _same(own, other[2][axis][::-1], dtype)}
+        whole = ahead[key][3]
+        if not found[key] and whole is not None and torch.allclose(
+                whole, back[key][3].flip(list(slices)), rtol=1e-3, atol=1e-6, equal_nan=True):
+            # Reversed along every axis of the batch's size together, and along none alone:
+            # a batch × batch output (a contrastive model's similarities), not an order of
+            # its own; the probe says it is not per item.
+            found[key] = set(slices)
     return found
 
 
 def _summaries(model, x, call, size: int) -> dict[Key, tuple]:
     """Every module call's output in one pass, as (shape, dtype, per axis as long as the
-    batch: each of its ``size`` slices' Σx, Σx² and Σ|x| in float64): a permutation of the
+    batch: each of its ``size`` slices' sums, ``_slices``): a permutation of the
     items changes them, and they take a few numbers where the outputs themselves, kept for two
     passes, would take twice a large model's activations. Taken when the module returns (a
     later in-place op would overwrite it); a PackedSequence unpacked as a query unpacks it."""
@@ -67,7 +85,11 @@ def _summaries(model, x, call, size: int) -> dict[Key, tuple]:
             elif isinstance(out, torch.Tensor) and out.is_nested:
                 out = out.to_padded_tensor(0.0) if out.is_floating_point() else None
             if isinstance(out, torch.Tensor) and not out.is_complex():
-                found[name, calls[name]] = (tuple(out.shape), out.dtype, _slices(out, size))
+                slices = _slices(out, size)
+                # Several axes of the batch's size (rare, and small for a few items): the
+                # output itself too, for the joint reversal of a batch × batch output.
+                whole = out.detach().to(torch.float64).cpu() if len(slices) > 1 else None
+                found[name, calls[name]] = (tuple(out.shape), out.dtype, slices, whole)
         return hook
 
     handles = [module.register_forward_hook(hook_of(name))
@@ -83,14 +105,18 @@ def _summaries(model, x, call, size: int) -> dict[Key, tuple]:
 
 
 def _slices(out: torch.Tensor, size: int) -> dict[int, np.ndarray]:
-    """Per axis of ``size``: its slices' (Σx, Σx², Σ|x|), size × 3, float64."""
+    """Per axis of ``size``: its slices' (Σx, Σx², Σ|x|, Σw·x), size × 4, float64, w fixed
+    irregular weights: rows that a norm leaves with equal sums and squares (a LayerNorm's, an
+    L2-normalised embedding's) still differ in it."""
     wide = out.detach().to(torch.float64)
     sums = {}
     for axis in range(wide.ndim):
         if wide.shape[axis] == size:
             rows = wide.movedim(axis, 0).reshape(size, -1)
-            sums[axis] = torch.stack([rows.sum(1), (rows * rows).sum(1), rows.abs().sum(1)],
-                                     dim=1).cpu().numpy()
+            weights = torch.cos(torch.arange(rows.shape[1], dtype=torch.float64,
+                                             device=rows.device) * 0.7 + 0.3)
+            sums[axis] = torch.stack([rows.sum(1), (rows * rows).sum(1), rows.abs().sum(1),
+                                      rows @ weights], dim=1).cpu().numpy()
     return sums
 
 
@@ -101,7 +127,7 @@ def _same(a: np.ndarray, b: np.ndarray, dtype: torch.dtype) -> bool:
     if not dtype.is_floating_point:
         return bool(np.array_equal(a, b, equal_nan=True))
     rtol = max(1e-3, 8 * torch.finfo(dtype).eps)
-    scale = np.abs(np.nan_to_num(a[:, [2, 1, 2]], posinf=0.0, neginf=0.0))
+    scale = np.abs(np.nan_to_num(a[:, [2, 1, 2, 2]], posinf=0.0, neginf=0.0))
     gap = np.abs(np.nan_to_num(a - b, nan=0.0, posinf=0.0, neginf=0.0))
     same_nan = np.array_equal(np.isnan(a), np.isnan(b))
     return same_nan and bool((gap <= rtol * scale + 1e-12).all())
