@@ -29,6 +29,29 @@ def default_sampler(conn, profile) -> samplers.Sampler:
                         len(profile))
 
 
+def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
+                 artifacts) -> tuple[str | None, str]:
+    """Whether a pass over the ``n_match`` matching items costs less than drawing
+    ``sampler``'s sample, not drawn yet: (why exact, where it does, else None; the costs
+    weighed where they were, for a sample's reason, else ""). Drawing may cost more than the
+    exact pass (maxmargin's SVM has a classifier per class: 1,000 classes over 3,000 items
+    took 18 s beside a 0.2 s exact answer). The pass's model time, as the profile pass
+    measured it: on Ray without the workers' start, which a sample's pass would pay as well
+    (docs/ARCHITECTURE.md, "Plan and execute")."""
+    if artifacts.has_sample(sampler):
+        return None, ""
+    draw = sampler.draw_seconds(len(profile), profile.n_classes, profile.latents.shape[1])
+    if draw is None:
+        return None, ""
+    exact = n_match * profile.seconds_per_item()
+    pass_cost = f"≈ {exact:.2g} s of model time" + \
+        (", the Ray workers' start not counted" if conn.engine is not None else "")
+    if exact <= draw:
+        return (f"a pass over the {n_match:,} matching items ({pass_cost}) costs less than "
+                f"drawing a {sampler.spec()} sample (≈ {draw:.2g} s)"), ""
+    return None, f"; a pass over them all ({pass_cost}) costs more than the draw (≈ {draw:.2g} s)"
+
+
 def matching(query: ast.Query, profile) -> np.ndarray:
     from diagql.engine.planner import predicate_mask
 
@@ -55,24 +78,9 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
         return bound, (f"AUTO chose exact: {n_match:,} matching items, too few to sample "
                        f"(a sample of at most {n_sample:,} would estimate little)"), 0.0
     artifacts = src.sampling.artifacts
-    weighed = ""  # the costs weighed, when they were: the sample's reason says them too
-    if not artifacts.has_sample(sampler):
-        # Drawing it may cost more than the exact pass (maxmargin's SVM has a classifier per
-        # class: 1,000 classes over 3,000 items took 18 s beside a 0.2 s exact answer). The
-        # pass's model time, as the profile pass measured it: on Ray without the workers'
-        # start, which a sample's pass would pay as well (docs/ARCHITECTURE.md, "Plan and
-        # execute").
-        draw = sampler.draw_seconds(len(profile), profile.n_classes, profile.latents.shape[1])
-        exact = n_match * profile.seconds_per_item()
-        pass_cost = f"≈ {exact:.2g} s of model time" + \
-            (", the Ray workers' start not counted" if conn.engine is not None else "")
-        if draw is not None and exact <= draw:
-            return bound, (f"AUTO chose exact: a pass over the {n_match:,} matching items "
-                           f"({pass_cost}) costs less than drawing a {sampler.spec()} "
-                           f"sample (≈ {draw:.2g} s)"), 0.0
-        if draw is not None:
-            weighed = f"; a pass over them all ({pass_cost}) costs more than the draw " \
-                      f"(≈ {draw:.2g} s)"
+    cheaper, weighed = pass_or_draw(conn, sampler, profile, n_match, artifacts)
+    if cheaper is not None:
+        return bound, f"AUTO chose exact: {cheaper}", 0.0
     sample, fresh = artifacts.get_sample(sampler)
     seconds = sample.seconds if fresh else 0.0
     held = int(mask[sample.indices].sum())

@@ -17,7 +17,7 @@ from diagql.language import ast
 from diagql.language.binder import TARGETS, BoundQuery
 from diagql.progress import Progress
 from diagql.results.result import Growth, Result
-from diagql.session.auto import ABOUT, default_sampler
+from diagql.session.auto import ABOUT, default_sampler, pass_or_draw
 
 # Without a size in the call, the first round is 1% of the data, at least 100 items.
 START_FRACTION = 0.01
@@ -55,14 +55,12 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
         return dataclasses.replace(bound, sampler=None), (
             f"exact: a pass over the {n_match:,} matching items (≈ {exact:.2g} s of model "
             f"time) fits within the {query.until.seconds:g} s given")
-    if bound.sampler is None and not src.sampling.artifacts.has_sample(sampler):
+    if bound.sampler is None:
         # The default sampler's first draw (maxmargin's classifiers) may cost more than the
         # exact pass, which the rounds would then reach anyway: 0.7 s where exact took 0.08.
-        draw = sampler.draw_seconds(len(profile), profile.n_classes, profile.latents.shape[1])
-        if draw is not None and exact <= draw:
-            return dataclasses.replace(bound, sampler=None), (
-                f"exact: a pass over the {n_match:,} matching items (≈ {exact:.2g} s of model "
-                f"time) costs less than drawing a {sampler.spec()} sample (≈ {draw:.2g} s)")
+        cheaper, _ = pass_or_draw(conn, sampler, profile, n_match, src.sampling.artifacts)
+        if cheaper is not None:
+            return dataclasses.replace(bound, sampler=None), f"exact: {cheaper}"
     goal = _goal(query.until)
     return dataclasses.replace(bound, sampler=sampler.resized(start)), (
         f"grow {sampler.name} from {start:,} items, doubling, {goal}; exact once a round "
