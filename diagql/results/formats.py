@@ -23,3 +23,10 @@ def probability_text(p) -> str:
     at least 1/50,257): ``0.000`` had read as no confidence at all."""
     p = float(p)
     return f"{p:.2e}" if 0 < abs(p) < 1e-3 else f"{p:.3f}"
+
+
+def items_text(result) -> str:
+    """A caption's first part: the matching items (a sample's of the data's, Provenance)."""
+    if result.provenance is not None:
+        return result.provenance.matched(result.n_items)
+    return f"{result.n_items:,} matching item{'' if result.n_items == 1 else 's'}"

@@ -11,7 +11,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from diagql.results.formats import group_label
+from diagql.results.formats import group_label, items_text
 
 _SHADES = " ░▒▓█"
 _SPEEDUP_SHOWN_FROM = 0.05  # seconds of the exact pass, as for queries
@@ -157,9 +157,9 @@ def _off_diagonal(matrix: np.ndarray) -> np.ndarray:
 
 def _caption(result) -> str:
     provenance = result.provenance
-    parts = [f"{result.n_items:,} matching item{'' if result.n_items == 1 else 's'}"]
+    parts = [items_text(result)]
     if provenance is not None:
-        parts = [provenance.matched(result.n_items), provenance.describe()]
+        parts.append(provenance.describe())
     parts.append(f"linear {(result.unit or 'cka').upper()}")
     if "query" in result.timings:
         parts.append(f"{result.timings['query']:.3f} s")

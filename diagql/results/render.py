@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from diagql.results.formats import MAX_ROWS, group_label, probability_text
+from diagql.results.formats import MAX_ROWS, group_label, items_text, probability_text
 
 # Importing this module loads neither numpy nor the metrics (they load with the first result),
 # so that rendering the REPL's first lines waits for nothing.
@@ -327,9 +327,9 @@ def _estimate_line(result) -> Text | None:
 
 def _caption(result) -> str:
     provenance = result.provenance
-    parts = [f"{result.n_items:,} matching item{'' if result.n_items == 1 else 's'}"]
+    parts = [items_text(result)]
     if provenance is not None:
-        parts = [provenance.matched(result.n_items), provenance.describe()]
+        parts.append(provenance.describe())
     if "query" in result.timings:
         parts.append(f"{result.timings['query']:.3f} s")
     elif "shared_pass" in result.timings:
