@@ -40,6 +40,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def plots_and_refuses_a_bad_target(tmp_path):
+    """A check that a statement with PLOT '{target}' writes its figure there, and that an
+    unwritable target (a missing directory) is refused before any forward pass."""
+    pytest.importorskip("matplotlib")
+    from diagql.errors import BindError
+
+    def check(db, statement: str):
+        target = tmp_path / "plot.png"
+        result = db.query(statement.format(target=target))
+        assert target.stat().st_size > 1000 and f"plot written to {target}" in result.notes
+        passes = db.counters["passes"]
+        with pytest.raises(BindError, match="cannot plot to"):
+            db.query(statement.format(target=tmp_path / "missing" / "plot.png"))
+        assert db.counters["passes"] == passes
+
+    return check
+
+
 @pytest.fixture(scope="session", autouse=True)
 def cache_writes_everything():
     """The disk cache skips an entry that is cheaper to compute than to read back (a random

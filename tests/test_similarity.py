@@ -458,15 +458,9 @@ def test_json_of_an_undefined_interval_is_strict_json(db):
     assert data["value"] is None and data["n_items"] == 3
 
 
-def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(db, tmp_path):
-    pytest.importorskip("matplotlib")
-    target = tmp_path / "cka.png"
-    result = db.query(f"SIMILARITY encoder.1, encoder.3, head PLOT '{target}'")
-    assert target.stat().st_size > 1000 and f"plot written to {target}" in result.notes
-    passes = db.counters["passes"]
-    with pytest.raises(BindError, match="cannot plot to"):
-        db.query(f"SIMILARITY encoder.1, head PLOT '{tmp_path}/missing/cka.png'")
-    assert db.counters["passes"] == passes
+def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(
+        db, plots_and_refuses_a_bad_target):
+    plots_and_refuses_a_bad_target(db, "SIMILARITY encoder.1, encoder.3, head PLOT '{target}'")
 
 
 def test_the_heat_maps_image_holds_its_long_labels(tmp_path):

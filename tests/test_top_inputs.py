@@ -459,17 +459,10 @@ def test_the_grid_of_top_inputs_names_classes_by_their_names():
         assert f"y={names[int(y[item])]} pred={names[int(predicted[item])]}" in title
 
 
-def test_plot_draws_the_grid_and_a_bad_target_is_refused_first(tmp_path):
+def test_plot_draws_the_grid_and_a_bad_target_is_refused_first(plots_and_refuses_a_bad_target):
     """TOPK k INPUTS took no PLOT, where --plot drew its grid and SIMILARITY takes one."""
-    pytest.importorskip("matplotlib")
     torch.manual_seed(0)
     X, y = torch.rand(60, 1, 6, 6), torch.randint(0, 3, (60,))
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
-    target = tmp_path / "grid.png"
-    result = db.query(f"BOTTOMK 3 INPUTS FOR 2[1] WHERE class = 1 PLOT '{target}'")
-    assert target.stat().st_size > 1000 and f"plot written to {target}" in result.notes
-    passes = db.counters["passes"]
-    with pytest.raises(BindError, match="cannot plot to"):
-        db.query(f"TOPK 3 INPUTS FOR 2[0] PLOT '{tmp_path}/missing/grid.png'")
-    assert db.counters["passes"] == passes
+    plots_and_refuses_a_bad_target(db, "BOTTOMK 3 INPUTS FOR 2[1] WHERE class = 1 PLOT '{target}'")
