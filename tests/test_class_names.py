@@ -61,6 +61,22 @@ def test_grouped_answers_and_the_profile_show_the_names(world):
     assert [row[1] for row in profile.rows] == NAMES
 
 
+def test_plans_and_messages_write_the_classes_by_their_names(world):
+    X, y, model, _, predicted = world
+    db = diagql.connect(model, (X, y), classes=NAMES, cache_dir=False, progress=False)
+    where = "class != 'ant' AND predicted IN ('bee', 'cat') AND class < 2"
+    expected = int(((y.numpy() != 0) & (predicted >= 1) & (y.numpy() < 2)).sum())
+    for statement in (f"AVG NEURONS IN 1 WHERE {where}", f"SIMILARITY 0, 1 WHERE {where}",
+                      f"TOPK 2 INPUTS FOR 1[0] WHERE {where}"):
+        rows = dict(db.query(f"EXPLAIN {statement}").rows)
+        # The text it shows parses to the same tree (class < 2 orders indices: no name).
+        assert rows["filter"].startswith(f"WHERE {where} on the profile → {expected:,}")
+    never = "class = 'bee' AND predicted = 'bee' AND class = 'cat'"
+    for statement in (f"AVG NEURONS IN 1 WHERE {never}", f"TOPK 2 INPUTS FOR 1[0] WHERE {never}"):
+        with pytest.raises(DiagQLError, match=f"no items match WHERE {never} "):
+            db.query(statement)
+
+
 def test_across_checkpoints_names_its_class_groups(world, tmp_path):
     X, y, model, _, _ = world
     torch.save(model.state_dict(), tmp_path / "e1.pt")

@@ -63,7 +63,8 @@ def note_exact_baseline(plan: Plan, result: Result) -> None:
 
 
 def no_match_message(plan: Plan) -> str:
-    where = predicate_text(plan.query.where) if plan.query.where is not None else "the query"
+    where = predicate_text(plan.query.where, plan.class_names) \
+        if plan.query.where is not None else "the query"
     return f"no items match WHERE {where} (0 of {plan.n_data:,} items)"
 
 

@@ -62,6 +62,8 @@ class Plan:
     # the query is an ARGMAX: its states are counted from them, with no forward pass.
     profile_winners: np.ndarray | None = None
     choice: str = ""  # USING AUTO: what it chose and why (or how an UNTIL query grows)
+    # The classes' names, which EXPLAIN and messages write a WHERE's classes by (None: indices).
+    class_names: tuple | None = None
 
     @property
     def query(self) -> ast.Query:
@@ -91,7 +93,8 @@ class Plan:
         else:
             rows.append(("sample", f"{self.sampler_spec}: {self.n_sample:,} of {self.n_data:,} "
                                    f"items, drawn in the latent space"))
-        where = "WHERE " + predicate_text(q.where) if q.where is not None else "no predicate"
+        where = "WHERE " + predicate_text(q.where, self.class_names) if q.where is not None \
+            else "no predicate"
         rows.append(("filter", f"{where} on the profile → {len(self.items):,} items"))
         layer, view = self.bound.layer, self.bound.view
         unit = "channel means" if q.unit == "channels" else "neurons"

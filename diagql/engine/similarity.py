@@ -337,7 +337,8 @@ def explain(plan: Plan) -> list[tuple[str, str]]:
         rows.append(("sample", f"{plan.sampler_spec}: {plan.n_sample:,} of {plan.n_data:,} "
                                f"items, drawn in the latent space"))
     query = plan.query
-    where = "WHERE " + predicate_text(query.where) if query.where is not None else "no predicate"
+    where = "WHERE " + predicate_text(query.where, plan.class_names) \
+        if query.where is not None else "no predicate"
     rows.append(("filter", f"{where} on the profile → {len(plan.items):,} items"))
     views = _distinct_views(plan)
     hooks = ", ".join(f"{v.layer.name} ({v.layer.shape_text()})" for v in views)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
 
 @dataclass(frozen=True)
@@ -75,29 +75,37 @@ class Not:
 Predicate = Union[Compare, Member, Flag, And, Or, Not]
 
 
-def predicate_text(pred: Predicate) -> str:
+def predicate_text(pred: Predicate, names: Sequence[str] | None = None) -> str:
     """The predicate as canonical DiagQL text (for plans and messages), with parentheses only
-    where the tree needs them: parsing the text gives the same tree back."""
+    where the tree needs them: parsing the text gives the same tree back. ``names``: the
+    classes' names, which a class or prediction is written by (``class = 'cat'``) where the
+    statement's names were resolved to indices."""
     if isinstance(pred, And):  # AND and OR group to the left: a right operand like them is wrapped
-        return f"{_wrap(pred.left, Or)} AND {_wrap(pred.right, (And, Or))}"
+        return f"{_wrap(pred.left, Or, names)} AND {_wrap(pred.right, (And, Or), names)}"
     if isinstance(pred, Or):
-        return f"{predicate_text(pred.left)} OR {_wrap(pred.right, Or)}"
+        return f"{predicate_text(pred.left, names)} OR {_wrap(pred.right, Or, names)}"
     if isinstance(pred, Not):
-        return f"NOT {_wrap(pred.operand, (And, Or))}"
+        return f"NOT {_wrap(pred.operand, (And, Or), names)}"
     if isinstance(pred, Flag):
         return pred.name
+    named = names if pred.field in ("class", "predicted") else None
     if isinstance(pred, Member):
-        values = ", ".join(_num(v) for v in pred.values)
+        values = ", ".join(_num(v, named) for v in pred.values)
         return f"{pred.field} {'NOT IN' if pred.negated else 'IN'} ({values})"
-    return f"{pred.field} {pred.op} {_num(pred.value)}"
+    if pred.op not in ("=", "!="):  # class < 3 orders indices: no name stands for it
+        named = None
+    return f"{pred.field} {pred.op} {_num(pred.value, named)}"
 
 
-def _wrap(pred: Predicate, kinds) -> str:
-    text = predicate_text(pred)
+def _wrap(pred: Predicate, kinds, names) -> str:
+    text = predicate_text(pred, names)
     return f"({text})" if isinstance(pred, kinds) else text
 
 
-def _num(value) -> str:
+def _num(value, names: Sequence[str] | None = None) -> str:
+    if names is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and float(value).is_integer() and 0 <= value < len(names):
+        value = names[int(value)]
     if isinstance(value, str):  # a class name
         return repr(value)
     if isinstance(value, int):  # exact, and an int beyond the range of floats cannot overflow

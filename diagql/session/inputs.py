@@ -39,7 +39,8 @@ def run_top_inputs(conn, query: ast.TopInputs) -> Result:
     """The answer on the model that the neuron's layer names (``wide.fc2[3]``): its catalog,
     profile, runner and inputs indexes (held per model)."""
     entry, query, sampling, drawn_on = _resolved(conn, query)
-    result = _top_inputs(entry, query, getattr(conn, "tokenizer", None), sampling, drawn_on)
+    result = _top_inputs(entry, query, getattr(conn, "tokenizer", None), sampling, drawn_on,
+                         conn.class_names)
     result.class_names = conn.class_names
     return name_model(conn, result, query.neuron.layer.model)
 
@@ -98,9 +99,10 @@ def _unbuilt(conn, index: InputsIndex | None, sample, bound: BoundInputs) -> str
 
 
 def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
-                drawn_on: str | None) -> Result:
+                drawn_on: str | None, class_names=None) -> Result:
     """``conn``: the neuron's model; ``sampling``: the model whose profile the sample is
-    drawn on, named ``drawn_on`` in the sample's spec (None: the default model)."""
+    drawn on, named ``drawn_on`` in the sample's spec (None: the default model);
+    ``class_names``: the connection's, which a message writes the WHERE's classes by."""
     started = time.perf_counter()
     bound = _bind(conn, query)
     bound_at = time.perf_counter()
@@ -108,7 +110,8 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
     profiled_at = time.perf_counter()
     allowed, sample = _matching(query, profile, bound, sampling)
     if not allowed.any():
-        where = ast.predicate_text(query.where) if query.where is not None else "the query"
+        where = ast.predicate_text(query.where, class_names) \
+            if query.where is not None else "the query"
         scope = f"the sample's {len(sample.indices):,}" if sample is not None else \
             f"{len(allowed):,}"
         raise NoMatchError(f"no items match WHERE {where} (0 of {scope} items)",
@@ -143,7 +146,8 @@ def explain_top_inputs(conn, statement: ast.Explain) -> Result:
     rows = [("rank", f"the {query.k:,} items of {'highest' if query.largest else 'lowest'} "
                      f"{bound.label}" + (" (its mean over the channel)" if query.unit ==
                                          "channels" else "") + ", ties to the lower index")]
-    where = "no predicate" if query.where is None else f"WHERE {ast.predicate_text(query.where)}"
+    where = "no predicate" if query.where is None else \
+        f"WHERE {ast.predicate_text(query.where, conn.class_names)}"
     rows.append(("filter", f"{where} on the profile → "
                            f"{int(predicate_mask(query.where, profile).sum()):,} of "
                            f"{len(profile):,} items"))

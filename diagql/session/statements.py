@@ -68,8 +68,7 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, src.drawn_on),
                       conn.settings.estimator, rows_from_profile=src.own)
-    if choice:
-        plan = replace(plan, choice=choice)
+    plan = replace(plan, choice=choice, class_names=_names(conn))
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds + chosen_seconds,
                   "plan": time.perf_counter() - planned_at}
@@ -159,8 +158,15 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, drawn_on), None,
                       rows_from_profile=False)
+    plan = replace(plan, class_names=_names(conn))
     return plan, {"bind": bound_at - started, "profile": profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
+
+
+def _names(conn) -> tuple | None:
+    """The classes' names a plan writes its WHERE by (EXPLAIN, messages), if they have any."""
+    names = getattr(conn, "class_names", None)
+    return tuple(names) if names else None
 
 
 def reads_predictions(query: ast.Query) -> bool:
