@@ -481,6 +481,13 @@ def test_a_map_of_scores_per_pixel_names_a_way_that_works():
                                   "diagnoses classifiers, and a regression model's continuous "
                                   "targets name no class; give the data without them, "
                                   "(X, None), to query its layers"),
+    # A float's nearest whole number is no class either; the label shown is the one held.
+    (lambda y: y.double() + 2e-16 * (y == 1), "found 1.0000000000000002: DiagQL"),
+    (lambda y: torch.stack([(y == c).long() | (y == (c + 1) % CLASSES).long()
+                            for c in range(CLASSES)], dim=1),
+     "not one-hot: DiagQL compares one predicted class with one true class, so multi-hot or "
+     "soft labels have no such class; diagnose one label at a time as a binary classifier, "
+     "(X, Y[:, k]) with scores=lambda out: out[:, k] (its logit)"),
 ])
 def test_labels_that_name_no_class_per_item_say_what_they_look_like(labels, shown):
     X, y = data()

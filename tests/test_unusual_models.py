@@ -4,7 +4,9 @@ DiagQLError naming the problem."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+import re
 import warnings
 
 import numpy as np
@@ -589,16 +591,66 @@ class _NaNLogits(nn.Module):
         return self.head(x) + torch.log(x[:, :1] + 0.5)  # NaN where x[:, 0] < -0.5
 
 
-def test_show_profile_notes_items_whose_scores_are_nan():
+def test_items_whose_scores_are_nan_are_warned_of_and_noted():
     torch.manual_seed(4)
     X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
     bad = torch.nonzero(X[:, 0] < -0.5).flatten()
     conn = diagql.connect(_NaNLogits(), (X, y), cache_dir=False, progress=False)
+    said = f"{len(bad)} of 30 items have NaN class scores (the first is item {int(bad[0])})"
+    # Every query counts them (WHERE incorrect, GROUP BY predicted): the profile warns.
+    with pytest.warns(DiagQLWarning, match=re.escape(said) + ".*WHERE confidence >= 0"):
+        conn.profile
     (note,) = conn.query("SHOW PROFILE").notes
-    assert note.startswith(f"{len(bad)} items have NaN or infinite class scores (the first is "
-                           f"item {int(bad[0])}): their predictions are arbitrary")
+    assert note.startswith(said + ": their predictions are arbitrary")
+    left = conn.query("AVG NEURONS IN head WHERE confidence >= 0")
+    assert left.n_items == 30 - len(bad)
     finite = diagql.connect(_mlp(), (X, y), cache_dir=False, progress=False)
     assert finite.query("SHOW PROFILE").notes == []
+
+
+class _InfLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):  # +inf for class 2 where x[:, 0] > 0.5; -inf for class 0 elsewhere
+        bump = torch.where(x[:, :1] > 0.5, torch.tensor([0.0, 0.0, math.inf]),
+                           torch.tensor([-math.inf, 0.0, 0.0]))
+        return self.head(x) + bump
+
+
+def test_an_infinite_logit_is_the_prediction_with_all_the_confidence():
+    torch.manual_seed(5)
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    conn = diagql.connect(_InfLogits(), (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        logits = _InfLogits()(X).double()
+    high = (X[:, 0] > 0.5).numpy()
+    assert high.any() and (~high).any()
+    expected = logits.argmax(1).numpy()
+    assert (conn.profile.predictions == expected).all()
+    confidence = torch.softmax(logits[~torch.from_numpy(high)], 1).max(1).values.numpy()
+    np.testing.assert_allclose(conn.profile.confidence[~high], confidence, rtol=1e-12)
+    assert (conn.profile.confidence[high] == 1.0).all()
+    assert conn.query("SHOW PROFILE").notes == []
+
+
+def test_a_binary_log_probability_is_warned_of():
+    torch.manual_seed(6)
+    X, y = torch.randn(80, 6), torch.randint(0, 2, (80,))
+    head = nn.Linear(6, 1)
+    model = nn.Sequential(head, nn.LogSigmoid())
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with pytest.warns(DiagQLWarning, match=r"<= 0 for every item.*log1p"):
+        conn.profile
+    fixed = diagql.connect(model, (X, y), cache_dir=False, progress=False,
+                           scores=lambda out: out - torch.log1p(-out.exp()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        predictions = fixed.profile.predictions
+    with torch.no_grad():
+        assert (predictions == (head(X)[:, 0] > 0).long().numpy()).all()
 
 
 def test_uint8_images_into_a_float_model_say_to_convert_them():
@@ -771,7 +823,8 @@ def test_labels_of_minus_one_everywhere_are_an_unlabelled_split():
     some = torch.randint(0, 3, (50,))
     some[:5] = -100
     with pytest.raises(DiagQLError, match="label -100 of item 0 is outside .* 5 of 50 items "
-                                          "have such labels: leave those items out"):
+                                          "have such labels: -100 is the ignore index of "
+                                          "PyTorch's losses .*: leave those items out"):
         diagql.connect(model, (X, some), cache_dir=False, progress=False).query(
             "AVG NEURONS IN 1")
 

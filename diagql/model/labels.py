@@ -91,7 +91,9 @@ def as_labels(y) -> np.ndarray:
                               f"{y.shape[1]} values per item (labels of shape {per_item} per "
                               f"item) that are not one-hot: DiagQL compares one predicted class "
                               f"with one true class, so multi-hot or soft labels have no such "
-                              f"class")
+                              f"class; diagnose one label at a time as a binary classifier, "
+                              f"(X, Y[:, k]) with scores=lambda out: out[:, k] (its logit), or "
+                              f"give the data without labels, (X, None)")
         y = y[:, 0]
     if y.dtype.kind == "f":
         if np.isnan(y).any():  # missing labels (pandas' Int64 gives its NA so), not a regression
@@ -100,7 +102,7 @@ def as_labels(y) -> np.ndarray:
                                 f"; {int(missing.sum()):,} of {len(y):,} items have none")
         if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
             odd = y[~np.isfinite(y) | (y != np.round(y))][0]
-            raise DiagQLError(f"labels must be whole class indices, found {odd:g}: DiagQL "
+            raise DiagQLError(f"labels must be whole class indices, found {float(odd)!r}: DiagQL "
                               f"diagnoses classifiers, and a regression model's continuous "
                               f"targets name no class; give the data without them, (X, None), "
                               f"to query its layers")
@@ -147,6 +149,9 @@ def check_labels(labels: np.ndarray, n_classes: int) -> None:
                     f"class and incorrect need class labels)")
         else:
             what = "leave those items out, or give the data without its labels"
+        if int(labels[first]) == -100:  # the ignore index of torch's losses, Hugging Face's
+            what = (f"-100 is the ignore index of PyTorch's losses and Hugging Face's labels, "
+                    f"not a class: {what}")
         raise DiagQLError(f"label {int(labels[first])} of item {first} is outside the model's "
                           f"classes 0..{n_classes - 1} (the model scores {n_classes} classes); "
                           f"{len(outside):,} of {len(labels):,} items have such labels: {what}")

@@ -451,9 +451,11 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     if all(part.logits is not None for part in parts):
         logits = _join([part.logits for part in parts])
     winners = _in_all([part.winners for part in parts], _join)
-    for notice in notices(logits, labels if has_labels else None, predictions, n_classes):
+    confidence = _join([part.confidence for part in parts])
+    for notice in notices(logits, labels if has_labels else None, predictions, n_classes,
+                          confidence):
         warnings.warn(notice, DiagQLWarning, stacklevel=2)  # SHOW PROFILE notes them too
-    return Profile(labels, predictions, _join([part.confidence for part in parts]),
+    return Profile(labels, predictions, confidence,
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
                    has_labels, logits, latent_views,
                    _in_every([part.logit_views for part in parts]) if logits is not None else (),

@@ -74,7 +74,13 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits)
         return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
+    p = torch.softmax(logits, dim=1)
+    top = logits == math.inf
+    rows = top.any(dim=1)
+    if bool(rows.any()):  # softmax makes a row with +inf all NaN: the +inf classes share it
+        shares = top[rows].to(torch.float64)
+        p[rows] = shares / shares.sum(dim=1, keepdim=True)
+    return p
 
 
 # --- where the scores are --------------------------------------------------------------------
@@ -292,6 +298,10 @@ def sigmoid_applied(logits) -> str | None:
     None otherwise."""
     if logits is None or logits.ndim != 2 or not len(logits):
         return None
+    if logits.shape[1] == 1 and logits.max() <= 0 and logits.min() < 0:
+        return ("the model's one score per item is <= 0 for every item: DiagQL reads it as a "
+                "logit, and predicts class 0 for every item; if it is a log-probability "
+                "(logsigmoid applied), pass scores=lambda out: out - torch.log1p(-out.exp())")
     if not (logits.min() >= 0 and logits.max() <= 1):
         return None
     if logits.shape[1] == 1:
@@ -333,8 +343,21 @@ def beyond_labels(labels: np.ndarray | None, predictions: np.ndarray,
             f"connect the data without labels, (X, None)")
 
 
+def unscored(confidence: np.ndarray) -> str | None:
+    """A notice when some items' scores are NaN: the profile keeps them (their layers' NaN are
+    reported per query), but their prediction is no class the model chose. None otherwise."""
+    missing = np.flatnonzero(np.isnan(confidence))
+    if not len(missing):
+        return None
+    return (f"{len(missing):,} of {len(confidence):,} items have NaN class scores (the first is "
+            f"item {int(missing[0])}): their predictions are arbitrary (the first NaN's class), "
+            f"yet counted by WHERE predicted, correct and incorrect and by GROUP BY predicted "
+            f"and correct; WHERE confidence >= 0 leaves them out")
+
+
 def notices(logits, labels: np.ndarray | None, predictions: np.ndarray,
-            n_classes: int) -> list[str]:
+            n_classes: int, confidence: np.ndarray | None = None) -> list[str]:
     """What the profile warns of, and SHOW PROFILE notes, about the scores it read."""
-    found = (sigmoid_applied(logits), beyond_labels(labels, predictions, n_classes))
+    found = (None if confidence is None else unscored(confidence), sigmoid_applied(logits),
+             beyond_labels(labels, predictions, n_classes))
     return [notice for notice in found if notice is not None]

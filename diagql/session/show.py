@@ -170,16 +170,8 @@ def _profile(conn, statement) -> Result:
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
              f"({profile.latents.shape[1]} dims), computed in {profile.seconds:.2f} s; "
              f"rows: true class, columns: predicted")
-    # The profile keeps such items (their layers' NaN are reported per query), but argmax
-    # over NaN scores names an arbitrary class, which this table and WHERE correct count.
-    unscored = np.flatnonzero(~np.isfinite(profile.confidence))
-    notes = []
-    if len(unscored):
-        notes.append(f"{len(unscored):,} items have NaN or infinite class scores (the first is "
-                     f"item {int(unscored[0])}): their predictions are arbitrary, yet counted "
-                     f"here and by WHERE correct")
-    notes.extend(notices(profile.logits, profile.labels if profile.has_labels else None,
-                         profile.predictions, profile.n_classes))
+    notes = notices(profile.logits, profile.labels if profile.has_labels else None,
+                    profile.predictions, profile.n_classes, profile.confidence)
     if wide:
         notes.append(f"{n:,} classes, worst accuracy first, each with the classes it is most "
                      f"often predicted as; in Python, conn.profile.confusion_cells() gives the "
