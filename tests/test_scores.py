@@ -6,6 +6,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 import diagql
-from diagql.errors import DiagQLError
+from diagql.errors import DiagQLError, DiagQLWarning
 
 N, D, WIDE, CLASSES = 120, 6, 16, 5
 Pair = collections.namedtuple("Pair", ["features", "logits"])
@@ -494,3 +496,47 @@ def test_labels_that_name_no_class_per_item_say_what_they_look_like(labels, show
     with pytest.raises(DiagQLError) as refused:
         diagql.connect(TwoHeads("tuple"), (X, labels(y)), cache_dir=False, progress=False)
     assert shown in refused.value.message
+
+
+class MainAndAux(nn.Module):
+    """(logits over 10 classes, an auxiliary head over 5): the data's labels are the main
+    head's own predictions, so it is right on every item."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.main, self.aux = nn.Linear(D, 10), nn.Linear(D, 5)
+
+    def forward(self, x):
+        return self.main(x), self.aux(x)
+
+
+def test_a_slice_of_the_classes_is_not_read_from_the_narrower_head_unwarned(tmp_path):
+    model = MainAndAux()
+    torch.manual_seed(4)
+    X = torch.randn(600, D)
+    with torch.no_grad():
+        y = model.main(X).argmax(1)
+    X, y = X[y < 5], y[y < 5]  # the labels need 5 classes: the aux head is as wide
+    assert len(y) > 100
+    conn = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
+    said = r"reads output\[1\], as wide as the labels need, but it agrees with the labels " \
+           r"for only \d+% of the items, and output\[0\] \(10 classes\) scores more classes"
+    with pytest.warns(DiagQLWarning, match=said):
+        conn.query("AVG NEURONS IN main")
+    assert any(re.search(said, note) for note in conn.query("SHOW PROFILE").notes)
+    # A new process reading the profile back is told too.
+    again = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
+    with pytest.warns(DiagQLWarning, match=said):
+        again.query("AVG NEURONS IN main")
+    named = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False, scores=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        assert (named.profile.predictions == y.numpy()).all()
+    # The full data's labels need the main head's 10: it is read, unwarned.
+    X = torch.randn(600, D)
+    with torch.no_grad():
+        every = model.main(X).argmax(1)
+    assert int(every.max()) == 9
+    whole = diagql.connect(model, (X, every), cache_dir=False, progress=False)
+    assert whole.catalog.scores.at == 0

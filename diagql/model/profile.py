@@ -17,7 +17,7 @@ from diagql.model.data import ItemSource, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.labels import check_labels
 from diagql.model.same_rows import SameRows, comparisons, fan_out
-from diagql.model.scores import Scores, classes_of, notices, one_vector, several_vectors
+from diagql.model.scores import Scores, classes_of, one_vector, several_vectors
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -451,11 +451,7 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     if all(part.logits is not None for part in parts):
         logits = _join([part.logits for part in parts])
     winners = _in_all([part.winners for part in parts], _join)
-    confidence = _join([part.confidence for part in parts])
-    for notice in notices(logits, labels if has_labels else None, predictions, n_classes,
-                          confidence):
-        warnings.warn(notice, DiagQLWarning, stacklevel=2)  # SHOW PROFILE notes them too
-    return Profile(labels, predictions, confidence,
+    return Profile(labels, predictions, _join([part.confidence for part in parts]),
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
                    has_labels, logits, latent_views,
                    _in_every([part.logit_views for part in parts]) if logits is not None else (),

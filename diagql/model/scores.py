@@ -87,6 +87,9 @@ def probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 EQUAL_WIDTHS = "the first of equal widths"  # Scores.why of a guess a warning says
+# Scores.why of the one as wide as the labels need beside wider ones, which a warning names:
+# the labels may hold only some of a wider head's classes (a slice of the data).
+NARROWEST = "as wide as the labels need, beside wider: "
 
 
 @dataclass(frozen=True)
@@ -278,7 +281,10 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
         # logits) are as plausible as each other: no guess.
         if fits and len({shape for _, shape in fits}) == 1:
             # Several as wide (an embedding beside (aux, main) heads): the first, as above.
-            why = EQUAL_WIDTHS if len(fits) > 1 else "as wide as the labels need"
+            wider = ", ".join(f"output[{at!r}] ({classes_of(shape)} classes)"
+                              for at, shape in found if classes_of(shape) > classes)
+            why = EQUAL_WIDTHS if len(fits) > 1 else NARROWEST + wider if wider else \
+                "as wide as the labels need"
             return Scores(fits[0][0], why=why)
         reason = (f"{'several are' if fits else 'none is'} as wide as the labels' {classes} "
                   f"classes")
@@ -355,9 +361,39 @@ def unscored(confidence: np.ndarray) -> str | None:
             f"and correct; WHERE confidence >= 0 leaves them out")
 
 
+def narrower_head(scores: Scores, labels: np.ndarray | None,
+                  predictions: np.ndarray) -> str | None:
+    """A notice when the default read the one vector as wide as the labels need beside wider
+    ones (``NARROWEST``) and it agrees with the labels no more than twice as often as chance:
+    the labels may be some of a wider head's classes (a slice of the data), which that
+    head's predictions would get right. None otherwise: a trained (features, logits) model's
+    scores agree far more."""
+    if not scores.why.startswith(NARROWEST) or labels is None or not len(labels):
+        return None
+    known = labels >= 0
+    classes = max(int(labels.max()) + 1, 2)
+    accuracy = float(np.mean(predictions[known] == labels[known])) if known.any() else 1.0
+    if accuracy > 2 / classes:
+        return None
+    return (f"the model's output holds several vectors per item that could be its class "
+            f"scores: DiagQL reads output[{scores.at!r}], as wide as the labels need, but it "
+            f"agrees with the labels for only {accuracy:.0%} of the items, and "
+            f"{scores.why.removeprefix(NARROWEST)} scores more classes, of which the labels "
+            f"may be some; if it is the scores, name it with {_OPTION}")
+
+
 def notices(logits, labels: np.ndarray | None, predictions: np.ndarray,
-            n_classes: int, confidence: np.ndarray | None = None) -> list[str]:
-    """What the profile warns of, and SHOW PROFILE notes, about the scores it read."""
+            n_classes: int, confidence: np.ndarray | None = None,
+            scores: Scores | None = None) -> list[str]:
+    """What the profile warns of (each session that reads it), and SHOW PROFILE notes, about
+    the scores it read (``scores``: where, for ``narrower_head``)."""
     found = (None if confidence is None else unscored(confidence), sigmoid_applied(logits),
-             beyond_labels(labels, predictions, n_classes))
+             beyond_labels(labels, predictions, n_classes),
+             None if scores is None else narrower_head(scores, labels, predictions))
     return [notice for notice in found if notice is not None]
+
+
+def profile_notices(profile, scores: Scores | None = None) -> list[str]:
+    """``notices`` of a Profile."""
+    return notices(profile.logits, profile.labels if profile.has_labels else None,
+                   profile.predictions, profile.n_classes, profile.confidence, scores)

@@ -121,6 +121,11 @@ class Artifacts:
                 lambda p: {"model": type(conn.model).__qualname__, "items": len(p),
                            "latent": p.latent_layer, "dtype": str(conn.dtype),
                            "device": str(conn.device)})
+            # Each session that reads it is told, as the one that computed it was.
+            # (A statement binds on the catalog first: where the scores were found is known.)
+            for notice in scores.profile_notices(
+                    self.profile, None if self.catalog is None else self.catalog.scores):
+                warn(notice)
             if key is not None and computed:
                 self._store_auxiliaries(key, computed[0])
             elif key is not None:
@@ -311,6 +316,7 @@ def _warn_guessed_scores(catalog: LayerCatalog, given) -> None:
         warn(f"the model's output holds several vectors of class scores of one width; DiagQL "
              f"reads output[{catalog.scores.at!r}], the first (the main head, by convention: "
              f"Inception's (logits, aux)); if another is, name it with scores= (--scores)")
+
 
 
 def _warn_memory_only(memory_only: dict, cache) -> None:

@@ -9,7 +9,7 @@ from diagql import samplers
 from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
-from diagql.model.scores import notices
+from diagql.model.scores import profile_notices
 from diagql.model.views import SEQUENCE, View
 from diagql.results.result import Result
 
@@ -170,8 +170,7 @@ def _profile(conn, statement) -> Result:
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
              f"({profile.latents.shape[1]} dims), computed in {profile.seconds:.2f} s; "
              f"rows: true class, columns: predicted")
-    notes = notices(profile.logits, profile.labels if profile.has_labels else None,
-                    profile.predictions, profile.n_classes, profile.confidence)
+    notes = profile_notices(profile, conn.catalog.scores)
     if wide:
         notes.append(f"{n:,} classes, worst accuracy first, each with the classes it is most "
                      f"often predicted as; in Python, conn.profile.confusion_cells() gives the "
