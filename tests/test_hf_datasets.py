@@ -25,7 +25,8 @@ def table(X, y):
     return datasets.Dataset.from_dict({"x": X.tolist(), "label": y.tolist()}, features=features)
 
 
-@pytest.mark.parametrize("form", ["python", "to_list", "torch", "numpy", "shuffled-select"])
+@pytest.mark.parametrize("form", ["python", "to_list", "torch", "numpy", "shuffled-select",
+                                  "loader"])
 def test_a_dataset_in_any_item_format_answers_as_plain_torch(rows, form):
     """Its default (Python) format, and its to_list(), had been refused ("none of the batch's
     inputs is a tensor; a collate_fn must turn them into tensors"): an item's lists of numbers
@@ -35,6 +36,8 @@ def test_a_dataset_in_any_item_format_answers_as_plain_torch(rows, form):
     order = np.arange(len(y))
     if form == "to_list":
         ds = ds.to_list()
+    elif form == "loader":  # torch's default collate had refused the items' lists
+        ds = torch.utils.data.DataLoader(ds, batch_size=16)
     elif form in ("torch", "numpy"):
         ds = ds.with_format(form)
     elif form == "shuffled-select":

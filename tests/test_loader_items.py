@@ -181,6 +181,87 @@ def test_a_collate_fn_that_reorders_a_batch_is_refused():
     db = diagql.connect(Mean(), DataLoader(data, batch_size=8, collate_fn=_padded),
                         progress=False, cache_dir=False)
     assert db.query("AVG NEURONS IN fc").n_items == 40
+    # Stored by length, the first 16 all of one: a stable sort keeps them in order, and the
+    # check (on the first 16 only) had let it answer for other items, unwarned.
+    stored = sorted([(torch.randn(int(n), 4), torch.tensor(int(n) % 3))
+                     for n in torch.randint(2, 9, (200,))], key=lambda item: len(item[0]))
+    assert len(stored[15][0]) == len(stored[0][0])
+    loader = DataLoader(stored, batch_size=8, collate_fn=_sorted_by_length)
+    with pytest.raises(DiagQLError, match="collate_fn returns a batch's items in another"):
+        diagql.connect(Mean(), loader, progress=False, cache_dir=False).query("AVG NEURONS IN fc")
+
+
+class _Pooled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def _pad_images(items):
+    side = max(x.shape[-1] for x, _ in items)
+    return (torch.stack([nn.functional.pad(x, (0, side - x.shape[-1], 0, side - x.shape[-2]))
+                         for x, _ in items]), torch.stack([t for _, t in items]))
+
+
+def test_padding_to_a_batchs_largest_image_is_warned_of_past_the_first_items():
+    """The first 20 images are 8 x 8, the rest larger: the probe's first items had shown no
+    batch dependence, and GROUP BY class and WHERE class answered one question two ways."""
+    torch.manual_seed(2)
+    sides = [8] * 20 + [9, 10, 11, 12, 13] * 8
+    data = [(torch.randn(1, s, s), torch.tensor(i % 3)) for i, s in enumerate(sides)]
+    loader = DataLoader(data, batch_size=16, collate_fn=_pad_images)
+    with pytest.warns(DiagQLWarning, match="other outputs when other items share its batch"):
+        diagql.connect(_Pooled(), loader, progress=False, cache_dir=False).catalog
+    same = [(torch.randn(1, 8, 8), torch.tensor(i % 3)) for i in range(60)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        diagql.connect(_Pooled(), DataLoader(same, batch_size=16, collate_fn=_pad_images),
+                       progress=False, cache_dir=False).catalog
+
+
+def test_torchs_batch_sampler_given_reads_its_samplers_items(world):
+    """BatchSampler(..., drop_last=True) given as batch_sampler= had dropped its last items
+    unsaid, where batch_size=, drop_last=True reads and says them."""
+    model, X, y = world
+    for inner in (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler):
+        batches = torch.utils.data.BatchSampler(inner(range(300)), 64, drop_last=True)
+        with pytest.warns(DiagQLWarning, match=r"drops its last 44 of 300 items"):
+            db = diagql.connect(model, DataLoader(TensorDataset(X, y), batch_sampler=batches),
+                                progress=False, cache_dir=False)
+        np.testing.assert_allclose(_avg(db), _truth(model, X, np.arange(300)), rtol=1e-6,
+                                   atol=1e-7)
+
+
+class _OpenedPerWorker(torch.utils.data.Dataset):
+    """Reads only once its worker_init_fn has run (as an HDF5 file opened per worker)."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.opened = X, y, False
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        if torch.utils.data.get_worker_info() is not None and not self.opened:
+            raise RuntimeError("worker not initialised")
+        return self.X[i], self.y[i]
+
+
+def _open(_):
+    torch.utils.data.get_worker_info().dataset.opened = True
+
+
+def test_a_loaders_worker_init_fn_runs_in_the_workers_that_read(world):
+    model, X, y = world
+    items = np.arange(0, 300, 3)
+    loader = DataLoader(_OpenedPerWorker(X, y), batch_size=32, num_workers=2,
+                        worker_init_fn=_open, sampler=SubsetRandomSampler(items.tolist()))
+    db = diagql.connect(model, loader, progress=False, cache_dir=False)
+    np.testing.assert_allclose(_avg(db), _truth(model, X, items), rtol=1e-6, atol=1e-7)
 
 
 def _standardise(batch):

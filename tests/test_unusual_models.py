@@ -721,12 +721,27 @@ def test_a_list_of_two_items_is_two_items_not_a_pair():
     with torch.no_grad():
         predicted = model(X).argmax(1).numpy()
     for items in ([(X[0], 0), (X[1], torch.tensor(1))],
-                  [{"x": X[0], "labels": 0}, {"x": X[1], "labels": 1}]):
+                  [{"x": X[0], "labels": 0}, {"x": X[1], "labels": 1}],
+                  # labels as items carry them: a float, a one-element tensor or list
+                  [(X[0], 0.0), (X[1], np.float32(1))],
+                  [(X[0], torch.tensor([0])), (X[1], [1])]):
         conn = diagql.connect(model, items, cache_dir=False, progress=False)
         assert conn.profile.labels.tolist() == [0, 1]
         assert (conn.profile.predictions == predicted).all()
     pair = diagql.connect(model, [X, torch.tensor([1, 0])], cache_dir=False, progress=False)
     assert pair.profile.labels.tolist() == [1, 0]
+
+
+def test_an_array_flipped_in_place_is_read_as_it_reads():
+    """A view with a negative stride (BGR to RGB, x[:, ::-1]) was refused as ragged input."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((20, 6)).astype(np.float32)
+    flipped = X[:, ::-1]
+    model = _mlp()
+    conn = diagql.connect(model, (flipped, np.arange(20) % 3), cache_dir=False, progress=False)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(flipped.copy())).argmax(1).numpy()
+    assert (conn.profile.predictions == expected).all()
 
 
 class _FirstCallCache(nn.Module):

@@ -11,8 +11,8 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, Tens
                               default_collate, default_convert)
 
 from diagql.errors import DiagQLError, ExecutionError
-from diagql.model.data_forms import collate_items, one_row_per_item, read_batches, \
-    read_only, refuse_foreign, refuse_reordering, split_next
+from diagql.model.data_forms import collate_items, is_sequence_of_items, one_row_per_item, \
+    read_batches, read_only, refuse_foreign, refuse_reordering, split_next
 from diagql.model.labels import as_labels, refuse_batches
 from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
@@ -66,7 +66,7 @@ class ItemSource:
         self._column_labels: np.ndarray | None = None
         self._dataset = None
         self._collate, self._order_checked = None, False  # checked: refuse_reordering
-        self._workers = 0
+        self._workers, self._worker_options = 0, {}
         self._labelled: bool | None = None  # whether the first item has a label, once read
         # A loader's sampler's items, sorted (model/loader_items.py); None: every item.
         self.indices: np.ndarray | None = None
@@ -80,12 +80,19 @@ class ItemSource:
             self._dataset = data.dataset if self.indices is None else \
                 Subset(data.dataset, self.indices.tolist())
             self._workers = data.num_workers
+            # What its workers need to read (an HDF5 file opened per worker), kept for ours.
+            self._worker_options = {"worker_init_fn": data.worker_init_fn,
+                                    "multiprocessing_context": data.multiprocessing_context} \
+                if data.num_workers else {}
             # A loader built with batch_size=None converts items one by one; ours batches them.
-            self._collate = None if data.collate_fn is default_convert else data.collate_fn
+            # torch's default collate is DiagQL's too, which also takes a Hugging Face
+            # dataset's items in its default format (lists of numbers).
+            self._collate = None if data.collate_fn in (default_convert, default_collate) \
+                else data.collate_fn
         elif isinstance(data, IterableDataset):
             raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
                               "Dataset or a pair (X, y)")
-        elif isinstance(data, Dataset) or _is_sequence_of_items(data):
+        elif isinstance(data, Dataset) or is_sequence_of_items(data):
             self._dataset = data
         elif isinstance(data, Mapping):
             self._set_columns(data, None)
@@ -140,6 +147,12 @@ class ItemSource:
             return None
         return self._columns, self._column_labels
 
+    @property
+    def collates(self) -> bool:
+        """Whether a user's collate_fn makes its batches (which may pad to the batch's longest
+        item, so that an item's inputs depend on the batch it is read in)."""
+        return self._collate is not None
+
     def labelled(self) -> bool:
         """Whether the data has labels, as cheaply as can be told: a pair's or a mapping's are
         at hand, other data's first item says (the profile pass checks every item), so that
@@ -190,9 +203,13 @@ class ItemSource:
         if self._collate is not None and not self._order_checked:
             refuse_reordering(self._collate, self._dataset, len(self))
             self._order_checked = True
-        loader = DataLoader(Subset(self._dataset, indices.tolist()),
-                            batch_sampler=[range(start, end) for start, end in cuts],
-                            num_workers=self._workers, collate_fn=self._collate or collate_items)
+        # Over the user's own dataset (a loader's sampler's items by their dataset indices),
+        # which a worker_init_fn finds as get_worker_info().dataset (to open a file in it).
+        dataset, at = (self._dataset.dataset, self.indices[indices]) \
+            if self.indices is not None else (self._dataset, indices)
+        loader = DataLoader(dataset, batch_sampler=[at[start:end].tolist() for start, end in cuts],
+                            num_workers=self._workers, collate_fn=self._collate or collate_items,
+                            **self._worker_options)
         batches = read_batches(loader)
         for start, end in cuts:  # the loader makes one batch of each
             idx = indices[start:end]
@@ -361,7 +378,10 @@ def _as_tensor(X, name: str) -> torch.Tensor:
                           f"(a mapping, y)")
     try:
         with read_only():  # a memory-mapped array is read where it lies, never written
-            return torch.as_tensor(np.asarray(X))
+            array = np.asarray(X)
+            if any(stride < 0 for stride in array.strides):  # a flip (BGR to RGB): a copy
+                array = np.ascontiguousarray(array)
+            return torch.as_tensor(array)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DiagQLError(f"{name} cannot be turned into a tensor ({exc}); sequences of "
                           f"different lengths must be padded, or passed as a Dataset with a "
@@ -477,22 +497,3 @@ def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
         f"{', '.join(map(repr, unknown))}{also}; the entries of a mapping batch (all but the "
         f"labels) are passed as keyword arguments: rename or drop those keys (a collate_fn "
         f"can), {_NAME_IT} if they are the labels, or hand the mapping whole as ((mapping,), y)")
-
-
-def _is_sequence_of_items(data) -> bool:
-    """A map-style collection that is not a torch Dataset: a list of items (other than a pair
-    (X, y)), or an object indexed by position with a length, such as a Hugging Face
-    ``datasets.Dataset`` (its items are dicts)."""
-    if isinstance(data, list):
-        # Two items, not a pair [X, y]: two mappings, or two (x, y) with one label each.
-        return len(data) != 2 or all(isinstance(d, Mapping) for d in data) or \
-            all(isinstance(d, tuple) and len(d) == 2 and _one_label(d[1]) for d in data)
-    if isinstance(data, (tuple, str, bytes, Mapping, torch.Tensor, np.ndarray)):
-        return False
-    return hasattr(type(data), "__getitem__") and hasattr(type(data), "__len__")
-
-
-def _one_label(value) -> bool:
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return value.ndim == 0
-    return isinstance(value, (int, np.integer, str))

@@ -146,15 +146,17 @@ def one_row_per_item(x, items: int) -> bool:
         for part in x[1:])
 
 
-ORDER_CHECK_ITEMS = 16  # the first items a user's collate_fn is checked on
+ORDER_CHECK_ITEMS = 16  # the items a user's collate_fn is checked on
 
 
 def refuse_reordering(collate, dataset, n: int) -> None:
-    """Refuse a collate_fn that reorders a batch's items (checked on the data's first items):
+    """Refuse a collate_fn that reorders a batch's items (checked on items spread over the
+    data: its first ones may tie, data stored by length, which a stable sort keeps in order):
     row j of a batch is taken for the j-th item asked for, so every answer that names items
     (TOPK INPUTS, labels, samples) would name others."""
     try:
-        items = [dataset[i] for i in range(min(n, ORDER_CHECK_ITEMS))]
+        spread = np.unique(np.linspace(0, n - 1, min(n, ORDER_CHECK_ITEMS)).round().astype(int))
+        items = [dataset[int(i)] for i in spread]
         reordering = reorders(collate, items)
     except Exception:  # noqa: BLE001 - the pass's own reading says what failed, and where
         reordering = False
@@ -198,3 +200,26 @@ def _tensors(batch) -> Iterator[torch.Tensor]:
     elif isinstance(batch, (tuple, list)):
         for value in batch:
             yield from _tensors(value)
+
+
+def is_sequence_of_items(data) -> bool:
+    """A map-style collection that is not a torch Dataset: a list of items (other than a pair
+    (X, y)), or an object indexed by position with a length, such as a Hugging Face
+    ``datasets.Dataset`` (its items are dicts)."""
+    if isinstance(data, list):
+        # Two items, not a pair [X, y]: two mappings, or two (x, y) with one label each.
+        return len(data) != 2 or all(isinstance(d, Mapping) for d in data) or \
+            all(isinstance(d, tuple) and len(d) == 2 and _one_label(d[1]) for d in data)
+    if isinstance(data, (tuple, str, bytes, Mapping, torch.Tensor, np.ndarray)):
+        return False
+    return hasattr(type(data), "__getitem__") and hasattr(type(data), "__len__")
+
+
+def _one_label(value) -> bool:
+    """One item's label as items carry it: a number, a name, a one-element tensor, array or
+    list (the labels as_labels reads, one per item)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.ndim == 0 or (value.ndim == 1 and value.shape[0] == 1)
+    if isinstance(value, list):
+        return len(value) == 1 and _one_label(value[0])
+    return isinstance(value, (int, float, np.integer, np.floating, str))

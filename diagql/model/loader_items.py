@@ -23,6 +23,8 @@ def loader_items(loader) -> np.ndarray | None:
     DiagQL reads all the same."""
     n = len(loader.dataset)
     sampler, batches = loader.sampler, loader.batch_sampler
+    if type(batches) is BatchSampler:  # torch's own, given or made: its sampler's items
+        sampler = batches.sampler  # (drop_last below drops none of them here)
     own_batches = batches is not None and not (
         type(batches) is BatchSampler and batches.sampler is sampler)
     source = batches if own_batches else sampler

@@ -56,7 +56,7 @@ def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:
     return True
 
 
-def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -> None:
+def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -> bool:
     """Warn when an item's outputs alone (``alone[i]``, a batch of item i only) differ from its
     outputs in a batch with others (``together``, item i in row i) by more than rounding:
     statistics of the batch (dynamic quantization's per-batch scales, a norm over the batch
@@ -65,7 +65,7 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
     depend on which items share its batch, and WHERE, GROUP BY and a sample run other
     batches than the exact pass. Each of the first items is compared (a left-padded first
     item, the batch's longest, is padded in neither). Outputs whose batch axis is not the
-    first, or of another shape alone, are not compared."""
+    first, or of another shape alone, are not compared. Whether it warned."""
     for i, one in enumerate(alone):
         if one.ndim == 0 or together.ndim != one.ndim or one.shape[0] != 1 or \
                 together.shape[0] < max(2, i + 1) or together.shape[1:] != one.shape[1:] or \
@@ -79,7 +79,8 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
                  "does a GPT-2's?): WHERE, GROUP BY and samples run other batches than an "
                  "exact pass over every item, so the same question may get different "
                  "answers")
-            return
+            return True
+    return False
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
