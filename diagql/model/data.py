@@ -72,26 +72,13 @@ class ItemSource:
         self.indices: np.ndarray | None = None
         self._label_classes: list | None = None  # [label_classes()], once read
         refuse_foreign(data)
-        if isinstance(data, DataLoader):
-            if isinstance(data.dataset, IterableDataset):
-                raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
-                                  "Dataset or a pair (X, y)")
-            self.indices = loader_items(data)
-            self._dataset = data.dataset if self.indices is None else \
-                Subset(data.dataset, self.indices.tolist())
-            self._workers = data.num_workers
-            # What its workers need to read (an HDF5 file opened per worker), kept for ours.
-            self._worker_options = {"worker_init_fn": data.worker_init_fn,
-                                    "multiprocessing_context": data.multiprocessing_context} \
-                if data.num_workers else {}
-            # A loader built with batch_size=None converts items one by one; ours batches them.
-            # torch's default collate is DiagQL's too, which also takes a Hugging Face
-            # dataset's items in its default format (lists of numbers).
-            self._collate = None if data.collate_fn in (default_convert, default_collate) \
-                else data.collate_fn
-        elif isinstance(data, IterableDataset):
+        if isinstance(data if not isinstance(data, DataLoader) else data.dataset,
+                      IterableDataset):
             raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
                               "Dataset or a pair (X, y)")
+        if isinstance(data, DataLoader):
+            self.indices, self._dataset, self._workers, self._worker_options, self._collate = \
+                _loader_parts(data)
         elif isinstance(data, Dataset) or is_sequence_of_items(data):
             self._dataset = data
         elif isinstance(data, Mapping):
@@ -149,8 +136,7 @@ class ItemSource:
 
     @property
     def collates(self) -> bool:
-        """Whether a user's collate_fn makes its batches (which may pad to the batch's longest
-        item, so that an item's inputs depend on the batch it is read in)."""
+        """Whether a user's collate_fn makes the batches (it may pad to a batch's longest)."""
         return self._collate is not None
 
     def labelled(self) -> bool:
@@ -317,6 +303,20 @@ class ItemSource:
 _TWO_PARTS = ("DiagQL needs (x, y): put several inputs in a tuple, ((x1, x2), y), and leave "
               "out what is neither (an index, metadata) with a collate_fn or a Dataset that "
               "returns (x, y)")
+
+
+def _loader_parts(data: DataLoader) -> tuple:
+    """What ItemSource keeps of a DataLoader: its sampler's items (None: every one), their
+    dataset, its workers, what they need to read (an HDF5 file opened per worker) and its
+    collate_fn (None: DiagQL's, for torch's default, as it also takes a Hugging Face dataset's
+    lists of numbers, and for batch_size=None's default_convert: ours batches the items)."""
+    indices = loader_items(data)
+    dataset = data.dataset if indices is None else Subset(data.dataset, indices.tolist())
+    options = {"worker_init_fn": data.worker_init_fn,
+               "multiprocessing_context": data.multiprocessing_context} \
+        if data.num_workers else {}
+    collate = None if data.collate_fn in (default_convert, default_collate) else data.collate_fn
+    return indices, dataset, data.num_workers, options, collate
 
 
 def dataset_indices(source: ItemSource, items: np.ndarray) -> np.ndarray:

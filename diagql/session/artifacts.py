@@ -121,11 +121,7 @@ class Artifacts:
                 lambda p: {"model": type(conn.model).__qualname__, "items": len(p),
                            "latent": p.latent_layer, "dtype": str(conn.dtype),
                            "device": str(conn.device)})
-            # Each session that reads it is told, as the one that computed it was.
-            # (A statement binds on the catalog first: where the scores were found is known.)
-            for notice in scores.profile_notices(
-                    self.profile, None if self.catalog is None else self.catalog.scores):
-                warn(notice)
+            _say_notices(self.profile, self.catalog)
             if key is not None and computed:
                 self._store_auxiliaries(key, computed[0])
             elif key is not None:
@@ -307,6 +303,13 @@ class Artifacts:
                                 if issubclass(cls, samplers.Sampler))
         return cache_key("sample", profile_key, sampler.spec(),
                          [source_digest(module) for module in modules])
+
+
+def _say_notices(profile: Profile, catalog: LayerCatalog | None) -> None:
+    """The profile's notices, said to each session that reads it, as to the one that
+    computed it (a statement binds on the catalog first: where the scores were found)."""
+    for notice in scores.profile_notices(profile, None if catalog is None else catalog.scores):
+        warn(notice)
 
 
 def _warn_guessed_scores(catalog: LayerCatalog, given) -> None:
