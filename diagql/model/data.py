@@ -58,8 +58,7 @@ class ItemSource:
         if label_key is not None and not (isinstance(label_key, str) and label_key):
             raise DiagQLError(f"label_key must be the name of a key, not {label_key!r}")
         self.label_key = label_key
-        # Why mapping data has no labels, once a mapping without a label key has been seen:
-        # a refusal of a query that needs labels can say what to name.
+        # Why mapping data has no labels, once seen: a refusal can say what to name.
         self.missing_labels: str | None = None
         self._pair = None
         self._columns: dict[str, torch.Tensor] | None = None
