@@ -843,3 +843,34 @@ def test_a_writer_killed_mid_write_leaves_no_half_entry(tmp_path):
         arrays = Cache(tmp_path).load("profile", "k" * 64)
     if arrays is not None:
         assert len(np.unique(arrays["a"])) == 1 and len(arrays["a"]) == 250_000
+
+
+def test_a_cache_in_a_folder_of_the_users_own_files_never_touches_them(tmp_path, monkeypatch):
+    """--cache-dir . in a project: its data/features.npz was evicted as an entry, and CLEAR
+    CACHE removed results/run-1.npz."""
+    mine = [tmp_path / "data" / "features.npz", tmp_path / "results" / "run-1.npz",
+            tmp_path / "notes.npz"]
+    for path in mine:
+        path.parent.mkdir(exist_ok=True)
+        np.savez(path, a=np.zeros(100_000))
+    monkeypatch.chdir(tmp_path)
+    cache = Cache.resolve(".", limit=1)  # every entry over the limit: evicted at once
+    cache.store("profile", "a", _values(1, 10), {})
+    assert cache.flush(timeout=60)
+    assert [e.kind for e in cache.entries()] in ([], ["profile"])
+    removed, kept = cache.clear()
+    assert all(e.kind == "profile" for e in removed) and kept == []
+    assert all(path.exists() for path in mine)
+    with pytest.raises(DiagQLError, match="cache_dir must be a path"):
+        Cache.resolve("")
+
+
+def test_a_relative_cache_dir_stays_where_it_was_named(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cache = Cache.resolve("c21")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a notebook's %cd
+    cache.store("profile", "a", _values(1, 10), {})
+    assert cache.flush(timeout=60)
+    assert (tmp_path / "c21" / "profile" / "a.npz").exists()
+    assert not (tmp_path / "elsewhere" / "c21").exists()

@@ -34,6 +34,10 @@ T = TypeVar("T")
 FORMAT_VERSION = 1
 _HEADER = "__diagql__"
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+# The kinds of entry, each a folder of the root: only these are listed, evicted and cleared,
+# so that a cache directory named where the user keeps files of their own (--cache-dir .)
+# never loses one of theirs (a project's data/features.npz was evicted as an entry).
+KINDS = frozenset({"activations", "auxiliary", "catalog", "index", "profile", "sample"})
 
 
 DEFAULT_LIMIT = 2 * 1024 ** 3  # bytes on disk, all entries together
@@ -107,8 +111,9 @@ class Cache:
         return self.root is not None
 
     def path(self, kind: str, key: str) -> Path:
-        if not (_NAME.match(kind) and _NAME.match(key)):
-            raise ValueError(f"cache kind and key must be file-name safe: {kind!r}, {key!r}")
+        if kind not in KINDS or not _NAME.match(key):
+            raise ValueError(f"cache kind must be one of KINDS and key file-name safe: "
+                             f"{kind!r}, {key!r}")
         return self.root / kind / f"{key}.npz"
 
     def load(self, kind: str, key: str, decode: Callable[[dict], T] | None = None
@@ -319,10 +324,11 @@ def cache_root(cache_dir=None) -> Path | None:
         return None
     if cache_dir is None:
         cache_dir = os.environ.get("DIAGQL_CACHE_DIR") or default_cache_dir()
-    if not isinstance(cache_dir, (str, os.PathLike)):
+    if not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir).strip():
         raise DiagQLError(f"cache_dir must be a path, None (the default place) or False (no "
                           f"cache), not {cache_dir!r}")
-    return Path(os.path.expanduser(os.fspath(cache_dir)))
+    # Absolute now: a notebook's %cd must not move it (nor its eviction) to another folder.
+    return Path(os.path.expanduser(os.fspath(cache_dir))).absolute()
 
 
 def touch(cache: Cache, kind: str, key: str) -> None:
@@ -342,7 +348,7 @@ def _list(root: Path) -> list[Entry]:
         return []
     found = []
     for kind_dir in root.iterdir():
-        if not (kind_dir.is_dir() and _NAME.match(kind_dir.name)):
+        if not (kind_dir.name in KINDS and kind_dir.is_dir()):
             continue
         for path in kind_dir.glob("*.npz"):
             if not _NAME.match(path.stem):
