@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import importlib
 import random
 import threading
 import types
@@ -620,6 +621,7 @@ def test_a_global_named_like_an_attribute_is_not_read(tmp_path):
 
 VARIANT_FILE = """
 import functools
+import importlib
 import torch
 from torch import nn
 import pkg.ops
@@ -765,6 +767,37 @@ class _Clamp:
 
 
 COUNTS, STORE, SEEN = [0], {}, []
+UNIT = 3  # which unit _zero_unit zeroes: a global an ablation study changes
+
+
+def _alias(module, inputs, output):
+    acts = output[0] if isinstance(output, tuple) else output
+    acts[:, 3] = 0
+
+
+def _each_row(module, inputs, output):
+    for row in output:
+        row[3] = 0
+
+
+def _functional_in_place(module, inputs, output):
+    torch.nn.functional.relu(output, inplace=True)
+
+
+def _not_in_place(module, inputs, output):
+    STORE["relu"] = torch.nn.functional.relu(output.detach(), inplace=False)
+
+
+def _zero_unit(module, inputs, output):
+    output[:, UNIT] = 0
+
+
+class _Scale:
+    def __init__(self, s):
+        self.s = s
+
+    def __call__(self, module, inputs, output):
+        return output * self.s
 
 
 @pytest.mark.parametrize("hook, changes", [
@@ -775,13 +808,49 @@ COUNTS, STORE, SEEN = [0], {}, []
     (_zero_in_place, True), (_scaled, True), (_inplace_method, True), (_init_zero, True),
     (_Clamp(), True), (lambda m, i, o: o * 2, True), (lambda m, i, o: o.mul_(0), True),
     (lambda m, a: SEEN.append(1) or (a[0] * 0,), True), (print, True),
-    (_through_a_helper, True),
+    (_through_a_helper, True), (_alias, True), (_each_row, True), (_functional_in_place, True),
+    (_not_in_place, False),
 ], ids=["count", "record", "partial", "method", "callable", "lambda count", "lambda append",
         "lambda print", "write in place", "return", "in-place method", "init zeros_",
         "callable returning", "lambda returning", "lambda in place", "lambda or", "builtin",
-        "a helper given the output"])
+        "a helper given the output", "an alias written", "a loop's rows written",
+        "inplace=True", "inplace=False"])
 def test_hooks_that_may_change_outputs_are_told_from_instrumentation(hook, changes):
     assert may_change_outputs(hook) is changes
+
+
+def test_a_user_modules_helper_given_the_output_may_change_it(tmp_path, monkeypatch):
+    (tmp_path / "ablations_1.py").write_text("def zero_unit(t, k):\n    t[:, k] = 0\n")
+    (tmp_path / "hooks_1.py").write_text(
+        "import torch\nimport ablations_1\nSTORE = {}\n"
+        "def via_module(module, inputs, output):\n    ablations_1.zero_unit(output, 3)\n"
+        "def via_torch(module, inputs, output):\n    STORE['a'] = torch.relu(output)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hooks = importlib.import_module("hooks_1")
+    assert may_change_outputs(hooks.via_module) is True
+    assert may_change_outputs(hooks.via_torch) is False
+
+
+def test_an_ablations_state_keys_its_fingerprint():
+    """The unit a global names, a list a closure holds, an object's attribute: each had been
+    hashed by its type alone, so ablating unit 11 read unit 3's cached answers."""
+    global UNIT
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU())
+    box = [0.5]
+    for make, change in ((lambda: _zero_unit, lambda: globals().__setitem__("UNIT", 11)),
+                         (lambda: (lambda m, i, o: o * box[0]), lambda: box.__setitem__(0, 0.0)),
+                         (lambda: _Scale(0.5), None)):
+        hook = make()
+        handle = model[0].register_forward_hook(hook)
+        before = model_fingerprint(model)
+        assert model_fingerprint(model) == before  # the same state: the same digest
+        if change is None:
+            hook.s = 0.0
+        else:
+            change()
+        assert model_fingerprint(model) != before
+        handle.remove()
+    UNIT = 3
 
 
 def test_only_hooks_that_change_outputs_change_the_fingerprint():

@@ -76,7 +76,10 @@ def hooks_digest(model) -> str:
     hashed by its code and the plain values it was given (numbers, strings, tensors, in its
     defaults, closure or ``functools.partial`` arguments), not by the state it keeps: an
     ablation's hook keys its own cache entries, and a hook that counts calls into a list
-    keeps one digest however many it has counted (docs/ARCHITECTURE.md, "Storage")."""
+    keeps one digest however many it has counted (docs/ARCHITECTURE.md, "Storage"). Only a
+    hook that may change outputs is hashed at all, and its state with it: the globals it reads,
+    its closure's lists and objects, its instance's attributes (``UNIT`` a global an ablation
+    zeroes: changed, its answers had been the old unit's)."""
     from torch.nn.modules import module as torch_module
 
     owners = [("<global>", {kind: getattr(torch_module, f"_global{kind}", None)
@@ -85,6 +88,9 @@ def hooks_digest(model) -> str:
                for name, module in model.named_modules()]
     digest = None
     walk = _Walk(code=False)
+    # The model's own modules met in a hook's state are named, not hashed again (the model is
+    # stamped apart): a hook closing over the model costs no walk of its weights.
+    walk.module_names = {id(module): name for name, module in model.named_modules()}
     for (name, tables), kind in itertools.product(owners, HOOK_TABLES):
         for hook in list((tables[kind] or {}).values()):
             if is_diagql_hook(hook) or not may_change_outputs(hook):
@@ -413,9 +419,12 @@ class _Walk:
             hook = hook.func
         if isinstance(hook, types.MethodType):  # its instance is state, its class is code
             _feed(digest, name, "method of", _qualname(type(hook.__self__)))
+            self.state(digest, f"{name}.self", vars(hook.__self__)
+                       if hasattr(hook.__self__, "__dict__") else None)
             hook = hook.__func__
         if not isinstance(hook, types.FunctionType):  # a callable object
             _feed(digest, name, "callable", _qualname(type(hook)))
+            self.state(digest, f"{name}.self", vars(hook) if hasattr(hook, "__dict__") else None)
             hook = getattr(type(hook), "__call__", None)
             if not isinstance(hook, types.FunctionType):
                 return
@@ -424,9 +433,25 @@ class _Walk:
         self.plain(digest, name, (hook.__defaults__, hook.__kwdefaults__))
         for var, cell in zip(hook.__code__.co_freevars, hook.__closure__ or ()):
             try:
-                self.plain(digest, f"{name}.<closure {var}>", cell.cell_contents)
+                self.state(digest, f"{name}.<closure {var}>", cell.cell_contents)
             except ValueError:  # not yet assigned
                 _feed(digest, name, "empty cell", var)
+        for var, value in globals_read(hook.__code__, hook.__globals__):
+            if not isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                self.state(digest, f"{name}.<global {var}>", value)
+
+    def state(self, digest, name: str, value) -> None:
+        """A value an output-changing hook reads, by its contents where they can be seen
+        (``value``: lists, objects, tensors), else as ``plain`` sees it."""
+        part = xxhash.xxh3_128()
+        values, stack = self.values, list(self.stack)
+        try:
+            self.value(part, name, value)
+        except (_Opaque, Unfingerprintable, RecursionError, TypeError, ValueError):
+            self.values, self.stack = values, stack
+            self.plain(digest, name, value)
+            return
+        _feed(digest, name, part.hexdigest())
 
     def plain(self, digest, name: str, value) -> None:
         """A value by its contents where it is a number, string, tensor or array, or a tuple

@@ -15,6 +15,7 @@ import ast
 import functools
 import inspect
 import linecache
+import sys
 import textwrap
 import types
 
@@ -77,18 +78,63 @@ def _judge(hook: types.FunctionType, skip_first: bool) -> bool:
                                   bool(code.co_flags & inspect.CO_VARARGS) +
                                   bool(code.co_flags & inspect.CO_VARKEYWORDS)])
     arguments = set(names[1:] if skip_first else names)
+    scope = hook.__globals__
     if code.co_name == "<lambda>":
         body = _lambda_body(code)
         if not (isinstance(body, ast.Call) and _called_name(body) in NONE_RETURNING):
             return True  # it returns what its body gives
-        return _writes(body, arguments)
+        return _writes(body, arguments, scope)
     node = _definition(hook)
     if node is None:
         return True
     # Writes are looked for everywhere in its body, functions defined inside it too (one may
-    # write into the output it closes over); returns only in its own code.
+    # write into the output it closes over); returns only in its own code. A name given
+    # anything made of an argument may be the argument itself: ``acts = output[0]``,
+    # ``for row in output``, ``x = output.detach()`` (the same storage) write into it too.
+    reach = _aliases(node, arguments)
     return any(_returns_value(n) for n in _own_nodes(node)) or \
-        any(_writes(statement, arguments) for statement in node.body)
+        any(_writes(statement, reach, scope) for statement in node.body)
+
+
+def _aliases(node: ast.AST, arguments: set[str]) -> set[str]:
+    """The arguments and every name bound to an expression that mentions one of them (by
+    assignment, a for loop, ``with ... as``, ``:=``), to a fixed point."""
+    reach = set(arguments)
+    bindings = []
+    for n in ast.walk(node):
+        if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign, ast.NamedExpr)):
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+            bindings.append((targets, n.value))
+        elif isinstance(n, (ast.For, ast.AsyncFor, ast.comprehension)):
+            bindings.append(([n.target], n.iter))
+        elif isinstance(n, ast.withitem) and n.optional_vars is not None:
+            bindings.append(([n.optional_vars], n.context_expr))
+    grew = True
+    while grew:
+        grew = False
+        for targets, value in bindings:
+            if value is None or not any(isinstance(v, ast.Name) and v.id in reach
+                                        for v in ast.walk(value)):
+                continue
+            for name in _bound_names(targets):
+                if name not in reach:
+                    reach.add(name)
+                    grew = True
+    return reach
+
+
+def _bound_names(targets) -> list[str]:
+    """The names a binding's targets bind (``a``, ``a, *b``), not those it writes into
+    (``store[key] = output`` writes into ``store``, which stays what it was)."""
+    names = []
+    for target in targets:
+        if isinstance(target, ast.Starred):
+            target = target.value
+        if isinstance(target, ast.Name):
+            names.append(target.id)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            names.extend(_bound_names(target.elts))
+    return names
 
 
 def _lambda_body(code: types.CodeType) -> ast.expr | None:
@@ -139,8 +185,9 @@ def _returns_value(node: ast.AST) -> bool:
         and not (isinstance(node.value, ast.Constant) and node.value.value is None)
 
 
-def _writes(node: ast.AST, arguments: set[str]) -> bool:
-    """Whether ``node``, or anything in it, writes into an argument."""
+def _writes(node: ast.AST, arguments: set[str], scope: dict | None = None) -> bool:
+    """Whether ``node``, or anything in it, writes into an argument (``scope``: the hook's
+    globals, where a called ``helpers.zero(output)`` is found to be the user's)."""
     for n in ast.walk(node):
         targets = []
         if isinstance(n, (ast.Assign, ast.Delete)):
@@ -163,6 +210,13 @@ def _writes(node: ast.AST, arguments: set[str]) -> bool:
                 return True  # torch.nn.init.zeros_(output), setattr(module, "w", ...)
             if any(k.arg == "out" and _root(k.value) in arguments for k in n.keywords):
                 return True
+            given = any(_root(a) in arguments for a in (*n.args, *(k.value for k in n.keywords)))
+            if given and any(k.arg == "inplace" and not (isinstance(k.value, ast.Constant)
+                                                        and not k.value.value)
+                             for k in n.keywords):
+                return True  # F.relu(output, inplace=True)
+            if given and receiver is not None and _users_module(_root(receiver), scope):
+                return True  # helpers.zero_unit(output, 3): the user's function may write
             if isinstance(n.func, ast.Name) and name not in READING and any(
                     _root(a) in arguments for a in (*n.args, *(k.value for k in n.keywords))):
                 return True  # helper(output): the user's function may write into it
@@ -181,3 +235,19 @@ def _root(node: ast.AST) -> str | None:
     while isinstance(node, (ast.Attribute, ast.Subscript, ast.Starred)):
         node = node.value
     return node.id if isinstance(node, ast.Name) else None
+
+
+def _users_module(name: str | None, scope: dict | None) -> bool:
+    """Whether ``name`` is, in the hook's globals, a module of the user's (not torch's, numpy's
+    or the standard library's), whose functions may write into what they are given."""
+    module = (scope or {}).get(name) if name else None
+    if not isinstance(module, types.ModuleType):
+        return False
+    top = module.__name__.split(".")[0]
+    if top in ("torch", "numpy", "math", "builtins", "logging", "warnings", "collections",
+               "functools", "itertools", "operator", "statistics", "time", "json", "pickle",
+               "copy", "random", "os", "sys", "re", "diagql"):
+        return False
+    origin = getattr(module, "__file__", None) or ""
+    return "site-packages" not in origin and "dist-packages" not in origin and \
+        not origin.startswith(sys.base_prefix)

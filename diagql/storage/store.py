@@ -112,8 +112,7 @@ class Cache:
 
     def path(self, kind: str, key: str) -> Path:
         if kind not in KINDS or not _NAME.match(key):
-            raise ValueError(f"cache kind must be one of KINDS and key file-name safe: "
-                             f"{kind!r}, {key!r}")
+            raise ValueError(f"a cache kind of KINDS and a file-name safe key: {kind!r}, {key!r}")
         return self.root / kind / f"{key}.npz"
 
     def load(self, kind: str, key: str, decode: Callable[[dict], T] | None = None
