@@ -22,6 +22,13 @@ def test_digits_equal_mlxtends_whether_parsed_or_read_back(tmp_path):
     kept = list((tmp_path / "demo").glob("*.npy"))
     assert len(kept) == 1 and np.load(kept[0]).dtype == np.uint8
     assert not list((tmp_path / "demo").glob("*.tmp"))
+    # A kept copy damaged on disk (its labels shifted) is parsed again, not believed.
+    table = np.load(kept[0])
+    table[:, -1] = (table[:, -1] + 1) % 10
+    np.save(kept[0], table)
+    X, y = load_digits_5k(tmp_path)
+    assert torch.equal(X, want_X) and torch.equal(y, want_y)
+    assert torch.equal(load_digits_5k(tmp_path)[1], want_y)  # and the copy is whole again
 
 
 def test_no_cache_keeps_nothing(tmp_path, monkeypatch):
