@@ -45,7 +45,8 @@ def test_training_in_place_is_seen_by_every_kind_of_answer(tmp_path):
     sampled = db.query("AVG NEURONS IN 0 USING SAMPLE random(0.1, random_state=0)")
     _train_a_little(model, X, y)
     hidden, incorrect = _truth(model, X, y)
-    with pytest.warns(DiagQLWarning, match="the model changed \\(its weights or modules\\) since "
+    with pytest.warns(DiagQLWarning, match="the model changed \\(its weights, modules or the "
+                                           "values its code reads\\) since "
                                            "DiagQL last read it"):
         after = db.query("AVG NEURONS IN 1")
     assert not np.allclose(before.values, after.values)
@@ -172,6 +173,50 @@ def test_changes_no_version_counter_sees_are_seen_and_never_cached_for_the_origi
     with torch.no_grad():
         sampled = original[:3](X[items]).flatten(1).double().mean(0).numpy()
     np.testing.assert_allclose(again.values, sampled, rtol=1e-6, atol=1e-7)
+
+
+GAIN = 1.0  # what _Gained's forward scales by: a global a notebook changes
+
+
+class _Gained(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.fc(x) * GAIN)
+
+
+def test_a_number_the_models_code_reads_changed_is_seen_and_never_cached_for_the_original(
+        tmp_path):
+    """GAIN = 2.0 between statements had gone unseen: a sample's rows of both gains were
+    mixed in one answer and stored under the original's key, which a new process read."""
+    global GAIN
+    model, fresh = _Gained(), _Gained()
+    torch.manual_seed(3)
+    X, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("SET estimator = plain")
+    sample = "random(0.5, random_state=0)"
+    db.query(f"AVG NEURONS IN head USING SAMPLE {sample}")
+    try:
+        GAIN = 2.0
+        with pytest.warns(DiagQLWarning, match="the values its code reads"):
+            answer = db.query(f"AVG NEURONS IN head USING SAMPLE {sample}")
+        items = db.sample(sample)
+        with torch.no_grad():
+            np.testing.assert_allclose(answer.values, model(X[items]).double().mean(0).numpy(),
+                                       rtol=1e-6, atol=1e-7)
+        db.close()
+    finally:
+        GAIN = 1.0
+    again = diagql.connect(fresh, (X, y), progress=False, cache_dir=tmp_path)
+    again.query("SET estimator = plain")
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            again.query(f"AVG NEURONS IN head USING SAMPLE {sample}").values,
+            fresh(X[again.sample(sample)]).double().mean(0).numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_numpy_data_written_in_place_is_seen(tmp_path):

@@ -77,10 +77,12 @@ def model_stamp(module) -> tuple:
     # statement's own pass makes them, and the model is stamped again after it.
     if len(modules) > MAX_MODULES or any(is_lazy(t) for t in tensors):
         return tensor_stamp(tensors), modules, hooks, None
-    # Not the globals its code reads: a notebook's large global (a vocabulary) would cost
-    # every statement a walk; they key the cache, where a new process reads them.
+    # Of the globals its code reads, the numbers and strings (a GAIN its forward scales by,
+    # changed between statements, had been unseen, and rows of both mixed in one answer and
+    # stored under the old key): a notebook's large global (a vocabulary) would cost every
+    # statement a walk; they key the cache, where a new process reads them.
     return tensor_stamp(tensors), modules, hooks, \
-        _small(_bytes(tensors), lambda: model_fingerprint(module, code=False))
+        _small(_bytes(tensors), lambda: model_fingerprint(module, code="scalars"))
 
 
 def notice_changes(conn) -> None:
@@ -108,7 +110,8 @@ def notice_changes(conn) -> None:
         changed = entry.stamp is not None and stamp != entry.stamp
         if changed:
             what = "its checkpoint file" if entry.is_checkpoint else \
-                "its hooks" if _only_hooks(stamp, entry.stamp) else "its weights or modules"
+                "its hooks" if _only_hooks(stamp, entry.stamp) else \
+                "its weights, modules or the values its code reads"
         entry.stamp = stamp
         if changed or data_changed:
             forget_indices(entry)

@@ -38,7 +38,7 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_fingerprint(model, code: bool = True) -> str:
+def model_fingerprint(model, code: bool | str = True) -> str:
     """A digest of what decides the model's outputs; raises Unfingerprintable when some of it
     cannot be seen whole (two models that differ there would share the digest).
 
@@ -50,7 +50,8 @@ def model_fingerprint(model, code: bool = True) -> str:
     through containers and plain objects. Torch's own classes, and their private attributes,
     are covered by torch's version; and the globals that the user's own code reads (a helper
     function, a constant, a class attribute: storage/code_reads.py), followed where they can
-    be seen whole (``code=False``: not these, nor the user's classes' attributes); and the
+    be seen whole (``code=False``: not these, nor the user's classes' attributes;
+    ``code="scalars"``: those that are numbers, strings or functions only); and the
     forward hooks that can change its outputs, by their code (``hooks_digest``).
     Not covered: the globals of installed packages' code.
     """
@@ -199,6 +200,7 @@ def _source_digest(obj) -> str:
 
 # --- walking a model's values -------------------------------------------------------------------
 
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
 _MAX_DEPTH = 100  # containers and objects nested in one attribute; deeper cannot be hashed
 _MAX_VALUES = 1_000_000  # values hashed for one model, so that a huge object graph fails fast
 _PLAIN = (types.NoneType, bool, int, float, complex, str, bytes, range, slice,
@@ -232,8 +234,11 @@ class _Walk:
     hashes alike each time and finishes.
     """
 
-    def __init__(self, code: bool = True):
-        self.follow_code = code  # the globals and class attributes the user's code reads
+    def __init__(self, code: bool | str = True):
+        # The globals and class attributes the user's code reads; "scalars": only those that
+        # are numbers, strings or functions (a statement's stamp: no large global's walk).
+        self.follow_code = bool(code)
+        self.scalars_only = code == "scalars"
         self.module_names: dict[int, str] = {}
         self.tensor_names: dict[int, str] = {}
         self.stack: list[int] = []  # ids of the values being hashed, outermost first
@@ -508,7 +513,11 @@ class _Walk:
                 pass
         counted = self.values
         try:
-            found = self.digest_of(f"{name}<{var}>", value)
+            if self.scalars_only and not isinstance(value, (*_SCALARS, types.FunctionType,
+                                                            types.ModuleType)):
+                found = f"a {_qualname(type(value))}"  # a vocabulary: not walked each time
+            else:
+                found = self.digest_of(f"{name}<{var}>", value)
         except _Opaque:
             self.values, found = counted, "unseen"
         self.globals_seen[(scope, var)] = found
