@@ -510,3 +510,23 @@ def test_auto_samples_one_class_data_with_a_sampler_that_takes_it():
         sampler = default_sampler(conn, conn.profile)
         assert sampler.name == name
         assert len(conn.sample(sampler.spec())) == 20  # 5% of 400, drawn
+
+
+def test_a_growth_that_takes_every_item_in_time_says_the_data_is_exhausted(monkeypatch):
+    """The rounds reached every item within the budget, exact dearer than the time left: the
+    answer said 'budget spent', left from the round where exact had been weighed."""
+    from diagql.session import growth as growth_module
+
+    monkeypatch.setattr(growth_module, "exact_seconds", lambda *args: 1e6)
+    monkeypatch.setattr(growth_module, "FITS", 0.0)  # exact never fits the budget at first
+    torch.manual_seed(0)
+    X, y = torch.randn(300, 4), torch.randint(0, 3, (300,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).eval()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    result = conn.query("AVG NEURONS IN 0 USING SAMPLE random(10) WITHIN 60 SECONDS")
+    growth = result.provenance.growth
+    assert growth.stop == "data exhausted" and growth.sizes[-1] == 300, growth
+    with torch.no_grad():
+        np.testing.assert_allclose(result.values, model[0](X).double().mean(0).numpy(),
+                                   rtol=1e-6, atol=1e-7)

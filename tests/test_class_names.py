@@ -71,6 +71,10 @@ def test_plans_and_messages_write_the_classes_by_their_names(world):
         rows = dict(db.query(f"EXPLAIN {statement}").rows)
         # The text it shows parses to the same tree (class < 2 orders indices: no name).
         assert rows["filter"].startswith(f"WHERE {where} on the profile → {expected:,}")
+    numbered = diagql.connect(model, (X, y), classes=["1", "0", "2"], cache_dir=False,
+                              progress=False)  # names like numbers: the indices, unmistaken
+    assert dict(numbered.query("EXPLAIN AVG NEURONS IN 1 WHERE class = 0").rows)[
+        "filter"].startswith("WHERE class = 0 on the profile")
     never = "class = 'bee' AND predicted = 'bee' AND class = 'cat'"
     for statement in (f"AVG NEURONS IN 1 WHERE {never}", f"TOPK 2 INPUTS FOR 1[0] WHERE {never}"):
         with pytest.raises(DiagQLError, match=f"no items match WHERE {never} "):

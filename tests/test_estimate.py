@@ -83,6 +83,22 @@ def test_exact_answers_and_max_rankings_carry_no_misleading_estimate(db):
         "TOPK 3 NEURONS IN encoder.1 BY MAX USING SAMPLE random(0.2)"))
 
 
+def test_a_max_ranking_of_a_sample_holding_every_matching_item_is_exact(db, mlp, digits):
+    """It said a sample's maximum is biased low, where the sample holds every item (as BY
+    MEAN says it is exact)."""
+    X, _ = digits
+    result = db.query("TOPK 3 NEURONS IN encoder.1 BY MAX USING SAMPLE random(1.0)")
+    top = _activations(mlp, X, "encoder.1").max(axis=0)
+    order = np.argsort(-top, kind="stable")[:3]
+    assert result.neurons.tolist() == order.tolist()
+    np.testing.assert_allclose(result.values, top[order], rtol=1e-6)
+    assert result.estimate.exact and result.estimate.expected == 1.0
+    np.testing.assert_allclose(result.estimate.ci_low, top[order], rtol=1e-6)
+    with pytest.raises(diagql.errors.DiagQLError, match="sample\\(\\) takes a sampler call as "
+                                                        "text"):
+        db.sample(None)
+
+
 def test_a_single_matching_item_is_too_few():
     from diagql.engine import estimate
     from diagql.engine.aggregates import ArgmaxState, MeanState

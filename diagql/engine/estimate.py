@@ -168,6 +168,18 @@ def _too_few(n: int, population: int) -> Estimate:
                     reason=f"{n} matching sampled item: too few for an estimate")
 
 
+def for_whole_max(state, population: int, reported: np.ndarray) -> Estimate | None:
+    """TOPK BY MAX on a sample that holds every matching item: its maxima are the exact ones.
+    None otherwise (a sample's maximum is biased low: no estimate)."""
+    n = state.count
+    if not 0 < n == population:
+        return None
+    top = state.finalize()[reported]
+    return Estimate(COVERS_WHOLE, True, LEVEL, n, population, ci_low=top, ci_high=top.copy(),
+                    p_in_topk=np.ones(len(reported)), metric=PRECISION, expected=1.0,
+                    exact=True)
+
+
 def for_mean(state, population: int, reported: np.ndarray, k: int | None,
              reliable: bool, fitted: Fitted | None = None) -> Estimate:
     """AVG (k None): a confidence interval per neuron and the expected cosine distance.

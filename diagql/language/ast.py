@@ -80,6 +80,8 @@ def predicate_text(pred: Predicate, names: Sequence[str] | None = None) -> str:
     where the tree needs them: parsing the text gives the same tree back. ``names``: the
     classes' names, which a class or prediction is written by (``class = 'cat'``) where the
     statement's names were resolved to indices."""
+    if names is not None and any(str(name).strip().lstrip("-").isdigit() for name in names):
+        names = None  # classes named "1", "0": class = '1' would read as class 1
     if isinstance(pred, And):  # AND and OR group to the left: a right operand like them is wrapped
         return f"{_wrap(pred.left, Or, names)} AND {_wrap(pred.right, (And, Or), names)}"
     if isinstance(pred, Or):

@@ -123,8 +123,9 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
                 over = until.seconds is not None and \
                     spent + fresh * per_item + draws / len(sizes) > until.seconds
                 if ABOUT * len(round_plan.items) >= n_match:
-                    stop = _exact_or_spent(until, started, exact_cost)
-                    if stop == "exact cheaper" or over:  # else the round fits where exact not
+                    reason = _exact_or_spent(until, started, exact_cost)
+                    if reason == "exact cheaper" or over:  # else the round fits where exact not
+                        stop = reason
                         break
                 elif over:
                     stop = "budget spent"
