@@ -192,8 +192,10 @@ def test_top_items_merge_in_any_split():
 @pytest.mark.parametrize("text, message", [
     ("TOPK 3 INPUTS FOR 2[5,3]", "name one with 3 indices, 2[c,h,w]; FOR CHANNEL"),
     ("TOPK 3 INPUTS FOR 2[5,3,6]", "index 6 is past the 6 entries on axis 2 (w)"),
-    ("TOPK 3 INPUTS FOR CHANNEL 2[8]", "index 8 is past the 8 channels"),
-    ("TOPK 3 INPUTS FOR CHANNEL 6[1]", "CHANNELS needs a layer with channels"),
+    ("TOPK 3 INPUTS FOR CHANNEL 2[8]", "index 8 is past the 8 channels of layer '2' (its "
+                                      "channels have shape (8,))"),
+    ("TOPK 3 INPUTS FOR CHANNEL 6[1]", "CHANNELS needs a layer with channels (a conv map); "
+                                      "use NEURONS (TOPK k INPUTS: leave out CHANNEL)"),
     ("TOPK 3 INPUTS FOR 2[1,1,1] TOKENS MAX", "applies to sequence layers"),
     ("TOPK 0 INPUTS FOR 6[1]", "k of at least 1"),
 ])

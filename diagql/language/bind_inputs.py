@@ -63,7 +63,8 @@ def bind_inputs(query: ast.TopInputs, catalog: LayerCatalog, *, n_classes: int,
             where = "" if len(shape) == 1 else f" on axis {axis} ({axes[axis]})"
             what = "channels" if view.channels else "entries"
             raise _error(f"index {i} is past the {size} {what}{where} of layer {layer.name!r} "
-                         f"(its neurons have shape {shape})", ref.index_span or ref.span)
+                         f"(its {'channels' if view.channels else 'neurons'} have shape "
+                         f"{shape})", ref.index_span or ref.span)
     sampler = bind_items(query, n_classes=n_classes, seed=seed, n_items=n_items,
                          has_labels=has_labels)
     neuron = int(np.ravel_multi_index(ref.index, shape))

@@ -339,7 +339,8 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
     if query.unit == "channels":
         if layer.channels is None:
             raise _error(f"layer {name!r} has output shape {layer.shape_text()}: CHANNELS "
-                         f"needs a layer with channels (a conv map); use NEURONS", query.layer.span)
+                         f"needs a layer with channels (a conv map); use NEURONS (TOPK k "
+                         f"INPUTS: leave out CHANNEL)", query.layer.span)
         if layer.varies:  # a Conv1d over text padded per batch: its padded positions count
             warnings.warn(f"layer {name!r}: its length changes with the batch (the data is "
                           f"padded per batch), so each channel's mean counts the padded "
