@@ -9,6 +9,7 @@ while they stay installed, and following them would walk half of a library's mod
 from __future__ import annotations
 
 import dis
+import functools
 import sysconfig
 import types
 
@@ -52,14 +53,15 @@ _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
 _ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 
 
-def _names(code: types.CodeType, attributes: bool) -> set[str]:
+@functools.lru_cache(maxsize=4096)  # a code object never changes: each statement's stamp
+def _names(code: types.CodeType, attributes: bool) -> frozenset[str]:  # reads it again
     wanted = _ATTRIBUTE_LOADS if attributes else _GLOBAL_LOADS
     names = {op.argval for op in dis.get_instructions(code)
              if op.opname in wanted and isinstance(op.argval, str)}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _names(const, attributes)
-    return names
+    return frozenset(names)
 
 
 _STDLIB: list[str] = []
