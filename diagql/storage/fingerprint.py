@@ -424,12 +424,11 @@ class _Walk:
             hook = hook.func
         if isinstance(hook, types.MethodType):  # its instance is state, its class is code
             _feed(digest, name, "method of", _qualname(type(hook.__self__)))
-            self.state(digest, f"{name}.self", vars(hook.__self__)
-                       if hasattr(hook.__self__, "__dict__") else None)
+            self.state(digest, f"{name}.self", hook.__self__)  # the model's own: by name
             hook = hook.__func__
         if not isinstance(hook, types.FunctionType):  # a callable object
             _feed(digest, name, "callable", _qualname(type(hook)))
-            self.state(digest, f"{name}.self", vars(hook) if hasattr(hook, "__dict__") else None)
+            self.state(digest, f"{name}.self", hook)
             hook = getattr(type(hook), "__call__", None)
             if not isinstance(hook, types.FunctionType):
                 return
@@ -454,7 +453,10 @@ class _Walk:
             self.value(part, name, value)
         except (_Opaque, Unfingerprintable, RecursionError, TypeError, ValueError):
             self.values, self.stack = values, stack
-            self.plain(digest, name, value)
+            try:
+                self.plain(digest, name, value)
+            except (TypeError, ValueError, RuntimeError):  # a lazy module's parameter
+                _feed(digest, name, "of type", _qualname(type(value)))
             return
         _feed(digest, name, part.hexdigest())
 
