@@ -198,3 +198,36 @@ def test_each_call_of_a_module_called_twice_keeps_its_own_winners():
                            f"USING SAMPLE vas(0.1)")
         assert sampled.estimate.exact
         np.testing.assert_allclose(sampled.values, truth, atol=1e-12)
+
+
+def test_an_argmax_is_counted_for_groups_the_sample_holds_none_of():
+    """With no matching item sampled, an ARGMAX whose winners the profile keeps answered
+    nothing (JS 1.0 against the baseline), though it is exact whatever the sample."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 5, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(5 * 6 * 6, 3)).eval()
+    X, y = torch.randn(300, 1, 8, 8), torch.randint(0, 3, (300,))
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        maps, predicted = model[:2](X), model(X).argmax(1)
+    winners = maps.mean(dim=(2, 3)).argmax(1).numpy()
+    wrong = (predicted != y).numpy()
+    result = conn.query("ARGMAX CHANNELS IN 1 WHERE incorrect GROUP BY class "
+                        "USING SAMPLE random(2) WITH BASELINE")
+    labels = y.numpy()
+    assert sum(result.groups[c].n_items == 0 for c in range(3)) >= 2  # none of theirs sampled
+    for c in range(3):
+        mine = winners[wrong & (labels == c)]
+        group = result.groups[c]
+        np.testing.assert_allclose(group.values, np.bincount(mine, minlength=5) / len(mine),
+                                   rtol=1e-12)
+        assert group.estimate.exact and group.metrics["js_distance"] == 0.0
+    assert "none of its" not in str(result)
+    single = conn.query("ARGMAX CHANNELS IN 1 WHERE incorrect AND class = 2 "
+                        "USING SAMPLE random(2)")
+    mine = winners[wrong & (labels == 2)]
+    np.testing.assert_allclose(single.values, np.bincount(mine, minlength=5) / len(mine),
+                               rtol=1e-12)
+    conn.query("SET estimator = plain")  # the sample's own answer: none, as it says
+    assert "none of its" in str(conn.query("ARGMAX CHANNELS IN 1 WHERE incorrect GROUP BY "
+                                           "class USING SAMPLE random(2)"))

@@ -77,14 +77,17 @@ def build_result(plan: Plan, states: dict) -> Result:
         fits = estimate.fit(states, plan.population, plan.covariate_means, plan.prediction,
                             plan.winner_shares, plan.widening)
     if query.group_by is None:
-        return _single(plan, states.get(None), plan.population[None], fits.get(None))
+        state = states.get(None)
+        if (state is None or state.count == 0) and _counted(plan, None) is not None:
+            return _unsampled(plan, plan.population[None], None)
+        return _single(plan, state, plan.population[None], fits.get(None))
     result = _single(plan, None, sum(plan.population.values()))
     # A sample shows every group with matching items, those it drew none of too: their
     # counts are in the profile, and a group left out would read as one with no items at all.
     keys = sorted_keys(set(states) | {key for key, count in plan.population.items() if count}
                        if plan.approximate else states)
     result.groups = {key: _single(plan, states[key], plan.population[key], fits.get(key))
-                     if key in states else _unsampled(plan, plan.population[key])
+                     if key in states else _unsampled(plan, plan.population[key], key)
                      for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
     if plan.approximate:
@@ -122,12 +125,29 @@ def _single(plan: Plan, state, population: int, fitted=None) -> Result:
     return result
 
 
-def _unsampled(plan: Plan, population: int) -> Result:
-    """A group with matching items of which the sample holds none."""
+def _unsampled(plan: Plan, population: int, key) -> Result:
+    """A group with matching items of which the sample holds none: an ARGMAX whose shares
+    the profile counts from every item's winner is exact all the same (README: "whatever the
+    sample"); anything else has no answer."""
     result = _single(plan, None, 0)
+    shares = _counted(plan, key) if population else None
+    if shares is not None:
+        result.neurons = np.arange(len(shares))
+        result.values = shares
+        result.labels = plan.bound.view.labels(result.neurons)
+        result.n_items = 0
+        result.estimate = estimate.counted(shares, population)
+        return result
     reason = f"no matching item sampled ({population:,} in the data)"
     result.estimate = dataclasses.replace(estimate.unavailable(reason), population=population)
     return result
+
+
+def _counted(plan: Plan, key) -> np.ndarray | None:
+    """A group's exact ARGMAX shares, when the assisted plan counts them from the profile."""
+    if not plan.approximate or plan.estimator != "assisted" or plan.winner_shares is None:
+        return None
+    return plan.winner_shares.get(key)
 
 
 def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted) -> Estimate:
@@ -181,6 +201,6 @@ def record_speedup(result: Result) -> None:
 
 
 def _metric(metric: metrics.Metric, approx: Result, exact: Result) -> float:
-    if approx.n_items == 0:
+    if not len(approx.values):  # no answer (none sampled); an ARGMAX counted has one
         return metric.worst
     return metric.score(getattr(approx, metric.compares), getattr(exact, metric.compares))

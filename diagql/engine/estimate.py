@@ -274,6 +274,13 @@ def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int) ->
     return in_top[:, np.searchsorted(candidates, reported)].mean(axis=0)
 
 
+def counted(share: np.ndarray, population: int) -> Estimate:
+    """An ARGMAX's shares counted from every matching item's winner (the profile's), though
+    the sample holds none of them: exact."""
+    return Estimate(COVERS_EXACT, True, LEVEL, 0, population, ci_low=share, ci_high=share.copy(),
+                    metric=JS, expected=0.0, estimator="assisted", exact=True)
+
+
 def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = None) -> Estimate:
     """ARGMAX: intervals of each share and the expected Jensen-Shannon distance."""
     n = state.count

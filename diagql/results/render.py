@@ -212,7 +212,8 @@ def _query_table(result, max_rows: int) -> Table:
 
 def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
               shown_estimate: bool) -> None:
-    if part.n_items == 0:
+    if part.n_items == 0 and not len(part.values):  # an ARGMAX counted from the profile has
+        # values though it sampled no item
         population = part.estimate.population if part.estimate is not None else None
         cells = ([_cell(key)] if grouped else []) + [
             "", "no matching items in the sample" if not population else
