@@ -158,19 +158,20 @@ def test_data_without_labels_answers_what_needs_none(data):
     ("AVG NEURONS IN fc1 WHERE class = 1",
      "WHERE class = 1 needs the true labels, but the data has none (its items are bare x, or y "
      "is None, or no key of its mappings holds labels: name it with label_key=... / "
-     "--label-key); filter on predicted or confidence instead"),
+     "--label-key; or every label is -1, as a test split's); filter on predicted or confidence instead"),
     ("AVG NEURONS IN fc1 WHERE predicted = 0 AND NOT incorrect",
      "WHERE incorrect needs the true labels"),
     ("TOPK 2 NEURONS IN fc1 WHERE correct", "WHERE correct needs the true labels"),
     ("AVG NEURONS IN fc1 GROUP BY class",
      "GROUP BY class needs the true labels, but the data has none (its items are bare x, or y "
      "is None, or no key of its mappings holds labels: name it with label_key=... / "
-     "--label-key); GROUP BY predicted works"),
+     "--label-key; or every label is -1, as a test split's); GROUP BY predicted works"),
     ("AVG NEURONS IN fc1 GROUP BY correct", "GROUP BY correct needs the true labels"),
     ("AVG NEURONS IN fc1 USING SAMPLE stratified(0.5)",
      "sampler 'stratified' draws by the true labels, but the data has none (its items are bare "
      "x, or y is None, or no key of its mappings holds labels: name it with label_key=... / "
-     "--label-key); use one that does not, such as random"),
+     "--label-key; or every label is -1, as a test split's); use one that does not, such as "
+     "random"),
     ("AVG NEURONS IN fc1 USING SAMPLE maxmargin(0.5)", "sampler 'maxmargin' draws by the true"),
 ])
 def test_data_without_labels_refuses_what_needs_them(text, message):

@@ -422,7 +422,8 @@ def _check_class(field: str, value, n_classes: int, span) -> None:
 
 
 NO_LABELS = ("the data has none (its items are bare x, or y is None, or no key of its mappings "
-             "holds labels: name it with label_key=... / --label-key)")
+             "holds labels: name it with label_key=... / --label-key; or every label is -1, as "
+             "a test split's)")
 
 
 def sampler_needs_labels(name: str) -> str:

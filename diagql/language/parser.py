@@ -91,6 +91,9 @@ def iter_statements(text: str) -> Iterator[ast.Statement]:
 
 def parse_sampler(text: str) -> ast.SamplerCall:
     """Parse a bare sampler call such as ``stratified(0.05)`` (for ``Connection.sample``)."""
+    if not isinstance(text, str):  # lark's own error named its lexer's state
+        raise ParseError(f"sample() takes a sampler call as text, e.g. \"stratified(0.05)\", "
+                         f"not {text!r}")
     return parse_piece(Piece(text, 0, 1, 1, False), text, start="sampler")
 
 

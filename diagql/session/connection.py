@@ -356,9 +356,6 @@ class Connection:
     def sample(self, spec: str) -> np.ndarray:
         """The sorted item indices a sampler call selects, e.g. ``db.sample("stratified(0.05)")``
         (``model='wide'`` draws from that model's profile instead of the default model's)."""
-        if not isinstance(spec, str):
-            raise DiagQLError(f"sample() takes a sampler call as text, e.g. "
-                              f"\"stratified(0.05)\", not {spec!r}")
         try:
             self.require_model()
             call, name = sampler_model(parse_sampler(spec))
