@@ -656,7 +656,9 @@ def test_an_entry_cheaper_to_recompute_than_to_read_is_not_written(tmp_path, mon
     started = time.perf_counter()
     cache.load("profile", "dear")
     seconds = time.perf_counter() - started
-    assert cache.read_seconds(size) == pytest.approx(seconds, rel=0.5)
+    # (the load's own measure, within the wall time around it: no timing bound, which a
+    # loaded machine broke at 3x)
+    assert cache.read_rate != 1.0e9 and cache.read_seconds(size) <= seconds + 1e-6
 
 
 EXITING_WRITER = """
