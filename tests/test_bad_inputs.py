@@ -158,7 +158,8 @@ def test_data_without_labels_answers_what_needs_none(data):
     ("AVG NEURONS IN fc1 WHERE class = 1",
      "WHERE class = 1 needs the true labels, but the data has none (its items are bare x, or y "
      "is None, or no key of its mappings holds labels: name it with label_key=... / "
-     "--label-key; or every label is -1, as a test split's); filter on predicted or confidence instead"),
+     "--label-key; or every label is -1, as a test split's); filter on predicted or "
+     "confidence instead"),
     ("AVG NEURONS IN fc1 WHERE predicted = 0 AND NOT incorrect",
      "WHERE incorrect needs the true labels"),
     ("TOPK 2 NEURONS IN fc1 WHERE correct", "WHERE correct needs the true labels"),

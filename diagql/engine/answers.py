@@ -156,8 +156,9 @@ def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted) -
     if query.aggregate == "argmax":
         return estimate.for_argmax(state, population, reliable, fitted)
     if query.aggregate == "topk" and query.order == "max":
-        return estimate.for_whole_max(state, population, neurons) or estimate.unavailable("a sample's maximum is biased low and has no sampling "
-                                    "distribution to estimate from; use BY MEAN or a baseline")
+        return estimate.for_whole_max(state, population, neurons) or estimate.unavailable(
+            "a sample's maximum is biased low and has no sampling distribution to estimate "
+            "from; use BY MEAN or a baseline")
     return estimate.for_mean(state, population, neurons,
                              query.k if query.aggregate == "topk" else None, reliable, fitted)
 
