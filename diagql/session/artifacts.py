@@ -321,7 +321,6 @@ def _warn_guessed_scores(catalog: LayerCatalog, given) -> None:
              f"Inception's (logits, aux)); if another is, name it with scores= (--scores)")
 
 
-
 def _warn_memory_only(memory_only: dict, cache) -> None:
     """Say once that a connection's artifacts stay in memory: always for the model (other
     models would share its key if it pretended to see what it cannot), for the data when the

@@ -83,15 +83,16 @@ def hooks_digest(model) -> str:
     zeroes: changed, its answers had been the old unit's)."""
     from torch.nn.modules import module as torch_module
 
+    named = list(model.named_modules())
     owners = [("<global>", {kind: getattr(torch_module, f"_global{kind}", None)
                             for kind in HOOK_TABLES})]
     owners += [(name, {kind: getattr(module, kind, None) for kind in HOOK_TABLES})
-               for name, module in model.named_modules()]
+               for name, module in named]
     digest = None
     walk = _Walk(code=False)
     # The model's own modules met in a hook's state are named, not hashed again (the model is
     # stamped apart): a hook closing over the model costs no walk of its weights.
-    walk.module_names = {id(module): name for name, module in model.named_modules()}
+    walk.module_names = {id(module): name for name, module in named}
     for (name, tables), kind in itertools.product(owners, HOOK_TABLES):
         for hook in list((tables[kind] or {}).values()):
             if is_diagql_hook(hook) or not may_change_outputs(hook):

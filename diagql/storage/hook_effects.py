@@ -15,9 +15,10 @@ import ast
 import functools
 import inspect
 import linecache
-import sys
 import textwrap
 import types
+
+from diagql.storage.code_reads import user_module
 
 # Calls that return None: a lambda whose body is one of these returns nothing.
 NONE_RETURNING = frozenset({
@@ -215,10 +216,11 @@ def _writes(node: ast.AST, arguments: set[str], scope: dict | None = None) -> bo
                                                         and not k.value.value)
                              for k in n.keywords):
                 return True  # F.relu(output, inplace=True)
-            if given and receiver is not None and _users_module(_root(receiver), scope):
+            module = (scope or {}).get(_root(receiver)) if given and receiver is not None \
+                else None
+            if isinstance(module, types.ModuleType) and user_module(module):
                 return True  # helpers.zero_unit(output, 3): the user's function may write
-            if isinstance(n.func, ast.Name) and name not in READING and any(
-                    _root(a) in arguments for a in (*n.args, *(k.value for k in n.keywords))):
+            if given and isinstance(n.func, ast.Name) and name not in READING:
                 return True  # helper(output): the user's function may write into it
     return False
 
@@ -235,19 +237,3 @@ def _root(node: ast.AST) -> str | None:
     while isinstance(node, (ast.Attribute, ast.Subscript, ast.Starred)):
         node = node.value
     return node.id if isinstance(node, ast.Name) else None
-
-
-def _users_module(name: str | None, scope: dict | None) -> bool:
-    """Whether ``name`` is, in the hook's globals, a module of the user's (not torch's, numpy's
-    or the standard library's), whose functions may write into what they are given."""
-    module = (scope or {}).get(name) if name else None
-    if not isinstance(module, types.ModuleType):
-        return False
-    top = module.__name__.split(".")[0]
-    if top in ("torch", "numpy", "math", "builtins", "logging", "warnings", "collections",
-               "functools", "itertools", "operator", "statistics", "time", "json", "pickle",
-               "copy", "random", "os", "sys", "re", "diagql"):
-        return False
-    origin = getattr(module, "__file__", None) or ""
-    return "site-packages" not in origin and "dist-packages" not in origin and \
-        not origin.startswith(sys.base_prefix)
