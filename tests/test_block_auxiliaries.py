@@ -430,8 +430,7 @@ def test_argmax_on_a_block_is_exact_from_every_items_winner(db, cnn, digits):
 def test_a_view_the_profile_holds_is_its_own_auxiliary(db, cnn, digits):
     """Layer 7 is the latent (the profile holds every item's row): an assisted sample query on
     it predicts each item by its own row, so its answer is the matching items' exact mean
-    (plain torch), with an interval of float32 rounding; the plain estimator keeps the sample's
-    mean."""
+    (plain torch), marked exact; the plain estimator keeps the sample's mean."""
     profile = db.profile
     assert profile.rows_of('["7"]') is profile.latents and profile.auxiliary('["7"]') is None
     rows = _rows(cnn, digits[0], 8)
@@ -442,11 +441,11 @@ def test_a_view_the_profile_holds_is_its_own_auxiliary(db, cnn, digits):
     items = result.plan.items
     assert 2 <= len(items) < len(matching)
     np.testing.assert_allclose(result.values, exact, **F32)
-    assert np.all(result.estimate.ci_high - result.estimate.ci_low <= 1e-5)
-    assert result.estimate.expected < 1e-9
+    assert result.estimate.exact and result.estimate.expected == 0.0
+    assert np.all(result.estimate.ci_high == result.estimate.ci_low)
     top = db.query("TOPK 5 NEURONS IN 7 WHERE class = 3 USING SAMPLE random(0.1, random_state=4)")
     assert set(top.neurons.tolist()) == set(np.argsort(-exact)[:5].tolist())
-    assert "its own row (the profile holds every item's 7)" in \
+    assert "own row (the profile holds every item's 7)" in \
         dict(db.query("EXPLAIN " + query).plan.explain())["estimator"]
     db.execute("SET estimator = plain")
     try:
@@ -455,6 +454,33 @@ def test_a_view_the_profile_holds_is_its_own_auxiliary(db, cnn, digits):
         db.execute("SET estimator = assisted")
     np.testing.assert_allclose(plain.values, rows[items].mean(axis=0), **F32)
     assert np.abs(plain.values - exact).max() > 1e-3  # the sample alone is not exact
+
+
+@pytest.mark.parametrize("layer", ["7", "8"])  # the latent, the logits
+def test_a_held_view_answers_groups_the_sample_holds_few_or_none_of(db, cnn, digits, layer):
+    """AVG and TOPK on a view the profile holds are the matching items' exact means (plain
+    torch) for a group of which the sample holds one item or none, where a sample's mean has
+    nothing to go on: before, such a group had no answer at all."""
+    X, y = digits
+    rows = _rows(cnn, X, int(layer) + 1)
+    sample = db.sample("random(0.01, random_state=1)")
+    held = np.bincount(y.numpy()[sample], minlength=10)
+    for n in (0, 1):
+        c = int(np.flatnonzero(held == n)[0])  # the sample holds 0 of class 2, 1 of class 3
+        exact = rows[y.numpy() == c].mean(axis=0)
+        where = f"WHERE class = {c} USING SAMPLE random(0.01, random_state=1)"
+        avg = db.query(f"AVG NEURONS IN {layer} {where}")
+        assert avg.n_items == n and avg.estimate.exact and avg.estimate.population == (y == c).sum()
+        np.testing.assert_allclose(avg.values, exact, rtol=1e-9, atol=1e-12)
+        top = db.query(f"TOPK 3 NEURONS IN {layer} {where}")
+        np.testing.assert_array_equal(top.neurons, np.argsort(-exact, kind="stable")[:3])
+        assert "exact, from a sample: the profile holds every item's" in to_text(top)
+    grouped = db.query(f"AVG NEURONS IN {layer} GROUP BY class "
+                       "USING SAMPLE random(0.01, random_state=1)")
+    assert set(grouped.groups) == set(range(10))
+    for c, group in grouped.groups.items():
+        np.testing.assert_allclose(group.values, rows[y.numpy() == c].mean(axis=0),
+                                   rtol=1e-9, atol=1e-12)
 
 
 def test_a_held_view_wider_than_held_width_is_predicted_from_its_principal_components(
@@ -532,7 +558,7 @@ def test_another_models_held_rows_are_not_its_auxiliary(cnn, digits):
     other = db.query("AVG NEURONS IN b.8 USING SAMPLE random(0.2)")
     assert own.plan.prediction is not None and "own" in own.plan.prediction.predictor
     assert other.plan.prediction is None
-    assert "its own row" not in dict(other.plan.explain())["estimator"]
+    assert "own row" not in dict(other.plan.explain())["estimator"]
     a_exact, b_exact = _rows(cnn, X, 9).mean(axis=0), _rows(b, X, 9).mean(axis=0)
     np.testing.assert_allclose(own.values, a_exact, **F32)
     assert np.abs(other.values - b_exact).max() < 0.5 * np.abs(a_exact - b_exact).max()

@@ -132,7 +132,7 @@ def test_estimate_survives_to_dict(db):
     """The JSON keeps the keys programs read: the expected value under its metric's key."""
     import json
 
-    result = db.query("TOPK 2 NEURONS IN head USING SAMPLE random(0.1)")
+    result = db.query("TOPK 2 NEURONS IN encoder.1 USING SAMPLE random(0.1)")
     d = result.to_dict()
     est = d["estimate"]
     assert list(est) == ["covers", "reliable", "estimator", "level", "n", "population", "ci_low",

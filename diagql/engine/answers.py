@@ -77,18 +77,13 @@ def build_result(plan: Plan, states: dict) -> Result:
         fits = estimate.fit(states, plan.population, plan.covariate_means, plan.prediction,
                             plan.winner_shares, plan.widening)
     if query.group_by is None:
-        state = states.get(None)
-        if (state is None or state.count == 0) and _counted(plan, None) is not None:
-            return _unsampled(plan, plan.population[None], None)
-        return _single(plan, state, plan.population[None], fits.get(None))
+        return _answer(plan, states.get(None), None, fits.get(None))
     result = _single(plan, None, sum(plan.population.values()))
     # A sample shows every group with matching items, those it drew none of too: their
     # counts are in the profile, and a group left out would read as one with no items at all.
     keys = sorted_keys(set(states) | {key for key, count in plan.population.items() if count}
                        if plan.approximate else states)
-    result.groups = {key: _single(plan, states[key], plan.population[key], fits.get(key))
-                     if key in states else _unsampled(plan, plan.population[key], key)
-                     for key in keys}
+    result.groups = {key: _answer(plan, states.get(key), key, fits.get(key)) for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
     if plan.approximate:
         result.timings["estimate"] = sum(g.timings.get("estimate", 0.0)
@@ -96,18 +91,31 @@ def build_result(plan: Plan, states: dict) -> Result:
     return result
 
 
-def _single(plan: Plan, state, population: int, fitted=None) -> Result:
+def _answer(plan: Plan, state, key, fitted) -> Result:
+    """One group's answer (``key``; None: the only one)."""
+    population = plan.population[key]
+    if plan.approximate and (state is None or state.count == 0):
+        return _unsampled(plan, population, key)
+    return _single(plan, state, population, fitted, key)
+
+
+def _single(plan: Plan, state, population: int, fitted=None, key=None) -> Result:
     query, layer = plan.query, plan.bound.layer
     provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by,
                             query.order, choice=plan.choice or None,
                             matching=population if plan.approximate else None)
     result = Result(kind=query.aggregate, statement=query.text, layer=layer.name, unit=query.unit,
                     provenance=provenance, plan=plan)
-    if state is None or state.count == 0:
+    held = _held(plan, key) if population else None
+    n = 0 if state is None else state.count
+    if n == 0 and held is None:
         return result
-    values = state.finalize()
-    if fitted is not None:  # the assisted estimator's answer instead of the sample's own
+    if held is not None:  # every matching item's row is the profile's: exact, however few
+        values = held
+    elif fitted is not None:  # the assisted estimator's answer instead of the sample's own
         values = estimate.shares(fitted) if query.aggregate == "argmax" else fitted.mean
+    else:
+        values = state.finalize()
     if query.aggregate == "topk":
         result.dense = values
         neurons = rank(values, query.k)
@@ -116,20 +124,25 @@ def _single(plan: Plan, state, population: int, fitted=None) -> Result:
         neurons = np.arange(len(values))
     if result.approximate:
         started = time.perf_counter()
-        result.estimate = _estimate(plan, state, population, neurons, fitted)
+        result.estimate = estimate.held(
+            held, n, population, neurons, query.k if query.aggregate == "topk" else None) \
+            if held is not None else _estimate(plan, state, population, neurons, fitted)
         result.timings["estimate"] = time.perf_counter() - started
     result.neurons = neurons
     result.values = values
     result.labels = plan.bound.view.labels(neurons)
-    result.n_items = state.count
+    result.n_items = n
     return result
 
 
 def _unsampled(plan: Plan, population: int, key) -> Result:
     """A group with matching items of which the sample holds none: an ARGMAX whose shares
-    the profile counts from every item's winner is exact all the same (README: "whatever the
-    sample"); anything else has no answer."""
-    result = _single(plan, None, 0)
+    the profile counts from every item's winner, or a mean of a view whose every row the
+    profile holds (``_held``), is exact all the same (README: "whatever the sample");
+    anything else has no answer."""
+    result = _single(plan, None, population, key=key)
+    if len(result.values):
+        return result
     shares = _counted(plan, key) if population else None
     if shares is not None:
         result.neurons = np.arange(len(shares))
@@ -141,6 +154,17 @@ def _unsampled(plan: Plan, population: int, key) -> Result:
     reason = f"no matching item sampled ({population:,} in the data)"
     result.estimate = dataclasses.replace(estimate.unavailable(reason), population=population)
     return result
+
+
+def _held(plan: Plan, key) -> np.ndarray | None:
+    """A group's exact means (AVG, TOPK BY MEAN) when the assisted plan predicts each item
+    by its own row, which the profile holds for every item (the latent, the logits:
+    engine/covariates.py, ``_held``); None otherwise."""
+    prediction, means = plan.prediction, plan.covariate_means
+    if not plan.approximate or plan.estimator != "assisted" or prediction is None \
+            or means is None or key not in means or plan.query.aggregate == "argmax":
+        return None
+    return prediction.held_mean(means[key])
 
 
 def _counted(plan: Plan, key) -> np.ndarray | None:

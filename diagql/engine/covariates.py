@@ -184,11 +184,13 @@ class Chosen:
         if self.auxiliary is None:
             return f"assisted: a linear fit on {latent}"
         a = self.auxiliary
+        if self.held == "rows":  # answers.py: ``_held``
+            return (f"assisted: exact, the means computed from every matching item's own row "
+                    f"(the profile holds every item's {a.layer})")
         if self.held:
-            basis = ("its own row" if self.held == "rows"
-                     else f"its row's {a.basis.shape[1]} principal components")
-            return (f"assisted: every item predicted from {basis} (the profile holds every "
-                    f"item's {a.layer}), the residual fitted on {latent}")
+            return (f"assisted: every item predicted from its row's {a.basis.shape[1]} "
+                    f"principal components (the profile holds every item's {a.layer}), the "
+                    f"residual fitted on {latent}")
         # Which items: profile.fit_items spreads them over the data (model/auxiliaries.py).
         fitted = "every item" if a.fitted_on >= len(a.z) else \
             f"{a.fitted_on:,} items spread over the data"

@@ -36,6 +36,8 @@ COVERS_WHOLE = ("nothing left to estimate: the sample holds every matching item,
 COVERS_ASSISTED = ("sampling variance and the sampler's selection, through a linear model of "
                    "each neuron in the items' reduced latent (a sampler choosing by the profile "
                    "alone is ignorable given it); not what the model cannot fit")
+COVERS_HELD = ("nothing left to estimate: the profile holds every matching item's row of the "
+               "layer, so the means are computed from all of them, not estimated")
 # A neuron whose interval's top lies this many standard errors below the k-th largest bottom
 # is in the top-k with probability < 1e-5 per draw: it is not simulated.
 _PRUNE_SE = 4.5
@@ -272,6 +274,21 @@ def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int) ->
     in_top = np.zeros(draws.shape, dtype=bool)
     np.put_along_axis(in_top, top, True, axis=1)
     return in_top[:, np.searchsorted(candidates, reported)].mean(axis=0)
+
+
+def held(means: np.ndarray, n: int, population: int, reported: np.ndarray,
+         k: int | None) -> Estimate:
+    """AVG (k None) or TOPK BY MEAN of a view whose every row the profile holds (the latent,
+    the logits): its means are computed from every matching item, however few (``n``) the
+    sample holds: exact."""
+    if k is None:
+        return Estimate(COVERS_HELD, True, LEVEL, n, population, ci_low=means,
+                        ci_high=means.copy(), metric=COSINE, expected=0.0,
+                        estimator="assisted", exact=True)
+    top = means[reported]
+    return Estimate(COVERS_HELD, True, LEVEL, n, population, ci_low=top, ci_high=top.copy(),
+                    p_in_topk=np.ones(len(reported)), metric=PRECISION, expected=1.0,
+                    estimator="assisted", exact=True)
 
 
 def counted(share: np.ndarray, population: int) -> Estimate:

@@ -79,7 +79,8 @@ class BlockPrediction:
                 self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
         # ``own_rows``: a view the profile holds is its own auxiliary (engine/covariates.py:
-        # _held): its z_b is the row, ŷ = row.
+        # _held): its z_b is the row, ŷ = row, and a group's exact mean is ``held_mean``.
+        self.own_rows = own_rows
         # What predicts the items, for the estimate's line (results/render.py).
         self.predictor = (f"each item's own {self.layer} row, held by the profile" if own_rows
                           else f"{self.layer}'s principal components")
@@ -141,6 +142,14 @@ class BlockPrediction:
         return Fitted(fitted.mean + self.mean + self.basis @ zu,
                       np.sqrt((widened * fitted.se) ** 2 + rounding ** 2), fitted.df,
                       widened=widened)
+
+    def held_mean(self, population_z: np.ndarray) -> np.ndarray | None:
+        """The matching items' exact mean per neuron, μ + V z̄_b,U, when each item's own row
+        predicts it (``own_rows``: z_b is the row, V the identity or a CHANNELS view's mean of
+        it); None otherwise (principal components predict, the residual is estimated)."""
+        if not self.own_rows:
+            return None
+        return self.mean + self.basis @ population_z[self.p:]
 
     def corrected_mean(self, values: np.ndarray, z: np.ndarray,
                        population_z: np.ndarray) -> np.ndarray:

@@ -299,8 +299,11 @@ def _estimate_line(result) -> Text | None:
     if all(e.exact for e in estimates):
         if all(e.n == e.population for e in estimates):
             return Text("exact, from a sample: it holds every matching item", style="dim")
-        return Text("exact, from a sample: the profile keeps every item's winner of "
-                    f"{result.layer}, so the shares are counted, not estimated", style="dim")
+        if result.kind == "argmax":
+            return Text("exact, from a sample: the profile keeps every item's winner of "
+                        f"{result.layer}, so the shares are counted, not estimated", style="dim")
+        return Text(f"exact, from a sample: the profile holds every item's {result.layer}, so "
+                    "the means are computed from all matching items, not estimated", style="dim")
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
     if len(reliable) < len(parts):  # the others say nothing: a mean of the rest alone misleads
