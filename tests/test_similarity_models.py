@@ -37,6 +37,23 @@ def test_similarity_of_two_models_layers(two, cnn, mlp, data):
     assert 0.05 < truth < 0.999  # two models: neither unrelated nor the same
 
 
+def test_two_models_sharing_a_module_are_each_read_in_their_own_forward(data):
+    """A frozen encoder shared by two models fires both models' hooks whichever model runs
+    it: each model's layers are its own forward's (truth: plain torch), where the second
+    model's run had been refused as the shared module running twice."""
+    X, y = data
+    torch.manual_seed(0)
+    shared = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16))
+    a = torch.nn.Sequential(shared, torch.nn.ReLU(), torch.nn.Linear(16, 10)).eval()
+    b = torch.nn.Sequential(shared, torch.nn.Tanh(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                            torch.nn.Linear(8, 10)).eval()
+    conn = diagql.connect({"a": a, "b": b}, data, cache_dir=False, progress=False)
+    for query, left, right in (("SIMILARITY a.1, b.3", outputs(a, X, "1"), outputs(b, X, "3")),
+                               ("SIMILARITY b.1, a.2", outputs(b, X, "1"), outputs(a, X, "2")),
+                               ("SIMILARITY a.0, b.0", outputs(a, X, "0"), outputs(b, X, "0"))):
+        assert abs(conn.query(query).value - gram_cka(left, right)) <= 1e-10, query
+
+
 def test_similarity_of_two_models_per_class_with_where(two, cnn, mlp, data):
     X, y = data
     result = two.query("SIMILARITY wide.encoder.1, base.8, wide.head WHERE class != 3 "

@@ -454,7 +454,7 @@ def _forward(models: list[tuple], source, items: np.ndarray, batch_size: int, ad
                 if len(models) > 1 and not np.isin(idx, own, assume_unique=True).any():
                     continue
                 model_x = to_device(x, device, dtype)
-                model_hooks.start(model_x, len(idx))
+                model_hooks.start(model_x, len(idx), peers=hooks)
                 try:
                     call_model(model, model_x)
                 except StopForward:

@@ -170,6 +170,9 @@ class Hooks:
         self.ran: set[str] = set()  # the hooked layers (and "<input of>" ones) served this batch
         self.inputs = None  # the batch's model input (its attention_mask, if any)
         self.size = 0  # items in the batch
+        # Off while another model of the same pass runs: a module two models share (a frozen
+        # encoder) fires every Hooks registered on it, whichever model called it.
+        self.active = True
         self._targets: dict[str, tuple[str, int]] = {}  # layer -> (module, call)
         self._padding: dict[str, torch.Tensor | None] = {}
         self._handles = []
@@ -209,8 +212,12 @@ class Hooks:
             handle.remove()
         self._handles.clear()
 
-    def start(self, inputs, size: int) -> None:
-        """A new batch of ``size`` items, fed to the model as ``inputs``."""
+    def start(self, inputs, size: int, peers: list["Hooks"] = ()) -> None:
+        """A new batch of ``size`` items, fed to the model as ``inputs``; ``peers``: the other
+        models' Hooks of the same pass, off until their own model runs."""
+        for peer in peers:
+            peer.active = peer is self
+        self.active = True
         self.calls.clear()
         self.ran.clear()
         self._padding.clear()
@@ -223,6 +230,8 @@ class Hooks:
 
     def _padding_hook(self, owner: str):
         def hook(module, args, kwargs):
+            if not self.active:
+                return
             mask = padding_mask(module, args, kwargs)
             if mask is NOT_GOVERNING:
                 self._padding.pop(owner, None)
@@ -232,6 +241,8 @@ class Hooks:
 
     def _hook(self, name: str, calls: dict[int, list], owners: list[str]):
         def hook(module, inputs, output):
+            if not self.active:
+                return
             count = self.calls.get(name, 0) + 1
             self.calls[name] = count
             served = calls.get(count, []) + (calls.get(0, []) if count == 1 else [])
@@ -258,6 +269,8 @@ class Hooks:
         key = "<input of>" + name
 
         def hook(module, inputs):
+            if not self.active:
+                return
             try:
                 if key in self.ran:
                     raise ExecutionError(
