@@ -392,7 +392,7 @@ def test_completion_offers_layers_and_measures():
     assert offered("SIMILARITY conv2, fc3 BY ") == ["cka"]
 
 
-def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(db):
+def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(db, digits):
     result = db.query("SIMILARITY encoder.3, head WHERE class = 3 USING SAMPLE random(10) "
                       "WITH BASELINE")
     assert result.n_items < cka.MIN_ITEMS
@@ -401,7 +401,8 @@ def test_a_sample_with_too_few_matching_items_has_no_value_and_scores_the_worst(
     assert result.baseline.value > 0
     text = " ".join(str(result).split())
     assert (f"no estimate: {result.n_items} matching sampled item" in text and
-            f"needs at least {cka.MIN_ITEMS}" in text) or "no matching items" in text
+            f"needs at least {cka.MIN_ITEMS}" in text) or \
+        f"none of its {(digits[1] == 3).sum()} matching items sampled" in text
     assert "(no estimate counts 1)" in text
 
 
@@ -514,3 +515,20 @@ def test_another_models_layers_are_named_with_it_and_read_its_predictions(mlp, c
     mixed = db.query(f"SIMILARITY wide.{first}, base.8 WHERE incorrect")
     assert mixed.n_items == int(wrong.sum())  # the first layer's model's
     assert "WHERE and GROUP BY read wide's predictions (the first layer's model's)" in mixed.notes
+
+
+@pytest.mark.parametrize("layers", ["1, 2", "0, 1, 2"])  # a pair's table, a matrix
+def test_a_group_the_sample_holds_none_of_is_shown_with_its_matching_items(layers):
+    """A sample that draws none of a group's items keeps the group, saying how many match
+    (the profile's count), in the pair's table and in the matrix: before, it was left out, or
+    read 'no matching items' beside an exact value with a baseline."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 3)).eval()
+    y = torch.tensor([0] * 57 + [1, 2, 2])
+    db = diagql.connect(model, (torch.randn(60, 10), y), cache_dir=False, progress=False)
+    result = db.query(f"SIMILARITY {layers} GROUP BY class USING SAMPLE random(30)")
+    sampled = np.bincount(y.numpy()[db.sample("random(30)")], minlength=3)
+    assert sampled[2] == 0 and set(result.groups) == {0, 1, 2}
+    assert result.groups[2].n_items == 0 and result.groups[2].provenance.matching == 2
+    assert "none of its 2 matching items sampled" in " ".join(str(result).split())

@@ -238,8 +238,11 @@ def build_result(plan: Plan, states: dict) -> Result:
     if plan.query.group_by is None:
         return _single(plan, states.get(None), plan.population[None])
     result = _single(plan, None, sum(plan.population.values()))
-    result.groups = {key: _single(plan, states[key], plan.population[key])
-                     for key in sorted_keys(states)}
+    # A sample shows the groups it drew none of too (their counts are the profile's), as
+    # engine/answers.py does: a group left out would read as one with no items at all.
+    keys = sorted_keys(set(states) | {key for key, count in plan.population.items() if count}
+                       if plan.approximate else states)
+    result.groups = {key: _single(plan, states.get(key), plan.population[key]) for key in keys}
     result.n_items = sum(g.n_items for g in result.groups.values())
     return result
 

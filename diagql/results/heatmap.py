@@ -67,7 +67,7 @@ def _pair_table(result, sections) -> Table:
             if result.groups is not None else []
         cells.append(f"{part.n_items:,}")
         if part.value is None:
-            cells.append("—" if part.n_items else "no matching items")
+            cells.append(_no_value(part))
         else:
             cells.append(_number(part.value))
         if shown:
@@ -83,6 +83,17 @@ def _pair_table(result, sections) -> Table:
     return table
 
 
+def _no_value(part) -> str:
+    """Why a CKA cell is empty: too few items for one, or none of the group's sampled."""
+    if part.n_items:
+        return "—"
+    matching = getattr(part.provenance, "matching", None)
+    if not matching:
+        return "no matching items"
+    return (f"none of its {matching:,} matching items sampled" if matching > 1
+            else "its one matching item not sampled")
+
+
 def _matrix_table(result) -> Table:
     """Three or more layers: rows and columns in the order given, each cell shaded."""
     table = Table()
@@ -90,7 +101,7 @@ def _matrix_table(result) -> Table:
     for label in result.labels:
         table.add_column(label, justify="right")
     if result.matrix is None:
-        table.add_row("no matching items", *[""] * len(result.labels))
+        table.add_row(_no_value(result), *[""] * len(result.labels))
         return table
     for i, label in enumerate(result.labels):
         table.add_row(label, *[_cell(result.matrix[i, j]) for j in range(len(result.labels))])
