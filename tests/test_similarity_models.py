@@ -143,6 +143,26 @@ def test_similarity_across_checkpoints_whole(trained, data):
     assert result.series["head"][3] == 1.0 == result.checkpoints["final"].value
 
 
+def test_similarity_across_checkpoints_on_a_sample_keeps_its_baseline(trained, data):
+    """WITH BASELINE on a sample ACROSS CHECKPOINTS: each checkpoint's exact CKA (plain
+    torch) beside its sampled one, and the error and speed-up rows; before, the clause was
+    dropped without a word."""
+    X, _ = data
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    result = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS USING SAMPLE random(0.3) "
+                      "WITH BASELINE")
+    final = outputs(model, X, "encoder.3")
+    assert result.columns == ["checkpoint", "encoder.3", "cka_abs_error vs exact", "speedup"]
+    for r, name in enumerate(["epoch1", "epoch2", "epoch3"]):
+        answer = result.checkpoints[name]
+        truth = gram_cka(outputs(loaded(states[name]), X, "encoder.3"), final)
+        assert abs(answer.baseline.value - truth) <= 1e-10
+        assert answer.estimate is not None and answer.estimate.n == 150
+        assert answer.metrics["cka_abs_error"] == pytest.approx(abs(answer.value - truth))
+        assert f"exact={truth:.4g}" in result.rows[r][1]
+
+
 def test_similarity_refusals(two, mlp, data):
     with pytest.raises(ParseError, match="one layer"):
         two.query("SIMILARITY base.6, wide.head ACROSS CHECKPOINTS")

@@ -52,10 +52,24 @@ def _as_table(result: Result, layer: str) -> Result:
     that every checkpoint's answer lines up in results/across.py."""
     group_by = result.provenance.group_by if result.provenance is not None else None
     parts = result.groups.items() if result.groups is not None else [(layer, result)]
-    rows = [(key, math.nan if part.value is None else float(part.value)) for key, part in parts]
-    table = Result(kind="table", statement=result.statement, columns=[group_by or "layer", "cka"],
-                   rows=rows, provenance=result.provenance)
+    rows = [(key, _cka(part)) for key, part in parts]
+    columns = [group_by or "layer", "cka"]
+    exact = result.baseline
+    if exact is not None:  # WITH BASELINE: each group's exact CKA beside the sample's
+        columns.append("exact")
+        rows = [(key, value, _cka(exact if exact.groups is None else exact.groups.get(key)))
+                for key, value in rows]
+    table = Result(kind="table", statement=result.statement, columns=columns, rows=rows,
+                   provenance=result.provenance)
     table.notes, table.timings, table.n_items = result.notes, result.timings, result.n_items
+    # WITH BASELINE's error and speed-up (rows of the across table), its exact answer, and a
+    # sample's estimate, as a SIMILARITY Result holds them.
+    table.metrics, table.baseline, table.estimate = result.metrics, result.baseline, \
+        result.estimate
     # Read as a SIMILARITY Result is: the CKA (ungrouped) and the pair's matrix.
     table.value, table.matrix = result.value, result.matrix
     return table
+
+
+def _cka(part: Result | None) -> float:
+    return math.nan if part is None or part.value is None else float(part.value)
