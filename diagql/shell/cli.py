@@ -207,7 +207,8 @@ def _run(args, out, err) -> int:
 
         # The prompt comes first; torch, the model and the data load behind it.
         what = "the demo" if args.demo else (", ".join(args.model) or "no model")
-        return run_repl(PendingConnection(lambda: _connect(args), what), out, err)
+        return run_repl(PendingConnection(lambda: _connect(args), what), out, err,
+                        debug=args.debug)
     conn = _connect(args)
     from diagql.errors import DiagQLError
     from diagql.shell.output import print_result

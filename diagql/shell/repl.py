@@ -148,9 +148,10 @@ def make_session(conn, *, input=None, output=None, note=None):
 class Shell:
     """One REPL session: the connection, where output goes, and the dot-command state."""
 
-    def __init__(self, conn, out, err):
+    def __init__(self, conn, out, err, debug: bool = False):
         self.conn, self.out, self.err = conn, out, err
         self.timer = False
+        self.debug = debug  # --debug: an internal error's traceback
 
     def say(self, text: str) -> None:
         self.out.print(text, markup=False, highlight=False)
@@ -177,6 +178,15 @@ class Shell:
                 started = time.perf_counter()
         except KeyboardInterrupt:
             self.err.print("cancelled", style="yellow")
+        except Exception as exc:  # noqa: BLE001 - a bug ends the statement, not the session
+            if isinstance(self.conn, PendingConnection) and self.conn.failed():
+                raise  # the model or data failed to load: the command line reports it
+            # What was computed and cached before it stays: the session goes on.
+            if self.debug:
+                self.err.print_exception()
+            else:
+                self.error(f"internal error: {type(exc).__name__}: {exc} (run with --debug "
+                           f"for the traceback)")
 
     def handle(self, text: str) -> bool:
         """Run one input; True when the session should end."""
@@ -205,8 +215,8 @@ def _end_prompt_on_failure(conn, session) -> None:
     conn.on_failure(stop)
 
 
-def run_repl(conn, out, err, session=None) -> int:
-    shell = Shell(conn, out, err)
+def run_repl(conn, out, err, session=None, debug: bool = False) -> int:
+    shell = Shell(conn, out, err, debug)
     session = session or make_session(conn, note=lambda text: err.print(
         text, style="yellow", markup=False, highlight=False))
     err.print(f"DiagQL — {conn.summary()}. Type .help for help, .quit to leave.",
