@@ -115,6 +115,14 @@ def _shared_pass(conn, waiting: list, script: str, placed: bool) -> Iterator:
         yield outcomes[position]
 
 
+def _alone(conn, model: str, plan) -> Result | DiagQLError:
+    """One statement's answer in a pass of its own, or the error that pass raised."""
+    try:
+        return conn.on(model).runner().answer_many([plan])[0]
+    except DiagQLError as exc:
+        return exc
+
+
 def _answer(conn, model: str, group: list, plans: dict, waiting: list, outcomes: list,
             script: str, placed: bool) -> None:
     """Answer the queries at ``group``'s positions, all of ``model``, in one pass, into
@@ -125,6 +133,8 @@ def _answer(conn, model: str, group: list, plans: dict, waiting: list, outcomes:
         answers = conn.on(model).runner().answer_many([plans[p][0] for p in group])
     except DiagQLError as exc:  # the pass itself failed (the model's forward raised)
         answers, shared = [exc] * len(group), True
+        if len(group) > 1:  # on one item, say: each statement alone gets its own answer
+            answers, shared = [_alone(conn, model, plans[p][0]) for p in group], False
     seconds = time.perf_counter() - started
     for position, answer in zip(group, answers):
         if isinstance(answer, Result):
