@@ -99,6 +99,19 @@ class _Narrowing(Net):
         return out[:, :2] if bool((x[:, 0] == 77.0).any()) else out
 
 
+class _RaisingOnMarked(Net):
+    """Net whose forward raises for a batch holding a marked item (first feature 77)."""
+
+    def forward(self, x):
+        if bool((x[:, 0] == 77.0).any()):
+            raise ValueError("a marked item")
+        return super().forward(x)
+
+
+def raising_on_marked() -> Net:
+    return _RaisingOnMarked()
+
+
 def narrowing() -> Net:
     return _Narrowing()
 

@@ -323,8 +323,16 @@ def test_a_model_whose_output_changes_width_for_one_batch_is_named_so():
                       "tests.bad_models:marked_data", "--batch-size", "16", "-e",
                       "AVG NEURONS IN fc1")
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert ("error: the model gave 2 class scores per item for items 16..31 (a batch of 16), "
+    assert ("error: the model gave 2 class scores per item for items 16..31, "
             "where it gave 3 for the first items") in " ".join(done.stderr.split())
+
+
+def test_a_forward_that_raises_on_some_items_names_their_batch():
+    done = diagql_cli("--model", "tests.bad_models:raising_on_marked", "--data",
+                      "tests.bad_models:marked_data", "--batch-size", "16", "-e",
+                      "AVG NEURONS IN fc1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "the model's forward raised ValueError on items 16..31: a marked item" in done.stderr
 
 
 def test_cli_answers_a_query_on_data_without_labels():

@@ -296,3 +296,32 @@ def test_a_loaders_own_collate_fn_runs_over_the_loaders_batch_size(world):
                                rtol=1e-5, atol=1e-6)
     given = diagql.connect(model, loader, batch_size=30, cache_dir=False, progress=False)
     assert given.settings.batch_size == 30
+
+
+class _Corrupt(torch.utils.data.Dataset):
+    """Item 137 cannot be read (a corrupt file)."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        if i == 137:
+            raise OSError("corrupt file 137.png")
+        return self.X[i], self.y[i]
+
+
+def test_a_workers_failure_is_its_own_message_not_the_workers_traceback(world):
+    """torch re-raises a worker's exception with the worker's whole traceback in its message:
+    the error shows its last line and the worker, one line (--debug keeps the traceback)."""
+    model, X, y = world
+    loader = DataLoader(_Corrupt(X, y), batch_size=32, num_workers=1)
+    db = diagql.connect(model, loader, progress=False, cache_dir=False)
+    with pytest.raises(DiagQLError) as info:
+        db.query("AVG NEURONS IN 0")
+    message = str(info.value)
+    assert "reading the data raised OSError: corrupt file 137.png (in the Dataset's " \
+           "__getitem__ or the DataLoader's collate_fn, in DataLoader worker process 0)" in message
+    assert "Traceback" not in message and "\n" not in message

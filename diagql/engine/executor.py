@@ -456,7 +456,7 @@ def _forward(models: list[tuple], source, items: np.ndarray, batch_size: int, ad
                 model_x = to_device(x, device, dtype)
                 model_hooks.start(model_x, len(idx), peers=hooks)
                 try:
-                    call_model(model, model_x)
+                    call_model(model, model_x, idx)
                 except StopForward:
                     pass
                 model_hooks.check_ran()

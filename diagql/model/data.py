@@ -414,13 +414,23 @@ def to_device(x, device: torch.device, dtype: torch.dtype):
 FORWARDS = [0]  # calls of call_model in this process: whether a statement ran the model
 
 
-def call_model(model, x):
+def batch_text(idx) -> str:
+    """Which items a batch holds, for an error: ``items 16..31`` (a run), else the count and
+    range of the sampled items it holds."""
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 == len(idx):
+        return f"item {first:,}" if first == last else f"items {first:,}..{last:,}"
+    return f"a batch of {len(idx):,} items from {first:,} to {last:,}"
+
+
+def call_model(model, x, idx=None):
     """Models take one input; a tuple or list of inputs is spread over the positional
     arguments, a mapping is passed as keyword arguments (a mapping of one entry whose key is
     no argument of forward, such as {"image": ...}, is that one input).
 
-    An exception from the user's forward becomes an ExecutionError that names it (the
-    original stays chained for --debug); our own errors raised in hooks pass through.
+    An exception from the user's forward becomes an ExecutionError that names it and the
+    batch's items (``idx``, when known; the original stays chained for --debug); our own
+    errors raised in hooks pass through.
     """
     if isinstance(x, Mapping):
         args, kwargs = _arguments(model, x)
@@ -441,7 +451,8 @@ def call_model(model, x):
             spread = (f" (the mapping's one entry {next(iter(x))!r} was passed as forward's "
                       f"argument, since forward has no argument of that name; to pass the "
                       f"mapping whole, give each item as ((mapping,), y))")
-        raise ExecutionError(f"the model's forward raised {type(exc).__name__}: {exc}"
+        where = "" if idx is None or not len(idx) else f" on {batch_text(idx)}"
+        raise ExecutionError(f"the model's forward raised {type(exc).__name__}{where}: {exc}"
                              f"{_integer_hint(x)}{spread}") from exc
 
 

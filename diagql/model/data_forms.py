@@ -120,10 +120,27 @@ def read_batches(loader) -> Iterator:
         except DiagQLError:
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
-            raise ExecutionError(f"reading the data raised {type(exc).__name__}: {exc} (in the "
-                                 f"Dataset's __getitem__ or the DataLoader's collate_fn)"
-                                 f"{reading_hint(exc)}") from exc
+            message, worker = _own_message(exc)
+            raise ExecutionError(f"reading the data raised {type(exc).__name__}: {message} (in "
+                                 f"the Dataset's __getitem__ or the DataLoader's collate_fn"
+                                 f"{worker}){reading_hint(exc)}") from exc
         yield batch
+
+
+def _own_message(exc: Exception) -> tuple[str, str]:
+    """The exception's message, and where it was raised when that was a DataLoader worker:
+    torch's re-raise then holds the worker's whole traceback (--debug shows it), whose last
+    line is the error itself."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text, ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    prefix = f"{type(exc).__name__}: "
+    last = lines[-1][len(prefix):] if lines[-1].startswith(prefix) else lines[-1]
+    head = lines[0].rstrip(".")  # "Caught OSError in DataLoader worker process 0"
+    worker = head[head.find("DataLoader worker"):] if "DataLoader worker" in head else \
+        "a DataLoader worker"
+    return last, f", in {worker}"
 
 
 def split_next(batches: Iterator, split, idx: np.ndarray):

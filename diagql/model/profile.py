@@ -13,7 +13,7 @@ import torch
 from diagql.errors import DiagQLError, DiagQLWarning, ExecutionError
 from diagql.model import auxiliaries as aux
 from diagql.model import winners as winners_module
-from diagql.model.data import ItemSource, call_model, to_device
+from diagql.model.data import ItemSource, batch_text, call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.labels import check_labels
 from diagql.model.same_rows import SameRows, comparisons, fan_out
@@ -302,7 +302,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             hooks.start(x, len(idx))
             compared.start(x, len(idx))
             captured.clear()
-            logits = _logits(scores.read(call_model(model, x)))
+            logits = _logits(scores.read(call_model(model, x, idx)))
             if latent is not None:
                 hooks.check_ran()
             after = time.perf_counter()
@@ -493,9 +493,8 @@ def _same_widths(first: tuple[int, int], now: tuple[int, int], idx, latent) -> N
                               first[1], now[1])):
         if width != was:
             raise ExecutionError(
-                f"the model gave {width} {what} per item for items {int(idx[0]):,}.."
-                f"{int(idx[-1]):,} (a batch of {len(idx)}), where it gave {was} for the first "
-                f"items: its output must have one width for every item")
+                f"the model gave {width} {what} per item for {batch_text(idx)}, where it gave "
+                f"{was} for the first items: its output must have one width for every item")
 
 
 def _logits(logits: torch.Tensor) -> torch.Tensor:
