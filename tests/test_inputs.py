@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import diagql
 from diagql.errors import BindError, DiagQLError
-from diagql.model.data import to_device
+from diagql.model.forward import to_device
 from tests import cli_in_process
 from tests import text_models as tm
 

@@ -18,7 +18,7 @@ from diagql.engine.nonfinite import REFUSED, NonFinite
 from diagql.engine.planner import Plan
 from diagql.engine.prediction import fit_rows
 from diagql.errors import ExecutionError
-from diagql.model.data import call_model, to_device
+from diagql.model.forward import call_model, to_device
 from diagql.model.hooks import Hooks, StopForward, evaluation
 from diagql.model.views import ModuleCall, View
 from diagql.results.result import Result

@@ -13,11 +13,12 @@ import torch
 from diagql.errors import DiagQLError, DiagQLWarning, ExecutionError
 from diagql.model import auxiliaries as aux
 from diagql.model import winners as winners_module
-from diagql.model.data import ItemSource, batch_text, call_model, to_device
+from diagql.model.data import ItemSource
+from diagql.model.forward import call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.labels import check_labels
 from diagql.model.same_rows import SameRows, comparisons, fan_out
-from diagql.model.scores import Scores, classes_of, one_vector, several_vectors
+from diagql.model.scores import Scores, as_logits, classes_of, same_widths
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
@@ -302,7 +303,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             hooks.start(x, len(idx))
             compared.start(x, len(idx))
             captured.clear()
-            logits = _logits(scores.read(call_model(model, x, idx)))
+            logits = as_logits(scores.read(call_model(model, x, idx)))
             if latent is not None:
                 hooks.check_ran()
             after = time.perf_counter()
@@ -318,7 +319,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             if latents is None:
                 latents = np.empty((n, z.shape[1]), dtype=np.float32)
                 widths = (logits.shape[1], z.shape[1])
-            _same_widths(widths, (logits.shape[1], z.shape[1]), idx, latent)
+            same_widths(widths, (logits.shape[1], z.shape[1]), idx, latent)
             latents[batch] = z.numpy()
             same_latent.compare(z)
             if logits_kept:
@@ -483,24 +484,3 @@ def _in_all(tables: list[dict | None], join) -> dict[str, np.ndarray]:
 def _in_every(keys: list[tuple[str, ...]]) -> tuple[str, ...]:
     """The keys of the first tuple that every other holds too, in its order."""
     return tuple(key for key in keys[0] if all(key in other for other in keys[1:]))
-
-
-def _same_widths(first: tuple[int, int], now: tuple[int, int], idx, latent) -> None:
-    """The scores' and the latent's widths of a batch against the first batch's: a model whose
-    output changes width for some items has no one vector of class scores per item."""
-    for what, was, width in (("class scores", first[0], now[0]),
-                             (f"latent ({latent}) values" if latent else "latent values",
-                              first[1], now[1])):
-        if width != was:
-            raise ExecutionError(
-                f"the model gave {width} {what} per item for {batch_text(idx)}, where it gave "
-                f"{was} for the first items: its output must have one width for every item")
-
-
-def _logits(logits: torch.Tensor) -> torch.Tensor:
-    logits = one_vector(logits)
-    if logits.ndim == 1:  # a binary classifier's squeezed logit: one per item
-        logits = logits[:, None]
-    if logits.ndim != 2:
-        raise ExecutionError(several_vectors(tuple(logits.shape[1:])))
-    return logits

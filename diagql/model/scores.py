@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.errors import DiagQLError
+from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.forward import batch_text
 
 # What to pass when the default cannot decide (connect's argument, the CLI's flag).
 _OPTION = ("scores= (connect) or --scores (the command line: a position, a key, or "
@@ -397,3 +398,25 @@ def profile_notices(profile, scores: Scores | None = None) -> list[str]:
     """``notices`` of a Profile."""
     return notices(profile.logits, profile.labels if profile.has_labels else None,
                    profile.predictions, profile.n_classes, profile.confidence, scores)
+
+
+def same_widths(first: tuple[int, int], now: tuple[int, int], idx, latent) -> None:
+    """The scores' and the latent's widths of a batch against the first batch's: a model whose
+    output changes width for some items has no one vector of class scores per item."""
+    for what, was, width in (("class scores", first[0], now[0]),
+                             (f"latent ({latent}) values" if latent else "latent values",
+                              first[1], now[1])):
+        if width != was:
+            raise ExecutionError(
+                f"the model gave {width} {what} per item for {batch_text(idx)}, where it gave "
+                f"{was} for the first items: its output must have one width for every item")
+
+
+def as_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The class scores read from the output as (batch, classes)."""
+    logits = one_vector(logits)
+    if logits.ndim == 1:  # a binary classifier's squeezed logit: one per item
+        logits = logits[:, None]
+    if logits.ndim != 2:
+        raise ExecutionError(several_vectors(tuple(logits.shape[1:])))
+    return logits

@@ -21,7 +21,7 @@ from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import auxiliaries, hooks, layers, probing, same_rows, views, winners
 from diagql.model import profile as profile_module, scores
-from diagql.model.data import call_model, to_device
+from diagql.model.forward import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent
 from diagql.model.probing import probe
 from diagql.model.profile import Profile, compute_profile

@@ -33,7 +33,8 @@ from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader
 
 from diagql.errors import DiagQLError, warn
-from diagql.model.data import FORWARDS, ItemSource
+from diagql.model.data import ItemSource
+from diagql.model.forward import FORWARDS
 from diagql.session.inputs import forget_indices
 from diagql.session.serial import STATEMENTS
 from diagql.storage.fingerprint import hooks_digest, model_fingerprint

@@ -1,0 +1,125 @@
+"""Calling the model on a batch: the batch moved to the model's device and dtype, its inputs
+spread over forward's arguments as the batch's form asks, and a failure of the user's forward
+reported with the items it failed on."""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import torch
+
+from diagql.errors import DiagQLError, ExecutionError
+from diagql.model.data import LABEL_KEYS, NAME_LABEL_KEY
+
+def to_device(x, device: torch.device, dtype: torch.dtype):
+    """Move model inputs, nested in mappings, tuples and lists, to the model's device; floating
+    tensors take the model's dtype, integer ones (token ids, masks) keep theirs."""
+    if isinstance(x, torch.Tensor):
+        if x.is_floating_point():
+            return x.to(device=device, dtype=dtype)
+        return x.to(device=device)
+    if isinstance(x, Mapping):
+        return {k: to_device(v, device, dtype) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple takes its fields apart
+        return type(x)(*(to_device(v, device, dtype) for v in x))
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device, dtype) for v in x)
+    return x
+
+
+FORWARDS = [0]  # calls of call_model in this process: whether a statement ran the model
+
+
+def batch_text(idx) -> str:
+    """Which items a batch holds, for an error: ``items 16..31`` (a run), else the count and
+    range of the sampled items it holds."""
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 == len(idx):
+        return f"item {first:,}" if first == last else f"items {first:,}..{last:,}"
+    return f"a batch of {len(idx):,} items from {first:,} to {last:,}"
+
+
+def call_model(model, x, idx=None):
+    """Models take one input; a tuple or list of inputs is spread over the positional
+    arguments, a mapping is passed as keyword arguments (a mapping of one entry whose key is
+    no argument of forward, such as {"image": ...}, is that one input).
+
+    An exception from the user's forward becomes an ExecutionError that names it and the
+    batch's items (``idx``, when known; the original stays chained for --debug); our own
+    errors raised in hooks pass through.
+    """
+    if isinstance(x, Mapping):
+        args, kwargs = _arguments(model, x)
+    elif isinstance(x, (tuple, list)):
+        args, kwargs = tuple(x), {}
+    else:
+        args, kwargs = (x,), {}
+    FORWARDS[0] += 1
+    try:
+        return model(*args, **kwargs)
+    except DiagQLError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is reported, not crashed on
+        spread = " (a list of inputs is spread over forward's arguments, as a tuple is; to " \
+            "pass one list whole, give each item as ((inputs,), y))" \
+            if isinstance(x, list) and isinstance(exc, TypeError) else ""
+        if isinstance(x, Mapping) and not kwargs:  # forward(batch) reading batch["x"]
+            spread = (f" (the mapping's one entry {next(iter(x))!r} was passed as forward's "
+                      f"argument, since forward has no argument of that name; to pass the "
+                      f"mapping whole, give each item as ((mapping,), y))")
+        where = "" if idx is None or not len(idx) else f" on {batch_text(idx)}"
+        raise ExecutionError(f"the model's forward raised {type(exc).__name__}{where}: {exc}"
+                             f"{_integer_hint(x)}{spread}") from exc
+
+
+def _integer_hint(x) -> str:
+    """Raw images come as uint8, which DiagQL passes on unchanged (integer inputs are token
+    ids and masks): a float model then fails on the dtype, which this names."""
+    found = []
+
+    def visit(v):
+        if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim >= 3:
+            found.append(v)
+        elif isinstance(v, Mapping):
+            for item in v.values():
+                visit(item)
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                visit(item)
+
+    visit(x)
+    if not found:
+        return ""
+    return (" (the data's inputs are uint8, which DiagQL passes on unchanged: convert them to "
+            "floats, scaled as the model was trained, in the data)")
+
+
+def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
+    """The arguments a mapping makes; refused when forward takes no argument of such a name
+    (the model's own TypeError would blame the model)."""
+    inputs = dict(inputs)
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        return (), inputs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return (), inputs
+    names = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [k for k in inputs if k not in names]
+    if not unknown:
+        return (), inputs
+    if len(inputs) == 1:
+        return (next(iter(inputs.values())),), {}
+    # A key that reads as labels left among the inputs: another key was taken as the labels.
+    labels = [k for k in unknown if k in LABEL_KEYS]
+    taken = [k for k in names if k in LABEL_KEYS and k not in inputs]  # forward's, popped
+    also = "" if not labels else (
+        f" ({labels[0]!r} reads as labels, but "
+        f"{f'{taken[0]!r}, which forward takes,' if taken else 'another key'} was taken as "
+        f"them by convention: if {labels[0]!r} holds the labels, say label_key={labels[0]!r})")
+    raise DiagQLError(
+        f"the model's forward({', '.join(p.name for p in params)}) has no argument named "
+        f"{', '.join(map(repr, unknown))}{also}; the entries of a mapping batch (all but the "
+        f"labels) are passed as keyword arguments: rename or drop those keys (a collate_fn "
+        f"can), {NAME_LABEL_KEY} if they are the labels, or hand the mapping whole as ((mapping,), y)")
