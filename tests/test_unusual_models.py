@@ -1182,3 +1182,43 @@ def test_scores_whose_width_follows_the_batch_are_refused_naming_why(
     with pytest.raises(DiagQLError, match=r"change shape with the batch \(per-item shapes "
                                           r"\(2,\), \(3,\) for batches of 2, 3 items"):
         db.query("AVG NEURONS IN img")
+
+
+class _AuxLossBlock(nn.Module):
+    """A mixture-of-experts-style block: an auxiliary loss (0-d) beside its per-item output."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(10, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.linear(x))
+        return {"aux_loss": h.pow(2).mean(), "hidden": h}
+
+
+class _AuxLossNet(nn.Module):
+    """Returns (loss, logits): the scores are the tensor after the scalar."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blk = _AuxLossBlock()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out = self.blk(x)
+        return out["aux_loss"], self.head(out["hidden"])
+
+
+def test_a_scalar_beside_the_activation_is_passed_over():
+    """A block's {'aux_loss': 0-d, 'hidden': h} is read as h, and a model's (loss, logits) as
+    its logits (truth: plain torch); the scalar had been taken as the output and refused."""
+    model = _AuxLossNet().eval()
+    X, y = torch.randn(200, 10), torch.randint(0, 3, (200,))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        hidden = model.blk(X)["hidden"].double().numpy()
+        predicted = model(X)[1].argmax(dim=1).numpy()
+    result = db.query("AVG NEURONS IN blk WHERE class = 1")
+    np.testing.assert_allclose(result.values, hidden[y.numpy() == 1].mean(axis=0), atol=1e-6)
+    np.testing.assert_array_equal(db.profile.predictions, predicted)

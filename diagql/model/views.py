@@ -29,8 +29,9 @@ REDUCTIONS = ("mean", "max", "token", "all")  # how a sequence's tokens become o
 
 def first_output(output):
     """The activation in what a module returns: a tensor (nested ones included) or a
-    PackedSequence, itself or the first one in a tuple, list, dict or dataclass (in order), or the
-    ``logits``/``last_hidden_state`` of a Hugging Face output or a dict; None when there is none.
+    PackedSequence, itself or the first one in a tuple, list, dict or dataclass (in order; a
+    0-d tensor beside it, an auxiliary loss, is passed over), or the ``logits``/
+    ``last_hidden_state`` of a Hugging Face output or a dict; None when there is none.
     A PackedSequence is one activation, never searched for its ``data``. A quantized tensor (a
     statically quantized model's layers) is its dequantized values: its integer codes are no
     activations, and a cast of them neither."""
@@ -53,11 +54,14 @@ def first_output(output):
         values = [getattr(output, f.name) for f in dataclasses.fields(output)]
     else:
         return None
+    scalar = None  # a 0-d tensor (a loss, a count) is never one row per item: passed over
     for value in values:
         found = first_output(value)
-        if found is not None:
+        if isinstance(found, torch.Tensor) and found.ndim == 0:
+            scalar = found if scalar is None else scalar
+        elif found is not None:
             return found
-    return None
+    return scalar
 
 
 def describe_output(output) -> str:
