@@ -157,6 +157,10 @@ def test_syntax_error_names_what_was_expected():
     (["--model", "tests.models", "--data", "tests.models:digits"], "is not MODULE:CALLABLE"),
     (["--model", "tests/models.py:trained_mlp", "--data", "tests.models:digits"],
      "name the module, not its file: --model tests.models:trained_mlp"),
+    (["--model", "/elsewhere/models.py:build", "--data", "tests.models:digits"],
+     "run DiagQL in /elsewhere (or add it to PYTHONPATH) and write --model models:build"),
+    (["--model", "tests.models:trained_mlp", "--data", "README.md"],
+     "a file is read by a function of yours that loads it and returns the data"),
     (["--model", "tests.models:trained_mlp", "--weights", "missing.pt", "--data",
       "tests.models:digits"], "no such file"),
 ])

@@ -13,11 +13,20 @@ def resolve(spec: str, what: str):
     """Import ``module:attr`` (the current directory is importable) and return the attribute."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise DiagQLError(f"--{what} {spec!r} is not MODULE:CALLABLE (e.g. mypkg.models:build)")
+        file = (f"; a file is read by a function of yours that loads it and returns the "
+                f"{what}: name that function, e.g. --{what} mymodule:load"
+                if os.path.isfile(spec) else "")
+        raise DiagQLError(f"--{what} {spec!r} is not MODULE:CALLABLE (e.g. mypkg.models:build)"
+                          f"{file}")
     if module_name.endswith(".py"):  # a file's name where a module's is meant
-        module = module_name[:-3].replace(os.sep, ".").lstrip(".")
-        raise DiagQLError(f"--{what} {spec!r}: name the module, not its file: "
-                          f"--{what} {module}:{attr}")
+        path = os.path.relpath(os.path.abspath(module_name))
+        if path.startswith(os.pardir):  # outside the current directory, the importable one
+            folder, name = os.path.split(os.path.abspath(module_name))
+            hint = (f"run DiagQL in {folder} (or add it to PYTHONPATH) and write "
+                    f"--{what} {name[:-3]}:{attr}")
+        else:
+            hint = f"--{what} {path[:-3].replace(os.sep, '.')}:{attr}"
+        raise DiagQLError(f"--{what} {spec!r}: name the module, not its file: {hint}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
