@@ -649,3 +649,28 @@ def test_an_item_without_a_label_under_a_dataloaders_collate_is_hinted_at(collat
     with pytest.raises(ExecutionError, match="NoneType.*an item holds None: if it is an item "
                                              "without its label"):
         connect(model, loader).query("AVG NEURONS IN 1")
+
+
+def test_a_generator_is_told_to_be_given_as_a_list():
+    items = ((x, y) for x, y in zip(*bad_models.data()))
+    with pytest.raises(DiagQLError, match=r"not generator; an iterator is read once, and DiagQL "
+                                          r"reads items by index.*pass list\(\.\.\.\)"):
+        connect(bad_models.net(), items)
+
+
+class _LongerThanItIs(torch.utils.data.Dataset):
+    """Says it holds 60 items; holds 40."""
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        X, y = bad_models.data()
+        return X[i], y[i]
+
+
+def test_a_dataset_whose_len_is_larger_than_its_items_is_named():
+    with pytest.raises(ExecutionError, match=r"reading the data raised IndexError: .*the "
+                                             r"Dataset's __len__ says 60 items: if it holds "
+                                             r"fewer, its __len__ is wrong"):
+        connect(bad_models.net(), _LongerThanItIs()).query("AVG NEURONS IN fc1")

@@ -163,6 +163,16 @@ def test_similarity_across_checkpoints_on_a_sample_keeps_its_baseline(trained, d
         assert f"exact={truth:.4g}" in result.rows[r][1]
 
 
+def test_a_checkpoint_given_as_a_model_is_its_weights(trained, data):
+    X, _ = data
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints={"epoch1": loaded(states["epoch1"])},
+                        cache_dir=False, progress=False)
+    result = db.query("SIMILARITY head ACROSS CHECKPOINTS")
+    truth = gram_cka(outputs(loaded(states["epoch1"]), X, "head"), outputs(model, X, "head"))
+    assert abs(result.checkpoints["epoch1"].value - truth) <= 1e-10
+
+
 def test_similarity_refusals(two, mlp, data):
     with pytest.raises(ParseError, match="one layer"):
         two.query("SIMILARITY base.6, wide.head ACROSS CHECKPOINTS")

@@ -95,6 +95,9 @@ class ItemSource:
             if isinstance(data, torch.Tensor) or type(data).__name__ == "ndarray":
                 # Inputs alone: the one form users try first for data without labels.
                 hint = "; for inputs without labels, pass (X, None)"
+            elif isinstance(data, Iterator):  # a generator, a map object: read once
+                hint = ("; an iterator is read once, and DiagQL reads items by index, again "
+                        "and again: pass list(...) of its items, or a Dataset")
             raise DiagQLError(f"data must be {FORMS}, not {_describe(data)}{hint}")
         # Items are read by index, so the count must be known and not zero: an empty data set
         # would reach the catalog probe as batches of no items (a ValueError of range or
@@ -194,7 +197,7 @@ class ItemSource:
         loader = DataLoader(dataset, batch_sampler=[at[start:end].tolist() for start, end in cuts],
                             num_workers=self._workers, collate_fn=self._collate or collate_items,
                             **self._worker_options)
-        batches = read_batches(loader)
+        batches = read_batches(loader, len(dataset))
         for start, end in cuts:  # the loader makes one batch of each
             idx = indices[start:end]
             x, y = split_next(batches, self._split, idx)

@@ -106,7 +106,7 @@ def read_only():
         yield
 
 
-def read_batches(loader) -> Iterator:
+def read_batches(loader, length: int | None = None) -> Iterator:
     """The loader's batches; a failure of the user's Dataset or collate_fn becomes an
     ExecutionError that names it (the original stays chained for --debug). The collate's
     conversion of read-only arrays is not warned of (``read_only``)."""
@@ -123,8 +123,18 @@ def read_batches(loader) -> Iterator:
             message, worker = _own_message(exc)
             raise ExecutionError(f"reading the data raised {type(exc).__name__}: {message} (in "
                                  f"the Dataset's __getitem__ or the DataLoader's collate_fn"
-                                 f"{worker}){reading_hint(exc)}") from exc
+                                 f"{worker}){reading_hint(exc)}{_length_hint(exc, length)}"
+                                 ) from exc
         yield batch
+
+
+def _length_hint(exc: Exception, length: int | None) -> str:
+    """An IndexError reading a Dataset whose __len__ promised the index: its length is
+    named, for a __len__ larger than what the Dataset holds."""
+    if not isinstance(exc, IndexError) or length is None:
+        return ""
+    return (f"; the Dataset's __len__ says {length:,} items: if it holds fewer, its __len__ "
+            f"is wrong")
 
 
 def _own_message(exc: Exception) -> tuple[str, str]:

@@ -37,8 +37,9 @@ def check_name(name, what: str) -> str:
 
 
 def checkpoint_specs(checkpoints) -> dict[str, object]:
-    """``checkpoints=``: a mapping of names to state_dict paths or state_dicts, a list of
-    paths (each named by its stem), or a glob text (``"ckpt/*.pt"``, in natural order)."""
+    """``checkpoints=``: a mapping of names to state_dict paths, state_dicts or modules (their
+    state_dicts), a list of paths (each named by its stem), or a glob text (``"ckpt/*.pt"``, in
+    natural order)."""
     if isinstance(checkpoints, (str, Path)):
         import glob
 
@@ -60,10 +61,12 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
         raise DiagQLError(f"a checkpoint is named {FINAL!r}, which is the given model's name")
     if not specs:
         raise DiagQLError("checkpoints= names no checkpoint")
-    for name, value in specs.items():
+    for name, value in list(specs.items()):
+        if isinstance(value, nn.Module):  # a model of the same architecture: its weights
+            specs[name] = value = value.state_dict()
         if not isinstance(value, (str, Path, Mapping)):
             raise DiagQLError(f"checkpoint {name!r} is {type(value).__name__}: give a path to a "
-                              f"saved state_dict, or a state_dict")
+                              f"saved state_dict, a state_dict, or a model holding the weights")
         # Loaded lazily, one at a time: a path that is not there would otherwise fail every
         # statement later, SHOW MODELS included, instead of the connect that named it.
         if isinstance(value, (str, Path)) and not Path(value).is_file():
