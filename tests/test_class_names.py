@@ -192,3 +192,35 @@ def test_names_found_for_another_number_of_classes_are_dropped_with_a_warning():
     assert answer.n_items == int((y == 1).sum()) and db.class_names is None
     with pytest.raises(DiagQLError, match="no names"):
         db.query("AVG NEURONS IN 1 WHERE class = 'dog'")
+
+
+ODD = ["a [/]", ":smile:", "[red]x[/red]"]  # rich markup and an emoji code, as written
+
+
+def test_names_that_look_like_markup_are_shown_as_written(world):
+    """A class named 'a [/]' had crashed every table (rich read it as markup), and ':smile:'
+    was printed as an emoji, in the command line's CSV too."""
+    X, y, model, _, _ = world
+    db = diagql.connect(model, (X, y), classes=ODD, cache_dir=False, progress=False)
+    for statement in ("AVG NEURONS IN 1 GROUP BY class", "SHOW PROFILE",
+                      "TOPK 3 INPUTS FOR 1[0]"):
+        result = db.query(statement)
+        text, html = str(result), result._repr_html_()
+        for name in ODD:
+            assert name in text, (statement, name)
+        assert "a [/]" in html and ":smile:" in html
+
+
+def test_the_command_lines_csv_writes_names_as_written(tmp_path):
+    from tests import cli_in_process
+
+    (tmp_path / "odd.py").write_text(
+        "from tests import models\n"
+        "def model():\n    return models.tabular(90)[2]\n"
+        "def data():\n    X, y, _, _ = models.tabular(90)\n    return X, y\n")
+    done = cli_in_process.diagql("--model", "odd:model", "--data", "odd:data", "--classes",
+                                 ",".join(ODD), "--format", "csv", "-e", "SHOW PROFILE",
+                                 cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name in ODD:
+        assert name in done.stdout

@@ -8,7 +8,7 @@ import numpy as np
 
 from rich.console import Group
 from rich.style import Style
-from rich.table import Table
+from diagql.results.tables import PlainTable
 from rich.text import Text
 
 from diagql.results.formats import group_label, items_text
@@ -46,10 +46,10 @@ def _group_by(result) -> str:
     return (provenance.group_by if provenance is not None else None) or "group"
 
 
-def _pair_table(result, sections) -> Table:
+def _pair_table(result, sections) -> PlainTable:
     """Two layers: one row per group (one row without GROUP BY)."""
     x, y = result.labels
-    table = Table()
+    table = PlainTable()
     if result.groups is not None:
         table.add_column(_group_by(result), style="magenta")
     table.add_column("items", justify="right")
@@ -94,9 +94,9 @@ def _no_value(part) -> str:
             else "its one matching item not sampled")
 
 
-def _matrix_table(result) -> Table:
+def _matrix_table(result) -> PlainTable:
     """Three or more layers: rows and columns in the order given, each cell shaded."""
-    table = Table()
+    table = PlainTable()
     table.add_column("", style="cyan")
     for label in result.labels:
         table.add_column(label, justify="right")

@@ -12,7 +12,7 @@ import json
 import math
 
 from rich.console import Console, Group
-from rich.table import Table
+from diagql.results.tables import PlainTable
 from rich.text import Text
 
 from diagql.results.formats import MAX_ROWS, group_label, items_text, probability_text
@@ -36,7 +36,8 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     if not result.is_query:
         table = _info_table(result, max_rows)
         notes = [Text(note, style="yellow") for note in result.notes]
-        return Group(table, *notes) if notes else table
+        title = [] if table.title or not result.title else [Text(result.title, style="bold")]
+        return Group(*title, table, *notes) if notes or title else table
     parts = [Text(result.statement, style="bold")] if echo and result.statement else []
     parts.append(_query_table(result, max_rows))
     # Below the table rather than as its caption, which rich would wrap to the table's width.
@@ -57,8 +58,20 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     return Group(*parts)
 
 
-def _info_table(result, max_rows: int) -> Table:
-    table = Table(title=result.title or None, title_justify="left", title_style="bold")
+def _natural_width(result) -> int:
+    """About how wide an info table draws: its columns' widest cells, padding and borders."""
+    widths = [max([len(str(column))] + [len(f"{v:.4g}" if isinstance(v, float) else str(v))
+                                        for v in (row[i] for row in result.rows[:50])])
+              for i, column in enumerate(result.columns)]
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def _info_table(result, max_rows: int) -> PlainTable:
+    # A title longer than the table (an ACROSS CHECKPOINTS statement over a few columns) is a
+    # line above it (``renderable``): as the table's title, rich wrapped it word by word.
+    long = bool(result.title) and len(result.title) > _natural_width(result)
+    table = PlainTable(title=None if long or not result.title else result.title,
+                  title_justify="left", title_style="bold")
     for column in result.columns:
         table.add_column(column, overflow="fold")
     limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
@@ -69,7 +82,7 @@ def _info_table(result, max_rows: int) -> Table:
     for row in result.rows[:limit]:
         table.add_row(*(cell(v) for v in row))
     if len(result.rows) > limit:
-        table.caption = f"… {len(result.rows) - limit:,} more rows (--format csv shows all)"
+        table.caption = Text(f"… {len(result.rows) - limit:,} more rows (--format csv shows all)")
     return table
 
 
@@ -83,7 +96,7 @@ def _evaluation(result, echo: bool) -> Group:
     sections = len({r["sampler"] for r in rows}) < len(rows)
     names = [m.paper for m in METRICS]  # EVALUATE's columns: S1, S1 sd, S2, ...
     spread = any(r[f"{name} sd"] for r in rows for name in names)  # none with one seed
-    table = Table()
+    table = PlainTable()
     table.add_column("sampler", style="cyan", overflow="fold")
     table.add_column("size", justify="right")
     for name, shown in (("k", show_k), ("j", show_j)):
@@ -132,7 +145,7 @@ def _inputs(result, max_rows: int, echo: bool) -> Group:
     (and its tokens when it has them)."""
     records = result.records()
     tokens = any("tokens" in r for r in records)
-    table = Table()
+    table = PlainTable()
     for name in ("rank", "item", "activation", "", "label", "predicted", "confidence"):
         table.add_column(name, justify="left" if name == "" else "right")
     if tokens:
@@ -175,8 +188,8 @@ def _size_text(size) -> str:
     return f"{size:,}"
 
 
-def _query_table(result, max_rows: int) -> Table:
-    table = Table()
+def _query_table(result, max_rows: int) -> PlainTable:
+    table = PlainTable()
     groups = result.groups
     provenance = result.provenance
     group_by = provenance.group_by if provenance is not None else None

@@ -11,11 +11,12 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
     from diagql.results.render import renderable, to_csv, to_json
 
     if settings.format == "json":
-        out.print(to_json(result), markup=False, highlight=False, soft_wrap=True)
+        # emoji=False: a class name ':smile:' is written as it is, not as an emoji.
+        out.print(to_json(result), markup=False, highlight=False, soft_wrap=True, emoji=False)
     elif settings.format == "csv":
         text = to_csv(result)
         if text:
-            out.print(text, markup=False, highlight=False, soft_wrap=True)
+            out.print(text, markup=False, highlight=False, soft_wrap=True, emoji=False)
             out.print()
     else:
         shown = renderable(result, settings.max_rows, echo=echo)
