@@ -363,3 +363,16 @@ def test_a_cache_write_failing_at_the_end_is_warned_in_one_line(tmp_path):
     assert done.returncode == 0
     assert done.stderr.count("warning: cache disabled: cannot write to") == 1, done.stderr
     assert "DiagQLWarning" not in done.stderr and "warnings.warn" not in done.stderr
+
+
+def test_a_stream_that_cannot_write_the_bars_gets_the_numbers(tmp_path):
+    """stdout in ASCII (an old locale, PYTHONIOENCODING=ascii): the bars become '?', where
+    the first one had raised UnicodeEncodeError as an internal error."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONPATH": str(ROOT),
+           "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "diagql", "--model", "tests.models:trained_mlp",
+                           "--data", "tests.models:digits", "--no-cache", "-e",
+                           "TOPK 2 NEURONS IN head"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, encoding="ascii", errors="strict")
+    assert done.returncode == 0, done.stderr
+    assert "head[" in done.stdout and "?" in done.stdout

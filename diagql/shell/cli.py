@@ -6,6 +6,7 @@ arguments are read, so ``--help`` and ``--version`` never import torch or numpy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 
@@ -107,7 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _replace_what_cannot_be_written() -> None:
+    """On a stream whose encoding cannot write the tables' bars and marks (ASCII: an old
+    locale, PYTHONIOENCODING=ascii), each such character becomes '?': the answer's numbers
+    are written whole, where the first bar had raised UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            "█✓…—".encode(stream.encoding or "utf-8")
+        except (UnicodeEncodeError, LookupError):
+            with contextlib.suppress(AttributeError, ValueError):  # a stream not to reconfigure
+                stream.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _replace_what_cannot_be_written()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.demo and (args.model or args.data):
