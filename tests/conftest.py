@@ -54,7 +54,12 @@ def plots_and_refuses_a_bad_target(tmp_path):
         passes = db.counters["passes"]
         with pytest.raises(BindError, match="cannot plot to"):
             db.query(statement.format(target=tmp_path / "missing" / "plot.png"))
+        with pytest.raises(BindError, match="plot.png' is a file, not a directory"):
+            db.query(statement.format(target=target / "plot.png"))
         assert db.counters["passes"] == passes
+        # A file that fails only as it is written (/proc takes none): the answer is kept.
+        result = db.query(statement.format(target="/proc/diagql-plot.png"))
+        assert any(note.startswith("no plot: cannot write the plot") for note in result.notes)
 
     return check
 

@@ -271,7 +271,7 @@ def test_unlabelled_data_is_refused(cnn, digits):
     ("EVALUATE SAMPLERS random, stratified, random AT 0.1", "random at size 0.1 is listed twice",
      "random"),
     ("EVALUATE SAMPLERS ebtree(0.05)", "sampler 'ebtree' has no parameter 'size'", "0.05"),
-    ("EVALUATE SAMPLERS random PLOT 'no/such/dir/f.png'", "the directory 'no/such/dir' does not",
+    ("EVALUATE SAMPLERS random PLOT 'no/such/dir/f.png'", "'no/such/dir' does not",
      "'no/such/dir/f.png'"),
     ("EVALUATE SAMPLERS random PLOT 'f.docx'", "name a file ending in .png", "'f.docx'"),
 ])

@@ -173,6 +173,13 @@ def test_a_checkpoint_given_as_a_model_is_its_weights(trained, data):
     assert abs(result.checkpoints["epoch1"].value - truth) <= 1e-10
 
 
+def test_a_narrow_across_table_keeps_its_title_on_one_line(trained, data):
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    result = db.query("SIMILARITY head ACROSS CHECKPOINTS")
+    assert result.title in str(result).splitlines()[0]
+
+
 def test_similarity_refusals(two, mlp, data):
     with pytest.raises(ParseError, match="one layer"):
         two.query("SIMILARITY base.6, wide.head ACROSS CHECKPOINTS")

@@ -46,8 +46,8 @@ def check_target(path: str, span=None) -> None:
         raise _refusal(f"cannot plot to {path!r}: name a file ending in .png, .pdf or .svg "
                        f"(matplotlib writes {', '.join('.' + t for t in sorted(types))})", span)
     if not target.parent.is_dir():
-        raise _refusal(f"cannot plot to {path!r}: the directory {str(target.parent)!r} does "
-                       f"not exist", span)
+        what = "is a file, not a directory" if target.parent.exists() else "does not exist"
+        raise _refusal(f"cannot plot to {path!r}: {str(target.parent)!r} {what}", span)
 
 
 def _refusal(message: str, span) -> BindError:

@@ -245,8 +245,12 @@ def _plotted(result: Result, statement) -> Result:
     if statement.plot is not None:
         from diagql.results.plots import write_plot
 
-        write_plot(result, statement.plot.value)
-        result.notes.append(f"plot written to {statement.plot.value}")
+        try:
+            write_plot(result, statement.plot.value)
+        except ExecutionError as exc:  # the answer is shown all the same (/proc, a full disk)
+            result.notes.append(f"no plot: {exc.message}")
+        else:
+            result.notes.append(f"plot written to {statement.plot.value}")
     return result
 
 
