@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from diagql.engine import deconvolution
 from diagql.engine.regression import Fitted, GroupSums, Pooled, assisted
 from diagql.engine.student_t import t_quantile
 from diagql.results.metrics import COSINE, JS, PRECISION
@@ -259,20 +260,33 @@ def expected_js(colours: np.ndarray, size: int) -> float:
 
 
 def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int) -> np.ndarray:
-    """P(each reported neuron is among the k largest true means), the true means drawn
-    independently from N(mean, se²). Only the neurons that can reach the top-k are drawn: one
-    whose top (mean + 4.5 se) lies below the k-th largest bottom (mean − 4.5 se) cannot."""
+    """P(each reported neuron is among the k largest true means), the true means drawn from
+    each neuron's posterior under a prior deconvolved from all the layer's estimates
+    (engine/deconvolution.py): a mixture of normals per neuron. Only the neurons that can reach
+    the top-k are drawn: one whose posterior's top (4.5 sd above its highest likely component)
+    lies below the k-th largest posterior bottom cannot."""
     k = min(k, len(mean))
-    bottom = mean - _PRUNE_SE * se
+    if len(mean) <= k:
+        return np.ones(len(reported))
+    weight, centre, spread = deconvolution.posterior(deconvolution.fit(mean, se), mean, se)
+    likely = weight > 1e-9
+    bottom = np.where(likely, centre - _PRUNE_SE * spread, np.inf).min(axis=1)
+    top = np.where(likely, centre + _PRUNE_SE * spread, -np.inf).max(axis=1)
     kth = np.partition(bottom, len(mean) - k)[len(mean) - k]
-    candidates = np.flatnonzero(mean + _PRUNE_SE * se >= kth)
-    candidates = np.union1d(candidates, reported)
-    draws = mean[candidates] + _standard_normals(DRAWS, len(candidates)) * se[candidates]
+    candidates = np.union1d(np.flatnonzero(top >= kth), reported)
     if len(candidates) == k:
         return np.ones(len(reported))
-    top = np.argpartition(-draws, k - 1, axis=1)[:, :k]
+    # Each draw's component per neuron, from the fixed generator (the same answer always
+    # carries the same estimate), then its normal from the kept stream.
+    cumulative = np.cumsum(weight[candidates], axis=1)
+    chosen = (_rng().random((DRAWS, len(candidates)))[:, :, None] > cumulative[None, :, :-1]) \
+        .sum(axis=2)
+    columns = np.arange(len(candidates))[None, :]
+    draws = centre[candidates][columns, chosen] + \
+        _standard_normals(DRAWS, len(candidates)) * spread[candidates][columns, chosen]
+    winners = np.argpartition(-draws, k - 1, axis=1)[:, :k]
     in_top = np.zeros(draws.shape, dtype=bool)
-    np.put_along_axis(in_top, top, True, axis=1)
+    np.put_along_axis(in_top, winners, True, axis=1)
     return in_top[:, np.searchsorted(candidates, reported)].mean(axis=0)
 
 
