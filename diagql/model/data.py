@@ -91,14 +91,7 @@ class ItemSource:
                 raise DiagQLError(f"X has {len(self._pair[0])} items but y has "
                                   f"{len(self._pair[1])} labels")
         else:
-            hint = ""
-            if isinstance(data, torch.Tensor) or type(data).__name__ == "ndarray":
-                # Inputs alone: the one form users try first for data without labels.
-                hint = "; for inputs without labels, pass (X, None)"
-            elif isinstance(data, Iterator):  # a generator, a map object: read once
-                hint = ("; an iterator is read once, and DiagQL reads items by index, again "
-                        "and again: pass list(...) of its items, or a Dataset")
-            raise DiagQLError(f"data must be {FORMS}, not {_describe(data)}{hint}")
+            raise DiagQLError(f"data must be {FORMS}, not {_describe(data)}{_form_hint(data)}")
         # Items are read by index, so the count must be known and not zero: an empty data set
         # would reach the catalog probe as batches of no items (a ValueError of range or
         # DataLoader), a Dataset without __len__ as a TypeError.
@@ -335,6 +328,17 @@ def _take(X: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
 
 def _keys(mapping: Mapping) -> list:
     return sorted(mapping, key=str)
+
+
+def _form_hint(data) -> str:
+    """What to pass instead of data in no form DiagQL takes, where there is a likely way."""
+    if isinstance(data, torch.Tensor) or type(data).__name__ == "ndarray":
+        # Inputs alone: the one form users try first for data without labels.
+        return "; for inputs without labels, pass (X, None)"
+    if isinstance(data, Iterator):  # a generator, a map object: read once
+        return ("; an iterator is read once, and DiagQL reads items by index, again and again: "
+                "pass list(...) of its items, or a Dataset")
+    return ""
 
 
 def _describe(data) -> str:
