@@ -63,3 +63,14 @@ def test_a_neuron_without_noise_keeps_its_estimate():
         np.array([0.1, 0.1, 0.1, 0.0]))
     assert np.allclose((weight * centre)[3].sum(), 5.0) and np.allclose(spread[3], 0.0)
     assert estimate.p_in_topk(mean, np.array([0.1, 0.1, 0.1, 0.0]), np.array([3]), 1)[0] == 1.0
+
+
+def test_estimates_with_no_finite_error_are_drawn_as_they_are():
+    """A standard error that is infinite (or a mean that is NaN) is left out of the prior's
+    fit and drawn around its estimate, as before the prior: no NaN reaches the others."""
+    mean = np.array([0.0, 0.1, 0.2, 0.3, 5.0])
+    se = np.array([0.1, 0.1, np.inf, 0.1, 0.1])
+    p = estimate.p_in_topk(mean, se, np.array([4, 3]), 2)
+    assert np.all(np.isfinite(p)) and p[0] == pytest.approx(1.0)
+    assert np.all(np.isfinite(estimate.p_in_topk(np.full(3, np.nan), np.full(3, np.inf),
+                                                 np.array([0]), 1)))

@@ -28,6 +28,7 @@ COMPONENTS = 3
 FIT_NEURONS = 256
 ITERATIONS = 60
 TOLERANCE = 1e-4
+FLAT = 1e300  # a component's variance that leaves every estimate where it is
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ def fit(mean: np.ndarray, se: np.ndarray) -> Prior:
     """The mixture most likely to have given the estimates ``mean`` with noise ``se`` (per
     neuron): each estimate is modelled as N(μ_c, τ_c² + se²) from component c."""
     mean, se2 = np.asarray(mean, dtype=np.float64), np.asarray(se, dtype=np.float64) ** 2
+    finite = np.isfinite(mean) & np.isfinite(se2)
+    mean, se2 = mean[finite], se2[finite]
+    if not len(mean):  # nothing to fit: a flat prior, under which the posterior is the estimate
+        return Prior(np.ones(1), np.zeros(1), np.full(1, FLAT))
     if len(mean) > FIT_NEURONS:
         ranks = np.argsort(mean, kind="stable")
         keep = ranks[np.linspace(0, len(mean) - 1, FIT_NEURONS).round().astype(int)]
@@ -71,9 +76,15 @@ def posterior(prior: Prior, mean: np.ndarray,
               se: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each neuron's posterior of its true mean under ``prior``: a mixture whose component c
     has probability r[:, c] and is N(m[:, c], s[:, c]²)."""
+    mean, se = np.asarray(mean, dtype=np.float64), np.asarray(se, dtype=np.float64)
+    unknown = ~(np.isfinite(mean) & np.isfinite(se))  # as the estimate says, unshrunk
     responsibility, post_mean, post_var, _ = _e_step(
-        prior, np.asarray(mean, dtype=np.float64), np.asarray(se, dtype=np.float64) ** 2)
-    return responsibility, post_mean, np.sqrt(post_var)
+        prior, np.where(unknown, 0.0, mean), np.where(unknown, 0.0, se) ** 2)
+    spread = np.sqrt(post_var)
+    if unknown.any():
+        responsibility[unknown] = np.eye(len(prior.weights))[0]
+        post_mean[unknown], spread[unknown] = mean[unknown, None], se[unknown, None]
+    return responsibility, post_mean, spread
 
 
 def _e_step(prior: Prior, mean: np.ndarray, se2: np.ndarray):
