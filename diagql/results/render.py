@@ -71,7 +71,7 @@ def _info_table(result, max_rows: int) -> PlainTable:
     # line above it (``renderable``): as the table's title, rich wrapped it word by word.
     long = bool(result.title) and len(result.title) > _natural_width(result)
     table = PlainTable(title=None if long or not result.title else result.title,
-                  title_justify="left", title_style="bold")
+                       title_justify="left", title_style="bold")
     for column in result.columns:
         table.add_column(column, overflow="fold")
     limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)

@@ -133,7 +133,7 @@ def _answer(conn, model: str, group: list, plans: dict, waiting: list, outcomes:
         answers = conn.on(model).runner().answer_many([plans[p][0] for p in group])
     except DiagQLError as exc:  # the pass itself failed (the model's forward raised)
         answers, shared = [exc] * len(group), True
-        if len(group) > 1:  # on one item, say: each statement alone gets its own answer
+        if len(group) > 1:  # each alone: its own answer, or its own error at its place
             answers, shared = [_alone(conn, model, plans[p][0]) for p in group], False
     seconds = time.perf_counter() - started
     for position, answer in zip(group, answers):
