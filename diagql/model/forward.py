@@ -11,6 +11,7 @@ import torch
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data import LABEL_KEYS, NAME_LABEL_KEY
 
+
 def to_device(x, device: torch.device, dtype: torch.dtype):
     """Move model inputs, nested in mappings, tuples and lists, to the model's device; floating
     tensors take the model's dtype, integer ones (token ids, masks) keep theirs."""
