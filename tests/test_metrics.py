@@ -196,3 +196,17 @@ def test_an_argmax_cut_to_max_rows_leaves_out_the_neurons_that_win_for_no_item()
     assert [line.split()[1] for line in lines if line.strip().startswith("│ n")] == \
         ["n7", "n30", "n41"]
     assert "… 57 more (neurons that win for no item: the others)" in "\n".join(lines)
+
+
+def test_on_a_narrow_terminal_the_bars_give_way_before_the_numbers():
+    """At 40 columns a TOPK table had cut its means to '0.…' while its bars kept 12 columns."""
+    values = np.array([0.6055, 0.5972])
+    estimate = Estimate("sampling variance", True, 0.95, 7, 40, ci_low=values - 0.01,
+                        ci_high=values + 0.01, p_in_topk=np.ones(2), metric=PRECISION,
+                        expected=1.0)
+    result = Result(kind="topk", statement="TOPK 2 NEURONS IN fc2 USING SAMPLE r(7)",
+                    layer="fc2", unit="neurons", neurons=np.array([7, 38]),
+                    labels=["fc2[7]", "fc2[38]"], values=values, n_items=7, estimate=estimate,
+                    provenance=Provenance(100, "r(7)", 7, order="mean"))
+    text = to_text(result, width=40)
+    assert "0.6055" in text and "0.5972" in text and "fc2[38]" in text and "1.00" in text

@@ -195,21 +195,24 @@ def _query_table(result, max_rows: int) -> PlainTable:
     group_by = provenance.group_by if provenance is not None else None
     if groups is not None:
         table.add_column(group_by or "group", style="magenta")
+    # On a narrow terminal the bars give up their width first (cropped): numbers and labels
+    # had been cut to "0.…" while the bars kept theirs.
     if result.kind == "topk":
-        table.add_column("rank", justify="right")
-    table.add_column("channel" if result.unit == "channels" else "neuron", style="cyan")
+        table.add_column("rank", justify="right", no_wrap=True)
+    table.add_column("channel" if result.unit == "channels" else "neuron", style="cyan",
+                     no_wrap=True)
     value_name = {"topk": provenance.order if provenance is not None else "value",
                   "avg": "mean", "argmax": "share"}[result.kind]
-    table.add_column(value_name, justify="right")
+    table.add_column(value_name, justify="right", no_wrap=True)
     estimate = _reliable_estimate(result)
     if estimate is not None:
         table.add_column("P(top-k)" if estimate.p_in_topk is not None else f"±{estimate.level:.0%}",
-                         justify="right")
-    table.add_column("", no_wrap=True)
+                         justify="right", no_wrap=True)
+    table.add_column("", overflow="crop")
     with_exact = result.baseline is not None or (
         groups is not None and any(g.baseline is not None for g in groups.values()))
     if with_exact:
-        table.add_column("exact", justify="right")
+        table.add_column("exact", justify="right", no_wrap=True)
         if result.kind == "topk":
             table.add_column("in exact top-k", justify="center")
     sections = list(groups.items()) if groups is not None else [(None, result)]
