@@ -30,3 +30,9 @@ def items_text(result) -> str:
     if result.provenance is not None:
         return result.provenance.matched(result.n_items)
     return f"{result.n_items:,} matching item{'' if result.n_items == 1 else 's'}"
+
+
+def none_sampled(matching: int) -> str:
+    """A group's cell when a sample holds none of its ``matching`` items (at least one)."""
+    return f"none of its {matching:,} matching items sampled" if matching > 1 else \
+        "its one matching item not sampled"

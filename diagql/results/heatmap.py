@@ -8,10 +8,10 @@ import numpy as np
 
 from rich.console import Group
 from rich.style import Style
-from diagql.results.tables import PlainTable
 from rich.text import Text
 
-from diagql.results.formats import group_label, items_text
+from diagql.results.formats import group_label, items_text, none_sampled
+from diagql.results.tables import PlainTable
 
 _SHADES = " ░▒▓█"
 _SPEEDUP_SHOWN_FROM = 0.05  # seconds of the exact pass, as for queries
@@ -88,10 +88,7 @@ def _no_value(part) -> str:
     if part.n_items:
         return "—"
     matching = getattr(part.provenance, "matching", None)
-    if not matching:
-        return "no matching items"
-    return (f"none of its {matching:,} matching items sampled" if matching > 1
-            else "its one matching item not sampled")
+    return none_sampled(matching) if matching else "no matching items"
 
 
 def _matrix_table(result) -> PlainTable:

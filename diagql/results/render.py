@@ -12,10 +12,11 @@ import json
 import math
 
 from rich.console import Console, Group
-from diagql.results.tables import PlainTable
 from rich.text import Text
 
-from diagql.results.formats import MAX_ROWS, group_label, items_text, probability_text
+from diagql.results.formats import (MAX_ROWS, group_label, items_text, none_sampled,
+                                    probability_text)
+from diagql.results.tables import PlainTable
 
 # Importing this module loads neither numpy nor the metrics (they load with the first result),
 # so that rendering the REPL's first lines waits for nothing.
@@ -232,9 +233,7 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
         # values though it sampled no item
         population = part.estimate.population if part.estimate is not None else None
         cells = ([_cell(key)] if grouped else []) + [
-            "", "no matching items in the sample" if not population else
-            f"none of its {population:,} matching items sampled" if population > 1 else
-            "its one matching item not sampled"]
+            "", none_sampled(population) if population else "no matching items in the sample"]
         table.add_row(*cells)
         return
     values = part.values

@@ -179,11 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                 err.print_exception()
             _print_error(err, exc, None)
             return EXIT_FAILED
-        if args.debug:
-            err.print_exception()
-        else:
-            err.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
-                      f"traceback)", style="red", markup=False)
+        from diagql.shell.output import print_internal_error
+
+        print_internal_error(err, exc, args.debug)
         return EXIT_FAILED
     finally:
         writer = sys.modules.get("diagql.storage.writer")

@@ -1,4 +1,5 @@
-"""A statement's result printed in the session's format, for the command line and the REPL."""
+"""A statement's result printed in the session's format, for the command line and the REPL,
+and an internal error as both print it."""
 from __future__ import annotations
 
 
@@ -44,3 +45,13 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
         else:
             out.print(shown)
         out.print()
+
+
+def print_internal_error(err, exc: Exception, debug: bool) -> None:
+    """A bug (an exception that is no DiagQLError): its traceback with --debug, else one line
+    that says how to see it."""
+    if debug:
+        err.print_exception()
+    else:
+        err.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
+                  f"traceback)", style="red", markup=False, highlight=False, soft_wrap=True)

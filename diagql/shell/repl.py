@@ -163,7 +163,7 @@ class Shell:
         """Run statements; ``echo`` labels each result with its statement (for .read, whose
         statements the prompt has not shown); ``name``: the script file's, which errors start
         with (``file:line:col``, as the command line prints them)."""
-        from diagql.shell.output import print_result
+        from diagql.shell.output import print_internal_error, print_result
 
         started = time.perf_counter()
         try:
@@ -182,11 +182,7 @@ class Shell:
             if isinstance(self.conn, PendingConnection) and self.conn.failed():
                 raise  # the model or data failed to load: the command line reports it
             # What was computed and cached before it stays: the session goes on.
-            if self.debug:
-                self.err.print_exception()
-            else:
-                self.error(f"internal error: {type(exc).__name__}: {exc} (run with --debug "
-                           f"for the traceback)")
+            print_internal_error(self.err, exc, self.debug)
 
     def handle(self, text: str) -> bool:
         """Run one input; True when the session should end."""
