@@ -57,6 +57,18 @@ def _refusal(message: str, span) -> BindError:
     return BindError(message, line=span.line, column=span.column, end_column=end)
 
 
+def write_noted(result, path: str, write=None) -> None:
+    """Write ``result``'s figure to ``path`` with ``write`` (``write_plot`` by default) and
+    note on it that it was written, or why not: the answer is shown all the same (a file
+    that fails only as it is written, /proc or a full disk, had thrown the answer away)."""
+    try:
+        (write or write_plot)(result, path)
+    except ExecutionError as exc:
+        result.notes.append(f"no plot: {exc.message}")
+    else:
+        result.notes.append(f"plot written to {path}")
+
+
 def write_plot(result, path: str) -> None:
     """Draw the evaluation or similarity ``result`` (or a TOPK k INPUTS answer's items) and
     save it to ``path`` (the format from its suffix)."""

@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from diagql.errors import BindError, ExecutionError, NoMatchError, WeightsError
+from diagql.errors import BindError, NoMatchError, WeightsError
 from diagql.language import ast
 from diagql.results.across import across_result, write_curves
-from diagql.results.plots import check_target
+from diagql.results.plots import check_target, write_noted
 from diagql.results.result import Result
 
 NO_CHECKPOINTS = ("ACROSS CHECKPOINTS needs checkpoints of the model: connect(model, data, "
@@ -80,12 +80,7 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
                            conn.class_names)
     result.timings["total"] = time.perf_counter() - started
     if plot is not None:
-        try:
-            write_curves(result, plot.value)
-        except ExecutionError as exc:  # the answers are shown all the same
-            result.notes.append(f"no plot: {exc.message}")
-        else:
-            result.notes.append(f"plot written to {plot.value}")
+        write_noted(result, plot.value, write_curves)
     return result
 
 

@@ -243,14 +243,9 @@ def _check_plot(statement) -> None:
 def _plotted(result: Result, statement) -> Result:
     """The result, its PLOT drawn (SIMILARITY's heat map, TOPK k INPUTS' grid)."""
     if statement.plot is not None:
-        from diagql.results.plots import write_plot
+        from diagql.results.plots import write_noted
 
-        try:
-            write_plot(result, statement.plot.value)
-        except ExecutionError as exc:  # the answer is shown all the same (/proc, a full disk)
-            result.notes.append(f"no plot: {exc.message}")
-        else:
-            result.notes.append(f"plot written to {statement.plot.value}")
+        write_noted(result, statement.plot.value)
     return result
 
 

@@ -19,9 +19,10 @@ def resolve(spec: str, what: str):
         raise DiagQLError(f"--{what} {spec!r} is not MODULE:CALLABLE (e.g. mypkg.models:build)"
                           f"{file}")
     if module_name.endswith(".py"):  # a file's name where a module's is meant
-        path = os.path.relpath(os.path.abspath(module_name))
+        whole = os.path.abspath(module_name)
+        path = os.path.relpath(whole)
         if path.startswith(os.pardir):  # outside the current directory, the importable one
-            folder, name = os.path.split(os.path.abspath(module_name))
+            folder, name = os.path.split(whole)
             hint = (f"run DiagQL in {folder} (or add it to PYTHONPATH) and write "
                     f"--{what} {name[:-3]}:{attr}")
         else:
