@@ -59,29 +59,25 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     return Group(*parts)
 
 
-def _natural_width(result) -> int:
-    """About how wide an info table draws: its columns' widest cells, padding and borders."""
-    widths = [max([len(str(column))] + [len(f"{v:.4g}" if isinstance(v, float) else str(v))
-                                        for v in (row[i] for row in result.rows[:50])])
-              for i, column in enumerate(result.columns)]
-    return sum(widths) + 3 * len(widths) + 1
-
-
 def _info_table(result, max_rows: int) -> PlainTable:
-    # A title longer than the table (an ACROSS CHECKPOINTS statement over a few columns) is a
-    # line above it (``renderable``): as the table's title, rich wrapped it word by word.
-    long = bool(result.title) and len(result.title) > _natural_width(result)
-    table = PlainTable(title=None if long or not result.title else result.title,
-                       title_justify="left", title_style="bold")
-    for column in result.columns:
-        table.add_column(column, overflow="fold")
     limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
     # Checkpoints side by side: many columns, so 4 significant digits (the numbers are whole
     # in CSV and JSON).
     cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else _cell(v)) \
         if result.kind == "across" else _cell
-    for row in result.rows[:limit]:
-        table.add_row(*(cell(v) for v in row))
+    rows = [[cell(v) for v in row] for row in result.rows[:limit]]
+    # A title longer than the table (an ACROSS CHECKPOINTS statement over a few columns) is a
+    # line above it (``renderable``): as the table's title, rich wrapped it word by word. The
+    # table's width: its columns' widest cells, each padded and bordered.
+    width = sum(max([len(str(column))] + [len(row[i]) for row in rows])
+                for i, column in enumerate(result.columns)) + 3 * len(result.columns) + 1
+    long = bool(result.title) and len(result.title) > width
+    table = PlainTable(title=None if long or not result.title else result.title,
+                       title_justify="left", title_style="bold")
+    for column in result.columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
     if len(result.rows) > limit:
         table.caption = Text(f"… {len(result.rows) - limit:,} more rows (--format csv shows all)")
     return table
