@@ -9,7 +9,7 @@ import numpy as np
 
 from diagql.engine import estimate
 from diagql.engine.aggregates import rank
-from diagql.engine.groups import key_order, sorted_keys
+from diagql.engine.groups import key_order, shown_keys
 from diagql.engine.planner import Plan
 from diagql.errors import NoMatchError
 from diagql.language.ast import predicate_text
@@ -79,11 +79,8 @@ def build_result(plan: Plan, states: dict) -> Result:
     if query.group_by is None:
         return _answer(plan, states.get(None), None, fits.get(None))
     result = _single(plan, None, sum(plan.population.values()))
-    # A sample shows every group with matching items, those it drew none of too: their
-    # counts are in the profile, and a group left out would read as one with no items at all.
-    keys = sorted_keys(set(states) | {key for key, count in plan.population.items() if count}
-                       if plan.approximate else states)
-    result.groups = {key: _answer(plan, states.get(key), key, fits.get(key)) for key in keys}
+    result.groups = {key: _answer(plan, states.get(key), key, fits.get(key))
+                     for key in shown_keys(states, plan.population, plan.approximate)}
     result.n_items = sum(g.n_items for g in result.groups.values())
     if plan.approximate:
         result.timings["estimate"] = sum(g.timings.get("estimate", 0.0)

@@ -44,3 +44,12 @@ def key_order(key) -> tuple:
 def sorted_keys(keys) -> list:
     """Group keys in the order results show them."""
     return sorted(keys, key=key_order)
+
+
+def shown_keys(states: dict, population: dict, approximate: bool) -> list:
+    """The groups an answer shows, in order: those its pass reduced items of and, on a
+    sample, every group with matching items, those it drew none of too (their counts are in
+    the profile, and a group left out would read as one with no items at all)."""
+    if not approximate:
+        return sorted_keys(states)
+    return sorted_keys(set(states) | {key for key, count in population.items() if count})

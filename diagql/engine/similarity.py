@@ -14,7 +14,7 @@ from diagql.engine.answers import note_exact_baseline, require_matches
 from diagql.engine.cka import MIN_ITEMS, MomentState, RowState, debiased_matrix
 from diagql.engine.estimate import COVERS_WHOLE
 from diagql.engine.executor import run_together
-from diagql.engine.groups import key_order, sorted_keys
+from diagql.engine.groups import key_order, shown_keys
 from diagql.engine.nonfinite import NonFinite
 from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
@@ -238,11 +238,8 @@ def build_result(plan: Plan, states: dict) -> Result:
     if plan.query.group_by is None:
         return _single(plan, states.get(None), plan.population[None])
     result = _single(plan, None, sum(plan.population.values()))
-    # A sample shows the groups it drew none of too (their counts are the profile's), as
-    # engine/answers.py does: a group left out would read as one with no items at all.
-    keys = sorted_keys(set(states) | {key for key, count in plan.population.items() if count}
-                       if plan.approximate else states)
-    result.groups = {key: _single(plan, states.get(key), plan.population[key]) for key in keys}
+    result.groups = {key: _single(plan, states.get(key), plan.population[key])
+                     for key in shown_keys(states, plan.population, plan.approximate)}
     result.n_items = sum(g.n_items for g in result.groups.values())
     return result
 
