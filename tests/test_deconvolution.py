@@ -74,3 +74,23 @@ def test_estimates_with_no_finite_error_are_drawn_as_they_are():
     assert np.all(np.isfinite(p)) and p[0] == pytest.approx(1.0)
     assert np.all(np.isfinite(estimate.p_in_topk(np.full(3, np.nan), np.full(3, np.inf),
                                                  np.array([0]), 1)))
+
+
+def test_layers_fitted_together_get_the_priors_they_get_alone():
+    """A GROUP BY's groups are fitted in one EM (``fit_many``); each group's prior must be the
+    one it gets alone, bit for bit, whichever groups share the fit and whenever each stops."""
+    rng = np.random.default_rng(3)
+    layers = []
+    for g in range(8):
+        n = (500, 40, 500, 7, 1)[g % 5]
+        mean = rng.gamma(0.5 + 0.3 * g, 1.0, n)
+        se = 0.02 + 0.1 * rng.random(n)
+        if g == 2:
+            se[:60] = np.inf  # left out of its fit: a width of its own
+        layers.append((mean, se))
+    layers += [(np.array([np.nan]), np.array([1.0])), (np.zeros(300), np.full(300, 0.1))]
+    for (mean, se), together in zip(layers, deconvolution.fit_many(layers)):
+        alone = deconvolution.fit(mean, se)
+        for a, b in zip((together.weights, together.means, together.variances),
+                        (alone.weights, alone.means, alone.variances)):
+            np.testing.assert_array_equal(a, b)

@@ -66,6 +66,30 @@ def test_topk_estimate_gives_a_probability_per_reported_neuron(db):
     assert [r["p_in_topk"] for r in result.records()] == est.p_in_topk.tolist()
 
 
+def test_grouped_topk_draws_each_group_as_alone(db, mlp, digits):
+    """GROUP BY's groups have their P(in top-k) priors fitted in one EM: each group's
+    probabilities are those of its own sampled items' means and standard errors (numpy here)."""
+    from diagql.engine import estimate
+
+    X, y = digits
+    db.execute("SET estimator = plain")
+    try:
+        result = db.query("TOPK 5 NEURONS IN encoder.1 GROUP BY class USING SAMPLE random(0.2)")
+    finally:
+        db.execute("SET estimator = assisted")
+    sample, labels = db.sample("random(0.2)"), y.numpy()
+    A = _activations(mlp, X, "encoder.1")
+    for key, group in result.groups.items():
+        chosen = sample[labels[sample] == key]
+        population, n = int((labels == key).sum()), len(chosen)
+        mean = A[chosen].mean(axis=0)
+        se = A[chosen].std(axis=0, ddof=1) / np.sqrt(n) * np.sqrt((population - n) /
+                                                                  (population - 1))
+        se = estimate._constant_floor(se, n)
+        expected = estimate.p_in_topk(mean, se, group.neurons, 5)
+        np.testing.assert_allclose(group.estimate.p_in_topk, expected, atol=0.02)
+
+
 def test_argmax_estimate_shares_sum_and_bound(db):
     result = db.query("ARGMAX NEURONS IN encoder.1 WHERE class = 7 USING SAMPLE stratified(0.2)")
     est = result.estimate

@@ -78,8 +78,11 @@ def build_result(plan: Plan, states: dict) -> Result:
                             plan.winner_shares, plan.widening)
     if query.group_by is None:
         return _answer(plan, states.get(None), None, fits.get(None))
+    # TOPK's P(in top-k) of every group from one fit of their priors (engine/deconvolution.py).
+    priors = estimate.topk_priors(states, plan.population, fits) if plan.approximate and \
+        query.aggregate == "topk" and query.order == "mean" else {}
     result = _single(plan, None, sum(plan.population.values()))
-    result.groups = {key: _answer(plan, states.get(key), key, fits.get(key))
+    result.groups = {key: _answer(plan, states.get(key), key, fits.get(key), priors.get(key))
                      for key in shown_keys(states, plan.population, plan.approximate)}
     result.n_items = sum(g.n_items for g in result.groups.values())
     if plan.approximate:
@@ -88,15 +91,15 @@ def build_result(plan: Plan, states: dict) -> Result:
     return result
 
 
-def _answer(plan: Plan, state, key, fitted) -> Result:
-    """One group's answer (``key``; None: the only one)."""
+def _answer(plan: Plan, state, key, fitted, prior=None) -> Result:
+    """One group's answer (``key``; None: the only one); ``prior``: its P(in top-k)'s."""
     population = plan.population[key]
     if plan.approximate and (state is None or state.count == 0):
         return _unsampled(plan, population, key)
-    return _single(plan, state, population, fitted, key)
+    return _single(plan, state, population, fitted, key, prior)
 
 
-def _single(plan: Plan, state, population: int, fitted=None, key=None) -> Result:
+def _single(plan: Plan, state, population: int, fitted=None, key=None, prior=None) -> Result:
     query, layer = plan.query, plan.bound.layer
     provenance = Provenance(plan.n_data, plan.sampler_spec, plan.n_sample, query.group_by,
                             query.order, choice=plan.choice or None,
@@ -123,7 +126,7 @@ def _single(plan: Plan, state, population: int, fitted=None, key=None) -> Result
         started = time.perf_counter()
         result.estimate = estimate.held(
             held, n, population, neurons, query.k if query.aggregate == "topk" else None) \
-            if held is not None else _estimate(plan, state, population, neurons, fitted)
+            if held is not None else _estimate(plan, state, population, neurons, fitted, prior)
         result.timings["estimate"] = time.perf_counter() - started
     result.neurons = neurons
     result.values = values
@@ -171,7 +174,8 @@ def _counted(plan: Plan, key) -> np.ndarray | None:
     return plan.winner_shares.get(key)
 
 
-def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted) -> Estimate:
+def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted,
+              prior=None) -> Estimate:
     query, sampler = plan.query, plan.bound.sampler
     reliable = getattr(sampler, "uniform", False)
     if query.aggregate == "argmax":
@@ -181,7 +185,8 @@ def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted) -
             "a sample's maximum is biased low and has no sampling distribution to estimate "
             "from; use BY MEAN or a baseline")
     return estimate.for_mean(state, population, neurons,
-                             query.k if query.aggregate == "topk" else None, reliable, fitted)
+                             query.k if query.aggregate == "topk" else None, reliable, fitted,
+                             prior)
 
 
 def compare(plan: Plan, approx: Result, exact: Result) -> None:

@@ -43,33 +43,66 @@ class Prior:
 def fit(mean: np.ndarray, se: np.ndarray) -> Prior:
     """The mixture most likely to have given the estimates ``mean`` with noise ``se`` (per
     neuron): each estimate is modelled as N(μ_c, τ_c² + se²) from component c."""
+    return fit_many([(mean, se)])[0]
+
+
+def fit_many(layers: list[tuple[np.ndarray, np.ndarray]]) -> list[Prior]:
+    """``fit`` of each (mean, se), as one EM for those of one width (a GROUP BY's groups):
+    each stops at its own step, so each prior is the one it gets alone, and ten groups cost
+    about what two do (the steps' numpy calls, not their arithmetic, are most of a fit)."""
+    kept = [_kept(mean, se) for mean, se in layers]
+    out: list[Prior] = [_FLAT] * len(layers)  # nothing to fit: the posterior is the estimate
+    for width in sorted({len(m) for m, _ in kept} - {0}):
+        rows = [i for i, (m, _) in enumerate(kept) if len(m) == width]
+        for i, prior in zip(rows, _em(np.stack([kept[i][0] for i in rows]),
+                                      np.stack([kept[i][1] for i in rows]))):
+            out[i] = prior
+    return out
+
+
+def _em(mean: np.ndarray, se2: np.ndarray) -> list[Prior]:
+    """The mixture of each row of ``mean`` (layers, neurons) and ``se2``: EM, arrays laid out
+    (layers, components, neurons), so that every sum over neurons runs along memory."""
+    spread = np.var(mean, axis=1)
+    floor = np.where(spread > 0, 1e-12 * spread, 1e-30)[:, None]  # variances stay positive
+    weights = np.full((len(mean), COMPONENTS), 1.0 / COMPONENTS)
+    means = np.quantile(mean, (np.arange(COMPONENTS) + 0.5) / COMPONENTS, axis=1).T
+    variances = np.maximum(spread / COMPONENTS, floor[:, 0])[:, None].repeat(COMPONENTS, axis=1)
+    last = np.full(len(mean), -np.inf)
+    running = np.ones(len(mean), dtype=bool)
+    for _ in range(ITERATIONS):
+        responsibility, post_mean, post_var, loglik = _e_step(
+            Prior(weights, means, variances), mean, se2)
+        counts = responsibility.sum(axis=-1) + 1e-300
+        new_weights = counts / counts.sum(axis=1, keepdims=True)
+        new_means = (responsibility * post_mean).sum(axis=-1) / counts
+        new_variances = np.maximum((responsibility * ((post_mean - new_means[..., None]) ** 2
+                                                      + post_var)).sum(axis=-1) / counts, floor)
+        # A layer that has stopped keeps its prior; the others take the step.
+        weights, means, variances = (np.where(running[:, None], new, old) for new, old in
+                                     ((new_weights, weights), (new_means, means),
+                                      (new_variances, variances)))
+        running &= loglik - last >= TOLERANCE
+        if not running.any():
+            break
+        last = loglik
+    return [Prior(*row) for row in zip(weights, means, variances)]
+
+
+_FLAT = Prior(np.ones(1), np.zeros(1), np.full(1, FLAT))  # the posterior is the estimate
+
+
+def _kept(mean, se) -> tuple[np.ndarray, np.ndarray]:
+    """The estimates a prior is fitted to: the finite ones, at most FIT_NEURONS of them at
+    evenly spaced ranks; and their squared standard errors."""
     mean, se2 = np.asarray(mean, dtype=np.float64), np.asarray(se, dtype=np.float64) ** 2
     finite = np.isfinite(mean) & np.isfinite(se2)
     mean, se2 = mean[finite], se2[finite]
-    if not len(mean):  # nothing to fit: a flat prior, under which the posterior is the estimate
-        return Prior(np.ones(1), np.zeros(1), np.full(1, FLAT))
     if len(mean) > FIT_NEURONS:
         ranks = np.argsort(mean, kind="stable")
         keep = ranks[np.linspace(0, len(mean) - 1, FIT_NEURONS).round().astype(int)]
         mean, se2 = mean[keep], se2[keep]
-    spread = float(np.var(mean))
-    floor = 1e-12 * spread if spread > 0 else 1e-30  # a component's variance stays positive
-    weights = np.full(COMPONENTS, 1.0 / COMPONENTS)
-    means = np.quantile(mean, (np.arange(COMPONENTS) + 0.5) / COMPONENTS)
-    variances = np.full(COMPONENTS, max(spread / COMPONENTS, floor))
-    last = -np.inf
-    for _ in range(ITERATIONS):
-        responsibility, post_mean, post_var, loglik = _e_step(
-            Prior(weights, means, variances), mean, se2)
-        counts = responsibility.sum(axis=0) + 1e-300
-        weights = counts / counts.sum()
-        means = (responsibility * post_mean).sum(axis=0) / counts
-        variances = np.maximum((responsibility * ((post_mean - means) ** 2 + post_var))
-                               .sum(axis=0) / counts, floor)
-        if loglik - last < TOLERANCE:
-            break
-        last = loglik
-    return Prior(weights, means, variances)
+    return mean, se2
 
 
 def posterior(prior: Prior, mean: np.ndarray,
@@ -78,8 +111,9 @@ def posterior(prior: Prior, mean: np.ndarray,
     has probability r[:, c] and is N(m[:, c], s[:, c]²)."""
     mean, se = np.asarray(mean, dtype=np.float64), np.asarray(se, dtype=np.float64)
     unknown = ~(np.isfinite(mean) & np.isfinite(se))  # as the estimate says, unshrunk
-    responsibility, post_mean, post_var, _ = _e_step(
-        prior, np.where(unknown, 0.0, mean), np.where(unknown, 0.0, se) ** 2)
+    *laid_out, _ = _e_step(prior, np.where(unknown, 0.0, mean),
+                           np.where(unknown, 0.0, se) ** 2)
+    responsibility, post_mean, post_var = (np.ascontiguousarray(a.T) for a in laid_out)
     spread = np.sqrt(post_var)
     if unknown.any():
         responsibility[unknown] = np.eye(len(prior.weights))[0]
@@ -88,15 +122,18 @@ def posterior(prior: Prior, mean: np.ndarray,
 
 
 def _e_step(prior: Prior, mean: np.ndarray, se2: np.ndarray):
-    """Responsibilities, each component's posterior mean and variance per neuron, and the
-    mean log-likelihood of the estimates."""
-    total = prior.variances[None, :] + se2[:, None]
-    gap = mean[:, None] - prior.means[None, :]
-    log = (np.log(np.maximum(prior.weights, 1e-300))[None, :] - 0.5 * np.log(2 * np.pi * total)
+    """Responsibilities, each component's posterior mean and variance, laid out (...,
+    components, neurons), and the mean log-likelihood of the estimates. ``prior``'s arrays
+    are (..., components), ``mean`` and ``se2`` (..., neurons): a layer, or a row per layer."""
+    weights, means, variances = (a[..., :, None] for a in (prior.weights, prior.means,
+                                                          prior.variances))
+    total = variances + se2[..., None, :]
+    gap = mean[..., None, :] - means
+    log = (np.log(np.maximum(weights, 1e-300)) - 0.5 * np.log(2 * np.pi * total)
            - 0.5 * gap * gap / total)
-    top = log.max(axis=1, keepdims=True)
+    top = log.max(axis=-2, keepdims=True)
     likelihood = np.exp(log - top)
-    norm = likelihood.sum(axis=1, keepdims=True)
-    gain = prior.variances[None, :] / total  # τ²/(τ² + se²): how far toward the estimate
-    return (likelihood / norm, prior.means[None, :] + gain * gap, gain * se2[:, None],
-            float(np.mean(top[:, 0] + np.log(norm[:, 0]))))
+    norm = likelihood.sum(axis=-2, keepdims=True)
+    gain = variances / total  # τ²/(τ² + se²): how far toward the estimate
+    loglik = np.mean(top[..., 0, :] + np.log(norm[..., 0, :]), axis=-1)
+    return likelihood / norm, means + gain * gap, gain * se2[..., None, :], loglik

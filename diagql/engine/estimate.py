@@ -184,10 +184,12 @@ def for_whole_max(state, population: int, reported: np.ndarray) -> Estimate | No
 
 
 def for_mean(state, population: int, reported: np.ndarray, k: int | None,
-             reliable: bool, fitted: Fitted | None = None) -> Estimate:
+             reliable: bool, fitted: Fitted | None = None,
+             prior: deconvolution.Prior | None = None) -> Estimate:
     """AVG (k None): a confidence interval per neuron and the expected cosine distance.
     TOPK BY MEAN: intervals of the reported neurons, P(in true top-k) and expected precision.
-    ``fitted``: the assisted estimator's fit of this group (reliable for any sampler)."""
+    ``fitted``: the assisted estimator's fit of this group (reliable for any sampler);
+    ``prior``: P(in top-k)'s, when fitted already with the other groups' (``topk_priors``)."""
     n = state.count
     if 0 < n == population:  # every matching item sampled: the sample's mean is the exact one
         mean = state.sum.numpy() / n
@@ -200,21 +202,38 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
                         metric=PRECISION, expected=1.0, estimator=_name(fitted), exact=True)
     if n < 2:
         return _too_few(n, population)
-    if fitted is not None:
-        mean, se, covers, reliable = fitted.mean, fitted.se, COVERS_ASSISTED, True
-    else:
-        mean, se, covers = state.sum.numpy() / n, _plain_se(state, population), COVERS
-    se = _constant_floor(se, n)
+    mean, se = _mean_se(state, population, fitted)
+    covers, reliable = (COVERS_ASSISTED, True) if fitted is not None else (COVERS, reliable)
     half = _t_quantile(n - 1) * se
     if k is None:
         return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean - half,
                         ci_high=mean + half, metric=COSINE, expected=expected_cosine(mean, se),
                         estimator=_name(fitted), widened=_widened(fitted))
-    p_in = p_in_topk(mean, se, reported, k)
+    p_in = p_in_topk(mean, se, reported, k, prior)
     return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean[reported] - half[reported],
                     ci_high=mean[reported] + half[reported], p_in_topk=p_in, metric=PRECISION,
                     expected=float(p_in.sum() / k), estimator=_name(fitted),
                     widened=_widened(fitted))
+
+
+def _mean_se(state, population: int, fitted: Fitted | None) -> tuple[np.ndarray, np.ndarray]:
+    """A group's estimate and its standard errors: the assisted fit's, else the sample's."""
+    n = state.count
+    if fitted is not None:
+        mean, se = fitted.mean, fitted.se
+    else:
+        mean, se = state.sum.numpy() / n, _plain_se(state, population)
+    return mean, _constant_floor(se, n)
+
+
+def topk_priors(states: dict, population: dict, fits: dict) -> dict:
+    """The prior of P(in top-k) (engine/deconvolution.py) of each group ``for_mean`` draws it
+    for (2 ≤ sampled < matching items), fitted together: a GROUP BY's ten groups in a third
+    of the time their fits take one by one."""
+    keys = [key for key, state in states.items()
+            if state is not None and 2 <= state.count < population.get(key, 0)]
+    spreads = [_mean_se(states[key], population[key], fits.get(key)) for key in keys]
+    return dict(zip(keys, deconvolution.fit_many(spreads)))
 
 
 # An expected distance's draws come FIRST_DRAWS at a time, doubling, until its Monte Carlo
@@ -259,16 +278,20 @@ def expected_js(colours: np.ndarray, size: int) -> float:
     return _monte_carlo(distances)
 
 
-def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int) -> np.ndarray:
+def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int,
+              prior: deconvolution.Prior | None = None) -> np.ndarray:
     """P(each reported neuron is among the k largest true means), the true means drawn from
     each neuron's posterior under a prior deconvolved from all the layer's estimates
     (engine/deconvolution.py): a mixture of normals per neuron. Only the neurons that can reach
     the top-k are drawn: one whose posterior's top (4.5 sd above its highest likely component)
-    lies below the k-th largest posterior bottom cannot."""
+    lies below the k-th largest posterior bottom cannot. ``prior``: fitted already
+    (``topk_priors``), else here."""
     k = min(k, len(mean))
     if len(mean) <= k:
         return np.ones(len(reported))
-    weight, centre, spread = deconvolution.posterior(deconvolution.fit(mean, se), mean, se)
+    if prior is None:
+        prior = deconvolution.fit(mean, se)
+    weight, centre, spread = deconvolution.posterior(prior, mean, se)
     likely = weight > 1e-9
     bottom = np.where(likely, centre - _PRUNE_SE * spread, np.inf).min(axis=1)
     top = np.where(likely, centre + _PRUNE_SE * spread, -np.inf).max(axis=1)
@@ -278,12 +301,16 @@ def p_in_topk(mean: np.ndarray, se: np.ndarray, reported: np.ndarray, k: int) ->
         return np.ones(len(reported))
     # Each draw's component per neuron, from the fixed generator (the same answer always
     # carries the same estimate), then its normal from the kept stream.
+    # (One comparison per component boundary, summed as they go: a sum over a third axis of
+    # three was most of a wide layer's P(in top-k).)
     cumulative = np.cumsum(weight[candidates], axis=1)
-    chosen = (_rng().random((DRAWS, len(candidates)))[:, :, None] > cumulative[None, :, :-1]) \
-        .sum(axis=2)
-    columns = np.arange(len(candidates))[None, :]
-    draws = centre[candidates][columns, chosen] + \
-        _standard_normals(DRAWS, len(candidates)) * spread[candidates][columns, chosen]
+    uniform = _rng().random((DRAWS, len(candidates)))
+    chosen = np.zeros(uniform.shape, dtype=np.intp)
+    for boundary in cumulative[:, :-1].T:
+        chosen += uniform > boundary
+    draws = np.take_along_axis(centre[candidates].T, chosen, axis=0) + \
+        _standard_normals(DRAWS, len(candidates)) * \
+        np.take_along_axis(spread[candidates].T, chosen, axis=0)
     winners = np.argpartition(-draws, k - 1, axis=1)[:, :k]
     in_top = np.zeros(draws.shape, dtype=bool)
     np.put_along_axis(in_top, winners, True, axis=1)
