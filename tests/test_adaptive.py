@@ -200,6 +200,9 @@ def test_growth_stops_when_the_time_budget_is_spent(world):
     result = conn.query("AVG NEURONS IN 3 USING SAMPLE random(40) WITHIN 0.000001 SECONDS")
     growth = result.provenance.growth
     assert growth.stop == "budget spent" and growth.sizes == (40,) and result.n_items == 40
+    # The one round ran past the budget: the answer says so, with the round's own time.
+    assert any(note.startswith("WITHIN 1e-06 SECONDS is less than one round: the first, of 40 "
+                               f"items, took {growth.seconds:.3f} s") for note in result.notes)
 
 
 def test_within_alone_answers_exactly_where_the_pass_fits_the_time(world, monkeypatch):

@@ -213,6 +213,12 @@ def _finish(result: Result, until: ast.Until, sizes, reached, stop: str, started
     growth = Growth(until.target.text() if until.target is not None else None, until.seconds,
                     tuple(sizes), reached, stop, seconds, exact)
     result.provenance = dataclasses.replace(result.provenance, growth=growth)
+    if stop == "budget spent" and len(sizes) == 1 and seconds > until.seconds:
+        # The first round always runs (there is no answer before it): say that it alone ran
+        # past the budget, rather than let "budget spent" read as a budget kept.
+        result.notes.append(f"WITHIN {until.seconds:g} SECONDS is less than one round: the "
+                            f"first, of {sizes[0]:,} items, took {seconds:.3f} s; the answer is "
+                            f"its")
     result.timings.update(timings)
     result.timings["query"] = seconds - draws - timings.get("sample", 0.0)
     result.timings["sample"] = timings.get("sample", 0.0) + draws
