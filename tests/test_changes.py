@@ -219,6 +219,80 @@ def test_a_number_the_models_code_reads_changed_is_seen_and_never_cached_for_the
             fresh(X[again.sample(sample)]).double().mean(0).numpy(), rtol=1e-6, atol=1e-7)
 
 
+SETTINGS = {"gain": 1.0}  # a config dict _Configured's forward reads, edited in place
+SCALES = np.ones(8)  # a numpy vector it scales by, written in place
+
+
+class _Configured(_Gained):
+    def forward(self, x):
+        return self.head(self.fc(x) * SETTINGS["gain"] * torch.from_numpy(SCALES).float())
+
+
+@pytest.mark.parametrize("edit", ["dict", "array"])
+def test_a_container_the_models_code_reads_edited_in_place_is_seen(tmp_path, edit):
+    """A global dict or array read by forward and edited in place had been unseen by the
+    statement's stamp (it walked numbers and strings only): stale rows answered, and the new
+    ones were stored under the original's key, which a new process read."""
+    model, fresh = _Configured(), _Configured()
+    torch.manual_seed(3)
+    X, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("SET estimator = plain")
+    sample = "random(0.5, random_state=0)"
+    db.query(f"AVG NEURONS IN head USING SAMPLE {sample}")
+    try:
+        if edit == "dict":
+            SETTINGS["gain"] = 3.0
+        else:
+            SCALES[2:5] = -2.0
+        with pytest.warns(DiagQLWarning, match="the values its code reads"):
+            answer = db.query(f"AVG NEURONS IN head USING SAMPLE {sample}")
+        with torch.no_grad():
+            np.testing.assert_allclose(answer.values,
+                                       model(X[db.sample(sample)]).double().mean(0).numpy(),
+                                       rtol=1e-6, atol=1e-6)
+        db.close()
+    finally:
+        SETTINGS["gain"], SCALES[:] = 1.0, 1.0
+    again = diagql.connect(fresh, (X, y), progress=False, cache_dir=tmp_path)
+    again.query("SET estimator = plain")
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            again.query(f"AVG NEURONS IN head USING SAMPLE {sample}").values,
+            fresh(X[again.sample(sample)]).double().mean(0).numpy(), rtol=1e-6, atol=1e-6)
+
+
+NORM = 1.0  # what _normalised's batches are scaled by: a global a notebook changes
+
+
+def _normalised(batch):
+    xs, ys = zip(*batch)
+    return torch.stack(xs) * NORM, torch.stack(ys)
+
+
+def test_a_number_a_collate_fn_reads_changed_is_seen():
+    """A DataLoader's collate_fn scaling by a global, changed between statements, had been
+    unseen: the profile's predictions were the old data's beside the new rows."""
+    global NORM
+    model = _Gained()
+    torch.manual_seed(4)
+    X, y = torch.randn(120, 6), torch.randint(0, 3, (120,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=32,
+                                         collate_fn=_normalised)
+    db = diagql.connect(model, loader, progress=False)
+    db.query("AVG NEURONS IN head WHERE predicted = 1")
+    try:
+        NORM = 3.0
+        with pytest.warns(DiagQLWarning, match="the data changed"):
+            answer = db.query("AVG NEURONS IN head WHERE predicted = 1")
+        with torch.no_grad():
+            out = model(X * 3.0).double()
+        np.testing.assert_allclose(answer.values, out[out.argmax(1) == 1].mean(0).numpy(),
+                                   rtol=1e-6, atol=1e-6)
+    finally:
+        NORM = 1.0
+
+
 def test_numpy_data_written_in_place_is_seen(tmp_path):
     model, (X, y) = _cnn(), _images()
     arrays = X.numpy().copy(), y.numpy().copy()

@@ -25,19 +25,21 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import types
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from diagql.errors import DiagQLError, warn
 from diagql.model.data import ItemSource
 from diagql.model.forward import FORWARDS
 from diagql.session.inputs import forget_indices
 from diagql.session.serial import STATEMENTS
-from diagql.storage.fingerprint import hooks_digest, model_fingerprint
+from diagql.storage.code_reads import user_code
+from diagql.storage.fingerprint import code_digest, hooks_digest, model_fingerprint
 from diagql.storage.sampled import SAMPLE_BYTES, sampled_digest
 
 FULL_BYTES = 32 * 1024 ** 2  # hashed whole before each statement: about 5 ms at most
@@ -229,7 +231,31 @@ def data_stamp(conn) -> tuple:
     if size <= FULL_BYTES:  # Python lists given as parts too (a pair's labels as a list)
         arrays = [*arrays, *_lists_as_arrays(conn.data)]
     return tensor_stamp(tensors), _lengths(conn.data), \
-        sampled_digest([*tensors, *arrays], budget=None if size <= FULL_BYTES else SAMPLE_BYTES)
+        sampled_digest([*tensors, *arrays], budget=None if size <= FULL_BYTES else SAMPLE_BYTES), \
+        _item_code(conn.data)
+
+
+def _item_code(data) -> str | None:
+    """The digest of the code that makes the items (fingerprint.code_digest): a DataLoader's
+    own collate_fn, a Dataset's __getitem__ of the user's own class, its transforms; None
+    where there is none. A collate_fn scaling each batch by a global NORM, changed between
+    statements, had been unseen: old predictions beside new rows in one answer."""
+    functions = []
+    if isinstance(data, DataLoader):
+        if data.collate_fn is not default_collate:
+            functions.append(data.collate_fn)
+        data = data.dataset
+    getitem = getattr(type(data), "__getitem__", None)
+    if isinstance(getitem, types.FunctionType) and user_code(getitem.__code__):
+        functions.append(getitem)
+    for name in ("transform", "target_transform"):
+        try:
+            found = getattr(data, name, None)
+        except Exception:  # noqa: BLE001 - the user's __getattr__ raised: nothing to stamp
+            found = None
+        if callable(found):
+            functions.append(found)
+    return code_digest(functions) if functions else None
 
 
 def _given(data) -> list:

@@ -18,6 +18,7 @@ import os
 import struct
 import types
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -68,6 +69,26 @@ def model_fingerprint(model, code: bool | str = True) -> str:
 
 
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def code_digest(functions) -> str:
+    """A digest of functions (or callable objects) and what they read, for a statement's
+    stamp of the data (session/changes.py: a DataLoader's collate_fn, a Dataset's
+    __getitem__): their code, defaults, closures and the globals their code reads that are
+    numbers, strings, functions or small containers (``STAMP_VALUES``). One that holds more
+    than STAMP_VALUES values or STAMP_ELEMENTS elements (a collator holding a tokenizer) is
+    "unseen": a walk per statement would cost more than the statement."""
+    digest = xxhash.xxh3_128()
+    for i, fn in enumerate(functions):
+        walk = _Walk(code="scalars")
+        walk.limit = STAMP_VALUES
+        try:
+            found = walk.digest_of(f"function {i}", fn) if isinstance(fn, types.FunctionType) \
+                or _small_enough(fn) else "unseen"
+        except (_Opaque, RecursionError):
+            found = "unseen"
+        _feed(digest, found)
+    return digest.hexdigest()
 
 
 def hooks_digest(model) -> str:
@@ -244,6 +265,7 @@ class _Walk:
         self.tensor_names: dict[int, str] = {}
         self.stack: list[int] = []  # ids of the values being hashed, outermost first
         self.values = 0
+        self.limit = _MAX_VALUES
         # (id of a namespace or class, a name) -> its digest, or "cycle" while it is hashed
         self.globals_seen: dict[tuple[int, str], str] = {}
 
@@ -298,8 +320,8 @@ class _Walk:
         from torch import nn
 
         self.values += 1
-        if self.values > _MAX_VALUES:
-            raise _Opaque(name, f"more than {_MAX_VALUES} values")
+        if self.values > self.limit:
+            raise _Opaque(name, f"more than {self.limit} values")
         if isinstance(value, torch.Tensor):
             if id(value) in self.tensor_names:
                 _feed(digest, name, "state", self.tensor_names[id(value)])
@@ -517,7 +539,8 @@ class _Walk:
         counted = self.values
         try:
             if self.scalars_only and not isinstance(value, (*_SCALARS, types.FunctionType,
-                                                            types.ModuleType)):
+                                                            types.ModuleType)) \
+                    and not _small_enough(value):
                 found = f"a {_qualname(type(value))}"  # a vocabulary: not walked each time
             else:
                 found = self.digest_of(f"{name}<{var}>", value)
@@ -601,6 +624,44 @@ class _Walk:
         digest = xxhash.xxh3_128()
         self.value(digest, name, value)
         return digest.hexdigest()
+
+
+# A statement's stamp (``code="scalars"``) walks a global container its code reads when it
+# holds at most STAMP_VALUES Python values and STAMP_ELEMENTS array or tensor elements (a
+# config dict, a lookup table, a gain vector: a few microseconds to a millisecond); a larger
+# one (a vocabulary) only keys the cache. A global dict read by forward and edited between
+# statements had been unseen: old rows mixed with new in one answer, and the new stored under
+# the original's key (docs/ARCHITECTURE.md, "Session").
+STAMP_VALUES = 2_000
+STAMP_ELEMENTS = 1 << 20
+
+
+def _small_enough(value) -> bool:
+    """Whether ``value`` is within the stamp's budget (STAMP_VALUES, STAMP_ELEMENTS)."""
+    import torch
+
+    pending, seen, values, elements = [value], set(), 0, 0
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        values += 1
+        if isinstance(item, (torch.Tensor, np.ndarray)):
+            elements += item.numel() if isinstance(item, torch.Tensor) else item.size
+        elif isinstance(item, Mapping):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending.extend(item)
+        elif not isinstance(item, (*_SCALARS, type, types.ModuleType, types.FunctionType)):
+            try:
+                pending.extend(vars(item).values())
+            except TypeError:  # no __dict__: slots, or a value of its own kind
+                pass
+        if values > STAMP_VALUES or elements > STAMP_ELEMENTS:
+            return False
+    return True
 
 
 @contextlib.contextmanager
