@@ -1222,3 +1222,18 @@ def test_a_scalar_beside_the_activation_is_passed_over():
     result = db.query("AVG NEURONS IN blk WHERE class = 1")
     np.testing.assert_allclose(result.values, hidden[y.numpy() == 1].mean(axis=0), atol=1e-6)
     np.testing.assert_array_equal(db.profile.predictions, predicted)
+
+
+def test_a_latent_named_by_a_number_is_the_layer_written():
+    """In an nn.Sequential of eleven modules and more, `SET latent = 0.10` lexes as the float
+    0.1: it had set the layer 0.1 (another width) without a word."""
+    torch.manual_seed(0)
+    body = [nn.Linear(6, 6) if i % 2 == 0 else nn.ReLU() for i in range(10)]
+    model = nn.Sequential(nn.Sequential(*body, nn.Linear(6, 4), nn.ReLU()), nn.Linear(4, 3))
+    X, y = torch.randn(120, 6), torch.randint(0, 3, (120,))
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    conn.execute("SHOW MODELS;\nSET latent = 0.10")  # a script: positions are its own
+    assert conn.settings.latent == "0.10"
+    assert conn.profile.latents.shape[1] == 4  # 0.10's four outputs, not 0.1's six
+    conn.query("SET latent = 0.1")
+    assert conn.settings.latent == "0.1" and conn.profile.latents.shape[1] == 6

@@ -298,6 +298,9 @@ class SetStatement:
     value_span: Span | None = _span()
     name_span: Span | None = _span()
     text: str = field(default="", compare=False)
+    # The value as written: a layer named by a number (SET latent = 0.10, an nn.Sequential's
+    # eleventh module) is its text, not the float 0.1's.
+    written: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -260,9 +260,11 @@ def _build_transformer():
         def set_stmt(self, meta, children):
             _, name, _, value = children
             value_span = getattr(value, "_span", None)
+            written = self.source[value_span.start_pos:value_span.end_pos] if value_span \
+                else None
             return ast.SetStatement(str(name).lower(), _plain(value), span=self._span(meta),
                                     value_span=value_span, name_span=self.offset.span(name),
-                                    text=self._text(meta))
+                                    text=self._text(meta), written=written)
 
         # aggregates: each returns the Query fields it decides
         def topk(self, meta, children):

@@ -35,8 +35,11 @@ class Settings:
                          "with estimates for every sampler) or plain (the sample mean)",
         }
 
-    def coerce(self, name: str, value):
-        """The value SET would store, or a BindError naming what is wrong with it."""
+    def coerce(self, name: str, value, written: str | None = None):
+        """The value SET would store, or a BindError naming what is wrong with it;
+        ``written``: the value's text, which names a layer or model where it is a number."""
+        if name in ("latent", "model") and isinstance(value, (int, float)) and written:
+            value = written  # SET latent = 0.10: the layer 0.10, not 0.1
         if name in ("batch_size", "seed", "max_rows"):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)  # SET seed = 1e3

@@ -314,7 +314,7 @@ def _set(conn, statement: ast.SetStatement) -> Result:
                         f"(settings are {', '.join(Settings.names())})",
                         line=where.line, column=where.column, end_column=where.end_column)
     try:
-        value = conn.settings.coerce(name, statement.value)
+        value = conn.settings.coerce(name, statement.value, statement.written)
         if name == "model":
             value = conn.on(value, statement.value_span).name
             conn.settings.latent = conn.models[value].latent  # SET latent is per model
