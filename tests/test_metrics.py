@@ -210,3 +210,35 @@ def test_on_a_narrow_terminal_the_bars_give_way_before_the_numbers():
                     provenance=Provenance(100, "r(7)", 7, order="mean"))
     text = to_text(result, width=40)
     assert "0.6055" in text and "0.5972" in text and "fc2[38]" in text and "1.00" in text
+
+
+def test_on_a_narrow_terminal_group_keys_and_numbers_stay_whole_and_long_labels_fold():
+    """At 60 columns a GROUP BY's key column had shrunk to nothing and its means read '0.79…',
+    while the no-wrap label column kept its '… 188 more' row's width; at 40 a TOPK WITH
+    BASELINE had no room for the means at all."""
+    labels = [f"encoder.blocks.0.conv[{i // 25},{i // 5 % 5},{i % 5}]" for i in range(50)]
+    values = np.linspace(1.4186, 0.2, 50)
+
+    def part(key_values):
+        return Result(kind="avg", statement="", layer="encoder.blocks.0.conv", unit="neurons",
+                      neurons=np.arange(50), labels=labels, values=key_values, n_items=9,
+                      provenance=Provenance(100))
+
+    grouped = Result(kind="avg", statement="AVG NEURONS IN encoder.blocks.0.conv GROUP BY "
+                     "correct", layer="encoder.blocks.0.conv", unit="neurons", n_items=18,
+                     groups={False: part(values), True: part(values[::-1])},
+                     provenance=Provenance(100, group_by="correct"))
+    text = to_text(grouped, width=60, max_rows=4)
+    assert "False" in text and "True" in text and "1.4186" in text
+    assert "188" not in text and "46 more" in text
+    exact = Result(kind="topk", statement="", layer="fc2", unit="neurons",
+                   neurons=np.array([3, 7]), values=np.array([0.9364, 0.2940]),
+                   labels=["fc2[3]", "fc2[7]"], n_items=40, provenance=Provenance(100))
+    sampled = Result(kind="topk", statement="TOPK 2 NEURONS IN fc2 USING SAMPLE r(7) WITH "
+                     "BASELINE", layer="fc2", unit="neurons", neurons=np.array([7, 5]),
+                     labels=["encoder.blocks.0.conv[2,0,2]", "encoder.blocks.0.conv[2,5,3]"],
+                     values=np.array([1.2368, 0.8971]), n_items=7, baseline=exact,
+                     provenance=Provenance(100, "r(7)", 7, order="mean"))
+    text = to_text(sampled, width=40)
+    assert all(number in text for number in ("1.2368", "0.8971", "0.2940 ✓"))
+    assert all(len(line) <= 40 for line in text.splitlines())

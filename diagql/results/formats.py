@@ -4,6 +4,8 @@ Kept apart from render.py so that the session settings, and so ``diagql --help``
 first prompt, read them without loading rich, numpy or torch."""
 from __future__ import annotations
 
+import math
+
 FORMATS = ("table", "json", "csv")
 MAX_ROWS = 20
 
@@ -36,3 +38,29 @@ def none_sampled(matching: int) -> str:
     """A group's cell when a sample holds none of its ``matching`` items (at least one)."""
     return f"none of its {matching:,} matching items sampled" if matching > 1 else \
         "its one matching item not sampled"
+
+
+BAR_WIDTH = 12  # a bar's characters at the largest value
+
+
+def bar(value: float, top: float):
+    """A value's bar (rich Text), BAR_WIDTH characters at ``top``."""
+    from rich.text import Text
+
+    if top <= 0 or not math.isfinite(value):
+        return Text("")
+    filled = round(BAR_WIDTH * max(float(value), 0.0) / top)
+    return Text("█" * filled, style="green")
+
+
+def number(value) -> str:
+    value = float(value)
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4f}"
+    return f"{value:.3e}"
+
+
+def cell_text(value) -> str:
+    if isinstance(value, float):
+        return number(value)
+    return "" if value is None else str(value)

@@ -14,13 +14,13 @@ import math
 from rich.console import Console, Group
 from rich.text import Text
 
-from diagql.results.formats import (MAX_ROWS, group_label, items_text, none_sampled,
+from diagql.results.formats import (MAX_ROWS, bar, cell_text, group_label, items_text, number,
                                     probability_text)
+from diagql.results.query_table import FittedTable
 from diagql.results.tables import PlainTable
 
 # Importing this module loads neither numpy nor the metrics (they load with the first result),
 # so that rendering the REPL's first lines waits for nothing.
-_BAR_WIDTH = 12
 
 
 def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
@@ -40,7 +40,7 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
         title = [] if table.title or not result.title else [Text(result.title, style="bold")]
         return Group(*title, table, *notes) if notes or title else table
     parts = [Text(result.statement, style="bold")] if echo and result.statement else []
-    parts.append(_query_table(result, max_rows))
+    parts.append(FittedTable(result, max_rows))
     # Below the table rather than as its caption, which rich would wrap to the table's width.
     parts.append(Text(_caption(result), style="dim"))
     provenance = result.provenance
@@ -63,8 +63,8 @@ def _info_table(result, max_rows: int) -> PlainTable:
     limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
     # Checkpoints side by side: many columns, so 4 significant digits (the numbers are whole
     # in CSV and JSON).
-    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else _cell(v)) \
-        if result.kind == "across" else _cell
+    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else cell_text(v)) \
+        if result.kind == "across" else cell_text
     rows = [[cell(v) for v in row] for row in result.rows[:limit]]
     # A title longer than the table (an ACROSS CHECKPOINTS statement over a few columns) is a
     # line above it (``renderable``): as the table's title, rich wrapped it word by word. The
@@ -150,7 +150,7 @@ def _inputs(result, max_rows: int, echo: bool) -> Group:
     lengths = _rank_bars([r["value"] for r in records],
                          result.ranked is None or result.ranked.largest)
     for r, length in zip(records[:max_rows], lengths):
-        cells = [str(r["rank"]), str(r["item"]), _number(r["value"]), _bar(length, 1.0),
+        cells = [str(r["rank"]), str(r["item"]), number(r["value"]), bar(length, 1.0),
                  group_label(r["label"], "class", result.class_names),
                  group_label(r["predicted"], "predicted", result.class_names),
                  probability_text(r['confidence'])]
@@ -183,109 +183,6 @@ def _size_text(size) -> str:
     if isinstance(size, float):
         return f"{size * 100:.4g}%"
     return f"{size:,}"
-
-
-def _query_table(result, max_rows: int) -> PlainTable:
-    table = PlainTable()
-    groups = result.groups
-    provenance = result.provenance
-    group_by = provenance.group_by if provenance is not None else None
-    if groups is not None:
-        table.add_column(group_by or "group", style="magenta")
-    # On a narrow terminal the bars give up their width first (cropped): numbers and labels
-    # had been cut to "0.…" while the bars kept theirs.
-    if result.kind == "topk":
-        table.add_column("rank", justify="right", no_wrap=True)
-    table.add_column("channel" if result.unit == "channels" else "neuron", style="cyan",
-                     no_wrap=True)
-    value_name = {"topk": provenance.order if provenance is not None else "value",
-                  "avg": "mean", "argmax": "share"}[result.kind]
-    table.add_column(value_name, justify="right", no_wrap=True)
-    estimate = _reliable_estimate(result)
-    if estimate is not None:
-        table.add_column("P(top-k)" if estimate.p_in_topk is not None else f"±{estimate.level:.0%}",
-                         justify="right", no_wrap=True)
-    table.add_column("", overflow="crop")
-    with_exact = result.baseline is not None or (
-        groups is not None and any(g.baseline is not None for g in groups.values()))
-    if with_exact:
-        table.add_column("exact", justify="right", no_wrap=True)
-        if result.kind == "topk":
-            table.add_column("in exact top-k", justify="center")
-    sections = list(groups.items()) if groups is not None else [(None, result)]
-    for i, (key, part) in enumerate(sections):
-        if i:
-            table.add_section()
-        if groups is not None:
-            key = group_label(key, group_by, result.class_names)
-        _add_rows(table, part, key, groups is not None, with_exact, max_rows,
-                  estimate is not None)
-    return table
-
-
-def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
-              shown_estimate: bool) -> None:
-    if part.n_items == 0 and not len(part.values):  # an ARGMAX counted from the profile has
-        # values though it sampled no item
-        population = part.estimate.population if part.estimate is not None else None
-        cells = ([_cell(key)] if grouped else []) + [
-            "", none_sampled(population) if population else "no matching items in the sample"]
-        table.add_row(*cells)
-        return
-    values = part.values
-    top = float(abs(values).max()) if len(values) else 0.0
-    exact = part.baseline if with_exact else None
-    exact_set = set(exact.neurons.tolist()) if exact is not None else None
-    shown = min(len(values), max_rows)
-    order = range(shown)
-    if len(values) > shown and part.kind in ("avg", "argmax"):
-        import numpy as np  # loaded with the first result, not with this module
-
-        # A wide layer cut to its first neurons by index showed mostly its silent ones: the
-        # largest values are shown instead, largest first (--format csv lists every neuron).
-        order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[:shown].tolist()
-        if part.kind == "argmax":  # a neuron that wins for no item is no row worth reading
-            order = [j for j in order if not values[j] == 0] or order[:1]
-    for row, j in enumerate(order):
-        neuron = int(part.neurons[j])
-        cells = [_cell(key) if row == 0 else ""] if grouped else []
-        if part.kind == "topk":
-            cells.append(str(j + 1))
-        cells += [part.labels[j], _number(values[j])]
-        if shown_estimate:
-            cells.append(_estimate_cell(part.estimate, j))
-        cells.append(_bar(values[j], top))
-        if with_exact:
-            value = exact.value_of(neuron) if exact is not None and exact.n_items else None
-            cells.append(_number(value) if value is not None else "")
-            if part.kind == "topk":
-                cells.append(("✓" if neuron in exact_set else "✗") if exact_set is not None else "")
-        table.add_row(*cells)
-    if len(values) > shown:
-        cells = [""] if grouped else []
-        if part.kind == "topk":
-            cells.append("")
-        which = "" if part.kind == "topk" else \
-            f" (the {len(order):,} largest shown, largest first)"
-        if len(order) < shown:
-            which = f" ({part.unit} that win for no item: the others)"
-        cells.append(Text(f"… {len(values) - len(order):,} more{which}", style="dim"))
-        table.add_row(*cells)
-
-
-def _reliable_estimate(result):
-    """The first estimate shown (of the groups', the first reliable one), None if none is."""
-    parts = result.groups.values() if result.groups is not None else [result]
-    return next((p.estimate for p in parts if p.estimate is not None and p.estimate.reliable),
-                None)
-
-
-def _estimate_cell(estimate, j: int) -> str:
-    if estimate is None or not estimate.reliable:
-        return ""
-    if estimate.p_in_topk is not None:
-        return f"{estimate.p_in_topk[j]:.2f}"
-    return "±" + _number((estimate.ci_high[j] - estimate.ci_low[j]) / 2)
 
 
 def _estimate_line(result) -> Text | None:
@@ -397,26 +294,6 @@ def _rank_bars(values: list[float], largest: bool) -> list[float]:
     floor = low - span / 10 if largest else high + span / 10
     return [abs(v - floor) / abs((high if largest else low) - floor) if math.isfinite(v) else 0.0
             for v in values]
-
-
-def _bar(value: float, top: float) -> Text:
-    if top <= 0 or not math.isfinite(value):
-        return Text("")
-    filled = round(_BAR_WIDTH * max(float(value), 0.0) / top)
-    return Text("█" * filled, style="green")
-
-
-def _number(value) -> str:
-    value = float(value)
-    if value == 0 or 1e-3 <= abs(value) < 1e5:
-        return f"{value:.4f}"
-    return f"{value:.3e}"
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return _number(value)
-    return "" if value is None else str(value)
 
 
 # --- text, HTML, JSON, CSV --------------------------------------------------------------------

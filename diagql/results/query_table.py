@@ -1,0 +1,157 @@
+"""A query's answer as a table: a row per neuron (per group and rank), its value, its estimate
+and the exact value beside it, built for the width it is drawn at (results/render.py draws
+the rest of the answer around it).
+
+Every ``result`` here is a Result (results/result.py), unannotated as in render.py.
+"""
+from __future__ import annotations
+
+from rich.text import Text
+
+from diagql.results.formats import bar, cell_text, group_label, none_sampled, number
+from diagql.results.tables import PlainTable
+
+
+class FittedTable:
+    """A query's table, built for the width it is drawn at (rich gives it at render time).
+    Where it would not fit whole, it has no bars (a number is worth more than its bar: on a
+    40-column terminal the bars' 12 columns had cut the means to "0.…"), then no column of
+    its own for "in exact top-k" (its ✓ or ✗ beside the exact value), then no rank (the
+    rows' order is theirs); what is still too wide folds its labels onto more lines."""
+
+    def __init__(self, result, max_rows: int):
+        self.result, self.max_rows = result, max_rows
+
+    def _table(self, console, options) -> PlainTable:
+        from rich.measure import Measurement
+
+        for bars, marks, ranks in ((True, True, True), (False, True, True),
+                                   (False, False, True), (False, False, False)):
+            table = _query_table(self.result, self.max_rows, bars, marks, ranks)
+            whole = Measurement.get(console, options.update_width(1 << 16), table).maximum
+            if whole <= options.max_width:
+                break
+        return table
+
+    def __rich_console__(self, console, options):
+        yield self._table(console, options)
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        return Measurement.get(console, options, self._table(console, options))
+
+
+def _query_table(result, max_rows: int, bars: bool = True, marks: bool = True,
+                 ranks: bool = True) -> PlainTable:
+    """``bars``: a column of bars; ``marks``: a column for "in exact top-k" (else its mark
+    follows the exact value); ``ranks``: TOPK's rank column."""
+    table = PlainTable()
+    groups = result.groups
+    provenance = result.provenance
+    group_by = provenance.group_by if provenance is not None else None
+    if groups is not None:
+        table.add_column(group_by or "group", style="magenta", no_wrap=True)
+    # On a narrow terminal the labels (folded onto more lines) and the bars (cropped) give up
+    # their width; the numbers and group keys, which nothing else shows, keep theirs. Rich
+    # narrows the widest wrapable column first and, when those cannot give enough, every
+    # column alike: a no-wrap label column with its "… 188 more" row had kept 20 columns of
+    # padding while the means read "0.…" and the group keys vanished.
+    if result.kind == "topk" and ranks:
+        table.add_column("rank", justify="right", no_wrap=True)
+    table.add_column("channel" if result.unit == "channels" else "neuron", style="cyan",
+                     overflow="fold")
+    value_name = {"topk": provenance.order if provenance is not None else "value",
+                  "avg": "mean", "argmax": "share"}[result.kind]
+    table.add_column(value_name, justify="right", no_wrap=True)
+    estimate = _reliable_estimate(result)
+    if estimate is not None:
+        table.add_column("P(top-k)" if estimate.p_in_topk is not None else f"±{estimate.level:.0%}",
+                         justify="right", no_wrap=True)
+    if bars:
+        table.add_column("", overflow="crop")
+    with_exact = result.baseline is not None or (
+        groups is not None and any(g.baseline is not None for g in groups.values()))
+    if with_exact:
+        table.add_column("exact", justify="right", no_wrap=True)
+        if result.kind == "topk" and marks:
+            table.add_column("in exact top-k", justify="center")
+    sections = list(groups.items()) if groups is not None else [(None, result)]
+    for i, (key, part) in enumerate(sections):
+        if i:
+            table.add_section()
+        if groups is not None:
+            key = group_label(key, group_by, result.class_names)
+        _add_rows(table, part, key, groups is not None, with_exact, max_rows,
+                  estimate is not None, bars, marks, ranks)
+    return table
+
+
+def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
+              shown_estimate: bool, bars: bool = True, marks: bool = True,
+              ranks: bool = True) -> None:
+    if part.n_items == 0 and not len(part.values):  # an ARGMAX counted from the profile has
+        # values though it sampled no item
+        population = part.estimate.population if part.estimate is not None else None
+        cells = ([cell_text(key)] if grouped else []) + [
+            "", none_sampled(population) if population else "no matching items in the sample"]
+        table.add_row(*cells)
+        return
+    values = part.values
+    top = float(abs(values).max()) if len(values) else 0.0
+    exact = part.baseline if with_exact else None
+    exact_set = set(exact.neurons.tolist()) if exact is not None else None
+    shown = min(len(values), max_rows)
+    order = range(shown)
+    if len(values) > shown and part.kind in ("avg", "argmax"):
+        import numpy as np  # loaded with the first result, not with this module
+
+        # A wide layer cut to its first neurons by index showed mostly its silent ones: the
+        # largest values are shown instead, largest first (--format csv lists every neuron).
+        order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[:shown].tolist()
+        if part.kind == "argmax":  # a neuron that wins for no item is no row worth reading
+            order = [j for j in order if not values[j] == 0] or order[:1]
+    for row, j in enumerate(order):
+        neuron = int(part.neurons[j])
+        cells = [cell_text(key) if row == 0 else ""] if grouped else []
+        if part.kind == "topk" and ranks:
+            cells.append(str(j + 1))
+        cells += [part.labels[j], number(values[j])]
+        if shown_estimate:
+            cells.append(_estimate_cell(part.estimate, j))
+        if bars:
+            cells.append(bar(values[j], top))
+        if with_exact:
+            value = exact.value_of(neuron) if exact is not None and exact.n_items else None
+            mark = ("✓" if neuron in exact_set else "✗") \
+                if part.kind == "topk" and exact_set is not None else ""
+            shown_value = number(value) if value is not None else ""
+            cells.append(shown_value if marks else f"{shown_value} {mark}".strip())
+            if part.kind == "topk" and marks:
+                cells.append(mark)
+        table.add_row(*cells)
+    if len(values) > shown:
+        cells = [""] if grouped else []
+        if part.kind == "topk" and ranks:
+            cells.append("")
+        which = "" if part.kind == "topk" else \
+            f" (the {len(order):,} largest shown, largest first)"
+        if len(order) < shown:
+            which = f" ({part.unit} that win for no item: the others)"
+        cells.append(Text(f"… {len(values) - len(order):,} more{which}", style="dim"))
+        table.add_row(*cells)
+
+
+def _reliable_estimate(result):
+    """The first estimate shown (of the groups', the first reliable one), None if none is."""
+    parts = result.groups.values() if result.groups is not None else [result]
+    return next((p.estimate for p in parts if p.estimate is not None and p.estimate.reliable),
+                None)
+
+
+def _estimate_cell(estimate, j: int) -> str:
+    if estimate is None or not estimate.reliable:
+        return ""
+    if estimate.p_in_topk is not None:
+        return f"{estimate.p_in_topk[j]:.2f}"
+    return "±" + number((estimate.ci_high[j] - estimate.ci_low[j]) / 2)
