@@ -173,8 +173,10 @@ def test_a_checkpoints_cache_key_is_that_of_its_weights(trained, data, tmp_path)
 
 def test_across_checkpoints_needs_checkpoints(cnn, digits):
     db = diagql.connect(cnn, digits, cache_dir=False, progress=False)
-    with pytest.raises(BindError, match="ACROSS CHECKPOINTS needs checkpoints"):
+    with pytest.raises(BindError, match="ACROSS CHECKPOINTS needs checkpoints") as error:
         db.query("AVG NEURONS IN 8 ACROSS CHECKPOINTS")
+    # The caret under the clause, not the layer (a sweep's finding).
+    assert (error.value.column, error.value.end_column) == (18, 36)
 
 
 def test_checkpoints_that_do_not_fit_are_reported(trained, data, tmp_path):

@@ -610,7 +610,7 @@ def test_until_only_on_queries(text, column, end):
     ("TOPK 5 NEURONS IN fc1 WHERE confidence = 'x'", 1, 42),
     ("TOPK 5 NEURONS IN 'unterminated", 1, 19),
     ("TOPK 5 NEURONS IN fc1 GROUP BY confidence", 1, 32),
-    ("TOPK 5.5 NEURONS IN fc1", 1, 7),  # INT 5, then an unexpected .5
+    ("TOPK 5.5 NEURONS IN fc1", 1, 6),  # INT 5, then .5: the whole number named
     ("TOPK 5 NEURONS IN fc1 USING SAMPLE random(1,)", 1, 45),
     ("SHOW TABLES", 1, 6),
     ("SET = 3", 1, 5),
@@ -950,3 +950,16 @@ def test_an_empty_statement_points_at_nothing():
         parse("")
     assert info.value.caret() is None
     assert info.value.format() == "1:1: syntax error: empty statement: nothing to run"
+
+
+@pytest.mark.parametrize("text, shown, column", [
+    ("TOPK 2.5 NEURONS IN fc1", "2.5", 6),
+    ("TOPK 1e1 NEURONS IN fc1", "1e1", 6),
+    ("TOPK 3 INPUTS FOR fc1[2.5]", "2.5", 23),
+])
+def test_a_decimal_where_a_whole_number_goes_is_named_whole(text, shown, column):
+    """The lexer takes '2' for the whole number and leaves '.5': the error had read
+    "unexpected '.5'; expected CHANNELS, INPUTS or NEURONS", its caret inside the number."""
+    error = error_of(text)
+    assert f"expected a whole number, not '{shown}'" in str(error)
+    assert (error.line, error.column, error.end_column) == (1, column, column + len(shown))

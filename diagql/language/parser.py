@@ -211,6 +211,12 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
         assert isinstance(exc, UnexpectedToken)
         line, column = offset.line_col(token.line, token.column)
         what, width = f"unexpected {str(token)!r}", max(len(str(token)), 1)
+    whole = None if at_end or not isinstance(exc, UnexpectedToken) else \
+        _split_number(piece.text, token.start_pos, str(token))
+    if whole is not None:  # TOPK 2.5: the lexer took 2 for the whole number and left '.5'
+        number_start, text = whole
+        line, column = offset.line_col(*_line_col(piece.text, number_start))
+        what, width, expected = f"expected a whole number, not {text!r}", len(text), ()
     if not at_end and token is not None and token.type == "CALL":
         hint = ("hint: '#n' names one call of a layer, right after its name (block.relu#2); "
                 "as a value (SET latent = ...), quote it: 'block.relu#2'")
@@ -238,6 +244,27 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
     error = IncompleteStatement if at_end else ParseError
     return error(message, line=line, column=column, end_column=column + width, source=source,
                  hint=hint)
+
+
+def _split_number(text: str, position: int, token: str) -> tuple[int, str] | None:
+    """(where it starts, its text) of a number the lexer split after its whole part where a
+    whole number was wanted ('2' then '.5', '1' then 'e1'); None for any other token."""
+    import re
+
+    if not re.fullmatch(r"\.\d+([eE][+-]?\d+)?|[eE][+-]?\d+", token):
+        return None
+    start = position
+    while start > 0 and text[start - 1].isdigit():
+        start -= 1
+    if start == position or (start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_.")):
+        return None
+    return start, text[start:position + len(token)]
+
+
+def _line_col(text: str, position: int) -> tuple[int, int]:
+    """The 1-based line and column of ``position`` in ``text``."""
+    line = text.count("\n", 0, position) + 1
+    return line, position - (text.rfind("\n", 0, position) + 1) + 1
 
 
 # Each statement's clauses in the one order the grammar takes them (EVALUATE's come in any).

@@ -153,6 +153,8 @@ def _build_transformer():
                 fields["across"] = ast.Across(fields.pop("plot", None), span=fields["across"])
             if len(layers) != (1 if "across" in fields else max(len(layers), 2)):
                 span = self._span(meta)
+                if "across" in fields and fields["across"].span is not None:
+                    span = fields["across"].span  # the clause that takes one layer
                 # Nothing after the one layer: more text could still make it valid (the REPL
                 # waits for the next line, as for any statement cut short).
                 error = IncompleteStatement if not fields else ParseError

@@ -56,7 +56,7 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
             error.line, error.column = layer.span.line, layer.span.column
             error.end_column = layer.span.end_column
         raise error
-    names = checkpoint_names(conn, entry, layer.span)
+    names = checkpoint_names(conn, entry, statement.across.span or layer.span)
     plot = statement.across.plot
     if plot is not None:
         check_target(plot.value, plot.span)  # before the passes, which a bad path would waste

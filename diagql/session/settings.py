@@ -29,7 +29,8 @@ class Settings:
             "seed": "random_state of samplers that do not set one",
             "latent": "layer whose output is the latent space (default: input of the final linear layer)",
             "format": "output format of the CLI and REPL: " + ", ".join(FORMATS),
-            "max_rows": "rows shown per table before the rest is counted",
+            "max_rows": "rows the CLI and REPL show per table before the rest is counted "
+                        "(print(result) in Python: 20; to_text(result, max_rows=...))",
             "model": "the model an unqualified layer name reads (SHOW MODELS lists them)",
             "estimator": "a sample's answer: assisted (corrected by a regression on the latent, "
                          "with estimates for every sampler) or plain (the sample mean)",

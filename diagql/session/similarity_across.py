@@ -41,7 +41,7 @@ def explain_across(conn, statement: ast.Similarity) -> tuple[str, str]:
     """EXPLAIN's row for ACROSS CHECKPOINTS: what runs once per checkpoint."""
     (layer,) = statement.layers
     entry, ref = conn.resolve(layer)
-    names = checkpoint_names(conn, entry, layer.span)
+    names = checkpoint_names(conn, entry, statement.across.span or layer.span)
     detail = (f"once per model of {', '.join(names)}: its {ref.text()} against "
               f"{names[-1]}'s, both in one pass, one checkpoint's weights loaded at a time")
     return "across", detail

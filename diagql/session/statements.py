@@ -285,7 +285,8 @@ def _explain(conn, statement: ast.Explain) -> Result:
     if statement.query.across is not None:
         from diagql.session.across import checkpoint_names
 
-        names = checkpoint_names(conn, entry, statement.query.layer.span)
+        names = checkpoint_names(conn, entry, statement.query.across.span
+                                 or statement.query.layer.span)
         rows.append(("across", f"this plan once per model of {', '.join(names)}, one "
                                f"checkpoint's weights loaded at a time"))
     return Result(kind="explain", statement=statement.text, title=f"plan: {statement.query.text}",
