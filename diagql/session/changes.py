@@ -202,6 +202,10 @@ def after_statement(conn) -> None:
     for entry in conn.models.values():
         if not entry.is_checkpoint and entry.stamp is not None:
             entry.stamp = model_stamp(entry.architecture())
+    # Likewise what the code that makes the items wrote (a collate_fn counting its calls into
+    # a list it closes over had made every statement read the data again).
+    if conn.data_stamp is not None and conn.data_stamp[-1] is not None:
+        conn.data_stamp = (*conn.data_stamp[:-1], _item_code(conn.data))
 
 
 def _bytes(tensors: list, arrays: tuple = ()) -> int:

@@ -74,18 +74,31 @@ HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
 def code_digest(functions) -> str:
     """A digest of functions (or callable objects) and what they read, for a statement's
     stamp of the data (session/changes.py: a DataLoader's collate_fn, a Dataset's
-    __getitem__): their code, defaults, closures and the globals their code reads that are
-    numbers, strings, functions or small containers (``STAMP_VALUES``). One that holds more
-    than STAMP_VALUES values or STAMP_ELEMENTS elements (a collator holding a tokenizer) is
-    "unseen": a walk per statement would cost more than the statement."""
+    __getitem__): a function by its code, the plain values of its defaults and closure
+    (numbers, strings, tensors, arrays, tuples and dicts of them: not a list it appends its
+    calls to) and the globals its code reads as a model's stamp takes them (numbers, strings,
+    functions, small containers: ``STAMP_VALUES``); a callable object by its contents when it
+    holds at most STAMP_VALUES values (a collator holding a tokenizer is "unseen": a walk per
+    statement would cost more than the statement)."""
     digest = xxhash.xxh3_128()
     for i, fn in enumerate(functions):
+        name, part = f"function {i}", xxhash.xxh3_128()
         walk = _Walk(code="scalars")
         walk.limit = STAMP_VALUES
         try:
-            found = walk.digest_of(f"function {i}", fn) if isinstance(fn, types.FunctionType) \
-                or _small_enough(fn) else "unseen"
-        except (_Opaque, RecursionError):
+            if isinstance(fn, types.FunctionType):
+                walk.code(part, name, fn.__code__)
+                walk.plain(part, name, (fn.__defaults__, fn.__kwdefaults__))
+                for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+                    try:
+                        walk.plain(part, f"{name}.<closure {var}>", cell.cell_contents)
+                    except ValueError:  # not yet assigned
+                        _feed(part, name, "empty cell", var)
+                walk.globals_of(part, name, fn)
+                found = part.hexdigest()
+            else:
+                found = walk.digest_of(name, fn) if _small_enough(fn) else "unseen"
+        except (_Opaque, RecursionError, TypeError, ValueError, RuntimeError):
             found = "unseen"
         _feed(digest, found)
     return digest.hexdigest()
