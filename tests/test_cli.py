@@ -349,6 +349,8 @@ def test_the_demo_takes_weights_of_its_own(tmp_path):
         want = model.eval()(X).double().mean(0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN fc3 USING FULL").values, want,
                                rtol=1e-5, atol=1e-5)
+    # SHOW MODELS names the file the weights came from (it had said "as given").
+    assert str(path) in str(conn.query("SHOW MODELS").rows)
     done = diagql("--demo", "--weights", str(path), "--weights", str(path), "-e", "SHOW LAYERS")
     assert done.returncode == 2 and "--demo takes one --weights PATH" in done.stderr
 
@@ -376,3 +378,13 @@ def test_a_stream_that_cannot_write_the_bars_gets_the_numbers(tmp_path):
                           text=True, encoding="ascii", errors="strict")
     assert done.returncode == 0, done.stderr
     assert "head[" in done.stdout and "?" in done.stdout
+
+
+def test_weights_named_for_a_model_that_has_no_name_say_how_to_give_them():
+    """With one unnamed --model, --weights other=PATH had said 'models are None'."""
+    from diagql.errors import DiagQLError
+    from diagql.shell.loading import load_models
+
+    with pytest.raises(DiagQLError, match=r"there is no --model other=\.\.\.; the one model is "
+                                          r"unnamed: --weights PATH"):
+        load_models(["tests.models:trained_mlp"], ["other=w.pt"])

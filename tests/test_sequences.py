@@ -866,9 +866,33 @@ def test_describe_says_which_part_of_a_tuple_output_is_read():
     conn = diagql.connect(Attends(), (torch.randn(20, 5, 8), torch.randint(0, 3, (20,))),
                           cache_dir=False, progress=False)
     described = dict(conn.query("DESCRIBE attn").rows)["axes"]
-    assert "it returns a tuple holding a tensor of shape (3, 5, 8): that tensor is read, the " \
-           "rest of the tuple (attention weights, hidden states) is not queried" in described
+    assert "it returns a tuple holding a tensor of shape (3, 5, 8) at position 0: that tensor " \
+           "is read, the rest of the tuple is not queried" in described
     assert "it returns" not in dict(conn.query("DESCRIBE head").rows)["axes"]
+
+
+def test_describe_names_the_key_of_a_dict_output_it_reads():
+    """A dict of {'attn': weights, 'hidden': h} had been described as reading one tensor, "the
+    rest (attention weights, hidden states) not queried", though the weights were what it read."""
+    class Attention(nn.Module):
+        def forward(self, x):
+            weights = torch.softmax(x @ x.transpose(1, 2), dim=-1)
+            return {"attn": weights, "hidden": weights @ x}
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.head = Attention(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.att(x)["hidden"].mean(1))
+
+    torch.manual_seed(12)
+    conn = diagql.connect(Model(), (torch.randn(20, 5, 4), torch.randint(0, 3, (20,))),
+                          cache_dir=False, progress=False)
+    described = dict(conn.query("DESCRIBE att").rows)["axes"]
+    assert "a dict holding a tensor of shape (3, 5, 5) at key 'attn': that tensor is read, the " \
+           "rest of the dict is not queried" in described
 
 
 def test_a_token_view_is_checked_on_its_own_modules_mean_view_with_the_whole_excess():

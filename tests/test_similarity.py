@@ -454,9 +454,13 @@ def test_json_of_an_undefined_interval_is_strict_json(db):
     def refuse(constant):
         raise AssertionError(f"{constant} in the JSON")
 
-    data = json.loads(diagql.results.render.to_json(result), parse_constant=refuse)
+    from diagql.results.render import to_json
+
+    data = json.loads(to_json(result), parse_constant=refuse)
     assert data["estimate"]["ci_low"] == [[None, None], [None, None]]
     assert data["value"] is None and data["n_items"] == 3
+    # The Python API's dict too (it had held NaN: json.dumps(..., allow_nan=False) raised).
+    assert json.loads(json.dumps(result.to_dict(), allow_nan=False)) == data
 
 
 def test_plot_writes_the_heat_map_and_a_bad_target_is_refused_first(

@@ -1237,3 +1237,29 @@ def test_a_latent_named_by_a_number_is_the_layer_written():
     assert conn.profile.latents.shape[1] == 4  # 0.10's four outputs, not 0.1's six
     conn.query("SET latent = 0.1")
     assert conn.settings.latent == "0.1" and conn.profile.latents.shape[1] == 6
+
+
+def test_nan_and_infinite_activations_raise_no_numpy_warnings():
+    """NaN class scores and an infinite column reached stderr as numpy's "invalid value
+    encountered in subtract" with its source line, beside DiagQL's own warning and refusal."""
+    import warnings
+
+    class Poisoned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc(x).clone()
+            h[:, 2], h[:, 3] = float("nan"), float("inf")
+            return self.head(h)
+
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    conn = diagql.connect(Poisoned(), (X, y), cache_dir=False, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conn.profile
+        with pytest.raises(DiagQLError, match="NaN or infinite activations"):
+            conn.query("TOPK 3 NEURONS IN head")
+    assert [w for w in caught if issubclass(w.category, RuntimeWarning)] == []

@@ -23,6 +23,9 @@ def demo(weights: str | None = None, **options):
     if weights is not None:
         from diagql.model.weights import load_state, read_state
 
+        from diagql.session.models import WEIGHTS_FROM
+
         label = f"--weights {weights!r}"
         load_state(model, read_state(weights, label), label)
+        WEIGHTS_FROM[model] = str(weights)  # SHOW MODELS names the file
     return connect(model, demo_dataset(keep), **options)

@@ -382,7 +382,7 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
     if " holding " in last.what:  # a tuple, dict or model output: one tensor of it is read
         container = last.what.split(" holding ")[0].split(" ", 1)[1]
         found += (f"; it returns {last.what}: that tensor is read, the rest of the {container} "
-                  f"(attention weights, hidden states) is not queried")
+                  f"is not queried")
     return LayerInfo(name, type_name, shape, calls, axis, last.form, layout, found, varies,
                      mask)
 

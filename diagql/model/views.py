@@ -76,7 +76,25 @@ def describe_output(output) -> str:
         what = f"a nested tensor of {first.size(0)} components"
     else:
         what = f"a tensor of shape {tuple(first.shape)}"
-    return what if first is output else f"{_a(type(output).__name__)} holding {what}"
+    if first is output:
+        return what
+    where = _place_of(output, first)
+    return f"{_a(type(output).__name__)} holding {what}" + (f" at {where}" if where else "")
+
+
+def _place_of(output, found) -> str | None:
+    """Where in ``output`` the tensor ``found`` is: "key 'attn'", "position 0", "field
+    'hidden'"; None where it is deeper than one level, or not there at all."""
+    if isinstance(output, Mapping):
+        entries = [(f"key {key!r}", value) for key, value in output.items()]
+    elif isinstance(output, (tuple, list)):
+        entries = [(f"position {i}", value) for i, value in enumerate(output)]
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        entries = [(f"field {f.name!r}", getattr(output, f.name))
+                   for f in dataclasses.fields(output)]
+    else:
+        return None
+    return next((place for place, value in entries if value is found), None)
 
 
 def _a(name: str) -> str:

@@ -5,6 +5,8 @@ A query's answer carries what render and programs need to know about it in its o
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -413,10 +415,14 @@ class Result:
 
 
 def _jsonable(value):
-    """An array or numpy scalar as a list or Python number."""
+    """An array or numpy scalar as a list or Python number; NaN (undefined: a CKA of a
+    constant layer's interval) as None, which strict JSON takes."""
     if isinstance(value, np.ndarray):
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            return np.where(np.isfinite(value), value, None).tolist()
         return value.tolist()
-    return _plain(value)
+    value = _plain(value)
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _number_or_none(value) -> float | None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from diagql.engine.executor import Runner, row_dtype
@@ -26,6 +28,11 @@ from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint
 # The warnings ModelEntry.naming said again, by (text, category, line): the filters' "once
 # per place" holds for them as it would have for the first telling.
 _RETOLD: dict = {}
+
+
+# The file each model's weights were loaded from before it was connected (the command line's
+# --weights), for SHOW MODELS; a model given as it is says "as given".
+WEIGHTS_FROM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ModelEntry:
@@ -62,7 +69,9 @@ class ModelEntry:
         return self.slot.hold(self.name, self.weights)
 
     def describe_weights(self) -> str:
-        return "as given" if self.slot is None else describe_weights(self.weights)
+        if self.slot is None:  # --weights loads the file before connecting: it is named
+            return WEIGHTS_FROM.get(self._module, "as given")
+        return describe_weights(self.weights)
 
     # --- shared with the connection ------------------------------------------------------
 
@@ -141,7 +150,10 @@ class ModelEntry:
 
     @property
     def profile(self) -> Profile:
-        with STATEMENTS, self.naming():  # its pass hooks the model, as a statement's do
+        # NaN or infinite scores and latents are DiagQL's to report (profile.py warns of them),
+        # not numpy's "invalid value encountered" with one of its own source lines.
+        with STATEMENTS, self.naming(), np.errstate(invalid="ignore", divide="ignore",
+                                                    over="ignore"):
             return self.artifacts.get_profile()
 
     @contextlib.contextmanager

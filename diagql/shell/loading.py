@@ -82,7 +82,10 @@ def load_model(spec: str, weights: str | None = None):
     if not isinstance(model, nn.Module):
         raise DiagQLError(f"--model {spec!r} gave {type(model).__name__}, not a torch.nn.Module")
     if weights:
+        from diagql.session.models import WEIGHTS_FROM
+
         load_weights(model, weights)
+        WEIGHTS_FROM[model] = weights  # SHOW MODELS names the file
     return model
 
 
@@ -121,8 +124,10 @@ def load_models(specs: list[str], weights: list[str]):
     for value in weights:
         name, path = named(value, "--weights")
         if name is not None and name not in models:
-            raise DiagQLError(f"--weights {value!r}: there is no --model {name}=...; models are "
-                              f"{', '.join(str(m) for m in models)}")
+            given = [m for m in models if m is not None]
+            raise DiagQLError(f"--weights {value!r}: there is no --model {name}=...; " + (
+                f"models are {', '.join(given)}" if given else
+                "the one model is unnamed: --weights PATH"))
         if name is None and len(models) > 1:
             raise DiagQLError(f"--weights {value!r}: with several models, say whose: "
                               f"--weights NAME=PATH")
