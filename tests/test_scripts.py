@@ -2,6 +2,8 @@
 the middle, whose error says which statement it is while the others keep their answers."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -123,13 +125,14 @@ def test_a_grouped_results_repr_counts_its_groups(mlp, digits):
                              "over 1797 items, full>")  # it had said "0 values"
 
 
-# Whether the test's model fails: a dict of the module's, not a value its forward closes over
-# (that would be a change of the model, which derives the profile again).
-_ARMED = {"on": False}
+# Whether the test's model fails: an environment variable, which no model stamp reads (a
+# global or a value its forward closes over would be a change of the model, which derives
+# the profile again, and the profile's pass would meet the broken item).
+_ARMED = "DIAGQL_TEST_BROKEN_ITEM"
 
 
 def test_a_shared_pass_that_fails_on_one_item_still_answers_the_other_statements(
-        mlp, digits, truth):
+        mlp, digits, truth, monkeypatch):
     """Statements of one model share one pass; when the model raises on one item, each is
     answered alone, so only the statement whose items hold it fails, at its own place (all of
     them had failed, with no place; README: 'each still gets its own answer, or its own
@@ -145,19 +148,19 @@ def test_a_shared_pass_that_fails_on_one_item_still_answers_the_other_statements
             self.inner = mlp
 
         def forward(self, x):
-            if _ARMED["on"] and bool((x == X[bad]).flatten(1).all(dim=1).any()):
+            if os.environ.get(_ARMED) and bool((x == X[bad]).flatten(1).all(dim=1).any()):
                 raise ValueError("a broken item")
             return self.inner(x)
 
     db = diagql.connect(Failing(), digits, cache_dir=False, progress=False, batch_size=500)
     db.profile  # noqa: B018 - made before the model fails
-    _ARMED["on"] = True
+    monkeypatch.setenv(_ARMED, "1")
     try:
             one, four, two = db.run_script("AVG NEURONS IN inner.encoder.1 WHERE class = 1;\n"
                                        "AVG NEURONS IN inner.encoder.1 WHERE class = 4;\n"
                                        "AVG NEURONS IN inner.encoder.1 WHERE class = 2;")
     finally:
-        _ARMED["on"] = False
+        monkeypatch.delenv(_ARMED)
     assert not isinstance(one, Exception), one
     np.testing.assert_allclose(one.values, hidden[labels == 1].mean(axis=0), atol=1e-5)
     np.testing.assert_allclose(two.values, hidden[labels == 2].mean(axis=0), atol=1e-5)
