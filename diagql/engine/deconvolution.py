@@ -22,9 +22,11 @@ COMPONENTS = 3
 # Neurons the prior is fitted to: at most this many, at evenly spaced ranks of the estimates
 # (the whole distribution, its tail included), so that a 4,704-neuron layer costs what a
 # 256-neuron one does. With at most ITERATIONS steps, stopping when the mean log-likelihood
-# gains less than TOLERANCE a step, P(in top-k) costs 3-6 ms a group (0.2-0.3 ms without
-# the prior); run to 1e-5 (100 steps, twice the time) the sweep's CNN was 0.03 nearer its
-# actual precision (benchmarks/README.md, "TOPK's expected precision near ties").
+# gains less than TOLERANCE a step, P(in top-k) cost 3-6 ms a group alone (0.2-0.3 ms
+# without the prior), about 3 ms a group with a GROUP BY's priors fitted together
+# (``fit_many``); run to 1e-5 (100 steps, twice the time) the sweep's CNN was 0.03 nearer its
+# actual precision (benchmarks/README.md, "TOPK's expected precision near ties", "A GROUP
+# BY's priors fitted together").
 FIT_NEURONS = 256
 ITERATIONS = 60
 TOLERANCE = 1e-4
