@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import diagql
+from diagql.results.formats import size_text
 from diagql.errors import DiagQLError, DiagQLWarning
 from diagql.samplers.stratified import StratifiedSampler
 from diagql.storage import entry_file
@@ -35,7 +36,7 @@ from diagql.storage.fingerprint import (
     data_fingerprint,
     model_fingerprint,
 )
-from diagql.storage.store import Cache, format_size
+from diagql.storage.store import Cache
 
 QUERY = "TOPK 3 NEURONS IN fc1 WHERE incorrect"
 SAMPLED = "TOPK 3 NEURONS IN fc1 WHERE incorrect USING SAMPLE stratified(0.3)"
@@ -447,7 +448,7 @@ def test_clear_cache_says_what_it_could_not_remove(tmp_path, monkeypatch):
     result = db.query("CLEAR CACHE")
     assert result.title.startswith("removed 0 entries (0 B)")
     assert result.notes == [f"could not remove {len(held)} entries "
-                            f"({format_size(sum(p.stat().st_size for p in held))}): "
+                            f"({size_text(sum(p.stat().st_size for p in held))}): "
                             f"Permission denied"]
     monkeypatch.undo()
     assert db.query("CLEAR CACHE").title.startswith(f"removed {len(held)} entries")
@@ -495,7 +496,7 @@ def test_a_generic_dataset_is_not_cached_on_disk(tmp_path):
 WRITER = """
 import sys
 import numpy as np
-from diagql.storage.store import Cache, format_size
+from diagql.storage.store import Cache
 
 cache, me = Cache(sys.argv[1]), int(sys.argv[2])
 for i in range(40):
@@ -594,7 +595,7 @@ READER = f"""
 import sys, warnings
 import numpy as np
 from diagql.errors import DiagQLWarning
-from diagql.storage.store import Cache, format_size
+from diagql.storage.store import Cache
 
 warnings.simplefilter("error", DiagQLWarning)
 arrays = Cache(sys.argv[1]).load("profile", "{KEY}")
@@ -665,7 +666,7 @@ EXITING_WRITER = """
 import sys, time
 import numpy as np
 from diagql.storage import writer
-from diagql.storage.store import Cache, format_size
+from diagql.storage.store import Cache
 
 root, mode = sys.argv[1], sys.argv[2]
 cache = Cache(root)

@@ -201,7 +201,7 @@ def test_describe_the_module_shows_each_call(resnet):
                              "layer1.0.relu#2")
     for n in (1, 2):
         assert rows[f"{RELU}#{n}"].startswith("4×6×6, 144 neurons; batch: axis 0 of 4")
-    assert rows["module"] == "ReLU(inplace=True)" and rows["parameters"] == "0"
+    assert rows["module"] == "ReLU(inplace=True)" and rows["parameters"] == 0
 
 
 def test_describe_one_call(resnet):
@@ -209,7 +209,7 @@ def test_describe_one_call(resnet):
     rows = dict(db.query(f"DESCRIBE {RELU}#2").rows)
     assert rows["name"] == f"{RELU}#2"
     assert rows["call"] == f"2 of the 2 calls of {RELU} per forward pass"
-    assert rows["output"] == "4×6×6" and rows["neurons"] == "144" and rows["channels"] == 4
+    assert rows["output"] == "4×6×6" and rows["neurons"] == 144 and rows["channels"] == 4
     assert rows["labels"] == f"{RELU}#2[0,0,0] … {RELU}#2[3,5,5]"
 
 

@@ -60,7 +60,35 @@ def number(value) -> str:
     return f"{value:.3e}"
 
 
+class Percent(float):
+    """A share a table shows as a percentage (79.5%); JSON and CSV carry the number (0.795)."""
+
+
+class Count(int):
+    """A count a table shows with thousands separators (61,706); JSON and CSV, the integer."""
+
+
+class Bytes(int):
+    """A size a table shows in units (2.3 MB); JSON and CSV, the bytes."""
+
+
+def size_text(size: int) -> str:
+    """Bytes in the largest unit they fill: 2.3 MB."""
+    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("kB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"
+
+
 def cell_text(value) -> str:
+    """A table cell as shown: typed numbers (``Percent``, ``Count``, ``Bytes``) in their
+    form, other floats to four places."""
+    if isinstance(value, Percent):
+        return f"{value:.1%}"
+    if isinstance(value, Count):
+        return f"{value:,}"
+    if isinstance(value, Bytes):
+        return size_text(value)
     if isinstance(value, float):
         return number(value)
     return "" if value is None else str(value)

@@ -11,6 +11,7 @@ from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
 from diagql.model.scores import profile_notices
 from diagql.model.views import SEQUENCE, View
+from diagql.results.formats import Bytes, Count, Percent, size_text
 from diagql.results.result import Result
 
 
@@ -40,9 +41,8 @@ def _models(conn, statement) -> Result:
             notes.append(exc.message)
             accuracy = scores = "—"
         else:
-            accuracy = f"{float(profile.correct.mean()):.1%}" if profile.has_labels \
-                else "no labels"
-        rows.append((name, type(module).__name__, f"{sum(p.numel() for p in module.parameters()):,}",
+            accuracy = Percent(profile.correct.mean()) if profile.has_labels else "no labels"
+        rows.append((name, type(module).__name__, Count(sum(p.numel() for p in module.parameters())),
                      entry.describe_weights(), accuracy, "*" if entry is current else "",
                      scores))
     return Result(kind="table", statement=statement.text,
@@ -65,8 +65,6 @@ COLUMNS = ["kind", "entries", "size", "session hits", "session misses"]
 
 def _cache(conn, statement) -> Result:
     """What the disk cache holds, per kind, and how this session used it."""
-    from diagql.storage.store import format_size
-
     cache = conn.cache
     if not cache.enabled:
         return Result(kind="table", statement=statement.text, title="the disk cache is off",
@@ -77,12 +75,12 @@ def _cache(conn, statement) -> Result:
     for kind in kinds:
         mine = [e for e in entries if e.kind == kind]
         used = cache.by_kind.get(kind, {"hits": 0, "misses": 0})
-        rows.append((kind, len(mine), format_size(sum(e.bytes for e in mine)), used["hits"],
+        rows.append((kind, len(mine), Bytes(sum(e.bytes for e in mine)), used["hits"],
                      used["misses"]))
     total = sum(e.bytes for e in entries)
-    rows.append(("total", len(entries), format_size(total), cache.hits, cache.misses))
+    rows.append(("total", len(entries), Bytes(total), cache.hits, cache.misses))
     result = Result(kind="table", statement=statement.text,
-                    title=f"{cache.root}: {format_size(total)} of {format_size(cache.limit)}",
+                    title=f"{cache.root}: {size_text(total)} of {size_text(cache.limit)}",
                     columns=COLUMNS, rows=rows)
     if cache.write_failure is not None:
         result.notes.append(cache.write_failure)
@@ -95,21 +93,19 @@ def _cache(conn, statement) -> Result:
 
 def clear_cache(conn, statement) -> Result:
     """Remove every entry of the disk cache; this session keeps what it holds in memory."""
-    from diagql.storage.store import format_size
-
     removed, kept = conn.cache.clear()
     rows = [(kind, sum(1 for e in removed if e.kind == kind),
-             format_size(sum(e.bytes for e in removed if e.kind == kind)))
+             Bytes(sum(e.bytes for e in removed if e.kind == kind)))
             for kind in sorted({e.kind for e in removed})]
     where = conn.cache.root if conn.cache.enabled else "nowhere (the disk cache is off)"
-    size = format_size(sum(e.bytes for e in removed))
+    size = size_text(sum(e.bytes for e in removed))
     result = Result(kind="table", statement=statement.text,
                     title=f"removed {len(removed)} entries ({size}) from {where}",
                     columns=["kind", "entries", "size"], rows=rows)
     if kept:
         reasons = sorted({exc.strerror or str(exc) for _, exc in kept})
         result.notes.append(f"could not remove {len(kept)} entries "
-                            f"({format_size(sum(e.bytes for e, _ in kept))}): "
+                            f"({size_text(sum(e.bytes for e, _ in kept))}): "
                             f"{'; '.join(reasons)}")
     return result
 
@@ -161,7 +157,7 @@ def _profile(conn, statement) -> Result:
         rows = []
         for c in range(n):
             total = int(matrix[c].sum())
-            accuracy = f"{matrix[c, c] / total:.1%}" if total else ""
+            accuracy = Percent(matrix[c, c] / total) if total else ""
             name = names[c] if c < len(names) else ""
             rows.append((c, *([name] if names else []), total, accuracy,
                          *(int(v) for v in matrix[c])))
@@ -212,7 +208,7 @@ def _wide_rows(profile, names: list, most: int = 3) -> tuple[list, np.ndarray]:
                                      for j in wrong[start:start + most] if true[j] == c)
     listed = sorted(np.flatnonzero(items).tolist(), key=lambda c: (right[c] / items[c], c))
     rows = [(c, *([names[c] if c < len(names) else ""] if names else []), int(items[c]),
-             f"{right[c] / items[c]:.1%}", mistakes.get(c, "")) for c in listed]
+             Percent(right[c] / items[c]), mistakes.get(c, "")) for c in listed]
     return rows, np.flatnonzero(items == 0)
 
 
@@ -265,7 +261,7 @@ def describe(conn, statement: ast.Describe) -> Result:
                             + ("; refused here: the length changes with the batch)"
                                if layer.varies or layer.form != "tensor" else ")"))]
     else:
-        rows += [("neurons", f"{layer.neurons:,}"),
+        rows += [("neurons", Count(layer.neurons)),
                  ("channels", "" if layer.channels is None else layer.channels)]
     rows += [("labels", _label_example(layer))]
     return Result(kind="table", statement=statement.text, columns=["property", "value"],
@@ -278,8 +274,8 @@ def _qualified(entry, name: str) -> str:
     return f"{entry.name}.{name}" if len(entry.conn.models) > 1 else name
 
 
-def _module_rows(layer, module, n_params: int, children: list[str]) -> list[tuple[str, str]]:
-    return [("parameters", f"{n_params:,}"),
+def _module_rows(layer, module, n_params: int, children: list[str]) -> list[tuple]:
+    return [("parameters", Count(n_params)),
             ("sublayers", ", ".join(children) if children else "none"),
             ("module", f"{layer.type_name} of {len(list(module.children()))} modules"
                        if children else repr(module))]

@@ -403,11 +403,6 @@ def parse_size(value) -> int:
     return int(size)
 
 
-def format_size(size: int) -> str:
-    for unit, scale in (("GB", 1024 ** 3), ("MB", 1024 ** 2), ("kB", 1024)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} B"
 
 
 def _read(file, kind: str, key: str) -> dict[str, np.ndarray]:
