@@ -93,8 +93,10 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
     if part.n_items == 0 and not len(part.values):  # an ARGMAX counted from the profile has
         # values though it sampled no item
         population = part.estimate.population if part.estimate is not None else None
-        cells = ([cell_text(key)] if grouped else []) + [
-            "", none_sampled(population) if population else "no matching items in the sample"]
+        # In the label column, which folds (a no-wrap value column had held it whole).
+        cells = ([cell_text(key)] if grouped else []) + ([""] if part.kind == "topk" and ranks
+                                                        else []) + [
+            none_sampled(population) if population else "no matching items in the sample"]
         table.add_row(*cells)
         return
     values = part.values
