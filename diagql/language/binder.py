@@ -313,8 +313,9 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
                          f"so use NEURONS (with TOKENS MEAN, TOKENS MAX, TOKEN n or TOKENS ALL)",
                          query.layer.span)
         if layer.form == "tensor" and layer.varies and layer.mask == NO_MASK:
-            warnings.warn(f"layer {name!r}: its sequence length changes with the batch (the "
-                          f"data is padded per batch) and no padding mask reaches it, so its "
+            warnings.warn(f"layer {name!r}: its sequence length changes with the batch "
+                          f"(padded to each batch's longest item) and no padding mask reaches "
+                          f"it, so its "
                           f"padding counts as tokens, and an item's answer depends on which "
                           f"items share its batch; give the model the padding mask (an "
                           f"attention_mask input, a key_padding_mask), pack the sequences, or "
@@ -323,7 +324,7 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
             return View(layer)
         length = layer.shape[0]
         if tokens.mode == "all" and (layer.varies or layer.form != "tensor"):
-            why = "the data is padded per batch" if layer.form == "tensor" else \
+            why = "padded to each batch's longest item" if layer.form == "tensor" else \
                 f"its sequences come {'packed' if layer.form == 'packed' else 'nested'}"
             raise _error(f"TOKENS ALL needs one sequence length, but the length of layer "
                          f"{name!r} changes with the batch ({why}); use TOKENS MEAN, TOKENS MAX "
@@ -342,8 +343,8 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
                          f"needs a layer with channels (a conv map); use NEURONS (TOPK k "
                          f"INPUTS: leave out CHANNEL)", query.layer.span)
         if layer.varies:  # a Conv1d over text padded per batch: its padded positions count
-            warnings.warn(f"layer {name!r}: its length changes with the batch (the data is "
-                          f"padded per batch), so each channel's mean counts the padded "
+            warnings.warn(f"layer {name!r}: its length changes with the batch (padded to "
+                          f"each batch's longest item), so each channel's mean counts the padded "
                           f"positions, and an item's answer depends on which items share its "
                           f"batch; pad every item to one length", DiagQLWarning, stacklevel=2)
     elif layer.varies:

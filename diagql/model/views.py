@@ -439,7 +439,7 @@ class View:
                 raise ExecutionError(
                     f"TOKENS ALL needs one sequence length, but layer {name!r} has "
                     f"{values.shape[1]} positions in this batch and {self.layer.shape[0]} in the "
-                    f"catalog probe (the data is padded per batch); use TOKENS MEAN, TOKENS MAX "
+                    f"catalog probe (padded to each batch's longest item); use TOKENS MEAN, TOKENS MAX "
                     f"or TOKEN n")
             return values.flatten(1)
         if real is not None and not bool(real.any(dim=1).all()):
