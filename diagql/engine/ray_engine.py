@@ -66,6 +66,10 @@ class RayEngine:
                               f"and {holders(ray, 'CPU', free, but=self)}; free one and "
                               f"connect again")
         self._blocks = DatasetBlocks(self.data)
+        # Its read tasks' CPUs, like killed workers', come free soon, not at once: the workers
+        # started next wait for them (a test had found them "held by other Ray jobs", once in
+        # three runs).
+        killed()
         return self._blocks.head()
 
     def device_type(self) -> str:

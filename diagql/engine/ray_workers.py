@@ -236,8 +236,8 @@ _KILLED = [float("-inf")]  # when this process last killed workers (time.monoton
 
 
 def killed() -> None:
-    """This process just killed workers (a connection closed, or one dropped and collected):
-    their CPUs or GPUs come free soon, not at once."""
+    """This process just killed workers (a connection closed, or one dropped and collected)
+    or read a Ray Dataset: their CPUs or GPUs come free soon, not at once."""
     _KILLED[0] = time.monotonic()
 
 
