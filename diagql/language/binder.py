@@ -315,9 +315,8 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
         if layer.form == "tensor" and layer.varies and layer.mask == NO_MASK:
             warnings.warn(f"layer {name!r}: its sequence length changes with the batch "
                           f"(padded to each batch's longest item) and no padding mask reaches "
-                          f"it, so its "
-                          f"padding counts as tokens, and an item's answer depends on which "
-                          f"items share its batch; give the model the padding mask (an "
+                          f"it, so its padding counts as tokens, and an item's answer depends "
+                          f"on which items share its batch; give the model the padding mask (an "
                           f"attention_mask input, a key_padding_mask), pack the sequences, or "
                           f"pad every item to one length", DiagQLWarning, stacklevel=2)
         if tokens is None:

@@ -439,8 +439,8 @@ class View:
                 raise ExecutionError(
                     f"TOKENS ALL needs one sequence length, but layer {name!r} has "
                     f"{values.shape[1]} positions in this batch and {self.layer.shape[0]} in the "
-                    f"catalog probe (padded to each batch's longest item); use TOKENS MEAN, TOKENS MAX "
-                    f"or TOKEN n")
+                    f"catalog probe (padded to each batch's longest item); use TOKENS MEAN, "
+                    f"TOKENS MAX or TOKEN n")
             return values.flatten(1)
         if real is not None and not bool(real.any(dim=1).all()):
             raise ExecutionError(f"an item of this batch has no real token at layer {name!r} "

@@ -42,7 +42,8 @@ def _models(conn, statement) -> Result:
             accuracy = scores = "—"
         else:
             accuracy = Percent(profile.correct.mean()) if profile.has_labels else "no labels"
-        rows.append((name, type(module).__name__, Count(sum(p.numel() for p in module.parameters())),
+        parameters = Count(sum(p.numel() for p in module.parameters()))
+        rows.append((name, type(module).__name__, parameters,
                      entry.describe_weights(), accuracy, "*" if entry is current else "",
                      scores))
     return Result(kind="table", statement=statement.text,
