@@ -66,10 +66,7 @@ class RayEngine:
                               f"and {holders(ray, 'CPU', free, but=self)}; free one and "
                               f"connect again")
         self._blocks = DatasetBlocks(self.data)
-        # Its read tasks' CPUs, like killed workers', come free soon, not at once: the workers
-        # started next wait for them (a test had found them "held by other Ray jobs", once in
-        # three runs).
-        killed()
+        killed()  # its read tasks' CPUs, as killed workers', come free soon, not at once
         return self._blocks.head()
 
     def device_type(self) -> str:
