@@ -21,11 +21,7 @@ def demo(weights: str | None = None, **options):
     keep = False if cache is False else (cache if isinstance(cache, (str, os.PathLike)) else None)
     model = load_model()
     if weights is not None:
-        from diagql.model.weights import load_state, read_state
+        from diagql.model.weights import load_file
 
-        from diagql.session.models import WEIGHTS_FROM
-
-        label = f"--weights {weights!r}"
-        load_state(model, read_state(weights, label), label)
-        WEIGHTS_FROM[model] = str(weights)  # SHOW MODELS names the file
+        load_file(model, weights)
     return connect(model, demo_dataset(keep), **options)

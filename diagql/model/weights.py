@@ -3,6 +3,7 @@ with one-line errors that say what does not fit (``--weights``, ``--checkpoint``
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -12,6 +13,17 @@ from diagql.errors import WeightsError
 
 # Training scripts often save {"state_dict": ..., "optimizer": ...}: the model's entry is taken.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+# The file each model's weights were loaded from before it was connected (``load_file``: the
+# command line's --weights), which SHOW MODELS names; a model given as it is has none.
+LOADED_FROM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def load_file(model: nn.Module, path) -> None:
+    """``--weights PATH``: the state_dict saved at ``path`` loaded into ``model``, and the file
+    kept for SHOW MODELS (``LOADED_FROM``)."""
+    label = f"--weights {str(path)!r}"
+    load_state(model, read_state(path, label), label)
+    LOADED_FROM[model] = str(path)
 
 
 def read_state(path, label: str) -> Mapping:

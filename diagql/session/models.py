@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +17,7 @@ from diagql.language import ast
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
 from diagql.model.scores import classes_of
+from diagql.model.weights import LOADED_FROM
 from diagql.session.artifacts import Artifacts
 from diagql.session.checkpoints import CheckpointSlot, describe_weights
 from diagql.session.serial import STATEMENTS
@@ -28,11 +28,6 @@ from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint
 # The warnings ModelEntry.naming said again, by (text, category, line): the filters' "once
 # per place" holds for them as it would have for the first telling.
 _RETOLD: dict = {}
-
-
-# The file each model's weights were loaded from before it was connected (the command line's
-# --weights), for SHOW MODELS; a model given as it is says "as given".
-WEIGHTS_FROM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class ModelEntry:
@@ -70,7 +65,7 @@ class ModelEntry:
 
     def describe_weights(self) -> str:
         if self.slot is None:  # --weights loads the file before connecting: it is named
-            return WEIGHTS_FROM.get(self._module, "as given")
+            return LOADED_FROM.get(self._module, "as given")
         return describe_weights(self.weights)
 
     # --- shared with the connection ------------------------------------------------------

@@ -82,18 +82,10 @@ def load_model(spec: str, weights: str | None = None):
     if not isinstance(model, nn.Module):
         raise DiagQLError(f"--model {spec!r} gave {type(model).__name__}, not a torch.nn.Module")
     if weights:
-        from diagql.session.models import WEIGHTS_FROM
+        from diagql.model.weights import load_file
 
-        load_weights(model, weights)
-        WEIGHTS_FROM[model] = weights  # SHOW MODELS names the file
+        load_file(model, weights)
     return model
-
-
-def load_weights(model, path: str) -> None:
-    from diagql.model.weights import load_state, read_state
-
-    label = f"--weights {path!r}"
-    load_state(model, read_state(path, label), label)
 
 
 def named(value: str, flag: str) -> tuple[str | None, str]:
