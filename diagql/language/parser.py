@@ -214,8 +214,9 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
     whole = None if at_end or not isinstance(exc, UnexpectedToken) else \
         _split_number(piece.text, token.start_pos, str(token))
     if whole is not None:  # TOPK 2.5: the lexer took 2 for the whole number and left '.5'
-        number_start, text = whole
-        line, column = offset.line_col(*_line_col(piece.text, number_start))
+        number_start, text = whole  # on the token's line: digits hold no line break
+        line, column = offset.line_col(token.line,
+                                       token.column - (token.start_pos - number_start))
         what, width, expected = f"expected a whole number, not {text!r}", len(text), ()
     if not at_end and token is not None and token.type == "CALL":
         hint = ("hint: '#n' names one call of a layer, right after its name (block.relu#2); "
@@ -259,12 +260,6 @@ def _split_number(text: str, position: int, token: str) -> tuple[int, str] | Non
     if start == position or (start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_.")):
         return None
     return start, text[start:position + len(token)]
-
-
-def _line_col(text: str, position: int) -> tuple[int, int]:
-    """The 1-based line and column of ``position`` in ``text``."""
-    line = text.count("\n", 0, position) + 1
-    return line, position - (text.rfind("\n", 0, position) + 1) + 1
 
 
 # Each statement's clauses in the one order the grammar takes them (EVALUATE's come in any).
