@@ -175,7 +175,11 @@ def test_changes_no_version_counter_sees_are_seen_and_never_cached_for_the_origi
     np.testing.assert_allclose(again.values, sampled, rtol=1e-6, atol=1e-7)
 
 
-GAIN = 1.0  # what _Gained's forward scales by: a global a notebook changes
+# What _Gained's forward scales by, as a notebook changes them between statements: a number,
+# a config dict's entry and a numpy vector, each read as a global.
+GAIN = 1.0
+SETTINGS = {"gain": 1.0}
+SCALES = np.ones(8)
 
 
 class _Gained(nn.Module):
@@ -185,14 +189,28 @@ class _Gained(nn.Module):
         self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.head(self.fc(x) * GAIN)
+        return self.head(self.fc(x) * GAIN * SETTINGS["gain"] * torch.from_numpy(SCALES).float())
 
 
-def test_a_number_the_models_code_reads_changed_is_seen_and_never_cached_for_the_original(
-        tmp_path):
-    """GAIN = 2.0 between statements had gone unseen: a sample's rows of both gains were
-    mixed in one answer and stored under the original's key, which a new process read."""
+def _edit(kind: str, undo: bool = False) -> None:
     global GAIN
+    if kind == "number":
+        GAIN = 1.0 if undo else 2.0
+    elif kind == "dict":
+        SETTINGS["gain"] = 1.0 if undo else 3.0
+    else:
+        SCALES[:] = 1.0
+        if not undo:
+            SCALES[2:5] = -2.0
+
+
+@pytest.mark.parametrize("edit", ["number", "dict", "array"])
+def test_what_the_models_code_reads_changed_is_seen_and_never_cached_for_the_original(
+        tmp_path, edit):
+    """GAIN = 2.0 between statements had gone unseen: a sample's rows of both gains were
+    mixed in one answer and stored under the original's key, which a new process read. So
+    had a global dict or array edited in place, after that (the stamp walked numbers and
+    strings only)."""
     model, fresh = _Gained(), _Gained()
     torch.manual_seed(3)
     X, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
@@ -200,66 +218,24 @@ def test_a_number_the_models_code_reads_changed_is_seen_and_never_cached_for_the
     db.query("SET estimator = plain")
     sample = "random(0.5, random_state=0)"
     db.query(f"AVG NEURONS IN head USING SAMPLE {sample}")
+    tolerance = {"rtol": 1e-6, "atol": 1e-7 if edit == "number" else 1e-6}
     try:
-        GAIN = 2.0
-        with pytest.warns(DiagQLWarning, match="the values its code reads"):
-            answer = db.query(f"AVG NEURONS IN head USING SAMPLE {sample}")
-        items = db.sample(sample)
-        with torch.no_grad():
-            np.testing.assert_allclose(answer.values, model(X[items]).double().mean(0).numpy(),
-                                       rtol=1e-6, atol=1e-7)
-        db.close()
-    finally:
-        GAIN = 1.0
-    again = diagql.connect(fresh, (X, y), progress=False, cache_dir=tmp_path)
-    again.query("SET estimator = plain")
-    with torch.no_grad():
-        np.testing.assert_allclose(
-            again.query(f"AVG NEURONS IN head USING SAMPLE {sample}").values,
-            fresh(X[again.sample(sample)]).double().mean(0).numpy(), rtol=1e-6, atol=1e-7)
-
-
-SETTINGS = {"gain": 1.0}  # a config dict _Configured's forward reads, edited in place
-SCALES = np.ones(8)  # a numpy vector it scales by, written in place
-
-
-class _Configured(_Gained):
-    def forward(self, x):
-        return self.head(self.fc(x) * SETTINGS["gain"] * torch.from_numpy(SCALES).float())
-
-
-@pytest.mark.parametrize("edit", ["dict", "array"])
-def test_a_container_the_models_code_reads_edited_in_place_is_seen(tmp_path, edit):
-    """A global dict or array read by forward and edited in place had been unseen by the
-    statement's stamp (it walked numbers and strings only): stale rows answered, and the new
-    ones were stored under the original's key, which a new process read."""
-    model, fresh = _Configured(), _Configured()
-    torch.manual_seed(3)
-    X, y = torch.randn(200, 6), torch.randint(0, 3, (200,))
-    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
-    db.query("SET estimator = plain")
-    sample = "random(0.5, random_state=0)"
-    db.query(f"AVG NEURONS IN head USING SAMPLE {sample}")
-    try:
-        if edit == "dict":
-            SETTINGS["gain"] = 3.0
-        else:
-            SCALES[2:5] = -2.0
+        _edit(edit)
         with pytest.warns(DiagQLWarning, match="the values its code reads"):
             answer = db.query(f"AVG NEURONS IN head USING SAMPLE {sample}")
         with torch.no_grad():
             np.testing.assert_allclose(answer.values,
                                        model(X[db.sample(sample)]).double().mean(0).numpy(),
-                                       rtol=1e-6, atol=1e-6)
+                                       **tolerance)
         db.close()
     finally:
-        SETTINGS["gain"], SCALES[:] = 1.0, 1.0
+        _edit(edit, undo=True)
     again = diagql.connect(fresh, (X, y), progress=False, cache_dir=tmp_path)
     again.query("SET estimator = plain")
     with torch.no_grad():
         np.testing.assert_allclose(
             again.query(f"AVG NEURONS IN head USING SAMPLE {sample}").values,
-            fresh(X[again.sample(sample)]).double().mean(0).numpy(), rtol=1e-6, atol=1e-6)
+            fresh(X[again.sample(sample)]).double().mean(0).numpy(), **tolerance)
 
 
 NORM = 1.0  # what _normalised's batches are scaled by: a global a notebook changes
