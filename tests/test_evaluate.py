@@ -201,6 +201,24 @@ def test_output_as_json_csv_pandas_and_text(conn):
     assert "S1 ↑" in text and "top-10 precision" in text and "maxmargin" in text and "5%" in text
 
 
+def test_every_score_stays_whole_at_any_width(conn):
+    """print(result) in Python had drawn EVALUATE at 100 columns with every score "0.…"; a
+    narrower width gives up the spreads, then the counts, never a digit of a score."""
+    result = conn.query("EVALUATE SAMPLERS random, stratified, maxmargin AT 0.05, 0.1 SEEDS 2")
+    scores = {f"{r[name]:.3f}" for r in result.records() for name in ("S1", "S2", "S3")}
+    spreads = {f"{r[f'{name} sd']:.3f}" for r in result.records() for name in ("S1", "S2", "S3")
+               if r[f"{name} sd"]}
+    for text, width in ((str(result), None), (to_text(result, width=100), 100),
+                        (to_text(result, width=80), 80)):
+        rows = [line for line in text.splitlines() if line.startswith("│")]
+        cells = {cell.strip() for line in rows for cell in line.split("│")}
+        assert scores <= cells and not any("…" in cell for cell in cells)
+        if width is None:  # a string has no width: the spreads are there too
+            assert spreads <= cells
+        else:
+            assert max(len(line) for line in text.splitlines()) <= width
+
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

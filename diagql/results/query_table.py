@@ -6,40 +6,24 @@ Every ``result`` here is a Result (results/result.py), unannotated as in render.
 """
 from __future__ import annotations
 
+import functools
+
 from rich.text import Text
 
 from diagql.results.formats import bar, cell_text, group_label, none_sampled, number
-from diagql.results.tables import PlainTable
+from diagql.results.tables import FittingTable, PlainTable
 
 
-class FittedTable:
-    """A query's table, built for the width it is drawn at (rich gives it at render time).
-    Where it would not fit whole, it has no bars (a number is worth more than its bar: on a
-    40-column terminal the bars' 12 columns had cut the means to "0.…"), then no column of
-    its own for "in exact top-k" (its ✓ or ✗ beside the exact value), then no rank (the
-    rows' order is theirs); what is still too wide folds its labels onto more lines."""
-
-    def __init__(self, result, max_rows: int):
-        self.result, self.max_rows = result, max_rows
-
-    def _table(self, console, options) -> PlainTable:
-        from rich.measure import Measurement
-
+def query_table(result, max_rows: int) -> FittingTable:
+    """A query's table, built for the width it is drawn at. Where it would not fit whole, it
+    has no bars (a number is worth more than its bar: on a 40-column terminal the bars' 12
+    columns had cut the means to "0.…"), then no column of its own for "in exact top-k" (its
+    ✓ or ✗ beside the exact value), then no rank (the rows' order is theirs); what is still
+    too wide folds its labels onto more lines."""
+    return FittingTable(
+        functools.partial(_query_table, result, max_rows, bars, marks, ranks)
         for bars, marks, ranks in ((True, True, True), (False, True, True),
-                                   (False, False, True), (False, False, False)):
-            table = _query_table(self.result, self.max_rows, bars, marks, ranks)
-            whole = Measurement.get(console, options.update_width(1 << 16), table).maximum
-            if whole <= options.max_width:
-                break
-        return table
-
-    def __rich_console__(self, console, options):
-        yield self._table(console, options)
-
-    def __rich_measure__(self, console, options):
-        from rich.measure import Measurement
-
-        return Measurement.get(console, options, self._table(console, options))
+                                   (False, False, True), (False, False, False)))
 
 
 def _query_table(result, max_rows: int, bars: bool = True, marks: bool = True,

@@ -7,6 +7,7 @@ has no cycles (docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -16,8 +17,8 @@ from rich.text import Text
 
 from diagql.results.formats import (MAX_ROWS, bar, cell_text, group_label, items_text, number,
                                     probability_text)
-from diagql.results.query_table import FittedTable
-from diagql.results.tables import PlainTable
+from diagql.results.query_table import query_table
+from diagql.results.tables import FittingTable, PlainTable
 
 # Importing this module loads neither numpy nor the metrics (they load with the first result),
 # so that rendering the REPL's first lines waits for nothing.
@@ -40,7 +41,7 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
         title = [] if table.title or not result.title else [Text(result.title, style="bold")]
         return Group(*title, table, *notes) if notes or title else table
     parts = [Text(result.statement, style="bold")] if echo and result.statement else []
-    parts.append(FittedTable(result, max_rows))
+    parts.append(query_table(result, max_rows))
     # Below the table rather than as its caption, which rich would wrap to the table's width.
     parts.append(Text(_caption(result), style="dim"))
     provenance = result.provenance
@@ -84,15 +85,37 @@ def _info_table(result, max_rows: int) -> PlainTable:
 
 
 def _evaluation(result, echo: bool) -> Group:
-    """EVALUATE SAMPLERS: one row per sampler, size, k (and j), spreads beside the means."""
+    """EVALUATE SAMPLERS: one row per sampler, size, k (and j), spreads beside the means.
+    Where that does not fit the width, the spreads go first, then the item counts and the
+    draw's seconds, then the assisted scores' headers take two lines (results/tables.py)."""
+    rows = result.records()
+    table = FittingTable(functools.partial(_evaluation_table, rows, spreads, counts, folded)
+                         for spreads, counts, folded in ((True, True, False),
+                                                         (False, True, False),
+                                                         (False, False, False),
+                                                         (False, False, True)))
+    parts = [Text(result.statement, style="bold")] if echo and result.statement else []
+    parts += [table, Text(result.title, style="dim")]
+    timings = result.timings
+    if "evaluate" in timings:
+        parts.append(Text(f"{timings['evaluate']:.1f} s in all: drawing the samples "
+                          f"{timings['samples']:.1f} s (draw s: the median per sample), one "
+                          f"forward pass {timings['forward']:.1f} s, scoring "
+                          f"{timings['score']:.1f} s", style="dim"))
+    parts += [Text(note, style="yellow") for note in result.notes]
+    return Group(*parts)
+
+
+def _evaluation_table(rows: list[dict], spreads: bool, counts: bool,
+                      folded: bool) -> PlainTable:
     from diagql.results.metrics import METRICS
 
-    rows = result.records()
     show_k = len({r["k"] for r in rows}) > 1
     show_j = any(r["j"] is not None for r in rows)
     sections = len({r["sampler"] for r in rows}) < len(rows)
     names = [m.paper for m in METRICS]  # EVALUATE's columns: S1, S1 sd, S2, ...
-    spread = any(r[f"{name} sd"] for r in rows for name in names)  # none with one seed
+    # none with one seed
+    spread = spreads and any(r[f"{name} sd"] for r in rows for name in names)
     table = PlainTable()
     table.add_column("sampler", style="cyan", overflow="fold")
     table.add_column("size", justify="right")
@@ -106,8 +129,10 @@ def _evaluation(result, echo: bool) -> Group:
     assisted = all(f"{name} assisted" in r for r in rows for name in names)
     if assisted:  # the model-assisted estimator's scores, beside the sample's own
         for metric in METRICS:
-            table.add_column(f"{metric.paper} asst", justify="right", style="green")
-    for name in ("items", "correct", "incorrect", "draw s"):
+            table.add_column(f"{metric.paper}\nasst" if folded else f"{metric.paper} asst",
+                             justify="right", style="green")
+    shown = ("items", "correct", "incorrect", "draw s") if counts else ("items",)
+    for name in shown:
         table.add_column(name, justify="right")
     previous = None
     for r in rows:
@@ -122,19 +147,11 @@ def _evaluation(result, echo: bool) -> Group:
             cells += [f"{r[name]:.3f}"] + ([f"{sd:.3f}" if sd else ""] if spread else [])
         cells += [f"{r[f'{name} assisted']:.3f}" for name in names] if assisted else []
         cells += [f"{r[n]:.0f}" if float(r[n]).is_integer() else f"{r[n]:.1f}"
-                  for n in ("items", "correct", "incorrect")]
-        cells.append(f"{r['seconds']:.3f}")
+                  for n in ("items", "correct", "incorrect") if n in shown]
+        if counts:
+            cells.append(f"{r['seconds']:.3f}")
         table.add_row(*cells)
-    parts = [Text(result.statement, style="bold")] if echo and result.statement else []
-    parts += [table, Text(result.title, style="dim")]
-    timings = result.timings
-    if "evaluate" in timings:
-        parts.append(Text(f"{timings['evaluate']:.1f} s in all: drawing the samples "
-                          f"{timings['samples']:.1f} s (draw s: the median per sample), one "
-                          f"forward pass {timings['forward']:.1f} s, scoring "
-                          f"{timings['score']:.1f} s", style="dim"))
-    parts += [Text(note, style="yellow") for note in result.notes]
-    return Group(*parts)
+    return table
 
 
 def _inputs(result, max_rows: int, echo: bool) -> Group:
@@ -299,9 +316,35 @@ def _rank_bars(values: list[float], largest: bool) -> list[float]:
 # --- text, HTML, JSON, CSV --------------------------------------------------------------------
 
 
-def to_text(result, width: int = 100, max_rows: int = MAX_ROWS) -> str:
-    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
-    console.print(renderable(result, max_rows))
+WIDE_TABLES = 200  # columns a table may take in text with no width of its own
+
+
+def whole_width(console, shown, cap: int = WIDE_TABLES) -> int:
+    """The width at which the tables of ``shown`` (a renderable or a Group of them) are drawn
+    whole, each up to ``cap`` columns, past which their prose folds between words (SHOW
+    SAMPLERS' ranges ran 1,400 columns wide) unless a word needs more; the console's own
+    where that is wider. For text with no width of its own: a pipe, a string."""
+    from rich.measure import Measurement
+    from rich.table import Table
+
+    wide = console.options.update(max_width=10_000)
+    sizes = [Measurement.get(console, wide, part)
+             for part in getattr(shown, "renderables", [shown])
+             if isinstance(part, (Table, FittingTable))]
+    return max([console.width] + [max(size.minimum, min(size.maximum, cap))
+                                  for size in sizes])
+
+
+def to_text(result, width: int | None = None, max_rows: int = MAX_ROWS) -> str:
+    """The result as text: its prose wrapped at ``width`` columns (default 100) and, with
+    no ``width`` given, its tables as wide as they need (``whole_width``), never cut to
+    "0.…" cells (str(result), print(result) in Python, where a string has no width)."""
+    console = Console(file=io.StringIO(), width=width or 100, color_system=None,
+                      force_terminal=False)
+    shown = renderable(result, max_rows)
+    if width is None:
+        console.width = whole_width(console, shown)
+    console.print(shown)
     return console.file.getvalue().rstrip("\n")
 
 

@@ -20,7 +20,39 @@ class PlainTable(Table):
                          **options)
 
     def add_column(self, header="", *args, **options) -> None:
+        if options.get("justify") == "right":  # a number: whole, on one line
+            options.setdefault("no_wrap", True)
         super().add_column(plain(header), *args, **options)
 
     def add_row(self, *cells, **options) -> None:
         super().add_row(*map(plain, cells), **options)
+
+
+class FittingTable:
+    """A table built for the width it is drawn at (rich gives it at render time): the first
+    of ``variants`` (functions making a PlainTable, fullest first) whose natural width fits,
+    else the last, which rich then narrows by folding its text. A variant gives up what is
+    worth least (a bar, a spread) so that the numbers left stay whole: rich narrows every
+    column alike when its text cannot give enough, and a 40- to 100-column table had read
+    ``0.…`` in every cell (docs/ARCHITECTURE.md, "Results")."""
+
+    def __init__(self, variants):
+        self.variants = list(variants)
+
+    def _table(self, console, options) -> PlainTable:
+        from rich.measure import Measurement
+
+        for make in self.variants:
+            table = make()
+            whole = Measurement.get(console, options.update_width(1 << 16), table).maximum
+            if whole <= options.max_width:
+                break
+        return table
+
+    def __rich_console__(self, console, options):
+        yield self._table(console, options)
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        return Measurement.get(console, options, self._table(console, options))

@@ -24,18 +24,11 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
         width = None
         if not out.is_terminal:
             # Piped (a log, a file): as wide as the tables need, never cut to "0.4…" cells nor
-            # wrapped mid-number, up to PIPED_WIDTH, past which their prose wraps between words
-            # (SHOW SAMPLERS' ranges ran 1,400 columns wide) unless a word needs more; the
-            # text around them wraps at the pipe's width, and a terminal keeps its own.
-            from rich.measure import Measurement
-            from rich.table import Table
+            # wrapped mid-number (results/render.py whole_width); the text around them wraps
+            # at the pipe's width, and a terminal keeps its own.
+            from diagql.results.render import whole_width
 
-            wide = out.options.update(max_width=10_000)
-            parts = getattr(shown, "renderables", [shown])
-            sizes = [Measurement.get(out, wide, part) for part in parts
-                     if isinstance(part, Table)]
-            width = max([out.width] + [max(size.minimum, min(size.maximum, PIPED_WIDTH))
-                                       for size in sizes])
+            width = whole_width(out, shown, PIPED_WIDTH)
         if width is not None and width > out.width:  # print() cannot pass the console's width
             before, out.width = out.width, width
             try:
