@@ -108,6 +108,54 @@ def test_a_layer_run_on_rows_sorted_by_expert_is_refused():
         np.testing.assert_allclose(part.values, truth[key], atol=1e-5)
 
 
+class CapacityDispatch(nn.Module):
+    """A Switch-style mixture of experts: each expert runs on a buffer as long as the batch,
+    slot j the j-th item routed to it, then zeros (the one-hot dispatch einsum)."""
+
+    def __init__(self, experts: int = 4):
+        super().__init__()
+        self.router = nn.Linear(D, experts)
+        self.experts = nn.ModuleList(nn.Linear(D, H) for _ in range(experts))
+        self.head = nn.Linear(H, K)
+
+    def forward(self, x):
+        n, count = len(x), len(self.experts)
+        onehot = nn.functional.one_hot(self.router(x).argmax(1), count).float()
+        slot = ((onehot.cumsum(0) - 1) * onehot).long()
+        dispatch = onehot.unsqueeze(-1) * nn.functional.one_hot(slot, n).float()  # (n, E, n)
+        buffers = torch.einsum("bec,bd->ecd", dispatch, x)
+        out = torch.stack([expert(buffers[e]) for e, expert in enumerate(self.experts)])
+        return self.head(torch.einsum("bec,ecd->bd", dispatch, out))
+
+
+def test_an_expert_none_of_the_first_items_reached_is_refused():
+    """Its rows for the probe's items were all its buffer's padding, alike, so reversing them
+    told nothing: it had been listed, and every answer read dispatch slots as items (an
+    AVG of 1.09 where its routed items' mean is 12.0, top inputs never routed to it); the
+    expert that all of the data's first items reached held them in the batch's order."""
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, D, generator=g)
+    y = torch.randint(0, K, (300,), generator=g)
+    torch.manual_seed(0)
+    model = CapacityDispatch().eval()
+    with torch.no_grad():
+        routes = model.router(X).argmax(1)
+    common = int(routes.bincount().argmax())  # the first six items all go to one expert
+    order = torch.cat([torch.nonzero(routes == common)[:6, 0],
+                       torch.nonzero(routes != common)[:, 0],
+                       torch.nonzero(routes == common)[6:, 0]])
+    X, y, routes = X[order], y[order], routes[order]
+    assert len(set(routes.tolist())) == 4 and set(routes[:6].tolist()) == {common}
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for e in range(4):
+        with pytest.raises(BindError, match="its rows are not in its batch's order"):
+            db.query(f"AVG NEURONS IN experts.{e}")
+    truth = _group_means(_alone(model, model.router, [(X[i:i + 1],) for i in range(300)]),
+                         y.numpy())
+    for key, part in db.query("AVG NEURONS IN router GROUP BY class").groups.items():
+        np.testing.assert_allclose(part.values, truth[key], atol=1e-5)
+
+
 class TimeFirst(nn.Module):
     """A Linear over a time-first (T, B, D) sequence, which has no batch_first to say which
     axis is the batch's."""

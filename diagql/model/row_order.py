@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from diagql.model.hooks import evaluation, hook_errors
+from diagql.model.hooks import StopForward, evaluation, hook_errors
 from diagql.model.views import first_output
 
 Key = tuple[str, int]  # (module, its call from 1)
@@ -27,25 +27,56 @@ Key = tuple[str, int]  # (module, its call from 1)
 # (torch.randperm and back) lines up twice over 3 items once in 36 connections, over 6 once
 # in 500,000.
 ROW_ITEMS = 6
+# Items spread over the data for a layer whose rows were all alike on the ROW_ITEMS:
+# an expert routed an eighth of the items is missed by all of them once in 5,000.
+WIDE_ITEMS = 64
 
 
 def reversing_axes(model, source, prepare, call) -> dict[Key, set[int]] | None:
-    """Per (module, call): the axes along which its output for the first ROW_ITEMS items
-    reversed is the reverse of its output for them in order, which a second pass in order
+    """Per (module, call): the axes along which its output for ROW_ITEMS items (the first
+    half of them the data's first, the rest spread over the data) reversed is the reverse of its output for them in order, which a second pass in order
     gives again (each batch read afresh: a model may write into its input). None when it
     cannot be told: fewer than two items, or a pass that fails on the reversed batch (a model
-    that needs its batch sorted fails in DiagQL's own batches as well, and says so there)."""
+    that needs its batch sorted fails in DiagQL's own batches as well, and says so there).
+
+    A layer whose rows for those items are all alike tells nothing by reversing: a mixture of
+    experts' expert that none of them was routed to sees only its buffer's padding, every
+    row the same, and had passed (as had the expert all of them were routed to, data stored
+    by class, whose buffer held them in the batch's order), though its rows are the items routed to it in dispatch
+    order. Such layers are told on up to WIDE_ITEMS items spread over the data."""
     size = min(len(source), ROW_ITEMS)
     if size < 2:
         return None
-    order = np.arange(size)
+    # The first items and as many spread over the rest: data stored by class sends its first
+    # items to one expert, whose buffer then holds them in the batch's order, and reversed.
+    n = len(source)
+    spread = np.linspace(0, n - 1, size - size // 2 + 1).round().astype(np.int64)[1:]
+    first = np.unique(np.concatenate([np.arange(size // 2), spread]))
+    found, blind = _verdicts(model, source, prepare, call, first)
+    if found is None:
+        return None
+    if blind and len(source) > size:
+        spread = np.unique(np.linspace(0, len(source) - 1, min(len(source), WIDE_ITEMS))
+                           .round().astype(np.int64))
+        wider, _ = _verdicts(model, source, prepare, call, spread, blind)
+        for key in blind & set(wider or ()):
+            found[key] = wider[key]
+    return found
+
+
+def _verdicts(model, source, prepare, call, order: np.ndarray, only: set[Key] | None = None
+              ) -> tuple[dict[Key, set[int]] | None, set[Key]]:
+    """``reversing_axes``'s verdicts on the items ``order`` (of the layers ``only``, when
+    given), and the layers whose rows for them were all alike along every axis of the
+    batch's size (blind: no verdict)."""
+    size = len(order)
     try:
         ahead, again, back = (
-            _summaries(model, prepare(next(source.batches(items, size))[1]), call, size)
+            _summaries(model, prepare(next(source.batches(items, size))[1]), call, size, only)
             for items in (order, order, order[::-1].copy()))
     except Exception:  # noqa: BLE001 - the probe's own passes have run: no verdict here
-        return None
-    found = {}
+        return None, set()
+    found, blind = {}, set()
     for key, (shape, dtype, slices, _) in ahead.items():
         other, twice = back.get(key), again.get(key)
         if other is None or twice is None or other[:2] != (shape, dtype) or \
@@ -57,6 +88,9 @@ def reversing_axes(model, source, prepare, call) -> dict[Key, set[int]] | None:
         found[key] = {axis for axis, own in slices.items()
                       if _same(own, twice[2][axis], dtype)
                       and _same(own, other[2][axis][::-1], dtype)}
+        if slices and all(_same(own, np.repeat(own[:1], size, axis=0), dtype)
+                          for own in slices.values()):
+            blind.add(key)
         whole = ahead[key][3]
         if not found[key] and whole is not None and torch.allclose(
                 whole, back[key][3].flip(list(slices)), rtol=1e-3, atol=1e-6, equal_nan=True):
@@ -64,15 +98,17 @@ def reversing_axes(model, source, prepare, call) -> dict[Key, set[int]] | None:
             # a batch × batch output (a contrastive model's similarities), not an order of
             # its own; the probe says it is not per item.
             found[key] = set(slices)
-    return found
+    return found, blind
 
 
-def _summaries(model, x, call, size: int) -> dict[Key, tuple]:
+def _summaries(model, x, call, size: int, only: set[Key] | None = None) -> dict[Key, tuple]:
     """Every module call's output in one pass, as (shape, dtype, per axis as long as the
     batch: each of its ``size`` slices' sums, ``_slices``): a permutation of the
     items changes them, and they take a few numbers where the outputs themselves, kept for two
     passes, would take twice a large model's activations. Taken when the module returns (a
-    later in-place op would overwrite it); a PackedSequence unpacked as a query unpacks it."""
+    later in-place op would overwrite it); a PackedSequence unpacked as a query unpacks it.
+    ``only``: those calls' alone, the pass stopped once they have all returned (a BERT's
+    token-type embeddings, alike for every item, cost the wider check one module's run)."""
     found: dict[Key, tuple] = {}
     calls: dict[str, int] = {}
 
@@ -90,14 +126,20 @@ def _summaries(model, x, call, size: int) -> dict[Key, tuple]:
                 # output itself too, for the joint reversal of a batch × batch output.
                 whole = out.detach().to(torch.float64).cpu() if len(slices) > 1 else None
                 found[name, calls[name]] = (tuple(out.shape), out.dtype, slices, whole)
+            if only is not None and only <= found.keys():
+                raise StopForward
         return hook
 
+    names = None if only is None else {name for name, _ in only}
     handles = [module.register_forward_hook(hook_of(name))
                for name, module in model.named_modules()
-               if name and not isinstance(module, torch.jit.ScriptModule)]
+               if name and not isinstance(module, torch.jit.ScriptModule)
+               and (names is None or name in names)]
     try:
         with torch.no_grad(), evaluation(model), hook_errors():
             call(model, x)
+    except StopForward:
+        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -19,7 +19,8 @@ from diagql.engine import covariates, executor
 from diagql.errors import BindError, warn
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
-from diagql.model import auxiliaries, hooks, layers, probing, same_rows, views, winners
+from diagql.model import auxiliaries, hooks, layers, probing, repeatable, row_order, same_rows
+from diagql.model import views, winners
 from diagql.model import profile as profile_module, scores
 from diagql.model.forward import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent
@@ -52,6 +53,9 @@ def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
         cache.store(kind, key, encode(value), meta=meta(value), seconds=seconds)
     return value
 
+
+# The modules whose code makes a catalog (part of its cache key).
+_PROBE_CODE = (layers, probing, repeatable, row_order, views, scores)
 
 class Artifacts:
     """The catalog, profile and samples of one model of a connection (``conn`` is its
@@ -271,13 +275,13 @@ class Artifacts:
                          source_digest(space))
 
     def catalog_key(self) -> str | None:
-        """The catalog depends on the model and the items' shape, so on both fingerprints."""
+        """The catalog depends on the model and the items' shape, so on both fingerprints,
+        and on the probe's code, its checks' too (a fixed check refuses what one listed)."""
         fingerprints = self.fingerprints()
         if fingerprints is None:
             return None
         return cache_key("catalog", *fingerprints, str(self.conn.dtype), self.conn.device.type,
-                         source_digest(layers), source_digest(probing), source_digest(views),
-                         source_digest(scores))
+                         *map(source_digest, _PROBE_CODE))
 
     def auxiliary_key(self, profile_key: str, view_key: str) -> str:
         """The key of a block's auxiliary: its profile's, and the block's view."""
