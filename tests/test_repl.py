@@ -97,6 +97,41 @@ def test_an_internal_error_ends_the_statement_not_the_session():
     assert shell.handle("AVG NEURONS IN fc1;") is False and len(conn.statements) == 2
 
 
+def test_output_cut_by_ctrl_c_is_not_written_again_under_the_next_answer():
+    """Ctrl-C while a long CSV was being written to the terminal had left rich's buffer full,
+    and the next statement printed all 4,704 rows of the cancelled one above its own 10."""
+    import io
+
+    from rich.console import Console
+
+    import diagql
+    from diagql.shell.repl import Shell
+    from tests.models import digits, trained_mlp
+
+    class Terminal(io.StringIO):
+        """A terminal the user interrupts during the first long write."""
+
+        def __init__(self):
+            super().__init__()
+            self.armed = True
+
+        def write(self, text):
+            if self.armed and text.count("\n") > 50:
+                self.armed = False
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    conn = diagql.connect(trained_mlp(), digits(), cache_dir=False, progress=False)
+    out, err = Terminal(), io.StringIO()
+    shell = Shell(conn, Console(file=out, width=100), Console(file=err))
+    shell.handle(".mode csv")
+    assert shell.handle("AVG NEURONS IN encoder.0;") is False  # 64 rows
+    assert "cancelled" in err.getvalue()
+    shell.handle("AVG NEURONS IN head WHERE class = 1;")
+    rows = [line for line in out.getvalue().splitlines() if line[:1].isdigit()]
+    assert [line.split(",")[1] for line in rows] == [f"head[{i}]" for i in range(10)]
+
+
 def test_the_readme_example_runs_as_typed_there(tmp_path):
     pytest.importorskip("mlxtend", reason="the README's example runs on the demo")
     readme = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -48,3 +48,17 @@ def print_internal_error(err, exc: Exception, debug: bool) -> None:
     else:
         err.print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the "
                   f"traceback)", style="red", markup=False, highlight=False, soft_wrap=True)
+
+
+def discard_unwritten(*consoles) -> None:
+    """Drop what an interrupted print left unwritten: Ctrl-C during a long write (a CSV of
+    4,704 rows to a terminal) leaves rich's buffer full, and the next statement's print had
+    written it again, whole, above its own answer. (rich keeps the buffer per thread, behind
+    private names: guarded, so that another rich only keeps what it does.)"""
+    for console in consoles:
+        try:
+            del console._buffer[:]
+            console._buffer_index = 0
+        except (AttributeError, TypeError):
+            pass
+

@@ -163,7 +163,7 @@ class Shell:
         """Run statements; ``echo`` labels each result with its statement (for .read, whose
         statements the prompt has not shown); ``name``: the script file's, which errors start
         with (``file:line:col``, as the command line prints them)."""
-        from diagql.shell.output import print_internal_error, print_result
+        from diagql.shell.output import discard_unwritten, print_internal_error, print_result
 
         started = time.perf_counter()
         try:
@@ -177,6 +177,7 @@ class Shell:
                         self.say(f"Time: {time.perf_counter() - started:.3f}s")
                 started = time.perf_counter()
         except KeyboardInterrupt:
+            discard_unwritten(self.out, self.err)
             self.err.print("cancelled", style="yellow")
         except Exception as exc:  # noqa: BLE001 - a bug ends the statement, not the session
             if isinstance(self.conn, PendingConnection) and self.conn.failed():
@@ -236,4 +237,7 @@ def run_repl(conn, out, err, session=None, debug: bool = False) -> int:
                 err.print(GOODBYE)
                 return 0
         except KeyboardInterrupt:
+            from diagql.shell.output import discard_unwritten
+
+            discard_unwritten(shell.out, err)
             err.print("cancelled", style="yellow")
