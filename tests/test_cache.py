@@ -782,6 +782,37 @@ def test_abandoned_temporary_files_are_removed_after_an_hour(tmp_path):
     assert not old.exists() and recent.exists()
 
 
+def test_a_killed_writers_temporary_files_are_seen_and_removed(tmp_path):
+    """A process killed mid-write had left its temporary files (193 MB in a sweep) unseen by
+    SHOW CACHE, kept by CLEAR CACHE and uncounted, until a later write an hour on. A writer
+    names its process: another's that has ended is abandoned at once."""
+    import subprocess
+    import sys
+
+    import diagql
+    from tests.models import digits, trained_mlp
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    conn = diagql.connect(trained_mlp(), digits(), cache_dir=tmp_path, progress=False)
+    conn.query("AVG NEURONS IN head USING SAMPLE random(0.1)")
+    conn.cache.flush()
+    dead = tmp_path / "profile" / f".tmp-{gone}-abc.npz"
+    mine = tmp_path / "profile" / f".tmp-{os.getpid()}-def.npz"  # this process's, in flight
+    dead.write_bytes(b"x" * 3000)
+    mine.write_bytes(b"y" * 10)
+    shown = conn.query("SHOW CACHE")
+    assert any("2.9 kB in 1 temporary file of writes that never finished" in note
+               for note in shown.notes)
+    cleared = conn.query("CLEAR CACHE")
+    assert "and 2.9 kB of unfinished writes' temporary files" in cleared.title
+    assert not dead.exists() and mine.exists()
+    dead.write_bytes(b"x")  # and the next write removes it too
+    conn.query("AVG NEURONS IN encoder.1 USING SAMPLE random(0.1)")
+    conn.cache.flush()
+    assert not dead.exists() and mine.exists()
+
+
 # --- where the cache lives, and fingerprints ----------------------------------------------------
 
 def test_the_cache_directory(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from diagql.model.scores import profile_notices
 from diagql.model.views import SEQUENCE, View
 from diagql.results.formats import Bytes, Count, Percent, size_text
 from diagql.results.result import Result
+from diagql.storage.store import abandoned
 
 
 def show(conn, statement: ast.Show) -> Result:
@@ -85,6 +86,13 @@ def _cache(conn, statement) -> Result:
                     columns=COLUMNS, rows=rows)
     if cache.write_failure is not None:
         result.notes.append(cache.write_failure)
+    left = abandoned(cache.root)
+    if left:
+        files = "1 temporary file" if len(left) == 1 else f"{len(left)} temporary files"
+        result.notes.append(f"besides, {size_text(sum(size for _, size in left))} in "
+                            f"{files} of writes that never finished (a "
+                            f"process killed mid-write): the next write or CLEAR CACHE "
+                            f"removes them")
     if conn.model is not None:
         conn.artifacts.fingerprints()  # finds out, once, what cannot be fingerprinted
         for what, reason in conn.artifacts.memory_only.items():
@@ -100,8 +108,11 @@ def clear_cache(conn, statement) -> Result:
             for kind in sorted({e.kind for e in removed})]
     where = conn.cache.root if conn.cache.enabled else "nowhere (the disk cache is off)"
     size = size_text(sum(e.bytes for e in removed))
+    temporary = conn.cache.cleared_temporary
+    also = f" and {size_text(temporary)} of unfinished writes' temporary files" \
+        if temporary else ""
     result = Result(kind="table", statement=statement.text,
-                    title=f"removed {len(removed)} entries ({size}) from {where}",
+                    title=f"removed {len(removed)} entries ({size}){also} from {where}",
                     columns=["kind", "entries", "size"], rows=rows)
     if kept:
         reasons = sorted({exc.strerror or str(exc) for _, exc in kept})

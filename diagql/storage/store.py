@@ -80,6 +80,7 @@ class Cache:
         self.read_rate = READ_RATE
         self._writer = Writer(self.root, lambda path: self._evict(keep=path))
         self._stopped: str | None = None  # the write failure warned about (write_failure)
+        self.cleared_temporary = 0  # bytes of abandoned temporary files the last clear() removed
 
     @property
     def writes(self) -> int:
@@ -285,7 +286,7 @@ class Cache:
             removed.append(entry)
         self.evictions += len(removed)
         if keep is not None:
-            _remove_abandoned(keep.parent)
+            remove_abandoned(self.root)
         return removed
 
     def clear(self) -> tuple[list[Entry], list[tuple[Entry, OSError]]]:
@@ -303,6 +304,7 @@ class Cache:
                     pass
                 except OSError as exc:
                     kept.append((entry, exc))
+            self.cleared_temporary = remove_abandoned(self.root)
         return removed, kept
 
     @property
@@ -372,16 +374,48 @@ def part_keys(path: Path) -> list[str]:
     return sorted(found)
 
 
-def _remove_abandoned(folder: Path) -> None:
-    """Temporary files that no writer will rename any more: a process killed, or one that
-    stopped waiting at exit, mid-write."""
-    now = time.time()
-    for temp in folder.glob(".tmp-*.npz"):
+def abandoned(root: Path) -> list[tuple[Path, int]]:
+    """(path, bytes) of the temporary files under ``root`` that no writer will rename any
+    more: a process killed, or one that stopped waiting at exit, mid-write. A writer names
+    its process (writer.py): another process's that is no longer running left it (on this
+    machine; one on another sharing the folder keeps it until STALE_TEMP has passed), and
+    any older than STALE_TEMP is one. A killed process's had stayed, 193 MB of them unseen by
+    SHOW CACHE and CLEAR CACHE, until a later write landed beside them an hour on."""
+    found, now = [], time.time()
+    for temp in root.glob("*/.tmp-*.npz") if root.is_dir() else ():
         try:
-            if now - temp.stat().st_mtime > STALE_TEMP:
-                temp.unlink()
+            stat = temp.stat()
+        except OSError:
+            continue
+        if now - stat.st_mtime > STALE_TEMP or _writer_gone(temp.name):
+            found.append((temp, stat.st_size))
+    return found
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the process named in a temporary file's name has ended (on this machine)."""
+    match = re.match(r"\.tmp-(\d+)-", name)
+    if match is None or int(match.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError, ValueError):  # another user's, or not a process id here
+        return False
+    return False
+
+
+def remove_abandoned(root: Path) -> int:
+    """Remove ``abandoned``'s files; the bytes they held."""
+    removed = 0
+    for temp, size in abandoned(root):
+        try:
+            temp.unlink()
+            removed += size
         except OSError:
             pass
+    return removed
 
 
 def parse_size(value) -> int:

@@ -132,8 +132,10 @@ class Writer:
         path, temp = job.path, None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # A unique name per writer: two sessions storing the same key never share a file.
-            fd, temp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+            # A unique name per writer: two sessions storing the same key never share a file;
+            # its process id tells another process when it was abandoned (store.py).
+            fd, temp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".npz",
+                                        dir=path.parent)
             with os.fdopen(fd, "wb") as file:
                 entry_file.write(file, job.payload)
             try:
