@@ -66,6 +66,38 @@ def test_two_threads_on_one_model_get_exact_answers_and_leave_it_as_it_was():
         assert torch.equal(value, state[key]), key
 
 
+def test_the_users_own_forward_in_another_thread_is_left_alone():
+    """A thread of the user's running the model (inference) while DiagQL answers: DiagQL's
+    hooks had fed its batches into the pass ("module ran more than once") and raised
+    DiagQL's errors inside the user's own forward."""
+    model, X, y = _model_and_data()
+    model.eval()
+    with torch.no_grad():
+        truth = model[1](model[0](X))[y == 1].mean(0).double().numpy()
+        own = model(X[:50])
+    db = diagql.connect(model, (X, y), batch_size=32, cache_dir=False, progress=False)
+    stop, theirs, failures = threading.Event(), [], []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    theirs.append(float((model(X[:50]) - own).abs().max()))
+            except BaseException as exc:  # noqa: BLE001 - any failure is the finding
+                failures.append(repr(exc))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        errors = [float(np.abs(db.query("AVG NEURONS IN 1 WHERE class = 1").values - truth)
+                        .max()) for _ in range(15)]
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == [] and theirs and max(theirs) == 0.0
+    assert max(errors) < 1e-6
+
+
 def test_pythons_random_stream_is_not_moved():
     """rich draws from Python's global random when first imported, which DiagQL did at its
     first bar or table (an UNTIL query's): a seeded notebook's next draws changed. A fresh

@@ -3,6 +3,7 @@ raised inside a hook told apart from the model's own."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Iterator
 
 import torch
@@ -49,6 +50,18 @@ def compiled_original(module: nn.Module) -> nn.Module | None:
     if isinstance(original, nn.Module) and type(module).__name__ == "OptimizedModule":
         return original
     return None
+
+
+def this_thread(hook: Callable) -> Callable:
+    """A forward (pre-)hook that acts only in the thread that made it: the user's other
+    threads running the model meanwhile pass through untouched (``Hooks._serving``)."""
+    owner = threading.get_ident()
+
+    def in_owner(*args):
+        if threading.get_ident() == owner:
+            return hook(*args)
+        return None
+    return in_owner
 
 
 class StopForward(BaseException):
@@ -176,8 +189,17 @@ class Hooks:
         self._targets: dict[str, tuple[str, int]] = {}  # layer -> (module, call)
         self._padding: dict[str, torch.Tensor | None] = {}
         self._handles = []
+        self._thread = threading.get_ident()
+
+    def _serving(self) -> bool:
+        """Whether a hook that fires serves this pass: its model's (``active``), in the thread
+        that runs it. Another thread of the user's running the model meanwhile (a training
+        loop, a server) had fed its batches into the pass ("module ran more than once") and
+        had DiagQL's errors raised in its own forward."""
+        return self.active and threading.get_ident() == self._thread
 
     def __enter__(self) -> "Hooks":
+        self._thread = threading.get_ident()
         modules = dict(self.model.named_modules())
         self._targets = {layer: hooked_call(modules, layer) for layer in self.callbacks}
         wanted: dict[str, dict[int, list]] = {}  # module -> call -> [(layer, callback)]
@@ -230,7 +252,7 @@ class Hooks:
 
     def _padding_hook(self, owner: str):
         def hook(module, args, kwargs):
-            if not self.active:
+            if not self._serving():
                 return
             mask = padding_mask(module, args, kwargs)
             if mask is NOT_GOVERNING:
@@ -241,7 +263,7 @@ class Hooks:
 
     def _hook(self, name: str, calls: dict[int, list], owners: list[str]):
         def hook(module, inputs, output):
-            if not self.active:
+            if not self._serving():
                 return
             count = self.calls.get(name, 0) + 1
             self.calls[name] = count
@@ -269,7 +291,7 @@ class Hooks:
         key = "<input of>" + name
 
         def hook(module, inputs):
-            if not self.active:
+            if not self._serving():
                 return
             try:
                 if key in self.ran:

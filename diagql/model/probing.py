@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.errors import DiagQLWarning, ExecutionError, warn
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
-    scope
+    scope, this_thread
 from diagql.model.layers import NO_MASK, LayerCatalog, LayerInfo
 from diagql.model.repeatable import check_batch_independent, check_deterministic, \
     check_repeatable
@@ -248,6 +248,7 @@ def _probe_pass(model, x, call):
     handles = []
 
     def before(name):
+        @this_thread
         def hook(module, args, kwargs):
             mask = padding_mask(module, args, kwargs)
             if mask is NOT_GOVERNING:
@@ -257,6 +258,7 @@ def _probe_pass(model, x, call):
         return hook
 
     def after(name):
+        @this_thread
         def hook(module, args, output):
             calls[name] = calls.get(name, 0) + 1
             key = (name, calls[name])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from diagql.model.hooks import StopForward, evaluation, hook_errors
+from diagql.model.hooks import StopForward, evaluation, hook_errors, this_thread
 from diagql.model.views import first_output
 
 Key = tuple[str, int]  # (module, its call from 1)
@@ -113,6 +113,7 @@ def _summaries(model, x, call, size: int, only: set[Key] | None = None) -> dict[
     calls: dict[str, int] = {}
 
     def hook_of(name):
+        @this_thread
         def hook(module, args, output):
             calls[name] = calls.get(name, 0) + 1
             out = first_output(output)
