@@ -640,10 +640,11 @@ def test_a_call_missing_from_a_batch_is_an_error():
                                atol=ATOL)
     with pytest.raises(ExecutionError) as info:
         db.query("AVG NEURONS IN act#2")
-    assert info.value.message == ("layer 'act#2' did not run in the model's forward pass: "
-                                  "module 'act' ran 1 time, where it ran in DiagQL's probe: "
-                                  "it runs for some batches only (a branch on the data), so "
-                                  "it has no activation for every item")
+    assert info.value.message == ("layer 'act#2' did not run in a forward pass of the model "
+                                  "(module 'act' ran only 1 time in this batch), though it ran "
+                                  "in DiagQL's probe: it runs for some batches only (a branch "
+                                  "on the data, or a loop whose length depends on the batch), "
+                                  "so it has no activation for every item")
     assert not model._forward_hooks and not model.act._forward_hooks  # every hook removed
 
 

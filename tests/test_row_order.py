@@ -156,6 +156,30 @@ def test_an_expert_none_of_the_first_items_reached_is_refused():
         np.testing.assert_allclose(part.values, truth[key], atol=1e-5)
 
 
+class FlatTokens(nn.Module):
+    """Tokens flattened into the batch's axis before a Linear: rows are tokens, not items."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.head = nn.Linear(D, H), nn.Linear(H, K)
+
+    def forward(self, x):  # (batch, 4, D)
+        rows = torch.relu(self.tok(x.reshape(-1, D)))
+        return self.head(rows.reshape(len(x), 4, H).mean(1))
+
+
+def test_rows_several_an_item_are_refused_saying_so():
+    g = torch.Generator().manual_seed(4)
+    X, y = torch.randn(40, 4, D, generator=g), torch.randint(0, K, (40,), generator=g)
+    db = diagql.connect(FlatTokens().eval(), (X, y), cache_dir=False, progress=False)
+    with pytest.raises(BindError, match=r"no axis of its output follows the batch \(shapes "
+                                        r"\(4, 8\), \(8, 8\), \(12, 8\).*several rows an item"):
+        db.query("AVG NEURONS IN tok")
+    with torch.no_grad():
+        truth = db.model.head(torch.relu(db.model.tok(X)).mean(1)).mean(0).numpy()
+    np.testing.assert_allclose(db.query("AVG NEURONS IN head").values, truth, atol=1e-5)
+
+
 class TimeFirst(nn.Module):
     """A Linear over a time-first (T, B, D) sequence, which has no batch_first to say which
     axis is the batch's."""

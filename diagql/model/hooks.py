@@ -309,12 +309,13 @@ class Hooks:
         for layer, (module, call) in self._targets.items():
             if layer not in self.ran:
                 ran = self.calls.get(module, 0)
-                detail = (f": module {module!r} ran {ran} time{'s' if ran != 1 else ''}"
-                          if call and ran else "")
-                raise ExecutionError(f"layer {layer!r} did not run in the model's forward "
-                                     f"pass{detail}, where it ran in DiagQL's probe: it runs "
-                                     f"for some batches only (a branch on the data), so it "
-                                     f"has no activation for every item")
+                detail = (f" (module {module!r} ran only {ran} time{'s' if ran != 1 else ''}"
+                          f" in this batch)" if call and ran else "")
+                raise ExecutionError(f"layer {layer!r} did not run in a forward pass of the "
+                                     f"model{detail}, though it ran in DiagQL's probe: it runs "
+                                     f"for some batches only (a branch on the data, or a loop "
+                                     f"whose length depends on the batch), so it has no "
+                                     f"activation for every item")
         for name in self.pre:
             if "<input of>" + name not in self.ran:
                 raise ExecutionError(f"layer {name!r} did not run in the model's forward pass")

@@ -364,9 +364,16 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
     else:
         axis, found = _batch_axis(module, records, reverses)
         if axis is None:
+            # Rows that grow with the batch but are several an item: a graph's nodes, tokens
+            # flattened into one axis ((batch · tokens, features) before a Linear).
+            many = all(seen.shape and seen.shape[0] > size and seen.shape[0] % size == 0
+                       for size, seen in records) and records[-1][0] > 1
+            hint = ("; its first axis holds several rows an item (nodes of a graph, or tokens "
+                    "flattened into the batch's axis): query a layer after they are pooled "
+                    "or reshaped per item") if many else ""
             return refuse(found or f"no axis of its output follows the batch (shapes {shapes} "
                                    f"for batches of {sizes} items), so its values are not per "
-                                   f"item")
+                                   f"item{hint}")
     per_item = [tuple(d for i, d in enumerate(seen.shape) if i != axis) for _, seen in records]
     shape = per_item[-1]
     varies = len(set(per_item)) > 1
@@ -425,7 +432,7 @@ def _batch_axis(module: nn.Module, records, reverses: set[int] | None = None
 
 
 def _out_of_order() -> str:
-    return ("its rows are not in its batch's order: the data's first items, run in order twice "
+    return ("its rows are not in its batch's order: items of the data, run in order twice "
             "and then reversed, did not come back so each time, so it returns the items in an "
             "order of its own (a batch sorted by length for pack_padded_sequence and not put "
             "back, rows dispatched to experts by a gate, or shuffled), and no row can be told "
