@@ -430,7 +430,8 @@ def test_misspelt_statement_keyword_has_hint():
     assert (err.line, err.column) == (1, 1)
     assert "TOPK" in err.message and "SHOW" in err.message
     assert err.hint == ("hint: a statement starts with TOPK, BOTTOMK, AVG, ARGMAX, EXPLAIN, SHOW, "
-                        "DESCRIBE, SET, CLEAR, EVALUATE or SIMILARITY")
+                        "DESCRIBE, SET, CLEAR, EVALUATE or SIMILARITY (.help in the REPL "
+                        "describes each)")
     assert err.format("f.dql").endswith(err.hint)
 
 
@@ -564,6 +565,8 @@ def test_by_order_only_for_topk():
     ("AVG NEURONS IN fc1 WHERE class IN (3, cat)", 39, "class and predicted compare class"),
     ("AVG NEURONS IN blocks[0]", 22, "a layer inside a list or dict is named with dots"),
     ("SIMILARITY fc1, stages['dense_1']", 23, "a layer inside a list or dict is named with dots"),
+    ("SET latent = 0.relu#2", 16, ("a value other than one number or word is written in quotes: "
+                                   "SET latent = '0.relu#2'")),
 ])
 def test_hints_for_clauses_and_operators_out_of_place(text, column, hint):
     """SQL habits: clauses in another order, a clause twice, '==', 'correct = true'."""

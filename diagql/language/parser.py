@@ -238,7 +238,8 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
         message += did_you_mean(str(token).upper(), [w for w in words if w.isupper()])
     if start == "start" and (line, column) == _first_token_position(piece) and not at_end:
         *most, last = statement_keywords()
-        hint = f"hint: a statement starts with {', '.join(most)} or {last}"
+        hint = (f"hint: a statement starts with {', '.join(most)} or {last} (.help in the "
+                f"REPL describes each)")
     elif hint is None and not at_end and isinstance(exc, UnexpectedToken) and \
             str(token).upper() in statement_keywords():
         hint = f"hint: a new statement starts at {str(token)!r}: end the one before it with ';'"
@@ -316,6 +317,11 @@ def _operator_hint(piece: Piece, token: str, position: int) -> str | None:
     if token == "[" and re.search(r"(\bIN|\bSIMILARITY|,)\s*[\w.]+$", before, re.IGNORECASE):
         return ("hint: a layer inside a list or dict is named with dots, as module names are "
                 "(blocks.0, stages.dense_1: SHOW LAYERS lists them)")
+    setting = re.match(r"\s*SET\s+(\w+)\s*=\s*", before, re.IGNORECASE)
+    if setting:  # SET latent = 0.relu#2: a layer name is no number or word
+        value = piece.text[setting.end():].split(";")[0].strip().replace("'", "")
+        return (f"hint: a value other than one number or word is written in quotes: SET "
+                f"{setting.group(1)} = '{value}'")
     if token == "=" and before.endswith("="):
         return "hint: compare with one '=': class = 3"
     if token in ("=", "!=", "<>") and re.search(r"\b(in)?correct$", before, re.IGNORECASE):

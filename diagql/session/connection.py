@@ -66,10 +66,11 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     - a map-style torch ``Dataset`` whose items are ``(x, y)``, a bare ``x``, a dict such as
       ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``, or ``({...}, y)``;
     - a ``DataLoader`` over such a Dataset: its dataset, its sampler's items (a
-      ``SubsetRandomSampler``'s split) and ``collate_fn`` are used (not its order, batch size
-      or ``drop_last``), the collate_fn called on the items of each of DiagQL's own batches,
+      ``SubsetRandomSampler``'s split) and ``collate_fn`` are used (not its order or
+      ``drop_last``), the collate_fn called on the items of each of DiagQL's own batches,
       so a padding collate (like ``DataCollatorWithPadding``) pads each batch to its longest
-      item;
+      item; with a ``collate_fn`` of its own (which may pad or normalise per batch) its
+      batch size is used too, unless ``batch_size=`` is given;
     - a mapping of arrays or tensors with one row per item (a dict of columns, a tokenizer's
       ``BatchEncoding`` of padded sequences), its labels under a label key or given beside
       it as ``(mapping, y)``.
