@@ -177,6 +177,25 @@ def test_enter_runs_at_the_semicolon(text, more):
     assert wants_more(text) is more
 
 
+@pytest.mark.parametrize("text,more", [
+    ("TOPK 3 NEURONS IN conv9", False),  # no line can make conv9 a layer: shown at once
+    ("TOPK 3 NEURONS IN conv2", True),
+    ("TOPK 3 NEURONS IN block.relu#2", True),
+    ("TOPK 3 NEURONS IN block.relu#3", False),
+    ("SIMILARITY conv2, fc9", False),
+    ("TOPK 3 INPUTS FOR conv2[1,2,3]", True),
+    ("EVALUATE SAMPLERS random LAYERS conv2, fcx", False),
+])
+def test_enter_runs_a_statement_naming_an_unknown_layer(text, more):
+    """`TOPK 3 NEURONS IN conv9` + Enter had waited; the next line (SET seed = 1) then read as
+    its continuation, and only "end the one before it with ';'" was shown. Layers not yet
+    known (the connection loading) decide nothing."""
+    from diagql.shell.repl import wants_more
+
+    assert wants_more(text, lambda: {"conv2", "fc2", "block.relu#2"}) is more
+    assert wants_more(text, lambda: None) is True
+
+
 def test_the_banner_says_what_is_connected_in_words(tmp_path):
     """It showed a Python repr: 'DiagQL — <diagql.Connection to ... (loading)>'."""
     child = spawn(tmp_path / "history")

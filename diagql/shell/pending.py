@@ -37,6 +37,10 @@ class PendingConnection:
         if self._ready.is_set() and self._error is not None:
             callback()
 
+    def ready(self) -> bool:
+        """Whether the connection is made (or failed): using it then waits for nothing."""
+        return self._ready.is_set()
+
     def failed(self) -> bool:
         return self._ready.is_set() and self._error is not None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from diagql.errors import DiagQLError, IncompleteStatement
 from diagql.language.grammar import accepts
@@ -22,13 +23,16 @@ CONTINUATION = "   ...> "
 GOODBYE = "Goodbye!"
 
 
-def wants_more(text: str) -> bool:
+def wants_more(text: str, layers: Callable[[], set[str] | None] = lambda: None) -> bool:
     """True when Enter should start a new line instead of running the input.
 
     A statement without its ';' waits, even when complete (a WHERE may follow on the next
     line), unless no further line could change it: nothing may follow it in the grammar (SHOW
     LAYERS, DESCRIBE conv2, SET seed = 1), or it has a mistake that no later line can repair,
-    which is better shown now than after more typing.
+    which is better shown now than after more typing: a parse error, or a layer that is not
+    among ``layers()`` (the queryable layers' names, None until the connection has them: a
+    statement after `TOPK 3 NEURONS IN conv9` had been read as its continuation, and only
+    "end the one before it with ';'" was shown).
     """
     if not text.strip() or is_meta(text):
         return False
@@ -37,12 +41,46 @@ def wants_more(text: str) -> bool:
         return False
     last = pieces[-1]
     try:
-        parse_piece(last, text)
+        statement = parse_piece(last, text)
     except IncompleteStatement:
         return True
     except DiagQLError:
         return False
+    known = layers()
+    if known is not None and any(ref.text() not in known for ref in _layer_refs(statement)):
+        return False
     return accepts(last.text) - {"CALL"} != {"$END"}  # a layer's '#n' is typed with its name
+
+
+def _layer_refs(node) -> list:
+    """The layers a statement names (its AST's LayerRefs, wherever they sit)."""
+    from diagql.language.ast import LayerRef
+
+    if isinstance(node, LayerRef):
+        return [node]
+    if isinstance(node, (tuple, list)):
+        return [ref for part in node for ref in _layer_refs(part)]
+    fields = getattr(node, "__dataclass_fields__", None)
+    return [] if fields is None else [ref for name in fields
+                                      for ref in _layer_refs(getattr(node, name))]
+
+
+def known_layers(conn) -> Callable[[], set[str] | None]:
+    """The names a query may read, for ``wants_more``: without waiting (Enter must answer at
+    once), so None while the connection loads or a model's layers are not yet probed."""
+    def names() -> set[str] | None:
+        if isinstance(conn, PendingConnection) and not conn.ready():
+            return None
+        models = conn.models
+        catalogs = {name: entry.artifacts.catalog for name, entry in models.items()}
+        if any(catalog is None for catalog in catalogs.values()):
+            return None
+        found = {layer.name for layer in conn.artifacts.catalog.layers if layer.shape is not None}
+        for name, catalog in catalogs.items() if len(catalogs) > 1 else ():
+            found |= {f"{name}.{layer.name}" for layer in catalog.layers
+                      if layer.shape is not None}
+        return found
+    return names
 
 
 def history_path() -> Path:
@@ -93,8 +131,8 @@ def _history(note=None):
     return _Kept(str(path))
 
 
-def key_bindings():
-    """Enter runs a finished statement and starts a new line otherwise."""
+def key_bindings(layers: Callable[[], set[str] | None] = lambda: None):
+    """Enter runs a finished statement and starts a new line otherwise (``wants_more``)."""
     from prompt_toolkit.filters import has_completions, is_searching
     from prompt_toolkit.key_binding import KeyBindings
 
@@ -106,7 +144,7 @@ def key_bindings():
         """Run the input when it ends with ';' or is a dot command (see wants_more for the
         rest); otherwise continue on a new line."""
         buffer = event.current_buffer
-        if buffer.document.is_cursor_at_the_end and wants_more(buffer.text):
+        if buffer.document.is_cursor_at_the_end and wants_more(buffer.text, layers):
             buffer.insert_text("\n")
         else:
             buffer.validate_and_handle()
@@ -139,7 +177,7 @@ def make_session(conn, *, input=None, output=None, note=None):
                                 connection_models(conn), connection_classes(conn))
     return PromptSession(
         history=_history(note), auto_suggest=AutoSuggestFromHistory(), multiline=True,
-        key_bindings=key_bindings(), prompt_continuation=lambda width, line, wrap: CONTINUATION,
+        key_bindings=key_bindings(known_layers(conn)), prompt_continuation=lambda width, line, wrap: CONTINUATION,
         lexer=DiagQLLexer(), style=STYLE, include_default_pygments_style=False,
         completer=ThreadedCompleter(completer) if input is None else completer,
         complete_while_typing=False, enable_history_search=False, input=input, output=output)
