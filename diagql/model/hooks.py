@@ -37,8 +37,10 @@ def hookable(module: nn.Module, what: str = "model") -> nn.Module:
     if any(cls.__name__ == "_StatefulGraphModule" for cls in type(module).__mro__):
         raise DiagQLError(f"{what} is a torch.export program's module, whose graph inlines its "
                           f"layers, so none runs as a module a forward hook sees; connect "
-                          f"torch.export.unflatten(program), whose layers do, or the nn.Module "
-                          f"it was exported from")
+                          f"torch.export.unflatten(program), whose layers do (export it with "
+                          f"a dynamic batch size, dynamic_shapes={{'x': {{0: Dim.DYNAMIC}}}}: "
+                          f"DiagQL runs batches of several sizes), or the nn.Module it was "
+                          f"exported from")
     original = compiled_original(module)
     return module if original is None else original
 
