@@ -274,8 +274,11 @@ class Hooks:
             try:
                 if count > 1 and 0 in calls:
                     raise ExecutionError(
-                        f"module {name!r} ran more than once in one forward pass, where the "
-                        f"catalog's probe saw it run once, so it has no single activation")
+                        f"module {name!r} ran more than once in one forward pass of "
+                        f"{self.size} items, where the catalog's probe (batches of 1 to 3 "
+                        f"items) saw it run once, so it has no single activation; a forward "
+                        f"that splits its batch into pieces runs it once a piece: SET "
+                        f"batch_size to at most a piece's size")
                 if not served:
                     return
                 # The innermost owner that governs decides, None included (views.padding_mask).
