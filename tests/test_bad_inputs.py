@@ -476,6 +476,31 @@ def test_inputs_alone_as_data_are_told_to_come_as_a_pair_with_none(as_array):
 
 
 
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.fc = torch.nn.Embedding(5, 3), torch.nn.Linear(5, 2)
+
+    def forward(self, cat, numeric):
+        return self.fc(torch.cat([self.embed(cat), numeric], dim=1))
+
+
+def test_one_tensor_for_a_forward_of_several_inputs_says_how_to_give_them():
+    """(DataFrame, labels) reached forward(cat, numeric) as one tensor of its columns, and
+    only Python's 'missing 1 required positional argument' was said."""
+    torch.manual_seed(0)
+    cat, numeric, y = torch.randint(0, 5, (30,)), torch.randn(30, 2), torch.randint(0, 2, (30,))
+    table = torch.cat([cat[:, None].float(), numeric], dim=1)
+    with pytest.raises(ExecutionError, match=r"missing 1 required positional argument.*one "
+                                             r"tensor here.*\(\(x1, x2\), y\)"):
+        connect(_TwoInputs(), (table, y)).query("AVG NEURONS IN fc")
+    answer = connect(_TwoInputs(), [((c, n), int(t)) for c, n, t in zip(cat, numeric, y)])
+    with torch.no_grad():
+        truth = _TwoInputs()(cat, numeric).double().mean(0).numpy()
+    np.testing.assert_allclose(answer.query("AVG NEURONS IN fc").values, truth, rtol=1e-6)
+
+
 class _TakesAList(torch.nn.Module):
     def __init__(self):
         super().__init__()

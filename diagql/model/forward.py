@@ -64,6 +64,11 @@ def call_model(model, x, idx=None):
         spread = " (a list of inputs is spread over forward's arguments, as a tuple is; to " \
             "pass one list whole, give each item as ((inputs,), y))" \
             if isinstance(x, list) and isinstance(exc, TypeError) else ""
+        if isinstance(x, torch.Tensor) and isinstance(exc, TypeError) and \
+                "required positional argument" in str(exc):  # forward(cat_ids, numeric)
+            spread = (" (each batch is one tensor here, a DataFrame's columns too; for a "
+                      "forward of several inputs give each item as ((x1, x2), y), whose "
+                      "tuple is spread over its arguments, or a mapping of them by name)")
         if isinstance(x, Mapping) and not kwargs:  # forward(batch) reading batch["x"]
             spread = (f" (the mapping's one entry {next(iter(x))!r} was passed as forward's "
                       f"argument, since forward has no argument of that name; to pass the "
