@@ -362,10 +362,10 @@ def test_a_datasets_labels_are_read_once_to_decide():
     check(conn, by_hand(model, X, y))
     # At most two probes (the profile's own, then the catalog's) of 1 + 2 + 3 items, the
     # first 3 items read again, 2 + 3 + 3 times (model/repeatable.py), and the second and
-    # third once more to run alone, and the first six twice in order and once reversed
-    # (model/row_order.py); every label once, the profile's pass: the second probe reads no
-    # label again.
-    assert items.reads <= 2 * (6 + 8 + 2 + 18) + 2 * N
+    # third once more to run alone, three spread items together and each alone, and six
+    # items twice in order and once reversed (model/row_order.py); every label once, the
+    # profile's pass: the second probe reads no label again.
+    assert items.reads <= 2 * (6 + 8 + 2 + 6 + 18) + 2 * N
 
 
 class AuxFirst(nn.Module):

@@ -953,6 +953,40 @@ def test_a_model_whose_items_depend_on_their_batch_is_warned_of(centred):
     assert not [w for w in caught if "different outputs on two passes" in str(w.message)]
 
 
+class _BatchBranch(nn.Module):
+    """Adds a block for batches whose mean first feature is positive (a branch on the batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.extra, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        if x[:, 0].mean() > 0:
+            h = h + self.extra(h)
+        return self.head(h)
+
+
+def test_a_branch_on_the_batch_is_warned_of_where_the_first_items_all_take_it():
+    """The first items all took the branch, alone and together, so the model looked
+    batch-independent; a sample then answered for `extra` over every item, though it runs
+    for some batches only. Items spread over the data tell it."""
+    torch.manual_seed(1)
+    X, y = torch.randn(300, 6), torch.randint(0, 3, (300,))
+    X[:6, 0] = X[:6, 0].abs() + 0.1  # the first items take it, alone and together
+    X[6:, 0] = torch.where(torch.arange(294) % 2 == 0, 1.0, -1.0) * X[6:, 0].abs()
+    with torch.no_grad():  # truth: three spread items differ alone and together
+        model = _BatchBranch().eval()
+        spread = [100, 200, 299]
+        assert not torch.allclose(model(X[spread]), torch.cat([model(X[i:i + 1])
+                                                               for i in spread]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        diagql.connect(model, (X, y), cache_dir=False, progress=False).layers
+    assert [w for w in caught if "other outputs when other items share its batch"
+            in str(w.message)]
+
+
 class _Squeezed(nn.Module):
     """A classifier whose forward ends in ``.squeeze()``, as many are written: a batch of one
     item gives (3,) where (1, 3) is meant."""

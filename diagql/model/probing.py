@@ -19,8 +19,9 @@ from diagql.model.repeatable import check_batch_independent, check_deterministic
     check_repeatable
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
+from diagql.model.input_masks import input_attention_mask, mask_key
 from diagql.model.views import CHANNELS_LAST, FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
-    first_output, input_attention_mask, mask_key, named_inputs, padding_argument, padding_mask
+    first_output, named_inputs, padding_argument, padding_mask
 
 PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is the batch axis
 
@@ -155,7 +156,7 @@ def _checks(model, source, prepare, call, first, first_output, output, idx, size
                 alone.append(first_tensor(call(model, prepare(one))))
             except ExecutionError:  # the batch of one ran for the first item: not here
                 break
-    if not check_batch_independent(alone, first_tensor(output)) and source.collates:
+    if not check_batch_independent(alone, first_tensor(output)):
         _spread_batch_independent(model, source, prepare, call)
     # Which axes of each layer reverse with the batch: where its rows are in an order of
     # their own, or which of several axes of the batch's size is its.
@@ -165,8 +166,9 @@ def _checks(model, source, prepare, call, first, first_output, output, idx, size
 def _spread_batch_independent(model, source, prepare, call) -> None:
     """The batch check again on three items spread over the rest of the data: a user's
     collate_fn that pads to the batch's longest item changes nothing for first items of one
-    size (images stored by size, the first 20 of 8 x 8), and GROUP BY and WHERE then gave two
-    answers to one question, unwarned."""
+    size (images stored by size, the first 20 of 8 x 8), nor does a branch on the batch's
+    mean (``if x.mean() > t``) for first items that all take it, and GROUP BY and WHERE then
+    gave two answers to one question, unwarned."""
     n = len(source)
     spread = np.unique([n // 3, 2 * n // 3, n - 1])
     if n < 6 or len(spread) < 3:

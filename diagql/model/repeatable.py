@@ -74,7 +74,8 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
         if _differ(one, together[i:i + 1]):
             warn("the model gives an item other outputs when other items share its batch "
                  "(statistics of the batch: dynamic quantization's scales, a norm over the "
-                 "batch, a collate_fn that normalises each batch, or padding to the "
+                 "batch, a branch on the batch's mean, a collate_fn that normalises each "
+                 "batch, or padding to the "
                  "batch's longest item that changes the others' outputs, as left padding "
                  "does a GPT-2's?): WHERE, GROUP BY and samples run other batches than an "
                  "exact pass over every item, so the same question may get different "
