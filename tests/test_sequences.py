@@ -194,6 +194,55 @@ def test_a_time_first_where_matching_one_item_counts_one_item(rnn_data):
     assert "sequence: axis 0 (length 9)" in axes and "hidden: axis 2 (6 units)" in axes
 
 
+class LengthsLSTM(nn.Module):
+    """forward(x, lengths), as classic LSTM classifiers are written: a time-first LSTM over
+    the padded batch (not packed), its last real state gathered with the lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rnn, self.head = nn.Linear(3, 5), nn.LSTM(5, 6), nn.Linear(6, 3)
+
+    def forward(self, x, lengths):
+        out, _ = self.rnn(self.inp(x).transpose(0, 1))
+        return self.head(out[lengths - 1, torch.arange(len(x))])
+
+
+def _pad_items(batch):
+    longest = max(len(item["x"]) for item in batch)
+    x = torch.zeros(len(batch), longest, 3)
+    for i, item in enumerate(batch):
+        x[i, :len(item["x"])] = item["x"]
+    return {"x": x, "lengths": torch.stack([item["lengths"] for item in batch]),
+            "label": torch.stack([item["label"] for item in batch])}
+
+
+def test_lengths_given_to_the_model_mark_its_real_steps():
+    """A model that takes each item's length, not an attention_mask: the padded steps of its
+    LSTM and input projection had counted in TOKENS MEAN (7-11% off), unmarked."""
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for i in range(120):
+        n = int(torch.randint(2, 9, (1,), generator=g))
+        items.append({"x": torch.randn(n, 3, generator=g), "lengths": torch.tensor(n),
+                      "label": torch.tensor(i % 3)})
+    torch.manual_seed(0)
+    model = LengthsLSTM().eval()
+    loader = DataLoader(items, batch_size=16, collate_fn=_pad_items)
+    conn = diagql.connect(model, loader, cache_dir=False, progress=False)
+    with torch.no_grad():  # each item alone, unpadded
+        steps = [model.rnn(model.inp(item["x"])[:, None])[0][:, 0] for item in items]
+        projected = [model.inp(item["x"]) for item in items]
+    mean = torch.stack([s.mean(0) for s in steps]).double().mean(0).numpy()
+    last = torch.stack([s[-1] for s in steps]).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN rnn").values, mean, **TOL)
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN rnn TOKEN -1").values, last, **TOL)
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN inp").values,
+                               torch.stack([p.mean(0) for p in projected]).double().mean(0)
+                               .numpy(), **TOL)
+    assert dict(conn.query("DESCRIBE rnn").rows)["real tokens"] == \
+        "the lengths of the batch input"
+
+
 def test_packed_rnn_reductions_sample_and_baseline(rnn_data):
     model, conn, out, lengths, y = rnn_world(rnn_data, nn.LSTM, False, True)
     for clause, mode, position in (("TOKENS MAX", "max", 0), ("TOKEN 0", "token", 0)):
@@ -480,8 +529,8 @@ class _Unmasked(nn.Module):
         self.embed = nn.Embedding(20, 4, padding_idx=0)
         self.head = nn.Linear(4, 2)
 
-    def forward(self, input_ids, lengths):
-        return self.head(self.embed(input_ids).sum(1) / lengths[:, None])
+    def forward(self, input_ids, n_tokens):
+        return self.head(self.embed(input_ids).sum(1) / n_tokens[:, None])
 
 
 def _ragged_ids() -> list:
@@ -502,9 +551,9 @@ def test_padding_per_batch_with_no_mask_to_leave_it_out_is_warned_of():
     """Its padding counts as tokens, so an item's mean depends on its batch's longest item."""
     items = _ragged_ids()
 
-    def collate(batch):
+    def collate(batch, key="n_tokens"):
         ids, lengths, y = _pad_ids(batch)
-        return {"input_ids": ids, "lengths": lengths}, y
+        return {"input_ids": ids, key: lengths}, y
 
     db = diagql.connect(_Unmasked().eval(), DataLoader(items, collate_fn=collate), progress=False)
     with pytest.warns(diagql.DiagQLWarning, match="layer 'embed': its sequence length changes "
@@ -513,6 +562,32 @@ def test_padding_per_batch_with_no_mask_to_leave_it_out_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error", diagql.DiagQLWarning)
         db.query("AVG NEURONS IN head")
+
+
+class _Lengths(_Unmasked):
+    def forward(self, input_ids, lengths):
+        return super().forward(input_ids, lengths)
+
+
+def test_lengths_the_model_takes_leave_padding_per_batch_out():
+    """The same model taking `lengths` (a name models give them): its real tokens are below
+    each length, so its embedding's mean is each item's own, in any batch, unwarned."""
+    items = _ragged_ids()
+
+    def collate(batch):
+        ids, lengths, y = _pad_ids(batch)
+        return {"input_ids": ids, "lengths": lengths}, y
+
+    model = _Lengths().eval()
+    db = diagql.connect(model, DataLoader(items, collate_fn=collate), progress=False)
+    with torch.no_grad():
+        own = torch.stack([model.embed(ids).mean(0) for ids, _ in items]).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        np.testing.assert_allclose(db.query("AVG NEURONS IN embed").values, own.mean(0).numpy(),
+                                   **TOL)
+        ones = db.query("AVG NEURONS IN embed WHERE class = 1").values
+    np.testing.assert_allclose(ones, own[1::2].mean(0).numpy(), **TOL)
 
 
 class _TextConv(nn.Module):

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.errors import ExecutionError
+from diagql.model.input_masks import input_attention_mask
 
 FLAT = "flat"  # neurons are the per-item output's elements in C order; CHANNELS: axis 0's means
 SEQUENCE = "sequence"  # (sequence, hidden) per item: neurons are the hidden units
@@ -181,34 +182,6 @@ def _positional_names(cls: type) -> tuple[str, ...] | None:
         return None
     return tuple(p.name for p in params
                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
-
-
-_DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask")
-
-
-def mask_key(inputs, module: str | None = None) -> str | None:
-    """Which mask of a mapping model input marks the real tokens of ``module``'s outputs:
-    ``attention_mask``; but in an encoder-decoder model's input (decoder_input_ids beside
-    input_ids: T5's, Bart's), every module outside the encoder (its name has no "encoder"
-    part: the decoder, the LM head) has the decoder's tokens, marked by
-    ``decoder_attention_mask`` (None without one: every decoder position is real)."""
-    if not isinstance(inputs, Mapping):
-        return None
-    if module is not None and any(key in inputs for key in _DECODER_INPUTS) and \
-            "encoder" not in module.split("."):
-        return "decoder_attention_mask" if "decoder_attention_mask" in inputs else None
-    return "attention_mask"
-
-
-def input_attention_mask(inputs, module: str | None = None) -> torch.Tensor | None:
-    """The mask (batch, sequence) of a mapping model input (1: a real token) that marks the
-    real tokens of ``module``'s outputs (``mask_key``): a tuple's is named by
-    ``named_inputs``."""
-    key = mask_key(inputs, module)
-    mask = None if key is None else inputs.get(key)
-    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-        return mask
-    return None
 
 
 @dataclass(frozen=True)
