@@ -13,7 +13,7 @@ from diagql.model.scores import profile_notices
 from diagql.model.views import SEQUENCE, View
 from diagql.results.formats import Bytes, Count, Percent, size_text
 from diagql.results.result import Result
-from diagql.storage.store import abandoned
+from diagql.storage.store import abandoned, remove_abandoned
 
 
 def show(conn, statement: ast.Show) -> Result:
@@ -108,7 +108,7 @@ def clear_cache(conn, statement) -> Result:
             for kind in sorted({e.kind for e in removed})]
     where = conn.cache.root if conn.cache.enabled else "nowhere (the disk cache is off)"
     size = size_text(sum(e.bytes for e in removed))
-    temporary = conn.cache.cleared_temporary
+    temporary = remove_abandoned(conn.cache.root) if conn.cache.enabled else 0
     also = f" and {size_text(temporary)} of unfinished writes' temporary files" \
         if temporary else ""
     result = Result(kind="table", statement=statement.text,

@@ -80,7 +80,6 @@ class Cache:
         self.read_rate = READ_RATE
         self._writer = Writer(self.root, lambda path: self._evict(keep=path))
         self._stopped: str | None = None  # the write failure warned about (write_failure)
-        self.cleared_temporary = 0  # bytes of abandoned temporary files the last clear() removed
 
     @property
     def writes(self) -> int:
@@ -304,7 +303,6 @@ class Cache:
                     pass
                 except OSError as exc:
                     kept.append((entry, exc))
-            self.cleared_temporary = remove_abandoned(self.root)
         return removed, kept
 
     @property
