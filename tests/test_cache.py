@@ -813,6 +813,28 @@ def test_a_killed_writers_temporary_files_are_seen_and_removed(tmp_path):
     assert not dead.exists() and mine.exists()
 
 
+def test_a_sessions_profile_and_catalog_stay_recently_used(tmp_path, monkeypatch):
+    """Read once per session, they had looked least recently used, and a cache over its limit
+    evicted them before the activations the session kept writing."""
+    import diagql
+    from diagql.session import artifacts
+    from tests.models import digits, trained_mlp
+
+    monkeypatch.setattr(artifacts, "KEEP_IN_USE", 0.0)
+    conn = diagql.connect(trained_mlp(), digits(), cache_dir=tmp_path, progress=False)
+    conn.query("AVG NEURONS IN head USING SAMPLE random(0.1)")
+    conn.cache.flush()
+    entries = [next((tmp_path / kind).glob("*.npz")) for kind in ("profile", "catalog")]
+    old = time.time() - 3600
+    for path in entries:
+        os.utime(path, (old, old))
+    conn.query("AVG NEURONS IN encoder.1 USING SAMPLE random(0.1)")
+    conn.cache.flush()
+    assert all(path.stat().st_mtime > old + 1800 for path in entries)
+    oldest = conn.cache.entries()[0]
+    assert oldest.kind not in ("profile", "catalog")
+
+
 # --- where the cache lives, and fingerprints ----------------------------------------------------
 
 def test_the_cache_directory(tmp_path, monkeypatch):

@@ -348,3 +348,23 @@ def _scores_digest(conn):
         return ["function", model_fingerprint(holder)]
     except Unfingerprintable as exc:
         raise Unfingerprintable(f"the scores= function: {exc}") from None
+
+
+KEEP_IN_USE = 60.0  # seconds between marks of a session's profile and catalog as used
+
+
+def keep_in_use(artifacts: Artifacts) -> None:
+    """Mark the profile and catalog a session holds in memory as used now, at most once a
+    KEEP_IN_USE: read once per session, they had looked least recently used, and a cache
+    over its limit evicted them first (a sweep's, 15 MB), the profile costing a full pass
+    to make again while its activations stayed."""
+    now = time.monotonic()
+    if artifacts.profile is None or now - getattr(artifacts, "marked", -KEEP_IN_USE) < \
+            KEEP_IN_USE:
+        return
+    artifacts.marked = now
+    key = artifacts.profile_key()
+    if key is not None:
+        touch(artifacts.conn.cache, "profile", key)
+        touch(artifacts.conn.cache, "catalog", artifacts.catalog_key())
+

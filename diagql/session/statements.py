@@ -16,6 +16,7 @@ from diagql.language import ast
 from diagql.language.binder import (bind_layer, bind_query, bind_similarity, bind_view,
                                     require_labels)
 from diagql.results.result import Result
+from diagql.session.artifacts import keep_in_use
 from diagql.session.models import name_model, sampling_source, with_model
 from diagql.session.settings import Settings
 from diagql.suggest import did_you_mean
@@ -31,7 +32,11 @@ def run_statement(conn, statement: ast.Statement) -> Result:
     handler = HANDLERS[type(statement)]
     if handler.needs_model:
         conn.require_model()
-    return handler.run(conn, statement)
+    try:
+        return handler.run(conn, statement)
+    finally:
+        for entry in conn.models.values():
+            keep_in_use(entry.artifacts)
 
 
 def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, float]]:
