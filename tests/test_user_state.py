@@ -98,6 +98,29 @@ def test_the_users_own_forward_in_another_thread_is_left_alone():
     assert max(errors) < 1e-6
 
 
+def test_a_script_read_halfway_holds_no_other_thread_up():
+    """iter_execute stopped after its first answer had kept the statement lock while the
+    generator waited, and another thread's query waited with it, until the generator was
+    closed."""
+    model, X, y = _model_and_data()
+    model.eval()
+    db = diagql.connect(model, (X, y), batch_size=32, cache_dir=False, progress=False)
+    other = diagql.connect(model, (X, y), batch_size=32, cache_dir=False, progress=False)
+    steps = db.iter_execute("AVG NEURONS IN 0; AVG NEURONS IN 1; AVG NEURONS IN 4;")
+    first = next(steps)
+    answered = []
+    thread = threading.Thread(target=lambda: answered.append(other.query("AVG NEURONS IN 4")))
+    thread.start()
+    thread.join(timeout=60)
+    assert answered and not thread.is_alive()
+    with torch.no_grad():
+        np.testing.assert_allclose(first.values, model[0](X).double().mean(0).numpy(),
+                                   atol=1e-6)
+        truth = model(X).double().mean(0).numpy()
+    np.testing.assert_allclose(answered[0].values, truth, atol=1e-6)
+    assert [r.layer for r in steps] == ["1", "4"]
+
+
 def test_pythons_random_stream_is_not_moved():
     """rich draws from Python's global random when first imported, which DiagQL did at its
     first bar or table (an UNTIL query's): a seeded notebook's next draws changed. A fresh

@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -168,6 +168,29 @@ def watching(conn):
         finally:
             if FORWARDS[0] != forwards:
                 after_statement(conn)
+
+
+def stepped(conn, outcomes: Iterator) -> Iterator:
+    """``outcomes`` (a script's shared pass: its statements' answers, one at a time) stepped
+    within one statement's span as ``watching`` keeps it, but yielded outside the lock: a
+    caller that stopped reading midway (an iter_execute left unfinished) had held it, and
+    every other thread's statement waited, on any connection."""
+    forwards = None
+    while True:
+        with STATEMENTS:
+            if forwards is None:
+                _refuse_meta(conn)
+                notice_changes(conn)
+                forwards = FORWARDS[0]
+            try:
+                outcome = next(outcomes)
+            except StopIteration:
+                return
+            finally:
+                if FORWARDS[0] != forwards:
+                    after_statement(conn)
+                    forwards = FORWARDS[0]
+        yield outcome
 
 
 def _refuse_meta(conn) -> None:

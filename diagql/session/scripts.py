@@ -12,7 +12,7 @@ from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.parser import parse_piece, split_statements
 from diagql.results.result import Result
-from diagql.session.changes import watching
+from diagql.session.changes import stepped, watching
 from diagql.session.class_names import checked, resolved
 from diagql.session.models import name_model
 from diagql.session.statements import planned, run_statement
@@ -84,8 +84,9 @@ def _run_queries(conn, queries: list, script: str,
     if len(waiting) == 1:
         yield _outcome(conn, waiting[0][0], script, waiting[0][1], placed)
         return
-    with watching(conn):  # what changed in place since the last (session/changes.py)
-        yield from _shared_pass(conn, waiting, script, placed)
+    # What changed in place since the last (session/changes.py), the lock released between
+    # answers.
+    yield from stepped(conn, _shared_pass(conn, waiting, script, placed))
 
 
 def _shared_pass(conn, waiting: list, script: str, placed: bool) -> Iterator:
