@@ -966,3 +966,16 @@ def test_a_decimal_where_a_whole_number_goes_is_named_whole(text, shown, column)
     error = error_of(text)
     assert f"expected a whole number, not '{shown}'" in str(error)
     assert (error.line, error.column, error.end_column) == (1, column, column + len(shown))
+
+
+@pytest.mark.parametrize("ending", ["\r", "\r\n", "\n"])
+def test_a_comment_ends_at_any_line_end(ending):
+    """A lone carriage return had not ended a '--' comment: the WHERE after it, and every
+    statement after it in a script, were dropped without a word."""
+    one = parse(f"AVG NEURONS IN fc1 -- why{ending}WHERE class = 1")
+    assert one.where is not None
+    pieces = parse_script(f"-- header{ending}AVG NEURONS IN fc1;{ending}AVG NEURONS IN fc2;")
+    assert [statement.layer.name for statement in pieces] == ["fc1", "fc2"]
+    with pytest.raises(ParseError) as info:
+        parse(f"AVG NEURONS IN fc1 -- why{ending}WHERE clas = 1")
+    assert (info.value.line, info.value.column) == (2, 7)

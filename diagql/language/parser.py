@@ -14,6 +14,7 @@ from diagql.language.transform import to_ast
 
 # --- splitting a script into statements ----------------------------------------------------
 
+_LONE_CR = re.compile(r"\r(?!\n)")
 _SCAN = re.compile(r"""'(?:[^'\\\n]|\\.)*'?|"(?:[^"\\\n]|\\.)*"?|--[^\n]*|;""")
 
 
@@ -33,11 +34,20 @@ class Piece:
     terminated: bool  # ended by ';' (the REPL runs a statement once it is terminated)
 
 
+def one_line_break(text):
+    """The text with each lone carriage return (old Mac line ends, a string built with
+    ``\\r``) made a newline, in place: a ``--`` comment runs to the end of its line, and it
+    had run past such a line end, swallowing the statements and clauses after it (a WHERE
+    dropped without a word). Python's own files read so already; other values as they are."""
+    return _LONE_CR.sub("\n", text) if isinstance(text, str) and "\r" in text else text
+
+
 def split_statements(text: str) -> list[Piece]:
     """Cut a script at the ``;`` that are outside strings and comments; drop empty statements."""
     if not isinstance(text, str):  # every entry point's text passes here: query(None) too
         decode = "; decode it first: .decode()" if isinstance(text, (bytes, bytearray)) else ""
         raise DiagQLError(f"a statement is text (a str), not {type(text).__name__}{decode}")
+    text = one_line_break(text)
     if text.startswith("\ufeff"):  # a file's byte order mark, read as text: a blank, in place
         text = " " + text[1:]
     pieces: list[Piece] = []

@@ -19,7 +19,7 @@ from diagql.engine.planner import Plan
 from diagql.errors import BindError, DiagQLError, warn
 from diagql.language import ast
 from diagql.language.binder import bind_sampler, qualify_layer
-from diagql.language.parser import parse, parse_sampler
+from diagql.language.parser import one_line_break, parse, parse_sampler
 from diagql.model.data import ItemSource, dataset_indices, loader_batch_size
 from diagql.model.hooks import hookable
 from diagql.model.layers import LayerCatalog
@@ -306,6 +306,7 @@ class Connection:
     def query(self, text: str) -> Result:
         """Run one statement and return its Result."""
         started = time.perf_counter()
+        text = one_line_break(text)
         try:
             statement = resolved(parse(text), checked(self))
         except DiagQLError as exc:
@@ -335,11 +336,12 @@ class Connection:
         """Run every statement, yielding its Result or its DiagQLError and going on: the CLI's
         ``--keep-going`` and the REPL stop or continue as they choose. Consecutive queries
         share one forward pass over the union of their items."""
-        return scripts.run_script(self, script)
+        return scripts.run_script(self, one_line_break(script))
 
     def plan(self, query: str | ast.Query) -> Plan:
         """The plan of a query (what EXPLAIN shows), binding it and drawing its sample."""
         if isinstance(query, str):
+            query = one_line_break(query)
             try:
                 query = resolved(parse(query), checked(self))
             except DiagQLError as exc:
