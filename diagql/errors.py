@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import functools
+import re
 
 
 @functools.lru_cache(maxsize=4)
 def _lines(source: str) -> list[str]:
-    """A script's lines, split once: every error of a long script points into the same text."""
-    return source.split("\n")
+    """A script's lines, split once: every error of a long script points into the same text.
+    A lone carriage return ends a line too, as the parser reads it (language/parser.py)."""
+    return re.split(r"\r\n?|\n", source) if "\r" in source else source.split("\n")
 
 
 # The most of a source line an error shows: a longer one is shown around the error.

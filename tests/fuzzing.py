@@ -355,7 +355,7 @@ def _where(exc: BaseException) -> str:
 def check_error(err, text: str, stage: str) -> list[Failure]:
     """Line and column inside the text, and format() works."""
     out = []
-    lines = text.split("\n")
+    lines = re.split(r"\r\n?|\n", text)  # a lone carriage return ends a line too
     name = type(err).__name__
     if err.line is not None:
         if not 1 <= err.line <= len(lines):
