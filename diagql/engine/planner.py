@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -39,6 +40,7 @@ class Plan:
     # only for the rows a pass reads) and their mean over each group's matching items, which
     # the assisted estimator corrects the sample toward.
     estimator: str | None = None
+    explainer: Callable | None = None  # what writes a plan's EXPLAIN rows, when not ``explain``
     covariates: Covariates | None = None
     covariate_means: dict | None = None
     # The view's block projections, when the profile kept them (engine/prediction.py), and
@@ -85,6 +87,13 @@ class Plan:
         return len(self.items) * self.seconds_per_item
 
     def explain(self) -> list[tuple[str, str]]:
+        """EXPLAIN's (step, detail) rows in the order they run; a SIMILARITY's are its
+        ``explainer``'s (engine/similarity.py, a later module: planner.py cannot import it)."""
+        if self.explainer is not None:
+            return self.explainer(self)
+        return self._query_rows()
+
+    def _query_rows(self) -> list[tuple[str, str]]:
         """(step, detail) rows, top to bottom in the order they run."""
         q = self.query
         rows = [("auto", self.choice)] if self.choice else []

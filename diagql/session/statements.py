@@ -11,6 +11,7 @@ from typing import Callable
 
 from diagql.engine.answers import record_speedup, require_matches
 from diagql.engine.planner import Plan, plan_query
+from diagql.engine.similarity import explain as explain_similarity
 from diagql.errors import BindError, DiagQLError, ExecutionError
 from diagql.language import ast
 from diagql.language.binder import (bind_layer, bind_query, bind_similarity, bind_view,
@@ -163,7 +164,7 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, drawn_on), None,
                       rows_from_profile=False)
-    plan = replace(plan, class_names=_names(conn))
+    plan = replace(plan, class_names=_names(conn), explainer=explain_similarity)
     return plan, {"bind": bound_at - started, "profile": profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
 
@@ -260,10 +261,8 @@ def _explain(conn, statement: ast.Explain) -> Result:
 
         return explain_top_inputs(conn, statement)
     if isinstance(statement.query, ast.Similarity):
-        from diagql.engine.similarity import explain
-
         plan, _ = planned(conn, statement.query)
-        rows = explain(plan)
+        rows = plan.explain()
         if statement.query.across is not None:
             from diagql.session.similarity_across import explain_across
 
