@@ -443,6 +443,9 @@ def test_one_matching_item_says_why_there_is_no_cka(db):
     alone = db.query("SIMILARITY encoder.1, head WHERE class = 3 AND predicted = "
                      f"{singles[0]} USING SAMPLE random(1.0) WITH BASELINE")
     assert "|error| — (the exact CKA is undefined)" in str(alone)
+    # Strict JSON: the undefined error is null, in the groups and overall.
+    data = json.loads(json.dumps(sampled.to_dict(), allow_nan=False))
+    assert None in [group["metrics"]["cka_abs_error"] for group in data["groups"]]
 
 
 def test_json_of_an_undefined_interval_is_strict_json(db):

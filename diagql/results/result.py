@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from diagql.errors import DiagQLError
 from diagql.language.ast import AGGREGATES
 from diagql.results.metrics import Metric
 
@@ -241,8 +242,14 @@ class Result:
             return len(self.items)
         return len(self.neurons) if self.is_query else len(self.rows)
 
+    def __bool__(self) -> bool:  # a result is an answer, also one of no rows (GROUP BY's)
+        return True
+
     def value_of(self, neuron: int) -> float | None:
-        """This result's aggregate for one neuron (TOPK knows it for neurons outside its top-k)."""
+        """This result's aggregate for one neuron, by its flat index (TOPK knows it for
+        neurons outside its top-k); None for one it does not hold. A GROUP BY result's
+        values are its groups': ``result.groups[key].value_of(n)``."""
+        _check_neuron(self, neuron)
         if self.dense is not None:
             return float(self.dense[neuron])
         hits = np.flatnonzero(self.neurons == neuron)
@@ -275,8 +282,8 @@ class Result:
             "kind": self.kind, "statement": self.statement, "layer": self.layer,
             "unit": self.unit, "source": self.source, "n_items": self.n_items,
             "neurons": self.neurons.tolist(), "labels": list(self.labels),
-            "values": [float(v) for v in self.values],
-            "metrics": {k: float(v) for k, v in self.metrics.items()},
+            "values": [_number_or_none(v) for v in self.values],
+            "metrics": {k: _number_or_none(v) for k, v in self.metrics.items()},
             "timings": {k: float(v) for k, v in self.timings.items()},
             "estimate": self.estimate.to_dict() if self.estimate is not None else None,
             "notes": list(self.notes),
@@ -305,7 +312,7 @@ class Result:
                "value": _number_or_none(self.value),
                "matrix": None if self.matrix is None else
                [[_number_or_none(v) for v in row] for row in self.matrix.tolist()],
-               "metrics": {k: float(v) for k, v in self.metrics.items()},
+               "metrics": {k: _number_or_none(v) for k, v in self.metrics.items()},
                "timings": {k: float(v) for k, v in self.timings.items()},
                "estimate": self.estimate.to_dict() if self.estimate is not None else None,
                "notes": list(self.notes)}
@@ -412,6 +419,19 @@ class Result:
         from diagql.results.render import to_html
 
         return to_html(self)
+
+
+def _check_neuron(result: Result, neuron) -> None:
+    """Refuse what ``value_of`` cannot read: no int, a GROUP BY's whole result (its values
+    are its groups'), a neuron past a TOPK's layer (index -1 had read its last neuron)."""
+    if isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer)):
+        raise DiagQLError(f"value_of takes a neuron's flat index (an int), not {neuron!r}")
+    if result.groups is not None:
+        raise DiagQLError("a GROUP BY result holds its values per group: "
+                          "result.groups[key].value_of(neuron)")
+    if result.dense is not None and not 0 <= neuron < len(result.dense):
+        raise DiagQLError(f"{result.layer} has neurons 0 to {len(result.dense) - 1}, not "
+                          f"{neuron}")
 
 
 def _jsonable(value):
