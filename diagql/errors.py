@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 import re
 
 
@@ -156,3 +157,16 @@ def warn(message: str) -> None:
                                  or frame.f_code.co_filename.endswith("contextlib.py")):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, DiagQLWarning, stacklevel=level)
+
+
+def whole(value):
+    """An integer of any kind (numpy's np.int64 from an array's shape or np.unique) as a
+    Python int, which the checks of settings and options take; anything else, bools too,
+    as it is."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.errors import DiagQLError, ExecutionError
+from diagql.errors import DiagQLError, ExecutionError, whole
 from diagql.model.forward import batch_text
 
 # What to pass when the default cannot decide (connect's argument, the CLI's flag).
@@ -112,6 +112,7 @@ class Scores:
     @classmethod
     def of(cls, choice) -> Scores:
         """The user's ``scores=`` choice: an int position, a str key, or a callable."""
+        choice = whole(choice)
         if isinstance(choice, bool) or not (isinstance(choice, (int, str)) or callable(choice)):
             raise DiagQLError(f"scores= takes a position (int), a key (str) or a function of "
                               f"the model's output, not {choice!r}")

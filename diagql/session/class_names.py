@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from diagql.errors import DiagQLError, DiagQLWarning
+from diagql.errors import DiagQLError, DiagQLWarning, whole
 from diagql.language import ast
 from diagql.language.binder import _error
 from diagql.model.data import LABEL_KEYS
@@ -21,7 +21,8 @@ def given_names(classes) -> list[str] | None:
         return None
     if hasattr(classes, "tolist") and not isinstance(classes, Mapping):  # an array of names
         classes = classes.tolist()
-    if isinstance(classes, Mapping):
+    if isinstance(classes, Mapping):  # {np.int64(i): name} from np.unique(y) too
+        classes = {whole(k): name for k, name in classes.items()}
         if not all(isinstance(k, int) and k >= 0 for k in classes) or \
                 sorted(classes) != list(range(len(classes))):
             raise DiagQLError("classes= as a mapping takes every class index 0..n-1 to its name")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from diagql.errors import BindError
+from diagql.errors import BindError, whole
 from diagql.results.formats import FORMATS, MAX_ROWS
 
 ESTIMATORS = ("assisted", "plain")  # engine/regression.py; the sample mean
@@ -42,6 +42,7 @@ class Settings:
         if name in ("latent", "model") and isinstance(value, (int, float)) and written:
             value = written  # SET latent = 0.10: the layer 0.10, not 0.1
         if name in ("batch_size", "seed", "max_rows"):
+            value = whole(value)  # a numpy integer (np.int64(64)) is one
             if isinstance(value, float) and value.is_integer():
                 value = int(value)  # SET seed = 1e3
             if isinstance(value, bool) or not isinstance(value, int):
