@@ -699,3 +699,48 @@ def test_a_dataset_whose_len_is_larger_than_its_items_is_named():
                                              r"Dataset's __len__ says 60 items: if it holds "
                                              r"fewer, its __len__ is wrong"):
         connect(bad_models.net(), _LongerThanItIs()).query("AVG NEURONS IN fc1")
+
+
+def test_numpy_integers_are_whole_numbers_to_connect_and_set():
+    """batch_size=np.int64(16) and classes={np.int64(i): name} (what a training script's
+    np.unique gives) had been refused as no whole numbers."""
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 5), torch.arange(40) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3))
+    names = {k: name for k, name in zip(np.unique(y.numpy()), "abc")}
+    db = diagql.connect(model, (X, y), batch_size=np.int64(16), classes=names, cache_dir=False,
+                        progress=False)
+    assert db.settings.batch_size == 16 and type(db.settings.batch_size) is int
+    result = db.query("AVG NEURONS IN 0 WHERE class = 'b'")
+    with torch.no_grad():
+        truth = model(X[y == 1]).double().mean(0).numpy()
+    np.testing.assert_allclose(result.values, truth, rtol=1e-6)
+
+
+def test_a_connection_is_not_copied_and_value_of_reads_only_real_neurons():
+    """pickle.dumps(db) had raised Python's own AttributeError, copy.copy shared its caches
+    silently; TOPK's value_of(-1) read its last neuron, and a GROUP BY's said None always."""
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 5), torch.arange(40) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for copies in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(diagql.DiagQLError, match="not pickled or copied: pickle its Results"):
+            copies(db)
+    top = db.query("TOPK 2 NEURONS IN 0")
+    assert pickle.loads(pickle.dumps(top)).labels == top.labels
+    with torch.no_grad():
+        means = model(X).double().mean(0).numpy()
+    assert top.value_of(3) == pytest.approx(means[3])
+    for wrong, message in ((-1, "neurons 0 to 3, not -1"), (4, "not 4"), (1.0, "an int")):
+        with pytest.raises(diagql.DiagQLError, match=message):
+            top.value_of(wrong)
+    grouped = db.query("AVG NEURONS IN 0 GROUP BY class")
+    assert grouped and not len(grouped.values)  # an answer, though its rows are its groups'
+    with pytest.raises(diagql.DiagQLError, match=r"result.groups\[key\].value_of"):
+        grouped.value_of(1)
+    assert grouped.groups[1].value_of(2) == pytest.approx(
+        model(X[y == 1]).double().mean(0)[2].item())

@@ -19,7 +19,7 @@ from diagql.engine.planner import Plan
 from diagql.errors import BindError, DiagQLError, warn
 from diagql.language import ast
 from diagql.language.binder import bind_sampler, qualify_layer
-from diagql.language.parser import one_line_break, parse, parse_sampler
+from diagql.language.parser import parse, parse_sampler
 from diagql.model.data import ItemSource, dataset_indices, loader_batch_size
 from diagql.model.hooks import hookable
 from diagql.model.layers import LayerCatalog
@@ -143,6 +143,13 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
                       classes=classes)
     conn.tokenizer = tokenizer
     return conn
+
+
+def _not_copied(connection) -> None:
+    """pickle, copy and deepcopy of a Connection: what it holds is this process's."""
+    raise DiagQLError("a Connection holds this process's model, hooks, caches and locks, so it "
+                      "is not pickled or copied: pickle its Results (plain data), or connect "
+                      "again where you need one")
 
 
 class Connection:
@@ -306,7 +313,6 @@ class Connection:
     def query(self, text: str) -> Result:
         """Run one statement and return its Result."""
         started = time.perf_counter()
-        text = one_line_break(text)
         try:
             statement = resolved(parse(text), checked(self))
         except DiagQLError as exc:
@@ -336,12 +342,11 @@ class Connection:
         """Run every statement, yielding its Result or its DiagQLError and going on: the CLI's
         ``--keep-going`` and the REPL stop or continue as they choose. Consecutive queries
         share one forward pass over the union of their items."""
-        return scripts.run_script(self, one_line_break(script))
+        return scripts.run_script(self, script)
 
     def plan(self, query: str | ast.Query) -> Plan:
         """The plan of a query (what EXPLAIN shows), binding it and drawing its sample."""
         if isinstance(query, str):
-            query = one_line_break(query)
             try:
                 query = resolved(parse(query), checked(self))
             except DiagQLError as exc:
@@ -382,13 +387,13 @@ class Connection:
 
     def __exit__(self, *exc) -> None:
         self.close()
+    __reduce__ = _not_copied  # pickle, copy, deepcopy
 
     def __repr__(self) -> str:
         return f"<diagql.Connection {self.summary()}>"
 
     def summary(self) -> str:
-        """What the connection is over, in words (the REPL's banner): ``Net over 2,500 items
-        on cpu``."""
+        """What it is over, in words (the REPL's banner): ``Net over 2,500 items on cpu``."""
         if not self.models:
             return "(no model)"
         current = self.current
