@@ -1191,6 +1191,39 @@ def test_a_channels_last_maps_channels_are_its_last_axis():
                                means[sample].mean(0), atol=1e-9)
 
 
+class _LayerNorm2d(nn.LayerNorm):
+    """A LayerNorm over a (C, H, W) map's channels, permuted to last and back (timm's
+    LayerNorm2d; Hugging Face's ConvNextLayerNorm(data_format="channels_first"))."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _ChannelsFirstNorm(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.norm = nn.Conv2d(3, channels, 3, padding=1), _LayerNorm2d(channels)
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.stem(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("channels,side", [(8, 12), (8, 8)])
+def test_a_layernorm_over_channels_first_keeps_them_first(channels, side):
+    """A LayerNorm subclass that permutes to normalise its channels and back had been read as
+    channels-last: CHANNELS of ConvNeXt's embeddings were its 12 columns (all near 0), and
+    silently wrong where the width equals the channels."""
+    model = _ChannelsFirstNorm(channels)
+    X, y = torch.randn(60, 3, side, side), torch.randint(0, 3, (60,))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    out = _hooked(model, "norm", X).double()
+    assert db.catalog["norm"].channels == channels
+    np.testing.assert_allclose(db.query("AVG CHANNELS IN norm").values,
+                               out.mean(dim=(2, 3)).mean(0).numpy(), atol=1e-9)
+
+
 class _BatchSimilarities(nn.Module):
     """CLIP's output: the batch × batch similarities of its two encoders' embeddings."""
 

@@ -20,29 +20,11 @@ from diagql.model.repeatable import check_batch_independent, check_deterministic
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector
 from diagql.model.input_masks import input_attention_mask, mask_key
-from diagql.model.views import CHANNELS_LAST, FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
+from diagql.model.layouts import map_layout, vector_layout
+from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, named_inputs, padding_argument, padding_mask
 
 PROBE_SIZES = (1, 2, 3)  # items per probe batch: the axis that follows them is the batch axis
-
-_CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d,
-                   nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.MaxUnpool1d, nn.BatchNorm1d,
-                   nn.LazyBatchNorm1d, nn.InstanceNorm1d, nn.LazyInstanceNorm1d, nn.GroupNorm,
-                   nn.SyncBatchNorm, nn.Dropout1d, nn.Upsample, nn.ConstantPad1d,
-                   nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ZeroPad1d, nn.CircularPad1d)
-# Modules whose output's last axis is their features: a map they return is channels-last.
-_LAST_AXIS = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Bilinear,
-              *[getattr(nn, name) for name in ("RMSNorm",) if hasattr(nn, name)])
-# Modules of maps with channels first, beyond the 1-D ones (_CHANNELS_FIRST).
-_MAPS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.BatchNorm2d,
-         nn.BatchNorm3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MaxPool2d, nn.MaxPool3d,
-         nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout2d, nn.Dropout3d,
-         nn.PixelShuffle, nn.PixelUnshuffle)
-_SEQUENCES = (nn.RNNBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerEncoderLayer,
-              nn.TransformerDecoder, nn.TransformerDecoderLayer, nn.MultiheadAttention,
-              nn.Embedding, nn.Linear)
-
 
 @dataclass
 class _Seen:
@@ -381,10 +363,10 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
     varies = len(set(per_item)) > 1
     layout = FLAT
     if len(shape) == 2:
-        layout = _layout(module, last, layouts)
+        layout = vector_layout(module, last.form, last.like, layouts)
         layouts[key] = layout
     elif len(shape) >= 3:
-        layout = _map_layout(module, last, layouts)
+        layout = map_layout(module, last.shape, last.like, layouts)
         layouts[key] = layout
     if layout == SEQUENCE and len({s[1] for s in per_item}) > 1:
         return refuse(f"its hidden size changes with the batch (shapes {shapes} for batches of "
@@ -450,30 +432,6 @@ def _declared_axis(module: nn.Module) -> int | None:
         if isinstance(value, bool):
             return 0 if value else 1
     return None
-
-
-def _layout(module: nn.Module, seen: _Seen, layouts: dict[tuple[str, int], str]) -> str:
-    """FLAT for channel-first maps (batch, channels, length), else SEQUENCE."""
-    if seen.form != "tensor" or isinstance(module, _SEQUENCES):
-        return SEQUENCE
-    if isinstance(module, _CHANNELS_FIRST):
-        return FLAT
-    return next((layouts[like] for like in seen.like if like in layouts), SEQUENCE)
-
-
-
-
-def _map_layout(module: nn.Module, seen: _Seen, layouts: dict[tuple[str, int], str]) -> str:
-    """CHANNELS_LAST for a map (rank >= 3 per item) that a module making features on the last
-    axis returned (a Linear or a LayerNorm over a permuted map: ConvNeXt's blocks, Swin's
-    stages), or that took its layout from one (an activation after it); FLAT (channels
-    first) otherwise, a conv's or a norm's of channels."""
-    if isinstance(module, _LAST_AXIS) and not (
-            isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1):
-        return CHANNELS_LAST
-    if isinstance(module, _CHANNELS_FIRST + _MAPS):
-        return FLAT
-    return next((layouts[like] for like in seen.like if like in layouts), FLAT)
 
 
 def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:

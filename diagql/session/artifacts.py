@@ -20,7 +20,7 @@ from diagql.errors import BindError, warn
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import auxiliaries, hooks, layers, probing, repeatable, row_order, same_rows
-from diagql.model import input_masks, views, winners
+from diagql.model import input_masks, layouts, views, winners
 from diagql.model import profile as profile_module, scores
 from diagql.model.forward import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent
@@ -55,7 +55,8 @@ def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
 
 
 # The modules whose code makes a catalog (part of its cache key).
-_PROBE_CODE = (layers, probing, repeatable, row_order, views, input_masks, scores)
+_PROBE_CODE = (layers, probing, layouts, repeatable, row_order, views, input_masks,
+               scores)
 
 class Artifacts:
     """The catalog, profile and samples of one model of a connection (``conn`` is its

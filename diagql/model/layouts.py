@@ -1,0 +1,67 @@
+"""How a layer's per-item axes are laid out, from the module that returned it: FLAT (a
+vector, or a map with its channels first), SEQUENCE (tokens × hidden) or CHANNELS_LAST (a map
+permuted to (H, W, C)); the probe (model/probing.py) decides each layer's, and model/views.py
+reads its rows and channels by it (docs/ARCHITECTURE.md, "Data model")."""
+from __future__ import annotations
+
+from torch import nn
+
+from diagql.model.views import CHANNELS_LAST, FLAT, SEQUENCE
+
+_CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.LPPool1d,
+                   nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.MaxUnpool1d, nn.BatchNorm1d,
+                   nn.LazyBatchNorm1d, nn.InstanceNorm1d, nn.LazyInstanceNorm1d, nn.GroupNorm,
+                   nn.SyncBatchNorm, nn.Dropout1d, nn.Upsample, nn.ConstantPad1d,
+                   nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ZeroPad1d, nn.CircularPad1d)
+# Modules whose output's last axis is their features: a map they return is channels-last.
+_LAST_AXIS = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.Bilinear,
+              *[getattr(nn, name) for name in ("RMSNorm",) if hasattr(nn, name)])
+# Modules of maps with channels first, beyond the 1-D ones (_CHANNELS_FIRST).
+_MAPS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.BatchNorm2d,
+         nn.BatchNorm3d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.MaxPool2d, nn.MaxPool3d,
+         nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Dropout2d, nn.Dropout3d,
+         nn.PixelShuffle, nn.PixelUnshuffle)
+_SEQUENCES = (nn.RNNBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerEncoderLayer,
+              nn.TransformerDecoder, nn.TransformerDecoderLayer, nn.MultiheadAttention,
+              nn.Embedding, nn.Linear)
+
+
+def vector_layout(module: nn.Module, form: str, like: list, layouts: dict) -> str:
+    """A layer of 2-D items: FLAT for channel-first maps (batch, channels, length), else
+    SEQUENCE; ``form`` what the probe saw it return, ``like`` the layers (module, call) its
+    output is one of or was made from, ``layouts`` theirs."""
+    if form != "tensor" or isinstance(module, _SEQUENCES):
+        return SEQUENCE
+    if isinstance(module, _CHANNELS_FIRST):
+        return FLAT
+    return next((layouts[other] for other in like if other in layouts), SEQUENCE)
+
+
+def map_layout(module: nn.Module, shape: tuple, like: list, layouts: dict) -> str:
+    """CHANNELS_LAST for a map (rank >= 3 per item) that a module making features on the last
+    axis returned (a Linear or a LayerNorm over a permuted map: ConvNeXt's blocks, Swin's
+    stages), or that took its layout from one (an activation after it); FLAT (channels
+    first) otherwise, a conv's or a norm's of channels."""
+    if isinstance(module, _LAST_AXIS) and not (
+            isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1) and \
+            not _channels_first_norm(module, shape):
+        return CHANNELS_LAST
+    if isinstance(module, _CHANNELS_FIRST + _MAPS) or _channels_first_norm(module, shape):
+        return FLAT
+    return next((layouts[other] for other in like if other in layouts), FLAT)
+
+
+def _channels_first_norm(module: nn.Module, shape: tuple | None) -> bool:
+    """A LayerNorm subclass over the channels of a (C, H, W) map, which it permutes to last
+    and back (Hugging Face's ConvNextLayerNorm with data_format="channels_first", timm's
+    LayerNorm2d): its output keeps the channels first, where an nn.LayerNorm's own are last
+    (read so, ConvNeXt's embeddings had 12 "channels", its width, all near 0)."""
+    if not isinstance(module, nn.LayerNorm) or type(module) is nn.LayerNorm:
+        return False
+    told = getattr(module, "data_format", None)
+    if isinstance(told, str):
+        return told.lower() == "channels_first"
+    width = module.normalized_shape[-1] if module.normalized_shape else None
+    return type(module).__name__.endswith("2d") or bool(
+        shape and len(shape) >= 3 and shape[-1] != width and shape[1] == width)
