@@ -1071,3 +1071,35 @@ def test_a_tokens_mean_leaves_out_padding_whatever_it_holds(padding):
     want = [values[i][real[i]].double().mean(dim=0) for i in range(9)]
     np.testing.assert_allclose(got.numpy(), torch.stack(want).numpy(), rtol=1e-6, atol=1e-7)
     assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+
+
+class _Frames(nn.Module):
+    """An audio encoder: samples to frames by a strided conv, then a projection of the frames;
+    its attention_mask marks samples, not frames."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.proj, self.head = nn.Conv1d(1, 4, 4, stride=4), nn.Linear(4, 5), \
+            nn.Linear(5, 2)
+
+    def forward(self, input_values, attention_mask):
+        frames = self.conv(input_values[:, None]).transpose(1, 2)
+        return self.head(self.proj(frames).mean(1))
+
+
+def test_a_mask_of_another_length_than_the_layers_is_said_to_mark_none_of_it():
+    """A Wav2Vec2's sample-level mask beside its frames was dropped without a word: the
+    padded frames counted in TOKENS MEAN (0.36-0.78 off)."""
+    g = torch.Generator().manual_seed(0)
+    data = {"input_values": torch.randn(30, 64, generator=g),
+            "attention_mask": torch.ones(30, 64, dtype=torch.long),
+            "labels": torch.arange(30) % 2}
+    db = diagql.connect(_Frames().eval(), data, cache_dir=False, progress=False)
+    assert dict(db.query("DESCRIBE proj").rows)["real tokens"] == (
+        "every position: the batch input's attention_mask marks 64 positions, where this "
+        "layer has 16, so it marks none of them")
+    with pytest.warns(diagql.DiagQLWarning, match="layer 'proj': the batch input's "
+                                                  "attention_mask marks 64 positions.*padding "
+                                                  "counts as tokens"):
+        db.query("AVG NEURONS IN proj")

@@ -1224,6 +1224,42 @@ def test_a_layernorm_over_channels_first_keeps_them_first(channels, side):
                                out.mean(dim=(2, 3)).mean(0).numpy(), atol=1e-9)
 
 
+class _ConvLayerNormBlock(nn.Module):
+    """Wav2Vec2's feature encoder layer: conv, transpose, LayerNorm, transpose back, GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm, self.act = nn.Conv1d(1, 6, 5, stride=3), nn.LayerNorm(6), nn.GELU()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2))
+
+
+class _AudioNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer, self.head = _ConvLayerNormBlock(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(dim=2))
+
+
+def test_an_activation_after_a_transpose_back_keeps_the_convs_layout():
+    """The GELU's input is made by no module (a transpose back): it had been read as a
+    sequence, its 16 channels "tokens" of 79 hidden units, and CHANNELS refused."""
+    model = _AudioNet()
+    X, y = torch.randn(50, 1, 64), torch.randint(0, 3, (50,))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for name in ("layer", "layer.act"):
+        out = _hooked(model, name, X).double()  # (items, 6 channels, 20 frames)
+        assert db.catalog[name].channels == 6
+        np.testing.assert_allclose(db.query(f"AVG CHANNELS IN {name}").values,
+                                   out.mean(dim=(0, 2)).numpy(), atol=1e-9)
+        np.testing.assert_allclose(db.query(f"AVG NEURONS IN {name}").values,
+                                   out.reshape(len(X), -1).mean(0).numpy(), atol=1e-9)
+
+
 class _BatchSimilarities(nn.Module):
     """CLIP's output: the batch × batch similarities of its two encoders' embeddings."""
 

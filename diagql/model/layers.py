@@ -184,6 +184,9 @@ class LayerCatalog:
 
 
 NO_MASK = "every position: no padding mask reached it in the probe"
+# A mask in the batch input of another length than the layer's sequence (an audio encoder's
+# samples beside its frames): it marks none of the layer's tokens.
+UNFIT_MASK = "every position: the batch input's"
 
 
 def _linear(module) -> bool:

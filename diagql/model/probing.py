@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from diagql.errors import DiagQLWarning, ExecutionError, warn
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
-from diagql.model.layers import NO_MASK, LayerCatalog, LayerInfo
+from diagql.model.layers import NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
 from diagql.model.repeatable import check_batch_independent, check_deterministic, \
     check_repeatable
 from diagql.model.row_order import reversing_axes
@@ -297,6 +297,12 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if first is not None and id(first) in made and tuple(first.shape) == result.shape:
             result.like.append(made[id(first)][1])
+        elif first is not None and tuple(first.shape) == result.shape and not result.like:
+            # Its input made by no module (a transpose back, a residual sum): laid out as the
+            # last output of its shape (Wav2Vec2's conv, transpose, LayerNorm, transpose, GELU
+            # had read the GELU's (channels, frames) as frames of tokens).
+            result.like += [other for other in reversed(seen)
+                            if seen[other].shape == result.shape][:1]
         made.setdefault(id(out), (out, key))
     result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
                     if owner in padded and owner in padding]
@@ -448,4 +454,7 @@ def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
             return f"the {arg} given to {owner or 'the model'}"
     if seen.input_mask == batch:
         return f"the {seen.input_mask_key} of the batch input"
+    if seen.input_mask is not None and seen.input_mask[0] == batch[0]:
+        return (f"{UNFIT_MASK} {seen.input_mask_key} marks {seen.input_mask[1]} positions, "
+                f"where this layer has {batch[1]}, so it marks none of them")
     return NO_MASK
