@@ -112,8 +112,8 @@ for label, value in zip(wrong.labels, wrong.values):
     unit = int(label.split("[")[1].rstrip("]"))
     print(f"{label}: {value:.3f} on mistakes, {right.values[unit]:.3f} on correct sentences")
 
-# 3. The [CLS] token alone (what the pooler reads), on the mistakes of class 0, on a 20% sample drawn
-#    near the model's decision boundaries, checked against the exact answer.
+# 3. The [CLS] token alone (what the pooler reads), on the mistakes of class 0, on a 20%
+#    sample drawn near the model's decision boundaries, checked against the exact answer.
 print(db.query("TOPK 5 NEURONS IN bert.encoder.layer.1 TOKEN 0 WHERE class = 0 AND incorrect "
                "USING SAMPLE maxmargin(0.2) WITH BASELINE"))
 

@@ -66,7 +66,7 @@ def mask_key(inputs, module: str | None = None) -> str | None:
     if module is not None and any(key in inputs for key in _DECODER_INPUTS) and \
             "encoder" not in module.split("."):
         return "decoder_attention_mask" if "decoder_attention_mask" in inputs else None
-    # Else each item's length, where the model takes those (model/lengths.py).
+    # Else each item's length, where the model takes those (``length_key``).
     return "attention_mask" if "attention_mask" in inputs else length_key(inputs) or \
         "attention_mask"
 

@@ -33,17 +33,19 @@ WIDE_ITEMS = 64
 
 
 def reversing_axes(model, source, prepare, call) -> dict[Key, set[int]] | None:
-    """Per (module, call): the axes along which its output for ROW_ITEMS items (the first
-    half of them the data's first, the rest spread over the data) reversed is the reverse of its output for them in order, which a second pass in order
-    gives again (each batch read afresh: a model may write into its input). None when it
-    cannot be told: fewer than two items, or a pass that fails on the reversed batch (a model
-    that needs its batch sorted fails in DiagQL's own batches as well, and says so there).
+    """Per (module, call): the axes along which its output for ROW_ITEMS items (half of
+    them the data's first, the rest spread over the data) reversed is the reverse of its
+    output for them in order, which a second pass in order gives again (each batch read
+    afresh: a model may write into its input). None when it cannot be told: fewer than two
+    items, or a pass that fails on the reversed batch (a model that needs its batch sorted
+    fails in DiagQL's own batches as well, and says so there).
 
     A layer whose rows for those items are all alike tells nothing by reversing: a mixture of
     experts' expert that none of them was routed to sees only its buffer's padding, every
     row the same, and had passed (as had the expert all of them were routed to, data stored
-    by class, whose buffer held them in the batch's order), though its rows are the items routed to it in dispatch
-    order. Such layers are told on up to WIDE_ITEMS items spread over the data."""
+    by class, whose buffer held them in the batch's order), though its rows are the items
+    routed to it in dispatch order. Such layers are told on up to WIDE_ITEMS items spread
+    over the data."""
     size = min(len(source), ROW_ITEMS)
     if size < 2:
         return None

@@ -177,7 +177,8 @@ def make_session(conn, *, input=None, output=None, note=None):
                                 connection_models(conn), connection_classes(conn))
     return PromptSession(
         history=_history(note), auto_suggest=AutoSuggestFromHistory(), multiline=True,
-        key_bindings=key_bindings(known_layers(conn)), prompt_continuation=lambda width, line, wrap: CONTINUATION,
+        key_bindings=key_bindings(known_layers(conn)),
+        prompt_continuation=lambda width, line, wrap: CONTINUATION,
         lexer=DiagQLLexer(), style=STYLE, include_default_pygments_style=False,
         completer=ThreadedCompleter(completer) if input is None else completer,
         complete_while_typing=False, enable_history_search=False, input=input, output=output)
