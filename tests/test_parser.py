@@ -979,3 +979,14 @@ def test_a_comment_ends_at_any_line_end(ending):
     with pytest.raises(ParseError) as info:
         parse(f"AVG NEURONS IN fc1 -- why{ending}WHERE clas = 1")
     assert (info.value.line, info.value.column) == (2, 7)
+
+
+def test_a_long_chain_of_ors_is_refused_naming_in():
+    """A program's 300 ORs nest one level each: refused (Python's stack), now naming IN,
+    which takes a list of any length; NOTs in a row get no such hint."""
+    chain = " OR ".join(f"class = {i % 10}" for i in range(300))
+    err = error_of(f"AVG NEURONS IN fc1 WHERE {chain}")
+    assert "nested too deeply" in err.message and "class IN (1, 5, 9)" in err.hint
+    assert error_of("AVG NEURONS IN fc1 WHERE " + "NOT " * 300 + "correct").hint is None
+    listed = parse("AVG NEURONS IN fc1 WHERE class IN (" + ", ".join(map(str, range(300))) + ")")
+    assert listed.where is not None

@@ -133,16 +133,22 @@ def _check_depth(tree, offset: "_Offset", source: str) -> None:
     """Refuse a tree deeper than MAX_DEPTH, measured without recursion."""
     from lark import Tree
 
-    stack = [(tree, 1)]
+    stack = [(tree, 1, 0)]  # (node, its depth, how many ANDs and ORs above it)
     while stack:
-        node, depth = stack.pop()
+        node, depth, chained = stack.pop()
         if depth > MAX_DEPTH:
             span = offset.span(node.meta)
+            # A program's long chain of ORs (class = 1 OR class = 2 ...) nests one level a
+            # term: a list of values is one IN, of any length.
+            hint = "hint: for a list of values, class IN (1, 5, 9) or predicted IN (...) " \
+                "takes any number" if chained > MAX_DEPTH // 2 else None
             raise ParseError(f"the statement is nested too deeply (over {MAX_DEPTH} levels of "
                              f"AND, OR and NOT); split the predicate",
                              line=span.line if span else None,
-                             column=span.column if span else None, source=source)
-        stack.extend((child, depth + 1) for child in node.children if isinstance(child, Tree))
+                             column=span.column if span else None, source=source, hint=hint)
+        chained += node.data in ("or_", "and_")
+        stack.extend((child, depth + 1, chained) for child in node.children
+                     if isinstance(child, Tree))
 
 
 class _Offset:
