@@ -315,3 +315,18 @@ def test_a_grouped_estimate_line_says_which_groups_it_averages(db):
     mean = sum(p.estimate.expected for p in told) / len(told)
     assert f"expected precision {mean:.3f} (mean over the {len(told)} of {len(parts)} " \
            f"groups with an estimate; the others: " in " ".join(text.split())
+
+
+def test_p_in_topk_draws_in_chunks_give_the_same_estimate(monkeypatch):
+    """A wide layer's 256 draws of every candidate were one array each (1-3 GB at 100,000
+    neurons); in chunks of rows, the same values in the same order give the same answer."""
+    from diagql.engine import estimate as module
+
+    rng = np.random.default_rng(1)
+    for width in (60, 3000, 20000):  # the last past the kept normals
+        mean, se = rng.normal(size=width), np.abs(rng.normal(0.3, 0.05, size=width))
+        reported = np.argsort(-mean)[:10]
+        monkeypatch.setattr(module, "DRAW_CHUNK", 1 << 40)
+        whole = module.p_in_topk(mean, se, reported, 10)
+        monkeypatch.setattr(module, "DRAW_CHUNK", 999)
+        np.testing.assert_array_equal(module.p_in_topk(mean, se, reported, 10), whole)
