@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import torch
 
 from diagql.engine.groups import cell_codes, cell_of, n_cells, sorted_keys
 
@@ -31,3 +32,20 @@ def test_group_keys_sort_numerically_and_false_before_true():
     assert sorted_keys([10, 2, 1]) == [1, 2, 10]
     assert sorted_keys({True: 0, False: 0}) == [False, True]
     assert sorted_keys(np.array([3, 0, 2]).tolist()) == [0, 2, 3]
+
+
+def test_a_table_of_thousands_of_groups_draws_fifty_and_counts_the_rest():
+    """9,208 groups had taken 24 s to draw (4.4 M characters) after a 0.6 s query."""
+    import diagql
+
+    torch.manual_seed(0)
+    X, y = torch.randn(3000, 6), torch.arange(3000) % 300
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 300))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    result = db.query("AVG NEURONS IN 0 GROUP BY class")
+    text = str(result)
+    assert "… 250 more groups (in --format csv and result.groups)" in " ".join(text.split())
+    assert len(result.groups) == 300 and len(result.to_dict()["groups"]) == 300
+    with torch.no_grad():
+        truth = model[0](X[y == 299]).double().mean(0).numpy()
+    np.testing.assert_allclose(result.groups[299].values, truth, atol=1e-6)
