@@ -185,8 +185,12 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         means = once_per_profile(_MEANS, (id(profile), bound.view.key, rows_from_profile,
                                           query.group_by), profile,
                                  lambda: z.means(matching, keys, population))
-    else:
-        means = z.means(matching, None if keys is None else keys[matching], population)
+    else:  # kept per matching set too: a hot query had averaged them again (139 ms at 2M)
+        subset = None if keys is None else keys[matching]
+        digest = _items_digest(matching, subset)
+        key = (id(profile), bound.view.key, rows_from_profile, query.group_by, digest)
+        means = z.means(matching, subset, population) if digest is None else \
+            once_per_profile(_MEANS, key, profile, lambda: z.means(matching, subset, population))
     layer = bound.view.layer
     prediction = chosen.prediction(layer.channels if bound.view.channels else None,
                                    channels_last=layer.layout == CHANNELS_LAST)
@@ -202,16 +206,44 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         extrapolation.check_for(profile, bound.view.layer.name, chosen)
     # A sample of every matching item answers exactly: nothing is extrapolated to check.
     if check is not None and 0 < len(items) < len(matching):
-        widening = extrapolation.widening(check, z, items, keys, matching, population, means)
+        # Kept per matching set and sample too, as the means are: a hot query's check had
+        # averaged its columns over every matching item again.
+        digest = _items_digest(matching, None if keys is None else keys[matching])
+
+        def fresh():
+            return extrapolation.widening(check, z, items, keys, matching, population, means)
+        widening = fresh() if digest is None else once_per_profile(
+            _MEANS, ("widening", id(profile), bound.view.key, rows_from_profile,
+                     query.group_by, digest, _items_digest(items, None), check.what),
+            profile, fresh)
         text += f"; checked on {check.what}: " + extrapolation.describe(widening)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
                                widening=widening, directions=directions)
 
 
-# The covariates' means over every item, per profile, view and grouping (``plan_query``): at
-# 100,000 items a block's 74 columns take 0.010 s to average, which every query paid.
+# The covariates' means over every item, or a WHERE's matching items (by their digest), per
+# profile, view and grouping (``plan_query``): at 100,000 items a block's 74 columns take
+# 0.010 s to average, which every query paid. At most _KEPT_MEANS sets of them are kept.
 _MEANS: dict = {}
+_KEPT_MEANS = 256
+
+
+def _items_digest(matching: np.ndarray, keys: np.ndarray | None) -> str | None:
+    """A digest of a query's matching items and their group keys (None where the keys are
+    not plain numbers); the memo of their means is emptied when it holds _KEPT_MEANS."""
+    import xxhash
+
+    if len(_MEANS) >= _KEPT_MEANS:
+        _MEANS.clear()
+    digest = xxhash.xxh3_128()
+    digest.update(np.ascontiguousarray(matching, dtype=np.int64))
+    if keys is not None:
+        if keys.dtype.kind not in "biuf":
+            return None
+        digest.update(np.ascontiguousarray(keys))
+        digest.update(keys.dtype.str.encode())
+    return digest.hexdigest()
 
 
 def winner_shares(winners: np.ndarray | None, matching: np.ndarray, keys: np.ndarray | None,
