@@ -55,8 +55,10 @@ def compiled_original(module: nn.Module) -> nn.Module | None:
 
 
 def this_thread(hook: Callable) -> Callable:
-    """A forward (pre-)hook that acts only in the thread that made it: the user's other
-    threads running the model meanwhile pass through untouched (``Hooks._serving``)."""
+    """A forward (pre-)hook that acts only in the thread that made it: another thread of the
+    user's running the model meanwhile (a training loop, a server) passes through untouched,
+    where it had fed its batches into a pass ("module ran more than once") and had DiagQL's
+    errors raised in its own forward. Every hook DiagQL registers is made so."""
     owner = threading.get_ident()
 
     def in_owner(*args):
@@ -191,17 +193,8 @@ class Hooks:
         self._targets: dict[str, tuple[str, int]] = {}  # layer -> (module, call)
         self._padding: dict[str, torch.Tensor | None] = {}
         self._handles = []
-        self._thread = threading.get_ident()
-
-    def _serving(self) -> bool:
-        """Whether a hook that fires serves this pass: its model's (``active``), in the thread
-        that runs it. Another thread of the user's running the model meanwhile (a training
-        loop, a server) had fed its batches into the pass ("module ran more than once") and
-        had DiagQL's errors raised in its own forward."""
-        return self.active and threading.get_ident() == self._thread
 
     def __enter__(self) -> "Hooks":
-        self._thread = threading.get_ident()
         modules = dict(self.model.named_modules())
         self._targets = {layer: hooked_call(modules, layer) for layer in self.callbacks}
         wanted: dict[str, dict[int, list]] = {}  # module -> call -> [(layer, callback)]
@@ -214,13 +207,13 @@ class Hooks:
         try:
             for owner in dict.fromkeys(o for names in owners.values() for o in names):
                 self._handles.append(modules[owner].register_forward_pre_hook(
-                    self._padding_hook(owner), with_kwargs=True))
+                    this_thread(self._padding_hook(owner)), with_kwargs=True))
             for name, calls in wanted.items():
                 self._handles.append(modules[name].register_forward_hook(
-                    self._hook(name, calls, owners[name])))
+                    this_thread(self._hook(name, calls, owners[name]))))
             for name, callback in self.pre.items():
-                self._handles.append(
-                    modules[name].register_forward_pre_hook(self._pre_hook(name, callback)))
+                self._handles.append(modules[name].register_forward_pre_hook(
+                    this_thread(self._pre_hook(name, callback))))
         except BaseException:
             self.remove()
             raise
@@ -254,7 +247,7 @@ class Hooks:
 
     def _padding_hook(self, owner: str):
         def hook(module, args, kwargs):
-            if not self._serving():
+            if not self.active:
                 return
             mask = padding_mask(module, args, kwargs)
             if mask is NOT_GOVERNING:
@@ -265,7 +258,7 @@ class Hooks:
 
     def _hook(self, name: str, calls: dict[int, list], owners: list[str]):
         def hook(module, inputs, output):
-            if not self._serving():
+            if not self.active:
                 return
             count = self.calls.get(name, 0) + 1
             self.calls[name] = count
@@ -296,7 +289,7 @@ class Hooks:
         key = "<input of>" + name
 
         def hook(module, inputs):
-            if not self._serving():
+            if not self.active:
                 return
             try:
                 if key in self.ran:
