@@ -22,18 +22,23 @@ LENGTH_KEYS = ("lengths", "lens", "seq_lens", "seq_lengths", "sequence_lengths",
 
 
 def length_key(inputs: Mapping) -> str | None:
-    """The key of the items' lengths in a mapping model input, where they mark padding."""
-    return next((key for key in LENGTH_KEYS if key in inputs
-                 and lengths_mask(inputs, key) is not None), None)
+    """The key of the items' lengths (an integer per item) in a mapping model input, if any;
+    whether they mark padding, ``lengths_mask`` tells."""
+    return next((key for key in LENGTH_KEYS if _per_item(inputs.get(key))), None)
+
+
+def _per_item(lengths) -> bool:
+    return isinstance(lengths, torch.Tensor) and lengths.ndim == 1 and len(lengths) > 0 and \
+        not lengths.is_floating_point() and lengths.dtype != torch.bool
 
 
 def lengths_mask(inputs: Mapping, key: str) -> torch.Tensor | None:
     """(batch, sequence) True at each item's real positions, the sequence the batch's own
     (batch-first or time-first) sequence input's; None where ``inputs[key]`` is no integer per
-    item or the positions past the lengths are no padding."""
+    item or the positions past the lengths are no padding (every position then counts, as
+    with no mask)."""
     lengths = inputs.get(key)
-    if not (isinstance(lengths, torch.Tensor) and lengths.ndim == 1 and len(lengths)
-            and not lengths.is_floating_point() and lengths.dtype != torch.bool):
+    if not _per_item(lengths):
         return None
     n = len(lengths)
     for name, value in inputs.items():
