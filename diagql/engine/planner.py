@@ -181,16 +181,18 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                                              "item's winner",
                                        winner_shares=shares)
     z = chosen.z
-    if len(matching) == len(profile):  # every item matches: the same means for every query
-        means = once_per_profile(_MEANS, (id(profile), bound.view.key, rows_from_profile,
-                                          query.group_by), profile,
-                                 lambda: z.means(matching, keys, population))
-    else:  # kept per matching set too: a hot query had averaged them again (139 ms at 2M)
-        subset = None if keys is None else keys[matching]
-        digest = _items_digest(matching, subset)
-        key = (id(profile), bound.view.key, rows_from_profile, query.group_by, digest)
-        means = z.means(matching, subset, population) if digest is None else \
-            once_per_profile(_MEANS, key, profile, lambda: z.means(matching, subset, population))
+    # The means, and the check's widening below, are kept per matching set: every item, or a
+    # digest of the items and their group keys (None, keys of no plain numbers: not kept). A
+    # hot query with a WHERE had averaged them again (at 2M items 200 ms of its 320).
+    every = len(matching) == len(profile)
+    subset = keys if every or keys is None else keys[matching]
+    matched = "every" if every else _items_digest(matching, subset)
+    place = (id(profile), bound.view.key, rows_from_profile, query.group_by, matched)
+
+    def kept(key, make):
+        return make() if matched is None else once_per_profile(_MEANS, key, profile, make)
+
+    means = kept(place, lambda: z.means(matching, subset, population))
     layer = bound.view.layer
     prediction = chosen.prediction(layer.channels if bound.view.channels else None,
                                    channels_last=layer.layout == CHANNELS_LAST)
@@ -206,16 +208,10 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         extrapolation.check_for(profile, bound.view.layer.name, chosen)
     # A sample of every matching item answers exactly: nothing is extrapolated to check.
     if check is not None and 0 < len(items) < len(matching):
-        # Kept per matching set and sample too, as the means are: a hot query's check had
-        # averaged its columns over every matching item again.
-        digest = _items_digest(matching, None if keys is None else keys[matching])
-
-        def fresh():
-            return extrapolation.widening(check, z, items, keys, matching, population, means)
-        widening = fresh() if digest is None else once_per_profile(
-            _MEANS, ("widening", id(profile), bound.view.key, rows_from_profile,
-                     query.group_by, digest, _items_digest(items, None), check.what),
-            profile, fresh)
+        # Kept with the sample too: its check averaged its columns over the matching items.
+        widening = kept(("widening", *place, _items_digest(items, None), check.what),
+                        lambda: extrapolation.widening(check, z, items, keys, matching,
+                                                       population, means))
         text += f"; checked on {check.what}: " + extrapolation.describe(widening)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
