@@ -66,20 +66,20 @@ def _layer_refs(node) -> list:
 
 
 def known_layers(conn) -> Callable[[], set[str] | None]:
-    """The names a query may read, for ``wants_more``: without waiting (Enter must answer at
-    once), so None while the connection loads or a model's layers are not yet probed."""
+    """The names a query may read, for ``wants_more``: the completer's (``connection_layers``),
+    but without waiting (Enter must answer at once), so None while the connection loads or a
+    model's layers are not yet probed."""
+    from diagql.shell.completion import connection_layers
+
+    listed = connection_layers(conn)
+
     def names() -> set[str] | None:
         if isinstance(conn, PendingConnection) and not conn.ready():
             return None
-        models = conn.models
-        catalogs = {name: entry.artifacts.catalog for name, entry in models.items()}
-        if any(catalog is None for catalog in catalogs.values()):
+        models = [entry for entry in conn.models.values() if not entry.is_checkpoint]
+        if any(entry.artifacts.catalog is None for entry in models):
             return None
-        found = {layer.name for layer in conn.artifacts.catalog.layers if layer.shape is not None}
-        for name, catalog in catalogs.items() if len(catalogs) > 1 else ():
-            found |= {f"{name}.{layer.name}" for layer in catalog.layers
-                      if layer.shape is not None}
-        return found
+        return {name for name, _ in listed()}
     return names
 
 
