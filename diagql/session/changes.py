@@ -160,14 +160,11 @@ def watching(conn):
     """One statement's span, one at a time (STATEMENTS): changes noticed before it, its own
     passes' taken as read after (when it ran the model at all)."""
     with STATEMENTS:
-        _refuse_meta(conn)
-        notice_changes(conn)
-        forwards = FORWARDS[0]
+        forwards = _begin(conn)
         try:
             yield
         finally:
-            if FORWARDS[0] != forwards:
-                after_statement(conn)
+            _taken(conn, forwards)
 
 
 def stepped(conn, outcomes: Iterator) -> Iterator:
@@ -179,18 +176,28 @@ def stepped(conn, outcomes: Iterator) -> Iterator:
     while True:
         with STATEMENTS:
             if forwards is None:
-                _refuse_meta(conn)
-                notice_changes(conn)
-                forwards = FORWARDS[0]
+                forwards = _begin(conn)
             try:
                 outcome = next(outcomes)
             except StopIteration:
                 return
             finally:
-                if FORWARDS[0] != forwards:
-                    after_statement(conn)
-                    forwards = FORWARDS[0]
+                forwards = _taken(conn, forwards)
         yield outcome
+
+
+def _begin(conn) -> int:
+    """A statement's start: a meta model refused, changes noticed; the passes run so far."""
+    _refuse_meta(conn)
+    notice_changes(conn)
+    return FORWARDS[0]
+
+
+def _taken(conn, forwards: int) -> int:
+    """The passes run since ``forwards`` (the statement's own) taken as read; the count now."""
+    if FORWARDS[0] != forwards:
+        after_statement(conn)
+    return FORWARDS[0]
 
 
 def _refuse_meta(conn) -> None:
