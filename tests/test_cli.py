@@ -320,12 +320,12 @@ def test_a_piped_table_is_as_wide_as_it_needs_never_cut():
 def test_a_piped_tables_prose_wraps_between_words():
     """SHOW SAMPLERS piped ran 1,400 columns wide, its ranges and descriptions on one line
     each; every word is still whole."""
-    from diagql.shell.output import PIPED_WIDTH
+    from diagql.results.render import WIDE_TABLES
 
     done = diagql("-e", "SHOW SAMPLERS")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert max(len(line) for line in lines) <= PIPED_WIDTH + 1
+    assert max(len(line) for line in lines) <= WIDE_TABLES + 1
     assert "…" not in done.stdout and "(defaults to SET seed)" in done.stdout
 
 

@@ -316,7 +316,7 @@ def _rank_bars(values: list[float], largest: bool) -> list[float]:
 # --- text, HTML, JSON, CSV --------------------------------------------------------------------
 
 
-WIDE_TABLES = 200  # columns a table may take in text with no width of its own
+WIDE_TABLES = 200  # columns a table may take in text with no width of its own (a pipe)
 
 
 def whole_width(console, shown, cap: int = WIDE_TABLES) -> int:

@@ -3,9 +3,6 @@ and an internal error as both print it."""
 from __future__ import annotations
 
 
-PIPED_WIDTH = 200  # columns a piped table may take before its prose wraps
-
-
 def print_result(out, result, settings, *, echo: bool = True) -> None:
     """One result in the session's format. A table starts with its statement, which labels
     each result of a script; the REPL passes ``echo=False``, its prompt shows the statement."""
@@ -28,7 +25,7 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
             # at the pipe's width, and a terminal keeps its own.
             from diagql.results.render import whole_width
 
-            width = whole_width(out, shown, PIPED_WIDTH)
+            width = whole_width(out, shown)
         if width is not None and width > out.width:  # print() cannot pass the console's width
             before, out.width = out.width, width
             try:
