@@ -6,6 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import diagql
 from diagql.errors import BindError, DiagQLError, ExecutionError
@@ -452,6 +453,49 @@ def test_the_default_latent_is_the_last_linear_that_runs(mlp, digits):
     handle.remove()
     np.testing.assert_allclose(result.values, kept[0].double().mean(dim=0).numpy(), rtol=1e-5,
                                atol=1e-6)
+
+
+class StepHead(nn.Module):
+    """A GRUCell loop whose one Linear scores every step (the scores averaged): no Linear
+    runs once per forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.GRUCell(3, 8)
+        self.step_head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x.new_zeros(len(x), 8)
+        scores = 0
+        for step in range(x.shape[1]):
+            h = self.cell(x[:, step], h)
+            scores = scores + self.step_head(h)
+        return scores / x.shape[1]
+
+
+def test_a_head_that_runs_every_step_gives_the_latent_of_its_last_call():
+    """Its input as a whole is no one vector per item: every statement had failed, exact
+    ones included ("module 'step_head' runs more than once"). The latent is its last call's
+    input, the final hidden state."""
+    torch.manual_seed(0)
+    model = StepHead().eval()
+    with torch.no_grad():
+        model.step_head.weight.mul_(8)  # scores that do not look like probabilities
+    X = torch.randn(120, 5, 3)
+    y = torch.arange(120) % 3
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    result = conn.query("AVG NEURONS IN cell#3 WHERE class = 1")
+    assert conn.profile.latent_layer == "input of step_head#5"
+    inputs, states = [], []
+    handles = [model.step_head.register_forward_pre_hook(lambda m, i: inputs.append(i[0])),
+               model.cell.register_forward_hook(lambda m, i, o: states.append(o))]
+    with torch.no_grad():
+        model(X)
+    for handle in handles:
+        handle.remove()
+    np.testing.assert_allclose(conn.profile.latents, inputs[-1].numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(result.values, states[2][y == 1].double().mean(dim=0).numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("content", [b"hello world, not a checkpoint\n", b"\x80\x04garbage", b""])

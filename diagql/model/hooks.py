@@ -184,6 +184,7 @@ class Hooks:
         self.callbacks = callbacks
         self.pre = pre or {}
         self.calls: dict[str, int] = {}  # module -> its calls so far in this batch
+        self.pre_calls: dict[str, int] = {}  # the same, counted by the input hooks
         self.ran: set[str] = set()  # the hooked layers (and "<input of>" ones) served this batch
         self.inputs = None  # the batch's model input (its attention_mask, if any)
         self.size = 0  # items in the batch
@@ -211,9 +212,10 @@ class Hooks:
             for name, calls in wanted.items():
                 self._handles.append(modules[name].register_forward_hook(
                     this_thread(self._hook(name, calls, owners[name]))))
-            for name, callback in self.pre.items():
-                self._handles.append(modules[name].register_forward_pre_hook(
-                    this_thread(self._pre_hook(name, callback))))
+            for layer, callback in self.pre.items():
+                module, call = hooked_call(modules, layer)
+                self._handles.append(modules[module].register_forward_pre_hook(
+                    this_thread(self._pre_hook(layer, module, call, callback))))
         except BaseException:
             self.remove()
             raise
@@ -236,6 +238,7 @@ class Hooks:
             peer.active = peer is self
         self.active = True
         self.calls.clear()
+        self.pre_calls.clear()
         self.ran.clear()
         self._padding.clear()
         self.inputs, self.size = named_inputs(inputs, self.model), size
@@ -285,21 +288,28 @@ class Hooks:
                 raise HookFailure(layer, output, exc) from exc
         return hook
 
-    def _pre_hook(self, name, callback):
-        key = "<input of>" + name
+    def _pre_hook(self, layer: str, name: str, call: int, callback):
+        """The input of ``layer``: module ``name`` as a whole (``call`` 0, which must run once
+        per forward pass) or its ``call``-th call (``head#6``: a per-step head's last)."""
+        key = "<input of>" + layer
 
         def hook(module, inputs):
             if not self.active:
                 return
             try:
-                if key in self.ran:
+                if call:
+                    count = self.pre_calls.get(name, 0) + 1
+                    self.pre_calls[name] = count
+                    if count != call:
+                        return
+                elif key in self.ran:
                     raise ExecutionError(
                         f"module {name!r} runs more than once per forward pass (a shared "
                         f"block), so its input is not one vector per item")
                 self.ran.add(key)
                 callback(ModuleCall(inputs, None, self.inputs, self.size))
             except Exception as exc:  # noqa: BLE001 - told apart from the model's own errors
-                raise HookFailure(name, inputs, exc) from exc
+                raise HookFailure(layer, inputs, exc) from exc
         return hook
 
     def check_ran(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from diagql.model.hooks import call_name
 from diagql.model.scores import Scores
 from diagql.model.views import CHANNELS_LAST, FLAT, SEQUENCE
 
@@ -215,7 +216,10 @@ def default_latent(model: nn.Module, catalog: LayerCatalog | None = None) -> str
         if _linear(module):
             layer = None if catalog is None else catalog.module(name)
             if catalog is None or (layer is not None and layer.calls > 0):
-                runs = name
+                # Several calls (a per-step head in a loop, a siamese encoder's): the input
+                # of its last (``head#6``), one vector per item where the whole is not.
+                runs = name if catalog is None or layer.calls == 1 else \
+                    call_name(name, layer.calls)
                 if catalog is None or layer.calls == 1:
                     once = name
     return once or runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from diagql.model.hooks import hooked_call
 from diagql.model.views import SEQUENCE, ModuleCall, View
 
 # Logits are kept in the profile up to this many bytes (1,000 classes x 67,000 items); beyond,
@@ -88,7 +89,8 @@ def comparisons(model, catalog, latent, latent_is_input, view, dtype, n) -> tupl
     if latent is None:
         width = None
     elif latent_is_input:
-        width = getattr(dict(model.named_modules())[latent], "in_features", None)
+        modules = dict(model.named_modules())  # the latent may be a call of it: head#6
+        width = getattr(modules[hooked_call(modules, latent)[0]], "in_features", None)
     else:
         width = view.width
     shape = catalog.output_shape
