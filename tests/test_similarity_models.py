@@ -143,6 +143,22 @@ def test_similarity_across_checkpoints_whole(trained, data):
     assert result.series["head"][3] == 1.0 == result.checkpoints["final"].value
 
 
+def test_similarity_of_checkpoints_with_a_checkpoint_as_the_default_model(trained, data):
+    """After SET model = epoch2, the default model's own runner loaded epoch2's weights into
+    the copy that the pass's first checkpoint held: every row read epoch2's layer."""
+    X, _ = data
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    db.query("SET model = epoch2")
+    final = outputs(model, X, "head")
+    mine = {name: outputs(loaded(state), X, "head") for name, state in states.items()}
+    result = db.query("SIMILARITY final.head ACROSS CHECKPOINTS")
+    for name in ("epoch1", "epoch2", "epoch3"):
+        assert abs(result.checkpoints[name].value - gram_cka(mine[name], final)) <= 1e-10
+    pair = db.query("SIMILARITY epoch3.head, epoch1.head").value
+    assert abs(pair - gram_cka(mine["epoch3"], mine["epoch1"])) <= 1e-10
+
+
 def test_similarity_across_checkpoints_on_a_sample_keeps_its_baseline(trained, data):
     """WITH BASELINE on a sample ACROSS CHECKPOINTS: each checkpoint's exact CKA (plain
     torch) beside its sampled one, and the error and speed-up rows; before, the clause was

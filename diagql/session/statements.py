@@ -223,7 +223,9 @@ def _similarity(conn, statement: ast.Similarity) -> Result:
     runners: dict = {}  # two checkpoints in one pass each get a copy of the model
     for model in dict.fromkeys(ref.model for ref in plan.bound.query.layers):
         runners[model] = conn.on(model).runner(tuple(r.model for r in runners.values()))
-    result = answer_similarity(conn.current.runner(), plan, runners)
+    # Every layer's model has its runner: the default model's own, where it is a checkpoint
+    # not named, had loaded its weights into the copy another's runner held.
+    result = answer_similarity(next(iter(runners.values())), plan, runners)
     result.class_names = conn.class_names
     models = list(runners)
     if models == [models[0]] and models[0] != conn.current.name:
