@@ -3,6 +3,7 @@ own weights, and ACROSS CHECKPOINTS answering per checkpoint, each checked again
 on a model loaded with that checkpoint's weights."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import weakref
@@ -114,6 +115,54 @@ def test_across_checkpoints_on_a_sample_uses_the_final_models_sample(db, trained
     assert plot.stat().st_size > 1000
     assert set(result.series) == {"1", "2", "3"}
     assert result.to_dict()["checkpoints"]["final"]["kind"] == "topk"
+
+
+def _ablate_unit_3(module, inputs, output):
+    output = output.clone()
+    output[:, 3] = 0
+    return output
+
+
+def test_checkpoints_run_with_the_final_models_hooks_as_they_are_now(trained, data):
+    """The copy a checkpoint runs in had kept the final model's hooks of the moment it was
+    made: an ablation added after the first query reached the final model alone, one there
+    at the first query reached the checkpoints for good, removed or not. Each checkpoint now
+    runs with the final model's output-changing hooks of the statement, and its kept rows
+    (a sample's) are derived again when they change."""
+    X, _ = data
+    model, _, states = trained
+    db = diagql.connect(model, data, checkpoints={"epoch1": states["epoch1"]}, cache_dir=False,
+                        progress=False)
+    statement = "AVG NEURONS IN head USING SAMPLE random(0.3) ACROSS CHECKPOINTS"
+    db.execute("SET estimator = plain")  # the sampled items' plain means, as below
+    items = db.sample("random(0.3)")
+    records = []
+
+    def truth(name, hooked):
+        module = copy.deepcopy(model) if name == "final" else loaded(states[name])
+        module._forward_hooks.clear()
+        module.encoder[3]._forward_hooks.clear()
+        if hooked:
+            module.encoder[3].register_forward_hook(_ablate_unit_3)
+        return outputs(module, X, "head")[items].mean(0)
+
+    for hooked in (False, True, False):
+        handle = model.encoder[3].register_forward_hook(_ablate_unit_3) if hooked else None
+        with pytest.warns(Warning) if hooked else contextlib.nullcontext():
+            result = db.query(statement)
+        for name in ("epoch1", "final"):
+            np.testing.assert_allclose(result.checkpoints[name].values, truth(name, hooked),
+                                       rtol=1e-5, atol=1e-6)
+        if handle is not None:
+            handle.remove()
+    # A hook that only records is the final model's alone: its list gathers no checkpoint's.
+    recorder = model.encoder[3].register_forward_hook(
+        lambda module, inputs, output: records.append(len(output)))
+    try:
+        db.query("AVG NEURONS IN epoch1.head")
+    finally:
+        recorder.remove()
+    assert records == []
 
 
 def test_a_checkpoint_query_never_holds_two_checkpoints_weights(trained, data, monkeypatch):

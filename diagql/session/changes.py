@@ -112,8 +112,9 @@ def notice_changes(conn) -> None:
             model_stamp(entry.architecture())
         changed = entry.stamp is not None and stamp != entry.stamp
         if changed:
-            what = "its checkpoint file" if entry.is_checkpoint else \
-                "its hooks" if _only_hooks(stamp, entry.stamp) else \
+            what = ("its checkpoint file" if stamp[0] != entry.stamp[0] else
+                    "the final model's hooks, which it runs with") if entry.is_checkpoint \
+                else "its hooks" if _only_hooks(stamp, entry.stamp) else \
                 "its weights, modules or the values its code reads"
         entry.stamp = stamp
         if changed or data_changed:
@@ -337,15 +338,17 @@ def _length(value) -> int | None:
         return None
 
 
-def _checkpoint_stamp(entry) -> tuple | None:
-    """A checkpoint file's modification time and size (a training job saves it again)."""
+def _checkpoint_stamp(entry) -> tuple:
+    """A checkpoint file's modification time and size (a training job saves it again), and
+    the final model's hooks, which its copy runs with (session/checkpoints.py)."""
+    hooks = hooks_digest(entry.slot.final)
     if not isinstance(entry.weights, (str, os.PathLike)):
-        return None
+        return None, hooks
     try:
         status = os.stat(entry.weights)
     except OSError:
-        return None  # loading it says what is wrong
-    return status.st_mtime_ns, status.st_size
+        return None, hooks  # loading it says what is wrong
+    return (status.st_mtime_ns, status.st_size), hooks
 
 
 def _say(what: str) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from diagql.errors import DiagQLError
 from diagql.model.weights import load_state, read_state, unwrap_state
+from diagql.storage.hook_effects import is_diagql_hook, may_change_outputs
 
 FINAL = "final"  # the name of the model given beside its checkpoints
 NAME = re.compile(r"[A-Za-z_]\w*")
@@ -110,6 +111,7 @@ class CheckpointSlot:
         free = [copy_ for copy_ in self.copies if not any(copy_[1] is m for m in besides)]
         for copy_ in free:
             if copy_[0] == name:
+                mirror_hooks(self.final, copy_[1])
                 return copy_[1]
         if not free:
             free = [[None, copy.deepcopy(self.final)]]
@@ -123,4 +125,44 @@ class CheckpointSlot:
         del state  # the only reference: a file's mapped tensors go with it
         copy_[0] = name
         self.loads += 1
+        mirror_hooks(self.final, copy_[1])
         return copy_[1]
+
+
+# A module's forward hook tables, and the tables of flags keyed by a hook's id beside each.
+_HOOKS = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+          "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")}
+
+
+def mirror_hooks(final: nn.Module, copy_: nn.Module) -> None:
+    """The final model's hooks that may change what a module returns (an ablation's), on the
+    copy's modules as they are now, so that a checkpoint runs as the final model does: the
+    copy had kept the hooks of the moment it was made (a deepcopy at first use), one the user
+    removed since included, and none added after. DiagQL's own hooks on the copy (a pass's)
+    stay, after the user's as on the final model; hooks that only record are not copied, so
+    that the user's lists never gather checkpoints' outputs."""
+    theirs = dict(copy_.named_modules())
+    for name, mine in final.named_modules():
+        other = theirs.get(name)
+        if other is None:
+            continue
+        for table, flags in _HOOKS.items():
+            source, target = getattr(mine, table, None), getattr(other, table, None)
+            if source is None or target is None:
+                continue
+            user = [(key, hook) for key, hook in source.items()
+                    if not is_diagql_hook(hook) and may_change_outputs(hook)]
+            own = [(key, hook) for key, hook in target.items() if is_diagql_hook(hook)]
+            if not user and len(own) == len(target):
+                continue  # nothing to mirror, nothing stale: the common case, untouched
+            # In place: the handles of DiagQL's hooks on the copy hold these very tables.
+            target.clear()
+            target.update(user + own)
+            for flag in flags:
+                mine_flags, their_flags = getattr(mine, flag, None), getattr(other, flag, None)
+                if mine_flags is None or their_flags is None:
+                    continue
+                values = {**{key: v for key, v in mine_flags.items() if key in dict(user)},
+                          **{key: v for key, v in their_flags.items() if key in dict(own)}}
+                their_flags.clear()
+                their_flags.update(values)
