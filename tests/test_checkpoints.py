@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import diagql
-from diagql.errors import BindError, ExecutionError
+from diagql.errors import BindError, DiagQLError, ExecutionError
 from tests import models
 from tests.test_models import outputs
 
@@ -220,6 +220,47 @@ def test_a_checkpoints_cache_key_is_that_of_its_weights(trained, data, tmp_path)
     assert len(set(keys.values())) == 4
 
 
+def test_checkpoints_as_training_libraries_save_them(trained, data, tmp_path):
+    """A LightningModule's (its model under ``model.``, beside a loss's buffer, the epoch and
+    optimizer), an AveragedModel's (``module.`` beside ``n_averaged``) and a save_pretrained
+    directory's (named by its folder, as a glob of such folders' files is): each had been
+    refused ("unexpected model.encoder.1.weight ..." or "is not a file")."""
+    X, _ = data
+    model, _, states = trained
+    lightning = {"epoch": 1, "optimizer_states": [{"lr": 0.1}], "state_dict": {
+        **{f"model.{k}": v for k, v in states["epoch1"].items()},
+        "criterion.weight": torch.ones(10)}}
+    torch.save(lightning, tmp_path / "epoch=1-step=50.ckpt")
+    averaged = {**{f"module.{k}": v for k, v in states["epoch2"].items()},
+                "n_averaged": torch.tensor(7)}
+    torch.save(averaged, tmp_path / "swa.pt")
+    for folder in ("checkpoint-100", "checkpoint-200"):
+        (tmp_path / folder).mkdir()
+        torch.save(states["epoch3" if folder.endswith("100") else "epoch1"],
+                   tmp_path / folder / "pytorch_model.bin")
+    db = diagql.connect(model, data, checkpoints={
+        "lit": tmp_path / "epoch=1-step=50.ckpt", "swa": tmp_path / "swa.pt",
+        "hf": tmp_path / "checkpoint-100"}, cache_dir=False, progress=False)
+    result = db.query("AVG NEURONS IN head ACROSS CHECKPOINTS")
+    for name, state in (("lit", "epoch1"), ("swa", "epoch2"), ("hf", "epoch3")):
+        np.testing.assert_allclose(result.checkpoints[name].values,
+                                   outputs(loaded(states[state]), X, "head").mean(0),
+                                   rtol=1e-5, atol=1e-6)
+    globbed = diagql.connect(model, data, checkpoints=str(tmp_path / "*" / "pytorch_model.bin"),
+                             cache_dir=False, progress=False)
+    assert list(globbed.models) == ["checkpoint_100", "checkpoint_200", "final"]
+    # Two parts that both fit (a teacher and a student) are no one model's: refused.
+    torch.save({**{f"teacher.{k}": v for k, v in states["epoch1"].items()},
+                **{f"student.{k}": v for k, v in states["epoch2"].items()}}, tmp_path / "kd.pt")
+    both = diagql.connect(model, data, checkpoints={"kd": tmp_path / "kd.pt"}, cache_dir=False,
+                          progress=False)
+    with pytest.raises(DiagQLError, match="does not fit the model: missing"):
+        both.query("AVG NEURONS IN kd.head")
+    with pytest.raises(DiagQLError, match="is a directory without model.safetensors or "
+                                          "pytorch_model.bin"):
+        diagql.connect(model, data, checkpoints={"dir": tmp_path}, progress=False)
+
+
 def test_across_checkpoints_needs_checkpoints(cnn, digits):
     db = diagql.connect(cnn, digits, cache_dir=False, progress=False)
     with pytest.raises(BindError, match="ACROSS CHECKPOINTS needs checkpoints") as error:
@@ -267,10 +308,14 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_others_answering(trained, dat
 def test_a_checkpoint_path_that_is_not_a_file_is_refused_at_connect(trained, data, tmp_path):
     """It was accepted, then failed every statement, SHOW MODELS included."""
     model, _, _ = trained
-    for missing in (tmp_path / "nope.pt", tmp_path):
-        with pytest.raises(diagql.DiagQLError, match=f"checkpoint 'gone': '{missing}' is not a "
-                                                     f"file$"):
-            diagql.connect(model, data, checkpoints={"gone": missing}, cache_dir=False)
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(diagql.DiagQLError, match=f"checkpoint 'gone': '{missing}' is not a "
+                                                 f"file$"):
+        diagql.connect(model, data, checkpoints={"gone": missing}, cache_dir=False)
+    # A directory is one only where it holds a save_pretrained model's weights.
+    with pytest.raises(diagql.DiagQLError, match=f"checkpoint 'gone': '{tmp_path}' is a "
+                                                 f"directory without model.safetensors"):
+        diagql.connect(model, data, checkpoints={"gone": tmp_path}, cache_dir=False)
     with pytest.raises(diagql.DiagQLError, match="checkpoint 'nope': .* is not a file"):
         diagql.connect(model, data, checkpoints=[str(tmp_path / "nope.pt")], cache_dir=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,10 +27,32 @@ def load_file(model: nn.Module, path) -> None:
     LOADED_FROM[model] = str(path)
 
 
+# What a Hugging Face save_pretrained directory holds its weights in, in the order tried.
+PRETRAINED_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def weights_file(path) -> Path:
+    """The file ``path`` names: itself, or in a save_pretrained directory (a Trainer's
+    checkpoint-500) its weights file."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in PRETRAINED_FILES:
+        if (path / name).is_file():
+            return path / name
+    sharded = sorted(path.glob("*.index.json"))
+    raise WeightsError(f"{str(path)!r} is a directory without {' or '.join(PRETRAINED_FILES)}"
+                       + (f": its weights are in shards ({sharded[0].name}); load them into "
+                          f"the model and pass it as a model" if sharded else
+                          ": name the file that holds the weights"))
+
+
 def read_state(path, label: str) -> Mapping:
-    """The state_dict saved at ``path``. Memory-mapped where the file allows it, so that its
-    tensors are read from the file while they are copied into a module rather than held as a
-    second copy; ``label`` starts every error ("--weights 'ckpt.pt'")."""
+    """The state_dict saved at ``path`` (a file, or a save_pretrained directory's weights).
+    Memory-mapped where the file allows it, so that its tensors are read from the file while
+    they are copied into a module rather than held as a second copy; ``label`` starts every
+    error ("--weights 'ckpt.pt'")."""
+    path = weights_file(path)
     try:
         with warnings.catch_warnings():  # torch's warnings about a file that is not one of its
             warnings.simplefilter("ignore", UserWarning)  # own: the error below says what it is
@@ -97,14 +120,36 @@ def _unprefixed(model: nn.Module, state: Mapping) -> Mapping:
     """``state`` with its keys' wrapper prefixes made the model's own: each saved from a
     wrapper (``module._orig_mod.``: DDP around a compiled model) or loaded into one (a
     DataParallel given a plain state_dict). Only prefixes that every key has count, so a
-    model whose own child is named ``module`` keeps its keys."""
+    model whose own child is named ``module`` keeps its keys. Else the model saved as one
+    part of a bigger module: the keys under the one prefix that are exactly the model's
+    (a LightningModule's ``model.``, swa_utils.AveragedModel's ``module.`` beside its
+    ``n_averaged``), the rest left out."""
     keys = [k for k in state]
     if not keys or not all(isinstance(k, str) for k in keys):
         return state
-    theirs, ours = _wrapping(keys), _wrapping(list(model.state_dict().keys()))
-    if theirs == ours:
+    own = list(model.state_dict().keys())
+    theirs, ours = _wrapping(keys), _wrapping(own)
+    if theirs != ours:
+        state = {ours + k[len(theirs):]: v for k, v in state.items()}
+    if set(state) == set(own):
         return state
-    return {ours + k[len(theirs):]: v for k, v in state.items()}
+    return _part(state, set(own))
+
+
+def _part(state: Mapping, own: set[str]) -> Mapping:
+    """The keys under the one dotted prefix whose keys are exactly ``own``, unprefixed;
+    ``state`` itself where no prefix or several fit (load_state then says what differs)."""
+    anchor = next(iter(own), None)  # each prefix that fits puts some key before this one
+    if anchor is None:
+        return state
+    prefixes = {key[:-len(anchor)] for key in state
+                if key.endswith("." + anchor) and key != anchor}
+    fitting = [prefix for prefix in prefixes
+               if {k[len(prefix):] for k in state if k.startswith(prefix)} == own]
+    if len(fitting) != 1:
+        return state
+    (prefix,) = fitting
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _wrapping(keys: list[str]) -> str:

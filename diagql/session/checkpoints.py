@@ -10,8 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
-from diagql.errors import DiagQLError
-from diagql.model.weights import load_state, read_state, unwrap_state
+from diagql.errors import DiagQLError, WeightsError
+from diagql.model.weights import load_state, read_state, unwrap_state, weights_file
 from diagql.storage.hook_effects import is_diagql_hook, may_change_outputs
 
 FINAL = "final"  # the name of the model given beside its checkpoints
@@ -51,15 +51,20 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
     if isinstance(checkpoints, Mapping):
         specs = {check_name(name, "checkpoint"): value for name, value in checkpoints.items()}
     else:
+        paths = list(checkpoints)
+        names = [stem_name(path) for path in paths]
+        if len(set(names)) < len(names):  # hf/*/model.safetensors: named by their folders
+            folders = [stem_name(Path(path).parent) for path in paths]
+            names = folders if len(set(folders)) == len(folders) else names
         specs = {}
-        for path in checkpoints:
-            name = stem_name(path)
+        for name, path in zip(names, paths):
             if name in specs:
-                raise DiagQLError(f"two checkpoints are named {name!r}; pass a mapping of names "
-                                  f"to paths")
+                raise DiagQLError(f"two checkpoints are named {name!r} ({str(specs[name])!r} "
+                                  f"and {str(path)!r}); pass a mapping of names to paths")
             specs[name] = path
     if FINAL in specs:
-        raise DiagQLError(f"a checkpoint is named {FINAL!r}, which is the given model's name")
+        raise DiagQLError(f"a checkpoint is named {FINAL!r} ({str(specs[FINAL])!r}), which is "
+                          f"the given model's name: pass a mapping of other names to paths")
     if not specs:
         raise DiagQLError("checkpoints= names no checkpoint")
     for name, value in list(specs.items()):
@@ -70,8 +75,13 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
                               f"saved state_dict, a state_dict, or a model holding the weights")
         # Loaded lazily, one at a time: a path that is not there would otherwise fail every
         # statement later, SHOW MODELS included, instead of the connect that named it.
-        if isinstance(value, (str, Path)) and not Path(value).is_file():
+        if isinstance(value, (str, Path)) and not Path(value).exists():
             raise DiagQLError(f"checkpoint {name!r}: {str(value)!r} is not a file")
+        if isinstance(value, (str, Path)):  # a save_pretrained directory: its weights file
+            try:
+                weights_file(value)
+            except WeightsError as exc:
+                raise DiagQLError(f"checkpoint {name!r}: {exc.message}") from None
     return specs
 
 
