@@ -31,6 +31,9 @@ FIT_NEURONS = 256
 ITERATIONS = 60
 TOLERANCE = 1e-4
 FLAT = 1e300  # a component's variance that leaves every estimate where it is
+# The start of components whose quantile means coincide: their variances as shares of the
+# estimates' spread, one each.
+NESTED = np.array([1e-4, 1e-2, 1.0])
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,13 @@ def _em(mean: np.ndarray, se2: np.ndarray) -> list[Prior]:
     weights = np.full((len(mean), COMPONENTS), 1.0 / COMPONENTS)
     means = np.quantile(mean, (np.arange(COMPONENTS) + 0.5) / COMPONENTS, axis=1).T
     variances = np.maximum(spread / COMPONENTS, floor[:, 0])[:, None].repeat(COMPONENTS, axis=1)
+    # Where the quantiles coincide (a layer of mostly dead ReLUs: most means exactly 0),
+    # components that start alike stay alike, and the one normal they make shrank the few
+    # live neurons to 0 (expected precision 0.03 against 0.73 actual): those start from
+    # nested spreads, the widest taking the neurons far out.
+    alike = np.any(np.diff(means, axis=1) <= 1e-9 * np.sqrt(spread)[:, None], axis=1)
+    nested = np.maximum(spread[:, None] * NESTED, floor)
+    variances = np.where(alike[:, None], nested, variances)
     last = np.full(len(mean), -np.inf)
     running = np.ones(len(mean), dtype=bool)
     for _ in range(ITERATIONS):
