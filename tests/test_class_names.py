@@ -76,7 +76,9 @@ def test_plans_and_messages_write_the_classes_by_their_names(world):
     assert dict(numbered.query("EXPLAIN AVG NEURONS IN 1 WHERE class = 0").rows)[
         "filter"].startswith("WHERE class = 0 on the profile")
     never = "class = 'bee' AND predicted = 'bee' AND class = 'cat'"
-    for statement in (f"AVG NEURONS IN 1 WHERE {never}", f"TOPK 2 INPUTS FOR 1[0] WHERE {never}"):
+    for statement in (f"AVG NEURONS IN 1 WHERE {never}", f"TOPK 2 INPUTS FOR 1[0] WHERE {never}",
+                      # The baseline's plan said it by the indices ("class = 3").
+                      f"TOPK 2 NEURONS IN 1 WHERE {never} USING SAMPLE random(0.5) WITH BASELINE"):
         with pytest.raises(DiagQLError, match=f"no items match WHERE {never} "):
             db.query(statement)
 

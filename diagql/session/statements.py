@@ -74,7 +74,7 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, src.drawn_on),
                       conn.settings.estimator, rows_from_profile=src.own)
-    plan = replace(plan, choice=choice, class_names=_names(conn))
+    plan = _named(plan, _names(conn), choice=choice)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds + chosen_seconds,
                   "plan": time.perf_counter() - planned_at}
@@ -164,9 +164,16 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, drawn_on), None,
                       rows_from_profile=False)
-    plan = replace(plan, class_names=_names(conn), explainer=explain_similarity)
+    plan = _named(plan, _names(conn), explainer=explain_similarity)
     return plan, {"bind": bound_at - started, "profile": profiled_at - bound_at,
                   "sample": sample_seconds, "plan": time.perf_counter() - planned_at}
+
+
+def _named(plan, names, **changes):
+    """The plan, and its baseline's (whose WHERE a message may write too), with the
+    connection's class names."""
+    baseline = None if plan.baseline is None else replace(plan.baseline, class_names=names)
+    return replace(plan, class_names=names, baseline=baseline, **changes)
 
 
 def _names(conn) -> tuple | None:
