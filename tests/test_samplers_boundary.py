@@ -146,6 +146,24 @@ def test_maxmargin_probabilities_are_calibrated_linear_svc(data, classes, space,
     assert np.array_equal(got.argmax(axis=1), expected.argmax(axis=1))
 
 
+@pytest.mark.parametrize("classes", [N_CLASSES, 2])
+def test_maxmargin_fits_its_classifiers_a_block_at_a_time_to_the_same_answer(
+        data, monkeypatch, classes):
+    """Blocks of one-vs-rest classifiers (1,000 classes over 50,000 items had held every
+    class's items x classes arrays at once) and items' probabilities made a chunk at a time
+    give the answer of one block: the classifiers are independent."""
+    import diagql.samplers.maxmargin as maxmargin
+
+    data = data if classes == N_CLASSES else two_class(data)
+    X = svm_space(data.latents)
+    whole = svm_log_proba(X, data.labels, data.n_classes, intercept_scaling=INTERCEPT_SCALING)
+    # One classifier a block, and 1,007 // (2 x classes) items a chunk.
+    monkeypatch.setattr(maxmargin, "BLOCK_BYTES", 4 * (len(X) + 1))
+    blocked = svm_log_proba(X, data.labels, data.n_classes, intercept_scaling=INTERCEPT_SCALING)
+    assert np.abs(np.exp(blocked) - np.exp(whole)).max() < 1e-4  # float32 margins: 6e-6
+    assert np.array_equal(blocked.argmax(axis=1), whole.argmax(axis=1))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_maxmargin_folds_are_sklearns_stratified_kfold(seed):
     """The folds made without importing sklearn are StratifiedKFold(3)'s, for labels in any

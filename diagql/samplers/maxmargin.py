@@ -43,6 +43,11 @@ DRAW_ITEM_WORK = 100_000
 # itself on a few thousand items: a fresh process's AUTO had chosen such a draw over a
 # 0.26 s exact pass and taken 0.34 s.
 FIRST_DRAW_SECONDS = 0.2
+# The one-vs-rest classifiers are fitted a block at a time, as many as make a classes x items
+# float32 array (the solver holds about eight: targets, margins, slack, steps), or their Newton
+# systems, of about this size; the probabilities are made a chunk of items at a time: 1,000
+# classes over 50,000 items had held those arrays for every class at once (3.6 GB).
+BLOCK_BYTES = 32 << 20
 
 
 def boundary_log_proba(data: SampleData, fit_dims: int | None
@@ -167,25 +172,49 @@ def svm_log_proba(latents: np.ndarray, labels: np.ndarray, n_classes: int, *, C:
     bias = np.full((len(labels), 1), intercept_scaling, dtype=np.float32)  # liblinear's
     X = np.hstack([np.asarray(latents, dtype=np.float32), bias])
     # Like LinearSVC, two classes make one classifier (for the second class), more make one each.
-    # Per-class arrays are classes x items, so that every sum over items runs along a row.
-    positive = (classes[1:] if len(classes) == 2 else classes)[:, None] == labels[None, :]
-    Y = np.where(positive, np.float32(1), np.float32(-1))
+    targets = classes[1:] if len(classes) == 2 else classes
+    folds = _stratified_folds(labels, cv) if counts.min() >= cv else [(slice(None), slice(None))]
     with threadpool_limits(limits=1):
-        step = max(1, len(X) // 10_000)
-        W = _fit(X[::step], Y[:, ::step], C)  # a warm start; each fold's optimum is exact
-        if counts.min() >= cv:
-            folds = _stratified_folds(labels, cv)
-        else:
-            folds = [(slice(None), slice(None))]
-        log_proba, sigmoid = -np.inf, None
-        for train, test in folds:
-            W = _fit(X[train], Y[:, train], C, W)
-            W32 = W.T.astype(np.float32)
-            sigmoid = _platt(W32 @ X[test].T, positive[:, test], sigmoid)
-            log_proba = np.logaddexp(log_proba, _calibrated_log_proba(W32 @ X.T, *sigmoid))
-    log_proba -= np.log(len(folds))
-    out = np.full((len(labels), n_classes), -np.inf)
-    out[:, classes] = log_proba
+        fitted = [_fit_block(X, labels, block, folds, C)
+                  for block in np.array_split(targets, -(-len(targets) // _block(*X.shape)))]
+        # Per fold: every classifier's float32 weights (classes x features) and sigmoid.
+        folds_fitted = [(np.vstack([b[f][0] for b in fitted]),
+                         np.concatenate([b[f][1][0] for b in fitted]),
+                         np.concatenate([b[f][1][1] for b in fitted])) for f in range(len(folds))]
+        out = np.full((len(labels), n_classes), -np.inf)
+        rows = max(1, BLOCK_BYTES // (8 * len(targets)))
+        for start in range(0, len(X), rows):
+            chunk = slice(start, start + rows)
+            log_proba = -np.inf
+            for W32, a, b in folds_fitted:
+                log_proba = np.logaddexp(log_proba,
+                                         _calibrated_log_proba(W32 @ X[chunk].T, a, b))
+            out[chunk, classes] = log_proba - np.log(len(folds))
+    return out
+
+
+def _block(n_items: int, features: int) -> int:
+    """How many one-vs-rest classifiers are fitted together (``BLOCK_BYTES``): their float32
+    rows of every item, and their float64 Newton systems, features x features each."""
+    return max(1, BLOCK_BYTES // max(4 * n_items, 8 * features * features))
+
+
+def _fit_block(X: np.ndarray, labels: np.ndarray, block: np.ndarray, folds: list,
+               C: float) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+    """One block of one-vs-rest classifiers (``block``: their classes): per fold, their float32
+    weights (classes x features) and Platt sigmoid. Each fold's fit starts from the last one's
+    optimum and its sigmoid from the last one's; the first from a fit on a subsample."""
+    # Per-class arrays are classes x items, so that every sum over items runs along a row.
+    positive = block[:, None] == labels[None, :]
+    Y = np.where(positive, np.float32(1), np.float32(-1))
+    step = max(1, len(X) // 10_000)
+    W = _fit(X[::step], Y[:, ::step], C)  # a warm start; each fold's optimum is exact
+    sigmoid, out = None, []
+    for train, test in folds:
+        W = _fit(X[train], Y[:, train], C, W)
+        W32 = W.T.astype(np.float32)
+        sigmoid = _platt(W32 @ X[test].T, positive[:, test], sigmoid)
+        out.append((W32, sigmoid))
     return out
 
 
@@ -225,52 +254,85 @@ def _fit(X: np.ndarray, Y: np.ndarray, C: float, W: np.ndarray | None = None,
     if W is None:
         W = np.linalg.solve(eye + 2 * C * (X.T @ X).astype(np.float64),
                             2 * C * (Y @ X).T.astype(np.float64))
+    else:
+        W = W.copy()
     Z = Y * (W.T.astype(np.float32) @ X.T)  # functional margins y·(x·w)
-    busy = np.ones(W.shape[1], dtype=bool)
+    # The classifiers still moving: each step works on their rows alone (once most of 1,000
+    # classes have converged, a step over every class had cost as much as the first).
+    busy = np.arange(W.shape[1])
     hessians: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # class -> (active set, Hessian)
+    gram: list = []  # Σ x xᵀ over every item, made when a Hessian first needs it
     for _ in range(max_iter):
-        slack = np.maximum(1 - Z, 0)
-        G = W - 2 * C * ((slack * Y) @ X).T.astype(np.float64)
-        busy &= np.linalg.norm(G, axis=0) > rtol * g0
-        if not busy.any():
+        every = len(busy) == W.shape[1]
+        Yb, Zb, Wb = (Y, Z, W) if every else (Y[busy], Z[busy], W[:, busy])
+        slack = np.maximum(1 - Zb, 0)
+        G = Wb - 2 * C * ((slack * Yb) @ X).T.astype(np.float64)
+        moving = np.linalg.norm(G, axis=0) > rtol * g0[busy]
+        if not moving.any():
             break
-        S = np.zeros_like(W)
-        for k in np.flatnonzero(busy):
-            active = slack[k] > 0
-            hessians[k] = _hessian(X, active, C, eye, hessians.get(k))
-            S[:, k] = -np.linalg.solve(hessians[k][1], G[:, k])
-        dZ = Y * (S.T.astype(np.float32) @ X.T)
-        f0 = 0.5 * (W * W).sum(0) + C * _row_squares(slack)
+        if not moving.all():
+            busy, Yb, Zb, Wb, slack, G = (busy[moving], Yb[moving], Zb[moving], Wb[:, moving],
+                                          slack[moving], G[:, moving])
+        S = np.zeros_like(Wb)
+        for i, k in enumerate(busy):
+            hessians[k] = _hessian(X, slack[i] > 0, C, eye, hessians.get(k), gram)
+            S[:, i] = -_solve_spd(hessians[k][1], G[:, i])
+        dZ = Yb * (S.T.astype(np.float32) @ X.T)
+        f0 = 0.5 * (Wb * Wb).sum(0) + C * _row_squares(slack)
         slope = (G * S).sum(0)
-        t = np.ones(W.shape[1])
+        t = np.ones(len(busy))
+        stuck = None
         for _ in range(20):  # Armijo backtracking; the full step nearly always passes
-            Z_new = Z + t.astype(np.float32)[:, None] * dZ
-            W_new = W + t * S
+            Z_new = Zb + t.astype(np.float32)[:, None] * dZ
+            W_new = Wb + t * S
             f = 0.5 * (W_new * W_new).sum(0) + C * _row_squares(np.maximum(1 - Z_new, 0))
-            short = busy & (f > f0 + 1e-4 * t * slope)
+            short = f > f0 + 1e-4 * t * slope
             if not short.any():
                 break
             t = np.where(short, t / 2, t)
         else:
-            busy &= ~short  # no decrease left at float32 precision: as converged as it gets
-        W, Z = W_new, Z_new
+            stuck = short  # no decrease left at float32 precision: as converged as it gets
+        W[:, busy], Z[busy] = W_new, Z_new
+        if stuck is not None:
+            busy = busy[~stuck]
+            if not len(busy):
+                break
     return W
 
 
 def _hessian(X: np.ndarray, active: np.ndarray, C: float, eye: np.ndarray,
-             previous: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+             previous: tuple[np.ndarray, np.ndarray] | None,
+             gram: list) -> tuple[np.ndarray, np.ndarray]:
     """(active, I + 2C·Σ_active x xᵀ). After the first Newton step the active set changes by a
     few items, so the last Hessian is updated by those rather than summed again over every
     active item (rounding in the update only slows Newton's method down: the gradient it
-    follows is exact)."""
+    follows is exact). Where most items are active (the first steps of a one-vs-rest
+    classifier among many classes, whose every negative starts inside the margin), the sum is
+    Σ x xᵀ over every item (``gram``, float64, made once) less the inactive items'."""
     if previous is not None:
         before, H = previous
         joined, left = active & ~before, before & ~active
         if joined.sum() + left.sum() < active.sum() // 2:
             Xj, Xl = X[joined], X[left]
             return active, H + 2 * C * (Xj.T @ Xj - Xl.T @ Xl).astype(np.float64)
+    if 2 * active.sum() > len(active):
+        if not gram:
+            X64 = X.astype(np.float64)
+            gram.append(X64.T @ X64)
+        Xi = X[~active]
+        return active, eye + 2 * C * (gram[0] - (Xi.T @ Xi).astype(np.float64))
     Xa = X[active]
     return active, eye + 2 * C * (Xa.T @ Xa).astype(np.float64)
+
+
+def _solve_spd(H: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """H⁻¹g for a Newton system I + 2C·Σ x xᵀ, positive definite: LAPACK's Cholesky solve,
+    half np.linalg.solve's time on 129 x 129 (most of it the call's own), which 1,000 classes'
+    Newton steps make 87,000 times; an LU solve where rounding leaves it indefinite."""
+    from scipy.linalg import lapack  # (scipy is imported by the Platt fit's first call too)
+
+    _, x, info = lapack.dposv(H, g, lower=1)
+    return x if info == 0 else np.linalg.solve(H, g)
 
 
 def _row_squares(A: np.ndarray) -> np.ndarray:
@@ -291,7 +353,10 @@ def _platt(F: np.ndarray, positive: np.ndarray, start=None, max_iter: int = 100)
     n1 = positive.sum(1).astype(np.float64)[:, None]
     n0 = F.shape[1] - n1
     T = np.where(positive, (n1 + 1) / (n1 + 2), 1 / (n0 + 2))
-    a, b = start if start is not None else (np.zeros(len(F)), np.log((n0 + 1) / (n1 + 1))[:, 0])
+    if start is not None:
+        a_out, b_out = np.array(start[0], dtype=np.float64), np.array(start[1], dtype=np.float64)
+    else:
+        a_out, b_out = np.zeros(len(F)), np.log((n0 + 1) / (n1 + 1))[:, 0]
 
     def loss(a, b):  # -Σ T·log p + (1 - T)·log(1 - p) = Σ log(1 + e^z) - (1 - T)·z
         z = a[:, None] * F + b[:, None]
@@ -299,6 +364,9 @@ def _platt(F: np.ndarray, positive: np.ndarray, start=None, max_iter: int = 100)
 
     from scipy.special import expit  # here: scipy costs every new process's import 0.15 s
 
+    # The rows still moving (F, T, a, b, f hold theirs alone): each step works on them only,
+    # as a row whose step fell under the tolerance is done.
+    live, a, b = np.arange(len(F)), a_out.copy(), b_out.copy()
     f = loss(a, b)
     for _ in range(max_iter):
         p = expit(-(a[:, None] * F + b[:, None]))
@@ -320,9 +388,17 @@ def _platt(F: np.ndarray, positive: np.ndarray, start=None, max_iter: int = 100)
             t = np.where(rising, 0.0, t)  # no decrease left at float64 precision
             f_new = np.where(rising, f, f_new)
         a, b, f = a + t * da, b + t * db, f_new
-        if max(np.abs(t * da).max(), np.abs(t * db).max()) < 1e-9 * max(1.0, np.abs(a).max()):
+        a_out[live], b_out[live] = a, b
+        # A row is done when a full Newton step is that small; one whose step was halved may
+        # only have met a kink of the loss, and one no step decreases (t = 0) is done too.
+        moving = (np.maximum(np.abs(t * da), np.abs(t * db)) >= 1e-9 * np.maximum(1.0, np.abs(a))
+                  ) | ((t > 0) & (t < 1))
+        if not moving.any():
             break
-    return a, b
+        if not moving.all():
+            live, F, T, a, b, f = live[moving], F[moving], T[moving], a[moving], b[moving], \
+                f[moving]
+    return a_out, b_out
 
 
 def _calibrated_log_proba(F: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
