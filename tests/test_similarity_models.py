@@ -37,6 +37,23 @@ def test_similarity_of_two_models_layers(two, cnn, mlp, data):
     assert 0.05 < truth < 0.999  # two models: neither unrelated nor the same
 
 
+def test_a_group_by_holds_rows_where_every_groups_moments_would_be_more(cnn, data):
+    """Rows are held once whatever an item's group, moments once a group: ten groups' moments
+    of two conv layers (544 features) had been chosen over the rows, and each batch updated
+    every group's 544 x 544 moments (a sweep's two 1,152-wide layers: 6.4 s against 1.4 s
+    ungrouped, now 0.1 s)."""
+    X, y = data
+    db = diagql.connect(cnn, data, cache_dir=False, progress=False)
+    state = lambda text: dict(db.query(f"EXPLAIN {text}").rows)["measure"]
+    assert "from feature-space cross moments" in state("SIMILARITY 0, 2")
+    assert "from the items' rows held" in state("SIMILARITY 0, 2 GROUP BY class")
+    result = db.query("SIMILARITY 0, 2 GROUP BY class")
+    left, right = outputs(cnn, X, "0"), outputs(cnn, X, "2")
+    for key, part in result.groups.items():
+        mine = (y == key).numpy()
+        assert abs(part.value - gram_cka(left[mine], right[mine])) <= 1e-10
+
+
 def test_two_models_sharing_a_module_are_each_read_in_their_own_forward(data):
     """A frozen encoder shared by two models fires both models' hooks whichever model runs
     it: each model's layers are its own forward's (truth: plain torch), where the second

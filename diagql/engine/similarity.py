@@ -160,11 +160,14 @@ class Feed:
 
 
 def state_floats(plan: Plan) -> tuple[str, int]:
-    """Which state answers the plan and the float64 values it holds per group: a sample's rows
-    (its estimate needs every item's terms), else the cheaper of the rows and the moments."""
+    """Which state answers the plan and the float64 values its states hold: a sample's rows
+    (its estimate needs every item's terms), else the cheaper of the rows (each item's once,
+    whatever its group) and the moments (every group's own: with GROUP BY class over two
+    1,152-wide layers, five groups' moments had been chosen over rows half their size, and
+    each batch's update of each group's took 6.4 s against 1.4 s ungrouped)."""
     widths = [view.width for view in _distinct_views(plan)]
     rows = RowState.floats(widths, len(plan.items))
-    moments = MomentState.floats(widths)
+    moments = MomentState.floats(widths) * max(len(plan.population), 1)
     if plan.approximate or rows < moments:
         return "rows", rows
     return "moments", moments
@@ -186,7 +189,8 @@ def check_memory(plan: Plan) -> None:
         form, floats = state_floats(part)
         if floats * 8 > MEMORY_LIMIT:
             what = ("the rows of its items" if form == "rows" else
-                    "the cross moments of its layers' features, (Σ widths)²/2 values")
+                    "the cross moments of its layers' features, (Σ widths)²/2 values a "
+                    "group")
             raise ExecutionError(
                 f"exact CKA here needs {floats * 8 / 2**30:.1f} GiB for {what}, over the "
                 f"{MEMORY_LIMIT / 2**30:.0f} GiB limit; name narrower layers (a sequence's "
