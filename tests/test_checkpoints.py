@@ -444,3 +444,18 @@ def test_across_checkpoints_of_one_checkpoints_layer_is_refused(db, statement):
                                         "and of the final model: name it without 'epoch2' "
                                         r"\(encoder.3\)"):
         db.query(statement)
+
+
+def test_across_checkpoints_of_a_layer_named_alone_reads_every_model_whatever_the_default(
+        trained, data):
+    """With a checkpoint as the default model (SET model = epoch2) a layer named alone had
+    been refused as if the statement had written 'epoch2.': its answer is every model's."""
+    X, _ = data
+    model, paths, states = trained
+    db = diagql.connect(model, data, checkpoints=paths, cache_dir=False, progress=False)
+    db.execute("SET model = epoch2")
+    result = db.query("AVG NEURONS IN head ACROSS CHECKPOINTS")
+    for name in ("epoch1", "epoch2", "epoch3", "final"):
+        net = model if name == "final" else loaded(states[name])
+        np.testing.assert_allclose(result.checkpoints[name].values,
+                                   outputs(net, X, "head").mean(0), rtol=1e-5, atol=1e-6)

@@ -49,7 +49,10 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
     passes its own ``rebind``."""
     layer = statement.layer if layer is None else layer
     entry, ref = conn.resolve(layer)
-    if entry.is_checkpoint:  # 'ep3.fc2 ACROSS CHECKPOINTS' would have read every model's
+    # 'ep3.fc2 ACROSS CHECKPOINTS' would have read every model's, and is refused; a layer
+    # named alone, the default model a checkpoint (SET model = ep3), reads them as meant.
+    named = layer.model is not None or ref.name != layer.name
+    if entry.is_checkpoint and named:
         error = BindError(f"ACROSS CHECKPOINTS reads the layer of every checkpoint and of the "
                           f"final model: name it without {entry.name!r} ({ref.text()})")
         if layer.span is not None:
