@@ -459,3 +459,23 @@ def test_across_checkpoints_of_a_layer_named_alone_reads_every_model_whatever_th
         net = model if name == "final" else loaded(states[name])
         np.testing.assert_allclose(result.checkpoints[name].values,
                                    outputs(net, X, "head").mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_that_cannot_be_read_says_why_on_stderr_beside_a_csv(
+        trained, tmp_path, capsys):
+    """A CSV has no place for notes: a checkpoint that could not be read left its cells blank
+    and its reason on neither stdout nor stderr (JSON and tables carry it)."""
+    from diagql.shell.cli import main
+
+    _, paths, _ = trained
+    (tmp_path / "broken.pt").write_text("not a checkpoint\n")
+    argv = ["--model", "tests.models:build_mlp", "--data", "tests.models:digits",
+            "--checkpoint", f"epoch1={paths['epoch1']}", "--checkpoint",
+            f"broken={tmp_path / 'broken.pt'}", "--format", "csv", "--no-cache",
+            "--no-progress", "-e", "AVG NEURONS IN head ACROSS CHECKPOINTS"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert [line.split(",")[0] for line in captured.out.split()[1:]] == \
+        ["epoch1", "broken", "final"]
+    assert "note: broken: checkpoint 'broken'" in captured.err
+    assert "is not a readable torch checkpoint" in captured.err

@@ -16,6 +16,12 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
         if text:
             out.print(text, markup=False, highlight=False, soft_wrap=True, emoji=False)
             out.print()
+        # A CSV has no place for them (a checkpoint that could not be read left blank cells
+        # and its reason nowhere): each on stderr, one line, as warnings are.
+        import sys
+
+        for note in getattr(result, "notes", None) or ():
+            print(f"note: {note}", file=sys.stderr)
     else:
         shown = renderable(result, settings.max_rows, echo=echo)
         width = None
