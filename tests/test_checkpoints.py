@@ -479,3 +479,10 @@ def test_a_checkpoint_that_cannot_be_read_says_why_on_stderr_beside_a_csv(
         ["epoch1", "broken", "final"]
     assert "note: broken: checkpoint 'broken'" in captured.err
     assert "is not a readable torch checkpoint" in captured.err
+
+
+def test_checkpoints_beside_several_models_are_refused_in_words_for_both_ways_in(trained, data):
+    model, paths, _ = trained
+    with pytest.raises(DiagQLError, match=r"checkpoints \(checkpoints=, --checkpoint\) go with "
+                                          r"one model, the final one"):
+        diagql.connect({"a": model, "b": model}, data, checkpoints=paths, cache_dir=False)

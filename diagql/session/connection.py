@@ -412,8 +412,10 @@ def _modules(model, checkpoints) -> dict[str, object]:
     a mapping keeps its names and order."""
     if isinstance(model, Mapping):
         if checkpoints is not None:
-            raise DiagQLError("checkpoints= goes with one model (the final one), not a mapping "
-                              "of models")
+            raise DiagQLError("checkpoints (checkpoints=, --checkpoint) go with one model, the "
+                              "final one, not several: connect the final model alone with its "
+                              "checkpoints, or name each checkpoint as a model (--model and "
+                              "--weights NAME=PATH, or a mapping of models)")
         if not model:
             raise DiagQLError("the mapping of models is empty")
         return {check_name(name, "model"): module for name, module in model.items()}
