@@ -211,6 +211,8 @@ def test_describe_one_call(resnet):
     assert rows["call"] == f"2 of the 2 calls of {RELU} per forward pass"
     assert rows["output"] == "4×6×6" and rows["neurons"] == 144 and rows["channels"] == 4
     assert rows["labels"] == f"{RELU}#2[0,0,0] … {RELU}#2[3,5,5]"
+    # A flat layer has no channels: no row, where one had stood empty.
+    assert "channels" not in dict(db.query("DESCRIBE fc").rows)
 
 
 def test_calls_that_differ_in_shape_and_view():

@@ -273,8 +273,8 @@ def describe(conn, statement: ast.Describe) -> Result:
                             + ("; refused here: the length changes with the batch)"
                                if layer.varies or layer.form != "tensor" else ")"))]
     else:
-        rows += [("neurons", Count(layer.neurons)),
-                 ("channels", "" if layer.channels is None else layer.channels)]
+        rows += [("neurons", Count(layer.neurons))]
+        rows += [] if layer.channels is None else [("channels", layer.channels)]
     rows += [("labels", _label_example(layer))]
     return Result(kind="table", statement=statement.text, columns=["property", "value"],
                   rows=rows + _module_rows(layer, module, n_params, children),
