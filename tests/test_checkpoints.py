@@ -249,6 +249,14 @@ def test_checkpoints_as_training_libraries_save_them(trained, data, tmp_path):
     globbed = diagql.connect(model, data, checkpoints=str(tmp_path / "*" / "pytorch_model.bin"),
                              cache_dir=False, progress=False)
     assert list(globbed.models) == ["checkpoint_100", "checkpoint_200", "final"]
+    # timm's file with an EMA beside the weights: which one is read is said.
+    torch.save({"state_dict": states["epoch1"], "state_dict_ema": states["epoch2"]},
+               tmp_path / "timm.pth.tar")
+    ema = diagql.connect(model, data, checkpoints={"t": tmp_path / "timm.pth.tar"},
+                         cache_dir=False, progress=False)
+    with pytest.warns(Warning, match="its 'state_dict' is read; it also holds "
+                                     "'state_dict_ema', a moving average"):
+        ema.query("AVG NEURONS IN t.head")
     # Two parts that both fit (a teacher and a student) are no one model's: refused.
     torch.save({**{f"teacher.{k}": v for k, v in states["epoch1"].items()},
                 **{f"student.{k}": v for k, v in states["epoch2"].items()}}, tmp_path / "kd.pt")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diagql.errors import WeightsError
+from diagql.errors import WeightsError, warn
 
 # Training scripts often save {"state_dict": ..., "optimizer": ...}: the model's entry is taken.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
@@ -82,6 +82,11 @@ def read_state(path, label: str) -> Mapping:
 def unwrap_state(state, label: str) -> Mapping:
     for key in WRAPPER_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            averaged = [other for other, value in state.items() if isinstance(other, str)
+                        and "ema" in other.lower().split("_") and isinstance(value, Mapping)]
+            if averaged:  # timm's {"state_dict", "state_dict_ema"}: which was read, said
+                warn(f"{label}: its {key!r} is read; it also holds {averaged[0]!r}, a moving "
+                     f"average of the weights: to diagnose those, save that entry alone")
             state = state[key]
             break
     if not isinstance(state, Mapping):
