@@ -775,6 +775,39 @@ def test_a_model_or_data_changed_in_place_is_refused_not_answered_from_old_copie
     again.close()
 
 
+def _ablate_unit_3(module, inputs, output):
+    return output.index_fill(1, torch.tensor([3]), 0.0)
+
+
+def test_a_users_early_hook_keeps_its_place_on_a_worker():
+    """Torch keys hooks by a counter of each process: an ablation registered early in a
+    script (id 2 here) came to a fresh worker under that id, where DiagQL's own hooks, counted
+    from 0 there, took the same keys, overwrote it and removed it with theirs (a sweep: the
+    ablated unit read 0.08-0.21 instead of 0, silently). The worker's counter now starts past
+    every id its models' hooks hold. A fresh worker is played here in this process."""
+    from ray import cloudpickle
+    from torch.utils.hooks import RemovableHandle
+
+    from diagql.engine.ray_workers import Worker
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    counter = RemovableHandle.next_id
+    try:
+        RemovableHandle.next_id = 2
+        model[1].register_forward_hook(_ablate_unit_3)
+        shipped = cloudpickle.loads(cloudpickle.dumps(model))
+        RemovableHandle.next_id = 0  # a fresh process's counter
+        worker = Worker(shipped, None, None, {})
+        built = worker.models[None]
+        handles = [built[1].register_forward_hook(lambda *args: None) for _ in range(5)]
+        assert _ablate_unit_3 in built[1]._forward_hooks.values()
+        for handle in handles:
+            handle.remove()
+        assert list(built[1]._forward_hooks.values()) == [_ablate_unit_3]
+    finally:
+        RemovableHandle.next_id = max(counter, RemovableHandle.next_id)
+
+
 @pytest.mark.parametrize("n, batch_size, shards", [(257, 64, 2), (129, 64, 3), (200, 64, 2),
                                                    (65, 64, 4), (1, 64, 2)])
 def test_shards_cut_the_local_passs_batches_a_lone_last_item_included(n, batch_size, shards):

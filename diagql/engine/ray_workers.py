@@ -56,6 +56,7 @@ class Worker:
         self.failure: DiagQLError | None = None
         try:
             self.models = built_models(model)  # by name: every model of the connection
+            hook_ids_past(self.models.values())
             self.failure = other_weights(model, self.models, digests)
             # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
             self.source = None if data is None else \
@@ -168,6 +169,25 @@ def built_models(model) -> dict:
     if not isinstance(made, Mapping):
         return {None: hookable(made)}  # as connect hooks it: a compiled model's original
     return {name: hookable(m() if is_factory(m) else m) for name, m in made.items()}
+
+
+def hook_ids_past(modules) -> None:
+    """Torch keys a module's hooks by a counter of this process: the user's hooks came
+    unpickled under the driver's ids, and DiagQL's own, counted here from 0, took the same
+    keys, overwriting an early hook (an ablation's) and removing it with theirs. The counter
+    moves past every id the models' hooks (and torch's global ones) hold."""
+    from torch.nn.modules import module as torch_module
+    from torch.utils.hooks import RemovableHandle
+
+    tables = [value for name, value in vars(torch_module).items()
+              if name.startswith("_global") and isinstance(value, dict)]
+    for model in modules:
+        for part in model.modules():
+            tables += [value for name, value in vars(part).items()
+                       if name.endswith("hooks") and isinstance(value, dict)]
+    ids = [key for table in tables for key in table if isinstance(key, int)]
+    if ids:
+        RemovableHandle.next_id = max(RemovableHandle.next_id, max(ids) + 1)
 
 
 def weights_digests(model, made: dict) -> dict:
