@@ -788,3 +788,20 @@ def test_a_connection_is_not_copied_and_value_of_reads_only_real_neurons():
         grouped.value_of(1)
     assert grouped.groups[1].value_of(2) == pytest.approx(
         model(X[y == 1]).double().mean(0)[2].item())
+
+
+@pytest.mark.parametrize("target, words", [
+    (lambda y, box: (y, box), r"each item's target has 2 parts of shapes \(\), \(4,\) \(a "
+                              r"multi-task target\)"),
+    (lambda y, box: {"labels": y, "boxes": box}, r"each item's target is a mapping "
+                                                 r"\('labels', 'boxes'\)")])
+def test_a_multi_task_target_is_refused_in_one_line(target, words):
+    """(x, (y, box)) had escaped as numpy's 'inhomogeneous shape' ValueError, a traceback;
+    (x, {"labels": y, "boxes": box}) was called 'a single value'."""
+    torch.manual_seed(0)
+    X, y, box = torch.randn(40, 8), torch.randint(0, 3, (40,)), torch.rand(40, 4)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    db = diagql.connect(model, [(X[i], target(y[i], box[i])) for i in range(40)],
+                        cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=words):
+        db.query("AVG NEURONS IN 0 WHERE incorrect")

@@ -58,6 +58,27 @@ def refuse_batches(x, y) -> None:
                           f"reads one item, with one label, at a time")
 
 
+def _refuse_several_targets(y) -> None:
+    """A multi-task target per item, (y, box) or {"labels": y, "boxes": b} as detection and
+    multi-head training loops take them, collated: numpy's "inhomogeneous shape" had escaped
+    as a traceback, and a mapping was called "a single value"."""
+    from collections.abc import Mapping
+
+    if isinstance(y, Mapping):
+        keys = ", ".join(repr(k) for k in list(y)[:4])
+        raise DiagQLError(f"each item's target is a mapping ({keys}): DiagQL needs one class "
+                          f"index per item; give items (x, target[<the class key>]), e.g. a "
+                          f"Dataset that returns them, or the data without labels, (X, None)")
+    if isinstance(y, (list, tuple)) and len(y) > 1 and \
+            all(isinstance(part, torch.Tensor) for part in y) and \
+            len({tuple(part.shape) for part in y}) > 1:
+        shapes = ", ".join(str(tuple(part.shape[1:])) for part in y[:4])
+        raise DiagQLError(f"each item's target has {len(y)} parts of shapes {shapes} (a "
+                          f"multi-task target): DiagQL needs one class index per item; give "
+                          f"items (x, y) with y the class alone, e.g. a Dataset that returns "
+                          f"them, or the data without labels, (X, None)")
+
+
 def as_labels(y) -> np.ndarray:
     if isinstance(y, (list, tuple)) and len(y) == 1 and isinstance(y[0], torch.Tensor) \
             and y[0].ndim == 1:
@@ -65,6 +86,7 @@ def as_labels(y) -> np.ndarray:
         # default collate makes them a list holding one tensor of the batch's labels, which
         # read as given had passed for one item's row of labels.
         y = y[0]
+    _refuse_several_targets(y)
     if isinstance(y, torch.Tensor):
         if y.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds each exactly
             y = y.float()
