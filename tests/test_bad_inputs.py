@@ -805,3 +805,25 @@ def test_a_multi_task_target_is_refused_in_one_line(target, words):
                         cache_dir=False, progress=False)
     with pytest.raises(DiagQLError, match=words):
         db.query("AVG NEURONS IN 0 WHERE incorrect")
+
+
+class TimeFirstHead(nn.Module):
+    """A time-first encoder whose head scores the (T, B, H) output before the batch axis
+    comes first: the head's input is no row per item."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.GRU(3, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.enc(x.transpose(0, 1))[0]).transpose(0, 1)[:, -1]
+
+
+def test_a_latent_input_of_no_row_per_item_names_the_layer_and_the_way_round():
+    torch.manual_seed(0)
+    X, y = torch.randn(50, 6, 3), torch.arange(50) % 4
+    db = diagql.connect(TimeFirstHead().eval(), (X, y), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"the input of the latent layer 'head' .* not a tensor "
+                                          r"of one row per item .*connect\(\.\.\., latent=NAME\)"):
+        db.query("AVG NEURONS IN enc WHERE incorrect")

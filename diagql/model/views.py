@@ -265,8 +265,13 @@ def input_rows(call: ModuleCall, module: str | None = None) -> torch.Tensor:
     sequence layer's output is (the layer maps its last axis)."""
     x = first_output(call.output)
     if not isinstance(x, torch.Tensor) or x.is_nested or x.ndim < 1 or x.shape[0] != call.size:
-        raise ExecutionError(f"the input of the latent layer is {describe_output(call.output)}, "
-                             f"not a tensor of one row per item of the batch of {call.size}")
+        which = "the latent layer" if module is None else f"the latent layer {module!r}"
+        raise ExecutionError(f"the input of {which} (the final Linear's, by default) is "
+                             f"{describe_output(call.output)}, not a tensor of one row per item "
+                             f"of the batch of {call.size} (a head applied before the batch "
+                             f"axis comes first?): name a layer whose output is one row per "
+                             f"item as the latent, connect(..., latent=NAME), --latent NAME or "
+                             f"SET latent = NAME")
     if x.ndim != 3:
         return x.flatten(1)
     mask = input_attention_mask(call.inputs, module)
