@@ -529,6 +529,10 @@ def test_a_slice_of_the_classes_is_not_read_from_the_narrower_head_unwarned(tmp_
     again = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False)
     with pytest.warns(DiagQLWarning, match=said):
         again.query("AVG NEURONS IN main")
+    # SHOW MODELS first, the statement that says where the scores were found: its profile,
+    # made before any catalog, had left the warning out, and no later statement gave it.
+    shown = diagql.connect(model, (X, y), cache_dir=False, progress=False).query("SHOW MODELS")
+    assert any(re.search(said, note) for note in shown.notes)
     named = diagql.connect(model, (X, y), cache_dir=tmp_path, progress=False, scores=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DiagQLWarning)

@@ -43,6 +43,12 @@ def _models(conn, statement) -> Result:
             accuracy = scores = "—"
         else:
             accuracy = Percent(profile.correct.mean()) if profile.has_labels else "no labels"
+            # What the profile warns of about its scores (a head read that scores at chance),
+            # here too: computed for this statement, before a catalog said where they were,
+            # its warning had been left out, and no later statement gave it.
+            catalog = entry.catalog
+            notes += [notice if len(conn.models) == 1 else f"{name}: {notice}"
+                      for notice in profile_notices(profile, catalog and catalog.scores)]
         parameters = Count(sum(p.numel() for p in module.parameters()))
         rows.append((name, type(module).__name__, parameters,
                      entry.describe_weights(), accuracy, "*" if entry is current else "",
