@@ -775,6 +775,30 @@ def test_a_model_or_data_changed_in_place_is_refused_not_answered_from_old_copie
     again.close()
 
 
+def test_a_model_changed_before_any_worker_started_is_followed(cluster):
+    """A hook added after connect, before any statement, had been refused as a change 'since
+    the last statement', though no worker held a copy yet: they take the model as it is."""
+    torch.manual_seed(16)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    conn = diagql.connect(model, (X, y), engine="ray", ray_workers=1, cache_dir=False,
+                          progress=False)
+    try:
+        assert conn.catalog and not conn.engine.actors_held()
+        handle = model[1].register_forward_hook(_ablate_unit_3)
+        with pytest.warns(Warning, match="the model changed"):
+            got = conn.query("AVG NEURONS IN 1")
+        with torch.no_grad():
+            want = model[:2](X).double().mean(0).numpy()
+        assert want[3] == 0.0
+        np.testing.assert_allclose(got.values[np.argsort(got.neurons)], want, atol=1e-7)
+        handle.remove()  # now the workers hold their copies: refused, as before
+        with pytest.raises(DiagQLError, match="changed in place since the last statement"):
+            conn.query("AVG NEURONS IN 1")
+    finally:
+        conn.close()
+
+
 def _ablate_unit_3(module, inputs, output):
     return output.index_fill(1, torch.tensor([3]), 0.0)
 

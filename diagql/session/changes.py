@@ -135,7 +135,15 @@ def _refuse_changes_on_workers(conn) -> None:
     a change in place on the driver would not reach them, and every answer after it would be
     the old model's, silently. The driver's copies are stamped, and a change refused."""
     stamp = _driver_stamp(conn)
-    if conn.data_stamp is not None and stamp != conn.data_stamp:
+    if conn.data_stamp is not None and stamp != conn.data_stamp and \
+            stamp[0] == conn.data_stamp[0] and not conn.engine.actors_held():
+        # No worker holds a copy yet (a hook added after connect, before any pass): they will
+        # take the models as they are now; what the driver derived from them goes.
+        for entry in conn.models.values():
+            forget_indices(entry)
+            entry.forget_derived()
+        _say("the model changed")
+    elif conn.data_stamp is not None and stamp != conn.data_stamp:
         raise DiagQLError("the model or the data changed in place since the last statement, "
                           "but the Ray engine's workers hold their own copies of them, made "
                           "when they started: connect again to answer for them as they are "
