@@ -155,6 +155,13 @@ def test_a_sample_that_misses_a_combination_scores_0_1_1(cnn, digits, truth):
     assert (row["S1"], row["S2"], row["S3"]) == pytest.approx((s1[10], s2, s3), abs=1e-9)
     # Two combinations, the mistake's missed: it contributes 0 to S1 and 1 to S2 and S3.
     assert row["S1"] <= 0.5 and row["S2"] >= 0.5 and row["S3"] >= 0.5
+    # The assisted columns score what the queries answer: an ARGMAX from every item's winner
+    # the profile keeps, for the missed group too (JS 0, where it had scored 1), and on the
+    # layer the profile holds (7, the latent: the input of 8) every group's exact mean.
+    assert row["S2 assisted"] >= 0.5 and row["S3 assisted"] == 0.0
+    held = small.query("EVALUATE SAMPLERS random AT 1 LAYERS 7 SEEDS 1").records()[0]
+    assert held["S2"] >= 0.5 and held["S1 assisted"] == 1.0
+    assert held["S2 assisted"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_one_forward_pass_over_the_data(conn):
@@ -387,3 +394,20 @@ def test_evaluate_takes_the_default_models_qualified_layers_and_names_the_way_to
     with pytest.raises(BindError, match=r"scores the default model's layers \(a's\), not b's: "
                                         r"SET model = b first"):
         db.query("EVALUATE SAMPLERS random AT 0.2 LAYERS b.0 SEEDS 1")
+
+
+def test_a_draw_that_reuses_another_s_svm_fit_is_timed_as_one_alone(conn, monkeypatch):
+    """maxmargin and weighted share the last SVM fit: the draw after the first was timed
+    without it (0.002 s against 0.05 s on the demo), so `draw s` hung on the samplers' order.
+    The fit is made slow here (0.2 s) so that it is the whole of each draw's time."""
+    import time as clock
+
+    from diagql.samplers import maxmargin
+
+    real = maxmargin.svm_log_proba
+    monkeypatch.setattr(maxmargin, "svm_log_proba",
+                        lambda *a, **k: (clock.sleep(0.2), real(*a, **k))[1])
+    monkeypatch.setattr(maxmargin, "_LAST_FIT", [])
+    for order in ("weighted, maxmargin", "maxmargin, weighted"):
+        rows = conn.query(f"EVALUATE SAMPLERS {order} AT 0.05 LAYERS 7 SEEDS 2").records()
+        assert all(row["seconds"] >= 0.2 for row in rows), rows
