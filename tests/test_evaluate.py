@@ -411,3 +411,18 @@ def test_a_draw_that_reuses_another_s_svm_fit_is_timed_as_one_alone(conn, monkey
     for order in ("weighted, maxmargin", "maxmargin, weighted"):
         rows = conn.query(f"EVALUATE SAMPLERS {order} AT 0.05 LAYERS 7 SEEDS 2").records()
         assert all(row["seconds"] >= 0.2 for row in rows), rows
+
+
+def test_a_plots_legend_writes_sizes_as_the_table_does(conn):
+    """The legend wrote a whole percent: AT 0.01, 0.014 both read '1%', and 50 items of 1,797
+    '3%', where the table says 1%, 1.4% and 50."""
+    pytest.importorskip("matplotlib")
+    from diagql.results.plots import draw
+
+    result = conn.query("EVALUATE SAMPLERS random, gmm AT 0.01, 0.014, 50 SWEEP j IN (0.2, 0.8) "
+                        "LAYERS 7 SEEDS 1")
+    figure = draw(result)
+    legends = figure.legends + [ax.get_legend() for ax in figure.axes]
+    labels = {text.get_text() for legend in legends if legend is not None
+              for text in legend.get_texts()}
+    assert {"gmm @ 1%", "gmm @ 1.4%", "gmm @ 50"} <= labels, labels

@@ -184,8 +184,11 @@ def _x_size(row, n: int) -> float:
     return float(size) if isinstance(size, float) else size / n
 
 
-def _size_label(row, n: int) -> str:
-    return "own size" if row["size"] is None else f"{_x_size(row, n):.0%}"
+def _size_label(row) -> str:
+    # As the table writes it: a whole percent had made AT 0.01 and 0.014 both "1%".
+    from diagql.results.render import sample_size_text
+
+    return "own size" if row["size"] is None else sample_size_text(row["size"])
 
 
 def _line(ax, rows, x_key, metric, label, color, marker, handles, style="-"):
@@ -231,7 +234,7 @@ def _against_k(ax, rows, metric, *, k_ref, n, colors, handles):
     for sampler, (color, marker) in colors.items():
         for i, size in enumerate(sorted({_x_size(r, n) for r in rows if r["sampler"] == sampler})):
             mine = [r for r in rows if r["sampler"] == sampler and _x_size(r, n) == size]
-            label = f"{sampler} @ {_size_label(mine[0], n)}" if several else sampler
+            label = f"{sampler} @ {_size_label(mine[0])}" if several else sampler
             _line(ax, mine, lambda r: r["k"], metric, label, color, marker, handles,
                   _SIZE_STYLES[i % len(_SIZE_STYLES)])
     ax.set_title(_title(metric), fontsize=10)
@@ -247,7 +250,7 @@ def _against_j(ax, rows, metric, *, k_ref, n, colors, handles):
     for sampler, (color, marker) in colors.items():
         for i, size in enumerate(sorted({_x_size(r, n) for r in rows if r["sampler"] == sampler})):
             mine = [r for r in rows if r["sampler"] == sampler and _x_size(r, n) == size]
-            label = f"{sampler} @ {_size_label(mine[0], n)}" if several else sampler
+            label = f"{sampler} @ {_size_label(mine[0])}" if several else sampler
             if len({r["j"] for r in mine}) > 1:
                 _line(ax, mine, lambda r: r["j"], metric, label, color, marker, handles,
                       _SIZE_STYLES[i % len(_SIZE_STYLES)])
@@ -265,7 +268,7 @@ def _bars(ax, rows, metric, *, k_ref, n, colors, handles):
         bar = ax.bar(i, r[metric], yerr=r[f"{metric} sd"] or None, color=color, capsize=3)
         handles.setdefault(r["sampler"], bar)
     ax.set_xticks([])
-    size = next((_size_label(r, n) for r in mine if r["size"] is not None), "")
+    size = next((_size_label(r) for r in mine if r["size"] is not None), "")
     _metric_axes(ax, metric, k_ref, f"sample size {size}" if size else "")
 
 

@@ -139,7 +139,7 @@ def _evaluation_table(rows: list[dict], spreads: bool, counts: bool,
         if sections and previous is not None and r["sampler"] != previous:
             table.add_section()
         previous = r["sampler"]
-        cells = [r["sampler"], _size_text(r["size"])]
+        cells = [r["sampler"], sample_size_text(r["size"])]
         cells += [str(r["k"])] if show_k else []
         cells += ["" if r["j"] is None else f"{r['j']:g}"] if show_j else []
         for name in names:
@@ -194,7 +194,8 @@ def _inputs_caption(result) -> str:
     return " · ".join(parts)
 
 
-def _size_text(size) -> str:
+def sample_size_text(size) -> str:
+    """A sampler's size as EVALUATE's table and its plot's legend write it: 2.5%, 50, own."""
     if size is None:
         return "own"  # a sampler whose size is its own (ebtree)
     if isinstance(size, float):
