@@ -539,3 +539,17 @@ def test_a_group_the_sample_holds_none_of_is_shown_with_its_matching_items(layer
     assert sampled[2] == 0 and set(result.groups) == {0, 1, 2}
     assert result.groups[2].n_items == 0 and result.groups[2].provenance.matching == 2
     assert "none of its 2 matching items sampled" in " ".join(str(result).split())
+
+
+def test_a_grouped_heat_maps_panels_name_their_classes():
+    """The panels read 'class = 0' where the table reads '0 cat'."""
+    pytest.importorskip("matplotlib")
+    from diagql.results.plots import draw
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(90, 4), torch.arange(90) % 3
+    db = diagql.connect(model, (X, y), classes=["cat", "a&b", "dog"], cache_dir=False,
+                        progress=False)
+    titles = [ax.get_title() for ax in draw(db.query("SIMILARITY 0, 1 GROUP BY class")).axes]
+    assert {"class = 0 cat", "class = 1 a&b", "class = 2 dog"} <= set(titles)

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 from diagql.errors import BindError, DiagQLError, ExecutionError
+from diagql.results.formats import group_label
 from diagql.results.metrics import METRICS, PRECISION
 
 INSTALL = 'pip install "diagql[plot]"'
@@ -302,7 +303,9 @@ def _similarity_figure(result, Figure, FigureCanvasAgg):
     parts = list(result.groups.items()) if result.groups is not None else [(None, result)]
     panels = []
     for key, part in parts:
-        group = "" if key is None else f"{result.provenance.group_by} = {key}"
+        # The class's name beside its number where the classes have names, as the table shows.
+        group = "" if key is None else f"{result.provenance.group_by} = " + group_label(
+            key, result.provenance.group_by, getattr(result, "class_names", None))
         panels.append((group or ("sample" if result.approximate else ""), part.matrix))
         if part.baseline is not None:
             panels.append((f"{group}, exact" if group else "exact", part.baseline.matrix))
