@@ -544,3 +544,32 @@ def test_a_slice_of_the_classes_is_not_read_from_the_narrower_head_unwarned(tmp_
     assert int(every.max()) == 9
     whole = diagql.connect(model, (X, every), cache_dir=False, progress=False)
     assert whole.catalog.scores.at == 0
+
+
+class TokenTagger(nn.Module):
+    """A logit per token, (batch, T, 1): a per-token binary tagger's output."""
+
+    def __init__(self, head_width: int = 1):
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = nn.Embedding(20, 8)
+        self.head = nn.Linear(8, head_width)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_a_logit_per_token_is_no_class_per_position():
+    """(batch, 12, 1) had read as one vector of 12 class scores per item: GROUP BY predicted
+    made twelve groups of token positions, with no word of it."""
+    ids, y = torch.randint(0, 20, (60, 12)), torch.arange(60) % 2
+    db = diagql.connect(TokenTagger(), (ids, y), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"per-item shape \(12, 1\): several score vectors per "
+                                          r"item \(one per position"):
+        db.query("AVG NEURONS IN embed GROUP BY predicted")
+    # Named, as the message says: the first position's logit, a binary classifier.
+    named = diagql.connect(TokenTagger(), (ids, y), cache_dir=False, progress=False,
+                           scores=lambda out: out[:, 0])
+    with torch.no_grad():
+        first = TokenTagger()(ids)[:, 0, 0]
+    assert (named.profile.predictions == (first > 0).long().numpy()).all()

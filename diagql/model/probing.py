@@ -18,7 +18,8 @@ from diagql.model.layers import NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
 from diagql.model.repeatable import check_batch_independent, check_deterministic, \
     check_repeatable
 from diagql.model.row_order import reversing_axes
-from diagql.model.scores import Scores, are_probabilities, choose, one_vector
+from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
+    several_vectors
 from diagql.model.input_masks import input_attention_mask, mask_key
 from diagql.model.layouts import map_layout, vector_layout
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
@@ -92,12 +93,14 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         # The module that returned the scores themselves (a classifier's Linear): its input
         # is the latent (layers.default_latent), wherever the model defines it.
         head = made[id(found)][1][0] if id(found) in made else ""
+        raw_shape = tuple(found.shape[1:])
         found = one_vector(found)
         output_shape = tuple(found.shape[1:])
         scores = _width_follows_batch(scores, passes) or scores
         scores = replace(scores, probabilities=are_probabilities(found))
     else:  # the layers are still listed; reading the scores refuses (model/scores.py)
         output_shape = tuple(first_tensor(output).shape[1:])
+        raw_shape = output_shape
     modules = dict(model.named_modules())
     calls = passes[-1][2]
     layouts: dict[tuple[str, int], str] = {}
@@ -115,7 +118,23 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if name:
             layers += _entries(name, type(module).__name__, infos.get(name, []),
                                [(s, counted.get(name, 0)) for s, _, counted, _ in passes], modules)
-    return LayerCatalog(layers, output_shape, scores, head, notices)
+    catalog = LayerCatalog(layers, output_shape, scores, head, notices)
+    return _per_position(catalog, raw_shape)
+
+
+def _per_position(catalog: LayerCatalog, raw_shape: tuple) -> LayerCatalog:
+    """The catalog, its default scores refused where they are one logit per position of a
+    sequence (a token tagger's Linear(H, 1) over (batch, T, H): (batch, T, 1)), which as one
+    vector per item had read as T classes; a (batch, C, 1) of another layout stays C scores
+    (model/scores.py, ``one_vector``)."""
+    scores, head = catalog.scores, catalog.module(catalog.head) if catalog.head else None
+    if scores.given or scores.refusal is not None or head is None or \
+            head.layout != SEQUENCE or len(raw_shape) != 2 or raw_shape[-1] != 1 or \
+            raw_shape[0] < 2:
+        return catalog
+    catalog.scores = replace(scores, refusal=several_vectors(raw_shape))
+    catalog.output_shape = raw_shape
+    return catalog
 
 
 def _checks(model, source, prepare, call, first, first_output, output, idx, size: int):
