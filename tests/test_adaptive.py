@@ -87,6 +87,12 @@ def test_auto_is_exact_for_a_narrow_where_and_samples_a_broad_one(world, monkeyp
     assert broad.approximate and broad.source.startswith("maxmargin(0.05")
     assert "AUTO chose a sample" in broad.provenance.choice
     assert "AUTO chose" in exact.to_dict()["choice"]
+    # BY MAX: a sample's maximum has no estimate, so AUTO had sampled with no word of its
+    # accuracy (a sweep's: precision 0.2 against the exact answer).
+    highest = conn.query("TOPK 3 NEURONS IN 3 BY MAX USING AUTO")
+    assert not highest.approximate and "maximum is biased low" in highest.provenance.choice
+    truth = _torch(model, X, 3).reshape(len(X), -1).max(axis=0)
+    assert highest.neurons.tolist() == np.argsort(-truth, kind="stable")[:3].tolist()
 
 
 def test_auto_weighs_drawing_the_sample_against_the_exact_pass(cnn, digits, monkeypatch,

@@ -67,6 +67,12 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
     reason = answered_from_profile(bound, profile) if src.own else None
     if reason is not None:
         return bound, f"AUTO chose exact: {reason}, so the exact answer needs no forward pass", 0.0
+    if bound.query.aggregate == "topk" and bound.query.order == "max":
+        # A sample's maximum is biased low and carries no estimate (engine/answers.py): a
+        # sample was chosen here with no word of its accuracy (a sweep: precision 0.2 against
+        # the exact answer, to save 0.03 s), where UNTIL refuses it and WITHIN grows to all.
+        return bound, ("AUTO chose exact: a sample's maximum is biased low and has no "
+                       "estimate of its accuracy"), 0.0
     mask = matching(bound.query, profile)
     n_match = int(mask.sum())
     sampler = default_sampler(conn, profile)
