@@ -107,8 +107,9 @@ def notice_changes(conn) -> None:
         data = (tensor_stamp(_data_parts(conn)[0]), *data[1:])  # the new source's tensors
     conn.data_stamp = data
     forgot = []
+    finals: dict = {}  # the final models' hook digests, once a statement however many checkpoints
     for entry in conn.models.values():
-        stamp = _checkpoint_stamp(entry) if entry.is_checkpoint else \
+        stamp = _checkpoint_stamp(entry, finals) if entry.is_checkpoint else \
             model_stamp(entry.architecture())
         changed = entry.stamp is not None and stamp != entry.stamp
         if changed:
@@ -346,10 +347,14 @@ def _length(value) -> int | None:
         return None
 
 
-def _checkpoint_stamp(entry) -> tuple:
+def _checkpoint_stamp(entry, finals: dict) -> tuple:
     """A checkpoint file's modification time and size (a training job saves it again), and
-    the final model's hooks, which its copy runs with (session/checkpoints.py)."""
-    hooks = hooks_digest(entry.slot.final)
+    the final model's hooks, which its copy runs with (session/checkpoints.py); ``finals``
+    keeps each final model's digest for the statement's other checkpoints."""
+    final = entry.slot.final
+    if id(final) not in finals:
+        finals[id(final)] = hooks_digest(final)
+    hooks = finals[id(final)]
     if not isinstance(entry.weights, (str, os.PathLike)):
         return None, hooks
     try:

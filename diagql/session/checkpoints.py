@@ -12,7 +12,7 @@ from torch import nn
 
 from diagql.errors import DiagQLError, WeightsError
 from diagql.model.weights import load_state, read_state, unwrap_state, weights_file
-from diagql.storage.hook_effects import is_diagql_hook, may_change_outputs
+from diagql.storage.hook_effects import is_diagql_hook, users_changing
 
 FINAL = "final"  # the name of the model given beside its checkpoints
 NAME = re.compile(r"[A-Za-z_]\w*")
@@ -160,19 +160,18 @@ def mirror_hooks(final: nn.Module, copy_: nn.Module) -> None:
             source, target = getattr(mine, table, None), getattr(other, table, None)
             if source is None or target is None:
                 continue
-            user = [(key, hook) for key, hook in source.items()
-                    if not is_diagql_hook(hook) and may_change_outputs(hook)]
-            own = [(key, hook) for key, hook in target.items() if is_diagql_hook(hook)]
+            user = {key: hook for key, hook in source.items() if users_changing(hook)}
+            own = {key: hook for key, hook in target.items() if is_diagql_hook(hook)}
             if not user and len(own) == len(target):
                 continue  # nothing to mirror, nothing stale: the common case, untouched
             # In place: the handles of DiagQL's hooks on the copy hold these very tables.
             target.clear()
-            target.update(user + own)
+            target.update({**user, **own})
             for flag in flags:
                 mine_flags, their_flags = getattr(mine, flag, None), getattr(other, flag, None)
                 if mine_flags is None or their_flags is None:
                     continue
-                values = {**{key: v for key, v in mine_flags.items() if key in dict(user)},
-                          **{key: v for key, v in their_flags.items() if key in dict(own)}}
+                values = {**{key: v for key, v in mine_flags.items() if key in user},
+                          **{key: v for key, v in their_flags.items() if key in own}}
                 their_flags.clear()
                 their_flags.update(values)

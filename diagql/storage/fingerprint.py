@@ -25,7 +25,7 @@ import numpy as np
 import xxhash
 
 from diagql.storage.code_reads import globals_read, user_code, user_module, user_path
-from diagql.storage.hook_effects import is_diagql_hook, may_change_outputs
+from diagql.storage.hook_effects import users_changing
 
 
 class Unfingerprintable(Exception):
@@ -129,7 +129,7 @@ def hooks_digest(model) -> str:
     walk.module_names = {id(module): name for name, module in named}
     for (name, tables), kind in itertools.product(owners, HOOK_TABLES):
         for hook in list((tables[kind] or {}).values()):
-            if is_diagql_hook(hook) or not may_change_outputs(hook):
+            if not users_changing(hook):
                 continue
             digest = digest or xxhash.xxh3_128()
             _feed(digest, name, kind)

@@ -43,6 +43,12 @@ def is_diagql_hook(hook) -> bool:
     return (getattr(function, "__module__", None) or "").split(".")[0] == "diagql"
 
 
+def users_changing(hook) -> bool:
+    """Whether ``hook`` is the user's, not DiagQL's, and may change what its module returns
+    (an ablation's): what keys the cache and what checkpoints' copies take."""
+    return not is_diagql_hook(hook) and may_change_outputs(hook)
+
+
 def may_change_outputs(hook) -> bool:
     """Whether calling ``hook`` as a forward (pre-)hook may change what its module returns."""
     function, skip_first = _function_of(hook)
