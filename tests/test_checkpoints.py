@@ -113,7 +113,17 @@ def test_across_checkpoints_on_a_sample_uses_the_final_models_sample(db, trained
     # Three ranks: checkpoints down, ranks across.
     assert result.columns == ["checkpoint", "1", "2", "3"] and len(result.rows) == 4
     assert plot.stat().st_size > 1000
-    assert set(result.series) == {"1", "2", "3"}
+    # The curves follow neurons, not ranks: each ranked neuron's value where a checkpoint
+    # ranks it, a gap (NaN) elsewhere.
+    ranked = {int(n) for answer in result.checkpoints.values() for n in answer.neurons}
+    assert set(result.series) == {f"head[{n}]" for n in ranked}
+    for n in ranked:
+        for name, value in zip(result.checkpoints, result.series[f"head[{n}]"]):
+            answer = result.checkpoints[name]
+            if n in answer.neurons.tolist():
+                assert value == answer.values[answer.neurons.tolist().index(n)]
+            else:
+                assert np.isnan(value)
     assert result.to_dict()["checkpoints"]["final"]["kind"] == "topk"
 
 
@@ -494,3 +504,18 @@ def test_checkpoints_beside_several_models_are_refused_in_words_for_both_ways_in
     with pytest.raises(DiagQLError, match=r"checkpoints \(checkpoints=, --checkpoint\) go with "
                                           r"one model, the final one"):
         diagql.connect({"a": model, "b": model}, data, checkpoints=paths, cache_dir=False)
+
+
+def test_across_checkpoints_curves_name_up_to_sixty_and_say_when_they_cannot(db):
+    pytest.importorskip("matplotlib")
+    from diagql.results.across import draw_curves
+
+    wide = db.query("AVG NEURONS IN encoder.1 ACROSS CHECKPOINTS")
+    assert 12 < len(wide.series) <= 60
+    figure = draw_curves(wide)  # a legend beside the axes, not dropped
+    legend = figure.axes[0].get_legend()
+    assert legend is not None and len(legend.get_texts()) == len(wide.series)
+    wide.series = {f"{label}#{i}": v for i in range(3) for label, v in wide.series.items()}
+    figure = draw_curves(wide)
+    assert figure.axes[0].get_legend() is None
+    assert f"{len(wide.series):,} curves, too many to label" in figure.axes[0].get_title()

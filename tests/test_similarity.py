@@ -503,6 +503,30 @@ def test_the_heat_maps_image_holds_its_long_labels(tmp_path):
     assert width >= drawn.width * 85 - 2 and height >= drawn.height * 85 - 2
 
 
+def test_many_groups_heat_maps_wrap_into_rows_and_say_how_many_are_drawn():
+    """A hundred groups were a hundred heat maps in one row, an image 15,000 pixels wide."""
+    pytest.importorskip("matplotlib")
+    from diagql.results.plots import draw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 30))
+    db = diagql.connect(model, (torch.randn(900, 4), torch.arange(900) % 30), cache_dir=False,
+                        progress=False)
+    figure = draw(db.query("SIMILARITY 0, 2 WHERE class < 9 GROUP BY class"))
+    maps = [ax for ax in figure.axes if ax.images]
+    assert len(maps) == 9 and "groups drawn" not in figure._suptitle.get_text()
+    assert len({round(ax.get_position().y0, 3) for ax in maps}) == 2  # rows of six
+    figure = draw(db.query("SIMILARITY 0, 2 GROUP BY class"))
+    maps = [ax for ax in figure.axes if ax.images]
+    assert len(maps) == 24 and "24 of its 30 groups drawn" in figure._suptitle.get_text()
+    assert figure.get_figwidth() < 25
+    # With a baseline, each sample's map keeps its exact one beside it.
+    figure = draw(db.query("SIMILARITY 0, 2 WHERE class < 5 GROUP BY class "
+                           "USING SAMPLE random(0.5) WITH BASELINE"))
+    titles = [ax.get_title() for ax in figure.axes if ax.images]
+    assert titles[:2] == ["class = 0", "class = 0, exact"] and len(titles) == 10
+
+
 def test_another_models_layers_are_named_with_it_and_read_its_predictions(mlp, cnn, digits,
                                                                          acts):
     """SIMILARITY wide.x, wide.y WHERE incorrect had run over the default model's mistakes and

@@ -11,6 +11,7 @@ import textwrap
 from diagql.errors import ExecutionError
 
 WIDE = 12  # at most this many answer rows become columns (one row per checkpoint)
+LABELLED = 60  # at most this many curves are named in a legend (beside the axes past WIDE)
 
 
 def across_result(statement: str, answers: dict, what: str, class_names=None):
@@ -44,6 +45,8 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
         rows = [(*named(key), *(shown[key].get(name, "") for name in names)) for key in keys]
     result = Result(kind="across", statement=statement, columns=columns, rows=rows,
                     title=f"{statement}: {len(names)} models ({what})", checkpoints=answers)
+    if any(answer.kind == "topk" for answer in answers.values()):
+        curves, numbers = _neuron_curves(answers)
     result.series = {_key_text(named(key)): [numbers[key].get(name, math.nan) for name in names]
                      for key in curves}
     for name, answer in answers.items():
@@ -77,6 +80,18 @@ def _pivot(answers: dict) -> tuple[list[str], dict, dict]:
             shown.setdefault(key, {})[name] = text
             numbers.setdefault(key, {})[name] = number
     return key_names, shown, numbers
+
+
+def _neuron_curves(answers: dict) -> tuple[list[tuple], dict]:
+    """TOPK's curves: one per neuron (its group and label) that any checkpoint ranks, its value
+    where that checkpoint ranks it and a gap elsewhere. A curve per rank joined one neuron's
+    value to another's wherever the ranking changed, drawing a trend no neuron had."""
+    numbers: dict[tuple, dict] = {}
+    for name, answer in answers.items():
+        for record in answer.records():
+            names, key, _, number = _split(answer, record)
+            numbers.setdefault((*key[:-1], record["label"]), {})[name] = number
+    return list(numbers), numbers
 
 
 def _split(answer, record: dict) -> tuple[list[str], tuple, str | float, float]:
@@ -113,6 +128,15 @@ def _num(value) -> str:
 
 def write_curves(result, path: str) -> None:
     """Each row of the answer as a curve over the checkpoints (x: training order), to ``path``."""
+    figure = draw_curves(result)
+    try:
+        figure.savefig(path, dpi=85, bbox_inches="tight")  # the legend beside the axes too
+    except OSError as exc:
+        raise ExecutionError(f"cannot write the plot to {path!r}: {exc.strerror or exc}") from None
+
+
+def draw_curves(result):
+    """``write_curves``'s matplotlib Figure."""
     from diagql.results.plots import _figure_class
 
     Figure, _ = _figure_class()
@@ -128,12 +152,17 @@ def write_curves(result, path: str) -> None:
                        if len(names) > 8 else "center", fontsize=8)
     ax.set_xlabel("checkpoint")
     ax.set_ylabel("value")
-    ax.set_title(textwrap.fill(result.statement, 90), fontsize=9)
+    title = textwrap.fill(result.statement, 90)
+    count = len(result.series)
+    if count > LABELLED:  # a legend of hundreds of entries would hide the curves it names
+        title += f"\n({count:,} curves, too many to label: the table names them)"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    if len(result.series) <= WIDE:
+    if count <= WIDE:
         ax.legend(fontsize=7, ncol=2, loc="best")
+    elif count <= LABELLED:  # beside the axes, in columns of at most 20
+        figure.set_figwidth(7.5 + 1.9 * -(-count // 20))
+        ax.legend(fontsize=6, ncol=-(-count // 20), loc="upper left", bbox_to_anchor=(1.01, 1),
+                  frameon=False)
     figure.tight_layout()
-    try:
-        figure.savefig(path, dpi=85)
-    except OSError as exc:
-        raise ExecutionError(f"cannot write the plot to {path!r}: {exc.strerror or exc}") from None
+    return figure

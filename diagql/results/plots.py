@@ -25,6 +25,8 @@ _MARKERS = "os^Dv<>pP*Xh"
 # Lines of one sampler at several sizes differ by style ("--" is kept for Figure 6's samplers
 # without j).
 _SIZE_STYLES = ["-", ":", "-.", (0, (6, 2, 1, 2, 1, 2))]
+_ACROSS = 6  # SIMILARITY heat maps in a row of the figure
+_HEAT_MAPS = 24  # groups drawn at most (CSV and to_dict() hold them all)
 
 
 def _figure_class():
@@ -302,7 +304,7 @@ def _similarity_figure(result, Figure, FigureCanvasAgg):
 
     parts = list(result.groups.items()) if result.groups is not None else [(None, result)]
     panels = []
-    for key, part in parts:
+    for key, part in parts[:_HEAT_MAPS]:
         # The class's name beside its number where the classes have names, as the table shows.
         group = "" if key is None else f"{result.provenance.group_by} = " + group_label(
             key, result.provenance.group_by, getattr(result, "class_names", None))
@@ -311,9 +313,17 @@ def _similarity_figure(result, Figure, FigureCanvasAgg):
             panels.append((f"{group}, exact" if group else "exact", part.baseline.matrix))
     size = len(result.labels)
     side = 1.2 + 0.75 * size
-    figure = Figure(figsize=(side * len(panels) + 1.0, side + 0.9))
+    # Rows of at most _ACROSS panels (a sample's and its exact one side by side): a hundred
+    # groups in one row made an image 15,000 pixels wide.
+    pairs = 2 if any(part.baseline is not None for _, part in parts) else 1
+    columns = min(len(panels), max(pairs, _ACROSS // pairs * pairs))
+    rows = -(-len(panels) // columns)
+    figure = Figure(figsize=(side * columns + 1.0, side * rows + 0.9))
     FigureCanvasAgg(figure)
-    axes = figure.subplots(1, len(panels), squeeze=False).ravel()
+    grid = figure.subplots(rows, columns, squeeze=False).ravel()
+    for spare in grid[len(panels):]:
+        figure.delaxes(spare)
+    axes = grid[:len(panels)]
     image = None
     for ax, (title, matrix) in zip(axes, panels):
         matrix = np.full((size, size), np.nan) if matrix is None else matrix
@@ -328,5 +338,7 @@ def _similarity_figure(result, Figure, FigureCanvasAgg):
         ax.set_title(title, fontsize=9)
     figure.colorbar(image, ax=list(axes), shrink=0.8, label=f"linear {result.unit.upper()}")
     title = textwrap.shorten(result.statement, 90)
-    figure.suptitle(f"{title}\n({result.n_items:,} items)", fontsize=9)
+    drawn = f"; {_HEAT_MAPS} of its {len(parts):,} groups drawn" if len(parts) > _HEAT_MAPS \
+        else ""
+    figure.suptitle(f"{title}\n({result.n_items:,} items{drawn})", fontsize=9)
     return figure
