@@ -145,6 +145,23 @@ def test_similarity_across_checkpoints_per_class(trained, data, tmp_path):
     assert np.std([result.series[str(k)][0] for k in classes]) > 0  # the classes differ
 
 
+def test_a_one_item_groups_undefined_cka_across_checkpoints_is_a_dash_and_a_note(trained, data):
+    """The plain answer shows a dash and says why; across checkpoints the cell read 'nan'
+    with nothing said."""
+    X, y = data
+    model, states = trained
+    lone = int(y[0])
+    keep = (y != lone) | (torch.arange(len(y)) == 0)  # one item of its class
+    db = diagql.connect(model, (X[keep], y[keep]), checkpoints=states, cache_dir=False,
+                        progress=False)
+    result = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS GROUP BY class")
+    column = result.columns.index(str(lone))
+    assert all(row[column] == "—" for row in result.rows)
+    assert f"every model: class = {lone}: one matching item: CKA over it is undefined (NaN)" \
+        in result.notes
+    assert "nan" not in str(result)
+
+
 def test_similarity_across_checkpoints_whole(trained, data):
     X, _ = data
     model, states = trained

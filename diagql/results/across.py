@@ -49,9 +49,24 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
         curves, numbers = _neuron_curves(answers)
     result.series = {_key_text(named(key)): [numbers[key].get(name, math.nan) for name in names]
                      for key in curves}
-    for name, answer in answers.items():
-        result.notes.extend(f"{name}: {note}" for note in answer.notes)
+    result.notes.extend(_notes(answers))
     return result
+
+
+def _notes(answers: dict) -> list[str]:
+    """Each answer's notes and its groups' (a one-item group's undefined CKA, which its cell
+    shows as a dash), said once with the models that have them."""
+    said: dict[str, list[str]] = {}
+    for name, answer in answers.items():
+        group_by = getattr(answer.provenance, "group_by", None) or "group"
+        notes = list(answer.notes) + [f"{group_by} = {key}: {note}"
+                                      for key, part in (answer.groups or {}).items()
+                                      for note in part.notes]
+        for note in notes:
+            said.setdefault(note, []).append(name)
+    every = len(answers) > 1
+    return [f"{'every model' if every and len(names) == len(answers) else ', '.join(names)}: "
+            f"{note}" for note, names in said.items()]
 
 
 def _namer(key_names: list[str], classes):
@@ -77,7 +92,9 @@ def _pivot(answers: dict) -> tuple[list[str], dict, dict]:
         for record in answer.records():
             names, key, text, number = _split(answer, record)
             key_names = key_names or names
-            shown.setdefault(key, {})[name] = text
+            # An undefined number (a one-item group's CKA) as the answer's own table shows it.
+            undefined = isinstance(text, float) and math.isnan(text)
+            shown.setdefault(key, {})[name] = "—" if undefined else text
             numbers.setdefault(key, {})[name] = number
     return key_names, shown, numbers
 

@@ -61,7 +61,10 @@ def _as_table(result: Result, layer: str) -> Result:
                 for key, value in rows]
     table = Result(kind="table", statement=result.statement, columns=columns, rows=rows,
                    provenance=result.provenance)
-    table.notes, table.timings, table.n_items = result.notes, result.timings, result.n_items
+    # The groups' notes too (a one-item group's undefined CKA, a dash in its cell).
+    table.notes = list(result.notes) + [f"{group_by} = {key}: {note}" for key, part in parts
+                                        if part is not result for note in part.notes]
+    table.timings, table.n_items = result.timings, result.n_items
     # WITH BASELINE's error and speed-up (rows of the across table), its exact answer, and a
     # sample's estimate, as a SIMILARITY Result holds them.
     table.metrics, table.baseline, table.estimate = result.metrics, result.baseline, \
