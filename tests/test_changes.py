@@ -109,6 +109,40 @@ def test_nothing_changed_keeps_everything_derived_without_a_word(tmp_path):
     assert db.profile is profile
 
 
+@pytest.mark.parametrize("wrap", ["spectral_norm", "weight_norm", "prune"])
+def test_torchs_old_weight_hooks_are_no_change_and_their_weights_changes_are(wrap):
+    """The old spectral_norm keeps the raw weight as ``module.weight`` until its pre-hook
+    first runs, and after a training step each keeps the weight from before it: reading the
+    layers, then querying, warned that the model changed (and probed it again). Its sources (weight_orig, weight_g/weight_v, a pruning mask) are still read."""
+    model, X, y = _world()
+    hidden = nn.Sequential(model[0], nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), model[2]).eval()
+    if wrap == "prune":
+        from torch.nn.utils import prune
+
+        prune.l1_unstructured(hidden[2], "weight", amount=0.5)
+    else:
+        getattr(torch.nn.utils, wrap)(hidden[2])
+    # Trained as people do: after the last step, ``weight`` holds the value before it.
+    _train_a_little(hidden, X, y)
+    db = diagql.connect(hidden, (X, y), progress=False, cache_dir=False)
+    assert db.layers[:3] == ["0", "1", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        first = db.query("AVG NEURONS IN 2")
+        db.query("AVG NEURONS IN 3 USING SAMPLE random(0.2, random_state=0)")
+    with torch.no_grad():
+        np.testing.assert_allclose(first.values, hidden[:3](X).double().mean(0).numpy(),
+                                   rtol=1e-6, atol=1e-7)
+        source = {"spectral_norm": "weight_orig", "weight_norm": "weight_v",
+                  "prune": "weight_orig"}[wrap]
+        getattr(hidden[2], source).mul_(0.5)
+    with pytest.warns(DiagQLWarning, match="the model changed"):
+        after = db.query("AVG NEURONS IN 2")
+    with torch.no_grad():
+        np.testing.assert_allclose(after.values, hidden[:3](X).double().mean(0).numpy(),
+                                   rtol=1e-6, atol=1e-7)
+
+
 def test_a_change_before_the_first_statement_is_not_warned_of():
     model, X, y = _world()
     db = diagql.connect(model, (X, y), progress=False)

@@ -704,10 +704,26 @@ def _module_label(name: str, root) -> str:
 def _attributes(module):
     """A module's own attributes, without nn.Module's bookkeeping (parameters, hooks, ...)."""
     from_torch = _from_torch(type(module))
+    derived = _recomputed(module)
     for attr, value in sorted(vars(module).items()):
         # Torch's own classes derive their private attributes from their public ones.
-        if attr not in _module_bookkeeping() and not (from_torch and attr.startswith("_")):
+        if attr not in _module_bookkeeping() and not (from_torch and attr.startswith("_")) \
+                and attr not in derived:
             yield attr, value
+
+
+def _recomputed(module) -> set[str]:
+    """The attributes that torch.nn.utils' own forward pre-hooks compute again before every
+    call from the module's parameters and buffers, which are hashed: the old ``weight_norm``'s
+    and ``spectral_norm``'s ``weight`` (spectral_norm's holds the raw weight until the first
+    call: its first forward read as a change of the model) and pruning's."""
+    names = set()
+    for hook in module._forward_pre_hooks.values():
+        if type(hook).__module__.startswith("torch.nn.utils"):
+            name = getattr(hook, "name", None) or getattr(hook, "_tensor_name", None)
+            if isinstance(name, str):
+                names.add(name)
+    return names
 
 
 @functools.cache
