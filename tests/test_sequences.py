@@ -383,6 +383,10 @@ def test_transformer_encoder_layers_leave_padding_out(batch_first, use_mask):
     assert conn.catalog["enc"].batch_axis == (0 if batch_first else 1)
     if use_mask:
         assert conn.catalog["enc"].mask == "the src_key_padding_mask given to enc"
+    if conn.catalog["enc.layers.0"].form == "nested":  # torch's fast path: the way out is said
+        with pytest.raises(BindError, match="TOKENS ALL needs one sequence length.*nested.*"
+                                            "enable_nested_tensor=False"):
+            conn.query("AVG NEURONS IN enc.layers.0 TOKENS ALL")
 
 
 class Seq2Seq(nn.Module):

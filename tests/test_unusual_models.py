@@ -290,7 +290,10 @@ def test_a_scripted_part_is_listed_as_refused_and_the_rest_is_queried(tmp_path):
     np.testing.assert_allclose(avg.values, truth, rtol=1e-6)
     for name in ("body", "body.0"):
         with pytest.raises(DiagQLError, match=rf"layer '{name}' cannot be queried: it is "
-                                              rf"TorchScript, whose modules take no forward"):
+                                              rf"TorchScript \(torch.jit.script's or "
+                                              rf"torch.jit.trace's\), whose modules take no "
+                                              rf"forward hooks; build this part as the "
+                                              rf"nn.Module it was made from \(line"):
             conn.query(f"AVG NEURONS IN {name}")
     # Its weights are in the fingerprint: another scripted body is another model.
     other = _ScriptedBody().eval()
@@ -328,7 +331,7 @@ class _Backbone(nn.Module):
         return self.head(self.backbone(x))
 
 
-@pytest.mark.parametrize("how", ["submodule", "in place"])
+@pytest.mark.parametrize("how", ["submodule", "in place", "whole"])
 def test_a_model_with_compiled_parts_runs_them_eagerly(how):
     """A submodule compiled by the user (model.backbone = torch.compile(...)) or the model
     compiled in place (model.compile()) had failed GROUP BY and sample queries with dynamo's
@@ -340,6 +343,9 @@ def test_a_model_with_compiled_parts_runs_them_eagerly(how):
     if how == "submodule":
         model.backbone = torch.compile(model.backbone, backend="eager")
         layer = "backbone._orig_mod.1"
+    elif how == "whole":  # torch.compile(model): named_modules() says '_orig_mod.backbone.1'
+        model = torch.compile(model, backend="eager")
+        layer = "backbone.1"
     else:
         model.compile(backend="eager")
         layer = "backbone.1"
@@ -354,6 +360,10 @@ def test_a_model_with_compiled_parts_runs_them_eagerly(how):
     if how == "submodule":  # the name as the user wrote it is pointed at the compiled one's
         with pytest.raises(DiagQLError, match="did you mean 'backbone._orig_mod.1'"):
             conn.query("AVG NEURONS IN backbone.1")
+    if how == "whole":  # and the compiled wrapper's name at the module it compiled
+        with pytest.raises(DiagQLError, match="unknown layer '_orig_mod.backbone.1'; did you "
+                                              "mean 'backbone.1'\? \(a model compiled whole"):
+            conn.query("AVG NEURONS IN _orig_mod.backbone.1")
 
 
 def test_a_wrapped_models_layer_named_without_its_wrapper_is_suggested():
@@ -457,8 +467,12 @@ def test_a_layer_that_runs_but_is_not_per_item_says_why_in_show_layers_and_descr
     described = dict(conn.query("DESCRIBE 0.parametrizations.weight.0").rows)
     assert described["output"] == "(not queryable)"
     assert described["why"].startswith("no axis of its output follows the batch (shapes (8, 6)")
-    with pytest.raises(DiagQLError, match="cannot be queried: no axis of its output"):
+    # (8, 6) for every batch, not rows of items: the reason is the weight's, not a graph's.
+    with pytest.raises(DiagQLError, match="cannot be queried: no axis of its output.*: it is "
+                                          "the same whatever the batch, as a weight that a "
+                                          "parametrization computes is") as caught:
         conn.query("AVG NEURONS IN 0.parametrizations.weight.0")
+    assert "several rows an item" not in caught.value.message
 
 
 class _Bag(nn.Module):

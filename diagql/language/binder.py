@@ -153,7 +153,12 @@ def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> B
 
 def _wrapped(name: str, names: list[str]) -> str:
     """'1' of a model inside a wrapper ('module.1': nn.DataParallel, a .model attribute), or
-    'backbone.1' of a compiled submodule ('backbone._orig_mod.1')."""
+    'backbone.1' of a compiled submodule ('backbone._orig_mod.1'); or, the other way,
+    '_orig_mod.1' of a model compiled whole, which is read as the module it compiled."""
+    bare = name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
+    if bare != name and bare in names:
+        return (f"; did you mean {bare!r}? (a model compiled whole is read as the module it "
+                f"compiled, whose names have no '_orig_mod.')")
     found = [n for n in names if n.endswith("." + name)
              or n.replace("._orig_mod.", ".").removeprefix("_orig_mod.") == name]
     if not found or len(found) > 3:
@@ -332,9 +337,13 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
         if tokens.mode == "all" and (layer.varies or layer.form != "tensor"):
             why = "padded to each batch's longest item" if layer.form == "tensor" else \
                 f"its sequences come {'packed' if layer.form == 'packed' else 'nested'}"
+            # torch's TransformerEncoder nests its layers' outputs (each item its own length)
+            # in eval mode with a padding mask, however the items were padded.
+            nested = "" if layer.form != "nested" else \
+                " (or build the TransformerEncoder with enable_nested_tensor=False)"
             raise _error(f"TOKENS ALL needs one sequence length, but the length of layer "
                          f"{name!r} changes with the batch ({why}); use TOKENS MEAN, TOKENS MAX "
-                         f"or TOKEN n", tokens.span)
+                         f"or TOKEN n{nested}", tokens.span)
         if tokens.mode == "token" and not layer.varies and not -length <= tokens.position < length:
             raise _error(f"{tokens.text()} is past the {length} positions of layer {name!r}",
                          tokens.span)

@@ -190,8 +190,8 @@ def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tup
     calls = counts[-1][1]
     if isinstance(modules[name], torch.jit.ScriptModule):
         return [LayerInfo(name, type_name, None, 0, refused=(
-            "it is TorchScript, whose modules take no forward hooks; build this part as the "
-            "nn.Module it was scripted from (torch.jit.trace'd parts can be queried)"))]
+            "it is TorchScript (torch.jit.script's or torch.jit.trace's), whose modules take "
+            "no forward hooks; build this part as the nn.Module it was made from"))]
     if calls == 0:
         return [LayerInfo(name, type_name, None, 0)]
     if len({c for _, c in counts}) > 1 and max(c for _, c in counts) > 1:
@@ -375,11 +375,16 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
         if axis is None:
             # Rows that grow with the batch but are several an item: a graph's nodes, tokens
             # flattened into one axis ((batch · tokens, features) before a Linear).
+            fixed = len({seen.shape for _, seen in records}) == 1 and \
+                len({size for size, _ in records}) > 1
             many = all(seen.shape and seen.shape[0] > size and seen.shape[0] % size == 0
-                       for size, seen in records) and records[-1][0] > 1
+                       for size, seen in records) and records[-1][0] > 1 and not fixed
             hint = ("; its first axis holds several rows an item (nodes of a graph, or tokens "
                     "flattened into the batch's axis): query a layer after they are pooled "
-                    "or reshaped per item") if many else ""
+                    "or reshaped per item") if many else \
+                (": it is the same whatever the batch, as a weight that a parametrization "
+                 "computes is") \
+                if fixed else ""
             return refuse(found or f"no axis of its output follows the batch (shapes {shapes} "
                                    f"for batches of {sizes} items), so its values are not per "
                                    f"item{hint}")
