@@ -113,7 +113,8 @@ def test_nothing_changed_keeps_everything_derived_without_a_word(tmp_path):
 def test_torchs_old_weight_hooks_are_no_change_and_their_weights_changes_are(wrap):
     """The old spectral_norm keeps the raw weight as ``module.weight`` until its pre-hook
     first runs, and after a training step each keeps the weight from before it: reading the
-    layers, then querying, warned that the model changed (and probed it again). Its sources (weight_orig, weight_g/weight_v, a pruning mask) are still read."""
+    layers, then querying, warned that the model changed (and probed it again). Its sources
+    (weight_orig, weight_g/weight_v, a pruning mask) are still read."""
     model, X, y = _world()
     hidden = nn.Sequential(model[0], nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), model[2]).eval()
     if wrap == "prune":

@@ -162,6 +162,46 @@ def test_a_one_item_groups_undefined_cka_across_checkpoints_is_a_dash_and_a_note
     assert "nan" not in str(result)
 
 
+def test_a_sampled_statement_across_checkpoints_says_its_sample_and_estimates(trained, data):
+    """Across checkpoints a sample's answers read as exact ones: no sample, no interval, and
+    a non-uniform sampler's missing interval unexplained."""
+    X, y = data
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    result = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS GROUP BY class "
+                      "USING SAMPLE random(0.3, random_state=1)")
+    assert "each answer from the sample random(0.3, random_state=1): 150 of 500 items" \
+        in result.notes
+    assert any(note.startswith("every model: CKA of the matching items estimated from the "
+                               "sample") for note in result.notes)
+    items = db.sample("random(0.3, random_state=1)")
+    final = outputs(model, X, "encoder.3")
+    for r, name in enumerate(["epoch1", "epoch2", "epoch3"]):
+        mine = outputs(loaded(states[name]), X, "encoder.3")
+        answer = result.checkpoints[name]
+        low, high = answer.columns.index("ci_low"), answer.columns.index("ci_high")
+        for c, row in enumerate(answer.rows):  # the interval holds the sample's value
+            assert row[low] < row[1] < row[high]
+            assert f"[{row[low]:.3g}, {row[high]:.3g}]" in result.rows[r][1 + c]  # the cell too
+        sampled = items[(y[items] == answer.rows[0][0]).numpy()]
+        cell = result.rows[r][1]
+        assert abs(float(cell.split()[0]) - gram_cka(mine[sampled], final[sampled])) < 0.3
+    assert result.series[str(answer.rows[0][0])][0] == result.checkpoints["epoch1"].rows[0][1]
+    vas = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS USING SAMPLE vas(0.3)")
+    assert any(note.startswith("every model: no interval: vas does not draw every item with "
+                               "the same probability") for note in vas.notes)
+    assert all(isinstance(row[1], float) for row in vas.rows)  # no interval to show
+    avg = db.query("AVG NEURONS IN encoder.3 USING SAMPLE random(0.3, random_state=1) "
+                   "ACROSS CHECKPOINTS")
+    for name in ("epoch1", "epoch2", "epoch3", "final"):
+        line = f"estimated from the sample: expected cosine distance " \
+               f"{avg.checkpoints[name].estimate.expected:.3f}"
+        assert any(note.partition(": ")[2].startswith(line) and (
+            name in note.partition(": ")[0] or note.startswith("every model"))
+            for note in avg.notes)
+        assert not any("estimated from the sample" in n for n in avg.checkpoints[name].notes)
+
+
 def test_similarity_across_checkpoints_whole(trained, data):
     X, _ = data
     model, states = trained

@@ -11,6 +11,7 @@ import textwrap
 from diagql.errors import ExecutionError
 
 WIDE = 12  # at most this many answer rows become columns (one row per checkpoint)
+_INTERVAL = ("ci_low", "ci_high")  # a table answer's interval columns (SIMILARITY's)
 LABELLED = 60  # at most this many curves are named in a legend (beside the axes past WIDE)
 
 
@@ -49,19 +50,31 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
         curves, numbers = _neuron_curves(answers)
     result.series = {_key_text(named(key)): [numbers[key].get(name, math.nan) for name in names]
                      for key in curves}
-    result.notes.extend(_notes(answers))
+    result.notes.extend(_sampled(answers) + _notes(answers))
     return result
 
 
+def _sampled(answers: dict) -> list[str]:
+    """A sampled statement's provenance, said once: every model reads the one sample drawn
+    on the final model's profile."""
+    drawn = {answer.provenance.describe() for answer in answers.values()
+             if answer.provenance is not None and answer.provenance.approximate}
+    return [f"each answer from the {drawn.pop()}"] if len(drawn) == 1 else []
+
+
 def _notes(answers: dict) -> list[str]:
-    """Each answer's notes and its groups' (a one-item group's undefined CKA, which its cell
+    """Each answer's estimate as its own table says it (SIMILARITY's table holds it as its
+    first note), its notes and its groups' (a one-item group's undefined CKA, which its cell
     shows as a dash), said once with the models that have them."""
+    from diagql.results import render
+
     said: dict[str, list[str]] = {}
     for name, answer in answers.items():
         group_by = getattr(answer.provenance, "group_by", None) or "group"
-        notes = list(answer.notes) + [f"{group_by} = {key}: {note}"
-                                      for key, part in (answer.groups or {}).items()
-                                      for note in part.notes]
+        line = render.estimate_line(answer) if answer.is_query else None
+        notes = ([] if line is None else [line.plain]) + list(answer.notes) + [
+            f"{group_by} = {key}: {note}" for key, part in (answer.groups or {}).items()
+            for note in part.notes]
         for note in notes:
             said.setdefault(note, []).append(name)
     every = len(answers) > 1
@@ -122,13 +135,22 @@ def _split(answer, record: dict) -> tuple[list[str], tuple, str | float, float]:
         names = [*group, "label"]
         # A lone number stays a number: CSV and JSON carry it whole, the table formats it.
         return names, tuple(record[n] for n in names), value, value
-    values = [n for n, v in record.items() if isinstance(v, float)]
+    values = [n for n, v in record.items() if isinstance(v, float) or n in _INTERVAL]
     names = [n for n in record if n not in values]
     key = tuple(record[n] for n in names)
+    shown = [n for n in values if n not in _INTERVAL]
     if len(values) == 1:
         return names, key, record[values[0]], record[values[0]]
-    text = ", ".join(f"{n}={_num(record[n])}" for n in values)
-    return names, key, text, record[values[0]] if values else math.nan
+    # A sample's interval follows its value: "0.7180 [0.69, 0.74]".
+    bounds = [record.get(n) for n in _INTERVAL]
+    interval = f" [{bounds[0]:.3g}, {bounds[1]:.3g}]" if all(
+        isinstance(b, float) and math.isfinite(b) for b in bounds) else ""
+    text = ", ".join(f"{n}={_num(record[n])}" for n in shown) if len(shown) > 1 else \
+        (_num(record[shown[0]]) if shown else "")
+    if interval and shown:
+        head, _, rest = text.partition(", ")
+        text = head + interval + (", " + rest if rest else "")
+    return names, key, text, record[shown[0]] if shown else math.nan
 
 
 def _sortable(value) -> tuple:

@@ -31,7 +31,7 @@ def similarity_renderable(result, echo: bool = True):
                 parts.append(Text("exact:", style="dim"))
                 parts.append(_matrix_table(part.baseline))
     parts.append(Text(_caption(result), style="dim"))
-    line = _estimate_line(result)
+    line = estimate_line(result)
     if line is not None:
         parts.append(line)
     summary = _summary(result)
@@ -132,7 +132,7 @@ def _interval(part, i: int, j: int) -> str:
     return f"[{low:.3f}, {high:.3f}]"
 
 
-def _estimate_line(result) -> Text | None:
+def estimate_line(result) -> Text | None:
     parts = result.parts()
     estimates = [p.estimate for p in parts if p.estimate is not None]
     if not estimates:

@@ -49,7 +49,7 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
             if provenance is not None else ():
         if line:
             parts.append(Text(line, style="cyan"))
-    line = _estimate_line(result)
+    line = estimate_line(result)
     if line is not None:
         parts.append(line)
     summary = _summary(result)
@@ -203,7 +203,7 @@ def sample_size_text(size) -> str:
     return f"{size:,}"
 
 
-def _estimate_line(result) -> Text | None:
+def estimate_line(result) -> Text | None:
     """One line on what the sample alone says about its own accuracy, or why it says nothing."""
     parts = result.parts()
     estimates = [p.estimate for p in parts if p.estimate is not None]

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from diagql.errors import BindError
 from diagql.language import ast
+from diagql.results.heatmap import estimate_line
 from diagql.results.result import Result
 from diagql.session.across import across_checkpoints, checkpoint_names, family
 
@@ -54,16 +55,23 @@ def _as_table(result: Result, layer: str) -> Result:
     parts = result.groups.items() if result.groups is not None else [(layer, result)]
     rows = [(key, _cka(part)) for key, part in parts]
     columns = [group_by or "layer", "cka"]
+    if any(_interval(part) is not None for _, part in parts):  # a reliable sample's
+        columns += ["ci_low", "ci_high"]
+        rows = [(key, value, *(_interval(part) or (math.nan, math.nan)))
+                for (key, value), (_, part) in zip(rows, parts)]
     exact = result.baseline
     if exact is not None:  # WITH BASELINE: each group's exact CKA beside the sample's
         columns.append("exact")
-        rows = [(key, value, _cka(exact if exact.groups is None else exact.groups.get(key)))
-                for key, value in rows]
+        rows = [(*row, _cka(exact if exact.groups is None else exact.groups.get(row[0])))
+                for row in rows]
     table = Result(kind="table", statement=result.statement, columns=columns, rows=rows,
                    provenance=result.provenance)
-    # The groups' notes too (a one-item group's undefined CKA, a dash in its cell).
-    table.notes = list(result.notes) + [f"{group_by} = {key}: {note}" for key, part in parts
-                                        if part is not result for note in part.notes]
+    # What the sample says of its accuracy (or why nothing), as the answer's own table says
+    # it, and the groups' notes (a one-item group's undefined CKA, a dash in its cell).
+    line = estimate_line(result)
+    table.notes = ([] if line is None else [line.plain]) + list(result.notes) + \
+        [f"{group_by} = {key}: {note}" for key, part in parts if part is not result
+         for note in part.notes]
     table.timings, table.n_items = result.timings, result.n_items
     # WITH BASELINE's error and speed-up (rows of the across table), its exact answer, and a
     # sample's estimate, as a SIMILARITY Result holds them.
@@ -72,6 +80,14 @@ def _as_table(result: Result, layer: str) -> Result:
     # Read as a SIMILARITY Result is: the CKA (ungrouped) and the pair's matrix.
     table.value, table.matrix = result.value, result.matrix
     return table
+
+
+def _interval(part: Result) -> tuple[float, float] | None:
+    """The pair's interval where the sample gives a reliable one."""
+    estimate = part.estimate
+    if estimate is None or not estimate.reliable or estimate.ci_low is None:
+        return None
+    return float(estimate.ci_low[0, 1]), float(estimate.ci_high[0, 1])
 
 
 def _cka(part: Result | None) -> float:
