@@ -91,6 +91,22 @@ def test_a_sample_is_drawn_on_the_default_models_profile_unless_model_is_given(t
     assert "model='wide'" in result.source
 
 
+def test_another_models_layer_under_an_uneven_sample_has_its_answer_and_no_estimate(two):
+    """A fit on base's latent extrapolating wide's layer is checked by nothing the profile
+    holds: under gmm, weighted and ebtree a sweep's intervals covered 0.69-0.78. The answer
+    stays; the estimate says why it is not given and how to get one."""
+    uneven = two.query("AVG NEURONS IN wide.encoder.1 USING SAMPLE gmm(0.1, random_state=0)")
+    assert not uneven.estimate.reliable and uneven.values is not None
+    assert uneven.estimate.reason == (
+        "gmm draws unevenly, on base's profile, and a fit on base's latent cannot be checked "
+        "on wide's layers; draw the sample on wide for an estimate (gmm(..., model=wide))")
+    assert "no accuracy estimate: gmm draws unevenly, on base's profile" in str(uneven)
+    for statement in ("AVG NEURONS IN wide.encoder.1 USING SAMPLE random(0.1)",
+                      "AVG NEURONS IN wide.encoder.1 USING SAMPLE gmm(0.1, model='wide')",
+                      "TOPK 3 NEURONS IN 6 USING SAMPLE gmm(0.1)"):  # base's own
+        assert two.query(statement).estimate.reliable, statement
+
+
 def test_top_inputs_draw_their_sample_where_a_query_would(two, cnn, mlp, digits):
     """TOPK k INPUTS had refused a sampler's model= ('no parameter model') and drew its sample
     on the neuron's model's profile; it now draws it as a query does: on the default model's

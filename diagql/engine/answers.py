@@ -179,6 +179,8 @@ def _counted(plan: Plan, key) -> np.ndarray | None:
 def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted,
               prior=None) -> Estimate:
     query, sampler = plan.query, plan.bound.sampler
+    if plan.unchecked:
+        return estimate.unavailable(plan.unchecked)
     reliable = getattr(sampler, "uniform", False)
     if query.aggregate == "argmax":
         return estimate.for_argmax(state, population, reliable, fitted)

@@ -64,6 +64,9 @@ class Plan:
     # the query is an ARGMAX: its states are counted from them, with no forward pass.
     profile_winners: np.ndarray | None = None
     choice: str = ""  # USING AUTO: what it chose and why (or how an UNTIL query grows)
+    # Why the sample's estimate is not given though the answer is (another model's layer under
+    # a sampler that draws unevenly on this one's profile: session/statements.py).
+    unchecked: str = ""
     # The classes' names, which EXPLAIN and messages write a WHERE's classes by (None: indices).
     class_names: tuple | None = None
 

@@ -74,10 +74,26 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, src.drawn_on),
                       conn.settings.estimator, rows_from_profile=src.own)
-    plan = _named(plan, _names(conn), choice=choice)
+    plan = _named(plan, _names(conn), choice=choice, unchecked=_unchecked(src, bound.sampler))
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds + chosen_seconds,
                   "plan": time.perf_counter() - planned_at}
+
+
+def _unchecked(src, sampler) -> str:
+    """Why a sample's estimate of another model's layer is not given (docs/ARCHITECTURE.md,
+    "Estimates"): a sampler that draws unevenly on one model's profile leaves the fit on
+    that model's latent to extrapolate another model's layer, and nothing the profile holds
+    checks that fit (a sweep's second MLP's logits under gmm, weighted and ebtree: coverage
+    0.69-0.78, expected cosine a third of the actual). A checkpoint's layer is read on its
+    own final model's sample, which is checked as that model's own (0.87-0.99)."""
+    entry, sampling = src.entry, src.sampling
+    if sampler is None or getattr(sampler, "uniform", False) or entry is sampling or \
+            entry.is_checkpoint or sampling.is_checkpoint:
+        return ""
+    return (f"{sampler.name} draws unevenly, on {sampling.name}'s profile, and a fit on "
+            f"{sampling.name}'s latent cannot be checked on {entry.name}'s layers; draw the "
+            f"sample on {entry.name} for an estimate ({sampler.name}(..., model={entry.name}))")
 
 
 @dataclass(frozen=True)
