@@ -331,6 +331,8 @@ def test_a_non_uniform_sampler_shows_no_interval(db):
         assert not result.estimate.reliable and "interval" not in str(result).split("\n")[1]
         assert f"no interval: {sampler} does not draw every item with the same probability" \
             in " ".join(str(result).split())
+        assert result.estimate.reason.endswith("USING SAMPLE random(0.1) gives an interval, "
+                                               "WITH BASELINE the real error")
 
 
 def test_renderings(db):
