@@ -224,6 +224,36 @@ def test_a_small_sample_with_one_winner_does_not_claim_the_truth_has_no_other():
     assert np.mean(expected) / np.mean(actual) >= 0.6  # 0.46 before
 
 
+@pytest.mark.filterwarnings("ignore:the model's 2 scores per item lie in")  # untrained
+@pytest.mark.parametrize("estimator", ["assisted", "plain"])
+def test_a_layer_silent_on_every_sampled_item_claims_no_interval(estimator):
+    """Three ReLUs that fire on 1% of items, none of them among 20 sampled: the answer read
+    0 ± 0 with an expected cosine distance of 0.000, where the truth is 0.005 each."""
+    torch.manual_seed(0)
+    X = torch.randn(2000, 6)
+    y = (X[:, 0] > 0).long()
+    rare = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        rare.weight.zero_()
+        rare.weight[:, 1] = 1.0
+        rare.bias.fill_(-2.3)
+    model = torch.nn.Sequential(rare, torch.nn.ReLU(), torch.nn.Linear(3, 4), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 2)).eval()  # the latent is 3, not 1
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    db.execute(f"SET estimator = {estimator}")
+    result = db.query("AVG NEURONS IN 1 WHERE class = 1 USING SAMPLE random(0.02, "
+                      "random_state=3)")
+    items = db.sample("random(0.02, random_state=3)")
+    with torch.no_grad():
+        hidden = model[1](rare(X))
+    assert (hidden[items][y[items] == 1] == 0).all() and (hidden[y == 1].mean(0) > 0).all()
+    assert not result.estimate.reliable and result.estimate.ci_low is None
+    assert result.estimate.reason.startswith("every neuron is constant over the 20 matching "
+                                             "sampled items")
+    assert "±95%" not in str(result) and "no accuracy estimate: every neuron is constant" in \
+        " ".join(str(result).split())
+
+
 def test_a_cell_sampled_whole_expects_no_js_distance():
     from diagql.engine import estimate
     from diagql.engine.aggregates import ArgmaxState

@@ -205,6 +205,12 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
         return _too_few(n, population)
     mean, se = _mean_se(state, population, fitted)
     covers, reliable = (COVERS_ASSISTED, True) if fitted is not None else (COVERS, reliable)
+    if not np.any(se > 0):  # no neuron varies over the sample: nothing to give a spread by
+        return Estimate(covers, False, LEVEL, n, population, reason=(
+            f"every neuron is constant over the {n:,} matching sampled items (a ReLU silent on "
+            f"them all reads 0 ± 0): by the rule of three up to {min(3 / n, 1):.0%} of the "
+            f"others may differ, by an amount the sample cannot measure; a larger sample or "
+            f"WITH BASELINE"), estimator=_name(fitted))
     half = _t_quantile(n - 1) * se
     if k is None:
         return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean - half,
