@@ -90,10 +90,43 @@ def test_shuffling_reads_every_item_without_a_word(world):
 
 def test_drop_last_is_said_and_every_item_read(world):
     model, X, y = world
-    with pytest.warns(DiagQLWarning, match=r"drops its last 44 of 300 items.*reads all 300"):
+    with pytest.warns(DiagQLWarning, match=r"drops its last 44 of 300 items.*reads all 300") \
+            as caught:
         db = diagql.connect(model, DataLoader(TensorDataset(X, y), batch_size=64,
                                               drop_last=True), progress=False)
     assert db.query("AVG NEURONS IN 0").n_items == 300
+    assert caught[0].filename == __file__  # the user's line, not DiagQL's (data.py:79 before)
+
+
+class _ReadWhere(torch.utils.data.Dataset):
+    """Items that note the process reading them (a worker's notes stay in the worker)."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.here = X, y, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.here += 1
+        return self.X[i], self.y[i]
+
+
+def test_a_few_items_of_a_loader_with_workers_are_read_in_this_process(world):
+    """Every probe read of a few items started the loader's workers anew: where processes
+    spawn (macOS, Windows), SHOW LAYERS over a loader of 2 workers took 139 s."""
+    model, X, y = world
+    data = _ReadWhere(X, y)
+    db = diagql.connect(model, DataLoader(data, batch_size=50, num_workers=2), progress=False,
+                        cache_dir=False)
+    db.query("SHOW LAYERS")
+    probed = data.here
+    assert 0 < probed < 300  # the probe's reads, here; none of them in a worker
+    with torch.no_grad():
+        hidden = model[1](model[0](X)).double()
+    np.testing.assert_allclose(db.query("AVG NEURONS IN 1").values, hidden.mean(0).numpy(),
+                               rtol=1e-6)
+    assert data.here - probed < 300  # the passes over every item ran in the workers
 
 
 def test_a_sampler_with_replacement_is_refused(world):

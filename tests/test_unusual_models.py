@@ -426,6 +426,45 @@ def test_data_whose_reads_differ_is_warned_of(noise):
         assert not [w for w in caught if "share its batch" in str(w.message)]
 
 
+class _OrderNoise(torch.utils.data.Dataset):
+    """Noise from a generator of its own, so an item's inputs follow the order of reads (each
+    of a loader's workers starts from a copy of it)."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.rng = X, y, np.random.default_rng(0)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.X[i] + float(self.rng.normal()), self.y[i]
+
+
+@pytest.mark.parametrize("form", ["clean first", "noise of its own"])
+def test_data_that_reads_differently_past_its_first_items_is_warned_of_not_refused(form):
+    """An augmentation of the data's second half (a ConcatDataset of clean and noisy parts),
+    or a dataset's own generator copied into a loader's workers, passed the first items'
+    check; the row-order check's reads then differed and every layer was refused as 'not in
+    its batch's order', the model blamed. The data is warned of, and the layers are
+    queried."""
+    import warnings
+
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    data = torch.utils.data.ConcatDataset([
+        torch.utils.data.TensorDataset(X[:20], y[:20]), _Augmented(X[20:], y[20:], 0.5)]) \
+        if form == "clean first" else \
+        torch.utils.data.DataLoader(_OrderNoise(X, y), batch_size=8, num_workers=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conn = diagql.connect(_mlp(), data, cache_dir=False, progress=False)
+        answer = conn.query("AVG NEURONS IN 1")
+    told = [str(w.message) for w in caught if issubclass(w.category, diagql.DiagQLWarning)]
+    assert any("different inputs on two reads" in t for t in told)
+    assert not any("share its batch" in t for t in told)
+    assert answer.n_items == 40
+
+
 class _AlwaysDropout(nn.Module):
     """Dropout called with training=True: random in eval mode too (MC dropout)."""
 

@@ -9,12 +9,11 @@ time it is read, has no fixed items to diagnose, and is refused.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from diagql.errors import DiagQLError, DiagQLWarning
+from diagql.errors import DiagQLError, warn
 
 
 def loader_items(loader) -> np.ndarray | None:
@@ -72,6 +71,5 @@ def _warn_dropped(items: np.ndarray | None, n: int, batch_size: int | None) -> N
     count = n if items is None else len(items)
     dropped = count % batch_size if batch_size else 0
     if dropped:
-        warnings.warn(f"the DataLoader drops its last {dropped:,} of {count:,} items "
-                      f"(drop_last=True); DiagQL reads all {count:,}", DiagQLWarning,
-                      stacklevel=4)
+        warn(f"the DataLoader drops its last {dropped:,} of {count:,} items "
+                      f"(drop_last=True); DiagQL reads all {count:,}")

@@ -15,8 +15,8 @@ from diagql.errors import DiagQLWarning, ExecutionError, warn
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
 from diagql.model.layers import NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
-from diagql.model.repeatable import check_batch_independent, check_deterministic, \
-    check_repeatable
+from diagql.model.repeatable import Unrepeatable, check_batch_independent, \
+    check_deterministic, check_repeatable, warn_unrepeatable
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
@@ -157,11 +157,19 @@ def _checks(model, source, prepare, call, first, first_output, output, idx, size
                 alone.append(first_tensor(call(model, prepare(one))))
             except ExecutionError:  # the batch of one ran for the first item: not here
                 break
+    # Which axes of each layer reverse with the batch: where its rows are in an order of
+    # their own, or which of several axes of the batch's size is its. Its reads of items
+    # spread over the data, twice in order and once reversed, are compared first: data that
+    # reads differently there (an augmentation of some items, a random state that follows
+    # the order of reads) is warned of, and no layer or batch is judged on it.
+    try:
+        axes = reversing_axes(model, source, prepare, call)
+    except Unrepeatable:
+        warn_unrepeatable()
+        return None
     if not check_batch_independent(alone, first_tensor(output)):
         _spread_batch_independent(model, source, prepare, call)
-    # Which axes of each layer reverse with the batch: where its rows are in an order of
-    # their own, or which of several axes of the batch's size is its.
-    return reversing_axes(model, source, prepare, call)
+    return axes
 
 
 def _spread_batch_independent(model, source, prepare, call) -> None:

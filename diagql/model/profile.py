@@ -4,13 +4,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from diagql.errors import DiagQLError, DiagQLWarning, ExecutionError
+from diagql.errors import DiagQLError, ExecutionError, warn
 from diagql.model import auxiliaries as aux
 from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource
@@ -435,8 +434,8 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     if has_labels:
         labels = _join([part.labels for part in parts])
         if len(labels) and bool(np.all(labels < 0)):  # a Hugging Face test split's -1s
-            warnings.warn(f"every label is {int(labels[0])} (a test split without labels?): "
-                          f"the data is taken as unlabelled", DiagQLWarning, stacklevel=2)
+            warn(f"every label is {int(labels[0])} (a test split without labels?): "
+                          f"the data is taken as unlabelled")
             has_labels = False
             labels = np.full(len(predictions), -1, dtype=np.int64)
         else:

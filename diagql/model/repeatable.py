@@ -32,11 +32,59 @@ def check_repeatable(first, read, n: int) -> bool:
             break
     else:
         return True
+    warn_unrepeatable()
+    return False
+
+
+class Unrepeatable(Exception):
+    """Reads of the same items gave different inputs where a later check read them again
+    (model/row_order.py: items spread over the data, in and out of order)."""
+
+
+def warn_unrepeatable() -> None:
     warn("the data gives the same item different inputs on two reads (a random "
          "transform, such as a training augmentation?): the profile, samples and "
          "each query read the items anew, so their answers will not agree; "
          "diagnose with deterministic (evaluation) transforms")
-    return False
+
+
+def same_items(a, b, size: int) -> bool:
+    """Whether two collated batches of ``size`` items hold the same items' inputs in any
+    order (a collate_fn may sort its batch by length), to rounding (one that standardises
+    its batch sums it in another order): every item's row of the tensors and arrays whose
+    first axis is the batch's has a row of the other within 1e-4 of their largest value,
+    both ways. True where there is no such row to compare."""
+    rows_a, rows_b = _item_rows(a, size), _item_rows(b, size)
+    if rows_a is None or rows_b is None or rows_a.shape != rows_b.shape:
+        return rows_a is None or rows_b is None
+    scale = max(float(np.abs(np.nan_to_num(rows_a, posinf=0.0, neginf=0.0)).max(initial=0.0)),
+                1e-6)
+    gaps = np.nan_to_num(np.abs(rows_a[:, None, :] - rows_b[None, :, :]), nan=0.0).max(axis=2)
+    close = gaps <= 1e-4 * scale
+    return bool(close.any(axis=1).all() and close.any(axis=0).all())
+
+
+def _item_rows(x, size: int) -> np.ndarray | None:
+    """Each item's values (float64, one row an item) of every tensor or array of ``x`` whose
+    first axis is the batch's; None where there is none."""
+    leaves: list[np.ndarray] = []
+
+    def collect(part) -> None:
+        if isinstance(part, torch.Tensor) and not part.is_nested and part.ndim and \
+                part.shape[0] == size and not part.is_complex():
+            leaves.append(part.detach().cpu().double().reshape(size, -1).numpy())
+        elif isinstance(part, np.ndarray) and part.ndim and part.shape[0] == size and \
+                part.dtype.kind in "biuf":
+            leaves.append(part.astype(np.float64).reshape(size, -1))
+        elif isinstance(part, Mapping):
+            for key in part:
+                collect(part[key])
+        elif isinstance(part, (list, tuple)):
+            for value in part:
+                collect(value)
+
+    collect(x)
+    return np.concatenate(leaves, axis=1) if leaves else None
 
 
 def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:

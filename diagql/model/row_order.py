@@ -20,6 +20,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.model.hooks import StopForward, evaluation, hook_errors, this_thread
+from diagql.model.repeatable import Unrepeatable, same_inputs, same_items
 from diagql.model.views import first_output
 
 Key = tuple[str, int]  # (module, its call from 1)
@@ -73,9 +74,17 @@ def _verdicts(model, source, prepare, call, order: np.ndarray, only: set[Key] | 
     batch's size (blind: no verdict)."""
     size = len(order)
     try:
-        ahead, again, back = (
-            _summaries(model, prepare(next(source.batches(items, size))[1]), call, size, only)
-            for items in (order, order, order[::-1].copy()))
+        reads = [next(source.batches(items, size))[1]
+                 for items in (order, order, order[::-1].copy())]
+    except Exception:  # noqa: BLE001 - the probe's own passes have run: no verdict here
+        return None, set()
+    # Inputs that read differently (an augmentation on some items only, or whose random
+    # state follows the order items are read in) would be taken for rows out of order, and
+    # every layer refused as the model's fault: compared before the model may write in them.
+    if not same_inputs(reads[0], reads[1]) or not same_items(reads[0], reads[2], size):
+        raise Unrepeatable
+    try:
+        ahead, again, back = (_summaries(model, prepare(x), call, size, only) for x in reads)
     except Exception:  # noqa: BLE001 - the probe's own passes have run: no verdict here
         return None, set()
     found, blind = {}, set()

@@ -5,11 +5,10 @@ and a statement's ``class = 'cat'`` resolved to the class's index before it is b
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from diagql.errors import DiagQLError, DiagQLWarning, whole
+from diagql.errors import DiagQLError, warn, whole
 from diagql.language import ast
 from diagql.language.binder import _error
 from diagql.model.data import LABEL_KEYS
@@ -71,9 +70,8 @@ def checked(conn) -> list[str] | None:
             if conn.names_given:
                 raise DiagQLError(f"{len(names)} class names were given, but {whose} scores "
                                   f"{count} classes: give one name per class, in class order")
-            warnings.warn(f"the {len(names)} class names the data or a model carries do not "
-                          f"fit {whose}'s {count} classes: classes are numbered, not named",
-                          DiagQLWarning, stacklevel=2)
+            warn(f"the {len(names)} class names the data or a model carries do not "
+                          f"fit {whose}'s {count} classes: classes are numbered, not named")
             conn.class_names = None
             return None
     conn.names_fit = True
