@@ -539,3 +539,36 @@ def test_a_growth_that_takes_every_item_in_time_says_the_data_is_exhausted(monke
     with torch.no_grad():
         np.testing.assert_allclose(result.values, model[0](X).double().mean(0).numpy(),
                                    rtol=1e-6, atol=1e-7)
+
+
+class _Sleepier(_Sleepy):
+    """2 ms an item."""
+
+    def forward(self, x):
+        time.sleep(1.5e-3 * len(x))
+        return super().forward(x)
+
+
+def test_a_last_round_of_every_item_past_the_budget_is_exact_and_says_it_ran_over(monkeypatch):
+    """A round foreseen to fit took longer and ran past WITHIN's budget unsaid (1.4-2.3x at
+    small budgets); one that reached every item said 'budget spent' of an exact answer."""
+    from diagql.model.profile import Profile
+    from diagql.session import growth as growth_module
+
+    monkeypatch.setattr(growth_module, "exact_seconds", lambda *args: 1e6)
+    monkeypatch.setattr(growth_module, "FITS", 0.0)  # no exact answer up front
+    torch.manual_seed(0)
+    X, y = torch.randn(300, 4), torch.randint(0, 3, (300,))
+    model = _Sleepier().eval()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    conn.query("SHOW PROFILE")
+    monkeypatch.setattr(Profile, "seconds_per_item", lambda self: 1e-9)  # foreseen to fit
+    result = conn.query("AVG NEURONS IN body.0 USING SAMPLE random(150) WITHIN 0.4 SECONDS")
+    growth = result.provenance.growth
+    assert growth.sizes == (150, 300) and growth.stop == "data exhausted", growth
+    assert growth.seconds > 0.44
+    assert any(note.startswith("WITHIN 0.4 SECONDS took ") and "its last round, of 300 items, "
+               "took longer than the time it had left" in note for note in result.notes)
+    with torch.no_grad():
+        np.testing.assert_allclose(result.values, model.body[0](X).double().mean(0).numpy(),
+                                   rtol=1e-6, atol=1e-7)

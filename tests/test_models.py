@@ -105,6 +105,13 @@ def test_another_models_layer_under_an_uneven_sample_has_its_answer_and_no_estim
                       "AVG NEURONS IN wide.encoder.1 USING SAMPLE gmm(0.1, model='wide')",
                       "TOPK 3 NEURONS IN 6 USING SAMPLE gmm(0.1)"):  # base's own
         assert two.query(statement).estimate.reliable, statement
+    # UNTIL would grow it, never told the target met, until exact was cheaper: refused.
+    with pytest.raises(BindError, match="UNTIL js <= 0.1 grows the sample until its estimate "
+                                        "meets the target, and here there is none: weighted "
+                                        "draws unevenly") as refused:
+        two.query("ARGMAX NEURONS IN wide.encoder.1 USING SAMPLE weighted UNTIL js <= 0.1")
+    assert refused.value.column == 56  # under UNTIL
+    assert two.query("AVG NEURONS IN wide.encoder.1 USING SAMPLE weighted WITHIN 0.5 SECONDS")
 
 
 def test_top_inputs_draw_their_sample_where_a_query_would(two, cnn, mlp, digits):

@@ -187,16 +187,10 @@ class ItemSource:
         # which a worker_init_fn finds as get_worker_info().dataset (to open a file in it).
         dataset, at = (self._dataset.dataset, self.indices[indices]) \
             if self.indices is not None else (self._dataset, indices)
-        # A few items (the probe's reads of one to 64 items, dozens of them) are read here:
-        # each loader starts its workers anew, 3 s a worker where processes spawn (macOS,
-        # Windows), and SHOW LAYERS had taken 139 s over a loader of 4 workers. Not where a
-        # worker_init_fn prepares what the items are read with (a file opened per worker).
-        few = len(indices) <= FEW_IN_PROCESS and self._worker_options.get("worker_init_fn") \
-            is None
+        workers, options = _workers_for(len(indices), self._workers, self._worker_options)
         loader = DataLoader(dataset, batch_sampler=[at[start:end].tolist() for start, end in cuts],
-                            num_workers=0 if few else self._workers,
-                            collate_fn=self._collate or collate_items,
-                            **({} if few else self._worker_options))
+                            num_workers=workers, collate_fn=self._collate or collate_items,
+                            **options)
         batches = read_batches(loader, len(dataset))
         for start, end in cuts:  # the loader makes one batch of each
             idx = indices[start:end]
@@ -307,6 +301,17 @@ _TWO_PARTS = ("DiagQL needs (x, y): put several inputs in a tuple, ((x1, x2), y)
 
 
 FEW_IN_PROCESS = 64  # items a read takes in this process whatever the loader's workers
+
+
+def _workers_for(n: int, workers: int, options: dict) -> tuple[int, dict]:
+    """A read of ``n`` items: the loader's workers and their options, or none for a few items
+    (the probe's reads of one to 64 items, dozens of them): each read starts its workers anew,
+    3 s a worker where processes spawn (macOS, Windows), and SHOW LAYERS had taken 139 s over
+    a loader of 2 workers. Not where a worker_init_fn prepares what the items are read with
+    (a file opened per worker)."""
+    if n <= FEW_IN_PROCESS and options.get("worker_init_fn") is None:
+        return 0, {}
+    return workers, options
 
 
 def _loader_parts(data: DataLoader) -> tuple:

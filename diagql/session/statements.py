@@ -69,12 +69,20 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
         from diagql.session.growth import first_round
 
         bound, choice = first_round(conn, bound, profile, src)
+    unchecked = _unchecked(src, bound.sampler)
+    if unchecked and query.until is not None and query.until.target is not None:
+        # Its rounds would grow, unable to tell the target met, until exact is cheaper.
+        span = query.until.span
+        raise BindError(f"UNTIL {query.until.target.text()} grows the sample until its "
+                        f"estimate meets the target, and here there is none: {unchecked}",
+                        **({} if span is None else {"line": span.line, "column": span.column,
+                                                    "end_column": span.end_column}))
     sample, sample_seconds = _draw(src.sampling, bound.sampler)
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, src.drawn_on),
                       conn.settings.estimator, rows_from_profile=src.own)
-    plan = _named(plan, _names(conn), choice=choice, unchecked=_unchecked(src, bound.sampler))
+    plan = _named(plan, _names(conn), choice=choice, unchecked=unchecked)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds + chosen_seconds,
                   "plan": time.perf_counter() - planned_at}
