@@ -318,17 +318,17 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
                          query.layer.span)
         if layer.form == "tensor" and layer.varies and layer.mask == NO_MASK:
             warn(f"layer {name!r}: its sequence length changes with the batch "
-                          f"(padded to each batch's longest item) and no padding mask reaches "
-                          f"it, so its padding counts as tokens, and an item's answer depends "
-                          f"on which items share its batch; give the model the padding mask (an "
-                          f"attention_mask input, a key_padding_mask), pack the sequences, or "
-                          f"pad every item to one length")
+                 f"(padded to each batch's longest item) and no padding mask reaches "
+                 f"it, so its padding counts as tokens, and an item's answer depends "
+                 f"on which items share its batch; give the model the padding mask (an "
+                 f"attention_mask input, a key_padding_mask), pack the sequences, or "
+                 f"pad every item to one length")
         elif layer.form == "tensor" and layer.mask.startswith(UNFIT_MASK):
             # An audio encoder's frames beside a mask of its samples: padding, where the data
             # has any, counts (0.36-0.78 off on a Wav2Vec2 of padded clips), unsaid.
             warn(f"layer {name!r}: {layer.mask.removeprefix('every position: ')}; "
-                          f"where items are padded, its padding counts as tokens (TOKENS MEAN, "
-                          f"TOKEN -1); query a layer of the mask's length, or pad no item")
+                 f"where items are padded, its padding counts as tokens (TOKENS MEAN, "
+                 f"TOKEN -1); query a layer of the mask's length, or pad no item")
         if tokens is None:
             return View(layer)
         length = layer.shape[0]
@@ -357,9 +357,9 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
                          f"INPUTS: leave out CHANNEL)", query.layer.span)
         if layer.varies:  # a Conv1d over text padded per batch: its padded positions count
             warn(f"layer {name!r}: its length changes with the batch (padded to "
-                          f"each batch's longest item), so each channel's mean counts the padded "
-                          f"positions, and an item's answer depends on which items share its "
-                          f"batch; pad every item to one length")
+                 f"each batch's longest item), so each channel's mean counts the padded "
+                 f"positions, and an item's answer depends on which items share its "
+                 f"batch; pad every item to one length")
     elif layer.varies:
         raise _error(f"the output shape of layer {name!r} changes with the batch, so its "
                      f"neurons are not fixed" + ("; CHANNELS averages each channel"

@@ -9,7 +9,6 @@ time it is read, has no fixed items to diagnose, and is refused.
 """
 from __future__ import annotations
 
-
 import numpy as np
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
@@ -72,4 +71,4 @@ def _warn_dropped(items: np.ndarray | None, n: int, batch_size: int | None) -> N
     dropped = count % batch_size if batch_size else 0
     if dropped:
         warn(f"the DataLoader drops its last {dropped:,} of {count:,} items "
-                      f"(drop_last=True); DiagQL reads all {count:,}")
+             f"(drop_last=True); DiagQL reads all {count:,}")

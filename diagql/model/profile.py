@@ -435,7 +435,7 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
         labels = _join([part.labels for part in parts])
         if len(labels) and bool(np.all(labels < 0)):  # a Hugging Face test split's -1s
             warn(f"every label is {int(labels[0])} (a test split without labels?): "
-                          f"the data is taken as unlabelled")
+                 f"the data is taken as unlabelled")
             has_labels = False
             labels = np.full(len(predictions), -1, dtype=np.int64)
         else:

@@ -71,7 +71,7 @@ def checked(conn) -> list[str] | None:
                 raise DiagQLError(f"{len(names)} class names were given, but {whose} scores "
                                   f"{count} classes: give one name per class, in class order")
             warn(f"the {len(names)} class names the data or a model carries do not "
-                          f"fit {whose}'s {count} classes: classes are numbered, not named")
+                 f"fit {whose}'s {count} classes: classes are numbered, not named")
             conn.class_names = None
             return None
     conn.names_fit = True
