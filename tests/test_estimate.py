@@ -360,3 +360,24 @@ def test_p_in_topk_draws_in_chunks_give_the_same_estimate(monkeypatch):
         whole = module.p_in_topk(mean, se, reported, 10)
         monkeypatch.setattr(module, "DRAW_CHUNK", 999)
         np.testing.assert_array_equal(module.p_in_topk(mean, se, reported, 10), whole)
+
+
+def test_intervals_stay_in_the_range_their_module_can_give():
+    """A dead ReLU beside live ones gets the rule-of-three floor, which read [-0.0158, 0.0158]:
+    a ReLU's mean is never negative, nor a sigmoid's above 1."""
+    torch.manual_seed(0)
+    X = torch.randn(2000, 6)
+    y = (X[:, 0] > 0).long()
+    first = torch.nn.Linear(6, 4)
+    with torch.no_grad():
+        first.bias[0] = -50.0  # unit 0 never fires
+    model = torch.nn.Sequential(first, torch.nn.ReLU(), torch.nn.Linear(4, 8),
+                                torch.nn.Sigmoid(), torch.nn.Linear(8, 2)).eval()
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    relu = db.query("AVG NEURONS IN 1 USING SAMPLE random(0.05, random_state=0)")
+    assert relu.values[0] == 0 and relu.estimate.ci_low[0] == 0 < relu.estimate.ci_high[0]
+    assert (relu.estimate.ci_low >= 0).all()
+    assert f"[0.0000, {relu.estimate.ci_high[0]:.4f}]" in str(relu)
+    assert "±" in str(relu).split("1[1]")[1].split("\n")[0]  # the live units' stay symmetric
+    sigmoid = db.query("AVG NEURONS IN 3 WHERE class = 1 USING SAMPLE random(0.02)")
+    assert (sigmoid.estimate.ci_low >= 0).all() and (sigmoid.estimate.ci_high <= 1).all()

@@ -3,6 +3,7 @@ with an exact baseline."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -128,7 +129,8 @@ def _single(plan: Plan, state, population: int, fitted=None, key=None, prior=Non
         started = time.perf_counter()
         result.estimate = estimate.held(
             held, n, population, neurons, query.k if query.aggregate == "topk" else None) \
-            if held is not None else _estimate(plan, state, population, neurons, fitted, prior)
+            if held is not None else _bounded(
+                _estimate(plan, state, population, neurons, fitted, prior), plan)
         result.timings["estimate"] = time.perf_counter() - started
     result.neurons = neurons
     result.values = values
@@ -174,6 +176,23 @@ def _counted(plan: Plan, key) -> np.ndarray | None:
     if not plan.approximate or plan.estimator != "assisted" or plan.winner_shares is None:
         return None
     return plan.winner_shares.get(key)
+
+
+# The range of a mean of these modules' outputs: a dead ReLU's rule-of-three interval read
+# [-0.0158, 0.0158], a bound no ReLU reaches.
+RANGES = {"ReLU": (0.0, math.inf), "ReLU6": (0.0, 6.0), "Sigmoid": (0.0, 1.0),
+          "Softplus": (0.0, math.inf), "Softmax": (0.0, 1.0), "Hardsigmoid": (0.0, 1.0),
+          "Tanh": (-1.0, 1.0), "Hardtanh": (-1.0, 1.0), "Softsign": (-1.0, 1.0)}
+
+
+def _bounded(found: Estimate, plan: Plan) -> Estimate:
+    """An AVG's or TOPK's intervals within the range its layer's module can give (a ReLU's
+    means are not negative); an ARGMAX's shares are bounded already."""
+    low_high = RANGES.get(plan.bound.view.layer.type_name)
+    if low_high is None or found.ci_low is None or plan.query.aggregate == "argmax":
+        return found
+    return dataclasses.replace(found, ci_low=np.clip(found.ci_low, *low_high),
+                               ci_high=np.clip(found.ci_high, *low_high))
 
 
 def _estimate(plan: Plan, state, population: int, neurons: np.ndarray, fitted,

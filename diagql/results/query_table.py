@@ -112,7 +112,7 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
             cells.append(str(j + 1))
         cells += [part.labels[j], number(values[j])]
         if shown_estimate:
-            cells.append(_estimate_cell(part.estimate, j))
+            cells.append(_estimate_cell(part.estimate, j, values[j]))
         if bars:
             cells.append(bar(values[j], top))
         if with_exact:
@@ -143,9 +143,14 @@ def _reliable_estimate(result):
                 None)
 
 
-def _estimate_cell(estimate, j: int) -> str:
+def _estimate_cell(estimate, j: int, value: float) -> str:
     if estimate is None or not estimate.reliable:
         return ""
     if estimate.p_in_topk is not None:
         return f"{estimate.p_in_topk[j]:.2f}"
-    return "±" + number((estimate.ci_high[j] - estimate.ci_low[j]) / 2)
+    low, high = float(estimate.ci_low[j]), float(estimate.ci_high[j])
+    half = (high - low) / 2
+    if abs((low + high) / 2 - float(value)) > 1e-9 * max(abs(half), abs(float(value)), 1e-300):
+        # Cut by the range of the layer's module (a ReLU's mean is not negative): its ends.
+        return f"[{number(low)}, {number(high)}]"
+    return "±" + number(half)
