@@ -202,6 +202,29 @@ def test_a_sampled_statement_across_checkpoints_says_its_sample_and_estimates(tr
         assert not any("estimated from the sample" in n for n in avg.checkpoints[name].notes)
 
 
+def test_across_notes_say_which_models_were_sampled_and_how_each_was_got(trained, data):
+    """An UNTIL across checkpoints answered some models exactly ('exact cheaper'), yet the
+    note said each answer came from the sample, and no growth or AUTO choice was said."""
+    from diagql.results.across import across_result
+
+    model, states = trained
+    db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
+    auto = db.query("AVG NEURONS IN encoder.3 USING AUTO ACROSS CHECKPOINTS")
+    choice = auto.checkpoints["final"].provenance.choice
+    assert choice and any(note.endswith(choice) for note in auto.notes)
+    sampled = db.query("AVG NEURONS IN encoder.3 USING SAMPLE random(0.2, random_state=0)")
+    exact = db.query("AVG NEURONS IN encoder.3 USING FULL")
+    mixed = across_result("AVG NEURONS IN encoder.3", {"early": sampled, "final": exact}, "x")
+    assert "early from the sample random(0.2, random_state=0): 100 of 500 items" in mixed.notes
+    assert not any(note.startswith("each answer") for note in mixed.notes)
+    grown = db.query("AVG NEURONS IN encoder.3 USING SAMPLE random(60) UNTIL cosine <= 0.5 "
+                     "ACROSS CHECKPOINTS")
+    for name, answer in grown.checkpoints.items():
+        said = answer.provenance.growth.text()
+        assert any(note.endswith(said) and (name in note.split(": ")[0] or
+                                            note.startswith("every model")) for note in grown.notes)
+
+
 def test_similarity_across_checkpoints_whole(trained, data):
     X, _ = data
     model, states = trained

@@ -55,11 +55,29 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
 
 
 def _sampled(answers: dict) -> list[str]:
-    """A sampled statement's provenance, said once: every model reads the one sample drawn
-    on the final model's profile."""
-    drawn = {answer.provenance.describe() for answer in answers.values()
-             if answer.provenance is not None and answer.provenance.approximate}
-    return [f"each answer from the {drawn.pop()}"] if len(drawn) == 1 else []
+    """A sampled statement's provenance: the one sample drawn on the final model's profile,
+    said once for the models whose answers it gave (an UNTIL's or AUTO's may be exact for
+    some), and each answer's choice (USING AUTO) and growth (UNTIL, WITHIN), which its own
+    table says below it."""
+    drawn: dict[str, list[str]] = {}
+    for name, answer in answers.items():
+        provenance = answer.provenance
+        if provenance is not None and provenance.approximate:
+            drawn.setdefault(provenance.describe(), []).append(name)
+    every = len(answers) > 1
+    lines = [f"{'each answer' if every and len(names) == len(answers) else ', '.join(names)} "
+             f"from the {how}" for how, names in drawn.items()]
+    return lines if any(how for how in drawn) else []
+
+
+def _provenance_lines(answer) -> list[str]:
+    """What an answer's own table says below it of how it was got: AUTO's choice, the
+    growth of UNTIL or WITHIN."""
+    provenance = answer.provenance
+    if provenance is None:
+        return []
+    return [line for line in (provenance.choice,
+                              provenance.growth and provenance.growth.text()) if line]
 
 
 def _notes(answers: dict) -> list[str]:
@@ -72,7 +90,8 @@ def _notes(answers: dict) -> list[str]:
     for name, answer in answers.items():
         group_by = getattr(answer.provenance, "group_by", None) or "group"
         line = render.estimate_line(answer) if answer.is_query else None
-        notes = ([] if line is None else [line.plain]) + list(answer.notes) + [
+        notes = _provenance_lines(answer) + ([] if line is None else [line.plain]) + \
+            list(answer.notes) + [
             f"{group_by} = {key}: {note}" for key, part in (answer.groups or {}).items()
             for note in part.notes]
         for note in notes:
