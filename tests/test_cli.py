@@ -254,6 +254,12 @@ def test_a_script_with_a_byte_order_mark_or_not_in_utf8(tmp_path):
     done = diagql(str(latin))
     assert done.returncode == 1 and "internal error" not in done.stderr
     assert f"cannot read script {latin}: not UTF-8 text (byte 0xe9 at offset 21)" in done.stderr
+    # --checkpoint ckpt/*.pt unquoted: the shell hands the second file over as a script.
+    weights = tmp_path / "epoch2.pt"
+    weights.write_bytes(b"PK\x03\x04\xff\xfe torch zip")
+    done = diagql("--format", "csv", str(weights))
+    assert done.returncode == 1 and "an unquoted glob expanded by the shell? quote it: " \
+        "--checkpoint 'ckpt/*.pt'" in done.stderr
 
 
 def test_plot_that_nothing_draws_says_so(tmp_path):

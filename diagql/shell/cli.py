@@ -297,7 +297,12 @@ def _sources(args) -> list[tuple[str, str]]:
 
             why = exc.strerror if isinstance(exc, OSError) else \
                 f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start:,})"
-            raise DiagQLError(f"cannot read script {path}: {why}") from None
+            # --checkpoint ckpt/*.pt unquoted: the shell gave the files after the first to
+            # the command line as scripts.
+            weights = path.lower().endswith((".pt", ".pth", ".ckpt", ".bin", ".safetensors"))
+            hint = "; an unquoted glob expanded by the shell? quote it: --checkpoint " \
+                "'ckpt/*.pt'" if weights and isinstance(exc, UnicodeDecodeError) else ""
+            raise DiagQLError(f"cannot read script {path}: {why}{hint}") from None
     sources.extend(("<-e>", text) for text in args.execute)
     return sources
 
