@@ -519,3 +519,27 @@ def test_across_checkpoints_curves_name_up_to_sixty_and_say_when_they_cannot(db)
     figure = draw_curves(wide)
     assert figure.axes[0].get_legend() is None
     assert f"{len(wide.series):,} curves, too many to label" in figure.axes[0].get_title()
+
+
+def test_a_wide_across_table_on_a_narrow_terminal_keeps_its_numbers_whole(db):
+    """At 60 columns rich folded each number: 0.4997 read '0.499' with its '7' a line below.
+    Narrower, the table takes 3 digits, then drops its lines between columns; a number that
+    still cannot fit is cut with '…', never folded."""
+    import io
+
+    from rich.console import Console
+
+    from diagql.results.render import renderable
+
+    result = db.query("AVG NEURONS IN encoder.3 WHERE class = 2 ACROSS CHECKPOINTS")
+    assert result.columns[:2] == ["label", "epoch1"]  # checkpoints across: 16 neurons down
+    for width, digits in ((120, 4), (60, 4), (48, 3)):
+        console = Console(width=width, file=io.StringIO(), force_terminal=False)
+        console.print(renderable(result))
+        lines = console.file.getvalue().splitlines()
+        assert max(len(line) for line in lines) <= width
+        cells = [line.replace("│", " ").split() for line in lines]
+        rows = {row[0]: row[1:] for row in cells if row and row[0].startswith("encoder.3[")}
+        assert len(rows) == 16  # one line each: nothing folded onto a second line
+        for label, shown in rows.items():
+            assert shown == [f"{v:.{digits}g}" for v in result.series[label]], (width, label)

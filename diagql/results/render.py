@@ -13,6 +13,7 @@ import json
 import math
 
 from rich.console import Console, Group
+from rich import box
 from rich.text import Text
 
 from diagql.results.formats import (MAX_ROWS, bar, cell_text, group_label, items_text, number,
@@ -39,6 +40,12 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
         table = _info_table(result, max_rows)
         notes = [Text(note, style="yellow") for note in result.notes]
         title = [] if table.title or not result.title else [Text(result.title, style="bold")]
+        if result.kind == "across":
+            # Narrower, fewer digits; narrower still, a number is cut with '…', never folded:
+            # at 60 columns 0.4997 had read '0.499' with its '7' on the next line.
+            first = table
+            table = FittingTable([lambda: first, lambda: _info_table(result, max_rows, 3),
+                                  lambda: _info_table(result, max_rows, 3, whole=True)])
         return Group(*title, table, *notes) if notes or title else table
     parts = [Text(result.statement, style="bold")] if echo and result.statement else []
     parts.append(query_table(result, max_rows))
@@ -60,11 +67,13 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     return Group(*parts)
 
 
-def _info_table(result, max_rows: int) -> PlainTable:
+def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False) -> PlainTable:
+    """A table Result as rows; ``whole``: a column of numbers is cut with '…' where it must
+    be narrowed, not folded onto a second line."""
     limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
     # Checkpoints side by side: many columns, so 4 significant digits (the numbers are whole
     # in CSV and JSON).
-    cell = (lambda v: f"{v:.4g}" if isinstance(v, float) else cell_text(v)) \
+    cell = (lambda v: f"{v:.{digits}g}" if isinstance(v, float) else cell_text(v)) \
         if result.kind == "across" else cell_text
     rows = [[cell(v) for v in row] for row in result.rows[:limit]]
     # A title longer than the table (an ACROSS CHECKPOINTS statement over a few columns) is a
@@ -73,10 +82,14 @@ def _info_table(result, max_rows: int) -> PlainTable:
     width = sum(max([len(str(column))] + [len(row[i]) for row in rows])
                 for i, column in enumerate(result.columns)) + 3 * len(result.columns) + 1
     long = bool(result.title) and len(result.title) > width
+    # ``whole``: the narrowest form, no lines between columns and one space beside each.
+    compact = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": (0, 1, 0, 0)} \
+        if whole else {}
     table = PlainTable(title=None if long or not result.title else result.title,
-                       title_justify="left", title_style="bold")
+                       title_justify="left", title_style="bold", **compact)
     for column in result.columns:
-        table.add_column(column, overflow="fold")
+        # A number cut shows '…'; folded, 0.4997 read '0.499' with its '7' a line below.
+        table.add_column(column, overflow="ellipsis" if whole else "fold", no_wrap=whole)
     for row in rows:
         table.add_row(*row)
     if len(result.rows) > limit:
