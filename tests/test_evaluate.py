@@ -216,10 +216,15 @@ def test_every_score_stays_whole_at_any_width(conn):
     spreads = {f"{r[f'{name} sd']:.3f}" for r in result.records() for name in ("S1", "S2", "S3")
                if r[f"{name} sd"]}
     for text, width in ((str(result), None), (to_text(result, width=100), 100),
-                        (to_text(result, width=80), 80)):
-        rows = [line for line in text.splitlines() if line.startswith("│")]
-        cells = {cell.strip() for line in rows for cell in line.split("│")}
+                        (to_text(result, width=80), 80), (to_text(result, width=60), 60)):
+        # At 60 columns, no lines between columns (scores had been cut to "0.8…" there and
+        # the samplers' names to nothing).
+        rows = [line.replace("│", " ") for line in text.splitlines()
+                if line.startswith("│") or line.split()[:1] in (["random"], ["stratified"],
+                                                                   ["maxmargin"], ["5%"])]
+        cells = {cell for line in rows for cell in line.split()}
         assert scores <= cells and not any("…" in cell for cell in cells)
+        assert {"random", "stratified", "maxmargin"} <= cells
         if width is None:  # a string has no width: the spreads are there too
             assert spreads <= cells
         else:

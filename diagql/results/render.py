@@ -67,6 +67,10 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     return Group(*parts)
 
 
+# A table's narrowest form: no lines between columns, only the space that separates them.
+_COMPACT = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": 0}
+
+
 def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False) -> PlainTable:
     """A table Result as rows; ``whole``: a column of numbers is cut with '…' where it must
     be narrowed, not folded onto a second line."""
@@ -82,11 +86,8 @@ def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False) -> 
     width = sum(max([len(str(column))] + [len(row[i]) for row in rows])
                 for i, column in enumerate(result.columns)) + 3 * len(result.columns) + 1
     long = bool(result.title) and len(result.title) > width
-    # ``whole``: the narrowest form, no lines between columns and one space beside each.
-    compact = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": (0, 1, 0, 0)} \
-        if whole else {}
     table = PlainTable(title=None if long or not result.title else result.title,
-                       title_justify="left", title_style="bold", **compact)
+                       title_justify="left", title_style="bold", **(_COMPACT if whole else {}))
     for column in result.columns:
         # A number cut shows '…'; folded, 0.4997 read '0.499' with its '7' a line below.
         table.add_column(column, overflow="ellipsis" if whole else "fold", no_wrap=whole)
@@ -102,11 +103,13 @@ def _evaluation(result, echo: bool) -> Group:
     Where that does not fit the width, the spreads go first, then the item counts and the
     draw's seconds, then the assisted scores' headers take two lines (results/tables.py)."""
     rows = result.records()
-    table = FittingTable(functools.partial(_evaluation_table, rows, spreads, counts, folded)
-                         for spreads, counts, folded in ((True, True, False),
-                                                         (False, True, False),
-                                                         (False, False, False),
-                                                         (False, False, True)))
+    table = FittingTable(functools.partial(_evaluation_table, rows, spreads, counts, folded,
+                                           compact)
+                         for spreads, counts, folded, compact in ((True, True, False, False),
+                                                                  (False, True, False, False),
+                                                                  (False, False, False, False),
+                                                                  (False, False, True, False),
+                                                                  (False, False, True, True)))
     parts = [Text(result.statement, style="bold")] if echo and result.statement else []
     parts += [table, Text(result.title, style="dim")]
     timings = result.timings
@@ -119,8 +122,10 @@ def _evaluation(result, echo: bool) -> Group:
     return Group(*parts)
 
 
-def _evaluation_table(rows: list[dict], spreads: bool, counts: bool,
-                      folded: bool) -> PlainTable:
+def _evaluation_table(rows: list[dict], spreads: bool, counts: bool, folded: bool,
+                      compact: bool = False) -> PlainTable:
+    """``compact``: the narrowest form, no item count and no lines between columns (at 60
+    columns the scores had been cut to '0.8…' and the samplers' names to nothing)."""
     from diagql.results.metrics import METRICS
 
     show_k = len({r["k"] for r in rows}) > 1
@@ -129,7 +134,7 @@ def _evaluation_table(rows: list[dict], spreads: bool, counts: bool,
     names = [m.paper for m in METRICS]  # EVALUATE's columns: S1, S1 sd, S2, ...
     # none with one seed
     spread = spreads and any(r[f"{name} sd"] for r in rows for name in names)
-    table = PlainTable()
+    table = PlainTable(**(_COMPACT if compact else {}))
     table.add_column("sampler", style="cyan", overflow="fold")
     table.add_column("size", justify="right")
     for name, shown in (("k", show_k), ("j", show_j)):
@@ -144,7 +149,8 @@ def _evaluation_table(rows: list[dict], spreads: bool, counts: bool,
         for metric in METRICS:
             table.add_column(f"{metric.paper}\nasst" if folded else f"{metric.paper} asst",
                              justify="right", style="green")
-    shown = ("items", "correct", "incorrect", "draw s") if counts else ("items",)
+    shown = ("items", "correct", "incorrect", "draw s") if counts else \
+        () if compact else ("items",)
     for name in shown:
         table.add_column(name, justify="right")
     previous = None
