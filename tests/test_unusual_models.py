@@ -463,6 +463,9 @@ def test_data_that_reads_differently_past_its_first_items_is_warned_of_not_refus
     assert any("different inputs on two reads" in t for t in told)
     assert not any("share its batch" in t for t in told)
     assert answer.n_items == 40
+    # Said once as a warning, and kept where the profile and the models are shown.
+    for shown in ("SHOW PROFILE", "SHOW MODELS"):
+        assert any("different inputs on two reads" in note for note in conn.query(shown).notes)
 
 
 class _AlwaysDropout(nn.Module):

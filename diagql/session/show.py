@@ -48,7 +48,8 @@ def _models(conn, statement) -> Result:
             # its warning had been left out, and no later statement gave it.
             catalog = entry.catalog
             notes += [notice if len(conn.models) == 1 else f"{name}: {notice}"
-                      for notice in profile_notices(profile, catalog and catalog.scores)]
+                      for notice in (*(catalog.notices if catalog else ()),
+                                     *profile_notices(profile, catalog and catalog.scores))]
         parameters = Count(sum(p.numel() for p in module.parameters()))
         rows.append((name, type(module).__name__, parameters,
                      entry.describe_weights(), accuracy, "*" if entry is current else "",
@@ -184,7 +185,9 @@ def _profile(conn, statement) -> Result:
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
              f"({profile.latents.shape[1]} dims), computed in {profile.seconds:.2f} s; "
              f"rows: true class, columns: predicted")
-    notes = profile_notices(profile, conn.catalog.scores)
+    # And what the probe warned of (data that reads differently, a model whose outputs
+    # depend on its batch), which every answer shares and a warning said only once.
+    notes = list(conn.catalog.notices) + profile_notices(profile, conn.catalog.scores)
     if wide:
         notes.append(f"{n:,} classes, worst accuracy first, each with the classes it is most "
                      f"often predicted as; in Python, conn.profile.confusion_cells() gives the "
