@@ -72,8 +72,9 @@ _COMPACT = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": 0}
 
 
 def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False) -> PlainTable:
-    """A table Result as rows; ``whole``: a column of numbers is cut with '…' where it must
-    be narrowed, not folded onto a second line."""
+    """A table Result as rows, numbers of an across table to ``digits`` significant digits;
+    ``whole``: the narrowest form, a cell cut with '…' where it must be, never folded onto a
+    second line."""
     limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
     # Checkpoints side by side: many columns, so 4 significant digits (the numbers are whole
     # in CSV and JSON).
