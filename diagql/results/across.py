@@ -57,48 +57,39 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
 def _sampled(answers: dict) -> list[str]:
     """A sampled statement's provenance: the one sample drawn on the final model's profile,
     said once for the models whose answers it gave (an UNTIL's or AUTO's may be exact for
-    some), and each answer's choice (USING AUTO) and growth (UNTIL, WITHIN), which its own
-    table says below it."""
+    some)."""
     drawn: dict[str, list[str]] = {}
     for name, answer in answers.items():
         provenance = answer.provenance
         if provenance is not None and provenance.approximate:
             drawn.setdefault(provenance.describe(), []).append(name)
-    every = len(answers) > 1
-    lines = [f"{'each answer' if every and len(names) == len(answers) else ', '.join(names)} "
-             f"from the {how}" for how, names in drawn.items()]
-    return lines if any(how for how in drawn) else []
+    return [f"{_whose(names, answers, 'each answer')} from the {how}"
+            for how, names in drawn.items()]
 
 
-def _provenance_lines(answer) -> list[str]:
-    """What an answer's own table says below it of how it was got: AUTO's choice, the
-    growth of UNTIL or WITHIN."""
-    provenance = answer.provenance
-    if provenance is None:
-        return []
-    return [line for line in (provenance.choice,
-                              provenance.growth and provenance.growth.text()) if line]
+def _whose(names: list[str], answers: dict, every: str) -> str:
+    """The models a line is said of: ``every`` where it is all of several."""
+    return every if 1 < len(answers) == len(names) else ", ".join(names)
 
 
 def _notes(answers: dict) -> list[str]:
-    """Each answer's estimate as its own table says it (SIMILARITY's table holds it as its
-    first note), its notes and its groups' (a one-item group's undefined CKA, which its cell
-    shows as a dash), said once with the models that have them."""
+    """Each answer's choice (USING AUTO), growth (UNTIL, WITHIN) and estimate as its own
+    table says them (SIMILARITY's table holds its estimate as its first note), its notes and
+    its groups' (a one-item group's undefined CKA, which its cell shows as a dash), said once
+    with the models that have them."""
     from diagql.results import render
 
     said: dict[str, list[str]] = {}
     for name, answer in answers.items():
         group_by = getattr(answer.provenance, "group_by", None) or "group"
         line = render.estimate_line(answer) if answer.is_query else None
-        notes = _provenance_lines(answer) + ([] if line is None else [line.plain]) + \
+        notes = render.provenance_lines(answer) + ([] if line is None else [line.plain]) + \
             list(answer.notes) + [
             f"{group_by} = {key}: {note}" for key, part in (answer.groups or {}).items()
             for note in part.notes]
         for note in notes:
             said.setdefault(note, []).append(name)
-    every = len(answers) > 1
-    return [f"{'every model' if every and len(names) == len(answers) else ', '.join(names)}: "
-            f"{note}" for note, names in said.items()]
+    return [f"{_whose(names, answers, 'every model')}: {note}" for note, names in said.items()]
 
 
 def _namer(key_names: list[str], classes):
@@ -164,12 +155,10 @@ def _split(answer, record: dict) -> tuple[list[str], tuple, str | float, float]:
     bounds = [record.get(n) for n in _INTERVAL]
     interval = f" [{bounds[0]:.3g}, {bounds[1]:.3g}]" if all(
         isinstance(b, float) and math.isfinite(b) for b in bounds) else ""
-    text = ", ".join(f"{n}={_num(record[n])}" for n in shown) if len(shown) > 1 else \
-        (_num(record[shown[0]]) if shown else "")
-    if interval and shown:
-        head, _, rest = text.partition(", ")
-        text = head + interval + (", " + rest if rest else "")
-    return names, key, text, record[shown[0]] if shown else math.nan
+    cells = [f"{n}={_num(record[n])}" if len(shown) > 1 else _num(record[n]) for n in shown]
+    if cells:
+        cells[0] += interval
+    return names, key, ", ".join(cells), record[shown[0]] if shown else math.nan
 
 
 def _sortable(value) -> tuple:

@@ -51,11 +51,7 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
     parts.append(query_table(result, max_rows))
     # Below the table rather than as its caption, which rich would wrap to the table's width.
     parts.append(Text(_caption(result), style="dim"))
-    provenance = result.provenance
-    for line in (provenance.choice, provenance.growth and provenance.growth.text()) \
-            if provenance is not None else ():
-        if line:
-            parts.append(Text(line, style="cyan"))
+    parts += [Text(line, style="cyan") for line in provenance_lines(result)]
     line = estimate_line(result)
     if line is not None:
         parts.append(line)
@@ -221,6 +217,16 @@ def sample_size_text(size) -> str:
     if isinstance(size, float):
         return f"{size * 100:.4g}%"
     return f"{size:,}"
+
+
+def provenance_lines(result) -> list[str]:
+    """How a sampled answer was got, said below its table: AUTO's choice, the growth of
+    UNTIL or WITHIN."""
+    provenance = result.provenance
+    if provenance is None:
+        return []
+    return [line for line in (provenance.choice,
+                              provenance.growth and provenance.growth.text()) if line]
 
 
 def estimate_line(result) -> Text | None:

@@ -99,7 +99,7 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
     exact_cost = n_match * per_item  # the exact answer's pass, over the matching items
     rounds: list[Round] = []
     result, sizes, draws, reached, stop = None, [], 0.0, None, "data exhausted"
-    asked: list[int] = []  # each round's size asked of the sampler (``sizes``: what it held)
+    asked = 0  # the last round's size asked of the sampler (``sizes[-1]``: what it held)
     last_round = 0.0  # the last round's seconds, draw included: the next costs at least as much
     with conn.progress.live() as show:
         if conn.progress.enabled:  # the table refines in place; no bars beneath it
@@ -112,7 +112,7 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
                 # A sampler that holds more than the size asked (stratified's floor a cell,
                 # vas's and gmm's unions) grows by its own ratio: foreseen as n − sizes[-1],
                 # a stratified round of 4,685 items was taken for 846.
-                coming = max(n - sizes[-1], n * sizes[-1] / max(asked[-1], 1) - sizes[-1])
+                coming = max(n - sizes[-1], n * sizes[-1] / max(asked, 1) - sizes[-1])
                 if last_round * coming / max(added, 1) >= exact_cost:
                     stop = _exact_or_spent(until, started, exact_cost)
                     break
@@ -146,7 +146,7 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
             last_round = time.perf_counter() - drawn_at + (0.0 if sizes else first_draw)
             last = (bound.sampler, items, round_plan.sampler_spec)
             sizes.append(len(items))
-            asked.append(n)
+            asked = n
             reached = _reached(result, round_plan, until.target)
             show(_progress(result, until, sizes, reached))
             if until.target is not None and reached is not None and \
