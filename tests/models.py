@@ -144,3 +144,19 @@ def tabular(n: int, seed: int = 8) -> tuple[torch.Tensor, torch.Tensor, nn.Seque
     with torch.no_grad():
         hidden = model[1](model[0](X)).double().numpy()
     return X, y, model, hidden
+
+
+class CountedItems(torch.utils.data.Dataset):
+    """(x, y) items one by one, counting the reads made in this process (a loader's workers
+    count in their own copies)."""
+
+    def __init__(self, X, y):
+        self.X, self.y, self.reads = X, y, 0
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.X[i], self.y[i]
+

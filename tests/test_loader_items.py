@@ -15,6 +15,7 @@ from torch.utils.data import (DataLoader, SubsetRandomSampler, TensorDataset,
 
 import diagql
 from diagql.errors import DiagQLError, DiagQLWarning
+from tests import models
 
 
 @pytest.fixture(scope="module")
@@ -98,35 +99,21 @@ def test_drop_last_is_said_and_every_item_read(world):
     assert caught[0].filename == __file__  # the user's line, not DiagQL's (data.py:79 before)
 
 
-class _ReadWhere(torch.utils.data.Dataset):
-    """Items that note the process reading them (a worker's notes stay in the worker)."""
-
-    def __init__(self, X, y):
-        self.X, self.y, self.here = X, y, 0
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        self.here += 1
-        return self.X[i], self.y[i]
-
-
 def test_a_few_items_of_a_loader_with_workers_are_read_in_this_process(world):
     """Every probe read of a few items started the loader's workers anew: where processes
     spawn (macOS, Windows), SHOW LAYERS over a loader of 2 workers took 139 s."""
     model, X, y = world
-    data = _ReadWhere(X, y)
+    data = models.CountedItems(X, y)
     db = diagql.connect(model, DataLoader(data, batch_size=50, num_workers=2), progress=False,
                         cache_dir=False)
     db.query("SHOW LAYERS")
-    probed = data.here
+    probed = data.reads
     assert 0 < probed < 300  # the probe's reads, here; none of them in a worker
     with torch.no_grad():
         hidden = model[1](model[0](X)).double()
     np.testing.assert_allclose(db.query("AVG NEURONS IN 1").values, hidden.mean(0).numpy(),
                                rtol=1e-6)
-    assert data.here - probed < 300  # the passes over every item ran in the workers
+    assert data.reads - probed < 300  # the passes over every item ran in the workers
 
 
 def test_a_sampler_with_replacement_is_refused(world):

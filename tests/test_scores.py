@@ -16,6 +16,7 @@ from torch import nn
 
 import diagql
 from diagql.errors import DiagQLError, DiagQLWarning
+from tests import models
 
 N, D, WIDE, CLASSES = 120, 6, 16, 5
 Pair = collections.namedtuple("Pair", ["features", "logits"])
@@ -341,23 +342,9 @@ def test_two_candidates_that_both_fit_the_labels_are_refused():
         assert np.array_equal(chosen.profile.predictions, model.head(X).argmax(1).numpy())
 
 
-class Items(torch.utils.data.Dataset):
-    """(x, y) items one by one: labels DiagQL can only know by reading every item."""
-
-    def __init__(self, X, y):
-        self.X, self.y, self.reads = X, y, 0
-
-    def __len__(self):
-        return len(self.X)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        return self.X[i], self.y[i]
-
-
 def test_a_datasets_labels_are_read_once_to_decide():
     model, (X, y) = TwoHeads(), data()
-    items = Items(X, y)
+    items = models.CountedItems(X, y)  # labels DiagQL can only know by reading every item
     conn = diagql.connect(model, items, cache_dir=False, progress=False)
     check(conn, by_hand(model, X, y))
     # At most two probes (the profile's own, then the catalog's) of 1 + 2 + 3 items, the
