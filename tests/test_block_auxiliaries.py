@@ -637,8 +637,35 @@ def test_explain_says_what_the_fit_was_checked_on(db):
     block = dict(db.query("EXPLAIN AVG NEURONS IN 2 USING SAMPLE random(0.1)").plan.explain())
     inner = dict(db.query("EXPLAIN AVG NEURONS IN 4 USING SAMPLE random(0.1)").plan.explain())
     assert "checked on 2's minor directions" in block["estimator"]
-    assert ("checked on 2's minor directions and its leading ones' magnitudes and the "
-            "latent's next components") in inner["estimator"]  # 4 is in no block: beside 2
+    assert ("checked on 2's minor directions, its leading ones' magnitudes, its neurons' "
+            "magnitudes and the latent's next components") in inner["estimator"]  # beside 2
+
+
+def test_a_layer_after_its_block_is_checked_on_the_blocks_neuron_magnitudes():
+    """A ReLU after its Linear is checked on |y| of the Linear's neurons y (plain torch), the
+    ones whose sign varies, each of unit variance: a narrow block's projections rebuild it."""
+    g = torch.Generator().manual_seed(4)
+    X, y = torch.randn(600, 5, generator=g), torch.arange(600) % 3
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias[:3] = 50.0  # three neurons always positive: no fold, not checked
+        rows = model[0](X).double().numpy()
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    plan = db.query("EXPLAIN AVG NEURONS IN 1 USING SAMPLE maxmargin(0.2)").plan
+    assert "its neurons' magnitudes" in dict(plan.explain())["estimator"]
+    block = db.profile.auxiliary(View(db.catalog["0"]).key)
+    folds = extrapolation.neuron_folds(db.profile, block)
+    positive = (rows > 0).mean(axis=0)
+    mixed = np.minimum(positive, 1 - positive) >= 0.02
+    assert not mixed[:3].any() and mixed.sum() >= 6
+    expected = np.abs(rows[:, mixed])
+    np.testing.assert_allclose(folds, expected / expected.std(axis=0), rtol=1e-3, atol=1e-3)
+    assert extrapolation.neuron_folds(db.profile, block) is folds  # once per profile
+    # The block itself: checked on its own minor directions, not these magnitudes.
+    inner = dict(db.query("EXPLAIN AVG NEURONS IN 0 USING SAMPLE maxmargin(0.2)").plan.explain())
+    assert "neurons' magnitudes" not in inner["estimator"]
 
 
 def test_the_latents_minor_components_follow_the_covariates(db):

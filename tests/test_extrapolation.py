@@ -88,7 +88,7 @@ def test_a_layer_inside_a_block_is_fitted_and_checked_on_that_blocks_projections
     text = dict(conn.query("EXPLAIN AVG NEURONS IN 0.0 USING SAMPLE random(0.1)")
                 .plan.explain())["estimator"]
     assert "the 32 leading principal components of 0, the nearest block" in text
-    assert "checked on 0's minor directions and its leading ones' magnitudes and the " \
+    assert "checked on 0's minor directions, its leading ones' magnitudes and the " \
            "latent's next components" in text
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from diagql.engine import covariates as covariates_module
 from diagql.engine.covariates import Covariates, leading
 from diagql.engine.regression import assisted, of_rows
+from diagql.model.auxiliaries import spread_items
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space, one_blas_thread
 
@@ -82,11 +83,16 @@ def check_for(profile: Profile, layer: str, chosen) -> Check | None:
         shares = (WHOLE_SHARE,) * 3 if neighbour.layer == layer else \
             (NEIGHBOUR_SHARE, NEIGHBOUR_SHARE,
              NEIGHBOUR_SHARE if chosen.encloses else WHOLE_SHARE)
+        words = [f"{neighbour.layer}'s minor directions", "its leading ones' magnitudes"]
+        folds = None if neighbour.layer == layer or chosen.encloses else \
+            neuron_folds(profile, neighbour)
+        if folds is not None:  # a layer after its block: an MLP's ReLU after its Linear
+            parts, shares = parts + (folds,), shares[:len(parts)] + (WHOLE_SHARE,)
+            words.append("its neurons' magnitudes")
+        if minor is not None:
+            words.append("the latent's next components")
         return Check(parts, shares[:len(parts)],
-                     f"{neighbour.layer}'s minor directions and its leading ones' "
-                     f"magnitudes" + ("" if minor is None else
-                                      " and the latent's next components"),
-                     whole_fit=True, each=True)
+                     ", ".join(words[:-1]) + " and " + words[-1], whole_fit=True, each=True)
     if auxiliary is not None:
         k = auxiliary.z.shape[1]
         if k < 2:
@@ -116,6 +122,43 @@ def _folded(neighbour) -> np.ndarray:
     beyond the leading directions the fit does not see; the latent's next components, a layer
     near the latent (a pooling just before the head)."""
     return np.abs(neighbour.z[:, :leading(neighbour)])
+
+
+# A layer after its block (an MLP's ReLU after its Linear) is checked on the magnitudes of
+# at most this many of the block's neurons, those whose sign varies most.
+FOLDS = 64
+FOLD_ITEMS = 2048  # the items the neurons are chosen on, spread over the data
+_FOLDS: dict = {}  # once per profile and block (covariates.once_per_profile)
+
+
+def neuron_folds(profile: Profile, block) -> np.ndarray | None:
+    """(N, ≤ FOLDS) float32: |y_j| of the ``block``'s neurons j rebuilt from its projections
+    (y ≈ mean + basis z) for every item, each scaled to unit variance; the neurons whose sign
+    varies most (at least 2% of the items on either side), None when none does. A ReLU after
+    a Linear is y/2 + |y|/2 of each neuron: the fit on the block's leading directions follows
+    y, and misses what |y| averages to where the sampler draws far from the matching items
+    (an MLP's ReLU under ebtree and weighted covered 0.84-0.87 with the directions'
+    magnitudes |z| alone, which fold at their mean, not at each neuron's zero:
+    benchmarks/README.md, "2026-12-04 (nineteenth session)")."""
+    return covariates_module.once_per_profile(_FOLDS, (id(profile), block.key), profile,
+                                              lambda: _neuron_folds(block))
+
+
+def _neuron_folds(block) -> np.ndarray | None:
+    z, basis, mean = block.z, block.basis, block.mean
+    with one_blas_thread():
+        chosen = z[spread_items(len(z), FOLD_ITEMS)]
+        positive = (mean + chosen @ basis.T > 0).mean(axis=0)
+        mixed = np.minimum(positive, 1 - positive)
+        order = np.argsort(-mixed, kind="stable")[:FOLDS]
+        order = np.sort(order[mixed[order] >= 0.02])
+        if not len(order):
+            return None
+        folds = np.abs(mean[order] + z @ basis[order].T)
+    spread = folds.std(axis=0, dtype=np.float64)
+    out = (folds / np.where(spread > 0, spread, 1.0)).astype(np.float32)
+    out.setflags(write=False)
+    return out
 
 
 _MINOR: dict = {}  # once per profile (covariates.once_per_profile)
