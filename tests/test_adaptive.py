@@ -375,6 +375,50 @@ def test_the_profiles_pass_seconds_leave_out_its_own_work(monkeypatch):
         pytest.approx(profile.seconds / 2560)
 
 
+def test_an_exact_pass_costs_the_profile_passs_share_until_its_layer():
+    """A query's pass stops after its layer, so its exact answer costs the share of the
+    profile pass until that layer's output was ready (model/pass_clock.py): the whole pass had
+    foretold an MLP's first ReLU 3.4x dearer than its exact pass, and USING AUTO and UNTIL
+    chose samples dearer than the exact answer. Here 0.2 ms an item come after ``first``."""
+    torch.manual_seed(0)
+    X, y = torch.randn(2560, 4), torch.randint(0, 3, (2560,))
+    conn = diagql.connect(_SlowTail().eval(), (X, y), cache_dir=False, progress=False)
+    profile = conn.profile
+    assert profile.pass_seconds >= 2e-4 * 2560
+    assert profile.reached["first"] < 0.2 < 0.8 < profile.reached["tail"] <= 1.0
+    whole = profile.seconds_per_item()
+    assert profile.seconds_per_item(("first",)) == pytest.approx(
+        whole * profile.reached["first"])
+    assert profile.seconds_per_item(("first", "tail")) == pytest.approx(
+        whole * profile.reached["tail"])
+    assert profile.seconds_per_item(("first", "elsewhere")) == whole  # not timed: the whole
+    started = time.perf_counter()
+    conn.query("AVG NEURONS IN first USING FULL")
+    took = time.perf_counter() - started
+    assert took < 0.5 * 2e-4 * 2560  # the exact pass stopped before the sleep
+    costs = {layer: dict(conn.query(f"EXPLAIN AVG NEURONS IN {layer} USING FULL").plan
+                         .explain())["cost"] for layer in ("first", "tail")}
+    assert costs["first"] != costs["tail"]
+    back = Profile.from_arrays(profile.to_arrays(), len(profile))
+    assert back.reached == profile.reached
+    arrays = profile.to_arrays()
+    del arrays["reached_layers"], arrays["reached_shares"]  # an older entry: the whole pass
+    assert Profile.from_arrays(arrays, len(profile)).seconds_per_item(("first",)) == whole
+
+
+class _SlowTail(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+        self.tail = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = self.first(x)
+        time.sleep(2e-4 * len(x))
+        return self.head(torch.relu(self.tail(hidden)))
+
+
 class _Sleepy(torch.nn.Module):
     """0.5 ms an item: the exact pass over 1,000 items takes 0.5 s, a round of 50 0.025 s."""
 
@@ -562,7 +606,7 @@ def test_a_last_round_of_every_item_past_the_budget_is_exact_and_says_it_ran_ove
     model = _Sleepier().eval()
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     conn.query("SHOW PROFILE")
-    monkeypatch.setattr(Profile, "seconds_per_item", lambda self: 1e-9)  # foreseen to fit
+    monkeypatch.setattr(Profile, "seconds_per_item", lambda self, layers=(): 1e-9)  # foreseen to fit
     result = conn.query("AVG NEURONS IN body.0 USING SAMPLE random(150) WITHIN 0.4 SECONDS")
     growth = result.provenance.growth
     assert growth.sizes == (150, 300) and growth.stop == "data exhausted", growth

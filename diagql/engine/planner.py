@@ -270,8 +270,16 @@ def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baselin
         what = ("the profile's logits" if rows is profile.logits
                 else f"the profile's latent ({profile.latent_layer})")
     return Plan(bound, items, None if keys is None else keys[items], len(profile), n_sample, spec,
-                profile.seconds_per_item(), population, baseline, profile_rows=rows,
+                profile.seconds_per_item(pass_layers(bound)), population, baseline,
+                profile_rows=rows,
                 profile_what=what, profile_winners=winners)
+
+
+def pass_layers(bound) -> tuple[str, ...]:
+    """The layers a bound statement's pass hooks, whose share of the profile pass it costs
+    (``Profile.seconds_per_item``): a query's one, a SIMILARITY's each."""
+    views = getattr(bound, "views", None) or (bound.view,)
+    return tuple(view.layer.name for view in views)
 
 
 def profile_winners(bound: BoundQuery, profile: Profile) -> np.ndarray | None:

@@ -18,6 +18,7 @@ from diagql.engine.ray_workers import (ENGINES, Tally, Worker, free_for, holders
                                       killed, put_once, start_ray, too_few)
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
+from diagql.model import pass_clock
 from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part,
                                   profile_part, projected_part, with_blocks)
 
@@ -192,7 +193,7 @@ class RayEngine:
                                   fit, latent, latent_is_input, view=view, dtype=dtype)
             parts = [first, *parts]
         return dataclasses.replace(profile, seconds=time.perf_counter() - started,
-                                   pass_seconds=sum(part.pass_seconds for part in parts))
+                                   **pass_clock.merged(parts))
 
     def _shards(self, items: np.ndarray, batch_size: int) -> list[np.ndarray]:
         return shard_items(items, batch_size, len(self.start()) * SHARDS_PER_WORKER)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,11 +12,13 @@ import torch
 
 from diagql.errors import DiagQLError, ExecutionError, warn
 from diagql.model import auxiliaries as aux
+from diagql.model import pass_clock
 from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource
 from diagql.model.forward import call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.labels import check_labels
+from diagql.model.pass_clock import PassClock
 from diagql.model.same_rows import SameRows, comparisons, fan_out
 from diagql.model.scores import Scores, as_logits, classes_of, same_widths
 from diagql.model.views import ModuleCall, View, input_rows
@@ -57,6 +60,9 @@ class Profile:
     # the comparisons, their fits): about what an exact query's pass over every item costs
     # (``seconds_per_item``). None: not measured (a cache entry of an older version).
     pass_seconds: float | None = None
+    # Each layer's share of that pass when its output was ready, for the layers the pass
+    # hooked (model/pass_clock.py): a query's pass stops after its layers.
+    reached: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.auxiliaries, aux.Auxiliaries):
@@ -110,11 +116,16 @@ class Profile:
         matrix[true, predicted] = counts
         return matrix
 
-    def seconds_per_item(self) -> float:
-        """About what a query's pass costs per item (EXPLAIN's cost, USING AUTO's and an
-        error-bounded query's exact answer): the profile pass less DiagQL's own work in it,
-        which on a small model had made an exact pass look 4-15x dearer than it was."""
+    def seconds_per_item(self, layers: Iterable[str] = ()) -> float:
+        """About what a query's pass over ``layers`` costs per item (EXPLAIN's cost, USING
+        AUTO's and an error-bounded query's exact answer): the profile pass less DiagQL's own
+        work in it, which on a small model had made an exact pass look 4-15x dearer than it
+        was, and of that the share until the last of ``layers`` was ready, where the pass
+        timed each (a pass stops after its layers: model/pass_clock.py)."""
         seconds = self.seconds if self.pass_seconds is None else self.pass_seconds
+        shares = [self.reached.get(layer) for layer in layers]
+        if shares and None not in shares:
+            seconds *= max(shares)
         return seconds / max(len(self), 1)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -130,6 +141,8 @@ class Profile:
             arrays["covariates"] = self.covariates
         if self.pass_seconds is not None:
             arrays["pass_seconds"] = np.float64(self.pass_seconds)
+        arrays["reached_layers"] = np.array(list(self.reached), dtype=np.str_)
+        arrays["reached_shares"] = np.array(list(self.reached.values()), dtype=np.float64)
         arrays.update(aux.to_arrays(self.auxiliaries))  # their names: each has its own entry
         arrays["winner_keys"] = np.array(list(self.winners), dtype=np.str_)
         for i, winners in enumerate(self.winners.values()):
@@ -152,6 +165,7 @@ class Profile:
             auxiliaries=aux.from_arrays(arrays, load_auxiliary),
             covariates=arrays.get("covariates"), winners=_winners(arrays, n_items),
             pass_seconds=float(arrays["pass_seconds"]) if "pass_seconds" in arrays else None,
+            reached=_reached(arrays),
             **_views(arrays["views"]))
         logits = profile.logits
         # A binary classifier's one logit per item scores two classes (``_logits``).
@@ -181,6 +195,15 @@ def _winners(arrays, n_items: int) -> dict[str, np.ndarray]:
             raise ValueError(f"its winners of {key} do not describe {n_items:,} items")
         out[key] = winners
     return out
+
+
+def _reached(arrays) -> dict:
+    if "reached_layers" not in arrays:  # an entry of an older version: the whole pass
+        return {}
+    layers, shares = arrays["reached_layers"], arrays["reached_shares"]
+    if layers.shape != shares.shape or not np.all((shares >= 0) & (shares <= 1)):
+        raise ValueError("its layers' shares of the pass do not match")
+    return {str(layer): float(share) for layer, share in zip(layers, shares)}
 
 
 def _views(text) -> dict:
@@ -229,7 +252,7 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
             profile = with_blocks(pieces, n, views, fits, fit, latent, latent_is_input,
                                   view=view, dtype=dtype)
     return dataclasses.replace(profile, seconds=time.perf_counter() - started,
-                               pass_seconds=sum(part.pass_seconds for part in parts))
+                               **pass_clock.merged(parts))
 
 
 @dataclass
@@ -250,8 +273,10 @@ class ProfilePart:
     # Each layer's winners of these items, by view key (model/winners.py).
     winners: dict[str, np.ndarray] | None = None
     # The pass's seconds less DiagQL's own work in it (the blocks' projections, the winners,
-    # the comparisons): about an exact query's pass over these items (``Profile.pass_seconds``).
+    # the comparisons): about an exact query's pass over these items (``Profile.pass_seconds``),
+    # and the seconds of it until each hooked layer's output was ready (model/pass_clock.py).
     pass_seconds: float = 0.0
+    reached: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
@@ -293,8 +318,8 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     for name, callback in [*(project.callbacks() if project is not None else {}).items(),
                            *keeper.callbacks().items()]:
         checks[name] = fan_out([checks[name], callback]) if name in checks else callback
-    began, own = time.perf_counter(), [0.0]  # own: DiagQL's work, in the hooks and after
-    checks = {name: _timed(callback, own) for name, callback in checks.items()}
+    clock = PassClock()  # DiagQL's own work, in the hooks and after, apart
+    checks = {name: clock.timed(name, callback) for name, callback in checks.items()}
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
             Hooks(model, checks) as compared:
         for idx, x, y in source.batches(items, batch_size):
@@ -330,24 +355,14 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             if project is not None:
                 project.after_batch(len(idx))
             keeper.after_batch(len(idx))
-            own[0] += time.perf_counter() - after
+            clock.own += time.perf_counter() - after
             position += len(idx)
             advance(len(idx))
+            clock.next_batch()
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
                        classes_of(tuple(logits.shape[1:])), kept_logits, same_latent.keys(),
                        same_logits.keys() if logits_kept else (), winners=keeper.result(),
-                       pass_seconds=max(time.perf_counter() - began - own[0], 0.0))
-
-
-def _timed(callback, own: list):
-    """``callback``, its seconds added to ``own[0]``."""
-    def timed(call: ModuleCall) -> None:
-        started = time.perf_counter()
-        try:
-            callback(call)
-        finally:
-            own[0] += time.perf_counter() - started
-    return timed
+                       pass_seconds=clock.seconds(), reached=clock.reached)
 
 
 def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray, np.ndarray]:

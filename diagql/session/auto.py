@@ -30,26 +30,34 @@ def default_sampler(conn, profile) -> samplers.Sampler:
 
 
 def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
-                 artifacts) -> tuple[str | None, str]:
+                 artifacts, layers: tuple[str, ...] = ()) -> tuple[str | None, str]:
     """Whether a pass over the ``n_match`` matching items costs less than drawing
     ``sampler``'s sample, not drawn yet: (why exact, where it does, else None; the costs
     weighed where they were, for a sample's reason, else ""). Drawing may cost more than the
     exact pass (maxmargin's SVM has a classifier per class: 1,000 classes over 3,000 items
     took 18 s beside a 0.2 s exact answer). The pass's model time, as the profile pass
     measured it: on Ray without the workers' start, which a sample's pass would pay as well
-    (docs/ARCHITECTURE.md, "Plan and execute")."""
+    (docs/ARCHITECTURE.md, "Plan and execute"), until the last of ``layers`` (``pass_layers``)."""
     if artifacts.has_sample(sampler):
         return None, ""
     draw = sampler.draw_seconds(len(profile), profile.n_classes, profile.latents.shape[1])
     if draw is None:
         return None, ""
-    exact = n_match * profile.seconds_per_item()
+    exact = n_match * profile.seconds_per_item(layers)
     pass_cost = f"≈ {exact:.2g} s of model time" + \
         (", the Ray workers' start not counted" if conn.engine is not None else "")
     if exact <= draw:
         return (f"a pass over the {n_match:,} matching items ({pass_cost}) costs less than "
                 f"drawing a {sampler.spec()} sample (≈ {draw:.2g} s)"), ""
     return None, f"; a pass over them all ({pass_cost}) costs more than the draw (≈ {draw:.2g} s)"
+
+
+def pass_layers(bound: BoundQuery, own: bool) -> tuple[str, ...]:
+    """The layers whose share of the profile pass a query's exact pass costs
+    (``Profile.seconds_per_item``), where the profile is its model's (``own``)."""
+    from diagql.engine.planner import pass_layers as hooked
+
+    return hooked(bound) if own else ()
 
 
 def matching(query: ast.Query, profile) -> np.ndarray:
@@ -84,7 +92,8 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
         return bound, (f"AUTO chose exact: {n_match:,} matching items, too few to sample "
                        f"(a sample of at most {n_sample:,} would estimate little)"), 0.0
     artifacts = src.sampling.artifacts
-    cheaper, weighed = pass_or_draw(conn, sampler, profile, n_match, artifacts)
+    cheaper, weighed = pass_or_draw(conn, sampler, profile, n_match, artifacts,
+                                    pass_layers(bound, src.own))
     if cheaper is not None:
         return bound, f"AUTO chose exact: {cheaper}", 0.0
     sample, fresh = artifacts.get_sample(sampler)

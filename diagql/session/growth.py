@@ -17,7 +17,7 @@ from diagql.language import ast
 from diagql.language.binder import TARGETS, BoundQuery
 from diagql.progress import Progress
 from diagql.results.result import Growth, Result
-from diagql.session.auto import ABOUT, default_sampler, pass_or_draw
+from diagql.session.auto import ABOUT, default_sampler, pass_layers, pass_or_draw
 
 # Without a size in the call, the first round is 1% of the data, at least 100 items.
 START_FRACTION = 0.01
@@ -48,7 +48,8 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
     if n_match <= start:
         return dataclasses.replace(bound, sampler=None), (
             f"exact: {n_match:,} matching items, no more than the first round's {start:,}")
-    exact = n_match * profile.seconds_per_item()  # the pass's model time, as the profile's
+    # The pass's model time, as the profile's until the query's layer.
+    exact = n_match * profile.seconds_per_item(pass_layers(bound, src.own))
     if query.until.target is None and exact <= FITS * query.until.seconds:
         # WITHIN alone asks for the best answer the time allows: exact, where it fits (the
         # rounds reached it anyway, 0.66 s where it took 0.24).
@@ -58,7 +59,8 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
     if bound.sampler is None:
         # The default sampler's first draw (maxmargin's classifiers) may cost more than the
         # exact pass, which the rounds would then reach anyway: 0.7 s where exact took 0.08.
-        cheaper, _ = pass_or_draw(conn, sampler, profile, n_match, src.sampling.artifacts)
+        cheaper, _ = pass_or_draw(conn, sampler, profile, n_match, src.sampling.artifacts,
+                                  pass_layers(bound, src.own))
         if cheaper is not None:
             return dataclasses.replace(bound, sampler=None), f"exact: {cheaper}"
     goal = _goal(query.until)
@@ -95,7 +97,7 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
     ladder = samplers.Ladder(sampler, lambda s: src.sampling.artifacts.get_sample(s)[0].indices)
     mask = predicate_mask(query.where, profile)
     n_match, n_items = int(mask.sum()), len(profile)
-    per_item = profile.seconds_per_item()
+    per_item = profile.seconds_per_item(pass_layers(plan.bound, src.own))
     exact_cost = n_match * per_item  # the exact answer's pass, over the matching items
     rounds: list[Round] = []
     result, sizes, draws, reached, stop = None, [], 0.0, None, "data exhausted"
