@@ -114,3 +114,59 @@ def test_a_sample_of_every_matching_item_is_exact_with_nothing_widened(digits, q
         np.testing.assert_array_equal(estimate.ci_low, estimate.ci_high)
     assert "it holds every matching item" in str(sampled)
     assert "widened" not in str(sampled)
+
+
+class _Residual(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1)  # registered last: a block of its own
+        self.out = nn.ReLU()
+
+    def forward(self, x):
+        return self.out(self.body(x) + self.skip(x))
+
+
+class _SmallResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.stage = _Residual(4, 24)  # most of the weights: a trunk, its children blocks too
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.flat = nn.Flatten()
+        self.hidden = nn.Sequential(nn.Linear(96, 16), nn.ReLU())  # its ReLU is the latent
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.hidden(self.flat(self.pool(self.stage(self.act(self.stem(x)))))))
+
+
+def test_a_layer_after_a_stage_is_fitted_on_the_stage_and_checked_on_the_latents_coordinates(
+        digits):
+    """A pooling after a residual stage reads the stage's output: it is fitted on the stage's
+    projections, not on its shortcut's (the last block registered before it), and, with no
+    block after it, also checked on the latent's own coordinates (the Linear whose ReLU is the
+    latent: latent = ReLU(hidden.0)), against numpy; a layer with blocks after it is not."""
+    torch.manual_seed(0)
+    model = _SmallResNet().eval()
+    conn = diagql.connect(model, digits, cache_dir=False, progress=False)
+    blocks = [layer for _, layer in conn.profile.auxiliaries.names]
+    assert {"stage", "stage.skip"} <= set(blocks)
+
+    def estimator(layer: str) -> str:
+        return dict(conn.query(f"EXPLAIN AVG NEURONS IN {layer} USING SAMPLE vas(0.1)")
+                    .plan.explain())["estimator"]
+
+    for layer in ("pool", "hidden.0"):
+        text = estimator(layer)
+        assert "of stage, the nearest block" in text and "the latent's coordinates" in text
+    text = estimator("act")
+    assert "of stem, the nearest block" in text and "coordinates" not in text
+    latents = conn.profile.latents.astype(np.float64)
+    spread = latents.std(axis=0)
+    varies = spread > 0
+    expected = (latents[:, varies] - latents[:, varies].mean(axis=0)) / spread[varies]
+    np.testing.assert_allclose(extrapolation.latent_coordinates(conn.profile), expected,
+                               rtol=1e-4, atol=1e-5)
