@@ -606,7 +606,8 @@ def test_a_last_round_of_every_item_past_the_budget_is_exact_and_says_it_ran_ove
     model = _Sleepier().eval()
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     conn.query("SHOW PROFILE")
-    monkeypatch.setattr(Profile, "seconds_per_item", lambda self, layers=(): 1e-9)  # foreseen to fit
+    # Foreseen to fit.
+    monkeypatch.setattr(Profile, "seconds_per_item", lambda self, layers=(): 1e-9)
     result = conn.query("AVG NEURONS IN body.0 USING SAMPLE random(150) WITHIN 0.4 SECONDS")
     growth = result.provenance.growth
     assert growth.sizes == (150, 300) and growth.stop == "data exhausted", growth

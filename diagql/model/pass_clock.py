@@ -1,10 +1,10 @@
 """How long the profile pass took, less DiagQL's own work in it, and how far into each batch
-every layer it hooks had its output ready (docs/ARCHITECTURE.md, "Data model": the pass's
-time). A query's pass stops once its layers have run (engine/executor.py's early exit), so
-an exact answer on an early layer costs that share of the pass: on an MLP whose second
-Linear holds most of its work, an exact pass on its first ReLU took 0.03 s where the whole
-pass foretold 0.095 s, and USING AUTO and UNTIL had chosen samples dearer than the exact
-answer."""
+every layer it hooks had its output ready (docs/ARCHITECTURE.md, "Plan and execute": USING
+AUTO's exact pass, and "Engines": the profile's time). A query's pass stops once its layers
+have run (engine/executor.py's early exit), so an exact answer on an early layer costs that
+share of the pass: on an MLP whose second Linear holds most of its work, an exact pass on
+its first ReLU took 0.03 s where the whole pass foretold 0.095 s, and USING AUTO and UNTIL
+had chosen samples dearer than the exact answer."""
 from __future__ import annotations
 
 import time

@@ -18,7 +18,6 @@ from diagql.model.data import ItemSource
 from diagql.model.forward import call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.labels import check_labels
-from diagql.model.pass_clock import PassClock
 from diagql.model.same_rows import SameRows, comparisons, fan_out
 from diagql.model.scores import Scores, as_logits, classes_of, same_widths
 from diagql.model.views import ModuleCall, View, input_rows
@@ -318,7 +317,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     for name, callback in [*(project.callbacks() if project is not None else {}).items(),
                            *keeper.callbacks().items()]:
         checks[name] = fan_out([checks[name], callback]) if name in checks else callback
-    clock = PassClock()  # DiagQL's own work, in the hooks and after, apart
+    clock = pass_clock.PassClock()  # DiagQL's own work, in the hooks and after, apart
     checks = {name: clock.timed(name, callback) for name, callback in checks.items()}
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
             Hooks(model, checks) as compared:

@@ -89,7 +89,8 @@ def _unbuilt(conn, index: InputsIndex | None, sample, bound: BoundInputs) -> str
         return ""
     if neurons > inputs_index.MAX_NEURONS:
         return f"its {neurons:,} neurons are too many for an inputs index"
-    build, one_pass = inputs_index.build_seconds(neurons, n), n * conn.profile.seconds_per_item((bound.view.layer.name,))
+    build = inputs_index.build_seconds(neurons, n)
+    one_pass = n * conn.profile.seconds_per_item((bound.view.layer.name,))
     spent = _SPENT.get(conn, {}).get(_view_key(bound), 0.0)
     if build <= max(inputs_index.CHEAP_BUILD_SECONDS, one_pass + spent):
         return None
@@ -174,7 +175,8 @@ def explain_top_inputs(conn, statement: ast.Explain) -> Result:
         how = f"{read:,} items through the model, hooking {layer.name}" + (
             f" ({unbuilt})" if unbuilt else "")
     rows.append(("read", how))
-    rows.append(("cost", f"≈ {read * profile.seconds_per_item((layer.name,)):.3g} s (from the profile pass)"
+    per_item = profile.seconds_per_item((layer.name,))
+    rows.append(("cost", f"≈ {read * per_item:.3g} s (from the profile pass)"
                  if read else "no forward pass"))
     return Result(kind="explain", statement=statement.text, title=f"plan: {query.text}",
                   columns=["step", "detail"], rows=rows)
