@@ -437,6 +437,29 @@ def test_an_output_with_a_vector_per_position_names_the_way_to_pick_one():
     np.testing.assert_array_equal(picked.profile.predictions, first.argmax(1).numpy())
 
 
+def test_an_autoencoder_follows_the_way_the_refusal_names():
+    """A model that scores no classes, a convolutional autoencoder over unlabelled images: its
+    reconstruction was refused as "a map of class scores" with no word for it. The refusal now
+    names the way (a scores= function, (X, None), USING FULL or a random sample), which answers
+    its layers exactly (plain torch)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 1, 4, 2, 1)).eval()
+    X = torch.randn(40, 1, 8, 8)
+    conn = diagql.connect(model, (X, None), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError) as refused:
+        conn.query("AVG NEURONS IN 1 USING FULL")
+    assert "an autoencoder's reconstruction" in refused.value.message
+    assert "with data of (X, None)" in refused.value.message
+    way = diagql.connect(model, (X, None), cache_dir=False, progress=False,
+                         scores=lambda out: out.mean(dim=(2, 3)))
+    with torch.no_grad():
+        truth = model[:2](X).flatten(1).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(way.query("AVG NEURONS IN 1 USING FULL").values, truth,
+                               rtol=1e-6, atol=1e-7)
+    assert way.query("AVG NEURONS IN 1 USING SAMPLE random(0.5)").estimate is not None
+
+
 class PerPixel(nn.Module):
     """A segmentation model's output: a map of CLASSES scores per item, channels first."""
 

@@ -36,7 +36,10 @@ def several_vectors(shape: tuple[int, ...]) -> str:
                 f"per pixel, as a segmentation model gives), where DiagQL needs one vector of "
                 f"class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
                 f"out.mean(dim=({', '.join(str(d) for d in range(2, len(shape) + 1))})) "
-                f"(each class's mean score over the map)")
+                f"(each class's mean score over the map). A model that scores no classes (an "
+                f"autoencoder's reconstruction, a generator's image) is queried through such a "
+                f"function too, with data of (X, None): its layers' answers are exact, its "
+                f"predictions and mistakes mean nothing, so ask USING FULL or a random sample")
     return (f"the model's output has per-item shape {shape}: several score vectors per item "
             f"(one per position, as a token-level model gives), where DiagQL needs one vector "
             f"of class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
