@@ -247,8 +247,15 @@ def test_data_without_labels_in_sample_and_show_profile():
     with pytest.raises(BindError, match="sampler 'stratified' draws by the true labels"):
         db.sample("stratified(0.5)")
     assert len(db.sample("random(0.5)")) == 20
-    with pytest.raises(DiagQLError, match="the data has no labels, so there is no confusion matrix"):
-        db.query("SHOW PROFILE")
+    # No confusion matrix, but the classes the model predicts (plain torch), commonest first.
+    shown = db.query("SHOW PROFILE")
+    assert "without labels" in shown.title
+    with torch.no_grad():
+        X, _ = bad_models.unlabelled()
+        predicted = bad_models.net().eval()(X).argmax(dim=1).numpy()
+    classes, counts = np.unique(predicted, return_counts=True)
+    assert {row[0]: row[1] for row in shown.rows} == dict(zip(classes.tolist(), counts.tolist()))
+    assert [row[1] for row in shown.rows] == sorted(counts.tolist(), reverse=True)
 
 
 def test_data_without_labels_through_the_disk_cache(tmp_path):

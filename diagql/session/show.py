@@ -166,6 +166,8 @@ def _samplers(conn, statement) -> Result:
 
 def _profile(conn, statement) -> Result:
     profile = conn.profile
+    if not profile.has_labels:
+        return _predicted(conn, statement, profile)
     n = profile.matrix_classes
     names = conn.class_names or []
     wide = n > WIDEST_MATRIX
@@ -204,6 +206,34 @@ def _profile(conn, statement) -> Result:
                            *(["predicted instead (items)"] if wide
                              else (str(c) for c in range(n)))], rows=rows,
                   title=title, notes=notes)
+
+
+# The predicted classes SHOW PROFILE lists for data without labels, commonest first.
+MOST_PREDICTED = 30
+
+
+def _predicted(conn, statement, profile) -> Result:
+    """SHOW PROFILE of data without labels: no confusion matrix (it had refused, naming
+    none of what the profile holds), but the classes the model predicts, commonest first,
+    each with its items, their share and their mean confidence."""
+    names = conn.class_names or []
+    counts = np.bincount(profile.predictions, minlength=1)
+    confidence = np.bincount(profile.predictions, weights=profile.confidence, minlength=1)
+    predicted = np.flatnonzero(counts)
+    order = predicted[np.argsort(-counts[predicted], kind="stable")]
+    rows = [(int(c), *([names[c] if c < len(names) else ""] if names else []), int(counts[c]),
+             Percent(counts[c] / len(profile)), f"{confidence[c] / counts[c]:.3f}")
+            for c in order[:MOST_PREDICTED]]
+    notes = list(conn.catalog.notices) + profile_notices(profile, conn.catalog.scores)
+    if len(order) > MOST_PREDICTED:
+        notes.append(f"{len(order) - MOST_PREDICTED:,} more predicted classes left out; "
+                     f"conn.profile.predictions holds every item's")
+    title = (f"profile: {len(profile):,} items without labels (no accuracy, no confusion "
+             f"matrix), latent = {profile.latent_layer} ({profile.latents.shape[1]} dims), "
+             f"computed in {profile.seconds:.2f} s; the classes the model predicts")
+    return Result(kind="table", statement=statement.text,
+                  columns=["predicted", *(["name"] if names else []), "items", "share",
+                           "mean confidence"], rows=rows, title=title, notes=notes)
 
 
 # Classes beyond which SHOW PROFILE lists each class's commonest mistakes, not the matrix:
