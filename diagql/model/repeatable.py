@@ -53,7 +53,8 @@ def same_items(a, b, size: int) -> bool:
     order (a collate_fn may sort its batch by length), to rounding (one that standardises
     its batch sums it in another order): every item's row of the tensors and arrays whose
     first axis is the batch's has a row of the other within 1e-4 of their largest value,
-    both ways. True where there is no such row to compare."""
+    both ways. True where there is no such row to compare, or where the items' rows are
+    joined along another axis (``_item_rows``)."""
     rows_a, rows_b = _item_rows(a, size), _item_rows(b, size)
     if rows_a is None or rows_b is None or rows_a.shape != rows_b.shape:
         return rows_a is None or rows_b is None
@@ -73,15 +74,22 @@ def _close(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
 
 def _item_rows(x, size: int) -> np.ndarray | None:
     """Each item's values (float64, one row an item) of every tensor or array of ``x`` whose
-    first axis is the batch's; None where there is none."""
+    first axis is the batch's; None where there is none, or where some tensor's first axis is
+    not the batch's: the items' rows joined (EmbeddingBag's tokens, graph batching's nodes),
+    beside which a tensor of one value an item holds its offsets into them, which move with
+    the order (an EmbeddingBag's data had been warned of as augmented)."""
     leaves: list[np.ndarray] = []
+    joined = False
 
     def collect(part) -> None:
-        if isinstance(part, torch.Tensor) and not part.is_nested and part.ndim and \
-                part.shape[0] == size and not part.is_complex():
+        nonlocal joined
+        if isinstance(part, torch.Tensor) and part.is_nested:
+            return
+        if isinstance(part, (torch.Tensor, np.ndarray)) and part.ndim and part.shape[0] != size:
+            joined = True
+        elif isinstance(part, torch.Tensor) and part.ndim and not part.is_complex():
             leaves.append(part.detach().cpu().reshape(size, -1).double().numpy())
-        elif isinstance(part, np.ndarray) and part.ndim and part.shape[0] == size and \
-                part.dtype.kind in "biuf":
+        elif isinstance(part, np.ndarray) and part.ndim and part.dtype.kind in "biuf":
             leaves.append(part.reshape(size, -1).astype(np.float64))
         elif isinstance(part, Mapping):
             for key in part:
@@ -91,6 +99,8 @@ def _item_rows(x, size: int) -> np.ndarray | None:
                 collect(value)
 
     collect(x)
+    if joined:
+        return None
     # NaN as NaN (equal to itself: 0 here), infinities as the largest float, so that
     # differences stay comparable.
     return np.nan_to_num(np.concatenate(leaves, axis=1), nan=0.0) if leaves else None
