@@ -460,6 +460,36 @@ def test_an_autoencoder_follows_the_way_the_refusal_names():
     assert way.query("AVG NEURONS IN 1 USING SAMPLE random(0.5)").estimate is not None
 
 
+class _Vae(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.mu, self.logvar = nn.Linear(D, 16), nn.Linear(16, 4), nn.Linear(16, 4)
+        self.dec = nn.Linear(4, D)
+
+    def forward(self, x):
+        hidden = torch.relu(self.enc(x))
+        mu = self.mu(hidden)
+        return self.dec(mu), mu, self.logvar(hidden)
+
+
+def test_a_vae_follows_the_way_the_refusal_of_several_vectors_names():
+    """A VAE's (reconstruction, mu, logvar): which is the scores was refused with no word for
+    a model that has none; the refusal now names the way, which answers exactly (plain torch)."""
+    X, _ = data()
+    conn = diagql.connect(_Vae().eval(), (X, None), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError) as refused:
+        conn.query("AVG NEURONS IN enc USING FULL")
+    assert "could be its class scores" in refused.value.message
+    assert "A model that scores no classes" in refused.value.message
+    way = diagql.connect(_Vae().eval(), (X, None), cache_dir=False, progress=False,
+                         scores=lambda out: out[1])
+    with torch.no_grad():
+        truth = _Vae().mu(torch.relu(_Vae().enc(X))).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(way.query("AVG NEURONS IN mu USING FULL").values, truth,
+                               rtol=1e-6, atol=1e-7)
+
+
 class PerPixel(nn.Module):
     """A segmentation model's output: a map of CLASSES scores per item, channels first."""
 

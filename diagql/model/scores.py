@@ -28,6 +28,13 @@ def classes_of(shape: tuple[int, ...]) -> int:
     return 2 if shape in ((), (1,)) else shape[0]
 
 
+# What a refusal of outputs that may be no class scores says of a model that has none.
+NO_CLASSES = ("A model that scores no classes (an autoencoder's reconstruction, a VAE's or a "
+              "generator's outputs) is queried through a scores= function too, with data of "
+              "(X, None): its layers' answers are exact, its predictions and mistakes mean "
+              "nothing, so ask USING FULL or a random sample")
+
+
 def several_vectors(shape: tuple[int, ...]) -> str:
     """The refusal of an output with several score vectors per item (a token-level model's,
     one per position): what it is, and how to name one vector per item."""
@@ -36,10 +43,7 @@ def several_vectors(shape: tuple[int, ...]) -> str:
                 f"per pixel, as a segmentation model gives), where DiagQL needs one vector of "
                 f"class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
                 f"out.mean(dim=({', '.join(str(d) for d in range(2, len(shape) + 1))})) "
-                f"(each class's mean score over the map). A model that scores no classes (an "
-                f"autoencoder's reconstruction, a generator's image) is queried through such a "
-                f"function too, with data of (X, None): its layers' answers are exact, its "
-                f"predictions and mistakes mean nothing, so ask USING FULL or a random sample")
+                f"(each class's mean score over the map). {NO_CLASSES}")
     return (f"the model's output has per-item shape {shape}: several score vectors per item "
             f"(one per position, as a token-level model gives), where DiagQL needs one vector "
             f"of class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
@@ -297,7 +301,7 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
         reason = "the data has no labels to tell them apart"
     return Scores(refusal=f"the model's output holds several vectors per item that could be "
                           f"its class scores ({listed}) and {reason}; name the scores with "
-                          f"{_OPTION}")
+                          f"{_OPTION}. {NO_CLASSES}")
 
 
 def sigmoid_applied(logits) -> str | None:
