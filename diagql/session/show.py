@@ -11,7 +11,7 @@ from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
 from diagql.model.scores import profile_notices
 from diagql.model.views import SEQUENCE, View
-from diagql.results.formats import Bytes, Count, Percent, size_text
+from diagql.results.formats import Bytes, Count, Percent, probability_text, size_text
 from diagql.results.result import Result
 from diagql.storage.store import abandoned, remove_abandoned
 
@@ -222,7 +222,7 @@ def _predicted(conn, statement, profile) -> Result:
     predicted = np.flatnonzero(counts)
     order = predicted[np.argsort(-counts[predicted], kind="stable")]
     rows = [(int(c), *([names[c] if c < len(names) else ""] if names else []), int(counts[c]),
-             Percent(counts[c] / len(profile)), f"{confidence[c] / counts[c]:.3f}")
+             Percent(counts[c] / len(profile)), probability_text(confidence[c] / counts[c]))
             for c in order[:MOST_PREDICTED]]
     notes = list(conn.catalog.notices) + profile_notices(profile, conn.catalog.scores)
     if len(order) > MOST_PREDICTED:
