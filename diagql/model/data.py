@@ -31,9 +31,10 @@ def spans(n: int, batch_size: int) -> list[tuple[int, int]]:
     """(start, end) of each batch of ``n`` items, ``batch_size`` at most but the last's one
     more where it would hold one item alone after others: a forward ending in ``.squeeze()``
     makes a batch of one item's output (3,) where (1, 3) was meant (257 items failed in
-    batches of 256)."""
+    batches of 256). Not in batches of 1, which hold one item each by choice (padding no
+    item: the last two had been run together, the one padded to the other's length)."""
     cuts = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    if len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] == 1:
+    if batch_size > 1 and len(cuts) > 1 and cuts[-1][1] - cuts[-1][0] == 1:
         cuts[-2:] = [(cuts[-2][0], n)]
     return cuts
 
