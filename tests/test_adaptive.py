@@ -145,6 +145,25 @@ def test_maxmargins_draw_cost_grows_with_its_classifiers(monkeypatch):
     assert sampler.draw_seconds(5000, 10, 64) == pytest.approx(ten + maxmargin.FIRST_DRAW_SECONDS)
 
 
+def test_auto_prices_the_draw_by_the_classes_the_labels_hold(monkeypatch):
+    """maxmargin's SVM has a classifier per class the labels hold: a model scoring 1,000
+    classes over data holding 10 had its draw priced as 1,000 classifiers (14 s where it
+    took 0.08 s), and AUTO chose an exact pass 14x dearer than the draw."""
+    from diagql.samplers.maxmargin import MaxMarginSampler
+
+    asked = []
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds",
+                        lambda self, n, k, d: asked.append(k) or 0.0)
+    torch.manual_seed(0)
+    X, y = torch.randn(3000, 6), torch.arange(3000) % 10
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 1000)).eval()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    assert conn.profile.n_classes == 1000
+    conn.query("AVG NEURONS IN 0 USING AUTO")
+    assert asked == [10]
+
+
 def _data(n=400, d=6, classes=4, seed=0) -> samplers.SampleData:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)

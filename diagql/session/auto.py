@@ -40,7 +40,7 @@ def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
     (docs/ARCHITECTURE.md, "Plan and execute"), until the last of ``layers`` (``pass_layers``)."""
     if artifacts.has_sample(sampler):
         return None, ""
-    draw = sampler.draw_seconds(len(profile), profile.n_classes, profile.latents.shape[1])
+    draw = sampler.draw_seconds(len(profile), label_classes(profile), profile.latents.shape[1])
     if draw is None:
         return None, ""
     exact = n_match * profile.seconds_per_item(layers)
@@ -50,6 +50,15 @@ def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
         return (f"a pass over the {n_match:,} matching items ({pass_cost}) costs less than "
                 f"drawing a {sampler.spec()} sample (≈ {draw:.2g} s)"), ""
     return None, f"; a pass over them all ({pass_cost}) costs more than the draw (≈ {draw:.2g} s)"
+
+
+def label_classes(profile) -> int:
+    """The classes a sampler's classifiers are fitted on: those the labels hold (maxmargin's
+    SVM has one per class present; a model scoring 1,000 classes over data holding 10 had
+    its draw priced at 14 s where it took 0.08 s, and AUTO chose a 1.2 s exact pass), else
+    the classes the model scores."""
+    known = profile.labels[profile.labels >= 0] if profile.has_labels else profile.labels[:0]
+    return int(len(np.unique(known))) if len(known) else profile.n_classes
 
 
 def pass_layers(bound: BoundQuery, own: bool) -> tuple[str, ...]:
