@@ -23,8 +23,7 @@ def default_sampler(conn, profile) -> samplers.Sampler:
     """The paper's maxmargin at its defaults (5%), or random for data without labels, of one
     class (maxmargin's SVM needs two), or with a NaN or inf latent (which maxmargin, fitting
     on the latents, refuses)."""
-    usable = profile.has_labels and bool(np.isfinite(profile.latents).all()) and \
-        len(np.unique(profile.labels[profile.labels >= 0])) >= 2
+    usable = held_classes(profile) >= 2 and bool(np.isfinite(profile.latents).all())
     return bind_sampler(ast.SamplerCall("maxmargin" if usable else "random"), conn.settings.seed,
                         len(profile))
 
@@ -40,7 +39,11 @@ def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
     (docs/ARCHITECTURE.md, "Plan and execute"), until the last of ``layers`` (``pass_layers``)."""
     if artifacts.has_sample(sampler):
         return None, ""
-    draw = sampler.draw_seconds(len(profile), label_classes(profile), profile.latents.shape[1])
+    # The classes its classifiers are fitted on: those the labels hold (maxmargin's SVM has
+    # one per class present; a model scoring 1,000 classes over data holding 10 had its draw
+    # priced at 14 s where it took 0.08 s, and AUTO chose a 1.2 s exact pass).
+    draw = sampler.draw_seconds(len(profile), held_classes(profile) or profile.n_classes,
+                                profile.latents.shape[1])
     if draw is None:
         return None, ""
     exact = n_match * profile.seconds_per_item(layers)
@@ -52,13 +55,11 @@ def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
     return None, f"; a pass over them all ({pass_cost}) costs more than the draw (≈ {draw:.2g} s)"
 
 
-def label_classes(profile) -> int:
-    """The classes a sampler's classifiers are fitted on: those the labels hold (maxmargin's
-    SVM has one per class present; a model scoring 1,000 classes over data holding 10 had
-    its draw priced at 14 s where it took 0.08 s, and AUTO chose a 1.2 s exact pass), else
-    the classes the model scores."""
+def held_classes(profile) -> int:
+    """How many classes the items' known labels hold (0: data without labels): maxmargin's
+    SVM needs two, and fits a classifier for each."""
     known = profile.labels[profile.labels >= 0] if profile.has_labels else profile.labels[:0]
-    return int(np.count_nonzero(np.bincount(known))) if len(known) else profile.n_classes
+    return int(np.count_nonzero(np.bincount(known))) if len(known) else 0
 
 
 def pass_layers(bound: BoundQuery, own: bool) -> tuple[str, ...]:
