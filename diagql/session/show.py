@@ -46,10 +46,8 @@ def _models(conn, statement) -> Result:
             # What the profile warns of about its scores (a head read that scores at chance),
             # here too: computed for this statement, before a catalog said where they were,
             # its warning had been left out, and no later statement gave it.
-            catalog = entry.catalog
             notes += [notice if len(conn.models) == 1 else f"{name}: {notice}"
-                      for notice in (*(catalog.notices if catalog else ()),
-                                     *profile_notices(profile, catalog and catalog.scores))]
+                      for notice in _notices(entry.catalog, profile)]
         parameters = Count(sum(p.numel() for p in module.parameters()))
         rows.append((name, type(module).__name__, parameters,
                      entry.describe_weights(), accuracy, "*" if entry is current else "",
@@ -187,9 +185,7 @@ def _profile(conn, statement) -> Result:
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
              f"({profile.latents.shape[1]} dims), computed in {profile.seconds:.2f} s; "
              f"rows: true class, columns: predicted")
-    # And what the probe warned of (data that reads differently, a model whose outputs
-    # depend on its batch), which every answer shares and a warning said only once.
-    notes = list(conn.catalog.notices) + profile_notices(profile, conn.catalog.scores)
+    notes = _notices(conn.catalog, profile)
     if wide:
         notes.append(f"{n:,} classes, worst accuracy first, each with the classes it is most "
                      f"often predicted as; in Python, conn.profile.confusion_cells() gives the "
@@ -208,6 +204,14 @@ def _profile(conn, statement) -> Result:
                   title=title, notes=notes)
 
 
+def _notices(catalog, profile) -> list[str]:
+    """What SHOW PROFILE and SHOW MODELS note of a model on its data: what the probe warned
+    of (data that reads differently, a model whose outputs depend on its batch), which every
+    answer shares and a warning said only once, and what the profile warns of its scores."""
+    return [*(catalog.notices if catalog else ()),
+            *profile_notices(profile, catalog and catalog.scores)]
+
+
 # The predicted classes SHOW PROFILE lists for data without labels, commonest first.
 MOST_PREDICTED = 30
 
@@ -224,7 +228,7 @@ def _predicted(conn, statement, profile) -> Result:
     rows = [(int(c), *([names[c] if c < len(names) else ""] if names else []), int(counts[c]),
              Percent(counts[c] / len(profile)), probability_text(confidence[c] / counts[c]))
             for c in order[:MOST_PREDICTED]]
-    notes = list(conn.catalog.notices) + profile_notices(profile, conn.catalog.scores)
+    notes = _notices(conn.catalog, profile)
     if len(order) > MOST_PREDICTED:
         notes.append(f"{len(order) - MOST_PREDICTED:,} more predicted classes left out; "
                      f"conn.profile.predictions holds every item's")
