@@ -223,7 +223,7 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
             else (None, False)
         if near is not None and near.z.shape[1] >= 4:  # at least two fitted, two checking
             major = once_per_profile(_WHITENED, (id(profile), near.key), profile,
-                                     lambda: _whitened(near.z[:, :leading(near)]))
+                                     lambda: whitened(near.z[:, :leading(near)]))
             position = set(before)
             last = not encloses and all(name in position
                                         for _, name in profile.auxiliaries.names)
@@ -250,8 +250,9 @@ def leading(block: Auxiliary) -> int:
 _WHITENED: dict = {}  # once per profile and block
 
 
-def _whitened(z: np.ndarray) -> np.ndarray:
-    """Columns scaled to unit variance over all items, as the latent's are (one ridge)."""
+def whitened(z: np.ndarray) -> np.ndarray:
+    """Columns scaled to unit variance over all items, as the latent's are (one ridge), in
+    float32, read-only (a constant column is left as it is)."""
     spread = z.std(axis=0, dtype=np.float64)
     out = (z / np.where(spread > 0, spread, 1.0)).astype(np.float32)
     out.setflags(write=False)

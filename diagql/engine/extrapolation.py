@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from diagql.engine import covariates as covariates_module
-from diagql.engine.covariates import Covariates, leading
+from diagql.engine.covariates import Covariates, leading, whitened
 from diagql.engine.regression import assisted, of_rows
 from diagql.model.auxiliaries import spread_items
 from diagql.model.profile import Profile
@@ -158,11 +158,7 @@ def _neuron_folds(block) -> np.ndarray | None:
         order = np.sort(order[mixed[order] >= 0.02])
         if not len(order):
             return None
-        folds = np.abs(mean[order] + z @ basis[order].T)
-    spread = folds.std(axis=0, dtype=np.float64)
-    out = (folds / np.where(spread > 0, spread, 1.0)).astype(np.float32)
-    out.setflags(write=False)
-    return out
+        return whitened(np.abs(mean[order] + z @ basis[order].T))
 
 
 # The latent's coordinates a layer after the last block is checked on, at most: the widest
@@ -191,9 +187,7 @@ def _scaled(latents: np.ndarray) -> np.ndarray | None:
         return None
     keep = np.sort(varies[np.argsort(-spread[varies], kind="stable")[:LATENT_COORDINATES]])
     x = latents[:, keep].astype(np.float64)
-    out = ((x - x.mean(axis=0)) / spread[keep]).astype(np.float32)
-    out.setflags(write=False)
-    return out
+    return whitened(x - x.mean(axis=0))
 
 
 _MINOR: dict = {}  # once per profile (covariates.once_per_profile)
