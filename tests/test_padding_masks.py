@@ -1,0 +1,151 @@
+"""Padded sets of points (a PointNet's shared MLP, a Linear over (batch, points, 3)): their
+real positions come from a padding mask under a name of the model's own (``forward(points,
+mask)``), whichever of its two values marks real points; and a layer whose length follows the
+batch's longest item is told so even where the data's first item is the longest, which every
+probe of the first items pads to (docs/ARCHITECTURE.md, "Data model": real tokens).
+
+The truth is plain torch: each item run alone, unpadded, its hidden layer's output reduced
+over its own points.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import diagql
+from diagql.model.input_masks import real_positions
+
+
+class Clouds(Dataset):
+    """Sets of 5-12 points in 3-D, labels 0-2; the first set is the longest of all."""
+
+    def __init__(self, n: int = 60):
+        g = torch.Generator().manual_seed(0)
+        sizes = torch.randint(5, 12, (n,), generator=g)
+        sizes[0] = 12
+        self.items = [(torch.randn(int(p), 3, generator=g), int(i % 3)) for i, p in
+                      enumerate(sizes)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def collate(items, padding_true: bool = False):
+    """((points padded to the batch's longest set, mask), labels); the mask True at real
+    points, or True at padding (torch's key_padding_mask) with ``padding_true``."""
+    longest = max(len(points) for points, _ in items)
+    points = torch.zeros(len(items), longest, 3)
+    real = torch.zeros(len(items), longest, dtype=torch.bool)
+    for j, (p, _) in enumerate(items):
+        points[j, :len(p)] = p
+        real[j, :len(p)] = True
+    return (points, ~real if padding_true else real), torch.tensor([y for _, y in items])
+
+
+class PointNet(nn.Module):
+    """A shared MLP over each point, max-pooled over the real points."""
+
+    def __init__(self, padding_true: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = nn.Linear(3, 16)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(16, 3)
+        self.padding_true = padding_true
+
+    def pooled(self, points, real):
+        h = self.act(self.mlp(points))
+        return self.head(h.masked_fill(~real[..., None], float("-inf")).max(1).values)
+
+
+class MaskNet(PointNet):
+    def forward(self, points, mask):
+        return self.pooled(points, mask)
+
+
+class PaddingMaskNet(PointNet):
+    def forward(self, points, padding_mask):
+        return self.pooled(points, ~padding_mask)
+
+
+class Unmasked(PointNet):
+    """Takes no mask (its max over every position counts a padded point's activations)."""
+
+    def forward(self, points):
+        return self.head(self.act(self.mlp(points)).max(1).values)
+
+
+def unmasked_collate(items):
+    (points, _), labels = collate(items)
+    return points, labels
+
+
+def truth(model, data, position=None) -> np.ndarray:
+    """The mean over items of ``act``'s output for each item alone, reduced over its points
+    (their mean, or one point)."""
+    rows = []
+    with torch.no_grad():
+        for points, _ in data.items:
+            h = model.act(model.mlp(points))
+            rows.append((h.mean(0) if position is None else h[position]).double().numpy())
+    return np.mean(rows, axis=0)
+
+
+def dense(result, width: int) -> np.ndarray:
+    values = np.full(width, np.nan)
+    values[np.asarray(result.neurons)] = result.values
+    return values
+
+
+@pytest.mark.parametrize("model_cls,padding_true", [(MaskNet, False), (PaddingMaskNet, True)])
+@pytest.mark.parametrize("batch_size", [16, 7])
+def test_a_padding_mask_under_the_models_own_name_marks_real_points(model_cls, padding_true,
+                                                                     batch_size):
+    data = Clouds()
+    model = model_cls().eval()
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=batch_size, collate_fn=lambda items: collate(items, padding_true))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        db = diagql.connect(model, loader, cache_dir=False)
+        described = dict((row[0], row[1]) for row in db.query("DESCRIBE act").rows)
+        assert described["real tokens"] == \
+            f"the {'padding_mask' if padding_true else 'mask'} of the batch input"
+        mean = db.query("AVG NEURONS IN act USING FULL")
+        last = db.query("AVG NEURONS IN act TOKEN -1 USING FULL")
+    np.testing.assert_allclose(dense(mean, 16), truth(model, data), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dense(last, 16), truth(model, data, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_length_that_follows_the_batch_is_told_where_the_first_item_is_the_longest():
+    data = Clouds()
+    loader = torch.utils.data.DataLoader(data, batch_size=16, collate_fn=unmasked_collate)
+    db = diagql.connect(Unmasked().eval(), loader, cache_dir=False)
+    shape = next(row[1] for row in db.query("DESCRIBE act").rows if row[0] == "axes")
+    assert "length 12 in the probe, changing with the batch" in shape
+    with pytest.warns(diagql.DiagQLWarning, match="layer 'act': its sequence length changes "
+                                                  "with the batch"):
+        db.query("AVG NEURONS IN act USING FULL")
+
+
+def test_real_positions_reads_either_meaning_and_refuses_a_mask_of_something_else():
+    right = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    assert real_positions(right).tolist() == (right == 1).tolist()
+    assert real_positions(1 - right).tolist() == (right == 1).tolist()  # True at padding
+    left = right.flip(1)  # a decoder's left padding
+    assert real_positions(left.bool()).tolist() == left.bool().tolist()
+    # Padded to a fixed length, no row whole: the value that is not zero is real.
+    fixed = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    assert real_positions(fixed).tolist() == fixed.bool().tolist()
+    assert real_positions(torch.zeros(2, 3)).tolist() == [[True] * 3] * 2
+    scattered = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1]])  # masked tokens
+    assert real_positions(scattered) is None
+    assert real_positions(torch.tensor([[0, 1, 2], [2, 2, 2]])) is None
