@@ -350,9 +350,10 @@ def test_a_datasets_labels_are_read_once_to_decide():
     # At most two probes (the profile's own, then the catalog's) of 1 + 2 + 3 items, the
     # first 3 items read again, 2 + 3 + 3 times (model/repeatable.py), and the second and
     # third once more to run alone, three spread items together and each alone, and six
-    # items twice in order and once reversed (model/row_order.py); every label once, the
-    # profile's pass: the second probe reads no label again.
-    assert items.reads <= 2 * (6 + 8 + 2 + 6 + 18) + 2 * N
+    # items twice in order and once reversed (model/row_order.py), and the last item alone
+    # (model/probing.py ``_last_alone``); every label once, the profile's pass: the second
+    # probe reads no label again.
+    assert items.reads <= 2 * (6 + 8 + 2 + 6 + 18 + 1) + 2 * N
 
 
 class AuxFirst(nn.Module):
@@ -379,6 +380,39 @@ def test_the_first_of_equal_widths_is_taken_and_said_to_be(tmp_path):
     with torch.no_grad():
         main = AuxFirst().main(X)
     check(named, by_hand(None, X, y, main))
+
+
+class Codes(nn.Module):
+    """A VAE's encoder: (mu, log-variance), as wide as the labels' classes, scoring none."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.mu, self.logvar = nn.Linear(D, CLASSES), nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        return self.mu(x), self.logvar(x)
+
+
+def test_a_guessed_vector_that_agrees_with_the_labels_as_chance_would_is_said_to():
+    """A VAE's mu, taken for class scores beside its log-variance, had read as a classifier
+    at chance without a word that it may score no classes at all."""
+    X, y = data()
+    with torch.no_grad():
+        predicted = Codes().mu(X).argmax(1)
+    chance = (torch.arange(N) * 7 + 3) % CLASSES  # labels the codes do not predict
+    chance[predicted == chance] = (chance[predicted == chance] + 1) % CLASSES
+    for labels, said in ((chance, True), (predicted, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            conn = diagql.connect(Codes(), (X, labels), cache_dir=False, progress=False)
+            conn.query("AVG NEURONS IN mu")
+        told = [str(w.message) for w in caught if "as chance would" in str(w.message)]
+        if said:
+            assert len(told) == 1 and "agree with the labels for 0% of the items" in told[0]
+            assert "A model that scores no classes" in told[0]
+        else:
+            assert not told
 
 
 class EmbeddingThenHeads(nn.Module):

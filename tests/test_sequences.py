@@ -734,7 +734,9 @@ def test_bert_token_reductions_and_their_own_cached_rows(bert_world):
     explain = dict(conn.query(f"EXPLAIN AVG NEURONS IN {name} TOKEN 0 WHERE class = 2").rows)
     assert explain["per item"].startswith("TOKEN 0: each hidden unit at the item's first real "
                                           "token; real tokens (the attention_mask of the batch")
-    with pytest.raises(ExecutionError, match="TOKENS ALL needs one sequence length"):
+    # The data's first item is the longest, which every probe of the first items pads to; the
+    # last item alone tells the length changes, so the statement is refused before any pass.
+    with pytest.raises(BindError, match="TOKENS ALL needs one sequence length"):
         conn.query(f"AVG NEURONS IN {name} TOKENS ALL")
 
 
@@ -1041,8 +1043,10 @@ def test_left_padding_that_changes_outputs_is_warned_of_when_the_first_item_is_l
 
 
 def test_a_length_the_probes_first_items_did_not_show_is_named_as_padding_per_batch():
-    """The first items padded to one length, so the probe saw a fixed shape; a later batch's
-    other length was refused as "expected (3, 6) as in the catalog probe"."""
+    """The first items padded to one length, so the probe's batches saw a fixed shape; a
+    later batch's other length was refused as "expected (3, 6) as in the catalog probe".
+    The data's last item alone shows the length changes: refused before any pass, and if a
+    length neither shows comes in a pass, named there."""
     lengths = [6, 6, 6] + [9] * 9
     items = [(torch.randint(1, 20, (n,)), i % 2) for i, n in enumerate(lengths)]
 
@@ -1051,6 +1055,12 @@ def test_a_length_the_probes_first_items_did_not_show_is_named_as_padding_per_ba
         return ids, torch.tensor([y for _, y in batch])
 
     model = _TextConv()
+    conn = diagql.connect(model, DataLoader(items, batch_size=4, collate_fn=pad),
+                          cache_dir=False, progress=False)
+    with pytest.raises(BindError, match="the output shape of layer 'conv' changes with the "
+                                        "batch, so its neurons are not fixed"):
+        conn.query("AVG NEURONS IN conv")
+    items[-1] = (items[-1][0][:6], 1)  # the last item as long as the first: the pass tells
     conn = diagql.connect(model, DataLoader(items, batch_size=4, collate_fn=pad),
                           cache_dir=False, progress=False)
     with pytest.raises(ExecutionError, match=r"shape \(3, 9\) in a batch of 4 items, where the "

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.errors import DiagQLWarning, ExecutionError, warn
+from diagql.model.batch_axis import batch_axis, out_of_order
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
 from diagql.model.layers import NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
@@ -74,6 +75,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if first is None:
             first, first_output = x, first_tensor(output)
         passes.append((len(idx), seen, counted, output))
+    last_alone = _last_alone(model, source, prepare, call, n, sizes[-1])
     with warnings.catch_warnings(record=True) as said:  # DiagQL's kept in the catalog
         warnings.simplefilter("always")
         reverses = _checks(model, source, prepare, call, first, first_output, output, idx,
@@ -109,7 +111,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         name, number = key
         info = _layer(name, key, modules[name], [(s, seen[key]) for s, seen, _, _ in passes
                                                  if key in seen], calls[name], layouts,
-                      None if reverses is None else reverses.get(key))
+                      None if reverses is None else reverses.get(key), last_alone.get(key))
         if calls[name] > 1:
             info = replace(info, name=call_name(name, number), call=number, module=name)
         infos.setdefault(name, []).append(info)
@@ -233,6 +235,21 @@ def _width_follows_batch(scores: Scores, passes) -> Scores | None:
         f"item; name per-item class scores with scores= (--scores)"))
 
 
+def _last_alone(model, source, prepare, call, n: int, probed: int) -> dict:
+    """What each module call returned for the data's last item alone (empty when the probes
+    held it, or it fails where they ran): its lengths beside the first items' tell a layer
+    whose length follows its batch's longest item where the first item is the longest (data
+    stored longest first), which the probes of the first 1, 2 and 3 items all padded to it,
+    so that its padding was counted unwarned (``_layer``'s varies)."""
+    if n <= probed:
+        return {}
+    try:
+        return _probe_pass(model, prepare(next(source.batches(np.array([n - 1]), 1))[1]),
+                           call)[0]
+    except ExecutionError:  # the probes ran: the query's pass says what fails, where it does
+        return {}
+
+
 def _runs(model, source, prepare, call) -> bool:
     """Whether the model's forward runs on the data's first 2 items."""
     try:
@@ -345,10 +362,11 @@ def _shape(entry: tuple[str, torch.Tensor | None]) -> tuple[str, tuple | None]:
 
 def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tuple[int, _Seen]],
            calls: int, layouts: dict[tuple[str, int], str],
-           reverses: set[int] | None = None) -> LayerInfo:
+           reverses: set[int] | None = None, alone: _Seen | None = None) -> LayerInfo:
     """The LayerInfo of a module's call (``key``) from what it returned in each probe;
     ``reverses``: the axes along which its output reversed with the last probe's items
-    (model/row_order.py; None: not known)."""
+    (model/row_order.py; None: not known); ``alone``: what it returned for the data's last
+    item alone (``_last_alone``), whose shape tells too whether an item's shape varies."""
     type_name = type(module).__name__
 
     def refuse(reason: str) -> LayerInfo:
@@ -377,16 +395,18 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
         if any(seen.shape[0] != size for size, seen in records):
             return refuse(f"it returns {last.what}, which does not hold one sequence per item")
         if reverses is not None and 0 not in reverses:
-            return refuse(_out_of_order())
+            return refuse(out_of_order())
     else:
-        axis, found = _batch_axis(module, records, reverses)
+        axis, found = batch_axis(module, records, reverses)
         if axis is None:
             # Rows that grow with the batch but are several an item: a graph's nodes, tokens
             # flattened into one axis ((batch · tokens, features) before a Linear).
             fixed = len({seen.shape for _, seen in records}) == 1 and \
                 len({size for size, _ in records}) > 1
-            many = all(seen.shape and seen.shape[0] > size and seen.shape[0] % size == 0
-                       for size, seen in records) and records[-1][0] > 1 and not fixed
+            # (A graph's nodes: as many as its batch's graphs hold, more than the graphs.)
+            rows = [seen.shape[0] if seen.shape else 0 for _, seen in records]
+            many = all(row > size for row, (size, _) in zip(rows, records)) and \
+                all(a < b for a, b in zip(rows, rows[1:])) and records[-1][0] > 1 and not fixed
             hint = ("; its first axis holds several rows an item (nodes of a graph, or tokens "
                     "flattened into the batch's axis): query a layer after they are pooled "
                     "or reshaped per item") if many else \
@@ -398,6 +418,9 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
                                    f"item{hint}")
     per_item = [tuple(d for i, d in enumerate(seen.shape) if i != axis) for _, seen in records]
     shape = per_item[-1]
+    if alone is not None and alone.form == last.form and alone.shape is not None and \
+            len(alone.shape) == len(last.shape) and alone.shape[axis] == 1:
+        per_item.append(tuple(d for i, d in enumerate(alone.shape) if i != axis))
     varies = len(set(per_item)) > 1
     layout = FLAT
     if len(shape) == 2:
@@ -416,60 +439,6 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
                   f"is not queried")
     return LayerInfo(name, type_name, shape, calls, axis, last.form, layout, found, varies,
                      mask)
-
-
-def _batch_axis(module: nn.Module, records, reverses: set[int] | None = None
-                ) -> tuple[int | None, str]:
-    """The axis whose size is the batch's in every probe and that reverses with the batch
-    (``reverses``, when known), and how it was found; None and why not, when none does
-    ("" when no axis follows the batch at all)."""
-    rank = len(records[0][1].shape)
-    sizes = [size for size, _ in records]
-    axes = [a for a in range(rank) if all(seen.shape[a] == size for size, seen in records)]
-    declared = _declared_axis(module)
-    if reverses is not None and axes:
-        # A batch × batch output (a contrastive model's similarities) reverses along both
-        # axes (its slices' sums do, row_order._slices): not per item, which the width that
-        # follows the batch says (``_layer``). None reversing, with one axis of the batch's
-        # size or several (a time-first output sorted by length, T = B in the probe): an
-        # order of its own.
-        if not reverses & set(axes):
-            return None, _out_of_order()
-        if len(axes) > 1 and len(reverses & set(axes)) == 1:
-            axis = (reverses & set(axes)).pop()
-            agree = "; the module's batch_first agrees" if declared == axis else ""
-            return axis, (f"the only one of axes {axes}, each as long as the batch in probes "
-                          f"of {', '.join(map(str, sizes))} items, that reverses with the "
-                          f"batch's items{agree}")
-    told = f"probes of {', '.join(map(str, sizes))} items"
-    if len(axes) == 1:
-        agree = "; the module's batch_first agrees" if declared == axes[0] else ""
-        return axes[0], f"the only axis that follows the batch in {told}{agree}"
-    if not axes:
-        return None, ""
-    if declared in axes:
-        return declared, (f"the module's batch_first = {declared == 0}; {told} could not tell "
-                          f"axes {axes} apart")
-    return axes[0], f"the first of axes {axes}, which {told} could not tell apart"
-
-
-def _out_of_order() -> str:
-    return ("its rows are not in its batch's order: items of the data, run in order twice "
-            "and then reversed, did not come back so each time, so it returns the items in an "
-            "order of its own (a batch sorted by length for pack_padded_sequence and not put "
-            "back, rows dispatched to experts by a gate, or shuffled), and no row can be told "
-            "to be an item's; query a layer after the model restores the batch's order")
-
-
-def _declared_axis(module: nn.Module) -> int | None:
-    """The batch axis a module's ``batch_first`` declares (RNNs, attention, transformers)."""
-    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
-        module = module.layers[0]
-    for candidate in (module, getattr(module, "self_attn", None)):
-        value = getattr(candidate, "batch_first", None)
-        if isinstance(value, bool):
-            return 0 if value else 1
-    return None
 
 
 def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
