@@ -704,8 +704,35 @@ def test_an_item_without_a_label_in_a_dataset_is_named(missing):
     with pytest.raises(DiagQLError, match=r"^item 150 has no label \((None|NaN)\): "
                                           r".*the inputs alone"):
         connect(model, _PerItem(X, labels)).query("AVG NEURONS IN 1")
-    with pytest.raises(DiagQLError, match=r"^item 0 has no label \(None\)"):
-        connect(model, _PerItem(X, [None] * 200)).query("AVG NEURONS IN 1")
+    with pytest.raises(DiagQLError, match=r"^item 1 has no label \(None\)"):
+        connect(model, _PerItem(X, [0] + [None] * 199)).query("AVG NEURONS IN 1")
+
+
+class _Denoiser(torch.nn.Module):
+    """An input and its noise level, as a diffusion model's denoiser takes them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.x, self.t = torch.nn.Linear(6, 8), torch.nn.Linear(1, 8)
+
+    def forward(self, x, t):
+        return self.x(x) + self.t(t[:, None].float())
+
+
+def test_items_whose_label_is_none_every_one_are_data_without_labels():
+    """A denoiser's items ((x, t), None), every one without a label, had been refused as
+    "item 0 has no label: DiagQL needs a label for every item or for none", and its advice,
+    the inputs alone, reads t as the label."""
+    X, t = torch.randn(200, 6), torch.arange(200)
+    model = _Denoiser().eval()
+    conn = connect(model, _PerItem(list(zip(X, t)), [None] * 200))
+    with torch.no_grad():
+        truth = model.x(X).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN x").values, truth, rtol=1e-6)
+    with pytest.raises(DiagQLError, match="WHERE class = 1 needs the true labels, but the "
+                                          "data has none"):
+        conn.query("AVG NEURONS IN x WHERE class = 1")
 
 
 @pytest.mark.parametrize("collate", [torch.utils.data.default_collate,

@@ -362,7 +362,7 @@ def test_a_model_with_compiled_parts_runs_them_eagerly(how):
             conn.query("AVG NEURONS IN backbone.1")
     if how == "whole":  # and the compiled wrapper's name at the module it compiled
         with pytest.raises(DiagQLError, match="unknown layer '_orig_mod.backbone.1'; did you "
-                                              "mean 'backbone.1'\? \(a model compiled whole"):
+                                              r"mean 'backbone.1'\? \(a model compiled whole"):
             conn.query("AVG NEURONS IN _orig_mod.backbone.1")
 
 
@@ -553,6 +553,64 @@ def test_embedding_bag_items_concatenated_beside_offsets_are_one_row_each():
         truth = torch.stack([model.bag(t[None]) for t in tokens])[:, 0].double().numpy()
     mine = labels.numpy() == 1
     np.testing.assert_allclose(answer.values, truth[mine].mean(0), rtol=1e-5)
+
+
+class _Graphs(nn.Module):
+    """A graph classifier as torch_geometric writes one: message passing over every graph's
+    nodes joined, then each graph's mean by the batch vector (``batch[i]``: node i's graph)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.message, self.own = nn.Linear(5, 8), nn.Linear(5, 8)
+        self.pool, self.head = _MeanByGraph(), nn.Linear(8, 3)
+
+    def forward(self, x, edge_index, batch):
+        passed = torch.zeros(len(x), 8).index_add_(0, edge_index[1], self.message(x)[edge_index[0]])
+        return self.head(self.pool(torch.relu(passed + self.own(x)), batch))
+
+
+class _MeanByGraph(nn.Module):
+    def forward(self, nodes, batch):
+        graphs = int(batch.max()) + 1
+        sums = torch.zeros(graphs, nodes.shape[1]).index_add_(0, batch, nodes)
+        return sums / torch.bincount(batch, minlength=graphs)[:, None]
+
+
+def _joined(items):
+    """Graph batching: the nodes joined, the edges renumbered, each node's graph."""
+    nodes, edges, graphs, start = [], [], [], 0
+    for j, ((x, edge_index), _) in enumerate(items):
+        nodes.append(x)
+        edges.append(edge_index + start)
+        graphs.append(torch.full((len(x),), j))
+        start += len(x)
+    labels = torch.tensor([label for _, label in items])
+    return (torch.cat(nodes), torch.cat(edges, 1), torch.cat(graphs)), labels
+
+
+def test_graphs_joined_beside_a_batch_vector_are_one_row_each():
+    """Graph batching's collate had been refused for every query: 'a batch of 1 items came
+    back from the collate_fn with 7 inputs and 1 labels'."""
+    g = torch.Generator().manual_seed(5)
+    items = []
+    for i in range(40):
+        size = int(torch.randint(3, 9, (1,), generator=g))
+        items.append(((torch.randn(size, 5, generator=g),
+                       torch.randint(0, size, (2, 2 * size), generator=g)), i % 3))
+    model = _Graphs().eval()
+    loader = torch.utils.data.DataLoader(items, batch_size=16, collate_fn=_joined)
+    conn = diagql.connect(model, loader, cache_dir=False, progress=False, batch_size=7)
+    answer = conn.query("AVG NEURONS IN pool WHERE class = 1")
+    with torch.no_grad():  # each graph alone
+        truth = torch.cat([model.pool(torch.relu(torch.zeros(len(x), 8).index_add_(
+            0, e[1], model.message(x)[e[0]]) + model.own(x)), torch.zeros(len(x), dtype=int))
+            for (x, e), _ in items]).double().numpy()
+    mine = np.arange(40) % 3 == 1
+    np.testing.assert_allclose(answer.values, truth[mine].mean(0), rtol=1e-5)
+    # A layer of the nodes is not per graph, and says why.
+    with pytest.raises(DiagQLError, match="several rows an item \\(nodes of a graph"):
+        conn.query("AVG NEURONS IN own")
 
 
 class _ParametersOnly(nn.Module):

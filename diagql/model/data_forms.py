@@ -47,11 +47,16 @@ def collate_items(items: list):
     """torch's default collate, after turning each item's Python lists of numbers into
     tensors (a Hugging Face dataset in its default format, or its ``to_list()``, gives an
     item's inputs so; the default collate would transpose them into one tensor per position).
-    An (x, y) item whose y is None has no label: refused saying so, where the collate's own
-    error ("Could not infer dtype of NoneType") did not say what was missing."""
-    for position, item in enumerate(items):
-        if isinstance(item, (tuple, list)) and len(item) == 2 and item[1] is None:
-            raise missing_label(position, "None")
+    Items (x, None) every one are data without labels, (batch of x, None), as a model of
+    several inputs gives them ((x, t), None: inputs alone would read t as the label); one
+    whose y is None among labelled ones is refused saying so, where the collate's own error
+    ("Could not infer dtype of NoneType") did not say what was missing."""
+    unlabelled = [isinstance(item, (tuple, list)) and len(item) == 2 and item[1] is None
+                  for item in items]
+    if items and all(unlabelled):
+        return default_collate([_converted(item[0]) for item in items]), None
+    if any(unlabelled):
+        raise missing_label(unlabelled.index(True), "None")
     return default_collate([_converted(item) for item in items])
 
 
@@ -165,12 +170,24 @@ def split_next(batches: Iterator, split, idx: np.ndarray):
 
 
 def one_row_per_item(x, items: int) -> bool:
-    """Whether a tuple input whose first part is not one row per item has another that is:
-    the PyTorch text tutorial's EmbeddingBag form, (tokens of every item concatenated, each
-    item's offset), whose model gives one row per item all the same."""
+    """Whether a tuple input whose first part is not one row per item has another that is,
+    or that says which item each of its rows is of: the PyTorch text tutorial's EmbeddingBag
+    form, (tokens of every item concatenated, each item's offset), and graph batching's,
+    (every graph's nodes joined, its edges, each node's graph: ``batch_index``), whose
+    models give one row per item all the same."""
     return isinstance(x, (tuple, list)) and any(
         isinstance(part, torch.Tensor) and part.ndim >= 1 and part.shape[0] == items
-        for part in x[1:])
+        or batch_index(part, items) for part in x[1:])
+
+
+def batch_index(part, items: int) -> bool:
+    """Whether ``part`` gives each joined row its item's place in the batch (torch_geometric's
+    ``batch`` vector): integers 0 to ``items`` - 1 in order, each at least once."""
+    if not isinstance(part, torch.Tensor) or part.ndim != 1 or len(part) < items or \
+            part.is_floating_point() or part.dtype == torch.bool or not len(part):
+        return False
+    return int(part[0]) == 0 and int(part[-1]) == items - 1 and \
+        bool((part.diff() >= 0).all()) and bool((part.diff() <= 1).all())
 
 
 ORDER_CHECK_ITEMS = 16  # the items a user's collate_fn is checked on

@@ -31,8 +31,8 @@ def missing_label(position: int, what: str, count: str = "") -> MissingLabel:
 def missing_label_message(item: int, what: str, count: str = "") -> str:
     return (f"item {item} has no label ({what}{count}): DiagQL needs a label for every item or "
             f"for none. Leave out the items without one, or give the data without labels: "
-            f"(X, None), a Dataset whose items are the inputs alone, or -1 as every item's "
-            f"label")
+            f"(X, None), a Dataset whose items are (x, None) every one or the inputs alone, or "
+            f"-1 as every item's label")
 
 
 def _missing(value) -> bool:
