@@ -391,6 +391,29 @@ def narrower_head(scores: Scores, labels: np.ndarray | None,
             f"may be some; if it is the scores, name it with {_OPTION}")
 
 
+def guess_at_chance(scores: Scores, labels: np.ndarray | None,
+                    predictions: np.ndarray) -> str | None:
+    """A notice when the default took the first of several vectors of one width
+    (``EQUAL_WIDTHS``) and its predictions agree with the labels no better than chance (within
+    a tenth of the way to all): another vector may be the scores, or none is (a VAE's mu
+    as wide as the labels' classes, beside its log-variance), and every WHERE correct and
+    GROUP BY predicted would be read from codes. None otherwise."""
+    if scores.why != EQUAL_WIDTHS or labels is None or not len(labels):
+        return None
+    known = labels >= 0
+    if not known.any():
+        return None
+    classes = max(int(labels.max()) + 1, 2)
+    accuracy = float(np.mean(predictions[known] == labels[known]))
+    chance = 1 / classes
+    if accuracy > chance + 0.1 * (1 - chance):
+        return None
+    return (f"DiagQL reads output[{scores.at!r}] as the class scores (the first of several "
+            f"vectors of one width), and its predictions agree with the labels for "
+            f"{accuracy:.0%} of the items, as chance would ({classes} classes): if another "
+            f"vector is the scores, name it with {_OPTION}. {NO_CLASSES}")
+
+
 def notices(logits, labels: np.ndarray | None, predictions: np.ndarray,
             n_classes: int, confidence: np.ndarray | None = None,
             scores: Scores | None = None) -> list[str]:
@@ -398,7 +421,8 @@ def notices(logits, labels: np.ndarray | None, predictions: np.ndarray,
     the scores it read (``scores``: where, for ``narrower_head``)."""
     found = (None if confidence is None else unscored(confidence), sigmoid_applied(logits),
              beyond_labels(labels, predictions, n_classes),
-             None if scores is None else narrower_head(scores, labels, predictions))
+             None if scores is None else narrower_head(scores, labels, predictions),
+             None if scores is None else guess_at_chance(scores, labels, predictions))
     return [notice for notice in found if notice is not None]
 
 
