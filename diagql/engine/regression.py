@@ -20,6 +20,10 @@ shrunk slope, δᵀA⁻¹SA⁻¹δ, plus what the shrinkage may leave of the sel
 ridge·δᵀA⁻²δ. A few items of one cell keep the slope near 0, so a sampler that picks latent
 outliers (vas, gmm) leaves most of its bias in the answer; without the second term no
 standard error carried it (coverage 0.83-0.89, benchmarks/README.md, "Issue 15, third round").
+The prior's σ²/ridge per slope is too small where the latent predicts a layer closely (small
+σ², large slopes): along each direction the sampled rows determine, the slope's size they
+show takes its place when larger (``shown_slopes``), and that second term is
+ridge²·Σₖ (eₖᵀA⁻¹δ)²·max(σ²/ridge, β̂ₖ²).
 
 Everything is computed from mergeable sums (``CrossSums``) streamed with the activations, so
 no sampled item's row is held.
@@ -285,7 +289,8 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
     streamed it projected (the groups' ``fit`` rows are then some of them), else from the
     groups' own cross-products. The residual variance σ² is fitted on each group's fit rows
     (all of them without ``fit``), with its own slope on those rows; the standard error
-    combines it with the full slope's uncertainty, h = δᵀA⁻¹δ."""
+    combines it with the full slope's uncertainty and what its shrinkage may leave of the
+    selection's bias (the module's docstring)."""
     parts = {key: (g, _centred(RowSums(g.n, g.total, None, g.cross), False),
                    _centred(g.fit_rows))
              for key, g in groups.items() if g.n > 0}
@@ -307,6 +312,10 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
     # a tiny sample from dividing by ~0 (it was 1, which left n = 2 or 3 uninflated: its
     # expected cosine distances came out at 0.74x the actual, benchmarks/README.md).
     inflate = free / max(free - p_eff, 0.5)
+    # Each neuron's slope along each eigendirection of the fit rows' covariates: its size
+    # shows in their cross-products, (eᵀ·Szv)², where they determine it (``shown_slopes``).
+    evals, evecs = np.linalg.eigh(S_fit)
+    along = (evecs.T @ sum(rows[3] for rows in fits)) ** 2
     out = {}
     for key, (g, (ybar, zbar, *_), (_, _, fszz, fszv, fsvv)) in parts.items():
         delta = g.population_z - zbar
@@ -321,7 +330,28 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
         rss = fsvv - 2 * np.einsum("pj,pj->j", B_fit, fszv) + \
             np.einsum("pj,pj->j", B_fit, fszz @ B_fit)
         sigma2 = np.maximum(rss, 0.0) / (m - 1) * inflate
-        h = float(delta @ A_inv @ delta)  # = δᵀA⁻¹(S + ridge)A⁻¹δ: noise and shrinkage
+        u = A_inv @ delta
+        noise = float(u @ S @ u)  # the shrunk slope's sampling variance, per unit σ²
         fpc = max(g.population - g.n, 0) / max(g.population, 1)
-        out[key] = Fitted(mean, np.sqrt(sigma2 * (fpc / g.n + h)), m - 1)
+        # What the shrinkage may leave of the selection's bias, ridge·uᵀβ: the slope's prior
+        # (each direction's β² at σ²/ridge) or its size the fit rows show, the larger.
+        prior = np.maximum(sigma2[None, :] / ridge, shown_slopes(evals, along, sigma2, ridge))
+        bias2 = ridge ** 2 * ((evecs.T @ u) ** 2 @ prior)
+        out[key] = Fitted(mean, np.sqrt(sigma2 * (fpc / g.n + noise) + bias2), m - 1)
     return out
+
+
+def shown_slopes(evals: np.ndarray, along: np.ndarray, sigma2: np.ndarray,
+                 ridge: float) -> np.ndarray:
+    """Each neuron's squared slope along each eigendirection e (eigenvalue s) of the fit rows'
+    centred covariates (directions × neurons), by the method of moments: their
+    cross-products with the values along e are s·β + noise of variance σ²·s, so
+    ((eᵀSzv)² − σ²·s) / s² estimates β², clipped at 0. Only where s ≥ ridge, where the rows
+    hold at least the prior's information; elsewhere 0 (the prior alone speaks): a
+    direction the sample barely spans would give a noise of σ²/s, and had widened a random
+    sample's intervals 2x. On a small CNN's pooled layer, whose neurons the latent predicts
+    closely (slopes far above σ²/ridge), the bias a shrunk slope leaves had been under-stated:
+    benchmarks/README.md, "2026-12-04 (twentieth session)"."""
+    determined = evals >= ridge
+    squared = np.maximum(along - sigma2[None, :] * evals[:, None], 0.0)
+    return np.where(determined[:, None], squared / np.maximum(evals, ridge)[:, None] ** 2, 0.0)
