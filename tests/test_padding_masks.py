@@ -38,10 +38,11 @@ class Clouds(Dataset):
         return self.items[i]
 
 
-def collate(items, padding_true: bool = False):
-    """((points padded to the batch's longest set, mask), labels); the mask True at real
-    points, or True at padding (torch's key_padding_mask) with ``padding_true``."""
-    longest = max(len(points) for points, _ in items)
+def collate(items, padding_true: bool = False, fixed: int | None = None):
+    """((points padded to the batch's longest set, or to ``fixed`` points, mask), labels);
+    the mask True at real points, or True at padding (torch's key_padding_mask) with
+    ``padding_true``."""
+    longest = fixed or max(len(points) for points, _ in items)
     points = torch.zeros(len(items), longest, 3)
     real = torch.zeros(len(items), longest, dtype=torch.bool)
     for j, (p, _) in enumerate(items):
@@ -106,13 +107,16 @@ def dense(result, width: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model_cls,padding_true", [(MaskNet, False), (PaddingMaskNet, True)])
-@pytest.mark.parametrize("batch_size", [16, 7])
+@pytest.mark.parametrize("batch_size,fixed", [(16, None), (7, None), (7, 14)],
+                         ids=["16", "7", "7-to-14-points"])
 def test_a_padding_mask_under_the_models_own_name_marks_real_points(model_cls, padding_true,
-                                                                     batch_size):
+                                                                     batch_size, fixed):
+    """Padded to a fixed 14 points, no row is whole: the mask True at padding had been read
+    the other way round, every answer its padding's (the Linear's bias)."""
     data = Clouds()
     model = model_cls().eval()
     loader = torch.utils.data.DataLoader(
-        data, batch_size=batch_size, collate_fn=lambda items: collate(items, padding_true))
+        data, batch_size=batch_size, collate_fn=lambda items: collate(items, padding_true, fixed))
     with warnings.catch_warnings():
         warnings.simplefilter("error", diagql.DiagQLWarning)
         db = diagql.connect(model, loader, cache_dir=False)
@@ -136,16 +140,35 @@ def test_a_length_that_follows_the_batch_is_told_where_the_first_item_is_the_lon
         db.query("AVG NEURONS IN act USING FULL")
 
 
+def _beside(real: torch.Tensor) -> torch.Tensor:
+    """A sequence input (batch, sequence, 2) for a mask: zeros where ``real`` is False."""
+    x = torch.randn(*real.shape, 2, generator=torch.Generator().manual_seed(1))
+    x[~real] = 0.0
+    return x
+
+
 def test_real_positions_reads_either_meaning_and_refuses_a_mask_of_something_else():
-    right = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
-    assert real_positions(right).tolist() == (right == 1).tolist()
-    assert real_positions(1 - right).tolist() == (right == 1).tolist()  # True at padding
+    right = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]).bool()
+    for mask in (right.int(), (~right).int(), right, ~right, right.float()):
+        assert real_positions({"x": _beside(right), "mask": mask}, "mask").tolist() == \
+            right.tolist()
     left = right.flip(1)  # a decoder's left padding
-    assert real_positions(left.bool()).tolist() == left.bool().tolist()
-    # Padded to a fixed length, no row whole: the value that is not zero is real.
-    fixed = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
-    assert real_positions(fixed).tolist() == fixed.bool().tolist()
-    assert real_positions(torch.zeros(2, 3)).tolist() == [[True] * 3] * 2
+    assert real_positions({"x": _beside(left), "mask": left}, "mask").tolist() == left.tolist()
+    # Padded to a fixed length, no row whole: the input's padding tells the meaning, whatever
+    # the name, and an additive mask's 0 is real.
+    fixed = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]).bool()
+    x = _beside(fixed)
+    for key, mask in (("mask", ~fixed), ("key_padding_mask", ~fixed), ("mask", fixed),
+                      ("mask", torch.zeros(2, 4).masked_fill(~fixed, float("-inf")))):
+        assert real_positions({"x": x, key: mask}, key).tolist() == fixed.tolist()
+    time_first = {"x": x.transpose(0, 1), "mask": ~fixed}  # (sequence, batch, 2)
+    assert real_positions(time_first, "mask").tolist() == fixed.tolist()
+    assert real_positions({"x": x, "mask": torch.zeros(2, 4)}, "mask").tolist() == \
+        [[True] * 4] * 2
+    # Masks of something else: every position holds the input's own values.
+    every = torch.randn(3, 4, 2)
+    forecast = torch.tensor([[0, 0, 1, 1]] * 3)  # the last steps to predict
     scattered = torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1]])  # masked tokens
-    assert real_positions(scattered) is None
-    assert real_positions(torch.tensor([[0, 1, 2], [2, 2, 2]])) is None
+    for mask in (forecast, scattered, forecast.bool()):
+        assert real_positions({"x": every, "mask": mask}, "mask") is None
+    assert real_positions({"x": every, "mask": torch.tensor([[0, 1, 2, 2]] * 3)}, "mask") is None

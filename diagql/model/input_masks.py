@@ -7,9 +7,8 @@ cloud and set models are written); model/views.py reads a layer's real tokens wi
 
 A mask under another name has no fixed meaning (torch's key_padding_mask is True at padding,
 a PointNet's mask True at real points), so which of its two values marks real positions is
-read from the mask itself: padded to the batch's longest item, that item's row is all real;
-and in every row the real positions are one run at an end (right or left padding), which a
-mask of something else (a masked language model's scattered masked tokens) is not.
+read from the mask and the input beside it (``real_positions``): in every row the real
+positions are one run at an end, and the rest hold padding, one value, in the input.
 
 Lengths mark padding only where the positions past them are padding: the sequence beside
 them holds one value there (a padding collate's zeros). A model that takes lengths over
@@ -105,29 +104,57 @@ def input_attention_mask(inputs, module: str | None = None) -> torch.Tensor | No
     if key in LENGTH_KEYS:
         return lengths_mask(inputs, key)
     if key in MASK_KEYS:
-        return real_positions(inputs[key])
+        return real_positions(inputs, key)
     mask = None if key is None else inputs.get(key)
     return mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
 
-def real_positions(mask: torch.Tensor) -> torch.Tensor | None:
-    """(batch, sequence) True at the real positions of a padding mask whose name does not say
-    which of its values marks them (``MASK_KEYS``): the value of a row that is all one value
-    (the batch's longest item), else the one that is not zero (as an attention_mask's 1);
-    None where the mask holds more than two values, or its real positions are not one run at
-    either end of each row (then it marks something other than padding)."""
+def real_positions(inputs: Mapping, key: str) -> torch.Tensor | None:
+    """(batch, sequence) True at the real positions of the padding mask ``inputs[key]``, whose
+    name does not fix which of its values marks them (``MASK_KEYS``). A value is real if,
+    taking it so, each row's real positions are one run at an end (right or left padding)
+    and the positions left hold one value in a sequence input beside the mask (a padding
+    collate's zeros): a mask of something else (a forecast's last steps, a masked language
+    model's tokens, an inpainting mask) leaves the input's own values there, and had been
+    read as padding. Where both values pass, the one of a whole row (the batch's longest
+    item), else the value that is not zero unless the name says padding (torch's
+    key_padding_mask: True at padding). None where neither passes, or the mask holds more
+    than two values."""
+    mask = inputs.get(key)
     values = torch.unique(mask)
     if len(values) > 2:
         return None
     if len(values) == 1:
         return torch.ones(mask.shape, dtype=torch.bool, device=mask.device)
-    whole = (mask == mask[:, :1]).all(dim=1)
-    if bool(whole.any()):
-        value = mask[whole][0, 0]
-    else:
-        value = values[1] if values[0] == 0 else values[0]
-    real = mask == value
+    fits = [value for value in values.tolist()
+            if _padding_at(inputs, key, mask == value)]
+    if len(fits) != 1:
+        whole = (mask == mask[:, :1]).all(dim=1)
+        truthy = values[1] if bool(values[0] == 0) else values[0]
+        named = values[0] if bool(truthy == values[1]) else values[1]  # the other: zero
+        preferred = mask[whole][0, 0] if bool(whole.any()) else \
+            named if "pad" in key else truthy
+        fits = [value for value in fits if value == preferred.item()]
+    return mask == fits[0] if fits else None
+
+
+def _padding_at(inputs: Mapping, key: str, real: torch.Tensor) -> bool:
+    """Whether ``real`` marks right or left padding: each row's real positions one run at an
+    end, at least one, and the others holding one value in a sequence input beside the mask
+    (batch-first or time-first)."""
     steps = real.to(torch.int8).diff(dim=1)
     right = bool(real[:, 0].all()) and bool((steps <= 0).all())  # real, then padding
     left = bool(real[:, -1].all()) and bool((steps >= 0).all())  # padding, then real
-    return real if right or left else None
+    if not (right or left):
+        return False
+    batch, length = real.shape
+    for name, value in inputs.items():
+        if name == key or not isinstance(value, torch.Tensor) or value.ndim < 2:
+            continue
+        # Both ways where the batch is as long as the sequence.
+        for sequence in ([value] if tuple(value.shape[:2]) == (batch, length) else []) + \
+                ([value.transpose(0, 1)] if tuple(value.shape[:2]) == (length, batch) else []):
+            past = sequence[~real.to(sequence.device)]
+            if bool((past == past[:1]).all()):
+                return True
+    return False
