@@ -708,6 +708,19 @@ def test_an_item_without_a_label_in_a_dataset_is_named(missing):
         connect(model, _PerItem(X, [0] + [None] * 199)).query("AVG NEURONS IN 1")
 
 
+def test_an_item_without_a_label_is_named_by_its_index_in_the_dataset_under_a_sampler():
+    """A loader over some of a dataset's items (a validation split's sampler) had named the
+    item by its place among them: 'item 11' for the dataset's item 23."""
+    model, X, y = _labelled_world()
+    labels = [int(v) for v in y]
+    labels[23] = None
+    loader = torch.utils.data.DataLoader(
+        _PerItem(X, labels), batch_size=8,
+        sampler=torch.utils.data.SubsetRandomSampler(list(range(1, 200, 2))))
+    with pytest.raises(DiagQLError, match=r"^item 23 has no label \(None\)"):
+        connect(model, loader).query("AVG NEURONS IN 1")
+
+
 class _Denoiser(torch.nn.Module):
     """An input and its noise level, as a diffusion model's denoiser takes them."""
 

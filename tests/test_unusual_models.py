@@ -613,6 +613,43 @@ def test_graphs_joined_beside_a_batch_vector_are_one_row_each():
         conn.query("AVG NEURONS IN own")
 
 
+class _TimeFirst(nn.Module):
+    """A Linear over a time-first (T, B, 4) sequence given by name beside its (B, T) mask."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.proj, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        real = mask.T[..., None].float()
+        return self.head((self.proj(x) * real).sum(0) / real.sum(0))
+
+
+def test_a_time_first_sequence_in_a_mapping_is_one_row_per_item():
+    """{"x": (T, B, 4), "mask": (B, T)} had been refused as 'a batch of 1 items came back from
+    the collate_fn with 7 inputs' (its time steps), where the same as a tuple answered."""
+    g = torch.Generator().manual_seed(6)
+    items = [(torch.randn(int(n), 4, generator=g), i % 3)
+             for i, n in enumerate(torch.randint(2, 8, (20,), generator=g))]
+
+    def collate(batch):
+        x = nn.utils.rnn.pad_sequence([s for s, _ in batch])  # (T, B, 4)
+        mask = torch.zeros(len(batch), len(x), dtype=torch.bool)
+        for j, (s, _) in enumerate(batch):
+            mask[j, :len(s)] = True
+        return {"x": x, "mask": mask, "labels": torch.tensor([label for _, label in batch])}
+
+    model = _TimeFirst().eval()
+    conn = diagql.connect(model, torch.utils.data.DataLoader(items, batch_size=4,
+                                                             collate_fn=collate),
+                          cache_dir=False, progress=False)
+    with torch.no_grad():
+        truth = np.mean([model.proj(s).mean(0).double().numpy() for s, _ in items], axis=0)
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN proj USING FULL").values, truth,
+                               rtol=1e-5, atol=1e-6)
+
+
 class _ParametersOnly(nn.Module):
     def __init__(self):
         super().__init__()

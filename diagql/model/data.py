@@ -195,7 +195,8 @@ class ItemSource:
         batches = read_batches(loader, len(dataset))
         for start, end in cuts:  # the loader makes one batch of each
             idx = indices[start:end]
-            x, y = split_next(batches, self._split, idx)
+            # An item without a label is named by its index in the user's dataset.
+            x, y = split_next(batches, self._split, at[start:end])
             n = _batch_len(x)
             if n != len(idx) and one_row_per_item(x, len(idx)):
                 n = len(idx)  # tokens concatenated beside offsets (EmbeddingBag's form)

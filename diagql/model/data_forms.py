@@ -170,14 +170,16 @@ def split_next(batches: Iterator, split, idx: np.ndarray):
 
 
 def one_row_per_item(x, items: int) -> bool:
-    """Whether a tuple input whose first part is not one row per item has another that is,
-    or that says which item each of its rows is of: the PyTorch text tutorial's EmbeddingBag
+    """Whether a tuple input whose first part is not one row per item (or a mapping whose
+    first tensor is not: a time-first (T, B, D) sequence) has another that is, or that says
+    which item each of its rows is of: the PyTorch text tutorial's EmbeddingBag
     form, (tokens of every item concatenated, each item's offset), and graph batching's,
     (every graph's nodes joined, its edges, each node's graph: ``batch_index``), whose
     models give one row per item all the same."""
-    return isinstance(x, (tuple, list)) and any(
-        isinstance(part, torch.Tensor) and part.ndim >= 1 and part.shape[0] == items
-        or batch_index(part, items) for part in x[1:])
+    parts = list(x.values()) if isinstance(x, Mapping) else \
+        list(x[1:]) if isinstance(x, (tuple, list)) else []
+    return any(isinstance(part, torch.Tensor) and part.ndim >= 1 and part.shape[0] == items
+               or batch_index(part, items) for part in parts)
 
 
 def batch_index(part, items: int) -> bool:
