@@ -976,13 +976,21 @@ def test_describe_names_the_key_of_a_dict_output_it_reads():
            "rest of the dict is not queried" in described
 
 
-def test_a_token_view_is_checked_on_its_own_modules_mean_view_with_the_whole_excess():
-    """TOKEN -1 of a GRU whose head reads it through a Linear: fitted on the GRU's mean view's
-    leading projections (its own module's other view) and checked on them with each part's
-    whole excess (half had left vas, gmm and maxmargin covering 0.77-0.84)."""
+@pytest.mark.parametrize("own", [True, False], ids=["own-auxiliary", "past-the-budget"])
+def test_a_token_view_is_checked_on_its_own_modules_mean_view_with_the_whole_excess(
+        own, monkeypatch):
+    """TOKEN -1 of a GRU whose head reads it through a Linear: the profile keeps its own
+    auxiliary, as a sequence block's other token views (model/auxiliaries.py). Past their
+    budget, it is fitted on the GRU's mean view's leading projections (its own module's
+    other view) and checked on them with each part's whole excess (half had left vas, gmm
+    and maxmargin covering 0.77-0.84)."""
     import json
 
     from diagql.engine import covariates, extrapolation
+    from diagql.model import auxiliaries
+
+    if not own:
+        monkeypatch.setattr(auxiliaries, "EXTRA_BUDGET", 0)
 
     class Last(nn.Module):
         def __init__(self):
@@ -998,11 +1006,67 @@ def test_a_token_view_is_checked_on_its_own_modules_mean_view_with_the_whole_exc
                           cache_dir=False, progress=False)
     profile = conn.profile
     chosen = covariates.for_view(profile, json.dumps(["rnn", "TOKEN -1"]))
+    names = [key for key, _ in profile.auxiliaries.names]
+    views = [json.dumps(["rnn", view]) for view in ("TOKEN -1", "TOKENS MAX", "TOKEN 0")]
+    if own:
+        assert set(views) <= set(names)
+        assert chosen.auxiliary.key == views[0] and chosen.neighbour is None
+        return
+    assert not set(views) & set(names)
     assert chosen.neighbour is not None and chosen.neighbour.layer == "rnn"
     check = extrapolation.check_for(profile, "rnn", chosen)
     assert check.share == (extrapolation.WHOLE_SHARE,) * len(check.columns)
     inner = covariates.for_view(profile, json.dumps(["fc"]))
     assert inner.auxiliary is not None  # fc is a block of its own: its own minor directions
+
+
+class _Pooled(nn.Module):
+    """An embedding, a GRU of 16 units, its mean over the tokens read by the head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(14)
+        self.embed, self.rnn = nn.Embedding(12, 8), nn.GRU(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.embed(ids))[0].mean(1))
+
+
+@pytest.mark.parametrize("view,reduce", [("TOKENS MAX", lambda h: h.max(1).values),
+                                         ("TOKEN -1", lambda h: h[:, -1]),
+                                         ("TOKEN 0", lambda h: h[:, 0])])
+def test_a_sample_of_a_sequence_blocks_other_token_views_is_predicted_by_their_own_rows(
+        view, reduce):
+    """The head reads the GRU's mean, which the latent holds; its max, last and first token
+    are no linear function of it, and a maxmargin sample's answer fitted on it had covered
+    the exact means 0.17-0.33 (TOKENS MAX). Their own auxiliaries hold a 16-unit GRU's rows
+    whole: the answer is the exact mean."""
+    X = torch.randint(0, 12, (600, 7), generator=torch.Generator().manual_seed(14))
+    y = torch.randint(0, 3, (600,), generator=torch.Generator().manual_seed(15))
+    model = _Pooled().eval()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        truth = reduce(model.rnn(model.embed(X))[0]).double().numpy()
+    for sampler in ("maxmargin(0.05)", "vas(0.05)"):
+        answer = conn.query(f"AVG NEURONS IN rnn {view} WHERE class = 1 USING SAMPLE {sampler}")
+        np.testing.assert_allclose(answer.values, truth[y.numpy() == 1].mean(axis=0),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_the_other_token_views_auxiliaries_fit_their_budget_from_the_last_block_back():
+    from diagql.model import auxiliaries
+
+    conn = diagql.connect(_Pooled(), (torch.randint(0, 12, (40, 7)), torch.randint(0, 3, (40,))),
+                          cache_dir=False, progress=False)
+    layers = [conn.catalog[name] for name in ("embed", "rnn", "head")]
+    per_view = auxiliaries.DIMS * 4
+    n = auxiliaries.EXTRA_BUDGET // (3 * per_view)  # room for three
+    keys = [view.key for view in auxiliaries._views(layers, n)]
+    assert keys == ['["embed", "TOKENS MEAN"]', '["embed", "TOKEN -1"]',
+                    '["rnn", "TOKENS MEAN"]', '["rnn", "TOKEN -1"]', '["rnn", "TOKENS MAX"]',
+                    '["head"]']
+    assert len(auxiliaries._views(layers, 10 ** 9)) == 3  # one each past the budget
 
 
 class _AbsolutePositions(nn.Module):

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.model.views import ModuleCall, View
+from diagql.model.same_rows import fan_out
+from diagql.model.views import SEQUENCE, ModuleCall, View
 
 # Measured (benchmarks/block_auxiliaries.py, maxmargin at 5%): on the demo's conv1, 8, 16, 32
 # and 64 components took S2 from 0.034 to 0.031, 0.024, 0.019 and 0.012 (the ResNet's stem alike,
@@ -31,6 +32,10 @@ TRUNK_SHARE = 0.5
 # (a ModuleList of 300 small blocks took the profile 9.4 s against a 0.16 s forward pass); a
 # query on a block left out takes the nearest kept one's, as a layer beside a block does.
 MAX_BLOCKS = 48
+# A sequence block's other token views (``_views``), most often queried first, and the bytes
+# their z rows may take together: at 100,000 items, ten of them.
+OTHER_VIEWS = ("last", "max", "first")
+EXTRA_BUDGET = 256 * 1024 ** 2
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,8 @@ class Auxiliary:
     fitted_on: int  # items the directions were fitted on
 
 
-def blocks(model: torch.nn.Module, catalog) -> list[View]:
-    """The default views of the model's blocks: its top-level children that hold parameters,
+def blocks(model: torch.nn.Module, catalog, n: int = 0) -> list[View]:
+    """The views of the model's blocks (``_views``): its top-level children that hold parameters,
     and, recursively, the children of a trunk: a container that is not a layer (a ModuleList),
     or a child holding more than TRUNK_SHARE of them whose own children have children (a
     transformer's encoder; not a Sequential of Linear, BatchNorm and ReLU). A trunk that is a
@@ -55,9 +60,10 @@ def blocks(model: torch.nn.Module, catalog) -> list[View]:
     MAX_BLOCKS of them, spread evenly over the model's order. A wrapper
     (a module with no parameters of its own whose parameters are all one child's, and that child
     has children: ``self.inner = model``, a LightningModule's ``self.model``) is seen through:
-    the blocks are those of what it wraps, as if that were the model."""
+    the blocks are those of what it wraps, as if that were the model. ``n``: the data's items,
+    which the extra views' z rows must fit (``_views``)."""
     total = sum(p.numel() for p in model.parameters()) or 1
-    found: list[View] = []
+    found: list = []  # LayerInfos
 
     def visit(prefix: str, module: torch.nn.Module) -> None:
         for name, child in module.named_children():
@@ -67,7 +73,7 @@ def blocks(model: torch.nn.Module, catalog) -> list[View]:
                 continue
             layer = _layer(catalog, qualified)
             if layer is not None and 0 < layer.neurons <= MAX_WIDTH:
-                found.append(View(layer))
+                found.append(layer)
             nested = any(any(True for _ in c.children()) for c in child.children())
             if (layer is None and any(True for _ in child.children())) or \
                     (nested and weight > TRUNK_SHARE * total):
@@ -84,7 +90,31 @@ def blocks(model: torch.nn.Module, catalog) -> list[View]:
     if len(found) > MAX_BLOCKS:
         keep = np.unique(np.round(np.linspace(0, len(found) - 1, MAX_BLOCKS)).astype(int))
         found = [found[i] for i in keep.tolist()]
-    return found
+    return _views(found, n)
+
+
+def _views(layers: list, n: int) -> list[View]:
+    """The blocks' views that keep an auxiliary: each one's default view, and a sequence
+    block's other token views (its last token, max and first over its real tokens), which are
+    no linear function of the mean that the latent and the default view hold: a GRU's TOKENS
+    MAX under maxmargin(0.05), fitted on the mean's and the embedding's directions alone, had
+    covered its exact means 0.17-0.33, its TOKEN -1 0.84 (benchmarks/README.md,
+    "2026-12-04 (twentieth session)"). The other views' z rows take EXTRA_BUDGET at most
+    (n × DIMS float32 each), given in that order from the last block back."""
+    extra: set[tuple[str, str]] = set()
+    room = EXTRA_BUDGET // max(1, n * DIMS * 4)
+    sequences = [layer for layer in reversed(layers) if layer.layout == SEQUENCE]
+    for reduction in OTHER_VIEWS:
+        for layer in sequences:
+            if len(extra) < room:
+                extra.add((layer.name, reduction))
+    views = []
+    for layer in layers:
+        views.append(View(layer))
+        views += [View(layer, reduction="token", position=-1 if reduction == "last" else 0)
+                  if reduction in ("last", "first") else View(layer, reduction=reduction)
+                  for reduction in OTHER_VIEWS if (layer.name, reduction) in extra]
+    return views
 
 
 def _layer(catalog, name: str):
@@ -140,113 +170,120 @@ class BlockProjector:
     directions (``profile.projected_part``); a block without one is dropped."""
 
     def __init__(self, views: list[View], n: int, dims: int = DIMS, fits: dict | None = None):
-        self.views = {view.layer.name: view for view in views}
+        # By the view's key: a sequence block keeps two views of one layer (``blocks``).
+        self.views = {view.key: view for view in views}
         width = sum(view.width for view in views) or 1
         self.fit_items = max(1, min(FIT_ITEMS, n, HOLD_BUDGET // (4 * width)))
         self.n, self.dims = n, dims
         self.batch: dict[str, torch.Tensor] = {}
-        self.held: dict[str, list[torch.Tensor]] = {name: [] for name in self.views}
+        self.held: dict[str, list[torch.Tensor]] = {key: [] for key in self.views}
         self.fits: dict[str, tuple[torch.Tensor, ...]] = {}  # mean, basis; float32 for the pass
         self.z: dict[str, np.ndarray] = {}
         self.position = 0
-        for name in list(self.views) if fits is not None else ():
-            if name not in fits:
-                self.drop(name)
+        for key in list(self.views) if fits is not None else ():
+            if key not in fits:
+                self.drop(key)
                 continue
-            self.held.pop(name)
-            self._set_fit(name, *fits[name])
+            self.held.pop(key)
+            self._set_fit(key, *fits[key])
 
     def fitted(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each block's directions fitted so far (mean, basis; float64), by layer name."""
-        return {name: fit[:2] for name, fit in self.fits.items()}
+        """Each block's directions fitted so far (mean, basis; float64), by view key."""
+        return {key: fit[:2] for key, fit in self.fits.items()}
 
     def callbacks(self) -> dict:
-        return {name: self._keep(name) for name in self.views}
+        """One hook callback per layer, keeping each of its views' rows."""
+        keeps: dict[str, list] = {}
+        for key, view in self.views.items():
+            keeps.setdefault(view.layer.name, []).append(self._keep(key))
+        return {layer: kept[0] if len(kept) == 1 else fan_out(kept)
+                for layer, kept in keeps.items()}
 
-    def _keep(self, name: str):
+    def _keep(self, key: str):
         def keep(call: ModuleCall) -> None:
-            view = self.views.get(name)
+            view = self.views.get(key)
             if view is None:
                 return
             try:  # read now: a later in-place op may overwrite it
                 rows = view.finish(view.rows(call)).detach()
-                fit = self.fits.get(name)
+                fit = self.fits.get(key)
                 if fit is not None:  # projected where the rows are: only z leaves the device
                     basis, offset = fit[2].to(rows.device), fit[3].to(rows.device)
-                    self.batch[name] = (rows.to(torch.float32) @ basis - offset).cpu()
+                    self.batch[key] = (rows.to(torch.float32) @ basis - offset).cpu()
                 else:
-                    self.batch[name] = rows.to("cpu", torch.float32, copy=True)
+                    self.batch[key] = rows.to("cpu", torch.float32, copy=True)
             except Exception:  # noqa: BLE001 - read otherwise than the probe saw: no auxiliary
-                self.drop(name)
+                self.drop(key)
         return keep
 
-    def drop(self, name: str) -> None:
+    def drop(self, key: str) -> None:
         for table in (self.views, self.held, self.fits, self.z, self.batch):
-            table.pop(name, None)
+            table.pop(key, None)
 
     def after_batch(self, size: int) -> None:
         """Take the batch's rows of every block (a block that did not run is dropped)."""
         start = self.position
         self.position += size
-        for name in list(self.views):
-            rows = self.batch.pop(name, None)
+        for key in list(self.views):
+            rows = self.batch.pop(key, None)
             if rows is None or len(rows) != size:
-                self.drop(name)
+                self.drop(key)
                 continue
-            if name in self.fits:
-                self._keep_z(name, rows, start)
+            if key in self.fits:
+                self._keep_z(key, rows, start)
                 continue
-            self.held[name].append(rows)
+            self.held[key].append(rows)
             if self.position >= self.fit_items:
-                self._fit(name)
+                self._fit(key)
 
-    def _fit(self, name: str) -> None:
-        rows = torch.cat(self.held.pop(name))
+    def _fit(self, key: str) -> None:
+        rows = torch.cat(self.held.pop(key))
         if not torch.isfinite(rows).all():  # NaN or inf rows: a block DiagQL cannot summarise
-            self.drop(name)
+            self.drop(key)
             return
         try:
             mean, basis = principal(rows[:self.fit_items], self.dims)
         except RuntimeError:  # a decomposition that did not converge: the block has none
-            self.drop(name)
+            self.drop(key)
             return
-        self._set_fit(name, mean, basis)
-        self._keep_z(name, rows @ self.fits[name][2] - self.fits[name][3], 0)
+        self._set_fit(key, mean, basis)
+        self._keep_z(key, rows @ self.fits[key][2] - self.fits[key][3], 0)
 
-    def _set_fit(self, name: str, mean: torch.Tensor, basis: torch.Tensor) -> None:
+    def _set_fit(self, key: str, mean: torch.Tensor, basis: torch.Tensor) -> None:
         # Projected in float32 as basisᵀy − basisᵀμ: the pass's cost is this one product
         # (float64 took 2.5 times as long), and z is kept in float32 anyway.
-        self.fits[name] = (mean, basis, basis.to(torch.float32),
-                           (mean @ basis).to(torch.float32))
-        self.z[name] = np.empty((self.n, basis.shape[1]), dtype=np.float32)
+        self.fits[key] = (mean, basis, basis.to(torch.float32),
+                          (mean @ basis).to(torch.float32))
+        self.z[key] = np.empty((self.n, basis.shape[1]), dtype=np.float32)
 
-    def _keep_z(self, name: str, z: torch.Tensor, start: int) -> None:
+    def _keep_z(self, key: str, z: torch.Tensor, start: int) -> None:
         if not torch.isfinite(z).all():  # NaN or inf rows: a block DiagQL cannot summarise
-            self.drop(name)
+            self.drop(key)
             return
-        self.z[name][start:start + len(z)] = z.numpy()
+        self.z[key][start:start + len(z)] = z.numpy()
 
     def finish(self) -> None:
         """Fit the blocks whose rows are still held (fewer items than ``fit_items`` came);
         ``joined`` then makes their Auxiliaries from ``fitted()`` and ``z``."""
-        for name in list(self.held):
-            if self.held[name]:
-                self._fit(name)
+        for key in list(self.held):
+            if self.held[key]:
+                self._fit(key)
 
 
 def joined(views: list[View], fits: dict, z: dict[str, np.ndarray], fitted_on: int,
            exclude: tuple[str, ...] = ()) -> tuple[Auxiliary, ...]:
     """The Auxiliaries of a pass: each block's directions (``fits``, fitted once:
-    ``BlockProjector.fitted``) and its z rows (every item's, in item order); a block without
-    them (a part of the pass dropped it), or whose view is in ``exclude``, has none."""
+    ``BlockProjector.fitted``) and its z rows (every item's, in item order), by view key; a
+    block without them (a part of the pass dropped it), or whose view is in ``exclude``, has
+    none."""
     out = []
     for view in views:
-        name = view.layer.name
-        if name not in fits or view.key in exclude or name not in z:
+        key = view.key
+        if key not in fits or key in exclude or key not in z:
             continue
-        mean, basis = fits[name]
-        out.append(Auxiliary(view.key, name, mean.numpy().astype(np.float32),
-                             basis.numpy().astype(np.float32), z[name], fitted_on))
+        mean, basis = fits[key]
+        out.append(Auxiliary(key, view.layer.name, mean.numpy().astype(np.float32),
+                             basis.numpy().astype(np.float32), z[key], fitted_on))
     return tuple(out)
 
 
