@@ -99,7 +99,10 @@ def check_for(profile: Profile, layer: str, chosen) -> Check | None:
                      ", ".join(words[:-1]) + " and " + words[-1], whole_fit=True, each=True)
     if auxiliary is not None:
         k = auxiliary.z.shape[1]
-        if k < 2:
+        # A basis spanning the whole view (a block no wider than its DIMS directions) predicts
+        # every item's row: no residual to check, and its float32 rounding had read as a fit
+        # that missed (an exact answer "widened 1.56x", the W2 sweep).
+        if k < 2 or k >= auxiliary.basis.shape[0]:
             return None
         return Check((auxiliary.z[:, k // 2:],), MINOR_SHARE,
                      f"{auxiliary.layer}'s minor directions", offset=k // 2)
