@@ -577,8 +577,9 @@ class _MeanByGraph(nn.Module):
         return sums / torch.bincount(batch, minlength=graphs)[:, None]
 
 
-def _joined(items):
-    """Graph batching: the nodes joined, the edges renumbered, each node's graph."""
+def _joined(items, reverse: bool = False):
+    """Graph batching: the nodes joined, the edges renumbered, each node's graph; with
+    ``reverse`` the joined nodes in reverse order (the batch vector out of order)."""
     nodes, edges, graphs, start = [], [], [], 0
     for j, ((x, edge_index), _) in enumerate(items):
         nodes.append(x)
@@ -586,10 +587,14 @@ def _joined(items):
         graphs.append(torch.full((len(x),), j))
         start += len(x)
     labels = torch.tensor([label for _, label in items])
-    return (torch.cat(nodes), torch.cat(edges, 1), torch.cat(graphs)), labels
+    x, edge_index, batch = torch.cat(nodes), torch.cat(edges, 1), torch.cat(graphs)
+    if reverse:
+        x, edge_index, batch = x.flip(0), len(x) - 1 - edge_index, batch.flip(0)
+    return (x, edge_index, batch), labels
 
 
-def test_graphs_joined_beside_a_batch_vector_are_one_row_each():
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "batch-vector-unsorted"])
+def test_graphs_joined_beside_a_batch_vector_are_one_row_each(reverse):
     """Graph batching's collate had been refused for every query: 'a batch of 1 items came
     back from the collate_fn with 7 inputs and 1 labels'."""
     g = torch.Generator().manual_seed(5)
@@ -599,7 +604,8 @@ def test_graphs_joined_beside_a_batch_vector_are_one_row_each():
         items.append(((torch.randn(size, 5, generator=g),
                        torch.randint(0, size, (2, 2 * size), generator=g)), i % 3))
     model = _Graphs().eval()
-    loader = torch.utils.data.DataLoader(items, batch_size=16, collate_fn=_joined)
+    loader = torch.utils.data.DataLoader(items, batch_size=16,
+                                         collate_fn=lambda batch: _joined(batch, reverse))
     conn = diagql.connect(model, loader, cache_dir=False, progress=False, batch_size=7)
     answer = conn.query("AVG NEURONS IN pool WHERE class = 1")
     with torch.no_grad():  # each graph alone
