@@ -10,8 +10,9 @@ view the profile holds as the latent; the profile keeps its own projections, as 
 block's other token view (model/auxiliaries.py), which for 48 units hold every item's row:
 the answer is then exact. Before they were kept it was fitted on the latent and the GRU's
 mean view's leading projections (engine/covariates.py) and checked on them
-(engine/extrapolation.py); ``EXTRA_BUDGET = 0`` in model/auxiliaries.py measures that way. For each class, seed and sampler at 5%: ``AVG NEURONS IN rnn TOKEN -1
-WHERE class = c`` against its exact answer. Printed per sampler: coverage of the 95%
+(engine/extrapolation.py); ``EXTRA_BUDGET = 0`` in model/auxiliaries.py measures that way.
+For each class, seed and sampler at 5%: ``AVG NEURONS IN rnn TOKEN -1 WHERE class = c``
+against its exact answer. Printed per sampler: coverage of the 95%
 intervals, rms of error / standard error, expected and actual cosine distance (means over
 classes and seeds).
 """

@@ -170,7 +170,7 @@ class BlockProjector:
     directions (``profile.projected_part``); a block without one is dropped."""
 
     def __init__(self, views: list[View], n: int, dims: int = DIMS, fits: dict | None = None):
-        # By the view's key: a sequence block keeps two views of one layer (``blocks``).
+        # By the view's key: a sequence block keeps several views of one layer (``_views``).
         self.views = {view.key: view for view in views}
         width = sum(view.width for view in views) or 1
         self.fit_items = max(1, min(FIT_ITEMS, n, HOLD_BUDGET // (4 * width)))

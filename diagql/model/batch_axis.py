@@ -7,7 +7,7 @@ from torch import nn
 
 
 def batch_axis(module: nn.Module, records, reverses: set[int] | None = None
-                ) -> tuple[int | None, str]:
+               ) -> tuple[int | None, str]:
     """The axis whose size is the batch's in every probe and that reverses with the batch
     (``reverses``, when known), and how it was found; None and why not, when none does
     ("" when no axis follows the batch at all)."""
@@ -18,9 +18,9 @@ def batch_axis(module: nn.Module, records, reverses: set[int] | None = None
     if reverses is not None and axes:
         # A batch × batch output (a contrastive model's similarities) reverses along both
         # axes (its slices' sums do, row_order._slices): not per item, which the width that
-        # follows the batch says (model/probing.py ``_layer``). None reversing, with one axis of the batch's
-        # size or several (a time-first output sorted by length, T = B in the probe): an
-        # order of its own.
+        # follows the batch says (model/probing.py ``_layer``). None reversing, with one axis
+        # of the batch's size or several (a time-first output sorted by length, T = B in the
+        # probe): an order of its own.
         if not reverses & set(axes):
             return None, out_of_order()
         if len(axes) > 1 and len(reverses & set(axes)) == 1:

@@ -131,9 +131,9 @@ def real_positions(inputs: Mapping, key: str) -> torch.Tensor | None:
     if len(fits) != 1:
         whole = (mask == mask[:, :1]).all(dim=1)
         truthy = values[1] if bool(values[0] == 0) else values[0]
-        named = values[0] if bool(truthy == values[1]) else values[1]  # the other: zero
+        falsy = values[0] if bool(truthy == values[1]) else values[1]
         preferred = mask[whole][0, 0] if bool(whole.any()) else \
-            named if "pad" in key else truthy
+            falsy if "pad" in key else truthy
         fits = [value for value in fits if value == preferred.item()]
     return mask == fits[0] if fits else None
 

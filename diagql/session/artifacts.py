@@ -188,7 +188,8 @@ class Artifacts:
                                        view=view, batch_size=conn.settings.batch_size,
                                        dtype=conn.dtype, progress=conn.progress,
                                        compare=compare,
-                                       blocks=auxiliaries.blocks(conn.model, catalog, len(conn.source)),
+                                       blocks=auxiliaries.blocks(conn.model, catalog,
+                                                                 len(conn.source)),
                                        winners=winners.views(catalog, len(conn.source)),
                                        scores=self.scores(catalog))
         return compute_profile(
