@@ -182,15 +182,14 @@ class Artifacts:
             name, is_input = view.layer.name, False
             catalog = self.catalog
         if conn.engine is not None:
+            n = len(conn.source)
             compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
-                                            conn.dtype, len(conn.source))
-            return conn.engine.profile(len(conn.source), latent=name, latent_is_input=is_input,
+                                            conn.dtype, n)
+            return conn.engine.profile(n, latent=name, latent_is_input=is_input,
                                        view=view, batch_size=conn.settings.batch_size,
-                                       dtype=conn.dtype, progress=conn.progress,
-                                       compare=compare,
-                                       blocks=auxiliaries.blocks(conn.model, catalog,
-                                                                 len(conn.source)),
-                                       winners=winners.views(catalog, len(conn.source)),
+                                       dtype=conn.dtype, progress=conn.progress, compare=compare,
+                                       blocks=auxiliaries.blocks(conn.model, catalog, n),
+                                       winners=winners.views(catalog, n),
                                        scores=self.scores(catalog))
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
