@@ -170,3 +170,18 @@ def test_a_layer_after_a_stage_is_fitted_on_the_stage_and_checked_on_the_latents
     expected = (latents[:, varies] - latents[:, varies].mean(axis=0)) / spread[varies]
     np.testing.assert_allclose(extrapolation.latent_coordinates(conn.profile), expected,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_the_estimate_line_names_the_block_a_layer_beside_it_is_fitted_on():
+    """EXPLAIN named the block whose leading projections the fit takes beside the latent's;
+    the answer's own line said only "a regression on the latent" (the W2 sweep)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    conn = diagql.connect(model, (torch.randn(600, 6), torch.randint(0, 3, (600,))),
+                          cache_dir=False, progress=False)
+    # The ReLU "1" is in no block: the last before it is the Linear "0".
+    said = " ".join(str(conn.query("AVG NEURONS IN 1 WHERE class = 1 USING SAMPLE vas(0.1)"))
+                    .split())
+    assert "model-assisted (a regression on the latent and block 0's leading components)" in said
+

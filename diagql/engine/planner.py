@@ -47,6 +47,7 @@ class Plan:
     # what the estimator fits on, for EXPLAIN.
     prediction: BlockPrediction | None = None
     estimator_text: str = ""
+    neighbour: str | None = None  # the block whose leading projections the fit also takes
     # An ARGMAX's exact shares per group key, when the profile knows every item's winner of
     # the view (``winner_shares``): the assisted answer, with no error.
     winner_shares: dict | None = None
@@ -218,6 +219,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         text += f"; checked on {check.what}: " + extrapolation.describe(widening)
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
+                               neighbour=None if chosen.neighbour is None else
+                               chosen.neighbour.layer,
                                widening=widening, directions=directions)
 
 

@@ -265,8 +265,13 @@ def estimate_line(result) -> Text | None:
         scope = (f" (mean over the {len(reliable)} of {len(parts)} groups with an estimate; "
                  f"the others: {unsaid})")
     # A block's own projections predict its items first (engine/prediction.py).
-    block = getattr(getattr(getattr(result, "plan", None), "prediction", None), "predictor", None)
-    fit = f"{block} and a regression on the latent" if block else "a regression on the latent"
+    plan = getattr(result, "plan", None)
+    block = getattr(getattr(plan, "prediction", None), "predictor", None)
+    # Or the fit takes a neighbour block's leading projections beside the latent's.
+    neighbour = getattr(plan, "neighbour", None)
+    fit = f"{block} and a regression on the latent" if block else \
+        f"a regression on the latent and block {neighbour}'s leading components" \
+        if neighbour else "a regression on the latent"
     covers = (f"model-assisted ({fit}): covers the sampler's selection"
               if reliable[0].estimator == "assisted"
               else "covers sampling variance, not a sampler's bias")
