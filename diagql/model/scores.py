@@ -379,9 +379,8 @@ def narrower_head(scores: Scores, labels: np.ndarray | None,
     scores agree far more."""
     if not scores.why.startswith(NARROWEST) or labels is None or not len(labels):
         return None
-    known = labels >= 0
-    classes = max(int(labels.max()) + 1, 2)
-    accuracy = float(np.mean(predictions[known] == labels[known])) if known.any() else 1.0
+    accuracy, classes = _agreement(labels, predictions)
+    accuracy = 1.0 if accuracy is None else accuracy
     if accuracy > 2 / classes:
         return None
     return (f"the model's output holds several vectors per item that could be its class "
@@ -389,6 +388,14 @@ def narrower_head(scores: Scores, labels: np.ndarray | None,
             f"agrees with the labels for only {accuracy:.0%} of the items, and "
             f"{scores.why.removeprefix(NARROWEST)} scores more classes, of which the labels "
             f"may be some; if it is the scores, name it with {_OPTION}")
+
+
+def _agreement(labels: np.ndarray, predictions: np.ndarray) -> tuple[float | None, int]:
+    """The share of the items with a known label that the predictions get right (None where
+    no label is known), and the classes the labels need (the largest + 1, at least 2)."""
+    known = labels >= 0
+    accuracy = float(np.mean(predictions[known] == labels[known])) if known.any() else None
+    return accuracy, max(int(labels.max()) + 1, 2)
 
 
 def guess_at_chance(scores: Scores, labels: np.ndarray | None,
@@ -400,11 +407,9 @@ def guess_at_chance(scores: Scores, labels: np.ndarray | None,
     GROUP BY predicted would be read from codes. None otherwise."""
     if scores.why != EQUAL_WIDTHS or labels is None or not len(labels):
         return None
-    known = labels >= 0
-    if not known.any():
+    accuracy, classes = _agreement(labels, predictions)
+    if accuracy is None:
         return None
-    classes = max(int(labels.max()) + 1, 2)
-    accuracy = float(np.mean(predictions[known] == labels[known]))
     chance = 1 / classes
     if accuracy > chance + 0.1 * (1 - chance):
         return None
