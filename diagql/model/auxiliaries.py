@@ -32,9 +32,10 @@ TRUNK_SHARE = 0.5
 # (a ModuleList of 300 small blocks took the profile 9.4 s against a 0.16 s forward pass); a
 # query on a block left out takes the nearest kept one's, as a layer beside a block does.
 MAX_BLOCKS = 48
-# A sequence block's other token views (``_views``), most often queried first, and the bytes
-# their z rows may take together: at 100,000 items, ten of them.
-OTHER_VIEWS = ("last", "max", "first")
+# A sequence block's other token views (``_views``) as (reduction, position), most often
+# queried first (its last token, max, first token), and the bytes their z rows may take
+# together: at 100,000 items, ten of them.
+OTHER_VIEWS = (("token", -1), ("max", None), ("token", 0))
 EXTRA_BUDGET = 256 * 1024 ** 2
 
 
@@ -101,19 +102,15 @@ def _views(layers: list, n: int) -> list[View]:
     covered its exact means 0.17-0.33, its TOKEN -1 0.84 (benchmarks/README.md,
     "2026-12-04 (twentieth session)"). The other views' z rows take EXTRA_BUDGET at most
     (n × DIMS float32 each), given in that order from the last block back."""
-    extra: set[tuple[str, str]] = set()
     room = EXTRA_BUDGET // max(1, n * DIMS * 4)
     sequences = [layer for layer in reversed(layers) if layer.layout == SEQUENCE]
-    for reduction in OTHER_VIEWS:
-        for layer in sequences:
-            if len(extra) < room:
-                extra.add((layer.name, reduction))
+    extra = set([(layer.name, other) for other in OTHER_VIEWS for layer in sequences][:room])
     views = []
     for layer in layers:
         views.append(View(layer))
-        views += [View(layer, reduction="token", position=-1 if reduction == "last" else 0)
-                  if reduction in ("last", "first") else View(layer, reduction=reduction)
-                  for reduction in OTHER_VIEWS if (layer.name, reduction) in extra]
+        views += [View(layer, reduction=reduction, position=position)
+                  for reduction, position in OTHER_VIEWS
+                  if (layer.name, (reduction, position)) in extra]
     return views
 
 
