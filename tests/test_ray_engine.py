@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import diagql
 from diagql.errors import DiagQLError
@@ -626,6 +627,33 @@ def test_the_command_line_runs_a_query_on_the_cluster(world, capsys, tmp_path):
     acts = activations(models.trained_mlp(), world.X, "encoder.3")
     close(np.array(values), acts[world.y.numpy() == 2].mean(axis=0))
 
+
+
+def test_a_ray_profile_finds_the_layers_equal_to_a_blocks_view_as_the_local_pass(world):
+    """The worker that fits the blocks' directions compares the layers with their views too
+    (model/view_aliases.py): a global pooling and its Flatten equal conv 2's channel means."""
+    from diagql.model.view_aliases import Alias
+
+    world.conn.engine.close()  # its workers hold both CPUs; they are made again when needed
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(),
+                          nn.Linear(16, 10)).eval()
+    conn = diagql.connect(model, (world.X, world.y), batch_size=BATCH, cache_dir=False,
+                          engine="ray", ray_workers=1, progress=False)
+    local = diagql.connect(model, (world.X, world.y), batch_size=BATCH, cache_dir=False,
+                           progress=False)
+    try:
+        want = {'["3"]': Alias('["2"]', 8), '["4"]': Alias('["2"]', 8)}
+        assert local.profile.auxiliaries.aliases == want
+        assert conn.profile.auxiliaries.aliases == want
+        statement = "AVG NEURONS IN 3 WHERE class = 2 USING SAMPLE random(0.2, random_state=1)"
+        got, expected = conn.query(statement), local.query(statement)
+        np.testing.assert_allclose(got.values, expected.values, rtol=1e-9, atol=1e-12)
+        truth = activations(model, world.X, "3")[world.y.numpy() == 2].mean(axis=0)
+        assert np.abs(np.asarray(got.values) - truth[got.neurons]).max() < 0.05
+    finally:
+        conn.engine.close()
 
 
 def test_a_ray_profile_keeps_the_local_pass_s_block_auxiliaries(world):

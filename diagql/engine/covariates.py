@@ -15,6 +15,7 @@ from diagql.model.auxiliaries import DIMS as BLOCK_DIMS
 from diagql.engine.prediction import BlockPrediction
 from diagql.model.auxiliaries import FIT_ITEMS, Auxiliary, principal, spread_items
 from diagql.model.profile import Profile
+from diagql.model.view_aliases import Alias
 from diagql.samplers.space import fit_space
 
 # Chosen by measurement (benchmarks/estimator_choice.py): on the demo and a small ResNet, 10
@@ -168,13 +169,19 @@ class Chosen:
     # before the head, the Linear whose ReLU is the latent), checked on the latent's own
     # coordinates too (engine/extrapolation.py).
     last: bool = False
+    # The view's rows equal the auxiliary's block view, or its channel means (a global
+    # pooling after a residual stage: model/view_aliases.py), as the profile pass found.
+    alias: Alias | None = None
 
     def prediction(self, channels: int | None = None,
                    channels_last: bool = False) -> BlockPrediction | None:
         """The block prediction its auxiliary makes (None: the latent fit alone); ``channels``:
-        a CHANNELS view's channel count (``channels_last``: a map's last axis)."""
+        a CHANNELS view's channel count (``channels_last``: a map's last axis), or the
+        alias's when the view is a block map's channel means."""
         if self.auxiliary is None:
             return None
+        if self.alias is not None and self.alias.channels is not None:
+            channels, channels_last = self.alias.channels, self.alias.channels_last
         return BlockPrediction(self.auxiliary, self.latent_dims, channels,
                                own_rows=self.held == "rows", channels_last=channels_last)
 
@@ -188,6 +195,12 @@ class Chosen:
         if self.auxiliary is None:
             return f"assisted: a linear fit on {latent}"
         a = self.auxiliary
+        if self.alias is not None:
+            view = " ".join(json.loads(a.key)[1:]) or "output"
+            what = "channel means" if self.alias.channels is not None else view
+            return (f"assisted: every item predicted from {a.layer}'s {a.basis.shape[1]} "
+                    f"principal components kept by the profile pass (the layer equals {a.layer}'s "
+                    f"{what} on the items they were fitted on), the residual fitted on {latent}")
         if self.held == "rows":  # answers.py: ``_held``
             return (f"assisted: exact, the means computed from every matching item's own row "
                     f"(the profile holds every item's {a.layer})")
@@ -218,6 +231,10 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
         if own_rows is not None:
             auxiliary, held = own_rows
             return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held)
+    alias = profile.auxiliaries.aliases.get(view_key) if auxiliary is None and own else None
+    target = profile.auxiliary(alias.target) if alias is not None else None
+    if target is not None:
+        return Chosen(Covariates((z, target.z)), z.shape[1], target, alias=alias)
     if auxiliary is None:
         near, encloses = nearest_block(profile, json.loads(view_key)[0], before) if own \
             else (None, False)

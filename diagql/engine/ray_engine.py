@@ -157,12 +157,13 @@ class RayEngine:
     def profile(self, n_items: int, *, model=None, latent, latent_is_input: bool, view,
                 batch_size: int, dtype, progress,
                 compare: tuple = ((), (), False), blocks: list | tuple = (),
-                winners: list | tuple = (), scores=None) -> Profile:
+                winners: list | tuple = (), scores=None, pairs: list | tuple = ()) -> Profile:
         """The profile pass on the cluster: each shard's profile, concatenated in order (the
         layers that hold the latent's or the logits' rows: those that did in every shard).
         The ``blocks``' directions are fitted once, by one worker on the spread items the
         local pass fits them on (their profile part too, in the same batches), and every shard
-        of the other items projects on them: the local pass's auxiliaries. Its
+        of the other items projects on them: the local pass's auxiliaries (the first worker
+        compares the layers of ``pairs`` with the blocks' views too: fit_part). Its
         ``pass_seconds`` are the workers' model time, summed as the local pass's are: not the
         wall time, which holds the workers' start, which no later pass pays (it had made
         USING AUTO's exact pass look 190x dearer: docs/ARCHITECTURE.md, "Engines")."""
@@ -183,7 +184,8 @@ class RayEngine:
                                        dtype=dtype)
         else:
             fit, spread, rest = fit_items(views, n_items)
-            fits, first = self.run([_task(_on_model, task=fit_part, views=views, **options)],
+            fits, first = self.run([_task(_on_model, task=fit_part, views=views,
+                                          pairs=list(pairs), **options)],
                                    [spread], "fitting the blocks' directions", progress)[0]
             shards = self._shards(rest, batch_size) if len(rest) else []
             task = _task(_on_model, task=projected_part, views=views, fits=fits, **options)

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diagql.model import view_aliases
 from diagql.model.same_rows import fan_out
+from diagql.model.view_aliases import EqualViews
 from diagql.model.views import SEQUENCE, ModuleCall, View
 
 # Measured (benchmarks/block_auxiliaries.py, maxmargin at 5%): on the demo's conv1, 8, 16, 32
@@ -166,7 +168,11 @@ class BlockProjector:
     given its ``fits`` (``fitted()``) over the rest, which only projects with those
     directions (``profile.projected_part``); a block without one is dropped."""
 
-    def __init__(self, views: list[View], n: int, dims: int = DIMS, fits: dict | None = None):
+    def __init__(self, views: list[View], n: int, dims: int = DIMS, fits: dict | None = None,
+                 pairs: list | tuple = ()):
+        # The layers compared with a block's view while the directions are fitted
+        # (model/view_aliases.py): what survives is ``aliases()``.
+        self.equal = EqualViews(list(pairs)) if pairs else None
         # By the view's key: a sequence block keeps several views of one layer (``_views``).
         self.views = {view.key: view for view in views}
         width = sum(view.width for view in views) or 1
@@ -184,6 +190,12 @@ class BlockProjector:
             self.held.pop(key)
             self._set_fit(key, *fits[key])
 
+    def aliases(self) -> dict:
+        """The layers that equalled a block view on every item so far (view_aliases.Alias),
+        by view key, of those that block still has directions for."""
+        found = self.equal.found() if self.equal is not None else {}
+        return {key: alias for key, alias in found.items() if alias.target in self.fits}
+
     def fitted(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each block's directions fitted so far (mean, basis; float64), by view key."""
         return {key: fit[:2] for key, fit in self.fits.items()}
@@ -193,6 +205,8 @@ class BlockProjector:
         keeps: dict[str, list] = {}
         for key, view in self.views.items():
             keeps.setdefault(view.layer.name, []).append(self._keep(key))
+        for layer, callback in (self.equal.callbacks() if self.equal else {}).items():
+            keeps.setdefault(layer, []).append(callback)
         return {layer: kept[0] if len(kept) == 1 else fan_out(kept)
                 for layer, kept in keeps.items()}
 
@@ -221,6 +235,8 @@ class BlockProjector:
         """Take the batch's rows of every block (a block that did not run is dropped)."""
         start = self.position
         self.position += size
+        if self.equal is not None:
+            self.equal.after_batch(size)
         for key in list(self.views):
             rows = self.batch.pop(key, None)
             if rows is None or len(rows) != size:
@@ -268,11 +284,12 @@ class BlockProjector:
 
 
 def joined(views: list[View], fits: dict, z: dict[str, np.ndarray], fitted_on: int,
-           exclude: tuple[str, ...] = ()) -> tuple[Auxiliary, ...]:
+           exclude: tuple[str, ...] = (), aliases: dict | None = None) -> Auxiliaries:
     """The Auxiliaries of a pass: each block's directions (``fits``, fitted once:
     ``BlockProjector.fitted``) and its z rows (every item's, in item order), by view key; a
     block without them (a part of the pass dropped it), or whose view is in ``exclude``, has
-    none."""
+    none. ``aliases`` (``BlockProjector.aliases``): those of layers not in ``exclude`` whose
+    block view has one."""
     out = []
     for view in views:
         key = view.key
@@ -281,7 +298,9 @@ def joined(views: list[View], fits: dict, z: dict[str, np.ndarray], fitted_on: i
         mean, basis = fits[key]
         out.append(Auxiliary(key, view.layer.name, mean.numpy().astype(np.float32),
                              basis.numpy().astype(np.float32), z[key], fitted_on))
-    return tuple(out)
+    kept = {a.key for a in out}
+    return Auxiliaries(out, aliases={key: alias for key, alias in (aliases or {}).items()
+                                     if alias.target in kept and key not in exclude})
 
 
 class Auxiliaries:
@@ -293,11 +312,14 @@ class Auxiliaries:
     when it had to make them again; a key it cannot give is remembered as absent."""
 
     def __init__(self, held: Iterable[Auxiliary] = (), names: Iterable[tuple[str, str]] = (),
-                 load: Callable[[str, str], Iterable[Auxiliary]] | None = None):
+                 load: Callable[[str, str], Iterable[Auxiliary]] | None = None,
+                 aliases: dict | None = None):
         self._held: dict[str, Auxiliary | None] = {a.key: a for a in held}
         self.names: tuple[tuple[str, str], ...] = \
             tuple((a.key, a.layer) for a in self._held.values()) or tuple(names)
         self._load = load
+        # The layers whose rows equal a block's view (view_aliases.Alias), by view key.
+        self.aliases: dict = dict(aliases or {})
 
     def get(self, key: str) -> Auxiliary | None:
         """The auxiliary of the view with this key, read now if it is named but not held."""
@@ -329,7 +351,8 @@ class Auxiliaries:
 def to_arrays(auxiliaries: Auxiliaries) -> dict[str, np.ndarray]:
     """The profile entry's part: the blocks' names only; each block's own entry holds its
     arrays (``entry_arrays``)."""
-    return {"aux_names": np.array(list(auxiliaries.names), dtype=np.str_).reshape(-1, 2)}
+    return {"aux_names": np.array(list(auxiliaries.names), dtype=np.str_).reshape(-1, 2),
+            "aux_aliases": np.str_(view_aliases.encode(auxiliaries.aliases))}
 
 
 def from_arrays(arrays, load: Callable[[str, str], Iterable[Auxiliary]] | None
@@ -340,8 +363,9 @@ def from_arrays(arrays, load: Callable[[str, str], Iterable[Auxiliary]] | None
     names = np.asarray(arrays["aux_names"])
     if names.ndim != 2 or names.shape[1] != 2:
         raise ValueError("its block names are not (key, layer) pairs")
+    aliases = view_aliases.decode(str(arrays["aux_aliases"])) if "aux_aliases" in arrays else {}
     return Auxiliaries(names=[(str(key), str(layer)) for key, layer in names.tolist()],
-                       load=load)
+                       load=load, aliases=aliases)
 
 
 def entry_arrays(a: Auxiliary) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ import torch
 
 from diagql.errors import DiagQLError, ExecutionError, warn
 from diagql.model import auxiliaries as aux
-from diagql.model import pass_clock
+from diagql.model import pass_clock, view_aliases
 from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource
 from diagql.model.forward import call_model, to_device
@@ -143,9 +143,7 @@ class Profile:
         arrays["reached_layers"] = np.array(list(self.reached), dtype=np.str_)
         arrays["reached_shares"] = np.array(list(self.reached.values()), dtype=np.float64)
         arrays.update(aux.to_arrays(self.auxiliaries))  # their names: each has its own entry
-        arrays["winner_keys"] = np.array(list(self.winners), dtype=np.str_)
-        for i, winners in enumerate(self.winners.values()):
-            arrays[f"winners_{i}"] = winners
+        arrays.update(winners_module.to_arrays(self.winners))
         return arrays
 
     @classmethod
@@ -162,7 +160,8 @@ class Profile:
             # compute_profile stores -1 for every label of data without labels.
             has_labels=bool(np.all(arrays["labels"] >= 0)), logits=arrays.get("logits"),
             auxiliaries=aux.from_arrays(arrays, load_auxiliary),
-            covariates=arrays.get("covariates"), winners=_winners(arrays, n_items),
+            covariates=arrays.get("covariates"),
+            winners=winners_module.from_arrays(arrays, n_items),
             pass_seconds=float(arrays["pass_seconds"]) if "pass_seconds" in arrays else None,
             reached=_reached(arrays),
             **_views(arrays["views"]))
@@ -183,17 +182,6 @@ class Profile:
                 and profile.latents.dtype == np.float32):
             raise ValueError(f"it does not describe {n_items:,} items")
         return profile
-
-
-def _winners(arrays, n_items: int) -> dict[str, np.ndarray]:
-    keys = [str(key) for key in np.asarray(arrays["winner_keys"]).reshape(-1).tolist()]
-    out = {}
-    for i, key in enumerate(keys):
-        winners = arrays[f"winners_{i}"]
-        if winners.shape != (n_items,) or winners.dtype.kind != "u":
-            raise ValueError(f"its winners of {key} do not describe {n_items:,} items")
-        out[key] = winners
-    return out
 
 
 def _reached(arrays) -> dict:
@@ -242,7 +230,7 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
         else:  # the spread items first, their rows held for the fit; then the rest, projected
             fit, spread, rest = fit_items(views, n)
             fits, first = fit_part(model, source, spread, views=views, advance=advance,
-                                   **options)
+                                   pairs=view_aliases.candidates(catalog, views), **options)
             pieces = [(spread, first)]
             if len(rest):
                 pieces.append((rest, projected_part(model, source, rest, views=views, fits=fits,
@@ -276,6 +264,8 @@ class ProfilePart:
     # and the seconds of it until each hooked layer's output was ready (model/pass_clock.py).
     pass_seconds: float = 0.0
     reached: dict[str, float] = dataclasses.field(default_factory=dict)
+    # The layers that equalled a block's view on these items (the fit part's: fit_part).
+    aliases: dict | None = None
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
@@ -376,16 +366,17 @@ def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray, np.ndarray]:
 
 
 def fit_part(model, source: ItemSource, items: np.ndarray, *, views: list[View],
-             **options) -> tuple[dict, ProfilePart]:
+             pairs: list | tuple = (), **options) -> tuple[dict, ProfilePart]:
     """The profile pass's first part, over the spread ``items`` (from ``fit_items``): the
     blocks' directions (``BlockProjector.fitted``) fitted on all of them (a block that failed
-    has none), and the items' profile part with their z rows. On Ray, one worker's task.
+    has none), and the items' profile part with their z rows and the layers of ``pairs``
+    that equalled a block's view (view_aliases.candidates). On Ray, one worker's task.
     ``options``: profile_part's."""
-    project = aux.BlockProjector(views, len(items))
+    project = aux.BlockProjector(views, len(items), pairs=pairs)
     project.fit_items = len(items)  # the driver's count (FIT_ITEMS there), not the worker's
     part = profile_part(model, source, items, project=project, **options)
     project.finish()
-    part.z = dict(project.z)
+    part.z, part.aliases = dict(project.z), project.aliases()
     return project.fitted(), part
 
 
@@ -410,7 +401,8 @@ def with_blocks(pieces: list[tuple[np.ndarray, ProfilePart]], n: int, views: lis
     part = interleave(pieces, n)
     profile = assemble_profile([part], latent, latent_is_input, 0.0, view=view, dtype=dtype)
     return dataclasses.replace(profile, auxiliaries=aux.joined(
-        views, fits, part.z, fit, profile.latent_views + profile.logit_views))
+        views, fits, part.z, fit, profile.latent_views + profile.logit_views,
+        aliases=pieces[0][1].aliases))
 
 
 def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfilePart:

@@ -163,3 +163,25 @@ class WinnerKeeper:
     def result(self) -> dict[str, np.ndarray]:
         """Every kept view's winners, by ``key_of`` the view."""
         return dict(self.winners)
+
+
+def to_arrays(winners: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The profile entry's part (storage/store.py: arrays, no pickle): the keys, then each
+    view's winners in their order."""
+    arrays = {"winner_keys": np.array(list(winners), dtype=np.str_)}
+    for i, rows in enumerate(winners.values()):
+        arrays[f"winners_{i}"] = rows
+    return arrays
+
+
+def from_arrays(arrays, n_items: int) -> dict[str, np.ndarray]:
+    """Decode ``to_arrays``, raising ValueError unless each view's winners are ``n_items``
+    unsigned integers."""
+    keys = [str(key) for key in np.asarray(arrays["winner_keys"]).reshape(-1).tolist()]
+    out = {}
+    for i, key in enumerate(keys):
+        winners = arrays[f"winners_{i}"]
+        if winners.shape != (n_items,) or winners.dtype.kind != "u":
+            raise ValueError(f"its winners of {key} do not describe {n_items:,} items")
+        out[key] = winners
+    return out

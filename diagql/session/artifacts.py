@@ -19,7 +19,8 @@ from diagql.engine import covariates, executor
 from diagql.errors import BindError, warn
 from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
-from diagql.model import auxiliaries, hooks, layers, probing, repeatable, row_order, same_rows
+from diagql.model import (auxiliaries, hooks, layers, probing, repeatable, row_order,
+                          same_rows, view_aliases)
 from diagql.model import input_masks, layouts, views, winners
 from diagql.model import profile as profile_module, scores
 from diagql.model.forward import call_model, to_device
@@ -185,12 +186,12 @@ class Artifacts:
             n = len(conn.source)
             compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
                                             conn.dtype, n)
-            return conn.engine.profile(n, latent=name, latent_is_input=is_input,
-                                       view=view, batch_size=conn.settings.batch_size,
-                                       dtype=conn.dtype, progress=conn.progress, compare=compare,
-                                       blocks=auxiliaries.blocks(conn.model, catalog, n),
-                                       winners=winners.views(catalog, n),
-                                       scores=self.scores(catalog))
+            blocks = auxiliaries.blocks(conn.model, catalog, n)
+            return conn.engine.profile(
+                n, latent=name, latent_is_input=is_input, view=view, dtype=conn.dtype,
+                batch_size=conn.settings.batch_size, progress=conn.progress, compare=compare,
+                blocks=blocks, winners=winners.views(catalog, n), scores=self.scores(catalog),
+                pairs=view_aliases.candidates(catalog, blocks))
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
@@ -268,7 +269,7 @@ class Artifacts:
                          device, *map(source_digest, (profile_module, views, input_masks)),
                          source_digest(scores),  # where the class scores are read
                          source_digest(layers), source_digest(probing),  # the catalog
-                         source_digest(auxiliaries),  # the blocks' projections
+                         *map(source_digest, (auxiliaries, view_aliases)),  # blocks, aliases
                          source_digest(winners),  # every layer's winners
                          source_digest(same_rows),  # which layers hold its rows
                          # the estimator's covariates, kept with it
