@@ -26,12 +26,16 @@ class Residual(nn.Module):
 
 
 class HalfWhenDark(nn.Module):
-    """A global pooling on most items, half of it on those whose mean is below zero: equal to
-    the block's channel means on some items only."""
+    """A global pooling on items whose map's mean passes ``threshold``, half of it on the
+    others: equal to the block's channel means on some items only."""
+
+    def __init__(self, threshold: float = 0.3):
+        super().__init__()
+        self.threshold = threshold
 
     def forward(self, x):
         means = x.mean(dim=(2, 3))
-        return torch.where(x.mean(dim=(1, 2, 3))[:, None] > 0.3, means, means / 2)
+        return torch.where(x.mean(dim=(1, 2, 3))[:, None] > self.threshold, means, means / 2)
 
 
 class GapNet(nn.Module):
@@ -164,3 +168,74 @@ def test_a_mean_pool_module_of_an_encoder_answers_as_the_encoders_mean_does():
         np.testing.assert_allclose(got.values, want, rtol=0, atol=1e-5)
         assert np.all(got.estimate.ci_low <= want + 1e-6) and \
             np.all(want - 1e-6 <= got.estimate.ci_high)
+
+
+def test_a_pooling_equal_on_the_first_items_only_is_no_alias():
+    """The comparison runs over every item the blocks are fitted on, not the first batch's: a
+    pooling that differs from the block's channel means past the first 400 items (data whose
+    first items are bright) had been aliased on the first 256 (the X1 sweep's padding case)."""
+    X, y = _images()
+    brightness = _hooked(GapNet().eval(), X, "block").mean(axis=1)
+    threshold = float(np.quantile(brightness, 0.6))
+    order = np.argsort(-brightness, kind="stable")  # the brightest 40% first
+    X, y = X[order], y[order]
+    model = GapNet(pool=HalfWhenDark(threshold)).eval()
+    pooled = _hooked(model, X, "pool")
+    block = _hooked(model, X, "block").reshape(len(X), 8, -1).mean(axis=2)
+    equal = np.all(np.isclose(pooled, block, rtol=1e-5, atol=1e-6), axis=1)
+    assert equal[:400].all() and equal[400:].mean() < 0.9
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    assert '["pool"]' not in conn.profile.auxiliaries.aliases
+
+
+def test_rows_are_equal_to_rounding_on_each_columns_own_scale():
+    """A massive channel (5e3) beside others near 1 does not let a 0.02 difference in a small
+    one pass as rounding (the X1 sweep), while float32 rounding of a mean does."""
+    from diagql.model.same_rows import rounding_equal
+
+    g = torch.Generator().manual_seed(0)
+    theirs = torch.rand(64, 6, generator=g)
+    theirs[:, 0] *= 5000
+    assert rounding_equal(theirs * (1 + 3e-7), theirs)
+    off = theirs.clone()
+    off[:, 3] += 0.02
+    assert not rounding_equal(off, theirs)
+    assert not rounding_equal(theirs + float("nan"), theirs)
+
+
+class GapHead(nn.Module):
+    """A stem and a block, globally pooled straight into the head: the latent (the head's
+    input) is the block's channel means."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.block = Residual(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.flat(self.pool(self.block(self.stem(x)))))
+
+
+def test_a_maps_channel_means_held_as_the_latent_answer_exactly_with_no_pass():
+    """AVG CHANNELS IN a map whose channel means are the latent reads the profile's rows: the
+    matching items' exact means under any sampler, as plain torch gives them, and no forward
+    pass (the X2 sweep: estimated, 0.05-0.53 off under weighted(0.05))."""
+    X, y = _images()
+    model = GapHead().eval()
+    truth = _hooked(model, X, "block").reshape(len(X), 8, -1).mean(axis=2)
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    assert '["block", "CHANNELS"]' in conn.profile.latent_views
+    conn.sample("weighted(0.05, random_state=0)")
+    before = conn.counters["items"]
+    for c in range(3):
+        want = truth[y.numpy() == c].mean(axis=0)
+        for using in ("SAMPLE weighted(0.05, random_state=0)", "FULL"):
+            got = conn.query(f"AVG CHANNELS IN block WHERE class = {c} USING {using}")
+            np.testing.assert_allclose(got.values, want[got.neurons], rtol=1e-5, atol=1e-6)
+    assert conn.counters["items"] == before
+    # The map's own neurons are no latent rows: estimated, from a pass.
+    assert '["block"]' not in conn.profile.latent_views

@@ -217,17 +217,20 @@ class Chosen:
 
 
 def for_view(profile: Profile, view_key: str, own: bool = True,
-             before: tuple[str, ...] = ()) -> Chosen:
+             before: tuple[str, ...] = (), held_key: str | None = None) -> Chosen:
     """The covariates of a sample query on the view with this key: the auxiliary nearest to
     it is the view's own block projections when the profile kept them, or its own rows when
     the profile holds them (``_held``; only if ``own``: the profile is the queried model's),
     else the nearest block's leading projections beside the latent (``nearest_block``;
-    ``before``: the model's layers before this one, in order), else the latent alone."""
+    ``before``: the model's layers before this one, in order), else the latent alone.
+    ``held_key``: the key its rows are held under when not ``view_key`` (View.held_key: a
+    map's channel means, which may be held where the map's block keeps projections)."""
     z = covariates(profile)
     auxiliary = profile.auxiliary(view_key)
-    if auxiliary is None and own:
-        own_rows = once_per_profile(_HELD, (id(profile), view_key), profile,
-                                    lambda: _held(profile.rows_of(view_key), view_key))
+    held_key = held_key or view_key
+    if own and (auxiliary is None or held_key != view_key):
+        own_rows = once_per_profile(_HELD, (id(profile), held_key), profile,
+                                    lambda: _held(profile.rows_of(held_key), held_key))
         if own_rows is not None:
             auxiliary, held = own_rows
             return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary, held)

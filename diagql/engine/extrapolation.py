@@ -103,7 +103,12 @@ def check_for(profile: Profile, layer: str, chosen) -> Check | None:
         # every item's row: no residual to check, and its float32 rounding had read as a fit
         # that missed (an exact answer "widened 1.56x", the W2 sweep).
         if k < 2 or k >= auxiliary.basis.shape[0]:
-            return None
+            # A layer equal to such a view on the items compared (model/view_aliases.py)
+            # is checked where it might not be, on the latent's next components, as a layer
+            # in no block is; where it is equal its residual, and so the widening, is 0.
+            minor = latent_minor(profile) if chosen.alias is not None else None
+            return None if minor is None else \
+                Check((minor,), WHOLE_SHARE, "the latent's next components")
         return Check((auxiliary.z[:, k // 2:],), MINOR_SHARE,
                      f"{auxiliary.layer}'s minor directions", offset=k // 2)
     # Only the enclosing block's entry is read (a new process reads each block's on first use).

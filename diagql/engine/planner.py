@@ -152,7 +152,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     latent and logit rows are the query's model's own (docs/ARCHITECTURE.md, "Several
     models"), so that a query on those layers may read them instead of running the model."""
     query = bound.query
-    rows = profile.rows_of(bound.view.key) if rows_from_profile else None  # SIMILARITY: False
+    rows = profile.rows_of(bound.view.held_key) if rows_from_profile else None  # SIMILARITY
     winners = profile_winners(bound, profile) if rows_from_profile and rows is None else None
     mask = predicate_mask(query.where, profile)
     matching = np.flatnonzero(mask)
@@ -173,7 +173,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     if estimator == "plain":  # no covariates: the pass streams no sums it would not use
         return dataclasses.replace(plan, estimator=estimator,
                                    estimator_text="plain: the sample mean")
-    chosen = for_view(profile, bound.view.key, own=rows_from_profile, before=bound.before)
+    chosen = for_view(profile, bound.view.key, own=rows_from_profile, before=bound.before,
+                      held_key=bound.view.held_key)
     text = chosen.describe(profile)
     if query.aggregate == "argmax" and rows_from_profile:  # its winners are the profile's model's
         shares = winner_shares(profile.winners_of(bound.view), matching,
@@ -298,7 +299,7 @@ def profile_winners(bound: BoundQuery, profile: Profile) -> np.ndarray | None:
 def answered_from_profile(bound: BoundQuery, profile: Profile) -> str | None:
     """What of the profile answers this query of the profile's own model exactly with no
     forward pass (for USING AUTO and UNTIL), or None."""
-    if profile.rows_of(bound.view.key) is not None:
+    if profile.rows_of(bound.view.held_key) is not None:
         return f"the rows of {bound.layer.name} are in the profile"
     if profile_winners(bound, profile) is not None:
         return f"every item's winner of {bound.layer.name} is in the profile"

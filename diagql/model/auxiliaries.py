@@ -236,7 +236,7 @@ class BlockProjector:
         start = self.position
         self.position += size
         if self.equal is not None:
-            self.equal.after_batch(size)
+            self.equal.after_batch(size, self.batch)
         for key in list(self.views):
             rows = self.batch.pop(key, None)
             if rows is None or len(rows) != size:

@@ -19,7 +19,9 @@ class SameRows:
     read, is dropped. What survives equals the profile's rows for every item."""
 
     def __init__(self, views: list[View]):
-        self.views = {view.key: view for view in views}  # a sequence layer's: several
+        # By the key the profile holds their rows under (a sequence layer's: several views;
+        # a map's: its CHANNELS too).
+        self.views = {view.held_key: view for view in views}
         self.rows: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -43,15 +45,39 @@ class SameRows:
         return keep
 
     def compare(self, rows: torch.Tensor) -> None:
-        """Keep the views whose rows of this batch equal ``rows`` exactly."""
+        """Keep the views whose rows of this batch equal ``rows`` exactly; a map's channel
+        means (a global pooling's sum in another order) to float32 rounding."""
         for key in list(self.views):
             mine = self.rows.pop(key, None)
-            if mine is None or mine.dtype == torch.float64 or mine.shape != rows.shape \
-                    or not torch.equal(mine.to(torch.float32), rows):
+            if mine is None or mine.shape != rows.shape:
+                del self.views[key]
+            elif self.views[key].channels:
+                if not rounding_equal(mine.to(torch.float32), rows):
+                    del self.views[key]
+            elif mine.dtype == torch.float64 or not torch.equal(mine.to(torch.float32), rows):
                 del self.views[key]
 
     def keys(self) -> tuple[str, ...]:
-        return tuple(view.key for view in self.views.values())
+        """The held keys (``View.held_key``) of the views that equalled every batch so far."""
+        return tuple(self.views)
+
+
+# Rows equal to float32 rounding: each value within this share of itself plus a tenth of its
+# column's largest in the batch (its own scale: a massive channel of 5e3 beside others near 1
+# had let a pooling that added 0.02 pass as equal, the X1 sweep); a layer that computes
+# something else misses by far more on some item.
+RTOL = 1e-4
+
+
+def rounding_equal(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Whether two batches' rows are equal to rounding (NaN or inf never is: a NaN difference
+    fails the comparison, inf − inf is NaN)."""
+    if not theirs.numel():
+        return True
+    size = theirs.abs()
+    scale = size.amax(dim=0)
+    size.mul_(RTOL).add_(0.1 * RTOL * scale)
+    return bool(((mine - theirs).abs_() <= size).all())
 
 
 def fan_out(callbacks: list):
@@ -66,7 +92,7 @@ def candidates(catalog, width: int, exclude: str | None = None) -> list[View]:
     """The views of the catalog's layers whose rows are ``width`` wide: the layers that could
     hold the same rows as a profile's latent or logits. A sequence layer's are each way a head
     pools it: the mean over tokens, the max, the first token (a ViT's or BERT's [CLS]) and the
-    last (an RNN's, a GPT's)."""
+    last (an RNN's, a GPT's); a map's, its channel means (a global pooling before the head)."""
     found = []
     for layer in getattr(catalog, "layers", ()):
         if layer.shape is None or layer.shared or layer.name == exclude \
@@ -75,7 +101,9 @@ def candidates(catalog, width: int, exclude: str | None = None) -> list[View]:
         views = [View(layer)]
         if views[0].sequence:
             views += [View(layer, "max"), View(layer, "token", 0), View(layer, "token", -1)]
-        found += [view for view in views if view.width == width and view.reduction != "all"]
+        elif layer.channels == width and not layer.varies:  # a global pooling's map
+            views.append(View(layer, channels=True))
+        found += [view for view in views if view.neurons == width and view.reduction != "all"]
     return found
 
 

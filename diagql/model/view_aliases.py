@@ -1,12 +1,12 @@
 """Layers whose rows equal a block's view (docs/ARCHITECTURE.md, "Estimates"): a pooling after a
 residual stage (the stage's channel means), a Flatten after it, a block's own last activation,
 a mean-pool module over an encoder's tokens. The profile pass's first part compares each such
-layer with the block's view on the first of the items the blocks' directions are fitted on; a
-sample query on a layer that matched on every one of them predicts its items from the block's
+layer with the block's view on the items the blocks' directions are fitted on; a sample
+query on a layer that matched on every one of them predicts its items from the block's
 projections with known coefficients, as a query on the block's view does, where it had fitted
-them on half of the block's leading projections (a GroupNorm CNN's ``pool`` under weighted(0.05): the
-actual cosine to the exact answer 1.5e-3 against 7e-5 for the block's CHANNELS;
-benchmarks/README.md, "2026-12-04 (twenty-first session)")."""
+them on half of the block's leading projections (a GroupNorm CNN's ``pool`` under
+weighted(0.05): the actual cosine to the exact answer 1.5e-3 against 7e-5 for the block's
+CHANNELS; benchmarks/README.md, "2026-12-04 (twenty-first session)")."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diagql.model.same_rows import rounding_equal
 from diagql.model.views import CHANNELS_LAST, SEQUENCE, ModuleCall, View
 
 # The values compared per item, all pairs together (a pair: its width): each pair holds both
@@ -21,14 +22,6 @@ from diagql.model.views import CHANNELS_LAST, SEQUENCE, ModuleCall, View
 # outside every block (a pooling, a Flatten after the last stage) come first, then those
 # inside one (a block's last activation), each in the catalog's order.
 BUDGET = 1 << 16
-# The pairs are compared on the fit part's first this many items (spread over the data), each
-# batch's rows copied for it: on all 2,000 the copies had cost the demo's profile pass 78%.
-# The estimator stays honest without the rest: a layer predicted from a block it differs from
-# on an item it was not compared on leaves that item's difference in the residual.
-ITEMS = 256
-# Rows equal up to float32 rounding: a pooling sums in another order than a view's mean, and a
-# layer that computes something else misses by far more on some item (max over the batch).
-RTOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -68,7 +61,9 @@ def candidates(catalog, views: list[View]) -> list[tuple[View, View, Alias]]:
     """The pairs worth comparing: (a layer's default view, a block view it might equal, the
     alias it would make): every layer that runs once per pass, read per item, not a block view
     itself, against each block view of its width and each block map's channel means as many
-    as its values (a flattened global pooling)."""
+    as its values (a flattened global pooling); a layer inside a block only against the
+    blocks under the same top-level module (its own block's last activation, a dropout beside
+    an attention), so that twelve blocks of one width do not spend BUDGET on each other."""
     keys = {view.key for view in views}
     targets: list[tuple[int, View, Alias]] = []
     for view in views:
@@ -88,8 +83,10 @@ def candidates(catalog, views: list[View]) -> list[tuple[View, View, Alias]]:
         if own.key in keys:
             continue
         inside = any(layer.name.startswith(block + ".") for block in blocks)
+        top = layer.name.split(".")[0]
         pairs += [(inside, own, target, alias) for width, target, alias in targets
-                  if width == own.width and target.layer.name != layer.name]
+                  if width == own.width and target.layer.name != layer.name
+                  and (not inside or target.layer.name.split(".")[0] == top)]
     pairs.sort(key=lambda pair: pair[0])  # stable: the catalog's order within each
     out, values = [], 0
     for _, own, target, alias in pairs:
@@ -100,20 +97,40 @@ def candidates(catalog, views: list[View]) -> list[tuple[View, View, Alias]]:
     return out
 
 
+# The pairs still equal after the first FULL_ITEMS items of the fit part are compared on every
+# STRIDE-th row of its later batches: the demo's three blocks' last layers, each 4,704 values
+# wide at most, had cost its profile pass 9-14% on every row of 2,000 items.
+FULL_ITEMS = 256
+STRIDE = 4
+
+
 class EqualViews:
-    """The profile pass's comparison of the ``candidates`` pairs, batch by batch over its first
-    ITEMS items: a pair that differs once, or whose layer or block did not run or could not
-    be read, is dropped. What survives equals the block's view on every item compared."""
+    """The profile pass's comparison of the ``candidates`` pairs, batch by batch over the fit
+    part's items (spread over the data), to float32 rounding (a pooling sums in another order
+    than a view's mean: same_rows.rounding_equal): a pair that differs once, or whose layer or
+    block did not run or could not be read, is dropped, and most pairs are on the first batch.
+    What survives equals the block's view on every item compared. On the first 256 items
+    alone, a user's mean-pool module that averages padding too had equalled an encoder's
+    TOKENS MEAN, held none there, and differed on 75% of the rest (the X1 sweep)."""
 
     def __init__(self, pairs: list[tuple[View, View, Alias]]):
         self.pairs = list(pairs)
         self.batch: dict[int, torch.Tensor] = {}  # id of a view -> its rows of this batch
-        self.views = {id(view): view for pair in self.pairs for view in pair[:2]}
+        # A block's own view's rows are the projector's (``after_batch``), read once.
+        self.shared = {id(target) for _, target, _ in self.pairs if not target.channels}
+        self.views = {id(view): view for pair in self.pairs for view in pair[:2]
+                      if id(view) not in self.shared}
+        self.live = set(self.views)  # the views of the pairs still equal: only theirs are read
         self.seen = 0
 
     @property
+    def stride(self) -> int:
+        """Every row of the first FULL_ITEMS items is compared, then every STRIDE-th."""
+        return 1 if self.seen < FULL_ITEMS else STRIDE
+
+    @property
     def done(self) -> bool:
-        return not self.pairs or self.seen >= ITEMS
+        return not self.pairs
 
     def callbacks(self) -> dict:
         """One callback per layer, keeping the batch's rows of each of its compared views."""
@@ -126,26 +143,34 @@ class EqualViews:
                 if self.done:
                     return
                 for ident, view in kept:
+                    if ident not in self.live:
+                        continue
                     try:  # copied now: a later in-place op may overwrite it
-                        rows = view.finish(view.rows(call)).detach()
+                        rows = view.finish(view.rows(call)).detach()[::self.stride]
                         self.batch[ident] = rows.to("cpu", torch.float32, copy=True)
                     except Exception:  # noqa: BLE001 - read otherwise than the probe saw
                         self.batch.pop(ident, None)
             return keep
         return {name: keep_all(kept) for name, kept in keeps.items()}
 
-    def after_batch(self, size: int) -> None:
-        """Keep the pairs whose two views gave equal rows for this batch's ``size`` items
-        (until ITEMS items were compared)."""
+    def after_batch(self, size: int, block_rows: dict) -> None:
+        """Keep the pairs whose two views gave equal rows for this batch's ``size`` items;
+        ``block_rows``: the blocks' views' rows of the batch by view key (the projector's)."""
         if self.done:
             return
-        kept = []
+        kept, stride = [], self.stride
+        rows = -(-size // stride)
         for own, target, alias in self.pairs:
-            mine, theirs = self.batch.get(id(own)), self.batch.get(id(target))
+            mine = self.batch.get(id(own))
+            theirs = block_rows.get(target.key) if id(target) in self.shared else \
+                self.batch.get(id(target))
+            if theirs is not None and id(target) in self.shared:
+                theirs = theirs[::stride]
             if mine is not None and theirs is not None and mine.shape == theirs.shape \
-                    and len(mine) == size and _equal(mine, theirs):
+                    and len(mine) == rows and rounding_equal(mine, theirs):
                 kept.append((own, target, alias))
         self.pairs = kept
+        self.live = {id(view) for pair in kept for view in pair[:2]}
         self.batch.clear()
         self.seen += size
 
@@ -157,10 +182,3 @@ class EqualViews:
         return out
 
 
-def _equal(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
-    """Equal to RTOL of each value plus a tenth of the batch's largest; NaN or inf never is
-    (a NaN difference fails the comparison, inf - inf is NaN)."""
-    size = theirs.abs()
-    scale = float(size.max()) if theirs.numel() else 0.0
-    size.mul_(RTOL).add_(0.1 * RTOL * scale)
-    return bool(((mine - theirs).abs_() <= size).all())

@@ -321,6 +321,14 @@ class View:
         return json.dumps(parts)
 
     @property
+    def held_key(self) -> str:
+        """The key the profile holds this view's rows under (model/same_rows.py): a CHANNELS
+        view's channel means have their own (a fixed map's ``key`` is its whole rows')."""
+        if self.channels and not self._early_channels:
+            return json.dumps([self.layer.name, "CHANNELS"])
+        return self.key
+
+    @property
     def width(self) -> int:
         """Values per item in ``rows``."""
         shape = self.layer.shape
