@@ -237,5 +237,12 @@ def test_a_maps_channel_means_held_as_the_latent_answer_exactly_with_no_pass():
             got = conn.query(f"AVG CHANNELS IN block WHERE class = {c} USING {using}")
             np.testing.assert_allclose(got.values, want[got.neurons], rtol=1e-5, atol=1e-6)
     assert conn.counters["items"] == before
-    # The map's own neurons are no latent rows: estimated, from a pass.
+    # The map's own neurons are no latent rows: estimated, from a pass, on other covariates;
+    # its channel means asked again after them, for the same items, are still exact.
     assert '["block"]' not in conn.profile.latent_views
+    statement = "IN block WHERE class = 1 USING SAMPLE weighted(0.05, random_state=0)"
+    neurons = conn.query("AVG NEURONS " + statement)
+    assert neurons.estimate.expected > 0 and len(neurons.values) == 8 * 64
+    got = conn.query("AVG CHANNELS " + statement)
+    np.testing.assert_allclose(got.values, truth[y.numpy() == 1].mean(axis=0)[got.neurons],
+                               rtol=1e-5, atol=1e-6)

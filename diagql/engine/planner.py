@@ -192,7 +192,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     every = len(matching) == len(profile)
     subset = keys if every or keys is None else keys[matching]
     matched = "every" if every else _items_digest(matching, subset)
-    place = (id(profile), bound.view.key, rows_from_profile, query.group_by, matched)
+    # By the held key: a map's CHANNELS held as the latent has other covariates than its neurons.
+    place = (id(profile), bound.view.held_key, rows_from_profile, query.group_by, matched)
 
     def kept(key, make):
         return make() if matched is None else once_per_profile(_MEANS, key, profile, make)
