@@ -1555,3 +1555,21 @@ def test_nan_and_infinite_activations_raise_no_numpy_warnings():
         with pytest.raises(DiagQLError, match="NaN or infinite activations"):
             conn.query("TOPK 3 NEURONS IN head")
     assert [w for w in caught if issubclass(w.category, RuntimeWarning)] == []
+
+
+def test_a_node_layer_of_graphs_whose_first_have_one_node_says_several_rows_an_item():
+    """The probe's first graphs had one node each, so the node rows followed the batch there;
+    past them they were several an item, and the layer had been refused as rows in an order
+    of their own (a batch sorted for pack_padded_sequence, experts), not as what it is."""
+    g = torch.Generator().manual_seed(6)
+    items = []
+    for i in range(30):
+        size = 1 if i < 3 else int(torch.randint(3, 9, (1,), generator=g))
+        items.append(((torch.randn(size, 5, generator=g),
+                       torch.randint(0, size, (2, 2 * size), generator=g)), i % 3))
+    loader = torch.utils.data.DataLoader(items, batch_size=8, collate_fn=_joined)
+    conn = diagql.connect(_Graphs().eval(), loader, cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="several rows an item \\(nodes of a graph") as caught:
+        conn.query("AVG NEURONS IN own")
+    assert "pack_padded_sequence" not in caught.value.message
+    assert conn.query("AVG NEURONS IN pool").n_items == 30

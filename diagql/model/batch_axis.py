@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from diagql.model.row_order import Unsized
+
 
 def batch_axis(module: nn.Module, records, reverses: set[int] | None = None
                ) -> tuple[int | None, str]:
@@ -22,7 +24,7 @@ def batch_axis(module: nn.Module, records, reverses: set[int] | None = None
         # of the batch's size or several (a time-first output sorted by length, T = B in the
         # probe): an order of its own.
         if not reverses & set(axes):
-            return None, out_of_order()
+            return None, several_rows() if isinstance(reverses, Unsized) else out_of_order()
         if len(axes) > 1 and len(reverses & set(axes)) == 1:
             axis = (reverses & set(axes)).pop()
             agree = "; the module's batch_first agrees" if declared == axis else ""
@@ -39,6 +41,11 @@ def batch_axis(module: nn.Module, records, reverses: set[int] | None = None
         return declared, (f"the module's batch_first = {declared == 0}; {told} could not tell "
                           f"axes {axes} apart")
     return axes[0], f"the first of axes {axes}, which {told} could not tell apart"
+
+
+def several_rows() -> str:
+    return ("its first axis holds several rows an item (nodes of a graph, or tokens flattened "
+            "into the batch's axis): query a layer after they are pooled or reshaped per item")
 
 
 def out_of_order() -> str:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.errors import DiagQLWarning, ExecutionError, warn
-from diagql.model.batch_axis import batch_axis, out_of_order
+from diagql.model.batch_axis import batch_axis, out_of_order, several_rows
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
 from diagql.model.layers import NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
@@ -407,9 +407,7 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
             rows = [seen.shape[0] if seen.shape else 0 for _, seen in records]
             many = all(row > size for row, (size, _) in zip(rows, records)) and \
                 all(a < b for a, b in zip(rows, rows[1:])) and records[-1][0] > 1 and not fixed
-            hint = ("; its first axis holds several rows an item (nodes of a graph, or tokens "
-                    "flattened into the batch's axis): query a layer after they are pooled "
-                    "or reshaped per item") if many else \
+            hint = "; " + several_rows() if many else \
                 (": it is the same whatever the batch, as a weight that a parametrization "
                  "computes is") \
                 if fixed else ""

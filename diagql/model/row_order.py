@@ -24,6 +24,13 @@ from diagql.model.repeatable import Unrepeatable, same_inputs, same_items
 from diagql.model.views import first_output
 
 Key = tuple[str, int]  # (module, its call from 1)
+
+
+class Unsized(frozenset):
+    """A verdict of no axis at all: no axis of the layer's output was as long as the batch
+    for these items, though it was for the probe's first ones (a graph batch whose first
+    graphs have one node each: its node rows follow the batch there, and are several an item
+    past them)."""
 # Items each of the three passes runs: a model that permutes its batch at random inside
 # (torch.randperm and back) lines up twice over 3 items once in 36 connections, over 6 once
 # in 500,000.
@@ -98,7 +105,7 @@ def _verdicts(model, source, prepare, call, order: np.ndarray, only: set[Key] | 
         # in six connections), and reversed give them reversed.
         found[key] = {axis for axis, own in slices.items()
                       if _same(own, twice[2][axis], dtype)
-                      and _same(own, other[2][axis][::-1], dtype)}
+                      and _same(own, other[2][axis][::-1], dtype)} if slices else Unsized()
         if slices and all(_same(own, np.repeat(own[:1], size, axis=0), dtype)
                           for own in slices.values()):
             blind.add(key)
