@@ -237,6 +237,8 @@ def test_a_maps_channel_means_held_as_the_latent_answer_exactly_with_no_pass():
             got = conn.query(f"AVG CHANNELS IN block WHERE class = {c} USING {using}")
             np.testing.assert_allclose(got.values, want[got.neurons], rtol=1e-5, atol=1e-6)
     assert conn.counters["items"] == before
+    explained = str(conn.query("EXPLAIN AVG CHANNELS IN block USING SAMPLE vas(0.1)"))
+    assert "the channel means of block are the profile's latent" in " ".join(explained.split())
     # The map's own neurons are no latent rows: estimated, from a pass, on other covariates;
     # its channel means asked again after them, for the same items, are still exact.
     assert '["block"]' not in conn.profile.latent_views

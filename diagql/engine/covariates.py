@@ -201,12 +201,13 @@ class Chosen:
             return (f"assisted: every item predicted from {a.layer}'s {a.basis.shape[1]} "
                     f"principal components kept by the profile pass (the layer equals {a.layer}'s "
                     f"{what} on the items they were fitted on), the residual fitted on {latent}")
+        held = f"{a.layer} channel means" if json.loads(a.key)[1:] == ["CHANNELS"] else a.layer
         if self.held == "rows":  # answers.py: ``_held``
             return (f"assisted: exact, the means computed from every matching item's own row "
-                    f"(the profile holds every item's {a.layer})")
+                    f"(the profile holds every item's {held})")
         if self.held:
             return (f"assisted: every item predicted from its row's {a.basis.shape[1]} "
-                    f"principal components (the profile holds every item's {a.layer}), the "
+                    f"principal components (the profile holds every item's {held}), the "
                     f"residual fitted on {latent}")
         # Which items: profile.fit_items spreads them over the data (model/auxiliaries.py).
         fitted = "every item" if a.fitted_on >= len(a.z) else \

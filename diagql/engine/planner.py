@@ -117,7 +117,8 @@ class Plan:
             hook = (f"{layer.module}, read at its call {layer.call} of {layer.calls} "
                     f"({layer.shape_text()}{axis}); the pass stops once that call has run")
         if self.profile_rows is not None:
-            rows.append(("forward", f"none: the rows of {layer.name} are {self.profile_what} "
+            whose = f"channel means of {layer.name}" if view.channels else f"rows of {layer.name}"
+            rows.append(("forward", f"none: the {whose} are {self.profile_what} "
                                     f"(equal for every item, as the profile pass checked), read "
                                     f"from the profile for {len(self.items):,} items"))
         elif self.profile_winners is not None:

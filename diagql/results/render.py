@@ -254,7 +254,8 @@ def estimate_line(result) -> Text | None:
         if result.kind == "argmax":
             return Text("exact, from a sample: the profile keeps every item's winner of "
                         f"{result.layer}, so the shares are counted, not estimated", style="dim")
-        return Text(f"exact, from a sample: the profile holds every item's {result.layer}, so "
+        held = f"{result.layer} channel means" if result.unit == "channels" else result.layer
+        return Text(f"exact, from a sample: the profile holds every item's {held}, so "
                     "the means are computed from all matching items, not estimated", style="dim")
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
