@@ -331,7 +331,8 @@ def sigmoid_applied(logits) -> str | None:
     return (f"the model's {classes} scores per item lie in [0, 1] for every item: DiagQL reads "
             f"them as logits, its confidence their softmax (here at most "
             f"{math.e / (math.e + classes - 1):.2f}); if they are probabilities of a sigmoid per "
-            f"class, pass scores=lambda out: torch.logit(out)")
+            f"class, pass scores=lambda out: torch.logit(out) (logits that lie there, as a "
+            f"pooled ReLU map's may, need nothing)")
 
 
 BEYOND_LABELS = 0.25  # the share of items predicted beyond every label that is warned of
