@@ -31,6 +31,8 @@ class Unsized(frozenset):
     for these items, though it was for the probe's first ones (a graph batch whose first
     graphs have one node each: its node rows follow the batch there, and are several an item
     past them)."""
+
+
 # Items each of the three passes runs: a model that permutes its batch at random inside
 # (torch.randperm and back) lines up twice over 3 items once in 36 connections, over 6 once
 # in 500,000.

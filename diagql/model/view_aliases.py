@@ -180,5 +180,3 @@ class EqualViews:
         for own, _, alias in self.pairs if self.seen else ():
             out.setdefault(own.key, alias)
         return out
-
-
