@@ -117,8 +117,7 @@ class Plan:
             hook = (f"{layer.module}, read at its call {layer.call} of {layer.calls} "
                     f"({layer.shape_text()}{axis}); the pass stops once that call has run")
         if self.profile_rows is not None:
-            whose = f"channel means of {layer.name}" if view.channels else f"rows of {layer.name}"
-            rows.append(("forward", f"none: the {whose} are {self.profile_what} "
+            rows.append(("forward", f"none: the {held_rows(view)} are {self.profile_what} "
                                     f"(equal for every item, as the profile pass checked), read "
                                     f"from the profile for {len(self.items):,} items"))
         elif self.profile_winners is not None:
@@ -298,11 +297,16 @@ def profile_winners(bound: BoundQuery, profile: Profile) -> np.ndarray | None:
     return profile.winners_of(bound.view)
 
 
+def held_rows(view) -> str:
+    """What of a view the profile holds (View.held_key): a map's channel means, else rows."""
+    return f"{'channel means' if view.channels else 'rows'} of {view.layer.name}"
+
+
 def answered_from_profile(bound: BoundQuery, profile: Profile) -> str | None:
     """What of the profile answers this query of the profile's own model exactly with no
     forward pass (for USING AUTO and UNTIL), or None."""
     if profile.rows_of(bound.view.held_key) is not None:
-        return f"the rows of {bound.layer.name} are in the profile"
+        return f"the {held_rows(bound.view)} are in the profile"
     if profile_winners(bound, profile) is not None:
         return f"every item's winner of {bound.layer.name} is in the profile"
     return None

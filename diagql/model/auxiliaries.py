@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from diagql.model import view_aliases
-from diagql.model.same_rows import fan_out
-from diagql.model.view_aliases import EqualViews
+from diagql.model.same_rows import by_layer
 from diagql.model.views import SEQUENCE, ModuleCall, View
 
 # Measured (benchmarks/block_auxiliaries.py, maxmargin at 5%): on the demo's conv1, 8, 16, 32
@@ -172,7 +171,7 @@ class BlockProjector:
                  pairs: list | tuple = ()):
         # The layers compared with a block's view while the directions are fitted
         # (model/view_aliases.py): what survives is ``aliases()``.
-        self.equal = EqualViews(list(pairs)) if pairs else None
+        self.equal = view_aliases.EqualViews(list(pairs)) if pairs else None
         # By the view's key: a sequence block keeps several views of one layer (``_views``).
         self.views = {view.key: view for view in views}
         width = sum(view.width for view in views) or 1
@@ -192,23 +191,18 @@ class BlockProjector:
 
     def aliases(self) -> dict:
         """The layers that equalled a block view on every item so far (view_aliases.Alias),
-        by view key, of those that block still has directions for."""
-        found = self.equal.found() if self.equal is not None else {}
-        return {key: alias for key, alias in found.items() if alias.target in self.fits}
+        by view key (``joined`` keeps those whose block view keeps an auxiliary)."""
+        return self.equal.found() if self.equal is not None else {}
 
     def fitted(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each block's directions fitted so far (mean, basis; float64), by view key."""
         return {key: fit[:2] for key, fit in self.fits.items()}
 
     def callbacks(self) -> dict:
-        """One hook callback per layer, keeping each of its views' rows."""
-        keeps: dict[str, list] = {}
-        for key, view in self.views.items():
-            keeps.setdefault(view.layer.name, []).append(self._keep(key))
-        for layer, callback in (self.equal.callbacks() if self.equal else {}).items():
-            keeps.setdefault(layer, []).append(callback)
-        return {layer: kept[0] if len(kept) == 1 else fan_out(kept)
-                for layer, kept in keeps.items()}
+        """One hook callback per layer, keeping each of its views' rows (and the compared
+        layers' rows, ``equal``)."""
+        return by_layer([*((view.layer.name, self._keep(key)) for key, view in self.views.items()),
+                         *(self.equal.callbacks() if self.equal is not None else ())])
 
     def _keep(self, key: str):
         def keep(call: ModuleCall) -> None:

@@ -18,7 +18,7 @@ from diagql.model.data import ItemSource
 from diagql.model.forward import call_model, to_device
 from diagql.model.hooks import Hooks, evaluation
 from diagql.model.labels import check_labels
-from diagql.model.same_rows import SameRows, comparisons, fan_out
+from diagql.model.same_rows import SameRows, by_layer, comparisons
 from diagql.model.scores import Scores, as_logits, classes_of, same_widths
 from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
@@ -302,11 +302,10 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     logits_kept = compare[2]
     position = 0
     has_labels = True
-    checks = SameRows.callbacks_of(same_latent, same_logits)
     keeper = winners_module.WinnerKeeper(list(winners), n)
-    for name, callback in [*(project.callbacks() if project is not None else {}).items(),
-                           *keeper.callbacks().items()]:
-        checks[name] = fan_out([checks[name], callback]) if name in checks else callback
+    checks = by_layer([*SameRows.callbacks_of(same_latent, same_logits).items(),
+                       *(project.callbacks() if project is not None else {}).items(),
+                       *keeper.callbacks().items()])
     clock = pass_clock.PassClock()  # DiagQL's own work, in the hooks and after, apart
     checks = {name: clock.timed(name, callback) for name, callback in checks.items()}
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \

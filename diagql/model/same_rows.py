@@ -26,12 +26,10 @@ class SameRows:
 
     @staticmethod
     def callbacks_of(*checks: "SameRows") -> dict:
-        """One callback per layer, feeding every check that compares one of its views."""
-        keeps: dict[str, list] = {}  # by layer, in one walk (900 layers: 0.24 s by each)
-        for check in checks:
-            for key, view in check.views.items():
-                keeps.setdefault(view.layer.name, []).append(check._keep(key))
-        return {name: fan_out(kept) for name, kept in keeps.items()}
+        """One callback per layer, feeding every check that compares one of its views (in
+        one walk: by each check, 900 layers had cost 0.24 s)."""
+        return by_layer((view.layer.name, check._keep(key))
+                        for check in checks for key, view in check.views.items())
 
     def _keep(self, key: str):
         def keep(call: ModuleCall) -> None:
@@ -78,6 +76,16 @@ def rounding_equal(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
     scale = size.amax(dim=0)
     size.mul_(RTOL).add_(0.1 * RTOL * scale)
     return bool(((mine - theirs).abs_() <= size).all())
+
+
+def by_layer(pairs) -> dict:
+    """One hook callback per layer from (layer, callback) pairs, in their order: the one
+    given, or one that calls each in turn (``fan_out``)."""
+    keeps: dict[str, list] = {}
+    for layer, callback in pairs:
+        keeps.setdefault(layer, []).append(callback)
+    return {layer: kept[0] if len(kept) == 1 else fan_out(kept)
+            for layer, kept in keeps.items()}
 
 
 def fan_out(callbacks: list):

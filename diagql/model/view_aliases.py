@@ -128,35 +128,26 @@ class EqualViews:
         """Every row of the first FULL_ITEMS items is compared, then every STRIDE-th."""
         return 1 if self.seen < FULL_ITEMS else STRIDE
 
-    @property
-    def done(self) -> bool:
-        return not self.pairs
+    def callbacks(self) -> list[tuple[str, object]]:
+        """(layer, hook callback) for each compared view, keeping its rows of the batch while
+        a pair that holds it is still equal."""
+        return [(view.layer.name, self._keep(ident, view)) for ident, view in self.views.items()]
 
-    def callbacks(self) -> dict:
-        """One callback per layer, keeping the batch's rows of each of its compared views."""
-        keeps: dict[str, list] = {}
-        for ident, view in self.views.items():
-            keeps.setdefault(view.layer.name, []).append((ident, view))
-
-        def keep_all(kept):
-            def keep(call: ModuleCall) -> None:
-                if self.done:
-                    return
-                for ident, view in kept:
-                    if ident not in self.live:
-                        continue
-                    try:  # copied now: a later in-place op may overwrite it
-                        rows = view.finish(view.rows(call)).detach()[::self.stride]
-                        self.batch[ident] = rows.to("cpu", torch.float32, copy=True)
-                    except Exception:  # noqa: BLE001 - read otherwise than the probe saw
-                        self.batch.pop(ident, None)
-            return keep
-        return {name: keep_all(kept) for name, kept in keeps.items()}
+    def _keep(self, ident: int, view: View):
+        def keep(call: ModuleCall) -> None:
+            if ident not in self.live:
+                return
+            try:  # copied now: a later in-place op may overwrite it
+                rows = view.finish(view.rows(call)).detach()[::self.stride]
+                self.batch[ident] = rows.to("cpu", torch.float32, copy=True)
+            except Exception:  # noqa: BLE001 - read otherwise than the probe saw
+                self.batch.pop(ident, None)
+        return keep
 
     def after_batch(self, size: int, block_rows: dict) -> None:
         """Keep the pairs whose two views gave equal rows for this batch's ``size`` items;
         ``block_rows``: the blocks' views' rows of the batch by view key (the projector's)."""
-        if self.done:
+        if not self.pairs:
             return
         kept, stride = [], self.stride
         rows = -(-size // stride)
