@@ -299,3 +299,19 @@ def test_a_layer_run_on_a_shuffled_batch_is_refused_every_time():
         db = diagql.connect(_Shuffled().eval(), (X, y), cache_dir=False, progress=False)
         assert "not in its batch's order" in (db.catalog["inner"].refused or ""), seed
         assert not db.catalog["head"].refused
+
+
+def test_integer_rows_pass_a_one_ulp_difference_in_their_weighted_sum():
+    # A BLAS may round a row's Σw·x 1 ulp apart at another place in the batch (seen on an AMD
+    # EPYC: a bool mask layer was refused as rows in an order of their own); Σx, Σx², Σ|x| of
+    # integers stay exact, and a row that differs in them is still told apart.
+    from diagql.model.row_order import _same
+
+    rows = np.array([[3.0, 3.0, 3.0, 1.2345678901234567], [1.0, 1.0, 1.0, -0.25]])
+    nudged = rows.copy()
+    nudged[0, 3] = np.nextafter(nudged[0, 3], 2.0)
+    assert _same(rows, nudged, torch.bool)
+    other = rows.copy()
+    other[0, :3] = [2.0, 2.0, 2.0]
+    assert not _same(rows, other, torch.int64)
+    assert not _same(rows, rows[::-1], torch.int64)
