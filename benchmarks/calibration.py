@@ -142,11 +142,12 @@ def precision_noise(mean: np.ndarray, se: np.ndarray, top: np.ndarray,
     """The variance of a query's actual top-k precision if the truth were drawn as its
     estimate says (each neuron's true mean from N(mean, se²)): the part of the actual precision
     that no estimate made before seeing the truth can predict."""
+    k = len(top)  # K, or every neuron of a layer narrower than K
     draws = mean + rng.standard_normal((DRAWS, len(mean))) * se
-    truth_top = np.argpartition(-draws, K - 1, axis=1)[:, :K]
+    truth_top = np.argpartition(-draws, k - 1, axis=1)[:, :k]
     reported = np.zeros(len(mean), dtype=bool)
     reported[top] = True
-    return float((reported[truth_top].sum(axis=1) / K).var())
+    return float((reported[truth_top].sum(axis=1) / k).var())
 
 
 def ceiling(est: np.ndarray, noise: np.ndarray) -> float:
