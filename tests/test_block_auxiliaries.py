@@ -189,7 +189,8 @@ def _expected(profile, rows, items, matching, groups, reduce=None):
     keys = sorted(set(groups[items].tolist()))
     z_pop = {g: zl[matching[groups[matching] == g]].mean(axis=0) for g in keys}
     n_pop = {g: int((groups[matching] == g).sum()) for g in keys}
-    fitted = _numpy_assisted(resid, zl[items], groups[items], z_pop, n_pop, RIDGE)
+    fitted = _numpy_assisted(resid, zl[items], groups[items], z_pop, n_pop, RIDGE,
+                             leverage=True)
     widen = _widening(zb, zl, items, matching, groups, z_pop, n_pop)
     return {g: (m + mean + basis @ zb[matching[groups[matching] == g]].mean(axis=0),
                 se * widen[g])
@@ -261,7 +262,7 @@ def test_a_layer_beside_a_block_is_fitted_on_its_leading_directions_as_numpy_doe
     Y = _rows(cnn, X, 5)
     everyone = np.arange(len(Y))
     mean, se = _numpy_assisted(Y[items], Z[items], np.zeros(len(items), int),
-                               {0: Z.mean(axis=0)}, {0: len(Y)}, RIDGE)[0]
+                               {0: Z.mean(axis=0)}, {0: len(Y)}, RIDGE, leverage=True)[0]
     np.testing.assert_allclose(result.values, mean, rtol=1e-5, atol=1e-6)
     checks = [(np.abs(zb[:, :32]), extrapolation.NEIGHBOUR_SHARE),
               (zb[:, 32:], extrapolation.NEIGHBOUR_SHARE),

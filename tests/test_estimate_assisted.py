@@ -35,9 +35,38 @@ def _layer(model, X) -> np.ndarray:
         return model.encoder[1](model.encoder[0](X)).double().numpy()
 
 
-def _numpy_assisted(Y, Z, groups, z_pop, n_pop, ridge):
+def _numpy_leverage(Z, groups, ridge):
+    """Each row's leverage weight (engine/leverage.py) written out: h the diagonal of the hat
+    matrix of the design [one indicator per group | Z] with the ridge on Z's columns only, kept
+    below 1 − 1e-3; a row above twice its group's mean h is an outlier, its weight
+    c = (1 − h)^−e with e = 1 (HC2) at twice its group's mean h and 2 (HC3) from four times,
+    linear between; 0 for the other rows."""
+    keys = sorted(set(groups.tolist()))
+    idx = np.searchsorted(keys, groups)
+    D = np.hstack([np.eye(len(keys))[idx], Z])
+    penalty = np.diag([0.0] * len(keys) + [ridge] * Z.shape[1])
+    h = np.minimum(np.einsum("ij,ji->i", D, np.linalg.solve(D.T @ D + penalty, D.T)), 1 - 1e-3)
+    ratio = h / np.array([h[idx == i].mean() for i in range(len(keys))])[idx]
+    return np.where(ratio > 2, (1 - h) ** -(1 + np.clip((ratio - 2) / 2, 0.0, 1.0)), 0.0)
+
+
+def _numpy_restored(sigma2, kappa, m, c, r, moved):
+    """σ² and the slope's noise's excess with the outliers' (c > 0) residuals r restored:
+    σ² + max(0, Σ c·r² − κ·Σ_O r²) / m, and max(0, Σ c·moved·r² − σ²·Σ_O moved)."""
+    out = c > 0
+    sigma2 = sigma2 + np.maximum((c[:, None] * r ** 2).sum(axis=0)
+                                 - kappa * (r[out] ** 2).sum(axis=0), 0.0) / m
+    excess = np.maximum((c[:, None] * moved[:, None] * r ** 2).sum(axis=0)
+                        - sigma2 * moved[out].sum(), 0.0)
+    return sigma2, excess
+
+
+def _numpy_assisted(Y, Z, groups, z_pop, n_pop, ridge, leverage=False):
     """The regression estimator written out: group-centred ridge slope on the rows, each
-    group's mean corrected by (population mean − sample mean) of Z, and its model variance."""
+    group's mean corrected by (population mean − sample mean) of Z, and its model variance.
+    σ² is the residual variance with the fit's mean degrees-of-freedom correction; with
+    ``leverage``, as a query's pass has it (engine/leverage.py), the latent outliers' residuals
+    are restored in σ² and in the slope's noise (``_numpy_restored``)."""
     keys = sorted(set(groups.tolist()))
     Zc, Yc = Z.copy(), Y.copy()
     for g in keys:
@@ -51,25 +80,34 @@ def _numpy_assisted(Y, Z, groups, z_pop, n_pop, ridge):
     resid = Yc - Zc @ B
     p_eff = np.trace(S @ np.linalg.inv(A))
     free = len(Y) - len(keys)
+    c = _numpy_leverage(Z, groups, ridge) if leverage else None
     out = {}
     for g in keys:
         m = groups == g
         n = int(m.sum())
         delta = z_pop[g] - Z[m].mean(axis=0)
         mean = Y[m].mean(axis=0) + delta @ B
-        sigma2 = (resid[m] ** 2).sum(axis=0) / (n - 1) * free / (free - p_eff)
-        se = _numpy_se(sigma2, Zc, Zc, Yc, delta, (n_pop[g] - n) / n_pop[g] / n, ridge)
+        inflate = free / (free - p_eff)
+        sigma2 = (resid[m] ** 2).sum(axis=0) / (n - 1) * inflate
+        excess = None
+        if leverage:
+            u = np.linalg.solve(A, delta)
+            sigma2, excess = _numpy_restored(sigma2, n * inflate / (n - 1), n, c[m], resid[m],
+                                             (Zc[m] @ u) ** 2)
+        se = _numpy_se(sigma2, Zc, Zc, Yc, delta, (n_pop[g] - n) / n_pop[g] / n, ridge,
+                       excess)
         out[g] = (mean, se)
     return out
 
 
-def _numpy_se(sigma2, Zc, Zc_fit, Yc_fit, delta, sampling, ridge):
+def _numpy_se(sigma2, Zc, Zc_fit, Yc_fit, delta, sampling, ridge, excess=None):
     """A group's standard errors written out: σ²·(sampling + uᵀSu), u = (S + ridge)⁻¹δ on
     every row's centred covariates Zc (the shrunk slope's noise), plus what the shrinkage
     may leave of the selection's bias, ridge²·Σₖ (eₖᵀu)²·max(σ²/ridge, β̂ₖ²): eₖ the
     eigendirections of the fit rows' centred covariates, β̂ₖ the least-squares slope of
     their values on the directions of eigenvalue s ≥ ridge (orthogonal columns: each alone)
-    less its variance σ²/s, clipped at 0, and 0 on the others."""
+    less its variance σ²/s, clipped at 0, and 0 on the others. ``excess``: what the
+    outliers' own residuals add to the slope's noise."""
     p = Zc.shape[1]
     S = Zc.T @ Zc
     u = np.linalg.solve(S + ridge * np.eye(p), delta)
@@ -80,7 +118,8 @@ def _numpy_se(sigma2, Zc, Zc_fit, Yc_fit, delta, sampling, ridge):
         slopes = np.linalg.lstsq(Zc_fit @ E[:, good], Yc_fit, rcond=None)[0]
         shown[good] = np.maximum(slopes ** 2 - sigma2 / s[good][:, None], 0.0)
     prior = np.maximum(sigma2 / ridge, shown)
-    return np.sqrt(sigma2 * (sampling + u @ S @ u) + ridge ** 2 * ((E.T @ u) ** 2) @ prior)
+    noise = sigma2 * (u @ S @ u) + (0.0 if excess is None else excess)
+    return np.sqrt(sigma2 * sampling + noise + ridge ** 2 * ((E.T @ u) ** 2) @ prior)
 
 
 def _numpy_widening(known, Z, items, matching, groups, z_pop, n_pop, share):
@@ -136,7 +175,7 @@ def test_query_answer_is_the_regression_estimator_written_in_numpy(db, mlp, digi
     pop = {g: np.flatnonzero(labels == g) for g in (2, 3, 5)}
     want = _numpy_assisted(Y[chosen], z[chosen], labels[chosen],
                            {g: z[items].mean(axis=0) for g, items in pop.items()},
-                           {g: len(items) for g, items in pop.items()}, RIDGE)
+                           {g: len(items) for g, items in pop.items()}, RIDGE, leverage=True)
     # encoder.1 is in no block: the fit is checked on the latent's next components.
     widen = _numpy_widening(extrapolation.latent_minor(profile).astype(np.float64), z, chosen,
                             np.flatnonzero(np.isin(labels, [2, 3, 5])), labels,
@@ -329,12 +368,14 @@ def test_a_latent_constant_over_the_items_leaves_no_covariate_and_still_answers(
                                    rtol=1e-6, atol=1e-7)
 
 
-def _numpy_fit_rows_assisted(Y, Z, groups, fit, z_pop, n_pop, ridge):
+def _numpy_fit_rows_assisted(Y, Z, groups, fit, z_pop, n_pop, ridge, leverage=False):
     """The estimator when the residual variance comes from some rows (``fit``) only, written
     out: each group's mean is the regression estimator on every row (_numpy_assisted's); σ²
     is the residual variance of a slope fitted on the fit rows alone (group-centred, pooled,
     the same ridge), inflated by their own degrees of freedom; the slope's noise is the full
-    fit's, the slopes' sizes shown are the fit rows' (``_numpy_se``)."""
+    fit's, the slopes' sizes shown are the fit rows' (``_numpy_se``). ``leverage``: the fit
+    rows' outliers (in the fit rows' own fit) restored, the slope's noise's (uᵀz̃)² (z̃ centred
+    on all the group's rows) scaled by all its rows' Σ(uᵀz̃)² over the fit rows'."""
     full = _numpy_assisted(Y, Z, groups, z_pop, n_pop, ridge)
     keys = sorted(set(groups.tolist()))
     Yf, Zf, gf = Y[fit], Z[fit], groups[fit]
@@ -351,22 +392,39 @@ def _numpy_fit_rows_assisted(Y, Z, groups, fit, z_pop, n_pop, ridge):
     Zall = Z.copy()
     for g in keys:
         Zall[groups == g] -= Z[groups == g].mean(axis=0)
+    c = _numpy_leverage(Zf, gf, ridge) if leverage else None
     out = {}
     for g in keys:
         m, n = gf == g, int((groups == g).sum())
-        sigma2 = (resid[m] ** 2).sum(axis=0) / (m.sum() - 1) * inflate
         delta = z_pop[g] - Z[groups == g].mean(axis=0)
-        se = _numpy_se(sigma2, Zall, Zc, Yc, delta, (n_pop[g] - n) / n_pop[g] / n, ridge)
+        rows = int(m.sum())
+        sigma2 = (resid[m] ** 2).sum(axis=0) / (rows - 1) * inflate
+        excess = None
+        if leverage:
+            u = np.linalg.solve(Zall.T @ Zall + ridge * np.eye(Z.shape[1]), delta)
+            moved = (Zall[groups == g] @ u) ** 2
+            moved_fit = (Zall[fit & (groups == g)] @ u) ** 2
+            sigma2, excess = _numpy_restored(sigma2, rows * inflate / (rows - 1), rows, c[m],
+                                             resid[m],
+                                             moved_fit * moved.sum() / moved_fit.sum())
+        se = _numpy_se(sigma2, Zall, Zc, Yc, delta, (n_pop[g] - n) / n_pop[g] / n, ridge,
+                       excess)
         out[g] = (full[g][0], se)
     return out
 
 
+@pytest.mark.parametrize("leverage", [False, True], ids=["unweighted", "leverage"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["one", "grouped"])
-def test_a_pass_with_fit_rows_and_pooled_products_is_the_estimator_written_in_numpy(grouped):
+def test_a_pass_with_fit_rows_and_pooled_products_is_the_estimator_written_in_numpy(grouped,
+                                                                                    leverage):
     """What a large sample's pass streams (engine/aggregates.py: MeanState): the pooled
     slope's products on the few directions the groups need, and the residual variance's sums
     over every s-th row of each group. Its answer is the regression estimator on every row
-    and its standard errors use σ² of the fit rows, both against numpy on the rows."""
+    and its standard errors use σ² of the fit rows, both against numpy on the rows; with the
+    rows' leverage weights (engine/leverage.py, as a query's pass feeds them), σ² and the
+    slope's noise are the leverage-weighted ones."""
+    from diagql.engine.leverage import row_weights
+
     from diagql.engine import estimate
     from diagql.engine.aggregates import MeanState
     from diagql.engine.prediction import fit_rows
@@ -382,18 +440,30 @@ def test_a_pass_with_fit_rows_and_pooled_products_is_the_estimator_written_in_nu
     n_pop = {g: int((everyone == g).sum()) for g in keys}
     fit = fit_rows(codes if grouped else None, len(picked), limit=40, floor=20)
     assert fit is not None and fit.sum() < len(picked)
+    # A latent outlier among each group's fit rows, whose values miss the linear model: the
+    # rows the leverage weights restore.
+    Zs = Zs.copy()
+    for g in keys:
+        first = np.flatnonzero(fit & (codes == g))[0]
+        Zs[first] = [6.0, 1.0 if g else -1.0, -5.0, 4.0]
+        Y[first] += 4.0
+    Y = Y.astype(np.float32).astype(np.float64)  # as the pass reads them
     D = directions(Zs, codes if grouped else None, [z_pop[g] for g in keys])
     assert D.shape == (4, len(keys))  # one direction per group, not p
     state = MeanState(Y.shape[1], groups=2 if grouped else None, covariates=4, directions=D)
+    weights = row_weights(Zs, codes if grouped else None, [z_pop[g] for g in keys], fit, RIDGE)
     for start in range(0, len(picked), 64):
         part = slice(start, start + 64)
+        extra = {"weights": torch.from_numpy(weights[part])} if leverage else {}
         assert state.update(torch.from_numpy(Y[part]).float(),
                             torch.from_numpy(codes[part]) if grouped else None,
-                            torch.from_numpy(Zs[part]), fit=torch.from_numpy(fit[part]))
+                            torch.from_numpy(Zs[part]), fit=torch.from_numpy(fit[part]), **extra)
     states = {g: state.group(g) for g in keys} if grouped else {None: state}
     fitted = estimate.fit(states, {k: n_pop[k or 0] for k in states},
                           {k: z_pop[k or 0] for k in states})
-    want = _numpy_fit_rows_assisted(Y, Zs, codes, fit, z_pop, n_pop, RIDGE)
+    want = _numpy_fit_rows_assisted(Y, Zs, codes, fit, z_pop, n_pop, RIDGE, leverage)
+    unweighted = _numpy_fit_rows_assisted(Y, Zs, codes, fit, z_pop, n_pop, RIDGE)
+    assert leverage == any(np.abs(want[g][1] / unweighted[g][1] - 1).max() > 0.01 for g in keys)
     for key, f in fitted.items():
         mean, se = want[key or 0]
         np.testing.assert_allclose(f.mean, mean, rtol=1e-9, atol=1e-9)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diagql.engine.regression import CrossSums, RowSums
+from diagql.engine.regression import CrossSums, RowSums, WeightedSums
 from diagql.model.winners import row_argmax
 
 _CHUNK_BYTES = 1 << 20  # float64 pieces of a batch that stay in a core's cache (CPU only)
+_OUTLIER_BYTES = 4 << 20  # outlier fit rows (engine/leverage.py) held before they are summed
 # Wider than this, a CPU batch's float64 column sums are taken over upcast pieces even without
 # squares: sum(dim=0, dtype=float64) runs 1.4-4.7x slower there (256 x 4,704: 3.9 ms against
 # 1.1 ms; 64 x 150,528: 154 against 33 ms), the same sums bit for bit; narrower, it is faster.
@@ -95,7 +96,10 @@ class MeanState:
         self.zsums = self.fit_cross = self.fit_sum = self.fit_squares = None
         self.fit_count = self.count
         self.directions = self.pooled = None
+        # The outlier fit rows' weighted sums (engine/leverage.py), made when weights come.
+        self.weighted, self._groups = None, groups
         self._waiting, self._waiting_rows = [], 0  # fit rows not yet summed (``_hold``)
+        self._outliers, self._outlier_bytes = [], 0  # outlier rows not yet summed
         if covariates:
             self.zsums = CrossSums(covariates, 0, groups, gram_rows=self.latent)
             self.fit_cross = CrossSums(self.latent, n_neurons, groups)
@@ -106,8 +110,10 @@ class MeanState:
                 self.pooled = torch.zeros(directions.shape[1], n_neurons, dtype=torch.float64)
 
     def update(self, values: torch.Tensor, codes: torch.Tensor | None = None,
-               z: torch.Tensor | None = None, fit: torch.Tensor | None = None) -> bool:
-        """``fit``: which rows the residual variance's sums take (None: all of them)."""
+               z: torch.Tensor | None = None, fit: torch.Tensor | None = None,
+               weights: torch.Tensor | None = None) -> bool:
+        """``fit``: which rows the residual variance's sums take (None: all of them);
+        ``weights``: each row's leverage weights (rows × 4, float64, CPU; leverage.py)."""
         total = torch.zeros(self.sum.shape, dtype=torch.float64, device=values.device)
         squares = None if self.sumsq is None else torch.zeros_like(total)
         # The pooled products take each float64 piece while it is in cache with the sums
@@ -151,41 +157,48 @@ class MeanState:
             self.zsums.add_z(z, codes)
             if fit is None:  # every row: v = y's sums are the batch's, taken above
                 self._add_fit(values, z, codes, None if self.prediction is not None or
-                              squares is None else (total, squares))
+                              squares is None else (total, squares), weights)
             else:
-                self._hold(values, z, codes, fit)
+                self._hold(values, z, codes, fit, weights)
         self.count = _add_counts(self.count, codes, values.shape[0])
         return True
 
-    def _hold(self, values, z, codes, fit) -> None:
+    def _hold(self, values, z, codes, fit, weights=None) -> None:
         """Keep a batch's fit rows (a copy) until about 1 MB of them gather, then sum them:
         the few rows of one batch (every s-th) make products too small to run at speed (6
         rows × 64 × 4,704 for the prediction: 0.3 ms a batch, 20x their share of one over 55
         rows)."""
         fit = fit.to(values.device)
         self._waiting.append((values[fit], z[fit.cpu()],
-                              None if codes is None else codes[fit.to(codes.device)]))
+                              None if codes is None else codes[fit.to(codes.device)],
+                              None if weights is None else weights[fit.cpu()]))
         self._waiting_rows += int(self._waiting[-1][0].shape[0])
         if self._waiting_rows * max(values.shape[1], 1) * 4 >= _CHUNK_BYTES or \
                 self._waiting_rows >= 256:
             self._flush()
 
     def _flush(self) -> None:
-        """Sum the fit rows waiting (``_hold``)."""
+        """Sum the fit rows waiting (``_hold``), and the outlier rows (``_add_outliers``)."""
         if self._waiting:
-            values, z, codes = zip(*self._waiting)
+            values, z, codes, weights = zip(*self._waiting)
             self._waiting, self._waiting_rows = [], 0
             self._add_fit(torch.cat(values), torch.cat(z),
-                          None if codes[0] is None else torch.cat(codes))
+                          None if codes[0] is None else torch.cat(codes),
+                          weights=None if weights[0] is None else torch.cat(weights))
+        if self._outliers:
+            latent, weights, values, codes = zip(*self._outliers)
+            self._outliers, self._outlier_bytes = [], 0
+            self.weighted.add(torch.cat(latent), torch.cat(weights), torch.cat(values),
+                              None if codes[0] is None else torch.cat(codes))
 
     def __getstate__(self):  # a shard's state, pickled: its waiting rows summed first
         self._flush()
         return self.__dict__
 
-    def _add_fit(self, values, z, codes, sums: tuple | None = None) -> None:
+    def _add_fit(self, values, z, codes, sums: tuple | None = None, weights=None) -> None:
         """Fit rows' count, Σv, Σv² and the latent's sums against v, v the residual of the
         block prediction or the values themselves; ``sums``: their (Σv, Σv²) when the caller
-        has them already (every row of a batch, v = y)."""
+        has them already (every row of a batch, v = y); ``weights``: their leverage weights."""
         if not len(values):
             return
         latent = z[:, :self.latent].contiguous()
@@ -204,17 +217,33 @@ class MeanState:
             wide = v.to(device=home, dtype=torch.float64)
             piece_codes = None if codes is None else codes[part].to(home)
             self.fit_cross.add_products(latent[part], wide, piece_codes)
+            if weights is not None:
+                self._add_outliers(latent[part], weights[part], wide, piece_codes)
             if sums is None:
                 _add_sums(total, squares, wide, piece_codes)
         self.fit_sum += total.cpu()
         self.fit_squares += squares.cpu()
         self.fit_count = _add_counts(self.fit_count, codes, len(values))
 
+    def _add_outliers(self, latent, weights, wide, codes) -> None:
+        """Keep a piece's outlier fit rows (nonzero weight) until _OUTLIER_BYTES gather: a few
+        rows a flush, each group's apart, cost GROUP BY a fifth more in small products."""
+        if self.weighted is None:
+            self.weighted = WeightedSums(self.latent, wide.shape[1], weights.shape[1],
+                                         self._groups)
+        rows = torch.nonzero(weights[:, 0] > 0).flatten()
+        if len(rows):
+            self._outliers.append((latent[rows], weights[rows], wide[rows.to(wide.device)],
+                                   None if codes is None else codes[rows.to(codes.device)]))
+            self._outlier_bytes += 8 * len(rows) * wide.shape[1]
+            if self._outlier_bytes >= _OUTLIER_BYTES:
+                self._flush()
+
     def fit_sums(self) -> RowSums:
         """The fit rows' sums (one group's state: ``group``) as the estimator takes them."""
         self._flush()
         return RowSums(int(self.fit_count), self.fit_sum.numpy(), self.fit_squares.numpy(),
-                       self.fit_cross)
+                       self.fit_cross, self.weighted)
 
     def merge(self, other: MeanState) -> MeanState:
         self._flush()
@@ -228,6 +257,10 @@ class MeanState:
             self.fit_sum += other.fit_sum
             self.fit_squares += other.fit_squares
             self.fit_count = self.fit_count + other.fit_count
+            if self.weighted is None:
+                self.weighted = other.weighted
+            elif other.weighted is not None:
+                self.weighted.merge(other.weighted)
             if self.pooled is not None:
                 self.pooled += other.pooled
         self.count = self.count + other.count
@@ -238,12 +271,15 @@ class MeanState:
         self._flush()
         part = MeanState.__new__(MeanState)
         part._waiting, part._waiting_rows = [], 0
+        part._outliers, part._outlier_bytes = [], 0
         part.sum, part.count = self.sum[g], int(self.count[g])
         part.sumsq = None if self.sumsq is None else self.sumsq[g]
         part.prediction, part.latent = self.prediction, self.latent
         part.directions, part.pooled = self.directions, self.pooled
         part.zsums = part.fit_cross = part.fit_sum = part.fit_squares = None
         part.fit_count = part.count
+        part.weighted, part._groups = None if self.weighted is None else \
+            self.weighted.group(g), None
         if self.zsums is not None:
             part.zsums, part.fit_cross = self.zsums.group(g), self.fit_cross.group(g)
             part.fit_sum, part.fit_squares = self.fit_sum[g], self.fit_squares[g]

@@ -52,11 +52,12 @@ class Reducer:
         self.state = self.new_state()
         self.z = z  # the covariates (engine/covariates.py), joined per batch
         self.bad = NonFinite()  # items with NaN or inf activations
-        # An assisted mean's residual variance is fitted on at most FIT_ROWS items.
-        self.fit = None
+        # An assisted mean's fit rows (at most FIT_ROWS) and their weights (engine/leverage.py).
+        self.fit = self.weights = None
         if z is not None and isinstance(self.state, MeanState):
-            self.fit = fit_rows(None if self.codes is None else self.codes.numpy(),
-                                len(self.items))
+            codes = None if self.codes is None else self.codes.numpy()
+            self.fit = fit_rows(codes, len(self.items))
+            self.weights = plan.row_weights(self.keys, codes, self.fit)
 
     @property
     def states(self) -> dict:
@@ -69,17 +70,17 @@ class Reducer:
     def take(self, rows: torch.Tensor, idx: np.ndarray) -> None:
         """Reduce the view's rows of items ``idx`` (sorted, all among the plan's items)."""
         values = self.view.finish(rows.detach())
-        codes = fit = None
-        if self.codes is not None or self.fit is not None:
+        codes, fitting = None, {}  # a mean's fit rows and their weights among these
+        if self.codes is not None or self.fit is not None or self.weights is not None:
             positions = np.searchsorted(self.items, idx)
             if self.codes is not None:
                 codes = self.codes[torch.from_numpy(positions)].to(values.device)
+            if self.weights is not None:
+                fitting["weights"] = torch.from_numpy(self.weights[positions])
             if self.fit is not None:
-                fit = torch.from_numpy(self.fit[positions])
-        z = None
-        if self.z is not None:
-            z = torch.from_numpy(self.z.rows(idx))
-        if self.state.update(values, codes, z, **({} if fit is None else {"fit": fit})):
+                fitting["fit"] = torch.from_numpy(self.fit[positions])
+        z = None if self.z is None else torch.from_numpy(self.z.rows(idx))
+        if self.state.update(values, codes, z, **fitting):
             return
         # Items whose activations hold NaN or inf: an average over them is NaN or inf and a
         # ranking is meaningless, so they are counted over the whole pass and reported.
@@ -123,6 +124,7 @@ class Reducer:
         part.items, part.wanted, part.keys = self.items[lo:hi], items, self.keys
         part.codes = None if self.codes is None else self.codes[lo:hi]
         part.fit = None if self.fit is None else self.fit[lo:hi]
+        part.weights = None if self.weights is None else self.weights[lo:hi]
         part.z = None if self.z is None else self.z.subset(items)
         part.state, part.bad = self.new_state(), NonFinite()
         return part
@@ -235,8 +237,7 @@ class Runner:
         return states
 
     def _from_profile(self, plan: Plan) -> dict:
-        """The states of a plan whose rows (or, for an ARGMAX, winners) the profile holds: no
-        forward pass."""
+        """The states of a plan whose rows (an ARGMAX: winners) the profile holds: no pass."""
         reducer = Reducer(plan)
         if plan.profile_rows is not None:
             reducer.take_rows(plan.profile_rows, plan.items, plan.items, self.batch_size)
@@ -268,8 +269,7 @@ class Runner:
         others out of memory. The rows kept are those that fit the budget all together."""
         outcomes: list = [None] * len(plans)
         store = self.activations
-        # plan position -> (Reducer over the rows held before the pass or None, Reducer fed by
-        # the pass, baseline Reducer or None)
+        # plan position -> (Reducer of rows held before the pass or None, the pass's, baseline's)
         work: dict[int, tuple] = {}
         reused: dict[int, dict] = {}  # plan position -> states an earlier query reduced
         kept: dict[str, tuple] = {}  # view key -> (View, items whose rows are kept)

@@ -13,7 +13,9 @@ import numpy as np
 from diagql.engine import extrapolation
 from diagql.engine.covariates import Covariates, for_view, once_per_profile
 from diagql.engine.groups import group_values
+from diagql.engine.leverage import row_weights
 from diagql.engine.prediction import BlockPrediction
+from diagql.engine.regression import RIDGE
 from diagql.engine.regression import directions as pooled_directions
 from diagql.language import ast
 from diagql.language.ast import predicate_text
@@ -84,6 +86,17 @@ class Plan:
     def from_profile(self) -> bool:
         """Whether the plan reads the profile instead of running the model."""
         return self.profile_rows is not None or self.profile_winners is not None
+
+    def row_weights(self, keys: list, codes: np.ndarray | None,
+                    fit: np.ndarray | None) -> np.ndarray | None:
+        """Each item's leverage weights (engine/leverage.py: nonzero on the fit rows' latent
+        outliers) for an assisted mean's fit: ``keys`` the group keys in code order, ``codes``
+        each item's, ``fit`` the fit rows (None: every item)."""
+        if self.covariates is None or self.covariate_means is None:
+            return None
+        p = self.prediction.p if self.prediction is not None else self.covariates.width
+        return row_weights(self.covariates.rows(self.items, p), codes,
+                           [self.covariate_means[key][:p] for key in keys], fit, RIDGE)
 
     def estimated_seconds(self) -> float:
         if self.from_profile:

@@ -25,8 +25,13 @@ The prior's σ²/ridge per slope is too small where the latent predicts a layer 
 show takes its place when larger (``shown_slopes``), and that second term is
 ridge²·Σₖ (eₖᵀA⁻¹δ)²·max(σ²/ridge, β̂ₖ²).
 
-Everything is computed from mergeable sums (``CrossSums``) streamed with the activations, so
-no sampled item's row is held.
+σ² is the residual variance with the fit's mean degrees-of-freedom correction. Where the pass
+fed the fit rows' leverage weights (a mean state's, as the Reducer does), the latent outliers'
+residuals, which the fit follows, are restored from their own leverage, in σ² and in the
+slope's noise (engine/leverage.py: ``restored``).
+
+Everything is computed from mergeable sums (``CrossSums``, ``WeightedSums``) streamed with the
+activations, so no sampled item's row is held.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from diagql.engine.leverage import restored
 
 # Chosen with the covariates' DIMS (engine/covariates.py): in whitened units, about the
 # information of 10 items per component, which keeps a slope fitted on a handful of items
@@ -145,6 +152,63 @@ class CrossSums:
         return part
 
 
+class WeightedSums:
+    """Weighted sums over some fit rows (engine/leverage.py: the outliers): for each of k weight
+    columns w, Σw, Σwv, Σwv², Σwz, Σwzzᵀ and Σwzvᵀ, v the values (or their block residual) and
+    z the latent covariates. Mergeable, float64; with ``groups=G`` a leading axis of G, as
+    ``CrossSums``; ``column(j)`` is one weight's sums (of one group's: ``group(g)`` first)."""
+
+    _FIELDS = ("w", "v", "vv", "z", "zz", "zv")
+
+    def __init__(self, p: int, n_neurons: int, k: int, groups: int | None = None):
+        lead = () if groups is None else (groups,)
+        self.w = torch.zeros(*lead, k, dtype=torch.float64)
+        self.v = torch.zeros(*lead, k, n_neurons, dtype=torch.float64)
+        self.vv = torch.zeros(*lead, k, n_neurons, dtype=torch.float64)
+        self.z = torch.zeros(*lead, k, p, dtype=torch.float64)
+        self.zz = torch.zeros(*lead, k, p, p, dtype=torch.float64)
+        self.zv = torch.zeros(*lead, k, p, n_neurons, dtype=torch.float64)
+
+    def add(self, z: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
+            codes: torch.Tensor | None = None) -> None:
+        """Rows' latent covariates (rows × p, float64, CPU), their weights (rows × k, float64,
+        CPU), their values (rows × neurons, float64, on any device) and group codes."""
+        if codes is None:
+            self._add((), z, weights, values)
+            return
+        for g, part in _runs(codes.cpu()):
+            self._add(g, z[part], weights[part], values[part])
+
+    def _add(self, g, z, weights, values) -> None:
+        device = values.device
+        w = weights.to(device)
+        self.w[g] += weights.sum(dim=0)
+        self.v[g] += (w.T @ values).cpu()
+        self.vv[g] += (w.T @ (values * values)).cpu()
+        self.z[g] += weights.T @ z
+        self.zz[g] += torch.einsum("ik,ip,iq->kpq", weights, z, z)
+        k, p = weights.shape[1], z.shape[1]
+        spread = (weights[:, :, None] * z[:, None, :]).reshape(len(z), k * p)
+        self.zv[g] += (spread.to(device).T @ values).reshape(k, p, -1).cpu()
+
+    def merge(self, other: WeightedSums) -> WeightedSums:
+        for name in self._FIELDS:
+            getattr(self, name).add_(getattr(other, name))
+        return self
+
+    def group(self, g: int) -> WeightedSums:
+        return self._part(g)
+
+    def column(self, j: int) -> WeightedSums:
+        return self._part(j)
+
+    def _part(self, index: int) -> WeightedSums:
+        part = WeightedSums.__new__(WeightedSums)
+        for name in self._FIELDS:
+            setattr(part, name, getattr(self, name)[index])
+        return part
+
+
 def _runs(codes: torch.Tensor):
     """(group, its rows) for each group present among ``codes``: an index of the rows in
     order, or a slice when they are one run (a sorted batch's, or a single group's)."""
@@ -170,6 +234,8 @@ class RowSums:
     total: np.ndarray
     squares: np.ndarray | None
     cross: CrossSums
+    # The outlier rows' weighted sums (engine/leverage.py: row_weights), when the pass had them.
+    weighted: WeightedSums | None = None
 
 
 @dataclass(frozen=True)
@@ -332,12 +398,17 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
         sigma2 = np.maximum(rss, 0.0) / (m - 1) * inflate
         u = A_inv @ delta
         noise = float(u @ S @ u)  # the shrunk slope's sampling variance, per unit σ²
+        slope_noise = sigma2 * noise
+        if g.fit_rows.weighted is not None:  # the outliers' residuals, restored (leverage.py)
+            sigma2, slope_noise = restored(
+                g.fit_rows.weighted, sigma2, noise, m * inflate / (m - 1), m,
+                g.fit_rows.total / m, g.fit_rows.cross.z.numpy() / m, B_fit)
         fpc = max(g.population - g.n, 0) / max(g.population, 1)
         # What the shrinkage may leave of the selection's bias, ridge·uᵀβ: the slope's prior
         # (each direction's β² at σ²/ridge) or its size the fit rows show, the larger.
         prior = np.maximum(sigma2[None, :] / ridge, shown_slopes(evals, along, sigma2, ridge))
         bias2 = ridge ** 2 * ((evecs.T @ u) ** 2 @ prior)
-        out[key] = Fitted(mean, np.sqrt(sigma2 * (fpc / g.n + noise) + bias2), m - 1)
+        out[key] = Fitted(mean, np.sqrt(sigma2 * fpc / g.n + slope_noise + bias2), m - 1)
     return out
 
 
