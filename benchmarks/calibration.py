@@ -1,8 +1,9 @@
 """Are the accuracy estimates honest? Estimated against actual error, for every sampler.
 (SIMILARITY's sampled CKA and its interval: benchmarks/calibration_similarity.py.)
 
-    python benchmarks/calibration.py [--model demo|resnet] [--sizes 0.05 0.1 0.2] [--seeds 2]
-                                     [--samplers random maxmargin ...] [--layers conv1 ...]
+    python benchmarks/calibration.py [--model demo|resnet|bottleneck] [--sizes 0.05 0.1 0.2]
+                                     [--seeds 2] [--samplers random maxmargin ...]
+                                     [--layers conv1 ...]
 
 For every layer × class × {correct, incorrect} combination with at least 2 matching sampled
 items, each sampler, size and seed, and each estimator (assisted: the default, engine/
@@ -12,7 +13,8 @@ TOPK-10 query's expected precision against its actual precision (mean of each, a
 correlation over queries), and the expected against the actual cosine and JS distances. The
 estimates come from diagql.engine.estimate on the same aggregate states the engine builds (with
 the covariates' sums); the exact answers from all matching items. ``resnet`` is
-benchmarks/second_model.py's CNN.
+benchmarks/second_model.py's CNN; ``bottleneck`` benchmarks/bottleneck_model.py's untrained MLP
+(its body layers by default).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from diagql import samplers
 from diagql.engine import estimate, extrapolation, planner
 from diagql.engine.aggregates import ArgmaxState, MeanState, rank
 from diagql.engine.covariates import for_view
+from diagql.engine.leverage import row_weights
+from diagql.engine.regression import RIDGE
 from diagql.evaluate.bind import default_layers
 from diagql.language.binder import layers_before
 from diagql.model.views import View
@@ -44,9 +48,19 @@ def connect(model: str):
         import diagql
 
         return diagql.demo(progress=False)
+    if model == "bottleneck":
+        import bottleneck_model
+
+        return bottleneck_model.connect(progress=False)
     import second_model
 
     return second_model.connect(progress=False)
+
+
+def bottleneck_layers() -> list:
+    import bottleneck_model
+
+    return bottleneck_model.LAYERS
 
 
 def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
@@ -88,10 +102,13 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                                        prediction=prediction)
                 hist_state = ArgmaxState(values.shape[1], covariates=z.width,
                                          prediction=prediction)
-                mean_state.update(values, z=zc)
-                hist_state.update(values, z=zc)
                 population = len(combo.items)
                 z_pop = z.means(combo.items, None, {None: population})
+                # Each row's leverage weights, as the engine's Reducer gives them.
+                p = z.width if prediction is None else prediction.p
+                weights = row_weights(z.rows(chosen, p), None, [z_pop[None][:p]], None, RIDGE)
+                mean_state.update(values, z=zc, weights=torch.from_numpy(weights))
+                hist_state.update(values, z=zc)
                 winner_shares = planner.winner_shares(
                     profile.winners_of(View(db.catalog[combo.layer])), combo.items, None,
                     {None: population}, values.shape[1])
@@ -110,8 +127,9 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                         fit_hist)
                     avg = estimate.for_mean(mean_state, population, np.arange(len(answer)),
                                             None, uniform, fit_mean)
-                    top = rank(answer, K)
-                    topk = estimate.for_mean(mean_state, population, top, K, uniform, fit_mean)
+                    k = min(K, len(answer))  # TOPK 3 of a 3-wide bottleneck, as DiagQL asks
+                    top = rank(answer, k)
+                    topk = estimate.for_mean(mean_state, population, top, k, uniform, fit_mean)
                     arg = estimate.for_argmax(hist_state, population, uniform, fit_hist)
                     inside = (avg.ci_low <= exact_mean) & (exact_mean <= avg.ci_high)
                     se = (estimate._plain_se(mean_state, population) if fit_mean is None
@@ -192,7 +210,7 @@ def summarize(label: str, rows: list[dict]) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["demo", "resnet"], default="demo")
+    parser.add_argument("--model", choices=["demo", "resnet", "bottleneck"], default="demo")
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--samplers", nargs="+", default=list(samplers.REGISTRY))
@@ -201,7 +219,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     db = connect(args.model)
-    layers = args.layers or default_layers(db)
+    layers = args.layers or (bottleneck_layers() if args.model == "bottleneck" else
+                             default_layers(db))
     print(f"{args.model}: layers {', '.join(layers)}; {args.seeds} seeds\n{HEADER}")
     verdicts, dumped = [], {}
     for name in args.samplers:

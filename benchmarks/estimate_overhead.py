@@ -9,7 +9,8 @@
 batches of 250, best of 5, the forms alternating: no covariates (the plain estimator), the
 latent's on every row (a small sample), and as a large sample's pass makes them (pooled
 products on the groups' directions, σ²'s sums on the fit rows), without and with a block
-prediction and GROUP BY; against conv1 run on 5,000 items.
+prediction and GROUP BY, with the fit rows' leverage weights (engine/leverage.py) and without;
+against conv1 run on 5,000 items.
 
 Over bigdata.py's items (the demo's model, or ``--model resnet``: second_model.py's
 ResNet-style CNN, layers stem and block1 by default), each sample query with each estimator,
@@ -41,6 +42,7 @@ from bigdata import (
 
 from diagql.engine.aggregates import MeanState
 from diagql.engine.executor import Reducer
+from diagql.engine.leverage import row_weights
 from diagql.engine import regression
 from diagql.engine.prediction import BlockPrediction, fit_rows
 from diagql.model.auxiliaries import Auxiliary
@@ -158,8 +160,9 @@ def states_cost(width: int, n: int = 5000, batch: int = 250, k: int = 64, p: int
     codes = torch.from_numpy(rng.integers(0, 10, size=n))
     prediction = BlockPrediction(Auxiliary("x", "x", mean, basis, z[:, p:].float().numpy(), n), p)
 
-    def assisted(block: bool, grouped: bool):
-        """As the Reducer makes it: the pooled products' directions and the fit rows."""
+    def assisted(block: bool, grouped: bool, leverage: bool = True):
+        """As the Reducer makes it: the pooled products' directions, the fit rows and their
+        leverage weights (``leverage=False``: none, σ² as before engine/leverage.py)."""
         group_codes = codes.numpy() if grouped else None
         means = [rng.standard_normal(p) * 0.3 for _ in range(10 if grouped else 1)]
         directions = regression.directions(latent.numpy(), group_codes, means)
@@ -167,26 +170,32 @@ def states_cost(width: int, n: int = 5000, batch: int = 250, k: int = 64, p: int
         state = MeanState(width, groups=10 if grouped else None,
                           covariates=p + k if block else p,
                           prediction=prediction if block else None, directions=directions)
-        return state, (z if block else latent), fit
+        weights = row_weights(latent.numpy(), group_codes, means, fit, regression.RIDGE) \
+            if leverage else None
+        return state, (z if block else latent), fit, weights
 
-    forms = {"plain: no covariates": lambda: (MeanState(width), None, None),
-             "plain, 10 groups": lambda: (MeanState(width, groups=10), None, None),
+    forms = {"plain: no covariates": lambda: (MeanState(width), None, None, None),
+             "plain, 10 groups": lambda: (MeanState(width, groups=10), None, None, None),
              "latent, every row (small samples)": lambda: (MeanState(width, covariates=p),
-                                                           latent, None),
+                                                           latent, None, None),
              "latent, pooled + fit rows": lambda: assisted(False, False),
              "block, pooled + fit rows": lambda: assisted(True, False),
-             "block, 10 groups, pooled + fit rows": lambda: assisted(True, True)}
+             "block, pooled + fit rows, no leverage": lambda: assisted(True, False, False),
+             "block, 10 groups, pooled + fit rows": lambda: assisted(True, True),
+             "block, 10 groups, fit rows, no leverage": lambda: assisted(True, True, False)}
     best = dict.fromkeys(forms, float("inf"))
     for _ in range(5):
         for name, make in forms.items():
-            state, covariates, fit = make()
+            state, covariates, fit, weights = make()
             grouped = state.sum.dim() == 2
             started = time.perf_counter()
             for start in range(0, n, batch):
                 part = slice(start, start + batch)
+                fitting = {} if fit is None else {"fit": torch.from_numpy(fit[part])}
+                if weights is not None:
+                    fitting["weights"] = torch.from_numpy(weights[part])
                 state.update(rows[part], codes[part] if grouped else None,
-                             None if covariates is None else covariates[part],
-                             **({} if fit is None else {"fit": torch.from_numpy(fit[part])}))
+                             None if covariates is None else covariates[part], **fitting)
             best[name] = min(best[name], time.perf_counter() - started)
     model = demo_model()
     x = torch.from_numpy(rng.random((n, 1, 28, 28), dtype=np.float32))
