@@ -285,7 +285,8 @@ def test_a_stratified_samples_plain_estimate_is_not_called_uniform(db, mlp, digi
 
 def test_the_expected_cosine_is_the_fresh_draws_mean_to_its_monte_carlo_precision():
     """The expected cosine distance is the mean over the first m draws of the fixed
-    generator's normals, m the first of 32, 64, 128, 256 at which the mean's Monte Carlo
+    generator's normals around the answer shrunk to |mean|² − Σse², m the first of 32, 64,
+    128, 256 at which the mean's Monte Carlo
     standard error is within 1% of it: recomputed here with a fresh generator and numpy, for
     a wide layer (few draws suffice), a narrow one (all 256) and the wide one again after the
     narrow one, so that the kept stream is read as a prefix."""
@@ -302,9 +303,10 @@ def test_the_expected_cosine_is_the_fresh_draws_mean_to_its_monte_carlo_precisio
         got = estimate.for_mean(state, 1000, np.arange(width), None, True)
         se = estimate._constant_floor(estimate._plain_se(state, 1000), 20)
         normals = np.random.default_rng(20200101).standard_normal((256, width))
+        truth = mean * np.sqrt(max(1 - (se ** 2).sum() / (mean ** 2).sum(), 0.0))
         for m in (32, 64, 128, 256):
-            draws = mean + normals[:m] * se
-            cos = 1 - (draws @ mean) / (np.linalg.norm(draws, axis=1) * np.linalg.norm(mean))
+            draws = truth + normals[:m] * se
+            cos = 1 - (draws @ truth) / (np.linalg.norm(draws, axis=1) * np.linalg.norm(truth))
             if m == 256 or cos.std(ddof=1) / np.sqrt(m) <= 0.01 * cos.mean():
                 break
         used.append(m)
@@ -381,3 +383,21 @@ def test_intervals_stay_in_the_range_their_module_can_give():
     assert "±" in str(relu).split("1[1]")[1].split("\n")[0]  # the live units' stay symmetric
     sigmoid = db.query("AVG NEURONS IN 3 WHERE class = 1 USING SAMPLE random(0.02)")
     assert (sigmoid.estimate.ci_low >= 0).all() and (sigmoid.estimate.ci_high <= 1).all()
+
+
+def test_the_expected_cosine_matches_the_actual_where_the_noise_rivals_the_means():
+    """Answers m̂ = m + N(0, se²) of truths whose means are small beside their noise (a
+    BatchNorm's class means): the expected cosine distance from each answer and its standard
+    errors, averaged, against the actual distances of the same answers. Drawn around the answer
+    itself it came out about half the actual (its norm is the truth's plus the noise's)."""
+    from diagql.engine import estimate
+    from diagql.results.metrics import COSINE
+
+    rng = np.random.default_rng(7)
+    for signal in (0.5, 1.0, 3.0):
+        truth = rng.standard_normal(64) * signal
+        se = np.full(64, 1.0)
+        answers = truth + rng.standard_normal((200, 64)) * se
+        actual = COSINE.rows(answers, np.broadcast_to(truth, answers.shape)).mean()
+        expected = np.mean([estimate.expected_cosine(a, se) for a in answers])
+        assert expected == pytest.approx(actual, rel=0.15)

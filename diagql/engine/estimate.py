@@ -266,11 +266,19 @@ def _monte_carlo(distances: Callable[[int], np.ndarray]) -> float:
 
 
 def expected_cosine(mean: np.ndarray, se: np.ndarray) -> float:
-    """E[cosine distance] between the answer ``mean`` and draws from N(mean, se²), each neuron
-    independent (``_monte_carlo`` over the kept normal stream)."""
+    """E[cosine distance] between an answer and the truth it estimates, each neuron's error
+    independent N(0, se²) (``_monte_carlo`` over the kept normal stream): answers drawn around
+    a plausible truth, the answer ``mean`` shrunk to the squared norm |mean|² − Σse², the
+    unbiased estimate of the truth's (0 where the noise holds it all). Drawn around the answer
+    itself, whose norm its noise inflates, the distance came out 0.50-0.76x the actual on
+    layers whose class means are small beside their items' spread (a BatchNorm's, a
+    LayerNorm's; benchmarks/README.md, "twenty-second session")."""
+    norm2, noise2 = float(mean @ mean), float(se @ se)
+    truth = mean * np.sqrt(max(1.0 - noise2 / norm2, 0.0)) if norm2 > 0 else mean
+
     def distances(m: int) -> np.ndarray:
-        draws = mean + _standard_normals(m, len(mean)) * se
-        return COSINE.rows(np.broadcast_to(mean, draws.shape), draws)
+        draws = truth + _standard_normals(m, len(mean)) * se
+        return COSINE.rows(draws, np.broadcast_to(truth, draws.shape))
     return _monte_carlo(distances)
 
 
