@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from diagql.engine.leverage import WEIGHTS
 from diagql.engine.regression import CrossSums, RowSums, WeightedSums
 from diagql.model.winners import row_argmax
 
@@ -96,13 +97,15 @@ class MeanState:
         self.zsums = self.fit_cross = self.fit_sum = self.fit_squares = None
         self.fit_count = self.count
         self.directions = self.pooled = None
-        # The outlier fit rows' weighted sums (engine/leverage.py), made when weights come.
-        self.weighted, self._groups = None, groups
+        # The outlier fit rows' weighted sums (engine/leverage.py); fed no weights, they stay 0
+        # and change nothing.
+        self.weighted = None
         self._waiting, self._waiting_rows = [], 0  # fit rows not yet summed (``_hold``)
         self._outliers, self._outlier_bytes = [], 0  # outlier rows not yet summed
         if covariates:
             self.zsums = CrossSums(covariates, 0, groups, gram_rows=self.latent)
             self.fit_cross = CrossSums(self.latent, n_neurons, groups)
+            self.weighted = WeightedSums(self.latent, n_neurons, WEIGHTS, groups)
             self.fit_sum = torch.zeros(shape, dtype=torch.float64)
             self.fit_squares = torch.zeros(shape, dtype=torch.float64)
             if directions is not None:
@@ -228,9 +231,6 @@ class MeanState:
     def _add_outliers(self, latent, weights, wide, codes) -> None:
         """Keep a piece's outlier fit rows (nonzero weight) until _OUTLIER_BYTES gather: a few
         rows a flush, each group's apart, cost GROUP BY a fifth more in small products."""
-        if self.weighted is None:
-            self.weighted = WeightedSums(self.latent, wide.shape[1], weights.shape[1],
-                                         self._groups)
         rows = torch.nonzero(weights[:, 0] > 0).flatten()
         if len(rows):
             self._outliers.append((latent[rows], weights[rows], wide[rows.to(wide.device)],
@@ -257,10 +257,7 @@ class MeanState:
             self.fit_sum += other.fit_sum
             self.fit_squares += other.fit_squares
             self.fit_count = self.fit_count + other.fit_count
-            if self.weighted is None:
-                self.weighted = other.weighted
-            elif other.weighted is not None:
-                self.weighted.merge(other.weighted)
+            self.weighted.merge(other.weighted)
             if self.pooled is not None:
                 self.pooled += other.pooled
         self.count = self.count + other.count
@@ -278,8 +275,7 @@ class MeanState:
         part.directions, part.pooled = self.directions, self.pooled
         part.zsums = part.fit_cross = part.fit_sum = part.fit_squares = None
         part.fit_count = part.count
-        part.weighted, part._groups = None if self.weighted is None else \
-            self.weighted.group(g), None
+        part.weighted = None if self.weighted is None else self.weighted.group(g)
         if self.zsums is not None:
             part.zsums, part.fit_cross = self.zsums.group(g), self.fit_cross.group(g)
             part.fit_sum, part.fit_squares = self.fit_sum[g], self.fit_squares[g]

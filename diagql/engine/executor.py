@@ -16,7 +16,6 @@ from diagql.engine.aggregates import MeanState, state_for
 from diagql.engine.answers import assemble, require_matches
 from diagql.engine.nonfinite import REFUSED, NonFinite
 from diagql.engine.planner import Plan
-from diagql.engine.prediction import fit_rows
 from diagql.errors import ExecutionError
 from diagql.model.forward import call_model, to_device
 from diagql.model.hooks import Hooks, StopForward, evaluation
@@ -55,9 +54,7 @@ class Reducer:
         # An assisted mean's fit rows (at most FIT_ROWS) and their weights (engine/leverage.py).
         self.fit = self.weights = None
         if z is not None and isinstance(self.state, MeanState):
-            codes = None if self.codes is None else self.codes.numpy()
-            self.fit = fit_rows(codes, len(self.items))
-            self.weights = plan.row_weights(self.keys, codes, self.fit)
+            self.fit, self.weights = plan.fit, plan.leverage
 
     @property
     def states(self) -> dict:

@@ -38,6 +38,8 @@ _MAX_LEVERAGE = 1.0 - 1e-3
 # 1.30x the actual); these left the demo's and the ResNet's calibration as it was
 # (benchmarks/README.md, "twenty-second session").
 _OUTLIER_FROM, _OUTLIER_AT = 2.0, 4.0
+# ``row_weights``' columns: 1, c, c·(uᵀz̃)²·share, (uᵀz̃)²·share.
+WEIGHTS = 4
 
 
 def row_weights(z: np.ndarray, codes: np.ndarray | None, population_z: list,
@@ -56,7 +58,7 @@ def row_weights(z: np.ndarray, codes: np.ndarray | None, population_z: list,
     groups = len(population_z)
     codes = np.zeros(n, np.int64) if codes is None else np.asarray(codes, np.int64)
     fit = np.ones(n, dtype=bool) if fit is None else np.asarray(fit, dtype=bool)
-    out = np.zeros((n, 4))
+    out = np.zeros((n, WEIGHTS))
     if n == 0:
         return out
     fit_codes = codes[fit]
@@ -67,9 +69,7 @@ def row_weights(z: np.ndarray, codes: np.ndarray | None, population_z: list,
     mean_h = np.bincount(fit_codes, weights=h, minlength=groups) / np.maximum(fit_counts, 1)
     ratio = h / mean_h[fit_codes]
     power = 1.0 + np.clip((ratio - _OUTLIER_FROM) / (_OUTLIER_AT - _OUTLIER_FROM), 0.0, 1.0)
-    counts, means, centred = _centred(z, codes, groups)
-    deltas = np.asarray(population_z, dtype=np.float64).reshape(groups, p) - means
-    u = np.linalg.solve(centred.T @ centred + ridge * np.eye(p), deltas.T).T  # groups × p
+    counts, centred, u = corrections(z, codes, population_z, ridge)
     moved = np.einsum("ip,ip->i", centred, u[codes]) ** 2
     every = np.bincount(codes, weights=moved, minlength=groups)
     on_fit = np.bincount(fit_codes, weights=moved[fit], minlength=groups)
@@ -83,6 +83,20 @@ def row_weights(z: np.ndarray, codes: np.ndarray | None, population_z: list,
     scaled = moved[rows] * share[codes[rows]]
     out[rows] = np.stack([np.ones(len(rows)), own, own * scaled, scaled], axis=1)
     return out
+
+
+def corrections(z: np.ndarray, codes: np.ndarray, population_z: list, ridge: float) -> tuple:
+    """(each group's row count, the rows centred on their group's mean, each group's
+    correction direction u = (S + ridge)⁻¹(z̄_U,g − z̄_g), groups × p, 0 for a group with no
+    row): S the rows' group-centred cross-product, z̄_U,g ``population_z[g]``. The pooled
+    slope's directions are their span (regression.directions), and u weighs a row's part in
+    the slope's noise (``row_weights``)."""
+    groups, p = len(population_z), z.shape[1]
+    counts, means, centred = _centred(z, codes, groups)
+    deltas = np.asarray(population_z, dtype=np.float64).reshape(groups, p) - means
+    u = np.linalg.solve(centred.T @ centred + ridge * np.eye(p), deltas.T).T
+    u[counts == 0] = 0.0
+    return counts, centred, u
 
 
 def restored(sums, sigma2: np.ndarray, noise: float, kappa: float, m: int, vbar: np.ndarray,

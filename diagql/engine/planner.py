@@ -14,7 +14,7 @@ from diagql.engine import extrapolation
 from diagql.engine.covariates import Covariates, for_view, once_per_profile
 from diagql.engine.groups import group_values
 from diagql.engine.leverage import row_weights
-from diagql.engine.prediction import BlockPrediction
+from diagql.engine.prediction import BlockPrediction, fit_rows
 from diagql.engine.regression import RIDGE
 from diagql.engine.regression import directions as pooled_directions
 from diagql.language import ast
@@ -59,6 +59,11 @@ class Plan:
     # A mean's pooled slope directions (p × d, engine/regression.py: Pooled): what its pass
     # streams the values against on every sampled row, one direction per group at most.
     directions: np.ndarray | None = None
+    # A mean's fit rows among ``items`` (engine/prediction.py: fit_rows; None: every one) and
+    # each item's leverage weights (n × 4, nonzero on the fit rows' latent outliers:
+    # engine/leverage.py), made once here for every Reducer of the plan.
+    fit: np.ndarray | None = None
+    leverage: np.ndarray | None = None
     # Every item's rows of the view, when the profile holds them (the latent or the logits):
     # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
     profile_rows: np.ndarray | None = None
@@ -86,17 +91,6 @@ class Plan:
     def from_profile(self) -> bool:
         """Whether the plan reads the profile instead of running the model."""
         return self.profile_rows is not None or self.profile_winners is not None
-
-    def row_weights(self, keys: list, codes: np.ndarray | None,
-                    fit: np.ndarray | None) -> np.ndarray | None:
-        """Each item's leverage weights (engine/leverage.py: nonzero on the fit rows' latent
-        outliers) for an assisted mean's fit: ``keys`` the group keys in code order, ``codes``
-        each item's, ``fit`` the fit rows (None: every item)."""
-        if self.covariates is None or self.covariate_means is None:
-            return None
-        p = self.prediction.p if self.prediction is not None else self.covariates.width
-        return row_weights(self.covariates.rows(self.items, p), codes,
-                           [self.covariate_means[key][:p] for key in keys], fit, RIDGE)
 
     def estimated_seconds(self) -> float:
         if self.from_profile:
@@ -215,13 +209,16 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     layer = bound.view.layer
     prediction = chosen.prediction(layer.channels if bound.view.channels else None,
                                    channels_last=layer.layout == CHANNELS_LAST)
-    directions = None
+    directions = fit = leverage = None
     if query.aggregate != "argmax":
         p = prediction.p if prediction is not None else z.width
         unique, codes = (np.array([None]), None) if plan.group_keys is None else \
             np.unique(plan.group_keys, return_inverse=True)  # as the Reducer's codes
-        directions = pooled_directions(z.rows(items, p), None if codes is None else
-                                       codes.reshape(-1), [means[k][:p] for k in unique.tolist()])
+        codes = None if codes is None else codes.reshape(-1)
+        rows, population_z = z.rows(items, p), [means[k][:p] for k in unique.tolist()]
+        directions = pooled_directions(rows, codes, population_z)
+        fit = fit_rows(codes, len(items))
+        leverage = row_weights(rows, codes, population_z, fit, RIDGE)
     widening = None
     check = None if query.aggregate == "argmax" else \
         extrapolation.check_for(profile, bound.view.layer.name, chosen)
@@ -236,7 +233,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                prediction=prediction, estimator_text=text,
                                neighbour=None if chosen.neighbour is None else
                                chosen.neighbour.layer,
-                               widening=widening, directions=directions)
+                               widening=widening, directions=directions, fit=fit,
+                               leverage=leverage)
 
 
 # The covariates' means over every item, or a WHERE's matching items (by their digest), per

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.engine.leverage import restored
+from diagql.engine.leverage import corrections, restored
 
 # Chosen with the covariates' DIMS (engine/covariates.py): in whitened units, about the
 # information of 10 items per component, which keeps a slope fitted on a handful of items
@@ -279,16 +279,9 @@ def directions(z: np.ndarray, codes: np.ndarray | None, population_z: list,
     p = z.shape[1]
     if p == 0 or len(z) == 0:
         return np.zeros((p, 0))
-    codes = np.zeros(len(z), np.int64) if codes is None else np.asarray(codes)
-    counts = np.bincount(codes, minlength=len(population_z)).astype(np.float64)
-    sums = np.zeros((len(population_z), p))
-    np.add.at(sums, codes, z)
-    present = counts > 0
-    means = sums[present] / counts[present, None]
-    S = z.T @ z - (means.T * counts[present]) @ means
-    deltas = np.asarray([population_z[g] for g in np.flatnonzero(present)]) - means
-    U = np.linalg.solve(S + ridge * np.eye(p), deltas.T)  # p × groups
-    left, values, _ = np.linalg.svd(U, full_matrices=False)
+    codes = np.zeros(len(z), np.int64) if codes is None else np.asarray(codes, np.int64)
+    u = corrections(np.asarray(z, dtype=np.float64), codes, population_z, ridge)[2]
+    left, values, _ = np.linalg.svd(u.T, full_matrices=False)  # a group with no row: u = 0
     keep = values > 1e-12 * max(float(values.max(initial=0)), 1e-300)
     return left[:, keep]
 
