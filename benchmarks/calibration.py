@@ -141,7 +141,7 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                         # The assisted answers of a view the profile holds are exact
                         # (engine/covariates.py: _held), and so is an ARGMAX wherever the
                         # profile knows every item's winner: no estimate to calibrate.
-                        "exact": which == "assisted" and cov.held == "rows",
+                        "exact": which == "assisted" and cov.exact,
                         "exact_argmax": which == "assisted" and winner_shares is not None,
                         "coverage": float(np.mean(inside)),
                         "est_precision": topk.expected,
@@ -240,8 +240,9 @@ def main() -> None:
           "the same queries (their precision's own noise, drawn as the estimate models it);\n"
           "est cos / cosine, est JS / JS: expected vs actual distances.\n"
           "exact: queries answered exactly (assisted, on a view the profile holds: the latent,\n"
-          "the logits), left out of the other columns; est JS / JS also leave out the ARGMAX\n"
-          "queries whose every winner the profile knows (exact; nan: all of them were).\n"
+          "the logits, a block its directions span), left out of the other columns; est JS /\n"
+          "JS also leave out the ARGMAX queries whose every winner the profile knows (exact;\n"
+          "nan: all of them were).\n"
           "* the plain estimator of a non-uniform sampler: DiagQL shows no estimate for it.")
     print("\ntargets (assisted): coverage 0.90-0.98, |est prec - precision| <= 0.03, "
           "corr >= 0.85, est cos and est JS within 25% of the actual")

@@ -350,10 +350,11 @@ def test_growth_on_a_fast_model_stops_within_a_few_rounds():
     items; it stops once the next round would cost what exact will (4-5 rounds, 0.3-0.7 s, where
     exact takes 0.2-0.3 s)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 80), torch.nn.ReLU(), torch.nn.Linear(80, 3))
     X, y = torch.randn(200_000, 4), torch.randint(0, 3, (200_000,))
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
-    # Layer 0 (the profile holds layer 1's rows, which need no growth).
+    # Layer 0 (the profile holds layer 1's rows, which need no growth; 80 wide, layer 0 is
+    # wider than its block directions, which would hold its rows too).
     result = conn.query("AVG NEURONS IN 0 USING SAMPLE random(2000) UNTIL width <= 0.0000001")
     growth = result.provenance.growth
     assert growth.stop == "exact cheaper" and len(growth.sizes) <= 5, growth.sizes

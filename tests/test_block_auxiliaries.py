@@ -800,3 +800,65 @@ def test_a_wrapped_models_layer_is_predicted_from_its_own_block():
     assert "inner.fc's" in answer.plan.estimator_text
     for g, part in answer.groups.items():
         np.testing.assert_allclose(part.values, fc[y == g].mean(dim=0).numpy(), atol=1e-4)
+
+
+def test_a_block_its_directions_span_is_answered_exactly_with_no_pass(db, cnn, digits):
+    """Layer 6 (a Linear 32 wide) keeps 32 directions: they span it, so every item's row is
+    the profile's to rebuild. A sample's AVG, TOPK and GROUP BY on it are the matching items'
+    exact means (plain torch), groups the sample holds none of included, with no forward
+    pass; an ARGMAX and a layer the directions do not span (2) still run the model."""
+    X, y = digits
+    block = db.profile.auxiliary('["6"]')
+    assert block is not None and block.basis.shape == (32, 32) and block.spans
+    assert not db.profile.auxiliary('["2"]').spans
+    rows = _rows(cnn, X, 7)
+    matching = np.flatnonzero(db.profile.labels == 3)
+    exact = rows[matching].mean(axis=0)
+    query = "AVG NEURONS IN 6 WHERE class = 3 USING SAMPLE random(0.05, random_state=2)"
+    result = db.query(query)  # the first query of a connection probes the model once
+    calls = []  # a pass that stops at its layer never returns from the model: pre-hooks
+    hook = cnn.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        db.query("AVG NEURONS IN 6 USING SAMPLE random(0.1, random_state=5)")
+        top = db.query("TOPK 4 NEURONS IN 6 WHERE class = 3 USING SAMPLE random(0.05)")
+        grouped = db.query("AVG NEURONS IN 6 GROUP BY class USING SAMPLE random(0.005)")
+        assert not calls
+        db.query("AVG NEURONS IN 2 USING SAMPLE random(0.6, random_state=11)")  # not cached
+        assert calls
+        calls.clear()
+        db.query("ARGMAX NEURONS IN 6 WHERE correct USING SAMPLE random(0.05)")
+    finally:
+        hook.remove()
+    assert 2 <= len(result.plan.items) < len(matching)
+    np.testing.assert_allclose(result.values, exact, rtol=1e-5, atol=1e-6)
+    assert result.estimate.exact and result.estimate.expected == 0.0
+    np.testing.assert_array_equal(top.neurons, np.argsort(-exact, kind="stable")[:4])
+    missed = set(range(10)) - set(y.numpy()[grouped.plan.items].tolist())
+    assert missed and set(grouped.groups) == set(range(10))
+    for c, group in grouped.groups.items():
+        np.testing.assert_allclose(group.values, rows[y.numpy() == c].mean(axis=0),
+                                   rtol=1e-5, atol=1e-6)
+    plan = dict(db.query("EXPLAIN " + query).plan.explain())
+    assert plan["forward"].startswith("none: the rows of 6 are rebuilt from all 32")
+    assert "exact" in plan["estimator"] and "span the layer" in plan["estimator"]
+    # The plain estimator keeps the sample's own mean, read from the same rebuilt rows.
+    db.execute("SET estimator = plain")
+    try:
+        plain = db.query(query)
+    finally:
+        db.execute("SET estimator = assisted")
+    np.testing.assert_allclose(plain.values, rows[plain.plan.items].mean(axis=0), **F32)
+
+
+def test_another_models_spanned_block_is_not_rebuilt_from_this_profile(cnn, digits):
+    """Model b's layer 6 planned on model a's profile: a's directions span a's rows, not
+    b's, so b's query runs b and is estimated, not read from a's projections."""
+    from tests.models import build_cnn
+
+    X, y = digits
+    b = build_cnn(seed=3)
+    db = diagql.connect({"a": cnn, "b": b}, (X, y), cache_dir=False, progress=False)
+    other = db.query("AVG NEURONS IN b.6 USING SAMPLE random(0.2)")
+    assert not other.plan.from_profile and not other.estimate.exact
+    np.testing.assert_allclose(db.query("AVG NEURONS IN a.6 USING SAMPLE random(0.2)").values,
+                               _rows(cnn, X, 7).mean(axis=0), rtol=1e-5, atol=1e-6)

@@ -45,9 +45,10 @@ SAMPLED = "TOPK 3 NEURONS IN fc1 WHERE incorrect USING SAMPLE stratified(0.3)"
 class Tiny(nn.Module):
     def __init__(self, slope: float = 0.01):
         super().__init__()
-        self.fc1 = nn.Linear(6, 8)
+        # fc1 wider than its block's 64 directions, which would rebuild its rows with no pass.
+        self.fc1 = nn.Linear(6, 80)
         self.act = nn.LeakyReLU(slope)
-        self.fc2 = nn.Linear(8, 3)
+        self.fc2 = nn.Linear(80, 3)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))

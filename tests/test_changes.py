@@ -14,10 +14,10 @@ import diagql
 from diagql.errors import DiagQLWarning
 
 
-def _world(seed: int = 0):
+def _world(seed: int = 0, width: int = 16):
     torch.manual_seed(seed)
     X, y = torch.randn(400, 10), torch.randint(0, 4, (400,))
-    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    model = nn.Sequential(nn.Linear(10, width), nn.ReLU(), nn.Linear(width, 4)).eval()
     return model, X, y
 
 
@@ -453,7 +453,8 @@ def test_an_ablation_hook_is_seen_in_session_and_keys_its_own_cache_entries(tmp_
 
 
 def test_a_hook_that_counts_or_records_is_not_a_change(tmp_path):
-    model, X, y = _world()
+    # Layer 0 wider than its block's 64 directions, which would rebuild its rows with no pass.
+    model, X, y = _world(width=80)
     db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
     db.query("AVG NEURONS IN 0")
     profile = db.profile

@@ -892,9 +892,10 @@ def test_a_token_the_head_reads_is_answered_from_the_profiles_latent(position):
     # item from its own row, so the answer is every matching item's mean.
     np.testing.assert_allclose(result.values, rows[y == 1].mean(0).numpy(), atol=1e-5)
     assert len(sampled) == result.estimate.n
-    # Another token of the same layer is not the latent: it runs the model.
+    # Another token of the same layer is not the latent (its rows are rebuilt from its own
+    # directions, which span the 8 units: not the latent's).
     other = 1 if position == 0 else 0
-    assert "none: the rows" not in str(conn.query(
+    assert "the profile's latent" not in str(conn.query(
         f"EXPLAIN AVG NEURONS IN norm TOKEN {other} USING SAMPLE random(0.3)"))
 
 

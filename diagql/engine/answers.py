@@ -163,7 +163,8 @@ def _unsampled(plan: Plan, population: int, key) -> Result:
 def _held(plan: Plan, key) -> np.ndarray | None:
     """A group's exact means (AVG, TOPK BY MEAN) when the assisted plan predicts each item
     by its own row, which the profile holds for every item (the latent, the logits:
-    engine/covariates.py, ``_held``); None otherwise."""
+    engine/covariates.py, ``_held``; a block its directions span: ``Chosen.exact``); None
+    otherwise."""
     prediction, means = plan.prediction, plan.covariate_means
     if not plan.approximate or plan.estimator != "assisted" or prediction is None \
             or means is None or key not in means or plan.query.aggregate == "argmax":

@@ -158,7 +158,8 @@ class Chosen:
     latent_dims: int  # p: the first columns, the latent's
     auxiliary: Auxiliary | None  # the view's block projections: the last k columns
     # The auxiliary is made from the view's rows the profile holds (``_held``): "rows" (each
-    # item's own row) or "components" (a wide view's directions).
+    # item's own row) or "components" (a wide view's directions); or it is the view's block
+    # projections and spans the view (``Auxiliary.spans``): "spanned", each item's row rebuilt.
     held: str | None = None
     # A view with no block projections of its own: the nearest block's (``nearest_block``),
     # whose major directions are covariates (after the latent's) and whose minor ones check
@@ -183,7 +184,14 @@ class Chosen:
         if self.alias is not None and self.alias.channels is not None:
             channels, channels_last = self.alias.channels, self.alias.channels_last
         return BlockPrediction(self.auxiliary, self.latent_dims, channels,
-                               own_rows=self.held == "rows", channels_last=channels_last)
+                               own_rows=self.exact, channels_last=channels_last,
+                               rebuilt=self.held == "spanned")
+
+    @property
+    def exact(self) -> bool:
+        """Whether each item's own row predicts it (held, or rebuilt from directions that span
+        the view): the matching items' means are then known, not estimated."""
+        return self.held in ("rows", "spanned")
 
     def describe(self, profile: Profile) -> str:
         """What the assisted estimator fits on, for EXPLAIN."""
@@ -202,6 +210,10 @@ class Chosen:
                     f"principal components kept by the profile pass (the layer equals {a.layer}'s "
                     f"{what} on the items they were fitted on), the residual fitted on {latent}")
         held = f"{a.layer} channel means" if json.loads(a.key)[1:] == ["CHANNELS"] else a.layer
+        if self.held == "spanned":
+            return (f"assisted: exact, the means computed from every matching item's row, "
+                    f"rebuilt from all {a.basis.shape[1]} of {a.layer}'s principal components "
+                    f"kept by the profile pass (they span the layer)")
         if self.held == "rows":  # answers.py: ``_held``
             return (f"assisted: exact, the means computed from every matching item's own row "
                     f"(the profile holds every item's {held})")
@@ -251,7 +263,9 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
             return Chosen(Covariates((z, major)), z.shape[1], None, neighbour=near,
                           encloses=encloses, last=last)
         return Chosen(Covariates((z,)), z.shape[1], None)
-    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary)
+    # Directions that span the view hold every item's row (of this model's own profile only).
+    return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary,
+                  "spanned" if own and auxiliary.spans else None)
 
 
 # A view in no block of its own is fitted on the nearest block's leading projections beside the

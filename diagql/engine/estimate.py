@@ -356,8 +356,8 @@ def _normal_rows(columns: int):
 def held(means: np.ndarray, n: int, population: int, reported: np.ndarray,
          k: int | None) -> Estimate:
     """AVG (k None) or TOPK BY MEAN of a view whose every row the profile holds (the latent,
-    the logits): its means are computed from every matching item, however few (``n``) the
-    sample holds: exact."""
+    the logits, a block its directions span): its means are computed from every matching
+    item, however few (``n``) the sample holds: exact."""
     if k is None:
         return Estimate(COVERS_HELD, True, LEVEL, n, population, ci_low=means,
                         ci_high=means.copy(), metric=COSINE, expected=0.0,

@@ -20,6 +20,7 @@ from diagql.engine.regression import directions as pooled_directions
 from diagql.language import ast
 from diagql.language.ast import predicate_text
 from diagql.language.binder import BoundQuery
+from diagql.model.auxiliaries import Rebuilt
 from diagql.model.profile import Profile
 from diagql.model.views import CHANNELS_LAST
 
@@ -64,9 +65,10 @@ class Plan:
     # engine/leverage.py), made once here for every Reducer of the plan.
     fit: np.ndarray | None = None
     leverage: np.ndarray | None = None
-    # Every item's rows of the view, when the profile holds them (the latent or the logits):
-    # the plan reads its items' rows there and runs no forward pass. What they are, for EXPLAIN.
-    profile_rows: np.ndarray | None = None
+    # Every item's rows of the view, when the profile holds them (the latent or the logits; a
+    # sample's, rebuilt from block directions that span the view): the plan reads its items'
+    # rows there and runs no forward pass. What they are, for EXPLAIN.
+    profile_rows: np.ndarray | Rebuilt | None = None
     profile_what: str = ""
     # Every item's winner of the view, when the profile pass kept them (model/winners.py) and
     # the query is an ARGMAX: its states are counted from them, with no forward pass.
@@ -229,6 +231,13 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                         lambda: extrapolation.widening(check, z, items, keys, matching,
                                                        population, means))
         text += f"; checked on {check.what}: " + extrapolation.describe(widening)
+    if chosen.held == "spanned" and query.aggregate != "argmax":
+        # Each sampled item's row rebuilt from the block's directions, read as the latent's
+        # are: no pass (an ARGMAX's winners would follow the rebuilt rows' rounding).
+        k = chosen.auxiliary.basis.shape[1]
+        plan = dataclasses.replace(plan, profile_rows=Rebuilt(chosen.auxiliary),
+                                   profile_what=f"rebuilt from all {k} of its principal "
+                                                f"components kept by the profile pass")
     return dataclasses.replace(plan, estimator=estimator, covariates=z, covariate_means=means,
                                prediction=prediction, estimator_text=text,
                                neighbour=None if chosen.neighbour is None else

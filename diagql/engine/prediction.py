@@ -65,7 +65,7 @@ class BlockPrediction:
     """ŷ = mean + basis @ z_b, z_b the covariates' columns after the first ``latent_dims``."""
 
     def __init__(self, auxiliary: Auxiliary, latent_dims: int, channels: int | None = None,
-                 own_rows: bool = False, channels_last: bool = False):
+                 own_rows: bool = False, channels_last: bool = False, rebuilt: bool = False):
         self.layer = auxiliary.layer
         self.mean = auxiliary.mean.astype(np.float64)
         self.basis = auxiliary.basis.astype(np.float64)  # (neurons, k)
@@ -79,10 +79,13 @@ class BlockPrediction:
                 self.basis = self.basis.reshape(channels, -1, k).mean(axis=1)
         self.p = latent_dims
         # ``own_rows``: a view the profile holds is its own auxiliary (engine/covariates.py:
-        # _held): its z_b is the row, ŷ = row, and a group's exact mean is ``held_mean``.
+        # _held), or ``rebuilt`` from block directions that span it: ŷ = row, and a group's
+        # exact mean is ``held_mean``.
         self.own_rows = own_rows
         # What predicts the items, for the estimate's line (results/render.py).
-        self.predictor = (f"each item's own {self.layer} row, held by the profile" if own_rows
+        self.predictor = (f"each item's {self.layer} row, rebuilt from all its principal "
+                          f"components" if rebuilt else
+                          f"each item's own {self.layer} row, held by the profile" if own_rows
                           else f"{self.layer}'s principal components")
         self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
 
@@ -145,8 +148,9 @@ class BlockPrediction:
 
     def held_mean(self, population_z: np.ndarray) -> np.ndarray | None:
         """The matching items' exact mean per neuron, μ + V z̄_b,U, when each item's own row
-        predicts it (``own_rows``: z_b is the row, V the identity or a CHANNELS view's mean of
-        it); None otherwise (principal components predict, the residual is estimated)."""
+        predicts it (``own_rows``: z_b is the row, V the identity, a CHANNELS view's mean of
+        it, or directions that span it); None otherwise (principal components predict, the
+        residual is estimated)."""
         if not self.own_rows:
             return None
         return self.mean + self.basis @ population_z[self.p:]

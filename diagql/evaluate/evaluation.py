@@ -309,9 +309,9 @@ def _score(bound, indices, answers, exact, valid, groups, position, context) -> 
             onehot[np.arange(len(rows)), a.winners[rows_at[part]]] = 1.0
             fit_share[row] = shares(corrected_mean(onehot, z[:, :p], z_means[v][:p]))
         # A group the sample misses, whose query the profile answers all the same: a view it
-        # holds (the latent, the logits: every item's own row) exactly, an ARGMAX from every
-        # item's winner. Scored as the worst, they had set a sampler that misses a group
-        # below one that hits it where both answer exactly (S3 0.300 against 0).
+        # holds (the latent, the logits, a spanned block: every item's own row) exactly, an
+        # ARGMAX from every item's winner. Scored as the worst, they had set a sampler that
+        # misses a group below one that hits it where both answer exactly (S3 0.300 against 0).
         held = prediction is not None and prediction.own_rows
         fit_mean = _with_missed(fit_mean, hit, exact[layer.name][0] if held else None)
         fit_share = _with_missed(fit_share, hit, exact_shares)

@@ -51,6 +51,31 @@ class Auxiliary:
     z: np.ndarray  # (N, k) float32: every item's projection basisᵀ(y − mean)
     fitted_on: int  # items the directions were fitted on
 
+    @property
+    def spans(self) -> bool:
+        """Whether the directions span the whole view (a block no wider than DIMS, fitted on
+        at least as many items): every item's row is then mean + basis @ z, to float32
+        rounding, and the profile holds it as surely as the latent's (``Rebuilt``)."""
+        width, k = self.basis.shape
+        return k >= width
+
+
+class Rebuilt:
+    """Every item's rows of a view its block's directions span (``Auxiliary.spans``), read as
+    an array of them is: ``rows[items]`` or ``rows[a:b]`` gives mean + z[items] @ basisᵀ,
+    float32, made for the rows asked for only (the N × width whole is never held)."""
+
+    def __init__(self, auxiliary: Auxiliary):
+        self.auxiliary = auxiliary
+        self.shape = (len(auxiliary.z), auxiliary.basis.shape[0])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, items) -> np.ndarray:
+        a = self.auxiliary
+        return a.mean + a.z[items] @ a.basis.T
+
 
 def blocks(model: torch.nn.Module, catalog, n: int = 0) -> list[View]:
     """The views of the model's blocks (``_views``): its top-level children that hold parameters,
