@@ -298,6 +298,35 @@ def test_one_small_cell_s_intervals_carry_the_bias_the_ridge_leaves():
     assert sandwich_covered / total < 0.90, sandwich_covered / total
 
 
+def test_a_neuron_constant_over_the_sample_gets_the_constant_floor_not_rounding():
+    """Neurons constant over every sampled item at a nonzero float32 value (a conv's bias where
+    every sampled image is blank), which 3% of the matching items leave: the fit follows them
+    to rounding, and their standard errors must be 0, not ~1e-15, so that the constant floor
+    gives the items not drawn their rule-of-three spread. Before, those intervals were ~1e-13
+    wide and missed every such neuron's exact mean."""
+    from diagql.engine.estimate import _constant_floor
+
+    rng = np.random.default_rng(3)
+    N, p, d, n = 2000, 4, 12, 60
+    Z = rng.standard_normal((N, p))
+    Y = Z @ rng.standard_normal((p, d)) + rng.standard_normal((N, d))
+    flat = np.arange(0, d, 3)  # a constant bias, from float32 as a layer's rows come
+    Y[:, flat] = np.float32(0.37123)
+    picked = np.sort(rng.choice(N, size=n, replace=False))
+    rest = np.setdiff1d(np.arange(N), picked)
+    fires = rng.choice(rest, size=60, replace=False)
+    Y[np.ix_(fires, flat)] += 2.0
+    fitted = assisted({0: of_rows(Y[picked], Z[picked], N, Z.mean(axis=0))})[0]
+    assert np.all(fitted.se[flat] == 0.0)
+    varying = np.setdiff1d(np.arange(d), flat)
+    assert np.all(fitted.se[varying] > 1e-3)
+    se = _constant_floor(fitted.se, n)
+    truth = Y.mean(axis=0)
+    error = np.abs(fitted.mean - truth)
+    np.testing.assert_allclose(fitted.mean[flat], np.float32(0.37123), rtol=1e-9)
+    assert np.all(error[flat] <= stats.t.ppf(0.975, n - 1) * se[flat])
+
+
 @pytest.mark.parametrize("prior_alone", [False, True], ids=["shown", "prior-alone"])
 def test_slopes_larger_than_the_ridge_assumes_are_carried_by_the_intervals(prior_alone,
                                                                              monkeypatch):

@@ -401,8 +401,20 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
         # (each direction's β² at σ²/ridge) or its size the fit rows show, the larger.
         prior = np.maximum(sigma2[None, :] / ridge, shown_slopes(evals, along, sigma2, ridge))
         bias2 = ridge ** 2 * ((evecs.T @ u) ** 2 @ prior)
-        out[key] = Fitted(mean, np.sqrt(sigma2 * fpc / g.n + slope_noise + bias2), m - 1)
+        se = np.sqrt(sigma2 * fpc / g.n + slope_noise + bias2)
+        # A neuron constant over the fit rows, which the fit follows to rounding (a conv's
+        # bias where every sampled image is blank): its shown slope was rounding too, and its
+        # se ~1e-15 had escaped the constant floor (estimate._constant_floor) that gives the
+        # items not drawn their rule-of-three spread (conv1.0 covered 0.71, where 0.92).
+        scale = ROUNDING * m * (g.fit_rows.total / m) ** 2
+        out[key] = Fitted(mean, np.where((fsvv <= scale) & (rss <= scale), 0.0, se), m - 1)
     return out
+
+
+# The centred sum of squares over m rows, per m·v̄², at or below which a neuron's values are
+# one constant to float rounding (a relative spread of 1e-6; float64 sums of a float32
+# constant leave ~1e-16).
+ROUNDING = 1e-12
 
 
 def shown_slopes(evals: np.ndarray, along: np.ndarray, sigma2: np.ndarray,
