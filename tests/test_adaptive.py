@@ -156,8 +156,10 @@ def test_auto_prices_the_draw_by_the_classes_the_labels_hold(monkeypatch):
                         lambda self, n, k, d: asked.append(k) or 0.0)
     torch.manual_seed(0)
     X, y = torch.randn(3000, 6), torch.arange(3000) % 10
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(),
-                                torch.nn.Linear(16, 1000)).eval()
+    # Layer 0 wider than its block's 64 directions (a sample would rebuild its rows: no draw
+    # priced).
+    model = torch.nn.Sequential(torch.nn.Linear(6, 80), torch.nn.ReLU(),
+                                torch.nn.Linear(80, 1000)).eval()
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     assert conn.profile.n_classes == 1000
     conn.query("AVG NEURONS IN 0 USING AUTO")

@@ -822,6 +822,7 @@ def test_a_block_its_directions_span_is_answered_exactly_with_no_pass(db, cnn, d
         db.query("AVG NEURONS IN 6 USING SAMPLE random(0.1, random_state=5)")
         top = db.query("TOPK 4 NEURONS IN 6 WHERE class = 3 USING SAMPLE random(0.05)")
         grouped = db.query("AVG NEURONS IN 6 GROUP BY class USING SAMPLE random(0.005)")
+        auto = db.query("AVG NEURONS IN 6 WHERE class = 3 USING AUTO")  # not exact's pass
         assert not calls
         db.query("AVG NEURONS IN 2 USING SAMPLE random(0.6, random_state=11)")  # not cached
         assert calls
@@ -833,6 +834,8 @@ def test_a_block_its_directions_span_is_answered_exactly_with_no_pass(db, cnn, d
     np.testing.assert_allclose(result.values, exact, rtol=1e-5, atol=1e-6)
     assert result.estimate.exact and result.estimate.expected == 0.0
     np.testing.assert_array_equal(top.neurons, np.argsort(-exact, kind="stable")[:4])
+    assert "AUTO chose a sample: every item's rows of 6 are rebuilt" in auto.plan.choice
+    np.testing.assert_allclose(auto.values, exact, rtol=1e-5, atol=1e-6)
     missed = set(range(10)) - set(y.numpy()[grouped.plan.items].tolist())
     assert missed and set(grouped.groups) == set(range(10))
     for c, group in grouped.groups.items():

@@ -231,9 +231,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                         lambda: extrapolation.widening(check, z, items, keys, matching,
                                                        population, means))
         text += f"; checked on {check.what}: " + extrapolation.describe(widening)
-    if chosen.held == "spanned" and query.aggregate != "argmax":
-        # Each sampled item's row rebuilt from the block's directions, read as the latent's
-        # are: no pass (an ARGMAX's winners would follow the rebuilt rows' rounding).
+    if _rebuilds(chosen, query):
         k = chosen.auxiliary.basis.shape[1]
         plan = dataclasses.replace(plan, profile_rows=Rebuilt(chosen.auxiliary),
                                    profile_what=f"rebuilt from all {k} of its principal "
@@ -315,6 +313,26 @@ def profile_winners(bound: BoundQuery, profile: Profile) -> np.ndarray | None:
     if bound.query.aggregate != "argmax":
         return None
     return profile.winners_of(bound.view)
+
+
+def _rebuilds(chosen, query: ast.Query) -> bool:
+    """Whether a sample plan reads each sampled item's row rebuilt from its block's directions,
+    which span the view (``Chosen.held``), as the latent's are read: no pass, and the assisted
+    answer is exact. Not an ARGMAX, whose winners would follow the rebuilt rows' rounding, nor
+    a maximum, which has no assisted answer."""
+    return chosen.held == "spanned" and query.aggregate != "argmax" and \
+        not (query.aggregate == "topk" and query.order == "max")
+
+
+def rebuilt_from_profile(bound: BoundQuery, profile: Profile) -> str | None:
+    """What makes an assisted sample's answer to this query of the profile's own model exact
+    with no forward pass (``_rebuilds``), for USING AUTO; None when nothing does."""
+    chosen = for_view(profile, bound.view.key, before=bound.before,
+                      held_key=bound.view.held_key)
+    if not _rebuilds(chosen, bound.query):
+        return None
+    return (f"every item's rows of {bound.layer.name} are rebuilt from its "
+            f"{chosen.auxiliary.basis.shape[1]} principal components in the profile")
 
 
 def held_rows(view) -> str:

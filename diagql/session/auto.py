@@ -80,11 +80,19 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
     """The bound query with AUTO's sampler (None: exact), why, and the seconds spent drawing
     the sampler's sample to choose (0 when it was drawn before). ``src``: the statement's
     models (``statements.Sources``)."""
-    from diagql.engine.planner import answered_from_profile
+    from diagql.engine.planner import answered_from_profile, rebuilt_from_profile
 
     reason = answered_from_profile(bound, profile) if src.own else None
     if reason is not None:
         return bound, f"AUTO chose exact: {reason}, so the exact answer needs no forward pass", 0.0
+    rebuilt = rebuilt_from_profile(bound, profile) \
+        if src.own and conn.settings.estimator == "assisted" else None
+    if rebuilt is not None:  # a sample's answer is exact, where exact would run the model
+        sampler = default_sampler(conn, profile)
+        sample, fresh = src.sampling.artifacts.get_sample(sampler)
+        return dataclasses.replace(bound, sampler=sampler), (
+            f"AUTO chose a sample: {rebuilt}, so the {sampler.spec()} sample's answer is "
+            f"exact and needs no forward pass"), (sample.seconds if fresh else 0.0)
     if bound.query.aggregate == "topk" and bound.query.order == "max":
         # A sample's maximum is biased low and carries no estimate (engine/answers.py): a
         # sample was chosen here with no word of its accuracy (a sweep: precision 0.2 against
