@@ -401,3 +401,34 @@ def test_the_expected_cosine_matches_the_actual_where_the_noise_rivals_the_means
         actual = COSINE.rows(answers, np.broadcast_to(truth, answers.shape)).mean()
         expected = np.mean([estimate.expected_cosine(a, se) for a in answers])
         assert expected == pytest.approx(actual, rel=0.15)
+
+
+def test_an_expected_cosine_draws_a_constant_neuron_by_its_expected_shift_not_its_bound():
+    """A neuron constant over n sampled items is given an interval floor of 3/n of the
+    layer's spread (a 95% bound on the share that fires unseen). An expected distance draws it
+    by the share's mean square given that none of n fired, under a uniform prior: checked
+    here by simulation, 2/((n+2)(n+3)). With half the neurons constant, the expected cosine
+    is the one drawn at that spread, not at the bound."""
+    from diagql.engine import estimate
+    from diagql.engine.aggregates import MeanState
+
+    rng = np.random.default_rng(5)
+    n = 8
+    q = rng.random(2_000_000)
+    unseen = rng.binomial(n, q) == 0  # none of the n sampled items fired
+    assert np.mean(q[unseen] ** 2) == pytest.approx(2 / ((n + 2) * (n + 3)), rel=0.02)
+
+    rows = rng.standard_normal((n, 40)) + 3.0
+    rows[:, ::2] = np.float32(0.25)  # constant over the sample
+    state = MeanState(40)
+    state.update(torch.from_numpy(rows))
+    got = estimate.for_mean(state, 500, np.arange(40), None, True)
+    se = rows.std(axis=0, ddof=1) / np.sqrt(n) * np.sqrt((500 - n) / 499)
+    typical = np.median(se[1::2]) * np.sqrt(n)
+    bound = np.where(se > 0, se, 3 / n * typical)
+    np.testing.assert_allclose(got.ci_high - got.ci_low, 2 * stats.t.ppf(0.975, n - 1) * bound,
+                               rtol=1e-9)
+    shift = np.where(se > 0, se, np.sqrt(2 / ((n + 2) * (n + 3))) * typical)
+    mean = rows.mean(axis=0)
+    assert got.expected == pytest.approx(estimate.expected_cosine(mean, shift), rel=1e-9)
+    assert got.expected < 0.8 * estimate.expected_cosine(mean, bound)
