@@ -822,7 +822,9 @@ def test_a_block_its_directions_span_is_answered_exactly_with_no_pass(db, cnn, d
         db.query("AVG NEURONS IN 6 USING SAMPLE random(0.1, random_state=5)")
         top = db.query("TOPK 4 NEURONS IN 6 WHERE class = 3 USING SAMPLE random(0.05)")
         grouped = db.query("AVG NEURONS IN 6 GROUP BY class USING SAMPLE random(0.005)")
-        auto = db.query("AVG NEURONS IN 6 WHERE class = 3 USING AUTO")  # not exact's pass
+        # AUTO's default sample drawn (not priced against a pass): it is taken, not a pass.
+        db.query("AVG NEURONS IN 6 WHERE class = 3 USING SAMPLE maxmargin")
+        auto = db.query("AVG NEURONS IN 6 WHERE class = 3 USING AUTO")
         assert not calls
         db.query("AVG NEURONS IN 2 USING SAMPLE random(0.6, random_state=11)")  # not cached
         assert calls
@@ -843,6 +845,8 @@ def test_a_block_its_directions_span_is_answered_exactly_with_no_pass(db, cnn, d
                                    rtol=1e-5, atol=1e-6)
     plan = dict(db.query("EXPLAIN " + query).plan.explain())
     assert plan["forward"].startswith("none: the rows of 6 are rebuilt from all 32")
+    assert "profile pass checked" not in plan["forward"]  # no rows of it were compared
+    assert "of 6 span it and rebuild every item's 6" in " ".join(to_text(result).split())
     assert "exact" in plan["estimator"] and "span the layer" in plan["estimator"]
     # The plain estimator keeps the sample's own mean, read from the same rebuilt rows.
     db.execute("SET estimator = plain")

@@ -125,7 +125,10 @@ class Plan:
         if layer.call:  # one call of a module that runs several times per pass
             hook = (f"{layer.module}, read at its call {layer.call} of {layer.calls} "
                     f"({layer.shape_text()}{axis}); the pass stops once that call has run")
-        if self.profile_rows is not None:
+        if isinstance(self.profile_rows, Rebuilt):  # no rows compared: their directions span
+            rows.append(("forward", f"none: the {held_rows(view)} are {self.profile_what}, "
+                                    f"for {len(self.items):,} items"))
+        elif self.profile_rows is not None:
             rows.append(("forward", f"none: the {held_rows(view)} are {self.profile_what} "
                                     f"(equal for every item, as the profile pass checked), read "
                                     f"from the profile for {len(self.items):,} items"))

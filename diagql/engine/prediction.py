@@ -82,6 +82,7 @@ class BlockPrediction:
         # _held), or ``rebuilt`` from block directions that span it: ŷ = row, and a group's
         # exact mean is ``held_mean``.
         self.own_rows = own_rows
+        self.rebuilt = rebuilt
         # What predicts the items, for the estimate's line (results/render.py).
         self.predictor = (f"each item's {self.layer} row, rebuilt from all its principal "
                           f"components" if rebuilt else

@@ -255,6 +255,11 @@ def estimate_line(result) -> Text | None:
             return Text("exact, from a sample: the profile keeps every item's winner of "
                         f"{result.layer}, so the shares are counted, not estimated", style="dim")
         held = f"{result.layer} channel means" if result.unit == "channels" else result.layer
+        prediction = getattr(result.plan, "prediction", None)
+        if prediction is not None and prediction.rebuilt:  # engine/planner.py: ``_rebuilds``
+            return Text(f"exact, from a sample: the principal components the profile keeps of "
+                        f"{result.layer} span it and rebuild every item's {held}, so the means "
+                        "are computed from all matching items, not estimated", style="dim")
         return Text(f"exact, from a sample: the profile holds every item's {held}, so "
                     "the means are computed from all matching items, not estimated", style="dim")
     value = math.fsum(e.expected for e in reliable) / len(reliable)

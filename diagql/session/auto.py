@@ -87,12 +87,18 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
         return bound, f"AUTO chose exact: {reason}, so the exact answer needs no forward pass", 0.0
     rebuilt = rebuilt_from_profile(bound, profile) \
         if src.own and conn.settings.estimator == "assisted" else None
-    if rebuilt is not None:  # a sample's answer is exact, where exact would run the model
+    if rebuilt is not None:  # a sample's answer is exact: only the draw costs, if not drawn
         sampler = default_sampler(conn, profile)
-        sample, fresh = src.sampling.artifacts.get_sample(sampler)
+        artifacts = src.sampling.artifacts
+        cheaper, weighed = pass_or_draw(conn, sampler, profile,
+                                        int(matching(bound.query, profile).sum()), artifacts,
+                                        pass_layers(bound, src.own))
+        if cheaper is not None:
+            return bound, f"AUTO chose exact: {cheaper}", 0.0
+        sample, fresh = artifacts.get_sample(sampler)
         return dataclasses.replace(bound, sampler=sampler), (
             f"AUTO chose a sample: {rebuilt}, so the {sampler.spec()} sample's answer is "
-            f"exact and needs no forward pass"), (sample.seconds if fresh else 0.0)
+            f"exact and needs no forward pass{weighed}"), (sample.seconds if fresh else 0.0)
     if bound.query.aggregate == "topk" and bound.query.order == "max":
         # A sample's maximum is biased low and carries no estimate (engine/answers.py): a
         # sample was chosen here with no word of its accuracy (a sweep: precision 0.2 against
