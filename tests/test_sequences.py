@@ -1060,6 +1060,47 @@ def test_a_sample_of_a_sequence_blocks_other_token_views_is_predicted_by_their_o
         assert answer.estimate.widened is None
 
 
+class _TokenBlock(nn.Module):
+    """An embedding, then a per-token MLP block (a sequence block with layers inside), its
+    mean over the tokens read by the head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(16)
+        self.embed = nn.Embedding(12, 8)
+        self.block = nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.block(self.embed(ids)).mean(1))
+
+
+def test_a_layer_inside_a_sequence_block_is_fitted_on_the_blocks_view_of_its_reduction():
+    """A layer inside a sequence block whose other token views the profile keeps is fitted
+    on (and checked against) the block's view of its own reduction: ``block.1 TOKENS MAX``
+    on ``block TOKENS MAX``. It had taken the block's first view kept, whichever that was
+    (a transformer layer's TOKENS MAX under vas(0.05) covered 0.10-0.14, under maxmargin
+    0.45-0.50, fitted on its encoder's TOKEN -1: benchmarks/README.md, "twenty-third
+    session"). A reduction the block keeps no view of takes its first, the default."""
+    import json
+
+    from diagql.engine import covariates
+
+    X = torch.randint(0, 12, (300, 6), generator=torch.Generator().manual_seed(16))
+    conn = diagql.connect(_TokenBlock().eval(), (X, torch.randint(0, 3, (300,))),
+                          cache_dir=False, progress=False)
+    profile = conn.profile
+    kept = [key for key, name in profile.auxiliaries.names if name == "block"]
+    assert len(kept) == 4
+    for view in ("TOKENS MEAN", "TOKEN -1", "TOKENS MAX", "TOKEN 0"):
+        chosen = covariates.for_view(profile, json.dumps(["block.1", view]),
+                                     before=("embed", "block", "block.0"))
+        assert chosen.neighbour.key == json.dumps(["block", view]) and chosen.encloses
+    chosen = covariates.for_view(profile, json.dumps(["block.1", "TOKEN 2"]),
+                                 before=("embed", "block", "block.0"))
+    assert chosen.neighbour.key == kept[0]
+
+
 def test_the_other_token_views_auxiliaries_fit_their_budget_from_the_last_block_back():
     from diagql.model import auxiliaries
 

@@ -252,7 +252,8 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
     if target is not None:
         return Chosen(Covariates((z, target.z)), z.shape[1], target, alias=alias)
     if auxiliary is None:
-        near, encloses = nearest_block(profile, json.loads(view_key)[0], before) if own \
+        near, encloses = nearest_block(profile, json.loads(view_key)[0], before,
+                                       tuple(json.loads(view_key)[1:])) if own \
             else (None, False)
         if near is not None and near.z.shape[1] >= 4:  # at least two fitted, two checking
             major = once_per_profile(_WHITENED, (id(profile), near.key), profile,
@@ -294,8 +295,8 @@ def whitened(z: np.ndarray) -> np.ndarray:
     return out
 
 
-def nearest_block(profile: Profile, layer: str,
-                  before: tuple[str, ...]) -> tuple[Auxiliary | None, bool]:
+def nearest_block(profile: Profile, layer: str, before: tuple[str, ...],
+                  reduction: tuple = ()) -> tuple[Auxiliary | None, bool]:
     """The block nearest to a layer that is none, and whether it encloses the layer: the
     layer's own block in its default view (a GRU's ``TOKEN -1`` beside its mean over
     tokens), or the innermost block enclosing it (a layer inside a block: ``conv1.0``), else
@@ -303,22 +304,30 @@ def nearest_block(profile: Profile, layer: str,
     after its Linear), or the outermost block enclosing that one (a pooling after a residual
     stage reads the stage's output, not its shortcut's, registered last: the ResNet's pool
     and hidden.0 under vas had been fitted on ``block2.skip``, cosine 1.1e-3 and 5.1e-4 to
-    the exact answer, 4.1e-4 and 7.6e-5 on ``block2``)."""
-    inside = [(key, name) for key, name in profile.auxiliaries.names
+    the exact answer, 4.1e-4 and 7.6e-5 on ``block2``). Of a sequence block's views, the one
+    of the query's ``reduction`` (View.key's after the layer) where the profile kept it, else
+    its first (a layer inside a transformer's encoder read at ``TOKENS MAX`` on the encoder's
+    ``TOKENS MAX``: it had taken whichever view came first, its ``TOKEN -1``)."""
+    names = profile.auxiliaries.names
+
+    def view_of(block: str) -> str:
+        keys = [key for key, name in names if name == block]
+        return next((key for key in keys if tuple(json.loads(key)[1:]) == tuple(reduction)),
+                    keys[0])
+
+    inside = [name for _, name in names
               if layer == name or layer.startswith(name + ".")]  # == : another view of it
     if inside:
-        key = max(inside, key=lambda named: len(named[1]))[0]
-        return profile.auxiliary(key), True
+        return profile.auxiliary(view_of(max(inside, key=len))), True
     position = {name: i for i, name in enumerate(before)}
-    earlier = [(position[name], name, key) for key, name in profile.auxiliaries.names
-               if name in position]
+    earlier = [(position[name], name) for _, name in names if name in position]
     if not earlier:
         return None, False
-    _, name, key = max(earlier)
-    for _, outer, outer_key in earlier:  # any order: each ancestor found climbs further
+    _, name = max(earlier)
+    for _, outer in earlier:  # any order: each ancestor found climbs further
         if name.startswith(outer + "."):
-            name, key = outer, outer_key
-    return profile.auxiliary(key), False
+            name = outer
+    return profile.auxiliary(view_of(name)), False
 
 
 def _held(rows: np.ndarray | None, view_key: str) -> tuple[Auxiliary, str] | None:
