@@ -255,7 +255,7 @@ def estimate_line(result) -> Text | None:
             return Text("exact, from a sample: the profile keeps every item's winner of "
                         f"{result.layer}, so the shares are counted, not estimated", style="dim")
         held = f"{result.layer} channel means" if result.unit == "channels" else result.layer
-        prediction = getattr(result.plan, "prediction", None)
+        prediction = getattr(getattr(result, "plan", None), "prediction", None)
         if prediction is not None and prediction.rebuilt:  # engine/planner.py: ``_rebuilds``
             return Text(f"exact, from a sample: the principal components the profile keeps of "
                         f"{result.layer} span it and rebuild every item's {held}, so the means "
