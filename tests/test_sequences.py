@@ -594,6 +594,50 @@ def test_lengths_the_model_takes_leave_padding_per_batch_out():
     np.testing.assert_allclose(ones, own[1::2].mean(0).numpy(), **TOL)
 
 
+class _MaskedBlock(nn.Module):
+    """An embedding, a per-token block (a layer inside it), the mean over the real tokens
+    that ``attention_mask`` marks, read by the head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(17)
+        self.embed = nn.Embedding(20, 4, padding_idx=0)
+        self.block = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 6))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, input_ids, attention_mask):
+        mask = attention_mask.unsqueeze(-1).float()
+        return self.head((self.block(self.embed(input_ids)) * mask).sum(1) / mask.sum(1))
+
+
+def test_a_sequence_block_padded_per_batch_keeps_its_projections():
+    """Data padded per batch (a sequence's length changes with the batch): the block's token
+    views are rows of its hidden units all the same, so the profile keeps its projections. It
+    had kept none for such data (a BERT's and a GPT-2's layers), and a layer inside a block
+    was fitted on the latent alone. Here the block's 6 units are spanned: a sample's mean is
+    every matching item's own masked mean (plain torch), and block.0 is fitted on the block."""
+    torch.manual_seed(1)
+    items = [(torch.randint(1, 20, (2 + (i * 7) % 15,)), torch.tensor(i % 2)) for i in range(300)]
+
+    def collate(batch):
+        ids, lengths, y = _pad_ids(batch)
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+        return {"input_ids": ids, "attention_mask": mask}, y
+
+    model = _MaskedBlock().eval()
+    db = diagql.connect(model, DataLoader(items, batch_size=32, collate_fn=collate),
+                        cache_dir=False, progress=False)
+    assert db.catalog["block"].varies
+    assert "block" in {name for _, name in db.profile.auxiliaries.names}
+    with torch.no_grad():
+        own = torch.stack([model.block(model.embed(ids)).mean(0) for ids, _ in items]).double()
+    answer = db.query("AVG NEURONS IN block WHERE class = 1 USING SAMPLE random(0.1)")
+    assert answer.estimate.exact
+    np.testing.assert_allclose(answer.values, own[1::2].mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    inner = db.query("AVG NEURONS IN block.0 WHERE class = 1 USING SAMPLE random(0.1)")
+    assert inner.plan.neighbour == "block"
+
+
 class _TextConv(nn.Module):
     """Token ids (batch, length) through a Conv1d over (batch, channels, length): no mask."""
 

@@ -145,7 +145,12 @@ def _layer(catalog, name: str):
         layer = catalog[name]
     except (KeyError, TypeError):
         return None
-    if layer is None or layer.shape is None or layer.shared or layer.calls != 1 or layer.varies:
+    # A sequence's length may change with the batch (data padded per batch): its views reduce
+    # the tokens to one row of its hidden units all the same (a BERT's or GPT-2's layers,
+    # left out, had their inner layers fitted on the latent alone: covered 0.03-0.8 under
+    # gmm, vas and weighted; benchmarks/README.md, "twenty-third session").
+    if layer is None or layer.shape is None or layer.shared or layer.calls != 1 or \
+            (layer.varies and layer.layout != SEQUENCE):
         return None
     return layer
 
