@@ -638,6 +638,36 @@ def test_a_sequence_block_padded_per_batch_keeps_its_projections():
     assert inner.plan.neighbour == "block"
 
 
+def test_a_sequence_block_whose_padding_counts_keeps_no_projections():
+    """Padded per batch with no mask reaching the block: its rows depend on which items share
+    a batch, so there is no exact answer to rebuild (the profile pass's batches had answered
+    0.1059 where USING FULL's, over the matching items' own batches, answers 0.0960)."""
+    items = _ragged_ids() * 5
+
+    def collate(batch):
+        ids, _, y = _pad_ids(batch)
+        return {"input_ids": ids}, y
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(18)
+            self.embed = nn.Embedding(20, 4)
+            self.block = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, input_ids):
+            return self.head(self.block(self.embed(input_ids)).mean(1))
+
+    db = diagql.connect(Block().eval(), DataLoader(items, batch_size=16, collate_fn=collate),
+                        cache_dir=False, progress=False)
+    assert db.catalog["block"].batch_padded
+    assert "block" not in {name for _, name in db.profile.auxiliaries.names}
+    with pytest.warns(diagql.DiagQLWarning, match="its padding counts as tokens"):
+        answer = db.query("AVG NEURONS IN block.0 WHERE class = 1 USING SAMPLE random(0.2)")
+    assert not answer.estimate.exact
+
+
 class _TextConv(nn.Module):
     """Token ids (batch, length) through a Conv1d over (batch, channels, length): no mask."""
 

@@ -316,7 +316,7 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
                          f"are its {layer.shape[1]} hidden units; CHANNELS applies to conv maps, "
                          f"so use NEURONS (with TOKENS MEAN, TOKENS MAX, TOKEN n or TOKENS ALL)",
                          query.layer.span)
-        if layer.form == "tensor" and layer.varies and layer.mask == NO_MASK:
+        if layer.batch_padded and layer.mask == NO_MASK:
             warn(f"layer {name!r}: its sequence length changes with the batch "
                  f"(padded to each batch's longest item) and no padding mask reaches "
                  f"it, so its padding counts as tokens, and an item's answer depends "

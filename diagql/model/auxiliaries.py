@@ -146,11 +146,13 @@ def _layer(catalog, name: str):
     except (KeyError, TypeError):
         return None
     # A sequence's length may change with the batch (data padded per batch): its views reduce
-    # the tokens to one row of its hidden units all the same (a BERT's or GPT-2's layers,
-    # left out, had their inner layers fitted on the latent alone: covered 0.03-0.8 under
-    # gmm, vas and weighted; benchmarks/README.md, "twenty-third session").
+    # its real tokens to one row of its hidden units all the same (a BERT's or GPT-2's
+    # layers, left out, had their inner layers fitted on the latent alone: covered 0.03-0.8
+    # under gmm, vas and weighted; benchmarks/README.md, "twenty-third session"), but not
+    # where its padding counts, whose rows depend on the batch (a block's spanning them would
+    # call the profile pass's batches' answer exact).
     if layer is None or layer.shape is None or layer.shared or layer.calls != 1 or \
-            (layer.varies and layer.layout != SEQUENCE):
+            (layer.varies and (layer.layout != SEQUENCE or layer.batch_padded)):
         return None
     return layer
 

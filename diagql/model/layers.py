@@ -44,6 +44,14 @@ class LayerInfo:
         return self.call == 0 and self.calls > 1
 
     @property
+    def batch_padded(self) -> bool:
+        """Whether a sequence's length changes with the batch and its padding counts as tokens
+        (no mask reaches it, or one of another length): an item's rows then depend on which
+        items share its batch (the binder warns)."""
+        return self.layout == SEQUENCE and self.form == "tensor" and self.varies and \
+            (self.mask == NO_MASK or self.mask.startswith(UNFIT_MASK))
+
+    @property
     def neurons(self) -> int:
         """Neurons of the default view: a sequence's hidden units, else every element."""
         if self.shape is None:
