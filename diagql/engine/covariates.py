@@ -230,14 +230,17 @@ class Chosen:
 
 
 def for_view(profile: Profile, view_key: str, own: bool = True,
-             before: tuple[str, ...] = (), held_key: str | None = None) -> Chosen:
+             before: tuple[str, ...] = (), held_key: str | None = None,
+             rebuild: bool = True) -> Chosen:
     """The covariates of a sample query on the view with this key: the auxiliary nearest to
     it is the view's own block projections when the profile kept them, or its own rows when
     the profile holds them (``_held``; only if ``own``: the profile is the queried model's),
     else the nearest block's leading projections beside the latent (``nearest_block``;
     ``before``: the model's layers before this one, in order), else the latent alone.
     ``held_key``: the key its rows are held under when not ``view_key`` (View.held_key: a
-    map's channel means, which may be held where the map's block keeps projections)."""
+    map's channel means, which may be held where the map's block keeps projections).
+    ``rebuild``: whether the profile pass's rows are any pass's (BoundQuery.repeatable), so
+    that projections spanning the view rebuild its exact rows."""
     z = covariates(profile)
     auxiliary = profile.auxiliary(view_key)
     held_key = held_key or view_key
@@ -264,9 +267,10 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
             return Chosen(Covariates((z, major)), z.shape[1], None, neighbour=near,
                           encloses=encloses, last=last)
         return Chosen(Covariates((z,)), z.shape[1], None)
-    # Directions that span the view hold every item's row (of this model's own profile only).
+    # Directions that span the view hold every item's row (of this model's own profile only,
+    # where its pass's rows are any pass's).
     return Chosen(Covariates((z, auxiliary.z)), z.shape[1], auxiliary,
-                  "spanned" if own and auxiliary.spans else None)
+                  "spanned" if own and rebuild and auxiliary.spans else None)
 
 
 # A view in no block of its own is fitted on the nearest block's leading projections beside the

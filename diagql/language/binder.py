@@ -28,6 +28,9 @@ class BoundQuery:
     # The model's queryable layers before this one, in registration order: where the
     # estimator finds the nearest block to a layer in none (engine/covariates.py).
     before: tuple[str, ...] = ()
+    # Whether the profile pass's rows are any pass's (LayerCatalog.repeatable): only then are
+    # rows rebuilt from a block's projections exact (engine/covariates.py, "spanned").
+    repeatable: bool = True
 
 
 def _error(message: str, span: ast.Span | None, hint: str | None = None) -> BindError:
@@ -204,7 +207,8 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
                          has_labels=has_labels)
     if query.until is not None:
         bind_until(query, sampler)
-    return BoundQuery(query, layer, n_neurons, sampler, view, layers_before(catalog, layer.name))
+    return BoundQuery(query, layer, n_neurons, sampler, view, layers_before(catalog, layer.name),
+                      catalog.repeatable)
 
 
 def bind_items(statement, *, n_classes: int, seed: int | None, n_items: int,

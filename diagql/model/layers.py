@@ -9,6 +9,7 @@ import numpy as np
 from torch import nn
 
 from diagql.model.hooks import call_name
+from diagql.model.repeatable import UNREPEATABLE
 from diagql.model.scores import Scores
 from diagql.model.views import CHANNELS_LAST, FLAT, SEQUENCE
 
@@ -113,6 +114,13 @@ class LayerCatalog:
         # What the probe warned of about the model and the data (outputs that depend on the
         # batch, reads that differ): warned of again when the catalog is read from the cache.
         self.notices = tuple(notices)
+
+    @property
+    def repeatable(self) -> bool:
+        """Whether the probe found every pass's rows alike (no notice of reads, passes or
+        batches that differ: model/repeatable.py), so that the rows the profile pass kept are
+        any pass's: a block's rows rebuilt from its projections are then the exact ones."""
+        return not any(notice.startswith(UNREPEATABLE) for notice in self.notices)
 
     def __contains__(self, name: str) -> bool:
         return name in self.by_name

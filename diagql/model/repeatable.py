@@ -13,6 +13,13 @@ import torch
 from diagql.errors import warn
 
 
+# The starts of this module's warnings that make each pass's rows its own (the data's reads,
+# the model's passes, an item's batch): the catalog keeps them (LayerCatalog.notices), and
+# the rows the profile pass kept then stand for no other pass's (LayerCatalog.repeatable).
+UNREPEATABLE = ("the data gives the same item different inputs",
+                "the model gives the same inputs different outputs",
+                "the model gives an item other outputs when other items share its batch")
+
 READS = 3  # reads of each of the probe's items (at most 3: a Ray Dataset's driver has no
 # more), one item at a time: a transform that changes an item half the time goes unseen in
 # (1/4) ** 3 = 1/64 connections
@@ -42,7 +49,7 @@ class Unrepeatable(Exception):
 
 
 def warn_unrepeatable() -> None:
-    warn("the data gives the same item different inputs on two reads (a random "
+    warn(f"{UNREPEATABLE[0]} on two reads (a random "
          "transform, such as a training augmentation?): the profile, samples and "
          "each query read the items anew, so their answers will not agree; "
          "diagnose with deterministic (evaluation) transforms")
@@ -115,7 +122,7 @@ def check_deterministic(first: torch.Tensor, again: torch.Tensor) -> bool:
     if first.shape != again.shape or not first.is_floating_point():
         return True
     if _differ(first, again):
-        warn("the model gives the same inputs different outputs on two passes in "
+        warn(f"{UNREPEATABLE[1]} on two passes in "
              "eval mode (dropout with training=True, or sampling in forward?): each "
              "pass sees another model, so answers, exact ones too, will differ from "
              "run to run")
@@ -139,7 +146,7 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
                 not one.is_floating_point():
             continue
         if _differ(one, together[i:i + 1]):
-            warn("the model gives an item other outputs when other items share its batch "
+            warn(f"{UNREPEATABLE[2]} "
                  "(statistics of the batch: dynamic quantization's scales, a norm over the "
                  "batch, a branch on the batch's mean, a collate_fn that normalises each "
                  "batch, or padding to the "
