@@ -96,16 +96,12 @@ class MeanState:
         self.latent = covariates if prediction is None else prediction.p
         self.zsums = self.fit_cross = self.fit_sum = self.fit_squares = None
         self.fit_count = self.count
-        self.directions = self.pooled = None
-        # The outlier fit rows' weighted sums (engine/leverage.py); fed no weights, they stay 0
-        # and change nothing.
-        self.weighted = None
+        self.directions = self.pooled = self.weighted = None  # weighted: ``_weighted``
         self._waiting, self._waiting_rows = [], 0  # fit rows not yet summed (``_hold``)
         self._outliers, self._outlier_bytes = [], 0  # outlier rows not yet summed
         if covariates:
             self.zsums = CrossSums(covariates, 0, groups, gram_rows=self.latent)
             self.fit_cross = CrossSums(self.latent, n_neurons, groups)
-            self.weighted = WeightedSums(self.latent, n_neurons, WEIGHTS, groups)
             self.fit_sum = torch.zeros(shape, dtype=torch.float64)
             self.fit_squares = torch.zeros(shape, dtype=torch.float64)
             if directions is not None:
@@ -191,8 +187,15 @@ class MeanState:
         if self._outliers:
             latent, weights, values, codes = zip(*self._outliers)
             self._outliers, self._outlier_bytes = [], 0
-            self.weighted.add(torch.cat(latent), torch.cat(weights), torch.cat(values),
-                              None if codes[0] is None else torch.cat(codes))
+            self._weighted().add(torch.cat(latent), torch.cat(weights), torch.cat(values),
+                                 None if codes[0] is None else torch.cat(codes))
+
+    def _weighted(self) -> WeightedSums:
+        """The outlier rows' weighted sums, made with the first (regression.WeightedSums)."""
+        if self.weighted is None:
+            groups = None if self.sum.dim() == 1 else self.sum.shape[0]
+            self.weighted = WeightedSums(self.latent, self.sum.shape[-1], WEIGHTS, groups)
+        return self.weighted
 
     def __getstate__(self):  # a shard's state, pickled: its waiting rows summed first
         self._flush()
@@ -257,7 +260,8 @@ class MeanState:
             self.fit_sum += other.fit_sum
             self.fit_squares += other.fit_squares
             self.fit_count = self.fit_count + other.fit_count
-            self.weighted.merge(other.weighted)
+            if other.weighted is not None:
+                self._weighted().merge(other.weighted)
             if self.pooled is not None:
                 self.pooled += other.pooled
         self.count = self.count + other.count

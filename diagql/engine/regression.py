@@ -156,7 +156,10 @@ class WeightedSums:
     """Weighted sums over some fit rows (engine/leverage.py: the outliers): for each of k weight
     columns w, Σw, Σwv, Σwv², Σwz, Σwzzᵀ and Σwzvᵀ, v the values (or their block residual) and
     z the latent covariates. Mergeable, float64; with ``groups=G`` a leading axis of G, as
-    ``CrossSums``; ``column(j)`` is one weight's sums (of one group's: ``group(g)`` first)."""
+    ``CrossSums``; ``column(j)`` is one weight's sums (of one group's: ``group(g)`` first).
+    A mean state makes them with its first outlier rows (aggregates.MeanState._weighted): a few
+    queries have any, and made with every state they had held 4 × latent × neurons float64 a
+    group (GROUP BY over 10 classes of a 150,528-wide layer: 551 MB, 0.18 s to allocate)."""
 
     _FIELDS = ("w", "v", "vv", "z", "zz", "zv")
 
