@@ -131,6 +131,13 @@ def weighted_rss(sums, vbar: np.ndarray, zbar: np.ndarray, slope: np.ndarray) ->
     svv = sums.vv.numpy() - 2 * vbar * wv + w * vbar ** 2
     szv = sums.zv.numpy() - np.outer(zbar, wv) - np.outer(wz, vbar) + w * np.outer(zbar, vbar)
     szz = sums.zz.numpy() - np.outer(zbar, wz) - np.outer(wz, zbar) + w * np.outer(zbar, zbar)
-    rss = svv - 2 * np.einsum("pj,pj->j", slope, szv) + \
+    return np.maximum(residual_ss(svv, szv, szz, slope), 0.0)
+
+
+def residual_ss(svv: np.ndarray, szv: np.ndarray, szz: np.ndarray,
+                slope: np.ndarray) -> np.ndarray:
+    """Σr² per neuron of r = v − zᵀB from centred (or weighted) sums: Svv − 2·BᵀSzv + BᵀSzzB
+    (diagonals only; B p × neurons), not clipped: the fit's (regression.assisted) and the
+    outliers' (``weighted_rss``)."""
+    return svv - 2 * np.einsum("pj,pj->j", slope, szv) + \
         np.einsum("pj,pj->j", slope, szz @ slope)
-    return np.maximum(rss, 0.0)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.engine.leverage import corrections, restored
+from diagql.engine.leverage import corrections, residual_ss, restored
 
 # Chosen with the covariates' DIMS (engine/covariates.py): in whitened units, about the
 # information of 10 items per component, which keeps a slope fitted on a handful of items
@@ -379,7 +379,7 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
     evals, evecs = np.linalg.eigh(S_fit)
     along = (evecs.T @ sum(rows[3] for rows in fits)) ** 2
     out = {}
-    for key, (g, (ybar, zbar, *_), (_, _, fszz, fszv, fsvv)) in parts.items():
+    for key, (g, (ybar, zbar, *_), (fvbar, fzbar, fszz, fszv, fsvv)) in parts.items():
         delta = g.population_z - zbar
         if pooled is None:
             mean = ybar + delta @ B_fit  # the fit rows are every row: B_fit is the slope
@@ -389,16 +389,15 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
         if m < 2:
             out[key] = Fitted(mean, np.full_like(mean, np.nan), 0)
             continue
-        rss = fsvv - 2 * np.einsum("pj,pj->j", B_fit, fszv) + \
-            np.einsum("pj,pj->j", B_fit, fszz @ B_fit)
+        rss = residual_ss(fsvv, fszv, fszz, B_fit)
         sigma2 = np.maximum(rss, 0.0) / (m - 1) * inflate
         u = A_inv @ delta
         noise = float(u @ S @ u)  # the shrunk slope's sampling variance, per unit σ²
         slope_noise = sigma2 * noise
         if g.fit_rows.weighted is not None:  # the outliers' residuals, restored (leverage.py)
             sigma2, slope_noise = restored(
-                g.fit_rows.weighted, sigma2, noise, m * inflate / (m - 1), m,
-                g.fit_rows.total / m, g.fit_rows.cross.z.numpy() / m, B_fit)
+                g.fit_rows.weighted, sigma2, noise, m * inflate / (m - 1), m, fvbar, fzbar,
+                B_fit)
         fpc = max(g.population - g.n, 0) / max(g.population, 1)
         # What the shrinkage may leave of the selection's bias, ridge·uᵀβ: the slope's prior
         # (each direction's β² at σ²/ridge) or its size the fit rows show, the larger.
@@ -409,7 +408,7 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
         # bias where every sampled image is blank): its shown slope was rounding too, and its
         # se ~1e-15 had escaped the constant floor (estimate._constant_floor) that gives the
         # items not drawn their rule-of-three spread (conv1.0 covered 0.71, where 0.92).
-        scale = ROUNDING * m * (g.fit_rows.total / m) ** 2
+        scale = ROUNDING * m * fvbar ** 2
         out[key] = Fitted(mean, np.where((fsvv <= scale) & (rss <= scale), 0.0, se), m - 1)
     return out
 
