@@ -22,7 +22,7 @@ from diagql.model import auxiliaries
 from diagql.model.profile import Profile
 from diagql.model.views import View
 from diagql.results.render import to_json, to_text
-from tests.test_estimate_assisted import _numpy_assisted, _numpy_widening
+from tests.test_estimate_assisted import _numpy_assisted, _numpy_ridge, _numpy_widening
 
 FIT = 300  # fewer than the digits' 1,797 and not a multiple of the batch: held, then streamed
 
@@ -297,7 +297,8 @@ def test_the_streamed_residual_fit_equals_numpy_on_rows():
         assert state.update(torch.from_numpy(rows[part]), z=torch.from_numpy(z[part]))
     fitted = estimate.fit({None: state}, {None: 90}, {None: pop_z}, prediction)[None]
     resid = rows - (prediction.mean + z[:, p:] @ prediction.basis.T)
-    m, se = _numpy_assisted(resid, z[:, :p], np.zeros(n, int), {0: pop_z[:p]}, {0: 90}, RIDGE)[0]
+    ridge = _numpy_ridge(resid, z[:, :p], np.zeros(n, int), {0: pop_z[:p]})
+    m, se = _numpy_assisted(resid, z[:, :p], np.zeros(n, int), {0: pop_z[:p]}, {0: 90}, ridge)[0]
     np.testing.assert_allclose(fitted.mean, m + prediction.mean + prediction.basis @ pop_z[p:],
                                rtol=1e-9)
     np.testing.assert_allclose(fitted.se, se, rtol=1e-5)
@@ -502,8 +503,10 @@ def test_a_held_view_wider_than_held_width_is_predicted_from_its_principal_compo
     items, matching = result.plan.items, np.flatnonzero(profile.labels == 5)
     zb, zl = (logits - mu) @ basis, covariates(profile)
     resid = logits[items] - (mu + zb[items] @ basis.T)
-    fitted = _numpy_assisted(resid, zl[items], np.zeros(len(items), int),
-                             {0: zl[matching].mean(axis=0)}, {0: len(matching)}, RIDGE)
+    z_pop = {0: zl[matching].mean(axis=0)}
+    ridge = _numpy_ridge(resid, zl[items], np.zeros(len(items), int), z_pop)
+    fitted = _numpy_assisted(resid, zl[items], np.zeros(len(items), int), z_pop,
+                             {0: len(matching)}, ridge)
     mean = fitted[0][0] + mu + basis @ zb[matching].mean(axis=0)
     np.testing.assert_allclose(result.values, mean, rtol=1e-5, atol=1e-5)
     assert "its row's 6 principal components" in dict(result.plan.explain())["estimator"]

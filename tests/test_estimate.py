@@ -379,7 +379,7 @@ def test_intervals_stay_in_the_range_their_module_can_give():
     relu = db.query("AVG NEURONS IN 1 USING SAMPLE random(0.05, random_state=0)")
     assert relu.values[0] == 0 and relu.estimate.ci_low[0] == 0 < relu.estimate.ci_high[0]
     assert (relu.estimate.ci_low >= 0).all()
-    assert f"[0.0000, {relu.estimate.ci_high[0]:.4f}]" in str(relu)
+    assert "[0.0000, " in str(relu).split("1[0]")[1].split("\n")[0]
     assert "±" in str(relu).split("1[1]")[1].split("\n")[0]  # the live units' stay symmetric
     sigmoid = db.query("AVG NEURONS IN 3 WHERE class = 1 USING SAMPLE random(0.02)")
     assert (sigmoid.estimate.ci_low >= 0).all() and (sigmoid.estimate.ci_high <= 1).all()

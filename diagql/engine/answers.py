@@ -76,7 +76,7 @@ def build_result(plan: Plan, states: dict) -> Result:
     if plan.approximate and plan.estimator == "assisted" and (
             plan.covariate_means is not None or plan.winner_shares is not None):
         fits = estimate.fit(states, plan.population, plan.covariate_means, plan.prediction,
-                            plan.winner_shares, plan.widening)
+                            plan.winner_shares, plan.widening, plan.recheck)
     if query.group_by is None:
         return _answer(plan, states.get(None), None, fits.get(None))
     # TOPK's P(in top-k) of every group from one fit of their priors (engine/deconvolution.py).

@@ -22,6 +22,7 @@ import numpy as np
 
 from diagql.engine import deconvolution
 from diagql.engine.regression import Fitted, GroupSums, Pooled, assisted
+from diagql.engine.ridge import RIDGE
 from diagql.engine.student_t import t_quantile
 from diagql.results.metrics import COSINE, JS, PRECISION
 from diagql.results.result import Estimate
@@ -76,7 +77,8 @@ _standard_normals = _Normals()
 
 
 def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
-        winner_shares: dict | None = None, widened: dict | None = None) -> dict:
+        winner_shares: dict | None = None, widened: dict | None = None,
+        recheck: Callable[[float], dict] | None = None) -> dict:
     """The assisted estimator's fit of every group of a sample's states (key -> Fitted):
     ``population`` and ``covariate_means`` are each group's matching items of the whole data
     and their mean covariates (the plan's); ``prediction``: the view's block prediction
@@ -84,7 +86,8 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
     holds predicts every item exactly. ``winner_shares``: an ARGMAX's exact shares per group,
     when the profile knows every item's winner (``Fitted.exact``). ``widened``: each group's
     factor the plan's extrapolation check widens a mean's standard errors by (None: none;
-    engine/extrapolation.py)."""
+    engine/extrapolation.py), for a fit at RIDGE; ``recheck``: the plan's check of a fit at
+    the ridge the fit's rows chose instead (engine/ridge.py)."""
     argmax = any(hasattr(state, "counts") for state in states.values())
     if argmax and winner_shares is not None:
         return {key: Fitted(winner_shares[key], np.zeros(state.counts.shape[-1]),
@@ -112,6 +115,9 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
     fitted = assisted(groups, _pooled(states, prediction))
     if argmax:
         return fitted  # an argmax's one-hot winners are not predicted (nor checked)
+    ridge = next((f.ridge for f in fitted.values()), RIDGE)
+    if widened is not None and recheck is not None and ridge != RIDGE:
+        widened = recheck(ridge)
     factor = {key: 1.0 if widened is None else widened.get(key, 1.0) for key in fitted}
     if prediction is None:
         return {key: dataclasses.replace(f, se=f.se * factor[key], widened=factor[key])

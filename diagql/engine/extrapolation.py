@@ -17,6 +17,7 @@ import numpy as np
 from diagql.engine import covariates as covariates_module
 from diagql.engine.covariates import Covariates, leading, whitened
 from diagql.engine.regression import assisted, of_rows
+from diagql.engine.ridge import RIDGE
 from diagql.model.auxiliaries import spread_items
 from diagql.model.profile import Profile
 from diagql.samplers.space import fit_space, one_blas_thread
@@ -236,7 +237,8 @@ def _latent_minor(profile: Profile) -> np.ndarray | None:
 
 
 def widening(check: Check, z: Covariates, items: np.ndarray, keys: np.ndarray | None,
-             matching: np.ndarray, population: dict, covariate_means: dict) -> dict:
+             matching: np.ndarray, population: dict, covariate_means: dict,
+             ridge: float = RIDGE) -> dict:
     """Each group's factor its standard errors widen by (key -> factor, the keys of
     ``population``): √(1 + share · (ratio − 1)), ratio the squared misses of the fit's
     estimates of the check's columns over their squared standard errors; 1.0 while the ratio
@@ -244,7 +246,8 @@ def widening(check: Check, z: Covariates, items: np.ndarray, keys: np.ndarray | 
     query's (``_shrunk``). ``z``: the query's covariates, of which the fit checked takes the
     latent's (the first part) or, for ``check.whole_fit``, all; ``items``: the plan's sampled
     matching items; ``keys``: every item's group key (None: one group); ``covariate_means``:
-    the plan's, each group's mean covariates (the latent's first)."""
+    the plan's, each group's mean covariates (the latent's first); ``ridge``: the query's
+    fit's (engine/ridge.py), which the check's fit takes too."""
     latent = Covariates(z.parts if check.whole_fit else z.parts[:1])
     p = latent.width
     columns = Covariates(check.columns)
@@ -266,7 +269,7 @@ def widening(check: Check, z: Covariates, items: np.ndarray, keys: np.ndarray | 
     shares = check.share if isinstance(check.share, tuple) else (check.share,) * len(parts)
     # Per group and part: squared misses, squared standard errors, columns checked.
     sums = {}
-    for key, fitted in assisted(groups).items():
+    for key, fitted in assisted(groups, ridge=ridge).items():
         seen = np.isfinite(fitted.se) & (fitted.se > 0)
         miss = np.where(seen, (fitted.mean - truth[key]) ** 2, 0.0)
         spread = np.where(seen, fitted.se ** 2, 0.0)

@@ -15,8 +15,8 @@ from diagql.engine.covariates import Covariates, for_view, once_per_profile
 from diagql.engine.groups import group_values
 from diagql.engine.leverage import row_weights
 from diagql.engine.prediction import BlockPrediction, fit_rows
-from diagql.engine.regression import RIDGE
 from diagql.engine.regression import directions as pooled_directions
+from diagql.engine.ridge import RIDGE
 from diagql.language import ast
 from diagql.language.ast import predicate_text
 from diagql.language.binder import BoundQuery
@@ -55,8 +55,10 @@ class Plan:
     # the view (``winner_shares``): the assisted answer, with no error.
     winner_shares: dict | None = None
     # Each group key's factor the extrapolation check widens a mean's standard errors by
-    # (None, or 1.0: it found the fit honest; engine/extrapolation.py).
+    # (None, or 1.0: it found the fit honest; engine/extrapolation.py), at RIDGE; and the
+    # same check of a fit at another ridge (engine/ridge.py: the fit's rows may choose one).
     widening: dict | None = None
+    recheck: Callable[[float], dict] | None = None
     # A mean's pooled slope directions (p × d, engine/regression.py: Pooled): what its pass
     # streams the values against on every sampled row, one direction per group at most.
     directions: np.ndarray | None = None
@@ -224,15 +226,20 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         directions = pooled_directions(rows, codes, population_z)
         fit = fit_rows(codes, len(items))
         leverage = row_weights(rows, codes, population_z, fit, RIDGE)
-    widening = None
+    widening = recheck = None
     check = None if query.aggregate == "argmax" else \
         extrapolation.check_for(profile, bound.view.layer.name, chosen)
     # A sample of every matching item answers exactly: nothing is extrapolated to check.
     if check is not None and 0 < len(items) < len(matching):
-        # Kept with the sample too: its check averaged its columns over the matching items.
-        widening = kept(("widening", *place, _items_digest(items, None), check.what),
+        digest = _items_digest(items, None)
+
+        def checked_at(ridge: float) -> dict:
+            # Kept with the sample too: its check averaged its columns over the matching items.
+            return kept(("widening", *place, digest, check.what, ridge),
                         lambda: extrapolation.widening(check, z, items, keys, matching,
-                                                       population, means))
+                                                       population, means, ridge))
+
+        widening, recheck = checked_at(RIDGE), checked_at
         text += f"; checked on {check.what}: " + extrapolation.describe(widening)
     if _rebuilds(chosen, query):
         k = chosen.auxiliary.basis.shape[1]
@@ -243,8 +250,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                prediction=prediction, estimator_text=text,
                                neighbour=None if chosen.neighbour is None else
                                chosen.neighbour.layer,
-                               widening=widening, directions=directions, fit=fit,
-                               leverage=leverage)
+                               widening=widening, recheck=recheck, directions=directions,
+                               fit=fit, leverage=leverage)
 
 
 # The covariates' means over every item, or a WHERE's matching items (by their digest), per

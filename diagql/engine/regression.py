@@ -40,12 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diagql.engine import ridge as ridges
 from diagql.engine.leverage import corrections, residual_ss, restored
-
-# Chosen with the covariates' DIMS (engine/covariates.py): in whitened units, about the
-# information of 10 items per component, which keeps a slope fitted on a handful of items
-# near zero (the plain mean) and lets a slope fitted on hundreds speak.
-RIDGE = 10.0
+from diagql.engine.ridge import RIDGE
 
 
 class CrossSums:
@@ -300,6 +297,7 @@ class Fitted:
     # The factor the standard errors were widened by for the fit's extrapolation
     # (engine/extrapolation.py); 1.0 where none showed.
     widened: float = 1.0
+    ridge: float = RIDGE  # the fit's (engine/ridge.py)
 
 
 def of_rows(values: np.ndarray, z: np.ndarray, population: int,
@@ -311,13 +309,18 @@ def of_rows(values: np.ndarray, z: np.ndarray, population: int,
 
 
 def corrected_mean(values: np.ndarray, z: np.ndarray, population_z: np.ndarray,
-                   ridge: float = RIDGE) -> np.ndarray:
+                   ridge: float | None = None) -> np.ndarray:
     """``assisted``'s estimate of one group's mean from its sampled rows alone (no variance):
-    the lean form EVALUATE scores every combination with."""
+    the lean form EVALUATE scores every combination with; ``ridge`` None: the one the rows
+    choose (engine/ridge.py), as ``assisted``'s."""
     values = np.asarray(values, dtype=np.float64)
     ybar, zbar = values.mean(axis=0), z.mean(axis=0)
-    zc = z - zbar
-    B = np.linalg.solve(zc.T @ zc + ridge * np.eye(z.shape[1]), zc.T @ (values - ybar))
+    zc, yc = z - zbar, values - ybar
+    szz, szv = zc.T @ zc, zc.T @ yc
+    if ridge is None:
+        ridge = ridges.chosen(szz, szv, (yc ** 2).sum(axis=0), len(values) - 1,
+                              [population_z - zbar])
+    B = np.linalg.solve(szz + ridge * np.eye(z.shape[1]), szv)
     return ybar + (population_z - zbar) @ B
 
 
@@ -343,7 +346,7 @@ def _slope(parts: list, ridge: float) -> tuple:
     return B, np.linalg.inv(A), S
 
 
-def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -> dict:
+def assisted(groups: dict, pooled: Pooled | None = None, ridge: float | None = None) -> dict:
     """key -> Fitted for every group with at least one sampled item (``groups``: key ->
     GroupSums); a group of one item has no residual variance (se NaN).
 
@@ -352,7 +355,9 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
     groups' own cross-products. The residual variance σ² is fitted on each group's fit rows
     (all of them without ``fit``), with its own slope on those rows; the standard error
     combines it with the full slope's uncertainty and what its shrinkage may leave of the
-    selection's bias (the module's docstring)."""
+    selection's bias (the module's docstring). ``ridge``: the fit's; None: chosen from
+    the fit rows (engine/ridge.py), or RIDGE where the pass streamed ``pooled`` (thousands of
+    rows a group, whose slope a ridge of 10 barely shrinks)."""
     parts = {key: (g, _centred(RowSums(g.n, g.total, None, g.cross), False),
                    _centred(g.fit_rows))
              for key, g in groups.items() if g.n > 0}
@@ -360,8 +365,18 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
         return {}
     p = len(next(iter(parts.values()))[1][1])
     S = sum(whole[2] for _, whole, _ in parts.values())
-    A_inv = np.linalg.inv(S + ridge * np.eye(p))
     fits = [rows for _, _, rows in parts.values()]
+    # Every sampled row a fit row (at most FIT_ROWS a group, engine/prediction.py): the fit
+    # rows' slope is the whole slope, at any ridge.
+    every = all(g.fit_rows.n == g.n for g, _, _ in parts.values())
+    if ridge is None:
+        ridge = RIDGE if not every else ridges.chosen(
+            sum(f[2] for f in fits), sum(f[3] for f in fits), sum(f[4] for f in fits),
+            sum(g.n for g in groups.values() if g.n > 0) - len(parts),
+            [g.population_z - whole[1] for g, whole, _ in parts.values()])
+    if ridge != RIDGE:
+        pooled = None  # its directions are RIDGE's corrections (``directions``)
+    A_inv = np.linalg.inv(S + ridge * np.eye(p))
     B_fit, A_fit_inv, S_fit = _slope(fits, ridge)
     if pooled is not None:
         D = pooled.directions
@@ -387,7 +402,7 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
             mean = ybar + (D.T @ (A_inv @ delta)) @ projected
         m = g.fit_rows.n
         if m < 2:
-            out[key] = Fitted(mean, np.full_like(mean, np.nan), 0)
+            out[key] = Fitted(mean, np.full_like(mean, np.nan), 0, ridge=ridge)
             continue
         rss = residual_ss(fsvv, fszv, fszz, B_fit)
         sigma2 = np.maximum(rss, 0.0) / (m - 1) * inflate
@@ -400,8 +415,9 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
                 B_fit)
         fpc = max(g.population - g.n, 0) / max(g.population, 1)
         # What the shrinkage may leave of the selection's bias, ridge·uᵀβ: the slope's prior
-        # (each direction's β² at σ²/ridge) or its size the fit rows show, the larger.
-        prior = np.maximum(sigma2[None, :] / ridge, shown_slopes(evals, along, sigma2, ridge))
+        # (each direction's β² at σ²/ridge) or its size the fit rows show, the larger (shown
+        # along the directions that hold RIDGE's information, whatever the fit's ridge).
+        prior = np.maximum(sigma2[None, :] / ridge, shown_slopes(evals, along, sigma2, RIDGE))
         bias2 = ridge ** 2 * ((evecs.T @ u) ** 2 @ prior)
         se = np.sqrt(sigma2 * fpc / g.n + slope_noise + bias2)
         # A neuron constant over the fit rows, which the fit follows to rounding (a conv's
@@ -409,7 +425,8 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float = RIDGE) -
         # se ~1e-15 had escaped the constant floor (estimate._constant_floor) that gives the
         # items not drawn their rule-of-three spread (conv1.0 covered 0.71, where 0.92).
         scale = ROUNDING * m * fvbar ** 2
-        out[key] = Fitted(mean, np.where((fsvv <= scale) & (rss <= scale), 0.0, se), m - 1)
+        out[key] = Fitted(mean, np.where((fsvv <= scale) & (rss <= scale), 0.0, se), m - 1,
+                          ridge=ridge)
     return out
 
 
