@@ -116,7 +116,8 @@ def _single(plan: Plan, state, population: int, fitted=None, key=None, prior=Non
     if held is not None:  # every matching item's row is the profile's: exact, however few
         values = held
     elif fitted is not None:  # the assisted estimator's answer instead of the sample's own
-        values = estimate.shares(fitted) if query.aggregate == "argmax" else fitted.mean
+        values = estimate.shares(fitted) if query.aggregate == "argmax" else \
+            _in_range(fitted.mean, plan)
     else:
         values = state.finalize()
     if query.aggregate == "topk":
@@ -179,11 +180,21 @@ def _counted(plan: Plan, key) -> np.ndarray | None:
     return plan.winner_shares.get(key)
 
 
-# The range of a mean of these modules' outputs: a dead ReLU's rule-of-three interval read
-# [-0.0158, 0.0158], a bound no ReLU reaches.
+# The range of a mean of these modules' outputs, whatever their arguments (not Hardtanh's,
+# whose bounds are arguments): a dead ReLU's rule-of-three interval read [-0.0158, 0.0158],
+# a bound no ReLU reaches, and a regression's prediction of a ReLU's mean from a gmm sample
+# -0.085, where the exact mean is 0.42 (a sweep, benchmarks/README.md, "twenty-fourth
+# session").
 RANGES = {"ReLU": (0.0, math.inf), "ReLU6": (0.0, 6.0), "Sigmoid": (0.0, 1.0),
           "Softplus": (0.0, math.inf), "Softmax": (0.0, 1.0), "Hardsigmoid": (0.0, 1.0),
-          "Tanh": (-1.0, 1.0), "Hardtanh": (-1.0, 1.0), "Softsign": (-1.0, 1.0)}
+          "Tanh": (-1.0, 1.0), "Softsign": (-1.0, 1.0)}
+
+
+def _in_range(means: np.ndarray, plan: Plan) -> np.ndarray:
+    """An assisted fit's means within the range its layer's module can give: the mean of
+    values in a range is in it, so the clipped answer is never further from the truth."""
+    low_high = RANGES.get(plan.bound.view.layer.type_name)
+    return means if low_high is None else np.clip(means, *low_high)
 
 
 def _bounded(found: Estimate, plan: Plan) -> Estimate:
