@@ -299,6 +299,18 @@ def test_labels_read_layer_then_coordinates(worlds):
     assert mlp_db.query("AVG NEURONS IN head").labels == [f"head[{i}]" for i in range(10)]
 
 
+def test_every_group_and_a_whole_layer_topk_have_their_own_neurons_labels(worlds):
+    """A GROUP BY's groups share one list of the layer's labels (made once a plan); a TOPK of
+    every neuron, ranked, has its own order's."""
+    db = worlds["cnn"][0]
+    grouped = db.query("AVG NEURONS IN 2 GROUP BY class")
+    want = [f"2[{c},{h},{w}]" for c in range(8) for h in range(6) for w in range(6)]
+    assert all(group.labels == want for group in grouped.groups.values())
+    ranked = db.query("TOPK 288 NEURONS IN 2")
+    assert ranked.labels == [want[i] for i in ranked.neurons]
+    assert ranked.labels != want  # ranked by value, not in the layer's order
+
+
 def test_quoted_layer_names_are_the_same_layer(worlds):
     db, truth = worlds["mlp"]
     for text in ('TOPK 5 NEURONS IN "encoder.1" WHERE incorrect',
