@@ -470,6 +470,25 @@ def test_with_baseline_s_speedup_counts_the_draw_and_reports_the_profile_apart(c
     assert again.timings["sample"] == 0.0
 
 
+def test_with_baseline_s_mean_over_groups_says_what_the_groups_the_sample_missed_score(
+        cnn, digits):
+    """A group the sample missed scores the metric's worst (1 for a cosine distance): the
+    summary's mean over groups says so, beside the mean over the groups the sample holds,
+    which their expected distances describe."""
+    db = diagql.connect(cnn, digits, cache_dir=False, progress=False)
+    result = db.query("AVG NEURONS IN 2 WHERE incorrect GROUP BY class "
+                      "USING SAMPLE random(0.05, random_state=1) WITH BASELINE")
+    scores = {key: g.metrics["cosine_distance"] for key, g in result.groups.items()}
+    held = [v for key, v in scores.items() if len(result.groups[key].values)]
+    missed = len(scores) - len(held)
+    assert held and missed and result.metrics["cosine_distance"] == pytest.approx(
+        (sum(held) + missed) / len(scores))
+    line = " ".join(str(result).split())
+    assert (f"mean cosine distance {result.metrics['cosine_distance']:.3f} over groups "
+            f"({sum(held) / len(held):.3f} over the {len(held)} the sample holds; the "
+            f"{missed} it missed score") in line
+
+
 def test_explain_says_when_running_the_query_would_fail_on_no_match(world):
     """The profile already knows that no item matches: EXPLAIN says the query would fail, and
     why, instead of showing a plan over 0 items as if it would run."""
