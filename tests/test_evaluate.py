@@ -61,7 +61,7 @@ def paper_scores(acts: dict, labels, correct, sample, ks) -> tuple[dict, float, 
                     s2.append(1.0)
                     s3.append(1.0)
                     for k in ks:
-                        if k <= A.shape[1]:
+                        if k < A.shape[1]:
                             s1[k].append(0.0)
                     continue
                 full_mean, part_mean = A[full].mean(axis=0), A[part].mean(axis=0)
@@ -69,7 +69,7 @@ def paper_scores(acts: dict, labels, correct, sample, ks) -> tuple[dict, float, 
                 hist = lambda items: np.bincount(winners[items], minlength=A.shape[1])  # noqa: E731
                 s3.append(jensenshannon(hist(part), hist(full), base=2))
                 for k in ks:
-                    if k <= A.shape[1]:  # a layer of fewer than k neurons has no top-k
+                    if k < A.shape[1]:  # a layer of k or fewer: every neuron is in its top k
                         # Ties go to the lower neuron index.
                         top_full = np.argsort(-full_mean, kind="stable")[:k]
                         top_part = np.argsort(-part_mean, kind="stable")[:k]
@@ -114,8 +114,9 @@ def test_scores_equal_the_paper_definitions(conn, truth):
 
 
 def test_relu_layers_with_tied_neurons_and_a_k_beyond_a_layer(conn, truth):
-    """ReLU outputs tie at 0 (ties go to the lower index); fc "7" has 32 neurons, so K 100
-    leaves it out, and K 300 (above every layer but none) is refused at bind time."""
+    """ReLU outputs tie at 0 (ties go to the lower index); fc "7" has 32 neurons, so K 32 and
+    K 100 leave it out (its top 32 is every neuron), and K 300 (above every layer but none) is
+    refused at bind time."""
     result = conn.query("EVALUATE SAMPLERS random AT 0.1 K 1, 32, 100 LAYERS 1, 7 SEEDS 2")
     expected = expected_rows(conn, truth, ["1", "7"],
                              [("random", "random({size}, random_state={seed})")], [0.1],
@@ -124,6 +125,19 @@ def test_relu_layers_with_tied_neurons_and_a_k_beyond_a_layer(conn, truth):
         got = [row[c] for c in ("S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd")]
         assert got == pytest.approx(expected["random", 0.1, row["k"]], abs=1e-9)
     assert any("k = 100 leaves out 7" in note for note in result.notes)
+    assert any("k = 32 leaves out 7 (32 or fewer neurons" in note for note in result.notes)
+
+
+def test_the_default_k_is_below_the_widest_layer_s_neurons(conn, truth):
+    """At the default k (10) the 10 logits of layer 8 were all in their top 10: every sampler
+    scored S1 1.000. The default is one less than the widest evaluated layer's neurons."""
+    result = conn.query("EVALUATE SAMPLERS random AT 0.1 SEEDS 2 LAYERS 8")
+    rows = result.records()
+    assert {row["k"] for row in rows} == {9}
+    expected = expected_rows(conn, truth, ["8"], [("random", "random({size}, random_state={seed})")],
+                             [0.1], [9], 2)
+    got = [rows[0][c] for c in ("S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd")]
+    assert got == pytest.approx(expected["random", 0.1, 9], abs=1e-9)
 
 
 def test_the_whole_data_set_scores_perfectly(conn):
@@ -292,6 +306,8 @@ def test_unlabelled_data_is_refused(cnn, digits):
     ("EVALUATE SAMPLERS random K 0", "K must be at least 1", "0"),
     ("EVALUATE SAMPLERS random K 2.5", "K takes whole numbers", "2.5"),
     ("EVALUATE SAMPLERS random K 300", "K 300 is more neurons than any evaluated layer has", "300"),
+    ("EVALUATE SAMPLERS random LAYERS 8 K 10", "K 10 is as many neurons as any evaluated layer "
+                                               "has", "10"),
     ("EVALUATE SAMPLERS random SEEDS 0", "SEEDS must be at least 1", "0"),
     ("EVALUATE SAMPLERS random SWEEP j IN (0.5)", "none of the samplers has a parameter j", "j"),
     ("EVALUATE SAMPLERS maxmargn SWEEP j IN (0.5)", "did you mean 'maxmargin'?", "maxmargn"),
