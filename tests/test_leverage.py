@@ -90,6 +90,28 @@ def test_the_streamed_outlier_sums_give_numpy_s_weighted_residual_sums_of_square
                                        want, rtol=1e-9)
 
 
+def test_outlier_rows_hold_their_rows_not_sums_for_every_group():
+    """A GROUP BY over 100 groups of a wide layer with outliers in two of them keeps those
+    rows only (their weight columns' sums are made when read): streamed as sums, each group
+    had held 4 × (p + 2) rows' worth of the layer whatever its outliers (two sets of 480 MB
+    for 10 classes of a 131,072-wide conv map)."""
+    rng = np.random.default_rng(3)
+    n, p, width, groups = 12, 3, 5000, 100
+    Z, Y = rng.standard_normal((n, p)), rng.standard_normal((n, width)).astype(np.float32)
+    codes = np.repeat([7, 42], n // 2)
+    weights = np.zeros((n, 4))
+    weights[[1, 8]] = rng.random((2, 4)) + 0.5  # one outlier in each of the two groups
+    state = MeanState(width, groups=groups, covariates=p)
+    assert state.update(torch.from_numpy(Y), torch.from_numpy(codes), torch.from_numpy(Z),
+                        weights=torch.from_numpy(weights))
+    kept = sum(t.numel() * t.element_size() for parts in state.weighted.rows.values()
+               for part in parts for t in part)
+    assert kept <= 2 * (width + p + 4) * 8
+    part = state.group(42).fit_sums().weighted.column(2)
+    assert float(part.w) == weights[8, 2]
+    np.testing.assert_allclose(part.zv.numpy(), weights[8, 2] * np.outer(Z[8], Y[8]), rtol=1e-12)
+
+
 def test_intervals_cover_where_the_residuals_grow_with_leverage():
     """A heavy-tailed latent whose outliers carry the largest errors (sd 0.2 + z₁²): one
     residual variance with a mean degrees-of-freedom correction covered 0.887 of 8,000

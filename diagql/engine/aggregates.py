@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from diagql.engine.leverage import WEIGHTS
-from diagql.engine.regression import CrossSums, RowSums, WeightedSums
+from diagql.engine.regression import CrossSums, OutlierRows, RowSums
 from diagql.model.winners import row_argmax
 
 _CHUNK_BYTES = 1 << 20  # float64 pieces of a batch that stay in a core's cache (CPU only)
-_OUTLIER_BYTES = 4 << 20  # outlier fit rows (engine/leverage.py) held before they are summed
 # Wider than this, a CPU batch's float64 column sums are taken over upcast pieces even without
 # squares: sum(dim=0, dtype=float64) runs 1.4-4.7x slower there (256 x 4,704: 3.9 ms against
 # 1.1 ms; 64 x 150,528: 154 against 33 ms), the same sums bit for bit; narrower, it is faster.
@@ -98,7 +97,6 @@ class MeanState:
         self.fit_count = self.count
         self.directions = self.pooled = self.weighted = None  # weighted: ``_weighted``
         self._waiting, self._waiting_rows = [], 0  # fit rows not yet summed (``_hold``)
-        self._outliers, self._outlier_bytes = [], 0  # outlier rows not yet summed
         if covariates:
             self.zsums = CrossSums(covariates, 0, groups, gram_rows=self.latent)
             self.fit_cross = CrossSums(self.latent, n_neurons, groups)
@@ -177,24 +175,19 @@ class MeanState:
             self._flush()
 
     def _flush(self) -> None:
-        """Sum the fit rows waiting (``_hold``), and the outlier rows (``_add_outliers``)."""
+        """Sum the fit rows waiting (``_hold``)."""
         if self._waiting:
             values, z, codes, weights = zip(*self._waiting)
             self._waiting, self._waiting_rows = [], 0
             self._add_fit(torch.cat(values), torch.cat(z),
                           None if codes[0] is None else torch.cat(codes),
                           weights=None if weights[0] is None else torch.cat(weights))
-        if self._outliers:
-            latent, weights, values, codes = zip(*self._outliers)
-            self._outliers, self._outlier_bytes = [], 0
-            self._weighted().add(torch.cat(latent), torch.cat(weights), torch.cat(values),
-                                 None if codes[0] is None else torch.cat(codes))
 
-    def _weighted(self) -> WeightedSums:
-        """The outlier rows' weighted sums, made with the first (regression.WeightedSums)."""
+    def _weighted(self) -> OutlierRows:
+        """The outlier rows, kept with their weights (regression.OutlierRows)."""
         if self.weighted is None:
             groups = None if self.sum.dim() == 1 else self.sum.shape[0]
-            self.weighted = WeightedSums(self.latent, self.sum.shape[-1], WEIGHTS, groups)
+            self.weighted = OutlierRows(self.latent, self.sum.shape[-1], WEIGHTS, groups)
         return self.weighted
 
     def __getstate__(self):  # a shard's state, pickled: its waiting rows summed first
@@ -232,15 +225,11 @@ class MeanState:
         self.fit_count = _add_counts(self.fit_count, codes, len(values))
 
     def _add_outliers(self, latent, weights, wide, codes) -> None:
-        """Keep a piece's outlier fit rows (nonzero weight) until _OUTLIER_BYTES gather: a few
-        rows a flush, each group's apart, cost GROUP BY a fifth more in small products."""
+        """Keep a piece's outlier fit rows (nonzero weight) with their weights."""
         rows = torch.nonzero(weights[:, 0] > 0).flatten()
         if len(rows):
-            self._outliers.append((latent[rows], weights[rows], wide[rows.to(wide.device)],
-                                   None if codes is None else codes[rows.to(codes.device)]))
-            self._outlier_bytes += 8 * len(rows) * wide.shape[1]
-            if self._outlier_bytes >= _OUTLIER_BYTES:
-                self._flush()
+            self._weighted().add(latent[rows], weights[rows], wide[rows.to(wide.device)],
+                                 None if codes is None else codes[rows.to(codes.device)])
 
     def fit_sums(self) -> RowSums:
         """The fit rows' sums (one group's state: ``group``) as the estimator takes them."""
@@ -272,7 +261,6 @@ class MeanState:
         self._flush()
         part = MeanState.__new__(MeanState)
         part._waiting, part._waiting_rows = [], 0
-        part._outliers, part._outlier_bytes = [], 0
         part.sum, part.count = self.sum[g], int(self.count[g])
         part.sumsq = None if self.sumsq is None else self.sumsq[g]
         part.prediction, part.latent = self.prediction, self.latent

@@ -19,8 +19,8 @@ with h / h̄, capped at HC3's). ``restored`` then takes
 (O the outliers, κ the mean correction's factor per row: their residuals as restored, in place
 of as the mean correction read them; never narrower than before), and the slope's noise
 σ²·uᵀSu + max(0, Σ_O c·(uᵀz̃)²·r² − σ²·Σ_O (uᵀz̃)²): the sandwich's excess at the rows that
-move the slope's correction most. The pass streams the outliers' weighted sums only (regression.
-WeightedSums: a few percent of at most 1,024 fit rows), where weighting every fit row had
+move the slope's correction most. The pass keeps the outliers' rows only (regression.
+OutlierRows: a few percent of at most 1,024 fit rows), where weighting every fit row had
 doubled the estimate's streaming cost with GROUP BY. HC4 itself (e = h / h̄ up to 4) covered
 the outliers' layers but made their expected cosine distance 29-740x the actual; HC3's power
 for every row widened the demo's intervals 1.3-2.2x."""
@@ -102,8 +102,8 @@ def corrections(z: np.ndarray, codes: np.ndarray, population_z: list, ridge: flo
 def restored(sums, sigma2: np.ndarray, noise: float, kappa: float, m: int, vbar: np.ndarray,
              zbar: np.ndarray, slope: np.ndarray) -> tuple:
     """(σ², the slope's noise) of one group with its outlier rows' residuals restored from
-    their own leverage (the module's docstring): ``sums`` the outliers' weighted sums (regression.
-    WeightedSums, ``row_weights``' four columns), ``sigma2`` the mean correction's σ² and
+    their own leverage (the module's docstring): ``sums`` the outliers' rows (regression.
+    OutlierRows, ``row_weights``' four columns), ``sigma2`` the mean correction's σ² and
     ``kappa`` its factor per row (σ² = κ·Σr² / m), ``noise`` uᵀSu, ``m`` the fit rows, ``vbar``
     and ``zbar`` their means, ``slope`` the fit's B (p × neurons)."""
     ones, own, moved_own = (weighted_rss(sums.column(j), vbar, zbar, slope) for j in range(3))
@@ -126,7 +126,7 @@ def _centred(z: np.ndarray, codes: np.ndarray, groups: int) -> tuple:
 def weighted_rss(sums, vbar: np.ndarray, zbar: np.ndarray, slope: np.ndarray) -> np.ndarray:
     """Σ c·r² per neuron, r = (v − v̄) − (z − z̄)ᵀB the fit's residual (v̄, z̄ the fit rows'
     unweighted means, B the slope, p × neurons), from one group's weighted sums
-    (regression.WeightedSums), clipped at 0."""
+    (regression.OutlierRows' ``column``), clipped at 0."""
     w, wv, wz = float(sums.w), sums.v.numpy(), sums.z.numpy()
     svv = sums.vv.numpy() - 2 * vbar * wv + w * vbar ** 2
     szv = sums.zv.numpy() - np.outer(zbar, wv) - np.outer(wz, vbar) + w * np.outer(zbar, vbar)

@@ -30,12 +30,13 @@ fed the fit rows' leverage weights (a mean state's, as the Reducer does), the la
 residuals, which the fit follows, are restored from their own leverage, in σ² and in the
 slope's noise (engine/leverage.py: ``restored``).
 
-Everything is computed from mergeable sums (``CrossSums``, ``WeightedSums``) streamed with the
-activations, so no sampled item's row is held.
+Everything is computed from mergeable sums (``CrossSums``) streamed with the activations, so
+no sampled item's row is held but the few latent outliers' (``OutlierRows``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -149,64 +150,55 @@ class CrossSums:
         return part
 
 
-class WeightedSums:
-    """Weighted sums over some fit rows (engine/leverage.py: the outliers): for each of k weight
-    columns w, Σw, Σwv, Σwv², Σwz, Σwzzᵀ and Σwzvᵀ, v the values (or their block residual) and
-    z the latent covariates. Mergeable, float64; with ``groups=G`` a leading axis of G, as
-    ``CrossSums``; ``column(j)`` is one weight's sums (of one group's: ``group(g)`` first).
-    A mean state makes them with its first outlier rows (aggregates.MeanState._weighted): a few
-    queries have any, and made with every state they had held 4 × latent × neurons float64 a
-    group (GROUP BY over 10 classes of a 150,528-wide layer: 551 MB, 0.18 s to allocate)."""
-
-    _FIELDS = ("w", "v", "vv", "z", "zz", "zv")
+class OutlierRows:
+    """Some fit rows kept as rows (engine/leverage.py: the outliers, a few percent of at most
+    FIT_ROWS): each row's latent covariates z (p), its k weights and its values v (or their
+    block residual), float64 on the CPU, per group (``groups=G``: codes 0 .. G-1). Mergeable
+    by joining. ``column(j)`` gives one weight column's sums, Σw, Σwv, Σwv², Σwz, Σwzzᵀ and
+    Σwzvᵀ (of one group's rows: ``group(g)`` first), made when the estimate reads them. Kept
+    as those sums per group while streaming, they had held k·(p + 2) rows' worth of
+    float64 a group whatever the rows: a sampled GROUP BY class over a 131,072-wide conv map
+    and 10 classes made two of 480 MB for its few outliers, and over 100 classes passed
+    3.5 GB (a sweep, benchmarks/README.md, "twenty-fourth session")."""
 
     def __init__(self, p: int, n_neurons: int, k: int, groups: int | None = None):
-        lead = () if groups is None else (groups,)
-        self.w = torch.zeros(*lead, k, dtype=torch.float64)
-        self.v = torch.zeros(*lead, k, n_neurons, dtype=torch.float64)
-        self.vv = torch.zeros(*lead, k, n_neurons, dtype=torch.float64)
-        self.z = torch.zeros(*lead, k, p, dtype=torch.float64)
-        self.zz = torch.zeros(*lead, k, p, p, dtype=torch.float64)
-        self.zv = torch.zeros(*lead, k, p, n_neurons, dtype=torch.float64)
+        self.p, self.n_neurons, self.k, self.groups = p, n_neurons, k, groups
+        self.rows: dict = {}  # group (None without groups) -> [(z, weights, values), ...]
 
     def add(self, z: torch.Tensor, weights: torch.Tensor, values: torch.Tensor,
             codes: torch.Tensor | None = None) -> None:
         """Rows' latent covariates (rows × p, float64, CPU), their weights (rows × k, float64,
         CPU), their values (rows × neurons, float64, on any device) and group codes."""
+        values = values.to("cpu", torch.float64)
         if codes is None:
-            self._add((), z, weights, values)
+            self.rows.setdefault(None, []).append((z, weights, values))
             return
         for g, part in _runs(codes.cpu()):
-            self._add(g, z[part], weights[part], values[part])
+            self.rows.setdefault(g, []).append((z[part], weights[part], values[part]))
 
-    def _add(self, g, z, weights, values) -> None:
-        device = values.device
-        w = weights.to(device)
-        self.w[g] += weights.sum(dim=0)
-        self.v[g] += (w.T @ values).cpu()
-        self.vv[g] += (w.T @ (values * values)).cpu()
-        self.z[g] += weights.T @ z
-        self.zz[g] += torch.einsum("ik,ip,iq->kpq", weights, z, z)
-        k, p = weights.shape[1], z.shape[1]
-        spread = (weights[:, :, None] * z[:, None, :]).reshape(len(z), k * p)
-        self.zv[g] += (spread.to(device).T @ values).reshape(k, p, -1).cpu()
-
-    def merge(self, other: WeightedSums) -> WeightedSums:
-        for name in self._FIELDS:
-            getattr(self, name).add_(getattr(other, name))
+    def merge(self, other: OutlierRows) -> OutlierRows:
+        for g, parts in other.rows.items():
+            self.rows.setdefault(g, []).extend(parts)
         return self
 
-    def group(self, g: int) -> WeightedSums:
-        return self._part(g)
-
-    def column(self, j: int) -> WeightedSums:
-        return self._part(j)
-
-    def _part(self, index: int) -> WeightedSums:
-        part = WeightedSums.__new__(WeightedSums)
-        for name in self._FIELDS:
-            setattr(part, name, getattr(self, name)[index])
+    def group(self, g: int) -> OutlierRows:
+        part = OutlierRows(self.p, self.n_neurons, self.k)
+        if g in self.rows:
+            part.rows[None] = self.rows[g]
         return part
+
+    def column(self, j: int) -> SimpleNamespace:
+        """One weight column's sums over this (one group's) rows, as tensors."""
+        parts = self.rows.get(None, [])
+        z = torch.cat([part[0] for part in parts]) if parts else \
+            torch.zeros(0, self.p, dtype=torch.float64)
+        w = torch.cat([part[1][:, j] for part in parts]) if parts else \
+            torch.zeros(0, dtype=torch.float64)
+        v = torch.cat([part[2] for part in parts]) if parts else \
+            torch.zeros(0, self.n_neurons, dtype=torch.float64)
+        wz = w[:, None] * z
+        return SimpleNamespace(w=w.sum(), v=w @ v, vv=w @ (v * v), z=wz.sum(dim=0), zz=wz.T @ z,
+                               zv=wz.T @ v)
 
 
 def _runs(codes: torch.Tensor):
@@ -235,7 +227,7 @@ class RowSums:
     squares: np.ndarray | None
     cross: CrossSums
     # The outlier rows' weighted sums (engine/leverage.py: row_weights), when the pass had them.
-    weighted: WeightedSums | None = None
+    weighted: OutlierRows | None = None
 
 
 @dataclass(frozen=True)
