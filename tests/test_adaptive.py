@@ -220,6 +220,25 @@ def test_growth_stops_at_the_target_and_equals_a_one_shot_query_at_its_final_siz
     assert grown.neurons.tolist() == one_shot.neurons.tolist()
     np.testing.assert_array_equal(grown.values, one_shot.values)
     assert grown.to_dict()["growth"]["stop"] == "target met"
+    assert not growth.joined and "joined" not in str(grown)  # random's draws are nested
+
+
+def test_a_growth_of_draws_that_do_not_nest_says_its_rounds_are_joined():
+    """stratified's draw of 40 does not hold its draw of 20: the rounds' sample is their
+    union, more items than the last round's call names (a sweep read 'stratified(200): 296
+    items' as a miscount); the growth's line says the rounds are joined, random's does not."""
+    from diagql.results.result import Growth
+    from diagql.session.growth import _joined
+
+    data = _data()
+    for name, joined in (("stratified", True), ("random", False)):
+        ladder = samplers.Ladder(samplers.build(name, {"size": 20}, seed=3),
+                                 lambda s: s.fit(data).indices_)
+        sizes = [len(ladder.grow(n)) for n in (20, 40)]
+        assert _joined(ladder) is joined and (sizes[-1] > 40) is joined
+        line = Growth("cosine <= 0.01", None, tuple(sizes), 0.005, "target met", 0.1,
+                      joined=_joined(ladder)).text()
+        assert ("each round's draw joined with the ones before it" in line) is joined
 
 
 def test_growth_stops_when_the_time_budget_is_spent(world):

@@ -30,6 +30,9 @@ class Growth:
     stop: str  # one of STOPS
     seconds: float  # the whole growth, draws and passes included
     exact: bool = False  # the answer is exact: the last round found exact cheaper
+    # Each round's draw joined with the rounds before (a sampler whose larger draws do not hold
+    # its smaller ones, samplers.Ladder): the last round's call names fewer items than it holds.
+    joined: bool = False
 
     def text(self) -> str:
         """One line for the table's caption and the JSON."""
@@ -43,13 +46,15 @@ class Growth:
             ("s" if len(self.sizes) != 1 else "")
         # No round at all: exact was cheaper than the first sample (a layer the profile holds).
         grown = f"grown {rounds} items" if self.sizes else "no sample drawn"
+        if self.joined:
+            grown += ", each round's draw joined with the ones before it"
         return (f"{grown} ({' '.join(goal)}): {self.stop}{reached}; {end}, "
                 f"{self.seconds:.3f} s")
 
     def to_dict(self) -> dict:
         return {"target": self.target, "budget": self.budget, "sizes": list(self.sizes),
                 "reached": self.reached, "stop": self.stop, "seconds": self.seconds,
-                "exact": self.exact}
+                "exact": self.exact, "joined": self.joined}
 
 
 STOPS = ("target met", "budget spent", "exact cheaper", "data exhausted")

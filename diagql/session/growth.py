@@ -164,12 +164,20 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
         exact = plan_query(dataclasses.replace(quiet, sampler=None), profile, None, None, **options)
         result = runner.answer(exact)
         return _finish(result, until, sizes, None, stop, started, timings, exact=True,
-                       draws=draws)
+                       draws=draws, joined=_joined(ladder))
     if query.baseline:  # the last round's states are remembered: only the baseline runs
         at, items, spec = last
         result = runner.answer(plan_query(dataclasses.replace(plan.bound, sampler=at), profile,
                                           items, spec, **options))
-    return _finish(result, until, sizes, reached, stop, started, timings, draws=draws)
+    return _finish(result, until, sizes, reached, stop, started, timings, draws=draws,
+                   joined=_joined(ladder))
+
+
+def _joined(ladder: samplers.Ladder) -> bool:
+    """Whether the sample holds more than its last draw: the rounds' draws joined (a sampler
+    whose larger draws do not hold its smaller ones; a sweep read stratified(200) holding 296
+    items as a miscount)."""
+    return bool(ladder.sizes) and len(ladder.order) > ladder.sizes[-1]
 
 
 def _exact_or_spent(until: ast.Until, started: float, exact_cost: float) -> str:
@@ -220,12 +228,13 @@ OVERRUN = 1.1  # past this share of WITHIN's budget, the answer says it ran over
 
 
 def _finish(result: Result, until: ast.Until, sizes, reached, stop: str, started: float,
-            timings: dict, *, exact: bool = False, draws: float = 0.0) -> Result:
+            timings: dict, *, exact: bool = False, draws: float = 0.0,
+            joined: bool = False) -> Result:
     # WITH BASELINE's exact pass ran after the growth, inside ``started``'s clock: it is the
     # baseline's, not the sample's (the speed-up had read 0.85 for a 5.7x faster growth).
     seconds = time.perf_counter() - started - result.timings.get("baseline", 0.0)
     growth = Growth(until.target.text() if until.target is not None else None, until.seconds,
-                    tuple(sizes), reached, stop, seconds, exact)
+                    tuple(sizes), reached, stop, seconds, exact, joined)
     result.provenance = dataclasses.replace(result.provenance, growth=growth)
     if stop == "budget spent" and len(sizes) == 1 and seconds > until.seconds:
         # The first round always runs (there is no answer before it): say that it alone ran
