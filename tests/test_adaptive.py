@@ -572,6 +572,27 @@ def test_exact_is_not_run_past_within_s_budget():
     assert growth.seconds < 0.5 + 0.9, growth
 
 
+def test_within_alone_grows_random_where_the_default_draw_would_spend_the_time(monkeypatch):
+    """A sweep's 100-class MLP under WITHIN 2 SECONDS: the pass did not fit (2.6 s), and
+    maxmargin's draw was priced past it (26 s), so exact ran, 5.3 s. Where the default
+    sampler's draw alone would spend the time, the rounds grow random instead (a draw that
+    costs nothing), and say why; a sampler the query names is kept."""
+    from diagql.samplers.maxmargin import MaxMarginSampler
+
+    torch.manual_seed(0)
+    X, y = torch.randn(2000, 4), torch.randint(0, 3, (2000,))
+    conn = diagql.connect(_SleepyWide().eval(), (X, y), cache_dir=False, progress=False)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, *args: 50.0)
+    result = conn.query("AVG NEURONS IN wide.1 WITHIN 0.4 SECONDS")
+    assert result.approximate and result.provenance.sampler.startswith("random(")
+    explained = " ".join(str(conn.query("EXPLAIN AVG NEURONS IN wide.1 WITHIN 0.4 SECONDS"))
+                         .split())
+    assert "random, as drawing a maxmargin(" in explained
+    assert "would spend the 0.4 s given" in explained
+    named = conn.query("AVG NEURONS IN wide.1 USING SAMPLE maxmargin(100) WITHIN 0.4 SECONDS")
+    assert named.provenance.sampler.startswith("maxmargin(")
+
+
 def test_auto_answers_exactly_where_too_few_items_match_to_sample():
     """On 2 items AUTO had answered from a 1-item maxmargin draw (5% of 2, rounded up), a
     different top 3 from the data's."""

@@ -12,12 +12,23 @@ from typing import NamedTuple
 import numpy as np
 
 from diagql import samplers
-from diagql.engine.planner import Plan, answered_from_profile, plan_query, predicate_mask
+from diagql.engine.planner import (
+    Plan,
+    answered_from_profile,
+    plan_query,
+    predicate_mask,
+)
 from diagql.language import ast
-from diagql.language.binder import TARGETS, BoundQuery
+from diagql.language.binder import TARGETS, BoundQuery, bind_sampler
 from diagql.progress import Progress
 from diagql.results.result import Growth, Result
-from diagql.session.auto import ABOUT, default_sampler, pass_layers, pass_or_draw
+from diagql.session.auto import (
+    ABOUT,
+    default_sampler,
+    held_classes,
+    pass_layers,
+    pass_or_draw,
+)
 
 # Without a size in the call, the first round is 1% of the data, at least 100 items.
 START_FRACTION = 0.01
@@ -43,6 +54,10 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
         return dataclasses.replace(bound, sampler=None), (
             f"exact: {reason}, so the exact answer needs no forward pass")
     sampler = bound.sampler or default_sampler(conn, profile)
+    over = _draw_over(sampler, profile, query.until.seconds, src) if bound.sampler is None \
+        else None
+    if over is not None:  # random's draw is free: the time goes to the rounds
+        sampler = bind_sampler(ast.SamplerCall("random"), conn.settings.seed, len(profile))
     start = _start(query, sampler, len(profile))
     n_match = int(predicate_mask(query.where, profile).sum())
     if n_match <= start:
@@ -56,7 +71,7 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
         return dataclasses.replace(bound, sampler=None), (
             f"exact: a pass over the {n_match:,} matching items (≈ {exact:.2g} s of model "
             f"time) fits within the {query.until.seconds:g} s given")
-    if bound.sampler is None:
+    if bound.sampler is None and over is None:
         # The default sampler's first draw (maxmargin's classifiers) may cost more than the
         # exact pass, which the rounds would then reach anyway: 0.7 s where exact took 0.08.
         cheaper, _ = pass_or_draw(conn, sampler, profile, n_match, src.sampling.artifacts,
@@ -66,7 +81,22 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
     goal = _goal(query.until)
     return dataclasses.replace(bound, sampler=sampler.resized(start)), (
         f"grow {sampler.name} from {start:,} items, doubling, {goal}; exact once a round "
-        f"would cost about as much ({n_match:,} matching items)")
+        f"would cost about as much ({n_match:,} matching items)" + (over or ""))
+
+
+def _draw_over(sampler: samplers.Sampler, profile, seconds: float | None, src) -> str | None:
+    """Why the default sampler gives way to random under WITHIN: its draw alone (not drawn
+    yet) would take more than FITS of the time given, where the pass does not fit either (a
+    sweep's 100-class MLP: maxmargin's draw priced at 26 s, the pass at 2.6 s, under WITHIN 2
+    SECONDS; exact was chosen and answered in 5.3 s). None: it fits, or no time is given."""
+    if seconds is None or src.sampling.artifacts.has_sample(sampler):
+        return None
+    draw = sampler.draw_seconds(len(profile), held_classes(profile) or profile.n_classes,
+                                profile.latents.shape[1])
+    if draw is None or draw <= FITS * seconds:
+        return None
+    return (f"; random, as drawing a {sampler.spec()} sample (≈ {draw:.2g} s) would spend the "
+            f"{seconds:g} s given")
 
 
 def _goal(until: ast.Until) -> str:
