@@ -61,7 +61,7 @@ def paper_scores(acts: dict, labels, correct, sample, ks) -> tuple[dict, float, 
                     s2.append(1.0)
                     s3.append(1.0)
                     for k in ks:
-                        if k < A.shape[1]:
+                        if k <= A.shape[1]:
                             s1[k].append(0.0)
                     continue
                 full_mean, part_mean = A[full].mean(axis=0), A[part].mean(axis=0)
@@ -69,7 +69,7 @@ def paper_scores(acts: dict, labels, correct, sample, ks) -> tuple[dict, float, 
                 hist = lambda items: np.bincount(winners[items], minlength=A.shape[1])  # noqa: E731
                 s3.append(jensenshannon(hist(part), hist(full), base=2))
                 for k in ks:
-                    if k < A.shape[1]:  # a layer of k or fewer: every neuron is in its top k
+                    if k <= A.shape[1]:  # a layer of fewer than k neurons has no top-k
                         # Ties go to the lower neuron index.
                         top_full = np.argsort(-full_mean, kind="stable")[:k]
                         top_part = np.argsort(-part_mean, kind="stable")[:k]
@@ -114,9 +114,9 @@ def test_scores_equal_the_paper_definitions(conn, truth):
 
 
 def test_relu_layers_with_tied_neurons_and_a_k_beyond_a_layer(conn, truth):
-    """ReLU outputs tie at 0 (ties go to the lower index); fc "7" has 32 neurons, so K 32 and
-    K 100 leave it out (its top 32 is every neuron), and K 300 (above every layer but none) is
-    refused at bind time."""
+    """ReLU outputs tie at 0 (ties go to the lower index); fc "7" has 32 neurons, so K 100
+    leaves it out and K 32 counts it at precision 1 (every neuron is in its top 32), saying
+    so, and K 300 (above every layer but none) is refused at bind time."""
     result = conn.query("EVALUATE SAMPLERS random AT 0.1 K 1, 32, 100 LAYERS 1, 7 SEEDS 2")
     expected = expected_rows(conn, truth, ["1", "7"],
                              [("random", "random({size}, random_state={seed})")], [0.1],
@@ -125,7 +125,8 @@ def test_relu_layers_with_tied_neurons_and_a_k_beyond_a_layer(conn, truth):
         got = [row[c] for c in ("S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd")]
         assert got == pytest.approx(expected["random", 0.1, row["k"]], abs=1e-9)
     assert any("k = 100 leaves out 7" in note for note in result.notes)
-    assert any("k = 32 leaves out 7 (32 or fewer neurons" in note for note in result.notes)
+    assert any("k = 32 counts 7 at precision 1 for every sample" in note
+               for note in result.notes)
 
 
 def test_the_default_k_is_below_the_widest_layer_s_neurons(conn, truth):

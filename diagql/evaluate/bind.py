@@ -107,8 +107,9 @@ def _bind_layers(refs: tuple[ast.LayerRef, ...], conn) -> list[LayerInfo]:
 
 
 def _bind_ks(statement: ast.Evaluate, layers: list[LayerInfo]) -> list[int]:
-    # A layer's top k of k or fewer neurons is all of them, which every sample gets right (a
-    # sweep's 4-wide head scored S1 1.000 for every sampler at the default k, then 4).
+    # A layer's top k of k neurons is all of them, which every sample gets right: a sweep's
+    # 4-wide head scored S1 1.000 for every sampler at the default k, then 4. Below the
+    # widest layer, at least one is scored on a real choice.
     if not statement.ks:
         return [max(1, min(DEFAULT_K, max(layer.neurons for layer in layers) - 1))]
     widest = max(layers, key=lambda layer: layer.neurons)

@@ -354,8 +354,8 @@ class _Tally:
         self.s3.append(js)
         top = np.argsort(-mean, axis=1, kind="stable")  # ties: the lower neuron index
         for k in self.ks:
-            if k >= layer.neurons:
-                continue  # every neuron of a layer of k or fewer is in its top k: nothing to get
+            if k > layer.neurons:
+                continue  # a layer of fewer than k neurons has no top-k to get right
             precision = np.zeros(valid)
             ranks = np.take_along_axis(full_rank[hit], top[:, :k], axis=1)
             precision[hit] = (ranks < k).sum(axis=1) / k
@@ -408,10 +408,16 @@ def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleS
                     f"asst: the scores of the model-assisted estimator's answers (SET "
                     f"estimator), each combination fitted on its own sampled items")
     for k in bound.ks:
-        left_out = [layer.name for layer in bound.layers if layer.neurons <= k]
+        left_out = [layer.name for layer in bound.layers if layer.neurons < k]
         if left_out:
-            result.notes.append(f"S1 at k = {k} leaves out {', '.join(left_out)} ({k} or "
-                                f"fewer neurons: every neuron is in the top {k})")
+            result.notes.append(f"S1 at k = {k} leaves out {', '.join(left_out)} (fewer than "
+                                f"{k} neurons)")
+        # Counted, as the paper's workload counts the logits at k = 10 (the reproduction's
+        # figures keep them), but said: their precision is 1 whatever the sample.
+        whole = [layer.name for layer in bound.layers if layer.neurons == k]
+        if whole:
+            result.notes.append(f"S1 at k = {k} counts {', '.join(whole)} at precision 1 "
+                                f"for every sample ({k} neurons: every one is in the top {k})")
     result.plan = bound
     return result
 
