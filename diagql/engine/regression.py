@@ -184,7 +184,7 @@ class OutlierRows:
     def group(self, g: int) -> OutlierRows:
         part = OutlierRows(self.p, self.n_neurons, self.k)
         if g in self.rows:
-            part.rows[None] = self.rows[g]
+            part.rows[None] = list(self.rows[g])  # its own list: a merge into it stays its own
         return part
 
     def column(self, j: int) -> SimpleNamespace:
