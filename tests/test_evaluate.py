@@ -135,8 +135,8 @@ def test_the_default_k_is_below_the_widest_layer_s_neurons(conn, truth):
     result = conn.query("EVALUATE SAMPLERS random AT 0.1 SEEDS 2 LAYERS 8")
     rows = result.records()
     assert {row["k"] for row in rows} == {9}
-    expected = expected_rows(conn, truth, ["8"], [("random", "random({size}, random_state={seed})")],
-                             [0.1], [9], 2)
+    calls = [("random", "random({size}, random_state={seed})")]
+    expected = expected_rows(conn, truth, ["8"], calls, [0.1], [9], 2)
     got = [rows[0][c] for c in ("S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd")]
     assert got == pytest.approx(expected["random", 0.1, 9], abs=1e-9)
 
