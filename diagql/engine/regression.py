@@ -330,12 +330,11 @@ def _centred(rows: RowSums, products: bool = True) -> tuple:
     return vbar, zbar, szz, szv, svv
 
 
-def _slope(parts: list, ridge: float) -> tuple:
-    """The pooled ridge slope of centred parts ((v̄, z̄, Szz, Szv, Svv) each): (B, A⁻¹, S)."""
-    S = sum(part[2] for part in parts)
+def _slope(S: np.ndarray, szv: np.ndarray, ridge: float) -> tuple:
+    """The pooled ridge slope from the parts' summed centred Szz and Szv: (B, A⁻¹)."""
     A = S + ridge * np.eye(S.shape[0])
-    B = np.linalg.solve(A, sum(part[3] for part in parts))  # p × neurons
-    return B, np.linalg.inv(A), S
+    B = np.linalg.solve(A, szv)  # p × neurons
+    return B, np.linalg.inv(A)
 
 
 def assisted(groups: dict, pooled: Pooled | None = None, ridge: float | None = None) -> dict:
@@ -358,25 +357,27 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float | None = N
     p = len(next(iter(parts.values()))[1][1])
     S = sum(whole[2] for _, whole, _ in parts.values())
     fits = [rows for _, _, rows in parts.values()]
+    # The fit rows' pooled Szz and Szv (p × neurons), summed once: the ridge's choice, the
+    # slope and the slopes' sizes the rows show all read them.
+    S_fit, szv_fit = sum(f[2] for f in fits), sum(f[3] for f in fits)
+    free = sum(rows.n for rows in (g.fit_rows for g, _, _ in parts.values())) - len(parts)
     # Every sampled row a fit row (at most FIT_ROWS a group, engine/prediction.py): the fit
     # rows' slope is the whole slope, at any ridge.
     every = all(g.fit_rows.n == g.n for g, _, _ in parts.values())
     if ridge is None:
         ridge = RIDGE if not every else ridges.chosen(
-            sum(f[2] for f in fits), sum(f[3] for f in fits), sum(f[4] for f in fits),
-            sum(g.n for g in groups.values() if g.n > 0) - len(parts),
+            S_fit, szv_fit, sum(f[4] for f in fits), free,
             [g.population_z - whole[1] for g, whole, _ in parts.values()])
     if ridge != RIDGE:
         pooled = None  # its directions are RIDGE's corrections (``directions``)
     A_inv = np.linalg.inv(S + ridge * np.eye(p))
-    B_fit, A_fit_inv, S_fit = _slope(fits, ridge)
+    B_fit, A_fit_inv = _slope(S_fit, szv_fit, ridge)
     if pooled is not None:
         D = pooled.directions
         # Dᵀ Σ_g S_zv,g: the projected products, each group centred.
         projected = pooled.products - sum(g.n * np.outer(D.T @ whole[1], whole[0])
                                           for g, whole, _ in parts.values())
     p_eff = float(np.trace(S_fit @ A_fit_inv))  # the fit's slope's degrees of freedom
-    free = sum(rows.n for rows in (g.fit_rows for g, _, _ in parts.values())) - len(parts)
     # Residuals of a fitted slope understate σ²; the floor only keeps a slope that fits all of
     # a tiny sample from dividing by ~0 (it was 1, which left n = 2 or 3 uninflated: its
     # expected cosine distances came out at 0.74x the actual, benchmarks/README.md).
@@ -384,7 +385,7 @@ def assisted(groups: dict, pooled: Pooled | None = None, ridge: float | None = N
     # Each neuron's slope along each eigendirection of the fit rows' covariates: its size
     # shows in their cross-products, (eᵀ·Szv)², where they determine it (``shown_slopes``).
     evals, evecs = np.linalg.eigh(S_fit)
-    along = (evecs.T @ sum(rows[3] for rows in fits)) ** 2
+    along = (evecs.T @ szv_fit) ** 2
     out = {}
     for key, (g, (ybar, zbar, *_), (fvbar, fzbar, fszz, fszv, fsvv)) in parts.items():
         delta = g.population_z - zbar
