@@ -39,11 +39,7 @@ def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
     (docs/ARCHITECTURE.md, "Plan and execute"), until the last of ``layers`` (``pass_layers``)."""
     if artifacts.has_sample(sampler):
         return None, ""
-    # The classes its classifiers are fitted on: those the labels hold (maxmargin's SVM has
-    # one per class present; a model scoring 1,000 classes over data holding 10 had its draw
-    # priced at 14 s where it took 0.08 s, and AUTO chose a 1.2 s exact pass).
-    draw = sampler.draw_seconds(len(profile), held_classes(profile) or profile.n_classes,
-                                profile.latents.shape[1])
+    draw = draw_seconds(sampler, profile)
     if draw is None:
         return None, ""
     exact = n_match * profile.seconds_per_item(layers)
@@ -53,6 +49,15 @@ def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
         return (f"a pass over the {n_match:,} matching items ({pass_cost}) costs less than "
                 f"drawing a {sampler.spec()} sample (≈ {draw:.2g} s)"), ""
     return None, f"; a pass over them all ({pass_cost}) costs more than the draw (≈ {draw:.2g} s)"
+
+
+def draw_seconds(sampler: samplers.Sampler, profile) -> float | None:
+    """What drawing ``sampler``'s sample from ``profile`` is priced at (None: nothing worth
+    weighing). Its classifiers are fitted on the classes the labels hold (maxmargin's SVM has
+    one per class present; a model scoring 1,000 classes over data holding 10 had its draw
+    priced at 14 s where it took 0.08 s, and AUTO chose a 1.2 s exact pass)."""
+    return sampler.draw_seconds(len(profile), held_classes(profile) or profile.n_classes,
+                                profile.latents.shape[1])
 
 
 def held_classes(profile) -> int:

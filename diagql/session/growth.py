@@ -25,7 +25,7 @@ from diagql.results.result import Growth, Result
 from diagql.session.auto import (
     ABOUT,
     default_sampler,
-    held_classes,
+    draw_seconds,
     pass_layers,
     pass_or_draw,
 )
@@ -91,8 +91,7 @@ def _draw_over(sampler: samplers.Sampler, profile, seconds: float | None, src) -
     SECONDS; exact was chosen and answered in 5.3 s). None: it fits, or no time is given."""
     if seconds is None or src.sampling.artifacts.has_sample(sampler):
         return None
-    draw = sampler.draw_seconds(len(profile), held_classes(profile) or profile.n_classes,
-                                profile.latents.shape[1])
+    draw = draw_seconds(sampler, profile)
     if draw is None or draw <= FITS * seconds:
         return None
     return (f"; random, as drawing a {sampler.spec()} sample (≈ {draw:.2g} s) would spend the "
