@@ -62,6 +62,17 @@ def _numpy_restored(sigma2, kappa, m, c, r, moved):
     return sigma2, excess
 
 
+def _group_centred(Y, Z, groups):
+    """(the group keys, sorted; Z and Y each centred on its group's mean)."""
+    keys = sorted(set(groups.tolist()))
+    Zc, Yc = Z.copy(), Y.copy()
+    for g in keys:
+        m = groups == g
+        Zc[m] -= Z[m].mean(axis=0)
+        Yc[m] -= Y[m].mean(axis=0)
+    return keys, Zc, Yc
+
+
 def _numpy_ridge(Y, Z, groups, z_pop):
     """The ridge the fit's rows choose (engine/ridge.py) written out with matrices: for each
     ridge λ of the grid, each group's correction δᵀB_λ has the variance σ²·δᵀA⁻¹SA⁻¹δ and the
@@ -69,12 +80,7 @@ def _numpy_ridge(Y, Z, groups, z_pop):
     σ²·λ²·δᵀA⁻¹S⁻¹A⁻¹δ clipped at 0; their sum per neuron over its spread Σ(y − ȳ)²/free,
     averaged over the groups and the neurons that vary, is the score; the least score is
     taken where it is under a tenth of the first ridge's (10), else 10."""
-    keys = sorted(set(groups.tolist()))
-    Zc, Yc = Z.copy(), Y.copy()
-    for g in keys:
-        m = groups == g
-        Zc[m] -= Z[m].mean(axis=0)
-        Yc[m] -= Y[m].mean(axis=0)
+    keys, Zc, Yc = _group_centred(Y, Z, groups)
     p = Z.shape[1]
     free = len(Y) - len(keys)
     if free <= p + 3:
@@ -106,12 +112,7 @@ def _numpy_assisted(Y, Z, groups, z_pop, n_pop, ridge, leverage=False):
     σ² is the residual variance with the fit's mean degrees-of-freedom correction; with
     ``leverage``, as a query's pass has it (engine/leverage.py), the latent outliers' residuals
     are restored in σ² and in the slope's noise (``_numpy_restored``)."""
-    keys = sorted(set(groups.tolist()))
-    Zc, Yc = Z.copy(), Y.copy()
-    for g in keys:
-        m = groups == g
-        Zc[m] -= Z[m].mean(axis=0)
-        Yc[m] -= Y[m].mean(axis=0)
+    keys, Zc, Yc = _group_centred(Y, Z, groups)
     p = Z.shape[1]
     S = Zc.T @ Zc
     A = S + ridge * np.eye(p)
