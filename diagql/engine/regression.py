@@ -189,13 +189,10 @@ class OutlierRows:
 
     def column(self, j: int) -> SimpleNamespace:
         """One weight column's sums over this (one group's) rows, as tensors."""
-        parts = self.rows.get(None, [])
-        z = torch.cat([part[0] for part in parts]) if parts else \
-            torch.zeros(0, self.p, dtype=torch.float64)
-        w = torch.cat([part[1][:, j] for part in parts]) if parts else \
-            torch.zeros(0, dtype=torch.float64)
-        v = torch.cat([part[2] for part in parts]) if parts else \
-            torch.zeros(0, self.n_neurons, dtype=torch.float64)
+        parts = self.rows.get(None) or [tuple(torch.zeros(0, width, dtype=torch.float64)
+                                              for width in (self.p, self.k, self.n_neurons))]
+        z, weights, v = (torch.cat(columns) for columns in zip(*parts))
+        w = weights[:, j]
         wz = w[:, None] * z
         return SimpleNamespace(w=w.sum(), v=w @ v, vv=w @ (v * v), z=wz.sum(dim=0), zz=wz.T @ z,
                                zv=wz.T @ v)
