@@ -161,3 +161,43 @@ def test_a_model_left_in_train_mode_is_said_to_be_answered_in_eval_mode():
         diagql.connect(model, (X, y), cache_dir=False, progress=False)
         diagql.connect(nn.Sequential(nn.Linear(D, 3)).train(), (X, y), cache_dir=False,
                        progress=False)
+
+
+class _ScalesInPlace(nn.Module):
+    """A forward that scales its input in place, as old code writes ``x /= 255.``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x /= 4.0
+        return self.head(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("form", ["pair", "columns", "TensorDataset"])
+def test_a_model_that_scales_its_input_in_place_leaves_the_users_data_and_answers_alone(form):
+    """Each pass had handed the model views of the user's X: the model divided the user's
+    tensor again on every pass (by 1,000 after three queries), answers drifted, and the
+    probe's checks blamed dropout and augmentation for the model's own writes."""
+    import warnings
+
+    torch.manual_seed(0)
+    X, y = torch.randn(300, 10) * 4, torch.randint(0, 3, (300,))
+    kept = X.clone()
+    model = _ScalesInPlace().eval()
+    with torch.no_grad():
+        truth = model.fc(X / 4.0).double().numpy()
+    data = {"pair": (X, y), "columns": {"x": X, "label": y},
+            "TensorDataset": torch.utils.data.TensorDataset(X, y)}[form]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        db = diagql.connect(model, data, cache_dir=False, progress=False)
+        for _ in range(2):
+            np.testing.assert_allclose(db.query("AVG NEURONS IN fc USING FULL").values,
+                                       truth.mean(axis=0), rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(
+                db.query("AVG NEURONS IN fc WHERE class = 1 USING FULL").values,
+                truth[y.numpy() == 1].mean(axis=0), rtol=1e-6, atol=1e-7)
+    assert torch.equal(X, kept)

@@ -3,6 +3,8 @@ what each returns per item (its batch axis, sequence layout and padding mask), m
 LayerCatalog (model/layers.py; docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
+import copy
+
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -60,6 +62,8 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     first = first_output = None
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
+        if first is None:  # kept as read: a model may change its inputs in place (x /= 255)
+            first = copy.deepcopy(x)
         try:
             seen, counted, output, made = _probe_pass(model, prepare(x), call)
         except ExecutionError as exc:
@@ -72,8 +76,8 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
                     f"BatchNorm without running statistics, gives an item outputs that depend "
                     f"on its batch and cannot be diagnosed so)", hint=exc.hint) from exc
             raise
-        if first is None:
-            first, first_output = x, first_tensor(output)
+        if first_output is None:
+            first_output = first_tensor(output)
         passes.append((len(idx), seen, counted, output))
     last_alone = _last_alone(model, source, prepare, call, n, sizes[-1])
     with warnings.catch_warnings(record=True) as said:  # DiagQL's kept in the catalog
@@ -146,7 +150,7 @@ def _checks(model, source, prepare, call, first, first_output, output, idx, size
     repeatable = check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1],
                                   size)
     with evaluation(model):  # the first item again, without hooks
-        again = first_tensor(call(model, prepare(first)))
+        again = first_tensor(call(model, prepare(copy.deepcopy(first))))
     # Then an item's batch may be compared: the last probe read the first item anew, which
     # data that reads differently (an augmentation, warned of) makes another input.
     if not (check_deterministic(first_output, again) and repeatable):
