@@ -1380,6 +1380,53 @@ def test_a_channels_last_maps_channels_are_its_last_axis():
                                means[sample].mean(0), atol=1e-9)
 
 
+class _Permute(nn.Module):
+    """torchvision's ops.misc.Permute, which its ConvNeXt's blocks use."""
+
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return torch.permute(x, self.dims)
+
+
+class _PermutedMap(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.to_last = nn.Conv2d(3, channels, 3, padding=1), _Permute([0, 2, 3, 1])
+        self.act, self.head = nn.GELU(), nn.Linear(channels, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.to_last(self.conv(x))).mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("channels,memory", [(8, "contiguous"), (6, "contiguous"),
+                                             (8, "channels_last")])
+def test_a_map_permuted_to_channels_last_by_a_module_has_its_channels_last(channels, memory):
+    """A Permute module's (N, H, W, C) output, and the GELU's after it, which no Linear or
+    LayerNorm made: its channels were read from its H axis, silently where H == C. The
+    Permute's output is a view of its input with the input's axis 1 last; the GELU keeps
+    its strides, or its shape (in channels_last memory the permuted map is contiguous)."""
+    model = _PermutedMap(channels)
+    X, y = torch.randn(150, 3, 8, 8), torch.randint(0, 3, (150,))
+    X = X.to(memory_format=getattr(torch, f"{memory}_format" if memory == "contiguous"
+                                   else memory))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for name in ("to_last", "act"):
+        means = _hooked(model, name, X).double().mean(dim=(1, 2))  # (items, C)
+        assert db.catalog[name].channels == channels
+        np.testing.assert_allclose(db.query(f"AVG CHANNELS IN {name}").values,
+                                   means.mean(0).numpy(), atol=1e-9)
+        shares = np.bincount(means.argmax(1).numpy(), minlength=channels) / len(X)
+        np.testing.assert_allclose(db.query(f"ARGMAX CHANNELS IN {name}").values, shares)
+    # The conv's channels stay first (axis 1), in channels_last memory too.
+    conv = _hooked(model, "conv", X).double().mean(dim=(2, 3))
+    np.testing.assert_allclose(db.query("AVG CHANNELS IN conv").values, conv.mean(0).numpy(),
+                               atol=1e-9)
+
+
 class _LayerNorm2d(nn.LayerNorm):
     """A LayerNorm over a (C, H, W) map's channels, permuted to last and back (timm's
     LayerNorm2d; Hugging Face's ConvNextLayerNorm(data_format="channels_first"))."""

@@ -4,6 +4,7 @@ permuted to (H, W, C)); the probe (model/probing.py) decides each layer's, and m
 reads its rows and channels by it (docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from diagql.model.views import CHANNELS_LAST, FLAT, SEQUENCE
@@ -38,10 +39,13 @@ def vector_layout(module: nn.Module, form: str, like: list, layouts: dict) -> st
     return next((layouts[other] for other in like if other in layouts), SEQUENCE)
 
 
-def map_layout(module: nn.Module, shape: tuple, like: list, layouts: dict) -> str:
+def map_layout(module: nn.Module, shape: tuple, like: list, layouts: dict,
+               stored_first: bool = False) -> str:
     """CHANNELS_LAST for a map (rank >= 3 per item) that a module making features on the last
     axis returned (a Linear or a LayerNorm over a permuted map: ConvNeXt's blocks, Swin's
-    stages), or that took its layout from one (an activation after it); FLAT (channels
+    stages), that is a channels-first map permuted to last (``stored_first``: a Permute
+    module's, torchvision ConvNeXt's, and an activation's after it, which keeps its input's
+    strides), or that took its layout from one (an activation after it); FLAT (channels
     first) otherwise, a conv's or a norm's of channels."""
     if isinstance(module, _LAST_AXIS) and not (
             isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1) and \
@@ -49,7 +53,30 @@ def map_layout(module: nn.Module, shape: tuple, like: list, layouts: dict) -> st
         return CHANNELS_LAST
     if isinstance(module, _CHANNELS_FIRST + _MAPS) or _channels_first_norm(module, shape):
         return FLAT
+    if stored_first:
+        return CHANNELS_LAST
     return next((layouts[other] for other in like if other in layouts), FLAT)
+
+
+def stored_channels_first(out: torch.Tensor, given: torch.Tensor | None = None) -> bool:
+    """Whether a map (batch and at least 3 axes) is a channels-first map with its channels
+    moved last: a view of the module's input (``given``) whose last axis is the input's
+    axis 1 (a Permute module's, whatever the memory format), or, made anew, a map whose
+    last axis is stored outermost, as an activation keeps the strides (CHW, W, 1, HW) of a
+    permuted (N, H, W, C) input. A map made channels-last (a Linear's) stores them
+    innermost; a conv's in torch.channels_last memory keeps them logically first."""
+    if out.ndim < 4 or out.shape[-1] < 2:
+        return False
+    if given is not None and given.ndim == out.ndim and given.numel() == out.numel() and \
+            out.untyped_storage().data_ptr() == given.untyped_storage().data_ptr():
+        moved = [axis for axis in range(given.ndim)
+                 if (given.stride(axis), given.shape[axis]) == (out.stride(-1), out.shape[-1])]
+        return moved == [1]
+    if out.is_contiguous():
+        return False
+    strides = [out.stride(axis) for axis in range(1, out.ndim) if out.shape[axis] > 1]
+    return len(strides) > 1 and out.stride(-1) == max(strides) and \
+        strides.count(out.stride(-1)) == 1
 
 
 def _channels_first_norm(module: nn.Module, shape: tuple | None) -> bool:

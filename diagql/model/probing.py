@@ -24,7 +24,7 @@ from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
 from diagql.model.input_masks import input_attention_mask, mask_key
-from diagql.model.layouts import map_layout, vector_layout
+from diagql.model.layouts import map_layout, stored_channels_first, vector_layout
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, named_inputs, padding_argument, padding_mask
 
@@ -44,6 +44,8 @@ class _Seen:
     masks: list[tuple[str, str, tuple]] = field(default_factory=list)  # (owner, arg, shape)
     input_mask: tuple | None = None  # the shape of the batch input's attention_mask
     input_mask_key: str = ""  # its key: attention_mask, or a decoder's decoder_attention_mask
+    # A map whose last axis is stored outermost (layouts.stored_channels_first).
+    stored_first: bool = False
 
 
 def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
@@ -332,7 +334,9 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
             shape = (len(parts), max(p.shape[0] for p in parts), parts[0].shape[1])
         result = _Seen("nested", shape, what)
     else:
-        result = _Seen("tensor", tuple(out.shape), what)
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        result = _Seen("tensor", tuple(out.shape), what,
+                       stored_first=stored_channels_first(out, first))
         if id(out) in made:
             result.like.append(made[id(out)][1])
         prefix = name + "."
@@ -342,7 +346,6 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
             if seen[earlier].shape == result.shape:
                 result.like.append(earlier)
                 break
-        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         if first is not None and id(first) in made and tuple(first.shape) == result.shape:
             result.like.append(made[id(first)][1])
         elif first is not None and tuple(first.shape) == result.shape and not result.like:
@@ -429,7 +432,7 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
         layout = vector_layout(module, last.form, last.like, layouts)
         layouts[key] = layout
     elif len(shape) >= 3:
-        layout = map_layout(module, last.shape, last.like, layouts)
+        layout = map_layout(module, last.shape, last.like, layouts, last.stored_first)
         layouts[key] = layout
     if layout == SEQUENCE and len({s[1] for s in per_item}) > 1:
         return refuse(f"its hidden size changes with the batch (shapes {shapes} for batches of "
