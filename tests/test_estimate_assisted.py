@@ -600,3 +600,40 @@ def test_a_where_s_covariate_means_are_averaged_once_per_matching_set(monkeypatc
     np.testing.assert_array_equal(again.estimate.ci_low, first.estimate.ci_low)
     db.query("AVG NEURONS IN encoder.1 WHERE class = 4 USING SAMPLE random(0.2)")
     assert len(calls) > before  # another matching set: averaged anew
+
+
+@pytest.mark.parametrize("factor", [1.0, 40.0])
+def test_a_random_sample_s_mean_answers_where_the_fit_s_check_widened_it_past_the_mean(
+        mlp, digits, monkeypatch, factor):
+    """Where the extrapolation check widens a fit's errors past the plain sample mean's, a
+    uniform sample's mean (unbiased, its error honest) answers instead, with its own t
+    interval, and the estimate says so; a non-uniform sampler's fit stays, widened (its
+    sample mean is biased). A sweep's model with a few inputs 10,000 times the others'
+    had answered 350x as far from the exact means as the same sample's mean."""
+    X, y = digits
+    monkeypatch.setattr(extrapolation, "widening",
+                        lambda check, z, items, keys, matching, population, *rest:
+                        {key: factor for key in population})
+    db = diagql.connect(mlp, digits, cache_dir=False, progress=False)  # no memo of the check
+    Y = _layer(mlp, X)
+    labels = y.numpy()
+    result = db.query("AVG NEURONS IN encoder.1 GROUP BY class USING SAMPLE random(0.2)")
+    sample = db.sample("random(0.2)")
+    for g, part in result.groups.items():
+        rows = Y[sample[labels[sample] == g]]
+        est = part.estimate
+        if factor == 1.0:
+            assert est.estimator == "assisted" and est.fit_refused is None
+            continue
+        assert est.estimator == "plain" and est.fit_refused == factor
+        np.testing.assert_allclose(part.values, rows.mean(axis=0), rtol=1e-6, atol=1e-7)
+        n, N = len(rows), int((labels == g).sum())
+        se = rows.std(axis=0, ddof=1) / np.sqrt(n) * np.sqrt((N - n) / (N - 1))
+        live = se > 0
+        np.testing.assert_allclose(((est.ci_high - est.ci_low) / 2)[live],
+                                   (stats.t.ppf(0.975, n - 1) * se)[live], rtol=1e-6)
+    if factor > 1.0:
+        assert "the sample mean answers: the model-assisted fit missed values the profile " \
+               "knows for every item by 40.0x" in " ".join(str(result).split())
+        biased = db.query("AVG NEURONS IN encoder.1 WHERE class = 3 USING SAMPLE vas(0.2)")
+        assert biased.estimate.estimator == "assisted" and biased.estimate.widened == factor

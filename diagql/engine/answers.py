@@ -78,20 +78,33 @@ def build_result(plan: Plan, states: dict) -> Result:
             plan.covariate_means is not None or plan.winner_shares is not None):
         fits = estimate.fit(states, plan.population, plan.covariate_means, plan.prediction,
                             plan.winner_shares, plan.widening, plan.recheck)
+    # A uniform sample's mean answers where the fit's check widened its errors past the mean's.
+    refused = estimate.refused(fits, states, plan.population) if fits and \
+        getattr(plan.bound.sampler, "uniform", False) and query.aggregate != "argmax" else {}
+    fits = {key: f for key, f in fits.items() if key not in refused}
     if query.group_by is None:
-        return _answer(plan, states.get(None), None, fits.get(None))
+        return _refusing(_answer(plan, states.get(None), None, fits.get(None)), refused, None)
     # TOPK's P(in top-k) of every group from one fit of their priors (engine/deconvolution.py).
     started = time.perf_counter()
     priors = estimate.topk_priors(states, plan.population, fits) if plan.approximate and \
         query.aggregate == "topk" and query.order == "mean" else {}
     fitted_priors = time.perf_counter() - started
     result = _single(plan, None, sum(plan.population.values()))
-    result.groups = {key: _answer(plan, states.get(key), key, fits.get(key), priors.get(key))
+    result.groups = {key: _refusing(_answer(plan, states.get(key), key, fits.get(key),
+                                            priors.get(key)), refused, key)
                      for key in shown_keys(states, plan.population, plan.approximate)}
     result.n_items = sum(g.n_items for g in result.groups.values())
     if plan.approximate:
         result.timings["estimate"] = fitted_priors + sum(g.timings.get("estimate", 0.0)
                                                          for g in result.groups.values())
+    return result
+
+
+def _refusing(result: Result, refused: dict, key) -> Result:
+    """The answer, its estimate noting the fit's widening where the sample mean answers
+    instead (``estimate.refused``)."""
+    if key in refused and result.estimate is not None:
+        result.estimate = dataclasses.replace(result.estimate, fit_refused=refused[key])
     return result
 
 

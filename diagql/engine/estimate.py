@@ -126,6 +126,25 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
             for key, f in fitted.items()}
 
 
+def refused(fits: dict, states: dict, population: dict) -> dict:
+    """key -> the widening of each mean's fit whose widened standard errors sum (in squares,
+    over the neurons) past the plain sample mean's: for a uniform sample only, where the
+    sample mean is unbiased and its error honest, so that it answers instead. A fit the
+    extrapolation check widened 9.7x had answered 350x as far from the exact means as the
+    same sample's mean (inputs of a few features 10,000 times the others': the sweep's,
+    benchmarks/README.md, "2026-12-05")."""
+    out = {}
+    for key, fitted in fits.items():
+        state = states.get(key)
+        if fitted.widened <= 1.0 or state is None or not hasattr(state, "sumsq") or \
+                state.count < 2:
+            continue
+        plain = _plain_se(state, population[key])
+        if float(np.sum(plain ** 2)) < float(np.sum(fitted.se ** 2)):
+            out[key] = fitted.widened
+    return out
+
+
 def _pooled(states: dict, prediction) -> Pooled | None:
     """The pass's pooled products (one for all the groups: regression.Pooled), the
     residual's with a block prediction; None when the states streamed none."""

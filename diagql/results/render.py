@@ -288,6 +288,12 @@ def estimate_line(result) -> Text | None:
             f"{min(widened):.1f}-{max(widened):.1f}x by group"
         covers += (f"; intervals widened {amount}: checked on values the profile knows "
                    f"for every item, the fit missed them by more than its standard errors")
+    refused = [e.fit_refused for e in reliable if e.fit_refused]
+    if refused:
+        which = "" if len(refused) == len(reliable) else f" of {len(refused)} groups"
+        covers += (f"; the sample mean answers{which}: the model-assisted fit missed values "
+                   f"the profile knows for every item by {max(refused):.1f}x its standard "
+                   f"errors, which left its error above the mean's")
     return Text(f"estimated from the sample: expected {reliable[0].metric.label} {value:.3f}{scope}; "
                 f"{covers}", style="dim")
 

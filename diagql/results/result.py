@@ -131,6 +131,9 @@ class Estimate:
     # The factor the intervals were widened by because the fit, checked on values known for
     # every item, missed them by more than its own standard errors (engine/prediction.py).
     widened: float | None = None
+    # Where the sample mean answers instead of the fit (a uniform sample, ``estimator``
+    # "plain"): the factor the fit's check had widened its errors by, past the mean's own.
+    fit_refused: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready, the fields that are set, the expected value as "expected_<metric>"."""
@@ -138,7 +141,7 @@ class Estimate:
         if self.exact:
             out["exact"] = True
         for name in ("estimator", "level", "n", "population", "reason", "ci_low", "ci_high",
-                     "p_in_topk", "widened"):
+                     "p_in_topk", "widened", "fit_refused"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = _jsonable(value)
