@@ -12,7 +12,7 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, Tens
 from diagql.errors import DiagQLError
 from diagql.model.data_forms import collate_items, is_sequence_of_items, one_row_per_item, \
     read_batches, read_only, refuse_foreign, refuse_reordering, split_next
-from diagql.model.labels import as_labels, refuse_batches
+from diagql.model.labels import LABEL_KEYS, as_labels, refuse_batches
 from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
 
@@ -20,7 +20,6 @@ Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model i
 
 # Where a mapping keeps its labels when no label_key names them (Hugging Face uses "labels"
 # and "label"; plain PyTorch code "y" and "target(s)").
-LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 FORMS = ("a torch Dataset of (x, y) or of dicts (or any sequence of such items: a list, a "
          "Hugging Face datasets.Dataset), a DataLoader, a pair (X, y) of tensors or arrays, or a "
          "mapping of named inputs (with its labels under a key, or as (mapping, y))")

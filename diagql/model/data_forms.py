@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import default_collate
 
 from diagql.errors import DiagQLError, ExecutionError
-from diagql.model.labels import MissingLabel, missing_label
+from diagql.model.labels import LABEL_KEYS, MissingLabel, missing_label
 
 
 def _from(data, package: str, name: str) -> bool:
@@ -57,7 +57,28 @@ def collate_items(items: list):
         return default_collate([_converted(item[0]) for item in items]), None
     if any(unlabelled):
         raise missing_label(unlabelled.index(True), "None")
+    _same_keys(items)
     return default_collate([_converted(item) for item in items])
+
+
+def _same_keys(items: list) -> None:
+    """Refuse mapping items of one batch whose keys differ: the default collate takes a
+    batch's keys from its first item, so a first item without "label" had dropped every
+    item's label unsaid, and a later one failed with a bare KeyError. An item without a
+    label key the others hold is named as an item without a label."""
+    if not items or not all(isinstance(item, Mapping) for item in items):
+        return
+    every = set().union(*(item.keys() for item in items))
+    for position, item in enumerate(items):
+        lacking = every - set(item)
+        if not lacking:
+            continue
+        label = next((key for key in LABEL_KEYS if key in lacking), None)
+        if label is not None:
+            raise missing_label(position, f"no {label!r} key, which other items hold")
+        raise DiagQLError(f"the data's items hold different keys: one lacks "
+                          f"{sorted(lacking, key=str)}, which others hold; DiagQL needs the "
+                          f"same inputs in every item")
 
 
 def _converted(item):

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 import torch
 
 from diagql.errors import DiagQLError, ExecutionError
-from diagql.model.data import LABEL_KEYS, NAME_LABEL_KEY
+from diagql.model.data import NAME_LABEL_KEY
+from diagql.model.labels import LABEL_KEYS
 
 
 def to_device(x, device: torch.device, dtype: torch.dtype):

@@ -9,6 +9,10 @@ import torch
 
 from diagql.errors import DiagQLError
 
+# The keys a mapping item's label is looked for under, in this order, unless connect's
+# ``label_key`` names one.
+LABEL_KEYS = ("labels", "label", "y", "target", "targets")
+
 
 class MissingLabel(DiagQLError):
     """An item has no label (NaN, None, pandas' NA). ``position`` is its place among the

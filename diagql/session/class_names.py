@@ -11,7 +11,7 @@ from dataclasses import replace
 from diagql.errors import DiagQLError, warn, whole
 from diagql.language import ast
 from diagql.language.binder import _error
-from diagql.model.data import LABEL_KEYS
+from diagql.model.labels import LABEL_KEYS
 
 
 def given_names(classes) -> list[str] | None:
