@@ -619,12 +619,14 @@ def test_a_random_sample_s_mean_answers_where_the_fit_s_check_widened_it_past_th
     labels = y.numpy()
     result = db.query("AVG NEURONS IN encoder.1 GROUP BY class USING SAMPLE random(0.2)")
     sample = db.sample("random(0.2)")
+    answered = set()
     for g, part in result.groups.items():
         rows = Y[sample[labels[sample] == g]]
         est = part.estimate
-        if factor == 1.0:
+        if factor == 1.0 or len(rows) < estimate.REFUSE_ITEMS:  # too few for the mean's own
             assert est.estimator == "assisted" and est.fit_refused is None
             continue
+        answered.add(g)
         assert est.estimator == "plain" and est.fit_refused == factor
         np.testing.assert_allclose(part.values, rows.mean(axis=0), rtol=1e-6, atol=1e-7)
         n, N = len(rows), int((labels == g).sum())
@@ -633,7 +635,8 @@ def test_a_random_sample_s_mean_answers_where_the_fit_s_check_widened_it_past_th
         np.testing.assert_allclose(((est.ci_high - est.ci_low) / 2)[live],
                                    (stats.t.ppf(0.975, n - 1) * se)[live], rtol=1e-6)
     if factor > 1.0:
-        assert "the sample mean answers: the model-assisted fit missed values the profile " \
+        assert len(answered) >= 3
+        assert "the model-assisted fit missed values the profile " \
                "knows for every item by 40.0x" in " ".join(str(result).split())
-        biased = db.query("AVG NEURONS IN encoder.1 WHERE class = 3 USING SAMPLE vas(0.2)")
+        biased = db.query("AVG NEURONS IN encoder.1 WHERE class = 3 USING SAMPLE vas(0.5)")
         assert biased.estimate.estimator == "assisted" and biased.estimate.widened == factor
