@@ -172,3 +172,59 @@ def test_real_positions_reads_either_meaning_and_refuses_a_mask_of_something_els
     for mask in (forecast, scattered, forecast.bool()):
         assert real_positions({"x": every, "mask": mask}, "mask") is None
     assert real_positions({"x": every, "mask": torch.tensor([[0, 1, 2, 2]] * 3)}, "mask") is None
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(30, 8, padding_idx=0), nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return torch.tanh(self.lin(self.emb(ids)))
+
+
+class _DualEncoder(nn.Module):
+    """A query and a document, each padded to one length, each with its own mask."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc, self.doc_enc, self.head = _Tokens(), _Tokens(), nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask, doc_ids, doc_attention_mask):
+        def pool(h, m):
+            m = m.unsqueeze(-1).float()
+            return (h * m).sum(1) / m.sum(1)
+        return self.head(torch.cat([pool(self.enc(input_ids), attention_mask),
+                                    pool(self.doc_enc(doc_ids), doc_attention_mask)], 1))
+
+
+def _padded(n: int, length: int, low: int, high: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (n,), generator=g)
+    mask = (torch.arange(length) < lengths[:, None]).long()
+    return torch.randint(1, 30, (n, length), generator=g) * mask, mask
+
+
+def test_a_second_attention_mask_of_the_same_shape_is_warned_of():
+    """A dual encoder's document layers were averaged over the query's attention_mask,
+    unwarned, where both inputs are padded to one length (the sweep's `doc_enc`: a silently
+    wrong mean over tokens and TOKEN -1). One mask, or a decoder's beside it, says nothing."""
+    ids, mask = _padded(120, 12, 2, 6, 0)
+    doc_ids, doc_mask = _padded(120, 12, 5, 12, 1)
+    data = {"input_ids": ids, "attention_mask": mask, "doc_ids": doc_ids,
+            "doc_attention_mask": doc_mask, "labels": torch.arange(120) % 3}
+    with pytest.warns(diagql.DiagQLWarning, match=r"several attention masks of one shape "
+                                                  r"\('attention_mask', 'doc_attention_mask'\)"):
+        diagql.connect(_DualEncoder().eval(), data, cache_dir=False, progress=False).catalog
+    single = {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(120) % 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        db = diagql.connect(_OneEncoder().eval(), single, cache_dir=False, progress=False)
+        assert "enc" in db.layers
+
+
+class _OneEncoder(_DualEncoder):
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        return self.head(torch.cat([(self.enc(input_ids) * m).sum(1) / m.sum(1)] * 2, 1))

@@ -92,6 +92,22 @@ def mask_key(inputs, module: str | None = None) -> str | None:
         inputs.get(key))), "attention_mask")
 
 
+def rival_masks(inputs) -> list[str]:
+    """The other attention masks of a mapping model input (keys ending in "attention_mask",
+    a decoder's aside) of the shape of the one ``mask_key`` reads outside a decoder: a dual
+    encoder's ``doc_attention_mask`` beside ``attention_mask``, both padded to one length. Every
+    sequence layer's real tokens are read from that one, so a layer over the other input's
+    tokens would be averaged over the wrong positions, which no shape reveals."""
+    key = mask_key(inputs)
+    chosen = inputs.get(key) if key is not None else None
+    if not isinstance(chosen, torch.Tensor):
+        return []
+    return [other for other, value in inputs.items()
+            if isinstance(other, str) and other != key and other.endswith("attention_mask")
+            and other != "decoder_attention_mask" and isinstance(value, torch.Tensor)
+            and value.shape == chosen.shape]
+
+
 def _two_dimensional(mask) -> bool:
     return isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.numel() > 0
 

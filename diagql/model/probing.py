@@ -23,7 +23,7 @@ from diagql.model.repeatable import Unrepeatable, check_batch_independent, \
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
-from diagql.model.input_masks import input_attention_mask, mask_key
+from diagql.model.input_masks import input_attention_mask, mask_key, rival_masks
 from diagql.model.layouts import map_layout, stored_channels_first, vector_layout
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, named_inputs, padding_argument, padding_mask
@@ -81,6 +81,14 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if first_output is None:
             first_output = first_tensor(output)
         passes.append((len(idx), seen, counted, output))
+    rivals = rival_masks(x)
+    if rivals:
+        warn(f"the model's input holds several attention masks of one shape ({mask_key(x)!r}, "
+             f"{', '.join(repr(key) for key in rivals)}): DiagQL reads the real tokens of every "
+             f"sequence layer but a decoder's from {mask_key(x)!r}, so the mean over tokens (the "
+             f"default), TOKENS MAX and TOKEN -1 of a layer over another input's tokens (a "
+             f"second encoder's) are taken over that mask's positions; TOKEN 0 is not affected, and a connection of that encoder "
+             f"alone reads its own mask")
     last_alone = _last_alone(model, source, prepare, call, n, sizes[-1])
     with warnings.catch_warnings(record=True) as said:  # DiagQL's kept in the catalog
         warnings.simplefilter("always")
