@@ -116,8 +116,11 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
                 check = checks[combo.layer]
                 widened = None if check is None else extrapolation.widening(
                     check, z, chosen, None, combo.items, {None: population}, z_pop)
-                fits = {"assisted": (estimate.fit({None: mean_state}, {None: population}, z_pop,
-                                                  prediction, widened=widened)[None],
+                fit_mean = estimate.fit({None: mean_state}, {None: population}, z_pop,
+                                        prediction, widened=widened)
+                if uniform and estimate.refused(fit_mean, {None: mean_state}, {None: population}):
+                    fit_mean = {None: None}  # the sample mean answers (answers.build_result)
+                fits = {"assisted": (fit_mean[None],
                                      estimate.fit({None: hist_state}, {None: population}, z_pop,
                                                   prediction, winner_shares)[None]),
                         "plain": (None, None)}
