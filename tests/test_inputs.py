@@ -404,6 +404,10 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
         "X is a tuple of 2 tensors ((30, 4), (30, 2)); for a model with several inputs, pass a "
         "Dataset whose items are ((x1, x2, ...), y), or a dict of named inputs with the labels "
         "(a mapping, y)")
+    # One tensor an item (a list comprehension's): its one shape, and torch.stack, not 30.
+    assert _refusal(net, ([X[i] for i in range(30)], y)).startswith(
+        "X is a list of 30 tensors ((4,)): if each is one item's input, torch.stack(X) makes "
+        "them the one tensor DiagQL takes; for a model with several inputs")
     unpadded = [{"input_ids": s, "labels": int(c)} for s, c in zip(sequences, labels)]
     assert _refusal(bert, unpadded).endswith(
         "; items of different lengths need a padding collate_fn: pass DataLoader(data, "
@@ -460,3 +464,19 @@ def test_a_label_given_as_a_one_element_list_is_that_label():
         np.testing.assert_array_equal(db.profile.labels, y.numpy())
         with torch.no_grad():
             np.testing.assert_array_equal(db.profile.predictions, model(X).argmax(1).numpy())
+
+
+def test_whole_number_labels_held_as_objects_are_those_labels():
+    """A pandas object column of ints (numpy dtype object) was refused as "labels must be class
+    indices (whole numbers), not 2, 0, 1", whole numbers all; strings, floats and booleans
+    held so are still refused."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(50, 8, generator=g), torch.randint(0, 3, (50,), generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    held = np.array(y.tolist(), dtype=object)
+    db = diagql.connect(model, (X, held), cache_dir=False, progress=False)
+    np.testing.assert_array_equal(db.profile.labels, y.numpy())
+    for odd in (np.array(["a"] * 50, dtype=object), np.array([True] * 50, dtype=object)):
+        with pytest.raises(DiagQLError, match="labels must be class indices"):
+            diagql.connect(model, (X, odd), cache_dir=False, progress=False).profile

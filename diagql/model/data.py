@@ -396,11 +396,14 @@ def _as_tensor(X, name: str) -> torch.Tensor:
         return X
     if isinstance(X, (tuple, list)) and len(X) > 1 and all(
             isinstance(part, torch.Tensor) and part.ndim > 0 for part in X):
-        shapes = ", ".join(str(tuple(part.shape)) for part in X)
-        raise DiagQLError(f"{name} is a {type(X).__name__} of {len(X)} tensors ({shapes}); for a "
-                          f"model with several inputs, pass a Dataset whose items are "
-                          f"((x1, x2, ...), y), or a dict of named inputs with the labels "
-                          f"(a mapping, y)")
+        kinds = list(dict.fromkeys(tuple(part.shape) for part in X))
+        shapes = ", ".join(str(shape) for shape in kinds[:4]) + (", ..." if len(kinds) > 4 else "")
+        stacked = f": if each is one item's input, torch.stack({name}) makes them the one " \
+            f"tensor DiagQL takes;" if len(kinds) == 1 and len(X) > 4 else ";"
+        raise DiagQLError(f"{name} is a {type(X).__name__} of {len(X)} tensors ({shapes})"
+                          f"{stacked} for a model with several inputs, pass a Dataset whose "
+                          f"items are ((x1, x2, ...), y), or a dict of named inputs with the "
+                          f"labels (a mapping, y)")
     try:
         with read_only():  # a memory-mapped array is read where it lies, never written
             array = np.asarray(X)

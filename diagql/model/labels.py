@@ -132,6 +132,9 @@ def as_labels(y) -> np.ndarray:
                               f"diagnoses classifiers, and a regression model's continuous "
                               f"targets name no class; give the data without them, (X, None), "
                               f"to query its layers")
+    elif y.dtype.kind == "O" and len(y) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in y.tolist()):
+        return y.astype(np.int64)  # whole numbers held as objects (a pandas object column)
     elif y.dtype.kind in "USO":
         missing = [_missing(v) for v in y.tolist()] if y.dtype.kind == "O" else [False]
         if any(missing):
