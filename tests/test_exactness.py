@@ -707,6 +707,27 @@ def test_groups_a_sample_drew_none_of_are_shown_with_their_counts(cnn, digits, c
     assert empty in rows and len(rows) == 1 + 2 * len(drawn) + 10 - len(drawn)
 
 
+def test_with_baseline_a_group_the_sample_missed_shows_its_exact_answer(cnn, digits, cnn_truth):
+    """WITH BASELINE computes a missed group's exact answer (its distance 1 counted), and its
+    table column had been empty: it now lists the exact top-k, as plain torch has them."""
+    from diagql.results.render import to_text
+
+    db = diagql.connect(cnn, digits, batch_size=64)
+    sample = db.sample("random(5)")
+    result = db.query("TOPK 2 NEURONS IN 2 GROUP BY class USING SAMPLE random(5) WITH BASELINE")
+    missed = min(set(range(10)) - set(cnn_truth.labels[sample].tolist()))
+    exact = result.groups[missed].baseline
+    acts = cnn_truth.activations("2")
+    rows = acts[cnn_truth.labels == missed].reshape(-1, acts[0].size).mean(axis=0)
+    top = np.argsort(-rows, kind="stable")[:2]
+    np.testing.assert_allclose(exact.values, rows[top], rtol=1e-5)
+    lines = to_text(result).splitlines()
+    at = next(i for i, line in enumerate(lines) if "matching items sampled" in line)
+    for rank, value in enumerate(exact.values):
+        cells = lines[at + 1 + rank].split()
+        assert f"{value:.4f}" in cells and exact.labels[rank] in " ".join(cells)
+
+
 def test_a_sample_says_how_many_of_the_datas_matching_items_it_holds(cnn, digits, cnn_truth):
     """A sample's caption says how many matching items it holds of how many the data has
     (it said "12 matching items", which read as the data's count), and JSON carries both."""

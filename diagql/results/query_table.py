@@ -79,6 +79,24 @@ def _query_table(result, max_rows: int, bars: bool = True, marks: bool = True,
     return table
 
 
+def _add_exact_rows(table, exact, grouped: bool, max_rows: int, shown_estimate: bool,
+                    bars: bool, marks: bool, ranks: bool) -> None:
+    """Where the sample holds none of a group's matching items, WITH BASELINE's exact answer
+    alone, the largest first (its column had been empty, the answer computed)."""
+    import numpy as np  # loaded with the first result, not with this module
+
+    values = exact.values
+    order = range(len(values)) if exact.kind == "topk" else \
+        np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable").tolist()
+    for j in list(order)[:max_rows]:
+        cells = [""] if grouped else []
+        if exact.kind == "topk" and ranks:
+            cells.append(str(j + 1))
+        cells += [exact.labels[j], ""] + ([""] if shown_estimate else []) + \
+            ([""] if bars else []) + [number(values[j])]
+        table.add_row(*cells)
+
+
 def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
               shown_estimate: bool, bars: bool = True, marks: bool = True,
               ranks: bool = True) -> None:
@@ -90,6 +108,9 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
                                                         else []) + [
             none_sampled(population) if population else "no matching items in the sample"]
         table.add_row(*cells)
+        exact = part.baseline if with_exact else None
+        if exact is not None and exact.n_items and len(exact.values):
+            _add_exact_rows(table, exact, grouped, max_rows, shown_estimate, bars, marks, ranks)
         return
     values = part.values
     top = float(abs(values).max()) if len(values) else 0.0
