@@ -128,28 +128,22 @@ def fit(states: dict, population: dict, covariate_means: dict, prediction=None,
 
 def refused(fits: dict, states: dict, population: dict) -> dict:
     """key -> the widening of each mean's fit whose widened standard errors, summed in
-    squares over the neurons, exceed REFUSE_MARGIN times the plain sample mean's, over at
-    least REFUSE_ITEMS sampled items: for a uniform sample only, where the sample mean is
-    unbiased and its error honest, so that it answers instead. A fit the extrapolation check
-    widened 9.7x had answered 350x as far from the exact means as the same sample's mean
-    (inputs of a few features 10,000 times the others': a sweep's model, benchmarks/README.md,
-    "2026-12-05"). The margin and the floor keep a noisy plain error from being chosen for
-    being small: at a ratio of 1.3-1.75 over 10-34 items (tiny GPT-2 and BERT cells) the
-    choice went either way, once to 6x the fit's actual error."""
+    squares, exceed REFUSE_MARGIN times the plain mean's over at least REFUSE_ITEMS items:
+    for a uniform sample only (its mean unbiased, its error honest), which then answers. A
+    fit widened 9.7x had answered 350x as far from the exact means as the sample's mean (a
+    few inputs 10,000 times the others': benchmarks/README.md, "2026-12-05"); the margin and
+    the floor keep a noisy small-sample error from winning for being small."""
     out = {}
     for key, fitted in fits.items():
         state = states.get(key)
-        if fitted.widened <= 1.0 or state is None or not hasattr(state, "sumsq") or \
-                state.count < REFUSE_ITEMS:
-            continue
-        plain = _plain_se(state, population[key])
-        if REFUSE_MARGIN * float(np.sum(plain ** 2)) < float(np.sum(fitted.se ** 2)):
+        if fitted.widened > 1.0 and state is not None and hasattr(state, "sumsq") and \
+                state.count >= REFUSE_ITEMS and REFUSE_MARGIN * float(np.sum(
+                    _plain_se(state, population[key]) ** 2)) < float(np.sum(fitted.se ** 2)):
             out[key] = fitted.widened
     return out
 
 
-REFUSE_MARGIN = 4.0  # the plain mean's squared error under a quarter of the widened fit's
-REFUSE_ITEMS = 30
+REFUSE_MARGIN, REFUSE_ITEMS = 4.0, 30
 
 
 def _pooled(states: dict, prediction) -> Pooled | None:

@@ -339,8 +339,8 @@ def dataset_indices(source: ItemSource, items: np.ndarray) -> np.ndarray:
 def _take(X: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
     """The rows ``idx`` of the user's X, always a copy: a model that scales its input in
     place (``x /= 255``) had rescaled the user's own tensor through a run's view on every
-    pass, and each pass answered about other inputs. A run's copy costs a few percent of its
-    forward (a 28 x 28 image's 3 KB)."""
+    pass, and each pass answered about other inputs. The copy costs nothing measurable
+    beside the forward (benchmarks/README.md, "2026-12-05")."""
     if len(idx) and bool(np.all(np.diff(idx) == 1)):  # a run of items (a full pass)
         return X[int(idx[0]):int(idx[-1]) + 1].clone()
     return X[torch.from_numpy(idx)]

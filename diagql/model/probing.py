@@ -4,7 +4,6 @@ LayerCatalog (model/layers.py; docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
 import copy
-
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -87,8 +86,8 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
              f"{', '.join(repr(key) for key in rivals)}): DiagQL reads the real tokens of every "
              f"sequence layer but a decoder's from {mask_key(x)!r}, so the mean over tokens (the "
              f"default), TOKENS MAX and TOKEN -1 of a layer over another input's tokens (a "
-             f"second encoder's) are taken over that mask's positions; TOKEN 0 is not affected, and a connection of that encoder "
-             f"alone reads its own mask")
+             f"second encoder's) are taken over that mask's positions; TOKEN 0 is not "
+             f"affected, and a connection of that encoder alone reads its own mask")
     last_alone = _last_alone(model, source, prepare, call, n, sizes[-1])
     with warnings.catch_warnings(record=True) as said:  # DiagQL's kept in the catalog
         warnings.simplefilter("always")
