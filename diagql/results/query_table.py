@@ -80,7 +80,7 @@ def _query_table(result, max_rows: int, bars: bool = True, marks: bool = True,
 
 
 def _add_exact_rows(table, exact, grouped: bool, max_rows: int, shown_estimate: bool,
-                    bars: bool, marks: bool, ranks: bool) -> None:
+                    bars: bool, ranks: bool) -> None:
     """Where the sample holds none of a group's matching items, WITH BASELINE's exact answer
     alone, the largest first (its column had been empty, the answer computed)."""
     import numpy as np  # loaded with the first result, not with this module
@@ -110,7 +110,7 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
         table.add_row(*cells)
         exact = part.baseline if with_exact else None
         if exact is not None and exact.n_items and len(exact.values):
-            _add_exact_rows(table, exact, grouped, max_rows, shown_estimate, bars, marks, ranks)
+            _add_exact_rows(table, exact, grouped, max_rows, shown_estimate, bars, ranks)
         return
     values = part.values
     top = float(abs(values).max()) if len(values) else 0.0
