@@ -746,3 +746,40 @@ class _Pairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return (self.a[i], self.b[i]), int(self.y[i])
+
+
+class Aliased(nn.Module):
+    """``enc`` under two more names: ``twice`` (an attribute) and ``seq.1`` (inside a
+    Sequential), called twice per pass; ``head`` also as ``out``, called once."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(5, 5)
+        self.twice = self.enc
+        self.seq = nn.Sequential(nn.Linear(5, 5), self.enc)
+        self.head = nn.Linear(5, 3)
+        self.out = self.head
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.twice(torch.tanh(self.seq(x)))))
+
+
+def test_a_module_under_another_name_is_the_same_module():
+    model = _randomise(Aliased(), 5)
+    X, y = _data((5,), 6)
+    db = connect(model, (X, y))
+    with torch.no_grad():
+        first = F.linear(F.linear(X, model.seq[0].weight, model.seq[0].bias),
+                         model.enc.weight, model.enc.bias)
+        second = F.linear(torch.tanh(first), model.enc.weight, model.enc.bias)
+        logits = F.linear(torch.tanh(second), model.head.weight, model.head.bias)
+    for name, truth in [("enc#1", first), ("seq.1#1", first), ("twice#2", second),
+                        ("seq.1#2", second), ("out", logits), ("head", logits)]:
+        np.testing.assert_allclose(db.query(f"AVG NEURONS IN {name}").values,
+                                   truth.mean(dim=0).numpy(), atol=ATOL, err_msg=name)
+    for name in ("twice", "seq.1"):
+        with pytest.raises(BindError) as err:
+            db.query(f"AVG NEURONS IN {name}")
+        assert (f"layer {name!r} is the module 'enc' under another name, and it runs 2 times "
+                f"per forward pass (under either name); name one call: enc#1 or enc#2 (line 1"
+                ) in str(err.value)

@@ -92,13 +92,17 @@ def _elsewhere(ref: ast.LayerRef, models: Sequence[str], default: str,
 
 
 def _has(ref: ast.LayerRef, catalog: LayerCatalog) -> bool:
-    return ref.name in catalog or (ref.call is not None and ref.text() in catalog)
+    return ref.name in catalog or ref.name in catalog.aliases or \
+        (ref.call is not None and ref.text() in catalog)
 
 
 def lookup_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
     """The catalog entry a reference names, whether or not it can be queried: a module (by
     its name, or a call's name such as ``block.relu#2`` given as text), or ``ref.call``'s
-    call of a module. Unknown names and call numbers the module does not have are errors."""
+    call of a module. Unknown names and call numbers the module does not have are errors.
+    A module's second name (``catalog.aliases``) names it as its first does."""
+    if ref.name not in catalog and ref.name in catalog.aliases:
+        ref = _first_name(ref, catalog)
     if ref.call is None:
         layer = catalog.by_name.get(ref.name)
         if layer is None:
@@ -122,6 +126,18 @@ def lookup_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
                      f"{what}; name one call: {calls_text(ref.name, module.calls)}", ref.span)
     # A module whose number of calls changes with the batch has no entries per call.
     return catalog.call(ref.name, ref.call) or module
+
+
+def _first_name(ref: ast.LayerRef, catalog: LayerCatalog) -> ast.LayerRef:
+    """A reference by a module's second name, as its first name writes it: the same module,
+    whose calls are numbered over the forward pass whichever name reached it."""
+    first = catalog.aliases[ref.name]
+    module = catalog.module(first)
+    if ref.call is None and module is not None and module.calls > 1:
+        raise _error(f"layer {ref.name!r} is the module {first!r} under another name, and it "
+                     f"runs {module.calls} times per forward pass (under either name); name one "
+                     f"call: {calls_text(first, module.calls)}", ref.span)
+    return replace(ref, name=first)
 
 
 def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:

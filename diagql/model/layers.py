@@ -114,6 +114,11 @@ class LayerCatalog:
         # What the probe warned of about the model and the data (outputs that depend on the
         # batch, reads that differ): warned of again when the catalog is read from the cache.
         self.notices = tuple(notices)
+        # A module registered under several names (``self.b = self.a``, a Sequential holding it
+        # twice, T5's ``encoder.embed_tokens`` beside ``shared``) is catalogued once, by its
+        # first name; its other names map to that one (``module_aliases``, set by the session
+        # from the model: a catalog read from the cache gets them too).
+        self.aliases: dict[str, str] = {}
 
     @property
     def repeatable(self) -> bool:
@@ -192,6 +197,20 @@ class LayerCatalog:
         return cls(layers, tuple(int(d) for d in arrays["output_shape"]),
                    Scores(at, None, given, refusal, why, probabilities), str(arrays["head"]),
                    tuple(notices))
+
+
+def module_aliases(model: nn.Module) -> dict[str, str]:
+    """Every other name of a module registered under several: {alias: its first name}, the
+    name ``named_modules()`` (and so the catalog) gives it."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name:
+            continue
+        known = first.setdefault(id(module), name)
+        if known != name:
+            aliases[name] = known
+    return aliases
 
 
 # --- the probe --------------------------------------------------------------------------------

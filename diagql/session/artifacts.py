@@ -24,7 +24,7 @@ from diagql.model import (auxiliaries, hooks, layers, probing, repeatable, row_o
 from diagql.model import input_masks, layouts, views, winners
 from diagql.model import profile as profile_module, scores
 from diagql.model.forward import call_model, to_device
-from diagql.model.layers import LayerCatalog, default_latent
+from diagql.model.layers import LayerCatalog, default_latent, module_aliases
 from diagql.model.probing import probe
 from diagql.model.profile import Profile, compute_profile
 from diagql.model.scores import Scores
@@ -101,6 +101,7 @@ class Artifacts:
             self.catalog = load_or_compute(
                 conn.cache, "catalog", self.catalog_key(), compute, LayerCatalog.to_arrays,
                 LayerCatalog.from_arrays, lambda _: {"model": type(conn.model).__qualname__})
+            self.catalog.aliases = module_aliases(conn.model)
             if not computed:  # read from the cache: what the probe found still holds
                 for notice in self.catalog.notices:
                     warn(notice)
