@@ -137,6 +137,42 @@ def test_infinite_activations_are_reported():
         db.query("ARGMAX NEURONS IN fc1")
 
 
+def test_a_sample_is_refused_where_the_profile_saw_nan_activations():
+    """A sample that misses the NaN items would answer for a mean that holds them: the profile
+    pass marked them (model/winners.py), so it is refused as the exact pass is; a WHERE that
+    leaves them out answers, equal to plain torch."""
+    model, (X, y) = bad_models.nan_net(), bad_models.nan_data()
+    rows = []
+    handle = model.bn.register_forward_hook(lambda m, i, out: rows.append(out.detach().clone()))
+    with torch.no_grad():
+        model.eval()(X)
+    handle.remove()
+    bad = np.flatnonzero(~torch.isfinite(rows[0]).all(dim=1).numpy())
+    assert bad.tolist() == [3, 7, 30]
+    db = connect(model, (X, y))
+    for seed in range(20):  # a sample that holds none of them
+        if not np.isin(bad, db.sample(f"random(0.25, random_state={seed})")).any():
+            break
+    else:
+        raise AssertionError("every sample held a NaN item")
+    for text, refused in [("AVG NEURONS IN bn", "average over them"),
+                          ("TOPK 2 NEURONS IN bn WHERE class = 0", "rank neurons over them"),
+                          ("AVG NEURONS IN bn GROUP BY class", "average over them")]:
+        with pytest.raises(ExecutionError) as info:
+            db.query(f"{text} USING SAMPLE random(0.25, random_state={seed})")
+        total = 14 if "class = 0" in text else 40
+        count = 2 if "class = 0" in text else 3
+        assert info.value.message == (
+            f"layer 'bn' has NaN or infinite activations for {count} of {total} items (the "
+            f"first is item 3); DiagQL does not {refused}, nor estimate from a sample what "
+            f"takes them in")
+    result = db.query(f"AVG NEURONS IN bn WHERE class = 2 USING SAMPLE "
+                      f"random(0.25, random_state={seed}) WITH BASELINE")
+    matching = np.flatnonzero(y.numpy() == 2)
+    np.testing.assert_allclose(result.baseline.values, rows[0][matching].mean(dim=0).numpy(),
+                               atol=1e-6)
+
+
 # --- bad data ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data", [bad_models.unlabelled, bad_models.BareX],

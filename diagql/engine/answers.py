@@ -12,6 +12,7 @@ import numpy as np
 from diagql.engine import estimate
 from diagql.engine.aggregates import rank
 from diagql.engine.groups import key_order, shown_keys
+from diagql.engine.nonfinite import refuse
 from diagql.engine.planner import Plan
 from diagql.errors import NoMatchError
 from diagql.language.ast import predicate_text
@@ -29,6 +30,9 @@ def require_matches(plan: Plan) -> None:
         raise NoMatchError(no_match_message(exact), **where_place(plan.query))
     if plan.approximate and sum(plan.population.values()) == 0:
         raise NoMatchError(no_match_message(plan), **where_place(plan.query))
+    if plan.nonfinite is not None:  # a SIMILARITY's plan has none
+        refuse(plan.nonfinite, plan.bound.view.layer.name, sum(plan.population.values()),
+               plan.query.aggregate, sampled=plan.approximate)
 
 
 def where_place(statement) -> dict:

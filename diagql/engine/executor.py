@@ -14,7 +14,7 @@ import torch
 
 from diagql.engine.aggregates import MeanState, state_for
 from diagql.engine.answers import assemble, require_matches
-from diagql.engine.nonfinite import REFUSED, NonFinite
+from diagql.engine.nonfinite import NonFinite, refuse
 from diagql.engine.planner import Plan
 from diagql.errors import ExecutionError
 from diagql.model.forward import call_model, to_device
@@ -128,8 +128,7 @@ class Reducer:
 
     def check(self) -> None:
         aggregate = getattr(getattr(self.plan, "query", None), "aggregate", None)
-        self.bad.check(f"layer {self.view.layer.name!r} has NaN or infinite activations for",
-                       len(self.items), f"DiagQL does not {REFUSED.get(aggregate, REFUSED[None])}")
+        refuse(self.bad, self.view.layer.name, len(self.items), aggregate)
 
 
 class Collector:

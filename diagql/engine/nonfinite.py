@@ -41,3 +41,13 @@ class NonFinite:
         if self.count:
             raise ExecutionError(f"{what} {self.count:,} of {total:,} items (the first is item "
                                  f"{self.first}); {consequence}")
+
+
+def refuse(bad: NonFinite | None, layer: str, total: int, aggregate: str | None,
+           sampled: bool = False) -> None:
+    """Refuse a query on ``layer`` over ``total`` items, ``bad`` of which hold NaN or inf; a
+    sample's (``sampled``) too, which would answer as if they were not there."""
+    if bad is not None:
+        but = ", nor estimate from a sample what takes them in" if sampled else ""
+        bad.check(f"layer {layer!r} has NaN or infinite activations for", total,
+                  f"DiagQL does not {REFUSED.get(aggregate, REFUSED[None])}{but}")

@@ -14,6 +14,7 @@ from diagql.engine import extrapolation
 from diagql.engine.covariates import Covariates, for_view, once_per_profile
 from diagql.engine.groups import group_values
 from diagql.engine.leverage import row_weights
+from diagql.engine.nonfinite import NonFinite
 from diagql.engine.prediction import BlockPrediction, fit_rows
 from diagql.engine.regression import directions as pooled_directions
 from diagql.engine.ridge import RIDGE
@@ -75,6 +76,10 @@ class Plan:
     # Every item's winner of the view, when the profile pass kept them (model/winners.py) and
     # the query is an ARGMAX: its states are counted from them, with no forward pass.
     profile_winners: np.ndarray | None = None
+    # The matching items whose rows of the view hold NaN or inf, as the profile pass's winners
+    # mark them: refused before any pass (engine/answers.py, require_matches), a sample's too,
+    # which would otherwise answer as if they were not there.
+    nonfinite: NonFinite | None = None
     choice: str = ""  # USING AUTO: what it chose and why (or how an UNTIL query grows)
     # Why the sample's estimate is not given though the answer is (another model's layer under
     # a sampler that draws unevenly on this one's profile: session/statements.py).
@@ -176,12 +181,15 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     else:
         values, counts = np.unique(keys[matching], return_counts=True)
         population = dict(zip(values.tolist(), counts.tolist()))
-    full = _plan(bound, profile, rows, matching, keys, population, None, None, winners=winners)
+    bad = _nonfinite(profile.winners_of(bound.view), matching, bound.view.neurons) \
+        if rows_from_profile else None
+    full = _plan(bound, profile, rows, matching, keys, population, None, None, winners=winners,
+                 nonfinite=bad)
     if sample is None:
         return full
     items = sample[mask[sample]]
     plan = _plan(bound, profile, rows, items, keys, population, len(sample), sampler_spec,
-                 baseline=full if query.baseline else None, winners=winners)
+                 baseline=full if query.baseline else None, winners=winners, nonfinite=bad)
     if estimator is None or (query.aggregate == "topk" and query.order == "max"):
         return plan  # a maximum has no regression estimator
     if estimator == "plain":  # no covariates: the pass streams no sums it would not use
@@ -283,8 +291,8 @@ def winner_shares(winners: np.ndarray | None, matching: np.ndarray, keys: np.nda
     """Each group's exact ARGMAX shares of the ``width`` neurons over its matching items
     (``keys``: theirs; None: one group) from every item's winner (model/winners.py); None when
     the winners are not known."""
-    if winners is None:
-        return None
+    if winners is None or (len(matching) and int(winners[matching].max()) >= width):
+        return None  # ``width``: an item whose row held NaN or inf (model/winners.py)
     if keys is None:
         counts = np.bincount(winners[matching], minlength=width)
         return {None: counts / max(len(matching), 1)}
@@ -296,8 +304,17 @@ def winner_shares(winners: np.ndarray | None, matching: np.ndarray, keys: np.nda
             for g, key in enumerate(groups.tolist()) if key in population}
 
 
+def _nonfinite(winners: np.ndarray | None, matching: np.ndarray, width: int) -> NonFinite | None:
+    """The matching items whose winner is ``width``: their rows held NaN or inf."""
+    if winners is None or not len(matching):
+        return None
+    bad = NonFinite()
+    bad.add(matching, winners[matching] == width)
+    return bad if bad.count else None
+
+
 def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baseline=None,
-          winners=None) -> Plan:
+          winners=None, nonfinite=None) -> Plan:
     what = ""
     if rows is not None:
         what = ("the profile's logits" if rows is profile.logits
@@ -305,7 +322,7 @@ def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baselin
     return Plan(bound, items, None if keys is None else keys[items], len(profile), n_sample, spec,
                 profile.seconds_per_item(pass_layers(bound)), population, baseline,
                 profile_rows=rows,
-                profile_what=what, profile_winners=winners)
+                profile_what=what, profile_winners=winners, nonfinite=nonfinite)
 
 
 def pass_layers(bound) -> tuple[str, ...]:

@@ -64,8 +64,9 @@ def row_argmax(rows: torch.Tensor) -> torch.Tensor:
 
 
 def winner_dtype(width: int) -> np.dtype:
-    """The narrowest unsigned type that holds a winner of ``width`` neurons (1 byte up to 256)."""
-    return np.min_scalar_type(max(width - 1, 0))
+    """The narrowest unsigned type that holds a winner of ``width`` neurons or ``width``
+    itself, which marks an item whose row holds NaN or inf (1 byte up to 255 neurons)."""
+    return np.min_scalar_type(max(width, 0))
 
 
 def _storage(rows: torch.Tensor):
@@ -78,8 +79,10 @@ def _storage(rows: torch.Tensor):
 
 class WinnerKeeper:
     """The profile pass's part: each view's winner of every item, batch by batch. A view whose
-    layer did not run, was read otherwise than the probe saw, or gave a NaN or inf value is
-    dropped (an ARGMAX on it runs the model, which reports such items)."""
+    layer did not run, or was read otherwise than the probe saw, is dropped (an ARGMAX on it
+    runs the model). An item whose row holds NaN or inf gets the winner ``view.neurons``: the
+    profile knows it for every item, so that a sample that misses it is refused as a pass over
+    it is (engine/planner.py, ``Plan.nonfinite``)."""
 
     def __init__(self, views: list[View], n: int):
         self.views = {key_of(view): view for view in views}
@@ -112,10 +115,10 @@ class WinnerKeeper:
     def _winners(self, view: View, rows: torch.Tensor) -> torch.Tensor:
         # A NaN or inf value makes the sum NaN or inf (a third of isfinite's cost). Summed in
         # float32 at least, not float64 (twice as fast again): a sum that overflows to inf
-        # though every value is finite only drops the view (its ARGMAX runs the model).
+        # though every value is finite is looked at row by row (``_marked``).
         total = float(rows.sum(dtype=torch.float32) if rows.element_size() < 4 else rows.sum())
         if not math.isfinite(total):
-            raise ValueError("a NaN or inf value")
+            return self._marked(view, rows)
         # The same memory, shape and strides as a view's before, still holding the same sum:
         # the same values, so the same winners. (An in-place op since, such as
         # ReLU(inplace=True) after a BatchNorm, changes the sum; inference mode keeps no
@@ -142,6 +145,18 @@ class WinnerKeeper:
                 self.seen[key] = (weakref.ref(storage), winners)
             except TypeError:  # a storage that takes no weak reference: never reused
                 pass
+        return winners
+
+    @staticmethod
+    def _marked(view: View, rows: torch.Tensor) -> torch.Tensor:
+        """The winners of a batch some of whose values are NaN or inf (or whose sum overflowed):
+        ``view.neurons`` for each item whose row holds one."""
+        values = view.finish(rows)
+        if values.ndim != 2 or values.shape[1] != view.neurons:
+            raise ValueError("not a row per item")
+        finite = torch.isfinite(values).all(dim=1).cpu()
+        winners = row_argmax(torch.nan_to_num(values))
+        winners[~finite] = view.neurons
         return winners
 
     def drop(self, key: str) -> None:
