@@ -4,6 +4,7 @@ from, and not kept for a layer with NaN rows."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -71,7 +72,16 @@ def test_every_layers_winners_are_plain_torchs_through_in_place_ops():
             for name in ("lin", "bn", "act", "same", "head", "odd")}
     for name in ("lin", "bn", "act", "same", "head"):
         np.testing.assert_array_equal(kept[name], truth[name].argmax(axis=1), err_msg=name)
-    assert kept["odd"] is None  # NaN rows: an ARGMAX on it runs the model, which reports them
+    # NaN rows: marked with the winner 'width' (one past the last neuron), so that a query on
+    # the layer over them is refused with no pass, and one that leaves them out is counted.
+    odd = truth["odd"]
+    nan_rows = np.isnan(odd).any(axis=1)
+    assert nan_rows.any() and not nan_rows.all()
+    np.testing.assert_array_equal(kept["odd"], np.where(nan_rows, odd.shape[1],
+                                                        np.nan_to_num(odd).argmax(axis=1)))
+    with pytest.raises(diagql.DiagQLError, match=f"layer 'odd' has NaN or infinite activations "
+                                                 f"for {nan_rows.sum()} of 300 items"):
+        db.query("ARGMAX NEURONS IN odd")
     db.counters.clear()
     result = db.query("ARGMAX NEURONS IN bn WHERE class = 1")
     assert db.counters.get("passes", 0) == 0
