@@ -368,7 +368,9 @@ def test_a_model_that_writes_its_own_buffers_is_not_taken_as_changed(tmp_path):
         db.execute("AVG NEURONS IN fc WHERE class = 1; TOPK 2 NEURONS IN fc")
         db.plan("AVG NEURONS IN fc USING SAMPLE random(0.3, random_state=1)")
         db.query("AVG NEURONS IN fc")
-    assert db.profile is profile and int(model.calls) > 0
+    # Its own writes are put back after each pass (model/hooks.py, evaluation), unwarned:
+    # nothing the model outputs reads the counter.
+    assert db.profile is profile and int(model.calls) == 0
 
 
 def test_a_model_converted_to_float64_between_statements_is_read_so():

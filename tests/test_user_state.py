@@ -201,3 +201,48 @@ def test_a_model_that_scales_its_input_in_place_leaves_the_users_data_and_answer
                 db.query("AVG NEURONS IN fc WHERE class = 1 USING FULL").values,
                 truth[y.numpy() == 1].mean(axis=0), rtol=1e-6, atol=1e-7)
     assert torch.equal(X, kept)
+
+
+class _Stateful(nn.Module):
+    """A forward that changes its buffers in eval mode: a call counter rebound to a new tensor
+    and a running mean of its hidden layer updated in place, which the output subtracts."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(D, 8), nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("running", torch.zeros(8))
+
+    def forward(self, x):
+        h = self.fc(x)
+        self.calls = self.calls + 1
+        self.running.mul_(0.5).add_(0.5 * h.mean(dim=0))
+        return self.head(h - self.running)
+
+
+def test_buffers_a_forward_changes_are_put_back_after_each_pass():
+    """DiagQL's passes had moved the buffers (7 calls counted for 4 statements, the running
+    mean left where the last batch put it), and each pass started where the one before had
+    left them, so an exact answer was another's on every run. Each pass starts from the
+    user's buffers, as a pass by hand over the same batches does, and leaves them so."""
+    torch.manual_seed(0)
+    model, X = _Stateful().eval(), torch.randn(N, D)
+    y = torch.arange(N) % 3
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    truth, twin = [], _Stateful().eval()
+    twin.load_state_dict(state)
+    with torch.no_grad():
+        for start in range(0, N, 64):  # the pass by hand: batches of 64, from the start state
+            h = twin.fc(X[start:start + 64])
+            truth.append(twin.head(h - twin.running.mul_(0.5).add_(0.5 * h.mean(dim=0))))
+    truth = torch.cat(truth).double().mean(dim=0).numpy()
+    with pytest.warns(diagql.DiagQLWarning, match=r"the model's forward changes its buffers in "
+                                                  r"eval mode, and its outputs read them "
+                                                  r"\(calls, running: "):
+        db = diagql.connect(model, (X, y), batch_size=64, cache_dir=False, progress=False)
+        db.profile
+    for _ in range(2):
+        got = db.query("AVG NEURONS IN head USING FULL").values
+        np.testing.assert_allclose(got, truth, atol=1e-5)
+        db.query("AVG NEURONS IN fc USING SAMPLE random(0.2)")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

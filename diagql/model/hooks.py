@@ -104,9 +104,18 @@ def hook_errors() -> Iterator[None]:
         failure.raise_error()
 
 
+# Buffers are copied before a pass and put back after it up to this many bytes in all (a
+# model's buffers are its norms' statistics and small tables; past it they are left as the
+# pass leaves them).
+BUFFER_BYTES = 256 * 1024 ** 2
+
+
 @contextlib.contextmanager
-def evaluation(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for the duration; every module's training flag restored.
+def evaluation(model: nn.Module, changed: list[str] | None = None) -> Iterator[None]:
+    """Eval mode and no autograd for the duration; every module's training flag restored, and
+    every buffer a forward changed in eval mode (a call counter, a running average, a
+    quantization observer's range) put back as it was: the model is left as the user gave it.
+    ``changed`` gets the names of the buffers that were put back.
 
     ``torch.no_grad``, not ``torch.inference_mode``: a tensor a module makes on its first call
     and keeps (a positional table, a rotary cache, a mask) would be an inference tensor, and
@@ -126,12 +135,59 @@ def evaluation(model: nn.Module) -> Iterator[None]:
         # the flags of their modules are set as eval() would.
         for module in model.modules():
             module.training = False
+    kept = _buffers(model)
     try:
         with torch.no_grad(), _eager(model):
             yield
     finally:
         for module, flag in flags:
             module.training = flag
+        restored = _restore(kept)
+        if changed is not None:
+            changed.extend(restored)
+
+
+def _buffers(model: nn.Module) -> list[tuple]:
+    """(module, name, qualified name, the buffer, a copy of it) for every buffer, up to
+    BUFFER_BYTES in all (none past it)."""
+    kept, size = [], 0
+    for prefix, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            size += buffer.numel() * buffer.element_size()
+            if size > BUFFER_BYTES:
+                return []
+            try:
+                copy = buffer.detach().clone()
+            except (RuntimeError, NotImplementedError):  # one no clone takes: left as it is
+                continue
+            kept.append((module, name, f"{prefix}.{name}" if prefix else name, buffer, copy))
+    return kept
+
+
+def _restore(kept: list[tuple]) -> list[str]:
+    """Put back each buffer a pass changed, in place or by rebinding; their names."""
+    restored = []
+    for module, name, qualified, buffer, copy in kept:
+        try:
+            moved = module._buffers.get(name) is not buffer
+            same = buffer.shape == copy.shape and buffer.dtype == copy.dtype and (
+                torch.equal(buffer, copy) or (buffer.is_floating_point() and torch.allclose(
+                    buffer, copy, rtol=0, atol=0, equal_nan=True)))
+            if not same:
+                with torch.no_grad():
+                    if buffer.shape == copy.shape:
+                        buffer.copy_(copy)
+                    else:
+                        buffer.set_(copy)
+            if moved:
+                module._buffers[name] = buffer
+        except (RuntimeError, NotImplementedError):  # a buffer that cannot be compared
+            continue
+        if moved or not same:
+            restored.append(qualified)
+    return restored
 
 
 def _eager(model: nn.Module):

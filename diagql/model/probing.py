@@ -17,7 +17,7 @@ from diagql.model.batch_axis import batch_axis, out_of_order, several_rows
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
 from diagql.model.layers import NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
-from diagql.model.repeatable import Unrepeatable, check_batch_independent, \
+from diagql.model.repeatable import UNREPEATABLE, Unrepeatable, check_batch_independent, \
     check_deterministic, check_repeatable, warn_unrepeatable
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
@@ -61,12 +61,13 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     sizes = sorted({min(size, n) for size in PROBE_SIZES})
     passes = []
     first = first_output = None
+    changed: list[str] = []  # buffers a probe's forward changed (model/hooks.py put them back)
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
         if first is None:  # kept as read: a model may change its inputs in place (x /= 255)
             first = copy.deepcopy(x)
         try:
-            seen, counted, output, made = _probe_pass(model, prepare(x), call)
+            seen, counted, output, made = _probe_pass(model, prepare(x), call, changed)
         except ExecutionError as exc:
             if size == 1 and n > 1 and _runs(model, source, prepare, call):
                 # The user's batches of 100 had run: say it is the batch of one that failed.
@@ -91,6 +92,13 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     last_alone = _last_alone(model, source, prepare, call, n, sizes[-1])
     with warnings.catch_warnings(record=True) as said:  # DiagQL's kept in the catalog
         warnings.simplefilter("always")
+        if changed and _reads_its_buffers(model, prepare, call, first):
+            names = list(dict.fromkeys(changed))
+            warn(f"{UNREPEATABLE[3]} in eval mode, and its outputs read them "
+                 f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}: a running "
+                 f"average?): DiagQL puts them back after each of its passes, so the model is "
+                 f"left as given, but within a pass each batch sees what the batches before it "
+                 f"left, so an item's activations depend on the items that went before it")
         reverses = _checks(model, source, prepare, call, first, first_output, output, idx,
                            sizes[-1])
     notices = tuple(dict.fromkeys(str(w.message) for w in said
@@ -272,7 +280,20 @@ def _runs(model, source, prepare, call) -> bool:
     return True
 
 
-def _probe_pass(model, x, call):
+def _reads_its_buffers(model, prepare, call, first) -> bool:
+    """Whether a model whose forward changes its buffers gives the first item other outputs
+    on a second call, after the first call's changes (a call counter that nothing reads
+    gives the same: no notice)."""
+    with evaluation(model):
+        once, twice = (first_tensor(call(model, prepare(copy.deepcopy(first))))
+                       for _ in range(2))
+    if once.shape != twice.shape or once.dtype != twice.dtype:
+        return True
+    return not (torch.equal(once, twice) or (once.is_floating_point() and torch.allclose(
+        once, twice, rtol=0, atol=0, equal_nan=True)))
+
+
+def _probe_pass(model, x, call, changed: list[str] | None = None):
     """One forward pass with every submodule hooked: what each returned at each of its calls,
     how often each ran, the model's output, and which (module, call) made each tensor (by
     its id: the tensors are kept alive beside)."""
@@ -315,7 +336,7 @@ def _probe_pass(model, x, call):
         if name:
             handles.append(module.register_forward_hook(after(name)))
     try:
-        with evaluation(model), hook_errors():
+        with evaluation(model, changed), hook_errors():
             out = call(model, x)
             first_tensor(out)  # an output holding no tensor is refused here
     finally:

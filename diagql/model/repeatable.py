@@ -18,7 +18,8 @@ from diagql.errors import warn
 # the rows the profile pass kept then stand for no other pass's (LayerCatalog.repeatable).
 UNREPEATABLE = ("the data gives the same item different inputs",
                 "the model gives the same inputs different outputs",
-                "the model gives an item other outputs when other items share its batch")
+                "the model gives an item other outputs when other items share its batch",
+                "the model's forward changes its buffers")
 
 READS = 3  # reads of each of the probe's items (at most 3: a Ray Dataset's driver has no
 # more), one item at a time: a transform that changes an item half the time goes unseen in
