@@ -91,8 +91,7 @@ class Artifacts:
 
     def get_catalog(self) -> LayerCatalog:
         if self.catalog is None:
-            conn = self.conn
-            computed = []
+            conn, computed = self.conn, []
 
             def compute() -> LayerCatalog:  # its probe warns of what it finds
                 computed.append(self._probe())
