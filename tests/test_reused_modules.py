@@ -650,6 +650,45 @@ def test_a_call_missing_from_a_batch_is_an_error():
     assert not model._forward_hooks and not model.act._forward_hooks  # every hook removed
 
 
+class MoreInBigBatches(nn.Module):
+    """``step`` runs once in batches of fewer than 4 items (every probe's), twice in larger."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.step, self.head = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        for _ in range(1 if len(x) < 4 else 2):
+            h = torch.tanh(self.step(h))
+        return self.head(h)
+
+
+def test_a_module_whose_calls_follow_the_batch_size_leaves_the_other_layers_answered():
+    """The profile pass hooks every layer for its winners and projections; 'step' running
+    twice in a batch of 7 had failed that pass, and so every query on any layer."""
+    model = _randomise(MoreInBigBatches(), 15)
+    X, y = _data((5,), 16)
+    db = connect(model, (X, y))
+    with torch.no_grad():
+        fc = F.linear(X, model.fc.weight, model.fc.bias)
+        h = X.new_empty(0, 6)
+        for start in range(0, N, BATCH):  # the batches a pass of BATCH (7) items sees
+            part = fc[start:start + BATCH]
+            for _ in range(1 if len(part) < 4 else 2):
+                part = torch.tanh(F.linear(part, model.step.weight, model.step.bias))
+            h = torch.cat([h, part])
+        logits = F.linear(h, model.head.weight, model.head.bias).double().numpy()
+    np.testing.assert_allclose(db.query("AVG NEURONS IN fc").values,
+                               fc.double().mean(dim=0).numpy(), atol=ATOL)
+    np.testing.assert_allclose(db.query("AVG NEURONS IN head").values, logits.mean(axis=0),
+                               atol=ATOL)
+    np.testing.assert_allclose(db.query("ARGMAX NEURONS IN head").values,
+                               np.bincount(logits.argmax(axis=1), minlength=3) / N, atol=ATOL)
+    assert "step" not in " ".join(db.profile.winners)  # its winners are not kept
+    db.query("SHOW PROFILE")
+
+
 # --- the REPL: completion and highlighting of '#n' ----------------------------------------------
 
 

@@ -253,6 +253,13 @@ class BlockProjector:
                 self.drop(key)
         return keep
 
+    def drop_layer(self, name: str) -> None:
+        """Drop every view of the layer ``name`` (it ran more than once in a batch)."""
+        for key in [key for key, view in self.views.items() if view.layer.name == name]:
+            self.drop(key)
+        if self.equal is not None:
+            self.equal.drop_layer(name)
+
     def drop(self, key: str) -> None:
         for table in (self.views, self.held, self.fits, self.z, self.batch):
             table.pop(key, None)

@@ -230,15 +230,18 @@ class Hooks:
     A layer is a module (``fc1``), or one call of a module that runs several times per forward
     pass (``block.relu#2``, model/layers.py): the hooks count each module's calls per batch and
     feed the n-th call's callbacks its n-th output only. A module hooked as a whole must run
-    once. Exceptions raised in the callbacks leave the model's forward as HookFailure and this
-    context as DiagQLErrors.
+    once; ``ran_again(layer)``, where given, is told of one that runs again in a batch (the
+    profile pass's checks then drop the layer), else that is an error. Exceptions raised in
+    the callbacks leave the model's forward as HookFailure and this context as DiagQLErrors.
     """
 
     def __init__(self, model: nn.Module, callbacks: dict[str, Callable[[ModuleCall], None]],
-                 pre: dict[str, Callable[[ModuleCall], None]] | None = None):
+                 pre: dict[str, Callable[[ModuleCall], None]] | None = None,
+                 ran_again: Callable[[str], None] | None = None):
         self.model = model
         self.callbacks = callbacks
         self.pre = pre or {}
+        self.ran_again = ran_again
         self.calls: dict[str, int] = {}  # module -> its calls so far in this batch
         self.pre_calls: dict[str, int] = {}  # the same, counted by the input hooks
         self.ran: set[str] = set()  # the hooked layers (and "<input of>" ones) served this batch
@@ -324,7 +327,10 @@ class Hooks:
             served = calls.get(count, []) + (calls.get(0, []) if count == 1 else [])
             layer = name
             try:
-                if count > 1 and 0 in calls:
+                if count > 1 and 0 in calls and self.ran_again is not None:
+                    for layer, _ in calls[0]:
+                        self.ran_again(layer)
+                elif count > 1 and 0 in calls:
                     raise ExecutionError(
                         f"module {name!r} ran more than once in one forward pass of "
                         f"{self.size} items, where the catalog's probe (batches of 1 to 3 "

@@ -308,8 +308,13 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                        *keeper.callbacks().items()])
     clock = pass_clock.PassClock()  # DiagQL's own work, in the hooks and after, apart
     checks = {name: clock.timed(name, callback) for name, callback in checks.items()}
+    def ran_again(layer: str) -> None:  # a module whose calls follow the batch's size
+        for part in (same_latent, same_logits, project, keeper):
+            if part is not None:
+                part.drop_layer(layer)
+
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
-            Hooks(model, checks) as compared:
+            Hooks(model, checks, ran_again=ran_again) as compared:
         for idx, x, y in source.batches(items, batch_size):
             x = to_device(x, device, dtype)
             hooks.start(x, len(idx))

@@ -42,6 +42,12 @@ class SameRows:
                 del self.views[key]
         return keep
 
+    def drop_layer(self, name: str) -> None:
+        """Stop comparing the views of the layer ``name`` (it ran more than once in a batch)."""
+        for key in [key for key, view in self.views.items() if view.layer.name == name]:
+            del self.views[key]
+            self.rows.pop(key, None)
+
     def compare(self, rows: torch.Tensor) -> None:
         """Keep the views whose rows of this batch equal ``rows`` exactly; a map's channel
         means (a global pooling's sum in another order) to float32 rounding."""

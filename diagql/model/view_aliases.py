@@ -144,6 +144,12 @@ class EqualViews:
                 self.batch.pop(ident, None)
         return keep
 
+    def drop_layer(self, name: str) -> None:
+        """Drop the pairs that read the layer ``name`` (it ran more than once in a batch)."""
+        self.pairs = [pair for pair in self.pairs
+                      if name not in (pair[0].layer.name, pair[1].layer.name)]
+        self.live = {id(view) for pair in self.pairs for view in pair[:2]}
+
     def after_batch(self, size: int, block_rows: dict) -> None:
         """Keep the pairs whose two views gave equal rows for this batch's ``size`` items;
         ``block_rows``: the blocks' views' rows of the batch by view key (the projector's)."""

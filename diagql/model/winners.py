@@ -159,6 +159,11 @@ class WinnerKeeper:
         winners[~finite] = view.neurons
         return winners
 
+    def drop_layer(self, name: str) -> None:
+        """Drop every view of the layer ``name`` (it ran more than once in a batch)."""
+        for key in [key for key, view in self.views.items() if view.layer.name == name]:
+            self.drop(key)
+
     def drop(self, key: str) -> None:
         for table in (self.views, self.winners, self.batch):
             table.pop(key, None)
