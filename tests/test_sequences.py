@@ -498,6 +498,55 @@ def test_a_decoders_layers_read_the_decoder_attention_mask(decoder_mask, target_
             "the decoder_attention_mask of the batch input"
 
 
+class _SharedEmbedding(nn.Module):
+    """T5's and Bart's layout: one embedding (``shared``, also ``encoder.embed_tokens`` and
+    ``decoder.embed_tokens``) called by the encoder on input_ids, then by the decoder."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.shared = nn.Embedding(20, 8, padding_idx=0)
+        self.encoder = nn.ModuleDict({"embed_tokens": self.shared, "proj": nn.Linear(8, 8)})
+        self.decoder = nn.ModuleDict({"embed_tokens": self.shared, "proj": nn.Linear(8, 8)})
+        self.lm_head = nn.Linear(8, C)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask):
+        memory = self.encoder["proj"](self.encoder["embed_tokens"](input_ids.view(-1, S)))
+        context = (memory * attention_mask[..., None]).sum(1, keepdim=True)
+        hidden = self.decoder["proj"](self.decoder["embed_tokens"](decoder_input_ids) + context)
+        real = decoder_attention_mask[..., None]
+        return self.lm_head((hidden * real).sum(1) / real.sum(1))
+
+
+def test_a_shared_embeddings_encoder_call_reads_the_encoders_mask():
+    """The embedding both stacks call is outside the encoder by name, so both its calls had
+    been averaged over the decoder's real tokens: its encoder call's TOKENS MEAN 0.02-0.07 off
+    where both inputs are padded to one length, unwarned. Its call on input_ids reads
+    attention_mask, its call on decoder_input_ids decoder_attention_mask."""
+    g = torch.Generator().manual_seed(6)
+    n = 60
+    src_len, tgt_len = torch.randint(2, S + 1, (n,), generator=g), \
+        torch.randint(2, S + 1, (n,), generator=g)
+    mask = (torch.arange(S)[None, :] < src_len[:, None]).long()
+    dec_mask = (torch.arange(S)[None, :] < tgt_len[:, None]).long()
+    ids = torch.randint(1, 20, (n, S), generator=g) * mask
+    dec_ids = torch.randint(1, 20, (n, S), generator=g) * dec_mask
+    data = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_ids,
+            "decoder_attention_mask": dec_mask, "labels": torch.arange(n) % C}
+    model = _SharedEmbedding().eval()
+    conn = diagql.connect(model, data, batch_size=7, cache_dir=False, progress=False)
+    with torch.no_grad():
+        enc, dec = model.shared(ids), model.shared(dec_ids)
+    for name, rows, lengths in [("shared#1", enc, src_len), ("encoder.embed_tokens#1", enc,
+                                                               src_len),
+                                ("shared#2", dec, tgt_len), ("decoder.embed_tokens#2", dec,
+                                                               tgt_len)]:
+        np.testing.assert_allclose(conn.query(f"AVG NEURONS IN {name}").values,
+                                   item_rows(rows, lengths).mean(axis=0), **TOL, err_msg=name)
+    assert conn.catalog["shared#1"].mask == "the attention_mask of the batch input"
+    assert conn.catalog["shared#2"].mask == "the decoder_attention_mask of the batch input"
+
+
 # --- a channel-first map is not a sequence -------------------------------------------------------
 
 

@@ -73,16 +73,19 @@ def lengths_mask(inputs: Mapping, key: str) -> torch.Tensor | None:
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask")
 
 
-def mask_key(inputs, module: str | None = None) -> str | None:
+def mask_key(inputs, module: str | None = None, ids=None) -> str | None:
     """Which mask of a mapping model input marks the real tokens of ``module``'s outputs:
     ``attention_mask``; but in an encoder-decoder model's input (decoder_input_ids beside
     input_ids: T5's, Bart's), every module outside the encoder (its name has no "encoder"
     part: the decoder, the LM head) has the decoder's tokens, marked by
-    ``decoder_attention_mask`` (None without one: every decoder position is real)."""
+    ``decoder_attention_mask`` (None without one: every decoder position is real), unless
+    it was called on the encoder's ``input_ids`` (``ids``: the call's first tensor
+    argument): the shared embedding both stacks call, whose first call's tokens are the
+    encoder's."""
     if not isinstance(inputs, Mapping):
         return None
     if module is not None and any(key in inputs for key in _DECODER_INPUTS) and \
-            "encoder" not in module.split("."):
+            "encoder" not in module.split(".") and not _encoder_ids(inputs, ids):
         return "decoder_attention_mask" if "decoder_attention_mask" in inputs else None
     # Else each item's length, where the model takes those (``length_key``), or a padding
     # mask under another name.
@@ -90,6 +93,18 @@ def mask_key(inputs, module: str | None = None) -> str | None:
         return "attention_mask"
     return length_key(inputs) or next((key for key in MASK_KEYS if _two_dimensional(
         inputs.get(key))), "attention_mask")
+
+
+def _encoder_ids(inputs: Mapping, ids) -> bool:
+    """Whether ``ids`` are the input's ``input_ids`` (the encoder's tokens) and not its
+    ``decoder_input_ids``: equal values, as a view or a reshape of them is."""
+    def same(key: str) -> bool:
+        given = inputs.get(key)
+        return isinstance(given, torch.Tensor) and given.shape == ids.shape and \
+            given.dtype == ids.dtype and given.device == ids.device and \
+            bool(torch.equal(given, ids))
+
+    return isinstance(ids, torch.Tensor) and same("input_ids") and not same("decoder_input_ids")
 
 
 def rival_masks(inputs) -> list[str]:
@@ -112,11 +127,11 @@ def _two_dimensional(mask) -> bool:
     return isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.numel() > 0
 
 
-def input_attention_mask(inputs, module: str | None = None) -> torch.Tensor | None:
+def input_attention_mask(inputs, module: str | None = None, ids=None) -> torch.Tensor | None:
     """The mask (batch, sequence) of a mapping model input (1: a real token) that marks the
-    real tokens of ``module``'s outputs (``mask_key``, maybe the items' lengths): a tuple's
-    is named by ``named_inputs``."""
-    key = mask_key(inputs, module)
+    real tokens of ``module``'s outputs (``mask_key``, maybe the items' lengths; ``ids``: the
+    call's first tensor argument): a tuple's is named by ``named_inputs``."""
+    key = mask_key(inputs, module, ids)
     if key in LENGTH_KEYS:
         return lengths_mask(inputs, key)
     if key in MASK_KEYS:

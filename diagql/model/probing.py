@@ -385,9 +385,10 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
         made.setdefault(id(out), (out, key))
     result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
                     if owner in padded and owner in padding]
-    mask = input_attention_mask(x, name)  # the probe's input, named_inputs'
+    ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    mask = input_attention_mask(x, name, ids)  # the probe's input, named_inputs'
     result.input_mask = None if mask is None else tuple(mask.shape)
-    result.input_mask_key = mask_key(x, name) or ""
+    result.input_mask_key = mask_key(x, name, ids) or ""
     return result
 
 

@@ -187,12 +187,15 @@ def _positional_names(cls: type) -> tuple[str, ...] | None:
 @dataclass(frozen=True)
 class ModuleCall:
     """One call of a hooked module, as a hook sees it: what it returned, the innermost key
-    padding mask given to it or to a module around it, and the batch (input, item count)."""
+    padding mask given to it or to a module around it, and the batch (input, item count);
+    ``ids``: the call's first tensor argument (whose tokens an encoder-decoder's shared
+    embedding reads: model/input_masks.py, ``mask_key``)."""
 
     output: object
     padding: torch.Tensor | None
     inputs: object
     size: int
+    ids: object = None
 
 
 def sequence_of(layer, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -229,7 +232,7 @@ def sequence_of(layer, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | N
     if padding is not None and tuple(padding.shape) == tuple(values.shape[:2]):
         real = ~padding if padding.dtype == torch.bool else padding == 0
         return values, real.to(values.device)
-    mask = input_attention_mask(call.inputs, layer.module or layer.name)
+    mask = input_attention_mask(call.inputs, layer.module or layer.name, call.ids)
     if mask is not None and tuple(mask.shape) == tuple(values.shape[:2]):
         return values, (mask != 0).to(values.device)
     return values, None
