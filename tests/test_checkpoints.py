@@ -175,6 +175,28 @@ def test_checkpoints_run_with_the_final_models_hooks_as_they_are_now(trained, da
     assert records == []
 
 
+def test_checkpoints_follow_a_module_swapped_in_the_final_model(trained, data):
+    """The copy a checkpoint runs in, made at its first use, had kept the final model's
+    modules of that moment: a ReLU swapped for an Identity afterwards (an ablation by
+    replacement) reached the final model's answers alone, the checkpoints' silently not."""
+    X, _ = data
+    model = copy.deepcopy(trained[0])
+    states = trained[2]
+    db = diagql.connect(model, data, checkpoints={"epoch1": states["epoch1"]}, cache_dir=False,
+                        progress=False)
+    statement = "AVG NEURONS IN encoder.3 ACROSS CHECKPOINTS"
+    db.query(statement)
+    model.encoder[2] = torch.nn.Identity()
+    with pytest.warns(Warning, match="changed"):
+        result = db.query(statement)
+    swapped = loaded(states["epoch1"])
+    swapped.encoder[2] = torch.nn.Identity()
+    for name, module in (("epoch1", swapped), ("final", model)):
+        np.testing.assert_allclose(result.checkpoints[name].values,
+                                   outputs(module, X, "encoder.3").mean(0), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+
+
 def test_a_checkpoint_query_never_holds_two_checkpoints_weights(trained, data, monkeypatch):
     import gc
 

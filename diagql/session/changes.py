@@ -106,7 +106,7 @@ def notice_changes(conn) -> None:
         conn._data_digest.clear()
         data = (tensor_stamp(_data_parts(conn)[0]), *data[1:])  # the new source's tensors
     conn.data_stamp = data
-    forgot = []
+    forgot, remade = [], set()
     finals: dict = {}  # the final models' hook digests, once a statement however many checkpoints
     for entry in conn.models.values():
         stamp = _checkpoint_stamp(entry, finals) if entry.is_checkpoint else \
@@ -118,12 +118,24 @@ def notice_changes(conn) -> None:
                 else "its hooks" if _only_hooks(stamp, entry.stamp) else \
                 "its weights, modules or the values its code reads"
         entry.stamp = stamp
+        if changed and not entry.is_checkpoint and what != "its hooks":
+            remade.add(id(entry.architecture()))
         if changed or data_changed:
             forget_indices(entry)
             if entry.is_checkpoint:
                 entry.slot.forget(entry.name)
             if entry.forget_derived() and changed:
                 forgot.append((entry, what))
+    # A checkpoint runs in a copy of its final model made at first use (session/
+    # checkpoints.py): a final model changed otherwise than in its hooks (a module swapped, an
+    # attribute its forward reads; or its weights, which the copies do not take, but a stamp
+    # does not tell those apart) is copied again, and what its checkpoints gave is stale.
+    for entry in conn.models.values():
+        if entry.is_checkpoint and id(entry.slot.final) in remade:
+            entry.slot.copies.clear()
+            forget_indices(entry)
+            if entry.forget_derived():
+                forgot.append((entry, "the final model, whose copy it runs in"))
     if data_changed:
         _say("the data changed")
     for entry, what in forgot:
