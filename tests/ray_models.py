@@ -50,3 +50,14 @@ def built_only_in(pid: int) -> nn.Module:
     if os.getpid() != pid:
         raise FileNotFoundError("no weights on this node")
     return models.build_cnn()
+
+
+def split_per_process(X, y, seeded: bool):
+    """Two thirds of (X, y) as a TensorDataset, chosen at random per process unless
+    ``seeded``: a validation split made with ``random_split`` and no generator."""
+    from torch.utils.data import TensorDataset, random_split
+
+    seed = 0 if seeded else os.getpid()
+    part, _ = random_split(TensorDataset(X, y), [2 / 3, 1 / 3],
+                           generator=torch.Generator().manual_seed(seed))
+    return part

@@ -514,6 +514,32 @@ def test_a_worker_s_weights_are_compared_with_each_factory_built_model_s():
     assert other_weights(same_weights, built_models(same_weights), driver) is None
 
 
+def test_a_data_factory_that_gives_a_worker_other_items_is_refused(world):
+    """A validation split made by random_split without a generator gives every process other
+    items: each worker answered for its own split, the driver's catalog for another,
+    silently. A seeded split answers as the local engine does on the same split."""
+    world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
+    model = models.build_cnn()
+    for seeded in (False, True):
+        data = functools.partial(ray_models.split_per_process, world.X, world.y, seeded)
+        conn = diagql.connect(model, data, engine="ray", ray_workers=1, cache_dir=False,
+                              progress=False)
+        try:
+            if not seeded:
+                with pytest.raises(DiagQLError, match=r"^the data factory .*split_per_process"
+                                                      r"\(<Tensor>, <Tensor>, False\) gave a "
+                                                      r"Ray worker other data than the "
+                                                      r"driver \(other items at the same "
+                                                      r"places\)"):
+                    conn.query("AVG NEURONS IN 1")
+                continue
+            local = diagql.connect(model, data(), cache_dir=False, progress=False)
+            np.testing.assert_allclose(conn.query("AVG NEURONS IN 1").values,
+                                       local.query("AVG NEURONS IN 1").values, atol=1e-12)
+        finally:
+            conn.close()
+
+
 def test_a_model_whose_module_the_workers_cannot_import_is_one_error(world, tmp_path,
                                                                     monkeypatch):
     """Its class's module is on the driver's path only (the usual mistake on a cluster): it

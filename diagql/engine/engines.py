@@ -28,13 +28,18 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
     if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
         raise DiagQLError(f"ray_workers must be a positive number of workers, not {ray_workers!r}")
     from diagql.engine.ray_engine import RayEngine
-    from diagql.engine.ray_workers import built_models, is_factory, weights_digests
+    from diagql.engine.ray_workers import built_models, is_factory, items_digest, weights_digests
+    from diagql.model.data import ItemSource
 
     ray = RayEngine(model, data, label_key=label_key, address=ray_address, workers=ray_workers)
     if is_ray_dataset(data):
         data = ray.dataset_head()
     elif is_factory(data):
         data = data()
+        try:  # data it cannot read fails the connection as the local engine's would, later
+            ray.data_digest = items_digest(ItemSource(data, label_key=label_key))
+        except Exception:  # noqa: BLE001 - the user's data, read as the connection will say
+            ray.data_digest = None
     models = built_models(model)  # the driver's copies, for the catalog's probe
     ray.digests = weights_digests(model, models)  # before any forward changes a buffer
     ray.several = None not in models

@@ -54,6 +54,9 @@ class RayEngine:
         # The weights digest of each model a factory built on the driver, by name
         # (open_engine): every worker's must be the same (ray_workers.other_weights).
         self.digests: dict = {}
+        # A data factory's items as the driver read them (ray_workers.items_digest): every
+        # worker's must be the same (ray_workers.other_data).
+        self.data_digest: str | None = None
 
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
@@ -116,7 +119,8 @@ class RayEngine:
         # Not restarted by Ray: a dead worker is replaced by a new one here (run()), so that
         # the shard it held is run again exactly once per death, and merged once.
         worker = ray.remote(Worker).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
-        self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests)
+        self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests,
+                                                 self.data_digest)
         self._actors = [self._new_worker() for _ in range(count)]
         self._tally = ray.remote(Tally).options(num_cpus=0).remote()
         ENGINES.add(self)  # what holds the cluster's CPUs (GPUs), said when they are too few

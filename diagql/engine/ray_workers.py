@@ -43,7 +43,7 @@ class Tally:
 class Worker:
     """One model replica and one view of the data, built once; runs tasks on shards."""
 
-    def __init__(self, model, data, label_key, digests: dict):
+    def __init__(self, model, data, label_key, digests: dict, data_digest: str | None = None):
         import ray
         import torch
 
@@ -61,6 +61,8 @@ class Worker:
             # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
             self.source = None if data is None else \
                 ItemSource(data() if is_factory(data) else data, label_key=label_key)
+            if self.failure is None and data_digest is not None:
+                self.failure = other_data(data, self.source, data_digest)
             self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
             for module in self.models.values():
                 module.to(self.device)
@@ -231,6 +233,61 @@ def other_weights(model, made: dict, digests: dict) -> DiagQLError | None:
         f"--weights) or seeds torch first (torch.manual_seed(0))")
 
 
+# Items read from a data factory's data on the driver and on each worker, spread over it.
+CHECKED_ITEMS = 16
+
+
+def items_digest(source) -> str | None:
+    """A digest of the data's length and of CHECKED_ITEMS items spread over it, as read
+    (inputs and labels): a data factory's data on a worker must give the driver's
+    (``other_data``). None where two reads on the driver differ (a random augmentation, which
+    the probe warns of): then no worker's can be compared."""
+    from diagql.storage.sampled import sampled_digest
+
+    n = len(source)
+    if n == 0:
+        return None
+    positions = np.unique(np.linspace(0, n - 1, min(n, CHECKED_ITEMS)).round().astype(np.int64))
+
+    def read() -> str:
+        _, x, y = next(source.batches(positions, len(positions)))
+        return f"{n}:" + sampled_digest(list(_tensors((x, y))), budget=None)
+
+    first = read()
+    return first if read() == first else None
+
+
+def _tensors(value):
+    """The tensors and arrays of a batch (nested in tuples, lists and mappings)."""
+    from collections.abc import Mapping
+
+    if isinstance(value, Mapping):
+        for key in sorted(value, key=str):
+            yield from _tensors(value[key])
+    elif isinstance(value, (tuple, list)):
+        for part in value:
+            yield from _tensors(part)
+    elif hasattr(value, "data_ptr") or isinstance(value, np.ndarray):
+        yield value
+
+
+def other_data(data, source, digest: str) -> DiagQLError | None:
+    """The error for a worker whose data, made by the data factory, is not the driver's
+    (``digest``: ``items_digest`` there): a random split or shuffle without a seed gives each
+    process other items, and a pass's shards would answer for a mix of them."""
+    mine = items_digest(source)
+    if mine is None or mine == digest:
+        return None
+    length = int(digest.partition(":")[0])
+    which = (f"{len(source):,} items there, {length:,} on the driver" if len(source) != length
+             else "other items at the same places")
+    return DiagQLError(
+        f"the data factory {_called(data)} gave a Ray worker other data than the driver "
+        f"({which}): it splits, shuffles or samples at random, so each worker would answer "
+        f"for other items; pass a factory that gives the same items every time (random_split("
+        f"..., generator=torch.Generator().manual_seed(0)), a fixed list of indices)")
+
+
 def _called(factory) -> str:
     """A factory as its user wrote it: module.name, and a partial's arguments (the command
     line's specs, which it passes as ``partial(load_models, specs, weights)``)."""
@@ -241,11 +298,21 @@ def _called(factory) -> str:
     module = getattr(function, "__module__", None)
     called = f"{module}.{name}" if module else name
     if isinstance(factory, functools.partial):
-        given = [repr(a) for a in factory.args] + [f"{k}={v!r}" for k, v in
-                                                   factory.keywords.items()]
+        given = [_short(a) for a in factory.args] + [f"{k}={_short(v)}" for k, v in
+                                                     factory.keywords.items()]
         text = ", ".join(given)
         called += f"({text if len(text) <= 80 else text[:77] + '...'})"
     return called
+
+
+def _short(value) -> str:
+    """An argument as a message writes it: a plain value's repr (a list of the command line's
+    specs too), else its type (a tensor, a data set)."""
+    plain = (str, int, float, bool, type(None))
+    if isinstance(value, plain) or (isinstance(value, (list, tuple))
+                                    and all(isinstance(v, plain) for v in value)):
+        return repr(value)
+    return f"<{type(value).__name__}>"
 
 
 # --- the cluster's CPUs and GPUs --------------------------------------------------------------
