@@ -124,6 +124,20 @@ def test_a_ray_dataset_is_read_by_the_workers_shard_by_shard(world):
         diagql.connect(world.conn.model, dataset)
 
 
+def test_a_ray_dataset_of_sequences_of_other_lengths_in_each_block_is_refused_in_words(world):
+    """Rows padded within each block but not across them: numpy's "all the input array
+    dimensions except for the concatenation axis must match exactly", with its traceback."""
+    pytest.importorskip("pyarrow", reason="Ray Data needs pyarrow: pip install 'diagql[ray]'")
+    world.conn.engine.close()
+    rows = [{"input_ids": np.arange(1 + i // 2), "labels": i % 2} for i in range(4)]
+    dataset = ray.data.from_items(rows[:2]).union(ray.data.from_items(rows[2:]))
+    with pytest.raises(DiagQLError, match=r"^the Ray Dataset's column 'input_ids' holds rows "
+                                          r"of different shapes \(\(1,\), \(2,\)\): "
+                                          r"sequences of different lengths must be padded"):
+        diagql.connect(world.conn.model, dataset, engine="ray", ray_workers=1, cache_dir=False,
+                       progress=False)
+
+
 def test_the_profile_is_the_local_engine_s_and_plain_torch_s(world):
     ray_profile, local = world.conn.profile, world.local.profile
     assert np.array_equal(ray_profile.predictions, predictions(world.model, world.X))

@@ -67,7 +67,7 @@ class DatasetBlocks:
                 held += min(rows, HEAD - held)
             if held >= HEAD:
                 break
-        self.first = {k: np.concatenate([part[k] for part in parts]) for k in parts[0]} \
+        self.first = {k: _joined(k, [part[k] for part in parts]) for k in parts[0]} \
             if parts else None
 
     def __len__(self) -> int:
@@ -81,6 +81,19 @@ class DatasetBlocks:
         first = int(np.searchsorted(self.starts, lo, side="right")) - 1
         last = int(np.searchsorted(self.starts, hi, side="left"))
         return [(int(self.starts[b]), self.refs[b]) for b in range(first, last)]
+
+
+def _joined(key: str, parts: list[np.ndarray]) -> np.ndarray:
+    """A column's first rows from several blocks, which must agree in shape past the rows:
+    rows of other lengths (unpadded sequences) are refused, as within one block."""
+    try:
+        return np.concatenate(parts)
+    except ValueError:
+        shapes = sorted({part.shape[1:] for part in parts}, key=str)
+        raise DiagQLError(f"the Ray Dataset's column {key!r} holds rows of different shapes "
+                          f"({', '.join(map(str, shapes[:3]))}): sequences of different "
+                          f"lengths must be padded to one length (ds.map_batches with a "
+                          f"padding function)") from None
 
 
 def _columns(block) -> dict:
