@@ -915,3 +915,36 @@ def test_shards_cut_the_local_passs_batches_a_lone_last_item_included(n, batch_s
     local = [tuple(items[a:b]) for a, b in spans(n, batch_size)]
     sharded = [tuple(part[a:b]) for part in cut for a, b in spans(len(part), batch_size)]
     assert sharded == local
+
+
+def test_a_connection_outlives_a_ray_shutdown_between_statements(world, cluster):
+    """``ray.shutdown()`` between two statements (a notebook restarting its Ray): the next
+    statement raised Ray's "Can't find actor ... from a different cluster", and so did close()
+    and every statement after. The workers are started again in the Ray running now."""
+    world.conn.engine.close()
+    X, y = world.X[:150], world.y[:150]
+    conn = diagql.connect(world.conn.model, (X, y), batch_size=BATCH, cache_dir=False,
+                          engine="ray", ray_workers=1, progress=False)
+    truth = activations(world.model, X, "net.6").mean(axis=0)
+    close(conn.query("AVG NEURONS IN net.6 USING FULL").values, truth)
+    cluster.shutdown()
+    cluster.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    close(conn.query("AVG NEURONS IN net.6 USING FULL").values, truth)
+    conn.close()
+    conn.close()
+
+
+def test_an_address_nothing_listens_at_is_refused_at_once():
+    """Ray retries an unreachable head for minutes, a log line every 30 s, and DiagQL's "cannot
+    start Ray" never came; an address that takes no connection is refused first."""
+    import socket
+
+    from diagql.engine.ray_workers import _reachable
+
+    with socket.socket() as free:  # a port nothing listens at once this socket is closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(DiagQLError, match=rf"^cannot reach Ray at {address}: "):
+            _reachable(address, seconds=2)
+    _reachable("auto")  # Ray's own forms are left to Ray

@@ -47,6 +47,7 @@ class RayEngine:
         self._ray = None
         self._blocks: DatasetBlocks | None = None  # a Ray Dataset's, made by dataset_head()
         self._actors: list = []
+        self._job = None  # the Ray session the workers were started in (``_session``)
         self._tally = None
         self._passes = 0
         self._device_type: str | None = None
@@ -88,8 +89,16 @@ class RayEngine:
         return ray
 
     def actors_held(self) -> list:
-        """The workers this engine holds now (none before its first pass or after close())."""
+        """The workers this engine holds now (none before its first pass, after close(), or
+        after the Ray they ran in was shut down: ``ray.shutdown()`` between statements)."""
+        if self._actors and not self._same_ray():
+            self._actors, self._tally = [], None  # gone with their Ray: started again
         return self._actors
+
+    def _same_ray(self) -> bool:
+        """Whether the Ray this process is connected to is the one the workers started in."""
+        ray = self._ray
+        return ray is not None and ray.is_initialized() and self._job == _session(ray)
 
     def resource_kind(self) -> str:
         """What each of its workers holds one of: "GPU" on a cluster with GPUs, else "CPU"."""
@@ -98,7 +107,7 @@ class RayEngine:
     def start(self) -> list:
         """The actors, created on the first pass: one per GPU if the cluster has GPUs, else
         one per CPU (or ``workers``)."""
-        if self._actors:
+        if self.actors_held():
             return self._actors
         ray = self._ray = self._started_ray()
         resources = ray.cluster_resources()
@@ -122,13 +131,14 @@ class RayEngine:
         self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests,
                                                  self.data_digest)
         self._actors = [self._new_worker() for _ in range(count)]
+        self._job = _session(ray)
         self._tally = ray.remote(Tally).options(num_cpus=0).remote()
         ENGINES.add(self)  # what holds the cluster's CPUs (GPUs), said when they are too few
         return self._actors
 
     def close(self) -> None:
         """Hand the workers back to the cluster."""
-        for actor in self._actors:
+        for actor in self.actors_held():
             self._ray.kill(actor)
         if self._actors:
             killed()
@@ -323,3 +333,10 @@ def _init_failure(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _session(ray) -> tuple:
+    """This process's Ray session: its job and the node it joined (a Ray started again after
+    ``ray.shutdown()`` numbers its jobs from 1 again, on a node of a new id)."""
+    context = ray.get_runtime_context()
+    return context.get_job_id(), context.get_node_id()

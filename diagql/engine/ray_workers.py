@@ -5,7 +5,6 @@ Ray instance. ``ray`` is imported only when a pass first needs it."""
 from __future__ import annotations
 
 import gc
-import os
 import time
 import weakref
 
@@ -131,9 +130,9 @@ def put_once(ray, value, what: str):
 
 def start_ray(address: str | None, warn: bool = True):
     """Ray, connected to ``address``, else to the instance this process already runs, else to
-    a new local instance with one CPU per core. ``warn``: whether to say that ``address`` is
-    ignored, where this process runs another instance (a RayEngine says it once: each step
-    of its first pass had said it again)."""
+    a new local instance with the CPUs Ray finds (a container's quota, not the host's cores).
+    ``warn``: whether to say that ``address`` is ignored, where this process runs another
+    instance (a RayEngine says it once: each step of its first pass had said it again)."""
     try:
         import ray
     except ImportError:
@@ -143,8 +142,9 @@ def start_ray(address: str | None, warn: bool = True):
                    "logging_level": "warning"}
         try:
             if address is None:
-                ray.init(num_cpus=os.cpu_count(), **options)
+                ray.init(**options)
             else:
+                _reachable(address)
                 ray.init(address=address, **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise DiagQLError(f"cannot start Ray at {address or 'a local instance'}: "
@@ -159,6 +159,23 @@ def start_ray(address: str | None, warn: bool = True):
             say(f"ray_address {address!r} is ignored: this process is connected to Ray "
                 f"already ({running}); call ray.shutdown() first to use another cluster")
     return ray
+
+
+def _reachable(address: str, seconds: float = 5.0) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) address that takes no connection
+    within ``seconds``: Ray itself retries such a one for minutes, unsaid."""
+    import re
+    import socket
+
+    found = re.fullmatch(r"(?:ray://)?\[?([^\[\]/]+?)\]?:(\d+)", address)
+    if found is None:
+        return  # "auto", or a form Ray reads itself
+    try:
+        socket.create_connection((found[1], int(found[2])), timeout=seconds).close()
+    except OSError as exc:
+        raise DiagQLError(f"cannot reach Ray at {address}: {exc.strerror or exc} (is the head "
+                          f"node running, and is that its address? `ray status` on it says)"
+                          ) from None
 
 
 def built_models(model) -> dict:
