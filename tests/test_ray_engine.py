@@ -232,7 +232,7 @@ def test_too_many_workers_are_refused_at_once_saying_what_holds_the_cpus(world, 
     X, y = world.X[:100], world.y[:100]
     for workers, message in (
             (3, r"^the Ray cluster has 2 CPUs in all, too few for 3 workers \(one CPU each\): "
-                r"connect with ray_workers=2 or fewer$"),
+                r"connect with ray_workers=2 or fewer \(on the command line, --ray-workers 2\)$"),
             (1, r"^the Ray cluster has too few free CPUs for 1 worker \(one CPU each\): 0 of "
                 r"its 2 CPUs are free: 2 held by the workers of 1 other open connection of "
                 r"this process \(conn\.close\(\), or a with block, hands them back\); free "

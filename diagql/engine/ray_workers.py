@@ -396,9 +396,11 @@ def too_few(ray, kind: str, total: int, free: int, count: int, but=None) -> str:
     each = f"{count} worker{'s' if count > 1 else ''} (one {kind} each)"
     if count > total:
         return (f"the Ray cluster has {total} {kind}s in all, too few for {each}: "
-                + (f"connect with ray_workers={total} or fewer" if total else
+                + (f"connect with ray_workers={total} or fewer (on the command line, "
+                   f"--ray-workers {total})" if total else
                    f"start Ray on nodes that have {kind}s"))
-    fewer = f"connect with ray_workers={free} or fewer, or " if free else ""
+    fewer = f"connect with ray_workers={free} or fewer (--ray-workers {free}), or " \
+        if free else ""
     return (f"the Ray cluster has too few free {kind}s for {each}: "
             f"{holders(ray, kind, free, but=but)}; {fewer}free some and run the statement "
             f"again")
