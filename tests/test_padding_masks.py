@@ -206,17 +206,69 @@ def _padded(n: int, length: int, low: int, high: int, seed: int):
     return torch.randint(1, 30, (n, length), generator=g) * mask, mask
 
 
-def test_a_second_attention_mask_of_the_same_shape_is_warned_of():
-    """A dual encoder's document layers were averaged over the query's attention_mask,
-    unwarned, where both inputs are padded to one length (the sweep's `doc_enc`: a silently
-    wrong mean over tokens and TOKEN -1). One mask, or a decoder's beside it, says nothing."""
+class _SharedDualEncoder(nn.Module):
+    """One encoder for both inputs (a siamese retriever), called on the query's ids, then the
+    document's; ``lin`` also on the document's embeddings the model's forward looks up in a
+    table of its own (no module: they cannot be traced to their ids)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.enc, self.head = _Tokens(), nn.Linear(24, 3)
+        self.table = nn.Parameter(torch.randn(30, 8))
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask, doc_ids, doc_attention_mask):
+        def pool(h, m):
+            m = m.unsqueeze(-1).float()
+            return (h * m).sum(1) / m.sum(1)
+        return self.head(torch.cat([pool(self.enc(input_ids), attention_mask),
+                                    pool(self.enc(doc_ids), doc_attention_mask),
+                                    pool(self.lin(self.table[doc_ids]), doc_attention_mask)], 1))
+
+
+def _masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    m = mask.unsqueeze(-1).double()
+    return ((rows.double() * m).sum(1) / m.sum(1)).mean(0).numpy()
+
+
+def test_each_encoder_of_a_dual_encoder_reads_the_mask_of_its_own_ids():
+    """A dual encoder's document layers were averaged over the query's attention_mask where
+    both inputs are padded to one length (the sweep's `doc_enc`: a silently wrong mean over
+    tokens and TOKEN -1). A module called on an input's ids, and every module it calls, reads
+    the mask named for them (doc_ids: doc_attention_mask), a shared encoder's each call too;
+    a layer that cannot be traced to its ids (over embeddings looked up in the model's own
+    forward) reads attention_mask, warned of. One mask says nothing."""
     ids, mask = _padded(120, 12, 2, 6, 0)
     doc_ids, doc_mask = _padded(120, 12, 5, 12, 1)
     data = {"input_ids": ids, "attention_mask": mask, "doc_ids": doc_ids,
             "doc_attention_mask": doc_mask, "labels": torch.arange(120) % 3}
+    model = _DualEncoder().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        db = diagql.connect(model, data, cache_dir=False, progress=False)
+        with torch.no_grad():
+            for name, rows, real in [
+                    ("enc", model.enc(ids), mask), ("enc.lin", model.enc.lin(model.enc.emb(ids)),
+                                                    mask),
+                    ("doc_enc", model.doc_enc(doc_ids), doc_mask),
+                    ("doc_enc.emb", model.doc_enc.emb(doc_ids), doc_mask),
+                    ("doc_enc.lin", model.doc_enc.lin(model.doc_enc.emb(doc_ids)), doc_mask)]:
+                np.testing.assert_allclose(db.query(f"AVG NEURONS IN {name}").values,
+                                           _masked_mean(rows, real), atol=1e-6, err_msg=name)
+    shared = _SharedDualEncoder().eval()
     with pytest.warns(diagql.DiagQLWarning, match=r"several attention masks of one shape "
-                                                  r"\('attention_mask', 'doc_attention_mask'\)"):
-        diagql.connect(_DualEncoder().eval(), data, cache_dir=False, progress=False).catalog
+                                                  r"\('attention_mask', 'doc_attention_mask'\): "
+                                                  r".* could not trace lin to an input's ids"):
+        db = diagql.connect(shared, data, cache_dir=False, progress=False)
+        db.catalog
+    with torch.no_grad():
+        for name, rows, real in [("enc#1", shared.enc(ids), mask),
+                                 ("enc.lin#2", shared.enc.lin(shared.enc.emb(doc_ids)),
+                                  doc_mask),
+                                 ("lin", shared.lin(shared.table[doc_ids]), mask)]:
+            np.testing.assert_allclose(db.query(f"AVG NEURONS IN {name}").values,
+                                       _masked_mean(rows, real), atol=1e-6, err_msg=name)
     single = {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(120) % 3}
     with warnings.catch_warnings():
         warnings.simplefilter("error", diagql.DiagQLWarning)

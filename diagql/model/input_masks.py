@@ -107,6 +107,29 @@ def _encoder_ids(inputs: Mapping, ids) -> bool:
     return isinstance(ids, torch.Tensor) and same("input_ids") and not same("decoder_input_ids")
 
 
+def token_mask(inputs, ids) -> str | None:
+    """The mask of a mapping model input that marks the tokens of its ids tensor ``ids`` is
+    (by identity, else equal values): ``attention_mask`` for ``input_ids``, a named one for
+    ``doc_ids`` or ``doc_input_ids`` (``doc_attention_mask``: a dual encoder's second input),
+    ``decoder_attention_mask`` for ``decoder_input_ids``. None where ``ids`` is none of the
+    input's ids (or several alike), or the input holds no such mask. A module called on them,
+    and every module it calls, has those tokens (model/probing.py)."""
+    if not isinstance(inputs, Mapping) or not isinstance(ids, torch.Tensor):
+        return None
+    keys = [key for key, value in inputs.items() if isinstance(key, str) and key.endswith("ids")
+            and value is ids]
+    if not keys:
+        keys = [key for key, value in inputs.items() if isinstance(key, str)
+                and key.endswith("ids") and isinstance(value, torch.Tensor)
+                and value.shape == ids.shape and value.dtype == ids.dtype
+                and value.device == ids.device and bool(torch.equal(value, ids))]
+    if len(keys) != 1:
+        return None
+    stem = keys[0].removesuffix("ids").removesuffix("input_")
+    mask = f"{stem}attention_mask"
+    return mask if _two_dimensional(inputs.get(mask)) else None
+
+
 def rival_masks(inputs) -> list[str]:
     """The other attention masks of a mapping model input (keys ending in "attention_mask",
     a decoder's aside) of the shape of the one ``mask_key`` reads outside a decoder: a dual
@@ -127,11 +150,14 @@ def _two_dimensional(mask) -> bool:
     return isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.numel() > 0
 
 
-def input_attention_mask(inputs, module: str | None = None, ids=None) -> torch.Tensor | None:
+def input_attention_mask(inputs, module: str | None = None, ids=None,
+                         key: str | None = None) -> torch.Tensor | None:
     """The mask (batch, sequence) of a mapping model input (1: a real token) that marks the
     real tokens of ``module``'s outputs (``mask_key``, maybe the items' lengths; ``ids``: the
-    call's first tensor argument): a tuple's is named by ``named_inputs``."""
-    key = mask_key(inputs, module, ids)
+    call's first tensor argument; ``key``: the input's mask the probe found the layer's tokens
+    to follow, ``token_mask``): a tuple's is named by ``named_inputs``."""
+    if key is None or not isinstance(inputs, Mapping) or key not in inputs:
+        key = mask_key(inputs, module, ids)
     if key in LENGTH_KEYS:
         return lengths_mask(inputs, key)
     if key in MASK_KEYS:

@@ -53,6 +53,15 @@ class LayerInfo:
             (self.mask == NO_MASK or self.mask.startswith(UNFIT_MASK))
 
     @property
+    def input_mask_key(self) -> str | None:
+        """The batch input's mask whose positions this sequence layer's real tokens are, as
+        the probe found them (``mask``: ``INPUT_MASK``); None where they come otherwise."""
+        head, tail = INPUT_MASK.split("{}")
+        if self.mask.startswith(head) and self.mask.endswith(tail):
+            return self.mask[len(head):len(self.mask) - len(tail)]
+        return None
+
+    @property
     def neurons(self) -> int:
         """Neurons of the default view: a sequence's hidden units, else every element."""
         if self.shape is None:
@@ -220,6 +229,8 @@ def module_aliases(model: nn.Module) -> dict[str, str]:
 
 
 NO_MASK = "every position: no padding mask reached it in the probe"
+# A sequence layer whose real tokens are those a mask of the batch input marks: its key.
+INPUT_MASK = "the {} of the batch input"
 # A mask in the batch input of another length than the layer's sequence (an audio encoder's
 # samples beside its frames): it marks none of the layer's tokens.
 UNFIT_MASK = "every position: the batch input's"

@@ -16,13 +16,13 @@ from diagql.errors import DiagQLWarning, ExecutionError, warn
 from diagql.model.batch_axis import batch_axis, out_of_order, several_rows
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
-from diagql.model.layers import NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
+from diagql.model.layers import INPUT_MASK, NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
 from diagql.model.repeatable import UNREPEATABLE, Unrepeatable, check_batch_independent, \
     check_deterministic, check_repeatable, warn_unrepeatable
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
-from diagql.model.input_masks import input_attention_mask, mask_key, rival_masks
+from diagql.model.input_masks import input_attention_mask, mask_key, rival_masks, token_mask
 from diagql.model.layouts import map_layout, stored_channels_first, vector_layout
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, named_inputs, padding_argument, padding_mask
@@ -43,6 +43,7 @@ class _Seen:
     masks: list[tuple[str, str, tuple]] = field(default_factory=list)  # (owner, arg, shape)
     input_mask: tuple | None = None  # the shape of the batch input's attention_mask
     input_mask_key: str = ""  # its key: attention_mask, or a decoder's decoder_attention_mask
+    traced: bool = False  # whether that key is the mask of the ids it was found to follow
     # A map whose last axis is stored outermost (layouts.stored_channels_first).
     stored_first: bool = False
 
@@ -81,14 +82,6 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if first_output is None:
             first_output = first_tensor(output)
         passes.append((len(idx), seen, counted, output))
-    rivals = rival_masks(x)
-    if rivals:
-        warn(f"the model's input holds several attention masks of one shape ({mask_key(x)!r}, "
-             f"{', '.join(repr(key) for key in rivals)}): DiagQL reads the real tokens of every "
-             f"sequence layer but a decoder's from {mask_key(x)!r}, so the mean over tokens (the "
-             f"default), TOKENS MAX and TOKEN -1 of a layer over another input's tokens (a "
-             f"second encoder's) are taken over that mask's positions; TOKEN 0 is not "
-             f"affected, and a connection of that encoder alone reads its own mask")
     last_alone = _last_alone(model, source, prepare, call, n, sizes[-1])
     with warnings.catch_warnings(record=True) as said:  # DiagQL's kept in the catalog
         warnings.simplefilter("always")
@@ -142,7 +135,27 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
             layers += _entries(name, type(module).__name__, infos.get(name, []),
                                [(s, counted.get(name, 0)) for s, _, counted, _ in passes], modules)
     catalog = LayerCatalog(layers, output_shape, scores, head, notices)
+    _warn_untraced(catalog, x, passes[-1][1])
     return _per_position(catalog, raw_shape)
+
+
+def _warn_untraced(catalog: LayerCatalog, x, seen: dict) -> None:
+    """Warn where the input holds several attention masks of one shape (a dual encoder's
+    ``doc_attention_mask``) and some sequence layer could not be traced to the ids it runs
+    on (over embeddings the model's own forward looked up): its real tokens are read from
+    ``mask_key``'s mask, which may be the other input's."""
+    rivals = rival_masks(x)
+    untraced = [layer.name for layer in catalog.layers
+                if layer.layout == SEQUENCE and layer.shape is not None and layer.input_mask_key
+                and not getattr(seen.get((layer.module, layer.call or 1)), "traced", True)]
+    if rivals and untraced:
+        names = ", ".join(untraced[:3]) + (", …" if len(untraced) > 3 else "")
+        warn(f"the model's input holds several attention masks of one shape ({mask_key(x)!r}, "
+             f"{', '.join(repr(key) for key in rivals)}): DiagQL reads a sequence layer's real "
+             f"tokens from the mask of the ids it runs on, but could not trace {names} to an "
+             f"input's ids, so their mean over tokens (the default), TOKENS MAX and TOKEN -1 "
+             f"are taken over {mask_key(x)!r}'s positions; TOKEN 0 is not affected, and a "
+             f"connection of that part of the model alone reads its own mask")
 
 
 def _per_position(catalog: LayerCatalog, raw_shape: tuple) -> LayerCatalog:
@@ -308,6 +321,14 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
     padded = {name for name, module in modules if padding_argument(module) is not None}
     named = named_inputs(x, model)  # a tuple input's attention_mask found by its name
     handles = []
+    # Each running module's token_mask (the mask of the input ids it was called on), outermost
+    # first: a layer's tokens are its innermost caller's (a dual encoder's second encoder's).
+    tokens: list[str | None] = []
+
+    @this_thread
+    def enter(module, args, kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        tokens.append(token_mask(named, first))
 
     def before(name):
         @this_thread
@@ -324,8 +345,12 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
         def hook(module, args, output):
             calls[name] = calls.get(name, 0) + 1
             key = (name, calls[name])
+            source = next((m for m in reversed(tokens) if m is not None), None)
+            if tokens:
+                tokens.pop()
             try:
-                seen[key] = _look(key, args, output, seen, made, padding, padded, named)
+                seen[key] = _look(key, args, output, seen, made, padding, padded, named,
+                                  source)
             except Exception as exc:  # noqa: BLE001 - DiagQL's own, not the model's
                 raise HookFailure(name, output, exc) from exc
         return hook
@@ -334,6 +359,7 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
         if name in padded:
             handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
         if name:
+            handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
             handles.append(module.register_forward_hook(after(name)))
     try:
         with evaluation(model, changed), hook_errors():
@@ -345,7 +371,7 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
     return seen, calls, out, made
 
 
-def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
+def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Seen:
     name = key[0]
     out = first_output(output)
     what = describe_output(output)
@@ -386,9 +412,17 @@ def _look(key, args, output, seen, made, padding, padded, x) -> _Seen:
     result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
                     if owner in padded and owner in padding]
     ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    mask = input_attention_mask(x, name, ids)  # the probe's input, named_inputs'
+    # Its tokens: those of the ids it or its innermost caller was called on (``tokens``), else
+    # those of the module that made its input (an encoder's layers called from the model's
+    # own forward on a shared embedding's output), else the input's mask by ``mask_key``.
+    maker = seen.get(made[id(ids)][1]) if ids is not None and id(ids) in made else None
+    if tokens is None and maker is not None and maker.traced:
+        tokens = maker.input_mask_key
+    result.traced = tokens is not None
+    mask_name = tokens or mask_key(x, name, ids)
+    mask = input_attention_mask(x, name, ids, mask_name)  # the probe's input, named_inputs'
     result.input_mask = None if mask is None else tuple(mask.shape)
-    result.input_mask_key = mask_key(x, name, ids) or ""
+    result.input_mask_key = mask_name or ""
     return result
 
 
@@ -488,7 +522,7 @@ def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
         if shape == batch:
             return f"the {arg} given to {owner or 'the model'}"
     if seen.input_mask == batch:
-        return f"the {seen.input_mask_key} of the batch input"
+        return INPUT_MASK.format(seen.input_mask_key)
     if seen.input_mask is not None and seen.input_mask[0] == batch[0]:
         return (f"{UNFIT_MASK} {seen.input_mask_key} marks {seen.input_mask[1]} positions, "
                 f"where this layer has {batch[1]}, so it marks none of them")

@@ -232,7 +232,8 @@ def sequence_of(layer, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | N
     if padding is not None and tuple(padding.shape) == tuple(values.shape[:2]):
         real = ~padding if padding.dtype == torch.bool else padding == 0
         return values, real.to(values.device)
-    mask = input_attention_mask(call.inputs, layer.module or layer.name, call.ids)
+    mask = input_attention_mask(call.inputs, layer.module or layer.name, call.ids,
+                                layer.input_mask_key)
     if mask is not None and tuple(mask.shape) == tuple(values.shape[:2]):
         return values, (mask != 0).to(values.device)
     return values, None
