@@ -233,14 +233,18 @@ class ActivationStore:
 def _disjoint(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """Parts whose items no earlier part holds (two sessions may have appended the same items;
     their rows are equal), without copying a part that overlaps none."""
-    kept, seen = [], np.empty(0, dtype=np.int64)
+    # One flag per item index, not a union of the items so far: that was quadratic in the
+    # parts (a layer kept in 782 batch-sized chunks took 14 s to read back, where the pass
+    # that made them took 2.5 s).
+    top = max((int(items.max()) + 1 for items, _ in parts if len(items)), default=0)
+    seen = np.zeros(top, dtype=bool)
+    kept = []
     for items, rows in parts:
-        if len(seen):
-            new = ~np.isin(items, seen, assume_unique=True)
-            if not new.all():
-                items, rows = items[new], rows[new]
+        new = ~seen[items]
+        if not new.all():
+            items, rows = items[new], rows[new]
         if len(items):
             kept.append((items, rows))
-            seen = np.union1d(seen, items)
+            seen[items] = True
     return kept
 
