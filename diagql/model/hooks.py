@@ -342,8 +342,7 @@ class Hooks:
                 # The innermost owner that governs decides, None included (views.padding_mask).
                 padding = next((self._padding[o] for o in owners if o in self._padding), None)
                 # Runs before any later in-place op (ReLU(inplace=True)) can overwrite the output.
-                ids = next((a for a in inputs if isinstance(a, torch.Tensor)), None)
-                call = ModuleCall(output, padding, self.inputs, self.size, ids)
+                call = ModuleCall(output, padding, self.inputs, self.size, inputs)
                 for layer, callback in served:
                     self.ran.add(layer)
                     callback(call)

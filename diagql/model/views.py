@@ -188,14 +188,18 @@ def _positional_names(cls: type) -> tuple[str, ...] | None:
 class ModuleCall:
     """One call of a hooked module, as a hook sees it: what it returned, the innermost key
     padding mask given to it or to a module around it, and the batch (input, item count);
-    ``ids``: the call's first tensor argument (whose tokens an encoder-decoder's shared
-    embedding reads: model/input_masks.py, ``mask_key``)."""
+    ``args``: the call's positional arguments (the first tensor among them: the ids whose
+    tokens an encoder-decoder's shared embedding reads, model/input_masks.py ``mask_key``)."""
 
     output: object
     padding: torch.Tensor | None
     inputs: object
     size: int
-    ids: object = None
+    args: tuple = ()
+
+    @property
+    def ids(self):
+        return next((a for a in self.args if isinstance(a, torch.Tensor)), None)
 
 
 def sequence_of(layer, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | None]:
