@@ -882,6 +882,18 @@ def test_a_connection_is_not_copied_and_value_of_reads_only_real_neurons():
     for wrong, message in ((-1, "neurons 0 to 3, not -1"), (4, "not 4"), (1.0, "an int")):
         with pytest.raises(diagql.DiagQLError, match=message):
             top.value_of(wrong)
+    avg, argmax = db.query("AVG NEURONS IN 0"), db.query("ARGMAX NEURONS IN 0")
+    for result in (avg, argmax):  # each had said None past its layer
+        for wrong in (-1, 4):
+            with pytest.raises(diagql.DiagQLError, match=f"neurons 0 to 3, not {wrong}"):
+                result.value_of(wrong)
+    assert avg.value_of(3) == pytest.approx(means[3])
+    # A sampled answer pickles too: its plan (closures, the profile's arrays) stays behind.
+    sampled = db.query("TOPK 2 NEURONS IN 0 USING SAMPLE random(0.5) WITH BASELINE")
+    again = pickle.loads(pickle.dumps(sampled))
+    assert again.plan is None and again.labels == sampled.labels
+    assert np.array_equal(again.estimate.ci_low, sampled.estimate.ci_low)
+    assert np.array_equal(again.baseline.values, sampled.baseline.values)
     grouped = db.query("AVG NEURONS IN 0 GROUP BY class")
     assert grouped and not len(grouped.values)  # an answer, though its rows are its groups'
     with pytest.raises(diagql.DiagQLError, match=r"result.groups\[key\].value_of"):

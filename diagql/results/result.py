@@ -230,6 +230,11 @@ class Result:
     # class or predicted shows them beside the indices that key ``groups``.
     class_names: list[str] | None = field(default=None, repr=False)
 
+    def __getstate__(self) -> dict:
+        """Pickled (and copied) as its data: the engine's plan, which holds closures and the
+        profile's arrays, stays behind (a sampled answer's had failed to pickle)."""
+        return {**self.__dict__, "plan": None}
+
     @property
     def is_query(self) -> bool:
         return self.kind in AGGREGATES
@@ -431,15 +436,18 @@ class Result:
 
 def _check_neuron(result: Result, neuron) -> None:
     """Refuse what ``value_of`` cannot read: no int, a GROUP BY's whole result (its values
-    are its groups'), a neuron past a TOPK's layer (index -1 had read its last neuron)."""
+    are its groups'), a neuron past the layer (index -1 had read a TOPK's last neuron, and
+    said None for an AVG's)."""
     if isinstance(neuron, bool) or not isinstance(neuron, (int, np.integer)):
         raise DiagQLError(f"value_of takes a neuron's flat index (an int), not {neuron!r}")
     if result.groups is not None:
         raise DiagQLError("a GROUP BY result holds its values per group: "
                           "result.groups[key].value_of(neuron)")
-    if result.dense is not None and not 0 <= neuron < len(result.dense):
-        raise DiagQLError(f"{result.layer} has neurons 0 to {len(result.dense) - 1}, not "
-                          f"{neuron}")
+    # TOPK's dense aggregate, or an AVG's or ARGMAX's values: one per neuron of the layer.
+    width = len(result.dense) if result.dense is not None else \
+        len(result.values) if result.kind in ("avg", "argmax") else None
+    if width and not 0 <= neuron < width:  # an empty answer (a group the sample missed): None
+        raise DiagQLError(f"{result.layer} has neurons 0 to {width - 1}, not {neuron}")
 
 
 def _jsonable(value):
