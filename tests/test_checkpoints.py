@@ -197,6 +197,24 @@ def test_checkpoints_follow_a_module_swapped_in_the_final_model(trained, data):
                                    atol=1e-6, err_msg=name)
 
 
+def test_topk_across_checkpoints_records_keep_each_neuron_and_value_whole(db, trained, data):
+    """Its CSV and records had been the table's cells, "encoder.3[10] 2.167": a label and a
+    value rounded to 4 digits in one string. A row per checkpoint's group and rank now."""
+    X, y = data
+    model, _, states = trained
+    result = db.query("TOPK 2 NEURONS IN encoder.3 GROUP BY class ACROSS CHECKPOINTS")
+    records = result.records()
+    assert len(records) == 4 * 10 * 2 and list(records[0]) == ["checkpoint", "class", "rank",
+                                                               "neuron", "label", "value"]
+    for record in records:
+        module = model if record["checkpoint"] == "final" else loaded(states[record["checkpoint"]])
+        mine = (y == record["class"]).numpy()
+        truth = outputs(module, X, "encoder.3")[mine].mean(0)
+        assert record["label"] == f"encoder.3[{record['neuron']}]"
+        assert record["value"] == pytest.approx(truth[record["neuron"]], rel=1e-5)
+        assert record["neuron"] == np.argsort(-truth, kind="stable")[record["rank"] - 1]
+
+
 def test_a_checkpoint_query_never_holds_two_checkpoints_weights(trained, data, monkeypatch):
     import gc
 

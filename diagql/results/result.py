@@ -364,6 +364,12 @@ class Result:
             return self._similarity_records()
         if self.ranked is not None:
             return self.ranked.records(self.items, self.values)
+        if self.checkpoints is not None and any(answer.kind == "topk"
+                                                for answer in self.checkpoints.values()):
+            # TOPK ACROSS CHECKPOINTS: its table's cells hold a neuron and its value as
+            # text; a row per checkpoint's (group, rank) keeps both whole.
+            return [{"checkpoint": name, **record} for name, answer in self.checkpoints.items()
+                    for record in answer.records()]
         if not self.is_query:
             return [dict(zip(self.columns, map(_plain, row))) for row in self.rows]
         if self.groups is not None:
