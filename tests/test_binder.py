@@ -389,6 +389,10 @@ def test_with_several_models_a_layer_of_another_or_a_head_that_is_no_model_is_na
 
     db = diagql.connect({"base": trained_cnn(), "wide": trained_mlp()}, digits,
                         cache_dir=False, progress=False)
+    assert [row[:2] for row in db.query("SHOW SETTINGS").rows if row[0] == "model"] == \
+        [("model", "default")]
+    db.query("SET model = wide")
+    assert db.query("SET model = default").rows == [("model", "base")]  # the first, as before
     db.query("SET model = wide")
     err = bind_error(db, "TOPK 2 NEURONS IN 8")
     assert err.message == "the default model 'wide' has no layer '8'; model 'base' has one: base.8"

@@ -517,6 +517,10 @@ def test_across_checkpoints_of_a_layer_named_alone_reads_every_model_whatever_th
         net = model if name == "final" else loaded(states[name])
         np.testing.assert_allclose(result.checkpoints[name].values,
                                    outputs(net, X, "head").mean(0), rtol=1e-5, atol=1e-6)
+    # SET model = default, as SHOW SETTINGS writes the default, had been "unknown model".
+    assert db.query("SET model = default").rows == [("model", "final")]
+    np.testing.assert_allclose(db.query("AVG NEURONS IN head").values,
+                               outputs(model, X, "head").mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_a_checkpoint_that_cannot_be_read_says_why_on_stderr_beside_a_csv(

@@ -18,6 +18,7 @@ from diagql.language.binder import (bind_layer, bind_query, bind_similarity, bin
                                     require_labels)
 from diagql.results.result import Result
 from diagql.session.artifacts import keep_in_use
+from diagql.session.checkpoints import FINAL
 from diagql.session.models import name_model, sampling_source, with_model
 from diagql.session.settings import Settings
 from diagql.suggest import did_you_mean
@@ -354,6 +355,9 @@ def _set(conn, statement: ast.SetStatement) -> Result:
     try:
         value = conn.settings.coerce(name, statement.value, statement.written)
         if name == "model":
+            if value.lower() == "default" and value not in conn.models:  # as SHOW SETTINGS says
+                value = FINAL if any(entry.is_checkpoint for entry in conn.models.values()) \
+                    else next(iter(conn.models), None)
             value = conn.on(value, statement.value_span).name
             conn.settings.latent = conn.models[value].latent  # SET latent is per model
         if name == "latent" and conn.models:
