@@ -56,6 +56,9 @@ def plots_and_refuses_a_bad_target(tmp_path):
             db.query(statement.format(target=tmp_path / "missing" / "plot.png"))
         with pytest.raises(BindError, match="plot.png' is a file, not a directory"):
             db.query(statement.format(target=target / "plot.png"))
+        (tmp_path / "folder.png").mkdir()  # had failed only as it was written, status 0
+        with pytest.raises(BindError, match="folder.png': it is a directory; name a file"):
+            db.query(statement.format(target=tmp_path / "folder.png"))
         assert db.counters["passes"] == passes
         # A file that fails only as it is written (/proc takes none): the answer is kept.
         result = db.query(statement.format(target="/proc/diagql-plot.png"))

@@ -259,13 +259,15 @@ def test_plot_clause_writes_a_png(conn, tmp_path):
         other = tmp_path / "other.png"
         conn.query(f"EVALUATE SAMPLERS {calls} AT 0.05 {clause} SEEDS 1 PLOT '{other}'")
         assert other.read_bytes()[:8] == PNG
-    # A file that fails only as it is written (a folder of that name): the evaluation, minutes
-    # of work, had been thrown away with an error; it is returned, the failure noted.
-    folder = tmp_path / "folder.png"
-    folder.mkdir()
-    result = conn.query(f"EVALUATE SAMPLERS random AT 0.05 SEEDS 1 PLOT '{folder}'")
+    # A file that fails only as it is written (/proc takes none): the evaluation, minutes of
+    # work, had been thrown away with an error; it is returned, the failure noted.
+    result = conn.query("EVALUATE SAMPLERS random AT 0.05 SEEDS 1 PLOT '/proc/diagql-plot.png'")
     assert result.rows and any(note.startswith("no plot: cannot write the plot")
                                for note in result.notes)
+    folder = tmp_path / "folder.png"  # a folder of that name is refused before any work
+    folder.mkdir()
+    with pytest.raises(diagql.DiagQLError, match="it is a directory; name a file in it"):
+        conn.query(f"EVALUATE SAMPLERS random AT 0.05 SEEDS 1 PLOT '{folder}'")
 
 
 def test_plot_without_matplotlib_says_how_to_install(conn, monkeypatch, tmp_path):

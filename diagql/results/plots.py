@@ -51,6 +51,8 @@ def check_target(path: str, span=None) -> None:
     if not target.parent.is_dir():
         what = "is a file, not a directory" if target.parent.exists() else "does not exist"
         raise _refusal(f"cannot plot to {path!r}: {str(target.parent)!r} {what}", span)
+    if target.is_dir():  # it had failed only as it was written, the statement's status 0
+        raise _refusal(f"cannot plot to {path!r}: it is a directory; name a file in it", span)
 
 
 def _refusal(message: str, span) -> BindError:
