@@ -15,6 +15,14 @@ def _lines(source: str) -> list[str]:
 
 # The most of a source line an error shows: a longer one is shown around the error.
 _WIDEST_LINE = 100
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all but tab and newline
+# A quoted name this long (a 200,000-character layer name) is shown by its ends.
+_LONG_QUOTED = re.compile(r"'[^'\n]{120,}'")
+
+
+def _shortened(quoted: re.Match) -> str:
+    text = quoted.group(0)[1:-1]
+    return f"'{text[:60]}…{text[-20:]}' ({len(text):,} characters)"
 
 
 class DiagQLError(Exception):
@@ -64,6 +72,9 @@ class DiagQLError(Exception):
             width = min(width, last - start)
             text = ("…" if first else "") + text[first:last] + ("…" if last < len(text) else "")
             start = start - first + (1 if first else 0)
+        # A control character (ESC, NUL) shown as '?', one column as in the text: written raw
+        # it would reach the terminal as a command.
+        text = _CONTROL.sub("?", text)
         # Tabs keep their width on the marker line so the caret lands under the right character.
         pad = "".join("\t" if ch == "\t" else " " for ch in text[:start])
         return f"{text}\n{pad}{'^' * width}"
@@ -78,7 +89,8 @@ class DiagQLError(Exception):
             if self.column is not None:
                 where.append(str(self.column))
         head = ":".join(where)
-        out = f"{head}: {self.kind}: {self.message}" if head else f"{self.kind}: {self.message}"
+        message = _LONG_QUOTED.sub(_shortened, self.message)
+        out = f"{head}: {self.kind}: {message}" if head else f"{self.kind}: {message}"
         caret = self.caret()
         if caret:
             out += "\n" + "\n".join("    " + part for part in caret.split("\n"))

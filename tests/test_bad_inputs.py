@@ -939,3 +939,19 @@ def test_a_latent_input_of_no_row_per_item_names_the_layer_and_the_way_round():
     with pytest.raises(DiagQLError, match=r"the input of the latent layer 'head' .* not a tensor "
                                           r"of one row per item .*connect\(\.\.\., latent=NAME\)"):
         db.query("AVG NEURONS IN enc WHERE incorrect")
+
+
+def test_an_error_shows_a_huge_name_by_its_ends_and_no_control_characters():
+    """A 200,000-character layer name was repeated whole (200 KB on stderr), and a script's
+    ESC bytes reached the terminal raw in the echoed source line."""
+    db = connect(bad_models.net(), bad_models.data())
+    with pytest.raises(BindError) as info:
+        db.query(f"AVG NEURONS IN {'a' * 200_000}")
+    shown = info.value.format("long.dql")
+    assert len(shown) < 1_000 and f"'{'a' * 60}…{'a' * 20}' (200,000 characters)" in shown
+    assert len(info.value.message) > 200_000  # the error itself keeps the name whole
+    with pytest.raises(BindError) as info:
+        db.query('AVG NEURONS IN "\x1b[31mred\x1b[0m"')
+    shown = info.value.format()
+    assert "\x1b" not in shown and '"?[31mred?[0m"' in shown
+    assert shown.splitlines()[2].index("^") == shown.splitlines()[1].index('"')  # in place
