@@ -299,7 +299,8 @@ class Runner:
         collectors = [Collector(view, items, store.dtype) for view, items in kept.values()]
         consumers = [r for _, main, base in work.values() for r in (main, base) if r is not None]
         started = time.perf_counter()
-        per_item = self.run(consumers + collectors, f"{len(plans)} statement{'s' if len(plans) != 1 else ''} in one pass")
+        per_item = self.run(consumers + collectors,
+                            f"{len(plans)} statement{'s' if len(plans) != 1 else ''} in one pass")
         for collector in collectors:
             store.add_chunks(collector.view, collector.chunks, per_item)
         seconds = time.perf_counter() - started
