@@ -131,6 +131,17 @@ def test_a_choice_that_does_not_fit_the_output_is_refused(choice, message):
                            scores=choice).profile
 
 
+def test_a_position_in_a_one_tensor_output_says_there_are_no_entries():
+    """scores=5 of a model returning one tensor had said "the model's output (a tensor of
+    shape (3, 4)) has no entry 5; it holds nothing": a probe batch's shape, and no way on."""
+    X, y = data()
+    model = nn.Linear(X.shape[1], 4)
+    with pytest.raises(DiagQLError, match=r"^scores=5: the model's output is one tensor of "
+                                          r"per-item shape \(4,\), with no entries to choose "
+                                          r"from: leave scores= out"):
+        _ = diagql.connect(model, (X, y), cache_dir=False, progress=False, scores=5).profile
+
+
 def test_a_cached_profile_is_not_reused_under_another_choice(tmp_path):
     model, (X, y) = TwoHeads(), data()
     with torch.no_grad():

@@ -198,8 +198,14 @@ def entry(output, at):
             return output[at]
     elif hasattr(output, at):
         return getattr(output, at)
-    held = "nothing" if entries is None else ", ".join(
-        f"{name} {_describe(value)}" for name, value in entries) or "nothing"
+    if entries is None:  # one tensor (a batch's: its first axis is the items')
+        shape = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+        what = f"one tensor of per-item shape {shape}" if shape is not None else \
+            _describe(output)
+        raise DiagQLError(f"scores={at!r}: the model's output is {what}, with no entries to "
+                          f"choose from: leave scores= out (the output is the scores), or "
+                          f"name a function of the output (MODULE:FUNCTION on the command line)")
+    held = ", ".join(f"{name} {_describe(value)}" for name, value in entries) or "nothing"
     raise DiagQLError(f"scores={at!r}: the model's output ({_describe(output)}) has no entry "
                       f"{at!r}; it holds {held}")
 
