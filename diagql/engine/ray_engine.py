@@ -52,26 +52,17 @@ class RayEngine:
         self._passes = 0
         self._device_type: str | None = None
         self._warned = False  # whether an ignored ray_address was warned of
-        # The weights digest of each model a factory built on the driver, by name
-        # (open_engine): every worker's must be the same (ray_workers.other_weights).
+        # The weights digest of each model a factory built on the driver, by name, and a data
+        # factory's items as the driver read them (open_engine): every worker's must be the
+        # same (ray_workers.other_weights, other_data).
         self.digests: dict = {}
-        # A data factory's items as the driver read them (ray_workers.items_digest): every
-        # worker's must be the same (ray_workers.other_data).
         self.data_digest: str | None = None
 
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
         holds a CPU that its reading tasks need) and return what the driver keeps of it."""
-        ray = self._ray = self._started_ray()
-        # Its read tasks take a CPU each: where workers hold every one, reading had waited for
-        # ever (docs/ARCHITECTURE.md, "Engines").
-        free = free_for(ray, "CPU", 1, but=self)
-        if free < 1:
-            raise DiagQLError(f"reading the Ray Dataset takes a free CPU of the Ray cluster, "
-                              f"and {holders(ray, 'CPU', free, but=self)}; free one and "
-                              f"connect again")
-        self._blocks = DatasetBlocks(self.data)
-        killed()  # its read tasks' CPUs, as killed workers', come free soon, not at once
+        self._ray = self._started_ray()
+        self._blocks = _read(self._ray, self.data, self)
         return self._blocks.head()
 
     def device_type(self) -> str:
@@ -91,14 +82,9 @@ class RayEngine:
     def actors_held(self) -> list:
         """The workers this engine holds now (none before its first pass, after close(), or
         after the Ray they ran in was shut down: ``ray.shutdown()`` between statements)."""
-        if self._actors and not self._same_ray():
+        if self._actors and not (self._ray.is_initialized() and self._job == _session(self._ray)):
             self._actors, self._tally = [], None  # gone with their Ray: started again
         return self._actors
-
-    def _same_ray(self) -> bool:
-        """Whether the Ray this process is connected to is the one the workers started in."""
-        ray = self._ray
-        return ray is not None and ray.is_initialized() and self._job == _session(ray)
 
     def resource_kind(self) -> str:
         """What each of its workers holds one of: "GPU" on a cluster with GPUs, else "CPU"."""
@@ -340,3 +326,15 @@ def _session(ray) -> tuple:
     ``ray.shutdown()`` numbers its jobs from 1 again, on a node of a new id)."""
     context = ray.get_runtime_context()
     return context.get_job_id(), context.get_node_id()
+
+
+def _read(ray, data, engine: RayEngine) -> DatasetBlocks:
+    """A Ray Dataset's blocks in the object store. Its read tasks take a CPU each: where
+    workers hold every one, reading had waited for ever (docs/ARCHITECTURE.md, "Engines")."""
+    free = free_for(ray, "CPU", 1, but=engine)
+    if free < 1:
+        raise DiagQLError(f"reading the Ray Dataset takes a free CPU of the Ray cluster, and "
+                          f"{holders(ray, 'CPU', free, but=engine)}; free one and connect again")
+    blocks = DatasetBlocks(data)
+    killed()  # its read tasks' CPUs, as killed workers', come free soon, not at once
+    return blocks

@@ -215,3 +215,22 @@ def _padding_at(inputs: Mapping, key: str, real: torch.Tensor) -> bool:
             if bool((past == past[:1]).all()):
                 return True
     return False
+
+
+def warn_untraced(inputs, untraced: list[str]) -> None:
+    """Warn where the input holds several attention masks of one shape (a dual encoder's
+    ``doc_attention_mask``) and the sequence layers ``untraced`` could not be traced to the
+    ids they run on (over embeddings the model's own forward looked up): their real tokens
+    are read from ``mask_key``'s mask, which may be the other input's (model/probing.py)."""
+    from diagql.errors import warn
+
+    rivals = rival_masks(inputs)
+    if rivals and untraced:
+        names = ", ".join(untraced[:3]) + (", …" if len(untraced) > 3 else "")
+        chosen = mask_key(inputs)
+        warn(f"the model's input holds several attention masks of one shape ({chosen!r}, "
+             f"{', '.join(repr(key) for key in rivals)}): DiagQL reads a sequence layer's real "
+             f"tokens from the mask of the ids it runs on, but could not trace {names} to an "
+             f"input's ids, so their mean over tokens (the default), TOKENS MAX and TOKEN -1 "
+             f"are taken over {chosen!r}'s positions; TOKEN 0 is not affected, and a "
+             f"connection of that part of the model alone reads its own mask")

@@ -17,12 +17,12 @@ from diagql.model.batch_axis import batch_axis, out_of_order, several_rows
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
 from diagql.model.layers import INPUT_MASK, NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
-from diagql.model.repeatable import UNREPEATABLE, Unrepeatable, check_batch_independent, \
+from diagql.model.repeatable import Unrepeatable, check_batch_independent, check_buffers, \
     check_deterministic, check_repeatable, warn_unrepeatable
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
-from diagql.model.input_masks import input_attention_mask, mask_key, rival_masks, token_mask
+from diagql.model.input_masks import input_attention_mask, mask_key, token_mask, warn_untraced
 from diagql.model.layouts import map_layout, stored_channels_first, vector_layout
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, named_inputs, padding_argument, padding_mask
@@ -85,13 +85,10 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     last_alone = _last_alone(model, source, prepare, call, n, sizes[-1])
     with warnings.catch_warnings(record=True) as said:  # DiagQL's kept in the catalog
         warnings.simplefilter("always")
-        if changed and _reads_its_buffers(model, prepare, call, first):
-            names = list(dict.fromkeys(changed))
-            warn(f"{UNREPEATABLE[3]} in eval mode, and its outputs read them "
-                 f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}: a running "
-                 f"average?): DiagQL puts them back after each of its passes, so the model is "
-                 f"left as given, but within a pass each batch sees what the batches before it "
-                 f"left, so an item's activations depend on the items that went before it")
+        if changed:  # the first item twice in one pass, after what its first call changed
+            with evaluation(model):
+                check_buffers(changed, *(first_tensor(call(model, prepare(copy.deepcopy(first))))
+                                         for _ in range(2)))
         reverses = _checks(model, source, prepare, call, first, first_output, output, idx,
                            sizes[-1])
     notices = tuple(dict.fromkeys(str(w.message) for w in said
@@ -135,27 +132,10 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
             layers += _entries(name, type(module).__name__, infos.get(name, []),
                                [(s, counted.get(name, 0)) for s, _, counted, _ in passes], modules)
     catalog = LayerCatalog(layers, output_shape, scores, head, notices)
-    _warn_untraced(catalog, x, passes[-1][1])
+    warn_untraced(x, [layer.name for layer in catalog.layers if layer.shape is not None
+                      and layer.input_mask_key and not getattr(
+                          passes[-1][1].get((layer.module, layer.call or 1)), "traced", True)])
     return _per_position(catalog, raw_shape)
-
-
-def _warn_untraced(catalog: LayerCatalog, x, seen: dict) -> None:
-    """Warn where the input holds several attention masks of one shape (a dual encoder's
-    ``doc_attention_mask``) and some sequence layer could not be traced to the ids it runs
-    on (over embeddings the model's own forward looked up): its real tokens are read from
-    ``mask_key``'s mask, which may be the other input's."""
-    rivals = rival_masks(x)
-    untraced = [layer.name for layer in catalog.layers
-                if layer.layout == SEQUENCE and layer.shape is not None and layer.input_mask_key
-                and not getattr(seen.get((layer.module, layer.call or 1)), "traced", True)]
-    if rivals and untraced:
-        names = ", ".join(untraced[:3]) + (", …" if len(untraced) > 3 else "")
-        warn(f"the model's input holds several attention masks of one shape ({mask_key(x)!r}, "
-             f"{', '.join(repr(key) for key in rivals)}): DiagQL reads a sequence layer's real "
-             f"tokens from the mask of the ids it runs on, but could not trace {names} to an "
-             f"input's ids, so their mean over tokens (the default), TOKENS MAX and TOKEN -1 "
-             f"are taken over {mask_key(x)!r}'s positions; TOKEN 0 is not affected, and a "
-             f"connection of that part of the model alone reads its own mask")
 
 
 def _per_position(catalog: LayerCatalog, raw_shape: tuple) -> LayerCatalog:
@@ -291,19 +271,6 @@ def _runs(model, source, prepare, call) -> bool:
     except ExecutionError:
         return False
     return True
-
-
-def _reads_its_buffers(model, prepare, call, first) -> bool:
-    """Whether a model whose forward changes its buffers gives the first item other outputs
-    on a second call, after the first call's changes (a call counter that nothing reads
-    gives the same: no notice)."""
-    with evaluation(model):
-        once, twice = (first_tensor(call(model, prepare(copy.deepcopy(first))))
-                       for _ in range(2))
-    if once.shape != twice.shape or once.dtype != twice.dtype:
-        return True
-    return not (torch.equal(once, twice) or (once.is_floating_point() and torch.allclose(
-        once, twice, rtol=0, atol=0, equal_nan=True)))
 
 
 def _probe_pass(model, x, call, changed: list[str] | None = None):

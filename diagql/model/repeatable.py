@@ -159,6 +159,22 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
     return False
 
 
+def check_buffers(changed: list[str], once: torch.Tensor, twice: torch.Tensor) -> None:
+    """Warn where a forward changed the buffers ``changed`` in eval mode (model/hooks.py puts
+    them back after each pass) and the outputs read them: the first item gave ``once``, then
+    ``twice`` in the same pass (a call counter that nothing reads gives the same: no notice)."""
+    if once.shape == twice.shape and once.dtype == twice.dtype and (
+            torch.equal(once, twice) or (once.is_floating_point() and torch.allclose(
+                once, twice, rtol=0, atol=0, equal_nan=True))):
+        return
+    names = list(dict.fromkeys(changed))
+    warn(f"{UNREPEATABLE[3]} in eval mode, and its outputs read them "
+         f"({', '.join(names[:4])}{', …' if len(names) > 4 else ''}: a running average?): "
+         f"DiagQL puts them back after each of its passes, so the model is left as given, but "
+         f"within a pass each batch sees what the batches before it left, so an item's "
+         f"activations depend on the items that went before it")
+
+
 def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two outputs differ by more than rounding (1e-4 of the largest, or 4 of the
     dtype's epsilons: a float16 model's one rounding step, 1e-3, is no batch dependence),

@@ -331,29 +331,6 @@ class Result:
                "notes": list(self.notes)}
         return self._with_parts(out)
 
-    def _similarity_records(self) -> list[dict]:
-        """One row per pair of layers (each pair once, in the order given)."""
-        if self.groups is not None:
-            group_by = self.provenance.group_by if self.provenance is not None else "group"
-            # A group the sample drew none of keeps a row of its own, its values empty.
-            return [{group_by: _plain(key), **rec} for key, group in self.groups.items()
-                    for rec in (group.records() or [{}])]
-        if self.matrix is None:
-            return []
-        rows = []
-        estimate = self.estimate
-        exact = self.baseline.matrix if self.baseline is not None else None
-        for i, j in zip(*np.triu_indices(len(self.labels), 1)):
-            row = {"layer_x": self.labels[i], "layer_y": self.labels[j],
-                   self.unit or "value": _number_or_none(self.matrix[i, j])}
-            if estimate is not None and estimate.ci_low is not None:
-                row["ci_low"] = _number_or_none(estimate.ci_low[i, j])
-                row["ci_high"] = _number_or_none(estimate.ci_high[i, j])
-            if exact is not None:
-                row["exact"] = _number_or_none(exact[i, j])
-            rows.append(row)
-        return rows
-
     def parts(self) -> list[Result]:
         """Each group's result, or this one without GROUP BY."""
         return list(self.groups.values()) if self.groups is not None else [self]
@@ -361,7 +338,7 @@ class Result:
     def records(self) -> list[dict]:
         """One flat row per (group, neuron): what CSV and pandas show."""
         if self.kind == "similarity":
-            return self._similarity_records()
+            return _similarity_records(self)
         if self.ranked is not None:
             return self.ranked.records(self.items, self.values)
         if self.checkpoints is not None and any(answer.kind == "topk"
@@ -438,6 +415,30 @@ class Result:
         from diagql.results.render import to_html
 
         return to_html(self)
+
+
+def _similarity_records(result: Result) -> list[dict]:
+    """One row per pair of layers (each pair once, in the order given)."""
+    if result.groups is not None:
+        group_by = result.provenance.group_by if result.provenance is not None else "group"
+        # A group the sample drew none of keeps a row of its own, its values empty.
+        return [{group_by: _plain(key), **rec} for key, group in result.groups.items()
+                for rec in (group.records() or [{}])]
+    if result.matrix is None:
+        return []
+    rows = []
+    estimate = result.estimate
+    exact = result.baseline.matrix if result.baseline is not None else None
+    for i, j in zip(*np.triu_indices(len(result.labels), 1)):
+        row = {"layer_x": result.labels[i], "layer_y": result.labels[j],
+               result.unit or "value": _number_or_none(result.matrix[i, j])}
+        if estimate is not None and estimate.ci_low is not None:
+            row["ci_low"] = _number_or_none(estimate.ci_low[i, j])
+            row["ci_high"] = _number_or_none(estimate.ci_high[i, j])
+        if exact is not None:
+            row["exact"] = _number_or_none(exact[i, j])
+        rows.append(row)
+    return rows
 
 
 def _check_neuron(result: Result, neuron) -> None:
