@@ -223,6 +223,25 @@ def test_growth_stops_at_the_target_and_equals_a_one_shot_query_at_its_final_siz
     assert not growth.joined and "joined" not in str(grown)  # random's draws are nested
 
 
+def test_a_target_under_the_plain_estimator_grows_a_sample_that_measures_itself(cnn, digits):
+    """Under SET estimator = plain a vas sample has no accuracy estimate (it does not draw
+    uniformly), yet UNTIL had called its target met on it: intervals that covered 45% of
+    the exact means. The user's non-uniform sampler is refused; DiagQL's own choice grows
+    random, whose sample mean measures its own error."""
+    X, y = digits
+    conn = diagql.connect(copy.deepcopy(cnn), digits, cache_dir=False, progress=False)
+    conn.execute("SET estimator = plain")
+    for sampler in ("vas(100)", "stratified(100)", "maxmargin(100)"):
+        with pytest.raises(BindError, match=r"UNTIL width <= 0.3 needs an accuracy estimate, "
+                                            r"and a \w+ sample has none under SET estimator "
+                                            r"= plain") as info:
+            conn.query(f"AVG NEURONS IN 6 USING SAMPLE {sampler} UNTIL width <= 0.3")
+        assert info.value.column == 40 + len(sampler) - len("vas(100)")  # at UNTIL
+    grown = conn.query("AVG NEURONS IN 6 UNTIL cosine <= 0.01")
+    assert grown.source.startswith("random(") and grown.estimate.reliable
+    assert grown.provenance.growth.stop in ("target met", "exact cheaper")
+
+
 def test_a_growth_of_draws_that_do_not_nest_says_its_rounds_are_joined():
     """stratified's draw of 40 does not hold its draw of 20: the rounds' sample is their
     union, more items than the last round's call names (a sweep read 'stratified(200): 296
@@ -553,9 +572,12 @@ def test_exact_is_not_run_past_within_s_budget():
 
     until = ast.Until(None, 1.0)
     started = time.perf_counter() - 0.7
-    assert _exact_or_spent(until, started, 1.8) == "budget spent"
-    assert _exact_or_spent(until, started, 0.1) == "exact cheaper"
-    assert _exact_or_spent(ast.Until(None, None), started, 1.8) == "exact cheaper"
+    assert _exact_or_spent(until, started, 1.8, 0.1) == "budget spent"
+    assert _exact_or_spent(until, started, 0.1, 0.1) == "exact cheaper"
+    assert _exact_or_spent(ast.Until(None, None), started, 1.8, 1.8) == "exact cheaper"
+    # A line through small rounds that foretells exact as cheap is weighed against the profile
+    # pass's rate: a sweep's 1 s budget had run 1.6-3.2 s on such a line.
+    assert _exact_or_spent(until, started, 0.1, 1.2) == "budget spent"
     torch.manual_seed(0)
     X, y = torch.randn(2000, 4), torch.randint(0, 3, (2000,))
     conn = diagql.connect(_SleepyWide().eval(), (X, y), cache_dir=False, progress=False)
@@ -591,6 +613,21 @@ def test_within_alone_grows_random_where_the_default_draw_would_spend_the_time(m
     assert "would spend the 0.4 s given" in explained
     named = conn.query("AVG NEURONS IN wide.1 USING SAMPLE maxmargin(100) WITHIN 0.4 SECONDS")
     assert named.provenance.sampler.startswith("maxmargin(")
+
+
+def test_a_first_statement_under_within_says_the_profile_pass_ran_outside_its_budget():
+    """A connection's first statement makes the profile (once per model and data): a WITHIN
+    0.5 SECONDS that took 6 s of wall time had said "budget spent" and nothing else."""
+    torch.manual_seed(0)
+    X, y = torch.randn(1000, 4), torch.randint(0, 3, (1000,))
+    conn = diagql.connect(_SleepyWide().eval(), (X, y), cache_dir=False, progress=False)
+    result = conn.query("AVG NEURONS IN wide USING SAMPLE random(50) WITHIN 0.2 SECONDS")
+    profiled = result.timings["profile"]
+    assert profiled > 0.4 and f"the profile pass, once per model and data, took " \
+        f"{profiled:.3g} s before this statement's rounds, outside WITHIN 0.2 SECONDS" in \
+        result.notes
+    again = conn.query("AVG NEURONS IN wide USING SAMPLE random(50) WITHIN 0.2 SECONDS")
+    assert not any("profile pass" in note for note in again.notes)
 
 
 def test_auto_answers_exactly_where_too_few_items_match_to_sample():

@@ -18,6 +18,7 @@ from diagql.engine.planner import (
     plan_query,
     predicate_mask,
 )
+from diagql.errors import BindError
 from diagql.language import ast
 from diagql.language.binder import TARGETS, BoundQuery, bind_sampler
 from diagql.progress import Progress
@@ -53,7 +54,7 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
     if reason is not None:
         return dataclasses.replace(bound, sampler=None), (
             f"exact: {reason}, so the exact answer needs no forward pass")
-    sampler = bound.sampler or default_sampler(conn, profile)
+    sampler = _measurable(conn, bound, query, profile) or default_sampler(conn, profile)
     over = _draw_over(sampler, profile, query.until.seconds, src) if bound.sampler is None \
         else None
     if over is not None:  # random's draw is free: the time goes to the rounds
@@ -82,6 +83,27 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
     return dataclasses.replace(bound, sampler=sampler.resized(start)), (
         f"grow {sampler.name} from {start:,} items, doubling, {goal}; exact once a round "
         f"would cost about as much ({n_match:,} matching items)" + (over or ""))
+
+
+def _measurable(conn, bound: BoundQuery, query: ast.Query, profile) -> samplers.Sampler | None:
+    """The sampler to grow, where a target needs its estimate and SET estimator = plain
+    leaves a non-uniform sampler's without one (its sample cannot measure its own bias):
+    random for DiagQL's own choice; the user's is refused. A target had been "met" on such an
+    estimate while its intervals covered 45% of the exact means. None: the default's."""
+    chosen = bound.sampler
+    if query.until.target is None or conn.settings.estimator != "plain" or \
+            getattr(chosen, "uniform", False):
+        return chosen
+    if chosen is None:
+        return bind_sampler(ast.SamplerCall("random"), conn.settings.seed, len(profile))
+    span = query.until.span
+    raise BindError(
+        f"UNTIL {query.until.target.text()} needs an accuracy estimate, and a {chosen.name} "
+        f"sample has none under SET estimator = plain ({chosen.name} does not draw uniformly, "
+        f"so its sample cannot measure its own bias): SET estimator = assisted, or grow a "
+        f"random sample", **({} if span is None else {
+            "line": span.line, "column": span.column,
+            "end_column": span.end_column if span.end_line == span.line else None}))
 
 
 def _draw_over(sampler: samplers.Sampler, profile, seconds: float | None, src) -> str | None:
@@ -145,7 +167,7 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
                 # a stratified round of 4,685 items was taken for 846.
                 coming = max(n - sizes[-1], n * sizes[-1] / max(asked, 1) - sizes[-1])
                 if last_round * coming / max(added, 1) >= exact_cost:
-                    stop = _exact_or_spent(until, started, exact_cost)
+                    stop = _exact_or_spent(until, started, exact_cost, n_match * per_item)
                     break
             drawn_at = time.perf_counter()
             items = ladder.grow(n)
@@ -160,7 +182,7 @@ def grow(conn, plan: Plan, timings: dict, src) -> Result:
                 over = until.seconds is not None and \
                     spent + fresh * per_item + draws / len(sizes) > until.seconds
                 if ABOUT * len(round_plan.items) >= n_match:
-                    reason = _exact_or_spent(until, started, exact_cost)
+                    reason = _exact_or_spent(until, started, exact_cost, n_match * per_item)
                     if reason == "exact cheaper" or over:  # else the round fits where exact not
                         stop = reason
                         break
@@ -209,11 +231,15 @@ def _joined(ladder: samplers.Ladder) -> bool:
     return bool(ladder.sizes) and len(ladder.order) > ladder.sizes[-1]
 
 
-def _exact_or_spent(until: ast.Until, started: float, exact_cost: float) -> str:
+def _exact_or_spent(until: ast.Until, started: float, exact_cost: float,
+                    profiled: float) -> str:
     """Exact is cheaper than growing on, unless it would overrun WITHIN's budget: then the
-    last round's answer stands (a 1.8 s exact pass had run at 0.7 s of a 1 s budget)."""
+    last round's answer stands (a 1.8 s exact pass had run at 0.7 s of a 1 s budget). The
+    budget is weighed against the dearer of ``exact_cost`` (``exact_seconds``: a line through
+    the rounds, which rounds of 18-72 items foretold 25-100x beyond them as too cheap, and a
+    1 s budget ran 1.6-3.2 s) and ``profiled``, the profile pass's rate."""
     if until.seconds is not None and \
-            time.perf_counter() - started + exact_cost > until.seconds:
+            time.perf_counter() - started + max(exact_cost, profiled) > until.seconds:
         return "budget spent"
     return "exact cheaper"
 
@@ -231,7 +257,8 @@ def exact_seconds(rounds: list[Round], n_match: int, per_item: float) -> float:
     """What the exact answer over ``n_match`` items would take: the least of two estimates.
     One is ``per_item``, the profile pass's model time per item (``Profile.seconds_per_item``:
     1.1-1.7x a small model's exact pass). The other is from the rounds: the least work any
-    round did beside its pass (planning, estimating), plus a pass of ``n_match`` items at the rounds' pass cost a + b·sent, a line fitted once
+    round did beside its pass (planning, estimating), plus a pass of ``n_match`` items at
+    the rounds' pass cost a + b·sent, a line fitted once
     they sent clearly different counts (the largest half as many again as the smallest),
     else the last round that sent any at its own time per item (its fixed costs in it). A
     sample's pass gathers its items: 5x an exact pass's time per item on a fast model.
@@ -278,6 +305,13 @@ def _finish(result: Result, until: ast.Until, sizes, reached, stop: str, started
                             f"the time it had left" if not exact else
                             f"WITHIN {until.seconds:g} SECONDS took {seconds:.3f} s: the exact "
                             f"pass took longer than foreseen")
+    profiled = timings.get("profile", 0.0)
+    if until.seconds is not None and profiled > 0.1 * until.seconds:
+        # The connection's first statement made the profile: once per model and data, and
+        # cached, so no round's; but its wall time had read as the budget kept, unsaid.
+        result.notes.append(f"the profile pass, once per model and data, took {profiled:.3g} s "
+                            f"before this statement's rounds, outside WITHIN {until.seconds:g} "
+                            f"SECONDS")
     result.timings.update(timings)
     result.timings["query"] = seconds - draws - timings.get("sample", 0.0) - \
         timings.get("plan", 0.0)  # the first round's plan is on WITHIN's clock
@@ -296,7 +330,7 @@ def _reached(result: Result, plan: Plan, target: ast.Target | None) -> float | N
     values = []
     for part in parts.values():
         estimate = part.estimate
-        if estimate is None or part.n_items == 0:
+        if estimate is None or part.n_items == 0 or not estimate.reliable:
             return None
         if target.metric == "width":
             if estimate.ci_low is None:
