@@ -115,10 +115,12 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
     sampler = default_sampler(conn, profile)
     n_sample = samplers.resolve_size(sampler.size, len(profile))
     if n_match <= n_sample:
-        return bound, (f"AUTO chose exact: {n_match:,} matching items, no more than the "
+        return bound, (f"AUTO chose exact: {n_match:,} matching "
+                       f"item{'s' if n_match != 1 else ''}, no more than the "
                        f"{n_sample:,} of a {sampler.spec()} sample"), 0.0
     if n_match <= FEW:
-        return bound, (f"AUTO chose exact: {n_match:,} matching items, too few to sample "
+        return bound, (f"AUTO chose exact: {n_match:,} matching "
+                       f"item{'s' if n_match != 1 else ''}, too few to sample "
                        f"(a sample of at most {n_sample:,} would estimate little)"), 0.0
     artifacts = src.sampling.artifacts
     cheaper, weighed = pass_or_draw(conn, sampler, profile, n_match, artifacts,

@@ -63,7 +63,8 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
     n_match = int(predicate_mask(query.where, profile).sum())
     if n_match <= start:
         return dataclasses.replace(bound, sampler=None), (
-            f"exact: {n_match:,} matching items, no more than the first round's {start:,}")
+            f"exact: {n_match:,} matching item{'s' if n_match != 1 else ''}, no more than "
+            f"the first round's {start:,}")
     # The pass's model time, as the profile's until the query's layer.
     exact = n_match * profile.seconds_per_item(pass_layers(bound, src.own))
     if query.until.target is None and exact <= FITS * query.until.seconds:
