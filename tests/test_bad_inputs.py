@@ -955,3 +955,19 @@ def test_an_error_shows_a_huge_name_by_its_ends_and_no_control_characters():
     shown = info.value.format()
     assert "\x1b" not in shown and '"?[31mred?[0m"' in shown
     assert shown.splitlines()[2].index("^") == shown.splitlines()[1].index('"')  # in place
+
+
+def test_the_objects_a_user_inspects_have_short_reprs():
+    """A profile's, a plan's and a catalog's reprs had been 5-32 KB dataclass dumps of their
+    arrays, or an address."""
+    db = connect(bad_models.net(), bad_models.data())
+    X, y = bad_models.data()
+    accuracy = float((db.profile.predictions == y.numpy()).mean())
+    assert repr(db.profile) == (f"<Profile of 40 items: 3 classes, latent "
+                                f"{db.profile.latent_layer} ({db.profile.latents.shape[1]} "
+                                f"dims), accuracy {accuracy:.3f}>")
+    plan = db.plan("AVG NEURONS IN fc1 WHERE class = 1")
+    assert repr(plan).startswith("<Plan of AVG NEURONS IN fc1 WHERE class = 1:\n  scan: ")
+    assert all(f"{step}: {detail}" in repr(plan) for step, detail in plan.explain())
+    assert repr(db.catalog).startswith(f"<LayerCatalog of {len(db.layers)} layers: fc1")
+    assert max(map(len, (repr(db.profile), repr(plan), repr(db.catalog)))) < 2_000

@@ -106,6 +106,12 @@ class Plan:
             return 0.0
         return len(self.items) * self.seconds_per_item
 
+    def __repr__(self) -> str:
+        """What EXPLAIN shows, one step a line (its dataclass repr, the profile's arrays and
+        the covariates in it, had run to 7-14 KB)."""
+        return "\n".join([f"<Plan of {self.query.text or type(self.query).__name__}:",
+                          *(f"  {step}: {detail}" for step, detail in self.explain())]) + ">"
+
     def explain(self) -> list[tuple[str, str]]:
         """EXPLAIN's (step, detail) rows in the order they run; a SIMILARITY's are its
         ``explainer``'s (engine/similarity.py, a later module: planner.py cannot import it)."""

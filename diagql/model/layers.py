@@ -129,6 +129,11 @@ class LayerCatalog:
         # from the model: a catalog read from the cache gets them too).
         self.aliases: dict[str, str] = {}
 
+    def __repr__(self) -> str:
+        names = self.running_names()
+        shown = ", ".join(names[:8]) + (f", … ({len(names) - 8} more)" if len(names) > 8 else "")
+        return f"<LayerCatalog of {len(names)} layers: {shown}>"
+
     @property
     def repeatable(self) -> bool:
         """Whether the probe found every pass's rows alike (no notice of reads, passes or
