@@ -246,3 +246,19 @@ def test_buffers_a_forward_changes_are_put_back_after_each_pass():
         np.testing.assert_allclose(got, truth, atol=1e-5)
         db.query("AVG NEURONS IN fc USING SAMPLE random(0.2)")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_lazy_modules_buffers_made_by_the_first_pass_are_kept():
+    """Copying every buffer before a pass had read a LazyBatchNorm's uninitialized buffers
+    and failed every statement; the buffers its first call makes stay, as a forward by hand
+    leaves them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(8), nn.LazyBatchNorm1d(), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    X, y = torch.randn(100, 5), torch.arange(100) % 3
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    got = db.query("AVG NEURONS IN 1").values
+    assert type(model[1].running_mean) is torch.Tensor and model[1].running_mean.shape == (8,)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model[1](model[0](X)).double().mean(0).numpy(),
+                                   atol=1e-6)

@@ -150,10 +150,12 @@ def evaluation(model: nn.Module, changed: list[str] | None = None) -> Iterator[N
 def _buffers(model: nn.Module) -> list[tuple]:
     """(module, name, qualified name, the buffer, a copy of it) for every buffer, up to
     BUFFER_BYTES in all (none past it)."""
+    from torch.nn.parameter import is_lazy
+
     kept, size = [], 0
     for prefix, module in model.named_modules():
         for name, buffer in module._buffers.items():
-            if buffer is None:
+            if buffer is None or is_lazy(buffer):  # a lazy module's, made by its first call
                 continue
             size += buffer.numel() * buffer.element_size()
             if size > BUFFER_BYTES:
