@@ -547,6 +547,51 @@ def test_a_shared_embeddings_encoder_call_reads_the_encoders_mask():
     assert conn.catalog["shared#2"].mask == "the decoder_attention_mask of the batch input"
 
 
+class _Wrapped(nn.Module):
+    """A seq2seq model inside a wrapper, as a user wraps a Hugging Face model to return its
+    first token's logits: the inner model's own forward takes both inputs' ids."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = _HFSeq2Seq(True)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask):
+        return self.m(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+
+
+def test_a_wrapped_seq2seqs_head_reads_the_decoders_mask():
+    """The inner model is called on input_ids first, so every module it calls had been taken
+    for the encoder's tokens: its LM head, over the decoder's states, was averaged over the
+    encoder's attention_mask (0.04-0.47 off, unwarned, where both are padded to one length).
+    A module called on both inputs' ids passes neither on; the head follows the decoder."""
+    g = torch.Generator().manual_seed(7)
+    n = 40
+    src_len, tgt_len = torch.randint(2, S + 1, (n,), generator=g), \
+        torch.randint(1, S + 1, (n,), generator=g)
+    mask = (torch.arange(S)[None, :] < src_len[:, None]).long()
+    dec_mask = (torch.arange(S)[None, :] < tgt_len[:, None]).long()
+    ids, dec_ids = torch.randint(1, 20, (n, S), generator=g), torch.randint(1, 20, (n, S),
+                                                                          generator=g)
+    data = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_ids,
+            "decoder_attention_mask": dec_mask, "labels": torch.arange(n) % C}
+    model = _Wrapped().eval()
+    conn = diagql.connect(model, data, batch_size=7, cache_dir=False, progress=False)
+    outputs = {}
+    handles = [dict(model.named_modules())[name].register_forward_hook(
+        lambda m, i, o, name=name: outputs.__setitem__(name, o))
+        for name in ("m.encoder.proj", "m.decoder.proj", "m.lm_head")]
+    with torch.no_grad():
+        model(ids, mask, dec_ids, dec_mask)
+    for handle in handles:
+        handle.remove()
+    for name, lengths in (("m.encoder.proj", src_len), ("m.decoder.proj", tgt_len),
+                          ("m.lm_head", tgt_len)):
+        truth = item_rows(outputs[name], lengths).mean(axis=0)
+        np.testing.assert_allclose(conn.query(f"AVG NEURONS IN {name}").values, truth, **TOL,
+                                   err_msg=name)
+    assert conn.catalog["m.lm_head"].mask == "the decoder_attention_mask of the batch input"
+
+
 # --- a channel-first map is not a sequence -------------------------------------------------------
 
 

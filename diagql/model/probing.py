@@ -294,8 +294,12 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
 
     @this_thread
     def enter(module, args, kwargs):
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        tokens.append(token_mask(named, first))
+        # A module called on several inputs' ids (a seq2seq model's own forward, given
+        # input_ids and decoder_input_ids) has no one input's tokens: its callees are traced
+        # by their own ids or by what made their input (its LM head, by the decoder's output).
+        found = {token_mask(named, a) for a in (*args, *kwargs.values())
+                 if isinstance(a, torch.Tensor)} - {None}
+        tokens.append(found.pop() if len(found) == 1 else None)
 
     def before(name):
         @this_thread

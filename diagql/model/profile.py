@@ -64,10 +64,9 @@ class Profile:
     reached: dict = dataclasses.field(default_factory=dict)
 
     def __repr__(self) -> str:  # its arrays' dataclass repr ran to 5-32 KB
-        accuracy = f", accuracy {float((self.labels == self.predictions).mean()):.3f}" \
-            if self.has_labels and len(self.labels) else ""
-        return (f"<Profile of {len(self.labels):,} items: {self.n_classes} classes, latent "
-                f"{self.latent_layer} ({self.latents.shape[1]} dims){accuracy}>")
+        right = f", accuracy {np.mean(self.labels == self.predictions):.3f}" * self.has_labels
+        return f"<Profile of {len(self.labels):,} items: {self.n_classes} classes, latent " \
+               f"{self.latent_layer} ({self.latents.shape[1]} dims){right}>"
 
     def __post_init__(self):
         if not isinstance(self.auxiliaries, aux.Auxiliaries):
