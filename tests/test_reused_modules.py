@@ -822,3 +822,5 @@ def test_a_module_under_another_name_is_the_same_module():
         assert (f"layer {name!r} is the module 'enc' under another name, and it runs 2 times "
                 f"per forward pass (under either name); name one call: enc#1 or enc#2 (line 1"
                 ) in str(err.value)
+        # DESCRIBE lists each call of the module, under either name, as it does for 'enc'.
+        assert db.query(f"DESCRIBE {name}").rows == db.query("DESCRIBE enc").rows

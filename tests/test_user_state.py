@@ -262,3 +262,29 @@ def test_a_lazy_modules_buffers_made_by_the_first_pass_are_kept():
     with torch.no_grad():
         np.testing.assert_allclose(got, model[1](model[0](X)).double().mean(0).numpy(),
                                    atol=1e-6)
+
+
+class _RotaryCache(nn.Module):
+    """Registers its position table as a buffer on first use (a rotary embedding's cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(D, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if not hasattr(self, "table"):
+            self.register_buffer("table", torch.arange(8.0) / 8)
+        return self.head(torch.relu(self.fc(x)) + self.table)
+
+
+def test_a_buffer_a_pass_registers_is_taken_out_again():
+    """A buffer the forward registers on first use had joined the model's state_dict through
+    DiagQL's passes, so a strict load_state_dict into a fresh model failed."""
+    torch.manual_seed(0)
+    model, X = _RotaryCache().eval(), torch.randn(N, D)
+    keys = set(model.state_dict())
+    db = diagql.connect(model, (X, torch.arange(N) % 3), cache_dir=False, progress=False)
+    got = db.query("AVG NEURONS IN head USING FULL").values
+    assert set(model.state_dict()) == keys and not hasattr(model, "table")
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(X).double().mean(0).numpy(), atol=1e-6)

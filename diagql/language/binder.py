@@ -131,13 +131,7 @@ def lookup_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
 def _first_name(ref: ast.LayerRef, catalog: LayerCatalog) -> ast.LayerRef:
     """A reference by a module's second name, as its first name writes it: the same module,
     whose calls are numbered over the forward pass whichever name reached it."""
-    first = catalog.aliases[ref.name]
-    module = catalog.module(first)
-    if ref.call is None and module is not None and module.calls > 1:
-        raise _error(f"layer {ref.name!r} is the module {first!r} under another name, and it "
-                     f"runs {module.calls} times per forward pass (under either name); name one "
-                     f"call: {calls_text(first, module.calls)}", ref.span)
-    return replace(ref, name=first)
+    return replace(ref, name=catalog.aliases[ref.name])
 
 
 def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
@@ -145,6 +139,10 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
     that runs several times), and DiagQL can read it per item."""
     layer = lookup_layer(ref, catalog)
     name = layer.name
+    if layer.shared and ref.name in catalog.aliases and ref.name not in catalog:
+        raise _error(f"layer {ref.name!r} is the module {name!r} under another name, and it "
+                     f"runs {layer.calls} times per forward pass (under either name); name one "
+                     f"call: {calls_text(name, layer.calls)}", ref.span)
     if layer.calls == 0:
         raise _error(f"layer {name!r} cannot be queried: {layer.refused}" if layer.refused else
                      f"layer {name!r} does not run in the model's forward pass (not for "

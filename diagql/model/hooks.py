@@ -149,11 +149,13 @@ def evaluation(model: nn.Module, changed: list[str] | None = None) -> Iterator[N
 
 def _buffers(model: nn.Module) -> list[tuple]:
     """(module, name, qualified name, the buffer, a copy of it) for every buffer, up to
-    BUFFER_BYTES in all (none past it)."""
+    BUFFER_BYTES in all (none past it); then (module, prefix, the names of its buffers) for
+    every module, whose buffers a pass adds are taken out again."""
     from torch.nn.parameter import is_lazy
 
     kept, size = [], 0
-    for prefix, module in model.named_modules():
+    named = [(prefix, module, set(module._buffers)) for prefix, module in model.named_modules()]
+    for prefix, module, _ in named:
         for name, buffer in module._buffers.items():
             if buffer is None or is_lazy(buffer):  # a lazy module's, made by its first call
                 continue
@@ -165,13 +167,20 @@ def _buffers(model: nn.Module) -> list[tuple]:
             except (RuntimeError, NotImplementedError):  # one no clone takes: left as it is
                 continue
             kept.append((module, name, f"{prefix}.{name}" if prefix else name, buffer, copy))
-    return kept
+    return kept + [named]
 
 
 def _restore(kept: list[tuple]) -> list[str]:
-    """Put back each buffer a pass changed, in place or by rebinding; their names."""
+    """Put back each buffer a pass changed, in place or by rebinding, and take out those it
+    added (a rotary cache registered on first use had joined the state_dict); their names."""
+    if not kept:
+        return []
     restored = []
-    for module, name, qualified, buffer, copy in kept:
+    for prefix, module, before in kept[-1]:
+        for name in [name for name in module._buffers if name not in before]:
+            delattr(module, name)  # out of _non_persistent_buffers_set too
+            restored.append(f"{prefix}.{name}" if prefix else name)
+    for module, name, qualified, buffer, copy in kept[:-1]:
         try:
             moved = module._buffers.get(name) is not buffer
             same = buffer.shape == copy.shape and buffer.dtype == copy.dtype and (
