@@ -154,7 +154,8 @@ def _buffers(model: nn.Module) -> list[tuple]:
     from torch.nn.parameter import is_lazy
 
     kept, size = [], 0
-    named = [(prefix, module, set(module._buffers)) for prefix, module in model.named_modules()]
+    named = [(prefix, module, set(module._buffers.keys())) for prefix, module
+             in model.named_modules() if not isinstance(module, torch.jit.ScriptModule)]
     for prefix, module, _ in named:
         for name, buffer in module._buffers.items():
             if buffer is None or is_lazy(buffer):  # a lazy module's, made by its first call
@@ -177,7 +178,7 @@ def _restore(kept: list[tuple]) -> list[str]:
         return []
     restored = []
     for prefix, module, before in kept[-1]:
-        for name in [name for name in module._buffers if name not in before]:
+        for name in [name for name in module._buffers.keys() if name not in before]:
             delattr(module, name)  # out of _non_persistent_buffers_set too
             restored.append(f"{prefix}.{name}" if prefix else name)
     for module, name, qualified, buffer, copy in kept[:-1]:
