@@ -468,3 +468,42 @@ def test_plot_draws_the_grid_and_a_bad_target_is_refused_first(plots_and_refuses
     model = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     plots_and_refuses_a_bad_target(db, "BOTTOMK 3 INPUTS FOR 2[1] WHERE class = 1 PLOT '{target}'")
+
+
+class _Log(torch.nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+class _LogNet(torch.nn.Module):
+    """``log`` is NaN in its neuron 0 for the items whose first feature is negative."""
+
+    def __init__(self):
+        super().__init__()
+        self.log, self.fc = _Log(), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.nan_to_num(self.log(x), nan=0.0))
+
+
+def test_nan_in_some_items_refuses_only_the_queries_over_them():
+    """Building the layer's index over every item had refused any TOPK INPUTS on a layer with
+    NaN anywhere: a WHERE leaving the NaN items out, and a neuron that holds none, too. The
+    query ranks its own neuron's allowed items; NaN among them is refused, counted over them."""
+    torch.manual_seed(0)
+    X, y = torch.randn(400, 6).abs() + 0.1, torch.randint(0, 3, (400,))
+    bad = (y == 0) & (torch.arange(400) % 5 == 0)
+    X[bad, 0] = -1.0
+    db = diagql.connect(_LogNet().eval(), (X, y), cache_dir=False, progress=False)
+    logs = torch.log(X).double().numpy()
+    for neuron, where, mine in ((0, "WHERE class != 0", y.numpy() != 0), (2, "", y.numpy() >= 0),
+                                (2, "WHERE class = 0", y.numpy() == 0)):
+        for _ in range(2):  # a pass, then whatever the first left for the second
+            result = db.query(f"TOPK 3 INPUTS FOR log[{neuron}] {where}")
+            score = np.where(mine, logs[:, neuron], -np.inf)
+            assert result.items.tolist() == np.argsort(-score, kind="stable")[:3].tolist()
+            np.testing.assert_allclose(result.values, np.sort(score)[::-1][:3], rtol=1e-6)
+    with pytest.raises(diagql.DiagQLError, match=r"log\[0\] is NaN or infinite for "
+                                                 f"{int(bad.sum())} of {int((y == 0).sum())} "
+                                                 r"items"):
+        db.query("TOPK 3 INPUTS FOR log[0] WHERE class = 0")

@@ -119,6 +119,13 @@ class IndexBuilder:
         self.top.take_scores(scores, idx)
         self.bottom.take_scores(-scores, idx)  # a copy: the top may keep ``scores``
 
+    def finished(self) -> "InputsIndex | None":
+        """The index, or None for a layer with NaN or inf for some item: each query on it then
+        ranks its own neuron's allowed items (TOPK 3 INPUTS FOR log[2] WHERE class != 0 had
+        been refused for log[0]'s NaN in class 0's items)."""
+        self._rank()
+        return None if self.bad.count else self.finish()
+
     def finish(self) -> "InputsIndex":
         self._rank()
         self.bad.check(f"layer {self.view.layer.name!r} has NaN or infinite activations for",

@@ -108,7 +108,7 @@ def top_inputs(runner, bound: BoundInputs, allowed: np.ndarray, index: InputsInd
     runner.run([reader] + ([builder] if builder is not None else []),
                what + (" (building the layer's inputs index)" if builder else ""))
     reader.check(bound.label)
-    built = builder.finish() if builder is not None else None
+    built = builder.finished() if builder is not None else None
     items, values = reader.state.finalize()
     read = len(allowed) if builder is not None else n_allowed
     return Answer(items[0], values[0], read, False, built, time.perf_counter() - started)
