@@ -77,6 +77,15 @@ def _storage(rows: torch.Tensor):
         return None
 
 
+def _per_item(view: View, rows: torch.Tensor) -> torch.Tensor:
+    """The view's finished rows, one of ``view.neurons`` values per item, or ValueError (read
+    otherwise than the probe saw: the keeper drops the view)."""
+    values = view.finish(rows)
+    if values.ndim != 2 or values.shape[1] != view.neurons:
+        raise ValueError("not a row per item")
+    return values
+
+
 class WinnerKeeper:
     """The profile pass's part: each view's winner of every item, batch by batch. A view whose
     layer did not run, or was read otherwise than the probe saw, is dropped (an ARGMAX on it
@@ -132,9 +141,7 @@ class WinnerKeeper:
         held = self.seen.get(key)
         if held is not None and storage is not None and held[0]() is storage:
             return held[1]
-        values = view.finish(rows)
-        if values.ndim != 2 or values.shape[1] != view.neurons:
-            raise ValueError("not a row per item")
+        values = _per_item(view, rows)
         # First of ties, in the dtype a query's pass reduces (the model's; CHANNELS' float64
         # means): as an ARGMAX's pass counts it (engine/aggregates.py).
         winners = row_argmax(values)
@@ -151,9 +158,7 @@ class WinnerKeeper:
     def _marked(view: View, rows: torch.Tensor) -> torch.Tensor:
         """The winners of a batch some of whose values are NaN or inf (or whose sum overflowed):
         ``view.neurons`` for each item whose row holds one."""
-        values = view.finish(rows)
-        if values.ndim != 2 or values.shape[1] != view.neurons:
-            raise ValueError("not a row per item")
+        values = _per_item(view, rows)
         finite = torch.isfinite(values).all(dim=1).cpu()
         winners = row_argmax(torch.nan_to_num(values))
         winners[~finite] = view.neurons
