@@ -135,22 +135,22 @@ def evaluation(model: nn.Module, changed: list[str] | None = None) -> Iterator[N
         # the flags of their modules are set as eval() would.
         for module in model.modules():
             module.training = False
-    kept = _buffers(model)
+    kept, named = _buffers(model)
     try:
         with torch.no_grad(), _eager(model):
             yield
     finally:
         for module, flag in flags:
             module.training = flag
-        restored = _restore(kept)
+        restored = _restore(kept, named)
         if changed is not None:
             changed.extend(restored)
 
 
-def _buffers(model: nn.Module) -> list[tuple]:
-    """(module, name, qualified name, the buffer, a copy of it) for every buffer, up to
-    BUFFER_BYTES in all (none past it); then (module, prefix, the names of its buffers) for
-    every module, whose buffers a pass adds are taken out again."""
+def _buffers(model: nn.Module) -> tuple[list, list]:
+    """(module, name, qualified name, the buffer, a copy of it) for every buffer, and (its
+    name, module, the names of its buffers) for every module, whose buffers a pass adds are
+    taken out again; up to BUFFER_BYTES of buffers in all (neither past it)."""
     from torch.nn.parameter import is_lazy
 
     kept, size = [], 0
@@ -162,26 +162,24 @@ def _buffers(model: nn.Module) -> list[tuple]:
                 continue
             size += buffer.numel() * buffer.element_size()
             if size > BUFFER_BYTES:
-                return []
+                return [], []
             try:
                 copy = buffer.detach().clone()
             except (RuntimeError, NotImplementedError):  # one no clone takes: left as it is
                 continue
             kept.append((module, name, f"{prefix}.{name}" if prefix else name, buffer, copy))
-    return kept + [named]
+    return kept, named
 
 
-def _restore(kept: list[tuple]) -> list[str]:
+def _restore(kept: list[tuple], named: list[tuple]) -> list[str]:
     """Put back each buffer a pass changed, in place or by rebinding, and take out those it
     added (a rotary cache registered on first use had joined the state_dict); their names."""
-    if not kept:
-        return []
     restored = []
-    for prefix, module, before in kept[-1]:
+    for prefix, module, before in named:
         for name in [name for name in module._buffers.keys() if name not in before]:
             delattr(module, name)  # out of _non_persistent_buffers_set too
             restored.append(f"{prefix}.{name}" if prefix else name)
-    for module, name, qualified, buffer, copy in kept[:-1]:
+    for module, name, qualified, buffer, copy in kept:
         try:
             moved = module._buffers.get(name) is not buffer
             same = buffer.shape == copy.shape and buffer.dtype == copy.dtype and (
