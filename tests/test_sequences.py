@@ -498,6 +498,21 @@ def test_a_decoders_layers_read_the_decoder_attention_mask(decoder_mask, target_
             "the decoder_attention_mask of the batch input"
 
 
+def _seq2seq_data(n: int, seed: int, shortest_target: int) -> tuple[dict, torch.Tensor,
+                                                                   torch.Tensor]:
+    """An encoder-decoder's batch of ``n`` items, both inputs padded to S (their ids 0 past
+    each item's length): the mapping, the source lengths and the target lengths."""
+    g = torch.Generator().manual_seed(seed)
+    src_len = torch.randint(2, S + 1, (n,), generator=g)
+    tgt_len = torch.randint(shortest_target, S + 1, (n,), generator=g)
+    mask = (torch.arange(S)[None, :] < src_len[:, None]).long()
+    dec_mask = (torch.arange(S)[None, :] < tgt_len[:, None]).long()
+    ids = torch.randint(1, 20, (n, S), generator=g) * mask
+    dec_ids = torch.randint(1, 20, (n, S), generator=g) * dec_mask
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_ids,
+            "decoder_attention_mask": dec_mask, "labels": torch.arange(n) % C}, src_len, tgt_len
+
+
 class _SharedEmbedding(nn.Module):
     """T5's and Bart's layout: one embedding (``shared``, also ``encoder.embed_tokens`` and
     ``decoder.embed_tokens``) called by the encoder on input_ids, then by the decoder."""
@@ -523,16 +538,8 @@ def test_a_shared_embeddings_encoder_call_reads_the_encoders_mask():
     been averaged over the decoder's real tokens: its encoder call's TOKENS MEAN 0.02-0.07 off
     where both inputs are padded to one length, unwarned. Its call on input_ids reads
     attention_mask, its call on decoder_input_ids decoder_attention_mask."""
-    g = torch.Generator().manual_seed(6)
-    n = 60
-    src_len, tgt_len = torch.randint(2, S + 1, (n,), generator=g), \
-        torch.randint(2, S + 1, (n,), generator=g)
-    mask = (torch.arange(S)[None, :] < src_len[:, None]).long()
-    dec_mask = (torch.arange(S)[None, :] < tgt_len[:, None]).long()
-    ids = torch.randint(1, 20, (n, S), generator=g) * mask
-    dec_ids = torch.randint(1, 20, (n, S), generator=g) * dec_mask
-    data = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_ids,
-            "decoder_attention_mask": dec_mask, "labels": torch.arange(n) % C}
+    data, src_len, tgt_len = _seq2seq_data(60, seed=6, shortest_target=2)
+    ids, dec_ids = data["input_ids"], data["decoder_input_ids"]
     model = _SharedEmbedding().eval()
     conn = diagql.connect(model, data, batch_size=7, cache_dir=False, progress=False)
     with torch.no_grad():
@@ -564,16 +571,7 @@ def test_a_wrapped_seq2seqs_head_reads_the_decoders_mask():
     for the encoder's tokens: its LM head, over the decoder's states, was averaged over the
     encoder's attention_mask (0.04-0.47 off, unwarned, where both are padded to one length).
     A module called on both inputs' ids passes neither on; the head follows the decoder."""
-    g = torch.Generator().manual_seed(7)
-    n = 40
-    src_len, tgt_len = torch.randint(2, S + 1, (n,), generator=g), \
-        torch.randint(1, S + 1, (n,), generator=g)
-    mask = (torch.arange(S)[None, :] < src_len[:, None]).long()
-    dec_mask = (torch.arange(S)[None, :] < tgt_len[:, None]).long()
-    ids, dec_ids = torch.randint(1, 20, (n, S), generator=g), torch.randint(1, 20, (n, S),
-                                                                          generator=g)
-    data = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_ids,
-            "decoder_attention_mask": dec_mask, "labels": torch.arange(n) % C}
+    data, src_len, tgt_len = _seq2seq_data(40, seed=7, shortest_target=1)
     model = _Wrapped().eval()
     conn = diagql.connect(model, data, batch_size=7, cache_dir=False, progress=False)
     outputs = {}
@@ -581,7 +579,8 @@ def test_a_wrapped_seq2seqs_head_reads_the_decoders_mask():
         lambda m, i, o, name=name: outputs.__setitem__(name, o))
         for name in ("m.encoder.proj", "m.decoder.proj", "m.lm_head")]
     with torch.no_grad():
-        model(ids, mask, dec_ids, dec_mask)
+        model(*(data[key] for key in ("input_ids", "attention_mask", "decoder_input_ids",
+                                      "decoder_attention_mask")))
     for handle in handles:
         handle.remove()
     for name, lengths in (("m.encoder.proj", src_len), ("m.decoder.proj", tgt_len),
