@@ -18,8 +18,6 @@ from diagql.progress import Progress
 
 Batch = tuple[np.ndarray, object, "np.ndarray | None"]  # (item indices, model input, labels)
 
-# Where a mapping keeps its labels when no label_key names them (Hugging Face uses "labels"
-# and "label"; plain PyTorch code "y" and "target(s)").
 FORMS = ("a torch Dataset of (x, y) or of dicts (or any sequence of such items: a list, a "
          "Hugging Face datasets.Dataset), a DataLoader, a pair (X, y) of tensors or arrays, or a "
          "mapping of named inputs (with its labels under a key, or as (mapping, y))")

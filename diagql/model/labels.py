@@ -10,7 +10,8 @@ import torch
 from diagql.errors import DiagQLError
 
 # The keys a mapping item's label is looked for under, in this order, unless connect's
-# ``label_key`` names one.
+# ``label_key`` names one (Hugging Face uses "labels" and "label"; plain PyTorch code "y"
+# and "target(s)").
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
 
 
