@@ -98,13 +98,15 @@ def mask_key(inputs, module: str | None = None, ids=None) -> str | None:
 def _encoder_ids(inputs: Mapping, ids) -> bool:
     """Whether ``ids`` are the input's ``input_ids`` (the encoder's tokens) and not its
     ``decoder_input_ids``: equal values, as a view or a reshape of them is."""
-    def same(key: str) -> bool:
-        given = inputs.get(key)
-        return isinstance(given, torch.Tensor) and given.shape == ids.shape and \
-            given.dtype == ids.dtype and given.device == ids.device and \
-            bool(torch.equal(given, ids))
+    return isinstance(ids, torch.Tensor) and _same_ids(inputs.get("input_ids"), ids) and \
+        not _same_ids(inputs.get("decoder_input_ids"), ids)
 
-    return isinstance(ids, torch.Tensor) and same("input_ids") and not same("decoder_input_ids")
+
+def _same_ids(given, ids: torch.Tensor) -> bool:
+    """Whether ``given`` is a tensor of ``ids``'s values (the very tensor, or a copy)."""
+    return given is ids or (isinstance(given, torch.Tensor) and given.shape == ids.shape and
+                            given.dtype == ids.dtype and given.device == ids.device and
+                            bool(torch.equal(given, ids)))
 
 
 def token_mask(inputs, ids) -> str | None:
@@ -120,9 +122,7 @@ def token_mask(inputs, ids) -> str | None:
             and value is ids]
     if not keys:
         keys = [key for key, value in inputs.items() if isinstance(key, str)
-                and key.endswith("ids") and isinstance(value, torch.Tensor)
-                and value.shape == ids.shape and value.dtype == ids.dtype
-                and value.device == ids.device and bool(torch.equal(value, ids))]
+                and key.endswith("ids") and _same_ids(value, ids)]
     if len(keys) != 1:
         return None
     stem = keys[0].removesuffix("ids").removesuffix("input_")
