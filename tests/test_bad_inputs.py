@@ -460,10 +460,10 @@ def test_a_statement_that_is_not_text_is_one_clear_error(method, text, shown):
 
 def test_an_unknown_latent_given_to_connect_says_it_is_the_latent(mlp, digits):
     """No statement names it: the error named only 'unknown layer', and the CLI put it on the
-    -e statement that happened to need the profile first."""
-    conn = diagql.connect(mlp, digits, latent="encoder.9", cache_dir=False, progress=False)
+    -e statement that happened to need the profile first. It is refused by connect, as SET
+    latent refuses it (the CLI had run `SHOW LAYERS` with --latent nope and exited 0)."""
     with pytest.raises(BindError) as caught:
-        conn.query("AVG NEURONS IN head")
+        diagql.connect(mlp, digits, latent="encoder.9", cache_dir=False, progress=False)
     assert caught.value.message.startswith("the latent layer (connect(latent=...), --latent or "
                                            "SET latent): unknown layer 'encoder.9'")
     assert "layers are" in caught.value.hint

@@ -378,6 +378,42 @@ def test_a_checkpoint_path_that_is_not_a_file_is_refused_at_connect(trained, dat
         diagql.connect(model, data, checkpoints=[str(tmp_path / "nope.pt")], cache_dir=False)
 
 
+@pytest.mark.parametrize("content, what", [(b"import torch\n", "text"), (b"", "an empty file"),
+                                           (b"\xff\xfe\x00" * 200, "another format")])
+def test_a_file_of_no_checkpoint_format_is_refused_at_connect(trained, data, tmp_path, content,
+                                                              what):
+    """`--checkpoint 'mods/*'` caught scripts: connect took them, every ACROSS CHECKPOINTS row
+    but the final model's was blank, and the command line exited 0."""
+    from diagql.shell.cli import main
+
+    model, paths, _ = trained
+    (tmp_path / "train.py").write_bytes(content)
+    with pytest.raises(diagql.DiagQLError, match=f"checkpoint 'train': '{tmp_path}/train.py' "
+                                                 f"is not a torch checkpoint \\(it is {what}\\)"):
+        diagql.connect(model, data, checkpoints=[paths["epoch1"], tmp_path / "train.py"],
+                       cache_dir=False)
+    assert main(["--model", "tests.models:build_mlp", "--data", "tests.models:digits",
+                 "--checkpoint", str(tmp_path / "*"), "--no-cache", "--no-progress",
+                 "-e", "AVG NEURONS IN head ACROSS CHECKPOINTS"]) == 1
+
+
+def test_the_formats_torch_load_reads_are_checkpoints(trained, data, tmp_path):
+    """What the format check lets through: torch's zip and legacy pickle, and safetensors."""
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    X, _ = data
+    model, _, states = trained
+    torch.save(states["epoch1"], tmp_path / "zip.pt")
+    torch.save(states["epoch1"], tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    save_file({key: value.contiguous() for key, value in states["epoch1"].items()},
+              tmp_path / "safe.safetensors")
+    db = diagql.connect(model, data, checkpoints=sorted(tmp_path.iterdir()), cache_dir=False,
+                        progress=False)
+    result = db.query("AVG NEURONS IN head ACROSS CHECKPOINTS")
+    truth = loaded(states["epoch1"])(X).double().mean(dim=0).detach().numpy()
+    for name in ("zip", "legacy", "safe"):
+        np.testing.assert_allclose(result.checkpoints[name].values, truth, rtol=1e-6)
+
+
 def test_plot_on_the_command_line_draws_an_across_checkpoints_answer(trained, data, tmp_path):
     """--plot skipped ACROSS CHECKPOINTS answers ('no statement made a figure')."""
     from tests.cli_in_process import diagql as diagql_cli
@@ -530,7 +566,7 @@ def test_a_checkpoint_that_cannot_be_read_says_why_on_stderr_beside_a_csv(
     from diagql.shell.cli import main
 
     _, paths, _ = trained
-    (tmp_path / "broken.pt").write_text("not a checkpoint\n")
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 a zip cut short")
     argv = ["--model", "tests.models:build_mlp", "--data", "tests.models:digits",
             "--checkpoint", f"epoch1={paths['epoch1']}", "--checkpoint",
             f"broken={tmp_path / 'broken.pt'}", "--format", "csv", "--no-cache",

@@ -47,6 +47,29 @@ def weights_file(path) -> Path:
                           ": name the file that holds the weights"))
 
 
+def check_format(path, label: str) -> None:
+    """Refuses a file whose first bytes are none of the formats ``torch.load`` reads: a zip
+    (torch.save, TorchScript), a pickle (the legacy format), safetensors (a length, then its
+    JSON header) or a tar (torch's oldest). Read when the checkpoint is named, so that a glob
+    that caught other files (``ckpt/*``, a script) is refused then, not as blank rows."""
+    with open(weights_file(path), "rb") as handle:
+        head = handle.read(512)
+    if head.startswith(b"PK") or head[:1] == b"\x80" or head[8:9] == b"{" \
+            or head[257:262] == b"ustar":
+        return
+    what = "an empty file" if not head else "text" if _is_text(head) else "another format"
+    raise WeightsError(f"{label} is not a torch checkpoint (it is {what}): save the model's "
+                       f"weights with torch.save(model.state_dict(), path)")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a character cut at the 512th byte is still text
+        return exc.start > len(head) - 4
+    return True
+
+
 def read_state(path, label: str) -> Mapping:
     """The state_dict saved at ``path`` (a file, or a save_pretrained directory's weights).
     Memory-mapped where the file allows it, so that its tensors are read from the file while

@@ -164,6 +164,17 @@ class Artifacts:
         profile = self._profile_pass()
         return dataclasses.replace(profile, covariates=covariates.reduced(profile.latents))
 
+    def latent_view(self):
+        """The view the profile reads the named latent layer through (``conn.latent``, not
+        None); an unknown name is refused as the latent's, since no statement named it."""
+        latent = self.conn.latent
+        try:
+            layer = bind_layer(ast.LayerRef(latent), self.get_catalog())
+        except BindError as exc:
+            raise BindError(f"the latent layer (connect(latent=...), --latent or SET "
+                            f"latent): {exc.message}", hint=exc.hint) from None
+        return bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)), layer)
+
     def _profile_pass(self) -> Profile:
         conn = self.conn
         latent = conn.latent
@@ -174,12 +185,7 @@ class Artifacts:
             catalog = self.catalog or self._probe()
             name, is_input = default_latent(conn.model, catalog), True
         else:
-            try:
-                layer = bind_layer(ast.LayerRef(latent), self.get_catalog())
-            except BindError as exc:  # no statement named it: say what did
-                raise BindError(f"the latent layer (connect(latent=...), --latent or SET "
-                                f"latent): {exc.message}", hint=exc.hint) from None
-            view = bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)), layer)
+            view = self.latent_view()
             name, is_input = view.layer.name, False
             catalog = self.catalog
         if conn.engine is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from diagql.errors import DiagQLError, WeightsError
-from diagql.model.weights import load_state, read_state, unwrap_state, weights_file
+from diagql.model.weights import check_format, load_state, read_state, unwrap_state
 from diagql.storage.hook_effects import is_diagql_hook, users_changing
 
 FINAL = "final"  # the name of the model given beside its checkpoints
@@ -79,7 +79,7 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
             raise DiagQLError(f"checkpoint {name!r}: {str(value)!r} is not a file")
         if isinstance(value, (str, Path)):  # a save_pretrained directory: its weights file
             try:
-                weights_file(value)
+                check_format(value, repr(str(value)))
             except WeightsError as exc:
                 raise DiagQLError(f"checkpoint {name!r}: {exc.message}") from None
     return specs

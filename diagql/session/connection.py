@@ -197,6 +197,8 @@ class Connection:
         self.source = ItemSource(data, label_key=label_key)
         for name, module in modules.items():
             self._add(name, module, device, latent if not self.models else None)
+        if latent is not None:  # refused here, as SET latent is, not at the first sample
+            next(iter(self.models.values())).artifacts.latent_view()
         if checkpoints is not None:
             final = self.models[FINAL]
             slot = CheckpointSlot(final.model)
