@@ -32,7 +32,7 @@ from bigdata import big_connection, demo_data, demo_model, machine_line
 
 import diagql
 from diagql.model import auxiliaries
-from diagql.model.profile import assemble_profile, profile_part
+from diagql.model.profile_pass import assemble_profile, profile_part
 from diagql.model.same_rows import comparisons
 from diagql.session import artifacts
 

@@ -221,7 +221,7 @@ class Chosen:
             return (f"assisted: every item predicted from its row's {a.basis.shape[1]} "
                     f"principal components (the profile holds every item's {held}), the "
                     f"residual fitted on {latent}")
-        # Which items: profile.fit_items spreads them over the data (model/auxiliaries.py).
+        # Which items: profile_pass.fit_items spreads them over the data (model/auxiliaries.py).
         fitted = "every item" if a.fitted_on >= len(a.z) else \
             f"{a.fitted_on:,} items spread over the data"
         return (f"assisted: every item predicted from {a.layer}'s {a.basis.shape[1]} principal "

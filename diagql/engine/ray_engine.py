@@ -19,8 +19,9 @@ from diagql.engine.ray_workers import (ENGINES, Tally, Worker, free_for, holders
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model import pass_clock
-from diagql.model.profile import (Profile, assemble_profile, fit_items, fit_part,
-                                  profile_part, projected_part, with_blocks)
+from diagql.model.profile import Profile
+from diagql.model.profile_pass import (assemble_profile, fit_items, fit_part, profile_part,
+                                       projected_part, with_blocks)
 
 SHARDS_PER_WORKER = 4  # smaller shards: less work lost to a dead worker, better balance
 IN_FLIGHT = 2  # shards queued per actor, so that none idles between two of them

@@ -195,7 +195,7 @@ def spread_items(n: int, count: int, seed: int = 0) -> np.ndarray:
 class BlockProjector:
     """The profile pass's part: each block's rows are held for the pass's first items (up to
     FIT_ITEMS and HOLD_BUDGET), its directions fitted on them, and every item projected.
-    The profile pass runs one over the spread items alone (``profile.fit_part``), then one
+    The profile pass runs one over the spread items alone (``profile_pass.fit_part``), then one
     given its ``fits`` (``fitted()``) over the rest, which only projects with those
     directions (``profile.projected_part``); a block without one is dropped."""
 

@@ -22,11 +22,12 @@ from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import (auxiliaries, hooks, layers, probing, repeatable, row_order,
                           same_rows, view_aliases)
 from diagql.model import input_masks, layouts, views, winners
-from diagql.model import profile as profile_module, scores
+from diagql.model import profile as profile_module, profile_pass, scores
 from diagql.model.forward import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, module_aliases
 from diagql.model.probing import probe
-from diagql.model.profile import Profile, compute_profile
+from diagql.model.profile import Profile
+from diagql.model.profile_pass import compute_profile
 from diagql.model.scores import Scores
 from diagql.samplers import space
 from diagql.storage.fingerprint import (Unfingerprintable, cache_key, model_fingerprint,
@@ -58,6 +59,17 @@ def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
 # The modules whose code makes a catalog (part of its cache key).
 _PROBE_CODE = (layers, probing, layouts, repeatable, row_order, views, input_masks,
                scores)
+
+def latent_view(latent: str, catalog: LayerCatalog):
+    """The view the profile reads the latent layer named ``latent`` through; an unknown name
+    is refused as the latent's, since no statement named it."""
+    try:
+        layer = bind_layer(ast.LayerRef(latent), catalog)
+    except BindError as exc:
+        raise BindError(f"the latent layer (connect(latent=...), --latent or SET "
+                        f"latent): {exc.message}", hint=exc.hint) from None
+    return bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)), layer)
+
 
 class Artifacts:
     """The catalog, profile and samples of one model of a connection (``conn`` is its
@@ -164,17 +176,6 @@ class Artifacts:
         profile = self._profile_pass()
         return dataclasses.replace(profile, covariates=covariates.reduced(profile.latents))
 
-    def latent_view(self):
-        """The view the profile reads the named latent layer through (``conn.latent``, not
-        None); an unknown name is refused as the latent's, since no statement named it."""
-        latent = self.conn.latent
-        try:
-            layer = bind_layer(ast.LayerRef(latent), self.get_catalog())
-        except BindError as exc:
-            raise BindError(f"the latent layer (connect(latent=...), --latent or SET "
-                            f"latent): {exc.message}", hint=exc.hint) from None
-        return bind_view(ast.Query("avg", "neurons", ast.LayerRef(latent)), layer)
-
     def _profile_pass(self) -> Profile:
         conn = self.conn
         latent = conn.latent
@@ -185,7 +186,7 @@ class Artifacts:
             catalog = self.catalog or self._probe()
             name, is_input = default_latent(conn.model, catalog), True
         else:
-            view = self.latent_view()
+            view = latent_view(latent, self.get_catalog())
             name, is_input = view.layer.name, False
             catalog = self.catalog
         if conn.engine is not None:
@@ -272,7 +273,7 @@ class Artifacts:
         # On Ray, the workers' device, which makes the passes, not the driver's.
         device = conn.device.type if conn.engine is None else conn.engine.device_type()
         return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
-                         device, *map(source_digest, (profile_module, views, input_masks)),
+                         device, *map(source_digest, (profile_module, profile_pass, views, input_masks)),
                          source_digest(scores),  # where the class scores are read
                          source_digest(layers), source_digest(probing),  # the catalog
                          *map(source_digest, (auxiliaries, view_aliases)),  # blocks, aliases

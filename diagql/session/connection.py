@@ -28,7 +28,7 @@ from diagql.model.scores import Scores
 from diagql.progress import Progress, import_rich
 from diagql.results.result import Result
 from diagql.session import scripts
-from diagql.session.artifacts import Artifacts
+from diagql.session.artifacts import Artifacts, latent_view
 from diagql.session.changes import notice_changes, watching
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
 from diagql.session.class_names import checked, name_classes, resolved
@@ -164,8 +164,7 @@ class Connection:
         self.engine = None  # a RayEngine, or None: passes run in this process
         if model is not None:
             if engine == "ray" and checkpoints is not None:
-                # Checkpoints take turns in one copy of the model, on the driver
-                # (docs/SCALING.md says what running them on Ray would take).
+                # Checkpoints take turns in one copy of the model, on the driver (SCALING.md).
                 raise DiagQLError('engine="ray" runs no checkpoints: connect them with the '
                                   'local engine')
             model, data, self.engine = open_engine(engine, model, data, label_key=label_key,
@@ -193,12 +192,9 @@ class Connection:
         self.data_stamp: tuple | None = None  # its tensors' stamp when last read (changes.py)
         if model is None:
             return name_classes(self, classes, data, label_key)
-        modules = _modules(model, checkpoints)
         self.source = ItemSource(data, label_key=label_key)
-        for name, module in modules.items():
+        for name, module in _modules(model, checkpoints).items():
             self._add(name, module, device, latent if not self.models else None)
-        if latent is not None:  # refused here, as SET latent is, not at the first sample
-            next(iter(self.models.values())).artifacts.latent_view()
         if checkpoints is not None:
             final = self.models[FINAL]
             slot = CheckpointSlot(final.model)
@@ -227,6 +223,8 @@ class Connection:
         _say_eval_mode(module, "the " + what if name == DEFAULT else what)
         self.models[name] = ModelEntry(self, name, module, device=device,
                                        dtype=model_dtype(module), latent=latent)
+        if latent is not None:  # refused here, as SET latent is, not at the first sample
+            latent_view(latent, self.models[name].catalog)
 
     @classmethod
     def detached(cls, cache_dir=None, cache_limit=None) -> "Connection":
