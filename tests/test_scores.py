@@ -221,6 +221,22 @@ def test_scores_with_a_singleton_axis_are_one_vector_per_item(axis):
     check(conn, truth)
 
 
+@pytest.mark.parametrize("post, scores, says", [
+    (lambda z: z.mean(0, keepdim=True), None, "1 row for a batch of 3 items"),
+    (lambda z: z.mean(), None, "one number for a batch of 3 items"),
+    (lambda z: z, lambda out: out[:1], "1 row .* scores= function must keep the batch's axis"),
+    (lambda z: z.t(), None, "5 rows for a batch of 3 items.* axis must come first"),
+], ids=["pooled", "scalar", "first-row", "transposed"])
+def test_scores_without_a_row_per_item_are_refused(post, scores, says):
+    """Numpy broadcast one row of scores to every item of the batch: a model pooling over its
+    batch, or a scores= function keeping the first row, gave each batch its first item's
+    prediction, and SHOW PROFILE an accuracy."""
+    model, (X, y) = Post(post), data()
+    with pytest.raises(DiagQLError, match=says):
+        diagql.connect(model, (X, y), scores=scores, cache_dir=False,
+                       progress=False).query("SHOW PROFILE")
+
+
 class Post(nn.Module):
     """A head followed by ``post`` in forward: a softmax, a log-softmax, a sigmoid."""
 

@@ -102,7 +102,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
     head = ""
     if scores.refusal is None:
-        found = scores.read(output)
+        found = scores.read(output, len(idx))
         # The module that returned the scores themselves (a classifier's Linear): its input
         # is the latent (layers.default_latent), wherever the model defines it.
         head = made[id(found)][1][0] if id(found) in made else ""

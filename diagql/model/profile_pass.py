@@ -144,7 +144,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             hooks.start(x, len(idx))
             compared.start(x, len(idx))
             captured.clear()
-            logits = as_logits(scores.read(call_model(model, x, idx)))
+            logits = as_logits(scores.read(call_model(model, x, idx), len(idx)))
             if latent is not None:
                 hooks.check_ran()
             after = time.perf_counter()

@@ -160,8 +160,9 @@ class Scores:
                               f"scores= a function giving them")
         return p
 
-    def read(self, output) -> torch.Tensor:
-        """The class scores in one call's ``output``: (batch, classes) or (batch,)."""
+    def read(self, output, size: int | None = None) -> torch.Tensor:
+        """The class scores in one call's ``output``: (batch, classes) or (batch,); ``size``,
+        where given, the batch's items, which must be the scores' rows."""
         if self.refusal is not None:
             raise DiagQLError(self.refusal)
         if self.pick is not None:
@@ -183,6 +184,17 @@ class Scores:
             found = found.dequantize()
         if not found.is_floating_point():
             raise DiagQLError(_not_scores(found))
+        # A batch of one may be squeezed to (classes,); others' rows are their items. Numpy
+        # had broadcast one row to every item of the batch: each got the first's prediction.
+        if size is not None and size > 1 and (found.ndim == 0 or found.shape[0] != size):
+            rows = "one number" if found.ndim == 0 else \
+                f"{found.shape[0]:,} row{'s' if found.shape[0] != 1 else ''}"
+            why = ("the scores= function must keep the batch's axis first" if self.pick
+                   else "a model that pools over its batch gives no class scores per item"
+                   if found.ndim == 0 or found.shape[0] < size else
+                   f"the batch's axis must come first; name the scores with {_OPTION}")
+            raise ExecutionError(f"{what}: {rows} for a batch of {size:,} items, where the "
+                                 f"class scores have one row per item; {why}")
         return found
 
 
