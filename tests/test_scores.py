@@ -237,6 +237,30 @@ def test_scores_without_a_row_per_item_are_refused(post, scores, says):
                        progress=False).query("SHOW PROFILE")
 
 
+@pytest.mark.parametrize("kind, says", [
+    ("regression", "problem_type='regression': DiagQL reads its outputs as class scores"),
+    ("multi_label_classification", "not a sigmoid per label; to diagnose one label k"),
+])
+def test_a_hugging_face_config_of_no_single_class_is_warned_of(kind, says):
+    """transformers' config.problem_type says the outputs are a regression's or a sigmoid per
+    label: DiagQL read them as one class's scores (the argmax, a softmax's confidence), and
+    SHOW PROFILE gave an accuracy with no word; a scores= of the user's says nothing."""
+    import types
+
+    model, (X, _) = Post(lambda z: z), data()
+    model.config = types.SimpleNamespace(problem_type=kind)
+    with pytest.warns(DiagQLWarning, match=says):
+        diagql.connect(model, (X, None), cache_dir=False, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        conn = diagql.connect(model, (X, None), scores=lambda out: out[:, 0], cache_dir=False,
+                              progress=False)
+        model.config.problem_type = "single_label_classification"
+        diagql.connect(model, (X, None), cache_dir=False, progress=False)
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN head").values,
+                               model.head(X).detach().double().mean(0).numpy(), rtol=1e-5)
+
+
 class Post(nn.Module):
     """A head followed by ``post`` in forward: a softmax, a log-softmax, a sigmoid."""
 

@@ -353,6 +353,27 @@ def sigmoid_applied(logits) -> str | None:
             f"pooled ReLU map's may, need nothing)")
 
 
+def problem_type(model) -> str | None:
+    """A notice when a Hugging Face model's config says its outputs are not one class's
+    scores (``problem_type``), which the default reading (the argmax, a softmax's confidence,
+    a single logit's sign) would make predictions of, unwarned (their logits lie anywhere, so
+    ``sigmoid_applied`` says nothing). None otherwise."""
+    kind = getattr(getattr(model, "config", None), "problem_type", None)
+    if kind == "regression":
+        return ("the model's config says problem_type='regression': DiagQL reads its outputs "
+                "as class scores (one output as a binary classifier's logit, class 1 where "
+                "> 0), so its predictions, confidence and correctness, and the samplers "
+                "weighted by them, mean nothing for it; a query over all items reads its "
+                "activations as they are")
+    if kind == "multi_label_classification":
+        return ("the model's config says problem_type='multi_label_classification': DiagQL "
+                "reads one class per item (the argmax, its confidence a softmax), not a "
+                "sigmoid per label; to diagnose one label k, pass scores=lambda out: "
+                "out.logits[:, k] (a binary classifier's logit) with that label's 0 or 1 as "
+                "the items' labels")
+    return None
+
+
 BEYOND_LABELS = 0.25  # the share of items predicted beyond every label that is warned of
 
 

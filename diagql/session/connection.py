@@ -24,7 +24,7 @@ from diagql.model.data import ItemSource, dataset_indices, loader_batch_size
 from diagql.model.hooks import hookable
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
-from diagql.model.scores import Scores
+from diagql.model.scores import Scores, problem_type
 from diagql.progress import Progress, import_rich
 from diagql.results.result import Result
 from diagql.session import scripts
@@ -220,7 +220,7 @@ class Connection:
                 raise DiagQLError(f"models {other.name!r} and {name!r} are one module; give it "
                                   f"once, or a copy (copy.deepcopy) to compare with")
         device = _resolve_device(device, module)
-        _say_eval_mode(module, "the " + what if name == DEFAULT else what)
+        _say_of(module, "the " + what if name == DEFAULT else what, self.given_scores)
         self.models[name] = ModelEntry(self, name, module, device=device,
                                        dtype=model_dtype(module), latent=latent)
         if latent is not None:  # refused here, as SET latent is, not at the first sample
@@ -420,6 +420,15 @@ def _modules(model, checkpoints) -> dict[str, object]:
             raise DiagQLError("the mapping of models is empty")
         return {check_name(name, "model"): module for name, module in model.items()}
     return {FINAL if checkpoints is not None else DEFAULT: model}
+
+
+def _say_of(module: nn.Module, what: str, given_scores) -> None:
+    """What connect warns of about a model: its train mode, and a Hugging Face config's
+    problem_type that its scores (unless the user's ``scores=``) do not fit."""
+    _say_eval_mode(module, what)
+    notice = problem_type(module) if given_scores is None else None
+    if notice is not None:
+        warn(notice.replace("the model's", f"{what}'s", 1))
 
 
 def _say_eval_mode(module: nn.Module, what: str) -> None:
