@@ -412,6 +412,14 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
     assert _refusal(bert, unpadded).endswith(
         "; items of different lengths need a padding collate_fn: pass DataLoader(data, "
         "collate_fn=...), e.g. transformers' DataCollatorWithPadding(tokenizer)")
+    # Images of different sizes: no tokenizer pads them, and batch_size=1 does not help.
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(2, 2)).eval()
+    images = [(torch.rand(3, 8 + i % 3, 8), i % 2) for i in range(12)]
+    assert _refusal(conv, images).endswith(
+        "; items of different shapes (images of different sizes?) cannot be batched, at any "
+        "batch size (DiagQL's probe reads 2 and 3 at once): resize them to one size in the "
+        "data's transform, or pass DataLoader(data, collate_fn=...) that pads them")
     assert _refusal(net, TensorDataset(X, Z, y)) == (
         "the data's items have 3 parts; DiagQL needs (x, y): put several inputs in a tuple, "
         "((x1, x2), y), and leave out what is neither (an index, metadata) with a collate_fn "

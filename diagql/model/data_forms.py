@@ -7,6 +7,7 @@ offsets) read as one row per item, and reading failures reported with what to do
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 
@@ -107,7 +108,15 @@ def reading_hint(exc: Exception) -> str:
     """What to do about a failure of the default collate, or "" when there is nothing to add."""
     text = str(exc)
     if "stack expects each tensor to be equal size" in text:
-        # The default collate stacks items: sequences of different lengths need padding.
+        # The default collate stacks items: sequences of different lengths need padding,
+        # images of different sizes a resize. DiagQL batches them whatever the batch size:
+        # its probe reads 2 and 3 items at once (model/probing.py).
+        shape = re.search(r"got \[([\d, ]*)\]", text)
+        if shape is not None and shape.group(1).count(",") >= 1:
+            return ("; items of different shapes (images of different sizes?) cannot be "
+                    "batched, at any batch size (DiagQL's probe reads 2 and 3 at once): "
+                    "resize them to one size in the data's transform, or pass "
+                    "DataLoader(data, collate_fn=...) that pads them")
         return ("; items of different lengths need a padding collate_fn: pass "
                 "DataLoader(data, collate_fn=...), e.g. transformers' "
                 "DataCollatorWithPadding(tokenizer)")
