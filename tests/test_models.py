@@ -295,3 +295,13 @@ def test_one_model_whose_classes_do_not_fit_the_labels_is_named_and_the_others_s
         "model 'c': label 2 of item 2 is outside the model's classes 0..1")
     with pytest.raises(diagql.DiagQLError, match="^model 'c': label 2"):
         db.query("AVG NEURONS IN c.0 WHERE correct")
+
+
+def test_describe_of_a_one_neuron_layer_names_it_once():
+    """Its labels read "head[0] … head[0]"."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+    X = torch.randn(20, 4)
+    db = diagql.connect(model.eval(), (X, (X[:, 0] > 0).long()), cache_dir=False,
+                        progress=False)
+    assert dict(db.query("DESCRIBE 2").rows)["labels"] == "2[0]"
+    assert dict(db.query("DESCRIBE 0").rows)["labels"] == "0[0] … 0[2]"

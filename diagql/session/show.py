@@ -338,5 +338,7 @@ def _module_rows(layer, module, n_params: int, children: list[str]) -> list[tupl
 
 def _label_example(layer) -> str:
     view = View(layer)
+    if view.neurons == 1:  # "2[0] … 2[0]" had named one neuron twice
+        return view.labels([0])[0]
     first, last = view.labels([0, view.neurons - 1])
     return f"{first} … {last}"
