@@ -640,14 +640,80 @@ def test_a_call_missing_from_a_batch_is_an_error():
         first = F.relu(F.linear(X, model.fc.weight, model.fc.bias)).double().numpy()
     np.testing.assert_allclose(db.query("AVG NEURONS IN act#1").values, first.mean(axis=0),
                                atol=ATOL)
+    # The pass over every item says so of its batch; the profile pass saw it first, and
+    # refuses a sample's query too, which had answered from batches that ran it.
     with pytest.raises(ExecutionError) as info:
-        db.query("AVG NEURONS IN act#2")
-    assert info.value.message == ("layer 'act#2' did not run in a forward pass of the model "
-                                  "(module 'act' ran only 1 time in this batch), though it ran "
-                                  "in DiagQL's probe: it runs for some batches only (a branch "
-                                  "on the data, or a loop whose length depends on the batch), "
-                                  "so it has no activation for every item")
+        db.query("AVG NEURONS IN act#2 USING FULL")
+    assert info.value.message == ("layer 'act#2' did not run in every batch of the profile "
+                                  "pass, though it ran in DiagQL's probe: it runs for some "
+                                  "batches only (a branch on the data, or a loop whose length "
+                                  "depends on the batch), so it has no activation for every "
+                                  "item")
+    with pytest.raises(ExecutionError, match="did not run in every batch of the profile pass"):
+        db.query("AVG NEURONS IN act#2 USING SAMPLE random(0.3)")
     assert not model._forward_hooks and not model.act._forward_hooks  # every hook removed
+
+
+class PaddedCell(nn.Module):
+    """A GRUCell stepped over the batch's padded length, its state kept where a step is
+    padding: the cell runs as many times as the batch's longest item has tokens."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb, self.cell = nn.Embedding(20, 6, padding_idx=0), nn.GRUCell(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        e = self.emb(input_ids)
+        h = torch.zeros(len(e), 8)
+        for t in range(e.shape[1]):
+            real = attention_mask[:, t:t + 1].float()
+            h = real * self.cell(e[:, t], h) + (1 - real) * h
+        return self.head(h)
+
+
+def test_a_cell_stepped_over_padding_is_refused_from_a_sample_as_from_every_item(tmp_path):
+    """The probe's first items are all 6 long, so it saw 6 calls; some batches run 4. A pass
+    over every item refused cell#5, and a sample answered it from its own batches, padded to
+    their longest item: values the model computes for a short item only beside longer ones
+    (CC1). Calls every batch makes answer, as torch gives them."""
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(1)
+    lengths = [6] * 3 + [2 + i % 7 for i in range(61)] + [4] * 96 + [2 + i % 5 for i in range(140)]
+    items = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(1, 20, (n,))
+        items.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                      "labels": i % 3})
+
+    def collate(batch):
+        width = max(len(item["input_ids"]) for item in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, item in enumerate(batch):
+            ids[row, :len(item["input_ids"])] = item["input_ids"]
+        return {"input_ids": ids, "attention_mask": (ids > 0).long(),
+                "labels": torch.tensor([item["labels"] for item in batch])}
+
+    model = PaddedCell().eval()
+    for _ in range(2):  # the second connection reads the profile from the disk cache
+        db = connect(model, DataLoader(items, batch_size=32, collate_fn=collate), tmp_path)
+        for source in ("", " USING SAMPLE random(0.3)"):
+            with pytest.raises(ExecutionError, match="'cell#5' did not run in every batch"):
+                db.query("AVG NEURONS IN cell#5" + source)
+    firsts = []  # each batch's first call of the cell
+    hook = model.cell.register_forward_hook(
+        lambda module, args, out: firsts.append(out) if len(firsts) < done[0] else None)
+    done = [0]
+    with torch.no_grad():
+        for start in range(0, len(items), 32):
+            done[0] += 1
+            batch = collate(items[start:start + 32])
+            model(batch["input_ids"], batch["attention_mask"])
+    hook.remove()
+    truth = torch.cat(firsts).double().mean(0).numpy()
+    np.testing.assert_allclose(db.query("AVG NEURONS IN cell#1").values, truth, atol=ATOL)
 
 
 class MoreInBigBatches(nn.Module):

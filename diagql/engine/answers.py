@@ -13,7 +13,7 @@ from diagql.engine import estimate
 from diagql.engine.aggregates import rank
 from diagql.engine.groups import key_order, shown_keys
 from diagql.engine.nonfinite import refuse
-from diagql.engine.planner import Plan
+from diagql.engine.planner import Plan, span_place
 from diagql.errors import NoMatchError
 from diagql.language.ast import predicate_text
 from diagql.results import metrics
@@ -38,11 +38,7 @@ def require_matches(plan: Plan) -> None:
 def where_place(statement) -> dict:
     """The error's place: the WHERE's predicate, so that a script's error says which statement
     and the caret underlines what matched nothing."""
-    span = getattr(getattr(statement, "where", None), "span", None)
-    if span is None:
-        return {}
-    return {"line": span.line, "column": span.column,
-            "end_column": span.end_column if span.end_line == span.line else None}
+    return span_place(getattr(getattr(statement, "where", None), "span", None))
 
 
 def assemble(plan: Plan, states: dict, baseline_states: dict | None, timings: dict) -> Result:

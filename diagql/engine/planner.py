@@ -18,10 +18,12 @@ from diagql.engine.nonfinite import NonFinite
 from diagql.engine.prediction import BlockPrediction, fit_rows
 from diagql.engine.regression import directions as pooled_directions
 from diagql.engine.ridge import RIDGE
+from diagql.errors import ExecutionError
 from diagql.language import ast
 from diagql.language.ast import predicate_text
 from diagql.language.binder import BoundQuery
 from diagql.model.auxiliaries import Rebuilt
+from diagql.model.hooks import SOME_BATCHES
 from diagql.model.profile import Profile
 from diagql.model.views import CHANNELS_LAST
 
@@ -177,6 +179,12 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     latent and logit rows are the query's model's own (docs/ARCHITECTURE.md, "Several
     models"), so that a query on those layers may read them instead of running the model."""
     query = bound.query
+    if rows_from_profile and bound.view.layer.name in profile.unran:
+        # A sample's batches hold other items together than a pass's: it had answered on
+        # values the model computed only beside longer items (a cell stepped over padding).
+        raise ExecutionError(f"layer {bound.view.layer.name!r} did not run in every batch "
+                             f"of the profile pass, though it ran in DiagQL's probe: "
+                             f"{SOME_BATCHES}", **span_place(query.layer.span))
     rows = profile.rows_of(bound.view.held_key) if rows_from_profile else None  # SIMILARITY
     winners = profile_winners(bound, profile) if rows_from_profile and rows is None else None
     mask = predicate_mask(query.where, profile)
@@ -329,6 +337,14 @@ def _plan(bound, profile, rows, items, keys, population, n_sample, spec, baselin
                 profile.seconds_per_item(pass_layers(bound)), population, baseline,
                 profile_rows=rows,
                 profile_what=what, profile_winners=winners, nonfinite=nonfinite)
+
+
+def span_place(span) -> dict:
+    """An error's place: a part of the statement (its layer's name, its WHERE), where given."""
+    if span is None:
+        return {}
+    return {"line": span.line, "column": span.column,
+            "end_column": span.end_column if span.end_line == span.line else None}
 
 
 def pass_layers(bound) -> tuple[str, ...]:

@@ -232,6 +232,11 @@ def hooked_call(modules, layer: str) -> tuple[str, int]:
     raise ExecutionError(f"the model has no layer {layer!r}")
 
 
+# Why a layer that did not run in some batch (a pass's, or the profile pass's) is refused.
+SOME_BATCHES = ("it runs for some batches only (a branch on the data, or a loop whose length "
+                "depends on the batch), so it has no activation for every item")
+
+
 class Hooks:
     """Forward hooks on named layers, each called with a ``ModuleCall``: the module's output,
     the key padding mask given to it or to a module around it (nn.TransformerEncoder and the
@@ -392,10 +397,8 @@ class Hooks:
                 detail = (f" (module {module!r} ran only {ran} time{'s' if ran != 1 else ''}"
                           f" in this batch)" if call and ran else "")
                 raise ExecutionError(f"layer {layer!r} did not run in a forward pass of the "
-                                     f"model{detail}, though it ran in DiagQL's probe: it runs "
-                                     f"for some batches only (a branch on the data, or a loop "
-                                     f"whose length depends on the batch), so it has no "
-                                     f"activation for every item")
+                                     f"model{detail}, though it ran in DiagQL's probe: "
+                                     f"{SOME_BATCHES}")
         for name in self.pre:
             if "<input of>" + name not in self.ran:
                 raise ExecutionError(f"layer {name!r} did not run in the model's forward pass")

@@ -53,6 +53,10 @@ class Profile:
     # Each layer's share of that pass when its output was ready, for the layers the pass
     # hooked (model/pass_clock.py): a query's pass stops after its layers.
     reached: dict = dataclasses.field(default_factory=dict)
+    # The layers the pass hooked that did not run in some batch of it (a loop over a padded
+    # length, a branch on the data): no activation for every item, so queries on them are
+    # refused before a pass, a sample's as a pass over every item is (engine/planner.py).
+    unran: tuple[str, ...] = ()
 
     def __repr__(self) -> str:  # its arrays' dataclass repr ran to 5-32 KB
         right = f", accuracy {np.mean(self.labels == self.predictions):.3f}" * self.has_labels
@@ -138,6 +142,7 @@ class Profile:
             arrays["pass_seconds"] = np.float64(self.pass_seconds)
         arrays["reached_layers"] = np.array(list(self.reached), dtype=np.str_)
         arrays["reached_shares"] = np.array(list(self.reached.values()), dtype=np.float64)
+        arrays["unran"] = np.array(list(self.unran), dtype=np.str_)
         arrays.update(aux.to_arrays(self.auxiliaries))  # their names: each has its own entry
         arrays.update(winners_module.to_arrays(self.winners))
         return arrays
@@ -160,6 +165,7 @@ class Profile:
             winners=winners_module.from_arrays(arrays, n_items),
             pass_seconds=float(arrays["pass_seconds"]) if "pass_seconds" in arrays else None,
             reached=_reached(arrays),
+            unran=tuple(str(layer) for layer in arrays.get("unran", ())),
             **_views(arrays["views"]))
         logits = profile.logits
         # A binary classifier's one logit per item scores two classes (``_logits``).

@@ -90,6 +90,8 @@ class ProfilePart:
     reached: dict[str, float] = dataclasses.field(default_factory=dict)
     # The layers that equalled a block's view on these items (the fit part's: fit_part).
     aliases: dict | None = None
+    # The hooked layers that did not run in some batch (Profile.unran).
+    unran: frozenset = frozenset()
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
@@ -126,6 +128,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     logits_kept = compare[2]
     position = 0
     has_labels = True
+    unran: set[str] = set()
     keeper = winners_module.WinnerKeeper(list(winners), n)
     checks = by_layer([*SameRows.callbacks_of(same_latent, same_logits).items(),
                        *(project.callbacks() if project is not None else {}).items(),
@@ -172,6 +175,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             if project is not None:
                 project.after_batch(len(idx))
             keeper.after_batch(len(idx))
+            unran.update(layer for layer in checks if layer not in compared.ran)
             clock.own += time.perf_counter() - after
             position += len(idx)
             advance(len(idx))
@@ -179,7 +183,8 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     return ProfilePart(labels if has_labels else None, predictions, confidence, latents,
                        classes_of(tuple(logits.shape[1:])), kept_logits, same_latent.keys(),
                        same_logits.keys() if logits_kept else (), winners=keeper.result(),
-                       pass_seconds=clock.seconds(), reached=clock.reached)
+                       pass_seconds=clock.seconds(), reached=clock.reached,
+                       unran=frozenset(unran))
 
 
 def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -253,7 +258,8 @@ def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfileP
                        parts[0].n_classes, logits, _in_every([p.latent_views for p in parts]),
                        _in_every([p.logit_views for p in parts]),
                        _in_all([p.z for p in parts], scatter),
-                       _in_all([p.winners for p in parts], scatter))
+                       _in_all([p.winners for p in parts], scatter),
+                       unran=frozenset().union(*(p.unran for p in parts)))
 
 
 def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,
@@ -291,7 +297,8 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
                    _join([part.latents for part in parts]), n_classes, layer, seconds,
                    has_labels, logits, latent_views,
                    _in_every([part.logit_views for part in parts]) if logits is not None else (),
-                   winners=winners)
+                   winners=winners, unran=tuple(sorted(frozenset().union(
+                       *(part.unran for part in parts)))))
 
 
 def _same_shapes(parts: list[ProfilePart]) -> None:
