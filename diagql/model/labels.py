@@ -108,12 +108,17 @@ def as_labels(y) -> np.ndarray:
         if y.shape[1] != 1:
             per_item = shape[1:]
             whole = y.dtype.kind in "iub" or bool(np.all(y == np.round(y)))
-            if whole and (y.min(initial=0) < 0 or y.max(initial=0) > 1):
-                # Class indices at every position (-100: Hugging Face's ignored ones).
+            if whole and (len(per_item) > 1 or y.min(initial=0) < 0 or y.max(initial=0) > 1):
+                # Class indices at every position (-100: Hugging Face's ignored ones), or a
+                # map of them (a segmentation's mask, 0/1 included: no one-hot has 2 axes).
+                where = ("one per pixel, as for segmentation" if len(per_item) > 1 else
+                         "one per token, as for token classification")
                 raise DiagQLError(f"labels must be one class index per item, got class indices "
-                                  f"of shape {per_item} per item (one per token, as for token "
-                                  f"classification): DiagQL compares one predicted class with "
-                                  f"one true class per item; give each item one label")
+                                  f"of shape {per_item} per item ({where}): DiagQL compares one "
+                                  f"predicted class with one true class per item; give each "
+                                  f"item one label (and, where the model scores every "
+                                  f"position, name one vector per item with scores=), or the "
+                                  f"data without labels, (X, None)")
             raise DiagQLError(f"labels must be one class index per item (or one-hot rows), got "
                               f"{y.shape[1]} values per item (labels of shape {per_item} per "
                               f"item) that are not one-hot: DiagQL compares one predicted class "
