@@ -342,6 +342,31 @@ def test_a_checkpoint_saved_again_is_read_again(tmp_path):
                                atol=1e-7)
 
 
+@pytest.mark.parametrize("given", ["module", "state_dict"])
+def test_a_checkpoint_given_in_memory_and_trained_on_is_read_again(given):
+    """A checkpoint given as a module or a state_dict had no stamp: after training it 20
+    steps further, WHERE incorrect kept 990 items where the truth was 27 (FF1)."""
+    model, (X, y) = _cnn(), _images()
+    older = _cnn(seed=1)
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=False,
+                        checkpoints={"e1": older if given == "module" else older.state_dict()})
+    db.query("AVG NEURONS IN e1.4 WHERE incorrect")
+    optimizer = torch.optim.SGD(older.parameters(), lr=0.5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(older.train()(X), y).backward()
+        optimizer.step()
+    older.eval()
+    with pytest.warns(DiagQLWarning, match="model 'e1' changed \\(its weights\\)"):
+        answer = db.query("AVG NEURONS IN e1.4 WHERE incorrect")
+    with torch.no_grad():
+        logits = older(X).double()
+    wrong = (logits.argmax(1) != y).numpy()
+    assert answer.n_items == int(wrong.sum())
+    np.testing.assert_allclose(answer.values, logits[wrong].mean(0).numpy(), rtol=1e-6,
+                               atol=1e-7)
+
+
 class _Counting(nn.Module):
     """Counts its calls in a buffer, as some models keep caches: its own writes are no change."""
 
@@ -618,6 +643,78 @@ def test_a_list_of_items_appended_to_or_cut_is_read_again():
     with pytest.warns(DiagQLWarning, match="the data changed"):
         answer = db.query("AVG NEURONS IN 1 WHERE class = 2")
     assert answer.n_items == int((y[:100] == 2).sum())
+
+
+@pytest.mark.parametrize("edit", ["in place", "replaced", "label", "nested"])
+def test_a_list_of_items_edited_without_a_change_of_length_is_read_again(edit):
+    """Only its length had been stamped: after x.mul_(5) on 100 items, the profile, the
+    inputs index and the samples stayed the old data's while a pass read the new (FF1)."""
+    model, X, y = _world()
+    nested = edit == "nested"
+    items = [(((X[i].clone(),),) if nested else X[i].clone(), int(y[i])) for i in range(300)]
+    if nested:
+        model = _FirstOfTuple(model)
+    at = "inner." if nested else ""
+    db = diagql.connect(model, items, progress=False, cache_dir=False)
+    db.query(f"TOPK 3 INPUTS FOR {at}0[0]")
+    db.query(f"AVG NEURONS IN {at}1 WHERE incorrect USING SAMPLE random(0.2)")
+    for i in range(100):
+        x, label = items[i]
+        if edit == "in place":
+            x.mul_(5)
+        elif edit == "replaced":
+            items[i] = (x * 5, label)
+        elif edit == "label":
+            items[i] = (x, 3 - label)
+        else:
+            x[0][0].mul_(5)
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query(f"AVG NEURONS IN {at}1 WHERE incorrect")
+    now = torch.stack([item[0][0][0] if nested else item[0] for item in items])
+    labels = torch.tensor([item[1] for item in items])
+    hidden, wrong = _truth(model.inner if nested else model, now, labels)
+    assert answer.n_items == int(wrong.sum())
+    np.testing.assert_allclose(answer.values, hidden[wrong.numpy()].mean(0).numpy(),
+                               rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        first = (model.inner if nested else model)[0](now)[:, 0]
+    assert db.query(f"TOPK 3 INPUTS FOR {at}0[0]").items.tolist() == \
+        first.argsort(descending=True, stable=True)[:3].tolist()
+
+
+def test_reading_the_profile_notices_a_change_and_never_caches_it_for_the_original(tmp_path):
+    """db.profile, read with no statement since a change in place, gave the old model's
+    predictions; or, computed then, was stored under the original weights' cache key, and a
+    later connection on the original weights read 1,833 wrong predictions of 2,000 (FF1)."""
+    model, X, y = _world()
+    original = {key: value.clone() for key, value in model.state_dict().items()}
+    db = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    db.query("DESCRIBE 1")  # the cache key's fingerprint taken, the profile not computed
+    with torch.no_grad():
+        model[2].bias.add_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+    with torch.no_grad():
+        assert db.profile.predictions.tolist() == model(X).argmax(1).tolist()
+    with torch.no_grad():
+        model[2].bias.sub_(torch.tensor([0.0, 5.0, 0.0, 0.0]))
+        changed = model(X).argmax(1).tolist()
+    with pytest.warns(DiagQLWarning, match="the model changed"):
+        assert db.profile.predictions.tolist() == changed
+    model.load_state_dict(original)
+    again = diagql.connect(model, (X, y), progress=False, cache_dir=tmp_path)
+    with torch.no_grad():
+        assert again.profile.predictions.tolist() == model(X).argmax(1).tolist()
+    assert db.layers == again.layers and db.n_classes == 4
+
+
+class _FirstOfTuple(nn.Module):
+    """A model of nested inputs, ((x,),): the list's items are (((x,),), label)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, pair):
+        return self.inner(pair[0])
 
 
 class _Growing(torch.utils.data.Dataset):

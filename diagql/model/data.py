@@ -420,3 +420,9 @@ def _is_text(value) -> bool:
         return value.dtype.kind in "US" or (value.dtype.kind == "O" and len(value) > 0
                                               and isinstance(value.flat[0], str))
     return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], str)
+
+
+def listed_items(source: ItemSource) -> list | tuple | None:
+    """The items, where the data is a Python list (or tuple) of them, a loader's included:
+    what session/changes.py stamps item by item, since they hold no tensor in common."""
+    return source._dataset if isinstance(source._dataset, (list, tuple)) else None

@@ -16,7 +16,8 @@ connects again. The data's bytes are hashed whole up to FULL_BYTES, and beyond i
 1 MB of evenly spread pieces (storage/sampled.py: about 0.3 ms at any size), which sees a
 wholesale write through numpy or ``.data`` (scaling, normalising, shuffling the rows) but
 not an edit of a few elements; its length and its parts' are stamped too (a list of items
-appended to). A forward hook that can change outputs (an ablation's:
+appended to), and a list's items one by one (replaced, or their tensors written in place). A
+checkpoint given in memory is stamped as its tensors, one in a file by the file's time and size. A forward hook that can change outputs (an ablation's:
 storage/hook_effects.py) is part of the stamp, at any size; one that counts or records calls
 is instrumentation and is not.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import threading
 import types
 from collections.abc import Iterator, Mapping
 
@@ -34,7 +36,7 @@ from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader, default_collate
 
 from diagql.errors import DiagQLError, warn
-from diagql.model.data import ItemSource
+from diagql.model.data import ItemSource, listed_items
 from diagql.model.forward import FORWARDS
 from diagql.session.inputs import forget_indices
 from diagql.session.serial import STATEMENTS
@@ -44,6 +46,8 @@ from diagql.storage.sampled import SAMPLE_BYTES, sampled_digest
 
 FULL_BYTES = 32 * 1024 ** 2  # hashed whole before each statement: about 5 ms at most
 MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms)
+LISTED_ITEMS = 100_000  # a list of items' items stamped one by one before each statement
+SCALARS = (int, float, str, bool, type(None))
 
 
 def tensor_stamp(tensors) -> tuple:
@@ -113,7 +117,7 @@ def notice_changes(conn) -> None:
             model_stamp(entry.architecture())
         changed = entry.stamp is not None and stamp != entry.stamp
         if changed:
-            what = ("its checkpoint file" if stamp[0] != entry.stamp[0] else
+            what = (_weights_changed(entry) if stamp[0] != entry.stamp[0] else
                     "the final model's hooks, which it runs with") if entry.is_checkpoint \
                 else "its hooks" if _only_hooks(stamp, entry.stamp) else \
                 "its weights, modules or the values its code reads"
@@ -183,10 +187,29 @@ def watching(conn):
     passes' taken as read after (when it ran the model at all)."""
     with STATEMENTS:
         forwards = _begin(conn)
+        _SPANS.depth = getattr(_SPANS, "depth", 0) + 1
         try:
             yield
         finally:
+            _SPANS.depth -= 1
             _taken(conn, forwards)
+
+
+@contextlib.contextmanager
+def reading(conn):
+    """A read of what the connection derives (``db.profile``, ``db.catalog``): a span of its
+    own when no statement of this thread is running, so that a change since the last is
+    noticed first. Unwatched, the profile of a model changed in place had been computed and
+    stored under the original weights' cache key, which a later process read (FF1)."""
+    if getattr(_SPANS, "depth", 0):
+        yield
+        return
+    with watching(conn):
+        yield
+
+
+# Each thread's statements' spans now open (``watching``): reads within one are its own.
+_SPANS = threading.local()
 
 
 def stepped(conn, outcomes: Iterator) -> Iterator:
@@ -288,7 +311,55 @@ def data_stamp(conn) -> tuple:
         arrays = [*arrays, *_lists_as_arrays(conn.data)]
     return tensor_stamp(tensors), _lengths(conn.data), \
         sampled_digest([*tensors, *arrays], budget=None if size <= FULL_BYTES else SAMPLE_BYTES), \
-        _item_code(conn.data)
+        _items_stamp(listed_items(conn.source)), _item_code(conn.data)
+
+
+def _items_stamp(items) -> tuple | None:
+    """A list of items' stamp: each item's identity, its tensors' identities and version
+    counters, and its numbers (a label), so that an item replaced, or one's tensor written in
+    place (``x.mul_``), is seen, as a pair's tensors are; up to LISTED_ITEMS of them, spread
+    over a longer list. Read a column at a time where the items are alike (about 15 ms for
+    50,000 (x, label) items), else item by item. None for data in another form."""
+    if items is None:
+        return None
+    if len(items) > LISTED_ITEMS:
+        items = [items[i] for i in np.linspace(0, len(items) - 1, LISTED_ITEMS).astype(int)]
+    try:
+        return tuple(_column_stamp(items))
+    except (AttributeError, KeyError, IndexError, TypeError, RuntimeError):
+        # Items unlike the first (other keys, a tensor where the first has a number), or
+        # inference tensors, which keep no version counter.
+        return tuple((id(item), *_parts_stamp(item)) for item in items)
+
+
+def _column_stamp(values: list) -> list:
+    """One part of every item (``values``): numbers as they are, tensors' identities and
+    versions, a tuple's or mapping's parts column by column."""
+    if all(type(value) in SCALARS for value in values):
+        return [tuple(values)]
+    stamp = [tuple(map(id, values))]
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return [*stamp, tuple(value._version for value in values)]
+    keys = list(first) if isinstance(first, Mapping) else range(len(first)) \
+        if isinstance(first, (tuple, list)) else ()
+    for key in keys:
+        stamp += _column_stamp([value[key] for value in values])
+    return stamp
+
+
+def _parts_stamp(item) -> tuple:
+    parts = item.values() if isinstance(item, Mapping) else \
+        item if isinstance(item, (tuple, list)) else (item,)
+    stamp = []
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            stamp.append((id(part), _version(part)))
+        elif isinstance(part, (tuple, list, Mapping)):  # ((x1, x2), y): the inputs' tensors
+            stamp.append(_parts_stamp(part))
+        elif type(part) in SCALARS:
+            stamp.append(part)
+    return tuple(stamp)
 
 
 def _item_code(data) -> str | None:
@@ -359,14 +430,23 @@ def _length(value) -> int | None:
         return None
 
 
+def _weights_changed(entry) -> str:
+    return "its weights" if isinstance(entry.weights, Mapping) else "its checkpoint file"
+
+
 def _checkpoint_stamp(entry, finals: dict) -> tuple:
-    """A checkpoint file's modification time and size (a training job saves it again), and
+    """A checkpoint file's modification time and size (a training job saves it again), or a
+    state_dict's tensors' stamp (a module given as a checkpoint: its state_dict), and
     the final model's hooks, which its copy runs with (session/checkpoints.py); ``finals``
     keeps each final model's digest for the statement's other checkpoints."""
     final = entry.slot.final
     if id(final) not in finals:
         finals[id(final)] = hooks_digest(final)
     hooks = finals[id(final)]
+    if isinstance(entry.weights, Mapping):  # a state_dict, or a module's (sharing its
+        # parameters' storage and version counters): trained on, or loaded into, in place
+        return tensor_stamp([t for t in entry.weights.values() if isinstance(t, torch.Tensor)]), \
+            hooks
     if not isinstance(entry.weights, (str, os.PathLike)):
         return None, hooks
     try:

@@ -22,14 +22,12 @@ from diagql.language.binder import bind_sampler, qualify_layer
 from diagql.language.parser import parse, parse_sampler
 from diagql.model.data import ItemSource, dataset_indices, loader_batch_size
 from diagql.model.hooks import hookable
-from diagql.model.layers import LayerCatalog
-from diagql.model.profile import Profile
 from diagql.model.scores import Scores, problem_type
 from diagql.progress import Progress, import_rich
 from diagql.results.result import Result
 from diagql.session import scripts
 from diagql.session.artifacts import Artifacts, latent_view
-from diagql.session.changes import notice_changes, watching
+from diagql.session.changes import notice_changes, reading, watching
 from diagql.session.checkpoints import FINAL, CheckpointSlot, check_name, checkpoint_specs
 from diagql.session.class_names import checked, name_classes, resolved
 from diagql.session.models import ModelEntry, model_dtype, sampler_model, unknown_model
@@ -150,6 +148,23 @@ def _not_copied(connection) -> None:
     raise DiagQLError("a Connection holds this process's model, hooks, caches and locks, so it "
                       "is not pickled or copied: pickle its Results (plain data), or connect "
                       "again where you need one")
+
+
+class _Read:
+    """A Connection's read of what its default model derives (``db.profile``), which notices
+    changes in place first, as a statement does (session/changes.py, ``reading``)."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, conn, owner=None):
+        if conn is None:
+            return self
+        with reading(conn):
+            return getattr(conn.current, self.name)
 
 
 class Connection:
@@ -279,24 +294,12 @@ class Connection:
 
     # --- what can be queried ------------------------------------------------------------------
 
-    @property
-    def catalog(self) -> LayerCatalog:
-        return self.current.catalog
-
-    @property
-    def layers(self) -> list[str]:
-        """Qualified names of the modules a query can name, in registration order."""
-        return self.current.layers
-
-    @property
-    def n_classes(self) -> int:
-        return self.current.n_classes
-
-    @property
-    def profile(self) -> Profile:
-        """Labels, predictions, confidence and latents of every item: one pass, then reused
-        (from memory, else from the disk cache, else computed and stored there)."""
-        return self.current.profile
+    catalog = _Read("The default model's LayerCatalog.")
+    layers = _Read("Qualified names of the modules a query can name, in registration order.")
+    n_classes = _Read("The number of classes the default model scores.")
+    profile = _Read("Labels, predictions, confidence and latents of every item: one pass, then "
+                    "reused (from memory, else from the disk cache, else computed and stored "
+                    "there).")
 
     def require_model(self) -> None:
         if not self.models:
