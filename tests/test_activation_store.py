@@ -263,3 +263,23 @@ def test_parts_appended_twice_are_read_once_each():
     got = {int(i): float(r[0]) for items, rows in kept for i, r in zip(items, rows)}
     assert sum(len(items) for items, _ in kept) == len(got) == len(first)
     assert got == {item: item + number / 1000 for item, number in first.items()}
+
+
+def test_an_exact_query_reads_the_rows_a_sample_kept_and_sends_the_rest(cnn, digits):
+    """A FULL after a sample (or UNTIL's exact answer after its rounds) sent every item again;
+    it now reduces the kept rows and passes only the others, with the same answer."""
+    X, y = digits
+    X, y = X[:600], y[:600]
+    conn = diagql.connect(cnn, (X, y), cache_dir=False, batch_size=64, progress=False)
+    first = conn.query("AVG NEURONS IN 2 WHERE class = 3 USING FULL")
+    sample = conn.query("AVG NEURONS IN 2 USING SAMPLE random(0.3, random_state=2)")
+    kept = conn.sample("random(0.3, random_state=2)")
+    before = conn.counters["items"]
+    again = conn.query("AVG NEURONS IN 2 WHERE class = 3 USING FULL")
+    matching = np.flatnonzero(y.numpy() == 3)
+    assert conn.counters["items"] - before == len(np.setdiff1d(matching, kept))
+    with torch.no_grad():
+        truth = cnn[:3](X[matching]).flatten(1).double().numpy().mean(axis=0)
+    np.testing.assert_allclose(again.values, truth, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(again.values, first.values, rtol=1e-12, atol=1e-15)
+    assert sample.n_items == len(kept)

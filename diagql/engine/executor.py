@@ -206,10 +206,19 @@ class Runner:
         reuses them."""
         if plan.from_profile:
             return self._from_profile(plan)
-        store = self.activations if plan.approximate else None
-        if store is None:
+        store = self.activations
+        if store is None or not (plan.approximate or store.held(plan.bound.view, plan.items)):
             reducer = Reducer(plan)
             self.run([reducer], description)
+            reducer.check()
+            return reducer.states
+        if not plan.approximate:
+            # An exact answer over items some of whose rows a sample kept (UNTIL's rounds
+            # before "exact cheaper", a FULL after a sample): those are read back, the rest
+            # pass, none kept (only samples are); the merged states are the same sums.
+            cached, fresh = self._split(plan)
+            self.run([fresh], description)
+            reducer = cached.merge(fresh)
             reducer.check()
             return reducer.states
         known = store.reduced(plan)
