@@ -164,12 +164,6 @@ class Collector:
         return self
 
 
-def row_dtype(torch_dtype: torch.dtype) -> np.dtype:
-    """What cached rows are stored in: float64 for float64 models, else float32 (exact for
-    float32, float16 and bfloat16 outputs)."""
-    return np.dtype(np.float64) if torch_dtype == torch.float64 else np.dtype(np.float32)
-
-
 class Runner:
     """Everything a forward pass needs from the connection."""
 
@@ -212,22 +206,16 @@ class Runner:
             self.run([reducer], description)
             reducer.check()
             return reducer.states
-        if not plan.approximate:
-            # An exact answer over items some of whose rows a sample kept (UNTIL's rounds
-            # before "exact cheaper", a FULL after a sample): those are read back, the rest
-            # pass, none kept (only samples are); the merged states are the same sums.
-            cached, fresh = self._split(plan)
-            self.run([fresh], description)
-            reducer = cached.merge(fresh)
-            reducer.check()
-            return reducer.states
-        known = store.reduced(plan)
+        # An exact answer over items some of whose rows a sample kept (UNTIL's rounds before
+        # "exact cheaper", a FULL after a sample) reads those back and passes the rest,
+        # keeping none (only samples are): the merged states are the same sums.
+        known = store.reduced(plan) if plan.approximate else None
         if known is not None:
             return known
         cached, fresh = self._split(plan)
         view = plan.bound.view
         collectors = []
-        if len(fresh.wanted) and store.fits(view, plan.items):
+        if plan.approximate and len(fresh.wanted) and store.fits(view, plan.items):
             collectors.append(Collector(view, fresh.wanted, store.dtype))
         per_item = None
         try:
@@ -238,7 +226,8 @@ class Runner:
         reducer = cached.merge(fresh)
         reducer.check()
         states = reducer.states
-        store.remember(plan, states)
+        if plan.approximate:
+            store.remember(plan, states)
         return states
 
     def _from_profile(self, plan: Plan) -> dict:

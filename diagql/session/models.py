@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from diagql.engine.executor import Runner, row_dtype
+from diagql.engine.executor import Runner
 from diagql.errors import BindError, DiagQLError, DiagQLWarning
 from diagql.language import ast
 from diagql.model.layers import LayerCatalog
@@ -21,7 +21,7 @@ from diagql.model.weights import LOADED_FROM
 from diagql.session.artifacts import Artifacts
 from diagql.session.checkpoints import CheckpointSlot, describe_weights
 from diagql.session.serial import STATEMENTS
-from diagql.storage.activations import ActivationStore
+from diagql.storage.activations import ActivationStore, row_dtype
 from diagql.storage.fingerprint import Unfingerprintable, data_fingerprint
 
 

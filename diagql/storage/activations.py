@@ -37,6 +37,12 @@ REDUCED_KEPT = 64  # aggregate states of recent sample queries, kept for reuse
 MAX_PARTS = 8  # parts of a view's entry before they are merged into one
 
 
+def row_dtype(torch_dtype) -> np.dtype:
+    """What rows are kept in: float64 for float64 models, else float32 (exact for float32,
+    float16 and bfloat16 outputs)."""
+    return np.dtype(np.float64) if str(torch_dtype) == "torch.float64" else np.dtype(np.float32)
+
+
 def _reduction_key(plan) -> tuple:
     """What decides a sample query's aggregate states: the view (the layer and its tokens'
     reduction), the unit, the kind of state, the grouping and the exact items (their digest)."""
