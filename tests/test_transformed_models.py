@@ -101,15 +101,17 @@ def test_a_dynamically_quantized_head_is_still_the_final_linear_layer():
                                atol=1e-6)
 
 
-def test_a_model_on_the_meta_device_is_refused_until_it_has_weights():
+@pytest.mark.parametrize("latent", [None, "1"])
+def test_a_model_on_the_meta_device_is_refused_until_it_has_weights(latent):
     """torch's own error named an operator with no meta kernel; loading the weights after
-    connecting is a way too."""
+    connecting is a way too, a latent named to connect included (its bind at connect had
+    run the meta model: GG2)."""
     torch.manual_seed(0)
     real = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, K)).eval()
     with torch.device("meta"):
         empty = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, K)).eval()
     X, y = _data()
-    db = diagql.connect(empty, (X, y), cache_dir=False, progress=False)
+    db = diagql.connect(empty, (X, y), cache_dir=False, progress=False, latent=latent)
     with pytest.raises(DiagQLError, match=r"the model is on the meta device, without values "
                                           r"\('0.weight' has none\): load its weights first"):
         db.query("SHOW LAYERS")

@@ -151,11 +151,13 @@ def _not_copied(connection) -> None:
 
 
 class _Read:
-    """A Connection's read of what its default model derives (``db.profile``), which notices
-    changes in place first, as a statement does (session/changes.py, ``reading``)."""
+    """A Connection's read of what its default model derives (``db.profile``): as last
+    derived where it is held (a statement notices changes in place), else derived in a
+    statement's span of its own, which notices them first (session/changes.py, ``reading``):
+    derived unwatched, the changed model's profile was stored under the original's key."""
 
-    def __init__(self, doc: str):
-        self.__doc__ = doc
+    def __init__(self, doc: str, held: str = "catalog"):
+        self.__doc__, self.held = doc, held
 
     def __set_name__(self, owner, name: str) -> None:
         self.name = name
@@ -163,6 +165,8 @@ class _Read:
     def __get__(self, conn, owner=None):
         if conn is None:
             return self
+        if conn.models and getattr(conn.current.artifacts, self.held) is not None:
+            return getattr(conn.current, self.name)  # no stamps: a loop of reads stays cheap
         with reading(conn):
             return getattr(conn.current, self.name)
 
@@ -238,8 +242,8 @@ class Connection:
         _say_of(module, "the " + what if name == DEFAULT else what, self.given_scores)
         self.models[name] = ModelEntry(self, name, module, device=device,
                                        dtype=model_dtype(module), latent=latent)
-        if latent is not None:  # refused here, as SET latent is, not at the first sample
-            latent_view(latent, self.models[name].catalog)
+        if latent is not None and not any(p.is_meta for p in module.parameters()):
+            latent_view(latent, self.models[name].catalog)  # refused here, as SET latent is
 
     @classmethod
     def detached(cls, cache_dir=None, cache_limit=None) -> "Connection":
@@ -299,7 +303,7 @@ class Connection:
     n_classes = _Read("The number of classes the default model scores.")
     profile = _Read("Labels, predictions, confidence and latents of every item: one pass, then "
                     "reused (from memory, else from the disk cache, else computed and stored "
-                    "there).")
+                    "there).", held="profile")
 
     def require_model(self) -> None:
         if not self.models:
