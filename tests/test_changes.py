@@ -342,20 +342,28 @@ def test_a_checkpoint_saved_again_is_read_again(tmp_path):
                                atol=1e-7)
 
 
-@pytest.mark.parametrize("given", ["module", "state_dict"])
-def test_a_checkpoint_given_in_memory_and_trained_on_is_read_again(given):
+@pytest.mark.parametrize("given, change", [("module", "trained"), ("state_dict", "trained"),
+                                           ("module", "assigned"), ("module", "replaced")])
+def test_a_checkpoint_given_in_memory_and_changed_is_read_again(given, change):
     """A checkpoint given as a module or a state_dict had no stamp: after training it 20
-    steps further, WHERE incorrect kept 990 items where the truth was 27 (FF1)."""
+    steps further, WHERE incorrect kept 990 items where the truth was 27 (FF1); a module's
+    state_dict, taken at connect, missed weights loaded with assign=True or a layer
+    replaced (GG2)."""
     model, (X, y) = _cnn(), _images()
     older = _cnn(seed=1)
     db = diagql.connect(model, (X, y), progress=False, cache_dir=False,
                         checkpoints={"e1": older if given == "module" else older.state_dict()})
     db.query("AVG NEURONS IN e1.4 WHERE incorrect")
-    optimizer = torch.optim.SGD(older.parameters(), lr=0.5)
-    for _ in range(5):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(older.train()(X), y).backward()
-        optimizer.step()
+    if change == "trained":
+        optimizer = torch.optim.SGD(older.parameters(), lr=0.5)
+        for _ in range(5):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(older.train()(X), y).backward()
+            optimizer.step()
+    elif change == "assigned":
+        older.load_state_dict(_cnn(seed=3).state_dict(), assign=True)
+    else:
+        older[4] = _cnn(seed=4)[4]
     older.eval()
     with pytest.warns(DiagQLWarning, match="model 'e1' changed \\(its weights\\)"):
         answer = db.query("AVG NEURONS IN e1.4 WHERE incorrect")
@@ -707,6 +715,31 @@ def test_reading_the_profile_notices_a_change_and_never_caches_it_for_the_origin
     with torch.no_grad():
         assert again.profile.predictions.tolist() == model(X).argmax(1).tolist()
     assert db.layers == again.layers and db.n_classes == 4
+
+
+def test_a_collate_that_writes_a_lists_items_in_place_is_no_change_of_the_users():
+    """A collate_fn clamping each item's tensor in place bumped its version in every pass, so
+    each statement said the data changed and derived the profile again (GG2)."""
+    from torch.utils.data import DataLoader, default_collate
+
+    model, X, y = _world()
+    items = [(X[i].clone(), int(y[i])) for i in range(200)]
+
+    def clamping(batch):
+        for x, _ in batch:
+            x.clamp_(-1.5, 1.5)
+        return default_collate(batch)
+
+    db = diagql.connect(model, DataLoader(items, batch_size=50, collate_fn=clamping),
+                        progress=False, cache_dir=False)
+    db.query("AVG NEURONS IN 1 WHERE incorrect")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagQLWarning)
+        answer = db.query("AVG NEURONS IN 1 WHERE incorrect")
+        db.query("AVG NEURONS IN 1 WHERE incorrect USING SAMPLE random(0.5)")
+    hidden, wrong = _truth(model, X[:200].clamp(-1.5, 1.5), y[:200])
+    np.testing.assert_allclose(answer.values, hidden[wrong.numpy()].mean(0).numpy(),
+                               rtol=1e-6, atol=1e-7)
 
 
 class _FirstOfTuple(nn.Module):

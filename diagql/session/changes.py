@@ -57,10 +57,9 @@ def tensor_stamp(tensors) -> tuple:
 def _version(t) -> int:
     """Its version counter; -1 for an inference tensor (made under torch.inference_mode),
     which keeps none (and cannot be written outside inference mode)."""
-    try:
-        return t._version
-    except RuntimeError:
+    if t.is_inference():  # asked, not tried: an exception an item cost 1 s in 100,000
         return -1
+    return t._version
 
 
 def _pointer(t) -> int:
@@ -278,9 +277,12 @@ def after_statement(conn) -> None:
         if not entry.is_checkpoint and entry.stamp is not None:
             entry.stamp = model_stamp(entry.architecture())
     # Likewise what the code that makes the items wrote (a collate_fn counting its calls into
-    # a list it closes over had made every statement read the data again).
-    if conn.data_stamp is not None and conn.data_stamp[-1] is not None:
-        conn.data_stamp = (*conn.data_stamp[:-1], _item_code(conn.data))
+    # a list it closes over, or clamping a list's items in place, had made every statement
+    # read the data again).
+    if conn.data_stamp is not None and (conn.data_stamp[-1] is not None or
+                                        conn.data_stamp[-2] is not None):
+        conn.data_stamp = (*conn.data_stamp[:-2], _items_stamp(listed_items(conn.source)),
+                           _item_code(conn.data))
 
 
 def _bytes(tensors: list, arrays: tuple = ()) -> int:
@@ -319,28 +321,31 @@ def _items_stamp(items) -> tuple | None:
     counters, and its numbers (a label), so that an item replaced, or one's tensor written in
     place (``x.mul_``), is seen, as a pair's tensors are; up to LISTED_ITEMS of them, spread
     over a longer list. Read a column at a time where the items are alike (about 15 ms for
-    50,000 (x, label) items), else item by item. None for data in another form."""
+    50,000 (x, label) items), else item by item. A numpy array or a Python list inside an
+    item is stamped by identity (and a list by length): its values are not read, which at
+    64 token ids an item cost 0.4 s a statement. None for data in another form."""
     if items is None:
         return None
     if len(items) > LISTED_ITEMS:
         items = [items[i] for i in np.linspace(0, len(items) - 1, LISTED_ITEMS).astype(int)]
     try:
-        return tuple(_column_stamp(items))
-    except (AttributeError, KeyError, IndexError, TypeError, RuntimeError):
-        # Items unlike the first (other keys, a tensor where the first has a number), or
-        # inference tensors, which keep no version counter.
+        return tuple(_column_stamp(items, top=True))
+    except (AttributeError, KeyError, IndexError, TypeError):
+        # Items unlike the first (other keys, a tensor where the first has a number).
         return tuple((id(item), *_parts_stamp(item)) for item in items)
 
 
-def _column_stamp(values: list) -> list:
+def _column_stamp(values: list, top: bool = False) -> list:
     """One part of every item (``values``): numbers as they are, tensors' identities and
-    versions, a tuple's or mapping's parts column by column."""
+    versions, a tuple's or mapping's parts column by column (the item's own list too)."""
     if all(type(value) in SCALARS for value in values):
         return [tuple(values)]
     stamp = [tuple(map(id, values))]
     first = values[0]
     if isinstance(first, torch.Tensor):
-        return [*stamp, tuple(value._version for value in values)]
+        return [*stamp, tuple(map(_version, values))]
+    if isinstance(first, list) and not top:
+        return [*stamp, tuple(map(len, values))]
     keys = list(first) if isinstance(first, Mapping) else range(len(first)) \
         if isinstance(first, (tuple, list)) else ()
     for key in keys:
@@ -348,17 +353,19 @@ def _column_stamp(values: list) -> list:
     return stamp
 
 
-def _parts_stamp(item) -> tuple:
+def _parts_stamp(item, top: bool = True) -> tuple:
     parts = item.values() if isinstance(item, Mapping) else \
-        item if isinstance(item, (tuple, list)) else (item,)
+        item if isinstance(item, tuple) or (top and isinstance(item, list)) else (item,)
     stamp = []
     for part in parts:
         if isinstance(part, torch.Tensor):
             stamp.append((id(part), _version(part)))
-        elif isinstance(part, (tuple, list, Mapping)):  # ((x1, x2), y): the inputs' tensors
-            stamp.append(_parts_stamp(part))
+        elif isinstance(part, (tuple, Mapping)):  # ((x1, x2), y): the inputs' tensors
+            stamp.append(_parts_stamp(part, top=False))
         elif type(part) in SCALARS:
             stamp.append(part)
+        else:  # a list of token ids, an array: by identity (and length)
+            stamp.append((id(part), _length(part)))
     return tuple(stamp)
 
 
@@ -431,20 +438,22 @@ def _length(value) -> int | None:
 
 
 def _weights_changed(entry) -> str:
-    return "its weights" if isinstance(entry.weights, Mapping) else "its checkpoint file"
+    return "its checkpoint file" if isinstance(entry.weights, (str, os.PathLike)) else \
+        "its weights"
 
 
 def _checkpoint_stamp(entry, finals: dict) -> tuple:
-    """A checkpoint file's modification time and size (a training job saves it again), or a
-    state_dict's tensors' stamp (a module given as a checkpoint: its state_dict), and
+    """A checkpoint file's modification time and size (a training job saves it again), a
+    module's stamp (as a model's), or a state_dict's tensors' stamp, and
     the final model's hooks, which its copy runs with (session/checkpoints.py); ``finals``
     keeps each final model's digest for the statement's other checkpoints."""
     final = entry.slot.final
     if id(final) not in finals:
         finals[id(final)] = hooks_digest(final)
     hooks = finals[id(final)]
-    if isinstance(entry.weights, Mapping):  # a state_dict, or a module's (sharing its
-        # parameters' storage and version counters): trained on, or loaded into, in place
+    if isinstance(entry.weights, torch.nn.Module):  # trained, loaded, given new parameters
+        return model_stamp(entry.weights), hooks
+    if isinstance(entry.weights, Mapping):  # a state_dict, trained on or loaded into in place
         return tensor_stamp([t for t in entry.weights.values() if isinstance(t, torch.Tensor)]), \
             hooks
     if not isinstance(entry.weights, (str, os.PathLike)):

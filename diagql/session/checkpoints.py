@@ -68,9 +68,9 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
     if not specs:
         raise DiagQLError("checkpoints= names no checkpoint")
     for name, value in list(specs.items()):
-        if isinstance(value, nn.Module):  # a model of the same architecture: its weights
-            specs[name] = value = value.state_dict()
-        if not isinstance(value, (str, Path, Mapping)):
+        # A model of the same architecture: its weights, read at each load (a module trained
+        # or given new parameters after connect is read as it is then: changes.py stamps it).
+        if not isinstance(value, (str, Path, Mapping, nn.Module)):
             raise DiagQLError(f"checkpoint {name!r} is {type(value).__name__}: give a path to a "
                               f"saved state_dict, a state_dict, or a model holding the weights")
         # Loaded lazily, one at a time: a path that is not there would otherwise fail every
@@ -86,7 +86,8 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
 
 
 def describe_weights(weights) -> str:
-    return str(weights) if isinstance(weights, (str, Path)) else "a state_dict"
+    return str(weights) if isinstance(weights, (str, Path)) else \
+        "a module" if isinstance(weights, nn.Module) else "a state_dict"
 
 
 class CheckpointSlot:
@@ -130,7 +131,8 @@ class CheckpointSlot:
         copy_[0] = None  # a load that fails half way leaves no checkpoint's weights whole
         label = f"checkpoint {name!r} ({describe_weights(weights)})"
         state = read_state(weights, label) if isinstance(weights, (str, Path)) else \
-            unwrap_state(weights, label)
+            unwrap_state(weights.state_dict() if isinstance(weights, nn.Module) else weights,
+                         label)
         load_state(copy_[1], state, label)
         del state  # the only reference: a file's mapped tensors go with it
         copy_[0] = name
