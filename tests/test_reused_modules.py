@@ -702,6 +702,18 @@ def test_a_cell_stepped_over_padding_is_refused_from_a_sample_as_from_every_item
         for source in ("", " USING SAMPLE random(0.3)"):
             with pytest.raises(ExecutionError, match="'cell#5' did not run in every batch"):
                 db.query("AVG NEURONS IN cell#5" + source)
+    # Another model's layer, sampled on the default model's profile: a checkpoint's is known
+    # from its final model's (one architecture), another model's once its profile is held.
+    other = PaddedCell().eval()
+    db = connect({"a": model, "b": other},
+                 DataLoader(items, batch_size=32, collate_fn=collate))
+    db.models["b"].profile  # noqa: B018 - held, as a query on b's predictions would hold it
+    with pytest.raises(ExecutionError, match="'cell#5' did not run in every batch"):
+        db.query("AVG NEURONS IN b.cell#5 USING SAMPLE random(0.3)")
+    db = diagql.connect(model, DataLoader(items, batch_size=32, collate_fn=collate),
+                        checkpoints={"e1": other.state_dict()}, cache_dir=False, progress=False)
+    with pytest.raises(ExecutionError, match="'cell#5' did not run in every batch"):
+        db.query("AVG NEURONS IN e1.cell#5 USING SAMPLE random(0.3)")
     firsts = []  # each batch's first call of the cell
     hook = model.cell.register_forward_hook(
         lambda module, args, out: firsts.append(out) if len(firsts) < done[0] else None)

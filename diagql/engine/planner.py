@@ -174,12 +174,16 @@ class Plan:
 
 def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                sampler_spec: str | None, estimator: str | None = "assisted", *,
-               rows_from_profile: bool = True) -> Plan:
+               rows_from_profile: bool = True, unran: tuple | None = None) -> Plan:
     """The plan of a bound query on ``profile``. ``rows_from_profile``: whether the profile's
     latent and logit rows are the query's model's own (docs/ARCHITECTURE.md, "Several
-    models"), so that a query on those layers may read them instead of running the model."""
+    models"), so that a query on those layers may read them instead of running the model.
+    ``unran``: the layers of the query's model that did not run in some batch of a profile
+    pass, where known (None: ``profile``'s, when it is the model's own)."""
     query = bound.query
-    if rows_from_profile and bound.view.layer.name in profile.unran:
+    if unran is None:
+        unran = profile.unran if rows_from_profile else ()
+    if bound.view.layer.name in unran:
         # A sample's batches hold other items together than a pass's: it had answered on
         # values the model computed only beside longer items (a cell stepped over padding).
         raise ExecutionError(f"layer {bound.view.layer.name!r} did not run in every batch "

@@ -82,7 +82,8 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, src.drawn_on),
-                      conn.settings.estimator, rows_from_profile=src.own)
+                      conn.settings.estimator, rows_from_profile=src.own,
+                      unran=_unran(src, profile))
     plan = _named(plan, _names(conn), choice=choice, unchecked=unchecked)
     return plan, {"bind": bound_at - started, "profile": probe_seconds + profiled_at - bound_at,
                   "sample": sample_seconds + chosen_seconds,
@@ -131,6 +132,22 @@ def sources(conn, query: ast.Query) -> Sources:
     # all the data.
     reader = entry if reads_predictions(query) else sampling
     return Sources(query, entry, sampling, drawn_on, reader)
+
+
+def _unran(src: Sources, profile) -> tuple:
+    """The layers of the query's model that did not run in some batch of a profile pass
+    (``Profile.unran``): its own profile's, planning the query or held; for a checkpoint
+    planned on its final model's, that one's (one architecture: a loop over the padded length
+    runs as often whatever the weights); none known otherwise (another model's profile
+    computed only for this would cost the pass a sample saves)."""
+    if src.own:
+        return profile.unran
+    held = src.entry.artifacts.profile
+    if held is not None:
+        return held.unran
+    if src.entry.is_checkpoint and src.reader.architecture() is src.entry.architecture():
+        return profile.unran
+    return ()
 
 
 def _reader_profile(src: Sources) -> tuple:
