@@ -238,8 +238,10 @@ def test_scores_without_a_row_per_item_are_refused(post, scores, says):
 
 
 @pytest.mark.parametrize("kind, says", [
-    ("regression", "problem_type='regression': DiagQL reads its outputs as class scores"),
+    ("regression", "the config of the model says problem_type='regression': DiagQL reads its "
+                   "outputs as class scores"),
     ("multi_label_classification", "not a sigmoid per label; to diagnose one label k"),
+    (None, "has one label and no problem_type, which transformers trains as a regression"),
 ])
 def test_a_hugging_face_config_of_no_single_class_is_warned_of(kind, says):
     """transformers' config.problem_type says the outputs are a regression's or a sigmoid per
@@ -248,7 +250,7 @@ def test_a_hugging_face_config_of_no_single_class_is_warned_of(kind, says):
     import types
 
     model, (X, _) = Post(lambda z: z), data()
-    model.config = types.SimpleNamespace(problem_type=kind)
+    model.config = types.SimpleNamespace(problem_type=kind, num_labels=1 if kind is None else 5)
     with pytest.warns(DiagQLWarning, match=says):
         diagql.connect(model, (X, None), cache_dir=False, progress=False)
     with warnings.catch_warnings():

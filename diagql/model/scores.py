@@ -353,20 +353,26 @@ def sigmoid_applied(logits) -> str | None:
             f"pooled ReLU map's may, need nothing)")
 
 
-def problem_type(model) -> str | None:
+def problem_type(model, what: str = "the model") -> str | None:
     """A notice when a Hugging Face model's config says its outputs are not one class's
-    scores (``problem_type``), which the default reading (the argmax, a softmax's confidence,
-    a single logit's sign) would make predictions of, unwarned (their logits lie anywhere, so
-    ``sigmoid_applied`` says nothing). None otherwise."""
-    kind = getattr(getattr(model, "config", None), "problem_type", None)
+    scores (``problem_type``; unset with one label, a regression as transformers reads it),
+    which the default reading (the argmax, a softmax's confidence, a single logit's sign)
+    would make predictions of, unwarned (their logits lie anywhere, so ``sigmoid_applied``
+    says nothing). None otherwise."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "problem_type", None)
+    meaning = ("DiagQL reads its outputs as class scores (one output as a binary classifier's "
+               "logit, class 1 where > 0), so its predictions, confidence and correctness, "
+               "and the samplers weighted by them, mean nothing for a regression; a query "
+               "over all items reads its activations as they are")
+    if kind is None and hasattr(config, "problem_type") and \
+            getattr(config, "num_labels", None) == 1:
+        return (f"the config of {what} has one label and no problem_type, which transformers "
+                f"trains as a regression; if it is one, {meaning}")
     if kind == "regression":
-        return ("the model's config says problem_type='regression': DiagQL reads its outputs "
-                "as class scores (one output as a binary classifier's logit, class 1 where "
-                "> 0), so its predictions, confidence and correctness, and the samplers "
-                "weighted by them, mean nothing for it; a query over all items reads its "
-                "activations as they are")
+        return f"the config of {what} says problem_type='regression': {meaning}"
     if kind == "multi_label_classification":
-        return ("the model's config says problem_type='multi_label_classification': DiagQL "
+        return (f"the config of {what} says problem_type='multi_label_classification': DiagQL "
                 "reads one class per item (the argmax, its confidence a softmax), not a "
                 "sigmoid per label; to diagnose one label k, pass scores=lambda out: "
                 "out.logits[:, k] (a binary classifier's logit) with that label's 0 or 1 as "

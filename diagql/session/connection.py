@@ -433,9 +433,9 @@ def _say_of(module: nn.Module, what: str, given_scores) -> None:
     """What connect warns of about a model: its train mode, and a Hugging Face config's
     problem_type that its scores (unless the user's ``scores=``) do not fit."""
     _say_eval_mode(module, what)
-    notice = problem_type(module) if given_scores is None else None
+    notice = problem_type(module, what) if given_scores is None else None
     if notice is not None:
-        warn(notice.replace("the model's", f"{what}'s", 1))
+        warn(notice)
 
 
 def _say_eval_mode(module: nn.Module, what: str) -> None:
