@@ -191,8 +191,10 @@ class Runner:
         reading them (a reader reduces the rows too)."""
         return run_together([(self, consumers)], description)
 
-    def states(self, plan: Plan, description: str) -> dict:
-        """One state per group (the key None without GROUP BY), over the plan's items.
+    def states(self, plan: Plan, description: str, baseline: bool = False) -> dict:
+        """One state per group (the key None without GROUP BY), over the plan's items; a
+        ``baseline`` (WITH BASELINE's exact side, whose time is the comparison's) passes them
+        all, reading no kept rows.
 
         A sample's items are answered from the activation cache where it can hold them:
         only the items it lacks go through the model (their rows kept as they pass), and a
@@ -201,7 +203,8 @@ class Runner:
         if plan.from_profile:
             return self._from_profile(plan)
         store = self.activations
-        if store is None or not (plan.approximate or store.held(plan.bound.view, plan.items)):
+        if store is None or baseline or \
+                not (plan.approximate or store.held(plan.bound.view, plan.items)):
             reducer = Reducer(plan)
             self.run([reducer], description)
             reducer.check()
@@ -337,7 +340,8 @@ class Runner:
         if plan.baseline is not None:
             started = time.perf_counter()
             full_states = self.states(plan.baseline, f"{query.aggregate.upper()} "
-                                                     f"{plan.bound.layer.name} (baseline)")
+                                                     f"{plan.bound.layer.name} (baseline)",
+                                      baseline=True)
             timings["baseline"] = time.perf_counter() - started
         started = time.perf_counter()
         result = assemble(plan, states, full_states, timings)

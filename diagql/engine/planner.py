@@ -183,7 +183,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     query = bound.query
     if unran is None:
         unran = profile.unran if rows_from_profile else ()
-    if bound.view.layer.name in unran:
+    if unran and bound.view.layer.name in unran:
         # A sample's batches hold other items together than a pass's: it had answered on
         # values the model computed only beside longer items (a cell stepped over padding).
         raise ExecutionError(f"layer {bound.view.layer.name!r} did not run in every batch "

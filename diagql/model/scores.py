@@ -184,11 +184,10 @@ class Scores:
             found = found.dequantize()
         if not found.is_floating_point():
             raise DiagQLError(_not_scores(found))
-        # A batch of one may be squeezed to (classes,); others' rows are their items. Numpy
-        # had broadcast one row to every item of the batch: each got the first's prediction.
+        # A batch of one may be squeezed; numpy had broadcast one row to all items' predictions.
         if size is not None and size > 1 and (found.ndim == 0 or found.shape[0] != size):
-            rows = "one number" if found.ndim == 0 else \
-                f"{found.shape[0]:,} row{'s' if found.shape[0] != 1 else ''}"
+            rows = "one number" if not found.ndim else f"{found.shape[0]:,} row" + "s" * \
+                (found.shape[0] != 1)
             why = ("the scores= function must keep the batch's axis first" if self.pick
                    else "a model that pools over its batch gives no class scores per item"
                    if found.ndim == 0 or found.shape[0] < size else
@@ -355,29 +354,25 @@ def sigmoid_applied(logits) -> str | None:
 
 def problem_type(model, what: str = "the model") -> str | None:
     """A notice when a Hugging Face model's config says its outputs are not one class's
-    scores (``problem_type``; unset with one label, a regression as transformers reads it),
-    which the default reading (the argmax, a softmax's confidence, a single logit's sign)
-    would make predictions of, unwarned (their logits lie anywhere, so ``sigmoid_applied``
-    says nothing). None otherwise."""
+    scores (``problem_type``; unset with one label, a regression to transformers), which the
+    default reading would make predictions of, unwarned (their logits lie anywhere, so
+    ``sigmoid_applied`` says nothing). None otherwise."""
     config = getattr(model, "config", None)
     kind = getattr(config, "problem_type", None)
     meaning = ("DiagQL reads its outputs as class scores (one output as a binary classifier's "
                "logit, class 1 where > 0), so its predictions, confidence and correctness, "
                "and the samplers weighted by them, mean nothing for a regression; a query "
                "over all items reads its activations as they are")
-    if kind is None and hasattr(config, "problem_type") and \
-            getattr(config, "num_labels", None) == 1:
+    if kind is None and hasattr(config, "problem_type") and getattr(config, "num_labels", 0) == 1:
         return (f"the config of {what} has one label and no problem_type, which transformers "
                 f"trains as a regression; if it is one, {meaning}")
     if kind == "regression":
         return f"the config of {what} says problem_type='regression': {meaning}"
-    if kind == "multi_label_classification":
-        return (f"the config of {what} says problem_type='multi_label_classification': DiagQL "
-                "reads one class per item (the argmax, its confidence a softmax), not a "
-                "sigmoid per label; to diagnose one label k, pass scores=lambda out: "
-                "out.logits[:, k] (a binary classifier's logit) with that label's 0 or 1 as "
-                "the items' labels")
-    return None
+    return None if kind != "multi_label_classification" else (
+        f"the config of {what} says problem_type='multi_label_classification': DiagQL reads "
+        f"one class per item (the argmax, its confidence a softmax), not a sigmoid per label; "
+        f"to diagnose one label k, pass scores=lambda out: out.logits[:, k] (a binary "
+        f"classifier's logit) with that label's 0 or 1 as the items' labels")
 
 
 BEYOND_LABELS = 0.25  # the share of items predicted beyond every label that is warned of

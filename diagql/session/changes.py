@@ -17,7 +17,8 @@ connects again. The data's bytes are hashed whole up to FULL_BYTES, and beyond i
 wholesale write through numpy or ``.data`` (scaling, normalising, shuffling the rows) but
 not an edit of a few elements; its length and its parts' are stamped too (a list of items
 appended to), and a list's items one by one (replaced, or their tensors written in place). A
-checkpoint given in memory is stamped as its tensors, one in a file by the file's time and size. A forward hook that can change outputs (an ablation's:
+checkpoint given as a module is stamped as a model is, as a state_dict by its tensors, in a
+file by the file's time and size. A forward hook that can change outputs (an ablation's:
 storage/hook_effects.py) is part of the stamp, at any size; one that counts or records calls
 is instrumentation and is not.
 """
@@ -57,8 +58,8 @@ def tensor_stamp(tensors) -> tuple:
 def _version(t) -> int:
     """Its version counter; -1 for an inference tensor (made under torch.inference_mode),
     which keeps none (and cannot be written outside inference mode)."""
-    if t.is_inference():  # asked, not tried: an exception an item cost 1 s in 100,000
-        return -1
+    if is_lazy(t) or t.is_inference():  # asked, not tried: an exception an item cost 1 s
+        return -1  # in 100,000 (a lazy module's parameter answers neither)
     return t._version
 
 
