@@ -125,7 +125,7 @@ def test_relu_layers_with_tied_neurons_and_a_k_beyond_a_layer(conn, truth):
         got = [row[c] for c in ("S1", "S1 sd", "S2", "S2 sd", "S3", "S3 sd")]
         assert got == pytest.approx(expected["random", 0.1, row["k"]], abs=1e-9)
     assert any("k = 100 leaves out 7" in note for note in result.notes)
-    assert any("k = 32 counts 7 at precision 1 for every sample" in note
+    assert any("k = 32 counts 7 at precision 1 in every group a sample holds" in note
                for note in result.notes)
 
 

@@ -417,7 +417,8 @@ def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleS
         whole = [layer.name for layer in bound.layers if layer.neurons == k]
         if whole:
             result.notes.append(f"S1 at k = {k} counts {', '.join(whole)} at precision 1 "
-                                f"for every sample ({k} neurons: every one is in the top {k})")
+                                f"in every group a sample holds ({k} neurons: every one is in "
+                                f"the top {k}; a group it misses scores 0, as everywhere)")
     result.plan = bound
     return result
 
