@@ -753,6 +753,25 @@ class _FirstOfTuple(nn.Module):
         return self.inner(pair[0])
 
 
+def test_a_loaders_sampler_given_other_indices_of_one_length_is_read_again():
+    """Only lengths had been stamped: a SubsetRandomSampler's indices replaced by as many
+    others left every answer on the old split (FF1)."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    model, X, y = _world()
+    sampler = SubsetRandomSampler(list(range(0, 400, 2)))
+    db = diagql.connect(model, DataLoader(TensorDataset(X, y), batch_size=50, sampler=sampler),
+                        progress=False, cache_dir=False)
+    db.query("AVG NEURONS IN 1 WHERE incorrect")
+    sampler.indices = list(range(1, 400, 2))
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN 1 WHERE incorrect")
+    hidden, wrong = _truth(model, X[1::2], y[1::2])
+    assert answer.n_items == int(wrong.sum())
+    np.testing.assert_allclose(answer.values, hidden[wrong.numpy()].mean(0).numpy(),
+                               rtol=1e-6, atol=1e-7)
+
+
 class _Growing(torch.utils.data.Dataset):
     def __init__(self, X, y, n):
         self.X, self.y, self.n = X, y, n

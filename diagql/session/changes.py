@@ -425,10 +425,20 @@ def _lists_as_arrays(data) -> list:
 
 def _lengths(data) -> tuple:
     """The length of the data (a DataLoader's dataset's) and of each part it was given in:
-    a list of items appended to or cut, a Dataset that grew, must be read again."""
+    a list of items appended to or cut, a Dataset that grew, must be read again; and a
+    loader's sampler's indices (a SubsetRandomSampler's replaced, of the same length, had
+    left every answer on the old split)."""
+    picked = None
     if isinstance(data, DataLoader):
+        sampler = getattr(data.batch_sampler, "sampler", data.sampler)
+        indices = getattr(sampler, "indices", None)
+        if indices is not None:
+            try:
+                picked = sampled_digest([np.asarray(indices, dtype=np.int64)], budget=None)
+            except (TypeError, ValueError):  # indices of the user's own kind: not stamped
+                pass
         data = data.dataset
-    return tuple(_length(part) for part in (data, *_given(data)))
+    return (*(_length(part) for part in (data, *_given(data))), picked)
 
 
 def _length(value) -> int | None:
