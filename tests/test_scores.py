@@ -237,6 +237,25 @@ def test_scores_without_a_row_per_item_are_refused(post, scores, says):
                        progress=False).query("SHOW PROFILE")
 
 
+@pytest.mark.parametrize("width", [1, CLASSES])
+def test_batches_of_one_of_a_squeezing_forward_read_one_item_each(width):
+    """batch_size=1 and a forward ending in .squeeze(): the binary model's 0-d scores were
+    refused as 'several score vectors per item', and a multi-class model's (C,) failed with
+    numpy's 'could not broadcast' (GG2)."""
+    X, y = data()
+    model = Post(lambda z: z.squeeze(), width=width).eval()
+    y = (y % 2) if width == 1 else y
+    conn = diagql.connect(model, (X, y), batch_size=1, cache_dir=False, progress=False)
+    with torch.no_grad():
+        out = model.head(X)
+    predicted = (out[:, 0] > 0).long() if width == 1 else out.argmax(1)
+    wrong = (predicted != y).numpy()
+    answer = conn.query("AVG NEURONS IN head WHERE incorrect")
+    assert answer.n_items == int(wrong.sum())
+    np.testing.assert_allclose(answer.values, out[wrong].double().mean(0).numpy(), rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("kind, says", [
     ("regression", "the config of the model says problem_type='regression': DiagQL reads its "
                    "outputs as class scores"),

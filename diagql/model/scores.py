@@ -180,14 +180,15 @@ class Scores:
         if not isinstance(found, torch.Tensor):
             hint = "" if self.given else f"; name the scores with {_OPTION}"
             raise DiagQLError(f"{what}, where DiagQL expected the class scores, a tensor{hint}")
-        if found.is_quantized:  # a quantized model's head without a DeQuantStub after it
-            found = found.dequantize()
+        found = found.dequantize() if found.is_quantized else found  # a head with no DeQuantStub
         if not found.is_floating_point():
             raise DiagQLError(_not_scores(found))
-        # A batch of one may be squeezed; numpy had broadcast one row to all items' predictions.
+        if size == 1 and (found.ndim == 0 or found.shape[0] != 1):  # .squeeze() took its axis
+            return found.reshape(1, -1) if found.ndim <= 1 else found[None]
         if size is not None and size > 1 and (found.ndim == 0 or found.shape[0] != size):
-            rows = "one number" if not found.ndim else f"{found.shape[0]:,} row" + "s" * \
-                (found.shape[0] != 1)
+            # Numpy had broadcast one row of scores to every item of a batch: each its prediction.
+            n = found.shape[0] if found.ndim else 0
+            rows = f"{n:,} row{'s' * (n != 1)}" if found.ndim else "one number"
             why = ("the scores= function must keep the batch's axis first" if self.pick
                    else "a model that pools over its batch gives no class scores per item"
                    if found.ndim == 0 or found.shape[0] < size else
@@ -353,10 +354,9 @@ def sigmoid_applied(logits) -> str | None:
 
 
 def problem_type(model, what: str = "the model") -> str | None:
-    """A notice when a Hugging Face model's config says its outputs are not one class's
-    scores (``problem_type``; unset with one label, a regression to transformers), which the
-    default reading would make predictions of, unwarned (their logits lie anywhere, so
-    ``sigmoid_applied`` says nothing). None otherwise."""
+    """A notice when a Hugging Face config says the outputs are no class's scores (its
+    ``problem_type``; unset with one label, a regression to transformers), whose raw logits
+    trip no other notice (``sigmoid_applied``) of what the default reading makes. Or None."""
     config = getattr(model, "config", None)
     kind = getattr(config, "problem_type", None)
     meaning = ("DiagQL reads its outputs as class scores (one output as a binary classifier's "
