@@ -653,6 +653,25 @@ def test_a_list_of_items_appended_to_or_cut_is_read_again():
     assert answer.n_items == int((y[:100] == 2).sum())
 
 
+@pytest.mark.parametrize("first", ["list", "array"])
+def test_list_items_written_in_place_after_a_first_item_of_another_form_are_seen(first):
+    """The first item's input a Python list or a numpy array, the others tensors: the column
+    was stamped by the first's kind, by identity alone, and the tensors' writes unseen (HH1)."""
+    model, X, y = _world()
+    items = [(X[i].clone(), int(y[i])) for i in range(200)]
+    items[0] = (X[0].tolist() if first == "list" else X[0].numpy().copy(), int(y[0]))
+    db = diagql.connect(model, items, progress=False, cache_dir=False)
+    db.query("AVG NEURONS IN 1 WHERE incorrect")
+    for i in range(5, 200, 2):
+        items[i][0].mul_(-10.0)
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN 1 WHERE incorrect")
+    now = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items])
+    hidden, wrong = _truth(model, now, y[:200])
+    np.testing.assert_allclose(answer.values, hidden[wrong.numpy()].mean(0).numpy(),
+                               rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("edit", ["in place", "replaced", "label", "nested"])
 def test_a_list_of_items_edited_without_a_change_of_length_is_read_again(edit):
     """Only its length had been stamped: after x.mul_(5) on 100 items, the profile, the
