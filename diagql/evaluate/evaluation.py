@@ -396,8 +396,8 @@ def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleS
                     rows=rows, n_items=len(profile))
     top = f"top-{bound.ks[0]}" if len(bound.ks) == 1 else "top-k"
     first, last = bound.seeds[0], bound.seeds[-1]
-    seeds = (f"{len(bound.seeds)} seeds ({first}..{last}), sd over the seeds" if last > first
-             else f"1 seed ({first})")
+    seeds = (f"{len(bound.seeds)} seeds ({first}..{last}), ± the seeds' population sd (ddof 0)"
+             if last > first else f"1 seed ({first})")
     names = ", ".join(f"{m.paper} = {top + ' ' if m is PRECISION else ''}{m.label} {m.arrow}"
                       for m in METRICS)
     result.title = (f"{names}: the mean "
@@ -424,6 +424,7 @@ def build_result(bound: BoundEvaluation, draws: list[Draw], scores: list[SampleS
 
 
 def _mean_sd(values: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation over the seeds (exactly 0 when every seed agrees)."""
+    """Mean and population standard deviation (ddof 0: with two seeds, half their range) over
+    the seeds, exactly 0 when every seed agrees."""
     return float(values.mean()), float(values.std()) if np.ptp(values) > 0 else 0.0
 
