@@ -203,15 +203,15 @@ class Runner:
         if plan.from_profile:
             return self._from_profile(plan)
         store = self.activations
-        if store is None or baseline or \
-                not (plan.approximate or store.held(plan.bound.view, plan.items)):
+        if store is None or baseline:
             reducer = Reducer(plan)
             self.run([reducer], description)
             reducer.check()
             return reducer.states
         # An exact answer over items some of whose rows a sample kept (UNTIL's rounds before
         # "exact cheaper", a FULL after a sample) reads those back and passes the rest,
-        # keeping none (only samples are): the merged states are the same sums.
+        # keeping none (only samples are): the merged states are the same sums (with none
+        # kept, the pass's alone, merged into empty states).
         known = store.reduced(plan) if plan.approximate else None
         if known is not None:
             return known
