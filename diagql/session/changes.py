@@ -187,11 +187,10 @@ def watching(conn):
     passes' taken as read after (when it ran the model at all)."""
     with STATEMENTS:
         forwards = _begin(conn)
-        _SPANS.depth = getattr(_SPANS, "depth", 0) + 1
         try:
-            yield
+            with _inside():
+                yield
         finally:
-            _SPANS.depth -= 1
             _taken(conn, forwards)
 
 
@@ -208,8 +207,18 @@ def reading(conn):
         yield
 
 
-# Each thread's statements' spans now open (``watching``): reads within one are its own.
+# Each thread's statements' spans now open (``watching``, ``stepped``): reads within one
+# are its own.
 _SPANS = threading.local()
+
+
+@contextlib.contextmanager
+def _inside():
+    _SPANS.depth = getattr(_SPANS, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _SPANS.depth -= 1
 
 
 def stepped(conn, outcomes: Iterator) -> Iterator:
@@ -223,7 +232,8 @@ def stepped(conn, outcomes: Iterator) -> Iterator:
             if forwards is None:
                 forwards = _begin(conn)
             try:
-                outcome = next(outcomes)
+                with _inside():
+                    outcome = next(outcomes)
             except StopIteration:
                 return
             finally:
