@@ -333,9 +333,13 @@ def test_a_checkpoint_saved_again_is_read_again(tmp_path):
     import os
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
     with pytest.warns(DiagQLWarning, match="model 'e1' changed \\(its checkpoint file\\)"):
-        answer = db.query("AVG NEURONS IN e1.4 WHERE incorrect")
+        _incorrect_of(db.query("AVG NEURONS IN e1.4 WHERE incorrect"), newer, X, y)
+
+
+def _incorrect_of(answer, model, X, y) -> None:
+    """``answer`` (AVG NEURONS IN <checkpoint>.4 WHERE incorrect) is ``model``'s, by torch."""
     with torch.no_grad():
-        logits = newer(X).double()
+        logits = model(X).double()
     wrong = (logits.argmax(1) != y).numpy()
     assert answer.n_items == int(wrong.sum())
     np.testing.assert_allclose(answer.values, logits[wrong].mean(0).numpy(), rtol=1e-6,
@@ -355,24 +359,13 @@ def test_a_checkpoint_given_in_memory_and_changed_is_read_again(given, change):
                         checkpoints={"e1": older if given == "module" else older.state_dict()})
     db.query("AVG NEURONS IN e1.4 WHERE incorrect")
     if change == "trained":
-        optimizer = torch.optim.SGD(older.parameters(), lr=0.5)
-        for _ in range(5):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(older.train()(X), y).backward()
-            optimizer.step()
+        _train_a_little(older, X, y)
     elif change == "assigned":
         older.load_state_dict(_cnn(seed=3).state_dict(), assign=True)
     else:
         older[4] = _cnn(seed=4)[4]
-    older.eval()
     with pytest.warns(DiagQLWarning, match="model 'e1' changed \\(its weights\\)"):
-        answer = db.query("AVG NEURONS IN e1.4 WHERE incorrect")
-    with torch.no_grad():
-        logits = older(X).double()
-    wrong = (logits.argmax(1) != y).numpy()
-    assert answer.n_items == int(wrong.sum())
-    np.testing.assert_allclose(answer.values, logits[wrong].mean(0).numpy(), rtol=1e-6,
-                               atol=1e-7)
+        _incorrect_of(db.query("AVG NEURONS IN e1.4 WHERE incorrect"), older, X, y)
 
 
 class _Counting(nn.Module):
