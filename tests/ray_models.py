@@ -61,3 +61,34 @@ def split_per_process(X, y, seeded: bool):
     part, _ = random_split(TensorDataset(X, y), [2 / 3, 1 / 3],
                            generator=torch.Generator().manual_seed(seed))
     return part
+
+
+# Read by Scaled's forward and Normed's items: a script that sets them at run time changes
+# its own process's value, not a Ray worker's, which imports this module afresh.
+SCALE = 1.0
+NORM = 1.0
+
+
+class Scaled(nn.Module):
+    """A linear map of its input scaled by the module's global SCALE."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(21)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x * SCALE)
+
+
+class Normed(torch.utils.data.Dataset):
+    """(x, y) pairs whose inputs are divided by the module's global NORM as they are read."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        return self.X[i] / NORM, self.y[i]

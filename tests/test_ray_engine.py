@@ -867,6 +867,29 @@ def test_a_model_changed_before_any_worker_started_is_followed(cluster):
         conn.close()
 
 
+def test_data_changed_before_any_worker_started_is_followed(cluster):
+    """Inputs scaled and labels rewritten after connect, before any pass, had been refused as
+    copies the workers "made when they started", though none had: they take the data as it
+    is, and the labels are read again."""
+    torch.manual_seed(17)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    conn = diagql.connect(model, (X, y), engine="ray", ray_workers=1, cache_dir=False,
+                          progress=False)
+    try:
+        assert conn.catalog and not conn.engine.actors_held()
+        X.mul_(0.5)
+        y.fill_(2)
+        with pytest.warns(Warning, match="the data changed"):
+            got = conn.query("AVG NEURONS IN 1 WHERE class = 2")
+        with torch.no_grad():
+            want = model[:2](X).double().mean(0).numpy()
+        assert got.n_items == 60
+        np.testing.assert_allclose(got.values[np.argsort(got.neurons)], want, atol=1e-7)
+    finally:
+        conn.close()
+
+
 def _ablate_unit_3(module, inputs, output):
     return output.index_fill(1, torch.tensor([3]), 0.0)
 
@@ -948,3 +971,55 @@ def test_an_address_nothing_listens_at_is_refused_at_once():
         with pytest.raises(DiagQLError, match=rf"^cannot reach Ray at {address}: "):
             _reachable(address, seconds=2)
     _reachable("auto")  # Ray's own forms are left to Ray
+
+
+def test_a_global_the_code_reads_set_on_the_driver_only_is_refused(cluster, monkeypatch):
+    """A worker imports the model's and the data's modules afresh: a global set at run time
+    on the driver (``SCALE = 2.0`` before connect, or before the first pass) had left every
+    worker answering for the module's own value (0.31 off), silently, and stored that under
+    the driver's cache key. Refused now, naming the global; at the module's value, answered
+    as plain torch."""
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    model = ray_models.Scaled().eval()
+    for name, data in (("SCALE", (X, y)), ("NORM", ray_models.Normed(X, y))):
+        monkeypatch.setattr(ray_models, name, 2.0)
+        conn = diagql.connect(model, data, engine="ray", ray_workers=1, cache_dir=False,
+                              progress=False)
+        try:
+            what = "the model" if name == "SCALE" else "the data's items"
+            with pytest.raises(DiagQLError, match=rf"^the code of {what} reads "
+                                                  rf"tests\.ray_models\.{name}, which has "
+                                                  rf"another value on a Ray worker"):
+                conn.query("AVG NEURONS IN net.1")
+        finally:
+            conn.close()
+        monkeypatch.setattr(ray_models, name, 1.0)
+    conn = diagql.connect(model, ray_models.Normed(X, y), engine="ray", ray_workers=1,
+                          cache_dir=False, progress=False)
+    try:
+        with torch.no_grad():
+            want = model.net[:2](X).double().mean(0).numpy()
+        got = conn.query("AVG NEURONS IN net.1")
+        np.testing.assert_allclose(got.values[np.argsort(got.neurons)], want, atol=1e-7)
+    finally:
+        conn.close()
+
+
+def test_the_globals_a_worker_must_share_are_named_by_module():
+    """code_reads takes the user's globals that the models' and the items' code reads, by
+    digest; other_reads names the first that differs, a config dict edited in place too."""
+    from diagql.engine.ray_workers import code_reads, other_reads
+
+    models_ = {None: ray_models.Scaled()}
+    data = ray_models.Normed(torch.zeros(3, 6), torch.zeros(3))
+    driver = code_reads(models_, data)
+    assert "tests.ray_models.SCALE" in driver["model", None]
+    assert "tests.ray_models.NORM" not in driver["model", None]
+    assert "tests.ray_models.NORM" in driver["data", None]
+    assert other_reads(driver, code_reads(models_, data)) is None
+    ray_models.SCALE = 3.0
+    try:
+        error = other_reads(driver, code_reads(models_, data))
+    finally:
+        ray_models.SCALE = 1.0
+    assert error.message.startswith("the code of the model reads tests.ray_models.SCALE")

@@ -43,4 +43,5 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
     models = built_models(model)  # the driver's copies, for the catalog's probe
     ray.digests = weights_digests(model, models)  # before any forward changes a buffer
     ray.several = None not in models
+    ray.driver_models, ray.driver_data = models, data
     return models if ray.several else models[None], data, ray

@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from diagql.engine.ray_data import DatasetBlocks, DatasetHead
-from diagql.engine.ray_workers import (ENGINES, Tally, Worker, free_for, holders, is_factory,
-                                      killed, put_once, start_ray, too_few)
+from diagql.engine.ray_workers import (ENGINES, Tally, Worker, code_reads, free_for, holders,
+                                       is_factory, killed, put_once, start_ray, too_few)
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model import pass_clock
@@ -53,11 +53,10 @@ class RayEngine:
         self._passes = 0
         self._device_type: str | None = None
         self._warned = False  # whether an ignored ray_address was warned of
-        # The weights digest of each model a factory built on the driver, by name, and a data
-        # factory's items as the driver read them (open_engine): every worker's must be the
-        # same (ray_workers.other_weights, other_data).
-        self.digests: dict = {}
-        self.data_digest: str | None = None
+        # What every worker's own must equal (open_engine): the weights digest of each model a
+        # factory built, a data factory's items as read, and the driver's models and data,
+        # whose code's reads of globals (ray_workers.other_weights, other_data, code_reads).
+        self.digests, self.data_digest, self.driver_models, self.driver_data = {}, None, {}, None
 
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
@@ -101,13 +100,7 @@ class RayEngine:
         gpus = self.device_type() == "cuda"  # the device the cache keys name
         kind = "GPU" if gpus else "CPU"
         total = int(resources.get(kind, 0))
-        # A dropped connection's workers are collected; it waits only while workers that
-        # this process killed free theirs (it had waited 10 s whatever held them).
-        free = free_for(ray, kind, self.workers or total, but=self)
-        count = self.workers or free
-        if count < 1 or count > free:
-            # An actor that no node can place would wait for ever: say so instead.
-            raise DiagQLError(too_few(ray, kind, total, free, max(count, 1), but=self))
+        count = _count(ray, kind, total, self)
         # Put once: every actor reads the same copy from the object store.
         model = self.model if is_factory(self.model) else put_once(ray, self.model, "model")
         data = None if self._blocks is not None else \
@@ -115,8 +108,11 @@ class RayEngine:
         # Not restarted by Ray: a dead worker is replaced by a new one here (run()), so that
         # the shard it held is run again exactly once per death, and merged once.
         worker = ray.remote(Worker).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
+        # Taken now, not at connect: a global set between them is the driver's value.
+        reads = code_reads(self.driver_models, None if self._blocks is not None
+                           else self.driver_data)
         self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests,
-                                                 self.data_digest)
+                                                 self.data_digest, reads)
         self._actors = [self._new_worker() for _ in range(count)]
         self._job = _session(ray)
         self._tally = ray.remote(Tally).options(num_cpus=0).remote()
@@ -279,6 +275,18 @@ class RayEngine:
                 if tally is not None:
                     tally.forget.remote(pass_id)
         return results
+
+
+def _count(ray, kind: str, total: int, engine: RayEngine) -> int:
+    """How many workers ``engine`` starts: its ``workers``, else one per free CPU (GPU).
+    A dropped connection's workers are collected; it waits only while workers that this
+    process killed free theirs (it had waited 10 s whatever held them)."""
+    free = free_for(ray, kind, engine.workers or total, but=engine)
+    count = engine.workers or free
+    if count < 1 or count > free:
+        # An actor that no node can place would wait for ever: say so instead.
+        raise DiagQLError(too_few(ray, kind, total, free, max(count, 1), but=engine))
+    return count
 
 
 def _task(function, **options):

@@ -42,7 +42,8 @@ class Tally:
 class Worker:
     """One model replica and one view of the data, built once; runs tasks on shards."""
 
-    def __init__(self, model, data, label_key, digests: dict, data_digest: str | None = None):
+    def __init__(self, model, data, label_key, digests: dict, data_digest: str | None = None,
+                 reads: dict | None = None):
         import ray
         import torch
 
@@ -58,10 +59,12 @@ class Worker:
             hook_ids_past(self.models.values())
             self.failure = other_weights(model, self.models, digests)
             # None: a Ray Dataset, whose blocks come with each shard (engine/ray_data.py).
-            self.source = None if data is None else \
-                ItemSource(data() if is_factory(data) else data, label_key=label_key)
+            made = None if data is None else data() if is_factory(data) else data
+            self.source = None if made is None else ItemSource(made, label_key=label_key)
             if self.failure is None and data_digest is not None:
                 self.failure = other_data(data, self.source, data_digest)
+            if self.failure is None and reads is not None:
+                self.failure = other_reads(reads, code_reads(self.models, made))
             self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
             for module in self.models.values():
                 module.to(self.device)
@@ -248,6 +251,44 @@ def other_weights(model, made: dict, digests: dict) -> DiagQLError | None:
         f"different model; pass a factory that builds the same weights every time: one that "
         f"loads saved weights (model.load_state_dict(torch.load(path)); on the command line, "
         f"--weights) or seeds torch first (torch.manual_seed(0))")
+
+
+def code_reads(models: dict, data) -> dict:
+    """The globals that the user's code of each model (by name) and of the data's items
+    reads, each by its digest (storage/fingerprint.globals_digests): taken on the driver
+    when the workers start and on each worker, which must read the same (``other_reads``)."""
+    from diagql.storage.fingerprint import globals_digests, item_functions, model_functions
+
+    reads = {("model", name): globals_digests(model_functions(module))
+             for name, module in models.items()}
+    if data is not None:
+        reads["data", None] = globals_digests(item_functions(data))
+    return reads
+
+
+def other_reads(driver: dict, mine: dict) -> DiagQLError | None:
+    """The error for a worker whose models' or data's code reads other values of the user's
+    globals than the driver's (``code_reads``): a worker imports the user's modules afresh,
+    so a value set at run time on the driver (``settings.SCALE = 2.0`` in a script, before
+    connect or after it) is not its, and every answer would be for the module's own value
+    (docs/ARCHITECTURE.md, "Engines")."""
+    for (kind, name), values in driver.items():
+        theirs = mine.get((kind, name), {})
+        differ = sorted(var for var, digest in values.items() if theirs.get(var) != digest)
+        if not differ:
+            continue
+        what = "the data's items" if kind == "data" else \
+            "the model" if name is None else f"model {name!r}"
+        shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3
+                                         else "")
+        return DiagQLError(
+            f"the code of {what} reads {shown}, which has another value on a Ray worker than "
+            f"on the driver: a worker imports your modules afresh, so a value set while "
+            f"this program runs does not reach it, and its answers would be for the "
+            f"module's own value; set it in the module's file, or give a factory that sets "
+            f"it before building the {'data' if kind == 'data' else 'model'} "
+            f"(connect(make, ...), which each worker calls)")
+    return None
 
 
 # Items read from a data factory's data on the driver and on each worker, spread over it.

@@ -28,21 +28,20 @@ import contextlib
 import itertools
 import os
 import threading
-import types
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.nn.parameter import is_lazy
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import DataLoader
 
 from diagql.errors import DiagQLError, warn
 from diagql.model.data import ItemSource, listed_items
 from diagql.model.forward import FORWARDS
 from diagql.session.inputs import forget_indices
 from diagql.session.serial import STATEMENTS
-from diagql.storage.code_reads import user_code
-from diagql.storage.fingerprint import code_digest, hooks_digest, model_fingerprint
+from diagql.storage.fingerprint import (code_digest, hooks_digest, item_functions,
+                                       model_fingerprint)
 from diagql.storage.sampled import SAMPLE_BYTES, sampled_digest
 
 FULL_BYTES = 32 * 1024 ** 2  # hashed whole before each statement: about 5 ms at most
@@ -152,20 +151,37 @@ def _refuse_changes_on_workers(conn) -> None:
     a change in place on the driver would not reach them, and every answer after it would be
     the old model's, silently. The driver's copies are stamped, and a change refused."""
     stamp = _driver_stamp(conn)
-    if conn.data_stamp is not None and stamp != conn.data_stamp and \
-            stamp[0] == conn.data_stamp[0] and not conn.engine.actors_held():
-        # No worker holds a copy yet (a hook added after connect, before any pass): they will
-        # take the models as they are now; what the driver derived from them goes.
+    changed = conn.data_stamp is not None and stamp != conn.data_stamp
+    data_changed = changed and stamp[0] != conn.data_stamp[0]
+    if changed and not conn.engine.actors_held() and \
+            (not data_changed or _sends_data(conn.engine)):
+        # No worker holds a copy yet (a hook added after connect, data scaled before any
+        # pass): they will take the models and the data as they are now; what the driver
+        # derived from them goes, and the data is read again (its labels were copied).
+        if data_changed:
+            conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
+            conn._data_digest.clear()
+            stamp = _driver_stamp(conn)
         for entry in conn.models.values():
             forget_indices(entry)
             entry.forget_derived()
-        _say("the model changed")
-    elif conn.data_stamp is not None and stamp != conn.data_stamp:
+        _say("the data changed" if data_changed else "the model changed")
+    elif changed:
         raise DiagQLError("the model or the data changed in place since the last statement, "
                           "but the Ray engine's workers hold their own copies of them, made "
-                          "when they started: connect again to answer for them as they are "
-                          "now (or use the local engine, which follows such changes)")
+                          "when they started (or, for a data factory, their own data): "
+                          "connect again to answer for them as they are now (or use the "
+                          "local engine, which follows such changes)")
     conn.data_stamp = stamp
+
+
+def _sends_data(engine) -> bool:
+    """Whether Ray's workers take the driver's data itself, as it is when they start (not a
+    data factory's own, nor a Ray Dataset's blocks, read at connect)."""
+    from diagql.engine.ray_data import is_ray_dataset
+    from diagql.engine.ray_workers import is_factory
+
+    return not (is_factory(engine.data) or is_ray_dataset(engine.data))
 
 
 def _driver_stamp(conn) -> tuple:
@@ -384,25 +400,11 @@ def _parts_stamp(item, top: bool = True) -> tuple:
 
 
 def _item_code(data) -> str | None:
-    """The digest of the code that makes the items (fingerprint.code_digest): a DataLoader's
-    own collate_fn, a Dataset's __getitem__ of the user's own class, its transforms; None
-    where there is none. A collate_fn scaling each batch by a global NORM, changed between
-    statements, had been unseen: old predictions beside new rows in one answer."""
-    functions = []
-    if isinstance(data, DataLoader):
-        if data.collate_fn is not default_collate:
-            functions.append(data.collate_fn)
-        data = data.dataset
-    getitem = getattr(type(data), "__getitem__", None)
-    if isinstance(getitem, types.FunctionType) and user_code(getitem.__code__):
-        functions.append(getitem)
-    for name in ("transform", "target_transform"):
-        try:
-            found = getattr(data, name, None)
-        except Exception:  # noqa: BLE001 - the user's __getattr__ raised: nothing to stamp
-            found = None
-        if callable(found):
-            functions.append(found)
+    """The digest of the code that makes the items (fingerprint.code_digest of
+    ``item_functions``); None where there is none. A collate_fn scaling each batch by a
+    global NORM, changed between statements, had been unseen: old predictions beside new
+    rows in one answer."""
+    functions = item_functions(data)
     return code_digest(functions) if functions else None
 
 

@@ -104,6 +104,65 @@ def code_digest(functions) -> str:
     return digest.hexdigest()
 
 
+def globals_digests(functions) -> dict[str, str]:
+    """Each global that the user's ``functions`` read (storage/code_reads.py), as
+    ``module.name``, to its digest as a statement's stamp takes it (numbers, strings,
+    functions, small containers; a larger value by its type, one that cannot be seen
+    "unseen"). What a Ray worker, which imports the user's modules afresh, must read alike
+    (engine/ray_workers.py): a global set at run time on the driver is not its."""
+    walk = _Walk(code="scalars")
+    walk.limit = STAMP_VALUES
+    found: dict[str, str] = {}
+    for fn in functions:
+        if not (isinstance(fn, types.FunctionType) and user_code(fn.__code__)):
+            continue
+        module = fn.__globals__.get("__name__", "?")
+        for var, value in globals_read(fn.__code__, fn.__globals__):
+            if f"{module}.{var}" in found:
+                continue
+            part = xxhash.xxh3_128()
+            try:
+                walk.global_value(part, "", id(fn.__globals__), var, value)
+                walk.module_reads(part, "", fn.__code__, var, value, depth=3)
+                found[f"{module}.{var}"] = part.hexdigest()
+            except (_Opaque, RecursionError, TypeError, ValueError, RuntimeError):
+                found[f"{module}.{var}"] = "unseen"
+    return found
+
+
+def model_functions(model) -> list:
+    """The functions of the user's own classes among a model's modules and their bases."""
+    classes = {}
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls is not object and not _from_torch(cls) and _user_class(cls):
+                classes.setdefault(cls, None)
+    return [fn for cls in classes for item in cls.__dict__.values() for fn in _functions(item)]
+
+
+def item_functions(data) -> list:
+    """The user's code that makes a data set's items: a DataLoader's own collate_fn, the
+    __getitem__ of a Dataset of the user's own class, its transforms."""
+    from torch.utils.data import DataLoader, default_collate
+
+    functions = []
+    if isinstance(data, DataLoader):
+        if data.collate_fn is not default_collate:
+            functions.append(data.collate_fn)
+        data = data.dataset
+    getitem = getattr(type(data), "__getitem__", None)
+    if isinstance(getitem, types.FunctionType) and user_code(getitem.__code__):
+        functions.append(getitem)
+    for name in ("transform", "target_transform"):
+        try:
+            found = getattr(data, name, None)
+        except Exception:  # noqa: BLE001 - the user's __getattr__ raised: nothing to stamp
+            found = None
+        if callable(found):
+            functions.append(found)
+    return functions
+
+
 def hooks_digest(model) -> str:
     """A digest of the forward hooks that can change what the model returns
     (storage/hook_effects.py): those on its modules and torch's global ones, not DiagQL's
