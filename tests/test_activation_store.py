@@ -283,3 +283,41 @@ def test_an_exact_query_reads_the_rows_a_sample_kept_and_sends_the_rest(cnn, dig
     np.testing.assert_allclose(again.values, truth, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(again.values, first.values, rtol=1e-12, atol=1e-15)
     assert sample.n_items == len(kept)
+
+
+def test_held_bytes_counts_each_array_once_and_not_a_shared_prediction():
+    """What the kept states' budget counts: every array and tensor in mappings, sequences and
+    objects' attributes, a shared one once, a state's block prediction (the profile's) not."""
+    shared = torch.zeros(10, 4, dtype=torch.float64)  # 320 bytes
+    inner = SimpleNamespace(zy=np.zeros((3, 5, 7)), again=shared)  # 840 bytes
+    state = SimpleNamespace(sum=torch.zeros(7, dtype=torch.float64), sums=inner,
+                            rows=[shared, np.zeros(6, dtype=np.float32)],
+                            prediction=SimpleNamespace(basis=np.zeros((64, 1000))))
+    assert activations_module.held_bytes({"a": state, "b": shared}) == 56 + 840 + 320 + 24
+
+
+def test_kept_sample_states_stay_within_their_byte_budget(cnn, digits, monkeypatch):
+    """A sampled GROUP BY's assisted states hold groups x covariates x neurons sums: 64 of
+    them, counted by number alone, had grown a session by gigabytes on a wide layer. Kept
+    now within REDUCED_BYTES, the oldest dropped first, a state larger alone not kept; the
+    answers are the same whether or not states were kept."""
+    X, y = digits
+    X, y = X[:600], y[:600]
+    conn = diagql.connect(cnn, (X, y), cache_dir=False, batch_size=64, progress=False)
+    query = "AVG NEURONS IN 2 GROUP BY class USING SAMPLE random(0.2, random_state={})"
+    first = conn.query(query.format(0))
+    store = conn.models["model"].activations
+    (states, one), = store._reduced.values()
+    neurons = cnn[:3](X[:1]).numel()
+    # At least Σy, Σy² and the fit rows' two sums, float64, per group and neuron.
+    assert one == activations_module.held_bytes(states) and one >= 4 * 10 * neurons * 8
+    monkeypatch.setattr(activations_module, "REDUCED_BYTES", int(2.5 * one))
+    for seed in range(1, 6):
+        conn.query(query.format(seed))
+        kept = [size for _, size in store._reduced.values()]
+        assert len(kept) <= 2 and sum(kept) <= 2.5 * one
+    monkeypatch.setattr(activations_module, "REDUCED_BYTES", one // 2)
+    store.clear()
+    again = conn.query(query.format(0))
+    assert not store._reduced
+    np.testing.assert_allclose(again.values, first.values, rtol=1e-12, atol=1e-15)

@@ -34,6 +34,10 @@ from diagql.storage.store import Cache
 
 MEMORY_BUDGET = 512 * 1024 ** 2  # bytes of rows held in memory, all layers together
 REDUCED_KEPT = 64  # aggregate states of recent sample queries, kept for reuse
+# ... and at most this many bytes of them: a grouped assisted state holds groups x covariates x
+# neurons float64 sums, 350 MB for 10 groups of a 262,144-neuron map, and 64 such had grown a
+# session by gigabytes (a state larger alone is not kept).
+REDUCED_BYTES = 256 * 1024 ** 2
 MAX_PARTS = 8  # parts of a view's entry before they are merged into one
 
 
@@ -41,6 +45,29 @@ def row_dtype(torch_dtype) -> np.dtype:
     """What rows are kept in: float64 for float64 models, else float32 (exact for float32,
     float16 and bfloat16 outputs)."""
     return np.dtype(np.float64) if str(torch_dtype) == "torch.float64" else np.dtype(np.float32)
+
+
+def held_bytes(value, seen: set | None = None, depth: int = 4) -> int:
+    """The bytes of the arrays and tensors that kept aggregate states hold, each once: in
+    mappings, sequences and objects' attributes, a few levels down; not a state's block
+    ``prediction``, which its plan shares with the profile."""
+    seen = set() if seen is None else seen
+    if id(value) in seen or depth < 0:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if hasattr(value, "element_size") and hasattr(value, "numel"):  # a tensor
+        return value.element_size() * value.numel()
+    if isinstance(value, dict):
+        parts = value.values()
+    elif isinstance(value, (list, tuple)):
+        parts = value
+    elif hasattr(value, "__dict__"):
+        parts = [v for name, v in vars(value).items() if name != "prediction"]
+    else:
+        return 0
+    return sum(held_bytes(part, seen, depth - 1) for part in parts)
 
 
 def _reduction_key(plan) -> tuple:
@@ -95,7 +122,8 @@ class ActivationStore:
         self.dtype = np.dtype(dtype)
         self.budget = budget
         self._layers: OrderedDict[str, _Rows] = OrderedDict()
-        self._reduced: OrderedDict[tuple, dict] = OrderedDict()  # see reduced()
+        # (states, their bytes) by reduction key: see reduced()
+        self._reduced: OrderedDict[tuple, tuple[dict, int]] = OrderedDict()
 
     def held(self, view, items: np.ndarray) -> int:
         """How many of ``items`` have their rows here (in memory, or loaded from disk)."""
@@ -138,12 +166,16 @@ class ActivationStore:
                         if held[:-1] == key[:-1] and held[-1] is not False), key)
         if key in self._reduced:
             self._reduced.move_to_end(key)
-            return self._reduced[key]
+            return self._reduced[key][0]
         return None
 
     def remember(self, plan, states: dict) -> None:
-        self._reduced[_reduction_key(plan)] = states
-        while len(self._reduced) > REDUCED_KEPT:
+        size = held_bytes(states)
+        if size > REDUCED_BYTES:
+            return
+        self._reduced[_reduction_key(plan)] = (states, size)
+        while len(self._reduced) > REDUCED_KEPT or \
+                sum(kept for _, kept in self._reduced.values()) > REDUCED_BYTES:
             self._reduced.popitem(last=False)
 
     def add_chunks(self, view, chunks: list[tuple[np.ndarray, np.ndarray]],
