@@ -9,11 +9,10 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from diagql.model.auxiliaries import DIMS as BLOCK_DIMS
 from diagql.engine.prediction import BlockPrediction
-from diagql.model.auxiliaries import FIT_ITEMS, Auxiliary, principal, spread_items
+from diagql.model.auxiliaries import Auxiliary
 from diagql.model.profile import Profile
 from diagql.model.view_aliases import Alias
 from diagql.samplers.space import fit_space
@@ -158,8 +157,8 @@ class Chosen:
     latent_dims: int  # p: the first columns, the latent's
     auxiliary: Auxiliary | None  # the view's block projections: the last k columns
     # The auxiliary is made from the view's rows the profile holds (``_held``): "rows" (each
-    # item's own row) or "components" (a wide view's directions); or it is the view's block
-    # projections and spans the view (``Auxiliary.spans``): "spanned", each item's row rebuilt.
+    # item's own row); or it is the view's block projections and spans the view
+    # (``Auxiliary.spans``): "spanned", each item's row rebuilt.
     held: str | None = None
     # A view with no block projections of its own: the nearest block's (``nearest_block``),
     # whose major directions are covariates (after the latent's) and whose minor ones check
@@ -217,10 +216,6 @@ class Chosen:
         if self.held == "rows":  # answers.py: ``_held``
             return (f"assisted: exact, the means computed from every matching item's own row "
                     f"(the profile holds every item's {held})")
-        if self.held:
-            return (f"assisted: every item predicted from its row's {a.basis.shape[1]} "
-                    f"principal components (the profile holds every item's {held}), the "
-                    f"residual fitted on {latent}")
         # Which items: profile_pass.fit_items spreads them over the data (model/auxiliaries.py).
         fitted = "every item" if a.fitted_on >= len(a.z) else \
             f"{a.fitted_on:,} items spread over the data"
@@ -342,25 +337,17 @@ def _held(rows: np.ndarray | None, view_key: str) -> tuple[Auxiliary, str] | Non
     intervals had been wrong both ways (benchmarks/README.md, "Issue 15, part 3"): the rows are
     linear in the whole latent, so the residual after 10 components is the latent's other
     directions, where every sampler chooses (herding and stratification balance them, latent
-    grids and two-ended draws spread them). Up to HELD_WIDTH columns the basis is the identity
-    (exact; z is the profile's own rows, no copy); a wider view gets its BLOCK_DIMS principal
-    directions, as a block does. Returns the auxiliary and which (``Chosen.held``)."""
+    grids and two-ended draws spread them). The basis is the identity at any width, held as
+    None (``Auxiliary.basis``; z is the profile's own rows, no copy): a view wider than 128
+    had been predicted from its 64 principal directions with the residual fitted, and a GRU's
+    200-wide latent covered 0.82-0.88 under vas, gmm, ebtree and maxmargin (sweep II1).
+    Returns the auxiliary and "rows" (``Chosen.held``)."""
     if rows is None:
         return None
-    width = rows.shape[1]
     layer = json.loads(view_key)[0]
     rows = np.asarray(rows, dtype=np.float32)
-    if width <= HELD_WIDTH:
-        mean, basis = np.zeros(width, np.float32), np.eye(width, dtype=np.float32)
-        return Auxiliary(view_key, layer, mean, basis, rows, len(rows)), "rows"
-    spread = spread_items(len(rows), FIT_ITEMS)  # as a block's (model/auxiliaries.py)
-    fitted = principal(torch.from_numpy(rows[spread]), BLOCK_DIMS)
-    mean, basis = (part.numpy().astype(np.float32) for part in fitted)
-    z = (rows - mean) @ basis
-    return Auxiliary(view_key, layer, mean, basis, z, len(spread)), "components"
+    mean = np.zeros(rows.shape[1], np.float32)
+    return Auxiliary(view_key, layer, mean, None, rows, len(rows)), "rows"
 
 
-# The widest held view predicted by its rows themselves (the identity basis is made per
-# query's BlockPrediction: 64 KB at 128).
-HELD_WIDTH = 128
 _HELD: dict[tuple[int, str], tuple[weakref.ref, tuple[Auxiliary, str] | None]] = {}

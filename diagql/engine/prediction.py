@@ -68,7 +68,11 @@ class BlockPrediction:
                  own_rows: bool = False, channels_last: bool = False, rebuilt: bool = False):
         self.layer = auxiliary.layer
         self.mean = auxiliary.mean.astype(np.float64)
-        self.basis = auxiliary.basis.astype(np.float64)  # (neurons, k)
+        # (neurons, k); None: the identity, a held view's own rows (``_times``), made only
+        # for its CHANNELS' means: 128 MB of float64 at a 4,096-wide latent.
+        self.basis = None if auxiliary.basis is None and channels is None else \
+            np.eye(len(self.mean)) if auxiliary.basis is None else \
+            auxiliary.basis.astype(np.float64)
         if channels is not None:  # CHANNELS: a channel's mean is linear in the rows too
             k = self.basis.shape[1]
             if channels_last:  # (H, W, C) rows: each channel is every C-th value
@@ -90,6 +94,10 @@ class BlockPrediction:
                           else f"{self.layer}'s principal components")
         self._tensors: dict = {}  # (device, dtype) -> μ and Vᵀ as tensors, made once
 
+    def _times(self, zb: np.ndarray) -> np.ndarray:
+        """V z_b (z_b a vector or k × m)."""
+        return zb if self.basis is None else self.basis @ zb
+
     def residual_pieces(self, values: torch.Tensor, z: torch.Tensor):
         """The residual r = y − ŷ of a batch's rows, (slice, r) in pieces of about 1 MB that
         stay in cache while the state sums them; ŷ = μ + z_b Vᵀ one float32 product per piece
@@ -100,6 +108,7 @@ class BlockPrediction:
         held = self._tensors.get(key)
         if held is None:
             held = (torch.from_numpy(self.mean).to(device=device, dtype=dtype),
+                    None if self.basis is None else
                     torch.from_numpy(self.basis.T.copy()).to(device=device, dtype=dtype))
             self._tensors[key] = held
         mean, basis_t = held
@@ -107,7 +116,7 @@ class BlockPrediction:
         rows = max(1, _PIECE_BYTES // (4 * max(values.shape[1], 1)))
         for start in range(0, len(values), rows):
             part = slice(start, start + rows)
-            r = torch.addmm(mean, zb[part], basis_t)
+            r = zb[part] + mean if basis_t is None else torch.addmm(mean, zb[part], basis_t)
             torch.sub(values[part].to(dtype), r, out=r)
             yield part, r
 
@@ -124,7 +133,7 @@ class BlockPrediction:
                              population_z[:p])
         n = state.count
         z = state.zsums.z.numpy()
-        total = state.sum.numpy() - (n * self.mean + self.basis @ z[p:])
+        total = state.sum.numpy() - (n * self.mean + self._times(z[p:]))
         return GroupSums(n, total, None, state.zsums.latent(p), population, population_z[:p],
                          state.fit_sums())
 
@@ -133,7 +142,7 @@ class BlockPrediction:
         Dᵀ(Σ z yᵀ − Σz μᵀ − Σ z z_bᵀ Vᵀ), from Σz and Σzzᵀ over every sampled row."""
         d, p = pooled.directions, self.p
         products = pooled.products - np.outer(d.T @ z[:p], self.mean) - \
-            (d.T @ zz[:p, p:]) @ self.basis.T
+            self._times((d.T @ zz[:p, p:]).T).T
         return Pooled(d, products)
 
     def restore(self, fitted: Fitted, population_z: np.ndarray, widened: float = 1.0) -> Fitted:
@@ -142,8 +151,9 @@ class BlockPrediction:
         float32: its rounding joins the standard error, which matters only where the
         projections hold nearly all of a block (residuals near 0)."""
         zu = population_z[self.p:]
-        rounding = np.finfo(np.float32).eps * (np.abs(self.mean) + np.abs(self.basis) @ np.abs(zu))
-        return Fitted(fitted.mean + self.mean + self.basis @ zu,
+        rounding = np.finfo(np.float32).eps * (np.abs(self.mean) + (
+            np.abs(zu) if self.basis is None else np.abs(self.basis) @ np.abs(zu)))
+        return Fitted(fitted.mean + self.mean + self._times(zu),
                       np.sqrt((widened * fitted.se) ** 2 + rounding ** 2), fitted.df,
                       widened=widened)
 
@@ -154,13 +164,13 @@ class BlockPrediction:
         residual is estimated)."""
         if not self.own_rows:
             return None
-        return self.mean + self.basis @ population_z[self.p:]
+        return self.mean + self._times(population_z[self.p:])
 
     def corrected_mean(self, values: np.ndarray, z: np.ndarray,
                        population_z: np.ndarray) -> np.ndarray:
         """The same estimate from one group's sampled rows (EVALUATE's lean form)."""
         p = self.p
-        predicted = self.mean + z[:, p:] @ self.basis.T
-        return (self.mean + self.basis @ population_z[p:]
+        predicted = self.mean + self._times(z[:, p:].T).T
+        return (self.mean + self._times(population_z[p:])
                 + corrected_mean(np.asarray(values, dtype=np.float64) - predicted, z[:, :p],
                                  population_z[:p]))

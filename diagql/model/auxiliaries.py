@@ -47,7 +47,9 @@ class Auxiliary:
     key: str  # the view's key (View.key): the layer and, for a sequence, its reduction
     layer: str
     mean: np.ndarray  # (width,) float32, over the items the directions were fitted on
-    basis: np.ndarray  # (width, k) float32, orthonormal columns
+    # (width, k) float32, orthonormal columns; None: the identity (a view the profile holds,
+    # z its own rows: engine/covariates.py, ``_held``)
+    basis: np.ndarray | None
     z: np.ndarray  # (N, k) float32: every item's projection basisᵀ(y − mean)
     fitted_on: int  # items the directions were fitted on
 
