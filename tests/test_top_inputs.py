@@ -12,7 +12,7 @@ from torch import nn
 
 import diagql
 from diagql.engine import inputs_index
-from diagql.engine.aggregates import TopItems
+from diagql.engine.top_items import TopItems
 from diagql.errors import BindError, ExecutionError, ParseError
 from diagql.results.render import to_csv, to_json, to_text
 

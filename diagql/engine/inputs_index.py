@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.engine.aggregates import TopItems, neuron_major
+from diagql.engine.top_items import TopItems, neuron_major
 from diagql.engine.nonfinite import NonFinite
 
 K = 100  # items kept exactly per neuron and end: a query they answer reads no item at all

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from diagql.engine.aggregates import TopItems
+from diagql.engine.top_items import TopItems
 from diagql.engine.inputs_index import IndexBuilder, InputsIndex
 from diagql.engine.nonfinite import NonFinite
 from diagql.language.bind_inputs import BoundInputs
