@@ -640,3 +640,30 @@ def test_a_random_sample_s_mean_answers_where_the_fit_s_check_widened_it_past_th
                "knows for every item by 40.0x" in " ".join(str(result).split())
         biased = db.query("AVG NEURONS IN encoder.1 WHERE class = 3 USING SAMPLE vas(0.5)")
         assert biased.estimate.estimator == "assisted" and biased.estimate.widened == factor
+
+
+def test_a_grouped_sample_whose_assisted_sums_would_not_fit_takes_the_plain_mean(
+        cnn, digits, monkeypatch):
+    """Per group, the assisted sums hold covariates x neurons floats: 100 classes of a
+    262,144-neuron map would have held 8.8 GB, and ran out of memory (sweep II2). Past
+    ASSISTED_MEMORY the query takes the plain estimator, says why, and answers each group's
+    sample mean (numpy over the sampled rows)."""
+    from diagql.engine import planner
+
+    X, y = digits
+    X, y = X[:600], y[:600]
+    db = diagql.connect(cnn, (X, y), cache_dir=False, progress=False)
+    query = "AVG NEURONS IN 2 GROUP BY class USING SAMPLE random(0.3, random_state=4)"
+    assisted = db.query(query)
+    assert dict(assisted.plan.explain())["estimator"].startswith("assisted")
+    monkeypatch.setattr(planner, "ASSISTED_MEMORY", 2**16)
+    plain = db.query(query)
+    text = dict(plain.plan.explain())["estimator"]
+    assert text.startswith("plain: the sample mean; the assisted estimate's sums would hold")
+    items = db.sample("random(0.3, random_state=4)")
+    with torch.no_grad():
+        rows = cnn[:3](X[items]).flatten(1).double().numpy()
+    for c, group in plain.groups.items():
+        np.testing.assert_allclose(group.values[np.argsort(group.neurons)],
+                                   rows[y.numpy()[items] == c].mean(axis=0), rtol=1e-6,
+                                   atol=1e-7)
