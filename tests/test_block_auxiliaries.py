@@ -903,3 +903,22 @@ def test_a_block_whose_rows_depend_on_the_batch_is_not_rebuilt():
     assert db.profile.auxiliary('["0"]').spans
     answer = db.query("AVG NEURONS IN 0 WHERE class = 1 USING SAMPLE random(0.2)")
     assert not answer.estimate.exact and not answer.plan.from_profile
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_held_views_channel_means_are_its_rows_averaged_per_channel(channels_last):
+    """A held view's identity basis is never made (128 MB at a 4,096-wide latent); its
+    CHANNELS prediction averages each channel's values of the row, as numpy's reshape does."""
+    from types import SimpleNamespace
+
+    from diagql.engine.prediction import BlockPrediction
+
+    rng = np.random.default_rng(0)
+    row, mean = rng.normal(size=4 * 5 * 6), rng.normal(size=4 * 5 * 6).astype(np.float32)
+    held = SimpleNamespace(layer="map", mean=mean, basis=None)
+    prediction = BlockPrediction(held, 3, channels=4, channels_last=channels_last)
+    shaped = (lambda v: v.reshape(30, 4).mean(axis=0)) if channels_last else \
+        (lambda v: v.reshape(4, 30).mean(axis=1))
+    np.testing.assert_allclose(prediction.basis @ row, shaped(row), rtol=1e-12)
+    np.testing.assert_allclose(prediction.mean, shaped(mean.astype(np.float64)), rtol=1e-6)
+    assert BlockPrediction(held, 3).basis is None

@@ -68,12 +68,18 @@ class BlockPrediction:
                  own_rows: bool = False, channels_last: bool = False, rebuilt: bool = False):
         self.layer = auxiliary.layer
         self.mean = auxiliary.mean.astype(np.float64)
-        # (neurons, k); None: the identity, a held view's own rows (``_times``), made only
-        # for its CHANNELS' means: 128 MB of float64 at a 4,096-wide latent.
-        self.basis = None if auxiliary.basis is None and channels is None else \
-            np.eye(len(self.mean)) if auxiliary.basis is None else \
-            auxiliary.basis.astype(np.float64)
-        if channels is not None:  # CHANNELS: a channel's mean is linear in the rows too
+        # (neurons, k); None: the identity, a held view's own rows (``_times``; as a matrix,
+        # 128 MB of float64 at a 4,096-wide latent), for CHANNELS its channels' averaging
+        # (channels x width).
+        self.basis = None if auxiliary.basis is None else auxiliary.basis.astype(np.float64)
+        if channels is not None and self.basis is None:
+            width = len(self.mean)
+            columns = np.arange(width)
+            owner = columns % channels if channels_last else columns // (width // channels)
+            self.basis = np.zeros((channels, width))
+            self.basis[owner, columns] = channels / width
+            self.mean = self.basis @ self.mean
+        elif channels is not None:  # CHANNELS: a channel's mean is linear in the rows too
             k = self.basis.shape[1]
             if channels_last:  # (H, W, C) rows: each channel is every C-th value
                 self.mean = self.mean.reshape(-1, channels).mean(axis=0)
