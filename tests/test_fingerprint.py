@@ -873,3 +873,33 @@ def test_only_hooks_that_change_outputs_change_the_fingerprint():
         assert model_fingerprint(model) != bare
     finally:
         every.remove()
+
+
+def test_a_global_the_code_changes_itself_is_its_state_not_a_setting():
+    """A cache its forward fills, a counter under ``global``, a lazy singleton: their values
+    are what the process has run, and had changed the fingerprint (a Ray worker's against
+    the driver's, sweep JJ1); a setting it only reads still changes it."""
+    import types
+
+    from diagql.storage.code_reads import globals_written
+    from diagql.storage.fingerprint import globals_digests
+
+    namespace = {"__name__": "settings_module", "SEEN": {}, "CALLS": 0, "_TOK": None,
+                 "ORDER": [], "SCALE": 1.0, "CONFIG": {"shift": 0.0}}
+    exec("def forward(x):\n"
+         "    global CALLS, _TOK\n"
+         "    CALLS += 1\n"
+         "    SEEN[len(x)] = True\n"
+         "    ORDER.append(len(x))\n"
+         "    if _TOK is None:\n"
+         "        _TOK = object()\n"
+         "    return [v * SCALE + CONFIG['shift'] for v in x]\n", namespace)
+    forward = namespace["forward"]
+    assert isinstance(forward, types.FunctionType)
+    assert globals_written(forward.__code__) == {"CALLS", "_TOK", "SEEN", "ORDER"}
+    before = globals_digests([forward])
+    assert set(before) == {"settings_module.SCALE", "settings_module.CONFIG"}
+    forward([1.0, 2.0])
+    assert globals_digests([forward]) == before
+    namespace["CONFIG"]["shift"] = 1.0
+    assert globals_digests([forward])["settings_module.CONFIG"] != before["settings_module.CONFIG"]

@@ -14,10 +14,10 @@ import time
 import numpy as np
 
 from diagql.engine.ray_data import DatasetBlocks, DatasetHead
-from diagql.engine.ray_workers import (ENGINES, Tally, Worker, code_reads, free_for, holders,
-                                       is_factory, killed, put_once, start_ray, too_few)
+from diagql.engine.ray_workers import (ENGINES, Tally, Worker, free_for, holders, is_factory,
+                                       killed, other_reads, put_once, start_ray, too_few)
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
-from diagql.errors import DiagQLError, ExecutionError
+from diagql.errors import DiagQLError, ExecutionError, warn
 from diagql.model import pass_clock
 from diagql.model.profile import Profile
 from diagql.model.profile_pass import (assemble_profile, fit_items, fit_part, profile_part,
@@ -54,9 +54,9 @@ class RayEngine:
         self._device_type: str | None = None
         self._warned = False  # whether an ignored ray_address was warned of
         # What every worker's own must equal (open_engine): the weights digest of each model a
-        # factory built, a data factory's items as read, and the driver's models and data,
-        # whose code's reads of globals (ray_workers.other_weights, other_data, code_reads).
-        self.digests, self.data_digest, self.driver_models, self.driver_data = {}, None, {}, None
+        # factory built, a data factory's items as read (ray_workers.other_weights,
+        # other_data), and the driver's code's reads of globals (code_reads).
+        self.digests, self.data_digest, self.reads = {}, None, {}
 
     def dataset_head(self) -> DatasetHead:
         """For a Ray Dataset: turn it into blocks in the object store (now, while no worker
@@ -108,12 +108,10 @@ class RayEngine:
         # Not restarted by Ray: a dead worker is replaced by a new one here (run()), so that
         # the shard it held is run again exactly once per death, and merged once.
         worker = ray.remote(Worker).options(num_cpus=0 if gpus else 1, num_gpus=1 if gpus else 0)
-        # Taken now, not at connect: a global set between them is the driver's value.
-        reads = code_reads(self.driver_models, None if self._blocks is not None
-                           else self.driver_data)
         self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests,
-                                                 self.data_digest, reads)
+                                                 self.data_digest)
         self._actors = [self._new_worker() for _ in range(count)]
+        _compare_reads(ray, self._actors[0], self.reads)
         self._job = _session(ray)
         self._tally = ray.remote(Tally).options(num_cpus=0).remote()
         ENGINES.add(self)  # what holds the cluster's CPUs (GPUs), said when they are too few
@@ -275,6 +273,18 @@ class RayEngine:
                 if tally is not None:
                     tally.forget.remote(pass_id)
         return results
+
+
+def _compare_reads(ray, actor, driver: dict) -> None:
+    """Warn where the first worker's code reads other values of the user's globals than the
+    driver's (ray_workers.other_reads); a worker that failed to build says so at its task."""
+    try:
+        theirs = ray.get(actor.read_globals.remote())
+    except Exception:  # noqa: BLE001 - a worker that died building: its task says why
+        return
+    notice = None if theirs is None else other_reads(driver, theirs)
+    if notice:
+        warn(notice)
 
 
 def _count(ray, kind: str, total: int, engine: RayEngine) -> int:

@@ -42,8 +42,7 @@ class Tally:
 class Worker:
     """One model replica and one view of the data, built once; runs tasks on shards."""
 
-    def __init__(self, model, data, label_key, digests: dict, data_digest: str | None = None,
-                 reads: dict | None = None):
+    def __init__(self, model, data, label_key, digests: dict, data_digest: str | None = None):
         import ray
         import torch
 
@@ -63,8 +62,8 @@ class Worker:
             self.source = None if made is None else ItemSource(made, label_key=label_key)
             if self.failure is None and data_digest is not None:
                 self.failure = other_data(data, self.source, data_digest)
-            if self.failure is None and reads is not None:
-                self.failure = other_reads(reads, code_reads(self.models, made))
+            # The globals its code reads, as the driver compares them (``other_reads``).
+            self.globals_read = code_reads(self.models, made)
             self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
             for module in self.models.values():
                 module.to(self.device)
@@ -74,6 +73,10 @@ class Worker:
                 f"{type(exc).__name__}: {exc}"
             self.failure = DiagQLError(f"building the model and the data on a Ray worker "
                                        f"failed: {message}")
+
+    def read_globals(self) -> dict | None:
+        """``code_reads`` of what this worker built; None where building failed."""
+        return None if self.failure is not None else self.globals_read
 
     def run(self, task: bytes, items: np.ndarray, tally, key: tuple, attempt: int,
             blocks: list | None = None) -> bytes:
@@ -255,8 +258,10 @@ def other_weights(model, made: dict, digests: dict) -> DiagQLError | None:
 
 def code_reads(models: dict, data) -> dict:
     """The globals that the user's code of each model (by name) and of the data's items
-    reads, each by its digest (storage/fingerprint.globals_digests): taken on the driver
-    when the workers start and on each worker, which must read the same (``other_reads``)."""
+    reads, each by its digest (storage/fingerprint.globals_digests): taken on the driver at
+    connect, before DiagQL runs the model there (a cache its forward fills, a counter it
+    moves, are then as a fresh worker has them), and again where a change is followed before
+    any worker started; compared with the first worker's (``other_reads``)."""
     from diagql.storage.fingerprint import globals_digests, item_functions, model_functions
 
     reads = {("model", name): globals_digests(model_functions(module))
@@ -266,12 +271,13 @@ def code_reads(models: dict, data) -> dict:
     return reads
 
 
-def other_reads(driver: dict, mine: dict) -> DiagQLError | None:
-    """The error for a worker whose models' or data's code reads other values of the user's
+def other_reads(driver: dict, mine: dict) -> str | None:
+    """The warning for a worker whose models' or data's code reads other values of the user's
     globals than the driver's (``code_reads``): a worker imports the user's modules afresh,
-    so a value set at run time on the driver (``settings.SCALE = 2.0`` in a script, before
-    connect or after it) is not its, and every answer would be for the module's own value
-    (docs/ARCHITECTURE.md, "Engines")."""
+    so a value set at run time on the driver (``settings.SCALE = 2.0`` in a script) is not
+    its, and its answers are for the module's own value (docs/ARCHITECTURE.md, "Engines").
+    A warning, not a refusal: a value the module computes per process (its device, its
+    threads) differs alike and changes nothing."""
     for (kind, name), values in driver.items():
         theirs = mine.get((kind, name), {})
         differ = sorted(var for var, digest in values.items() if theirs.get(var) != digest)
@@ -281,13 +287,14 @@ def other_reads(driver: dict, mine: dict) -> DiagQLError | None:
             "the model" if name is None else f"model {name!r}"
         shown = ", ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3
                                          else "")
-        return DiagQLError(
-            f"the code of {what} reads {shown}, which has another value on a Ray worker than "
-            f"on the driver: a worker imports your modules afresh, so a value set while "
-            f"this program runs does not reach it, and its answers would be for the "
-            f"module's own value; set it in the module's file, or give a factory that sets "
-            f"it before building the {'data' if kind == 'data' else 'model'} "
-            f"(connect(make, ...), which each worker calls)")
+        whose = "whose value on a Ray worker is" if len(differ) == 1 else \
+            "whose values on a Ray worker are"
+        return (f"the code of {what} reads {shown}, {whose} not the driver's: a worker imports "
+                f"your modules afresh, so a value set while this program runs does not reach "
+                f"it, and the answers are for the worker's; where that changes the outputs, set "
+                f"it in the module's file, or give a factory that sets it before building the "
+                f"{'data' if kind == 'data' else 'model'} (connect(make, ...), which each "
+                f"worker calls)")
     return None
 
 

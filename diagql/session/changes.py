@@ -172,6 +172,10 @@ def _refuse_changes_on_workers(conn) -> None:
             conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
             conn._data_digest.clear()
             stamp = _driver_stamp(conn)
+        # The globals the workers must read alike, as they are now (a SCALE set since).
+        models = {name if conn.engine.several else None: entry.architecture()
+                  for name, entry in conn.models.items() if not entry.is_checkpoint}
+        conn.engine.reads = code_reads(models, conn.data if _sends_data(conn.engine) else None)
         for entry in conn.models.values():
             forget_indices(entry)
             entry.forget_derived()
@@ -183,6 +187,13 @@ def _refuse_changes_on_workers(conn) -> None:
                           "connect again to answer for them as they are now (or use the "
                           "local engine, which follows such changes)")
     conn.data_stamp = stamp
+
+
+def code_reads(models: dict, data) -> dict:
+    """engine/ray_workers.py's, imported when a Ray connection needs it."""
+    from diagql.engine.ray_workers import code_reads as taken
+
+    return taken(models, data)
 
 
 def _sends_data(engine) -> bool:

@@ -64,6 +64,53 @@ def _names(code: types.CodeType, attributes: bool) -> frozenset[str]:  # reads i
     return frozenset(names)
 
 
+# Methods that change a container in place: a global called so is the code's own state.
+_MUTATORS = frozenset({"append", "add", "update", "setdefault", "pop", "popitem", "extend",
+                       "insert", "clear", "remove", "discard", "__setitem__", "__delitem__"})
+@functools.lru_cache(maxsize=4096)
+def globals_written(code: types.CodeType) -> frozenset[str]:
+    """The globals that ``code`` (or code nested in it) changes itself: assigned under
+    ``global`` (a counter, a lazy singleton), or a container it stores into
+    (``CACHE[key] = value``) or calls a mutating method of (``SEEN.add(x)``). Their values
+    are the running code's state, not its settings: a process that ran it holds others than
+    one that did not."""
+    ops = list(dis.get_instructions(code))
+    names = set()
+    for i, op in enumerate(ops):
+        if op.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+            names.add(op.argval)
+        elif op.opname in _GLOBAL_LOADS and isinstance(op.argval, str):
+            after = ops[i + 1:i + 16]
+            if after and after[0].opname in _ATTRIBUTE_LOADS and after[0].argval in _MUTATORS:
+                names.add(op.argval)
+            elif _stored_into(op, after):
+                names.add(op.argval)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= globals_written(const)
+    return frozenset(names)
+
+
+def _stored_into(load, after) -> bool:
+    """Whether the value ``load`` pushes is the container of a store or delete that follows
+    (``X[key] = value``, ``X[i][j] = value``; not ``Y[k] = X[j]``): the stack above it, by
+    each instruction's net effect, holds only the key when the store comes."""
+    height = max(dis.stack_effect(load.opcode, load.arg) if load.arg is not None else 1, 1)
+    for op in after:
+        if op.opname in ("STORE_SUBSCR", "DELETE_SUBSCR"):
+            return height == 2  # [container, key] above the value, if any
+        if op.opname.startswith(("JUMP", "POP_JUMP", "RETURN", "FOR_ITER", "RAISE")):
+            return False
+        try:
+            height += dis.stack_effect(op.opcode, op.arg, jump=False) if op.opcode >= \
+                dis.HAVE_ARGUMENT else dis.stack_effect(op.opcode)
+        except ValueError:
+            return False
+        if height < 1:
+            return False
+    return False
+
+
 _STDLIB: list[str] = []
 
 

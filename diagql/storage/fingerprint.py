@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import xxhash
 
-from diagql.storage.code_reads import globals_read, user_code, user_module, user_path
+from diagql.storage.code_reads import (globals_read, globals_written, user_code, user_module,
+                                      user_path)
 from diagql.storage.hook_effects import users_changing
 
 
@@ -108,8 +109,10 @@ def globals_digests(functions) -> dict[str, str]:
     """Each global that the user's ``functions`` read (storage/code_reads.py), as
     ``module.name``, to its digest as a statement's stamp takes it (numbers, strings,
     functions, small containers; a larger value by its type, one that cannot be seen
-    "unseen"). What a Ray worker, which imports the user's modules afresh, must read alike
-    (engine/ray_workers.py): a global set at run time on the driver is not its."""
+    "unseen"); not one that the functions change themselves (``globals_written``: a cache, a
+    counter, a lazy singleton). What a Ray worker, which imports the user's modules afresh,
+    must read alike (engine/ray_workers.py): a global set at run time on the driver is not
+    its."""
     walk = _Walk(code="scalars")
     walk.limit = STAMP_VALUES
     found: dict[str, str] = {}
@@ -117,8 +120,9 @@ def globals_digests(functions) -> dict[str, str]:
         if not (isinstance(fn, types.FunctionType) and user_code(fn.__code__)):
             continue
         module = fn.__globals__.get("__name__", "?")
+        written = globals_written(fn.__code__)
         for var, value in globals_read(fn.__code__, fn.__globals__):
-            if f"{module}.{var}" in found:
+            if f"{module}.{var}" in found or var in written:
                 continue
             part = xxhash.xxh3_128()
             try:
@@ -578,11 +582,16 @@ class _Walk:
 
     def globals_of(self, digest, name: str, fn: types.FunctionType) -> None:
         """The globals the user's function reads (storage/code_reads.py), each once per
-        walk. One that cannot be seen whole (a logger, a generator) is named, not hashed: it
-        must not keep the whole model from the cache."""
+        walk, but those it changes itself (``globals_written``: a cache its calls fill, a
+        counter, a lazy singleton: its running state, which a process that ran it holds
+        otherwise than one that did not). One that cannot be seen whole (a logger, a
+        generator) is named, not hashed: it must not keep the whole model from the cache."""
         if not (self.follow_code and user_code(fn.__code__)):
             return
+        written = globals_written(fn.__code__)  # its own state: a cache, a counter
         for var, value in globals_read(fn.__code__, fn.__globals__):
+            if var in written:
+                continue
             self.global_value(digest, name, id(fn.__globals__), var, value)
             self.module_reads(digest, name, fn.__code__, var, value, depth=3)
 
