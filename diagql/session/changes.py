@@ -39,6 +39,7 @@ from diagql.errors import DiagQLError, warn
 from diagql.model.data import ItemSource, listed_items
 from diagql.model.forward import FORWARDS
 from diagql.session.inputs import forget_indices
+from diagql.session.item_stamps import items_stamp, length, version
 from diagql.session.serial import STATEMENTS
 from diagql.storage.fingerprint import (code_digest, hooks_digest, item_functions,
                                        model_fingerprint)
@@ -46,30 +47,10 @@ from diagql.storage.sampled import SAMPLE_BYTES, sampled_digest
 
 FULL_BYTES = 32 * 1024 ** 2  # hashed whole before each statement: about 5 ms at most
 MAX_MODULES = 512  # and of at most so many modules (2,000 small ones took 45 ms)
-LISTED_ITEMS = 100_000  # a list of items' items stamped one by one before each statement
-SCALARS = (int, float, str, bool, type(None))
 
 
 def tensor_stamp(tensors) -> tuple:
-    return tuple((id(t), _pointer(t), _version(t)) for t in tensors)
-
-
-def _version(t) -> int:
-    """Its version counter; -1 for an inference tensor (made under torch.inference_mode),
-    which keeps none (and cannot be written outside inference mode)."""
-    if is_lazy(t) or t.is_inference():  # asked, not tried: an exception an item cost 1 s
-        return -1  # in 100,000 (a lazy module's parameter answers neither)
-    return t._version
-
-
-def _versions(tensors: list) -> tuple:
-    """A column of items' tensors' version counters, read in one sweep (27 ms for 100,000,
-    against 85 ms asking each ``_version``'s questions); where one is an inference tensor,
-    which keeps none and raises, each is asked (``_version``)."""
-    try:
-        return tuple(t._version for t in tensors)
-    except RuntimeError:
-        return tuple(map(_version, tensors))
+    return tuple((id(t), _pointer(t), version(t)) for t in tensors)
 
 
 def _pointer(t) -> int:
@@ -173,6 +154,8 @@ def _refuse_changes_on_workers(conn) -> None:
             conn._data_digest.clear()
             stamp = _driver_stamp(conn)
         # The globals the workers must read alike, as they are now (a SCALE set since).
+        from diagql.engine.ray_workers import code_reads
+
         models = {name if conn.engine.several else None: entry.architecture()
                   for name, entry in conn.models.items() if not entry.is_checkpoint}
         conn.engine.reads = code_reads(models, conn.data if _sends_data(conn.engine) else None)
@@ -187,13 +170,6 @@ def _refuse_changes_on_workers(conn) -> None:
                           "connect again to answer for them as they are now (or use the "
                           "local engine, which follows such changes)")
     conn.data_stamp = stamp
-
-
-def code_reads(models: dict, data) -> dict:
-    """engine/ray_workers.py's, imported when a Ray connection needs it."""
-    from diagql.engine.ray_workers import code_reads as taken
-
-    return taken(models, data)
 
 
 def _sends_data(engine) -> bool:
@@ -329,7 +305,7 @@ def after_statement(conn) -> None:
     # read the data again).
     if conn.data_stamp is not None and (conn.data_stamp[-1] is not None or
                                         conn.data_stamp[-2] is not None):
-        conn.data_stamp = (*conn.data_stamp[:-2], _items_stamp(listed_items(conn.source)),
+        conn.data_stamp = (*conn.data_stamp[:-2], items_stamp(listed_items(conn.source)),
                            _item_code(conn.data))
 
 
@@ -361,63 +337,7 @@ def data_stamp(conn) -> tuple:
         arrays = [*arrays, *_lists_as_arrays(conn.data)]
     return tensor_stamp(tensors), _lengths(conn.data), \
         sampled_digest([*tensors, *arrays], budget=None if size <= FULL_BYTES else SAMPLE_BYTES), \
-        _items_stamp(listed_items(conn.source)), _item_code(conn.data)
-
-
-def _items_stamp(items) -> tuple | None:
-    """A list of items' stamp: each item's identity, its tensors' identities and version
-    counters, and its numbers (a label), so that an item replaced, or one's tensor written in
-    place (``x.mul_``), is seen, as a pair's tensors are; up to LISTED_ITEMS of them, spread
-    over a longer list. Read a column at a time where the items are alike (20 ms for 50,000
-    (x, label) items), else item by item. A numpy array or a Python list inside an
-    item is stamped by identity (and a list by length): its values are not read, which at
-    64 token ids an item cost 0.4 s a statement. None for data in another form."""
-    if items is None:
-        return None
-    if len(items) > LISTED_ITEMS:
-        items = [items[i] for i in np.linspace(0, len(items) - 1, LISTED_ITEMS).astype(int)]
-    try:
-        return tuple(_column_stamp(items, top=True))
-    except (AttributeError, KeyError, IndexError, TypeError):
-        # Items unlike the first (other keys, a tensor where the first has a number).
-        return tuple((id(item), *_parts_stamp(item)) for item in items)
-
-
-def _column_stamp(values: list, top: bool = False) -> list:
-    """One part of every item (``values``): numbers as they are, tensors' identities and
-    versions, a tuple's or mapping's parts column by column (the item's own list too)."""
-    if all(type(value) in SCALARS for value in values):
-        return [tuple(values)]
-    first = values[0]
-    kind = type(first)
-    if not all(type(value) is kind for value in values):  # a list first, tensors after it
-        raise TypeError("items unlike the first: stamped one by one")
-    stamp = [tuple(map(id, values))]
-    if isinstance(first, torch.Tensor):
-        return [*stamp, _versions(values)]
-    if isinstance(first, list) and not top:
-        return [*stamp, tuple(map(len, values))]
-    keys = list(first) if isinstance(first, Mapping) else range(len(first)) \
-        if isinstance(first, (tuple, list)) else ()
-    for key in keys:
-        stamp += _column_stamp([value[key] for value in values])
-    return stamp
-
-
-def _parts_stamp(item, top: bool = True) -> tuple:
-    parts = item.values() if isinstance(item, Mapping) else \
-        item if isinstance(item, tuple) or (top and isinstance(item, list)) else (item,)
-    stamp = []
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            stamp.append((id(part), _version(part)))
-        elif isinstance(part, (tuple, Mapping)):  # ((x1, x2), y): the inputs' tensors
-            stamp.append(_parts_stamp(part, top=False))
-        elif type(part) in SCALARS:
-            stamp.append(part)
-        else:  # a list of token ids, an array: by identity (and length)
-            stamp.append((id(part), _length(part)))
-    return tuple(stamp)
+        items_stamp(listed_items(conn.source)), _item_code(conn.data)
 
 
 def _item_code(data) -> str | None:
@@ -474,14 +394,7 @@ def _lengths(data) -> tuple:
             except (TypeError, ValueError):  # indices of the user's own kind: not stamped
                 pass
         data = data.dataset
-    return (*(_length(part) for part in (data, *_given(data))), picked)
-
-
-def _length(value) -> int | None:
-    try:
-        return len(value)
-    except Exception:  # noqa: BLE001 - no length (a bare tensor's 0-d), or the user's raised
-        return None
+    return (*(length(part) for part in (data, *_given(data))), picked)
 
 
 def _weights_changed(entry) -> str:
