@@ -931,3 +931,20 @@ def test_a_relative_cache_dir_stays_where_it_was_named(tmp_path, monkeypatch):
     assert cache.flush(timeout=60)
     assert (tmp_path / "c21" / "profile" / "a.npz").exists()
     assert not (tmp_path / "elsewhere" / "c21").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX's")
+def test_entries_are_written_with_the_process_umask_so_a_shared_cache_is_readable(tmp_path):
+    """mkstemp makes its files 0600: a cache directory several users share (one
+    $DIAGQL_CACHE_DIR) had been unreadable to all but each entry's writer, who was warned 16
+    times a session and had the cache turned off. An entry now has the mode any file the
+    process makes has."""
+    old = os.umask(0o022)
+    try:
+        cache = Cache(tmp_path)
+        cache.store("profile", "k" * 40, {"x": np.arange(3.0)}, {})
+        cache.flush()
+    finally:
+        os.umask(old)
+    entries = [p for p in tmp_path.rglob("*.npz")]
+    assert entries and all(p.stat().st_mode & 0o777 == 0o644 for p in entries)

@@ -66,6 +66,18 @@ PENDING = Pending()
 _WRITING: weakref.WeakSet = weakref.WeakSet()  # writers that have been handed entries
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once; once per process)."""
+    if not _UMASK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        _UMASK.append(mask)
+    return _UMASK[0]
+
+
+_UMASK: list[int] = []
+
+
 class Writer:
     """One Cache's writer thread and its queue: entries are written one at a time, in order,
     each to a temporary file that is renamed into place once whole."""
@@ -138,6 +150,9 @@ class Writer:
                                         dir=path.parent)
             with os.fdopen(fd, "wb") as file:
                 entry_file.write(file, job.payload)
+            # As any file the process makes (mkstemp's own are 0600): a cache directory that
+            # several users share had been unreadable to all but each entry's writer.
+            os.chmod(temp, 0o666 & ~_umask())
             try:
                 os.replace(temp, path)  # only a whole file is ever renamed into place
             except PermissionError:
