@@ -903,3 +903,39 @@ def test_a_global_the_code_changes_itself_is_its_state_not_a_setting():
     assert globals_digests([forward]) == before
     namespace["CONFIG"]["shift"] = 1.0
     assert globals_digests([forward])["settings_module.CONFIG"] != before["settings_module.CONFIG"]
+
+
+def test_a_constant_the_forward_imports_itself_or_reads_through_globals_is_followed(
+        tmp_path, monkeypatch):
+    """``import cfg`` or ``from cfg import K`` inside forward (Hugging Face's lazy imports),
+    and ``globals()["SCALE"]``: an edit of such a constant had left a cached profile stale,
+    the old model's answers with no warning (sweep JJ2). The module is found even before the
+    forward first ran (the cache key is taken first)."""
+    import sys
+
+    (tmp_path / "lazy_cfg_mod.py").write_text("K = 1.0\nK2 = 2.0\n")
+    (tmp_path / "lazy_net_mod.py").write_text(
+        "import torch\n"
+        "SCALE = 1.0\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(3, 2)\n"
+        "    def forward(self, x):\n"
+        "        import lazy_cfg_mod\n"
+        "        from lazy_cfg_mod import K2\n"
+        "        return self.fc(x) * lazy_cfg_mod.K * K2 * globals()['SCALE']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net_module = importlib.import_module("lazy_net_mod")
+    model = net_module.Net()
+    assert "lazy_cfg_mod" not in sys.modules  # its forward has not run
+    before = model_fingerprint(model)
+    cfg = sys.modules["lazy_cfg_mod"]
+    for module, name in ((cfg, "K"), (cfg, "K2"), (net_module, "SCALE")):
+        monkeypatch.setattr(module, name, 3.0)
+        assert model_fingerprint(model) != before, name
+        monkeypatch.undo()
+        monkeypatch.syspath_prepend(str(tmp_path))
+    assert model_fingerprint(model) == before
+    for name in ("lazy_cfg_mod", "lazy_net_mod"):
+        sys.modules.pop(name, None)

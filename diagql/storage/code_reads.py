@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dis
 import functools
+import importlib.util
+import sys
 import sysconfig
 import types
 
@@ -50,7 +52,8 @@ def globals_read(code: types.CodeType, namespace: dict,
 
 
 _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
-_ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+# ``from cfg import K`` inside a function reads cfg's K as ``cfg.K`` would.
+_ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "IMPORT_FROM"})
 
 
 @functools.lru_cache(maxsize=4096)  # a code object never changes: each statement's stamp
@@ -58,15 +61,61 @@ def _names(code: types.CodeType, attributes: bool) -> frozenset[str]:  # reads i
     wanted = _ATTRIBUTE_LOADS if attributes else _GLOBAL_LOADS
     names = {op.argval for op in dis.get_instructions(code)
              if op.opname in wanted and isinstance(op.argval, str)}
+    if not attributes and "globals" in names:  # globals()["K"]: its string constants
+        names |= {const for const in code.co_consts if isinstance(const, str)}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _names(const, attributes)
     return frozenset(names)
 
 
+def modules_imported(code: types.CodeType, namespace: dict) -> list[tuple[str, object]]:
+    """The user's modules that ``code`` (or code nested in it) imports itself, as (name,
+    module), those already imported: ``import cfg`` or ``from cfg import K`` inside a
+    forward, whose reads of them (``cfg.K``) count as a global module's do. An edit of such
+    a constant had left a cached profile stale (sweep JJ2)."""
+    found = []
+    for name, level in _imports(code):
+        try:
+            absolute = importlib.util.resolve_name("." * level + name, namespace.get(
+                "__package__")) if level else name
+        except (ImportError, ValueError):
+            continue
+        module = sys.modules.get(absolute) or _user_import(absolute)
+        if module is not None and user_module(module):
+            found.append((absolute, module))
+    return found
+
+
+def _user_import(name: str):
+    """The user's module ``name``, imported as the function would on its first call (before
+    the model has run, a cache key is taken before its forward imports it); None for an
+    installed package's, or one that cannot be imported."""
+    try:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not isinstance(spec.origin, str) or not user_path(spec.origin):
+            return None
+        return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - the user's module failed: its forward will say so
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _imports(code: types.CodeType) -> tuple[tuple[str, int], ...]:
+    ops = list(dis.get_instructions(code))
+    found = [(op.argval, ops[i - 2].argval if i >= 2 and isinstance(ops[i - 2].argval, int)
+              else 0) for i, op in enumerate(ops) if op.opname == "IMPORT_NAME"]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found += _imports(const)
+    return tuple(found)
+
+
 # Methods that change a container in place: a global called so is the code's own state.
 _MUTATORS = frozenset({"append", "add", "update", "setdefault", "pop", "popitem", "extend",
                        "insert", "clear", "remove", "discard", "__setitem__", "__delitem__"})
+
+
 @functools.lru_cache(maxsize=4096)
 def globals_written(code: types.CodeType) -> frozenset[str]:
     """The globals that ``code`` (or code nested in it) changes itself: assigned under

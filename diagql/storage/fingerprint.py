@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import xxhash
 
-from diagql.storage.code_reads import (globals_read, globals_written, user_code, user_module,
-                                      user_path)
+from diagql.storage.code_reads import (globals_read, globals_written, modules_imported,
+                                      user_code, user_module, user_path)
 from diagql.storage.hook_effects import users_changing
 
 
@@ -594,6 +594,8 @@ class _Walk:
                 continue
             self.global_value(digest, name, id(fn.__globals__), var, value)
             self.module_reads(digest, name, fn.__code__, var, value, depth=3)
+        for var, module in modules_imported(fn.__code__, fn.__globals__):
+            self.module_reads(digest, name, fn.__code__, f"<import {var}>", module, depth=3)
 
     def module_reads(self, digest, name: str, code, var: str, value, depth: int) -> None:
         """settings.SCALE, pkg.ops.f: the names the code reads as attributes, looked up in
