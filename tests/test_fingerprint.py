@@ -909,8 +909,10 @@ def test_a_constant_the_forward_imports_itself_or_reads_through_globals_is_follo
         tmp_path, monkeypatch):
     """``import cfg`` or ``from cfg import K`` inside forward (Hugging Face's lazy imports),
     and ``globals()["SCALE"]``: an edit of such a constant had left a cached profile stale,
-    the old model's answers with no warning (sweep JJ2). The module is found even before the
-    forward first ran (the cache key is taken first)."""
+    the old model's answers with no warning (sweep JJ2). Before the forward first ran, the
+    module is followed by its file, never imported (a branch the forward never takes could
+    import a script that parses the command line: review KK1); once imported, by the
+    attributes the code reads."""
     import sys
 
     (tmp_path / "lazy_cfg_mod.py").write_text("K = 1.0\nK2 = 2.0\n")
@@ -926,16 +928,56 @@ def test_a_constant_the_forward_imports_itself_or_reads_through_globals_is_follo
         "        from lazy_cfg_mod import K2\n"
         "        return self.fc(x) * lazy_cfg_mod.K * K2 * globals()['SCALE']\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    net_module = importlib.import_module("lazy_net_mod")
-    model = net_module.Net()
-    assert "lazy_cfg_mod" not in sys.modules  # its forward has not run
-    before = model_fingerprint(model)
-    cfg = sys.modules["lazy_cfg_mod"]
-    for module, name in ((cfg, "K"), (cfg, "K2"), (net_module, "SCALE")):
-        monkeypatch.setattr(module, name, 3.0)
-        assert model_fingerprint(model) != before, name
-        monkeypatch.undo()
-        monkeypatch.syspath_prepend(str(tmp_path))
-    assert model_fingerprint(model) == before
-    for name in ("lazy_cfg_mod", "lazy_net_mod"):
-        sys.modules.pop(name, None)
+    try:
+        model = importlib.import_module("lazy_net_mod").Net()
+        before = model_fingerprint(model)
+        assert "lazy_cfg_mod" not in sys.modules  # followed by its file, not imported
+        (tmp_path / "lazy_cfg_mod.py").write_text("K = 3.0\nK2 = 2.0\n")
+        edited = model_fingerprint(model)
+        assert edited != before
+        model(torch.zeros(1, 3))  # the forward imports it: now by its attributes
+        cfg, net = sys.modules["lazy_cfg_mod"], sys.modules["lazy_net_mod"]
+        imported = model_fingerprint(model)
+        for module, name in ((cfg, "K"), (cfg, "K2"), (net, "SCALE")):
+            value = getattr(module, name)
+            setattr(module, name, value + 1.0)
+            assert model_fingerprint(model) != imported, name
+            setattr(module, name, value)
+        assert model_fingerprint(model) == imported
+    finally:
+        for name in ("lazy_cfg_mod", "lazy_net_mod"):
+            sys.modules.pop(name, None)
+
+
+def test_a_module_function_named_like_a_mutator_and_a_setting_the_code_writes_are_followed(
+        tmp_path, monkeypatch):
+    """``ops.add(x, 1)`` is no write of the module ``ops``, and ``global MODE; if MODE is
+    None: MODE = 1.0`` leaves MODE a setting the user may edit: both had dropped out of the
+    cache key, and an edit of either left a cached profile stale (review KK1)."""
+    import sys
+
+    (tmp_path / "kk_ops_mod.py").write_text("ALPHA = 1.0\ndef add(x, y):\n    return x + ALPHA * y\n")
+    (tmp_path / "kk_net_mod.py").write_text(
+        "import torch\nimport kk_ops_mod\nMODE = None\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(3, 2)\n"
+        "    def forward(self, x):\n"
+        "        global MODE\n"
+        "        if MODE is None:\n"
+        "            MODE = 1.0\n"
+        "        return kk_ops_mod.add(self.fc(x), 1.0) * MODE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        model = importlib.import_module("kk_net_mod").Net()
+        ops, net = sys.modules["kk_ops_mod"], sys.modules["kk_net_mod"]
+        before = model_fingerprint(model)
+        for module, name, value in ((ops, "ALPHA", 7.0), (net, "MODE", 3.0)):
+            old = getattr(module, name)
+            setattr(module, name, value)
+            assert model_fingerprint(model) != before, name
+            setattr(module, name, old)
+    finally:
+        for name in ("kk_ops_mod", "kk_net_mod"):
+            sys.modules.pop(name, None)

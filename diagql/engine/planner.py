@@ -244,7 +244,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                    channels_last=layer.layout == CHANNELS_LAST)
     p = prediction.p if prediction is not None else z.width
     sums = _assisted_bytes(plan.group_keys, p, bound.n_neurons)
-    if sums > ASSISTED_MEMORY:
+    if sums > ASSISTED_MEMORY and not chosen.exact:  # a held view's answer is exact
         return dataclasses.replace(plan, estimator="plain", estimator_text=(
             f"plain: the sample mean; the assisted estimate's sums would hold "
             f"{sums / 2**30:,.1f} GiB (groups x {p} covariates x {bound.n_neurons:,} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import importlib.machinery
 import importlib.util
 import sys
 import sysconfig
@@ -71,9 +72,11 @@ def _names(code: types.CodeType, attributes: bool) -> frozenset[str]:  # reads i
 
 def modules_imported(code: types.CodeType, namespace: dict) -> list[tuple[str, object]]:
     """The user's modules that ``code`` (or code nested in it) imports itself, as (name,
-    module), those already imported: ``import cfg`` or ``from cfg import K`` inside a
-    forward, whose reads of them (``cfg.K``) count as a global module's do. An edit of such
-    a constant had left a cached profile stale (sweep JJ2)."""
+    module), whose reads of them (``cfg.K``) count as a global module's do; (name, the path of
+    its source file) for one not imported yet (the cache key is taken before the forward first
+    runs), found without importing it, which could run what the forward never would. An edit
+    of a constant a forward imported with ``import cfg`` or ``from cfg import K`` had left a
+    cached profile stale (sweep JJ2)."""
     found = []
     for name, level in _imports(code):
         try:
@@ -81,23 +84,16 @@ def modules_imported(code: types.CodeType, namespace: dict) -> list[tuple[str, o
                 "__package__")) if level else name
         except (ImportError, ValueError):
             continue
-        module = sys.modules.get(absolute) or _user_import(absolute)
-        if module is not None and user_module(module):
-            found.append((absolute, module))
+        module = sys.modules.get(absolute)
+        if module is not None:
+            if user_module(module):
+                found.append((absolute, module))
+        elif "." not in absolute:  # a submodule's search would import its package
+            spec = importlib.machinery.PathFinder.find_spec(absolute)
+            origin = None if spec is None else spec.origin
+            if isinstance(origin, str) and origin.endswith(".py") and user_path(origin):
+                found.append((absolute, origin))
     return found
-
-
-def _user_import(name: str):
-    """The user's module ``name``, imported as the function would on its first call (before
-    the model has run, a cache key is taken before its forward imports it); None for an
-    installed package's, or one that cannot be imported."""
-    try:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not isinstance(spec.origin, str) or not user_path(spec.origin):
-            return None
-        return importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - the user's module failed: its forward will say so
-        return None
 
 
 @functools.lru_cache(maxsize=4096)

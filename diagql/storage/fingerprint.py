@@ -109,10 +109,10 @@ def globals_digests(functions) -> dict[str, str]:
     """Each global that the user's ``functions`` read (storage/code_reads.py), as
     ``module.name``, to its digest as a statement's stamp takes it (numbers, strings,
     functions, small containers; a larger value by its type, one that cannot be seen
-    "unseen"); not one that the functions change themselves (``globals_written``: a cache, a
-    counter, a lazy singleton). What a Ray worker, which imports the user's modules afresh,
-    must read alike (engine/ray_workers.py): a global set at run time on the driver is not
-    its."""
+    "unseen"); not a container or a plain value that the functions change themselves
+    (``globals_written``: a cache, a counter, a lazy singleton), whose value is what the
+    process has run. What a Ray worker, which imports the user's modules afresh, must read
+    alike (engine/ray_workers.py): a global set at run time on the driver is not its."""
     walk = _Walk(code="scalars")
     walk.limit = STAMP_VALUES
     found: dict[str, str] = {}
@@ -122,7 +122,8 @@ def globals_digests(functions) -> dict[str, str]:
         module = fn.__globals__.get("__name__", "?")
         written = globals_written(fn.__code__)
         for var, value in globals_read(fn.__code__, fn.__globals__):
-            if f"{module}.{var}" in found or var in written:
+            if f"{module}.{var}" in found or var in written and not isinstance(
+                    value, (types.ModuleType, type, types.FunctionType)):
                 continue
             part = xxhash.xxh3_128()
             try:
@@ -582,20 +583,20 @@ class _Walk:
 
     def globals_of(self, digest, name: str, fn: types.FunctionType) -> None:
         """The globals the user's function reads (storage/code_reads.py), each once per
-        walk, but those it changes itself (``globals_written``: a cache its calls fill, a
-        counter, a lazy singleton: its running state, which a process that ran it holds
-        otherwise than one that did not). One that cannot be seen whole (a logger, a
-        generator) is named, not hashed: it must not keep the whole model from the cache."""
+        walk, and the user's modules it imports itself (``modules_imported``: one imported
+        already by its attributes the code reads, as a global module's; one not yet by its
+        file). One that cannot be seen whole (a logger, a generator) is named, not hashed: it
+        must not keep the whole model from the cache."""
         if not (self.follow_code and user_code(fn.__code__)):
             return
-        written = globals_written(fn.__code__)  # its own state: a cache, a counter
         for var, value in globals_read(fn.__code__, fn.__globals__):
-            if var in written:
-                continue
             self.global_value(digest, name, id(fn.__globals__), var, value)
             self.module_reads(digest, name, fn.__code__, var, value, depth=3)
         for var, module in modules_imported(fn.__code__, fn.__globals__):
-            self.module_reads(digest, name, fn.__code__, f"<import {var}>", module, depth=3)
+            if isinstance(module, str):  # not imported yet: its file, read as it is now
+                _feed(digest, name, "import", var, _file_digest.__wrapped__(module))
+            else:
+                self.module_reads(digest, name, fn.__code__, f"<import {var}>", module, depth=3)
 
     def module_reads(self, digest, name: str, code, var: str, value, depth: int) -> None:
         """settings.SCALE, pkg.ops.f: the names the code reads as attributes, looked up in
