@@ -667,3 +667,12 @@ def test_a_grouped_sample_whose_assisted_sums_would_not_fit_takes_the_plain_mean
         np.testing.assert_allclose(group.values[np.argsort(group.neurons)],
                                    rows[y.numpy()[items] == c].mean(axis=0), rtol=1e-6,
                                    atol=1e-7)
+    # A view the profile holds (the logits) needs no sums: still exact (review KK1).
+    monkeypatch.setattr(planner, "ASSISTED_MEMORY", 2**10)
+    held = db.query("AVG NEURONS IN 8 GROUP BY class USING SAMPLE random(0.3, random_state=4)")
+    assert dict(held.plan.explain())["estimator"].startswith("assisted: exact")
+    with torch.no_grad():
+        logits = cnn(X).double().numpy()
+    for c, group in held.groups.items():
+        np.testing.assert_allclose(group.values[np.argsort(group.neurons)],
+                                   logits[y.numpy() == c].mean(axis=0), rtol=1e-5, atol=1e-6)
