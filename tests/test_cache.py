@@ -938,13 +938,15 @@ def test_entries_are_written_with_the_process_umask_so_a_shared_cache_is_readabl
     """mkstemp makes its files 0600: a cache directory several users share (one
     $DIAGQL_CACHE_DIR) had been unreadable to all but each entry's writer, who was warned 16
     times a session and had the cache turned off. An entry now has the mode any file the
-    process makes has."""
-    old = os.umask(0o022)
-    try:
-        cache = Cache(tmp_path)
-        cache.store("profile", "k" * 40, {"x": np.arange(3.0)}, {})
-        cache.flush()
-    finally:
-        os.umask(old)
-    entries = [p for p in tmp_path.rglob("*.npz")]
-    assert entries and all(p.stat().st_mode & 0o777 == 0o644 for p in entries)
+    process makes has (its umask, read when the writer's module is imported)."""
+    from diagql.storage import writer
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert writer._umask() == mask
+    cache = Cache(tmp_path)
+    cache.store("profile", "k" * 40, {"x": np.arange(3.0)}, {})
+    cache.flush()
+    entries = list(tmp_path.rglob("*.npz"))
+    assert entries and all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in entries)
+    assert 0o666 & ~mask != 0o600  # the test means something under this umask

@@ -67,15 +67,14 @@ _WRITING: weakref.WeakSet = weakref.WeakSet()  # writers that have been handed e
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it, so set back at once; once per process)."""
-    if not _UMASK:
-        mask = os.umask(0o022)
-        os.umask(mask)
-        _UMASK.append(mask)
-    return _UMASK[0]
+    """The process's umask (read by setting it, so set back at once), read when this module is
+    imported, not from the writer thread: another thread making a file in between would get
+    the mode set meanwhile (review KK1)."""
+    return _UMASK
 
 
-_UMASK: list[int] = []
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class Writer:
