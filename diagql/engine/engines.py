@@ -28,12 +28,11 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
     if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
         raise DiagQLError(f"ray_workers must be a positive number of workers, not {ray_workers!r}")
     from diagql.engine.ray_engine import RayEngine
-    from diagql.engine.ray_workers import (built_models, code_reads, is_factory, items_digest,
+    from diagql.engine.ray_workers import (built_models, driver_reads, is_factory, items_digest,
                                            weights_digests)
     from diagql.model.data import ItemSource
 
     ray = RayEngine(model, data, label_key=label_key, address=ray_address, workers=ray_workers)
-    given = data
     if is_ray_dataset(data):
         data = ray.dataset_head()
     elif is_factory(data):
@@ -47,5 +46,5 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
     ray.several = None not in models
     # Before the driver runs the model (the catalog's probe): a cache its forward fills is
     # then as a fresh worker's.
-    ray.reads = code_reads(models, None if is_ray_dataset(given) else data)
+    ray.reads = driver_reads(ray, models, data)
     return models if ray.several else models[None], data, ray

@@ -10,7 +10,7 @@ import weakref
 
 import numpy as np
 
-from diagql.engine.ray_data import ShardSource
+from diagql.engine.ray_data import ShardSource, is_ray_dataset
 from diagql.errors import DiagQLError
 from diagql.model.hooks import hookable
 
@@ -269,6 +269,12 @@ def code_reads(models: dict, data) -> dict:
     if data is not None:
         reads["data", None] = globals_digests(item_functions(data))
     return reads
+
+
+def driver_reads(engine, models: dict, data) -> dict:
+    """``code_reads`` of the driver's models and data (its copy of a factory's, not a Ray
+    Dataset's head, whose blocks the workers read as they are)."""
+    return code_reads(models, None if is_ray_dataset(engine.data) else data)
 
 
 def other_reads(driver: dict, mine: dict) -> str | None:

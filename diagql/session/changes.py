@@ -92,12 +92,8 @@ def notice_changes(conn) -> None:
         return
     data = data_stamp(conn)
     data_changed = conn.data_stamp is not None and data != conn.data_stamp
-    if data_changed:  # read again: the labels were copied when it was first read
-        conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
-        # The cache keys' fingerprint (ModelEntry.data_digest) is taken again, of the data as
-        # the new source reads it, when a key is next needed: every entry made from here on
-        # is keyed by the data as it is now, never the original's.
-        conn._data_digest.clear()
+    if data_changed:
+        _read_again(conn)
         data = (tensor_stamp(_data_parts(conn)[0]), *data[1:])  # the new source's tensors
     conn.data_stamp = data
     forgot, remade = [], set()
@@ -150,15 +146,14 @@ def _refuse_changes_on_workers(conn) -> None:
         # pass): they will take the models and the data as they are now; what the driver
         # derived from them goes, and the data is read again (its labels were copied).
         if data_changed:
-            conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
-            conn._data_digest.clear()
+            _read_again(conn)
             stamp = _driver_stamp(conn)
         # The globals the workers must read alike, as they are now (a SCALE set since).
-        from diagql.engine.ray_workers import code_reads
+        from diagql.engine.ray_workers import driver_reads
 
         models = {name if conn.engine.several else None: entry.architecture()
                   for name, entry in conn.models.items() if not entry.is_checkpoint}
-        conn.engine.reads = code_reads(models, conn.data if _sends_data(conn.engine) else None)
+        conn.engine.reads = driver_reads(conn.engine, models, conn.data)
         for entry in conn.models.values():
             forget_indices(entry)
             entry.forget_derived()
@@ -170,6 +165,15 @@ def _refuse_changes_on_workers(conn) -> None:
                           "connect again to answer for them as they are now (or use the "
                           "local engine, which follows such changes)")
     conn.data_stamp = stamp
+
+
+def _read_again(conn) -> None:
+    """The data read again: its labels were copied when it was first read. The cache keys'
+    fingerprint (ModelEntry.data_digest) is taken again, of the data as the new source reads
+    it, when a key is next needed: every entry made from here on is keyed by the data as it
+    is now, never the original's."""
+    conn.source = ItemSource(conn.data, label_key=conn.source.label_key)
+    conn._data_digest.clear()
 
 
 def _sends_data(engine) -> bool:
