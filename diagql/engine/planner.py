@@ -243,7 +243,9 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
     prediction = chosen.prediction(layer.channels if bound.view.channels else None,
                                    channels_last=layer.layout == CHANNELS_LAST)
     p = prediction.p if prediction is not None else z.width
-    sums = _assisted_bytes(plan.group_keys, p, bound.n_neurons)
+    unique, codes = (np.array([None]), None) if plan.group_keys is None else \
+        np.unique(plan.group_keys, return_inverse=True)  # as the Reducer's codes
+    sums = _assisted_bytes(len(unique), p, bound.n_neurons)
     if sums > ASSISTED_MEMORY and not chosen.exact:  # a held view's answer is exact
         return dataclasses.replace(plan, estimator="plain", estimator_text=(
             f"plain: the sample mean; the assisted estimate's sums would hold "
@@ -251,8 +253,6 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
             f"neurons, float64), over its {ASSISTED_MEMORY / 2**30:.0f} GiB limit"))
     directions = fit = leverage = None
     if query.aggregate != "argmax":
-        unique, codes = (np.array([None]), None) if plan.group_keys is None else \
-            np.unique(plan.group_keys, return_inverse=True)  # as the Reducer's codes
         codes = None if codes is None else codes.reshape(-1)
         rows, population_z = z.rows(items, p), [means[k][:p] for k in unique.tolist()]
         directions = pooled_directions(rows, codes, population_z)
@@ -292,10 +292,9 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
 ASSISTED_MEMORY = 2 * 2**30
 
 
-def _assisted_bytes(group_keys: np.ndarray | None, p: int, neurons: int) -> int:
+def _assisted_bytes(groups: int, p: int, neurons: int) -> int:
     """The bytes of a sample's assisted sums: per group present, Σzyᵀ (p x neurons) and the
     four neuron-wide sums beside it."""
-    groups = 1 if group_keys is None else len(np.unique(group_keys))
     return groups * (p + 4) * neurons * 8
 
 
