@@ -60,14 +60,22 @@ _ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD", "IMPORT_FROM"})
 @functools.lru_cache(maxsize=4096)  # a code object never changes: each statement's stamp
 def _names(code: types.CodeType, attributes: bool) -> frozenset[str]:  # reads it again
     wanted = _ATTRIBUTE_LOADS if attributes else _GLOBAL_LOADS
-    names = {op.argval for op in dis.get_instructions(code)
-             if op.opname in wanted and isinstance(op.argval, str)}
-    if not attributes and "globals" in names:  # globals()["K"]: its string constants
-        names |= {const for const in code.co_consts if isinstance(const, str)}
+    names = set()
+    for part in _nested(code):
+        found = {op.argval for op in dis.get_instructions(part)
+                 if op.opname in wanted and isinstance(op.argval, str)}
+        if not attributes and "globals" in found:  # globals()["K"]: its string constants
+            found |= {const for const in part.co_consts if isinstance(const, str)}
+        names |= found
+    return frozenset(names)
+
+
+def _nested(code: types.CodeType):
+    """``code`` and the code nested in it (a lambda, a comprehension, an inner function)."""
+    yield code
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _names(const, attributes)
-    return frozenset(names)
+            yield from _nested(const)
 
 
 def modules_imported(code: types.CodeType, namespace: dict) -> list[tuple[str, object]]:
@@ -98,12 +106,13 @@ def modules_imported(code: types.CodeType, namespace: dict) -> list[tuple[str, o
 
 @functools.lru_cache(maxsize=4096)
 def _imports(code: types.CodeType) -> tuple[tuple[str, int], ...]:
-    ops = list(dis.get_instructions(code))
-    found = [(op.argval, ops[i - 2].argval if i >= 2 and isinstance(ops[i - 2].argval, int)
-              else 0) for i, op in enumerate(ops) if op.opname == "IMPORT_NAME"]
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            found += _imports(const)
+    """(name, level) of each ``import`` in ``code`` or code nested in it (the level is the
+    constant loaded two instructions before: 0 for an absolute import)."""
+    found = []
+    for part in _nested(code):
+        ops = list(dis.get_instructions(part))
+        found += [(op.argval, ops[i - 2].argval if i >= 2 and isinstance(ops[i - 2].argval, int)
+                   else 0) for i, op in enumerate(ops) if op.opname == "IMPORT_NAME"]
     return tuple(found)
 
 
@@ -119,20 +128,17 @@ def globals_written(code: types.CodeType) -> frozenset[str]:
     (``CACHE[key] = value``) or calls a mutating method of (``SEEN.add(x)``). Their values
     are the running code's state, not its settings: a process that ran it holds others than
     one that did not."""
-    ops = list(dis.get_instructions(code))
     names = set()
-    for i, op in enumerate(ops):
-        if op.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
-            names.add(op.argval)
-        elif op.opname in _GLOBAL_LOADS and isinstance(op.argval, str):
-            after = ops[i + 1:i + 16]
-            if after and after[0].opname in _ATTRIBUTE_LOADS and after[0].argval in _MUTATORS:
+    for part in _nested(code):
+        ops = list(dis.get_instructions(part))
+        for i, op in enumerate(ops):
+            if op.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
                 names.add(op.argval)
-            elif _stored_into(op, after):
-                names.add(op.argval)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= globals_written(const)
+            elif op.opname in _GLOBAL_LOADS and isinstance(op.argval, str):
+                after = ops[i + 1:i + 16]
+                if after and after[0].opname in _ATTRIBUTE_LOADS and \
+                        after[0].argval in _MUTATORS or _stored_into(op, after):
+                    names.add(op.argval)
     return frozenset(names)
 
 
