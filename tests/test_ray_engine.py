@@ -815,14 +815,19 @@ def test_a_model_ray_cannot_pickle_is_one_clear_error(world):
     conn.close()
 
 
+def _small_on_ray(seed: int):
+    """An MLP on 60 random items (its seed's), and a one-worker Ray connection to it."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
+    return model, X, y, diagql.connect(model, (X, y), engine="ray", ray_workers=1,
+                                       cache_dir=False, progress=False)
+
+
 def test_a_model_or_data_changed_in_place_is_refused_not_answered_from_old_copies(cluster):
     """The workers hold copies made when they started: after `weight.mul_(2)` on the driver,
     the next answer had been the old model's (0.8 off), silently."""
-    torch.manual_seed(14)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
-    conn = diagql.connect(model, (X, y), engine="ray", ray_workers=1, cache_dir=False,
-                          progress=False)
+    model, X, y, conn = _small_on_ray(14)
     with torch.no_grad():
         want = model[:2](X).double().mean(0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN 1").values, want, rtol=1e-6)
@@ -847,11 +852,7 @@ def test_a_model_or_data_changed_in_place_is_refused_not_answered_from_old_copie
 def test_a_model_changed_before_any_worker_started_is_followed(cluster):
     """A hook added after connect, before any statement, had been refused as a change 'since
     the last statement', though no worker held a copy yet: they take the model as it is."""
-    torch.manual_seed(16)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
-    conn = diagql.connect(model, (X, y), engine="ray", ray_workers=1, cache_dir=False,
-                          progress=False)
+    model, X, y, conn = _small_on_ray(16)
     try:
         assert conn.catalog and not conn.engine.actors_held()
         handle = model[1].register_forward_hook(_ablate_unit_3)
@@ -872,11 +873,7 @@ def test_data_changed_before_any_worker_started_is_followed(cluster):
     """Inputs scaled and labels rewritten after connect, before any pass, had been refused as
     copies the workers "made when they started", though none had: they take the data as it
     is, and the labels are read again."""
-    torch.manual_seed(17)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    X, y = torch.randn(60, 6), torch.randint(0, 3, (60,))
-    conn = diagql.connect(model, (X, y), engine="ray", ray_workers=1, cache_dir=False,
-                          progress=False)
+    model, X, y, conn = _small_on_ray(17)
     try:
         assert conn.catalog and not conn.engine.actors_held()
         X.mul_(0.5)
