@@ -915,6 +915,8 @@ def test_a_constant_the_forward_imports_itself_or_reads_through_globals_is_follo
     attributes the code reads."""
     import sys
 
+    from diagql.storage.fingerprint import globals_digests, model_functions
+
     (tmp_path / "lazy_cfg_mod.py").write_text("K = 1.0\nK2 = 2.0\n")
     (tmp_path / "lazy_net_mod.py").write_text(
         "import torch\n"
@@ -944,6 +946,13 @@ def test_a_constant_the_forward_imports_itself_or_reads_through_globals_is_follo
             assert model_fingerprint(model) != imported, name
             setattr(module, name, value)
         assert model_fingerprint(model) == imported
+        # a Ray worker's reads are compared with the driver's by the same reads (review LL)
+        reads = globals_digests(model_functions(model))
+        assert "lazy_net_mod.<import lazy_cfg_mod>" in reads
+        cfg.K += 1.0
+        assert globals_digests(model_functions(model)) != reads
+        cfg.K -= 1.0
+        assert globals_digests(model_functions(model)) == reads
     finally:
         for name in ("lazy_cfg_mod", "lazy_net_mod"):
             sys.modules.pop(name, None)

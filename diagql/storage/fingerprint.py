@@ -109,7 +109,8 @@ def globals_digests(functions) -> dict[str, str]:
     """Each global that the user's ``functions`` read (storage/code_reads.py), as
     ``module.name``, to its digest as a statement's stamp takes it (numbers, strings,
     functions, small containers; a larger value by its type, one that cannot be seen
-    "unseen"); not a container or a plain value that the functions change themselves
+    "unseen"), and each of the user's modules they import themselves (``<import cfg>``);
+    not a container or a plain value that the functions change themselves
     (``globals_written``: a cache, a counter, a lazy singleton), whose value is what the
     process has run. What a Ray worker, which imports the user's modules afresh, must read
     alike (engine/ray_workers.py): a global set at run time on the driver is not its."""
@@ -117,20 +118,19 @@ def globals_digests(functions) -> dict[str, str]:
     walk.limit = STAMP_VALUES
     found: dict[str, str] = {}
     for fn in functions:
-        if not (isinstance(fn, types.FunctionType) and user_code(fn.__code__)):
+        if not isinstance(fn, types.FunctionType):
             continue
         module = fn.__globals__.get("__name__", "?")
         written = globals_written(fn.__code__)
-        for var, value in globals_read(fn.__code__, fn.__globals__):
+        for var, value, feed in walk.reads_of(fn):
             if f"{module}.{var}" in found or var in written and not isinstance(
                     value, (types.ModuleType, type, types.FunctionType)):
                 continue
             part = xxhash.xxh3_128()
             try:
-                walk.global_value(part, "", id(fn.__globals__), var, value)
-                walk.module_reads(part, "", fn.__code__, var, value, depth=3)
+                feed(part, "")
                 found[f"{module}.{var}"] = part.hexdigest()
-            except (_Opaque, RecursionError, TypeError, ValueError, RuntimeError):
+            except (_Opaque, RecursionError, TypeError, ValueError, RuntimeError, OSError):
                 found[f"{module}.{var}"] = "unseen"
     return found
 
@@ -582,21 +582,34 @@ class _Walk:
             _feed(digest, name, "of type", _qualname(type(value)))
 
     def globals_of(self, digest, name: str, fn: types.FunctionType) -> None:
-        """The globals the user's function reads (storage/code_reads.py), each once per
-        walk, and the user's modules it imports itself (``modules_imported``: one imported
-        already by its attributes the code reads, as a global module's; one not yet by its
-        file). One that cannot be seen whole (a logger, a generator) is named, not hashed: it
-        must not keep the whole model from the cache."""
-        if not (self.follow_code and user_code(fn.__code__)):
+        """The globals the user's function reads, each fed once per walk (``reads_of``)."""
+        if self.follow_code:
+            for _, _, feed in self.reads_of(fn):
+                feed(digest, name)
+
+    def reads_of(self, fn: types.FunctionType):
+        """(name, value, feed) for each global the user's function reads
+        (storage/code_reads.py) and each of the user's modules it imports itself
+        (``modules_imported``: one imported already by its attributes the code reads, as a
+        global module's; one not yet by its file); ``feed(digest, name)`` hashes that read.
+        One that cannot be seen whole (a logger, a generator) is named, not hashed: it must
+        not keep the whole model from the cache."""
+        if not user_code(fn.__code__):
             return
-        for var, value in globals_read(fn.__code__, fn.__globals__):
-            self.global_value(digest, name, id(fn.__globals__), var, value)
-            self.module_reads(digest, name, fn.__code__, var, value, depth=3)
-        for var, module in modules_imported(fn.__code__, fn.__globals__):
+        code = fn.__code__
+        for var, value in globals_read(code, fn.__globals__):
+            def feed(digest, name, var=var, value=value):
+                self.global_value(digest, name, id(fn.__globals__), var, value)
+                self.module_reads(digest, name, code, var, value, depth=3)
+            yield var, value, feed
+        for var, module in modules_imported(code, fn.__globals__):
             if isinstance(module, str):  # not imported yet: its file, read as it is now
-                _feed(digest, name, "import", var, _file_digest.__wrapped__(module))
+                def feed(digest, name, var=var, path=module):
+                    _feed(digest, name, "import", var, _file_digest.__wrapped__(path))
             else:
-                self.module_reads(digest, name, fn.__code__, f"<import {var}>", module, depth=3)
+                def feed(digest, name, var=var, module=module):
+                    self.module_reads(digest, name, code, f"<import {var}>", module, depth=3)
+            yield f"<import {var}>", module, feed
 
     def module_reads(self, digest, name: str, code, var: str, value, depth: int) -> None:
         """settings.SCALE, pkg.ops.f: the names the code reads as attributes, looked up in
