@@ -885,10 +885,13 @@ def test_a_global_the_code_changes_itself_is_its_state_not_a_setting():
     from diagql.storage.fingerprint import globals_digests
 
     namespace = {"__name__": "settings_module", "SEEN": {}, "CALLS": 0, "_TOK": None,
-                 "ORDER": [], "SCALE": 1.0, "CONFIG": {"shift": 0.0}}
+                 "ORDER": [], "SCALE": 1.0, "CONFIG": {"shift": 0.0}, "COUNTS": [0, 0],
+                 "OUT": {}, "TABLE": {}}
     exec("def forward(x):\n"
          "    global CALLS, _TOK\n"
          "    CALLS += 1\n"
+         "    COUNTS[len(x) % 2] += 1\n"
+         "    OUT[len(x)] = TABLE\n"
          "    SEEN[len(x)] = True\n"
          "    ORDER.append(len(x))\n"
          "    if _TOK is None:\n"
@@ -896,9 +899,12 @@ def test_a_global_the_code_changes_itself_is_its_state_not_a_setting():
          "    return [v * SCALE + CONFIG['shift'] for v in x]\n", namespace)
     forward = namespace["forward"]
     assert isinstance(forward, types.FunctionType)
-    assert globals_written(forward.__code__) == {"CALLS", "_TOK", "SEEN", "ORDER"}
+    # TABLE is only stored as a value into OUT: read, not written
+    assert globals_written(forward.__code__) == {"CALLS", "_TOK", "SEEN", "ORDER", "COUNTS",
+                                                 "OUT"}
     before = globals_digests([forward])
-    assert set(before) == {"settings_module.SCALE", "settings_module.CONFIG"}
+    assert set(before) == {"settings_module.SCALE", "settings_module.CONFIG",
+                           "settings_module.TABLE"}
     forward([1.0, 2.0])
     assert globals_digests([forward]) == before
     namespace["CONFIG"]["shift"] = 1.0

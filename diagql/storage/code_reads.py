@@ -144,14 +144,20 @@ def globals_written(code: types.CodeType) -> frozenset[str]:
 
 def _stored_into(load, after) -> bool:
     """Whether the value ``load`` pushes is the container of a store or delete that follows
-    (``X[key] = value``, ``X[i][j] = value``; not ``Y[k] = X[j]``): the stack above it, by
+    (``X[key] = value``, ``X[i][j] = value``, ``X[key] += 1``; not ``Y[k] = X[j]``): the stack above it, by
     each instruction's net effect, holds only the key when the store comes."""
     height = max(dis.stack_effect(load.opcode, load.arg) if load.arg is not None else 1, 1)
+    previous = load
     for op in after:
         if op.opname in ("STORE_SUBSCR", "DELETE_SUBSCR"):
-            return height == 2  # [container, key] above the value, if any
+            # [container, key] above the value, if any; ``X[k] += 1`` computes the value
+            # above them and swaps it under them (not ``Y[k] = X``, with no swap)
+            return height == 2 or height == 3 and previous.opname == "SWAP"
+        previous = op
         if op.opname.startswith(("JUMP", "POP_JUMP", "RETURN", "FOR_ITER", "RAISE")):
             return False
+        if op.opname in ("COPY", "SWAP") and op.arg > height:  # reaches under the value:
+            return False  # it is now part of what was computed (``Y[len(x)] += 1``)
         try:
             height += dis.stack_effect(op.opcode, op.arg, jump=False) if op.opcode >= \
                 dis.HAVE_ARGUMENT else dis.stack_effect(op.opcode)
