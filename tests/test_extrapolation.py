@@ -185,3 +185,32 @@ def test_the_estimate_line_names_the_block_a_layer_beside_it_is_fitted_on():
                     .split())
     assert "model-assisted (a regression on the latent and block 0's leading components)" in said
 
+
+
+def test_a_wide_latents_minor_components_are_its_residuals_leading_axes():
+    """A latent wider than EXACT_WIDTH: its minor components come from subspace iteration on
+    spread items, never a d × d matrix; against numpy's exact axes of the residual (the
+    standardised latent less its least-squares fit on the covariates) they span the same
+    leading directions, each of unit variance and uncorrelated with the covariates."""
+    from types import SimpleNamespace
+
+    from diagql.engine.covariates import reduced
+
+    rng = np.random.default_rng(3)
+    N, d = 3000, extrapolation.EXACT_WIDTH + 88
+    rotation = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    latents = ((rng.standard_normal((N, d)) * 0.9 ** np.arange(d)) @ rotation + 2.0)
+    latents = latents.astype(np.float32)
+    z = np.asarray(reduced(latents))
+    minor = extrapolation._latent_minor(SimpleNamespace(latents=latents, covariates=z))
+    x = latents.astype(np.float64)
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    x -= z @ np.linalg.lstsq(z, x, rcond=None)[0]
+    values, vectors = np.linalg.eigh(x.T @ x)
+    exact = x @ vectors[:, ::-1][:, :extrapolation.LATENT_MINOR]
+    assert minor.shape == exact.shape
+    np.testing.assert_allclose(minor.std(axis=0), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(z.T @ minor / N, 0.0, atol=1e-4)
+    ours, theirs = (np.linalg.qr(a.astype(np.float64))[0] for a in (minor, exact))
+    cosines = np.linalg.svd(ours.T @ theirs, compute_uv=False)  # of the subspaces' angles
+    assert cosines[:24].min() > 0.999 and cosines.mean() > 0.99

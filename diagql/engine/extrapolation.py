@@ -218,8 +218,12 @@ def _latent_minor(profile: Profile) -> np.ndarray | None:
     # covariates by construction, whichever items their own axes were fitted on.
     # One BLAS thread: a second one waiting on a busy core made these small products several
     # times slower (0.29 s at 50,000 items under load), as for the covariates (samplers/space.py).
-    x = fit_space(profile.latents, None)(profile.latents)
+    latents = profile.latents
+    space = fit_space(latents, None)
     z = covariates_module.covariates(profile)
+    if len(space.keep) > EXACT_WIDTH:
+        return _wide_minor(latents, space, z)
+    x = space(latents)
     minor = None
     with one_blas_thread():
         x -= x.mean(axis=0)
@@ -229,11 +233,76 @@ def _latent_minor(profile: Profile) -> np.ndarray | None:
         order = np.argsort(values)[::-1]
         keep = order[values[order] > 1e-9 * max(float(values.max(initial=0)), 1e-300)]
         if len(keep):
-            projected = x @ vectors[:, keep[:LATENT_MINOR]]
-            spread = projected.std(axis=0)
-            if (spread > 0).all():
-                minor = (projected / spread).astype(np.float32)
+            minor = _unit(x @ vectors[:, keep[:LATENT_MINOR]])
     return minor
+
+
+# A latent wider than this has its residual's leading axes found by subspace iteration on
+# spread items (``_wide_minor``), never as a d × d matrix: a 4,096-wide latent's exact
+# eigendecomposition, its N × d copy and Gram matrix had cost 25 s of a first sample query's
+# planning (20,000 items), 5x the exact pass (sweep LL2).
+EXACT_WIDTH = 512
+MINOR_ITEMS = 10_000  # the spread items the wide latent's axes are found on
+MINOR_STEPS = 3  # subspace iterations (the last one the Rayleigh-Ritz step's product)
+MINOR_EXTRA = 16  # directions iterated beyond LATENT_MINOR (the oversampling)
+
+
+def _wide_minor(latents: np.ndarray, space, z: np.ndarray) -> np.ndarray | None:
+    """``latent_minor`` of a latent wider than EXACT_WIDTH, a block of rows at a time: the
+    residual's mean and its fit on the covariates from every item, its leading axes by
+    subspace iteration from a fixed start on at most MINOR_ITEMS spread items (the same
+    columns in every process), then every item's row on them. The residual r = (x − μ)/σ −
+    c − zS is never made: each product takes the raw rows in float32 against the axes
+    scaled by 1/σ, less the offsets (the standardised copies had cost most of the time)."""
+    raw = latents.reshape(len(latents), -1)
+    n, full = raw.shape
+    keep, inverse = space.keep, 1.0 / space.scale
+    rows = max(1, (8 << 20) // (4 * full))
+    blocks = [slice(a, min(a + rows, n)) for a in range(0, n, rows)]
+    with one_blas_thread():
+        total, zx = np.zeros(full), np.zeros((z.shape[1], full))
+        for part in blocks:
+            x = np.asarray(raw[part], dtype=np.float64)
+            total += x.sum(axis=0)
+            zx += z[part].T @ x
+        shift = space.mean * inverse  # a row's standardised value is x·(1/σ) − shift
+        centre = total[keep] / n * inverse - shift
+        zx = zx[:, keep] * inverse - np.outer(z.sum(axis=0), shift + centre)
+        slope = np.linalg.lstsq(z.T @ z, zx, rcond=None)[0]  # the normal equations' solution
+
+        def times(items, axes):  # r·axes for the rows ``items``
+            scaled = np.zeros((full, axes.shape[1]), dtype=np.float32)
+            scaled[keep] = axes * inverse[:, None]
+            return (np.asarray(raw[items], dtype=np.float32) @ scaled).astype(np.float64) \
+                - (shift + centre) @ axes - z[items] @ (slope @ axes)
+
+        chosen = spread_items(n, MINOR_ITEMS)
+        pieces = [chosen[a:a + rows] for a in range(0, len(chosen), rows)]
+        k = min(LATENT_MINOR + MINOR_EXTRA, len(keep))
+        basis = np.linalg.qr(np.random.default_rng(0).standard_normal((len(keep), k)))[0]
+        for step in range(MINOR_STEPS):
+            product = np.zeros((len(keep), k))  # rᵀr·basis over the spread items
+            for items in pieces:
+                y = times(items, basis)
+                x = np.asarray(raw[items], dtype=np.float32)
+                product += (x.T @ y.astype(np.float32))[keep] * inverse[:, None] \
+                    - np.outer(shift + centre, y.sum(axis=0)) - slope.T @ (z[items].T @ y)
+            if step < MINOR_STEPS - 1:
+                basis = np.linalg.qr(product)[0]
+        values, vectors = np.linalg.eigh(basis.T @ product)  # Rayleigh-Ritz
+        order = np.argsort(values)[::-1]
+        keep_axes = order[values[order] > 1e-9 * max(float(values.max(initial=0)), 1e-300)]
+        if not len(keep_axes):
+            return None
+        axes = basis @ vectors[:, keep_axes[:LATENT_MINOR]]
+        projected = np.concatenate([times(part, axes) for part in blocks])
+    return _unit(projected)
+
+
+def _unit(projected: np.ndarray) -> np.ndarray | None:
+    """Columns scaled to unit variance, float32; None when one does not vary."""
+    spread = projected.std(axis=0)
+    return (projected / spread).astype(np.float32) if (spread > 0).all() else None
 
 
 def widening(check: Check, z: Covariates, items: np.ndarray, keys: np.ndarray | None,
