@@ -155,24 +155,26 @@ def test_a_batch_with_nan_or_inf_leaves_the_state_as_it_was(values, make, bad):
         assert torch.equal(getattr(state, name), value), name
 
 
+@pytest.mark.parametrize("n, width", [(300, 5_000), (90, 70_000)], ids=["5k", "70k"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["one", "grouped"])
-def test_covariate_sums_of_wide_batches_equal_numpy(grouped):
-    """A batch wider than one upcast piece (1 MB of float64: 26 rows of 5,000 neurons) sums
-    its covariates piece by piece; the sums are numpy's zᵀy, zᵀz, Σz over the whole (per
-    group), and a batch with NaN adds nothing to them."""
+def test_covariate_sums_of_wide_batches_equal_numpy(grouped, n, width):
+    """A batch wider than one upcast piece (1 MB of float64: 26 rows of 5,000 neurons; at
+    70,000 neurons pieces of the 4 rows' minimum) sums its covariates piece by piece; the
+    sums are numpy's zᵀy, zᵀz, Σz over the whole (per group), and a batch with NaN adds
+    nothing to them."""
     rng = np.random.default_rng(3)
-    n, width, p = 300, 5_000, 4
+    p = 4
     values = torch.from_numpy(rng.normal(size=(n, width)).astype(np.float32))
     z = rng.normal(size=(n, p))
     codes = rng.integers(0, 3, size=n)
     state = MeanState(width, groups=3 if grouped else None, covariates=p)
-    for start in (0, 128, 256):
-        stop = start + 128
+    for start in range(0, n, 128 if n > 128 else 30):
+        stop = start + (128 if n > 128 else 30)
         assert state.update(values[start:stop],
                             torch.from_numpy(codes[start:stop]) if grouped else None,
                             torch.from_numpy(z[start:stop]))
     spoiled = values[:40].clone()
-    spoiled[33, 4_999] = np.nan
+    spoiled[33, width - 1] = np.nan
     assert not state.update(spoiled, torch.from_numpy(codes[:40]) if grouped else None,
                             torch.from_numpy(z[:40]))
     Y = values.numpy().astype(np.float64)
