@@ -191,7 +191,10 @@ class OutlierRows:
         """One weight column's sums over this (one group's) rows, as tensors."""
         parts = self.rows.get(None) or [tuple(torch.zeros(0, width, dtype=torch.float64)
                                               for width in (self.p, self.k, self.n_neurons))]
-        z, weights, v = (torch.cat(columns) for columns in zip(*parts))
+        if len(parts) > 1:  # joined once, for every column read after (leverage.restored's
+            # four had each joined a wide map's rows again: 0.5 s of its answer, sweep LL2)
+            parts[:] = [tuple(torch.cat(columns) for columns in zip(*parts))]
+        z, weights, v = parts[0]
         w = weights[:, j]
         wz = w[:, None] * z
         return SimpleNamespace(w=w.sum(), v=w @ v, vv=w @ (v * v), z=wz.sum(dim=0), zz=wz.T @ z,
