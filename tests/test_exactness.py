@@ -404,6 +404,9 @@ def data_forms(X, y):
         "TensorDataset": TensorDataset(X, y),
         "DataLoader": DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True),
         "float64 arrays": (X.numpy().astype(np.float64), y.numpy()),
+        # inputs made from a gradient and not detached (X + eps * X.grad.sign()): the probe's
+        # copy of the first batch had failed on them (deepcopy of a tensor that is no leaf)
+        "tensors with autograd history": (X.clone().requires_grad_() * 1.0, y),
     }
 
 
@@ -412,7 +415,8 @@ FORM_QUERIES = [("0", TOPK_MAX, "class IN (1, 7)", None), ("2", AVG_CHANNELS, No
 
 
 @pytest.mark.parametrize("batch_size", [33, 256, N_ITEMS, 4096])
-@pytest.mark.parametrize("form", ["tensors", "arrays", "float64 arrays", "TensorDataset", "DataLoader"])
+@pytest.mark.parametrize("form", ["tensors", "arrays", "float64 arrays", "TensorDataset", "DataLoader",
+                                  "tensors with autograd history"])
 def test_data_forms_and_batch_sizes(cnn, digits, cnn_truth, form, batch_size):
     db = diagql.connect(cnn, data_forms(*digits)[form], batch_size=batch_size)
     db.execute("SET estimator = plain")  # sample answers here are the sample means

@@ -1,8 +1,9 @@
 """Calling the model on a batch: the batch moved to the model's device and dtype, its inputs
 spread over forward's arguments as the batch's form asks, and a failure of the user's forward
-reported with the items it failed on."""
+reported with the items it failed on; a batch kept as it was read (``kept_copy``)."""
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping
 
@@ -130,3 +131,28 @@ def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
         f"{', '.join(map(repr, unknown))}{also}; the entries of a mapping batch (all but the "
         f"labels) are passed as keyword arguments: rename or drop those keys (a collate_fn "
         f"can), {NAME_LABEL_KEY} if they are the labels, or hand the mapping whole as ((mapping,), y)")
+
+
+def kept_copy(batch):
+    """A deep copy of a batch as read, each tensor with autograd history (inputs made from a
+    gradient and not detached: ``X + eps * X.grad.sign()``) copied detached, which deepcopy
+    refuses for a tensor that is no leaf: every query had failed with its traceback (sweep
+    LL1). The tensors are found in mappings, sequences and objects' attributes."""
+    memo: dict = {}
+    seen: set = set()
+    stack = [batch]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            stack.extend(vars(value).values())
+    return copy.deepcopy(batch, memo)

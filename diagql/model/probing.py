@@ -3,7 +3,6 @@ what each returns per item (its batch axis, sequence layout and padding mask), m
 LayerCatalog (model/layers.py; docs/ARCHITECTURE.md, "Data model")."""
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -14,6 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.errors import DiagQLWarning, ExecutionError, warn
 from diagql.model.batch_axis import batch_axis, out_of_order, several_rows
+from diagql.model.forward import kept_copy
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
 from diagql.model.layers import INPUT_MASK, NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
@@ -66,7 +66,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     for size in sizes:
         idx, x, _ = next(source.batches(np.arange(size), size))
         if first is None:  # kept as read: a model may change its inputs in place (x /= 255)
-            first = copy.deepcopy(x)
+            first = kept_copy(x)
         try:
             seen, counted, output, made = _probe_pass(model, prepare(x), call, changed)
         except ExecutionError as exc:
@@ -87,7 +87,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         warnings.simplefilter("always")
         if changed:  # the first item twice in one pass, after what its first call changed
             with evaluation(model):
-                check_buffers(changed, *(first_tensor(call(model, prepare(copy.deepcopy(first))))
+                check_buffers(changed, *(first_tensor(call(model, prepare(kept_copy(first))))
                                          for _ in range(2)))
         reverses = _checks(model, source, prepare, call, first, first_output, output, idx,
                            sizes[-1])
@@ -160,7 +160,7 @@ def _checks(model, source, prepare, call, first, first_output, output, idx, size
     repeatable = check_repeatable(first, lambda i: next(source.batches(np.array([i]), 1))[1],
                                   size)
     with evaluation(model):  # the first item again, without hooks
-        again = first_tensor(call(model, prepare(copy.deepcopy(first))))
+        again = first_tensor(call(model, prepare(kept_copy(first))))
     # Then an item's batch may be compared: the last probe read the first item anew, which
     # data that reads differently (an augmentation, warned of) makes another input.
     if not (check_deterministic(first_output, again) and repeatable):
