@@ -615,6 +615,42 @@ def test_calls_that_change_with_the_batch_are_refused():
         assert info.value.message == message
 
 
+class Again(nn.Module):
+    """``blk`` runs once, except in a batch holding an item whose third feature is above 3.5:
+    there a loop runs it twice over the whole batch (once in DiagQL's probe of items 0-2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.blk = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for _ in range(1 + int(x[:, 2].max() > 3.5)):
+            h = torch.tanh(self.blk(h))
+        return self.head(h)
+
+
+def test_a_module_run_again_in_some_batch_is_refused_and_the_others_answer():
+    """A query on ``blk`` stops after its first call, so the batches that run it twice had
+    answered with their first call's rows alone, silently (sweep LL1): the profile pass saw
+    the second call, and the query is refused; the layer before it answers as torch's."""
+    model = _randomise(Again(), 21)
+    X, y = _data((6,), 22)
+    X[:, 2] = X[:, 2].clamp(max=3.0)
+    X[30, 2] = 4.0
+    db = connect(model, (X, y))
+    for using in ("USING FULL", "USING SAMPLE random(0.3)"):
+        with pytest.raises(ExecutionError, match="'blk' did not run in every batch of the "
+                                                 "profile pass as it ran in DiagQL's probe"):
+            db.query(f"AVG NEURONS IN blk {using}")
+    with torch.no_grad():
+        first = F.linear(X, model.inp.weight, model.inp.bias).double().numpy()
+    np.testing.assert_allclose(db.query("AVG NEURONS IN inp").values, first.mean(axis=0),
+                               atol=ATOL)
+
+
 class Sometimes(nn.Module):
     """``act`` runs twice, except in a batch holding an item whose first feature is below -5."""
 
@@ -645,10 +681,10 @@ def test_a_call_missing_from_a_batch_is_an_error():
     with pytest.raises(ExecutionError) as info:
         db.query("AVG NEURONS IN act#2 USING FULL")
     assert info.value.message == ("layer 'act#2' did not run in every batch of the profile "
-                                  "pass, though it ran in DiagQL's probe: it runs for some "
-                                  "batches only (a branch on the data, or a loop whose length "
-                                  "depends on the batch), so it has no activation for every "
-                                  "item")
+                                  "pass as it ran in DiagQL's probe: it runs in some batches "
+                                  "only, or more often in some (a branch on the data, or a loop "
+                                  "whose length depends on the batch), so it has no single "
+                                  "activation for every item")
     with pytest.raises(ExecutionError, match="did not run in every batch of the profile pass"):
         db.query("AVG NEURONS IN act#2 USING SAMPLE random(0.3)")
     assert not model._forward_hooks and not model.act._forward_hooks  # every hook removed

@@ -187,7 +187,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         # A sample's batches hold other items together than a pass's: it had answered on
         # values the model computed only beside longer items (a cell stepped over padding).
         raise ExecutionError(f"layer {bound.view.layer.name!r} did not run in every batch "
-                             f"of the profile pass, though it ran in DiagQL's probe: "
+                             f"of the profile pass as it ran in DiagQL's probe: "
                              f"{SOME_BATCHES}", **span_place(query.layer.span))
     rows = profile.rows_of(bound.view.held_key) if rows_from_profile else None  # SIMILARITY
     winners = profile_winners(bound, profile) if rows_from_profile and rows is None else None

@@ -233,8 +233,9 @@ def hooked_call(modules, layer: str) -> tuple[str, int]:
 
 
 # Why a layer that did not run in some batch (a pass's, or the profile pass's) is refused.
-SOME_BATCHES = ("it runs for some batches only (a branch on the data, or a loop whose length "
-                "depends on the batch), so it has no activation for every item")
+SOME_BATCHES = ("it runs in some batches only, or more often in some (a branch on the data, or "
+                "a loop whose length depends on the batch), so it has no single activation for "
+                "every item")
 
 
 class Hooks:
@@ -245,8 +246,8 @@ class Hooks:
     A layer is a module (``fc1``), or one call of a module that runs several times per forward
     pass (``block.relu#2``, model/layers.py): the hooks count each module's calls per batch and
     feed the n-th call's callbacks its n-th output only. A module hooked as a whole must run
-    once; ``ran_again(layer)``, where given, is told of one that runs again in a batch (the
-    profile pass's checks then drop the layer), else that is an error. Exceptions raised in
+    once; ``ran_again(layer, output)``, where given, is told of one that runs again in a batch
+    (the profile pass's checks then drop the layer), else that is an error. Exceptions raised in
     the callbacks leave the model's forward as HookFailure and this context as DiagQLErrors.
     """
 
@@ -344,7 +345,7 @@ class Hooks:
             try:
                 if count > 1 and 0 in calls and self.ran_again is not None:
                     for layer, _ in calls[0]:
-                        self.ran_again(layer)
+                        self.ran_again(layer, output)
                 elif count > 1 and 0 in calls:
                     raise ExecutionError(
                         f"module {name!r} ran more than once in one forward pass of "

@@ -53,8 +53,9 @@ class Profile:
     # Each layer's share of that pass when its output was ready, for the layers the pass
     # hooked (model/pass_clock.py): a query's pass stops after its layers.
     reached: dict = dataclasses.field(default_factory=dict)
-    # The layers the pass hooked that did not run in some batch of it (a loop over a padded
-    # length, a branch on the data): no activation for every item, so queries on them are
+    # The layers the pass hooked that did not run in some batch of it, or ran again on a whole
+    # batch (a loop over a padded length, a branch on the data, a loop whose length the data
+    # sets): no single activation for every item, so queries on them are
     # refused before a pass, a sample's as a pass over every item is (engine/planner.py).
     unran: tuple[str, ...] = ()
 

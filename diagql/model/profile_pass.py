@@ -15,7 +15,7 @@ from diagql.model import pass_clock, view_aliases
 from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource
 from diagql.model.forward import call_model, to_device
-from diagql.model.hooks import Hooks, evaluation
+from diagql.model.hooks import Hooks, evaluation, first_tensor
 from diagql.model.labels import check_labels
 from diagql.model.profile import Profile
 from diagql.model.same_rows import SameRows, by_layer, comparisons
@@ -135,10 +135,16 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                        *keeper.callbacks().items()])
     clock = pass_clock.PassClock()  # DiagQL's own work, in the hooks and after, apart
     checks = {name: clock.timed(name, callback) for name, callback in checks.items()}
-    def ran_again(layer: str) -> None:  # a module whose calls follow the batch's size
+    def ran_again(layer: str, output) -> None:
         for part in (same_latent, same_logits, project, keeper):
             if part is not None:
                 part.drop_layer(layer)
+        # Run again on the whole batch (a loop whose length depends on the data), not on a
+        # piece of it (a forward that splits its batch, whose queries say so by the rows'
+        # shape): its queries stop after its first call, which had answered alone (LL1).
+        rows = first_tensor(output)
+        if rows is not None and compared.size in tuple(rows.shape):
+            unran.add(layer)
 
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
             Hooks(model, checks, ran_again=ran_again) as compared:
