@@ -1623,3 +1623,36 @@ def test_a_node_layer_of_graphs_whose_first_have_one_node_says_several_rows_an_i
         conn.query("AVG NEURONS IN own")
     assert "pack_padded_sequence" not in caught.value.message
     assert conn.query("AVG NEURONS IN pool").n_items == 30
+
+
+class _TwoBranch(nn.Module):
+    """A frozen half-precision embedding registered first, a float32 conv branch that reads
+    the float image (``defensive``: cast back to float32 by the forward itself)."""
+
+    def __init__(self, defensive: bool):
+        super().__init__()
+        self.defensive = defensive
+        self.text = nn.Embedding(50, 8).half().requires_grad_(False)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 36 + 8, 3)
+
+    def forward(self, ids, img):
+        if self.defensive:
+            img = img.float()
+        t = self.text(ids).float().mean(1)
+        return self.head(torch.cat([torch.relu(self.conv(img)).flatten(1), t], 1))
+
+
+@pytest.mark.parametrize("defensive", [False, True], ids=["plain", "cast back"])
+def test_a_mixed_dtype_model_gets_its_float_inputs_in_its_main_branchs_dtype(defensive):
+    """Inputs took the first floating parameter's dtype, a frozen half embedding's: the conv
+    branch refused the half image, or, cast back by the forward, answered 1e-4 off torch
+    (sweep LL1). Most of the parameters' dtype is float32: the image stays as it is."""
+    torch.manual_seed(0)
+    model = _TwoBranch(defensive).eval()
+    X = {"ids": torch.randint(0, 50, (120, 5)), "img": torch.randn(120, 1, 6, 6) * 3 + 10,
+         "label": torch.arange(120) % 3}
+    conn = diagql.connect(model, X, cache_dir=False, progress=False)
+    truth = _hooked(model, "conv", X["ids"], X["img"]).flatten(1).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN conv USING FULL").values, truth,
+                               rtol=1e-12, atol=1e-12)

@@ -225,7 +225,16 @@ def data_digest(conn) -> str:
 
 
 def model_dtype(module) -> torch.dtype:
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    """The dtype a batch's floating inputs take (model/forward.py: to_device), and the rows'
+    kept: that of most of the model's floating parameters (their elements counted; the first
+    met of a tie). The first parameter's had cast a float32 branch's images to half where a
+    frozen half-precision embedding was registered first: refused, or 1e-4 off where the
+    forward cast them back (sweep LL1)."""
+    counts: dict = {}
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            counts[parameter.dtype] = counts.get(parameter.dtype, 0) + parameter.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def unknown_model(name: str, names: list[str], span=None) -> BindError:
