@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from torch.nn.parameter import is_lazy
 
 from diagql.engine.executor import Runner
 from diagql.errors import BindError, DiagQLError, DiagQLWarning
@@ -232,8 +233,9 @@ def model_dtype(module) -> torch.dtype:
     forward cast them back (sweep LL1)."""
     counts: dict = {}
     for parameter in module.parameters():
-        if parameter.is_floating_point():
-            counts[parameter.dtype] = counts.get(parameter.dtype, 0) + parameter.numel()
+        if parameter.is_floating_point():  # a lazy module's, not made yet, counts as none
+            counts[parameter.dtype] = counts.get(parameter.dtype, 0) + \
+                (0 if is_lazy(parameter) else parameter.numel())
     return max(counts, key=counts.get) if counts else torch.float32
 
 
