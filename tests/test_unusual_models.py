@@ -1656,3 +1656,43 @@ def test_a_mixed_dtype_model_gets_its_float_inputs_in_its_main_branchs_dtype(def
     truth = _hooked(model, "conv", X["ids"], X["img"]).flatten(1).double().mean(0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN conv USING FULL").values, truth,
                                rtol=1e-12, atol=1e-12)
+
+
+class _Ensemble(nn.Module):
+    """torch.func's model ensembling: ``base`` run with each member's weights under vmap."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.func import stack_module_state
+
+        members = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]
+        stacked, _ = stack_module_state(members)
+        self.names = list(stacked)
+        self.stacked = nn.ParameterDict({k.replace(".", "_"): nn.Parameter(v)
+                                         for k, v in stacked.items()})
+        self.base = members[0]
+        self.pre = nn.Linear(6, 6)
+
+    def forward(self, x):
+        from torch.func import functional_call, vmap
+
+        x = self.pre(x)
+        weights = {k: self.stacked[k.replace(".", "_")] for k in self.names}
+        return vmap(lambda w, x: functional_call(self.base, w, (x,)),
+                    in_dims=(0, None))(weights, x).mean(0)
+
+
+def test_modules_run_inside_a_vmap_are_refused_and_the_others_answer():
+    """A hook inside vmap sees the transform's batched values, which DiagQL kept and later
+    compared, so every query failed with torch's traceback (sweep LL1): those modules are
+    refused by name, and a layer outside the transform answers as torch's."""
+    torch.manual_seed(0)
+    model = _Ensemble().eval()
+    X, y = torch.randn(90, 6), torch.arange(90) % 3
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for layer in ("base", "base.0"):
+        with pytest.raises(DiagQLError, match="inside a torch.func transform"):
+            conn.query(f"AVG NEURONS IN {layer}")
+    truth = _hooked(model, "pre", X).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN pre USING FULL").values, truth,
+                               rtol=1e-12, atol=1e-12)

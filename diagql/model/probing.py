@@ -18,7 +18,7 @@ from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor,
     scope, this_thread
 from diagql.model.layers import INPUT_MASK, NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
 from diagql.model.repeatable import Unrepeatable, check_batch_independent, check_buffers, \
-    check_deterministic, check_repeatable, warn_unrepeatable
+    check_deterministic, check_repeatable, check_spread_items, warn_unrepeatable
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
@@ -184,28 +184,8 @@ def _checks(model, source, prepare, call, first, first_output, output, idx, size
         warn_unrepeatable()
         return None
     if not check_batch_independent(alone, first_tensor(output)):
-        _spread_batch_independent(model, source, prepare, call)
+        check_spread_items(model, source, prepare, call)
     return axes
-
-
-def _spread_batch_independent(model, source, prepare, call) -> None:
-    """The batch check again on three items spread over the rest of the data: a user's
-    collate_fn that pads to the batch's longest item changes nothing for first items of one
-    size (images stored by size, the first 20 of 8 x 8), nor does a branch on the batch's
-    mean (``if x.mean() > t``) for first items that all take it, and GROUP BY and WHERE then
-    gave two answers to one question, unwarned."""
-    n = len(source)
-    spread = np.unique([n // 3, 2 * n // 3, n - 1])
-    if n < 6 or len(spread) < 3:
-        return
-    with evaluation(model):
-        try:
-            together = first_tensor(call(model, prepare(next(source.batches(spread, 3))[1])))
-            alone = [first_tensor(call(model, prepare(next(source.batches(spread[i:i + 1], 1))[1])))
-                     for i in range(3)]
-        except ExecutionError:  # the pass says what fails, where it does
-            return
-    check_batch_independent(alone, together)
 
 
 def _entries(name: str, type_name: str, infos: list[LayerInfo], counts: list[tuple[int, int]],
@@ -350,6 +330,8 @@ def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Se
         return _Seen(None, None, what)
     if isinstance(out, torch.Tensor) and out.is_complex():  # refused in ``_layer``
         return _Seen("complex", tuple(out.shape), what)
+    if isinstance(out, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(out):
+        return _Seen("transformed", tuple(out.shape), what)  # refused in ``_layer``
     if isinstance(out, PackedSequence):
         result = _Seen("packed", tuple(pad_packed_sequence(out, batch_first=True)[0].shape), what)
     elif out.is_nested:
@@ -418,6 +400,10 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
     sizes = ", ".join(str(size) for size, _ in records)
     if any(seen.form is None for _, seen in records):
         return refuse(f"it returns {last.what}, so it has no activations")
+    if any(seen.form == "transformed" for _, seen in records):  # a vmap's: kept, it crashed
+        return refuse("it runs inside a torch.func transform (vmap, grad), whose values there "
+                      "are the transform's, not the model's tensors: query the module that "
+                      "calls the transform")
     if any(seen.form == "complex" for _, seen in records):  # an FFT's: AVG read the real part
         return refuse(f"it returns complex numbers ({last.what}), and DiagQL reads real "
                       f"activations; query a layer that takes their magnitude (torch.abs in "
