@@ -170,6 +170,8 @@ def _estimate_cell(estimate, j: int, value: float) -> str:
     if estimate.p_in_topk is not None:
         return f"{estimate.p_in_topk[j]:.2f}"
     low, high = float(estimate.ci_low[j]), float(estimate.ci_high[j])
+    if estimate.exact:  # computed from every matching item's held row: float32 rounding only
+        return "±" + number(0.0)
     half = (high - low) / 2
     if abs((low + high) / 2 - float(value)) > 1e-9 * max(abs(half), abs(float(value)), 1e-300):
         # Cut by the range of the layer's module (a ReLU's mean is not negative): its ends.
