@@ -152,7 +152,8 @@ def test_a_layer_after_a_stage_is_fitted_on_the_stage_and_checked_on_the_latents
     """A pooling after a residual stage reads the stage's output: it is fitted on the stage's
     projections, not on its shortcut's (the last block registered before it), and, with no
     block after it, also checked on the latent's own coordinates (the Linear whose ReLU is the
-    latent: latent = ReLU(hidden.0)), against numpy; a layer with blocks after it is not."""
+    latent: latent = ReLU(hidden.0)), against numpy; a layer with blocks after it is not, nor
+    on the latent's next components (a function of its block's output)."""
     torch.manual_seed(0)
     model = _SmallResNet().eval()
     conn = diagql.connect(model, digits, cache_dir=False, progress=False)
@@ -166,8 +167,10 @@ def test_a_layer_after_a_stage_is_fitted_on_the_stage_and_checked_on_the_latents
     for layer in ("pool", "hidden.0"):
         text = estimator(layer)
         assert "of stage, the nearest block" in text and "the latent's coordinates" in text
-    text = estimator("act")
+        assert "the latent's next components" in text
+    text = estimator("act")  # a function of stem's output, blocks after it: stem's parts only
     assert "of stem, the nearest block" in text and "coordinates" not in text
+    assert "the latent's next components" not in text
     latents = conn.profile.latents.astype(np.float64)
     spread = latents.std(axis=0)
     varies = spread > 0

@@ -38,8 +38,9 @@ WHOLE_SHARE = 1.0
 # their magnitudes, the block's minor directions and the latent's next components, each with
 # half its excess, as a block's own minor directions are (layers inside a block at 50,000
 # items: coverage 0.93-1.00; 0.97-1.00 with the latent's whole excess, 0.86-1.00 without the
-# latent's check), but the latent's with all of it for a view after its block (the ResNet's
-# pool and hidden.0 covered 0.66-0.93 at half; benchmarks/README.md, "Layers beside a block").
+# latent's check), but the latent's with all of it for a view after the last block (the
+# ResNet's pool and hidden.0 covered 0.66-0.93 at half; benchmarks/README.md, "Layers beside
+# a block"), and none for one after its block with blocks still to come (``check_for``).
 # Another view of the block's own module takes the whole of each (benchmarks/README.md,
 # "Token views").
 NEIGHBOUR_SHARE = 0.5
@@ -74,18 +75,24 @@ def check_for(profile: Profile, layer: str, chosen) -> Check | None:
         return None
     if neighbour is not None:  # what the linear fit on its leading directions cannot follow
         # And on the latent's next components, as a layer in no block is: with their whole
-        # excess for a layer after its block, nearer the latent (a pooling before the head).
-        minor = latent_minor(profile)
+        # excess for a layer after the last block, nearer the latent (a pooling before the
+        # head). Not for a layer after its block with blocks still to come (a ReLU after an
+        # early convolution), a function of the block's output, which its own parts check:
+        # where a sampler draws far in the latent (gmm), the latent's miss had widened a 1-d
+        # CNN's first ReLU 1.5-2.7x, expected cosine 2.4-6x the actual at coverage 0.97-1.0;
+        # without it 0.93-0.96 and 1.1-1.3x (benchmarks/README.md, "twenty-ninth session").
+        beside = neighbour.layer == layer
+        minor = latent_minor(profile) if beside or chosen.encloses or chosen.last else None
         parts = (_folded(neighbour), neighbour.z[:, leading(neighbour):]) + \
             (() if minor is None else (minor,))
         # Another view of the same module (a sequence's TOKEN -1 beside its mean over
         # tokens) takes each part's whole excess: its miss outgrew the half (a GRU's last
         # token under vas, gmm and maxmargin covered 0.77-0.84, with it 0.84-0.92).
-        shares = (WHOLE_SHARE,) * 3 if neighbour.layer == layer else \
+        shares = (WHOLE_SHARE,) * 3 if beside else \
             (NEIGHBOUR_SHARE, NEIGHBOUR_SHARE,
              NEIGHBOUR_SHARE if chosen.encloses else WHOLE_SHARE)
         words = [f"{neighbour.layer}'s minor directions", "its leading ones' magnitudes"]
-        folds = None if neighbour.layer == layer or chosen.encloses else \
+        folds = None if beside or chosen.encloses else \
             neuron_folds(profile, neighbour)
         if folds is not None:  # a layer after its block: an MLP's ReLU after its Linear
             parts, shares = parts + (folds,), shares[:len(parts)] + (WHOLE_SHARE,)
