@@ -148,6 +148,7 @@ def _folded(neighbour) -> np.ndarray:
 # at most this many of the block's neurons, those whose sign varies most.
 FOLDS = 64
 FOLD_ITEMS = 2048  # the items the neurons are chosen on, spread over the data
+FOLD_SCREEN = 4 * FOLDS  # a wider block's neurons measured on all of them, after a screen
 _FOLDS: dict = {}  # once per profile and block (covariates.once_per_profile)
 
 
@@ -168,10 +169,18 @@ def _neuron_folds(block) -> np.ndarray | None:
     z, basis, mean = block.z, block.basis, block.mean
     with one_blas_thread():
         chosen = z[spread_items(len(z), FOLD_ITEMS)]
-        positive = (mean + chosen @ basis.T > 0).mean(axis=0)
+        # A wide block's neurons screened on every 8th of the items first, the 4·FOLDS whose
+        # sign varies most there measured on all of them: a 16,384-neuron map's 2,048 × 16,384
+        # products had cost 0.64 s of a first sample query (sweep LL2).
+        among = np.arange(len(mean))
+        if len(mean) > FOLD_SCREEN:
+            share = (mean + chosen[::8] @ basis.T > 0).mean(axis=0)
+            among = np.sort(np.argsort(-np.minimum(share, 1 - share), kind="stable")[
+                :FOLD_SCREEN])
+        positive = (mean[among] + chosen @ basis[among].T > 0).mean(axis=0)
         mixed = np.minimum(positive, 1 - positive)
         order = np.argsort(-mixed, kind="stable")[:FOLDS]
-        order = np.sort(order[mixed[order] >= 0.02])
+        order = np.sort(among[order[mixed[order] >= 0.02]])
         if not len(order):
             return None
         return whitened(np.abs(mean[order] + z @ basis[order].T))
