@@ -1696,3 +1696,34 @@ def test_modules_run_inside_a_vmap_are_refused_and_the_others_answer():
     truth = _hooked(model, "pre", X).double().mean(0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN pre USING FULL").values, truth,
                                rtol=1e-12, atol=1e-12)
+
+
+class _Routed(nn.Module):
+    """Each item through expert ``a`` or ``b`` by the sign of its first feature."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        chosen = x[:, 0] > 0
+        h = torch.zeros(len(x), 4)
+        if chosen.any():
+            h[chosen] = self.a(x[chosen])
+        if (~chosen).any():
+            h[~chosen] = self.b(x[~chosen])
+        return self.head(h)
+
+
+def test_an_expert_the_first_items_all_went_to_is_refused_for_holding_fewer_rows():
+    """The probe's first items all routed to ``a``: its rows followed their batches there, and
+    past them it holds fewer rows than items; the refusal had said it held several an item
+    (nodes of a graph), the opposite (sweep LL1)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(200, 6), torch.arange(200) % 3
+    X[:3, 0] = X[:3, 0].abs() + 0.1
+    conn = diagql.connect(_Routed().eval(), (X, y), cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="fewer rows than its batch's items") as caught:
+        conn.query("AVG NEURONS IN a")
+    assert "several rows an item" not in caught.value.message
+    assert conn.query("AVG NEURONS IN head").n_items == 200

@@ -148,8 +148,13 @@ def test_a_model_left_in_train_mode_is_said_to_be_answered_in_eval_mode():
     model, X, y = _model_and_data()
     with pytest.warns(diagql.DiagQLWarning, match=r"the model is in train mode; DiagQL answers "
                                                   r"it as in eval mode, .*\(BatchNorm1d, "
-                                                  r"Dropout: "):
+                                                  r"Dropout: dropout off, running "
+                                                  r"statistics\)"):
         db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    # without dropout, the warning does not say dropout is turned off (sweep LL1)
+    with pytest.warns(diagql.DiagQLWarning, match=r"\(BatchNorm1d: running statistics\)"):
+        diagql.connect(nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)).train(),
+                       (X, y), cache_dir=False, progress=False)
     result = db.query("AVG NEURONS IN 1")
     assert model.training
     model.eval()

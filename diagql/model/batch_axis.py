@@ -24,7 +24,8 @@ def batch_axis(module: nn.Module, records, reverses: set[int] | None = None
         # of the batch's size or several (a time-first output sorted by length, T = B in the
         # probe): an order of its own.
         if not reverses & set(axes):
-            return None, several_rows() if isinstance(reverses, Unsized) else out_of_order()
+            return None, (several_rows(reverses.fewer) if isinstance(reverses, Unsized)
+                          else out_of_order())
         if len(axes) > 1 and len(reverses & set(axes)) == 1:
             axis = (reverses & set(axes)).pop()
             agree = "; the module's batch_first agrees" if declared == axis else ""
@@ -43,7 +44,11 @@ def batch_axis(module: nn.Module, records, reverses: set[int] | None = None
     return axes[0], f"the first of axes {axes}, which {told} could not tell apart"
 
 
-def several_rows() -> str:
+def several_rows(fewer: bool = False) -> str:
+    if fewer:  # the probe's first items all went to it
+        return ("its first axis holds fewer rows than its batch's items past the probe's first "
+                "items (a module run on the items a gate routes to it, as a mixture of experts "
+                "does): query a layer after the model gathers them back per item")
     return ("its first axis holds several rows an item (nodes of a graph, or tokens flattened "
             "into the batch's axis): query a layer after they are pooled or reshaped per item")
 

@@ -30,7 +30,10 @@ class Unsized(frozenset):
     """A verdict of no axis at all: no axis of the layer's output was as long as the batch
     for these items, though it was for the probe's first ones (a graph batch whose first
     graphs have one node each: its node rows follow the batch there, and are several an item
-    past them)."""
+    past them). ``fewer``: its first axis was shorter than the batch (a module run on the
+    items a gate routes to it, which the first items all were)."""
+
+    fewer = False
 
 
 # Items each of the three passes runs: a model that permutes its batch at random inside
@@ -107,7 +110,8 @@ def _verdicts(model, source, prepare, call, order: np.ndarray, only: set[Key] | 
         # in six connections), and reversed give them reversed.
         found[key] = {axis for axis, own in slices.items()
                       if _same(own, twice[2][axis], dtype)
-                      and _same(own, other[2][axis][::-1], dtype)} if slices else Unsized()
+                      and _same(own, other[2][axis][::-1], dtype)} if slices else \
+            _unsized(shape, size)
         if slices and all(_same(own, np.repeat(own[:1], size, axis=0), dtype)
                           for own in slices.values()):
             blind.add(key)
@@ -119,6 +123,12 @@ def _verdicts(model, source, prepare, call, order: np.ndarray, only: set[Key] | 
             # its own; the probe says it is not per item.
             found[key] = set(slices)
     return found, blind
+
+
+def _unsized(shape: tuple, size: int) -> Unsized:
+    verdict = Unsized()
+    verdict.fewer = bool(shape) and shape[0] < size
+    return verdict
 
 
 def _summaries(model, x, call, size: int, only: set[Key] | None = None) -> dict[Key, tuple]:

@@ -445,11 +445,15 @@ def _say_eval_mode(module: nn.Module, what: str) -> None:
     from torch.nn.modules.batchnorm import _BatchNorm
     from torch.nn.modules.dropout import _DropoutNd
 
-    differ = sorted({type(m).__name__ for m in module.modules()
-                     if m.training and isinstance(m, (_BatchNorm, _DropoutNd))})
+    training = [m for m in module.modules() if m.training]
+    differ = sorted({type(m).__name__ for m in training
+                     if isinstance(m, (_BatchNorm, _DropoutNd))})
+    changes = [change for kind, change in ((_DropoutNd, "dropout off"),
+                                           (_BatchNorm, "running statistics"))
+               if any(isinstance(m, kind) for m in training)]
     if differ:
         warn(f"{what} is in train mode; DiagQL answers it as in eval mode, as inference runs "
-             f"it ({', '.join(differ)}: dropout off, running statistics), and leaves it in "
+             f"it ({', '.join(differ)}: {', '.join(changes)}), and leaves it in "
              f"train mode (call .eval() before connecting to silence this)")
 
 
