@@ -86,6 +86,27 @@ def test_similarity_of_two_models_per_class_with_where(two, cnn, mlp, data):
                 assert abs(group.matrix[i, j] - truth) <= 1e-10
 
 
+def test_where_predicted_takes_the_class_count_of_the_model_whose_predictions_it_reads(
+        mlp, data):
+    """A copy of the MLP with 12 outputs predicts classes 10 and 11 for some items; WHERE
+    predicted = 10 reads its predictions (the first layer's model's) and had been refused as
+    outside the default model's 0..9 (sweep MM3)."""
+    X, _ = data
+    wide = copy.deepcopy(mlp)
+    old = wide.head
+    wide.head = torch.nn.Linear(old.in_features, 12)
+    with torch.no_grad():
+        wide.head.weight[:10], wide.head.bias[:10] = old.weight, old.bias
+        wide.head.weight[10:], wide.head.bias[10:] = old.weight[:2], old.bias[:2] + 0.01
+        predicted = wide(X).argmax(1).numpy()
+    assert (predicted == 10).sum() >= 3
+    conn = diagql.connect({"base": mlp, "wide": wide}, data, cache_dir=False, progress=False)
+    result = conn.query("SIMILARITY wide.encoder.3, base.encoder.3 WHERE predicted = 10")
+    mask = predicted == 10
+    truth = gram_cka(outputs(wide, X, "encoder.3")[mask], outputs(mlp, X, "encoder.3")[mask])
+    assert result.n_items == mask.sum() and abs(result.value - truth) <= 1e-10
+
+
 def test_a_sample_drawn_on_another_model_is_read_through_both(two, cnn, mlp, data):
     X, _ = data
     result = two.query("SIMILARITY base.6, wide.encoder.3 "

@@ -180,14 +180,16 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
     resolved = [conn.resolve(ref) for ref in statement.layers]
     source, entry, drawn_on = sampling_source(conn, statement.source)
     statement = replace(statement, layers=tuple(ref for _, ref in resolved), source=source)
-    bound = bind_similarity(statement, entry.catalog, n_classes=entry.n_classes,
+    reader = entry
+    if reads_predictions(statement):  # the first layer's model's predictions, as a query's
+        reader = resolved[0][0]
+    # Its classes bound WHERE predicted = k: the sampling model's had refused a 6-class
+    # model's class 4 as outside 0..3 (sweep MM3).
+    bound = bind_similarity(statement, entry.catalog, n_classes=reader.n_classes,
                             seed=conn.settings.seed, n_items=len(conn.source),
                             catalogs=[own.catalog for own, _ in resolved],
                             has_labels=conn.source.labelled())
     bound_at = time.perf_counter()
-    reader = entry
-    if reads_predictions(statement):  # the first layer's model's predictions, as a query's
-        reader = resolved[0][0]
     try:
         profile = reader.profile  # after binding, so that a mistake costs no pass over the data
     except DiagQLError:
