@@ -344,3 +344,26 @@ def test_explain_similarity_across_checkpoints(trained, data):
     db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
     rows = dict(db.query("EXPLAIN SIMILARITY head ACROSS CHECKPOINTS").rows)
     assert rows["across"].startswith("once per model of epoch1, epoch2, epoch3, final")
+
+
+def test_a_layer_and_its_permutations_are_at_most_one_apart():
+    """CKA is a cosine: a layer against a copy with its units permuted is 1, and its rounding
+    had printed 1.0000000000000027 (sweep MM3); exact answers are at most 1, as samples are.
+    Over fewer items than the layer's width (the Gram form) and more (the moments')."""
+    torch.manual_seed(3)
+    base = torch.nn.Sequential(torch.nn.Linear(12, 256), torch.nn.Linear(256, 3)).eval()
+    models_ = {"base": base}
+    for k in range(6):
+        rotation = torch.eye(256)[torch.randperm(256)]
+        turned = copy.deepcopy(base)
+        with torch.no_grad():
+            turned[0].weight.copy_(rotation @ base[0].weight)
+            turned[0].bias.copy_(rotation @ base[0].bias)
+            turned[1].weight.copy_(base[1].weight @ rotation.T)
+        models_[f"r{k}"] = turned
+    layers = ", ".join(["base.0"] + [f"r{k}.0" for k in range(6)])
+    for n in (120, 600):
+        X, y = torch.randn(n, 12), torch.arange(n) % 3
+        conn = diagql.connect(models_, (X, y), cache_dir=False, progress=False)
+        matrix = conn.query(f"SIMILARITY {layers}").matrix
+        assert np.all(matrix <= 1.0) and np.all(matrix > 1.0 - 1e-9), matrix

@@ -87,9 +87,10 @@ class MomentState:
         norms = [float(torch.linalg.matrix_norm(self.moments[i, i])) for i in range(size)]
         for (i, j), moment in self.moments.items():
             if norms[i] > 0 and norms[j] > 0:
-                # A layer with itself is 1 by definition, not 1 less a rounding error.
-                out[i, j] = out[j, i] = 1.0 if i == j else \
-                    float(torch.linalg.matrix_norm(moment)) ** 2 / (norms[i] * norms[j])
+                # A layer with itself is 1 by definition, not 1 less a rounding error; two
+                # that are one up to a rotation are at most 1 (CKA is a cosine), not 1 + 3e-15.
+                out[i, j] = out[j, i] = 1.0 if i == j else min(
+                    float(torch.linalg.matrix_norm(moment)) ** 2 / (norms[i] * norms[j]), 1.0)
         return out
 
 
@@ -166,8 +167,8 @@ class RowState:
         for i in range(size):
             for j in range(i, size):
                 if norms[i] > 0 and norms[j] > 0:
-                    out[i, j] = out[j, i] = 1.0 if i == j else \
-                        _hsic(rows[i], rows[j], grams[i], grams[j]) / (norms[i] * norms[j])
+                    out[i, j] = out[j, i] = 1.0 if i == j else min(
+                        _hsic(rows[i], rows[j], grams[i], grams[j]) / (norms[i] * norms[j]), 1.0)
         return out
 
 
