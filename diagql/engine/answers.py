@@ -143,7 +143,8 @@ def _single(plan: Plan, state, population: int, fitted=None, key=None, prior=Non
     if result.approximate:
         started = time.perf_counter()
         result.estimate = estimate.held(
-            held, n, population, neurons, query.k if query.aggregate == "topk" else None) \
+            held, n, population, neurons, query.k if query.aggregate == "topk" else None,
+            plan.prediction.held_rounding()) \
             if held is not None else _bounded(
                 _estimate(plan, state, population, neurons, fitted, prior), plan)
         result.timings["estimate"] = time.perf_counter() - started

@@ -392,14 +392,13 @@ def _normal_rows(columns: int):
 
 
 def held(means: np.ndarray, n: int, population: int, reported: np.ndarray,
-         k: int | None) -> Estimate:
+         k: int | None, rounding: np.ndarray) -> Estimate:
     """AVG (k None) or TOPK BY MEAN of a view whose every row the profile holds (the latent,
     the logits, a block its directions span): its means are computed from every matching
     item, however few (``n``) the sample holds: exact to the float32 rounding of the held
-    rows, 2⁻²⁰ of the largest mean either side (of width 0, the intervals had held none of
-    the float64 means of torch's outputs, 6e-9 off an LSTM's 0.1: sweeps LL1, LL3)."""
-    half = 2.0 ** -20 * float(np.nanmax(np.abs(np.where(np.isinf(means), np.nan, means)),
-                                        initial=0.0))
+    rows, ``rounding`` either side (prediction.held_rounding; of width 0, the intervals had
+    held none of the float64 means of torch's outputs, 6e-9 off an LSTM's 0.1: LL1, LL3)."""
+    half = rounding if k is None else rounding[reported]
     top = means if k is None else means[reported]
     return Estimate(COVERS_HELD, True, LEVEL, n, population, ci_low=top - half,
                     ci_high=top + half, p_in_topk=None if k is None else np.ones(len(reported)),

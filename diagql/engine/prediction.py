@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from diagql.engine.regression import Fitted, GroupSums, Pooled, corrected_mean
-from diagql.model.auxiliaries import Auxiliary
+from diagql.model.auxiliaries import Auxiliary, spread_items
 
 # The float32 residual's pieces: about 1 MB, which stays in a core's cache while it is
 # squared and summed (as engine/aggregates.py upcasts its pieces).
@@ -61,6 +61,9 @@ def fit_rows(codes: np.ndarray | None, n: int, limit: int | None = None,
     return keep
 
 
+SCALE_ITEMS = 2048  # items a held view's row size is measured on (``held_rounding``)
+
+
 class BlockPrediction:
     """ŷ = mean + basis @ z_b, z_b the covariates' columns after the first ``latent_dims``."""
 
@@ -93,6 +96,8 @@ class BlockPrediction:
         # exact mean is ``held_mean``.
         self.own_rows = own_rows
         self.rebuilt = rebuilt
+        self._z = auxiliary.z if own_rows else None  # the rows' scale for ``held_rounding``
+        self._rounding: np.ndarray | None = None
         # What predicts the items, for the estimate's line (results/render.py).
         self.predictor = (f"each item's {self.layer} row, rebuilt from all its principal "
                           f"components" if rebuilt else
@@ -171,6 +176,19 @@ class BlockPrediction:
         if not self.own_rows:
             return None
         return self.mean + self._times(population_z[self.p:])
+
+    def held_rounding(self) -> np.ndarray:
+        """Per neuron, how far a ``held_mean`` may lie from the float64 mean of the model's
+        own outputs: 8 float32 ulps of its rows' typical size, |μ| + √(V²·rms(z_b)²) (z_b's
+        root mean square over spread items; its principal components are uncorrelated). The rows are held (or rebuilt) in float32, and their
+        error follows their size, not their mean: a centred layer's means near 0 had left
+        intervals of 2⁻²⁰ of its largest mean, 1e-14 wide, around means 2e-8 off (review MM1)."""
+        if self._rounding is None:
+            z = self._z[spread_items(len(self._z), SCALE_ITEMS)].astype(np.float64)
+            rms = np.sqrt(np.mean(z * z, axis=0))
+            spread = rms if self.basis is None else np.sqrt(self.basis ** 2 @ rms ** 2)
+            self._rounding = 8 * float(np.finfo(np.float32).eps) * (np.abs(self.mean) + spread)
+        return self._rounding
 
     def corrected_mean(self, values: np.ndarray, z: np.ndarray,
                        population_z: np.ndarray) -> np.ndarray:
