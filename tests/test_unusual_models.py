@@ -1647,7 +1647,7 @@ class _TwoBranch(nn.Module):
 def test_a_mixed_dtype_model_gets_its_float_inputs_in_its_main_branchs_dtype(defensive):
     """Inputs took the first floating parameter's dtype, a frozen half embedding's: the conv
     branch refused the half image, or, cast back by the forward, answered 1e-4 off torch
-    (sweep LL1). Most of the parameters' dtype is float32: the image stays as it is."""
+    (sweep LL1). An embedding takes indices: the conv's float32 is the image's."""
     torch.manual_seed(0)
     model = _TwoBranch(defensive).eval()
     X = {"ids": torch.randint(0, 50, (120, 5)), "img": torch.randn(120, 1, 6, 6) * 3 + 10,
@@ -1727,3 +1727,33 @@ def test_an_expert_the_first_items_all_went_to_is_refused_for_holding_fewer_rows
         conn.query("AVG NEURONS IN a")
     assert "several rows an item" not in caught.value.message
     assert conn.query("AVG NEURONS IN head").n_items == 200
+
+
+class _Stemmed(nn.Module):
+    """A float32 stem (or LayerNorm) before a lower-precision body, cast back by the body."""
+
+    def __init__(self, body_dtype, stem):
+        super().__init__()
+        self.stem = nn.LayerNorm(6) if stem == "norm" else nn.Linear(6, 6)
+        self.body = nn.Linear(6, 16).to(body_dtype)
+        self.head = nn.Linear(16, 3).to(body_dtype)
+
+    def forward(self, x):
+        h = self.stem(x).to(self.body.weight.dtype)
+        return self.head(torch.relu(self.body(h))).float()
+
+
+@pytest.mark.parametrize("body_dtype, stem", [(torch.bfloat16, "linear"),
+                                              (torch.float16, "norm")],
+                         ids=["bf16 body", "half body"])
+def test_a_float32_stem_before_a_low_precision_body_takes_float32_inputs(body_dtype, stem):
+    """The first module that takes the input decides its dtype, however many parameters the
+    body holds (counting them had cast the input to the body's dtype: refused, or 5.5e-5 off
+    torch after a float32 LayerNorm, review MM1)."""
+    torch.manual_seed(0)
+    model = _Stemmed(body_dtype, stem).eval()
+    X, y = torch.randn(90, 6) * 3, torch.arange(90) % 3
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    truth = _hooked(model, "stem", X).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN stem USING FULL").values, truth,
+                               rtol=1e-12, atol=1e-12)

@@ -81,8 +81,8 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     label key is ``label_key`` when given (CLI: ``--label-key``), else the first of
     ``labels``, ``label``, ``y``, ``target``, ``targets`` that the mapping has; a mapping with
     none is data without labels (queries that read only predictions still run). Floating
-    inputs take the model's dtype (that of most of its floating parameters); integer ones
-    (token ids, masks) keep theirs.
+    inputs take the model's dtype (its first floating parameter's, not an embedding's);
+    integer ones (token ids, masks) keep theirs.
 
     ``batch_size`` is the items per forward pass (default: ``Settings.batch_size``).
     ``device`` defaults to the device of the model's parameters; naming another moves the

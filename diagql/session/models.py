@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from torch.nn.parameter import is_lazy
+from torch import nn
 
 from diagql.engine.executor import Runner
 from diagql.errors import BindError, DiagQLError, DiagQLWarning
@@ -227,16 +227,17 @@ def data_digest(conn) -> str:
 
 def model_dtype(module) -> torch.dtype:
     """The dtype a batch's floating inputs take (model/forward.py: to_device), and the rows'
-    kept: that of most of the model's floating parameters (their elements counted; the first
-    met of a tie). The first parameter's had cast a float32 branch's images to half where a
-    frozen half-precision embedding was registered first: refused, or 1e-4 off where the
-    forward cast them back (sweep LL1)."""
-    counts: dict = {}
-    for parameter in module.parameters():
-        if parameter.is_floating_point():  # a lazy module's, not made yet, counts as none
-            counts[parameter.dtype] = counts.get(parameter.dtype, 0) + \
-                (0 if is_lazy(parameter) else parameter.numel())
-    return max(counts, key=counts.get) if counts else torch.float32
+    kept: the first floating parameter's, in the order of registration, of a module that
+    takes floating inputs, not an embedding's (it takes indices). A frozen half-precision
+    embedding registered first had cast a float32 conv branch's images to half: refused, or
+    1e-4 off where the forward cast them back (sweep LL1); counting every parameter's
+    elements instead broke a float32 stem before a bfloat16 body (review MM1)."""
+    skipped = (nn.Embedding, nn.EmbeddingBag)
+    found = [parameter.dtype for owner in module.modules() if not isinstance(owner, skipped)
+             for parameter in owner.parameters(recurse=False) if parameter.is_floating_point()]
+    if not found:  # only embeddings, or none: the first floating parameter's, as before
+        found = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    return found[0] if found else torch.float32
 
 
 def unknown_model(name: str, names: list[str], span=None) -> BindError:
