@@ -70,7 +70,8 @@ def run(db, name: str, sizes, seeds: int, layers) -> list[dict]:
     profile = db.profile
     # Each layer's covariates and block prediction, as its queries have them.
     per_layer = {layer: for_view(profile, View(db.catalog[layer]).key,
-                                 before=layers_before(db.catalog, layer)) for layer in layers}
+                                 before=layers_before(db.catalog, layer),
+                                 upstream=db.catalog.upstream(layer)) for layer in layers}
     # And what each layer's fit is checked on (engine/extrapolation.py), as the planner does.
     checks = {layer: extrapolation.check_for(profile, layer, cov)
               for layer, cov in per_layer.items()}

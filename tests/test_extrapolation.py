@@ -245,3 +245,44 @@ def test_a_wide_blocks_neuron_folds_are_the_neurons_whose_sign_varies_most():
     top = np.sort(np.argsort(-mixed, kind="stable")[:extrapolation.FOLDS])
     rows = np.abs(mean[top] + z.astype(np.float64) @ basis[top].T.astype(np.float64))
     np.testing.assert_allclose(folds, rows / rows.std(axis=0), rtol=1e-4, atol=1e-4)
+
+
+class _TwoBranches(nn.Module):
+    """``act`` is fed by block ``a``; ``side`` is registered after ``a`` but computed from
+    the input; ``mid`` is a block still to come after both, before the latent's ``trunk``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+        self.act = nn.ReLU()
+        self.side = nn.Tanh()
+        self.mid = nn.Sequential(nn.Linear(48, 32), nn.ReLU())
+        self.trunk = nn.Sequential(nn.Linear(32, 32), nn.ReLU())  # its ReLU: the latent
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = self.mid(torch.cat([self.act(self.a(x)), self.side(x * x - 1)], 1))
+        return self.head(self.trunk(h))
+
+
+def test_only_a_layer_fed_by_its_block_leaves_the_latents_check_out():
+    """The probe records which module's output each layer's input was (``fed_by``): ``act``
+    is a function of block ``a``'s output, checked on a's parts alone; ``side``, registered
+    after ``a`` but fed from the input, keeps the latent's next components (without them
+    such a branch had covered 0.85: review MM1)."""
+    torch.manual_seed(0)
+    X = torch.randn(1500, 16)
+    y = torch.arange(1500) % 4
+    conn = diagql.connect(_TwoBranches().eval(), (X, y), cache_dir=False, progress=False)
+    catalog = conn.catalog
+    assert catalog["act"].fed_by == "a" and catalog["side"].fed_by == ""
+    assert catalog.upstream("mid.1") == ("mid.0",) and catalog.upstream("side") == ()
+
+    def estimator(layer: str) -> str:
+        return dict(conn.query(f"EXPLAIN AVG NEURONS IN {layer} USING SAMPLE vas(0.1)")
+                    .plan.explain())["estimator"]
+
+    assert "of a, the nearest block" in estimator("act")
+    assert "the latent's next components" not in estimator("act")
+    assert "of a, the nearest block" in estimator("side")
+    assert "the latent's next components" in estimator("side")

@@ -169,6 +169,9 @@ class Chosen:
     # before the head, the Linear whose ReLU is the latent), checked on the latent's own
     # coordinates too (engine/extrapolation.py).
     last: bool = False
+    # Its input was made from the neighbour's output through modules alone (a ReLU or a
+    # pooling after its block): a function of that block's output (engine/extrapolation.py).
+    fed: bool = False
     # The view's rows equal the auxiliary's block view, or its channel means (a global
     # pooling after a residual stage: model/view_aliases.py), as the profile pass found.
     alias: Alias | None = None
@@ -226,7 +229,7 @@ class Chosen:
 
 def for_view(profile: Profile, view_key: str, own: bool = True,
              before: tuple[str, ...] = (), held_key: str | None = None,
-             rebuild: bool = True) -> Chosen:
+             rebuild: bool = True, upstream: tuple[str, ...] = ()) -> Chosen:
     """The covariates of a sample query on the view with this key: the auxiliary nearest to
     it is the view's own block projections when the profile kept them, or its own rows when
     the profile holds them (``_held``; only if ``own``: the profile is the queried model's),
@@ -235,7 +238,9 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
     ``held_key``: the key its rows are held under when not ``view_key`` (View.held_key: a
     map's channel means, which may be held where the map's block keeps projections).
     ``rebuild``: whether the profile pass's rows are any pass's (BoundQuery.repeatable), so
-    that projections spanning the view rebuild its exact rows."""
+    that projections spanning the view rebuild its exact rows. ``upstream``: the modules the
+    view's input was made from (LayerCatalog.upstream), which say whether it is a function
+    of its nearest block's output (``Chosen.fed``)."""
     z = covariates(profile)
     auxiliary = profile.auxiliary(view_key)
     held_key = held_key or view_key
@@ -259,8 +264,10 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
             position = set(before)
             last = not encloses and all(name in position
                                         for _, name in profile.auxiliaries.names)
+            fed = not encloses and any(name == near.layer or name.startswith(near.layer + ".")
+                                       for name in upstream)
             return Chosen(Covariates((z, major)), z.shape[1], None, neighbour=near,
-                          encloses=encloses, last=last)
+                          encloses=encloses, last=last, fed=fed)
         return Chosen(Covariates((z,)), z.shape[1], None)
     # Directions that span the view hold every item's row (of this model's own profile only,
     # where its pass's rows are any pass's).

@@ -40,7 +40,8 @@ WHOLE_SHARE = 1.0
 # items: coverage 0.93-1.00; 0.97-1.00 with the latent's whole excess, 0.86-1.00 without the
 # latent's check), but the latent's with all of it for a view after the last block (the
 # ResNet's pool and hidden.0 covered 0.66-0.93 at half; benchmarks/README.md, "Layers beside
-# a block"), and none for one after its block with blocks still to come (``check_for``).
+# a block"), and none for one fed from its block's output with blocks still to come
+# (``check_for``).
 # Another view of the block's own module takes the whole of each (benchmarks/README.md,
 # "Token views").
 NEIGHBOUR_SHARE = 0.5
@@ -76,13 +77,16 @@ def check_for(profile: Profile, layer: str, chosen) -> Check | None:
     if neighbour is not None:  # what the linear fit on its leading directions cannot follow
         # And on the latent's next components, as a layer in no block is: with their whole
         # excess for a layer after the last block, nearer the latent (a pooling before the
-        # head). Not for a layer after its block with blocks still to come (a ReLU after an
-        # early convolution), a function of the block's output, which its own parts check:
+        # head). Not for a layer after its block with blocks still to come that the probe saw
+        # fed from the block's output through modules alone (a ReLU after an early
+        # convolution: ``Chosen.fed``), a function of it, which the block's own parts check:
         # where a sampler draws far in the latent (gmm), the latent's miss had widened a 1-d
         # CNN's first ReLU 1.5-2.7x, expected cosine 2.4-6x the actual at coverage 0.97-1.0;
         # without it 0.93-0.96 and 1.1-1.3x (benchmarks/README.md, "twenty-ninth session").
+        # A branch registered after the block but fed otherwise (from the input) keeps it:
+        # without it one had covered 0.85 (review MM1).
         beside = neighbour.layer == layer
-        minor = latent_minor(profile) if beside or chosen.encloses or chosen.last else None
+        minor = None if chosen.fed and not chosen.last else latent_minor(profile)
         parts = (_folded(neighbour), neighbour.z[:, leading(neighbour):]) + \
             (() if minor is None else (minor,))
         # Another view of the same module (a sequence's TOKEN -1 beside its mean over

@@ -214,7 +214,8 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
         return dataclasses.replace(plan, estimator=estimator,
                                    estimator_text="plain: the sample mean")
     chosen = for_view(profile, bound.view.key, own=rows_from_profile, before=bound.before,
-                      held_key=bound.view.held_key, rebuild=bound.repeatable)
+                      held_key=bound.view.held_key, rebuild=bound.repeatable,
+                      upstream=bound.upstream)
     text = chosen.describe(profile)
     if query.aggregate == "argmax" and rows_from_profile:  # its winners are the profile's model's
         shares = winner_shares(profile.winners_of(bound.view), matching,
@@ -399,7 +400,8 @@ def rebuilt_from_profile(bound: BoundQuery, profile: Profile) -> str | None:
     """What makes an assisted sample's answer to this query of the profile's own model exact
     with no forward pass (``_rebuilds``), for USING AUTO; None when nothing does."""
     chosen = for_view(profile, bound.view.key, before=bound.before,
-                      held_key=bound.view.held_key, rebuild=bound.repeatable)
+                      held_key=bound.view.held_key, rebuild=bound.repeatable,
+                      upstream=bound.upstream)
     if not _rebuilds(chosen, bound.query):
         return None
     return (f"every item's rows of {bound.layer.name} are rebuilt from its "

@@ -246,7 +246,8 @@ def score_draws(conn, bound: BoundEvaluation, draws: list[Draw], answers, counts
     context = {}
     for layer in bound.layers:
         chosen = for_view(conn.profile, View(layer).key,
-                          before=layers_before(conn.catalog, layer.name))
+                          before=layers_before(conn.catalog, layer.name),
+                          upstream=conn.catalog.upstream(layer.name))
         prediction = chosen.prediction()
         means = chosen.z.means(np.arange(len(groups)), groups, set(valid.tolist()))
         # Every item's winner known (model/winners.py): an ARGMAX's exact shares.

@@ -31,6 +31,8 @@ class BoundQuery:
     # Whether the profile pass's rows are any pass's (LayerCatalog.repeatable): only then are
     # rows rebuilt from a block's projections exact (engine/covariates.py, "spanned").
     repeatable: bool = True
+    # The modules its input was made from, nearest first (LayerCatalog.upstream).
+    upstream: tuple[str, ...] = ()
 
 
 def _error(message: str, span: ast.Span | None, hint: str | None = None) -> BindError:
@@ -222,7 +224,7 @@ def bind_query(query: ast.Query, catalog: LayerCatalog, *, n_classes: int,
     if query.until is not None:
         bind_until(query, sampler)
     return BoundQuery(query, layer, n_neurons, sampler, view, layers_before(catalog, layer.name),
-                      catalog.repeatable)
+                      catalog.repeatable, catalog.upstream(layer.name))
 
 
 def bind_items(statement, *, n_classes: int, seed: int | None, n_items: int,

@@ -34,6 +34,9 @@ class LayerInfo:
     refused: str = ""  # why a module that runs cannot be queried ("" when it can)
     call: int = 0  # n >= 1: this layer is the module's n-th call; 0: the module itself
     module: str = ""  # the module's qualified name ("" becomes ``name``)
+    # The module whose output was its first input in the probe ("": the model's input, or a
+    # tensor the forward made between modules): whose function of its output the layer is.
+    fed_by: str = ""
 
     def __post_init__(self):
         if not self.module:
@@ -151,6 +154,18 @@ class LayerCatalog:
         """Names of the layers that can be queried, in order (what messages list)."""
         return [layer.name for layer in self.layers if layer.shape is not None]
 
+    def upstream(self, name: str) -> tuple[str, ...]:
+        """The modules whose outputs a layer's input was made from, nearest first, as far as
+        each was fed by a module's output (``fed_by``): the chain a layer after a block is a
+        function of that block through (engine/extrapolation.py)."""
+        chain: list[str] = []
+        layer = self.by_name.get(name)
+        while layer is not None and layer.fed_by and layer.fed_by not in chain \
+                and len(chain) < 64:
+            chain.append(layer.fed_by)
+            layer = self.by_name.get(layer.fed_by)
+        return tuple(chain)
+
     def module(self, name: str) -> LayerInfo | None:
         """The entry of the module named ``name`` (not one of its calls), or None."""
         layer = self.by_name.get(name)
@@ -170,7 +185,8 @@ class LayerCatalog:
         """The disk cache's encoding (storage/store.py stores dicts of arrays, no pickle)."""
         layers = [[layer.name, layer.type_name, None if layer.shape is None else list(layer.shape),
                    layer.calls, layer.batch_axis, layer.form, layer.layout, layer.found,
-                   layer.varies, layer.mask, layer.refused, layer.call, layer.module]
+                   layer.varies, layer.mask, layer.refused, layer.call, layer.module,
+                   layer.fed_by]
                   for layer in self.layers]
         # A function given as scores= is not stored: the connection gives it again.
         scores = [None if self.scores.pick else self.scores.at, self.scores.given,
@@ -185,12 +201,13 @@ class LayerCatalog:
         """Decode ``to_arrays``'s output, raising ValueError when it does not list layers."""
         layers = []
         for entry in json.loads(str(arrays["layers"])):
-            if not (isinstance(entry, list) and len(entry) == 13):
+            if not (isinstance(entry, list) and len(entry) in (13, 14)):
                 raise ValueError("it does not list layers")
             name, type_name, shape, calls, axis, form, layout, found, varies, mask, refused, \
-                call, module = entry
+                call, module, *fed_by = entry  # an older entry's knows no feeder
+            fed_by = fed_by[0] if fed_by else ""
             if not (all(isinstance(v, str) for v in (name, type_name, found, mask, refused,
-                                                     module))
+                                                     module, fed_by))
                     and isinstance(calls, int) and isinstance(axis, int)
                     and isinstance(call, int) and not isinstance(call, bool)
                     and isinstance(varies, bool) and form in ("tensor", "packed", "nested")
@@ -199,7 +216,7 @@ class LayerCatalog:
                 raise ValueError("it does not list layers")
             layers.append(LayerInfo(name, type_name, None if shape is None else tuple(shape),
                                     calls, axis, form, layout, found, varies, mask, refused,
-                                    call, module))
+                                    call, module, fed_by))
         at, given, refusal, why, probabilities = json.loads(str(arrays["scores"]))
         if not (isinstance(at, (int, str, type(None))) and isinstance(given, bool)
                 and isinstance(probabilities, bool)

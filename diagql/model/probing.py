@@ -46,6 +46,7 @@ class _Seen:
     traced: bool = False  # whether that key is the mask of the ids it was found to follow
     # A map whose last axis is stored outermost (layouts.stored_channels_first).
     stored_first: bool = False
+    fed_by: str = ""  # the module whose output its first input is (LayerInfo.fed_by)
 
 
 def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
@@ -343,7 +344,9 @@ def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Se
     else:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         result = _Seen("tensor", tuple(out.shape), what,
-                       stored_first=stored_channels_first(out, first))
+                       stored_first=stored_channels_first(out, first),
+                       fed_by=made[id(first)][1][0] if first is not None and id(first) in made
+                       else "")
         if id(out) in made:
             result.like.append(made[id(out)][1])
         prefix = name + "."
@@ -463,7 +466,7 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
         found += (f"; it returns {last.what}: that tensor is read, the rest of the {container} "
                   f"is not queried")
     return LayerInfo(name, type_name, shape, calls, axis, last.form, layout, found, varies,
-                     mask)
+                     mask, fed_by=last.fed_by)
 
 
 def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
