@@ -651,6 +651,29 @@ def test_a_module_run_again_in_some_batch_is_refused_and_the_others_answer():
                                atol=ATOL)
 
 
+class Chunked(nn.Module):
+    """A forward that runs ``fc`` once a piece of 8 items (more than the probes' 6), ``fc``
+    16 wide: as wide as the batches of 16 below are long."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.cat([torch.relu(self.fc(piece)) for piece in x.split(8)]))
+
+
+def test_a_module_run_once_a_piece_of_its_batch_keeps_its_shape_error_and_remedy():
+    """Its pieces' output is as wide as the batch is long: it was taken for a whole batch
+    run again and refused as running in some batches only, its shape error lost (review
+    MM1); along its batch axis a piece is no batch."""
+    db = diagql.connect(_randomise(Chunked(), 23), _data((6,), 24), batch_size=16,
+                        cache_dir=False, progress=False)
+    with pytest.raises(ExecutionError, match="shape \\(8, 16\\) for a batch of 16 items"):
+        db.query("AVG NEURONS IN fc USING FULL")
+
+
 class Sometimes(nn.Module):
     """``act`` runs twice, except in a batch holding an item whose first feature is below -5."""
 

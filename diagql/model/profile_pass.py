@@ -135,6 +135,9 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                        *keeper.callbacks().items()])
     clock = pass_clock.PassClock()  # DiagQL's own work, in the hooks and after, apart
     checks = {name: clock.timed(name, callback) for name, callback in checks.items()}
+    axes = {v.layer.name: v.layer.batch_axis for v in [
+        *compare[0], *compare[1], *winners, *(project.views.values() if project else ())]}
+
     def ran_again(layer: str, output) -> None:
         for part in (same_latent, same_logits, project, keeper):
             if part is not None:
@@ -142,8 +145,10 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
         # Run again on the whole batch (a loop whose length depends on the data), not on a
         # piece of it (a forward that splits its batch, whose queries say so by the rows'
         # shape): its queries stop after its first call, which had answered alone (LL1).
+        # Along its batch axis: a piece as wide as the batch is not a whole batch (MM1).
         rows = first_tensor(output)
-        if rows is not None and compared.size in tuple(rows.shape):
+        axis = axes.get(layer, 0)
+        if rows is not None and rows.dim() > axis and rows.shape[axis] == compared.size:
             unran.add(layer)
 
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
