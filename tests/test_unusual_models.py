@@ -1757,3 +1757,20 @@ def test_a_float32_stem_before_a_low_precision_body_takes_float32_inputs(body_dt
     truth = _hooked(model, "stem", X).double().mean(0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN stem USING FULL").values, truth,
                                rtol=1e-12, atol=1e-12)
+
+
+def test_the_probes_copy_of_a_batch_detaches_tensors_in_slots_and_containers():
+    """deepcopy refuses a tensor with autograd history that is no leaf; the probe's copy of
+    the first batch finds such tensors in mappings, sequences, attributes and __slots__
+    (an object with __slots__ had still failed: review MM1), and copies them detached."""
+    from diagql.model.forward import kept_copy
+
+    @dataclasses.dataclass(slots=True)
+    class Batch:
+        x: torch.Tensor
+        n: int
+
+    X, Y = (torch.randn(3, 2, requires_grad=True) * 2.0 for _ in range(2))
+    copied = kept_copy({"batch": Batch(X, 3), "more": [(Y, 1)]})
+    assert torch.equal(copied["batch"].x, X.detach()) and copied["batch"].n == 3
+    assert not copied["more"][0][0].requires_grad and torch.equal(copied["more"][0][0], Y)

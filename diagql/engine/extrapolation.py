@@ -177,7 +177,9 @@ def _neuron_folds(block) -> np.ndarray | None:
         # sign varies most there measured on all of them: a 16,384-neuron map's 2,048 × 16,384
         # products had cost 0.64 s of a first sample query (sweep LL2).
         among = np.arange(len(mean))
-        if len(mean) > FOLD_SCREEN:
+        # (Over a few hundred items the whole product is cheap, and an eighth of them, a few
+        # dozen, had missed a third of a 4,096-neuron block's sparse neurons: review MM1.)
+        if len(mean) > FOLD_SCREEN and len(chosen) >= FOLD_ITEMS // 2:
             share = (mean + chosen[::8] @ basis.T > 0).mean(axis=0)
             among = np.sort(np.argsort(-np.minimum(share, 1 - share), kind="stable")[
                 :FOLD_SCREEN])

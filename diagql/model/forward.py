@@ -153,6 +153,13 @@ def kept_copy(batch):
             stack.extend(value.values())
         elif isinstance(value, (list, tuple, set, frozenset)):
             stack.extend(value)
-        elif hasattr(value, "__dict__") and not isinstance(value, type):
-            stack.extend(vars(value).values())
+        elif not isinstance(value, type):  # an object's attributes, __slots__ ones too
+            stack.extend(vars(value).values() if hasattr(value, "__dict__") else ())
+            stack.extend(getattr(value, name) for cls in type(value).__mro__
+                         for name in _slots(cls) if hasattr(value, name))
     return copy.deepcopy(batch, memo)
+
+
+def _slots(cls) -> tuple:
+    slots = cls.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
