@@ -367,3 +367,21 @@ def test_a_layer_and_its_permutations_are_at_most_one_apart():
         conn = diagql.connect(models_, (X, y), cache_dir=False, progress=False)
         matrix = conn.query(f"SIMILARITY {layers}").matrix
         assert np.all(matrix <= 1.0) and np.all(matrix > 1.0 - 1e-9), matrix
+
+
+def test_a_reduced_sequence_layer_across_checkpoints_is_named_with_its_reduction():
+    """SIMILARITY embed TOKEN 0 ACROSS CHECKPOINTS labelled its column "embed", as if it were
+    the mean over tokens (sweep MM2); its values are the first token's CKA (numpy)."""
+    from tests.test_top_inputs import Tagger
+
+    ids = torch.randint(0, 20, (80, 4), generator=torch.Generator().manual_seed(1))
+    model = Tagger().eval()
+    earlier = copy.deepcopy(model.state_dict())
+    earlier["embed.weight"] = earlier["embed.weight"] + 0.5 * torch.randn(20, 5)
+    db = diagql.connect(model, (ids, torch.arange(80) % 3), checkpoints={"early": earlier},
+                        cache_dir=False, progress=False)
+    result = db.query("SIMILARITY embed TOKEN 0 ACROSS CHECKPOINTS")
+    assert list(result.series) == ["embed TOKEN 0"]
+    first = earlier["embed.weight"][ids[:, 0]].double().numpy()
+    final = model.embed.weight[ids[:, 0]].detach().double().numpy()
+    assert abs(result.series["embed TOKEN 0"][0] - gram_cka(first, final)) <= 1e-10

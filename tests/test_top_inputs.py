@@ -262,6 +262,11 @@ def test_sequence_layers_and_tokens(tmp_path):
     every = seq.query("TOPK 4 INPUTS FOR embed[2,3] TOKENS ALL")
     check(every, output[:, 2, 3], np.ones(60, bool), 4)
     assert every.labels == ["embed[2,3]"]
+    first_token = seq.query("TOPK 4 INPUTS FOR embed[3] TOKEN 0")
+    check(first_token, output[:, 0, 3], np.ones(60, bool), 4)
+    # the caption and the plot's title name the reduction (they had read as the mean's)
+    assert first_token.ranked.neuron == "embed[3] TOKEN 0" and mean.ranked.neuron == "embed[3]"
+    assert "items of highest embed[3] TOKEN 0 among" in str(first_token)
     first = mean.items[0]
     assert mean.ranked.previews[0] == [vocabulary[i] for i in ids[first].tolist()]
     with pytest.raises(BindError, match="hidden units of shape \\(5,\\)"):

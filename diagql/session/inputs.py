@@ -191,8 +191,11 @@ def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
     provenance = Provenance(len(profile),
                             None if sample is None else with_model(sample.spec, drawn_on),
                             None if sample is None else len(sample.indices))
+    # Its reduction named beside it (TOKEN 0): the caption and the plot's title had read as
+    # the mean over tokens' (sweep MM2).
+    reduced = "" if query.tokens is None else f" {query.tokens.text()}"
     ranked = RankedItems(
-        prefix + bound.label, query.largest, profile.labels[items] if profile.has_labels else None,
+        prefix + bound.label + reduced, query.largest, profile.labels[items] if profile.has_labels else None,
         profile.predictions[items], profile.confidence[items],
         previews(conn.source, items, tokenizer), _how(prefix + bound.layer.name, answer))
     result = Result(kind="inputs", statement=query.text, layer=bound.layer.name,

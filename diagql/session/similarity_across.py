@@ -32,8 +32,10 @@ def similarity_across(conn, statement: ast.Similarity, answer: Callable) -> Resu
         pair = (replace(ref, model=name), replace(ref, model=final))
         return replace(s, layers=pair, tokens=s.tokens * 2, across=None, plot=None)
 
-    def one(conn, s: ast.Similarity) -> Result:
-        return _as_table(answer(conn, s), s.layers[0].text())
+    def one(conn, s: ast.Similarity) -> Result:  # named with its reduction (TOKEN 0: MM2)
+        tokens = s.tokens[0] if s.tokens else None
+        return _as_table(answer(conn, s), s.layers[0].text() +
+                         ("" if tokens is None else f" {tokens.text()}"))
 
     return across_checkpoints(conn, statement, one, layer=layer, rebind=rebind)
 
