@@ -110,6 +110,9 @@ def test_a_second_connection_loads_the_profile_without_a_forward_pass(tmp_path):
     assert (second.cache.hits, second.cache.misses, second.cache.writes) == (1, 0, 0)
     assert second.query(QUERY).rows == first.query(QUERY).rows
     assert second.query("SHOW PROFILE").rows == first.query("SHOW PROFILE").rows
+    # The first session's seconds, said to be its (they had read as this session's: MM2)
+    assert "s, read from the cache;" in second.query("SHOW PROFILE").title
+    assert "read from the cache" not in first.query("SHOW PROFILE").title
 
 
 

@@ -80,6 +80,7 @@ class Artifacts:
         self.conn = conn
         self.catalog: LayerCatalog | None = None
         self.profile: Profile | None = None
+        self.profile_read = False  # whether the profile was read from the cache, not computed
         self.samples: dict[str, samplers.Sample] = {}  # by sampler spec
         self._fingerprints: tuple[str, str, object] | None = None
         # "model" / "data" -> why it cannot be fingerprinted, so its artifacts stay in memory.
@@ -140,6 +141,7 @@ class Artifacts:
                            "latent": p.latent_layer, "dtype": str(conn.dtype),
                            "device": str(conn.device)})
             _say_notices(self.profile, self.catalog)
+            self.profile_read = not computed
             if key is not None and computed:
                 self._store_auxiliaries(key, computed[0])
             elif key is not None:

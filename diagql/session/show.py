@@ -162,6 +162,13 @@ def _samplers(conn, statement) -> Result:
                   title="samplers (USING SAMPLE name(size, key=value, ...))")
 
 
+def _computed(conn, profile) -> str:
+    """When its pass ran: this session, or one before it whose entry the cache held (the
+    first session's seconds had read as this one's: sweep MM2)."""
+    when = ", read from the cache" if conn.artifacts.profile_read else ""
+    return f"computed in {profile.seconds:.2f} s{when}"
+
+
 def _profile(conn, statement) -> Result:
     profile = conn.profile
     if not profile.has_labels:
@@ -183,7 +190,7 @@ def _profile(conn, statement) -> Result:
     accuracy = float(profile.correct.mean())
     title = (f"profile: {len(profile):,} items, accuracy {accuracy:.1%} "
              f"({int((~profile.correct).sum()):,} incorrect), latent = {profile.latent_layer} "
-             f"({profile.latents.shape[1]} dims), computed in {profile.seconds:.2f} s; "
+             f"({profile.latents.shape[1]} dims), {_computed(conn, profile)}; "
              f"rows: true class, columns: predicted")
     notes = _notices(conn.catalog, profile)
     if wide:
@@ -234,7 +241,7 @@ def _predicted(conn, statement, profile) -> Result:
                      f"conn.profile.predictions holds every item's")
     title = (f"profile: {len(profile):,} items without labels (no accuracy, no confusion "
              f"matrix), latent = {profile.latent_layer} ({profile.latents.shape[1]} dims), "
-             f"computed in {profile.seconds:.2f} s; the classes the model predicts")
+             f"{_computed(conn, profile)}; the classes the model predicts")
     return Result(kind="table", statement=statement.text,
                   columns=["predicted", *(["name"] if names else []), "items", "share",
                            "mean confidence"], rows=rows, title=title, notes=notes)

@@ -68,4 +68,4 @@ class PendingConnection:
         """The connection's summary once it is made; until then what it is made from."""
         if self._ready.is_set() and self._error is None:
             return self._value.summary()
-        return f"to {self._description} (loading)"
+        return f"connecting to {self._description}"
