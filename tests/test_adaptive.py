@@ -716,3 +716,12 @@ def test_a_last_round_of_every_item_past_the_budget_is_exact_and_says_it_ran_ove
     with torch.no_grad():
         np.testing.assert_allclose(result.values, model.body[0](X).double().mean(0).numpy(),
                                    rtol=1e-6, atol=1e-7)
+
+
+def test_auto_tells_two_close_costs_apart_in_its_words():
+    """'a pass (≈ 0.21 s) costs more than the draw (≈ 0.21 s)' read as a contradiction
+    (sweep MM2): the costs are shown with the digits that tell them apart."""
+    from diagql.session.auto import _digits
+
+    assert _digits(0.2104, 0.2139) == 3 and f"{0.2104:.3g} {0.2139:.3g}" == "0.21 0.214"
+    assert _digits(0.21, 0.5) == 2 and _digits(1.0, 1.0) == 6

@@ -43,12 +43,23 @@ def pass_or_draw(conn, sampler: samplers.Sampler, profile, n_match: int,
     if draw is None:
         return None, ""
     exact = n_match * profile.seconds_per_item(layers)
-    pass_cost = f"≈ {exact:.2g} s of model time" + \
+    shown = _digits(exact, draw)
+    pass_cost = f"≈ {exact:.{shown}g} s of model time" + \
         (", the Ray workers' start not counted" if conn.engine is not None else "")
     if exact <= draw:
         return (f"a pass over the {n_match:,} matching items ({pass_cost}) costs less than "
-                f"drawing a {sampler.spec()} sample (≈ {draw:.2g} s)"), ""
-    return None, f"; a pass over them all ({pass_cost}) costs more than the draw (≈ {draw:.2g} s)"
+                f"drawing a {sampler.spec()} sample (≈ {draw:.{shown}g} s)"), ""
+    return None, (f"; a pass over them all ({pass_cost}) costs more than the draw "
+                  f"(≈ {draw:.{shown}g} s)")
+
+
+def _digits(a: float, b: float) -> int:
+    """Significant digits that tell two costs apart (2 at least, 6 at most): '≈ 0.21 s costs
+    more than ≈ 0.21 s' had read as a contradiction (sweep MM2)."""
+    for digits in range(2, 7):
+        if f"{a:.{digits}g}" != f"{b:.{digits}g}":
+            return digits
+    return 6
 
 
 def draw_seconds(sampler: samplers.Sampler, profile) -> float | None:
