@@ -11,6 +11,7 @@ import textwrap
 from diagql.errors import ExecutionError
 
 WIDE = 12  # at most this many answer rows become columns (one row per checkpoint)
+FITS = 120  # characters those columns may take, else the answer's rows go down
 _INTERVAL = ("ci_low", "ci_high")  # a table answer's interval columns (SIMILARITY's)
 LABELLED = 60  # at most this many curves are named in a legend (beside the axes past WIDE)
 
@@ -38,10 +39,12 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
         shown[key] = {name: answer.metrics[metric] for name, answer in answers.items()
                       if metric in answer.metrics}
         numbers[key] = dict(shown[key])
-    if len(keys) <= WIDE:  # checkpoints down, the answer's rows across: curves read down
-        columns = ["checkpoint", *(_key_text(named(key)) for key in keys)]
-        rows = [(name, *(shown[key].get(name, "") for key in keys)) for name in names]
-    else:
+    columns = ["checkpoint", *(_key_text(named(key)) for key in keys)]
+    rows = [(name, *(shown[key].get(name, "") for key in keys)) for name in names]
+    # Checkpoints down, the answer's rows across (curves read down) where that fits; a TOPK
+    # GROUP BY's twelve "group rank" columns of "neuron value" had run to 287 characters,
+    # every cell cut (sweep MM2).
+    if len(keys) > WIDE or _width(columns, rows) > FITS:
         columns = [*key_names, *names]
         rows = [(*named(key), *(shown[key].get(name, "") for name in names)) for key in keys]
     result = Result(kind="across", statement=statement, columns=columns, rows=rows,
@@ -50,8 +53,26 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
         curves, numbers = _neuron_curves(answers)
     result.series = {_key_text(named(key)): [numbers[key].get(name, math.nan) for name in names]
                      for key in curves}
-    result.notes.extend(_sampled(answers) + _notes(answers))
+    result.notes.extend(_sampled(answers) + _items(answers) + _notes(answers))
     return result
+
+
+def _width(columns: list, rows: list) -> int:
+    """The characters a table of these columns takes (3 between columns)."""
+    return sum(max(len(str(cell)) if not isinstance(cell, float) else len(_num(cell))
+                   for cell in [name, *(row[i] for row in rows)]) + 3
+               for i, name in enumerate(columns))
+
+
+def _items(answers: dict) -> list[str]:
+    """Each model's matching items, where they differ: a WHERE or GROUP BY on predictions
+    reads each checkpoint's own (sweep MM2: 443 items for one, 366 for another, unsaid)."""
+    counts = {name: answer.n_items for name, answer in answers.items()
+              if answer.is_query and answer.n_items is not None}
+    if len(set(counts.values())) <= 1:
+        return []
+    return ["matching items differ, each model's own predictions read: " +
+            ", ".join(f"{name} {count:,}" for name, count in counts.items())]
 
 
 def _sampled(answers: dict) -> list[str]:
