@@ -97,3 +97,13 @@ def test_html_has_thumbnails_and_heat_maps(shell):
     assert f"item {ranked.items[0]}" in page
     means = shell.run_line_magic("diagql", "AVG NEURONS IN 2")  # an 8×6×6 conv map
     assert _pngs(means._repr_html_()) == [(6, 6)] * 8
+
+
+def test_ipython_in_a_terminal_shows_a_result_as_its_table(shell):
+    """IPython's plain-text display (a terminal) had shown the repr, <Result topk ...>
+    (sweep MM2); it shows the table print() shows."""
+    from IPython.lib.pretty import pretty
+
+    result = shell.user_ns["db"].query("TOPK 3 NEURONS IN 6")
+    assert pretty(result) == str(result) and "6[" in pretty(result)
+    assert not pretty(result).startswith("<Result")

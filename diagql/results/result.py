@@ -416,6 +416,11 @@ class Result:
 
         return to_html(self)
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:
+        """IPython in a terminal shows the table, as print() does: it had shown the repr
+        (sweep MM2), which a notebook's HTML hid."""
+        printer.text(repr(self) if cycle else str(self))
+
 
 def _similarity_records(result: Result) -> list[dict]:
     """One row per pair of layers (each pair once, in the order given)."""
