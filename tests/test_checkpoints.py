@@ -215,28 +215,33 @@ def test_topk_across_checkpoints_records_keep_each_neuron_and_value_whole(db, tr
         assert record["neuron"] == np.argsort(-truth, kind="stable")[record["rank"] - 1]
 
 
-def test_a_wide_across_table_goes_down_and_differing_items_are_said(db, trained, data):
+def test_a_wide_across_table_is_shown_turned_and_differing_items_are_said(db, trained, data):
     """A TOPK GROUP BY's "group rank" columns of "neuron value" ran past the terminal, every
-    cell cut: past FITS characters the answer's rows go down, a column per model; a WHERE on
-    predictions reads each checkpoint's own, whose matching items were unsaid (MM2)."""
-    from diagql.results.across import FITS, _width
-
+    cell cut (MM2): past TURN_WIDTH the table shows the answer's rows down, a column per
+    model, while CSV, JSON and records keep a row per checkpoint (review NN1). A WHERE on
+    predictions reads each checkpoint's own: their matching items, of the whole data even
+    for a sample (NN1), are said, and a GROUP BY's that differ too."""
     result = db.query("TOPK 2 NEURONS IN encoder.3 WHERE class < 3 GROUP BY class "
                       "ACROSS CHECKPOINTS")
-    assert result.columns == ["class", "rank", "epoch1", "epoch2", "epoch3", "final"]
-    assert len(result.rows) == 3 * 2
+    assert result.columns[0] == "checkpoint" and len(result.rows) == 4
+    assert result.turned[0] == ["class", "rank", "epoch1", "epoch2", "epoch3", "final"]
+    text = str(result).splitlines()
+    assert any(line.split()[:3] == ["│", "0", "│"] for line in text)  # a row per (class, rank)
+    assert max(len(line) for line in text) < 120
     narrow = db.query("TOPK 2 NEURONS IN encoder.3 WHERE class = 1 ACROSS CHECKPOINTS")
-    assert narrow.columns == ["checkpoint", "1", "2"] and _width(narrow.columns,
-                                                                 narrow.rows) <= FITS
+    assert any(line.split()[:2] == ["│", "epoch1"] for line in str(narrow).splitlines())
     model, _, states = trained
-    X, _ = data
-    counts = [int((outputs(m, X, "head").argmax(1) != data[1].numpy()).sum())
-              for m in [*(loaded(states[n]) for n in ("epoch1", "epoch2", "epoch3")), model]]
-    wrong = db.query("AVG NEURONS IN head WHERE incorrect ACROSS CHECKPOINTS")
-    assert len(set(counts)) > 1 and ("matching items differ, each model's own predictions "
-                                     "read: " + ", ".join(f"{n} {c:,}" for n, c in zip(
-                                         ["epoch1", "epoch2", "epoch3", "final"], counts))
-                                     ) in wrong.notes
+    X, y = data
+    nets = [*(loaded(states[n]) for n in ("epoch1", "epoch2", "epoch3")), model]
+    counts = [int((outputs(m, X, "head").argmax(1) != y.numpy()).sum()) for m in nets]
+    expected = "matching items differ, each model's own predictions read: " + ", ".join(
+        f"{n} {c:,}" for n, c in zip(["epoch1", "epoch2", "epoch3", "final"], counts))
+    assert len(set(counts)) > 1
+    assert expected in db.query("AVG NEURONS IN head WHERE incorrect ACROSS CHECKPOINTS").notes
+    assert expected in db.query("AVG NEURONS IN head WHERE incorrect USING SAMPLE "
+                                "random(0.5) ACROSS CHECKPOINTS").notes
+    grouped = db.query("AVG NEURONS IN head GROUP BY predicted ACROSS CHECKPOINTS")
+    assert "each model's groups hold other items, its own predictions read" in grouped.notes
 
 
 def test_a_checkpoint_query_never_holds_two_checkpoints_weights(trained, data, monkeypatch):
@@ -272,17 +277,16 @@ def test_across_checkpoints_with_baseline_shows_each_checkpoints_error(db, train
     model, _, states = trained
     result = db.query("AVG NEURONS IN head WHERE class = 1 USING SAMPLE random(0.3) "
                       "WITH BASELINE ACROSS CHECKPOINTS")
-    # ten neurons and two metrics do not fit across: a row each, a column per model
-    errors = {row[0]: row[1:] for row in result.rows}
-    assert "cosine_distance vs exact" in errors and "speedup" in errors
+    assert "cosine_distance vs exact" in result.columns and "speedup" in result.columns
+    column = result.columns.index("cosine_distance vs exact")
     mine = (y == 1).numpy()
-    for column, name in enumerate(result.columns[1:]):
-        answer = result.checkpoints[name]
-        net = model if name == "final" else loaded(states[name])
+    for row in result.rows:
+        answer = result.checkpoints[row[0]]
+        net = model if row[0] == "final" else loaded(states[row[0]])
         exact = net(X).double()[mine].mean(dim=0).detach().numpy()
         got = answer.values
         cosine = 1 - got @ exact / (np.linalg.norm(got) * np.linalg.norm(exact))
-        assert errors["cosine_distance vs exact"][column] == pytest.approx(cosine, abs=1e-9)
+        assert row[column] == pytest.approx(cosine, abs=1e-9)
     assert "cosine_distance vs exact" not in result.series  # the curves are the answer's
 
 

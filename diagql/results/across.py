@@ -11,7 +11,6 @@ import textwrap
 from diagql.errors import ExecutionError
 
 WIDE = 12  # at most this many answer rows become columns (one row per checkpoint)
-FITS = 120  # characters those columns may take, else the answer's rows go down
 _INTERVAL = ("ci_low", "ci_high")  # a table answer's interval columns (SIMILARITY's)
 LABELLED = 60  # at most this many curves are named in a legend (beside the axes past WIDE)
 
@@ -39,16 +38,16 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
         shown[key] = {name: answer.metrics[metric] for name, answer in answers.items()
                       if metric in answer.metrics}
         numbers[key] = dict(shown[key])
-    columns = ["checkpoint", *(_key_text(named(key)) for key in keys)]
-    rows = [(name, *(shown[key].get(name, "") for key in keys)) for name in names]
-    # Checkpoints down, the answer's rows across (curves read down) where that fits; a TOPK
-    # GROUP BY's twelve "group rank" columns of "neuron value" had run to 287 characters,
-    # every cell cut (sweep MM2).
-    if len(keys) > WIDE or _width(columns, rows) > FITS:
-        columns = [*key_names, *names]
-        rows = [(*named(key), *(shown[key].get(name, "") for name in names)) for key in keys]
+    turned = ([*key_names, *names],
+              [(*named(key), *(shown[key].get(name, "") for name in names)) for key in keys])
+    if len(keys) <= WIDE:  # checkpoints down, the answer's rows across: curves read down
+        columns = ["checkpoint", *(_key_text(named(key)) for key in keys)]
+        rows = [(name, *(shown[key].get(name, "") for key in keys)) for name in names]
+    else:
+        (columns, rows), turned = turned, None
     result = Result(kind="across", statement=statement, columns=columns, rows=rows,
-                    title=f"{statement}: {len(names)} models ({what})", checkpoints=answers)
+                    title=f"{statement}: {len(names)} models ({what})", checkpoints=answers,
+                    turned=turned)
     if any(answer.kind == "topk" for answer in answers.values()):
         curves, numbers = _neuron_curves(answers)
     result.series = {_key_text(named(key)): [numbers[key].get(name, math.nan) for name in names]
@@ -57,22 +56,29 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
     return result
 
 
-def _width(columns: list, rows: list) -> int:
-    """The characters a table of these columns takes (3 between columns)."""
-    return sum(max(len(str(cell)) if not isinstance(cell, float) else len(_num(cell))
-                   for cell in [name, *(row[i] for row in rows)]) + 3
-               for i, name in enumerate(columns))
-
-
 def _items(answers: dict) -> list[str]:
     """Each model's matching items, where they differ: a WHERE or GROUP BY on predictions
-    reads each checkpoint's own (sweep MM2: 443 items for one, 366 for another, unsaid)."""
-    counts = {name: answer.n_items for name, answer in answers.items()
-              if answer.is_query and answer.n_items is not None}
-    if len(set(counts.values())) <= 1:
-        return []
-    return ["matching items differ, each model's own predictions read: " +
-            ", ".join(f"{name} {count:,}" for name, count in counts.items())]
+    reads each checkpoint's own (sweep MM2: 443 items for one, 366 for another, unsaid). Of
+    the whole data, not a sample's (review NN1), and per group."""
+    counts = {name: _matching(answer) for name, answer in answers.items() if answer.is_query}
+    if len({count for count, _ in counts.values()}) > 1:
+        return ["matching items differ, each model's own predictions read: " +
+                ", ".join(f"{name} {count:,}" for name, (count, _) in counts.items())]
+    if len({tuple(sorted(groups.items())) for _, groups in counts.values()}) > 1:
+        return ["each model's groups hold other items, its own predictions read"]
+    return []
+
+
+def _matching(answer) -> tuple[int | None, dict]:
+    """(the answer's matching items in the whole data, its groups' by key)."""
+    def count(part) -> int | None:
+        provenance = part.provenance
+        known = None if provenance is None else provenance.matching
+        return known if known is not None else part.n_items
+
+    groups = {key: count(part) for key, part in (answer.groups or {}).items()}
+    return (sum(v for v in groups.values() if v is not None) if groups else count(answer),
+            groups)
 
 
 def _sampled(answers: dict) -> list[str]:

@@ -42,9 +42,18 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
         title = [] if table.title or not result.title else [Text(result.title, style="bold")]
         if result.kind == "across":
             # Narrower, fewer digits; narrower still, a number is cut with '…', never folded:
-            # at 60 columns 0.4997 had read '0.499' with its '7' on the next line.
+            # at 60 columns 0.4997 had read '0.499' with its '7' on the next line. Its rows
+            # turned (a column per model) before that, and first of all where its own layout
+            # passes TURN_WIDTH even on a pipe: a TOPK GROUP BY's twelve "group rank" columns
+            # of "neuron value" had run to 287 characters, every cell cut (sweep MM2).
             first = table
-            table = FittingTable([lambda: first, lambda: _info_table(result, max_rows, 3),
+            variants = [lambda: first, lambda: _info_table(result, max_rows, 3)]
+            if result.turned is not None:
+                turned = [lambda: _info_table(result, max_rows, layout=result.turned),
+                          lambda: _info_table(result, max_rows, 3, layout=result.turned)]
+                wide = _natural_width(first) > TURN_WIDTH
+                variants = turned + variants if wide else variants + turned
+            table = FittingTable([*variants,
                                   lambda: _info_table(result, max_rows, 3, whole=True)])
         return Group(*title, table, *notes) if notes or title else table
     parts = [Text(result.statement, style="bold")] if echo and result.statement else []
@@ -67,31 +76,44 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
 _COMPACT = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": 0}
 
 
-def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False) -> PlainTable:
+TURN_WIDTH = 120  # characters past which an across table shows its rows turned
+
+
+def _natural_width(table) -> int:
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(width=1 << 16)
+    return Measurement.get(console, console.options, table).maximum
+
+
+def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False,
+                layout: tuple | None = None) -> PlainTable:
     """A table Result as rows, numbers of an across table to ``digits`` significant digits;
     ``whole``: the narrowest form, a cell cut with '…' where it must be, never folded onto a
-    second line."""
-    limit = max(max_rows, 50) if result.kind == "table" else len(result.rows)
+    second line; ``layout``: (columns, rows) to show instead of the Result's own."""
+    columns, all_rows = layout if layout is not None else (result.columns, result.rows)
+    limit = max(max_rows, 50) if result.kind == "table" else len(all_rows)
     # Checkpoints side by side: many columns, so 4 significant digits (the numbers are whole
     # in CSV and JSON).
     cell = (lambda v: f"{v:.{digits}g}" if isinstance(v, float) else cell_text(v)) \
         if result.kind == "across" else cell_text
-    rows = [[cell(v) for v in row] for row in result.rows[:limit]]
+    rows = [[cell(v) for v in row] for row in all_rows[:limit]]
     # A title longer than the table (an ACROSS CHECKPOINTS statement over a few columns) is a
     # line above it (``renderable``): as the table's title, rich wrapped it word by word. The
     # table's width: its columns' widest cells, each padded and bordered.
     width = sum(max([len(str(column))] + [len(row[i]) for row in rows])
-                for i, column in enumerate(result.columns)) + 3 * len(result.columns) + 1
+                for i, column in enumerate(columns)) + 3 * len(columns) + 1
     long = bool(result.title) and len(result.title) > width
     table = PlainTable(title=None if long or not result.title else result.title,
                        title_justify="left", title_style="bold", **(_COMPACT if whole else {}))
-    for column in result.columns:
+    for column in columns:
         # A number cut shows '…'; folded, 0.4997 read '0.499' with its '7' a line below.
         table.add_column(column, overflow="ellipsis" if whole else "fold", no_wrap=whole)
     for row in rows:
         table.add_row(*row)
-    if len(result.rows) > limit:
-        table.caption = Text(f"… {len(result.rows) - limit:,} more rows (--format csv shows all)")
+    if len(all_rows) > limit:
+        table.caption = Text(f"… {len(all_rows) - limit:,} more rows (--format csv shows all)")
     return table
 
 

@@ -218,6 +218,10 @@ class Result:
     # and each row of the answer as numbers over them (what its plot draws).
     checkpoints: dict[str, Result] | None = None
     series: dict[str, list[float]] | None = field(default=None, repr=False)
+    # An across table's rows turned (its answer's rows down, a column per model), which the
+    # table shows where its own layout is too wide (results/render.py); CSV, JSON and
+    # records keep ``columns`` and ``rows``.
+    turned: tuple | None = field(default=None, repr=False)
     # SIMILARITY (``labels`` are its layers as given, ``unit`` its measure): every pair's CKA,
     # rows and columns in the order given, and for two layers ``value``, their CKA.
     matrix: np.ndarray | None = None
