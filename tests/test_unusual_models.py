@@ -1774,3 +1774,28 @@ def test_the_probes_copy_of_a_batch_detaches_tensors_in_slots_and_containers():
     copied = kept_copy({"batch": Batch(X, 3), "more": [(Y, 1)]})
     assert torch.equal(copied["batch"].x, X.detach()) and copied["batch"].n == 3
     assert not copied["more"][0][0].requires_grad and torch.equal(copied["more"][0][0], Y)
+
+
+class _Scaled(nn.Module):
+    """A half body and a float32 logit scale at the root, registered after it (CLIP's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 16).half()
+        self.head = nn.Linear(16, 3).half()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return (self.head(torch.relu(self.body(x))).float() * self.scale).float()
+
+
+def test_a_parameter_at_the_root_does_not_decide_the_inputs_dtype():
+    """The root's own parameters come first in every walk: a float32 logit scale cast a half
+    model's inputs to float32, and every query failed (review NN1)."""
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    X, y = torch.randn(90, 6).half(), torch.arange(90) % 3
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    truth = _hooked(model, "body", X).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN body USING FULL").values, truth,
+                               rtol=1e-12, atol=1e-12)

@@ -227,15 +227,18 @@ def data_digest(conn) -> str:
 
 def model_dtype(module) -> torch.dtype:
     """The dtype a batch's floating inputs take (model/forward.py: to_device), and the rows'
-    kept: the first floating parameter's, in the order of registration, of a module that
-    takes floating inputs, not an embedding's (it takes indices). A frozen half-precision
+    kept: the first floating parameter's, in the order of registration, of a submodule that
+    takes floating inputs, not an embedding's (it takes indices), nor the root's own. A frozen half-precision
     embedding registered first had cast a float32 conv branch's images to half: refused, or
     1e-4 off where the forward cast them back (sweep LL1); counting every parameter's
     elements instead broke a float32 stem before a bfloat16 body (review MM1)."""
     skipped = (nn.Embedding, nn.EmbeddingBag)
-    found = [parameter.dtype for owner in module.modules() if not isinstance(owner, skipped)
+    # The root's own parameters (a CLIP-like logit scale, a CLS token) come first in any
+    # walk, whatever their order, and had cast a half model's inputs to float32 (NN1).
+    found = [parameter.dtype for owner in list(module.modules())[1:]
+             if not isinstance(owner, skipped)
              for parameter in owner.parameters(recurse=False) if parameter.is_floating_point()]
-    if not found:  # only embeddings, or none: the first floating parameter's, as before
+    if not found:  # only the root's, embeddings', or none: the first floating one's
         found = [p.dtype for p in module.parameters() if p.is_floating_point()]
     return found[0] if found else torch.float32
 
