@@ -289,3 +289,39 @@ def test_only_a_layer_fed_by_its_block_leaves_the_latents_check_out():
     assert "the latent's next components" not in estimator("act")
     assert "of a, the nearest block" in estimator("side")
     assert "the latent's next components" in estimator("side")
+
+
+class _Fed(nn.Module):
+    """``act1`` after an in-place ReLU after ``a``; ``act2`` after a residual sum made in
+    place outside any module; ``fuse`` called on two branches."""
+
+    class Fuse(nn.Module):
+        def forward(self, p, q):
+            return p * q
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.relu = nn.Linear(8, 8), nn.ReLU(inplace=True)
+        self.act1 = nn.Tanh()
+        self.b, self.skip, self.act2 = nn.Linear(8, 8), nn.Linear(8, 8), nn.Tanh()
+        self.fuse = self.Fuse()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        one = self.act1(self.relu(self.a(x)))
+        h = self.b(x)
+        h += self.skip(x)
+        return self.head(self.fuse(one, self.act2(h)))
+
+
+def test_a_layer_is_fed_by_a_module_only_through_its_one_unchanged_tensor():
+    """An in-place ReLU's output is its input, changed by the ReLU itself: the chain goes on
+    through it; a tensor changed in place between modules (a residual sum) or a module of two
+    tensors (a fusion) is fed by no one module (review NN1: both had left the latent's check
+    out)."""
+    conn = diagql.connect(_Fed().eval(), (torch.randn(60, 8), torch.arange(60) % 3),
+                          cache_dir=False, progress=False)
+    catalog = conn.catalog
+    assert catalog["relu"].fed_by == "a" and catalog["act1"].fed_by == "relu"
+    assert catalog.upstream("act1") == ("relu", "a")
+    assert catalog["act2"].fed_by == "" and catalog["fuse"].fed_by == ""

@@ -261,6 +261,7 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
     seen: dict[tuple[str, int], _Seen] = {}  # (module, its call from 1)
     calls: dict[str, int] = {}
     made: dict[int, tuple[torch.Tensor, tuple]] = {}  # id(tensor) -> (tensor, (module, call))
+    latest: dict[int, tuple] = {}  # id -> (last module returning it, version, it): _fed_by
     padding: dict[str, tuple[str, torch.Tensor]] = {}
     # A TorchScript part (and each module inside it) takes no forward hooks: left unhooked,
     # and listed as refused (``_entries``).
@@ -272,15 +273,17 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
     # Each running module's token_mask (the mask of the input ids it was called on), outermost
     # first: a layer's tokens are its innermost caller's (a dual encoder's second encoder's).
     tokens: list[str | None] = []
+    versions: list[list] = []  # each running module's tensors and their versions as called
 
     @this_thread
     def enter(module, args, kwargs):
         # A module called on several inputs' ids (a seq2seq model's own forward, given
         # input_ids and decoder_input_ids) has no one input's tokens: its callees are traced
         # by their own ids or by what made their input (its LM head, by the decoder's output).
-        found = {token_mask(named, a) for a in (*args, *kwargs.values())
-                 if isinstance(a, torch.Tensor)} - {None}
+        given = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        found = {token_mask(named, a) for a in given} - {None}
         tokens.append(found.pop() if len(found) == 1 else None)
+        versions.append([(a, a._version) for a in given])  # as called: _fed_by
 
     def before(name):
         @this_thread
@@ -294,15 +297,20 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
 
     def after(name):
         @this_thread
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             calls[name] = calls.get(name, 0) + 1
             key = (name, calls[name])
             source = next((m for m in reversed(tokens) if m is not None), None)
             if tokens:
                 tokens.pop()
+            called = versions.pop() if versions else []
             try:
                 seen[key] = _look(key, args, output, seen, made, padding, padded, named,
                                   source)
+                seen[key].fed_by = _fed_by(called, latest)
+                out = first_output(output)
+                if isinstance(out, torch.Tensor):  # this module's, even if made in place
+                    latest[id(out)] = (name, out._version, out)
             except Exception as exc:  # noqa: BLE001 - DiagQL's own, not the model's
                 raise HookFailure(name, output, exc) from exc
         return hook
@@ -312,7 +320,7 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
             handles.append(module.register_forward_pre_hook(before(name), with_kwargs=True))
         if name:
             handles.append(module.register_forward_pre_hook(enter, with_kwargs=True))
-            handles.append(module.register_forward_hook(after(name)))
+            handles.append(module.register_forward_hook(after(name), with_kwargs=True))
     try:
         with evaluation(model, changed), hook_errors():
             out = call(model, x)
@@ -321,6 +329,13 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
         for handle in handles:
             handle.remove()
     return seen, calls, out, made
+
+
+def _fed_by(called: list, latest: dict) -> str:
+    """The module whose output, as it left it, a call's one tensor was ("": two, or changed
+    in place since: ``h += skip(x)``)."""
+    made = latest.get(id(called[0][0])) if len(called) == 1 else None
+    return made[0] if made is not None and made[1] == called[0][1] else ""
 
 
 def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Seen:
@@ -344,9 +359,7 @@ def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Se
     else:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         result = _Seen("tensor", tuple(out.shape), what,
-                       stored_first=stored_channels_first(out, first),
-                       fed_by=made[id(first)][1][0] if first is not None and id(first) in made
-                       else "")
+                       stored_first=stored_channels_first(out, first))
         if id(out) in made:
             result.like.append(made[id(out)][1])
         prefix = name + "."
@@ -365,8 +378,9 @@ def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Se
             result.like += [other for other in reversed(seen)
                             if seen[other].shape == result.shape][:1]
         made.setdefault(id(out), (out, key))
-    result.masks = [(owner, *_shape(padding[owner])) for owner in scope(name)
-                    if owner in padded and owner in padding]
+    result.masks = [(owner, arg, None if mask is None else tuple(mask.shape))
+                    for owner in scope(name) if owner in padded and owner in padding
+                    for arg, mask in [padding[owner]]]
     ids = next((a for a in args if isinstance(a, torch.Tensor)), None)
     # Its tokens: those of the ids it or its innermost caller was called on (``tokens``), else
     # those of the module that made its input (an encoder's layers called from the model's
@@ -380,10 +394,6 @@ def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Se
     result.input_mask = None if mask is None else tuple(mask.shape)
     result.input_mask_key = mask_name or ""
     return result
-
-
-def _shape(entry: tuple[str, torch.Tensor | None]) -> tuple[str, tuple | None]:
-    return entry[0], None if entry[1] is None else tuple(entry[1].shape)
 
 
 def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tuple[int, _Seen]],
