@@ -325,3 +325,48 @@ def test_a_layer_is_fed_by_a_module_only_through_its_one_unchanged_tensor():
     assert catalog["relu"].fed_by == "a" and catalog["act1"].fed_by == "relu"
     assert catalog.upstream("act1") == ("relu", "a")
     assert catalog["act2"].fed_by == "" and catalog["fuse"].fed_by == ""
+
+
+class _Guarded(nn.Module):
+    """A frozen part run under inference_mode; ``blk`` whose first child passes its input
+    through; ``fb``, which catches its child ``fast`` raising and falls back to ``lin``."""
+
+    class Fallback(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fast, self.lin = nn.Linear(3, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            try:
+                return self.fast(x)  # the wrong width: raises
+            except RuntimeError:
+                return self.lin(x)
+
+    def __init__(self):
+        super().__init__()
+        self.frozen, self.a = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.blk = nn.Sequential(nn.Identity(), nn.Linear(8, 8))
+        self.fb, self.head = self.Fallback(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.inference_mode():
+            x = self.frozen(x)
+        return self.head(self.fb(self.blk(self.a(x.clone()))))
+
+
+def test_feeders_are_read_as_each_module_is_called():
+    """An inference tensor keeps no version: reading it had failed every connection of a
+    model with a frozen part; a child that passes its input through had been taken for its
+    block's feeder, and a child that raised left the stack off by one (review NN2)."""
+    model = _Guarded().eval()
+    conn = diagql.connect(model, (torch.randn(60, 8), torch.arange(60) % 3), cache_dir=False,
+                          progress=False)
+    catalog = conn.catalog
+    assert catalog["blk"].fed_by == "a" and catalog["fb"].fed_by == "blk"
+    assert catalog["fb.lin"].fed_by == "blk" and catalog["head"].fed_by == "fb"
+    assert catalog["a"].fed_by == ""  # a clone of an inference tensor: no module's output
+    X = torch.randn(60, 8)
+    conn = diagql.connect(model, (X, torch.arange(60) % 3), cache_dir=False, progress=False)
+    with torch.no_grad():
+        truth = model.a(model.frozen(X)).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN a").values, truth, atol=1e-6)

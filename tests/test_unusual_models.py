@@ -1799,3 +1799,35 @@ def test_a_parameter_at_the_root_does_not_decide_the_inputs_dtype():
     truth = _hooked(model, "body", X).double().mean(0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN body USING FULL").values, truth,
                                rtol=1e-12, atol=1e-12)
+
+
+class _Projected(nn.Module):
+    """A float32 input projection held at the root as a raw parameter, then a half body."""
+
+    def __init__(self):
+        super().__init__()
+        self.project = nn.Parameter(torch.randn(6, 6))
+        self.body = nn.Linear(6, 16).half()
+        self.head = nn.Linear(16, 3).half()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body((x @ self.project).half()))).float()
+
+
+def test_a_model_of_mixed_dtypes_takes_its_inputs_as_given():
+    """Whichever parameter's dtype the inputs took, some mix broke: the root's float32
+    projection before a half body had them cast to half (review NN2), where the half logit
+    scale's model took them as float32. Where the parameters mix dtypes the data stay as
+    given, as the model itself takes them; where they share one they take it."""
+    from diagql.session.models import input_dtype
+
+    torch.manual_seed(0)
+    model = _Projected().eval()
+    X, y = torch.randn(90, 6), torch.arange(90) % 3
+    assert input_dtype(model) is None and input_dtype(_Scaled()) is None
+    assert input_dtype(nn.Sequential(nn.Linear(4, 4)).half()) == torch.float16
+    assert input_dtype(_TwoBranch(False)) == torch.float32  # its half embedding takes indices
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    truth = _hooked(model, "body", X).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN body USING FULL").values, truth,
+                               rtol=1e-12, atol=1e-12)

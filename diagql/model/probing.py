@@ -270,10 +270,9 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
     padded = {name for name, module in modules if padding_argument(module) is not None}
     named = named_inputs(x, model)  # a tuple input's attention_mask found by its name
     handles = []
-    # Each running module's token_mask (the mask of the input ids it was called on), outermost
-    # first: a layer's tokens are its innermost caller's (a dual encoder's second encoder's).
-    tokens: list[str | None] = []
-    versions: list[list] = []  # each running module's tensors and their versions as called
+    # Each running module, its token_mask (of the ids it was called on: a layer's tokens are
+    # its innermost caller's, a dual encoder's second's) and feeder (_fed_by), outermost first.
+    running: list[tuple] = []
 
     @this_thread
     def enter(module, args, kwargs):
@@ -282,8 +281,9 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
         # by their own ids or by what made their input (its LM head, by the decoder's output).
         given = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         found = {token_mask(named, a) for a in given} - {None}
-        tokens.append(found.pop() if len(found) == 1 else None)
-        versions.append([(a, a._version) for a in given])  # as called: _fed_by
+        # Its feeder as called (review NN2: decided on return, a child had changed it).
+        running.append((module, found.pop() if len(found) == 1 else None,
+                        _fed_by(given, latest)))
 
     def before(name):
         @this_thread
@@ -300,16 +300,17 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
         def hook(module, args, kwargs, output):
             calls[name] = calls.get(name, 0) + 1
             key = (name, calls[name])
-            source = next((m for m in reversed(tokens) if m is not None), None)
-            if tokens:
-                tokens.pop()
-            called = versions.pop() if versions else []
+            # Down to its own entry: a child that raised, which it caught, left one (NN2).
+            mine = max((i for i, entry in enumerate(running) if entry[0] is module), default=None)
+            del running[len(running) if mine is None else mine + 1:]
+            source = next((m for _, m, _ in reversed(running) if m is not None), None)
+            fed = running.pop()[2] if mine is not None else ""
             try:
                 seen[key] = _look(key, args, output, seen, made, padding, padded, named,
                                   source)
-                seen[key].fed_by = _fed_by(called, latest)
+                seen[key].fed_by = fed
                 out = first_output(output)
-                if isinstance(out, torch.Tensor):  # this module's, even if made in place
+                if isinstance(out, torch.Tensor) and not out.is_inference():  # even in place
                     latest[id(out)] = (name, out._version, out)
             except Exception as exc:  # noqa: BLE001 - DiagQL's own, not the model's
                 raise HookFailure(name, output, exc) from exc
@@ -331,11 +332,11 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
     return seen, calls, out, made
 
 
-def _fed_by(called: list, latest: dict) -> str:
-    """The module whose output, as it left it, a call's one tensor was ("": two, or changed
-    in place since: ``h += skip(x)``)."""
-    made = latest.get(id(called[0][0])) if len(called) == 1 else None
-    return made[0] if made is not None and made[1] == called[0][1] else ""
+def _fed_by(given: list, latest: dict) -> str:
+    """The module whose output, as it left it, a call's one tensor is ("": two, or changed
+    in place since: ``h += skip(x)``; an inference tensor keeps no version)."""
+    made = latest.get(id(given[0])) if len(given) == 1 and not given[0].is_inference() else None
+    return made[0] if made is not None and made[1] == given[0]._version else ""
 
 
 def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Seen:

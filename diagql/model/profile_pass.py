@@ -26,6 +26,7 @@ from diagql.progress import Progress
 
 def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_input: bool,
                     device: torch.device, dtype: torch.dtype, batch_size: int,
+                    cast="dtype",
                     progress: Progress, view: View | None = None, catalog=None,
                     scores: Scores | None = None) -> Profile:
     """One forward pass over every item, hooking the latent layer: its input, or its output
@@ -35,14 +36,17 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     With the ``catalog``, the same pass finds the layers whose rows equal the latent or the
     logits for every item (compared exactly, batch by batch), and keeps the logits, so that
     queries on those layers need no forward pass (docs/ARCHITECTURE.md, "Data model").
-    ``scores``: where the class scores are in the model's output (the catalog's)."""
+    ``scores``: where the class scores are in the model's output (the catalog's). ``cast``:
+    what the batches' floating inputs are cast to (None: as given), by default ``dtype``,
+    the rows' (session/models.py: input_dtype, model_dtype)."""
     n = len(source)
     if n == 0:
         raise DiagQLError("the data set is empty")
     compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
     views = aux.blocks(model, catalog, n) if catalog is not None else []
     options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
-               "dtype": dtype, "batch_size": batch_size, "view": view, "compare": compare,
+               "dtype": dtype if cast == "dtype" else cast, "batch_size": batch_size,
+               "view": view, "compare": compare,
                "winners": winners_module.views(catalog, n) if catalog is not None else [],
                "scores": scores or Scores()}
     started = time.perf_counter()

@@ -91,7 +91,7 @@ class Artifacts:
 
     def _probe(self) -> LayerCatalog:
         conn = self.conn
-        return probe(conn.model, conn.source, lambda x: to_device(x, conn.device, conn.dtype),
+        return probe(conn.model, conn.source, lambda x: to_device(x, conn.device, conn.cast),
                      call_model, conn.given_scores, conn.progress)
 
     def scores(self, catalog: LayerCatalog) -> Scores:
@@ -198,12 +198,14 @@ class Artifacts:
             blocks = auxiliaries.blocks(conn.model, catalog, n)
             return conn.engine.profile(
                 n, latent=name, latent_is_input=is_input, view=view, dtype=conn.dtype,
+                cast=conn.cast,
                 batch_size=conn.settings.batch_size, progress=conn.progress, compare=compare,
                 blocks=blocks, winners=winners.views(catalog, n), scores=self.scores(catalog),
                 pairs=view_aliases.candidates(catalog, blocks))
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
-            dtype=conn.dtype, batch_size=conn.settings.batch_size, progress=conn.progress,
+            dtype=conn.dtype, cast=conn.cast, batch_size=conn.settings.batch_size,
+            progress=conn.progress,
             view=view, catalog=catalog, scores=self.scores(catalog))
 
     def has_sample(self, sampler: samplers.Sampler) -> bool:

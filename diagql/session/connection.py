@@ -81,8 +81,8 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     label key is ``label_key`` when given (CLI: ``--label-key``), else the first of
     ``labels``, ``label``, ``y``, ``target``, ``targets`` that the mapping has; a mapping with
     none is data without labels (queries that read only predictions still run). Floating
-    inputs take the model's dtype (its first floating parameter's, not an embedding's);
-    integer ones (token ids, masks) keep theirs.
+    inputs take the model's dtype where its parameters (its embeddings' aside) share one,
+    else stay as given; integer ones (token ids, masks) keep theirs.
 
     ``batch_size`` is the items per forward pass (default: ``Settings.batch_size``).
     ``device`` defaults to the device of the model's parameters; naming another moves the
@@ -221,7 +221,7 @@ class Connection:
             for name, weights in checkpoint_specs(checkpoints).items():
                 self.models[name] = ModelEntry(self, name, None, device=final.device,
                                                dtype=final.dtype, latent=latent, slot=slot,
-                                               weights=weights)
+                                               weights=weights, cast=final.cast)
             # The final model last: ACROSS CHECKPOINTS answers in training order.
             self.models[FINAL] = self.models.pop(FINAL)
             self.settings.model = FINAL
@@ -288,6 +288,10 @@ class Connection:
     @property
     def dtype(self) -> torch.dtype:
         return self.current.dtype
+
+    @property
+    def cast(self) -> torch.dtype | None:
+        return self.current.cast
 
     @property
     def artifacts(self) -> Artifacts:

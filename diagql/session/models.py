@@ -37,14 +37,17 @@ class ModelEntry:
     ``runner()`` are this model's."""
 
     def __init__(self, conn, name: str, module, *, device, dtype, latent: str | None = None,
-                 slot: CheckpointSlot | None = None, weights=None):
+                 slot: CheckpointSlot | None = None, weights=None, cast=None):
         self.conn = conn
         self.name = name
         self._module = module  # None for a checkpoint: its weights are loaded into the slot
         self.slot = slot
         self.weights = weights  # a checkpoint's path or state_dict
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # its rows' (row_dtype) and its cache keys'
+        # What its batches' floating inputs are cast to (None: as given): its final model's
+        # for a checkpoint, one architecture.
+        self.cast = input_dtype(module) if module is not None else cast
         self.latent = latent  # the layer whose output is the profile's latent; None: default
         self.artifacts = Artifacts(self)
         self.activations = ActivationStore(conn.cache, self.artifacts.activation_key,
@@ -192,7 +195,7 @@ class ModelEntry:
         Whether anything had been derived. (Its inputs indexes: session/changes.py.)"""
         derived = self.artifacts.derived()
         if self.slot is None:  # model.double(), model.to("cuda") since: read as it is now
-            self.dtype = model_dtype(self._module)
+            self.dtype, self.cast = model_dtype(self._module), input_dtype(self._module)
             self.device = next((p.device for p in self._module.parameters()), self.device)
         self.artifacts = Artifacts(self)
         self.activations = ActivationStore(self.conn.cache, self.artifacts.activation_key,
@@ -204,7 +207,7 @@ class ModelEntry:
         pass runs (a checkpoint then gets a copy of its own, not one of theirs)."""
         model = self.model if self.slot is None or not besides else \
             self.slot.hold(self.name, self.weights, besides)
-        return Runner(model, self.source, device=self.device, dtype=self.dtype,
+        return Runner(model, self.source, device=self.device, dtype=self.cast,
                       batch_size=self.settings.batch_size, progress=self.progress,
                       counters=self.counters, activations=self.activations,
                       engine=self.engine)
@@ -225,10 +228,26 @@ def data_digest(conn) -> str:
     return data_fingerprint(conn.data, columns, getattr(conn.source, "indices", None))
 
 
+def input_dtype(module) -> torch.dtype | None:
+    """The dtype a batch's floating inputs are cast to (model/forward.py: to_device): the
+    one dtype of the model's floating parameters, its embeddings' (which take indices)
+    aside, as a half model's float32 data take half; None where they mix dtypes, the data
+    then as given, as the model itself takes them. Each rule naming one parameter's dtype
+    broke another mix: a frozen half embedding first (LL1), a float32 stem before a bfloat16
+    body (MM1), a float32 logit scale or input projection at a half model's root (NN1, NN2)."""
+    skipped = (nn.Embedding, nn.EmbeddingBag)
+    dtypes = {parameter.dtype for owner in module.modules() if not isinstance(owner, skipped)
+              for parameter in owner.parameters(recurse=False) if parameter.is_floating_point()}
+    if not dtypes:  # embeddings only, or no parameter: their dtype, as before
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()} or \
+            {torch.float32}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def model_dtype(module) -> torch.dtype:
-    """The dtype a batch's floating inputs take (model/forward.py: to_device), and the rows'
-    kept: the first floating parameter's, in the order of registration, of a submodule that
-    takes floating inputs, not an embedding's (it takes indices), nor the root's own. A frozen half-precision
+    """The dtype of the rows kept (row_dtype) and of the cache keys: the first floating
+    parameter's, in the order of registration, of a submodule that takes floating inputs, not
+    an embedding's (it takes indices), nor the root's own. A frozen half-precision
     embedding registered first had cast a float32 conv branch's images to half: refused, or
     1e-4 off where the forward cast them back (sweep LL1); counting every parameter's
     elements instead broke a float32 stem before a bfloat16 body (review MM1)."""
