@@ -1819,15 +1819,46 @@ def test_a_model_of_mixed_dtypes_takes_its_inputs_as_given():
     projection before a half body had them cast to half (review NN2), where the half logit
     scale's model took them as float32. Where the parameters mix dtypes the data stay as
     given, as the model itself takes them; where they share one they take it."""
+    from diagql.model.forward import Cast
     from diagql.session.models import input_dtype
 
     torch.manual_seed(0)
     model = _Projected().eval()
     X, y = torch.randn(90, 6), torch.arange(90) % 3
-    assert input_dtype(model) is None and input_dtype(_Scaled()) is None
+    mixed = input_dtype(model)
+    assert mixed == Cast(torch.float32, frozenset({torch.float32, torch.float16}))
+    assert input_dtype(_Scaled()) == mixed
     assert input_dtype(nn.Sequential(nn.Linear(4, 4)).half()) == torch.float16
     assert input_dtype(_TwoBranch(False)) == torch.float32  # its half embedding takes indices
-    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     truth = _hooked(model, "body", X).double().mean(0).numpy()
-    np.testing.assert_allclose(conn.query("AVG NEURONS IN body USING FULL").values, truth,
-                               rtol=1e-12, atol=1e-12)
+    # float32 data as given; numpy's float64, none of its dtypes, as its widest (review NN3)
+    for data in ((X, y), (X.double().numpy(), y.numpy())):
+        conn = diagql.connect(model, data, cache_dir=False, progress=False)
+        np.testing.assert_allclose(conn.query("AVG NEURONS IN body USING FULL").values, truth,
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_a_transformer_encoder_on_its_fast_path_with_a_padding_mask_connects():
+    """nn.TransformerEncoder's fast path hands its layers nested tensors, which have no
+    shape; the probe read one's, tracing token ids, and the connection failed, blamed on the
+    model (review NN3)."""
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8, padding_idx=0)
+            layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 1)  # enable_nested_tensor by default
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.enc(self.emb(input_ids), src_key_padding_mask=attention_mask == 0)
+            return self.head(h[:, 0])
+
+    lengths = torch.randint(3, 9, (40,))
+    ids = torch.randint(1, 20, (40, 8)) * (torch.arange(8) < lengths[:, None])
+    items = [{"input_ids": ids[i], "attention_mask": (ids[i] > 0).long(), "labels": i % 3}
+             for i in range(40)]
+    conn = diagql.connect(Encoder().eval(), items, cache_dir=False, progress=False)
+    assert conn.query("AVG NEURONS IN head").n_items == 40

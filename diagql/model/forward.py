@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -14,11 +15,23 @@ from diagql.model.data import NAME_LABEL_KEY
 from diagql.model.labels import LABEL_KEYS
 
 
-def to_device(x, device: torch.device, dtype: torch.dtype):
+class Cast(NamedTuple):
+    """The floating inputs of a model of mixed dtypes: one of its parameters' dtypes
+    (``keep``) stays as given, as the model itself takes it; any other takes ``to``, its
+    widest (numpy's float64 on a float32-and-half model: review NN3)."""
+
+    to: torch.dtype
+    keep: frozenset
+
+
+def to_device(x, device: torch.device, dtype):
     """Move model inputs, nested in mappings, tuples and lists, to the model's device; floating
-    tensors take the model's dtype, integer ones (token ids, masks) keep theirs."""
+    tensors take ``dtype`` (a Cast: as it says; None: their own), integer ones (token ids,
+    masks) keep theirs."""
     if isinstance(x, torch.Tensor):
         if x.is_floating_point():
+            if isinstance(dtype, Cast):
+                dtype = None if x.dtype in dtype.keep else dtype.to
             return x.to(device=device, dtype=dtype)
         return x.to(device=device)
     if isinstance(x, Mapping):

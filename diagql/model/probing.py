@@ -270,18 +270,18 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
     padded = {name for name, module in modules if padding_argument(module) is not None}
     named = named_inputs(x, model)  # a tuple input's attention_mask found by its name
     handles = []
-    # Each running module, its token_mask (of the ids it was called on: a layer's tokens are
-    # its innermost caller's, a dual encoder's second's) and feeder (_fed_by), outermost first.
-    running: list[tuple] = []
+    # Each running module, its token_mask (a layer's tokens are its innermost caller's ids':
+    running: list[tuple] = []  # a dual encoder's second's) and feeder (_fed_by), outermost first
 
     @this_thread
     def enter(module, args, kwargs):
         # A module called on several inputs' ids (a seq2seq model's own forward, given
         # input_ids and decoder_input_ids) has no one input's tokens: its callees are traced
         # by their own ids or by what made their input (its LM head, by the decoder's output).
-        given = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        # Not a nested tensor (a TransformerEncoder's fast path's): no shape (NN3). Its
+        # feeder as called (decided on return, a child had changed it: NN2).
+        given = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and not a.is_nested]
         found = {token_mask(named, a) for a in given} - {None}
-        # Its feeder as called (review NN2: decided on return, a child had changed it).
         running.append((module, found.pop() if len(found) == 1 else None,
                         _fed_by(given, latest)))
 
@@ -310,8 +310,8 @@ def _probe_pass(model, x, call, changed: list[str] | None = None):
                                   source)
                 seen[key].fed_by = fed
                 out = first_output(output)
-                if isinstance(out, torch.Tensor) and not out.is_inference():  # even in place
-                    latest[id(out)] = (name, out._version, out)
+                if isinstance(out, torch.Tensor) and not (out.is_inference() or out.is_nested):
+                    latest[id(out)] = (name, out._version, out)  # its, even made in place
             except Exception as exc:  # noqa: BLE001 - DiagQL's own, not the model's
                 raise HookFailure(name, output, exc) from exc
         return hook

@@ -15,6 +15,7 @@ from torch import nn
 from diagql.engine.executor import Runner
 from diagql.errors import BindError, DiagQLError, DiagQLWarning
 from diagql.language import ast
+from diagql.model.forward import Cast
 from diagql.model.layers import LayerCatalog
 from diagql.model.profile import Profile
 from diagql.model.scores import classes_of
@@ -228,20 +229,27 @@ def data_digest(conn) -> str:
     return data_fingerprint(conn.data, columns, getattr(conn.source, "indices", None))
 
 
-def input_dtype(module) -> torch.dtype | None:
-    """The dtype a batch's floating inputs are cast to (model/forward.py: to_device): the
-    one dtype of the model's floating parameters, its embeddings' (which take indices)
-    aside, as a half model's float32 data take half; None where they mix dtypes, the data
-    then as given, as the model itself takes them. Each rule naming one parameter's dtype
-    broke another mix: a frozen half embedding first (LL1), a float32 stem before a bfloat16
-    body (MM1), a float32 logit scale or input projection at a half model's root (NN1, NN2)."""
+def input_dtype(module) -> torch.dtype | Cast:
+    """What a batch's floating inputs are cast to (model/forward.py: to_device): the one
+    dtype of the model's floating parameters, its embeddings' (which take indices) aside, as
+    a half model's float32 data take half; where they mix dtypes, an input of one of theirs
+    stays as given, as the model itself takes it, and another takes the widest (a Cast).
+    Each rule naming one parameter's dtype broke another mix: a frozen half embedding first
+    (LL1), a float32 stem before a bfloat16 body (MM1), a float32 logit scale or input
+    projection at a half model's root (NN1, NN2)."""
     skipped = (nn.Embedding, nn.EmbeddingBag)
     dtypes = {parameter.dtype for owner in module.modules() if not isinstance(owner, skipped)
               for parameter in owner.parameters(recurse=False) if parameter.is_floating_point()}
     if not dtypes:  # embeddings only, or no parameter: their dtype, as before
         dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()} or \
             {torch.float32}
-    return dtypes.pop() if len(dtypes) == 1 else None
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    widest = next((d for d in _WIDEST_FIRST if d in dtypes), next(iter(dtypes)))
+    return Cast(widest, frozenset(dtypes))
+
+
+_WIDEST_FIRST = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def model_dtype(module) -> torch.dtype:
