@@ -81,8 +81,9 @@ def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int
     label key is ``label_key`` when given (CLI: ``--label-key``), else the first of
     ``labels``, ``label``, ``y``, ``target``, ``targets`` that the mapping has; a mapping with
     none is data without labels (queries that read only predictions still run). Floating
-    inputs take the model's dtype where its parameters (its embeddings' aside) share one,
-    else stay as given; integer ones (token ids, masks) keep theirs.
+    inputs take the model's dtype where its parameters (its embeddings' aside) share one;
+    where they mix, an input of one of their dtypes stays as given and another takes the
+    widest; integer ones (token ids, masks) keep theirs.
 
     ``batch_size`` is the items per forward pass (default: ``Settings.batch_size``).
     ``device`` defaults to the device of the model's parameters; naming another moves the
@@ -290,7 +291,7 @@ class Connection:
         return self.current.dtype
 
     @property
-    def cast(self) -> torch.dtype | None:
+    def cast(self):  # a dtype, or a Cast (model/forward.py) for a model of mixed dtypes
         return self.current.cast
 
     @property

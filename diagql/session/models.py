@@ -46,8 +46,8 @@ class ModelEntry:
         self.weights = weights  # a checkpoint's path or state_dict
         self.device = device
         self.dtype = dtype  # its rows' (row_dtype) and its cache keys'
-        # What its batches' floating inputs are cast to (None: as given): its final model's
-        # for a checkpoint, one architecture.
+        # What its batches' floating inputs are cast to (``input_dtype``: a dtype, or a Cast
+        # for a model of mixed dtypes): its final model's for a checkpoint, one architecture.
         self.cast = input_dtype(module) if module is not None else cast
         self.latent = latent  # the layer whose output is the profile's latent; None: default
         self.artifacts = Artifacts(self)
