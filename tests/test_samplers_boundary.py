@@ -462,3 +462,19 @@ def test_the_svm_is_fitted_once_for_every_size_j_and_seed(monkeypatch):
     for (cls, kwargs), drawn in zip(calls, kept):
         maxmargin._LAST_FIT.clear()
         np.testing.assert_array_equal(cls(**kwargs).fit(data).indices_, drawn)
+
+
+def test_two_ended_samplers_say_their_seed_only_breaks_ties(cnn, digits):
+    """maxmargin and gmm take each group's two ends of a ratio: two seeds gave the same 200
+    items while random_state read as any sampler's (sweep MM3); SHOW SAMPLERS says what it
+    does for them, and the samples agree to within ties."""
+    import diagql
+
+    db = diagql.connect(cnn, digits, cache_dir=False, progress=False)
+    rows = {row[0]: row for row in db.query("SHOW SAMPLERS").rows}
+    assert "random_state: a whole number (defaults to SET seed); the items are the two " \
+           "ends of a ratio, so it only breaks ties" in rows["maxmargin"][2]
+    assert "it starts the mixture's fit and breaks ties" in rows["gmm"][2]
+    assert "only breaks ties" not in rows["random"][2]
+    one, two = (set(db.sample(f"maxmargin(0.1, random_state={s})").tolist()) for s in (0, 7))
+    assert len(one & two) >= 0.9 * len(one)

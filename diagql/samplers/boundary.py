@@ -28,6 +28,14 @@ def log_likelihood_ratio(log_proba: np.ndarray, own: np.ndarray) -> np.ndarray:
     return log_proba[rows, own] - rival.max(axis=1)
 
 
+# What random_state does for a sampler that takes each group's two ends of a fixed ratio
+# (maxmargin's): another seed gives the same sample but for ties and quotas (two seeds had
+# drawn the same 200 items, unsaid in SHOW SAMPLERS: sweep MM3; README.md says so).
+TIES_ONLY = ("a whole number (defaults to SET seed); the items are the two ends of a ratio, "
+             "so it only breaks ties and rounds quotas: another seed gives nearly the same "
+             "sample")
+
+
 def two_ended(groups: np.ndarray, ratio: np.ndarray, n: int, j: float,
               rng: np.random.Generator) -> np.ndarray:
     """Exactly n distinct indices: per group, round(j·k) lowest-ratio items and k − round(j·k)

@@ -51,7 +51,10 @@ class GMMSampler(Sampler):
                    "component a share j from the outlier end, the rest exemplars")
     _domains = {**Sampler._domains,
                 "j": "a fraction in [0, 1]: the share taken from the outlier end",
-                "covariance": "'full' or 'spherical'"}
+                "covariance": "'full' or 'spherical'",
+                "random_state": "a whole number (defaults to SET seed); it starts the "
+                                "mixture's fit and breaks ties, the items being the two ends "
+                                "of its ratio: another seed gives nearly the same sample"}
     max_fit_items: ClassVar[int] = 10_000
     fit_dims: ClassVar[int] = 32
     max_iter: ClassVar[int] = 50

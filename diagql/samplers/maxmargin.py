@@ -14,8 +14,8 @@ from threadpoolctl import threadpool_limits
 from diagql.errors import BindError, ExecutionError
 
 from .base import SampleData, Sampler
-from .boundary import (boundary_and_exemplars, check_fraction, log_likelihood_ratio,
-                       two_ended)
+from .boundary import (TIES_ONLY, boundary_and_exemplars, check_fraction,
+                       log_likelihood_ratio, two_ended)
 from .space import product_rate, reduced_space
 
 
@@ -126,7 +126,8 @@ class MaxMarginSampler(Sampler):
                    "the model's decision boundaries, the rest exemplars")
     _domains = {**Sampler._domains,
                 "j": "a fraction in [0, 1]: the share taken from the outlier (boundary) end",
-                "method": "'diagql' (default: refined) or 'paper' (Algorithm 1 as published)"}
+                "method": "'diagql' (default: refined) or 'paper' (Algorithm 1 as published)",
+                "random_state": TIES_ONLY}
     fit_dims: ClassVar[int | None] = FIT_DIMS  # None: never reduced (tests compare with it)
 
     def __init__(self, size=0.05, j=0.7, method="diagql", random_state=None):
