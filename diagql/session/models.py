@@ -237,9 +237,7 @@ def input_dtype(module) -> torch.dtype | Cast:
     Each rule naming one parameter's dtype broke another mix: a frozen half embedding first
     (LL1), a float32 stem before a bfloat16 body (MM1), a float32 logit scale or input
     projection at a half model's root (NN1, NN2)."""
-    skipped = (nn.Embedding, nn.EmbeddingBag)
-    dtypes = {parameter.dtype for owner in module.modules() if not isinstance(owner, skipped)
-              for parameter in owner.parameters(recurse=False) if parameter.is_floating_point()}
+    dtypes = {dtype for _, dtype in _taking_floats(module)}
     if not dtypes:  # embeddings only, or no parameter: their dtype, as before
         dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()} or \
             {torch.float32}
@@ -254,20 +252,28 @@ _WIDEST_FIRST = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 def model_dtype(module) -> torch.dtype:
     """The dtype of the rows kept (row_dtype) and of the cache keys: the first floating
-    parameter's, in the order of registration, of a submodule that takes floating inputs, not
-    an embedding's (it takes indices), nor the root's own. A frozen half-precision
-    embedding registered first had cast a float32 conv branch's images to half: refused, or
-    1e-4 off where the forward cast them back (sweep LL1); counting every parameter's
-    elements instead broke a float32 stem before a bfloat16 body (review MM1)."""
+    parameter's, in the order of registration, of a submodule that takes floating inputs
+    (``_taking_floats``), not the root's own (a CLIP-like logit scale, a CLS token, which
+    come first in any walk whatever their order); where there is none, the first floating
+    parameter's."""
+    found = next((dtype for root, dtype in _taking_floats(module) if not root), None)
+    if found is None:  # only the root's, embeddings', or none: the first floating one's
+        found = next((p.dtype for p in module.parameters() if p.is_floating_point()),
+                     torch.float32)
+    return found
+
+
+def _taking_floats(module):
+    """(whether it is the root's own, its dtype) of each floating parameter, in the order of
+    registration, of a module that takes floating inputs: not an embedding, which takes
+    indices (a frozen half embedding registered first had decided a float32 branch's
+    inputs: sweep LL1)."""
     skipped = (nn.Embedding, nn.EmbeddingBag)
-    # The root's own parameters (a CLIP-like logit scale, a CLS token) come first in any
-    # walk, whatever their order, and had cast a half model's inputs to float32 (NN1).
-    found = [parameter.dtype for owner in list(module.modules())[1:]
-             if not isinstance(owner, skipped)
-             for parameter in owner.parameters(recurse=False) if parameter.is_floating_point()]
-    if not found:  # only the root's, embeddings', or none: the first floating one's
-        found = [p.dtype for p in module.parameters() if p.is_floating_point()]
-    return found[0] if found else torch.float32
+    for i, owner in enumerate(module.modules()):
+        if not isinstance(owner, skipped):
+            for parameter in owner.parameters(recurse=False):
+                if parameter.is_floating_point():
+                    yield i == 0, parameter.dtype
 
 
 def unknown_model(name: str, names: list[str], span=None) -> BindError:
