@@ -19,7 +19,7 @@ from rich.text import Text
 from diagql.results.formats import (MAX_ROWS, bar, cell_text, group_label, items_text, number,
                                     probability_text)
 from diagql.results.query_table import query_table
-from diagql.results.tables import FittingTable, PlainTable
+from diagql.results.tables import FittingTable, PlainTable, natural_width
 
 # Importing this module loads neither numpy nor the metrics (they load with the first result),
 # so that rendering the REPL's first lines waits for nothing.
@@ -51,7 +51,7 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
             if result.turned is not None:
                 turned = [lambda: _info_table(result, max_rows, layout=result.turned),
                           lambda: _info_table(result, max_rows, 3, layout=result.turned)]
-                wide = _natural_width(first) > TURN_WIDTH
+                wide = natural_width(first) > TURN_WIDTH
                 variants = turned + variants if wide else variants + turned
             table = FittingTable([*variants,
                                   lambda: _info_table(result, max_rows, 3, whole=True)])
@@ -77,14 +77,6 @@ _COMPACT = {"box": box.SIMPLE_HEAD, "show_edge": False, "padding": 0}
 
 
 TURN_WIDTH = 120  # characters past which an across table shows its rows turned
-
-
-def _natural_width(table) -> int:
-    from rich.console import Console
-    from rich.measure import Measurement
-
-    console = Console(width=1 << 16)
-    return Measurement.get(console, console.options, table).maximum
 
 
 def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False,

@@ -28,6 +28,17 @@ class PlainTable(Table):
         super().add_row(*map(plain, cells), **options)
 
 
+def natural_width(table, console=None, options=None) -> int:
+    """The width a table takes where nothing narrows it (on ``console``, else a wide one)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    if console is None:
+        console = Console(width=1 << 16)
+    options = options or console.options
+    return Measurement.get(console, options.update_width(1 << 16), table).maximum
+
+
 class FittingTable:
     """A table built for the width it is drawn at (rich gives it at render time): the first
     of ``variants`` (functions making a PlainTable, fullest first) whose natural width fits,
@@ -40,12 +51,9 @@ class FittingTable:
         self.variants = list(variants)
 
     def _table(self, console, options) -> PlainTable:
-        from rich.measure import Measurement
-
         for make in self.variants:
             table = make()
-            whole = Measurement.get(console, options.update_width(1 << 16), table).maximum
-            if whole <= options.max_width:
+            if natural_width(table, console, options) <= options.max_width:
                 break
         return table
 
