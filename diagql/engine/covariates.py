@@ -13,6 +13,7 @@ import numpy as np
 from diagql.model.auxiliaries import DIMS as BLOCK_DIMS
 from diagql.engine.prediction import BlockPrediction
 from diagql.model.auxiliaries import Auxiliary
+from diagql.model.hooks import scope
 from diagql.model.profile import Profile
 from diagql.model.view_aliases import Alias
 from diagql.samplers.space import fit_space
@@ -264,8 +265,7 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
             position = set(before)
             last = not encloses and all(name in position
                                         for _, name in profile.auxiliaries.names)
-            fed = not encloses and any(name == near.layer or name.startswith(near.layer + ".")
-                                       for name in upstream)
+            fed = not encloses and any(near.layer in scope(name) for name in upstream)
             return Chosen(Covariates((z, major)), z.shape[1], None, neighbour=near,
                           encloses=encloses, last=last, fed=fed)
         return Chosen(Covariates((z,)), z.shape[1], None)
