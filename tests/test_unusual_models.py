@@ -38,6 +38,14 @@ def _hooked(model: nn.Module, name: str, *inputs) -> torch.Tensor:
     return out
 
 
+def _full_mean_is_torchs(conn, model: nn.Module, layer: str, *inputs) -> None:
+    """``AVG NEURONS IN layer USING FULL`` is the layer's float64 mean over plain torch's
+    outputs for ``inputs`` (a hook of the test's own), to 1e-12."""
+    truth = _hooked(model, layer, *inputs).flatten(1).double().mean(0).numpy()
+    np.testing.assert_allclose(conn.query(f"AVG NEURONS IN {layer} USING FULL").values, truth,
+                               rtol=1e-12, atol=1e-12)
+
+
 class _NoLength(Dataset):
     def __getitem__(self, i):
         return torch.zeros(6), 0
@@ -1653,9 +1661,7 @@ def test_a_mixed_dtype_model_gets_its_float_inputs_in_its_main_branchs_dtype(def
     X = {"ids": torch.randint(0, 50, (120, 5)), "img": torch.randn(120, 1, 6, 6) * 3 + 10,
          "label": torch.arange(120) % 3}
     conn = diagql.connect(model, X, cache_dir=False, progress=False)
-    truth = _hooked(model, "conv", X["ids"], X["img"]).flatten(1).double().mean(0).numpy()
-    np.testing.assert_allclose(conn.query("AVG NEURONS IN conv USING FULL").values, truth,
-                               rtol=1e-12, atol=1e-12)
+    _full_mean_is_torchs(conn, model, "conv", X["ids"], X["img"])
 
 
 class _Ensemble(nn.Module):
@@ -1693,9 +1699,7 @@ def test_modules_run_inside_a_vmap_are_refused_and_the_others_answer():
     for layer in ("base", "base.0"):
         with pytest.raises(DiagQLError, match="inside a torch.func transform"):
             conn.query(f"AVG NEURONS IN {layer}")
-    truth = _hooked(model, "pre", X).double().mean(0).numpy()
-    np.testing.assert_allclose(conn.query("AVG NEURONS IN pre USING FULL").values, truth,
-                               rtol=1e-12, atol=1e-12)
+    _full_mean_is_torchs(conn, model, "pre", X)
 
 
 class _Routed(nn.Module):
@@ -1754,9 +1758,7 @@ def test_a_float32_stem_before_a_low_precision_body_takes_float32_inputs(body_dt
     model = _Stemmed(body_dtype, stem).eval()
     X, y = torch.randn(90, 6) * 3, torch.arange(90) % 3
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
-    truth = _hooked(model, "stem", X).double().mean(0).numpy()
-    np.testing.assert_allclose(conn.query("AVG NEURONS IN stem USING FULL").values, truth,
-                               rtol=1e-12, atol=1e-12)
+    _full_mean_is_torchs(conn, model, "stem", X)
 
 
 def test_the_probes_copy_of_a_batch_detaches_tensors_in_slots_and_containers():
@@ -1796,9 +1798,7 @@ def test_a_parameter_at_the_root_does_not_decide_the_inputs_dtype():
     model = _Scaled().eval()
     X, y = torch.randn(90, 6).half(), torch.arange(90) % 3
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
-    truth = _hooked(model, "body", X).double().mean(0).numpy()
-    np.testing.assert_allclose(conn.query("AVG NEURONS IN body USING FULL").values, truth,
-                               rtol=1e-12, atol=1e-12)
+    _full_mean_is_torchs(conn, model, "body", X)
 
 
 class _Projected(nn.Module):
@@ -1830,12 +1830,10 @@ def test_a_model_of_mixed_dtypes_takes_its_inputs_as_given():
     assert input_dtype(_Scaled()) == mixed
     assert input_dtype(nn.Sequential(nn.Linear(4, 4)).half()) == torch.float16
     assert input_dtype(_TwoBranch(False)) == torch.float32  # its half embedding takes indices
-    truth = _hooked(model, "body", X).double().mean(0).numpy()
     # float32 data as given; numpy's float64, none of its dtypes, as its widest (review NN3)
     for data in ((X, y), (X.double().numpy(), y.numpy())):
         conn = diagql.connect(model, data, cache_dir=False, progress=False)
-        np.testing.assert_allclose(conn.query("AVG NEURONS IN body USING FULL").values, truth,
-                                   rtol=1e-12, atol=1e-12)
+        _full_mean_is_torchs(conn, model, "body", X)
 
 
 def test_a_transformer_encoder_on_its_fast_path_with_a_padding_mask_connects():
