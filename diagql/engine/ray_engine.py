@@ -150,7 +150,7 @@ class RayEngine:
             merge_parts(consumers, [result[p] for result in results])
 
     def profile(self, n_items: int, *, model=None, latent, latent_is_input: bool, view,
-                batch_size: int, dtype, progress, cast="dtype",
+                batch_size: int, dtype, cast, progress,
                 compare: tuple = ((), (), False), blocks: list | tuple = (),
                 winners: list | tuple = (), scores=None, pairs: list | tuple = ()) -> Profile:
         """The profile pass on the cluster: each shard's profile, concatenated in order (the
@@ -166,8 +166,7 @@ class RayEngine:
             raise DiagQLError("the data set is empty")
         started = time.perf_counter()
         options = {"key": model, "latent": latent, "latent_is_input": latent_is_input,
-                   "dtype": dtype if cast == "dtype" else cast, "batch_size": batch_size,
-                   "view": view, "compare": compare,
+                   "dtype": cast, "batch_size": batch_size, "view": view, "compare": compare,
                    "winners": list(winners)}
         if scores is not None:  # where the class scores are in the model's output
             options["scores"] = scores

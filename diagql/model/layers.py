@@ -34,8 +34,9 @@ class LayerInfo:
     refused: str = ""  # why a module that runs cannot be queried ("" when it can)
     call: int = 0  # n >= 1: this layer is the module's n-th call; 0: the module itself
     module: str = ""  # the module's qualified name ("" becomes ``name``)
-    # The module whose output was its first input in the probe ("": the model's input, or a
-    # tensor the forward made between modules): whose function of its output the layer is.
+    # The module whose output, unchanged since, was its call's one tensor in the probe ("":
+    # several tensors, the model's input, or one made or changed between modules): whose
+    # function of its output the layer is (model/probing.py, ``_fed_by``).
     fed_by: str = ""
 
     def __post_init__(self):

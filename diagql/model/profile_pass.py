@@ -25,8 +25,7 @@ from diagql.progress import Progress
 
 
 def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_input: bool,
-                    device: torch.device, dtype: torch.dtype, batch_size: int,
-                    cast="dtype",
+                    device: torch.device, dtype: torch.dtype, cast, batch_size: int,
                     progress: Progress, view: View | None = None, catalog=None,
                     scores: Scores | None = None) -> Profile:
     """One forward pass over every item, hooking the latent layer: its input, or its output
@@ -36,17 +35,16 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     With the ``catalog``, the same pass finds the layers whose rows equal the latent or the
     logits for every item (compared exactly, batch by batch), and keeps the logits, so that
     queries on those layers need no forward pass (docs/ARCHITECTURE.md, "Data model").
-    ``scores``: where the class scores are in the model's output (the catalog's). ``cast``:
-    what the batches' floating inputs are cast to (None: as given), by default ``dtype``,
-    the rows' (session/models.py: input_dtype, model_dtype)."""
+    ``scores``: where the class scores are in the model's output (the catalog's). ``dtype``:
+    the rows' (session/models.py: model_dtype); ``cast``: what the batches' floating inputs
+    are cast to (input_dtype: a dtype, or a Cast for a model of mixed dtypes)."""
     n = len(source)
     if n == 0:
         raise DiagQLError("the data set is empty")
     compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
     views = aux.blocks(model, catalog, n) if catalog is not None else []
     options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
-               "dtype": dtype if cast == "dtype" else cast, "batch_size": batch_size,
-               "view": view, "compare": compare,
+               "dtype": cast, "batch_size": batch_size, "view": view, "compare": compare,
                "winners": winners_module.views(catalog, n) if catalog is not None else [],
                "scores": scores or Scores()}
     started = time.perf_counter()
@@ -99,7 +97,7 @@ class ProfilePart:
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
-                 latent_is_input: bool, device: torch.device, dtype: torch.dtype,
+                 latent_is_input: bool, device: torch.device, dtype,
                  batch_size: int, advance, view: View | None = None,
                  compare: tuple = ((), (), False),
                  project: aux.BlockProjector | None = None,
@@ -110,7 +108,8 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     with the logits, and whether the logits are kept; ``project``: the blocks' projector
     (a Ray pass's shards get one that projects on directions fitted once: projected_part);
     ``winners``: the views whose every item's winner it keeps (model/winners.py);
-    ``scores``: where the class scores are in the model's output (model/scores.py)."""
+    ``scores``: where the class scores are in the model's output (model/scores.py);
+    ``dtype``: what the batches' floating inputs are cast to (forward.to_device)."""
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
