@@ -415,8 +415,8 @@ FORM_QUERIES = [("0", TOPK_MAX, "class IN (1, 7)", None), ("2", AVG_CHANNELS, No
 
 
 @pytest.mark.parametrize("batch_size", [33, 256, N_ITEMS, 4096])
-@pytest.mark.parametrize("form", ["tensors", "arrays", "float64 arrays", "TensorDataset", "DataLoader",
-                                  "tensors with autograd history"])
+@pytest.mark.parametrize("form", ["tensors", "arrays", "float64 arrays", "TensorDataset",
+                                  "DataLoader", "tensors with autograd history"])
 def test_data_forms_and_batch_sizes(cnn, digits, cnn_truth, form, batch_size):
     db = diagql.connect(cnn, data_forms(*digits)[form], batch_size=batch_size)
     db.execute("SET estimator = plain")  # sample answers here are the sample means

@@ -971,7 +971,8 @@ def test_a_module_function_named_like_a_mutator_and_a_setting_the_code_writes_ar
     cache key, and an edit of either left a cached profile stale (review KK1)."""
     import sys
 
-    (tmp_path / "kk_ops_mod.py").write_text("ALPHA = 1.0\ndef add(x, y):\n    return x + ALPHA * y\n")
+    (tmp_path / "kk_ops_mod.py").write_text(
+        "ALPHA = 1.0\ndef add(x, y):\n    return x + ALPHA * y\n")
     (tmp_path / "kk_net_mod.py").write_text(
         "import torch\nimport kk_ops_mod\nMODE = None\n"
         "class Net(torch.nn.Module):\n"

@@ -180,9 +180,10 @@ class BlockPrediction:
     def held_rounding(self) -> np.ndarray:
         """Per neuron, how far a ``held_mean`` may lie from the float64 mean of the model's
         own outputs: 8 float32 ulps of its rows' typical size, |μ| + √(V²·rms(z_b)²) (z_b's
-        root mean square over spread items; its principal components are uncorrelated). The rows are held (or rebuilt) in float32, and their
-        error follows their size, not their mean: a centred layer's means near 0 had left
-        intervals of 2⁻²⁰ of its largest mean, 1e-14 wide, around means 2e-8 off (review MM1)."""
+        root mean square over spread items; its principal components are uncorrelated). The
+        rows are held (or rebuilt) in float32, and their error follows their size, not their
+        mean: a centred layer's means near 0 had left intervals of 2⁻²⁰ of its largest mean,
+        1e-14 wide, around means 2e-8 off (review MM1)."""
         if self._rounding is None:
             z = self._z[spread_items(len(self._z), SCALE_ITEMS)].astype(np.float64)
             rms = np.sqrt(np.mean(z * z, axis=0))

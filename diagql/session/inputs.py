@@ -195,7 +195,8 @@ def _result(conn, bound: BoundInputs, answer: Answer, profile, allowed, sample,
     # the mean over tokens' (sweep MM2).
     reduced = "" if query.tokens is None else f" {query.tokens.text()}"
     ranked = RankedItems(
-        prefix + bound.label + reduced, query.largest, profile.labels[items] if profile.has_labels else None,
+        prefix + bound.label + reduced, query.largest,
+        profile.labels[items] if profile.has_labels else None,
         profile.predictions[items], profile.confidence[items],
         previews(conn.source, items, tokenizer), _how(prefix + bound.layer.name, answer))
     result = Result(kind="inputs", statement=query.text, layer=bound.layer.name,

@@ -144,8 +144,9 @@ def globals_written(code: types.CodeType) -> frozenset[str]:
 
 def _stored_into(load, after) -> bool:
     """Whether the value ``load`` pushes is the container of a store or delete that follows
-    (``X[key] = value``, ``X[i][j] = value``, ``X[key] += 1``; not ``Y[k] = X[j]``): the stack above it, by
-    each instruction's net effect, holds only the key when the store comes."""
+    (``X[key] = value``, ``X[i][j] = value``, ``X[key] += 1``; not ``Y[k] = X[j]``): the
+    stack above it, by each instruction's net effect, holds only the key when the store
+    comes."""
     height = max(dis.stack_effect(load.opcode, load.arg) if load.arg is not None else 1, 1)
     previous = load
     for op in after:
