@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.cli_in_process import diagql
@@ -155,12 +156,11 @@ def test_syntax_error_names_what_was_expected():
      "cannot import 'no_such_module'"),
     (["--model", "tests.models:digits", "--data", "tests.models:digits"], "not a torch.nn.Module"),
     (["--model", "tests.models", "--data", "tests.models:digits"], "is not MODULE:CALLABLE"),
-    (["--model", "tests/models.py:trained_mlp", "--data", "tests.models:digits"],
-     "name the module, not its file: --model tests.models:trained_mlp"),
     (["--model", "/elsewhere/models.py:build", "--data", "tests.models:digits"],
-     "run DiagQL in /elsewhere (or add it to PYTHONPATH) and write --model models:build"),
+     "--model '/elsewhere/models.py:build': no such file '/elsewhere/models.py'"),
     (["--model", "tests.models:trained_mlp", "--data", "README.md"],
-     "a file is read by a function of yours that loads it and returns the data"),
+     "DiagQL reads data files ending .pt, .pth, .npz, .npy, .safetensors; another file is read "
+     "by a function of yours"),
     (["--model", "tests.models:trained_mlp", "--weights", "missing.pt", "--data",
       "tests.models:digits"], "no such file"),
 ])
@@ -169,6 +169,80 @@ def test_bad_model_specs_get_one_clear_line(args, message):
     assert done.returncode == 1
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _torch_mean(rows) -> np.ndarray:
+    """encoder.3's float64 mean over ``rows`` of the digits, by a plain forward hook."""
+    import torch
+
+    from tests.models import digits, trained_mlp
+
+    model, (X, _) = trained_mlp(), digits()
+    seen = []
+    handle = model.encoder[3].register_forward_hook(lambda m, i, o: seen.append(o.double()))
+    with torch.no_grad():
+        model(X[rows])
+    handle.remove()
+    return seen[0].mean(dim=0).numpy()
+
+
+def _answer(done) -> np.ndarray:
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    return np.array([value for _, value in sorted(zip(answer["neurons"], answer["values"]))])
+
+
+def test_data_files_and_a_models_file_answer_as_torch_does(tmp_path):
+    import torch
+
+    from tests.models import digits
+
+    X, y = digits()
+    torch.save((X, y), tmp_path / "data.pt")
+    np.savez(tmp_path / "data.npz", X.numpy(), y.numpy())
+    np.savez(tmp_path / "named.npz", x=X.numpy(), labels=y.numpy())
+    np.save(tmp_path / "inputs.npy", X.numpy())
+    (tmp_path / "mine.py").write_text("from tests.models import trained_mlp\n\n\n"
+                                      "def build():\n    return trained_mlp()\n")
+    threes = _torch_mean((y == 3).numpy())
+    for model in ("tests.models:trained_mlp", str(tmp_path / "mine.py") + ":build",
+                  "tests/models.py:trained_mlp"):
+        for data in ("data.pt", "data.npz", "named.npz"):
+            done = diagql("--model", model, "--data", str(tmp_path / data), "--no-cache",
+                          "--format", "json", "-e", "AVG NEURONS IN encoder.3 WHERE class = 3")
+            np.testing.assert_allclose(_answer(done), threes, rtol=0, atol=1e-6)
+    done = diagql("--model", "tests.models:trained_mlp", "--data", str(tmp_path / "inputs.npy"),
+                  "--no-cache", "--format", "json", "-e", "AVG NEURONS IN encoder.3")
+    np.testing.assert_allclose(_answer(done), _torch_mean(slice(None)), rtol=0, atol=1e-6)
+
+
+def test_files_that_hold_no_model_or_need_pickled_code_are_refused_with_what_to_give(tmp_path):
+    import torch
+
+    from tests.models import digits, trained_mlp
+
+    X, y = digits()
+    model = trained_mlp()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    torch.save(model, tmp_path / "whole.pt")
+    torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
+    torch.save(torch.utils.data.TensorDataset(X, y), tmp_path / "dataset.pt")
+    data = ["--data", "tests.models:digits"]
+    for args, message in [
+            (["--model", str(tmp_path / "weights.pt"), *data], "holds weights (a state_dict), "
+             f"not a model: name the function that builds the model, with the file as its "
+             f"weights: --model mymodule:build --weights {tmp_path / 'weights.pt'}"),
+            (["--model", str(tmp_path / "whole.pt"), *data],
+             "holds an object saved whole (torch.save(model)?), and DiagQL runs no pickled code"),
+            (["--model", str(tmp_path / "scripted.pt"), *data],
+             "is TorchScript, whose layers take no forward hooks"),
+            (["--model", "tests.models:trained_mlp", "--data", str(tmp_path / "dataset.pt")],
+             "holds Python objects besides tensors (a Dataset?), and DiagQL runs no pickled "
+             "code: save the tensors themselves, torch.save((X, y), path)")]:
+        done = diagql(*args, "-e", "SHOW LAYERS")
+        assert done.returncode == 1
+        assert message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_a_misspelt_spec_is_suggested_and_a_failing_factory_shown_with_debug(tmp_path):
@@ -337,7 +411,6 @@ def test_a_piped_tables_prose_wraps_between_words():
 
 def test_the_demo_takes_weights_of_its_own(tmp_path):
     """train --out's weights could be read by --checkpoint only: --weights needed --model."""
-    import numpy as np
     import torch
 
     from diagql.mnist_demo import demo

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the built-in LeNet-5 over 2,500 held-out MNIST digits "
                              "(needs: pip install 'diagql[demo]')")
     source.add_argument("--model", metavar="[NAME=]MODULE:CALLABLE", action="append", default=[],
-                        help="a callable returning an nn.Module (or the module itself); "
+                        help="a callable returning an nn.Module (or the module itself), "
+                             "its module named or its file (path/models.py:build); "
                              "repeat as NAME=MODULE:CALLABLE for several models over the same "
                              "data (the first is the default; wide.fc2 names another's layer)")
     source.add_argument("--weights", metavar="[NAME=]PATH", action="append", default=[],
@@ -49,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "own named NAME or by the file's stem; a glob such as "
                              "'ckpt/*.pt' adds every file (the model itself is then 'final'); "
                              "ACROSS CHECKPOINTS runs a query on each")
-    source.add_argument("--data", metavar="MODULE:CALLABLE",
+    source.add_argument("--data", metavar="MODULE:CALLABLE|FILE",
                         help="a callable returning a Dataset (of (x, y) or of dicts), a "
-                             "DataLoader, (X, y) or a mapping of named inputs")
+                             "DataLoader, (X, y) or a mapping of named inputs; or a file of "
+                             "them: torch.save's (X, y) or mapping (.pt), .npz (X, y or "
+                             "named arrays), .npy (inputs alone) or .safetensors")
     source.add_argument("--label-key", metavar="KEY",
                         help="the key under which the data's mapping items hold their labels "
                              "(default: labels, label, y, target or targets)")

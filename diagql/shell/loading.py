@@ -5,29 +5,23 @@ import importlib
 import os
 import re
 import sys
+import warnings
+from collections.abc import Mapping
 
 from diagql.errors import DiagQLError
 
 
 def resolve(spec: str, what: str):
     """Import ``module:attr`` (the current directory is importable) and return the attribute."""
-    module_name, sep, attr = spec.partition(":")
+    module_name, sep, attr = spec.rpartition(":")  # rpartition: C:\\models\\vit.py:build
     if not sep or not module_name or not attr:
         file = (f"; a file is read by a function of yours that loads it and returns the "
                 f"{what}: name that function, e.g. --{what} mymodule:load"
                 if os.path.isfile(spec) else "")
         raise DiagQLError(f"--{what} {spec!r} is not MODULE:CALLABLE (e.g. mypkg.models:build)"
                           f"{file}")
-    if module_name.endswith(".py"):  # a file's name where a module's is meant
-        whole = os.path.abspath(module_name)
-        path = os.path.relpath(whole)
-        if path.startswith(os.pardir):  # outside the current directory, the importable one
-            folder, name = os.path.split(whole)
-            hint = (f"run DiagQL in {folder} (or add it to PYTHONPATH) and write "
-                    f"--{what} {name[:-3]}:{attr}")
-        else:
-            hint = f"--{what} {path[:-3].replace(os.sep, '.')}:{attr}"
-        raise DiagQLError(f"--{what} {spec!r}: name the module, not its file: {hint}")
+    if module_name.endswith(".py"):  # a file of Python: imported as the module it is
+        module_name = _file_module(module_name, f"--{what} {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -54,6 +48,33 @@ def resolve(spec: str, what: str):
     return value
 
 
+def _file_module(path: str, label: str) -> str:
+    """The module name under which ``path`` (a .py file) imports: its dotted name where it lies
+    under the current directory (``tests/models.py`` → ``tests.models``, its package's relative
+    imports intact), else its stem, its folder put on the import path (where Ray's workers,
+    which rebuild the model from the same spec, find it too)."""
+    whole = os.path.abspath(path)
+    if not os.path.isfile(whole):
+        raise DiagQLError(f"{label}: no such file {path!r}")
+    inside = os.path.relpath(whole)
+    dotted = inside[:-3].replace(os.sep, ".")
+    if not inside.startswith(os.pardir) and all(p.isidentifier() for p in dotted.split(".")):
+        return dotted
+    folder, name = os.path.split(whole)
+    stem = name[:-3]
+    if not stem.isidentifier():
+        raise DiagQLError(f"{label}: {name!r} cannot be imported as a module (its name has "
+                          f"characters other than letters, digits and _): rename the file")
+    known = sys.modules.get(stem)
+    where = getattr(known, "__file__", None)
+    if known is not None and (where is None or os.path.abspath(where) != whole):
+        raise DiagQLError(f"{label}: a module named {stem!r} is imported already"
+                          f"{f' (from {where})' if where else ''}: rename the file")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return stem
+
+
 def _nearby_module(name: str) -> str:
     """'; did you mean 'mymodels'?' among the current directory's modules."""
     import pkgutil
@@ -78,6 +99,8 @@ def _call(value, spec: str, what: str):
 def load_model(spec: str, weights: str | None = None):
     from torch import nn
 
+    if _is_file(spec):
+        refuse_model_file(spec)
     model = _call(resolve(spec, "model"), spec, "model")
     if not isinstance(model, nn.Module):
         raise DiagQLError(f"--model {spec!r} gave {type(model).__name__}, not a torch.nn.Module")
@@ -156,4 +179,90 @@ def checkpoint_paths(values: list[str]) -> dict[str, str]:
 
 
 def load_data(spec: str):
-    return _call(resolve(spec, "data"), spec, "data")
+    """--data: ``MODULE:CALLABLE`` (what it returns or is), or a file of tensors or arrays."""
+    return read_data_file(spec) if _is_file(spec) else _call(resolve(spec, "data"), spec, "data")
+
+
+def refuse_model_file(path: str):
+    """--model FILE: what the file holds, and what to give instead (a model is built by a
+    function of the user's: DiagQL runs no pickled code, and TorchScript takes no hooks)."""
+    import zipfile
+
+    import torch
+
+    label = f"--model {path!r}"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.split("/")[1:2] == ["code"] for name in archive.namelist()):
+                raise DiagQLError(f"{label} is TorchScript, whose layers take no forward "
+                                  f"hooks: name the function that builds the nn.Module it was "
+                                  f"scripted from, --model mymodule:build")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a pickled model, or not a torch file at all
+        state = None
+    if isinstance(state, Mapping):
+        raise DiagQLError(f"{label} holds weights (a state_dict), not a model: name the "
+                          f"function that builds the model, with the file as its weights: "
+                          f"--model mymodule:build --weights {path}")
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head == b"PK" or head[:1] == b"\x80":  # torch.save's zip, or a pickle
+        raise DiagQLError(f"{label} holds an object saved whole (torch.save(model)?), and "
+                          f"DiagQL runs no pickled code: name a function of yours that "
+                          f"returns the model (torch.load(path, weights_only=False) if you "
+                          f"trust the file), --model mymodule:load")
+    raise DiagQLError(f"--model {path!r} is not MODULE:CALLABLE (e.g. mypkg.models:build)")
+
+
+# The files --data reads itself, by suffix (anything else: a function of the user's reads it).
+DATA_FILES = (".pt", ".pth", ".npz", ".npy", ".safetensors")
+
+
+def _is_file(spec: str) -> bool:
+    """A file named whole, not MODULE:CALLABLE (a path of Python, ``models.py:build``, has a
+    callable after it, and is not a file as written)."""
+    return os.path.isfile(spec) and not spec.endswith(".py")
+
+
+def read_data_file(path: str):
+    """The data saved at ``path``: torch.save's (X, y), a mapping of named inputs or a tensor
+    (read as tensors only: no pickled code runs), numpy's .npz (``np.savez(f, X, y)``: X and
+    y; named arrays: a mapping) or .npy (inputs without labels), or safetensors' mapping."""
+    label = f"--data {path!r}"
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in DATA_FILES:
+        raise DiagQLError(f"{label}: DiagQL reads data files ending {', '.join(DATA_FILES)}; "
+                          f"another file is read by a function of yours that loads it and "
+                          f"returns the data: name that function, e.g. --data mymodule:load")
+    try:
+        if suffix in (".npz", ".npy"):
+            import numpy as np
+
+            if suffix == ".npy":  # inputs alone, without labels
+                return np.load(path, allow_pickle=False), None
+            with np.load(path, allow_pickle=False) as held:
+                arrays = {key: held[key] for key in held.files}
+            positional = [f"arr_{i}" for i in range(len(arrays))]
+            return tuple(arrays[key] for key in positional) if list(arrays) == positional \
+                else arrays
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        import torch
+
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return (data, None) if isinstance(data, torch.Tensor) else data  # inputs alone
+    except ImportError as exc:
+        raise DiagQLError(f"{label}: reading it needs {exc.name} (pip install {exc.name})") \
+            from None
+    except Exception as exc:  # noqa: BLE001 - the loaders raise anything on a bad file
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if first.startswith("Weights only load failed"):
+            first = ("it holds Python objects besides tensors (a Dataset?), and DiagQL runs no "
+                     "pickled code: save the tensors themselves, torch.save((X, y), path), or "
+                     "name a function of yours that loads it: --data mymodule:load")
+        raise DiagQLError(f"{label} could not be read: {first}") from None
