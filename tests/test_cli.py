@@ -409,6 +409,21 @@ def test_a_piped_tables_prose_wraps_between_words():
     assert "…" not in done.stdout and "(defaults to SET seed)" in done.stdout
 
 
+def test_a_piped_table_of_prose_folds_at_the_pipes_width():
+    """EXPLAIN's and DESCRIBE's tables ran 200 columns wide piped, one step a line, beside
+    prose wrapped at 120 (sweep MM2); their steps now fold between words at 120."""
+    done = diagql(*MODEL, "-e", "EXPLAIN TOPK 5 NEURONS IN encoder.3 WHERE class = 3 USING "
+                                "SAMPLE maxmargin(0.1)", "-e", "DESCRIBE encoder.3")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    estimator = [line for line in lines if line.startswith("│ estimator")]
+    assert estimator
+    words = " ".join(line.split("│")[2].strip() for line in lines[lines.index(estimator[0]):]
+                     if line.startswith("│ ") and line.split("│")[1].strip() in ("", "estimator"))
+    assert "checked on the latent's next 3 principal components" in words  # folded whole
+
+
 def test_the_demo_takes_weights_of_its_own(tmp_path):
     """train --out's weights could be read by --checkpoint only: --weights needed --model."""
     import torch

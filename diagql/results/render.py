@@ -404,11 +404,25 @@ def whole_width(console, shown, cap: int = WIDE_TABLES) -> int:
     from rich.table import Table
 
     wide = console.options.update(max_width=10_000)
-    sizes = [Measurement.get(console, wide, part)
-             for part in getattr(shown, "renderables", [shown])
-             if isinstance(part, (Table, FittingTable))]
-    return max([console.width] + [max(size.minimum, min(size.maximum, cap))
-                                  for size in sizes])
+    widths = [console.width]
+    for part in getattr(shown, "renderables", [shown]):
+        if not isinstance(part, (Table, FittingTable)):
+            continue
+        size = Measurement.get(console, wide, part)
+        # A table of prose (EXPLAIN's steps, DESCRIBE's notes) folds it at the console's
+        # width, as the text around it does; a table of numbers keeps its rows on one line.
+        widths.append(size.minimum if _prose(part) else
+                      max(size.minimum, min(size.maximum, cap)))
+    return max(widths)
+
+
+PROSE = 60  # characters of a cell that may wrap past which its table is one of prose
+
+
+def _prose(table) -> bool:
+    """Whether a column that may wrap holds a cell longer than ``PROSE`` characters."""
+    return any(not column.no_wrap and any(len(str(cell)) > PROSE for cell in column._cells)
+               for column in getattr(table, "columns", ()))
 
 
 def to_text(result, width: int | None = None, max_rows: int = MAX_ROWS) -> str:
