@@ -417,6 +417,7 @@ def test_argmax_on_a_block_is_exact_from_every_items_winner(db, cnn, digits):
     exact = np.bincount(rows[matching].argmax(axis=1), minlength=rows.shape[1]) / len(matching)
     np.testing.assert_allclose(result.values, exact, atol=1e-12)
     assert result.estimate.expected == 0.0 and result.estimate.exact
+    assert result.n_items == len(matching)  # counted from every matching item
     assert "ARGMAX exact" in dict(result.plan.explain())["estimator"]
     assert "counted, not estimated" in to_text(result, width=200)
     assert json.loads(to_json(result))["estimate"]["exact"] is True
@@ -477,7 +478,9 @@ def test_a_held_view_answers_groups_the_sample_holds_few_or_none_of(db, cnn, dig
         exact = rows[y.numpy() == c].mean(axis=0)
         where = f"WHERE class = {c} USING SAMPLE random(0.01, random_state=1)"
         avg = db.query(f"AVG NEURONS IN {layer} {where}")
-        assert avg.n_items == n and avg.estimate.exact and avg.estimate.population == (y == c).sum()
+        # computed from every matching item: its count is theirs, not the sample's n (OO3)
+        assert avg.estimate.n == n and avg.n_items == avg.estimate.population == (y == c).sum()
+        assert avg.estimate.exact
         np.testing.assert_allclose(avg.values, exact, rtol=1e-9, atol=1e-12)
         top = db.query(f"TOPK 3 NEURONS IN {layer} {where}")
         np.testing.assert_array_equal(top.neurons, np.argsort(-exact, kind="stable")[:3])
@@ -488,6 +491,8 @@ def test_a_held_view_answers_groups_the_sample_holds_few_or_none_of(db, cnn, dig
     for c, group in grouped.groups.items():
         np.testing.assert_allclose(group.values, rows[y.numpy() == c].mean(axis=0),
                                    rtol=1e-9, atol=1e-12)
+        assert group.n_items == (y == c).sum().item()
+    assert grouped.n_items == len(y) and f"{len(y):,} matching items" in to_text(grouped)
 
 
 def test_a_held_view_of_any_width_answers_a_sample_exactly():

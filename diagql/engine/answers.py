@@ -151,7 +151,10 @@ def _single(plan: Plan, state, population: int, fitted=None, key=None, prior=Non
     result.neurons = neurons
     result.values = values
     result.labels = _labels(plan, neurons)
-    result.n_items = n
+    # The items the answer is computed from: a held or counted answer's, every matching item
+    # (a count of the sampled ones had given groups 0 items beside their exact means: OO3).
+    exact = held is not None or getattr(fitted, "exact", False)
+    result.n_items = population if exact else n
     return result
 
 
@@ -184,7 +187,7 @@ def _unsampled(plan: Plan, population: int, key) -> Result:
         result.neurons = np.arange(len(shares))
         result.values = shares
         result.labels = _labels(plan, result.neurons)
-        result.n_items = 0
+        result.n_items = population  # counted from every matching item's winner
         result.estimate = estimate.counted(shares, population)
         return result
     reason = f"no matching item sampled ({population:,} in the data)"
