@@ -14,6 +14,7 @@ import torch
 
 import diagql
 from diagql.errors import BindError, DiagQLError, ExecutionError
+from diagql.results.render import to_json
 from tests import models
 from tests.test_models import outputs
 
@@ -489,10 +490,14 @@ def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
     assert [row["default"] for row in shown[-1]] == ["", "*"]
     rows = tables(["--model", "tests.models:build_mlp", "--checkpoint", str(folder / "*.pt"),
                    *common, "-e", "AVG NEURONS IN head WHERE class = 4 ACROSS CHECKPOINTS"])[0]
-    assert [row["checkpoint"] for row in rows] == ["epoch1", "epoch2", "epoch10", "final"]
+    # each model's own rows (neuron, label, value), under its name, in training order
+    assert list(dict.fromkeys(row["checkpoint"] for row in rows)) == \
+        ["epoch1", "epoch2", "epoch10", "final"]
     truth = outputs(loaded(states["epoch3"]), X, "head")[(y == 4).numpy()].mean(0)
+    tenth = {int(row["neuron"]): float(row["value"]) for row in rows
+             if row["checkpoint"] == "epoch10"}
     # the whole number, not the table's 4 digits
-    assert float(rows[2]["head[0]"]) == pytest.approx(truth[0], rel=1e-6, abs=1e-6)
+    assert tenth == pytest.approx(dict(enumerate(truth)), rel=1e-6, abs=1e-6)
 
 
 def test_a_where_that_one_checkpoint_matches_nowhere_leaves_its_cells_blank():
@@ -516,8 +521,11 @@ def test_a_where_that_one_checkpoint_matches_nowhere_leaves_its_cells_blank():
     assert answers["early"].records() == []
     assert result.notes == ["early: no items match WHERE predicted = 1 (0 of 80 items)"]
     early_row = next(row for row in result.rows if row[0] == "early")  # checkpoints down
-    assert all(cell == "" for cell in early_row[1:])
-    json.dumps(result.to_dict())
+    assert all(cell is None for cell in early_row[1:])  # blank in the table, JSON's null
+    shown = json.loads(to_json(result))["rows"]
+    assert all(v is None for row in shown if row[0] == "early" for v in row[1:])
+    assert [row for row in result.records() if row["checkpoint"] == "early"] == \
+        [{"checkpoint": "early"}]  # a row of its own in CSV, its values empty
     with pytest.raises(ExecutionError, match="no items match"):  # on no model: the error
         db.query("AVG NEURONS IN 0 WHERE predicted = 0 AND predicted = 1 ACROSS CHECKPOINTS")
 
@@ -602,8 +610,10 @@ def test_a_checkpoint_that_cannot_be_read_says_why_on_stderr_beside_a_csv(
             "--no-progress", "-e", "AVG NEURONS IN head ACROSS CHECKPOINTS"]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert [line.split(",")[0] for line in captured.out.split()[1:]] == \
+    lines = captured.out.split()[1:]
+    assert list(dict.fromkeys(line.split(",")[0] for line in lines)) == \
         ["epoch1", "broken", "final"]
+    assert [line for line in lines if line.startswith("broken")] == ["broken,,,"]
     assert "note: broken: checkpoint 'broken'" in captured.err
     assert "is not a readable torch checkpoint" in captured.err
 
@@ -638,6 +648,7 @@ def test_a_wide_across_table_on_a_narrow_terminal_keeps_its_numbers_whole(db):
 
     from rich.console import Console
 
+    from diagql.results.formats import number
     from diagql.results.render import renderable
 
     result = db.query("AVG NEURONS IN encoder.3 WHERE class = 2 ACROSS CHECKPOINTS")
@@ -651,4 +662,4 @@ def test_a_wide_across_table_on_a_narrow_terminal_keeps_its_numbers_whole(db):
         rows = {row[0]: row[1:] for row in cells if row and row[0].startswith("encoder.3[")}
         assert len(rows) == 16  # one line each: nothing folded onto a second line
         for label, shown in rows.items():
-            assert shown == [f"{v:.{digits}g}" for v in result.series[label]], (width, label)
+            assert shown == [number(v, digits) for v in result.series[label]], (width, label)

@@ -4,6 +4,7 @@ Gram-form CKA in numpy of the modules' outputs hooked by the test itself."""
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -177,7 +178,9 @@ def test_a_one_item_groups_undefined_cka_across_checkpoints_is_a_dash_and_a_note
                         progress=False)
     result = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS GROUP BY class")
     column = result.columns.index(str(lone))
-    assert all(row[column] == "—" for row in result.rows)
+    assert all(math.isnan(row[column]) for row in result.rows)  # JSON's null
+    assert all(f"│ {name} " in str(result) and "—" in line for name in result.checkpoints
+               for line in str(result).splitlines() if line.startswith(f"│ {name} "))
     assert f"every model: class = {lone}: one matching item: CKA over it is undefined (NaN)" \
         in result.notes
     assert "nan" not in str(result)
@@ -208,6 +211,15 @@ def test_a_sampled_statement_across_checkpoints_says_its_sample_and_estimates(tr
         cell = result.rows[r][1]
         assert abs(float(cell.split()[0]) - gram_cka(mine[sampled], final[sampled])) < 0.3
     assert result.series[str(answer.rows[0][0])][0] == result.checkpoints["epoch1"].rows[0][1]
+    # CSV and pandas: each model's numbers whole (the table's cells had been their text,
+    # "cka=0.47 [0.39, 0.56]": sweep OO3), its CKA beside its own interval
+    frame = result.to_pandas()
+    assert all(frame[column].dtype == np.float64 for column in ("cka", "ci_low", "ci_high"))
+    for name, answer in result.checkpoints.items():
+        mine = frame[frame["checkpoint"] == name]
+        assert mine[["class", "cka", "ci_low", "ci_high"]].values.tolist() == \
+            [[row[answer.columns.index(c)] for c in ("class", "cka", "ci_low", "ci_high")]
+             for row in answer.rows]
     vas = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS USING SAMPLE vas(0.3)")
     assert any(note.startswith("every model: no interval: vas does not draw every item with "
                                "the same probability") for note in vas.notes)

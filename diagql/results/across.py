@@ -38,11 +38,12 @@ def across_result(statement: str, answers: dict, what: str, class_names=None):
         shown[key] = {name: answer.metrics[metric] for name, answer in answers.items()
                       if metric in answer.metrics}
         numbers[key] = dict(shown[key])
+    # A model without the key (none of its items matched): None, a blank cell, JSON's null.
     turned = ([*key_names, *names],
-              [(*named(key), *(shown[key].get(name, "") for name in names)) for key in keys])
+              [(*named(key), *(shown[key].get(name) for name in names)) for key in keys])
     if len(keys) <= WIDE:  # checkpoints down, the answer's rows across: curves read down
         columns = ["checkpoint", *(_key_text(named(key)) for key in keys)]
-        rows = [(name, *(shown[key].get(name, "") for key in keys)) for name in names]
+        rows = [(name, *(shown[key].get(name) for key in keys)) for name in names]
     else:
         (columns, rows), turned = turned, None
     result = Result(kind="across", statement=statement, columns=columns, rows=rows,
@@ -142,9 +143,9 @@ def _pivot(answers: dict) -> tuple[list[str], dict, dict]:
         for record in answer.records():
             names, key, text, number = _split(answer, record)
             key_names = key_names or names
-            # An undefined number (a one-item group's CKA) as the answer's own table shows it.
-            undefined = isinstance(text, float) and math.isnan(text)
-            shown.setdefault(key, {})[name] = "—" if undefined else text
+            # An undefined number (a one-item group's CKA) stays NaN: JSON's null, the
+            # table's dash (results/render.py, ``across_cell``).
+            shown.setdefault(key, {})[name] = text
             numbers.setdefault(key, {})[name] = number
     return key_names, shown, numbers
 
@@ -197,7 +198,9 @@ def _key_text(key: tuple) -> str:
 
 
 def _num(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    from diagql.results.formats import number
+
+    return number(value) if isinstance(value, float) else str(value)
 
 
 def write_curves(result, path: str) -> None:

@@ -53,11 +53,11 @@ def bar(value: float, top: float):
     return Text("█" * filled, style="green")
 
 
-def number(value) -> str:
+def number(value, places: int = 4) -> str:
     value = float(value)
     if value == 0 or 1e-3 <= abs(value) < 1e5:
-        return f"{value:.4f}"
-    return f"{value:.3e}"
+        return f"{value:.{places}f}"
+    return f"{value:.{places - 1}e}"
 
 
 class Percent(float):

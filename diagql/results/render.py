@@ -86,10 +86,11 @@ def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False,
     second line; ``layout``: (columns, rows) to show instead of the Result's own."""
     columns, all_rows = layout if layout is not None else (result.columns, result.rows)
     limit = max(max_rows, 50) if result.kind == "table" else len(all_rows)
-    # Checkpoints side by side: many columns, so 4 significant digits (the numbers are whole
-    # in CSV and JSON).
-    cell = (lambda v: f"{v:.{digits}g}" if isinstance(v, float) else cell_text(v)) \
-        if result.kind == "across" else cell_text
+    # Checkpoints side by side: many columns, numbers to ``digits`` places, as a query's
+    # table (whole in CSV and JSON; 4 significant digits had mixed "1", "0.121" and
+    # "-0.005096" in one table: sweep MM2), an undefined one (a one-item group's CKA) a dash.
+    cell = functools.partial(across_cell, places=digits) if result.kind == "across" \
+        else cell_text
     rows = [[cell(v) for v in row] for row in all_rows[:limit]]
     # A title longer than the table (an ACROSS CHECKPOINTS statement over a few columns) is a
     # line above it (``renderable``): as the table's title, rich wrapped it word by word. The
@@ -107,6 +108,12 @@ def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False,
     if len(all_rows) > limit:
         table.caption = Text(f"… {len(all_rows) - limit:,} more rows (--format csv shows all)")
     return table
+
+
+def across_cell(value, places: int = 4) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "—"
+    return number(value, places) if type(value) is float else cell_text(value)
 
 
 def _evaluation(result, echo: bool) -> Group:

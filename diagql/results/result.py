@@ -219,8 +219,8 @@ class Result:
     checkpoints: dict[str, Result] | None = None
     series: dict[str, list[float]] | None = field(default=None, repr=False)
     # An across table's rows turned (its answer's rows down, a column per model), which the
-    # table shows where its own layout is too wide (results/render.py); CSV, JSON and
-    # records keep ``columns`` and ``rows``.
+    # table shows where its own layout is too wide (results/render.py); JSON keeps
+    # ``columns`` and ``rows``, and records (CSV, pandas) are each model's own.
     turned: tuple | None = field(default=None, repr=False)
     # SIMILARITY (``labels`` are its layers as given, ``unit`` its measure): every pair's CKA,
     # rows and columns in the order given, and for two layers ``value``, their CKA.
@@ -345,12 +345,14 @@ class Result:
             return _similarity_records(self)
         if self.ranked is not None:
             return self.ranked.records(self.items, self.values)
-        if self.checkpoints is not None and any(answer.kind == "topk"
-                                                for answer in self.checkpoints.values()):
-            # TOPK ACROSS CHECKPOINTS: its table's cells hold a neuron and its value as
-            # text; a row per checkpoint's (group, rank) keeps both whole.
+        if self.checkpoints is not None:
+            # ACROSS: each model's own rows, under its name, whatever the table's layout (its
+            # cells held a TOPK's "neuron value", a sample's "cka=0.47 [0.39, 0.56]" and an
+            # undefined CKA's dash as text, and turned at 12 keys: sweep OO3).
+            # A model without an answer (nothing matched, its weights did not load) keeps a
+            # row of its own, its values empty, as a group the sample drew none of does.
             return [{"checkpoint": name, **record} for name, answer in self.checkpoints.items()
-                    for record in answer.records()]
+                    for record in (answer.records() or [{}])]
         if not self.is_query:
             return [dict(zip(self.columns, map(_plain, row))) for row in self.rows]
         if self.groups is not None:
