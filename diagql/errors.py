@@ -4,9 +4,18 @@ from __future__ import annotations
 import functools
 import operator
 import re
+import unicodedata
 
 
 @functools.lru_cache(maxsize=4)
+def _columns(ch: str) -> int:
+    """The terminal columns a character takes: 2 for East Asian wide and full-width ones, 0
+    for a combining mark, else 1."""
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
 def _lines(source: str) -> list[str]:
     """A script's lines, split once: every error of a long script points into the same text.
     A lone carriage return ends a line too, as the parser reads it (language/parser.py)."""
@@ -75,9 +84,12 @@ class DiagQLError(Exception):
         # A control character (ESC, NUL) shown as '?', one column as in the text: written raw
         # it would reach the terminal as a command.
         text = _CONTROL.sub("?", text)
-        # Tabs keep their width on the marker line so the caret lands under the right character.
-        pad = "".join("\t" if ch == "\t" else " " for ch in text[:start])
-        return f"{text}\n{pad}{'^' * width}"
+        # Tabs keep their width on the marker line so the caret lands under the right character,
+        # and a wide character (狗, an emoji) takes two columns, a combining mark none (the
+        # caret had drifted a column left for each such character before it: sweep OO3).
+        pad = "".join("\t" if ch == "\t" else " " * _columns(ch) for ch in text[:start])
+        marks = sum(map(_columns, text[start:start + width])) or 1
+        return f"{text}\n{pad}{'^' * marks}"
 
     def format(self, filename: str | None = None) -> str:
         """``file:line:col: message``, the source line, a caret, and a hint when there is one."""

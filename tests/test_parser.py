@@ -948,6 +948,28 @@ def test_an_error_on_a_long_line_shows_the_line_around_it():
     assert shown[marks.index("^"):marks.index("^") + 4] == "clss" and marks.count("^") == 4
 
 
+def test_the_caret_counts_the_columns_wide_characters_take():
+    """层 and 狗 take two terminal columns each, é's combining accent none: the caret had
+    landed a column left of 'predicted' for each wide character before it (sweep OO3)."""
+    import unicodedata
+
+    text = "AVG NEURONS IN \"层\" WHERE class = '狗' AND predicted ^ 'Hund' -- cafe\u0301"
+    with pytest.raises(ParseError) as info:
+        parse(text)
+    shown, marks = info.value.caret().split("\n")
+    columns = sum(2 if unicodedata.east_asian_width(ch) == "W" else 1
+                  for ch in shown[:shown.index("^")])
+    assert marks == " " * columns + "^"
+
+
+def test_a_name_beyond_ascii_unquoted_is_hinted_to_be_quoted():
+    with pytest.raises(ParseError) as info:
+        parse("TOPK 2 NEURONS IN dünn.lin WHERE class = 1")
+    assert "unexpected character 'ü'" in info.value.message
+    assert info.value.hint == 'hint: a name with letters beyond ASCII is quoted: "dünn.lin"'
+    assert parse('TOPK 2 NEURONS IN "dünn.lin" WHERE class = 1')  # which parses
+
+
 def test_an_empty_statement_points_at_nothing():
     with pytest.raises(ParseError) as info:
         parse("")

@@ -240,6 +240,17 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
     elif isinstance(exc, UnexpectedCharacters) and what[-2:-1] in ("'", '"') and \
             what[-2] not in piece.text[exc.pos_in_stream + 1:].split("\n", 1)[0]:
         what, expected = f"unterminated quoted string: no closing {what[-2]} on its line", ()
+    elif isinstance(exc, UnexpectedCharacters) and not what[-2].isascii() and \
+            (what[-2].isalnum() or what[-2] == "_"):
+        # A name that reads unquoted only in ASCII (dünn, 层): quoted, it is a name (sweep OO3).
+        text, at = piece.text, exc.pos_in_stream
+        first = at
+        while first > 0 and (text[first - 1].isalnum() or text[first - 1] in "_."):
+            first -= 1
+        last = at
+        while last < len(text) and (text[last].isalnum() or text[last] in "_.#"):
+            last += 1
+        hint = f'hint: a name with letters beyond ASCII is quoted: "{text[first:last]}"'
     elif not at_end and token is not None:
         hint = _clause_hint(piece, str(token), token.start_pos) or \
             _operator_hint(piece, str(token), token.start_pos)
