@@ -709,6 +709,13 @@ def test_groups_a_sample_drew_none_of_are_shown_with_their_counts(cnn, digits, c
     rows = to_csv(result).splitlines()
     empty = f"{missed}" + "," * rows[0].count(",")  # its key, every other column empty
     assert empty in rows and len(rows) == 1 + 2 * len(drawn) + 10 - len(drawn)
+    # pandas: the missed groups' empty rows leave rank and neuron whole numbers (Int64), not
+    # float64's 3.0 (sweep OO3)
+    frame = result.to_pandas()
+    assert str(frame["neuron"].dtype) == "Int64" and str(frame["rank"].dtype) == "Int64"
+    assert frame["neuron"].isna().sum() == 10 - len(drawn)
+    assert frame["neuron"].dropna().tolist() == [r["neuron"] for r in result.records()
+                                                  if "neuron" in r]
 
 
 def test_with_baseline_a_group_the_sample_missed_shows_its_exact_answer(cnn, digits, cnn_truth):
