@@ -7,7 +7,6 @@ import re
 import unicodedata
 
 
-@functools.lru_cache(maxsize=4)
 def _columns(ch: str) -> int:
     """The terminal columns a character takes: 2 for East Asian wide and full-width ones, 0
     for a combining mark, else 1."""
@@ -16,6 +15,7 @@ def _columns(ch: str) -> int:
     return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
+@functools.lru_cache(maxsize=4)
 def _lines(source: str) -> list[str]:
     """A script's lines, split once: every error of a long script points into the same text.
     A lone carriage return ends a line too, as the parser reads it (language/parser.py)."""

@@ -216,6 +216,28 @@ def test_data_files_and_a_models_file_answer_as_torch_does(tmp_path):
     np.testing.assert_allclose(_answer(done), _torch_mean(slice(None)), rtol=0, atol=1e-6)
 
 
+def test_a_models_file_is_the_file_named_not_a_package_of_the_same_dotted_name(tmp_path):
+    """tests/models.py in a folder without __init__.py imported as tests.models had found this
+    repository's tests package: another model, silently (review PP1)."""
+    import torch
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "models.py").write_text(
+        "from torch import nn\n\n\ndef trained_mlp():\n    return nn.Sequential("
+        "nn.Linear(64, 7))\n")
+    torch.save((torch.randn(20, 64), torch.arange(20) % 7), tmp_path / "data.pt")
+    done = diagql("--model", "tests/models.py:trained_mlp", "--data", "data.pt", "--no-cache",
+                  "--format", "csv", "-e", "SHOW LAYERS", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[1:] == ["0,Linear,7,7,"]
+    done = diagql("--model", "mine.py", "--data", "data.pt", "-e", "SHOW LAYERS", cwd=tmp_path)
+    assert "is not MODULE:CALLABLE" in done.stderr  # no such file, and no callable named
+    for data, message in (("missing.pt", "--data 'missing.pt': no such file"),
+                          ("tests", "--data 'tests' is a directory")):
+        done = diagql("--model", "tests/models.py:trained_mlp", "--data", data, cwd=tmp_path)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+
+
 def test_files_that_hold_no_model_or_need_pickled_code_are_refused_with_what_to_give(tmp_path):
     import torch
 

@@ -187,3 +187,20 @@ def test_a_sequence_neurons_top_inputs_reduce_its_tokens_alone(monkeypatch):
         np.testing.assert_array_equal(result.items, order)
         np.testing.assert_allclose(result.values, means[order, unit], rtol=1e-6)
     assert reduced and set(reduced) == {1}  # never the 2,048 units'
+
+
+def test_a_long_name_in_a_table_of_prose_stays_on_one_line():
+    """A table with a cell over 60 characters folds at the pipe's width, as prose does; a
+    67-character class name in SHOW MODELS had then been split mid-word (review PP1)."""
+    class AVeryLongClassNameForAModelThatSomeoneWroteInTheirResearchCodeBase(nn.Sequential):
+        pass
+
+    torch.manual_seed(0)
+    models = {"a": nn.Sequential(nn.Linear(4, 3)),
+              "b": AVeryLongClassNameForAModelThatSomeoneWroteInTheirResearchCodeBase(
+                  nn.Linear(4, 3))}
+    db = diagql.connect(models, (torch.randn(10, 4), torch.arange(10) % 3), cache_dir=False,
+                        progress=False)
+    text = str(db.query("SHOW MODELS"))
+    assert any("AVeryLongClassNameForAModelThatSomeoneWroteInTheirResearchCodeBase" in line
+               for line in text.splitlines())

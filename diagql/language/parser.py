@@ -241,16 +241,12 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
             what[-2] not in piece.text[exc.pos_in_stream + 1:].split("\n", 1)[0]:
         what, expected = f"unterminated quoted string: no closing {what[-2]} on its line", ()
     elif isinstance(exc, UnexpectedCharacters) and not what[-2].isascii() and \
-            (what[-2].isalnum() or what[-2] == "_"):
-        # A name that reads unquoted only in ASCII (dünn, 层): quoted, it is a name (sweep OO3).
-        text, at = piece.text, exc.pos_in_stream
-        first = at
-        while first > 0 and (text[first - 1].isalnum() or text[first - 1] in "_."):
-            first -= 1
-        last = at
-        while last < len(text) and (text[last].isalnum() or text[last] in "_.#"):
-            last += 1
-        hint = f'hint: a name with letters beyond ASCII is quoted: "{text[first:last]}"'
+            (what[-2].isalnum() or what[-2] == "_") and \
+            _unquoted_word(piece.text, exc.pos_in_stream, "STRING" in expected):
+        # A name that reads unquoted only in ASCII (dünn, 层): quoted, it is a name (sweep OO3),
+        # where the lexer took its first letters for one or a quoted text may stand.
+        hint = (f"hint: quote a name or value with letters beyond ASCII: "
+                f'"{_unquoted_word(piece.text, exc.pos_in_stream, True)}"')
     elif not at_end and token is not None:
         hint = _clause_hint(piece, str(token), token.start_pos) or \
             _operator_hint(piece, str(token), token.start_pos)
@@ -273,6 +269,21 @@ def _friendly(exc, piece: Piece, offset: _Offset, source: str, start: str) -> Pa
     error = IncompleteStatement if at_end else ParseError
     return error(message, line=line, column=column, end_column=column + width, source=source,
                  hint=hint)
+
+
+def _unquoted_word(text: str, at: int, here: bool) -> str:
+    """The word (letters, digits, '_', '.', '#') around ``text[at]``, where it began before
+    ``at`` (the lexer took its first letters for a name) or ``here`` (a quoted text may stand
+    where it begins); else ''."""
+    first = at
+    while first > 0 and (text[first - 1].isalnum() or text[first - 1] in "_."):
+        first -= 1
+    if first == at and not here:
+        return ""
+    last = at
+    while last < len(text) and (text[last].isalnum() or text[last] in "_.#"):
+        last += 1
+    return text[first:last]
 
 
 def _split_number(text: str, position: int, token: str) -> tuple[int, str] | None:

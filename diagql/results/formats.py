@@ -92,3 +92,15 @@ def cell_text(value) -> str:
     if isinstance(value, float):
         return number(value)
     return "" if value is None else str(value)
+
+
+def frame_of(pd, records: list[dict]):
+    """The pandas DataFrame of a Result's records. Whole numbers with gaps (a group the sample
+    drew none of: its neuron empty) stay whole, pandas' nullable Int64, not float64's 3.0
+    (sweep OO3)."""
+    frame = pd.DataFrame.from_records(records)
+    for column in frame.columns:
+        present = [row[column] for row in records if row.get(column) is not None]
+        if present and frame[column].dtype.kind == "f" and all(type(v) is int for v in present):
+            frame[column] = frame[column].astype("Int64")
+    return frame

@@ -424,11 +424,18 @@ def whole_width(console, shown, cap: int = WIDE_TABLES) -> int:
 
 
 PROSE = 60  # characters of a cell that may wrap past which its table is one of prose
+WORD = 24  # a word this long (a layer's or a class's name) is not folded: its table is whole
 
 
 def _prose(table) -> bool:
-    """Whether a column that may wrap holds a cell longer than ``PROSE`` characters."""
-    return any(not column.no_wrap and any(len(str(cell)) > PROSE for cell in column._cells)
+    """Whether a column that may wrap holds a cell of words longer than ``PROSE`` characters,
+    and no cell holds a word longer than ``WORD`` (a long name, which rich would fold
+    mid-word: review PP1)."""
+    cells = [str(cell) for column in getattr(table, "columns", ()) for cell in column._cells]
+    if any(len(word) > WORD for cell in cells for word in cell.split()):
+        return False
+    return any(not column.no_wrap and any(len(str(cell)) > PROSE and " " in str(cell).strip()
+                                          for cell in column._cells)
                for column in getattr(table, "columns", ()))
 
 

@@ -385,17 +385,9 @@ class Result:
             import pandas as pd
         except ImportError as exc:
             raise ImportError("to_pandas() needs pandas: pip install pandas") from exc
-        records = self.records()
-        frame = pd.DataFrame.from_records(records)
-        # A column of whole numbers with gaps (a group the sample drew none of: its neuron
-        # empty) stays whole, pandas' nullable Int64, not float64's 3.0 (sweep OO3).
-        for column in frame.columns:
-            present = [row[column] for row in records if row.get(column) is not None]
-            if present and frame[column].dtype.kind == "f" and all(
-                    isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                    for v in present):
-                frame[column] = frame[column].astype("Int64")
-        return frame
+        from diagql.results.formats import frame_of
+
+        return frame_of(pd, self.records())
 
     # --- display -------------------------------------------------------------------------
 

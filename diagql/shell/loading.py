@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -15,15 +16,19 @@ def resolve(spec: str, what: str):
     """Import ``module:attr`` (the current directory is importable) and return the attribute."""
     module_name, sep, attr = spec.rpartition(":")  # rpartition: C:\\models\\vit.py:build
     if not sep or not module_name or not attr:
-        file = (f"; a file is read by a function of yours that loads it and returns the "
+        file = (f"; name the function in it that returns the {what}: --{what} {spec}:build"
+                if spec.endswith(".py") and os.path.isfile(spec) else
+                f"; a file is read by a function of yours that loads it and returns the "
                 f"{what}: name that function, e.g. --{what} mymodule:load"
                 if os.path.isfile(spec) else "")
         raise DiagQLError(f"--{what} {spec!r} is not MODULE:CALLABLE (e.g. mypkg.models:build)"
                           f"{file}")
-    if module_name.endswith(".py"):  # a file of Python: imported as the module it is
-        module_name = _file_module(module_name, f"--{what} {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    path = None
+    if module_name.endswith(".py"):  # a file of Python: imported as the module it is
+        path = os.path.abspath(module_name)
+        module_name = _file_module(module_name, f"--{what} {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -35,6 +40,13 @@ def resolve(spec: str, what: str):
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
         raise DiagQLError(f"--{what} {spec!r}: importing {module_name!r} raised "
                           f"{type(exc).__name__}: {exc} (--debug shows where)") from exc
+    where = getattr(module, "__file__", None)
+    if path is not None and (where is None or os.path.abspath(where) != path):
+        # tests/models.py imported as tests.models found another package's (a regular
+        # ``tests`` on the path wins over a folder without __init__.py: review PP1)
+        raise DiagQLError(f"--{what} {spec!r}: importing it as {module_name!r} found "
+                          f"{where or 'a namespace'} instead; rename its folder or the file, "
+                          f"or run DiagQL from its own folder")
     try:
         value = module
         for part in attr.split("."):
@@ -59,7 +71,12 @@ def _file_module(path: str, label: str) -> str:
     inside = os.path.relpath(whole)
     dotted = inside[:-3].replace(os.sep, ".")
     if not inside.startswith(os.pardir) and all(p.isidentifier() for p in dotted.split(".")):
-        return dotted
+        try:  # the dotted name may find another package's module first (review PP1)
+            found = importlib.util.find_spec(dotted)
+        except (ImportError, ValueError):
+            found = None
+        if found is not None and found.origin and os.path.abspath(found.origin) == whole:
+            return dotted
     folder, name = os.path.split(whole)
     stem = name[:-3]
     if not stem.isidentifier():
@@ -180,6 +197,11 @@ def checkpoint_paths(values: list[str]) -> dict[str, str]:
 
 def load_data(spec: str):
     """--data: ``MODULE:CALLABLE`` (what it returns or is), or a file of tensors or arrays."""
+    if os.path.isdir(spec):
+        raise DiagQLError(f"--data {spec!r} is a directory: name a file of the data, or "
+                          f"MODULE:CALLABLE that returns it")
+    if not os.path.exists(spec) and os.path.splitext(spec)[1].lower() in DATA_FILES:
+        raise DiagQLError(f"--data {spec!r}: no such file")
     return read_data_file(spec) if _is_file(spec) else _call(resolve(spec, "data"), spec, "data")
 
 
@@ -233,6 +255,8 @@ def read_data_file(path: str):
     y; named arrays: a mapping) or .npy (inputs without labels), or safetensors' mapping."""
     label = f"--data {path!r}"
     suffix = os.path.splitext(path)[1].lower()
+    if os.path.getsize(path) == 0:
+        raise DiagQLError(f"{label} is an empty file")
     if suffix not in DATA_FILES:
         raise DiagQLError(f"{label}: DiagQL reads data files ending {', '.join(DATA_FILES)}; "
                           f"another file is read by a function of yours that loads it and "
@@ -246,6 +270,8 @@ def read_data_file(path: str):
             with np.load(path, allow_pickle=False) as held:
                 arrays = {key: held[key] for key in held.files}
             positional = [f"arr_{i}" for i in range(len(arrays))]
+            if list(arrays) == positional[:1]:  # np.savez(f, X): inputs alone, as a .npy's
+                return arrays["arr_0"], None
             return tuple(arrays[key] for key in positional) if list(arrays) == positional \
                 else arrays
         if suffix == ".safetensors":
