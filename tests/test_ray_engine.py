@@ -485,6 +485,32 @@ class _Raising:
         return False
 
 
+def test_ctrl_c_while_the_workers_start_kills_them_and_the_next_statement_runs(
+        world, monkeypatch):
+    """Ctrl-C while the first worker built the model left the workers holding both CPUs,
+    unrecorded: the next statement (or a new connection) was refused for CPUs 'held by other
+    Ray jobs' (sweep PP2). The workers an interrupted start made are killed."""
+    from diagql.engine import ray_engine
+
+    world.conn.engine.close()  # hands the shared workers back: this connection needs both CPUs
+    conn = diagql.connect(world.conn.engine.model, (world.X, world.y), batch_size=BATCH,
+                          engine="ray", ray_workers=2, cache_dir=False, progress=False)
+    made = []
+    real = ray_engine._compare_reads
+
+    def interrupted(ray, actor, reads):
+        made.append(actor)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_engine, "_compare_reads", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        conn.query("AVG NEURONS IN net.4")
+    assert made and conn.engine.actors_held() == []
+    monkeypatch.setattr(ray_engine, "_compare_reads", real)
+    same(conn.query("AVG NEURONS IN net.4"), world.local.query("AVG NEURONS IN net.4"))
+    conn.engine.close()
+
+
 def test_a_model_a_worker_cannot_build_is_one_error_not_a_retried_death(world):
     world.conn.engine.close()  # hands the shared workers back: this connection needs a CPU
     conn = diagql.connect(functools.partial(ray_models.built_only_in, os.getpid()),

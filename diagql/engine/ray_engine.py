@@ -111,9 +111,20 @@ class RayEngine:
         self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests,
                                                  self.data_digest)
         self._actors = [self._new_worker() for _ in range(count)]
-        _compare_reads(ray, self._actors[0], self.reads)
+        try:
+            _compare_reads(ray, self._actors[0], self.reads)
+            self._tally = ray.remote(Tally).options(num_cpus=0).remote()
+        except BaseException:
+            # Ctrl-C (or a refusal) while the first worker builds the model: the workers made
+            # are killed now, and their CPUs counted as coming free (``killed``), not left to
+            # hold them unsaid, the next statement refused as if another job held them
+            # (sweep PP2).
+            for actor in self._actors:
+                ray.kill(actor)
+            self._actors = []
+            killed()
+            raise
         self._job = _session(ray)
-        self._tally = ray.remote(Tally).options(num_cpus=0).remote()
         ENGINES.add(self)  # what holds the cluster's CPUs (GPUs), said when they are too few
         return self._actors
 
