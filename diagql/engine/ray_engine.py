@@ -7,6 +7,7 @@ engine/ray_workers.py's. ``ray`` is imported only when a pass first needs it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import re
 import time
@@ -111,19 +112,9 @@ class RayEngine:
         self._new_worker = lambda: worker.remote(model, data, self.label_key, self.digests,
                                                  self.data_digest)
         self._actors = [self._new_worker() for _ in range(count)]
-        try:
+        with _discarded_on_failure(ray, self._actors):
             _compare_reads(ray, self._actors[0], self.reads)
             self._tally = ray.remote(Tally).options(num_cpus=0).remote()
-        except BaseException:
-            # Ctrl-C (or a refusal) while the first worker builds the model: the workers made
-            # are killed now, and their CPUs counted as coming free (``killed``), not left to
-            # hold them unsaid, the next statement refused as if another job held them
-            # (sweep PP2).
-            for actor in self._actors:
-                ray.kill(actor)
-            self._actors = []
-            killed()
-            raise
         self._job = _session(ray)
         ENGINES.add(self)  # what holds the cluster's CPUs (GPUs), said when they are too few
         return self._actors
@@ -349,6 +340,21 @@ def _init_failure(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _discarded_on_failure(ray, actors: list):
+    """Ctrl-C (or a refusal) while the first worker builds the model: the workers just made
+    are killed, and their CPUs counted as coming free (``killed``), not left holding them
+    unrecorded, the next statement refused as if another job held them (sweep PP2)."""
+    try:
+        yield
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor)
+        actors.clear()
+        killed()
+        raise
 
 
 def _session(ray) -> tuple:
