@@ -79,6 +79,44 @@ def test_blocks_are_the_top_level_children_with_parameters_and_a_trunk_is_opened
     assert names == ["embed", "trunk", "trunk.layers.0", "trunk.layers.1", "head", "out"]
 
 
+def test_the_block_that_holds_the_latent_is_opened_into_its_children():
+    """An MLP's enc = Sequential(Linear, ReLU, Linear, ReLU) before its head was one block,
+    whose output the profile holds as the latent: no projections were kept, and enc.1 was
+    fitted on the latent alone, checked on its minor components, which missed its bias under
+    maxmargin (a rare class covered 0.70-0.76: sweep OO1). Its Linear layers are blocks now,
+    found through a Dropout between it and the head, and enc.1 is fitted beside enc.0."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU())
+            self.drop = nn.Dropout(0.1)
+            self.head = nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.head(self.drop(self.enc(x)))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    X, y = torch.randn(300, 6), torch.arange(300) % 3
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    catalog = db.catalog
+    assert [view.layer.name for view in auxiliaries.blocks(model, catalog)] == ["enc", "head"]
+    assert [view.layer.name for view in auxiliaries.blocks(model, catalog, 300, "head", True)] \
+        == ["enc", "enc.0", "enc.2", "head"]
+    assert auxiliaries.holder(model, catalog, "enc.2", False) == "enc.2"
+    # enc's rows are the latent and head's the logits: held whole, no projections of theirs
+    assert [name for _, name in db.profile.auxiliaries.names] == ["enc.0", "enc.2"]
+    explained = dict(db.query("EXPLAIN AVG NEURONS IN enc.1 USING SAMPLE maxmargin(0.2)")
+                     .plan.explain())["estimator"]
+    assert "enc.0, the nearest block" in explained and "its neurons' magnitudes" in explained
+    # enc.2 spans its 10 neurons with its directions: answered exactly from the profile
+    with torch.no_grad():
+        exact = model.enc[:3](X).double().mean(dim=0).numpy()
+    sampled = db.query("AVG NEURONS IN enc.2 USING SAMPLE random(0.1)")
+    assert sampled.estimate.exact
+    np.testing.assert_allclose(sampled.values, exact, rtol=1e-5, atol=1e-6)
+
+
 def test_a_model_of_many_blocks_keeps_at_most_max_blocks_spread_over_it():
     """A ModuleList of 300 small blocks gave 300 auxiliaries: the profile pass took 9.4 s
     beside a 0.16 s forward pass."""

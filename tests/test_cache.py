@@ -812,7 +812,7 @@ def test_a_killed_writers_temporary_files_are_seen_and_removed(tmp_path):
     assert "and 2.9 kB of unfinished writes' temporary files" in cleared.title
     assert not dead.exists() and mine.exists()
     dead.write_bytes(b"x")  # and the next write removes it too
-    conn.query("AVG NEURONS IN encoder.1 USING SAMPLE random(0.1)")
+    conn.query("AVG NEURONS IN encoder.2 USING SAMPLE random(0.1)")
     conn.cache.flush()
     assert not dead.exists() and mine.exists()
 

@@ -434,7 +434,7 @@ def test_a_piped_tables_prose_wraps_between_words():
 def test_a_piped_table_of_prose_folds_at_the_pipes_width():
     """EXPLAIN's and DESCRIBE's tables ran 200 columns wide piped, one step a line, beside
     prose wrapped at 120 (sweep MM2); their steps now fold between words at 120."""
-    done = diagql(*MODEL, "-e", "EXPLAIN TOPK 5 NEURONS IN encoder.3 WHERE class = 3 USING "
+    done = diagql(*MODEL, "-e", "EXPLAIN TOPK 5 NEURONS IN encoder.0 WHERE class = 3 USING "
                                 "SAMPLE maxmargin(0.1)", "-e", "DESCRIBE encoder.3")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()

@@ -142,7 +142,7 @@ def test_random_sample_intervals_cover_the_exact_means(db):
     for seed in range(6):
         db.execute(f"SET seed = {seed}")
         for label in range(10):
-            r = db.query(f"AVG NEURONS IN encoder.1 WHERE class = {label} "
+            r = db.query(f"AVG NEURONS IN encoder.2 WHERE class = {label} "
                          f"USING SAMPLE random(0.2) WITH BASELINE")
             est, exact = r.estimate, r.baseline.values
             inside = (est.ci_low - 1e-12 <= exact) & (exact <= est.ci_high + 1e-12)
@@ -156,7 +156,7 @@ def test_estimate_survives_to_dict(db):
     """The JSON keeps the keys programs read: the expected value under its metric's key."""
     import json
 
-    result = db.query("TOPK 2 NEURONS IN encoder.1 USING SAMPLE random(0.1)")
+    result = db.query("TOPK 2 NEURONS IN encoder.2 USING SAMPLE random(0.1)")
     d = result.to_dict()
     est = d["estimate"]
     assert list(est) == ["covers", "reliable", "estimator", "level", "n", "population", "ci_low",
@@ -338,7 +338,7 @@ def test_the_expected_js_is_the_fresh_draws_mean_to_its_monte_carlo_precision():
 def test_a_grouped_estimate_line_says_which_groups_it_averages(db):
     """Groups with too few sampled items have no estimate; a mean over the others alone
     read as the whole query's (0.307 against an actual 0.167 over every group)."""
-    result = db.query("TOPK 3 NEURONS IN encoder.1 WHERE incorrect GROUP BY predicted "
+    result = db.query("TOPK 3 NEURONS IN encoder.2 WHERE incorrect GROUP BY predicted "
                       "USING SAMPLE random(400, random_state=0)")
     parts = list(result.groups.values())
     told = [p for p in parts if p.estimate is not None and p.estimate.reliable]

@@ -30,10 +30,11 @@ def db(mlp, digits):
     return diagql.connect(mlp, digits, batch_size=256)
 
 
-def _layer(model, X) -> np.ndarray:
-    """encoder.1's output, by calling the submodules (no hooks, no DiagQL)."""
+def _layer(model, X, upto: int = 2) -> np.ndarray:
+    """encoder.1's output (``upto`` 1: encoder.0's, the flattened input), by calling the
+    submodules (no hooks, no DiagQL)."""
     with torch.no_grad():
-        return model.encoder[1](model.encoder[0](X)).double().numpy()
+        return model.encoder[:upto](X).double().numpy()
 
 
 def _numpy_leverage(Z, groups, ridge):
@@ -205,20 +206,21 @@ def test_covariates_are_the_whitened_leading_principal_components(db):
 
 def test_query_answer_is_the_regression_estimator_written_in_numpy(db, mlp, digits):
     X, y = digits
-    query = ("AVG NEURONS IN encoder.1 WHERE class IN (2, 3, 5) GROUP BY class "
+    query = ("AVG NEURONS IN encoder.0 WHERE class IN (2, 3, 5) GROUP BY class "
              "USING SAMPLE maxmargin(0.1)")
     result = db.query(query)
     profile, sample = db.profile, db.sample("maxmargin(0.1)")
     labels = y.numpy()
     chosen = sample[np.isin(labels[sample], [2, 3, 5])]
-    Y = _layer(mlp, X)
+    Y = _layer(mlp, X, 1)
     z = covariates(profile)
     pop = {g: np.flatnonzero(labels == g) for g in (2, 3, 5)}
     z_pop = {g: z[items].mean(axis=0) for g, items in pop.items()}
     ridge = _numpy_ridge(Y[chosen], z[chosen], labels[chosen], z_pop)
     want = _numpy_assisted(Y[chosen], z[chosen], labels[chosen], z_pop,
                            {g: len(items) for g, items in pop.items()}, ridge, leverage=True)
-    # encoder.1 is in no block: the fit is checked on the latent's next components.
+    # encoder.0 (the flattened input) is in no block: the fit is checked on the latent's
+    # next components (encoder.1 and encoder.3 are blocks, the latent's holder opened).
     widen = _numpy_widening(extrapolation.latent_minor(profile).astype(np.float64), z, chosen,
                             np.flatnonzero(np.isin(labels, [2, 3, 5])), labels, z_pop,
                             {g: len(items) for g, items in pop.items()}, extrapolation.WHOLE_SHARE,
@@ -615,9 +617,9 @@ def test_a_random_sample_s_mean_answers_where_the_fit_s_check_widened_it_past_th
                         lambda check, z, items, keys, matching, population, *rest:
                         {key: factor for key in population})
     db = diagql.connect(mlp, digits, cache_dir=False, progress=False)  # no memo of the check
-    Y = _layer(mlp, X)
+    Y = _layer(mlp, X, 3)
     labels = y.numpy()
-    result = db.query("AVG NEURONS IN encoder.1 GROUP BY class USING SAMPLE random(0.2)")
+    result = db.query("AVG NEURONS IN encoder.2 GROUP BY class USING SAMPLE random(0.2)")
     sample = db.sample("random(0.2)")
     answered = set()
     for g, part in result.groups.items():
@@ -638,7 +640,7 @@ def test_a_random_sample_s_mean_answers_where_the_fit_s_check_widened_it_past_th
         assert len(answered) >= 3
         assert "the model-assisted fit missed values the profile " \
                "knows for every item by 40.0x" in " ".join(str(result).split())
-        biased = db.query("AVG NEURONS IN encoder.1 WHERE class = 3 USING SAMPLE vas(0.5)")
+        biased = db.query("AVG NEURONS IN encoder.2 WHERE class = 3 USING SAMPLE vas(0.5)")
         assert biased.estimate.estimator == "assisted" and biased.estimate.widened == factor
 
 

@@ -140,20 +140,32 @@ class _SmallResNet(nn.Module):
         self.stage = _Residual(4, 24)  # most of the weights: a trunk, its children blocks too
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.flat = nn.Flatten()
-        self.hidden = nn.Sequential(nn.Linear(96, 16), nn.ReLU())  # its ReLU is the latent
+        self.hidden = _LinearReLU(96, 16)  # the latent, one module: no layer inside it
         self.head = nn.Linear(16, 10)
 
     def forward(self, x):
         return self.head(self.hidden(self.flat(self.pool(self.stage(self.act(self.stem(x)))))))
 
 
+class _LinearReLU(nn.Module):
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out, width) / width ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(out))
+
+    def forward(self, x):
+        return torch.relu(x @ self.weight.T + self.bias)
+
+
 def test_a_layer_after_a_stage_is_fitted_on_the_stage_and_checked_on_the_latents_coordinates(
         digits):
     """A pooling after a residual stage reads the stage's output: it is fitted on the stage's
     projections, not on its shortcut's (the last block registered before it), and, with no
-    block after it, also checked on the latent's own coordinates (the Linear whose ReLU is the
-    latent: latent = ReLU(hidden.0)), against numpy; a layer with blocks after it is not, nor
-    on the latent's next components (a function of its block's output)."""
+    block after it, also checked on the latent's own coordinates (latent = ReLU(W·flat)),
+    against numpy; a layer with blocks after it is not, nor on the latent's next components (a
+    function of its block's output). Where the latent's module is a Sequential(Linear, ReLU),
+    it is opened: its Linear is a block, which its 16 directions span (exact), and the pooling
+    has a block after it."""
     torch.manual_seed(0)
     model = _SmallResNet().eval()
     conn = diagql.connect(model, digits, cache_dir=False, progress=False)
@@ -164,10 +176,9 @@ def test_a_layer_after_a_stage_is_fitted_on_the_stage_and_checked_on_the_latents
         return dict(conn.query(f"EXPLAIN AVG NEURONS IN {layer} USING SAMPLE vas(0.1)")
                     .plan.explain())["estimator"]
 
-    for layer in ("pool", "hidden.0"):
-        text = estimator(layer)
-        assert "of stage, the nearest block" in text and "the latent's coordinates" in text
-        assert "the latent's next components" in text
+    text = estimator("pool")
+    assert "of stage, the nearest block" in text and "the latent's coordinates" in text
+    assert "the latent's next components" in text
     text = estimator("act")  # a function of stem's output, blocks after it: stem's parts only
     assert "of stem, the nearest block" in text and "coordinates" not in text
     assert "the latent's next components" not in text
@@ -177,6 +188,25 @@ def test_a_layer_after_a_stage_is_fitted_on_the_stage_and_checked_on_the_latents
     expected = (latents[:, varies] - latents[:, varies].mean(axis=0)) / spread[varies]
     np.testing.assert_allclose(extrapolation.latent_coordinates(conn.profile), expected,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_sequential_that_holds_the_latent_is_opened_and_its_linear_answered_exactly(digits):
+    torch.manual_seed(0)
+    model = _SmallResNet()
+    model.hidden = nn.Sequential(nn.Linear(96, 16), nn.ReLU())  # its ReLU is the latent
+    model.eval()
+    conn = diagql.connect(model, digits, cache_dir=False, progress=False)
+    assert "hidden.0" in [layer for _, layer in conn.profile.auxiliaries.names]
+    text = dict(conn.query("EXPLAIN AVG NEURONS IN pool USING SAMPLE vas(0.1)").plan.explain())[
+        "estimator"]
+    assert "of stage, the nearest block" in text and "coordinates" not in text
+    X = digits[0]
+    with torch.no_grad():
+        exact = model.hidden[0](model.flat(model.pool(model.stage(model.act(model.stem(X))))))
+    result = conn.query("AVG NEURONS IN hidden.0 USING SAMPLE vas(0.1)")
+    assert result.estimate.exact
+    np.testing.assert_allclose(result.values, exact.double().mean(dim=0).numpy(), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_the_estimate_line_names_the_block_a_layer_beside_it_is_fitted_on():

@@ -224,7 +224,7 @@ def test_a_sampled_statement_across_checkpoints_says_its_sample_and_estimates(tr
     assert any(note.startswith("every model: no interval: vas does not draw every item with "
                                "the same probability") for note in vas.notes)
     assert all(isinstance(row[1], float) for row in vas.rows)  # no interval to show
-    avg = db.query("AVG NEURONS IN encoder.3 USING SAMPLE random(0.3, random_state=1) "
+    avg = db.query("AVG NEURONS IN encoder.2 USING SAMPLE random(0.3, random_state=1) "
                    "ACROSS CHECKPOINTS")
     for name in ("epoch1", "epoch2", "epoch3", "final"):
         line = f"estimated from the sample: expected cosine distance " \

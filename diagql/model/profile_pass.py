@@ -42,7 +42,8 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     if n == 0:
         raise DiagQLError("the data set is empty")
     compare = comparisons(model, catalog, latent, latent_is_input, view, dtype, n)
-    views = aux.blocks(model, catalog, n) if catalog is not None else []
+    views = aux.blocks(model, catalog, n, latent, latent_is_input) \
+        if catalog is not None else []
     options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
                "dtype": cast, "batch_size": batch_size, "view": view, "compare": compare,
                "winners": winners_module.views(catalog, n) if catalog is not None else [],

@@ -195,7 +195,7 @@ class Artifacts:
             n = len(conn.source)
             compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
                                             conn.dtype, n)
-            blocks = auxiliaries.blocks(conn.model, catalog, n)
+            blocks = auxiliaries.blocks(conn.model, catalog, n, name, is_input)
             return conn.engine.profile(
                 n, latent=name, latent_is_input=is_input, view=view, dtype=conn.dtype,
                 cast=conn.cast,
