@@ -220,6 +220,11 @@ def test_a_sampled_statement_across_checkpoints_says_its_sample_and_estimates(tr
         assert mine[["class", "cka", "ci_low", "ci_high"]].values.tolist() == \
             [[row[answer.columns.index(c)] for c in ("class", "cka", "ci_low", "ci_high")]
              for row in answer.rows]
+    # a group with too few sampled items: a dash, in a cell of one number as in one of text
+    few = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS GROUP BY class "
+                   "USING SAMPLE random(0.08, random_state=1)")
+    assert any("[" in str(cell) for cell in few.rows[0][1:])  # a group with an interval
+    assert "nan" not in str(few).lower() and "—" in str(few)  # others 'nan' (review PP1)
     vas = db.query("SIMILARITY encoder.3 ACROSS CHECKPOINTS USING SAMPLE vas(0.3)")
     assert any(note.startswith("every model: no interval: vas does not draw every item with "
                                "the same probability") for note in vas.notes)

@@ -198,8 +198,12 @@ def _key_text(key: tuple) -> str:
 
 
 def _num(value) -> str:
+    """A number in a cell of text (a TOPK's, a sample's CKA with its interval): an undefined
+    one (a group's CKA over too few sampled items) a dash, as a cell of one number shows it."""
     from diagql.results.formats import number
 
+    if isinstance(value, float) and math.isnan(value):
+        return "—"
     return number(value) if isinstance(value, float) else str(value)
 
 
