@@ -117,6 +117,56 @@ def test_the_block_that_holds_the_latent_is_opened_into_its_children():
     np.testing.assert_allclose(sampled.values, exact, rtol=1e-5, atol=1e-6)
 
 
+def test_the_latent_is_followed_into_a_backbone_and_through_a_flatten():
+    """A backbone whose last child returns the latent (backbone.enc) had left enc's layers
+    fitted on the latent alone: only the backbone was opened; and a Flatten between a conv
+    stack and the head stopped the opening, though it keeps each item's row (review QQ1)."""
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(6, 12)
+            self.enc = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Sequential(
+                nn.Linear(10, 8), nn.ReLU()))
+
+        def forward(self, x):
+            return self.enc(self.stem(x))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.drop, self.head = Backbone(), nn.Dropout(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.drop(self.backbone(x)))
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+            self.flat, self.head = nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.head(self.flat(self.features(x)))
+
+    torch.manual_seed(0)
+    y = torch.arange(60) % 3
+    for model, X, wanted in (
+            (Model().eval(), torch.randn(60, 6),
+             ["backbone.stem", "backbone.enc.0", "backbone.enc.2.0"]),
+            (Conv().eval(), torch.randn(60, 1, 8, 8), ["features.0"])):  # .2: the latent
+        db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+        assert [name for _, name in db.profile.auxiliaries.names] == wanted
+    # enc.0 (10 wide) is spanned by its directions: exact, as torch has it
+    model = Model().eval()
+    X = torch.randn(60, 6)
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        exact = model.backbone.enc[0](model.backbone.stem(X)).double().mean(dim=0).numpy()
+    result = db.query("AVG NEURONS IN backbone.enc.0 USING SAMPLE random(0.2)")
+    assert result.estimate.exact
+    np.testing.assert_allclose(result.values, exact, rtol=1e-5, atol=1e-6)
+
+
 def test_a_model_of_many_blocks_keeps_at_most_max_blocks_spread_over_it():
     """A ModuleList of 300 small blocks gave 300 auxiliaries: the profile pass took 9.4 s
     beside a 0.16 s forward pass."""

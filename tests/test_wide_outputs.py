@@ -204,3 +204,17 @@ def test_a_long_name_in_a_table_of_prose_stays_on_one_line():
     text = str(db.query("SHOW MODELS"))
     assert any("AVeryLongClassNameForAModelThatSomeoneWroteInTheirResearchCodeBase" in line
                for line in text.splitlines())
+
+
+def test_explain_on_a_long_layer_name_still_folds_its_steps():
+    """A word over 24 characters had made any table one of numbers, 200 columns wide: EXPLAIN
+    on a Hugging Face layer (bert.encoder.layer.0.output.dense) among them (review QQ1)."""
+    model = nn.Sequential()
+    model.add_module("encoder_block_with_long_name", nn.Sequential(nn.Linear(4, 6), nn.ReLU()))
+    model.add_module("head", nn.Linear(6, 3))
+    db = diagql.connect(model, (torch.randn(40, 4), torch.arange(40) % 3), cache_dir=False,
+                        progress=False)
+    text = str(db.query("EXPLAIN AVG NEURONS IN encoder_block_with_long_name.0 "
+                        "USING SAMPLE maxmargin(0.2)"))
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "encoder_block_with_long_name" in text

@@ -99,7 +99,7 @@ def blocks(model: torch.nn.Module, catalog, n: int = 0, latent: str | None = Non
     missed their bias under maxmargin: coverage 0.70-0.76 on a rare class, sweep OO1)."""
     total = sum(p.numel() for p in model.parameters()) or 1
     found: list = []  # LayerInfos
-    opened = holder(model, catalog, latent, latent_is_input)
+    opened = _opened(model, holder(model, catalog, latent, latent_is_input))
 
     def visit(prefix: str, module: torch.nn.Module) -> None:
         for name, child in module.named_children():
@@ -112,7 +112,7 @@ def blocks(model: torch.nn.Module, catalog, n: int = 0, latent: str | None = Non
                 found.append(layer)
             nested = any(any(True for _ in c.children()) for c in child.children())
             if (layer is None and any(True for _ in child.children())) or \
-                    (nested and weight > TRUNK_SHARE * total) or qualified == opened:
+                    (nested and weight > TRUNK_SHARE * total) or qualified in opened:
                 visit(qualified + ".", child)
 
     prefix, root = "", model
@@ -133,8 +133,9 @@ def holder(model: torch.nn.Module, catalog, latent: str | None,
            latent_is_input: bool) -> str | None:
     """The module whose output is the latent: ``latent`` itself, or for the input of a layer
     (the head's) the module it was fed by, through modules that pass it on unchanged in eval
-    mode (Identity, Dropout: ``LayerCatalog.upstream``); None when unknown. A pooling or a
-    Flatten between them makes the latent another tensor: no module holds it."""
+    mode (Identity, Dropout, a Flatten of each item's row: ``LayerCatalog.upstream``); None
+    when unknown. A pooling between them makes the latent another tensor: no module holds
+    it."""
     if latent is None or catalog is None:
         return None
     if not latent_is_input:
@@ -142,13 +143,40 @@ def holder(model: torch.nn.Module, catalog, latent: str | None,
     modules = dict(model.named_modules())
     for name in catalog.upstream(latent):
         module = modules.get(name)
-        if module is None or not isinstance(module, PASSING):
+        if module is None or not _passing(module):
             return None if module is None else name
     return None
 
 
-# Modules whose output in eval mode is their input: the latent is what came before them.
-PASSING = (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd)
+def _passing(module: torch.nn.Module) -> bool:
+    """Whether a module's output in eval mode holds each item's input row as it was: Identity,
+    Dropout, and a Flatten of everything after the batch axis (the row flattened in C order,
+    as the latent's own row is)."""
+    if isinstance(module, torch.nn.Flatten):
+        return module.start_dim == 1 and module.end_dim == -1
+    return isinstance(module, (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd))
+
+
+def _opened(model: torch.nn.Module, name: str | None) -> set[str]:
+    """The holder and, inside it, the chain of last children with parameters that have
+    children of their own (a backbone's ``enc``, a Sequential's nested last Sequential):
+    where a container returns its last such child's output, the latent is that child's too
+    (a backbone's ``enc.0`` had stayed fitted on the latent alone: review QQ1). A last child
+    that is not what the container returns is opened all the same: its layers are blocks,
+    which cost the profile pass their projections and nothing else."""
+    if name is None:
+        return set()
+    modules = dict(model.named_modules())
+    chain, module = {name}, modules.get(name)
+    while module is not None:
+        held = [(child_name, child) for child_name, child in module.named_children()
+                if any(True for _ in child.parameters())]
+        if not held or not any(True for _ in held[-1][1].children()):
+            break
+        name = f"{name}.{held[-1][0]}"
+        chain.add(name)
+        module = held[-1][1]
+    return chain
 
 
 def _views(layers: list, n: int) -> list[View]:

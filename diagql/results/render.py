@@ -418,25 +418,28 @@ def whole_width(console, shown, cap: int = WIDE_TABLES) -> int:
         size = Measurement.get(console, wide, part)
         # A table of prose (EXPLAIN's steps, DESCRIBE's notes) folds it at the console's
         # width, as the text around it does; a table of numbers keeps its rows on one line.
-        widths.append(size.minimum if _prose(part) else
+        widths.append(size.minimum if _prose(part, console.width) else
                       max(size.minimum, min(size.maximum, cap)))
     return max(widths)
 
 
 PROSE = 60  # characters of a cell that may wrap past which its table is one of prose
-WORD = 24  # a word this long (a layer's or a class's name) is not folded: its table is whole
 
 
-def _prose(table) -> bool:
+def _prose(table, width: int) -> bool:
     """Whether a column that may wrap holds a cell of words longer than ``PROSE`` characters,
-    and no cell holds a word longer than ``WORD`` (a long name, which rich would fold
-    mid-word: review PP1)."""
-    cells = [str(cell) for column in getattr(table, "columns", ()) for cell in column._cells]
-    if any(len(word) > WORD for cell in cells for word in cell.split()):
+    and the table fits ``width`` with no word folded: each column as wide as its longest word
+    (a 67-character class name in SHOW MODELS had been split mid-word: review PP1; a long
+    layer name in EXPLAIN's two columns fits: review QQ1)."""
+    columns = getattr(table, "columns", ())
+    longest = [max([len(word) for cell in column._cells for word in str(cell).split()] +
+                   [len(word) for word in str(column.header).split()] + [1])
+               for column in columns]
+    if sum(longest) + 3 * len(columns) + 1 > width:
         return False
     return any(not column.no_wrap and any(len(str(cell)) > PROSE and " " in str(cell).strip()
                                           for cell in column._cells)
-               for column in getattr(table, "columns", ()))
+               for column in columns)
 
 
 def to_text(result, width: int | None = None, max_rows: int = MAX_ROWS) -> str:
