@@ -92,11 +92,11 @@ def blocks(model: torch.nn.Module, catalog, n: int = 0, latent: str | None = Non
     has children: ``self.inner = model``, a LightningModule's ``self.model``) is seen through:
     the blocks are those of what it wraps, as if that were the model. ``n``: the data's items,
     which the extra views' z rows must fit (``_views``). The block whose output is the latent
-    (``holder``), which the profile
-    holds whole and keeps no projections of, is opened: its children with parameters are
-    blocks (an MLP's ``enc = Sequential(Linear, ReLU, Linear, ReLU)`` before its head had left
-    its inner layers fitted on the latent alone and checked on its minor components, which
-    missed their bias under maxmargin: coverage 0.70-0.76 on a rare class, sweep OO1)."""
+    (``holder``, and the chain of its last children: ``_opened``), which the profile holds
+    whole and keeps no projections of, is opened: its children with parameters are blocks
+    (an MLP's ``enc = Sequential(Linear, ReLU, Linear, ReLU)`` before its head had left its
+    inner layers fitted on the latent alone and checked on its minor components, which missed
+    their bias under maxmargin: coverage 0.70-0.76 on a rare class, sweep OO1)."""
     total = sum(p.numel() for p in model.parameters()) or 1
     found: list = []  # LayerInfos
     opened = _opened(model, holder(model, catalog, latent, latent_is_input))
