@@ -167,6 +167,34 @@ def test_the_latent_is_followed_into_a_backbone_and_through_a_flatten():
     np.testing.assert_allclose(result.values, exact, rtol=1e-5, atol=1e-6)
 
 
+def test_an_opened_chain_takes_only_the_slots_the_models_own_blocks_leave():
+    """A latent's module holding 60 Linears, opened, had its blocks thinned with the stem's
+    to MAX_BLOCKS evenly: the stem's blocks (one of them exact) were pushed out (review
+    RR1)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+            self.mid = nn.Linear(6, 6)
+            self.enc = nn.Sequential(*[module for _ in range(60)
+                                       for module in (nn.Linear(6, 6), nn.ReLU())])
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.mid(self.stem(x))))
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    catalog = diagql.connect(model, (torch.randn(20, 4), torch.arange(20) % 3),
+                             cache_dir=False, progress=False).catalog
+    names = [view.layer.name for view in auxiliaries.blocks(model, catalog, 20, "head", True)]
+    assert len(names) == auxiliaries.MAX_BLOCKS
+    assert names[:3] == ["stem", "mid", "enc"] and names[-1] == "head"
+    inside = [name for name in names if name.startswith("enc.")]
+    assert len(inside) == auxiliaries.MAX_BLOCKS - 4 and "enc.0" in inside and \
+        "enc.118" in inside
+
+
 def test_a_model_of_many_blocks_keeps_at_most_max_blocks_spread_over_it():
     """A ModuleList of 300 small blocks gave 300 auxiliaries: the profile pass took 9.4 s
     beside a 0.16 s forward pass."""

@@ -218,3 +218,15 @@ def test_explain_on_a_long_layer_name_still_folds_its_steps():
                         "USING SAMPLE maxmargin(0.2)"))
     assert max(len(line) for line in text.splitlines()) <= 100
     assert "encoder_block_with_long_name" in text
+    # a word longer than a 100-column table's prose column leaves: as wide as it needs, not
+    # the 200 of a table of numbers (review RR1)
+    deep = nn.Sequential()
+    name = "block_" + "n" * 80
+    deep.add_module(name, nn.Sequential(nn.Linear(4, 6), nn.ReLU()))
+    deep.add_module("head", nn.Linear(6, 3))
+    db = diagql.connect(deep, (torch.randn(40, 4), torch.arange(40) % 3), cache_dir=False,
+                        progress=False)
+    lines = str(db.query(f"EXPLAIN AVG NEURONS IN {name}.0 USING SAMPLE maxmargin(0.2)"))\
+        .splitlines()
+    assert 100 < max(len(line) for line in lines) < 120
+    assert any(f"{name}.0" in line for line in lines)

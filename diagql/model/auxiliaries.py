@@ -98,10 +98,10 @@ def blocks(model: torch.nn.Module, catalog, n: int = 0, latent: str | None = Non
     inner layers fitted on the latent alone and checked on its minor components, which missed
     their bias under maxmargin: coverage 0.70-0.76 on a rare class, sweep OO1)."""
     total = sum(p.numel() for p in model.parameters()) or 1
-    found: list = []  # LayerInfos
+    found: list = []  # (LayerInfo, whether only an opened container's child)
     opened = _opened(model, holder(model, catalog, latent, latent_is_input))
 
-    def visit(prefix: str, module: torch.nn.Module) -> None:
+    def visit(prefix: str, module: torch.nn.Module, extra: bool = False) -> None:
         for name, child in module.named_children():
             qualified = f"{prefix}{name}"
             weight = sum(p.numel() for p in child.parameters())
@@ -109,11 +109,12 @@ def blocks(model: torch.nn.Module, catalog, n: int = 0, latent: str | None = Non
                 continue
             layer = _layer(catalog, qualified)
             if layer is not None and 0 < layer.neurons <= MAX_WIDTH:
-                found.append(layer)
+                found.append((layer, extra))
             nested = any(any(True for _ in c.children()) for c in child.children())
-            if (layer is None and any(True for _ in child.children())) or \
-                    (nested and weight > TRUNK_SHARE * total) or qualified in opened:
-                visit(qualified + ".", child)
+            regular = (layer is None and any(True for _ in child.children())) or \
+                (nested and weight > TRUNK_SHARE * total)
+            if regular or qualified in opened:
+                visit(qualified + ".", child, extra or not regular)
 
     prefix, root = "", model
     while not any(p.numel() for p in root.parameters(recurse=False)):
@@ -124,9 +125,24 @@ def blocks(model: torch.nn.Module, catalog, n: int = 0, latent: str | None = Non
         prefix, root = f"{prefix}{held[0][0]}.", held[0][1]
     visit(prefix, root)
     if len(found) > MAX_BLOCKS:
-        keep = np.unique(np.round(np.linspace(0, len(found) - 1, MAX_BLOCKS)).astype(int))
-        found = [found[i] for i in keep.tolist()]
-    return _views(found, n)
+        # The model's own blocks first, the opened containers' children in the slots left: a
+        # chain of 100 Linears opened had pushed the stem's blocks out (an exact one among
+        # them: review RR1).
+        base = [i for i, (_, extra) in enumerate(found) if not extra]
+        more = [i for i, (_, extra) in enumerate(found) if extra]
+        keep = _spread(base, MAX_BLOCKS) + _spread(more, max(MAX_BLOCKS - len(base), 0))
+        found = [found[i] for i in sorted(keep)]
+    return _views([layer for layer, _ in found], n)
+
+
+def _spread(indices: list[int], k: int) -> list[int]:
+    """At most ``k`` of ``indices``, evenly over them, the first and the last kept."""
+    if len(indices) <= k:
+        return list(indices)
+    if k <= 0:
+        return []
+    chosen = np.unique(np.round(np.linspace(0, len(indices) - 1, k)).astype(int))
+    return [indices[i] for i in chosen.tolist()]
 
 
 def holder(model: torch.nn.Module, catalog, latent: str | None,
@@ -163,7 +179,8 @@ def _opened(model: torch.nn.Module, name: str | None) -> set[str]:
     where a container returns its last such child's output, the latent is that child's too
     (a backbone's ``enc.0`` had stayed fitted on the latent alone: review QQ1). A last child
     that is not what the container returns is opened all the same: its layers are blocks,
-    which cost the profile pass their projections and nothing else."""
+    which cost the profile pass their projections, and take only the slots (MAX_BLOCKS) the
+    model's own blocks leave."""
     if name is None:
         return set()
     modules = dict(model.named_modules())

@@ -418,28 +418,28 @@ def whole_width(console, shown, cap: int = WIDE_TABLES) -> int:
         size = Measurement.get(console, wide, part)
         # A table of prose (EXPLAIN's steps, DESCRIBE's notes) folds it at the console's
         # width, as the text around it does; a table of numbers keeps its rows on one line.
-        widths.append(size.minimum if _prose(part, console.width) else
-                      max(size.minimum, min(size.maximum, cap)))
+        prose = _prose(part, console.width)
+        widths.append(prose if prose is not None else max(size.minimum, min(size.maximum, cap)))
     return max(widths)
 
 
 PROSE = 60  # characters of a cell that may wrap past which its table is one of prose
 
 
-def _prose(table, width: int) -> bool:
-    """Whether a column that may wrap holds a cell of words longer than ``PROSE`` characters,
-    and the table fits ``width`` with no word folded: each column as wide as its longest word
-    (a 67-character class name in SHOW MODELS had been split mid-word: review PP1; a long
-    layer name in EXPLAIN's two columns fits: review QQ1)."""
+def _prose(table, width: int) -> int | None:
+    """The width a table of prose is drawn at: where a column that may wrap holds a cell of
+    words longer than ``PROSE`` characters, ``width``, or wider where its columns' longest
+    words need it, so that none is folded mid-word (a 67-character class name had been split:
+    review PP1; a DESCRIBE whose labels needed 102 columns went to 200: review RR1); None for
+    a table of numbers."""
     columns = getattr(table, "columns", ())
+    if not any(not column.no_wrap and any(len(str(cell)) > PROSE and " " in str(cell).strip()
+                                          for cell in column._cells) for column in columns):
+        return None
     longest = [max([len(word) for cell in column._cells for word in str(cell).split()] +
                    [len(word) for word in str(column.header).split()] + [1])
                for column in columns]
-    if sum(longest) + 3 * len(columns) + 1 > width:
-        return False
-    return any(not column.no_wrap and any(len(str(cell)) > PROSE and " " in str(cell).strip()
-                                          for cell in column._cells)
-               for column in columns)
+    return max(width, sum(longest) + 3 * len(columns) + 1)
 
 
 def to_text(result, width: int | None = None, max_rows: int = MAX_ROWS) -> str:
