@@ -419,7 +419,8 @@ def whole_width(console, shown, cap: int = WIDE_TABLES) -> int:
         # A table of prose (EXPLAIN's steps, DESCRIBE's notes) folds it at the console's
         # width, as the text around it does; a table of numbers keeps its rows on one line.
         prose = _prose(part, console.width)
-        widths.append(prose if prose is not None else max(size.minimum, min(size.maximum, cap)))
+        widths.append(max(size.minimum, prose if prose is not None else
+                          min(size.maximum, cap)))
     return max(widths)
 
 
