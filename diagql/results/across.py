@@ -200,11 +200,9 @@ def _key_text(key: tuple) -> str:
 def _num(value) -> str:
     """A number in a cell of text (a TOPK's, a sample's CKA with its interval): an undefined
     one (a group's CKA over too few sampled items) a dash, as a cell of one number shows it."""
-    from diagql.results.formats import number
+    from diagql.results.formats import number_or_dash
 
-    if isinstance(value, float) and math.isnan(value):
-        return "—"
-    return number(value) if isinstance(value, float) else str(value)
+    return number_or_dash(value) if isinstance(value, float) else str(value)
 
 
 def write_curves(result, path: str) -> None:

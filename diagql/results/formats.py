@@ -60,6 +60,12 @@ def number(value, places: int = 4) -> str:
     return f"{value:.{places - 1}e}"
 
 
+def number_or_dash(value: float, places: int = 4) -> str:
+    """A number as a table shows it; an undefined one (NaN: a group's CKA over too few items)
+    a dash."""
+    return "—" if math.isnan(value) else number(value, places)
+
+
 class Percent(float):
     """A share a table shows as a percentage (79.5%); JSON and CSV carry the number (0.795)."""
 

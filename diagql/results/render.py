@@ -17,7 +17,7 @@ from rich import box
 from rich.text import Text
 
 from diagql.results.formats import (MAX_ROWS, bar, cell_text, group_label, items_text, number,
-                                    probability_text)
+                                    number_or_dash, probability_text)
 from diagql.results.query_table import query_table
 from diagql.results.tables import FittingTable, PlainTable, natural_width
 
@@ -111,9 +111,9 @@ def _info_table(result, max_rows: int, digits: int = 4, whole: bool = False,
 
 
 def across_cell(value, places: int = 4) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "—"
-    return number(value, places) if type(value) is float else cell_text(value)
+    if isinstance(value, float) and (type(value) is float or math.isnan(value)):
+        return number_or_dash(value, places)
+    return cell_text(value)
 
 
 def _evaluation(result, echo: bool) -> Group:
