@@ -1120,6 +1120,25 @@ def test_a_model_whose_items_depend_on_their_batch_is_warned_of(centred):
             and "other outputs when other items share its batch" in str(w.message)]
     assert len(told) == (1 if centred else 0)
     assert not [w for w in caught if "different outputs on two passes" in str(w.message)]
+    assert all("WHERE and samples run other batches" in str(w.message) for w in told)
+
+
+def test_group_by_runs_the_batches_of_the_exact_pass_on_a_batch_dependent_model():
+    """The warning above had said GROUP BY runs other batches than an exact pass; it runs
+    every item in order, so its groups are those of plain torch over the same batches."""
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = _BatchCentred(True).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conn = diagql.connect(model, (X, y), batch_size=8, cache_dir=False, progress=False)
+        result = conn.query("AVG NEURONS IN head GROUP BY class USING FULL")
+    with torch.no_grad():
+        rows = torch.cat([model(X[i:i + 8]) for i in range(0, 40, 8)]).double().numpy()
+    got = result.to_pandas().pivot(index="class", columns="neuron", values="value")
+    for c in range(3):
+        np.testing.assert_allclose(got.loc[c].to_numpy(), rows[(y == c).numpy()].mean(0),
+                                   rtol=1e-6, atol=1e-7)
 
 
 class _BatchBranch(nn.Module):

@@ -138,8 +138,8 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
     statistics of the batch (dynamic quantization's per-batch scales, a norm over the batch
     axis) or padding to the batch's longest item that the model does not leave out (left
     padding, with positions counted from the batch's start: a GPT-2's) make an item's answer
-    depend on which items share its batch, and WHERE, GROUP BY and a sample run other
-    batches than the exact pass. Each of the first items is compared (a left-padded first
+    depend on which items share its batch, and WHERE and a sample run other batches than
+    the exact pass (GROUP BY runs the same: every item, in order). Each of the first items is compared (a left-padded first
     item, the batch's longest, is padded in neither). Outputs whose batch axis is not the
     first, or of another shape alone, are not compared. Whether it warned."""
     for i, one in enumerate(alone):
@@ -153,7 +153,7 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
                  "batch, a branch on the batch's mean, a collate_fn that normalises each "
                  "batch, or padding to the "
                  "batch's longest item that changes the others' outputs, as left padding "
-                 "does a GPT-2's?): WHERE, GROUP BY and samples run other batches than an "
+                 "does a GPT-2's?): WHERE and samples run other batches than an "
                  "exact pass over every item, so the same question may get different "
                  "answers")
             return True
