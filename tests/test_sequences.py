@@ -492,9 +492,8 @@ def test_a_decoders_layers_read_the_decoder_attention_mask(decoder_mask, target_
     for name, lengths in layers.items():
         truth = item_rows(outputs[name], lengths).mean(axis=0)
         np.testing.assert_allclose(conn.query(f"AVG NEURONS IN {name}").values, truth, **TOL)
-    # The logits are lm_head's row at the first token: the latent is its input's there.
-    np.testing.assert_allclose(conn.profile.latents, outputs["decoder.proj"][:, 0], **TOL)
-    assert conn.profile.latent_layer == "input of lm_head at TOKEN 0"
+    latent = item_rows(outputs["decoder.proj"], layers["decoder.proj"])
+    np.testing.assert_allclose(conn.profile.latents, latent, **TOL)
     if decoder_mask:
         assert conn.catalog["decoder.proj"].mask == \
             "the decoder_attention_mask of the batch input"
@@ -1354,14 +1353,14 @@ def test_a_tokens_mean_leaves_out_padding_whatever_it_holds(padding):
     """The mean over real tokens, taken as the mask's product with the values (no copy of a
     wide output), against float64 sums of the real tokens; padding that holds NaN or inf (a
     fully masked attention row) takes the masked sum instead, and counts for nothing."""
-    from diagql.model.views import token_mean
+    from diagql.model.views import _mean
 
     g = torch.Generator().manual_seed(7)
     values = torch.randn(9, 6, 5, generator=g)
     real = torch.rand(9, 6, generator=g) > 0.4
     real[:, 0] = True
     values[~real] = padding
-    got = token_mean(values, real, "layer 'x'")
+    got = _mean(values, real, "layer 'x'")
     want = [values[i][real[i]].double().mean(dim=0) for i in range(9)]
     np.testing.assert_allclose(got.numpy(), torch.stack(want).numpy(), rtol=1e-6, atol=1e-7)
     assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
@@ -1397,58 +1396,3 @@ def test_a_mask_of_another_length_than_the_layers_is_said_to_mark_none_of_it():
                                                   "attention_mask marks 64 positions.*padding "
                                                   "counts as tokens"):
         db.query("AVG NEURONS IN proj")
-
-
-class _PerTokenHead(nn.Module):
-    """A classifier whose head runs on every token and whose logits are its row at each
-    item's last (or first) real token, by the attention mask: GPT-2's ``score``."""
-
-    def __init__(self, position: int):
-        super().__init__()
-        self.position = position
-        self.embed = nn.Embedding(tm.VOCAB, 8)
-        self.mix = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
-        self.norm = nn.LayerNorm(8)
-        self.score = nn.Linear(8, 3)
-
-    def forward(self, input_ids, attention_mask):
-        logits = self.score(self.norm(self.mix(self.embed(input_ids))))
-        real = attention_mask.bool()
-        wanted = real.sum(1, keepdim=True) if self.position == -1 else torch.ones_like(
-            real[:, :1], dtype=torch.int64)
-        at = ((real.cumsum(1) == wanted) & real).int().argmax(1)
-        return logits[torch.arange(len(logits)), at]
-
-
-def _left_collate(items: list[dict]) -> dict[str, torch.Tensor]:
-    """Padding on the left (a decoder's batches), to the batch's longest item."""
-    batch = tm.pad_collate(items)
-    for i, item in enumerate(items):
-        for key in ("input_ids", "attention_mask"):
-            batch[key][i] = batch[key][i].roll(batch[key].shape[1] - len(item["input_ids"]))
-    return batch
-
-
-@pytest.mark.parametrize("position,side", [(-1, "right"), (-1, "left"), (0, "left")])
-def test_a_per_token_heads_latent_is_its_input_at_the_token_its_scores_are_read(position,
-                                                                                 side):
-    """The profile's latent is the head's input at the token whose row of its output the
-    model returns (its last real token, or its first), in which the scores are linear; it
-    had been the input's mean over real tokens, whose image through the head is not the
-    logits (GPT-2's: 27% of predictions differed)."""
-    torch.manual_seed(3)
-    sequences, labels = tm.token_data(80, seed=2)
-    model = _PerTokenHead(position).eval()
-    loader = DataLoader(tm.DictDataset(sequences, labels), batch_size=16,
-                        collate_fn=tm.pad_collate if side == "right" else _left_collate)
-    conn = diagql.connect(model, loader, cache_dir=False, progress=False)
-    with torch.no_grad():  # each item alone, unpadded: its hidden row at that token
-        rows = torch.stack([model.norm(model.mix(model.embed(s)))[position]
-                            for s in sequences]).numpy()
-        logits = model.score(torch.as_tensor(rows)).numpy()
-    np.testing.assert_allclose(conn.profile.latents, rows, **TOL)
-    np.testing.assert_array_equal(conn.profile.predictions, logits.argmax(1))
-    assert conn.profile.latent_layer == f"input of score at TOKEN {position}"
-    assert conn.catalog.head == "score" and conn.catalog.head_token == position
-    back = LayerCatalog.from_arrays(conn.catalog.to_arrays())  # as the disk cache keeps it
-    assert (back.head, back.head_token) == ("score", position)

@@ -114,8 +114,7 @@ class LayerCatalog:
     """Layers in module-registration order, found by probing the model."""
 
     def __init__(self, layers: list[LayerInfo], output_shape: tuple[int, ...],
-                 scores: Scores | None = None, head: str = "", notices: tuple[str, ...] = (),
-                 head_token: int | None = None):
+                 scores: Scores | None = None, head: str = "", notices: tuple[str, ...] = ()):
         self.layers = layers
         # A module's own name wins over a call's of the same text (the probe refuses that call).
         self.by_name = {layer.name: layer for layer in layers if not layer.call}
@@ -125,9 +124,6 @@ class LayerCatalog:
         self.output_shape = output_shape  # the class scores' per-item shape
         self.scores = scores or Scores()  # where the probe found them in the model's output
         self.head = head  # the module that returned the scores ("" when none did)
-        # None: the head's output is the scores; n: its row at each item's n-th real token is
-        # (a per-token head: GPT-2's score, whose input's row there is the latent).
-        self.head_token = head_token
         # What the probe warned of about the model and the data (outputs that depend on the
         # batch, reads that differ): warned of again when the catalog is read from the cache.
         self.notices = tuple(notices)
@@ -199,8 +195,6 @@ class LayerCatalog:
         return {"layers": np.str_(json.dumps(layers)),
                 "output_shape": np.array(self.output_shape, dtype=np.int64),
                 "scores": np.str_(json.dumps(scores)), "head": np.str_(self.head),
-                "head_token": np.array([] if self.head_token is None else [self.head_token],
-                                       dtype=np.int64),
                 "notices": np.str_(json.dumps(list(self.notices)))}
 
     @classmethod
@@ -232,10 +226,9 @@ class LayerCatalog:
         notices = json.loads(str(arrays.get("notices", "[]")))
         if not (isinstance(notices, list) and all(isinstance(n, str) for n in notices)):
             raise ValueError("its notices are not text")
-        token = [int(t) for t in arrays.get("head_token", [])]
         return cls(layers, tuple(int(d) for d in arrays["output_shape"]),
                    Scores(at, None, given, refusal, why, probabilities), str(arrays["head"]),
-                   tuple(notices), token[0] if token else None)
+                   tuple(notices))
 
 
 def module_aliases(model: nn.Module) -> dict[str, str]:

@@ -14,7 +14,6 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from diagql.errors import DiagQLWarning, ExecutionError, warn
 from diagql.model.batch_axis import batch_axis, out_of_order, several_rows
 from diagql.model.forward import kept_copy
-from diagql.model.head_input import token_head
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
 from diagql.model.layers import INPUT_MASK, NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
@@ -70,7 +69,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if first is None:  # kept as read: a model may change its inputs in place (x /= 255)
             first = kept_copy(x)
         try:
-            seen, counted, output, made = _probe_pass(model, prepared := prepare(x), call, changed)
+            seen, counted, output, made = _probe_pass(model, prepare(x), call, changed)
         except ExecutionError as exc:
             if size == 1 and n > 1 and _runs(model, source, prepare, call):
                 # The user's batches of 100 had run: say it is the batch of one that failed.
@@ -102,13 +101,12 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
             warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     if scores is None:
         scores = choose(output, len(idx), lambda: source.label_classes(progress))
-    head, token, modules, calls = "", None, dict(model.named_modules()), passes[-1][2]
+    head = ""
     if scores.refusal is None:
         found = scores.read(output, len(idx))
-        # The module that returned the scores (a classifier's Linear; at a token of its output:
-        # head_input.py): its input is the latent (layers.default_latent), wherever defined.
-        head, token = (made[id(found)][1][0], None) if id(found) in made else \
-            token_head(made, calls, found, named_inputs(prepared, model), modules)
+        # The module that returned the scores themselves (a classifier's Linear): its input
+        # is the latent (layers.default_latent), wherever the model defines it.
+        head = made[id(found)][1][0] if id(found) in made else ""
         raw_shape = tuple(found.shape[1:])
         found = one_vector(found)
         output_shape = tuple(found.shape[1:])
@@ -117,6 +115,8 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
     else:  # the layers are still listed; reading the scores refuses (model/scores.py)
         output_shape = tuple(first_tensor(output).shape[1:])
         raw_shape = output_shape
+    modules = dict(model.named_modules())
+    calls = passes[-1][2]
     layouts: dict[tuple[str, int], str] = {}
     infos: dict[str, list[LayerInfo]] = {}
     for key in passes[-1][1]:  # (module, call), in the order they returned in the last pass
@@ -132,7 +132,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         if name:
             layers += _entries(name, type(module).__name__, infos.get(name, []),
                                [(s, counted.get(name, 0)) for s, _, counted, _ in passes], modules)
-    catalog = LayerCatalog(layers, output_shape, scores, head, notices, token)
+    catalog = LayerCatalog(layers, output_shape, scores, head, notices)
     warn_untraced(x, [layer.name for layer in catalog.layers if layer.shape is not None
                       and layer.input_mask_key and not getattr(
                           passes[-1][1].get((layer.module, layer.call or 1)), "traced", True)])

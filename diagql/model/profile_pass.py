@@ -20,19 +20,17 @@ from diagql.model.labels import check_labels
 from diagql.model.profile import Profile
 from diagql.model.same_rows import SameRows, by_layer, comparisons
 from diagql.model.scores import Scores, as_logits, classes_of, same_widths
-from diagql.model.head_input import input_rows
-from diagql.model.views import ModuleCall, View
+from diagql.model.views import ModuleCall, View, input_rows
 from diagql.progress import Progress
 
 
 def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_input: bool,
                     device: torch.device, dtype: torch.dtype, cast, batch_size: int,
                     progress: Progress, view: View | None = None, catalog=None,
-                    scores: Scores | None = None, latent_token: int | None = None) -> Profile:
+                    scores: Scores | None = None) -> Profile:
     """One forward pass over every item, hooking the latent layer: its input, or its output
     read through ``view`` (a query's view of it, so a sequence layer's latent vector is each
-    item's mean over its real tokens; the input's row at each item's ``latent_token``-th
-    real token, the catalog's ``head_token``: model/head_input.py).
+    item's mean over its real tokens).
 
     With the ``catalog``, the same pass finds the layers whose rows equal the latent or the
     logits for every item (compared exactly, batch by batch), and keeps the logits, so that
@@ -49,7 +47,7 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
                "dtype": cast, "batch_size": batch_size, "view": view, "compare": compare,
                "winners": winners_module.views(catalog, n) if catalog is not None else [],
-               "scores": scores or Scores(), "latent_token": latent_token}
+               "scores": scores or Scores()}
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
         if not views:
@@ -105,16 +103,14 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                  compare: tuple = ((), (), False),
                  project: aux.BlockProjector | None = None,
                  winners: list[View] | tuple = (),
-                 scores: Scores | None = None,
-                 latent_token: int | None = None) -> ProfilePart:
+                 scores: Scores | None = None) -> ProfilePart:
     """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
     each batch. ``compare`` (from ``comparisons``): the views compared with the latent and
     with the logits, and whether the logits are kept; ``project``: the blocks' projector
     (a Ray pass's shards get one that projects on directions fitted once: projected_part);
     ``winners``: the views whose every item's winner it keeps (model/winners.py);
     ``scores``: where the class scores are in the model's output (model/scores.py);
-    ``dtype``: what the batches' floating inputs are cast to (forward.to_device);
-    ``latent_token``: compute_profile's."""
+    ``dtype``: what the batches' floating inputs are cast to (forward.to_device)."""
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
@@ -127,8 +123,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
     captured: list[torch.Tensor] = []
 
     def keep(call: ModuleCall) -> None:
-        rows = input_rows(call, latent, latent_token) if latent_is_input else \
-            view.finish(view.rows(call))
+        rows = input_rows(call, latent) if latent_is_input else view.finish(view.rows(call))
         captured.append(rows.detach().to("cpu", torch.float32, copy=True))
 
     callbacks = {} if latent is None or latent_is_input else {latent: keep}

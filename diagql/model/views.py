@@ -267,6 +267,26 @@ def _unexpected(layer, call: ModuleCall, wanted: str) -> ExecutionError:
                           f"batch of {call.size} items, where DiagQL expected {wanted}")
 
 
+def input_rows(call: ModuleCall, module: str | None = None) -> torch.Tensor:
+    """The input of the final linear layer (``module``) as one row per item (the profile's
+    latent): a (batch, sequence, features) input is averaged over its real tokens, as a
+    sequence layer's output is (the layer maps its last axis)."""
+    x = first_output(call.output)
+    if not isinstance(x, torch.Tensor) or x.is_nested or x.ndim < 1 or x.shape[0] != call.size:
+        which = "the latent layer" if module is None else f"the latent layer {module!r}"
+        raise ExecutionError(f"the input of {which} (the final Linear's, by default) is "
+                             f"{describe_output(call.output)}, not a tensor of one row per item "
+                             f"of the batch of {call.size} (a head applied before the batch "
+                             f"axis comes first?): name a layer whose output is one row per "
+                             f"item as the latent, connect(..., latent=NAME), --latent NAME or "
+                             f"SET latent = NAME")
+    if x.ndim != 3:
+        return x.flatten(1)
+    mask = input_attention_mask(call.inputs, module)
+    real = (mask != 0).to(x.device) if mask is not None and mask.shape == x.shape[:2] else None
+    return _mean(x, real, "the input of the latent layer")
+
+
 # --- views ----------------------------------------------------------------------------------
 
 
@@ -420,7 +440,7 @@ class View:
             raise ExecutionError(f"an item of this batch has no real token at layer {name!r} "
                                  f"(its padding mask covers every position)")
         if self.reduction == "mean":
-            return token_mean(values, real, f"layer {name!r}")
+            return _mean(values, real, f"layer {name!r}")
         if self.reduction == "max":
             if real is not None:
                 values = torch.where(real[:, :, None], values, float("-inf"))
@@ -433,27 +453,18 @@ class View:
         n, length = self.position, values.shape[1]
         if real is None:
             real = torch.ones(values.shape[:2], dtype=torch.bool, device=values.device)
-        index = token_index(real, n)
-        if index is None:
-            fewest = int(real.sum(dim=1).min())
+        counts = real.sum(dim=1)
+        wanted = counts + n + 1 if n < 0 else torch.full_like(counts, n + 1)
+        if not bool(((wanted >= 1) & (wanted <= counts)).all()):
+            fewest = int(counts.min())
             raise ExecutionError(f"TOKEN {n} is past the end of an item with {fewest} real "
                                  f"token{'s' if fewest != 1 else ''} of {length} at layer "
                                  f"{self.layer.name!r}")
-        return index
+        hit = (real.cumsum(dim=1) == wanted[:, None]) & real
+        return hit.to(torch.int8).argmax(dim=1)
 
 
-def token_index(real: torch.Tensor, n: int) -> torch.Tensor | None:
-    """Each item's position of its ``n``-th real token (from 0; -1 the last) in ``real``
-    (batch, sequence) bool; None where an item has too few."""
-    counts = real.sum(dim=1)
-    wanted = counts + n + 1 if n < 0 else torch.full_like(counts, n + 1)
-    if not bool(((wanted >= 1) & (wanted <= counts)).all()):
-        return None
-    hit = (real.cumsum(dim=1) == wanted[:, None]) & real
-    return hit.to(torch.int8).argmax(dim=1)
-
-
-def token_mean(values: torch.Tensor, real: torch.Tensor | None, where: str) -> torch.Tensor:
+def _mean(values: torch.Tensor, real: torch.Tensor | None, where: str) -> torch.Tensor:
     """The mean over axis 1 (the real tokens only); float32 rows at least, so that a mean of
     float16 values keeps its digits. Summed in float64, but float32 values with their mask by
     a float32 batched product: in float64 it took 20-30x as long (a BERT layer's batch, 4 ms

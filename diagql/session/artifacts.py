@@ -21,7 +21,7 @@ from diagql.language import ast
 from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import (auxiliaries, hooks, layers, probing, repeatable, row_order,
                           same_rows, view_aliases)
-from diagql.model import head_input, input_masks, layouts, views, winners
+from diagql.model import input_masks, layouts, views, winners
 from diagql.model import profile as profile_module, profile_pass, scores
 from diagql.model.forward import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, module_aliases
@@ -58,7 +58,7 @@ def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
 
 # The modules whose code makes a catalog (part of its cache key).
 _PROBE_CODE = (layers, probing, layouts, repeatable, row_order, views, input_masks,
-               scores, head_input)
+               scores)
 
 def latent_view(latent: str, catalog: LayerCatalog):
     """The view the profile reads the latent layer named ``latent`` through; an unknown name
@@ -187,13 +187,26 @@ class Artifacts:
             # loaded from disk needs none, and one computed touches no other cache entry.
             catalog = self.catalog or self._probe()
             name, is_input = default_latent(conn.model, catalog), True
-            # A per-token head's scores are its row at a token: the latent is its input's there.
-            token = catalog.head_token if name == catalog.head else None
         else:
             view = latent_view(latent, self.get_catalog())
-            name, is_input, token = view.layer.name, False, None
+            name, is_input = view.layer.name, False
             catalog = self.catalog
-        return _profile_pass(conn, catalog, self.scores(catalog), name, is_input, view, token)
+        if conn.engine is not None:
+            n = len(conn.source)
+            compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
+                                            conn.dtype, n)
+            blocks = auxiliaries.blocks(conn.model, catalog, n, name, is_input)
+            return conn.engine.profile(
+                n, latent=name, latent_is_input=is_input, view=view, dtype=conn.dtype,
+                cast=conn.cast,
+                batch_size=conn.settings.batch_size, progress=conn.progress, compare=compare,
+                blocks=blocks, winners=winners.views(catalog, n), scores=self.scores(catalog),
+                pairs=view_aliases.candidates(catalog, blocks))
+        return compute_profile(
+            conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
+            dtype=conn.dtype, cast=conn.cast, batch_size=conn.settings.batch_size,
+            progress=conn.progress,
+            view=view, catalog=catalog, scores=self.scores(catalog))
 
     def has_sample(self, sampler: samplers.Sampler) -> bool:
         """Whether the sampler's sample is had without drawing it: in memory, or read back
@@ -264,8 +277,7 @@ class Artifacts:
         # On Ray, the workers' device, which makes the passes, not the driver's.
         device = conn.device.type if conn.engine is None else conn.engine.device_type()
         return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
-                         device, *map(source_digest, (profile_module, profile_pass, views,
-                                                      input_masks, head_input)),
+                         device, *map(source_digest, (profile_module, profile_pass, views, input_masks)),
                          source_digest(scores),  # where the class scores are read
                          source_digest(layers), source_digest(probing),  # the catalog
                          *map(source_digest, (auxiliaries, view_aliases)),  # blocks, aliases
@@ -369,27 +381,3 @@ def keep_in_use(artifacts: Artifacts) -> None:
         touch(artifacts.conn.cache, "profile", key)
         touch(artifacts.conn.cache, "catalog", artifacts.catalog_key())
 
-
-def _profile_pass(conn, catalog, scores, name: str, is_input: bool, view, token) -> Profile:
-    """The profile pass on the connection's engine (Ray's or this process's), its latent the
-    input of layer ``name`` (at each item's ``token``-th real token, where not None) or its
-    output through ``view``."""
-    if conn.engine is not None:
-        n = len(conn.source)
-        compare = same_rows.comparisons(conn.model, catalog, name, is_input, view, conn.dtype,
-                                        n)
-        blocks = auxiliaries.blocks(conn.model, catalog, n, name, is_input)
-        profile = conn.engine.profile(
-            n, latent=name, latent_is_input=is_input, view=view, dtype=conn.dtype,
-            cast=conn.cast, batch_size=conn.settings.batch_size, progress=conn.progress,
-            compare=compare, blocks=blocks, winners=winners.views(catalog, n), scores=scores,
-            pairs=view_aliases.candidates(catalog, blocks), latent_token=token)
-    else:
-        profile = compute_profile(
-            conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
-            dtype=conn.dtype, cast=conn.cast, batch_size=conn.settings.batch_size,
-            progress=conn.progress, view=view, catalog=catalog, scores=scores,
-            latent_token=token)
-    if token is None:
-        return profile
-    return dataclasses.replace(profile, latent_layer=f"input of {name} at TOKEN {token}")
