@@ -1050,3 +1050,41 @@ def test_a_held_views_channel_means_are_its_rows_averaged_per_channel(channels_l
     np.testing.assert_allclose(prediction.basis @ row, shaped(row), rtol=1e-12)
     np.testing.assert_allclose(prediction.mean, shaped(mean.astype(np.float64)), rtol=1e-6)
     assert BlockPrediction(held, 3).basis is None
+
+
+class _Feeder(nn.Module):
+    """b1's first Linear reads b0's output, which neither b1's narrow output nor the latent
+    spans: b0's leading directions (its output's rank, 6, fits in their 8) do."""
+
+    def __init__(self):
+        super().__init__()
+        self.b0 = nn.Sequential(nn.Linear(6, 16), nn.Identity())
+        self.b1 = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.b2 = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.b2(self.b1(self.b0(x))))
+
+
+def test_a_layer_inside_a_block_is_fitted_on_the_block_before_it_too():
+    """A layer inside a block was fitted on the latent and its block's leading directions
+    alone, which need not span what the block's first layers read (a transformer layer's
+    attention reads the layer before: a RoBERTa's covered its exact means 0.23 under
+    maxmargin(0.1)). The block before it is a covariate too: b1.0 here is a linear function
+    of b0's output, and its sampled means are its exact ones (they had been 0.2 off)."""
+    torch.manual_seed(0)
+    X = torch.randn(3000, 6)
+    model = _Feeder().eval()
+    with torch.no_grad():
+        y = model(X).argmax(1)
+        flip = torch.rand(3000) < 0.2
+        y[flip] = torch.randint(0, 3, (int(flip.sum()),))
+        rows = model.b1[0](model.b0(X)).double().numpy()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for c in range(3):
+        result = conn.query(f"AVG NEURONS IN b1.0 WHERE class = {c} "
+                            f"USING SAMPLE maxmargin(0.05)")
+        np.testing.assert_allclose(result.values, rows[(y == c).numpy()].mean(0), atol=1e-4)
+    assert (result.plan.neighbour, result.plan.feeder) == ("b1", "b0")
+    assert "and the 8 of b0, the block before it" in result.plan.estimator_text

@@ -166,6 +166,9 @@ class Chosen:
     # the fit (engine/extrapolation.py).
     neighbour: Auxiliary | None = None
     encloses: bool = False  # the neighbour is a block the view is inside (not one before it)
+    # The block before the one the view is inside (``feeder_block``), whose output that
+    # block's first layers read: its leading directions are covariates too.
+    feeder: Auxiliary | None = None
     # No block comes after the view: it lies between its neighbour and the latent (a pooling
     # before the head, the Linear whose ReLU is the latent), checked on the latent's own
     # coordinates too (engine/extrapolation.py).
@@ -200,8 +203,11 @@ class Chosen:
         """What the assisted estimator fits on, for EXPLAIN."""
         latent = f"{self.latent_dims} principal components of the latent ({profile.latent_layer})"
         if self.neighbour is not None:
+            feeder = "" if self.feeder is None else \
+                (f", and the {leading(self.feeder)} of {self.feeder.layer}, the block before "
+                 f"it")
             return (f"assisted: a linear fit on {latent} and the {leading(self.neighbour)} leading "
-                    f"principal components of {self.neighbour.layer}, the nearest block, "
+                    f"principal components of {self.neighbour.layer}, the nearest block{feeder}, "
                     f"kept by the profile pass")
         if self.auxiliary is None:
             return f"assisted: a linear fit on {latent}"
@@ -266,6 +272,13 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
             last = not encloses and all(name in position
                                         for _, name in profile.auxiliaries.names)
             fed = not encloses and any(near.layer in scope(name) for name in upstream)
+            feeder = feeder_block(profile, near.layer, before,
+                                  tuple(json.loads(view_key)[1:])) if encloses else None
+            if feeder is not None and feeder.z.shape[1] >= 4:
+                earlier = once_per_profile(_WHITENED, (id(profile), feeder.key), profile,
+                                           lambda: whitened(feeder.z[:, :leading(feeder)]))
+                return Chosen(Covariates((z, major, earlier)), z.shape[1], None,
+                              neighbour=near, encloses=True, last=last, feeder=feeder)
             return Chosen(Covariates((z, major)), z.shape[1], None, neighbour=near,
                           encloses=encloses, last=last, fed=fed)
         return Chosen(Covariates((z,)), z.shape[1], None)
@@ -315,25 +328,51 @@ def nearest_block(profile: Profile, layer: str, before: tuple[str, ...],
     its first (a layer inside a transformer's encoder read at ``TOKENS MAX`` on the encoder's
     ``TOKENS MAX``: it had taken whichever view came first, its ``TOKEN -1``)."""
     names = profile.auxiliaries.names
-
-    def view_of(block: str) -> str:
-        keys = [key for key, name in names if name == block]
-        return next((key for key in keys if tuple(json.loads(key)[1:]) == tuple(reduction)),
-                    keys[0])
-
     inside = [name for _, name in names
               if layer == name or layer.startswith(name + ".")]  # == : another view of it
     if inside:
-        return profile.auxiliary(view_of(max(inside, key=len))), True
+        return profile.auxiliary(_view_of(names, max(inside, key=len), reduction)), True
     position = {name: i for i, name in enumerate(before)}
-    earlier = [(position[name], name) for _, name in names if name in position]
+    return _last_block(profile, [(position[name], name) for _, name in names
+                                 if name in position], reduction), False
+
+
+def feeder_block(profile: Profile, block: str, before: tuple[str, ...],
+                 reduction: tuple = ()) -> Auxiliary | None:
+    """The block before ``block`` (the innermost one enclosing a queried layer), whose output
+    the first layers inside ``block`` read: the last block registered before it that does not
+    enclose it, climbed as ``nearest_block`` climbs. A transformer layer's attention is a
+    function of the layer before, which its own layer's leading directions do not span:
+    fitted on those alone, a RoBERTa's ``layer.1.attention.output.dense`` under
+    maxmargin(0.1) had covered its exact means 0.23, with the layer before's 1.0 (the sweeps
+    SS1 and SS2; benchmarks/README.md, "thirty-first session")."""
+    position = {name: i for i, name in enumerate(before)}
+    if block not in position:
+        return None
+    return _last_block(profile, [(position[name], name) for _, name in profile.auxiliaries.names
+                                 if position.get(name, len(before)) < position[block]
+                                 and not block.startswith(name + ".")], reduction)
+
+
+def _last_block(profile: Profile, earlier: list[tuple[int, str]],
+                reduction: tuple) -> Auxiliary | None:
+    """Of blocks (their position among the model's layers, their name), the last, or the
+    outermost block enclosing it."""
     if not earlier:
-        return None, False
+        return None
     _, name = max(earlier)
     for _, outer in earlier:  # any order: each ancestor found climbs further
         if name.startswith(outer + "."):
             name = outer
-    return profile.auxiliary(view_of(name)), False
+    return profile.auxiliary(_view_of(profile.auxiliaries.names, name, reduction))
+
+
+def _view_of(names, block: str, reduction: tuple) -> str:
+    """The key of ``block``'s view of the query's ``reduction`` where the profile kept it, else
+    its first."""
+    keys = [key for key, name in names if name == block]
+    return next((key for key in keys if tuple(json.loads(key)[1:]) == tuple(reduction)),
+                keys[0])
 
 
 def _held(rows: np.ndarray | None, view_key: str) -> tuple[Auxiliary, str] | None:

@@ -54,6 +54,7 @@ class Plan:
     prediction: BlockPrediction | None = None
     estimator_text: str = ""
     neighbour: str | None = None  # the block whose leading projections the fit also takes
+    feeder: str | None = None  # and the block before it, when the view is inside it
     # An ARGMAX's exact shares per group key, when the profile knows every item's winner of
     # the view (``winner_shares``): the assisted answer, with no error.
     winner_shares: dict | None = None
@@ -283,6 +284,7 @@ def plan_query(bound: BoundQuery, profile: Profile, sample: np.ndarray | None,
                                prediction=prediction, estimator_text=text,
                                neighbour=None if chosen.neighbour is None else
                                chosen.neighbour.layer,
+                               feeder=None if chosen.feeder is None else chosen.feeder.layer,
                                widening=widening, recheck=recheck, directions=directions,
                                fit=fit, leverage=leverage)
 

@@ -295,9 +295,10 @@ def estimate_line(result) -> Text | None:
     plan = getattr(result, "plan", None)
     block = getattr(getattr(plan, "prediction", None), "predictor", None)
     # Or the fit takes a neighbour block's leading projections beside the latent's.
-    neighbour = getattr(plan, "neighbour", None)
+    neighbour, feeder = getattr(plan, "neighbour", None), getattr(plan, "feeder", None)
+    blocks = f"blocks {neighbour}'s and {feeder}'s" if feeder else f"block {neighbour}'s"
     fit = f"{block} and a regression on the latent" if block else \
-        f"a regression on the latent and block {neighbour}'s leading components" \
+        f"a regression on the latent and {blocks} leading components" \
         if neighbour else "a regression on the latent"
     covers = (f"model-assisted ({fit}): covers the sampler's selection"
               if reliable[0].estimator == "assisted"
