@@ -242,10 +242,14 @@ def test_maxmargin_default_method_seeds_groups_then_mistakes_then_herds(data, j)
         else:
             centre = X64[members].mean(axis=0)
             seeds.add(int(members[np.argmin(((X64[members] - centre) ** 2).sum(axis=1))]))
+    # ... most boundary first, while the seeds are fewer than round(j·n)
     cells = data.labels * 100 + data.predictions
+    firsts = []
     for c in np.unique(cells[wrong]):
         members = np.flatnonzero(cells == c)
-        seeds.add(int(members[np.argmin(ratio[members])]))
+        firsts.append(int(members[np.argmin(ratio[members])]))
+    firsts = [i for i in sorted(firsts, key=lambda i: ratio[i]) if i not in seeds]
+    seeds |= set(firsts[:max(round(j * n) - len(seeds), 0)])
     assert seeds <= chosen
     # 2. then mistakes before correct items, each by lowest ratio, up to round(j·n) in all
     order = np.lexsort((ratio, ~wrong))
@@ -270,6 +274,34 @@ def test_maxmargin_default_method_seeds_groups_then_mistakes_then_herds(data, j)
             already = [int(i) for i in members if int(i) in held]
             target = X64[members].mean(axis=0)
             assert mine == herded_by_hand(X64, free, already, target, len(mine))
+
+
+def test_maxmargin_with_more_confusion_cells_than_items_keeps_js_share():
+    """40 classes whose mistakes fill 566 (true, predicted) cells, a sample of 200: one seed per
+    cell had filled it with mistakes whatever j (160 of 200 at j = 0, 0.5 and 1; a 100-class
+    model's 5,000-item sample had been 98% mistakes). The cells' seeds now stop at the
+    boundary's share: j moves the mistakes' share, and every (class, correctness) group
+    keeps its seed."""
+    rng = np.random.default_rng(1)
+    classes, n = 40, 200
+    centres = rng.normal(size=(classes, 8)) * 3
+    labels = np.repeat(np.arange(classes), 50)
+    latents = (centres[labels] + rng.normal(size=(len(labels), 8))).astype(np.float32)
+    wrong = rng.random(len(labels)) < 0.35
+    predictions = np.where(wrong, (labels + rng.integers(1, classes, len(labels))) % classes,
+                           labels)
+    assert len(np.unique((labels * classes + predictions)[wrong])) > 2 * n
+    data = SampleData(latents, labels, predictions, classes)
+    groups = labels * 2 + wrong
+    mistakes = []
+    for j in (0, 0.5, 1):
+        chosen = MaxMarginSampler(n, j=j, random_state=0).fit(data).indices_
+        assert len(set(chosen.tolist())) == n
+        assert set(np.unique(groups[chosen])) == set(np.unique(groups))
+        mistakes.append(int(wrong[chosen].sum()))
+    # j = 0: the incorrect groups' seeds (40) and their exemplars' share; j = 1: mistakes
+    # as far as the boundary's share reaches.
+    assert mistakes[0] <= n // 2 and mistakes[0] < mistakes[1] < mistakes[2], mistakes
 
 
 def test_maxmargin_default_method_is_deterministic_and_needs_its_name(data):

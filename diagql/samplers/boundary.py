@@ -76,8 +76,10 @@ def boundary_and_exemplars(latents: np.ndarray, labels: np.ndarray, predictions:
 
     1. seeds, one per group a query can name (true class × correct/incorrect): a correct
        group's most typical member (the one nearest its mean latent), an incorrect group's most
-       boundary mistake; then the most boundary mistake of every other non-empty (true,
-       predicted) cell;
+       boundary mistake; then the most boundary mistake of other non-empty (true, predicted)
+       cells, most boundary first, while the seeds are fewer than round(j·n), the boundary's
+       share (a 100-class model's 5,605 cells had filled a 5,000-item sample with 98%
+       mistakes whatever j: the sweep SS3);
     2. boundary items, up to round(j·n) with the seeds: the model's mistakes before its correct
        items, each by lowest ratio (equal ratios in random order: duplicated items tie);
     3. exemplars: the rest, one for every group with items left, then shared among the groups
@@ -104,7 +106,8 @@ def boundary_and_exemplars(latents: np.ndarray, labels: np.ndarray, predictions:
     _, first = np.unique((labels * (predictions.max() + 1) + predictions)[mistakes],
                          return_index=True)
     cells = mistakes[np.sort(first)]
-    seeds = np.concatenate([seeds, cells[~np.isin(cells, seeds)]])
+    room = max(round(j * n) - len(seeds), 0)
+    seeds = np.concatenate([seeds, cells[~np.isin(cells, seeds)][:room]])
     if n <= len(seeds):
         return seeds[:n].astype(np.int64)
     taken = np.zeros(len(ratio), dtype=bool)
