@@ -706,6 +706,12 @@ def test_groups_a_sample_drew_none_of_are_shown_with_their_counts(cnn, digits, c
     text = " ".join(to_text(result).split())
     assert f"none of its {counts[missed]:,} matching items sampled" in text
     assert "of 10 groups with an estimate; the others: no matching item sampled" in text
+    # Each kind of reason with its count of groups (one group's had stood for all).
+    sampled = np.bincount(cnn_truth.labels[sample], minlength=10)
+    none, one = int((sampled == 0).sum()), int((sampled == 1).sum())
+    assert f"no matching item sampled ({none} groups)" in text
+    assert ("1 matching sampled item: too few for an estimate "
+            f"({one} group{'' if one == 1 else 's'})" in text) == (one > 0)
     rows = to_csv(result).splitlines()
     empty = f"{missed}" + "," * rows[0].count(",")  # its key, every other column empty
     assert empty in rows and len(rows) == 1 + 2 * len(drawn) + 10 - len(drawn)

@@ -5,6 +5,7 @@ first prompt, read them without loading rich, numpy or torch."""
 from __future__ import annotations
 
 import math
+import re
 
 FORMATS = ("table", "json", "csv")
 MAX_ROWS = 20
@@ -38,6 +39,19 @@ def none_sampled(matching: int) -> str:
     """A group's cell when a sample holds none of its ``matching`` items (at least one)."""
     return f"none of its {matching:,} matching items sampled" if matching > 1 else \
         "its one matching item not sampled"
+
+
+def reasons_text(reasons: list[str]) -> str:
+    """Why groups have no estimate, each kind once with its count of groups (one group's
+    reason had stood for all: a group of 1 sampled item said to have none sampled, the sweep
+    SS3); a group's count of data items is left out where several share a reason."""
+    if len(reasons) == 1:
+        return reasons[0]
+    kinds: dict[str, int] = {}
+    for reason in reasons:
+        kind = re.sub(r" \([\d,]+ in the data\)$", "", reason)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return "; ".join(f"{kind} ({n} group{'' if n == 1 else 's'})" for kind, n in kinds.items())
 
 
 BAR_WIDTH = 12  # a bar's characters at the largest value

@@ -17,7 +17,7 @@ from rich import box
 from rich.text import Text
 
 from diagql.results.formats import (MAX_ROWS, bar, cell_text, group_label, items_text, number,
-                                    number_or_dash, probability_text)
+                                    number_or_dash, probability_text, reasons_text)
 from diagql.results.query_table import query_table
 from diagql.results.tables import FittingTable, PlainTable, natural_width
 
@@ -286,9 +286,8 @@ def estimate_line(result) -> Text | None:
     value = math.fsum(e.expected for e in reliable) / len(reliable)
     scope = " (mean over groups)" if result.groups is not None else ""
     if len(reliable) < len(parts):  # the others say nothing: a mean of the rest alone misleads
-        unsaid = next((p.estimate.reason for p in parts if p.estimate is not None
-                       and not p.estimate.reliable and p.estimate.reason), None) or \
-            "no estimate"
+        unsaid = reasons_text([p.estimate.reason or "no estimate" for p in parts
+                               if p.estimate is not None and not p.estimate.reliable])
         scope = (f" (mean over the {len(reliable)} of {len(parts)} groups with an estimate; "
                  f"the others: {unsaid})")
     # A block's own projections predict its items first (engine/prediction.py).
