@@ -398,8 +398,14 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
                                               "target": y[i]}))
     assert refusal.startswith(
         "the model's forward(x, z) has no argument named 'target' ('target' reads as labels, "
-        "but another key was taken as them by convention: if 'target' holds the labels, say "
+        "but another key was taken as them: if 'target' holds the labels, say "
         "label_key='target');")
+    # Named by label_key, not by convention: the message says neither (it had said the
+    # convention took them).
+    refusal = _refusal(net, _Items(lambda i: {"x": X[i], "z": Z[i], "y": 2 - y[i],
+                                              "labels": y[i]}), label_key="y")
+    assert "'labels' reads as labels, but another key was taken as them: if 'labels' " \
+           "holds the labels, say label_key='labels')" in refusal
     assert _refusal(net, ((X, Z), y)) == (
         "X is a tuple of 2 tensors ((30, 4), (30, 2)); for a model with several inputs, pass a "
         "Dataset whose items are ((x1, x2, ...), y), or a dict of named inputs with the labels "

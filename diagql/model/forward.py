@@ -138,7 +138,7 @@ def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
     also = "" if not labels else (
         f" ({labels[0]!r} reads as labels, but "
         f"{f'{taken[0]!r}, which forward takes,' if taken else 'another key'} was taken as "
-        f"them by convention: if {labels[0]!r} holds the labels, say label_key={labels[0]!r})")
+        f"them: if {labels[0]!r} holds the labels, say label_key={labels[0]!r})")
     raise DiagQLError(
         f"the model's forward({', '.join(p.name for p in params)}) has no argument named "
         f"{', '.join(map(repr, unknown))}{also}; the entries of a mapping batch (all but the "
