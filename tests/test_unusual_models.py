@@ -1879,3 +1879,32 @@ def test_a_transformer_encoder_on_its_fast_path_with_a_padding_mask_connects():
              for i in range(40)]
     conn = diagql.connect(Encoder().eval(), items, cache_dir=False, progress=False)
     assert conn.query("AVG NEURONS IN head").n_items == 40
+
+
+class _MultipleChoice(nn.Module):
+    """Scores each of an item's 4 choices, flattened into the batch (BertForMultipleChoice's
+    form): no layer before its scores is one row per item."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.classifier = nn.Linear(8, 1)
+
+    def forward(self, x):  # (batch, choices, features)
+        return self.classifier(self.encode(x.flatten(0, 1))).view(len(x), -1)
+
+
+def test_a_multiple_choice_models_latent_is_refused_naming_its_rows_an_item():
+    """Its head's input is (batch × choices) rows: the refusal had said only 'a head applied
+    before the batch axis comes first?' and sent the user to name another latent, of which
+    such a model may have none; it says the rows an item now (4 here, as the model makes them)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 4, 6), torch.randint(0, 4, (40,))
+    with torch.no_grad():
+        assert _MultipleChoice()(X[:10]).shape == (10, 4)
+    conn = diagql.connect(_MultipleChoice(), (X, y), batch_size=10, cache_dir=False,
+                          progress=False)
+    with pytest.raises(diagql.DiagQLError, match=r"not a tensor of one row per item of the "
+                       r"batch of 10, 4 rows an item \(a multiple-choice model's choices "
+                       r"flattened into the batch\?\)"):
+        conn.query("SHOW PROFILE")

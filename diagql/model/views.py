@@ -273,13 +273,17 @@ def input_rows(call: ModuleCall, module: str | None = None) -> torch.Tensor:
     sequence layer's output is (the layer maps its last axis)."""
     x = first_output(call.output)
     if not isinstance(x, torch.Tensor) or x.is_nested or x.ndim < 1 or x.shape[0] != call.size:
-        which = "the latent layer" if module is None else f"the latent layer {module!r}"
-        raise ExecutionError(f"the input of {which} (the final Linear's, by default) is "
-                             f"{describe_output(call.output)}, not a tensor of one row per item "
-                             f"of the batch of {call.size} (a head applied before the batch "
-                             f"axis comes first?): name a layer whose output is one row per "
-                             f"item as the latent, connect(..., latent=NAME), --latent NAME or "
-                             f"SET latent = NAME")
+        rows = x.shape[0] if isinstance(x, torch.Tensor) and x.ndim else 0
+        several = rows > call.size and rows % call.size == 0  # a multiple-choice model's (SS2)
+        raise ExecutionError(
+            f"the input of the latent layer{'' if module is None else f' {module!r}'} (the final "
+            f"Linear's, by default) is {describe_output(call.output)}, not a tensor of one row "
+            f"per item of the batch of {call.size}" + (
+                f", {rows // call.size} rows an item (a multiple-choice model's choices "
+                f"flattened into the batch?), where the latent DiagQL samples in is one row "
+                f"per item; if a layer is, name it" if several else " (a head applied before "
+                "the batch axis comes first?): name a layer whose output is one row per item") +
+            " as the latent, connect(..., latent=NAME), --latent NAME or SET latent = NAME")
     if x.ndim != 3:
         return x.flatten(1)
     mask = input_attention_mask(call.inputs, module)
@@ -466,11 +470,9 @@ class View:
 
 def _mean(values: torch.Tensor, real: torch.Tensor | None, where: str) -> torch.Tensor:
     """The mean over axis 1 (the real tokens only); float32 rows at least, so that a mean of
-    float16 values keeps its digits. Summed in float64, but float32 values with their mask by
-    a float32 batched product: in float64 it took 20-30x as long (a BERT layer's batch, 4 ms
-    to 90 ms; a float64 copy of an LM head's output is 0.8 GB), so that two items holding the
-    same tokens in another order may differ in the last bit, as a batch's size already moves
-    float32 activations."""
+    float16 values keeps its digits. Summed in float64, but float32 values with their mask by a
+    float32 batched product (in float64 20-30x as long: a BERT layer's batch 4 ms to 90 ms), so
+    two items of the same tokens in another order may differ in the last bit."""
     wide = torch.float64 if values.dtype == torch.float64 else torch.float32
     if real is None:
         return values.mean(dim=1, dtype=torch.float64).to(wide)
