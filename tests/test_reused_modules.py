@@ -468,10 +468,11 @@ def test_tied_module_catalog_and_refusals(tied):
      "layer1.0.relu#1 or layer1.0.relu#2"),
     # One name per activation: a module that runs once takes no call number, not even #1.
     ("AVG NEURONS IN fc#1",
-     "layer 'fc' runs once per forward pass, so it takes no call number; name it fc"),
+     "layer 'fc' runs once per forward pass (in DiagQL's probe), so it takes no call number; "
+     "name it fc"),
     ("AVG NEURONS IN layer1.0.conv1#1",
-     "layer 'layer1.0.conv1' runs once per forward pass, so it takes no call number; name it "
-     "layer1.0.conv1"),
+     "layer 'layer1.0.conv1' runs once per forward pass (in DiagQL's probe), so it takes no "
+     "call number; name it layer1.0.conv1"),
     ("AVG NEURONS IN layer1.0.rellu#2",  # before '#', only modules are suggested
      "unknown layer 'layer1.0.rellu'; did you mean 'layer1.0.relu', 'layer1.0' or "
      "'layer1.0.bn2'?"),
@@ -579,8 +580,8 @@ def test_quoted_names_with_a_hash_are_module_names():
     assert result.labels == [f"weird#name[{i}]" for i in result.neurons]
     with pytest.raises(BindError) as info:
         db.query("AVG NEURONS IN 'weird#name'#1")
-    assert info.value.message == ("layer 'weird#name' runs once per forward pass, so it takes no "
-                                  "call number; name it 'weird#name'")
+    assert info.value.message == ("layer 'weird#name' runs once per forward pass (in DiagQL's "
+                                  "probe), so it takes no call number; name it 'weird#name'")
     # act's second call would be named like the module 'act#2': that call is refused, by name.
     with pytest.raises(BindError, match=r"layer 'act#2' cannot be queried: its name is also "
                                         r"module 'act#2''s; rename one of them"):

@@ -118,8 +118,10 @@ def lookup_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
             raise _unknown(ref.name, ref.span, catalog, modules=True)
         return layer
     if module.calls == 1:
-        raise _error(f"layer {ref.name!r} runs once per forward pass, so it takes no call "
-                     f"number; name it {_written(ref.name)}", ref.span)
+        # "In DiagQL's probe": a loop whose length follows the batch may run it more often
+        # in a pass's batches, which the profile pass refuses it for (sweep SS1).
+        raise _error(f"layer {ref.name!r} runs once per forward pass (in DiagQL's probe), so "
+                     f"it takes no call number; name it {_written(ref.name)}", ref.span)
     if module.calls == 0:
         return module
     if not 1 <= ref.call <= module.calls:
