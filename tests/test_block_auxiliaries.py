@@ -1088,3 +1088,48 @@ def test_a_layer_inside_a_block_is_fitted_on_the_block_before_it_too():
         np.testing.assert_allclose(result.values, rows[(y == c).numpy()].mean(0), atol=1e-4)
     assert (result.plan.neighbour, result.plan.feeder) == ("b1", "b0")
     assert "and the 8 of b0, the block before it" in result.plan.estimator_text
+
+
+class _Pair(nn.Module):
+    """A residual block's two branches, each reading the block's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+        self.skip = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b0 = nn.Sequential(nn.Linear(6, 16), nn.Identity())
+        self.b1 = _Pair()
+        self.b2 = nn.Sequential(nn.Linear(4 * 4, 8), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.b2(self.b1(self.b0(x))))
+
+
+def test_a_branch_is_fitted_on_the_block_its_input_came_from_not_its_sibling():
+    """The skip branch reads b1's input, b0's output: the block registered before it is its
+    sibling ``b1.body``, which had been taken as the block before (review RV1; its sampled
+    means 0.016-0.031 off). The block before is found up the layer's inputs now: b1.skip.0 is
+    linear in b0's output, so its sampled means are its exact ones but for the ridge's pull."""
+    torch.manual_seed(0)
+    X = torch.randn(3000, 6)
+    model = _Branches().eval()
+    with torch.no_grad():
+        y = model(X).argmax(1)
+        flip = torch.rand(3000) < 0.2
+        y[flip] = torch.randint(0, 3, (int(flip.sum()),))
+        rows = model.b1.skip[0](model.b0(X)).double().numpy()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for c in range(3):
+        result = conn.query(f"AVG NEURONS IN b1.skip.0 WHERE class = {c} "
+                            f"USING SAMPLE maxmargin(0.05)")
+        np.testing.assert_allclose(result.values, rows[(y == c).numpy()].mean(0), atol=2e-3)
+    assert (result.plan.neighbour, result.plan.feeder) == ("b1.skip", "b0")

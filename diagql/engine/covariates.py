@@ -272,8 +272,8 @@ def for_view(profile: Profile, view_key: str, own: bool = True,
             last = not encloses and all(name in position
                                         for _, name in profile.auxiliaries.names)
             fed = not encloses and any(near.layer in scope(name) for name in upstream)
-            feeder = feeder_block(profile, near.layer, before,
-                                  tuple(json.loads(view_key)[1:])) if encloses else None
+            feeder = feeder_block(profile, near.layer, before, tuple(json.loads(view_key)[1:]),
+                                  upstream) if encloses else None
             if feeder is not None and feeder.z.shape[1] >= 4:
                 earlier = once_per_profile(_WHITENED, (id(profile), feeder.key), profile,
                                            lambda: whitened(feeder.z[:, :leading(feeder)]))
@@ -338,20 +338,31 @@ def nearest_block(profile: Profile, layer: str, before: tuple[str, ...],
 
 
 def feeder_block(profile: Profile, block: str, before: tuple[str, ...],
-                 reduction: tuple = ()) -> Auxiliary | None:
+                 reduction: tuple = (), upstream: tuple[str, ...] = ()) -> Auxiliary | None:
     """The block before ``block`` (the innermost one enclosing a queried layer), whose output
-    the first layers inside ``block`` read: the last block registered before it that does not
-    enclose it, climbed as ``nearest_block`` climbs. A transformer layer's attention is a
-    function of the layer before, which its own layer's leading directions do not span:
-    fitted on those alone, a RoBERTa's ``layer.1.attention.output.dense`` under
-    maxmargin(0.1) had covered its exact means 0.23, with the layer before's 1.0 (the sweeps
-    SS1 and SS2; benchmarks/README.md, "thirty-first session")."""
+    the layers inside ``block`` are made from: the first outside it on the layer's
+    ``upstream`` chain (its outermost block that does not enclose ``block``: a ResNet skip
+    branch's ``block2.skip.0`` reads block1's output, not its sibling ``block2.body``'s, the
+    review RV1), else, where that chain stops inside (a residual sum is made by no module),
+    the last block registered before ``block`` that does not enclose it, climbed as
+    ``nearest_block`` climbs. A transformer layer's attention is a function of the layer
+    before, which its own layer's leading directions do not span: fitted on those alone, a
+    RoBERTa's ``layer.1.attention.output.dense`` under maxmargin(0.1) had covered its exact
+    means 0.23, with the layer before's 1.0 (the sweeps SS1 and SS2; benchmarks/README.md,
+    "thirty-first session")."""
+    names = profile.auxiliaries.names
+    outside = [name for _, name in names if name != block and not block.startswith(name + ".")
+               and not name.startswith(block + ".")]
+    for module in upstream:
+        holders = [name for name in outside if module == name or module.startswith(name + ".")]
+        if holders:
+            return profile.auxiliary(_view_of(names, min(holders, key=len), reduction))
     position = {name: i for i, name in enumerate(before)}
     if block not in position:
         return None
-    return _last_block(profile, [(position[name], name) for _, name in profile.auxiliaries.names
-                                 if position.get(name, len(before)) < position[block]
-                                 and not block.startswith(name + ".")], reduction)
+    return _last_block(profile, [(position[name], name) for name in outside
+                                 if position.get(name, len(before)) < position[block]],
+                       reduction)
 
 
 def _last_block(profile: Profile, earlier: list[tuple[int, str]],
