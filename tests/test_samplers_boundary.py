@@ -304,6 +304,28 @@ def test_maxmargin_with_more_confusion_cells_than_items_keeps_js_share():
     assert mistakes[0] <= n // 2 and mistakes[0] < mistakes[1] < mistakes[2], mistakes
 
 
+def test_maxmargin_with_fewer_items_than_groups_keeps_js_share():
+    """40 classes, each with correct and incorrect items: 80 groups. With n below 80 the first
+    n seeds had been the incorrect groups' (every item a mistake at j = 0.3 for n of 1 to 79:
+    review RV1); now round(j·n) of them are mistakes, the rest correct groups' typical items."""
+    rng = np.random.default_rng(2)
+    classes = 40
+    centres = rng.normal(size=(classes, 8)) * 3
+    labels = np.repeat(np.arange(classes), 30)
+    latents = (centres[labels] + rng.normal(size=(len(labels), 8))).astype(np.float32)
+    wrong = np.zeros(len(labels), dtype=bool)
+    wrong[::30] = wrong[1::30] = True  # two mistakes per class
+    predictions = np.where(wrong, (labels + 1) % classes, labels)
+    data = SampleData(latents, labels, predictions, classes)
+    for n, j, expected in ((1, 0.3, 0), (1, 0.7, 1), (5, 0.3, 2), (30, 0.3, 9), (79, 1.0, 40),
+                           (79, 0.0, 39)):
+        chosen = MaxMarginSampler(n, j=j, random_state=0).fit(data).indices_
+        assert len(set(chosen.tolist())) == n
+        assert int(wrong[chosen].sum()) == expected, (n, j)
+        # one item per group: no two from the same (class, correctness) group
+        assert len(set((labels * 2 + wrong)[chosen].tolist())) == n
+
+
 def test_maxmargin_default_method_is_deterministic_and_needs_its_name(data):
     a = MaxMarginSampler(30, random_state=1).fit(data).indices_
     b = MaxMarginSampler(30, random_state=1).fit(data).indices_

@@ -87,8 +87,11 @@ def boundary_and_exemplars(latents: np.ndarray, labels: np.ndarray, predictions:
        that the mean latent of everything the sample holds of the group tracks the group's
        mean, its boundary items included.
 
-    With n at most the number of seeds, the first n seeds: every group before any finer cell,
-    groups in the order of their most boundary item.
+    With n below the number of groups, round(j·n) seeds of incorrect groups and the rest of
+    correct groups (as near as the groups allow), each in the order of their most boundary
+    item: the first n seeds had been the mistakes' whatever j (review RV1: 40 classes, n of 1
+    to 79, all mistakes). With n at most the number of seeds, the first n seeds: every group
+    before any finer cell.
     """
     labels = np.asarray(labels, dtype=np.int64)
     predictions = np.asarray(predictions, dtype=np.int64)
@@ -102,6 +105,8 @@ def boundary_and_exemplars(latents: np.ndarray, labels: np.ndarray, predictions:
     for i, seed in enumerate(seeds):
         if not wrong[seed]:
             seeds[i] = herd(latents, np.flatnonzero(groups == groups[seed]), 1, rng)[0]
+    if n < len(seeds):
+        return _split_seeds(seeds, wrong[seeds], n, j)
     mistakes = order[wrong[order]]
     _, first = np.unique((labels * (predictions.max() + 1) + predictions)[mistakes],
                          return_index=True)
@@ -125,6 +130,14 @@ def boundary_and_exemplars(latents: np.ndarray, labels: np.ndarray, predictions:
                                held=np.flatnonzero(mine & taken),
                                target=np.asarray(latents[mine], dtype=np.float64).mean(axis=0)))
     return np.concatenate(chosen).astype(np.int64)
+
+
+def _split_seeds(seeds: np.ndarray, wrong: np.ndarray, n: int, j: float) -> np.ndarray:
+    """n of the groups' seeds: round(j·n) incorrect groups' (fewer or more only where the
+    groups of one kind run out), the rest correct groups', each kind in its seeds' order."""
+    bad, good = seeds[wrong], seeds[~wrong]
+    k = min(max(round(j * n), n - len(good)), len(bad))
+    return np.concatenate([bad[:k], good[:n - k]]).astype(np.int64)
 
 
 def _exemplar_quota(sizes: np.ndarray, free: np.ndarray, n: int) -> np.ndarray:
