@@ -95,6 +95,33 @@ def test_auto_is_exact_for_a_narrow_where_and_samples_a_broad_one(world, monkeyp
     assert highest.neurons.tolist() == np.argsort(-truth, kind="stable")[:3].tolist()
 
 
+def test_auto_answers_from_a_uniform_sample_where_the_default_one_shuns_the_items(
+        world, monkeypatch):
+    """maxmargin's sample holds the boundary and each group's typical items, few of the most
+    confident: AUTO had answered WHERE confidence > q from 0 of 1,003 matching items (or 13 of
+    4,000, expected precision 0.50). Holding under half of what a uniform sample of its size
+    would, it gives way to random's."""
+    from diagql.samplers.maxmargin import MaxMarginSampler
+
+    conn, model, (X, y), _ = world
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 0.0)
+    confidence = torch.softmax(torch.from_numpy(_torch(model, X, 9)), dim=1).max(dim=1).values
+    threshold = float(np.quantile(confidence.numpy(), 0.6))
+    mask = (confidence > threshold).numpy()
+    shunned = mask[conn.sample("maxmargin(0.05)")].sum()
+    expected = mask.sum() * len(conn.sample("maxmargin(0.05)")) / len(y)
+    assert shunned < 0.5 * expected and mask.sum() > 100, (shunned, expected)
+    query = f"AVG NEURONS IN 3 WHERE confidence > {threshold!r}"
+    auto = conn.query(query + " USING AUTO")
+    assert auto.approximate and auto.source.startswith("random(0.05")
+    assert f"holds only {shunned} of them" in auto.provenance.choice
+    uniform = conn.query(query + " USING SAMPLE random(0.05)")
+    assert auto.n_items == uniform.n_items == mask[conn.sample("random(0.05)")].sum()
+    np.testing.assert_array_equal(auto.values, uniform.values)
+    # No WHERE: the default sample holds every matching item it has, and answers.
+    assert conn.query("AVG NEURONS IN 3 USING AUTO").source.startswith("maxmargin(0.05")
+
+
 def test_auto_weighs_drawing_the_sample_against_the_exact_pass(cnn, digits, monkeypatch,
                                                                  tmp_path):
     """maxmargin's SVM has a classifier per class: with 1,000 classes over 3,000 items its
