@@ -25,8 +25,10 @@ def _lines(source: str) -> list[str]:
 # The most of a source line an error shows: a longer one is shown around the error.
 _WIDEST_LINE = 100
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all but tab and newline
-# A quoted name this long (a 200,000-character layer name) is shown by its ends.
-_LONG_QUOTED = re.compile(r"'[^'\n]{120,}'")
+# A quoted name this long (a 200,000-character layer name) is shown by its ends. Its quotes
+# stand outside words: the apostrophes of "the Dataset's ... transformers' DataCollator" had
+# been taken for one, and the advice between them cut out (the sweep SS5).
+_LONG_QUOTED = re.compile(r"(?<!\w)'[^'\n]{120,}'(?!\w)")
 
 
 def _shortened(quoted: re.Match) -> str:

@@ -950,6 +950,10 @@ def test_an_error_shows_a_huge_name_by_its_ends_and_no_control_characters():
     shown = info.value.format("long.dql")
     assert len(shown) < 1_000 and f"'{'a' * 60}…{'a' * 20}' (200,000 characters)" in shown
     assert len(info.value.message) > 200_000  # the error itself keeps the name whole
+    # Apostrophes inside words quote nothing: the advice between them is kept whole.
+    advice = ("the Dataset's items differ in length; " + "pad them " * 20 +
+              "with transformers' DataCollatorWithPadding(tokenizer)")
+    assert DiagQLError(advice).format() == f"error: {advice}"
     with pytest.raises(BindError) as info:
         db.query('AVG NEURONS IN "\x1b[31mred\x1b[0m"')
     shown = info.value.format()
