@@ -421,6 +421,47 @@ def test_a_group_with_too_few_sampled_items_is_said_to_have_no_estimate(db):
     assert "(no estimate counts 1)" in text
 
 
+def test_a_non_uniform_samples_small_group_says_why_and_a_layer_with_itself_is_one(db):
+    """Under maxmargin a group of under MIN_ITEMS sampled items showed '—' under maxmargin's
+    reason alone (sweep SS5), and a layer against itself, as ACROSS CHECKPOINTS pairs the
+    final model's, read '—' there too: its CKA is 1 over any items it varies on."""
+    result = db.query("SIMILARITY encoder.3, head GROUP BY class USING SAMPLE maxmargin(0.03)")
+    small = [g for g, part in result.groups.items() if 2 <= part.n_items < cka.MIN_ITEMS]
+    assert small
+    text = " ".join(str(result).split())
+    assert "no interval: maxmargin does not draw" in text
+    assert f"needs at least {cka.MIN_ITEMS}" in text
+    itself = db.query("SIMILARITY head, head, encoder.3 GROUP BY class "
+                      "USING SAMPLE maxmargin(0.03)")
+    for key in small:
+        matrix = itself.groups[key].matrix
+        np.testing.assert_allclose(np.diag(matrix), 1.0)
+        assert matrix[0, 1] == 1.0 and np.isnan(matrix[0, 2])
+
+
+def test_a_matrix_of_long_layer_names_numbers_its_columns_and_keeps_its_row_labels():
+    """Five BERT layers' labels as headers made a 250-column table whose row labels were
+    squeezed to nothing (sweep SS5): the columns are headed by the rows' numbers instead."""
+    torch.manual_seed(0)
+    names = [f"encoder_block_number_{i}_feed_forward_output" for i in range(4)]
+    model = nn.Sequential()
+    for name in names:
+        model.add_module(name, nn.Sequential(nn.Linear(6, 6), nn.Tanh()))
+    model.add_module("head", nn.Linear(6, 3))
+    X = torch.randn(40, 6)
+    db = diagql.connect(model, (X, torch.arange(40) % 3), cache_dir=False, progress=False)
+    result = db.query(f"SIMILARITY {', '.join(names)}")
+    lines = str(result).splitlines()
+    for i, name in enumerate(names):
+        row = next(line for line in lines if f"{i + 1} {name}" in line)
+        assert row.count("1.000") == 1
+    assert max(len(line) for line in lines[1:]) <= 110
+    with torch.no_grad():
+        first = model[0](X).double().numpy()
+        second = model[1](model[0](X)).double().numpy()
+    assert f"{gram_cka(first, second):.3f}" in next(line for line in lines if f"1 {names[0]}" in line)
+
+
 def test_one_matching_item_says_why_there_is_no_cka(db):
     """Exact over one item: every layer is constant, CKA undefined; it showed '—' with no word
     why, '1 matching items', and the baseline comparison 'mean |error| nan'."""
@@ -454,7 +495,8 @@ def test_json_of_an_undefined_interval_is_strict_json(db):
     """Three sampled items: no debiased CKA nor interval. The JSON line said NaN there, which
     is not JSON (jq and JSON.parse refuse the line); it says null."""
     result = db.query("SIMILARITY encoder.3, head USING SAMPLE random(3)")
-    assert np.isnan(result.estimate.ci_low).all()
+    # Undefined off the diagonal; each layer with itself is 1.
+    assert np.isnan(result.estimate.ci_low[0, 1]) and np.isnan(result.estimate.ci_low[1, 0])
 
     def refuse(constant):
         raise AssertionError(f"{constant} in the JSON")
@@ -462,7 +504,7 @@ def test_json_of_an_undefined_interval_is_strict_json(db):
     from diagql.results.render import to_json
 
     data = json.loads(to_json(result), parse_constant=refuse)
-    assert data["estimate"]["ci_low"] == [[None, None], [None, None]]
+    assert data["estimate"]["ci_low"] == [[1.0, None], [None, 1.0]]
     assert data["value"] is None and data["n_items"] == 3
     # The Python API's dict too (it had held NaN: json.dumps(..., allow_nan=False) raised).
     assert json.loads(json.dumps(result.to_dict(), allow_nan=False)) == data

@@ -91,17 +91,28 @@ def _no_value(part) -> str:
     return none_sampled(matching) if matching else "no matching items"
 
 
+# Wider than this with its labels as headers, a matrix heads its columns by number.
+_MATRIX_WIDTH = 100
+
+
 def _matrix_table(result) -> PlainTable:
-    """Three or more layers: rows and columns in the order given, each cell shaded."""
+    """Three or more layers: rows and columns in the order given, each cell shaded. Where the
+    labels as headers would make the table wider than _MATRIX_WIDTH, the rows are numbered
+    and the columns headed by those numbers (five BERT layers' labels had squeezed the row
+    labels out of a 250-column table: the sweep SS5)."""
+    labels = result.labels
+    widest = max(len(label) for label in labels)
+    numbered = widest + sum(max(len(label), 7) + 3 for label in labels) > _MATRIX_WIDTH
     table = PlainTable()
-    table.add_column("", style="cyan")
-    for label in result.labels:
-        table.add_column(label, justify="right")
+    table.add_column("", style="cyan", no_wrap=numbered)
+    for i, label in enumerate(labels):
+        table.add_column(str(i + 1) if numbered else label, justify="right")
     if result.matrix is None:
-        table.add_row(_no_value(result), *[""] * len(result.labels))
+        table.add_row(_no_value(result), *[""] * len(labels))
         return table
-    for i, label in enumerate(result.labels):
-        table.add_row(label, *[_cell(result.matrix[i, j]) for j in range(len(result.labels))])
+    for i, label in enumerate(labels):
+        table.add_row(f"{i + 1} {label}" if numbered else label,
+                      *[_cell(result.matrix[i, j]) for j in range(len(labels))])
     return table
 
 
@@ -140,20 +151,24 @@ def estimate_line(result) -> Text | None:
     # A part with no value at all (a sample of under 5 matching items) says so, not "no interval".
     valueless = [p for p in parts if p.estimate is not None and not p.estimate.reliable
                  and p.matrix is not None and not np.isfinite(_off_diagonal(p.matrix)).any()]
-    if not any(e.reliable for e in estimates):
-        reason = next((e.reason for e in estimates if e.reason), "the sample cannot measure "
-                      "its own bias; add WITH BASELINE for the real error")
-        what = "no estimate" if len(valueless) == len(estimates) else "no interval"
-        return Text(f"{what}: {reason}", style="yellow")
-    where = "" if len(result.labels) == 2 else " (Result.estimate has each pair's)"
-    if all(e.exact for e in estimates):
-        return Text("exact, from a sample: it holds every matching item", style="dim")
     unsaid = ""
-    if valueless:
+    if valueless and len(valueless) < len(estimates):
         reason = next((p.estimate.reason for p in valueless if p.estimate.reason), "")
         unsaid = (f"; no estimate for {len(valueless)} group{'s' if len(valueless) > 1 else ''}"
                   + (f" ({reason})" if len(valueless) == 1 and reason else
                      " with too few sampled items"))
+    if not any(e.reliable for e in estimates):
+        # The first reason that is not a valueless group's (theirs follows in ``unsaid``: a
+        # group of 4 sampled items had shown "—" under maxmargin's reason alone, sweep SS5).
+        reason = next((e.reason for e in estimates if e.reason and not any(
+            e is p.estimate for p in valueless)), None) or next(
+            (e.reason for e in estimates if e.reason), "the sample cannot measure its own "
+            "bias; add WITH BASELINE for the real error")
+        what = "no estimate" if len(valueless) == len(estimates) else "no interval"
+        return Text(f"{what}: {reason}{unsaid}", style="yellow")
+    where = "" if len(result.labels) == 2 else " (Result.estimate has each pair's)"
+    if all(e.exact for e in estimates):
+        return Text("exact, from a sample: it holds every matching item", style="dim")
     return Text(f"CKA of the matching items estimated from the sample (unbiased HSIC) with a "
                 f"{estimates[0].level:.0%} jackknife interval{where}; covers sampling "
                 f"variance, not a sampler's bias{unsaid}", style="dim")
