@@ -280,7 +280,8 @@ def test_tokens_all_keeps_positions_of_one_length_and_is_refused_for_packed(rnn_
     with pytest.raises(BindError, match="TOKENS ALL needs one sequence length.*packed"):
         conn.query("AVG NEURONS IN rnn TOKENS ALL")
     with pytest.raises(ExecutionError, match=r"TOKEN 5 is past the end of an item with 2 real "
-                                             r"tokens .*'rnn'"):
+                                             r"tokens .*'rnn': .* n runs from -2 to 1 for it; "
+                                             r"TOKEN -1 reads each item's last"):
         conn.query("AVG NEURONS IN rnn TOKEN 5")
 
 

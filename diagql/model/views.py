@@ -1,8 +1,7 @@
 """What a layer's output means per item: the module's activation found in what it returns, its
 batch axis moved first, sequences unpacked with their real tokens, and ``View.rows``, the one
 function that turns a module's output into one row per item (docs/ARCHITECTURE.md, "Data
-model"). The executor's consumers, EVALUATE and the profile all read outputs through it.
-"""
+model"). The executor's consumers, EVALUATE and the profile all read outputs through it."""
 from __future__ import annotations
 
 import dataclasses
@@ -460,10 +459,11 @@ class View:
         counts = real.sum(dim=1)
         wanted = counts + n + 1 if n < 0 else torch.full_like(counts, n + 1)
         if not bool(((wanted >= 1) & (wanted <= counts)).all()):
-            fewest = int(counts.min())
-            raise ExecutionError(f"TOKEN {n} is past the end of an item with {fewest} real "
-                                 f"token{'s' if fewest != 1 else ''} of {length} at layer "
-                                 f"{self.layer.name!r}")
+            f = int(counts.min())
+            raise ExecutionError(f"TOKEN {n} is past the end of an item with {f} real token"
+                                 f"{'s' * (f != 1)} of {length} at layer {self.layer.name!r}: "
+                                 f"TOKEN n reads every matching item's, so n runs from -{f} "
+                                 f"to {f - 1} for it; TOKEN -1 reads each item's last")
         hit = (real.cumsum(dim=1) == wanted[:, None]) & real
         return hit.to(torch.int8).argmax(dim=1)
 
