@@ -236,6 +236,51 @@ def test_renderings_carry_items_labels_and_images(conn):
     assert result.ranked.previews[0].shape == (8, 8)  # the digit, channel axis dropped
 
 
+class _PixelNet(nn.Module):
+    """Takes ``pixel_values`` (float, or uint8 scaled here), as a Hugging Face vision model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, pixel_values):
+        x = pixel_values.float() / 255 if pixel_values.dtype == torch.uint8 else pixel_values
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_images_under_a_key_and_8_bit_pixels_are_shown():
+    """Items as {"pixel_values", "labels"} and uint8 images (a datasets Image column's) had
+    no thumbnails: only input_ids were read from a mapping, and integers only as tokens."""
+    from diagql.model.previews import previews
+
+    torch.manual_seed(0)
+    X = torch.rand(20, 3, 8, 8)
+    pixels = (X * 255).to(torch.uint8)
+    y = torch.arange(20) % 2
+    items = [{"pixel_values": X[i], "labels": y[i]} for i in range(20)]
+    for data in (items, (pixels, y)):
+        db = diagql.connect(_PixelNet().eval(), data, cache_dir=False, progress=False)
+        result = db.query("TOPK 3 INPUTS FOR conv[0, 4, 4]")
+        for item, shown in zip(result.items, result.ranked.previews):
+            want = (X if data is items else pixels.float())[item].permute(1, 2, 0).numpy()
+            np.testing.assert_array_equal(shown, want)
+    # A flat square row is still an image, and a 1-d integer row still tokens.
+    flat = previews(_Batches(torch.rand(4, 64)), np.arange(2))
+    assert flat[0].shape == (8, 8)
+    assert previews(_Batches(torch.arange(12).reshape(4, 3)), np.arange(1)) == (["0", "1", "2"],)
+
+
+class _Batches:
+    """A source whose one batch is ``x`` (what previews reads)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def batches(self, items, size):
+        yield items, self.x[torch.from_numpy(items)], None
+
+
 class Tagger(nn.Module):
     """Token ids -> embedding (a sequence layer) -> mean -> classes."""
 

@@ -1,7 +1,8 @@
 """What an item looks like to a person: an image to draw as a thumbnail, or its tokens.
 
-Read from the item's model input as the data source serves it: an image-shaped tensor
-((C, H, W) with 1 or 3 channels, (H, W, C), (H, W), or a flat square such as MNIST's 784);
+Read from the item's model input as the data source serves it: an image-shaped tensor of
+float or 8-bit pixels ((C, H, W) with 1 or 3 channels, (H, W, C), (H, W), or a flat square
+such as MNIST's 784), alone or under a mapping's key (``pixel_values`` first: IMAGE_KEYS);
 integer token ids (a tensor, or ``input_ids`` of a mapping, padding left out by its
 ``attention_mask``), shown as tokens through the connection's ``tokenizer`` (a Hugging Face
 tokenizer, or a vocabulary: a sequence or mapping from id to token) or as ids without one.
@@ -36,11 +37,19 @@ def previews(source, items: np.ndarray, tokenizer=None) -> tuple:
     return tuple(shown)
 
 
+# The keys of a mapping's image, tried in this order before its other tensors.
+IMAGE_KEYS = ("pixel_values", "image", "images", "img", "x", "inputs", "input")
+
+
 def _preview(x, j: int, tokenizer):
     if isinstance(x, Mapping):
         ids = x.get("input_ids")
         if not isinstance(ids, torch.Tensor):
-            return None
+            # An image under any key (Hugging Face's pixel_values, a datasets Image column):
+            # a mapping without input_ids had been shown blank (the sweep SS7).
+            keys = [k for k in IMAGE_KEYS if k in x] + [k for k in x if k not in IMAGE_KEYS]
+            return next((shown for shown in (_image_of(x[k], j) for k in keys)
+                         if shown is not None), None)
         mask = x.get("attention_mask")
         row = ids[j]
         if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
@@ -51,8 +60,19 @@ def _preview(x, j: int, tokenizer):
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         return None
     item = x[j].detach().cpu()
-    if not item.is_floating_point():
+    if not item.is_floating_point() and item.dtype != torch.uint8:
         return _tokens(item, tokenizer) if item.ndim == 1 else None
+    return _image_of(x, j)
+
+
+def _image_of(x, j: int) -> np.ndarray | None:
+    """Item j of a batch tensor as an image, where it is float or 8-bit pixels (an image
+    file's decoded bytes) and image-shaped; else None."""
+    if not isinstance(x, torch.Tensor) or x.ndim < 2:
+        return None
+    item = x[j].detach().cpu()
+    if not item.is_floating_point() and item.dtype != torch.uint8:
+        return None
     return image(item.to(torch.float32).numpy())
 
 
