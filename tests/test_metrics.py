@@ -196,6 +196,22 @@ def test_an_argmax_cut_to_max_rows_leaves_out_the_neurons_that_win_for_no_item()
     assert [line.split()[1] for line in lines if line.strip().startswith("│ n")] == \
         ["n7", "n30", "n41"]
     assert "… 57 more (neurons that win for no item: the others)" in "\n".join(lines)
+    # A sample's, beside its exact answer: a neuron that won for no sampled item but for some
+    # matching items is shown (such hidden rows had won 37% of them: sweep SS7), largest
+    # exact share first among the sample's zeros.
+    exact_values = np.zeros(60)
+    exact_values[[7, 30, 41, 12, 50]] = [0.4, 0.2, 0.1, 0.1, 0.2]
+    exact = Result(kind="argmax", statement="", layer="fc", unit="neurons",
+                   neurons=np.arange(60), labels=[f"n{i}" for i in range(60)],
+                   values=exact_values, n_items=100, provenance=Provenance(100))
+    sampled = Result(kind="argmax", statement="ARGMAX NEURONS IN fc USING SAMPLE r(10)",
+                     layer="fc", unit="neurons", neurons=np.arange(60),
+                     labels=[f"n{i}" for i in range(60)], values=values, n_items=10,
+                     provenance=Provenance(100, "r(10)", 10), baseline=exact)
+    lines = to_text(sampled, width=120, max_rows=20).splitlines()
+    assert [line.split()[1] for line in lines if line.strip().startswith("│ n")] == \
+        ["n7", "n30", "n41", "n50", "n12"]
+    assert "… 55 more (neurons that win for no sampled item: the others)" in "\n".join(lines)
 
 
 def test_on_a_narrow_terminal_the_bars_give_way_before_the_numbers():
