@@ -106,6 +106,26 @@ def test_layer_that_never_runs():
         db.query("AVG NEURONS IN unused")
 
 
+class _Attending(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(dim=1))
+
+
+def test_multihead_attentions_out_proj_points_at_the_attention():
+    """nn.MultiheadAttention applies out_proj's weights without calling it: the refusal had
+    spoken of branches and routed experts (sweep SS7)."""
+    torch.manual_seed(0)
+    db = connect(_Attending().eval(), (torch.randn(12, 3, 4), torch.arange(12) % 2))
+    with pytest.raises(BindError, match="nn.MultiheadAttention 'attn' uses its weights without "
+                                        "calling it; query 'attn'"):
+        db.query("AVG NEURONS IN attn.out_proj")
+
+
 def test_module_that_runs_twice():
     db = connect(bad_models.net(), bad_models.data())
     with pytest.raises(BindError, match=r"layer 'shared' runs 2 times per forward pass; name one "

@@ -147,6 +147,14 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
         raise _error(f"layer {ref.name!r} is the module {name!r} under another name, and it "
                      f"runs {layer.calls} times per forward pass (under either name); name one "
                      f"call: {calls_text(name, layer.calls)}", ref.span)
+    parent = catalog.module(name.rpartition(".")[0]) if "." in name else None
+    if layer.calls == 0 and not layer.refused and parent is not None and parent.calls and \
+            parent.type_name == "MultiheadAttention":
+        # It reads out_proj's weights itself (the sweep SS7 had been told of branches and
+        # experts).
+        raise _error(f"layer {name!r} does not run in the model's forward pass: "
+                     f"nn.MultiheadAttention {parent.name!r} uses its weights without calling "
+                     f"it; query {parent.name!r}, its output", ref.span)
     if layer.calls == 0:
         raise _error(f"layer {name!r} cannot be queried: {layer.refused}" if layer.refused else
                      f"layer {name!r} does not run in the model's forward pass (not for "
