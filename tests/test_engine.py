@@ -5,6 +5,8 @@ plain torch over materialised activations (tests/models.py), never against DiagQ
 from __future__ import annotations
 
 import copy
+import re
+import time
 import warnings
 
 import numpy as np
@@ -500,6 +502,25 @@ def test_explain_says_when_running_the_query_would_fail_on_no_match(world):
     assert "running it fails: no items match WHERE confidence > 2" in rows["refused"]
     assert "refused" not in dict(conn.query("EXPLAIN AVG NEURONS IN 6 WHERE class = 3").rows)
 
+
+
+def test_explain_says_when_it_drew_the_sample_and_how_long_that_took(cnn, digits, monkeypatch):
+    """A 1,000-class maxmargin draw took 13.7 s of an EXPLAIN whose cost line said 0.0003 s
+    (sweep SS6): the sample row says it was drawn now, in how long; once kept, it does not."""
+    from diagql.samplers.random import RandomSampler
+
+    slow = RandomSampler._select
+
+    def select(self, data, n, rng):
+        time.sleep(0.05)
+        return slow(self, data, n, rng)
+
+    monkeypatch.setattr(RandomSampler, "_select", select)
+    conn = diagql.connect(cnn, digits, cache_dir=False, progress=False)
+    query = "EXPLAIN AVG NEURONS IN 2 USING SAMPLE random(0.07)"
+    first = dict(conn.query(query).rows)["sample"]
+    assert re.search(r"\(drawn now, in 0\.\d+ s; kept for the statements after\)$", first)
+    assert "drawn now" not in dict(conn.query(query).rows)["sample"]
 
 
 def test_a_timed_comparison_runs_one_untimed_item_first():
