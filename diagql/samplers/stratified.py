@@ -10,7 +10,8 @@ class StratifiedSampler(Sampler):
     name = "stratified"
     reads_latents = False
     description = ("strata = confusion-matrix cells; proportional allocation with at least one "
-                   "item from every non-empty cell")
+                   "item from every non-empty cell (with fewer items than cells, cells drawn "
+                   "by size)")
     # Not uniform: the one item from every non-empty cell oversamples the rare confusions
     # (36 mistakes of 125 at 5% on the demo, against 4 for random), so the plain mean of
     # any WHERE that spans cells is biased toward them (docs/ARCHITECTURE.md, "Estimates").
