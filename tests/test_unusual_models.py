@@ -1141,6 +1141,29 @@ def test_group_by_runs_the_batches_of_the_exact_pass_on_a_batch_dependent_model(
                                    rtol=1e-6, atol=1e-7)
 
 
+def test_a_where_on_a_batch_dependent_model_says_its_batches_differ():
+    """A WHERE's exact answer (its matching items batched among themselves) had read "exact"
+    beside an eval loop's up to 4.6 away (sweep SS7: BatchNorm with batch statistics), with
+    the warning said once per session; every such answer now carries the note, while a pass
+    over every item in order (plain torch's batches) does not."""
+    torch.manual_seed(0)
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    model = _BatchCentred(True).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conn = diagql.connect(model, (X, y), batch_size=8, cache_dir=False, progress=False)
+        where = conn.query("AVG NEURONS IN fc WHERE class = 1")
+        sampled = conn.query("AVG NEURONS IN fc USING SAMPLE random(0.5)")
+        every = conn.query("AVG NEURONS IN fc")
+    with torch.no_grad():
+        mine = model.fc(X[y == 1]).double().mean(0).numpy()  # fc itself needs no batch
+    np.testing.assert_allclose(where.values, mine, rtol=1e-6, atol=1e-7)
+    said = "the model's outputs depend on the batch: this pass ran the "
+    assert any(note.startswith(said + "matching items") for note in where.notes)
+    assert any(note.startswith(said + "sampled matching items") for note in sampled.notes)
+    assert not any(note.startswith(said) for note in every.notes)
+
+
 class _BatchBranch(nn.Module):
     """Adds a block for batches whose mean first feature is positive (a branch on the batch)."""
 

@@ -255,11 +255,30 @@ def answer_query(conn, query: ast.Query) -> Result:
 
         result = grow(conn, plan, timings, sources(conn, query))
         record_speedup(result)
+        _note_batch_dependence(conn, plan, result)
         return result
     result = conn.on(plan.query.layer.model).runner().answer(plan)
     result.timings.update(timings)
     record_speedup(result)
+    _note_batch_dependence(conn, plan, result)
     return result
+
+
+def _note_batch_dependence(conn, plan, result: Result) -> None:
+    """A note on an answer whose pass ran some items only, batched among themselves, of a
+    model whose outputs depend on the batch (model/repeatable.py): its WHERE's exact answer
+    had read "exact" beside an eval loop's up to 4.6 away (sweep SS7, BatchNorm with batch
+    statistics), with the warning said once per session."""
+    from diagql.model.repeatable import UNREPEATABLE
+
+    catalog = conn.on(plan.query.layer.model).catalog
+    if plan.from_profile or (not plan.approximate and plan.query.where is None) or \
+            not any(n.startswith(UNREPEATABLE[2]) for n in catalog.notices):
+        return
+    which = "sampled matching items" if plan.approximate else "matching items"
+    result.notes.append(f"the model's outputs depend on the batch: this pass ran the {which} "
+                        f"batched among themselves, so a pass over all the data in its order "
+                        f"gives them other values")
 
 
 def _similarity(conn, statement: ast.Similarity) -> Result:
