@@ -339,6 +339,21 @@ def test_one_score_in_zero_one_is_noticed_and_read_as_a_probability_when_asked()
     assert not any("torch.logit" in note for note in asked.query("SHOW PROFILE").notes)
 
 
+def test_one_squeezed_score_of_a_sigmoid_head_chosen_by_scores_is_noticed():
+    """A multi-label head's sigmoids, one label read with scores=lambda out: out[:, 2] as the
+    refusal of multi-hot labels advises: its probabilities were read as logits (every item
+    predicted 1) unwarned, as the squeezed score's logits were not kept (sweep SS9)."""
+    model, (X, _) = Post(torch.sigmoid, width=5), data()
+    y = torch.arange(N) % 2
+    with pytest.warns(diagql.DiagQLWarning, match=r"lies in \[0, 1\] for every item"):
+        conn = diagql.connect(model, (X, y), cache_dir=False, progress=False,
+                              scores=lambda out: out[:, 2])
+        _ = conn.profile
+    with torch.no_grad():
+        score = torch.sigmoid(model.head(X))[:, 2].numpy()
+    np.testing.assert_allclose(conn.profile.logits[:, 0], score, rtol=1e-6)
+
+
 def test_a_sigmoid_per_class_is_noticed_and_softmax_probabilities_are_not():
     X, y = data()
     with pytest.warns(diagql.DiagQLWarning, match=rf"{CLASSES} scores per item lie in \[0, 1\]"):
