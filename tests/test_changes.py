@@ -210,6 +210,34 @@ def test_changes_no_version_counter_sees_are_seen_and_never_cached_for_the_origi
     np.testing.assert_allclose(again.values, sampled, rtol=1e-6, atol=1e-7)
 
 
+PICKED = {"column": 1}  # the class scores' column the scores= function below reads
+
+
+def _picked(out):
+    return out[:, PICKED["column"]]
+
+
+def test_what_a_scores_function_reads_changed_is_seen():
+    """scores= reading a column from a dict that changes between statements: the profile's
+    predictions had stayed the old column's (sweep SS9: 181 incorrect items where the new
+    column gave 226), silently."""
+    torch.manual_seed(0)
+    X = torch.randn(200, 6)
+    y = (X[:, 0] > 0).long()
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        out = model(X)
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False, scores=_picked)
+    for column, warned in ((1, False), (3, True)):
+        PICKED["column"] = column
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            answer = conn.query("AVG NEURONS IN 1 WHERE incorrect")
+        assert answer.n_items == int(((out[:, column] > 0).long() != y).sum())
+        assert any("scores= function reads" in str(w.message) for w in caught) == warned
+    PICKED["column"] = 1
+
+
 # What _Gained's forward scales by, as a notebook changes them between statements: a number,
 # a config dict's entry and a numpy vector, each read as a global.
 GAIN = 1.0

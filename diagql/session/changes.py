@@ -41,8 +41,8 @@ from diagql.model.forward import FORWARDS
 from diagql.session.inputs import forget_indices
 from diagql.session.item_stamps import items_stamp, length, version
 from diagql.session.serial import STATEMENTS
-from diagql.storage.fingerprint import (code_digest, hooks_digest, item_functions,
-                                       model_fingerprint)
+from diagql.storage.fingerprint import (Unfingerprintable, code_digest, hooks_digest,
+                                       item_functions, model_fingerprint)
 from diagql.storage.sampled import SAMPLE_BYTES, sampled_digest
 
 FULL_BYTES = 32 * 1024 ** 2  # hashed whole before each statement: about 5 ms at most
@@ -82,6 +82,21 @@ def model_stamp(module) -> tuple:
         _small(_bytes(tensors), lambda: model_fingerprint(module, code="scalars"))
 
 
+def scores_stamp(conn):
+    """The digest of the user's scores= function, the values its code reads included (a
+    column K it picks, changed between statements, had left the profile's predictions the
+    old column's, silently: sweep SS9); None without one."""
+    given = conn.given_scores
+    if given is None or not callable(given.pick):
+        return None
+    holder = torch.nn.Module()
+    holder.scores = given.pick
+    try:
+        return model_fingerprint(holder)
+    except Unfingerprintable:  # the cache key refuses it, and says why
+        return None
+
+
 def notice_changes(conn) -> None:
     """Derive afresh what a model or the data changed in place since the last statement
     invalidated, saying so where something had been derived from them."""
@@ -96,6 +111,9 @@ def notice_changes(conn) -> None:
         _read_again(conn)
         data = (tensor_stamp(_data_parts(conn)[0]), *data[1:])  # the new source's tensors
     conn.data_stamp = data
+    scores = scores_stamp(conn)
+    scores_changed = getattr(conn, "scores_stamp", None) not in (None, scores)
+    conn.scores_stamp = scores
     forgot, remade = [], set()
     finals: dict = {}  # the final models' hook digests, once a statement however many checkpoints
     for entry in conn.models.values():
@@ -107,6 +125,8 @@ def notice_changes(conn) -> None:
                     "the final model's hooks, which it runs with") if entry.is_checkpoint \
                 else "its hooks" if _only_hooks(stamp, entry.stamp) else \
                 "its weights, modules or the values its code reads"
+        if scores_changed and not changed:
+            changed, what = True, "the values its scores= function reads"
         entry.stamp = stamp
         if changed and not entry.is_checkpoint and what != "its hooks":
             remade.add(id(entry.architecture()))
