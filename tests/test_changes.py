@@ -228,7 +228,7 @@ def test_what_a_scores_function_reads_changed_is_seen():
     with torch.no_grad():
         out = model(X)
     conn = diagql.connect(model, (X, y), cache_dir=False, progress=False, scores=_picked)
-    for column, warned in ((1, False), (3, True)):
+    for column, warned in ((1, False), (2, True)):
         PICKED["column"] = column
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
