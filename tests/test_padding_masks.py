@@ -280,3 +280,53 @@ class _OneEncoder(_DualEncoder):
     def forward(self, input_ids, attention_mask):
         m = attention_mask.unsqueeze(-1).float()
         return self.head(torch.cat([(self.enc(input_ids) * m).sum(1) / m.sum(1)] * 2, 1))
+
+
+class _Repacked(nn.Module):
+    """A GRU over ids padded to 14, packed by their lengths and padded back inside forward:
+    its layers after pad_packed_sequence are as long as the batch's longest item."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.rnn = nn.Embedding(30, 8), nn.GRU(8, 8, batch_first=True)
+        self.act, self.head = nn.Tanh(), nn.Linear(8, 3)
+
+    def forward(self, ids, lens):
+        packed = nn.utils.rnn.pack_padded_sequence(self.emb(ids), lens.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out = self.act(nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0],
+                                                        batch_first=True)[0])
+        real = (torch.arange(out.shape[1])[None, :] < lens[:, None]).float()[..., None]
+        return self.head((out * real).sum(dim=1) / lens[:, None].float())
+
+
+def test_lengths_mark_a_layer_as_long_as_the_batchs_longest_item():
+    """Lengths marked only layers as long as the padded ids: after pad_packed_sequence a
+    layer is as long as the batch's longest item, and its padding had counted in TOKEN -1
+    (10-15% off in batches of 16) under a warning that the lengths marked none of it (sweep
+    SS9)."""
+    torch.manual_seed(1)
+    n, width = 120, 14
+    lens = torch.where(torch.rand(n) < 0.05, torch.tensor(width), torch.randint(1, 4, (n,)))
+    ids = torch.randint(1, 30, (n, width)) * (torch.arange(width) < lens[:, None])
+    y = ids[:, 0] % 3
+    model = _Repacked().eval()
+    with torch.no_grad():
+        seen = []
+        hook = model.act.register_forward_hook(lambda m, i, o: seen.append(o))
+        model(ids, lens)
+        hook.remove()
+    last = torch.stack([seen[0][i, lens[i] - 1] for i in range(n)]).double().numpy()
+    mean = torch.stack([seen[0][i, :lens[i]].mean(0) for i in range(n)]).double().numpy()
+    items = [{"ids": ids[i], "lens": lens[i], "labels": y[i]} for i in range(n)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        db = diagql.connect(model, items, batch_size=16, cache_dir=False, progress=False)
+        tail = db.query("AVG NEURONS IN act TOKEN -1 WHERE class = 0")
+        means = db.query("AVG NEURONS IN act")
+    chosen = (y == 0).numpy()
+    np.testing.assert_allclose(tail.values, last[chosen].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(means.values, mean.mean(0), rtol=1e-5, atol=1e-6)
+    assert not [w for w in caught if "marks none of them" in str(w.message)]
+    assert "lens of the batch input" in db.catalog["act"].mask

@@ -292,3 +292,25 @@ def default_latent(model: nn.Module, catalog: LayerCatalog | None = None) -> str
                 if catalog is None or layer.calls == 1:
                     once = name
     return once or runs
+
+
+def mask_source(seen, batch: tuple[int, int]) -> str:
+    """Where a sequence layer's real tokens came from in the probe (``seen``: what the probe
+    saw of the layer, model/probing.py; views.sequence_of looks in the same places, in the
+    same order, in every batch of a query)."""
+    if seen.form == "packed":
+        return "the PackedSequence's lengths"
+    if seen.form == "nested":
+        return "the nested tensor's lengths"
+    # The innermost module that governs decides, a call without a mask included
+    # (views.padding_mask).
+    for owner, arg, shape in seen.masks[:1]:
+        if shape == batch:
+            return f"the {arg} given to {owner or 'the model'}"
+    if seen.input_mask == batch or (seen.input_mask is not None and seen.input_mask[0] ==
+                                    batch[0] and seen.input_longest == batch[1]):
+        return INPUT_MASK.format(seen.input_mask_key)
+    if seen.input_mask is not None and seen.input_mask[0] == batch[0]:
+        return (f"{UNFIT_MASK} {seen.input_mask_key} marks {seen.input_mask[1]} positions, "
+                f"where this layer has {batch[1]}, so it marks none of them")
+    return NO_MASK

@@ -16,13 +16,14 @@ from diagql.model.batch_axis import batch_axis, out_of_order, several_rows
 from diagql.model.forward import kept_copy
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
-from diagql.model.layers import INPUT_MASK, NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
+from diagql.model.layers import LayerCatalog, LayerInfo, mask_source
 from diagql.model.repeatable import Unrepeatable, check_batch_independent, check_buffers, \
     check_deterministic, check_repeatable, check_spread_items, warn_unrepeatable
 from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
-from diagql.model.input_masks import input_attention_mask, mask_key, token_mask, warn_untraced
+from diagql.model.input_masks import (input_attention_mask, longest, mask_key, token_mask,
+                                      warn_untraced)
 from diagql.model.layouts import map_layout, stored_channels_first, vector_layout
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, named_inputs, padding_argument, padding_mask
@@ -43,6 +44,7 @@ class _Seen:
     masks: list[tuple[str, str, tuple]] = field(default_factory=list)  # (owner, arg, shape)
     input_mask: tuple | None = None  # the shape of the batch input's attention_mask
     input_mask_key: str = ""  # its key: attention_mask, or a decoder's decoder_attention_mask
+    input_longest: int | None = None  # items' lengths: the batch's longest (fit_longest)
     traced: bool = False  # whether that key is the mask of the ids it was found to follow
     # A map whose last axis is stored outermost (layouts.stored_channels_first).
     stored_first: bool = False
@@ -393,6 +395,7 @@ def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Se
     mask_name = tokens or mask_key(x, name, ids)
     mask = input_attention_mask(x, name, ids, mask_name)  # the probe's input, named_inputs'
     result.input_mask = None if mask is None else tuple(mask.shape)
+    result.input_longest = longest(mask, mask_name)
     result.input_mask_key = mask_name or ""
     return result
 
@@ -471,30 +474,10 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
     if layout == SEQUENCE and len({s[1] for s in per_item}) > 1:
         return refuse(f"its hidden size changes with the batch (shapes {shapes} for batches of "
                       f"{sizes} items)")
-    mask = _mask_source(last, (records[-1][0], shape[0])) if layout == SEQUENCE else ""
+    mask = mask_source(last, (records[-1][0], shape[0])) if layout == SEQUENCE else ""
     if " holding " in last.what:  # a tuple, dict or model output: one tensor of it is read
         container = last.what.split(" holding ")[0].split(" ", 1)[1]
         found += (f"; it returns {last.what}: that tensor is read, the rest of the {container} "
                   f"is not queried")
     return LayerInfo(name, type_name, shape, calls, axis, last.form, layout, found, varies,
                      mask, fed_by=last.fed_by)
-
-
-def _mask_source(seen: _Seen, batch: tuple[int, int]) -> str:
-    """Where a sequence layer's real tokens came from in the probe (views.sequence_of looks in
-    the same places, in the same order, in every batch of a query)."""
-    if seen.form == "packed":
-        return "the PackedSequence's lengths"
-    if seen.form == "nested":
-        return "the nested tensor's lengths"
-    # The innermost module that governs decides, a call without a mask included
-    # (views.padding_mask).
-    for owner, arg, shape in seen.masks[:1]:
-        if shape == batch:
-            return f"the {arg} given to {owner or 'the model'}"
-    if seen.input_mask == batch:
-        return INPUT_MASK.format(seen.input_mask_key)
-    if seen.input_mask is not None and seen.input_mask[0] == batch[0]:
-        return (f"{UNFIT_MASK} {seen.input_mask_key} marks {seen.input_mask[1]} positions, "
-                f"where this layer has {batch[1]}, so it marks none of them")
-    return NO_MASK

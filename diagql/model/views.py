@@ -236,7 +236,7 @@ def sequence_of(layer, call: ModuleCall) -> tuple[torch.Tensor, torch.Tensor | N
         real = ~padding if padding.dtype == torch.bool else padding == 0
         return values, real.to(values.device)
     mask = input_attention_mask(call.inputs, layer.module or layer.name, call.ids,
-                                layer.input_mask_key)
+                                layer.input_mask_key, length)
     if mask is not None and tuple(mask.shape) == tuple(values.shape[:2]):
         return values, (mask != 0).to(values.device)
     return values, None
