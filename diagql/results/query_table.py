@@ -160,7 +160,9 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
         which = "" if part.kind == "topk" else \
             f" (the {len(order):,} largest shown, largest first)"
         if len(order) < shown:
-            sampled = " sampled" if part.approximate else ""
+            # An ARGMAX counted from every item's winner (the profile's) is no sample's.
+            sampled = " sampled" if part.approximate and not (
+                part.estimate is not None and part.estimate.exact) else ""
             which = f" ({part.unit} that win for no{sampled} item: the others)"
         cells.append(Text(f"… {len(values) - len(order):,} more{which}", style="dim"))
         table.add_row(*cells)
