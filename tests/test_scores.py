@@ -639,7 +639,8 @@ def test_a_map_of_scores_per_pixel_names_a_way_that_works():
 
 @pytest.mark.parametrize("labels, shown", [
     (lambda y: torch.stack([y, (y + 1) % CLASSES, torch.full_like(y, -100)], dim=1),
-     "got class indices of shape (3,) per item (one per token, as for token classification)"),
+     "got class indices of shape (3,) per item (one per token, as for token classification, "
+     "or a multi-label item's classes)"),
     # A binary mask per image, 0 and 1: it was called multi-hot labels, with a per-label hint.
     (lambda y: (torch.arange(16).reshape(1, 4, 4) < y.reshape(-1, 1, 1) * 3).long(),
      "got class indices of shape (4, 4) per item (one per pixel, as for segmentation)"),

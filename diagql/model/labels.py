@@ -111,14 +111,20 @@ def as_labels(y) -> np.ndarray:
             if whole and (len(per_item) > 1 or y.min(initial=0) < 0 or y.max(initial=0) > 1):
                 # Class indices at every position (-100: Hugging Face's ignored ones), or a
                 # map of them (a segmentation's mask, 0/1 included: no one-hot has 2 axes).
+                # A list of an item's classes (multi-label) reads as a row of indices too
+                # (sweep SS9 had been told of tokens).
                 where = ("one per pixel, as for segmentation" if len(per_item) > 1 else
-                         "one per token, as for token classification")
+                         "one per token, as for token classification, or a multi-label "
+                         "item's classes")
+                several = "" if len(per_item) > 1 else \
+                    ("; for multi-label items, diagnose one label at a time as a binary "
+                     "classifier, 0/1 labels with scores=lambda out: out[:, k]")
                 raise DiagQLError(f"labels must be one class index per item, got class indices "
                                   f"of shape {per_item} per item ({where}): DiagQL compares one "
                                   f"predicted class with one true class per item; give each "
                                   f"item one label (and, where the model scores every "
                                   f"position, name one vector per item with scores=), or the "
-                                  f"data without labels, (X, None)")
+                                  f"data without labels, (X, None){several}")
             raise DiagQLError(f"labels must be one class index per item (or one-hot rows), got "
                               f"{y.shape[1]} values per item (labels of shape {per_item} per "
                               f"item) that are not one-hot: DiagQL compares one predicted class "
