@@ -166,3 +166,21 @@ def test_a_shared_pass_that_fails_on_one_item_still_answers_the_other_statements
     np.testing.assert_allclose(two.values, hidden[labels == 2].mean(axis=0), atol=1e-5)
     assert isinstance(four, ExecutionError) and four.line == 2
     assert "the model's forward raised ValueError on" in four.message
+
+
+def test_a_set_result_is_labelled_by_its_statement_where_statements_are_echoed(mlp, digits):
+    """A script's SET printed an unlabelled one-row table (sweep SS8); the REPL, where the
+    statement was just typed, shows none."""
+    import io
+
+    from rich.console import Console
+
+    from diagql.results.render import renderable, to_text
+
+    db = diagql.connect(mlp, digits, cache_dir=False, progress=False)
+    result = db.query("SET seed = 7")
+    assert to_text(result).splitlines()[0] == "SET seed = 7"
+    console = Console(file=io.StringIO(), width=80, color_system=None)
+    console.print(renderable(result, echo=False))
+    shown = console.file.getvalue()
+    assert "seed" in shown and "SET seed" not in shown

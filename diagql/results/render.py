@@ -2,8 +2,7 @@
 
 Every ``result`` here is a Result (results/result.py) and every ``estimate`` its Estimate; they
 go unannotated because result.py imports this module to display itself, and the import graph
-has no cycles (docs/ARCHITECTURE.md).
-"""
+has no cycles (docs/ARCHITECTURE.md)."""
 from __future__ import annotations
 
 import csv
@@ -40,6 +39,8 @@ def renderable(result, max_rows: int = MAX_ROWS, echo: bool = True):
         table = _info_table(result, max_rows)
         notes = [Text(note, style="yellow") for note in result.notes]
         title = [] if table.title or not result.title else [Text(result.title, style="bold")]
+        if result.kind == "set" and echo and not title:  # unlabelled in a script: SS8
+            title = [Text(result.statement, style="bold")]
         if result.kind == "across":
             # Narrower, fewer digits; narrower still, a number is cut with '…', never folded:
             # at 60 columns 0.4997 had read '0.499' with its '7' on the next line. Its rows
