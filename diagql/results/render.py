@@ -122,13 +122,10 @@ def _evaluation(result, echo: bool) -> Group:
     Where that does not fit the width, the spreads go first, then the item counts and the
     draw's seconds, then the assisted scores' headers take two lines (results/tables.py)."""
     rows = result.records()
-    table = FittingTable(functools.partial(_evaluation_table, rows, spreads, counts, folded,
-                                           compact)
-                         for spreads, counts, folded, compact in ((True, True, False, False),
-                                                                  (False, True, False, False),
-                                                                  (False, False, False, False),
-                                                                  (False, False, True, False),
-                                                                  (False, False, True, True)))
+    forms = ((True, True, False, False), (False, True, False, False),  # (spreads, counts,
+             (False, False, False, False), (False, False, True, False),  # folded, compact)
+             (False, False, True, True))
+    table = FittingTable(functools.partial(_evaluation_table, rows, *form) for form in forms)
     parts = [Text(result.statement, style="bold")] if echo and result.statement else []
     parts += [table, Text(result.title, style="dim")]
     timings = result.timings
@@ -154,6 +151,8 @@ def _evaluation_table(rows: list[dict], spreads: bool, counts: bool, folded: boo
     # none with one seed
     spread = spreads and any(r[f"{name} sd"] for r in rows for name in names)
     table = PlainTable(**(_COMPACT if compact else {}))
+    if not spreads and any(r[f"{name} sd"] for r in rows for name in names):  # sweep SS8
+        table.caption = "± (the seeds' spreads) left out at this width: --format csv has them"
     table.add_column("sampler", style="cyan", overflow="fold")
     table.add_column("size", justify="right")
     for name, shown in (("k", show_k), ("j", show_j)):
