@@ -12,7 +12,6 @@ import inspect
 import time
 from typing import Callable, TypeVar
 
-from torch import nn
 
 from diagql import samplers
 from diagql.engine import covariates, executor
@@ -31,7 +30,7 @@ from diagql.model.profile_pass import compute_profile
 from diagql.model.scores import Scores
 from diagql.samplers import space
 from diagql.storage.fingerprint import (Unfingerprintable, cache_key, model_fingerprint,
-                                        source_digest)
+                                        scores_fingerprint, source_digest)
 from diagql.storage.store import touch
 
 T = TypeVar("T")
@@ -355,10 +354,8 @@ def _scores_digest(conn):
     given = conn.given_scores
     if given is None or given.pick is None:
         return (given or Scores()).key()
-    holder = nn.Module()
-    holder.scores = given.pick
     try:
-        return ["function", model_fingerprint(holder)]
+        return ["function", scores_fingerprint(given.pick)]
     except Unfingerprintable as exc:
         raise Unfingerprintable(f"the scores= function: {exc}") from None
 

@@ -42,7 +42,7 @@ from diagql.session.inputs import forget_indices
 from diagql.session.item_stamps import items_stamp, length, version
 from diagql.session.serial import STATEMENTS
 from diagql.storage.fingerprint import (Unfingerprintable, code_digest, hooks_digest,
-                                       item_functions, model_fingerprint)
+                                       item_functions, model_fingerprint, scores_fingerprint)
 from diagql.storage.sampled import SAMPLE_BYTES, sampled_digest
 
 FULL_BYTES = 32 * 1024 ** 2  # hashed whole before each statement: about 5 ms at most
@@ -89,10 +89,8 @@ def scores_stamp(conn):
     given = conn.given_scores
     if given is None or not callable(given.pick):
         return None
-    holder = torch.nn.Module()
-    holder.scores = given.pick
     try:
-        return model_fingerprint(holder)
+        return scores_fingerprint(given.pick)
     except Unfingerprintable:  # the cache key refuses it, and says why
         return None
 

@@ -69,6 +69,17 @@ def model_fingerprint(model, code: bool | str = True) -> str:
     return digest.hexdigest()
 
 
+def scores_fingerprint(fn) -> str:
+    """A digest of the user's scores= function, as a model attribute's (named ``scores``, as
+    the cache keys have it): its code, defaults, closure and the values its code reads;
+    raises Unfingerprintable as model_fingerprint."""
+    import torch
+
+    holder = torch.nn.Module()
+    holder.scores = fn
+    return model_fingerprint(holder)
+
+
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
 
 
