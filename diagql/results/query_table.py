@@ -127,7 +127,7 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
         # An ARGMAX beside its exact answer: equal shares (a sample's many zeros) ordered by
         # the exact ones, and a neuron that wins for no sampled item shown where it wins for
         # some matching item (the hidden rows had won 37% of them: sweep SS7).
-        wins = np.array([exact.value_of(int(n)) or 0.0 for n in part.neurons]) \
+        wins = _exact_shares(exact, part.neurons) \
             if part.kind == "argmax" and exact is not None and exact.n_items else None
         order = (np.argsort(by_value, kind="stable") if wins is None else
                  np.lexsort((-wins, by_value)))[:shown].tolist()
@@ -166,6 +166,18 @@ def _add_rows(table, part, key, grouped: bool, with_exact: bool, max_rows: int,
             which = f" ({part.unit} that win for no{sampled} item: the others)"
         cells.append(Text(f"… {len(values) - len(order):,} more{which}", style="dim"))
         table.add_row(*cells)
+
+
+def _exact_shares(exact, neurons):
+    """The exact answer's value of each of ``neurons`` (0 for one it does not hold), in one
+    lookup: ``value_of`` per neuron scans the answer's neurons each time, quadratic in a wide
+    layer's."""
+    import numpy as np
+
+    if exact.dense is not None:
+        return np.asarray(exact.dense, dtype=np.float64)[np.asarray(neurons)]
+    held = dict(zip(np.asarray(exact.neurons).tolist(), np.asarray(exact.values).tolist()))
+    return np.array([held.get(n, 0.0) for n in np.asarray(neurons).tolist()], dtype=np.float64)
 
 
 def _reliable_estimate(result):
