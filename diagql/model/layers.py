@@ -145,6 +145,12 @@ class LayerCatalog:
         any pass's: a block's rows rebuilt from its projections are then the exact ones."""
         return not any(notice.startswith(UNREPEATABLE) for notice in self.notices)
 
+    @property
+    def batch_dependent(self) -> bool:
+        """Whether the probe found an item's outputs changed by the items sharing its batch
+        (model/repeatable.py's notice)."""
+        return any(notice.startswith(UNREPEATABLE[2]) for notice in self.notices)
+
     def __contains__(self, name: str) -> bool:
         return name in self.by_name
 

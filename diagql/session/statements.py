@@ -269,11 +269,8 @@ def _note_batch_dependence(conn, plan, result: Result) -> None:
     model whose outputs depend on the batch (model/repeatable.py): its WHERE's exact answer
     had read "exact" beside an eval loop's up to 4.6 away (sweep SS7, BatchNorm with batch
     statistics), with the warning said once per session."""
-    from diagql.model.repeatable import UNREPEATABLE
-
-    catalog = conn.on(plan.query.layer.model).catalog
     if plan.from_profile or (not plan.approximate and plan.query.where is None) or \
-            not any(n.startswith(UNREPEATABLE[2]) for n in catalog.notices):
+            not conn.on(plan.query.layer.model).catalog.batch_dependent:
         return
     which = "sampled matching items" if plan.approximate else "matching items"
     result.notes.append(f"the model's outputs depend on the batch: this pass ran the {which} "
