@@ -1067,25 +1067,33 @@ class _Feeder(nn.Module):
         return self.head(self.b2(self.b1(self.b0(x))))
 
 
+def _sampled_means_per_class(model_class, layer: str, rows_of, atol: float):
+    """Over 3,000 items labelled by a new ``model_class`` with a fifth of them flipped, each
+    class's ``AVG NEURONS IN layer`` under maxmargin(0.05) against plain torch's
+    ``rows_of(model, X)``; the last Result."""
+    torch.manual_seed(0)
+    X = torch.randn(3000, 6)
+    model = model_class().eval()
+    with torch.no_grad():
+        y = model(X).argmax(1)
+        flip = torch.rand(3000) < 0.2
+        y[flip] = torch.randint(0, 3, (int(flip.sum()),))
+        rows = rows_of(model, X).double().numpy()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for c in range(3):
+        result = conn.query(f"AVG NEURONS IN {layer} WHERE class = {c} "
+                            f"USING SAMPLE maxmargin(0.05)")
+        np.testing.assert_allclose(result.values, rows[(y == c).numpy()].mean(0), atol=atol)
+    return result
+
+
 def test_a_layer_inside_a_block_is_fitted_on_the_block_before_it_too():
     """A layer inside a block was fitted on the latent and its block's leading directions
     alone, which need not span what the block's first layers read (a transformer layer's
     attention reads the layer before: a RoBERTa's covered its exact means 0.23 under
     maxmargin(0.1)). The block before it is a covariate too: b1.0 here is a linear function
     of b0's output, and its sampled means are its exact ones (they had been 0.2 off)."""
-    torch.manual_seed(0)
-    X = torch.randn(3000, 6)
-    model = _Feeder().eval()
-    with torch.no_grad():
-        y = model(X).argmax(1)
-        flip = torch.rand(3000) < 0.2
-        y[flip] = torch.randint(0, 3, (int(flip.sum()),))
-        rows = model.b1[0](model.b0(X)).double().numpy()
-    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
-    for c in range(3):
-        result = conn.query(f"AVG NEURONS IN b1.0 WHERE class = {c} "
-                            f"USING SAMPLE maxmargin(0.05)")
-        np.testing.assert_allclose(result.values, rows[(y == c).numpy()].mean(0), atol=1e-4)
+    result = _sampled_means_per_class(_Feeder, "b1.0", lambda m, X: m.b1[0](m.b0(X)), 1e-4)
     assert (result.plan.neighbour, result.plan.feeder) == ("b1", "b0")
     assert "and the 8 of b0, the block before it" in result.plan.estimator_text
 
@@ -1119,17 +1127,6 @@ def test_a_branch_is_fitted_on_the_block_its_input_came_from_not_its_sibling():
     sibling ``b1.body``, which had been taken as the block before (review RV1; its sampled
     means 0.016-0.031 off). The block before is found up the layer's inputs now: b1.skip.0 is
     linear in b0's output, so its sampled means are its exact ones but for the ridge's pull."""
-    torch.manual_seed(0)
-    X = torch.randn(3000, 6)
-    model = _Branches().eval()
-    with torch.no_grad():
-        y = model(X).argmax(1)
-        flip = torch.rand(3000) < 0.2
-        y[flip] = torch.randint(0, 3, (int(flip.sum()),))
-        rows = model.b1.skip[0](model.b0(X)).double().numpy()
-    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
-    for c in range(3):
-        result = conn.query(f"AVG NEURONS IN b1.skip.0 WHERE class = {c} "
-                            f"USING SAMPLE maxmargin(0.05)")
-        np.testing.assert_allclose(result.values, rows[(y == c).numpy()].mean(0), atol=2e-3)
+    result = _sampled_means_per_class(_Branches, "b1.skip.0",
+                                      lambda m, X: m.b1.skip[0](m.b0(X)), 2e-3)
     assert (result.plan.neighbour, result.plan.feeder) == ("b1.skip", "b0")

@@ -1123,15 +1123,22 @@ def test_a_model_whose_items_depend_on_their_batch_is_warned_of(centred):
     assert all("WHERE and samples run other batches" in str(w.message) for w in told)
 
 
-def test_group_by_runs_the_batches_of_the_exact_pass_on_a_batch_dependent_model():
-    """The warning above had said GROUP BY runs other batches than an exact pass; it runs
-    every item in order, so its groups are those of plain torch over the same batches."""
+def _batch_centred_world():
+    """40 items, 3 classes, a batch-centred model connected in batches of 8: (X, y, model,
+    conn)."""
     torch.manual_seed(0)
     X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     model = _BatchCentred(True).eval()
+    return X, y, model, diagql.connect(model, (X, y), batch_size=8, cache_dir=False,
+                                       progress=False)
+
+
+def test_group_by_runs_the_batches_of_the_exact_pass_on_a_batch_dependent_model():
+    """The warning above had said GROUP BY runs other batches than an exact pass; it runs
+    every item in order, so its groups are those of plain torch over the same batches."""
+    X, y, model, conn = _batch_centred_world()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        conn = diagql.connect(model, (X, y), batch_size=8, cache_dir=False, progress=False)
         result = conn.query("AVG NEURONS IN head GROUP BY class USING FULL")
     with torch.no_grad():
         rows = torch.cat([model(X[i:i + 8]) for i in range(0, 40, 8)]).double().numpy()
@@ -1146,12 +1153,9 @@ def test_a_where_on_a_batch_dependent_model_says_its_batches_differ():
     beside an eval loop's up to 4.6 away (sweep SS7: BatchNorm with batch statistics), with
     the warning said once per session; every such answer now carries the note, while a pass
     over every item in order (plain torch's batches) does not."""
-    torch.manual_seed(0)
-    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
-    model = _BatchCentred(True).eval()
+    X, y, model, conn = _batch_centred_world()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        conn = diagql.connect(model, (X, y), batch_size=8, cache_dir=False, progress=False)
         where = conn.query("AVG NEURONS IN fc WHERE class = 1")
         sampled = conn.query("AVG NEURONS IN fc USING SAMPLE random(0.5)")
         every = conn.query("AVG NEURONS IN fc")
