@@ -459,7 +459,8 @@ def test_a_matrix_of_long_layer_names_numbers_its_columns_and_keeps_its_row_labe
     with torch.no_grad():
         first = model[0](X).double().numpy()
         second = model[1](model[0](X)).double().numpy()
-    assert f"{gram_cka(first, second):.3f}" in next(line for line in lines if f"1 {names[0]}" in line)
+    row = next(line for line in lines if f"1 {names[0]}" in line)
+    assert f"{gram_cka(first, second):.3f}" in row
 
 
 def test_one_matching_item_says_why_there_is_no_cka(db):

@@ -152,7 +152,8 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
         held = int(mask[sample.indices].sum())
     if n_match <= ABOUT * held:
         return bound, (f"AUTO chose exact: the {sampler.spec()} sample holds {held:,} of the "
-                       f"{n_match:,} matching items, so exact costs about as much{avoided}"), seconds
+                       f"{n_match:,} matching items, so exact costs about as much"
+                       f"{avoided}"), seconds
     return dataclasses.replace(bound, sampler=sampler), (
         f"AUTO chose a sample: the data has {n_match:,} matching items, and the "
         f"{sampler.spec()} sample holds {held:,} of them ({n_match / max(held, 1):.0f}× fewer "
