@@ -263,11 +263,13 @@ def _single(plan: Plan, state, population: int) -> Result:
         result.estimate = Estimate(COVERS_WHOLE, True, LEVEL, state.count, population,
                                    ci_low=matrix, ci_high=matrix.copy(), exact=True)
     elif plan.approximate:
-        value, low, high = debiased_matrix(state.rows(), population, LEVEL)
+        rows = state.rows()
+        value, low, high = debiased_matrix(rows, population, LEVEL)
         # A view against itself is 1 over any items it varies on, however few (the final
         # model's layer against itself, ACROSS CHECKPOINTS, had read "—" in a group of 4
-        # sampled items, and been scored as error 1: the sweep SS5).
-        own = np.diag(state.matrix())
+        # sampled items, and been scored as error 1: the sweep SS5); NaN where its centred
+        # rows are all 0, as RowState.matrix's diagonal, without its every pair's Gram.
+        own = [1.0 if state.count >= 2 and np.any(x) else np.nan for x in rows]
         for m in (value, low, high):
             np.fill_diagonal(m, own)
         name = plan.bound.sampler.name
