@@ -62,7 +62,7 @@ def _preview(x, j: int, tokenizer):
     item = x[j].detach().cpu()
     if not item.is_floating_point() and item.dtype != torch.uint8:
         return _tokens(item, tokenizer) if item.ndim == 1 else None
-    return _image_of(x, j)
+    return image(item.to(torch.float32).numpy())
 
 
 def _image_of(x, j: int) -> np.ndarray | None:
