@@ -90,7 +90,8 @@ def scores_stamp(conn):
     if given is None or not callable(given.pick):
         return None
     try:
-        return scores_fingerprint(given.pick)
+        # As model_stamp's: a large global it reads (a vocabulary) keys the cache only.
+        return scores_fingerprint(given.pick, code="scalars")
     except Unfingerprintable:  # the cache key refuses it, and says why
         return None
 

@@ -69,15 +69,16 @@ def model_fingerprint(model, code: bool | str = True) -> str:
     return digest.hexdigest()
 
 
-def scores_fingerprint(fn) -> str:
+def scores_fingerprint(fn, code: bool | str = True) -> str:
     """A digest of the user's scores= function, as a model attribute's (named ``scores``, as
-    the cache keys have it): its code, defaults, closure and the values its code reads;
-    raises Unfingerprintable as model_fingerprint."""
+    the cache keys have it): its code, defaults, closure and the values its code reads
+    (``code`` as model_fingerprint's: "scalars" for a statement's stamp); raises
+    Unfingerprintable as model_fingerprint."""
     import torch
 
     holder = torch.nn.Module()
     holder.scores = fn
-    return model_fingerprint(holder)
+    return model_fingerprint(holder, code=code)
 
 
 HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
