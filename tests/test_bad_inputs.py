@@ -995,3 +995,21 @@ def test_the_objects_a_user_inspects_have_short_reprs():
     assert all(f"{step}: {detail}" in repr(plan) for step, detail in plan.explain())
     assert repr(db.catalog).startswith(f"<LayerCatalog of {len(db.layers)} layers: fc1")
     assert max(map(len, (repr(db.profile), repr(plan), repr(db.catalog)))) < 2_000
+
+
+def test_an_unlabelled_model_with_one_output_is_told_it_is_read_as_a_binary_logit():
+    """A regression given without its targets, as the refusal of continuous labels advises:
+    its one output is read as a binary classifier's logit, and SHOW PROFILE says so."""
+    torch.manual_seed(0)
+    X = torch.randn(60, 8)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    shown = connect(model, (X, None)).query("SHOW PROFILE")
+    with torch.no_grad():
+        positive = int((model(X)[:, 0] > 0).sum())
+    assert {row[0]: row[1] for row in shown.rows if row[1]}.get(1, 0) == positive
+    assert any("one output per item is read as a binary classifier's logit" in note
+               and "regression" in note for note in shown.notes)
+    # Several outputs are class scores as ever: no such note.
+    assert not any("one output" in note
+                   for note in connect(bad_models.net(), bad_models.unlabelled())
+                   .query("SHOW PROFILE").notes)

@@ -13,6 +13,15 @@ from diagql.errors import DiagQLError
 # ``label_key`` names one (Hugging Face uses "labels" and "label"; plain PyTorch code "y"
 # and "target(s)").
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
+# What a model that is no classifier (a regression) is told to do with its targets, and what
+# follows: its outputs still read as class scores (one output as a binary classifier's logit),
+# which the profile cannot tell from a regression's (SS9: a regression given so was profiled,
+# unsaid, as predicting class 1 where its output is > 0).
+AS_UNLABELLED = ("give the data without them, (X, None), to query its layers; its outputs are "
+                 "then read as class scores (one output as a binary classifier's logit, class "
+                 "1 where > 0), so leave predicted, confidence and correct out of WHERE, and "
+                 "sample with random, not by a margin that is then the output's distance from "
+                 "0 (maxmargin, AUTO's default)")
 
 
 class MissingLabel(DiagQLError):
@@ -142,8 +151,7 @@ def as_labels(y) -> np.ndarray:
             odd = y[~np.isfinite(y) | (y != np.round(y))][0]
             raise DiagQLError(f"labels must be whole class indices, found {float(odd)!r}: DiagQL "
                               f"diagnoses classifiers, and a regression model's continuous "
-                              f"targets name no class; give the data without them, (X, None), "
-                              f"to query its layers")
+                              f"targets name no class; {AS_UNLABELLED}")
     elif y.dtype.kind == "O" and len(y) and all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in y.tolist()):
         return y.astype(np.int64)  # whole numbers held as objects (a pandas object column)
@@ -186,8 +194,7 @@ def check_labels(labels: np.ndarray, n_classes: int) -> None:
         elif len(outside) == len(labels) or len(values) > 2 * n_classes:
             what = (f"the labels take {len(values):,} values ({shown}) where the model scores "
                     f"{n_classes} classes: for a model that is no classifier (a regression), "
-                    f"give the data without its labels (DiagQL diagnoses classifiers: WHERE "
-                    f"class and incorrect need class labels)")
+                    f"{AS_UNLABELLED} (WHERE class and incorrect need class labels)")
         else:
             what = "leave those items out, or give the data without its labels"
         if int(labels[first]) == -100:  # the ignore index of torch's losses, Hugging Face's
