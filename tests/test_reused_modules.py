@@ -652,6 +652,82 @@ def test_a_module_run_again_in_some_batch_is_refused_and_the_others_answer():
                                atol=ATOL)
 
 
+class ExtraCall(nn.Module):
+    """``blk`` runs twice per pass, and a third time first, on a side branch whose result no
+    output reads, in a batch holding an item whose third feature is above 3.5 (SW1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blk = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if bool(x[:, 2].max() > 3.5):
+            self.side = self.blk(x * 0.1)
+        return self.head(torch.tanh(self.blk(torch.tanh(self.blk(x)))))
+
+
+def test_a_shared_module_run_once_more_in_some_batch_is_refused_per_call():
+    """In the batch with the side branch, ``blk#1`` had read the side call and ``blk#2`` the
+    loop's first, answered as exact over every item and unwarned (max error 0.019): the
+    profile pass counts a shared module's calls in every batch, so both calls are refused;
+    with no such item they answer as torch does."""
+    model = _randomise(ExtraCall(), 25)
+    X, y = _data((6,), 26)
+    X[:, 2] = X[:, 2].clamp(max=3.0)
+    with torch.no_grad():
+        first = F.linear(X, model.blk.weight, model.blk.bias)
+        second = F.linear(torch.tanh(first), model.blk.weight, model.blk.bias)
+    db = connect(model, (X, y))
+    for layer, truth in (("blk#1", first), ("blk#2", second)):
+        np.testing.assert_allclose(db.query(f"AVG NEURONS IN {layer}").values,
+                                   truth.double().mean(dim=0).numpy(), atol=ATOL)
+    X[30, 2] = 4.0
+    db = connect(model, (X, y))
+    for layer in ("blk#1", "blk#2"):
+        with pytest.raises(ExecutionError, match=f"'{layer}' did not run in every batch of "
+                                                 "the profile pass as it ran in DiagQL's "
+                                                 r"probe: .*from another place in forward\(\)"):
+            db.query(f"AVG NEURONS IN {layer} USING SAMPLE random(0.3)")
+
+
+class EarlyExit(nn.Module):
+    """A batch whose items are all confidently class 0 by ``exit1`` stops there: ``l2`` and
+    ``exit2``, the last layer (whose input is the default latent), run in the others only."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(6, 8)
+        self.exit1 = nn.Linear(8, 3)
+        self.l2 = nn.Linear(8, 8)
+        self.exit2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        early = self.exit1(h)
+        if bool((x[:, 0] > 2.0).all()):
+            return early
+        return self.exit2(torch.relu(self.l2(h)))
+
+
+def test_an_early_exit_that_skips_the_latent_says_to_name_another():
+    """Every statement had been refused with "layer 'exit2' did not run in the model's
+    forward pass", naming a layer no statement asked for (SW1)."""
+    model = _randomise(EarlyExit(), 27)
+    X, y = _data((6,), 28)
+    X[BATCH:2 * BATCH, 0] = 3.0  # the second batch exits early
+    db = connect(model, (X, y))
+    with pytest.raises(ExecutionError, match=r"layer 'exit2', whose input DiagQL reads as the "
+                                             r"profile's latent, did not run in a forward pass "
+                                             r"of 7 items.*SET latent = <layer>, or latent= in "
+                                             r"connect\(\)"):
+        db.query("AVG NEURONS IN l1")
+    db.query("SET latent = l1")
+    with torch.no_grad():
+        truth = F.linear(X, model.l1.weight, model.l1.bias).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(db.query("AVG NEURONS IN l1").values, truth, atol=ATOL)
+
+
 class Chunked(nn.Module):
     """A forward that runs ``fc`` once a piece of 8 items (more than the probes' 6), ``fc``
     16 wide: as wide as the batches of 16 below are long."""
@@ -706,7 +782,8 @@ def test_a_call_missing_from_a_batch_is_an_error():
         db.query("AVG NEURONS IN act#2 USING FULL")
     assert info.value.message == ("layer 'act#2' did not run in every batch of the profile "
                                   "pass as it ran in DiagQL's probe: it runs in some batches "
-                                  "only, or more often in some (a branch on the data, or a loop "
+                                  "only, more often in some, or from another place in forward() "
+                                  "(a branch on the data, or a loop "
                                   "whose length depends on the batch), so it has no single "
                                   "activation for every item")
     with pytest.raises(ExecutionError, match="did not run in every batch of the profile pass"):

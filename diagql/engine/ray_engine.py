@@ -154,7 +154,8 @@ class RayEngine:
     def profile(self, n_items: int, *, model=None, latent, latent_is_input: bool, view,
                 batch_size: int, dtype, cast, progress,
                 compare: tuple = ((), (), False), blocks: list | tuple = (),
-                winners: list | tuple = (), scores=None, pairs: list | tuple = ()) -> Profile:
+                winners: list | tuple = (), scores=None, pairs: list | tuple = (),
+                shared=None) -> Profile:
         """The profile pass on the cluster: each shard's profile, concatenated in order (the
         layers that hold the latent's or the logits' rows: those that did in every shard).
         The ``blocks``' directions are fitted once, by one worker on the spread items the
@@ -169,7 +170,7 @@ class RayEngine:
         started = time.perf_counter()
         options = {"key": model, "latent": latent, "latent_is_input": latent_is_input,
                    "dtype": cast, "batch_size": batch_size, "view": view, "compare": compare,
-                   "winners": list(winners)}
+                   "winners": list(winners), "shared": shared}
         if scores is not None:  # where the class scores are in the model's output
             options["scores"] = scores
         views = list(blocks)

@@ -233,9 +233,9 @@ def hooked_call(modules, layer: str) -> tuple[str, int]:
 
 
 # Why a layer that did not run in some batch (a pass's, or the profile pass's) is refused.
-SOME_BATCHES = ("it runs in some batches only, or more often in some (a branch on the data, or "
-                "a loop whose length depends on the batch), so it has no single activation for "
-                "every item")
+SOME_BATCHES = ("it runs in some batches only, more often in some, or from another place in "
+                "forward() (a branch on the data, or a loop whose length depends on the batch), "
+                "so it has no single activation for every item")
 
 
 class Hooks:
@@ -400,6 +400,11 @@ class Hooks:
                 raise ExecutionError(f"layer {layer!r} did not run in a forward pass of the "
                                      f"model{detail}, though it ran in DiagQL's probe: "
                                      f"{SOME_BATCHES}")
-        for name in self.pre:
+        for name in self.pre:  # the profile's latent, the input of a layer (by default the last)
             if "<input of>" + name not in self.ran:
-                raise ExecutionError(f"layer {name!r} did not run in the model's forward pass")
+                # An early exit had every statement refused naming a layer none asked for (SW1).
+                raise ExecutionError(
+                    f"layer {name!r}, whose input DiagQL reads as the profile's latent, did "
+                    f"not run in a forward pass of {self.size} items, though it ran in "
+                    f"DiagQL's probe: {SOME_BATCHES}; name a layer that runs in every batch "
+                    f"as the latent: SET latent = <layer>, or latent= in connect()")

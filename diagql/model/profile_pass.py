@@ -15,6 +15,7 @@ from diagql.model import pass_clock, view_aliases
 from diagql.model import winners as winners_module
 from diagql.model.data import ItemSource
 from diagql.model.forward import call_model, to_device
+from diagql.model.call_sites import CallSites, SharedCalls
 from diagql.model.hooks import Hooks, evaluation, first_tensor
 from diagql.model.labels import check_labels
 from diagql.model.profile import Profile
@@ -47,7 +48,7 @@ def compute_profile(model, source: ItemSource, *, latent: str | None, latent_is_
     options = {"latent": latent, "latent_is_input": latent_is_input, "device": device,
                "dtype": cast, "batch_size": batch_size, "view": view, "compare": compare,
                "winners": winners_module.views(catalog, n) if catalog is not None else [],
-               "scores": scores or Scores()}
+               "scores": scores or Scores(), "shared": SharedCalls.of(catalog)}
     started = time.perf_counter()
     with progress.task("profiling the data", n) as advance:
         if not views:
@@ -103,14 +104,17 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                  compare: tuple = ((), (), False),
                  project: aux.BlockProjector | None = None,
                  winners: list[View] | tuple = (),
-                 scores: Scores | None = None) -> ProfilePart:
+                 scores: Scores | None = None,
+                 shared: SharedCalls | None = None) -> ProfilePart:
     """The profile of ``items`` (sorted) from one pass over them; ``advance(n)`` is told of
     each batch. ``compare`` (from ``comparisons``): the views compared with the latent and
     with the logits, and whether the logits are kept; ``project``: the blocks' projector
     (a Ray pass's shards get one that projects on directions fitted once: projected_part);
     ``winners``: the views whose every item's winner it keeps (model/winners.py);
     ``scores``: where the class scores are in the model's output (model/scores.py);
-    ``dtype``: what the batches' floating inputs are cast to (forward.to_device)."""
+    ``dtype``: what the batches' floating inputs are cast to (forward.to_device);
+    ``shared``: the modules that run several times per pass (model/call_sites.py): their calls
+    from the first whose place in forward() differs from the first batch's on are unran."""
     if latent is not None and not latent_is_input and view is None:
         raise ValueError("the output of a latent layer is read through its view")
     n = len(items)
@@ -156,11 +160,13 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             unran.add(layer)
 
     with evaluation(model), Hooks(model, callbacks, pre) as hooks, \
-            Hooks(model, checks, ran_again=ran_again) as compared:
+            Hooks(model, checks, ran_again=ran_again) as compared, \
+            CallSites(model, shared or SharedCalls()) as sites:
         for idx, x, y in source.batches(items, batch_size):
             x = to_device(x, device, dtype)
             hooks.start(x, len(idx))
             compared.start(x, len(idx))
+            sites.start()
             captured.clear()
             logits = as_logits(scores.read(call_model(model, x, idx), len(idx)))
             if latent is not None:
@@ -191,6 +197,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                 project.after_batch(len(idx))
             keeper.after_batch(len(idx))
             unran.update(layer for layer in checks if layer not in compared.ran)
+            unran.update(sites.shifted())  # a call that moved in forward() (SW1)
             clock.own += time.perf_counter() - after
             position += len(idx)
             advance(len(idx))

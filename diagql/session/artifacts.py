@@ -26,6 +26,7 @@ from diagql.model.forward import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, module_aliases
 from diagql.model.probing import probe
 from diagql.model.profile import Profile
+from diagql.model.call_sites import SharedCalls
 from diagql.model.profile_pass import compute_profile
 from diagql.model.scores import Scores
 from diagql.samplers import space
@@ -200,7 +201,7 @@ class Artifacts:
                 cast=conn.cast,
                 batch_size=conn.settings.batch_size, progress=conn.progress, compare=compare,
                 blocks=blocks, winners=winners.views(catalog, n), scores=self.scores(catalog),
-                pairs=view_aliases.candidates(catalog, blocks))
+                pairs=view_aliases.candidates(catalog, blocks), shared=SharedCalls.of(catalog))
         return compute_profile(
             conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
             dtype=conn.dtype, cast=conn.cast, batch_size=conn.settings.batch_size,
