@@ -530,6 +530,32 @@ def test_a_where_that_one_checkpoint_matches_nowhere_leaves_its_cells_blank():
         db.query("AVG NEURONS IN 0 WHERE predicted = 0 AND predicted = 1 ACROSS CHECKPOINTS")
 
 
+def test_a_checkpoint_whose_layer_is_nan_leaves_its_cells_blank_and_names_its_model():
+    """A diverged epoch whose weights hold a NaN had failed the whole ACROSS statement, the
+    healthy checkpoints' answers lost, and SIMILARITY of two models named "layer '2'" of
+    either (SW3)."""
+    torch.manual_seed(0)
+    X, y = torch.randn(80, 4), torch.randint(0, 2, (80,))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5),
+                                torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    diverged = copy.deepcopy(model.state_dict())
+    diverged["2.weight"][0, 0] = float("nan")
+    db = diagql.connect(model, (X, y), checkpoints={"diverged": diverged}, cache_dir=False,
+                        progress=False)
+    result = db.query("AVG NEURONS IN 3 ACROSS CHECKPOINTS")
+    with torch.no_grad():
+        truth = model[:4](X).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(result.checkpoints["final"].values, truth, rtol=1e-6)
+    assert result.checkpoints["diverged"].records() == []
+    assert result.notes == ["diverged: layer '3' has NaN or infinite activations for 80 of 80 "
+                            "items (the first is item 0); DiagQL does not average over them"]
+    shown = db.query("SIMILARITY 3 ACROSS CHECKPOINTS")
+    assert [row[0] for row in shown.rows if row[1] is None] == ["diverged"]
+    assert "layer 'diverged.3' has NaN" in shown.notes[0]
+    with pytest.raises(ExecutionError, match="layer 'diverged.3' has NaN or infinite"):
+        db.query("SIMILARITY final.3, diverged.3")
+
+
 def test_similarity_between_two_checkpoints_runs_each_in_a_copy_of_its_own(trained, data):
     """`SIMILARITY epoch1.x, epoch2.x` had been refused (checkpoints took turns in one copy of
     the model, and a pass needs both): the second now gets a second copy, made once, and the

@@ -13,6 +13,11 @@ REFUSED = {"avg": "average over them", "topk": "rank neurons over them",
            "argmax": "count their most active neuron", None: "aggregate over them"}
 
 
+class NonFiniteActivations(ExecutionError):
+    """A layer's activations hold NaN or inf for some items the query takes in: refused for
+    that layer (one checkpoint's, ACROSS CHECKPOINTS: its cells blank, the others answer)."""
+
+
 class NonFinite:
     """How many items held NaN or inf, and the lowest index among them. Mergeable, so a shard's
     count joins the driver's whatever order the shards come back in."""
@@ -39,8 +44,8 @@ class NonFinite:
     def check(self, what: str, total: int, consequence: str) -> None:
         """Raise ``"{what} N of {total} items (the first is item F); {consequence}"`` if any."""
         if self.count:
-            raise ExecutionError(f"{what} {self.count:,} of {total:,} items (the first is item "
-                                 f"{self.first}); {consequence}")
+            raise NonFiniteActivations(f"{what} {self.count:,} of {total:,} items (the first "
+                                       f"is item {self.first}); {consequence}")
 
 
 def refuse(bad: NonFinite | None, layer: str, total: int, aggregate: str | None,

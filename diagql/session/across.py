@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from diagql.engine.nonfinite import NonFiniteActivations
 from diagql.errors import BindError, NoMatchError, WeightsError
 from diagql.language import ast
 from diagql.results.across import across_result, write_curves
@@ -69,9 +70,9 @@ def across_checkpoints(conn, statement, answer: Callable, *, layer: ast.LayerRef
     for name in names:
         try:
             answers[name] = answer(conn, rebind(statement, name))
-        # Its own WHERE (correct, ...) matches none of its items, or its weights do not load:
-        # its cells are blank, the others answer.
-        except (NoMatchError, WeightsError) as exc:
+        # Its own WHERE (correct, ...) matches none of its items, its weights do not load, or
+        # they make NaN (a diverged epoch, SW3): its cells are blank, the others answer.
+        except (NoMatchError, WeightsError, NonFiniteActivations) as exc:
             missing += 1
             if missing == len(names):
                 raise  # on no model: the query's own mistake, said once
