@@ -133,9 +133,10 @@ class SimilarityReducer:
 
     def check(self) -> None:
         """Refuse when a layer has NaN or inf for some item, naming those layers only."""
+        several = len(set(self.models)) > 1
         for view, model, bad in zip(self.views, self.models, self.bad):
             # Named with its model: SIMILARITY a.2, b.2 had said "layer '2'" of either (SW3).
-            name = view.layer.name if model is None else f"{model}.{view.layer.name}"
+            name = f"{model}.{view.layer.name}" if several else view.layer.name
             bad.check(f"layer {name!r} has NaN or infinite activations for",
                       len(self.items), "CKA with it over them is undefined")
 
