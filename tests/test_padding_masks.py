@@ -330,3 +330,41 @@ def test_lengths_mark_a_layer_as_long_as_the_batchs_longest_item():
     np.testing.assert_allclose(means.values, mean.mean(0), rtol=1e-5, atol=1e-6)
     assert not [w for w in caught if "marks none of them" in str(w.message)]
     assert "lens of the batch input" in db.catalog["act"].mask
+
+
+class _MaskedMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.emb, self.proj, self.head = nn.Embedding(30, 8, padding_idx=0), nn.Linear(8, 8), \
+            nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask):
+        h, m = torch.relu(self.proj(self.emb(input_ids))), attention_mask.float()[..., None]
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+def test_an_item_with_no_real_token_is_named_by_its_index_with_what_to_do():
+    """An empty text (its mask all 0) had every token query refused with "an item of this
+    batch has no real token", naming neither the item nor a remedy (SW2)."""
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 9, (40,))
+    lengths[13] = 0
+    mask = (torch.arange(8)[None] < lengths[:, None]).long()
+    ids = torch.randint(1, 30, (40, 8)) * mask
+    items = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": i % 2} for i in range(40)]
+    db = diagql.connect(_MaskedMean().eval(), items, batch_size=8, cache_dir=False,
+                        progress=False)
+    for query in ("AVG NEURONS IN proj", "TOPK 3 NEURONS IN proj TOKENS MAX"):
+        with pytest.raises(diagql.DiagQLError, match=r"^item 13 has no real token at layer "
+                                                     r"'proj' .*leave the items with no real "
+                                                     r"token \(empty texts\) out of the data"):
+            db.query(query)
+    kept = [item for i, item in enumerate(items) if i != 13]
+    db = diagql.connect(_MaskedMean().eval(), kept, batch_size=8, cache_dir=False,
+                        progress=False)
+    model, real = _MaskedMean().eval(), np.delete(mask.numpy(), 13, axis=0).astype(bool)
+    with torch.no_grad():
+        h = model.proj(model.emb(torch.from_numpy(np.delete(ids.numpy(), 13, axis=0))))
+    truth = np.stack([h[i][real[i]].double().mean(0).numpy() for i in range(39)]).mean(0)
+    np.testing.assert_allclose(db.query("AVG NEURONS IN proj").values, truth, rtol=1e-5)

@@ -12,6 +12,8 @@ import torch
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data import NAME_LABEL_KEY
+from diagql.model.hooks import HookFailure
+from diagql.model.input_masks import NoRealToken
 from diagql.model.labels import LABEL_KEYS
 
 
@@ -74,6 +76,10 @@ def call_model(model, x, idx=None):
     try:
         return model(*args, **kwargs)
     except DiagQLError:
+        raise
+    except HookFailure as failure:  # an item with no real token named by its index, not row
+        if isinstance(failure.error, NoRealToken) and idx is not None and len(idx):
+            failure.error = failure.error.at_item(f"{int(idx[failure.error.row]):,}")
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of user code is reported, not crashed on
         spread = " (a list of inputs is spread over forward's arguments, as a tuple is; to " \

@@ -21,6 +21,25 @@ from collections.abc import Mapping
 
 import torch
 
+from diagql.errors import ExecutionError
+
+class NoRealToken(ExecutionError):
+    """An item whose padding mask covers every position of a sequence layer (an empty text):
+    its TOKENS MEAN, MAX or TOKEN n is undefined. ``row``: its place in the batch, which
+    ``forward.call_model`` turns into the item's index (``at_item``)."""
+
+    def __init__(self, layer: str, row: int, item: str | None = None):
+        self.layer, self.row = layer, row
+        which = f"item {item}" if item is not None else f"item {row + 1} of its batch"
+        super().__init__(f"{which} has no real token at layer {layer!r} (its padding mask "
+                         f"covers every position), so its tokens' mean, maximum or n-th is "
+                         f"undefined; leave the items with no real token (empty texts) out of "
+                         f"the data")
+
+    def at_item(self, item: str) -> NoRealToken:
+        return NoRealToken(self.layer, self.row, item)
+
+
 # Names under which a model takes each item's real length beside its padded sequences: its
 # padding had counted in TOKENS MEAN of an LSTM over padded steps (7-11% off), unmasked.
 LENGTH_KEYS = ("lengths", "lens", "seq_lens", "seq_lengths", "sequence_lengths",

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.errors import ExecutionError
-from diagql.model.input_masks import input_attention_mask
+from diagql.model.input_masks import NoRealToken, input_attention_mask
 
 FLAT = "flat"  # neurons are the per-item output's elements in C order; CHANNELS: axis 0's means
 SEQUENCE = "sequence"  # (sequence, hidden) per item: neurons are the hidden units
@@ -440,8 +440,7 @@ class View:
                     f"TOKENS MAX or TOKEN n")
             return values.flatten(1)
         if real is not None and not bool(real.any(dim=1).all()):
-            raise ExecutionError(f"an item of this batch has no real token at layer {name!r} "
-                                 f"(its padding mask covers every position)")
+            raise NoRealToken(name, int((~real.any(dim=1)).nonzero()[0, 0]))
         if self.reduction == "mean":
             return _mean(values, real, f"layer {name!r}")
         if self.reduction == "max":
