@@ -140,9 +140,13 @@ def _resolve(node, names: list[str] | None):
     if isinstance(node, ast.Compare) and node.op not in ("=", "!="):
         raise _error(f"a class name compares with =, != or IN, not {node.op}", node.span)
     if names is None:
+        # Labels given as names ('dog') are refused once read, classes= or not (SW2): said
+        # here too, or following this advice led to that refusal.
         raise _error(f"{node.field} {strings[0]!r}: the classes have no names here; compare "
                      f"class indices (class = 3), or name the classes with "
-                     f"connect(..., classes=[...]) or --classes", node.span)
+                     f"connect(..., classes=[...]) or --classes (names for the indices the "
+                     f"labels hold: labels given as names are numbered 0..C-1 first, in the "
+                     f"order of the model's outputs)", node.span)
     index = {name: i for i, name in enumerate(names)}
 
     def of(value):
