@@ -834,6 +834,28 @@ def test_uint8_images_into_a_float_model_say_to_convert_them():
         conn.query("AVG NEURONS IN 0")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_channels_last_images_into_a_channels_first_conv_say_to_permute_them(dtype):
+    """(N, H, W, C) images, as PIL and numpy hold them: torch's error named 8 channels where
+    3 were expected, and the uint8 hint's remedy led to it (SW2)."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    X = (torch.rand(10, 8, 8, 3) * 255).to(dtype)
+    conn = diagql.connect(model, (X, torch.randint(0, 3, (10,))), cache_dir=False,
+                          progress=False)
+    with pytest.raises(DiagQLError, match=r"the images look channels-last, \(N, H, W, C\), as "
+                                          r"PIL and numpy hold them: permute them to \(N, C, "
+                                          r"H, W\)"):
+        conn.query("AVG NEURONS IN 0")
+    # Channels first, the hint is not given on another failure.
+    conn = diagql.connect(model, (X.permute(0, 3, 1, 2), torch.randint(0, 3, (10,))),
+                          cache_dir=False, progress=False)
+    if dtype == torch.uint8:
+        with pytest.raises(DiagQLError) as info:
+            conn.query("AVG NEURONS IN 0")
+        assert "channels-last" not in str(info.value)
+
+
 def test_string_labels_are_refused_naming_them():
     X = torch.randn(6, 6)
     names = np.array(["cat", "dog", "cow"] * 2)

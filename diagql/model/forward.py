@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import torch
@@ -96,16 +96,15 @@ def call_model(model, x, idx=None):
                       f"mapping whole, give each item as ((mapping,), y))")
         where = "" if idx is None or not len(idx) else f" on {batch_text(idx)}"
         raise ExecutionError(f"the model's forward raised {type(exc).__name__}{where}: {exc}"
-                             f"{_integer_hint(x)}{spread}") from exc
+                             f"{_integer_hint(x)}{_layout_hint(x, exc)}{spread}") from exc
 
 
-def _integer_hint(x) -> str:
-    """Raw images come as uint8, which DiagQL passes on unchanged (integer inputs are token
-    ids and masks): a float model then fails on the dtype, which this names."""
+def _images(x, kind: Callable[[torch.Tensor], bool]) -> list[torch.Tensor]:
+    """The tensors of ``kind`` in a batch's inputs (in its mappings, tuples and lists too)."""
     found = []
 
     def visit(v):
-        if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.ndim >= 3:
+        if isinstance(v, torch.Tensor) and kind(v):
             found.append(v)
         elif isinstance(v, Mapping):
             for item in v.values():
@@ -115,10 +114,27 @@ def _integer_hint(x) -> str:
                 visit(item)
 
     visit(x)
-    if not found:
+    return found
+
+
+def _integer_hint(x) -> str:
+    """Raw images come as uint8, which DiagQL passes on unchanged (integer inputs are token
+    ids and masks): a float model then fails on the dtype, which this names."""
+    if not _images(x, lambda v: v.dtype == torch.uint8 and v.ndim >= 3):
         return ""
     return (" (the data's inputs are uint8, which DiagQL passes on unchanged: convert them to "
             "floats, scaled as the model was trained, in the data)")
+
+
+def _layout_hint(x, exc: Exception) -> str:
+    """Images as a PIL or numpy pipeline leaves them, (N, H, W, C), fed to a convolution that
+    takes (N, C, H, W): torch's error names the channels it got, not the layout, or the
+    uint8 dtype first, whose remedy then meets the layout's error (SW2)."""
+    if not ("channels" in str(exc) or _integer_hint(x)) or not _images(
+            x, lambda v: v.ndim == 4 and v.shape[3] in (1, 3, 4) and v.shape[1] not in (1, 3, 4)):
+        return ""
+    return (" (the images look channels-last, (N, H, W, C), as PIL and numpy hold them: "
+            "permute them to (N, C, H, W) in the data, e.g. x.permute(2, 0, 1) per item)")
 
 
 def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
