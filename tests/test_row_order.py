@@ -315,3 +315,45 @@ def test_integer_rows_pass_a_one_ulp_difference_in_their_weighted_sum():
     other[0, :3] = [2.0, 2.0, 2.0]
     assert not _same(rows, other, torch.int64)
     assert not _same(rows, rows[::-1], torch.int64)
+
+
+class TopOneExperts(nn.Module):
+    """A mixture of experts that runs each expert on the rows its gate routes to it, as many
+    as it gets (none in some batches), and scatters them back."""
+
+    def __init__(self, experts: int = 3):
+        super().__init__()
+        self.router = nn.Linear(D, experts)
+        self.experts = nn.ModuleList(nn.Linear(D, H) for _ in range(experts))
+        self.head = nn.Linear(H, K)
+
+    def forward(self, x):
+        choice = self.router(x).argmax(1)
+        out = torch.zeros(len(x), H)
+        for e, expert in enumerate(self.experts):
+            routed = choice == e
+            if routed.any():
+                out[routed] = expert(x[routed])
+        return self.head(out)
+
+
+def test_a_routed_expert_is_refused_as_routed_rows():
+    """An expert's rows are the tokens its gate sent it: they had been told as a parametrized
+    weight's (the same shape in two probes) or with no reason at all (SW1)."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(120, D, generator=g), torch.randint(0, K, (120,), generator=g)
+    torch.manual_seed(1)
+    model = TopOneExperts().eval()
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    refused = []
+    for name in ("experts.0", "experts.1", "experts.2"):
+        try:
+            if "routed to it" in dict(db.query(f"DESCRIBE {name}").rows).get("why", ""):
+                refused.append(name)
+        except BindError as error:  # one that no probe's items reached: refused so
+            assert "an expert a router picks" in error.message
+    assert refused  # the probes' first items did not all go to one expert
+    with pytest.raises(BindError, match="the rows a gate routed to it \\(a mixture of experts' "
+                                        "expert\\), not one an item: query a layer after the "
+                                        "model gathers them back per item"):
+        db.query(f"AVG NEURONS IN {refused[0]}")

@@ -518,9 +518,10 @@ def test_a_layer_that_runs_but_is_not_per_item_says_why_in_show_layers_and_descr
     assert described["output"] == "(not queryable)"
     assert described["why"].startswith("no axis of its output follows the batch (shapes (8, 6)")
     # (8, 6) for every batch, not rows of items: the reason is the weight's, not a graph's.
-    with pytest.raises(DiagQLError, match="cannot be queried: no axis of its output.*: it is "
-                                          "the same whatever the batch, as a weight that a "
-                                          "parametrization computes is") as caught:
+    with pytest.raises(DiagQLError, match="cannot be queried: no axis of its output.*: its "
+                                          "rows are as many whatever the batch: a weight that "
+                                          "a parametrization computes, or the rows a gate "
+                                          "routed to it") as caught:
         conn.query("AVG NEURONS IN 0.parametrizations.weight.0")
     assert "several rows an item" not in caught.value.message
 

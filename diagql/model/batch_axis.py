@@ -44,11 +44,18 @@ def batch_axis(module: nn.Module, records, reverses: set[int] | None = None
     return axes[0], f"the first of axes {axes}, which {told} could not tell apart"
 
 
+# What the rows of a module that runs on some of its batch's rows are, for refusals.
+ROUTED = ("the rows a gate routed to it (a mixture of experts' expert), not one an item: "
+          "query a layer after the model gathers them back per item")
+
+
 def several_rows(fewer: bool = False) -> str:
     if fewer:  # the probe's first items all went to it
         return ("its first axis holds fewer rows than its batch's items past the probe's first "
-                "items (a module run on the items a gate routes to it, as a mixture of experts "
-                "does): query a layer after the model gathers them back per item")
+                "items: a module run on the items a gate routes to it (a mixture of experts' "
+                "expert: query a layer after the model gathers them back per item), or once a "
+                "piece of the batch (a forward that splits its batch: SET batch_size to at "
+                "most a piece's size)")
     return ("its first axis holds several rows an item (nodes of a graph, or tokens flattened "
             "into the batch's axis): query a layer after they are pooled or reshaped per item")
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.errors import DiagQLWarning, ExecutionError, warn
-from diagql.model.batch_axis import batch_axis, out_of_order, several_rows
+from diagql.model.batch_axis import ROUTED, batch_axis, out_of_order, several_rows
 from diagql.model.forward import kept_copy
 from diagql.model.hooks import HookFailure, call_name, evaluation, first_tensor, hook_errors, \
     scope, this_thread
@@ -451,10 +451,11 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
             rows = [seen.shape[0] if seen.shape else 0 for _, seen in records]
             many = all(row > size for row, (size, _) in zip(rows, records)) and \
                 all(a < b for a, b in zip(rows, rows[1:])) and records[-1][0] > 1 and not fixed
+            # A routed expert's rows are whichever tokens its gate sends: its shapes had been
+            # told as a parametrized weight's, or with no reason at all (SW1).
             hint = "; " + several_rows() if many else \
-                (": it is the same whatever the batch, as a weight that a parametrization "
-                 "computes is") \
-                if fixed else ""
+                (f": its rows are as many whatever the batch: a weight that a parametrization "
+                 f"computes, or {ROUTED}") if fixed else f" (perhaps {ROUTED})"
             return refuse(found or f"no axis of its output follows the batch (shapes {shapes} "
                                    f"for batches of {sizes} items), so its values are not per "
                                    f"item{hint}")
