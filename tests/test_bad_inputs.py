@@ -637,8 +637,10 @@ def test_a_list_input_spread_over_forward_says_how_to_pass_it_whole():
               r"otherwise, renumber them 0..1"),
     ([1, 2], r"the labels take 2 values \(1, 2\): .* renumber them 0..1 .*y - 1 for 1..2"),
     (list(range(10)), r"the labels take 10 values \(0, 1, 2, 3, …\) where the model scores 2 "
-                      r"classes: for a model that is no classifier \(a regression\), give the "
-                      r"data without its labels"),
+                      r"classes: for a model that is no classifier \(a regression, whose "
+                      r"targets WHERE class and incorrect cannot read\), give the data without "
+                      r"them, \(X, None\), to query its layers; its outputs are then read as "
+                      r"class scores"),
 ])
 def test_labels_in_another_numbering_or_a_regressions_get_their_own_advice(labels, advice):
     torch.manual_seed(0)

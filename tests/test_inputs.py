@@ -412,7 +412,7 @@ def test_refusals_say_what_came_and_what_works(bert, tokens):
         "(a mapping, y)")
     # One tensor an item (a list comprehension's): its one shape, and torch.stack, not 30.
     assert _refusal(net, ([X[i] for i in range(30)], y)).startswith(
-        "X is a list of 30 tensors ((4,)): if each is one item's input, torch.stack(X) makes "
+        "X is a list of 30 tensors (each (4,)): if each is one item's input, torch.stack(X) makes "
         "them the one tensor DiagQL takes; for a model with several inputs")
     unpadded = [{"input_ids": s, "labels": int(c)} for s, c in zip(sequences, labels)]
     assert _refusal(bert, unpadded).endswith(

@@ -396,6 +396,7 @@ def _as_tensor(X, name: str) -> torch.Tensor:
             isinstance(part, torch.Tensor) and part.ndim > 0 for part in X):
         kinds = list(dict.fromkeys(tuple(part.shape) for part in X))
         shapes = ", ".join(str(shape) for shape in kinds[:4]) + (", ..." if len(kinds) > 4 else "")
+        shapes = f"each {shapes}" if len(kinds) == 1 else shapes  # not one shape for two (SW1)
         stacked = f": if each is one item's input, torch.stack({name}) makes them the one " \
             f"tensor DiagQL takes;" if len(kinds) == 1 and len(X) > 4 else ";"
         raise DiagQLError(f"{name} is a {type(X).__name__} of {len(X)} tensors ({shapes})"

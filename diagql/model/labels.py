@@ -193,8 +193,8 @@ def check_labels(labels: np.ndarray, n_classes: int) -> None:
                     f"y - 1 for 1..{n_classes})")
         elif len(outside) == len(labels) or len(values) > 2 * n_classes:
             what = (f"the labels take {len(values):,} values ({shown}) where the model scores "
-                    f"{n_classes} classes: for a model that is no classifier (a regression), "
-                    f"{AS_UNLABELLED} (WHERE class and incorrect need class labels)")
+                    f"{n_classes} classes: for a model that is no classifier (a regression, "
+                    f"whose targets WHERE class and incorrect cannot read), {AS_UNLABELLED}")
         else:
             what = "leave those items out, or give the data without its labels"
         if int(labels[first]) == -100:  # the ignore index of torch's losses, Hugging Face's
