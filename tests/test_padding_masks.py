@@ -368,3 +368,38 @@ def test_an_item_with_no_real_token_is_named_by_its_index_with_what_to_do():
         h = model.proj(model.emb(torch.from_numpy(np.delete(ids.numpy(), 13, axis=0))))
     truth = np.stack([h[i][real[i]].double().mean(0).numpy() for i in range(39)]).mean(0)
     np.testing.assert_allclose(db.query("AVG NEURONS IN proj").values, truth, rtol=1e-5)
+
+
+class _ConfiguredEncoder(nn.Module):
+    """A model that carries a Hugging Face-style config with its pad token."""
+
+    def __init__(self):
+        super().__init__()
+        from types import SimpleNamespace
+
+        torch.manual_seed(2)
+        self.config = SimpleNamespace(pad_token_id=0)
+        self.emb, self.head = nn.Embedding(30, 8), nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.emb(input_ids).mean(1))
+
+
+def test_input_ids_padded_with_the_pad_token_and_no_mask_are_warned_of():
+    """A BERT's right-padded items without their attention_mask had their padding averaged
+    into every token view, 0.14-0.38 off, unwarned (SW2); with the mask, no warning."""
+    torch.manual_seed(0)
+    lengths = torch.randint(3, 9, (30,))
+    mask = (torch.arange(8)[None] < lengths[:, None]).long()
+    ids = torch.randint(1, 30, (30, 8)) * mask
+    bare = [{"input_ids": ids[i], "labels": i % 2} for i in range(30)]
+    with pytest.warns(diagql.DiagQLWarning, match=r"input_ids end in the model's pad token "
+                                                  r"\(0, its config's pad_token_id\) and come "
+                                                  r"with no attention_mask"):
+        diagql.connect(_ConfiguredEncoder().eval(), bare, cache_dir=False,
+                       progress=False).query("AVG NEURONS IN emb")
+    masked = [{**item, "attention_mask": mask[i]} for i, item in enumerate(bare)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*pad token.*", category=diagql.DiagQLWarning)
+        diagql.connect(_ConfiguredEncoder().eval(), masked, cache_dir=False,
+                       progress=False).query("AVG NEURONS IN emb")
