@@ -403,3 +403,13 @@ def test_input_ids_padded_with_the_pad_token_and_no_mask_are_warned_of():
         warnings.filterwarnings("error", message=".*pad token.*", category=diagql.DiagQLWarning)
         diagql.connect(_ConfiguredEncoder().eval(), masked, cache_dir=False,
                        progress=False).query("AVG NEURONS IN emb")
+
+
+def test_no_real_token_survives_a_pickle_as_a_ray_workers_error_does():
+    import pickle
+
+    from diagql.model.input_masks import NoRealToken
+
+    error = pickle.loads(pickle.dumps(NoRealToken("proj", 3).at_item("13")))
+    assert (error.layer, error.row) == ("proj", 3)
+    assert error.message.startswith("item 13 has no real token at layer 'proj'")

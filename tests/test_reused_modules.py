@@ -691,6 +691,66 @@ def test_a_shared_module_run_once_more_in_some_batch_is_refused_per_call():
             db.query(f"AVG NEURONS IN {layer} USING SAMPLE random(0.3)")
 
 
+class ThroughHelpers(nn.Module):
+    """ExtraCall's side call, with every call made through a helper function, through
+    nn.Sequential's own loop, or two on one line: one innermost line for every call (review)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.blk = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        side = bool(x[:, 2].max() > 3.5)
+        if self.how == "helper":
+            if side:
+                self.side = _apply(self.blk, x * 0.1)
+            h = _apply(self.blk, x)
+        else:  # two calls on one line
+            h = self.blk(x * 0.1) if side else self.blk(x)
+        return self.head(torch.tanh(_apply(self.blk, torch.tanh(h))))
+
+
+def _apply(module, x):
+    return module(x)
+
+
+@pytest.mark.parametrize("how", ["helper", "one line"])
+def test_a_shifted_call_is_refused_whatever_line_makes_it(how):
+    model = _randomise(ThroughHelpers(how), 29)
+    X, y = _data((6,), 30)
+    X[:, 2] = X[:, 2].clamp(max=3.0)
+    X[30, 2] = 4.0
+    db = connect(model, (X, y))
+    with pytest.raises(ExecutionError, match="'blk#1' did not run in every batch"):
+        db.query("AVG NEURONS IN blk#1 USING FULL")
+
+
+def test_shards_of_one_batch_each_compare_their_call_sites_when_joined():
+    """A Ray shard takes its own first batch's sites: two shards of one batch each, the side
+    call in the second, had compared nothing (review); their parts are compared as they
+    join. Simulated with the profile pass's own parts, each given a pickled copy."""
+    import pickle
+
+    from diagql.model.call_sites import SharedCalls, shifted_between
+    from diagql.model.profile_pass import profile_part
+
+    model = _randomise(ExtraCall(), 25)
+    X, y = _data((6,), 26)
+    X[:, 2] = X[:, 2].clamp(max=3.0)
+    X[40, 2] = 4.0
+    db = diagql.connect(model, (X, y), batch_size=30, cache_dir=False, progress=False)
+    shared = SharedCalls.of(db.catalog)
+    assert shared.calls == {"blk": 2}
+    parts = [profile_part(model, db.source, items, latent=None, latent_is_input=False,
+                          device=torch.device("cpu"), dtype=None, batch_size=30,
+                          advance=lambda n: None, shared=pickle.loads(pickle.dumps(shared)))
+             for items in (np.arange(30), np.arange(30, 60))]
+    assert not parts[0].unran and not parts[1].unran  # one batch each: nothing within
+    assert shifted_between([part.sites for part in parts]) == {"blk#1", "blk#2"}
+
+
 class EarlyExit(nn.Module):
     """A batch whose items are all confidently class 0 by ``exit1`` stops there: ``l2`` and
     ``exit2``, the last layer (whose input is the default latent), run in the others only."""

@@ -24,19 +24,31 @@ import torch.nn.modules.module as _torch_module
 from torch import nn
 
 from diagql.model import hooks as _hooks
+from diagql.model.forward import call_model
 from diagql.model.hooks import call_name, this_thread
 
-# Frames that are torch's module machinery or DiagQL's hook wrappers, not the model's code.
+# Frames that are torch's module machinery or DiagQL's hook wrappers, not the model's code;
+# the frame of DiagQL's call of the model ends a call's site.
 _MACHINERY = frozenset({_torch_module.__file__, _hooks.__file__, __file__})
+_MODEL_CALL = call_model.__code__
 
 
-def caller_site() -> tuple[str, int] | None:
-    """(file, line) of the innermost frame outside torch's module call and DiagQL's hooks: the
-    place in the model's code that called the module whose hook is running."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename in _MACHINERY:
+def caller_site() -> tuple:
+    """Where the module whose hook is running was called from: every frame of the model's
+    code (and of the libraries it goes through: nn.Sequential, torch.utils.checkpoint)
+    between the model's call and the module's, each as (file, function, first line,
+    instruction offset). The whole chain, not the innermost frame: a module called through
+    a helper, a Sequential or a checkpoint has one innermost line for every call, and two
+    calls on one line differ only in their offsets."""
+    frame, chain = sys._getframe(1), []
+    while frame is not None:
+        code = frame.f_code
+        if code is _MODEL_CALL:
+            break
+        if code.co_filename not in _MACHINERY:
+            chain.append((code.co_filename, code.co_name, code.co_firstlineno, frame.f_lasti))
         frame = frame.f_back
-    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
+    return tuple(chain)
 
 
 @dataclass
@@ -89,8 +101,23 @@ class CallSites:
         out: set[str] = set()
         for name, calls in self.shared.calls.items():
             sites = self.batch.get(name, [])
-            reference = self.shared.reference.setdefault(name, sites)
-            first = next((i for i, (a, b) in enumerate(zip(sites, reference)) if a != b), None)
-            if first is not None:
-                out.update(call_name(name, call) for call in range(first + 1, calls + 1))
+            out |= _shifted(name, calls, sites, self.shared.reference.setdefault(name, sites))
         return out
+
+
+def shifted_between(parts: list[SharedCalls | None]) -> set[str]:
+    """The calls whose sites differ between the references of a pass's parts: each Ray shard
+    takes its own first batch's, and a shard of one batch compares nothing within."""
+    present = [part for part in parts if part is not None and part.calls]
+    out: set[str] = set()
+    for other in present[1:]:
+        for name, calls in present[0].calls.items():
+            out |= _shifted(name, calls, other.reference.get(name, []),
+                            present[0].reference.get(name, []))
+    return out
+
+
+def _shifted(name: str, calls: int, sites: list, reference: list) -> set[str]:
+    first = next((i for i, (a, b) in enumerate(zip(sites, reference)) if a != b), None)
+    return set() if first is None else {call_name(name, call)
+                                        for call in range(first + 1, calls + 1)}

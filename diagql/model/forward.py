@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -99,7 +100,7 @@ def call_model(model, x, idx=None):
                              f"{_integer_hint(x)}{_layout_hint(x, exc)}{spread}") from exc
 
 
-def _images(x, kind: Callable[[torch.Tensor], bool]) -> list[torch.Tensor]:
+def _tensors_where(x, kind: Callable[[torch.Tensor], bool]) -> list[torch.Tensor]:
     """The tensors of ``kind`` in a batch's inputs (in its mappings, tuples and lists too)."""
     found = []
 
@@ -120,7 +121,7 @@ def _images(x, kind: Callable[[torch.Tensor], bool]) -> list[torch.Tensor]:
 def _integer_hint(x) -> str:
     """Raw images come as uint8, which DiagQL passes on unchanged (integer inputs are token
     ids and masks): a float model then fails on the dtype, which this names."""
-    if not _images(x, lambda v: v.dtype == torch.uint8 and v.ndim >= 3):
+    if not _tensors_where(x, lambda v: v.dtype == torch.uint8 and v.ndim >= 3):
         return ""
     return (" (the data's inputs are uint8, which DiagQL passes on unchanged: convert them to "
             "floats, scaled as the model was trained, in the data)")
@@ -130,8 +131,15 @@ def _layout_hint(x, exc: Exception) -> str:
     """Images as a PIL or numpy pipeline leaves them, (N, H, W, C), fed to a convolution that
     takes (N, C, H, W): torch's error names the channels it got, not the layout, or the
     uint8 dtype first, whose remedy then meets the layout's error (SW2)."""
-    if not ("channels" in str(exc) or _integer_hint(x)) or not _images(
-            x, lambda v: v.ndim == 4 and v.shape[3] in (1, 3, 4) and v.shape[1] not in (1, 3, 4)):
+    expected = re.search(r"to have (\d+) channels", str(exc))  # torch's conv error
+    if expected is not None:
+        wanted = int(expected.group(1))
+        kind = (lambda v: v.ndim == 4 and v.shape[3] == wanted != v.shape[1])
+    elif _integer_hint(x):  # the dtype's error comes first
+        kind = (lambda v: v.ndim == 4 and v.shape[3] in (1, 3, 4) and v.shape[1] not in (1, 3, 4))
+    else:
+        return ""
+    if not _tensors_where(x, kind):
         return ""
     return (" (the images look channels-last, (N, H, W, C), as PIL and numpy hold them: "
             "permute them to (N, C, H, W) in the data, e.g. x.permute(2, 0, 1) per item)")

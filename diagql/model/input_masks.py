@@ -21,7 +21,8 @@ from collections.abc import Mapping
 
 import torch
 
-from diagql.errors import ExecutionError
+from diagql.errors import ExecutionError, warn
+
 
 class NoRealToken(ExecutionError):
     """An item whose padding mask covers every position of a sequence layer (an empty text):
@@ -29,7 +30,7 @@ class NoRealToken(ExecutionError):
     ``forward.call_model`` turns into the item's index (``at_item``)."""
 
     def __init__(self, layer: str, row: int, item: str | None = None):
-        self.layer, self.row = layer, row
+        self.layer, self.row, self.item = layer, row, item
         which = f"item {item}" if item is not None else f"item {row + 1} of its batch"
         super().__init__(f"{which} has no real token at layer {layer!r} (its padding mask "
                          f"covers every position), so its tokens' mean, maximum or n-th is "
@@ -38,6 +39,9 @@ class NoRealToken(ExecutionError):
 
     def at_item(self, item: str) -> NoRealToken:
         return NoRealToken(self.layer, self.row, item)
+
+    def __reduce__(self):  # a Ray worker's error is pickled back to the driver
+        return NoRealToken, (self.layer, self.row, self.item)
 
 
 # Names under which a model takes each item's real length beside its padded sequences: its
@@ -257,8 +261,6 @@ def warn_untraced(inputs, untraced: list[str]) -> None:
     ``doc_attention_mask``) and the sequence layers ``untraced`` could not be traced to the
     ids they run on (over embeddings the model's own forward looked up): their real tokens
     are read from ``mask_key``'s mask, which may be the other input's (model/probing.py)."""
-    from diagql.errors import warn
-
     rivals = rival_masks(inputs)
     if rivals and untraced:
         names = ", ".join(untraced[:3]) + (", …" if len(untraced) > 3 else "")
@@ -276,16 +278,25 @@ def warn_unmasked_padding(model, inputs) -> None:
     config's ``pad_token_id``) and no mask or lengths come beside them: the model attends to
     that padding, and the token views count its positions as tokens (SW2: a BERT's padded
     items without their mask, 0.14-0.38 off, unwarned)."""
-    from diagql.errors import warn
+    import inspect
 
-    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    config = getattr(model, "config", None)
+    pad = getattr(config, "pad_token_id", None)
     ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
     if not isinstance(pad, int) or isinstance(pad, bool) or not isinstance(ids, torch.Tensor) \
             or ids.ndim != 2 or length_key(inputs) or \
             any(key in inputs for key in ("attention_mask", *MASK_KEYS)):
         return
+    try:  # advice a forward without the argument would refuse
+        if "attention_mask" not in inspect.signature(model.forward).parameters:
+            return
+    except (TypeError, ValueError):
+        return
+    # Padding: trailing runs of the pad token, of lengths that differ between items (a text
+    # may end in the token when it is also the end of text, GPT-2's, or a real token 0).
     padded = ids == pad
-    if bool(padded[:, -1].any()) and not bool(padded.all()):
+    runs = torch.flip(padded, dims=[1]).long().cumprod(dim=1).sum(dim=1)
+    if int(runs.max()) >= 1 and len(set(runs.tolist())) > 1 and not bool(padded.all()):
         warn(f"the items' input_ids end in the model's pad token ({pad}, its config's "
              f"pad_token_id) and come with no attention_mask: the model attends to that "
              f"padding, and TOKENS MEAN, MAX and TOKEN -1 count its positions as tokens; give "

@@ -13,9 +13,9 @@ from diagql.errors import DiagQLError, ExecutionError, warn
 from diagql.model import auxiliaries as aux
 from diagql.model import pass_clock, view_aliases
 from diagql.model import winners as winners_module
+from diagql.model.call_sites import CallSites, SharedCalls, shifted_between
 from diagql.model.data import ItemSource
 from diagql.model.forward import call_model, to_device
-from diagql.model.call_sites import CallSites, SharedCalls
 from diagql.model.hooks import Hooks, evaluation, first_tensor
 from diagql.model.labels import check_labels
 from diagql.model.profile import Profile
@@ -96,6 +96,9 @@ class ProfilePart:
     aliases: dict | None = None
     # The hooked layers that did not run in some batch (Profile.unran).
     unran: frozenset = frozenset()
+    # Its shared modules' call sites, the first batch's (model/call_sites.py): compared with
+    # the other parts' when they join.
+    sites: SharedCalls | None = None
 
 
 def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | None,
@@ -206,7 +209,7 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
                        classes_of(tuple(logits.shape[1:])), kept_logits, same_latent.keys(),
                        same_logits.keys() if logits_kept else (), winners=keeper.result(),
                        pass_seconds=clock.seconds(), reached=clock.reached,
-                       unran=frozenset(unran))
+                       unran=frozenset(unran), sites=shared)
 
 
 def fit_items(views: list[View], n: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -281,7 +284,9 @@ def interleave(pieces: list[tuple[np.ndarray, ProfilePart]], n: int) -> ProfileP
                        _in_every([p.logit_views for p in parts]),
                        _in_all([p.z for p in parts], scatter),
                        _in_all([p.winners for p in parts], scatter),
-                       unran=frozenset().union(*(p.unran for p in parts)))
+                       unran=frozenset().union(*(p.unran for p in parts),
+                                               shifted_between([p.sites for p in parts])),
+                       sites=parts[0].sites)
 
 
 def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_input: bool,
@@ -320,7 +325,8 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
                    has_labels, logits, latent_views,
                    _in_every([part.logit_views for part in parts]) if logits is not None else (),
                    winners=winners, unran=tuple(sorted(frozenset().union(
-                       *(part.unran for part in parts)))))
+                       *(part.unran for part in parts),
+                       shifted_between([part.sites for part in parts])))))
 
 
 def _same_shapes(parts: list[ProfilePart]) -> None:

@@ -22,11 +22,11 @@ from diagql.model import (auxiliaries, hooks, layers, probing, repeatable, row_o
                           same_rows, view_aliases)
 from diagql.model import input_masks, layouts, views, winners
 from diagql.model import profile as profile_module, profile_pass, scores
+from diagql.model.call_sites import SharedCalls
 from diagql.model.forward import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, module_aliases
 from diagql.model.probing import probe
 from diagql.model.profile import Profile
-from diagql.model.call_sites import SharedCalls
 from diagql.model.profile_pass import compute_profile
 from diagql.model.scores import Scores
 from diagql.samplers import space

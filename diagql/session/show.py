@@ -237,7 +237,7 @@ def _predicted(conn, statement, profile) -> Result:
             for c in order[:MOST_PREDICTED]]
     notes = _notices(conn.catalog, profile)
     # A regression's one output had been profiled so, unsaid (SS9).
-    if profile.logits is not None and profile.logits.shape[1:] == (1,):
+    if getattr(conn.catalog, "output_shape", None) == (1,):
         notes.append("the model's one output per item is read as a binary classifier's logit "
                      "(class 1 where > 0, confidence its sigmoid); if it is a regression's, "
                      "predicted, confidence and correct mean nothing for it")
