@@ -273,14 +273,11 @@ class Artifacts:
             return None
         conn = self.conn
         # The device is part of it: CPU and GPU kernels (TF32) differ enough to flip a near
-        # tie. The batch size is not, on one device, where it changes outputs by rounding at
-        # most, but for a model the probe found batch-dependent (its outputs change with the
-        # items beside it): a profile made in batches of 32 had answered for batches of 7
-        # (253 incorrect where 259, SW5). On Ray, the workers' device, which makes the passes.
+        # tie. The batch size is not: on one device it changes outputs by rounding at most.
+        # On Ray, the workers' device, which makes the passes, not the driver's.
         device = conn.device.type if conn.engine is None else conn.engine.device_type()
-        batch = conn.settings.batch_size if self.get_catalog().batch_dependent else None
-        return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype), device, batch,
-                         *map(source_digest, (profile_module, profile_pass, views, input_masks)),
+        return cache_key("profile", *fingerprints, conn.latent, str(conn.dtype),
+                         device, *map(source_digest, (profile_module, profile_pass, views, input_masks)),
                          source_digest(scores),  # where the class scores are read
                          source_digest(layers), source_digest(probing),  # the catalog
                          *map(source_digest, (auxiliaries, view_aliases)),  # blocks, aliases

@@ -321,14 +321,6 @@ class Connection:
         if self.models:
             self.current.forget_latent_space()
 
-    def forget_batch_dependent(self) -> None:
-        """SET batch_size changed the batches: a batch-dependent model's profile, samples and
-        kept rows were made in the old ones (SW5)."""
-        for entry in self.models.values():
-            catalog = entry.artifacts.catalog
-            if catalog is not None and catalog.batch_dependent:
-                entry.forget_latent_space()
-
     # --- running statements ---------------------------------------------------------------------
 
     def query(self, text: str) -> Result:

@@ -415,8 +415,6 @@ def _set(conn, statement: ast.SetStatement) -> Result:
         raise
     if name == "latent" and value != conn.settings.latent:
         conn.forget_latent_space()
-    if name == "batch_size" and value != conn.settings.batch_size:
-        conn.forget_batch_dependent()
     setattr(conn.settings, name, value)
     return Result(kind="set", statement=statement.text, columns=["setting", "value"],
                   rows=[(name, "default" if value is None else value)])
