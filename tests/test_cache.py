@@ -953,3 +953,45 @@ def test_entries_are_written_with_the_process_umask_so_a_shared_cache_is_readabl
     entries = list(tmp_path.rglob("*.npz"))
     assert entries and all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in entries)
     assert 0o666 & ~mask != 0o600  # the test means something under this umask
+
+
+class _BatchCentred(torch.nn.Module):
+    """Outputs that depend on the batch: each hidden unit centred over the batch's items."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(10, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.relu(h - h.mean(0, keepdim=True)))
+
+
+def _incorrect_in_batches_of(model, X, y, size: int) -> int:
+    with torch.no_grad():
+        predicted = torch.cat([model(X[i:i + size]) for i in range(0, len(X), size)]).argmax(1)
+    return int((predicted != y).sum())
+
+
+def test_a_batch_dependent_models_profile_follows_the_batch_size(tmp_path):
+    """Its profile was keyed and kept without the batch size: after SET batch_size = 8, and in
+    a new connection at 8 on a cache filled at 32, WHERE incorrect counted the mistakes of
+    batches of 32 (SW5)."""
+    torch.manual_seed(1)
+    X, y = torch.randn(256, 10), torch.randint(0, 3, (256,))
+    model = _BatchCentred().eval()
+    at32, at8 = (_incorrect_in_batches_of(model, X, y, size) for size in (32, 8))
+    assert at32 != at8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", diagql.DiagQLWarning)
+        db = diagql.connect(model, (X, y), batch_size=32, cache_dir=tmp_path, progress=False)
+        assert db.query("AVG NEURONS IN fc1 WHERE incorrect").n_items == at32
+        db.query("SET batch_size = 8")
+        assert db.query("AVG NEURONS IN fc1 WHERE incorrect").n_items == at8
+        db.close()
+        again = diagql.connect(model, (X, y), batch_size=8, cache_dir=tmp_path, progress=False)
+        assert again.query("AVG NEURONS IN fc1 WHERE incorrect").n_items == at8
+        again.close()
+        first = diagql.connect(model, (X, y), batch_size=32, cache_dir=tmp_path, progress=False)
+        assert first.query("AVG NEURONS IN fc1 WHERE incorrect").n_items == at32

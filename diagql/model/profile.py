@@ -58,6 +58,10 @@ class Profile:
     # sets): no single activation for every item, so queries on them are
     # refused before a pass, a sample's as a pass over every item is (engine/planner.py).
     unran: tuple[str, ...] = ()
+    # The batch size of the pass where the probe found the model batch-dependent (an item's
+    # outputs change with the items beside it), else None: such a profile holds for that
+    # batch size only (session/artifacts.py, ``get_profile``).
+    batch_size: int | None = None
 
     def __repr__(self) -> str:  # its arrays' dataclass repr ran to 5-32 KB
         right = f", accuracy {np.mean(self.labels == self.predictions):.3f}" * self.has_labels
@@ -144,6 +148,8 @@ class Profile:
         arrays["reached_layers"] = np.array(list(self.reached), dtype=np.str_)
         arrays["reached_shares"] = np.array(list(self.reached.values()), dtype=np.float64)
         arrays["unran"] = np.array(list(self.unran), dtype=np.str_)
+        if self.batch_size is not None:
+            arrays["batch_size"] = np.int64(self.batch_size)
         arrays.update(aux.to_arrays(self.auxiliaries))  # their names: each has its own entry
         arrays.update(winners_module.to_arrays(self.winners))
         return arrays
@@ -167,6 +173,7 @@ class Profile:
             pass_seconds=float(arrays["pass_seconds"]) if "pass_seconds" in arrays else None,
             reached=_reached(arrays),
             unran=tuple(str(layer) for layer in arrays.get("unran", ())),
+            batch_size=int(arrays["batch_size"]) if "batch_size" in arrays else None,
             **_views(arrays["views"]))
         logits = profile.logits
         # A binary classifier's one logit per item scores two classes (``_logits``).

@@ -134,12 +134,22 @@ class Artifacts:
             def read_auxiliary(view_key: str, layer: str):
                 return self._read_auxiliary(key, view_key, layer)
 
+            def meta(p: Profile) -> dict:
+                return {"model": type(conn.model).__qualname__, "items": len(p),
+                        "latent": p.latent_layer, "dtype": str(conn.dtype),
+                        "device": str(conn.device)}
+
             self.profile = load_or_compute(
                 conn.cache, "profile", key, compute, Profile.to_arrays,
-                lambda arrays: Profile.from_arrays(arrays, n_items, read_auxiliary),
-                lambda p: {"model": type(conn.model).__qualname__, "items": len(p),
-                           "latent": p.latent_layer, "dtype": str(conn.dtype),
-                           "device": str(conn.device)})
+                lambda arrays: Profile.from_arrays(arrays, n_items, read_auxiliary), meta)
+            if not computed and self.profile.batch_size not in (None, conn.settings.batch_size):
+                # A batch-dependent model's profile from batches of another size (its key
+                # holds no batch size: a profile loaded from disk needs no catalog to say so)
+                # had answered WHERE incorrect with their mistakes (SW5): made again, stored.
+                self.profile = compute()
+                if key is not None:
+                    conn.cache.store("profile", key, Profile.to_arrays(self.profile),
+                                     meta=meta(self.profile), seconds=self.profile.seconds)
             _say_notices(self.profile, self.catalog)
             self.profile_read = not computed
             if key is not None and computed:
@@ -169,44 +179,15 @@ class Artifacts:
             lambda arrays: auxiliaries.from_entry(arrays, view_key, layer, len(self.conn.source)))
         if found is not None:
             return (found,)
-        fresh = self._profile_pass()
+        fresh = _profile_pass(self)
         self._store_auxiliaries(key, fresh)
         return fresh.auxiliaries.held()
 
     def _compute_profile(self) -> Profile:
-        """The profile pass, and the estimator's latent covariates, kept with it."""
-        profile = self._profile_pass()
+        """The profile pass, and the estimator's latent covariates, kept with it; the batch
+        size of a batch-dependent model's (``Profile.batch_size``)."""
+        profile = _profile_pass(self)
         return dataclasses.replace(profile, covariates=covariates.reduced(profile.latents))
-
-    def _profile_pass(self) -> Profile:
-        conn = self.conn
-        latent = conn.latent
-        view = None
-        if latent is None:
-            # The catalog as it is, or probed (three items) for the pass alone: a profile
-            # loaded from disk needs none, and one computed touches no other cache entry.
-            catalog = self.catalog or self._probe()
-            name, is_input = default_latent(conn.model, catalog), True
-        else:
-            view = latent_view(latent, self.get_catalog())
-            name, is_input = view.layer.name, False
-            catalog = self.catalog
-        if conn.engine is not None:
-            n = len(conn.source)
-            compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
-                                            conn.dtype, n)
-            blocks = auxiliaries.blocks(conn.model, catalog, n, name, is_input)
-            return conn.engine.profile(
-                n, latent=name, latent_is_input=is_input, view=view, dtype=conn.dtype,
-                cast=conn.cast,
-                batch_size=conn.settings.batch_size, progress=conn.progress, compare=compare,
-                blocks=blocks, winners=winners.views(catalog, n), scores=self.scores(catalog),
-                pairs=view_aliases.candidates(catalog, blocks), shared=SharedCalls.of(catalog))
-        return compute_profile(
-            conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
-            dtype=conn.dtype, cast=conn.cast, batch_size=conn.settings.batch_size,
-            progress=conn.progress,
-            view=view, catalog=catalog, scores=self.scores(catalog))
 
     def has_sample(self, sampler: samplers.Sampler) -> bool:
         """Whether the sampler's sample is had without drawing it: in memory, or read back
@@ -307,7 +288,8 @@ class Artifacts:
             return None
         # The code that produces rows is part of the key: a change to it never reuses them.
         return cache_key("activations", profile_key, view_key,
-                         [source_digest(module) for module in (executor, hooks, views)])
+                         [source_digest(module) for module in (executor, hooks, views)],
+                         *self.batch_size_key())
 
     def sample_key(self, sampler: samplers.Sampler) -> str | None:
         """None for a sampler without a seed: its draws differ each time, so it is not kept."""
@@ -319,7 +301,49 @@ class Artifacts:
         modules = dict.fromkeys(inspect.getmodule(cls) for cls in type(sampler).__mro__
                                 if issubclass(cls, samplers.Sampler))
         return cache_key("sample", profile_key, sampler.spec(),
-                         [source_digest(module) for module in modules])
+                         [source_digest(module) for module in modules], *self.batch_size_key())
+
+    def batch_size_key(self) -> tuple:
+        """The profile's batch size, where the model is batch-dependent (``Profile.batch_size``):
+        in the keys of what was made from it, as it is not in the profile's own key."""
+        size = None if self.profile is None else self.profile.batch_size
+        return () if size is None else (size,)
+
+
+def _profile_pass(artifacts: Artifacts) -> Profile:
+    """The profile pass (its directions, winners and comparisons with it), on the connection's
+    engine; a batch-dependent model's stamped with its batch size (``Profile.batch_size``)."""
+    conn = artifacts.conn
+    latent = conn.latent
+    view = None
+    if latent is None:
+        # The catalog as it is, or probed (three items) for the pass alone: a profile
+        # loaded from disk needs none, and one computed touches no other cache entry.
+        catalog = artifacts.catalog or artifacts._probe()
+        name, is_input = default_latent(conn.model, catalog), True
+    else:
+        view = latent_view(latent, artifacts.get_catalog())
+        name, is_input = view.layer.name, False
+        catalog = artifacts.catalog
+    batch = conn.settings.batch_size if catalog is not None and catalog.batch_dependent \
+        else None  # Profile.batch_size
+    if conn.engine is not None:
+        n = len(conn.source)
+        compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
+                                        conn.dtype, n)
+        blocks = auxiliaries.blocks(conn.model, catalog, n, name, is_input)
+        return dataclasses.replace(conn.engine.profile(
+            n, latent=name, latent_is_input=is_input, view=view, dtype=conn.dtype,
+            cast=conn.cast,
+            batch_size=conn.settings.batch_size, progress=conn.progress, compare=compare,
+            blocks=blocks, winners=winners.views(catalog, n), scores=artifacts.scores(catalog),
+            pairs=view_aliases.candidates(catalog, blocks), shared=SharedCalls.of(catalog)),
+            batch_size=batch)
+    return dataclasses.replace(compute_profile(
+        conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
+        dtype=conn.dtype, cast=conn.cast, batch_size=conn.settings.batch_size,
+        progress=conn.progress,
+        view=view, catalog=catalog, scores=artifacts.scores(catalog)), batch_size=batch)
 
 
 def _say_notices(profile: Profile, catalog: LayerCatalog | None) -> None:

@@ -152,6 +152,16 @@ def notice_changes(conn) -> None:
         _say(f"{whose} changed ({what})")
 
 
+def batch_size_changed(conn) -> None:
+    """SET batch_size changed the batches: a batch-dependent model's profile, samples, kept
+    rows and inputs indexes were made in the old ones (``Profile.batch_size``; SW5)."""
+    for entry in conn.models.values():
+        profile = entry.artifacts.profile
+        if profile is not None and profile.batch_size is not None:
+            entry.forget_latent_space()
+            forget_indices(entry)
+
+
 def _refuse_changes_on_workers(conn) -> None:
     """Ray's workers hold their own copies of the model and the data, made when they started:
     a change in place on the driver would not reach them, and every answer after it would be

@@ -273,7 +273,8 @@ def index_key(conn, bound: BoundInputs) -> str | None:
         return None
     return cache_key("index", profile_key, _view_key(bound),
                      [source_digest(module) for module in (inputs_index, aggregates, executor,
-                                                           hooks, views)])
+                                                           hooks, views)],
+                     *conn.artifacts.batch_size_key())
 
 
 def _index(conn, bound: BoundInputs) -> InputsIndex | None:

@@ -18,6 +18,7 @@ from diagql.language.binder import (bind_layer, bind_query, bind_similarity, bin
                                     require_labels)
 from diagql.results.result import Result
 from diagql.session.artifacts import keep_in_use
+from diagql.session.changes import batch_size_changed
 from diagql.session.checkpoints import FINAL
 from diagql.session.models import name_model, sampling_source, with_model
 from diagql.session.settings import Settings
@@ -415,6 +416,8 @@ def _set(conn, statement: ast.SetStatement) -> Result:
         raise
     if name == "latent" and value != conn.settings.latent:
         conn.forget_latent_space()
+    if name == "batch_size" and value != conn.settings.batch_size:
+        batch_size_changed(conn)
     setattr(conn.settings, name, value)
     return Result(kind="set", statement=statement.text, columns=["setting", "value"],
                   rows=[(name, "default" if value is None else value)])
