@@ -58,16 +58,17 @@ def _finite(values: torch.Tensor) -> bool:
 
 
 def _add_sums(total: torch.Tensor, squares: torch.Tensor | None, wide: torch.Tensor,
-              codes: torch.Tensor | None) -> None:
-    """Σy and Σy² of a float64 piece, into the batch's sums (per group with ``codes``)."""
+              codes: torch.Tensor | None, own: bool = False) -> None:
+    """Σy and Σy² of a float64 piece, into the batch's sums (per group with ``codes``);
+    ``own``: the piece is a copy of the caller's, squared in place (no second copy)."""
     if codes is None:
         total += wide.sum(dim=0)
         if squares is not None:
-            squares += (wide * wide).sum(dim=0)
+            squares += (wide.square_() if own else wide * wide).sum(dim=0)
     else:
         total.index_add_(0, codes, wide)
         if squares is not None:
-            squares.index_add_(0, codes, wide * wide)
+            squares.index_add_(0, codes, wide.square_() if own else wide * wide)
 
 
 def _pooled_sums(values: torch.Tensor, zd: torch.Tensor, total: torch.Tensor,
@@ -253,11 +254,15 @@ class MeanState:
         for part, v in pieces:
             wide = v.to(device=home, dtype=torch.float64)
             piece_codes = None if codes is None else codes[part].to(home)
-            self.fit_cross.add_products(latent[part], wide, piece_codes)
+            # A float32 residual meets the latent in one float32 product, summed in float64
+            # per piece: r holds float32's rounding already (prediction.py), and upcast first
+            # its 10-row product had cost 3x as much (the estimates move by 1e-8 relative).
+            self.fit_cross.add_products(latent[part], v if self.prediction is not None and
+                                        v.dtype == torch.float32 else wide, piece_codes)
             if weights is not None:
                 self._add_outliers(latent[part], weights[part], wide, piece_codes)
-            if sums is None:
-                _add_sums(total, squares, wide, piece_codes)
+            if sums is None:  # last: an upcast copy is squared in place
+                _add_sums(total, squares, wide, piece_codes, own=wide is not v)
         self.fit_sum += total.cpu()
         self.fit_squares += squares.cpu()
         self.fit_count = _add_counts(self.fit_count, codes, len(values))

@@ -20,7 +20,7 @@ from diagql.model.auxiliaries import Auxiliary, spread_items
 
 # The float32 residual's pieces: about 1 MB, which stays in a core's cache while it is
 # squared and summed (as engine/aggregates.py upcasts its pieces).
-_PIECE_BYTES = 1 << 20
+_PIECE_BYTES = 4 << 20
 # The residual's variance needs hundreds of rows, not a sample's thousands: a query's Σr²
 # (and the latent's sums against r) are taken over at most FIT_ROWS rows of all its groups
 # together, each group's share FIT_ROWS / groups but at least FIT_FLOOR (every s-th item of the
