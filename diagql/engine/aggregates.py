@@ -256,9 +256,11 @@ class MeanState:
             piece_codes = None if codes is None else codes[part].to(home)
             # A float32 residual meets the latent in one float32 product, summed in float64
             # per piece: r holds float32's rounding already (prediction.py), and upcast first
-            # its 10-row product had cost 3x as much (the estimates move by 1e-8 relative).
-            self.fit_cross.add_products(latent[part], v if self.prediction is not None and
-                                        v.dtype == torch.float32 else wide, piece_codes)
+            # its 10-row product had cost 3x as much (estimates move by at most 3e-8 relative;
+            # docs/ARCHITECTURE.md, "Estimates"); grouped or off the CPU, in float64 as before.
+            narrow = self.prediction is not None and v.dtype == torch.float32 and \
+                piece_codes is None and home.type == "cpu"
+            self.fit_cross.add_products(latent[part], v if narrow else wide, piece_codes)
             if weights is not None:
                 self._add_outliers(latent[part], weights[part], wide, piece_codes)
             if sums is None:  # last: an upcast copy is squared in place
