@@ -24,6 +24,7 @@ from diagql.model.winners import row_argmax
 
 _CHUNK_BYTES = 1 << 20  # float64 pieces of a batch that stay in a core's cache (CPU only)
 _PIECE_ROWS = 4
+_POOLED_BYTES = 8 << 20  # a sample batch's float64 pieces where it also takes pooled products
 # Wider than this, a CPU batch's float64 column sums are taken over upcast pieces even without
 # squares: sum(dim=0, dtype=float64) runs 1.4-4.7x slower there (256 x 4,704: 3.9 ms against
 # 1.1 ms; 64 x 150,528: 154 against 33 ms), the same sums bit for bit; narrower, it is faster.
@@ -57,16 +58,35 @@ def _finite(values: torch.Tensor) -> bool:
 
 
 def _add_sums(total: torch.Tensor, squares: torch.Tensor | None, wide: torch.Tensor,
-              codes: torch.Tensor | None) -> None:
-    """Σy and Σy² of a float64 piece, into the batch's sums (per group with ``codes``)."""
+              codes: torch.Tensor | None, own: bool = False) -> None:
+    """Σy and Σy² of a float64 piece, into the batch's sums (per group with ``codes``);
+    ``own``: the piece is a copy of the caller's, squared in place (no second copy)."""
     if codes is None:
         total += wide.sum(dim=0)
         if squares is not None:
-            squares += (wide * wide).sum(dim=0)
+            squares += (wide.square_() if own else wide * wide).sum(dim=0)
     else:
         total.index_add_(0, codes, wide)
         if squares is not None:
-            squares.index_add_(0, codes, wide * wide)
+            squares.index_add_(0, codes, wide.square_() if own else wide * wide)
+
+
+def _pooled_sums(values: torch.Tensor, zd: torch.Tensor, total: torch.Tensor,
+                 squares: torch.Tensor | None, pooled: torch.Tensor) -> None:
+    """Σy, Σy² and the pooled products Σ(Dᵀz)yᵀ of a batch without groups, into the batch's
+    float64 sums, over float64 pieces of about 8 MB (a 256 × 4,704 batch in two): each piece
+    summed, multiplied and then squared in place (it is the state's own copy). Per 1 MB piece
+    the calls' own cost, not memory, had ruled, and the squares' product was a second copy:
+    1.08 → 0.75 ms a conv1 batch (docs/ARCHITECTURE.md, "Plan and execute")."""
+    rows = len(values) if values.device.type != "cpu" else \
+        max(_PIECE_ROWS, _POOLED_BYTES // (8 * max(values.shape[1], 1)))
+    for start in range(0, len(values), rows):
+        piece = values[start:start + rows]
+        wide = piece.to(torch.float64)
+        total += wide.sum(dim=0)
+        pooled.addmm_(zd[start:start + rows].T, wide)
+        if squares is not None:
+            squares += (wide.square_() if wide is not piece else wide * wide).sum(dim=0)
 
 
 def _add_counts(count, codes: torch.Tensor | None, n: int):
@@ -129,18 +149,7 @@ class MeanState:
                 values.shape[1] <= _WIDE or values.device.type != "cpu"):
             total = values.sum(dim=0, dtype=torch.float64)  # upcasts as it goes: no copy
         elif pooled is not None and codes is None:
-            # Σy and the pooled products in one product per piece, [1 | Dᵀz]ᵀ·y: 20-25% less
-            # than a column sum and a second product (d = 1 without GROUP BY).
-            lead = torch.cat([torch.ones(len(zd), 1, dtype=zd.dtype, device=zd.device), zd],
-                             dim=1)
-            both = torch.zeros(1 + len(pooled), values.shape[1], dtype=torch.float64,
-                               device=values.device)
-            for piece, _, piece_lead in _pieces(values, None, lead):
-                wide = piece.to(torch.float64)
-                both.addmm_(piece_lead.T, wide)
-                if squares is not None:
-                    squares += (wide * wide).sum(dim=0)
-            total, pooled = both[0], both[1:]
+            _pooled_sums(values, zd, total, squares, pooled)
         else:
             for piece, piece_codes, piece_zd in _pieces(values, codes, zd):
                 wide = piece.to(torch.float64)
@@ -190,10 +199,13 @@ class MeanState:
         the few rows of one batch (every s-th) make products too small to run at speed (6
         rows × 64 × 4,704 for the prediction: 0.3 ms a batch, 20x their share of one over 55
         rows)."""
-        fit = fit.to(values.device)
-        self._waiting.append((values[fit], z[fit.cpu()],
-                              None if codes is None else codes[fit.to(codes.device)],
-                              None if weights is None else weights[fit.cpu()]))
+        # The rows' positions, taken by index_select: a boolean mask's gather had cost 5x
+        # as much (0.23 against 0.04 ms for 86 of 256 conv1 rows).
+        at = torch.nonzero(fit.cpu()).flatten()
+        self._waiting.append((values.index_select(0, at.to(values.device)),
+                              z.index_select(0, at),
+                              None if codes is None else codes.index_select(0, at.to(codes.device)),
+                              None if weights is None else weights.index_select(0, at)))
         self._waiting_rows += int(self._waiting[-1][0].shape[0])
         if self._waiting_rows * max(values.shape[1], 1) * 4 >= _CHUNK_BYTES or \
                 self._waiting_rows >= 256:
@@ -204,9 +216,11 @@ class MeanState:
         if self._waiting:
             values, z, codes, weights = zip(*self._waiting)
             self._waiting, self._waiting_rows = [], 0
-            self._add_fit(torch.cat(values), torch.cat(z),
-                          None if codes[0] is None else torch.cat(codes),
-                          weights=None if weights[0] is None else torch.cat(weights))
+            def joined(parts):  # one batch's rows are their own copy already
+                return None if parts[0] is None else parts[0] if len(parts) == 1 else \
+                    torch.cat(parts)
+
+            self._add_fit(joined(values), joined(z), joined(codes), weights=joined(weights))
 
     def _weighted(self) -> OutlierRows:
         """The outlier rows, kept with their weights (regression.OutlierRows)."""
@@ -240,11 +254,17 @@ class MeanState:
         for part, v in pieces:
             wide = v.to(device=home, dtype=torch.float64)
             piece_codes = None if codes is None else codes[part].to(home)
-            self.fit_cross.add_products(latent[part], wide, piece_codes)
+            # A float32 residual meets the latent in one float32 product, summed in float64
+            # per piece: r holds float32's rounding already (prediction.py), and upcast first
+            # its 10-row product had cost 3x as much (estimates move by at most 3e-8 relative;
+            # docs/ARCHITECTURE.md, "Estimates"); grouped or off the CPU, in float64 as before.
+            narrow = self.prediction is not None and v.dtype == torch.float32 and \
+                piece_codes is None and home.type == "cpu"
+            self.fit_cross.add_products(latent[part], v if narrow else wide, piece_codes)
             if weights is not None:
                 self._add_outliers(latent[part], weights[part], wide, piece_codes)
-            if sums is None:
-                _add_sums(total, squares, wide, piece_codes)
+            if sums is None:  # last: an upcast copy is squared in place
+                _add_sums(total, squares, wide, piece_codes, own=wide is not v)
         self.fit_sum += total.cpu()
         self.fit_squares += squares.cpu()
         self.fit_count = _add_counts(self.fit_count, codes, len(values))

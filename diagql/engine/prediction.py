@@ -18,9 +18,10 @@ import torch
 from diagql.engine.regression import Fitted, GroupSums, Pooled, corrected_mean
 from diagql.model.auxiliaries import Auxiliary, spread_items
 
-# The float32 residual's pieces: about 1 MB, which stays in a core's cache while it is
-# squared and summed (as engine/aggregates.py upcasts its pieces).
-_PIECE_BYTES = 1 << 20
+# The float32 residual's pieces: about 4 MB (a conv1 batch's 86 fit rows in one: two 1 MB
+# pieces had cost their calls twice; docs/ARCHITECTURE.md, "Estimates"), squared and summed
+# as engine/aggregates.py upcasts its pieces.
+_PIECE_BYTES = 4 << 20
 # The residual's variance needs hundreds of rows, not a sample's thousands: a query's Σr²
 # (and the latent's sums against r) are taken over at most FIT_ROWS rows of all its groups
 # together, each group's share FIT_ROWS / groups but at least FIT_FLOOR (every s-th item of the
@@ -110,7 +111,7 @@ class BlockPrediction:
         return zb if self.basis is None else self.basis @ zb
 
     def residual_pieces(self, values: torch.Tensor, z: torch.Tensor):
-        """The residual r = y − ŷ of a batch's rows, (slice, r) in pieces of about 1 MB that
+        """The residual r = y − ŷ of a batch's rows, (slice, r) in pieces of about 4 MB that
         stay in cache while the state sums them; ŷ = μ + z_b Vᵀ one float32 product per piece
         (float64 rows: float64), the precision the prediction is held in (``restore``)."""
         dtype = torch.float64 if values.dtype == torch.float64 else torch.float32

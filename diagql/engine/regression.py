@@ -85,9 +85,14 @@ class CrossSums:
     def add_products(self, z: torch.Tensor, values: torch.Tensor,
                      codes: torch.Tensor | None = None) -> None:
         """Only zᵀy: a sum over items taken in pieces (the aggregate states' upcast pieces)
-        whose Σz and Σzzᵀ were added once for the whole batch (``add_z``)."""
+        whose Σz and Σzzᵀ were added once for the whole batch (``add_z``). Float32 values on
+        the CPU (a block's residual) make a float32 product, added to the float64 sums."""
         # On the values' device (one p × neurons product per batch), except MPS: no float64.
         device = values.device if values.device.type != "mps" else torch.device("cpu")
+        if values.dtype == torch.float32 and device.type == "cpu" and codes is None:
+            # A float32 product, summed in float64 (a block's float32 residual: aggregates.py)
+            self.zy += (z.to(torch.float32).T @ values).to(torch.float64)
+            return
         wide = values.to(device=device, dtype=torch.float64)
         if codes is None:
             if device.type == "cpu":
