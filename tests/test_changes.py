@@ -812,6 +812,30 @@ def test_a_loaders_sampler_given_other_indices_of_one_length_is_read_again():
                                rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("how", ["in place", "replaced", "under a loader"])
+def test_a_subsets_indices_changed_are_read_again(how):
+    """A Subset's indices edited in place or replaced by as many others had left the old
+    items' labels beside the new items' rows, 0.17 off, unwarned (SW5)."""
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    model, X, y = _world()
+    indices = list(range(0, 400, 2))
+    subset = Subset(TensorDataset(X, y), indices)
+    data = DataLoader(subset, batch_size=50) if how == "under a loader" else subset
+    db = diagql.connect(model, data, progress=False, cache_dir=False)
+    db.query("AVG NEURONS IN 1 WHERE incorrect")
+    if how == "replaced":
+        subset.indices = list(range(1, 400, 2))
+    else:
+        indices[:] = range(1, 400, 2)
+    with pytest.warns(DiagQLWarning, match="the data changed"):
+        answer = db.query("AVG NEURONS IN 1 WHERE incorrect")
+    hidden, wrong = _truth(model, X[1::2], y[1::2])
+    assert answer.n_items == int(wrong.sum())
+    np.testing.assert_allclose(answer.values, hidden[wrong.numpy()].mean(0).numpy(),
+                               rtol=1e-6, atol=1e-7)
+
+
 class _Growing(torch.utils.data.Dataset):
     def __init__(self, X, y, n):
         self.X, self.y, self.n = X, y, n
