@@ -453,3 +453,18 @@ def test_a_plots_legend_writes_sizes_as_the_table_does(conn):
     labels = {text.get_text() for legend in legends if legend is not None
               for text in legend.get_texts()}
     assert {"gmm @ 1%", "gmm @ 1.4%", "gmm @ 50"} <= labels, labels
+
+
+def test_a_draw_refused_on_data_of_one_class_is_placed_at_its_sampler():
+    """maxmargin's SVM needs two true classes: its refusal had no place, in a query or in
+    EVALUATE SAMPLERS (SW4)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    db = diagql.connect(model, (torch.randn(60, 4), torch.zeros(60, dtype=torch.long)),
+                        cache_dir=False, progress=False)
+    for statement in ("AVG NEURONS IN 1 USING SAMPLE maxmargin(0.1)",
+                      "EVALUATE SAMPLERS random, maxmargin AT 0.2"):
+        with pytest.raises(diagql.DiagQLError, match="needs items of at least two true "
+                                                     "classes") as info:
+            db.query(statement)
+        assert (info.value.line, info.value.column) == (1, statement.index("maxmargin") + 1)

@@ -27,6 +27,7 @@ class Candidate:
     params: dict  # every parameter but random_state (size included, when the sampler has one)
     size: float | int | None  # as written; None for a sampler whose size is its own (ebtree)
     j: float | None  # the j it runs with; None when the sampler has no j
+    span: object = None  # the call's place in the statement, for a draw's refusal
 
     def sampler(self, seed: int) -> samplers.Sampler:
         return self.cls(**self.params, random_state=seed)
@@ -226,7 +227,7 @@ def _bind_call(call: ast.SamplerCall, cls, sizes, js, n_items: int,
                                    seed, n_items)
             params = {k: v for k, v in sampler.get_params().items() if k != "random_state"}
             found.append(Candidate(_label(cls, params, {arg.name for arg in rest}), cls, params,
-                                   params.get("size"), params.get(SWEEPABLE)))
+                                   params.get("size"), params.get(SWEEPABLE), call.span))
     return found
 
 

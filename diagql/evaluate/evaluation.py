@@ -29,7 +29,7 @@ from diagql.engine.estimate import shares
 from diagql.engine.groups import cell_codes, n_cells
 from diagql.engine.planner import winner_shares
 from diagql.engine.regression import corrected_mean
-from diagql.errors import ExecutionError
+from diagql.errors import DiagQLError, ExecutionError
 from diagql.evaluate.bind import BoundEvaluation, Candidate, bind_evaluate
 from diagql.language import ast
 from diagql.language.binder import NO_LABELS, _error, layers_before
@@ -114,7 +114,14 @@ def draw_samples(conn, bound: BoundEvaluation) -> list[Draw]:
                 sampler = candidate.sampler(seed)
                 REUSED_SECONDS[0] = 0.0
                 started = time.perf_counter()
-                indices = sampler.fit(data).indices_
+                try:
+                    indices = sampler.fit(data).indices_
+                except DiagQLError as exc:  # placed at its call (maxmargin on one class: SW4)
+                    span = candidate.span
+                    if exc.line is None and span is not None:
+                        exc.line, exc.column = span.line, span.column
+                        exc.end_column = span.end_column
+                    raise
                 # A draw that reused another's SVM fit (maxmargin's, weighted's) is timed as
                 # one alone: its time had been 20x short, and hung on the samplers' order.
                 seconds = time.perf_counter() - started + REUSED_SECONDS[0]

@@ -79,7 +79,7 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
                         f"estimate meets the target, and here there is none: {unchecked}",
                         **({} if span is None else {"line": span.line, "column": span.column,
                                                     "end_column": span.end_column}))
-    sample, sample_seconds = _draw(src.sampling, bound.sampler)
+    sample, sample_seconds = _draw(src.sampling, bound.sampler, query.source)
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, src.drawn_on),
@@ -165,12 +165,19 @@ def _reader_profile(src: Sources) -> tuple:
     return src.entry.profile, src
 
 
-def _draw(entry, sampler):
+def _draw(entry, sampler, call=None):
     """The sample of ``sampler`` (None: no sample) on ``entry``'s profile, and the seconds its
-    draw took now (0 when it was drawn before)."""
+    draw took now (0 when it was drawn before). ``call``: the statement's USING SAMPLE, where
+    a draw's refusal is placed (maxmargin on data of one class had none: SW4)."""
     if sampler is None:
         return None, 0.0
-    sample, fresh = entry.artifacts.get_sample(sampler)
+    try:
+        sample, fresh = entry.artifacts.get_sample(sampler)
+    except DiagQLError as exc:
+        span = getattr(call, "span", None)
+        if exc.line is None and span is not None:
+            exc.line, exc.column, exc.end_column = span.line, span.column, span.end_column
+        raise
     return sample, sample.seconds if fresh else 0.0
 
 
@@ -204,7 +211,7 @@ def _planned_similarity(conn, statement: ast.Similarity) -> tuple[Plan, dict[str
     profiled_at = time.perf_counter()
     if not profile.has_labels:
         require_labels(statement)
-    sample, sample_seconds = _draw(entry, bound.sampler)  # drawn on the sampling model's
+    sample, sample_seconds = _draw(entry, bound.sampler, statement.source)  # the sampling model's
     planned_at = time.perf_counter()
     plan = plan_query(bound, profile, None if sample is None else sample.indices,
                       None if sample is None else with_model(sample.spec, drawn_on), None,
