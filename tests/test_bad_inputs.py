@@ -1015,3 +1015,25 @@ def test_an_unlabelled_model_with_one_output_is_told_it_is_read_as_a_binary_logi
     assert not any("one output" in note
                    for note in connect(bad_models.net(), bad_models.unlabelled())
                    .query("SHOW PROFILE").notes)
+
+
+def test_results_of_inputs_groups_and_undefined_cka_read_as_they_show():
+    """SW9: a TOPK INPUTS result's value_of had read its first item's activation; a GROUP
+    BY's len() was 0; an all-undefined CKA column came to pandas as objects; plan() of a TOPK
+    INPUTS named it no query."""
+    pd = pytest.importorskip("pandas")
+    torch.manual_seed(0)
+    X, y = torch.randn(60, 5), torch.arange(60) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    inputs = db.query("TOPK 3 INPUTS FOR 0[2]")
+    with pytest.raises(diagql.DiagQLError, match=r"result.values\[i\] is item "
+                                                 r"result.items\[i\]'s; AVG NEURONS IN 0"):
+        inputs.value_of(2)
+    assert len(db.query("AVG NEURONS IN 0 GROUP BY class")) == 3
+    with pytest.raises(diagql.DiagQLError, match="EXPLAIN shows any statement's plan"):
+        db.plan("TOPK 3 INPUTS FOR 0[2]")
+    from diagql.results.formats import frame_of
+
+    frame = frame_of(pd, [{"layer_x": "a", "layer_y": "b", "cka": None}])
+    assert frame["cka"].dtype == np.float64 and frame["cka"].isna().all()

@@ -123,4 +123,8 @@ def frame_of(pd, records: list[dict]):
         present = [row[column] for row in records if row.get(column) is not None]
         if present and frame[column].dtype.kind == "f" and all(type(v) is int for v in present):
             frame[column] = frame[column].astype("Int64")
+        elif not present and frame[column].dtype == object:
+            # Every cell empty (a SIMILARITY whose every CKA is undefined): missing numbers,
+            # not objects that round() and idxmax() refuse (SW9).
+            frame[column] = frame[column].astype("float64")
     return frame

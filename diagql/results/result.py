@@ -253,6 +253,8 @@ class Result:
         return self.provenance.source if self.provenance is not None else "full"
 
     def __len__(self) -> int:
+        if self.groups is not None:  # its groups (it had been 0: SW9)
+            return len(self.groups)
         if self.kind == "similarity":
             return len(self.labels)
         if self.items is not None:
@@ -463,6 +465,10 @@ def _check_neuron(result: Result, neuron) -> None:
     if result.groups is not None:
         raise DiagQLError("a GROUP BY result holds its values per group: "
                           "result.groups[key].value_of(neuron)")
+    if result.items is not None:  # it had read the first item's activation (SW9)
+        raise DiagQLError(f"a TOPK INPUTS result holds items' activations of "
+                          f"{', '.join(result.labels)}: result.values[i] is item "
+                          f"result.items[i]'s; AVG NEURONS IN {result.layer} gives its mean")
     # TOPK's dense aggregate, or an AVG's or ARGMAX's values: one per neuron of the layer.
     width = len(result.dense) if result.dense is not None else \
         len(result.values) if result.kind in ("avg", "argmax") else None

@@ -365,8 +365,10 @@ class Connection:
             except DiagQLError as exc:
                 raise exc.with_source(query)  # its cause (the user's code) kept
         if not isinstance(query, (ast.Query, ast.Similarity)):
-            raise DiagQLError(f"plan() takes a query (TOPK, AVG, ARGMAX or SIMILARITY), not "
-                              f"{getattr(query, 'text', query)!r}")
+            text = getattr(query, "text", query)
+            raise DiagQLError(f"plan() takes a query of neurons (TOPK k NEURONS, AVG, ARGMAX) or "
+                              f"SIMILARITY, not {text!r}; EXPLAIN shows any statement's plan: "
+                              f"conn.query('EXPLAIN {text}')")
         with watching(self):
             return planned(self, query)[0]
 
