@@ -9,11 +9,12 @@ side call there and ``block#2`` the loop's first, and both had been answered as 
 every item (SW1: max error 0.019). The number of calls alone cannot tell that from a loop whose
 length follows the batch (a GRUCell stepped over the batch's longest item), whose first calls
 are the same computation in every batch: where each call came from can. Each call's site is
-the line of forward() (or of the user's function) that called the module; the profile pass
-compares each batch's sites with the first batch's, and from the first call whose site
+the chain of frames from the model's call to the module's (``caller_site``); the profile
+pass compares each batch's sites with the first batch's, and from the first call whose site
 differs (in the same place of the sequence) on, the module's calls are not the same in every
-batch (``Profile.unran``). Calls past the shorter sequence are left to the count (a call that
-did not come in a batch is unran already).
+batch (``Profile.unran``); the parts of a pass (Ray's shards) compare their first batches'
+as they join (``shifted_between``). Calls past the shorter sequence are left to the count (a
+call that did not come in a batch is unran already).
 """
 from __future__ import annotations
 
