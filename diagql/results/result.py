@@ -255,10 +255,8 @@ class Result:
     def __len__(self) -> int:
         if self.groups is not None:  # its groups (it had been 0: SW9)
             return len(self.groups)
-        if self.kind == "similarity":
-            return len(self.labels)
-        if self.items is not None:
-            return len(self.items)
+        if self.kind == "similarity" or self.items is not None:  # its layers, its items
+            return len(self.labels if self.items is None else self.items)
         return len(self.neurons) if self.is_query else len(self.rows)
 
     def __bool__(self) -> bool:  # a result is an answer, also one of no rows (GROUP BY's)
