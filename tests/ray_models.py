@@ -94,3 +94,19 @@ class Normed(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.X[i] / NORM, self.y[i]
+
+
+class ExtraCall(nn.Module):
+    """``blk`` runs twice per pass, and once more first, on a side branch, in a batch holding
+    an item whose third feature is above 3.5 (model/call_sites.py)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(25)
+        self.blk = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if bool(x[:, 2].max() > 3.5):
+            self.side = self.blk(x * 0.1)
+        return self.head(torch.tanh(self.blk(torch.tanh(self.blk(x)))))

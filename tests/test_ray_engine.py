@@ -1058,3 +1058,27 @@ def test_the_globals_a_worker_must_share_are_named_by_module():
     finally:
         ray_models.SCALE = 1.0
     assert notice.startswith("the code of the model reads tests.ray_models.SCALE, whose value")
+
+
+def test_a_call_shifted_in_one_shard_is_refused_as_locally(cluster):
+    """A shared module's call shifted by a branch on the data in one batch (model/
+    call_sites.py) is refused on Ray as in the local pass, whichever part of the pass holds
+    that batch; without it, both answer alike. (Shards of one batch each, compared only as
+    they join: test_reused_modules.py.)"""
+    torch.manual_seed(0)
+    X, y = torch.randn(120, 6), torch.randint(0, 3, (120,))
+    X[:, 2] = X[:, 2].clamp(max=3.0)
+    plain = diagql.connect(ray_models.ExtraCall().eval(), (X, y), batch_size=30,
+                           cache_dir=False, progress=False)
+    on_ray = diagql.connect(ray_models.ExtraCall().eval(), (X, y), batch_size=30,
+                            cache_dir=False, engine="ray", ray_workers=2, progress=False)
+    np.testing.assert_allclose(on_ray.query("AVG NEURONS IN blk#1").values,
+                               plain.query("AVG NEURONS IN blk#1").values, rtol=0, atol=TOL)
+    on_ray.close()
+    X[100, 2] = 4.0
+    for engine in ({}, {"engine": "ray", "ray_workers": 2}):
+        db = diagql.connect(ray_models.ExtraCall().eval(), (X, y), batch_size=30,
+                            cache_dir=False, progress=False, **engine)
+        with pytest.raises(DiagQLError, match="'blk#1' did not run in every batch"):
+            db.query("AVG NEURONS IN blk#1")
+        db.close()
