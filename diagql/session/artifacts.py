@@ -39,14 +39,15 @@ T = TypeVar("T")
 
 def load_or_compute(cache, kind: str, key: str | None, compute: Callable[[], T],
                     encode: Callable[[T], dict], decode: Callable[[dict], T],
-                    meta: Callable[[T], dict]) -> T:
+                    meta: Callable[[T], dict], usable: Callable[[T], bool] | None = None) -> T:
     """The one way a cached artifact is had: read it under ``key`` (None: memory only), else
     compute it and store it there, unless computing it again costs less than reading it back
     would (the cache weighs the seconds it took). A damaged entry is a miss (storage/store.py
-    reports it)."""
+    reports it), as is one read back that ``usable`` refuses (made for other settings than
+    its key holds: it is made again and stored over it)."""
     if key is not None:
         value = cache.load(kind, key, decode)
-        if value is not None:
+        if value is not None and (usable is None or usable(value)):
             return value
     started = time.perf_counter()
     value = compute()
@@ -134,22 +135,16 @@ class Artifacts:
             def read_auxiliary(view_key: str, layer: str):
                 return self._read_auxiliary(key, view_key, layer)
 
-            def meta(p: Profile) -> dict:
-                return {"model": type(conn.model).__qualname__, "items": len(p),
-                        "latent": p.latent_layer, "dtype": str(conn.dtype),
-                        "device": str(conn.device)}
-
             self.profile = load_or_compute(
                 conn.cache, "profile", key, compute, Profile.to_arrays,
-                lambda arrays: Profile.from_arrays(arrays, n_items, read_auxiliary), meta)
-            if not computed and self.profile.batch_size not in (None, conn.settings.batch_size):
+                lambda arrays: Profile.from_arrays(arrays, n_items, read_auxiliary),
+                lambda p: {"model": type(conn.model).__qualname__, "items": len(p),
+                           "latent": p.latent_layer, "dtype": str(conn.dtype),
+                           "device": str(conn.device)},
                 # A batch-dependent model's profile from batches of another size (its key
                 # holds no batch size: a profile loaded from disk needs no catalog to say so)
-                # had answered WHERE incorrect with their mistakes (SW5): made again, stored.
-                self.profile = compute()
-                if key is not None:
-                    conn.cache.store("profile", key, Profile.to_arrays(self.profile),
-                                     meta=meta(self.profile), seconds=self.profile.seconds)
+                # had answered WHERE incorrect with their mistakes (SW5): made again.
+                usable=lambda p: p.batch_size in (None, conn.settings.batch_size))
             _say_notices(self.profile, self.catalog)
             self.profile_read = not computed
             if key is not None and computed:
