@@ -256,7 +256,7 @@ def reorders(collate, items: list) -> bool:
         return False
     forward, again, backward = collate(items), collate(items), collate(items[::-1])
     judged = False
-    for a, b, c in zip(_tensors(forward), _tensors(again), _tensors(backward)):
+    for a, b, c in zip(tensors_in(forward), tensors_in(again), tensors_in(backward)):
         if a.ndim == 0 or a.shape[0] != len(items) or a.shape != c.shape:
             continue
         if a.shape != b.shape or not torch.equal(a, b):
@@ -269,15 +269,16 @@ def reorders(collate, items: list) -> bool:
     return judged
 
 
-def _tensors(batch) -> Iterator[torch.Tensor]:
+def tensors_in(batch) -> Iterator[torch.Tensor]:
+    """The tensors of a batch, in its mappings, tuples and lists too, in order."""
     if isinstance(batch, torch.Tensor):
         yield batch
     elif isinstance(batch, Mapping):
         for value in batch.values():
-            yield from _tensors(value)
+            yield from tensors_in(value)
     elif isinstance(batch, (tuple, list)):
         for value in batch:
-            yield from _tensors(value)
+            yield from tensors_in(value)
 
 
 def is_sequence_of_items(data) -> bool:

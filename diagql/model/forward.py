@@ -13,6 +13,7 @@ import torch
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.data import NAME_LABEL_KEY
+from diagql.model.data_forms import tensors_in
 from diagql.model.hooks import HookFailure
 from diagql.model.input_masks import NoRealToken
 from diagql.model.labels import LABEL_KEYS
@@ -102,20 +103,7 @@ def call_model(model, x, idx=None):
 
 def _tensors_where(x, kind: Callable[[torch.Tensor], bool]) -> list[torch.Tensor]:
     """The tensors of ``kind`` in a batch's inputs (in its mappings, tuples and lists too)."""
-    found = []
-
-    def visit(v):
-        if isinstance(v, torch.Tensor) and kind(v):
-            found.append(v)
-        elif isinstance(v, Mapping):
-            for item in v.values():
-                visit(item)
-        elif isinstance(v, (tuple, list)):
-            for item in v:
-                visit(item)
-
-    visit(x)
-    return found
+    return [v for v in tensors_in(x) if kind(v)]
 
 
 def _integer_hint(x) -> str:
