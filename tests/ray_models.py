@@ -97,8 +97,10 @@ class Normed(torch.utils.data.Dataset):
 
 
 class ExtraCall(nn.Module):
-    """``blk`` runs twice per pass, and once more first, on a side branch, in a batch holding
-    an item whose third feature is above 3.5 (model/call_sites.py)."""
+    """``blk`` runs twice per pass, and a third time first, on a side branch whose result no
+    output reads, in a batch holding an item whose third feature is above 3.5 (SW1,
+    model/call_sites.py): here for the Ray engine's workers, which import it, and the local
+    tests alike."""
 
     def __init__(self):
         super().__init__()

@@ -17,6 +17,7 @@ from torch import nn
 
 import diagql
 from diagql.errors import BindError, ExecutionError, ParseError
+from tests import ray_models
 
 ATOL = 1e-5
 N = 60
@@ -652,27 +653,12 @@ def test_a_module_run_again_in_some_batch_is_refused_and_the_others_answer():
                                atol=ATOL)
 
 
-class ExtraCall(nn.Module):
-    """``blk`` runs twice per pass, and a third time first, on a side branch whose result no
-    output reads, in a batch holding an item whose third feature is above 3.5 (SW1)."""
-
-    def __init__(self):
-        super().__init__()
-        self.blk = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        if bool(x[:, 2].max() > 3.5):
-            self.side = self.blk(x * 0.1)
-        return self.head(torch.tanh(self.blk(torch.tanh(self.blk(x)))))
-
-
 def test_a_shared_module_run_once_more_in_some_batch_is_refused_per_call():
     """In the batch with the side branch, ``blk#1`` had read the side call and ``blk#2`` the
     loop's first, answered as exact over every item and unwarned (max error 0.019): the
     profile pass counts a shared module's calls in every batch, so both calls are refused;
     with no such item they answer as torch does."""
-    model = _randomise(ExtraCall(), 25)
+    model = _randomise(ray_models.ExtraCall(), 25)
     X, y = _data((6,), 26)
     X[:, 2] = X[:, 2].clamp(max=3.0)
     with torch.no_grad():
@@ -692,7 +678,7 @@ def test_a_shared_module_run_once_more_in_some_batch_is_refused_per_call():
 
 
 class ThroughHelpers(nn.Module):
-    """ExtraCall's side call, with every call made through a helper function, through
+    """ray_models.ExtraCall's side call, with every call made through a helper function, through
     nn.Sequential's own loop, or two on one line: one innermost line for every call (review)."""
 
     def __init__(self, how: str):
@@ -736,7 +722,7 @@ def test_shards_of_one_batch_each_compare_their_call_sites_when_joined():
     from diagql.model.call_sites import SharedCalls, shifted_between
     from diagql.model.profile_pass import profile_part
 
-    model = _randomise(ExtraCall(), 25)
+    model = _randomise(ray_models.ExtraCall(), 25)
     X, y = _data((6,), 26)
     X[:, 2] = X[:, 2].clamp(max=3.0)
     X[40, 2] = 4.0

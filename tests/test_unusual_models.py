@@ -823,12 +823,16 @@ def test_a_binary_log_probability_is_warned_of():
         assert (predictions == (head(X)[:, 0] > 0).long().numpy()).all()
 
 
-def test_uint8_images_into_a_float_model_say_to_convert_them():
+def _conv_on(images: torch.Tensor):
+    """A 3-channel 8 × 8 conv classifier connected to ``images`` (10 of them)."""
     torch.manual_seed(8)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-    X = (torch.rand(10, 3, 8, 8) * 255).to(torch.uint8)
-    conn = diagql.connect(model, (X, torch.randint(0, 3, (10,))), cache_dir=False,
+    return diagql.connect(model, (images, torch.randint(0, 3, (10,))), cache_dir=False,
                           progress=False)
+
+
+def test_uint8_images_into_a_float_model_say_to_convert_them():
+    conn = _conv_on((torch.rand(10, 3, 8, 8) * 255).to(torch.uint8))
     with pytest.raises(DiagQLError, match=r"the model's forward raised RuntimeError: .*\(the "
                                           r"data's inputs are uint8, which DiagQL passes on "
                                           r"unchanged: convert them to floats"):
@@ -839,18 +843,14 @@ def test_uint8_images_into_a_float_model_say_to_convert_them():
 def test_channels_last_images_into_a_channels_first_conv_say_to_permute_them(dtype):
     """(N, H, W, C) images, as PIL and numpy hold them: torch's error named 8 channels where
     3 were expected, and the uint8 hint's remedy led to it (SW2)."""
-    torch.manual_seed(8)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
     X = (torch.rand(10, 8, 8, 3) * 255).to(dtype)
-    conn = diagql.connect(model, (X, torch.randint(0, 3, (10,))), cache_dir=False,
-                          progress=False)
+    conn = _conv_on(X)
     with pytest.raises(DiagQLError, match=r"the images look channels-last, \(N, H, W, C\), as "
                                           r"PIL and numpy hold them: permute them to \(N, C, "
                                           r"H, W\)"):
         conn.query("AVG NEURONS IN 0")
     # Channels first, the hint is not given on another failure.
-    conn = diagql.connect(model, (X.permute(0, 3, 1, 2), torch.randint(0, 3, (10,))),
-                          cache_dir=False, progress=False)
+    conn = _conv_on(X.permute(0, 3, 1, 2))
     if dtype == torch.uint8:
         with pytest.raises(DiagQLError) as info:
             conn.query("AVG NEURONS IN 0")
