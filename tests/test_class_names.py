@@ -58,6 +58,12 @@ def test_grouped_answers_and_the_profile_show_the_names(world):
     assert str(inputs).count("1 bee") >= 3  # each row's label, as a name too
     profile = db.query("SHOW PROFILE")
     assert profile.columns[:2] == ["class", "name"]
+    # Records (CSV, pandas) carry the name beside the index, as the table shows both (SW9).
+    grouped = db.query("AVG NEURONS IN 1 GROUP BY predicted").records()
+    assert {(r["predicted"], r["predicted_name"]) for r in grouped} <= set(enumerate(NAMES))
+    rows = inputs.records()
+    assert [r["label_name"] for r in rows] == ["bee"] * 3
+    assert all(r["predicted_name"] == NAMES[r["predicted"]] for r in rows)
     assert [row[1] for row in profile.rows] == NAMES
 
 

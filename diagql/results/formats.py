@@ -20,6 +20,17 @@ def group_label(key, group_by: str | None, names: list[str] | None) -> str:
     return "" if key is None else str(key)
 
 
+def key_columns(column: str, key, names: list[str] | None) -> dict:
+    """A record's key as columns: ``{"class": 3}``, with ``"class_name": "cat"`` beside it
+    where the key is a named class, as the table's ``3 cat`` shows it (records had carried
+    the bare index: sweep SW9)."""
+    out = {column: key}
+    if names and column in ("class", "predicted", "label") and isinstance(key, int) and \
+            0 <= key < len(names):
+        out[f"{column}_name"] = names[key]
+    return out
+
+
 def probability_text(p) -> str:
     """A probability (an item's confidence) as shown: 3 decimals, or 3 significant digits
     under 0.001, where a 50,257-token vocabulary's predictions all lie (its softmax's top is

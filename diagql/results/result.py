@@ -14,6 +14,7 @@ import numpy as np
 
 from diagql.errors import DiagQLError
 from diagql.language.ast import AGGREGATES
+from diagql.results.formats import key_columns
 from diagql.results.metrics import Metric
 
 # The aggregates, which are also the kinds of a query's Result.
@@ -164,12 +165,13 @@ class RankedItems:
     previews: tuple = ()
     how: str = ""  # how the answer was found (the index, items read), for the caption
 
-    def records(self, items: np.ndarray, values: np.ndarray) -> list[dict]:
+    def records(self, items: np.ndarray, values: np.ndarray, names=None) -> list[dict]:
         rows = []
         for j, (item, value) in enumerate(zip(items.tolist(), values.tolist())):
             row = {"rank": j + 1, "item": item, "value": value,
-                   "label": None if self.labels is None else int(self.labels[j]),
-                   "predicted": int(self.predictions[j]),
+                   **key_columns("label", None if self.labels is None else int(self.labels[j]),
+                                 names),
+                   **key_columns("predicted", int(self.predictions[j]), names),
                    "confidence": float(self.confidence[j])}
             preview = self.previews[j] if j < len(self.previews) else None
             if isinstance(preview, list):
@@ -344,7 +346,7 @@ class Result:
         if self.kind == "similarity":
             return _similarity_records(self)
         if self.ranked is not None:
-            return self.ranked.records(self.items, self.values)
+            return self.ranked.records(self.items, self.values, self.class_names)
         if self.checkpoints is not None:
             # ACROSS: each model's own rows, under its name, whatever the table's layout (its
             # cells held a TOPK's "neuron value", a sample's "cka=0.47 [0.39, 0.56]" and an
@@ -359,8 +361,8 @@ class Result:
             group_by = (self.provenance.group_by if self.provenance is not None else None) \
                 or "group"
             # A group the sample drew none of keeps a row of its own, its values empty.
-            return [{group_by: _plain(key), **rec} for key, group in self.groups.items()
-                    for rec in (group.records() or [{}])]
+            return [{**key_columns(group_by, _plain(key), self.class_names), **rec}
+                    for key, group in self.groups.items() for rec in (group.records() or [{}])]
         exact = self.baseline.value_of if self.baseline is not None else None
         # A sample's estimate per neuron, as its table shows it (an unreliable one is not).
         est = self.estimate if self.estimate is not None and self.estimate.reliable else None
@@ -435,8 +437,8 @@ def _similarity_records(result: Result) -> list[dict]:
     if result.groups is not None:
         group_by = result.provenance.group_by if result.provenance is not None else "group"
         # A group the sample drew none of keeps a row of its own, its values empty.
-        return [{group_by: _plain(key), **rec} for key, group in result.groups.items()
-                for rec in (group.records() or [{}])]
+        return [{**key_columns(group_by, _plain(key), result.class_names), **rec}
+                for key, group in result.groups.items() for rec in (group.records() or [{}])]
     if result.matrix is None:
         return []
     rows = []
