@@ -221,6 +221,11 @@ def test_output_as_json_csv_pandas_and_text(conn):
     assert frame.loc[frame["sampler"] == "maxmargin", "S1 sd"].tolist() == [0.0, 0.0]
     text = to_text(result, width=160)
     assert "S1 ↑" in text and "top-10 precision" in text and "maxmargin" in text and "5%" in text
+    # Seeds that agree (maxmargin draws no random numbers) show a spread of 0, not a blank
+    # that reads as one seed's (SW9).
+    maxmargin = [line.replace("│", " ").split() for line in text.splitlines()
+                 if line.replace("│", " ").split()[:1] == ["maxmargin"]]
+    assert len(maxmargin) == 2 and all(cells[4] == "0.000" for cells in maxmargin), maxmargin
 
 
 def test_every_score_stays_whole_at_any_width(conn):

@@ -121,8 +121,15 @@ def _evaluation(result, echo: bool) -> Group:
     """EVALUATE SAMPLERS: one row per sampler, size, k (and j), spreads beside the means.
     Where that does not fit the width, the spreads go first, then the item counts and the
     draw's seconds, then the assisted scores' headers take two lines (results/tables.py)."""
+    from diagql.results.metrics import METRICS
+
     rows = result.records()
-    forms = ((True, True, False, False), (False, True, False, False),  # (spreads, counts,
+    # Several seeds show their spread, 0.000 where they agree (it had been left blank, as
+    # one seed's is: SW9); a result without its plan shows the spreads it has.
+    seeds = getattr(result.plan, "seeds", None)
+    several = len(seeds) > 1 if seeds is not None else \
+        any(r[f"{m.paper} sd"] for r in rows for m in METRICS)
+    forms = ((several, True, False, False), (False, True, False, False),  # (spreads, counts,
              (False, False, False, False), (False, False, True, False),  # folded, compact)
              (False, False, True, True))
     table = FittingTable(functools.partial(_evaluation_table, rows, *form) for form in forms)
@@ -148,8 +155,6 @@ def _evaluation_table(rows: list[dict], spreads: bool, counts: bool, folded: boo
     show_j = any(r["j"] is not None for r in rows)
     sections = len({r["sampler"] for r in rows}) < len(rows)
     names = [m.paper for m in METRICS]  # EVALUATE's columns: S1, S1 sd, S2, ...
-    # none with one seed
-    spread = spreads and any(r[f"{name} sd"] for r in rows for name in names)
     table = PlainTable(**(_COMPACT if compact else {}))
     if not spreads and any(r[f"{name} sd"] for r in rows for name in names):  # sweep SS8
         table.caption = "± (the seeds' spreads) left out at this width: --format csv has them"
@@ -160,7 +165,7 @@ def _evaluation_table(rows: list[dict], spreads: bool, counts: bool, folded: boo
             table.add_column(name, justify="right")
     for metric in METRICS:
         table.add_column(f"{metric.paper} {metric.arrow}", justify="right")
-        if spread:
+        if spreads:
             table.add_column("±", justify="right", style="dim")
     assisted = all(f"{name} assisted" in r for r in rows for name in names)
     if assisted:  # the model-assisted estimator's scores, beside the sample's own
@@ -181,7 +186,7 @@ def _evaluation_table(rows: list[dict], spreads: bool, counts: bool, folded: boo
         cells += ["" if r["j"] is None else f"{r['j']:g}"] if show_j else []
         for name in names:
             sd = r[f"{name} sd"]
-            cells += [f"{r[name]:.3f}"] + ([f"{sd:.3f}" if sd else ""] if spread else [])
+            cells += [f"{r[name]:.3f}"] + ([f"{sd:.3f}"] if spreads else [])
         cells += [f"{r[f'{name} assisted']:.3f}" for name in names] if assisted else []
         cells += [f"{r[n]:.0f}" if float(r[n]).is_integer() else f"{r[n]:.1f}"
                   for n in ("items", "correct", "incorrect") if n in shown]
