@@ -413,3 +413,36 @@ def test_no_real_token_survives_a_pickle_as_a_ray_workers_error_does():
     error = pickle.loads(pickle.dumps(NoRealToken("proj", 3).at_item("13")))
     assert (error.layer, error.row) == ("proj", 3)
     assert error.message.startswith("item 13 has no real token at layer 'proj'")
+
+
+def test_padding_of_one_value_per_item_is_read_and_padding_of_none_is_warned_of():
+    """Items padded, then standardised each on its own: each row's padding is one value of its
+    own, and the mask had been read as no padding at all, the padding averaged in unwarned
+    (sweep SX1: 0.12-0.23 off). Padding of random values cannot tell the mask's meaning: warned."""
+    data = Clouds()
+    (points, real), labels = collate(data.items)
+    standardised = (points - points.mean(1, keepdim=True)) / points.std(1, keepdim=True)
+    assert real_positions({"x": standardised, "mask": real}, "mask").tolist() == real.tolist()
+    model = MaskNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        db = diagql.connect(model, [((x, m), y) for x, m, y in zip(standardised, real, labels)],
+                            cache_dir=False, progress=False)
+        mean = db.query("AVG NEURONS IN act USING FULL")
+    with torch.no_grad():
+        h = model.act(model.mlp(standardised)).double()
+    own = ((h * real[..., None]).sum(1) / real.sum(1, keepdim=True)).mean(0).numpy()
+    np.testing.assert_allclose(dense(mean, 16), own, rtol=1e-5, atol=1e-6)
+    noisy = torch.where(real[..., None], points, torch.randn(points.shape))
+    assert real_positions({"x": noisy, "mask": real}, "mask") is None
+    with pytest.warns(diagql.DiagQLWarning, match="'mask' argument looks like a padding mask"):
+        diagql.connect(model, [((x, m), y) for x, m, y in zip(noisy, real, labels)],
+                       cache_dir=False, progress=False).query("DESCRIBE act")
+    # Masks of something else warn of nothing: the same last steps in every row, scattered.
+    from diagql.model.input_masks import warn_unread_masks
+    every = torch.randn(3, 4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diagql.DiagQLWarning)
+        for mask in (torch.tensor([[0, 0, 1, 1]] * 3),
+                     torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1]])):
+            warn_unread_masks({"x": every, "mask": mask})

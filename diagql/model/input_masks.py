@@ -35,7 +35,9 @@ class NoRealToken(ExecutionError):
         super().__init__(f"{which} has no real token at layer {layer!r} (its padding mask "
                          f"covers every position), so its tokens' mean, maximum or n-th is "
                          f"undefined; leave the items with no real token (empty texts) out of "
-                         f"the data")
+                         f"the data, or, if it has tokens, give a mask that is 1 at them (an "
+                         f"attention_mask is 1 at real tokens; one that is True at padding, as "
+                         f"torch's key_padding_mask is, reads as the reverse)")
 
     def at_item(self, item: str) -> NoRealToken:
         return NoRealToken(self.layer, self.row, item)
@@ -87,10 +89,26 @@ def lengths_mask(inputs: Mapping, key: str) -> torch.Tensor | None:
             continue
         steps = torch.arange(sequence.shape[1], device=lengths.device)
         real = steps[None, :] < lengths[:, None]
-        past = sequence[~real.to(sequence.device)]
-        if not past.numel() or bool((past == past.reshape(-1)[0]).all()):
+        if _one_value_past(sequence, real):
             return real
     return None
+
+
+def _one_value_past(sequence: torch.Tensor, real: torch.Tensor) -> bool:
+    """Whether the positions of ``sequence`` (batch, length, ...) that ``real`` leaves out hold
+    padding: one value in the whole batch (a padding collate's zeros), or one in each row
+    (padded items standardised each on its own: sweep SX1, whose mask had been read as no
+    padding and its padding averaged in, 0.12-0.23 off); an input's own values there (a
+    forecast's last steps, a masked language model's tokens) differ."""
+    past = ~real.to(sequence.device)
+    if not bool(past.any()):
+        return True
+    values = sequence[past]
+    if bool((values == values[:1]).all()):
+        return True
+    first = past.to(torch.int8).argmax(dim=1)  # each row's first padded position
+    reference = sequence[torch.arange(len(sequence), device=sequence.device), first]
+    return bool((sequence == reference.unsqueeze(1))[past].all())
 
 
 def fit_longest(real: torch.Tensor | None, length: int | None) -> torch.Tensor | None:
@@ -236,12 +254,9 @@ def real_positions(inputs: Mapping, key: str) -> torch.Tensor | None:
 
 def _padding_at(inputs: Mapping, key: str, real: torch.Tensor) -> bool:
     """Whether ``real`` marks right or left padding: each row's real positions one run at an
-    end, at least one, and the others holding one value in a sequence input beside the mask
-    (batch-first or time-first)."""
-    steps = real.to(torch.int8).diff(dim=1)
-    right = bool(real[:, 0].all()) and bool((steps <= 0).all())  # real, then padding
-    left = bool(real[:, -1].all()) and bool((steps >= 0).all())  # padding, then real
-    if not (right or left):
+    end (``_runs_at_an_end``), and the others holding padding in a sequence input beside the
+    mask (batch-first or time-first: ``_one_value_past``)."""
+    if not _runs_at_an_end(real):
         return False
     batch, length = real.shape
     for name, value in inputs.items():
@@ -250,10 +265,42 @@ def _padding_at(inputs: Mapping, key: str, real: torch.Tensor) -> bool:
         # Both ways where the batch is as long as the sequence.
         for sequence in ([value] if tuple(value.shape[:2]) == (batch, length) else []) + \
                 ([value.transpose(0, 1)] if tuple(value.shape[:2]) == (length, batch) else []):
-            past = sequence[~real.to(sequence.device)]
-            if bool((past == past[:1]).all()):
+            if _one_value_past(sequence, real):
                 return True
     return False
+
+
+def _runs_at_an_end(real: torch.Tensor) -> bool:
+    """Each row's True positions one run, at least one long, at its start (right padding)
+    or at its end (left padding), the same end in every row."""
+    steps = real.to(torch.int8).diff(dim=1)
+    right = bool(real[:, 0].all()) and bool((steps <= 0).all())  # real, then padding
+    left = bool(real[:, -1].all()) and bool((steps >= 0).all())  # padding, then real
+    return right or left
+
+
+def warn_unread_masks(inputs) -> None:
+    """Warn where a padding mask under the model's own name (``MASK_KEYS``) looks like padding
+    (a run at an end of each row, of lengths that differ) but the input beside it holds no
+    padding there (neither one value nor one per row), so that ``real_positions`` cannot tell
+    which value marks the real positions: every position then counts as a token, padding
+    included (sweep SX1: random values in the padded steps, averaged in unwarned)."""
+    if not isinstance(inputs, Mapping):
+        return
+    for key in MASK_KEYS:
+        mask = inputs.get(key)
+        if not _two_dimensional(mask) or len(torch.unique(mask)) != 2 or \
+                real_positions(inputs, key) is not None:
+            continue
+        values = torch.unique(mask).tolist()
+        if any(_runs_at_an_end(mask == value) and len(set((mask == value).sum(dim=1).tolist())) > 1
+               for value in values):
+            warn(f"the model's {key!r} argument looks like a padding mask, but the input's "
+                 f"positions it would mark as padding hold differing values (not one padding "
+                 f"value, nor one per item), so DiagQL cannot tell which of its values, "
+                 f"{values[0]!r} or {values[1]!r}, marks the real positions: TOKENS MEAN, MAX "
+                 f"and TOKEN -1 count every position, padding included; pad the items with "
+                 f"one value (zeros) where the mask marks padding")
 
 
 def warn_untraced(inputs, untraced: list[str]) -> None:

@@ -23,7 +23,7 @@ from diagql.model.row_order import reversing_axes
 from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
 from diagql.model.input_masks import (input_attention_mask, longest, mask_key, token_mask,
-                                      warn_unmasked_padding, warn_untraced)
+                                      warn_unmasked_padding, warn_unread_masks, warn_untraced)
 from diagql.model.layouts import map_layout, stored_channels_first, vector_layout
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, named_inputs, padding_argument, padding_mask
@@ -95,6 +95,7 @@ def probe(model: nn.Module, source, prepare, call, scores: Scores | None = None,
         reverses = _checks(model, source, prepare, call, first, first_output, output, idx,
                            sizes[-1])
         warn_unmasked_padding(model, x)
+        warn_unread_masks(named_inputs(x, model))
     notices = tuple(dict.fromkeys(str(w.message) for w in said
                                   if issubclass(w.category, DiagQLWarning)))
     for notice in notices:
