@@ -342,8 +342,20 @@ def test_checkpoints_as_training_libraries_save_them(trained, data, tmp_path):
                 **{f"student.{k}": v for k, v in states["epoch2"].items()}}, tmp_path / "kd.pt")
     both = diagql.connect(model, data, checkpoints={"kd": tmp_path / "kd.pt"}, cache_dir=False,
                           progress=False)
-    with pytest.raises(DiagQLError, match="does not fit the model: missing"):
+    with pytest.raises(DiagQLError, match="holds the model's weights under 2 prefixes "
+                                          r"\('student.', 'teacher.'\): save the one"):
         both.query("AVG NEURONS IN kd.head")
+    # A LightningModule's EMA beside its model: the model's is read, and said.
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in states["epoch1"].items()},
+                               **{f"ema_model.{k}": v for k, v in states["epoch2"].items()}}},
+               tmp_path / "ema.ckpt")
+    lit = diagql.connect(model, data, checkpoints={"e": tmp_path / "ema.ckpt"},
+                         cache_dir=False, progress=False)
+    with pytest.warns(Warning, match="its 'model.' weights are read; it also holds "
+                                     "'ema_model.', a moving average"):
+        np.testing.assert_allclose(lit.query("AVG NEURONS IN e.head").values,
+                                   outputs(loaded(states["epoch1"]), X, "head").mean(0),
+                                   rtol=1e-5, atol=1e-6)
     with pytest.raises(DiagQLError, match="is a directory without model.safetensors or "
                                           "pytorch_model.bin"):
         diagql.connect(model, data, checkpoints={"dir": tmp_path}, progress=False)
@@ -689,3 +701,76 @@ def test_a_wide_across_table_on_a_narrow_terminal_keeps_its_numbers_whole(db):
         assert len(rows) == 16  # one line each: nothing folded onto a second line
         for label, shown in rows.items():
             assert shown == [number(v, digits) for v in result.series[label]], (width, label)
+
+
+class _Tied(torch.nn.Module):
+    """A language model's head tied to its embedding: one Parameter under two keys."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(12, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 12, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.body(self.embed(ids))).mean(1))
+
+
+def test_checkpoint_files_as_they_are_saved_and_changed(tmp_path):
+    """Sweep SX3: a tied weight saved once (save_pretrained, safetensors' save_model) had
+    been refused as missing; a save_pretrained directory's file copied over, and a file
+    rewritten with its modification time kept, had answered the old weights unwarned; a
+    training loop's checkpoint with its args, and a file cut short, had unclear refusals."""
+    import argparse
+    import os
+    import shutil
+
+    ids = torch.randint(0, 12, (40, 5), generator=torch.Generator().manual_seed(1))
+    data = (ids, torch.randint(0, 12, (40,)))
+    model, other = _Tied().eval(), _Tied().eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.5)
+
+    def body_mean(m):
+        with torch.no_grad():
+            return m.body(m.embed(ids)).double().mean((0, 1)).numpy()
+
+    once = {k: v for k, v in other.state_dict().items() if k != "head.weight"}
+    torch.save(once, tmp_path / "tied.pt")
+    (tmp_path / "run").mkdir()
+    torch.save(model.state_dict(), tmp_path / "run" / "pytorch_model.bin")
+    torch.save(model.state_dict(), tmp_path / "same.pt")
+    torch.save({"model": other.state_dict(), "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "args.pt")
+    whole = (tmp_path / "same.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:len(whole) // 2])
+    db = diagql.connect(model, data, checkpoints={
+        "tied": tmp_path / "tied.pt", "run": tmp_path / "run", "same": tmp_path / "same.pt",
+        "args": tmp_path / "args.pt", "cut": tmp_path / "cut.pt"}, cache_dir=False,
+        progress=False)
+    np.testing.assert_allclose(db.query("AVG NEURONS IN tied.body").values, body_mean(other),
+                               rtol=1e-5, atol=1e-6)
+    for name in ("run", "same"):
+        np.testing.assert_allclose(db.query(f"AVG NEURONS IN {name}.body").values,
+                                   body_mean(model), rtol=1e-5, atol=1e-6)
+    with pytest.raises(DiagQLError, match="holds an object of type argparse.Namespace beside "
+                                          "its tensors.*torch.load.path, weights_only=False"):
+        db.query("AVG NEURONS IN args.body")
+    with pytest.raises(DiagQLError, match="cut short or corrupt|corrupted"):
+        db.query("AVG NEURONS IN cut.body")
+    # The folder's times kept as a file is copied into it; a file rewritten as cp -p does.
+    folder = os.stat(tmp_path / "run")
+    torch.save(other.state_dict(), tmp_path / "new.bin")
+    shutil.copyfile(tmp_path / "new.bin", tmp_path / "run" / "pytorch_model.bin")
+    os.utime(tmp_path / "run", ns=(folder.st_atime_ns, folder.st_mtime_ns))
+    kept = os.stat(tmp_path / "same.pt")
+    shutil.copyfile(tmp_path / "new.bin", tmp_path / "same.pt")
+    os.utime(tmp_path / "same.pt", ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    with pytest.warns(Warning) as said:  # a statement checks every model: both said at once
+        answers = [db.query(f"AVG NEURONS IN {name}.body").values for name in ("run", "same")]
+    for name, answer in zip(("run", "same"), answers):
+        assert any(f"model '{name}' changed" in str(w.message) for w in said), name
+        np.testing.assert_allclose(answer, body_mean(other), rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 with one-line errors that say what does not fit (``--weights``, ``--checkpoint``, checkpoints=)."""
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -95,18 +96,36 @@ def read_state(path, label: str) -> Mapping:
         if first.startswith("Weights only load failed"):
             # torch's own line goes on to say the file "can still be loaded", which for a file
             # that is not a checkpoint (text, a pickled object) misleads.
-            first = ("it holds something other than tensors, or is not a torch file; DiagQL "
-                     "reads weights only, running no pickled code: save model.state_dict() "
-                     "with torch.save")
+            first = _not_weights_only(str(exc))
+        elif isinstance(exc, OSError) and not isinstance(exc, PermissionError):
+            # A zip cut short: "[Errno 22] Invalid argument", from where torch seeks (SX3).
+            first = f"the file is cut short or corrupt ({first}): save it again"
         raise WeightsError(f"{label} is not a readable torch checkpoint: {first}") from None
     return unwrap_state(state, label)
+
+
+def _not_weights_only(message: str) -> str:
+    """Why torch's weights-only unpickler refused a file, and what to do: a training loop's
+    checkpoint that holds an object beside its tensors (its ``args``, a ``Path``) is named by
+    that object's class, with how to pass its state_dict (the class had been left out, sweep
+    SX3)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found is None:
+        return ("it holds something other than tensors, or is not a torch file; DiagQL "
+                "reads weights only, running no pickled code: save model.state_dict() with "
+                "torch.save")
+    return (f"it holds an object of type {found.group(1)} beside its tensors, and DiagQL "
+            f"reads weights only, running no pickled code: if you trust the file, load it "
+            f"yourself "
+            f"(torch.load(path, weights_only=False)) and pass its state_dict (its 'model' "
+            f"or 'state_dict' entry)")
 
 
 def unwrap_state(state, label: str) -> Mapping:
     for key in WRAPPER_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             averaged = [other for other, value in state.items() if isinstance(other, str)
-                        and "ema" in other.lower().split("_") and isinstance(value, Mapping)]
+                        and _averaged(other) and isinstance(value, Mapping)]
             if averaged:  # timm's {"state_dict", "state_dict_ema"}: which was read, said
                 warn(f"{label}: its {key!r} is read; it also holds {averaged[0]!r}, a moving "
                      f"average of the weights: to diagnose those, save that entry alone")
@@ -124,19 +143,37 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 def load_state(model: nn.Module, state: Mapping, label: str) -> None:
     """Copy ``state`` into ``model``'s parameters and buffers; every key must fit."""
-    state = _unprefixed(model, state)
+    state = _unprefixed(model, state, label)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
         raise WeightsError(f"{label} does not fit the model: {detail}") from None
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing {_few(result.missing_keys)}")
+    missing = _untied(model, result.missing_keys, state)
+    if missing:
+        problems.append(f"missing {_few(missing)}")
     if result.unexpected_keys:
         problems.append(f"unexpected {_few(result.unexpected_keys)}")
     if problems:
         raise WeightsError(f"{label} does not fit the model: " + "; ".join(problems))
+
+
+def _ties(model: nn.Module) -> dict[str, int]:
+    """Each state_dict key's tensor, as a number shared by the keys of one tensor: a tied
+    weight (an LM head's and its embedding's) is one Parameter under two keys, of which
+    save_pretrained and safetensors' save_model keep one."""
+    return {key: id(value) for key, value in model.state_dict(keep_vars=True).items()}
+
+
+def _untied(model: nn.Module, missing: list[str], state: Mapping) -> list[str]:
+    """The ``missing`` keys whose tensor no key of ``state`` loaded (a tied weight's other key
+    is not missing: BERT-MLM's decoder.weight had been refused, sweep SX3)."""
+    if not missing:
+        return []
+    ties = _ties(model)
+    loaded = {ties[key] for key in state if key in ties}
+    return [key for key in missing if ties.get(key) not in loaded]
 
 
 def _few(keys: list[str]) -> str:
@@ -144,7 +181,7 @@ def _few(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 
 
-def _unprefixed(model: nn.Module, state: Mapping) -> Mapping:
+def _unprefixed(model: nn.Module, state: Mapping, label: str) -> Mapping:
     """``state`` with its keys' wrapper prefixes made the model's own: each saved from a
     wrapper (``module._orig_mod.``: DDP around a compiled model) or loaded into one (a
     DataParallel given a plain state_dict). Only prefixes that every key has count, so a
@@ -155,29 +192,53 @@ def _unprefixed(model: nn.Module, state: Mapping) -> Mapping:
     keys = [k for k in state]
     if not keys or not all(isinstance(k, str) for k in keys):
         return state
-    own = list(model.state_dict().keys())
+    ties = _ties(model)
+    own = list(ties)
     theirs, ours = _wrapping(keys), _wrapping(own)
     if theirs != ours:
         state = {ours + k[len(theirs):]: v for k, v in state.items()}
-    if set(state) == set(own):
+    if _covers(set(state), ties):
         return state
-    return _part(state, set(own))
+    return _part(state, ties, label)
 
 
-def _part(state: Mapping, own: set[str]) -> Mapping:
-    """The keys under the one dotted prefix whose keys are exactly ``own``, unprefixed;
-    ``state`` itself where no prefix or several fit (load_state then says what differs)."""
-    anchor = next(iter(own), None)  # each prefix that fits puts some key before this one
-    if anchor is None:
+def _covers(keys: set[str], ties: dict[str, int]) -> bool:
+    """Whether ``keys`` are the model's own and name each of its tensors (a tied one under
+    either of its keys, or both)."""
+    return keys <= ties.keys() and {ties[key] for key in keys} == set(ties.values())
+
+
+def _part(state: Mapping, ties: dict[str, int], label: str) -> Mapping:
+    """The keys under the one dotted prefix whose keys are the model's own (``_covers``),
+    unprefixed; ``state`` itself where no prefix fits (load_state then says what differs).
+    Several that fit (a LightningModule's ``model.`` beside its ``ema_model.``) are refused
+    by name."""
+    anchor = next(iter(ties.values()), None)  # each prefix that fits holds this tensor
+    anchors = [own for own, tensor in ties.items() if tensor == anchor]
+    prefixes = {key[:-len(own)] for key in state for own in anchors
+                if key.endswith("." + own) and key != own}
+    fitting = sorted(prefix for prefix in prefixes
+                     if _covers({k[len(prefix):] for k in state if k.startswith(prefix)}, ties))
+    if not fitting:
         return state
-    prefixes = {key[:-len(anchor)] for key in state
-                if key.endswith("." + anchor) and key != anchor}
-    fitting = [prefix for prefix in prefixes
-               if {k[len(prefix):] for k in state if k.startswith(prefix)} == own]
-    if len(fitting) != 1:
-        return state
+    plain = [prefix for prefix in fitting if not _averaged(prefix)]
+    if len(fitting) > 1 and len(plain) == 1:  # the weights beside their moving average's
+        warn(f"{label}: its {plain[0]!r} weights are read; it also holds "
+             f"{next(p for p in fitting if p != plain[0])!r}, a moving average of the "
+             f"weights: to diagnose those, save that part alone")
+        fitting = plain
+    if len(fitting) > 1:
+        raise WeightsError(f"{label} holds the model's weights under {len(fitting)} prefixes ("
+                           f"{', '.join(repr(p) for p in fitting)}): save the one to diagnose "
+                           f"alone, e.g. {{k[len({fitting[0]!r}):]: v for k, v in "
+                           f"state.items() if k.startswith({fitting[0]!r})}}")
     (prefix,) = fitting
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _averaged(name: str) -> bool:
+    """A key or prefix of a moving average's weights (``state_dict_ema``, ``ema_model.``)."""
+    return "ema" in name.lower().replace(".", "_").split("_")
 
 
 def _wrapping(keys: list[str]) -> str:

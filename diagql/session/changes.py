@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Subset
 from diagql.errors import DiagQLError, warn
 from diagql.model.data import ItemSource, listed_items
 from diagql.model.forward import FORWARDS
+from diagql.model.weights import weights_file
 from diagql.session.inputs import forget_indices
 from diagql.session.item_stamps import items_stamp, length, version
 from diagql.session.serial import STATEMENTS
@@ -446,8 +447,10 @@ def _weights_changed(entry) -> str:
 
 
 def _checkpoint_stamp(entry, finals: dict) -> tuple:
-    """A checkpoint file's modification time and size (a training job saves it again), a
-    module's stamp (as a model's), or a state_dict's tensors' stamp, and
+    """A checkpoint file's times, size and inode (a training job saves it again; ``cp -p``
+    and ``rsync -t`` keep the modification time, not the change time), the weights file of a
+    save_pretrained directory (its own times do not follow a file copied over one inside:
+    sweep SX3, an old CKA answered unwarned), a module's stamp (as a model's), or a state_dict's tensors' stamp, and
     the final model's hooks, which its copy runs with (session/checkpoints.py); ``finals``
     keeps each final model's digest for the statement's other checkpoints."""
     final = entry.slot.final
@@ -462,10 +465,10 @@ def _checkpoint_stamp(entry, finals: dict) -> tuple:
     if not isinstance(entry.weights, (str, os.PathLike)):
         return None, hooks
     try:
-        status = os.stat(entry.weights)
-    except OSError:
+        status = os.stat(weights_file(entry.weights))
+    except (OSError, DiagQLError):
         return None, hooks  # loading it says what is wrong
-    return (status.st_mtime_ns, status.st_size), hooks
+    return (status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_ino), hooks
 
 
 def _say(what: str) -> None:
