@@ -226,7 +226,9 @@ class Runner:
         finally:  # rows that came before a Ctrl-C are kept too: a rerun reads them back
             for collector in collectors:
                 store.add_chunks(collector.view, collector.chunks, per_item)
-        reducer = cached.merge(fresh)
+        # Nothing held: the pass's states alone, as merged into empty ones (0 + x is x), without
+        # the merge's adds (8 ms of a conv1 sample's 0.1 s).
+        reducer = fresh if cached is None else cached.merge(fresh)
         reducer.check()
         states = reducer.states
         if plan.approximate:
@@ -243,13 +245,15 @@ class Runner:
         reducer.check()
         return reducer.states
 
-    def _split(self, plan: Plan) -> tuple[Reducer, Reducer]:
+    def _split(self, plan: Plan) -> tuple[Reducer | None, Reducer]:
         """A sample's states over the rows the activation cache holds, reduced now (before
-        rows that a pass keeps can push them out of memory), and a Reducer for a forward pass
-        to feed with the items whose rows it lacks; merged, they cover the plan's items."""
-        cached = Reducer(plan)
+        rows that a pass keeps can push them out of memory; None where it holds none), and a
+        Reducer for a forward pass to feed with the items whose rows it lacks; merged, they
+        cover the plan's items."""
+        cached = None
         held = []
         for table, positions, items in self.activations.held_rows(plan.bound.view, plan.items):
+            cached = cached or Reducer(plan)
             cached.take_rows(table, positions, items, self.batch_size)
             held.append(items)
         fresh = Reducer(plan)
