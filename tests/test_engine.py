@@ -570,3 +570,17 @@ def test_rows_a_pass_gave_before_ctrl_c_are_kept(world):
     with torch.no_grad():
         want = model[:4](X[items]).flatten(1).double().mean(dim=0).numpy()
     np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
+
+
+def test_neuron_labels_of_every_neuron_are_their_coordinates():
+    """Every neuron's names are made once per layer and shape (a hot AVG's fifth): the same
+    names as one at a time."""
+    from diagql.model.neuron_labels import neuron_labels
+    every = neuron_labels("conv1", (6, 28, 28), np.arange(4704))
+    assert every[0] == "conv1[0,0,0]" and every[29] == "conv1[0,1,1]" and \
+        every[-1] == "conv1[5,27,27]" and len(every) == 4704
+    every[0] = "changed"  # a caller's own list: the next answer's names are whole
+    assert neuron_labels("conv1", (6, 28, 28), np.arange(4704))[0] == "conv1[0,0,0]"
+    assert neuron_labels("conv1", (6, 28, 28), [29, 0]) == ["conv1[0,1,1]", "conv1[0,0,0]"]
+    assert neuron_labels("enc", (7, 4), np.arange(28), flat=True)[27] == "enc[27]"
+    assert neuron_labels("fc", (3,), np.arange(3)) == ["fc[0]", "fc[1]", "fc[2]"]

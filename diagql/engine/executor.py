@@ -226,8 +226,7 @@ class Runner:
         finally:  # rows that came before a Ctrl-C are kept too: a rerun reads them back
             for collector in collectors:
                 store.add_chunks(collector.view, collector.chunks, per_item)
-        # Nothing held: the pass's states alone, as merged into empty ones (0 + x is x), without
-        # the merge's adds (8 ms of a conv1 sample's 0.1 s).
+        # Nothing held: the pass's states, as merged into empty ones (8 ms of a conv1 sample's).
         reducer = fresh if cached is None else cached.merge(fresh)
         reducer.check()
         states = reducer.states
@@ -246,12 +245,10 @@ class Runner:
         return reducer.states
 
     def _split(self, plan: Plan) -> tuple[Reducer | None, Reducer]:
-        """A sample's states over the rows the activation cache holds, reduced now (before
-        rows that a pass keeps can push them out of memory; None where it holds none), and a
-        Reducer for a forward pass to feed with the items whose rows it lacks; merged, they
-        cover the plan's items."""
-        cached = None
-        held = []
+        """A sample's states over the rows the activation cache holds (None: none), reduced
+        now (before rows a pass keeps can push them out of memory), and a Reducer for a pass
+        to feed with the items whose rows it lacks; merged, they cover the plan's items."""
+        cached, held = None, []
         for table, positions, items in self.activations.held_rows(plan.bound.view, plan.items):
             cached = cached or Reducer(plan)
             cached.take_rows(table, positions, items, self.batch_size)

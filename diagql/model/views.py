@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from diagql.errors import ExecutionError
 from diagql.model.input_masks import NoRealToken, input_attention_mask
+from diagql.model.neuron_labels import neuron_labels
 
 FLAT = "flat"  # neurons are the per-item output's elements in C order; CHANNELS: axis 0's means
 SEQUENCE = "sequence"  # (sequence, hidden) per item: neurons are the hidden units
@@ -487,13 +488,3 @@ def _mean(values: torch.Tensor, real: torch.Tensor | None, where: str) -> torch.
     # where(), not a product: a padding position may hold NaN (a fully masked attention row).
     total = torch.where(real[:, :, None], values, 0).sum(dim=1, dtype=torch.float64)
     return (total / counts).to(wide)
-
-
-def neuron_labels(layer: str, shape: tuple[int, ...], neurons, flat: bool = False) -> list[str]:
-    """``fc1[5]``, ``conv2[3,1,4]`` (C-order coordinates in ``shape``), or ``conv2[3]`` when
-    ``flat`` (channels, a sequence's hidden units)."""
-    neurons = np.asarray(neurons, dtype=np.int64)
-    if flat or len(shape) <= 1:
-        return [f"{layer}[{i}]" for i in neurons.tolist()]
-    coords = np.unravel_index(neurons, shape)
-    return [f"{layer}[{','.join(map(str, c))}]" for c in zip(*(a.tolist() for a in coords))]

@@ -121,14 +121,11 @@ def _evaluation(result, echo: bool) -> Group:
     """EVALUATE SAMPLERS: one row per sampler, size, k (and j), spreads beside the means.
     Where that does not fit the width, the spreads go first, then the item counts and the
     draw's seconds, then the assisted scores' headers take two lines (results/tables.py)."""
-    from diagql.results.metrics import METRICS
-
     rows = result.records()
-    # Several seeds show their spread, 0.000 where they agree (it had been left blank, as
-    # one seed's is: SW9); a result without its plan shows the spreads it has.
+    # Several seeds show their spread, 0.000 where they agree (blank had read as one seed's).
     seeds = getattr(result.plan, "seeds", None)
-    several = len(seeds) > 1 if seeds is not None else \
-        any(r[f"{m.paper} sd"] for r in rows for m in METRICS)
+    several = len(seeds) > 1 if seeds is not None else any(r[f"{m} sd"] for r in rows
+                                                           for m in ("S1", "S2", "S3"))
     forms = ((several, True, False, False), (False, True, False, False),  # (spreads, counts,
              (False, False, False, False), (False, False, True, False),  # folded, compact)
              (False, False, True, True))
@@ -151,8 +148,7 @@ def _evaluation_table(rows: list[dict], spreads: bool, counts: bool, folded: boo
     columns the scores had been cut to '0.8…' and the samplers' names to nothing)."""
     from diagql.results.metrics import METRICS
 
-    show_k = len({r["k"] for r in rows}) > 1
-    show_j = any(r["j"] is not None for r in rows)
+    show_k, show_j = len({r["k"] for r in rows}) > 1, any(r["j"] is not None for r in rows)
     sections = len({r["sampler"] for r in rows}) < len(rows)
     names = [m.paper for m in METRICS]  # EVALUATE's columns: S1, S1 sd, S2, ...
     table = PlainTable(**(_COMPACT if compact else {}))
