@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 import weakref
 
 import numpy as np
@@ -756,18 +757,40 @@ def test_checkpoint_files_as_they_are_saved_and_changed(tmp_path):
     for name in ("run", "same"):
         np.testing.assert_allclose(db.query(f"AVG NEURONS IN {name}.body").values,
                                    body_mean(model), rtol=1e-5, atol=1e-6)
-    with pytest.raises(DiagQLError, match="holds an object of type argparse.Namespace beside "
-                                          "its tensors.*torch.load.path, weights_only=False"):
+    with pytest.raises(DiagQLError, match="holds an object of type argparse.Namespace, and "
+                                          "DiagQL reads weights only.*torch.load.path, "
+                                          "weights_only=False"):
         db.query("AVG NEURONS IN args.body")
+    # A tie saved under both keys with two values, keys that are no names: refused in words.
+    from diagql.model.weights import load_state
+    both = {**model.state_dict(), "head.weight": model.embed.weight + 1}
+    with pytest.raises(DiagQLError, match="two different values for 'embed.weight' and "
+                                          "'head.weight', which are one tied tensor"):
+        load_state(_Tied(), both, "both")
+    with pytest.raises(DiagQLError, match="its key 0 is no parameter's name"):
+        load_state(_Tied(), {0: torch.zeros(1)}, "odd")
+    # A block of a stack saved whole: every block's prefix fits, a few of them named.
+    blocks = {f"blocks.{i}.{k}": v for i in range(40) for k, v in model.state_dict().items()}
+    with pytest.raises(DiagQLError, match=r"under 40 prefixes \('blocks.0.', 'blocks.1.', "
+                                          r"'blocks.10.', 'blocks.11.' \(\+36 more\)\)"):
+        load_state(_Tied(), blocks, "stack")
     with pytest.raises(DiagQLError, match="cut short or corrupt|corrupted"):
         db.query("AVG NEURONS IN cut.body")
-    # The folder's times kept as a file is copied into it; a file rewritten as cp -p does.
+    # A chmod or a backup's hard link changes no weights: nothing said (sweep SX5).
+    os.chmod(tmp_path / "same.pt", 0o444)
+    os.link(tmp_path / "same.pt", tmp_path / "same.bak")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        db.query("AVG NEURONS IN same.body")
+    # The folder's times kept as a file is copied into it; a file replaced with its time kept
+    # (rsync -t writes a new file).
     folder = os.stat(tmp_path / "run")
     torch.save(other.state_dict(), tmp_path / "new.bin")
     shutil.copyfile(tmp_path / "new.bin", tmp_path / "run" / "pytorch_model.bin")
     os.utime(tmp_path / "run", ns=(folder.st_atime_ns, folder.st_mtime_ns))
     kept = os.stat(tmp_path / "same.pt")
-    shutil.copyfile(tmp_path / "new.bin", tmp_path / "same.pt")
+    shutil.copyfile(tmp_path / "new.bin", tmp_path / "same.new")
+    os.replace(tmp_path / "same.new", tmp_path / "same.pt")
     os.utime(tmp_path / "same.pt", ns=(kept.st_atime_ns, kept.st_mtime_ns))
     with pytest.warns(Warning) as said:  # a statement checks every model: both said at once
         answers = [db.query(f"AVG NEURONS IN {name}.body").values for name in ("run", "same")]

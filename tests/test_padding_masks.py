@@ -438,11 +438,23 @@ def test_padding_of_one_value_per_item_is_read_and_padding_of_none_is_warned_of(
     with pytest.warns(diagql.DiagQLWarning, match="'mask' argument looks like a padding mask"):
         diagql.connect(model, [((x, m), y) for x, m, y in zip(noisy, real, labels)],
                        cache_dir=False, progress=False).query("DESCRIBE act")
-    # Masks of something else warn of nothing: the same last steps in every row, scattered.
+    # Masks of something else warn of nothing: the same last steps in every row, scattered,
+    # a causal (length, length) mask (sweep SX5).
     from diagql.model.input_masks import warn_unread_masks
     every = torch.randn(3, 4, 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", diagql.DiagQLWarning)
         for mask in (torch.tensor([[0, 0, 1, 1]] * 3),
-                     torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1]])):
+                     torch.tensor([[0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 1]]),
+                     torch.ones(4, 4).tril().bool()):
             warn_unread_masks({"x": every, "mask": mask})
+    # One value per row is padding only where it tells: a forecast's one masked step holds
+    # the input's own value (it had been read as padding), a window filled forward its last.
+    steps = torch.randn(3, 5, 2)
+    one = torch.tensor([[1, 1, 1, 1, 0]] * 2 + [[1, 1, 1, 1, 1]]).bool()
+    assert real_positions({"x": steps, "mask": one}, "mask") is None
+    filled = steps.clone()
+    window = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    for row, length in enumerate(window.sum(1).tolist()):
+        filled[row, length:] = filled[row, length - 1]
+    assert real_positions({"x": filled, "mask": window}, "mask") is None

@@ -1397,3 +1397,38 @@ def test_a_mask_of_another_length_than_the_layers_is_said_to_mark_none_of_it():
                                                   "attention_mask marks 64 positions.*padding "
                                                   "counts as tokens"):
         db.query("AVG NEURONS IN proj")
+
+
+class _FramesNorm(torch.nn.Module):
+    """A Whisper-style encoder's front: a conv over time, its frames transposed to tokens, a
+    LayerNorm of each frame's features, as many frames as features (8 × 8); beside it a
+    LayerNorm of a conv map's length, fed the map as it is."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv1d(3, 8, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(8)
+        self.lengthwise = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(self.norm(h.transpose(1, 2)).mean(1) + self.lengthwise(h).mean(1))
+
+
+def test_a_layernorm_of_frames_is_a_sequence_even_shaped_as_the_conv_before_it():
+    """Sweep SX6: the LayerNorm took the conv's channels-first layout (its shape the same, 8
+    × 8), AVG CHANNELS answering each frame's mean over its normalised features, all 0."""
+    model = _FramesNorm().eval()
+    X, y = torch.randn(40, 3, 8), torch.randint(0, 2, (40,))
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    with torch.no_grad():
+        h = model.conv(X)
+        frames, lengthwise = model.norm(h.transpose(1, 2)), model.lengthwise(h)
+    np.testing.assert_allclose(db.query("AVG NEURONS IN norm").values,
+                               frames.double().mean((0, 1)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(db.query("AVG NEURONS IN norm TOKEN 0").values,
+                               frames[:, 0].double().mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(db.query("AVG CHANNELS IN lengthwise").values,
+                               lengthwise.double().mean((0, 2)).numpy(), rtol=1e-5, atol=1e-6)

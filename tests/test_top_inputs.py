@@ -470,12 +470,14 @@ def test_an_index_dearer_than_a_pass_is_built_once_the_passes_have_cost_as_much(
     conn = diagql.connect(cnn, (X, y), progress=False, cache_dir=False)
     monkeypatch.setattr(inputs_index, "CHEAP_BUILD_SECONDS", 0.0)
     monkeypatch.setattr(inputs_index, "BUILD_SECONDS_PER_ACTIVATION", 1.0)  # ≈ 500,000 s
-    one_pass = n * conn.profile.seconds_per_item()
     first = conn.query("TOPK 4 INPUTS FOR 2[1,0,2]")
     check(first, conv[:, 1, 0, 2], np.ones(n, bool), 4)
     assert first.ranked.how == f"{n:,} items read through the model"
     assert any("the inputs index of 2 is not built yet" in note for note in first.notes)
-    # Now the index costs just more than the pass and the first query's pass together.
+    # Now the index costs just more than a pass and the first query's pass together, each as
+    # the rule reads them: a pass up to layer 2 at the profile's rate (the whole model's had
+    # been used, and under load the second query's pass did not make up the difference).
+    one_pass = n * conn.profile.seconds_per_item(("2",))
     build = one_pass + first.timings["query"] + 1e-6
     monkeypatch.setattr(inputs_index, "BUILD_SECONDS_PER_ACTIVATION", build / (288 * n))
     second = conn.query("BOTTOMK 3 INPUTS FOR 2[0,4,4]")

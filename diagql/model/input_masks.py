@@ -95,20 +95,33 @@ def lengths_mask(inputs: Mapping, key: str) -> torch.Tensor | None:
 
 
 def _one_value_past(sequence: torch.Tensor, real: torch.Tensor) -> bool:
-    """Whether the positions of ``sequence`` (batch, length, ...) that ``real`` leaves out hold
-    padding: one value in the whole batch (a padding collate's zeros), or one in each row
-    (padded items standardised each on its own: sweep SX1, whose mask had been read as no
-    padding and its padding averaged in, 0.12-0.23 off); an input's own values there (a
-    forecast's last steps, a masked language model's tokens) differ."""
+    """Whether the positions of ``sequence`` (batch, length, ...) that ``real`` leaves out (at
+    one end of each row) hold padding: one value in the whole batch (a padding collate's
+    zeros), or one in each row (padded items standardised each on its own: sweep SX1, whose
+    mask had been read as no padding and its padding averaged in, 0.12-0.23 off) where that
+    tells: some row pads two positions or more (one position is always one value: a
+    forecast's one masked step had read as padding), and no row's value is its last real
+    position's (a forecast window filled forward). An input's own values there (a forecast's
+    last steps, a masked language model's tokens) differ."""
     past = ~real.to(sequence.device)
     if not bool(past.any()):
         return True
     values = sequence[past]
     if bool((values == values[:1]).all()):
         return True
+    counts = past.sum(dim=1)
+    if int(counts.max()) < 2:
+        return False
+    rows = torch.arange(len(sequence), device=sequence.device)
+    right = bool(real[:, 0].all())  # real, then padding; else padding, then real
     first = past.to(torch.int8).argmax(dim=1)  # each row's first padded position
-    reference = sequence[torch.arange(len(sequence), device=sequence.device), first]
-    return bool((sequence == reference.unsqueeze(1))[past].all())
+    reference = sequence[rows, first]
+    if not bool((sequence == reference.unsqueeze(1))[past].all()):
+        return False
+    padded = counts > 0
+    beside = (first - 1 if right else counts).clamp(0, sequence.shape[1] - 1)
+    same = (sequence[rows, beside] == reference).reshape(len(sequence), -1).all(dim=1)
+    return not bool((same & padded).any())
 
 
 def fit_longest(real: torch.Tensor | None, length: int | None) -> torch.Tensor | None:
@@ -270,6 +283,14 @@ def _padding_at(inputs: Mapping, key: str, real: torch.Tensor) -> bool:
     return False
 
 
+def _beside_a_sequence(inputs: Mapping, key: str, shape) -> bool:
+    """Whether another input is a sequence of ``shape`` (batch, length), batch-first or
+    time-first, as a padding mask's is (a causal mask, (length, length), is no item's)."""
+    return any(name != key and isinstance(value, torch.Tensor) and value.ndim >= 2 and
+               tuple(shape) in (tuple(value.shape[:2]), tuple(value.shape[1::-1]))
+               for name, value in inputs.items())
+
+
 def _runs_at_an_end(real: torch.Tensor) -> bool:
     """Each row's True positions one run, at least one long, at its start (right padding)
     or at its end (left padding), the same end in every row."""
@@ -290,6 +311,7 @@ def warn_unread_masks(inputs) -> None:
     for key in MASK_KEYS:
         mask = inputs.get(key)
         if not _two_dimensional(mask) or len(torch.unique(mask)) != 2 or \
+                not _beside_a_sequence(inputs, key, mask.shape) or \
                 real_positions(inputs, key) is not None:
             continue
         values = torch.unique(mask).tolist()

@@ -28,14 +28,24 @@ _SEQUENCES = (nn.RNNBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerE
               nn.Embedding, nn.Linear)
 
 
-def vector_layout(module: nn.Module, form: str, like: list, layouts: dict) -> str:
+def vector_layout(module: nn.Module, form: str, like: list, layouts: dict,
+                  shape: tuple | None = None, fed_by: str = "") -> str:
     """A layer of 2-D items: FLAT for channel-first maps (batch, channels, length), else
     SEQUENCE; ``form`` what the probe saw it return, ``like`` the layers (module, call) its
-    output is one of or was made from, ``layouts`` theirs."""
+    output is one of or was made from, ``layouts`` theirs; ``shape`` the batch's,
+    ``fed_by`` the module whose output its input is, as that module left it. A norm of the
+    last axis (a LayerNorm's) makes tokens × features, whatever layer its shape matches (a
+    Whisper encoder's first LayerNorm, 32 frames of 32, had taken the conv's layout before
+    it: its channels the frames, sweep SX6), unless it was fed a channels-first map as it
+    is (its length normalised)."""
     if form != "tensor" or isinstance(module, _SEQUENCES):
         return SEQUENCE
-    if isinstance(module, _CHANNELS_FIRST):
+    if isinstance(module, _CHANNELS_FIRST) or _channels_first_norm(module, shape):
         return FLAT
+    if isinstance(module, _LAST_AXIS) and not (
+            isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1) and \
+            not any(key[0] == fed_by and layout == FLAT for key, layout in layouts.items()):
+        return SEQUENCE
     return next((layouts[other] for other in like if other in layouts), SEQUENCE)
 
 

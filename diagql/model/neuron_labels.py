@@ -13,13 +13,18 @@ def neuron_labels(layer: str, shape: tuple[int, ...], neurons, flat: bool = Fals
     AVG's 15 ms."""
     neurons = np.asarray(neurons, dtype=np.int64)
     width = int(np.prod(shape)) if len(shape) else 1
-    if len(neurons) == width and width > 1 and neurons[0] == 0 and neurons[-1] == width - 1 \
-            and bool((np.diff(neurons) == 1).all()):
+    if len(neurons) == width and 1 < width <= KEPT_WIDTH and neurons[0] == 0 and \
+            neurons[-1] == width - 1 and bool((np.diff(neurons) == 1).all()):
         return list(_every(layer, tuple(shape), flat or len(shape) <= 1))
     return _named(layer, shape, neurons, flat)
 
 
-@functools.lru_cache(maxsize=64)
+# Layers up to this wide keep their names (about 90 bytes a neuron, 16 layers at most): a
+# ResNet's wide maps' had held 233 MB after their answers were gone (sweep SX5).
+KEPT_WIDTH = 65_536
+
+
+@functools.lru_cache(maxsize=16)
 def _every(layer: str, shape: tuple[int, ...], flat: bool) -> tuple[str, ...]:
     return tuple(_named(layer, shape, np.arange(int(np.prod(shape)), dtype=np.int64), flat))
 

@@ -469,7 +469,7 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
     varies = len(set(per_item)) > 1
     layout = FLAT
     if len(shape) == 2:
-        layout = vector_layout(module, last.form, last.like, layouts)
+        layout = vector_layout(module, last.form, last.like, layouts, last.shape, last.fed_by)
         layouts[key] = layout
     elif len(shape) >= 3:
         layout = map_layout(module, last.shape, last.like, layouts, last.stored_first)

@@ -447,10 +447,11 @@ def _weights_changed(entry) -> str:
 
 
 def _checkpoint_stamp(entry, finals: dict) -> tuple:
-    """A checkpoint file's times, size and inode (a training job saves it again; ``cp -p``
-    and ``rsync -t`` keep the modification time, not the change time), the weights file of a
-    save_pretrained directory (its own times do not follow a file copied over one inside:
-    sweep SX3, an old CKA answered unwarned), a module's stamp (as a model's), or a state_dict's tensors' stamp, and
+    """A checkpoint file's modification time, size and inode (a training job saves it again;
+    ``rsync -t`` keeps the time, not the inode; the change time, which ``cp -p`` cannot keep,
+    also moves with a chmod or a backup's hard link: unchanged weights said changed, sweep
+    SX5), the weights file of a save_pretrained directory (its own times do not follow a file
+    copied over one inside: sweep SX3, an old CKA answered unwarned), a module's stamp (as a model's), or a state_dict's tensors' stamp, and
     the final model's hooks, which its copy runs with (session/checkpoints.py); ``finals``
     keeps each final model's digest for the statement's other checkpoints."""
     final = entry.slot.final
@@ -468,7 +469,7 @@ def _checkpoint_stamp(entry, finals: dict) -> tuple:
         status = os.stat(weights_file(entry.weights))
     except (OSError, DiagQLError):
         return None, hooks  # loading it says what is wrong
-    return (status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_ino), hooks
+    return (status.st_mtime_ns, status.st_size, status.st_ino), hooks
 
 
 def _say(what: str) -> None:
