@@ -997,3 +997,27 @@ def test_a_module_function_named_like_a_mutator_and_a_setting_the_code_writes_ar
     finally:
         for name in ("kk_ops_mod", "kk_net_mod"):
             sys.modules.pop(name, None)
+
+
+def test_a_scripts_model_is_compared_with_a_ray_workers_by_the_modules_it_reads():
+    """A class of the running script (``__main__``) reaches a Ray worker by value, with the
+    values its code reads then: only the modules it reads are the worker's own. Its reads had
+    been none on the worker (no source file there), every one of the driver's said to differ
+    (sweep SX8)."""
+    import types
+
+    from diagql.storage.fingerprint import globals_digests, model_functions
+
+    config = types.ModuleType("config_of_test")
+    config.GAIN = 2.0
+    script = {"__name__": "__main__", "torch": torch, "config": config, "SCALE": 3.0}
+    exec("class Net(torch.nn.Module):\n"
+         "    def __init__(self):\n"
+         "        super().__init__()\n"
+         "        self.fc = torch.nn.Linear(2, 2)\n"
+         "    def forward(self, x):\n"
+         "        return self.fc(x) * SCALE * config.GAIN\n", script)
+    net = script["Net"]()
+    reads = globals_digests(model_functions(net, script=True), shipped=True)
+    assert "__main__.config" in reads and "__main__.SCALE" not in reads
+    assert "__main__.SCALE" in globals_digests(model_functions(net, script=True))

@@ -264,10 +264,10 @@ def code_reads(models: dict, data) -> dict:
     any worker started; compared with the first worker's (``other_reads``)."""
     from diagql.storage.fingerprint import globals_digests, item_functions, model_functions
 
-    reads = {("model", name): globals_digests(model_functions(module))
+    reads = {("model", name): globals_digests(model_functions(module, script=True), shipped=True)
              for name, module in models.items()}
     if data is not None:
-        reads["data", None] = globals_digests(item_functions(data))
+        reads["data", None] = globals_digests(item_functions(data, script=True), shipped=True)
     return reads
 
 

@@ -117,7 +117,7 @@ def code_digest(functions) -> str:
     return digest.hexdigest()
 
 
-def globals_digests(functions) -> dict[str, str]:
+def globals_digests(functions, shipped: bool = False) -> dict[str, str]:
     """Each global that the user's ``functions`` read (storage/code_reads.py), as
     ``module.name``, to its digest as a statement's stamp takes it (numbers, strings,
     functions, small containers; a larger value by its type, one that cannot be seen
@@ -125,7 +125,10 @@ def globals_digests(functions) -> dict[str, str]:
     not a container or a plain value that the functions change themselves
     (``globals_written``: a cache, a counter, a lazy singleton), whose value is what the
     process has run. What a Ray worker, which imports the user's modules afresh, must read
-    alike (engine/ray_workers.py): a global set at run time on the driver is not its."""
+    alike (engine/ray_workers.py): a global set at run time on the driver is not its.
+    ``shipped``: as Ray's pickler ships code, the script's own (``__main__``'s) by value with
+    the values it reads then, which a worker reads as the driver had them; the modules it
+    reads are still imported there afresh, and kept."""
     walk = _Walk(code="scalars")
     walk.limit = STAMP_VALUES
     found: dict[str, str] = {}
@@ -136,7 +139,8 @@ def globals_digests(functions) -> dict[str, str]:
         written = globals_written(fn.__code__)
         for var, value, feed in walk.reads_of(fn):
             if f"{module}.{var}" in found or var in written and not isinstance(
-                    value, (types.ModuleType, type, types.FunctionType)):
+                    value, (types.ModuleType, type, types.FunctionType)) or \
+                    shipped and module == "__main__" and not isinstance(value, types.ModuleType):
                 continue
             part = xxhash.xxh3_128()
             try:
@@ -147,19 +151,24 @@ def globals_digests(functions) -> dict[str, str]:
     return found
 
 
-def model_functions(model) -> list:
-    """The functions of the user's own classes among a model's modules and their bases."""
+def model_functions(model, script: bool = False) -> list:
+    """The functions of the user's own classes among a model's modules and their bases;
+    ``script``: a class of the running script's too (``__main__``), which a Ray worker holds
+    without its source file (its reads had been none there, every one the driver's said to
+    differ: sweep SX8)."""
     classes = {}
     for module in model.modules():
         for cls in type(module).__mro__:
-            if cls is not object and not _from_torch(cls) and _user_class(cls):
+            if cls is not object and not _from_torch(cls) and (
+                    _user_class(cls) or script and cls.__module__ == "__main__"):
                 classes.setdefault(cls, None)
     return [fn for cls in classes for item in cls.__dict__.values() for fn in _functions(item)]
 
 
-def item_functions(data) -> list:
+def item_functions(data, script: bool = False) -> list:
     """The user's code that makes a data set's items: a DataLoader's own collate_fn, the
-    __getitem__ of a Dataset of the user's own class, its transforms."""
+    __getitem__ of a Dataset of the user's own class, its transforms (``script``: as
+    ``model_functions``')."""
     from torch.utils.data import DataLoader, default_collate
 
     functions = []
@@ -168,7 +177,8 @@ def item_functions(data) -> list:
             functions.append(data.collate_fn)
         data = data.dataset
     getitem = getattr(type(data), "__getitem__", None)
-    if isinstance(getitem, types.FunctionType) and user_code(getitem.__code__):
+    if isinstance(getitem, types.FunctionType) and (user_code(getitem.__code__) or script and
+                                                    getitem.__module__ == "__main__"):
         functions.append(getitem)
     for name in ("transform", "target_transform"):
         try:
