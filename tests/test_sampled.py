@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import diagql
 from diagql.storage.sampled import PIECE, SAMPLE_BYTES, byte_span, sampled_digest
 
 
@@ -93,3 +94,21 @@ def test_the_budget_bounds_what_is_read(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "index_select", counting)
     sampled_digest([raw])
     assert read == [SAMPLE_BYTES // PIECE * PIECE]
+
+
+def test_every_samplers_reported_call_runs_again_as_written():
+    """A result's sampler is its call's canonical text: ``vas(0.1, bandwidth=None, ...)`` had
+    been refused when run again (sweep SX7)."""
+    from diagql.samplers import REGISTRY
+
+    torch.manual_seed(0)
+    X, y = torch.randn(300, 6), torch.randint(0, 3, (300,))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).eval()
+    db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    for name in REGISTRY:
+        first = db.query(f"AVG NEURONS IN 0 USING SAMPLE {name}")
+        spec = first.provenance.sampler
+        again = db.query(f"AVG NEURONS IN 0 USING SAMPLE {spec}")
+        assert again.provenance.sampler == spec and "None" not in spec, spec
+        np.testing.assert_array_equal(again.values, first.values)

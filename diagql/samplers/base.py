@@ -94,9 +94,14 @@ class Sampler:
         return {p.name: getattr(self, p.name) for p in self.params()}
 
     def spec(self) -> str:
-        """The canonical text of this sampler call, e.g. ``stratified(0.05, random_state=0)``."""
+        """The canonical text of this sampler call, e.g. ``stratified(0.05, random_state=0)``,
+        which runs again as written: a parameter left at a default of None is left out
+        (``vas(0.1, bandwidth=None)`` had been refused, sweep SX7)."""
+        defaults = {name: p.default for name, p in
+                    inspect.signature(type(self).__init__).parameters.items()}
         parts = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"
-                 for k, v in self.get_params().items()]
+                 for k, v in self.get_params().items()
+                 if not (v is None and k in defaults and defaults[k] is None)]
         if parts and parts[0].startswith("size="):
             parts[0] = parts[0].removeprefix("size=")
         return f"{self.name}({', '.join(parts)})"
