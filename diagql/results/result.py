@@ -30,7 +30,7 @@ class Growth:
     reached: float | None  # the final round's estimate of the target's metric (worst group)
     stop: str  # one of STOPS
     seconds: float  # the whole growth, draws and passes included
-    exact: bool = False  # the answer is exact: the last round found exact cheaper
+    exact: bool = False  # the answer is exact: exact was cheaper, or a round held every item
     # Each round's draw joined with the rounds before (a sampler whose larger draws do not hold
     # its smaller ones, samplers.Ladder): the last round's call names fewer items than it holds.
     joined: bool = False
