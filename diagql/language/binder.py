@@ -358,7 +358,7 @@ def bind_view(query: ast.Query, layer: LayerInfo, channels: bool = True) -> View
             # has any, counts (0.36-0.78 off on a Wav2Vec2 of padded clips), unsaid.
             warn(f"layer {name!r}: {layer.mask.removeprefix('every position: ')}; "
                  f"where items are padded, its padding counts as tokens (TOKENS MEAN, "
-                 f"TOKEN -1); query a layer of the mask's length, or pad no item")
+                 f"TOKENS MAX, TOKEN -1); query a layer of the mask's length, or pad no item")
         if tokens is None:
             return View(layer)
         length = layer.shape[0]
