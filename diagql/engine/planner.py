@@ -125,7 +125,10 @@ class Plan:
     def _query_rows(self) -> list[tuple[str, str]]:
         """(step, detail) rows, top to bottom in the order they run."""
         q = self.query
-        rows = [("auto", self.choice)] if self.choice else []
+        # UNTIL / WITHIN's choice is how the sample grows, USING AUTO's or not (it had been
+        # labelled "auto" under USING SAMPLE random: sweep SX7).
+        grows = getattr(q, "until", None) is not None
+        rows = [("grow" if grows else "auto", self.choice)] if self.choice else []
         if not self.approximate:
             rows.append(("scan", f"all {self.n_data:,} items (USING FULL)"))
         else:
