@@ -1402,19 +1402,23 @@ def test_a_mask_of_another_length_than_the_layers_is_said_to_mark_none_of_it():
 class _FramesNorm(torch.nn.Module):
     """A Whisper-style encoder's front: a conv over time, its frames transposed to tokens, a
     LayerNorm of each frame's features, as many frames as features (8 × 8); beside it a
-    LayerNorm of a conv map's length, fed the map as it is."""
+    LayerNorm of a conv map's length, after an activation and a product (sweep SX9: read as
+    tokens by a first fix)."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv1d(3, 8, 3, padding=1)
         self.norm = torch.nn.LayerNorm(8)
+        self.other = torch.nn.Conv1d(3, 6, 3, padding=1)
         self.lengthwise = torch.nn.LayerNorm(8)
         self.head = torch.nn.Linear(8, 2)
 
     def forward(self, x):
         h = self.conv(x)
-        return self.head(self.norm(h.transpose(1, 2)).mean(1) + self.lengthwise(h).mean(1))
+        frames = torch.nn.functional.gelu(h).transpose(1, 2) + 0.5  # Whisper's, positions
+        lengthwise = self.lengthwise(torch.relu(self.other(x)) * 2)  # (6 channels, 8 long)
+        return self.head(self.norm(frames).mean(1) + lengthwise.mean(1)[:, :1])
 
 
 def test_a_layernorm_of_frames_is_a_sequence_even_shaped_as_the_conv_before_it():
@@ -1425,7 +1429,8 @@ def test_a_layernorm_of_frames_is_a_sequence_even_shaped_as_the_conv_before_it()
     db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     with torch.no_grad():
         h = model.conv(X)
-        frames, lengthwise = model.norm(h.transpose(1, 2)), model.lengthwise(h)
+        frames = model.norm(torch.nn.functional.gelu(h).transpose(1, 2) + 0.5)
+        lengthwise = model.lengthwise(torch.relu(model.other(X)) * 2)
     np.testing.assert_allclose(db.query("AVG NEURONS IN norm").values,
                                frames.double().mean((0, 1)).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(db.query("AVG NEURONS IN norm TOKEN 0").values,

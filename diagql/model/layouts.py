@@ -29,24 +29,30 @@ _SEQUENCES = (nn.RNNBase, nn.Transformer, nn.TransformerEncoder, nn.TransformerE
 
 
 def vector_layout(module: nn.Module, form: str, like: list, layouts: dict,
-                  shape: tuple | None = None, fed_by: str = "") -> str:
+                  moved_last: bool = False) -> str:
     """A layer of 2-D items: FLAT for channel-first maps (batch, channels, length), else
     SEQUENCE; ``form`` what the probe saw it return, ``like`` the layers (module, call) its
-    output is one of or was made from, ``layouts`` theirs; ``shape`` the batch's,
-    ``fed_by`` the module whose output its input is, as that module left it. A norm of the
-    last axis (a LayerNorm's) makes tokens × features, whatever layer its shape matches (a
-    Whisper encoder's first LayerNorm, 32 frames of 32, had taken the conv's layout before
-    it: its channels the frames, sweep SX6), unless it was fed a channels-first map as it
-    is (its length normalised)."""
+    output is one of or was made from, ``layouts`` theirs. ``moved_last``: its input's last
+    axis is stored outside its middle one (``moved_last``): a norm of that axis (a
+    LayerNorm's) normalises features moved last, tokens × features, whatever layer its
+    shape matches (a Whisper encoder's first LayerNorm over a conv's frames transposed, 32
+    of 32, had taken the conv's layout: its channels the frames, sweep SX6); a norm of a
+    conv map's own last axis (its length) keeps the map's."""
     if form != "tensor" or isinstance(module, _SEQUENCES):
         return SEQUENCE
-    if isinstance(module, _CHANNELS_FIRST) or _channels_first_norm(module, shape):
+    if isinstance(module, _CHANNELS_FIRST):
         return FLAT
-    if isinstance(module, _LAST_AXIS) and not (
-            isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1) and \
-            not any(key[0] == fed_by and layout == FLAT for key, layout in layouts.items()):
+    if moved_last and isinstance(module, _LAST_AXIS):
         return SEQUENCE
     return next((layouts[other] for other in like if other in layouts), SEQUENCE)
+
+
+def moved_last(given) -> bool:
+    """Whether a call's input (batch, a, b) stores its last axis outside its middle one: a
+    view or a result of ``transpose(1, 2)`` of a (batch, b, a) map, as a conv's frames made
+    tokens are (a contiguous copy of them is not told apart)."""
+    return isinstance(given, torch.Tensor) and given.ndim == 3 and min(given.shape[1:]) > 1 \
+        and given.stride(2) > given.stride(1)
 
 
 def map_layout(module: nn.Module, shape: tuple, like: list, layouts: dict,

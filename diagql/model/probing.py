@@ -24,7 +24,8 @@ from diagql.model.scores import Scores, are_probabilities, choose, one_vector, \
     several_vectors
 from diagql.model.input_masks import (input_attention_mask, longest, mask_key, token_mask,
                                       warn_unmasked_padding, warn_unread_masks, warn_untraced)
-from diagql.model.layouts import map_layout, stored_channels_first, vector_layout
+from diagql.model.layouts import map_layout, moved_last, stored_channels_first, \
+    vector_layout
 from diagql.model.views import FLAT, NOT_GOVERNING, SEQUENCE, describe_output, \
     first_output, named_inputs, padding_argument, padding_mask
 
@@ -48,6 +49,7 @@ class _Seen:
     traced: bool = False  # whether that key is the mask of the ids it was found to follow
     # A map whose last axis is stored outermost (layouts.stored_channels_first).
     stored_first: bool = False
+    moved_last: bool = False  # its input's last axis stored outside its middle one (layouts)
     fed_by: str = ""  # the module whose output its first input is (LayerInfo.fed_by)
 
 
@@ -364,7 +366,8 @@ def _look(key, args, output, seen, made, padding, padded, x, tokens=None) -> _Se
     else:
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
         result = _Seen("tensor", tuple(out.shape), what,
-                       stored_first=stored_channels_first(out, first))
+                       stored_first=stored_channels_first(out, first),
+                       moved_last=moved_last(first))
         if id(out) in made:
             result.like.append(made[id(out)][1])
         prefix = name + "."
@@ -469,7 +472,7 @@ def _layer(name: str, key: tuple[str, int], module: nn.Module, records: list[tup
     varies = len(set(per_item)) > 1
     layout = FLAT
     if len(shape) == 2:
-        layout = vector_layout(module, last.form, last.like, layouts, last.shape, last.fed_by)
+        layout = vector_layout(module, last.form, last.like, layouts, last.moved_last)
         layouts[key] = layout
     elif len(shape) >= 3:
         layout = map_layout(module, last.shape, last.like, layouts, last.stored_first)
