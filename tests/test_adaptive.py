@@ -120,6 +120,11 @@ def test_auto_answers_from_a_uniform_sample_where_the_default_one_shuns_the_item
     np.testing.assert_array_equal(auto.values, uniform.values)
     # No WHERE: the default sample holds every matching item it has, and answers.
     assert conn.query("AVG NEURONS IN 3 USING AUTO").source.startswith("maxmargin(0.05")
+    # UNTIL without a sampler grows a uniform sample by the same rule (it had grown maxmargin,
+    # sweep SX7).
+    grown = conn.query(query + " UNTIL width <= 0.5")
+    assert grown.source.startswith("random(") and "uniform one answers" in \
+        dict(conn.query("EXPLAIN " + query + " UNTIL width <= 0.5").rows)["grow"]
 
 
 def test_auto_weighs_drawing_the_sample_against_the_exact_pass(cnn, digits, monkeypatch,

@@ -138,18 +138,12 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
                                     pass_layers(bound, src.own))
     if cheaper is not None:
         return bound, f"AUTO chose exact: {cheaper}", 0.0
-    sample, fresh = artifacts.get_sample(sampler)
-    seconds = sample.seconds if fresh else 0.0
-    held = int(mask[sample.indices].sum())
-    avoided = _avoided(sampler, held, n_match, n_sample, len(profile))
+    avoided, seconds = shunned(conn, sampler, profile, mask, artifacts)
     if avoided:
-        # The default sampler shuns these items (maxmargin's boundary and exemplars, under
-        # WHERE confidence > 0.9976: 13 of 4,000 where a uniform sample holds 200): a uniform
-        # one of the same size answers them.
         sampler = bind_sampler(ast.SamplerCall("random"), conn.settings.seed, len(profile))
-        sample, fresh = artifacts.get_sample(sampler)
-        seconds += sample.seconds if fresh else 0.0
-        held = int(mask[sample.indices].sum())
+    sample, fresh = artifacts.get_sample(sampler)
+    seconds += sample.seconds if fresh else 0.0
+    held = int(mask[sample.indices].sum())
     if n_match <= ABOUT * held:
         return bound, (f"AUTO chose exact: the {sampler.spec()} sample holds {held:,} of the "
                        f"{n_match:,} matching items, so exact costs about as much"
@@ -158,6 +152,23 @@ def choose(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, floa
         f"AUTO chose a sample: the data has {n_match:,} matching items, and the "
         f"{sampler.spec()} sample holds {held:,} of them ({n_match / max(held, 1):.0f}× fewer "
         f"to run){avoided}{weighed}"), seconds
+
+
+def shunned(conn, sampler: samplers.Sampler, profile, mask: np.ndarray,
+            artifacts) -> tuple[str, float]:
+    """Why a uniform sample answers instead of ``sampler``'s (``_avoided``; "" where it does
+    not), from its sample at its size, drawn here if not yet (the seconds that took): the
+    default sampler shuns the items ``mask`` matches (maxmargin's boundary and exemplars,
+    under WHERE confidence > 0.9976: 13 of 4,000 where a uniform sample holds 200). USING
+    AUTO and UNTIL / WITHIN without a sampler ask it alike (the growth had grown maxmargin
+    where AUTO took random: sweep SX7)."""
+    if type(sampler).uniform:
+        return "", 0.0
+    sample, fresh = artifacts.get_sample(sampler)
+    n_sample = samplers.resolve_size(sampler.size, len(profile))
+    held = int(mask[sample.indices].sum())
+    return (_avoided(sampler, held, int(mask.sum()), n_sample, len(profile)),
+            sample.seconds if fresh else 0.0)
 
 
 # A non-uniform sample that holds fewer than this share of the matching items a uniform one of

@@ -29,6 +29,7 @@ from diagql.session.auto import (
     draw_seconds,
     pass_layers,
     pass_or_draw,
+    shunned,
 )
 
 # Without a size in the call, the first round is 1% of the data, at least 100 items.
@@ -46,14 +47,16 @@ def _start(query: ast.Query, sampler: samplers.Sampler, n_items: int) -> int:
     return min(n_items, max(START_MIN, round(START_FRACTION * n_items)))
 
 
-def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]:
-    """The bound query of the first round (no sampler: exact from the start), and how the
-    query will grow, for EXPLAIN. ``src``: the statement's models (``statements.Sources``)."""
+def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str, float]:
+    """The bound query of the first round (no sampler: exact from the start), how the query
+    will grow, for EXPLAIN, and the seconds spent drawing the default sampler's sample to
+    see whether it shuns the matching items (``auto.shunned``). ``src``: the statement's
+    models (``statements.Sources``)."""
     query = bound.query
     reason = answered_from_profile(bound, profile) if src.own else None
     if reason is not None:
         return dataclasses.replace(bound, sampler=None), (
-            f"exact: {reason}, so the exact answer needs no forward pass")
+            f"exact: {reason}, so the exact answer needs no forward pass"), 0.0
     sampler = _measurable(conn, bound, query, profile) or default_sampler(conn, profile)
     over = _draw_over(sampler, profile, query.until.seconds, src) if bound.sampler is None \
         else None
@@ -64,7 +67,7 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
     if n_match <= start:
         return dataclasses.replace(bound, sampler=None), (
             f"exact: {n_match:,} matching item{'s' if n_match != 1 else ''}, no more than "
-            f"the first round's {start:,}")
+            f"the first round's {start:,}"), 0.0
     # The pass's model time, as the profile's until the query's layer.
     exact = n_match * profile.seconds_per_item(pass_layers(bound, src.own))
     if query.until.target is None and exact <= FITS * query.until.seconds:
@@ -72,18 +75,25 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str]
         # rounds reached it anyway, 0.66 s where it took 0.24).
         return dataclasses.replace(bound, sampler=None), (
             f"exact: a pass over the {n_match:,} matching items (≈ {exact:.2g} s of model "
-            f"time) fits within the {query.until.seconds:g} s given")
+            f"time) fits within the {query.until.seconds:g} s given"), 0.0
+    avoided, seconds = "", 0.0
     if bound.sampler is None and over is None:
         # The default sampler's first draw (maxmargin's classifiers) may cost more than the
         # exact pass, which the rounds would then reach anyway: 0.7 s where exact took 0.08.
         cheaper, _ = pass_or_draw(conn, sampler, profile, n_match, src.sampling.artifacts,
                                   pass_layers(bound, src.own))
         if cheaper is not None:
-            return dataclasses.replace(bound, sampler=None), f"exact: {cheaper}"
+            return dataclasses.replace(bound, sampler=None), f"exact: {cheaper}", 0.0
+        avoided, seconds = shunned(conn, sampler, profile, predicate_mask(query.where, profile),
+                                   src.sampling.artifacts)
+        if avoided:
+            sampler = bind_sampler(ast.SamplerCall("random"), conn.settings.seed, len(profile))
+            start = _start(query, sampler, len(profile))
     goal = _goal(query.until)
     return dataclasses.replace(bound, sampler=sampler.resized(start)), (
         f"grow {sampler.name} from {start:,} items, doubling, {goal}; exact once a round "
-        f"would cost about as much ({n_match:,} matching items)" + (over or ""))
+        f"would cost about as much ({n_match:,} matching items)" + (over or "") + avoided), \
+        seconds
 
 
 def _measurable(conn, bound: BoundQuery, query: ast.Query, profile) -> samplers.Sampler | None:

@@ -70,7 +70,7 @@ def planned(conn, query: ast.Query | ast.Similarity) -> tuple[Plan, dict[str, fl
     elif query.until is not None:
         from diagql.session.growth import first_round
 
-        bound, choice = first_round(conn, bound, profile, src)
+        bound, choice, chosen_seconds = first_round(conn, bound, profile, src)
     unchecked = _unchecked(src, bound.sampler)
     if unchecked and query.until is not None and query.until.target is not None:
         # Its rounds would grow, unable to tell the target met, until exact is cheaper.
