@@ -769,6 +769,14 @@ def test_checkpoint_files_as_they_are_saved_and_changed(tmp_path):
         load_state(_Tied(), both, "both")
     with pytest.raises(DiagQLError, match="its key 0 is no parameter's name"):
         load_state(_Tied(), {0: torch.zeros(1)}, "odd")
+    # The model's own keys beside a copy (sweep SX9: the copy had been read, unsaid).
+    own = model.state_dict()
+    with pytest.raises(DiagQLError, match=r"under 2 prefixes \(top-level, 'teacher.'\)"):
+        load_state(_Tied(), {**own, **{f"teacher.{k}": v for k, v in own.items()}}, "kd")
+    averaged = _Tied()
+    with pytest.warns(Warning, match="its top-level weights are read; it also holds 'ema.'"):
+        load_state(averaged, {**own, **{f"ema.{k}": v + 1 for k, v in own.items()}}, "ema")
+    assert torch.equal(averaged.body.weight, model.body.weight)
     # A block of a stack saved whole: every block's prefix fits, a few of them named.
     blocks = {f"blocks.{i}.{k}": v for i in range(40) for k, v in model.state_dict().items()}
     with pytest.raises(DiagQLError, match=r"under 40 prefixes \('blocks.0.', 'blocks.1.', "

@@ -242,26 +242,36 @@ def _part(state: Mapping, ties: dict[str, int], label: str) -> Mapping:
                 named.setdefault(prefix, set()).add(rest)
     fitting = sorted(prefix for prefix, rests in named.items()
                      if len(rests) == under[prefix] and _covers(rests, ties))
+    if fitting and _covers({key for key in state if key in own}, ties):
+        fitting.insert(0, "")  # the model's own keys beside a copy (sweep SX9)
     if not fitting:
         return state
     plain = [prefix for prefix in fitting if not _averaged(prefix)]
     if len(fitting) > 1 and len(plain) == 1:  # the weights beside their moving average's
-        warn(f"{label}: its {plain[0]!r} weights are read; it also holds "
-             f"{next(p for p in fitting if p != plain[0])!r}, a moving average of the "
-             f"weights: to diagnose those, save that part alone")
+        warn(f"{label}: its {_part_name(plain[0])} weights are read; it also holds "
+             f"{_part_name(next(p for p in fitting if p != plain[0]))}, a moving average of "
+             f"the weights: to diagnose those, save that part alone")
         fitting = plain
     if len(fitting) > 1:
+        example = next(p for p in fitting if p)
         raise WeightsError(f"{label} holds the model's weights under {len(fitting)} prefixes ("
-                           f"{_few([repr(p) for p in fitting])}): save the one to diagnose "
-                           f"alone, e.g. {{k[len({fitting[0]!r}):]: v for k, v in "
-                           f"state.items() if k.startswith({fitting[0]!r})}}")
+                           f"{_few([_part_name(p) for p in fitting])}): save the one to "
+                           f"diagnose alone, e.g. {{k[len({example!r}):]: v for k, v in "
+                           f"state.items() if k.startswith({example!r})}}")
     (prefix,) = fitting
+    if not prefix:
+        return {k: v for k, v in state.items() if k in own}
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _part_name(prefix: str) -> str:
+    return repr(prefix) if prefix else "top-level"
+
+
 def _averaged(name: str) -> bool:
-    """A key or prefix of a moving average's weights (``state_dict_ema``, ``ema_model.``)."""
-    return "ema" in name.lower().replace(".", "_").split("_")
+    """A key or prefix of a moving average's weights (``state_dict_ema``, ``ema_model.``,
+    ``swa.``)."""
+    return bool({"ema", "swa"} & set(name.lower().replace(".", "_").split("_")))
 
 
 def _wrapping(keys: list[str]) -> str:
