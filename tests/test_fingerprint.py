@@ -999,25 +999,30 @@ def test_a_module_function_named_like_a_mutator_and_a_setting_the_code_writes_ar
             sys.modules.pop(name, None)
 
 
-def test_a_scripts_model_is_compared_with_a_ray_workers_by_the_modules_it_reads():
+def test_a_scripts_model_is_compared_with_a_ray_workers_by_the_modules_it_reads(tmp_path):
     """A class of the running script (``__main__``) reaches a Ray worker by value, with the
-    values its code reads then: only the modules it reads are the worker's own. Its reads had
-    been none on the worker (no source file there), every one of the driver's said to differ
-    (sweep SX8)."""
-    import types
+    values its code reads then: only what it reads of the user's modules, which a worker
+    imports afresh, is compared, its own helpers followed. Its reads had been none on the
+    worker (no source file there), then its classes and helpers digested otherwise there:
+    every global of the driver's said to differ (sweeps SX8, SX9)."""
+    import importlib.util
 
     from diagql.storage.fingerprint import globals_digests, model_functions
 
-    config = types.ModuleType("config_of_test")
-    config.GAIN = 2.0
+    (tmp_path / "config_of_test.py").write_text("GAIN = 2.0\n")
+    spec = importlib.util.spec_from_file_location("config_of_test", tmp_path / "config_of_test.py")
+    config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(config)
     script = {"__name__": "__main__", "torch": torch, "config": config, "SCALE": 3.0}
-    exec("class Net(torch.nn.Module):\n"
+    exec("def helper(h):\n"
+         "    return h * config.GAIN\n"
+         "class Net(torch.nn.Module):\n"
          "    def __init__(self):\n"
          "        super().__init__()\n"
          "        self.fc = torch.nn.Linear(2, 2)\n"
          "    def forward(self, x):\n"
-         "        return self.fc(x) * SCALE * config.GAIN\n", script)
+         "        return helper(self.fc(x)) * SCALE\n", script)
     net = script["Net"]()
     reads = globals_digests(model_functions(net, script=True), shipped=True)
-    assert "__main__.config" in reads and "__main__.SCALE" not in reads
+    assert set(reads) == {"__main__.config"}, reads  # through helper; not SCALE, torch, helper
     assert "__main__.SCALE" in globals_digests(model_functions(net, script=True))

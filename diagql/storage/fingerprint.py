@@ -126,22 +126,32 @@ def globals_digests(functions, shipped: bool = False) -> dict[str, str]:
     (``globals_written``: a cache, a counter, a lazy singleton), whose value is what the
     process has run. What a Ray worker, which imports the user's modules afresh, must read
     alike (engine/ray_workers.py): a global set at run time on the driver is not its.
-    ``shipped``: as Ray's pickler ships code, the script's own (``__main__``'s) by value with
-    the values it reads then, which a worker reads as the driver had them; the modules it
-    reads are still imported there afresh, and kept."""
+    ``shipped``: as Ray's pickler ships code: the script's own (``__main__``'s) functions and
+    classes go by value, with the plain values they read then, which a worker reads as the
+    driver had them; what they read of the user's modules is imported there afresh: only
+    that is compared for them, their own functions followed (``_shipped_reads``). Walked
+    whole, a script's classes digested otherwise on a worker, which holds them without
+    their source, and every global had been said to differ (sweeps SX8, SX9)."""
     walk = _Walk(code="scalars")
     walk.limit = STAMP_VALUES
     found: dict[str, str] = {}
-    for fn in functions:
-        if not isinstance(fn, types.FunctionType):
+    queue, seen = list(functions), set()
+    while queue:
+        fn = queue.pop(0)
+        if not isinstance(fn, types.FunctionType) or fn.__code__ in seen:
             continue
+        seen.add(fn.__code__)
         module = fn.__globals__.get("__name__", "?")
         written = globals_written(fn.__code__)
         for var, value, feed in walk.reads_of(fn):
             if f"{module}.{var}" in found or var in written and not isinstance(
-                    value, (types.ModuleType, type, types.FunctionType)) or \
-                    shipped and module == "__main__" and not isinstance(value, types.ModuleType):
+                    value, (types.ModuleType, type, types.FunctionType)):
                 continue
+            if shipped and module == "__main__":
+                followed = _shipped_reads(value)
+                if followed is not None:
+                    queue.extend(followed)
+                    continue
             part = xxhash.xxh3_128()
             try:
                 feed(part, "")
@@ -149,6 +159,24 @@ def globals_digests(functions, shipped: bool = False) -> dict[str, str]:
             except (_Opaque, RecursionError, TypeError, ValueError, RuntimeError, OSError):
                 found[f"{module}.{var}"] = "unseen"
     return found
+
+
+def _shipped_reads(value) -> list | None:
+    """How a global that the script's own code reads is compared with a Ray worker's: None
+    where it is (a user's module, or a function or class of one, which a worker imports
+    afresh); else the functions to follow instead (a function or class of the script's own,
+    shipped by value: its functions), or none (a plain value, shipped as it was; torch's and
+    other installed code)."""
+    if isinstance(value, types.ModuleType):
+        return None if user_module(value) else []
+    if isinstance(value, (types.FunctionType, type)):
+        if getattr(value, "__module__", None) == "__main__":
+            return [value] if isinstance(value, types.FunctionType) else \
+                [fn for item in value.__dict__.values() for fn in _functions(item)]
+        own = user_code(value.__code__) if isinstance(value, types.FunctionType) else \
+            _user_class(value)
+        return None if own else []
+    return []
 
 
 def model_functions(model, script: bool = False) -> list:
