@@ -33,7 +33,7 @@ def vector_layout(module: nn.Module, form: str, like: list, layouts: dict,
     """A layer of 2-D items: FLAT for channel-first maps (batch, channels, length), else
     SEQUENCE; ``form`` what the probe saw it return, ``like`` the layers (module, call) its
     output is one of or was made from, ``layouts`` theirs. ``moved_last``: its input's last
-    axis is stored outside its middle one (``moved_last``): a norm of that axis (a
+    axis is stored outside its middle one (the function ``moved_last``): a norm of that axis (a
     LayerNorm's) normalises features moved last, tokens × features, whatever layer its
     shape matches (a Whisper encoder's first LayerNorm over a conv's frames transposed, 32
     of 32, had taken the conv's layout: its channels the frames, sweep SX6); a norm of a
