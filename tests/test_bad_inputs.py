@@ -1037,3 +1037,14 @@ def test_results_of_inputs_groups_and_undefined_cka_read_as_they_show():
 
     frame = frame_of(pd, [{"layer_x": "a", "layer_y": "b", "cka": None}])
     assert frame["cka"].dtype == np.float64 and frame["cka"].isna().all()
+
+
+def test_labels_laid_out_the_other_way_are_told_so():
+    """Sweep SX10: y of shape (1, n) or (classes, n) had been refused as labels per token or
+    multi-hot labels, not as labels of another length than X's."""
+    X, y = torch.randn(30, 4), torch.randint(0, 3, (30,))
+    model = torch.nn.Linear(4, 3).eval()
+    for turned in (y[None], torch.nn.functional.one_hot(y, 3).T):
+        with pytest.raises(diagql.DiagQLError, match=r"X has 30 items but y has \d rows, of "
+                                                     r"shape .*transpose it"):
+            diagql.connect(model, (X, turned), cache_dir=False, progress=False)

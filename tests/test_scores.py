@@ -738,3 +738,39 @@ def test_a_logit_per_token_is_no_class_per_position():
     with torch.no_grad():
         first = TokenTagger()(ids)[:, 0, 0]
     assert (named.profile.predictions == (first > 0).long().numpy()).all()
+
+
+class _Fixed(nn.Module):
+    """A head that returns the scores it is given with its items (the item's own row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Identity()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_confidence_is_compared_at_the_scores_precision_and_nan_scores_predict_as_argmax():
+    """Sweep SX10: a head of float32 probabilities gives 0.7 as 0.699999988, and
+    confidence >= 0.7 had left those items out (torch's own comparison counts them); NaN
+    scores had predicted class 0 where the notice and torch.argmax say the first NaN's."""
+    rows = [[0.7, 0.2, 0.1]] * 5 + [[0.05, 0.9, 0.05]] * 5
+    probs = torch.tensor(rows, dtype=torch.float32)
+    conn = diagql.connect(_Fixed().eval(), (probs, probs.argmax(1)), cache_dir=False,
+                          progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagQLWarning)
+        for where, count in (("confidence >= 0.7", 10), ("confidence = 0.7", 5),
+                             ("confidence < 0.9", 5), ("confidence >= 0.9", 5)):
+            assert conn.query(f"AVG NEURONS IN body WHERE {where}").n_items == count, where
+    logits = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
+    logits[0, 1] = logits[1, 3] = float("nan")
+    logits[2] = float("-inf")
+    truth = logits.argmax(1)
+    with pytest.warns(DiagQLWarning, match="3 of 40 items have NaN class scores, or every score "
+                                           r"-inf .*torch.argmax's"):
+        conn = diagql.connect(_Fixed().eval(), (logits, truth), cache_dir=False,
+                              progress=False)
+        predicted = conn.profile.predictions
+    assert predicted.tolist() == truth.tolist() and predicted[:3].tolist() == [1, 3, 0]

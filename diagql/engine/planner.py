@@ -449,5 +449,10 @@ def predicate_mask(pred: ast.Predicate | None, profile: Profile) -> np.ndarray:
     if isinstance(pred, ast.Member):
         inside = np.isin(column, np.asarray(pred.values))
         return ~inside if pred.negated else inside
+    if pred.field == "confidence":
+        # At float32's precision, as the model's own scores and torch's comparisons: a head of
+        # probabilities' 0.7 (0.699999988 kept as float64) had failed confidence >= 0.7
+        # (sweep SX10).
+        return _OPS[pred.op](column.astype(np.float32), np.float32(pred.value))
     return _OPS[pred.op](column, pred.value)
 

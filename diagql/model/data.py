@@ -84,7 +84,9 @@ class ItemSource:
         elif isinstance(data, (tuple, list)) and len(data) == 2:
             self._refuse_label_key(f"a pair (X, y) with X a {type(data[0]).__name__}")
             # (X, None) is data without labels: queries that need none still work.
-            self._pair = (_as_tensor(data[0], "X"), None if data[1] is None else as_labels(data[1]))
+            X = _as_tensor(data[0], "X")
+            _check_rows(X, data[1])
+            self._pair = (X, None if data[1] is None else as_labels(data[1]))
             if self._pair[1] is not None and len(self._pair[0]) != len(self._pair[1]):
                 raise DiagQLError(f"X has {len(self._pair[0])} items but y has "
                                   f"{len(self._pair[1])} labels")
@@ -387,6 +389,18 @@ def _batch_len(x) -> int:
         raise DiagQLError(f"none of the batch's inputs {_keys(x)} is a tensor; a collate_fn "
                           f"must turn them into tensors")
     raise DiagQLError(f"cannot batch model inputs of type {type(x).__name__}")
+
+
+def _check_rows(X: torch.Tensor, y) -> None:
+    """Refuse labels of another length than X's items before reading them: y of shape (1, n)
+    or (classes, n), labels laid out the other way, had been refused as labels per token or
+    multi-hot labels (sweep SX10)."""
+    shape = getattr(y, "shape", None)
+    if shape is None or len(shape) < 2 or shape[0] == len(X):
+        return
+    turned = " (its second axis has X's length: transpose it)" if shape[1] == len(X) else ""
+    raise DiagQLError(f"X has {len(X)} items but y has {shape[0]} rows, of shape "
+                      f"{tuple(shape)}{turned}")
 
 
 def _as_tensor(X, name: str) -> torch.Tensor:

@@ -175,7 +175,13 @@ def profile_part(model, source: ItemSource, items: np.ndarray, *, latent: str | 
             if latent is not None:
                 hooks.check_ran()
             after = time.perf_counter()
-            conf, pred = scores.probabilities_of(logits).max(dim=1)
+            probs = scores.probabilities_of(logits)
+            conf, pred = probs.max(dim=1)
+            broken = probs.isnan().any(dim=1)
+            if bool(broken.any()) and logits.ndim == 2 and logits.shape == probs.shape:
+                # torch.argmax's class for NaN scores (the first NaN's), as the notice says:
+                # their softmax's NaN row had made every one class 0 (sweep SX10).
+                pred = torch.where(broken, logits.argmax(dim=1).to(pred.device), pred)
             batch = slice(position, position + len(idx))
             if y is None:
                 has_labels = False

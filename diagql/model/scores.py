@@ -405,8 +405,9 @@ def unscored(confidence: np.ndarray) -> str | None:
     missing = np.flatnonzero(np.isnan(confidence))
     if not len(missing):
         return None
-    return (f"{len(missing):,} of {len(confidence):,} items have NaN class scores (the first is "
-            f"item {int(missing[0])}): their predictions are arbitrary (the first NaN's class), "
+    return (f"{len(missing):,} of {len(confidence):,} items have NaN class scores, or every "
+            f"score -inf (the first is item {int(missing[0])}): their predictions are "
+            f"arbitrary (torch.argmax's: the first NaN's class, else class 0), "
             f"yet counted by WHERE predicted, correct and incorrect and by GROUP BY predicted "
             f"and correct; WHERE confidence >= 0 leaves them out")
 
