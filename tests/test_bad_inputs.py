@@ -1,6 +1,7 @@
 """Bad models and data: each gets one clear DiagQLError, and the model is handed back as it came."""
 from __future__ import annotations
 
+import json
 import subprocess
 
 import numpy as np
@@ -312,6 +313,12 @@ def test_data_without_labels_in_sample_and_show_profile():
     classes, counts = np.unique(predicted, return_counts=True)
     assert {row[0]: row[1] for row in shown.rows} == dict(zip(classes.tolist(), counts.tolist()))
     assert [row[1] for row in shown.rows] == sorted(counts.tolist(), reverse=True)
+    # Its mean confidence is a number in JSON and CSV, shown to 3 places (it had been text:
+    # sweep SX11).
+    from diagql.results.render import to_json
+    confidence = [row[-1] for row in json.loads(to_json(shown))["rows"]]
+    assert all(type(c) is float for c in confidence) and \
+        any(len(repr(c)) > 5 for c in confidence), confidence
 
 
 def test_data_without_labels_through_the_disk_cache(tmp_path):

@@ -504,3 +504,19 @@ def test_weights_named_for_a_model_that_has_no_name_say_how_to_give_them():
     with pytest.raises(DiagQLError, match=r"there is no --model other=\.\.\.; the one model is "
                                           r"unnamed: --weights PATH"):
         load_models(["tests.models:trained_mlp"], ["other=w.pt"])
+
+
+def test_a_reader_that_closes_the_pipe_ends_it_as_sigpipe_does():
+    """``diagql ... | head -1`` had exited 1, a user error's status, failing `set -o pipefail`
+    scripts (sweep SX11); no traceback either way."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    script = "; ".join(["AVG NEURONS IN head"] * 400)  # more than a pipe buffer holds
+    with subprocess.Popen([sys.executable, "-m", "diagql", "--model", "tests.models:trained_mlp",
+                           "--data", "tests.models:digits", "--no-cache", "--no-progress",
+                           "--format", "csv", "-e", script], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout.readline().startswith(b"neuron")
+        process.stdout.close()
+        status = process.wait(timeout=300)
+        errors = process.stderr.read().decode()
+    assert status == 141 and "Traceback" not in errors, (status, errors)

@@ -95,6 +95,11 @@ class Percent(float):
     """A share a table shows as a percentage (79.5%); JSON and CSV carry the number (0.795)."""
 
 
+class Probability(float):
+    """A probability a table shows as ``probability_text`` does (0.355, 1.99e-05); JSON and
+    CSV carry the number (SHOW PROFILE's mean confidence had been a string there: SX11)."""
+
+
 class Count(int):
     """A count a table shows with thousands separators (61,706); JSON and CSV, the integer."""
 
@@ -112,10 +117,12 @@ def size_text(size: int) -> str:
 
 
 def cell_text(value) -> str:
-    """A table cell as shown: typed numbers (``Percent``, ``Count``, ``Bytes``) in their
-    form, other floats to four places."""
+    """A table cell as shown: typed numbers (``Percent``, ``Probability``, ``Count``,
+    ``Bytes``) in their form, other floats to four places."""
     if isinstance(value, Percent):
         return f"{value:.1%}"
+    if isinstance(value, Probability):
+        return probability_text(value)
     if isinstance(value, Count):
         return f"{value:,}"
     if isinstance(value, Bytes):

@@ -11,7 +11,7 @@ from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
 from diagql.model.scores import profile_notices
 from diagql.model.views import SEQUENCE, View
-from diagql.results.formats import Bytes, Count, Percent, probability_text, size_text
+from diagql.results.formats import Bytes, Count, Percent, Probability, size_text
 from diagql.results.result import Result
 from diagql.storage.store import abandoned, remove_abandoned
 
@@ -148,7 +148,8 @@ def _layers(conn, statement) -> Result:
                      layer.neurons if layer.shape is not None else "", note))
     return Result(kind="table", statement=statement.text, columns=["layer", "type", "output",
                                                                    "neurons", "note"],
-                  rows=rows, title=f"{len(rows)} layers of {type(conn.model).__name__}")
+                  rows=rows, title=f"{len(rows)} layer{'' if len(rows) == 1 else 's'} of "
+                        f"{type(conn.model).__name__}")
 
 
 def _samplers(conn, statement) -> Result:
@@ -233,7 +234,7 @@ def _predicted(conn, statement, profile) -> Result:
     predicted = np.flatnonzero(counts)
     order = predicted[np.argsort(-counts[predicted], kind="stable")]
     rows = [(int(c), *([names[c] if c < len(names) else ""] if names else []), int(counts[c]),
-             Percent(counts[c] / len(profile)), probability_text(confidence[c] / counts[c]))
+             Percent(counts[c] / len(profile)), Probability(confidence[c] / counts[c]))
             for c in order[:MOST_PREDICTED]]
     notes = _notices(conn.catalog, profile)
     # A regression's one output had been profiled so, unsaid (SS9).

@@ -123,6 +123,9 @@ def _replace_what_cannot_be_written() -> None:
                 stream.reconfigure(errors="replace")
 
 
+BROKEN_PIPE = 128 + 13  # the status of a process SIGPIPE ended
+
+
 def main(argv: list[str] | None = None) -> int:
     _replace_what_cannot_be_written()
     parser = build_parser()
@@ -165,7 +168,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.console import Console
 
-    out = Console(soft_wrap=False, width=_width(sys.stdout))
+    class _Out(Console):
+        def on_broken_pipe(self) -> None:
+            """A reader that closed the pipe (``| head -1``): rich's own end, stdout sent to
+            devnull, with the status of a process SIGPIPE ended, 141, as other tools give,
+            not a user error's 1 (sweep SX11)."""
+            try:
+                super().on_broken_pipe()
+            except SystemExit:
+                raise SystemExit(BROKEN_PIPE) from None
+
+    out = _Out(soft_wrap=False, width=_width(sys.stdout))
     err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
     default = warnings.showwarning
     warnings.showwarning = _one_line_warnings(err, default)
