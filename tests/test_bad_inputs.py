@@ -240,6 +240,8 @@ def test_data_without_labels_refuses_what_needs_them(text, message):
     assert info.value.message.startswith(message)
     if "WHERE" in message or "sampler" in message:
         assert info.value.column is not None  # underlined in the query
+    if "GROUP BY" in message:  # under the clause (it had no place: sweep SX11)
+        assert info.value.column == text.index("GROUP BY") + 1
 
 
 @pytest.mark.parametrize("data", [bad_models.unlabelled, bad_models.BareX],

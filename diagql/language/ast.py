@@ -226,6 +226,7 @@ class Query:
     order: str = "mean"  # TOPK ranks by "mean" or "max"
     where: Predicate | None = None
     group_by: str | None = None  # "class" | "predicted" | "correct"
+    group_by_span: Span | None = _span()
     source: Full | SamplerCall | Auto = Full()
     baseline: bool = False
     tokens: Tokens | None = None  # a sequence layer's reduction; None: its default (MEAN)
@@ -259,6 +260,7 @@ class Similarity:
     measure_span: Span | None = _span()
     where: Predicate | None = None
     group_by: str | None = None
+    group_by_span: Span | None = _span()
     source: Full | SamplerCall = Full()
     baseline: bool = False
     plot: Literal | None = None  # PLOT 'file.png': the heat map

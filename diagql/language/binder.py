@@ -488,7 +488,7 @@ def require_labels(query: ast.Query | ast.TopInputs) -> None:
     group_by = getattr(query, "group_by", None)  # TOPK k INPUTS has no GROUP BY
     if group_by in ("class", "correct"):
         raise _error(f"GROUP BY {group_by} needs the true labels, but {NO_LABELS}; "
-                     f"GROUP BY predicted works", None)
+                     f"GROUP BY predicted works", getattr(query, "group_by_span", None))
     if isinstance(query.source, ast.SamplerCall) and \
             samplers.sampler_class(query.source.name).needs_labels:
         raise _error(sampler_needs_labels(query.source.name), query.source.span)

@@ -314,7 +314,7 @@ def _build_transformer():
             return {"where": children[1]}
 
         def group_by(self, meta, children):
-            return {"group_by": str(children[2]).lower()}
+            return {"group_by": str(children[2]).lower(), "group_by_span": self._span(meta)}
 
         def full(self, meta, children):
             return {"source": ast.Full(span=self._span(meta))}
