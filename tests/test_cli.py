@@ -140,6 +140,7 @@ def test_keep_going_in_json_gives_every_statement_its_line(tmp_path):
     assert [line["kind"] for line in lines] == ["topk", "error", "set"]
     assert lines[1]["line"] == 2 and lines[1]["source_line"] == "TOPK 2 NEURONS IN hed;"
     assert lines[1]["error"].startswith("unknown layer 'hed'")
+    assert lines[1]["statement"] == "TOPK 2 NEURONS IN hed"  # named where nothing places it
 
 
 def test_syntax_error_names_what_was_expected():

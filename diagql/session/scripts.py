@@ -69,6 +69,7 @@ def _placed(exc: DiagQLError, statement, script: str, placed: bool) -> DiagQLErr
     """A script's error points at its statement when the raiser knew no finer place ('GROUP
     BY class needs the true labels'), so that the file:line says which statement failed."""
     exc.with_source(script)
+    exc.statement = getattr(statement, "text", "") or None  # --format json's record names it
     span = statement.span
     if placed and exc.line is None and span is not None:
         exc.line, exc.column = span.line, span.column

@@ -278,7 +278,10 @@ def _print_json_error(out, error) -> None:
     import json
 
     line = {"kind": "error", "error": error.message, "line": error.line,
-            "column": error.column, "source_line": error.source_line()}
+            "column": error.column, "source_line": error.source_line(),
+            # which statement failed, where the error has no place of its own (a forward
+            # that raised: its line had been all null, sweep SX11)
+            "statement": getattr(error, "statement", None)}
     out.print(json.dumps(line, ensure_ascii=False), markup=False, highlight=False,
               soft_wrap=True)
 
