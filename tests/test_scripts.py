@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diagql
-from diagql.errors import BindError, ExecutionError
+from diagql.errors import BindError, DiagQLError, ExecutionError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,19 +58,39 @@ def test_a_bad_statement_in_the_middle(mlp, digits, truth):
     np.testing.assert_allclose(topk.values, np.sort(means)[::-1][:2], rtol=0, atol=1e-5)
 
 
+class _Refusing(torch.nn.Module):
+    """A model whose forward refuses batches of more than 200 items (the probe's pass)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if len(x) > 200:
+            raise RuntimeError("too many at once")
+        return self.inner(x)
+
+
 def test_an_error_without_a_place_points_at_its_statement(mlp, digits):
-    """Data without labels: 'GROUP BY class needs the true labels' has no span of its own; in a
-    script it says which statement (it printed 'file: error: ...' with no line)."""
+    """A forward that raised has no place of its own in the text; in a script it says which
+    statement (it printed 'file: error: ...' with no line). A GROUP BY that needs labels is
+    placed under its clause (sweep SX11)."""
     X, _ = digits
     db = diagql.connect(mlp, (X, None), cache_dir=False, progress=False, batch_size=500)
     script = "SHOW MODELS;\n\n  AVG NEURONS IN head GROUP BY class;\nAVG NEURONS IN head;"
     _, grouped, plain = db.run_script(script)
     assert isinstance(grouped, BindError) and "needs the true labels" in grouped.message
-    assert (grouped.line, grouped.column) == (3, 3)
-    assert grouped.format("s.dql").startswith("s.dql:3:3: error: GROUP BY class needs")
-    assert grouped.format().split("\n")[2] == "      " + "^" * len("AVG NEURONS IN head GROUP BY class")
+    assert (grouped.line, grouped.column) == (3, 23)
+    assert grouped.format("s.dql").startswith("s.dql:3:23: error: GROUP BY class needs")
+    assert grouped.format().split("\n")[2] == " " * 26 + "^" * len("GROUP BY class")
     with torch.no_grad():
         np.testing.assert_allclose(plain.values, mlp(X).double().numpy().mean(axis=0), atol=1e-5)
+    refusing = diagql.connect(_Refusing(mlp), (X, None), cache_dir=False, progress=False,
+                              batch_size=500)
+    _, failed = refusing.run_script("SHOW MODELS;\n\n  AVG NEURONS IN inner.head;")
+    assert isinstance(failed, DiagQLError) and "too many at once" in failed.message
+    assert (failed.line, failed.column) == (3, 3) and failed.statement == \
+        "AVG NEURONS IN inner.head"
 
 
 @pytest.mark.parametrize("statement", ["TOPK 2 NEURONS IN head USING FULL WITH BASELINE",
