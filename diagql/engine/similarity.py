@@ -224,6 +224,9 @@ def answer_similarity(runner, plan: Plan, runners: dict | None = None) -> Result
         run_together(passes, f"SIMILARITY {', '.join(layer_labels(part))} ({label})")
         reducer.check()
         states[name] = reducer.states
+        # The reducer and its feeds hold each other: their cycle had kept the states' rows
+        # (GBs of a wide layer's) until Python's collector ran, past the answer (sweep SX12).
+        reducer.feeds, reducer.states = [], {}
         timings[name] = time.perf_counter() - started
     # Each side's time holds its CKA too (a wide layer's Gram over every item is most of it:
     # 1.8 s of 2.5 where its pass took 0.4), not its pass alone.
