@@ -768,8 +768,8 @@ def test_confidence_is_compared_at_the_scores_precision_and_nan_scores_predict_a
     logits[0, 1] = logits[1, 3] = float("nan")
     logits[2] = float("-inf")
     truth = logits.argmax(1)
-    with pytest.warns(DiagQLWarning, match="3 of 40 items have NaN class scores, or every score "
-                                           r"-inf .*torch.argmax's"):
+    with pytest.warns(DiagQLWarning, match=r"3 of 40 items have NaN class scores \(the first "
+                                           r"is item 0; or every score -inf\).*torch.argmax's"):
         conn = diagql.connect(_Fixed().eval(), (logits, truth), cache_dir=False,
                               progress=False)
         predicted = conn.profile.predictions

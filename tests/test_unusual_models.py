@@ -766,12 +766,12 @@ def test_items_whose_scores_are_nan_are_warned_of_and_noted():
     X, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
     bad = torch.nonzero(X[:, 0] < -0.5).flatten()
     conn = diagql.connect(_NaNLogits(), (X, y), cache_dir=False, progress=False)
-    said = f"{len(bad)} of 30 items have NaN class scores (the first is item {int(bad[0])})"
+    said = f"{len(bad)} of 30 items have NaN class scores (the first is item {int(bad[0])};"
     # Every query counts them (WHERE incorrect, GROUP BY predicted): the profile warns.
     with pytest.warns(DiagQLWarning, match=re.escape(said) + ".*WHERE confidence >= 0"):
         conn.profile
     (note,) = conn.query("SHOW PROFILE").notes
-    assert note.startswith(said + ": their predictions are arbitrary")
+    assert note.startswith(said + " or every score -inf): their predictions are arbitrary")
     left = conn.query("AVG NEURONS IN head WHERE confidence >= 0")
     assert left.n_items == 30 - len(bad)
     finite = diagql.connect(_mlp(), (X, y), cache_dir=False, progress=False)

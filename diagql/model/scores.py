@@ -400,16 +400,15 @@ def beyond_labels(labels: np.ndarray | None, predictions: np.ndarray,
 
 
 def unscored(confidence: np.ndarray) -> str | None:
-    """A notice when some items' scores are NaN: the profile keeps them (their layers' NaN are
-    reported per query), but their prediction is no class the model chose. None otherwise."""
+    """A notice when some items' scores are NaN: the profile keeps them (their layers' NaN,
+    per query), but their prediction is no class the model chose. None otherwise."""
     missing = np.flatnonzero(np.isnan(confidence))
     if not len(missing):
         return None
-    return (f"{len(missing):,} of {len(confidence):,} items have NaN class scores, or every "
-            f"score -inf (the first is item {int(missing[0])}): their predictions are "
-            f"arbitrary (torch.argmax's: the first NaN's class, else class 0), "
-            f"yet counted by WHERE predicted, correct and incorrect and by GROUP BY predicted "
-            f"and correct; WHERE confidence >= 0 leaves them out")
+    return (f"{len(missing):,} of {len(confidence):,} items have NaN class scores (the first "
+            f"is item {int(missing[0])}; or every score -inf): their predictions are arbitrary "
+            f"(torch.argmax's: the first NaN's class, else class 0), yet counted by WHERE and "
+            f"GROUP BY predicted, correct and incorrect; WHERE confidence >= 0 leaves them out")
 
 
 def narrower_head(scores: Scores, labels: np.ndarray | None,
