@@ -54,6 +54,16 @@ class DiagQLError(Exception):
         self.end_column = end_column
         self.source = source
         self.hint = hint
+        self.statement: str | None = None  # a script's failed statement, where it says which
+
+    def at(self, span) -> "DiagQLError":
+        """Placed at ``span`` (the ast's: line, column, end) where the raiser knew no place of
+        its own (the binder's or a draw's refusal, a script's statement); one with a place
+        keeps it. The caret's end only where the span ends on its first line."""
+        if self.line is None and span is not None:
+            self.line, self.column = span.line, span.column
+            self.end_column = span.end_column if span.end_line == span.line else None
+        return self
 
     def with_source(self, source: str) -> "DiagQLError":
         """Attach the query text if the raiser did not know it (the binder sees only the AST)."""

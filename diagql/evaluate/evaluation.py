@@ -117,11 +117,7 @@ def draw_samples(conn, bound: BoundEvaluation) -> list[Draw]:
                 try:
                     indices = sampler.fit(data).indices_
                 except DiagQLError as exc:  # placed at its call (maxmargin on one class: SW4)
-                    span = candidate.span
-                    if exc.line is None and span is not None:
-                        exc.line, exc.column = span.line, span.column
-                        exc.end_column = span.end_column
-                    raise
+                    raise exc.at(candidate.span)
                 # A draw that reused another's SVM fit (maxmargin's, weighted's) is timed as
                 # one alone: its time had been 20x short, and hung on the samplers' order.
                 seconds = time.perf_counter() - started + REUSED_SECONDS[0]

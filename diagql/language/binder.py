@@ -36,10 +36,7 @@ class BoundQuery:
 
 
 def _error(message: str, span: ast.Span | None, hint: str | None = None) -> BindError:
-    if span is None:
-        return BindError(message, hint=hint)
-    end = span.end_column if span.end_line == span.line else None
-    return BindError(message, line=span.line, column=span.column, end_column=end, hint=hint)
+    return BindError(message, hint=hint).at(span)
 
 
 def qualify_layer(ref: ast.LayerRef, models: Sequence[str], default: str,

@@ -70,11 +70,7 @@ def _placed(exc: DiagQLError, statement, script: str, placed: bool) -> DiagQLErr
     BY class needs the true labels'), so that the file:line says which statement failed."""
     exc.with_source(script)
     exc.statement = getattr(statement, "text", "") or None  # --format json's record names it
-    span = statement.span
-    if placed and exc.line is None and span is not None:
-        exc.line, exc.column = span.line, span.column
-        exc.end_column = span.end_column if span.end_line == span.line else None
-    return exc
+    return exc.at(statement.span) if placed else exc
 
 
 def _run_queries(conn, queries: list, script: str,

@@ -174,10 +174,7 @@ def _draw(entry, sampler, call=None):
     try:
         sample, fresh = entry.artifacts.get_sample(sampler)
     except DiagQLError as exc:
-        span = getattr(call, "span", None)
-        if exc.line is None and span is not None:
-            exc.line, exc.column, exc.end_column = span.line, span.column, span.end_column
-        raise
+        raise exc.at(getattr(call, "span", None))
     return sample, sample.seconds if fresh else 0.0
 
 
@@ -417,10 +414,7 @@ def _set(conn, statement: ast.SetStatement) -> Result:
         if name == "latent" and conn.models:
             return _set_latent(conn, statement, value)
     except BindError as exc:
-        span = statement.value_span
-        if exc.line is None and span is not None:
-            exc.line, exc.column, exc.end_column = span.line, span.column, span.end_column
-        raise
+        raise exc.at(statement.value_span)
     if name == "latent" and value != conn.settings.latent:
         conn.forget_latent_space()
     if name == "batch_size" and value != conn.settings.batch_size:

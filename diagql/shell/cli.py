@@ -281,7 +281,7 @@ def _print_json_error(out, error) -> None:
             "column": error.column, "source_line": error.source_line(),
             # which statement failed, where the error has no place of its own (a forward
             # that raised: its line had been all null, sweep SX11)
-            "statement": getattr(error, "statement", None)}
+            "statement": error.statement}
     out.print(json.dumps(line, ensure_ascii=False), markup=False, highlight=False,
               soft_wrap=True)
 
