@@ -172,7 +172,7 @@ def _shipped_reads(value) -> list | None:
     if isinstance(value, (types.FunctionType, type)):
         if getattr(value, "__module__", None) == "__main__":
             return [value] if isinstance(value, types.FunctionType) else \
-                [fn for item in value.__dict__.values() for fn in _functions(item)]
+                _class_functions(value)
         own = user_code(value.__code__) if isinstance(value, types.FunctionType) else \
             _user_class(value)
         return None if own else []
@@ -190,7 +190,12 @@ def model_functions(model, script: bool = False) -> list:
             if cls is not object and not _from_torch(cls) and (
                     _user_class(cls) or script and cls.__module__ == "__main__"):
                 classes.setdefault(cls, None)
-    return [fn for cls in classes for item in cls.__dict__.values() for fn in _functions(item)]
+    return [fn for cls in classes for fn in _class_functions(cls)]
+
+
+def _class_functions(cls: type) -> list:
+    """The Python functions a class's own attributes run (``_functions`` of each)."""
+    return [fn for item in cls.__dict__.values() for fn in _functions(item)]
 
 
 def item_functions(data, script: bool = False) -> list:
