@@ -327,18 +327,19 @@ def _profile_pass(artifacts: Artifacts) -> Profile:
         compare = same_rows.comparisons(conn.model, catalog, name, is_input, view,
                                         conn.dtype, n)
         blocks = auxiliaries.blocks(conn.model, catalog, n, name, is_input)
-        return dataclasses.replace(conn.engine.profile(
+        profile = conn.engine.profile(
             n, latent=name, latent_is_input=is_input, view=view, dtype=conn.dtype,
             cast=conn.cast,
             batch_size=conn.settings.batch_size, progress=conn.progress, compare=compare,
             blocks=blocks, winners=winners.views(catalog, n), scores=artifacts.scores(catalog),
-            pairs=view_aliases.candidates(catalog, blocks), shared=SharedCalls.of(catalog)),
-            batch_size=batch)
-    return dataclasses.replace(compute_profile(
-        conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
-        dtype=conn.dtype, cast=conn.cast, batch_size=conn.settings.batch_size,
-        progress=conn.progress,
-        view=view, catalog=catalog, scores=artifacts.scores(catalog)), batch_size=batch)
+            pairs=view_aliases.candidates(catalog, blocks), shared=SharedCalls.of(catalog))
+    else:
+        profile = compute_profile(
+            conn.model, conn.source, latent=name, latent_is_input=is_input, device=conn.device,
+            dtype=conn.dtype, cast=conn.cast, batch_size=conn.settings.batch_size,
+            progress=conn.progress,
+            view=view, catalog=catalog, scores=artifacts.scores(catalog))
+    return dataclasses.replace(profile, batch_size=batch)
 
 
 def _say_notices(profile: Profile, catalog: LayerCatalog | None) -> None:

@@ -63,7 +63,8 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str,
     if over is not None:  # random's draw is free: the time goes to the rounds
         sampler = bind_sampler(ast.SamplerCall("random"), conn.settings.seed, len(profile))
     start = _start(query, sampler, len(profile))
-    n_match = int(predicate_mask(query.where, profile).sum())
+    mask = predicate_mask(query.where, profile)
+    n_match = int(mask.sum())
     if n_match <= start:
         return dataclasses.replace(bound, sampler=None), (
             f"exact: {n_match:,} matching item{'s' if n_match != 1 else ''}, no more than "
@@ -84,8 +85,7 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str,
                                   pass_layers(bound, src.own))
         if cheaper is not None:
             return dataclasses.replace(bound, sampler=None), f"exact: {cheaper}", 0.0
-        avoided, seconds = shunned(conn, sampler, profile, predicate_mask(query.where, profile),
-                                   src.sampling.artifacts)
+        avoided, seconds = shunned(conn, sampler, profile, mask, src.sampling.artifacts)
         if avoided:
             sampler = bind_sampler(ast.SamplerCall("random"), conn.settings.seed, len(profile))
             start = _start(query, sampler, len(profile))
