@@ -140,8 +140,9 @@ def check_batch_independent(alone: list[torch.Tensor], together: torch.Tensor) -
     padding, with positions counted from the batch's start: a GPT-2's) make an item's answer
     depend on which items share its batch, and WHERE and a sample run other batches than
     the exact pass (GROUP BY runs the same: every item, in order). Each of the first items
-    is compared (a left-padded first item, the batch's longest, is padded in neither). Outputs whose batch axis is not the
-    first, or of another shape alone, are not compared. Whether it warned."""
+    is compared (a left-padded first item, the batch's longest, is padded in neither).
+    Outputs whose batch axis is not the first, or of another shape alone, are not compared.
+    Whether it warned."""
     for i, one in enumerate(alone):
         if one.ndim == 0 or together.ndim != one.ndim or one.shape[0] != 1 or \
                 together.shape[0] < max(2, i + 1) or together.shape[1:] != one.shape[1:] or \

@@ -451,9 +451,10 @@ def _checkpoint_stamp(entry, finals: dict) -> tuple:
     ``rsync -t`` keeps the time, not the inode; the change time, which ``cp -p`` cannot keep,
     also moves with a chmod or a backup's hard link: unchanged weights said changed, sweep
     SX5), the weights file of a save_pretrained directory (its own times do not follow a file
-    copied over one inside: sweep SX3, an old CKA answered unwarned), a module's stamp (as a model's), or a state_dict's tensors' stamp, and
-    the final model's hooks, which its copy runs with (session/checkpoints.py); ``finals``
-    keeps each final model's digest for the statement's other checkpoints."""
+    copied over one inside: sweep SX3, an old CKA answered unwarned), a module's stamp (as a
+    model's), or a state_dict's tensors' stamp, and the final model's hooks, which its copy
+    runs with (session/checkpoints.py); ``finals`` keeps each final model's digest for the
+    statement's other checkpoints."""
     final = entry.slot.final
     if id(final) not in finals:
         finals[id(final)] = hooks_digest(final)
