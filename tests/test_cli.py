@@ -129,6 +129,16 @@ def test_keep_going_runs_the_rest_but_still_fails(tmp_path):
     assert "head[" in done.stdout
 
 
+def test_keep_going_runs_what_follows_a_string_left_open(tmp_path):
+    # The open string had swallowed the ';' and the next line into its statement.
+    script = tmp_path / "report.dql"
+    script.write_text("TOPK 2 NEURONS IN head WHERE class = 'cat;\nTOPK 2 NEURONS IN head;\n")
+    done = diagql(*MODEL, "--keep-going", str(script))
+    assert done.returncode == 1
+    assert "report.dql:1:38: syntax error: unterminated quoted string" in done.stderr
+    assert "head[" in done.stdout
+
+
 def test_keep_going_in_json_gives_every_statement_its_line(tmp_path):
     """JSON Lines: a failed statement had written no line (three statements, two lines), so
     a reader lost track of which answer was which."""

@@ -368,7 +368,10 @@ def test_split_statements_drops_empty_statements():
     ("SHOW LAYERS;  -- done", True),
     ("SHOW LAYERS;\n  ", True),
     ("SHOW LAYERS; SHOW", False),
-    ("SET latent = 'a;", False),
+    # A string left open on its line stops before the ';' (no later line can close it): the
+    # statement ends there, with its open string as its own error.
+    ("SET latent = 'a;", True),
+    ("SET latent = 'a", False),
     ("SET latent = 'a;b'", False),
     ("SET latent = 'a;b';", True),
     ("SHOW LAYERS -- ;", False),
@@ -378,6 +381,13 @@ def test_split_statements_drops_empty_statements():
 def test_only_a_real_semicolon_terminates_the_last_statement(text, terminated):
     pieces = split_statements(text)
     assert (bool(pieces) and pieces[-1].terminated) is terminated
+
+
+def test_a_string_left_open_keeps_the_statements_after_it():
+    pieces = split_statements("SET latent = 'abc;\nSHOW LAYERS;\nSHOW 'x; y' ;")
+    assert [p.text.strip() for p in pieces] == ["SET latent = 'abc", "SHOW LAYERS", "SHOW 'x; y'"]
+    with pytest.raises(ParseError, match="unterminated quoted string"):
+        parse_script("SET latent = 'abc;\nSHOW LAYERS;")
 
 
 # --- error positions and messages -----------------------------------------------------------

@@ -225,6 +225,18 @@ def test_no_matching_item_is_an_error(conn):
     assert caught.value.column == text.index("class = 3") + 1
 
 
+def test_a_sample_that_misses_the_matching_items_says_how_many_the_data_holds(conn):
+    profile = conn.profile
+    matching = int(((profile.labels == 3) & (profile.predictions != 3)).sum())
+    drawn = conn.sample("random(0.01)")  # the sample's item indices
+    held = int(((profile.labels[drawn] == 3) & (profile.predictions[drawn] != 3)).sum())
+    assert matching > 0 and held == 0  # the case: the data holds some, the sample none
+    with pytest.raises(ExecutionError) as caught:
+        conn.query("TOPK 3 INPUTS FOR 6[1] WHERE class = 3 AND incorrect USING SAMPLE random(0.01)")
+    assert f"none of its {matching:,} matching items is in the sample's " \
+           f"{len(drawn):,}; USING FULL ranks them all" in caught.value.message
+
+
 def test_renderings_carry_items_labels_and_images(conn):
     result = conn.query("TOPK 3 INPUTS FOR 6[2]")
     text = to_text(result)

@@ -15,7 +15,11 @@ from diagql.language.transform import to_ast
 # --- splitting a script into statements ----------------------------------------------------
 
 _LONE_CR = re.compile(r"\r(?!\n)")
-_SCAN = re.compile(r"""'(?:[^'\\\n]|\\.)*'?|"(?:[^"\\\n]|\\.)*"?|--[^\n]*|;""")
+# A string runs to its closing quote on its line; one left open stops before the next ``;``,
+# so that the statements after it are still statements (--keep-going runs them) and the open
+# string is the error of its own statement only.
+_SCAN = re.compile(r"""'(?:[^'\\\n]|\\.)*'|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n;]|\\.)*|"""
+                   r""""(?:[^"\\\n;]|\\.)*|--[^\n]*|;""")
 
 
 def _blank_comments(text: str) -> str:

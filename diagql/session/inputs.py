@@ -65,17 +65,19 @@ def _bind(conn, query: ast.TopInputs) -> BoundInputs:
 
 def _matching(query: ast.TopInputs, profile, bound: BoundInputs, sampling) -> tuple:
     """(the items a query ranks, as a mask over every item: WHERE on the profile, within the
-    sample; the sample, or None). Nothing of the data matching: no sample is drawn for it."""
+    sample; the sample, or None; how many items of the data match). Nothing of the data
+    matching: no sample is drawn for it."""
     if not profile.has_labels:
         require_labels(query)
     allowed = predicate_mask(query.where, profile)
+    matching = int(allowed.sum())
     sample = None
-    if allowed.any() and bound.sampler is not None:
+    if matching and bound.sampler is not None:
         sample, _ = sampling.artifacts.get_sample(bound.sampler)
         inside = np.zeros(len(allowed), dtype=bool)
         inside[sample.indices] = True
         allowed = allowed & inside
-    return allowed, sample
+    return allowed, sample, matching
 
 
 def _unbuilt(conn, index: InputsIndex | None, sample, bound: BoundInputs) -> str | None:
@@ -109,14 +111,17 @@ def _top_inputs(conn, query: ast.TopInputs, tokenizer, sampling,
     bound_at = time.perf_counter()
     profile = conn.profile
     profiled_at = time.perf_counter()
-    allowed, sample = _matching(query, profile, bound, sampling)
+    allowed, sample, matching = _matching(query, profile, bound, sampling)
     if not allowed.any():
         where = ast.predicate_text(query.where, class_names) \
             if query.where is not None else "the query"
-        scope = f"the sample's {len(sample.indices):,}" if sample is not None else \
-            f"{len(allowed):,}"
-        raise NoMatchError(f"no items match WHERE {where} (0 of {scope} items)",
-                           **where_place(query))
+        if sample is None:
+            message = f"no items match WHERE {where} (0 of {len(allowed):,} items)"
+        else:  # the data holds some: say so, and how to reach them
+            message = (f"no sampled item matches WHERE {where}: none of its {matching:,} "
+                       f"matching items is in the sample's {len(sample.indices):,}; USING "
+                       f"FULL ranks them all, or a larger sample may hold some")
+        raise NoMatchError(message, **where_place(query))
     index = _index(conn, bound)
     unbuilt = _unbuilt(conn, index, sample, bound)
     answer = top_inputs.top_inputs(conn.runner(), bound, allowed, index,
@@ -152,7 +157,7 @@ def explain_top_inputs(conn, statement: ast.Explain) -> Result:
     rows.append(("filter", f"{where} on the profile → "
                            f"{int(predicate_mask(query.where, profile).sum()):,} of "
                            f"{len(profile):,} items"))
-    allowed, sample = _matching(query, profile, bound, sampling)
+    allowed, sample, _ = _matching(query, profile, bound, sampling)
     if sample is not None:
         rows.append(("sample", f"{with_model(sample.spec, drawn_on)}: "
                                f"{len(sample.indices):,} items, {int(allowed.sum()):,} of "
