@@ -243,6 +243,11 @@ def test_a_models_file_is_the_file_named_not_a_package_of_the_same_dotted_name(t
     assert done.stdout.strip().splitlines()[1:] == ["0,Linear,7,7,"]
     done = diagql("--model", "mine.py", "--data", "data.pt", "-e", "SHOW LAYERS", cwd=tmp_path)
     assert "is not MODULE:CALLABLE" in done.stderr  # no such file, and no callable named
+    # A file without its callable: the names it defines are suggested (read, not imported),
+    # where a made-up 'build' had been.
+    done = diagql("--model", "tests/models.py", "--data", "data.pt", "-e", "SHOW LAYERS",
+                  cwd=tmp_path)
+    assert "--model tests/models.py:trained_mlp (it defines trained_mlp)" in done.stderr
     for data, message in (("missing.pt", "--data 'missing.pt': no such file"),
                           ("tests", "--data 'tests' is a directory")):
         done = diagql("--model", "tests/models.py:trained_mlp", "--data", data, cwd=tmp_path)

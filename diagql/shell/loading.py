@@ -16,8 +16,7 @@ def resolve(spec: str, what: str):
     """Import ``module:attr`` (the current directory is importable) and return the attribute."""
     module_name, sep, attr = spec.rpartition(":")  # rpartition: C:\\models\\vit.py:build
     if not sep or not module_name or not attr:
-        file = (f"; name the function in it that returns the {what}: --{what} {spec}:build"
-                if spec.endswith(".py") and os.path.isfile(spec) else
+        file = (_name_in_file(spec, what) if spec.endswith(".py") and os.path.isfile(spec) else
                 f"; a file is read by a function of yours that loads it and returns the "
                 f"{what}: name that function, e.g. --{what} mymodule:load"
                 if os.path.isfile(spec) else "")
@@ -58,6 +57,29 @@ def resolve(spec: str, what: str):
         raise DiagQLError(f"--{what} {spec!r}: module {module_name!r} has no attribute "
                           f"{attr!r}{did_you_mean(attr, names)}") from None
     return value
+
+
+def _name_in_file(path: str, what: str) -> str:
+    """'; name the function in it that returns the data: --data data.py:load', naming what the
+    file defines at its top level (read, not imported: importing runs it), functions first."""
+    import ast as python_ast
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            body = python_ast.parse(file.read()).body
+    except (OSError, SyntaxError, ValueError):
+        body = []
+    functions = [n.name for n in body if isinstance(n, (python_ast.FunctionDef,
+                                                         python_ast.ClassDef))]
+    values = [t.id for n in body if isinstance(n, python_ast.Assign) for t in n.targets
+              if isinstance(t, python_ast.Name)]
+    names = [n for n in dict.fromkeys(functions + values) if not n.startswith("_")]
+    if not names:
+        return (f"; name a function in it that returns the {what} (it defines none at its top "
+                f"level): --{what} {path}:load")
+    listed = ", ".join(names[:8]) + (f" … ({len(names) - 8} more)" if len(names) > 8 else "")
+    return (f"; name the function (or value) in it that gives the {what}: "
+            f"--{what} {path}:{names[0]} (it defines {listed})")
 
 
 def _file_module(path: str, label: str) -> str:
