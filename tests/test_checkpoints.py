@@ -15,6 +15,7 @@ import torch
 
 import diagql
 from diagql.errors import BindError, DiagQLError, ExecutionError
+from diagql.model.weights import read_state
 from diagql.results.render import to_json
 from tests import models
 from tests.test_models import outputs
@@ -441,7 +442,8 @@ def test_a_file_of_no_checkpoint_format_is_refused_at_connect(trained, data, tmp
 
 
 def test_the_formats_torch_load_reads_are_checkpoints(trained, data, tmp_path):
-    """What the format check lets through: torch's zip and legacy pickle, and safetensors."""
+    """What the format check lets through: torch's zip and legacy pickle, safetensors, and a
+    numpy archive of named arrays (a zip that torch.load had refused naming its internals)."""
     save_file = pytest.importorskip("safetensors.torch").save_file
     X, _ = data
     model, _, states = trained
@@ -449,12 +451,18 @@ def test_the_formats_torch_load_reads_are_checkpoints(trained, data, tmp_path):
     torch.save(states["epoch1"], tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     save_file({key: value.contiguous() for key, value in states["epoch1"].items()},
               tmp_path / "safe.safetensors")
+    np.savez(tmp_path / "arrays.npz", **{key: value.numpy() for key, value in
+                                         states["epoch1"].items()})
     db = diagql.connect(model, data, checkpoints=sorted(tmp_path.iterdir()), cache_dir=False,
                         progress=False)
     result = db.query("AVG NEURONS IN head ACROSS CHECKPOINTS")
     truth = loaded(states["epoch1"])(X).double().mean(dim=0).detach().numpy()
-    for name in ("zip", "legacy", "safe"):
+    for name in ("zip", "legacy", "safe", "arrays"):
         np.testing.assert_allclose(result.checkpoints[name].values, truth, rtol=1e-6)
+    np.savez(tmp_path / "objects.npz", a=np.array([object()], dtype=object))
+    with pytest.raises(DiagQLError, match="is a numpy archive that DiagQL cannot read as "
+                                          "weights \\(Object arrays"):
+        read_state(tmp_path / "objects.npz", "--weights 'objects.npz'")
 
 
 def test_plot_on_the_command_line_draws_an_across_checkpoints_answer(trained, data, tmp_path):

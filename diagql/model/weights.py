@@ -77,6 +77,9 @@ def read_state(path, label: str) -> Mapping:
     they are copied into a module rather than held as a second copy; ``label`` starts every
     error ("--weights 'ckpt.pt'")."""
     path = weights_file(path)
+    arrays = _numpy_archive(path, label)
+    if arrays is not None:
+        return arrays
     try:
         with warnings.catch_warnings():  # torch's warnings about a file that is not one of its
             warnings.simplefilter("ignore", UserWarning)  # own: the error below says what it is
@@ -102,6 +105,30 @@ def read_state(path, label: str) -> Mapping:
             first = f"the file is cut short or corrupt ({first}): save it again"
         raise WeightsError(f"{label} is not a readable torch checkpoint: {first}") from None
     return unwrap_state(state, label)
+
+
+def _numpy_archive(path: Path, label: str) -> dict | None:
+    """A numpy .npz of named arrays (``np.savez(path, **state_dict)``, weights converted from
+    another framework) as a state_dict; None for any other file. A zip too, it had reached
+    torch.load, whose refusal named its archive's internals. Read without pickles."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if not names or not all(name.endswith(".npy") for name in names):
+        return None
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {key: torch.from_numpy(np.array(arrays[key])) for key in arrays.files}
+    except (ValueError, OSError) as exc:  # an object array needs pickles
+        raise WeightsError(f"{label} is a numpy archive that DiagQL cannot read as weights "
+                           f"({str(exc).splitlines()[0]}): save numeric arrays, "
+                           f"np.savez(path, **state_dict)") from None
 
 
 def _not_weights_only(message: str) -> str:
