@@ -982,7 +982,8 @@ def test_a_block_its_directions_span_is_answered_exactly_with_no_pass(db, cnn, d
     plan = dict(db.query("EXPLAIN " + query).plan.explain())
     assert plan["forward"].startswith("none: the rows of 6 are rebuilt from all 32")
     assert "profile pass checked" not in plan["forward"]  # no rows of it were compared
-    assert "of 6 span it and rebuild every item's 6" in " ".join(to_text(result).split())
+    assert "of 6 span it and rebuild every item's 6 (to float32 rounding)" in \
+        " ".join(to_text(result).split())
     assert "exact" in plan["estimator"] and "span the layer" in plan["estimator"]
     # The plain estimator keeps the sample's own mean, read from the same rebuilt rows.
     db.execute("SET estimator = plain")

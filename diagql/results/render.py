@@ -280,8 +280,9 @@ def estimate_line(result) -> Text | None:
         prediction = getattr(getattr(result, "plan", None), "prediction", None)
         if prediction is not None and prediction.rebuilt:  # engine/planner.py: ``_rebuilds``
             return Text(f"exact, from a sample: the principal components the profile keeps of "
-                        f"{result.layer} span it and rebuild every item's {held}, so the means "
-                        "are computed from all matching items, not estimated", style="dim")
+                        f"{result.layer} span it and rebuild every item's {held} (to float32 "
+                        "rounding), so the means are computed from all matching items, not "
+                        "estimated", style="dim")
         return Text(f"exact, from a sample: the profile holds every item's {held}, so "
                     "the means are computed from all matching items, not estimated", style="dim")
     value = math.fsum(e.expected for e in reliable) / len(reliable)
