@@ -857,6 +857,27 @@ def test_channels_last_images_into_a_channels_first_conv_say_to_permute_them(dty
         assert "channels-last" not in str(info.value)
 
 
+def test_uint8_images_a_model_casts_itself_are_blamed_on_their_layout_alone():
+    """A model that calls x.float() gets past the dtype: the uint8 hint's remedy (convert them)
+    had come first, before the layout's (sweep SY2)."""
+    torch.manual_seed(8)
+
+    class Casting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x.float()).flatten(1)[:, :3]
+
+    X = (torch.rand(10, 8, 8, 3) * 255).to(torch.uint8)
+    conn = diagql.connect(Casting(), (X, torch.randint(0, 3, (10,))), cache_dir=False,
+                          progress=False)
+    with pytest.raises(DiagQLError) as info:
+        conn.query("AVG NEURONS IN conv")
+    assert "channels-last" in str(info.value) and "uint8" not in str(info.value)
+
+
 def test_string_labels_are_refused_naming_them():
     X = torch.randn(6, 6)
     names = np.array(["cat", "dog", "cow"] * 2)

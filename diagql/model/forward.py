@@ -98,7 +98,7 @@ def call_model(model, x, idx=None):
                       f"mapping whole, give each item as ((mapping,), y))")
         where = "" if idx is None or not len(idx) else f" on {batch_text(idx)}"
         raise ExecutionError(f"the model's forward raised {type(exc).__name__}{where}: {exc}"
-                             f"{_integer_hint(x)}{_layout_hint(x, exc)}{spread}") from exc
+                             f"{_integer_hint(x, exc)}{_layout_hint(x, exc)}{spread}") from exc
 
 
 def _tensors_where(x, kind: Callable[[torch.Tensor], bool]) -> list[torch.Tensor]:
@@ -106,10 +106,16 @@ def _tensors_where(x, kind: Callable[[torch.Tensor], bool]) -> list[torch.Tensor
     return [v for v in tensors_in(x) if kind(v)]
 
 
-def _integer_hint(x) -> str:
+_CHANNELS = re.compile(r"to have (\d+) channels")  # torch's conv error on the input's layout
+
+
+def _integer_hint(x, exc: Exception | None = None) -> str:
     """Raw images come as uint8, which DiagQL passes on unchanged (integer inputs are token
-    ids and masks): a float model then fails on the dtype, which this names."""
-    if not _tensors_where(x, lambda v: v.dtype == torch.uint8 and v.ndim >= 3):
+    ids and masks): a float model then fails on the dtype, which this names. Not where the
+    error is a convolution's about channels: the dtype got that far (a model that calls
+    ``x.float()`` itself), and the layout is to blame (sweep SY2)."""
+    if not _tensors_where(x, lambda v: v.dtype == torch.uint8 and v.ndim >= 3) or \
+            (exc is not None and _CHANNELS.search(str(exc))):
         return ""
     return (" (the data's inputs are uint8, which DiagQL passes on unchanged: convert them to "
             "floats, scaled as the model was trained, in the data)")
@@ -119,7 +125,7 @@ def _layout_hint(x, exc: Exception) -> str:
     """Images as a PIL or numpy pipeline leaves them, (N, H, W, C), fed to a convolution that
     takes (N, C, H, W): torch's error names the channels it got, not the layout, or the
     uint8 dtype first, whose remedy then meets the layout's error (SW2)."""
-    expected = re.search(r"to have (\d+) channels", str(exc))  # torch's conv error
+    expected = _CHANNELS.search(str(exc))
     if expected is not None:
         wanted = int(expected.group(1))
         kind = (lambda v: v.ndim == 4 and v.shape[3] == wanted != v.shape[1])
