@@ -591,6 +591,13 @@ def test_inputs_alone_as_data_are_told_to_come_as_a_pair_with_none(as_array):
                        progress=False)
 
 
+def test_a_data_factory_without_ray_is_told_to_pass_what_it_returns():
+    X, y = torch.randn(10, 4), torch.arange(10) % 3
+    with pytest.raises(DiagQLError, match=r"not function; a function that makes the data is "
+                                          r"taken by engine='ray' alone.*data=make\(\)"):
+        diagql.connect(torch.nn.Linear(4, 3), lambda: (X, y), cache_dir=False, progress=False)
+
+
 
 class _TwoInputs(torch.nn.Module):
     def __init__(self):

@@ -355,6 +355,9 @@ def _form_hint(data) -> str:
     if isinstance(data, torch.Tensor) or type(data).__name__ == "ndarray":
         # Inputs alone: the one form users try first for data without labels.
         return "; for inputs without labels, pass (X, None)"
+    if callable(data) and not hasattr(data, "__getitem__"):  # a factory, as Ray's workers take
+        return ("; a function that makes the data is taken by engine='ray' alone, whose "
+                "workers each call it: here, pass what it returns, data=make()")
     if isinstance(data, Iterator):  # a generator, a map object: read once
         return ("; an iterator is read once, and DiagQL reads items by index, again and again: "
                 "pass list(...) of its items, or a Dataset")
