@@ -76,7 +76,7 @@ def test_auto_is_exact_for_a_narrow_where_and_samples_a_broad_one(world, monkeyp
     conn, model, (X, y), _ = world
     # A draw that costs nothing beside the pass (on 1,797 digits the SVM costs more than the
     # small CNN's exact pass, and AUTO answers exactly: the next test).
-    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 0.0)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d, kept=False: 0.0)
     pred = torch.from_numpy(_torch(model, X, 9).argmax(axis=1))
     narrow = int(((y == 3) & (pred != 3)).sum())
     assert 0 < narrow < 0.05 * len(y)
@@ -104,7 +104,7 @@ def test_auto_answers_from_a_uniform_sample_where_the_default_one_shuns_the_item
     from diagql.samplers.maxmargin import MaxMarginSampler
 
     conn, model, (X, y), _ = world
-    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 0.0)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d, kept=False: 0.0)
     confidence = torch.softmax(torch.from_numpy(_torch(model, X, 9)), dim=1).max(dim=1).values
     threshold = float(np.quantile(confidence.numpy(), 0.6))
     mask = (confidence > threshold).numpy()
@@ -136,7 +136,7 @@ def test_auto_weighs_drawing_the_sample_against_the_exact_pass(cnn, digits, monk
 
     X, y = digits
     query = "AVG NEURONS IN 3 USING AUTO"
-    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 1e9)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d, kept=False: 1e9)
     conn = diagql.connect(cnn, digits, cache_dir=tmp_path, progress=False)
     costly = conn.query(query)
     assert not costly.approximate and costly.n_items == len(y)
@@ -144,12 +144,12 @@ def test_auto_weighs_drawing_the_sample_against_the_exact_pass(cnn, digits, monk
     with torch.no_grad():
         want = cnn[:4](X).flatten(1).double().mean(dim=0).numpy()
     np.testing.assert_allclose(costly.values, want, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 0.0)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d, kept=False: 0.0)
     drawn = conn.query(query + " WITH BASELINE")
     assert drawn.approximate and "AUTO chose a sample" in drawn.provenance.choice
     # The draw AUTO made to choose is the statement's: its timing says so.
     assert drawn.timings["sample"] > 0
-    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 1e9)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d, kept=False: 1e9)
     again = diagql.connect(cnn, digits, cache_dir=tmp_path, progress=False)
     kept = again.query(query)  # the sample on disk is had without its draw
     assert kept.approximate and kept.timings["sample"] == 0.0
@@ -177,6 +177,29 @@ def test_maxmargins_draw_cost_grows_with_its_classifiers(monkeypatch):
     assert sampler.draw_seconds(5000, 10, 64) == pytest.approx(ten + maxmargin.FIRST_DRAW_SECONDS)
 
 
+def test_auto_prices_a_maxmargin_draw_whose_svm_is_kept_by_its_selection_alone():
+    """The SVM is kept from a draw of the same latents at another size or seed: the next draw
+    took 6 ms where AUTO priced 0.33 s."""
+    from diagql.samplers import maxmargin
+    from diagql.samplers.space import product_rate
+    from diagql.session.auto import draw_seconds
+
+    torch.manual_seed(0)
+    X, y = torch.randn(600, 6), torch.arange(600) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).eval()
+    conn = diagql.connect(model, (X, y), cache_dir=False, progress=False)
+    sampler = maxmargin.MaxMarginSampler(0.2, random_state=5)
+    maxmargin._LAST_FIT.clear()
+    fresh = draw_seconds(sampler, conn.profile)
+    conn.sample("maxmargin(0.1)")  # fits the SVM of these latents, and keeps it
+    assert draw_seconds(sampler, conn.profile) == pytest.approx(
+        600 * maxmargin.KEPT_ITEM_WORK / product_rate())
+    assert draw_seconds(sampler, conn.profile) < fresh
+    conn.sample("maxmargin(0.2, random_state=5)")
+    assert maxmargin.REUSED_SECONDS[0] > 0  # it did reuse the fit the price assumed
+
+
 def test_auto_prices_the_draw_by_the_classes_the_labels_hold(monkeypatch):
     """maxmargin's SVM has a classifier per class the labels hold: a model scoring 1,000
     classes over data holding 10 had its draw priced as 1,000 classifiers (14 s where it
@@ -185,7 +208,7 @@ def test_auto_prices_the_draw_by_the_classes_the_labels_hold(monkeypatch):
 
     asked = []
     monkeypatch.setattr(MaxMarginSampler, "draw_seconds",
-                        lambda self, n, k, d: asked.append(k) or 0.0)
+                        lambda self, n, k, d, kept=False: asked.append(k) or 0.0)
     torch.manual_seed(0)
     X, y = torch.randn(3000, 6), torch.arange(3000) % 10
     # Layer 0 wider than its block's 64 directions (a sample would rebuild its rows: no draw
@@ -317,7 +340,7 @@ def test_within_alone_answers_exactly_where_the_pass_fits_the_time(world, monkey
     with torch.no_grad():
         want = model[:4](X[y == 5]).flatten(1).double().mean(dim=0).numpy()
     np.testing.assert_allclose(result.values, want, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 1e9)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d, kept=False: 1e9)
     fresh = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     costly = fresh.query("AVG NEURONS IN 3 WHERE class = 5 UNTIL width <= 0.01")
     assert costly.provenance.growth.exact and costly.provenance.growth.sizes == ()
@@ -766,7 +789,7 @@ def test_auto_answers_a_group_by_of_many_small_groups_exactly(monkeypatch):
     755 groups without an answer, where the exact pass took 0.08 s."""
     from diagql.samplers.maxmargin import MaxMarginSampler
 
-    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 0.0)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d, kept=False: 0.0)
     torch.manual_seed(0)
     n_classes = 300
     y = torch.arange(n_classes).repeat_interleave(10)

@@ -175,7 +175,7 @@ def test_auto_weighs_the_pass_without_the_workers_start(world, monkeypatch):
     from diagql.samplers.maxmargin import MaxMarginSampler
 
     # A draw of 2 s: far dearer than a pass over the digits, far cheaper than a worker's start.
-    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d: 2.0)
+    monkeypatch.setattr(MaxMarginSampler, "draw_seconds", lambda self, n, k, d, kept=False: 2.0)
     statement = "AVG NEURONS IN net.4 WHERE correct USING AUTO"
     want = world.local.query(statement)
     assert not want.approximate, want.provenance.choice

@@ -130,11 +130,18 @@ class Sampler:
         self.indices_ = indices
         return self
 
-    def draw_seconds(self, n_items: int, n_classes: int, width: int) -> float | None:
+    def draw_seconds(self, n_items: int, n_classes: int, width: int,
+                     kept: bool = False) -> float | None:
         """About how long drawing from ``n_items`` latents of ``width`` over ``n_classes``
         takes, where that can be far more than a pass over the items (USING AUTO weighs it,
-        session/auto.py); None where it is small."""
+        session/auto.py); None where it is small. ``kept``: what a draw fits on these
+        latents is kept from an earlier draw (``fit_kept``)."""
         return None
+
+    def fit_kept(self, data: SampleData) -> bool:
+        """Whether a fit this sampler makes of ``data``, whatever its size and seed, is kept
+        from an earlier draw, so that a draw now costs its selection alone."""
+        return False
 
     def resized(self, n: int) -> "Sampler":
         """The same sampler call with ``size`` n items (every other parameter kept)."""

@@ -40,6 +40,10 @@ INTERCEPT_SCALING = 10.0
 # 0.2-1.0x in another (benchmarks/draw_cost.py; the product rate moves with the load).
 DRAW_WORK = 40
 DRAW_ITEM_WORK = 100_000
+# With the SVM's fit kept (``boundary_log_proba``), a draw's cost per item whatever the
+# classes: 1.7 µs an item at 2,500-50,000 items of 2-100 classes (about 100,000 multiply-adds
+# at a product rate of 6e10 a second), where the first draw took 0.2-1.7 s.
+KEPT_ITEM_WORK = 100_000
 # A process's first draw imports scipy.special (0.2-0.29 s measured), more than the draw
 # itself on a few thousand items: a fresh process's AUTO had chosen such a draw over a
 # 0.26 s exact pass and taken 0.34 s.
@@ -59,9 +63,8 @@ def boundary_log_proba(data: SampleData, fit_dims: int | None
     entry so that their ids cannot be another's): the SVM depends on neither the size, j nor
     seed, and each new call had fitted it again (EVALUATE's six maxmargin draws at 200,000
     items: 11.3 s, six fits of 1.7 s)."""
-    last = _LAST_FIT[0] if _LAST_FIT else None
-    if last is not None and last[0] is data.latents and last[1] is data.labels and \
-            last[2] == (data.n_classes, fit_dims):
+    last = _kept(data, fit_dims)
+    if last is not None:
         REUSED_SECONDS[0] = last[5]
         return last[3], last[4]
     started = time.perf_counter()
@@ -75,6 +78,15 @@ def boundary_log_proba(data: SampleData, fit_dims: int | None
                      time.perf_counter() - started)]
     REUSED_SECONDS[0] = 0.0
     return Z, log_proba
+
+
+def _kept(data: SampleData, fit_dims: int | None) -> tuple | None:
+    """The kept fit (``_LAST_FIT``'s entry) where it is of these very latents and labels."""
+    last = _LAST_FIT[0] if _LAST_FIT else None
+    if last is not None and last[0] is data.latents and last[1] is data.labels and \
+            last[2] == (data.n_classes, fit_dims):
+        return last
+    return None
 
 
 _LAST_FIT: list = []  # (latents, labels, (classes, fit_dims), Z, log_proba, seconds): the last
@@ -142,13 +154,19 @@ class MaxMarginSampler(Sampler):
             raise BindError(f"method must be 'diagql' or 'paper', not {self.method!r}",
                             param="method")
 
-    def draw_seconds(self, n_items: int, n_classes: int, width: int) -> float | None:
+    def draw_seconds(self, n_items: int, n_classes: int, width: int,
+                     kept: bool = False) -> float | None:
+        if kept:  # the SVM is fitted: the margins' grouping and the exemplars' herding alone
+            return n_items * KEPT_ITEM_WORK / product_rate()
         # The SVM's space: the latent, or FIT_DIMS principal axes and up to as many of the
         # class means' directions (samplers/space.py); one classifier for two classes.
         d = width if width <= FIT_DIMS else min(width, FIT_DIMS + min(n_classes, FIT_DIMS))
         k = 1 if n_classes <= 2 else n_classes
         first = 0.0 if "scipy.special" in sys.modules else FIRST_DRAW_SECONDS
         return first + k * n_items * (DRAW_ITEM_WORK + DRAW_WORK * (d + 1) ** 2) / product_rate()
+
+    def fit_kept(self, data: SampleData) -> bool:
+        return _kept(data, self.fit_dims) is not None
 
     def _select(self, data: SampleData, n: int, rng: np.random.Generator) -> np.ndarray:
         Z, log_proba = boundary_log_proba(data, self.fit_dims)
