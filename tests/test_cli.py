@@ -129,6 +129,19 @@ def test_keep_going_runs_the_rest_but_still_fails(tmp_path):
     assert "head[" in done.stdout
 
 
+def test_errors_are_written_as_typed_without_emoji_codes(tmp_path):
+    """rich had read ':100:' in 'report.dql:100:10:' and a quoted ':fire:' as emoji codes
+    (sweep SY3): the place was lost, and JSON's statement was not the one that ran."""
+    script = tmp_path / "report.dql"
+    script.write_text("-- a comment\n" * 99 + "TOPK 2 NEURONS IN hed;\nDESCRIBE ':fire:';\n")
+    done = diagql(*MODEL, "--keep-going", str(script))
+    assert "report.dql:100:19: error: unknown layer 'hed'" in done.stderr
+    assert "report.dql:101:10: error: unknown layer ':fire:'" in done.stderr
+    done = diagql(*MODEL, "--keep-going", "--format", "json", str(script))
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines[1]["statement"] == "DESCRIBE ':fire:'" and ":fire:" in lines[1]["error"]
+
+
 def test_keep_going_runs_what_follows_a_string_left_open(tmp_path):
     # The open string had swallowed the ';' and the next line into its statement.
     script = tmp_path / "report.dql"
@@ -143,11 +156,14 @@ def test_keep_going_in_json_gives_every_statement_its_line(tmp_path):
     """JSON Lines: a failed statement had written no line (three statements, two lines), so
     a reader lost track of which answer was which."""
     script = tmp_path / "report.dql"
-    script.write_text("TOPK 2 NEURONS IN head;\nTOPK 2 NEURONS IN hed;\nSET seed = 3;\n")
+    script.write_text("TOPK 2 NEURONS IN head;\nTOPK 2 NEURONS IN hed;\nSET seed = 3;\n"
+                      "TOPKK 2 NEURONS -- a typo\n  IN head;\n")
     done = diagql(*MODEL, "--keep-going", "--format", "json", str(script))
     assert done.returncode == 1
     lines = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [line["kind"] for line in lines] == ["topk", "error", "set"]
+    assert [line["kind"] for line in lines] == ["topk", "error", "set", "error"]
+    # A statement that does not parse is named too (it had been null: sweep SY3).
+    assert lines[3]["statement"] == "TOPKK 2 NEURONS IN head"
     assert lines[1]["line"] == 2 and lines[1]["source_line"] == "TOPK 2 NEURONS IN hed;"
     assert lines[1]["error"].startswith("unknown layer 'hed'")
     assert lines[1]["statement"] == "TOPK 2 NEURONS IN hed"  # named where nothing places it

@@ -37,6 +37,11 @@ class Piece:
     column: int
     terminated: bool  # ended by ';' (the REPL runs a statement once it is terminated)
 
+    def statement_text(self) -> str:
+        """The statement as written, its comments left out: what a failed statement's record
+        names (``DiagQLError.statement``) where no statement was made of it."""
+        return " ".join(_blank_comments(self.text).split())
+
 
 def one_line_break(text):
     """The text with each lone carriage return (old Mac line ends, a string built with

@@ -450,7 +450,7 @@ def to_text(result, width: int | None = None, max_rows: int = MAX_ROWS) -> str:
     no ``width`` given, its tables as wide as they need (``whole_width``), never cut to
     "0.…" cells (str(result), print(result) in Python, where a string has no width)."""
     console = Console(file=io.StringIO(), width=width or 100, color_system=None,
-                      force_terminal=False)
+                      force_terminal=False, emoji=False)
     shown = renderable(result, max_rows)
     if width is None:
         console.width = whole_width(console, shown)
@@ -462,7 +462,7 @@ def to_html(result) -> str:
     """The table as rich draws it, with thumbnails or heat maps below (results/html.py)."""
     from diagql.results.html import page
 
-    console = Console(record=True, file=io.StringIO(), width=110)
+    console = Console(record=True, file=io.StringIO(), width=110, emoji=False)
     console.print(renderable(result))
     return page(result, console.export_html(
         inline_styles=True, code_format="<pre style=\"font-family:monospace\">{code}</pre>"))

@@ -34,7 +34,7 @@ def natural_width(table, console=None, options=None) -> int:
     from rich.measure import Measurement
 
     if console is None:
-        console = Console(width=1 << 16)
+        console = Console(width=1 << 16, emoji=False)
     options = options or console.options
     return Measurement.get(console, options.update_width(1 << 16), table).maximum
 

@@ -45,6 +45,8 @@ def run_script(conn, script: str) -> Iterator[Result | DiagQLError]:
             statement = resolved(parse_piece(piece, script), checked(conn))
         except DiagQLError as exc:
             yield from _run_queries(conn, queries, script, placed)
+            if getattr(exc, "statement", None) is None:  # --format json's record names it
+                exc.statement = piece.statement_text() or None
             yield exc.with_source(script)
             continue
         parsed = time.perf_counter() - started

@@ -178,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
             except SystemExit:
                 raise SystemExit(BROKEN_PIPE) from None
 
-    out = _Out(soft_wrap=False, width=_width(sys.stdout))
-    err = Console(stderr=True, highlight=False, width=_width(sys.stderr))
+    # emoji=False: what the user typed is written as typed (a script's line 100 had printed
+    # "all.dql💯25:", a quoted ':fire:' an emoji in an error and in JSON: sweep SY3).
+    out = _Out(soft_wrap=False, width=_width(sys.stdout), emoji=False)
+    err = Console(stderr=True, highlight=False, width=_width(sys.stderr), emoji=False)
     default = warnings.showwarning
     warnings.showwarning = _one_line_warnings(err, default)
     try:
