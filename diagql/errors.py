@@ -103,6 +103,11 @@ class DiagQLError(Exception):
         marks = sum(map(_columns, text[start:start + width])) or 1
         return f"{text}\n{pad}{'^' * marks}"
 
+    def shown_message(self) -> str:
+        """The message as printed: a quoted text of 120 characters or more shortened (a
+        100,000-character token had been written whole)."""
+        return _LONG_QUOTED.sub(_shortened, self.message)
+
     def format(self, filename: str | None = None) -> str:
         """``file:line:col: message``, the source line, a caret, and a hint when there is one."""
         where = []
@@ -113,7 +118,7 @@ class DiagQLError(Exception):
             if self.column is not None:
                 where.append(str(self.column))
         head = ":".join(where)
-        message = _LONG_QUOTED.sub(_shortened, self.message)
+        message = self.shown_message()
         out = f"{head}: {self.kind}: {message}" if head else f"{self.kind}: {message}"
         caret = self.caret()
         if caret:

@@ -142,6 +142,14 @@ def test_errors_are_written_as_typed_without_emoji_codes(tmp_path):
     assert lines[1]["statement"] == "DESCRIBE ':fire:'" and ":fire:" in lines[1]["error"]
 
 
+def test_a_json_error_record_shortens_a_long_quoted_text_as_the_text_error_does():
+    name = "x" * 5000
+    done = diagql(*MODEL, "--keep-going", "--format", "json", "-e", f"DESCRIBE {name}")
+    record = json.loads(done.stdout.splitlines()[0])
+    assert record["error"].startswith("unknown layer 'xxx") and len(record["error"]) < 200
+    assert "(5,000 characters)" in record["error"] and record["statement"] == f"DESCRIBE {name}"
+
+
 def test_keep_going_runs_what_follows_a_string_left_open(tmp_path):
     # The open string had swallowed the ';' and the next line into its statement.
     script = tmp_path / "report.dql"

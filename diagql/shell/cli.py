@@ -279,7 +279,7 @@ def _print_json_error(out, error) -> None:
     line (three statements with one failing had given two lines)."""
     import json
 
-    line = {"kind": "error", "error": error.message, "line": error.line,
+    line = {"kind": "error", "error": error.shown_message(), "line": error.line,
             "column": error.column, "source_line": error.source_line(),
             # which statement failed, where the error has no place of its own (a forward
             # that raised: its line had been all null, sweep SX11)
