@@ -479,6 +479,16 @@ def test_plot_on_the_command_line_draws_an_across_checkpoints_answer(trained, da
     assert target.stat().st_size > 0 and f"plot written to {target}" in done.stdout
 
 
+def test_colliding_checkpoint_names_are_told_how_to_name_them_in_both_ways_in():
+    """The command line had been told to "pass a mapping" (sweep SY4)."""
+    from diagql.session.checkpoints import checkpoint_specs
+
+    for paths in (["a/final.pt"], ["a/e1.pt", "a/e1.pth"]):
+        with pytest.raises(DiagQLError, match=r"name them: checkpoints=\{'epoch3': path, "
+                                              r"\.\.\.\} in Python, --checkpoint epoch3=PATH"):
+            checkpoint_specs(paths)
+
+
 def test_the_command_line_takes_named_models_weights_and_a_glob_of_checkpoints(
         trained, tmp_path, capsys):
     """--model NAME=SPEC twice with --weights NAME=PATH, then --checkpoint with a glob (files

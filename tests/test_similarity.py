@@ -292,6 +292,16 @@ def test_a_sample_gives_the_estimated_value_its_interval_and_the_baseline(db, ac
     assert result.metrics["cka_abs_error"] == pytest.approx(abs(result.value - exact), abs=1e-12)
 
 
+def test_records_carry_an_interval_only_where_the_table_shows_one(db):
+    """A stratified sample's interval, which the table refuses (the sampler does not draw
+    uniformly), had reached CSV and to_pandas (sweep SY4)."""
+    uniform = db.query("SIMILARITY encoder.1, encoder.3 USING SAMPLE random(0.1)").records()
+    assert {"ci_low", "ci_high"} <= set(uniform[0])
+    result = db.query("SIMILARITY encoder.1, encoder.3 USING SAMPLE stratified(0.1)")
+    assert not result.estimate.reliable
+    assert not {"ci_low", "ci_high"} & set(result.records()[0])
+
+
 def test_a_sample_of_every_matching_item_gives_the_exact_cka(db, acts, digits):
     """It had answered the infinite-population estimate with a zero-width interval that missed
     the exact value (0.890566 for 0.890627)."""

@@ -77,6 +77,10 @@ def read_state(path, label: str) -> Mapping:
     they are copied into a module rather than held as a second copy; ``label`` starts every
     error ("--weights 'ckpt.pt'")."""
     path = weights_file(path)
+    try:
+        check_format(path, label)  # text, or another format: said so, not as an unpickler's
+    except FileNotFoundError:      # KeyError (sweep SY4)
+        raise WeightsError(f"{label}: no such file") from None
     arrays = _numpy_archive(path, label)
     if arrays is not None:
         return arrays

@@ -447,7 +447,9 @@ def _similarity_records(result: Result) -> list[dict]:
     for i, j in zip(*np.triu_indices(len(result.labels), 1)):
         row = {"layer_x": result.labels[i], "layer_y": result.labels[j],
                result.unit or "value": _number_or_none(result.matrix[i, j])}
-        if estimate is not None and estimate.ci_low is not None:
+        # As the table shows it: an unreliable interval (a sampler that does not draw
+        # uniformly) is not given (sweep SY4: CSV had carried what the table refuses).
+        if estimate is not None and estimate.reliable and estimate.ci_low is not None:
             row["ci_low"] = _number_or_none(estimate.ci_low[i, j])
             row["ci_high"] = _number_or_none(estimate.ci_high[i, j])
         if exact is not None:

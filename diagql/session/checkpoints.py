@@ -37,6 +37,12 @@ def check_name(name, what: str) -> str:
     return name
 
 
+# How to name checkpoints whose file names collide, in both ways in (sweep SY4: the command
+# line had been told to pass a mapping).
+_NAME_THEM = ("name them: checkpoints={'epoch3': path, ...} in Python, --checkpoint "
+              "epoch3=PATH on the command line")
+
+
 def checkpoint_specs(checkpoints) -> dict[str, object]:
     """``checkpoints=``: a mapping of names to state_dict paths, state_dicts or modules (their
     state_dicts), a list of paths (each named by its stem), or a glob text (``"ckpt/*.pt"``, in
@@ -60,11 +66,11 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
         for name, path in zip(names, paths):
             if name in specs:
                 raise DiagQLError(f"two checkpoints are named {name!r} ({str(specs[name])!r} "
-                                  f"and {str(path)!r}); pass a mapping of names to paths")
+                                  f"and {str(path)!r}); {_NAME_THEM}")
             specs[name] = path
     if FINAL in specs:
         raise DiagQLError(f"a checkpoint is named {FINAL!r} ({str(specs[FINAL])!r}), which is "
-                          f"the given model's name: pass a mapping of other names to paths")
+                          f"the given model's name; {_NAME_THEM}")
     if not specs:
         raise DiagQLError("checkpoints= names no checkpoint")
     for name, value in list(specs.items()):
