@@ -361,6 +361,16 @@ def test_explain_similarity_across_checkpoints(trained, data):
     db = diagql.connect(model, data, checkpoints=states, cache_dir=False, progress=False)
     rows = dict(db.query("EXPLAIN SIMILARITY head ACROSS CHECKPOINTS").rows)
     assert rows["across"].startswith("once per model of epoch1, epoch2, epoch3, final")
+    assert "WHERE" not in rows["across"]
+    # A WHERE is each model's own (sweep SY4: the filter row counts the last one's items).
+    rows = dict(db.query("EXPLAIN SIMILARITY head ACROSS CHECKPOINTS WHERE incorrect").rows)
+    assert rows["across"].endswith("each reads its WHERE on its own profile (its own "
+                                   "predictions), the filter above counting final's items")
+    rows = dict(db.query("EXPLAIN AVG NEURONS IN head WHERE incorrect ACROSS CHECKPOINTS").rows)
+    assert rows["across"].endswith("the filter above counting final's items")
+    # Two models' layers of one name are told apart in the hooks.
+    rows = dict(db.query("EXPLAIN SIMILARITY epoch1.head, head").rows)
+    assert "hooks on epoch1.head (" in rows["forward"] and ", final.head (" in rows["forward"]
 
 
 def test_a_layer_and_its_permutations_are_at_most_one_apart():

@@ -168,7 +168,7 @@ def state_floats(plan: Plan) -> tuple[str, int]:
     whatever its group) and the moments (every group's own: with GROUP BY class over two
     1,152-wide layers, five groups' moments had been chosen over rows half their size, and
     each batch's update of each group's took 6.4 s against 1.4 s ungrouped)."""
-    widths = [view.width for view in _distinct_views(plan)]
+    widths = [view.width for _, view in _distinct_views(plan)]
     rows = RowState.floats(widths, len(plan.items))
     moments = MomentState.floats(widths) * max(len(plan.population), 1)
     if plan.approximate or rows < moments:
@@ -180,8 +180,14 @@ def uses_rows(plan: Plan) -> bool:
     return state_floats(plan)[0] == "rows"
 
 
-def _distinct_views(plan: Plan) -> list:
-    return list(dict(zip(view_ids(plan), plan.bound.views)).values())
+def _distinct_views(plan: Plan) -> list[tuple[str, object]]:
+    """(the layer's name, with its model's where the layers are several models' (EXPLAIN had
+    written "hooks on fc2 (16), fc2 (16)": sweep SY4), its view) of each distinct view."""
+    models = layer_models(plan)
+    named = len(set(models)) > 1
+    return list(dict(zip(view_ids(plan), (
+        (f"{model + '.' if named else ''}{view.layer.name}", view)
+        for model, view in zip(models, plan.bound.views)))).values())
 
 
 def check_memory(plan: Plan) -> None:
@@ -365,11 +371,11 @@ def explain(plan: Plan) -> list[tuple[str, str]]:
         if query.where is not None else "no predicate"
     rows.append(("filter", f"{where} on the profile → {len(plan.items):,} items"))
     views = _distinct_views(plan)
-    hooks = ", ".join(f"{v.layer.name} ({v.layer.shape_text()})" for v in views)
+    hooks = ", ".join(f"{name} ({v.layer.shape_text()})" for name, v in views)
     rows.append(("forward", f"{len(plan.items):,} items in batches, one pass, hooks on {hooks}; "
                             f"the pass stops once the last has run"))
-    for view in views:
-        rows.append(("per item", f"{view.layer.name}: {view.text() + ': ' if view.text() else ''}"
+    for name, view in views:
+        rows.append(("per item", f"{name}: {view.text() + ': ' if view.text() else ''}"
                                  f"{view.describe()} → {view.width:,} values"))
     rows.append(("measure", _measure_text(plan) + (f", per {query.group_by}"
                                                    if query.group_by else "")))

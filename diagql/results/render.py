@@ -279,10 +279,9 @@ def estimate_line(result) -> Text | None:
         held = f"{result.layer} channel means" if result.unit == "channels" else result.layer
         prediction = getattr(getattr(result, "plan", None), "prediction", None)
         if prediction is not None and prediction.rebuilt:  # engine/planner.py: ``_rebuilds``
-            return Text(f"exact, from a sample: the principal components the profile keeps of "
+            return Text(f"exact, from a sample: the profile's principal components of "
                         f"{result.layer} span it and rebuild every item's {held} (to float32 "
-                        "rounding), so the means are computed from all matching items, not "
-                        "estimated", style="dim")
+                        "rounding), so the means are computed from all matching items", "dim")
         return Text(f"exact, from a sample: the profile holds every item's {held}, so "
                     "the means are computed from all matching items, not estimated", style="dim")
     value = math.fsum(e.expected for e in reliable) / len(reliable)

@@ -433,7 +433,7 @@ class Result:
 
 
 def _similarity_records(result: Result) -> list[dict]:
-    """One row per pair of layers (each pair once, in the order given)."""
+    """One row per pair of layers, each once in the order given; a reliable interval (SY4)."""
     if result.groups is not None:
         group_by = result.provenance.group_by if result.provenance is not None else "group"
         # A group the sample drew none of keeps a row of its own, its values empty.
@@ -447,8 +447,6 @@ def _similarity_records(result: Result) -> list[dict]:
     for i, j in zip(*np.triu_indices(len(result.labels), 1)):
         row = {"layer_x": result.labels[i], "layer_y": result.labels[j],
                result.unit or "value": _number_or_none(result.matrix[i, j])}
-        # As the table shows it: an unreliable interval (a sampler that does not draw
-        # uniformly) is not given (sweep SY4: CSV had carried what the table refuses).
         if estimate is not None and estimate.reliable and estimate.ci_low is not None:
             row["ci_low"] = _number_or_none(estimate.ci_low[i, j])
             row["ci_high"] = _number_or_none(estimate.ci_high[i, j])

@@ -373,11 +373,13 @@ def _explain(conn, statement: ast.Explain) -> Result:
         rows.insert(0, ("model", f"{entry.name} ({type(entry.architecture()).__name__})"))
     if statement.query.across is not None:
         from diagql.session.across import checkpoint_names
+        from diagql.session.similarity_across import own_filter
 
         names = checkpoint_names(conn, entry, statement.query.across.span
                                  or statement.query.layer.span)
         rows.append(("across", f"this plan once per model of {', '.join(names)}, one "
-                               f"checkpoint's weights loaded at a time"))
+                               f"checkpoint's weights loaded at a time"
+                               f"{own_filter(statement.query, names)}"))
     return Result(kind="explain", statement=statement.text, title=f"plan: {statement.query.text}",
                   columns=["step", "detail"], rows=rows, plan=plan)
 
