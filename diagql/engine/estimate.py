@@ -23,7 +23,7 @@ import numpy as np
 from diagql.engine import deconvolution
 from diagql.engine.regression import Fitted, GroupSums, Pooled, assisted
 from diagql.engine.ridge import RIDGE
-from diagql.engine.student_t import t_quantile
+from diagql.engine.student_t import normal_quantile as _normal, t_quantile
 from diagql.results.metrics import COSINE, JS, PRECISION
 from diagql.results.result import Estimate
 
@@ -228,14 +228,11 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
     ``prior``: P(in top-k)'s, when fitted already with the other groups' (``topk_priors``)."""
     n = state.count
     if 0 < n == population:  # every matching item sampled: the sample's mean is the exact one
-        mean = state.sum.numpy() / n
-        if k is None:
-            return Estimate(COVERS_WHOLE, True, LEVEL, n, population, ci_low=mean,
-                            ci_high=mean.copy(), metric=COSINE, expected=0.0,
-                            estimator=_name(fitted), exact=True)
-        return Estimate(COVERS_WHOLE, True, LEVEL, n, population, ci_low=mean[reported],
-                        ci_high=mean[reported].copy(), p_in_topk=np.ones(len(reported)),
-                        metric=PRECISION, expected=1.0, estimator=_name(fitted), exact=True)
+        top = state.sum.numpy()[slice(None) if k is None else reported] / n
+        return Estimate(COVERS_WHOLE, True, LEVEL, n, population, ci_low=top, ci_high=top.copy(),
+                        p_in_topk=None if k is None else np.ones(len(reported)),
+                        metric=COSINE if k is None else PRECISION,
+                        expected=0.0 if k is None else 1.0, estimator=_name(fitted), exact=True)
     if n < 2:
         return _too_few(n, population)
     mean, se = _mean_se(state, population, fitted)
@@ -246,17 +243,21 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
             f"them all reads 0 ± 0): by the rule of three up to {min(3 / n, 1):.0%} of the "
             f"others may differ, by an amount the sample cannot measure; a larger sample or "
             f"WITH BASELINE"), estimator=_name(fitted))
-    half = _t_quantile(n - 1) * se
+    half = (t := _t_quantile(n - 1)) * se
     if k is None:
         spread = _mean_se(state, population, fitted, expected=True)[1]
         return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean - half,
                         ci_high=mean + half, metric=COSINE, expected=expected_cosine(mean, spread),
                         estimator=_name(fitted), widened=_widened(fitted))
+    prior = prior or (deconvolution.fit(mean, se) if len(mean) > k else None)
     p_in = p_in_topk(mean, se, reported, k, prior)
-    return Estimate(covers, reliable, LEVEL, n, population, ci_low=mean[reported] - half[reported],
-                    ci_high=mean[reported] + half[reported], p_in_topk=p_in, metric=PRECISION,
-                    expected=float(p_in.sum() / k), estimator=_name(fitted),
-                    widened=_widened(fitted))
+    low, high = mean[reported] - half[reported], mean[reported] + half[reported]
+    if prior is not None:  # chosen for being largest, their noise leans up (deconvolution.py)
+        low, high = deconvolution.selected_interval(prior, mean[reported], se[reported], low,
+                                                    high, LEVEL, t / _normal(0.5 + LEVEL / 2))
+    return Estimate(covers, reliable, LEVEL, n, population, ci_low=low, ci_high=high,
+                    p_in_topk=p_in, metric=PRECISION, expected=float(p_in.sum() / k),
+                    estimator=_name(fitted), widened=_widened(fitted))
 
 
 def _mean_se(state, population: int, fitted: Fitted | None,
@@ -440,7 +441,7 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
         # boundary items) carries the slope's extrapolation, which a smaller multinomial does
         # not model; it made the expected JS 1.6-2.5x the actual (benchmarks/README.md).
         size = float(np.clip(size, n, max(population, 2)))
-        half = _t_quantile(n - 1) * se
+        half = (t := _t_quantile(n - 1)) * se
     else:
         share, covers, size = counts / n, COVERS, float(n)
         half = 1.959964 * np.sqrt(share * (1 - share) / n * fpc)
