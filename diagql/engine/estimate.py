@@ -441,7 +441,7 @@ def for_argmax(state, population: int, reliable: bool, fitted: Fitted | None = N
         # boundary items) carries the slope's extrapolation, which a smaller multinomial does
         # not model; it made the expected JS 1.6-2.5x the actual (benchmarks/README.md).
         size = float(np.clip(size, n, max(population, 2)))
-        half = (t := _t_quantile(n - 1)) * se
+        half = _t_quantile(n - 1) * se
     else:
         share, covers, size = counts / n, COVERS, float(n)
         half = 1.959964 * np.sqrt(share * (1 - share) / n * fpc)
