@@ -120,6 +120,16 @@ def test_a_model_on_the_meta_device_is_refused_until_it_has_weights(latent):
                                _outputs(real, real[1], X).mean(0), atol=1e-6)
 
 
+def test_device_meta_is_refused_before_the_users_model_is_moved_there():
+    """model.to('meta') had dropped the weights of the user's own trained model (sweep SY8)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, K)).eval()
+    before = model[0].weight.detach().clone()
+    with pytest.raises(DiagQLError, match="device 'meta' holds no values"):
+        diagql.connect(model, _data(), device="meta", cache_dir=False, progress=False)
+    assert model[0].weight.device.type == "cpu" and torch.equal(model[0].weight, before)
+
+
 def test_one_float16_rounding_step_is_no_batch_dependence():
     """A float16 model's output alone and in a batch of three differed by one rounding step
     (1e-3 at 5.4, the dtype's epsilon), which was warned of as a batch dependence."""

@@ -482,6 +482,9 @@ def _resolve_device(device, model: nn.Module) -> torch.device:
                           f"GPU; use device='cpu' (--device cpu)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DiagQLError("device 'mps' was requested but MPS is not available here")
+    if device.type == "meta" != current.type:  # moving there drops the user's model's weights
+        raise DiagQLError("device 'meta' holds no values: DiagQL runs the model on a device "
+                          "that computes (cpu, cuda, mps)")
     if device != current:
         model.to(device)
     return device
