@@ -471,7 +471,7 @@ def test_cli_without_a_model_refuses_evaluate_in_one_line():
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "<-e>: error: no model is connected: start diagql with --demo, or with --model "
-        "MODULE:CALLABLE --data MODULE:CALLABLE"]
+        "MODULE:CALLABLE --data MODULE:CALLABLE (in Python: diagql.connect(model, data))"]
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr
 
 
@@ -1064,3 +1064,32 @@ def test_labels_laid_out_the_other_way_are_told_so():
         with pytest.raises(diagql.DiagQLError, match=r"X has 30 items but y has \d rows, of "
                                                      r"shape .*transpose it"):
             diagql.connect(model, (X, turned), cache_dir=False, progress=False)
+
+
+def test_the_python_api_refuses_values_of_the_wrong_kind_in_one_line():
+    """Sweep SY8: each had raised a Python error of DiagQL's own code, or been accepted and
+    failed later inside a pass."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    X, y = torch.randn(30, 4), torch.arange(30) % 3
+    conn = diagql.connect(model, (X, y), latent=np.int64(1), cache_dir=False, progress=False)
+    assert conn.settings.latent == "1"  # a Sequential's layer by its index
+    with pytest.raises(DiagQLError, match="latent names one layer .* not list"):
+        diagql.connect(model, (X, y), latent=["1"], cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match="checkpoints= takes a mapping .* not int"):
+        diagql.connect(model, (X, y), checkpoints=5, cache_dir=False, progress=False)
+    with pytest.raises(DiagQLError, match=r"a model is named by its name \(a str: model\), "
+                                          r"not int"):
+        conn.on(5)
+    for name, value, message in (("batch_size", 0, "batch_size must be at least 1"),
+                                 ("batch_size", "64", "batch_size must be a whole number"),
+                                 ("estimator", "bogus", "estimator must be one of")):
+        with pytest.raises(DiagQLError, match=message):
+            setattr(conn.settings, name, value)
+    conn.settings.model = "nope"
+    with pytest.raises(DiagQLError, match="unknown model 'nope'"):
+        conn.query("AVG NEURONS IN 1")
+    conn.settings.model = None
+    # A config's id2label read from JSON: its indices as text.
+    named = diagql.connect(model, (X, y), classes={"0": "a", "1": "b", "2": "c"},
+                           cache_dir=False, progress=False)
+    assert named.class_names == ["a", "b", "c"]

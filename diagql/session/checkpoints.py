@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from torch import nn
@@ -56,6 +56,10 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
         checkpoints = files
     if isinstance(checkpoints, Mapping):
         specs = {check_name(name, "checkpoint"): value for name, value in checkpoints.items()}
+    elif not isinstance(checkpoints, Iterable) or isinstance(checkpoints, (bytes, nn.Module)):
+        raise DiagQLError(f"checkpoints= takes a mapping of names to paths (or state_dicts, or "
+                          f"models), a list of paths, or a glob, not "
+                          f"{type(checkpoints).__name__}")
     else:
         paths = list(checkpoints)
         names = [stem_name(path) for path in paths]
@@ -69,8 +73,10 @@ def checkpoint_specs(checkpoints) -> dict[str, object]:
                                   f"and {str(path)!r}); {_NAME_THEM}")
             specs[name] = path
     if FINAL in specs:
-        raise DiagQLError(f"a checkpoint is named {FINAL!r} ({str(specs[FINAL])!r}), which is "
-                          f"the given model's name; {_NAME_THEM}")
+        given = specs[FINAL]
+        what = f" ({str(given)!r})" if isinstance(given, (str, Path)) else ""
+        raise DiagQLError(f"a checkpoint is named {FINAL!r}{what}, which is the given model's "
+                          f"name; {_NAME_THEM}")
     if not specs:
         raise DiagQLError("checkpoints= names no checkpoint")
     for name, value in list(specs.items()):

@@ -21,7 +21,9 @@ def given_names(classes) -> list[str] | None:
     if hasattr(classes, "tolist") and not isinstance(classes, Mapping):  # an array of names
         classes = classes.tolist()
     if isinstance(classes, Mapping):  # {np.int64(i): name} from np.unique(y) too
-        classes = {whole(k): name for k, name in classes.items()}
+        # A config's id2label read from JSON has its indices as text: {"0": "cat", ...}.
+        classes = {int(k) if isinstance(k, str) and k.isdecimal() else whole(k): name
+                   for k, name in classes.items()}
         if not all(isinstance(k, int) and k >= 0 for k in classes) or \
                 sorted(classes) != list(range(len(classes))):
             raise DiagQLError("classes= as a mapping takes every class index 0..n-1 to its name")

@@ -37,7 +37,7 @@ from diagql.storage.activations import ActivationStore
 from diagql.storage.store import Cache
 
 NO_MODEL = ("no model is connected: start diagql with --demo, or with --model MODULE:CALLABLE "
-            "--data MODULE:CALLABLE")
+            "--data MODULE:CALLABLE (in Python: diagql.connect(model, data))")
 
 
 def connect(model: nn.Module | Mapping[str, nn.Module], data, *, batch_size: int | None = None,
@@ -200,6 +200,7 @@ class Connection:
         if batch_size is not None:
             self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
         self.settings.latent = latent
+        latent = self.settings.latent  # checked and made a name: latent=1 is layer '1'
         self.cache = Cache.resolve(cache_dir, cache_limit)
         # Forward passes run and items sent through the model by queries (not the profile).
         self.counters: dict[str, int] = {"passes": 0, "items": 0}
@@ -259,13 +260,19 @@ class Connection:
     def current(self) -> ModelEntry:
         """The default model: what an unqualified layer name reads (SET model changes it)."""
         self.require_model()
-        return self.models[self.settings.model or next(iter(self.models))]
+        name = self.settings.model or next(iter(self.models))
+        if name not in self.models:  # conn.settings.model = "nope": SET model would refuse
+            raise unknown_model(name, list(self.models), None)
+        return self.models[name]
 
     def on(self, name: str | None, span=None) -> ModelEntry:
         """The model named ``name`` (None: the default one)."""
         if name is None:
             return self.current
         self.require_model()
+        if not isinstance(name, str):  # on(5) had raised an AttributeError of its lookup
+            raise DiagQLError(f"a model is named by its name (a str: {', '.join(self.models)}), "
+                              f"not {type(name).__name__}")
         if name not in self.models:
             raise unknown_model(name, list(self.models), span)
         return self.models[name]

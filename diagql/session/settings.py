@@ -36,6 +36,12 @@ class Settings:
                          "with estimates for every sampler) or plain (the sample mean)",
         }
 
+    def __setattr__(self, name: str, value) -> None:
+        """Every setting is checked as SET checks it, ``conn.settings.batch_size = 0`` too (it
+        had reached a pass as range()'s ValueError: sweep SY8)."""
+        super().__setattr__(name, value if value is None and name in ("latent", "model")
+                            else self.coerce(name, value))
+
     def coerce(self, name: str, value, written: str | None = None):
         """The value SET would store, or a BindError naming what is wrong with it;
         ``written``: the value's text, which names a layer or model where it is a number."""
@@ -62,6 +68,10 @@ class Settings:
                                 f"{value!r}")
             return value
         if name == "latent":
+            value = whole(value)  # latent=1, a Sequential's layer '1' (np.int64(1) too)
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                raise BindError(f"latent names one layer (a str, or a Sequential's index), "
+                                f"not {type(value).__name__}")
             return None if str(value).lower() in ("default", "none") else str(value)
         if name == "model":
             return str(value)
