@@ -655,6 +655,11 @@ def test_a_map_of_scores_per_pixel_names_a_way_that_works():
      "not one-hot: DiagQL compares one predicted class with one true class, so multi-hot or "
      "soft labels have no such class; diagnose one label at a time as a binary classifier, "
      "(X, Y[:, k]) with scores=lambda out: out[:, k] (its logit)"),
+    # A multi-output regression's targets: told as such, where the binary-label advice it had
+    # been given was refused again (sweep SY12).
+    (lambda y: torch.stack([y.double() * 1.5, -y.double() - 0.25], dim=1),
+     "got 2 continuous values per item (shape (2,)), as a multi-output regression's targets: "
+     "they name no class; give the data without them, (X, None)"),
 ])
 def test_labels_that_name_no_class_per_item_say_what_they_look_like(labels, shown):
     X, y = data()
@@ -774,3 +779,46 @@ def test_confidence_is_compared_at_the_scores_precision_and_nan_scores_predict_a
                               progress=False)
         predicted = conn.profile.predictions
     assert predicted.tolist() == truth.tolist() and predicted[:3].tolist() == [1, 3, 0]
+
+
+def test_items_with_per_token_labels_are_read_without_them_as_items_none():
+    """A token classifier's dict items carry per-token labels: refused as labels, the advice
+    (X, None) had failed for a loader and for items alike (sweep SY12). (items, None) reads the
+    same items, their label entries left out, and answers as a pair of their inputs does."""
+    torch.manual_seed(0)
+    embed = nn.Embedding(20, 6)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = embed, nn.Linear(6, 3)
+
+        def forward(self, input_ids, attention_mask):
+            return self.head(self.embed(input_ids).mean(dim=1))
+
+    model = Tagger().eval()
+    ids = torch.randint(0, 20, (12, 5))
+    items = [{"input_ids": ids[i], "attention_mask": torch.ones(5, dtype=torch.long),
+              "labels": torch.randint(0, 3, (5,))} for i in range(12)]
+    with pytest.raises(DiagQLError, match=r"or \(dataset, None\) whose items' labels are then "
+                                          r"left unread"):
+        _ = diagql.connect(model, items, cache_dir=False, progress=False).profile
+    for data in (items, torch.utils.data.DataLoader(items, batch_size=4)):
+        conn = diagql.connect(model, (data, None), cache_dir=False, progress=False)
+        got = conn.query("AVG NEURONS IN embed USING FULL").values
+        with torch.no_grad():
+            truth = model.embed(ids).double().mean(dim=1).mean(dim=0).numpy()
+        np.testing.assert_allclose(got, truth, atol=1e-6)
+        assert not conn.profile.has_labels
+    with pytest.raises(DiagQLError, match="label_key 'labels' names a key of mapping data"):
+        diagql.connect(model, (items, None), label_key="labels", cache_dir=False,
+                       progress=False)
+
+
+def test_a_scores_function_of_no_class_is_refused_in_one_line():
+    X, _ = data()
+    model = nn.Sequential(nn.Linear(X.shape[1], 4), nn.ReLU(), nn.Linear(4, 2))
+    conn = diagql.connect(model, (X, None), cache_dir=False, progress=False,
+                          scores=lambda out: out[:, :0])
+    with pytest.raises(DiagQLError, match=r"no score per item \(shape \(\d+, 0\)\)"):
+        _ = conn.profile

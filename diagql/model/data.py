@@ -67,6 +67,12 @@ class ItemSource:
         # A loader's sampler's items, sorted (model/loader_items.py); None: every item.
         self.indices: np.ndarray | None = None
         self._label_classes: list | None = None  # [label_classes()], once read
+        # (a loader, a Dataset or items, None): those items, their labels not read (per-token
+        # labels a token classifier's items carry had been refused, and so was this way out).
+        self._no_labels = _unlabelled_items(data)
+        if self._no_labels:
+            self._refuse_label_key("(items, None), whose None says it has no labels")
+            data = data[0]
         refuse_foreign(data)
         if isinstance(data if not isinstance(data, DataLoader) else data.dataset,
                       IterableDataset):
@@ -253,7 +259,15 @@ class ItemSource:
         return labels
 
     def _split(self, batch):
-        """A collated batch is (x, y), [x, y], a mapping (its label key holds y) or a bare x."""
+        """A collated batch is (x, y), [x, y], a mapping (its label key holds y) or a bare x;
+        of (items, None), x alone, a mapping's label entry left out."""
+        if self._no_labels:
+            if isinstance(batch, (tuple, list)) and len(batch) > 2:
+                raise DiagQLError(f"the data's items have {len(batch)} parts; {_TWO_PARTS}")
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if isinstance(x, Mapping):
+                x = {k: v for k, v in x.items() if k not in LABEL_KEYS}
+            return x, None
         if isinstance(batch, Mapping):
             inputs = dict(batch)
             y = self._pop_labels(inputs, "the batch keys")
@@ -362,6 +376,18 @@ def _form_hint(data) -> str:
         return ("; an iterator is read once, and DiagQL reads items by index, again and again: "
                 "pass list(...) of its items, or a Dataset")
     return ""
+
+
+def _unlabelled_items(data) -> bool:
+    """Whether ``data`` is (a loader, a Dataset or a sequence of items, None): those items with
+    no labels read. A pair (X, None) of inputs stays a pair."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and data[1] is None):
+        return False
+    items = data[0]
+    if isinstance(items, (DataLoader, Dataset)):
+        return True
+    return is_sequence_of_items(items) and len(items) > 0 and \
+        isinstance(items[0], (Mapping, tuple))
 
 
 def _describe(data) -> str:

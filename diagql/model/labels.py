@@ -133,7 +133,15 @@ def as_labels(y) -> np.ndarray:
                                   f"predicted class with one true class per item; give each "
                                   f"item one label (and, where the model scores every "
                                   f"position, name one vector per item with scores=), or the "
-                                  f"data without labels, (X, None){several}")
+                                  f"data without labels, (X, None), or (dataset, None) whose "
+                                  f"items' labels are then left unread{several}")
+            if not whole and (y.min(initial=0) < 0 or y.max(initial=0) > 1):
+                # No probabilities nor flags: a multi-output regression's targets (sweep SY12
+                # had been told to diagnose them as binary labels, refused again then).
+                raise DiagQLError(f"labels must be whole class indices, got {y.shape[1]} "
+                                  f"continuous values per item (shape {per_item}), as a "
+                                  f"multi-output regression's targets: they name no class; "
+                                  f"{AS_UNLABELLED}")
             raise DiagQLError(f"labels must be one class index per item (or one-hot rows), got "
                               f"{y.shape[1]} values per item (labels of shape {per_item} per "
                               f"item) that are not one-hot: DiagQL compares one predicted class "

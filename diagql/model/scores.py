@@ -30,9 +30,10 @@ def classes_of(shape: tuple[int, ...]) -> int:
 
 # What a refusal of outputs that may be no class scores says of a model that has none.
 NO_CLASSES = ("A model that scores no classes (an autoencoder's reconstruction, a VAE's or a "
-              "generator's outputs) is queried through a scores= function too, with data of "
-              "(X, None): its layers' answers are exact, its predictions and mistakes mean "
-              "nothing, so ask USING FULL or a random sample")
+              "generator's outputs) is queried through a scores= function too, any vector per "
+              "item (scores=lambda out: out.flatten(1)), with data of (X, None): its layers' "
+              "answers are exact, its predictions and mistakes mean nothing, so ask USING "
+              "FULL or a random sample")
 
 
 def several_vectors(shape: tuple[int, ...]) -> str:
@@ -195,6 +196,11 @@ class Scores:
                    f"the batch's axis must come first; name the scores with {_OPTION}")
             raise ExecutionError(f"{what}: {rows} for a batch of {size:,} items, where the "
                                  f"class scores have one row per item; {why}")
+        if found.ndim >= 2 and found[0].numel() == 0:  # max() over no class had raised
+            raise ExecutionError(f"{what}: no score per item (shape {tuple(found.shape)}); "
+                                 f"DiagQL needs at least one, a logit or a value per item, to "
+                                 f"rank the items by (a model without classes: any one of its "
+                                 f"outputs, e.g. scores=lambda out: out.flatten(1)[:, :1])")
         return found
 
 
