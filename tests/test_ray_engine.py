@@ -1082,3 +1082,19 @@ def test_a_call_shifted_in_one_shard_is_refused_as_locally(cluster):
         with pytest.raises(DiagQLError, match="'blk#1' did not run in every batch"):
             db.query("AVG NEURONS IN blk#1")
         db.close()
+
+
+def test_a_class_is_a_factory_of_its_instances_a_datasets_too():
+    """A Dataset class has __getitem__, which had made it read as a data set, refused as "not
+    type" (sweep SY9); its instances stay data sets, a module stays a module."""
+    from diagql.engine.ray_workers import is_factory
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.zeros(2), 0
+
+    assert is_factory(Items) and is_factory(nn.Linear) and is_factory(lambda: Items())
+    assert not is_factory(Items()) and not is_factory(nn.Linear(2, 2))

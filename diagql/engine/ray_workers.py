@@ -114,11 +114,13 @@ class Worker:
 
 
 def is_factory(value) -> bool:
-    """A callable that makes the model or the data (not a module or a data set itself)."""
+    """A callable that makes the model or the data (not a module or a data set itself); a
+    class is one, a Dataset's too (its class has __getitem__: sweep SY9 had it refused)."""
     from torch import nn
 
-    return callable(value) and not isinstance(value, nn.Module) \
-        and not hasattr(value, "__getitem__") and not hasattr(value, "__len__")
+    return isinstance(value, type) or (
+        callable(value) and not isinstance(value, nn.Module)
+        and not hasattr(value, "__getitem__") and not hasattr(value, "__len__"))
 
 
 def put_once(ray, value, what: str):
