@@ -1098,3 +1098,11 @@ def test_a_class_is_a_factory_of_its_instances_a_datasets_too():
 
     assert is_factory(Items) and is_factory(nn.Linear) and is_factory(lambda: Items())
     assert not is_factory(Items()) and not is_factory(nn.Linear(2, 2))
+
+
+def test_a_dead_workers_items_are_named_as_a_range_only_where_they_are_one():
+    from diagql.engine.ray_engine import _items_text
+
+    assert _items_text(np.arange(1280, 1536)) == "items 1,280..1,535"
+    spread = np.linspace(0, 49_999, 2000).round().astype(int)
+    assert _items_text(spread) == "2,000 items spread over 0..49,999"

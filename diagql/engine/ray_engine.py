@@ -250,9 +250,8 @@ class RayEngine:
                             self.retried += 1
                             if attempts[s] > RETRIES:
                                 raise ExecutionError(
-                                    f"a Ray worker died {attempts[s]} times running items "
-                                    f"{int(shards[s][0])}..{int(shards[s][-1])}: "
-                                    f"{_first_line(exc)}") from None
+                                    f"a Ray worker died {attempts[s]} times running "
+                                    f"{_items_text(shards[s])}: {_first_line(exc)}") from None
                             if actors[a] is actor:  # its other shards fail too: replace it once
                                 actors[a] = self._new_worker()
                             pending.appendleft(s)
@@ -336,6 +335,15 @@ def _init_failure(exc: BaseException) -> str:
     return (f"a Ray worker could not be started: {cause}; the workers must import the model's "
             f"and the data's code: put their module on every node's path (Ray's runtime_env "
             f"py_modules or working_dir), or connect factories that build them there")
+
+
+def _items_text(items) -> str:
+    """'items 0..1,999', or where they are not consecutive (the profile's items spread over
+    the data) '2,000 items spread over 0..49,999' (sweep SY9: a range had pointed at none)."""
+    first, last = int(min(items)), int(max(items))
+    if last - first + 1 == len(items):
+        return f"items {first:,}..{last:,}"
+    return f"{len(items):,} items spread over {first:,}..{last:,}"
 
 
 def _first_line(exc: BaseException) -> str:
