@@ -36,6 +36,15 @@ def _shortened(quoted: re.Match) -> str:
     return f"'{text[:60]}…{text[-20:]}' ({len(text):,} characters)"
 
 
+def shortened(text: str | None, limit: int = 1000) -> str | None:
+    """A statement or source line as an error record gives it: whole up to ``limit``
+    characters, else its start and end around how long it is (a 100,000-character name had
+    been written whole into each JSON error record, twice)."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit - 100]}…{text[-60:]} ({len(text):,} characters)"
+
+
 class DiagQLError(Exception):
     """Base class of every error DiagQL raises for a user mistake or an unanswerable query.
 

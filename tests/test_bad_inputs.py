@@ -1085,6 +1085,12 @@ def test_the_python_api_refuses_values_of_the_wrong_kind_in_one_line():
                                  ("estimator", "bogus", "estimator must be one of")):
         with pytest.raises(DiagQLError, match=message):
             setattr(conn.settings, name, value)
+    with pytest.raises(DiagQLError, match="unknown setting 'batchsze'; did you mean "
+                                          "'batch_size'"):
+        conn.settings.batchsze = 64
+    with pytest.raises(DiagQLError, match="it is a model: connect\\(model, data\\) takes the "
+                                          "model first"):
+        diagql.connect(model, model, cache_dir=False, progress=False)
     conn.settings.model = "nope"
     with pytest.raises(DiagQLError, match="unknown model 'nope'"):
         conn.query("AVG NEURONS IN 1")

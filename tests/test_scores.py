@@ -815,6 +815,43 @@ def test_items_with_per_token_labels_are_read_without_them_as_items_none():
                        progress=False)
 
 
+def test_items_none_keeps_a_pairs_meaning_and_refuses_items_of_two_parts():
+    """Review SY13: a list of tuples of numbers (a cursor's rows) with None is X's rows, as
+    before; a Dataset of two-part items with None had passed their first part alone."""
+    rows = [(0.5, 1.0, 2.0), (1.5, -1.0, 0.0), (2.0, 0.0, 1.0), (0.0, 3.0, 1.0)]
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    conn = diagql.connect(model, (rows, None), cache_dir=False, progress=False)
+    with torch.no_grad():
+        truth = model[0](torch.tensor(rows)).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN 0").values, truth, atol=1e-6)
+    pairs = torch.utils.data.TensorDataset(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(DiagQLError, match=r"\(items, None\) reads items without labels: .* "
+                                          r"these items have 2 parts"):
+        _ = diagql.connect(model, (pairs, None), cache_dir=False, progress=False).profile
+
+
+def test_items_none_keeps_the_datasets_class_names():
+    class Named(torch.utils.data.Dataset):
+        classes = ["cat", "dog"]
+
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"x": torch.full((3,), float(i)), "labels": torch.tensor([i % 2, 0])}
+
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    conn = diagql.connect(Reader(), (Named(), None), cache_dir=False, progress=False)
+    assert conn.class_names == ["cat", "dog"]
+
+
 def test_a_scores_function_of_no_class_is_refused_in_one_line():
     X, _ = data()
     model = nn.Sequential(nn.Linear(X.shape[1], 4), nn.ReLU(), nn.Linear(4, 2))

@@ -368,6 +368,11 @@ def test_explain_similarity_across_checkpoints(trained, data):
                                    "predictions), the filter above counting final's items")
     rows = dict(db.query("EXPLAIN AVG NEURONS IN head WHERE incorrect ACROSS CHECKPOINTS").rows)
     assert rows["across"].endswith("the filter above counting final's items")
+    # The filter row counts the model the plan is made on: the default one (review SY13).
+    db.query("SET model = epoch1")
+    rows = dict(db.query("EXPLAIN AVG NEURONS IN head WHERE incorrect ACROSS CHECKPOINTS").rows)
+    assert rows["across"].endswith("the filter above counting epoch1's items")
+    db.query("SET model = final")
     # Two models' layers of one name are told apart in the hooks.
     rows = dict(db.query("EXPLAIN SIMILARITY epoch1.head, head").rows)
     assert "hooks on epoch1.head (" in rows["forward"] and ", final.head (" in rows["forward"]

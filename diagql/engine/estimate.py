@@ -252,7 +252,7 @@ def for_mean(state, population: int, reported: np.ndarray, k: int | None,
     prior = prior or (deconvolution.fit(mean, se) if len(mean) > k else None)
     p_in = p_in_topk(mean, se, reported, k, prior)
     low, high = mean[reported] - half[reported], mean[reported] + half[reported]
-    if prior is not None:  # chosen for being largest, their noise leans up (deconvolution.py)
+    if prior is not None and len(mean) > k:  # chosen as largest: noise leans up (deconvolution)
         low, high = deconvolution.selected_interval(prior, mean[reported], se[reported], low,
                                                     high, LEVEL, t / _normal(0.5 + LEVEL / 2))
     return Estimate(covers, reliable, LEVEL, n, population, ci_low=low, ci_high=high,

@@ -10,8 +10,9 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, Tens
                               default_collate, default_convert)
 
 from diagql.errors import DiagQLError
-from diagql.model.data_forms import collate_items, is_sequence_of_items, one_row_per_item, \
-    read_batches, read_only, refuse_foreign, refuse_reordering, split_next
+from diagql.model.data_forms import collate_items, inputs_alone, is_sequence_of_items, \
+    one_row_per_item, read_batches, read_only, refuse_foreign, refuse_reordering, split_next, \
+    unlabelled_items
 from diagql.model.labels import LABEL_KEYS, as_labels, refuse_batches
 from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
@@ -69,11 +70,14 @@ class ItemSource:
         self._label_classes: list | None = None  # [label_classes()], once read
         # (a loader, a Dataset or items, None): those items, their labels not read (per-token
         # labels a token classifier's items carry had been refused, and so was this way out).
-        self._no_labels = _unlabelled_items(data)
+        self._no_labels = unlabelled_items(data)
         if self._no_labels:
             self._refuse_label_key("(items, None), whose None says it has no labels")
             data = data[0]
         refuse_foreign(data)
+        if isinstance(data, torch.nn.Module):  # a Sequential has a length and items: modules
+            raise DiagQLError(f"data must be the items, not a model ({type(data).__name__})"
+                              f"{_form_hint(data)}")
         if isinstance(data if not isinstance(data, DataLoader) else data.dataset,
                       IterableDataset):
             raise DiagQLError("an IterableDataset has no item indices; pass a map-style "
@@ -215,28 +219,12 @@ class ItemSource:
     def _set_columns(self, mapping: Mapping, y) -> None:
         """A mapping of arrays, one row per item: its label key (if any) holds the labels
         unless ``y`` gives them; the other keys are the model's keyword inputs."""
-        if not mapping:
-            raise DiagQLError("the data is an empty mapping; it needs the model's inputs under "
-                              "their names, one row per item")
-        columns = {}
-        for key, value in mapping.items():
-            if _is_text(value):
-                raise DiagQLError(f"the data's column {key!r} holds text, not numbers; a "
-                                  f"mapping's columns are the model's keyword inputs: leave it "
-                                  f"out (the tokenizer's outputs are the inputs)")
-            columns[key] = _as_tensor(value, f"the inputs under {key!r}")
-            if columns[key].ndim == 0:
-                raise DiagQLError(f"the inputs under {key!r} are a single value, not one row "
-                                  f"per item")
+        columns = _columns_of(mapping)
         labels = self._pop_labels(columns, "the data's keys", given=y is not None)
         if y is not None:
             labels = y  # given explicitly: a label column in the mapping is left out of the inputs
-        sizes = {k: len(v) for k, v in columns.items()}
+        sizes = _same_sizes(columns)
         first = next(iter(sizes))
-        for k, size in sizes.items():
-            if size != sizes[first]:
-                raise DiagQLError(f"the inputs under {k!r} have {size} items but those under "
-                                  f"{first!r} have {sizes[first]}")
         if labels is not None:
             labels = as_labels(labels)
             if len(labels) != sizes[first]:
@@ -262,12 +250,7 @@ class ItemSource:
         """A collated batch is (x, y), [x, y], a mapping (its label key holds y) or a bare x;
         of (items, None), x alone, a mapping's label entry left out."""
         if self._no_labels:
-            if isinstance(batch, (tuple, list)) and len(batch) > 2:
-                raise DiagQLError(f"the data's items have {len(batch)} parts; {_TWO_PARTS}")
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            if isinstance(x, Mapping):
-                x = {k: v for k, v in x.items() if k not in LABEL_KEYS}
-            return x, None
+            return inputs_alone(batch), None
         if isinstance(batch, Mapping):
             inputs = dict(batch)
             y = self._pop_labels(inputs, "the batch keys")
@@ -369,7 +352,10 @@ def _form_hint(data) -> str:
     if isinstance(data, torch.Tensor) or type(data).__name__ == "ndarray":
         # Inputs alone: the one form users try first for data without labels.
         return "; for inputs without labels, pass (X, None)"
-    if callable(data) and not hasattr(data, "__getitem__"):  # a factory, as Ray's workers take
+    if isinstance(data, torch.nn.Module):  # the arguments swapped, or the model twice
+        return "; it is a model: connect(model, data) takes the model first, then the data"
+    if isinstance(data, type) or (callable(data) and not hasattr(data, "__getitem__")):
+        # A factory (a Dataset class too), as Ray's workers take one.
         return ("; a function that makes the data is taken by engine='ray' alone, whose "
                 "workers each call it: here, pass what it returns, data=make()")
     if isinstance(data, Iterator):  # a generator, a map object: read once
@@ -378,16 +364,34 @@ def _form_hint(data) -> str:
     return ""
 
 
-def _unlabelled_items(data) -> bool:
-    """Whether ``data`` is (a loader, a Dataset or a sequence of items, None): those items with
-    no labels read. A pair (X, None) of inputs stays a pair."""
-    if not (isinstance(data, (tuple, list)) and len(data) == 2 and data[1] is None):
-        return False
-    items = data[0]
-    if isinstance(items, (DataLoader, Dataset)):
-        return True
-    return is_sequence_of_items(items) and len(items) > 0 and \
-        isinstance(items[0], (Mapping, tuple))
+def _columns_of(mapping: Mapping) -> dict[str, torch.Tensor]:
+    """A mapping's columns as tensors, each one row per item (text refused: the tokenizer's
+    outputs are the inputs)."""
+    if not mapping:
+        raise DiagQLError("the data is an empty mapping; it needs the model's inputs under "
+                          "their names, one row per item")
+    columns = {}
+    for key, value in mapping.items():
+        if _is_text(value):
+            raise DiagQLError(f"the data's column {key!r} holds text, not numbers; a "
+                              f"mapping's columns are the model's keyword inputs: leave it "
+                              f"out (the tokenizer's outputs are the inputs)")
+        columns[key] = _as_tensor(value, f"the inputs under {key!r}")
+        if columns[key].ndim == 0:
+            raise DiagQLError(f"the inputs under {key!r} are a single value, not one row "
+                              f"per item")
+    return columns
+
+
+def _same_sizes(columns: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Each column's rows, refused unless they are as many in every one."""
+    sizes = {k: len(v) for k, v in columns.items()}
+    first = next(iter(sizes))
+    for k, size in sizes.items():
+        if size != sizes[first]:
+            raise DiagQLError(f"the inputs under {k!r} have {size} items but those under "
+                              f"{first!r} have {sizes[first]}")
+    return sizes
 
 
 def _describe(data) -> str:

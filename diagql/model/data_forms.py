@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from diagql.errors import DiagQLError, ExecutionError
 from diagql.model.labels import LABEL_KEYS, MissingLabel, missing_label
@@ -302,3 +302,30 @@ def _one_label(value) -> bool:
     if isinstance(value, list):
         return len(value) == 1 and _one_label(value[0])
     return isinstance(value, (int, float, np.integer, np.floating, str))
+
+
+def inputs_alone(batch):
+    """A batch of (items, None): its inputs, a mapping's label entries left out; a tuple
+    (x, y) or (x1, x2) is refused, being either (review SY13: its second part had been
+    dropped)."""
+    if isinstance(batch, (tuple, list)):
+        raise DiagQLError(
+            f"(items, None) reads items without labels: mappings (their "
+            f"{'/'.join(LABEL_KEYS)} entries left out) or bare inputs, but these items have "
+            f"{len(batch)} parts, a label or another input; give items of the inputs alone, "
+            f"((x1, x2),) for several, or (x, y) items as they are")
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    return batch
+
+
+def unlabelled_items(data) -> bool:
+    """Whether ``data`` is (a loader, a Dataset or a list of mappings, None): those items with
+    no labels read. A pair (X, None) of inputs stays a pair: a tensor, an array, a list of rows
+    (a list of tuples of numbers, as a database cursor gives them, is X's rows too)."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2 and data[1] is None):
+        return False
+    items = data[0]
+    if isinstance(items, (DataLoader, Dataset)):
+        return True
+    return is_sequence_of_items(items) and len(items) > 0 and isinstance(items[0], Mapping)

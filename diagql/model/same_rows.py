@@ -138,7 +138,7 @@ def comparisons(model, catalog, latent, latent_is_input, view, dtype, n) -> tupl
     shape = catalog.output_shape
     # One score per item given squeezed (scores=lambda out: out[:, 2]) is one class's logit,
     # kept as (N, 1): not kept, a sigmoid's probabilities read as logits went unwarned
-    # (model/scores.py, ``sigmoid_applied``; sweep SS9).
+    # (model/score_notices.py, ``sigmoid_applied``; sweep SS9).
     classes = shape[0] if len(shape) == 1 else 1 if shape == () else None
     keep = classes is not None and n * classes * 4 <= LOGITS_BUDGET
     own = None if latent_is_input else latent

@@ -8,14 +8,13 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from diagql.errors import DiagQLError, ExecutionError, whole
 from diagql.model.forward import batch_text
 
 # What to pass when the default cannot decide (connect's argument, the CLI's flag).
-_OPTION = ("scores= (connect) or --scores (the command line: a position, a key, or "
+OPTION = ("scores= (connect) or --scores (the command line: a position, a key, or "
            "MODULE:FUNCTION naming a function of the output)")
 
 
@@ -42,12 +41,12 @@ def several_vectors(shape: tuple[int, ...]) -> str:
     if len(shape) >= 3:  # (classes, H, W): a map of scores per pixel, channels first
         return (f"the model's output has per-item shape {shape}: a map of class scores (one "
                 f"per pixel, as a segmentation model gives), where DiagQL needs one vector of "
-                f"class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
+                f"class scores per item; name one with {OPTION}, e.g. scores=lambda out: "
                 f"out.mean(dim=({', '.join(str(d) for d in range(2, len(shape) + 1))})) "
                 f"(each class's mean score over the map). {NO_CLASSES}")
     return (f"the model's output has per-item shape {shape}: several score vectors per item "
             f"(one per position, as a token-level model gives), where DiagQL needs one vector "
-            f"of class scores per item; name one with {_OPTION}, e.g. scores=lambda out: "
+            f"of class scores per item; name one with {OPTION}, e.g. scores=lambda out: "
             f"out[:, 0] (the first position; out.logits[:, 0] for a Hugging Face output)")
 
 
@@ -179,7 +178,7 @@ class Scores:
             found = entry(output, self.at)
             what = f"output[{self.at!r}] is {_describe(found)}"
         if not isinstance(found, torch.Tensor):
-            hint = "" if self.given else f"; name the scores with {_OPTION}"
+            hint = "" if self.given else f"; name the scores with {OPTION}"
             raise DiagQLError(f"{what}, where DiagQL expected the class scores, a tensor{hint}")
         found = found.dequantize() if found.is_quantized else found  # a head with no DeQuantStub
         if not found.is_floating_point():
@@ -193,7 +192,7 @@ class Scores:
             why = ("the scores= function must keep the batch's axis first" if self.pick
                    else "a model that pools over its batch gives no class scores per item"
                    if found.ndim == 0 or found.shape[0] < size else
-                   f"the batch's axis must come first; name the scores with {_OPTION}")
+                   f"the batch's axis must come first; name the scores with {OPTION}")
             raise ExecutionError(f"{what}: {rows} for a batch of {size:,} items, where the "
                                  f"class scores have one row per item; {why}")
         if found.ndim >= 2 and found[0].numel() == 0:  # max() over no class had raised
@@ -250,7 +249,7 @@ def _not_scores(found: torch.Tensor) -> str:
     return (f"the model's output is {str(found.dtype).removeprefix('torch.')} values of "
             f"per-item shape {tuple(found.shape[1:])}, not class scores: DiagQL needs a score "
             f"per class (logits or probabilities) to predict and to say how confident; return "
-            f"them, or name them with {_OPTION}")
+            f"them, or name them with {OPTION}")
 
 
 def candidates(output, batch: int) -> list[tuple[int | str, tuple[int, ...]]]:
@@ -301,7 +300,7 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
     if not found:
         # No vector per item: the catalog still lists the layers; reading the scores refuses.
         return Scores(refusal=f"the model's output ({_describe(output)}) holds no vector of "
-                              f"class scores per item; name them with {_OPTION} (a position, "
+                              f"class scores per item; name them with {OPTION} (a position, "
                               f"a key, or a function of the output)")
     if len({shape for _, shape in found}) == 1:
         why = "its one vector per item" if len(found) == 1 else EQUAL_WIDTHS
@@ -325,163 +324,7 @@ def choose(output, batch: int, label_classes: Callable[[], int | None]) -> Score
         reason = "the data has no labels to tell them apart"
     return Scores(refusal=f"the model's output holds several vectors per item that could be "
                           f"its class scores ({listed}) and {reason}; name the scores with "
-                          f"{_OPTION}. {NO_CLASSES}")
-
-
-def sigmoid_applied(logits) -> str | None:
-    """A notice when every score lies in [0, 1]: one score per item (a binary classifier's
-    logit) is then most likely a probability (a sigmoid applied), which read as a logit
-    predicts class 1 for every item above 0; several whose rows do not sum to 1 (a sigmoid
-    per class: softmax-applied probabilities sum to 1 and are read as such) give confidences
-    squeezed towards 1/C by the softmax over them. Not refused: logits may all lie there.
-    None otherwise."""
-    if logits is None or logits.ndim != 2 or not len(logits):
-        return None
-    if logits.shape[1] == 1 and logits.max() <= 0 and logits.min() < 0:
-        return ("the model's one score per item is <= 0 for every item: DiagQL reads it as a "
-                "logit, and predicts class 0 for every item; if it is a log-probability "
-                "(logsigmoid applied), pass scores=lambda out: out - torch.log1p(-out.exp())")
-    if not (logits.min() >= 0 and logits.max() <= 1):
-        return None
-    if logits.shape[1] == 1:
-        return ("the model's one score per item lies in [0, 1] for every item: DiagQL reads it "
-                "as a logit (class 1 where it is > 0); if it is a probability (a sigmoid "
-                "applied), pass scores=lambda out: torch.logit(out)")
-    # Rows that sum to 1 are a softmax's probabilities, read as such (``Scores``); in the
-    # widest tolerance, a bfloat16 model's.
-    if abs(logits.sum(axis=1) - 1).max() <= tolerance(torch.bfloat16):
-        return None
-    classes = logits.shape[1]
-    return (f"the model's {classes} scores per item lie in [0, 1] for every item: DiagQL reads "
-            f"them as logits, its confidence their softmax (here at most "
-            f"{math.e / (math.e + classes - 1):.2f}); if they are probabilities of a sigmoid per "
-            f"class, pass scores=lambda out: torch.logit(out) (logits that lie there, as a "
-            f"pooled ReLU map's may, need nothing)")
-
-
-def problem_type(model, what: str = "the model") -> str | None:
-    """A notice when a Hugging Face config says the outputs are no class's scores (its
-    ``problem_type``; unset with one label, a regression to transformers), whose raw logits
-    trip no other notice (``sigmoid_applied``) of what the default reading makes. Or None."""
-    config = getattr(model, "config", None)
-    kind = getattr(config, "problem_type", None)
-    meaning = ("DiagQL reads its outputs as class scores (one output as a binary classifier's "
-               "logit, class 1 where > 0), so its predictions, confidence and correctness, "
-               "and the samplers weighted by them, mean nothing for a regression; a query "
-               "over all items reads its activations as they are")
-    if kind is None and hasattr(config, "problem_type") and getattr(config, "num_labels", 0) == 1:
-        return (f"the config of {what} has one label and no problem_type, which transformers "
-                f"trains as a regression; if it is one, {meaning}")
-    if kind == "regression":
-        return f"the config of {what} says problem_type='regression': {meaning}"
-    return None if kind != "multi_label_classification" else (
-        f"the config of {what} says problem_type='multi_label_classification': DiagQL reads "
-        f"one class per item (the argmax, its confidence a softmax), not a sigmoid per label; "
-        f"to diagnose one label k, pass scores=lambda out: out.logits[:, k] (a binary "
-        f"classifier's logit) with that label's 0 or 1 as the items' labels")
-
-
-BEYOND_LABELS = 0.25  # the share of items predicted beyond every label that is warned of
-
-
-def beyond_labels(labels: np.ndarray | None, predictions: np.ndarray,
-                  n_classes: int) -> str | None:
-    """A notice when the model predicts, for at least BEYOND_LABELS of the items, a class
-    beyond the largest label: its outputs may be no class scores at all (an autoencoder's
-    reconstruction read as scores of as many classes as it has values), which every
-    prediction, confidence and WHERE correct would then be made of. Not refused: a
-    classifier of more classes than the data holds (an ImageNet model on ten of its classes)
-    is one. None otherwise, and without labels."""
-    known = labels[labels >= 0] if labels is not None else ()
-    if not len(known) or not len(predictions):
-        return None
-    top = int(known.max())
-    share = float(np.mean(predictions > top))
-    if n_classes <= top + 1 or share < BEYOND_LABELS:
-        return None
-    return (f"the model predicts a class beyond the largest label ({top}) for {share:.0%} of "
-            f"the items: its {n_classes} outputs per item may be no class scores (a "
-            f"reconstruction, an embedding); if so, name the scores with {_OPTION}, or "
-            f"connect the data without labels, (X, None)")
-
-
-def unscored(confidence: np.ndarray) -> str | None:
-    """A notice when some items' scores are NaN: the profile keeps them (their layers' NaN,
-    per query), but their prediction is no class the model chose. None otherwise."""
-    missing = np.flatnonzero(np.isnan(confidence))
-    if not len(missing):
-        return None
-    return (f"{len(missing):,} of {len(confidence):,} items have NaN class scores (the first "
-            f"is item {int(missing[0])}; or every score -inf): their predictions are arbitrary "
-            f"(torch.argmax's: the first NaN's class, else class 0), yet counted by WHERE and "
-            f"GROUP BY predicted, correct and incorrect; WHERE confidence >= 0 leaves them out")
-
-
-def narrower_head(scores: Scores, labels: np.ndarray | None,
-                  predictions: np.ndarray) -> str | None:
-    """A notice when the default read the one vector as wide as the labels need beside wider
-    ones (``NARROWEST``) and it agrees with the labels no more than twice as often as chance:
-    the labels may be some of a wider head's classes (a slice of the data), which that
-    head's predictions would get right. None otherwise: a trained (features, logits) model's
-    scores agree far more."""
-    if not scores.why.startswith(NARROWEST) or labels is None or not len(labels):
-        return None
-    accuracy, classes = _agreement(labels, predictions)
-    accuracy = 1.0 if accuracy is None else accuracy
-    if accuracy > 2 / classes:
-        return None
-    return (f"the model's output holds several vectors per item that could be its class "
-            f"scores: DiagQL reads output[{scores.at!r}], as wide as the labels need, but it "
-            f"agrees with the labels for only {accuracy:.0%} of the items, and "
-            f"{scores.why.removeprefix(NARROWEST)} scores more classes, of which the labels "
-            f"may be some; if it is the scores, name it with {_OPTION}")
-
-
-def _agreement(labels: np.ndarray, predictions: np.ndarray) -> tuple[float | None, int]:
-    """The share of the items with a known label that the predictions get right (None where
-    no label is known), and the classes the labels need (the largest + 1, at least 2)."""
-    known = labels >= 0
-    accuracy = float(np.mean(predictions[known] == labels[known])) if known.any() else None
-    return accuracy, max(int(labels.max()) + 1, 2)
-
-
-def guess_at_chance(scores: Scores, labels: np.ndarray | None,
-                    predictions: np.ndarray) -> str | None:
-    """A notice when the default took the first of several vectors of one width
-    (``EQUAL_WIDTHS``) and its predictions agree with the labels no better than chance (within
-    a tenth of the way to all): another vector may be the scores, or none is (a VAE's mu
-    as wide as the labels' classes, beside its log-variance), and every WHERE correct and
-    GROUP BY predicted would be read from codes. None otherwise."""
-    if scores.why != EQUAL_WIDTHS or labels is None or not len(labels):
-        return None
-    accuracy, classes = _agreement(labels, predictions)
-    if accuracy is None:
-        return None
-    chance = 1 / classes
-    if accuracy > chance + 0.1 * (1 - chance):
-        return None
-    return (f"DiagQL reads output[{scores.at!r}] as the class scores (the first of several "
-            f"vectors of one width), and its predictions agree with the labels for "
-            f"{accuracy:.0%} of the items, as chance would ({classes} classes): if another "
-            f"vector is the scores, name it with {_OPTION}. {NO_CLASSES}")
-
-
-def notices(logits, labels: np.ndarray | None, predictions: np.ndarray,
-            n_classes: int, confidence: np.ndarray | None = None,
-            scores: Scores | None = None) -> list[str]:
-    """What the profile warns of (each session that reads it), and SHOW PROFILE notes, about
-    the scores it read (``scores``: where, for ``narrower_head``)."""
-    found = (None if confidence is None else unscored(confidence), sigmoid_applied(logits),
-             beyond_labels(labels, predictions, n_classes),
-             None if scores is None else narrower_head(scores, labels, predictions),
-             None if scores is None else guess_at_chance(scores, labels, predictions))
-    return [notice for notice in found if notice is not None]
-
-
-def profile_notices(profile, scores: Scores | None = None) -> list[str]:
-    """``notices`` of a Profile."""
-    return notices(profile.logits, profile.labels if profile.has_labels else None,
-                   profile.predictions, profile.n_classes, profile.confidence, scores)
+                          f"{OPTION}. {NO_CLASSES}")
 
 
 def same_widths(first: tuple[int, int], now: tuple[int, int], idx, latent) -> None:

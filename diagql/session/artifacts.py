@@ -21,7 +21,7 @@ from diagql.language.binder import bind_layer, bind_view, sampler_needs_labels
 from diagql.model import (auxiliaries, hooks, layers, probing, repeatable, row_order,
                           same_rows, view_aliases)
 from diagql.model import input_masks, layouts, views, winners
-from diagql.model import profile as profile_module, profile_pass, scores
+from diagql.model import profile as profile_module, profile_pass, score_notices, scores
 from diagql.model.call_sites import SharedCalls
 from diagql.model.forward import call_model, to_device
 from diagql.model.layers import LayerCatalog, default_latent, module_aliases
@@ -345,7 +345,8 @@ def _profile_pass(artifacts: Artifacts) -> Profile:
 def _say_notices(profile: Profile, catalog: LayerCatalog | None) -> None:
     """The profile's notices, said to each session that reads it, as to the one that
     computed it (a statement binds on the catalog first: where the scores were found)."""
-    for notice in scores.profile_notices(profile, None if catalog is None else catalog.scores):
+    for notice in score_notices.profile_notices(profile, None if catalog is None else
+                                                catalog.scores):
         warn(notice)
 
 

@@ -85,7 +85,10 @@ def found_names(data, label_key: str | None, models: Sequence) -> list[str] | No
     on its label column, a ``classes`` list (torchvision's datasets: ImageFolder, CIFAR10, ...)
     on the data or the datasets under it (a DataLoader, a Subset), else the first model's
     ``config.id2label`` that is not the default LABEL_0, LABEL_1, ..."""
-    holders, holder = [], data
+    holders = []
+    # (dataset, None): the dataset's names, its labels unread (model/data.py).
+    holder = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 and data[1] is None \
+        else data
     while holder is not None and len(holders) < 4:  # DataLoader(Subset(dataset)), ...
         holders.append(holder)
         holder = getattr(holder, "dataset", None)

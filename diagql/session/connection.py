@@ -22,7 +22,8 @@ from diagql.language.binder import bind_sampler, qualify_layer
 from diagql.language.parser import parse, parse_sampler
 from diagql.model.data import ItemSource, dataset_indices, loader_batch_size
 from diagql.model.hooks import hookable
-from diagql.model.scores import Scores, problem_type
+from diagql.model.score_notices import problem_type
+from diagql.model.scores import Scores
 from diagql.progress import Progress, import_rich
 from diagql.results.result import Result
 from diagql.session import scripts
@@ -270,10 +271,7 @@ class Connection:
         if name is None:
             return self.current
         self.require_model()
-        if not isinstance(name, str):  # on(5) had raised an AttributeError of its lookup
-            raise DiagQLError(f"a model is named by its name (a str: {', '.join(self.models)}), "
-                              f"not {type(name).__name__}")
-        if name not in self.models:
+        if not isinstance(name, str) or name not in self.models:  # on(5) had raised Python's
             raise unknown_model(name, list(self.models), span)
         return self.models[name]
 

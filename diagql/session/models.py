@@ -276,9 +276,13 @@ def _taking_floats(module):
                     yield i == 0, parameter.dtype
 
 
-def unknown_model(name: str, names: list[str], span=None) -> BindError:
+def unknown_model(name, names: list[str], span=None) -> BindError:
+    """No model of this name; one named by no str (``on(5)``) is told that names are text."""
     from diagql.suggest import did_you_mean
 
+    if not isinstance(name, str):
+        return BindError(f"a model is named by its name (a str: {', '.join(names)}), not "
+                         f"{type(name).__name__}")
     return _at(BindError(f"unknown model {name!r}{did_you_mean(name, names)}",
                          hint=f"models are {', '.join(names)} (SHOW MODELS)"), span)
 

@@ -75,4 +75,7 @@ class Settings:
             return None if str(value).lower() in ("default", "none") else str(value)
         if name == "model":
             return str(value)
-        raise AssertionError(name)
+        from diagql.suggest import did_you_mean
+
+        raise BindError(f"unknown setting {name!r}{did_you_mean(name, self.names())}; the "
+                        f"settings are {', '.join(self.names())}")

@@ -9,7 +9,7 @@ from diagql import samplers
 from diagql.errors import DiagQLError
 from diagql.language import ast
 from diagql.language.binder import bind_layer, calls_text, lookup_layer
-from diagql.model.scores import profile_notices
+from diagql.model.score_notices import profile_notices
 from diagql.model.views import SEQUENCE, View
 from diagql.results.formats import Bytes, Count, Percent, Probability, size_text
 from diagql.results.result import Result

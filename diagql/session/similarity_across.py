@@ -47,17 +47,18 @@ def explain_across(conn, statement: ast.Similarity) -> tuple[str, str]:
     names = checkpoint_names(conn, entry, statement.across.span or layer.span)
     detail = (f"once per model of {', '.join(names)}: its {ref.text()} against "
               f"{names[-1]}'s, both in one pass, one checkpoint's weights loaded at a time"
-              f"{own_filter(statement, names)}")
+              f"{own_filter(statement, entry.name)}")
     return "across", detail
 
 
-def own_filter(statement, names: list[str]) -> str:
+def own_filter(statement, planned_on: str) -> str:
     """What EXPLAIN of ACROSS CHECKPOINTS says of a WHERE: each model reads it on its own
-    predictions, where the filter row counts the last model's items (sweep SY4)."""
+    predictions, where the filter row counts the items of the model the plan above is made
+    on, ``planned_on`` (sweep SY4)."""
     if statement.where is None:
         return ""
     return (f"; each reads its WHERE on its own profile (its own predictions), the filter "
-            f"above counting {names[-1]}'s items")
+            f"above counting {planned_on}'s items")
 
 
 def _as_table(result: Result, layer: str) -> Result:

@@ -379,7 +379,7 @@ def _explain(conn, statement: ast.Explain) -> Result:
                                  or statement.query.layer.span)
         rows.append(("across", f"this plan once per model of {', '.join(names)}, one "
                                f"checkpoint's weights loaded at a time"
-                               f"{own_filter(statement.query, names)}"))
+                               f"{own_filter(statement.query, entry.name)}"))
     return Result(kind="explain", statement=statement.text, title=f"plan: {statement.query.text}",
                   columns=["step", "detail"], rows=rows, plan=plan)
 

@@ -279,11 +279,13 @@ def _print_json_error(out, error) -> None:
     line (three statements with one failing had given two lines)."""
     import json
 
+    from diagql.errors import shortened
+
     line = {"kind": "error", "error": error.shown_message(), "line": error.line,
-            "column": error.column, "source_line": error.source_line(),
+            "column": error.column, "source_line": shortened(error.source_line()),
             # which statement failed, where the error has no place of its own (a forward
             # that raised: its line had been all null, sweep SX11)
-            "statement": error.statement}
+            "statement": shortened(error.statement)}
     out.print(json.dumps(line, ensure_ascii=False), markup=False, highlight=False,
               soft_wrap=True)
 

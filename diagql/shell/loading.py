@@ -74,6 +74,7 @@ def _name_in_file(path: str, what: str) -> str:
     values = [t.id for n in body if isinstance(n, python_ast.Assign) for t in n.targets
               if isinstance(t, python_ast.Name)]
     names = [n for n in dict.fromkeys(functions + values) if not n.startswith("_")]
+    names.sort(key=lambda n: what not in n.lower())  # load_data before a collate beside it
     if not names:
         return (f"; name a function in it that returns the {what} (it defines none at its top "
                 f"level): --{what} {path}:load")
