@@ -815,7 +815,7 @@ def test_items_with_per_token_labels_are_read_without_them_as_items_none():
                        progress=False)
 
 
-def test_items_none_keeps_a_pairs_meaning_and_refuses_items_of_two_parts():
+def test_items_none_keeps_a_pairs_meaning_and_refuses_items_of_two_parts(tmp_path):
     """Review SY13: a list of tuples of numbers (a cursor's rows) with None is X's rows, as
     before; a Dataset of two-part items with None had passed their first part alone."""
     rows = [(0.5, 1.0, 2.0), (1.5, -1.0, 0.0), (2.0, 0.0, 1.0), (0.0, 3.0, 1.0)]
@@ -824,6 +824,11 @@ def test_items_none_keeps_a_pairs_meaning_and_refuses_items_of_two_parts():
     with torch.no_grad():
         truth = model[0](torch.tensor(rows)).double().mean(dim=0).numpy()
     np.testing.assert_allclose(conn.query("AVG NEURONS IN 0").values, truth, atol=1e-6)
+    # A TensorDataset of the inputs alone yields one-part items: those inputs, on disk too.
+    alone = torch.utils.data.TensorDataset(torch.tensor(rows))
+    conn = diagql.connect(model, (alone, None), cache_dir=tmp_path, progress=False)
+    np.testing.assert_allclose(conn.query("AVG NEURONS IN 0").values, truth, atol=1e-6)
+    assert any((tmp_path / "profile").iterdir())  # its data was fingerprinted, so stored
     pairs = torch.utils.data.TensorDataset(torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(DiagQLError, match=r"\(items, None\) reads items without labels: .* "
                                           r"these items have 2 parts"):

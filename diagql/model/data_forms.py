@@ -308,7 +308,9 @@ def inputs_alone(batch):
     """A batch of (items, None): its inputs, a mapping's label entries left out; a tuple
     (x, y) or (x1, x2) is refused, being either (review SY13: its second part had been
     dropped)."""
-    if isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:  # a TensorDataset(X)'s items
+        batch = batch[0]
+    elif isinstance(batch, (tuple, list)):
         raise DiagQLError(
             f"(items, None) reads items without labels: mappings (their "
             f"{'/'.join(LABEL_KEYS)} entries left out) or bare inputs, but these items have "

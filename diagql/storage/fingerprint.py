@@ -272,6 +272,11 @@ def data_fingerprint(data, columns: tuple[dict, object] | None = None,
     import torch
     from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+    from diagql.model.data_forms import unlabelled_items
+
+    unread = unlabelled_items(data)  # (items, None): the items, their labels left unread
+    if unread:
+        data = data[0]
     if columns is not None:
         inputs, labels = columns
         digest = xxhash.xxh3_128()
@@ -296,6 +301,8 @@ def data_fingerprint(data, columns: tuple[dict, object] | None = None,
                                 f"(only a pair (X, y), a TensorDataset, a DataLoader over one, "
                                 f"or columns: a mapping of arrays, alone or beside the labels)")
     digest = xxhash.xxh3_128()
+    if unread:
+        _feed(digest, "labels", "unread")
     if indices is not None:
         _feed_array(digest, "items", np.asarray(indices, dtype=np.int64))
     for i, part in enumerate(parts):
