@@ -153,6 +153,15 @@ def test_a_json_error_record_shortens_a_long_quoted_text_as_the_text_error_does(
         assert record[field].endswith("x (5,009 characters)")
 
 
+def test_piped_tables_end_their_lines_without_padding():
+    """rich pads each line of a table to its width: a title's line had ended in 34 spaces
+    (sweep SY3)."""
+    done = diagql(*MODEL, "-e", "SHOW LAYERS", "-e", "TOPK 3 NEURONS IN head")
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and any("layers of" in line for line in lines)
+    assert all(line == line.rstrip() for line in lines)
+
+
 def test_keep_going_runs_what_follows_a_string_left_open(tmp_path):
     # The open string had swallowed the ';' and the next line into its statement.
     script = tmp_path / "report.dql"

@@ -35,12 +35,24 @@ def print_result(out, result, settings, *, echo: bool = True) -> None:
         if width is not None and width > out.width:  # print() cannot pass the console's width
             before, out.width = out.width, width
             try:
-                out.print(shown)
+                _print_piped(out, shown)
             finally:
                 out.width = before
+        elif width is not None:
+            _print_piped(out, shown)
         else:
             out.print(shown)
         out.print()
+
+
+def _print_piped(out, shown) -> None:
+    """A table printed to a pipe or a file: its lines without the spaces rich pads each to the
+    table's width (a title's line had ended in 34 of them: sweep SY3). Plain text there, with
+    no colour codes to keep."""
+    with out.capture() as captured:
+        out.print(shown)
+    text = "\n".join(line.rstrip() for line in captured.get().splitlines())
+    out.print(text, markup=False, highlight=False, soft_wrap=True, emoji=False)
 
 
 def print_internal_error(err, exc: Exception, debug: bool) -> None:
