@@ -258,6 +258,26 @@ def test_nested_samplers_draw_prefixes_of_one_order():
         assert len(small) == 20 and len(large) == 120 and np.all(np.isin(small, large))
 
 
+def test_a_growth_over_few_matching_items_is_exact_from_the_start(world):
+    """A user's 2% stratified sample had grown five rounds (60 → 1,496 items) to reach 69
+    matching items, then gone exact (sweep SY14): a sample holds a share of so few, its
+    estimate too wide for the target."""
+    conn, _, (_, y), _ = world
+    profile = conn.profile
+    candidates = {"incorrect": profile.labels != profile.predictions,
+                  **{f"confidence < {t}": profile.confidence < t for t in (0.5, 0.6, 0.7)},
+                  **{f"predicted = {c}": profile.predictions == c for c in range(10)}}
+    # More than the first round's 36 items (2% of 1,797), at most 100.
+    where, mask = next((w, m) for w, m in candidates.items() if 36 < int(m.sum()) <= 100)
+    text = f"TOPK 3 NEURONS IN 4 WHERE {where} USING SAMPLE stratified(0.02) " \
+           f"UNTIL precision >= 0.95"
+    plan = dict(conn.query("EXPLAIN " + text).rows)
+    assert "too few to grow a sample over" in " ".join(plan.values())
+    grown = conn.query(text)
+    assert grown.provenance.growth.sizes == () and grown.provenance.growth.stop == "exact cheaper"
+    assert grown.n_items == int(mask.sum())
+
+
 def test_growth_stops_at_the_target_and_equals_a_one_shot_query_at_its_final_size(world):
     conn, _, (_, y), _ = world
     items_before = conn.counters["items"]

@@ -25,6 +25,7 @@ from diagql.progress import Progress
 from diagql.results.result import Growth, Result
 from diagql.session.auto import (
     ABOUT,
+    FEW,
     default_sampler,
     draw_seconds,
     pass_layers,
@@ -69,6 +70,11 @@ def first_round(conn, bound: BoundQuery, profile, src) -> tuple[BoundQuery, str,
         return dataclasses.replace(bound, sampler=None), (
             f"exact: {n_match:,} matching item{'s' if n_match != 1 else ''}, no more than "
             f"the first round's {start:,}"), 0.0
+    if n_match <= FEW:  # a user's small stratified sample had grown five rounds to reach them
+        return dataclasses.replace(bound, sampler=None), (
+            f"exact: {n_match:,} matching items, too few to grow a sample over (a sample "
+            f"holds a share of them, its estimate too wide to meet a target by, and a pass "
+            f"over them all costs next to nothing)"), 0.0
     # The pass's model time, as the profile's until the query's layer.
     exact = n_match * profile.seconds_per_item(pass_layers(bound, src.own))
     if query.until.target is None and exact <= FITS * query.until.seconds:
