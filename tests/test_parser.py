@@ -561,6 +561,9 @@ def test_by_order_only_for_topk():
     ("AVG NEURONS IN fc1 WHERE class = 3 WHERE correct", 36,
      "WHERE is given once; join conditions with AND or OR"),
     ("AVG NEURONS IN fc1 USING FULL USING FULL", 31, "USING is given once"),
+    ("TOPK 3 NEURONS IN fc1 USING FULL UNTIL precision >= 0.9", 34,
+     "UNTIL grows a sample, which USING FULL has none of: USING SAMPLE sampler(...) UNTIL ..., "
+     "USING AUTO UNTIL ..., or UNTIL alone"),
     ("AVG NEURONS IN fc1 WHERE correct PLOT 'a.png'", 34,
      "a query's PLOT 'file.png' follows ACROSS CHECKPOINTS"),
     ("AVG NEURONS IN fc1 WHERE class == 3", 33, "compare with one '=': class = 3"),

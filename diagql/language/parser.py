@@ -347,6 +347,10 @@ def _clause_hint(piece: Piece, word: str, position: int) -> str | None:
         return "hint: a query's PLOT 'file.png' follows ACROSS CHECKPOINTS (the curves over them)"
     if clause not in _CLAUSES[kind]:
         return f"hint: {name} takes no {clause}; its clauses are {order}"
+    if clause in ("UNTIL", "WITHIN") and [w.upper() for w in words[-2:]] == ["USING", "FULL"]:
+        # The grammar's USING FULL takes no growth: said so, not as an order (sweep SY14).
+        return (f"hint: {clause} grows a sample, which USING FULL has none of: USING SAMPLE "
+                f"sampler(...) {clause} ..., USING AUTO {clause} ..., or {clause} alone")
     if clause in ("WHERE", "GROUP BY", "USING", "WITH BASELINE") and \
             word in (w.upper() for w in words):
         join = "; join conditions with AND or OR" if clause == "WHERE" else ""
