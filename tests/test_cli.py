@@ -120,12 +120,18 @@ def test_error_in_a_script_reports_file_line_column_with_a_caret(tmp_path):
     assert "head[" not in done.stdout
 
 
-def test_keep_going_runs_the_rest_but_still_fails(tmp_path):
+@pytest.mark.parametrize("first,error", [
+    ("TOPK 2 NEURONS IN head WHERE;", "report.dql:1:29: syntax error: unexpected end of statement"),
+    # An open string had swallowed the ';' and the next line into its statement.
+    ("TOPK 2 NEURONS IN head WHERE class = 'cat;",
+     "report.dql:1:38: syntax error: unterminated quoted string"),
+])
+def test_keep_going_runs_the_rest_but_still_fails(tmp_path, first, error):
     script = tmp_path / "report.dql"
-    script.write_text("TOPK 2 NEURONS IN head WHERE;\nTOPK 2 NEURONS IN head;\n")
+    script.write_text(f"{first}\nTOPK 2 NEURONS IN head;\n")
     done = diagql(*MODEL, "--keep-going", str(script))
     assert done.returncode == 1
-    assert "report.dql:1:29: syntax error: unexpected end of statement" in done.stderr
+    assert error in done.stderr
     assert "head[" in done.stdout
 
 
@@ -160,16 +166,6 @@ def test_piped_tables_end_their_lines_without_padding():
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and any("layers of" in line for line in lines)
     assert all(line == line.rstrip() for line in lines)
-
-
-def test_keep_going_runs_what_follows_a_string_left_open(tmp_path):
-    # The open string had swallowed the ';' and the next line into its statement.
-    script = tmp_path / "report.dql"
-    script.write_text("TOPK 2 NEURONS IN head WHERE class = 'cat;\nTOPK 2 NEURONS IN head;\n")
-    done = diagql(*MODEL, "--keep-going", str(script))
-    assert done.returncode == 1
-    assert "report.dql:1:38: syntax error: unterminated quoted string" in done.stderr
-    assert "head[" in done.stdout
 
 
 def test_keep_going_in_json_gives_every_statement_its_line(tmp_path):

@@ -32,9 +32,15 @@ COVERS = ("sampling variance of a uniform sample of the matching items (delete-o
 def layer_labels(plan: Plan) -> list[str]:
     """Each layer as given, with its TOKENS clause when it has one (``enc TOKEN 0``), and its
     model's name when the layers are several models' (``base.fc2``, ``wide.fc2``)."""
+    return [f"{name} {view.text()}".strip()
+            for name, view in zip(_layer_names(plan), plan.bound.views)]
+
+
+def _layer_names(plan: Plan) -> list[str]:
+    """Each layer's name, with its model's where the layers are several models'."""
     models = layer_models(plan)
     named = len(set(models)) > 1
-    return [f"{model + '.' if named else ''}{view.layer.name} {view.text()}".strip()
+    return [f"{model + '.' if named else ''}{view.layer.name}"
             for model, view in zip(models, plan.bound.views)]
 
 
@@ -183,11 +189,7 @@ def uses_rows(plan: Plan) -> bool:
 def _distinct_views(plan: Plan) -> list[tuple[str, object]]:
     """(the layer's name, with its model's where the layers are several models' (EXPLAIN had
     written "hooks on fc2 (16), fc2 (16)": sweep SY4), its view) of each distinct view."""
-    models = layer_models(plan)
-    named = len(set(models)) > 1
-    return list(dict(zip(view_ids(plan), (
-        (f"{model + '.' if named else ''}{view.layer.name}", view)
-        for model, view in zip(models, plan.bound.views)))).values())
+    return list(dict(zip(view_ids(plan), zip(_layer_names(plan), plan.bound.views))).values())
 
 
 def check_memory(plan: Plan) -> None:

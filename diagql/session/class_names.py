@@ -11,6 +11,7 @@ from dataclasses import replace
 from diagql.errors import DiagQLError, warn, whole
 from diagql.language import ast
 from diagql.language.binder import _error
+from diagql.model.data_forms import unlabelled_items
 from diagql.model.labels import LABEL_KEYS
 
 
@@ -86,9 +87,8 @@ def found_names(data, label_key: str | None, models: Sequence) -> list[str] | No
     on the data or the datasets under it (a DataLoader, a Subset), else the first model's
     ``config.id2label`` that is not the default LABEL_0, LABEL_1, ..."""
     holders = []
-    # (dataset, None): the dataset's names, its labels unread (model/data.py).
-    holder = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 and data[1] is None \
-        else data
+    # (dataset, None): the dataset's names, its labels unread (model/data_forms.py).
+    holder = data[0] if unlabelled_items(data) else data
     while holder is not None and len(holders) < 4:  # DataLoader(Subset(dataset)), ...
         holders.append(holder)
         holder = getattr(holder, "dataset", None)

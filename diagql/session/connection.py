@@ -199,7 +199,7 @@ class Connection:
         # batches of 256, unwarned: a loader's own collate_fn runs over its batch size.
         batch_size = loader_batch_size(data) if batch_size is None else batch_size
         if batch_size is not None:
-            self.settings.batch_size = self.settings.coerce("batch_size", batch_size)
+            self.settings.batch_size = batch_size  # checked as SET checks it (settings.py)
         self.settings.latent = latent
         latent = self.settings.latent  # checked and made a name: latent=1 is layer '1'
         self.cache = Cache.resolve(cache_dir, cache_limit)
