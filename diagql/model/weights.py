@@ -176,15 +176,16 @@ def load_state(model: nn.Module, state: Mapping, label: str) -> None:
     odd = next((key for key in state if not isinstance(key, str)), None)
     if odd is not None:  # torch's own error had been an AttributeError on int.startswith
         raise WeightsError(f"{label} is no state_dict: its key {odd!r} is no parameter's name")
-    state = _unprefixed(model, state, label)
-    _check_ties(model, state, label)
+    ties = _ties(model)  # once: the parameters are loaded in place, so their ids hold
+    state = _unprefixed(ties, state, label)
+    _check_ties(ties, state, label)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
         detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
         raise WeightsError(f"{label} does not fit the model: {detail}") from None
     problems = []
-    missing = _untied(model, result.missing_keys, state)
+    missing = _untied(ties, result.missing_keys, state)
     if missing:
         problems.append(f"missing {_few(missing)}")
     if result.unexpected_keys:
@@ -200,11 +201,11 @@ def _ties(model: nn.Module) -> dict[str, int]:
     return {key: id(value) for key, value in model.state_dict(keep_vars=True).items()}
 
 
-def _check_ties(model: nn.Module, state: Mapping, label: str) -> None:
-    """Refuse two different values under the keys of one tied tensor: the last loaded had won,
-    unsaid (sweep SX5)."""
+def _check_ties(ties: dict[str, int], state: Mapping, label: str) -> None:
+    """Refuse two different values under the keys of one tied tensor (``_ties``): the last
+    loaded had won, unsaid (sweep SX5)."""
     first: dict[int, str] = {}
-    for key, tensor in _ties(model).items():
+    for key, tensor in ties.items():
         if key not in state:
             continue
         other = first.setdefault(tensor, key)
@@ -215,12 +216,11 @@ def _check_ties(model: nn.Module, state: Mapping, label: str) -> None:
                                f"{key!r}, which are one tied tensor in the model")
 
 
-def _untied(model: nn.Module, missing: list[str], state: Mapping) -> list[str]:
-    """The ``missing`` keys whose tensor no key of ``state`` loaded (a tied weight's other key
-    is not missing: BERT-MLM's decoder.weight had been refused, sweep SX3)."""
+def _untied(ties: dict[str, int], missing: list[str], state: Mapping) -> list[str]:
+    """The ``missing`` keys whose tensor (``_ties``) no key of ``state`` loaded (a tied weight's
+    other key is not missing: BERT-MLM's decoder.weight had been refused, sweep SX3)."""
     if not missing:
         return []
-    ties = _ties(model)
     loaded = {ties[key] for key in state if key in ties}
     return [key for key in missing if ties.get(key) not in loaded]
 
@@ -230,7 +230,7 @@ def _few(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
 
 
-def _unprefixed(model: nn.Module, state: Mapping, label: str) -> Mapping:
+def _unprefixed(ties: dict[str, int], state: Mapping, label: str) -> Mapping:
     """``state`` with its keys' wrapper prefixes made the model's own: each saved from a
     wrapper (``module._orig_mod.``: DDP around a compiled model) or loaded into one (a
     DataParallel given a plain state_dict). Only prefixes that every key has count, so a
@@ -241,8 +241,7 @@ def _unprefixed(model: nn.Module, state: Mapping, label: str) -> Mapping:
     keys = [k for k in state]
     if not keys or not all(isinstance(k, str) for k in keys):
         return state
-    ties = _ties(model)
-    own = list(ties)
+    own = list(ties)  # the model's own keys (``_ties``)
     theirs, ours = _wrapping(keys), _wrapping(own)
     if theirs != ours:
         state = {ours + k[len(theirs):]: v for k, v in state.items()}
