@@ -103,8 +103,7 @@ def evaluate_statement(conn, statement: ast.Evaluate) -> Result:
 
 def draw_samples(conn, bound: BoundEvaluation) -> list[Draw]:
     profile = conn.profile
-    data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
-                               profile.n_classes)
+    data = samplers.SampleData.of(profile)
     _warm_up(bound.candidates, data)
     draws = []
     total = len(bound.candidates) * len(bound.seeds)

@@ -23,6 +23,12 @@ class SampleData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @classmethod
+    def of(cls, profile) -> "SampleData":
+        """What a sampler looks at of a profile (model/profile.py's Profile): the very arrays,
+        so that maxmargin's kept fit is found again by them."""
+        return cls(profile.latents, profile.labels, profile.predictions, profile.n_classes)
+
 
 @dataclass(frozen=True)
 class Sample:

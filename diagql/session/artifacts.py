@@ -203,8 +203,7 @@ class Artifacts:
         profile = self.get_profile()
         if not profile.has_labels and sampler.needs_labels:
             raise BindError(sampler_needs_labels(sampler.name))
-        data = samplers.SampleData(profile.latents, profile.labels, profile.predictions,
-                                   profile.n_classes)
+        data = samplers.SampleData.of(profile)
         started = time.perf_counter()
         sample = samplers.Sample(spec, sampler.fit(data).indices_, time.perf_counter() - started)
         if (key := self.sample_key(sampler)) is not None:

@@ -69,8 +69,7 @@ def draw_seconds(sampler: samplers.Sampler, profile) -> float | None:
     priced at 14 s where it took 0.08 s, and AUTO chose a 1.2 s exact pass). A fit kept from
     an earlier draw of the same latents (maxmargin's SVM, at another size or seed) is not
     priced again: 0.33 s had been weighed against a 6 ms draw."""
-    kept = sampler.fit_kept(samplers.SampleData(profile.latents, profile.labels,
-                                                profile.predictions, profile.n_classes))
+    kept = sampler.fit_kept(samplers.SampleData.of(profile))
     return sampler.draw_seconds(len(profile), held_classes(profile) or profile.n_classes,
                                 profile.latents.shape[1], kept)
 
