@@ -181,6 +181,37 @@ def test_module_that_never_runs(shared_db):
     assert len(shared_db.query("TOPK 2 NEURONS IN fc2").neurons) == 2
 
 
+class Stacked(nn.Module):
+    """Its layers in an nn.ModuleList and its heads in an nn.ModuleDict: containers that hold
+    modules and never run themselves."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.heads = nn.ModuleDict({"cls": nn.Linear(8, N_CLASSES)})
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.heads["cls"](x)
+
+
+@pytest.mark.parametrize("name, members", [("blocks", "blocks.0, blocks.1"),
+                                           ("heads", "heads.cls")])
+def test_a_container_is_named_as_one_and_its_members_offered(name, members):
+    torch.manual_seed(0)
+    conn = diagql.connect(Stacked(), (torch.randn(N_ITEMS, 8), torch.arange(N_ITEMS) % N_CLASSES),
+                          progress=False, cache_dir=False)
+    err = bind_error(conn, f"AVG NEURONS IN {name}")
+    kind = "ModuleList" if name == "blocks" else "ModuleDict"
+    assert err.message == (f"layer {name!r} is an nn.{kind}, a container with no forward of "
+                           f"its own: it never runs, its members do; query one of them: "
+                           f"{members}")
+    assert "branch" not in err.message  # not told of data-dependent branches
+    assert len(conn.query(f"AVG NEURONS IN {members.split(',')[0]}")) == (
+        N_CLASSES if name == "heads" else 8)
+
+
 # --- WHERE: the label set -------------------------------------------------------------------
 
 

@@ -161,6 +161,15 @@ def test_a_model_left_in_train_mode_is_said_to_be_answered_in_eval_mode():
     with torch.no_grad():
         truth = model[1](model[0](X)).double().mean(0).numpy()
     np.testing.assert_allclose(result.values, truth, atol=1e-6)
+    # in eval mode with its dropout back in train mode (MC dropout): the module is named
+    mc = nn.Sequential(nn.Linear(D, 8), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
+    mc[1].train()
+    with pytest.warns(diagql.DiagQLWarning, match=r"the model is in eval mode but 1 of its "
+                                                  r"modules is in train mode \('1'\); DiagQL "
+                                                  r"answers them as in eval mode, as inference "
+                                                  r"runs them \(Dropout: dropout off\)"):
+        diagql.connect(mc, (X, y), cache_dir=False, progress=False)
+    assert mc[1].training and not mc.training
     with warnings.catch_warnings():  # in eval mode, or without modules that differ: no word
         warnings.simplefilter("error", diagql.DiagQLWarning)
         diagql.connect(model, (X, y), cache_dir=False, progress=False)

@@ -152,6 +152,12 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
         raise _error(f"layer {name!r} does not run in the model's forward pass: "
                      f"nn.MultiheadAttention {parent.name!r} uses its weights without calling "
                      f"it; query {parent.name!r}, its output", ref.span)
+    if layer.calls == 0 and not layer.refused and layer.type_name in _CONTAINERS:
+        members = [m.name for m in catalog.layers if m.name.rpartition(".")[0] == name]
+        raise _error(f"layer {name!r} is an nn.{layer.type_name}, a container with no forward "
+                     f"of its own: it never runs" + (f", its members do; query one of them: "
+                                                     f"{name_list(members)}" if members else ""),
+                     ref.span)
     if layer.calls == 0:
         raise _error(f"layer {name!r} cannot be queried: {layer.refused}" if layer.refused else
                      f"layer {name!r} does not run in the model's forward pass (not for "
@@ -165,6 +171,9 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
         raise _error(f"layer {name!r} cannot be queried: "
                      f"{layer.refused or 'it returns no tensor'}", ref.span)
     return layer
+
+
+_CONTAINERS = ("ModuleList", "ModuleDict", "ParameterList", "ParameterDict")  # no forward
 
 
 def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> BindError:

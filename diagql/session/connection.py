@@ -24,6 +24,7 @@ from diagql.model.data import ItemSource, dataset_indices, loader_batch_size
 from diagql.model.hooks import hookable
 from diagql.model.score_notices import problem_type
 from diagql.model.scores import Scores
+from diagql.model.train_mode import say_train_mode
 from diagql.progress import Progress, import_rich
 from diagql.results.result import Result
 from diagql.session import scripts
@@ -445,28 +446,10 @@ def _modules(model, checkpoints) -> dict[str, object]:
 def _say_of(module: nn.Module, what: str, given_scores) -> None:
     """What connect warns of about a model: its train mode, and a Hugging Face config's
     problem_type that its scores (unless the user's ``scores=``) do not fit."""
-    _say_eval_mode(module, what)
+    say_train_mode(module, what)
     notice = problem_type(module, what) if given_scores is None else None
     if notice is not None:
         warn(notice)
-
-
-def _say_eval_mode(module: nn.Module, what: str) -> None:
-    """Say that a model left in train mode (as a training loop leaves it) is answered as in
-    eval mode, where that changes its outputs: dropout off, BatchNorm's running statistics."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-    from torch.nn.modules.dropout import _DropoutNd
-
-    training = [m for m in module.modules() if m.training]
-    differ = sorted({type(m).__name__ for m in training
-                     if isinstance(m, (_BatchNorm, _DropoutNd))})
-    changes = [change for kind, change in ((_DropoutNd, "dropout off"),
-                                           (_BatchNorm, "running statistics"))
-               if any(isinstance(m, kind) for m in training)]
-    if differ:
-        warn(f"{what} is in train mode; DiagQL answers it as in eval mode, as inference runs "
-             f"it ({', '.join(differ)}: {', '.join(changes)}), and leaves it in "
-             f"train mode (call .eval() before connecting to silence this)")
 
 
 def _few(names: list[str]) -> list[str]:
