@@ -3,6 +3,7 @@ must, damaged entries detected and recomputed, and a cache that can fail without
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import io
@@ -331,6 +332,34 @@ def test_a_damaged_profile_is_reported_and_recomputed(tmp_path, monkeypatch, how
         warnings.simplefilter("error", DiagQLWarning)
         third.profile
     assert third.cache.hits == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
+def test_a_named_pipe_at_an_entrys_path_is_skipped_not_waited_on(tmp_path):
+    """A FIFO put where the profile's entry was had blocked its read forever (sweep S36)."""
+    first = connect(tiny(), pair(), tmp_path)
+    profile = first.profile
+    first.cache.flush()
+    [path] = [p for p in entries(tmp_path) if p.parent.name == "profile"]
+    path.unlink()
+    os.mkfifo(path)
+
+    def unblock():  # a read that waits on the pipe is given a writer: the test fails, not hangs
+        time.sleep(10)
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=unblock, daemon=True).start()
+    second = connect(tiny(), pair(), tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert_same_profile_values(second.profile, profile)  # recomputed, not waited for
+        second.cache.flush()
+    [said] = diagql_warnings(record)
+    assert said == f"cannot read the cache entry {path}: [Errno {errno.EINVAL}] not a regular " \
+                   f"file; recomputing it"
+    assert path.is_file()  # the recomputed entry took its place
+    assert connect(tiny(), pair(), tmp_path).profile is not None
 
 
 def test_a_binary_classifiers_profile_is_read_back(tmp_path):

@@ -12,9 +12,11 @@ Writes leave the query's critical path: ``store`` hands the entry to a writer th
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import stat
 import sys
 import time
 import warnings
@@ -135,7 +137,7 @@ class Cache:
                 arrays = {name: value.copy() for name, value in job.payload.items()
                           if name != _HEADER}
             else:
-                with open(path, "rb", buffering=0) as file:
+                with open(path, "rb", buffering=0, opener=_regular_file) as file:
                     arrays = _read(file, kind, key)
         except (FileNotFoundError, NotADirectoryError):
             self._count(kind, "misses")
@@ -459,3 +461,13 @@ def default_cache_dir() -> Path:
     # The XDG spec says to ignore a relative path: it would depend on the working directory.
     base = Path(xdg) if xdg and os.path.isabs(xdg) else home / ".cache"
     return base / "diagql"
+
+
+def _regular_file(path: str, flags: int) -> int:
+    """Open an entry for reading only if it is a regular file: a named pipe put at its path
+    had blocked the read forever (O_NONBLOCK opens one at once; a regular file ignores it)."""
+    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
