@@ -182,34 +182,48 @@ def test_module_that_never_runs(shared_db):
 
 
 class Stacked(nn.Module):
-    """Its layers in an nn.ModuleList and its heads in an nn.ModuleDict: containers that hold
-    modules and never run themselves."""
+    """Layers in an nn.ModuleList, heads in an nn.ModuleDict, stages in nested lists, a block
+    called twice, a list none of whose members runs, and an encoder whose layers the model
+    calls itself: modules that hold others and never run themselves."""
 
     def __init__(self):
         super().__init__()
         self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.stages = nn.ModuleList([nn.ModuleList([nn.Linear(8, 8)]) for _ in range(2)])
+        self.twice = nn.ModuleList([nn.Linear(8, 8)])
+        self.unused = nn.ModuleList([nn.Linear(8, 8)])
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.Linear(8, 8)
         self.heads = nn.ModuleDict({"cls": nn.Linear(8, N_CLASSES)})
 
     def forward(self, x):
-        for block in self.blocks:
+        for block in [*self.blocks, *self.stages[0], *self.stages[1]]:
             x = torch.relu(block(x))
-        return self.heads["cls"](x)
+        x = self.twice[0](self.twice[0](x))
+        return self.heads["cls"](self.encoder.layer(x))
 
 
-@pytest.mark.parametrize("name, members", [("blocks", "blocks.0, blocks.1"),
-                                           ("heads", "heads.cls")])
-def test_a_container_is_named_as_one_and_its_members_offered(name, members):
+CONTAINER = "a container with no forward of its own: it never runs"
+
+
+@pytest.mark.parametrize("name, said", [
+    ("blocks", f"is an nn.ModuleList, {CONTAINER}; query one of its members: blocks.0, blocks.1"),
+    ("heads", f"is an nn.ModuleDict, {CONTAINER}; query one of its members: heads.cls"),
+    ("stages", f"is an nn.ModuleList, {CONTAINER}; query one of its members: stages.0.0, "
+               f"stages.1.0"),
+    ("twice", f"is an nn.ModuleList, {CONTAINER}; query one of its members: twice.0#1, "
+              f"twice.0#2"),
+    ("unused", f"is an nn.ModuleList, {CONTAINER}"),
+    ("encoder", "does not run in the model's forward pass: the model calls its members, not it; "
+                "query one of its members: encoder.layer")])
+def test_a_module_that_holds_others_offers_the_members_that_run(name, said):
     torch.manual_seed(0)
     conn = diagql.connect(Stacked(), (torch.randn(N_ITEMS, 8), torch.arange(N_ITEMS) % N_CLASSES),
                           progress=False, cache_dir=False)
     err = bind_error(conn, f"AVG NEURONS IN {name}")
-    kind = "ModuleList" if name == "blocks" else "ModuleDict"
-    assert err.message == (f"layer {name!r} is an nn.{kind}, a container with no forward of "
-                           f"its own: it never runs, its members do; query one of them: "
-                           f"{members}")
-    assert "branch" not in err.message  # not told of data-dependent branches
-    assert len(conn.query(f"AVG NEURONS IN {members.split(',')[0]}")) == (
-        N_CLASSES if name == "heads" else 8)
+    assert err.message == f"layer {name!r} {said}"
+    for member in said.partition("members: ")[2].split(", ") if "members" in said else []:
+        assert len(conn.query(f"AVG NEURONS IN {member}")) in (8, N_CLASSES)  # each one binds
 
 
 # --- WHERE: the label set -------------------------------------------------------------------

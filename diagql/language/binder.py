@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from diagql import samplers
 from diagql.errors import BindError, warn
-from diagql.language import ast
+from diagql.language import ast, layer_names
 from diagql.model.hooks import call_name
 from diagql.model.layers import NO_MASK, UNFIT_MASK, LayerCatalog, LayerInfo
 from diagql.model.views import SEQUENCE, View
@@ -152,11 +152,14 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
         raise _error(f"layer {name!r} does not run in the model's forward pass: "
                      f"nn.MultiheadAttention {parent.name!r} uses its weights without calling "
                      f"it; query {parent.name!r}, its output", ref.span)
-    if layer.calls == 0 and not layer.refused and layer.type_name in _CONTAINERS:
-        members = [m.name for m in catalog.layers if m.name.rpartition(".")[0] == name]
-        raise _error(f"layer {name!r} is an nn.{layer.type_name}, a container with no forward "
-                     f"of its own: it never runs" + (f", its members do; query one of them: "
-                                                     f"{name_list(members)}" if members else ""),
+    members = layer_names.members(name, catalog) if layer.calls == 0 and not layer.refused \
+        else []
+    if layer.calls == 0 and (members or layer.type_name in layer_names.CONTAINERS):
+        what = f"is an nn.{layer.type_name}, a container with no forward of its own: it " \
+            f"never runs" if layer.type_name in layer_names.CONTAINERS else \
+            "does not run in the model's forward pass: the model calls its members, not it"
+        raise _error(f"layer {name!r} {what}" + (f"; query one of its members: "
+                                                 f"{name_list(members)}" if members else ""),
                      ref.span)
     if layer.calls == 0:
         raise _error(f"layer {name!r} cannot be queried: {layer.refused}" if layer.refused else
@@ -173,43 +176,13 @@ def bind_layer(ref: ast.LayerRef, catalog: LayerCatalog) -> LayerInfo:
     return layer
 
 
-_CONTAINERS = ("ModuleList", "ModuleDict", "ParameterList", "ParameterDict")  # no forward
-
-
 def _unknown(name: str, span, catalog: LayerCatalog, modules: bool = False) -> BindError:
     """Did-you-mean among what could stand there: modules before a call number, else layers."""
     names = [layer.name for layer in catalog.layers if (layer.shape is not None or layer.shared)
              and not (modules and layer.call)]
-    suggestion = _wrapped(name, names) or did_you_mean(name, names) or _part_of(name, names)
+    suggestion = layer_names.suggestion(name, names)
     return _error(f"unknown layer {name!r}{suggestion}", span,
                   hint=f"layers are {name_list(catalog.running_names())}")
-
-
-def _wrapped(name: str, names: list[str]) -> str:
-    """'1' of a model inside a wrapper ('module.1': nn.DataParallel, a .model attribute), or
-    'backbone.1' of a compiled submodule ('backbone._orig_mod.1'); or, the other way,
-    '_orig_mod.1' of a model compiled whole, which is read as the module it compiled."""
-    bare = name.replace("._orig_mod.", ".").removeprefix("_orig_mod.")
-    if bare != name and bare in names:
-        return (f"; did you mean {bare!r}? (a model compiled whole is read as the module it "
-                f"compiled, whose names have no '_orig_mod.')")
-    found = [n for n in names if n.endswith("." + name)
-             or n.replace("._orig_mod.", ".").removeprefix("_orig_mod.") == name]
-    if not found or len(found) > 3:
-        return ""
-    if len(found) == 1:
-        return f"; did you mean {found[0]!r}?"
-    return "; did you mean " + ", ".join(repr(c) for c in found[:-1]) + f" or {found[-1]!r}?"
-
-
-def _part_of(name: str, names: list[str]) -> str:
-    """'fc1.0.weight': a parameter (or attribute) of a layer, which is what a query reads."""
-    parts = name.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        if ".".join(parts[:end]) in names:
-            return (f"; did you mean {'.'.join(parts[:end])!r}? (a query reads a module's "
-                    f"output, not its {'.'.join(parts[end:])})")
-    return ""
 
 
 def _written(name: str) -> str:
