@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import diagql
+from diagql.model.train_mode import say_train_mode
 
 N, D = 600, 12
 
@@ -147,8 +148,8 @@ def test_a_model_left_in_train_mode_is_said_to_be_answered_in_eval_mode():
 
     model, X, y = _model_and_data()
     with pytest.warns(diagql.DiagQLWarning, match=r"the model is in train mode; DiagQL answers "
-                                                  r"it as in eval mode, .*\(BatchNorm1d, "
-                                                  r"Dropout: dropout off, running "
+                                                  r"it as in eval mode, .*\(Dropout: dropout "
+                                                  r"off; BatchNorm1d: running "
                                                   r"statistics\)"):
         db = diagql.connect(model, (X, y), cache_dir=False, progress=False)
     # without dropout, the warning does not say dropout is turned off (sweep LL1)
@@ -170,6 +171,10 @@ def test_a_model_left_in_train_mode_is_said_to_be_answered_in_eval_mode():
                                                   r"runs them \(Dropout: dropout off\)"):
         diagql.connect(mc, (X, y), cache_dir=False, progress=False)
     assert mc[1].training and not mc.training
+    # dropout inside an attention or between a recurrent net's layers is turned off too
+    for net in (nn.MultiheadAttention(D, 1, dropout=0.5), nn.LSTM(D, 4, 2, dropout=0.5)):
+        with pytest.warns(diagql.DiagQLWarning, match=rf"\({type(net).__name__}: dropout off\)"):
+            say_train_mode(nn.Sequential(net).train(), "the model")
     with warnings.catch_warnings():  # in eval mode, or without modules that differ: no word
         warnings.simplefilter("error", diagql.DiagQLWarning)
         diagql.connect(model, (X, y), cache_dir=False, progress=False)
