@@ -59,7 +59,10 @@ def measure(model, X, y, layer: str, fractions, repeat: int, root: Path) -> dict
     """Median seconds of the FULL query and of each (estimator, fraction)'s sample query."""
     _connect(model, X, y, root).cache.flush()  # the profile, on disk for every connection
     activations = root / "activations"
-    for estimator in ESTIMATORS:  # a first query of each kind loads modules: run untimed
+    # A first query of each kind loads modules and warms the kernels: run untimed.
+    _timed(_connect(model, X, y, root), f"TOPK 10 NEURONS IN {layer} USING FULL")
+    for estimator in ESTIMATORS:
+        shutil.rmtree(activations, ignore_errors=True)
         conn = _connect(model, X, y, root, estimator)
         conn.sample(f"random({fractions[0]})")
         _timed(conn, f"TOPK 10 NEURONS IN {layer} USING SAMPLE random({fractions[0]})")
@@ -123,9 +126,14 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per point (default 3)")
     bigdata.add_threads_option(parser)
     args = parser.parse_args(argv)
+    if len(set(args.fractions)) < 2:
+        parser.error("--fractions needs two sizes at least, to fit a line")
     bigdata.use_threads(args.threads)
     started = time.perf_counter()
     model = bigdata.demo_model()
+    children = [name for name, _ in model.named_children()]
+    if set(args.layer) - set(children):  # the bare loop runs the model's children in order
+        parser.error(f"--layer takes the demo's top-level layers: {', '.join(children)}")
     X, y = bigdata.big_data(args.n)
     rows, points, bare = [], [], []
     for layer in args.layer:
@@ -143,7 +151,8 @@ def main(argv=None) -> None:
             measured = seconds.get((estimator, 0.05))
             rows.append([layer, estimator, f"{full_item * 1e6:.1f}", f"{per_item * 1e6:.1f}",
                          f"{per_item / full_item:.2f}x", f"{fixed:.3f}",
-                         f"{20 * full_item / per_item:.1f}x", f"{seconds['full'] / at5:.1f}x",
+                         f"{20 * full_item / per_item:.1f}x" if per_item > 0 else "noise",
+                         f"{seconds['full'] / at5:.1f}x",
                          "" if measured is None else f"{seconds['full'] / measured:.1f}x"])
             points.append(f"{layer} {estimator}: " + ", ".join(
                 f"{int(m):,} items {t:.3f} s" for m, t in zip(items, times))
