@@ -1131,3 +1131,25 @@ def test_a_branch_is_fitted_on_the_block_its_input_came_from_not_its_sibling():
     result = _sampled_means_per_class(_Branches, "b1.skip.0",
                                       lambda m, X: m.b1.skip[0](m.b0(X)), 2e-3)
     assert (result.plan.neighbour, result.plan.feeder) == ("b1.skip", "b0")
+
+
+@pytest.mark.parametrize("scale", [1e-20, 1.0, 1e18])
+def test_principal_directions_do_not_depend_on_the_rows_scale(scale):
+    """Rows about 1e18 had overflowed the float32 range finder (x xᵀ q is 1e36 times the
+    rows): the block's directions came out non-finite and the block was dropped, silently,
+    its estimates 20x worse (sweep S36); tiny rows, whose squares near float32's smallest
+    numbers, keep their directions too."""
+    from diagql.model.auxiliaries import principal
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((600, 3)) @ rng.standard_normal((3, 80)) * np.linspace(1, 3, 80) \
+        + 0.01 * rng.standard_normal((600, 80))
+    mean, basis = principal(torch.from_numpy(rows * scale).float(), 3)
+    centred = rows - rows.mean(axis=0)
+    truth = np.linalg.svd(centred, full_matrices=False)[2][:3].T  # numpy's leading axes
+    assert np.isfinite(basis.numpy()).all()
+    np.testing.assert_allclose(mean.numpy() / scale, rows.mean(axis=0), rtol=1e-5, atol=1e-5)
+    # the same subspace: the singular values of truthᵀ basis are its principal angles' cosines
+    cosines = np.linalg.svd(truth.T @ basis.numpy(), compute_uv=False)
+    assert cosines.min() > 0.999
+

@@ -246,6 +246,11 @@ def principal(rows: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, 
         _, _, vt = torch.linalg.svd(rows.to(torch.float64) - mean, full_matrices=False)
         return mean, vt[:k].T.contiguous()
     x = rows.to(torch.float32) - mean.to(torch.float32)
+    # Scaled to at most 1 (the directions do not depend on it): x xᵀ q squares the values,
+    # and activations about 1e18 had overflowed float32 (the block dropped, silently).
+    top = float(x.abs().max())
+    if 0 < top < float("inf"):
+        x /= top
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(width, k + 10, generator=generator, dtype=torch.float32)
     q, _ = torch.linalg.qr(x @ omega)
