@@ -678,3 +678,33 @@ def test_a_grouped_sample_whose_assisted_sums_would_not_fit_takes_the_plain_mean
     for c, group in held.groups.items():
         np.testing.assert_allclose(group.values[np.argsort(group.neurons)],
                                    logits[y.numpy() == c].mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_sample_of_every_matching_item_answers_the_exact_mean_inside_its_interval():
+    """The assisted fit's mean of a sample holding every matching item (δ = 0) had differed
+    from the exact mean in the last bit, outside its own 0-wide interval (13 of 100 neurons;
+    sweep S36): the answer is now the sample's mean itself, equal to the baseline's."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 100), nn.ReLU(), nn.Linear(100, 100),
+                                      nn.ReLU())
+            self.mid = nn.Linear(100, 5)
+            self.head = nn.Linear(5, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.mid(self.body(x))))
+
+    torch.manual_seed(0)
+    X, y = torch.randn(300, 4), torch.randint(0, 2, (300,))
+    y[7] = y[8] = 2
+    torch.manual_seed(1)
+    db = diagql.connect(Net(), (X, y), cache_dir=False, progress=False)
+    result = db.query("AVG NEURONS IN body.3 WHERE class = 2 USING SAMPLE maxmargin(0.1) "
+                      "WITH BASELINE")
+    values, found = np.asarray(result.values), result.estimate
+    assert found.exact and result.n_items == 2
+    assert ((found.ci_low <= values) & (values <= found.ci_high)).all()
+    np.testing.assert_array_equal(values, np.asarray(result.baseline.values))

@@ -129,7 +129,9 @@ def _single(plan: Plan, state, population: int, fitted=None, key=None, prior=Non
         return result
     if held is not None:  # every matching item's row is the profile's: exact, however few
         values = held
-    elif fitted is not None:  # the assisted estimator's answer instead of the sample's own
+    elif fitted is not None and n != population:  # the assisted estimator's answer instead
+        # of the sample's own; a sample of every matching item gives the exact mean itself (the
+        # fit's, δ = 0, had differed from it in the last bit, outside its own 0-wide interval)
         values = estimate.shares(fitted) if query.aggregate == "argmax" else \
             _in_range(fitted.mean, plan)
     else:
