@@ -1055,6 +1055,12 @@ def test_labels_of_minus_one_everywhere_are_an_unlabelled_split():
                                           "PyTorch's losses .*: leave those items out"):
         diagql.connect(model, (X, some), cache_dir=False, progress=False).query(
             "AVG NEURONS IN 1")
+    # negative labels of several values are refused by name, not said to be "every label is
+    # -2" and dropped (sweep S36)
+    with pytest.raises(DiagQLError, match="label -3 of item 0 is outside .* the labels take 3 "
+                                          "values \\(-3, -2, -1\\)"):
+        diagql.connect(model, (X, torch.arange(50) % 3 - 3), cache_dir=False,
+                       progress=False).query("AVG NEURONS IN 1")
 
 
 def test_string_labels_are_refused_saying_classes_names_do_not_translate_them():

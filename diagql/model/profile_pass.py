@@ -306,7 +306,9 @@ def assemble_profile(parts: list[ProfilePart], latent: str | None, latent_is_inp
     predictions = _join([part.predictions for part in parts])
     if has_labels:
         labels = _join([part.labels for part in parts])
-        if len(labels) and bool(np.all(labels < 0)):  # a Hugging Face test split's -1s
+        # A Hugging Face test split's -1s: one negative value on every item (-3, -2 and -1
+        # had been said to be "every label is -2" and dropped; check_labels names them).
+        if len(labels) and labels[0] < 0 and bool(np.all(labels == labels[0])):
             warn(f"every label is {int(labels[0])} (a test split without labels?): "
                  f"the data is taken as unlabelled")
             has_labels = False
