@@ -297,6 +297,8 @@ def test_files_that_hold_no_model_or_need_pickled_code_are_refused_with_what_to_
     torch.save(model, tmp_path / "whole.pt")
     torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
     torch.save(torch.utils.data.TensorDataset(X, y), tmp_path / "dataset.pt")
+    torch.save((X.numpy(), y.numpy()), tmp_path / "arrays.pt")
+    (tmp_path / "notes.pt").write_text("hello")
     data = ["--data", "tests.models:digits"]
     for args, message in [
             (["--model", str(tmp_path / "weights.pt"), *data], "holds weights (a state_dict), "
@@ -308,7 +310,13 @@ def test_files_that_hold_no_model_or_need_pickled_code_are_refused_with_what_to_
              "is TorchScript, whose layers take no forward hooks"),
             (["--model", "tests.models:trained_mlp", "--data", str(tmp_path / "dataset.pt")],
              "holds Python objects besides tensors (a Dataset?), and DiagQL runs no pickled "
-             "code: save the tensors themselves, torch.save((X, y), path)")]:
+             "code: save the tensors themselves, torch.save((X, y), path)"),
+            # numpy arrays and a text file were told the same (sweep S36)
+            (["--model", "tests.models:trained_mlp", "--data", str(tmp_path / "arrays.pt")],
+             "holds numpy arrays, which torch.load reads only by running pickled code: save "
+             "them with np.savez(path, X, y), or as tensors (torch.from_numpy)"),
+            (["--model", "tests.models:trained_mlp", "--data", str(tmp_path / "notes.pt")],
+             "could not be read: it is no torch file (it is text)")]:
         done = diagql(*args, "-e", "SHOW LAYERS")
         assert done.returncode == 1
         assert message in done.stderr, done.stderr

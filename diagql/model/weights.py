@@ -53,14 +53,21 @@ def check_format(path, label: str) -> None:
     (torch.save, TorchScript), a pickle (the legacy format), safetensors (a length, then its
     JSON header) or a tar (torch's oldest). Read when the checkpoint is named, so that a glob
     that caught other files (``ckpt/*``, a script) is refused then, not as blank rows."""
-    with open(weights_file(path), "rb") as handle:
+    what = other_format(weights_file(path))
+    if what is not None:
+        raise WeightsError(f"{label} is not a torch checkpoint (it is {what}): save the model's "
+                           f"weights with torch.save(model.state_dict(), path)")
+
+
+def other_format(path) -> str | None:
+    """What a file is that none of torch.load's formats starts as ("text", "an empty file",
+    "another format"); None for one of them."""
+    with open(path, "rb") as handle:
         head = handle.read(512)
     if head.startswith(b"PK") or head[:1] == b"\x80" or head[8:9] == b"{" \
             or head[257:262] == b"ustar":
-        return
-    what = "an empty file" if not head else "text" if _is_text(head) else "another format"
-    raise WeightsError(f"{label} is not a torch checkpoint (it is {what}): save the model's "
-                       f"weights with torch.save(model.state_dict(), path)")
+        return None
+    return "an empty file" if not head else "text" if _is_text(head) else "another format"
 
 
 def _is_text(head: bytes) -> bool:

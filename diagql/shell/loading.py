@@ -310,8 +310,16 @@ def read_data_file(path: str):
             from None
     except Exception as exc:  # noqa: BLE001 - the loaders raise anything on a bad file
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        if first.startswith("Weights only load failed"):
-            first = ("it holds Python objects besides tensors (a Dataset?), and DiagQL runs no "
+        from diagql.model.weights import other_format
+
+        what = other_format(path) if suffix in (".pt", ".pth") else None
+        if what is not None:  # text named .pt: said so, not as an unpickler's error
+            first = f"it is no torch file (it is {what})"
+        elif first.startswith("Weights only load failed"):
+            first = ("it holds numpy arrays, which torch.load reads only by running pickled "
+                     "code: save them with np.savez(path, X, y), or as tensors "
+                     "(torch.from_numpy)" if "numpy" in str(exc) else
+                     "it holds Python objects besides tensors (a Dataset?), and DiagQL runs no "
                      "pickled code: save the tensors themselves, torch.save((X, y), path), or "
                      "name a function of yours that loads it: --data mymodule:load")
         raise DiagQLError(f"{label} could not be read: {first}") from None
