@@ -286,6 +286,25 @@ def test_a_models_file_is_the_file_named_not_a_package_of_the_same_dotted_name(t
         assert done.returncode == 1 and message in done.stderr, done.stderr
 
 
+def test_a_models_file_imports_the_files_beside_it(tmp_path):
+    """proj/net.py's `from helpers import Body`, which `python proj/net.py` finds, had failed
+    with "No module named 'helpers'": a file under the current directory imports under its
+    dotted name, and its own folder was not on the import path (sweep S36)."""
+    import torch
+
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "helpers.py").write_text(
+        "from torch import nn\n\n\nclass Body(nn.Sequential):\n    pass\n")
+    (tmp_path / "proj" / "net.py").write_text(
+        "from torch import nn\nfrom helpers import Body\n\n\ndef build():\n"
+        "    return Body(nn.Linear(4, 3))\n")
+    torch.save((torch.randn(20, 4), torch.arange(20) % 3), tmp_path / "data.pt")
+    done = diagql("--model", "proj/net.py:build", "--data", "data.pt", "--no-cache",
+                  "--format", "csv", "-e", "SHOW LAYERS", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[1:] == ["0,Linear,3,3,"]
+
+
 def test_files_that_hold_no_model_or_need_pickled_code_are_refused_with_what_to_give(tmp_path):
     import torch
 

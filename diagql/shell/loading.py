@@ -99,6 +99,10 @@ def _file_module(path: str, label: str) -> str:
         except (ImportError, ValueError):
             found = None
         if found is not None and found.origin and os.path.abspath(found.origin) == whole:
+            folder = os.path.dirname(whole)
+            if not os.path.isfile(os.path.join(folder, "__init__.py")) and \
+                    folder not in sys.path:  # its imports of the files beside it, as
+                sys.path.append(folder)  # `python proj/net.py` finds them (sweep S36)
             return dotted
     folder, name = os.path.split(whole)
     stem = name[:-3]
