@@ -857,6 +857,21 @@ def test_channels_last_images_into_a_channels_first_conv_say_to_permute_them(dty
         assert "channels-last" not in str(info.value)
 
 
+@pytest.mark.parametrize("shape", [(20, 7), (20, 10, 1)])
+def test_items_of_another_width_than_a_linear_takes_are_named_with_their_shape(shape):
+    """torch's "mat1 and mat2 shapes cannot be multiplied (1x7 and 10x16)" named neither the
+    data nor its items' shape (sweep S36)."""
+    conn = diagql.connect(nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)),
+                          (torch.randn(*shape), torch.arange(20) % 3), cache_dir=False,
+                          progress=False)
+    width = shape[-1]
+    said = (f"(a Linear layer got rows of {width} value{'s' * (width != 1)} where it takes 10: "
+            f"the data's items have shape {tuple(shape[1:])}; check that they are what the "
+            f"model takes)")
+    with pytest.raises(DiagQLError, match=re.escape(said)):
+        conn.query("AVG NEURONS IN 0")
+
+
 def test_uint8_images_a_model_casts_itself_are_blamed_on_their_layout_alone():
     """A model that calls x.float() gets past the dtype: the uint8 hint's remedy (convert them)
     had come first, before the layout's (sweep SY2)."""

@@ -98,7 +98,8 @@ def call_model(model, x, idx=None):
                       f"mapping whole, give each item as ((mapping,), y))")
         where = "" if idx is None or not len(idx) else f" on {batch_text(idx)}"
         raise ExecutionError(f"the model's forward raised {type(exc).__name__}{where}: {exc}"
-                             f"{_integer_hint(x, exc)}{_layout_hint(x, exc)}{spread}") from exc
+                             f"{_integer_hint(x, exc)}{_layout_hint(x, exc)}"
+                             f"{_features_hint(x, exc)}{spread}") from exc
 
 
 def _tensors_where(x, kind: Callable[[torch.Tensor], bool]) -> list[torch.Tensor]:
@@ -137,6 +138,21 @@ def _layout_hint(x, exc: Exception) -> str:
         return ""
     return (" (the images look channels-last, (N, H, W, C), as PIL and numpy hold them: "
             "permute them to (N, C, H, W) in the data, e.g. x.permute(2, 0, 1) per item)")
+
+
+_PRODUCT = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x")
+
+
+def _features_hint(x, exc: Exception) -> str:
+    """A Linear given rows of another width than its own: torch names the two widths, not the
+    data, whose items' shape is then said (sweep S36: data of 7 features for a model of 10)."""
+    found = _PRODUCT.search(str(exc))
+    if found is None or not isinstance(x, torch.Tensor) or x.ndim < 2:
+        return ""
+    given, takes = int(found.group(2)), int(found.group(3))
+    return (f" (a Linear layer got rows of {given} value{'s' * (given != 1)} where it takes "
+            f"{takes}: the data's items have shape {tuple(x.shape[1:])}; check that they are "
+            f"what the model takes)")
 
 
 def _arguments(model, inputs: Mapping) -> tuple[tuple, dict]:
