@@ -238,7 +238,8 @@ def principal(rows: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, 
     orthonormal, float64), by a seeded randomised range finder with two power iterations
     (Halko et al. 2011); exact for a layer no wider than k + 10. The range is found in float32
     (half the time of float64 on the demo's conv1, where it was most of the profile pass): any
-    fixed basis keeps the estimator honest, and a rounded one is only slightly less apt."""
+    fixed basis keeps the estimator honest, and a rounded one only slightly less apt. Rows are
+    scaled to at most 1 (x xᵀ q squares them: about 1e18 had overflowed, the block dropped)."""
     mean = rows.to(torch.float64).mean(dim=0)
     width = rows.shape[1]
     k = min(k, width, len(rows))
@@ -246,11 +247,8 @@ def principal(rows: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, 
         _, _, vt = torch.linalg.svd(rows.to(torch.float64) - mean, full_matrices=False)
         return mean, vt[:k].T.contiguous()
     x = rows.to(torch.float32) - mean.to(torch.float32)
-    # Scaled to at most 1 (the directions do not depend on it): x xᵀ q squares the values,
-    # and activations about 1e18 had overflowed float32 (the block dropped, silently).
     top = float(x.abs().max())
-    if 0 < top < float("inf"):
-        x /= top
+    x = x / top if 0 < top < float("inf") else x
     generator = torch.Generator().manual_seed(seed)
     omega = torch.randn(width, k + 10, generator=generator, dtype=torch.float32)
     q, _ = torch.linalg.qr(x @ omega)
