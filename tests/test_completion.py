@@ -69,6 +69,32 @@ def test_where_fields_and_group_by_keys(completer):
                                                                          "PREDICTED"}
 
 
+def test_samplers_are_offered_with_show_samplers_descriptions(completer):
+    """The menu had shown each class's raw docstring line, markup included, and nothing for
+    four samplers (sweep S36)."""
+    from diagql import samplers
+
+    document = Document("TOPK 3 NEURONS IN conv2 USING SAMPLE ")
+    offered = {c.text: c.display_meta_text for c in completer.get_completions(document, None)}
+    assert offered == {name: cls.description for name, cls in samplers.REGISTRY.items()}
+    assert all(offered.values())
+
+
+def test_a_wrapped_line_is_padded_and_a_new_line_of_the_statement_marked():
+    """A long line the terminal wraps had been drawn with "...>", as if Enter had been
+    pressed inside a word (sweep S36)."""
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from diagql.shell.repl import CONTINUATION, make_session
+
+    with create_pipe_input() as pipe:
+        session = make_session(None, input=pipe, output=DummyOutput())
+        continuation = session.prompt_continuation
+        assert continuation(80, 1, 0) == CONTINUATION
+        assert continuation(80, 0, 1) == " " * len(CONTINUATION)
+
+
 def test_samplers_and_their_parameters(completer):
     assert complete(completer, "TOPK 3 NEURONS IN conv2 USING SAMPLE s") == ["stratified"]
     assert "maxmargin" in complete(completer, "TOPK 3 NEURONS IN conv2 USING SAMPLE ")

@@ -117,7 +117,7 @@ class DiagQLCompleter(Completer):
         if _SAMPLER_NAME.search(prefix) or (listed and re.fullmatch(r"\s*|.*,\s*", listed.group(1),
                                                                     re.DOTALL)):
             yield from offer(samplers.REGISTRY,
-                             lambda n: (samplers.REGISTRY[n].__doc__ or "").strip().split("\n")[0])
+                             lambda n: samplers.REGISTRY[n].description)  # as SHOW SAMPLERS says
             return
         if _MEASURE.search(prefix):
             from diagql.language.ast import MEASURES

@@ -49,7 +49,7 @@ def run_meta(shell, text: str) -> bool:
         shell.error(f"unknown command {name!r}{did_you_mean(name, COMMANDS) or '; try .help'}")
         return False
     if argument.strip() and not meta.usage:  # a command of no argument: say, not ignore it
-        shell.error(f"{meta.name} takes no argument, not {argument.strip()!r}")
+        shell.error(f"{name.lower()} takes no argument, not {argument.strip()!r}")  # as typed
         return False
     return bool(meta.handler(shell, argument.strip()))
 

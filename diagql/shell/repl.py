@@ -178,7 +178,10 @@ def make_session(conn, *, input=None, output=None, note=None):
     return PromptSession(
         history=_history(note), auto_suggest=AutoSuggestFromHistory(), multiline=True,
         key_bindings=key_bindings(known_layers(conn)),
-        prompt_continuation=lambda width, line, wrap: CONTINUATION,
+        # A line wrapped by the terminal is padded; "...>" marks a new line of the statement
+        # (it had drawn a long line as if Enter had been pressed inside a word).
+        prompt_continuation=lambda width, line, wrap: " " * len(CONTINUATION) if wrap else
+        CONTINUATION,
         lexer=DiagQLLexer(), style=STYLE, include_default_pygments_style=False,
         completer=ThreadedCompleter(completer) if input is None else completer,
         complete_while_typing=False, enable_history_search=False, input=input, output=output)
