@@ -259,20 +259,26 @@ def test_data_files_and_a_models_file_answer_as_torch_does(tmp_path):
     np.testing.assert_allclose(_answer(done), _torch_mean(slice(None)), rtol=0, atol=1e-6)
 
 
+def _layers_csv(tmp_path, spec: str, width: int, classes: int) -> list[str]:
+    """SHOW LAYERS' CSV rows for ``--model spec`` run in tmp_path over 20 random items of
+    ``width`` features and ``classes`` labels, saved there as data.pt."""
+    import torch
+
+    torch.save((torch.randn(20, width), torch.arange(20) % classes), tmp_path / "data.pt")
+    done = diagql("--model", spec, "--data", "data.pt", "--no-cache", "--format", "csv", "-e",
+                  "SHOW LAYERS", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[1:]
+
+
 def test_a_models_file_is_the_file_named_not_a_package_of_the_same_dotted_name(tmp_path):
     """tests/models.py in a folder without __init__.py imported as tests.models had found this
     repository's tests package: another model, silently (review PP1)."""
-    import torch
-
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "models.py").write_text(
         "from torch import nn\n\n\ndef trained_mlp():\n    return nn.Sequential("
         "nn.Linear(64, 7))\n")
-    torch.save((torch.randn(20, 64), torch.arange(20) % 7), tmp_path / "data.pt")
-    done = diagql("--model", "tests/models.py:trained_mlp", "--data", "data.pt", "--no-cache",
-                  "--format", "csv", "-e", "SHOW LAYERS", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[1:] == ["0,Linear,7,7,"]
+    assert _layers_csv(tmp_path, "tests/models.py:trained_mlp", 64, 7) == ["0,Linear,7,7,"]
     done = diagql("--model", "mine.py", "--data", "data.pt", "-e", "SHOW LAYERS", cwd=tmp_path)
     assert "is not MODULE:CALLABLE" in done.stderr  # no such file, and no callable named
     # A file without its callable: the names it defines are suggested (read, not imported),
@@ -290,19 +296,13 @@ def test_a_models_file_imports_the_files_beside_it(tmp_path):
     """proj/net.py's `from helpers import Body`, which `python proj/net.py` finds, had failed
     with "No module named 'helpers'": a file under the current directory imports under its
     dotted name, and its own folder was not on the import path (sweep S36)."""
-    import torch
-
     (tmp_path / "proj").mkdir()
     (tmp_path / "proj" / "helpers.py").write_text(
         "from torch import nn\n\n\nclass Body(nn.Sequential):\n    pass\n")
     (tmp_path / "proj" / "net.py").write_text(
         "from torch import nn\nfrom helpers import Body\n\n\ndef build():\n"
         "    return Body(nn.Linear(4, 3))\n")
-    torch.save((torch.randn(20, 4), torch.arange(20) % 3), tmp_path / "data.pt")
-    done = diagql("--model", "proj/net.py:build", "--data", "data.pt", "--no-cache",
-                  "--format", "csv", "-e", "SHOW LAYERS", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[1:] == ["0,Linear,3,3,"]
+    assert _layers_csv(tmp_path, "proj/net.py:build", 4, 3) == ["0,Linear,3,3,"]
 
 
 def test_files_that_hold_no_model_or_need_pickled_code_are_refused_with_what_to_give(tmp_path):
