@@ -1087,7 +1087,7 @@ def test_a_call_shifted_in_one_shard_is_refused_as_locally(cluster):
 def test_a_class_is_a_factory_of_its_instances_a_datasets_too():
     """A Dataset class has __getitem__, which had made it read as a data set, refused as "not
     type" (sweep SY9); its instances stay data sets, a module stays a module."""
-    from diagql.engine.ray_workers import is_factory
+    from diagql.model.data_forms import is_factory
 
     class Items(torch.utils.data.Dataset):
         def __len__(self):

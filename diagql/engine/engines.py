@@ -28,8 +28,9 @@ def open_engine(engine: str, model, data, *, label_key: str | None = None,
     if ray_workers is not None and (not isinstance(ray_workers, int) or ray_workers < 1):
         raise DiagQLError(f"ray_workers must be a positive number of workers, not {ray_workers!r}")
     from diagql.engine.ray_engine import RayEngine
-    from diagql.engine.ray_workers import (built_models, driver_reads, is_factory, items_digest,
-                                           weights_digests)
+    from diagql.engine.ray_workers import built_models, driver_reads, items_digest, \
+        weights_digests
+    from diagql.model.data_forms import is_factory
     from diagql.model.data import ItemSource
 
     ray = RayEngine(model, data, label_key=label_key, address=ray_address, workers=ray_workers)

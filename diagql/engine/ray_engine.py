@@ -15,11 +15,12 @@ import time
 import numpy as np
 
 from diagql.engine.ray_data import DatasetBlocks, DatasetHead
-from diagql.engine.ray_workers import (ENGINES, Tally, Worker, free_for, holders, is_factory,
-                                       killed, other_reads, put_once, start_ray, too_few)
+from diagql.engine.ray_workers import (ENGINES, Tally, Worker, free_for, holders, killed,
+                                       other_reads, put_once, start_ray, too_few)
 from diagql.engine.shards import feed_shard, merge_parts, parts_for, shard_items
 from diagql.errors import DiagQLError, ExecutionError, warn
 from diagql.model import pass_clock
+from diagql.model.data_forms import is_factory
 from diagql.model.profile import Profile
 from diagql.model.profile_pass import (assemble_profile, fit_items, fit_part, profile_part,
                                        projected_part, with_blocks)

@@ -12,6 +12,7 @@ import numpy as np
 
 from diagql.engine.ray_data import ShardSource, is_ray_dataset
 from diagql.errors import DiagQLError
+from diagql.model.data_forms import is_factory
 from diagql.model.hooks import hookable
 
 REPORT_SECONDS = 0.25  # how often a worker tells the driver of its shard's progress
@@ -111,16 +112,6 @@ class Worker:
             # that nobody read.
             result = None
         return cloudpickle.dumps(result)
-
-
-def is_factory(value) -> bool:
-    """A callable that makes the model or the data (not a module or a data set itself); a
-    class is one, a Dataset's too (its class has __getitem__: sweep SY9 had it refused)."""
-    from torch import nn
-
-    return isinstance(value, type) or (
-        callable(value) and not isinstance(value, nn.Module)
-        and not hasattr(value, "__getitem__") and not hasattr(value, "__len__"))
 
 
 def put_once(ray, value, what: str):

@@ -10,9 +10,9 @@ from torch.utils.data import (DataLoader, Dataset, IterableDataset, Subset, Tens
                               default_collate, default_convert)
 
 from diagql.errors import DiagQLError
-from diagql.model.data_forms import collate_items, inputs_alone, is_sequence_of_items, \
-    one_row_per_item, read_batches, read_only, refuse_foreign, refuse_reordering, split_next, \
-    unlabelled_items
+from diagql.model.data_forms import collate_items, inputs_alone, is_factory, \
+    is_sequence_of_items, one_row_per_item, read_batches, read_only, refuse_foreign, \
+    refuse_reordering, split_next, unlabelled_items
 from diagql.model.labels import LABEL_KEYS, as_labels, refuse_batches
 from diagql.model.loader_items import loader_items
 from diagql.progress import Progress
@@ -354,8 +354,7 @@ def _form_hint(data) -> str:
         return "; for inputs without labels, pass (X, None)"
     if isinstance(data, torch.nn.Module):  # the arguments swapped, or the model twice
         return "; it is a model: connect(model, data) takes the model first, then the data"
-    if isinstance(data, type) or (callable(data) and not hasattr(data, "__getitem__")):
-        # A factory (a Dataset class too), as Ray's workers take one.
+    if is_factory(data):  # a Dataset class too, as Ray's workers take one
         return ("; a function that makes the data is taken by engine='ray' alone, whose "
                 "workers each call it: here, pass what it returns, data=make()")
     if isinstance(data, Iterator):  # a generator, a map object: read once

@@ -331,3 +331,12 @@ def unlabelled_items(data) -> bool:
     if isinstance(items, (DataLoader, Dataset)):
         return True
     return is_sequence_of_items(items) and len(items) > 0 and isinstance(items[0], Mapping)
+
+
+def is_factory(value) -> bool:
+    """A callable that makes the model or the data (not a module or a data set itself), as
+    engine='ray' takes one; a class is one, a Dataset's too (its class has __getitem__: sweep
+    SY9 had it refused)."""
+    return isinstance(value, type) or (
+        callable(value) and not isinstance(value, torch.nn.Module)
+        and not hasattr(value, "__getitem__") and not hasattr(value, "__len__"))

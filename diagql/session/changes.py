@@ -210,7 +210,7 @@ def _sends_data(engine) -> bool:
     """Whether Ray's workers take the driver's data itself, as it is when they start (not a
     data factory's own, nor a Ray Dataset's blocks, read at connect)."""
     from diagql.engine.ray_data import is_ray_dataset
-    from diagql.engine.ray_workers import is_factory
+    from diagql.model.data_forms import is_factory
 
     return not (is_factory(engine.data) or is_ray_dataset(engine.data))
 
